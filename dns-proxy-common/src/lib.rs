@@ -1,0 +1,121 @@
+//! Types shared by the dns-proxy eBPF programs and the daemon.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, free of implicit padding and checked for
+//! size at compile time, so both sides agree on the layout byte for byte. Addresses and ports
+//! are kept in **network byte order**, exactly as the kernel's `bpf_sock_addr` context holds
+//! them; the `user` feature converts them to `std::net` types in one place.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod user;
+
+/// `AF_INET` from the kernel's socket.h.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` from the kernel's socket.h.
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The port whose traffic is redirected.
+pub const DNS_PORT: u16 = 53;
+
+/// Names of the programs, maps and globals in the eBPF object, used by both sides.
+pub mod names {
+    pub const CONNECT4: &str = "dns_proxy_connect4";
+    pub const SENDMSG4: &str = "dns_proxy_sendmsg4";
+    pub const RECVMSG4: &str = "dns_proxy_recvmsg4";
+    pub const GETPEERNAME4: &str = "dns_proxy_getpeername4";
+    pub const EGRESS: &str = "dns_proxy_egress";
+    pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
+
+    /// socket cookie -> [`crate::SocketRecord`]
+    pub const SOCKETS: &str = "SOCKETS";
+    /// [`crate::FlowKey`] -> [`crate::Endpoint`] (the original destination)
+    pub const FLOWS: &str = "FLOWS";
+    /// cgroup id -> 1, for cgroups whose sockets are never redirected
+    pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
+
+    /// Global holding the [`crate::RedirectTarget`], set at load time.
+    pub const REDIRECT_TARGET: &str = "REDIRECT_TARGET";
+}
+
+/// Capacity of the `SOCKETS` and `FLOWS` LRU maps: live DNS sockets on the host at one time.
+pub const MAX_TRACKED_SOCKETS: u32 = 65_536;
+/// Capacity of the `EXCLUDED_CGROUPS` map.
+pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
+
+/// An IPv4 or IPv6 socket address in the kernel's representation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The address in network byte order, as the four 32-bit words of `bpf_sock_addr`'s
+    /// `user_ip6`. An IPv4 address sits in `addr[0]` (as in `user_ip4`) with the rest zero.
+    pub addr: [u32; 4],
+    /// The port in network byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]; 0 means "no endpoint".
+    pub family: u16,
+}
+
+impl Endpoint {
+    /// An IPv4 endpoint from the kernel's network-order address and port.
+    pub const fn v4(addr_be: u32, port_be: u16) -> Self {
+        Self {
+            addr: [addr_be, 0, 0, 0],
+            port: port_be,
+            family: AF_INET,
+        }
+    }
+
+    pub const fn is_set(&self) -> bool {
+        self.family != 0
+    }
+}
+
+/// Identifies a client's socket as the proxy sees it: the source of the datagrams (or the TCP
+/// connection) that reach the proxy after the redirect. The client's address is part of the
+/// key so that clients in different network namespaces (pods with their own addresses) never
+/// collide even when they use the same port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address, network byte order, laid out as in [`Endpoint::addr`].
+    pub client_addr: [u32; 4],
+    /// The client's port, network byte order.
+    pub client_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`] (as u8: both fit).
+    pub family: u8,
+    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`].
+    pub protocol: u8,
+}
+
+/// What the kernel side remembers about one redirected socket (value of `SOCKETS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// Where the socket's last redirected datagram or connection was headed.
+    pub original: Endpoint,
+    /// The flow key the egress program recorded for this socket in `FLOWS`, so that
+    /// `sock_release` can remove it. `flow.family == 0` until the first packet leaves.
+    pub flow: FlowKey,
+}
+
+/// Where redirected traffic goes: the proxy's listener. A global of the eBPF object, written
+/// by the loader before the programs are loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectTarget {
+    /// The proxy's IPv4 listen address, network byte order.
+    pub ipv4: u32,
+    /// The proxy's port (UDP and TCP), network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SocketRecord>() == 40);
+const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 8);

@@ -1,0 +1,316 @@
+//! cgroup v2: finding the hierarchy, checking the cgroup to attach to, and giving the agent a
+//! cgroup of its own so the kernel side can tell its upstream traffic from a workload's.
+//!
+//! On hybrid hosts every process starts in the cgroup2 root, so the agent shares its cgroup id
+//! with everything else until it moves into a leaf of its own.
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// `CGROUP2_SUPER_MAGIC` from linux/magic.h.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Name of the agent's own cgroup, created beside the workloads in the agent's current cgroup.
+/// Fixed, so a restarted agent reuses it and a killed one leaves nothing new behind.
+pub const AGENT_CGROUP_NAME: &str = "dns-proxy-agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo); mount one, e.g. \
+         `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2Mount,
+    #[error("--cgroup {path}: {reason}")]
+    BadCgroup { path: PathBuf, reason: String },
+    #[error("cannot create the agent's cgroup {path}: {source}{hint}", hint = permission_hint(source))]
+    CreateAgentCgroup { path: PathBuf, source: io::Error },
+    #[error("cannot move the agent into its cgroup {path}: {source}{hint}", hint = permission_hint(source))]
+    EnterAgentCgroup { path: PathBuf, source: io::Error },
+    #[error("this process has no cgroup v2 entry (0::) in /proc/self/cgroup")]
+    NotInCgroup2,
+}
+
+fn permission_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::PermissionDenied => " (run dns-proxy as root)",
+        _ => "",
+    }
+}
+
+fn read(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Where the cgroup2 hierarchy is mounted, from the text of `/proc/self/mountinfo`.
+///
+/// Prefers a mount of the hierarchy's root over a bind mount of a subtree.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mut fallback = None;
+    for line in mountinfo.lines() {
+        // "36 25 0:31 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw": fields before " - " are
+        // id, parent, dev, root, mount point, options...; after it the filesystem type.
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
+        if fs.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let fields: Vec<&str> = mount.split_whitespace().collect();
+        let (Some(root), Some(mount_point)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
+        if *root == "/" {
+            return Some(mount_point);
+        }
+        fallback.get_or_insert(mount_point);
+    }
+    fallback
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    let is_octal = |b: &u8| (b'0'..=b'7').contains(b);
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(digits) = bytes.get(i + 1..i + 4)
+            && digits.iter().all(is_octal)
+        {
+            let value = digits
+                .iter()
+                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+            out.push(value as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The process's cgroup v2 path relative to the hierarchy root, from `/proc/self/cgroup`.
+pub fn parse_own_cgroup(proc_self_cgroup: &str) -> Option<PathBuf> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| PathBuf::from(path.trim_start_matches('/')))
+}
+
+/// The mount point of the cgroup2 hierarchy on this host.
+pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
+    let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+    parse_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2Mount)
+}
+
+/// A cgroup v2 directory and its id (the kernfs inode number, which is what
+/// `bpf_get_current_cgroup_id` returns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    pub path: PathBuf,
+    pub id: u64,
+}
+
+impl Cgroup {
+    /// Checks that `path` is a directory of a cgroup2 filesystem.
+    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+        let bad = |reason: String| CgroupError::BadCgroup {
+            path: path.to_owned(),
+            reason,
+        };
+        let metadata = fs::metadata(path).map_err(|err| bad(format!("{err}")))?;
+        if !metadata.is_dir() {
+            return Err(bad("not a directory".to_owned()));
+        }
+        if filesystem_magic(path).map_err(|err| bad(format!("statfs: {err}")))?
+            != CGROUP2_SUPER_MAGIC
+        {
+            let hint = match cgroup2_root() {
+                Ok(root) => format!("cgroup2 is mounted at {}", root.display()),
+                Err(_) => "no cgroup2 filesystem is mounted".to_owned(),
+            };
+            return Err(bad(format!("not a cgroup v2 directory ({hint})")));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            id: metadata.ino(),
+        })
+    }
+}
+
+fn filesystem_magic(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: c_path is NUL-terminated and stat is large enough for the kernel to fill.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs returned 0, so it filled the struct.
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type is narrower on some architectures"
+    )]
+    Ok(unsafe { stat.assume_init() }.f_type as i64)
+}
+
+/// The agent's own leaf cgroup. While it lives, the agent's sockets carry its id, which the
+/// kernel side skips. Dropping it moves the agent back to where it was and removes the leaf.
+#[derive(Debug)]
+pub struct AgentCgroup {
+    cgroup: Cgroup,
+    previous: PathBuf,
+}
+
+impl AgentCgroup {
+    /// Creates (or reuses) `<current cgroup>/dns-proxy-agent` and moves the whole process there.
+    /// Call it before any socket is created.
+    pub fn enter(hierarchy_root: &Path) -> Result<Self, CgroupError> {
+        let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
+            .ok_or(CgroupError::NotInCgroup2)?;
+        let previous = hierarchy_root.join(&own);
+        // Already inside one (a re-exec): stay.
+        let path = if own
+            .file_name()
+            .is_some_and(|name| name == AGENT_CGROUP_NAME)
+        {
+            previous.clone()
+        } else {
+            previous.join(AGENT_CGROUP_NAME)
+        };
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(CgroupError::CreateAgentCgroup { path, source }),
+        }
+        let pid = std::process::id().to_string();
+        fs::write(path.join("cgroup.procs"), &pid).map_err(|source| {
+            CgroupError::EnterAgentCgroup {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let cgroup = Cgroup::open(&path).map_err(|err| CgroupError::EnterAgentCgroup {
+            path: path.clone(),
+            source: io::Error::other(err.to_string()),
+        })?;
+        Ok(Self { cgroup, previous })
+    }
+
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        if self.previous == self.cgroup.path {
+            return;
+        }
+        let pid = std::process::id().to_string();
+        if let Err(err) = fs::write(self.previous.join("cgroup.procs"), pid) {
+            log::debug!("leaving {}: {err}", self.cgroup.path.display());
+            return;
+        }
+        // Fails while another agent still lives there; that one removes it.
+        if let Err(err) = fs::remove_dir(&self.cgroup.path) {
+            log::debug!("removing {}: {err}", self.cgroup.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+41 30 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        assert_eq!(
+            parse_cgroup2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn prefers_the_hierarchy_root_over_a_bind_mounted_subtree() {
+        let text = "\
+50 25 0:38 /kubepods /host/cgroup rw - cgroup2 cgroup2 rw
+51 25 0:38 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount(&text[..text.find('\n').unwrap()]),
+            Some(PathBuf::from("/host/cgroup"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        assert_eq!(
+            parse_cgroup2_mount("25 1 254:0 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+        assert_eq!(parse_cgroup2_mount(""), None);
+    }
+
+    #[test]
+    fn unescapes_octal_in_mount_points() {
+        let text = "41 30 0:38 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/mnt/my cgroup"))
+        );
+        assert_eq!(unescape_mountinfo("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn own_cgroup_in_hybrid_and_unified_layouts() {
+        let hybrid = "9:name=systemd:/\n4:memory:/x\n0::/\n";
+        assert_eq!(parse_own_cgroup(hybrid), Some(PathBuf::from("")));
+        let unified = "0::/system.slice/dns-proxy.service\n";
+        assert_eq!(
+            parse_own_cgroup(unified),
+            Some(PathBuf::from("system.slice/dns-proxy.service"))
+        );
+        assert_eq!(parse_own_cgroup("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn open_rejects_what_is_not_a_cgroup2_directory() {
+        let err = Cgroup::open(Path::new("/nonexistent/cgroup")).unwrap_err();
+        assert!(
+            err.to_string().contains("--cgroup /nonexistent/cgroup"),
+            "{err}"
+        );
+        let err = Cgroup::open(Path::new("/proc")).unwrap_err();
+        assert!(
+            err.to_string().contains("not a cgroup v2 directory"),
+            "{err}"
+        );
+        let err = Cgroup::open(Path::new("/proc/self/mountinfo")).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Command line and the validated configuration it becomes.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Transparent DNS redirection with eBPF: each workload's lookup goes through this proxy to the
+/// server the workload asked for, and the answer comes back from that server's address.
+#[derive(Debug, Parser)]
+#[command(name = "dns-proxy", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the redirect to a cgroup and serve the redirected queries until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory whose processes (and descendants) are redirected.
+    /// Default: the root of the cgroup2 filesystem found in /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH", env = "DNS_PROXY_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Address the redirected queries are sent to and the proxy listens on (UDP).
+    /// Must be a concrete IPv4 address reachable by the workloads.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:8053",
+        env = "DNS_PROXY_LISTEN"
+    )]
+    pub listen: SocketAddr,
+
+    /// Forward every query here instead of to the server its client asked for.
+    #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_UPSTREAM")]
+    pub upstream: Option<SocketAddr>,
+
+    /// How long to wait for an upstream answer before giving up on a query (the client then
+    /// times out, as it would have without the proxy).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Most queries forwarded at once; beyond it new queries are dropped (and counted), which
+    /// bounds memory and sockets under a flood. Clients retry.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight: u32,
+
+    /// On SIGINT/SIGTERM, the longest time spent answering queries already on their way
+    /// before the programs are detached.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|err| format!("{err} (write it like 500ms, 5s or 1m)"))?;
+    if duration.is_zero() {
+        return Err("must be more than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+/// A configuration error: what is wrong and what to do instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--listen {0}: the redirect target must be an IPv4 address (IPv6 is not supported yet)"
+    )]
+    ListenNotIpv4(SocketAddr),
+    #[error("--listen {0}: the redirect target must be a concrete address, not a wildcard; try 127.0.0.1:{port}", port = .0.port())]
+    ListenUnspecified(SocketAddr),
+    #[error("--listen {0}: the port must not be 0: workloads are sent to this exact port")]
+    ListenPortZero(SocketAddr),
+    #[error("--upstream {0}: the upstream must be a concrete address with a port")]
+    BadUpstream(SocketAddr),
+}
+
+/// The validated configuration of `dns-proxy run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// `None`: the cgroup2 root.
+    pub cgroup: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_timeout: Duration,
+    pub max_inflight: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl TryFrom<RunArgs> for RunConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: RunArgs) -> Result<Self, Self::Error> {
+        let listen = args.listen;
+        match listen.ip() {
+            IpAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(listen)),
+            ip if ip.is_unspecified() => return Err(ConfigError::ListenUnspecified(listen)),
+            _ => {}
+        }
+        if listen.port() == 0 {
+            return Err(ConfigError::ListenPortZero(listen));
+        }
+        if let Some(upstream) = args.upstream
+            && (upstream.ip().is_unspecified() || upstream.port() == 0)
+        {
+            return Err(ConfigError::BadUpstream(upstream));
+        }
+        Ok(Self {
+            cgroup: args.cgroup,
+            listen,
+            upstream: args.upstream,
+            upstream_timeout: args.upstream_timeout,
+            max_inflight: args.max_inflight as usize,
+            shutdown_timeout: args.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_config(args: &[&str]) -> Result<RunConfig, String> {
+        let argv = ["dns-proxy", "run"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).map_err(|err| err.to_string())?;
+        let Command::Run(run) = cli.command;
+        RunConfig::try_from(run).map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let config = run_config(&[]).unwrap();
+        assert_eq!(config.cgroup, None);
+        assert_eq!(config.listen, "127.0.0.1:8053".parse().unwrap());
+        assert_eq!(config.upstream, None);
+        assert_eq!(config.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(config.max_inflight, 4096);
+    }
+
+    #[test]
+    fn all_flags() {
+        let config = run_config(&[
+            "--cgroup=/sys/fs/cgroup/unified/pods",
+            "--listen=169.254.20.10:53",
+            "--upstream=192.0.2.1:5353",
+            "--upstream-timeout=750ms",
+            "--max-inflight=10",
+            "--shutdown-timeout=1m",
+        ])
+        .unwrap();
+        assert_eq!(config.cgroup, Some("/sys/fs/cgroup/unified/pods".into()));
+        assert_eq!(config.listen, "169.254.20.10:53".parse().unwrap());
+        assert_eq!(config.upstream, Some("192.0.2.1:5353".parse().unwrap()));
+        assert_eq!(config.upstream_timeout, Duration::from_millis(750));
+        assert_eq!(config.max_inflight, 10);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn rejects_listen_addresses_the_kernel_side_cannot_target() {
+        assert!(
+            run_config(&["--listen=[::1]:8053"])
+                .unwrap_err()
+                .contains("IPv4")
+        );
+        assert!(
+            run_config(&["--listen=0.0.0.0:8053"])
+                .unwrap_err()
+                .contains("wildcard")
+        );
+        assert!(
+            run_config(&["--listen=127.0.0.1:0"])
+                .unwrap_err()
+                .contains("port must not be 0")
+        );
+        assert!(run_config(&["--listen=localhost:53"]).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_upstreams_and_durations() {
+        assert!(run_config(&["--upstream=0.0.0.0:53"]).is_err());
+        assert!(run_config(&["--upstream=192.0.2.1:0"]).is_err());
+        assert!(
+            run_config(&["--upstream-timeout=0s"])
+                .unwrap_err()
+                .contains("more than zero")
+        );
+        assert!(
+            run_config(&["--upstream-timeout=soon"])
+                .unwrap_err()
+                .contains("500ms")
+        );
+        assert!(run_config(&["--max-inflight=0"]).is_err());
+    }
+}
