@@ -1,0 +1,495 @@
+//! Fixtures for dns-proxy's privileged integration tests: a topology of the tests' own
+//! (network namespaces joined by a veth pair, a child cgroup, a real DNS server) and the real
+//! agent binary attached to it. Every fixture is a guard that removes what it made on drop,
+//! so a failing test still cleans up. Nothing here touches the host's own network namespace,
+//! its root cgroup's programs, or any address outside the tests' namespaces.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The client's address on the veth inside the client namespace.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The DNS server's address inside the server namespace (TEST-NET-1, never routed).
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// What the test server answers for every name under [`ZONE`] (TEST-NET-2, never contacted).
+pub const ANSWER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const ZONE: &str = "example.test";
+/// The agent's listener inside the client namespace.
+pub const PROXY_LISTEN: &str = "127.0.0.1:8053";
+
+/// Panics unless running as root: a privileged test must never skip quietly.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these integration tests need root (eBPF, cgroups, network namespaces): run `cargo xtask test` as root"
+    );
+}
+
+/// A name unique to this test run, e.g. "dp3f2a1" (short: interface names are 15 bytes max).
+fn unique_tag() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "dp{:x}{}",
+        std::process::id() & 0xffff,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion and panics with its output unless it succeeds.
+pub fn must(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace of the tests' own; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        must(Command::new("ip").args(["netns", "add", &name]));
+        let netns = Self { name };
+        must(Command::new("ip").args(["-n", &netns.name, "link", "set", "lo", "up"]));
+        netns
+    }
+
+    /// `ip netns exec NAME program args...`: the program sees /etc/netns/NAME/resolv.conf.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child cgroup of the cgroup2 root; its processes are killed and it is removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_root().join(name);
+        fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+        Self { path }
+    }
+
+    fn pids(&self) -> Vec<String> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .map(|pids| pids.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Kills every process in the subtree, the agent's own child cgroup included.
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.pids().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// rmdir a cgroup and its (empty) descendants, deepest first.
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        // EBUSY for a moment while killed processes are still being reaped.
+        if fs::remove_dir(path).is_ok() || !path.exists() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo (never hard-coded: hybrid hosts mount
+/// it in a subfolder).
+pub fn cgroup2_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            (fs.split_whitespace().next() == Some("cgroup2"))
+                .then(|| mount.split_whitespace().nth(4))?
+        })
+        .map(PathBuf::from)
+        .expect("no cgroup2 filesystem mounted")
+}
+
+/// The topology of a host running workloads and the agent, and a DNS server elsewhere:
+/// a "client" namespace (where the agent and the workloads live, like a host) joined by a veth
+/// pair to a "server" namespace, and a cgroup for the workloads.
+pub struct Topology {
+    pub tag: String,
+    // Field order is drop order: processes in the cgroup die before the namespaces go.
+    pub cgroup: TestCgroup,
+    resolv_dir: PathBuf,
+    pub client: Netns,
+    pub server: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Self {
+        require_root();
+        let tag = unique_tag();
+        let client = Netns::new(format!("{tag}-client"));
+        let server = Netns::new(format!("{tag}-server"));
+        let (client_if, server_if) = (format!("{tag}c"), format!("{tag}s"));
+        must(Command::new("ip").args([
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_if,
+            "netns",
+            &server.name,
+        ]));
+        for (netns, interface, ip) in [
+            (&client, &client_if, CLIENT_IP),
+            (&server, &server_if, SERVER_IP),
+        ] {
+            must(Command::new("ip").args([
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                interface,
+            ]));
+            must(Command::new("ip").args(["-n", &netns.name, "link", "set", interface, "up"]));
+        }
+        // glibc, musl and Go in the client namespace read this resolv.conf (ip netns exec).
+        let resolv_dir = PathBuf::from("/etc/netns").join(&client.name);
+        fs::create_dir_all(&resolv_dir).expect("mkdir /etc/netns/...");
+        fs::write(
+            resolv_dir.join("resolv.conf"),
+            format!("nameserver {SERVER_IP}\noptions timeout:2 attempts:1\n"),
+        )
+        .expect("write resolv.conf");
+        let cgroup = TestCgroup::new(&format!("{tag}-workload"));
+        Self {
+            tag,
+            cgroup,
+            resolv_dir,
+            client,
+            server,
+        }
+    }
+
+    /// A command run as a workload: in the test cgroup (joined before exec, so everything it
+    /// starts is in it) and in the client namespace.
+    pub fn workload(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            // $0 is the cgroup; "$@" is the namespace, the program and its arguments.
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec ip netns exec "$@""#)
+            .arg(&self.cgroup.path)
+            .arg(&self.client.name)
+            .arg(program)
+            .args(args);
+        command
+    }
+
+    /// A command run in the client namespace but outside the test cgroup.
+    pub fn outsider(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = self.client.command(program);
+        command.args(args);
+        command
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.resolv_dir);
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(command: &mut Command) -> Self {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+        Self { child }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.child.id());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        wait_for("the process to exit", limit, || {
+            self.child.try_wait().expect("try_wait")
+        })
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// dnsmasq in the server namespace, answering [`ANSWER_IP`] for every name under [`ZONE`].
+pub struct DnsServer {
+    _process: Process,
+}
+
+impl DnsServer {
+    pub fn start(topology: &Topology) -> Self {
+        let mut command = topology.server.command("dnsmasq");
+        command
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .arg(format!("--listen-address={SERVER_IP}"))
+            .arg(format!("--address=/{ZONE}/{ANSWER_IP}"))
+            // Without it, other types (AAAA) get REFUSED, which resolvers treat as failure.
+            .arg(format!("--local=/{ZONE}/"))
+            .args(["--pid-file=", "--user=root", "--cache-size=0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let server = Self {
+            _process: Process::spawn(&mut command),
+        };
+        // Ready when a direct query from outside the test cgroup is answered.
+        wait_for("dnsmasq to answer", Duration::from_secs(10), || {
+            let output = dig(topology.outsider("dig", &[]), "ready.example.test", &[]).ok()?;
+            output.contains(&ANSWER_IP.to_string()).then_some(())
+        });
+        server
+    }
+}
+
+/// Runs `dig @SERVER NAME +short` through `command` (a workload or outsider `dig` command);
+/// returns stdout, or stdout and stderr as the error when dig fails.
+pub fn dig(mut command: Command, name: &str, extra: &[&str]) -> Result<String, String> {
+    command
+        .arg(format!("@{SERVER_IP}"))
+        .arg(name)
+        .args(["+time=1", "+tries=1"])
+        .args(extra);
+    let output = command.output().map_err(|err| err.to_string())?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The path of the dns-proxy binary under test: `DNS_PROXY_BIN` (set by `cargo xtask test`),
+/// else `target/<profile>/dns-proxy` beside this test binary.
+pub fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("DNS_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/<profile>/deps/<test> -> target/<profile>/dns-proxy
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .join("dns-proxy")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The real dns-proxy binary running in the client namespace, redirecting the test cgroup.
+/// Its log (stderr) is collected for assertions; it is killed on drop.
+pub struct Agent {
+    process: Process,
+    log: Arc<Mutex<String>>,
+}
+
+/// Where the agent process starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the test process's cgroup, outside the redirected one.
+    Outside,
+    /// Inside the redirected cgroup, as on a hybrid host where the agent starts in the
+    /// cgroup2 root it redirects: only its self-exclusion keeps its upstream queries direct.
+    InsideRedirectedCgroup,
+}
+
+impl Agent {
+    pub fn start(topology: &Topology, extra_args: &[&str]) -> Self {
+        Self::start_at(topology, Placement::Outside, extra_args)
+    }
+
+    pub fn start_at(topology: &Topology, placement: Placement, extra_args: &[&str]) -> Self {
+        let mut command = match placement {
+            Placement::Outside => Command::new("nsenter"),
+            Placement::InsideRedirectedCgroup => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
+                    .arg(&topology.cgroup.path);
+                sh
+            }
+        };
+        // nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup2
+        // mount the agent needs. nsenter and sh exec, so the pid is the agent's.
+        command
+            .arg(format!("--net=/run/netns/{}", topology.client.name))
+            .arg("--")
+            .arg(agent_binary())
+            .arg("run")
+            .arg(format!("--cgroup={}", topology.cgroup.path.display()))
+            .arg(format!("--listen={PROXY_LISTEN}"))
+            .args(extra_args)
+            .env("RUST_LOG", "info,dns_proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Process::spawn(&mut command);
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = process.child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut agent = Self { process, log };
+        wait_for("the agent to serve", Duration::from_secs(20), || {
+            if let Some(status) = agent.process.child.try_wait().expect("try_wait") {
+                panic!(
+                    "the agent exited ({status}) before serving:\n{}",
+                    agent.log()
+                );
+            }
+            agent.log().contains("serving redirected DNS").then_some(())
+        });
+        agent
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The agent's debug line for a forwarded query of `name`, if there is one yet.
+    pub fn query_line(&self, name: &str) -> Option<String> {
+        let needle = format!("name={name}.");
+        self.log()
+            .lines()
+            .find(|line| line.contains("query client=") && line.contains(&needle))
+            .map(str::to_owned)
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// The usual set-up: a topology, its DNS server, and the agent. Fields drop in order: the agent
+/// first, the namespaces and the cgroup last.
+pub struct Harness {
+    pub agent: Agent,
+    pub server: DnsServer,
+    pub topology: Topology,
+}
+
+impl Harness {
+    pub fn start(placement: Placement, agent_args: &[&str]) -> Self {
+        let topology = Topology::new();
+        let server = DnsServer::start(&topology);
+        let agent = Agent::start_at(&topology, placement, agent_args);
+        Self {
+            agent,
+            server,
+            topology,
+        }
+    }
+}

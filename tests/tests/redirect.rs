@@ -1,0 +1,298 @@
+//! End to end, in the real kernel: the real agent attached to a test cgroup, a real DNS server
+//! (dnsmasq) in a namespace of its own, real clients as workloads. Needs root; panics without.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    ANSWER_IP, Agent, Harness, PROXY_LISTEN, Placement, SERVER_IP, Topology, agent_binary, dig,
+    must, wait_for,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_dns-udp-probe");
+
+/// The agent's log line for `name`, waited for briefly (it is written after the answer is sent).
+fn forwarded(agent: &Agent, name: &str) -> String {
+    wait_for(
+        &format!("the agent to log the query for {name}"),
+        Duration::from_secs(2),
+        || agent.query_line(name),
+    )
+}
+
+fn assert_answered(result: Result<String, String>, what: &str) {
+    let output = result.unwrap_or_else(|err| panic!("{what} failed:\n{err}"));
+    assert!(
+        output.contains(&ANSWER_IP.to_string()),
+        "{what}: no {ANSWER_IP} in:\n{output}"
+    );
+}
+
+/// Runs the probe as a workload; returns its `source=... answer=...` line.
+fn probe(topology: &Topology, mode: &str, name: &str) -> String {
+    let server = format!("{SERVER_IP}:53");
+    let output = must(&mut topology.workload(PROBE, &[mode, &server, name]));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn expected_probe_line() -> String {
+    format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
+}
+
+#[test]
+fn dig_is_answered_through_the_proxy_by_the_server_it_asked() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+
+    let name = "dig.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), name, &[]),
+        "dig in the cgroup",
+    );
+    let line = forwarded(agent, name);
+    assert!(line.contains(&format!("server={SERVER_IP}:53")), "{line}");
+    assert!(line.contains(&format!("upstream={SERVER_IP}:53")), "{line}");
+    assert!(line.contains("type=A rcode=NoError"), "{line}");
+}
+
+#[test]
+fn glibc_getaddrinfo_is_answered_through_the_proxy() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+
+    let name = "glibc.example.test";
+    // getent ahosts: getaddrinfo with AF_UNSPEC, so A and AAAA, over one connected socket.
+    let output = must(&mut topology.workload("getent", &["ahosts", name]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&ANSWER_IP.to_string()),
+        "getent ahosts: {stdout}"
+    );
+    let line = forwarded(agent, name);
+    assert!(line.contains(&format!("server={SERVER_IP}:53")), "{line}");
+}
+
+#[test]
+fn an_unconnected_client_sees_the_server_address_and_port_in_recvfrom() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+
+    // sendto + recvfrom, and the answer must come from SERVER_IP:53, as musl demands.
+    let name = "sendto.example.test";
+    assert_eq!(probe(topology, "sendto", name), expected_probe_line());
+    forwarded(agent, name);
+}
+
+#[test]
+fn a_connected_client_sees_the_server_in_getpeername_and_recvfrom() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+
+    // The probe fails unless getpeername() and recvfrom() both report SERVER_IP:53.
+    let name = "connect.example.test";
+    assert_eq!(probe(topology, "connect", name), expected_probe_line());
+    forwarded(agent, name);
+}
+
+#[test]
+fn an_agent_inside_the_redirected_cgroup_does_not_redirect_itself() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::InsideRedirectedCgroup, &[]);
+    let own_cgroup = topology.cgroup.path.join("dns-proxy-agent");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("agent runs in cgroup {} ", own_cgroup.display())),
+        "{log}"
+    );
+
+    // Were the agent's upstream query redirected too, it would come back to the agent
+    // instead of reaching the server, and the lookup would fail.
+    let name = "self.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), name, &[]),
+        "dig in the cgroup",
+    );
+    let line = forwarded(agent, name);
+    assert!(line.contains(&format!("upstream={SERVER_IP}:53")), "{line}");
+    let log = agent.log();
+    assert_eq!(log.matches("query client=").count(), 1, "{log}");
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_redirected() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+
+    let outside = "outside.example.test";
+    assert_answered(
+        dig(topology.outsider("dig", &[]), outside, &[]),
+        "dig outside the cgroup",
+    );
+    // A redirected query after it proves the agent's log is being written.
+    let inside = "inside.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), inside, &[]),
+        "dig in the cgroup",
+    );
+    forwarded(agent, inside);
+    assert_eq!(
+        agent.query_line(outside),
+        None,
+        "the outsider went through the proxy:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn after_sigkill_lookups_go_direct_within_a_second() {
+    let Harness {
+        agent, topology, ..
+    } = &mut Harness::start(Placement::Outside, &[]);
+    let before = "before.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), before, &[]),
+        "dig before the kill",
+    );
+    forwarded(agent, before);
+
+    agent.process().signal(libc::SIGKILL);
+    agent.process().wait_exit(Duration::from_secs(5));
+    // The links died with the agent's file descriptors: one try with a 1 s timeout must do.
+    let started = Instant::now();
+    let after = "after.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), after, &[]),
+        "dig after SIGKILL",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    // And a strict unconnected client, whose answers nothing rewrites now, hears the server.
+    assert_eq!(
+        probe(topology, "sendto", "after2.example.test"),
+        expected_probe_line()
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_exits_zero() {
+    let Harness {
+        agent, topology, ..
+    } = &mut Harness::start(Placement::Outside, &["--shutdown-timeout=3s"]);
+    let name = "term.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), name, &[]),
+        "dig before SIGTERM",
+    );
+    forwarded(agent, name);
+
+    agent.process().signal(libc::SIGTERM);
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let log = agent.log();
+    assert!(status.success(), "exit status {status}:\n{log}");
+    assert!(log.contains("detaching all programs"), "{log}");
+    assert!(
+        log.contains("stopped: received=1 forwarded=1 answered=1 "),
+        "{log}"
+    );
+    let attached = must(
+        Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&topology.cgroup.path),
+    );
+    assert!(
+        attached.stdout.is_empty(),
+        "programs still attached: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
+    let after = "afterterm.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), after, &[]),
+        "dig after SIGTERM",
+    );
+}
+
+/// Errors a user can cause end with one line that says what to do.
+mod usage_errors {
+    use super::*;
+
+    /// Runs the agent (behind `wrapper`, e.g. nsenter) and returns (succeeded, stderr).
+    fn run_agent(args: &[&str], wrapper: &[&str]) -> (bool, String) {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(agent_binary());
+                command
+            }
+            None => Command::new(agent_binary()),
+        };
+        command.arg("run").args(args).env("RUST_LOG", "off");
+        let output = command.output().expect("run the agent");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stderr)
+    }
+
+    fn assert_one_line_error(args: &[&str], wrapper: &[&str], expected: &str) {
+        let (success, stderr) = run_agent(args, wrapper);
+        assert!(!success, "{args:?} succeeded");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("dns-proxy: error: "), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: no {expected:?} in:\n{stderr}"
+        );
+    }
+
+    #[test]
+    fn bad_cgroup_path() {
+        tests::require_root();
+        assert_one_line_error(&["--cgroup=/nonexistent/x"], &[], "--cgroup /nonexistent/x");
+        assert_one_line_error(&["--cgroup=/proc"], &[], "not a cgroup v2 directory");
+    }
+
+    #[test]
+    fn port_in_use() {
+        let topology = Topology::new();
+        let _first = Agent::start(&topology, &[]);
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let listen = format!("--listen={PROXY_LISTEN}");
+        assert_one_line_error(
+            &[&cgroup, &listen],
+            &["nsenter", &netns, "--"],
+            "choose another --listen",
+        );
+    }
+
+    #[test]
+    fn not_root() {
+        tests::require_root();
+        let nobody = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ];
+        assert_one_line_error(&[], &nobody, "run dns-proxy as root");
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        assert_one_line_error(&["--listen=0.0.0.0:8053"], &[], "not a wildcard");
+    }
+}

@@ -1,0 +1,193 @@
+//! Installing what the build and the tests need, and only what is missing.
+//!
+//! The eBPF programs are built with a toolchain that has the standard library's sources (to
+//! build `core` for the bpf target) and linked by bpf-linker, which must use the same LLVM as
+//! that compiler. Where rustup nightly has rust-src (the standard aya setup) that is used;
+//! where rustup cannot download rust-src (these machines), Debian's rustc-web + rust-web-src
+//! are linked as the rustup toolchain `dns-proxy-bpf`. See docs/building.md.
+use std::{env, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::shell::{self, has_program, is_root};
+
+/// Must match `LINKED_TOOLCHAIN` in dns-proxy/build.rs.
+const LINKED_TOOLCHAIN: &str = "dns-proxy-bpf";
+const TOOLCHAIN_ENV: &str = "DNS_PROXY_EBPF_TOOLCHAIN";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM majors bpf-linker 0.13 can be built against (its `llvm-N` features).
+const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
+
+/// Test tools: the program the tests run, the Debian package that has it, and why.
+const TEST_TOOLS: &[(&str, &str, &str)] = &[
+    (
+        "dnsmasq",
+        "dnsmasq-base",
+        "the real DNS server the tests query",
+    ),
+    ("dig", "bind9-dnsutils", "a real DNS client (BIND's dig)"),
+    (
+        "ip",
+        "iproute2",
+        "network namespaces and veth pairs for the test topology",
+    ),
+    (
+        "nsenter",
+        "util-linux",
+        "running the agent in a test network namespace",
+    ),
+    (
+        "setpriv",
+        "util-linux",
+        "running the agent without privileges, to test its error",
+    ),
+    ("getent", "libc-bin", "lookups through glibc's getaddrinfo"),
+    (
+        "bpftool",
+        "bpftool",
+        "checking that no program stays attached after shutdown",
+    ),
+];
+
+pub fn setup(tests: bool) -> Result<()> {
+    let mut apt = Apt::default();
+    let toolchain = ebpf_toolchain(&mut apt)?;
+    let llvm = llvm_major(&toolchain)?;
+    bpf_linker(&mut apt, llvm)?;
+    if tests {
+        for (program, package, why) in TEST_TOOLS {
+            if !has_program(program) {
+                apt.install(&[package], why)?;
+            }
+        }
+    }
+    eprintln!("xtask: ready: eBPF toolchain `{toolchain}` (LLVM {llvm}), bpf-linker");
+    Ok(())
+}
+
+/// The rustup toolchain that will build the eBPF programs (dns-proxy/build.rs makes the same
+/// choice, in the same order).
+fn ebpf_toolchain(apt: &mut Apt) -> Result<String> {
+    if let Ok(name) = env::var(TOOLCHAIN_ENV)
+        && !name.is_empty()
+    {
+        if !has_rust_src(&name) {
+            bail!("{TOOLCHAIN_ENV}={name}: that toolchain has no rust-src component");
+        }
+        return Ok(name);
+    }
+    if has_rust_src("nightly") {
+        return Ok("nightly".to_owned());
+    }
+    if has_rust_src(LINKED_TOOLCHAIN) {
+        return Ok(LINKED_TOOLCHAIN.to_owned());
+    }
+    eprintln!(
+        "xtask: rustup nightly has no rust-src here; using Debian's rustc-web with its sources"
+    );
+    apt.install(
+        &["rustc-web", "cargo-web", "rust-web-src"],
+        "a Rust compiler with the standard library's sources, to build `core` for the bpf target",
+    )?;
+    shell::run(Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]))?;
+    if !has_rust_src(LINKED_TOOLCHAIN) {
+        bail!("the linked toolchain `{LINKED_TOOLCHAIN}` (/usr) still has no rust-src");
+    }
+    Ok(LINKED_TOOLCHAIN.to_owned())
+}
+
+fn has_rust_src(toolchain: &str) -> bool {
+    shell::output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
+        .is_some_and(|sysroot| {
+            PathBuf::from(sysroot.trim())
+                .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+                .exists()
+        })
+}
+
+/// The major version of the LLVM inside `toolchain`'s rustc.
+fn llvm_major(toolchain: &str) -> Result<u32> {
+    let version = shell::output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))
+        .with_context(|| format!("cannot run rustc of toolchain `{toolchain}`"))?;
+    version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.parse().ok())
+        .with_context(|| format!("`rustc -vV` of `{toolchain}` names no LLVM version"))
+}
+
+fn bpf_linker(apt: &mut Apt, llvm: u32) -> Result<()> {
+    if has_program("bpf-linker") {
+        return Ok(());
+    }
+    if !BPF_LINKER_LLVM.contains(&llvm) {
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} cannot be built for LLVM {llvm}; install a bpf-linker for LLVM {llvm} by hand"
+        );
+    }
+    let llvm_dev = format!("llvm-{llvm}-dev");
+    apt.install(
+        &[&llvm_dev, "libzstd-dev", "zlib1g-dev"],
+        "bpf-linker links the eBPF object with the compiler's own LLVM version",
+    )?;
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)"
+    );
+    shell::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm}"),
+            ])
+            // Without it, llvm-sys looks in /usr and the link fails (`-lLLVM` not found).
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
+    )
+}
+
+/// Debian packages, installed once each, with one `apt-get update` first.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str], why: &str) -> Result<()> {
+        let missing: Vec<&str> = packages
+            .iter()
+            .copied()
+            .filter(|p| !is_installed(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing.join(" ");
+        if !has_program("apt-get") {
+            bail!("needed: {list} ({why}); this is not a Debian system, install them by hand");
+        }
+        if !is_root() {
+            bail!("needed: {list} ({why}); run as root, or `sudo apt-get install {list}` first");
+        }
+        eprintln!("xtask: installing {list}: {why}");
+        if !self.updated {
+            shell::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            self.updated = true;
+        }
+        shell::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+}
+
+fn is_installed(package: &str) -> bool {
+    shell::output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", package]))
+        .is_some_and(|status| status.starts_with("ii"))
+}
