@@ -45,17 +45,17 @@ pub struct RunArgs {
 
     /// How long to wait for an upstream answer before giving up on a query (the client then
     /// times out, as it would have without the proxy).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Duration,
 
     /// Most queries forwarded at once; beyond it new queries are dropped (and counted), which
     /// bounds memory and sockets under a flood. Clients retry.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
 
     /// On SIGINT/SIGTERM, the longest time spent answering queries already on their way
     /// before the programs are detached.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Duration,
 }
 

@@ -82,15 +82,18 @@ fn hint(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn hook_hint(err: &(dyn std::error::Error + 'static), hook: &'static str) -> String {
+    let min_kernel = PROGRAMS
+        .iter()
+        .find(|p| p.hook == hook)
+        .map_or("a newer kernel", |p| p.min_kernel);
     match os_error(err) {
-        Some(os) if matches!(os.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => {
-            let version = PROGRAMS
-                .iter()
-                .find(|p| p.hook == hook)
-                .map_or("a newer kernel", |p| p.min_kernel);
-            format!(
-                " ({os}: this kernel does not support {hook}, which needs Linux {version} with CONFIG_CGROUP_BPF)"
-            )
+        Some(os) if matches!(os.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => format!(
+            " ({os}: this kernel does not support {hook}, which needs Linux {min_kernel} with \
+             CONFIG_CGROUP_BPF)"
+        ),
+        // What a kernel without the hook answers, among other things.
+        Some(os) if os.raw_os_error() == Some(libc::EINVAL) => {
+            format!(" ({os}: a kernel older than Linux {min_kernel} has no {hook})")
         }
         _ => hint(err),
     }
@@ -388,5 +391,40 @@ impl FlowTable {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_hints_say_what_to_do() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        assert!(
+            hint(&eperm).contains("run dns-proxy as root"),
+            "{}",
+            hint(&eperm)
+        );
+        let einval = io::Error::from_raw_os_error(libc::EINVAL);
+        let text = hook_hint(&einval, "cgroup/getpeername4");
+        assert!(
+            text.contains("older than Linux 5.8 has no cgroup/getpeername4"),
+            "{text}"
+        );
+        let unsupported = io::Error::from_raw_os_error(ENOTSUPP);
+        let text = hook_hint(&unsupported, "cgroup/sock_release");
+        assert!(
+            text.contains("does not support cgroup/sock_release, which needs Linux 5.9"),
+            "{text}"
+        );
+        assert_eq!(hint(&io::Error::other("no OS error")), " (no OS error)");
+    }
+
+    #[test]
+    fn redirecting_programs_attach_last() {
+        let first_redirect = PROGRAMS.iter().position(|p| p.redirects).unwrap();
+        assert!(PROGRAMS[first_redirect..].iter().all(|p| p.redirects));
+        assert_eq!(PROGRAMS.iter().filter(|p| p.redirects).count(), 2);
     }
 }

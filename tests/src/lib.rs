@@ -177,9 +177,33 @@ pub struct Topology {
     pub tag: String,
     // Field order is drop order: processes in the cgroup die before the namespaces go.
     pub cgroup: TestCgroup,
-    resolv_dir: PathBuf,
+    _resolv_conf: NetnsResolvConf,
     pub client: Netns,
     pub server: Netns,
+}
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` shows as `/etc/resolv.conf`;
+/// removed on drop.
+struct NetnsResolvConf {
+    dir: PathBuf,
+}
+
+impl NetnsResolvConf {
+    fn new(netns: &Netns, nameserver: Ipv4Addr) -> Self {
+        let guard = Self {
+            dir: PathBuf::from("/etc/netns").join(&netns.name),
+        };
+        fs::create_dir_all(&guard.dir).expect("mkdir /etc/netns/NAME");
+        let text = format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n");
+        fs::write(guard.dir.join("resolv.conf"), text).expect("write resolv.conf");
+        guard
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Topology {
@@ -219,18 +243,12 @@ impl Topology {
             must(Command::new("ip").args(["-n", &netns.name, "link", "set", interface, "up"]));
         }
         // glibc, musl and Go in the client namespace read this resolv.conf (ip netns exec).
-        let resolv_dir = PathBuf::from("/etc/netns").join(&client.name);
-        fs::create_dir_all(&resolv_dir).expect("mkdir /etc/netns/...");
-        fs::write(
-            resolv_dir.join("resolv.conf"),
-            format!("nameserver {SERVER_IP}\noptions timeout:2 attempts:1\n"),
-        )
-        .expect("write resolv.conf");
+        let resolv_conf = NetnsResolvConf::new(&client, SERVER_IP);
         let cgroup = TestCgroup::new(&format!("{tag}-workload"));
         Self {
             tag,
             cgroup,
-            resolv_dir,
+            _resolv_conf: resolv_conf,
             client,
             server,
         }
@@ -262,12 +280,6 @@ impl Topology {
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.resolv_dir);
     }
 }
 
