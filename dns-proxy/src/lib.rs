@@ -39,6 +39,8 @@ pub enum RunError {
     },
     #[error("cannot watch for SIGINT/SIGTERM: {0}")]
     Signals(io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
 }
 
 fn listen_hint(err: &io::Error) -> &'static str {
@@ -55,12 +57,13 @@ fn listen_hint(err: &io::Error) -> &'static str {
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then stops redirecting, answers what is in flight,
-/// detaches and returns.
-pub async fn run(config: RunConfig) -> Result<(), RunError> {
+/// detaches and returns. Blocks: the cgroup work happens first, then a tokio runtime of its
+/// own serves.
+pub fn run(config: RunConfig) -> Result<(), RunError> {
     log::info!("starting with {config:?}");
     let hierarchy = cgroup::cgroup2_root()?;
     let target = Cgroup::open(config.cgroup.as_deref().unwrap_or(&hierarchy))?;
-    // Before any socket exists, so that all of the agent's traffic carries its cgroup.
+    // Before any thread or socket exists, so that all of the agent's traffic carries its cgroup.
     let agent = AgentCgroup::enter(&hierarchy)?;
     log::info!(
         "agent runs in cgroup {} (id {}); redirecting cgroup {} (id {})",
@@ -69,7 +72,18 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
         target.path.display(),
         target.id
     );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    let result = runtime.block_on(serve(&config, &target, agent.cgroup()));
+    // Every socket closes with the runtime; then the agent may leave its cgroup.
+    drop(runtime);
+    drop(agent);
+    result
+}
 
+async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<(), RunError> {
     let listen = config.listen;
     let socket = UdpSocket::bind(listen)
         .await
@@ -81,10 +95,10 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
         unreachable!("RunConfig only admits IPv4 listen addresses");
     };
     let (mut redirector, flows) = Redirector::attach(&RedirectConfig {
-        cgroup: &target,
+        cgroup: target,
         target_ip,
         target_port: listen.port(),
-        excluded: &[agent.cgroup()],
+        excluded: &[agent],
     })?;
     let settings = ForwardSettings {
         upstream_override: config.upstream,
@@ -119,6 +133,5 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     }
     drop(redirector);
     log::info!("stopped: {}", stats.summary());
-    drop(agent);
     Ok(())
 }

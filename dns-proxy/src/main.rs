@@ -7,25 +7,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let Command::Run(args) = cli.command;
-    let config = match RunConfig::try_from(args) {
-        Ok(config) => config,
-        Err(err) => return fail(&err),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => return fail(&err),
-    };
-    match runtime.block_on(dns_proxy::run(config)) {
+    let result = RunConfig::try_from(args)
+        .map_err(|err| err.to_string())
+        .and_then(|config| dns_proxy::run(config).map_err(|err| err.to_string()));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(&err),
+        // One line that says what failed and what to do; the error types carry the detail.
+        Err(err) => {
+            eprintln!("dns-proxy: error: {err}");
+            ExitCode::FAILURE
+        }
     }
-}
-
-/// One line that says what failed and what to do; the error types carry the detail.
-fn fail(err: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("dns-proxy: error: {err}");
-    ExitCode::FAILURE
 }

@@ -23,6 +23,10 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// What the test server answers for every name under [`ZONE`] (TEST-NET-2, never contacted).
 pub const ANSWER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// A second server in the server namespace, with answers of its own, for tests where clients
+/// ask different servers at once.
+pub const SECOND_SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+pub const SECOND_ANSWER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
 pub const ZONE: &str = "example.test";
 /// The agent's listener inside the client namespace.
 pub const PROXY_LISTEN: &str = "127.0.0.1:8053";
@@ -321,13 +325,28 @@ impl Drop for Process {
     }
 }
 
-/// dnsmasq in the server namespace, answering [`ANSWER_IP`] for every name under [`ZONE`].
+/// dnsmasq in the server namespace, answering one address for every name under [`ZONE`].
 pub struct DnsServer {
     _process: Process,
 }
 
 impl DnsServer {
+    /// The usual server: [`SERVER_IP`], answering [`ANSWER_IP`].
     pub fn start(topology: &Topology) -> Self {
+        Self::start_on(topology, SERVER_IP, ANSWER_IP)
+    }
+
+    /// A server on `server_ip` (added to the server namespace's veth if need be), answering
+    /// `answer` for every name under [`ZONE`].
+    pub fn start_on(topology: &Topology, server_ip: Ipv4Addr, answer: Ipv4Addr) -> Self {
+        if server_ip != SERVER_IP {
+            let address = format!("{server_ip}/24");
+            let interface = format!("{}s", topology.tag);
+            let netns = &topology.server.name;
+            must(
+                Command::new("ip").args(["-n", netns, "addr", "add", &address, "dev", &interface]),
+            );
+        }
         let mut command = topology.server.command("dnsmasq");
         command
             .args([
@@ -336,8 +355,8 @@ impl DnsServer {
                 "--no-hosts",
                 "--bind-interfaces",
             ])
-            .arg(format!("--listen-address={SERVER_IP}"))
-            .arg(format!("--address=/{ZONE}/{ANSWER_IP}"))
+            .arg(format!("--listen-address={server_ip}"))
+            .arg(format!("--address=/{ZONE}/{answer}"))
             // Without it, other types (AAAA) get REFUSED, which resolvers treat as failure.
             .arg(format!("--local=/{ZONE}/"))
             .args(["--pid-file=", "--user=root", "--cache-size=0"])
@@ -348,8 +367,10 @@ impl DnsServer {
         };
         // Ready when a direct query from outside the test cgroup is answered.
         wait_for("dnsmasq to answer", Duration::from_secs(10), || {
-            let output = dig(topology.outsider("dig", &[]), "ready.example.test", &[]).ok()?;
-            output.contains(&ANSWER_IP.to_string()).then_some(())
+            let mut dig = topology.outsider("dig", &[]);
+            dig.arg(format!("@{server_ip}"));
+            let output = run_dig(dig, "ready.example.test", &[]).ok()?;
+            output.contains(&answer.to_string()).then_some(())
         });
         server
     }
@@ -358,11 +379,13 @@ impl DnsServer {
 /// Runs `dig @SERVER NAME +short` through `command` (a workload or outsider `dig` command);
 /// returns stdout, or stdout and stderr as the error when dig fails.
 pub fn dig(mut command: Command, name: &str, extra: &[&str]) -> Result<String, String> {
-    command
-        .arg(format!("@{SERVER_IP}"))
-        .arg(name)
-        .args(["+time=1", "+tries=1"])
-        .args(extra);
+    command.arg(format!("@{SERVER_IP}"));
+    run_dig(command, name, extra)
+}
+
+/// Runs `dig NAME +time=1 +tries=1 EXTRA` through `command`, which names the server.
+fn run_dig(mut command: Command, name: &str, extra: &[&str]) -> Result<String, String> {
+    command.arg(name).args(["+time=1", "+tries=1"]).args(extra);
     let output = command.output().map_err(|err| err.to_string())?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if output.status.success() {
@@ -504,4 +527,35 @@ impl Harness {
             topology,
         }
     }
+}
+
+/// How many entries the map called `map_name` holds, among the maps of the programs attached
+/// to `cgroup` (read with bpftool, so the agent's own view plays no part).
+pub fn attached_map_entries(cgroup: &Path, map_name: &str) -> usize {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let output = must(Command::new("bpftool").arg("--json").args(args));
+        serde_json::from_slice(&output.stdout).expect("bpftool JSON")
+    };
+    let cgroup = cgroup.to_str().expect("UTF-8 path");
+    let mut map_ids: Vec<u64> = Vec::new();
+    for program in json(&["cgroup", "show", cgroup]).as_array().expect("array") {
+        let id = program["id"].as_u64().expect("program id").to_string();
+        let maps = json(&["prog", "show", "id", &id]);
+        for map_id in maps["map_ids"].as_array().into_iter().flatten() {
+            map_ids.push(map_id.as_u64().expect("map id"));
+        }
+    }
+    map_ids.sort_unstable();
+    map_ids.dedup();
+    let matching: Vec<u64> = map_ids
+        .into_iter()
+        .filter(|id| json(&["map", "show", "id", &id.to_string()])["name"] == map_name)
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "one {map_name} map attached to {cgroup}: {matching:?}"
+    );
+    let entries = json(&["map", "dump", "id", &matching[0].to_string()]);
+    entries.as_array().expect("array").len()
 }

@@ -1,13 +1,14 @@
 //! End to end, in the real kernel: the real agent attached to a test cgroup, a real DNS server
 //! (dnsmasq) in a namespace of its own, real clients as workloads. Needs root; panics without.
 use std::{
-    process::Command,
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use tests::{
-    ANSWER_IP, Agent, Harness, PROXY_LISTEN, Placement, SERVER_IP, Topology, agent_binary, dig,
-    must, wait_for,
+    ANSWER_IP, Agent, DnsServer, Harness, PROXY_LISTEN, Placement, SECOND_ANSWER_IP,
+    SECOND_SERVER_IP, SERVER_IP, Topology, agent_binary, attached_map_entries, dig, must, wait_for,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_dns-udp-probe");
@@ -97,6 +98,93 @@ fn a_connected_client_sees_the_server_in_getpeername_and_recvfrom() {
     let name = "connect.example.test";
     assert_eq!(probe(topology, "connect", name), expected_probe_line());
     forwarded(agent, name);
+}
+
+#[test]
+fn concurrent_clients_each_get_the_answer_of_the_server_they_asked() {
+    let harness = Harness::start(Placement::Outside, &[]);
+    let Harness {
+        agent, topology, ..
+    } = &harness;
+    let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let servers = [(SERVER_IP, ANSWER_IP), (SECOND_SERVER_IP, SECOND_ANSWER_IP)];
+
+    // Started together, so that their queries are in the proxy at the same time.
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let (server, answer) = servers[i % 2];
+            let mode = if i % 4 < 2 { "sendto" } else { "connect" };
+            let name = format!("c{i}.example.test");
+            let child = topology
+                .workload(PROBE, &[mode, &format!("{server}:53"), &name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start the probe");
+            (server, answer, name, child)
+        })
+        .collect();
+    for (server, answer, name, child) in clients {
+        let output = child.wait_with_output().expect("wait for the probe");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name} via {server}: {stderr}");
+        assert_eq!(
+            stdout.trim(),
+            format!("source={server}:53 answer={answer}"),
+            "{name}"
+        );
+        let line = forwarded(agent, &name);
+        assert!(line.contains(&format!("server={server}:53")), "{line}");
+    }
+}
+
+#[test]
+fn a_socket_records_live_exactly_as_long_as_the_socket() {
+    let harness = Harness::start(Placement::Outside, &[]);
+    let Harness { topology, .. } = &harness;
+    let cgroup = &topology.cgroup.path;
+    let entries = || {
+        (
+            attached_map_entries(cgroup, "SOCKETS"),
+            attached_map_entries(cgroup, "FLOWS"),
+        )
+    };
+
+    // A client that keeps its socket open after its answer: one record in each map.
+    let server = format!("{SERVER_IP}:53");
+    let mut holder = topology
+        .workload(PROBE, &["sendto", &server, "hold.example.test", "--hold"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the probe");
+    let mut line = String::new();
+    let stdout = holder.stdout.take().expect("piped stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the probe");
+    assert_eq!(line.trim(), expected_probe_line());
+    assert_eq!(entries(), (1, 1));
+
+    // Its socket closes: both records go.
+    drop(holder.stdin.take());
+    assert!(holder.wait().expect("wait for the probe").success());
+    wait_for("the records to go", Duration::from_secs(2), || {
+        (entries() == (0, 0)).then_some(())
+    });
+
+    // Nor do other clients leave anything behind once they exit.
+    assert_answered(
+        dig(topology.workload("dig", &[]), "gone.example.test", &[]),
+        "dig",
+    );
+    must(&mut topology.workload("getent", &["ahosts", "gone2.example.test"]));
+    assert_eq!(
+        probe(topology, "connect", "gone3.example.test"),
+        expected_probe_line()
+    );
+    assert_eq!(entries(), (0, 0));
 }
 
 #[test]
@@ -289,6 +377,24 @@ mod usage_errors {
             "--",
         ];
         assert_one_line_error(&[], &nobody, "run dns-proxy as root");
+    }
+
+    #[test]
+    fn no_cgroup2_filesystem() {
+        tests::require_root();
+        // In a private mount namespace of its own, where cgroup2 is unmounted.
+        let root = tests::cgroup2_root();
+        let root = root.to_str().expect("UTF-8 path");
+        let unmounted = [
+            "unshare",
+            "--mount",
+            "--propagation=private",
+            "sh",
+            "-c",
+            r#"umount -l "$0" && exec "$@""#,
+            root,
+        ];
+        assert_one_line_error(&[], &unmounted, "no cgroup2 filesystem is mounted");
     }
 
     #[test]

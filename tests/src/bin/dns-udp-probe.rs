@@ -1,9 +1,10 @@
 //! A DNS client that checks what a strict resolver checks: the answer must come from the
 //! server's own address and port, with the query's ID.
 //!
-//! Usage: dns-udp-probe sendto|connect SERVER_IP:PORT NAME
+//! Usage: dns-udp-probe sendto|connect SERVER_IP:PORT NAME [--hold]
 //! - `sendto`: like musl, an unconnected socket, `sendto` and `recvfrom`;
-//! - `connect`: like glibc, a connected socket; `getpeername()` must name the server too.
+//! - `connect`: like glibc, a connected socket; `getpeername()` must name the server too;
+//! - `--hold`: keep the socket open after the answer until standard input closes.
 //!
 //! Prints `source=ADDR:PORT answer=A.B.C.D` and exits 0, or says what was wrong and exits 1.
 #![expect(
@@ -41,8 +42,7 @@ fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
     (ancount == 1).then(|| Ipv4Addr::from(tail))
 }
 
-fn probe(mode: &str, server: SocketAddr, name: &str) -> Result<String, String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+fn probe(socket: &UdpSocket, mode: &str, server: SocketAddr, name: &str) -> Result<String, String> {
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
@@ -88,17 +88,34 @@ fn probe(mode: &str, server: SocketAddr, name: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, mode, server, name] = args.as_slice() else {
-        eprintln!("usage: dns-udp-probe sendto|connect SERVER_IP:PORT NAME");
-        return ExitCode::FAILURE;
+    let (mode, server, name, hold) = match args.as_slice() {
+        [_, mode, server, name] => (mode, server, name, false),
+        [_, mode, server, name, hold] if hold == "--hold" => (mode, server, name, true),
+        _ => {
+            eprintln!("usage: dns-udp-probe sendto|connect SERVER_IP:PORT NAME [--hold]");
+            return ExitCode::FAILURE;
+        }
     };
     let Ok(server) = server.parse() else {
         eprintln!("{server}: not an IP:PORT");
         return ExitCode::FAILURE;
     };
-    match probe(mode, server, name) {
+    let socket = match UdpSocket::bind("0.0.0.0:0") {
+        Ok(socket) => socket,
+        Err(err) => {
+            eprintln!("bind: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match probe(&socket, mode, server, name) {
         Ok(line) => {
             println!("{line}");
+            if hold {
+                use std::io::{Read as _, Write as _};
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            }
+            drop(socket);
             ExitCode::SUCCESS
         }
         Err(err) => {
