@@ -27,6 +27,10 @@ pub mod names {
     pub const SENDMSG4: &str = "dns_proxy_sendmsg4";
     pub const RECVMSG4: &str = "dns_proxy_recvmsg4";
     pub const GETPEERNAME4: &str = "dns_proxy_getpeername4";
+    pub const CONNECT6: &str = "dns_proxy_connect6";
+    pub const SENDMSG6: &str = "dns_proxy_sendmsg6";
+    pub const RECVMSG6: &str = "dns_proxy_recvmsg6";
+    pub const GETPEERNAME6: &str = "dns_proxy_getpeername6";
     pub const EGRESS: &str = "dns_proxy_egress";
     pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
 
@@ -69,6 +73,15 @@ impl Endpoint {
         }
     }
 
+    /// An IPv6 endpoint from the kernel's network-order words and port.
+    pub const fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
+        Self {
+            addr: addr_be,
+            port: port_be,
+            family: AF_INET6,
+        }
+    }
+
     pub const fn is_set(&self) -> bool {
         self.family != 0
     }
@@ -102,20 +115,29 @@ pub struct SocketRecord {
     pub flow: FlowKey,
 }
 
-/// Where redirected traffic goes: the proxy's listener. A global of the eBPF object, written
+/// Where redirected traffic goes: the proxy's listeners. A global of the eBPF object, written
 /// by the loader before the programs are loaded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectTarget {
-    /// The proxy's IPv4 listen address, network byte order.
+    /// The proxy's IPv4 listen address, network byte order. IPv4 sockets, and IPv6 sockets
+    /// sending to v4-mapped addresses (`::ffff:a.b.c.d`), go here.
     pub ipv4: u32,
-    /// The proxy's port (UDP and TCP), network byte order.
+    /// The IPv4 listener's port (UDP and TCP), network byte order.
     pub port: u16,
-    /// Explicit padding; always zero.
-    pub _pad: u16,
+    /// The IPv6 listener's port (UDP and TCP), network byte order; 0: IPv6 is not redirected.
+    pub port6: u16,
+    /// The proxy's IPv6 listen address, as four network-order words.
+    pub ipv6: [u32; 4],
+}
+
+/// The first three words of a v4-mapped IPv6 address (`::ffff:0:0/96`), as the kernel holds
+/// them: network byte order.
+pub const fn v4_mapped_prefix() -> [u32; 3] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])]
 }
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SocketRecord>() == 40);
-const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 8);
+const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 24);

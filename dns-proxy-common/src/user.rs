@@ -2,7 +2,7 @@
 //! network-order words become `std::net` types and back.
 extern crate std;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use crate::{AF_INET, AF_INET6, Endpoint, FlowKey, RedirectTarget, SocketRecord};
 
@@ -60,9 +60,13 @@ impl From<SocketAddr> for Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint as a socket address; `None` for an unset or unknown family.
+    /// The endpoint as a socket address; `None` for an unset or unknown family. A v4-mapped
+    /// IPv6 address (what a dual-stack socket uses for an IPv4 server) comes out as IPv4.
     pub fn to_socket_addr(&self) -> Option<SocketAddr> {
-        let ip = words_to_ip(self.addr, self.family)?;
+        let ip = match words_to_ip(self.addr, self.family)? {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
         Some(SocketAddr::new(ip, u16::from_be(self.port)))
     }
 }
@@ -87,11 +91,13 @@ impl FlowKey {
 }
 
 impl RedirectTarget {
-    pub fn new(ipv4: Ipv4Addr, port: u16) -> Self {
+    /// IPv4 clients go to `ipv4`; IPv6 clients to `ipv6`, or nowhere when it is `None`.
+    pub fn new(ipv4: SocketAddrV4, ipv6: Option<SocketAddrV6>) -> Self {
         Self {
-            ipv4: ipv4_to_words(ipv4)[0],
-            port: port.to_be(),
-            _pad: 0,
+            ipv4: ipv4_to_words(*ipv4.ip())[0],
+            port: ipv4.port().to_be(),
+            port6: ipv6.map_or(0, |v6| v6.port().to_be()),
+            ipv6: ipv6.map_or([0; 4], |v6| ipv6_to_words(*v6.ip())),
         }
     }
 }
@@ -151,8 +157,25 @@ mod tests {
 
     #[test]
     fn redirect_target_is_network_order() {
-        let target = RedirectTarget::new(Ipv4Addr::new(127, 0, 0, 1), 8053);
+        let v4 = "127.0.0.1:8053".parse().unwrap();
+        let target = RedirectTarget::new(v4, Some("[::1]:8054".parse().unwrap()));
         assert_eq!(target.ipv4.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(target.port.to_ne_bytes(), 8053u16.to_be_bytes());
+        assert_eq!(target.port6.to_ne_bytes(), 8054u16.to_be_bytes());
+        assert_eq!(target.ipv6[3].to_ne_bytes(), [0, 0, 0, 1]);
+        let v4_only = RedirectTarget::new(v4, None);
+        assert_eq!((v4_only.port6, v4_only.ipv6), (0, [0; 4]));
+    }
+
+    #[test]
+    fn v4_mapped_endpoints_come_out_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.2]:53".parse().unwrap();
+        let endpoint = Endpoint::from(mapped);
+        assert_eq!(endpoint.family, AF_INET6);
+        assert_eq!(endpoint.addr[..3], crate::v4_mapped_prefix());
+        assert_eq!(
+            endpoint.to_socket_addr(),
+            Some("192.0.2.2:53".parse().unwrap())
+        );
     }
 }

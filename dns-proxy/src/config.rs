@@ -1,6 +1,6 @@
 //! Command line and the validated configuration it becomes.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
 };
@@ -39,6 +39,11 @@ pub struct RunArgs {
     )]
     pub listen: SocketAddr,
 
+    /// Where IPv6 sockets' queries go (UDP and TCP). Default: [::1] on the --listen port, if
+    /// this host has IPv6; otherwise IPv6 lookups are left alone.
+    #[arg(long, value_name = "[ADDR]:PORT", env = "DNS_PROXY_LISTEN6")]
+    pub listen6: Option<SocketAddr>,
+
     /// Forward every query here instead of to the server its client asked for.
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_UPSTREAM")]
     pub upstream: Option<SocketAddr>,
@@ -52,6 +57,14 @@ pub struct RunArgs {
     /// bounds memory and sockets under a flood. Clients retry.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
+
+    /// A TCP connection with no query outstanding is closed after this long without traffic.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, env = "DNS_PROXY_TCP_IDLE_TIMEOUT")]
+    pub tcp_idle_timeout: Duration,
+
+    /// Most TCP connections relayed at once; beyond it new ones are closed (and counted).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS")]
+    pub max_tcp_connections: u32,
 
     /// On SIGINT/SIGTERM, the longest time spent answering queries already on their way
     /// before the programs are detached.
@@ -71,10 +84,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A configuration error: what is wrong and what to do instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "--listen {0}: the redirect target must be an IPv4 address (IPv6 is not supported yet)"
-    )]
+    #[error("--listen {0}: must be an IPv4 address (IPv6 clients go to --listen6)")]
     ListenNotIpv4(SocketAddr),
+    #[error("--listen6 {0}: must be an IPv6 address, concrete (not [::]) and with a port")]
+    BadListen6(SocketAddr),
     #[error("--listen {0}: the redirect target must be a concrete address, not a wildcard; try 127.0.0.1:{port}", port = .0.port())]
     ListenUnspecified(SocketAddr),
     #[error("--listen {0}: the port must not be 0: workloads are sent to this exact port")]
@@ -88,26 +101,48 @@ pub enum ConfigError {
 pub struct RunConfig {
     /// `None`: the cgroup2 root.
     pub cgroup: Option<PathBuf>,
-    pub listen: SocketAddr,
+    pub listen: SocketAddrV4,
+    pub listen6: Listen6,
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub max_inflight: usize,
+    pub tcp_idle_timeout: Duration,
+    pub max_tcp_connections: usize,
     pub shutdown_timeout: Duration,
+}
+
+/// Where IPv6 clients go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen6 {
+    /// Given by the operator: failing to listen there is an error.
+    Required(SocketAddrV6),
+    /// The default, `[::1]:<listen port>`: without IPv6 on the host, IPv6 is left alone.
+    IfAvailable(SocketAddrV6),
 }
 
 impl TryFrom<RunArgs> for RunConfig {
     type Error = ConfigError;
 
     fn try_from(args: RunArgs) -> Result<Self, Self::Error> {
-        let listen = args.listen;
-        match listen.ip() {
-            IpAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(listen)),
-            ip if ip.is_unspecified() => return Err(ConfigError::ListenUnspecified(listen)),
-            _ => {}
-        }
-        if listen.port() == 0 {
-            return Err(ConfigError::ListenPortZero(listen));
-        }
+        let listen = match args.listen {
+            SocketAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(args.listen)),
+            SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
+                return Err(ConfigError::ListenUnspecified(args.listen));
+            }
+            SocketAddr::V4(v4) if v4.port() == 0 => {
+                return Err(ConfigError::ListenPortZero(args.listen));
+            }
+            SocketAddr::V4(v4) => v4,
+        };
+        let listen6 = match args.listen6 {
+            None => {
+                Listen6::IfAvailable(SocketAddrV6::new(Ipv6Addr::LOCALHOST, listen.port(), 0, 0))
+            }
+            Some(SocketAddr::V6(v6)) if !v6.ip().is_unspecified() && v6.port() != 0 => {
+                Listen6::Required(v6)
+            }
+            Some(other) => return Err(ConfigError::BadListen6(other)),
+        };
         if let Some(upstream) = args.upstream
             && (upstream.ip().is_unspecified() || upstream.port() == 0)
         {
@@ -116,9 +151,12 @@ impl TryFrom<RunArgs> for RunConfig {
         Ok(Self {
             cgroup: args.cgroup,
             listen,
+            listen6,
             upstream: args.upstream,
             upstream_timeout: args.upstream_timeout,
             max_inflight: args.max_inflight as usize,
+            tcp_idle_timeout: args.tcp_idle_timeout,
+            max_tcp_connections: args.max_tcp_connections as usize,
             shutdown_timeout: args.shutdown_timeout,
         })
     }
@@ -140,7 +178,13 @@ mod tests {
         let config = run_config(&[]).unwrap();
         assert_eq!(config.cgroup, None);
         assert_eq!(config.listen, "127.0.0.1:8053".parse().unwrap());
+        assert_eq!(
+            config.listen6,
+            Listen6::IfAvailable("[::1]:8053".parse().unwrap())
+        );
         assert_eq!(config.upstream, None);
+        assert_eq!(config.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_tcp_connections, 1024);
         assert_eq!(config.upstream_timeout, Duration::from_secs(5));
         assert_eq!(config.max_inflight, 4096);
     }
@@ -150,6 +194,9 @@ mod tests {
         let config = run_config(&[
             "--cgroup=/sys/fs/cgroup/unified/pods",
             "--listen=169.254.20.10:53",
+            "--listen6=[fd00::53]:5353",
+            "--tcp-idle-timeout=3s",
+            "--max-tcp-connections=7",
             "--upstream=192.0.2.1:5353",
             "--upstream-timeout=750ms",
             "--max-inflight=10",
@@ -158,6 +205,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.cgroup, Some("/sys/fs/cgroup/unified/pods".into()));
         assert_eq!(config.listen, "169.254.20.10:53".parse().unwrap());
+        assert_eq!(
+            config.listen6,
+            Listen6::Required("[fd00::53]:5353".parse().unwrap())
+        );
+        assert_eq!(config.tcp_idle_timeout, Duration::from_secs(3));
+        assert_eq!(config.max_tcp_connections, 7);
         assert_eq!(config.upstream, Some("192.0.2.1:5353".parse().unwrap()));
         assert_eq!(config.upstream_timeout, Duration::from_millis(750));
         assert_eq!(config.max_inflight, 10);

@@ -6,7 +6,7 @@ use std::{
     error::Error as _,
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd as _,
 };
 
@@ -122,55 +122,67 @@ struct ProgramSpec {
 
 /// In attach order: bookkeeping first, redirects last.
 const PROGRAMS: &[ProgramSpec] = &[
-    ProgramSpec {
-        name: names::SOCK_RELEASE,
-        hook: "cgroup/sock_release",
-        kind: Hook::Sock,
-        redirects: false,
-        min_kernel: "5.9",
-    },
-    ProgramSpec {
-        name: names::EGRESS,
-        hook: "cgroup_skb/egress",
-        kind: Hook::SkbEgress,
-        redirects: false,
-        min_kernel: "4.10",
-    },
-    ProgramSpec {
-        name: names::RECVMSG4,
-        hook: "cgroup/recvmsg4",
-        kind: Hook::SockAddr,
-        redirects: false,
-        min_kernel: "5.2",
-    },
-    ProgramSpec {
-        name: names::GETPEERNAME4,
-        hook: "cgroup/getpeername4",
-        kind: Hook::SockAddr,
-        redirects: false,
-        min_kernel: "5.8",
-    },
-    ProgramSpec {
-        name: names::CONNECT4,
-        hook: "cgroup/connect4",
-        kind: Hook::SockAddr,
-        redirects: true,
-        min_kernel: "4.17",
-    },
-    ProgramSpec {
-        name: names::SENDMSG4,
-        hook: "cgroup/sendmsg4",
-        kind: Hook::SockAddr,
-        redirects: true,
-        min_kernel: "4.18",
-    },
+    ProgramSpec::new(
+        names::SOCK_RELEASE,
+        "cgroup/sock_release",
+        Hook::Sock,
+        "5.9",
+    ),
+    ProgramSpec::new(names::EGRESS, "cgroup_skb/egress", Hook::SkbEgress, "4.10"),
+    ProgramSpec::new(names::RECVMSG4, "cgroup/recvmsg4", Hook::SockAddr, "5.2"),
+    ProgramSpec::new(names::RECVMSG6, "cgroup/recvmsg6", Hook::SockAddr, "5.2"),
+    ProgramSpec::new(
+        names::GETPEERNAME4,
+        "cgroup/getpeername4",
+        Hook::SockAddr,
+        "5.8",
+    ),
+    ProgramSpec::new(
+        names::GETPEERNAME6,
+        "cgroup/getpeername6",
+        Hook::SockAddr,
+        "5.8",
+    ),
+    ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "4.17"),
+    ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "4.17"),
+    ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "4.18"),
+    ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "4.18"),
 ];
+
+impl ProgramSpec {
+    const fn new(
+        name: &'static str,
+        hook: &'static str,
+        kind: Hook,
+        min_kernel: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            hook,
+            kind,
+            redirects: false,
+            min_kernel,
+        }
+    }
+
+    const fn redirecting(name: &'static str, hook: &'static str, min_kernel: &'static str) -> Self {
+        Self {
+            name,
+            hook,
+            kind: Hook::SockAddr,
+            redirects: true,
+            min_kernel,
+        }
+    }
+}
 
 /// What the redirect sends to the proxy, and what it leaves alone.
 pub struct RedirectConfig<'a> {
     pub cgroup: &'a Cgroup,
-    pub target_ip: Ipv4Addr,
-    pub target_port: u16,
+    /// The IPv4 listener: IPv4 sockets and v4-mapped destinations go there.
+    pub target_v4: SocketAddrV4,
+    /// The IPv6 listener; `None`: IPv6 sockets are left alone.
+    pub target_v6: Option<SocketAddrV6>,
     /// cgroups whose sockets are never redirected: the agent's own, first of all.
     pub excluded: &'a [&'a Cgroup],
 }
@@ -186,7 +198,7 @@ impl Redirector {
     /// Loads the programs, attaches them to `config.cgroup`, and starts forwarding their log
     /// records to the `log` crate. Must run inside a tokio runtime.
     pub fn attach(config: &RedirectConfig<'_>) -> Result<(Self, FlowTable), EbpfError> {
-        let target = RedirectTarget::new(config.target_ip, config.target_port);
+        let target = RedirectTarget::new(config.target_v4, config.target_v6);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_TARGET, &target, true)
             .load(EBPF_OBJECT)
@@ -425,6 +437,6 @@ mod tests {
     fn redirecting_programs_attach_last() {
         let first_redirect = PROGRAMS.iter().position(|p| p.redirects).unwrap();
         assert!(PROGRAMS[first_redirect..].iter().all(|p| p.redirects));
-        assert_eq!(PROGRAMS.iter().filter(|p| p.redirects).count(), 2);
+        assert_eq!(PROGRAMS.iter().filter(|p| p.redirects).count(), 4);
     }
 }

@@ -10,16 +10,21 @@ pub mod ebpf;
 mod log_limit;
 pub mod shutdown;
 
-use std::{io, net::IpAddr, sync::Arc};
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV6},
+    sync::Arc,
+};
 
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{AgentCgroup, Cgroup, CgroupError},
-    config::RunConfig,
+    config::{Listen6, RunConfig},
     dns::{
         stats::Stats,
+        tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
     ebpf::{EbpfError, RedirectConfig, Redirector},
@@ -32,7 +37,7 @@ pub enum RunError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
-    #[error("cannot listen on {addr} (UDP): {source}{hint}", hint = listen_hint(source))]
+    #[error("cannot listen on {addr}: {source}{hint}", hint = listen_hint(source))]
     Listen {
         addr: std::net::SocketAddr,
         source: io::Error,
@@ -83,53 +88,145 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     result
 }
 
+/// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
+/// where there is one.
+struct Listeners {
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    /// `None` when IPv6 is not redirected.
+    v6: Option<SocketAddrV6>,
+}
+
+impl Listeners {
+    async fn bind(config: &RunConfig) -> Result<Self, RunError> {
+        let mut listeners = Self {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            v6: None,
+        };
+        listeners.bind_pair(SocketAddr::V4(config.listen)).await?;
+        match config.listen6 {
+            Listen6::Required(v6) => {
+                listeners.bind_pair(SocketAddr::V6(v6)).await?;
+                listeners.v6 = Some(v6);
+            }
+            Listen6::IfAvailable(v6) => match listeners.bind_pair(SocketAddr::V6(v6)).await {
+                Ok(()) => listeners.v6 = Some(v6),
+                Err(RunError::Listen { source, .. })
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
+                    ) || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                {
+                    log::warn!(
+                        "no IPv6 on this host ({v6}: {source}): IPv6 lookups are left alone"
+                    );
+                }
+                Err(err) => return Err(err),
+            },
+        }
+        Ok(listeners)
+    }
+
+    async fn bind_pair(&mut self, addr: SocketAddr) -> Result<(), RunError> {
+        let failed = |source| RunError::Listen { addr, source };
+        let udp = UdpSocket::bind(addr).await.map_err(failed)?;
+        let tcp = TcpListener::bind(addr).await.map_err(failed)?;
+        self.udp.push(udp);
+        self.tcp.push(tcp);
+        Ok(())
+    }
+}
+
 async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<(), RunError> {
-    let listen = config.listen;
-    let socket = UdpSocket::bind(listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: listen,
-            source,
-        })?;
-    let IpAddr::V4(target_ip) = listen.ip() else {
-        unreachable!("RunConfig only admits IPv4 listen addresses");
-    };
+    let listeners = Listeners::bind(config).await?;
     let (mut redirector, flows) = Redirector::attach(&RedirectConfig {
         cgroup: target,
-        target_ip,
-        target_port: listen.port(),
+        target_v4: config.listen,
+        target_v6: listeners.v6,
         excluded: &[agent],
     })?;
-    let settings = ForwardSettings {
+    let flows = Arc::new(flows);
+    let stats = Arc::new(Stats::default());
+    let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
         max_inflight: config.max_inflight,
     };
-    let stats = Arc::new(Stats::default());
-    let proxy = UdpProxy::new(socket, flows, settings, Arc::clone(&stats)).map_err(|source| {
-        RunError::Listen {
-            addr: listen,
+    let tcp_settings = TcpSettings {
+        upstream_override: config.upstream,
+        upstream_timeout: config.upstream_timeout,
+        idle_timeout: config.tcp_idle_timeout,
+        max_connections: config.max_tcp_connections,
+    };
+    let local_addr = |result: io::Result<SocketAddr>| {
+        result.map_err(|source| RunError::Listen {
+            addr: SocketAddr::V4(config.listen),
             source,
-        }
-    })?;
-    log::info!("serving redirected DNS on {listen}/udp");
+        })
+    };
+    let mut udp = Vec::new();
+    for socket in listeners.udp {
+        let addr = local_addr(socket.local_addr())?;
+        let proxy = UdpProxy::new(
+            socket,
+            Arc::clone(&flows),
+            udp_settings.clone(),
+            Arc::clone(&stats),
+        )
+        .map_err(|source| RunError::Listen { addr, source })?;
+        log::info!("serving redirected DNS on {addr}/udp");
+        udp.push(proxy);
+    }
+    let mut tcp = Vec::new();
+    for listener in listeners.tcp {
+        let addr = local_addr(listener.local_addr())?;
+        let proxy = TcpProxy::new(
+            listener,
+            Arc::clone(&flows),
+            tcp_settings.clone(),
+            Arc::clone(&stats),
+        )
+        .map_err(|source| RunError::Listen { addr, source })?;
+        log::info!("serving redirected DNS on {addr}/tcp");
+        tcp.push(proxy);
+    }
 
     let stop = CancellationToken::new();
-    let serving = {
-        let proxy = Arc::clone(&proxy);
-        let stop = stop.clone();
-        tokio::spawn(async move { proxy.serve(stop).await })
-    };
+    let mut serving = tokio::task::JoinSet::new();
+    for proxy in &udp {
+        let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+        serving.spawn(async move { proxy.serve(stop).await });
+    }
+    for proxy in &tcp {
+        let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+        serving.spawn(async move { proxy.serve(stop).await });
+    }
     let signal = shutdown::stop_requested().await.map_err(RunError::Signals);
     stop.cancel();
-    let _ = serving.await;
+    serving.join_all().await;
     let signal = signal?;
 
     log::info!("{signal}: no longer redirecting new lookups; answering those in flight");
     redirector.stop_redirecting();
-    let abandoned = proxy.drain(config.shutdown_timeout).await;
-    if abandoned > 0 {
-        log::warn!("{abandoned} queries still unanswered at the shutdown deadline");
+    // All listeners drain at once, each until the same deadline.
+    let deadline = config.shutdown_timeout;
+    let mut draining = tokio::task::JoinSet::new();
+    for proxy in udp {
+        draining.spawn(async move { (proxy.drain(deadline).await, 0) });
+    }
+    for proxy in tcp {
+        draining.spawn(async move { (0, proxy.drain(deadline).await) });
+    }
+    let (mut queries, mut connections) = (0, 0);
+    for (unanswered, open) in draining.join_all().await {
+        queries += unanswered;
+        connections += open;
+    }
+    if queries + connections > 0 {
+        log::warn!(
+            "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
+        );
     }
     drop(redirector);
     log::info!("stopped: {}", stats.summary());

@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -23,6 +23,16 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// What the test server answers for every name under [`ZONE`] (TEST-NET-2, never contacted).
 pub const ANSWER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// IPv6 addresses of the client and the server (documentation prefix, never routed).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// The AAAA record the test server answers for every name under [`ZONE`].
+pub const ANSWER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+/// A name whose TXT answer (about 800 bytes) does not fit in 512.
+pub const BIG_NAME: &str = "big.example.test";
+/// An unbound server, for tests that need NSID and EDNS answered; zone [`UNBOUND_ZONE`].
+pub const UNBOUND_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
+pub const UNBOUND_ZONE: &str = "unbound.test";
 /// A second server in the server namespace, with answers of its own, for tests where clients
 /// ask different servers at once.
 pub const SECOND_SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
@@ -193,14 +203,22 @@ struct NetnsResolvConf {
 }
 
 impl NetnsResolvConf {
-    fn new(netns: &Netns, nameserver: Ipv4Addr) -> Self {
+    fn new(netns: &Netns, nameservers: &[IpAddr]) -> Self {
         let guard = Self {
             dir: PathBuf::from("/etc/netns").join(&netns.name),
         };
         fs::create_dir_all(&guard.dir).expect("mkdir /etc/netns/NAME");
-        let text = format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n");
-        fs::write(guard.dir.join("resolv.conf"), text).expect("write resolv.conf");
+        guard.write(nameservers);
         guard
+    }
+
+    fn write(&self, nameservers: &[IpAddr]) {
+        let mut text = String::new();
+        for nameserver in nameservers {
+            text.push_str(&format!("nameserver {nameserver}\n"));
+        }
+        text.push_str("options timeout:2 attempts:1\n");
+        fs::write(self.dir.join("resolv.conf"), text).expect("write resolv.conf");
     }
 }
 
@@ -246,8 +264,26 @@ impl Topology {
             ]));
             must(Command::new("ip").args(["-n", &netns.name, "link", "set", interface, "up"]));
         }
+        for (netns, interface, ip) in [
+            (&client, &client_if, CLIENT_IP6),
+            (&server, &server_if, SERVER_IP6),
+        ] {
+            // nodad: usable at once, without duplicate address detection's delay.
+            let address = format!("{ip}/64");
+            must(Command::new("ip").args([
+                "-n",
+                &netns.name,
+                "-6",
+                "addr",
+                "add",
+                &address,
+                "dev",
+                interface,
+                "nodad",
+            ]));
+        }
         // glibc, musl and Go in the client namespace read this resolv.conf (ip netns exec).
-        let resolv_conf = NetnsResolvConf::new(&client, SERVER_IP);
+        let resolv_conf = NetnsResolvConf::new(&client, &[SERVER_IP.into()]);
         let cgroup = TestCgroup::new(&format!("{tag}-workload"));
         Self {
             tag,
@@ -271,6 +307,19 @@ impl Topology {
             .arg(program)
             .args(args);
         command
+    }
+
+    /// Adds another address to the server namespace's end of the veth.
+    pub fn add_server_address(&self, ip: Ipv4Addr) {
+        let address = format!("{ip}/24");
+        let interface = format!("{}s", self.tag);
+        let netns = &self.server.name;
+        must(Command::new("ip").args(["-n", netns, "addr", "add", &address, "dev", &interface]));
+    }
+
+    /// Points the client namespace's resolv.conf at these nameservers.
+    pub fn set_nameservers(&self, nameservers: &[IpAddr]) {
+        self._resolv_conf.write(nameservers);
     }
 
     /// A command run in the client namespace but outside the test cgroup.
@@ -331,21 +380,19 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// The usual server: [`SERVER_IP`], answering [`ANSWER_IP`].
+    /// The usual server: [`SERVER_IP`] and [`SERVER_IP6`], answering [`ANSWER_IP`] and
+    /// [`ANSWER_IP6`], and a large TXT record for [`BIG_NAME`].
     pub fn start(topology: &Topology) -> Self {
         Self::start_on(topology, SERVER_IP, ANSWER_IP)
     }
 
     /// A server on `server_ip` (added to the server namespace's veth if need be), answering
-    /// `answer` for every name under [`ZONE`].
+    /// `answer` for every name under [`ZONE`]. The usual server also listens on
+    /// [`SERVER_IP6`] and answers AAAA queries with [`ANSWER_IP6`].
     pub fn start_on(topology: &Topology, server_ip: Ipv4Addr, answer: Ipv4Addr) -> Self {
-        if server_ip != SERVER_IP {
-            let address = format!("{server_ip}/24");
-            let interface = format!("{}s", topology.tag);
-            let netns = &topology.server.name;
-            must(
-                Command::new("ip").args(["-n", netns, "addr", "add", &address, "dev", &interface]),
-            );
+        let primary = server_ip == SERVER_IP;
+        if !primary {
+            topology.add_server_address(server_ip);
         }
         let mut command = topology.server.command("dnsmasq");
         command
@@ -357,11 +404,17 @@ impl DnsServer {
             ])
             .arg(format!("--listen-address={server_ip}"))
             .arg(format!("--address=/{ZONE}/{answer}"))
+            .arg(format!("--txt-record={BIG_NAME},{}", big_txt_strings()))
             // Without it, other types (AAAA) get REFUSED, which resolvers treat as failure.
             .arg(format!("--local=/{ZONE}/"))
             .args(["--pid-file=", "--user=root", "--cache-size=0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if primary {
+            command
+                .arg(format!("--listen-address={SERVER_IP6}"))
+                .arg(format!("--address=/{ZONE}/{ANSWER_IP6}"));
+        }
         let server = Self {
             _process: Process::spawn(&mut command),
         };
@@ -376,10 +429,88 @@ impl DnsServer {
     }
 }
 
+/// Three 250-byte strings: a TXT answer of about 800 bytes, which needs TCP or a large EDNS
+/// buffer.
+pub fn big_txt_strings() -> String {
+    ["a", "b", "c"].map(|c| c.repeat(250)).join(",")
+}
+
+/// unbound in the server namespace on [`UNBOUND_IP`], authoritative for [`UNBOUND_ZONE`]
+/// (a.unbound.test is 198.51.100.20; other names NXDOMAIN), answering NSID queries.
+pub struct UnboundServer {
+    _process: Process,
+    dir: PathBuf,
+}
+
+impl UnboundServer {
+    pub fn start(topology: &Topology) -> Self {
+        topology.add_server_address(UNBOUND_IP);
+        let dir = std::env::temp_dir().join(format!("{}-unbound", topology.tag));
+        fs::create_dir_all(&dir).expect("mkdir unbound dir");
+        let config = format!(
+            "server:
+  interface: {UNBOUND_IP}
+  port: 53
+  do-daemonize: no
+  username: \"\"
+  chroot: \"\"
+  directory: \"{dir}\"
+  pidfile: \"\"
+  use-syslog: no
+  logfile: \"\"
+  access-control: 0.0.0.0/0 allow
+  do-not-query-localhost: yes
+  module-config: \"iterator\"
+  nsid: \"ascii_dns-proxy-test\"
+  local-zone: \"{UNBOUND_ZONE}.\" static
+  local-data: \"a.{UNBOUND_ZONE}. 300 IN A 198.51.100.20\"
+  local-data: \"a.{UNBOUND_ZONE}. 300 IN TXT \\\"dns-proxy test record\\\"\"
+",
+            dir = dir.display()
+        );
+        let config_path = dir.join("unbound.conf");
+        fs::write(&config_path, config).expect("write unbound.conf");
+        let mut command = topology.server.command("unbound");
+        command
+            .arg("-d")
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let server = Self {
+            _process: Process::spawn(&mut command),
+            dir,
+        };
+        wait_for("unbound to answer", Duration::from_secs(10), || {
+            let mut dig = topology.outsider("dig", &[]);
+            dig.arg(format!("@{UNBOUND_IP}"));
+            let output = run_dig(dig, &format!("a.{UNBOUND_ZONE}"), &[]).ok()?;
+            output.contains("198.51.100.20").then_some(())
+        });
+        server
+    }
+}
+
+impl Drop for UnboundServer {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs `dig @SERVER NAME +short` through `command` (a workload or outsider `dig` command);
 /// returns stdout, or stdout and stderr as the error when dig fails.
-pub fn dig(mut command: Command, name: &str, extra: &[&str]) -> Result<String, String> {
-    command.arg(format!("@{SERVER_IP}"));
+pub fn dig(command: Command, name: &str, extra: &[&str]) -> Result<String, String> {
+    dig_at(command, &SERVER_IP.to_string(), name, extra)
+}
+
+/// `dig @SERVER NAME +time=1 +tries=1 EXTRA` through `command`.
+pub fn dig_at(
+    mut command: Command,
+    server: &str,
+    name: &str,
+    extra: &[&str],
+) -> Result<String, String> {
+    command.arg(format!("@{server}"));
     run_dig(command, name, extra)
 }
 
@@ -494,13 +625,23 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
-    /// The agent's debug line for a forwarded query of `name`, if there is one yet.
+    /// The agent's debug line for a query of `name` it answered, if there is one yet.
     pub fn query_line(&self, name: &str) -> Option<String> {
-        let needle = format!("name={name}.");
+        self.query_lines(name).into_iter().next()
+    }
+
+    /// All of the agent's debug lines for answered queries of `name` (`query udp ...`,
+    /// `query tcp ...`).
+    pub fn query_lines(&self, name: &str) -> Vec<String> {
+        let needle = format!(" name={name}. ");
         self.log()
             .lines()
-            .find(|line| line.contains("query client=") && line.contains(&needle))
+            .filter(|line| {
+                (line.contains("query udp client=") || line.contains("query tcp client="))
+                    && line.contains(&needle)
+            })
             .map(str::to_owned)
+            .collect()
     }
 
     pub fn process(&mut self) -> &mut Process {
@@ -558,4 +699,59 @@ pub fn attached_map_entries(cgroup: &Path, map_name: &str) -> usize {
     );
     let entries = json(&["map", "dump", "id", &matching[0].to_string()]);
     entries.as_array().expect("array").len()
+}
+
+/// Where the compiled test clients go.
+fn clients_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-clients");
+    fs::create_dir_all(&dir).expect("mkdir target/test-clients");
+    dir
+}
+
+fn clients_source(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(file)
+}
+
+/// A static binary of tests/clients/getaddrinfo.c linked with musl (musl-gcc): musl's own
+/// resolver, as on Alpine. Usage: `NAME inet|inet6|any`.
+pub fn musl_getaddrinfo() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let output = clients_dir().join("musl-getaddrinfo");
+            must(
+                Command::new("musl-gcc")
+                    .args(["-static", "-O2", "-Wall", "-o"])
+                    .arg(&output)
+                    .arg(clients_source("getaddrinfo.c")),
+            );
+            output
+        })
+        .clone()
+}
+
+/// tests/clients/resolve.go built with Go's toolchain: run it with `GODEBUG=netdns=go` for
+/// Go's own resolver. Usage: `NAME`.
+pub fn go_resolver() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = clients_dir();
+            let output = dir.join("go-resolve");
+            must(
+                Command::new("go")
+                    .args(["build", "-o"])
+                    .arg(&output)
+                    .arg(clients_source("resolve.go"))
+                    // Standard library only: nothing to download, and nothing may be.
+                    .env("GOPROXY", "off")
+                    .env("GOFLAGS", "-mod=mod")
+                    .env("GOCACHE", dir.join("go-cache"))
+                    .env("GOPATH", dir.join("go-path")),
+            );
+            output
+        })
+        .clone()
 }

@@ -12,11 +12,8 @@ use dns_proxy_common::IPPROTO_UDP;
 use tokio::{net::UdpSocket, sync::Semaphore, time::timeout};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{OriginalDestinations, stats::Stats, wire};
+use super::{DRAIN_QUIET, OriginalDestinations, stats::Stats, wire};
 use crate::log_limit::RateLimited;
-
-/// How long the proxy keeps answering after it stopped redirecting, once nothing arrives.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -103,9 +100,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     fn handle(self: &Arc<Self>, datagram: &[u8], client: SocketAddr) {
-        Stats::add(&self.stats.received);
+        Stats::add(&self.stats.udp.received);
         if !wire::is_query(datagram) {
-            Stats::add(&self.stats.dropped_malformed);
+            Stats::add(&self.stats.udp.dropped_malformed);
             log::debug!(
                 "dropping {} bytes from {client}: not a DNS query",
                 datagram.len()
@@ -114,18 +111,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         let Some(original) = self.destinations.original_destination(client, IPPROTO_UDP) else {
             // Only clients the kernel redirected have a server to go to.
-            Stats::add(&self.stats.dropped_not_redirected);
+            Stats::add(&self.stats.udp.dropped_not_redirected);
             log::debug!("dropping query from {client}: not a redirected client");
             return;
         };
         let upstream = self.settings.upstream_override.unwrap_or(original);
         if upstream == self.local_addr {
-            Stats::add(&self.stats.dropped_loop);
+            Stats::add(&self.stats.udp.dropped_loop);
             log::warn!("dropping query from {client}: its upstream {upstream} is this proxy");
             return;
         }
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            Stats::add(&self.stats.dropped_overload);
+            Stats::add(&self.stats.udp.dropped_overload);
             self.overload_log.warn(|dropped| {
                 format!(
                     "{} queries in flight (--max-inflight): dropped {dropped} queries",
@@ -150,7 +147,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         upstream: SocketAddr,
     ) {
         let started = Instant::now();
-        Stats::add(&self.stats.forwarded);
+        Stats::add(&self.stats.udp.forwarded);
         let outcome = timeout(self.settings.upstream_timeout, async {
             let mut answer = exchange(&query, upstream).await?;
             self.socket.send_to(&answer, client).await?;
@@ -163,25 +160,25 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let describe = || wire::describe_query(&query);
         match outcome {
             Ok(Ok(rcode)) => {
-                Stats::add(&self.stats.answered);
+                Stats::add(&self.stats.udp.answered);
                 if let Some(rcode) = rcode {
                     log::debug!(
-                        "query client={client} server={original} upstream={upstream} {} rcode={rcode} latency={latency:?}",
+                        "query udp client={client} server={original} upstream={upstream} {} rcode={rcode} latency={latency:?}",
                         describe()
                     );
                 }
             }
             Ok(Err(err)) => {
-                Stats::add(&self.stats.upstream_errors);
+                Stats::add(&self.stats.udp.upstream_errors);
                 log::debug!(
-                    "query client={client} server={original} upstream={upstream} {} failed: {err}",
+                    "query udp client={client} server={original} upstream={upstream} {} failed: {err}",
                     describe()
                 );
             }
             Err(_elapsed) => {
-                Stats::add(&self.stats.upstream_timeouts);
+                Stats::add(&self.stats.udp.upstream_timeouts);
                 log::debug!(
-                    "query client={client} server={original} upstream={upstream} {} timed out after {latency:?}",
+                    "query udp client={client} server={original} upstream={upstream} {} timed out after {latency:?}",
                     describe()
                 );
             }
@@ -225,14 +222,7 @@ mod tests {
 
     use super::*;
 
-    /// Stands in for the kernel's flow map, which the privileged integration tests exercise.
-    struct Fixed(Option<SocketAddr>);
-
-    impl OriginalDestinations for Fixed {
-        fn original_destination(&self, _client: SocketAddr, _protocol: u8) -> Option<SocketAddr> {
-            self.0
-        }
-    }
+    use crate::dns::FixedDestination as Fixed;
 
     const QUERY: &[u8] =
         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
@@ -293,7 +283,7 @@ mod tests {
     async fn relays_the_matching_answer_byte_for_byte() {
         let proxy = proxy(Some(upstream(false).await), 8).await;
         assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
-        assert_eq!(proxy.stats.answered.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.udp.answered.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -301,22 +291,26 @@ mod tests {
         let proxy = proxy(None, 8).await;
         assert_eq!(ask(&proxy, QUERY).await, None);
         assert_eq!(
-            proxy.stats.dropped_not_redirected.load(Ordering::Relaxed),
+            proxy
+                .stats
+                .udp
+                .dropped_not_redirected
+                .load(Ordering::Relaxed),
             1
         );
 
         let proxy = self::proxy(Some(upstream(false).await), 8).await;
         assert_eq!(ask(&proxy, &answer_to(QUERY)).await, None);
         assert_eq!(ask(&proxy, b"hello").await, None);
-        assert_eq!(proxy.stats.dropped_malformed.load(Ordering::Relaxed), 2);
-        assert_eq!(proxy.stats.forwarded.load(Ordering::Relaxed), 0);
+        assert_eq!(proxy.stats.udp.dropped_malformed.load(Ordering::Relaxed), 2);
+        assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn a_silent_upstream_times_out_and_frees_its_slot() {
         let proxy = proxy(Some(upstream(true).await), 1).await;
         assert_eq!(ask(&proxy, QUERY).await, None);
-        assert_eq!(proxy.stats.upstream_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
         assert_eq!(proxy.inflight.available_permits(), 1);
         assert!(proxy.tasks.is_empty());
     }
@@ -329,8 +323,8 @@ mod tests {
             client.send_to(QUERY, proxy.local_addr).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(proxy.stats.forwarded.load(Ordering::Relaxed), 1);
-        assert_eq!(proxy.stats.dropped_overload.load(Ordering::Relaxed), 2);
+        assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.udp.dropped_overload.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
@@ -346,7 +340,7 @@ mod tests {
         let serving = Arc::clone(&proxy);
         tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
         assert_eq!(ask(&proxy, QUERY).await, None);
-        assert_eq!(proxy.stats.dropped_loop.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.udp.dropped_loop.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -18,9 +18,46 @@ fn is_response(header: &[u8]) -> bool {
     header[2] & 0x80 != 0
 }
 
-/// A datagram worth forwarding: a full header with the QR bit clear (a query).
+/// A message worth forwarding as a query: a full header with the QR bit clear, and at most one
+/// question (what every resolver sends; none at all is legal, e.g. for cookie refreshes) that
+/// lies within the message. Anything else is not DNS, or not something a server would answer.
 pub fn is_query(message: &[u8]) -> bool {
-    message.len() >= HEADER_LEN && !is_response(message)
+    if message.len() < HEADER_LEN || is_response(message) {
+        return false;
+    }
+    match u16::from_be_bytes([message[4], message[5]]) {
+        0 => true,
+        1 => question_end(message, HEADER_LEN).is_some(),
+        _ => false,
+    }
+}
+
+/// The offset just past the question at `offset`: a name (labels of at most 63 bytes, ending
+/// with the root or a compression pointer, 255 bytes at most), then type and class.
+fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
+    const MAX_NAME: usize = 255;
+    let start = offset;
+    loop {
+        let len = usize::from(*message.get(offset)?);
+        match len {
+            0 => {
+                offset += 1;
+                break;
+            }
+            1..=63 => offset += 1 + len,
+            0xc0..=0xff => {
+                message.get(offset + 1)?;
+                offset += 2;
+                break;
+            }
+            _ => return None, // 0x40 and 0x80 label types are obsolete or unassigned
+        }
+        if offset - start > MAX_NAME {
+            return None;
+        }
+    }
+    let end = offset + 4;
+    (end <= message.len()).then_some(end)
 }
 
 /// A datagram that can be the answer to the query with ID `id`.
@@ -90,6 +127,40 @@ mod tests {
         assert!(!is_query(&a));
         assert!(is_response_to(&a, 0xbeef));
         assert!(!is_response_to(&a, 0xbeee));
+    }
+
+    #[test]
+    fn a_query_must_have_one_well_formed_question_at_most() {
+        let good = query(7);
+        // Type and class cut off; a label that runs past the end.
+        assert!(!is_query(&good[..good.len() - 1]));
+        assert!(!is_query(&good[..HEADER_LEN + 3]));
+        // Two questions claimed.
+        let mut two = good.clone();
+        two[5] = 2;
+        assert!(!is_query(&two));
+        // A label longer than 63 bytes.
+        let mut long = good[..HEADER_LEN].to_vec();
+        long.push(64);
+        long.extend_from_slice(&[b'a'; 64]);
+        long.extend_from_slice(&[0, 0, 1, 0, 1]);
+        assert!(!is_query(&long));
+        // A name longer than 255 bytes, in legal labels.
+        let mut huge = good[..HEADER_LEN].to_vec();
+        for _ in 0..5 {
+            huge.push(63);
+            huge.extend_from_slice(&[b'a'; 63]);
+        }
+        huge.extend_from_slice(&[0, 0, 1, 0, 1]);
+        assert!(!is_query(&huge));
+        // A compression pointer ends a name, as it may.
+        let mut pointer = good[..HEADER_LEN].to_vec();
+        pointer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(is_query(&pointer));
+        // No question at all (a cookie refresh, say) is legal.
+        let mut none = good[..HEADER_LEN].to_vec();
+        none[5] = 0;
+        assert!(is_query(&none));
     }
 
     #[test]

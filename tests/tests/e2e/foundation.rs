@@ -1,45 +1,7 @@
-//! End to end, in the real kernel: the real agent attached to a test cgroup, a real DNS server
-//! (dnsmasq) in a namespace of its own, real clients as workloads. Needs root; panics without.
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
-
-use tests::{
-    ANSWER_IP, Agent, DnsServer, Harness, PROXY_LISTEN, Placement, SECOND_ANSWER_IP,
-    SECOND_SERVER_IP, SERVER_IP, Topology, agent_binary, attached_map_entries, dig, must, wait_for,
-};
-
-const PROBE: &str = env!("CARGO_BIN_EXE_dns-udp-probe");
-
-/// The agent's log line for `name`, waited for briefly (it is written after the answer is sent).
-fn forwarded(agent: &Agent, name: &str) -> String {
-    wait_for(
-        &format!("the agent to log the query for {name}"),
-        Duration::from_secs(2),
-        || agent.query_line(name),
-    )
-}
-
-fn assert_answered(result: Result<String, String>, what: &str) {
-    let output = result.unwrap_or_else(|err| panic!("{what} failed:\n{err}"));
-    assert!(
-        output.contains(&ANSWER_IP.to_string()),
-        "{what}: no {ANSWER_IP} in:\n{output}"
-    );
-}
-
-/// Runs the probe as a workload; returns its `source=... answer=...` line.
-fn probe(topology: &Topology, mode: &str, name: &str) -> String {
-    let server = format!("{SERVER_IP}:53");
-    let output = must(&mut topology.workload(PROBE, &[mode, &server, name]));
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-fn expected_probe_line() -> String {
-    format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
-}
+//! The foundation: IPv4 UDP lookups redirected and answered, the agent's own traffic left
+//! alone, fail-open and graceful shutdown, records that live as long as their socket, and
+//! errors an operator can cause.
+use super::*;
 
 #[test]
 fn dig_is_answered_through_the_proxy_by_the_server_it_asked() {
@@ -209,7 +171,7 @@ fn an_agent_inside_the_redirected_cgroup_does_not_redirect_itself() {
     let line = forwarded(agent, name);
     assert!(line.contains(&format!("upstream={SERVER_IP}:53")), "{line}");
     let log = agent.log();
-    assert_eq!(log.matches("query client=").count(), 1, "{log}");
+    assert_eq!(log.matches("query udp client=").count(), 1, "{log}");
 }
 
 #[test]
@@ -289,7 +251,7 @@ fn sigterm_detaches_and_exits_zero() {
     assert!(status.success(), "exit status {status}:\n{log}");
     assert!(log.contains("detaching all programs"), "{log}");
     assert!(
-        log.contains("stopped: received=1 forwarded=1 answered=1 "),
+        log.contains("stopped: udp: received=1 forwarded=1 answered=1 "),
         "{log}"
     );
     let attached = must(

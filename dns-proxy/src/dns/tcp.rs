@@ -1,0 +1,594 @@
+//! The TCP listener: each redirected connection is relayed, message by message, over a
+//! connection of its own to the server its client asked for.
+//!
+//! Both directions run independently, so a client may pipeline queries and the server may
+//! answer them in any order (RFC 7766). Messages are relayed unaltered; only their framing and
+//! headers are read. Each connection is one task: a client that stalls (stops reading, or
+//! sends half a message) holds up nobody else, and the watchdog closes it.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use dns_proxy_common::IPPROTO_TCP;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore},
+    time::timeout,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{OriginalDestinations, stats::Stats, wire};
+use crate::log_limit::RateLimited;
+
+/// Queries one connection may have waiting for answers; past it, the proxy stops reading from
+/// that client until answers come back (backpressure, and a bound on what it keeps).
+const MAX_PIPELINED: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    pub upstream_override: Option<SocketAddr>,
+    /// Connecting to the upstream, and waiting for an answer, may take this long.
+    pub upstream_timeout: Duration,
+    /// A connection with nothing outstanding is closed after this long without a message.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+pub struct TcpProxy<D> {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    destinations: D,
+    settings: TcpSettings,
+    connections: Arc<Semaphore>,
+    tasks: TaskTracker,
+    /// Cancelled at shutdown: connections close once nothing is outstanding.
+    draining: CancellationToken,
+    stats: Arc<Stats>,
+    overload_log: RateLimited,
+}
+
+/// Why a relayed connection ended, for the debug log.
+#[derive(Debug)]
+enum Closed {
+    ByClient,
+    ByUpstream,
+    Idle,
+    UpstreamTimeout,
+    Draining,
+    MalformedQuery,
+    ClientError(io::Error),
+    UpstreamError(io::Error),
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ByClient => f.write_str("by the client"),
+            Self::ByUpstream => f.write_str("by the upstream"),
+            Self::Idle => f.write_str("idle"),
+            Self::UpstreamTimeout => f.write_str("the upstream did not answer in time"),
+            Self::Draining => f.write_str("shutting down"),
+            Self::MalformedQuery => {
+                f.write_str("the client sent something that is not a DNS query")
+            }
+            Self::ClientError(err) => write!(f, "client error: {err}"),
+            Self::UpstreamError(err) => write!(f, "upstream error: {err}"),
+        }
+    }
+}
+
+/// A query waiting for its answer.
+struct Pending {
+    started: Instant,
+    /// "name=... type=..." when debug logging is on.
+    description: Option<String>,
+}
+
+/// What both directions of one connection share.
+struct Connection {
+    client: SocketAddr,
+    original: SocketAddr,
+    upstream: SocketAddr,
+    pending: Mutex<HashMap<u16, Pending>>,
+    slots: Semaphore,
+    last_activity: Mutex<Instant>,
+    client_done: std::sync::atomic::AtomicBool,
+    changed: Notify,
+}
+
+impl Connection {
+    fn touch(&self) {
+        *self.last_activity.lock().expect("not poisoned") = Instant::now();
+        self.changed.notify_one();
+    }
+
+    fn outstanding(&self) -> usize {
+        self.pending.lock().expect("not poisoned").len()
+    }
+
+    fn finished(&self) -> bool {
+        self.client_done.load(std::sync::atomic::Ordering::Relaxed) && self.outstanding() == 0
+    }
+}
+
+impl<D: OriginalDestinations> TcpProxy<D> {
+    pub fn new(
+        listener: TcpListener,
+        destinations: D,
+        settings: TcpSettings,
+        stats: Arc<Stats>,
+    ) -> io::Result<Arc<Self>> {
+        let local_addr = listener.local_addr()?;
+        Ok(Arc::new(Self {
+            listener,
+            local_addr,
+            destinations,
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            tasks: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            stats,
+            overload_log: RateLimited::new(Duration::from_secs(10)),
+        }))
+    }
+
+    /// Accepts connections until `stop` is cancelled.
+    pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = self.listener.accept() => self.on_accepted(accepted).await,
+            }
+        }
+    }
+
+    /// Graceful end: keeps accepting the connections redirected before the redirect was
+    /// switched off, lets every connection finish what it has outstanding, and closes it.
+    /// Returns how many connections were still open at `deadline`.
+    pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + deadline;
+        self.draining.cancel();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                accepted = timeout(super::DRAIN_QUIET, self.listener.accept()) => match accepted {
+                    Ok(accepted) => self.on_accepted(accepted).await,
+                    Err(_quiet) if self.tasks.is_empty() => break,
+                    Err(_quiet) => {}
+                },
+            }
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    async fn on_accepted(self: &Arc<Self>, accepted: io::Result<(TcpStream, SocketAddr)>) {
+        match accepted {
+            Ok((stream, client)) => self.handle(stream, client),
+            Err(err) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                log::warn!("accepting on {}/tcp: {err}", self.local_addr);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, stream: TcpStream, client: SocketAddr) {
+        Stats::add(&self.stats.tcp_connections);
+        let stats = &self.stats.tcp;
+        let Some(original) = self.destinations.original_destination(client, IPPROTO_TCP) else {
+            Stats::add(&stats.dropped_not_redirected);
+            log::debug!("closing TCP connection from {client}: not a redirected client");
+            return;
+        };
+        let upstream = self.settings.upstream_override.unwrap_or(original);
+        if upstream == self.local_addr {
+            Stats::add(&stats.dropped_loop);
+            log::warn!(
+                "closing TCP connection from {client}: its upstream {upstream} is this proxy"
+            );
+            return;
+        }
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            Stats::add(&stats.dropped_overload);
+            self.overload_log.warn(|dropped| {
+                format!(
+                    "{} TCP connections open (--max-tcp-connections): refused {dropped}",
+                    self.settings.max_connections
+                )
+            });
+            return;
+        };
+        let proxy = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let connection = Connection {
+                client,
+                original,
+                upstream,
+                pending: Mutex::default(),
+                slots: Semaphore::new(MAX_PIPELINED),
+                last_activity: Mutex::new(Instant::now()),
+                client_done: false.into(),
+                changed: Notify::new(),
+            };
+            let closed = proxy.relay(stream, &connection).await;
+            log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
+            drop(permit);
+        });
+    }
+
+    async fn relay(&self, client_stream: TcpStream, conn: &Connection) -> Closed {
+        let stats = &self.stats.tcp;
+        let connecting = timeout(
+            self.settings.upstream_timeout,
+            TcpStream::connect(conn.upstream),
+        );
+        let upstream_stream = match connecting.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                Stats::add(&stats.upstream_errors);
+                return Closed::UpstreamError(err);
+            }
+            Err(_elapsed) => {
+                Stats::add(&stats.upstream_timeouts);
+                return Closed::UpstreamTimeout;
+            }
+        };
+        // Each message goes out in one write; don't let Nagle hold it back.
+        let _ = client_stream.set_nodelay(true);
+        let _ = upstream_stream.set_nodelay(true);
+        let (client_read, client_write) = client_stream.into_split();
+        let (upstream_read, upstream_write) = upstream_stream.into_split();
+        let closed = tokio::select! {
+            closed = self.queries(conn, BufReader::new(client_read), upstream_write) => closed,
+            closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
+            closed = self.watchdog(conn) => closed,
+        };
+        match &closed {
+            Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
+            Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
+                Stats::add(&stats.upstream_errors)
+            }
+            _ => {}
+        }
+        closed
+    }
+
+    /// Client to upstream: one framed query at a time, checked, then written whole.
+    async fn queries(
+        &self,
+        conn: &Connection,
+        mut client: impl AsyncRead + Unpin,
+        mut upstream: impl AsyncWrite + Unpin,
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        loop {
+            let Ok(slot) = conn.slots.acquire().await else {
+                return Closed::ByClient;
+            };
+            let query = match read_message(&mut client).await {
+                Ok(Some(query)) => query,
+                Ok(None) => {
+                    // The client sent all it will; its answers may still be on their way.
+                    conn.client_done
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    conn.changed.notify_one();
+                    return std::future::pending().await;
+                }
+                Err(err) => return Closed::ClientError(err),
+            };
+            Stats::add(&stats.received);
+            if !wire::is_query(&query) {
+                Stats::add(&stats.dropped_malformed);
+                return Closed::MalformedQuery;
+            }
+            slot.forget(); // given back when its answer arrives
+            let id = wire::message_id(&query).unwrap_or_default();
+            let description =
+                log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&query));
+            let pending = Pending {
+                started: Instant::now(),
+                description,
+            };
+            conn.pending
+                .lock()
+                .expect("not poisoned")
+                .insert(id, pending);
+            conn.touch();
+            if let Err(err) = write_message(&mut upstream, &query).await {
+                return Closed::UpstreamError(err);
+            }
+            Stats::add(&stats.forwarded);
+        }
+    }
+
+    /// Upstream to client: every framed answer, unaltered, in the order the server sends them.
+    async fn answers(
+        &self,
+        conn: &Connection,
+        mut upstream: impl AsyncRead + Unpin,
+        mut client: impl AsyncWrite + Unpin,
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        loop {
+            let answer = match read_message(&mut upstream).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => return Closed::ByUpstream,
+                Err(err) => return Closed::UpstreamError(err),
+            };
+            let id = wire::message_id(&answer).unwrap_or_default();
+            let pending = conn.pending.lock().expect("not poisoned").remove(&id);
+            if pending.is_some() {
+                conn.slots.add_permits(1);
+            }
+            conn.touch();
+            if let Err(err) = write_message(&mut client, &answer).await {
+                return Closed::ClientError(err);
+            }
+            Stats::add(&stats.answered);
+            if let Some(Pending {
+                started,
+                description: Some(description),
+            }) = pending
+            {
+                log::debug!(
+                    "query tcp client={} server={} upstream={} {description} rcode={} latency={:?}",
+                    conn.client,
+                    conn.original,
+                    conn.upstream,
+                    wire::describe_rcode(&answer),
+                    started.elapsed()
+                );
+            }
+            if conn.finished() {
+                return Closed::ByClient;
+            }
+        }
+    }
+
+    /// Ends the connection when it has been idle too long, when an answer is overdue, when the
+    /// client is done and answered, or at shutdown once nothing is outstanding.
+    async fn watchdog(&self, conn: &Connection) -> Closed {
+        loop {
+            if conn.finished() {
+                return Closed::ByClient;
+            }
+            let outstanding = conn.outstanding();
+            if self.draining.is_cancelled() && outstanding == 0 {
+                return Closed::Draining;
+            }
+            let (limit, why) = if outstanding > 0 {
+                (self.settings.upstream_timeout, Closed::UpstreamTimeout)
+            } else {
+                (self.settings.idle_timeout, Closed::Idle)
+            };
+            let last = *conn.last_activity.lock().expect("not poisoned");
+            let deadline = tokio::time::Instant::from_std(last + limit);
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    if *conn.last_activity.lock().expect("not poisoned") == last {
+                        return why;
+                    }
+                }
+                () = conn.changed.notified() => {}
+                () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Reads one length-prefixed DNS message; `None` on a clean end of stream between messages.
+async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
+    let mut length = [0u8; 2];
+    match reader.read_exact(&mut length).await {
+        Ok(_) => {}
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    reader.read_exact(&mut message).await?;
+    Ok(Some(message))
+}
+
+/// Writes one length-prefixed message in a single write (partial writes are retried).
+async fn write_message(writer: &mut (impl AsyncWrite + Unpin), message: &[u8]) -> io::Result<()> {
+    let length = u16::try_from(message.len())
+        .map_err(|_| io::Error::other("DNS message over 65535 bytes"))?;
+    let mut frame = Vec::with_capacity(2 + message.len());
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(message);
+    writer.write_all(&frame).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    use crate::dns::FixedDestination as Fixed;
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(
+            b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01",
+        );
+        q
+    }
+
+    fn answer_to(query: &[u8]) -> Vec<u8> {
+        let mut answer = query.to_vec();
+        answer[2] |= 0x80;
+        answer.extend_from_slice(b"trailing bytes the proxy must not touch");
+        answer
+    }
+
+    /// A real TCP DNS server on loopback that collects `batch` queries, then answers them in
+    /// reverse order (pipelining, out of order), each answer written in two pieces.
+    async fn upstream(batch: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    loop {
+                        let mut queries = Vec::new();
+                        for _ in 0..batch {
+                            match read_message(&mut stream).await {
+                                Ok(Some(q)) => queries.push(q),
+                                _ => return,
+                            }
+                        }
+                        for q in queries.iter().rev() {
+                            let answer = answer_to(q);
+                            let mut frame = (answer.len() as u16).to_be_bytes().to_vec();
+                            frame.extend_from_slice(&answer);
+                            let (head, tail) = frame.split_at(5);
+                            stream.write_all(head).await.unwrap();
+                            stream.flush().await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            stream.write_all(tail).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = TcpSettings {
+            upstream_override: None,
+            upstream_timeout: Duration::from_millis(500),
+            idle_timeout: idle,
+            max_connections: 4,
+        };
+        let proxy = TcpProxy::new(listener, Fixed(original), settings, Arc::default()).unwrap();
+        let serving = Arc::clone(&proxy);
+        tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
+        proxy
+    }
+
+    #[tokio::test]
+    async fn relays_pipelined_queries_answered_out_of_order_byte_for_byte() {
+        let proxy = proxy(Some(upstream(3).await), Duration::from_secs(5)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        // Three queries in one write, the second split across two writes.
+        let mut bytes = Vec::new();
+        for id in [1u16, 2, 3] {
+            let q = query(id);
+            bytes.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            bytes.extend_from_slice(&q);
+        }
+        let (first, rest) = bytes.split_at(40);
+        client.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(rest).await.unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            answers.push(read_message(&mut client).await.unwrap().unwrap());
+        }
+        assert_eq!(
+            answers,
+            vec![
+                answer_to(&query(3)),
+                answer_to(&query(2)),
+                answer_to(&query(1))
+            ]
+        );
+        assert_eq!(proxy.stats.tcp.answered.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_half_closes_still_gets_its_answers() {
+        let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut client, &query(9)).await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(
+            read_message(&mut client).await.unwrap(),
+            Some(answer_to(&query(9)))
+        );
+        assert_eq!(
+            read_message(&mut client).await.unwrap(),
+            None,
+            "closed after the answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let proxy = proxy(Some(upstream(1).await), Duration::from_millis(200)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(read_message(&mut client).await.unwrap(), None);
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_client_does_not_hold_up_another() {
+        let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+        // Half a length prefix, then nothing.
+        let mut stalled = TcpStream::connect(proxy.local_addr).await.unwrap();
+        stalled.write_all(&[0]).await.unwrap();
+        let mut other = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut other, &query(5)).await.unwrap();
+        let answer = timeout(Duration::from_secs(1), read_message(&mut other)).await;
+        assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&query(5))));
+    }
+
+    #[tokio::test]
+    async fn malformed_queries_and_unknown_clients_are_closed_not_forwarded() {
+        let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut client, b"not dns at all, but long enough")
+            .await
+            .unwrap();
+        assert_eq!(read_message(&mut client).await.unwrap(), None);
+        assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 0);
+
+        let proxy = self::proxy(None, Duration::from_secs(5)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut client, &query(1)).await.unwrap();
+        assert!(matches!(read_message(&mut client).await, Ok(None) | Err(_)));
+        assert_eq!(
+            proxy
+                .stats
+                .tcp
+                .dropped_not_redirected
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_refuses_closes_the_client_connection() {
+        // A port nobody listens on: bind, learn it, close.
+        let refused = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = proxy(Some(refused), Duration::from_secs(5)).await;
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut client, &query(1)).await.unwrap();
+        assert!(matches!(read_message(&mut client).await, Ok(None) | Err(_)));
+        assert_eq!(proxy.stats.tcp.upstream_errors.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,210 @@
+//! A DNS client that checks what a strict resolver checks: the answer must come from the
+//! address and port it asked, with the query's ID.
+//!
+//! Usage: dns-probe MODE SERVER[,SERVER...] NAME [--hold] [--raw HEX]
+//! - `sendto`: like musl, one unconnected socket, `sendto` to every server listed, then
+//!   `recvfrom`; the answer's source must be one of them;
+//! - `connect`: like glibc, a connected UDP socket; `getpeername()` must name the server too;
+//! - `tcp`: a TCP connection; `getpeername()` must name the server.
+//!
+//! SERVER is `IP:PORT` or `[IPv6]:PORT`; a v4-mapped `[::ffff:a.b.c.d]:53` makes a dual-stack
+//! IPv6 socket talk to an IPv4 server. `--hold` keeps the socket open after the answer until
+//! standard input closes. `--raw HEX` sends that message instead of an A query for NAME.
+//!
+//! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
+//! says what was wrong and exits 1.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a synchronous test client; it resolves no names"
+)]
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+const QUERY_ID: u16 = 0x5a17;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn a_query(name: &str) -> Vec<u8> {
+    let mut message = Vec::new();
+    message.extend_from_slice(&QUERY_ID.to_be_bytes());
+    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        message.push(label.len() as u8);
+        message.extend_from_slice(label.as_bytes());
+    }
+    message.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    message
+}
+
+/// The address of the answer's one A record: without EDNS the test server's answer ends with
+/// that record's RDATA.
+fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
+    let ancount = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
+    let tail: [u8; 4] = answer
+        .get(answer.len().checked_sub(4)?..)?
+        .try_into()
+        .ok()?;
+    (ancount == 1).then(|| Ipv4Addr::from(tail))
+}
+
+fn unspecified_for(server: &SocketAddr) -> &'static str {
+    if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+}
+
+fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<(), String> {
+    let peer = peer.map_err(|e| format!("getpeername: {e}"))?;
+    if peer != server {
+        return Err(format!("getpeername() says {peer}, not {server}"));
+    }
+    Ok(())
+}
+
+/// Sends `query` and returns the answer and the address it came from.
+fn exchange(
+    mode: &str,
+    servers: &[SocketAddr],
+    query: &[u8],
+    hold: &mut Vec<Box<dyn std::any::Any>>,
+) -> Result<(Vec<u8>, SocketAddr), String> {
+    let first = servers[0];
+    let mut buf = vec![0u8; 65_535];
+    match mode {
+        "sendto" | "connect" => {
+            let socket =
+                UdpSocket::bind(unspecified_for(&first)).map_err(|e| format!("bind: {e}"))?;
+            socket
+                .set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            if mode == "sendto" {
+                for server in servers {
+                    socket
+                        .send_to(query, server)
+                        .map_err(|e| format!("sendto {server}: {e}"))?;
+                }
+            } else {
+                socket.connect(first).map_err(|e| format!("connect: {e}"))?;
+                expect_peer(socket.peer_addr(), first)?;
+                socket.send(query).map_err(|e| format!("send: {e}"))?;
+            }
+            let (len, source) = socket
+                .recv_from(&mut buf)
+                .map_err(|e| format!("no answer: {e}"))?;
+            hold.push(Box::new(socket));
+            Ok((buf[..len].to_vec(), source))
+        }
+        "tcp" => {
+            let mut stream =
+                TcpStream::connect_timeout(&first, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            stream
+                .set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            expect_peer(stream.peer_addr(), first)?;
+            let mut frame = (query.len() as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(query);
+            stream.write_all(&frame).map_err(|e| format!("send: {e}"))?;
+            let mut length = [0u8; 2];
+            stream
+                .read_exact(&mut length)
+                .map_err(|e| format!("no answer: {e}"))?;
+            let len = usize::from(u16::from_be_bytes(length));
+            stream
+                .read_exact(&mut buf[..len])
+                .map_err(|e| format!("short answer: {e}"))?;
+            hold.push(Box::new(stream));
+            Ok((buf[..len].to_vec(), first))
+        }
+        other => Err(format!("unknown mode {other}")),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn run(args: &[String]) -> Result<String, String> {
+    let [mode, servers, name, options @ ..] = args else {
+        return Err(
+            "usage: dns-probe sendto|connect|tcp SERVER[,SERVER...] NAME [--hold] [--raw HEX]"
+                .to_owned(),
+        );
+    };
+    let servers: Vec<SocketAddr> = servers
+        .split(',')
+        .map(|s| s.parse().map_err(|_| format!("{s}: not an IP:PORT")))
+        .collect::<Result<_, _>>()?;
+    let (mut hold, mut raw) = (false, None);
+    let mut options = options.iter();
+    while let Some(option) = options.next() {
+        match option.as_str() {
+            "--hold" => hold = true,
+            "--raw" => {
+                raw = Some(
+                    options
+                        .next()
+                        .and_then(|h| unhex(h))
+                        .ok_or("--raw needs hex")?,
+                )
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let query = raw.clone().unwrap_or_else(|| a_query(name));
+    let mut sockets = Vec::new();
+    let (answer, source) = exchange(mode, &servers, &query, &mut sockets)?;
+    if !servers.contains(&source) {
+        return Err(format!(
+            "answer came from {source}, not from {servers:?}: musl would drop it"
+        ));
+    }
+    if answer.get(..2) != query.get(..2) {
+        return Err("answer has the wrong ID".to_owned());
+    }
+    let line = match raw {
+        Some(_) => format!("source={source} hex={}", hex(&answer)),
+        None => {
+            let address = single_a_record(&answer).ok_or(format!(
+                "answer has no single A record ({} bytes)",
+                answer.len()
+            ))?;
+            format!("source={source} answer={address}")
+        }
+    };
+    if hold {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        drop(sockets);
+        return Ok(String::new());
+    }
+    Ok(line)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(line) => {
+            if !line.is_empty() {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}

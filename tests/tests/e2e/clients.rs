@@ -1,0 +1,469 @@
+//! Every kind of client through the redirect: TCP, truncated answers and their TCP retry,
+//! byte-exact relay, IPv6 and dual-stack sockets, one socket asking two servers, and real
+//! resolvers (glibc, musl, Go, Python, dig).
+use std::net::SocketAddr;
+
+use tests::{
+    ANSWER_IP6, BIG_NAME, SERVER_IP6, UNBOUND_IP, UNBOUND_ZONE, UnboundServer, dig_at, go_resolver,
+    musl_getaddrinfo,
+};
+
+use super::*;
+
+fn start() -> Harness {
+    Harness::start(Placement::Outside, &[])
+}
+
+/// Runs `command` as given and returns stdout, panicking with stderr if it fails.
+fn stdout_of(command: &mut Command) -> String {
+    String::from_utf8_lossy(&must(command).stdout).into_owned()
+}
+
+fn assert_forwarded_over(agent: &Agent, name: &str, protocol: &str) -> String {
+    let needle = format!("query {protocol} client=");
+    wait_for(
+        &format!("the agent to log a {protocol} query for {name}"),
+        Duration::from_secs(2),
+        || {
+            agent
+                .query_lines(name)
+                .into_iter()
+                .find(|line| line.contains(&needle))
+        },
+    )
+}
+
+mod tcp {
+    use super::*;
+
+    #[test]
+    fn dig_over_tcp_is_relayed() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let name = "tcp.example.test";
+        assert_answered(
+            dig(topology.workload("dig", &[]), name, &["+tcp"]),
+            "dig +tcp",
+        );
+        let line = assert_forwarded_over(agent, name, "tcp");
+        assert!(line.contains(&format!("server={SERVER_IP}:53")), "{line}");
+    }
+
+    #[test]
+    fn a_tcp_client_sees_the_server_in_getpeername() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let name = "peer.tcp.example.test";
+        assert_eq!(probe(topology, "tcp", name), expected_probe_line());
+        assert_forwarded_over(agent, name, "tcp");
+    }
+}
+
+mod truncation {
+    use super::*;
+
+    /// A TXT query for BIG_NAME with an EDNS buffer of `bufsize` bytes, as hex.
+    fn big_txt_query(bufsize: u16) -> String {
+        query_hex(0x7c01, BIG_NAME, 16, 0, Some((bufsize, false, &[])))
+    }
+
+    #[test]
+    fn a_truncated_answer_reaches_the_client_unchanged() {
+        let Harness { topology, .. } = &start();
+        let query = big_txt_query(512);
+        let through_proxy = probe_at(
+            topology,
+            "sendto",
+            &format!("{SERVER_IP}:53"),
+            BIG_NAME,
+            &["--raw", &query],
+        );
+        let direct = outsider_probe(topology, "sendto", &format!("{SERVER_IP}:53"), &query);
+        assert_eq!(through_proxy, direct);
+        let answer = hex_field(&through_proxy);
+        assert_ne!(answer[2] & 0x02, 0, "TC is not set: {through_proxy}");
+    }
+
+    #[test]
+    fn the_retry_over_tcp_succeeds_through_the_proxy() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        // dig gets TC over UDP with a 512-byte buffer, and retries over TCP by itself.
+        let output = dig(
+            topology.workload("dig", &[]),
+            BIG_NAME,
+            &["TXT", "+bufsize=512"],
+        )
+        .unwrap_or_else(|err| panic!("dig +bufsize=512: {err}"));
+        assert!(output.contains(&"c".repeat(250)), "{output}");
+        assert_forwarded_over(agent, BIG_NAME, "udp");
+        assert_forwarded_over(agent, BIG_NAME, "tcp");
+    }
+
+    #[test]
+    fn a_large_edns_buffer_gets_the_whole_answer_over_udp() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let output = dig(
+            topology.workload("dig", &[]),
+            BIG_NAME,
+            &["TXT", "+bufsize=4096"],
+        )
+        .unwrap_or_else(|err| panic!("dig +bufsize=4096: {err}"));
+        assert!(output.contains(&"c".repeat(250)), "{output}");
+        assert!(!output.contains("Truncated"), "{output}");
+        assert_forwarded_over(agent, BIG_NAME, "udp");
+        assert!(
+            !agent
+                .query_lines(BIG_NAME)
+                .iter()
+                .any(|line| line.contains("query tcp")),
+            "{}",
+            agent.log()
+        );
+    }
+}
+
+mod byte_exact {
+    use super::*;
+
+    /// EDNS option codes.
+    const NSID: u16 = 3;
+    const CLIENT_SUBNET: u16 = 8;
+
+    /// Queries whose answers carry what a rebuilding proxy would lose: NSID, client-subnet,
+    /// the DO bit, authority and additional sections, other rcodes and opcodes.
+    fn queries() -> Vec<(&'static str, String)> {
+        let a = format!("a.{UNBOUND_ZONE}");
+        let missing = format!("missing.{UNBOUND_ZONE}");
+        // client-subnet 198.51.100.0/24: family 1, source /24, scope 0, three octets.
+        let ecs: &[u8] = &[0, 1, 24, 0, 198, 51, 100];
+        vec![
+            (
+                "A with NSID, client-subnet and DO",
+                query_hex(
+                    0x1111,
+                    &a,
+                    1,
+                    0,
+                    Some((1232, true, &[(NSID, &[]), (CLIENT_SUBNET, ecs)])),
+                ),
+            ),
+            ("TXT without EDNS", query_hex(0x2222, &a, 16, 0, None)),
+            (
+                "NXDOMAIN with an SOA in authority",
+                query_hex(0x3333, &missing, 1, 0, Some((1232, false, &[(NSID, &[])]))),
+            ),
+            ("opcode STATUS (NOTIMP)", query_hex(0x4444, &a, 1, 2, None)),
+        ]
+    }
+
+    fn assert_relayed_byte_for_byte(mode: &str) {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let _unbound = UnboundServer::start(topology);
+        let server = format!("{UNBOUND_IP}:53");
+        for (what, query) in queries() {
+            let through_proxy = probe_at(topology, mode, &server, "unused", &["--raw", &query]);
+            let direct = outsider_probe(topology, mode, &server, &query);
+            assert_eq!(through_proxy, direct, "{what} over {mode}");
+        }
+        // And they did go through the proxy.
+        let protocol = if mode == "tcp" { "tcp" } else { "udp" };
+        let count = agent
+            .log()
+            .matches(&format!("query {protocol} client="))
+            .count();
+        assert_eq!(count, queries().len(), "{}", agent.log());
+    }
+
+    #[test]
+    fn over_udp() {
+        assert_relayed_byte_for_byte("sendto");
+    }
+
+    #[test]
+    fn over_tcp() {
+        assert_relayed_byte_for_byte("tcp");
+    }
+
+    #[test]
+    fn the_nsid_answer_names_the_server() {
+        let Harness { topology, .. } = &start();
+        let _unbound = UnboundServer::start(topology);
+        let output = dig_at(
+            topology.workload("dig", &[]),
+            &UNBOUND_IP.to_string(),
+            &format!("a.{UNBOUND_ZONE}"),
+            &["+nsid", "+dnssec"],
+        )
+        .unwrap_or_else(|err| panic!("dig +nsid: {err}"));
+        assert!(
+            output.contains("NSID: 64 6e 73 2d 70 72 6f 78 79 2d 74 65 73 74"),
+            "{output}"
+        );
+        assert!(output.contains("flags: do;"), "{output}");
+    }
+}
+
+mod ipv6 {
+    use super::*;
+
+    fn server6() -> String {
+        SocketAddr::from((SERVER_IP6, 53)).to_string()
+    }
+
+    #[test]
+    fn dig_over_ipv6_is_redirected() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let name = "six.example.test";
+        assert_answered(
+            dig_at(
+                topology.workload("dig", &[]),
+                &SERVER_IP6.to_string(),
+                name,
+                &["-6"],
+            ),
+            "dig -6",
+        );
+        let line = forwarded(agent, name);
+        assert!(line.contains(&format!("server={}", server6())), "{line}");
+        let name = "six-tcp.example.test";
+        assert_answered(
+            dig_at(
+                topology.workload("dig", &[]),
+                &SERVER_IP6.to_string(),
+                name,
+                &["-6", "+tcp"],
+            ),
+            "dig -6 +tcp",
+        );
+        assert_forwarded_over(agent, name, "tcp");
+    }
+
+    #[test]
+    fn ipv6_clients_see_the_server_address_and_port() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        for mode in ["sendto", "connect", "tcp"] {
+            let name = format!("{mode}.six.example.test");
+            let line = probe_at(topology, mode, &server6(), &name, &[]);
+            assert_eq!(
+                line,
+                format!("source={} answer={ANSWER_IP}", server6()),
+                "{mode}"
+            );
+            forwarded(agent, &name);
+        }
+    }
+
+    #[test]
+    fn dual_stack_sockets_sending_to_v4_mapped_addresses() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let mapped = format!("[::ffff:{SERVER_IP}]:53");
+        for mode in ["sendto", "connect", "tcp"] {
+            let name = format!("{mode}.mapped.example.test");
+            let line = probe_at(topology, mode, &mapped, &name, &[]);
+            assert_eq!(
+                line,
+                format!("source={mapped} answer={ANSWER_IP}"),
+                "{mode}"
+            );
+            let logged = forwarded(agent, &name);
+            assert!(
+                logged.contains(&format!("server={SERVER_IP}:53")),
+                "{logged}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
+    let Harness {
+        agent, topology, ..
+    } = &start();
+    let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let name = "two.example.test";
+    let servers = format!("{SERVER_IP}:53,{SECOND_SERVER_IP}:53");
+    // The probe accepts only an answer whose source is one of the two servers it asked, as
+    // musl does. Which server's answer comes first is a race, and the source shown is the
+    // server the socket addressed last (docs/architecture.md): both are fine for musl.
+    let line = probe_at(topology, "sendto", &servers, name, &[]);
+    let sources = [
+        format!("source={SERVER_IP}:53 "),
+        format!("source={SECOND_SERVER_IP}:53 "),
+    ];
+    let answers = [
+        format!("answer={ANSWER_IP}"),
+        format!("answer={SECOND_ANSWER_IP}"),
+    ];
+    assert!(
+        sources.iter().any(|s| line.starts_with(s.as_str())),
+        "{line}"
+    );
+    assert!(answers.iter().any(|a| line.ends_with(a.as_str())), "{line}");
+    forwarded(agent, name);
+}
+
+/// The resolvers people run, each in the test cgroup against the real server.
+mod resolvers {
+    use super::*;
+
+    fn assert_resolves(agent: &Agent, name: &str, output: &str, expected: &[String]) {
+        for address in expected {
+            assert!(
+                output.contains(address.as_str()),
+                "{name}: no {address} in:\n{output}"
+            );
+        }
+        forwarded(agent, name);
+    }
+
+    #[test]
+    fn glibc_getent_ahosts_ahostsv4_ahostsv6() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let (v4, v6) = (ANSWER_IP.to_string(), ANSWER_IP6.to_string());
+        for (database, expected) in [
+            ("ahosts", vec![v4.clone(), v6.clone()]),
+            ("ahostsv4", vec![v4.clone()]),
+            ("ahostsv6", vec![v6.clone()]),
+        ] {
+            let name = format!("{database}.glibc.example.test");
+            let output = stdout_of(&mut topology.workload("getent", &[database, &name]));
+            assert_resolves(agent, &name, &output, &expected);
+        }
+    }
+
+    #[test]
+    fn musl_getaddrinfo_with_two_nameservers() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+        topology.set_nameservers(&[SERVER_IP.into(), SECOND_SERVER_IP.into()]);
+        let musl = musl_getaddrinfo();
+        let musl = musl.to_str().expect("UTF-8 path");
+        // musl asks both at once from one socket and takes the first answer from either.
+        let name = "musl.example.test";
+        let output = stdout_of(&mut topology.workload(musl, &[name, "inet"]));
+        let answers = [ANSWER_IP.to_string(), SECOND_ANSWER_IP.to_string()];
+        assert!(answers.iter().any(|a| output.trim() == a), "{output}");
+        forwarded(agent, name);
+    }
+
+    #[test]
+    fn musl_getaddrinfo_for_both_families() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let musl = musl_getaddrinfo();
+        let musl = musl.to_str().expect("UTF-8 path");
+        let name = "musl-any.example.test";
+        let output = stdout_of(&mut topology.workload(musl, &[name, "any"]));
+        assert_resolves(
+            agent,
+            name,
+            &output,
+            &[ANSWER_IP.to_string(), ANSWER_IP6.to_string()],
+        );
+    }
+
+    #[test]
+    fn go_resolver() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let go = super::go_resolver();
+        let go = go.to_str().expect("UTF-8 path");
+        let name = "go.example.test";
+        let output = stdout_of(topology.workload(go, &[name]).env("GODEBUG", "netdns=go"));
+        assert_resolves(
+            agent,
+            name,
+            &output,
+            &[ANSWER_IP.to_string(), ANSWER_IP6.to_string()],
+        );
+    }
+
+    #[test]
+    fn python_socket_getaddrinfo() {
+        let Harness {
+            agent, topology, ..
+        } = &start();
+        let name = "python.example.test";
+        let script =
+            "import socket, sys; print({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 53)})";
+        let output = stdout_of(&mut topology.workload("python3", &["-c", script, name]));
+        assert_resolves(
+            agent,
+            name,
+            &output,
+            &[ANSWER_IP.to_string(), ANSWER_IP6.to_string()],
+        );
+    }
+}
+
+/// Runs the probe outside the test cgroup (straight to the server) with a raw query.
+fn outsider_probe(topology: &Topology, mode: &str, server: &str, query: &str) -> String {
+    let output = must(&mut topology.outsider(PROBE, &[mode, server, "unused", "--raw", query]));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The bytes of a probe's `hex=` field.
+fn hex_field(line: &str) -> Vec<u8> {
+    let hex = line
+        .split("hex=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no hex in {line}"));
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// An OPT record: UDP buffer size, the DO bit, and options as (code, data).
+type Edns<'a> = (u16, bool, &'a [(u16, &'a [u8])]);
+
+/// A query as hex: `id`, opcode, one question (`name`, `qtype`, class IN), and optionally an
+/// OPT record: (UDP buffer size, DO bit, options as (code, data)).
+fn query_hex(id: u16, name: &str, qtype: u16, opcode: u8, edns: Option<Edns<'_>>) -> String {
+    let mut message = id.to_be_bytes().to_vec();
+    message.push((opcode << 3) | 0x01); // RD
+    message.push(0);
+    message.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+    for label in name.split('.') {
+        message.push(label.len() as u8);
+        message.extend_from_slice(label.as_bytes());
+    }
+    message.push(0);
+    message.extend_from_slice(&qtype.to_be_bytes());
+    message.extend_from_slice(&1u16.to_be_bytes());
+    if let Some((bufsize, dnssec_ok, options)) = edns {
+        message.push(0); // root
+        message.extend_from_slice(&41u16.to_be_bytes()); // OPT
+        message.extend_from_slice(&bufsize.to_be_bytes());
+        message.extend_from_slice(&[0, 0, if dnssec_ok { 0x80 } else { 0 }, 0]);
+        let mut rdata = Vec::new();
+        for (code, data) in options {
+            rdata.extend_from_slice(&code.to_be_bytes());
+            rdata.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            rdata.extend_from_slice(data);
+        }
+        message.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        message.extend_from_slice(&rdata);
+    }
+    message.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,52 @@
+//! End to end, in the real kernel: the real agent attached to a test cgroup, real DNS servers
+//! (dnsmasq, unbound) in a namespace of their own, real clients as workloads. Needs root;
+//! panics without. One binary with modules, so it links once.
+mod clients;
+mod foundation;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    ANSWER_IP, Agent, DnsServer, Harness, PROXY_LISTEN, Placement, SECOND_ANSWER_IP,
+    SECOND_SERVER_IP, SERVER_IP, Topology, agent_binary, attached_map_entries, dig, must, wait_for,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_dns-probe");
+
+/// The agent's log line for `name`, waited for briefly (it is written after the answer is sent).
+fn forwarded(agent: &Agent, name: &str) -> String {
+    wait_for(
+        &format!("the agent to log the query for {name}"),
+        Duration::from_secs(2),
+        || agent.query_line(name),
+    )
+}
+
+fn assert_answered(result: Result<String, String>, what: &str) {
+    let output = result.unwrap_or_else(|err| panic!("{what} failed:\n{err}"));
+    assert!(
+        output.contains(&ANSWER_IP.to_string()),
+        "{what}: no {ANSWER_IP} in:\n{output}"
+    );
+}
+
+/// Runs the probe as a workload against SERVER_IP:53; returns its `source=... answer=...` line.
+fn probe(topology: &Topology, mode: &str, name: &str) -> String {
+    probe_at(topology, mode, &format!("{SERVER_IP}:53"), name, &[])
+}
+
+/// Runs the probe as a workload; returns its output line.
+fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![mode, servers, name];
+    args.extend_from_slice(extra);
+    let output = must(&mut topology.workload(PROBE, &args));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn expected_probe_line() -> String {
+    format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
+}
