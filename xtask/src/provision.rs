@@ -47,6 +47,26 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "bpftool",
         "checking that no program stays attached after shutdown",
     ),
+    (
+        "unbound",
+        "unbound",
+        "a second real DNS server (NSID, EDNS) for the byte-exact relay tests",
+    ),
+    (
+        "musl-gcc",
+        "musl-tools",
+        "building an Alpine-style (musl) getaddrinfo client",
+    ),
+    (
+        "go",
+        "golang-go",
+        "building a client that uses Go's own resolver",
+    ),
+    (
+        "python3",
+        "python3",
+        "Python's socket.getaddrinfo as a client",
+    ),
 ];
 
 pub fn setup(tests: bool) -> Result<()> {
