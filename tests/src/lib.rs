@@ -436,7 +436,8 @@ pub fn big_txt_strings() -> String {
 }
 
 /// unbound in the server namespace on [`UNBOUND_IP`], authoritative for [`UNBOUND_ZONE`]
-/// (a.unbound.test is 198.51.100.20; other names NXDOMAIN), answering NSID queries.
+/// (a.unbound.test is 198.51.100.20; other names NXDOMAIN with the zone's SOA in the authority
+/// section), answering NSID queries.
 pub struct UnboundServer {
     _process: Process,
     dir: PathBuf,
@@ -463,6 +464,9 @@ impl UnboundServer {
   module-config: \"iterator\"
   nsid: \"ascii_dns-proxy-test\"
   local-zone: \"{UNBOUND_ZONE}.\" static
+  local-data: \"{UNBOUND_ZONE}. 300 IN SOA ns.{UNBOUND_ZONE}. hostmaster.{UNBOUND_ZONE}. 1 3600 600 86400 300\"
+  local-data: \"{UNBOUND_ZONE}. 300 IN NS ns.{UNBOUND_ZONE}.\"
+  local-data: \"ns.{UNBOUND_ZONE}. 300 IN A 198.51.100.21\"
   local-data: \"a.{UNBOUND_ZONE}. 300 IN A 198.51.100.20\"
   local-data: \"a.{UNBOUND_ZONE}. 300 IN TXT \\\"dns-proxy test record\\\"\"
 ",

@@ -168,11 +168,24 @@ mod byte_exact {
         } = &start();
         let _unbound = UnboundServer::start(topology);
         let server = format!("{UNBOUND_IP}:53");
+        let mut answers = Vec::new();
         for (what, query) in queries() {
             let through_proxy = probe_at(topology, mode, &server, "unused", &["--raw", &query]);
             let direct = outsider_probe(topology, mode, &server, &query);
             assert_eq!(through_proxy, direct, "{what} over {mode}");
+            answers.push(hex_field(&through_proxy));
         }
+        // The answers do carry what the comparison is meant to cover.
+        let count = |answer: &[u8], at: usize| u16::from_be_bytes([answer[at], answer[at + 1]]);
+        let (nsid, nxdomain, status) = (&answers[0], &answers[2], &answers[3]);
+        assert!(
+            nsid.windows(14).any(|w| w == b"dns-proxy-test"),
+            "no NSID in {nsid:02x?}"
+        );
+        assert!(count(nsid, 10) >= 1, "no additional section (OPT)");
+        assert_eq!(nxdomain[3] & 0x0f, 3, "rcode is not NXDOMAIN");
+        assert!(count(nxdomain, 8) >= 1, "no authority section (SOA)");
+        assert_eq!(status[3] & 0x0f, 4, "rcode is not NOTIMP");
         // And they did go through the proxy.
         let protocol = if mode == "tcp" { "tcp" } else { "udp" };
         let count = agent
@@ -314,6 +327,48 @@ fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
     );
     assert!(answers.iter().any(|a| line.ends_with(a.as_str())), "{line}");
     forwarded(agent, name);
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
+    let Harness {
+        agent, topology, ..
+    } = &mut start();
+    let server = format!("{SERVER_IP}:53");
+    // Not DNS; a header with the response bit set; a question that runs off the end.
+    let garbage = [
+        "68656c6c6f",
+        "abcd8180000100000000000000",
+        "abcd0100000100000000000007657861",
+    ];
+    let senders: Vec<_> = garbage
+        .iter()
+        .map(|hex| {
+            topology
+                .workload(PROBE, &["sendto", &server, "unused", "--raw", hex])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the probe")
+        })
+        .collect();
+    for mut sender in senders {
+        let status = sender.wait().expect("wait for the probe");
+        assert!(!status.success(), "a malformed query got an answer");
+    }
+    // The proxy still answers.
+    let name = "after-garbage.example.test";
+    assert_eq!(probe(topology, "sendto", name), expected_probe_line());
+    forwarded(agent, name);
+
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let log = agent.log();
+    assert!(
+        log.contains("udp: received=4 forwarded=1 answered=1 "),
+        "{log}"
+    );
+    assert!(log.contains("dropped_malformed=3 "), "{log}");
 }
 
 /// The resolvers people run, each in the test cgroup against the real server.
