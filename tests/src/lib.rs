@@ -3,6 +3,8 @@
 //! agent binary attached to it. Every fixture is a guard that removes what it made on drop,
 //! so a failing test still cleans up. Nothing here touches the host's own network namespace,
 //! its root cgroup's programs, or any address outside the tests' namespaces.
+pub mod race;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader},
@@ -367,6 +369,22 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Closes the process's standard input (it was spawned with a pipe), then waits at most
+    /// `limit` for it to exit and returns what it printed.
+    pub fn finish_with_stdout(&mut self, limit: Duration) -> String {
+        use std::io::Read as _;
+        drop(self.child.stdin.take());
+        let status = self.wait_exit(limit);
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            let _ = pipe.read_to_string(&mut stdout);
+        }
+        assert!(status.success(), "exited with {status}; printed {stdout:?}");
+        stdout
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -534,17 +552,19 @@ fn run_dig(mut command: Command, name: &str, extra: &[&str]) -> Result<String, S
 }
 
 /// The path of the dns-proxy binary under test: `DNS_PROXY_BIN` (set by `cargo xtask test`),
-/// else `target/<profile>/dns-proxy` beside this test binary.
+/// else `dns-proxy` in the target directory of the running executable: beside it (xtask), or
+/// one level up (a test binary in `target/<profile>/deps`).
 pub fn agent_binary() -> PathBuf {
     let path = std::env::var_os("DNS_PROXY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let exe = std::env::current_exe().expect("current_exe");
-            // target/<profile>/deps/<test> -> target/<profile>/dns-proxy
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .join("dns-proxy")
+            let dir = exe.parent().expect("the executable's directory");
+            let beside = dir.join("dns-proxy");
+            if beside.is_file() {
+                return beside;
+            }
+            dir.parent().expect("target dir").join("dns-proxy")
         });
     assert!(
         path.is_file(),

@@ -7,6 +7,7 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use tests::race;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -29,6 +30,23 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The conntrack race of the iptables design, side by side with the agent (needs root).
+    /// Builds a topology of its own per mode, in network namespaces it removes afterwards.
+    Race {
+        /// Lookups per mode, each from a fresh UDP socket, as a resolver makes them.
+        #[arg(long, default_value_t = 3000)]
+        lookups: u32,
+        /// The workload namespace's ephemeral port range, e.g. 40000-40099: narrower makes
+        /// the race frequent. Default: the kernel's.
+        #[arg(long, value_name = "LOW-HIGH", value_parser = parse_port_range)]
+        port_range: Option<(u16, u16)>,
+        /// Each lookup's timeout (no retries).
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        timeout_ms: u64,
+        /// Which modes to run, in order.
+        #[arg(long, value_delimiter = ',', default_value = "iptables,iptables+notrack,agent", value_parser = parse_mode)]
+        modes: Vec<race::Mode>,
+    },
     /// Set up, then run every test, the privileged integration tests included (needs root).
     Test {
         /// Passed to `cargo test` (a filter, `--nocapture`, ...).
@@ -44,7 +62,76 @@ fn main() -> Result<()> {
         Task::Setup { tests } => provision::setup(tests),
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
+        Task::Race {
+            lookups,
+            port_range,
+            timeout_ms,
+            modes,
+        } => {
+            let settings = race::Settings {
+                lookups,
+                port_range,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            run_race(&root, &settings, &modes)
+        }
     }
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or("write it as LOW-HIGH, e.g. 40000-40099")?;
+    let low: u16 = low.parse().map_err(|_| format!("{low}: not a port"))?;
+    let high: u16 = high.parse().map_err(|_| format!("{high}: not a port"))?;
+    if low < 1024 || low >= high {
+        return Err("need 1024 <= LOW < HIGH".to_owned());
+    }
+    Ok((low, high))
+}
+
+fn parse_mode(text: &str) -> Result<race::Mode, String> {
+    race::Mode::parse(text)
+        .ok_or_else(|| format!("{text}: one of iptables, iptables+notrack, agent"))
+}
+
+fn run_race(root: &std::path::Path, settings: &race::Settings, modes: &[race::Mode]) -> Result<()> {
+    if !shell::is_root() {
+        bail!("the race needs root (network namespaces, iptables in them, eBPF); run it as root");
+    }
+    provision::setup(true)?;
+    shell::run(cargo().current_dir(root).args([
+        "build",
+        "--package",
+        "dns-proxy",
+        "--package",
+        "tests",
+        "--bins",
+    ]))?;
+    let bin = root.join("target/debug");
+    let (classic_forwarder, lookup_load) = (bin.join("classic-forwarder"), bin.join("lookup-load"));
+    let tools = race::Tools {
+        classic_forwarder: &classic_forwarder,
+        lookup_load: &lookup_load,
+    };
+    let range = settings
+        .port_range
+        .map_or("the kernel's default".to_owned(), |(l, h)| {
+            format!("{l}-{h}")
+        });
+    eprintln!(
+        "xtask: race: {} lookups per mode, each from a fresh UDP socket with a {} ms timeout; \
+         ephemeral ports: {range}",
+        settings.lookups,
+        settings.timeout.as_millis()
+    );
+    let mut outcomes = Vec::new();
+    for &mode in modes {
+        eprintln!("xtask: race: running {}", mode.name());
+        outcomes.push(race::run(mode, settings, &tools));
+    }
+    print!("{}", race::table(&outcomes));
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

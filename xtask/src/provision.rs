@@ -67,6 +67,16 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "python3",
         "Python's socket.getaddrinfo as a client",
     ),
+    (
+        "iptables",
+        "iptables",
+        "the classic REDIRECT design, in the race demonstration's namespace",
+    ),
+    (
+        "conntrack",
+        "conntrack",
+        "counting conntrack entries in the race demonstration",
+    ),
 ];
 
 pub fn setup(tests: bool) -> Result<()> {

@@ -3,6 +3,7 @@
 //! panics without. One binary with modules, so it links once.
 mod clients;
 mod foundation;
+mod race;
 
 use std::{
     io::{BufRead as _, BufReader},
