@@ -141,76 +141,23 @@ pub fn run(mode: Mode, settings: &Settings, tools: &Tools<'_>) -> Outcome {
 /// The classic rules, in the workload's namespace only: DNS to port 53 is REDIRECTed to the
 /// forwarder unless it comes from the forwarder's uid.
 fn install_classic_rules(netns: &str, notrack: bool) {
-    let uid = PROXY_UID.to_string();
-    let port = REDIRECT_PORT.to_string();
-    let mut rules: Vec<Vec<&str>> = vec![
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ],
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ],
+    let mut rules = vec![
+        format!("-t nat -A OUTPUT -p udp --dport 53 -m owner --uid-owner {PROXY_UID} -j RETURN"),
+        format!("-t nat -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {REDIRECT_PORT}"),
     ];
     if notrack {
         // The forwarder's queries and the server's answers bypass conntrack altogether.
-        rules.push(vec![
-            "-t",
-            "raw",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "NOTRACK",
-        ]);
-        rules.push(vec![
-            "-t",
-            "raw",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--sport",
-            "53",
-            "-j",
-            "NOTRACK",
-        ]);
+        rules.push(format!(
+            "-t raw -A OUTPUT -p udp --dport 53 -m owner --uid-owner {PROXY_UID} -j NOTRACK"
+        ));
+        rules.push("-t raw -A PREROUTING -p udp --sport 53 -j NOTRACK".to_owned());
     }
     for rule in rules {
+        let iptables = ["netns", "exec", netns, "iptables", "-w"];
         must(
             Command::new("ip")
-                .args(["netns", "exec", netns, "iptables", "-w"])
-                .args(rule),
+                .args(iptables)
+                .args(rule.split_whitespace()),
         );
     }
 }

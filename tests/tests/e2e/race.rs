@@ -42,5 +42,8 @@ fn the_agent_answers_every_one_of_2000_lookups() {
     let table = race::table(std::slice::from_ref(&outcome));
     assert_eq!((outcome.lookups, outcome.answered), (2000, 2000), "{table}");
     assert_eq!(outcome.looped, 0, "{table}");
-    assert_eq!(outcome.conntrack_entries, 0, "no NAT state at all:\n{table}");
+    assert_eq!(
+        outcome.conntrack_entries, 0,
+        "no NAT state at all:\n{table}"
+    );
 }
