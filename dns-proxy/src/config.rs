@@ -39,8 +39,10 @@ pub struct RunArgs {
     )]
     pub listen: SocketAddr,
 
-    /// Where IPv6 sockets' queries go (UDP and TCP). Default: [::1] on the --listen port, if
-    /// this host has IPv6; otherwise IPv6 lookups are left alone.
+    /// Where IPv6 sockets' queries go (UDP and TCP). Default: [::1] on the --listen port when
+    /// --listen is a loopback address and the host has IPv6. Otherwise (node mode, with pods
+    /// in their own namespaces, where ::1 would be each pod's own) IPv6 lookups are left alone
+    /// unless this is given.
     #[arg(long, value_name = "[ADDR]:PORT", env = "DNS_PROXY_LISTEN6")]
     pub listen6: Option<SocketAddr>,
 
@@ -116,8 +118,11 @@ pub struct RunConfig {
 pub enum Listen6 {
     /// Given by the operator: failing to listen there is an error.
     Required(SocketAddrV6),
-    /// The default, `[::1]:<listen port>`: without IPv6 on the host, IPv6 is left alone.
+    /// The default with a loopback --listen, `[::1]:<listen port>`: without IPv6 on the host,
+    /// IPv6 is left alone.
     IfAvailable(SocketAddrV6),
+    /// The default with any other --listen: IPv6 sockets are left alone.
+    Off,
 }
 
 impl TryFrom<RunArgs> for RunConfig {
@@ -135,9 +140,10 @@ impl TryFrom<RunArgs> for RunConfig {
             SocketAddr::V4(v4) => v4,
         };
         let listen6 = match args.listen6 {
-            None => {
+            None if listen.ip().is_loopback() => {
                 Listen6::IfAvailable(SocketAddrV6::new(Ipv6Addr::LOCALHOST, listen.port(), 0, 0))
             }
+            None => Listen6::Off,
             Some(SocketAddr::V6(v6)) if !v6.ip().is_unspecified() && v6.port() != 0 => {
                 Listen6::Required(v6)
             }
@@ -215,6 +221,18 @@ mod tests {
         assert_eq!(config.upstream_timeout, Duration::from_millis(750));
         assert_eq!(config.max_inflight, 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn node_mode_leaves_ipv6_alone_unless_told() {
+        // A pod redirected to ::1 would land on its own loopback.
+        let node_mode = run_config(&["--listen=169.254.20.10:53"]).unwrap();
+        assert_eq!(node_mode.listen6, Listen6::Off);
+        let told = run_config(&["--listen=169.254.20.10:53", "--listen6=[fd00::53]:53"]).unwrap();
+        assert_eq!(
+            told.listen6,
+            Listen6::Required("[fd00::53]:53".parse().unwrap())
+        );
     }
 
     #[test]

@@ -124,6 +124,11 @@ impl Listeners {
                 }
                 Err(err) => return Err(err),
             },
+            Listen6::Off => log::info!(
+                "IPv6 lookups are left alone: --listen {} is not a loopback address and no \
+                 --listen6 was given",
+                config.listen
+            ),
         }
         Ok(listeners)
     }

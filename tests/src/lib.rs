@@ -3,6 +3,7 @@
 //! agent binary attached to it. Every fixture is a guard that removes what it made on drop,
 //! so a failing test still cleans up. Nothing here touches the host's own network namespace,
 //! its root cgroup's programs, or any address outside the tests' namespaces.
+pub mod node;
 pub mod race;
 
 use std::{
@@ -54,7 +55,7 @@ pub fn require_root() {
 }
 
 /// A name unique to this test run, e.g. "dp3f2a1" (short: interface names are 15 bytes max).
-fn unique_tag() -> String {
+pub(crate) fn unique_tag() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "dp{:x}{}",
@@ -200,12 +201,12 @@ pub struct Topology {
 
 /// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` shows as `/etc/resolv.conf`;
 /// removed on drop.
-struct NetnsResolvConf {
+pub(crate) struct NetnsResolvConf {
     dir: PathBuf,
 }
 
 impl NetnsResolvConf {
-    fn new(netns: &Netns, nameservers: &[IpAddr]) -> Self {
+    pub(crate) fn new(netns: &Netns, nameservers: &[IpAddr]) -> Self {
         let guard = Self {
             dir: PathBuf::from("/etc/netns").join(&netns.name),
         };
@@ -299,16 +300,7 @@ impl Topology {
     /// A command run as a workload: in the test cgroup (joined before exec, so everything it
     /// starts is in it) and in the client namespace.
     pub fn workload(&self, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            // $0 is the cgroup; "$@" is the namespace, the program and its arguments.
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec ip netns exec "$@""#)
-            .arg(&self.cgroup.path)
-            .arg(&self.client.name)
-            .arg(program)
-            .args(args);
-        command
+        in_cgroup_and_netns(&self.cgroup.path, &self.client, program, args)
     }
 
     /// Adds another address to the server namespace's end of the veth.
@@ -336,6 +328,21 @@ impl Default for Topology {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A command run in `cgroup` (joined before exec, so everything it starts is in it) and in
+/// `netns`, where it sees /etc/netns/NAME/resolv.conf.
+pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Netns, program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        // $0 is the cgroup; "$@" is the namespace, the program and its arguments.
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec ip netns exec "$@""#)
+        .arg(cgroup)
+        .arg(&netns.name)
+        .arg(program)
+        .args(args);
+    command
 }
 
 /// A child process killed (and reaped) on drop.
@@ -412,7 +419,25 @@ impl DnsServer {
         if !primary {
             topology.add_server_address(server_ip);
         }
-        let mut command = topology.server.command("dnsmasq");
+        Self::launch(
+            &topology.server,
+            &topology.client,
+            server_ip,
+            answer,
+            primary,
+        )
+    }
+
+    /// dnsmasq in `server`, ready once a query from `ask_from` (outside any test cgroup) is
+    /// answered.
+    pub fn launch(
+        server: &Netns,
+        ask_from: &Netns,
+        server_ip: Ipv4Addr,
+        answer: Ipv4Addr,
+        primary: bool,
+    ) -> Self {
+        let mut command = server.command("dnsmasq");
         command
             .args([
                 "--keep-in-foreground",
@@ -433,17 +458,16 @@ impl DnsServer {
                 .arg(format!("--listen-address={SERVER_IP6}"))
                 .arg(format!("--address=/{ZONE}/{ANSWER_IP6}"));
         }
-        let server = Self {
+        let dns_server = Self {
             _process: Process::spawn(&mut command),
         };
-        // Ready when a direct query from outside the test cgroup is answered.
         wait_for("dnsmasq to answer", Duration::from_secs(10), || {
-            let mut dig = topology.outsider("dig", &[]);
+            let mut dig = ask_from.command("dig");
             dig.arg(format!("@{server_ip}"));
             let output = run_dig(dig, "ready.example.test", &[]).ok()?;
             output.contains(&answer.to_string()).then_some(())
         });
-        server
+        dns_server
     }
 }
 
@@ -597,26 +621,36 @@ impl Agent {
     }
 
     pub fn start_at(topology: &Topology, placement: Placement, extra_args: &[&str]) -> Self {
-        let mut command = match placement {
-            Placement::Outside => Command::new("nsenter"),
-            Placement::InsideRedirectedCgroup => {
+        let join = match placement {
+            Placement::Outside => None,
+            Placement::InsideRedirectedCgroup => Some(topology.cgroup.path.as_path()),
+        };
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        Self::launch(&topology.client, &topology.cgroup.path, join, &args)
+    }
+
+    /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.
+    pub fn launch(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Self {
+        let mut command = match join {
+            None => Command::new("nsenter"),
+            Some(cgroup) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
-                    .arg(&topology.cgroup.path);
+                    .arg(cgroup);
                 sh
             }
         };
         // nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup2
         // mount the agent needs. nsenter and sh exec, so the pid is the agent's.
         command
-            .arg(format!("--net=/run/netns/{}", topology.client.name))
+            .arg(format!("--net=/run/netns/{}", netns.name))
             .arg("--")
             .arg(agent_binary())
             .arg("run")
-            .arg(format!("--cgroup={}", topology.cgroup.path.display()))
-            .arg(format!("--listen={PROXY_LISTEN}"))
-            .args(extra_args)
+            .arg(format!("--cgroup={}", redirected.display()))
+            .args(args)
             .env("RUST_LOG", "info,dns_proxy=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

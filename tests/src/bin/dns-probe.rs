@@ -1,7 +1,7 @@
 //! A DNS client that checks what a strict resolver checks: the answer must come from the
 //! address and port it asked, with the query's ID.
 //!
-//! Usage: dns-probe MODE SERVER[,SERVER...] NAME [--hold] [--raw HEX]
+//! Usage: dns-probe MODE SERVER[,SERVER...] NAME [--hold] [--raw HEX] [--port N]
 //! - `sendto`: like musl, one unconnected socket, `sendto` to every server listed, then
 //!   `recvfrom`; the answer's source must be one of them;
 //! - `connect`: like glibc, a connected UDP socket; `getpeername()` must name the server too;
@@ -10,6 +10,7 @@
 //! SERVER is `IP:PORT` or `[IPv6]:PORT`; a v4-mapped `[::ffff:a.b.c.d]:53` makes a dual-stack
 //! IPv6 socket talk to an IPv4 server. `--hold` keeps the socket open after the answer until
 //! standard input closes. `--raw HEX` sends that message instead of an A query for NAME.
+//! `--port N` sends from local port N (UDP) instead of an ephemeral one.
 //!
 //! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
 //! says what was wrong and exits 1.
@@ -50,12 +51,14 @@ fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
     (ancount == 1).then(|| Ipv4Addr::from(tail))
 }
 
-fn unspecified_for(server: &SocketAddr) -> &'static str {
-    if server.is_ipv4() {
-        "0.0.0.0:0"
+/// The local address to send from: any address of the server's family, on `port`.
+fn local_for(server: &SocketAddr, port: u16) -> SocketAddr {
+    let any: std::net::IpAddr = if server.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
     } else {
-        "[::]:0"
-    }
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(any, port)
 }
 
 fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<(), String> {
@@ -68,6 +71,7 @@ fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<
 
 /// Sends `query` and returns the answer and the address it came from.
 fn exchange(
+    port: u16,
     mode: &str,
     servers: &[SocketAddr],
     query: &[u8],
@@ -78,7 +82,7 @@ fn exchange(
     match mode {
         "sendto" | "connect" => {
             let socket =
-                UdpSocket::bind(unspecified_for(&first)).map_err(|e| format!("bind: {e}"))?;
+                UdpSocket::bind(local_for(&first, port)).map_err(|e| format!("bind: {e}"))?;
             socket
                 .set_read_timeout(Some(TIMEOUT))
                 .map_err(|e| e.to_string())?;
@@ -146,11 +150,17 @@ fn run(args: &[String]) -> Result<String, String> {
         .split(',')
         .map(|s| s.parse().map_err(|_| format!("{s}: not an IP:PORT")))
         .collect::<Result<_, _>>()?;
-    let (mut hold, mut raw) = (false, None);
+    let (mut hold, mut raw, mut port) = (false, None, 0);
     let mut options = options.iter();
     while let Some(option) = options.next() {
         match option.as_str() {
             "--hold" => hold = true,
+            "--port" => {
+                port = options
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or("--port needs a port")?
+            }
             "--raw" => {
                 raw = Some(
                     options
@@ -164,7 +174,7 @@ fn run(args: &[String]) -> Result<String, String> {
     }
     let query = raw.clone().unwrap_or_else(|| a_query(name));
     let mut sockets = Vec::new();
-    let (answer, source) = exchange(mode, &servers, &query, &mut sockets)?;
+    let (answer, source) = exchange(port, mode, &servers, &query, &mut sockets)?;
     if !servers.contains(&source) {
         return Err(format!(
             "answer came from {source}, not from {servers:?}: musl would drop it"
