@@ -71,31 +71,20 @@ fn concurrent_clients_each_get_the_answer_of_the_server_they_asked() {
     let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
     let servers = [(SERVER_IP, ANSWER_IP), (SECOND_SERVER_IP, SECOND_ANSWER_IP)];
 
-    // Started together, so that their queries are in the proxy at the same time.
-    let clients: Vec<_> = (0..40)
-        .map(|i| {
-            let (server, answer) = servers[i % 2];
-            let mode = if i % 4 < 2 { "sendto" } else { "connect" };
-            let name = format!("c{i}.example.test");
-            let child = topology
-                .workload(PROBE, &[mode, &format!("{server}:53"), &name])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start the probe");
-            (server, answer, name, child)
-        })
-        .collect();
-    for (server, answer, name, child) in clients {
-        let output = child.wait_with_output().expect("wait for the probe");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{name} via {server}: {stderr}");
-        assert_eq!(
-            stdout.trim(),
-            format!("source={server}:53 answer={answer}"),
-            "{name}"
-        );
+    let mut probes = Vec::new();
+    for i in 0..40 {
+        let (server, answer) = servers[i % 2];
+        let mode = if i % 4 < 2 { "sendto" } else { "connect" };
+        let name = format!("c{i}.example.test");
+        probes.push(ConcurrentProbe {
+            command: topology.workload(PROBE, &[mode, &format!("{server}:53"), &name]),
+            expected: format!("source={server}:53 answer={answer}"),
+            name,
+        });
+    }
+    run_together(probes);
+    for i in 0..40 {
+        let (server, name) = (servers[i % 2].0, format!("c{i}.example.test"));
         let line = forwarded(agent, &name);
         assert!(line.contains(&format!("server={server}:53")), "{line}");
     }

@@ -52,3 +52,37 @@ fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &
 fn expected_probe_line() -> String {
     format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
 }
+
+/// A probe to start at the same time as others, and the line it must print.
+struct ConcurrentProbe {
+    name: String,
+    command: Command,
+    expected: String,
+}
+
+/// Starts every probe at once, so that their queries are in the proxy together, then checks
+/// that each one printed what it must.
+fn run_together(probes: Vec<ConcurrentProbe>) {
+    let running: Vec<_> = probes
+        .into_iter()
+        .map(|mut probe| {
+            let child = probe
+                .command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start the probe");
+            (probe.name, probe.expected, child)
+        })
+        .collect();
+    for (name, expected, child) in running {
+        let output = child.wait_with_output().expect("wait for the probe");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            expected,
+            "{name}"
+        );
+    }
+}

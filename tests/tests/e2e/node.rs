@@ -29,39 +29,24 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
 
     for round in 0..10 {
         // Both pods send from port 40000 at the same moment; the host resolves beside them.
-        let mut clients = Vec::new();
+        let mut probes = Vec::new();
         for (pod, (server, answer)) in asks.into_iter().enumerate() {
             let name = format!("r{round}.pod{pod}.example.test");
             let server = format!("{server}:53");
-            let command = node.pod(pod, PROBE, &["sendto", &server, &name, "--port", "40000"]);
-            clients.push((name, server, answer, command));
+            probes.push(ConcurrentProbe {
+                command: node.pod(pod, PROBE, &["sendto", &server, &name, "--port", "40000"]),
+                expected: format!("source={server} answer={answer}"),
+                name,
+            });
         }
         let name = format!("r{round}.host.example.test");
         let server = format!("{SERVER_IP}:53");
-        let command = node.host(PROBE, &["connect", &server, &name]);
-        clients.push((name, server, ANSWER_IP, command));
-        let running: Vec<_> = clients
-            .into_iter()
-            .map(|(name, server, answer, mut command)| {
-                let child = command
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("start the probe");
-                (name, server, answer, child)
-            })
-            .collect();
-        for (name, server, answer, child) in running {
-            let output = child.wait_with_output().expect("wait for the probe");
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(output.status.success(), "{name}: {stderr}");
-            assert_eq!(
-                stdout.trim(),
-                format!("source={server} answer={answer}"),
-                "{name}"
-            );
-        }
+        probes.push(ConcurrentProbe {
+            command: node.host(PROBE, &["connect", &server, &name]),
+            expected: format!("source={server} answer={ANSWER_IP}"),
+            name,
+        });
+        run_together(probes);
     }
     // Each pod was told apart by its own address, on the same port.
     for (pod, (pod_ip, _)) in PODS.into_iter().enumerate() {
