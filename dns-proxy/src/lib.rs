@@ -164,36 +164,33 @@ async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<()
         idle_timeout: config.tcp_idle_timeout,
         max_connections: config.max_tcp_connections,
     };
-    let local_addr = |result: io::Result<SocketAddr>| {
-        result.map_err(|source| RunError::Listen {
-            addr: SocketAddr::V4(config.listen),
-            source,
-        })
+    // Only a socket without an address fails here; say which listen address it was.
+    let failed = |source| RunError::Listen {
+        addr: SocketAddr::V4(config.listen),
+        source,
     };
     let mut udp = Vec::new();
     for socket in listeners.udp {
-        let addr = local_addr(socket.local_addr())?;
         let proxy = UdpProxy::new(
             socket,
             Arc::clone(&flows),
             udp_settings.clone(),
             Arc::clone(&stats),
         )
-        .map_err(|source| RunError::Listen { addr, source })?;
-        log::info!("serving redirected DNS on {addr}/udp");
+        .map_err(failed)?;
+        log::info!("serving redirected DNS on {}/udp", proxy.local_addr());
         udp.push(proxy);
     }
     let mut tcp = Vec::new();
     for listener in listeners.tcp {
-        let addr = local_addr(listener.local_addr())?;
         let proxy = TcpProxy::new(
             listener,
             Arc::clone(&flows),
             tcp_settings.clone(),
             Arc::clone(&stats),
         )
-        .map_err(|source| RunError::Listen { addr, source })?;
-        log::info!("serving redirected DNS on {addr}/tcp");
+        .map_err(failed)?;
+        log::info!("serving redirected DNS on {}/tcp", proxy.local_addr());
         tcp.push(proxy);
     }
 

@@ -232,6 +232,10 @@ impl Drop for NetnsResolvConf {
 }
 
 impl Topology {
+    #[expect(
+        clippy::new_without_default,
+        reason = "building one creates namespaces and cgroups; a Default would hide that"
+    )]
     pub fn new() -> Self {
         require_root();
         let tag = unique_tag();
@@ -324,12 +328,6 @@ impl Topology {
     }
 }
 
-impl Default for Topology {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// A command run in `cgroup` (joined before exec, so everything it starts is in it) and in
 /// `netns`, where it sees /etc/netns/NAME/resolv.conf.
 pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Netns, program: &str, args: &[&str]) -> Command {
@@ -356,10 +354,6 @@ impl Process {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
         Self { child }
-    }
-
-    pub fn id(&self) -> u32 {
-        self.child.id()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -473,7 +467,7 @@ impl DnsServer {
 
 /// Three 250-byte strings: a TXT answer of about 800 bytes, which needs TCP or a large EDNS
 /// buffer.
-pub fn big_txt_strings() -> String {
+fn big_txt_strings() -> String {
     ["a", "b", "c"].map(|c| c.repeat(250)).join(",")
 }
 

@@ -44,6 +44,10 @@ fn ip(netns: &Netns, args: &[&str]) {
 }
 
 impl NodeTopology {
+    #[expect(
+        clippy::new_without_default,
+        reason = "building one creates namespaces and cgroups; a Default would hide that"
+    )]
     pub fn new() -> Self {
         require_root();
         let tag = unique_tag();
@@ -174,12 +178,6 @@ impl NodeTopology {
 
     pub fn redirected_cgroup(&self) -> &Path {
         &self.cgroup.path
-    }
-}
-
-impl Default for NodeTopology {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -137,6 +137,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         }))
     }
 
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
     /// Accepts connections until `stop` is cancelled.
     pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
         loop {

@@ -87,8 +87,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.tasks.len()
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     fn on_received(self: &Arc<Self>, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
