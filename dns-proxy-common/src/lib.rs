@@ -38,11 +38,52 @@ pub mod names {
     pub const SOCKETS: &str = "SOCKETS";
     /// [`crate::FlowKey`] -> [`crate::Endpoint`] (the original destination)
     pub const FLOWS: &str = "FLOWS";
-    /// cgroup id -> 1, for cgroups whose sockets are never redirected
+    /// cgroup id -> [`crate::EXCLUDED_EXACT`] or [`crate::EXCLUDED_SUBTREE`]: cgroups whose
+    /// sockets are never redirected
     pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
+    /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
+    pub const COUNTERS: &str = "COUNTERS";
 
     /// Global holding the [`crate::RedirectTarget`], set at load time.
     pub const REDIRECT_TARGET: &str = "REDIRECT_TARGET";
+    /// Global `u64` bit mask, set at load time: bit N set means some cgroup at level N (the
+    /// hierarchy's root is level 0) is excluded with its whole subtree.
+    pub const EXCLUDED_LEVELS: &str = "EXCLUDED_LEVELS";
+}
+
+/// `EXCLUDED_CGROUPS` value: only sockets of this very cgroup are left alone (the agent's own,
+/// whose level in the hierarchy may not be knowable from inside a cgroup namespace).
+pub const EXCLUDED_EXACT: u8 = 1;
+/// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
+pub const EXCLUDED_SUBTREE: u8 = 2;
+/// The deepest cgroup level an exclusion may sit at (the bits of `EXCLUDED_LEVELS`).
+pub const MAX_EXCLUDED_LEVEL: u32 = 63;
+
+/// What the kernel side counts, per CPU: the index into `COUNTERS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// DNS connects and sends rewritten to the proxy.
+    Redirected = 0,
+    /// DNS connects and sends left alone because their cgroup is excluded.
+    SkippedExcluded = 1,
+    /// Answers and peer names shown as the original server instead of the proxy.
+    ReverseTranslated = 2,
+    /// Answers or peer names from the proxy on a socket the kernel has no record of (a client
+    /// that addressed the proxy itself, or a record evicted from a full map).
+    RecordMisses = 3,
+    /// Records that could not be stored (a map full even after LRU eviction, or out of memory).
+    MapFull = 4,
+}
+
+impl Counter {
+    pub const ALL: [Self; 5] = [
+        Self::Redirected,
+        Self::SkippedExcluded,
+        Self::ReverseTranslated,
+        Self::RecordMisses,
+        Self::MapFull,
+    ];
 }
 
 /// Capacity of the `SOCKETS` and `FLOWS` LRU maps: live DNS sockets on the host at one time.

@@ -17,15 +17,18 @@ mod packet;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use dns_proxy_common::{
-    AF_INET, DNS_PORT, Endpoint, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_EXCLUDED_CGROUPS,
-    MAX_TRACKED_SOCKETS, RedirectTarget, SocketRecord, v4_mapped_prefix,
+    AF_INET, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_TRACKED_SOCKETS, RedirectTarget, SocketRecord,
+    v4_mapped_prefix,
 };
 
 use crate::packet::Flow;
@@ -46,6 +49,11 @@ static REDIRECT_TARGET: RedirectTarget = RedirectTarget {
     ipv6: [0; 4],
 };
 
+/// Levels of the cgroup hierarchy that hold an excluded subtree, one bit each; written by the
+/// loader before load (`names::EXCLUDED_LEVELS`).
+#[unsafe(no_mangle)]
+static EXCLUDED_LEVELS: u64 = 0;
+
 #[map(name = "SOCKETS")]
 static SOCKETS: LruHashMap<u64, SocketRecord> =
     LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
@@ -56,6 +64,16 @@ static FLOWS: LruHashMap<FlowKey, Endpoint> = LruHashMap::with_max_entries(MAX_T
 #[map(name = "EXCLUDED_CGROUPS")]
 static EXCLUDED_CGROUPS: HashMap<u64, u8> =
     HashMap::with_max_entries(MAX_EXCLUDED_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.len() as u32, 0);
+
+/// Adds one to a counter of this CPU's; no other CPU writes it, so no atomic is needed.
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        unsafe { *value += 1 };
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
@@ -148,9 +166,39 @@ fn is_dns(sock_type: u32, port_be: u16, on_connect: bool) -> bool {
         && (sock_type == SOCK_DGRAM || (on_connect && sock_type == SOCK_STREAM))
 }
 
+/// Whether the calling task's cgroup is excluded: listed itself, or below a cgroup listed
+/// with its subtree. Only the levels that hold such a cgroup are looked at.
 fn is_excluded() -> bool {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    unsafe { EXCLUDED_CGROUPS.get(&cgroup_id) }.is_some()
+    if unsafe { EXCLUDED_CGROUPS.get(&cgroup_id) }.is_some() {
+        return true;
+    }
+    let levels = unsafe { core::ptr::read_volatile(&EXCLUDED_LEVELS) };
+    for level in 0..=MAX_EXCLUDED_LEVEL {
+        if levels >> level == 0 {
+            break;
+        }
+        if levels & (1 << level) == 0 {
+            continue;
+        }
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if ancestor == 0 {
+            break; // the calling task's cgroup is shallower than this level
+        }
+        if unsafe { EXCLUDED_CGROUPS.get(&ancestor) } == Some(&EXCLUDED_SUBTREE) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a DNS socket must be left alone, counted when it is.
+fn skip_excluded() -> bool {
+    let excluded = is_excluded();
+    if excluded {
+        count(Counter::SkippedExcluded);
+    }
+    excluded
 }
 
 /// Records where the socket was headed; `false` if it could not be recorded (then it must not
@@ -169,6 +217,7 @@ fn record_original<C: aya_ebpf::EbpfContext>(ctx: &C, original: Endpoint) -> boo
                 flow: FlowKey::default(),
             };
             if SOCKETS.insert(&cookie, &record, 0).is_err() {
+                count(Counter::MapFull);
                 warn!(
                     ctx,
                     "dns-proxy: cannot record socket {}, not redirecting", cookie
@@ -200,13 +249,14 @@ fn redirect4(ctx: &SockAddrContext, on_connect: bool) {
     if target.port == 0 || (user_ip4 == target.ipv4 && port_be == target.port) {
         return; // not configured, or already headed for the proxy
     }
-    if is_excluded() || !record_original(ctx, Endpoint::v4(user_ip4, port_be)) {
+    if skip_excluded() || !record_original(ctx, Endpoint::v4(user_ip4, port_be)) {
         return;
     }
     unsafe {
         (*sock_addr).user_ip4 = target.ipv4;
         (*sock_addr).user_port = u32::from(target.port);
     }
+    count(Counter::Redirected);
 }
 
 /// connect6 / sendmsg6: the same for IPv6 sockets. A v4-mapped destination (a dual-stack
@@ -230,17 +280,23 @@ fn redirect6(ctx: &SockAddrContext, on_connect: bool) {
     if to_port == 0 || (user_ip6 == to_addr && port_be == to_port) {
         return; // this family is not redirected, or already headed for the proxy
     }
-    if is_excluded() || !record_original(ctx, Endpoint::v6(user_ip6, port_be)) {
+    if skip_excluded() || !record_original(ctx, Endpoint::v6(user_ip6, port_be)) {
         return;
     }
     write_user_ip6(sock_addr, to_addr);
     unsafe { (*sock_addr).user_port = u32::from(to_port) };
+    count(Counter::Redirected);
 }
 
-/// The original destination of a redirected socket, if it has one.
+/// The original destination of a socket whose peer is the proxy, if it was redirected;
+/// counted as a miss when it was not (or its record is gone).
 fn original_of<C: aya_ebpf::EbpfContext>(ctx: &C) -> Option<Endpoint> {
     let cookie = socket_cookie(ctx);
-    unsafe { SOCKETS.get(&cookie) }.map(|record| record.original)
+    let original = unsafe { SOCKETS.get(&cookie) }.map(|record| record.original);
+    if original.is_none() {
+        count(Counter::RecordMisses);
+    }
+    original
 }
 
 /// recvmsg4 / getpeername4: a peer that is the proxy is shown as the original server.
@@ -262,6 +318,7 @@ fn restore_original4(ctx: &SockAddrContext) {
         (*sock_addr).user_ip4 = original.addr[0];
         (*sock_addr).user_port = u32::from(original.port);
     }
+    count(Counter::ReverseTranslated);
 }
 
 /// recvmsg6 / getpeername6: a peer that is the proxy (its IPv6 listener, or the v4-mapped
@@ -293,6 +350,7 @@ fn restore_original6(ctx: &SockAddrContext) {
     };
     write_user_ip6(sock_addr, addr);
     unsafe { (*sock_addr).user_port = u32::from(original.port) };
+    count(Counter::ReverseTranslated);
 }
 
 /// cgroup_skb/egress: for a packet of a redirected socket headed for the proxy, record its
@@ -332,6 +390,7 @@ fn record_flow(ctx: &SkBuffContext) {
         return;
     }
     if FLOWS.insert(&key, &original, 0).is_err() {
+        count(Counter::MapFull);
         warn!(ctx, "dns-proxy: cannot record flow of socket {}", cookie);
         return;
     }

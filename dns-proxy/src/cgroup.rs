@@ -25,14 +25,20 @@ pub enum CgroupError {
          `mount -t cgroup2 none /sys/fs/cgroup/unified`"
     )]
     NoCgroup2Mount,
-    #[error("--cgroup {path}: {reason}")]
-    BadCgroup { path: PathBuf, reason: String },
+    #[error("{flag} {path}: {reason}")]
+    BadCgroup {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot create the agent's cgroup {path}: {source}{hint}", hint = permission_hint(source))]
     CreateAgentCgroup { path: PathBuf, source: io::Error },
     #[error("cannot move the agent into its cgroup {path}: {source}{hint}", hint = permission_hint(source))]
     EnterAgentCgroup { path: PathBuf, source: io::Error },
     #[error("this process has no cgroup v2 entry (0::) in /proc/self/cgroup")]
     NotInCgroup2,
+    #[error("cannot create a cgroup for the command at {path}: {source}{hint}", hint = permission_hint(source))]
+    CreateCommandCgroup { path: PathBuf, source: io::Error },
 }
 
 fn permission_hint(err: &io::Error) -> &'static str {
@@ -123,9 +129,11 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Checks that `path` is a directory of a cgroup2 filesystem.
-    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+    /// Checks that `path` is a directory of a cgroup2 filesystem. `flag` names the option it
+    /// came from, for the error.
+    pub fn open(flag: &'static str, path: &Path) -> Result<Self, CgroupError> {
         let bad = |reason: String| CgroupError::BadCgroup {
+            flag,
             path: path.to_owned(),
             reason,
         };
@@ -146,6 +154,36 @@ impl Cgroup {
             path: path.to_owned(),
             id: metadata.ino(),
         })
+    }
+
+    /// How deep the cgroup sits below the hierarchy's root (level 0), as the kernel's
+    /// `bpf_get_current_ancestor_cgroup_id` counts. Found by walking up to the root, the only
+    /// cgroup without a `cgroup.type` file; fails when the root is not visible from here (a
+    /// cgroup2 mount of a cgroup namespace or of a subtree).
+    pub fn level(&self, flag: &'static str) -> Result<u32, CgroupError> {
+        let bad = |reason: String| CgroupError::BadCgroup {
+            flag,
+            path: self.path.clone(),
+            reason,
+        };
+        let mut dir = fs::canonicalize(&self.path).map_err(|err| bad(err.to_string()))?;
+        let mut level = 0;
+        while dir.join("cgroup.type").exists() {
+            let parent = dir.parent().map(Path::to_owned);
+            match parent {
+                Some(parent) if filesystem_magic(&parent).ok() == Some(CGROUP2_SUPER_MAGIC) => {
+                    dir = parent;
+                    level += 1;
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "the cgroup2 hierarchy's root is not visible above it ({} is the top of                          its mount): use a path under a mount of the host's cgroup2 root",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(level)
     }
 }
 
@@ -194,6 +232,19 @@ impl AgentCgroup {
         match fs::create_dir(&path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            // A container's own cgroup, mounted read-only: it holds only the container's
+            // processes, so the agent can stay where it is. Never the root, which holds all.
+            Err(err)
+                if err.kind() == io::ErrorKind::ReadOnlyFilesystem
+                    && previous.join("cgroup.type").exists() =>
+            {
+                let cgroup = Cgroup::open("the agent's cgroup", &previous)?;
+                log::info!(
+                    "{} is read-only (a container's cgroup): the agent stays in its cgroup,                      which must hold no workload",
+                    previous.display()
+                );
+                return Ok(Self { cgroup, previous });
+            }
             Err(source) => return Err(CgroupError::CreateAgentCgroup { path, source }),
         }
         let pid = std::process::id().to_string();
@@ -203,15 +254,22 @@ impl AgentCgroup {
                 source,
             }
         })?;
-        let cgroup = Cgroup::open(&path).map_err(|err| CgroupError::EnterAgentCgroup {
-            path: path.clone(),
-            source: io::Error::other(err.to_string()),
+        let cgroup = Cgroup::open("the agent's cgroup", &path).map_err(|err| {
+            CgroupError::EnterAgentCgroup {
+                path: path.clone(),
+                source: io::Error::other(err.to_string()),
+            }
         })?;
         Ok(Self { cgroup, previous })
     }
 
     pub fn cgroup(&self) -> &Cgroup {
         &self.cgroup
+    }
+
+    /// The cgroup the agent was in before it entered its own.
+    pub fn parent(&self) -> &Path {
+        &self.previous
     }
 }
 
@@ -228,6 +286,51 @@ impl Drop for AgentCgroup {
         // Fails while another agent still lives there; that one removes it.
         if let Err(err) = fs::remove_dir(&self.cgroup.path) {
             log::debug!("removing {}: {err}", self.cgroup.path.display());
+        }
+    }
+}
+
+/// The fresh cgroup `dns-proxy exec` runs its command in, beside the agent's own. Dropping it
+/// removes it, unless the command left processes behind there.
+#[derive(Debug)]
+pub struct CommandCgroup {
+    cgroup: Cgroup,
+}
+
+impl CommandCgroup {
+    pub fn create(parent: &Path) -> Result<Self, CgroupError> {
+        let path = parent.join(format!("dns-proxy-exec-{}", std::process::id()));
+        fs::create_dir(&path).map_err(|source| CgroupError::CreateCommandCgroup {
+            path: path.clone(),
+            source,
+        })?;
+        let cgroup = Cgroup::open("the command's cgroup", &path);
+        match cgroup {
+            Ok(cgroup) => Ok(Self { cgroup }),
+            Err(err) => {
+                let _ = fs::remove_dir(&path);
+                Err(err)
+            }
+        }
+    }
+
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+}
+
+impl Drop for CommandCgroup {
+    fn drop(&mut self) {
+        let path = &self.cgroup.path;
+        if let Err(err) = fs::remove_dir(path) {
+            let left = fs::read_to_string(path.join("cgroup.procs"))
+                .map(|procs| procs.lines().count())
+                .unwrap_or(0);
+            log::warn!(
+                "cannot remove {}: {err} ({left} processes the command started are still \
+                 there, and no longer redirected)",
+                path.display()
+            );
         }
     }
 }
@@ -300,17 +403,21 @@ mod tests {
 
     #[test]
     fn open_rejects_what_is_not_a_cgroup2_directory() {
-        let err = Cgroup::open(Path::new("/nonexistent/cgroup")).unwrap_err();
+        let err = Cgroup::open("--cgroup", Path::new("/nonexistent/cgroup")).unwrap_err();
         assert!(
             err.to_string().contains("--cgroup /nonexistent/cgroup"),
             "{err}"
         );
-        let err = Cgroup::open(Path::new("/proc")).unwrap_err();
+        let err = Cgroup::open("--cgroup", Path::new("/proc")).unwrap_err();
         assert!(
             err.to_string().contains("not a cgroup v2 directory"),
             "{err}"
         );
-        let err = Cgroup::open(Path::new("/proc/self/mountinfo")).unwrap_err();
-        assert!(err.to_string().contains("not a directory"), "{err}");
+        let err = Cgroup::open("--exclude-cgroup", Path::new("/proc/self/mountinfo")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--exclude-cgroup /proc/self/mountinfo: not a directory"),
+            "{err}"
+        );
     }
 }

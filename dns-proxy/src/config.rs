@@ -1,5 +1,6 @@
 //! Command line and the validated configuration it becomes.
 use std::{
+    ffi::OsString,
     net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
@@ -20,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Attach the redirect to a cgroup and serve the redirected queries until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Run one command with its DNS redirected through an agent of its own, scoped to a fresh
+    /// cgroup that holds only that command (and what it starts). Nothing else on the host is
+    /// touched. Exits with the command's status; SIGTERM is passed on to it.
+    Exec(ExecArgs),
 }
 
 #[derive(Debug, Args)]
@@ -29,7 +34,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", env = "DNS_PROXY_CGROUP")]
     pub cgroup: Option<PathBuf>,
 
-    /// Address the redirected queries are sent to and the proxy listens on (UDP).
+    /// cgroup v2 directory whose processes, and those of every cgroup below it, are never
+    /// redirected: a local stub resolver or node-local cache, say. Repeat it for several
+    /// (in the environment variable, separate them with commas).
+    #[arg(
+        long = "exclude-cgroup",
+        value_name = "PATH",
+        env = "DNS_PROXY_EXCLUDE_CGROUPS",
+        value_delimiter = ','
+    )]
+    pub exclude_cgroups: Vec<PathBuf>,
+
+    /// Address the redirected queries are sent to and the proxy listens on (UDP and TCP).
     /// Must be a concrete IPv4 address reachable by the workloads.
     #[arg(
         long,
@@ -39,6 +55,28 @@ pub struct RunArgs {
     )]
     pub listen: SocketAddr,
 
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Address the command's queries are sent to and the proxy listens on. Default: 127.0.0.1
+    /// on a port the kernel picks, so it never collides with a running agent.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    /// The command to run, and its arguments, after `--`.
+    #[arg(value_name = "COMMAND", required = true, last = true)]
+    pub command: Vec<OsString>,
+}
+
+/// Settings that `run` and `exec` share.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
     /// Where IPv6 sockets' queries go (UDP and TCP). Default: [::1] on the --listen port when
     /// --listen is a loopback address and the host has IPv6. Otherwise (node mode, with pods
     /// in their own namespaces, where ::1 would be each pod's own) IPv6 lookups are left alone
@@ -72,6 +110,11 @@ pub struct RunArgs {
     /// before the programs are detached.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Duration,
+
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, over HTTP here.
+    /// Default: off.
+    #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -96,13 +139,15 @@ pub enum ConfigError {
     ListenPortZero(SocketAddr),
     #[error("--upstream {0}: the upstream must be a concrete address with a port")]
     BadUpstream(SocketAddr),
+    #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
+    MetricsPortZero(SocketAddr),
 }
 
-/// The validated configuration of `dns-proxy run`.
+/// The validated configuration of `dns-proxy run` and `dns-proxy exec`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// `None`: the cgroup2 root.
-    pub cgroup: Option<PathBuf>,
+    pub workload: Workload,
+    /// Port 0 (only with `exec`): a port the kernel picks.
     pub listen: SocketAddrV4,
     pub listen6: Listen6,
     pub upstream: Option<SocketAddr>,
@@ -111,6 +156,19 @@ pub struct RunConfig {
     pub tcp_idle_timeout: Duration,
     pub max_tcp_connections: usize,
     pub shutdown_timeout: Duration,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Whose DNS is redirected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// The processes of a cgroup tree (`None`: the cgroup2 root), but for excluded subtrees.
+    Cgroup {
+        cgroup: Option<PathBuf>,
+        exclude: Vec<PathBuf>,
+    },
+    /// One command, run in a fresh cgroup of its own.
+    Command(Vec<OsString>),
 }
 
 /// Where IPv6 clients go.
@@ -129,13 +187,31 @@ impl TryFrom<RunArgs> for RunConfig {
     type Error = ConfigError;
 
     fn try_from(args: RunArgs) -> Result<Self, Self::Error> {
-        let listen = match args.listen {
-            SocketAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(args.listen)),
+        if args.listen.port() == 0 {
+            return Err(ConfigError::ListenPortZero(args.listen));
+        }
+        let workload = Workload::Cgroup {
+            cgroup: args.cgroup,
+            exclude: args.exclude_cgroups,
+        };
+        Self::new(workload, args.listen, args.proxy)
+    }
+}
+
+impl TryFrom<ExecArgs> for RunConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: ExecArgs) -> Result<Self, Self::Error> {
+        Self::new(Workload::Command(args.command), args.listen, args.proxy)
+    }
+}
+
+impl RunConfig {
+    fn new(workload: Workload, listen: SocketAddr, args: ProxyArgs) -> Result<Self, ConfigError> {
+        let listen = match listen {
+            SocketAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(listen)),
             SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
-                return Err(ConfigError::ListenUnspecified(args.listen));
-            }
-            SocketAddr::V4(v4) if v4.port() == 0 => {
-                return Err(ConfigError::ListenPortZero(args.listen));
+                return Err(ConfigError::ListenUnspecified(listen));
             }
             SocketAddr::V4(v4) => v4,
         };
@@ -154,8 +230,13 @@ impl TryFrom<RunArgs> for RunConfig {
         {
             return Err(ConfigError::BadUpstream(upstream));
         }
+        if let Some(metrics) = args.metrics
+            && metrics.port() == 0
+        {
+            return Err(ConfigError::MetricsPortZero(metrics));
+        }
         Ok(Self {
-            cgroup: args.cgroup,
+            workload,
             listen,
             listen6,
             upstream: args.upstream,
@@ -164,6 +245,7 @@ impl TryFrom<RunArgs> for RunConfig {
             tcp_idle_timeout: args.tcp_idle_timeout,
             max_tcp_connections: args.max_tcp_connections as usize,
             shutdown_timeout: args.shutdown_timeout,
+            metrics: args.metrics,
         })
     }
 }
@@ -175,14 +257,32 @@ mod tests {
     fn run_config(args: &[&str]) -> Result<RunConfig, String> {
         let argv = ["dns-proxy", "run"].iter().chain(args);
         let cli = Cli::try_parse_from(argv).map_err(|err| err.to_string())?;
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!("parsed as another command");
+        };
         RunConfig::try_from(run).map_err(|err| err.to_string())
+    }
+
+    fn exec_config(args: &[&str]) -> Result<RunConfig, String> {
+        let argv = ["dns-proxy", "exec"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).map_err(|err| err.to_string())?;
+        let Command::Exec(exec) = cli.command else {
+            panic!("parsed as another command");
+        };
+        RunConfig::try_from(exec).map_err(|err| err.to_string())
     }
 
     #[test]
     fn defaults() {
         let config = run_config(&[]).unwrap();
-        assert_eq!(config.cgroup, None);
+        assert_eq!(
+            config.workload,
+            Workload::Cgroup {
+                cgroup: None,
+                exclude: vec![]
+            }
+        );
+        assert_eq!(config.metrics, None);
         assert_eq!(config.listen, "127.0.0.1:8053".parse().unwrap());
         assert_eq!(
             config.listen6,
@@ -207,9 +307,23 @@ mod tests {
             "--upstream-timeout=750ms",
             "--max-inflight=10",
             "--shutdown-timeout=1m",
+            "--exclude-cgroup=/sys/fs/cgroup/unified/resolved",
+            "--exclude-cgroup",
+            "/sys/fs/cgroup/unified/cache",
+            "--metrics=127.0.0.1:9253",
         ])
         .unwrap();
-        assert_eq!(config.cgroup, Some("/sys/fs/cgroup/unified/pods".into()));
+        assert_eq!(
+            config.workload,
+            Workload::Cgroup {
+                cgroup: Some("/sys/fs/cgroup/unified/pods".into()),
+                exclude: vec![
+                    "/sys/fs/cgroup/unified/resolved".into(),
+                    "/sys/fs/cgroup/unified/cache".into()
+                ],
+            }
+        );
+        assert_eq!(config.metrics, Some("127.0.0.1:9253".parse().unwrap()));
         assert_eq!(config.listen, "169.254.20.10:53".parse().unwrap());
         assert_eq!(
             config.listen6,
@@ -221,6 +335,22 @@ mod tests {
         assert_eq!(config.upstream_timeout, Duration::from_millis(750));
         assert_eq!(config.max_inflight, 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn exec_takes_a_command_after_the_flags_and_picks_a_free_port() {
+        let config = exec_config(&["--upstream-timeout=2s", "--", "dig", "+short", "-x"]).unwrap();
+        assert_eq!(
+            config.workload,
+            Workload::Command(vec!["dig".into(), "+short".into(), "-x".into()])
+        );
+        assert_eq!(config.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(config.upstream_timeout, Duration::from_secs(2));
+        assert!(exec_config(&[]).is_err(), "a command is required");
+        assert!(
+            exec_config(&["--cgroup=/x", "--", "true"]).is_err(),
+            "exec makes its own cgroup"
+        );
     }
 
     #[test]
@@ -270,5 +400,10 @@ mod tests {
                 .contains("500ms")
         );
         assert!(run_config(&["--max-inflight=0"]).is_err());
+        assert!(
+            run_config(&["--metrics=127.0.0.1:0"])
+                .unwrap_err()
+                .contains("port other than 0")
+        );
     }
 }

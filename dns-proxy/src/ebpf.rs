@@ -12,13 +12,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
-use dns_proxy_common::{Endpoint, FlowKey, RedirectTarget, names};
+use dns_proxy_common::{
+    Counter, EXCLUDED_EXACT, EXCLUDED_SUBTREE, Endpoint, FlowKey, MAX_EXCLUDED_CGROUPS,
+    MAX_EXCLUDED_LEVEL, RedirectTarget, names,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::cgroup::Cgroup;
@@ -50,6 +53,18 @@ pub enum EbpfError {
     },
     #[error("cannot open cgroup {cgroup}: {source}")]
     OpenCgroup { cgroup: String, source: io::Error },
+    #[error(
+        "{count} cgroups to exclude: at most {max} can be (exclude their common parent instead)"
+    )]
+    TooManyExclusions { count: usize, max: u32 },
+    #[error(
+        "cannot exclude {cgroup}: it sits at level {level} of the cgroup hierarchy, deeper than          the {max} levels the kernel side looks at"
+    )]
+    ExclusionTooDeep {
+        cgroup: String,
+        level: u32,
+        max: u32,
+    },
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
     Map {
         map: &'static str,
@@ -74,7 +89,7 @@ fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Er
 fn hint(err: &(dyn std::error::Error + 'static)) -> String {
     match os_error(err) {
         Some(os) if os.kind() == io::ErrorKind::PermissionDenied => format!(
-            " ({os}: run dns-proxy as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+            " ({os}: run dns-proxy as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
         ),
         Some(os) => format!(" ({os})"),
         None => String::new(),
@@ -184,7 +199,22 @@ pub struct RedirectConfig<'a> {
     /// The IPv6 listener; `None`: IPv6 sockets are left alone.
     pub target_v6: Option<SocketAddrV6>,
     /// cgroups whose sockets are never redirected: the agent's own, first of all.
-    pub excluded: &'a [&'a Cgroup],
+    pub excluded: &'a [Exclusion<'a>],
+}
+
+/// A cgroup whose sockets are left alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Exclusion<'a> {
+    pub cgroup: &'a Cgroup,
+    pub scope: ExclusionScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExclusionScope {
+    /// Only the cgroup itself (the agent's own leaf).
+    Exact,
+    /// The cgroup and everything below it; `level` is its depth below the hierarchy's root.
+    Subtree { level: u32 },
 }
 
 /// The loaded and attached programs. Dropping it detaches them all.
@@ -197,10 +227,14 @@ pub struct Redirector {
 impl Redirector {
     /// Loads the programs, attaches them to `config.cgroup`, and starts forwarding their log
     /// records to the `log` crate. Must run inside a tokio runtime.
-    pub fn attach(config: &RedirectConfig<'_>) -> Result<(Self, FlowTable), EbpfError> {
+    pub fn attach(
+        config: &RedirectConfig<'_>,
+    ) -> Result<(Self, FlowTable, KernelCounters), EbpfError> {
         let target = RedirectTarget::new(config.target_v4, config.target_v6);
+        let excluded_levels = excluded_levels(config.excluded)?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_TARGET, &target, true)
+            .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
                 source: Box::new(source),
@@ -211,6 +245,7 @@ impl Redirector {
         let flows = FlowTable {
             map: take_map(&mut ebpf, names::FLOWS)?,
         };
+        let counters = KernelCounters::take(&mut ebpf)?;
 
         let cgroup_name = config.cgroup.path.display().to_string();
         let cgroup_fd =
@@ -277,6 +312,7 @@ impl Redirector {
                 cgroup: cgroup_name,
             },
             flows,
+            counters,
         ))
     }
 
@@ -305,26 +341,53 @@ impl Drop for Redirector {
     }
 }
 
+/// The `EXCLUDED_LEVELS` mask: one bit for each level that holds an excluded subtree.
+fn excluded_levels(excluded: &[Exclusion<'_>]) -> Result<u64, EbpfError> {
+    if excluded.len() > MAX_EXCLUDED_CGROUPS as usize {
+        return Err(EbpfError::TooManyExclusions {
+            count: excluded.len(),
+            max: MAX_EXCLUDED_CGROUPS,
+        });
+    }
+    let mut mask = 0u64;
+    for exclusion in excluded {
+        if let ExclusionScope::Subtree { level } = exclusion.scope {
+            if level > MAX_EXCLUDED_LEVEL {
+                return Err(EbpfError::ExclusionTooDeep {
+                    cgroup: exclusion.cgroup.path.display().to_string(),
+                    level,
+                    max: MAX_EXCLUDED_LEVEL,
+                });
+            }
+            mask |= 1 << level;
+        }
+    }
+    Ok(mask)
+}
+
 /// Fills `EXCLUDED_CGROUPS`; the map stays owned by `ebpf`, alive as long as the programs.
-fn exclude_cgroups(ebpf: &mut Ebpf, cgroups: &[&Cgroup]) -> Result<(), EbpfError> {
+fn exclude_cgroups(ebpf: &mut Ebpf, excluded: &[Exclusion<'_>]) -> Result<(), EbpfError> {
     let name = names::EXCLUDED_CGROUPS;
     let map = ebpf
         .map_mut(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let mut excluded: HashMap<_, u64, u8> =
-        HashMap::try_from(map).map_err(|source| EbpfError::Map {
-            map: name,
-            source: Box::new(source),
-        })?;
-    for cgroup in cgroups {
-        excluded
-            .insert(cgroup.id, 1, 0)
+    let mut map: HashMap<_, u64, u8> = HashMap::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })?;
+    for exclusion in excluded {
+        let (value, what) = match exclusion.scope {
+            ExclusionScope::Exact => (EXCLUDED_EXACT, "cgroup"),
+            ExclusionScope::Subtree { .. } => (EXCLUDED_SUBTREE, "cgroup tree"),
+        };
+        let cgroup = exclusion.cgroup;
+        map.insert(cgroup.id, value, 0)
             .map_err(|source| EbpfError::Map {
                 map: name,
                 source: Box::new(source),
             })?;
         log::info!(
-            "never redirecting cgroup {} (id {})",
+            "never redirecting {what} {} (id {})",
             cgroup.path.display(),
             cgroup.id
         );
@@ -379,6 +442,38 @@ fn spawn_kernel_logger(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+/// The kernel side's per-CPU counters (`COUNTERS`).
+pub struct KernelCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
+        let name = names::COUNTERS;
+        let map = ebpf
+            .take_map(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })?;
+        let map = PerCpuArray::try_from(map).map_err(|source| EbpfError::Map {
+            map: name,
+            source: Box::new(source),
+        })?;
+        Ok(Self { map })
+    }
+
+    /// Each counter summed over the CPUs. A counter that cannot be read is left out (and
+    /// logged): a scrape shows what it can.
+    pub fn read(&self) -> Vec<(Counter, u64)> {
+        let mut values = Vec::with_capacity(Counter::ALL.len());
+        for counter in Counter::ALL {
+            match self.map.get(&(counter as u32), 0) {
+                Ok(per_cpu) => values.push((counter, per_cpu.iter().sum())),
+                Err(err) => log::warn!("reading {} [{counter:?}]: {err}", names::COUNTERS),
+            }
+        }
+        values
+    }
 }
 
 /// The kernel's record of where each redirected client was headed (`FLOWS`).

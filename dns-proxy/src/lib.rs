@@ -2,17 +2,22 @@
 //!
 //! The kernel side (`dns-proxy-ebpf`) rewrites a workload's DNS destination to this proxy and
 //! remembers where it was headed; this library loads it ([`ebpf`]) into a cgroup
-//! ([`cgroup`]) and forwards each query to that original server ([`dns`]).
+//! ([`cgroup`]) and forwards each query to that original server ([`dns`]). [`metrics`] shows
+//! what it does.
 pub mod cgroup;
 pub mod config;
 pub mod dns;
 pub mod ebpf;
+mod exec;
 mod log_limit;
+pub mod metrics;
 pub mod shutdown;
 
 use std::{
+    ffi::OsString,
     io,
-    net::{SocketAddr, SocketAddrV6},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    process::ExitStatus,
     sync::Arc,
 };
 
@@ -20,14 +25,16 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cgroup::{AgentCgroup, Cgroup, CgroupError},
-    config::{Listen6, RunConfig},
+    cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
+    config::{Listen6, RunConfig, Workload},
     dns::{
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
-    ebpf::{EbpfError, RedirectConfig, Redirector},
+    ebpf::{EbpfError, Exclusion, ExclusionScope, RedirectConfig, Redirector},
+    metrics::{Metrics, Readiness},
+    shutdown::StopSignals,
 };
 
 /// Why `dns-proxy run` could not start or keep running. Each says what to do about it.
@@ -46,6 +53,22 @@ pub enum RunError {
     Signals(io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(io::Error),
+    #[error("cannot run {command:?}: {source}")]
+    Spawn {
+        command: OsString,
+        source: io::Error,
+    },
+    #[error("waiting for the command: {0}")]
+    Wait(io::Error),
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stopped by SIGINT or SIGTERM (`run`).
+    Stopped,
+    /// The command of `exec` exited with this status.
+    CommandExited(ExitStatus),
 }
 
 fn listen_hint(err: &io::Error) -> &'static str {
@@ -61,15 +84,37 @@ fn listen_hint(err: &io::Error) -> &'static str {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM, then stops redirecting, answers what is in flight,
-/// detaches and returns. Blocks: the cgroup work happens first, then a tokio runtime of its
-/// own serves.
-pub fn run(config: RunConfig) -> Result<(), RunError> {
+/// Runs the agent until SIGINT or SIGTERM (or, for `exec`, until the command exits), then
+/// stops redirecting, answers what is in flight, detaches and returns. Blocks: the cgroup work
+/// happens first, then a tokio runtime of its own serves.
+pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     log::info!("starting with {config:?}");
     let hierarchy = cgroup::cgroup2_root()?;
-    let target = Cgroup::open(config.cgroup.as_deref().unwrap_or(&hierarchy))?;
+    // Checked before the agent moves, so a bad path changes nothing.
+    let (target, excluded_subtrees) = match &config.workload {
+        Workload::Cgroup { cgroup, exclude } => {
+            let target = Cgroup::open("--cgroup", cgroup.as_deref().unwrap_or(&hierarchy))?;
+            let mut excluded = Vec::new();
+            for path in exclude {
+                let cgroup = Cgroup::open("--exclude-cgroup", path)?;
+                let level = cgroup.level("--exclude-cgroup")?;
+                excluded.push((cgroup, level));
+            }
+            (Some(target), excluded)
+        }
+        Workload::Command(_) => (None, Vec::new()),
+    };
     // Before any thread or socket exists, so that all of the agent's traffic carries its cgroup.
     let agent = AgentCgroup::enter(&hierarchy)?;
+    let command = match &config.workload {
+        Workload::Command(argv) => Some((argv.as_slice(), CommandCgroup::create(agent.parent())?)),
+        Workload::Cgroup { .. } => None,
+    };
+    let target = match (&target, &command) {
+        (Some(target), _) => target,
+        (None, Some((_, command_cgroup))) => command_cgroup.cgroup(),
+        (None, None) => unreachable!("a cgroup workload has a target"),
+    };
     log::info!(
         "agent runs in cgroup {} (id {}); redirecting cgroup {} (id {})",
         agent.cgroup().path.display(),
@@ -77,15 +122,38 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         target.path.display(),
         target.id
     );
+    let mut excluded = vec![Exclusion {
+        cgroup: agent.cgroup(),
+        scope: ExclusionScope::Exact,
+    }];
+    excluded.extend(excluded_subtrees.iter().map(|(cgroup, level)| Exclusion {
+        cgroup,
+        scope: ExclusionScope::Subtree { level: *level },
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    let result = runtime.block_on(serve(&config, &target, agent.cgroup()));
+    let scope = Scope {
+        target,
+        excluded: &excluded,
+        command: command
+            .as_ref()
+            .map(|(argv, cgroup)| (*argv, cgroup.cgroup())),
+    };
+    let result = runtime.block_on(serve(&config, scope));
     // Every socket closes with the runtime; then the agent may leave its cgroup.
     drop(runtime);
+    drop(command);
     drop(agent);
     result
+}
+
+/// Whose traffic is redirected, and what to run there (`exec`).
+struct Scope<'a> {
+    target: &'a Cgroup,
+    excluded: &'a [Exclusion<'a>],
+    command: Option<(&'a [OsString], &'a Cgroup)>,
 }
 
 /// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
@@ -93,6 +161,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
 struct Listeners {
     udp: Vec<UdpSocket>,
     tcp: Vec<TcpListener>,
+    /// Where IPv4 clients are sent (the port the kernel picked, for port 0).
+    v4: SocketAddrV4,
     /// `None` when IPv6 is not redirected.
     v6: Option<SocketAddrV6>,
 }
@@ -102,16 +172,22 @@ impl Listeners {
         let mut listeners = Self {
             udp: Vec::new(),
             tcp: Vec::new(),
+            v4: config.listen,
             v6: None,
         };
-        listeners.bind_pair(SocketAddr::V4(config.listen)).await?;
+        if let SocketAddr::V4(v4) = listeners.bind_pair(SocketAddr::V4(config.listen)).await? {
+            listeners.v4 = v4;
+        }
+        let bound_v6 = |addr| match addr {
+            SocketAddr::V6(v6) => Some(v6),
+            SocketAddr::V4(_) => None,
+        };
         match config.listen6 {
             Listen6::Required(v6) => {
-                listeners.bind_pair(SocketAddr::V6(v6)).await?;
-                listeners.v6 = Some(v6);
+                listeners.v6 = bound_v6(listeners.bind_pair(SocketAddr::V6(v6)).await?);
             }
             Listen6::IfAvailable(v6) => match listeners.bind_pair(SocketAddr::V6(v6)).await {
-                Ok(()) => listeners.v6 = Some(v6),
+                Ok(bound) => listeners.v6 = bound_v6(bound),
                 Err(RunError::Listen { source, .. })
                     if matches!(
                         source.kind(),
@@ -133,23 +209,54 @@ impl Listeners {
         Ok(listeners)
     }
 
-    async fn bind_pair(&mut self, addr: SocketAddr) -> Result<(), RunError> {
-        let failed = |source| RunError::Listen { addr, source };
-        let udp = UdpSocket::bind(addr).await.map_err(failed)?;
-        let tcp = TcpListener::bind(addr).await.map_err(failed)?;
-        self.udp.push(udp);
-        self.tcp.push(tcp);
-        Ok(())
+    /// Binds UDP and TCP on one address and port, and returns it. For port 0, the port the
+    /// kernel picks for UDP, retried a few times if TCP already has it: the redirect sends both
+    /// protocols to one port.
+    async fn bind_pair(&mut self, addr: SocketAddr) -> Result<SocketAddr, RunError> {
+        const PICK_ATTEMPTS: u32 = 16;
+        let mut attempt = 1;
+        loop {
+            let failed = |addr, source| RunError::Listen { addr, source };
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| failed(addr, source))?;
+            let bound = udp.local_addr().map_err(|source| failed(addr, source))?;
+            match TcpListener::bind(bound).await {
+                Ok(tcp) => {
+                    self.udp.push(udp);
+                    self.tcp.push(tcp);
+                    return Ok(bound);
+                }
+                Err(err)
+                    if addr.port() == 0
+                        && err.kind() == io::ErrorKind::AddrInUse
+                        && attempt < PICK_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                Err(source) => return Err(failed(bound, source)),
+            }
+        }
     }
 }
 
-async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<(), RunError> {
+async fn serve(config: &RunConfig, scope: Scope<'_>) -> Result<Outcome, RunError> {
+    // Watched from the start, so a stop request during start-up is not lost.
+    let mut signals = StopSignals::new().map_err(RunError::Signals)?;
     let listeners = Listeners::bind(config).await?;
-    let (mut redirector, flows) = Redirector::attach(&RedirectConfig {
-        cgroup: target,
-        target_v4: config.listen,
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let (mut redirector, flows, kernel_counters) = Redirector::attach(&RedirectConfig {
+        cgroup: scope.target,
+        target_v4: listeners.v4,
         target_v6: listeners.v6,
-        excluded: &[agent],
+        excluded: scope.excluded,
     })?;
     let flows = Arc::new(flows);
     let stats = Arc::new(Stats::default());
@@ -166,7 +273,7 @@ async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<()
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {
-        addr: SocketAddr::V4(config.listen),
+        addr: SocketAddr::V4(listeners.v4),
         source,
     };
     let mut udp = Vec::new();
@@ -204,12 +311,40 @@ async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<()
         let (proxy, stop) = (Arc::clone(proxy), stop.clone());
         serving.spawn(async move { proxy.serve(stop).await });
     }
-    let signal = shutdown::stop_requested().await.map_err(RunError::Signals);
+    let readiness = Arc::new(Readiness::default());
+    let metrics_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let metrics = Metrics::new(
+            Arc::clone(&stats),
+            Arc::new(kernel_counters),
+            Arc::clone(&readiness),
+        );
+        log::info!(
+            "serving /metrics, /healthz and /readyz on http://{}",
+            listener.local_addr().map_err(failed)?
+        );
+        tokio::spawn(Arc::new(metrics).serve(listener, metrics_stop.clone()));
+    }
+    readiness.set(true);
+
+    let outcome = match scope.command {
+        None => {
+            let signal = signals.next().await;
+            log::info!("{signal}: no longer redirecting new lookups; answering those in flight");
+            Outcome::Stopped
+        }
+        Some((argv, cgroup)) => {
+            let status = exec::run_command(argv, cgroup, &mut signals).await?;
+            log::info!(
+                "the command exited ({status}): no longer redirecting; answering what is in flight"
+            );
+            Outcome::CommandExited(status)
+        }
+    };
+    readiness.set(false);
     stop.cancel();
     serving.join_all().await;
-    let signal = signal?;
 
-    log::info!("{signal}: no longer redirecting new lookups; answering those in flight");
     redirector.stop_redirecting();
     // All listeners drain at once, each until the same deadline.
     let deadline = config.shutdown_timeout;
@@ -231,6 +366,7 @@ async fn serve(config: &RunConfig, target: &Cgroup, agent: &Cgroup) -> Result<()
         );
     }
     drop(redirector);
+    metrics_stop.cancel();
     log::info!("stopped: {}", stats.summary());
-    Ok(())
+    Ok(outcome)
 }

@@ -1,21 +1,53 @@
-use std::process::ExitCode;
+use std::{os::unix::process::ExitStatusExt as _, process::ExitCode};
 
 use clap::Parser as _;
-use dns_proxy::config::{Cli, Command, RunConfig};
+use dns_proxy::{
+    Outcome, RunError,
+    config::{Cli, Command, RunConfig},
+};
+
+/// `exec`'s own failures, as `env` and container runtimes report them: apart from any status
+/// the command itself may exit with.
+const EXEC_FAILED: u8 = 125;
+const EXEC_NOT_EXECUTABLE: u8 = 126;
+const EXEC_NOT_FOUND: u8 = 127;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let Command::Run(args) = cli.command;
-    let result = RunConfig::try_from(args)
-        .map_err(|err| err.to_string())
-        .and_then(|config| dns_proxy::run(config).map_err(|err| err.to_string()));
+    let (config, is_exec) = match cli.command {
+        Command::Run(args) => (RunConfig::try_from(args), false),
+        Command::Exec(args) => (RunConfig::try_from(args), true),
+    };
+    let result = config
+        .map_err(|err| (err.to_string(), None))
+        .and_then(|config| dns_proxy::run(config).map_err(|err| (err.to_string(), Some(err))));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Stopped) => ExitCode::SUCCESS,
+        Ok(Outcome::CommandExited(status)) => exit_code_of(status),
         // One line that says what failed and what to do; the error types carry the detail.
-        Err(err) => {
-            eprintln!("dns-proxy: error: {err}");
-            ExitCode::FAILURE
+        Err((message, err)) => {
+            eprintln!("dns-proxy: error: {message}");
+            match err {
+                Some(RunError::Spawn { source, .. }) if is_exec => {
+                    if source.kind() == std::io::ErrorKind::NotFound {
+                        ExitCode::from(EXEC_NOT_FOUND)
+                    } else {
+                        ExitCode::from(EXEC_NOT_EXECUTABLE)
+                    }
+                }
+                _ if is_exec => ExitCode::from(EXEC_FAILED),
+                _ => ExitCode::FAILURE,
+            }
         }
+    }
+}
+
+/// The command's exit status, as a shell would report it (128 + N for signal N).
+fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+        (None, None) => ExitCode::FAILURE,
     }
 }

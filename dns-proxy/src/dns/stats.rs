@@ -1,5 +1,46 @@
-//! Counters of what the proxy did with each query, per protocol.
-use std::sync::atomic::{AtomicU64, Ordering};
+//! Counters of what the proxy did with each query, per protocol. Plain atomics, so counting
+//! costs a query nothing that takes a lock; `crate::metrics` reads them at scrape time.
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// Upper bounds of the latency histogram's buckets, in microseconds: from a loopback answer to
+/// the default upstream timeout.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// How long answered queries took, from the query's arrival to its answer's relay.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket of [`LATENCY_BUCKETS_US`], then one for everything slower; not cumulative.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket counts with the last for +Inf).
+    pub fn snapshot(&self) -> (f64, u64, Vec<u64>) {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, self.count.load(Ordering::Relaxed), buckets)
+    }
+}
 
 /// What happened to the queries of one protocol.
 #[derive(Debug, Default)]
@@ -10,6 +51,11 @@ pub struct ProtocolStats {
     pub forwarded: AtomicU64,
     /// Answers relayed to their client.
     pub answered: AtomicU64,
+    /// Answers relayed, by the RCODE in their header (0..=15).
+    pub answered_by_rcode: [AtomicU64; 16],
+    /// Queries forwarded and not yet answered, timed out or failed.
+    pub inflight: AtomicU64,
+    pub latency: LatencyHistogram,
     /// Queries (or, for TCP, connections) whose upstream did not answer in time.
     pub upstream_timeouts: AtomicU64,
     /// Queries or connections that failed on the upstream side (refused, reset, unreachable).
@@ -49,6 +95,29 @@ impl Stats {
 }
 
 impl ProtocolStats {
+    /// A query went to its upstream.
+    pub fn forwarding(&self) {
+        Stats::add(&self.forwarded);
+        Stats::add(&self.inflight);
+    }
+
+    /// A forwarded query is over (answered, timed out or failed).
+    pub fn settled(&self, queries: u64) {
+        self.inflight.fetch_sub(queries, Ordering::Relaxed);
+    }
+
+    /// An answer reached its client, `latency` after its query arrived (`None`: an answer to
+    /// no query the proxy knows of, which TCP relays anyway).
+    pub fn answered(&self, answer: &[u8], latency: Option<Duration>) {
+        Stats::add(&self.answered);
+        if let Some(rcode) = super::wire::header_rcode(answer) {
+            Stats::add(&self.answered_by_rcode[usize::from(rcode)]);
+        }
+        if let Some(latency) = latency {
+            self.latency.observe(latency);
+        }
+    }
+
     fn summary(&self) -> String {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
@@ -64,5 +133,38 @@ impl ProtocolStats {
             get(&self.dropped_overload),
             get(&self.dropped_loop),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_first_bucket_that_holds_it() {
+        let histogram = LatencyHistogram::default();
+        histogram.observe(Duration::from_micros(100)); // on a bound: that bucket (le=100us)
+        histogram.observe(Duration::from_micros(101));
+        histogram.observe(Duration::from_secs(60)); // beyond the last bound: +Inf
+        let (sum, count, buckets) = histogram.snapshot();
+        assert_eq!(count, 3);
+        assert_eq!(buckets[0], 1);
+        assert_eq!(buckets[1], 1);
+        assert_eq!(buckets[LATENCY_BUCKETS_US.len()], 1);
+        assert_eq!(buckets.iter().sum::<u64>(), 3);
+        assert!((sum - 60.000201).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn answers_are_counted_by_rcode() {
+        let stats = ProtocolStats::default();
+        let mut header = [0u8; 12];
+        header[2] = 0x80; // a response
+        header[3] = 3; // NXDOMAIN
+        stats.answered(&header, Some(Duration::from_millis(1)));
+        stats.answered(&header[..5], None); // no full header: no rcode; no query: no latency
+        assert_eq!(stats.answered.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.answered_by_rcode[3].load(Ordering::Relaxed), 1);
+        assert_eq!(stats.latency.snapshot().1, 1);
     }
 }

@@ -254,6 +254,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
             closed = self.watchdog(conn) => closed,
         };
+        // Queries still waiting will never be answered now.
+        stats.settled(conn.outstanding() as u64);
         match &closed {
             Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
             Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
@@ -300,15 +302,20 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 started: Instant::now(),
                 description,
             };
-            conn.pending
+            // A client reusing an ID it is still waiting on replaces that query.
+            let replaced = conn
+                .pending
                 .lock()
                 .expect("not poisoned")
                 .insert(id, pending);
+            if replaced.is_some() {
+                stats.settled(1);
+            }
+            stats.forwarding();
             conn.touch();
             if let Err(err) = write_message(&mut upstream, &query).await {
                 return Closed::UpstreamError(err);
             }
-            Stats::add(&stats.forwarded);
         }
     }
 
@@ -330,15 +337,17 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let pending = conn.pending.lock().expect("not poisoned").remove(&id);
             if pending.is_some() {
                 conn.slots.add_permits(1);
+                stats.settled(1);
             }
             conn.touch();
             if let Err(err) = write_message(&mut client, &answer).await {
                 return Closed::ClientError(err);
             }
-            Stats::add(&stats.answered);
+            let latency = pending.as_ref().map(|p| p.started.elapsed());
+            stats.answered(&answer, latency);
             if let Some(Pending {
-                started,
                 description: Some(description),
+                ..
             }) = pending
             {
                 log::debug!(
@@ -347,7 +356,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     conn.original,
                     conn.upstream,
                     wire::describe_rcode(&answer),
-                    started.elapsed()
+                    latency.unwrap_or_default()
                 );
             }
             if conn.finished() {

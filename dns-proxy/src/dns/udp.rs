@@ -133,8 +133,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         let query = Bytes::copy_from_slice(datagram);
         let proxy = Arc::clone(self);
+        let started = Instant::now();
         self.tasks.spawn(async move {
-            proxy.forward(query, client, original, upstream).await;
+            proxy
+                .forward(query, client, original, upstream, started)
+                .await;
             drop(permit);
         });
     }
@@ -145,22 +148,23 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         client: SocketAddr,
         original: SocketAddr,
         upstream: SocketAddr,
+        started: Instant,
     ) {
-        let started = Instant::now();
-        Stats::add(&self.stats.udp.forwarded);
+        let stats = &self.stats.udp;
+        stats.forwarding();
         let outcome = timeout(self.settings.upstream_timeout, async {
-            let mut answer = exchange(&query, upstream).await?;
+            let answer = exchange(&query, upstream).await?;
             self.socket.send_to(&answer, client).await?;
+            stats.answered(&answer, Some(started.elapsed()));
             let rcode = log::log_enabled!(log::Level::Debug).then(|| wire::describe_rcode(&answer));
-            answer.clear();
             io::Result::Ok(rcode)
         })
         .await;
+        stats.settled(1);
         let latency = started.elapsed();
         let describe = || wire::describe_query(&query);
         match outcome {
             Ok(Ok(rcode)) => {
-                Stats::add(&self.stats.udp.answered);
                 if let Some(rcode) = rcode {
                     log::debug!(
                         "query udp client={client} server={original} upstream={upstream} {} rcode={rcode} latency={latency:?}",
@@ -169,14 +173,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 }
             }
             Ok(Err(err)) => {
-                Stats::add(&self.stats.udp.upstream_errors);
+                Stats::add(&stats.upstream_errors);
                 log::debug!(
                     "query udp client={client} server={original} upstream={upstream} {} failed: {err}",
                     describe()
                 );
             }
             Err(_elapsed) => {
-                Stats::add(&self.stats.udp.upstream_timeouts);
+                Stats::add(&stats.upstream_timeouts);
                 log::debug!(
                     "query udp client={client} server={original} upstream={upstream} {} timed out after {latency:?}",
                     describe()

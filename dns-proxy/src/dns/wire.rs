@@ -77,6 +77,12 @@ pub fn describe_query(message: &[u8]) -> String {
     }
 }
 
+/// The 4-bit RCODE in a message's header (the extended bits live in an OPT record).
+pub fn header_rcode(message: &[u8]) -> Option<u8> {
+    let header = message.get(..HEADER_LEN)?;
+    Some(header[3] & 0x0f)
+}
+
 /// The response code of an answer (extended RCODE included), for logs.
 pub fn describe_rcode(message: &[u8]) -> String {
     match Message::from_vec(message) {

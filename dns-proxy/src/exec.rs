@@ -1,0 +1,79 @@
+//! `dns-proxy exec`: the command, started inside its own cgroup, so its DNS is redirected from
+//! its first packet.
+use std::{
+    ffi::{CString, OsString},
+    io,
+    os::unix::ffi::OsStrExt as _,
+    process::ExitStatus,
+};
+
+use crate::{
+    RunError,
+    cgroup::Cgroup,
+    shutdown::{StopSignal, StopSignals},
+};
+
+/// Runs `argv` in `cgroup` and waits for it to exit. SIGTERM is passed on to it; SIGINT is
+/// not, since a terminal's Ctrl-C reaches the command on its own and would arrive twice.
+pub async fn run_command(
+    argv: &[OsString],
+    cgroup: &Cgroup,
+    signals: &mut StopSignals,
+) -> Result<ExitStatus, RunError> {
+    let (program, args) = argv.split_first().expect("clap requires a command");
+    let spawn_failed = |source| RunError::Spawn {
+        command: program.clone(),
+        source,
+    };
+    let procs = CString::new(cgroup.path.join("cgroup.procs").as_os_str().as_bytes())
+        .map_err(|_| spawn_failed(io::Error::other("cgroup path contains a NUL byte")))?;
+    let mut command = tokio::process::Command::new(program);
+    command.args(args);
+    // SAFETY: between fork and exec only async-signal-safe calls run (open, write, close), on
+    // memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || enter_cgroup(&procs));
+    }
+    let mut child = command.spawn().map_err(spawn_failed)?;
+    log::info!(
+        "started {:?} (pid {}) in {}",
+        argv,
+        child.id().unwrap_or_default(),
+        cgroup.path.display()
+    );
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.map_err(RunError::Wait),
+            signal = signals.next() => {
+                if signal == StopSignal::Terminate && let Some(pid) = child.id() {
+                    log::info!("{signal}: passing it on to the command (pid {pid})");
+                    // SAFETY: kill has no memory effects; the child is not yet reaped, so
+                    // the pid is still its own.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                } else {
+                    log::info!("{signal}: waiting for the command to exit");
+                }
+            }
+        }
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` ("0" means the
+/// writer itself). Runs in the forked child before exec.
+fn enter_cgroup(procs: &CString) -> io::Result<()> {
+    // SAFETY: procs is NUL-terminated; the buffer and fd are valid for the calls.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let result = if written == 1 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        libc::close(fd);
+        result
+    }
+}

@@ -1,0 +1,362 @@
+//! The operator's view of a running agent, over HTTP on `--metrics`:
+//! - `/metrics`: Prometheus (OpenMetrics text), read at scrape time from the proxy's atomic
+//!   counters and the kernel side's per-CPU counters;
+//! - `/healthz`: the agent is alive (its runtime answers);
+//! - `/readyz`: the programs are attached and the listeners bound; not ready while shutting down.
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use dns_proxy_common::Counter;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    dns::stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
+    ebpf::KernelCounters,
+};
+
+/// Scrapers served at once; more wait for the kernel's accept queue. Bounds what a
+/// misbehaving client of the endpoint can hold.
+const MAX_CONNECTIONS: usize = 16;
+/// A request's headers must arrive within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the agent is serving redirected DNS: set once attached, cleared when it starts to
+/// shut down.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything a scrape reads.
+#[derive(Debug)]
+struct AgentCollector {
+    stats: Arc<Stats>,
+    kernel: Arc<KernelCounters>,
+}
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCounters")
+    }
+}
+
+type Labels<'a> = [(&'static str, &'a str)];
+
+/// Writes one metric (a family over `samples`, or a single value with no labels).
+fn encode_counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: &[(&Labels<'_>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            metric.encode_counter::<Vec<(String, String)>, _, u64>(value, None)?;
+        } else {
+            metric
+                .encode_family(labels)?
+                .encode_counter::<Vec<(String, String)>, _, u64>(value, None)?;
+        }
+    }
+    Ok(())
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// The names the RCODEs of RFC 1035 and RFC 2136 go by; the rest by number.
+fn rcode_name(rcode: usize) -> String {
+    const NAMES: [&str; 11] = [
+        "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+        "NXRRSET", "NOTAUTH", "NOTZONE",
+    ];
+    NAMES
+        .get(rcode)
+        .map_or_else(|| rcode.to_string(), |name| (*name).to_owned())
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let protocols: [(&str, &ProtocolStats); 2] =
+            [("udp", &self.stats.udp), ("tcp", &self.stats.tcp)];
+        let per_protocol = |field: fn(&ProtocolStats) -> &AtomicU64| {
+            protocols.map(|(name, stats)| (name, load(field(stats))))
+        };
+        for (name, help, field) in [
+            (
+                "queries_received",
+                "Messages read from redirected clients.",
+                (|s| &s.received) as fn(&ProtocolStats) -> &AtomicU64,
+            ),
+            ("queries_forwarded", "Queries sent to an upstream.", |s| {
+                &s.forwarded
+            }),
+            (
+                "upstream_timeouts",
+                "Queries (UDP) or connections (TCP) whose upstream did not answer in time.",
+                |s| &s.upstream_timeouts,
+            ),
+            (
+                "upstream_errors",
+                "Queries (UDP) or connections (TCP) that failed on the upstream side.",
+                |s| &s.upstream_errors,
+            ),
+        ] {
+            let values = per_protocol(field);
+            let labels = values.map(|(protocol, _)| [("protocol", protocol)]);
+            let samples: Vec<_> = labels
+                .iter()
+                .zip(values)
+                .map(|(labels, (_, value))| (&labels[..], value))
+                .collect();
+            encode_counters(&mut encoder, name, help, &samples)?;
+        }
+
+        let mut answers = Vec::new();
+        for (protocol, stats) in protocols {
+            for (rcode, counter) in stats.answered_by_rcode.iter().enumerate() {
+                let value = load(counter);
+                if value > 0 {
+                    answers.push((
+                        [("protocol", protocol.to_owned())],
+                        rcode_name(rcode),
+                        value,
+                    ));
+                }
+            }
+        }
+        let answer_labels: Vec<_> = answers
+            .iter()
+            .map(|([(_, protocol)], rcode, value)| {
+                (
+                    [("protocol", protocol.as_str()), ("rcode", rcode.as_str())],
+                    *value,
+                )
+            })
+            .collect();
+        let samples: Vec<_> = answer_labels
+            .iter()
+            .map(|(labels, value)| (&labels[..], *value))
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "answers",
+            "Answers relayed to their clients, by the RCODE in their header.",
+            &samples,
+        )?;
+
+        let mut dropped = Vec::new();
+        for (protocol, stats) in protocols {
+            for (reason, counter) in [
+                ("malformed", &stats.dropped_malformed),
+                ("not_redirected", &stats.dropped_not_redirected),
+                ("overload", &stats.dropped_overload),
+                ("loop", &stats.dropped_loop),
+            ] {
+                dropped.push(([("protocol", protocol), ("reason", reason)], load(counter)));
+            }
+        }
+        let samples: Vec<_> = dropped
+            .iter()
+            .map(|(labels, value)| (&labels[..], *value))
+            .collect();
+        encode_counters(
+            &mut encoder,
+            "dropped",
+            "Messages (UDP) or connections (TCP) dropped, by reason: not a DNS query, from a \
+             client the kernel did not redirect, beyond a limit, or headed back to the proxy.",
+            &samples,
+        )?;
+
+        encode_counters(
+            &mut encoder,
+            "tcp_connections",
+            "TCP connections accepted.",
+            &[(&[], load(&self.stats.tcp_connections))],
+        )?;
+
+        let mut inflight = encoder.encode_descriptor(
+            "inflight_queries",
+            "Queries forwarded and not yet answered, timed out or failed.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (protocol, stats) in protocols {
+            let gauge = ConstGauge::new(load(&stats.inflight) as i64);
+            gauge.encode(inflight.encode_family(&[("protocol", protocol)])?)?;
+        }
+
+        let mut latency = encoder.encode_descriptor(
+            "query_duration_seconds",
+            "Time from a query's arrival to its answer's relay, for answered queries.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (protocol, stats) in protocols {
+            let (sum, count, counts) = stats.latency.snapshot();
+            let bounds = LATENCY_BUCKETS_US
+                .iter()
+                .map(|&us| us as f64 / 1e6)
+                .chain([f64::INFINITY]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(counts).collect();
+            latency
+                .encode_family(&[("protocol", protocol)])?
+                .encode_histogram::<Vec<(String, String)>>(sum, count, &buckets, None)?;
+        }
+
+        for (counter, value) in self.kernel.read() {
+            let (name, help) = match counter {
+                Counter::Redirected => (
+                    "kernel_redirected",
+                    "DNS connects and sends the kernel side rewrote to the proxy.",
+                ),
+                Counter::SkippedExcluded => (
+                    "kernel_skipped_excluded",
+                    "DNS connects and sends left alone because their cgroup is excluded.",
+                ),
+                Counter::ReverseTranslated => (
+                    "kernel_reverse_translated",
+                    "Answers and peer names shown as from the original server.",
+                ),
+                Counter::RecordMisses => (
+                    "kernel_record_misses",
+                    "Answers or peer names from the proxy on sockets with no record (not \
+                     redirected, or the record was evicted).",
+                ),
+                Counter::MapFull => (
+                    "kernel_map_full",
+                    "Records the kernel side could not store; those sockets went direct.",
+                ),
+            };
+            encode_counters(&mut encoder, name, help, &[(&[], value)])?;
+        }
+        Ok(())
+    }
+}
+
+/// The `/metrics` page of a registry holding the agent's collector.
+pub struct Metrics {
+    registry: Registry,
+    readiness: Arc<Readiness>,
+}
+
+impl Metrics {
+    pub fn new(stats: Arc<Stats>, kernel: Arc<KernelCounters>, readiness: Arc<Readiness>) -> Self {
+        let mut registry = Registry::with_prefix("dns_proxy");
+        registry.register_collector(Box::new(AgentCollector { stats, kernel }));
+        Self {
+            registry,
+            readiness,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail; an encoder error would be a bug in a collector.
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            log::error!("encoding metrics: {err}");
+        }
+        text
+    }
+
+    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let text = |status: StatusCode, body: &'static str| {
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = status;
+            response
+        };
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.render())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: starting or shutting down\n",
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz or /readyz\n",
+            ),
+        }
+    }
+
+    /// Serves HTTP/1.1 on `listener` until `stop` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    log::warn!("accepting a metrics connection: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let metrics = Arc::clone(&self);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request| {
+                    let response = metrics.respond(&request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    result = connection => if let Err(err) = result {
+                        log::debug!("metrics connection from {peer}: {err}");
+                    },
+                    () = stop.cancelled() => {}
+                }
+                drop(slot);
+            });
+        }
+    }
+}
