@@ -9,7 +9,7 @@ pub mod race;
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -646,8 +646,31 @@ impl Agent {
             .arg(format!("--cgroup={}", redirected.display()))
             .args(args)
             .env("RUST_LOG", "info,dns_proxy=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::null());
+        Self::spawn(command)
+    }
+
+    /// `dns-proxy exec ARGS -- COMMAND` in `netns`; the command's output goes to a pipe
+    /// (stdout) and the agent's log is collected as for `run`.
+    pub fn exec(netns: &Netns, args: &[&str], command: &[&str]) -> Self {
+        let mut nsenter = Command::new("nsenter");
+        nsenter
+            .arg(format!("--net=/run/netns/{}", netns.name))
+            .arg("--")
+            .arg(agent_binary())
+            .arg("exec")
+            .args(args)
+            .arg("--")
+            .args(command)
+            .env("RUST_LOG", "info,dns_proxy=debug")
+            .stdout(Stdio::piped());
+        Self::spawn(nsenter)
+    }
+
+    /// Starts `command` (an agent, directly or through exec-ing wrappers), collects its
+    /// stderr as the log, and waits until it serves.
+    pub fn spawn(mut command: Command) -> Self {
+        command.stderr(Stdio::piped());
         let mut process = Process::spawn(&mut command);
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = process.child.stderr.take().expect("piped stderr");
@@ -660,14 +683,23 @@ impl Agent {
             }
         });
         let mut agent = Self { process, log };
+        let serving = |agent: &Self| agent.log().contains("serving redirected DNS");
         wait_for("the agent to serve", Duration::from_secs(20), || {
+            if serving(&agent) {
+                return Some(());
+            }
             if let Some(status) = agent.process.child.try_wait().expect("try_wait") {
-                panic!(
+                // It may have served and exited at once (`exec` of a short command): give
+                // the log reader a moment to catch up before calling it a failure.
+                thread::sleep(Duration::from_millis(500));
+                assert!(
+                    serving(&agent),
                     "the agent exited ({status}) before serving:\n{}",
                     agent.log()
                 );
+                return Some(());
             }
-            agent.log().contains("serving redirected DNS").then_some(())
+            None
         });
         agent
     }
@@ -699,6 +731,99 @@ impl Agent {
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
     }
+
+    /// Waits at most `limit` for the agent to exit; returns its status and what it printed on
+    /// stdout (`exec`'s command's output).
+    pub fn wait_with_stdout(&mut self, limit: Duration) -> (ExitStatus, String) {
+        use std::io::Read as _;
+        let status = self.process.wait_exit(limit);
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.process.child.stdout.take() {
+            let _ = pipe.read_to_string(&mut stdout);
+        }
+        (status, stdout)
+    }
+
+    /// How many queries the agent has logged as answered, of any name.
+    pub fn answered_queries(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("query udp client=") || line.contains("query tcp client="))
+            .filter(|line| line.contains(" rcode="))
+            .count()
+    }
+}
+
+/// A standard query (RD set, one question, no EDNS) for the A record of `name`.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut message = id.to_be_bytes().to_vec();
+    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        message.push(label.len() as u8);
+        message.extend_from_slice(label.as_bytes());
+    }
+    message.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    message
+}
+
+/// One HTTP/1.1 GET of `path` from `addr` inside `netns` (from a thread that joins the
+/// namespace, so the test process stays where it is). Returns the status and the body.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a synchronous test client on its own thread; it resolves no names"
+)]
+pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::AsRawFd as _,
+    };
+    let namespace = format!("/run/netns/{}", netns.name);
+    let path = path.to_owned();
+    thread::spawn(move || {
+        let ns = fs::File::open(&namespace).unwrap_or_else(|err| panic!("{namespace}: {err}"));
+        // SAFETY: setns changes only this thread's network namespace; the thread ends here.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {namespace}: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set_read_timeout");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the response");
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {head:?}"));
+        (status, body.to_owned())
+    })
+    .join()
+    .expect("the HTTP client thread")
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed, e.g.
+/// `dns_proxy_answers_total{protocol="udp",rcode="NOERROR"}`) in a Prometheus text page.
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// The usual set-up: a topology, its DNS server, and the agent. Fields drop in order: the agent

@@ -183,11 +183,14 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
             .args(["build", "--package", "dns-proxy", "--bins"]),
     )?;
     let binary = root.join("target/debug/dns-proxy");
+    let deploy_tools = root.join("target/deploy-check-tools");
+    provision::deploy_check_tools(&deploy_tools)?;
     shell::run(
         cargo()
             .current_dir(root)
             .args(["test", "--workspace", "--exclude", "dns-proxy-ebpf"])
             .args(args)
-            .env("DNS_PROXY_BIN", &binary),
+            .env("DNS_PROXY_BIN", &binary)
+            .env("DNS_PROXY_DEPLOY_TOOLS", &deploy_tools),
     )
 }

@@ -5,7 +5,11 @@
 //! that compiler. Where rustup nightly has rust-src (the standard aya setup) that is used;
 //! where rustup cannot download rust-src (these machines), Debian's rustc-web + rust-web-src
 //! are linked as the rustup toolchain `dns-proxy-bpf`. See docs/building.md.
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -77,7 +81,58 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "conntrack",
         "counting conntrack entries in the race demonstration",
     ),
+    (
+        "systemd-analyze",
+        "systemd",
+        "checking deploy/systemd/dns-proxy.service (systemd-analyze verify)",
+    ),
 ];
+
+/// Python tools that check the deployment files, installed from PyPI into a virtualenv under
+/// target/ (pinned, so the check is the same on every machine).
+const DEPLOY_CHECK_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "dockerfile-parse==2.0.1"];
+
+/// Makes (or reuses) the virtualenv `venv` holding [`DEPLOY_CHECK_TOOLS`].
+pub fn deploy_check_tools(venv: &Path) -> Result<()> {
+    let pip = venv.join("bin/pip");
+    let ready = |pip: &Path| {
+        shell::output(Command::new(pip).args(["freeze"])).is_some_and(|installed| {
+            DEPLOY_CHECK_TOOLS.iter().all(|tool| {
+                installed
+                    .lines()
+                    .any(|line| line.eq_ignore_ascii_case(tool))
+            })
+        })
+    };
+    if ready(&pip) {
+        return Ok(());
+    }
+    if !has_program("python3") {
+        Apt::default().install(
+            &["python3"],
+            "the deployment files' checkers are Python tools",
+        )?;
+    }
+    let make_venv = || shell::run(Command::new("python3").arg("-m").arg("venv").arg(venv));
+    if make_venv().is_err() {
+        // Debian's python3 keeps venv in a package of its own.
+        Apt::default().install(
+            &["python3-venv"],
+            "a virtualenv for the deployment checkers",
+        )?;
+        make_venv()?;
+    }
+    eprintln!(
+        "xtask: installing {} into {} (checks deploy/)",
+        DEPLOY_CHECK_TOOLS.join(" "),
+        venv.display()
+    );
+    shell::run(
+        Command::new(&pip)
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(DEPLOY_CHECK_TOOLS),
+    )
+}
 
 pub fn setup(tests: bool) -> Result<()> {
     let mut apt = Apt::default();

@@ -28,18 +28,6 @@ use std::{
 const QUERY_ID: u16 = 0x5a17;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn a_query(name: &str) -> Vec<u8> {
-    let mut message = Vec::new();
-    message.extend_from_slice(&QUERY_ID.to_be_bytes());
-    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
-    for label in name.trim_end_matches('.').split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
-    message
-}
-
 /// The address of the answer's one A record: without EDNS the test server's answer ends with
 /// that record's RDATA.
 fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
@@ -172,7 +160,9 @@ fn run(args: &[String]) -> Result<String, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
-    let query = raw.clone().unwrap_or_else(|| a_query(name));
+    let query = raw
+        .clone()
+        .unwrap_or_else(|| tests::a_query(QUERY_ID, name));
     let mut sockets = Vec::new();
     let (answer, source) = exchange(port, mode, &servers, &query, &mut sockets)?;
     if !servers.contains(&source) {

@@ -13,22 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut message = id.to_be_bytes().to_vec();
-    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]);
-    message
-}
-
 fn lookup(server: SocketAddr, id: u16, timeout: Duration) -> bool {
     let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
         return false;
     };
-    let message = query(id, &format!("l{id}.example.test"));
+    let message = tests::a_query(id, &format!("l{id}.example.test"));
     let sent = socket
         .set_read_timeout(Some(timeout))
         .and_then(|()| socket.connect(server))

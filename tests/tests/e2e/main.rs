@@ -4,6 +4,7 @@
 mod clients;
 mod foundation;
 mod node;
+mod operations;
 mod race;
 
 use std::{

@@ -1,0 +1,473 @@
+//! Operating the agent: scoping (--exclude-cgroup, `dns-proxy exec`), metrics and health,
+//! restarts under a steady stream of lookups, and the capabilities the deployments grant.
+use std::{fs, net::SocketAddr, path::Path};
+
+use tests::{Process, cgroup2_root, http_get, in_cgroup_and_netns, metric};
+
+use super::*;
+
+const STEADY: &str = env!("CARGO_BIN_EXE_steady-lookups");
+const SLOW_UPSTREAM: &str = env!("CARGO_BIN_EXE_slow-upstream");
+/// Where the slow upstream listens, in the server namespace.
+const SLOW_SERVER_IP: &str = "192.0.2.5";
+/// How long the slow upstream takes to answer.
+const SLOW_DELAY_MS: &str = "50";
+const METRICS: &str = "127.0.0.1:9253";
+
+fn metrics_addr() -> SocketAddr {
+    METRICS.parse().unwrap()
+}
+
+/// The agent's /metrics page.
+fn scrape(topology: &Topology) -> String {
+    let (status, page) = http_get(&topology.client, metrics_addr(), "/metrics");
+    assert_eq!(status, 200, "{page}");
+    page
+}
+
+fn value(page: &str, series: &str) -> u64 {
+    metric(page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}")) as u64
+}
+
+/// A cgroup below the test cgroup (removed with it).
+fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
+    let path = topology.cgroup.path.join(relative);
+    fs::create_dir_all(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+    path
+}
+
+/// The probe, as a process of `cgroup` in the client namespace; its output line.
+fn probe_in(cgroup: &Path, topology: &Topology, name: &str) -> String {
+    let server = format!("{SERVER_IP}:53");
+    let output = must(&mut in_cgroup_and_netns(
+        cgroup,
+        &topology.client,
+        PROBE,
+        &["sendto", &server, name],
+    ));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let excluded = child_cgroup(&topology, "resolver");
+    let below_excluded = child_cgroup(&topology, "resolver/worker");
+    let plain = child_cgroup(&topology, "app");
+    let agent = Agent::start(
+        &topology,
+        &[
+            &format!("--exclude-cgroup={}", excluded.display()),
+            &format!("--metrics={METRICS}"),
+        ],
+    );
+
+    // Both answered (directly, for the excluded ones), each from the server it asked.
+    assert_eq!(
+        probe_in(&excluded, &topology, "excluded.example.test"),
+        expected_probe_line()
+    );
+    assert_eq!(
+        probe_in(&below_excluded, &topology, "below.example.test"),
+        expected_probe_line()
+    );
+    assert_eq!(
+        probe_in(&plain, &topology, "plain.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "plain.example.test");
+    assert!(agent.query_line("excluded.example.test").is_none());
+    assert!(agent.query_line("below.example.test").is_none());
+    let page = scrape(&topology);
+    assert_eq!(value(&page, "dns_proxy_kernel_skipped_excluded_total"), 2);
+    assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
+}
+
+#[test]
+fn an_exclusion_that_is_not_a_cgroup_is_a_one_line_error() {
+    let topology = Topology::new();
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(agent_binary())
+        .args(["run", "--listen", PROXY_LISTEN])
+        .arg(format!("--cgroup={}", topology.cgroup.path.display()))
+        .arg("--exclude-cgroup=/proc");
+    let output = command.output().expect("run the agent");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<_> = stderr
+        .lines()
+        .filter(|line| line.starts_with("dns-proxy: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("--exclude-cgroup /proc: not a cgroup v2 directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn metrics_count_what_was_sent_and_health_endpoints_answer() {
+    let Harness {
+        agent, topology, ..
+    } = &mut Harness::start(Placement::Outside, &[&format!("--metrics={METRICS}")]);
+    assert_eq!(
+        http_get(&topology.client, metrics_addr(), "/healthz"),
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        http_get(&topology.client, metrics_addr(), "/readyz"),
+        (200, "ready\n".to_owned())
+    );
+    assert_eq!(http_get(&topology.client, metrics_addr(), "/other").0, 404);
+
+    let server = format!("{SERVER_IP}:53");
+    let (udp, tcp) = (5, 3);
+    for i in 0..udp {
+        assert_eq!(
+            probe(topology, "sendto", &format!("m{i}.example.test")),
+            expected_probe_line()
+        );
+    }
+    for i in 0..tcp {
+        assert_eq!(
+            probe(topology, "tcp", &format!("t{i}.example.test")),
+            expected_probe_line()
+        );
+    }
+    // dnsmasq refuses names outside its zone: an answer, relayed, with another RCODE.
+    let refused = topology
+        .workload(PROBE, &["sendto", &server, "elsewhere.invalid"])
+        .output()
+        .expect("run the probe");
+    assert!(!refused.status.success(), "no A record expected");
+    // Two datagrams that are not DNS queries.
+    for garbage in ["68656c6c6f", "abcd8180000100000000000000"] {
+        let sent = topology
+            .workload(PROBE, &["sendto", &server, "unused", "--raw", garbage])
+            .output()
+            .expect("run the probe");
+        assert!(!sent.status.success(), "garbage got an answer");
+    }
+    wait_for("every answer to be logged", Duration::from_secs(2), || {
+        (agent.answered_queries() == udp + tcp + 1).then_some(())
+    });
+
+    let page = scrape(topology);
+    let udp_answers = (udp + 1) as u64;
+    for (series, expected) in [
+        (
+            "dns_proxy_queries_received_total{protocol=\"udp\"}",
+            udp_answers + 2,
+        ),
+        (
+            "dns_proxy_queries_forwarded_total{protocol=\"udp\"}",
+            udp_answers,
+        ),
+        (
+            "dns_proxy_queries_received_total{protocol=\"tcp\"}",
+            tcp as u64,
+        ),
+        (
+            "dns_proxy_queries_forwarded_total{protocol=\"tcp\"}",
+            tcp as u64,
+        ),
+        (
+            "dns_proxy_answers_total{protocol=\"udp\",rcode=\"NOERROR\"}",
+            udp as u64,
+        ),
+        (
+            "dns_proxy_answers_total{protocol=\"udp\",rcode=\"REFUSED\"}",
+            1,
+        ),
+        (
+            "dns_proxy_answers_total{protocol=\"tcp\",rcode=\"NOERROR\"}",
+            tcp as u64,
+        ),
+        ("dns_proxy_tcp_connections_total", tcp as u64),
+        (
+            "dns_proxy_dropped_total{protocol=\"udp\",reason=\"malformed\"}",
+            2,
+        ),
+        (
+            "dns_proxy_dropped_total{protocol=\"udp\",reason=\"not_redirected\"}",
+            0,
+        ),
+        ("dns_proxy_upstream_timeouts_total{protocol=\"udp\"}", 0),
+        ("dns_proxy_upstream_errors_total{protocol=\"udp\"}", 0),
+        ("dns_proxy_inflight_queries{protocol=\"udp\"}", 0),
+        ("dns_proxy_inflight_queries{protocol=\"tcp\"}", 0),
+        (
+            "dns_proxy_query_duration_seconds_count{protocol=\"udp\"}",
+            udp_answers,
+        ),
+        (
+            "dns_proxy_query_duration_seconds_bucket{le=\"+Inf\",protocol=\"udp\"}",
+            udp_answers,
+        ),
+        (
+            "dns_proxy_query_duration_seconds_count{protocol=\"tcp\"}",
+            tcp as u64,
+        ),
+        // Kernel side: each UDP probe is one sendto (redirected) and one recvfrom (shown as
+        // from the server); each TCP probe one connect and one getpeername. The garbage was
+        // redirected and never answered.
+        (
+            "dns_proxy_kernel_redirected_total",
+            udp_answers + 2 + tcp as u64,
+        ),
+        (
+            "dns_proxy_kernel_reverse_translated_total",
+            udp_answers + tcp as u64,
+        ),
+        ("dns_proxy_kernel_skipped_excluded_total", 0),
+        ("dns_proxy_kernel_record_misses_total", 0),
+        ("dns_proxy_kernel_map_full_total", 0),
+    ] {
+        assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
+    }
+
+    // Stopping: not ready any more, while the metrics are still served during the drain.
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The cgroup `dns-proxy exec` made for its command, from its log.
+fn exec_cgroup_of(agent: &Agent) -> std::path::PathBuf {
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("started [") && line.contains(" in "))
+        .unwrap_or_else(|| panic!("no `started` line in:\n{log}"));
+    let path = line.rsplit(" in ").next().expect("a path").trim();
+    std::path::PathBuf::from(path)
+}
+
+#[test]
+fn exec_redirects_its_command_only_and_exits_with_its_status() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let server = format!("{SERVER_IP}:53");
+    // The command asks, then waits for a mark file so the test can ask from outside meanwhile.
+    let mark = std::env::temp_dir().join(format!("{}-exec-mark", topology.tag));
+    let script = format!(
+        "{PROBE} sendto {server} inside.example.test && \
+         while [ ! -e {mark} ]; do sleep 0.05; done; exit 7",
+        mark = mark.display()
+    );
+    let mut agent = Agent::exec(&topology.client, &[], &["sh", "-c", &script]);
+    forwarded(&agent, "inside.example.test");
+    let cgroup = exec_cgroup_of(&agent);
+    assert!(cgroup.is_dir(), "{}", cgroup.display());
+    assert!(
+        cgroup.starts_with(cgroup2_root()),
+        "{} is not a cgroup",
+        cgroup.display()
+    );
+
+    // A process of the same namespace, outside the command's cgroup: not redirected.
+    let outside = must(&mut topology.outsider(PROBE, &["sendto", &server, "outside.example.test"]));
+    assert_eq!(
+        String::from_utf8_lossy(&outside.stdout).trim(),
+        expected_probe_line()
+    );
+    fs::write(&mark, "").expect("write the mark");
+    let (status, stdout) = agent.wait_with_stdout(Duration::from_secs(15));
+    let _ = fs::remove_file(&mark);
+    assert_eq!(status.code(), Some(7), "{}", agent.log());
+    assert_eq!(stdout.trim(), expected_probe_line());
+    assert!(agent.query_line("outside.example.test").is_none());
+    assert_eq!(agent.answered_queries(), 1, "{}", agent.log());
+    assert!(!cgroup.exists(), "{} was left behind", cgroup.display());
+    // Its own port: a running agent on the usual port is not in the way.
+    assert!(!agent.log().contains(PROXY_LISTEN), "{}", agent.log());
+}
+
+#[test]
+fn exec_reports_a_missing_command_like_env_does() {
+    let topology = Topology::new();
+    let mut agent = Agent::exec(&topology.client, &[], &["/nonexistent/command"]);
+    let (status, _) = agent.wait_with_stdout(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(127), "{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("dns-proxy: error: cannot run \"/nonexistent/command\""),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A server in the server namespace that answers after [`SLOW_DELAY_MS`], so lookups are in
+/// flight at every moment, whenever an agent stops.
+fn slow_upstream(topology: &Topology) -> Process {
+    topology.add_server_address(SLOW_SERVER_IP.parse().unwrap());
+    let listen = format!("{SLOW_SERVER_IP}:53");
+    let mut command = topology.server.command(SLOW_UPSTREAM);
+    command.args([&listen, SLOW_DELAY_MS, &ANSWER_IP.to_string()]);
+    Process::spawn(&mut command)
+}
+
+/// steady-lookups as a workload against the slow upstream: four streams, each a lookup every
+/// 2 ms, 1 s per try and three tries, until its standard input closes.
+fn steady_lookups(topology: &Topology) -> Process {
+    let server = format!("{SLOW_SERVER_IP}:53");
+    let mut command = topology.workload(STEADY, &[&server, "1000", "3", "2", "4"]);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped());
+    Process::spawn(&mut command)
+}
+
+/// `lookups=N first_try=N retried=N failed=N` as numbers.
+fn outcome(line: &str) -> [u64; 4] {
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.split_once('=')?.1.parse().ok())
+        .collect();
+    numbers
+        .try_into()
+        .unwrap_or_else(|_| panic!("not an outcome line: {line}"))
+}
+
+/// Waits until the agent has answered at least `count` queries.
+fn wait_answered(agent: &Agent, count: usize) {
+    wait_for(
+        &format!("the agent to answer {count} lookups"),
+        Duration::from_secs(10),
+        || (agent.answered_queries() >= count).then_some(()),
+    );
+}
+
+/// What happened to a steady stream of lookups while its agent was stopped and another started.
+struct Restart {
+    lookups: u64,
+    retried: u64,
+    failed: u64,
+    answered_by_first: usize,
+    answered_by_second: usize,
+}
+
+/// Runs the slow upstream, an agent and a steady stream of lookups; stops the agent with
+/// `signal`, waits `gap` (the lookups go on, straight to the server), starts a new agent the
+/// same way, with no clean-up in between, and counts every lookup's outcome.
+fn restart_under_load(signal: i32, gap: Duration) -> Restart {
+    let topology = Topology::new();
+    let _server = slow_upstream(&topology);
+    let mut first = Agent::start(&topology, &[]);
+    let mut load = steady_lookups(&topology);
+    wait_answered(&first, 100);
+
+    first.process().signal(signal);
+    let status = first.process().wait_exit(Duration::from_secs(15));
+    if signal == libc::SIGTERM {
+        assert!(status.success(), "{status}:\n{}", first.log());
+    }
+    std::thread::sleep(gap);
+    let second = Agent::start(&topology, &[]);
+    wait_answered(&second, 100);
+
+    let line = load.finish_with_stdout(Duration::from_secs(10));
+    eprintln!("across a restart (signal {signal}): {}", line.trim());
+    let [lookups, _first_try, retried, failed] = outcome(&line);
+    assert!(lookups >= 100, "only {lookups} lookups");
+    Restart {
+        lookups,
+        retried,
+        failed,
+        answered_by_first: first.answered_queries(),
+        answered_by_second: second.answered_queries(),
+    }
+}
+
+#[test]
+fn a_graceful_restart_under_steady_lookups_loses_none() {
+    let restart = restart_under_load(libc::SIGTERM, Duration::from_millis(500));
+    // Not even a first try: what was in flight was answered before the agent let go.
+    assert_eq!((restart.failed, restart.retried), (0, 0));
+    // Some went direct in the gap: fewer answered through the agents than were made.
+    assert!(((restart.answered_by_first + restart.answered_by_second) as u64) < restart.lookups);
+}
+
+#[test]
+fn after_sigkill_lookups_go_direct_and_a_restarted_agent_takes_over() {
+    let restart = restart_under_load(libc::SIGKILL, Duration::from_millis(1500));
+    // A lookup in flight at the kill loses its first try (its answer had nowhere to go); the
+    // retry, from a new socket, goes direct. Nothing fails.
+    assert_eq!(restart.failed, 0);
+    assert!(
+        restart.retried <= 4,
+        "{} lookups needed a retry (4 streams)",
+        restart.retried
+    );
+    // Fail-open: lookups were answered while no agent ran.
+    assert!(((restart.answered_by_first + restart.answered_by_second) as u64) < restart.lookups);
+}
+
+/// The capabilities a deployment file grants, from `CapabilityBoundingSet=` (systemd) or the
+/// container's `capabilities.add` (Kubernetes), as lower-case names without `cap_`.
+fn granted_capabilities(file: &str) -> Vec<String> {
+    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file))
+        .unwrap_or_else(|err| panic!("{file}: {err}"));
+    let list = text
+        .lines()
+        .find_map(|line| {
+            let line = line.trim();
+            line.strip_prefix("CapabilityBoundingSet=")
+                .map(|caps| {
+                    caps.split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .or_else(|| {
+                    let caps = line.strip_prefix("add: [")?.strip_suffix(']')?;
+                    caps.split(',')
+                        .map(|cap| cap.trim().trim_matches('"').to_owned())
+                        .collect::<Vec<_>>()
+                        .into()
+                })
+                // The init container's single NET_ADMIN is not the agent's list.
+                .filter(|caps| caps.len() > 1)
+        })
+        .unwrap_or_else(|| panic!("no capability list in {file}"));
+    let mut caps: Vec<String> = list
+        .iter()
+        .map(|cap| cap.to_lowercase().trim_start_matches("cap_").to_owned())
+        .collect();
+    caps.sort();
+    caps
+}
+
+#[test]
+fn the_agent_works_with_only_the_capabilities_the_deployments_grant() {
+    let systemd = granted_capabilities("deploy/systemd/dns-proxy.service");
+    let kubernetes = granted_capabilities("deploy/kubernetes/dns-proxy.yaml");
+    assert_eq!(
+        systemd, kubernetes,
+        "the two deployments grant different sets"
+    );
+
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let bounding: Vec<String> = systemd.iter().map(|cap| format!("+{cap}")).collect();
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg("setpriv")
+        .arg("--no-new-privs")
+        .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+        .arg("--inh-caps=-all")
+        .arg(agent_binary())
+        .arg("run")
+        .arg(format!("--cgroup={}", topology.cgroup.path.display()))
+        // Port 53, as on a node.
+        .arg("--listen=127.0.0.1:53")
+        .env("RUST_LOG", "info,dns_proxy=debug")
+        .stdout(Stdio::null());
+    let agent = Agent::spawn(command);
+    let name = "capabilities.example.test";
+    assert_eq!(probe(&topology, "sendto", name), expected_probe_line());
+    forwarded(&agent, name);
+}
