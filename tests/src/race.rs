@@ -14,7 +14,7 @@ use crate::{Agent, DnsServer, Process, SERVER_IP, Topology, must};
 /// The uid the classic forwarder runs as, which the iptables owner match exempts.
 pub const PROXY_UID: u32 = 1053;
 /// The port iptables REDIRECTs DNS to, in the classic modes.
-const REDIRECT_PORT: u16 = 8053;
+pub(crate) const REDIRECT_PORT: u16 = 8053;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -140,7 +140,7 @@ pub fn run(mode: Mode, settings: &Settings, tools: &Tools<'_>) -> Outcome {
 
 /// The classic rules, in the workload's namespace only: DNS to port 53 is REDIRECTed to the
 /// forwarder unless it comes from the forwarder's uid.
-fn install_classic_rules(netns: &str, notrack: bool) {
+pub(crate) fn install_classic_rules(netns: &str, notrack: bool) {
     let mut rules = vec![
         format!("-t nat -A OUTPUT -p udp --dport 53 -m owner --uid-owner {PROXY_UID} -j RETURN"),
         format!("-t nat -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {REDIRECT_PORT}"),
@@ -221,7 +221,7 @@ impl Interceptor {
 }
 
 /// The number after `name=` in a line of `key=value` fields.
-fn field(text: &str, name: &str) -> u64 {
+pub(crate) fn field(text: &str, name: &str) -> u64 {
     let prefix = format!("{name}=");
     text.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&prefix))

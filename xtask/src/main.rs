@@ -47,6 +47,18 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "iptables,iptables+notrack,agent", value_parser = parse_mode)]
         modes: Vec<race::Mode>,
     },
+    /// dns-proxy side by side with the direct path and with iptables REDIRECT to dnsdist:
+    /// throughput, latency, CPU, memory, and the kernel side's syscall cost (needs root).
+    /// Release builds; topologies of its own, removed afterwards. See docs/performance.md.
+    Bench {
+        /// Rounds; every configuration runs once per round, interleaved, and medians are
+        /// reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Length of each dnsperf run.
+        #[arg(long, value_name = "SECONDS", default_value_t = 4)]
+        seconds: u64,
+    },
     /// Set up, then run every test, the privileged integration tests included (needs root).
     Test {
         /// Passed to `cargo test` (a filter, `--nocapture`, ...).
@@ -62,6 +74,14 @@ fn main() -> Result<()> {
         Task::Setup { tests } => provision::setup(tests),
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
+        Task::Bench { rounds, seconds } => {
+            let settings = tests::bench::Settings {
+                rounds,
+                duration: std::time::Duration::from_secs(seconds),
+                ..Default::default()
+            };
+            run_bench(&root, &settings)
+        }
         Task::Race {
             lookups,
             port_range,
@@ -100,15 +120,7 @@ fn run_race(root: &std::path::Path, settings: &race::Settings, modes: &[race::Mo
         bail!("the race needs root (network namespaces, iptables in them, eBPF); run it as root");
     }
     provision::setup(true)?;
-    shell::run(cargo().current_dir(root).args([
-        "build",
-        "--package",
-        "dns-proxy",
-        "--package",
-        "tests",
-        "--bins",
-    ]))?;
-    let bin = root.join("target/debug");
+    let bin = build_agent_and_test_tools(root, "debug")?;
     let (classic_forwarder, lookup_load) = (bin.join("classic-forwarder"), bin.join("lookup-load"));
     let tools = race::Tools {
         classic_forwarder: &classic_forwarder,
@@ -132,6 +144,42 @@ fn run_race(root: &std::path::Path, settings: &race::Settings, modes: &[race::Mo
     }
     print!("{}", race::table(&outcomes));
     Ok(())
+}
+
+fn run_bench(root: &std::path::Path, settings: &tests::bench::Settings) -> Result<()> {
+    if !shell::is_root() {
+        bail!("the benchmark needs root (network namespaces, iptables in them, eBPF)");
+    }
+    provision::setup(true)?;
+    provision::bench_tools()?;
+    let bin = build_agent_and_test_tools(root, "release")?;
+    let (agent, test_upstream, syscall_cost) = (
+        bin.join("dns-proxy"),
+        bin.join("test-upstream"),
+        bin.join("syscall-cost"),
+    );
+    let tools = tests::bench::Tools {
+        agent: &agent,
+        test_upstream: &test_upstream,
+        syscall_cost: &syscall_cost,
+    };
+    print!("{}", tests::bench::run(settings, &tools));
+    Ok(())
+}
+
+/// Builds the agent and the test crate's tools with `profile`; returns their directory.
+fn build_agent_and_test_tools(root: &std::path::Path, profile: &str) -> Result<PathBuf> {
+    shell::run(cargo().current_dir(root).args([
+        "build",
+        "--profile",
+        if profile == "debug" { "dev" } else { profile },
+        "--package",
+        "dns-proxy",
+        "--package",
+        "tests",
+        "--bins",
+    ]))?;
+    Ok(root.join("target").join(profile))
 }
 
 fn workspace_root() -> PathBuf {

@@ -92,6 +92,24 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
 /// target/ (pinned, so the check is the same on every machine).
 const DEPLOY_CHECK_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "dockerfile-parse==2.0.1"];
 
+/// The load generator and the classic proxy `cargo xtask bench` compares against.
+pub fn bench_tools() -> Result<()> {
+    let mut apt = Apt::default();
+    for (program, package, why) in [
+        ("dnsperf", "dnsperf", "the benchmark's load generator"),
+        (
+            "dnsdist",
+            "dnsdist",
+            "the classic proxy the benchmark compares against (run only in test namespaces)",
+        ),
+    ] {
+        if !has_program(program) {
+            apt.install(&[package], why)?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes (or reuses) the virtualenv `venv` holding [`DEPLOY_CHECK_TOOLS`].
 pub fn deploy_check_tools(venv: &Path) -> Result<()> {
     let pip = venv.join("bin/pip");

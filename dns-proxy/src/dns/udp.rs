@@ -1,14 +1,16 @@
 //! The UDP listener: each redirected query is forwarded, unaltered, to the server its client
 //! asked for, from a fresh socket on a random port, and the answer is relayed back unaltered.
 use std::{
+    cell::RefCell,
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use dns_proxy_common::IPPROTO_UDP;
+use socket2::{Domain, Socket, Type};
 use tokio::{net::UdpSocket, sync::Semaphore, time::timeout};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -99,6 +101,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
+    /// What the receive loop does with a datagram: only the cheap checks, so that it gets back
+    /// to receiving at once; the rest happens in the query's own task, on any worker.
     fn handle(self: &Arc<Self>, datagram: &[u8], client: SocketAddr) {
         Stats::add(&self.stats.udp.received);
         if !wire::is_query(datagram) {
@@ -107,18 +111,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 "dropping {} bytes from {client}: not a DNS query",
                 datagram.len()
             );
-            return;
-        }
-        let Some(original) = self.destinations.original_destination(client, IPPROTO_UDP) else {
-            // Only clients the kernel redirected have a server to go to.
-            Stats::add(&self.stats.udp.dropped_not_redirected);
-            log::debug!("dropping query from {client}: not a redirected client");
-            return;
-        };
-        let upstream = self.settings.upstream_override.unwrap_or(original);
-        if upstream == self.local_addr {
-            Stats::add(&self.stats.udp.dropped_loop);
-            log::warn!("dropping query from {client}: its upstream {upstream} is this proxy");
             return;
         }
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
@@ -135,11 +127,31 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let proxy = Arc::clone(self);
         let started = Instant::now();
         self.tasks.spawn(async move {
-            proxy
-                .forward(query, client, original, upstream, started)
-                .await;
+            if let Some((original, upstream)) = proxy.route(client) {
+                proxy
+                    .forward(query, client, original, upstream, started)
+                    .await;
+            }
             drop(permit);
         });
+    }
+
+    /// Where the query of `client` goes: (the server it asked, the upstream to send it to);
+    /// `None` if it must be dropped.
+    fn route(&self, client: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
+        let Some(original) = self.destinations.original_destination(client, IPPROTO_UDP) else {
+            // Only clients the kernel redirected have a server to go to.
+            Stats::add(&self.stats.udp.dropped_not_redirected);
+            log::debug!("dropping query from {client}: not a redirected client");
+            return None;
+        };
+        let upstream = self.settings.upstream_override.unwrap_or(original);
+        if upstream == self.local_addr {
+            Stats::add(&self.stats.udp.dropped_loop);
+            log::warn!("dropping query from {client}: its upstream {upstream} is this proxy");
+            return None;
+        }
+        Some((original, upstream))
     }
 
     async fn forward(
@@ -190,29 +202,34 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 }
 
+thread_local! {
+    /// Where answers are received, one per worker thread: no waiting query holds a buffer,
+    /// and no answer costs a 64 KiB allocation, only a copy of its own size.
+    static RECEIVE_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; wire::MAX_UDP_MESSAGE]);
+}
+
 /// Sends `query` to `upstream` from a fresh connected socket (a random source port, and the
 /// kernel drops datagrams from anyone but `upstream`) and returns the first datagram that
 /// answers it.
 async fn exchange(query: &[u8], upstream: SocketAddr) -> io::Result<Vec<u8>> {
-    let any: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(any).await?;
-    socket.connect(upstream).await?;
+    let domain = Domain::for_address(upstream);
+    let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
+    // connect binds it to a random port: no separate bind.
+    socket.connect(&upstream.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
     socket.send(query).await?;
     let id = wire::message_id(query).unwrap_or_default();
     loop {
         socket.readable().await?;
-        // Allocated only once an answer is there, so waiting queries hold no buffer.
-        let mut answer = vec![0u8; wire::MAX_UDP_MESSAGE];
-        match socket.try_recv(&mut answer) {
-            Ok(len) if wire::is_response_to(&answer[..len], id) => {
-                answer.truncate(len);
-                return Ok(answer);
-            }
-            Ok(len) => {
-                log::debug!("ignoring {len} bytes from {upstream}: not the answer to query {id}")
+        let received = RECEIVE_BUFFER.with_borrow_mut(|buffer| {
+            let len = socket.try_recv(buffer)?;
+            let datagram = &buffer[..len];
+            Ok::<_, io::Error>(wire::is_response_to(datagram, id).then(|| datagram.to_vec()))
+        });
+        match received {
+            Ok(Some(answer)) => return Ok(answer),
+            Ok(None) => {
+                log::debug!("ignoring a datagram from {upstream}: not the answer to query {id}")
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             Err(err) => return Err(err),

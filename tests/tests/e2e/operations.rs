@@ -7,7 +7,7 @@ use tests::{Process, cgroup2_root, http_get, in_cgroup_and_netns, metric};
 use super::*;
 
 const STEADY: &str = env!("CARGO_BIN_EXE_steady-lookups");
-const SLOW_UPSTREAM: &str = env!("CARGO_BIN_EXE_slow-upstream");
+const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 /// Where the slow upstream listens, in the server namespace.
 const SLOW_SERVER_IP: &str = "192.0.2.5";
 /// How long the slow upstream takes to answer.
@@ -306,7 +306,7 @@ fn exec_reports_a_missing_command_like_env_does() {
 fn slow_upstream(topology: &Topology) -> Process {
     topology.add_server_address(SLOW_SERVER_IP.parse().unwrap());
     let listen = format!("{SLOW_SERVER_IP}:53");
-    let mut command = topology.server.command(SLOW_UPSTREAM);
+    let mut command = topology.server.command(TEST_UPSTREAM);
     command.args([&listen, SLOW_DELAY_MS, &ANSWER_IP.to_string()]);
     Process::spawn(&mut command)
 }

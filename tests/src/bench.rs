@@ -1,0 +1,543 @@
+//! `cargo xtask bench`: dns-proxy side by side with the direct path and with the classic
+//! design (iptables REDIRECT to dnsdist), in one run, several rounds interleaved.
+//!
+//! Each configuration gets a topology of its own: dnsperf as a workload (in the test cgroup, in
+//! the client namespace) and the upstream (`test-upstream`, a minimal responder that answers
+//! every query at once) in the server namespace behind a veth pair. The same upstream, the
+//! same query file and the same dnsperf settings for every row.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::{
+    ANSWER_IP, Agent, Process, SERVER_IP, Topology, must,
+    race::{PROXY_UID, REDIRECT_PORT, field, install_classic_rules},
+    wait_for,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Config {
+    /// No interception: the physical ceiling.
+    Direct,
+    /// dns-proxy's eBPF redirect and forwarder.
+    Agent,
+    /// iptables REDIRECT (with the owner exemption) to dnsdist.
+    IptablesDnsdist,
+}
+
+impl Config {
+    pub const ALL: [Config; 3] = [Config::Direct, Config::Agent, Config::IptablesDnsdist];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::Direct => "direct",
+            Config::Agent => "agent",
+            Config::IptablesDnsdist => "iptables+dnsdist",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub rounds: u32,
+    /// Each dnsperf run's length.
+    pub duration: Duration,
+    /// Offered loads for the latency-under-load rows, queries/s.
+    pub loads: Vec<u32>,
+    /// Lookups per syscall-cost measurement.
+    pub syscall_lookups: u32,
+    /// Queries in flight for the memory measurement.
+    pub inflight: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            duration: Duration::from_secs(4),
+            loads: vec![5_000, 20_000],
+            syscall_lookups: 20_000,
+            inflight: 10_000,
+        }
+    }
+}
+
+/// The helper binaries of the `tests` crate a run needs.
+pub struct Tools<'a> {
+    /// The agent binary (a release build: it is the one measured).
+    pub agent: &'a Path,
+    pub test_upstream: &'a Path,
+    pub syscall_cost: &'a Path,
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+/// One configuration's measurements in one round.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub config: Config,
+    /// Closed loop (100 outstanding): queries/s answered, and the share lost.
+    pub max_qps: f64,
+    pub lost_percent: f64,
+    /// Latency at each of `Settings::loads`.
+    pub under_load: Vec<Latency>,
+    /// One query outstanding at a time.
+    pub single: Latency,
+    /// The proxy's CPU time per 100k queries of the closed-loop run, in seconds (0 for direct).
+    pub cpu_per_100k: f64,
+    /// The proxy's peak resident memory over the round, MiB (0 for direct).
+    pub peak_rss_mib: f64,
+    /// The client's syscall time per lookup of a fresh socket (median), nanoseconds.
+    pub syscall_ns: f64,
+}
+
+/// The interception a configuration puts between dnsperf and the upstream.
+enum Interceptor {
+    None,
+    Agent(Agent),
+    Dnsdist(Process, PathBuf),
+}
+
+impl Interceptor {
+    fn start(
+        config: Config,
+        topology: &Topology,
+        tools: &Tools<'_>,
+        extra_agent_args: &[&str],
+    ) -> Self {
+        match config {
+            Config::Direct => Interceptor::None,
+            Config::Agent => Interceptor::Agent(start_agent(topology, tools, extra_agent_args)),
+            Config::IptablesDnsdist => {
+                install_classic_rules(&topology.client.name, false);
+                let (process, conf) = start_dnsdist(topology);
+                Interceptor::Dnsdist(process, conf)
+            }
+        }
+    }
+
+    fn pid(&mut self) -> Option<u32> {
+        match self {
+            Interceptor::None => None,
+            Interceptor::Agent(agent) => Some(agent.process().id()),
+            Interceptor::Dnsdist(process, _) => Some(process.id()),
+        }
+    }
+
+    /// (user + system CPU seconds, peak RSS in MiB) of the proxy so far.
+    fn usage(&mut self) -> (f64, f64) {
+        let Some(pid) = self.pid() else {
+            return (0.0, 0.0);
+        };
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the proxy's stat");
+        // Fields after the command name (which may hold spaces): state is field 3; utime and
+        // stime are fields 14 and 15.
+        let after_name = stat.rsplit_once(')').expect("stat format").1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no memory effects.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let hwm_kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM");
+        (ticks / per_second, hwm_kib / 1024.0)
+    }
+}
+
+impl Drop for Interceptor {
+    fn drop(&mut self) {
+        if let Interceptor::Dnsdist(_, conf) = self {
+            let _ = fs::remove_file(conf);
+        }
+    }
+}
+
+/// The agent, release build, logging at info (a debug line per query would be the benchmark).
+fn start_agent(topology: &Topology, tools: &Tools<'_>, extra_args: &[&str]) -> Agent {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(tools.agent)
+        .arg("run")
+        .arg(format!("--cgroup={}", topology.cgroup.path.display()))
+        .arg(format!("--listen={}", crate::PROXY_LISTEN))
+        .args(extra_args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null());
+    Agent::spawn(command)
+}
+
+/// dnsdist with its defaults, listening where REDIRECT sends the queries, forwarding to the
+/// upstream, as the uid the iptables rules exempt. No packet cache: every row asks the upstream.
+fn start_dnsdist(topology: &Topology) -> (Process, PathBuf) {
+    let conf = std::env::temp_dir().join(format!("{}-dnsdist.conf", topology.tag));
+    fs::write(
+        &conf,
+        format!(
+            "setLocal(\"127.0.0.1:{REDIRECT_PORT}\")\n\
+             -- Health checks patient enough for the upstream that takes a second.\n\
+             newServer({{address=\"{SERVER_IP}:53\", checkTimeout=5000}})\n\
+             -- REDIRECT keeps the workload's source address: accept it.\n\
+             setACL({{\"0.0.0.0/0\", \"::/0\"}})\n\
+             setSecurityPollSuffix(\"\")\n"
+        ),
+    )
+    .expect("write the dnsdist configuration");
+    let mut command = topology.client.command("setpriv");
+    command
+        .arg(format!("--reuid={PROXY_UID}"))
+        .arg(format!("--regid={PROXY_UID}"))
+        .args([
+            "--clear-groups",
+            "--",
+            "dnsdist",
+            "--supervised",
+            "--disable-syslog",
+        ])
+        .arg("-C")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = Process::spawn(&mut command);
+    wait_until_answered("dnsdist", || topology.workload("dig", &READY_DIG));
+    (process, conf)
+}
+
+/// A lookup that tells a server (or the path to it) is up: a one-shot dig, patient enough for
+/// the upstream that takes a second.
+const READY_DIG: [&str; 5] = [
+    "+short",
+    "+tries=1",
+    "+time=3",
+    "@192.0.2.2",
+    "ready.example.test",
+];
+
+/// Waits until `dig` (a command running [`READY_DIG`]) prints the upstream's answer.
+fn wait_until_answered(what: &str, dig: impl Fn() -> Command) {
+    wait_for(
+        &format!("{what} to answer"),
+        Duration::from_secs(20),
+        || {
+            let output = dig().output().ok()?;
+            String::from_utf8_lossy(&output.stdout)
+                .contains(&ANSWER_IP.to_string())
+                .then_some(())
+        },
+    );
+}
+
+/// The upstream every row uses.
+fn start_upstream(topology: &Topology, tools: &Tools<'_>, delay_ms: u32) -> Process {
+    let mut command = topology
+        .server
+        .command(tools.test_upstream.to_str().expect("UTF-8"));
+    command
+        .arg(format!("{SERVER_IP}:53"))
+        .arg(delay_ms.to_string())
+        .arg(ANSWER_IP.to_string())
+        .stdout(Stdio::null());
+    let upstream = Process::spawn(&mut command);
+    wait_until_answered("the upstream", || topology.outsider("dig", &READY_DIG));
+    upstream
+}
+
+/// A query file of distinct names (the upstream answers any), shared by every run.
+fn query_file() -> PathBuf {
+    let path = std::env::temp_dir().join("dns-proxy-bench-queries.txt");
+    let names: String = (0..10_000)
+        .map(|i| format!("q{i}.example.test A\n"))
+        .collect();
+    fs::write(&path, names).expect("write the query file");
+    path
+}
+
+/// The output of one dnsperf run as a workload.
+fn dnsperf(topology: &Topology, queries: &Path, args: &[String]) -> String {
+    let mut all = vec![
+        "-s".to_owned(),
+        SERVER_IP.to_string(),
+        "-d".to_owned(),
+        queries.display().to_string(),
+        "-t".to_owned(),
+        "2".to_owned(),
+    ];
+    all.extend_from_slice(args);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let output = must(&mut topology.workload("dnsperf", &all));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The number after `label` on its line of dnsperf's statistics.
+fn statistic(output: &str, label: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in dnsperf's output:\n{output}"))
+}
+
+/// Percentiles of the per-query latencies dnsperf -v prints (`> NOERROR name A 0.000123`).
+fn latencies(output: &str) -> Latency {
+    let mut us: Vec<f64> = output
+        .lines()
+        .filter(|line| line.starts_with("> "))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|seconds| seconds * 1e6)
+        .collect();
+    assert!(!us.is_empty(), "no per-query lines in dnsperf's output");
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+    Latency {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+    }
+}
+
+/// Measures one configuration in a topology of its own.
+pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measurement {
+    let topology = Topology::new();
+    let _upstream = start_upstream(&topology, tools, 0);
+    let mut interceptor = Interceptor::start(config, &topology, tools, &[]);
+    let queries = query_file();
+    let seconds = settings.duration.as_secs().max(1).to_string();
+
+    // Warm up, then the closed loop: as fast as answers come, 100 outstanding.
+    dnsperf(&topology, &queries, &["-l".into(), "1".into()]);
+    let (cpu_before, _) = interceptor.usage();
+    let closed = dnsperf(&topology, &queries, &["-l".into(), seconds.clone()]);
+    let (cpu_after, _) = interceptor.usage();
+    let completed = statistic(&closed, "Queries completed:");
+    let sent = statistic(&closed, "Queries sent:");
+
+    let under_load = settings
+        .loads
+        .iter()
+        .map(|qps| {
+            latencies(&dnsperf(
+                &topology,
+                &queries,
+                &[
+                    "-l".into(),
+                    seconds.clone(),
+                    "-Q".into(),
+                    qps.to_string(),
+                    "-v".into(),
+                ],
+            ))
+        })
+        .collect();
+    let single = latencies(&dnsperf(
+        &topology,
+        &queries,
+        &[
+            "-l".into(),
+            seconds.clone(),
+            "-q".into(),
+            "1".into(),
+            "-v".into(),
+        ],
+    ));
+    let (_, peak_rss_mib) = interceptor.usage();
+
+    let syscall_cost = tools.syscall_cost.to_str().expect("UTF-8");
+    let server = format!("{SERVER_IP}:53");
+    let count = settings.syscall_lookups.to_string();
+    let output = must(&mut topology.workload(syscall_cost, &[&server, &count]));
+    let syscall_ns = field(&String::from_utf8_lossy(&output.stdout), "median_ns") as f64;
+
+    Measurement {
+        config,
+        max_qps: statistic(&closed, "Queries per second:"),
+        lost_percent: if sent > 0.0 {
+            100.0 * (sent - completed) / sent
+        } else {
+            0.0
+        },
+        under_load,
+        single,
+        cpu_per_100k: if completed > 0.0 {
+            (cpu_after - cpu_before) / completed * 100_000.0
+        } else {
+            0.0
+        },
+        peak_rss_mib,
+        syscall_ns,
+    }
+}
+
+/// The proxy's peak RSS (MiB) with `settings.inflight` queries in flight: dnsperf keeps that
+/// many outstanding against an upstream that answers after a second.
+pub fn peak_rss_in_flight(config: Config, settings: &Settings, tools: &Tools<'_>) -> f64 {
+    let topology = Topology::new();
+    let _upstream = start_upstream(&topology, tools, 1_000);
+    let limit = (settings.inflight * 2).to_string();
+    let args: Vec<String> = match config {
+        Config::Agent => vec![format!("--max-inflight={limit}")],
+        _ => Vec::new(),
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut interceptor = Interceptor::start(config, &topology, tools, &args);
+    let queries = query_file();
+    dnsperf(
+        &topology,
+        &queries,
+        &[
+            "-l".into(),
+            "4".into(),
+            "-q".into(),
+            settings.inflight.to_string(),
+            "-t".into(),
+            "3".into(),
+        ],
+    );
+    interceptor.usage().1
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs every configuration `settings.rounds` times, interleaved, and returns the report.
+pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
+    let in_flight: Vec<(Config, f64)> = [Config::Agent, Config::IptablesDnsdist]
+        .into_iter()
+        .map(|config| {
+            eprintln!(
+                "bench: memory with {} queries in flight: {}",
+                settings.inflight,
+                config.name()
+            );
+            (config, peak_rss_in_flight(config, settings, tools))
+        })
+        .collect();
+    let mut rounds: Vec<Vec<Measurement>> = Vec::new();
+    for round in 1..=settings.rounds {
+        let mut this_round = Vec::new();
+        for config in Config::ALL {
+            eprintln!(
+                "bench: round {round}/{}: {}",
+                settings.rounds,
+                config.name()
+            );
+            this_round.push(measure(config, settings, tools));
+        }
+        rounds.push(this_round);
+    }
+    report(settings, &rounds, &in_flight)
+}
+
+/// Medians over the rounds of one configuration's measurement `get`.
+fn median_of(
+    rounds: &[Vec<Measurement>],
+    config: Config,
+    get: impl Fn(&Measurement) -> f64,
+) -> f64 {
+    median(
+        rounds
+            .iter()
+            .flat_map(|round| round.iter().filter(|m| m.config == config).map(&get))
+            .collect(),
+    )
+}
+
+fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config, f64)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} rounds, interleaved; medians. dnsperf {} s runs, upstream: test-upstream (answers at once).\n",
+        rounds.len(),
+        settings.duration.as_secs()
+    );
+    let _ = write!(out, "{:<17} {:>10} {:>7}", "config", "max qps", "lost %");
+    for qps in &settings.loads {
+        let _ = write!(out, " {:>23}", format!("@{qps}/s p50/p99/p99.9 us"));
+    }
+    let _ = writeln!(
+        out,
+        " {:>17} {:>13} {:>9} {:>11}",
+        "1-out p50/p99 us", "cpu s/100k q", "peak MiB", "syscall ns"
+    );
+    for config in Config::ALL {
+        let m = |get: &dyn Fn(&Measurement) -> f64| median_of(rounds, config, get);
+        let _ = write!(
+            out,
+            "{:<17} {:>10.0} {:>7.2}",
+            config.name(),
+            m(&|x| x.max_qps),
+            m(&|x| x.lost_percent)
+        );
+        for i in 0..settings.loads.len() {
+            let _ = write!(
+                out,
+                " {:>23}",
+                format!(
+                    "{:.0}/{:.0}/{:.0}",
+                    m(&|x| x.under_load[i].p50),
+                    m(&|x| x.under_load[i].p99),
+                    m(&|x| x.under_load[i].p999)
+                )
+            );
+        }
+        let _ = writeln!(
+            out,
+            " {:>17} {:>13.3} {:>9.1} {:>11.0}",
+            format!("{:.0}/{:.0}", m(&|x| x.single.p50), m(&|x| x.single.p99)),
+            m(&|x| x.cpu_per_100k),
+            m(&|x| x.peak_rss_mib),
+            m(&|x| x.syscall_ns)
+        );
+    }
+
+    let qps = |config| median_of(rounds, config, |x| x.max_qps);
+    let single = |config| median_of(rounds, config, |x| x.single.p50);
+    let syscall = |config| median_of(rounds, config, |x| x.syscall_ns);
+    let (direct, agent, dnsdist) = (Config::Direct, Config::Agent, Config::IptablesDnsdist);
+    let _ = writeln!(out, "\nRatios (of medians):");
+    let _ = writeln!(
+        out,
+        "  max qps: agent/direct {:.2}, iptables+dnsdist/direct {:.2}, agent/iptables+dnsdist {:.2}",
+        qps(agent) / qps(direct),
+        qps(dnsdist) / qps(direct),
+        qps(agent) / qps(dnsdist)
+    );
+    let _ = writeln!(
+        out,
+        "  single-query p50 added over direct: agent {:.1} us, iptables+dnsdist {:.1} us",
+        single(agent) - single(direct),
+        single(dnsdist) - single(direct)
+    );
+    let _ = writeln!(
+        out,
+        "  kernel side, client syscalls per lookup added over direct: agent {:.0} ns, \
+         iptables REDIRECT {:.0} ns (ratio {:.2})",
+        syscall(agent) - syscall(direct),
+        syscall(dnsdist) - syscall(direct),
+        (syscall(agent) - syscall(direct)) / (syscall(dnsdist) - syscall(direct))
+    );
+    let _ = writeln!(
+        out,
+        "\nPeak RSS with {} queries in flight:",
+        settings.inflight
+    );
+    for (config, mib) in in_flight {
+        let _ = writeln!(out, "  {:<17} {:.1} MiB", config.name(), mib);
+    }
+    out
+}
