@@ -179,6 +179,7 @@ impl Collector for AgentCollector {
                 ("not_redirected", &stats.dropped_not_redirected),
                 ("overload", &stats.dropped_overload),
                 ("loop", &stats.dropped_loop),
+                ("stray", &stats.dropped_stray),
             ] {
                 dropped.push(([("protocol", protocol), ("reason", reason)], load(counter)));
             }
@@ -191,7 +192,8 @@ impl Collector for AgentCollector {
             &mut encoder,
             "dropped",
             "Messages (UDP) or connections (TCP) dropped, by reason: not a DNS query, from a \
-             client the kernel did not redirect, beyond a limit, or headed back to the proxy.",
+             client the kernel did not redirect, beyond a limit, headed back to the proxy, or \
+             (stray) a datagram from upstream that answers no query in flight.",
             &samples,
         )?;
 

@@ -97,8 +97,12 @@ pub struct Measurement {
     pub cpu_per_100k: f64,
     /// The proxy's peak resident memory over the round, MiB (0 for direct).
     pub peak_rss_mib: f64,
-    /// The client's syscall time per lookup of a fresh socket (median), nanoseconds.
+    /// The client's syscall time per lookup of a fresh socket (median), nanoseconds: all of
+    /// it, and `connect`, `send` and `recv` alone.
     pub syscall_ns: f64,
+    pub connect_ns: f64,
+    pub send_ns: f64,
+    pub recv_ns: f64,
 }
 
 /// The interception a configuration puts between dnsperf and the upstream.
@@ -224,6 +228,16 @@ const READY_DIG: [&str; 5] = [
     "+tries=1",
     "+time=3",
     "@192.0.2.2",
+    "ready.example.test",
+];
+
+/// The server on the client namespace's loopback that the kernel-side measurement asks.
+const LOCAL_SERVER: &str = "127.0.0.53";
+const READY_DIG_LOCAL: [&str; 5] = [
+    "+short",
+    "+tries=1",
+    "+time=3",
+    "@127.0.0.53",
     "ready.example.test",
 ];
 
@@ -355,11 +369,24 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
     ));
     let (_, peak_rss_mib) = interceptor.usage();
 
+    // The kernel side: lookups to a server on the client namespace's loopback, so that every
+    // configuration delivers over loopback (to that server, the agent, or dnsdist) and only
+    // the interception differs in the client's syscalls.
+    let local = format!("{LOCAL_SERVER}:53");
+    let mut command = topology.outsider(tools.test_upstream.to_str().expect("UTF-8"), &[]);
+    command
+        .args([local.as_str(), "0", &ANSWER_IP.to_string()])
+        .stdout(Stdio::null());
+    let _local_server = Process::spawn(&mut command);
+    wait_until_answered("the local server", || {
+        topology.outsider("dig", &READY_DIG_LOCAL)
+    });
     let syscall_cost = tools.syscall_cost.to_str().expect("UTF-8");
-    let server = format!("{SERVER_IP}:53");
+    let server = local;
     let count = settings.syscall_lookups.to_string();
     let output = must(&mut topology.workload(syscall_cost, &[&server, &count]));
-    let syscall_ns = field(&String::from_utf8_lossy(&output.stdout), "median_ns") as f64;
+    let syscall = String::from_utf8_lossy(&output.stdout).into_owned();
+    let syscall_field = |name| field(&syscall, name) as f64;
 
     Measurement {
         config,
@@ -377,7 +404,10 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
             0.0
         },
         peak_rss_mib,
-        syscall_ns,
+        syscall_ns: syscall_field("median_ns"),
+        connect_ns: syscall_field("connect_ns"),
+        send_ns: syscall_field("send_ns"),
+        recv_ns: syscall_field("recv_ns"),
     }
 }
 
@@ -471,8 +501,8 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
     }
     let _ = writeln!(
         out,
-        " {:>17} {:>13} {:>9} {:>11}",
-        "1-out p50/p99 us", "cpu s/100k q", "peak MiB", "syscall ns"
+        " {:>17} {:>13} {:>9} {:>27}",
+        "1-out p50/p99 us", "cpu s/100k q", "peak MiB", "syscall ns all/conn/send/recv"
     );
     for config in Config::ALL {
         let m = |get: &dyn Fn(&Measurement) -> f64| median_of(rounds, config, get);
@@ -497,17 +527,24 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         }
         let _ = writeln!(
             out,
-            " {:>17} {:>13.3} {:>9.1} {:>11.0}",
+            " {:>17} {:>13.3} {:>9.1} {:>27}",
             format!("{:.0}/{:.0}", m(&|x| x.single.p50), m(&|x| x.single.p99)),
             m(&|x| x.cpu_per_100k),
             m(&|x| x.peak_rss_mib),
-            m(&|x| x.syscall_ns)
+            format!(
+                "{:.0}/{:.0}/{:.0}/{:.0}",
+                m(&|x| x.syscall_ns),
+                m(&|x| x.connect_ns),
+                m(&|x| x.send_ns),
+                m(&|x| x.recv_ns)
+            )
         );
     }
 
     let qps = |config| median_of(rounds, config, |x| x.max_qps);
     let single = |config| median_of(rounds, config, |x| x.single.p50);
     let syscall = |config| median_of(rounds, config, |x| x.syscall_ns);
+    let hooks = |config| median_of(rounds, config, |x| x.connect_ns + x.recv_ns);
     let (direct, agent, dnsdist) = (Config::Direct, Config::Agent, Config::IptablesDnsdist);
     let _ = writeln!(out, "\nRatios (of medians):");
     let _ = writeln!(
@@ -530,6 +567,13 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         syscall(agent) - syscall(direct),
         syscall(dnsdist) - syscall(direct),
         (syscall(agent) - syscall(direct)) / (syscall(dnsdist) - syscall(direct))
+    );
+    let _ = writeln!(
+        out,
+        "  of which connect + recv (where connect4 and recvmsg4 run; REDIRECT's NAT is in \
+         send): agent {:+.0} ns, iptables REDIRECT {:+.0} ns",
+        hooks(agent) - hooks(direct),
+        hooks(dnsdist) - hooks(direct)
     );
     let _ = writeln!(
         out,

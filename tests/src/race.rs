@@ -214,7 +214,9 @@ impl Interceptor {
                 // The agent's exit summary: "udp: ... dropped_loop=N tcp: ...".
                 let log = agent.log();
                 let summary = log.lines().find(|l| l.contains("stopped: udp: "));
-                field(summary.expect("the agent's exit summary"), "dropped_loop")
+                let summary =
+                    summary.unwrap_or_else(|| panic!("no exit summary in the agent's log:\n{log}"));
+                field(summary, "dropped_loop")
             }
         }
     }

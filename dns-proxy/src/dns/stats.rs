@@ -68,6 +68,9 @@ pub struct ProtocolStats {
     pub dropped_overload: AtomicU64,
     /// Queries whose upstream would have been the proxy itself.
     pub dropped_loop: AtomicU64,
+    /// Datagrams on upstream sockets that answer no query in flight: late, stray or spoofed
+    /// (UDP only).
+    pub dropped_stray: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +125,8 @@ impl ProtocolStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
             "received={} forwarded={} answered={} upstream_timeouts={} upstream_errors={} \
-             dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_loop={}",
+             dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_loop={} \
+             dropped_stray={}",
             get(&self.received),
             get(&self.forwarded),
             get(&self.answered),
@@ -132,6 +136,7 @@ impl ProtocolStats {
             get(&self.dropped_not_redirected),
             get(&self.dropped_overload),
             get(&self.dropped_loop),
+            get(&self.dropped_stray),
         )
     }
 }

@@ -1,21 +1,43 @@
 //! The UDP listener: each redirected query is forwarded, unaltered, to the server its client
-//! asked for, from a fresh socket on a random port, and the answer is relayed back unaltered.
+//! asked for, and the answer is relayed back unaltered.
+//!
+//! Queries leave from a pool of upstream sockets, each bound to a random port and replaced by
+//! a fresh one (a new random port) after [`USES_PER_SOCKET`] queries. An answer is relayed
+//! only if it arrives on the socket its query left from, from the address and port the query
+//! went to, with the query's ID and the very bytes of its question; anything else is counted
+//! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
+//! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
+//! answered in time.
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
+    collections::{HashMap, hash_map::Entry},
+    hash::{BuildHasher, RandomState},
     io,
-    net::SocketAddr,
-    sync::Arc,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use dns_proxy_common::IPPROTO_UDP;
-use socket2::{Domain, Socket, Type};
-use tokio::{net::UdpSocket, sync::Semaphore, time::timeout};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
 
 use super::{DRAIN_QUIET, OriginalDestinations, stats::Stats, wire};
 use crate::log_limit::RateLimited;
+
+/// Upstream sockets per address family, opened as queries need them. A query goes out on one
+/// chosen at random, so an off-path attacker must hit one of these random ports as well as the
+/// query's ID and question.
+const POOL_SIZE: usize = 16;
+/// Queries a pool socket carries before a fresh one, on a new random port, takes its place:
+/// the ports keep changing, and the cost of a socket is shared by this many queries.
+pub const USES_PER_SOCKET: u32 = 128;
+/// How often a retired pool socket checks whether its last query is settled, so it can close.
+const RETIRED_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -25,19 +47,131 @@ pub struct ForwardSettings {
     pub max_inflight: usize,
 }
 
+/// A query on its way: which pool socket it left from, where to, with which ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PendingKey {
+    /// The pool socket's [`PoolSocket::id`].
+    socket: u64,
+    upstream: SocketAddr,
+    id: u16,
+}
+
+/// What the answer to a pending query needs.
+#[derive(Debug)]
+struct Pending {
+    /// The pool socket it left from, which stays open until this is settled.
+    socket: Arc<PoolSocket>,
+    client: SocketAddr,
+    original: SocketAddr,
+    /// A keyed hash of the query's question bytes: the answer must repeat them exactly.
+    question: u64,
+    started: Instant,
+    /// "name=... type=..." when debug logging is on.
+    description: Option<String>,
+}
+
+/// One upstream socket of a pool.
+struct PoolSocket {
+    /// Unique among all the proxy's pool sockets, ever.
+    id: u64,
+    socket: UdpSocket,
+    /// Queries sent from it.
+    uses: AtomicU32,
+    /// Queries sent from it and not yet settled.
+    outstanding: AtomicUsize,
+    /// Replaced in its pool: its reader ends once nothing is outstanding.
+    retired: AtomicBool,
+}
+
+impl PoolSocket {
+    /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`).
+    fn open(next_id: &AtomicU64, any: SocketAddr) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            id: next_id.fetch_add(1, Ordering::Relaxed),
+            socket: pool_socket(any)?,
+            uses: AtomicU32::new(0),
+            outstanding: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+        }))
+    }
+}
+
+impl std::fmt::Debug for PoolSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PoolSocket({})", self.id)
+    }
+}
+
+/// The upstream sockets of one address family; only the receive loop picks and replaces them.
+struct Pool {
+    /// `0.0.0.0:0` or `[::]:0`.
+    any: SocketAddr,
+    /// Empty when this family has no sockets on this host.
+    slots: Mutex<Vec<Arc<PoolSocket>>>,
+}
+
 /// The UDP side of the proxy. Cheap to share: everything lives behind one `Arc`.
 pub struct UdpProxy<D> {
     socket: UdpSocket,
     local_addr: SocketAddr,
     destinations: D,
     settings: ForwardSettings,
-    inflight: Arc<Semaphore>,
-    tasks: TaskTracker,
+    v4: Pool,
+    v6: Pool,
+    next_socket_id: AtomicU64,
+    pending: Mutex<HashMap<PendingKey, Pending>>,
+    /// Keys the question hashes, so no one can craft a question that collides.
+    question_hasher: RandomState,
+    /// Stops the pool readers and the sweeper, at the end of `drain`.
+    workers: CancellationToken,
     stats: Arc<Stats>,
     overload_log: RateLimited,
+    upstream_log: RateLimited,
+    stray_log: RateLimited,
+}
+
+/// A UDP socket on a random port of `any` (`0.0.0.0` or `::`).
+fn pool_socket(any: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = Domain::for_address(any);
+    let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
+    if any.is_ipv6() {
+        // IPv4 servers are asked from the IPv4 pool.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&any.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Sends a datagram at once, with one `sendto`, whatever tokio last saw of the socket's
+/// readiness (its `try_send_to` says WouldBlock for a socket the reactor has not yet seen
+/// writable, which every fresh pool socket is). UDP sends block only on a full buffer.
+fn send_now(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+    SockRef::from(socket)
+        .send_to(datagram, &to.into())
+        .map(drop)
+}
+
+thread_local! {
+    /// Where pool readers receive answers, one per worker thread: no buffer per socket or query.
+    static RECEIVE_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; wire::MAX_UDP_MESSAGE]);
+    /// A cheap per-thread random sequence for picking pool sockets (xorshift64*).
+    static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+}
+
+fn random() -> u64 {
+    RANDOM.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Starts the sweeper; the upstream sockets are opened as queries need them. Must run
+    /// inside a tokio runtime.
     pub fn new(
         socket: UdpSocket,
         destinations: D,
@@ -45,16 +179,31 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         stats: Arc<Stats>,
     ) -> io::Result<Arc<Self>> {
         let local_addr = socket.local_addr()?;
-        Ok(Arc::new(Self {
+        let proxy = Arc::new(Self {
             socket,
             local_addr,
             destinations,
-            inflight: Arc::new(Semaphore::new(settings.max_inflight)),
             settings,
-            tasks: TaskTracker::new(),
+            v4: Pool {
+                any: (Ipv4Addr::UNSPECIFIED, 0).into(),
+                slots: Mutex::default(),
+            },
+            v6: Pool {
+                any: (Ipv6Addr::UNSPECIFIED, 0).into(),
+                slots: Mutex::default(),
+            },
+            next_socket_id: AtomicU64::new(0),
+            pending: Mutex::default(),
+            question_hasher: RandomState::new(),
+            workers: CancellationToken::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
-        }))
+            upstream_log: RateLimited::new(Duration::from_secs(10)),
+            stray_log: RateLimited::new(Duration::from_secs(10)),
+        });
+        let sweeper = Arc::clone(&proxy);
+        tokio::spawn(async move { sweeper.expire_unanswered().await });
+        Ok(proxy)
     }
 
     /// Serves until `stop` is cancelled.
@@ -77,63 +226,85 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => break,
-                received = timeout(DRAIN_QUIET, self.socket.recv_from(&mut buf)) => match received {
+                received = tokio::time::timeout(DRAIN_QUIET, self.socket.recv_from(&mut buf)) => match received {
                     Ok(received) => self.on_received(received, &buf),
-                    Err(_quiet) if self.tasks.is_empty() => break,
+                    Err(_quiet) if self.inflight() == 0 => break,
                     Err(_quiet) => {}
                 },
             }
         }
-        self.tasks.close();
-        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
-        self.tasks.len()
+        self.workers.cancel();
+        self.inflight()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
+    fn inflight(&self) -> usize {
+        self.pending.lock().expect("not poisoned").len()
+    }
+
     fn on_received(self: &Arc<Self>, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
         match received {
-            Ok((len, client)) => self.handle(&buf[..len], client),
+            Ok((len, client)) => self.forward(&buf[..len], client),
             // Nothing a datagram can do makes recv fail for long; keep serving.
             Err(err) => log::warn!("receiving on {}: {err}", self.local_addr),
         }
     }
 
-    /// What the receive loop does with a datagram: only the cheap checks, so that it gets back
-    /// to receiving at once; the rest happens in the query's own task, on any worker.
-    fn handle(self: &Arc<Self>, datagram: &[u8], client: SocketAddr) {
-        Stats::add(&self.stats.udp.received);
-        if !wire::is_query(datagram) {
-            Stats::add(&self.stats.udp.dropped_malformed);
-            log::debug!(
-                "dropping {} bytes from {client}: not a DNS query",
-                datagram.len()
-            );
-            return;
-        }
-        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            Stats::add(&self.stats.udp.dropped_overload);
-            self.overload_log.warn(|dropped| {
-                format!(
-                    "{} queries in flight (--max-inflight): dropped {dropped} queries",
-                    self.settings.max_inflight
-                )
-            });
+    /// Sends a client's datagram, if it is a query of a redirected client, to its upstream.
+    fn forward(self: &Arc<Self>, datagram: &[u8], client: SocketAddr) {
+        let stats = &self.stats.udp;
+        Stats::add(&stats.received);
+        let (true, Some(id), Some(question)) = (
+            wire::is_query(datagram),
+            wire::message_id(datagram),
+            wire::question(datagram),
+        ) else {
+            return self.drop_malformed(datagram, client);
+        };
+        let Some((original, upstream)) = self.route(client) else {
             return;
         };
-        let query = Bytes::copy_from_slice(datagram);
-        let proxy = Arc::clone(self);
+        let pool = match upstream {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => &self.v6,
+        };
         let started = Instant::now();
-        self.tasks.spawn(async move {
-            if let Some((original, upstream)) = proxy.route(client) {
-                proxy
-                    .forward(query, client, original, upstream, started)
-                    .await;
+        let question = self.question_hasher.hash_one(question);
+        let description =
+            log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
+        let pending = |socket| Pending {
+            socket,
+            client,
+            original,
+            question,
+            started,
+            description,
+        };
+        let Some((key, socket)) = self.register(pool, upstream, id, pending) else {
+            return;
+        };
+        if let Err(err) = send_now(&socket.socket, datagram, upstream) {
+            // A full send buffer or an unreachable network: the client retries, as it would
+            // after a lost datagram.
+            if let Some(pending) = self.pending.lock().expect("not poisoned").remove(&key) {
+                pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
             }
-            drop(permit);
-        });
+            stats.settled(1);
+            Stats::add(&stats.upstream_errors);
+            self.upstream_log
+                .warn(|failed| format!("sending to {upstream}: {err} ({failed} queries failed)"));
+        }
+    }
+
+    fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
+        Stats::add(&self.stats.udp.dropped_malformed);
+        log::debug!(
+            "dropping {} bytes from {client}: not a DNS query",
+            datagram.len()
+        );
     }
 
     /// Where the query of `client` goes: (the server it asked, the upstream to send it to);
@@ -154,85 +325,202 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         Some((original, upstream))
     }
 
-    async fn forward(
-        &self,
-        query: Bytes,
-        client: SocketAddr,
-        original: SocketAddr,
+    /// Starts relaying the answers that arrive on `socket`.
+    fn spawn_reader(self: &Arc<Self>, socket: &Arc<PoolSocket>) {
+        let (proxy, reader) = (Arc::clone(self), Arc::clone(socket));
+        tokio::spawn(async move { proxy.relay_answers(&reader).await });
+    }
+
+    /// Records a query as pending on a pool socket chosen at random, among those with no query
+    /// of the same ID to the same upstream in flight, and returns its key and socket. The
+    /// socket first chosen is replaced by a fresh one if it has carried its share. `None`
+    /// (counted) at the in-flight limit, or with no socket to use.
+    fn register(
+        self: &Arc<Self>,
+        pool: &Pool,
         upstream: SocketAddr,
-        started: Instant,
-    ) {
+        id: u16,
+        pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
-        stats.forwarding();
-        let outcome = timeout(self.settings.upstream_timeout, async {
-            let answer = exchange(&query, upstream).await?;
-            self.socket.send_to(&answer, client).await?;
-            stats.answered(&answer, Some(started.elapsed()));
-            let rcode = log::log_enabled!(log::Level::Debug).then(|| wire::describe_rcode(&answer));
-            io::Result::Ok(rcode)
-        })
-        .await;
+        let mut slots = pool.slots.lock().expect("not poisoned");
+        if slots.len() < POOL_SIZE {
+            match PoolSocket::open(&self.next_socket_id, pool.any) {
+                Ok(fresh) => {
+                    self.spawn_reader(&fresh);
+                    slots.push(fresh);
+                }
+                // No IPv6 on the host, or out of descriptors or ports.
+                Err(err) if slots.is_empty() => {
+                    drop(slots);
+                    Stats::add(&stats.upstream_errors);
+                    self.upstream_log.warn(|failed| {
+                        format!("no socket for {upstream}: {err} ({failed} queries failed)")
+                    });
+                    return None;
+                }
+                Err(err) => log::debug!("opening another upstream socket: {err}"),
+            }
+        }
+        let start = (random() % slots.len() as u64) as usize;
+        if slots[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
+            match PoolSocket::open(&self.next_socket_id, pool.any) {
+                Ok(fresh) => {
+                    self.spawn_reader(&fresh);
+                    let old = std::mem::replace(&mut slots[start], fresh);
+                    old.retired.store(true, Ordering::Relaxed);
+                }
+                // Out of descriptors, say: keep using the old one for now.
+                Err(err) => log::debug!("replacing an upstream socket: {err}"),
+            }
+        }
+        let mut table = self.pending.lock().expect("not poisoned");
+        if table.len() < self.settings.max_inflight {
+            for offset in 0..slots.len() {
+                let socket = &slots[(start + offset) % slots.len()];
+                let key = PendingKey {
+                    socket: socket.id,
+                    upstream,
+                    id,
+                };
+                if let Entry::Vacant(entry) = table.entry(key) {
+                    // Counted under the lock, so its answer cannot be counted first.
+                    stats.forwarding();
+                    entry.insert(pending(Arc::clone(socket)));
+                    socket.uses.fetch_add(1, Ordering::Relaxed);
+                    socket.outstanding.fetch_add(1, Ordering::Relaxed);
+                    return Some((key, Arc::clone(socket)));
+                }
+            }
+        }
+        drop(table);
+        drop(slots);
+        Stats::add(&stats.dropped_overload);
+        self.overload_log.warn(|dropped| {
+            format!(
+                "{} queries in flight (--max-inflight), or the same ID to the same server on \
+                 every upstream socket: dropped {dropped} queries",
+                self.settings.max_inflight
+            )
+        });
+        None
+    }
+
+    /// Relays the answers that arrive on a pool socket to their clients, until the proxy stops
+    /// or, once the socket is retired, until nothing sent from it is outstanding.
+    async fn relay_answers(&self, pool_socket: &PoolSocket) {
+        let (id, socket) = (pool_socket.id, &pool_socket.socket);
+        loop {
+            if pool_socket.retired.load(Ordering::Relaxed)
+                && pool_socket.outstanding.load(Ordering::Relaxed) == 0
+            {
+                return;
+            }
+            tokio::select! {
+                () = self.workers.cancelled() => return,
+                // It may be retired while it waits here.
+                () = tokio::time::sleep(RETIRED_CHECK) => continue,
+                ready = socket.readable() => if let Err(err) = ready {
+                    log::warn!("upstream socket {id}: {err}");
+                    return;
+                },
+            }
+            RECEIVE_BUFFER.with_borrow_mut(|buffer| {
+                loop {
+                    match socket.try_recv_from(buffer) {
+                        Ok((len, from)) => self.relay(id, &buffer[..len], from),
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                        // An ICMP error from an earlier send, say: nothing to relay.
+                        Err(err) => {
+                            log::debug!("upstream socket {id}: {err}");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Relays `datagram`, from `from` on pool socket `socket`, if it answers a pending query.
+    fn relay(&self, socket: u64, datagram: &[u8], from: SocketAddr) {
+        let stats = &self.stats.udp;
+        let answer_to = wire::response_id(datagram).map(|id| PendingKey {
+            socket,
+            upstream: from,
+            id,
+        });
+        let question = wire::question(datagram).map(|q| self.question_hasher.hash_one(q));
+        let pending = answer_to.and_then(|key| {
+            let mut table = self.pending.lock().expect("not poisoned");
+            // Only the exact question asked takes the slot; anything else leaves it waiting.
+            match table.get(&key) {
+                Some(pending) if Some(pending.question) == question => table.remove(&key),
+                _ => None,
+            }
+        });
+        let Some(pending) = pending else {
+            Stats::add(&stats.dropped_stray);
+            self.stray_log.warn(|dropped| {
+                format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
+            });
+            return;
+        };
         stats.settled(1);
-        let latency = started.elapsed();
-        let describe = || wire::describe_query(&query);
-        match outcome {
-            Ok(Ok(rcode)) => {
-                if let Some(rcode) = rcode {
+        pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = send_now(&self.socket, datagram, pending.client) {
+            // The listener's send buffer is full: the client retries, as after a loss.
+            Stats::add(&stats.dropped_overload);
+            log::debug!("relaying to {}: {err}", pending.client);
+            return;
+        }
+        let latency = pending.started.elapsed();
+        stats.answered(datagram, Some(latency));
+        if let Some(description) = pending.description {
+            log::debug!(
+                "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
+                pending.client,
+                pending.original,
+                wire::describe_rcode(datagram)
+            );
+        }
+    }
+
+    /// Forgets, every so often, the queries not answered within the upstream timeout. Their
+    /// clients time out, as they would have without the proxy.
+    async fn expire_unanswered(&self) {
+        let timeout = self.settings.upstream_timeout;
+        let every = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.workers.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            self.pending
+                .lock()
+                .expect("not poisoned")
+                .retain(|key, pending| {
+                    let keep = now.duration_since(pending.started) < timeout;
+                    if !keep {
+                        pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
+                        expired.push((*key, pending.client, pending.description.take()));
+                    }
+                    keep
+                });
+            let stats = &self.stats.udp;
+            for (key, client, description) in &expired {
+                Stats::add(&stats.upstream_timeouts);
+                if let Some(description) = description {
                     log::debug!(
-                        "query udp client={client} server={original} upstream={upstream} {} rcode={rcode} latency={latency:?}",
-                        describe()
+                        "query udp client={client} upstream={} {description} timed out after {timeout:?}",
+                        key.upstream
                     );
                 }
             }
-            Ok(Err(err)) => {
-                Stats::add(&stats.upstream_errors);
-                log::debug!(
-                    "query udp client={client} server={original} upstream={upstream} {} failed: {err}",
-                    describe()
-                );
-            }
-            Err(_elapsed) => {
-                Stats::add(&stats.upstream_timeouts);
-                log::debug!(
-                    "query udp client={client} server={original} upstream={upstream} {} timed out after {latency:?}",
-                    describe()
-                );
-            }
-        }
-    }
-}
-
-thread_local! {
-    /// Where answers are received, one per worker thread: no waiting query holds a buffer,
-    /// and no answer costs a 64 KiB allocation, only a copy of its own size.
-    static RECEIVE_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; wire::MAX_UDP_MESSAGE]);
-}
-
-/// Sends `query` to `upstream` from a fresh connected socket (a random source port, and the
-/// kernel drops datagrams from anyone but `upstream`) and returns the first datagram that
-/// answers it.
-async fn exchange(query: &[u8], upstream: SocketAddr) -> io::Result<Vec<u8>> {
-    let domain = Domain::for_address(upstream);
-    let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
-    // connect binds it to a random port: no separate bind.
-    socket.connect(&upstream.into())?;
-    let socket = UdpSocket::from_std(socket.into())?;
-    socket.send(query).await?;
-    let id = wire::message_id(query).unwrap_or_default();
-    loop {
-        socket.readable().await?;
-        let received = RECEIVE_BUFFER.with_borrow_mut(|buffer| {
-            let len = socket.try_recv(buffer)?;
-            let datagram = &buffer[..len];
-            Ok::<_, io::Error>(wire::is_response_to(datagram, id).then(|| datagram.to_vec()))
-        });
-        match received {
-            Ok(Some(answer)) => return Ok(answer),
-            Ok(None) => {
-                log::debug!("ignoring a datagram from {upstream}: not the answer to query {id}")
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
+            stats.settled(expired.len() as u64);
         }
     }
 }
@@ -240,6 +528,8 @@ async fn exchange(query: &[u8], upstream: SocketAddr) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
+
+    use tokio::time::timeout;
 
     use super::*;
 
@@ -305,6 +595,8 @@ mod tests {
         let proxy = proxy(Some(upstream(false).await), 8).await;
         assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
         assert_eq!(proxy.stats.udp.answered.load(Ordering::Relaxed), 1);
+        // The datagram with the wrong ID that came first.
+        assert_eq!(proxy.stats.udp.dropped_stray.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -332,8 +624,82 @@ mod tests {
         let proxy = proxy(Some(upstream(true).await), 1).await;
         assert_eq!(ask(&proxy, QUERY).await, None);
         assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
-        assert_eq!(proxy.inflight.available_permits(), 1);
-        assert!(proxy.tasks.is_empty());
+        assert_eq!(proxy.inflight(), 0);
+        assert_eq!(proxy.stats.udp.inflight.load(Ordering::Relaxed), 0);
+    }
+
+    /// An upstream whose answers are wrong in one way: from another port, with another
+    /// question, or (a late answer) after the query timed out.
+    async fn wrong_upstream(wrong: &'static str) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other_port = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+                let mut answer = answer_to(&buf[..len]);
+                match wrong {
+                    "port" => {
+                        other_port.send_to(&answer, from).await.unwrap();
+                    }
+                    "question" => {
+                        answer[13] = b'E'; // "Example": same name to DNS, other bytes
+                        socket.send_to(&answer, from).await.unwrap();
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn answers_from_another_port_or_to_another_question_are_dropped() {
+        for wrong in ["port", "question"] {
+            let proxy = proxy(Some(wrong_upstream(wrong).await), 8).await;
+            assert_eq!(ask(&proxy, QUERY).await, None, "{wrong}");
+            assert_eq!(
+                proxy.stats.udp.dropped_stray.load(Ordering::Relaxed),
+                1,
+                "{wrong}"
+            );
+            assert_eq!(
+                proxy.stats.udp.answered.load(Ordering::Relaxed),
+                0,
+                "{wrong}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
+        let proxy = proxy(Some(upstream(false).await), 64).await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let queries = (POOL_SIZE as u32 * USES_PER_SOCKET * 2) as usize;
+        let mut buf = [0u8; 1024];
+        for i in 0..queries {
+            let mut query = QUERY.to_vec();
+            query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+            client.send_to(&query, proxy.local_addr).await.unwrap();
+            let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("query {i} unanswered: {}", proxy.stats.summary()))
+                .unwrap();
+            assert_eq!(&buf[..len], &answer_to(&query)[..], "query {i}");
+        }
+        let opened = proxy.next_socket_id.load(Ordering::Relaxed);
+        assert!(
+            opened >= 2 * POOL_SIZE as u64,
+            "only {opened} sockets opened"
+        );
+        // Retired sockets close once nothing sent from them is outstanding.
+        tokio::time::sleep(RETIRED_CHECK * 3).await;
+        let open = Arc::strong_count(&proxy) - 1; // the serving task holds one
+        assert!(
+            open <= 2 * POOL_SIZE + 2,
+            "{open} readers still hold the proxy"
+        );
     }
 
     #[tokio::test]

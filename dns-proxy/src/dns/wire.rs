@@ -60,9 +60,22 @@ fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
     (end <= message.len()).then_some(end)
 }
 
-/// A datagram that can be the answer to the query with ID `id`.
-pub fn is_response_to(message: &[u8], id: u16) -> bool {
-    message.len() >= HEADER_LEN && is_response(message) && message_id(message) == Some(id)
+/// The question section of a message with at most one question (empty for none), as bytes:
+/// an answer must carry the very bytes its query asked, case included.
+pub fn question(message: &[u8]) -> Option<&[u8]> {
+    if message.len() < HEADER_LEN {
+        return None;
+    }
+    match u16::from_be_bytes([message[4], message[5]]) {
+        0 => Some(&[]),
+        1 => message.get(HEADER_LEN..question_end(message, HEADER_LEN)?),
+        _ => None,
+    }
+}
+
+/// The ID of a message that is a response (a full header with QR set).
+pub fn response_id(message: &[u8]) -> Option<u16> {
+    message_id(message).filter(|_| is_response(message))
 }
 
 /// "name type" of a query's first question, for logs. Parses the message, so call it only when
@@ -127,12 +140,11 @@ mod tests {
         let q = query(0xbeef);
         assert!(is_query(&q));
         assert_eq!(message_id(&q), Some(0xbeef));
-        assert!(!is_response_to(&q, 0xbeef));
+        assert_eq!(response_id(&q), None);
 
         let a = answer(0xbeef, ResponseCode::NXDomain);
         assert!(!is_query(&a));
-        assert!(is_response_to(&a, 0xbeef));
-        assert!(!is_response_to(&a, 0xbeee));
+        assert_eq!(response_id(&a), Some(0xbeef));
     }
 
     #[test]
@@ -170,11 +182,24 @@ mod tests {
     }
 
     #[test]
+    fn the_question_section_is_the_bytes_after_the_header() {
+        let q = query(9);
+        assert_eq!(question(&q), Some(&q[HEADER_LEN..]));
+        let a = answer(9, ResponseCode::NoError);
+        assert_eq!(question(&a), question(&q));
+        let mut none = q[..HEADER_LEN].to_vec();
+        none[5] = 0;
+        assert_eq!(question(&none), Some(&[][..]));
+        assert_eq!(question(&q[..q.len() - 1]), None);
+        assert_eq!(question(&q[..5]), None);
+    }
+
+    #[test]
     fn short_datagrams_are_neither() {
         for len in 0..HEADER_LEN {
             let bytes = vec![0u8; len];
             assert!(!is_query(&bytes));
-            assert!(!is_response_to(&bytes, 0));
+            assert_eq!(response_id(&bytes), None);
             assert_eq!(message_id(&bytes), None);
         }
         // A bare header is a (degenerate) query: forwarded, and the server decides.
