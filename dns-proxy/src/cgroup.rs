@@ -177,7 +177,8 @@ impl Cgroup {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "the cgroup2 hierarchy's root is not visible above it ({} is the top of                          its mount): use a path under a mount of the host's cgroup2 root",
+                        "the cgroup2 hierarchy's root is not visible above it ({} is the top of \
+                         its mount): use a path under a mount of the host's cgroup2 root",
                         dir.display()
                     )));
                 }
@@ -229,31 +230,43 @@ impl AgentCgroup {
         } else {
             previous.join(AGENT_CGROUP_NAME)
         };
-        match fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            // A container's own cgroup, mounted read-only: it holds only the container's
-            // processes, so the agent can stay where it is. Never the root, which holds all.
-            Err(err)
-                if err.kind() == io::ErrorKind::ReadOnlyFilesystem
-                    && previous.join("cgroup.type").exists() =>
-            {
-                let cgroup = Cgroup::open("the agent's cgroup", &previous)?;
-                log::info!(
-                    "{} is read-only (a container's cgroup): the agent stays in its cgroup,                      which must hold no workload",
-                    previous.display()
-                );
-                return Ok(Self { cgroup, previous });
-            }
-            Err(source) => return Err(CgroupError::CreateAgentCgroup { path, source }),
-        }
+        // Another agent leaving removes the cgroup when it is empty: if that happens between
+        // our mkdir and our move, make it again.
+        const ATTEMPTS: u32 = 5;
         let pid = std::process::id().to_string();
-        fs::write(path.join("cgroup.procs"), &pid).map_err(|source| {
-            CgroupError::EnterAgentCgroup {
-                path: path.clone(),
-                source,
+        for attempt in 1..=ATTEMPTS {
+            match fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                // A container's own cgroup, mounted read-only: it holds only the container's
+                // processes, so the agent can stay where it is. Never the root, which holds all.
+                Err(err)
+                    if err.kind() == io::ErrorKind::ReadOnlyFilesystem
+                        && previous.join("cgroup.type").exists() =>
+                {
+                    let cgroup = Cgroup::open("the agent's cgroup", &previous)?;
+                    log::info!(
+                        "{} is read-only (a container's cgroup): the agent stays in its \
+                         cgroup, which must hold no workload",
+                        previous.display()
+                    );
+                    return Ok(Self { cgroup, previous });
+                }
+                Err(source) => return Err(CgroupError::CreateAgentCgroup { path, source }),
             }
-        })?;
+            match fs::write(path.join("cgroup.procs"), &pid) {
+                Ok(()) => break,
+                Err(err)
+                    if attempt < ATTEMPTS
+                        && matches!(err.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => {}
+                Err(source) => {
+                    return Err(CgroupError::EnterAgentCgroup {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
         let cgroup = Cgroup::open("the agent's cgroup", &path).map_err(|err| {
             CgroupError::EnterAgentCgroup {
                 path: path.clone(),

@@ -58,7 +58,8 @@ pub enum EbpfError {
     )]
     TooManyExclusions { count: usize, max: u32 },
     #[error(
-        "cannot exclude {cgroup}: it sits at level {level} of the cgroup hierarchy, deeper than          the {max} levels the kernel side looks at"
+        "cannot exclude {cgroup}: it sits at level {level} of the cgroup hierarchy, deeper than \
+         the {max} levels the kernel side looks at"
     )]
     ExclusionTooDeep {
         cgroup: String,
@@ -447,6 +448,12 @@ fn spawn_kernel_logger(ebpf: &mut Ebpf) {
 /// The kernel side's per-CPU counters (`COUNTERS`).
 pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCounters")
+    }
 }
 
 impl KernelCounters {

@@ -59,12 +59,6 @@ struct AgentCollector {
     kernel: Arc<KernelCounters>,
 }
 
-impl std::fmt::Debug for KernelCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("KernelCounters")
-    }
-}
-
 type Labels<'a> = [(&'static str, &'a str)];
 
 /// Writes one metric (a family over `samples`, or a single value with no labels).
@@ -91,16 +85,11 @@ fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// The names the RCODEs of RFC 1035 and RFC 2136 go by; the rest by number.
-fn rcode_name(rcode: usize) -> String {
-    const NAMES: [&str; 11] = [
-        "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
-        "NXRRSET", "NOTAUTH", "NOTZONE",
-    ];
-    NAMES
-        .get(rcode)
-        .map_or_else(|| rcode.to_string(), |name| (*name).to_owned())
-}
+/// The names the header RCODEs of RFC 1035 and RFC 2136 go by; the rest by number.
+const RCODE_NAMES: [&str; 16] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+    "NXRRSET", "NOTAUTH", "NOTZONE", "11", "12", "13", "14", "15",
+];
 
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -141,27 +130,14 @@ impl Collector for AgentCollector {
 
         let mut answers = Vec::new();
         for (protocol, stats) in protocols {
-            for (rcode, counter) in stats.answered_by_rcode.iter().enumerate() {
+            for (name, counter) in RCODE_NAMES.iter().zip(&stats.answered_by_rcode) {
                 let value = load(counter);
                 if value > 0 {
-                    answers.push((
-                        [("protocol", protocol.to_owned())],
-                        rcode_name(rcode),
-                        value,
-                    ));
+                    answers.push(([("protocol", protocol), ("rcode", *name)], value));
                 }
             }
         }
-        let answer_labels: Vec<_> = answers
-            .iter()
-            .map(|([(_, protocol)], rcode, value)| {
-                (
-                    [("protocol", protocol.as_str()), ("rcode", rcode.as_str())],
-                    *value,
-                )
-            })
-            .collect();
-        let samples: Vec<_> = answer_labels
+        let samples: Vec<_> = answers
             .iter()
             .map(|(labels, value)| (&labels[..], *value))
             .collect();
@@ -288,16 +264,16 @@ impl Metrics {
         text
     }
 
-    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: &'static str| {
             let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
             *response.status_mut() = status;
             response
         };
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+        if method != Method::GET && method != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
-        match request.uri().path() {
+        match path {
             "/metrics" => {
                 let mut response = Response::new(Full::new(Bytes::from(self.render())));
                 response.headers_mut().insert(
@@ -343,8 +319,8 @@ impl Metrics {
             let metrics = Arc::clone(&self);
             let stop = stop.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request| {
-                    let response = metrics.respond(&request);
+                let service = hyper::service::service_fn(|request: Request<Incoming>| {
+                    let response = metrics.respond(request.method(), request.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -360,5 +336,41 @@ impl Metrics {
                 drop(slot);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(ready: bool) -> Metrics {
+        // No kernel map in a unit test: the page without the collector is enough for routing.
+        let readiness = Arc::new(Readiness::default());
+        readiness.set(ready);
+        Metrics {
+            registry: Registry::with_prefix("dns_proxy"),
+            readiness,
+        }
+    }
+
+    #[test]
+    fn readiness_follows_the_flag_and_other_requests_are_refused() {
+        let status = |m: &Metrics, method: Method, path: &str| m.respond(&method, path).status();
+        let ready = metrics(true);
+        assert_eq!(status(&ready, Method::GET, "/readyz"), StatusCode::OK);
+        assert_eq!(status(&ready, Method::GET, "/healthz"), StatusCode::OK);
+        assert_eq!(status(&ready, Method::GET, "/metrics"), StatusCode::OK);
+        assert_eq!(status(&ready, Method::GET, "/"), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status(&ready, Method::POST, "/metrics"),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let stopping = metrics(false);
+        assert_eq!(
+            status(&stopping, Method::GET, "/readyz"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Alive while not ready.
+        assert_eq!(status(&stopping, Method::GET, "/healthz"), StatusCode::OK);
     }
 }

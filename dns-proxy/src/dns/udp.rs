@@ -410,6 +410,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// or, once the socket is retired, until nothing sent from it is outstanding.
     async fn relay_answers(&self, pool_socket: &PoolSocket) {
         let (id, socket) = (pool_socket.id, &pool_socket.socket);
+        // One timer for the reader's life, not one per wake-up.
+        let mut retired_check = tokio::time::interval(RETIRED_CHECK);
+        retired_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if pool_socket.retired.load(Ordering::Relaxed)
                 && pool_socket.outstanding.load(Ordering::Relaxed) == 0
@@ -419,7 +422,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             tokio::select! {
                 () = self.workers.cancelled() => return,
                 // It may be retired while it waits here.
-                () = tokio::time::sleep(RETIRED_CHECK) => continue,
+                _ = retired_check.tick() => continue,
                 ready = socket.readable() => if let Err(err) = ready {
                     log::warn!("upstream socket {id}: {err}");
                     return;

@@ -230,7 +230,7 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
         assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
     }
 
-    // Stopping: not ready any more, while the metrics are still served during the drain.
+    // A clean stop after scraping (readiness during the drain is unit-tested in metrics.rs).
     agent.process().signal(libc::SIGTERM);
     assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
 }
