@@ -98,6 +98,12 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
 
+    /// Threads that serve UDP, each with a listener of its own on the listen port
+    /// (SO_REUSEPORT; the kernel spreads clients over them) and its own upstream sockets.
+    /// Default: one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256), env = "DNS_PROXY_UDP_THREADS")]
+    pub udp_threads: Option<u16>,
+
     /// A TCP connection with no query outstanding is closed after this long without traffic.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, env = "DNS_PROXY_TCP_IDLE_TIMEOUT")]
     pub tcp_idle_timeout: Duration,
@@ -153,6 +159,7 @@ pub struct RunConfig {
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub max_inflight: usize,
+    pub udp_threads: usize,
     pub tcp_idle_timeout: Duration,
     pub max_tcp_connections: usize,
     pub shutdown_timeout: Duration,
@@ -242,6 +249,10 @@ impl RunConfig {
             upstream: args.upstream,
             upstream_timeout: args.upstream_timeout,
             max_inflight: args.max_inflight as usize,
+            udp_threads: args.udp_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, usize::from),
+                usize::from,
+            ),
             tcp_idle_timeout: args.tcp_idle_timeout,
             max_tcp_connections: args.max_tcp_connections as usize,
             shutdown_timeout: args.shutdown_timeout,
@@ -293,6 +304,10 @@ mod tests {
         assert_eq!(config.max_tcp_connections, 1024);
         assert_eq!(config.upstream_timeout, Duration::from_secs(5));
         assert_eq!(config.max_inflight, 4096);
+        assert_eq!(
+            config.udp_threads,
+            std::thread::available_parallelism().unwrap().get()
+        );
     }
 
     #[test]
@@ -306,6 +321,7 @@ mod tests {
             "--upstream=192.0.2.1:5353",
             "--upstream-timeout=750ms",
             "--max-inflight=10",
+            "--udp-threads=3",
             "--shutdown-timeout=1m",
             "--exclude-cgroup=/sys/fs/cgroup/unified/resolved",
             "--exclude-cgroup",
@@ -331,6 +347,7 @@ mod tests {
         );
         assert_eq!(config.tcp_idle_timeout, Duration::from_secs(3));
         assert_eq!(config.max_tcp_connections, 7);
+        assert_eq!(config.udp_threads, 3);
         assert_eq!(config.upstream, Some("192.0.2.1:5353".parse().unwrap()));
         assert_eq!(config.upstream_timeout, Duration::from_millis(750));
         assert_eq!(config.max_inflight, 10);
@@ -400,6 +417,7 @@ mod tests {
                 .contains("500ms")
         );
         assert!(run_config(&["--max-inflight=0"]).is_err());
+        assert!(run_config(&["--udp-threads=0"]).is_err());
         assert!(
             run_config(&["--metrics=127.0.0.1:0"])
                 .unwrap_err()

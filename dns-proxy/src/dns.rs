@@ -1,6 +1,7 @@
 //! The DNS side of the proxy: listeners, forwarding, and the wire-format helpers they share.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+mod mmsg;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

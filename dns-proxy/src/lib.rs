@@ -12,6 +12,7 @@ mod exec;
 mod log_limit;
 pub mod metrics;
 pub mod shutdown;
+mod udp_threads;
 
 use std::{
     ffi::OsString,
@@ -35,6 +36,7 @@ use crate::{
     ebpf::{EbpfError, Exclusion, ExclusionScope, RedirectConfig, Redirector},
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
+    udp_threads::{UdpThreads, bind_reuseport_group},
 };
 
 /// Why `dns-proxy run` could not start or keep running. Each says what to do about it.
@@ -134,6 +136,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
+    let udp_threads = UdpThreads::start(config.udp_threads).map_err(RunError::Runtime)?;
     let scope = Scope {
         target,
         excluded: &excluded,
@@ -141,8 +144,9 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
             .as_ref()
             .map(|(argv, cgroup)| (*argv, cgroup.cgroup())),
     };
-    let result = runtime.block_on(serve(&config, scope));
-    // Every socket closes with the runtime; then the agent may leave its cgroup.
+    let result = runtime.block_on(serve(&config, scope, &udp_threads));
+    // Every socket closes with the runtimes; then the agent may leave its cgroup.
+    drop(udp_threads);
     drop(runtime);
     drop(command);
     drop(agent);
@@ -159,7 +163,8 @@ struct Scope<'a> {
 /// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
 /// where there is one.
 struct Listeners {
-    udp: Vec<UdpSocket>,
+    /// Per address, a UDP socket for each UDP thread.
+    udp: Vec<Vec<std::net::UdpSocket>>,
     tcp: Vec<TcpListener>,
     /// Where IPv4 clients are sent (the port the kernel picked, for port 0).
     v4: SocketAddrV4,
@@ -168,14 +173,18 @@ struct Listeners {
 }
 
 impl Listeners {
-    async fn bind(config: &RunConfig) -> Result<Self, RunError> {
+    /// `udp_threads`: how many UDP sockets to bind on each address.
+    async fn bind(config: &RunConfig, udp_threads: usize) -> Result<Self, RunError> {
         let mut listeners = Self {
             udp: Vec::new(),
             tcp: Vec::new(),
             v4: config.listen,
             v6: None,
         };
-        if let SocketAddr::V4(v4) = listeners.bind_pair(SocketAddr::V4(config.listen)).await? {
+        if let SocketAddr::V4(v4) = listeners
+            .bind_pair(SocketAddr::V4(config.listen), udp_threads)
+            .await?
+        {
             listeners.v4 = v4;
         }
         let bound_v6 = |addr| match addr {
@@ -184,22 +193,25 @@ impl Listeners {
         };
         match config.listen6 {
             Listen6::Required(v6) => {
-                listeners.v6 = bound_v6(listeners.bind_pair(SocketAddr::V6(v6)).await?);
+                listeners.v6 =
+                    bound_v6(listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await?);
             }
-            Listen6::IfAvailable(v6) => match listeners.bind_pair(SocketAddr::V6(v6)).await {
-                Ok(bound) => listeners.v6 = bound_v6(bound),
-                Err(RunError::Listen { source, .. })
-                    if matches!(
-                        source.kind(),
-                        io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
-                    ) || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                {
-                    log::warn!(
-                        "no IPv6 on this host ({v6}: {source}): IPv6 lookups are left alone"
-                    );
+            Listen6::IfAvailable(v6) => {
+                match listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await {
+                    Ok(bound) => listeners.v6 = bound_v6(bound),
+                    Err(RunError::Listen { source, .. })
+                        if matches!(
+                            source.kind(),
+                            io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
+                        ) || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                    {
+                        log::warn!(
+                            "no IPv6 on this host ({v6}: {source}): IPv6 lookups are left alone"
+                        );
+                    }
+                    Err(err) => return Err(err),
                 }
-                Err(err) => return Err(err),
-            },
+            }
             Listen6::Off => log::info!(
                 "IPv6 lookups are left alone: --listen {} is not a loopback address and no \
                  --listen6 was given",
@@ -209,18 +221,30 @@ impl Listeners {
         Ok(listeners)
     }
 
-    /// Binds UDP and TCP on one address and port, and returns it. For port 0, the port the
-    /// kernel picks for UDP, retried a few times if TCP already has it: the redirect sends both
-    /// protocols to one port.
-    async fn bind_pair(&mut self, addr: SocketAddr) -> Result<SocketAddr, RunError> {
+    /// Binds UDP (`udp_sockets` of them) and TCP on one address and port, and returns it.
+    /// For port 0, the port the kernel picks for UDP, retried a few times if TCP already has
+    /// it (or, in between, another UDP socket): the redirect sends both protocols to one port.
+    async fn bind_pair(
+        &mut self,
+        addr: SocketAddr,
+        udp_sockets: usize,
+    ) -> Result<SocketAddr, RunError> {
         const PICK_ATTEMPTS: u32 = 16;
         let mut attempt = 1;
         loop {
             let failed = |addr, source| RunError::Listen { addr, source };
-            let udp = UdpSocket::bind(addr)
-                .await
-                .map_err(|source| failed(addr, source))?;
-            let bound = udp.local_addr().map_err(|source| failed(addr, source))?;
+            let (bound, udp) = match bind_reuseport_group(addr, udp_sockets) {
+                Ok(group) => group,
+                Err(err)
+                    if addr.port() == 0
+                        && err.kind() == io::ErrorKind::AddrInUse
+                        && attempt < PICK_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    continue;
+                }
+                Err(source) => return Err(failed(addr, source)),
+            };
             match TcpListener::bind(bound).await {
                 Ok(tcp) => {
                     self.udp.push(udp);
@@ -240,10 +264,14 @@ impl Listeners {
     }
 }
 
-async fn serve(config: &RunConfig, scope: Scope<'_>) -> Result<Outcome, RunError> {
+async fn serve(
+    config: &RunConfig,
+    scope: Scope<'_>,
+    udp_threads: &UdpThreads,
+) -> Result<Outcome, RunError> {
     // Watched from the start, so a stop request during start-up is not lost.
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
-    let listeners = Listeners::bind(config).await?;
+    let listeners = Listeners::bind(config, udp_threads.count()).await?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -276,17 +304,29 @@ async fn serve(config: &RunConfig, scope: Scope<'_>) -> Result<Outcome, RunError
         addr: SocketAddr::V4(listeners.v4),
         source,
     };
+    // Each UDP proxy lives on its thread's runtime: its sockets, its readers, its sweeper.
     let mut udp = Vec::new();
-    for socket in listeners.udp {
-        let proxy = UdpProxy::new(
-            socket,
-            Arc::clone(&flows),
-            udp_settings.clone(),
-            Arc::clone(&stats),
-        )
-        .map_err(failed)?;
-        log::info!("serving redirected DNS on {}/udp", proxy.local_addr());
-        udp.push(proxy);
+    for group in listeners.udp {
+        let mut local_addr = None;
+        for (socket, runtime) in group.into_iter().zip(udp_threads.runtimes()) {
+            let _on_its_thread = runtime.enter();
+            let socket = UdpSocket::from_std(socket).map_err(failed)?;
+            let proxy = UdpProxy::new(
+                socket,
+                Arc::clone(&flows),
+                udp_settings.clone(),
+                Arc::clone(&stats),
+            )
+            .map_err(failed)?;
+            local_addr = Some(proxy.local_addr());
+            udp.push((proxy, runtime.clone()));
+        }
+        if let Some(addr) = local_addr {
+            log::info!(
+                "serving redirected DNS on {addr}/udp ({} threads)",
+                udp_threads.count()
+            );
+        }
     }
     let mut tcp = Vec::new();
     for listener in listeners.tcp {
@@ -303,9 +343,9 @@ async fn serve(config: &RunConfig, scope: Scope<'_>) -> Result<Outcome, RunError
 
     let stop = CancellationToken::new();
     let mut serving = tokio::task::JoinSet::new();
-    for proxy in &udp {
+    for (proxy, runtime) in &udp {
         let (proxy, stop) = (Arc::clone(proxy), stop.clone());
-        serving.spawn(async move { proxy.serve(stop).await });
+        serving.spawn_on(async move { proxy.serve(stop).await }, runtime);
     }
     for proxy in &tcp {
         let (proxy, stop) = (Arc::clone(proxy), stop.clone());
@@ -349,8 +389,8 @@ async fn serve(config: &RunConfig, scope: Scope<'_>) -> Result<Outcome, RunError
     // All listeners drain at once, each until the same deadline.
     let deadline = config.shutdown_timeout;
     let mut draining = tokio::task::JoinSet::new();
-    for proxy in udp {
-        draining.spawn(async move { (proxy.drain(deadline).await, 0) });
+    for (proxy, runtime) in udp {
+        draining.spawn_on(async move { (proxy.drain(deadline).await, 0) }, &runtime);
     }
     for proxy in tcp {
         draining.spawn(async move { (0, proxy.drain(deadline).await) });

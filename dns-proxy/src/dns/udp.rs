@@ -7,13 +7,16 @@
 //! went to, with the query's ID and the very bytes of its question; anything else is counted
 //! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
 //! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
-//! answered in time.
+//! answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
+//! [`mmsg`](super::mmsg)): the queries of one batch leave together from one pool socket, and
+//! the answers one reader finds go back to their clients together.
 use std::{
     cell::{Cell, RefCell},
     collections::{HashMap, hash_map::Entry},
     hash::{BuildHasher, RandomState},
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -22,11 +25,16 @@ use std::{
 };
 
 use dns_proxy_common::IPPROTO_UDP;
-use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::UdpSocket;
+use socket2::{Domain, Socket, Type};
+use tokio::{io::Interest, net::UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use super::{DRAIN_QUIET, OriginalDestinations, stats::Stats, wire};
+use super::{
+    DRAIN_QUIET, OriginalDestinations,
+    mmsg::{self, ReceivedBatch},
+    stats::Stats,
+    wire,
+};
 use crate::log_limit::RateLimited;
 
 /// Upstream sockets per address family, opened as queries need them. A query goes out on one
@@ -142,20 +150,48 @@ fn pool_socket(any: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Sends a datagram at once, with one `sendto`, whatever tokio last saw of the socket's
-/// readiness (its `try_send_to` says WouldBlock for a socket the reactor has not yet seen
-/// writable, which every fresh pool socket is). UDP sends block only on a full buffer.
-fn send_now(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-    SockRef::from(socket)
-        .send_to(datagram, &to.into())
-        .map(drop)
+/// A query of the batch being forwarded, registered as pending on `socket`.
+struct Outgoing {
+    /// Its index in the received batch.
+    index: usize,
+    socket: Arc<PoolSocket>,
+    key: PendingKey,
+}
+
+/// The answers a pool reader found in one batch, before they go back to their clients.
+#[derive(Default)]
+struct Answers {
+    received: ReceivedBatch,
+    /// (index in `received`, the upstream it came from, the query it answers).
+    matched: Vec<(usize, SocketAddr, Pending)>,
 }
 
 thread_local! {
     /// Where pool readers receive answers, one per worker thread: no buffer per socket or query.
-    static RECEIVE_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; wire::MAX_UDP_MESSAGE]);
+    static ANSWERS: RefCell<Answers> = RefCell::default();
     /// A cheap per-thread random sequence for picking pool sockets (xorshift64*).
     static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+}
+
+/// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
+/// queue was empty when the kernel stopped: tokio's readiness is then cleared at once, as it
+/// would be by the next call finding nothing, a syscall this saves. (A datagram that arrives
+/// later wakes the socket again.)
+fn receive_batch(socket: &UdpSocket, batch: &mut ReceivedBatch) -> io::Result<usize> {
+    let mut count = 0;
+    let received = socket.try_io(Interest::READABLE, || {
+        count = batch.receive(socket.as_fd())?;
+        if count < mmsg::BATCH {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match received {
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock && count == 0 => Err(err),
+        Err(err) if err.kind() != io::ErrorKind::WouldBlock => Err(err),
+        _ => Ok(count),
+    }
 }
 
 fn random() -> u64 {
@@ -208,11 +244,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Serves until `stop` is cancelled.
     pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
-        let mut buf = vec![0u8; wire::MAX_UDP_MESSAGE];
+        let mut batch = ReceivedBatch::default();
+        let mut outgoing = Vec::with_capacity(mmsg::BATCH);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                received = self.socket.recv_from(&mut buf) => self.on_received(received, &buf),
+                ready = self.socket.readable() => self.on_readable(ready, &mut batch, &mut outgoing),
             }
         }
     }
@@ -222,12 +259,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// `deadline`. Returns how many forwarded queries were still unanswered then.
     pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + deadline;
-        let mut buf = vec![0u8; wire::MAX_UDP_MESSAGE];
+        let mut batch = ReceivedBatch::default();
+        let mut outgoing = Vec::with_capacity(mmsg::BATCH);
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => break,
-                received = tokio::time::timeout(DRAIN_QUIET, self.socket.recv_from(&mut buf)) => match received {
-                    Ok(received) => self.on_received(received, &buf),
+                ready = tokio::time::timeout(DRAIN_QUIET, self.socket.readable()) => match ready {
+                    Ok(ready) => self.on_readable(ready, &mut batch, &mut outgoing),
                     Err(_quiet) if self.inflight() == 0 => break,
                     Err(_quiet) => {}
                 },
@@ -245,16 +283,72 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.pending.lock().expect("not poisoned").len()
     }
 
-    fn on_received(self: &Arc<Self>, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
-        match received {
-            Ok((len, client)) => self.forward(&buf[..len], client),
+    /// Takes one batch of what is queued on the listener, if `ready`, and forwards it.
+    fn on_readable(
+        self: &Arc<Self>,
+        ready: io::Result<()>,
+        batch: &mut ReceivedBatch,
+        outgoing: &mut Vec<Outgoing>,
+    ) {
+        match ready.and_then(|()| receive_batch(&self.socket, batch)) {
+            Ok(_) => self.forward_batch(batch, outgoing),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             // Nothing a datagram can do makes recv fail for long; keep serving.
             Err(err) => log::warn!("receiving on {}: {err}", self.local_addr),
         }
     }
 
-    /// Sends a client's datagram, if it is a query of a redirected client, to its upstream.
-    fn forward(self: &Arc<Self>, datagram: &[u8], client: SocketAddr) {
+    /// Sends the queries of redirected clients in `batch` to their upstreams: registers each,
+    /// then sends each run of queries that share a pool socket with one `sendmmsg`.
+    fn forward_batch(self: &Arc<Self>, batch: &ReceivedBatch, outgoing: &mut Vec<Outgoing>) {
+        // One random pool socket for the batch (another where its ID is taken).
+        let pick = random();
+        outgoing.clear();
+        for (index, datagram, client) in batch.iter() {
+            if let Some((key, socket)) = self.register_query(datagram, client, pick) {
+                outgoing.push(Outgoing { index, socket, key });
+            }
+        }
+        let mut run_start = 0;
+        while run_start < outgoing.len() {
+            let socket = &outgoing[run_start].socket;
+            let run_len = outgoing[run_start..]
+                .iter()
+                .take_while(|query| query.socket.id == socket.id)
+                .count();
+            let run = &outgoing[run_start..run_start + run_len];
+            mmsg::send_all(
+                socket.socket.as_fd(),
+                run.len(),
+                |i| (batch.datagram(run[i].index), run[i].key.upstream),
+                |i, err| self.forward_failed(run[i].key, &err),
+            );
+            run_start += run_len;
+        }
+    }
+
+    /// A query the kernel would not send: the client retries, as it would after a lost
+    /// datagram.
+    fn forward_failed(&self, key: PendingKey, err: &io::Error) {
+        let stats = &self.stats.udp;
+        if let Some(pending) = self.pending.lock().expect("not poisoned").remove(&key) {
+            pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        stats.settled(1);
+        Stats::add(&stats.upstream_errors);
+        let upstream = key.upstream;
+        self.upstream_log
+            .warn(|failed| format!("sending to {upstream}: {err} ({failed} queries failed)"));
+    }
+
+    /// Records a client's datagram, if it is a query of a redirected client, as pending on a
+    /// pool socket (the one `pick` chooses if it can); returns its key and socket.
+    fn register_query(
+        self: &Arc<Self>,
+        datagram: &[u8],
+        client: SocketAddr,
+        pick: u64,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
         let (true, Some(id), Some(question)) = (
@@ -262,11 +356,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             wire::message_id(datagram),
             wire::question(datagram),
         ) else {
-            return self.drop_malformed(datagram, client);
+            self.drop_malformed(datagram, client);
+            return None;
         };
-        let Some((original, upstream)) = self.route(client) else {
-            return;
-        };
+        let (original, upstream) = self.route(client)?;
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
@@ -283,20 +376,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             started,
             description,
         };
-        let Some((key, socket)) = self.register(pool, upstream, id, pending) else {
-            return;
-        };
-        if let Err(err) = send_now(&socket.socket, datagram, upstream) {
-            // A full send buffer or an unreachable network: the client retries, as it would
-            // after a lost datagram.
-            if let Some(pending) = self.pending.lock().expect("not poisoned").remove(&key) {
-                pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
-            }
-            stats.settled(1);
-            Stats::add(&stats.upstream_errors);
-            self.upstream_log
-                .warn(|failed| format!("sending to {upstream}: {err} ({failed} queries failed)"));
-        }
+        self.register(pool, upstream, id, pending, pick)
     }
 
     fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
@@ -331,16 +411,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         tokio::spawn(async move { proxy.relay_answers(&reader).await });
     }
 
-    /// Records a query as pending on a pool socket chosen at random, among those with no query
-    /// of the same ID to the same upstream in flight, and returns its key and socket. The
-    /// socket first chosen is replaced by a fresh one if it has carried its share. `None`
-    /// (counted) at the in-flight limit, or with no socket to use.
+    /// Records a query as pending on the pool socket `pick` chooses or, if a query of the same
+    /// ID to the same upstream is in flight there, the next free one, and returns its key and
+    /// socket. The socket first chosen is replaced by a fresh one if it has carried its share.
+    /// `None` (counted) at the in-flight limit, or with no socket to use.
     fn register(
         self: &Arc<Self>,
         pool: &Pool,
         upstream: SocketAddr,
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
+        pick: u64,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         let mut slots = pool.slots.lock().expect("not poisoned");
@@ -362,7 +443,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 Err(err) => log::debug!("opening another upstream socket: {err}"),
             }
         }
-        let start = (random() % slots.len() as u64) as usize;
+        let start = (pick % slots.len() as u64) as usize;
         if slots[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
             match PoolSocket::open(&self.next_socket_id, pool.any) {
                 Ok(fresh) => {
@@ -375,7 +456,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         let mut table = self.pending.lock().expect("not poisoned");
-        if table.len() < self.settings.max_inflight {
+        // The limit is the agent's, over all UDP threads (which may pass it by one each).
+        if (stats.inflight.load(Ordering::Relaxed) as usize) < self.settings.max_inflight {
             for offset in 0..slots.len() {
                 let socket = &slots[(start + offset) % slots.len()];
                 let key = PendingKey {
@@ -428,24 +510,61 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     return;
                 },
             }
-            RECEIVE_BUFFER.with_borrow_mut(|buffer| {
-                loop {
-                    match socket.try_recv_from(buffer) {
-                        Ok((len, from)) => self.relay(id, &buffer[..len], from),
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                        // An ICMP error from an earlier send, say: nothing to relay.
-                        Err(err) => {
-                            log::debug!("upstream socket {id}: {err}");
-                            break;
-                        }
-                    }
+            ANSWERS.with_borrow_mut(|answers| {
+                match receive_batch(socket, &mut answers.received) {
+                    Ok(_) => self.relay_batch(id, answers),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    // An ICMP error from an earlier send, say: nothing to relay.
+                    Err(err) => log::debug!("upstream socket {id}: {err}"),
                 }
             });
         }
     }
 
-    /// Relays `datagram`, from `from` on pool socket `socket`, if it answers a pending query.
-    fn relay(&self, socket: u64, datagram: &[u8], from: SocketAddr) {
+    /// Relays the datagrams of `answers.received`, which arrived on pool socket `socket`, that
+    /// answer pending queries: all of them with as few `sendmmsg` as the kernel takes.
+    fn relay_batch(&self, socket: u64, answers: &mut Answers) {
+        let Answers { received, matched } = answers;
+        matched.clear();
+        for (index, datagram, from) in received.iter() {
+            if let Some(pending) = self.match_answer(socket, datagram, from) {
+                matched.push((index, from, pending));
+            }
+        }
+        let stats = &self.stats.udp;
+        let mut refused = Vec::new();
+        mmsg::send_all(
+            self.socket.as_fd(),
+            matched.len(),
+            |i| (received.datagram(matched[i].0), matched[i].2.client),
+            |i, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&stats.dropped_overload);
+                log::debug!("relaying to {}: {err}", matched[i].2.client);
+                refused.push(i);
+            },
+        );
+        for (i, (index, from, pending)) in matched.drain(..).enumerate() {
+            if refused.contains(&i) {
+                continue;
+            }
+            let datagram = received.datagram(index);
+            let latency = pending.started.elapsed();
+            stats.answered(datagram, Some(latency));
+            if let Some(description) = pending.description {
+                log::debug!(
+                    "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
+                    pending.client,
+                    pending.original,
+                    wire::describe_rcode(datagram)
+                );
+            }
+        }
+    }
+
+    /// The pending query that `datagram`, from `from` on pool socket `socket`, answers, taken
+    /// out of the table; `None` (counted) if it answers none.
+    fn match_answer(&self, socket: u64, datagram: &[u8], from: SocketAddr) -> Option<Pending> {
         let stats = &self.stats.udp;
         let answer_to = wire::response_id(datagram).map(|id| PendingKey {
             socket,
@@ -466,26 +585,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.stray_log.warn(|dropped| {
                 format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
             });
-            return;
+            return None;
         };
         stats.settled(1);
         pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
-        if let Err(err) = send_now(&self.socket, datagram, pending.client) {
-            // The listener's send buffer is full: the client retries, as after a loss.
-            Stats::add(&stats.dropped_overload);
-            log::debug!("relaying to {}: {err}", pending.client);
-            return;
-        }
-        let latency = pending.started.elapsed();
-        stats.answered(datagram, Some(latency));
-        if let Some(description) = pending.description {
-            log::debug!(
-                "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
-                pending.client,
-                pending.original,
-                wire::describe_rcode(datagram)
-            );
-        }
+        Some(pending)
     }
 
     /// Forgets, every so often, the queries not answered within the upstream timeout. Their

@@ -1,0 +1,147 @@
+//! The threads that serve UDP: each runs a single-threaded tokio runtime of its own.
+//!
+//! A query's path (listener, upstream socket, answer) stays on one thread: each thread has its
+//! own listener on the shared port (SO_REUSEPORT, so the kernel spreads clients over them),
+//! its own upstream sockets and its own table of queries in flight. No thread has to wake
+//! another for a query, which on a busy 2-CPU machine cost more than the forwarding itself
+//! (measured in docs/performance.md), and every CPU can still serve.
+use std::{io, net::SocketAddr, thread::JoinHandle};
+
+use socket2::{Domain, Socket, Type};
+use tokio::{runtime::Handle, sync::oneshot};
+
+/// Running threads, each with a runtime; stopped and joined when dropped, which drops (and
+/// closes) everything their runtimes still hold.
+pub struct UdpThreads {
+    threads: Vec<UdpThread>,
+}
+
+struct UdpThread {
+    runtime: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpThreads {
+    pub fn start(count: usize) -> io::Result<Self> {
+        let threads = (0..count)
+            .map(|i| UdpThread::start(format!("dns-proxy-udp-{i}")))
+            .collect::<io::Result<_>>()?;
+        Ok(Self { threads })
+    }
+
+    /// The runtimes, one per thread, to spawn each thread's tasks on.
+    pub fn runtimes(&self) -> impl Iterator<Item = &Handle> {
+        self.threads.iter().map(|thread| &thread.runtime)
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl UdpThread {
+    fn start(name: String) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Runs the tasks spawned on `handle` until told to stop (or the sender is gone).
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+        Ok(Self {
+            runtime: handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("a UDP thread panicked");
+        }
+    }
+}
+
+/// `count` UDP sockets bound to the same `addr`, in one SO_REUSEPORT group, non-blocking.
+///
+/// The group is only joined by sockets of the same user that set SO_REUSEPORT, which a second
+/// agent would: so the address is first bound alone, without it, which fails if anything,
+/// such an agent included, is there. For port 0 that first bind picks the port.
+pub fn bind_reuseport_group(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
+    let alone = udp_socket(addr, false)?;
+    let bound = alone
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a UDP socket without an IP address"))?;
+    drop(alone);
+    let group = (0..count)
+        .map(|_| udp_socket(bound, true).map(std::net::UdpSocket::from))
+        .collect::<io::Result<_>>()?;
+    Ok((bound, group))
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_shares_its_port_and_keeps_others_out() {
+        let (bound, group) = bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_ne!(bound.port(), 0);
+        assert_eq!(group.len(), 3);
+        for socket in &group {
+            assert_eq!(socket.local_addr().unwrap(), bound);
+        }
+        // A second agent, doing the same, is refused.
+        let err = bind_reuseport_group(bound, 3).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn threads_run_what_is_spawned_on_them_and_stop_when_dropped() {
+        let threads = UdpThreads::start(2).unwrap();
+        let names: Vec<_> = threads
+            .runtimes()
+            .map(|runtime| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                runtime.spawn(async move {
+                    tx.send(std::thread::current().name().map(str::to_owned))
+                        .unwrap();
+                });
+                rx.recv().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                Some("dns-proxy-udp-0".to_owned()),
+                Some("dns-proxy-udp-1".to_owned())
+            ]
+        );
+        drop(threads);
+    }
+}
