@@ -11,6 +11,7 @@ pub mod ebpf;
 mod exec;
 mod log_limit;
 pub mod metrics;
+mod privileges;
 pub mod shutdown;
 mod udp_threads;
 
@@ -62,6 +63,8 @@ pub enum RunError {
     },
     #[error("waiting for the command: {0}")]
     Wait(io::Error),
+    #[error("cannot drop capabilities after attaching: {0}")]
+    DropPrivileges(io::Error),
 }
 
 /// How a run ended.
@@ -132,7 +135,9 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         cgroup,
         scope: ExclusionScope::Subtree { level: *level },
     }));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread for TCP, metrics and signals; UDP has threads of its own. Every thread that
+    // exists when privileges are dropped must drop them itself: these are all known.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
@@ -264,6 +269,28 @@ impl Listeners {
     }
 }
 
+/// Drops every capability on every thread of the agent (this one and the UDP threads), and
+/// checks in /proc that none is left. `exec` keeps them: its command runs with the rights of
+/// whoever started it.
+async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
+    privileges::drop_all_on_this_thread().map_err(RunError::DropPrivileges)?;
+    for runtime in udp_threads.runtimes() {
+        runtime
+            .spawn(async { privileges::drop_all_on_this_thread() })
+            .await
+            .map_err(|err| RunError::DropPrivileges(io::Error::other(err)))?
+            .map_err(RunError::DropPrivileges)?;
+    }
+    let holding = privileges::threads_with_capabilities().map_err(RunError::DropPrivileges)?;
+    if !holding.is_empty() {
+        return Err(RunError::DropPrivileges(io::Error::other(format!(
+            "threads {holding:?} still hold capabilities"
+        ))));
+    }
+    log::info!("dropped all capabilities: the programs are attached and the sockets bound");
+    Ok(())
+}
+
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -364,6 +391,9 @@ async fn serve(
             listener.local_addr().map_err(failed)?
         );
         tokio::spawn(Arc::new(metrics).serve(listener, metrics_stop.clone()));
+    }
+    if scope.command.is_none() {
+        drop_privileges(udp_threads).await?;
     }
     readiness.set(true);
 

@@ -155,6 +155,7 @@ impl Collector for AgentCollector {
                 ("not_redirected", &stats.dropped_not_redirected),
                 ("overload", &stats.dropped_overload),
                 ("loop", &stats.dropped_loop),
+                ("foreign_loopback", &stats.dropped_foreign_loopback),
                 ("stray", &stats.dropped_stray),
             ] {
                 dropped.push(([("protocol", protocol), ("reason", reason)], load(counter)));

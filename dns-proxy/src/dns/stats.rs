@@ -5,6 +5,8 @@ use std::{
     time::Duration,
 };
 
+use super::Refusal;
+
 /// Upper bounds of the latency histogram's buckets, in microseconds: from a loopback answer to
 /// the default upstream timeout.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
@@ -68,6 +70,8 @@ pub struct ProtocolStats {
     pub dropped_overload: AtomicU64,
     /// Queries whose upstream would have been the proxy itself.
     pub dropped_loop: AtomicU64,
+    /// Queries from another network namespace to a loopback server ([`Refusal::ForeignLoopback`]).
+    pub dropped_foreign_loopback: AtomicU64,
     /// Datagrams on upstream sockets that answer no query in flight: late, stray or spoofed
     /// (UDP only).
     pub dropped_stray: AtomicU64,
@@ -99,6 +103,14 @@ impl Stats {
 
 impl ProtocolStats {
     /// A query went to its upstream.
+    /// A query or connection not forwarded, for `refusal`.
+    pub fn refused(&self, refusal: Refusal) {
+        Stats::add(match refusal {
+            Refusal::Loop => &self.dropped_loop,
+            Refusal::ForeignLoopback => &self.dropped_foreign_loopback,
+        });
+    }
+
     pub fn forwarding(&self) {
         Stats::add(&self.forwarded);
         Stats::add(&self.inflight);
@@ -126,7 +138,7 @@ impl ProtocolStats {
         format!(
             "received={} forwarded={} answered={} upstream_timeouts={} upstream_errors={} \
              dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_loop={} \
-             dropped_stray={}",
+             dropped_foreign_loopback={} dropped_stray={}",
             get(&self.received),
             get(&self.forwarded),
             get(&self.answered),
@@ -136,6 +148,7 @@ impl ProtocolStats {
             get(&self.dropped_not_redirected),
             get(&self.dropped_overload),
             get(&self.dropped_loop),
+            get(&self.dropped_foreign_loopback),
             get(&self.dropped_stray),
         )
     }

@@ -22,7 +22,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{OriginalDestinations, stats::Stats, wire};
+use super::{OriginalDestinations, stats::Stats, upstream_for, wire};
 use crate::log_limit::RateLimited;
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
@@ -191,14 +191,19 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             log::debug!("closing TCP connection from {client}: not a redirected client");
             return;
         };
-        let upstream = self.settings.upstream_override.unwrap_or(original);
-        if upstream == self.local_addr {
-            Stats::add(&stats.dropped_loop);
-            log::warn!(
-                "closing TCP connection from {client}: its upstream {upstream} is this proxy"
-            );
-            return;
-        }
+        let upstream = match upstream_for(
+            client,
+            original,
+            self.settings.upstream_override,
+            self.local_addr,
+        ) {
+            Ok(upstream) => upstream,
+            Err(refusal) => {
+                stats.refused(refusal);
+                log::warn!("closing TCP connection from {client} to {original}: {refusal}");
+                return;
+            }
+        };
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             Stats::add(&stats.dropped_overload);
             self.overload_log.warn(|dropped| {

@@ -33,7 +33,7 @@ use super::{
     DRAIN_QUIET, OriginalDestinations,
     mmsg::{self, ReceivedBatch},
     stats::Stats,
-    wire,
+    upstream_for, wire,
 };
 use crate::log_limit::RateLimited;
 
@@ -396,13 +396,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             log::debug!("dropping query from {client}: not a redirected client");
             return None;
         };
-        let upstream = self.settings.upstream_override.unwrap_or(original);
-        if upstream == self.local_addr {
-            Stats::add(&self.stats.udp.dropped_loop);
-            log::warn!("dropping query from {client}: its upstream {upstream} is this proxy");
-            return None;
+        match upstream_for(
+            client,
+            original,
+            self.settings.upstream_override,
+            self.local_addr,
+        ) {
+            Ok(upstream) => Some((original, upstream)),
+            Err(refusal) => {
+                self.stats.udp.refused(refusal);
+                log::warn!("dropping query from {client} to {original}: {refusal}");
+                None
+            }
         }
-        Some((original, upstream))
     }
 
     /// Starts relaying the answers that arrive on `socket`.

@@ -3,6 +3,7 @@
 //! panics without. One binary with modules, so it links once.
 mod clients;
 mod foundation;
+mod hardening;
 mod node;
 mod operations;
 mod race;
