@@ -58,8 +58,8 @@ impl ReceivedBatch {
     /// one `recvmmsg`. Returns how many; `WouldBlock` if none was queued.
     pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
         self.count = 0;
-        let mut names: [MaybeUninit<libc::sockaddr_storage>; BATCH] =
-            [const { MaybeUninit::uninit() }; BATCH];
+        // Zeroed, so that reading a whole one is sound whatever length the kernel wrote.
+        let mut names: [libc::sockaddr_storage; BATCH] = unsafe { mem::zeroed() };
         let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         for (i, chunk) in self.buffers.chunks_exact_mut(MAX_UDP_MESSAGE).enumerate() {
@@ -68,7 +68,7 @@ impl ReceivedBatch {
                 iov_len: chunk.len(),
             };
             let header = &mut headers[i].msg_hdr;
-            header.msg_name = names[i].as_mut_ptr().cast();
+            header.msg_name = (&raw mut names[i]).cast();
             header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             header.msg_iov = &mut iovecs[i];
             header.msg_iovlen = 1;
@@ -92,7 +92,7 @@ impl ReceivedBatch {
             self.lens[i] = headers[i].msg_len as usize;
             let namelen = headers[i].msg_hdr.msg_namelen;
             // SAFETY: the kernel wrote `namelen` bytes of a socket address into `names[i]`.
-            self.peers[i] = unsafe { socket_addr(names[i].assume_init_ref(), namelen) };
+            self.peers[i] = unsafe { socket_addr(&names[i], namelen) };
         }
         self.count = received;
         Ok(received)
@@ -148,13 +148,13 @@ fn send_batch<'a>(
 ) -> io::Result<usize> {
     let count = indexes.len();
     debug_assert!(count > 0 && count <= BATCH);
-    let datagrams: [(&[u8], SockAddr); BATCH] = std::array::from_fn(|i| {
-        let (bytes, to) = datagram(indexes.start + i.min(count - 1));
-        (bytes, to.into())
-    });
+    // Only the first `count` are made: a lone datagram pays for one address, not BATCH.
+    let mut names: [MaybeUninit<SockAddr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
     let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
     let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
-    for (i, (datagram, name)) in datagrams.iter().take(count).enumerate() {
+    for i in 0..count {
+        let (datagram, to) = datagram(indexes.start + i);
+        let name = names[i].write(to.into());
         iovecs[i] = libc::iovec {
             // The kernel only reads it.
             iov_base: datagram.as_ptr().cast_mut().cast(),
