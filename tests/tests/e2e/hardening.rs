@@ -1,27 +1,15 @@
 //! Hardening, in the real kernel: forged answers at the proxy's upstream socket while a real
 //! lookup is in flight, and the agent's privileges once it serves.
-use std::{fs, net::SocketAddr, process::Stdio};
+use std::{fs, process::Stdio};
 
-use tests::{Process, http_get, metric};
+use tests::Process;
 
 use super::*;
 
 const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 const SPOOF: &str = env!("CARGO_BIN_EXE_spoof-answers");
-const METRICS: &str = "127.0.0.1:9253";
 /// dns-probe's query ID (`QUERY_ID` there), which the proxy forwards unchanged.
 const PROBE_QUERY_ID: &str = "23063";
-
-fn scrape(topology: &Topology) -> String {
-    let addr: SocketAddr = METRICS.parse().unwrap();
-    let (status, page) = http_get(&topology.client, addr, "/metrics");
-    assert_eq!(status, 200, "{page}");
-    page
-}
-
-fn value(page: &str, series: &str) -> u64 {
-    metric(page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}")) as u64
-}
 
 /// The ports of the agent's upstream sockets (bound to 0.0.0.0 on a random port), from `ss`
 /// in the agent's namespace.

@@ -51,6 +51,25 @@ fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// Where agents started with `--metrics` serve, in the client namespace.
+const METRICS: &str = "127.0.0.1:9253";
+
+fn metrics_addr() -> std::net::SocketAddr {
+    METRICS.parse().unwrap()
+}
+
+/// The agent's /metrics page.
+fn scrape(topology: &Topology) -> String {
+    let (status, page) = tests::http_get(&topology.client, metrics_addr(), "/metrics");
+    assert_eq!(status, 200, "{page}");
+    page
+}
+
+/// A series' value on a scraped page; panics if it is missing.
+fn value(page: &str, series: &str) -> u64 {
+    tests::metric(page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}")) as u64
+}
+
 fn expected_probe_line() -> String {
     format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
 }

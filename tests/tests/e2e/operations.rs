@@ -1,8 +1,8 @@
 //! Operating the agent: scoping (--exclude-cgroup, `dns-proxy exec`), metrics and health,
 //! restarts under a steady stream of lookups, and the capabilities the deployments grant.
-use std::{fs, net::SocketAddr, path::Path};
+use std::{fs, path::Path};
 
-use tests::{Process, cgroup2_root, http_get, in_cgroup_and_netns, metric};
+use tests::{Process, cgroup2_root, http_get, in_cgroup_and_netns};
 
 use super::*;
 
@@ -12,23 +12,6 @@ const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 const SLOW_SERVER_IP: &str = "192.0.2.5";
 /// How long the slow upstream takes to answer.
 const SLOW_DELAY_MS: &str = "50";
-const METRICS: &str = "127.0.0.1:9253";
-
-fn metrics_addr() -> SocketAddr {
-    METRICS.parse().unwrap()
-}
-
-/// The agent's /metrics page.
-fn scrape(topology: &Topology) -> String {
-    let (status, page) = http_get(&topology.client, metrics_addr(), "/metrics");
-    assert_eq!(status, 200, "{page}");
-    page
-}
-
-fn value(page: &str, series: &str) -> u64 {
-    metric(page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}")) as u64
-}
-
 /// A cgroup below the test cgroup (removed with it).
 fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
     let path = topology.cgroup.path.join(relative);
