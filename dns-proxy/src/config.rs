@@ -98,6 +98,13 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
 
+    /// Most queries one client address may have forwarded at once; beyond it that client's
+    /// new queries are dropped (and counted), so one flooding workload cannot use up
+    /// --max-inflight for the others. A pod in node mode is one client; on a host, all local
+    /// processes come from loopback and share one limit.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
+    pub max_inflight_per_client: u32,
+
     /// Threads that serve UDP, each with a listener of its own on the listen port
     /// (SO_REUSEPORT; the kernel spreads clients over them) and its own upstream sockets.
     /// Default: one per CPU.
@@ -111,6 +118,11 @@ pub struct ProxyArgs {
     /// Most TCP connections relayed at once; beyond it new ones are closed (and counted).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS")]
     pub max_tcp_connections: u32,
+
+    /// Most TCP connections one client address may have relayed at once; beyond it that
+    /// client's new ones are closed (and counted).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS_PER_CLIENT")]
+    pub max_tcp_connections_per_client: u32,
 
     /// On SIGINT/SIGTERM, the longest time spent answering queries already on their way
     /// before the programs are detached.
@@ -159,9 +171,11 @@ pub struct RunConfig {
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub max_inflight: usize,
+    pub max_inflight_per_client: usize,
     pub udp_threads: usize,
     pub tcp_idle_timeout: Duration,
     pub max_tcp_connections: usize,
+    pub max_tcp_connections_per_client: usize,
     pub shutdown_timeout: Duration,
     pub metrics: Option<SocketAddr>,
 }
@@ -249,12 +263,14 @@ impl RunConfig {
             upstream: args.upstream,
             upstream_timeout: args.upstream_timeout,
             max_inflight: args.max_inflight as usize,
+            max_inflight_per_client: args.max_inflight_per_client as usize,
             udp_threads: args.udp_threads.map_or_else(
                 || std::thread::available_parallelism().map_or(1, usize::from),
                 usize::from,
             ),
             tcp_idle_timeout: args.tcp_idle_timeout,
             max_tcp_connections: args.max_tcp_connections as usize,
+            max_tcp_connections_per_client: args.max_tcp_connections_per_client as usize,
             shutdown_timeout: args.shutdown_timeout,
             metrics: args.metrics,
         })
@@ -304,6 +320,8 @@ mod tests {
         assert_eq!(config.max_tcp_connections, 1024);
         assert_eq!(config.upstream_timeout, Duration::from_secs(5));
         assert_eq!(config.max_inflight, 4096);
+        assert_eq!(config.max_inflight_per_client, 1024);
+        assert_eq!(config.max_tcp_connections_per_client, 256);
         assert_eq!(
             config.udp_threads,
             std::thread::available_parallelism().unwrap().get()
@@ -321,6 +339,8 @@ mod tests {
             "--upstream=192.0.2.1:5353",
             "--upstream-timeout=750ms",
             "--max-inflight=10",
+            "--max-inflight-per-client=5",
+            "--max-tcp-connections-per-client=2",
             "--udp-threads=3",
             "--shutdown-timeout=1m",
             "--exclude-cgroup=/sys/fs/cgroup/unified/resolved",
@@ -351,6 +371,8 @@ mod tests {
         assert_eq!(config.upstream, Some("192.0.2.1:5353".parse().unwrap()));
         assert_eq!(config.upstream_timeout, Duration::from_millis(750));
         assert_eq!(config.max_inflight, 10);
+        assert_eq!(config.max_inflight_per_client, 5);
+        assert_eq!(config.max_tcp_connections_per_client, 2);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(60));
     }
 

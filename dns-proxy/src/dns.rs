@@ -2,6 +2,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 mod mmsg;
+pub mod per_client;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

@@ -30,6 +30,7 @@ use crate::{
     cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
     config::{Listen6, RunConfig, Workload},
     dns::{
+        per_client::PerClientLimit,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
@@ -319,12 +320,14 @@ async fn serve(
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
         max_inflight: config.max_inflight,
+        per_client: PerClientLimit::new(config.max_inflight_per_client),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
         idle_timeout: config.tcp_idle_timeout,
         max_connections: config.max_tcp_connections,
+        per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {

@@ -154,6 +154,7 @@ impl Collector for AgentCollector {
                 ("malformed", &stats.dropped_malformed),
                 ("not_redirected", &stats.dropped_not_redirected),
                 ("overload", &stats.dropped_overload),
+                ("client_limit", &stats.dropped_client_limit),
                 ("loop", &stats.dropped_loop),
                 ("foreign_loopback", &stats.dropped_foreign_loopback),
                 ("stray", &stats.dropped_stray),
@@ -169,7 +170,8 @@ impl Collector for AgentCollector {
             &mut encoder,
             "dropped",
             "Messages (UDP) or connections (TCP) dropped, by reason: not a DNS query, from a \
-             client the kernel did not redirect, beyond a limit, headed back to the proxy, or \
+             client the kernel did not redirect, beyond an agent-wide limit (overload) or a \
+             client's own (client_limit), headed back to the proxy, or \
              (stray) a datagram from upstream that answers no query in flight.",
             &samples,
         )?;

@@ -418,7 +418,11 @@ pub fn peak_rss_in_flight(config: Config, settings: &Settings, tools: &Tools<'_>
     let _upstream = start_upstream(&topology, tools, 1_000);
     let limit = (settings.inflight * 2).to_string();
     let args: Vec<String> = match config {
-        Config::Agent => vec![format!("--max-inflight={limit}")],
+        // dnsperf is one client: its limit must not be below the agent's.
+        Config::Agent => vec![
+            format!("--max-inflight={limit}"),
+            format!("--max-inflight-per-client={limit}"),
+        ],
         _ => Vec::new(),
     };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -68,6 +68,9 @@ pub struct ProtocolStats {
     pub dropped_not_redirected: AtomicU64,
     /// Queries or connections dropped at a limit (--max-inflight, --max-tcp-connections).
     pub dropped_overload: AtomicU64,
+    /// Queries or connections dropped at a client's own limit (--max-inflight-per-client,
+    /// --max-tcp-connections-per-client).
+    pub dropped_client_limit: AtomicU64,
     /// Queries whose upstream would have been the proxy itself.
     pub dropped_loop: AtomicU64,
     /// Queries from another network namespace to a loopback server ([`Refusal::ForeignLoopback`]).
@@ -102,7 +105,6 @@ impl Stats {
 }
 
 impl ProtocolStats {
-    /// A query went to its upstream.
     /// A query or connection not forwarded, for `refusal`.
     pub fn refused(&self, refusal: Refusal) {
         Stats::add(match refusal {
@@ -111,6 +113,7 @@ impl ProtocolStats {
         });
     }
 
+    /// A query went to its upstream.
     pub fn forwarding(&self) {
         Stats::add(&self.forwarded);
         Stats::add(&self.inflight);
@@ -137,8 +140,8 @@ impl ProtocolStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
             "received={} forwarded={} answered={} upstream_timeouts={} upstream_errors={} \
-             dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_loop={} \
-             dropped_foreign_loopback={} dropped_stray={}",
+             dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_client_limit={} \
+             dropped_loop={} dropped_foreign_loopback={} dropped_stray={}",
             get(&self.received),
             get(&self.forwarded),
             get(&self.answered),
@@ -147,6 +150,7 @@ impl ProtocolStats {
             get(&self.dropped_malformed),
             get(&self.dropped_not_redirected),
             get(&self.dropped_overload),
+            get(&self.dropped_client_limit),
             get(&self.dropped_loop),
             get(&self.dropped_foreign_loopback),
             get(&self.dropped_stray),

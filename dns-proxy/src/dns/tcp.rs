@@ -22,7 +22,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{OriginalDestinations, stats::Stats, upstream_for, wire};
+use super::{OriginalDestinations, per_client::PerClientLimit, stats::Stats, upstream_for, wire};
 use crate::log_limit::RateLimited;
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
@@ -37,6 +37,8 @@ pub struct TcpSettings {
     /// A connection with nothing outstanding is closed after this long without a message.
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Connections open per client address.
+    pub per_client: Arc<PerClientLimit>,
 }
 
 pub struct TcpProxy<D> {
@@ -50,6 +52,7 @@ pub struct TcpProxy<D> {
     draining: CancellationToken,
     stats: Arc<Stats>,
     overload_log: RateLimited,
+    client_limit_log: RateLimited,
 }
 
 /// Why a relayed connection ended, for the debug log.
@@ -134,6 +137,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             draining: CancellationToken::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
+            client_limit_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
 
@@ -204,6 +208,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 return;
             }
         };
+        let Some(client_slot) = self.settings.per_client.try_acquire(client.ip()) else {
+            Stats::add(&stats.dropped_client_limit);
+            let limit = self.settings.per_client.limit();
+            self.client_limit_log.warn(|dropped| {
+                format!(
+                    "{} has {limit} TCP connections open (--max-tcp-connections-per-client): \
+                     refused {dropped} connections of clients at their limit",
+                    client.ip()
+                )
+            });
+            return;
+        };
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             Stats::add(&stats.dropped_overload);
             self.overload_log.warn(|dropped| {
@@ -228,7 +244,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             let closed = proxy.relay(stream, &connection).await;
             log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
-            drop(permit);
+            drop((permit, client_slot));
         });
     }
 
@@ -484,12 +500,22 @@ mod tests {
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
+        proxy_with_limits(original, idle, 4, 4).await
+    }
+
+    async fn proxy_with_limits(
+        original: Option<SocketAddr>,
+        idle: Duration,
+        max_connections: usize,
+        per_client: usize,
+    ) -> Arc<TcpProxy<Fixed>> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settings = TcpSettings {
             upstream_override: None,
             upstream_timeout: Duration::from_millis(500),
             idle_timeout: idle,
-            max_connections: 4,
+            max_connections,
+            per_client: PerClientLimit::new(per_client),
         };
         let proxy = TcpProxy::new(listener, Fixed(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -608,5 +634,56 @@ mod tests {
         write_message(&mut client, &query(1)).await.unwrap();
         assert!(matches!(read_message(&mut client).await, Ok(None) | Err(_)));
         assert_eq!(proxy.stats.tcp.upstream_errors.load(Ordering::Relaxed), 1);
+    }
+
+    /// A connection from `source` (any 127/8 address is this host's loopback).
+    async fn connect_from(source: &str, proxy: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(proxy).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_at_its_connection_limit_is_refused_and_others_are_not() {
+        let proxy = proxy_with_limits(Some(upstream(1).await), Duration::from_secs(5), 8, 2).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(connect_from("127.0.0.1", proxy.local_addr).await);
+        }
+        // Both are accepted before the third comes.
+        wait_until(|| proxy.stats.tcp_connections.load(Ordering::Relaxed) == 2).await;
+        let mut third = connect_from("127.0.0.1", proxy.local_addr).await;
+        write_message(&mut third, &query(3)).await.unwrap();
+        assert!(matches!(read_message(&mut third).await, Ok(None) | Err(_)));
+        assert_eq!(
+            proxy.stats.tcp.dropped_client_limit.load(Ordering::Relaxed),
+            1
+        );
+
+        let mut other = connect_from("127.0.0.2", proxy.local_addr).await;
+        write_message(&mut other, &query(4)).await.unwrap();
+        assert_eq!(
+            read_message(&mut other).await.unwrap(),
+            Some(answer_to(&query(4)))
+        );
+        // A connection that closes gives its client's slot back.
+        drop(held.pop());
+        wait_until(|| proxy.tasks.len() == 2).await;
+        let mut again = connect_from("127.0.0.1", proxy.local_addr).await;
+        write_message(&mut again, &query(5)).await.unwrap();
+        assert_eq!(
+            read_message(&mut again).await.unwrap(),
+            Some(answer_to(&query(5)))
+        );
+    }
+
+    async fn wait_until(mut done: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not done within 2 s");
     }
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     DRAIN_QUIET, OriginalDestinations,
     mmsg::{self, ReceivedBatch},
+    per_client::{ClientSlot, PerClientLimit},
     stats::Stats,
     upstream_for, wire,
 };
@@ -53,6 +54,8 @@ pub struct ForwardSettings {
     pub upstream_override: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub max_inflight: usize,
+    /// Shared by every UDP proxy of the agent: queries in flight per client address.
+    pub per_client: Arc<PerClientLimit>,
 }
 
 /// A query on its way: which pool socket it left from, where to, with which ID.
@@ -76,6 +79,8 @@ struct Pending {
     started: Instant,
     /// "name=... type=..." when debug logging is on.
     description: Option<String>,
+    /// Counts against the client's --max-inflight-per-client until this is settled.
+    _client_slot: ClientSlot,
 }
 
 /// One upstream socket of a pool.
@@ -134,6 +139,7 @@ pub struct UdpProxy<D> {
     workers: CancellationToken,
     stats: Arc<Stats>,
     overload_log: RateLimited,
+    client_limit_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
 }
@@ -234,6 +240,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             workers: CancellationToken::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
+            client_limit_log: RateLimited::new(Duration::from_secs(10)),
             upstream_log: RateLimited::new(Duration::from_secs(10)),
             stray_log: RateLimited::new(Duration::from_secs(10)),
         });
@@ -360,6 +367,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return None;
         };
         let (original, upstream) = self.route(client)?;
+        let client_slot = self.client_slot(client)?;
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
@@ -375,8 +383,26 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             question,
             started,
             description,
+            _client_slot: client_slot,
         };
         self.register(pool, upstream, id, pending, pick)
+    }
+
+    /// One of the client's --max-inflight-per-client, or `None` (counted) if it has them all.
+    fn client_slot(&self, client: SocketAddr) -> Option<ClientSlot> {
+        let slot = self.settings.per_client.try_acquire(client.ip());
+        if slot.is_none() {
+            Stats::add(&self.stats.udp.dropped_client_limit);
+            let limit = self.settings.per_client.limit();
+            self.client_limit_log.warn(|dropped| {
+                format!(
+                    "{} has {limit} queries in flight (--max-inflight-per-client): dropped \
+                     {dropped} queries of clients at their limit",
+                    client.ip()
+                )
+            });
+        }
+        slot
     }
 
     fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
@@ -679,11 +705,20 @@ mod tests {
     }
 
     async fn proxy(original: Option<SocketAddr>, max_inflight: usize) -> Arc<UdpProxy<Fixed>> {
+        proxy_with_limits(original, max_inflight, max_inflight).await
+    }
+
+    async fn proxy_with_limits(
+        original: Option<SocketAddr>,
+        max_inflight: usize,
+        per_client: usize,
+    ) -> Arc<UdpProxy<Fixed>> {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let settings = ForwardSettings {
             upstream_override: None,
             upstream_timeout: Duration::from_millis(300),
             max_inflight,
+            per_client: PerClientLimit::new(per_client),
         };
         let proxy = UdpProxy::new(socket, Fixed(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -817,7 +852,7 @@ mod tests {
 
     #[tokio::test]
     async fn sheds_queries_beyond_max_inflight() {
-        let proxy = proxy(Some(upstream(true).await), 1).await;
+        let proxy = proxy_with_limits(Some(upstream(true).await), 1, 8).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         for _ in 0..3 {
             client.send_to(QUERY, proxy.local_addr).await.unwrap();
@@ -828,6 +863,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_at_its_own_limit_is_shed_and_others_are_still_forwarded() {
+        let proxy = proxy_with_limits(Some(upstream(true).await), 8, 2).await;
+        let flooder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for id in 0..5u16 {
+            let mut query = QUERY.to_vec();
+            query[..2].copy_from_slice(&id.to_be_bytes());
+            flooder.send_to(&query, proxy.local_addr).await.unwrap();
+        }
+        // Another address (any 127/8 address is this host's loopback) is another client.
+        let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        other.send_to(QUERY, proxy.local_addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let udp = &proxy.stats.udp;
+        assert_eq!(udp.forwarded.load(Ordering::Relaxed), 3);
+        assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 3);
+        assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 0);
+        assert_eq!(proxy.settings.per_client.clients(), 2);
+        // Timed out queries give their clients' slots back.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(proxy.settings.per_client.clients(), 0);
+        assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
     async fn refuses_to_forward_to_itself() {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let itself = socket.local_addr().unwrap();
@@ -835,6 +894,7 @@ mod tests {
             upstream_override: None,
             upstream_timeout: Duration::from_millis(300),
             max_inflight: 8,
+            per_client: PerClientLimit::new(8),
         };
         let proxy = UdpProxy::new(socket, Fixed(Some(itself)), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);

@@ -1,0 +1,125 @@
+//! A limit per client address: how many UDP queries (or TCP connections) one client may have
+//! open at once, so that one flooding workload fills its own share and not the whole agent's.
+//!
+//! A client is its source address. In node mode that is a pod; on a host every process reaches
+//! the proxy from a loopback address, so the host's processes share one share.
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+/// Independent locks, so the UDP threads seldom wait on one another.
+const SHARDS: usize = 16;
+
+/// Counts per client address. An address is in the table only while it holds something, so
+/// the table is no larger than what the agent-wide limits let be open.
+#[derive(Debug)]
+pub struct PerClientLimit {
+    limit: u32,
+    shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    /// Keyed, so no client can choose addresses that all land in one shard.
+    hasher: RandomState,
+}
+
+/// One thing a client holds; given back when dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    limits: Arc<PerClientLimit>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.limits.release(self.client);
+    }
+}
+
+impl PerClientLimit {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            shards: Default::default(),
+            hasher: RandomState::new(),
+        })
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// One more for `client`, or `None` if it holds its limit already.
+    pub fn try_acquire(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+        // A v4-mapped IPv6 source is the same client as its IPv4 address.
+        let client = client.to_canonical();
+        let mut counts = self.shard(client).lock().expect("not poisoned");
+        let count = counts.entry(client).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            limits: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// How many clients hold something now.
+    pub fn clients(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().expect("not poisoned").len())
+            .sum()
+    }
+
+    fn release(&self, client: IpAddr) {
+        let mut counts = self.shard(client).lock().expect("not poisoned");
+        if let Some(count) = counts.get_mut(&client) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&client);
+            }
+        }
+    }
+
+    fn shard(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+        &self.shards[(self.hasher.hash_one(client) % SHARDS as u64) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn each_client_has_its_own_limit_and_gets_slots_back_when_they_drop() {
+        let limits = PerClientLimit::new(2);
+        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
+        let first = limits.try_acquire(a).expect("a's first");
+        let _second = limits.try_acquire(a).expect("a's second");
+        assert!(limits.try_acquire(a).is_none(), "a is at its limit");
+        // The same address, v4-mapped, is the same client.
+        assert!(
+            limits
+                .try_acquire("::ffff:10.0.0.1".parse().unwrap())
+                .is_none()
+        );
+        let _other = limits.try_acquire(b).expect("b is not held back by a");
+        drop(first);
+        let _third = limits.try_acquire(a).expect("a got one back");
+        assert_eq!(limits.clients(), 2);
+    }
+
+    #[test]
+    fn a_client_holding_nothing_leaves_the_table() {
+        let limits = PerClientLimit::new(4);
+        for i in 0..1000u32 {
+            drop(limits.try_acquire(Ipv4Addr::from(i).into()));
+        }
+        assert_eq!(limits.clients(), 0);
+    }
+}
