@@ -3,6 +3,7 @@
 //! agent binary attached to it. Every fixture is a guard that removes what it made on drop,
 //! so a failing test still cleans up. Nothing here touches the host's own network namespace,
 //! its root cgroup's programs, or any address outside the tests' namespaces.
+pub mod answer;
 pub mod bench;
 pub mod node;
 pub mod race;

@@ -258,6 +258,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
                 Stats::add(&stats.upstream_errors);
+                reset(&client_stream);
                 return Closed::UpstreamError(err);
             }
             Err(_elapsed) => {
@@ -268,13 +269,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         // Each message goes out in one write; don't let Nagle hold it back.
         let _ = client_stream.set_nodelay(true);
         let _ = upstream_stream.set_nodelay(true);
-        let (client_read, client_write) = client_stream.into_split();
+        let (mut client_read, mut client_write) = client_stream.into_split();
         let (upstream_read, upstream_write) = upstream_stream.into_split();
         let closed = tokio::select! {
-            closed = self.queries(conn, BufReader::new(client_read), upstream_write) => closed,
-            closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
+            closed = self.queries(conn, BufReader::new(&mut client_read), upstream_write) => closed,
+            closed = self.answers(conn, BufReader::new(upstream_read), &mut client_write) => closed,
             closed = self.watchdog(conn) => closed,
         };
+        if let Closed::UpstreamError(_) = closed
+            && let Ok(client_stream) = client_read.reunite(client_write)
+        {
+            reset(&client_stream);
+        }
         // Queries still waiting will never be answered now.
         stats.settled(conn.outstanding() as u64);
         match &closed {
@@ -415,6 +421,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
         }
     }
+}
+
+/// Makes closing `stream` send a reset instead of an orderly end: an upstream that refused or
+/// reset its connection is shown to the client as a connection that failed, not one the
+/// server closed in good order after answering.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Reads one length-prefixed DNS message; `None` on a clean end of stream between messages.
@@ -622,7 +635,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_upstream_that_refuses_closes_the_client_connection() {
+    async fn an_upstream_that_refuses_resets_the_client_connection() {
         // A port nobody listens on: bind, learn it, close.
         let refused = TcpListener::bind("127.0.0.1:0")
             .await
@@ -632,7 +645,13 @@ mod tests {
         let proxy = proxy(Some(refused), Duration::from_secs(5)).await;
         let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
         write_message(&mut client, &query(1)).await.unwrap();
-        assert!(matches!(read_message(&mut client).await, Ok(None) | Err(_)));
+        // Reset, as the refusal was: not an orderly close, which looks like a server that
+        // answered everything.
+        let read = read_message(&mut client).await;
+        assert!(
+            matches!(&read, Err(err) if err.kind() == io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
         assert_eq!(proxy.stats.tcp.upstream_errors.load(Ordering::Relaxed), 1);
     }
 

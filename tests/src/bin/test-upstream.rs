@@ -15,39 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The offset just past the first question, if the message has a well-formed one.
-fn question_end(message: &[u8]) -> Option<usize> {
-    let mut offset = 12;
-    loop {
-        let len = usize::from(*message.get(offset)?);
-        offset += 1;
-        match len {
-            0 => break,
-            1..=63 => offset += len,
-            _ => return None,
-        }
-    }
-    let end = offset + 4;
-    (end <= message.len()).then_some(end)
-}
-
-/// The answer to `query`, written into `out` (cleared first); false if it is not a query.
-fn answer(query: &[u8], address: Ipv4Addr, out: &mut Vec<u8>) -> bool {
-    out.clear();
-    if query.len() < 12 || query[2] & 0x80 != 0 || query[4..6] != [0, 1] {
-        return false;
-    }
-    let Some(end) = question_end(query) else {
-        return false;
-    };
-    out.extend_from_slice(&query[..2]);
-    // QR, opcode QUERY, RD copied, RA; one question, one answer, nothing else.
-    out.extend_from_slice(&[0x80 | (query[2] & 0x01), 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
-    out.extend_from_slice(&query[12..end]);
-    out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-    out.extend_from_slice(&address.octets());
-    true
-}
+use tests::answer::{Reply, write_answer};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -86,7 +54,7 @@ fn main() {
             }
             Err(_) => continue,
         };
-        if !answer(&buf[..len], address, &mut message) {
+        if !write_answer(&buf[..len], Reply::A(address), &mut message) {
             continue;
         }
         if delay.is_zero() {

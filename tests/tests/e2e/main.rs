@@ -7,6 +7,7 @@ mod hardening;
 mod node;
 mod operations;
 mod race;
+mod upstreams;
 
 use std::{
     io::{BufRead as _, BufReader},

@@ -1,0 +1,53 @@
+//! The answers the tests' own DNS servers (test-upstream, bad-upstream) write.
+use std::net::Ipv4Addr;
+
+/// What to answer a query with.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply {
+    /// One A record (TTL 60) for the name asked.
+    A(Ipv4Addr),
+    /// RCODE SERVFAIL, no records.
+    ServFail,
+}
+
+/// The offset just past the first question, if the message has a well-formed one.
+fn question_end(message: &[u8]) -> Option<usize> {
+    let mut offset = 12;
+    loop {
+        let len = usize::from(*message.get(offset)?);
+        offset += 1;
+        match len {
+            0 => break,
+            1..=63 => offset += len,
+            _ => return None,
+        }
+    }
+    let end = offset + 4;
+    (end <= message.len()).then_some(end)
+}
+
+/// The answer to `query`, written into `out` (cleared first); false if it is not a query with
+/// one question.
+pub fn write_answer(query: &[u8], reply: Reply, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if query.len() < 12 || query[2] & 0x80 != 0 || query[4..6] != [0, 1] {
+        return false;
+    }
+    let Some(end) = question_end(query) else {
+        return false;
+    };
+    out.extend_from_slice(&query[..2]);
+    // QR, opcode QUERY, RD copied; RA and the RCODE; one question, and the answer count.
+    let (rcode, answers) = match reply {
+        Reply::A(_) => (0, 1),
+        Reply::ServFail => (2, 0),
+    };
+    out.extend_from_slice(&[0x80 | (query[2] & 0x01), 0x80 | rcode, 0, 1, 0, answers]);
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&query[12..end]);
+    if let Reply::A(address) = reply {
+        out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        out.extend_from_slice(&address.octets());
+    }
+    true
+}

@@ -1,0 +1,134 @@
+//! A DNS server that fails in one way, over UDP and TCP, for the failing-upstream tests.
+//!
+//! Usage: bad-upstream LISTEN_ADDR:PORT MODE
+//! - `silent`: reads every query, answers none (TCP connections stay open);
+//! - `slow:MS`: answers each query with one A record ([`ANSWER`]) after MS;
+//! - `servfail`: answers each query with RCODE SERVFAIL;
+//! - `no-tcp`: answers over UDP; nothing listens on TCP, so connections are refused;
+//! - `reset`: answers over UDP; over TCP sends the first half of the answer, then a reset;
+//! - `garbage`: answers each query with bytes that are not a DNS message (over TCP, framed).
+//!
+//! Prints `ready` once it listens.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a synchronous test server on std sockets; it resolves no names"
+)]
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use tests::answer::{Reply, write_answer};
+
+/// The address in this server's A records.
+const ANSWER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+/// What `garbage` sends: no DNS header could start like this and be a query's answer.
+const GARBAGE: &[u8] = b"\xff\xfe this is not DNS";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Silent,
+    Slow(Duration),
+    ServFail,
+    NoTcp,
+    Reset,
+    Garbage,
+}
+
+impl Mode {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "silent" => Self::Silent,
+            "servfail" => Self::ServFail,
+            "no-tcp" => Self::NoTcp,
+            "reset" => Self::Reset,
+            "garbage" => Self::Garbage,
+            _ => Self::Slow(Duration::from_millis(
+                text.strip_prefix("slow:")?.parse().ok()?,
+            )),
+        })
+    }
+
+    /// What to send back for `query`; `None` to send nothing.
+    fn reply(self, query: &[u8]) -> Option<Vec<u8>> {
+        let reply = match self {
+            Self::Silent => return None,
+            Self::Garbage => return Some(GARBAGE.to_vec()),
+            Self::Slow(delay) => {
+                thread::sleep(delay);
+                Reply::A(ANSWER)
+            }
+            Self::ServFail => Reply::ServFail,
+            Self::NoTcp | Self::Reset => Reply::A(ANSWER),
+        };
+        let mut answer = Vec::new();
+        write_answer(query, reply, &mut answer).then_some(answer)
+    }
+}
+
+fn serve_udp(socket: UdpSocket, mode: Mode) {
+    let mut buf = [0u8; 4096];
+    while let Ok((len, from)) = socket.recv_from(&mut buf) {
+        let (query, socket) = (buf[..len].to_vec(), socket.try_clone().expect("clone"));
+        // A thread each, so a slow answer holds up no other.
+        thread::spawn(move || {
+            if let Some(answer) = mode.reply(&query) {
+                let _ = socket.send_to(&answer, from);
+            }
+        });
+    }
+}
+
+fn serve_tcp_connection(mut stream: TcpStream, mode: Mode) {
+    loop {
+        let mut length = [0u8; 2];
+        if stream.read_exact(&mut length).is_err() {
+            return;
+        }
+        let mut query = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        if stream.read_exact(&mut query).is_err() {
+            return;
+        }
+        let Some(answer) = mode.reply(&query) else {
+            continue;
+        };
+        let mut frame = (answer.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&answer);
+        if mode == Mode::Reset {
+            let _ = stream.write_all(&frame[..frame.len() / 2]);
+            let _ = stream.flush();
+            thread::sleep(Duration::from_millis(50));
+            // Linger 0: close sends a reset, not a FIN.
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        if stream.write_all(&frame).is_err() {
+            return;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, mode] = args.as_slice() else {
+        eprintln!(
+            "usage: bad-upstream LISTEN_ADDR:PORT silent|slow:MS|servfail|no-tcp|reset|garbage"
+        );
+        std::process::exit(2);
+    };
+    let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR:PORT");
+    let mode = Mode::parse(mode).expect("a mode");
+    let udp = UdpSocket::bind(listen).expect("bind UDP");
+    let tcp = (mode != Mode::NoTcp).then(|| TcpListener::bind(listen).expect("bind TCP"));
+    println!("ready");
+    if let Some(tcp) = tcp {
+        thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                thread::spawn(move || serve_tcp_connection(stream, mode));
+            }
+        });
+    }
+    serve_udp(udp, mode);
+}

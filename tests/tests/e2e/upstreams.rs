@@ -1,0 +1,177 @@
+//! Failing upstreams, in the real kernel: a server that is silent, slow, answers SERVFAIL,
+//! refuses TCP, resets TCP mid-answer or sends garbage. The same dig, asking the same server,
+//! must see the same through the agent as without it, while a lookup of another client to a
+//! good server, at the same moment, gets its own answer; and the agent keeps serving.
+use std::thread;
+
+use tests::Process;
+
+use super::*;
+
+const BAD_UPSTREAM: &str = env!("CARGO_BIN_EXE_bad-upstream");
+/// The address in bad-upstream's A records (`ANSWER` there).
+const BAD_ANSWER: &str = "198.51.100.9";
+
+/// What a client saw of one lookup, in words that do not depend on the path it took: the
+/// answer's status and records, a timeout, a connection that failed, or a mismatched reply.
+fn outcome(result: Result<String, String>) -> String {
+    match result {
+        Ok(output) if output.contains("ERROR: ID mismatch") => "a reply that is not DNS".into(),
+        Ok(output) => {
+            let status = output
+                .split("status: ")
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .unwrap_or("no status")
+                .to_owned();
+            let mut records: Vec<&str> = output
+                .lines()
+                .filter(|line| !line.starts_with(';') && line.contains("\tIN\t"))
+                .filter_map(|line| line.split_whitespace().last())
+                .collect();
+            records.sort();
+            format!("{status} {records:?}")
+        }
+        Err(output) if output.contains("timed out") => "timeout".into(),
+        // Refused, reset or closed: no answer, and the client learns it at once.
+        Err(output)
+            if ["connection refused", "connection reset", "end of file"]
+                .iter()
+                .any(|failure| output.contains(failure)) =>
+        {
+            "connection failed".into()
+        }
+        Err(output) => panic!("an outcome the test does not know:\n{output}"),
+    }
+}
+
+/// What dig sees asking the bad server for `name` through `command` (dig, as a workload or
+/// not). Its timeout is 2 s, under the agent's default upstream timeout (5 s), as clients'
+/// are.
+fn ask_bad_server(command: Command, name: &str, tcp: bool) -> String {
+    let mut extra = vec!["+time=2"];
+    if tcp {
+        extra.push("+tcp");
+    }
+    outcome(tests::dig_at(
+        command,
+        &SECOND_SERVER_IP.to_string(),
+        name,
+        &extra,
+    ))
+}
+
+/// Starts bad-upstream in `mode` on SECOND_SERVER_IP:53; checks, over UDP and TCP, that a
+/// client sees `expected` without the agent and the same through it, while another client's
+/// lookup to the good server at the same moment gets the good server's answer; then that the
+/// agent still answers and has nothing left in flight.
+fn the_client_sees_what_it_would_without_the_agent(mode: &str, expected: [&str; 2]) {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[&format!("--metrics={METRICS}")]);
+    topology.add_server_address(SECOND_SERVER_IP);
+    let mut bad = topology.server.command(BAD_UPSTREAM);
+    bad.args([&format!("{SECOND_SERVER_IP}:53"), mode])
+        .stdout(Stdio::null());
+    let _bad = Process::spawn(&mut bad);
+    wait_for("bad-upstream to listen", Duration::from_secs(5), || {
+        let listening = must(topology.server.command("ss").args(["-Hlnu"]));
+        String::from_utf8_lossy(&listening.stdout)
+            .contains(&format!("{SECOND_SERVER_IP}:53"))
+            .then_some(())
+    });
+
+    for (transport, expected) in ["udp", "tcp"].into_iter().zip(expected) {
+        let tcp = transport == "tcp";
+        let name = format!("{mode}-{transport}.example.test");
+        let direct = ask_bad_server(topology.outsider("dig", &[]), &name, tcp);
+        assert_eq!(
+            direct, expected,
+            "{mode} over {transport}, without the agent"
+        );
+
+        let good_name = format!("good-{transport}.example.test");
+        let good = thread::scope(|scope| {
+            let good = scope.spawn(|| {
+                dig(
+                    topology.workload("dig", &[]),
+                    &good_name,
+                    &["+time=3", if tcp { "+tcp" } else { "+notcp" }],
+                )
+            });
+            let through = ask_bad_server(topology.workload("dig", &[]), &name, tcp);
+            assert_eq!(
+                through, direct,
+                "{mode} over {transport}, through the agent"
+            );
+            good.join().expect("the good lookup")
+        });
+        let good = good.unwrap_or_else(|err| panic!("the good lookup failed: {err}"));
+        assert!(
+            good.contains(&ANSWER_IP.to_string()) && !good.contains(BAD_ANSWER),
+            "the other client got:\n{good}"
+        );
+    }
+
+    // Still serving; and once the agent's own upstream timeout (5 s) has passed, nothing of
+    // the failed lookups is left in flight.
+    assert_answered(
+        dig(topology.workload("dig", &[]), "after.example.test", &[]),
+        "a lookup after the failures",
+    );
+    wait_for(
+        "the agent to settle every query",
+        Duration::from_secs(8),
+        || {
+            let page = scrape(topology);
+            ["udp", "tcp"]
+                .iter()
+                .all(|protocol| {
+                    value(
+                        &page,
+                        &format!("dns_proxy_inflight_queries{{protocol=\"{protocol}\"}}"),
+                    ) == 0
+                })
+                .then_some(())
+        },
+    );
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
+#[test]
+fn a_silent_upstream_times_out_as_without_the_agent() {
+    the_client_sees_what_it_would_without_the_agent("silent", ["timeout", "timeout"]);
+}
+
+#[test]
+fn a_slow_upstream_answers_as_without_the_agent() {
+    let answer = format!("NOERROR [\"{BAD_ANSWER}\"]");
+    the_client_sees_what_it_would_without_the_agent("slow:1200", [&answer, &answer]);
+}
+
+#[test]
+fn a_servfail_reaches_the_client_as_without_the_agent() {
+    the_client_sees_what_it_would_without_the_agent("servfail", ["SERVFAIL []", "SERVFAIL []"]);
+}
+
+#[test]
+fn an_upstream_that_refuses_tcp_fails_the_connection_as_without_the_agent() {
+    let answer = format!("NOERROR [\"{BAD_ANSWER}\"]");
+    the_client_sees_what_it_would_without_the_agent("no-tcp", [&answer, "connection failed"]);
+}
+
+#[test]
+fn an_upstream_that_resets_mid_answer_fails_the_connection_as_without_the_agent() {
+    let answer = format!("NOERROR [\"{BAD_ANSWER}\"]");
+    the_client_sees_what_it_would_without_the_agent("reset", [&answer, "connection failed"]);
+}
+
+#[test]
+fn garbage_from_an_upstream_reaches_the_client_as_without_the_agent() {
+    // UDP: dig waits for a real answer and times out; the agent drops the garbage as stray.
+    // TCP: one framed message per query, relayed as it is.
+    the_client_sees_what_it_would_without_the_agent(
+        "garbage",
+        ["timeout", "a reply that is not DNS"],
+    );
+}
