@@ -1,5 +1,5 @@
 //! Hardening, in the real kernel: forged answers at the proxy's upstream socket while a real
-//! lookup is in flight, and the agent's privileges once it serves.
+//! lookup is in flight, the agent's privileges once it serves, and a flooding pod.
 use std::{fs, process::Stdio};
 
 use tests::Process;
@@ -155,5 +155,118 @@ fn once_serving_the_agent_holds_no_capability_and_still_answers_and_stops_cleanl
         String::from_utf8_lossy(&attached.stdout).trim(),
         "",
         "programs still attached"
+    );
+}
+
+const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
+/// What the agent's memory must stay under at its default limits, flooded (docs/security.md).
+const MEMORY_BOUND_MIB: u64 = 64;
+
+/// The peak resident memory of `pid`, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+    kib / 1024
+}
+
+#[test]
+fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
+    use tests::node::{NODE_LISTEN, NodeTopology};
+
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    // The flood goes to a server that answers after 3 s, so its queries pile up in flight.
+    node.add_server_address(SECOND_SERVER_IP);
+    let mut slow = node.server.command(TEST_UPSTREAM);
+    slow.args([&format!("{SECOND_SERVER_IP}:53"), "3000", "198.51.100.9"]);
+    let _slow = Process::spawn(&mut slow);
+    // The default limits: 4096 in flight, 1024 per client.
+    let mut agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[
+            format!("--listen={NODE_LISTEN}:53"),
+            format!("--metrics={METRICS}"),
+        ],
+    );
+
+    // Pod 1 and a host process resolve steadily: a lookup every 5 ms per stream, 1 s per try,
+    // three tries.
+    let server = format!("{SERVER_IP}:53");
+    let steady_args = [server.as_str(), "1000", "3", "5", "2"];
+    let mut normal: Vec<Process> = [
+        node.pod(1, STEADY, &steady_args),
+        node.host(STEADY, &steady_args),
+    ]
+    .into_iter()
+    .map(|mut command| {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        Process::spawn(&mut command)
+    })
+    .collect();
+    // Pod 0 floods: 20,000 queries a second for 4 s, ten times what the agent may hold for
+    // all clients together, were the upstream's 3 s all in flight.
+    let flood = must(&mut node.pod(
+        0,
+        FLOOD,
+        &[&format!("{SECOND_SERVER_IP}:53"), "20000", "80000", "4"],
+    ));
+    let flood = String::from_utf8_lossy(&flood.stdout).trim().to_owned();
+    assert!(flood.starts_with("sent="), "{flood}");
+    let sent: u64 = flood["sent=".len()..].parse().unwrap();
+
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let shed = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
+    );
+    let overload = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"overload\"}",
+    );
+    let peak = peak_rss_mib(agent.process().id());
+    eprintln!("flood: sent={sent} shed={shed} overload={overload} peak_rss={peak}MiB");
+    for (who, mut process) in ["pod 1", "host"].into_iter().zip(normal.drain(..)) {
+        let line = process.finish_with_stdout(Duration::from_secs(10));
+        let [lookups, _first_try, retried, failed] = steady_outcome(&line);
+        eprintln!("{who}: {line}");
+        assert!(lookups > 100, "{who}: {line}");
+        assert_eq!(failed, 0, "{who} lost lookups during the flood: {line}");
+        assert!(
+            retried * 100 <= lookups,
+            "{who} retried more than 1 %: {line}"
+        );
+    }
+    // The flooder got its share (1024 in flight, freed after 3 s) and no more; nobody hit
+    // the agent's own limit.
+    assert!(
+        sent >= 40_000,
+        "the flood was too slow to test anything: {flood}"
+    );
+    assert!(
+        shed + 3 * 1024 >= sent,
+        "only {shed} of {sent} shed:\n{page}"
+    );
+    assert_eq!(overload, 0, "{page}");
+    assert!(
+        peak < MEMORY_BOUND_MIB,
+        "peak RSS {peak} MiB, over {MEMORY_BOUND_MIB} MiB"
+    );
+    // Still up, and answering.
+    let name = "after-the-flood.example.test";
+    let answered = must(&mut node.pod(1, PROBE, &["sendto", &server, name]));
+    assert_eq!(
+        String::from_utf8_lossy(&answered.stdout).trim(),
+        expected_probe_line()
+    );
+    assert!(
+        agent.log().contains("--max-inflight-per-client"),
+        "{}",
+        agent.log()
     );
 }

@@ -21,6 +21,7 @@ use tests::{
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_dns-probe");
+const STEADY: &str = env!("CARGO_BIN_EXE_steady-lookups");
 
 /// The agent's log line for `name`, waited for briefly (it is written after the answer is sent).
 fn forwarded(agent: &Agent, name: &str) -> String {
@@ -107,4 +108,15 @@ fn run_together(probes: Vec<ConcurrentProbe>) {
             "{name}"
         );
     }
+}
+
+/// `lookups=N first_try=N retried=N failed=N` as numbers.
+fn steady_outcome(line: &str) -> [u64; 4] {
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.split_once('=')?.1.parse().ok())
+        .collect();
+    numbers
+        .try_into()
+        .unwrap_or_else(|_| panic!("not an outcome line: {line}"))
 }

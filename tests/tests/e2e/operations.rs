@@ -6,7 +6,6 @@ use tests::{Process, cgroup2_root, http_get, in_cgroup_and_netns};
 
 use super::*;
 
-const STEADY: &str = env!("CARGO_BIN_EXE_steady-lookups");
 const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 /// Where the slow upstream listens, in the server namespace.
 const SLOW_SERVER_IP: &str = "192.0.2.5";
@@ -303,17 +302,6 @@ fn steady_lookups(topology: &Topology) -> Process {
     Process::spawn(&mut command)
 }
 
-/// `lookups=N first_try=N retried=N failed=N` as numbers.
-fn outcome(line: &str) -> [u64; 4] {
-    let numbers: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|field| field.split_once('=')?.1.parse().ok())
-        .collect();
-    numbers
-        .try_into()
-        .unwrap_or_else(|_| panic!("not an outcome line: {line}"))
-}
-
 /// Waits until the agent has answered at least `count` queries.
 fn wait_answered(agent: &Agent, count: usize) {
     wait_for(
@@ -353,7 +341,7 @@ fn restart_under_load(signal: i32, gap: Duration) -> Restart {
 
     let line = load.finish_with_stdout(Duration::from_secs(10));
     eprintln!("across a restart (signal {signal}): {}", line.trim());
-    let [lookups, _first_try, retried, failed] = outcome(&line);
+    let [lookups, _first_try, retried, failed] = steady_outcome(&line);
     assert!(lookups >= 100, "only {lookups} lookups");
     Restart {
         lookups,
