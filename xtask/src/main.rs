@@ -59,7 +59,17 @@ enum Task {
         #[arg(long, value_name = "SECONDS", default_value_t = 4)]
         seconds: u64,
     },
-    /// Set up, then run every test, the privileged integration tests included (needs root).
+    /// Run the cargo fuzz targets (fuzz/), each for a while; a crash stops it, and the input
+    /// that caused it is saved under fuzz/artifacts/. Installs cargo-fuzz if need be.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        seconds: u64,
+        /// Which targets. Default: all of them.
+        targets: Vec<String>,
+    },
+    /// Set up, then run every test, the privileged integration tests included (needs root),
+    /// and, without a filter, a short run of every fuzz target.
     Test {
         /// Passed to `cargo test` (a filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -74,6 +84,7 @@ fn main() -> Result<()> {
         Task::Setup { tests } => provision::setup(tests),
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
+        Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Bench { rounds, seconds } => {
             let settings = tests::bench::Settings {
                 rounds,
@@ -237,8 +248,57 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
         cargo()
             .current_dir(root)
             .args(["test", "--workspace", "--exclude", "dns-proxy-ebpf"])
+            .args(["--exclude", "dns-proxy-fuzz"])
             .args(args)
             .env("DNS_PROXY_BIN", &binary)
             .env("DNS_PROXY_DEPLOY_TOOLS", &deploy_tools),
-    )
+    )?;
+    if args.is_empty() {
+        eprintln!("xtask: a short run of every fuzz target (longer: cargo xtask fuzz)");
+        fuzz(root, FUZZ_SMOKE_SECONDS, &[])?;
+    }
+    Ok(())
+}
+
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: u64 = 20;
+/// The targets in fuzz/fuzz_targets, all run unless some are named.
+const FUZZ_TARGETS: [&str; 3] = ["udp_query", "tcp_framing", "answer_validation"];
+
+fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
+    for target in targets {
+        if !FUZZ_TARGETS.contains(&target.as_str()) {
+            bail!("{target}: no such fuzz target; there are {FUZZ_TARGETS:?}");
+        }
+    }
+    provision::setup(false)?; // dns-proxy's build script builds the eBPF object
+    provision::fuzz_tools()?;
+    let targets: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for target in targets {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        // rustup run: the nightly cargo, whatever toolchain started xtask.
+        shell::run(
+            Command::new("rustup")
+                .current_dir(root)
+                .args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "fuzz",
+                    "run",
+                    "--fuzz-dir",
+                    "fuzz",
+                ])
+                .arg(target)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .env_remove("RUSTC")
+                .env_remove("CARGO"),
+        )?;
+    }
+    Ok(())
 }

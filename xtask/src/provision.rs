@@ -110,6 +110,37 @@ pub fn bench_tools() -> Result<()> {
     Ok(())
 }
 
+/// The cargo-fuzz release `cargo xtask fuzz` installs (pinned: the same on every machine).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// What `cargo fuzz` needs: rustup's nightly (sanitizers; it cannot be downloaded on these
+/// machines, so it must be there), cargo-fuzz, and a C++ compiler for libFuzzer.
+pub fn fuzz_tools() -> Result<()> {
+    let nightly = shell::output(Command::new("rustup").args(["run", "nightly", "rustc", "-V"]));
+    if nightly.is_none() {
+        bail!(
+            "fuzzing needs rustup's nightly toolchain (for -Zsanitizer): \
+             `rustup toolchain install nightly`"
+        );
+    }
+    if !has_program("c++") {
+        Apt::default().install(&["g++"], "libfuzzer-sys builds libFuzzer from C++ sources")?;
+    }
+    let installed = shell::output(Command::new("cargo-fuzz").arg("--version"))
+        .is_some_and(|version| version.contains(CARGO_FUZZ_VERSION));
+    if !installed {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io (fuzzing)");
+        shell::run(Command::new("cargo").args([
+            "install",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "cargo-fuzz",
+        ]))?;
+    }
+    Ok(())
+}
+
 /// Makes (or reuses) the virtualenv `venv` holding [`DEPLOY_CHECK_TOOLS`].
 pub fn deploy_check_tools(venv: &Path) -> Result<()> {
     let pip = venv.join("bin/pip");

@@ -431,20 +431,25 @@ fn reset(stream: &TcpStream) {
 }
 
 /// Reads one length-prefixed DNS message; `None` on a clean end of stream between messages.
-async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
+/// (Public for the fuzz targets, which feed it arbitrary streams.)
+pub async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
     let mut length = [0u8; 2];
-    match reader.read_exact(&mut length).await {
-        Ok(_) => {}
-        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(err) => return Err(err),
+    // Only an end before the first byte is clean: one inside the length prefix is a stream cut
+    // mid-message, as one inside the message is (found by the tcp_framing fuzz target).
+    if reader.read(&mut length[..1]).await? == 0 {
+        return Ok(None);
     }
+    reader.read_exact(&mut length[1..]).await?;
     let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
     reader.read_exact(&mut message).await?;
     Ok(Some(message))
 }
 
 /// Writes one length-prefixed message in a single write (partial writes are retried).
-async fn write_message(writer: &mut (impl AsyncWrite + Unpin), message: &[u8]) -> io::Result<()> {
+pub async fn write_message(
+    writer: &mut (impl AsyncWrite + Unpin),
+    message: &[u8],
+) -> io::Result<()> {
     let length = u16::try_from(message.len())
         .map_err(|_| io::Error::other("DNS message over 65535 bytes"))?;
     let mut frame = Vec::with_capacity(2 + message.len());
@@ -704,5 +709,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("not done within 2 s");
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_the_length_prefix_is_an_error_not_a_clean_end() {
+        // fuzz/artifacts/tcp_framing/crash-09d2af8d...: one byte of a length, then the end.
+        let mut cut: &[u8] = &[0x00];
+        let read = read_message(&mut cut).await;
+        assert!(
+            matches!(&read, Err(err) if err.kind() == io::ErrorKind::UnexpectedEof),
+            "{read:?}"
+        );
+        let mut empty: &[u8] = &[];
+        assert_eq!(read_message(&mut empty).await.unwrap(), None);
+        let mut whole: &[u8] = &[0, 2, 0xab, 0xcd];
+        assert_eq!(
+            read_message(&mut whole).await.unwrap(),
+            Some(vec![0xab, 0xcd])
+        );
+        assert_eq!(read_message(&mut whole).await.unwrap(), None);
     }
 }

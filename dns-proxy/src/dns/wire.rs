@@ -33,7 +33,12 @@ pub fn is_query(message: &[u8]) -> bool {
 }
 
 /// The offset just past the question at `offset`: a name (labels of at most 63 bytes, ending
-/// with the root or a compression pointer, 255 bytes at most), then type and class.
+/// with the root, 255 bytes at most), then type and class.
+///
+/// No compression pointer: before the first question there is only the header, so a pointer
+/// there names header bytes or loops, and no resolver sends one. Were it allowed, two
+/// questions of equal bytes could name different things (a pointer into headers that differ),
+/// and the answer check, which compares bytes, would compare nothing.
 fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
     const MAX_NAME: usize = 255;
     let start = offset;
@@ -45,12 +50,8 @@ fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
                 break;
             }
             1..=63 => offset += 1 + len,
-            0xc0..=0xff => {
-                message.get(offset + 1)?;
-                offset += 2;
-                break;
-            }
-            _ => return None, // 0x40 and 0x80 label types are obsolete or unassigned
+            // Pointers (0xc0), and the obsolete or unassigned 0x40 and 0x80 label types.
+            _ => return None,
         }
         if offset - start > MAX_NAME {
             return None;
@@ -171,10 +172,11 @@ mod tests {
         }
         huge.extend_from_slice(&[0, 0, 1, 0, 1]);
         assert!(!is_query(&huge));
-        // A compression pointer ends a name, as it may.
+        // A compression pointer: it could only name header bytes, or loop.
         let mut pointer = good[..HEADER_LEN].to_vec();
-        pointer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-        assert!(is_query(&pointer));
+        pointer.extend_from_slice(&[0xc0, 2, 0, 1, 0, 1]);
+        assert!(!is_query(&pointer));
+        assert_eq!(question(&pointer), None);
         // No question at all (a cookie refresh, say) is legal.
         let mut none = good[..HEADER_LEN].to_vec();
         none[5] = 0;
