@@ -171,11 +171,17 @@ impl Drop for Interceptor {
 
 /// The agent, release build, logging at info (a debug line per query would be the benchmark).
 fn start_agent(topology: &Topology, tools: &Tools<'_>, extra_args: &[&str]) -> Agent {
+    start_agent_binary(topology, tools.agent, extra_args)
+}
+
+/// The agent binary `agent` in the topology's client namespace, redirecting its cgroup, on
+/// [`crate::PROXY_LISTEN`], logging at info.
+pub(crate) fn start_agent_binary(topology: &Topology, agent: &Path, extra_args: &[&str]) -> Agent {
     let mut command = Command::new("nsenter");
     command
         .arg(format!("--net=/run/netns/{}", topology.client.name))
         .arg("--")
-        .arg(tools.agent)
+        .arg(agent)
         .arg("run")
         .arg(format!("--cgroup={}", topology.cgroup.path.display()))
         .arg(format!("--listen={}", crate::PROXY_LISTEN))

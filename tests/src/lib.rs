@@ -7,6 +7,7 @@ pub mod answer;
 pub mod bench;
 pub mod node;
 pub mod race;
+pub mod soak;
 
 use std::{
     fs,

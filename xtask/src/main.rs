@@ -59,6 +59,16 @@ enum Task {
         #[arg(long, value_name = "SECONDS", default_value_t = 4)]
         seconds: u64,
     },
+    /// The agent under mixed clients (UDP, TCP, large answers, a failing upstream) for a
+    /// while, in a topology of its own (needs root): every lookup's outcome, and the agent's
+    /// RSS and open descriptors at start and end. Fails on a lost lookup or growth.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Pause between one client thread's lookups.
+        #[arg(long, value_name = "MS", default_value_t = 2)]
+        interval_ms: u64,
+    },
     /// Run the cargo fuzz targets (fuzz/), each for a while; a crash stops it, and the input
     /// that caused it is saved under fuzz/artifacts/. Installs cargo-fuzz if need be.
     Fuzz {
@@ -85,6 +95,10 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
+        Task::Soak {
+            minutes,
+            interval_ms,
+        } => run_soak(&root, minutes, interval_ms),
         Task::Bench { rounds, seconds } => {
             let settings = tests::bench::Settings {
                 rounds,
@@ -154,6 +168,37 @@ fn run_race(root: &std::path::Path, settings: &race::Settings, modes: &[race::Mo
         outcomes.push(race::run(mode, settings, &tools));
     }
     print!("{}", race::table(&outcomes));
+    Ok(())
+}
+
+fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64) -> Result<()> {
+    if !shell::is_root() {
+        bail!("the soak needs root (network namespaces, a cgroup, eBPF)");
+    }
+    if minutes == 0 {
+        bail!("--minutes must be at least 1");
+    }
+    provision::setup(true)?;
+    let bin = build_agent_and_test_tools(root, "release")?;
+    let (agent, soak_client, bad_upstream) = (
+        bin.join("dns-proxy"),
+        bin.join("soak-client"),
+        bin.join("bad-upstream"),
+    );
+    let settings = tests::soak::Settings {
+        duration: std::time::Duration::from_secs(minutes * 60),
+        interval: std::time::Duration::from_millis(interval_ms),
+    };
+    let tools = tests::soak::Tools {
+        agent: &agent,
+        soak_client: &soak_client,
+        bad_upstream: &bad_upstream,
+    };
+    let (report, passed) = tests::soak::run(&settings, &tools);
+    print!("{report}");
+    if !passed {
+        bail!("the soak failed (see the verdict above)");
+    }
     Ok(())
 }
 
