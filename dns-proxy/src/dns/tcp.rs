@@ -713,7 +713,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_cut_inside_the_length_prefix_is_an_error_not_a_clean_end() {
-        // fuzz/artifacts/tcp_framing/crash-09d2af8d...: one byte of a length, then the end.
+        // What the tcp_framing fuzz target found first: one byte of a length, then the end.
         let mut cut: &[u8] = &[0x00];
         let read = read_message(&mut cut).await;
         assert!(
