@@ -77,12 +77,13 @@ impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
     }
 }
 
-/// A fixed answer to "where was this client headed?", for the listeners' unit tests. The
-/// kernel's flow table behind the real one is exercised by the privileged integration tests.
-#[cfg(test)]
-pub(crate) struct FixedDestination(pub Option<SocketAddr>);
+/// A fixed answer to "where was this client headed?", for the listeners' unit tests and the
+/// fuzz targets. The kernel's flow table behind the real one is exercised by the privileged
+/// integration tests.
+#[cfg(any(test, feature = "fuzzing"))]
+pub struct FixedDestination(pub Option<SocketAddr>);
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl OriginalDestinations for FixedDestination {
     fn original_destination(&self, _client: SocketAddr, _protocol: u8) -> Option<SocketAddr> {
         self.0

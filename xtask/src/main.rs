@@ -308,7 +308,13 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
 /// How long `cargo xtask test` runs each fuzz target.
 const FUZZ_SMOKE_SECONDS: u64 = 20;
 /// The targets in fuzz/fuzz_targets, all run unless some are named.
-const FUZZ_TARGETS: [&str; 3] = ["udp_query", "tcp_framing", "answer_validation"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "udp_query",
+    "tcp_framing",
+    "answer_validation",
+    "udp_state",
+    "tcp_relay",
+];
 
 fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
     for target in targets {

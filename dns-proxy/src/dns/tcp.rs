@@ -105,6 +105,19 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(client: SocketAddr, original: SocketAddr, upstream: SocketAddr) -> Self {
+        Self {
+            client,
+            original,
+            upstream,
+            pending: Mutex::default(),
+            slots: Semaphore::new(MAX_PIPELINED),
+            last_activity: Mutex::new(Instant::now()),
+            client_done: false.into(),
+            changed: Notify::new(),
+        }
+    }
+
     fn touch(&self) {
         *self.last_activity.lock().expect("not poisoned") = Instant::now();
         self.changed.notify_one();
@@ -232,16 +245,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         };
         let proxy = Arc::clone(self);
         self.tasks.spawn(async move {
-            let connection = Connection {
-                client,
-                original,
-                upstream,
-                pending: Mutex::default(),
-                slots: Semaphore::new(MAX_PIPELINED),
-                last_activity: Mutex::new(Instant::now()),
-                client_done: false.into(),
-                changed: Notify::new(),
-            };
+            let connection = Connection::new(client, original, upstream);
             let closed = proxy.relay(stream, &connection).await;
             log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
             drop((permit, client_slot));
@@ -271,16 +275,35 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let _ = upstream_stream.set_nodelay(true);
         let (mut client_read, mut client_write) = client_stream.into_split();
         let (upstream_read, upstream_write) = upstream_stream.into_split();
-        let closed = tokio::select! {
-            closed = self.queries(conn, BufReader::new(&mut client_read), upstream_write) => closed,
-            closed = self.answers(conn, BufReader::new(upstream_read), &mut client_write) => closed,
-            closed = self.watchdog(conn) => closed,
-        };
+        let closed = self
+            .relay_streams(
+                conn,
+                (&mut client_read, &mut client_write),
+                (upstream_read, upstream_write),
+            )
+            .await;
         if let Closed::UpstreamError(_) = closed
             && let Ok(client_stream) = client_read.reunite(client_write)
         {
             reset(&client_stream);
         }
+        closed
+    }
+
+    /// Relays one connection between its client's and its upstream's streams until either
+    /// side ends it, then settles what is left.
+    async fn relay_streams(
+        &self,
+        conn: &Connection,
+        (client_read, client_write): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+        (upstream_read, upstream_write): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        let closed = tokio::select! {
+            closed = self.queries(conn, BufReader::new(client_read), upstream_write) => closed,
+            closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
+            closed = self.watchdog(conn) => closed,
+        };
         // Queries still waiting will never be answered now.
         stats.settled(conn.outstanding() as u64);
         match &closed {
@@ -336,7 +359,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 .expect("not poisoned")
                 .insert(id, pending);
             if replaced.is_some() {
+                // Its slot too: only one answer will find this ID now.
                 stats.settled(1);
+                conn.slots.add_permits(1);
             }
             stats.forwarding();
             conn.touch();
@@ -420,6 +445,30 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
             }
         }
+    }
+}
+
+#[cfg(feature = "fuzzing")]
+impl<D: OriginalDestinations> TcpProxy<D> {
+    /// For the fuzz targets: relays one connection between in-memory streams, as a real one
+    /// is once both sides are connected; returns why it ended.
+    pub async fn fuzz_relay(
+        &self,
+        client: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+        upstream: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    ) -> String {
+        let server = ([192, 0, 2, 2], 53).into();
+        let connection = Connection::new(([192, 0, 2, 1], 40000).into(), server, server);
+        let closed = self.relay_streams(&connection, client, upstream).await;
+        closed.to_string()
+    }
+
+    /// For the fuzz targets: TCP queries counted as in flight.
+    pub fn fuzz_inflight(&self) -> u64 {
+        self.stats
+            .tcp
+            .inflight
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -728,5 +777,47 @@ mod tests {
             Some(vec![0xab, 0xcd])
         );
         assert_eq!(read_message(&mut whole).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_client_reusing_an_id_gets_its_slots_back() {
+        let proxy = proxy(None, Duration::from_secs(5)).await;
+        let server = ([192, 0, 2, 2], 53).into();
+        let connection = Connection::new(([192, 0, 2, 1], 40000).into(), server, server);
+        // Three queries with one ID, then the end of the client's stream.
+        let mut client_bytes = Vec::new();
+        for _ in 0..3 {
+            write_message(&mut client_bytes, &query(7)).await.unwrap();
+        }
+        let (proxy_side, mut server_side) = tokio::io::duplex(4096);
+        let (upstream_read, upstream_write) = tokio::io::split(proxy_side);
+        let server = tokio::spawn(async move {
+            for _ in 0..3 {
+                read_message(&mut server_side).await.unwrap().unwrap();
+            }
+            // One answer: only one of the three can be matched.
+            write_message(&mut server_side, &answer_to(&query(7)))
+                .await
+                .unwrap();
+        });
+        let mut client_out = Vec::new();
+        let closed = proxy
+            .relay_streams(
+                &connection,
+                (&client_bytes[..], &mut client_out),
+                (upstream_read, upstream_write),
+            )
+            .await;
+        server.await.unwrap();
+        assert!(
+            matches!(closed, Closed::ByClient | Closed::ByUpstream),
+            "{closed}"
+        );
+        assert_eq!(
+            read_message(&mut &client_out[..]).await.unwrap(),
+            Some(answer_to(&query(7)))
+        );
+        assert_eq!(connection.slots.available_permits(), MAX_PIPELINED);
+        assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
     }
 }
