@@ -12,6 +12,7 @@ use std::{
 };
 
 use dns_proxy::dns::tcp::{read_message, write_message};
+use dns_proxy_fuzz::frames;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -47,25 +48,6 @@ fn now<T>(future: impl Future<Output = T>) -> T {
     }
 }
 
-/// The frames of `data`, and whether it ends cleanly between frames.
-fn reference_frames(mut data: &[u8]) -> (Vec<&[u8]>, bool) {
-    let mut frames = Vec::new();
-    loop {
-        if data.is_empty() {
-            return (frames, true);
-        }
-        let Some((length, rest)) = data.split_first_chunk::<2>() else {
-            return (frames, false);
-        };
-        let length = usize::from(u16::from_be_bytes(*length));
-        if rest.len() < length {
-            return (frames, false);
-        }
-        frames.push(&rest[..length]);
-        data = &rest[length..];
-    }
-}
-
 fuzz_target!(|input: (Vec<u8>, &[u8])| {
     let (sizes, data) = input;
     let mut stream = Pieces {
@@ -76,7 +58,7 @@ fuzz_target!(|input: (Vec<u8>, &[u8])| {
             .collect::<Vec<_>>()
             .into_iter(),
     };
-    let (expected, clean_end) = reference_frames(data);
+    let (expected, clean_end) = frames(data);
     let mut read = Vec::new();
     let end = loop {
         match now(read_message(&mut stream)) {

@@ -15,6 +15,7 @@ use dns_proxy::dns::{
     tcp::{TcpProxy, TcpSettings},
     wire,
 };
+use dns_proxy_fuzz::{framed, frames};
 use libfuzzer_sys::fuzz_target;
 use tokio::runtime::Runtime;
 
@@ -34,22 +35,12 @@ struct Input {
     upstream: Vec<Frame>,
 }
 
+/// A query for a.example.test, or (`answer`) the same message with QR set.
 fn message(id: u8, answer: bool) -> Vec<u8> {
-    let mut message = vec![
-        0,
-        id,
-        if answer { 0x81 } else { 0x01 },
-        0,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
-    message.extend_from_slice(b"\x01a\x07example\x04test\x00\x00\x01\x00\x01");
+    let mut message = tests::a_query(u16::from(id), "a.example.test");
+    if answer {
+        message[2] |= 0x80;
+    }
     message
 }
 
@@ -58,14 +49,10 @@ fn bytes_of(frames: &[Frame]) -> Vec<u8> {
     for frame in frames {
         match frame {
             Frame::Message { id, answer } => {
-                let message = message(*id, *answer);
-                bytes.extend_from_slice(&(message.len() as u16).to_be_bytes());
-                bytes.extend_from_slice(&message);
+                bytes.extend(framed([&message(*id, *answer)[..]]));
             }
             Frame::Framed(data) => {
-                let data = &data[..data.len().min(usize::from(u16::MAX))];
-                bytes.extend_from_slice(&(data.len() as u16).to_be_bytes());
-                bytes.extend_from_slice(data);
+                bytes.extend(framed([&data[..data.len().min(usize::from(u16::MAX))]]));
             }
             Frame::Raw(data) => bytes.extend_from_slice(data),
         }
@@ -74,20 +61,11 @@ fn bytes_of(frames: &[Frame]) -> Vec<u8> {
 }
 
 /// The whole frames at the start of `bytes`.
-fn frames(mut bytes: &[u8]) -> Vec<&[u8]> {
-    let mut frames = Vec::new();
-    while let Some((length, rest)) = bytes.split_first_chunk::<2>() {
-        let length = usize::from(u16::from_be_bytes(*length));
-        if rest.len() < length {
-            break;
-        }
-        frames.push(&rest[..length]);
-        bytes = &rest[length..];
-    }
-    frames
+fn whole_frames(bytes: &[u8]) -> Vec<&[u8]> {
+    frames(bytes).0
 }
 
-fn is_prefix<T: PartialEq + std::fmt::Debug>(prefix: &[T], of: &[T]) -> bool {
+fn is_prefix(prefix: &[&[u8]], of: &[&[u8]]) -> bool {
     prefix.len() <= of.len() && prefix == &of[..prefix.len()]
 }
 
@@ -132,33 +110,20 @@ fuzz_target!(|input: Input| {
             (&upstream_bytes[..], &mut to_upstream),
         ));
         // What the upstream may get: the client's frames while they are queries.
-        let queries: Vec<&[u8]> = frames(&client_bytes)
+        let queries: Vec<&[u8]> = whole_frames(&client_bytes)
             .into_iter()
             .take_while(|frame| wire::is_query(frame))
             .collect();
-        assert!(is_prefix(&frames(&to_upstream), &queries), "{closed}");
-        assert_eq!(
-            framed(&frames(&to_upstream)),
-            to_upstream,
-            "only whole frames"
-        );
+        let (upstream_got, client_got) = (whole_frames(&to_upstream), whole_frames(&to_client));
+        assert!(is_prefix(&upstream_got, &queries), "{closed}");
+        assert_eq!(framed(upstream_got), to_upstream, "only whole frames");
         // What the client may get: the upstream's frames, as they were.
         assert!(
-            is_prefix(&frames(&to_client), &frames(&upstream_bytes)),
+            is_prefix(&client_got, &whole_frames(&upstream_bytes)),
             "{closed}"
         );
-        assert_eq!(framed(&frames(&to_client)), to_client, "only whole frames");
+        assert_eq!(framed(client_got), to_client, "only whole frames");
         let inflight = proxy.fuzz_inflight();
         assert_eq!(inflight, 0, "{closed}: queries left in flight");
     });
 });
-
-/// `frames` framed again, as the relay writes them.
-fn framed(frames: &[&[u8]]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    for frame in frames {
-        bytes.extend_from_slice(&(frame.len() as u16).to_be_bytes());
-        bytes.extend_from_slice(frame);
-    }
-    bytes
-}

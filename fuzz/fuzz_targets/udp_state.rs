@@ -108,7 +108,7 @@ fn run(ops: Vec<Op>) {
                 } => {
                     let from = client(n);
                     let query = raw.unwrap_or_else(|| {
-                        a_query(u16::from(id), NAMES[usize::from(name) % NAMES.len()])
+                        tests::a_query(u16::from(id), NAMES[usize::from(name) % NAMES.len()])
                     });
                     let registered = proxy.fuzz_register(&query, from, step as u64);
                     let held = model.iter().filter(|q| q.client == from).count();
@@ -220,18 +220,6 @@ fn run(ops: Vec<Op>) {
             }
         });
     });
-}
-
-/// A standard A query (RD, one question, no EDNS).
-fn a_query(id: u16, name: &str) -> Vec<u8> {
-    let mut message = id.to_be_bytes().to_vec();
-    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]);
-    message
 }
 
 fuzz_target!(|ops: Vec<Op>| run(ops));

@@ -151,12 +151,7 @@ impl Interceptor {
         let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
         // SAFETY: sysconf has no memory effects.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let hwm_kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .expect("VmHWM");
+        let hwm_kib = crate::status_kib(pid, "VmHWM") as f64;
         (ticks / per_second, hwm_kib / 1024.0)
     }
 }

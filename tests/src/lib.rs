@@ -346,6 +346,17 @@ pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Netns, program: &str, args: &[
     command
 }
 
+/// A size field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|err| panic!("/proc/{pid}/status: {err}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Process {
     child: Child,
@@ -361,6 +372,11 @@ impl Process {
 
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
     }
 
     pub fn signal(&self, signal: i32) {

@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     DnsServer, Process, SECOND_SERVER_IP, SERVER_IP, Topology, bench::start_agent_binary, http_get,
-    metric,
+    metric, status_kib,
 };
 
 pub struct Settings {
@@ -43,12 +43,7 @@ struct Sample {
 }
 
 fn sample(pid: u32, at: Duration) -> Sample {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
-    let rss_kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
+    let rss_kib = status_kib(pid, "VmRSS");
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the agent's descriptors")
         .count() as u64;
@@ -103,8 +98,13 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> (String, bool) {
         samples.push(now);
     }
     let outcomes = client.finish_with_stdout(Duration::from_secs(10));
-    let page = http_get(&topology.client, METRICS.parse().unwrap(), "/metrics").1;
-    let alive = agent.process().id() == pid && fs::metadata(format!("/proc/{pid}")).is_ok();
+    let alive = agent.process().is_running();
+    // A dead agent has no page: its counters show as missing, and the verdict says DOWN.
+    let page = if alive {
+        http_get(&topology.client, METRICS.parse().unwrap(), "/metrics").1
+    } else {
+        String::new()
+    };
 
     let mut report = String::new();
     let _ = writeln!(

@@ -307,48 +307,38 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
 
 /// How long `cargo xtask test` runs each fuzz target.
 const FUZZ_SMOKE_SECONDS: u64 = 20;
-/// The targets in fuzz/fuzz_targets, all run unless some are named.
-const FUZZ_TARGETS: [&str; 5] = [
-    "udp_query",
-    "tcp_framing",
-    "answer_validation",
-    "udp_state",
-    "tcp_relay",
-];
-
 fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
-    for target in targets {
-        if !FUZZ_TARGETS.contains(&target.as_str()) {
-            bail!("{target}: no such fuzz target; there are {FUZZ_TARGETS:?}");
-        }
-    }
     provision::setup(false)?; // dns-proxy's build script builds the eBPF object
     provision::fuzz_tools()?;
+    // rustup run: the nightly cargo, whatever toolchain started xtask.
+    let cargo_fuzz = || {
+        let mut command = Command::new("rustup");
+        command
+            .current_dir(root)
+            .args(["run", "nightly", "cargo", "fuzz"])
+            .env_remove("RUSTC")
+            .env_remove("CARGO");
+        command
+    };
+    let listed = shell::output(cargo_fuzz().args(["list", "--fuzz-dir", "fuzz"]))
+        .context("cargo fuzz list")?;
+    let all: Vec<&str> = listed.lines().map(str::trim).collect();
+    for target in targets {
+        if !all.contains(&target.as_str()) {
+            bail!("{target}: no such fuzz target; there are {all:?}");
+        }
+    }
     let targets: Vec<&str> = if targets.is_empty() {
-        FUZZ_TARGETS.to_vec()
+        all
     } else {
         targets.iter().map(String::as_str).collect()
     };
     for target in targets {
         eprintln!("xtask: fuzzing {target} for {seconds} s");
-        // rustup run: the nightly cargo, whatever toolchain started xtask.
         shell::run(
-            Command::new("rustup")
-                .current_dir(root)
-                .args([
-                    "run",
-                    "nightly",
-                    "cargo",
-                    "fuzz",
-                    "run",
-                    "--fuzz-dir",
-                    "fuzz",
-                ])
-                .arg(target)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .env_remove("RUSTC")
-                .env_remove("CARGO"),
+            cargo_fuzz()
+                .args(["run", "--fuzz-dir", "fuzz", target, "--"])
+                .arg(format!("-max_total_time={seconds}")),
         )?;
     }
     Ok(())

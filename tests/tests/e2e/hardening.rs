@@ -162,17 +162,6 @@ const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
 /// What the agent's memory must stay under at its default limits, flooded (docs/security.md).
 const MEMORY_BOUND_MIB: u64 = 64;
 
-/// The peak resident memory of `pid`, in MiB (`VmHWM`).
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
-    kib / 1024
-}
-
 #[test]
 fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
     use tests::node::{NODE_LISTEN, NodeTopology};
@@ -229,7 +218,7 @@ fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
         &page,
         "dns_proxy_dropped_total{protocol=\"udp\",reason=\"overload\"}",
     );
-    let peak = peak_rss_mib(agent.process().id());
+    let peak = tests::status_kib(agent.process().id(), "VmHWM") / 1024;
     eprintln!("flood: sent={sent} shed={shed} overload={overload} peak_rss={peak}MiB");
     for (who, mut process) in ["pod 1", "host"].into_iter().zip(normal.drain(..)) {
         let line = process.finish_with_stdout(Duration::from_secs(10));
