@@ -1,5 +1,13 @@
 //! Types shared by the dns-proxy eBPF programs and the daemon.
 //!
+//! The redirect is self-describing: `connect4/6` and `sendmsg4/6` give each original server a
+//! small index in an append-only table (`SERVERS`, pinned in bpffs so that it outlives the
+//! agent) and send the socket to the address of a block that encodes that index: index `i`
+//! of the IPv4 block `B` is the address `B + i`, on the proxy's port. The daemon learns the
+//! server from each datagram's destination address (or a connection's local address), and
+//! `recvmsg`/`getpeername` decode the answer's source back to the server the same way. No
+//! record keyed by a client exists, so nothing a client does can change another's route.
+//!
 //! Every map key and value is `#[repr(C)]`, `Copy`, free of implicit padding and checked for
 //! size at compile time, so both sides agree on the layout byte for byte. Addresses and ports
 //! are kept in **network byte order**, exactly as the kernel's `bpf_sock_addr` context holds
@@ -8,6 +16,8 @@
 
 #[cfg(feature = "user")]
 mod user;
+#[cfg(feature = "user")]
+pub use user::{AddressBlock, BlockError};
 
 /// `AF_INET` from the kernel's socket.h.
 pub const AF_INET: u16 = 2;
@@ -31,21 +41,26 @@ pub mod names {
     pub const SENDMSG6: &str = "dns_proxy_sendmsg6";
     pub const RECVMSG6: &str = "dns_proxy_recvmsg6";
     pub const GETPEERNAME6: &str = "dns_proxy_getpeername6";
-    pub const EGRESS: &str = "dns_proxy_egress";
-    pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
+    pub const BIND4: &str = "dns_proxy_bind4";
+    pub const BIND6: &str = "dns_proxy_bind6";
+    /// The `sk_lookup` program, attached to the agent's network namespace.
+    pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
 
-    /// socket cookie -> [`crate::SocketRecord`]
-    pub const SOCKETS: &str = "SOCKETS";
-    /// [`crate::FlowKey`] -> [`crate::Endpoint`] (the original destination)
-    pub const FLOWS: &str = "FLOWS";
+    /// [`crate::server_key`] -> [`crate::Endpoint`]: the original server of each index.
+    /// Append-only and pinned (`--state-dir`), so a restarted agent decodes the same addresses.
+    pub const SERVERS: &str = "SERVERS";
+    /// [`crate::Endpoint`] -> index: the reverse of `SERVERS`, pinned beside it.
+    pub const SERVER_INDEX: &str = "SERVER_INDEX";
+    /// Sockmap of the proxy's listening sockets, by [`crate::listener_slot`].
+    pub const LISTENERS: &str = "LISTENERS";
     /// cgroup id -> [`crate::EXCLUDED_EXACT`] or [`crate::EXCLUDED_SUBTREE`]: cgroups whose
     /// sockets are never redirected
     pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
 
-    /// Global holding the [`crate::RedirectTarget`], set at load time.
-    pub const REDIRECT_TARGET: &str = "REDIRECT_TARGET";
+    /// Global holding the [`crate::RedirectConfig`], set at load time.
+    pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
     /// Global `u64` bit mask, set at load time: bit N set means some cgroup at level N (the
     /// hierarchy's root is level 0) is excluded with its whole subtree.
     pub const EXCLUDED_LEVELS: &str = "EXCLUDED_LEVELS";
@@ -67,29 +82,88 @@ pub enum Counter {
     Redirected = 0,
     /// DNS connects and sends left alone because their cgroup is excluded.
     SkippedExcluded = 1,
+    /// DNS connects and sends of another network namespace left alone: a loopback or
+    /// unspecified server (the namespace's own), or a proxy only this namespace reaches.
+    SkippedForeignNamespace = 2,
     /// Answers and peer names shown as the original server instead of the proxy.
-    ReverseTranslated = 2,
-    /// Answers or peer names from the proxy on a socket the kernel has no record of (a client
-    /// that addressed the proxy itself, or a record evicted from a full map).
-    RecordMisses = 3,
-    /// Records that could not be stored (a map full even after LRU eviction, or out of memory).
-    MapFull = 4,
+    ReverseTranslated = 3,
+    /// Answers or peer names from a block address whose index names no server.
+    UnknownIndex = 4,
+    /// Servers that got no index: the table is full for that address family (or the probe
+    /// window of its slot is), so the socket was left alone and went direct.
+    TableFull = 5,
+    /// Packets to a block address whose server is a loopback or unspecified one, arriving
+    /// from another namespace, refused by `sk_lookup` (no one outside reaches this host's
+    /// loopback services through the proxy).
+    ForeignLoopbackRefused = 6,
+    /// Binds of a block address on the proxy's port refused (nothing but the proxy may send
+    /// from there: `recvmsg` would show it as the server).
+    BindRefused = 7,
 }
 
 impl Counter {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 8] = [
         Self::Redirected,
         Self::SkippedExcluded,
+        Self::SkippedForeignNamespace,
         Self::ReverseTranslated,
-        Self::RecordMisses,
-        Self::MapFull,
+        Self::UnknownIndex,
+        Self::TableFull,
+        Self::ForeignLoopbackRefused,
+        Self::BindRefused,
     ];
 }
 
-/// Capacity of the `SOCKETS` and `FLOWS` LRU maps: live DNS sockets on the host at one time.
-pub const MAX_TRACKED_SOCKETS: u32 = 65_536;
+/// Indexes per address family: an index fits in 16 bits (the host part of a `/16` or
+/// `/112` block at most). Index 0 is never used.
+pub const MAX_INDEX: u32 = 65_535;
+/// Capacity of the `SERVERS` and `SERVER_INDEX` maps: both families' indexes.
+pub const MAX_SERVERS: u32 = 2 * (MAX_INDEX + 1);
+/// How many slots a new server may try, from the one its hash picks, before it counts as
+/// [`Counter::TableFull`].
+pub const MAX_PROBES: u32 = 16;
 /// Capacity of the `EXCLUDED_CGROUPS` map.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
+/// UDP listening sockets per address family at most (one per UDP thread).
+pub const MAX_UDP_SOCKETS: u32 = 128;
+/// Capacity of the `LISTENERS` sockmap.
+pub const LISTENER_SLOTS: u32 = 2 + 2 * MAX_UDP_SOCKETS;
+
+/// The `SERVERS` key of index `index` of a family's block: the families' indexes are apart.
+pub const fn server_key(family: u16, index: u32) -> u32 {
+    if family == AF_INET6 {
+        index | (1 << 16)
+    } else {
+        index
+    }
+}
+
+/// Which socket of the proxy a slot of `LISTENERS` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Tcp {
+        family: u16,
+    },
+    /// The `n`th UDP socket of a family (`n < MAX_UDP_SOCKETS`).
+    Udp {
+        family: u16,
+        n: u32,
+    },
+}
+
+/// The `LISTENERS` slot of a listening socket.
+pub const fn listener_slot(listener: Listener) -> u32 {
+    match listener {
+        Listener::Tcp { family } => (family == AF_INET6) as u32,
+        Listener::Udp { family, n } => {
+            2 + if family == AF_INET6 {
+                MAX_UDP_SOCKETS
+            } else {
+                0
+            } + n
+        }
+    }
+}
 
 /// An IPv4 or IPv6 socket address in the kernel's representation.
 #[repr(C)]
@@ -126,50 +200,55 @@ impl Endpoint {
     pub const fn is_set(&self) -> bool {
         self.family != 0
     }
+
+    /// A loopback (127/8, ::1) or unspecified (0.0.0.0, ::) address: a server that means
+    /// "this network namespace", whichever namespace asks.
+    pub const fn is_local_only(&self) -> bool {
+        match self.family {
+            AF_INET => is_local_only_v4(self.addr[0]),
+            AF_INET6 => {
+                let [a, b, c, d] = self.addr;
+                let prefix = v4_mapped_prefix();
+                if a == prefix[0] && b == prefix[1] && c == prefix[2] {
+                    return is_local_only_v4(d);
+                }
+                a == 0 && b == 0 && c == 0 && (d == 0 || d == u32::from_ne_bytes([0, 0, 0, 1]))
+            }
+            _ => false,
+        }
+    }
 }
 
-/// Identifies a client's socket as the proxy sees it: the source of the datagrams (or the TCP
-/// connection) that reach the proxy after the redirect. The client's address is part of the
-/// key so that clients in different network namespaces (pods with their own addresses) never
-/// collide even when they use the same port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// The client's address, network byte order, laid out as in [`Endpoint::addr`].
-    pub client_addr: [u32; 4],
-    /// The client's port, network byte order.
-    pub client_port: u16,
-    /// [`AF_INET`] or [`AF_INET6`] (as u8: both fit).
-    pub family: u8,
-    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`].
-    pub protocol: u8,
+/// Whether a network-order IPv4 address is loopback (127/8) or unspecified (0.0.0.0).
+pub const fn is_local_only_v4(addr_be: u32) -> bool {
+    let first_octet = addr_be.to_ne_bytes()[0];
+    addr_be == 0 || first_octet == 127
 }
 
-/// What the kernel side remembers about one redirected socket (value of `SOCKETS`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketRecord {
-    /// Where the socket's last redirected datagram or connection was headed.
-    pub original: Endpoint,
-    /// The flow key the egress program recorded for this socket in `FLOWS`, so that
-    /// `sock_release` can remove it. `flow.family == 0` until the first packet leaves.
-    pub flow: FlowKey,
-}
-
-/// Where redirected traffic goes: the proxy's listeners. A global of the eBPF object, written
-/// by the loader before the programs are loaded.
+/// What the programs need to know of the proxy, written by the loader before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RedirectTarget {
-    /// The proxy's IPv4 listen address, network byte order. IPv4 sockets, and IPv6 sockets
-    /// sending to v4-mapped addresses (`::ffff:a.b.c.d`), go here.
-    pub ipv4: u32,
-    /// The IPv4 listener's port (UDP and TCP), network byte order.
-    pub port: u16,
-    /// The IPv6 listener's port (UDP and TCP), network byte order; 0: IPv6 is not redirected.
+pub struct RedirectConfig {
+    /// The agent's network namespace (`SO_NETNS_COOKIE`).
+    pub agent_netns: u64,
+    /// The IPv6 block's first address (its last 16 bits zero), network-order words.
+    pub block6: [u32; 4],
+    /// The IPv4 block's first address, network order.
+    pub block4: u32,
+    /// The IPv4 block's highest index, host order; 0: IPv4 is not redirected.
+    pub capacity4: u32,
+    /// The IPv6 block's highest index, host order; 0: IPv6 is not redirected.
+    pub capacity6: u32,
+    /// The proxy's IPv4 port (UDP and TCP), network order.
+    pub port4: u16,
+    /// The proxy's IPv6 port (UDP and TCP), network order.
     pub port6: u16,
-    /// The proxy's IPv6 listen address, as four network-order words.
-    pub ipv6: [u32; 4],
+    /// UDP listening sockets per family in `LISTENERS`, host order.
+    pub udp_sockets: u16,
+    /// 1: sockets of other network namespaces are redirected too (node mode: the blocks are
+    /// routed to this namespace); 0: they are left alone (host mode: a loopback block).
+    pub foreign_namespaces: u8,
+    pub _padding: [u8; 5],
 }
 
 /// The first three words of a v4-mapped IPv6 address (`::ffff:0:0/96`), as the kernel holds
@@ -179,6 +258,10 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 }
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
-const _: () = assert!(core::mem::size_of::<SocketRecord>() == 40);
-const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 24);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
+const _: () = assert!(
+    listener_slot(Listener::Udp {
+        family: AF_INET6,
+        n: MAX_UDP_SOCKETS - 1
+    }) < LISTENER_SLOTS
+);

@@ -1,21 +1,24 @@
-//! The userspace side: `aya::Pod` for every map type, and the one place where the kernel's
-//! network-order words become `std::net` types and back.
+//! The userspace side: `aya::Pod` for every map type, the one place where the kernel's
+//! network-order words become `std::net` types and back, and the address blocks that encode
+//! server indexes.
 extern crate std;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    string::String,
+};
 
-use crate::{AF_INET, AF_INET6, Endpoint, FlowKey, RedirectTarget, SocketRecord};
+use crate::{AF_INET, AF_INET6, Endpoint, MAX_INDEX, RedirectConfig};
 
-// SAFETY: all four are #[repr(C)], Copy, made only of integers, and have no implicit padding
+// SAFETY: both are #[repr(C)], Copy, made only of integers, and have no implicit padding
 // (sizes are asserted in lib.rs), so any bit pattern is a valid value.
 unsafe impl aya::Pod for Endpoint {}
-unsafe impl aya::Pod for FlowKey {}
-unsafe impl aya::Pod for SocketRecord {}
-unsafe impl aya::Pod for RedirectTarget {}
+unsafe impl aya::Pod for RedirectConfig {}
 
 /// The kernel keeps an IPv4 address as the u32 whose in-memory bytes are the octets.
-fn ipv4_to_words(ip: Ipv4Addr) -> [u32; 4] {
-    [u32::from_ne_bytes(ip.octets()), 0, 0, 0]
+fn ipv4_to_word(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
 }
 
 fn ipv6_to_words(ip: Ipv6Addr) -> [u32; 4] {
@@ -33,28 +36,12 @@ fn words_to_ipv6(words: [u32; 4]) -> Ipv6Addr {
     Ipv6Addr::from(octets)
 }
 
-fn ip_to_words(ip: IpAddr) -> ([u32; 4], u16) {
-    match ip {
-        IpAddr::V4(v4) => (ipv4_to_words(v4), AF_INET),
-        IpAddr::V6(v6) => (ipv6_to_words(v6), AF_INET6),
-    }
-}
-
-fn words_to_ip(words: [u32; 4], family: u16) -> Option<IpAddr> {
-    match family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))),
-        AF_INET6 => Some(IpAddr::V6(words_to_ipv6(words))),
-        _ => None,
-    }
-}
-
 impl From<SocketAddr> for Endpoint {
     fn from(addr: SocketAddr) -> Self {
-        let (words, family) = ip_to_words(addr.ip());
-        Self {
-            addr: words,
-            port: addr.port().to_be(),
-            family,
+        let port = addr.port().to_be();
+        match addr.ip() {
+            IpAddr::V4(v4) => Self::v4(ipv4_to_word(v4), port),
+            IpAddr::V6(v6) => Self::v6(ipv6_to_words(v6), port),
         }
     }
 }
@@ -63,51 +50,194 @@ impl Endpoint {
     /// The endpoint as a socket address; `None` for an unset or unknown family. A v4-mapped
     /// IPv6 address (what a dual-stack socket uses for an IPv4 server) comes out as IPv4.
     pub fn to_socket_addr(&self) -> Option<SocketAddr> {
-        let ip = match words_to_ip(self.addr, self.family)? {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+        let ip = match self.family {
+            AF_INET => IpAddr::V4(Ipv4Addr::from(self.addr[0].to_ne_bytes())),
+            AF_INET6 => IpAddr::V6(words_to_ipv6(self.addr)).to_canonical(),
+            _ => return None,
         };
         Some(SocketAddr::new(ip, u16::from_be(self.port)))
     }
 }
 
-impl FlowKey {
-    /// The key under which the kernel records the client that reached the proxy from
-    /// `client` over `protocol` ([`crate::IPPROTO_UDP`] or [`crate::IPPROTO_TCP`]).
-    pub fn new(client: SocketAddr, protocol: u8) -> Self {
-        // A v4-mapped peer on a dual-stack listener is an IPv4 client to the kernel side.
-        let ip = match client.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+/// A block of addresses, one per server index: index `i` is the block's first address plus
+/// `i`. IPv4 blocks are /16 to /30, IPv6 blocks /112 to /126, so an index fits in 16 bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressBlock {
+    first: IpAddr,
+    prefix_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockError(String);
+
+impl fmt::Display for BlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BlockError {}
+
+impl AddressBlock {
+    /// A block from its first address and prefix length.
+    pub fn new(first: IpAddr, prefix_len: u8) -> Result<Self, BlockError> {
+        let (bits, min, max) = match first {
+            IpAddr::V4(_) => (32, 16, 30),
+            IpAddr::V6(_) => (128, 112, 126),
         };
-        let (words, family) = ip_to_words(ip);
-        Self {
-            client_addr: words,
-            client_port: client.port().to_be(),
-            family: family as u8,
-            protocol,
+        if !(min..=max).contains(&prefix_len) {
+            return Err(BlockError(std::format!(
+                "{first}/{prefix_len}: the prefix must be /{min} to /{max} (at most 65,534 \
+                 servers, at least 2)"
+            )));
+        }
+        let block = Self { first, prefix_len };
+        if block.host_part(first) != 0 {
+            return Err(BlockError(std::format!(
+                "{first}/{prefix_len}: the address must be the block's first (its last {} \
+                 bits zero)",
+                bits - prefix_len
+            )));
+        }
+        Ok(block)
+    }
+
+    pub fn first(&self) -> IpAddr {
+        self.first
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.first.is_ipv4()
+    }
+
+    /// The highest index: the block's size less its first and last addresses.
+    pub fn capacity(&self) -> u32 {
+        let bits = self.total_bits() - u32::from(self.prefix_len);
+        ((1u32 << bits) - 2).min(MAX_INDEX)
+    }
+
+    /// The address of index `index` (1 to [`capacity`](Self::capacity)).
+    pub fn address(&self, index: u32) -> IpAddr {
+        match self.first {
+            IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) + index)),
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) + u128::from(index))),
+        }
+    }
+
+    /// The index `ip` encodes, if it is an address of this block that encodes one. A
+    /// v4-mapped IPv6 address counts as the IPv4 address.
+    pub fn index_of(&self, ip: IpAddr) -> Option<u32> {
+        let ip = ip.to_canonical();
+        if ip.is_ipv4() != self.first.is_ipv4() || !self.contains(ip) {
+            return None;
+        }
+        let index = self.host_part(ip) as u32;
+        (1..=self.capacity()).contains(&index).then_some(index)
+    }
+
+    /// Whether `ip` is in the block (of the same family).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let shift = self.total_bits() - u32::from(self.prefix_len);
+        match (self.first, ip.to_canonical()) {
+            (IpAddr::V4(first), IpAddr::V4(ip)) => {
+                u32::from(first) >> shift == u32::from(ip) >> shift
+            }
+            (IpAddr::V6(first), IpAddr::V6(ip)) => {
+                u128::from(first) >> shift == u128::from(ip) >> shift
+            }
+            _ => false,
+        }
+    }
+
+    fn total_bits(&self) -> u32 {
+        if self.first.is_ipv4() { 32 } else { 128 }
+    }
+
+    fn host_part(&self, ip: IpAddr) -> u128 {
+        let bits = self.total_bits() - u32::from(self.prefix_len);
+        let mask = (1u128 << bits) - 1;
+        match ip {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)) & mask,
+            IpAddr::V6(v6) => u128::from(v6) & mask,
         }
     }
 }
 
-impl RedirectTarget {
-    /// IPv4 clients go to `ipv4`; IPv6 clients to `ipv6`, or nowhere when it is `None`.
-    pub fn new(ipv4: SocketAddrV4, ipv6: Option<SocketAddrV6>) -> Self {
+impl core::str::FromStr for AddressBlock {
+    type Err = BlockError;
+
+    /// `ADDR/LEN`, e.g. `127.53.0.0/16` or `fd53:6e73:6470::/112`.
+    fn from_str(text: &str) -> Result<Self, BlockError> {
+        let bad = || BlockError(std::format!("{text}: expected ADDRESS/PREFIX-LENGTH"));
+        let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+        let first: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+        Self::new(first, prefix_len)
+    }
+}
+
+impl fmt::Display for AddressBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.first, self.prefix_len)
+    }
+}
+
+impl RedirectConfig {
+    /// IPv4 sockets (and v4-mapped destinations) go to `block4` on `port4`; IPv6 ones to
+    /// `block6` on `port6`, or nowhere when it is `None`.
+    pub fn new(
+        agent_netns: u64,
+        block4: (AddressBlock, u16),
+        block6: Option<(AddressBlock, u16)>,
+        udp_sockets: u16,
+        foreign_namespaces: bool,
+    ) -> Self {
+        let (v4, port4) = block4;
+        let IpAddr::V4(first4) = v4.first() else {
+            unreachable!("the IPv4 block is IPv4")
+        };
+        let (block6_words, capacity6, port6) = match block6 {
+            Some((v6, port6)) => {
+                let IpAddr::V6(first6) = v6.first() else {
+                    unreachable!("the IPv6 block is IPv6")
+                };
+                (ipv6_to_words(first6), v6.capacity(), port6.to_be())
+            }
+            None => ([0; 4], 0, 0),
+        };
         Self {
-            ipv4: ipv4_to_words(*ipv4.ip())[0],
-            port: ipv4.port().to_be(),
-            port6: ipv6.map_or(0, |v6| v6.port().to_be()),
-            ipv6: ipv6.map_or([0; 4], |v6| ipv6_to_words(*v6.ip())),
+            agent_netns,
+            block6: block6_words,
+            block4: ipv4_to_word(first4),
+            capacity4: v4.capacity(),
+            capacity6,
+            port4: port4.to_be(),
+            port6,
+            udp_sockets,
+            foreign_namespaces: u8::from(foreign_namespaces),
+            _padding: [0; 5],
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_socket_addr() {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("(none)"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
+    use std::{net::SocketAddr, string::ToString as _};
 
     use super::*;
-    use crate::IPPROTO_UDP;
 
     #[test]
     fn ipv4_endpoint_matches_kernel_layout_and_round_trips() {
@@ -138,33 +268,95 @@ mod tests {
     }
 
     #[test]
-    fn flow_key_treats_v4_mapped_clients_as_ipv4() {
-        let plain = FlowKey::new("127.0.0.1:40000".parse().unwrap(), IPPROTO_UDP);
-        let mapped = FlowKey::new("[::ffff:127.0.0.1]:40000".parse().unwrap(), IPPROTO_UDP);
-        assert_eq!(plain, mapped);
-        assert_eq!(plain.family, AF_INET as u8);
-        assert_eq!(plain.client_port.to_ne_bytes(), 40000u16.to_be_bytes());
+    fn local_only_servers_are_loopback_and_unspecified_of_both_families() {
+        let local =
+            |text: &str| Endpoint::from(text.parse::<SocketAddr>().unwrap()).is_local_only();
+        for text in [
+            "127.0.0.1:53",
+            "127.0.0.53:53",
+            "127.255.0.9:53",
+            "0.0.0.0:53",
+            "[::1]:53",
+            "[::]:53",
+        ] {
+            assert!(local(text), "{text}");
+        }
+        for text in [
+            "10.96.0.10:53",
+            "128.0.0.1:53",
+            "[2001:db8::1]:53",
+            "[::2]:53",
+        ] {
+            assert!(!local(text), "{text}");
+        }
+        assert!(local("[::ffff:127.0.0.1]:53") && local("[::ffff:0.0.0.0]:53"));
+        assert!(!local("[::ffff:10.0.0.1]:53"));
     }
 
     #[test]
-    fn flow_keys_differ_by_client_address_port_and_protocol() {
-        let a = FlowKey::new("10.1.0.2:40000".parse().unwrap(), IPPROTO_UDP);
-        let b = FlowKey::new("10.2.0.2:40000".parse().unwrap(), IPPROTO_UDP);
-        let c = FlowKey::new("10.1.0.2:40001".parse().unwrap(), IPPROTO_UDP);
-        let d = FlowKey::new("10.1.0.2:40000".parse().unwrap(), crate::IPPROTO_TCP);
-        assert!(a != b && a != c && a != d);
+    fn blocks_encode_indexes_as_addresses_and_back() {
+        let v4: AddressBlock = "127.53.0.0/16".parse().unwrap();
+        assert_eq!(v4.capacity(), 65_534);
+        assert_eq!(v4.address(1), "127.53.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(v4.address(258), "127.53.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(v4.index_of("127.53.1.2".parse().unwrap()), Some(258));
+        assert_eq!(v4.index_of("::ffff:127.53.1.2".parse().unwrap()), Some(258));
+        assert_eq!(v4.index_of("127.53.0.0".parse().unwrap()), None);
+        assert_eq!(v4.index_of("127.53.255.255".parse().unwrap()), None);
+        assert_eq!(v4.index_of("127.54.0.1".parse().unwrap()), None);
+        assert_eq!(v4.index_of("127.0.0.1".parse().unwrap()), None);
+
+        let node: AddressBlock = "169.254.53.0/24".parse().unwrap();
+        assert_eq!(node.capacity(), 254);
+        assert_eq!(node.index_of("169.254.53.254".parse().unwrap()), Some(254));
+
+        let v6: AddressBlock = "fd53:6e73:6470::/112".parse().unwrap();
+        assert_eq!(v6.capacity(), 65_534);
+        assert_eq!(
+            v6.address(0x102),
+            "fd53:6e73:6470::102".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            v6.index_of("fd53:6e73:6470::102".parse().unwrap()),
+            Some(0x102)
+        );
+        assert_eq!(v6.index_of("127.53.1.2".parse().unwrap()), None);
     }
 
     #[test]
-    fn redirect_target_is_network_order() {
-        let v4 = "127.0.0.1:8053".parse().unwrap();
-        let target = RedirectTarget::new(v4, Some("[::1]:8054".parse().unwrap()));
-        assert_eq!(target.ipv4.to_ne_bytes(), [127, 0, 0, 1]);
-        assert_eq!(target.port.to_ne_bytes(), 8053u16.to_be_bytes());
-        assert_eq!(target.port6.to_ne_bytes(), 8054u16.to_be_bytes());
-        assert_eq!(target.ipv6[3].to_ne_bytes(), [0, 0, 0, 1]);
-        let v4_only = RedirectTarget::new(v4, None);
-        assert_eq!((v4_only.port6, v4_only.ipv6), (0, [0; 4]));
+    fn blocks_that_cannot_encode_an_index_are_refused_with_the_reason() {
+        for (text, says) in [
+            ("127.53.0.0/8", "/16 to /30"),
+            ("127.53.0.1/16", "first"),
+            ("fd00::/64", "/112 to /126"),
+            ("127.53.0.0", "ADDRESS/PREFIX-LENGTH"),
+        ] {
+            let err = text.parse::<AddressBlock>().unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn redirect_config_is_network_order() {
+        let config = RedirectConfig::new(
+            7,
+            ("127.53.0.0/16".parse().unwrap(), 8053),
+            Some(("fd53:6e73:6470::/112".parse().unwrap(), 8054)),
+            2,
+            false,
+        );
+        assert_eq!(config.block4.to_ne_bytes(), [127, 53, 0, 0]);
+        assert_eq!(config.port4.to_ne_bytes(), 8053u16.to_be_bytes());
+        assert_eq!(config.port6.to_ne_bytes(), 8054u16.to_be_bytes());
+        assert_eq!(config.block6[0].to_ne_bytes(), [0xfd, 0x53, 0x6e, 0x73]);
+        assert_eq!((config.capacity4, config.capacity6), (65_534, 65_534));
+        let v4_only =
+            RedirectConfig::new(7, ("169.254.53.0/24".parse().unwrap(), 53), None, 2, true);
+        assert_eq!(
+            (v4_only.port6, v4_only.capacity6, v4_only.capacity4),
+            (0, 0, 254)
+        );
+        assert_eq!(v4_only.foreign_namespaces, 1);
     }
 
     #[test]

@@ -1,52 +1,72 @@
 //! dns-proxy's kernel side: cgroup programs that send a workload's DNS to the local proxy and
-//! make the answers look as if they came from the server the workload asked.
+//! make the answers look as if they came from the server the workload asked, and an
+//! `sk_lookup` program that hands what reaches the proxy's addresses to the proxy's sockets.
 //!
-//! - `connect4/6` (UDP and TCP) and `sendmsg4/6` (UDP) rewrite a destination `addr:53` to the
-//!   proxy and remember the original destination per socket (`SOCKETS`, by socket cookie).
-//! - `cgroup_skb/egress` sees each redirected packet with its final source address and port and
-//!   records "this client flow was headed for that server" (`FLOWS`), which is what the proxy
-//!   looks up when a datagram or connection arrives.
-//! - `recvmsg4/6` and `getpeername4/6` show the original server instead of the proxy.
-//! - `sock_release` forgets both records when the socket closes.
+//! The redirect is self-describing (see `dns-proxy-common`): the address a socket is sent to
+//! encodes its original server, as an index into the pinned, append-only `SERVERS` table.
+//! - `connect4/6` (UDP and TCP) and `sendmsg4/6` (UDP) give the server an index and rewrite
+//!   the destination to that index's address in the block, on the proxy's port.
+//! - `recvmsg4/6` and `getpeername4/6` decode a source in the block back to the server.
+//! - `bind4/6` keep everyone but the proxy off the block's addresses on the proxy's port.
+//! - `sk_lookup` (on the agent's network namespace) steers the block to the proxy's sockets,
+//!   and refuses packets from other namespaces whose index names a loopback server.
 //!
-//! Every program fails open: whatever goes wrong, the call is allowed unchanged.
+//! Every cgroup program fails open: whatever goes wrong, the call is allowed unchanged.
 #![no_std]
 #![no_main]
 
-mod packet;
+mod context;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    macros::{cgroup_sock_addr, map, sk_lookup},
+    maps::{HashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, SockAddrContext},
 };
-use aya_log_ebpf::warn;
 use dns_proxy_common::{
-    AF_INET, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_TRACKED_SOCKETS, RedirectTarget, SocketRecord,
-    v4_mapped_prefix,
+    AF_INET, AF_INET6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, IPPROTO_TCP, LISTENER_SLOTS,
+    Listener, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_PROBES, MAX_SERVERS, RedirectConfig,
+    listener_slot, server_key, v4_mapped_prefix,
 };
 
-use crate::packet::Flow;
+use aya_log_ebpf::warn;
 
-/// The verdict that lets a call or packet through. These programs never return anything else.
+use crate::context::{LookupFields, SockAddr};
+
+/// The verdict that lets a call through.
 const ALLOW: i32 = 1;
+/// The verdict that refuses a call (`EPERM`): only `bind4/6` give it.
+const REFUSE: i32 = 0;
+/// `sk_lookup` verdicts.
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+/// `BPF_SK_LOOKUP_F_NO_REUSEPORT`: the socket chosen is the one that gets the packet, even
+/// if it sits in an SO_REUSEPORT group that others joined.
+const NO_REUSEPORT: u64 = 2;
+/// The loopback device's index, in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
-/// The proxy's listeners, written by the loader before load (`names::REDIRECT_TARGET`).
+/// The proxy's addresses and this namespace, written by the loader before load
+/// (`names::REDIRECT_CONFIG`).
 #[unsafe(no_mangle)]
-static REDIRECT_TARGET: RedirectTarget = RedirectTarget {
-    ipv4: 0,
-    port: 0,
+static REDIRECT_CONFIG: RedirectConfig = RedirectConfig {
+    agent_netns: 0,
+    block6: [0; 4],
+    block4: 0,
+    capacity4: 0,
+    capacity6: 0,
+    port4: 0,
     port6: 0,
-    ipv6: [0; 4],
+    udp_sockets: 0,
+    foreign_namespaces: 0,
+    _padding: [0; 5],
 };
 
 /// Levels of the cgroup hierarchy that hold an excluded subtree, one bit each; written by the
@@ -54,12 +74,14 @@ static REDIRECT_TARGET: RedirectTarget = RedirectTarget {
 #[unsafe(no_mangle)]
 static EXCLUDED_LEVELS: u64 = 0;
 
-#[map(name = "SOCKETS")]
-static SOCKETS: LruHashMap<u64, SocketRecord> =
-    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+#[map(name = "SERVERS")]
+static SERVERS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
 
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, Endpoint> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+#[map(name = "SERVER_INDEX")]
+static SERVER_INDEX: HashMap<Endpoint, u32> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LISTENERS")]
+static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 
 #[map(name = "EXCLUDED_CGROUPS")]
 static EXCLUDED_CGROUPS: HashMap<u64, u8> =
@@ -68,95 +90,81 @@ static EXCLUDED_CGROUPS: HashMap<u64, u8> =
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.len() as u32, 0);
 
-/// Adds one to a counter of this CPU's; no other CPU writes it, so no atomic is needed.
-fn count(counter: Counter) {
-    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
-        unsafe { *value += 1 };
-    }
-}
-
 #[cgroup_sock_addr(connect4)]
 pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
-    redirect4(&ctx, true);
+    redirect4(&SockAddr::new(&ctx), true);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_proxy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect4(&ctx, false);
+    redirect4(&SockAddr::new(&ctx), false);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn dns_proxy_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_original4(&ctx);
+    restore_server4(&SockAddr::new(&ctx));
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn dns_proxy_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_original4(&ctx);
+    restore_server4(&SockAddr::new(&ctx));
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
-    redirect6(&ctx, true);
+    redirect6(&SockAddr::new(&ctx), true);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_proxy_sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect6(&ctx, false);
+    redirect6(&SockAddr::new(&ctx), false);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn dns_proxy_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_original6(&ctx);
+    restore_server6(&SockAddr::new(&ctx));
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn dns_proxy_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_original6(&ctx);
+    restore_server6(&SockAddr::new(&ctx));
     ALLOW
 }
 
-#[cgroup_skb(egress)]
-pub fn dns_proxy_egress(ctx: SkBuffContext) -> i32 {
-    record_flow(&ctx);
-    ALLOW
+#[cgroup_sock_addr(bind4)]
+pub fn dns_proxy_bind4(ctx: SockAddrContext) -> i32 {
+    guard_bind4(&SockAddr::new(&ctx))
 }
 
-#[cgroup_sock(sock_release)]
-pub fn dns_proxy_sock_release(ctx: SockContext) -> i32 {
-    forget_socket(&ctx);
-    ALLOW
+#[cgroup_sock_addr(bind6)]
+pub fn dns_proxy_bind6(ctx: SockAddrContext) -> i32 {
+    guard_bind6(&SockAddr::new(&ctx))
 }
 
-/// Reads `user_ip6` one 32-bit word at a time: the verifier allows no wider access to it, and
-/// plain reads may be merged by the compiler into 64-bit loads.
-fn read_user_ip6(sock_addr: *const bpf_sock_addr) -> [u32; 4] {
-    let words = unsafe { core::ptr::addr_of!((*sock_addr).user_ip6) }.cast::<u32>();
-    core::array::from_fn(|i| unsafe { core::ptr::read_volatile(words.add(i)) })
+#[sk_lookup]
+pub fn dns_proxy_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer_to_proxy(&ctx)
 }
 
-/// Writes `user_ip6` one 32-bit word at a time, for the same reason.
-fn write_user_ip6(sock_addr: *mut bpf_sock_addr, addr: [u32; 4]) {
-    let words = unsafe { core::ptr::addr_of_mut!((*sock_addr).user_ip6) }.cast::<u32>();
-    for (i, word) in addr.into_iter().enumerate() {
-        unsafe { core::ptr::write_volatile(words.add(i), word) };
+fn config() -> RedirectConfig {
+    // SAFETY: a plain read of a global; volatile, because the loader patches the value and
+    // the compiler must not fold the zeros in.
+    unsafe { core::ptr::read_volatile(&REDIRECT_CONFIG) }
+}
+
+/// Adds one to a counter of this CPU's; no other CPU writes it, so no atomic is needed.
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer is to this CPU's slot of a live map value.
+        unsafe { *value += 1 };
     }
-}
-
-fn redirect_target() -> RedirectTarget {
-    // Volatile: the loader patches this value; the compiler must not fold the zero in.
-    unsafe { core::ptr::read_volatile(&REDIRECT_TARGET) }
-}
-
-fn socket_cookie<C: aya_ebpf::EbpfContext>(ctx: &C) -> u64 {
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// Whether a socket of this type headed for `port_be` is DNS we redirect: UDP always, TCP on
@@ -169,10 +177,13 @@ fn is_dns(sock_type: u32, port_be: u16, on_connect: bool) -> bool {
 /// Whether the calling task's cgroup is excluded: listed itself, or below a cgroup listed
 /// with its subtree. Only the levels that hold such a cgroup are looked at.
 fn is_excluded() -> bool {
+    // SAFETY: helper calls without arguments that point anywhere.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is only compared, never kept past the call.
     if unsafe { EXCLUDED_CGROUPS.get(&cgroup_id) }.is_some() {
         return true;
     }
+    // SAFETY: a plain read of a global the loader patches.
     let levels = unsafe { core::ptr::read_volatile(&EXCLUDED_LEVELS) };
     for level in 0..=MAX_EXCLUDED_LEVEL {
         if levels >> level == 0 {
@@ -181,10 +192,12 @@ fn is_excluded() -> bool {
         if levels & (1 << level) == 0 {
             continue;
         }
+        // SAFETY: a helper call with a plain integer.
         let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if ancestor == 0 {
             break; // the calling task's cgroup is shallower than this level
         }
+        // SAFETY: as above.
         if unsafe { EXCLUDED_CGROUPS.get(&ancestor) } == Some(&EXCLUDED_SUBTREE) {
             return true;
         }
@@ -192,226 +205,303 @@ fn is_excluded() -> bool {
     false
 }
 
-/// Whether a DNS socket must be left alone, counted when it is.
-fn skip_excluded() -> bool {
-    let excluded = is_excluded();
-    if excluded {
+/// Whether the socket behind `ctx` lives in the agent's network namespace.
+fn in_agent_namespace(ctx: &SockAddr, config: &RedirectConfig) -> bool {
+    // SAFETY: the helper takes the program's own context.
+    unsafe { bpf_get_netns_cookie(ctx.raw()) == config.agent_netns }
+}
+
+/// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
+/// excluded cgroup; or another namespace, where a loopback or unspecified server is that
+/// namespace's own and where a host-mode proxy cannot be reached.
+fn leave_alone(ctx: &SockAddr, config: &RedirectConfig, server: &Endpoint) -> bool {
+    if !in_agent_namespace(ctx, config)
+        && (config.foreign_namespaces == 0 || server.is_local_only())
+    {
+        count(Counter::SkippedForeignNamespace);
+        return true;
+    }
+    if is_excluded() {
         count(Counter::SkippedExcluded);
+        return true;
     }
-    excluded
+    false
 }
 
-/// Records where the socket was headed; `false` if it could not be recorded (then it must not
-/// be redirected, since its answers could not be restored).
-fn record_original<C: aya_ebpf::EbpfContext>(ctx: &C, original: Endpoint) -> bool {
-    let cookie = socket_cookie(ctx);
-    match SOCKETS.get_ptr_mut(&cookie) {
-        // A socket that sends again (to the same or another server): keep the flow it has.
-        Some(record) => {
-            unsafe { (*record).original = original };
-            true
-        }
-        None => {
-            let record = SocketRecord {
-                original,
-                flow: FlowKey::default(),
-            };
-            if SOCKETS.insert(&cookie, &record, 0).is_err() {
-                count(Counter::MapFull);
-                warn!(
-                    ctx,
-                    "dns-proxy: cannot record socket {}, not redirecting", cookie
-                );
-                return false;
-            }
-            true
-        }
+/// A cheap, well-mixed hash of an endpoint, to pick its first slot in the table.
+fn hash(server: &Endpoint) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    for word in server.addr {
+        h = (h ^ word).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
     }
+    h ^ u32::from(server.port)
 }
 
-/// connect4 / sendmsg4: rewrite a destination `addr:53` to the proxy and record it.
-fn redirect4(ctx: &SockAddrContext, on_connect: bool) {
-    let sock_addr: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: the kernel hands every sock_addr program a valid context.
-    let (sock_type, user_ip4, user_port) = unsafe {
-        (
-            (*sock_addr).type_,
-            (*sock_addr).user_ip4,
-            (*sock_addr).user_port,
-        )
+/// The index of `server` in its family's table (1 to `capacity`), given one if it has none;
+/// `None` (counted) if it can get none. Slots are taken with `BPF_NOEXIST`, so two CPUs that
+/// race for one agree on whose it is, and a slot, once taken, never changes.
+fn index_of(ctx: &SockAddrContext, server: &Endpoint, capacity: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    if let Some(index) = unsafe { SERVER_INDEX.get(server) } {
+        let index = *index;
+        return (index <= capacity).then_some(index);
+    }
+    let first = hash(server) % capacity;
+    for probe in 0..MAX_PROBES {
+        let index = (first + probe) % capacity + 1;
+        let key = server_key(server.family, index);
+        let taken = match SERVERS.insert(&key, server, u64::from(BPF_NOEXIST)) {
+            Ok(()) => true,
+            // SAFETY: the value is only compared.
+            Err(_) => (unsafe { SERVERS.get(&key) }) == Some(server),
+        };
+        if taken {
+            // A lost reverse entry only costs the next socket a probe.
+            let _ = SERVER_INDEX.insert(server, &index, 0);
+            return Some(index);
+        }
+    }
+    count(Counter::TableFull);
+    warn!(
+        ctx,
+        "dns-proxy: no index for a server (table full), its socket goes direct"
+    );
+    None
+}
+
+/// connect4 / sendmsg4: send a DNS socket to its server's address in the IPv4 block.
+fn redirect4(ctx: &SockAddr, on_connect: bool) {
+    let (addr, port_be) = (ctx.user_ip4(), ctx.user_port());
+    if !is_dns(ctx.sock_type(), port_be, on_connect) {
+        return;
+    }
+    let config = config();
+    if config.capacity4 == 0 {
+        return;
+    }
+    let server = Endpoint::v4(addr, port_be);
+    if leave_alone(ctx, &config, &server) {
+        return;
+    }
+    let Some(index) = index_of(ctx.context(), &server, config.capacity4) else {
+        return;
     };
-    // The port sits in network order in the low 16 bits.
-    let port_be = user_port as u16;
-    if !is_dns(sock_type, port_be, on_connect) {
-        return;
-    }
-    let target = redirect_target();
-    if target.port == 0 || (user_ip4 == target.ipv4 && port_be == target.port) {
-        return; // not configured, or already headed for the proxy
-    }
-    if skip_excluded() || !record_original(ctx, Endpoint::v4(user_ip4, port_be)) {
-        return;
-    }
-    unsafe {
-        (*sock_addr).user_ip4 = target.ipv4;
-        (*sock_addr).user_port = u32::from(target.port);
-    }
+    ctx.set_user_ip4(block4_address(&config, index));
+    ctx.set_user_port(config.port4);
     count(Counter::Redirected);
 }
 
 /// connect6 / sendmsg6: the same for IPv6 sockets. A v4-mapped destination (a dual-stack
-/// socket talking to an IPv4 server) goes to the v4-mapped IPv4 listener, so its packets stay
-/// IPv4 and the proxy sees an IPv4 client.
-fn redirect6(ctx: &SockAddrContext, on_connect: bool) {
-    let sock_addr: *mut bpf_sock_addr = ctx.sock_addr;
-    let (sock_type, user_port) = unsafe { ((*sock_addr).type_, (*sock_addr).user_port) };
-    let port_be = user_port as u16;
-    if !is_dns(sock_type, port_be, on_connect) {
+/// socket talking to an IPv4 server) goes to the v4-mapped address of the IPv4 block, so its
+/// packets stay IPv4.
+fn redirect6(ctx: &SockAddr, on_connect: bool) {
+    let port_be = ctx.user_port();
+    if !is_dns(ctx.sock_type(), port_be, on_connect) {
         return;
     }
-    let user_ip6 = read_user_ip6(sock_addr);
-    let target = redirect_target();
+    let addr = ctx.user_ip6();
+    let config = config();
     let prefix = v4_mapped_prefix();
-    let (to_addr, to_port) = if user_ip6[..3] == prefix {
-        ([prefix[0], prefix[1], prefix[2], target.ipv4], target.port)
+    if addr[..3] == prefix {
+        if config.capacity4 == 0 {
+            return;
+        }
+        let server = Endpoint::v4(addr[3], port_be);
+        if leave_alone(ctx, &config, &server) {
+            return;
+        }
+        let Some(index) = index_of(ctx.context(), &server, config.capacity4) else {
+            return;
+        };
+        let to = block4_address(&config, index);
+        ctx.set_user_ip6([prefix[0], prefix[1], prefix[2], to]);
+        ctx.set_user_port(config.port4);
     } else {
-        (target.ipv6, target.port6)
-    };
-    if to_port == 0 || (user_ip6 == to_addr && port_be == to_port) {
-        return; // this family is not redirected, or already headed for the proxy
+        if config.capacity6 == 0 {
+            return;
+        }
+        let server = Endpoint::v6(addr, port_be);
+        if leave_alone(ctx, &config, &server) {
+            return;
+        }
+        let Some(index) = index_of(ctx.context(), &server, config.capacity6) else {
+            return;
+        };
+        ctx.set_user_ip6(block6_address(&config, index));
+        ctx.set_user_port(config.port6);
     }
-    if skip_excluded() || !record_original(ctx, Endpoint::v6(user_ip6, port_be)) {
-        return;
-    }
-    write_user_ip6(sock_addr, to_addr);
-    unsafe { (*sock_addr).user_port = u32::from(to_port) };
     count(Counter::Redirected);
 }
 
-/// The original destination of a socket whose peer is the proxy, if it was redirected;
-/// counted as a miss when it was not (or its record is gone).
-fn original_of<C: aya_ebpf::EbpfContext>(ctx: &C) -> Option<Endpoint> {
-    let cookie = socket_cookie(ctx);
-    let original = unsafe { SOCKETS.get(&cookie) }.map(|record| record.original);
-    if original.is_none() {
-        count(Counter::RecordMisses);
-    }
-    original
+/// Index `index`'s address in the IPv4 block, network order.
+fn block4_address(config: &RedirectConfig, index: u32) -> u32 {
+    (u32::from_be(config.block4) + index).to_be()
 }
 
-/// recvmsg4 / getpeername4: a peer that is the proxy is shown as the original server.
-fn restore_original4(ctx: &SockAddrContext) {
-    let sock_addr: *mut bpf_sock_addr = ctx.sock_addr;
-    let (user_ip4, user_port) = unsafe { ((*sock_addr).user_ip4, (*sock_addr).user_port) };
-    let target = redirect_target();
-    if target.port == 0 || user_ip4 != target.ipv4 || user_port as u16 != target.port {
+/// Index `index`'s address in the IPv6 block (its last 16 bits), network-order words.
+fn block6_address(config: &RedirectConfig, index: u32) -> [u32; 4] {
+    let [a, b, c, d] = config.block6;
+    [a, b, c, (u32::from_be(d) | index).to_be()]
+}
+
+/// The index a network-order IPv4 address encodes, if it is in the block.
+fn index_in_block4(config: &RedirectConfig, addr: u32) -> Option<u32> {
+    let index = u32::from_be(addr).wrapping_sub(u32::from_be(config.block4));
+    (index >= 1 && index <= config.capacity4).then_some(index)
+}
+
+/// The index a network-order IPv6 address encodes, if it is in the block.
+fn index_in_block6(config: &RedirectConfig, addr: [u32; 4]) -> Option<u32> {
+    let block = config.block6;
+    if addr[..3] != block[..3] || config.capacity6 == 0 {
+        return None;
+    }
+    let index = u32::from_be(addr[3]).wrapping_sub(u32::from_be(block[3]));
+    (index >= 1 && index <= config.capacity6).then_some(index)
+}
+
+/// The server of index `index` of `family`'s block, counted as unknown if there is none.
+fn server_at(family: u16, index: u32) -> Option<Endpoint> {
+    // SAFETY: the value is copied out at once.
+    let server = unsafe { SERVERS.get(&server_key(family, index)) }.copied();
+    if server.is_none() {
+        count(Counter::UnknownIndex);
+    }
+    server
+}
+
+/// recvmsg4 / getpeername4: a peer in the block, on the proxy's port, is shown as the server
+/// its address encodes.
+fn restore_server4(ctx: &SockAddr) {
+    let config = config();
+    if config.capacity4 == 0 || ctx.user_port() != config.port4 {
         return;
     }
-    // None: not a socket we redirected, but a client of the proxy by its own choice.
-    let Some(original) = original_of(ctx) else {
+    let Some(index) = index_in_block4(&config, ctx.user_ip4()) else {
         return;
     };
-    if original.family != AF_INET {
+    let Some(server) = server_at(AF_INET, index) else {
         return;
-    }
-    unsafe {
-        (*sock_addr).user_ip4 = original.addr[0];
-        (*sock_addr).user_port = u32::from(original.port);
-    }
+    };
+    ctx.set_user_ip4(server.addr[0]);
+    ctx.set_user_port(server.port);
     count(Counter::ReverseTranslated);
 }
 
-/// recvmsg6 / getpeername6: a peer that is the proxy (its IPv6 listener, or the v4-mapped
-/// IPv4 one) is shown as the original server, exactly as the socket addressed it.
-fn restore_original6(ctx: &SockAddrContext) {
-    let sock_addr: *mut bpf_sock_addr = ctx.sock_addr;
-    let user_port = unsafe { (*sock_addr).user_port };
-    let user_ip6 = read_user_ip6(sock_addr);
-    let port_be = user_port as u16;
-    let target = redirect_target();
+/// recvmsg6 / getpeername6: the same for IPv6 sockets, whose peer may be a v4-mapped address
+/// of the IPv4 block; the server is shown exactly as the socket addressed it.
+fn restore_server6(ctx: &SockAddr) {
+    let config = config();
+    let (addr, port_be) = (ctx.user_ip6(), ctx.user_port());
     let prefix = v4_mapped_prefix();
-    let from_proxy = if user_ip6[..3] == prefix {
-        target.port != 0 && user_ip6[3] == target.ipv4 && port_be == target.port
+    let server = if addr[..3] == prefix {
+        if config.capacity4 == 0 || port_be != config.port4 {
+            return;
+        }
+        let Some(index) = index_in_block4(&config, addr[3]) else {
+            return;
+        };
+        let Some(server) = server_at(AF_INET, index) else {
+            return;
+        };
+        Endpoint::v6(
+            [prefix[0], prefix[1], prefix[2], server.addr[0]],
+            server.port,
+        )
     } else {
-        target.port6 != 0 && user_ip6 == target.ipv6 && port_be == target.port6
+        if port_be != config.port6 {
+            return;
+        }
+        let Some(index) = index_in_block6(&config, addr) else {
+            return;
+        };
+        let Some(server) = server_at(AF_INET6, index) else {
+            return;
+        };
+        server
     };
-    if !from_proxy {
-        return;
-    }
-    let Some(original) = original_of(ctx) else {
-        return;
-    };
-    // A dual-stack socket's sendto to a v4-mapped address goes through sendmsg4 (the kernel
-    // hands it to the IPv4 code), which records the original as IPv4: show it v4-mapped.
-    let addr = if original.family == AF_INET {
-        [prefix[0], prefix[1], prefix[2], original.addr[0]]
-    } else {
-        original.addr
-    };
-    write_user_ip6(sock_addr, addr);
-    unsafe { (*sock_addr).user_port = u32::from(original.port) };
+    ctx.set_user_ip6(server.addr);
+    ctx.set_user_port(server.port);
     count(Counter::ReverseTranslated);
 }
 
-/// cgroup_skb/egress: for a packet of a redirected socket headed for the proxy, record its
-/// client flow (source address and port after routing and autobind) -> original server.
-fn record_flow(ctx: &SkBuffContext) {
-    let cookie = socket_cookie(ctx);
-    let Some(record) = SOCKETS.get_ptr_mut(&cookie) else {
-        return; // not a redirected socket: the common case, kept cheap
-    };
-    let Some(flow) = Flow::parse(ctx) else {
-        return;
-    };
-    if flow.protocol != IPPROTO_UDP && flow.protocol != IPPROTO_TCP {
-        return;
+/// bind4: no socket of the agent's namespace but the proxy's may take a block address on
+/// the proxy's port, from where `recvmsg4` would present its datagrams as the server's.
+fn guard_bind4(ctx: &SockAddr) -> i32 {
+    let config = config();
+    if config.capacity4 == 0
+        || ctx.user_port() != config.port4
+        || index_in_block4(&config, ctx.user_ip4()).is_none()
+    {
+        return ALLOW;
     }
-    let target = redirect_target();
-    let to_proxy = if flow.family == AF_INET {
-        flow.dst_addr[0] == target.ipv4 && flow.dst_port == target.port
-    } else {
-        flow.dst_addr == target.ipv6 && flow.dst_port == target.port6
-    };
-    if !to_proxy {
-        return;
-    }
-    let key = FlowKey {
-        client_addr: flow.src_addr,
-        client_port: flow.src_port,
-        family: flow.family as u8,
-        protocol: flow.protocol,
-    };
-    // SAFETY: the pointer came from a successful lookup; racing writers store whole values.
-    let (original, recorded) = unsafe { ((*record).original, (*record).flow) };
-    // A TCP connection's destination never changes: record it once, not for every segment.
-    // A UDP socket may send to several servers in turn: every datagram updates the record,
-    // so it is forwarded to the server it addressed last.
-    if flow.protocol == IPPROTO_TCP && recorded == key {
-        return;
-    }
-    if FLOWS.insert(&key, &original, 0).is_err() {
-        count(Counter::MapFull);
-        warn!(ctx, "dns-proxy: cannot record flow of socket {}", cookie);
-        return;
-    }
-    if recorded != key {
-        unsafe { (*record).flow = key };
-    }
+    refuse_bind_unless_excluded(ctx, &config)
 }
 
-/// sock_release: a redirected socket closes; its records must not outlive it.
-fn forget_socket(ctx: &SockContext) {
-    let cookie = socket_cookie(ctx);
-    let Some(record) = (unsafe { SOCKETS.get(&cookie) }) else {
-        return;
+/// bind6: the same for IPv6 sockets, v4-mapped block addresses included.
+fn guard_bind6(ctx: &SockAddr) -> i32 {
+    let config = config();
+    let (addr, port_be) = (ctx.user_ip6(), ctx.user_port());
+    let in_block = if addr[..3] == v4_mapped_prefix() {
+        port_be == config.port4 && index_in_block4(&config, addr[3]).is_some()
+    } else {
+        port_be == config.port6 && index_in_block6(&config, addr).is_some()
     };
-    let flow = record.flow;
-    if flow.family != 0 {
-        // The port is still bound here (release runs before the socket lets go of it), so no
-        // other socket can own this flow yet.
-        let _ = FLOWS.remove(&flow);
+    if !in_block {
+        return ALLOW;
     }
-    let _ = SOCKETS.remove(&cookie);
+    refuse_bind_unless_excluded(ctx, &config)
+}
+
+fn refuse_bind_unless_excluded(ctx: &SockAddr, config: &RedirectConfig) -> i32 {
+    // Another namespace's block addresses are nobody's: the proxy never answers from there.
+    if !in_agent_namespace(ctx, config) || is_excluded() {
+        return ALLOW;
+    }
+    count(Counter::BindRefused);
+    REFUSE
+}
+
+/// sk_lookup: a packet to a block address on the proxy's port goes to one of the proxy's
+/// sockets, whatever else is bound there; one whose index names a loopback or unspecified
+/// server must come from this namespace (the loopback device), or it is dropped.
+fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
+    let lookup = LookupFields::read(ctx);
+    let config = config();
+    let (family, index, port4_or_6) = match lookup.family {
+        2 => match index_in_block4(&config, lookup.local_ip4) {
+            Some(index) => (AF_INET, index, config.port4),
+            None => return SK_PASS,
+        },
+        10 => match index_in_block6(&config, lookup.local_ip6) {
+            Some(index) => (AF_INET6, index, config.port6),
+            None => return SK_PASS,
+        },
+        _ => return SK_PASS,
+    };
+    // local_port is in host order in this context.
+    if lookup.local_port != u32::from(u16::from_be(port4_or_6)) {
+        return SK_PASS;
+    }
+    let Some(server) = server_at(family, index) else {
+        return SK_PASS; // nothing to serve: no socket takes it, the sender hears so
+    };
+    if server.is_local_only() && lookup.ingress_ifindex != LOOPBACK_IFINDEX {
+        count(Counter::ForeignLoopbackRefused);
+        return SK_DROP;
+    }
+    let listener = if lookup.protocol == u32::from(IPPROTO_TCP) {
+        Listener::Tcp { family }
+    } else {
+        // Any UDP socket serves any client; spread clients by their port.
+        let sockets = u32::from(config.udp_sockets).max(1);
+        let n = (u32::from(lookup.remote_port) ^ lookup.remote_hash) % sockets;
+        Listener::Udp { family, n }
+    };
+    // A socket missing from the map (the proxy is going away) leaves the lookup as it was.
+    let _ = LISTENERS.redirect_sk_lookup(ctx, listener_slot(listener), NO_REUSEPORT);
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -7,6 +7,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
+use dns_proxy_common::AddressBlock;
 
 /// Transparent DNS redirection with eBPF: each workload's lookup goes through this proxy to the
 /// server the workload asked for, and the answer comes back from that server's address.
@@ -84,6 +85,34 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "[ADDR]:PORT", env = "DNS_PROXY_LISTEN6")]
     pub listen6: Option<SocketAddr>,
 
+    /// The IPv4 addresses redirected sockets are sent to, one per server they asked (the
+    /// address encodes the server), on the --listen port. A loopback block (host mode) serves
+    /// this network namespace only; any other block (node mode) serves other namespaces too
+    /// and is routed `local` on `lo` by the agent. Default: 127.53.0.0/16 with a loopback
+    /// --listen, else 169.254.53.0/24.
+    #[arg(long, value_name = "ADDR/LEN", env = "DNS_PROXY_REDIRECT_BLOCK")]
+    pub redirect_block: Option<AddressBlock>,
+
+    /// The same for IPv6 sockets, on the --listen6 port; routed `local` on `lo` by the agent.
+    #[arg(
+        long,
+        value_name = "ADDR/LEN",
+        default_value = DEFAULT_BLOCK6,
+        env = "DNS_PROXY_REDIRECT_BLOCK6"
+    )]
+    pub redirect_block6: AddressBlock,
+
+    /// A bpffs directory for the table of servers, which outlives the agent so that a
+    /// restarted one decodes the addresses sockets were sent to before. Mounted (bpffs) if
+    /// nothing is mounted at /sys/fs/bpf and the agent may.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/sys/fs/bpf/dns-proxy",
+        env = "DNS_PROXY_STATE_DIR"
+    )]
+    pub state_dir: PathBuf,
+
     /// Forward every query here instead of to the server its client asked for.
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_UPSTREAM")]
     pub upstream: Option<SocketAddr>,
@@ -108,7 +137,7 @@ pub struct ProxyArgs {
     /// Threads that serve UDP, each with a listener of its own on the listen port
     /// (SO_REUSEPORT; the kernel spreads clients over them) and its own upstream sockets.
     /// Default: one per CPU.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256), env = "DNS_PROXY_UDP_THREADS")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=128), env = "DNS_PROXY_UDP_THREADS")]
     pub udp_threads: Option<u16>,
 
     /// A TCP connection with no query outstanding is closed after this long without traffic.
@@ -159,7 +188,25 @@ pub enum ConfigError {
     BadUpstream(SocketAddr),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
     MetricsPortZero(SocketAddr),
+    #[error("--redirect-block {0}: must be an IPv4 block")]
+    Block4NotIpv4(AddressBlock),
+    #[error("--redirect-block6 {0}: must be an IPv6 block")]
+    Block6NotIpv6(AddressBlock),
+    #[error("{flag} {block}: holds the listen address {listen}; choose a block apart from it")]
+    BlockHoldsListen {
+        flag: &'static str,
+        block: AddressBlock,
+        listen: SocketAddr,
+    },
 }
+
+/// The IPv4 block with a loopback --listen (host mode): this namespace's own, never routed.
+pub const DEFAULT_HOST_BLOCK: &str = "127.53.0.0/16";
+/// The IPv4 block with any other --listen (node mode): link-local, apart from NodeLocal
+/// DNSCache's 169.254.20.10 and the cloud metadata address 169.254.169.254.
+pub const DEFAULT_NODE_BLOCK: &str = "169.254.53.0/24";
+/// The IPv6 block: a unique local /112.
+pub const DEFAULT_BLOCK6: &str = "fd53:6e73:6470::/112";
 
 /// The validated configuration of `dns-proxy run` and `dns-proxy exec`.
 #[derive(Debug, Clone)]
@@ -168,6 +215,11 @@ pub struct RunConfig {
     /// Port 0 (only with `exec`): a port the kernel picks.
     pub listen: SocketAddrV4,
     pub listen6: Listen6,
+    /// Where IPv4 sockets are sent, one address per server.
+    pub block4: AddressBlock,
+    /// Where IPv6 sockets are sent, when `listen6` is not `Off`.
+    pub block6: AddressBlock,
+    pub state_dir: PathBuf,
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub max_inflight: usize,
@@ -256,10 +308,44 @@ impl RunConfig {
         {
             return Err(ConfigError::MetricsPortZero(metrics));
         }
+        let default_block = if listen.ip().is_loopback() {
+            DEFAULT_HOST_BLOCK
+        } else {
+            DEFAULT_NODE_BLOCK
+        };
+        let block4 = args
+            .redirect_block
+            .unwrap_or_else(|| default_block.parse().expect("a valid default"));
+        if !block4.is_ipv4() {
+            return Err(ConfigError::Block4NotIpv4(block4));
+        }
+        if block4.contains((*listen.ip()).into()) {
+            return Err(ConfigError::BlockHoldsListen {
+                flag: "--redirect-block",
+                block: block4,
+                listen: listen.into(),
+            });
+        }
+        let block6 = args.redirect_block6;
+        if block6.is_ipv4() {
+            return Err(ConfigError::Block6NotIpv6(block6));
+        }
+        if let Listen6::Required(v6) | Listen6::IfAvailable(v6) = listen6
+            && block6.contains((*v6.ip()).into())
+        {
+            return Err(ConfigError::BlockHoldsListen {
+                flag: "--redirect-block6",
+                block: block6,
+                listen: v6.into(),
+            });
+        }
         Ok(Self {
             workload,
             listen,
             listen6,
+            block4,
+            block6,
+            state_dir: args.state_dir,
             upstream: args.upstream,
             upstream_timeout: args.upstream_timeout,
             max_inflight: args.max_inflight as usize,

@@ -1,5 +1,12 @@
 //! The DNS side of the proxy: listeners, forwarding, and the wire-format helpers they share.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::ebpf::ServerTable;
 
 mod mmsg;
 pub mod per_client;
@@ -17,8 +24,8 @@ const DRAIN_QUIET: Duration = Duration::from_millis(300);
 pub enum Refusal {
     /// Its upstream would be this proxy.
     Loop,
-    /// It asked a loopback server from another network namespace (a pod asking its own
-    /// 127.0.0.1:53): forwarding it would reach the agent's loopback, not the pod's.
+    /// It asked a loopback or unspecified server from another network namespace (a pod asking
+    /// its own 127.0.0.1:53): forwarding it would reach the agent's loopback, not the pod's.
     ForeignLoopback,
 }
 
@@ -34,25 +41,27 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Where a redirected `client`'s query to `original` goes: the operator's `upstream_override`
-/// if given, else `original`, unless that would loop or let a client in another namespace
-/// into this one's loopback services.
+/// Whether the server is one that means "this network namespace" to whoever asks it.
+fn is_local_only(server: SocketAddr) -> bool {
+    let ip = server.ip().to_canonical();
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Where a redirected query to `original` goes: the operator's `upstream_override` if given,
+/// else `original`, unless that would loop or let a client of another namespace into this
+/// one's loopback services. `from_this_namespace`: the query came from the agent's own
+/// network namespace (over the loopback device).
 pub fn upstream_for(
-    client: SocketAddr,
     original: SocketAddr,
+    from_this_namespace: bool,
     upstream_override: Option<SocketAddr>,
-    proxy: SocketAddr,
+    destinations: &impl OriginalDestinations,
 ) -> Result<SocketAddr, Refusal> {
     let upstream = upstream_override.unwrap_or(original);
-    if upstream == proxy {
+    if destinations.is_proxy(upstream) {
         return Err(Refusal::Loop);
     }
-    // A client of this namespace reaches the proxy from a loopback address; one of another
-    // namespace (node mode) from its own. Only the former may ask loopback servers.
-    if upstream_override.is_none()
-        && original.ip().to_canonical().is_loopback()
-        && !client.ip().to_canonical().is_loopback()
-    {
+    if upstream_override.is_none() && is_local_only(original) && !from_this_namespace {
         return Err(Refusal::ForeignLoopback);
     }
     Ok(upstream)
@@ -60,33 +69,91 @@ pub fn upstream_for(
 
 /// Where a redirected client's query was headed before the kernel sent it here.
 pub trait OriginalDestinations: Send + Sync + 'static {
-    /// The server that `client` (the source the proxy sees) addressed over `protocol`
-    /// (`IPPROTO_UDP` or `IPPROTO_TCP`); `None` if the kernel did not redirect that client.
-    fn original_destination(&self, client: SocketAddr, protocol: u8) -> Option<SocketAddr>;
+    /// The server a redirected client asked for, from the proxy address its packet reached
+    /// (a datagram's destination, a connection's local address); `None` if that address
+    /// encodes no server.
+    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr>;
+
+    /// Whether `addr` is the proxy's own (one of its listeners, or an address of its blocks
+    /// on its port): a query forwarded there would come back.
+    fn is_proxy(&self, addr: SocketAddr) -> bool;
 }
 
-impl OriginalDestinations for crate::ebpf::FlowTable {
-    fn original_destination(&self, client: SocketAddr, protocol: u8) -> Option<SocketAddr> {
-        crate::ebpf::FlowTable::original_destination(self, client, protocol)
+/// The kernel's table of servers with a copy of what was read of it, so that a query costs
+/// no `bpf()` call once its server was seen: an index never changes its server. One per UDP
+/// thread and one for TCP, so the copies are never contended. Bounded by the table's size.
+pub struct CachedServers {
+    table: Arc<ServerTable>,
+    /// Listen addresses: a query forwarded there would come back too.
+    listeners: Vec<SocketAddr>,
+    known: Mutex<HashMap<(u16, u32), SocketAddr>>,
+}
+
+impl CachedServers {
+    pub fn new(table: Arc<ServerTable>, listeners: Vec<SocketAddr>) -> Self {
+        Self {
+            table,
+            listeners,
+            known: Mutex::default(),
+        }
+    }
+}
+
+impl OriginalDestinations for CachedServers {
+    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr> {
+        let key = self.table.index_of(reached)?;
+        if let Some(server) = self.known.lock().expect("not poisoned").get(&key) {
+            return Some(*server);
+        }
+        let server = self.table.server(key.0, key.1)?;
+        self.known.lock().expect("not poisoned").insert(key, server);
+        Some(server)
+    }
+
+    fn is_proxy(&self, addr: SocketAddr) -> bool {
+        let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        self.listeners.contains(&canonical) || self.table.is_block_address(canonical)
     }
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
-    fn original_destination(&self, client: SocketAddr, protocol: u8) -> Option<SocketAddr> {
-        T::original_destination(self, client, protocol)
+    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr> {
+        T::original_destination(self, reached)
+    }
+
+    fn is_proxy(&self, addr: SocketAddr) -> bool {
+        T::is_proxy(self, addr)
     }
 }
 
 /// A fixed answer to "where was this client headed?", for the listeners' unit tests and the
-/// fuzz targets. The kernel's flow table behind the real one is exercised by the privileged
+/// fuzz targets. The kernel's table behind the real one is exercised by the privileged
 /// integration tests.
 #[cfg(any(test, feature = "fuzzing"))]
-pub struct FixedDestination(pub Option<SocketAddr>);
+pub struct FixedDestination {
+    pub original: Option<SocketAddr>,
+    /// The proxy's own address.
+    pub proxy: Option<SocketAddr>,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl FixedDestination {
+    pub fn new(original: Option<SocketAddr>) -> Self {
+        Self {
+            original,
+            proxy: None,
+        }
+    }
+}
 
 #[cfg(any(test, feature = "fuzzing"))]
 impl OriginalDestinations for FixedDestination {
-    fn original_destination(&self, _client: SocketAddr, _protocol: u8) -> Option<SocketAddr> {
-        self.0
+    fn original_destination(&self, _reached: SocketAddr) -> Option<SocketAddr> {
+        self.original
+    }
+
+    fn is_proxy(&self, addr: SocketAddr) -> bool {
+        self.proxy == Some(addr)
     }
 }
 
@@ -97,33 +164,39 @@ mod tests {
     #[test]
     fn loopback_servers_are_only_for_clients_of_this_namespace() {
         let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
-        let proxy = at("169.254.20.10:53");
-        let pod = at("10.0.0.7:40000");
-        let host = at("127.0.0.1:40000");
+        let proxy = FixedDestination {
+            original: None,
+            proxy: Some(at("169.254.20.10:53")),
+        };
         let loopback_server = at("127.0.0.53:53");
         let cluster_dns = at("10.96.0.10:53");
-        assert_eq!(upstream_for(pod, cluster_dns, None, proxy), Ok(cluster_dns));
         assert_eq!(
-            upstream_for(host, loopback_server, None, proxy),
+            upstream_for(cluster_dns, false, None, &proxy),
+            Ok(cluster_dns)
+        );
+        assert_eq!(
+            upstream_for(loopback_server, true, None, &proxy),
             Ok(loopback_server)
         );
         assert_eq!(
-            upstream_for(at("[::ffff:127.0.0.1]:40000"), loopback_server, None, proxy),
-            Ok(loopback_server)
-        );
-        assert_eq!(
-            upstream_for(pod, loopback_server, None, proxy),
+            upstream_for(loopback_server, false, None, &proxy),
             Err(Refusal::ForeignLoopback)
         );
-        assert_eq!(
-            upstream_for(at("[fd00::7]:40000"), at("[::1]:53"), None, proxy),
-            Err(Refusal::ForeignLoopback)
-        );
+        for local_only in ["[::1]:53", "0.0.0.0:53", "[::]:53", "[::ffff:127.0.0.1]:53"] {
+            assert_eq!(
+                upstream_for(at(local_only), false, None, &proxy),
+                Err(Refusal::ForeignLoopback),
+                "{local_only}"
+            );
+        }
         // The operator's upstream is theirs to choose.
         assert_eq!(
-            upstream_for(pod, loopback_server, Some(at("127.0.0.1:5353")), proxy),
+            upstream_for(loopback_server, false, Some(at("127.0.0.1:5353")), &proxy),
             Ok(at("127.0.0.1:5353"))
         );
-        assert_eq!(upstream_for(pod, proxy, None, proxy), Err(Refusal::Loop));
+        assert_eq!(
+            upstream_for(at("169.254.20.10:53"), true, None, &proxy),
+            Err(Refusal::Loop)
+        );
     }
 }

@@ -1,26 +1,30 @@
-//! Loading the eBPF object, attaching its programs to a cgroup, and reading its maps.
+//! Loading the eBPF object, attaching its programs to a cgroup (and `sk_lookup` to this
+//! network namespace), and reading its maps.
 //!
 //! Links are bpf_links owned by this process's file descriptors and never pinned: if the agent
-//! dies, the kernel detaches everything and DNS goes direct again (fail-open).
+//! dies, the kernel detaches everything and new lookups go direct again (fail-open). Only the
+//! table of servers is pinned (in `--state-dir`), so that a restarted agent decodes the
+//! addresses that sockets were sent to before.
 use std::{
     error::Error as _,
     fs::File,
     io,
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsFd as _,
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, SockMap},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
 use dns_proxy_common::{
-    Counter, EXCLUDED_EXACT, EXCLUDED_SUBTREE, Endpoint, FlowKey, MAX_EXCLUDED_CGROUPS,
-    MAX_EXCLUDED_LEVEL, RedirectTarget, names,
+    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_EXACT, EXCLUDED_SUBTREE, Endpoint, Listener,
+    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_UDP_SOCKETS, RedirectConfig as KernelConfig,
+    listener_slot, names, server_key,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -31,8 +35,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("cannot load the eBPF object: {source}{hint}", hint = hint(source))]
-    Load { source: Box<aya::EbpfError> },
+    #[error("cannot load the eBPF object (server table pinned in {state_dir}): {source}{hint}", hint = hint(source))]
+    Load {
+        source: Box<aya::EbpfError>,
+        state_dir: String,
+    },
     #[error("eBPF object has no {kind} named {name} (build mismatch)")]
     Missing {
         kind: &'static str,
@@ -44,13 +51,19 @@ pub enum EbpfError {
         hook: &'static str,
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("cannot attach {program} ({hook}) to cgroup {cgroup}: {source}{hint}", hint = hook_hint(source, hook))]
+    #[error("cannot attach {program} ({hook}) to {target}: {source}{hint}", hint = hook_hint(source, hook))]
     Attach {
         program: &'static str,
         hook: &'static str,
-        cgroup: String,
+        target: String,
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("cannot open this network namespace (/proc/self/ns/net): {0}")]
+    OpenNetns(io::Error),
+    #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {0}")]
+    NetnsCookie(io::Error),
+    #[error("{count} UDP threads: at most {max} can be served")]
+    TooManyUdpSockets { count: usize, max: u32 },
     #[error("cannot open cgroup {cgroup}: {source}")]
     OpenCgroup { cgroup: String, source: io::Error },
     #[error(
@@ -121,9 +134,10 @@ const ENOTSUPP: i32 = 524;
 /// How a program is attached.
 #[derive(Clone, Copy)]
 enum Hook {
+    /// A `cgroup/*` sock_addr hook, on the redirected cgroup.
     SockAddr,
-    SkbEgress,
-    Sock,
+    /// `sk_lookup`, on the agent's network namespace.
+    SkLookup,
 }
 
 struct ProgramSpec {
@@ -131,20 +145,16 @@ struct ProgramSpec {
     hook: &'static str,
     kind: Hook,
     /// Programs that send traffic to the proxy. Attached last and detached first, so a
-    /// redirected socket always has its answers restored.
+    /// redirected socket always has its answers decoded and its packets steered.
     redirects: bool,
     min_kernel: &'static str,
 }
 
-/// In attach order: bookkeeping first, redirects last.
+/// In attach order: steering and decoding first, redirects last.
 const PROGRAMS: &[ProgramSpec] = &[
-    ProgramSpec::new(
-        names::SOCK_RELEASE,
-        "cgroup/sock_release",
-        Hook::Sock,
-        "5.9",
-    ),
-    ProgramSpec::new(names::EGRESS, "cgroup_skb/egress", Hook::SkbEgress, "4.10"),
+    ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
+    ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
+    ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::RECVMSG4, "cgroup/recvmsg4", Hook::SockAddr, "5.2"),
     ProgramSpec::new(names::RECVMSG6, "cgroup/recvmsg6", Hook::SockAddr, "5.2"),
     ProgramSpec::new(
@@ -159,10 +169,10 @@ const PROGRAMS: &[ProgramSpec] = &[
         Hook::SockAddr,
         "5.8",
     ),
-    ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "4.17"),
-    ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "4.17"),
-    ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "4.18"),
-    ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "4.18"),
+    ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
+    ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
+    ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "5.8"),
+    ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
 ];
 
 impl ProgramSpec {
@@ -192,15 +202,44 @@ impl ProgramSpec {
     }
 }
 
+/// A block of the proxy's addresses and the port its listeners use there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub addresses: AddressBlock,
+    pub port: u16,
+}
+
+impl Block {
+    /// The server index `addr` encodes, if it is an address of this block on its port.
+    fn index_of(&self, addr: SocketAddr) -> Option<u32> {
+        if addr.port() != self.port {
+            return None;
+        }
+        self.addresses.index_of(addr.ip())
+    }
+}
+
+/// The proxy's listening sockets, which `sk_lookup` hands the block's packets to.
+pub struct ListenerFds<'a> {
+    pub tcp4: BorrowedFd<'a>,
+    pub tcp6: Option<BorrowedFd<'a>>,
+    /// One per UDP thread.
+    pub udp4: Vec<BorrowedFd<'a>>,
+    pub udp6: Vec<BorrowedFd<'a>>,
+}
+
 /// What the redirect sends to the proxy, and what it leaves alone.
 pub struct RedirectConfig<'a> {
     pub cgroup: &'a Cgroup,
-    /// The IPv4 listener: IPv4 sockets and v4-mapped destinations go there.
-    pub target_v4: SocketAddrV4,
-    /// The IPv6 listener; `None`: IPv6 sockets are left alone.
-    pub target_v6: Option<SocketAddrV6>,
+    /// IPv4 sockets and v4-mapped destinations go to this block.
+    pub block4: Block,
+    /// IPv6 sockets go to this block; `None`: they are left alone.
+    pub block6: Option<Block>,
     /// cgroups whose sockets are never redirected: the agent's own, first of all.
     pub excluded: &'a [Exclusion<'a>],
+    /// The bpffs directory where the server table is pinned.
+    pub state_dir: &'a Path,
+    pub listeners: ListenerFds<'a>,
 }
 
 /// A cgroup whose sockets are left alone.
@@ -226,25 +265,45 @@ pub struct Redirector {
 }
 
 impl Redirector {
-    /// Loads the programs, attaches them to `config.cgroup`, and starts forwarding their log
-    /// records to the `log` crate. Must run inside a tokio runtime.
+    /// Loads the programs, attaches them to `config.cgroup` (and `sk_lookup` to this network
+    /// namespace), and starts forwarding their log records to the `log` crate. Must run
+    /// inside a tokio runtime.
     pub fn attach(
         config: &RedirectConfig<'_>,
-    ) -> Result<(Self, FlowTable, KernelCounters), EbpfError> {
-        let target = RedirectTarget::new(config.target_v4, config.target_v6);
+    ) -> Result<(Self, ServerTable, KernelCounters), EbpfError> {
+        let udp_sockets = config.listeners.udp4.len();
+        if udp_sockets > MAX_UDP_SOCKETS as usize {
+            return Err(EbpfError::TooManyUdpSockets {
+                count: udp_sockets,
+                max: MAX_UDP_SOCKETS,
+            });
+        }
+        let foreign_namespaces = !config.block4.addresses.first().is_loopback();
+        let kernel_config = KernelConfig::new(
+            netns_cookie()?,
+            (config.block4.addresses, config.block4.port),
+            config.block6.map(|block| (block.addresses, block.port)),
+            udp_sockets as u16,
+            foreign_namespaces,
+        );
         let excluded_levels = excluded_levels(config.excluded)?;
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::REDIRECT_TARGET, &target, true)
+            .override_global(names::REDIRECT_CONFIG, &kernel_config, true)
             .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)
+            .default_map_pin_directory(config.state_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
                 source: Box::new(source),
+                state_dir: config.state_dir.display().to_string(),
             })?;
         spawn_kernel_logger(&mut ebpf);
 
         exclude_cgroups(&mut ebpf, config.excluded)?;
-        let flows = FlowTable {
-            map: take_map(&mut ebpf, names::FLOWS)?,
+        fill_listeners(&mut ebpf, &config.listeners)?;
+        let servers = ServerTable {
+            map: take_map(&mut ebpf, names::SERVERS)?,
+            block4: config.block4,
+            block6: config.block6,
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -254,6 +313,7 @@ impl Redirector {
                 cgroup: cgroup_name.clone(),
                 source,
             })?;
+        let netns_fd = File::open("/proc/self/ns/net").map_err(EbpfError::OpenNetns)?;
         let mut redirect_links = Vec::new();
         for spec in PROGRAMS {
             let program = ebpf.program_mut(spec.name).ok_or(EbpfError::Missing {
@@ -265,46 +325,44 @@ impl Redirector {
                 hook: spec.hook,
                 source: Box::new(source),
             };
-            let attach_err = |source| EbpfError::Attach {
+            let attach_err = |target: &str, source| EbpfError::Attach {
                 program: spec.name,
                 hook: spec.hook,
-                cgroup: cgroup_name.clone(),
+                target: target.to_owned(),
                 source: Box::new(source),
             };
             let mismatch = EbpfError::Missing {
                 kind: "program of the expected type",
                 name: spec.name,
             };
-            // Flags 0: the kernel rejects any other for a cgroup bpf_link, and links always
-            // attach in multi mode, beside other programs (a CNI's socket LB, say).
-            let mode = CgroupAttachMode::Single;
             match spec.kind {
                 Hook::SockAddr => {
                     let program: &mut CgroupSockAddr = program.try_into().map_err(|_| mismatch)?;
                     program.load().map_err(load_err)?;
+                    // Single: the kernel rejects any other flag for a cgroup bpf_link, and
+                    // links always attach in multi mode, beside other programs (a CNI's
+                    // socket LB, say).
                     let link = program
-                        .attach(cgroup_fd.as_fd(), mode)
-                        .map_err(attach_err)?;
+                        .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
                     if spec.redirects {
                         redirect_links.push((spec.name, link));
                     }
+                    log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
                 }
-                Hook::SkbEgress => {
-                    let program: &mut CgroupSkb = program.try_into().map_err(|_| mismatch)?;
+                Hook::SkLookup => {
+                    let program: &mut SkLookup = program.try_into().map_err(|_| mismatch)?;
                     program.load().map_err(load_err)?;
                     program
-                        .attach(cgroup_fd.as_fd(), CgroupSkbAttachType::Egress, mode)
-                        .map_err(attach_err)?;
-                }
-                Hook::Sock => {
-                    let program: &mut CgroupSock = program.try_into().map_err(|_| mismatch)?;
-                    program.load().map_err(load_err)?;
-                    program
-                        .attach(cgroup_fd.as_fd(), mode)
-                        .map_err(attach_err)?;
+                        .attach(netns_fd.as_fd())
+                        .map_err(|source| attach_err("this network namespace", source))?;
+                    log::info!(
+                        "attached {} ({}) to this network namespace",
+                        spec.name,
+                        spec.hook
+                    );
                 }
             }
-            log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
         }
         Ok((
             Self {
@@ -312,13 +370,13 @@ impl Redirector {
                 redirect_links,
                 cgroup: cgroup_name,
             },
-            flows,
+            servers,
             counters,
         ))
     }
 
-    /// Stops redirecting new sockets, while answers to the ones already redirected are still
-    /// restored. The first step of a graceful shutdown.
+    /// Stops redirecting new sockets, while packets to the proxy's addresses are still steered
+    /// to it and answers still decoded. The first step of a graceful shutdown.
     pub fn stop_redirecting(&mut self) {
         for (name, link) in self.redirect_links.drain(..) {
             let result = self
@@ -340,6 +398,66 @@ impl Drop for Redirector {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
         log::info!("detaching all programs from {}", self.cgroup);
     }
+}
+
+/// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
+fn netns_cookie() -> Result<u64, EbpfError> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .map_err(EbpfError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`, which is that large.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return Err(EbpfError::NetnsCookie(io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14), which the libc crate may not name.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Puts the proxy's listening sockets into `LISTENERS`, where `sk_lookup` finds them.
+fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), EbpfError> {
+    let name = names::LISTENERS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut map: SockMap<_> = SockMap::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })?;
+    let mut put = |listener: Listener, fd: BorrowedFd<'_>| {
+        map.set(listener_slot(listener), &fd.as_raw_fd(), 0)
+            .map_err(|source| EbpfError::Map {
+                map: name,
+                source: Box::new(source),
+            })
+    };
+    put(Listener::Tcp { family: AF_INET }, listeners.tcp4)?;
+    if let Some(tcp6) = listeners.tcp6 {
+        put(Listener::Tcp { family: AF_INET6 }, tcp6)?;
+    }
+    for (family, sockets) in [(AF_INET, &listeners.udp4), (AF_INET6, &listeners.udp6)] {
+        for (n, fd) in sockets.iter().enumerate() {
+            put(
+                Listener::Udp {
+                    family,
+                    n: n as u32,
+                },
+                *fd,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The `EXCLUDED_LEVELS` mask: one bit for each level that holds an excluded subtree.
@@ -483,28 +601,48 @@ impl KernelCounters {
     }
 }
 
-/// The kernel's record of where each redirected client was headed (`FLOWS`).
-pub struct FlowTable {
-    map: HashMap<MapData, FlowKey, Endpoint>,
+/// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
+pub struct ServerTable {
+    map: HashMap<MapData, u32, Endpoint>,
+    block4: Block,
+    block6: Option<Block>,
 }
 
-impl FlowTable {
-    /// The server the client at `client` (as the proxy sees it) originally addressed, over
-    /// `protocol`; `None` if it was not redirected here.
-    pub fn original_destination(&self, client: SocketAddr, protocol: u8) -> Option<SocketAddr> {
-        let key = FlowKey::new(client, protocol);
-        match self.map.get(&key, 0) {
+impl ServerTable {
+    /// The family and index that `reached` (where a redirected client's packet arrived)
+    /// encodes, if it is one of the proxy's block addresses on its port.
+    pub fn index_of(&self, reached: SocketAddr) -> Option<(u16, u32)> {
+        let reached = SocketAddr::new(reached.ip().to_canonical(), reached.port());
+        if let Some(index) = self.block4.index_of(reached) {
+            return Some((AF_INET, index));
+        }
+        let index = self.block6?.index_of(reached)?;
+        Some((AF_INET6, index))
+    }
+
+    /// The server of `index` of `family`'s block, from the kernel's table; `None` if it has
+    /// none. An index, once given, never changes its server, so callers may keep the answer.
+    pub fn server(&self, family: u16, index: u32) -> Option<SocketAddr> {
+        match self.map.get(&server_key(family, index), 0) {
             Ok(endpoint) => endpoint.to_socket_addr(),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(err) => {
                 log::warn!(
-                    "looking up {client} in {}: {}",
-                    names::FLOWS,
+                    "looking up index {index} in {}: {}",
+                    names::SERVERS,
                     err.source().map_or(err.to_string(), |s| s.to_string())
                 );
                 None
             }
         }
+    }
+
+    /// Whether `addr` is one of the proxy's block addresses on its port.
+    pub fn is_block_address(&self, addr: SocketAddr) -> bool {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        let in_block =
+            |block: Block| addr.port() == block.port && block.addresses.contains(addr.ip());
+        in_block(self.block4) || self.block6.is_some_and(in_block)
     }
 }
 
@@ -527,9 +665,9 @@ mod tests {
             "{text}"
         );
         let unsupported = io::Error::from_raw_os_error(ENOTSUPP);
-        let text = hook_hint(&unsupported, "cgroup/sock_release");
+        let text = hook_hint(&unsupported, "sk_lookup");
         assert!(
-            text.contains("does not support cgroup/sock_release, which needs Linux 5.9"),
+            text.contains("does not support sk_lookup, which needs Linux 5.17"),
             "{text}"
         );
         assert_eq!(hint(&io::Error::other("no OS error")), " (no OS error)");

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dns;
 pub mod ebpf;
 mod exec;
+mod host;
 mod log_limit;
 pub mod metrics;
 mod privileges;
@@ -19,6 +20,7 @@ use std::{
     ffi::OsString,
     io,
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd as _,
     process::ExitStatus,
     sync::Arc,
 };
@@ -29,13 +31,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
     config::{Listen6, RunConfig, Workload},
+    dns::CachedServers,
     dns::{
         per_client::PerClientLimit,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
-    ebpf::{EbpfError, Exclusion, ExclusionScope, RedirectConfig, Redirector},
+    ebpf::{Block, EbpfError, Exclusion, ExclusionScope, ListenerFds, RedirectConfig, Redirector},
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
     udp_threads::{UdpThreads, bind_reuseport_group},
@@ -66,6 +69,8 @@ pub enum RunError {
     Wait(io::Error),
     #[error("cannot drop capabilities after attaching: {0}")]
     DropPrivileges(io::Error),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
 }
 
 /// How a run ended.
@@ -179,6 +184,22 @@ struct Listeners {
 }
 
 impl Listeners {
+    /// The sockets, for the kernel's `LISTENERS` map.
+    fn fds(&self) -> ListenerFds<'_> {
+        let udp = |n: usize| {
+            self.udp
+                .get(n)
+                .map(|group| group.iter().map(|socket| socket.as_fd()).collect())
+                .unwrap_or_default()
+        };
+        ListenerFds {
+            tcp4: self.tcp[0].as_fd(),
+            tcp6: self.tcp.get(1).map(|tcp| tcp.as_fd()),
+            udp4: udp(0),
+            udp6: udp(1),
+        }
+    }
+
     /// `udp_threads`: how many UDP sockets to bind on each address.
     async fn bind(config: &RunConfig, udp_threads: usize) -> Result<Self, RunError> {
         let mut listeners = Self {
@@ -308,13 +329,43 @@ async fn serve(
         ),
         None => None,
     };
-    let (mut redirector, flows, kernel_counters) = Redirector::attach(&RedirectConfig {
+    host::prepare_state_dir(&config.state_dir)?;
+    let block4 = Block {
+        addresses: config.block4,
+        port: listeners.v4.port(),
+    };
+    let block6 = listeners.v6.map(|v6| Block {
+        addresses: config.block6,
+        port: v6.port(),
+    });
+    for block in std::iter::once(block4).chain(block6) {
+        host::route_block_here(block.addresses)?;
+    }
+    let (mut redirector, servers, kernel_counters) = Redirector::attach(&RedirectConfig {
         cgroup: scope.target,
-        target_v4: listeners.v4,
-        target_v6: listeners.v6,
+        block4,
+        block6,
         excluded: scope.excluded,
+        state_dir: &config.state_dir,
+        listeners: listeners.fds(),
     })?;
-    let flows = Arc::new(flows);
+    log::info!(
+        "redirecting IPv4 lookups to {} (one address per server) on port {}{}",
+        block4.addresses,
+        block4.port,
+        block6.map_or_else(
+            || "; IPv6 lookups are left alone".to_owned(),
+            |block| format!(
+                ", IPv6 lookups to {} on port {}",
+                block.addresses, block.port
+            )
+        )
+    );
+    let servers = Arc::new(servers);
+    let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
+        .chain(listeners.v6.map(SocketAddr::V6))
+        .collect();
+    let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
     let stats = Arc::new(Stats::default());
     let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
@@ -343,7 +394,7 @@ async fn serve(
             let socket = UdpSocket::from_std(socket).map_err(failed)?;
             let proxy = UdpProxy::new(
                 socket,
-                Arc::clone(&flows),
+                destinations(),
                 udp_settings.clone(),
                 Arc::clone(&stats),
             )
@@ -362,7 +413,7 @@ async fn serve(
     for listener in listeners.tcp {
         let proxy = TcpProxy::new(
             listener,
-            Arc::clone(&flows),
+            destinations(),
             tcp_settings.clone(),
             Arc::clone(&stats),
         )

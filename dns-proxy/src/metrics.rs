@@ -222,18 +222,33 @@ impl Collector for AgentCollector {
                     "kernel_skipped_excluded",
                     "DNS connects and sends left alone because their cgroup is excluded.",
                 ),
+                Counter::SkippedForeignNamespace => (
+                    "kernel_skipped_foreign_namespace",
+                    "DNS connects and sends of another network namespace left alone: a \
+                     loopback or unspecified server, or a proxy only its own namespace reaches.",
+                ),
                 Counter::ReverseTranslated => (
                     "kernel_reverse_translated",
                     "Answers and peer names shown as from the original server.",
                 ),
-                Counter::RecordMisses => (
-                    "kernel_record_misses",
-                    "Answers or peer names from the proxy on sockets with no record (not \
-                     redirected, or the record was evicted).",
+                Counter::UnknownIndex => (
+                    "kernel_unknown_index",
+                    "Packets, answers or peer names at a proxy address whose index names no \
+                     server.",
                 ),
-                Counter::MapFull => (
-                    "kernel_map_full",
-                    "Records the kernel side could not store; those sockets went direct.",
+                Counter::TableFull => (
+                    "kernel_table_full",
+                    "Servers that got no index (the table, or its probe window, is full); \
+                     those sockets went direct.",
+                ),
+                Counter::ForeignLoopbackRefused => (
+                    "kernel_foreign_loopback_refused",
+                    "Packets from another namespace to the address of a loopback server, \
+                     dropped by sk_lookup.",
+                ),
+                Counter::BindRefused => (
+                    "kernel_bind_refused",
+                    "Binds of a proxy address on the proxy's port refused to other sockets.",
                 ),
             };
             encode_counters(&mut encoder, name, help, &[(&[], value)])?;

@@ -91,7 +91,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
             let _entered = runtime.enter();
             TcpProxy::new(
                 listener,
-                FixedDestination(None),
+                FixedDestination::new(None),
                 settings,
                 Arc::<Stats>::default(),
             )

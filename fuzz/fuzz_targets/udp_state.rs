@@ -92,7 +92,7 @@ fn run(ops: Vec<Op>) {
             .expect("a loopback socket");
         let proxy = UdpProxy::new(
             listener,
-            FixedDestination(Some(UPSTREAM)),
+            FixedDestination::new(Some(UPSTREAM)),
             settings,
             Arc::default(),
         )

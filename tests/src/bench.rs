@@ -172,10 +172,8 @@ fn start_agent(topology: &Topology, tools: &Tools<'_>, extra_args: &[&str]) -> A
 /// The agent binary `agent` in the topology's client namespace, redirecting its cgroup, on
 /// [`crate::PROXY_LISTEN`], logging at info.
 pub(crate) fn start_agent_binary(topology: &Topology, agent: &Path, extra_args: &[&str]) -> Agent {
-    let mut command = Command::new("nsenter");
+    let mut command = topology.client.nsenter();
     command
-        .arg(format!("--net=/run/netns/{}", topology.client.name))
-        .arg("--")
         .arg(agent)
         .arg("run")
         .arg(format!("--cgroup={}", topology.cgroup.path.display()))

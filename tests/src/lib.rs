@@ -97,17 +97,43 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
     }
 }
 
-/// A network namespace of the tests' own; deleted on drop.
+/// A network namespace of the tests' own, with a bpffs of its own for the server table of
+/// the agents that run in it (so restarts in one test share it and no test touches the
+/// host's /sys/fs/bpf); both are removed on drop.
 pub struct Netns {
     pub name: String,
+    state_dir: PathBuf,
 }
 
 impl Netns {
     pub fn new(name: String) -> Self {
         must(Command::new("ip").args(["netns", "add", &name]));
-        let netns = Self { name };
+        let state_dir = PathBuf::from("/run/dns-proxy-tests").join(&name);
+        fs::create_dir_all(&state_dir).expect("mkdir the test bpffs");
+        let netns = Self { name, state_dir };
+        must(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&netns.state_dir),
+        );
         must(Command::new("ip").args(["-n", &netns.name, "link", "set", "lo", "up"]));
         netns
+    }
+
+    /// The `--state-dir` of an agent in this namespace: on the namespace's own bpffs.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.join("dns-proxy")
+    }
+
+    /// `nsenter` into this namespace (not `ip netns exec`, which remounts /sys and hides the
+    /// cgroup2 mount), with `DNS_PROXY_STATE_DIR` set for an agent.
+    pub fn nsenter(&self) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .env("DNS_PROXY_STATE_DIR", self.state_dir())
+            .arg("--");
+        command
     }
 
     /// `ip netns exec NAME program args...`: the program sees /etc/netns/NAME/resolv.conf.
@@ -123,6 +149,11 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.state_dir)
+            .status();
+        let _ = fs::remove_dir(&self.state_dir);
     }
 }
 
@@ -663,6 +694,7 @@ impl Agent {
         // mount the agent needs. nsenter and sh exec, so the pid is the agent's.
         command
             .arg(format!("--net=/run/netns/{}", netns.name))
+            .env("DNS_PROXY_STATE_DIR", netns.state_dir())
             .arg("--")
             .arg(agent_binary())
             .arg("run")
@@ -676,10 +708,8 @@ impl Agent {
     /// `dns-proxy exec ARGS -- COMMAND` in `netns`; the command's output goes to a pipe
     /// (stdout) and the agent's log is collected as for `run`.
     pub fn exec(netns: &Netns, args: &[&str], command: &[&str]) -> Self {
-        let mut nsenter = Command::new("nsenter");
+        let mut nsenter = netns.nsenter();
         nsenter
-            .arg(format!("--net=/run/netns/{}", netns.name))
-            .arg("--")
             .arg(agent_binary())
             .arg("exec")
             .args(args)

@@ -8,7 +8,7 @@
 use std::{
     io,
     mem::{self, MaybeUninit},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, BorrowedFd},
 };
 
@@ -19,6 +19,21 @@ use super::wire::MAX_UDP_MESSAGE;
 /// Datagrams per syscall at most. Enough to empty a busy socket's queue in a few calls.
 pub const BATCH: usize = 32;
 
+/// Where a datagram arrived: its destination address and the interface it came in on, from
+/// `IP_PKTINFO` / `IPV6_PKTINFO` (set on the socket with [`receive_arrivals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub destination: IpAddr,
+    pub ifindex: u32,
+}
+
+/// The loopback device's index, in every network namespace: what arrives over it was sent
+/// from this namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Room for one `in6_pktinfo` control message (the larger of the two), 8-byte aligned.
+const CONTROL_WORDS: usize = 8;
+
 /// Buffers for receiving up to [`BATCH`] datagrams at once, each up to the largest UDP
 /// message, so none is ever cut short. The memory is zeroed on allocation, which the
 /// allocator gets from fresh pages: only the pages datagrams are written to become resident.
@@ -26,6 +41,7 @@ pub struct ReceivedBatch {
     buffers: Box<[u8]>,
     lens: [usize; BATCH],
     peers: [Option<SocketAddr>; BATCH],
+    arrivals: [Option<Arrival>; BATCH],
     count: usize,
 }
 
@@ -35,9 +51,51 @@ impl Default for ReceivedBatch {
             buffers: vec![0; BATCH * MAX_UDP_MESSAGE].into_boxed_slice(),
             lens: [0; BATCH],
             peers: [None; BATCH],
+            arrivals: [None; BATCH],
             count: 0,
         }
     }
+}
+
+/// Asks the kernel to say, with each datagram `socket` receives, where it arrived.
+pub fn receive_arrivals(socket: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    let (level, option) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    set_flag(socket, level, option)
+}
+
+/// Lets `socket` send from an address no interface has (IPv6 block addresses are only
+/// routed `local`, which `IPV6_PKTINFO` does not count as the host's own without this).
+pub fn send_from_any_address(socket: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_flag(socket, libc::IPPROTO_IPV6, IPV6_FREEBIND)
+    } else {
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_FREEBIND)
+    }
+}
+
+/// `IPV6_FREEBIND` (Linux 4.15), which the libc crate does not name.
+const IPV6_FREEBIND: libc::c_int = 78;
+
+fn set_flag(socket: BorrowedFd<'_>, level: libc::c_int, option: libc::c_int) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the kernel reads an int of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&raw const on).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl ReceivedBatch {
@@ -45,6 +103,13 @@ impl ReceivedBatch {
     /// A datagram whose sender's address is not IPv4 or IPv6 is left out.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &[u8], SocketAddr)> {
         (0..self.count).filter_map(|i| Some((i, self.datagram(i), self.peers[i]?)))
+    }
+
+    /// Where datagram `index` of the last [`receive`](Self::receive) arrived, if the socket
+    /// says ([`receive_arrivals`]).
+    pub fn arrival(&self, index: usize) -> Option<Arrival> {
+        assert!(index < self.count);
+        self.arrivals[index]
     }
 
     /// Datagram `index` of the last [`receive`](Self::receive).
@@ -62,6 +127,7 @@ impl ReceivedBatch {
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { mem::zeroed() };
         let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
         for (i, chunk) in self.buffers.chunks_exact_mut(MAX_UDP_MESSAGE).enumerate() {
             iovecs[i] = libc::iovec {
                 iov_base: chunk.as_mut_ptr().cast(),
@@ -72,6 +138,8 @@ impl ReceivedBatch {
             header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             header.msg_iov = &mut iovecs[i];
             header.msg_iovlen = 1;
+            header.msg_control = controls[i].as_mut_ptr().cast();
+            header.msg_controllen = mem::size_of_val(&controls[i]);
         }
         // SAFETY: every header points at a live name buffer of the length it gives and at one
         // iovec over a live, distinct chunk of `self.buffers`; the kernel writes no further.
@@ -93,6 +161,9 @@ impl ReceivedBatch {
             let namelen = headers[i].msg_hdr.msg_namelen;
             // SAFETY: the kernel wrote `namelen` bytes of a socket address into `names[i]`.
             self.peers[i] = unsafe { socket_addr(&names[i], namelen) };
+            // SAFETY: the header's control buffer is `controls[i]`, filled in by the kernel
+            // up to the length it set.
+            self.arrivals[i] = unsafe { arrival(&headers[i].msg_hdr) };
         }
         self.count = received;
         Ok(received)
@@ -111,13 +182,56 @@ unsafe fn socket_addr(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Op
     unsafe { SockAddr::new(storage, len) }.as_socket()
 }
 
-/// Sends datagrams `0..count` (each, from `datagram(i)`, to its address) on `socket` with as few `sendmmsg` calls as the
-/// kernel takes, in order. A datagram the kernel refuses is skipped and reported to
+/// Where a received message says it arrived, from its `IP_PKTINFO` or `IPV6_PKTINFO`
+/// control message.
+///
+/// # Safety
+/// `header` was filled in by `recvmsg`/`recvmmsg`, its control buffer still alive.
+unsafe fn arrival(header: &libc::msghdr) -> Option<Arrival> {
+    // SAFETY: the CMSG macros walk the buffer the kernel filled, within its length.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null cmsg from the macros points at a whole header in the buffer.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        // SAFETY: the data of a control message of this level and type is that struct; it
+        // may be unaligned in the buffer, so it is read unaligned.
+        unsafe {
+            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(Arrival {
+                    destination: IpAddr::V4(Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes())),
+                    ifindex: info.ipi_ifindex as u32,
+                });
+            }
+            if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(Arrival {
+                    destination: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
+                    ifindex: info.ipi6_ifindex,
+                });
+            }
+            cmsg = libc::CMSG_NXTHDR(header, cmsg);
+        }
+    }
+    None
+}
+
+/// What a datagram to send is: its bytes, where it goes, and (for an answer) the address it
+/// must come from, which is the one its query was sent to.
+pub struct Outgoing<'a> {
+    pub datagram: &'a [u8],
+    pub to: SocketAddr,
+    pub from: Option<IpAddr>,
+}
+
+/// Sends datagrams `0..count` (each, from `datagram(i)`, to its address) on `socket` with as
+/// few `sendmmsg` calls as the kernel takes, in order. A datagram the kernel refuses is skipped and reported to
 /// `failed` with its index and the error; the rest still go. Returns how many were sent.
 pub fn send_all<'a>(
     socket: BorrowedFd<'_>,
     count: usize,
-    datagram: impl Fn(usize) -> (&'a [u8], SocketAddr),
+    datagram: impl Fn(usize) -> Outgoing<'a>,
     mut failed: impl FnMut(usize, io::Error),
 ) -> usize {
     let mut sent = 0;
@@ -144,7 +258,7 @@ pub fn send_all<'a>(
 fn send_batch<'a>(
     socket: BorrowedFd<'_>,
     indexes: std::ops::Range<usize>,
-    datagram: impl Fn(usize) -> (&'a [u8], SocketAddr),
+    datagram: impl Fn(usize) -> Outgoing<'a>,
 ) -> io::Result<usize> {
     let count = indexes.len();
     debug_assert!(count > 0 && count <= BATCH);
@@ -152,8 +266,9 @@ fn send_batch<'a>(
     let mut names: [MaybeUninit<SockAddr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
     let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
     let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+    let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
     for i in 0..count {
-        let (datagram, to) = datagram(indexes.start + i);
+        let Outgoing { datagram, to, from } = datagram(indexes.start + i);
         let name = names[i].write(to.into());
         iovecs[i] = libc::iovec {
             // The kernel only reads it.
@@ -165,6 +280,10 @@ fn send_batch<'a>(
         header.msg_namelen = name.len();
         header.msg_iov = &mut iovecs[i];
         header.msg_iovlen = 1;
+        if let Some(from) = from {
+            // SAFETY: the control buffer is live, aligned and large enough for one pktinfo.
+            unsafe { set_source(header, &mut controls[i], from) };
+        }
     }
     // SAFETY: the first `count` headers point at live addresses and at iovecs over live
     // datagrams, all of the lengths they give; the kernel only writes `msg_len`.
@@ -182,6 +301,61 @@ fn send_batch<'a>(
     Ok(sent as usize)
 }
 
+/// Makes the message come from `from`, with an `IP_PKTINFO` or `IPV6_PKTINFO` control
+/// message in `control`.
+///
+/// # Safety
+/// `control` outlives the send of `header`.
+unsafe fn set_source(header: &mut libc::msghdr, control: &mut [u64; CONTROL_WORDS], from: IpAddr) {
+    header.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a length.
+    let (level, kind, len) = match from {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            mem::size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            mem::size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: as above.
+    header.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+    // SAFETY: the buffer holds CMSG_SPACE(len) bytes (checked by the assertion below), so
+    // the first header and its data fit; the data is written unaligned.
+    unsafe {
+        debug_assert!(header.msg_controllen <= mem::size_of_val(control));
+        let cmsg = libc::CMSG_FIRSTHDR(header);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
+        let data = libc::CMSG_DATA(cmsg);
+        match from {
+            IpAddr::V4(v4) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                },
+            ),
+            IpAddr::V6(v6) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                },
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
@@ -189,6 +363,55 @@ mod tests {
     use tokio::net::UdpSocket;
 
     use super::*;
+
+    fn outgoing((datagram, to): (&[u8], SocketAddr)) -> Outgoing<'_> {
+        Outgoing {
+            datagram,
+            to,
+            from: None,
+        }
+    }
+
+    /// What a block address does: a client connected to 127.53.0.9 reaches a socket bound to
+    /// 127.0.0.1 only through sk_lookup, so here the receiver is bound to the wildcard; its
+    /// answer must come from 127.53.0.9 for the connected client to take it.
+    #[tokio::test]
+    async fn arrivals_are_reported_and_answers_leave_from_the_address_asked() {
+        let receiver = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        receive_arrivals(receiver.as_fd(), false).unwrap();
+        let port = receiver.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let asked: SocketAddr = format!("127.53.0.9:{port}").parse().unwrap();
+        client.connect(asked).await.unwrap();
+        client.send(b"query").await.unwrap();
+        let mut batch = ReceivedBatch::default();
+        assert_eq!(batch.receive(receiver.as_fd()).unwrap(), 1);
+        let (_, datagram, from) = batch.iter().next().unwrap();
+        assert_eq!(
+            (datagram, from),
+            (&b"query"[..], client.local_addr().unwrap())
+        );
+        let arrival = batch.arrival(0).unwrap();
+        assert_eq!(arrival.destination, asked.ip());
+        assert_eq!(arrival.ifindex, LOOPBACK_IFINDEX);
+        let sent = send_all(
+            receiver.as_fd(),
+            1,
+            |_| Outgoing {
+                datagram: b"answer",
+                to: from,
+                from: Some(arrival.destination),
+            },
+            |_, err| panic!("{err}"),
+        );
+        assert_eq!(sent, 1);
+        let mut buf = [0u8; 16];
+        let len = tokio::time::timeout(std::time::Duration::from_secs(1), client.recv(&mut buf))
+            .await
+            .expect("the connected client takes the answer")
+            .unwrap();
+        assert_eq!(&buf[..len], b"answer");
+    }
 
     // Loopback delivers within the send: what was sent is queued when it returns.
     #[tokio::test]
@@ -221,7 +444,7 @@ mod tests {
         let sent = send_all(
             sender.as_fd(),
             datagrams.len(),
-            |i| datagrams[i],
+            |i| outgoing(datagrams[i]),
             |i, err| panic!("{i}: {err}"),
         );
         assert_eq!(sent, BATCH + 5);
@@ -258,7 +481,7 @@ mod tests {
         let sent = send_all(
             sender.as_fd(),
             datagrams.len(),
-            |i| datagrams[i],
+            |i| outgoing(datagrams[i]),
             |i, err| failures.push((i, err.raw_os_error())),
         );
         assert_eq!(sent, 2);

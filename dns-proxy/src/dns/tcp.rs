@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dns_proxy_common::IPPROTO_TCP;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
@@ -203,16 +202,22 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     fn handle(self: &Arc<Self>, stream: TcpStream, client: SocketAddr) {
         Stats::add(&self.stats.tcp_connections);
         let stats = &self.stats.tcp;
-        let Some(original) = self.destinations.original_destination(client, IPPROTO_TCP) else {
+        // The connection's local address is the one its client was sent to: it names the
+        // server. A listener address names none.
+        let reached = stream.local_addr().ok();
+        let Some(original) = reached.and_then(|at| self.destinations.original_destination(at))
+        else {
             Stats::add(&stats.dropped_not_redirected);
             log::debug!("closing TCP connection from {client}: not a redirected client");
             return;
         };
+        // sk_lookup hands the proxy a connection to a loopback server's address only from
+        // this namespace: the kernel has checked where it came from.
         let upstream = match upstream_for(
-            client,
             original,
+            true,
             self.settings.upstream_override,
-            self.local_addr,
+            &self.destinations,
         ) {
             Ok(upstream) => upstream,
             Err(refusal) => {
@@ -584,7 +589,8 @@ mod tests {
             max_connections,
             per_client: PerClientLimit::new(per_client),
         };
-        let proxy = TcpProxy::new(listener, Fixed(original), settings, Arc::default()).unwrap();
+        let proxy =
+            TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
         tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
         proxy

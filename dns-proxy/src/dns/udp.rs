@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, hash_map::Entry},
     hash::{BuildHasher, RandomState},
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     sync::{
         Arc, Mutex,
@@ -24,14 +24,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dns_proxy_common::IPPROTO_UDP;
 use socket2::{Domain, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     DRAIN_QUIET, OriginalDestinations,
-    mmsg::{self, ReceivedBatch},
+    mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
     per_client::{ClientSlot, PerClientLimit},
     stats::Stats,
     upstream_for, wire,
@@ -74,6 +73,9 @@ struct Pending {
     socket: Arc<PoolSocket>,
     client: SocketAddr,
     original: SocketAddr,
+    /// Where the query was sent (the block address that names `original`): the answer
+    /// leaves from there, so the client's connected socket takes it.
+    reply_from: IpAddr,
     /// A keyed hash of the query's question bytes: the answer must repeat them exactly.
     question: u64,
     started: Instant,
@@ -221,6 +223,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         stats: Arc<Stats>,
     ) -> io::Result<Arc<Self>> {
         let local_addr = socket.local_addr()?;
+        // Each query says which block address it was sent to (its server), and the answer
+        // leaves from that address.
+        mmsg::receive_arrivals(socket.as_fd(), local_addr.is_ipv6())?;
+        mmsg::send_from_any_address(socket.as_fd(), local_addr.is_ipv6())?;
         let proxy = Arc::new(Self {
             socket,
             local_addr,
@@ -312,7 +318,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let pick = random();
         outgoing.clear();
         for (index, datagram, client) in batch.iter() {
-            if let Some((key, socket)) = self.register_query(datagram, client, pick) {
+            let arrival = batch.arrival(index);
+            if let Some((key, socket)) = self.register_query(datagram, client, arrival, pick) {
                 outgoing.push(Outgoing { index, socket, key });
             }
         }
@@ -327,7 +334,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             mmsg::send_all(
                 socket.socket.as_fd(),
                 run.len(),
-                |i| (batch.datagram(run[i].index), run[i].key.upstream),
+                |i| mmsg::Outgoing {
+                    datagram: batch.datagram(run[i].index),
+                    to: run[i].key.upstream,
+                    from: None,
+                },
                 |i, err| self.forward_failed(run[i].key, &err),
             );
             run_start += run_len;
@@ -354,6 +365,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self: &Arc<Self>,
         datagram: &[u8],
         client: SocketAddr,
+        arrival: Option<Arrival>,
         pick: u64,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
@@ -366,7 +378,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.drop_malformed(datagram, client);
             return None;
         };
-        let (original, upstream) = self.route(client)?;
+        let (original, upstream, reply_from) = self.route(client, arrival)?;
         let client_slot = self.client_slot(client)?;
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
@@ -380,6 +392,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             socket,
             client,
             original,
+            reply_from,
             question,
             started,
             description,
@@ -413,22 +426,35 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         );
     }
 
-    /// Where the query of `client` goes: (the server it asked, the upstream to send it to);
-    /// `None` if it must be dropped.
-    fn route(&self, client: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
-        let Some(original) = self.destinations.original_destination(client, IPPROTO_UDP) else {
+    /// Where the query of `client`, which arrived as `arrival` says, goes: (the server it
+    /// asked, the upstream to send it to, the address to answer from); `None` if it must be
+    /// dropped.
+    fn route(
+        &self,
+        client: SocketAddr,
+        arrival: Option<Arrival>,
+    ) -> Option<(SocketAddr, SocketAddr, IpAddr)> {
+        // The address it was sent to names its server; a listener address names none.
+        let routed = arrival.and_then(|at| {
+            let reached = SocketAddr::new(at.destination, self.local_addr.port());
+            Some((at, self.destinations.original_destination(reached)?))
+        });
+        let Some((arrival, original)) = routed else {
             // Only clients the kernel redirected have a server to go to.
             Stats::add(&self.stats.udp.dropped_not_redirected);
             log::debug!("dropping query from {client}: not a redirected client");
             return None;
         };
+        // sk_lookup already refuses loopback servers' addresses to other namespaces; what
+        // came over the loopback device was sent from this one.
+        let from_this_namespace = arrival.ifindex == LOOPBACK_IFINDEX;
         match upstream_for(
-            client,
             original,
+            from_this_namespace,
             self.settings.upstream_override,
-            self.local_addr,
+            &self.destinations,
         ) {
-            Ok(upstream) => Some((original, upstream)),
+            Ok(upstream) => Some((original, upstream, arrival.destination)),
             Err(refusal) => {
                 self.stats.udp.refused(refusal);
                 log::warn!("dropping query from {client} to {original}: {refusal}");
@@ -568,7 +594,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         mmsg::send_all(
             self.socket.as_fd(),
             matched.len(),
-            |i| (received.datagram(matched[i].0), matched[i].2.client),
+            |i| mmsg::Outgoing {
+                datagram: received.datagram(matched[i].0),
+                to: matched[i].2.client,
+                from: Some(matched[i].2.reply_from),
+            },
             |i, err| {
                 // The listener's send buffer is full: the client retries, as after a loss.
                 Stats::add(&stats.dropped_overload);
@@ -674,7 +704,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         client: SocketAddr,
         pick: u64,
     ) -> Option<(u64, SocketAddr)> {
-        self.register_query(datagram, client, pick)
+        let arrival = Some(Arrival {
+            destination: self.local_addr.ip(),
+            ifindex: LOOPBACK_IFINDEX,
+        });
+        self.register_query(datagram, client, arrival, pick)
             .map(|(key, socket)| (socket.id, key.upstream))
     }
 
@@ -755,7 +789,7 @@ mod tests {
             max_inflight,
             per_client: PerClientLimit::new(per_client),
         };
-        let proxy = UdpProxy::new(socket, Fixed(original), settings, Arc::default()).unwrap();
+        let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
         tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
         proxy
@@ -931,7 +965,11 @@ mod tests {
             max_inflight: 8,
             per_client: PerClientLimit::new(8),
         };
-        let proxy = UdpProxy::new(socket, Fixed(Some(itself)), settings, Arc::default()).unwrap();
+        let destinations = Fixed {
+            original: Some(itself),
+            proxy: Some(itself),
+        };
+        let proxy = UdpProxy::new(socket, destinations, settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
         tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
         assert_eq!(ask(&proxy, QUERY).await, None);

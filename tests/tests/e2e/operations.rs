@@ -69,10 +69,8 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
 #[test]
 fn an_exclusion_that_is_not_a_cgroup_is_a_one_line_error() {
     let topology = Topology::new();
-    let mut command = Command::new("nsenter");
+    let mut command = topology.client.nsenter();
     command
-        .arg(format!("--net=/run/netns/{}", topology.client.name))
-        .arg("--")
         .arg(agent_binary())
         .args(["run", "--listen", PROXY_LISTEN])
         .arg(format!("--cgroup={}", topology.cgroup.path.display()))
@@ -206,8 +204,11 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
             udp_answers + tcp as u64,
         ),
         ("dns_proxy_kernel_skipped_excluded_total", 0),
-        ("dns_proxy_kernel_record_misses_total", 0),
-        ("dns_proxy_kernel_map_full_total", 0),
+        ("dns_proxy_kernel_skipped_foreign_namespace_total", 0),
+        ("dns_proxy_kernel_unknown_index_total", 0),
+        ("dns_proxy_kernel_table_full_total", 0),
+        ("dns_proxy_kernel_foreign_loopback_refused_total", 0),
+        ("dns_proxy_kernel_bind_refused_total", 0),
     ] {
         assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
     }
@@ -422,10 +423,8 @@ fn the_agent_works_with_only_the_capabilities_the_deployments_grant() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let bounding: Vec<String> = systemd.iter().map(|cap| format!("+{cap}")).collect();
-    let mut command = Command::new("nsenter");
+    let mut command = topology.client.nsenter();
     command
-        .arg(format!("--net=/run/netns/{}", topology.client.name))
-        .arg("--")
         .arg("setpriv")
         .arg("--no-new-privs")
         .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
