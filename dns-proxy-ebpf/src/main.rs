@@ -277,7 +277,7 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) {
         return;
     }
     let config = config();
-    if config.capacity4 == 0 {
+    if config.capacity4 == 0 || addresses_proxy4(&config, addr, port_be) {
         return;
     }
     let server = Endpoint::v4(addr, port_be);
@@ -304,7 +304,7 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
     let config = config();
     let prefix = v4_mapped_prefix();
     if addr[..3] == prefix {
-        if config.capacity4 == 0 {
+        if config.capacity4 == 0 || addresses_proxy4(&config, addr[3], port_be) {
             return;
         }
         let server = Endpoint::v4(addr[3], port_be);
@@ -318,7 +318,9 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
         ctx.set_user_ip6([prefix[0], prefix[1], prefix[2], to]);
         ctx.set_user_port(config.port4);
     } else {
-        if config.capacity6 == 0 {
+        if config.capacity6 == 0
+            || (port_be == config.port6 && index_in_block6(&config, addr).is_some())
+        {
             return;
         }
         let server = Endpoint::v6(addr, port_be);
@@ -332,6 +334,12 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
         ctx.set_user_port(config.port6);
     }
     count(Counter::Redirected);
+}
+
+/// Whether a socket already addresses the proxy (a block address on its port): left as it is,
+/// so that what it reaches is what sk_lookup lets through.
+fn addresses_proxy4(config: &RedirectConfig, addr: u32, port_be: u16) -> bool {
+    port_be == config.port4 && index_in_block4(config, addr).is_some()
 }
 
 /// Index `index`'s address in the IPv4 block, network order.

@@ -425,6 +425,14 @@ impl Process {
 }
 
 impl Process {
+    /// Its standard output (it was spawned with a pipe), to read while it runs.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child
+            .stdout
+            .take()
+            .expect("spawned with a piped stdout")
+    }
+
     /// Closes the process's standard input (it was spawned with a pipe), then waits at most
     /// `limit` for it to exit and returns what it printed.
     pub fn finish_with_stdout(&mut self, limit: Duration) -> String {
@@ -898,6 +906,37 @@ impl Harness {
             topology,
         }
     }
+}
+
+/// The index the agents' server table (pinned in `state_dir`) gives `server_ip:port`, read
+/// with bpftool: the kernel's own record, not the agent's view of it.
+pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> Option<u32> {
+    let pinned = state_dir.join("SERVERS");
+    let output = must(
+        Command::new("bpftool")
+            .arg("--json")
+            .args(["map", "dump", "pinned"])
+            .arg(&pinned),
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
+    let bytes = |value: &serde_json::Value| -> Vec<u8> {
+        value
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| {
+                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
+                    .expect("hex")
+            })
+            .collect()
+    };
+    entries.as_array().expect("array").iter().find_map(|entry| {
+        let key = bytes(&entry["key"]);
+        let value = bytes(&entry["value"]);
+        // Endpoint: four address words (network order), the port (network order), the family.
+        let matches = value[..4] == server_ip.octets() && value[16..18] == port.to_be_bytes();
+        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]))
+    })
 }
 
 /// How many entries the map called `map_name` holds, among the maps of the programs attached

@@ -7,6 +7,7 @@ mod hardening;
 mod node;
 mod operations;
 mod race;
+mod redirect;
 mod upstreams;
 
 use std::{

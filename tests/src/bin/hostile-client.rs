@@ -1,0 +1,326 @@
+//! Clients that behave as the adversarial tests need: a socket that asks two servers back to
+//! back, a long-lived connected socket across agent restarts, a flood from someone else's
+//! address, and thousands of sockets held open.
+//!
+//! Usage:
+//! - `two-servers A B NAME`: one unconnected socket `sendto`s A then B at once, then reads
+//!   both answers; prints `source=S answer=X` for each, in the order they came.
+//! - `lookups MODE SERVER NAME COUNT --expect IP [--port P]`: COUNT lookups in a row from
+//!   local port P (`connect` or `sendto`, a fresh socket each), each waiting for its answer
+//!   as a strict resolver does: a datagram from elsewhere, or with another ID, is ignored.
+//!   Prints `right=N wrong=N failed=N`: right is an answer from SERVER with IP, wrong one
+//!   from SERVER (as the socket sees it) with anything else, failed no answer.
+//! - `long-lived SERVER PREFIX COUNT INTERVAL_MS TIMEOUT_MS`: one connected UDP socket, a
+//!   lookup of `PREFIX-i...` every INTERVAL_MS, each retried once on the same socket after
+//!   TIMEOUT_MS without an answer; prints `lookup i: answered tries=T` or `lookup i: failed`.
+//! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
+//!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
+//!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
+//! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
+//!   (or, with --distinct, to COUNT different addresses from SERVER's on, port 53), bound to
+//!   IP if given (each local address has its own ports); prints `holding N` and keeps them
+//!   until standard input closes.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a synchronous test client; it resolves no names"
+)]
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Socket, Type};
+
+/// The address of the answer's one A record, if it is a NOERROR answer with one.
+fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
+    let ancount = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
+    let tail: [u8; 4] = answer
+        .get(answer.len().checked_sub(4)?..)?
+        .try_into()
+        .ok()?;
+    (ancount == 1 && answer[3] & 0x0f == 0).then(|| Ipv4Addr::from(tail))
+}
+
+fn parse<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, String> {
+    text.parse().map_err(|_| format!("{text}: not {what}"))
+}
+
+fn two_servers(a: SocketAddr, b: SocketAddr, name: &str) -> Result<(), String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    for (id, server) in [(1u16, a), (2, b)] {
+        socket
+            .send_to(&tests::a_query(id, name), server)
+            .map_err(|e| format!("sendto {server}: {e}"))?;
+    }
+    let mut buf = [0u8; 4096];
+    for _ in 0..2 {
+        let (len, source) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("no answer: {e}"))?;
+        let answer = single_a_record(&buf[..len]).ok_or("not a single A record")?;
+        println!("source={source} answer={answer}");
+    }
+    Ok(())
+}
+
+fn lookups(args: &[String]) -> Result<(), String> {
+    let [mode, server, name, count, options @ ..] = args else {
+        return Err("lookups MODE SERVER NAME COUNT --expect IP [--port P]".to_owned());
+    };
+    let server: SocketAddr = parse(server, "IP:PORT")?;
+    let count: u32 = parse(count, "a count")?;
+    let (mut expect, mut port) = (None, 0u16);
+    let mut options = options.iter();
+    while let Some(option) = options.next() {
+        let value = options.next().ok_or(format!("{option} needs a value"))?;
+        match option.as_str() {
+            "--expect" => expect = Some(parse::<Ipv4Addr>(value, "an IPv4 address")?),
+            "--port" => port = parse(value, "a port")?,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let expect = expect.ok_or("--expect is needed")?;
+    let (mut right, mut wrong, mut failed) = (0, 0, 0);
+    let mut buf = [0u8; 4096];
+    for i in 0..count {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(|e| e.to_string())?;
+        // The port may still be held by the socket before: wait for it.
+        socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+        let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        socket
+            .bind(&local.into())
+            .map_err(|e| format!("bind {local}: {e}"))?;
+        let socket = UdpSocket::from(socket);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .map_err(|e| e.to_string())?;
+        let query = tests::a_query(i as u16, &format!("l{i}.{name}"));
+        let sent = if mode == "connect" {
+            socket.connect(server).and_then(|()| socket.send(&query))
+        } else {
+            socket.send_to(&query, server)
+        };
+        if sent.is_err() {
+            failed += 1;
+            continue;
+        }
+        loop {
+            match socket.recv_from(&mut buf) {
+                // What a resolver takes: its server's address and port, its query's ID.
+                Ok((len, source)) if source == server && buf[..2] == query[..2] => {
+                    if single_a_record(&buf[..len]) == Some(expect) {
+                        right += 1;
+                    } else {
+                        wrong += 1;
+                    }
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    failed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    println!("right={right} wrong={wrong} failed={failed}");
+    Ok(())
+}
+
+fn long_lived(args: &[String]) -> Result<(), String> {
+    let [server, prefix, count, interval, timeout] = args else {
+        return Err("long-lived SERVER PREFIX COUNT INTERVAL_MS TIMEOUT_MS".to_owned());
+    };
+    let server: SocketAddr = parse(server, "IP:PORT")?;
+    let count: u32 = parse(count, "a count")?;
+    let interval = Duration::from_millis(parse(interval, "milliseconds")?);
+    let timeout = Duration::from_millis(parse(timeout, "milliseconds")?);
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket
+        .connect(server)
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut buf = [0u8; 4096];
+    for i in 0..count {
+        let started = Instant::now();
+        let query = tests::a_query(i as u16, &format!("{prefix}-{i}.example.test"));
+        let mut outcome = None;
+        for try_number in 1..=2 {
+            let sent_at = Instant::now();
+            if let Err(err) = socket.send(&query) {
+                // A refusal reported by an earlier datagram: the next send goes through.
+                eprintln!("lookup {i} try {try_number}: send: {err}");
+            }
+            while outcome.is_none() {
+                let Some(left) = timeout
+                    .checked_sub(sent_at.elapsed())
+                    .filter(|d| !d.is_zero())
+                else {
+                    break;
+                };
+                socket
+                    .set_read_timeout(Some(left))
+                    .map_err(|e| e.to_string())?;
+                match socket.recv(&mut buf) {
+                    Ok(len) if buf[..2] == query[..2] && single_a_record(&buf[..len]).is_some() => {
+                        outcome = Some(try_number)
+                    }
+                    Ok(_) => {} // a late answer to an earlier query
+                    Err(err)
+                        if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                    {
+                        break;
+                    }
+                    Err(err) => {
+                        // ECONNREFUSED while nothing serves the address: fail fast, and
+                        // retry when the timeout is up, as a resolver would.
+                        eprintln!("lookup {i} try {try_number}: {err}");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            if outcome.is_some() {
+                break;
+            }
+        }
+        match outcome {
+            Some(tries) => println!("lookup {i}: answered tries={tries}"),
+            None => println!("lookup {i}: failed"),
+        }
+        let _ = std::io::stdout().flush();
+        if let Some(rest) = interval.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    Ok(())
+}
+
+fn flood(args: &[String]) -> Result<(), String> {
+    let [from, to, seconds, options @ ..] = args else {
+        return Err("flood FROM TO SECONDS [--transparent]".to_owned());
+    };
+    let from: SocketAddr = parse(from, "IP:PORT")?;
+    let to: SocketAddr = parse(to, "IP:PORT")?;
+    let seconds: u64 = parse(seconds, "seconds")?;
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(|e| e.to_string())?;
+    if options.iter().any(|o| o == "--transparent") {
+        let on: libc::c_int = 1;
+        // SAFETY: the kernel reads an int of the size given.
+        let result = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result != 0 {
+            return Err(format!(
+                "IP_TRANSPARENT: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+    socket
+        .bind(&from.into())
+        .map_err(|e| format!("bind {from}: {e}"))?;
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let socket = UdpSocket::from(socket);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut attempts = 0u64;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        // Every ID in turn, so some match the victim's.
+        let query = tests::a_query(attempts as u16, "evil.example.test");
+        let _ = socket.send_to(&query, to);
+        attempts += 1;
+        while socket.recv_from(&mut buf).is_ok() {}
+        // About 8,000 a second: a flood that leaves a 2-CPU machine room to answer.
+        if attempts.is_multiple_of(8) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    println!("attempts={attempts}");
+    Ok(())
+}
+
+fn hold(args: &[String]) -> Result<(), String> {
+    let [server, count, options @ ..] = args else {
+        return Err("hold SERVER COUNT [--distinct]".to_owned());
+    };
+    let server: SocketAddr = parse(server, "IP:PORT")?;
+    let count: u32 = parse(count, "a count")?;
+    let distinct = options.iter().any(|o| o == "--distinct");
+    let source: IpAddr = match options.iter().position(|o| o == "--source") {
+        Some(at) => parse(options.get(at + 1).ok_or("--source needs an IP")?, "an IP")?,
+        None => Ipv4Addr::UNSPECIFIED.into(),
+    };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the kernel writes one struct rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let wanted = u64::from(count) + 1024;
+    limit.rlim_cur = wanted.max(limit.rlim_cur);
+    limit.rlim_max = wanted.max(limit.rlim_max);
+    // SAFETY: a plain struct the kernel reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(format!(
+            "RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let IpAddr::V4(first) = server.ip() else {
+        return Err("an IPv4 server".to_owned());
+    };
+    let mut sockets = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let to = if distinct {
+            SocketAddr::from((Ipv4Addr::from(u32::from(first) + i), 53))
+        } else {
+            server
+        };
+        let socket =
+            UdpSocket::bind(SocketAddr::new(source, 0)).map_err(|e| format!("socket {i}: {e}"))?;
+        socket
+            .connect(to)
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        sockets.push(socket);
+    }
+    println!("holding {}", sockets.len());
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("two-servers") => match &args[1..] {
+            [a, b, name] => parse(a, "IP:PORT")
+                .and_then(|a| Ok((a, parse(b, "IP:PORT")?)))
+                .and_then(|(a, b)| two_servers(a, b, name)),
+            _ => Err("two-servers A B NAME".to_owned()),
+        },
+        Some("lookups") => lookups(&args[1..]),
+        Some("long-lived") => long_lived(&args[1..]),
+        Some("flood") => flood(&args[1..]),
+        Some("hold") => hold(&args[1..]),
+        _ => Err("usage: hostile-client two-servers|lookups|long-lived|flood|hold ...".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}

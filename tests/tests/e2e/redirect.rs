@@ -1,0 +1,418 @@
+//! The kernel side's contract: the address a socket is sent to names its server, so no other
+//! socket, namespace or restart can change where a lookup goes or what answer it is shown.
+//! Each test plays the attacker or the awkward client the issue names.
+use std::{net::Ipv4Addr, thread};
+
+use tests::{Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTopology};
+
+use super::*;
+
+const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
+
+/// What another server answers, where a hijacked lookup would end up.
+const EVIL: (Ipv4Addr, Ipv4Addr) = (SECOND_SERVER_IP, SECOND_ANSWER_IP);
+
+fn stdout(command: &mut Command) -> String {
+    String::from_utf8_lossy(&must(command).stdout)
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn one_socket_asking_two_servers_back_to_back_hears_each_from_itself() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    for round in 0..5 {
+        let name = format!("both{round}.example.test");
+        let output = stdout(&mut topology.workload(
+            HOSTILE,
+            &[
+                "two-servers",
+                &format!("{SERVER_IP}:53"),
+                &format!("{SECOND_SERVER_IP}:53"),
+                &name,
+            ],
+        ));
+        let mut lines: Vec<&str> = output.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                format!("source={SERVER_IP}:53 answer={ANSWER_IP}"),
+                format!("source={SECOND_SERVER_IP}:53 answer={SECOND_ANSWER_IP}"),
+            ],
+            "round {round}"
+        );
+        wait_for("both queries logged", Duration::from_secs(2), || {
+            (agent.query_lines(&name).len() == 2).then_some(())
+        });
+    }
+}
+
+#[test]
+fn musl_with_its_second_nameserver_down_resolves_every_name() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    // Nothing answers there: the address exists, no server listens.
+    let down = Ipv4Addr::new(192, 0, 2, 99);
+    topology.add_server_address(down);
+    topology.set_nameservers(&[SERVER_IP.into(), down.into()]);
+    let musl = tests::musl_getaddrinfo();
+    let musl = musl.to_str().expect("UTF-8 path");
+    for i in 0..20 {
+        let name = format!("musl-down{i}.example.test");
+        let output = stdout(&mut topology.workload(musl, &[&name, "inet"]));
+        assert_eq!(output, ANSWER_IP.to_string(), "{name}");
+    }
+    assert!(agent.query_line("musl-down19.example.test").is_some());
+}
+
+/// A victim resolving from 127.0.0.1:`port` in the agent's namespace, while a process of the
+/// redirected cgroup in a namespace of its own (what `unshare -rn` gives any user) binds the
+/// same address and port there and floods queries to another server.
+#[test]
+fn a_process_of_another_namespace_cannot_hijack_a_host_lookup() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
+    let _evil = DnsServer::start_on(topology, EVIL.0, EVIL.1);
+    let attacker_netns = Netns::new(format!("{}-evil", topology.tag));
+    let port = "40053";
+    let mut attacker = Process::spawn(
+        in_cgroup_and_netns(
+            &topology.cgroup.path,
+            &attacker_netns,
+            HOSTILE,
+            &[
+                "flood",
+                &format!("127.0.0.1:{port}"),
+                &format!("{}:53", EVIL.0),
+                "8",
+            ],
+        )
+        .stdout(Stdio::piped()),
+    );
+    thread::sleep(Duration::from_millis(300));
+    for mode in ["connect", "sendto"] {
+        let summary = stdout(&mut topology.workload(
+            HOSTILE,
+            &[
+                "lookups",
+                mode,
+                &format!("{SERVER_IP}:53"),
+                "victim.example.test",
+                "150",
+                "--expect",
+                &ANSWER_IP.to_string(),
+                "--port",
+                port,
+            ],
+        ));
+        assert_eq!(summary, "right=150 wrong=0 failed=0", "{mode}");
+    }
+    let flooded = attacker.finish_with_stdout(Duration::from_secs(15));
+    let attempts: u64 = flooded
+        .trim()
+        .strip_prefix("attempts=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{flooded}"));
+    assert!(attempts > 1000, "the attacker flooded: {flooded}");
+}
+
+/// The same in node mode: a pod with CAP_NET_ADMIN binds its neighbour's address with
+/// IP_TRANSPARENT, on the port its neighbour resolves from, and floods another server.
+#[test]
+fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    node.add_server_address(EVIL.0);
+    let _evil = DnsServer::launch(&node.server, &node.node, EVIL.0, EVIL.1, false);
+    let args = [
+        format!("--listen={}:53", tests::node::NODE_LISTEN),
+        "--metrics=127.0.0.1:9253".to_owned(),
+    ];
+    let _agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let drops = || {
+        let (_, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
+        page.lines()
+            .filter(|line| {
+                line.starts_with("dns_proxy_dropped_total") || line.starts_with("dns_proxy_answers")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let victim_ip = tests::node::PODS[0].0;
+    let port = "40053";
+    let mut attacker = Process::spawn(
+        node.pod(
+            1,
+            HOSTILE,
+            &[
+                "flood",
+                &format!("{victim_ip}:{port}"),
+                &format!("{}:53", EVIL.0),
+                "8",
+                "--transparent",
+            ],
+        )
+        .stdout(Stdio::piped()),
+    );
+    thread::sleep(Duration::from_millis(300));
+    for mode in ["connect", "sendto"] {
+        let summary = stdout(&mut node.pod(
+            0,
+            HOSTILE,
+            &[
+                "lookups",
+                mode,
+                &format!("{SERVER_IP}:53"),
+                "victim.example.test",
+                "150",
+                "--expect",
+                &ANSWER_IP.to_string(),
+                "--port",
+                port,
+            ],
+        ));
+        assert_eq!(summary, "right=150 wrong=0 failed=0", "{mode}: {}", drops());
+    }
+    let flooded = attacker.finish_with_stdout(Duration::from_secs(15));
+    assert!(flooded.starts_with("attempts="), "{flooded}");
+}
+
+/// One connected UDP socket that lives across a graceful restart and across SIGKILL and a
+/// restart, retrying once on the same socket, as c-ares and nginx's resolver do.
+#[test]
+fn a_long_lived_connected_socket_keeps_resolving_across_restarts() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    let mut client = Process::spawn(
+        topology
+            .workload(
+                HOSTILE,
+                &[
+                    "long-lived",
+                    &format!("{SERVER_IP}:53"),
+                    "ll",
+                    "24",
+                    "500",
+                    "1000",
+                ],
+            )
+            .stdout(Stdio::piped()),
+    );
+    thread::sleep(Duration::from_millis(3000));
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let mut agent = Agent::start(&topology, &[]);
+    thread::sleep(Duration::from_millis(4000));
+    agent.process().signal(libc::SIGKILL);
+    agent.process().wait_exit(Duration::from_secs(5));
+    let agent = Agent::start(&topology, &[]);
+    let output = client.finish_with_stdout(Duration::from_secs(30));
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 24, "{output}");
+    let failed: Vec<&&str> = lines.iter().filter(|l| !l.contains("answered")).collect();
+    assert!(failed.is_empty(), "lookups lost:\n{output}");
+    // The last agent served the old socket: its address still names the server.
+    let served_last = agent.query_lines("ll-23.example.test");
+    assert_eq!(served_last.len(), 1, "{}", agent.log());
+}
+
+/// Host mode: a container's namespace under the redirected cgroup keeps its own stub (as
+/// Docker's 127.0.0.11), and is not sent to the agent's loopback, where it cannot reach.
+#[test]
+fn host_mode_leaves_other_namespaces_sockets_alone() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let container = Netns::new(format!("{}-ctr", topology.tag));
+    let stub = Ipv4Addr::new(127, 0, 0, 11);
+    let stub_answer = Ipv4Addr::new(198, 51, 100, 11);
+    let _stub = DnsServer::launch(&container, &container, stub, stub_answer, false);
+    for extra in [&[][..], &["+tcp"][..]] {
+        let output = dig_at(
+            in_cgroup_and_netns(&topology.cgroup.path, &container, "dig", &[]),
+            &stub.to_string(),
+            "ctr.example.test",
+            extra,
+        )
+        .unwrap_or_else(|err| panic!("the container's stub: {err}"));
+        assert!(output.contains(&stub_answer.to_string()), "{output}");
+    }
+    assert!(
+        agent.query_line("ctr.example.test").is_none(),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Node mode: pods keep their own loopback stubs; a node process keeps the node's stub; no pod
+/// reaches the node's loopback services through the agent, by any address or protocol.
+#[test]
+fn loopback_servers_are_each_namespaces_own_in_node_mode() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let (pod_stub, pod_answer) = (
+        Ipv4Addr::new(127, 0, 0, 11),
+        Ipv4Addr::new(198, 51, 100, 11),
+    );
+    let (node_stub, node_answer) = (
+        Ipv4Addr::new(127, 0, 0, 53),
+        Ipv4Addr::new(198, 51, 100, 53),
+    );
+    let _pod_stub = DnsServer::launch(&node.pods[0], &node.pods[0], pod_stub, pod_answer, false);
+    let _node_stub = DnsServer::launch(&node.node, &node.node, node_stub, node_answer, false);
+    // What a pod asking 0.0.0.0 would reach on the node, were it forwarded there.
+    let _node_any = DnsServer::launch(
+        &node.node,
+        &node.node,
+        Ipv4Addr::LOCALHOST,
+        node_answer,
+        false,
+    );
+    let args = vec![
+        format!("--listen={}:53", tests::node::NODE_LISTEN),
+        "--metrics=127.0.0.1:9253".to_owned(),
+    ];
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+
+    // The pod's own stub answers it, over UDP and TCP; the agent never sees it.
+    for extra in [&[][..], &["+tcp"][..]] {
+        let output = dig_at(
+            node.pod(0, "dig", &[]),
+            &pod_stub.to_string(),
+            "podstub.example.test",
+            extra,
+        )
+        .unwrap_or_else(|err| panic!("the pod's stub: {err}"));
+        assert!(output.contains(&pod_answer.to_string()), "{output}");
+    }
+    assert!(agent.query_line("podstub.example.test").is_none());
+
+    // A node process asks the node's stub through the agent.
+    for extra in [&[][..], &["+tcp"][..]] {
+        let output = dig_at(
+            node.host("dig", &[]),
+            &node_stub.to_string(),
+            "nodestub.example.test",
+            extra,
+        )
+        .unwrap_or_else(|err| panic!("the node's stub: {err}"));
+        assert!(output.contains(&node_answer.to_string()), "{output}");
+    }
+    let line = forwarded(&agent, "nodestub.example.test");
+    assert!(line.contains(&format!("server={node_stub}:53")), "{line}");
+
+    // A pod asking 0.0.0.0 or the node stub's own address in the block gets nothing of the
+    // node's, over UDP or TCP.
+    let index = tests::server_index(&node.node.state_dir(), node_stub, 53)
+        .expect("the node stub has an index");
+    let block_address = Ipv4Addr::from(u32::from(Ipv4Addr::new(169, 254, 53, 0)) + index);
+    for server in [Ipv4Addr::UNSPECIFIED, block_address] {
+        for extra in [&[][..], &["+tcp"][..]] {
+            let result = dig_at(
+                node.pod(1, "dig", &[]),
+                &server.to_string(),
+                "reach.example.test",
+                extra,
+            );
+            if let Ok(output) = &result {
+                assert!(
+                    !output.contains(&node_answer.to_string()),
+                    "{server}: {output}"
+                );
+            }
+        }
+    }
+    assert!(
+        agent.query_line("reach.example.test").is_none(),
+        "{}",
+        agent.log()
+    );
+    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
+    assert_eq!(status, 200);
+    let refused = value(&page, "dns_proxy_kernel_foreign_loopback_refused_total");
+    assert!(
+        refused >= 2,
+        "UDP and TCP to the block address were refused: {refused}\n{page}"
+    );
+}
+
+/// Seventy thousand open DNS sockets of one workload, to one server or to as many servers,
+/// leave another workload's lookups alone.
+#[test]
+fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
+    let Harness { topology, .. } =
+        &Harness::start(Placement::Outside, &["--metrics=127.0.0.1:9253"]);
+    let victim = || {
+        stdout(&mut topology.workload(
+            HOSTILE,
+            &[
+                "lookups",
+                "connect",
+                &format!("{SERVER_IP}:53"),
+                "victim.example.test",
+                "30",
+                "--expect",
+                &ANSWER_IP.to_string(),
+            ],
+        ))
+    };
+    assert_eq!(victim(), "right=30 wrong=0 failed=0");
+    // Some addresses the client namespace can route to, so sockets that are left alone (a
+    // full table) still connect.
+    must(Command::new("ip").args([
+        "-n",
+        &topology.client.name,
+        "route",
+        "add",
+        "10.0.0.0/8",
+        "dev",
+        "lo",
+    ]));
+    // Four processes of 17,500 sockets each (this machine caps a process at 20,000
+    // descriptors): to one server, then to 70,000 different ones.
+    for distinct in [false, true] {
+        let mut holders: Vec<Process> = (0..4)
+            .map(|k| {
+                let server = if distinct {
+                    format!("10.{}.0.1:53", k + 1)
+                } else {
+                    format!("{SERVER_IP}:53")
+                };
+                // Each holder's sockets on an address of their own: one address has fewer
+                // ephemeral ports than that.
+                let source = format!("127.0.1.{}", k + 1);
+                let mut args = vec!["hold", server.as_str(), "17500", "--source", &source];
+                if distinct {
+                    args.push("--distinct");
+                }
+                Process::spawn(
+                    topology
+                        .workload(HOSTILE, &args)
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped()),
+                )
+            })
+            .collect();
+        for holder in &mut holders {
+            let mut line = String::new();
+            BufReader::new(holder.take_stdout())
+                .read_line(&mut line)
+                .expect("read the holder");
+            assert_eq!(line.trim(), "holding 17500", "distinct={distinct}");
+        }
+        assert_eq!(victim(), "right=30 wrong=0 failed=0", "distinct={distinct}");
+        for mut holder in holders {
+            holder.finish_with_stdout(Duration::from_secs(30));
+        }
+    }
+    let servers = attached_map_entries(&topology.cgroup.path, "SERVERS");
+    assert!(servers <= 65_534 + 1, "{servers} servers");
+    let page = scrape(topology);
+    let full = value(&page, "dns_proxy_kernel_table_full_total");
+    assert!(full > 0, "a full table is counted: {full}");
+}
