@@ -910,7 +910,7 @@ impl Harness {
 
 /// The index the agents' server table (pinned in `state_dir`) gives `server_ip:port`, read
 /// with bpftool: the kernel's own record, not the agent's view of it.
-pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> Option<u32> {
+pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> u32 {
     let pinned = state_dir.join("SERVERS");
     let output = must(
         Command::new("bpftool")
@@ -930,13 +930,15 @@ pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> Option<
             })
             .collect()
     };
-    entries.as_array().expect("array").iter().find_map(|entry| {
+    let entries = entries.as_array().expect("bpftool dumps an array");
+    let found = entries.iter().find_map(|entry| {
         let key = bytes(&entry["key"]);
         let value = bytes(&entry["value"]);
         // Endpoint: four address words (network order), the port (network order), the family.
         let matches = value[..4] == server_ip.octets() && value[16..18] == port.to_be_bytes();
         matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]))
-    })
+    });
+    found.unwrap_or_else(|| panic!("{server_ip}:{port} has no index in {}", pinned.display()))
 }
 
 /// How many entries the map called `map_name` holds, among the maps of the programs attached
