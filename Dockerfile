@@ -2,8 +2,8 @@
 #   docker build -t dns-proxy:0.1.0 .
 #
 # Stage 1 builds with the same provisioning CI uses on a fresh Debian 12 (`cargo xtask setup`:
-# the eBPF toolchain and bpf-linker); stage 2 holds only the binary and iproute2 (for the
-# DaemonSet's init container, which puts the listen address on the node).
+# the eBPF toolchain and bpf-linker); stage 2 holds only the binary (the agent routes its
+# address block itself: no init container, no iproute2).
 FROM debian:bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl gcc libc6-dev git \
@@ -17,9 +17,6 @@ RUN cargo xtask setup \
     && cargo build --release --locked --package dns-proxy --bin dns-proxy
 
 FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 \
-    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/dns-proxy /usr/local/bin/dns-proxy
 ENTRYPOINT ["/usr/local/bin/dns-proxy"]
 CMD ["run"]

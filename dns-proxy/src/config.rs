@@ -1,7 +1,7 @@
 //! Command line and the validated configuration it becomes.
 use std::{
     ffi::OsString,
-    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
 };
@@ -192,7 +192,10 @@ pub enum ConfigError {
     Block4NotIpv4(AddressBlock),
     #[error("--redirect-block6 {0}: must be an IPv6 block")]
     Block6NotIpv6(AddressBlock),
-    #[error("{flag} {block}: holds the listen address {listen}; choose a block apart from it")]
+    #[error(
+        "{flag} {block}: holds the listen address {listen}, which would name a server; listen \
+         on the block's first address or outside it"
+    )]
     BlockHoldsListen {
         flag: &'static str,
         block: AddressBlock,
@@ -319,7 +322,8 @@ impl RunConfig {
         if !block4.is_ipv4() {
             return Err(ConfigError::Block4NotIpv4(block4));
         }
-        if block4.contains((*listen.ip()).into()) {
+        // The block's first address encodes no server: the listeners may use it.
+        if block4.contains((*listen.ip()).into()) && block4.first() != IpAddr::V4(*listen.ip()) {
             return Err(ConfigError::BlockHoldsListen {
                 flag: "--redirect-block",
                 block: block4,
@@ -332,6 +336,7 @@ impl RunConfig {
         }
         if let Listen6::Required(v6) | Listen6::IfAvailable(v6) = listen6
             && block6.contains((*v6.ip()).into())
+            && block6.first() != IpAddr::V6(*v6.ip())
         {
             return Err(ConfigError::BlockHoldsListen {
                 flag: "--redirect-block6",
@@ -460,6 +465,47 @@ mod tests {
         assert_eq!(config.max_inflight_per_client, 5);
         assert_eq!(config.max_tcp_connections_per_client, 2);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(60));
+        // Node mode's default block; the IPv6 one.
+        assert_eq!(config.block4, DEFAULT_NODE_BLOCK.parse().unwrap());
+        assert_eq!(config.block6, DEFAULT_BLOCK6.parse().unwrap());
+    }
+
+    #[test]
+    fn redirect_blocks_follow_the_mode_and_keep_the_listen_address_out() {
+        let host = run_config(&[]).unwrap();
+        assert_eq!(host.block4, DEFAULT_HOST_BLOCK.parse().unwrap());
+        assert_eq!(host.state_dir, PathBuf::from("/sys/fs/bpf/dns-proxy"));
+        let told = run_config(&[
+            "--listen=169.254.20.10:53",
+            "--redirect-block=10.53.0.0/20",
+            "--redirect-block6=fd00:53::/120",
+            "--state-dir=/run/bpf/x",
+        ])
+        .unwrap();
+        assert_eq!(told.block4, "10.53.0.0/20".parse().unwrap());
+        assert_eq!(told.block6, "fd00:53::/120".parse().unwrap());
+        assert_eq!(told.state_dir, PathBuf::from("/run/bpf/x"));
+        // The block's first address names no server: the listeners may sit there.
+        let first = run_config(&["--listen=169.254.53.0:53"]).unwrap();
+        assert_eq!(first.block4, DEFAULT_NODE_BLOCK.parse().unwrap());
+        for (args, says) in [
+            (
+                &["--listen=169.254.53.7:53"][..],
+                "which would name a server",
+            ),
+            (
+                &["--redirect-block=fd00::/112"][..],
+                "must be an IPv4 block",
+            ),
+            (
+                &["--redirect-block6=10.0.0.0/16"][..],
+                "must be an IPv6 block",
+            ),
+            (&["--redirect-block=127.53.0.0/8"][..], "/16 to /30"),
+        ] {
+            let err = run_config(args).unwrap_err();
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
     }
 
     #[test]

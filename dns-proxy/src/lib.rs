@@ -208,6 +208,8 @@ impl Listeners {
             v4: config.listen,
             v6: None,
         };
+        // First the block's route: the listen address may be the block's first.
+        host::route_block_here(config.block4)?;
         if let SocketAddr::V4(v4) = listeners
             .bind_pair(SocketAddr::V4(config.listen), udp_threads)
             .await?
@@ -220,11 +222,20 @@ impl Listeners {
         };
         match config.listen6 {
             Listen6::Required(v6) => {
+                host::route_block_here(config.block6)?;
                 listeners.v6 =
                     bound_v6(listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await?);
             }
             Listen6::IfAvailable(v6) => {
-                match listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await {
+                let bound = match host::route_block_here(config.block6) {
+                    Ok(()) => listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await,
+                    Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
+                        addr: SocketAddr::V6(v6),
+                        source,
+                    }),
+                    Err(err) => Err(err.into()),
+                };
+                match bound {
                     Ok(bound) => listeners.v6 = bound_v6(bound),
                     Err(RunError::Listen { source, .. })
                         if matches!(
@@ -338,9 +349,6 @@ async fn serve(
         addresses: config.block6,
         port: v6.port(),
     });
-    for block in std::iter::once(block4).chain(block6) {
-        host::route_block_here(block.addresses)?;
-    }
     let (mut redirector, servers, kernel_counters) = Redirector::attach(&RedirectConfig {
         cgroup: scope.target,
         block4,

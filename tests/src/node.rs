@@ -13,8 +13,9 @@ use crate::{
     in_cgroup_and_netns, must, require_root, unique_tag,
 };
 
-/// The link-local address the node's agent listens on, as NodeLocal DNSCache's default.
-pub const NODE_LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
+/// Where the node's agent listens, as the DaemonSet has it: the first address of its block
+/// (169.254.53.0/24), which the agent routes to the node itself. Nothing else is set up.
+pub const NODE_LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 0);
 
 /// Each pod's address and its node-side gateway (TEST-NET-3, never routed).
 pub const PODS: [(Ipv4Addr, Ipv4Addr); 2] = [
@@ -107,10 +108,6 @@ impl NodeTopology {
                 "via",
                 &CLIENT_IP.to_string(),
             ],
-        );
-        ip(
-            &node,
-            &["addr", "add", &format!("{NODE_LISTEN}/32"), "dev", "lo"],
         );
 
         let mut pods = Vec::new();

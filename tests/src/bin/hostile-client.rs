@@ -16,6 +16,7 @@
 //! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
 //!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
 //!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
+//! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
 //! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
 //!   (or, with --distinct, to COUNT different addresses from SERVER's on, port 53), bound to
 //!   IP if given (each local address has its own ports); prints `holding N` and keeps them
@@ -314,6 +315,15 @@ fn main() -> ExitCode {
         Some("long-lived") => long_lived(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("bind") => match &args[1..] {
+            [addr] => {
+                parse::<SocketAddr>(addr, "IP:PORT").map(|addr| match UdpSocket::bind(addr) {
+                    Ok(_) => println!("bound"),
+                    Err(err) => println!("refused: {err}"),
+                })
+            }
+            _ => Err("bind ADDR".to_owned()),
+        },
         _ => Err("usage: hostile-client two-servers|lookups|long-lived|flood|hold ...".to_owned()),
     };
     match result {

@@ -415,3 +415,22 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
     let full = value(&page, "dns_proxy_kernel_table_full_total");
     assert!(full > 0, "a full table is counted: {full}");
 }
+
+/// Nothing in the redirected cgroup can take a block address on the proxy's port, from where
+/// its datagrams would be shown to clients as their server's.
+#[test]
+fn no_workload_can_bind_the_proxys_block_addresses() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
+    let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
+    let bind = |addr: String| stdout(&mut topology.workload(HOSTILE, &["bind", &addr]));
+    for addr in ["127.53.0.1", "127.53.200.9"] {
+        let outcome = bind(format!("{addr}:{port}"));
+        assert!(
+            outcome.starts_with("refused: Operation not permitted"),
+            "{addr}: {outcome}"
+        );
+    }
+    // Other ports of the block, and other addresses, are anyone's.
+    assert_eq!(bind("127.53.0.1:8054".to_owned()), "bound");
+    assert_eq!(bind(format!("127.0.0.2:{port}")), "bound");
+}
