@@ -58,6 +58,10 @@ enum Task {
         /// Length of each dnsperf run.
         #[arg(long, value_name = "SECONDS", default_value_t = 4)]
         seconds: u64,
+        /// Measure this agent binary instead of this tree's release build (another commit's,
+        /// for a before/after comparison in one run of the same harness).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
     },
     /// The agent under mixed clients (UDP, TCP, large answers, a failing upstream) for a
     /// while, in a topology of its own (needs root): every lookup's outcome, and the agent's
@@ -99,13 +103,17 @@ fn main() -> Result<()> {
             minutes,
             interval_ms,
         } => run_soak(&root, minutes, interval_ms),
-        Task::Bench { rounds, seconds } => {
+        Task::Bench {
+            rounds,
+            seconds,
+            agent,
+        } => {
             let settings = tests::bench::Settings {
                 rounds,
                 duration: std::time::Duration::from_secs(seconds),
                 ..Default::default()
             };
-            run_bench(&root, &settings)
+            run_bench(&root, &settings, agent)
         }
         Task::Race {
             lookups,
@@ -202,7 +210,11 @@ fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64) -> Result<()
     Ok(())
 }
 
-fn run_bench(root: &std::path::Path, settings: &tests::bench::Settings) -> Result<()> {
+fn run_bench(
+    root: &std::path::Path,
+    settings: &tests::bench::Settings,
+    agent: Option<PathBuf>,
+) -> Result<()> {
     if !shell::is_root() {
         bail!("the benchmark needs root (network namespaces, iptables in them, eBPF)");
     }
@@ -210,10 +222,13 @@ fn run_bench(root: &std::path::Path, settings: &tests::bench::Settings) -> Resul
     provision::bench_tools()?;
     let bin = build_agent_and_test_tools(root, "release")?;
     let (agent, test_upstream, syscall_cost) = (
-        bin.join("dns-proxy"),
+        agent.unwrap_or_else(|| bin.join("dns-proxy")),
         bin.join("test-upstream"),
         bin.join("syscall-cost"),
     );
+    if !agent.is_file() {
+        bail!("--agent {}: no such file", agent.display());
+    }
     let tools = tests::bench::Tools {
         agent: &agent,
         test_upstream: &test_upstream,
