@@ -74,6 +74,19 @@ pub fn question(message: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// Feeds what the answer check compares of a question to `hasher`: its name with ASCII
+/// letters in lower case (names compare case-insensitively, RFC 4343; whether the case it
+/// sent must come back is the client's to check, as 0x20 randomisation does), then its type
+/// and class as they are. `question` is what [`question`] returns for a message with one.
+pub fn hash_question(question: &[u8], hasher: &mut impl std::hash::Hasher) {
+    let name_len = question.len().saturating_sub(4);
+    // Label length bytes are at most 63, below every ASCII letter: only letters change.
+    for byte in &question[..name_len] {
+        hasher.write_u8(byte.to_ascii_lowercase());
+    }
+    hasher.write(&question[name_len..]);
+}
+
 /// The ID of a message that is a response (a full header with QR set).
 pub fn response_id(message: &[u8]) -> Option<u16> {
     message_id(message).filter(|_| is_response(message))

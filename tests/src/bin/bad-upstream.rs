@@ -6,7 +6,10 @@
 //! - `servfail`: answers each query with RCODE SERVFAIL;
 //! - `no-tcp`: answers over UDP; nothing listens on TCP, so connections are refused;
 //! - `reset`: answers over UDP; over TCP sends the first half of the answer, then a reset;
-//! - `garbage`: answers each query with bytes that are not a DNS message (over TCP, framed).
+//! - `garbage`: answers each query with bytes that are not a DNS message (over TCP, framed);
+//! - `formerr-bare`: answers FORMERR with the header alone, no question (as servers without
+//!   EDNS do);
+//! - `case`: answers with one A record, the question's name in upper case.
 //!
 //! Prints `ready` once it listens.
 #![expect(
@@ -35,6 +38,8 @@ enum Mode {
     NoTcp,
     Reset,
     Garbage,
+    FormErrBare,
+    Case,
 }
 
 impl Mode {
@@ -45,6 +50,8 @@ impl Mode {
             "no-tcp" => Self::NoTcp,
             "reset" => Self::Reset,
             "garbage" => Self::Garbage,
+            "formerr-bare" => Self::FormErrBare,
+            "case" => Self::Case,
             _ => Self::Slow(Duration::from_millis(
                 text.strip_prefix("slow:")?.parse().ok()?,
             )),
@@ -56,6 +63,25 @@ impl Mode {
         let reply = match self {
             Self::Silent => return None,
             Self::Garbage => return Some(GARBAGE.to_vec()),
+            Self::FormErrBare => {
+                let mut header = query.get(..12)?.to_vec();
+                header[2] = 0x80 | (header[2] & 0x79); // QR, the query's opcode and RD
+                header[3] = 1; // FORMERR
+                header[4..12].fill(0);
+                return Some(header);
+            }
+            Self::Case => {
+                let mut answer = Vec::new();
+                write_answer(query, Reply::A(ANSWER), &mut answer).then_some(())?;
+                // The question's name: its letters (length bytes are below 'A').
+                let mut at = 12;
+                while let Some(&len) = answer.get(at).filter(|&&len| len != 0) {
+                    let end = (at + 1 + usize::from(len)).min(answer.len());
+                    answer[at + 1..end].make_ascii_uppercase();
+                    at = end;
+                }
+                return Some(answer);
+            }
             Self::Slow(delay) => {
                 thread::sleep(delay);
                 Reply::A(ANSWER)

@@ -175,3 +175,14 @@ fn garbage_from_an_upstream_reaches_the_client_as_without_the_agent() {
         ["timeout", "a reply that is not DNS"],
     );
 }
+
+#[test]
+fn a_formerr_without_a_question_reaches_the_client_as_without_the_agent() {
+    the_client_sees_what_it_would_without_the_agent("formerr-bare", ["FORMERR []", "FORMERR []"]);
+}
+
+#[test]
+fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
+    let answer = format!("NOERROR [\"{BAD_ANSWER}\"]");
+    the_client_sees_what_it_would_without_the_agent("case", [&answer, &answer]);
+}
