@@ -92,13 +92,13 @@ pub enum Counter {
     /// Servers that got no index: the table is full for that address family (or the probe
     /// window of its slot is), so the socket was left alone and went direct.
     TableFull = 5,
-    /// Packets to a block address whose server is a loopback or unspecified one, arriving
-    /// from another namespace, refused by `sk_lookup` (no one outside reaches this host's
-    /// loopback services through the proxy).
-    ForeignLoopbackRefused = 6,
-    /// Binds of a block address on the proxy's port refused (nothing but the proxy may send
-    /// from there: `recvmsg` would show it as the server).
-    BindRefused = 7,
+    /// Packets to a block address dropped by `sk_lookup`: from another namespace to a loopback
+    /// or unspecified server's address (no one outside reaches this host's loopback services
+    /// through the proxy), or, in host mode, from anywhere but this namespace.
+    ForeignRefused = 6,
+    /// Binds of, or sends from, a block address on the proxy's port refused (nothing but the
+    /// proxy may send from there: `recvmsg` would show it as the server).
+    ImpersonationRefused = 7,
 }
 
 impl Counter {
@@ -109,8 +109,8 @@ impl Counter {
         Self::ReverseTranslated,
         Self::UnknownIndex,
         Self::TableFull,
-        Self::ForeignLoopbackRefused,
-        Self::BindRefused,
+        Self::ForeignRefused,
+        Self::ImpersonationRefused,
     ];
 }
 

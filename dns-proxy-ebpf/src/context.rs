@@ -48,6 +48,51 @@ impl<'a> SockAddr<'a> {
         unsafe { (*self.raw).user_ip4 = addr_be }
     }
 
+    /// The socket's own local port, host order (0 while it has none).
+    pub fn local_port(&self) -> u32 {
+        // SAFETY: the kernel hands every sock_addr program a valid context whose `sk` is a
+        // valid, non-null socket; `src_port` is readable through it.
+        unsafe {
+            let sk = (*self.raw).__bindgen_anon_1.sk;
+            (*sk).src_port
+        }
+    }
+
+    /// The socket's own local IPv4 address, network order (0 while unbound).
+    pub fn local_ip4(&self) -> u32 {
+        // SAFETY: as for `local_port`; `src_ip4` is readable through `sk`.
+        unsafe {
+            let sk = (*self.raw).__bindgen_anon_1.sk;
+            (*sk).src_ip4
+        }
+    }
+
+    /// The socket's own local IPv6 address, network-order words, read one at a time.
+    pub fn local_ip6(&self) -> [u32; 4] {
+        // SAFETY: as for `local_port`; `src_ip6` is readable through `sk`, word by word.
+        unsafe {
+            let sk = (*self.raw).__bindgen_anon_1.sk;
+            let words = core::ptr::addr_of!((*sk).src_ip6).cast::<u32>();
+            core::array::from_fn(|i| core::ptr::read_volatile(words.add(i)))
+        }
+    }
+
+    /// The source address a `sendmsg` asked for (`IP_PKTINFO`), network order; 0 if none.
+    /// Only sendmsg4 calls it, where the field is readable.
+    pub fn msg_src_ip4(&self) -> u32 {
+        // SAFETY: the context is valid; `msg_src_ip4` is readable in sendmsg4.
+        unsafe { (*self.raw).msg_src_ip4 }
+    }
+
+    /// The source address a `sendmsg` asked for (`IPV6_PKTINFO`), network-order words read
+    /// one at a time. Only sendmsg6 calls it, where the field is readable.
+    pub fn msg_src_ip6(&self) -> [u32; 4] {
+        // SAFETY: the context is valid; `msg_src_ip6` is readable in sendmsg6, word by word.
+        let words = unsafe { core::ptr::addr_of!((*self.raw).msg_src_ip6) }.cast::<u32>();
+        // SAFETY: `words` points at the four words of `msg_src_ip6`.
+        core::array::from_fn(|i| unsafe { core::ptr::read_volatile(words.add(i)) })
+    }
+
     /// The port, network order (it sits in the low 16 bits of `user_port`).
     pub fn user_port(&self) -> u16 {
         // SAFETY: as above; `user_port` is readable in every sock_addr hook.

@@ -92,13 +92,21 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 
 #[cgroup_sock_addr(connect4)]
 pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
-    redirect4(&SockAddr::new(&ctx), true);
+    let ctx = SockAddr::new(&ctx);
+    if impersonates_proxy4(&ctx, None) {
+        return REFUSE;
+    }
+    redirect4(&ctx, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_proxy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect4(&SockAddr::new(&ctx), false);
+    let ctx = SockAddr::new(&ctx);
+    if impersonates_proxy4(&ctx, Some(ctx.msg_src_ip4())) {
+        return REFUSE;
+    }
+    redirect4(&ctx, false);
     ALLOW
 }
 
@@ -116,13 +124,21 @@ pub fn dns_proxy_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
-    redirect6(&SockAddr::new(&ctx), true);
+    let ctx = SockAddr::new(&ctx);
+    if impersonates_proxy6(&ctx, None) {
+        return REFUSE;
+    }
+    redirect6(&ctx, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_proxy_sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect6(&SockAddr::new(&ctx), false);
+    let ctx = SockAddr::new(&ctx);
+    if impersonates_proxy6(&ctx, Some(ctx.msg_src_ip6())) {
+        return REFUSE;
+    }
+    redirect6(&ctx, false);
     ALLOW
 }
 
@@ -160,18 +176,27 @@ fn config() -> RedirectConfig {
 }
 
 /// Adds one to a counter of this CPU's; no other CPU writes it, so no atomic is needed.
-fn count(counter: Counter) {
-    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+/// Returns this CPU's new count (0 if it could not be counted).
+fn count(counter: Counter) -> u64 {
+    match COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: the pointer is to this CPU's slot of a live map value.
-        unsafe { *value += 1 };
+        Some(value) => unsafe {
+            *value += 1;
+            *value
+        },
+        None => 0,
     }
 }
 
-/// Whether a socket of this type headed for `port_be` is DNS we redirect: UDP always, TCP on
-/// connect (sendmsg hooks only see UDP anyway).
-fn is_dns(sock_type: u32, port_be: u16, on_connect: bool) -> bool {
+/// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP on
+/// connect (sendmsg hooks only see UDP anyway). A socket on port 53 itself is a DNS server's:
+/// what it sends to port 53 is an answer to another server (or a forwarder's query from the
+/// server's port), not a lookup of a workload, and is left alone.
+fn is_dns(ctx: &SockAddr, port_be: u16, on_connect: bool) -> bool {
+    let sock_type = ctx.sock_type();
     port_be == DNS_PORT.to_be()
         && (sock_type == SOCK_DGRAM || (on_connect && sock_type == SOCK_STREAM))
+        && ctx.local_port() != u32::from(DNS_PORT)
 }
 
 /// Whether the calling task's cgroup is excluded: listed itself, or below a cgroup listed
@@ -243,9 +268,19 @@ fn hash(server: &Endpoint) -> u32 {
 /// race for one agree on whose it is, and a slot, once taken, never changes.
 fn index_of(ctx: &SockAddrContext, server: &Endpoint, capacity: u32) -> Option<u32> {
     // SAFETY: the value is copied out at once.
-    if let Some(index) = unsafe { SERVER_INDEX.get(server) } {
-        let index = *index;
-        return (index <= capacity).then_some(index);
+    if let Some(index) = unsafe { SERVER_INDEX.get(server) }.copied() {
+        // The reverse entry is only a shortcut: the table itself must agree (a lost or
+        // replaced pin must not send a socket to another server's address).
+        // SAFETY: the value is only compared.
+        let agrees = unsafe { SERVERS.get(&server_key(server.family, index)) } == Some(server);
+        if agrees && index <= capacity {
+            return Some(index);
+        }
+        if agrees {
+            // An index from a larger block than this agent's: it cannot be encoded here.
+            table_full(ctx);
+            return None;
+        }
     }
     let first = hash(server) % capacity;
     for probe in 0..MAX_PROBES {
@@ -262,18 +297,28 @@ fn index_of(ctx: &SockAddrContext, server: &Endpoint, capacity: u32) -> Option<u
             return Some(index);
         }
     }
-    count(Counter::TableFull);
-    warn!(
-        ctx,
-        "dns-proxy: no index for a server (table full), its socket goes direct"
-    );
+    table_full(ctx);
     None
+}
+
+/// Counts a server that got no index, and says so in the log at the 1st, 2nd, 4th, 8th...
+/// time on each CPU: a workload that fills the table cannot flood the log.
+fn table_full(ctx: &SockAddrContext) {
+    let times = count(Counter::TableFull);
+    if times.is_power_of_two() {
+        warn!(
+            ctx,
+            "dns-proxy: a server got no index (the table is full, {} times on this CPU): its \
+             socket goes direct",
+            times
+        );
+    }
 }
 
 /// connect4 / sendmsg4: send a DNS socket to its server's address in the IPv4 block.
 fn redirect4(ctx: &SockAddr, on_connect: bool) {
     let (addr, port_be) = (ctx.user_ip4(), ctx.user_port());
-    if !is_dns(ctx.sock_type(), port_be, on_connect) {
+    if !is_dns(ctx, port_be, on_connect) {
         return;
     }
     let config = config();
@@ -297,7 +342,7 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) {
 /// packets stay IPv4.
 fn redirect6(ctx: &SockAddr, on_connect: bool) {
     let port_be = ctx.user_port();
-    if !is_dns(ctx.sock_type(), port_be, on_connect) {
+    if !is_dns(ctx, port_be, on_connect) {
         return;
     }
     let addr = ctx.user_ip6();
@@ -320,6 +365,7 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
     } else {
         if config.capacity6 == 0
             || (port_be == config.port6 && index_in_block6(&config, addr).is_some())
+            || is_link_local6(addr)
         {
             return;
         }
@@ -340,6 +386,15 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
 /// so that what it reaches is what sk_lookup lets through.
 fn addresses_proxy4(config: &RedirectConfig, addr: u32, port_be: u16) -> bool {
     port_be == config.port4 && index_in_block4(config, addr).is_some()
+}
+
+/// Whether an IPv6 address is link-local (fe80::/10) or multicast (ff00::/8): its zone (the
+/// interface) is part of the socket's address but not of the context the programs see, so
+/// the proxy could not reach it the way the client meant. Such a server is left alone and
+/// asked directly.
+fn is_link_local6(addr: [u32; 4]) -> bool {
+    let first = addr[0].to_ne_bytes();
+    (first[0] == 0xfe && first[1] & 0xc0 == 0x80) || first[0] == 0xff
 }
 
 /// Index `index`'s address in the IPv4 block, network order.
@@ -379,6 +434,13 @@ fn server_at(family: u16, index: u32) -> Option<Endpoint> {
     server
 }
 
+/// Whether answers from the block are decoded for this socket: only where the proxy can
+/// have sent them (the agent's namespace, or any in node mode), and never for the proxy's own
+/// sockets. Checked once a peer is known to be a block address.
+fn decodes_here(ctx: &SockAddr, config: &RedirectConfig) -> bool {
+    (config.foreign_namespaces != 0 || in_agent_namespace(ctx, config)) && !is_excluded()
+}
+
 /// recvmsg4 / getpeername4: a peer in the block, on the proxy's port, is shown as the server
 /// its address encodes.
 fn restore_server4(ctx: &SockAddr) {
@@ -389,6 +451,9 @@ fn restore_server4(ctx: &SockAddr) {
     let Some(index) = index_in_block4(&config, ctx.user_ip4()) else {
         return;
     };
+    if !decodes_here(ctx, &config) {
+        return;
+    }
     let Some(server) = server_at(AF_INET, index) else {
         return;
     };
@@ -410,6 +475,9 @@ fn restore_server6(ctx: &SockAddr) {
         let Some(index) = index_in_block4(&config, addr[3]) else {
             return;
         };
+        if !decodes_here(ctx, &config) {
+            return;
+        }
         let Some(server) = server_at(AF_INET, index) else {
             return;
         };
@@ -424,6 +492,9 @@ fn restore_server6(ctx: &SockAddr) {
         let Some(index) = index_in_block6(&config, addr) else {
             return;
         };
+        if !decodes_here(ctx, &config) {
+            return;
+        }
         let Some(server) = server_at(AF_INET6, index) else {
             return;
         };
@@ -432,6 +503,47 @@ fn restore_server6(ctx: &SockAddr) {
     ctx.set_user_ip6(server.addr);
     ctx.set_user_port(server.port);
     count(Counter::ReverseTranslated);
+}
+
+/// connect4 / sendmsg4: a socket on the proxy's port may not send from a block address,
+/// whether bound there (before the agent started, when no bind guard ran) or asking for it
+/// with `IP_PKTINFO` (`source`): `recvmsg4` would present what it sends as a server's. Only
+/// the proxy may (refused with `EPERM`, counted).
+fn impersonates_proxy4(ctx: &SockAddr, source: Option<u32>) -> bool {
+    let config = config();
+    if config.capacity4 == 0 || ctx.local_port() != u32::from(u16::from_be(config.port4)) {
+        return false;
+    }
+    let from_block = index_in_block4(&config, ctx.local_ip4()).is_some()
+        || source.is_some_and(|source| index_in_block4(&config, source).is_some());
+    from_block && refuse_unless_excluded()
+}
+
+/// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
+fn impersonates_proxy6(ctx: &SockAddr, source: Option<[u32; 4]>) -> bool {
+    let config = config();
+    let port = ctx.local_port();
+    let in_block = |addr: [u32; 4]| {
+        if addr[..3] == v4_mapped_prefix() {
+            port == u32::from(u16::from_be(config.port4))
+                && index_in_block4(&config, addr[3]).is_some()
+        } else {
+            port == u32::from(u16::from_be(config.port6))
+                && index_in_block6(&config, addr).is_some()
+        }
+    };
+    let from_block = in_block(ctx.local_ip6()) || source.is_some_and(in_block);
+    from_block && refuse_unless_excluded()
+}
+
+/// Whether to refuse a socket's use of a block address on the proxy's port: always, but for
+/// the proxy's own (excluded) cgroup. Counted when refused.
+fn refuse_unless_excluded() -> bool {
+    if is_excluded() {
+        return false;
+    }
+    count(Counter::ImpersonationRefused);
+    true
 }
 
 /// bind4: no socket of the agent's namespace but the proxy's may take a block address on
@@ -464,10 +576,9 @@ fn guard_bind6(ctx: &SockAddr) -> i32 {
 
 fn refuse_bind_unless_excluded(ctx: &SockAddr, config: &RedirectConfig) -> i32 {
     // Another namespace's block addresses are nobody's: the proxy never answers from there.
-    if !in_agent_namespace(ctx, config) || is_excluded() {
+    if !in_agent_namespace(ctx, config) || !refuse_unless_excluded() {
         return ALLOW;
     }
-    count(Counter::BindRefused);
     REFUSE
 }
 
@@ -492,11 +603,16 @@ fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
     if lookup.local_port != u32::from(u16::from_be(port4_or_6)) {
         return SK_PASS;
     }
+    // In host mode the blocks are this namespace's alone: nothing from another interface.
+    if config.foreign_namespaces == 0 && lookup.ingress_ifindex != LOOPBACK_IFINDEX {
+        count(Counter::ForeignRefused);
+        return SK_DROP;
+    }
     let Some(server) = server_at(family, index) else {
         return SK_PASS; // nothing to serve: no socket takes it, the sender hears so
     };
     if server.is_local_only() && lookup.ingress_ifindex != LOOPBACK_IFINDEX {
-        count(Counter::ForeignLoopbackRefused);
+        count(Counter::ForeignRefused);
         return SK_DROP;
     }
     let listener = if lookup.protocol == u32::from(IPPROTO_TCP) {

@@ -35,6 +35,17 @@ pub enum HostError {
          a directory on one"
     )]
     StateDir { path: PathBuf, problem: String },
+    #[error(
+        "{path}: {problem}; remove it (`rm {path}`) while no agent runs: the table of servers \
+         starts anew (sockets sent to the old addresses are refused once, then go through)"
+    )]
+    Pin { path: PathBuf, problem: String },
+    #[error("{flag} {block}: {problem}")]
+    Block {
+        flag: &'static str,
+        block: AddressBlock,
+        problem: String,
+    },
 }
 
 /// Makes every address of `block` local to this network namespace, as
@@ -52,8 +63,185 @@ pub fn route_block_here(block: AddressBlock) -> Result<(), HostError> {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes `path` a directory on a bpffs, mounting one at `/sys/fs/bpf` first if the path is
-/// below it and nothing is mounted there (as systemd does at boot).
-pub fn prepare_state_dir(path: &Path) -> Result<(), HostError> {
+/// below it and nothing is mounted there (as systemd does at boot), and returns the directory
+/// of the table of servers for these blocks: one table per pair of blocks, so agents with
+/// other blocks (a node's `run` and an `exec`) never share indexes they cannot encode.
+/// The directories are the agent's own: created `0700`, refused if another user owns them
+/// or others may write there (a pin removed or replaced by someone else would misroute).
+pub fn prepare_state_dir(
+    path: &Path,
+    block4: AddressBlock,
+    block6: AddressBlock,
+) -> Result<PathBuf, HostError> {
+    // bpffs takes no '.' in a name: 127.53.0.0/16 and fd53::/112 become
+    // `127_53_0_0-16+fd53__-112`.
+    let name = format!(
+        "{}-{}+{}-{}",
+        block4.first(),
+        block4.prefix_len(),
+        block6.first(),
+        block6.prefix_len()
+    )
+    .replace(['.', ':'], "_");
+    let pins = path.join(name);
+    prepare_bpffs_dir(path)?;
+    for dir in [path, pins.as_path()] {
+        fs::create_dir_all(dir).map_err(|err| HostError::StateDir {
+            path: dir.to_owned(),
+            problem: format!("cannot create it: {err}"),
+        })?;
+        own_exclusively(dir)?;
+    }
+    Ok(pins)
+}
+
+/// Refuses a directory another user owns; makes one of ours `0700`.
+fn own_exclusively(dir: &Path) -> Result<(), HostError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let problem = |problem: String| HostError::StateDir {
+        path: dir.to_owned(),
+        problem,
+    };
+    let metadata = fs::metadata(dir).map_err(|err| problem(format!("cannot read it: {err}")))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me {
+        return Err(problem(format!(
+            "owned by user {}, not by the agent's ({me}): another user could replace the pinned \
+             table",
+            metadata.uid()
+        )));
+    }
+    if metadata.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|err| problem(format!("cannot make it 0700: {err}")))?;
+    }
+    Ok(())
+}
+
+/// What the table's pins must be, by name: (key size, value size, max entries).
+const PINS: [(&str, u32, u32, u32); 2] = [
+    (
+        dns_proxy_common::names::SERVERS,
+        4,
+        20,
+        dns_proxy_common::MAX_SERVERS,
+    ),
+    (
+        dns_proxy_common::names::SERVER_INDEX,
+        20,
+        4,
+        dns_proxy_common::MAX_SERVERS,
+    ),
+];
+
+/// Checks the pinned table in `pins`, if there is one: both maps or neither, each a hash map
+/// of the layout this agent uses. (aya would reuse any pinned map by that name.)
+pub fn check_pins(pins: &Path) -> Result<(), HostError> {
+    let present: Vec<bool> = PINS
+        .iter()
+        .map(|(name, ..)| pins.join(name).exists())
+        .collect();
+    if present.iter().any(|p| *p) && !present.iter().all(|p| *p) {
+        let missing = PINS[present.iter().position(|p| !p).unwrap_or(0)].0;
+        let there = PINS[present.iter().position(|p| *p).unwrap_or(0)].0;
+        return Err(HostError::Pin {
+            path: pins.join(there),
+            problem: format!("its other half, {missing}, is gone: the table cannot be trusted"),
+        });
+    }
+    for (name, key_size, value_size, max_entries) in PINS {
+        let path = pins.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pin_problem = |problem: String| HostError::Pin {
+            path: path.clone(),
+            problem,
+        };
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|err| pin_problem(format!("cannot read it as a BPF map: {err}")))?;
+        let hash = matches!(info.map_type(), Ok(aya::maps::MapType::Hash));
+        if !hash
+            || info.key_size() != key_size
+            || info.value_size() != value_size
+            || info.max_entries() != max_entries
+        {
+            return Err(pin_problem(format!(
+                "a map of another layout (type {:?}, key {} bytes, value {}, {} entries; this \
+                 agent needs a hash map of {key_size}, {value_size} and {max_entries})",
+                info.map_type(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a block that would take over addresses in use: any address of this host's
+/// interfaces, and the loopback resolvers' `127.0.0.1`, `127.0.0.53` and `127.0.0.54`.
+pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<(), HostError> {
+    let reserved: [std::net::IpAddr; 3] = [
+        [127, 0, 0, 1].into(),
+        [127, 0, 0, 53].into(),
+        [127, 0, 0, 54].into(),
+    ];
+    let taken = reserved
+        .into_iter()
+        .chain(interface_addresses())
+        .find(|ip| block.contains(*ip) && *ip != block.first());
+    match taken {
+        Some(ip) => Err(HostError::Block {
+            flag,
+            block,
+            problem: format!(
+                "holds {ip}, an address in use on this host: its traffic on the proxy's port \
+                 would be taken over; choose a block apart from it"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The addresses of this namespace's interfaces (`getifaddrs`).
+fn interface_addresses() -> Vec<std::net::IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return addresses;
+    }
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs made; its address, if any, is a sockaddr of
+        // the family it names.
+        unsafe {
+            let address = (*entry).ifa_addr;
+            if !address.is_null() {
+                match i32::from((*address).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*address.cast::<libc::sockaddr_in>();
+                        addresses.push(std::net::IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*address.cast::<libc::sockaddr_in6>();
+                        addresses.push(std::net::IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs made, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    addresses
+}
+
+/// Makes `path` a directory on a bpffs (see [`prepare_state_dir`]).
+fn prepare_bpffs_dir(path: &Path) -> Result<(), HostError> {
     let problem = |problem: String| HostError::StateDir {
         path: path.to_owned(),
         problem,
@@ -90,14 +278,16 @@ fn is_bpffs(path: &Path) -> bool {
 fn mount_bpffs(at: &Path) -> io::Result<()> {
     let target = CString::new(at.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let kind = c"bpf";
-    // SAFETY: valid C strings; no data.
+    // Only root may use it: the table's pins must not be removed or replaced by others.
+    let options = c"mode=0700";
+    // SAFETY: valid C strings.
     let result = unsafe {
         libc::mount(
             kind.as_ptr(),
             target.as_ptr(),
             kind.as_ptr(),
             0,
-            std::ptr::null(),
+            options.as_ptr().cast(),
         )
     };
     if result != 0 {

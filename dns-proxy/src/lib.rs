@@ -71,6 +71,11 @@ pub enum RunError {
     DropPrivileges(io::Error),
     #[error(transparent)]
     Host(#[from] host::HostError),
+    #[error(
+        "cannot hold {lock}: {source} (another dns-proxy serves this block on this port: stop \
+         it, or give this one another --redirect-block or port)"
+    )]
+    BlockInUse { lock: SocketAddr, source: io::Error },
 }
 
 /// How a run ended.
@@ -181,6 +186,8 @@ struct Listeners {
     v4: SocketAddrV4,
     /// `None` when IPv6 is not redirected.
     v6: Option<SocketAddrV6>,
+    /// Sockets that hold the blocks' first addresses (see `lock_blocks`).
+    locks: Vec<socket2::Socket>,
 }
 
 impl Listeners {
@@ -207,8 +214,10 @@ impl Listeners {
             tcp: Vec::new(),
             v4: config.listen,
             v6: None,
+            locks: Vec::new(),
         };
         // First the block's route: the listen address may be the block's first.
+        host::check_block_is_free("--redirect-block", config.block4)?;
         host::route_block_here(config.block4)?;
         if let SocketAddr::V4(v4) = listeners
             .bind_pair(SocketAddr::V4(config.listen), udp_threads)
@@ -222,11 +231,13 @@ impl Listeners {
         };
         match config.listen6 {
             Listen6::Required(v6) => {
+                host::check_block_is_free("--redirect-block6", config.block6)?;
                 host::route_block_here(config.block6)?;
                 listeners.v6 =
                     bound_v6(listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await?);
             }
             Listen6::IfAvailable(v6) => {
+                host::check_block_is_free("--redirect-block6", config.block6)?;
                 let bound = match host::route_block_here(config.block6) {
                     Ok(()) => listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await,
                     Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
@@ -256,7 +267,45 @@ impl Listeners {
                 config.listen
             ),
         }
+        listeners.lock_blocks(config)?;
         Ok(listeners)
+    }
+
+    /// Holds each block's first address on its port (unless the listeners are there), so a
+    /// second agent with the same block and port, elsewhere on the host, fails to start
+    /// instead of taking this one's lookups.
+    fn lock_blocks(&mut self, config: &RunConfig) -> Result<(), RunError> {
+        let blocks = [
+            Some((
+                config.block4.first(),
+                self.v4.port(),
+                SocketAddr::V4(self.v4),
+            )),
+            self.v6
+                .map(|v6| (config.block6.first(), v6.port(), SocketAddr::V6(v6))),
+        ];
+        for (first, port, listen) in blocks.into_iter().flatten() {
+            let lock = SocketAddr::new(first, port);
+            if lock == listen {
+                continue; // the listeners hold it, bound alone first
+            }
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(lock),
+                socket2::Type::DGRAM.cloexec(),
+                None,
+            )
+            .and_then(|socket| {
+                if lock.is_ipv6() {
+                    // The IPv6 block is only routed here, not an address of an interface.
+                    socket.set_freebind_v6(true)?;
+                }
+                socket.bind(&lock.into())?;
+                Ok(socket)
+            })
+            .map_err(|source| RunError::BlockInUse { lock, source })?;
+            self.locks.push(socket);
+        }
+        Ok(())
     }
 
     /// Binds UDP (`udp_sockets` of them) and TCP on one address and port, and returns it.
@@ -320,7 +369,11 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
             "threads {holding:?} still hold capabilities"
         ))));
     }
-    log::info!("dropped all capabilities: the programs are attached and the sockets bound");
+    privileges::make_undumpable().map_err(RunError::DropPrivileges)?;
+    log::info!(
+        "dropped all capabilities and became undumpable: the programs are attached and the \
+         sockets bound"
+    );
     Ok(())
 }
 
@@ -340,7 +393,8 @@ async fn serve(
         ),
         None => None,
     };
-    host::prepare_state_dir(&config.state_dir)?;
+    let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
+    host::check_pins(&pins)?;
     let block4 = Block {
         addresses: config.block4,
         port: listeners.v4.port(),
@@ -354,7 +408,7 @@ async fn serve(
         block4,
         block6,
         excluded: scope.excluded,
-        state_dir: &config.state_dir,
+        state_dir: &pins,
         listeners: listeners.fds(),
     })?;
     log::info!(

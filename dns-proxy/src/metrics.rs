@@ -241,14 +241,15 @@ impl Collector for AgentCollector {
                     "Servers that got no index (the table, or its probe window, is full); \
                      those sockets went direct.",
                 ),
-                Counter::ForeignLoopbackRefused => (
-                    "kernel_foreign_loopback_refused",
-                    "Packets from another namespace to the address of a loopback server, \
-                     dropped by sk_lookup.",
+                Counter::ForeignRefused => (
+                    "kernel_foreign_refused",
+                    "Packets to a proxy address dropped by sk_lookup: from another namespace \
+                     to a loopback server's address, or in host mode from outside it.",
                 ),
-                Counter::BindRefused => (
-                    "kernel_bind_refused",
-                    "Binds of a proxy address on the proxy's port refused to other sockets.",
+                Counter::ImpersonationRefused => (
+                    "kernel_impersonation_refused",
+                    "Binds of, or sends from, a proxy address on the proxy's port refused to \
+                     other sockets.",
                 ),
             };
             encode_counters(&mut encoder, name, help, &[(&[], value)])?;

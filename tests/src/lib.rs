@@ -908,15 +908,31 @@ impl Harness {
     }
 }
 
-/// The index the agents' server table (pinned in `state_dir`) gives `server_ip:port`, read
+/// The index the agents' server table (pinned below `state_dir`) gives `server_ip:port`, read
 /// with bpftool: the kernel's own record, not the agent's view of it.
-pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> u32 {
-    let pinned = state_dir.join("SERVERS");
+pub fn server_index(state_dir: &Path, server_ip: impl Into<IpAddr>, port: u16) -> u32 {
+    let server_ip: IpAddr = server_ip.into();
+    let octets: Vec<u8> = match server_ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    // One table per pair of blocks, each in a directory of its own: the agents here use one.
+    let tables: Vec<PathBuf> = fs::read_dir(state_dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", state_dir.display()))
+        .map(|entry| entry.expect("a directory entry").path().join("SERVERS"))
+        .filter(|pinned| pinned.exists())
+        .collect();
+    let [pinned] = tables.as_slice() else {
+        panic!(
+            "not one table of servers in {}: {tables:?}",
+            state_dir.display()
+        );
+    };
     let output = must(
         Command::new("bpftool")
             .arg("--json")
             .args(["map", "dump", "pinned"])
-            .arg(&pinned),
+            .arg(pinned),
     );
     let entries: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
     let bytes = |value: &serde_json::Value| -> Vec<u8> {
@@ -935,8 +951,9 @@ pub fn server_index(state_dir: &Path, server_ip: Ipv4Addr, port: u16) -> u32 {
         let key = bytes(&entry["key"]);
         let value = bytes(&entry["value"]);
         // Endpoint: four address words (network order), the port (network order), the family.
-        let matches = value[..4] == server_ip.octets() && value[16..18] == port.to_be_bytes();
-        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]))
+        let matches = value[..octets.len()] == octets[..] && value[16..18] == port.to_be_bytes();
+        // The key is the index, with bit 16 set for the IPv6 block's.
+        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]) & 0xffff)
     });
     found.unwrap_or_else(|| panic!("{server_ip}:{port} has no index in {}", pinned.display()))
 }

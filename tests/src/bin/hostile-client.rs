@@ -5,7 +5,7 @@
 //! Usage:
 //! - `two-servers A B NAME`: one unconnected socket `sendto`s A then B at once, then reads
 //!   both answers; prints `source=S answer=X` for each, in the order they came.
-//! - `lookups MODE SERVER NAME COUNT --expect IP [--port P]`: COUNT lookups in a row from
+//! - `lookups MODE SERVER NAME COUNT --expect IP [--port P] [--source IP]`: COUNT lookups in a row from
 //!   local port P (`connect` or `sendto`, a fresh socket each), each waiting for its answer
 //!   as a strict resolver does: a datagram from elsewhere, or with another ID, is ignored.
 //!   Prints `right=N wrong=N failed=N`: right is an answer from SERVER with IP, wrong one
@@ -17,6 +17,10 @@
 //!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
 //!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
 //! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
+//! - `spoof FROM SOURCE TO`: binds a UDP socket at FROM and sends TO a datagram from SOURCE
+//!   (`IP_PKTINFO`), as a forger of answers would; prints `sent` or `refused: ERROR`.
+//! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
+//!   there) and counts what it receives for SECONDS; prints `received=N`.
 //! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
 //!   (or, with --distinct, to COUNT different addresses from SERVER's on, port 53), bound to
 //!   IP if given (each local address has its own ports); prints `holding N` and keeps them
@@ -77,12 +81,14 @@ fn lookups(args: &[String]) -> Result<(), String> {
     let server: SocketAddr = parse(server, "IP:PORT")?;
     let count: u32 = parse(count, "a count")?;
     let (mut expect, mut port) = (None, 0u16);
+    let mut source: IpAddr = Ipv4Addr::UNSPECIFIED.into();
     let mut options = options.iter();
     while let Some(option) = options.next() {
         let value = options.next().ok_or(format!("{option} needs a value"))?;
         match option.as_str() {
             "--expect" => expect = Some(parse::<Ipv4Addr>(value, "an IPv4 address")?),
             "--port" => port = parse(value, "a port")?,
+            "--source" => source = parse(value, "an IP")?,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -93,7 +99,7 @@ fn lookups(args: &[String]) -> Result<(), String> {
         let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(|e| e.to_string())?;
         // The port may still be held by the socket before: wait for it.
         socket.set_reuse_address(true).map_err(|e| e.to_string())?;
-        let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let local = SocketAddr::new(source, port);
         socket
             .bind(&local.into())
             .map_err(|e| format!("bind {local}: {e}"))?;
@@ -302,6 +308,89 @@ fn hold(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(|e| e.to_string())?;
+    socket.set_reuse_port(true).map_err(|e| e.to_string())?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let socket = UdpSocket::from(socket);
+    println!("joined");
+    let _ = std::io::stdout().flush();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut received = 0u64;
+    let mut buf = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|e| e.to_string())?;
+        if socket.recv_from(&mut buf).is_ok() {
+            received += 1;
+        }
+    }
+    println!("received={received}");
+    Ok(())
+}
+
+fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
+    let from: SocketAddr = parse(from, "IP:PORT")?;
+    let source: Ipv4Addr = parse(source, "an IPv4 address")?;
+    let to: SocketAddr = parse(to, "IP:PORT")?;
+    let socket = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
+    let SocketAddr::V4(to_v4) = to else {
+        return Err("an IPv4 destination".to_owned());
+    };
+    let mut name = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to_v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to_v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let payload = tests::a_query(0x6666, "forged.example.test");
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr, then every pointer set to a live buffer of the length given.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_name = (&raw mut name).cast();
+    header.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a length.
+    header.msg_controllen =
+        unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as usize;
+    // SAFETY: the control buffer holds one in_pktinfo message (64 bytes > CMSG_SPACE(12)).
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = libc::IPPROTO_IP;
+        (*cmsg).cmsg_type = libc::IP_PKTINFO;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast(),
+            libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(source.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            },
+        );
+        libc::sendmsg(socket.as_raw_fd(), &header, 0)
+    };
+    if sent < 0 {
+        println!("refused: {}", std::io::Error::last_os_error());
+    } else {
+        println!("sent");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -315,6 +404,16 @@ fn main() -> ExitCode {
         Some("long-lived") => long_lived(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("join") => match &args[1..] {
+            [addr, seconds] => parse::<SocketAddr>(addr, "IP:PORT")
+                .and_then(|addr| Ok((addr, parse::<u64>(seconds, "seconds")?)))
+                .and_then(|(addr, seconds)| join(addr, seconds)),
+            _ => Err("join ADDR SECONDS".to_owned()),
+        },
+        Some("spoof") => match &args[1..] {
+            [from, source, to] => spoof(from, source, to),
+            _ => Err("spoof FROM SOURCE TO".to_owned()),
+        },
         Some("bind") => match &args[1..] {
             [addr] => {
                 parse::<SocketAddr>(addr, "IP:PORT").map(|addr| match UdpSocket::bind(addr) {

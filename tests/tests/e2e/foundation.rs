@@ -318,6 +318,69 @@ mod usage_errors {
     }
 
     #[test]
+    fn a_second_agent_on_the_same_block_and_port_is_refused() {
+        let topology = Topology::new();
+        let _first = Agent::start(&topology, &[]);
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        // Another listen address, the same default block and port: it would take the first
+        // one's lookups. (Another IPv6 port, so that IPv4 is what collides.)
+        assert_one_line_error(
+            &[&cgroup, "--listen=127.0.0.2:8053", "--listen6=[::1]:8054"],
+            &["nsenter", &netns, "--"],
+            "another dns-proxy serves this block on this port",
+        );
+    }
+
+    #[test]
+    fn a_block_over_an_address_in_use_is_refused() {
+        let topology = Topology::new();
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        assert_one_line_error(
+            &[
+                &cgroup,
+                "--listen=192.0.2.0:8053",
+                "--redirect-block=192.0.2.0/24",
+            ],
+            &["nsenter", &netns, "--"],
+            "holds 192.0.2.1, an address in use on this host",
+        );
+        assert_one_line_error(
+            &[
+                &cgroup,
+                "--listen=127.1.0.1:8053",
+                "--redirect-block=127.0.0.0/16",
+            ],
+            &["nsenter", &netns, "--"],
+            "holds 127.0.0.1",
+        );
+    }
+
+    #[test]
+    fn a_table_that_lost_half_of_its_pins_is_refused() {
+        let topology = Topology::new();
+        let mut first = Agent::start(&topology, &[]);
+        first.process().signal(libc::SIGTERM);
+        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        let state_dir = topology.client.state_dir();
+        let tables: Vec<_> = std::fs::read_dir(&state_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert_eq!(tables.len(), 1, "{tables:?}");
+        std::fs::remove_file(tables[0].join("SERVERS")).expect("remove one pin");
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
+        assert_one_line_error(
+            &[&cgroup],
+            &["env", &state, "nsenter", &netns, "--"],
+            "its other half, SERVERS, is gone",
+        );
+    }
+
+    #[test]
     fn not_root() {
         tests::require_root();
         let nobody = [

@@ -207,8 +207,8 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
         ("dns_proxy_kernel_skipped_foreign_namespace_total", 0),
         ("dns_proxy_kernel_unknown_index_total", 0),
         ("dns_proxy_kernel_table_full_total", 0),
-        ("dns_proxy_kernel_foreign_loopback_refused_total", 0),
-        ("dns_proxy_kernel_bind_refused_total", 0),
+        ("dns_proxy_kernel_foreign_refused_total", 0),
+        ("dns_proxy_kernel_impersonation_refused_total", 0),
     ] {
         assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
     }

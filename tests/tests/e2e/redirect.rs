@@ -333,7 +333,7 @@ fn loopback_servers_are_each_namespaces_own_in_node_mode() {
     );
     let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
     assert_eq!(status, 200);
-    let refused = value(&page, "dns_proxy_kernel_foreign_loopback_refused_total");
+    let refused = value(&page, "dns_proxy_kernel_foreign_refused_total");
     assert!(
         refused >= 2,
         "UDP and TCP to the block address were refused: {refused}\n{page}"
@@ -433,4 +433,207 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
     // Other ports of the block, and other addresses, are anyone's.
     assert_eq!(bind("127.53.0.1:8054".to_owned()), "bound");
     assert_eq!(bind(format!("127.0.0.2:{port}")), "bound");
+}
+
+/// A DNS server inside the redirected cgroup answers a client on port 53 (another server, or
+/// a forwarder asking from port 53): its answer, sent to port 53 from port 53, is not a
+/// lookup and is not redirected.
+#[test]
+fn a_dns_server_inside_the_cgroup_keeps_answering_clients_on_port_53() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let (server, answer) = (
+        Ipv4Addr::new(127, 0, 0, 77),
+        Ipv4Addr::new(198, 51, 100, 77),
+    );
+    let _server = Process::spawn(
+        topology
+            .workload(
+                "dnsmasq",
+                &[
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    &format!("--listen-address={server}"),
+                    &format!("--address=/example.test/{answer}"),
+                    "--pid-file=",
+                    "--user=root",
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for("the server in the cgroup", Duration::from_secs(10), || {
+        dig_at(
+            topology.outsider("dig", &[]),
+            &server.to_string(),
+            "ready.example.test",
+            &[],
+        )
+        .ok()
+        .filter(|output| output.contains(&answer.to_string()))
+    });
+    let summary = stdout(&mut topology.outsider(
+        HOSTILE,
+        &[
+            "lookups",
+            "connect",
+            &format!("{server}:53"),
+            "server53.example.test",
+            "10",
+            "--expect",
+            &answer.to_string(),
+            "--port",
+            "53",
+            "--source",
+            "127.0.0.88",
+        ],
+    ));
+    assert_eq!(summary, "right=10 wrong=0 failed=0");
+    let log = agent.log();
+    assert!(!log.contains("server53"), "{log}");
+}
+
+/// A link-local IPv6 server's zone is not in what the programs see, so it is left alone and
+/// asked directly: the lookup works as it does without the agent.
+#[test]
+fn a_link_local_ipv6_server_is_asked_directly_with_its_zone() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let (client_if, server_if) = (format!("{}c", topology.tag), format!("{}s", topology.tag));
+    for (netns, interface, address) in [
+        (&topology.client, &client_if, "fe80::5301/64"),
+        (&topology.server, &server_if, "fe80::5302/64"),
+    ] {
+        must(Command::new("ip").args([
+            "-n",
+            &netns.name,
+            "-6",
+            "addr",
+            "add",
+            address,
+            "dev",
+            interface,
+            "nodad",
+        ]));
+    }
+    let index = stdout(
+        topology
+            .server
+            .command("cat")
+            .arg(format!("/sys/class/net/{server_if}/ifindex")),
+    );
+    let upstream = env!("CARGO_BIN_EXE_test-upstream");
+    let _server = Process::spawn(
+        topology
+            .server
+            .command(upstream)
+            .args([
+                &format!("[fe80::5302%{index}]:53"),
+                "0",
+                &ANSWER_IP.to_string(),
+            ])
+            .stdout(Stdio::null()),
+    );
+    let server = format!("fe80::5302%{client_if}");
+    let output = wait_for("the link-local server", Duration::from_secs(10), || {
+        dig_at(
+            topology.workload("dig", &[]),
+            &server,
+            "zone.example.test",
+            &[],
+        )
+        .ok()
+    });
+    assert!(output.contains(&ANSWER_IP.to_string()), "{output}");
+    assert!(
+        agent.query_line("zone.example.test").is_none(),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A workload, even an unprivileged one, cannot send from a block address on the proxy's
+/// port with `IP_PKTINFO`: its datagram would be shown as its server's answer to a victim.
+#[test]
+fn no_workload_can_send_from_the_proxys_block_addresses() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
+    let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
+    let victim = "127.0.0.1:40999";
+    // Without the agent's guard, this is what a forger does: any address on the proxy's port
+    // (127.0.0.2 is nobody's), and the source it wants from IP_PKTINFO.
+    let from = format!("127.0.0.2:{port}");
+    let nobody = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    for user in [&[][..], &nobody[..]] {
+        let mut args: Vec<&str> = user.to_vec();
+        args.extend([HOSTILE, "spoof", &from, "127.53.0.1", victim]);
+        let outcome = stdout(&mut topology.workload("setpriv", &args));
+        assert!(
+            outcome.starts_with("refused: Operation not permitted"),
+            "{user:?}: {outcome}"
+        );
+    }
+    // The same from another port is just a datagram from that port: not refused.
+    let outcome = stdout(
+        &mut topology.workload(HOSTILE, &["spoof", "127.0.0.2:40998", "127.53.0.1", victim]),
+    );
+    assert_eq!(outcome, "sent");
+}
+
+/// Host mode: the blocks are the agent's namespace's alone. A neighbour on the network that
+/// routes the IPv6 block to this host reaches nothing through it, over UDP or TCP.
+#[test]
+fn host_mode_blocks_are_out_of_reach_from_the_network() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &["--metrics=127.0.0.1:9253"]);
+    // A workload's lookup gives the IPv6 server an index (and shows IPv6 works here).
+    assert_answered(
+        dig_at(
+            topology.workload("dig", &[]),
+            &tests::SERVER_IP6.to_string(),
+            "v6.example.test",
+            &[],
+        ),
+        "dig -6",
+    );
+    let index = tests::server_index(&topology.client.state_dir(), tests::SERVER_IP6, 53);
+    let block_address = format!("fd53:6e73:6470::{index:x}");
+    must(Command::new("ip").args([
+        "-n",
+        &topology.server.name,
+        "-6",
+        "route",
+        "add",
+        "fd53:6e73:6470::/112",
+        "via",
+        &tests::CLIENT_IP6.to_string(),
+    ]));
+    for extra in [&["-p", "8053"][..], &["-p", "8053", "+tcp"][..]] {
+        let result = dig_at(
+            topology.server.command("dig"),
+            &block_address,
+            "lan.example.test",
+            extra,
+        );
+        assert!(
+            result.is_err(),
+            "{extra:?}: answered from the network: {result:?}"
+        );
+    }
+    assert!(
+        agent.query_line("lan.example.test").is_none(),
+        "{}",
+        agent.log()
+    );
+    let refused = value(&scrape(topology), "dns_proxy_kernel_foreign_refused_total");
+    assert!(refused >= 2, "{refused}");
 }
