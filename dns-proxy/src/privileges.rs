@@ -45,6 +45,17 @@ pub fn drop_all_on_this_thread() -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the process non-dumpable: no core dump, and no other process of its user may
+/// ptrace it or read its memory and `/proc` files without CAP_SYS_PTRACE. (Dropping
+/// capabilities does not do this by itself for a process that keeps user id 0.)
+pub fn make_undumpable() -> io::Result<()> {
+    // SAFETY: a prctl that takes integers only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The threads of this process that still hold a capability (effective or permitted), by
 /// thread id, read from `/proc/self/task`.
 pub fn threads_with_capabilities() -> io::Result<Vec<u32>> {

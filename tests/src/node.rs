@@ -17,14 +17,16 @@ use crate::{
 /// (169.254.53.0/24), which the agent routes to the node itself. Nothing else is set up.
 pub const NODE_LISTEN: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 0);
 
-/// Each pod's address and its node-side gateway (TEST-NET-3, never routed).
-pub const PODS: [(Ipv4Addr, Ipv4Addr); 2] = [
-    (Ipv4Addr::new(203, 0, 113, 2), Ipv4Addr::new(203, 0, 113, 1)),
+/// The first two pods' addresses and their node-side gateways (TEST-NET-3, never routed).
+pub const PODS: [(Ipv4Addr, Ipv4Addr); 2] = [pod_addresses(0), pod_addresses(1)];
+
+/// Pod `i`'s address and its node-side gateway: a /28 each in 203.0.113.0/24 (16 pods).
+pub const fn pod_addresses(i: u8) -> (Ipv4Addr, Ipv4Addr) {
     (
-        Ipv4Addr::new(203, 0, 113, 18),
-        Ipv4Addr::new(203, 0, 113, 17),
-    ),
-];
+        Ipv4Addr::new(203, 0, 113, 16 * i + 2),
+        Ipv4Addr::new(203, 0, 113, 16 * i + 1),
+    )
+}
 
 pub struct NodeTopology {
     pub tag: String,
@@ -50,6 +52,12 @@ impl NodeTopology {
         reason = "building one creates namespaces and cgroups; a Default would hide that"
     )]
     pub fn new() -> Self {
+        Self::with_pods(2)
+    }
+
+    /// A node with `pods` pods (at most 16).
+    pub fn with_pods(pod_count: u8) -> Self {
+        assert!(pod_count <= 16, "a /28 each in one /24");
         require_root();
         let tag = unique_tag();
         let node = Netns::new(format!("{tag}-node"));
@@ -111,7 +119,7 @@ impl NodeTopology {
         );
 
         let mut pods = Vec::new();
-        for (i, (pod_ip, gateway)) in PODS.into_iter().enumerate() {
+        for (i, (pod_ip, gateway)) in (0..pod_count).map(pod_addresses).enumerate() {
             let pod = Netns::new(format!("{tag}-pod{i}"));
             let (node_if, pod_if) = (format!("{tag}p{i}"), format!("{tag}q{i}"));
             link(&node, &node_if, &pod, &pod_if);

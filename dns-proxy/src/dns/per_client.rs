@@ -1,14 +1,27 @@
 //! A limit per client address: how many UDP queries (or TCP connections) one client may have
 //! open at once, so that one flooding workload fills its own share and not the whole agent's.
 //!
-//! A client is its source address. In node mode that is a pod; on a host every process reaches
-//! the proxy from a loopback address, so the host's processes share one share.
+//! A client is its source address. In node mode that is a pod; the processes of the agent's
+//! own namespace (every process on a host) are one client, whatever local address they send
+//! from (the listeners decide: [`LOCAL_CLIENT`]).
+//!
+//! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
+//! something. A client within it is admitted even when the agent-wide limit is reached by
+//! others (up to twice that limit, which bounds memory), so a few flooding clients cannot
+//! push the rest out.
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    net::IpAddr,
-    sync::{Arc, Mutex},
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
+
+/// The key of every client of the agent's own network namespace: one share, however many
+/// local addresses they send from.
+pub const LOCAL_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Independent locks, so the UDP threads seldom wait on one another.
 const SHARDS: usize = 16;
@@ -19,6 +32,8 @@ const SHARDS: usize = 16;
 pub struct PerClientLimit {
     limit: u32,
     shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    /// Clients in the table: those that hold something now.
+    active: AtomicUsize,
     /// Keyed, so no client can choose addresses that all land in one shard.
     hasher: RandomState,
 }
@@ -28,6 +43,15 @@ pub struct PerClientLimit {
 pub struct ClientSlot {
     limits: Arc<PerClientLimit>,
     client: IpAddr,
+    /// What the client held before this one.
+    held_before: u32,
+}
+
+impl ClientSlot {
+    /// Whether the client, before this one, held less than its fair share of `total`.
+    pub fn within_fair_share(&self, total: usize) -> bool {
+        (self.held_before as usize) < self.limits.fair_share(total)
+    }
 }
 
 impl Drop for ClientSlot {
@@ -41,6 +65,7 @@ impl PerClientLimit {
         Arc::new(Self {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             shards: Default::default(),
+            active: AtomicUsize::new(0),
             hasher: RandomState::new(),
         })
     }
@@ -54,14 +79,19 @@ impl PerClientLimit {
         // A v4-mapped IPv6 source is the same client as its IPv4 address.
         let client = client.to_canonical();
         let mut counts = self.shard(client).lock().expect("not poisoned");
-        let count = counts.entry(client).or_insert(0);
+        let count = counts.entry(client).or_insert_with(|| {
+            self.active.fetch_add(1, Ordering::Relaxed);
+            0
+        });
         if *count >= self.limit {
             return None;
         }
+        let held_before = *count;
         *count += 1;
         Some(ClientSlot {
             limits: Arc::clone(self),
             client,
+            held_before,
         })
     }
 
@@ -73,12 +103,18 @@ impl PerClientLimit {
             .sum()
     }
 
+    /// `total` divided among the clients that hold something (at least 1).
+    pub fn fair_share(&self, total: usize) -> usize {
+        (total / self.active.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
     fn release(&self, client: IpAddr) {
         let mut counts = self.shard(client).lock().expect("not poisoned");
         if let Some(count) = counts.get_mut(&client) {
             *count -= 1;
             if *count == 0 {
                 counts.remove(&client);
+                self.active.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }

@@ -21,7 +21,12 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{OriginalDestinations, per_client::PerClientLimit, stats::Stats, upstream_for, wire};
+use super::{
+    OriginalDestinations,
+    per_client::{LOCAL_CLIENT, PerClientLimit},
+    stats::Stats,
+    upstream_for, wire,
+};
 use crate::log_limit::RateLimited;
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
@@ -52,6 +57,9 @@ pub struct TcpProxy<D> {
     stats: Arc<Stats>,
     overload_log: RateLimited,
     client_limit_log: RateLimited,
+    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
+    /// them as fast as it likes, the log gets a line now and then.
+    refusal_log: RateLimited,
 }
 
 /// Why a relayed connection ended, for the debug log.
@@ -100,6 +108,8 @@ struct Connection {
     slots: Semaphore,
     last_activity: Mutex<Instant>,
     client_done: std::sync::atomic::AtomicBool,
+    /// A query has begun to arrive and is not yet on its way: a drain must wait for it.
+    reading: std::sync::atomic::AtomicBool,
     changed: Notify,
 }
 
@@ -113,6 +123,7 @@ impl Connection {
             slots: Semaphore::new(MAX_PIPELINED),
             last_activity: Mutex::new(Instant::now()),
             client_done: false.into(),
+            reading: false.into(),
             changed: Notify::new(),
         }
     }
@@ -128,6 +139,16 @@ impl Connection {
 
     fn finished(&self) -> bool {
         self.client_done.load(std::sync::atomic::Ordering::Relaxed) && self.outstanding() == 0
+    }
+
+    fn set_reading(&self, reading: bool) {
+        self.reading
+            .store(reading, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn is_reading(&self) -> bool {
+        self.reading.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -150,6 +171,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
             client_limit_log: RateLimited::new(Duration::from_secs(10)),
+            refusal_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
 
@@ -222,11 +244,21 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             Ok(upstream) => upstream,
             Err(refusal) => {
                 stats.refused(refusal);
-                log::warn!("closing TCP connection from {client} to {original}: {refusal}");
+                self.refusal_log.warn(|closed| {
+                    format!(
+                        "closing TCP connection from {client} to {original}: {refusal} \
+                         ({closed} refused)"
+                    )
+                });
                 return;
             }
         };
-        let Some(client_slot) = self.settings.per_client.try_acquire(client.ip()) else {
+        // The agent's own namespace is one client: from loopback, or from the very block
+        // address it reached (the route of a `local` block picks it as the source).
+        let local = client.ip().to_canonical().is_loopback()
+            || reached.is_some_and(|at| at.ip().to_canonical() == client.ip().to_canonical());
+        let key = if local { LOCAL_CLIENT } else { client.ip() };
+        let Some(client_slot) = self.settings.per_client.try_acquire(key) else {
             Stats::add(&stats.dropped_client_limit);
             let limit = self.settings.per_client.limit();
             self.client_limit_log.warn(|dropped| {
@@ -304,7 +336,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         (upstream_read, upstream_write): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
     ) -> Closed {
         let stats = &self.stats.tcp;
+        // Biased: what the client has sent is read before the watchdog may end a draining
+        // connection, so a query that arrived is never closed on.
         let closed = tokio::select! {
+            biased;
             closed = self.queries(conn, BufReader::new(client_read), upstream_write) => closed,
             closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
             closed = self.watchdog(conn) => closed,
@@ -333,8 +368,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let Ok(slot) = conn.slots.acquire().await else {
                 return Closed::ByClient;
             };
-            let query = match read_message(&mut client).await {
-                Ok(Some(query)) => query,
+            let first = match read_first_byte(&mut client).await {
+                Ok(Some(first)) => first,
                 Ok(None) => {
                     // The client sent all it will; its answers may still be on their way.
                     conn.client_done
@@ -342,6 +377,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     conn.changed.notify_one();
                     return std::future::pending().await;
                 }
+                Err(err) => return Closed::ClientError(err),
+            };
+            conn.set_reading(true);
+            let query = match read_rest(first, &mut client).await {
+                Ok(query) => query,
                 Err(err) => return Closed::ClientError(err),
             };
             Stats::add(&stats.received);
@@ -369,7 +409,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 conn.slots.add_permits(1);
             }
             stats.forwarding();
-            conn.touch();
+            conn.set_reading(false);
             if let Err(err) = write_message(&mut upstream, &query).await {
                 return Closed::UpstreamError(err);
             }
@@ -423,14 +463,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     }
 
     /// Ends the connection when it has been idle too long, when an answer is overdue, when the
-    /// client is done and answered, or at shutdown once nothing is outstanding.
+    /// client is done and answered, or at shutdown once nothing is outstanding, nothing is
+    /// being read and the client has been quiet for a moment (a query it already sent is
+    /// answered first).
     async fn watchdog(&self, conn: &Connection) -> Closed {
         loop {
             if conn.finished() {
                 return Closed::ByClient;
             }
             let outstanding = conn.outstanding();
-            if self.draining.is_cancelled() && outstanding == 0 {
+            let last = *conn.last_activity.lock().expect("not poisoned");
+            let may_drain = self.draining.is_cancelled() && outstanding == 0 && !conn.is_reading();
+            if may_drain && last.elapsed() >= super::DRAIN_QUIET {
                 return Closed::Draining;
             }
             let (limit, why) = if outstanding > 0 {
@@ -438,11 +482,17 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             } else {
                 (self.settings.idle_timeout, Closed::Idle)
             };
-            let last = *conn.last_activity.lock().expect("not poisoned");
             let deadline = tokio::time::Instant::from_std(last + limit);
+            let wake = if may_drain {
+                deadline.min(tokio::time::Instant::from_std(last + super::DRAIN_QUIET))
+            } else {
+                deadline
+            };
             tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {
-                    if *conn.last_activity.lock().expect("not poisoned") == last {
+                () = tokio::time::sleep_until(wake) => {
+                    if wake == deadline
+                        && *conn.last_activity.lock().expect("not poisoned") == last
+                    {
                         return why;
                     }
                 }
@@ -487,16 +537,30 @@ fn reset(stream: &TcpStream) {
 /// Reads one length-prefixed DNS message; `None` on a clean end of stream between messages.
 /// (Public for the fuzz targets, which feed it arbitrary streams.)
 pub async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
-    let mut length = [0u8; 2];
-    // Only an end before the first byte is clean: one inside the length prefix is a stream cut
-    // mid-message, as one inside the message is (found by the tcp_framing fuzz target).
-    if reader.read(&mut length[..1]).await? == 0 {
+    match read_first_byte(reader).await? {
+        Some(first) => read_rest(first, reader).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The first byte of a message; `None` on a clean end of stream. Only an end before it is
+/// clean: one inside the length prefix is a stream cut mid-message, as one inside the message
+/// is (found by the tcp_framing fuzz target).
+async fn read_first_byte(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<u8>> {
+    let mut first = [0u8; 1];
+    if reader.read(&mut first).await? == 0 {
         return Ok(None);
     }
-    reader.read_exact(&mut length[1..]).await?;
-    let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    Ok(Some(first[0]))
+}
+
+/// The rest of a message whose first byte was `first`.
+async fn read_rest(first: u8, reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
+    let mut second = [0u8; 1];
+    reader.read_exact(&mut second).await?;
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes([first, second[0]]))];
     reader.read_exact(&mut message).await?;
-    Ok(Some(message))
+    Ok(message)
 }
 
 /// Writes one length-prefixed message in a single write (partial writes are retried).
@@ -569,6 +633,57 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// The drain race, deterministic: a connection is draining with nothing outstanding when
+    /// a query's first byte arrives, and the rest a moment later. The watchdog must not close
+    /// it before the query is read, forwarded and answered.
+    #[tokio::test]
+    async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        proxy.draining.cancel();
+        let (mut client, proxy_client) = tokio::io::duplex(4096);
+        let (proxy_upstream, mut upstream) = tokio::io::duplex(4096);
+        let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
+        let relay = {
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                let conn = Connection::new("192.0.2.1:40000".parse().unwrap(), server, server);
+                let closed = proxy
+                    .relay_streams(
+                        &conn,
+                        tokio::io::split(proxy_client),
+                        tokio::io::split(proxy_upstream),
+                    )
+                    .await;
+                closed.to_string()
+            })
+        };
+        let mut frame = Vec::new();
+        write_message(&mut frame, &query(7)).await.unwrap();
+        client.write_all(&frame[..1]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&frame[1..]).await.unwrap();
+        let forwarded = timeout(Duration::from_secs(2), read_message(&mut upstream))
+            .await
+            .expect("the query is forwarded, not closed on")
+            .unwrap()
+            .expect("a whole query");
+        assert_eq!(forwarded, query(7));
+        write_message(&mut upstream, &answer_to(&forwarded))
+            .await
+            .unwrap();
+        let answered = timeout(Duration::from_secs(2), read_message(&mut client))
+            .await
+            .expect("the answer is relayed")
+            .unwrap();
+        assert_eq!(answered, Some(answer_to(&forwarded)));
+        // Then, with nothing outstanding and the client quiet, the drain closes it.
+        let closed = timeout(Duration::from_secs(2), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed, Closed::Draining.to_string());
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
@@ -723,7 +838,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_at_its_connection_limit_is_refused_and_others_are_not() {
+    async fn a_client_at_its_connection_limit_is_refused_and_local_addresses_are_one_client() {
         let proxy = proxy_with_limits(Some(upstream(1).await), Duration::from_secs(5), 8, 2).await;
         let mut held = Vec::new();
         for _ in 0..2 {
@@ -738,16 +853,17 @@ mod tests {
             proxy.stats.tcp.dropped_client_limit.load(Ordering::Relaxed),
             1
         );
-
+        // Another loopback address is the same client (this namespace): no extra share.
         let mut other = connect_from("127.0.0.2", proxy.local_addr).await;
         write_message(&mut other, &query(4)).await.unwrap();
+        assert!(matches!(read_message(&mut other).await, Ok(None) | Err(_)));
         assert_eq!(
-            read_message(&mut other).await.unwrap(),
-            Some(answer_to(&query(4)))
+            proxy.stats.tcp.dropped_client_limit.load(Ordering::Relaxed),
+            2
         );
         // A connection that closes gives its client's slot back.
         drop(held.pop());
-        wait_until(|| proxy.tasks.len() == 2).await;
+        wait_until(|| proxy.tasks.len() == 1).await;
         let mut again = connect_from("127.0.0.1", proxy.local_addr).await;
         write_message(&mut again, &query(5)).await.unwrap();
         assert_eq!(

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     DRAIN_QUIET, OriginalDestinations,
     mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
-    per_client::{ClientSlot, PerClientLimit},
+    per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
     stats::Stats,
     upstream_for, wire,
 };
@@ -76,7 +76,8 @@ struct Pending {
     /// Where the query was sent (the block address that names `original`): the answer
     /// leaves from there, so the client's connected socket takes it.
     reply_from: IpAddr,
-    /// A keyed hash of the query's question bytes: the answer must repeat them exactly.
+    /// A keyed hash of the query's question ([`wire::hash_question`]): an answer that has a
+    /// question must ask the same one, letter case aside.
     question: u64,
     started: Instant,
     /// "name=... type=..." when debug logging is on.
@@ -142,6 +143,9 @@ pub struct UdpProxy<D> {
     stats: Arc<Stats>,
     overload_log: RateLimited,
     client_limit_log: RateLimited,
+    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
+    /// them as fast as it likes, the log gets a line now and then.
+    refusal_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
 }
@@ -247,6 +251,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
             client_limit_log: RateLimited::new(Duration::from_secs(10)),
+            refusal_log: RateLimited::new(Duration::from_secs(10)),
             upstream_log: RateLimited::new(Duration::from_secs(10)),
             stray_log: RateLimited::new(Duration::from_secs(10)),
         });
@@ -378,14 +383,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.drop_malformed(datagram, client);
             return None;
         };
-        let (original, upstream, reply_from) = self.route(client, arrival)?;
-        let client_slot = self.client_slot(client)?;
+        let (original, upstream, reply_from, local) = self.route(client, arrival)?;
+        let client_slot = self.client_slot(if local { LOCAL_CLIENT } else { client.ip() })?;
+        let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
         };
         let started = Instant::now();
-        let question = self.question_hasher.hash_one(question);
+        let question = self.question_key(question);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
         let pending = |socket| Pending {
@@ -398,20 +404,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             description,
             _client_slot: client_slot,
         };
-        self.register(pool, upstream, id, pending, pick)
+        self.register(pool, upstream, id, pending, pick, within_fair_share)
     }
 
     /// One of the client's --max-inflight-per-client, or `None` (counted) if it has them all.
-    fn client_slot(&self, client: SocketAddr) -> Option<ClientSlot> {
-        let slot = self.settings.per_client.try_acquire(client.ip());
+    fn client_slot(&self, client: IpAddr) -> Option<ClientSlot> {
+        let slot = self.settings.per_client.try_acquire(client);
         if slot.is_none() {
             Stats::add(&self.stats.udp.dropped_client_limit);
             let limit = self.settings.per_client.limit();
             self.client_limit_log.warn(|dropped| {
                 format!(
-                    "{} has {limit} queries in flight (--max-inflight-per-client): dropped \
-                     {dropped} queries of clients at their limit",
-                    client.ip()
+                    "{client} has {limit} queries in flight (--max-inflight-per-client): \
+                     dropped {dropped} queries of clients at their limit"
                 )
             });
         }
@@ -427,13 +432,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Where the query of `client`, which arrived as `arrival` says, goes: (the server it
-    /// asked, the upstream to send it to, the address to answer from); `None` if it must be
-    /// dropped.
+    /// asked, the upstream to send it to, the address to answer from, whether it came from
+    /// this namespace); `None` if it must be dropped.
     fn route(
         &self,
         client: SocketAddr,
         arrival: Option<Arrival>,
-    ) -> Option<(SocketAddr, SocketAddr, IpAddr)> {
+    ) -> Option<(SocketAddr, SocketAddr, IpAddr, bool)> {
         // The address it was sent to names its server; a listener address names none.
         let routed = arrival.and_then(|at| {
             let reached = SocketAddr::new(at.destination, self.local_addr.port());
@@ -454,10 +459,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.settings.upstream_override,
             &self.destinations,
         ) {
-            Ok(upstream) => Some((original, upstream, arrival.destination)),
+            Ok(upstream) => Some((original, upstream, arrival.destination, from_this_namespace)),
             Err(refusal) => {
                 self.stats.udp.refused(refusal);
-                log::warn!("dropping query from {client} to {original}: {refusal}");
+                self.refusal_log.warn(|dropped| {
+                    format!(
+                        "dropping query from {client} to {original}: {refusal} ({dropped} \
+                         refused)"
+                    )
+                });
                 None
             }
         }
@@ -480,6 +490,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
         pick: u64,
+        within_fair_share: bool,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         let mut slots = pool.slots.lock().expect("not poisoned");
@@ -514,8 +525,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         let mut table = self.pending.lock().expect("not poisoned");
-        // The limit is the agent's, over all UDP threads (which may pass it by one each).
-        if (stats.inflight.load(Ordering::Relaxed) as usize) < self.settings.max_inflight {
+        // The limit is the agent's, over all UDP threads (which may pass it by one each). A
+        // client within its fair share passes it, up to twice the limit.
+        let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
+        let max = self.settings.max_inflight;
+        if inflight < max || (within_fair_share && inflight < 2 * max) {
             for offset in 0..slots.len() {
                 let socket = &slots[(start + offset) % slots.len()];
                 let key = PendingKey {
@@ -633,12 +647,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream: from,
             id,
         });
-        let question = wire::question(datagram).map(|q| self.question_hasher.hash_one(q));
+        // An answer with no question (a FORMERR or NOTIMP from a server that does not echo
+        // it) matches on socket, server and ID alone, as it would for the client.
+        let question =
+            wire::question(datagram).map(|q| (!q.is_empty()).then(|| self.question_key(q)));
         let pending = answer_to.and_then(|key| {
             let mut table = self.pending.lock().expect("not poisoned");
-            // Only the exact question asked takes the slot; anything else leaves it waiting.
-            match table.get(&key) {
-                Some(pending) if Some(pending.question) == question => table.remove(&key),
+            // Only the question asked takes the slot; anything else leaves it waiting.
+            match (table.get(&key), question) {
+                (Some(pending), Some(asked)) if asked.is_none_or(|q| q == pending.question) => {
+                    table.remove(&key)
+                }
                 _ => None,
             }
         });
@@ -652,6 +671,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         stats.settled(1);
         pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
         Some(pending)
+    }
+
+    /// The keyed hash of a question that the answer check compares.
+    fn question_key(&self, question: &[u8]) -> u64 {
+        let mut hasher = self.question_hasher.build_hasher();
+        wire::hash_question(question, &mut hasher);
+        std::hash::Hasher::finish(&hasher)
     }
 
     /// Forgets, every so often, the queries not answered within the upstream timeout. Their
@@ -704,9 +730,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         client: SocketAddr,
         pick: u64,
     ) -> Option<(u64, SocketAddr)> {
+        // As a pod's query arrives: over its own interface, each client a client of its own.
         let arrival = Some(Arrival {
             destination: self.local_addr.ip(),
-            ifindex: LOOPBACK_IFINDEX,
+            ifindex: LOOPBACK_IFINDEX + 1,
         });
         self.register_query(datagram, client, arrival, pick)
             .map(|(key, socket)| (socket.id, key.upstream))
@@ -861,7 +888,7 @@ mod tests {
                         other_port.send_to(&answer, from).await.unwrap();
                     }
                     "question" => {
-                        answer[13] = b'E'; // "Example": same name to DNS, other bytes
+                        answer[14] = b'y'; // "eyample": another name
                         socket.send_to(&answer, from).await.unwrap();
                     }
                     _ => unreachable!(),
@@ -885,6 +912,54 @@ mod tests {
                 proxy.stats.udp.answered.load(Ordering::Relaxed),
                 0,
                 "{wrong}"
+            );
+        }
+    }
+
+    /// An upstream that answers as some servers do: the question in another letter case, or
+    /// a FORMERR with no question section at all.
+    async fn loose_upstream(how: &'static str) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+                let answer = match how {
+                    "case" => {
+                        let mut answer = answer_to(&buf[..len]);
+                        answer[13..20].make_ascii_uppercase(); // "EXAMPLE"
+                        answer
+                    }
+                    "formerr" => {
+                        // The header alone: QR, RCODE 1, every count 0.
+                        let mut answer = buf[..12].to_vec();
+                        answer[2] |= 0x80;
+                        answer[3] = (answer[3] & 0xf0) | 1;
+                        answer[4..12].fill(0);
+                        answer
+                    }
+                    _ => unreachable!(),
+                };
+                socket.send_to(&answer, from).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn answers_the_client_would_take_are_relayed_a_case_change_or_no_question() {
+        for how in ["case", "formerr"] {
+            let upstream = loose_upstream(how).await;
+            let proxy = proxy(Some(upstream), 8).await;
+            let answer = ask(&proxy, QUERY)
+                .await
+                .unwrap_or_else(|| panic!("{how}: dropped"));
+            assert_eq!(answer[..2], QUERY[..2], "{how}");
+            assert_eq!(
+                proxy.stats.udp.dropped_stray.load(Ordering::Relaxed),
+                0,
+                "{how}"
             );
         }
     }
@@ -933,19 +1008,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_at_its_own_limit_is_shed_and_others_are_still_forwarded() {
-        let proxy = proxy_with_limits(Some(upstream(true).await), 8, 2).await;
-        let flooder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        for id in 0..5u16 {
+        // Only registered, never sent: a server no one reaches will do, and one that is not
+        // loopback, which pods may not ask.
+        let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 8, 2).await;
+        // Two pods, as their queries arrive over their own interface.
+        let pod = |n: u8| -> SocketAddr { (Ipv4Addr::new(10, 0, 0, n), 40000).into() };
+        let register = |client: SocketAddr, id: u16| {
             let mut query = QUERY.to_vec();
             query[..2].copy_from_slice(&id.to_be_bytes());
-            flooder.send_to(&query, proxy.local_addr).await.unwrap();
-        }
-        // Another address (any 127/8 address is this host's loopback) is another client.
-        let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-        other.send_to(QUERY, proxy.local_addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            let arrival = Some(Arrival {
+                destination: proxy.local_addr.ip(),
+                ifindex: LOOPBACK_IFINDEX + 1,
+            });
+            proxy.register_query(&query, client, arrival, 0).is_some()
+        };
+        let flooded: Vec<bool> = (0..5).map(|id| register(pod(1), id)).collect();
+        assert_eq!(flooded, [true, true, false, false, false]);
+        assert!(register(pod(2), 9), "another client is still forwarded");
         let udp = &proxy.stats.udp;
-        assert_eq!(udp.forwarded.load(Ordering::Relaxed), 3);
         assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 3);
         assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 0);
         assert_eq!(proxy.settings.per_client.clients(), 2);
@@ -953,6 +1033,52 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(proxy.settings.per_client.clients(), 0);
         assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn local_addresses_are_one_client_however_many_there_are() {
+        let proxy = proxy_with_limits(Some(upstream(true).await), 8, 2).await;
+        for (n, local) in ["127.0.0.1:0", "127.0.0.2:0", "127.0.0.3:0"]
+            .iter()
+            .enumerate()
+        {
+            let socket = UdpSocket::bind(local).await.unwrap();
+            let mut query = QUERY.to_vec();
+            query[..2].copy_from_slice(&(n as u16).to_be_bytes());
+            socket.send_to(&query, proxy.local_addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let udp = &proxy.stats.udp;
+        assert_eq!(udp.forwarded.load(Ordering::Relaxed), 2);
+        assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.settings.per_client.clients(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_client_within_its_fair_share_passes_a_limit_others_filled() {
+        // 4 in flight at most, 4 per client: one client alone can fill the agent. Queries are
+        // only registered, never sent.
+        let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+        let pod = |n: u8| -> SocketAddr { (Ipv4Addr::new(10, 0, 0, n), 40000).into() };
+        let register = |client: SocketAddr, id: u16| {
+            let mut query = QUERY.to_vec();
+            query[..2].copy_from_slice(&id.to_be_bytes());
+            let arrival = Some(Arrival {
+                destination: proxy.local_addr.ip(),
+                ifindex: LOOPBACK_IFINDEX + 1,
+            });
+            proxy.register_query(&query, client, arrival, 0).is_some()
+        };
+        let flooder: Vec<bool> = (0..5).map(|id| register(pod(1), id)).collect();
+        assert_eq!(flooder, [true, true, true, true, false], "its own limit");
+        // Two clients now: a fair share is 2. The other gets its 2 past the full agent.
+        let other: Vec<bool> = (10..13).map(|id| register(pod(2), id)).collect();
+        assert_eq!(other, [true, true, false]);
+        let udp = &proxy.stats.udp;
+        assert_eq!(udp.forwarded.load(Ordering::Relaxed), 6);
+        assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
+        // The flooder is past its share: the full agent refuses it.
+        assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! Hardening, in the real kernel: forged answers at the proxy's upstream socket while a real
 //! lookup is in flight, the agent's privileges once it serves, and a flooding pod.
-use std::{fs, process::Stdio};
+use std::{fs, process::Stdio, thread};
 
 use tests::Process;
 
@@ -8,6 +8,7 @@ use super::*;
 
 const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 const SPOOF: &str = env!("CARGO_BIN_EXE_spoof-answers");
+const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 /// dns-probe's query ID (`QUERY_ID` there), which the proxy forwards unchanged.
 const PROBE_QUERY_ID: &str = "23063";
 
@@ -124,6 +125,19 @@ fn once_serving_the_agent_holds_no_capability_and_still_answers_and_stops_cleanl
                 .contains("dropped all capabilities")
                 .then_some(())
         },
+    );
+    // Undumpable: another root process without CAP_SYS_PTRACE cannot read its /proc files
+    // (while dumpable, the same user may).
+    let environ = format!("/proc/{}/environ", agent.process().id());
+    let reader = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-all", "cat"])
+        .arg(&environ)
+        .output()
+        .expect("run setpriv");
+    assert!(
+        !reader.status.success()
+            && String::from_utf8_lossy(&reader.stderr).contains("Permission denied"),
+        "{environ} was readable: {reader:?}"
     );
     let threads = thread_privileges(agent.process().id());
     assert!(threads.len() >= 3, "main and two UDP threads: {threads:?}");
@@ -258,4 +272,108 @@ fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
         "{}",
         agent.log()
     );
+}
+
+/// Another root process of the agent's namespace joins the listeners' SO_REUSEPORT group on
+/// the listen address while workloads resolve: it receives none of their queries (sk_lookup
+/// picks the agent's own sockets, past the group).
+#[test]
+fn a_process_joining_the_listener_group_receives_no_query() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &["--udp-threads=2"]);
+    let mut joiner = Process::spawn(
+        topology
+            .outsider(HOSTILE, &["join", PROXY_LISTEN, "6"])
+            .stdout(Stdio::piped()),
+    );
+    let mut joined = BufReader::new(joiner.take_stdout());
+    let mut line = String::new();
+    joined.read_line(&mut line).expect("read the joiner");
+    assert_eq!(
+        line.trim(),
+        "joined",
+        "the group could be joined: the test means something"
+    );
+    for mode in ["connect", "sendto"] {
+        let summary = String::from_utf8_lossy(
+            &must(&mut topology.workload(
+                HOSTILE,
+                &[
+                    "lookups",
+                    mode,
+                    &format!("{SERVER_IP}:53"),
+                    "joined.example.test",
+                    "40",
+                    "--expect",
+                    &ANSWER_IP.to_string(),
+                ],
+            ))
+            .stdout,
+        )
+        .trim()
+        .to_owned();
+        assert_eq!(summary, "right=40 wrong=0 failed=0", "{mode}");
+    }
+    // It reports when its time is up.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut joined, &mut rest).expect("read the joiner");
+    assert_eq!(rest.trim(), "received=0");
+    assert!(joiner.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Eight pods flood a server that answers after 3 s, together far past `--max-inflight`;
+/// a ninth pod, within its fair share, resolves every lookup.
+#[test]
+fn a_pod_within_its_fair_share_is_never_refused_because_of_others() {
+    use tests::node::{NODE_LISTEN, NodeTopology};
+
+    let node = NodeTopology::with_pods(9);
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    node.add_server_address(SECOND_SERVER_IP);
+    let mut slow = node.server.command(TEST_UPSTREAM);
+    slow.args([&format!("{SECOND_SERVER_IP}:53"), "3000", "198.51.100.9"]);
+    let _slow = Process::spawn(&mut slow);
+    // The default limits: 4096 in flight, 1024 per client, so four flooders fill the agent.
+    let _agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[
+            format!("--listen={NODE_LISTEN}:53"),
+            format!("--metrics={METRICS}"),
+        ],
+    );
+    let server = format!("{SECOND_SERVER_IP}:53");
+    let flooders: Vec<Process> = (0..8)
+        .map(|pod| {
+            let mut command = node.pod(pod, FLOOD, &[&server, "1500", "9000", "5"]);
+            command.stdout(Stdio::null());
+            Process::spawn(&mut command)
+        })
+        .collect();
+    // Once the flood has filled the agent: overload is being counted.
+    wait_for("the agent to be full", Duration::from_secs(10), || {
+        let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+        (value(
+            &page,
+            "dns_proxy_dropped_total{protocol=\"udp\",reason=\"overload\"}",
+        ) > 0)
+            .then_some(())
+    });
+    // One try each, 1 s: a refused query is a failed lookup.
+    let server = format!("{SERVER_IP}:53");
+    let mut steady = Process::spawn(
+        node.pod(8, STEADY, &[&server, "1000", "1", "5", "2"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    thread::sleep(Duration::from_secs(2));
+    let line = steady.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _first_try, retried, failed] = steady_outcome(&line);
+    assert!(lookups > 50, "{line}");
+    assert_eq!(
+        (failed, retried),
+        (0, 0),
+        "the ninth pod was refused: {line}"
+    );
+    drop(flooders);
 }
