@@ -516,7 +516,14 @@ fn impersonates_proxy4(ctx: &SockAddr, source: Option<u32>) -> bool {
     }
     let from_block = index_in_block4(&config, ctx.local_ip4()).is_some()
         || source.is_some_and(|source| index_in_block4(&config, source).is_some());
-    from_block && refuse_unless_excluded()
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
+}
+
+/// Whether the send guard applies to this socket: everywhere in node mode (the block is
+/// routed to the node from every namespace), only in the agent's namespace in host mode
+/// (another namespace's 127.53.x.y is its own, and nothing is decoded there).
+fn guarded_here(ctx: &SockAddr, config: &RedirectConfig) -> bool {
+    config.foreign_namespaces != 0 || in_agent_namespace(ctx, config)
 }
 
 /// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
@@ -533,7 +540,7 @@ fn impersonates_proxy6(ctx: &SockAddr, source: Option<[u32; 4]>) -> bool {
         }
     };
     let from_block = in_block(ctx.local_ip6()) || source.is_some_and(in_block);
-    from_block && refuse_unless_excluded()
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
 }
 
 /// Whether to refuse a socket's use of a block address on the proxy's port: always, but for

@@ -129,8 +129,9 @@ pub struct ProxyArgs {
 
     /// Most queries one client address may have forwarded at once; beyond it that client's
     /// new queries are dropped (and counted), so one flooding workload cannot use up
-    /// --max-inflight for the others. A pod in node mode is one client; on a host, all local
-    /// processes come from loopback and share one limit.
+    /// --max-inflight for the others. A pod in node mode is one client; the agent's own
+    /// network namespace (every process on a host) is one client. A client within its fair
+    /// share of --max-inflight is admitted even when others filled it.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: u32,
 

@@ -1,7 +1,7 @@
 //! The DNS side of the proxy: listeners, forwarding, and the wire-format helpers they share.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -77,6 +77,13 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// Whether `addr` is the proxy's own (one of its listeners, or an address of its blocks
     /// on its port): a query forwarded there would come back.
     fn is_proxy(&self, addr: SocketAddr) -> bool;
+
+    /// Whether a TCP client's source says it is of the agent's own network namespace (one
+    /// client for the per-client limits): in host mode every client is (sk_lookup lets
+    /// nothing else in), in node mode one from loopback or from a block address (the route
+    /// of a block picks its first address as the source; no other namespace can complete a
+    /// handshake from there).
+    fn is_local_client(&self, client: IpAddr) -> bool;
 }
 
 /// The kernel's table of servers with a copy of what was read of it, so that a query costs
@@ -114,6 +121,11 @@ impl OriginalDestinations for CachedServers {
         let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         self.listeners.contains(&canonical) || self.table.is_block_address(canonical)
     }
+
+    fn is_local_client(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.table.host_mode() || client.is_loopback() || self.table.is_block_ip(client)
+    }
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
@@ -123,6 +135,10 @@ impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
 
     fn is_proxy(&self, addr: SocketAddr) -> bool {
         T::is_proxy(self, addr)
+    }
+
+    fn is_local_client(&self, client: IpAddr) -> bool {
+        T::is_local_client(self, client)
     }
 }
 
@@ -154,6 +170,10 @@ impl OriginalDestinations for FixedDestination {
 
     fn is_proxy(&self, addr: SocketAddr) -> bool {
         self.proxy == Some(addr)
+    }
+
+    fn is_local_client(&self, client: IpAddr) -> bool {
+        client.to_canonical().is_loopback()
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     error::Error as _,
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
 };
@@ -635,6 +635,20 @@ impl ServerTable {
                 None
             }
         }
+    }
+
+    /// Host mode: the IPv4 block is loopback, so only this namespace reaches the proxy.
+    pub fn host_mode(&self) -> bool {
+        self.block4.addresses.first().is_loopback()
+    }
+
+    /// Whether `ip` is in one of the proxy's blocks (on any port).
+    pub fn is_block_ip(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.block4.addresses.contains(ip)
+            || self
+                .block6
+                .is_some_and(|block| block.addresses.contains(ip))
     }
 
     /// Whether `addr` is one of the proxy's block addresses on its port.

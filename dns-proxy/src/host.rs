@@ -30,14 +30,13 @@ pub enum HostError {
         block: AddressBlock,
         source: io::Error,
     },
-    #[error(
-        "--state-dir {path}: {problem}; mount bpffs (`mount -t bpf bpf /sys/fs/bpf`) or give \
-         a directory on one"
-    )]
+    #[error("--state-dir {path}: {problem}")]
     StateDir { path: PathBuf, problem: String },
     #[error(
-        "{path}: {problem}; remove it (`rm {path}`) while no agent runs: the table of servers \
-         starts anew (sockets sent to the old addresses are refused once, then go through)"
+        "{path}: {problem}; to start anew, remove the table's directory (`rm -r {dir}`) while \
+         no agent runs, and restart clients whose sockets outlive it (an old address may then \
+         name another server)",
+        dir = path.parent().unwrap_or(path).display()
     )]
     Pin { path: PathBuf, problem: String },
     #[error("{flag} {block}: {problem}")]
@@ -73,8 +72,8 @@ pub fn prepare_state_dir(
     block4: AddressBlock,
     block6: AddressBlock,
 ) -> Result<PathBuf, HostError> {
-    // bpffs takes no '.' in a name: 127.53.0.0/16 and fd53::/112 become
-    // `127_53_0_0-16+fd53__-112`.
+    // bpffs takes no '.' in a name: 127.53.0.0/16 and fd53:6e73:6470::/112 become
+    // `127_53_0_0-16+fd53_6e73_6470__-112`.
     let name = format!(
         "{}-{}+{}-{}",
         block4.first(),
@@ -86,17 +85,19 @@ pub fn prepare_state_dir(
     let pins = path.join(name);
     prepare_bpffs_dir(path)?;
     for dir in [path, pins.as_path()] {
+        let created = !dir.exists();
         fs::create_dir_all(dir).map_err(|err| HostError::StateDir {
             path: dir.to_owned(),
             problem: format!("cannot create it: {err}"),
         })?;
-        own_exclusively(dir)?;
+        own_exclusively(dir, created)?;
     }
     Ok(pins)
 }
 
-/// Refuses a directory another user owns; makes one of ours `0700`.
-fn own_exclusively(dir: &Path) -> Result<(), HostError> {
+/// Refuses a directory another user owns, or one others may write to; makes one the agent
+/// has just created `0700`.
+fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let problem = |problem: String| HostError::StateDir {
         path: dir.to_owned(),
@@ -112,9 +113,15 @@ fn own_exclusively(dir: &Path) -> Result<(), HostError> {
             metadata.uid()
         )));
     }
-    if metadata.mode() & 0o077 != 0 {
+    if created {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|err| problem(format!("cannot make it 0700: {err}")))?;
+    } else if metadata.mode() & 0o022 != 0 {
+        return Err(problem(format!(
+            "others may write to it (mode {:o}): another user could replace the pinned table; \
+             `chmod 0700` it",
+            metadata.mode() & 0o7777
+        )));
     }
     Ok(())
 }
@@ -252,14 +259,19 @@ fn prepare_bpffs_dir(path: &Path) -> Result<(), HostError> {
             .map_err(|err| problem(format!("cannot create {}: {err}", default_mount.display())))?;
         mount_bpffs(default_mount).map_err(|err| {
             problem(format!(
-                "nothing is mounted at /sys/fs/bpf and mounting bpffs there failed: {err}"
+                "nothing is mounted at /sys/fs/bpf and mounting bpffs there failed: {err}; \
+                 mount it (`mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
             ))
         })?;
         log::info!("mounted bpffs at /sys/fs/bpf");
     }
     fs::create_dir_all(path).map_err(|err| problem(format!("cannot create it: {err}")))?;
     if !is_bpffs(path) {
-        return Err(problem("not on a bpf filesystem".to_owned()));
+        return Err(problem(
+            "not on a bpf filesystem; give a directory on one, or mount one \
+             (`mount -t bpf -o mode=0700 bpf DIR`)"
+                .to_owned(),
+        ));
     }
     Ok(())
 }
@@ -325,6 +337,14 @@ fn add_local_route(block: AddressBlock) -> io::Result<()> {
     ]);
     message.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
     push_attribute(&mut message, libc::RTA_DST, &address);
+    // IPv4: the block's first address (which names no server) as the source of what this
+    // host sends to the block; without it the kernel picks the destination itself, and a
+    // socket on the proxy's port could send from a server's address without binding it.
+    // (IPv6 picks a source among assigned addresses only, never a routed one, and takes no
+    // unassigned preferred source.)
+    if family == libc::AF_INET as u8 {
+        push_attribute(&mut message, libc::RTA_PREFSRC, &address);
+    }
     push_attribute(&mut message, libc::RTA_OIF, &loopback);
     let len = message.len() as u32;
     message[..4].copy_from_slice(&len.to_ne_bytes());

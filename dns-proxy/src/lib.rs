@@ -71,10 +71,7 @@ pub enum RunError {
     DropPrivileges(io::Error),
     #[error(transparent)]
     Host(#[from] host::HostError),
-    #[error(
-        "cannot hold {lock}: {source} (another dns-proxy serves this block on this port: stop \
-         it, or give this one another --redirect-block or port)"
-    )]
+    #[error("cannot hold {lock}: {source}{hint}", hint = block_hint(source))]
     BlockInUse { lock: SocketAddr, source: io::Error },
 }
 
@@ -85,6 +82,15 @@ pub enum Outcome {
     Stopped,
     /// The command of `exec` exited with this status.
     CommandExited(ExitStatus),
+}
+
+fn block_hint(err: &io::Error) -> &'static str {
+    if err.kind() == io::ErrorKind::AddrInUse {
+        " (another dns-proxy serves this block on this port: stop it, or give this one another \
+         --redirect-block or port)"
+    } else {
+        ""
+    }
 }
 
 fn listen_hint(err: &io::Error) -> &'static str {

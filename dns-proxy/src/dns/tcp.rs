@@ -253,10 +253,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 return;
             }
         };
-        // The agent's own namespace is one client: from loopback, or from the very block
-        // address it reached (the route of a `local` block picks it as the source).
-        let local = client.ip().to_canonical().is_loopback()
-            || reached.is_some_and(|at| at.ip().to_canonical() == client.ip().to_canonical());
+        // The agent's own namespace is one client, whatever local address it sends from.
+        let local = self.destinations.is_local_client(client.ip());
         let key = if local { LOCAL_CLIENT } else { client.ip() };
         let Some(client_slot) = self.settings.per_client.try_acquire(key) else {
             Stats::add(&stats.dropped_client_limit);
@@ -636,7 +634,7 @@ mod tests {
     }
 
     /// The drain race, deterministic: a connection is draining with nothing outstanding when
-    /// a query's first byte arrives, and the rest a moment later. The watchdog must not close
+    /// a query's first byte arrives, and the rest only after the drain's quiet time. The watchdog must not close
     /// it before the query is read, forwarded and answered.
     #[tokio::test]
     async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
@@ -662,7 +660,8 @@ mod tests {
         let mut frame = Vec::new();
         write_message(&mut frame, &query(7)).await.unwrap();
         client.write_all(&frame[..1]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Longer than the drain's quiet time: only the half-read query keeps it open.
+        tokio::time::sleep(super::super::DRAIN_QUIET * 3).await;
         client.write_all(&frame[1..]).await.unwrap();
         let forwarded = timeout(Duration::from_secs(2), read_message(&mut upstream))
             .await

@@ -62,7 +62,7 @@ fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
 }
 
 /// The question section of a message with at most one question (empty for none), as bytes:
-/// an answer must carry the very bytes its query asked, case included.
+/// what the answer check compares ([`hash_question`]).
 pub fn question(message: &[u8]) -> Option<&[u8]> {
     if message.len() < HEADER_LEN {
         return None;

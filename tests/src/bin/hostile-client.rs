@@ -16,6 +16,9 @@
 //! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
 //!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
 //!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
+//! - `tcp-lookups SERVER NAME`: one TCP lookup after another, each over a fresh connection
+//!   (2 s to answer), until standard input closes; prints `answered=N failed=N` and, on
+//!   stderr, why each failed one did.
 //! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
 //! - `spoof FROM SOURCE TO`: binds a UDP socket at FROM and sends TO a datagram from SOURCE
 //!   (`IP_PKTINFO`), as a forger of answers would; prints `sent` or `refused: ERROR`.
@@ -333,6 +336,55 @@ fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
     Ok(())
 }
 
+fn tcp_lookups(server: SocketAddr, name: &str) -> Result<(), String> {
+    use std::{
+        net::TcpStream,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (mut answered, mut failed) = (0u64, 0u64);
+    let mut i = 0u16;
+    while !done.load(Ordering::Relaxed) {
+        i = i.wrapping_add(1);
+        let query = tests::a_query(i, &format!("t{i}.{name}"));
+        let lookup = || -> std::io::Result<Vec<u8>> {
+            let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut frame = (query.len() as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(&query);
+            stream.write_all(&frame)?;
+            let mut length = [0u8; 2];
+            stream.read_exact(&mut length)?;
+            let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+            stream.read_exact(&mut answer)?;
+            Ok(answer)
+        };
+        match lookup() {
+            Ok(answer) if answer[..2] == query[..2] && single_a_record(&answer).is_some() => {
+                answered += 1
+            }
+            Ok(_) => {
+                failed += 1;
+                eprintln!("lookup {i}: a wrong answer");
+            }
+            Err(err) => {
+                failed += 1;
+                eprintln!("lookup {i}: {err}");
+            }
+        }
+    }
+    println!("answered={answered} failed={failed}");
+    Ok(())
+}
+
 fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
     let from: SocketAddr = parse(from, "IP:PORT")?;
     let source: Ipv4Addr = parse(source, "an IPv4 address")?;
@@ -409,6 +461,12 @@ fn main() -> ExitCode {
                 .and_then(|addr| Ok((addr, parse::<u64>(seconds, "seconds")?)))
                 .and_then(|(addr, seconds)| join(addr, seconds)),
             _ => Err("join ADDR SECONDS".to_owned()),
+        },
+        Some("tcp-lookups") => match &args[1..] {
+            [server, name] => {
+                parse::<SocketAddr>(server, "IP:PORT").and_then(|server| tcp_lookups(server, name))
+            }
+            _ => Err("tcp-lookups SERVER NAME".to_owned()),
         },
         Some("spoof") => match &args[1..] {
             [from, source, to] => spoof(from, source, to),

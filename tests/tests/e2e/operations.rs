@@ -441,3 +441,47 @@ fn the_agent_works_with_only_the_capabilities_the_deployments_grant() {
     assert_eq!(probe(&topology, "sendto", name), expected_probe_line());
     forwarded(&agent, name);
 }
+
+/// TCP lookups over fresh connections, one after another, across 20 graceful restarts: every
+/// one is answered (by the agent, by the draining one, or directly while none runs).
+#[test]
+fn tcp_lookups_across_twenty_graceful_restarts_are_all_answered() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    let hostile = env!("CARGO_BIN_EXE_hostile-client");
+    let mut client = tests::Process::spawn(
+        topology
+            .workload(
+                hostile,
+                &[
+                    "tcp-lookups",
+                    &format!("{SERVER_IP}:53"),
+                    "restarts.example.test",
+                ],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut served = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.process().signal(libc::SIGTERM);
+        assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+        served += agent.answered_queries();
+        agent = Agent::start(&topology, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let outcome = client.finish_with_stdout(Duration::from_secs(10));
+    served += agent.answered_queries();
+    let fields: Vec<u64> = outcome
+        .split_whitespace()
+        .filter_map(|field| field.split_once('=')?.1.parse().ok())
+        .collect();
+    let [answered, failed] = fields[..] else {
+        panic!("{outcome}");
+    };
+    assert_eq!(failed, 0, "{outcome}");
+    assert!(answered > 100, "{outcome}");
+    assert!(served > 50, "the agents served {served} of {answered}");
+}
