@@ -5,6 +5,7 @@
 //! its root cgroup's programs, or any address outside the tests' namespaces.
 pub mod answer;
 pub mod bench;
+pub mod chaos;
 pub mod node;
 pub mod race;
 pub mod soak;

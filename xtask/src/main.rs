@@ -72,6 +72,11 @@ enum Task {
         /// Pause between one client thread's lookups.
         #[arg(long, value_name = "MS", default_value_t = 2)]
         interval_ms: u64,
+        /// Chaos: clients in two pods and the node (node mode) and long-lived sockets, while
+        /// the agent is restarted gracefully and by SIGKILL at random intervals; every lookup
+        /// retried once. Fails on a lookup lost after its retry, or growth across instances.
+        #[arg(long)]
+        chaos: bool,
     },
     /// Run the cargo fuzz targets (fuzz/), each for a while; a crash stops it, and the input
     /// that caused it is saved under fuzz/artifacts/. Installs cargo-fuzz if need be.
@@ -102,7 +107,8 @@ fn main() -> Result<()> {
         Task::Soak {
             minutes,
             interval_ms,
-        } => run_soak(&root, minutes, interval_ms),
+            chaos,
+        } => run_soak(&root, minutes, interval_ms, chaos),
         Task::Bench {
             rounds,
             seconds,
@@ -179,7 +185,7 @@ fn run_race(root: &std::path::Path, settings: &race::Settings, modes: &[race::Mo
     Ok(())
 }
 
-fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64) -> Result<()> {
+fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64, chaos: bool) -> Result<()> {
     if !shell::is_root() {
         bail!("the soak needs root (network namespaces, a cgroup, eBPF)");
     }
@@ -197,6 +203,21 @@ fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64) -> Result<()
         duration: std::time::Duration::from_secs(minutes * 60),
         interval: std::time::Duration::from_millis(interval_ms),
     };
+    if chaos {
+        let hostile_client = bin.join("hostile-client");
+        let tools = tests::chaos::Tools {
+            agent: &agent,
+            soak_client: &soak_client,
+            bad_upstream: &bad_upstream,
+            hostile_client: &hostile_client,
+        };
+        let (report, passed) = tests::chaos::run(settings.duration, settings.interval, &tools);
+        print!("{report}");
+        if !passed {
+            bail!("the chaos soak failed (see the verdict above)");
+        }
+        return Ok(());
+    }
     let tools = tests::soak::Tools {
         agent: &agent,
         soak_client: &soak_client,

@@ -1,16 +1,18 @@
 //! The clients of `cargo xtask soak`: several kinds of lookups at once, each kind on a thread
 //! of its own, every outcome counted, until standard input closes.
 //!
-//! Usage: soak-client SERVER:PORT FAILING_SERVER:PORT INTERVAL_MS
+//! Usage: soak-client SERVER:PORT FAILING_SERVER:PORT INTERVAL_MS [RETRIES]
 //! - `udp` (two threads): an A query from a fresh connected UDP socket, as glibc sends it;
 //! - `tcp`: an A query over a fresh TCP connection;
 //! - `large`: the TXT query for tests::BIG_NAME (about 800 bytes) over TCP;
 //! - `failing`: an A query to FAILING_SERVER, which never answers (a short timeout).
 //!
 //! One lookup after another per thread, INTERVAL_MS apart (TCP kinds five times that: the
-//! server forks per connection). No retries: a lookup is answered, or it is not. Prints one
-//! line per kind: `KIND sent=N answered=N timeout=N error=N wrong=N`, then, on stderr, the
-//! first few failures of each kind.
+//! server forks per connection). RETRIES (default 0) more tries, from a fresh socket, for a
+//! lookup that was not answered (not for `failing`): a resolver's retry. Prints one line per
+//! kind: `KIND sent=N answered=N timeout=N error=N wrong=N retried=N` (the counts are of the
+//! last try; `retried`: lookups answered only on a retry), then, on stderr, the first few
+//! failures of each kind.
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test client on std sockets; it resolves no names"
@@ -40,6 +42,7 @@ struct Counts {
     timeout: u64,
     error: u64,
     wrong: u64,
+    retried: u64,
     failures: Vec<String>,
 }
 
@@ -158,9 +161,18 @@ fn lookup(kind: &str, n: u64, server: SocketAddr, failing: SocketAddr) -> Outcom
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [server, failing, interval_ms] = args.as_slice() else {
-        eprintln!("usage: soak-client SERVER:PORT FAILING_SERVER:PORT INTERVAL_MS");
-        std::process::exit(2);
+    let (server, failing, interval_ms, retries) = match args.as_slice() {
+        [server, failing, interval_ms] => (server, failing, interval_ms, 0),
+        [server, failing, interval_ms, retries] => (
+            server,
+            failing,
+            interval_ms,
+            retries.parse().expect("RETRIES"),
+        ),
+        _ => {
+            eprintln!("usage: soak-client SERVER:PORT FAILING_SERVER:PORT INTERVAL_MS [RETRIES]");
+            std::process::exit(2);
+        }
     };
     let server: SocketAddr = server.parse().expect("SERVER:PORT");
     let failing: SocketAddr = failing.parse().expect("FAILING_SERVER:PORT");
@@ -181,9 +193,20 @@ fn main() {
             thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let outcome = lookup(kind, n, server, failing);
+                    let mut outcome = lookup(kind, n, server, failing);
+                    let mut tries = 0;
+                    while !matches!(outcome, Outcome::Answered)
+                        && kind != "failing"
+                        && tries < retries
+                    {
+                        tries += 1;
+                        outcome = lookup(kind, n, server, failing);
+                    }
                     let mut counts = counts.lock().unwrap();
                     counts.sent += 1;
+                    if tries > 0 && matches!(outcome, Outcome::Answered) {
+                        counts.retried += 1;
+                    }
                     let failure = match outcome {
                         Outcome::Answered => {
                             counts.answered += 1;
@@ -231,6 +254,7 @@ fn main() {
                 total.timeout += counts.timeout;
                 total.error += counts.error;
                 total.wrong += counts.wrong;
+                total.retried += counts.retried;
                 total.failures.extend(counts.failures);
             }
             None => merged.push((kind, counts)),
@@ -238,8 +262,8 @@ fn main() {
     }
     for (kind, c) in &merged {
         println!(
-            "{kind} sent={} answered={} timeout={} error={} wrong={}",
-            c.sent, c.answered, c.timeout, c.error, c.wrong
+            "{kind} sent={} answered={} timeout={} error={} wrong={} retried={}",
+            c.sent, c.answered, c.timeout, c.error, c.wrong, c.retried
         );
         for failure in &c.failures {
             eprintln!("{failure}");

@@ -1,0 +1,219 @@
+//! `cargo xtask soak --chaos`: the soak's mixed clients, from several network namespaces (two
+//! pods and the node's own processes), plus long-lived connected sockets, while the agent is
+//! restarted gracefully and killed with SIGKILL and restarted, at random intervals. It passes
+//! when no lookup is lost (each client retries once, as a resolver does: a lookup in flight at
+//! a SIGKILL may need that retry, nothing else should), and the agent's memory and descriptors
+//! do not grow from one instance to the next.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::Path,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    ANSWER_IP, Agent, DnsServer, Process, SECOND_SERVER_IP, SERVER_IP,
+    node::{NODE_LISTEN, NodeTopology},
+    status_kib,
+};
+
+pub struct Tools<'a> {
+    pub agent: &'a Path,
+    pub soak_client: &'a Path,
+    pub bad_upstream: &'a Path,
+    pub hostile_client: &'a Path,
+}
+
+/// RSS may differ this much between instances (allocator noise) and still count as flat.
+const RSS_SLACK_KIB: u64 = 4096;
+/// Descriptors likewise (the upstream socket pools open and retire sockets as queries come).
+const FD_SLACK: u64 = 40;
+/// A long-lived socket's lookup: every 500 ms, retried once after 1 s on the same socket.
+const LONG_LIVED_INTERVAL_MS: u64 = 500;
+
+/// The agent binary in the node's namespace, in node mode, as the DaemonSet runs it.
+fn start_agent(node: &NodeTopology, agent: &Path) -> Agent {
+    let mut command = node.node.nsenter();
+    command
+        .arg(agent)
+        .arg("run")
+        .arg(format!("--cgroup={}", node.redirected_cgroup().display()))
+        .arg(format!("--listen={NODE_LISTEN}:53"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null());
+    Agent::spawn(command)
+}
+
+/// RSS (KiB) and open descriptors of a process.
+fn resources(pid: u32) -> (u64, u64) {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64);
+    (status_kib(pid, "VmRSS"), fds)
+}
+
+/// A small pseudo-random sequence (xorshift), seeded from the clock: the restarts come at
+/// different moments in every run, and the report says when.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+/// Runs the chaos soak for `duration`; returns the report and whether it passed.
+pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String, bool) {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    node.add_server_address(SECOND_SERVER_IP);
+    let mut bad = node
+        .server
+        .command(tools.bad_upstream.to_str().expect("UTF-8"));
+    bad.args([&format!("{SECOND_SERVER_IP}:53"), "silent"])
+        .stdout(Stdio::null());
+    let _bad = Process::spawn(&mut bad);
+    let mut agent = start_agent(&node, tools.agent);
+
+    let soak_client = tools.soak_client.to_str().expect("UTF-8");
+    let hostile = tools.hostile_client.to_str().expect("UTF-8");
+    let server = format!("{SERVER_IP}:53");
+    let failing = format!("{SECOND_SERVER_IP}:53");
+    let interval_ms = interval.as_millis().to_string();
+    let soak_args = [server.as_str(), failing.as_str(), interval_ms.as_str(), "1"];
+    let long_lived_count = (duration.as_millis() as u64 / LONG_LIVED_INTERVAL_MS).to_string();
+    let interval = LONG_LIVED_INTERVAL_MS.to_string();
+    let long_lived_args = |prefix: &'static str| {
+        [
+            "long-lived".to_owned(),
+            server.clone(),
+            prefix.to_owned(),
+            long_lived_count.clone(),
+            interval.clone(),
+            "1000".to_owned(),
+        ]
+    };
+    let spawn = |mut command: std::process::Command| {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        Process::spawn(&mut command)
+    };
+    let mut clients: Vec<(&str, Process)> = vec![
+        ("pod 0", spawn(node.pod(0, soak_client, &soak_args))),
+        ("pod 1", spawn(node.pod(1, soak_client, &soak_args))),
+        ("node", spawn(node.host(soak_client, &soak_args))),
+    ];
+    let pod_socket = long_lived_args("pod1-ll");
+    let node_socket = long_lived_args("node-ll");
+    let pod_socket: Vec<&str> = pod_socket.iter().map(String::as_str).collect();
+    let node_socket: Vec<&str> = node_socket.iter().map(String::as_str).collect();
+    let mut long_lived: Vec<(&str, Process)> = vec![
+        (
+            "pod 1, one socket",
+            spawn(node.pod(1, hostile, &pod_socket)),
+        ),
+        ("node, one socket", spawn(node.host(hostile, &node_socket))),
+    ];
+
+    let started = Instant::now();
+    let mut random = Random(
+        started.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
+    );
+    let mut events = Vec::new();
+    let mut instances = Vec::new();
+    let (mut graceful, mut killed) = (0, 0);
+    // Restarts every 10 to 30 s, until 10 s before the end (the last instance serves the
+    // clients' last lookups).
+    while started.elapsed() + Duration::from_secs(40) < duration {
+        thread::sleep(Duration::from_secs(10 + random.next(21)));
+        let pid = agent.process().id();
+        instances.push(resources(pid));
+        let at = started.elapsed().as_secs();
+        if random.next(2) == 0 {
+            agent.process().signal(libc::SIGTERM);
+            let status = agent.process().wait_exit(Duration::from_secs(15));
+            events.push(format!("{at:>5} s  graceful restart (exit {status})"));
+            graceful += 1;
+        } else {
+            agent.process().signal(libc::SIGKILL);
+            agent.process().wait_exit(Duration::from_secs(5));
+            events.push(format!("{at:>5} s  SIGKILL and restart"));
+            killed += 1;
+        }
+        agent = start_agent(&node, tools.agent);
+    }
+    thread::sleep(duration.saturating_sub(started.elapsed()));
+    instances.push(resources(agent.process().id()));
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "chaos soak: {} s of mixed lookups from two pods and the node, through an agent \
+         restarted {graceful} times gracefully and {killed} times by SIGKILL\n",
+        duration.as_secs()
+    );
+    let _ = writeln!(report, "restarts:");
+    for event in &events {
+        let _ = writeln!(report, "  {event}");
+    }
+    let _ = writeln!(report, "\nclient outcomes (one retry each):");
+    let (mut lost, mut failing_wrong, mut retried) = (0u64, 0u64, 0u64);
+    for (who, mut client) in clients.drain(..) {
+        let outcomes = client.finish_with_stdout(Duration::from_secs(15));
+        for line in outcomes.lines() {
+            let _ = writeln!(report, "  {who:<18} {line}");
+            let field = |name: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            if line.starts_with("failing") {
+                failing_wrong += field("answered") + field("error") + field("wrong");
+            } else {
+                lost += field("timeout") + field("error") + field("wrong");
+                retried += field("retried");
+            }
+        }
+    }
+    for (who, mut socket) in long_lived.drain(..) {
+        // It ends by itself after its count; closing stdin changes nothing.
+        let outcomes = socket.finish_with_stdout(Duration::from_secs(30));
+        let answered = outcomes.lines().filter(|l| l.contains("answered")).count() as u64;
+        let failed = outcomes.lines().filter(|l| l.contains("failed")).count() as u64;
+        let second_try = outcomes.lines().filter(|l| l.contains("tries=2")).count() as u64;
+        let _ = writeln!(
+            report,
+            "  {who:<18} lookups answered={answered} failed={failed} retried={second_try}"
+        );
+        lost += failed;
+        retried += second_try;
+    }
+    let _ = writeln!(
+        report,
+        "\nthe agent's resources, each instance just before it stopped:"
+    );
+    for (i, (rss, fds)) in instances.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "  instance {:>2}  RSS {rss:>6} KiB  fds {fds:>3}",
+            i + 1
+        );
+    }
+    let (first_rss, first_fds) = instances.first().copied().unwrap_or_default();
+    let grew = instances
+        .iter()
+        .any(|(rss, fds)| *rss > first_rss + RSS_SLACK_KIB || *fds > first_fds + FD_SLACK);
+    let passed = lost == 0 && failing_wrong == 0 && !grew && killed + graceful > 0;
+    let _ = writeln!(
+        report,
+        "\nverdict: {} (lookups lost after their retry: {lost}; answered only on the retry: \
+         {retried}, around {killed} SIGKILLs and {graceful} graceful restarts; failing-upstream \
+         lookups that did not time out: {failing_wrong}; resources {} across instances, \
+         slack {RSS_SLACK_KIB} KiB and {FD_SLACK} fds)",
+        if passed { "PASS" } else { "FAIL" },
+        if grew { "GREW" } else { "flat" },
+    );
+    (report, passed)
+}
