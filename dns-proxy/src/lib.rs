@@ -338,7 +338,7 @@ impl Listeners {
                 }
                 Err(source) => return Err(failed(addr, source)),
             };
-            match TcpListener::bind(bound).await {
+            match bind_tcp_listener(bound) {
                 Ok(tcp) => {
                     self.udp.push(udp);
                     self.tcp.push(tcp);
@@ -355,6 +355,18 @@ impl Listeners {
             }
         }
     }
+}
+
+/// A TCP listener on `addr`, as tokio's `bind` makes it (SO_REUSEADDR, a backlog of 1024),
+/// on a high descriptor (see [`udp_threads::listener_socket`]). Must run inside a tokio
+/// runtime.
+fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket =
+        udp_threads::listener_socket(socket2::Domain::for_address(addr), socket2::Type::STREAM)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Drops every capability on every thread of the agent (this one and the UDP threads), and

@@ -94,14 +94,40 @@ pub fn bind_reuseport_group(
 }
 
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
+    let socket = listener_socket(Domain::for_address(addr), Type::DGRAM)?;
     socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// The lowest descriptor a listening socket may have: above every descriptor the agent has
+/// when it attaches its programs.
+const LISTENER_FDS_FROM: libc::c_int = 256;
+
+/// A non-blocking socket for a listener, on a descriptor above [`LISTENER_FDS_FROM`].
+///
+/// When the agent is killed, the kernel closes its descriptors in ascending order. The
+/// programs' links are made after the listeners; were the listeners' descriptors lower, they
+/// would close first, and for a moment `connect4` would still send new connections to a
+/// listener that is gone (or going: accepted, then reset), so a client's immediate retry
+/// would fail too. With the listeners above the links, the redirect goes first: a retry goes
+/// direct.
+pub fn listener_socket(domain: Domain, kind: Type) -> io::Result<Socket> {
+    let socket = Socket::new(domain, kind.nonblocking().cloexec(), None)?;
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of the same socket, which we own.
+    let high = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::F_DUPFD_CLOEXEC,
+            LISTENER_FDS_FROM,
+        )
+    };
+    if high < 0 {
+        // Under a descriptor limit that low, keep the socket where it is.
+        return Ok(socket);
+    }
+    // SAFETY: `high` is a fresh descriptor nothing else owns; the old one closes with `socket`.
+    Ok(unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(high) })
 }
 
 #[cfg(test)]
