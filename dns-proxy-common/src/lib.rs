@@ -58,6 +58,9 @@ pub mod names {
     pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
+    /// Array of one `u32`: 1 once every program is attached; until then the redirecting
+    /// programs (attached first, so that they detach first) redirect nothing.
+    pub const ARMED: &str = "ARMED";
 
     /// Global holding the [`crate::RedirectConfig`], set at load time.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";

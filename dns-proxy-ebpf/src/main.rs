@@ -23,7 +23,7 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
     },
     macros::{cgroup_sock_addr, map, sk_lookup},
-    maps::{HashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext},
 };
 use dns_proxy_common::{
@@ -89,6 +89,16 @@ static EXCLUDED_CGROUPS: HashMap<u64, u8> =
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.len() as u32, 0);
+
+#[map(name = "ARMED")]
+static ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether the agent has attached every program (it sets `ARMED` last): the redirecting
+/// programs are attached first, so that they are the first detached when the agent dies,
+/// and redirect nothing until the steering and decoding programs are in place.
+fn armed() -> bool {
+    ARMED.get(0).is_some_and(|armed| *armed == 1)
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
@@ -322,7 +332,7 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) {
         return;
     }
     let config = config();
-    if config.capacity4 == 0 || addresses_proxy4(&config, addr, port_be) {
+    if config.capacity4 == 0 || addresses_proxy4(&config, addr, port_be) || !armed() {
         return;
     }
     let server = Endpoint::v4(addr, port_be);
@@ -347,6 +357,9 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
     }
     let addr = ctx.user_ip6();
     let config = config();
+    if !armed() {
+        return;
+    }
     let prefix = v4_mapped_prefix();
     if addr[..3] == prefix {
         if config.capacity4 == 0 || addresses_proxy4(&config, addr[3], port_be) {

@@ -150,8 +150,16 @@ struct ProgramSpec {
     min_kernel: &'static str,
 }
 
-/// In attach order: steering and decoding first, redirects last.
+/// In attach order: the redirecting programs first, but disarmed (`ARMED` is 0 until every
+/// program is attached: they redirect nothing before sk_lookup and the decoding programs are
+/// in place). Their links so get the lowest descriptors, and when the agent is killed the
+/// kernel, closing descriptors in ascending order, detaches the redirect first: no new socket
+/// is sent to a proxy whose steering is already gone.
 const PROGRAMS: &[ProgramSpec] = &[
+    ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
+    ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
+    ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "5.8"),
+    ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
     ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
     ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
@@ -169,10 +177,6 @@ const PROGRAMS: &[ProgramSpec] = &[
         Hook::SockAddr,
         "5.8",
     ),
-    ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
-    ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
-    ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "5.8"),
-    ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
 ];
 
 impl ProgramSpec {
@@ -364,6 +368,8 @@ impl Redirector {
                 }
             }
         }
+        // Every program is in place: the redirect may start.
+        arm(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
@@ -398,6 +404,23 @@ impl Drop for Redirector {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
         log::info!("detaching all programs from {}", self.cgroup);
     }
+}
+
+/// Sets `ARMED`: the redirecting programs start redirecting.
+fn arm(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let name = names::ARMED;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut armed: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map {
+            map: name,
+            source: Box::new(source),
+        })?;
+    armed.set(0, 1, 0).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
@@ -688,9 +711,9 @@ mod tests {
     }
 
     #[test]
-    fn redirecting_programs_attach_last() {
-        let first_redirect = PROGRAMS.iter().position(|p| p.redirects).unwrap();
-        assert!(PROGRAMS[first_redirect..].iter().all(|p| p.redirects));
-        assert_eq!(PROGRAMS.iter().filter(|p| p.redirects).count(), 4);
+    fn redirecting_programs_attach_first_so_they_detach_first() {
+        let redirecting = PROGRAMS.iter().filter(|p| p.redirects).count();
+        assert_eq!(redirecting, 4);
+        assert!(PROGRAMS[..redirecting].iter().all(|p| p.redirects));
     }
 }
