@@ -21,6 +21,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_map_lookup_elem, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sk_lookup},
     maps::{Array, HashMap, PerCpuArray, SockMap},
@@ -94,10 +95,35 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Whether the agent has attached every program (it sets `ARMED` last): the redirecting
-/// programs are attached first, so that they are the first detached when the agent dies,
-/// and redirect nothing until the steering and decoding programs are in place.
+/// programs redirect nothing until the steering and decoding programs are in place.
 fn armed() -> bool {
     ARMED.get(0).is_some_and(|armed| *armed == 1)
+}
+
+/// Whether the proxy's socket for this kind of socket (`LISTENERS`: its TCP listener, or its
+/// first UDP socket, of the family it will be sent to) is alive. A dead agent's sockets leave
+/// the map as the kernel closes them, before its links are gone: from that moment nothing is
+/// sent to it, and a client's retry goes direct.
+fn proxy_alive(sock_type: u32, family: u16) -> bool {
+    let listener = if sock_type == SOCK_STREAM {
+        Listener::Tcp { family }
+    } else {
+        Listener::Udp { family, n: 0 }
+    };
+    let slot = listener_slot(listener);
+    // SAFETY: a lookup in a sockmap with a key on the stack; a socket it returns is released
+    // at once.
+    unsafe {
+        let sock = bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENERS).cast_mut().cast(),
+            core::ptr::addr_of!(slot).cast(),
+        );
+        if sock.is_null() {
+            return false;
+        }
+        bpf_sk_release(sock);
+    }
+    true
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -332,7 +358,11 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) {
         return;
     }
     let config = config();
-    if config.capacity4 == 0 || addresses_proxy4(&config, addr, port_be) || !armed() {
+    if config.capacity4 == 0
+        || addresses_proxy4(&config, addr, port_be)
+        || !armed()
+        || !proxy_alive(ctx.sock_type(), AF_INET)
+    {
         return;
     }
     let server = Endpoint::v4(addr, port_be);
@@ -362,7 +392,10 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
     }
     let prefix = v4_mapped_prefix();
     if addr[..3] == prefix {
-        if config.capacity4 == 0 || addresses_proxy4(&config, addr[3], port_be) {
+        if config.capacity4 == 0
+            || addresses_proxy4(&config, addr[3], port_be)
+            || !proxy_alive(ctx.sock_type(), AF_INET)
+        {
             return;
         }
         let server = Endpoint::v4(addr[3], port_be);
@@ -379,6 +412,7 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) {
         if config.capacity6 == 0
             || (port_be == config.port6 && index_in_block6(&config, addr).is_some())
             || is_link_local6(addr)
+            || !proxy_alive(ctx.sock_type(), AF_INET6)
         {
             return;
         }
