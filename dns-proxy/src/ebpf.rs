@@ -152,9 +152,7 @@ struct ProgramSpec {
 
 /// In attach order: the redirecting programs first, but disarmed (`ARMED` is 0 until every
 /// program is attached: they redirect nothing before sk_lookup and the decoding programs are
-/// in place). Their links so get the lowest descriptors, and when the agent is killed the
-/// kernel, closing descriptors in ascending order, detaches the redirect first: no new socket
-/// is sent to a proxy whose steering is already gone.
+/// in place).
 const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
     ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
@@ -711,7 +709,7 @@ mod tests {
     }
 
     #[test]
-    fn redirecting_programs_attach_first_so_they_detach_first() {
+    fn redirecting_programs_attach_first_and_are_armed_last() {
         let redirecting = PROGRAMS.iter().filter(|p| p.redirects).count();
         assert_eq!(redirecting, 4);
         assert!(PROGRAMS[..redirecting].iter().all(|p| p.redirects));

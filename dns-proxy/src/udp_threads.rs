@@ -106,12 +106,11 @@ const LISTENER_FDS_FROM: libc::c_int = 256;
 
 /// A non-blocking socket for a listener, on a descriptor above [`LISTENER_FDS_FROM`].
 ///
-/// When the agent is killed, the kernel closes its descriptors in ascending order. The
-/// programs' links are made after the listeners; were the listeners' descriptors lower, they
-/// would close first, and for a moment `connect4` would still send new connections to a
-/// listener that is gone (or going: accepted, then reset), so a client's immediate retry
-/// would fail too. With the listeners above the links, the redirect goes first: a retry goes
-/// direct.
+/// When the agent is killed, the kernel releases its files in the reverse order it closes
+/// them, the highest descriptor first (measured here by the chaos soak, which lost lookups
+/// at SIGKILLs otherwise). The listeners, on the highest descriptors, go first: they leave
+/// the `LISTENERS` map, the redirect stops sending sockets to them at once, and only then
+/// are the connections in flight reset, so a client's retry goes direct.
 pub fn listener_socket(domain: Domain, kind: Type) -> io::Result<Socket> {
     let socket = Socket::new(domain, kind.nonblocking().cloexec(), None)?;
     // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of the same socket, which we own.
