@@ -30,7 +30,8 @@ pub struct Tools<'a> {
 const RSS_SLACK_KIB: u64 = 4096;
 /// Descriptors likewise (the upstream socket pools open and retire sockets as queries come).
 const FD_SLACK: u64 = 40;
-/// A long-lived socket's lookup: every 500 ms, retried once after 1 s on the same socket.
+/// A long-lived socket's lookup: every 500 ms, retried once after 2 s on the same socket (glibc
+/// waits 5 s).
 const LONG_LIVED_INTERVAL_MS: u64 = 500;
 
 /// The agent binary in the node's namespace, in node mode, as the DaemonSet runs it.
@@ -93,7 +94,7 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
             prefix.to_owned(),
             long_lived_count.clone(),
             interval.clone(),
-            "1000".to_owned(),
+            "2000".to_owned(),
         ]
     };
     let spawn = |mut command: std::process::Command| {
