@@ -1,4 +1,5 @@
-//! The answers the tests' own DNS servers (test-upstream, bad-upstream) write.
+//! The answers the tests' own DNS servers (test-upstream, bad-upstream) write, and what the
+//! test clients read of them.
 use std::net::Ipv4Addr;
 
 /// What to answer a query with.
@@ -50,4 +51,15 @@ pub fn write_answer(query: &[u8], reply: Reply, out: &mut Vec<u8>) -> bool {
         out.extend_from_slice(&address.octets());
     }
     true
+}
+
+/// The address of an answer's one A record: without EDNS the test servers' answers end with
+/// that record's RDATA. `None` unless it has exactly one answer record.
+pub fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
+    let ancount = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
+    let tail: [u8; 4] = answer
+        .get(answer.len().checked_sub(4)?..)?
+        .try_into()
+        .ok()?;
+    (ancount == 1).then(|| Ipv4Addr::from(tail))
 }

@@ -1006,25 +1006,29 @@ mod tests {
         assert_eq!(proxy.stats.udp.dropped_overload.load(Ordering::Relaxed), 2);
     }
 
+    /// Registers (without sending) query `id` of pod `n` (10.0.0.n), as a pod's query arrives:
+    /// over an interface of its own. Whether it is now in flight.
+    fn register_as_pod(proxy: &Arc<UdpProxy<Fixed>>, n: u8, id: u16) -> bool {
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        let client = (Ipv4Addr::new(10, 0, 0, n), 40000).into();
+        let arrival = Some(Arrival {
+            destination: proxy.local_addr.ip(),
+            ifindex: LOOPBACK_IFINDEX + 1,
+        });
+        proxy.register_query(&query, client, arrival, 0).is_some()
+    }
+
     #[tokio::test]
     async fn a_client_at_its_own_limit_is_shed_and_others_are_still_forwarded() {
         // Only registered, never sent: a server no one reaches will do, and one that is not
         // loopback, which pods may not ask.
         let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 8, 2).await;
         // Two pods, as their queries arrive over their own interface.
-        let pod = |n: u8| -> SocketAddr { (Ipv4Addr::new(10, 0, 0, n), 40000).into() };
-        let register = |client: SocketAddr, id: u16| {
-            let mut query = QUERY.to_vec();
-            query[..2].copy_from_slice(&id.to_be_bytes());
-            let arrival = Some(Arrival {
-                destination: proxy.local_addr.ip(),
-                ifindex: LOOPBACK_IFINDEX + 1,
-            });
-            proxy.register_query(&query, client, arrival, 0).is_some()
-        };
-        let flooded: Vec<bool> = (0..5).map(|id| register(pod(1), id)).collect();
+        let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+        let flooded: Vec<bool> = (0..5).map(|id| register(1, id)).collect();
         assert_eq!(flooded, [true, true, false, false, false]);
-        assert!(register(pod(2), 9), "another client is still forwarded");
+        assert!(register(2, 9), "another client is still forwarded");
         let udp = &proxy.stats.udp;
         assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 3);
         assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 0);
@@ -1059,20 +1063,11 @@ mod tests {
         // 4 in flight at most, 4 per client: one client alone can fill the agent. Queries are
         // only registered, never sent.
         let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
-        let pod = |n: u8| -> SocketAddr { (Ipv4Addr::new(10, 0, 0, n), 40000).into() };
-        let register = |client: SocketAddr, id: u16| {
-            let mut query = QUERY.to_vec();
-            query[..2].copy_from_slice(&id.to_be_bytes());
-            let arrival = Some(Arrival {
-                destination: proxy.local_addr.ip(),
-                ifindex: LOOPBACK_IFINDEX + 1,
-            });
-            proxy.register_query(&query, client, arrival, 0).is_some()
-        };
-        let flooder: Vec<bool> = (0..5).map(|id| register(pod(1), id)).collect();
+        let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+        let flooder: Vec<bool> = (0..5).map(|id| register(1, id)).collect();
         assert_eq!(flooder, [true, true, true, true, false], "its own limit");
         // Two clients now: a fair share is 2. The other gets its 2 past the full agent.
-        let other: Vec<bool> = (10..13).map(|id| register(pod(2), id)).collect();
+        let other: Vec<bool> = (10..13).map(|id| register(2, id)).collect();
         assert_eq!(other, [true, true, false]);
         let udp = &proxy.stats.udp;
         assert_eq!(udp.forwarded.load(Ordering::Relaxed), 6);

@@ -20,24 +20,15 @@
 )]
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
 
+use tests::answer::single_a_record;
+
 const QUERY_ID: u16 = 0x5a17;
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The address of the answer's one A record: without EDNS the test server's answer ends with
-/// that record's RDATA.
-fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
-    let ancount = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
-    let tail: [u8; 4] = answer
-        .get(answer.len().checked_sub(4)?..)?
-        .try_into()
-        .ok()?;
-    (ancount == 1).then(|| Ipv4Addr::from(tail))
-}
 
 /// The local address to send from: any address of the server's family, on `port`.
 fn local_for(server: &SocketAddr, port: u16) -> SocketAddr {
