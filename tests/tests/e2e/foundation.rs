@@ -381,6 +381,37 @@ mod usage_errors {
     }
 
     #[test]
+    fn a_pin_of_another_layout_is_refused() {
+        let topology = Topology::new();
+        let state_dir = topology.client.state_dir();
+        // Where the default blocks' table lives, with a SERVERS of the wrong value size.
+        let table = state_dir.join("127_53_0_0-16+fd53_6e73_6470__-112");
+        std::fs::create_dir_all(&table).expect("mkdir the table's directory");
+        for (name, key, value, entries) in [
+            ("SERVERS", "4", "16", "131072"),
+            ("SERVER_INDEX", "20", "4", "131072"),
+        ] {
+            must(
+                Command::new("bpftool")
+                    .args(["map", "create"])
+                    .arg(table.join(name))
+                    .args([
+                        "type", "hash", "key", key, "value", value, "entries", entries,
+                    ])
+                    .args(["name", name, "flags", "1"]),
+            );
+        }
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
+        assert_one_line_error(
+            &[&cgroup],
+            &["env", &state, "nsenter", &netns, "--"],
+            "SERVERS: a map of another layout",
+        );
+    }
+
+    #[test]
     fn not_root() {
         tests::require_root();
         let nobody = [
