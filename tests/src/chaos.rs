@@ -6,7 +6,6 @@
 //! do not grow from one instance to the next.
 use std::{
     fmt::Write as _,
-    fs,
     path::Path,
     process::Stdio,
     thread,
@@ -16,7 +15,7 @@ use std::{
 use crate::{
     ANSWER_IP, Agent, DnsServer, Process, SECOND_SERVER_IP, SERVER_IP,
     node::{NODE_LISTEN, NodeTopology},
-    status_kib,
+    soak::{resources, start_failing_upstream},
 };
 
 pub struct Tools<'a> {
@@ -47,12 +46,6 @@ fn start_agent(node: &NodeTopology, agent: &Path) -> Agent {
     Agent::spawn(command)
 }
 
-/// RSS (KiB) and open descriptors of a process.
-fn resources(pid: u32) -> (u64, u64) {
-    let fds = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64);
-    (status_kib(pid, "VmRSS"), fds)
-}
-
 /// A small pseudo-random sequence (xorshift), seeded from the clock: the restarts come at
 /// different moments in every run, and the report says when.
 struct Random(u64);
@@ -71,12 +64,7 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
     let node = NodeTopology::new();
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     node.add_server_address(SECOND_SERVER_IP);
-    let mut bad = node
-        .server
-        .command(tools.bad_upstream.to_str().expect("UTF-8"));
-    bad.args([&format!("{SECOND_SERVER_IP}:53"), "silent"])
-        .stdout(Stdio::null());
-    let _bad = Process::spawn(&mut bad);
+    let _bad = start_failing_upstream(&node.server, tools.bad_upstream);
     let mut agent = start_agent(&node, tools.agent);
 
     let soak_client = tools.soak_client.to_str().expect("UTF-8");

@@ -42,11 +42,22 @@ struct Sample {
     fds: u64,
 }
 
+/// bad-upstream, silent, on SECOND_SERVER_IP:53 in `server`: the soaks' failing upstream.
+pub(crate) fn start_failing_upstream(server: &crate::Netns, bad_upstream: &Path) -> Process {
+    let mut bad = server.command(bad_upstream.to_str().expect("UTF-8"));
+    bad.args([&format!("{SECOND_SERVER_IP}:53"), "silent"])
+        .stdout(Stdio::null());
+    Process::spawn(&mut bad)
+}
+
+/// RSS (KiB) and open descriptors of a process.
+pub(crate) fn resources(pid: u32) -> (u64, u64) {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64);
+    (status_kib(pid, "VmRSS"), fds)
+}
+
 fn sample(pid: u32, at: Duration) -> Sample {
-    let rss_kib = status_kib(pid, "VmRSS");
-    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the agent's descriptors")
-        .count() as u64;
+    let (rss_kib, fds) = resources(pid);
     Sample { at, rss_kib, fds }
 }
 
@@ -55,12 +66,7 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> (String, bool) {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     topology.add_server_address(SECOND_SERVER_IP);
-    let mut bad = topology
-        .server
-        .command(tools.bad_upstream.to_str().expect("UTF-8"));
-    bad.args([&format!("{SECOND_SERVER_IP}:53"), "silent"])
-        .stdout(Stdio::null());
-    let _bad = Process::spawn(&mut bad);
+    let _bad = start_failing_upstream(&topology.server, tools.bad_upstream);
     let mut agent = start_agent_binary(&topology, tools.agent, &[&format!("--metrics={METRICS}")]);
     let pid = agent.process().id();
 

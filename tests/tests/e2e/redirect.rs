@@ -70,6 +70,24 @@ fn musl_with_its_second_nameserver_down_resolves_every_name() {
     assert!(agent.query_line("musl-down19.example.test").is_some());
 }
 
+/// A victim's 150 lookups (`connect` or `sendto`) from local port `port`, run by `client`
+/// (hostile-client as a workload); each must be answered by SERVER_IP with ANSWER_IP.
+fn victim_lookups(mode: &str, port: &str, client: impl FnOnce(&[&str]) -> Command) -> String {
+    let (server, answer) = (format!("{SERVER_IP}:53"), ANSWER_IP.to_string());
+    let args = [
+        "lookups",
+        mode,
+        &server,
+        "victim.example.test",
+        "150",
+        "--expect",
+        &answer,
+        "--port",
+        port,
+    ];
+    stdout(&mut client(&args))
+}
+
 /// A victim resolving from 127.0.0.1:`port` in the agent's namespace, while a process of the
 /// redirected cgroup in a namespace of its own (what `unshare -rn` gives any user) binds the
 /// same address and port there and floods queries to another server.
@@ -95,20 +113,7 @@ fn a_process_of_another_namespace_cannot_hijack_a_host_lookup() {
     );
     thread::sleep(Duration::from_millis(300));
     for mode in ["connect", "sendto"] {
-        let summary = stdout(&mut topology.workload(
-            HOSTILE,
-            &[
-                "lookups",
-                mode,
-                &format!("{SERVER_IP}:53"),
-                "victim.example.test",
-                "150",
-                "--expect",
-                &ANSWER_IP.to_string(),
-                "--port",
-                port,
-            ],
-        ));
+        let summary = victim_lookups(mode, port, |args| topology.workload(HOSTILE, args));
         assert_eq!(summary, "right=150 wrong=0 failed=0", "{mode}");
     }
     let flooded = attacker.finish_with_stdout(Duration::from_secs(15));
@@ -160,21 +165,7 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
     );
     thread::sleep(Duration::from_millis(300));
     for mode in ["connect", "sendto"] {
-        let summary = stdout(&mut node.pod(
-            0,
-            HOSTILE,
-            &[
-                "lookups",
-                mode,
-                &format!("{SERVER_IP}:53"),
-                "victim.example.test",
-                "150",
-                "--expect",
-                &ANSWER_IP.to_string(),
-                "--port",
-                port,
-            ],
-        ));
+        let summary = victim_lookups(mode, port, |args| node.pod(0, HOSTILE, args));
         assert_eq!(summary, "right=150 wrong=0 failed=0", "{mode}: {}", drops());
     }
     let flooded = attacker.finish_with_stdout(Duration::from_secs(15));
