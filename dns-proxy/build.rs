@@ -5,7 +5,9 @@
 //! 1. `DNS_PROXY_EBPF_TOOLCHAIN`, if set (a rustup toolchain name);
 //! 2. rustup's `nightly`, if it has the rust-src component (the standard aya setup);
 //! 3. `dns-proxy-bpf`, the toolchain `cargo xtask setup` links from Debian's rustc-web and
-//!    rust-web-src where rustup cannot download rust-src (docs/building.md).
+//!    rust-web-src where rustup cannot download rust-src (docs/building.md);
+//! 4. without rustup at all (the Dockerfile's build stage: Debian's rustc-web alone), the
+//!    `rustc` on PATH, if it has the sources.
 use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -42,6 +44,17 @@ fn main() -> anyhow::Result<()> {
 
 /// The first toolchain that has the standard library's sources.
 fn find_toolchain() -> anyhow::Result<String> {
+    if !has_rustup() {
+        // aya-build then runs the `cargo` and `rustc` on PATH; the name is not used.
+        if has_sources(Command::new("rustc")) {
+            return Ok("current".to_owned());
+        }
+        bail!(
+            "no toolchain can build the eBPF programs: there is no rustup, and the rustc on \
+             PATH has no standard library sources (Debian: `apt-get install rustc-web cargo-web \
+             rust-web-src`)"
+        );
+    }
     for candidate in ["nightly", LINKED_TOOLCHAIN] {
         if has_rust_src(candidate) {
             return Ok(candidate.to_owned());
@@ -54,12 +67,19 @@ fn find_toolchain() -> anyhow::Result<String> {
     )
 }
 
+fn has_rustup() -> bool {
+    Command::new("rustup").arg("--version").output().is_ok()
+}
+
 fn has_rust_src(toolchain: &str) -> bool {
-    let Ok(output) = Command::new("rustup")
-        .args(["run", toolchain, "rustc", "--print", "sysroot"])
-        .env_remove("RUSTC")
-        .output()
-    else {
+    let mut rustc = Command::new("rustup");
+    rustc.args(["run", toolchain, "rustc"]).env_remove("RUSTC");
+    has_sources(rustc)
+}
+
+/// Whether the sysroot of `rustc` holds the standard library's sources.
+fn has_sources(mut rustc: Command) -> bool {
+    let Ok(output) = rustc.args(["--print", "sysroot"]).output() else {
         return false;
     };
     if !output.status.success() {

@@ -119,9 +119,10 @@ fn the_systemd_unit_verifies() {
 }
 
 #[test]
-fn the_dockerfile_builds_in_two_stages_the_way_ci_does() {
-    // No container engine runs here, so the image is not built; its structure is checked with
-    // the parser container tools use, and its build step is the provisioning CI runs.
+fn the_dockerfile_builds_in_two_stages_and_provisions_as_xtask_setup_does() {
+    // The image is built and run by the container tests (e2e `containers`); this checks its
+    // structure with the parser container tools use, and that its build stage provisions the
+    // same toolchain as `cargo xtask setup` (xtask/src/provision.rs), so the two cannot drift.
     let script = r#"
 import json, sys
 from dockerfile_parse import DockerfileParser
@@ -129,7 +130,8 @@ parser = DockerfileParser(path=sys.argv[1])
 print(json.dumps({"stages": [i["value"] for i in parser.structure if i["instruction"] == "FROM"],
                   "runs": [i["value"] for i in parser.structure if i["instruction"] == "RUN"],
                   "copies": [i["value"] for i in parser.structure if i["instruction"] == "COPY"],
-                  "entrypoint": [i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT"]}))
+                  "entrypoint": [i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT"],
+                  "args": [i["value"] for i in parser.structure if i["instruction"] == "ARG"]}))
 "#;
     let stdout = check(
         Command::new(deploy_tool("python"))
@@ -149,11 +151,45 @@ print(json.dumps({"stages": [i["value"] for i in parser.structure if i["instruct
     let stages = strings("stages");
     assert_eq!(stages.len(), 2, "{stages:?}");
     assert!(stages[0].ends_with(" AS build"), "{stages:?}");
+    let provision = fs::read_to_string(repository().join("xtask/src/provision.rs"))
+        .expect("read xtask/src/provision.rs");
+    let linker_version = provision
+        .lines()
+        .find_map(|line| line.strip_prefix("const BPF_LINKER_VERSION: &str = \""))
+        .and_then(|rest| rest.strip_suffix("\";"))
+        .expect("BPF_LINKER_VERSION in provision.rs");
+    let args = strings("args");
     assert!(
-        strings("runs")
-            .iter()
-            .any(|run| run.contains("cargo xtask setup") && run.contains("--locked")),
-        "the build stage must provision as CI does: {stdout}"
+        args.contains(&format!("BPF_LINKER_VERSION={linker_version}")),
+        "the Dockerfile's bpf-linker is not xtask's {linker_version}: {args:?}"
+    );
+    // xtask links Debian's rustc-web when rustup has no rust-src; the Dockerfile installs the
+    // same packages, and builds bpf-linker for that compiler's LLVM.
+    let runs = strings("runs");
+    for package in ["rustc-web", "cargo-web", "rust-web-src"] {
+        assert!(
+            provision.contains(&format!("\"{package}\"")),
+            "{package} not in provision.rs"
+        );
+        assert!(
+            runs.iter().any(|run| run.contains(package)),
+            "{package}: {stdout}"
+        );
+    }
+    let rustc = check(Command::new("/usr/bin/rustc").arg("-vV"));
+    let llvm = rustc
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|version| version.split('.').next())
+        .expect("rustc-web's LLVM version");
+    assert!(
+        args.contains(&format!("LLVM_MAJOR={llvm}")),
+        "rustc-web uses LLVM {llvm}; the Dockerfile builds bpf-linker for {args:?}"
+    );
+    assert!(
+        runs.iter()
+            .any(|run| run.starts_with("cargo build --release --locked")),
+        "{stdout}"
     );
     assert!(
         strings("copies")
