@@ -6,8 +6,11 @@
 pub mod answer;
 pub mod bench;
 pub mod chaos;
+pub mod docker;
+pub mod manifest;
 pub mod node;
 pub mod race;
+pub mod registry_proxy;
 pub mod soak;
 
 use std::{
@@ -59,7 +62,7 @@ pub fn require_root() {
 }
 
 /// A name unique to this test run, e.g. "dp3f2a1" (short: interface names are 15 bytes max).
-pub(crate) fn unique_tag() -> String {
+pub fn unique_tag() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "dp{:x}{}",
@@ -830,16 +833,22 @@ pub fn a_query(id: u16, name: &str) -> Vec<u8> {
 
 /// One HTTP/1.1 GET of `path` from `addr` inside `netns` (from a thread that joins the
 /// namespace, so the test process stays where it is). Returns the status and the body.
+pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get_in(&netns.name, addr, path)
+}
+
+/// [`http_get`] in the network namespace `/run/netns/<netns>`, one the tests did not make
+/// with [`Netns`] (the tests' Docker namespace).
 #[expect(
     clippy::disallowed_methods,
     reason = "a synchronous test client on its own thread; it resolves no names"
 )]
-pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+pub fn http_get_in(netns: &str, addr: SocketAddr, path: &str) -> (u16, String) {
     use std::{
         io::{Read as _, Write as _},
         os::fd::AsRawFd as _,
     };
-    let namespace = format!("/run/netns/{}", netns.name);
+    let namespace = format!("/run/netns/{netns}");
     let path = path.to_owned();
     thread::spawn(move || {
         let ns = fs::File::open(&namespace).unwrap_or_else(|err| panic!("{namespace}: {err}"));
@@ -1015,6 +1024,24 @@ pub fn musl_getaddrinfo() -> PathBuf {
                     .args(["-static", "-O2", "-Wall", "-o"])
                     .arg(&output)
                     .arg(clients_source("getaddrinfo.c")),
+            );
+            output
+        })
+        .clone()
+}
+
+/// A static binary of tests/clients/lookup-from-port.c (musl-gcc): COUNT lookups from one
+/// socket bound to a fixed source port. Usage: `SERVER PORT NAME COUNT`.
+pub fn lookup_from_port() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let output = clients_dir().join("lookup-from-port");
+            must(
+                Command::new("musl-gcc")
+                    .args(["-static", "-O2", "-Wall", "-o"])
+                    .arg(&output)
+                    .arg(clients_source("lookup-from-port.c")),
             );
             output
         })

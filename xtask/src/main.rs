@@ -87,6 +87,13 @@ enum Task {
         /// Which targets. Default: all of them.
         targets: Vec<String>,
     },
+    /// Start the container tests' dockerd (in a network namespace of its own) and build their
+    /// images, and leave it running: `cargo xtask test` uses a dockerd that answers, so
+    /// container tests can then be run one by one. `--stop` stops it.
+    Docker {
+        #[arg(long)]
+        stop: bool,
+    },
     /// Set up, then run every test, the privileged integration tests included (needs root),
     /// and, without a filter, a short run of every fuzz target.
     Test {
@@ -103,6 +110,7 @@ fn main() -> Result<()> {
         Task::Setup { tests } => provision::setup(tests),
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
+        Task::Docker { stop } => docker(&root, stop),
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Soak {
             minutes,
@@ -325,6 +333,9 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
     let binary = root.join("target/debug/dns-proxy");
     let deploy_tools = root.join("target/deploy-check-tools");
     provision::deploy_check_tools(&deploy_tools)?;
+    // The container tests' dockerd: started here when none answers, stopped (with its
+    // containers and namespace) when the tests are done, pass or fail.
+    let docker = start_docker(root)?;
     shell::run(
         cargo()
             .current_dir(root)
@@ -332,12 +343,48 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
             .args(["--exclude", "dns-proxy-fuzz"])
             .args(args)
             .env("DNS_PROXY_BIN", &binary)
-            .env("DNS_PROXY_DEPLOY_TOOLS", &deploy_tools),
+            .env("DNS_PROXY_DEPLOY_TOOLS", &deploy_tools)
+            .env(tests::docker::DOCKER_HOST_ENV, docker.host()),
     )?;
+    drop(docker);
     if args.is_empty() {
         eprintln!("xtask: a short run of every fuzz target (longer: cargo xtask fuzz)");
         fuzz(root, FUZZ_SMOKE_SECONDS, &[])?;
     }
+    Ok(())
+}
+
+/// The container tests' dockerd (started unless one answers) with their images built.
+fn start_docker(root: &std::path::Path) -> Result<tests::docker::Daemon> {
+    let docker_dir = root.join("target/docker");
+    let docker = tests::docker::Daemon::ensure(&docker_dir).map_err(anyhow::Error::msg)?;
+    let clients = [tests::musl_getaddrinfo(), tests::lookup_from_port()];
+    docker
+        .build_images(
+            root,
+            &docker_dir,
+            &clients,
+            &tests::docker::agent_image(root),
+        )
+        .map_err(anyhow::Error::msg)?;
+    Ok(docker)
+}
+
+fn docker(root: &std::path::Path, stop: bool) -> Result<()> {
+    if !shell::is_root() {
+        bail!("the tests' dockerd needs root");
+    }
+    if stop {
+        return tests::docker::Daemon::stop_running().map_err(anyhow::Error::msg);
+    }
+    provision::setup(true)?;
+    let docker = start_docker(root)?;
+    eprintln!(
+        "xtask: the tests' dockerd is up: {}={}",
+        tests::docker::DOCKER_HOST_ENV,
+        docker.host()
+    );
+    docker.keep_running();
     Ok(())
 }
 

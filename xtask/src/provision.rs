@@ -82,6 +82,21 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "counting conntrack entries in the race demonstration",
     ),
     (
+        "dockerd",
+        "docker.io",
+        "the container tests' own Docker engine (run in a network namespace of the tests')",
+    ),
+    (
+        "busybox",
+        "busybox-static",
+        "the container tests' workload image (FROM scratch, a static busybox)",
+    ),
+    (
+        "debootstrap",
+        "debootstrap",
+        "the Debian base the repository's Dockerfile builds on (no registry can be pulled)",
+    ),
+    (
         "systemd-analyze",
         "systemd",
         "checking deploy/systemd/dns-proxy.service (systemd-analyze verify)",
@@ -308,6 +323,9 @@ impl Apt {
             bail!("needed: {list} ({why}); run as root, or `sudo apt-get install {list}` first");
         }
         eprintln!("xtask: installing {list}: {why}");
+        // Packages with services (docker.io) must not start them: a dockerd in the host's
+        // namespace would add bridges and iptables rules there. Debian's policy-rc.d says no.
+        let _no_service_starts = NoServiceStarts::install()?;
         if !self.updated {
             shell::run(Command::new("apt-get").args(["update", "-qq"]))?;
             self.updated = true;
@@ -318,6 +336,38 @@ impl Apt {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
+    }
+}
+
+/// `/usr/sbin/policy-rc.d` answering 101 ("action forbidden") while it lives, unless the
+/// machine already has a policy of its own, which is left alone.
+struct NoServiceStarts {
+    made: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { made: false });
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask: no service starts while installing\nexit 101\n",
+        )
+        .with_context(|| format!("write {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self { made: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.made {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
     }
 }
 
