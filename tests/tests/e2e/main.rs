@@ -2,6 +2,7 @@
 //! (dnsmasq, unbound) in a namespace of their own, real clients as workloads. Needs root;
 //! panics without. One binary with modules, so it links once.
 mod clients;
+mod containers;
 mod foundation;
 mod hardening;
 mod node;
