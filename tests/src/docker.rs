@@ -165,7 +165,7 @@ impl Daemon {
             .args(["--", "dockerd"])
             .arg("--data-root")
             .arg(work_dir.join("data"))
-            .args(["--exec-root", "/run/dns-proxy-docker"])
+            .args(["--exec-root", EXEC_ROOT])
             .args(["--pidfile", PIDFILE])
             .arg(format!("--host={host}"))
             .arg(format!("--dns={DEFAULT_DNS}"))
@@ -252,7 +252,8 @@ impl Daemon {
         if self.has_image(&full) && self.has_image(&slim) {
             return Ok(());
         }
-        let tarball = work_dir.join(format!("debian-{DEBIAN_RELEASE}.tar"));
+        // v2: without the host's resolv.conf (a tarball of an earlier layout is not reused).
+        let tarball = work_dir.join(format!("debian-{DEBIAN_RELEASE}-v2.tar"));
         if !tarball.is_file() {
             let root = work_dir.join(format!("debian-{DEBIAN_RELEASE}"));
             let _ = fs::remove_dir_all(&root);
@@ -271,6 +272,12 @@ impl Daemon {
                 r = DEBIAN_RELEASE
             );
             let _ = fs::remove_file(root.join("etc/apt/sources.list"));
+            // debootstrap copies this machine's resolv.conf (naming its off-machine server) and
+            // hostname in; an image must carry neither (the runtime provides them).
+            fs::write(root.join("etc/resolv.conf"), "")
+                .map_err(|err| format!("empty etc/resolv.conf: {err}"))?;
+            fs::write(root.join("etc/hostname"), "")
+                .map_err(|err| format!("empty etc/hostname: {err}"))?;
             fs::write(root.join("etc/apt/sources.list.d/debian.sources"), sources)
                 .map_err(|err| format!("write debian.sources: {err}"))?;
             let _ = fs::remove_dir_all(root.join("var/cache/apt/archives"));
@@ -379,6 +386,7 @@ impl Daemon {
 }
 
 const PIDFILE: &str = "/run/dns-proxy-docker.pid";
+const EXEC_ROOT: &str = "/run/dns-proxy-docker";
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -411,9 +419,38 @@ fn shut_down(host: &str, pid: i32) {
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         thread::sleep(Duration::from_millis(100));
     }
+    // dockerd bind-mounts the namespace of `--network host` containers under its exec-root;
+    // unmounted, the namespace goes with `ip netns del`.
+    if let Ok(entries) = fs::read_dir(format!("{EXEC_ROOT}/netns")) {
+        for entry in entries.flatten() {
+            let _ = Command::new("umount").arg(entry.path()).status();
+        }
+    }
+    let _ = fs::remove_dir_all(EXEC_ROOT);
     let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
-    let _ = fs::remove_dir(crate::cgroup2_root().join(CGROUP_PARENT));
+    remove_cgroup_everywhere(Path::new(CGROUP_PARENT));
     eprintln!("docker: stopped the tests' dockerd");
+}
+
+/// Removes the cgroup `relative` (and its empty descendants) from the cgroup2 hierarchy and,
+/// on a hybrid host, from every v1 hierarchy, where runc makes it too.
+pub fn remove_cgroup_everywhere(relative: &Path) {
+    let mut roots = vec![crate::cgroup2_root()];
+    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
+        for line in mountinfo.lines() {
+            let Some((mount, fs_type)) = line.split_once(" - ") else {
+                continue;
+            };
+            if fs_type.split_whitespace().next() == Some("cgroup")
+                && let Some(point) = mount.split_whitespace().nth(4)
+            {
+                roots.push(PathBuf::from(point));
+            }
+        }
+    }
+    for root in roots {
+        crate::remove_cgroup_tree(&root.join(relative));
+    }
 }
 
 fn run(command: &mut Command) -> Result<(), String> {

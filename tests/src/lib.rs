@@ -193,7 +193,7 @@ impl Drop for TestCgroup {
 }
 
 /// rmdir a cgroup and its (empty) descendants, deepest first.
-fn remove_cgroup_tree(path: &Path) {
+pub(crate) fn remove_cgroup_tree(path: &Path) {
     if let Ok(entries) = fs::read_dir(path) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {

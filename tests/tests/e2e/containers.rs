@@ -225,6 +225,9 @@ impl Drop for ContainerTest {
         }
         let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
         let _ = fs::remove_dir(&self.bpffs);
+        // runc made this test's cgroup in the v1 hierarchies too (TestCgroup removes the v2
+        // one after this, once its processes are gone).
+        docker::remove_cgroup_everywhere(&PathBuf::from(CGROUP_PARENT).join(&self.tag));
     }
 }
 
