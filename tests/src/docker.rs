@@ -329,7 +329,7 @@ impl Daemon {
         )
         .map_err(|err| format!("the registry proxy: {err}"))?;
         eprintln!(
-            "docker: building {tag} from {}/Dockerfile (first time: ~10 min)",
+            "docker: building {tag} from {}/Dockerfile (cold: about 6 min on 2 cores)",
             repo.display()
         );
         let url = proxy.url();

@@ -122,6 +122,12 @@ impl ContainerTest {
         must(&mut self.run_command(options, WORKLOAD_IMAGE, command))
     }
 
+    /// The name of the container (or network) made last.
+    fn last_made(&self) -> String {
+        let made = self.made.lock().unwrap();
+        made.last().expect("something made").1.clone()
+    }
+
     fn network(&self, name: &str) -> String {
         let network = format!("{}-{name}", self.tag);
         must(self.docker().args(["network", "create", &network]));
@@ -280,17 +286,16 @@ fn containers_resolve(test: &ContainerTest) -> Vec<String> {
     // container's --dns.
     let network = test.network("app");
     let net = format!("--network={network}");
-    let service = test.run_command(
+    must(&mut test.run_command(
         &[&net, "--network-alias=web", "--detach"],
         WORKLOAD_IMAGE,
         &["sleep", "600"],
-    );
-    must(&mut { service });
+    ));
     let service_ip = must(test.docker().args([
         "inspect",
         "-f",
         "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-        &test.made.lock().unwrap().last().unwrap().1,
+        &test.last_made(),
     ]));
     let service_ip: Ipv4Addr = stdout(&service_ip)
         .trim()
