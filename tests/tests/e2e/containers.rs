@@ -521,4 +521,24 @@ fn the_agent_image_runs_and_holds_no_toolchain() {
         "toolchain in the runtime image: {}",
         stdout(&probe)
     );
+    // The image carries no resolv.conf of the machine that built it (its base is a
+    // debootstrap, which copies the host's in): containerd, unlike Docker, provides none.
+    let id = format!("{}-resolv", test.tag);
+    test.made.lock().unwrap().push(("ctr", id.clone()));
+    let resolv = docker::ctr()
+        .args(["run", "--rm"])
+        .arg(docker::containerd_ref(&spec.image))
+        .arg(&id)
+        .args([
+            "/bin/sh",
+            "-c",
+            "cat /etc/resolv.conf; test ! -s /etc/resolv.conf",
+        ])
+        .output()
+        .expect("ctr run");
+    assert!(
+        resolv.status.success(),
+        "the image has a resolv.conf: {}",
+        stdout(&resolv)
+    );
 }
