@@ -380,6 +380,38 @@ mod usage_errors {
         );
     }
 
+    /// The pinned table decides where every redirected lookup goes: a state directory another
+    /// user owns, or others may write to, could have it replaced, and is refused.
+    #[test]
+    fn a_state_dir_others_could_write_to_is_refused() {
+        use std::os::unix::fs::{PermissionsExt as _, chown};
+        let topology = Topology::new();
+        let state_dir = topology.client.state_dir();
+        std::fs::create_dir_all(&state_dir).expect("mkdir the state dir");
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
+        let wrapper = ["env", state.as_str(), "nsenter", netns.as_str(), "--"];
+
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod 0777");
+        assert_one_line_error(&[&cgroup], &wrapper, "others may write to it (mode 777)");
+
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod 0700");
+        chown(&state_dir, Some(65534), None).expect("chown nobody");
+        assert_one_line_error(&[&cgroup], &wrapper, "owned by user 65534");
+
+        // Made right again, the same directory is taken.
+        chown(&state_dir, Some(0), None).expect("chown root");
+        let agent = Agent::start(&topology, &[]);
+        assert!(
+            agent.log().contains("serving redirected DNS"),
+            "{}",
+            agent.log()
+        );
+    }
+
     #[test]
     fn a_pin_of_another_layout_is_refused() {
         let topology = Topology::new();
