@@ -628,3 +628,95 @@ fn host_mode_blocks_are_out_of_reach_from_the_network() {
     let refused = value(&scrape(topology), "dns_proxy_kernel_foreign_refused_total");
     assert!(refused >= 2, "{refused}");
 }
+
+/// `SERVER_INDEX` (server to index) is only a shortcut into the pinned `SERVERS` (index to
+/// server), and the kernel checks the two agree: a stale or forged reverse entry, here one
+/// that names the first server's index for the second server, sends no socket to the wrong
+/// server's address. The next socket finds the second server's own index and repairs the entry.
+#[test]
+fn a_forged_reverse_index_sends_no_socket_to_another_server() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let _second = DnsServer::start_on(topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let first = format!("{SERVER_IP}:53");
+    let second = format!("{SECOND_SERVER_IP}:53");
+    assert_eq!(
+        probe_at(topology, "connect", &first, "first.example.test", &[]),
+        format!("source={first} answer={ANSWER_IP}")
+    );
+    assert_eq!(
+        probe_at(topology, "connect", &second, "second.example.test", &[]),
+        format!("source={second} answer={SECOND_ANSWER_IP}")
+    );
+    let state_dir = topology.client.state_dir();
+    let first_index = tests::server_index(&state_dir, SERVER_IP, 53);
+    let second_index = tests::server_index(&state_dir, SECOND_SERVER_IP, 53);
+    assert_ne!(first_index, second_index);
+
+    // The key is an Endpoint: four address words (IPv4 in the first, network order), the
+    // port (network order), the family (AF_INET, native order); the value the index.
+    let table = std::fs::read_dir(&state_dir)
+        .expect("the state dir")
+        .map(|entry| entry.expect("an entry").path())
+        .find(|dir| dir.join("SERVER_INDEX").exists())
+        .expect("a pinned SERVER_INDEX");
+    let mut key: Vec<u8> = SECOND_SERVER_IP.octets().to_vec();
+    key.extend([0; 12]);
+    key.extend(53u16.to_be_bytes());
+    key.extend((libc::AF_INET as u16).to_ne_bytes());
+    let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:#04x}")).collect() };
+    let reverse_index = || -> u32 {
+        let output = must(
+            Command::new("bpftool")
+                .args(["--json", "map", "lookup", "pinned"])
+                .arg(table.join("SERVER_INDEX"))
+                .arg("key")
+                .args(hex(&key)),
+        );
+        let entry: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        let value: Vec<u8> = entry["value"]
+            .as_array()
+            .expect("value bytes")
+            .iter()
+            .map(|byte| {
+                let text = byte.as_str().expect("a hex byte");
+                u8::from_str_radix(text.trim_start_matches("0x"), 16).expect("hex")
+            })
+            .collect();
+        u32::from_ne_bytes(value.try_into().expect("4 bytes"))
+    };
+    // The key as encoded here is the kernel's: it finds the second server's entry.
+    assert_eq!(reverse_index(), second_index);
+    must(
+        Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(table.join("SERVER_INDEX"))
+            .arg("key")
+            .args(hex(&key))
+            .arg("value")
+            .args(hex(&first_index.to_ne_bytes())),
+    );
+    assert_eq!(reverse_index(), first_index, "the forged entry is in place");
+
+    for round in 0..3 {
+        let name = format!("forged{round}.example.test");
+        assert_eq!(
+            probe_at(topology, "connect", &second, &name, &[]),
+            format!("source={second} answer={SECOND_ANSWER_IP}"),
+            "round {round}"
+        );
+        let line = forwarded(agent, &name);
+        assert!(line.contains(&format!("server={second}")), "{line}");
+    }
+    assert_eq!(
+        tests::server_index(&state_dir, SECOND_SERVER_IP, 53),
+        second_index,
+        "the second server kept its index"
+    );
+    assert_eq!(
+        reverse_index(),
+        second_index,
+        "the reverse entry is repaired"
+    );
+}
