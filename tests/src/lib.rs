@@ -140,6 +140,14 @@ impl Netns {
         command
     }
 
+    /// Adds the IPv6 `address` (with its prefix length) to `interface`, usable at once
+    /// (nodad: without duplicate address detection's delay).
+    pub fn add_ipv6(&self, interface: &str, address: &str) {
+        must(Command::new("ip").args([
+            "-n", &self.name, "-6", "addr", "add", address, "dev", interface, "nodad",
+        ]));
+    }
+
     /// `ip netns exec NAME program args...`: the program sees /etc/netns/NAME/resolv.conf.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");
@@ -313,19 +321,7 @@ impl Topology {
             (&client, &client_if, CLIENT_IP6),
             (&server, &server_if, SERVER_IP6),
         ] {
-            // nodad: usable at once, without duplicate address detection's delay.
-            let address = format!("{ip}/64");
-            must(Command::new("ip").args([
-                "-n",
-                &netns.name,
-                "-6",
-                "addr",
-                "add",
-                &address,
-                "dev",
-                interface,
-                "nodad",
-            ]));
+            netns.add_ipv6(interface, &format!("{ip}/64"));
         }
         // glibc, musl and Go in the client namespace read this resolv.conf (ip netns exec).
         let resolv_conf = NetnsResolvConf::new(&client, &[SERVER_IP.into()]);

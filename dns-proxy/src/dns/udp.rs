@@ -780,24 +780,36 @@ mod tests {
         answer
     }
 
-    /// A real UDP server on loopback: first a stray datagram with the wrong ID, then the answer.
-    async fn upstream(silent: bool) -> SocketAddr {
+    /// A real UDP server on loopback that sends, for each query, the datagrams `respond`
+    /// makes of it, in order.
+    async fn serve_upstream(
+        respond: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         tokio::spawn(async move {
             let mut buf = [0u8; 512];
             loop {
                 let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-                if silent {
-                    continue;
+                for datagram in respond(&buf[..len]) {
+                    socket.send_to(&datagram, from).await.unwrap();
                 }
-                let mut stray = answer_to(&buf[..len]);
-                stray[0] ^= 0xff;
-                socket.send_to(&stray, from).await.unwrap();
-                socket.send_to(&answer_to(&buf[..len]), from).await.unwrap();
             }
         });
         addr
+    }
+
+    /// First a stray datagram with the wrong ID, then the answer; or nothing at all.
+    async fn upstream(silent: bool) -> SocketAddr {
+        serve_upstream(move |query| {
+            if silent {
+                return Vec::new();
+            }
+            let mut stray = answer_to(query);
+            stray[0] ^= 0xff;
+            vec![stray, answer_to(query)]
+        })
+        .await
     }
 
     async fn proxy(original: Option<SocketAddr>, max_inflight: usize) -> Arc<UdpProxy<Fixed>> {
@@ -919,32 +931,26 @@ mod tests {
     /// An upstream that answers as some servers do: the question in another letter case, or
     /// a FORMERR with no question section at all.
     async fn loose_upstream(how: &'static str) -> SocketAddr {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-                let answer = match how {
-                    "case" => {
-                        let mut answer = answer_to(&buf[..len]);
-                        answer[13..20].make_ascii_uppercase(); // "EXAMPLE"
-                        answer
-                    }
-                    "formerr" => {
-                        // The header alone: QR, RCODE 1, every count 0.
-                        let mut answer = buf[..12].to_vec();
-                        answer[2] |= 0x80;
-                        answer[3] = (answer[3] & 0xf0) | 1;
-                        answer[4..12].fill(0);
-                        answer
-                    }
-                    _ => unreachable!(),
-                };
-                socket.send_to(&answer, from).await.unwrap();
-            }
-        });
-        addr
+        serve_upstream(move |query| {
+            let answer = match how {
+                "case" => {
+                    let mut answer = answer_to(query);
+                    answer[13..20].make_ascii_uppercase(); // "EXAMPLE"
+                    answer
+                }
+                "formerr" => {
+                    // The header alone: QR, RCODE 1, every count 0.
+                    let mut answer = query[..12].to_vec();
+                    answer[2] |= 0x80;
+                    answer[3] = (answer[3] & 0xf0) | 1;
+                    answer[4..12].fill(0);
+                    answer
+                }
+                _ => unreachable!(),
+            };
+            vec![answer]
+        })
+        .await
     }
 
     #[tokio::test]

@@ -28,13 +28,21 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// their bridge's gateway; `--network host` ones directly).
 const DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 53, 10);
 
+/// What a test made, to be removed when it ends (containers before networks).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    DockerContainer,
+    ContainerdContainer,
+    Network,
+}
+
 /// A container test's world: the daemon, a cgroup subtree of the daemon's for this test's
 /// containers (the agent redirects only it), a bpffs of its own for the agent's pinned table,
 /// and the DNS server. Containers and networks it made are removed on drop, pass or fail.
 struct ContainerTest {
     host: String,
     tag: String,
-    made: Mutex<Vec<(&'static str, String)>>,
+    made: Mutex<Vec<(Made, String)>>,
     cgroup: TestCgroup,
     bpffs: PathBuf,
     _server: Process,
@@ -105,7 +113,10 @@ impl ContainerTest {
     /// come before the image, `command` after it.
     fn run_command(&self, options: &[&str], image: &str, command: &[&str]) -> Command {
         let name = format!("{}-{}", self.tag, self.made.lock().unwrap().len());
-        self.made.lock().unwrap().push(("container", name.clone()));
+        self.made
+            .lock()
+            .unwrap()
+            .push((Made::DockerContainer, name.clone()));
         let mut docker = self.docker();
         docker
             .args(["run", "--name", &name])
@@ -131,7 +142,10 @@ impl ContainerTest {
     fn network(&self, name: &str) -> String {
         let network = format!("{}-{name}", self.tag);
         must(self.docker().args(["network", "create", &network]));
-        self.made.lock().unwrap().push(("network", network.clone()));
+        self.made
+            .lock()
+            .unwrap()
+            .push((Made::Network, network.clone()));
         network
     }
 
@@ -197,7 +211,10 @@ impl ContainerTest {
             }
         }));
         let id = format!("{}-agent", self.tag);
-        self.made.lock().unwrap().push(("ctr", id.clone()));
+        self.made
+            .lock()
+            .unwrap()
+            .push((Made::ContainerdContainer, id.clone()));
         let mut command = docker::ctr();
         command
             .args(["run", "--rm"])
@@ -214,10 +231,16 @@ impl ContainerTest {
 impl Drop for ContainerTest {
     fn drop(&mut self) {
         let made = std::mem::take(&mut *self.made.lock().unwrap());
-        for (_, name) in made.iter().filter(|(kind, _)| *kind == "container") {
+        for (_, name) in made
+            .iter()
+            .filter(|(kind, _)| *kind == Made::DockerContainer)
+        {
             let _ = self.docker().args(["rm", "-f", name]).output();
         }
-        for (_, id) in made.iter().filter(|(kind, _)| *kind == "ctr") {
+        for (_, id) in made
+            .iter()
+            .filter(|(kind, _)| *kind == Made::ContainerdContainer)
+        {
             let _ = docker::ctr()
                 .args(["task", "kill", "--signal=SIGKILL", id])
                 .output();
@@ -226,7 +249,7 @@ impl Drop for ContainerTest {
                 .output();
             let _ = docker::ctr().args(["containers", "delete", id]).output();
         }
-        for (_, name) in made.iter().filter(|(kind, _)| *kind == "network") {
+        for (_, name) in made.iter().filter(|(kind, _)| *kind == Made::Network) {
             let _ = self.docker().args(["network", "rm", name]).output();
         }
         let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
@@ -524,7 +547,10 @@ fn the_agent_image_runs_and_holds_no_toolchain() {
     // The image carries no resolv.conf of the machine that built it (its base is a
     // debootstrap, which copies the host's in): containerd, unlike Docker, provides none.
     let id = format!("{}-resolv", test.tag);
-    test.made.lock().unwrap().push(("ctr", id.clone()));
+    test.made
+        .lock()
+        .unwrap()
+        .push((Made::ContainerdContainer, id.clone()));
     let resolv = docker::ctr()
         .args(["run", "--rm"])
         .arg(docker::containerd_ref(&spec.image))

@@ -296,6 +296,22 @@ mod usage_errors {
         );
     }
 
+    /// The agent, started in the topology's namespace with its state dir, ends with one line
+    /// that says `expected`.
+    fn assert_agent_refuses(topology: &Topology, expected: &str) {
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state = format!(
+            "DNS_PROXY_STATE_DIR={}",
+            topology.client.state_dir().display()
+        );
+        assert_one_line_error(
+            &[&cgroup],
+            &["env", &state, "nsenter", &netns, "--"],
+            expected,
+        );
+    }
+
     #[test]
     fn bad_cgroup_path() {
         tests::require_root();
@@ -370,14 +386,7 @@ mod usage_errors {
             .collect();
         assert_eq!(tables.len(), 1, "{tables:?}");
         std::fs::remove_file(tables[0].join("SERVERS")).expect("remove one pin");
-        let netns = format!("--net=/run/netns/{}", topology.client.name);
-        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
-        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
-        assert_one_line_error(
-            &[&cgroup],
-            &["env", &state, "nsenter", &netns, "--"],
-            "its other half, SERVERS, is gone",
-        );
+        assert_agent_refuses(&topology, "its other half, SERVERS, is gone");
     }
 
     /// The pinned table decides where every redirected lookup goes: a state directory another
@@ -388,19 +397,14 @@ mod usage_errors {
         let topology = Topology::new();
         let state_dir = topology.client.state_dir();
         std::fs::create_dir_all(&state_dir).expect("mkdir the state dir");
-        let netns = format!("--net=/run/netns/{}", topology.client.name);
-        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
-        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
-        let wrapper = ["env", state.as_str(), "nsenter", netns.as_str(), "--"];
-
         std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o777))
             .expect("chmod 0777");
-        assert_one_line_error(&[&cgroup], &wrapper, "others may write to it (mode 777)");
+        assert_agent_refuses(&topology, "others may write to it (mode 777)");
 
         std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
             .expect("chmod 0700");
         chown(&state_dir, Some(65534), None).expect("chown nobody");
-        assert_one_line_error(&[&cgroup], &wrapper, "owned by user 65534");
+        assert_agent_refuses(&topology, "owned by user 65534");
 
         // Made right again, the same directory is taken.
         chown(&state_dir, Some(0), None).expect("chown root");
@@ -433,14 +437,7 @@ mod usage_errors {
                     .args(["name", name, "flags", "1"]),
             );
         }
-        let netns = format!("--net=/run/netns/{}", topology.client.name);
-        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
-        let state = format!("DNS_PROXY_STATE_DIR={}", state_dir.display());
-        assert_one_line_error(
-            &[&cgroup],
-            &["env", &state, "nsenter", &netns, "--"],
-            "SERVERS: a map of another layout",
-        );
+        assert_agent_refuses(&topology, "SERVERS: a map of another layout");
     }
 
     #[test]

@@ -499,17 +499,7 @@ fn a_link_local_ipv6_server_is_asked_directly_with_its_zone() {
         (&topology.client, &client_if, "fe80::5301/64"),
         (&topology.server, &server_if, "fe80::5302/64"),
     ] {
-        must(Command::new("ip").args([
-            "-n",
-            &netns.name,
-            "-6",
-            "addr",
-            "add",
-            address,
-            "dev",
-            interface,
-            "nodad",
-        ]));
+        netns.add_ipv6(interface, address);
     }
     let index = stdout(
         topology
