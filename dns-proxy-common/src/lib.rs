@@ -53,9 +53,17 @@ pub mod names {
     pub const SERVER_INDEX: &str = "SERVER_INDEX";
     /// Sockmap of the proxy's listening sockets, by [`crate::listener_slot`].
     pub const LISTENERS: &str = "LISTENERS";
-    /// cgroup id -> [`crate::EXCLUDED_EXACT`] or [`crate::EXCLUDED_SUBTREE`]: cgroups whose
+    /// cgroup id -> [`crate::EXCLUDED_SUBTREE`]: the operator's excluded cgroup trees, whose
     /// sockets are never redirected
     pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
+    /// cgroup id -> [`crate::AgentCgroup`]: the cgroups of every running agent of this block,
+    /// whose sockets no agent's programs redirect. Pinned beside `SERVERS`, so that an agent
+    /// taking over from another and the one it replaces never redirect each other's queries.
+    pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+    /// An agent's start stamp -> [`crate::AgentRecord`]: the running agents of this block, each
+    /// with its heartbeat. Pinned; read by the agents only (which is the newest, and which
+    /// `AGENT_CGROUPS` entries belong to none that is alive).
+    pub const AGENTS: &str = "AGENTS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
     /// Array of one `u32`: 1 once every program is attached; until then the redirecting
@@ -69,9 +77,6 @@ pub mod names {
     pub const EXCLUDED_LEVELS: &str = "EXCLUDED_LEVELS";
 }
 
-/// `EXCLUDED_CGROUPS` value: only sockets of this very cgroup are left alone (the agent's own,
-/// whose level in the hierarchy may not be knowable from inside a cgroup namespace).
-pub const EXCLUDED_EXACT: u8 = 1;
 /// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
 pub const EXCLUDED_SUBTREE: u8 = 2;
 /// The deepest cgroup level an exclusion may sit at (the bits of `EXCLUDED_LEVELS`).
@@ -127,6 +132,22 @@ pub const MAX_SERVERS: u32 = 2 * (MAX_INDEX + 1);
 pub const MAX_PROBES: u32 = 16;
 /// Capacity of the `EXCLUDED_CGROUPS` map.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
+/// Capacity of the `AGENT_CGROUPS` and `AGENTS` maps: agents of one block alive at once
+/// (normally one, two while one takes over), with room for the records of agents that were
+/// killed, until the next agent to start removes them.
+pub const MAX_AGENTS: u32 = 64;
+
+/// `AGENT_CGROUPS` value: an agent's cgroup. Only its presence matters to the programs.
+pub type AgentCgroup = u64;
+
+/// `AGENTS` value: which cgroup an agent runs in, and when it last said it was alive
+/// (`CLOCK_BOOTTIME`, nanoseconds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub cgroup_id: u64,
+    pub heartbeat_ns: u64,
+}
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
 /// Capacity of the `LISTENERS` sockmap.
@@ -262,6 +283,7 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<AgentRecord>() == 16);
 const _: () = assert!(
     listener_slot(Listener::Udp {
         family: AF_INET6,

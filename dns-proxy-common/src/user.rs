@@ -9,12 +9,13 @@ use std::{
     string::String,
 };
 
-use crate::{AF_INET, AF_INET6, Endpoint, MAX_INDEX, RedirectConfig};
+use crate::{AF_INET, AF_INET6, AgentRecord, Endpoint, MAX_INDEX, RedirectConfig};
 
-// SAFETY: both are #[repr(C)], Copy, made only of integers, and have no implicit padding
+// SAFETY: all three are #[repr(C)], Copy, made only of integers, and have no implicit padding
 // (sizes are asserted in lib.rs), so any bit pattern is a valid value.
 unsafe impl aya::Pod for Endpoint {}
 unsafe impl aya::Pod for RedirectConfig {}
+unsafe impl aya::Pod for AgentRecord {}
 
 /// The kernel keeps an IPv4 address as the u32 whose in-memory bytes are the octets.
 fn ipv4_to_word(ip: Ipv4Addr) -> u32 {

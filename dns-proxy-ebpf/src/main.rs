@@ -28,9 +28,9 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext},
 };
 use dns_proxy_common::{
-    AF_INET, AF_INET6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, IPPROTO_TCP, LISTENER_SLOTS,
-    Listener, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_PROBES, MAX_SERVERS, RedirectConfig,
-    listener_slot, server_key, v4_mapped_prefix,
+    AF_INET, AF_INET6, AgentCgroup, AgentRecord, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint,
+    IPPROTO_TCP, LISTENER_SLOTS, Listener, MAX_AGENTS, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL,
+    MAX_PROBES, MAX_SERVERS, RedirectConfig, listener_slot, server_key, v4_mapped_prefix,
 };
 
 use aya_log_ebpf::warn;
@@ -44,9 +44,11 @@ const REFUSE: i32 = 0;
 /// `sk_lookup` verdicts.
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
-/// `BPF_SK_LOOKUP_F_NO_REUSEPORT`: the socket chosen is the one that gets the packet, even
-/// if it sits in an SO_REUSEPORT group that others joined.
-const NO_REUSEPORT: u64 = 2;
+/// `BPF_SK_LOOKUP_F_REPLACE | BPF_SK_LOOKUP_F_NO_REUSEPORT`: the socket chosen replaces what
+/// an earlier `sk_lookup` program chose (so an agent taking over, whose program runs after the
+/// one of the agent it replaces, gets every new packet), and is the one that gets the packet,
+/// even if it sits in an SO_REUSEPORT group that others joined.
+const TAKE_OVER_AND_NO_REUSEPORT: u64 = 1 | 2;
 /// The loopback device's index, in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -87,6 +89,13 @@ static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 #[map(name = "EXCLUDED_CGROUPS")]
 static EXCLUDED_CGROUPS: HashMap<u64, u8> =
     HashMap::with_max_entries(MAX_EXCLUDED_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "AGENT_CGROUPS")]
+static AGENT_CGROUPS: HashMap<u64, AgentCgroup> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);
+
+/// Only the agents read and write it; declared here so that it is made and pinned with the rest.
+#[map(name = "AGENTS")]
+static AGENTS: HashMap<u64, AgentRecord> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.len() as u32, 0);
@@ -235,13 +244,14 @@ fn is_dns(ctx: &SockAddr, port_be: u16, on_connect: bool) -> bool {
         && ctx.local_port() != u32::from(DNS_PORT)
 }
 
-/// Whether the calling task's cgroup is excluded: listed itself, or below a cgroup listed
-/// with its subtree. Only the levels that hold such a cgroup are looked at.
+/// Whether the calling task's cgroup is excluded: an agent's (any agent of this block, the
+/// one taking over from this one included), or below a cgroup listed with its subtree. Only
+/// the levels that hold such a cgroup are looked at.
 fn is_excluded() -> bool {
     // SAFETY: helper calls without arguments that point anywhere.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is only compared, never kept past the call.
-    if unsafe { EXCLUDED_CGROUPS.get(&cgroup_id) }.is_some() {
+    if unsafe { AGENT_CGROUPS.get(&cgroup_id) }.is_some() {
         return true;
     }
     // SAFETY: a plain read of a global the loader patches.
@@ -677,8 +687,9 @@ fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
         let n = (u32::from(lookup.remote_port) ^ lookup.remote_hash) % sockets;
         Listener::Udp { family, n }
     };
-    // A socket missing from the map (the proxy is going away) leaves the lookup as it was.
-    let _ = LISTENERS.redirect_sk_lookup(ctx, listener_slot(listener), NO_REUSEPORT);
+    // A socket missing from the map (the proxy is going away) leaves the lookup as it was:
+    // to the agent this one took over from, while that one still serves.
+    let _ = LISTENERS.redirect_sk_lookup(ctx, listener_slot(listener), TAKE_OVER_AND_NO_REUSEPORT);
     SK_PASS
 }
 

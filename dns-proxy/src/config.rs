@@ -56,6 +56,13 @@ pub struct RunArgs {
     )]
     pub listen: SocketAddr,
 
+    /// Start while another agent serves the same block and port, and take over from it: this
+    /// one gets every new lookup once it is ready, the other answers what it already has until
+    /// it is stopped, and no lookup meets a moment with no agent. Without it, such an agent is
+    /// an error. For restarts without a gap (a DaemonSet's `maxSurge: 1`).
+    #[arg(long, env = "DNS_PROXY_TAKEOVER")]
+    pub takeover: bool,
+
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }
@@ -234,6 +241,8 @@ pub struct RunConfig {
     pub max_tcp_connections_per_client: usize,
     pub shutdown_timeout: Duration,
     pub metrics: Option<SocketAddr>,
+    /// `run --takeover`: share the listen address with a running agent and take over from it.
+    pub takeover: bool,
 }
 
 /// Whose DNS is redirected.
@@ -271,7 +280,11 @@ impl TryFrom<RunArgs> for RunConfig {
             cgroup: args.cgroup,
             exclude: args.exclude_cgroups,
         };
-        Self::new(workload, args.listen, args.proxy)
+        let config = Self::new(workload, args.listen, args.proxy)?;
+        Ok(Self {
+            takeover: args.takeover,
+            ..config
+        })
     }
 }
 
@@ -365,6 +378,7 @@ impl RunConfig {
             max_tcp_connections_per_client: args.max_tcp_connections_per_client as usize,
             shutdown_timeout: args.shutdown_timeout,
             metrics: args.metrics,
+            takeover: false,
         })
     }
 }

@@ -22,13 +22,13 @@ use aya::{
     },
 };
 use dns_proxy_common::{
-    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_EXACT, EXCLUDED_SUBTREE, Endpoint, Listener,
+    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_SUBTREE, Endpoint, Listener,
     MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_UDP_SOCKETS, RedirectConfig as KernelConfig,
     listener_slot, names, server_key,
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::cgroup::Cgroup;
+use crate::{agents::Agents, cgroup::Cgroup};
 
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-proxy"));
@@ -79,6 +79,8 @@ pub enum EbpfError {
         level: u32,
         max: u32,
     },
+    #[error(transparent)]
+    Agents(crate::agents::AgentsError),
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
     Map {
         map: &'static str,
@@ -237,26 +239,21 @@ pub struct RedirectConfig<'a> {
     pub block4: Block,
     /// IPv6 sockets go to this block; `None`: they are left alone.
     pub block6: Option<Block>,
-    /// cgroups whose sockets are never redirected: the agent's own, first of all.
-    pub excluded: &'a [Exclusion<'a>],
+    /// The agent's own cgroup: no agent of this block redirects its sockets (`AGENT_CGROUPS`).
+    pub agent_cgroup: &'a Cgroup,
+    /// The operator's cgroup trees whose sockets are never redirected.
+    pub excluded: &'a [ExcludedTree<'a>],
     /// The bpffs directory where the server table is pinned.
     pub state_dir: &'a Path,
     pub listeners: ListenerFds<'a>,
 }
 
-/// A cgroup whose sockets are left alone.
+/// A cgroup whose sockets, and those of every cgroup below it, are left alone.
 #[derive(Debug, Clone, Copy)]
-pub struct Exclusion<'a> {
+pub struct ExcludedTree<'a> {
     pub cgroup: &'a Cgroup,
-    pub scope: ExclusionScope,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExclusionScope {
-    /// Only the cgroup itself (the agent's own leaf).
-    Exact,
-    /// The cgroup and everything below it; `level` is its depth below the hierarchy's root.
-    Subtree { level: u32 },
+    /// Its depth below the hierarchy's root.
+    pub level: u32,
 }
 
 /// The loaded and attached programs. Dropping it detaches them all.
@@ -272,7 +269,7 @@ impl Redirector {
     /// inside a tokio runtime.
     pub fn attach(
         config: &RedirectConfig<'_>,
-    ) -> Result<(Self, ServerTable, KernelCounters), EbpfError> {
+    ) -> Result<(Self, ServerTable, KernelCounters, Agents), EbpfError> {
         let udp_sockets = config.listeners.udp4.len();
         if udp_sockets > MAX_UDP_SOCKETS as usize {
             return Err(EbpfError::TooManyUdpSockets {
@@ -301,6 +298,18 @@ impl Redirector {
         spawn_kernel_logger(&mut ebpf);
 
         exclude_cgroups(&mut ebpf, config.excluded)?;
+        // Before anything is attached: from now on no agent redirects this one's sockets.
+        let agents = Agents::register(
+            take_map(&mut ebpf, names::AGENT_CGROUPS)?,
+            take_map(&mut ebpf, names::AGENTS)?,
+            config.agent_cgroup.id,
+        )
+        .map_err(EbpfError::Agents)?;
+        log::info!(
+            "never redirecting this agent's cgroup {} (id {}), nor any other agent's of this block",
+            config.agent_cgroup.path.display(),
+            config.agent_cgroup.id
+        );
         fill_listeners(&mut ebpf, &config.listeners)?;
         let servers = ServerTable {
             map: take_map(&mut ebpf, names::SERVERS)?,
@@ -376,6 +385,7 @@ impl Redirector {
             },
             servers,
             counters,
+            agents,
         ))
     }
 
@@ -482,7 +492,7 @@ fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), Eb
 }
 
 /// The `EXCLUDED_LEVELS` mask: one bit for each level that holds an excluded subtree.
-fn excluded_levels(excluded: &[Exclusion<'_>]) -> Result<u64, EbpfError> {
+fn excluded_levels(excluded: &[ExcludedTree<'_>]) -> Result<u64, EbpfError> {
     if excluded.len() > MAX_EXCLUDED_CGROUPS as usize {
         return Err(EbpfError::TooManyExclusions {
             count: excluded.len(),
@@ -490,23 +500,21 @@ fn excluded_levels(excluded: &[Exclusion<'_>]) -> Result<u64, EbpfError> {
         });
     }
     let mut mask = 0u64;
-    for exclusion in excluded {
-        if let ExclusionScope::Subtree { level } = exclusion.scope {
-            if level > MAX_EXCLUDED_LEVEL {
-                return Err(EbpfError::ExclusionTooDeep {
-                    cgroup: exclusion.cgroup.path.display().to_string(),
-                    level,
-                    max: MAX_EXCLUDED_LEVEL,
-                });
-            }
-            mask |= 1 << level;
+    for tree in excluded {
+        if tree.level > MAX_EXCLUDED_LEVEL {
+            return Err(EbpfError::ExclusionTooDeep {
+                cgroup: tree.cgroup.path.display().to_string(),
+                level: tree.level,
+                max: MAX_EXCLUDED_LEVEL,
+            });
         }
+        mask |= 1 << tree.level;
     }
     Ok(mask)
 }
 
 /// Fills `EXCLUDED_CGROUPS`; the map stays owned by `ebpf`, alive as long as the programs.
-fn exclude_cgroups(ebpf: &mut Ebpf, excluded: &[Exclusion<'_>]) -> Result<(), EbpfError> {
+fn exclude_cgroups(ebpf: &mut Ebpf, excluded: &[ExcludedTree<'_>]) -> Result<(), EbpfError> {
     let name = names::EXCLUDED_CGROUPS;
     let map = ebpf
         .map_mut(name)
@@ -515,19 +523,15 @@ fn exclude_cgroups(ebpf: &mut Ebpf, excluded: &[Exclusion<'_>]) -> Result<(), Eb
         map: name,
         source: Box::new(source),
     })?;
-    for exclusion in excluded {
-        let (value, what) = match exclusion.scope {
-            ExclusionScope::Exact => (EXCLUDED_EXACT, "cgroup"),
-            ExclusionScope::Subtree { .. } => (EXCLUDED_SUBTREE, "cgroup tree"),
-        };
-        let cgroup = exclusion.cgroup;
-        map.insert(cgroup.id, value, 0)
+    for tree in excluded {
+        let cgroup = tree.cgroup;
+        map.insert(cgroup.id, EXCLUDED_SUBTREE, 0)
             .map_err(|source| EbpfError::Map {
                 map: name,
                 source: Box::new(source),
             })?;
         log::info!(
-            "never redirecting {what} {} (id {})",
+            "never redirecting cgroup tree {} (id {})",
             cgroup.path.display(),
             cgroup.id
         );

@@ -126,8 +126,9 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
     Ok(())
 }
 
-/// What the table's pins must be, by name: (key size, value size, max entries).
-const PINS: [(&str, u32, u32, u32); 2] = [
+/// What the pins must be, by name: (key size, value size, max entries). The first two are the
+/// table of servers, whose halves must be there together; the agents' maps come and go alone.
+const PINS: [(&str, u32, u32, u32); 4] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -140,12 +141,25 @@ const PINS: [(&str, u32, u32, u32); 2] = [
         4,
         dns_proxy_common::MAX_SERVERS,
     ),
+    (
+        dns_proxy_common::names::AGENT_CGROUPS,
+        8,
+        8,
+        dns_proxy_common::MAX_AGENTS,
+    ),
+    (
+        dns_proxy_common::names::AGENTS,
+        8,
+        16,
+        dns_proxy_common::MAX_AGENTS,
+    ),
 ];
 
-/// Checks the pinned table in `pins`, if there is one: both maps or neither, each a hash map
-/// of the layout this agent uses. (aya would reuse any pinned map by that name.)
+/// Checks the pins in `pins`, if there are any: both halves of the table of servers or
+/// neither, and each a hash map of the layout this agent uses. (aya would reuse any pinned
+/// map by that name.)
 pub fn check_pins(pins: &Path) -> Result<(), HostError> {
-    let present: Vec<bool> = PINS
+    let present: Vec<bool> = PINS[..2]
         .iter()
         .map(|(name, ..)| pins.join(name).exists())
         .collect();

@@ -4,6 +4,7 @@
 //! remembers where it was headed; this library loads it ([`ebpf`]) into a cgroup
 //! ([`cgroup`]) and forwards each query to that original server ([`dns`]). [`metrics`] shows
 //! what it does.
+pub mod agents;
 pub mod cgroup;
 pub mod config;
 pub mod dns;
@@ -29,6 +30,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    agents::HEARTBEAT_INTERVAL,
     cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
     config::{Listen6, RunConfig, Workload},
     dns::CachedServers,
@@ -38,7 +40,7 @@ use crate::{
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
-    ebpf::{Block, EbpfError, Exclusion, ExclusionScope, ListenerFds, RedirectConfig, Redirector},
+    ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector},
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
     udp_threads::{UdpThreads, bind_reuseport_group},
@@ -86,8 +88,8 @@ pub enum Outcome {
 
 fn block_hint(err: &io::Error) -> &'static str {
     if err.kind() == io::ErrorKind::AddrInUse {
-        " (another dns-proxy serves this block on this port: stop it, or give this one another \
-         --redirect-block or port)"
+        " (another dns-proxy serves this block on this port: stop it, pass --takeover to \
+         replace it without a gap, or give this one another --redirect-block or port)"
     } else {
         ""
     }
@@ -96,7 +98,8 @@ fn block_hint(err: &io::Error) -> &'static str {
 fn listen_hint(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::AddrInUse => {
-            " (something already listens there: stop it or choose another --listen)"
+            " (something already listens there: stop it or choose another --listen; if it is \
+             another dns-proxy, --takeover replaces it without a gap)"
         }
         io::ErrorKind::AddrNotAvailable => {
             " (no interface has this address: add it, or choose another --listen)"
@@ -144,14 +147,13 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         target.path.display(),
         target.id
     );
-    let mut excluded = vec![Exclusion {
-        cgroup: agent.cgroup(),
-        scope: ExclusionScope::Exact,
-    }];
-    excluded.extend(excluded_subtrees.iter().map(|(cgroup, level)| Exclusion {
-        cgroup,
-        scope: ExclusionScope::Subtree { level: *level },
-    }));
+    let excluded: Vec<ExcludedTree<'_>> = excluded_subtrees
+        .iter()
+        .map(|(cgroup, level)| ExcludedTree {
+            cgroup,
+            level: *level,
+        })
+        .collect();
     // One thread for TCP, metrics and signals; UDP has threads of its own. Every thread that
     // exists when privileges are dropped must drop them itself: these are all known.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -161,6 +163,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     let udp_threads = UdpThreads::start(config.udp_threads).map_err(RunError::Runtime)?;
     let scope = Scope {
         target,
+        agent: agent.cgroup(),
         excluded: &excluded,
         command: command
             .as_ref()
@@ -178,7 +181,9 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
 /// Whose traffic is redirected, and what to run there (`exec`).
 struct Scope<'a> {
     target: &'a Cgroup,
-    excluded: &'a [Exclusion<'a>],
+    /// The agent's own cgroup, never redirected.
+    agent: &'a Cgroup,
+    excluded: &'a [ExcludedTree<'a>],
     command: Option<(&'a [OsString], &'a Cgroup)>,
 }
 
@@ -194,6 +199,8 @@ struct Listeners {
     v6: Option<SocketAddrV6>,
     /// Sockets that hold the blocks' first addresses (see `lock_blocks`).
     locks: Vec<socket2::Socket>,
+    /// Whether another agent's listeners were there, and these joined them (`--takeover`).
+    joined_another_agent: bool,
 }
 
 impl Listeners {
@@ -221,12 +228,13 @@ impl Listeners {
             v4: config.listen,
             v6: None,
             locks: Vec::new(),
+            joined_another_agent: false,
         };
         // First the block's route: the listen address may be the block's first.
         host::check_block_is_free("--redirect-block", config.block4)?;
         host::route_block_here(config.block4)?;
         if let SocketAddr::V4(v4) = listeners
-            .bind_pair(SocketAddr::V4(config.listen), udp_threads)
+            .bind_pair(SocketAddr::V4(config.listen), udp_threads, config.takeover)
             .await?
         {
             listeners.v4 = v4;
@@ -239,13 +247,20 @@ impl Listeners {
             Listen6::Required(v6) => {
                 host::check_block_is_free("--redirect-block6", config.block6)?;
                 host::route_block_here(config.block6)?;
-                listeners.v6 =
-                    bound_v6(listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await?);
+                listeners.v6 = bound_v6(
+                    listeners
+                        .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                        .await?,
+                );
             }
             Listen6::IfAvailable(v6) => {
                 host::check_block_is_free("--redirect-block6", config.block6)?;
                 let bound = match host::route_block_here(config.block6) {
-                    Ok(()) => listeners.bind_pair(SocketAddr::V6(v6), udp_threads).await,
+                    Ok(()) => {
+                        listeners
+                            .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                            .await
+                    }
                     Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
                         addr: SocketAddr::V6(v6),
                         source,
@@ -279,7 +294,8 @@ impl Listeners {
 
     /// Holds each block's first address on its port (unless the listeners are there), so a
     /// second agent with the same block and port, elsewhere on the host, fails to start
-    /// instead of taking this one's lookups.
+    /// instead of taking this one's lookups, unless it was told to take over
+    /// (`--takeover`): then it joins the lock.
     fn lock_blocks(&mut self, config: &RunConfig) -> Result<(), RunError> {
         let blocks = [
             Some((
@@ -305,6 +321,14 @@ impl Listeners {
                     // The IPv6 block is only routed here, not an address of an interface.
                     socket.set_freebind_v6(true)?;
                 }
+                // Alone first, which fails if another agent holds it; joinable after, for
+                // the agent that takes over from this one.
+                if !config.takeover {
+                    socket.bind(&lock.into())?;
+                    socket.set_reuse_port(true)?;
+                    return Ok(socket);
+                }
+                socket.set_reuse_port(true)?;
                 socket.bind(&lock.into())?;
                 Ok(socket)
             })
@@ -321,12 +345,13 @@ impl Listeners {
         &mut self,
         addr: SocketAddr,
         udp_sockets: usize,
+        take_over: bool,
     ) -> Result<SocketAddr, RunError> {
         const PICK_ATTEMPTS: u32 = 16;
         let mut attempt = 1;
         loop {
             let failed = |addr, source| RunError::Listen { addr, source };
-            let (bound, udp) = match bind_reuseport_group(addr, udp_sockets) {
+            let (bound, udp, joined) = match bind_reuseport_group(addr, udp_sockets, take_over) {
                 Ok(group) => group,
                 Err(err)
                     if addr.port() == 0
@@ -342,6 +367,7 @@ impl Listeners {
                 Ok(tcp) => {
                     self.udp.push(udp);
                     self.tcp.push(tcp);
+                    self.joined_another_agent |= joined;
                     return Ok(bound);
                 }
                 Err(err)
@@ -358,14 +384,31 @@ impl Listeners {
 }
 
 /// A TCP listener on `addr`, as tokio's `bind` makes it (SO_REUSEADDR, a backlog of 1024),
-/// on a high descriptor (see [`udp_threads::listener_socket`]). Must run inside a tokio
-/// runtime.
+/// on a high descriptor (see [`udp_threads::listener_socket`]), and joinable (SO_REUSEPORT)
+/// by the agent that takes over from this one: the UDP group, bound first, is what keeps a
+/// second agent out. Must run inside a tokio runtime.
 fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket =
         udp_threads::listener_socket(socket2::Domain::for_address(addr), socket2::Type::STREAM)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The metrics listener, joinable (SO_REUSEPORT) by the agent that takes over from this one:
+/// while both run, a request reaches either, and each says whether it is the one serving.
+fn bind_metrics_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
     TcpListener::from_std(socket.into())
 }
 
@@ -395,6 +438,26 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
+/// newer agent has taken over.
+async fn keep_alive(agents: Arc<agents::Agents>, stop: CancellationToken) {
+    let mut replaced = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+        agents.heartbeat();
+        if !replaced && agents.replaced() {
+            replaced = true;
+            log::info!(
+                "a newer agent has taken over: new lookups go to it; this one answers what \
+                 reaches it until it is stopped (/readyz now says 503)"
+            );
+        }
+    }
+}
+
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -403,12 +466,19 @@ async fn serve(
     // Watched from the start, so a stop request during start-up is not lost.
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
     let listeners = Listeners::bind(config, udp_threads.count()).await?;
+    if listeners.joined_another_agent {
+        log::info!(
+            "another agent serves {}: taking over from it (it answers what it has until it is \
+             stopped; new lookups come here once this agent is ready)",
+            listeners.v4
+        );
+    } else if config.takeover {
+        log::info!("no agent serves {} yet: nothing to take over", listeners.v4);
+    }
     let metrics_listener = match config.metrics {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen { addr, source })?,
-        ),
+        Some(addr) => {
+            Some(bind_metrics_listener(addr).map_err(|source| RunError::Listen { addr, source })?)
+        }
         None => None,
     };
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
@@ -421,8 +491,9 @@ async fn serve(
         addresses: config.block6,
         port: v6.port(),
     });
-    let (mut redirector, servers, kernel_counters) = Redirector::attach(&RedirectConfig {
+    let (mut redirector, servers, kernel_counters, agents) = Redirector::attach(&RedirectConfig {
         cgroup: scope.target,
+        agent_cgroup: scope.agent,
         block4,
         block6,
         excluded: scope.excluded,
@@ -512,8 +583,14 @@ async fn serve(
         let (proxy, stop) = (Arc::clone(proxy), stop.clone());
         serving.spawn(async move { proxy.serve(stop).await });
     }
+    let agents = Arc::new(agents);
     let readiness = Arc::new(Readiness::default());
+    readiness.watch_for_replacement({
+        let agents = Arc::clone(&agents);
+        move || agents.replaced()
+    });
     let metrics_stop = CancellationToken::new();
+    tokio::spawn(keep_alive(Arc::clone(&agents), metrics_stop.clone()));
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&stats),

@@ -37,18 +37,39 @@ const MAX_CONNECTIONS: usize = 16;
 /// A request's headers must arrive within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether the agent is serving redirected DNS: set once attached, cleared when it starts to
-/// shut down.
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+/// Whether the agent is the one serving redirected DNS: set once attached, cleared when it
+/// starts to shut down; and not while a newer agent has taken over from it.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// `replaced` says whether a newer agent has taken over; asked at each `/readyz`, so that
+    /// the probe of the agent taking over never gets this one's 200.
+    pub fn watch_for_replacement(&self, replaced: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.replaced.set(Box::new(replaced));
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.is_replaced()
+    }
+
+    fn is_replaced(&self) -> bool {
+        self.replaced.get().is_some_and(|replaced| replaced())
     }
 }
 
@@ -305,6 +326,10 @@ impl Metrics {
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" if self.readiness.is_replaced() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: a newer agent has taken over\n",
+            ),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: starting or shutting down\n",
@@ -391,5 +416,29 @@ mod tests {
         );
         // Alive while not ready.
         assert_eq!(status(&stopping, Method::GET, "/healthz"), StatusCode::OK);
+    }
+
+    #[test]
+    fn a_replaced_agent_is_not_ready_and_says_why() {
+        let replaced = Arc::new(AtomicBool::new(false));
+        let agent = metrics(true);
+        agent.readiness.watch_for_replacement({
+            let replaced = Arc::clone(&replaced);
+            move || replaced.load(Ordering::Relaxed)
+        });
+        assert_eq!(
+            agent.respond(&Method::GET, "/readyz").status(),
+            StatusCode::OK
+        );
+        replaced.store(true, Ordering::Relaxed);
+        let response = agent.respond(&Method::GET, "/readyz");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = format!("{:?}", response.body());
+        assert!(body.contains("a newer agent has taken over"), "{body}");
+        // Still alive: it answers what reaches it until it is stopped.
+        assert_eq!(
+            agent.respond(&Method::GET, "/healthz").status(),
+            StatusCode::OK
+        );
     }
 }

@@ -72,25 +72,36 @@ impl Drop for UdpThread {
     }
 }
 
-/// `count` UDP sockets bound to the same `addr`, in one SO_REUSEPORT group, non-blocking.
+/// `count` UDP sockets bound to the same `addr`, in one SO_REUSEPORT group, non-blocking, and
+/// whether they joined a group that was there (another agent's, being taken over).
 ///
 /// The group is only joined by sockets of the same user that set SO_REUSEPORT, which a second
 /// agent would: so the address is first bound alone, without it, which fails if anything,
-/// such an agent included, is there. For port 0 that first bind picks the port.
+/// such an agent included, is there; only `take_over` goes on to join it. For port 0 that
+/// first bind picks the port.
 pub fn bind_reuseport_group(
     addr: SocketAddr,
     count: usize,
-) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
-    let alone = udp_socket(addr, false)?;
-    let bound = alone
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("a UDP socket without an IP address"))?;
-    drop(alone);
+    take_over: bool,
+) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>, bool)> {
+    let (bound, joined) = match bind_alone(addr) {
+        Ok(bound) => (bound, false),
+        Err(err) if take_over && err.kind() == io::ErrorKind::AddrInUse => (addr, true),
+        Err(err) => return Err(err),
+    };
     let group = (0..count)
         .map(|_| udp_socket(bound, true).map(std::net::UdpSocket::from))
         .collect::<io::Result<_>>()?;
-    Ok((bound, group))
+    Ok((bound, group, joined))
+}
+
+/// Binds `addr` with a UDP socket without SO_REUSEPORT, which fails if any socket is there,
+/// and returns where it was bound (the port the kernel picked, for port 0).
+fn bind_alone(addr: SocketAddr) -> io::Result<SocketAddr> {
+    udp_socket(addr, false)?
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a UDP socket without an IP address"))
 }
 
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
@@ -135,15 +146,23 @@ mod tests {
 
     #[test]
     fn a_group_shares_its_port_and_keeps_others_out() {
-        let (bound, group) = bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let (bound, group, joined) =
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3, false).unwrap();
+        assert!(!joined);
         assert_ne!(bound.port(), 0);
         assert_eq!(group.len(), 3);
         for socket in &group {
             assert_eq!(socket.local_addr().unwrap(), bound);
         }
-        // A second agent, doing the same, is refused.
-        let err = bind_reuseport_group(bound, 3).unwrap_err();
+        // A second agent, doing the same, is refused; one taking over joins.
+        let err = bind_reuseport_group(bound, 3, false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let (joined_at, second, joined) = bind_reuseport_group(bound, 2, true).unwrap();
+        assert_eq!((joined_at, second.len(), joined), (bound, 2, true));
+        // Taking over finds nothing to join at a free address, and says so.
+        drop((group, second));
+        let (_, _, joined) = bind_reuseport_group(bound, 1, true).unwrap();
+        assert!(!joined);
     }
 
     #[test]

@@ -16,9 +16,9 @@
 //! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
 //!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
 //!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
-//! - `tcp-lookups SERVER NAME`: one TCP lookup after another, each over a fresh connection
-//!   (2 s to answer), until standard input closes; prints `answered=N failed=N` and, on
-//!   stderr, why each failed one did.
+//! - `tcp-lookups SERVER NAME [PAUSE_MS]`: one TCP lookup after another, each over a fresh
+//!   connection (2 s to answer), PAUSE_MS apart (default 0), until standard input closes;
+//!   prints `answered=N failed=N` and, on stderr, why each failed one did.
 //! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
 //! - `spoof FROM SOURCE TO`: binds a UDP socket at FROM and sends TO a datagram from SOURCE
 //!   (`IP_PKTINFO`), as a forger of answers would; prints `sent` or `refused: ERROR`.
@@ -336,7 +336,7 @@ fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn tcp_lookups(server: SocketAddr, name: &str) -> Result<(), String> {
+fn tcp_lookups(server: SocketAddr, name: &str, pause: Duration) -> Result<(), String> {
     use std::{
         net::TcpStream,
         sync::{
@@ -380,6 +380,7 @@ fn tcp_lookups(server: SocketAddr, name: &str) -> Result<(), String> {
                 eprintln!("lookup {i}: {err}");
             }
         }
+        std::thread::sleep(pause);
     }
     println!("answered={answered} failed={failed}");
     Ok(())
@@ -463,10 +464,17 @@ fn main() -> ExitCode {
             _ => Err("join ADDR SECONDS".to_owned()),
         },
         Some("tcp-lookups") => match &args[1..] {
-            [server, name] => {
-                parse::<SocketAddr>(server, "IP:PORT").and_then(|server| tcp_lookups(server, name))
+            [server, name, pause @ ..] if pause.len() <= 1 => {
+                let pause = match pause.first() {
+                    Some(ms) => parse(ms, "milliseconds").map(Duration::from_millis),
+                    None => Ok(Duration::ZERO),
+                };
+                pause.and_then(|pause| {
+                    parse::<SocketAddr>(server, "IP:PORT")
+                        .and_then(|server| tcp_lookups(server, name, pause))
+                })
             }
-            _ => Err("tcp-lookups SERVER NAME".to_owned()),
+            _ => Err("tcp-lookups SERVER NAME [PAUSE_MS]".to_owned()),
         },
         Some("spoof") => match &args[1..] {
             [from, source, to] => spoof(from, source, to),

@@ -485,3 +485,200 @@ fn tcp_lookups_across_twenty_graceful_restarts_are_all_answered() {
     assert!(answered > 100, "{outcome}");
     assert!(served > 50, "the agents served {served} of {answered}");
 }
+
+/// Restarts `agent` `count` times by takeover, as a DaemonSet with `maxSurge: 1` does: a
+/// new agent with `--takeover` beside the old one; once the new one serves, and `/readyz`
+/// shows both (the new one ready, the old one replaced), SIGTERM to the old one, which must
+/// exit 0. Returns the stopped agents' logs, and the last agent, still serving.
+fn restart_by_takeover(
+    mut agent: Agent,
+    count: usize,
+    start: impl Fn() -> Agent,
+    readyz: impl Fn() -> (u16, String),
+) -> (Vec<String>, Agent) {
+    let mut logs = Vec::new();
+    std::thread::sleep(Duration::from_millis(1000));
+    for _ in 0..count {
+        assert_eq!(readyz(), (200, "ready\n".to_owned()), "{}", agent.log());
+        let next = start();
+        assert!(next.log().contains("taking over from it"), "{}", next.log());
+        // Both answer on the metrics port now; the old one must no longer say it is ready.
+        wait_for(
+            "the new agent ready and the old one replaced",
+            Duration::from_secs(10),
+            || {
+                let answers: Vec<(u16, String)> = (0..16).map(|_| readyz()).collect();
+                let new_ready = answers.iter().any(|(status, _)| *status == 200);
+                let old_replaced = answers.iter().any(|(status, body)| {
+                    *status == 503 && body.contains("a newer agent has taken over")
+                });
+                (new_ready && old_replaced).then_some(())
+            },
+        );
+        agent.process().signal(libc::SIGTERM);
+        let status = agent.process().wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "{status}:\n{}", agent.log());
+        logs.push(agent.log());
+        agent = next;
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    // The last one serves alone, and says it is ready.
+    wait_for("the last agent alone", Duration::from_secs(5), || {
+        (0..8)
+            .all(|_| readyz() == (200, "ready\n".to_owned()))
+            .then_some(())
+    });
+    (logs, agent)
+}
+
+/// A long-lived connected socket's lookups (`hostile-client long-lived`): one every 100 ms,
+/// retried once after 1 s on the same socket.
+fn long_lived_args(prefix: &str, count: usize) -> Vec<String> {
+    [
+        "long-lived",
+        &format!("{SERVER_IP}:53"),
+        prefix,
+        &count.to_string(),
+        "100",
+        "1000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// What the clients of a takeover test must show: every long-lived lookup answered on its
+/// first try, every TCP lookup answered, and each long-lived lookup handled by exactly one
+/// agent, once (an agent's upstream query sent round through another agent would be logged
+/// twice).
+fn assert_takeovers_lost_nothing(
+    long_lived: Vec<(&str, Process)>,
+    mut tcp: Process,
+    count: usize,
+    (mut logs, last): (Vec<String>, Agent),
+) {
+    let outputs: Vec<(&str, String)> = long_lived
+        .into_iter()
+        .map(|(prefix, mut client)| (prefix, client.finish_with_stdout(Duration::from_secs(60))))
+        .collect();
+    // Its log lines come after the answers.
+    std::thread::sleep(Duration::from_millis(200));
+    logs.push(last.log());
+    for (prefix, output) in outputs {
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines.len(), count, "{prefix}:\n{output}");
+        let retried: Vec<&&str> = lines
+            .iter()
+            .filter(|line| !line.ends_with("answered tries=1"))
+            .collect();
+        assert!(retried.is_empty(), "{prefix}: {retried:?}");
+        for i in 0..count {
+            let needle = format!(" name={prefix}-{i}.example.test. ");
+            let handled: usize = logs
+                .iter()
+                .map(|log| {
+                    log.lines()
+                        .filter(|line| line.contains("query udp client=") && line.contains(&needle))
+                        .count()
+                })
+                .sum();
+            assert_eq!(handled, 1, "{prefix}-{i} was handled {handled} times");
+        }
+    }
+    let outcome = tcp.finish_with_stdout(Duration::from_secs(10));
+    assert!(outcome.contains(" failed=0"), "{outcome}");
+}
+
+/// Host mode, agents inside the cgroup they redirect (so only the shared agent exclusion keeps
+/// their own queries direct; both share the `dns-proxy-agent` cgroup): five restarts by
+/// takeover, and no client notices.
+#[test]
+fn restarts_by_takeover_need_no_retry_in_host_mode() {
+    const RESTARTS: usize = 5;
+    const LOOKUPS: usize = 200;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let hostile = env!("CARGO_BIN_EXE_hostile-client");
+    let start = || {
+        Agent::start_at(
+            &topology,
+            Placement::InsideRedirectedCgroup,
+            &["--takeover", &format!("--metrics={METRICS}")],
+        )
+    };
+    let readyz = || http_get(&topology.client, METRICS.parse().unwrap(), "/readyz");
+    let spawn = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Process::spawn(
+            topology
+                .workload(hostile, &args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        )
+    };
+    // The first agent serves before the clients start: their sockets are sent to it.
+    let first = start();
+    let clients = vec![("host-ll", spawn(long_lived_args("host-ll", LOOKUPS)))];
+    let tcp = spawn(
+        // 5 ms apart: a fresh connection each, and ports in TIME_WAIT for a minute.
+        [
+            "tcp-lookups",
+            &format!("{SERVER_IP}:53"),
+            "takeover.example.test",
+            "5",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    );
+    let agents = restart_by_takeover(first, RESTARTS, start, readyz);
+    assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
+}
+
+/// Node mode as the DaemonSet runs it with `maxSurge: 1`: each agent in a cgroup of its own
+/// (a pod's), inside the tree it redirects, so only `AGENT_CGROUPS` keeps each agent's
+/// upstream queries from being sent round through the other. Long-lived sockets in a pod and
+/// on the node, and fresh TCP lookups from a pod, across five takeovers.
+#[test]
+fn restarts_by_takeover_need_no_retry_in_node_mode() {
+    const RESTARTS: usize = 5;
+    const LOOKUPS: usize = 200;
+    let node = tests::node::NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let hostile = env!("CARGO_BIN_EXE_hostile-client");
+    let started = std::cell::Cell::new(0);
+    let start = || {
+        started.set(started.get() + 1);
+        let pod = node
+            .host_cgroup
+            .join(format!("agent-pod-{}", started.get()));
+        fs::create_dir(&pod).unwrap_or_else(|err| panic!("mkdir {}: {err}", pod.display()));
+        let args = [
+            format!("--listen={}:53", tests::node::NODE_LISTEN),
+            "--takeover".to_owned(),
+            format!("--metrics={METRICS}"),
+        ];
+        Agent::launch(&node.node, node.redirected_cgroup(), Some(&pod), &args)
+    };
+    let readyz = || http_get(&node.node, METRICS.parse().unwrap(), "/readyz");
+    let spawn =
+        |mut command: Command| Process::spawn(command.stdin(Stdio::piped()).stdout(Stdio::piped()));
+    let first = start();
+    fn as_strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let (pod_args, node_args) = (
+        long_lived_args("pod-ll", LOOKUPS),
+        long_lived_args("node-ll", LOOKUPS),
+    );
+    let clients = vec![
+        ("pod-ll", spawn(node.pod(0, hostile, &as_strs(&pod_args)))),
+        ("node-ll", spawn(node.host(hostile, &as_strs(&node_args)))),
+    ];
+    let server = format!("{SERVER_IP}:53");
+    let tcp = spawn(node.pod(
+        1,
+        hostile,
+        &["tcp-lookups", &server, "takeover.example.test", "5"],
+    ));
+    let agents = restart_by_takeover(first, RESTARTS, start, readyz);
+    assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
+}

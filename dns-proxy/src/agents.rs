@@ -1,0 +1,145 @@
+//! The running agents of one block, as every one of them sees them: two pinned maps beside
+//! the table of servers, so that an agent taking over from another (`run --takeover`) and the
+//! one it replaces work side by side.
+//!
+//! - `AGENT_CGROUPS` (cgroup id, read by the programs): no agent's programs redirect any
+//!   agent's own queries. Without it the old agent's programs would send the new agent's
+//!   upstream queries back to a proxy, and round again.
+//! - `AGENTS` (start stamp -> cgroup and heartbeat, read by the agents): which agent is the
+//!   newest alive, so that a replaced agent stops answering `/readyz` with 200 (a DaemonSet's
+//!   surge pod must not be reported ready by the agent it replaces), and which
+//!   `AGENT_CGROUPS` entries belong to no agent alive (a killed agent cannot remove its own).
+//!
+//! Only agents that can open the pinned maps (root, in a `0700` state directory) write them.
+use std::{collections::HashSet, sync::Mutex, time::Duration};
+
+use aya::maps::{HashMap, MapData};
+use dns_proxy_common::{AgentCgroup, AgentRecord, names};
+
+/// How often an agent says it is alive.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// An agent silent this long is gone: killed, or stopped without cleaning up.
+const STALE_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+#[error("eBPF map {map}: {source}")]
+pub struct AgentsError {
+    map: &'static str,
+    source: Box<aya::maps::MapError>,
+}
+
+/// This agent's entry among the running agents; dropping it removes the entry.
+pub struct Agents {
+    cgroups: Mutex<HashMap<MapData, u64, AgentCgroup>>,
+    records: Mutex<HashMap<MapData, u64, AgentRecord>>,
+    /// This agent's start stamp (`CLOCK_BOOTTIME`): the newest agent has the largest.
+    stamp: u64,
+    cgroup_id: u64,
+}
+
+impl Agents {
+    /// Removes the entries of agents that are gone, and adds this one's.
+    pub fn register(
+        mut cgroups: HashMap<MapData, u64, AgentCgroup>,
+        mut records: HashMap<MapData, u64, AgentRecord>,
+        cgroup_id: u64,
+    ) -> Result<Self, AgentsError> {
+        let stamp = boottime_ns();
+        // Read in this order, and registered in the opposite one (record, then cgroup): an
+        // agent registering meanwhile either has its record read here or its cgroup was not.
+        let listed: Vec<u64> = cgroups.keys().filter_map(Result::ok).collect();
+        let mut alive = HashSet::from([cgroup_id]);
+        let mut gone = Vec::new();
+        for (agent, record) in records.iter().filter_map(Result::ok) {
+            if is_stale(&record, stamp) {
+                gone.push(agent);
+            } else {
+                alive.insert(record.cgroup_id);
+            }
+        }
+        for agent in gone {
+            let _ = records.remove(&agent);
+        }
+        for cgroup in listed.into_iter().filter(|cgroup| !alive.contains(cgroup)) {
+            log::debug!("forgetting the cgroup of an agent that is gone (id {cgroup})");
+            let _ = cgroups.remove(&cgroup);
+        }
+        let record = AgentRecord {
+            cgroup_id,
+            heartbeat_ns: stamp,
+        };
+        records
+            .insert(stamp, record, 0)
+            .map_err(|source| map_error(names::AGENTS, source))?;
+        cgroups
+            .insert(cgroup_id, cgroup_id, 0)
+            .map_err(|source| map_error(names::AGENT_CGROUPS, source))?;
+        Ok(Self {
+            cgroups: Mutex::new(cgroups),
+            records: Mutex::new(records),
+            stamp,
+            cgroup_id,
+        })
+    }
+
+    /// Says this agent is alive. Also puts its cgroup back, should another agent starting at
+    /// the same moment have taken it for a dead one's.
+    pub fn heartbeat(&self) {
+        let record = AgentRecord {
+            cgroup_id: self.cgroup_id,
+            heartbeat_ns: boottime_ns(),
+        };
+        if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
+            log::warn!("cannot update this agent's heartbeat: {err}");
+        }
+        if let Err(err) = lock(&self.cgroups).insert(self.cgroup_id, self.cgroup_id, 0) {
+            log::warn!("cannot keep this agent's cgroup excluded: {err}");
+        }
+    }
+
+    /// Whether an agent that started after this one is alive: it took over.
+    pub fn replaced(&self) -> bool {
+        let now = boottime_ns();
+        lock(&self.records)
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(agent, record)| agent > self.stamp && !is_stale(&record, now))
+    }
+}
+
+impl Drop for Agents {
+    /// Only the record goes: the cgroup may hold an agent that took over (host mode shares
+    /// one), and a cgroup id is never reused, so the next agent to start removes it safely.
+    fn drop(&mut self) {
+        let _ = lock(&self.records).remove(&self.stamp);
+    }
+}
+
+fn is_stale(record: &AgentRecord, now_ns: u64) -> bool {
+    now_ns.saturating_sub(record.heartbeat_ns) > STALE_AFTER.as_nanos() as u64
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn map_error(map: &'static str, source: aya::maps::MapError) -> AgentsError {
+    AgentsError {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the same clock for every process on the host, counting
+/// through suspend, and the pinned maps do not outlive a boot.
+fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the kernel writes one timespec into `now`.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
