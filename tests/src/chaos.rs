@@ -1,6 +1,7 @@
 //! `cargo xtask soak --chaos`: the soak's mixed clients, from several network namespaces (two
 //! pods and the node's own processes), plus long-lived connected sockets, while the agent is
-//! restarted gracefully and killed with SIGKILL and restarted, at random intervals. It passes
+//! restarted gracefully (by takeover: the next agent starts with `--takeover`, then the old
+//! one gets SIGTERM) and killed with SIGKILL and restarted, at random intervals. It passes
 //! when no lookup is lost (each client retries once, as a resolver does: a lookup in flight at
 //! a SIGKILL may need that retry, nothing else should), and the agent's memory and descriptors
 //! do not grow from one instance to the next.
@@ -33,7 +34,8 @@ const FD_SLACK: u64 = 40;
 /// waits 5 s).
 const LONG_LIVED_INTERVAL_MS: u64 = 500;
 
-/// The agent binary in the node's namespace, in node mode, as the DaemonSet runs it.
+/// The agent binary in the node's namespace, in node mode, as the DaemonSet runs it (taking
+/// over from the agent running, if there is one).
 fn start_agent(node: &NodeTopology, agent: &Path) -> Agent {
     let mut command = node.node.nsenter();
     command
@@ -41,6 +43,7 @@ fn start_agent(node: &NodeTopology, agent: &Path) -> Agent {
         .arg("run")
         .arg(format!("--cgroup={}", node.redirected_cgroup().display()))
         .arg(format!("--listen={NODE_LISTEN}:53"))
+        .arg("--takeover")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null());
     Agent::spawn(command)
@@ -121,17 +124,23 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
         instances.push(resources(pid));
         let at = started.elapsed().as_secs();
         if random.next(2) == 0 {
+            // As a DaemonSet with `maxSurge: 1` restarts it: the next agent first, taking
+            // over, then SIGTERM to this one.
+            let next = start_agent(&node, tools.agent);
             agent.process().signal(libc::SIGTERM);
             let status = agent.process().wait_exit(Duration::from_secs(15));
-            events.push(format!("{at:>5} s  graceful restart (exit {status})"));
+            events.push(format!(
+                "{at:>5} s  graceful restart by takeover (old agent's exit {status})"
+            ));
             graceful += 1;
+            agent = next;
         } else {
             agent.process().signal(libc::SIGKILL);
             agent.process().wait_exit(Duration::from_secs(5));
             events.push(format!("{at:>5} s  SIGKILL and restart"));
             killed += 1;
+            agent = start_agent(&node, tools.agent);
         }
-        agent = start_agent(&node, tools.agent);
     }
     thread::sleep(duration.saturating_sub(started.elapsed()));
     instances.push(resources(agent.process().id()));
