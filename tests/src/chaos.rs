@@ -49,6 +49,22 @@ fn start_agent(node: &NodeTopology, agent: &Path) -> Agent {
     Agent::spawn(command)
 }
 
+#[derive(Clone, Copy)]
+enum Restart {
+    Takeover,
+    Sigkill,
+}
+
+/// The restart a lookup retried at `t` seconds came with: the nearest within 3 s before it
+/// began (a lookup in flight) to 6 s after (a 2 s retry wait, and the next agent's start).
+fn restart_near(t: u64, restarts: &[(u64, Restart)]) -> Option<Restart> {
+    restarts
+        .iter()
+        .filter(|(at, _)| t + 3 >= *at && t <= at + 6)
+        .min_by_key(|(at, _)| t.abs_diff(*at))
+        .map(|(_, kind)| *kind)
+}
+
 /// A small pseudo-random sequence (xorshift), seeded from the clock: the restarts come at
 /// different moments in every run, and the report says when.
 struct Random(u64);
@@ -114,6 +130,7 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
         started.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
     );
     let mut events = Vec::new();
+    let mut restarts: Vec<(u64, Restart)> = Vec::new();
     let mut instances = Vec::new();
     let (mut graceful, mut killed) = (0, 0);
     // Restarts every 10 to 30 s, until 10 s before the end (the last instance serves the
@@ -133,12 +150,14 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
                 "{at:>5} s  graceful restart by takeover (old agent's exit {status})"
             ));
             graceful += 1;
+            restarts.push((at, Restart::Takeover));
             agent = next;
         } else {
             agent.process().signal(libc::SIGKILL);
             agent.process().wait_exit(Duration::from_secs(5));
             events.push(format!("{at:>5} s  SIGKILL and restart"));
             killed += 1;
+            restarts.push((at, Restart::Sigkill));
             agent = start_agent(&node, tools.agent);
         }
     }
@@ -158,6 +177,8 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
     }
     let _ = writeln!(report, "\nclient outcomes (one retry each):");
     let (mut lost, mut failing_wrong, mut retried) = (0u64, 0u64, 0u64);
+    // When each retried lookup was, in seconds since the start.
+    let mut retried_at: Vec<u64> = Vec::new();
     for (who, mut client) in clients.drain(..) {
         let outcomes = client.finish_with_stdout(Duration::from_secs(15));
         for line in outcomes.lines() {
@@ -172,6 +193,13 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
             } else {
                 lost += field("timeout") + field("error") + field("wrong");
                 retried += field("retried");
+                retried_at.extend(
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix("retried_at_s="))
+                        .unwrap_or("")
+                        .split(',')
+                        .filter_map(|t| t.parse::<u64>().ok()),
+                );
             }
         }
     }
@@ -181,6 +209,13 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
         let answered = outcomes.lines().filter(|l| l.contains("answered")).count() as u64;
         let failed = outcomes.lines().filter(|l| l.contains("failed")).count() as u64;
         let second_try = outcomes.lines().filter(|l| l.contains("tries=2")).count() as u64;
+        retried_at.extend(
+            outcomes
+                .lines()
+                .filter(|l| l.contains("tries=2"))
+                .filter_map(|l| l.split_once("at_ms=")?.1.trim().parse::<u64>().ok())
+                .map(|ms| ms / 1000),
+        );
         let _ = writeln!(
             report,
             "  {who:<18} lookups answered={answered} failed={failed} retried={second_try}"
@@ -203,15 +238,62 @@ pub fn run(duration: Duration, interval: Duration, tools: &Tools<'_>) -> (String
     let grew = instances
         .iter()
         .any(|(rss, fds)| *rss > first_rss + RSS_SLACK_KIB || *fds > first_fds + FD_SLACK);
-    let passed = lost == 0 && failing_wrong == 0 && !grew && killed + graceful > 0;
+    // Each retry, by the restart it came with.
+    let (mut at_sigkill, mut at_takeover, mut elsewhere) = (0u64, 0u64, 0u64);
+    for t in &retried_at {
+        match restart_near(*t, &restarts) {
+            Some(Restart::Sigkill) => at_sigkill += 1,
+            Some(Restart::Takeover) => at_takeover += 1,
+            None => elsewhere += 1,
+        }
+    }
+    let untimed = retried.saturating_sub(retried_at.len() as u64);
+    let _ = writeln!(
+        report,
+        "\nretried lookups by when they were: {at_sigkill} at a SIGKILL, {at_takeover} at a \
+         takeover, {elsewhere} at no restart, {untimed} not timed"
+    );
+    let passed = lost == 0
+        && failing_wrong == 0
+        && at_takeover + elsewhere + untimed == 0
+        && !grew
+        && killed + graceful > 0;
     let _ = writeln!(
         report,
         "\nverdict: {} (lookups lost after their retry: {lost}; answered only on the retry: \
-         {retried}, around {killed} SIGKILLs and {graceful} graceful restarts; failing-upstream \
+         {retried}, around {killed} SIGKILLs and {graceful} takeovers, none allowed but at a \
+         SIGKILL; failing-upstream \
          lookups that did not time out: {failing_wrong}; resources {} across instances, \
          slack {RSS_SLACK_KIB} KiB and {FD_SLACK} fds)",
         if passed { "PASS" } else { "FAIL" },
         if grew { "GREW" } else { "flat" },
     );
     (report, passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_belongs_to_the_nearest_restart_around_it() {
+        let restarts = [(20, Restart::Sigkill), (35, Restart::Takeover)];
+        // In flight when the agent was killed, retried 2 s later.
+        assert!(matches!(
+            restart_near(18, &restarts),
+            Some(Restart::Sigkill)
+        ));
+        assert!(matches!(
+            restart_near(22, &restarts),
+            Some(Restart::Sigkill)
+        ));
+        assert!(matches!(
+            restart_near(34, &restarts),
+            Some(Restart::Takeover)
+        ));
+        // Far from any restart.
+        assert!(restart_near(10, &restarts).is_none());
+        assert!(restart_near(27, &restarts).is_none());
+        assert!(restart_near(50, &restarts).is_none());
+    }
 }

@@ -73,8 +73,9 @@ enum Task {
         #[arg(long, value_name = "MS", default_value_t = 2)]
         interval_ms: u64,
         /// Chaos: clients in two pods and the node (node mode) and long-lived sockets, while
-        /// the agent is restarted gracefully and by SIGKILL at random intervals; every lookup
-        /// retried once. Fails on a lookup lost after its retry, or growth across instances.
+        /// the agent is restarted by takeover and by SIGKILL at random intervals; every lookup
+        /// retried once. Fails on a lookup lost after its retry, a retry not at a SIGKILL, or
+        /// growth across instances.
         #[arg(long)]
         chaos: bool,
     },

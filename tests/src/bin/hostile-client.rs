@@ -12,7 +12,8 @@
 //!   from SERVER (as the socket sees it) with anything else, failed no answer.
 //! - `long-lived SERVER PREFIX COUNT INTERVAL_MS TIMEOUT_MS`: one connected UDP socket, a
 //!   lookup of `PREFIX-i...` every INTERVAL_MS, each retried once on the same socket after
-//!   TIMEOUT_MS without an answer; prints `lookup i: answered tries=T` or `lookup i: failed`.
+//!   TIMEOUT_MS without an answer; prints `lookup i: answered tries=T at_ms=M` or
+//!   `lookup i: failed at_ms=M` (M: when the lookup began, since the start).
 //! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
 //!   IP_TRANSPARENT if asked: someone else's address) to TO for SECONDS; prints
 //!   `attempts=N` (sendto calls made, whether the kernel could send them or not).
@@ -156,8 +157,10 @@ fn long_lived(args: &[String]) -> Result<(), String> {
         .connect(server)
         .map_err(|e| format!("connect: {e}"))?;
     let mut buf = [0u8; 4096];
+    let first_started = Instant::now();
     for i in 0..count {
         let started = Instant::now();
+        let at_ms = started.duration_since(first_started).as_millis();
         let query = tests::a_query(i as u16, &format!("{prefix}-{i}.example.test"));
         let mut outcome = None;
         for try_number in 1..=2 {
@@ -199,8 +202,8 @@ fn long_lived(args: &[String]) -> Result<(), String> {
             }
         }
         match outcome {
-            Some(tries) => println!("lookup {i}: answered tries={tries}"),
-            None => println!("lookup {i}: failed"),
+            Some(tries) => println!("lookup {i}: answered tries={tries} at_ms={at_ms}"),
+            None => println!("lookup {i}: failed at_ms={at_ms}"),
         }
         let _ = std::io::stdout().flush();
         if let Some(rest) = interval.checked_sub(started.elapsed()) {

@@ -10,9 +10,10 @@
 //! One lookup after another per thread, INTERVAL_MS apart (TCP kinds five times that: the
 //! server forks per connection). RETRIES (default 0) more tries, from a fresh socket, for a
 //! lookup that was not answered (not for `failing`): a resolver's retry. Prints one line per
-//! kind: `KIND sent=N answered=N timeout=N error=N wrong=N retried=N` (the counts are of the
-//! last try; `retried`: lookups answered only on a retry), then, on stderr, the first few
-//! failures of each kind.
+//! kind: `KIND sent=N answered=N timeout=N error=N wrong=N retried=N retried_at_s=T,T,...`
+//! (the counts are of the last try; `retried`: lookups answered only on a retry, and when they
+//! were, in seconds since the start, the first 200), then, on stderr, the first few failures
+//! of each kind.
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test client on std sockets; it resolves no names"
@@ -43,8 +44,13 @@ struct Counts {
     error: u64,
     wrong: u64,
     retried: u64,
+    /// Seconds since the start at which lookups were answered on a retry, the first few.
+    retried_at_s: Vec<u64>,
     failures: Vec<String>,
 }
+
+/// Retry times kept, per kind.
+const KEEP_RETRY_TIMES: usize = 200;
 
 enum Outcome {
     Answered,
@@ -178,6 +184,7 @@ fn main() {
     let failing: SocketAddr = failing.parse().expect("FAILING_SERVER:PORT");
     let interval = Duration::from_millis(interval_ms.parse().expect("INTERVAL_MS"));
     let stop = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
     let kinds = ["udp", "udp", "tcp", "large", "failing"];
     let counts: Vec<Arc<Mutex<Counts>>> = kinds.iter().map(|_| Arc::default()).collect();
     let threads: Vec<_> = kinds
@@ -206,6 +213,9 @@ fn main() {
                     counts.sent += 1;
                     if tries > 0 && matches!(outcome, Outcome::Answered) {
                         counts.retried += 1;
+                        if counts.retried_at_s.len() < KEEP_RETRY_TIMES {
+                            counts.retried_at_s.push(started.elapsed().as_secs());
+                        }
                     }
                     let failure = match outcome {
                         Outcome::Answered => {
@@ -255,15 +265,23 @@ fn main() {
                 total.error += counts.error;
                 total.wrong += counts.wrong;
                 total.retried += counts.retried;
+                total.retried_at_s.extend(counts.retried_at_s);
                 total.failures.extend(counts.failures);
             }
             None => merged.push((kind, counts)),
         }
     }
     for (kind, c) in &merged {
+        let retried_at: Vec<String> = c.retried_at_s.iter().map(u64::to_string).collect();
         println!(
-            "{kind} sent={} answered={} timeout={} error={} wrong={} retried={}",
-            c.sent, c.answered, c.timeout, c.error, c.wrong, c.retried
+            "{kind} sent={} answered={} timeout={} error={} wrong={} retried={} retried_at_s={}",
+            c.sent,
+            c.answered,
+            c.timeout,
+            c.error,
+            c.wrong,
+            c.retried,
+            retried_at.join(",")
         );
         for failure in &c.failures {
             eprintln!("{failure}");
