@@ -174,8 +174,9 @@ impl ContainerTest {
     /// cgroup2 hierarchy for the host's /sys/fs/cgroup (this host is hybrid) and a bpffs of the
     /// test's for /sys/fs/bpf; and `--cgroup` names this test's subtree of the mounted
     /// hierarchy, never the host's root. The agent's container sits inside that subtree, as the
-    /// DaemonSet's pod sits inside the node's tree. Returns the agent and its container id.
-    fn agent_container(&self, spec: &manifest::AgentContainer) -> (Agent, String) {
+    /// DaemonSet's pod sits inside the node's tree. `name` names its container and cgroup.
+    /// Returns the agent and its container id.
+    fn agent_container(&self, spec: &manifest::AgentContainer, name: &str) -> (Agent, String) {
         let cgroup_root = cgroup2_root();
         let options = spec
             .ctr_run_options(|host_path| match host_path {
@@ -210,7 +211,7 @@ impl ContainerTest {
                 arg.clone()
             }
         }));
-        let id = format!("{}-agent", self.tag);
+        let id = format!("{}-{name}", self.tag);
         self.made
             .lock()
             .unwrap()
@@ -218,7 +219,7 @@ impl ContainerTest {
         let mut command = docker::ctr();
         command
             .args(["run", "--rm"])
-            .arg(format!("--cgroup=/{CGROUP_PARENT}/{}/agent", self.tag))
+            .arg(format!("--cgroup=/{CGROUP_PARENT}/{}/{name}", self.tag))
             .args(&options)
             .arg(docker::containerd_ref(&spec.image))
             .arg(&id)
@@ -415,7 +416,7 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
         "{:?}",
         spec.capabilities_add
     );
-    let (mut agent, id) = test.agent_container(&spec);
+    let (mut agent, id) = test.agent_container(&spec, "agent");
 
     // The host's cgroup tree is mounted read-only: the agent stays in its container's cgroup
     // (inside the redirected subtree, as a pod is inside the node's tree) and excludes it.
@@ -567,4 +568,88 @@ fn the_agent_image_runs_and_holds_no_toolchain() {
         "the image has a resolv.conf: {}",
         stdout(&resolv)
     );
+}
+
+/// A surge update, as the DaemonSet's `maxSurge: 1` makes one: a second agent container with
+/// the manifest's settings (a container cgroup of its own, the cgroup tree read-only) starts
+/// beside the first and takes over, and the first is stopped as the kubelet stops it. A
+/// long-lived connected socket of a node process, asking every 100 ms, never needs a retry,
+/// and each of its lookups is handled by one agent, once; containers resolve through the new
+/// agent.
+#[test]
+fn a_surge_update_of_the_agent_container_loses_no_lookup() {
+    const LOOKUPS: usize = 80;
+    let test = ContainerTest::new();
+    let mut spec = manifest::agent_container(&manifest::path()).expect("read the manifest");
+    // The manifest's settings, but each query logged: which agent handled it, and how often.
+    for (name, value) in &mut spec.env {
+        if name == "RUST_LOG" {
+            *value = "info,dns_proxy=debug".to_owned();
+        }
+    }
+    assert!(
+        spec.args.iter().any(|arg| arg == "--takeover"),
+        "the manifest's agent no longer takes over: {:?}",
+        spec.args
+    );
+    let (mut old, old_id) = test.agent_container(&spec, "agent");
+
+    let node = test.cgroup.path.join("node");
+    fs::create_dir(&node).expect("mkdir the node processes' cgroup");
+    let mut long_lived = Process::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && netns="$1" && shift && exec nsenter --net="$netns" -- "$@""#)
+            .arg(&node)
+            .arg(format!("/run/netns/{NETNS}"))
+            .arg(env!("CARGO_BIN_EXE_hostile-client"))
+            .args(["long-lived", &format!("{DNS}:53"), "surge-ll"])
+            .args([&LOOKUPS.to_string(), "100", "1000"])
+            .stdout(Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let (new, _) = test.agent_container(&spec, "agent-next");
+    assert!(new.log().contains("taking over from it"), "{}", new.log());
+    let (path, host, port) = &spec.readiness;
+    let probe = SocketAddr::new(host.parse().expect("probe host"), *port);
+    wait_for(
+        "the new agent ready and the old one replaced, on the probes' port",
+        Duration::from_secs(10),
+        || {
+            let answers: Vec<(u16, String)> =
+                (0..16).map(|_| http_get_in(NETNS, probe, path)).collect();
+            let new_ready = answers.iter().any(|(status, _)| *status == 200);
+            let old_replaced = answers
+                .iter()
+                .any(|(status, body)| *status == 503 && body.contains("a newer agent"));
+            (new_ready && old_replaced).then_some(())
+        },
+    );
+    must(docker::ctr().args(["task", "kill", "--signal=SIGTERM", &old_id]));
+    let status = old.process().wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}:\n{}", old.log());
+
+    let name = "after-surge.example.test";
+    assert_resolved(
+        &test.run(&[], &["/bin/musl-getaddrinfo", name, "inet"]),
+        ANSWER_IP,
+        "a container after the surge",
+    );
+    forwarded(&new, name);
+
+    let output = long_lived.finish_with_stdout(Duration::from_secs(60));
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), LOOKUPS, "{output}");
+    let retried: Vec<&&str> = lines
+        .iter()
+        .filter(|line| !line.contains(": answered tries=1 "))
+        .collect();
+    assert!(retried.is_empty(), "{retried:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..LOOKUPS {
+        let name = format!("surge-ll-{i}.example.test");
+        let handled = old.query_lines(&name).len() + new.query_lines(&name).len();
+        assert_eq!(handled, 1, "{name} handled {handled} times");
+    }
 }
