@@ -8,6 +8,7 @@ use std::{
 
 use crate::ebpf::ServerTable;
 
+pub mod cache;
 mod mmsg;
 pub mod per_client;
 pub mod stats;
