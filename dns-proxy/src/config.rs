@@ -9,6 +9,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use dns_proxy_common::AddressBlock;
 
+use crate::dns::cache::CacheSettings;
+
 /// Transparent DNS redirection with eBPF: each workload's lookup goes through this proxy to the
 /// server the workload asked for, and the answer comes back from that server's address.
 #[derive(Debug, Parser)]
@@ -170,6 +172,17 @@ pub struct ProxyArgs {
     /// Default: off.
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_METRICS")]
     pub metrics: Option<SocketAddr>,
+
+    /// Answers kept in the node-local cache (UDP lookups so far), at most; 0: no cache, every
+    /// query relayed byte for byte. Each entry is also budgeted 2 KiB of the cache's byte
+    /// bound.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000), env = "DNS_PROXY_CACHE_SIZE")]
+    pub cache_size: u32,
+
+    /// No answer is kept longer than this, whatever its TTLs say. 30s, as NodeLocal DNSCache
+    /// caps it: a changed record reaches clients within half a minute.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "DNS_PROXY_CACHE_MAX_TTL")]
+    pub cache_max_ttl: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -211,6 +224,10 @@ pub enum ConfigError {
     },
 }
 
+/// Bytes of the cache's bound per entry of `--cache-size`: most answers are a few hundred
+/// bytes, so the entries bound it first; a cache of large answers is bound by bytes.
+pub const CACHE_BYTES_PER_ENTRY: usize = 2048;
+
 /// The IPv4 block with a loopback --listen (host mode): this namespace's own, never routed.
 pub const DEFAULT_HOST_BLOCK: &str = "127.53.0.0/16";
 /// The IPv4 block with any other --listen (node mode): link-local, apart from NodeLocal
@@ -241,6 +258,8 @@ pub struct RunConfig {
     pub max_tcp_connections_per_client: usize,
     pub shutdown_timeout: Duration,
     pub metrics: Option<SocketAddr>,
+    /// The answer cache; `None`: off (`--cache-size 0`).
+    pub cache: Option<CacheSettings>,
     /// `run --takeover`: share the listen address with a running agent and take over from it.
     pub takeover: bool,
 }
@@ -378,6 +397,12 @@ impl RunConfig {
             max_tcp_connections_per_client: args.max_tcp_connections_per_client as usize,
             shutdown_timeout: args.shutdown_timeout,
             metrics: args.metrics,
+            cache: (args.cache_size > 0).then(|| CacheSettings {
+                max_entries: args.cache_size as usize,
+                max_bytes: args.cache_size as usize * CACHE_BYTES_PER_ENTRY,
+                max_ttl: args.cache_max_ttl,
+                serve_stale: Duration::ZERO,
+            }),
             takeover: false,
         })
     }

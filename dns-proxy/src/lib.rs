@@ -35,6 +35,7 @@ use crate::{
     config::{Listen6, RunConfig, Workload},
     dns::CachedServers,
     dns::{
+        cache::Cache,
         per_client::PerClientLimit,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
@@ -518,11 +519,21 @@ async fn serve(
         .collect();
     let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
     let stats = Arc::new(Stats::default());
+    let cache = config.cache.map(|settings| {
+        log::info!(
+            "caching answers: at most {} entries and {} bytes, each kept {:?} at most",
+            settings.max_entries,
+            settings.max_bytes,
+            settings.max_ttl
+        );
+        Arc::new(Cache::new(settings))
+    });
     let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
         max_inflight: config.max_inflight,
         per_client: PerClientLimit::new(config.max_inflight_per_client),
+        cache: cache.clone(),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -596,6 +607,7 @@ async fn serve(
             Arc::clone(&stats),
             Arc::new(kernel_counters),
             Arc::clone(&readiness),
+            cache.clone(),
         );
         log::info!(
             "serving /metrics, /healthz and /readyz on http://{}",

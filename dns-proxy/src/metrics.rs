@@ -27,7 +27,10 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dns::stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
+    dns::{
+        cache::Cache,
+        stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
+    },
     ebpf::KernelCounters,
 };
 
@@ -78,6 +81,8 @@ impl Readiness {
 struct AgentCollector {
     stats: Arc<Stats>,
     kernel: Arc<KernelCounters>,
+    /// `None` with the cache off: its metrics are then left out.
+    cache: Option<Arc<Cache>>,
 }
 
 type Labels<'a> = [(&'static str, &'a str)];
@@ -204,6 +209,40 @@ impl Collector for AgentCollector {
             &[(&[], load(&self.stats.tcp_connections))],
         )?;
 
+        if let Some(cache) = &self.cache {
+            let counts = cache.counts();
+            for (name, help, value) in [
+                (
+                    "cache_hits",
+                    "Queries answered from the cache.",
+                    load(&self.stats.cache_hits),
+                ),
+                (
+                    "cache_misses",
+                    "Queries the cache held no live answer for, forwarded.",
+                    load(&self.stats.cache_misses),
+                ),
+                (
+                    "cache_evictions",
+                    "Answers dropped from the cache to stay within its bounds.",
+                    counts.evictions,
+                ),
+            ] {
+                encode_counters(&mut encoder, name, help, &[(&[], value)])?;
+            }
+            for (name, help, value) in [
+                ("cache_entries", "Answers in the cache.", counts.entries),
+                (
+                    "cache_bytes",
+                    "Bytes the cache's answers take.",
+                    counts.bytes,
+                ),
+            ] {
+                let gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value as i64).encode(gauge)?;
+            }
+        }
+
         let mut inflight = encoder.encode_descriptor(
             "inflight_queries",
             "Queries forwarded and not yet answered, timed out or failed.",
@@ -286,9 +325,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(stats: Arc<Stats>, kernel: Arc<KernelCounters>, readiness: Arc<Readiness>) -> Self {
+    pub fn new(
+        stats: Arc<Stats>,
+        kernel: Arc<KernelCounters>,
+        readiness: Arc<Readiness>,
+        cache: Option<Arc<Cache>>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("dns_proxy");
-        registry.register_collector(Box::new(AgentCollector { stats, kernel }));
+        registry.register_collector(Box::new(AgentCollector {
+            stats,
+            kernel,
+            cache,
+        }));
         Self {
             registry,
             readiness,

@@ -86,6 +86,7 @@ fn run(ops: Vec<Op>) {
             upstream_timeout: Duration::from_secs(3600),
             max_inflight: MAX_INFLIGHT,
             per_client: Arc::clone(&per_client),
+            cache: None,
         };
         let listener = runtime
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))

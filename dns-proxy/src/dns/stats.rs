@@ -86,6 +86,10 @@ pub struct Stats {
     pub tcp: ProtocolStats,
     /// TCP connections accepted.
     pub tcp_connections: AtomicU64,
+    /// Queries answered from the cache (`--cache-size`).
+    pub cache_hits: AtomicU64,
+    /// Queries the cache could have answered but held no live answer for (forwarded).
+    pub cache_misses: AtomicU64,
 }
 
 impl Stats {

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DRAIN_QUIET, OriginalDestinations,
+    cache::{Cache, CacheableQuery, Cached},
     mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
     per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
     stats::Stats,
@@ -55,6 +56,8 @@ pub struct ForwardSettings {
     pub max_inflight: usize,
     /// Shared by every UDP proxy of the agent: queries in flight per client address.
     pub per_client: Arc<PerClientLimit>,
+    /// The answer cache (`--cache-size`), shared by every listener; `None`: off.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// A query on its way: which pool socket it left from, where to, with which ID.
@@ -82,8 +85,21 @@ struct Pending {
     started: Instant,
     /// "name=... type=..." when debug logging is on.
     description: Option<String>,
+    /// Its key in the cache, whose answer is kept there: `None` with the cache off, or for a
+    /// query the cache does not answer.
+    cacheable: Option<CacheableQuery>,
     /// Counts against the client's --max-inflight-per-client until this is settled.
     _client_slot: ClientSlot,
+}
+
+/// What the cache did with a query.
+enum FromCache {
+    /// Answered it.
+    Answered,
+    /// Holds no live answer: the upstream's is to be kept under this key.
+    Miss(CacheableQuery),
+    /// Off, or not for such a query.
+    NotCached,
 }
 
 /// One upstream socket of a pool.
@@ -384,13 +400,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return None;
         };
         let (original, upstream, reply_from, local) = self.route(client, arrival)?;
+        let started = Instant::now();
+        let cacheable = match self.consult_cache(datagram, client, original, reply_from, started) {
+            FromCache::Answered => return None,
+            FromCache::Miss(query) => Some(query),
+            FromCache::NotCached => None,
+        };
         let client_slot = self.client_slot(if local { LOCAL_CLIENT } else { client.ip() })?;
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
         };
-        let started = Instant::now();
         let question = self.question_key(question);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
@@ -402,9 +423,81 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             question,
             started,
             description,
+            cacheable,
             _client_slot: client_slot,
         };
         self.register(pool, upstream, id, pending, pick, within_fair_share)
+    }
+
+    /// Answers `datagram` from the cache if it holds a live answer; otherwise says under which
+    /// key its answer is to be kept, if any.
+    fn consult_cache(
+        &self,
+        datagram: &[u8],
+        client: SocketAddr,
+        original: SocketAddr,
+        reply_from: IpAddr,
+        now: Instant,
+    ) -> FromCache {
+        let Some(cache) = &self.settings.cache else {
+            return FromCache::NotCached;
+        };
+        let server = self.settings.upstream_override.unwrap_or(original);
+        let Some(query) = CacheableQuery::parse(server, datagram) else {
+            return FromCache::NotCached;
+        };
+        match cache.lookup(&query, datagram, true, now) {
+            Cached::Fresh(answer) => {
+                self.answer_from_cache(&answer, client, original, reply_from, now);
+                FromCache::Answered
+            }
+            // Serving stale answers (--serve-stale) is not built yet: ask the upstream.
+            Cached::Stale(_) | Cached::Miss => {
+                Stats::add(&self.stats.cache_misses);
+                FromCache::Miss(query)
+            }
+        }
+    }
+
+    /// Sends a cached answer to its client, from the address the query reached.
+    fn answer_from_cache(
+        &self,
+        answer: &[u8],
+        client: SocketAddr,
+        original: SocketAddr,
+        reply_from: IpAddr,
+        started: Instant,
+    ) {
+        let stats = &self.stats.udp;
+        let mut sent = true;
+        mmsg::send_all(
+            self.socket.as_fd(),
+            1,
+            |_| mmsg::Outgoing {
+                datagram: answer,
+                to: client,
+                from: Some(reply_from),
+            },
+            |_, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&stats.dropped_overload);
+                log::debug!("answering {client} from the cache: {err}");
+                sent = false;
+            },
+        );
+        if !sent {
+            return;
+        }
+        Stats::add(&self.stats.cache_hits);
+        let latency = started.elapsed();
+        stats.answered(answer, Some(latency));
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "query udp client={client} server={original} cache=hit {} rcode={} latency={latency:?}",
+                wire::describe_query(answer),
+                wire::describe_rcode(answer)
+            );
+        }
     }
 
     /// One of the client's --max-inflight-per-client, or `None` (counted) if it has them all.
@@ -627,6 +720,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let datagram = received.datagram(index);
             let latency = pending.started.elapsed();
             stats.answered(datagram, Some(latency));
+            if let (Some(cache), Some(query)) = (&self.settings.cache, &pending.cacheable) {
+                cache.store(query, datagram, Instant::now());
+            }
             if let Some(description) = pending.description {
                 log::debug!(
                     "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
@@ -827,6 +923,7 @@ mod tests {
             upstream_timeout: Duration::from_millis(300),
             max_inflight,
             per_client: PerClientLimit::new(per_client),
+            cache: None,
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1091,6 +1188,7 @@ mod tests {
             upstream_timeout: Duration::from_millis(300),
             max_inflight: 8,
             per_client: PerClientLimit::new(8),
+            cache: None,
         };
         let destinations = Fixed {
             original: Some(itself),
