@@ -140,13 +140,16 @@ pub const MAX_AGENTS: u32 = 64;
 /// `AGENT_CGROUPS` value: an agent's cgroup. Only its presence matters to the programs.
 pub type AgentCgroup = u64;
 
-/// `AGENTS` value: which cgroup an agent runs in, and when it last said it was alive
-/// (`CLOCK_BOOTTIME`, nanoseconds).
+/// `AGENTS` value: which cgroup an agent runs in, when it last said it was alive
+/// (`CLOCK_BOOTTIME`, nanoseconds), and the port it serves (agents of one block on other
+/// ports, `dns-proxy exec`'s, replace no one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentRecord {
     pub cgroup_id: u64,
     pub heartbeat_ns: u64,
+    pub port: u16,
+    pub _padding: [u8; 6],
 }
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
@@ -283,7 +286,7 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
-const _: () = assert!(core::mem::size_of::<AgentRecord>() == 16);
+const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
 const _: () = assert!(
     listener_slot(Listener::Udp {
         family: AF_INET6,

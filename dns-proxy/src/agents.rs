@@ -35,14 +35,18 @@ pub struct Agents {
     /// This agent's start stamp (`CLOCK_BOOTTIME`): the newest agent has the largest.
     stamp: u64,
     cgroup_id: u64,
+    /// The port it serves: only an agent on the same port replaces it.
+    port: u16,
 }
 
 impl Agents {
-    /// Removes the entries of agents that are gone, and adds this one's.
+    /// Removes the entries of agents that are gone, and adds this one's: it runs in cgroup
+    /// `cgroup_id` and serves `port`.
     pub fn register(
         mut cgroups: HashMap<MapData, u64, AgentCgroup>,
         mut records: HashMap<MapData, u64, AgentRecord>,
         cgroup_id: u64,
+        port: u16,
     ) -> Result<Self, AgentsError> {
         let stamp = boottime_ns();
         // Read in this order, and registered in the opposite one (record, then cgroup): an
@@ -67,6 +71,8 @@ impl Agents {
         let record = AgentRecord {
             cgroup_id,
             heartbeat_ns: stamp,
+            port,
+            _padding: [0; 6],
         };
         records
             .insert(stamp, record, 0)
@@ -79,6 +85,7 @@ impl Agents {
             records: Mutex::new(records),
             stamp,
             cgroup_id,
+            port,
         })
     }
 
@@ -88,6 +95,8 @@ impl Agents {
         let record = AgentRecord {
             cgroup_id: self.cgroup_id,
             heartbeat_ns: boottime_ns(),
+            port: self.port,
+            _padding: [0; 6],
         };
         if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
             log::warn!("cannot update this agent's heartbeat: {err}");
@@ -97,13 +106,16 @@ impl Agents {
         }
     }
 
-    /// Whether an agent that started after this one is alive: it took over.
+    /// Whether an agent that started after this one, on the same port, is alive: it took
+    /// over.
     pub fn replaced(&self) -> bool {
         let now = boottime_ns();
         lock(&self.records)
             .iter()
             .filter_map(Result::ok)
-            .any(|(agent, record)| agent > self.stamp && !is_stale(&record, now))
+            .any(|(agent, record)| {
+                agent > self.stamp && record.port == self.port && !is_stale(&record, now)
+            })
     }
 }
 

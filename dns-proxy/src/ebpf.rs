@@ -303,6 +303,7 @@ impl Redirector {
             take_map(&mut ebpf, names::AGENT_CGROUPS)?,
             take_map(&mut ebpf, names::AGENTS)?,
             config.agent_cgroup.id,
+            config.block4.port,
         )
         .map_err(EbpfError::Agents)?;
         log::info!(

@@ -150,7 +150,7 @@ const PINS: [(&str, u32, u32, u32); 4] = [
     (
         dns_proxy_common::names::AGENTS,
         8,
-        16,
+        24,
         dns_proxy_common::MAX_AGENTS,
     ),
 ];

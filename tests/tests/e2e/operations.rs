@@ -682,3 +682,27 @@ fn restarts_by_takeover_need_no_retry_in_node_mode() {
     let agents = restart_by_takeover(first, RESTARTS, start, readyz);
     assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
 }
+
+/// `dns-proxy exec` shares the running agent's blocks and pinned maps, on a port of its own:
+/// it takes nothing over. The running agent stays ready while it runs (and resolves for its
+/// cgroup), and the exec agent's own queries are nobody's to redirect.
+#[test]
+fn an_exec_agent_beside_a_running_one_replaces_nothing() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let _agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    let readyz = || http_get(&topology.client, METRICS.parse().unwrap(), "/readyz");
+    assert_eq!(readyz(), (200, "ready\n".to_owned()));
+    let server = format!("{SERVER_IP}:53");
+    let script = format!("{PROBE} sendto {server} beside.example.test && sleep 5");
+    let mut exec = Agent::exec(&topology.client, &[], &["sh", "-c", &script]);
+    forwarded(&exec, "beside.example.test");
+    // Past two heartbeats of both: the running agent would have seen a newer one by now.
+    std::thread::sleep(Duration::from_millis(4500));
+    for _ in 0..8 {
+        assert_eq!(readyz(), (200, "ready\n".to_owned()), "{}", exec.log());
+    }
+    let (status, stdout) = exec.wait_with_stdout(Duration::from_secs(15));
+    assert!(status.success(), "{status}: {}", exec.log());
+    assert_eq!(stdout.trim(), expected_probe_line());
+}
