@@ -106,15 +106,26 @@ impl Agents {
         }
     }
 
+    /// Whether another agent on this port is alive (one this agent takes over from, or that
+    /// took over from it).
+    pub fn others_on_port(&self) -> bool {
+        self.any_alive_on_port(|stamp| stamp != self.stamp)
+    }
+
     /// Whether an agent that started after this one, on the same port, is alive: it took
     /// over.
     pub fn replaced(&self) -> bool {
+        self.any_alive_on_port(|stamp| stamp > self.stamp)
+    }
+
+    /// Whether an agent whose start stamp `started` accepts is alive on this one's port.
+    fn any_alive_on_port(&self, started: impl Fn(u64) -> bool) -> bool {
         let now = boottime_ns();
         lock(&self.records)
             .iter()
             .filter_map(Result::ok)
-            .any(|(agent, record)| {
-                agent > self.stamp && record.port == self.port && !is_stale(&record, now)
+            .any(|(stamp, record)| {
+                started(stamp) && record.port == self.port && !is_stale(&record, now)
             })
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use crate::ebpf::ServerTable;
 
 pub mod cache;
-mod mmsg;
+pub(crate) mod mmsg;
 pub mod per_client;
 pub mod stats;
 pub mod tcp;

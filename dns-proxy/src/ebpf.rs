@@ -19,6 +19,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
+        sk_lookup::SkLookupLinkId,
     },
 };
 use dns_proxy_common::{
@@ -81,6 +82,12 @@ pub enum EbpfError {
     },
     #[error(transparent)]
     Agents(crate::agents::AgentsError),
+    #[error(
+        "--takeover: another process serves this address, but no dns-proxy of the same blocks \
+         and port runs with --state-dir {state_dir}; an agent takes over only from one that \
+         shares its --state-dir (and so its table of servers)"
+    )]
+    NothingToTakeOver { state_dir: String },
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
     Map {
         map: &'static str,
@@ -246,6 +253,9 @@ pub struct RedirectConfig<'a> {
     /// The bpffs directory where the server table is pinned.
     pub state_dir: &'a Path,
     pub listeners: ListenerFds<'a>,
+    /// The listeners joined another agent's (`--takeover`): that agent must be alive in this
+    /// state directory, on this port, or this one would serve with a table of its own.
+    pub taking_over: bool,
 }
 
 /// A cgroup whose sockets, and those of every cgroup below it, are left alone.
@@ -260,6 +270,7 @@ pub struct ExcludedTree<'a> {
 pub struct Redirector {
     ebpf: Ebpf,
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    steer_link: Option<SkLookupLinkId>,
     cgroup: String,
 }
 
@@ -306,6 +317,11 @@ impl Redirector {
             config.block4.port,
         )
         .map_err(EbpfError::Agents)?;
+        if config.taking_over && !agents.others_on_port() {
+            return Err(EbpfError::NothingToTakeOver {
+                state_dir: config.state_dir.display().to_string(),
+            });
+        }
         log::info!(
             "never redirecting this agent's cgroup {} (id {}), nor any other agent's of this block",
             config.agent_cgroup.path.display(),
@@ -327,6 +343,7 @@ impl Redirector {
             })?;
         let netns_fd = File::open("/proc/self/ns/net").map_err(EbpfError::OpenNetns)?;
         let mut redirect_links = Vec::new();
+        let mut steer_link = None;
         for spec in PROGRAMS {
             let program = ebpf.program_mut(spec.name).ok_or(EbpfError::Missing {
                 kind: "program",
@@ -365,9 +382,11 @@ impl Redirector {
                 Hook::SkLookup => {
                     let program: &mut SkLookup = program.try_into().map_err(|_| mismatch)?;
                     program.load().map_err(load_err)?;
-                    program
-                        .attach(netns_fd.as_fd())
-                        .map_err(|source| attach_err("this network namespace", source))?;
+                    steer_link = Some(
+                        program
+                            .attach(netns_fd.as_fd())
+                            .map_err(|source| attach_err("this network namespace", source))?,
+                    );
                     log::info!(
                         "attached {} ({}) to this network namespace",
                         spec.name,
@@ -382,6 +401,7 @@ impl Redirector {
             Self {
                 ebpf,
                 redirect_links,
+                steer_link,
                 cgroup: cgroup_name,
             },
             servers,
@@ -399,12 +419,39 @@ impl Redirector {
                 .program_mut(name)
                 .and_then(|program| <&mut CgroupSockAddr>::try_from(program).ok())
                 .map(|program| program.detach(link));
-            match result {
-                Some(Ok(())) => log::info!("detached {name} from {}", self.cgroup),
-                Some(Err(err)) => log::warn!("detaching {name} from {}: {err}", self.cgroup),
-                None => log::warn!("detaching {name}: program not found"),
-            }
+            log_detached(name, &format!("from {}", self.cgroup), result);
         }
+    }
+}
+
+/// Says how detaching program `name` went (`None`: the program was not found).
+fn log_detached(name: &str, what: &str, result: Option<Result<(), aya::programs::ProgramError>>) {
+    match result {
+        Some(Ok(())) => log::info!("detached {name} {what}"),
+        Some(Err(err)) => log::warn!("detaching {name} {what}: {err}"),
+        None => log::warn!("detaching {name}: program not found"),
+    }
+}
+
+impl Redirector {
+    /// Stops steering packets to this agent's sockets: what reaches the block goes to the
+    /// other agent serving it. For an agent that stops while another runs, so that its drain
+    /// ends (what it has is answered) instead of taking every new packet until the deadline.
+    pub fn stop_steering(&mut self) {
+        let Some(link) = self.steer_link.take() else {
+            return;
+        };
+        let name = names::SK_LOOKUP;
+        let result = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|program| <&mut SkLookup>::try_from(program).ok())
+            .map(|program| program.detach(link));
+        log_detached(
+            name,
+            "from this network namespace: the other agent gets what reaches the block",
+            result,
+        );
     }
 }
 

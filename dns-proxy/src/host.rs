@@ -183,11 +183,23 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
         let info = aya::maps::MapInfo::from_pin(&path)
             .map_err(|err| pin_problem(format!("cannot read it as a BPF map: {err}")))?;
         let hash = matches!(info.map_type(), Ok(aya::maps::MapType::Hash));
-        if !hash
-            || info.key_size() != key_size
-            || info.value_size() != value_size
-            || info.max_entries() != max_entries
-        {
+        let same_layout = hash
+            && info.key_size() == key_size
+            && info.value_size() == value_size
+            && info.max_entries() == max_entries;
+        if !same_layout && name == dns_proxy_common::names::AGENTS {
+            // Only agents read it, and only for readiness and clean-up: an agent of another
+            // version keeps its own (its descriptor outlives the pin), this one starts a new.
+            log::warn!(
+                "{}: a map of another layout (an agent of another version's): replacing it; \
+                 until that agent stops, neither sees the other's heartbeat",
+                path.display()
+            );
+            std::fs::remove_file(&path)
+                .map_err(|err| pin_problem(format!("cannot replace it: {err}")))?;
+            continue;
+        }
+        if !same_layout {
             return Err(pin_problem(format!(
                 "a map of another layout (type {:?}, key {} bytes, value {}, {} entries; this \
                  agent needs a hash map of {key_size}, {value_size} and {max_entries})",

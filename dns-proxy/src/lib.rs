@@ -500,6 +500,7 @@ async fn serve(
         excluded: scope.excluded,
         state_dir: &pins,
         listeners: listeners.fds(),
+        taking_over: listeners.joined_another_agent,
     })?;
     log::info!(
         "redirecting IPv4 lookups to {} (one address per server) on port {}{}",
@@ -639,6 +640,12 @@ async fn serve(
     serving.join_all().await;
 
     redirector.stop_redirecting();
+    if agents.others_on_port() {
+        // Another agent serves the block (an older one, when a newer one that took over is
+        // stopped first, or the one that took over from this one): let it have every new
+        // packet, so this one's drain ends with what it has.
+        redirector.stop_steering();
+    }
     // All listeners drain at once, each until the same deadline.
     let deadline = config.shutdown_timeout;
     let mut draining = tokio::task::JoinSet::new();

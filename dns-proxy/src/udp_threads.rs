@@ -5,7 +5,7 @@
 //! its own upstream sockets and its own table of queries in flight. No thread has to wake
 //! another for a query, which on a busy 2-CPU machine cost more than the forwarding itself
 //! (measured in docs/performance.md), and every CPU can still serve.
-use std::{io, net::SocketAddr, thread::JoinHandle};
+use std::{io, net::SocketAddr, os::fd::AsFd as _, thread::JoinHandle};
 
 use socket2::{Domain, Socket, Type};
 use tokio::{runtime::Handle, sync::oneshot};
@@ -106,6 +106,11 @@ fn bind_alone(addr: SocketAddr) -> io::Result<SocketAddr> {
 
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = listener_socket(Domain::for_address(addr), Type::DGRAM)?;
+    // Before the socket can receive anything: a datagram queued without its arrival
+    // (destination and interface) would read as one of another namespace and be refused. The
+    // kernel may steer one here as soon as `sk_lookup` finds the socket in `LISTENERS`, before
+    // its proxy exists (an agent taking over, or a connected client across a restart).
+    crate::dns::mmsg::receive_arrivals(socket.as_fd(), addr.is_ipv6())?;
     socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     Ok(socket)

@@ -440,6 +440,59 @@ mod usage_errors {
         assert_agent_refuses(&topology, "SERVERS: a map of another layout");
     }
 
+    /// The agents' own records are only theirs to read: one of another layout (an agent of
+    /// another version's) is replaced, with a warning, and the agent serves.
+    #[test]
+    fn an_agents_record_map_of_another_layout_is_replaced() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let table = topology
+            .client
+            .state_dir()
+            .join("127_53_0_0-16+fd53_6e73_6470__-112");
+        std::fs::create_dir_all(&table).expect("mkdir the table's directory");
+        must(
+            Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(table.join("AGENTS"))
+                .args(["type", "hash", "key", "8", "value", "16", "entries", "64"])
+                .args(["name", "AGENTS", "flags", "1"]),
+        );
+        let agent = Agent::start(&topology, &[]);
+        assert!(
+            agent.log().contains("AGENTS: a map of another layout")
+                && agent.log().contains("replacing it"),
+            "{}",
+            agent.log()
+        );
+        assert_eq!(
+            probe(&topology, "sendto", "replaced.example.test"),
+            expected_probe_line()
+        );
+    }
+
+    /// `--takeover` beside an agent of another state directory would serve with a table of
+    /// its own, where the running agent's clients' addresses mean nothing: refused.
+    #[test]
+    fn a_takeover_from_an_agent_of_another_state_dir_is_refused() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let _agent = Agent::start(&topology, &[]);
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let other = topology.client.state_dir().with_file_name("other-state");
+        let state = format!("DNS_PROXY_STATE_DIR={}", other.display());
+        assert_one_line_error(
+            &[&cgroup, &format!("--listen={PROXY_LISTEN}"), "--takeover"],
+            &["env", &state, "nsenter", &netns, "--"],
+            "no dns-proxy of the same blocks and port runs with --state-dir",
+        );
+        assert_eq!(
+            probe(&topology, "sendto", "unmoved.example.test"),
+            expected_probe_line()
+        );
+    }
+
     #[test]
     fn not_root() {
         tests::require_root();

@@ -629,8 +629,58 @@ fn restarts_by_takeover_need_no_retry_in_host_mode() {
         .map(str::to_owned)
         .to_vec(),
     );
+    // Fresh UDP sockets as fast as they go, to a stub on this namespace's loopback (as
+    // systemd-resolved's): each takeover meets datagrams on their way, and one read without
+    // its arrival would be refused as another namespace's.
+    let stub = std::net::Ipv4Addr::new(127, 0, 0, 53);
+    let _stub = DnsServer::launch(&topology.client, &topology.client, stub, ANSWER_IP, false);
+    let mut steady = Process::spawn(
+        topology
+            .workload(STEADY, &[&format!("{stub}:53"), "1000", "3", "0", "4"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
     let agents = restart_by_takeover(first, RESTARTS, start, readyz);
+    let line = steady.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _, retried, failed] = steady_outcome(&line);
+    assert!(lookups > 1000, "{line}");
+    assert_eq!((retried, failed), (0, 0), "{line}");
     assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
+}
+
+/// Stopping the newer of two agents first (a surge pod rolled back): it lets the older one
+/// have every new packet, answers what it has, and stops at once, not at its deadline; no
+/// client notices, though every lookup is in flight for 50 ms.
+#[test]
+fn stopping_the_agent_that_took_over_hands_back_without_a_loss() {
+    let topology = Topology::new();
+    let _server = slow_upstream(&topology);
+    let start = || Agent::start(&topology, &["--takeover"]);
+    let older = start();
+    let mut load = steady_lookups(&topology);
+    wait_answered(&older, 50);
+    let mut newer = start();
+    wait_answered(&newer, 50);
+    let stopping = std::time::Instant::now();
+    newer.process().signal(libc::SIGTERM);
+    assert!(newer.process().wait_exit(Duration::from_secs(10)).success());
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "stopped after {took:?}:\n{}",
+        newer.log()
+    );
+    assert!(
+        !newer.log().contains("at the shutdown deadline"),
+        "{}",
+        newer.log()
+    );
+    let served = older.answered_queries();
+    wait_answered(&older, served + 50);
+    let line = load.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _, retried, failed] = steady_outcome(&line);
+    assert!(lookups > 100, "{line}");
+    assert_eq!((retried, failed), (0, 0), "{line}");
 }
 
 /// Node mode as the DaemonSet runs it with `maxSurge: 1`: each agent in a cgroup of its own
