@@ -153,8 +153,9 @@ pub struct AgentRecord {
 }
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
-/// Capacity of the `LISTENERS` sockmap.
-pub const LISTENER_SLOTS: u32 = 2 + 2 * MAX_UDP_SOCKETS;
+/// Capacity of the `LISTENERS` sockmap: TCP and UDP listeners per family, and the metrics
+/// listener.
+pub const LISTENER_SLOTS: u32 = 3 + 2 * MAX_UDP_SOCKETS;
 
 /// The `SERVERS` key of index `index` of a family's block: the families' indexes are apart.
 pub const fn server_key(family: u16, index: u32) -> u32 {
@@ -176,6 +177,8 @@ pub enum Listener {
         family: u16,
         n: u32,
     },
+    /// The metrics and health listener (`--metrics`).
+    Metrics,
 }
 
 /// The `LISTENERS` slot of a listening socket.
@@ -189,6 +192,7 @@ pub const fn listener_slot(listener: Listener) -> u32 {
                 0
             } + n
         }
+        Listener::Metrics => LISTENER_SLOTS - 1,
     }
 }
 
@@ -275,7 +279,14 @@ pub struct RedirectConfig {
     /// 1: sockets of other network namespaces are redirected too (node mode: the blocks are
     /// routed to this namespace); 0: they are left alone (host mode: a loopback block).
     pub foreign_namespaces: u8,
-    pub _padding: [u8; 5],
+    /// The metrics listener's family (`AF_INET` or `AF_INET6`); 0: no metrics listener.
+    pub metrics_family: u8,
+    /// The metrics listener's port, host order.
+    pub metrics_port: u16,
+    pub _padding: [u8; 2],
+    /// The metrics listener's address, network-order words as in [`Endpoint`] (all zero: a
+    /// wildcard, any local address).
+    pub metrics_addr: [u32; 4],
 }
 
 /// The first three words of a v4-mapped IPv6 address (`::ffff:0:0/96`), as the kernel holds
@@ -285,7 +296,7 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 }
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
 const _: () = assert!(
     listener_slot(Listener::Udp {

@@ -196,6 +196,7 @@ impl RedirectConfig {
         block6: Option<(AddressBlock, u16)>,
         udp_sockets: u16,
         foreign_namespaces: bool,
+        metrics: Option<SocketAddr>,
     ) -> Self {
         let (v4, port4) = block4;
         let IpAddr::V4(first4) = v4.first() else {
@@ -220,7 +221,14 @@ impl RedirectConfig {
             port6,
             udp_sockets,
             foreign_namespaces: u8::from(foreign_namespaces),
-            _padding: [0; 5],
+            metrics_family: match metrics {
+                Some(SocketAddr::V4(_)) => AF_INET as u8,
+                Some(SocketAddr::V6(_)) => AF_INET6 as u8,
+                None => 0,
+            },
+            metrics_port: metrics.map_or(0, |addr| addr.port()),
+            _padding: [0; 2],
+            metrics_addr: metrics.map_or([0; 4], |addr| Endpoint::from(addr).addr),
         }
     }
 }
@@ -345,14 +353,27 @@ mod tests {
             Some(("fd53:6e73:6470::/112".parse().unwrap(), 8054)),
             2,
             false,
+            Some("127.0.0.1:9253".parse().unwrap()),
         );
+        assert_eq!(
+            (config.metrics_family, config.metrics_port),
+            (AF_INET as u8, 9253)
+        );
+        assert_eq!(config.metrics_addr[0].to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(config.block4.to_ne_bytes(), [127, 53, 0, 0]);
         assert_eq!(config.port4.to_ne_bytes(), 8053u16.to_be_bytes());
         assert_eq!(config.port6.to_ne_bytes(), 8054u16.to_be_bytes());
         assert_eq!(config.block6[0].to_ne_bytes(), [0xfd, 0x53, 0x6e, 0x73]);
         assert_eq!((config.capacity4, config.capacity6), (65_534, 65_534));
-        let v4_only =
-            RedirectConfig::new(7, ("169.254.53.0/24".parse().unwrap(), 53), None, 2, true);
+        let v4_only = RedirectConfig::new(
+            7,
+            ("169.254.53.0/24".parse().unwrap(), 53),
+            None,
+            2,
+            true,
+            None,
+        );
+        assert_eq!(v4_only.metrics_family, 0);
         assert_eq!(
             (v4_only.port6, v4_only.capacity6, v4_only.capacity4),
             (0, 0, 254)

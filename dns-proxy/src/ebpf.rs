@@ -237,6 +237,9 @@ pub struct ListenerFds<'a> {
     /// One per UDP thread.
     pub udp4: Vec<BorrowedFd<'a>>,
     pub udp6: Vec<BorrowedFd<'a>>,
+    /// The metrics listener and its address: `sk_lookup` hands its connections to this one
+    /// only, whoever else joins its port.
+    pub metrics: Option<(SocketAddr, BorrowedFd<'a>)>,
 }
 
 /// What the redirect sends to the proxy, and what it leaves alone.
@@ -295,6 +298,7 @@ impl Redirector {
             config.block6.map(|block| (block.addresses, block.port)),
             udp_sockets as u16,
             foreign_namespaces,
+            config.listeners.metrics.map(|(addr, _)| addr),
         );
         let excluded_levels = excluded_levels(config.excluded)?;
         let mut ebpf = EbpfLoader::new()
@@ -524,6 +528,9 @@ fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), Eb
     put(Listener::Tcp { family: AF_INET }, listeners.tcp4)?;
     if let Some(tcp6) = listeners.tcp6 {
         put(Listener::Tcp { family: AF_INET6 }, tcp6)?;
+    }
+    if let Some((_, metrics)) = listeners.metrics {
+        put(Listener::Metrics, metrics)?;
     }
     for (family, sockets) in [(AF_INET, &listeners.udp4), (AF_INET6, &listeners.udp6)] {
         for (n, fd) in sockets.iter().enumerate() {

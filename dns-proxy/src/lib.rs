@@ -205,8 +205,8 @@ struct Listeners {
 }
 
 impl Listeners {
-    /// The sockets, for the kernel's `LISTENERS` map.
-    fn fds(&self) -> ListenerFds<'_> {
+    /// The sockets, for the kernel's `LISTENERS` map, with the metrics listener if there is one.
+    fn fds<'a>(&'a self, metrics: Option<&'a TcpListener>) -> ListenerFds<'a> {
         let udp = |n: usize| {
             self.udp
                 .get(n)
@@ -218,6 +218,8 @@ impl Listeners {
             tcp6: self.tcp.get(1).map(|tcp| tcp.as_fd()),
             udp4: udp(0),
             udp6: udp(1),
+            metrics: metrics
+                .and_then(|listener| Some((listener.local_addr().ok()?, listener.as_fd()))),
         }
     }
 
@@ -499,7 +501,7 @@ async fn serve(
         block6,
         excluded: scope.excluded,
         state_dir: &pins,
-        listeners: listeners.fds(),
+        listeners: listeners.fds(metrics_listener.as_ref()),
         taking_over: listeners.joined_another_agent,
     })?;
     log::info!(

@@ -25,6 +25,8 @@
 //!   (`IP_PKTINFO`), as a forger of answers would; prints `sent` or `refused: ERROR`.
 //! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
 //!   there) and counts what it receives for SECONDS; prints `received=N`.
+//! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
+//!   HTTP 500; prints `accepted=N`.
 //! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
 //!   (or, with --distinct, to COUNT different addresses from SERVER's on, port 53), bound to
 //!   IP if given (each local address has its own ports); prints `holding N` and keeps them
@@ -314,16 +316,20 @@ fn hold(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(|e| e.to_string())?;
+/// A socket of `kind` bound to `addr` with SO_REUSEPORT, joining any group there.
+fn joined(addr: SocketAddr, kind: Type) -> Result<Socket, String> {
+    let socket = Socket::new(Domain::for_address(addr), kind, None).map_err(|e| e.to_string())?;
     socket.set_reuse_port(true).map_err(|e| e.to_string())?;
     socket
         .bind(&addr.into())
         .map_err(|e| format!("bind {addr}: {e}"))?;
-    let socket = UdpSocket::from(socket);
     println!("joined");
     let _ = std::io::stdout().flush();
+    Ok(socket)
+}
+
+fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
+    let socket = UdpSocket::from(joined(addr, Type::DGRAM)?);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut received = 0u64;
     let mut buf = [0u8; 4096];
@@ -336,6 +342,28 @@ fn join(addr: SocketAddr, seconds: u64) -> Result<(), String> {
         }
     }
     println!("received={received}");
+    Ok(())
+}
+
+/// Joins a TCP listener's group at `addr` and accepts (answering each connection with an
+/// HTTP 500, as a saboteur of health probes would) for `seconds`.
+fn join_tcp(addr: SocketAddr, seconds: u64) -> Result<(), String> {
+    let socket = joined(addr, Type::STREAM)?;
+    socket.listen(16).map_err(|e| e.to_string())?;
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener = std::net::TcpListener::from(socket);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut accepted = 0u64;
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                accepted += 1;
+                let _ = stream.write_all(b"HTTP/1.1 500 Sabotaged\r\ncontent-length: 0\r\n\r\n");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    println!("accepted={accepted}");
     Ok(())
 }
 
@@ -465,6 +493,12 @@ fn main() -> ExitCode {
                 .and_then(|addr| Ok((addr, parse::<u64>(seconds, "seconds")?)))
                 .and_then(|(addr, seconds)| join(addr, seconds)),
             _ => Err("join ADDR SECONDS".to_owned()),
+        },
+        Some("join-tcp") => match &args[1..] {
+            [addr, seconds] => parse::<SocketAddr>(addr, "IP:PORT")
+                .and_then(|addr| Ok((addr, parse::<u64>(seconds, "seconds")?)))
+                .and_then(|(addr, seconds)| join_tcp(addr, seconds)),
+            _ => Err("join-tcp ADDR SECONDS".to_owned()),
         },
         Some("tcp-lookups") => match &args[1..] {
             [server, name, pause @ ..] if pause.len() <= 1 => {

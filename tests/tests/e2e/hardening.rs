@@ -288,19 +288,7 @@ fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
 #[test]
 fn a_process_joining_the_listener_group_receives_no_query() {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &["--udp-threads=2"]);
-    let mut joiner = Process::spawn(
-        topology
-            .outsider(HOSTILE, &["join", PROXY_LISTEN, "6"])
-            .stdout(Stdio::piped()),
-    );
-    let mut joined = BufReader::new(joiner.take_stdout());
-    let mut line = String::new();
-    joined.read_line(&mut line).expect("read the joiner");
-    assert_eq!(
-        line.trim(),
-        "joined",
-        "the group could be joined: the test means something"
-    );
+    let joiner = Joiner::start(topology.outsider(HOSTILE, &["join", PROXY_LISTEN, "6"]));
     for mode in ["connect", "sendto"] {
         let summary = String::from_utf8_lossy(
             &must(&mut topology.workload(
@@ -321,11 +309,37 @@ fn a_process_joining_the_listener_group_receives_no_query() {
         .to_owned();
         assert_eq!(summary, "right=40 wrong=0 failed=0", "{mode}");
     }
-    // It reports when its time is up.
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut joined, &mut rest).expect("read the joiner");
-    assert_eq!(rest.trim(), "received=0");
-    assert!(joiner.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(joiner.finish(), "received=0");
+}
+
+/// A process that joined a group of the agent's sockets (`hostile-client join` or
+/// `join-tcp`), and says so before the test goes on.
+struct Joiner {
+    process: Process,
+    output: BufReader<std::process::ChildStdout>,
+}
+
+impl Joiner {
+    fn start(mut command: Command) -> Self {
+        let mut process = Process::spawn(command.stdout(Stdio::piped()));
+        let mut output = BufReader::new(process.take_stdout());
+        let mut line = String::new();
+        output.read_line(&mut line).expect("read the joiner");
+        assert_eq!(
+            line.trim(),
+            "joined",
+            "it could join: the test means something"
+        );
+        Self { process, output }
+    }
+
+    /// What it reports when its time is up.
+    fn finish(mut self) -> String {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.output, &mut rest).expect("read the joiner");
+        assert!(self.process.wait_exit(Duration::from_secs(10)).success());
+        rest.trim().to_owned()
+    }
 }
 
 /// Eight pods flood a server that answers after 3 s, together far past `--max-inflight`;
@@ -384,4 +398,30 @@ fn a_pod_within_its_fair_share_is_never_refused_because_of_others() {
         "the ninth pod was refused: {line}"
     );
     drop(flooders);
+}
+
+/// A process of the agent's user id but no capabilities (a root hostNetwork pod's, say) joins
+/// the metrics port with SO_REUSEPORT, as an agent taking over does, and answers 500: it gets
+/// no connection, so it cannot fail the probes and have the agent restarted.
+#[test]
+fn a_process_joining_the_metrics_port_gets_no_probe() {
+    let Harness { topology, .. } =
+        &Harness::start(Placement::Outside, &[&format!("--metrics={METRICS}")]);
+    let mut setpriv = topology.outsider(
+        "setpriv",
+        &[
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            HOSTILE,
+        ],
+    );
+    setpriv.args(["join-tcp", METRICS, "4"]);
+    let joiner = Joiner::start(setpriv);
+    for _ in 0..20 {
+        let (status, body) =
+            tests::http_get(&topology.client, METRICS.parse().unwrap(), "/healthz");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+    }
+    assert_eq!(joiner.finish(), "accepted=0");
 }
