@@ -158,6 +158,15 @@ impl Daemon {
         let log =
             fs::File::create(&log_path).map_err(|err| format!("{}: {err}", log_path.display()))?;
         let _ = fs::remove_file(SOCKET);
+        // containerd's store holds nothing but the agent image, imported again every run; one
+        // whose snapshots went missing (a daemon stopped mid-run) refuses that import with
+        // "parent snapshot ... does not exist". Docker's own images and build cache stay.
+        let containerd_root = work_dir.join("data").join("containerd");
+        if let Err(err) = fs::remove_dir_all(&containerd_root)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("docker: cannot clear {}: {err}", containerd_root.display());
+        }
         // nsenter, not `ip netns exec`: that remounts /sys, and dockerd must see the cgroup
         // mounts to place containers.
         let process = Command::new("nsenter")
