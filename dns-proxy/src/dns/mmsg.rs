@@ -35,10 +35,10 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 const CONTROL_WORDS: usize = 8;
 
 /// Buffers for receiving up to [`BATCH`] datagrams at once, each up to the largest UDP
-/// message, so none is ever cut short. The memory is zeroed on allocation, which the
-/// allocator gets from fresh pages: only the pages datagrams are written to become resident.
+/// message, so none is ever cut short. The 2 MiB come from fresh anonymous pages
+/// ([`ZeroPages`]): only the pages datagrams are written to become resident.
 pub struct ReceivedBatch {
-    buffers: Box<[u8]>,
+    buffers: ZeroPages,
     lens: [usize; BATCH],
     peers: [Option<SocketAddr>; BATCH],
     arrivals: [Option<Arrival>; BATCH],
@@ -48,12 +48,76 @@ pub struct ReceivedBatch {
 impl Default for ReceivedBatch {
     fn default() -> Self {
         Self {
-            buffers: vec![0; BATCH * MAX_UDP_MESSAGE].into_boxed_slice(),
+            buffers: ZeroPages::new(BATCH * MAX_UDP_MESSAGE),
             lens: [0; BATCH],
             peers: [None; BATCH],
             arrivals: [None; BATCH],
             count: 0,
         }
+    }
+}
+
+/// Zeroed memory mapped from fresh anonymous pages, resident only where written.
+///
+/// A zeroed `Vec` of the same size is not that: once glibc has freed a large mapping it raises
+/// its mmap threshold, serves the next large allocation from its heap and clears it, and every
+/// page is resident at once. The chaos soak saw agent instances 2 and 4 MiB larger than the
+/// rest (one or two of these batches, made resident) until they were mapped like this.
+struct ZeroPages {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: it owns its mapping, as a Box owns its allocation.
+unsafe impl Send for ZeroPages {}
+// SAFETY: shared access only reads, through `&[u8]`.
+unsafe impl Sync for ZeroPages {}
+
+impl ZeroPages {
+    fn new(len: usize) -> Self {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            ptr != libc::MAP_FAILED,
+            "cannot map {len} bytes: {}",
+            io::Error::last_os_error()
+        );
+        Self {
+            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap returns no null mapping"),
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for ZeroPages {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable (zero until written), owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for ZeroPages {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` is the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for ZeroPages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
