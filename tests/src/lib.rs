@@ -1013,17 +1013,20 @@ fn clients_source(file: &str) -> PathBuf {
 pub fn musl_getaddrinfo() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let output = clients_dir().join("musl-getaddrinfo");
-            must(
-                Command::new("musl-gcc")
-                    .args(["-static", "-O2", "-Wall", "-o"])
-                    .arg(&output)
-                    .arg(clients_source("getaddrinfo.c")),
-            );
-            output
-        })
+        .get_or_init(|| musl_static("getaddrinfo.c", "musl-getaddrinfo"))
         .clone()
+}
+
+/// tests/clients/`source` built static with musl-gcc, as `binary` in the clients' directory.
+fn musl_static(source: &str, binary: &str) -> PathBuf {
+    let output = clients_dir().join(binary);
+    must(
+        Command::new("musl-gcc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&output)
+            .arg(clients_source(source)),
+    );
+    output
 }
 
 /// A static binary of tests/clients/lookup-from-port.c (musl-gcc): COUNT lookups from one
@@ -1031,16 +1034,7 @@ pub fn musl_getaddrinfo() -> PathBuf {
 pub fn lookup_from_port() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let output = clients_dir().join("lookup-from-port");
-            must(
-                Command::new("musl-gcc")
-                    .args(["-static", "-O2", "-Wall", "-o"])
-                    .arg(&output)
-                    .arg(clients_source("lookup-from-port.c")),
-            );
-            output
-        })
+        .get_or_init(|| musl_static("lookup-from-port.c", "lookup-from-port"))
         .clone()
 }
 

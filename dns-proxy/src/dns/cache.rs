@@ -640,6 +640,15 @@ mod tests {
         cache.store(&parsed(query), answer, at)
     }
 
+    /// `message` (with no additional records) and an OPT record carrying an EDNS Client Subnet
+    /// option (code 8: family 1, source /24, `scope`, 192.0.2.0).
+    fn with_client_subnet(mut message: Vec<u8>, scope: u8) -> Vec<u8> {
+        message.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 11]);
+        message.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, scope, 192, 0, 2]);
+        message[11] = 1;
+        message
+    }
+
     fn parsed(query: &[u8]) -> CacheableQuery {
         CacheableQuery::parse(SERVER, query).expect("a cacheable query")
     }
@@ -747,10 +756,7 @@ mod tests {
         notify[2] |= 4 << 3; // opcode NOTIFY
         assert!(CacheableQuery::parse(SERVER, &notify).is_none());
         // An EDNS Client Subnet option (code 8: family 1, /24, scope 0, 192.0.2.0).
-        let mut ecs = query(1, "k.example.test.");
-        ecs.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 11]);
-        ecs.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, 0, 192, 0, 2]);
-        ecs[11] = 1;
+        let ecs = with_client_subnet(query(1, "k.example.test."), 0);
         assert!(Message::from_vec(&ecs).is_ok());
         assert!(CacheableQuery::parse(SERVER, &ecs).is_none());
     }
@@ -873,13 +879,7 @@ mod tests {
     fn an_answer_scoped_to_a_client_subnet_is_not_kept() {
         let cache = Cache::new(settings());
         let q = query(1, "ecs.example.test.");
-        let with_scope = |scope: u8| {
-            let mut answer = a_answer(&q, &[300]);
-            answer.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 11]);
-            answer.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, scope, 192, 0, 2]);
-            answer[11] = 1;
-            answer
-        };
+        let with_scope = |scope| with_client_subnet(a_answer(&q, &[300]), scope);
         assert!(!keeps(&cache, &q, &with_scope(24), Instant::now()));
         assert!(keeps(&cache, &q, &with_scope(0), Instant::now()));
     }

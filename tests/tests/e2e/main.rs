@@ -113,6 +113,32 @@ fn run_together(probes: Vec<ConcurrentProbe>) {
     }
 }
 
+/// Checks what a `hostile-client long-lived PREFIX COUNT ...` client printed and what the
+/// agents that served it logged (`logs`, written just after the answers: read them after a
+/// moment): every lookup answered on its first try, and each handled by exactly one agent,
+/// once (an agent's upstream query sent round through another would be logged twice).
+fn assert_long_lived_all_first_try(output: &str, prefix: &str, count: usize, logs: &[String]) {
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), count, "{prefix}:\n{output}");
+    let retried: Vec<&&str> = lines
+        .iter()
+        .filter(|line| !line.contains(": answered tries=1 "))
+        .collect();
+    assert!(retried.is_empty(), "{prefix}: {retried:?}");
+    for i in 0..count {
+        let needle = format!(" name={prefix}-{i}.example.test. ");
+        let handled: usize = logs
+            .iter()
+            .map(|log| {
+                log.lines()
+                    .filter(|line| line.contains("query udp client=") && line.contains(&needle))
+                    .count()
+            })
+            .sum();
+        assert_eq!(handled, 1, "{prefix}-{i} was handled {handled} times");
+    }
+}
+
 /// `lookups=N first_try=N retried=N failed=N` as numbers.
 fn steady_outcome(line: &str) -> [u64; 4] {
     let numbers: Vec<u64> = line

@@ -558,25 +558,7 @@ fn assert_takeovers_lost_nothing(
     std::thread::sleep(Duration::from_millis(200));
     logs.push(last.log());
     for (prefix, output) in outputs {
-        let lines: Vec<&str> = output.lines().collect();
-        assert_eq!(lines.len(), count, "{prefix}:\n{output}");
-        let retried: Vec<&&str> = lines
-            .iter()
-            .filter(|line| !line.contains(": answered tries=1 "))
-            .collect();
-        assert!(retried.is_empty(), "{prefix}: {retried:?}");
-        for i in 0..count {
-            let needle = format!(" name={prefix}-{i}.example.test. ");
-            let handled: usize = logs
-                .iter()
-                .map(|log| {
-                    log.lines()
-                        .filter(|line| line.contains("query udp client=") && line.contains(&needle))
-                        .count()
-                })
-                .sum();
-            assert_eq!(handled, 1, "{prefix}-{i} was handled {handled} times");
-        }
+        assert_long_lived_all_first_try(&output, prefix, count, &logs);
     }
     let outcome = tcp.finish_with_stdout(Duration::from_secs(10));
     assert!(outcome.contains(" failed=0"), "{outcome}");
