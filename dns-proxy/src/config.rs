@@ -173,9 +173,9 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_METRICS")]
     pub metrics: Option<SocketAddr>,
 
-    /// Answers kept in the node-local cache (UDP lookups so far), at most; 0: no cache, every
-    /// query relayed byte for byte. Each entry is also budgeted 2 KiB of the cache's byte
-    /// bound.
+    /// Answers kept in the node-local cache, at most; 0: no cache, every query relayed byte for
+    /// byte. Each entry is also budgeted 2 KiB of the cache's byte bound. With the cache on,
+    /// identical UDP queries in flight to one server become one upstream query.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000), env = "DNS_PROXY_CACHE_SIZE")]
     pub cache_size: u32,
 
@@ -183,6 +183,22 @@ pub struct ProxyArgs {
     /// caps it: a changed record reaches clients within half a minute.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "DNS_PROXY_CACHE_MAX_TTL")]
     pub cache_max_ttl: Duration,
+
+    /// How long past its expiry a cached answer may still be served (RFC 8767), to clients
+    /// whose upstream fails or has not answered within 1.8 s; it is shown with TTL 30 while
+    /// the upstream is asked again. 0: never. Off by default, as in CoreDNS and NodeLocal
+    /// DNSCache: an answer past its TTL may name an address that has moved; CoreDNS's
+    /// `serve_stale` keeps 1h once turned on.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration_or_zero, env = "DNS_PROXY_SERVE_STALE")]
+    pub serve_stale: Duration,
+}
+
+/// A duration that may be zero (`0` or `0s`: never).
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|err| format!("{err} (write it like 0, 30s or 1h)"))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -401,7 +417,7 @@ impl RunConfig {
                 max_entries: args.cache_size as usize,
                 max_bytes: args.cache_size as usize * CACHE_BYTES_PER_ENTRY,
                 max_ttl: args.cache_max_ttl,
-                serve_stale: Duration::ZERO,
+                serve_stale: args.serve_stale,
             }),
             takeover: false,
         })

@@ -9,6 +9,7 @@ use std::{
 use crate::ebpf::ServerTable;
 
 pub mod cache;
+pub mod coalesce;
 pub(crate) mod mmsg;
 pub mod per_client;
 pub mod stats;

@@ -36,6 +36,7 @@ use crate::{
     dns::CachedServers,
     dns::{
         cache::Cache,
+        coalesce::Coalescer,
         per_client::PerClientLimit,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
@@ -524,10 +525,12 @@ async fn serve(
     let stats = Arc::new(Stats::default());
     let cache = config.cache.map(|settings| {
         log::info!(
-            "caching answers: at most {} entries and {} bytes, each kept {:?} at most",
+            "caching answers: at most {} entries and {} bytes, each kept {:?} at most, served \
+             stale {:?} past expiry when the upstream fails",
             settings.max_entries,
             settings.max_bytes,
-            settings.max_ttl
+            settings.max_ttl,
+            settings.serve_stale
         );
         Arc::new(Cache::new(settings))
     });
@@ -537,6 +540,7 @@ async fn serve(
         max_inflight: config.max_inflight,
         per_client: PerClientLimit::new(config.max_inflight_per_client),
         cache: cache.clone(),
+        in_flight: Arc::new(Coalescer::new(config.max_inflight)),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -544,6 +548,7 @@ async fn serve(
         idle_timeout: config.tcp_idle_timeout,
         max_connections: config.max_tcp_connections,
         per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
+        cache: cache.clone(),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {

@@ -223,6 +223,16 @@ impl Collector for AgentCollector {
                     load(&self.stats.cache_misses),
                 ),
                 (
+                    "cache_stale_answers",
+                    "Expired answers served (--serve-stale) because the upstream failed or was slow.",
+                    load(&self.stats.cache_stale),
+                ),
+                (
+                    "cache_coalesced",
+                    "Queries that waited for an identical query's answer instead of going upstream.",
+                    load(&self.stats.cache_coalesced),
+                ),
+                (
                     "cache_evictions",
                     "Answers dropped from the cache to stay within its bounds.",
                     counts.evictions,

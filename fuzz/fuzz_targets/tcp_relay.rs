@@ -87,6 +87,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 idle_timeout: Duration::from_secs(3600),
                 max_connections: 1,
                 per_client: PerClientLimit::new(1),
+                cache: None,
             };
             let _entered = runtime.enter();
             TcpProxy::new(

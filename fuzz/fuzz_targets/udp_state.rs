@@ -15,6 +15,7 @@ use std::{
 use arbitrary::Arbitrary;
 use dns_proxy::dns::{
     FixedDestination,
+    coalesce::Coalescer,
     per_client::PerClientLimit,
     udp::{ForwardSettings, UdpProxy},
     wire,
@@ -87,6 +88,7 @@ fn run(ops: Vec<Op>) {
             max_inflight: MAX_INFLIGHT,
             per_client: Arc::clone(&per_client),
             cache: None,
+            in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))

@@ -68,6 +68,9 @@ pub struct CacheableQuery {
     pub key: CacheKey,
     /// The largest answer the client takes over UDP.
     pub udp_limit: usize,
+    /// Where the question ends in the client's query: its header and question are what an
+    /// answer shared with it takes from it.
+    question_end: usize,
 }
 
 impl CacheableQuery {
@@ -85,6 +88,7 @@ impl CacheableQuery {
         let name = reader.plain_name()?;
         let qtype = reader.u16()?;
         let qclass = reader.u16()?;
+        let question_end = reader.offset;
         // A query has no answers or authorities, but a sender may put records anywhere.
         for _ in 0..u32::from(count(query, 6)?) + u32::from(count(query, 8)?) {
             reader.skip_record()?;
@@ -113,8 +117,45 @@ impl CacheableQuery {
                 checking_disabled,
             },
             udp_limit,
+            question_end,
         })
     }
+
+    /// The client's header and question, out of its whole query: all an answer kept or
+    /// shared for it needs of it.
+    pub fn head<'a>(&self, query: &'a [u8]) -> &'a [u8] {
+        &query[..self.question_end.min(query.len())]
+    }
+}
+
+/// `answer`, the upstream's answer to an identical query, for another client whose query
+/// has `head` ([`CacheableQuery::head`]): with that client's ID and question bytes, and
+/// truncated past its UDP limit when `udp` is set. `None` if the answer's question is not the
+/// same length as the client's (it then answers something else).
+pub fn shared_answer(
+    answer: &[u8],
+    query: &CacheableQuery,
+    head: &[u8],
+    udp: bool,
+) -> Option<Vec<u8>> {
+    if answer.len() < HEADER_LEN || head.len() < HEADER_LEN {
+        return None;
+    }
+    let mut shared = answer.to_vec();
+    shared[..2].copy_from_slice(&head[..2]);
+    if count(answer, 4)? > 0 {
+        let mut reader = Reader::new(answer, HEADER_LEN);
+        reader.plain_name()?;
+        let question_end = reader.offset + 4;
+        if question_end != head.len() || question_end > answer.len() {
+            return None;
+        }
+        shared[HEADER_LEN..question_end].copy_from_slice(&head[HEADER_LEN..]);
+    }
+    if udp && shared.len() > query.udp_limit {
+        shared = truncated(&shared, query.key.edns);
+    }
+    Some(shared)
 }
 
 /// A kept answer.
@@ -547,7 +588,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::Ipv4Addr;
 
     use hickory_proto::{
@@ -586,7 +627,7 @@ mod tests {
         message
     }
 
-    fn query(id: u16, name: &str) -> Vec<u8> {
+    pub(crate) fn query(id: u16, name: &str) -> Vec<u8> {
         query_message(id, name, None).to_vec().unwrap()
     }
 
@@ -873,6 +914,39 @@ mod tests {
         let tcp = fresh(cache.lookup(&parsed(&q), &q, false, start));
         assert_eq!(tcp.len(), big.len());
         assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 6);
+    }
+
+    #[test]
+    fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
+        let leader = query(1, "shared.example.test");
+        let answer = a_answer(&leader, &[60; 34]);
+        let waiter = query(77, "SHARED.Example.TEST");
+        let parsed = parsed(&waiter);
+        let shared = shared_answer(&answer, &parsed, parsed.head(&waiter), false).unwrap();
+        assert_eq!(shared[..2], 77u16.to_be_bytes());
+        assert_eq!(wire_question(&shared), wire_question(&waiter));
+        assert_eq!(
+            shared[2..HEADER_LEN],
+            answer[2..HEADER_LEN],
+            "the upstream's flags"
+        );
+        assert_eq!(
+            shared[wire_question(&answer).len() + HEADER_LEN..],
+            answer[wire_question(&answer).len() + HEADER_LEN..]
+        );
+        // 34 records do not fit in 512 bytes: over UDP the client gets TC and retries.
+        assert!(answer.len() > CLASSIC_UDP_LIMIT);
+        let over_udp = shared_answer(&answer, &parsed, parsed.head(&waiter), true).unwrap();
+        assert_ne!(over_udp[2] & 0x02, 0, "TC");
+        assert_eq!(over_udp[..2], 77u16.to_be_bytes());
+        // An answer to another question is not shared.
+        let other = query(5, "other.example.test");
+        let other = parsed_head(&other);
+        assert!(shared_answer(&answer, &parsed, &other, false).is_none());
+    }
+
+    fn parsed_head(message: &[u8]) -> Vec<u8> {
+        parsed(message).head(message).to_vec()
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub struct Stats {
     pub cache_hits: AtomicU64,
     /// Queries the cache could have answered but held no live answer for (forwarded).
     pub cache_misses: AtomicU64,
+    /// Stale answers served (`--serve-stale`) because the upstream failed or was slow.
+    pub cache_stale: AtomicU64,
+    /// Queries that waited for an identical query's answer instead of going upstream.
+    pub cache_coalesced: AtomicU64,
 }
 
 impl Stats {

@@ -5,6 +5,9 @@
 //! answer them in any order (RFC 7766). Messages are relayed unaltered; only their framing and
 //! headers are read. Each connection is one task: a client that stalls (stops reading, or
 //! sends half a message) holds up nobody else, and the watchdog closes it.
+//!
+//! With the cache on, a query it holds a live answer for is answered from it, in full (the
+//! retry of a client whose UDP answer was truncated, say), and the upstream's answers are kept.
 use std::{
     collections::HashMap,
     io,
@@ -16,13 +19,14 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
-    sync::{Notify, Semaphore},
+    sync::{Mutex as AsyncMutex, Notify, Semaphore},
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     OriginalDestinations,
+    cache::{Cache, CacheableQuery, Cached},
     per_client::{LOCAL_CLIENT, PerClientLimit},
     stats::Stats,
     upstream_for, wire,
@@ -43,6 +47,8 @@ pub struct TcpSettings {
     pub max_connections: usize,
     /// Connections open per client address.
     pub per_client: Arc<PerClientLimit>,
+    /// The answer cache (`--cache-size`), shared with UDP; `None`: off.
+    pub cache: Option<Arc<Cache>>,
 }
 
 pub struct TcpProxy<D> {
@@ -97,6 +103,9 @@ struct Pending {
     started: Instant,
     /// "name=... type=..." when debug logging is on.
     description: Option<String>,
+    /// Its key in the cache, whose answer is kept there; `None` with the cache off, or for a
+    /// query the cache does not answer.
+    cacheable: Option<CacheableQuery>,
 }
 
 /// What both directions of one connection share.
@@ -336,10 +345,12 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let stats = &self.stats.tcp;
         // Biased: what the client has sent is read before the watchdog may end a draining
         // connection, so a query that arrived is never closed on.
+        // Written by both directions: the upstream's answers, and the cache's.
+        let client_write = AsyncMutex::new(client_write);
         let closed = tokio::select! {
             biased;
-            closed = self.queries(conn, BufReader::new(client_read), upstream_write) => closed,
-            closed = self.answers(conn, BufReader::new(upstream_read), client_write) => closed,
+            closed = self.queries(conn, BufReader::new(client_read), upstream_write, &client_write) => closed,
+            closed = self.answers(conn, BufReader::new(upstream_read), &client_write) => closed,
             closed = self.watchdog(conn) => closed,
         };
         // Queries still waiting will never be answered now.
@@ -354,12 +365,14 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         closed
     }
 
-    /// Client to upstream: one framed query at a time, checked, then written whole.
+    /// Client to upstream: one framed query at a time, checked, then written whole (or
+    /// answered from the cache, through `client_write`).
     async fn queries(
         &self,
         conn: &Connection,
         mut client: impl AsyncRead + Unpin,
         mut upstream: impl AsyncWrite + Unpin,
+        client_write: &AsyncMutex<impl AsyncWrite + Unpin>,
     ) -> Closed {
         let stats = &self.stats.tcp;
         loop {
@@ -387,13 +400,29 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Stats::add(&stats.dropped_malformed);
                 return Closed::MalformedQuery;
             }
+            let started = Instant::now();
+            let cacheable = match self.consult_cache(conn, &query, started) {
+                Some(Ok(answer)) => {
+                    conn.set_reading(false);
+                    let mut client_write = client_write.lock().await;
+                    if let Err(err) = write_message(&mut *client_write, &answer).await {
+                        return Closed::ClientError(err);
+                    }
+                    drop(client_write);
+                    self.answered_from_cache(conn, &answer, started);
+                    continue;
+                }
+                Some(Err(cacheable)) => Some(cacheable),
+                None => None,
+            };
             slot.forget(); // given back when its answer arrives
             let id = wire::message_id(&query).unwrap_or_default();
             let description =
                 log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&query));
             let pending = Pending {
-                started: Instant::now(),
+                started,
                 description,
+                cacheable,
             };
             // A client reusing an ID it is still waiting on replaces that query.
             let replaced = conn
@@ -414,12 +443,50 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         }
     }
 
+    /// With the cache on, for a query it could answer: `Ok` with its live answer, or `Err`
+    /// with the key the upstream's answer is to be kept under. `None`: off, or not for such a
+    /// query.
+    fn consult_cache(
+        &self,
+        conn: &Connection,
+        query: &[u8],
+        now: Instant,
+    ) -> Option<Result<Vec<u8>, CacheableQuery>> {
+        let cache = self.settings.cache.as_ref()?;
+        let server = self.settings.upstream_override.unwrap_or(conn.original);
+        let cacheable = CacheableQuery::parse(server, query)?;
+        match cache.lookup(&cacheable, query, false, now) {
+            Cached::Fresh(answer) => Some(Ok(answer)),
+            // Stale answers (--serve-stale) are served over UDP only: ask the upstream.
+            Cached::Stale(_) | Cached::Miss => {
+                Stats::add(&self.stats.cache_misses);
+                Some(Err(cacheable))
+            }
+        }
+    }
+
+    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], started: Instant) {
+        conn.touch();
+        Stats::add(&self.stats.cache_hits);
+        let latency = started.elapsed();
+        self.stats.tcp.answered(answer, Some(latency));
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "query tcp client={} server={} cache=hit {} rcode={} latency={latency:?}",
+                conn.client,
+                conn.original,
+                wire::describe_query(answer),
+                wire::describe_rcode(answer)
+            );
+        }
+    }
+
     /// Upstream to client: every framed answer, unaltered, in the order the server sends them.
     async fn answers(
         &self,
         conn: &Connection,
         mut upstream: impl AsyncRead + Unpin,
-        mut client: impl AsyncWrite + Unpin,
+        client: &AsyncMutex<impl AsyncWrite + Unpin>,
     ) -> Closed {
         let stats = &self.stats.tcp;
         loop {
@@ -435,11 +502,21 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 stats.settled(1);
             }
             conn.touch();
-            if let Err(err) = write_message(&mut client, &answer).await {
+            if let Err(err) = write_message(&mut *client.lock().await, &answer).await {
                 return Closed::ClientError(err);
             }
             let latency = pending.as_ref().map(|p| p.started.elapsed());
             stats.answered(&answer, latency);
+            if let (
+                Some(cache),
+                Some(Pending {
+                    cacheable: Some(cacheable),
+                    ..
+                }),
+            ) = (&self.settings.cache, &pending)
+            {
+                cache.store(cacheable, &answer, Instant::now());
+            }
             if let Some(Pending {
                 description: Some(description),
                 ..
@@ -702,6 +779,7 @@ mod tests {
             idle_timeout: idle,
             max_connections,
             per_client: PerClientLimit::new(per_client),
+            cache: None,
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();

@@ -16,7 +16,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DRAIN_QUIET, OriginalDestinations,
-    cache::{Cache, CacheableQuery, Cached},
+    cache::{self, Cache, CacheKey, CacheableQuery, Cached},
+    coalesce::{Coalescer, Joined, Waiter},
     mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
     per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
     stats::Stats,
@@ -47,6 +48,9 @@ const POOL_SIZE: usize = 16;
 pub const USES_PER_SOCKET: u32 = 128;
 /// How often a retired pool socket checks whether its last query is settled, so it can close.
 const RETIRED_CHECK: Duration = Duration::from_millis(250);
+/// How long a client waits for the upstream before it gets a stale answer, if the cache holds
+/// one within --serve-stale: RFC 8767's client response timer.
+pub const STALE_AFTER: Duration = Duration::from_millis(1800);
 
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -58,6 +62,8 @@ pub struct ForwardSettings {
     pub per_client: Arc<PerClientLimit>,
     /// The answer cache (`--cache-size`), shared by every listener; `None`: off.
     pub cache: Option<Arc<Cache>>,
+    /// With the cache on, the queries identical ones wait on, shared by every listener.
+    pub in_flight: Arc<Coalescer>,
 }
 
 /// A query on its way: which pool socket it left from, where to, with which ID.
@@ -85,21 +91,134 @@ struct Pending {
     started: Instant,
     /// "name=... type=..." when debug logging is on.
     description: Option<String>,
-    /// Its key in the cache, whose answer is kept there: `None` with the cache off, or for a
-    /// query the cache does not answer.
-    cacheable: Option<CacheableQuery>,
+    /// What the cache needs at its answer: `None` with the cache off, or for a query the
+    /// cache does not answer.
+    cached: Option<Box<CachedQuery>>,
     /// Counts against the client's --max-inflight-per-client until this is settled.
     _client_slot: ClientSlot,
 }
 
 /// What the cache did with a query.
 enum FromCache {
-    /// Answered it.
+    /// Answered it, or it waits for an identical query's answer.
     Answered,
-    /// Holds no live answer: the upstream's is to be kept under this key.
-    Miss(CacheableQuery),
+    /// Holds no live answer: the query goes to the upstream, whose answer is kept.
+    Forward(Box<CachedQuery>, ClientSlot),
     /// Off, or not for such a query.
     NotCached,
+}
+
+/// A query the cache could answer, on its way to the upstream.
+#[derive(Debug)]
+struct CachedQuery {
+    query: CacheableQuery,
+    /// The client's header and question ([`CacheableQuery::head`]), for a stale answer.
+    head: Box<[u8]>,
+    /// The cache held an expired answer within --serve-stale when the query came.
+    stale_kept: bool,
+    /// Its client has had that stale answer: the upstream's now only refreshes the cache.
+    served_stale: bool,
+    /// Identical queries wait on this one; `None` if it went alone.
+    leading: Option<Leading>,
+}
+
+/// A query that identical ones wait on ([`Coalescer`]). Finished when dropped, which leaves
+/// its waiters unanswered: they retry, as after a lost datagram.
+#[derive(Debug)]
+struct Leading {
+    in_flight: Arc<Coalescer>,
+    key: Option<CacheKey>,
+}
+
+impl Leading {
+    /// Its waiters, now that it is settled.
+    fn finish(mut self) -> Vec<Waiter> {
+        let key = self.key.take().expect("finished once");
+        self.in_flight.finish(&key)
+    }
+
+    /// Its waiters, who get a stale answer; from now on identical queries get one at once.
+    fn serve_stale(&self) -> Vec<Waiter> {
+        self.key
+            .as_ref()
+            .map(|key| self.in_flight.serve_stale(key))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.in_flight.finish(&key);
+        }
+    }
+}
+
+/// Whom a cached, stale or shared answer goes to.
+#[derive(Debug, Clone, Copy)]
+struct Recipient<'a> {
+    client: SocketAddr,
+    original: SocketAddr,
+    reply_from: IpAddr,
+    /// The listener its query reached.
+    listener: BorrowedFd<'a>,
+    started: Instant,
+}
+
+impl CachedQuery {
+    /// Whether the upstream's `answer` goes to the client: not if the client has had a stale
+    /// answer already, nor if the upstream failed and a stale answer is kept to go instead.
+    fn relays(&self, answer: &[u8]) -> bool {
+        let stale_instead = self.stale_kept && is_failure(answer);
+        !self.served_stale && !stale_instead
+    }
+}
+
+/// A query whose client is served a stale answer, its upstream being late.
+struct Overdue<'a> {
+    to: Recipient<'a>,
+    query: CacheableQuery,
+    head: Box<[u8]>,
+    /// The clients of identical queries that waited on it.
+    waiters: Vec<Waiter>,
+}
+
+impl Waiter {
+    fn recipient(&self) -> Recipient<'_> {
+        Recipient {
+            client: self.client,
+            original: self.original,
+            reply_from: self.reply_from,
+            listener: self.listener.as_fd(),
+            started: self.started,
+        }
+    }
+}
+
+/// Whether `answer` says the upstream failed (SERVFAIL or REFUSED): a stale answer, if the
+/// cache holds one, serves the client better (RFC 8767 §4).
+fn is_failure(answer: &[u8]) -> bool {
+    const SERVFAIL: u8 = 2;
+    const REFUSED: u8 = 5;
+    matches!(wire::header_rcode(answer), Some(SERVFAIL | REFUSED))
+}
+
+/// Where an answer to a cached query came from, for the metrics and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheSource {
+    Hit,
+    Stale,
+    Coalesced,
+}
+
+impl CacheSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Stale => "stale",
+            Self::Coalesced => "coalesced",
+        }
+    }
 }
 
 /// One upstream socket of a pool.
@@ -145,6 +264,9 @@ struct Pool {
 /// The UDP side of the proxy. Cheap to share: everything lives behind one `Arc`.
 pub struct UdpProxy<D> {
     socket: UdpSocket,
+    /// The same listener, for other threads to answer this one's clients through: those whose
+    /// queries wait on an identical one of theirs.
+    shared_listener: Arc<OwnedFd>,
     local_addr: SocketAddr,
     destinations: D,
     settings: ForwardSettings,
@@ -233,6 +355,19 @@ fn random() -> u64 {
     })
 }
 
+impl Pending {
+    /// Its client, answered through `proxy`'s listener.
+    fn recipient<'a, D>(&self, proxy: &'a UdpProxy<D>) -> Recipient<'a> {
+        Recipient {
+            client: self.client,
+            original: self.original,
+            reply_from: self.reply_from,
+            listener: proxy.socket.as_fd(),
+            started: self.started,
+        }
+    }
+}
+
 impl<D: OriginalDestinations> UdpProxy<D> {
     /// Starts the sweeper; the upstream sockets are opened as queries need them. Must run
     /// inside a tokio runtime.
@@ -247,8 +382,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // leaves from that address.
         mmsg::receive_arrivals(socket.as_fd(), local_addr.is_ipv6())?;
         mmsg::send_from_any_address(socket.as_fd(), local_addr.is_ipv6())?;
+        let shared_listener = Arc::new(socket.as_fd().try_clone_to_owned()?);
         let proxy = Arc::new(Self {
             socket,
+            shared_listener,
             local_addr,
             destinations,
             settings,
@@ -370,8 +507,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// datagram.
     fn forward_failed(&self, key: PendingKey, err: &io::Error) {
         let stats = &self.stats.udp;
-        if let Some(pending) = self.pending.lock().expect("not poisoned").remove(&key) {
+        let pending = self.pending.lock().expect("not poisoned").remove(&key);
+        if let Some(mut pending) = pending {
             pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
+            if let Some(cached) = pending.cached.take() {
+                self.settle_cached(*cached, None, pending.recipient(self), false);
+            }
         }
         stats.settled(1);
         Stats::add(&stats.upstream_errors);
@@ -401,12 +542,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         let (original, upstream, reply_from, local) = self.route(client, arrival)?;
         let started = Instant::now();
-        let cacheable = match self.consult_cache(datagram, client, original, reply_from, started) {
-            FromCache::Answered => return None,
-            FromCache::Miss(query) => Some(query),
-            FromCache::NotCached => None,
+        let recipient = Recipient {
+            client,
+            original,
+            reply_from,
+            listener: self.shared_listener.as_fd(),
+            started,
         };
-        let client_slot = self.client_slot(if local { LOCAL_CLIENT } else { client.ip() })?;
+        let (cached, client_slot) = match self.consult_cache(datagram, recipient, local) {
+            FromCache::Answered => return None,
+            FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
+            FromCache::NotCached => (None, self.client_slot(client, local)?),
+        };
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
@@ -423,85 +570,180 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             question,
             started,
             description,
-            cacheable,
+            cached,
             _client_slot: client_slot,
         };
         self.register(pool, upstream, id, pending, pick, within_fair_share)
     }
 
-    /// Answers `datagram` from the cache if it holds a live answer; otherwise says under which
-    /// key its answer is to be kept, if any.
-    fn consult_cache(
-        &self,
-        datagram: &[u8],
-        client: SocketAddr,
-        original: SocketAddr,
-        reply_from: IpAddr,
-        now: Instant,
-    ) -> FromCache {
+    /// Answers `datagram` from the cache if it holds a live answer, or has it wait for an
+    /// identical query's answer; otherwise says what its own answer is to do in the cache.
+    fn consult_cache(&self, datagram: &[u8], to: Recipient<'_>, local: bool) -> FromCache {
         let Some(cache) = &self.settings.cache else {
             return FromCache::NotCached;
         };
-        let server = self.settings.upstream_override.unwrap_or(original);
+        let server = self.settings.upstream_override.unwrap_or(to.original);
         let Some(query) = CacheableQuery::parse(server, datagram) else {
             return FromCache::NotCached;
         };
-        match cache.lookup(&query, datagram, true, now) {
+        let stale_kept = match cache.lookup(&query, datagram, true, to.started) {
             Cached::Fresh(answer) => {
-                self.answer_from_cache(&answer, client, original, reply_from, now);
-                FromCache::Answered
+                self.send_answer(&answer, to, CacheSource::Hit);
+                return FromCache::Answered;
             }
-            // Serving stale answers (--serve-stale) is not built yet: ask the upstream.
-            Cached::Stale(_) | Cached::Miss => {
-                Stats::add(&self.stats.cache_misses);
-                FromCache::Miss(query)
+            Cached::Stale(_) => true,
+            Cached::Miss => false,
+        };
+        let Some(client_slot) = self.client_slot(to.client, local) else {
+            return FromCache::Answered;
+        };
+        let waiter = Waiter {
+            client: to.client,
+            original: to.original,
+            reply_from: to.reply_from,
+            listener: Arc::clone(&self.shared_listener),
+            head: query.head(datagram).into(),
+            query,
+            started: to.started,
+            _client_slot: client_slot,
+        };
+        let in_flight = &self.settings.in_flight;
+        let (waiter, leading) = match in_flight.join(waiter) {
+            Joined::Waits => {
+                Stats::add(&self.stats.cache_coalesced);
+                return FromCache::Answered;
             }
+            Joined::ServeStale(waiter) => {
+                self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
+                return FromCache::Answered;
+            }
+            Joined::Leads(waiter) => {
+                let key = Some(waiter.query.key.clone());
+                let leading = Leading {
+                    in_flight: Arc::clone(in_flight),
+                    key,
+                };
+                (waiter, Some(leading))
+            }
+            Joined::Alone(waiter) => (waiter, None),
+        };
+        Stats::add(&self.stats.cache_misses);
+        let Waiter {
+            query,
+            head,
+            _client_slot,
+            ..
+        } = *waiter;
+        let cached = CachedQuery {
+            query,
+            head,
+            stale_kept,
+            served_stale: false,
+            leading,
+        };
+        FromCache::Forward(Box::new(cached), _client_slot)
+    }
+
+    /// Sends `to` the stale answer the cache holds for its query, if it still does.
+    fn answer_stale(&self, query: &CacheableQuery, head: &[u8], to: Recipient<'_>) {
+        let Some(cache) = &self.settings.cache else {
+            return;
+        };
+        match cache.lookup(query, head, true, Instant::now()) {
+            // A fresh answer came meanwhile, through another thread.
+            Cached::Fresh(answer) => self.send_answer(&answer, to, CacheSource::Hit),
+            Cached::Stale(answer) => self.send_answer(&answer, to, CacheSource::Stale),
+            // Evicted since: the client retries, as after a loss.
+            Cached::Miss => {}
         }
     }
 
-    /// Sends a cached answer to its client, from the address the query reached.
-    fn answer_from_cache(
-        &self,
-        answer: &[u8],
-        client: SocketAddr,
-        original: SocketAddr,
-        reply_from: IpAddr,
-        started: Instant,
-    ) {
+    /// Sends an answer made here (from the cache, or shared from an identical query's) to its
+    /// client, from the address its query reached.
+    fn send_answer(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
         let stats = &self.stats.udp;
         let mut sent = true;
         mmsg::send_all(
-            self.socket.as_fd(),
+            to.listener,
             1,
             |_| mmsg::Outgoing {
                 datagram: answer,
-                to: client,
-                from: Some(reply_from),
+                to: to.client,
+                from: Some(to.reply_from),
             },
             |_, err| {
                 // The listener's send buffer is full: the client retries, as after a loss.
                 Stats::add(&stats.dropped_overload);
-                log::debug!("answering {client} from the cache: {err}");
+                log::debug!("answering {} ({}): {err}", to.client, source.as_str());
                 sent = false;
             },
         );
         if !sent {
             return;
         }
-        Stats::add(&self.stats.cache_hits);
-        let latency = started.elapsed();
+        match source {
+            CacheSource::Hit => Stats::add(&self.stats.cache_hits),
+            CacheSource::Stale => Stats::add(&self.stats.cache_stale),
+            // Counted when it began to wait.
+            CacheSource::Coalesced => {}
+        }
+        let latency = to.started.elapsed();
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
-                "query udp client={client} server={original} cache=hit {} rcode={} latency={latency:?}",
+                "query udp client={} server={} cache={} {} rcode={} latency={latency:?}",
+                to.client,
+                to.original,
+                source.as_str(),
                 wire::describe_query(answer),
                 wire::describe_rcode(answer)
             );
         }
     }
 
-    /// One of the client's --max-inflight-per-client, or `None` (counted) if it has them all.
-    fn client_slot(&self, client: IpAddr) -> Option<ClientSlot> {
+    /// The end of a query the cache could answer, whose `answer` (or none: it failed or timed
+    /// out) came, and whose own client, `to`, had it relayed unless `relayed` is unset: keeps
+    /// the answer and shares it with the clients that waited on it. If the upstream failed and
+    /// the cache holds a stale answer, that goes to them all instead, and is kept.
+    fn settle_cached(
+        &self,
+        cached: CachedQuery,
+        answer: Option<&[u8]>,
+        to: Recipient<'_>,
+        relayed: bool,
+    ) {
+        let CachedQuery {
+            query,
+            head,
+            stale_kept,
+            served_stale,
+            leading,
+        } = cached;
+        let stale_instead = stale_kept && answer.is_none_or(is_failure);
+        if let (Some(cache), Some(answer)) = (&self.settings.cache, answer)
+            && !stale_instead
+        {
+            cache.store(&query, answer, Instant::now());
+        }
+        if stale_instead && !served_stale && !relayed {
+            self.answer_stale(&query, &head, to);
+        }
+        for waiter in leading.map(Leading::finish).unwrap_or_default() {
+            let recipient = waiter.recipient();
+            if stale_instead {
+                self.answer_stale(&waiter.query, &waiter.head, recipient);
+            } else if let Some(shared) = answer
+                .and_then(|answer| cache::shared_answer(answer, &waiter.query, &waiter.head, true))
+            {
+                self.send_answer(&shared, recipient, CacheSource::Coalesced);
+            }
+        }
+    }
+
+    /// One of the client's --max-inflight-per-client (the agent's own namespace is one client,
+    /// `local`), or `None` (counted) if it has them all.
+    fn client_slot(&self, client: SocketAddr, local: bool) -> Option<ClientSlot> {
+        let client = if local { LOCAL_CLIENT } else { client.ip() };
         let slot = self.settings.per_client.try_acquire(client);
         if slot.is_none() {
             Stats::add(&self.stats.udp.dropped_client_limit);
@@ -691,9 +933,25 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     fn relay_batch(&self, socket: u64, answers: &mut Answers) {
         let Answers { received, matched } = answers;
         matched.clear();
+        // Answers that refresh the cache, or that a stale answer replaces: not relayed.
+        let mut not_relayed = Vec::new();
         for (index, datagram, from) in received.iter() {
             if let Some(pending) = self.match_answer(socket, datagram, from) {
-                matched.push((index, from, pending));
+                if pending
+                    .cached
+                    .as_ref()
+                    .is_none_or(|cached| cached.relays(datagram))
+                {
+                    matched.push((index, from, pending));
+                } else {
+                    not_relayed.push((index, pending));
+                }
+            }
+        }
+        for (index, mut pending) in not_relayed {
+            if let Some(cached) = pending.cached.take() {
+                let datagram = received.datagram(index);
+                self.settle_cached(*cached, Some(datagram), pending.recipient(self), false);
             }
         }
         let stats = &self.stats.udp;
@@ -713,16 +971,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 refused.push(i);
             },
         );
-        for (i, (index, from, pending)) in matched.drain(..).enumerate() {
-            if refused.contains(&i) {
+        for (i, (index, from, mut pending)) in matched.drain(..).enumerate() {
+            let datagram = received.datagram(index);
+            let relayed = !refused.contains(&i);
+            if let Some(cached) = pending.cached.take() {
+                self.settle_cached(*cached, Some(datagram), pending.recipient(self), relayed);
+            }
+            if !relayed {
                 continue;
             }
-            let datagram = received.datagram(index);
             let latency = pending.started.elapsed();
             stats.answered(datagram, Some(latency));
-            if let (Some(cache), Some(query)) = (&self.settings.cache, &pending.cacheable) {
-                cache.store(query, datagram, Instant::now());
-            }
             if let Some(description) = pending.description {
                 log::debug!(
                     "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
@@ -777,7 +1036,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Forgets, every so often, the queries not answered within the upstream timeout. Their
-    /// clients time out, as they would have without the proxy.
+    /// clients time out, as they would have without the proxy, unless the cache holds a stale
+    /// answer for them (`--serve-stale`): they get it once they have waited [`STALE_AFTER`].
     async fn expire_unanswered(&self) {
         let timeout = self.settings.upstream_timeout;
         let every = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
@@ -789,29 +1049,66 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 _ = ticks.tick() => {}
             }
             let now = Instant::now();
-            let mut expired = Vec::new();
-            self.pending
-                .lock()
-                .expect("not poisoned")
-                .retain(|key, pending| {
-                    let keep = now.duration_since(pending.started) < timeout;
-                    if !keep {
-                        pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
-                        expired.push((*key, pending.client, pending.description.take()));
-                    }
-                    keep
-                });
+            let (expired, overdue) = {
+                let mut table = self.pending.lock().expect("not poisoned");
+                let expired: Vec<(PendingKey, Pending)> = table
+                    .extract_if(|_, pending| now.duration_since(pending.started) >= timeout)
+                    .collect();
+                let overdue: Vec<Overdue<'_>> = table
+                    .values_mut()
+                    .filter_map(|pending| {
+                        let to = pending.recipient(self);
+                        let cached = pending.cached.as_mut()?;
+                        if !cached.stale_kept
+                            || cached.served_stale
+                            || now.duration_since(pending.started) < STALE_AFTER
+                        {
+                            return None;
+                        }
+                        cached.served_stale = true;
+                        let waiters = cached
+                            .leading
+                            .as_ref()
+                            .map(Leading::serve_stale)
+                            .unwrap_or_default();
+                        Some(Overdue {
+                            to,
+                            query: cached.query.clone(),
+                            head: cached.head.clone(),
+                            waiters,
+                        })
+                    })
+                    .collect();
+                (expired, overdue)
+            };
+            for Overdue {
+                to,
+                query,
+                head,
+                waiters,
+            } in overdue
+            {
+                self.answer_stale(&query, &head, to);
+                for waiter in waiters {
+                    self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
+                }
+            }
             let stats = &self.stats.udp;
-            for (key, client, description) in &expired {
+            for (key, mut pending) in expired {
+                pending.socket.outstanding.fetch_sub(1, Ordering::Relaxed);
                 Stats::add(&stats.upstream_timeouts);
-                if let Some(description) = description {
+                if let Some(description) = &pending.description {
                     log::debug!(
-                        "query udp client={client} upstream={} {description} timed out after {timeout:?}",
+                        "query udp client={} upstream={} {description} timed out after {timeout:?}",
+                        pending.client,
                         key.upstream
                     );
                 }
+                if let Some(cached) = pending.cached.take() {
+                    self.settle_cached(*cached, None, pending.recipient(self), false);
+                }
+                stats.settled(1);
             }
-            stats.settled(expired.len() as u64);
         }
     }
 }
@@ -924,6 +1221,7 @@ mod tests {
             max_inflight,
             per_client: PerClientLimit::new(per_client),
             cache: None,
+            in_flight: Arc::new(Coalescer::new(1024)),
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1189,6 +1487,7 @@ mod tests {
             max_inflight: 8,
             per_client: PerClientLimit::new(8),
             cache: None,
+            in_flight: Arc::new(Coalescer::new(1024)),
         };
         let destinations = Fixed {
             original: Some(itself),

@@ -1,0 +1,237 @@
+//! Coalescing (with the cache on): a query identical to one already on its way to the same
+//! server (the same [`CacheKey`]) is not sent again; its client waits for that query's
+//! answer, and gets it with its own ID and question.
+//!
+//! Shared by every UDP thread, so identical queries that the kernel spreads over the
+//! listeners still make one upstream query. The thread whose query leads answers the others'
+//! clients, from a duplicate of the listener each one's query reached.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use super::{
+    cache::{CacheKey, CacheableQuery},
+    per_client::ClientSlot,
+};
+
+/// Clients that may wait on one query; more are forwarded on their own.
+const MAX_WAITERS_PER_QUERY: usize = 256;
+
+/// A client whose query waits for an identical one's answer.
+#[derive(Debug)]
+pub struct Waiter {
+    pub client: SocketAddr,
+    /// The server the client asked, for the log.
+    pub original: SocketAddr,
+    /// Where its query arrived: the answer leaves from there.
+    pub reply_from: IpAddr,
+    /// The listener its query reached (a duplicate): the answer leaves through it.
+    pub listener: Arc<OwnedFd>,
+    pub query: CacheableQuery,
+    /// Its query's header and question ([`CacheableQuery::head`]).
+    pub head: Box<[u8]>,
+    pub started: Instant,
+    /// Counts against the client's --max-inflight-per-client until it is answered.
+    pub _client_slot: ClientSlot,
+}
+
+/// What a query identical to others became.
+#[derive(Debug)]
+pub enum Joined {
+    /// It leads: it goes to the upstream, and must be [`Coalescer::finish`]ed.
+    Leads(Box<Waiter>),
+    /// It waits for the leading query's answer.
+    Waits,
+    /// The leading query's clients were served a stale answer while its refresh goes on
+    /// (`--serve-stale`): so is this one's, at once.
+    ServeStale(Box<Waiter>),
+    /// Too many wait already: it goes to the upstream on its own.
+    Alone(Box<Waiter>),
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    waiters: Vec<Waiter>,
+    served_stale: bool,
+}
+
+/// The queries in flight that identical ones may wait on.
+#[derive(Debug)]
+pub struct Coalescer {
+    in_flight: Mutex<HashMap<CacheKey, InFlight>>,
+    /// Waiters over all queries, bounded by `max_waiting`.
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+impl Coalescer {
+    /// At most `max_waiting` clients wait in all (the agent's --max-inflight, say).
+    pub fn new(max_waiting: usize) -> Self {
+        Self {
+            in_flight: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// Registers `waiter`'s query: it leads if no identical one is in flight, and otherwise
+    /// waits or is served as the leading one's clients were.
+    pub fn join(&self, waiter: Waiter) -> Joined {
+        let waiter = Box::new(waiter);
+        let mut in_flight = self.lock();
+        let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
+            in_flight.insert(waiter.query.key.clone(), InFlight::default());
+            return Joined::Leads(waiter);
+        };
+        if leading.served_stale {
+            return Joined::ServeStale(waiter);
+        }
+        if leading.waiters.len() >= MAX_WAITERS_PER_QUERY
+            || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
+        {
+            return Joined::Alone(waiter);
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        leading.waiters.push(*waiter);
+        Joined::Waits
+    }
+
+    /// The leading query under `key` is settled (answered, failed or timed out): returns its
+    /// waiters, for the leader to answer if it can.
+    pub fn finish(&self, key: &CacheKey) -> Vec<Waiter> {
+        let waiters = self
+            .lock()
+            .remove(key)
+            .map(|in_flight| in_flight.waiters)
+            .unwrap_or_default();
+        self.waiting.fetch_sub(waiters.len(), Ordering::Relaxed);
+        waiters
+    }
+
+    /// The leading query under `key` is overdue and its clients get a stale answer: returns
+    /// its waiters, and from now on [`join`](Self::join) says to serve the same at once.
+    pub fn serve_stale(&self, key: &CacheKey) -> Vec<Waiter> {
+        let mut in_flight = self.lock();
+        let Some(leading) = in_flight.get_mut(key) else {
+            return Vec::new();
+        };
+        leading.served_stale = true;
+        let waiters = std::mem::take(&mut leading.waiters);
+        self.waiting.fetch_sub(waiters.len(), Ordering::Relaxed);
+        waiters
+    }
+
+    /// Clients waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, InFlight>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::per_client::PerClientLimit;
+
+    fn query(name: &str) -> Vec<u8> {
+        crate::dns::cache::tests::query(1, name)
+    }
+
+    fn waiter(name: &str, client_port: u16) -> Waiter {
+        let message = query(name);
+        let parsed = CacheableQuery::parse(([192, 0, 2, 1], 53).into(), &message).unwrap();
+        let client: SocketAddr = ([10, 0, 0, 1], client_port).into();
+        // Any descriptor: nothing is sent here.
+        let listener = std::fs::File::open("/dev/null").unwrap();
+        Waiter {
+            client,
+            original: ([192, 0, 2, 1], 53).into(),
+            reply_from: client.ip(),
+            listener: Arc::new(listener.into()),
+            head: parsed.head(&message).into(),
+            query: parsed,
+            started: Instant::now(),
+            _client_slot: PerClientLimit::new(100).try_acquire(client.ip()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_first_query_leads_identical_ones_wait_and_finishing_hands_them_over() {
+        let coalescer = Coalescer::new(100);
+        let Joined::Leads(leader) = coalescer.join(waiter("a.example.test", 1)) else {
+            panic!("the first leads");
+        };
+        for port in 2..5 {
+            assert!(matches!(
+                coalescer.join(waiter("A.Example.test", port)),
+                Joined::Waits
+            ));
+        }
+        // Another name leads on its own.
+        assert!(matches!(
+            coalescer.join(waiter("b.example.test", 9)),
+            Joined::Leads(_)
+        ));
+        assert_eq!(coalescer.waiting(), 3);
+        let waiters = coalescer.finish(&leader.query.key);
+        let ports: Vec<u16> = waiters.iter().map(|w| w.client.port()).collect();
+        assert_eq!(ports, [2, 3, 4]);
+        assert_eq!(coalescer.waiting(), 0);
+        // Settled: the next identical query leads again.
+        assert!(matches!(
+            coalescer.join(waiter("a.example.test", 5)),
+            Joined::Leads(_)
+        ));
+    }
+
+    #[test]
+    fn waiters_are_bounded_per_query_and_in_all() {
+        let coalescer = Coalescer::new(3);
+        assert!(matches!(
+            coalescer.join(waiter("a.example.test", 1)),
+            Joined::Leads(_)
+        ));
+        for port in 2..5 {
+            assert!(matches!(
+                coalescer.join(waiter("a.example.test", port)),
+                Joined::Waits
+            ));
+        }
+        assert!(matches!(
+            coalescer.join(waiter("a.example.test", 5)),
+            Joined::Alone(_)
+        ));
+        assert_eq!(coalescer.waiting(), 3);
+    }
+
+    #[test]
+    fn once_a_query_is_served_stale_identical_ones_are_served_stale_at_once() {
+        let coalescer = Coalescer::new(100);
+        let Joined::Leads(leader) = coalescer.join(waiter("a.example.test", 1)) else {
+            panic!("the first leads");
+        };
+        assert!(matches!(
+            coalescer.join(waiter("a.example.test", 2)),
+            Joined::Waits
+        ));
+        assert_eq!(coalescer.serve_stale(&leader.query.key).len(), 1);
+        assert_eq!(coalescer.waiting(), 0);
+        assert!(matches!(
+            coalescer.join(waiter("a.example.test", 3)),
+            Joined::ServeStale(_)
+        ));
+        assert!(coalescer.finish(&leader.query.key).is_empty());
+    }
+}
