@@ -63,3 +63,13 @@ pub fn single_a_record(answer: &[u8]) -> Option<Ipv4Addr> {
         .ok()?;
     (ancount == 1).then(|| Ipv4Addr::from(tail))
 }
+
+/// Reads one length-prefixed DNS message from a TCP stream (RFC 1035 §4.2.2); `None` at its
+/// end, or on an error.
+pub fn read_tcp_message(stream: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut length = [0u8; 2];
+    stream.read_exact(&mut length).ok()?;
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    stream.read_exact(&mut message).ok()?;
+    Some(message)
+}

@@ -686,8 +686,23 @@ impl Agent {
         Self::launch(&topology.client, &topology.cgroup.path, join, &args)
     }
 
+    /// As [`start`](Self::start), but logging at info level: for a test of many queries, whose
+    /// debug lines would only cost time and the test's memory.
+    pub fn start_quiet(topology: &Topology, extra_args: &[&str]) -> Self {
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let mut command = Self::command(&topology.client, &topology.cgroup.path, None, &args);
+        command.env("RUST_LOG", "info");
+        Self::spawn(command)
+    }
+
     /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.
     pub fn launch(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Self {
+        Self::spawn(Self::command(netns, redirected, join, args))
+    }
+
+    /// The command [`launch`](Self::launch) runs.
+    fn command(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Command {
         let mut command = match join {
             None => Command::new("nsenter"),
             Some(cgroup) => {
@@ -710,7 +725,7 @@ impl Agent {
             .args(args)
             .env("RUST_LOG", "info,dns_proxy=debug")
             .stdout(Stdio::null());
-        Self::spawn(command)
+        command
     }
 
     /// `dns-proxy exec ARGS -- COMMAND` in `netns`; the command's output goes to a pipe

@@ -17,7 +17,7 @@
     reason = "a synchronous test server on std sockets; it resolves no names"
 )]
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::Duration,
@@ -108,15 +108,7 @@ fn serve_udp(socket: UdpSocket, mode: Mode) {
 }
 
 fn serve_tcp_connection(mut stream: TcpStream, mode: Mode) {
-    loop {
-        let mut length = [0u8; 2];
-        if stream.read_exact(&mut length).is_err() {
-            return;
-        }
-        let mut query = vec![0u8; usize::from(u16::from_be_bytes(length))];
-        if stream.read_exact(&mut query).is_err() {
-            return;
-        }
+    while let Some(query) = tests::answer::read_tcp_message(&mut stream) {
         let Some(answer) = mode.reply(&query) else {
             continue;
         };

@@ -129,3 +129,433 @@ fn without_cache_size_every_query_goes_upstream() {
     }
     assert_handled(&agent, "uncached.example.test", (3, 0));
 }
+
+const SCRIPTED_AUTHORITY: &str = env!("CARGO_BIN_EXE_scripted-authority");
+
+/// A `scripted-authority` on `ip`:53 in the server namespace: answers by name (see its usage),
+/// logs every query it receives, and answers nothing while it is told to be silent.
+struct Authority {
+    _process: Process,
+    dir: std::path::PathBuf,
+}
+
+impl Authority {
+    fn start(topology: &Topology, ip: Ipv4Addr) -> Self {
+        let dir = std::path::PathBuf::from("/run/dns-proxy-tests")
+            .join(format!("authority-{}", tests::unique_tag()));
+        std::fs::create_dir_all(&dir).expect("mkdir the authority's directory");
+        topology.add_server_address(ip);
+        let mut command = topology.server.command(SCRIPTED_AUTHORITY);
+        command
+            .arg(format!("{ip}:53"))
+            .arg(dir.join("queries"))
+            .arg(dir.join("silent"));
+        let authority = Self {
+            _process: Process::spawn(&mut command),
+            dir,
+        };
+        wait_for("the authority to answer", Duration::from_secs(10), || {
+            let outsider = topology.outsider("dig", &[]);
+            dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
+        });
+        authority
+    }
+
+    /// The queries it received for `name` (as `NAME TYPE do=0|1 udp|tcp`, letter case aside).
+    fn queries(&self, name: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.join("queries")).unwrap_or_default();
+        let needle = format!("{}. ", name.trim_end_matches('.').to_ascii_lowercase());
+        log.lines()
+            .filter(|line| line.to_ascii_lowercase().starts_with(&needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Answers nothing (`Some("")`), SERVFAIL to everything (`Some("servfail")`), or as
+    /// scripted (`None`).
+    fn set_failing(&self, mode: Option<&str>) {
+        let flag = self.dir.join("silent");
+        match mode {
+            Some(mode) => std::fs::write(flag, mode).expect("make the authority fail"),
+            None => std::fs::remove_file(flag).expect("let the authority answer"),
+        }
+    }
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `dig @server name EXTRA` as a workload, whole output, waiting up to 4 s for an answer.
+fn dig_full(topology: &Topology, server: Ipv4Addr, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["+time=4"];
+    args.extend_from_slice(extra);
+    dig_at(
+        topology.workload("dig", &[]),
+        &server.to_string(),
+        name,
+        &args,
+    )
+    .unwrap_or_else(|err| panic!("{name}: {err}"))
+}
+
+/// The status dig shows (`NOERROR`, `NXDOMAIN`, ...).
+fn status(output: &str) -> &str {
+    output
+        .split("status: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no status in:\n{output}"))
+}
+
+/// The TTL of the first record of `rtype` in dig's output.
+fn ttl_of(output: &str, rtype: &str) -> u32 {
+    output
+        .lines()
+        .filter(|line| !line.starts_with(';'))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 4 && fields[3] == rtype).then(|| fields[1].parse().expect("a TTL"))
+        })
+        .unwrap_or_else(|| panic!("no {rtype} record in:\n{output}"))
+}
+
+/// How many of the agent's query lines for `name` (in any letter case) say `cache=SOURCE`.
+fn from_cache(agent: &Agent, name: &str, source: &str) -> usize {
+    std::thread::sleep(Duration::from_millis(200));
+    let (name, source) = (format!(" name={name}. "), format!(" cache={source} "));
+    agent
+        .log()
+        .lines()
+        .map(str::to_ascii_lowercase)
+        .filter(|line| line.contains("query udp client=") || line.contains("query tcp client="))
+        .filter(|line| line.contains(&name) && line.contains(&source))
+        .count()
+}
+
+#[test]
+fn the_do_bit_keeps_signed_and_unsigned_answers_apart() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 64);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+    for _ in 0..3 {
+        let signed = dig_full(
+            &topology,
+            server,
+            "dnssec.example.test",
+            &["+dnssec", "+short"],
+        );
+        assert_eq!(signed.trim(), "198.51.100.2");
+        let unsigned = dig_full(&topology, server, "dnssec.example.test", &["+short"]);
+        assert_eq!(unsigned.trim(), "198.51.100.1");
+    }
+    let asked = authority.queries("dnssec.example.test");
+    assert_eq!(asked.len(), 2, "one upstream query per DO state: {asked:?}");
+    assert_eq!(from_cache(&agent, "dnssec.example.test", "hit"), 4);
+}
+
+#[test]
+fn nxdomain_and_nodata_are_kept_for_their_soa_which_counts_down_and_no_soa_is_not_kept() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 65);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+
+    // NXDOMAIN: SOA TTL 300, MINIMUM 7: relayed as it came, then kept 7 s and shown so.
+    let first = dig_full(&topology, server, "nx.example.test", &[]);
+    assert_eq!(status(&first), "NXDOMAIN", "{first}");
+    assert_eq!(ttl_of(&first, "SOA"), 300, "{first}");
+    std::thread::sleep(Duration::from_millis(2100));
+    let cached = dig_full(&topology, server, "nx.example.test", &[]);
+    assert_eq!(status(&cached), "NXDOMAIN", "{cached}");
+    let shown = ttl_of(&cached, "SOA");
+    assert!(
+        (4..=5).contains(&shown),
+        "counting down from 7: {shown}\n{cached}"
+    );
+    assert_eq!(authority.queries("nx.example.test").len(), 1);
+
+    // NODATA: SOA TTL 5, MINIMUM 600: kept 5 s, then asked again.
+    let first = dig_full(&topology, server, "nodata.example.test", &[]);
+    assert_eq!(status(&first), "NOERROR", "{first}");
+    assert!(first.contains("ANSWER: 0,"), "{first}");
+    assert_eq!(ttl_of(&first, "SOA"), 5, "{first}");
+    let cached = dig_full(&topology, server, "nodata.example.test", &[]);
+    assert!(ttl_of(&cached, "SOA") <= 5, "{cached}");
+    assert_eq!(authority.queries("nodata.example.test").len(), 1);
+    std::thread::sleep(Duration::from_millis(5200));
+    let again = dig_full(&topology, server, "nodata.example.test", &[]);
+    assert_eq!(ttl_of(&again, "SOA"), 5, "a fresh answer: {again}");
+    assert_eq!(authority.queries("nodata.example.test").len(), 2);
+
+    // NXDOMAIN without an SOA: never kept.
+    for _ in 0..3 {
+        let output = dig_full(&topology, server, "nosoa.example.test", &[]);
+        assert_eq!(status(&output), "NXDOMAIN", "{output}");
+    }
+    assert_eq!(authority.queries("nosoa.example.test").len(), 3);
+    assert_eq!(from_cache(&agent, "nosoa.example.test", "hit"), 0);
+}
+
+#[test]
+fn servfail_is_kept_no_longer_than_five_seconds() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 66);
+    let authority = Authority::start(&topology, server);
+    let _agent = Agent::start(&topology, &["--cache-size=1000"]);
+    for _ in 0..3 {
+        let output = dig_full(&topology, server, "servfail.example.test", &[]);
+        assert_eq!(status(&output), "SERVFAIL", "{output}");
+    }
+    assert_eq!(authority.queries("servfail.example.test").len(), 1);
+    std::thread::sleep(Duration::from_millis(5200));
+    let output = dig_full(&topology, server, "servfail.example.test", &[]);
+    assert_eq!(status(&output), "SERVFAIL", "{output}");
+    assert_eq!(
+        authority.queries("servfail.example.test").len(),
+        2,
+        "asked again after 5 s"
+    );
+}
+
+#[test]
+fn an_answer_too_long_for_the_client_is_sent_truncated_and_its_tcp_retry_comes_whole_from_the_cache()
+ {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 67);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+    // A client that takes 1232 bytes gets all 40 records (about 700 bytes); they are kept.
+    let whole = dig_full(&topology, server, "big.example.test", &["+bufsize=1232"]);
+    assert!(whole.contains("ANSWER: 40,"), "{whole}");
+    // A client that takes 512 bytes gets the cache's answer truncated, with its OPT...
+    let truncated = dig_full(
+        &topology,
+        server,
+        "big.example.test",
+        &["+bufsize=512", "+ignore"],
+    );
+    assert!(truncated.contains(" tc"), "TC set: {truncated}");
+    assert!(truncated.contains("ANSWER: 0,"), "{truncated}");
+    assert!(truncated.contains("; EDNS: version: 0"), "{truncated}");
+    // ...and dig's own retry over TCP gets all of it, from the cache.
+    let retried = dig_full(&topology, server, "big.example.test", &["+bufsize=512"]);
+    assert!(retried.contains("ANSWER: 40,"), "{retried}");
+    assert!(!retried.contains(" tc"), "{retried}");
+    let asked = authority.queries("big.example.test");
+    assert_eq!(asked, ["big.example.test. A do=0 udp"], "asked once");
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = agent.query_lines("big.example.test");
+    let tcp_hits = lines
+        .iter()
+        .filter(|line| line.contains("query tcp ") && line.contains(" cache=hit "))
+        .count();
+    assert_eq!(tcp_hits, 1, "{}", agent.log());
+}
+
+#[test]
+fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_id_and_case() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 68);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(
+        &topology,
+        &["--cache-size=1000", "--metrics", super::METRICS],
+    );
+    // The authority answers `slow` after 500 ms: all twenty ask while the first is on its way.
+    let spellings: Vec<String> = (0..20u32)
+        .map(|i| {
+            "slow.example.test"
+                .chars()
+                .enumerate()
+                .map(|(j, c)| {
+                    if (i >> (j % 5)) & 1 == 1 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let clients: Vec<_> = spellings
+        .iter()
+        .map(|name| {
+            let mut command = topology.workload("dig", &[]);
+            command
+                .arg(format!("@{server}"))
+                .args([name.as_str(), "+time=4", "+tries=1", "+noall", "+answer"])
+                .stdout(std::process::Stdio::piped());
+            command.spawn().expect("spawn dig")
+        })
+        .collect();
+    for (name, client) in spellings.iter().zip(clients) {
+        let output = client.wait_with_output().expect("dig");
+        // dig checks the ID itself: it shows no answer that does not carry its own.
+        let shown = String::from_utf8_lossy(&output.stdout);
+        let owner = shown.split_whitespace().next().unwrap_or_default();
+        assert_eq!(owner, format!("{name}."), "its own letter case: {shown}");
+        assert!(shown.contains("198.51.100.1"), "{shown}");
+    }
+    let asked = authority.queries("slow.example.test");
+    assert_eq!(asked.len(), 1, "one upstream query: {asked:?}");
+    assert_eq!(from_cache(&agent, "slow.example.test", "coalesced"), 19);
+    let page = super::scrape(&topology);
+    assert_eq!(super::value(&page, "dns_proxy_cache_coalesced_total"), 19);
+}
+
+#[test]
+fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_seconds() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 69);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(
+        &topology,
+        &[
+            "--cache-size=1000",
+            "--serve-stale=1h",
+            "--upstream-timeout=2s",
+            "--metrics",
+            super::METRICS,
+        ],
+    );
+    // `short` lives 2 s.
+    let fresh = dig_full(&topology, server, "short.example.test", &[]);
+    assert_eq!(ttl_of(&fresh, "A"), 2, "{fresh}");
+    std::thread::sleep(Duration::from_millis(2500));
+    authority.set_failing(Some(""));
+    let started = Instant::now();
+    let stale = dig_full(&topology, server, "short.example.test", &[]);
+    let waited = started.elapsed();
+    assert_eq!(status(&stale), "NOERROR", "{stale}");
+    assert_eq!(
+        ttl_of(&stale, "A"),
+        30,
+        "a stale answer shows TTL 30: {stale}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1700) && waited < Duration::from_millis(3000),
+        "after the 1.8 s client response timer: {waited:?}"
+    );
+    assert_eq!(from_cache(&agent, "short.example.test", "stale"), 1);
+    // The refresh went upstream (and went unanswered).
+    assert_eq!(authority.queries("short.example.test").len(), 2);
+
+    // An upstream that answers SERVFAIL has failed too: the stale answer comes at once, and the
+    // SERVFAIL is not kept over it. (Once the silent refresh has timed out: until then, clients
+    // get the stale answer at once without asking again.)
+    std::thread::sleep(Duration::from_millis(500));
+    authority.set_failing(Some("servfail"));
+    for _ in 0..2 {
+        let started = Instant::now();
+        let stale = dig_full(&topology, server, "short.example.test", &[]);
+        assert_eq!(status(&stale), "NOERROR", "{stale}");
+        assert_eq!(ttl_of(&stale, "A"), 30, "{stale}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(authority.queries("short.example.test").len(), 4);
+    let page = super::scrape(&topology);
+    assert_eq!(
+        super::value(&page, "dns_proxy_cache_stale_answers_total"),
+        3
+    );
+
+    // Once the upstream answers again, so does the cache with fresh answers.
+    authority.set_failing(None);
+    let refreshed = dig_full(&topology, server, "short.example.test", &[]);
+    assert_eq!(ttl_of(&refreshed, "A"), 2, "{refreshed}");
+}
+
+#[test]
+fn without_serve_stale_a_silent_upstream_leaves_the_client_unanswered() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 70);
+    let authority = Authority::start(&topology, server);
+    let _agent = Agent::start(&topology, &["--cache-size=1000"]);
+    let fresh = dig_full(&topology, server, "short.example.test", &[]);
+    assert_eq!(ttl_of(&fresh, "A"), 2, "{fresh}");
+    std::thread::sleep(Duration::from_millis(2500));
+    authority.set_failing(Some(""));
+    let output = dig_at(
+        topology.workload("dig", &[]),
+        &server.to_string(),
+        "short.example.test",
+        &["+time=3"],
+    );
+    assert!(output.is_err(), "no answer: {output:?}");
+}
+
+const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
+
+#[test]
+fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
+    const ENTRIES: u64 = 50_000;
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 71);
+    let _upstream = upstream(&topology, server, ANSWER_IP);
+    let mut agent = Agent::start_quiet(
+        &topology,
+        &[
+            &format!("--cache-size={ENTRIES}"),
+            "--metrics",
+            super::METRICS,
+        ],
+    );
+    let pid = agent.process().id();
+    let rss_before = tests::status_kib(pid, "VmRSS");
+    // A million distinct names (flood1.example.test, ...), each answered with TTL 60, in
+    // two halves: the memory the cache holds must not grow from the first to the second.
+    let mut rss_after_half = 0;
+    for half in 0..2 {
+        let output = must(&mut topology.workload(
+            FLOOD,
+            &[
+                &format!("{server}:53"),
+                "30000",
+                "500000",
+                "60",
+                &(half * 500_000).to_string(),
+            ],
+        ));
+        let sent = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert_eq!(sent, "sent=500000");
+        std::thread::sleep(Duration::from_millis(500));
+        if half == 0 {
+            rss_after_half = tests::status_kib(pid, "VmRSS");
+        }
+    }
+    let rss_after = tests::status_kib(pid, "VmRSS");
+    let peak = tests::status_kib(pid, "VmHWM");
+    let page = super::scrape(&topology);
+    let entries = super::value(&page, "dns_proxy_cache_entries");
+    let bytes = super::value(&page, "dns_proxy_cache_bytes");
+    let evictions = super::value(&page, "dns_proxy_cache_evictions_total");
+    let misses = super::value(&page, "dns_proxy_cache_misses_total");
+    eprintln!(
+        "cache: misses={misses} entries={entries} bytes={bytes} evictions={evictions} \
+         rss: before={rss_before} KiB half={rss_after_half} KiB after={rss_after} KiB \
+         peak={peak} KiB"
+    );
+    assert_eq!(entries, ENTRIES, "full, and no fuller");
+    assert!(bytes <= ENTRIES * 2048, "{bytes}");
+    // The kernel may drop some of a flood before the agent reads it.
+    assert!(misses >= 850_000, "most names reached the cache: {misses}");
+    // Every name is distinct: all but the last ENTRIES kept were pushed out, and counted.
+    assert!(
+        evictions + ENTRIES >= misses * 99 / 100,
+        "{evictions} of {misses}"
+    );
+    assert!(
+        rss_after <= rss_after_half + 4096,
+        "the second half of the names grew the agent by more than 4 MiB: {rss_after_half} -> \
+         {rss_after} KiB"
+    );
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+}
