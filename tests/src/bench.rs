@@ -5,6 +5,11 @@
 //! the client namespace) and the upstream (`test-upstream`, a minimal responder that answers
 //! every query at once) in the server namespace behind a veth pair. The same upstream, the
 //! same query file and the same dnsperf settings for every row.
+//!
+//! The cached rows ask about 1,000 names over and over, through a cache: the agent's
+//! (`--cache-size`), dnsdist's packet cache behind the same iptables redirect, and, with no
+//! interception, a caching upstream (dnsdist with its packet cache, in the server namespace in
+//! front of `test-upstream`).
 use std::{
     fmt::Write as _,
     fs,
@@ -29,6 +34,38 @@ pub enum Config {
     IptablesDnsdist,
 }
 
+/// The configurations of the cached rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedConfig {
+    /// No interception, to a caching upstream: the ceiling.
+    DirectToCache,
+    /// dns-proxy with `--cache-size`.
+    AgentCache,
+    /// iptables REDIRECT to dnsdist with its packet cache.
+    IptablesDnsdistCache,
+}
+
+impl CachedConfig {
+    pub const ALL: [CachedConfig; 3] = [
+        CachedConfig::DirectToCache,
+        CachedConfig::AgentCache,
+        CachedConfig::IptablesDnsdistCache,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CachedConfig::DirectToCache => "direct to a cache",
+            CachedConfig::AgentCache => "agent cache",
+            CachedConfig::IptablesDnsdistCache => "dnsdist cache",
+        }
+    }
+}
+
+/// Entries of every cache in the cached rows: room for all the names asked.
+const CACHE_ENTRIES: u32 = 10_000;
+/// Names the cached rows ask, over and over.
+const CACHED_NAMES: u32 = 1_000;
+
 impl Config {
     pub const ALL: [Config; 3] = [Config::Direct, Config::Agent, Config::IptablesDnsdist];
 
@@ -52,6 +89,19 @@ pub struct Settings {
     pub syscall_lookups: u32,
     /// Queries in flight for the memory measurement.
     pub inflight: u32,
+    /// Which rows to measure.
+    pub rows: Rows,
+}
+
+/// The rows a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rows {
+    #[default]
+    All,
+    /// Without caches: the relay, and the memory with queries in flight.
+    Uncached,
+    /// Through caches only.
+    Cached,
 }
 
 impl Default for Settings {
@@ -62,6 +112,7 @@ impl Default for Settings {
             loads: vec![5_000, 20_000],
             syscall_lookups: 20_000,
             inflight: 10_000,
+            rows: Rows::All,
         }
     }
 }
@@ -110,6 +161,11 @@ enum Interceptor {
     None,
     Agent(Agent),
     Dnsdist(Process, PathBuf),
+    /// The caching upstream of the direct cached row: nothing intercepts.
+    CachingUpstream {
+        _process: Process,
+        conf: PathBuf,
+    },
 }
 
 impl Interceptor {
@@ -124,7 +180,29 @@ impl Interceptor {
             Config::Agent => Interceptor::Agent(start_agent(topology, tools, extra_agent_args)),
             Config::IptablesDnsdist => {
                 install_classic_rules(&topology.client.name, false);
-                let (process, conf) = start_dnsdist(topology);
+                let (process, conf) = start_dnsdist(topology, false);
+                Interceptor::Dnsdist(process, conf)
+            }
+        }
+    }
+
+    fn start_cached(config: CachedConfig, topology: &Topology, tools: &Tools<'_>) -> Self {
+        match config {
+            CachedConfig::DirectToCache => {
+                let (process, conf) = start_caching_upstream(topology);
+                Interceptor::CachingUpstream {
+                    _process: process,
+                    conf,
+                }
+            }
+            CachedConfig::AgentCache => Interceptor::Agent(start_agent(
+                topology,
+                tools,
+                &[&format!("--cache-size={CACHE_ENTRIES}")],
+            )),
+            CachedConfig::IptablesDnsdistCache => {
+                install_classic_rules(&topology.client.name, false);
+                let (process, conf) = start_dnsdist(topology, true);
                 Interceptor::Dnsdist(process, conf)
             }
         }
@@ -132,7 +210,8 @@ impl Interceptor {
 
     fn pid(&mut self) -> Option<u32> {
         match self {
-            Interceptor::None => None,
+            // The caching upstream is not a proxy of the client's: nothing to charge it.
+            Interceptor::None | Interceptor::CachingUpstream { .. } => None,
             Interceptor::Agent(agent) => Some(agent.process().id()),
             Interceptor::Dnsdist(process, _) => Some(process.id()),
         }
@@ -158,7 +237,7 @@ impl Interceptor {
 
 impl Drop for Interceptor {
     fn drop(&mut self) {
-        if let Interceptor::Dnsdist(_, conf) = self {
+        if let Interceptor::Dnsdist(_, conf) | Interceptor::CachingUpstream { conf, .. } = self {
             let _ = fs::remove_file(conf);
         }
     }
@@ -185,21 +264,22 @@ pub(crate) fn start_agent_binary(topology: &Topology, agent: &Path, extra_args: 
 }
 
 /// dnsdist with its defaults, listening where REDIRECT sends the queries, forwarding to the
-/// upstream, as the uid the iptables rules exempt. No packet cache: every row asks the upstream.
-fn start_dnsdist(topology: &Topology) -> (Process, PathBuf) {
+/// upstream, as the uid the iptables rules exempt; with its packet cache if `cache` is set
+/// (only the cached rows: the others ask the upstream every time).
+fn start_dnsdist(topology: &Topology, cache: bool) -> (Process, PathBuf) {
     let conf = std::env::temp_dir().join(format!("{}-dnsdist.conf", topology.tag));
-    fs::write(
-        &conf,
-        format!(
-            "setLocal(\"127.0.0.1:{REDIRECT_PORT}\")\n\
-             -- Health checks patient enough for the upstream that takes a second.\n\
-             newServer({{address=\"{SERVER_IP}:53\", checkTimeout=5000}})\n\
-             -- REDIRECT keeps the workload's source address: accept it.\n\
-             setACL({{\"0.0.0.0/0\", \"::/0\"}})\n\
-             setSecurityPollSuffix(\"\")\n"
-        ),
-    )
-    .expect("write the dnsdist configuration");
+    let mut config = format!(
+        "setLocal(\"127.0.0.1:{REDIRECT_PORT}\")\n\
+         -- Health checks patient enough for the upstream that takes a second.\n\
+         newServer({{address=\"{SERVER_IP}:53\", checkTimeout=5000}})\n\
+         -- REDIRECT keeps the workload's source address: accept it.\n\
+         setACL({{\"0.0.0.0/0\", \"::/0\"}})\n\
+         setSecurityPollSuffix(\"\")\n"
+    );
+    if cache {
+        config.push_str(&packet_cache());
+    }
+    fs::write(&conf, config).expect("write the dnsdist configuration");
     let mut command = topology.client.command("setpriv");
     command
         .arg(format!("--reuid={PROXY_UID}"))
@@ -217,6 +297,40 @@ fn start_dnsdist(topology: &Topology) -> (Process, PathBuf) {
         .stderr(Stdio::null());
     let process = Process::spawn(&mut command);
     wait_until_answered("dnsdist", || topology.workload("dig", &READY_DIG));
+    (process, conf)
+}
+
+/// dnsdist's packet cache, as the cached rows configure it.
+fn packet_cache() -> String {
+    format!("getPool(\"\"):setCache(newPacketCache({CACHE_ENTRIES}))\n")
+}
+
+/// Where the caching upstream's own upstream (`test-upstream`) listens, in the server
+/// namespace.
+const BEHIND_CACHE: &str = "127.0.0.1:5300";
+
+/// The direct cached row's upstream: dnsdist with its packet cache on the server's address,
+/// in front of `test-upstream` on [`BEHIND_CACHE`] (started by the caller).
+fn start_caching_upstream(topology: &Topology) -> (Process, PathBuf) {
+    let conf = std::env::temp_dir().join(format!("{}-caching-upstream.conf", topology.tag));
+    let config = format!(
+        "setLocal(\"{SERVER_IP}:53\")\n\
+         newServer({{address=\"{BEHIND_CACHE}\"}})\n\
+         setACL({{\"0.0.0.0/0\", \"::/0\"}})\n\
+         setSecurityPollSuffix(\"\")\n{}",
+        packet_cache()
+    );
+    fs::write(&conf, config).expect("write the caching upstream's configuration");
+    let mut command = topology.server.command("dnsdist");
+    command
+        .args(["--supervised", "--disable-syslog", "-C"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = Process::spawn(&mut command);
+    wait_until_answered("the caching upstream", || {
+        topology.outsider("dig", &READY_DIG)
+    });
     (process, conf)
 }
 
@@ -256,17 +370,38 @@ fn wait_until_answered(what: &str, dig: impl Fn() -> Command) {
 
 /// The upstream every row uses.
 fn start_upstream(topology: &Topology, tools: &Tools<'_>, delay_ms: u32) -> Process {
+    start_upstream_on(topology, tools, delay_ms, &format!("{SERVER_IP}:53"))
+}
+
+fn start_upstream_on(
+    topology: &Topology,
+    tools: &Tools<'_>,
+    delay_ms: u32,
+    listen: &str,
+) -> Process {
     let mut command = topology
         .server
         .command(tools.test_upstream.to_str().expect("UTF-8"));
     command
-        .arg(format!("{SERVER_IP}:53"))
+        .arg(listen)
         .arg(delay_ms.to_string())
         .arg(ANSWER_IP.to_string())
         .stdout(Stdio::null());
     let upstream = Process::spawn(&mut command);
-    wait_until_answered("the upstream", || topology.outsider("dig", &READY_DIG));
+    if listen.starts_with(&SERVER_IP.to_string()) {
+        wait_until_answered("the upstream", || topology.outsider("dig", &READY_DIG));
+    }
     upstream
+}
+
+/// The cached rows' query file: [`CACHED_NAMES`] names, which dnsperf asks over and over.
+fn cached_query_file() -> PathBuf {
+    let path = std::env::temp_dir().join("dns-proxy-bench-cached-queries.txt");
+    let names: String = (0..CACHED_NAMES)
+        .map(|i| format!("c{i}.example.test A\n"))
+        .collect();
+    fs::write(&path, names).expect("write the cached query file");
+    path
 }
 
 /// A query file of distinct names (the upstream answers any), shared by every run.
@@ -329,32 +464,7 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
     let mut interceptor = Interceptor::start(config, &topology, tools, &[]);
     let queries = query_file();
     let seconds = settings.duration.as_secs().max(1).to_string();
-
-    // Warm up, then the closed loop: as fast as answers come, 100 outstanding.
-    dnsperf(&topology, &queries, &["-l".into(), "1".into()]);
-    let (cpu_before, _) = interceptor.usage();
-    let closed = dnsperf(&topology, &queries, &["-l".into(), seconds.clone()]);
-    let (cpu_after, _) = interceptor.usage();
-    let completed = statistic(&closed, "Queries completed:");
-    let sent = statistic(&closed, "Queries sent:");
-
-    let under_load = settings
-        .loads
-        .iter()
-        .map(|qps| {
-            latencies(&dnsperf(
-                &topology,
-                &queries,
-                &[
-                    "-l".into(),
-                    seconds.clone(),
-                    "-Q".into(),
-                    qps.to_string(),
-                    "-v".into(),
-                ],
-            ))
-        })
-        .collect();
+    let throughput = measure_throughput(&topology, &mut interceptor, &queries, settings, 1);
     let single = latencies(&dnsperf(
         &topology,
         &queries,
@@ -389,6 +499,69 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
 
     Measurement {
         config,
+        max_qps: throughput.max_qps,
+        lost_percent: throughput.lost_percent,
+        under_load: throughput.under_load,
+        single,
+        cpu_per_100k: throughput.cpu_per_100k,
+        peak_rss_mib,
+        syscall_ns: syscall_field("median_ns"),
+        connect_ns: syscall_field("connect_ns"),
+        send_ns: syscall_field("send_ns"),
+        recv_ns: syscall_field("recv_ns"),
+    }
+}
+
+/// The closed-loop and offered-load measurements of one configuration.
+#[derive(Debug, Clone)]
+pub struct Throughput {
+    /// Closed loop (100 outstanding): queries/s answered, and the share lost.
+    pub max_qps: f64,
+    pub lost_percent: f64,
+    /// Latency at each of `Settings::loads`.
+    pub under_load: Vec<Latency>,
+    /// The proxy's CPU time per 100k queries of the closed-loop run, in seconds.
+    pub cpu_per_100k: f64,
+}
+
+/// After `warm_up_seconds` of load: the closed loop, as fast as answers come with 100
+/// outstanding, then each offered load.
+fn measure_throughput(
+    topology: &Topology,
+    interceptor: &mut Interceptor,
+    queries: &Path,
+    settings: &Settings,
+    warm_up_seconds: u32,
+) -> Throughput {
+    let seconds = settings.duration.as_secs().max(1).to_string();
+    dnsperf(
+        topology,
+        queries,
+        &["-l".into(), warm_up_seconds.to_string()],
+    );
+    let (cpu_before, _) = interceptor.usage();
+    let closed = dnsperf(topology, queries, &["-l".into(), seconds.clone()]);
+    let (cpu_after, _) = interceptor.usage();
+    let completed = statistic(&closed, "Queries completed:");
+    let sent = statistic(&closed, "Queries sent:");
+    let under_load = settings
+        .loads
+        .iter()
+        .map(|qps| {
+            latencies(&dnsperf(
+                topology,
+                queries,
+                &[
+                    "-l".into(),
+                    seconds.clone(),
+                    "-Q".into(),
+                    qps.to_string(),
+                    "-v".into(),
+                ],
+            ))
+        })
+        .collect();
+    Throughput {
         max_qps: statistic(&closed, "Queries per second:"),
         lost_percent: if sent > 0.0 {
             100.0 * (sent - completed) / sent
@@ -396,18 +569,38 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
             0.0
         },
         under_load,
-        single,
         cpu_per_100k: if completed > 0.0 {
             (cpu_after - cpu_before) / completed * 100_000.0
         } else {
             0.0
         },
-        peak_rss_mib,
-        syscall_ns: syscall_field("median_ns"),
-        connect_ns: syscall_field("connect_ns"),
-        send_ns: syscall_field("send_ns"),
-        recv_ns: syscall_field("recv_ns"),
     }
+}
+
+/// One cached configuration's measurements in one round.
+#[derive(Debug, Clone)]
+pub struct CachedMeasurement {
+    pub config: CachedConfig,
+    pub throughput: Throughput,
+}
+
+/// Measures one cached configuration in a topology of its own, its cache warmed first.
+pub fn measure_cached(
+    config: CachedConfig,
+    settings: &Settings,
+    tools: &Tools<'_>,
+) -> CachedMeasurement {
+    let topology = Topology::new();
+    let upstream_at = match config {
+        CachedConfig::DirectToCache => BEHIND_CACHE.to_owned(),
+        _ => format!("{SERVER_IP}:53"),
+    };
+    let _upstream = start_upstream_on(&topology, tools, 0, &upstream_at);
+    let mut interceptor = Interceptor::start_cached(config, &topology, tools);
+    let queries = cached_query_file();
+    // A longer warm-up: every name is in the cache before the measured runs.
+    let throughput = measure_throughput(&topology, &mut interceptor, &queries, settings, 2);
+    CachedMeasurement { config, throughput }
 }
 
 /// The proxy's peak RSS (MiB) with `settings.inflight` queries in flight: dnsperf keeps that
@@ -449,8 +642,11 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Runs every configuration `settings.rounds` times, interleaved, and returns the report.
 pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
+    let uncached = settings.rows != Rows::Cached;
+    let cached = settings.rows != Rows::Uncached;
     let in_flight: Vec<(Config, f64)> = [Config::Agent, Config::IptablesDnsdist]
         .into_iter()
+        .filter(|_| uncached)
         .map(|config| {
             eprintln!(
                 "bench: memory with {} queries in flight: {}",
@@ -461,19 +657,91 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
         })
         .collect();
     let mut rounds: Vec<Vec<Measurement>> = Vec::new();
+    let mut cached_rounds: Vec<CachedMeasurement> = Vec::new();
     for round in 1..=settings.rounds {
+        let progress = |name| eprintln!("bench: round {round}/{}: {name}", settings.rounds);
         let mut this_round = Vec::new();
-        for config in Config::ALL {
-            eprintln!(
-                "bench: round {round}/{}: {}",
-                settings.rounds,
-                config.name()
-            );
+        for config in Config::ALL.into_iter().filter(|_| uncached) {
+            progress(config.name());
             this_round.push(measure(config, settings, tools));
         }
         rounds.push(this_round);
+        for config in CachedConfig::ALL.into_iter().filter(|_| cached) {
+            progress(config.name());
+            cached_rounds.push(measure_cached(config, settings, tools));
+        }
     }
-    report(settings, &rounds, &in_flight)
+    let mut out = String::new();
+    if uncached {
+        out.push_str(&report(settings, &rounds, &in_flight));
+    }
+    if cached {
+        out.push_str(&report_cached(settings, &cached_rounds));
+    }
+    out
+}
+
+fn report_cached(settings: &Settings, rounds: &[CachedMeasurement]) -> String {
+    let median_of = |config: CachedConfig, get: &dyn Fn(&CachedMeasurement) -> f64| {
+        median(
+            rounds
+                .iter()
+                .filter(|m| m.config == config)
+                .map(get)
+                .collect(),
+        )
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nCached: {CACHED_NAMES} names asked over and over, every cache warm ({CACHE_ENTRIES} \
+         entries); medians."
+    );
+    let _ = write!(out, "{:<17} {:>10} {:>7}", "config", "max qps", "lost %");
+    for qps in &settings.loads {
+        let _ = write!(out, " {:>23}", format!("@{qps}/s p50/p99/p99.9 us"));
+    }
+    let _ = writeln!(out, " {:>13}", "cpu s/100k q");
+    for config in CachedConfig::ALL {
+        let m = |get: &dyn Fn(&CachedMeasurement) -> f64| median_of(config, get);
+        let _ = write!(
+            out,
+            "{:<17} {:>10.0} {:>7.2}",
+            config.name(),
+            m(&|x| x.throughput.max_qps),
+            m(&|x| x.throughput.lost_percent)
+        );
+        for i in 0..settings.loads.len() {
+            let _ = write!(
+                out,
+                " {:>23}",
+                format!(
+                    "{:.0}/{:.0}/{:.0}",
+                    m(&|x| x.throughput.under_load[i].p50),
+                    m(&|x| x.throughput.under_load[i].p99),
+                    m(&|x| x.throughput.under_load[i].p999)
+                )
+            );
+        }
+        let _ = writeln!(out, " {:>13.3}", m(&|x| x.throughput.cpu_per_100k));
+    }
+    let qps = |config| median_of(config, &|x| x.throughput.max_qps);
+    let _ = writeln!(
+        out,
+        "  max qps: agent cache/dnsdist cache {:.2}, agent cache/direct to a cache {:.2}",
+        qps(CachedConfig::AgentCache) / qps(CachedConfig::IptablesDnsdistCache),
+        qps(CachedConfig::AgentCache) / qps(CachedConfig::DirectToCache)
+    );
+    for (i, load) in settings.loads.iter().enumerate() {
+        let p50 = |config| median_of(config, &|x| x.throughput.under_load[i].p50);
+        let _ = writeln!(
+            out,
+            "  p50 at {load}/s: agent cache {:.0} us, dnsdist cache {:.0} us",
+            p50(CachedConfig::AgentCache),
+            p50(CachedConfig::IptablesDnsdistCache)
+        );
+    }
+    out
 }
 
 /// Medians over the rounds of one configuration's measurement `get`.

@@ -16,6 +16,14 @@ struct Cli {
     task: Task,
 }
 
+/// The rows `cargo xtask bench --rows` measures.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchRows {
+    All,
+    Uncached,
+    Cached,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Install what building (and with --tests, testing) needs and is not there yet: the
@@ -62,6 +70,9 @@ enum Task {
         /// for a before/after comparison in one run of the same harness).
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
+        /// Which rows: all, uncached (the relay), or cached (through caches).
+        #[arg(long, value_enum, default_value_t = BenchRows::All)]
+        rows: BenchRows,
     },
     /// The agent under mixed clients (UDP, TCP, large answers, a failing upstream) for a
     /// while, in a topology of its own (needs root): every lookup's outcome, and the agent's
@@ -122,10 +133,16 @@ fn main() -> Result<()> {
             rounds,
             seconds,
             agent,
+            rows,
         } => {
             let settings = tests::bench::Settings {
                 rounds,
                 duration: std::time::Duration::from_secs(seconds),
+                rows: match rows {
+                    BenchRows::All => tests::bench::Rows::All,
+                    BenchRows::Uncached => tests::bench::Rows::Uncached,
+                    BenchRows::Cached => tests::bench::Rows::Cached,
+                },
                 ..Default::default()
             };
             run_bench(&root, &settings, agent)
