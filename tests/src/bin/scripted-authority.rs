@@ -14,6 +14,8 @@
 //! - `dnssec`: A 198.51.100.2 when the query has the DO bit, 198.51.100.1 without;
 //! - `slow`: A 198.51.100.1, TTL 60, 500 ms after the query;
 //! - `short`: A 198.51.100.1, TTL 2;
+//! - `ecs`: A 198.51.100.1, TTL 60, scoped to 192.0.2.0/24 by an EDNS Client Subnet option
+//!   (when the query has EDNS);
 //! - anything else: A 198.51.100.1, TTL 60.
 //!
 //! The answer echoes the question as asked, and an OPT record (size 1232, the DO bit echoed)
@@ -35,7 +37,10 @@ use hickory_proto::{
     op::{Edns, Message, MessageType, ResponseCode},
     rr::{
         Name, RData, Record, RecordType,
-        rdata::{A, SOA},
+        rdata::{
+            A, SOA,
+            opt::{ClientSubnet, EdnsOption},
+        },
     },
     serialize::binary::BinDecodable,
 };
@@ -155,6 +160,10 @@ impl Script {
             echoed
                 .set_max_payload(1232)
                 .set_dnssec_ok(edns.flags().dnssec_ok);
+            if first_label == "ecs" {
+                let subnet = ClientSubnet::new(Ipv4Addr::new(192, 0, 2, 0).into(), 24, 24);
+                echoed.options_mut().insert(EdnsOption::Subnet(subnet));
+            }
             answer.set_edns(echoed);
         }
         let a = |ttl, ip: Ipv4Addr| Record::from_rdata(name.clone(), ttl, RData::A(A(ip)));
@@ -187,6 +196,9 @@ impl Script {
             "slow" => {
                 answer.add_answer(a(60, ANSWER));
                 delay = SLOW;
+            }
+            "ecs" => {
+                answer.add_answer(a(60, ANSWER));
             }
             "short" => {
                 answer.add_answer(a(2, ANSWER));

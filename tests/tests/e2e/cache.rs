@@ -258,6 +258,36 @@ fn the_do_bit_keeps_signed_and_unsigned_answers_apart() {
 }
 
 #[test]
+fn answers_scoped_to_a_client_subnet_and_queries_carrying_one_are_never_shared() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 72);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+    // The upstream scopes its answer to 192.0.2.0/24: not for another client's eyes.
+    for _ in 0..3 {
+        let output = dig_full(&topology, server, "ecs.example.test", &["+short"]);
+        assert_eq!(output.trim(), "198.51.100.1");
+    }
+    assert_eq!(authority.queries("ecs.example.test").len(), 3);
+    // A query with a client subnet of its own asks the upstream every time, even for a name
+    // whose unscoped answer is kept.
+    for _ in 0..2 {
+        dig_full(&topology, server, "plain.example.test", &["+short"]);
+    }
+    for _ in 0..2 {
+        dig_full(
+            &topology,
+            server,
+            "plain.example.test",
+            &["+short", "+subnet=198.51.100.0/24"],
+        );
+    }
+    assert_eq!(authority.queries("plain.example.test").len(), 3);
+    assert_eq!(from_cache(&agent, "plain.example.test", "hit"), 1);
+    assert_eq!(from_cache(&agent, "ecs.example.test", "hit"), 0);
+}
+
+#[test]
 fn nxdomain_and_nodata_are_kept_for_their_soa_which_counts_down_and_no_soa_is_not_kept() {
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 65);
