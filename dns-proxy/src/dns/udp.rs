@@ -100,8 +100,9 @@ struct Pending {
 
 /// What the cache did with a query.
 enum FromCache {
-    /// Answered it, or it waits for an identical query's answer.
-    Answered,
+    /// Answered it, had it wait for an identical query's answer, or dropped it (its client
+    /// at its limit).
+    Handled,
     /// Holds no live answer: the query goes to the upstream, whose answer is kept.
     Forward(Box<CachedQuery>, ClientSlot),
     /// Off, or not for such a query.
@@ -550,7 +551,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             started,
         };
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local) {
-            FromCache::Answered => return None,
+            FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
             FromCache::NotCached => (None, self.client_slot(client, local)?),
         };
@@ -589,13 +590,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let stale_kept = match cache.lookup(&query, datagram, true, to.started) {
             Cached::Fresh(answer) => {
                 self.send_answer(&answer, to, CacheSource::Hit);
-                return FromCache::Answered;
+                return FromCache::Handled;
             }
             Cached::Stale(_) => true,
             Cached::Miss => false,
         };
         let Some(client_slot) = self.client_slot(to.client, local) else {
-            return FromCache::Answered;
+            return FromCache::Handled;
         };
         let waiter = Waiter {
             client: to.client,
@@ -611,11 +612,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let (waiter, leading) = match in_flight.join(waiter) {
             Joined::Waits => {
                 Stats::add(&self.stats.cache_coalesced);
-                return FromCache::Answered;
+                return FromCache::Handled;
             }
             Joined::ServeStale(waiter) => {
                 self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
-                return FromCache::Answered;
+                return FromCache::Handled;
             }
             Joined::Leads(waiter) => {
                 let key = Some(waiter.query.key.clone());
