@@ -16,6 +16,7 @@ pub mod metrics;
 mod privileges;
 pub mod shutdown;
 mod udp_threads;
+pub mod workload;
 
 use std::{
     ffi::OsString,
