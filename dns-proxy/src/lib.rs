@@ -8,6 +8,7 @@ pub mod agents;
 pub mod cgroup;
 pub mod config;
 pub mod dns;
+pub mod dnstap;
 pub mod ebpf;
 mod exec;
 mod host;
