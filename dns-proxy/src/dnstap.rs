@@ -26,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError},
     },
@@ -211,7 +211,9 @@ pub struct DnstapSink {
     sender: Option<SyncSender<Event>>,
     shared: Arc<Shared>,
     queue_bytes: usize,
-    writer: Option<(JoinHandle<()>, Receiver<()>)>,
+    /// The thread and its "done" signal; in a Mutex only so the sink is `Sync` (a Receiver is
+    /// not), for sharing between the relays' threads.
+    writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
 }
 
 impl DnstapSink {
@@ -253,7 +255,7 @@ impl DnstapSink {
             sender: Some(sender),
             shared,
             queue_bytes: settings.queue_bytes,
-            writer: Some((handle, done_rx)),
+            writer: Mutex::new(Some((handle, done_rx))),
         })
     }
 
@@ -289,7 +291,12 @@ impl DnstapSink {
         self.shared.closing.store(true, Ordering::Relaxed);
         // The writer sees the queue disconnected once it has drained it.
         drop(self.sender.take());
-        let Some((handle, done)) = self.writer.take() else {
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        let Some((handle, done)) = writer else {
             return true;
         };
         match done.recv_timeout(limit) {

@@ -206,6 +206,12 @@ fn assert_lookups_read_back(yaml: &str, frames: &[Vec<u8>], names: &[&str]) {
 }
 
 #[test]
+fn the_sink_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<DnstapSink>();
+}
+
+#[test]
 fn targets_parse_from_unix_and_file_paths() {
     assert_eq!(
         "unix:/run/dnstap.sock".parse::<DnstapTarget>().unwrap(),
