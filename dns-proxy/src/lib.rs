@@ -8,6 +8,7 @@ pub mod agents;
 pub mod cgroup;
 pub mod config;
 pub mod dns;
+pub mod dnstap;
 pub mod ebpf;
 mod exec;
 mod host;
@@ -16,6 +17,7 @@ pub mod metrics;
 mod privileges;
 pub mod shutdown;
 mod udp_threads;
+pub mod workload;
 
 use std::{
     ffi::OsString,

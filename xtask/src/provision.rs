@@ -101,6 +101,11 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "systemd",
         "checking deploy/systemd/dns-proxy.service (systemd-analyze verify)",
     ),
+    (
+        "dnstap-ldns",
+        "dnstap-ldns",
+        "reading the agent's dnstap log in tests",
+    ),
 ];
 
 /// Python tools that check the deployment files, installed from PyPI into a virtualenv under
