@@ -155,6 +155,25 @@ impl Drop for Leading {
     }
 }
 
+/// A query answered from the cache: its answer goes out with the batch's others, in one
+/// `sendmmsg`.
+struct CacheHit {
+    answer: Vec<u8>,
+    client: SocketAddr,
+    original: SocketAddr,
+    reply_from: IpAddr,
+    started: Instant,
+}
+
+/// What forwarding a batch of queries gathers, kept from one batch to the next.
+#[derive(Default)]
+struct Forwarding {
+    /// The queries going upstream.
+    outgoing: Vec<Outgoing>,
+    /// The queries answered from the cache.
+    hits: Vec<CacheHit>,
+}
+
 /// Whom a cached, stale or shared answer goes to.
 #[derive(Debug, Clone, Copy)]
 struct Recipient<'a> {
@@ -417,11 +436,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Serves until `stop` is cancelled.
     pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
         let mut batch = ReceivedBatch::default();
-        let mut outgoing = Vec::with_capacity(mmsg::BATCH);
+        let mut forwarding = Forwarding::default();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                ready = self.socket.readable() => self.on_readable(ready, &mut batch, &mut outgoing),
+                ready = self.socket.readable() => self.on_readable(ready, &mut batch, &mut forwarding),
             }
         }
     }
@@ -432,12 +451,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + deadline;
         let mut batch = ReceivedBatch::default();
-        let mut outgoing = Vec::with_capacity(mmsg::BATCH);
+        let mut forwarding = Forwarding::default();
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => break,
                 ready = tokio::time::timeout(DRAIN_QUIET, self.socket.readable()) => match ready {
-                    Ok(ready) => self.on_readable(ready, &mut batch, &mut outgoing),
+                    Ok(ready) => self.on_readable(ready, &mut batch, &mut forwarding),
                     Err(_quiet) if self.inflight() == 0 => break,
                     Err(_quiet) => {}
                 },
@@ -460,10 +479,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self: &Arc<Self>,
         ready: io::Result<()>,
         batch: &mut ReceivedBatch,
-        outgoing: &mut Vec<Outgoing>,
+        forwarding: &mut Forwarding,
     ) {
         match ready.and_then(|()| receive_batch(&self.socket, batch)) {
-            Ok(_) => self.forward_batch(batch, outgoing),
+            Ok(_) => self.forward_batch(batch, forwarding),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             // Nothing a datagram can do makes recv fail for long; keep serving.
             Err(err) => log::warn!("receiving on {}: {err}", self.local_addr),
@@ -471,17 +490,21 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Sends the queries of redirected clients in `batch` to their upstreams: registers each,
-    /// then sends each run of queries that share a pool socket with one `sendmmsg`.
-    fn forward_batch(self: &Arc<Self>, batch: &ReceivedBatch, outgoing: &mut Vec<Outgoing>) {
+    /// then sends each run of queries that share a pool socket with one `sendmmsg`. Those the
+    /// cache answers are answered first, all with one `sendmmsg`.
+    fn forward_batch(self: &Arc<Self>, batch: &ReceivedBatch, forwarding: &mut Forwarding) {
         // One random pool socket for the batch (another where its ID is taken).
         let pick = random();
+        let Forwarding { outgoing, hits } = forwarding;
         outgoing.clear();
         for (index, datagram, client) in batch.iter() {
             let arrival = batch.arrival(index);
-            if let Some((key, socket)) = self.register_query(datagram, client, arrival, pick) {
+            if let Some((key, socket)) = self.register_query(datagram, client, arrival, pick, hits)
+            {
                 outgoing.push(Outgoing { index, socket, key });
             }
         }
+        self.send_hits(hits);
         let mut run_start = 0;
         while run_start < outgoing.len() {
             let socket = &outgoing[run_start].socket;
@@ -530,6 +553,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         client: SocketAddr,
         arrival: Option<Arrival>,
         pick: u64,
+        hits: &mut Vec<CacheHit>,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
@@ -550,7 +574,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             listener: self.shared_listener.as_fd(),
             started,
         };
-        let (cached, client_slot) = match self.consult_cache(datagram, recipient, local) {
+        let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
             FromCache::NotCached => (None, self.client_slot(client, local)?),
@@ -579,7 +603,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Answers `datagram` from the cache if it holds a live answer, or has it wait for an
     /// identical query's answer; otherwise says what its own answer is to do in the cache.
-    fn consult_cache(&self, datagram: &[u8], to: Recipient<'_>, local: bool) -> FromCache {
+    fn consult_cache(
+        &self,
+        datagram: &[u8],
+        to: Recipient<'_>,
+        local: bool,
+        hits: &mut Vec<CacheHit>,
+    ) -> FromCache {
         let Some(cache) = &self.settings.cache else {
             return FromCache::NotCached;
         };
@@ -589,7 +619,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         let stale_kept = match cache.lookup(&query, datagram, true, to.started) {
             Cached::Fresh(answer) => {
-                self.send_answer(&answer, to, CacheSource::Hit);
+                hits.push(CacheHit {
+                    answer,
+                    client: to.client,
+                    original: to.original,
+                    reply_from: to.reply_from,
+                    started: to.started,
+                });
                 return FromCache::Handled;
             }
             Cached::Stale(_) => true,
@@ -659,10 +695,43 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
+    /// Sends the answers the cache gave a batch's queries, with as few `sendmmsg` as the
+    /// kernel takes, and empties `hits`.
+    fn send_hits(&self, hits: &mut Vec<CacheHit>) {
+        let mut refused = Vec::new();
+        mmsg::send_all(
+            self.socket.as_fd(),
+            hits.len(),
+            |i| mmsg::Outgoing {
+                datagram: &hits[i].answer,
+                to: hits[i].client,
+                from: Some(hits[i].reply_from),
+            },
+            |i, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&self.stats.udp.dropped_overload);
+                log::debug!("answering {} from the cache: {err}", hits[i].client);
+                refused.push(i);
+            },
+        );
+        for (i, hit) in hits.drain(..).enumerate() {
+            if refused.contains(&i) {
+                continue;
+            }
+            let to = Recipient {
+                client: hit.client,
+                original: hit.original,
+                reply_from: hit.reply_from,
+                listener: self.socket.as_fd(),
+                started: hit.started,
+            };
+            self.answered_here(&hit.answer, to, CacheSource::Hit);
+        }
+    }
+
     /// Sends an answer made here (from the cache, or shared from an identical query's) to its
     /// client, from the address its query reached.
     fn send_answer(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
-        let stats = &self.stats.udp;
         let mut sent = true;
         mmsg::send_all(
             to.listener,
@@ -674,14 +743,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             },
             |_, err| {
                 // The listener's send buffer is full: the client retries, as after a loss.
-                Stats::add(&stats.dropped_overload);
+                Stats::add(&self.stats.udp.dropped_overload);
                 log::debug!("answering {} ({}): {err}", to.client, source.as_str());
                 sent = false;
             },
         );
-        if !sent {
-            return;
+        if sent {
+            self.answered_here(answer, to, source);
         }
+    }
+
+    /// Counts and logs an answer made here that went out.
+    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
+        let stats = &self.stats.udp;
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),
             CacheSource::Stale => Stats::add(&self.stats.cache_stale),
@@ -1129,8 +1203,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             destination: self.local_addr.ip(),
             ifindex: LOOPBACK_IFINDEX + 1,
         });
-        self.register_query(datagram, client, arrival, pick)
-            .map(|(key, socket)| (socket.id, key.upstream))
+        let mut hits = Vec::new();
+        let registered = self.register_query(datagram, client, arrival, pick, &mut hits);
+        self.send_hits(&mut hits);
+        registered.map(|(key, socket)| (socket.id, key.upstream))
     }
 
     /// For the fuzz targets: what a pool reader does with a datagram from `from` on pool
@@ -1418,7 +1494,9 @@ mod tests {
             destination: proxy.local_addr.ip(),
             ifindex: LOOPBACK_IFINDEX + 1,
         });
-        proxy.register_query(&query, client, arrival, 0).is_some()
+        proxy
+            .register_query(&query, client, arrival, 0, &mut Vec::new())
+            .is_some()
     }
 
     #[tokio::test]
