@@ -9,7 +9,9 @@
 //!
 //! Bounded by entries and by bytes (least recently used out first, counted).
 use std::{
+    borrow::Cow,
     net::SocketAddr,
+    ops::Range,
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -31,6 +33,13 @@ const TYPE_SOA: u16 = 6;
 const TYPE_OPT: u16 = 41;
 /// EDNS Client Subnet (RFC 7871).
 const OPTION_ECS: u16 = 8;
+/// DNS Cookies (RFC 7873): one client's, and the server's answer to it.
+const OPTION_COOKIE: u16 = 10;
+/// EDNS padding (RFC 7830): says nothing about the answer.
+const OPTION_PADDING: u16 = 12;
+/// How long after an upstream failed to refresh an answer that answer is served stale at
+/// once, without waiting for the upstream (RFC 8767 §5's failure recheck timer, suggested 30 s).
+const FAILURE_RECHECK: Duration = Duration::from_secs(30);
 
 const RCODE_NOERROR: u8 = 0;
 const RCODE_SERVFAIL: u8 = 2;
@@ -48,8 +57,10 @@ pub struct CacheSettings {
 }
 
 /// What tells one cached answer from another: the server asked, the name (compared
-/// case-insensitively), type and class, and the query's EDNS state (present, DO, and CD),
-/// which change what a server puts in its answer.
+/// case-insensitively), type and class, and the query's EDNS state and header bits (EDNS
+/// present, DO, CD, AD and RD), which change what a server puts in its answer. Only queries of
+/// one plain shape are cached ([`CacheableQuery::parse`]), so two queries with one key ask
+/// the very same thing, their IDs, letter case, UDP sizes and cookies aside.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     server: SocketAddr,
@@ -60,6 +71,8 @@ pub struct CacheKey {
     edns: bool,
     dnssec_ok: bool,
     checking_disabled: bool,
+    authentic_data: bool,
+    recursion_desired: bool,
 }
 
 /// What the cache needs of a client's query.
@@ -74,34 +87,53 @@ pub struct CacheableQuery {
 }
 
 impl CacheableQuery {
-    /// The query's key, if it may be answered from the cache: a standard query (opcode
-    /// QUERY) with one question and no EDNS Client Subnet option (an answer scoped to one
-    /// client's subnet is not another client's).
+    /// The query's key, if it may be answered from the cache (or wait for an identical
+    /// query's answer): a query of the plain shape stub resolvers send, nothing else, so that
+    /// what its key leaves out cannot change its answer:
+    /// - opcode QUERY, not truncated, the Z bit and RCODE clear;
+    /// - one question, no answers or authorities, at most one additional record: an OPT of
+    ///   EDNS version 0, owned by the root, whose options are only a cookie or padding (an
+    ///   EDNS Client Subnet makes the answer one client's; anything else, NSID say, may
+    ///   change it);
+    /// - nothing after it.
     pub fn parse(server: SocketAddr, query: &[u8]) -> Option<Self> {
         let header = query.get(..HEADER_LEN)?;
         let opcode = (header[2] >> 3) & 0x0f;
-        if header[2] & 0x80 != 0 || opcode != 0 || count(query, 4)? != 1 {
+        let truncated = header[2] & 0x02 != 0;
+        let (zero, rcode) = (header[3] & 0x40, header[3] & 0x0f);
+        if header[2] & 0x80 != 0 || opcode != 0 || truncated || zero != 0 || rcode != 0 {
             return None;
         }
-        let checking_disabled = header[3] & 0x10 != 0;
+        if count(query, 4)? != 1 || count(query, 6)? != 0 || count(query, 8)? != 0 {
+            return None;
+        }
         let mut reader = Reader::new(query, HEADER_LEN);
         let name = reader.plain_name()?;
         let qtype = reader.u16()?;
         let qclass = reader.u16()?;
         let question_end = reader.offset;
-        // A query has no answers or authorities, but a sender may put records anywhere.
-        for _ in 0..u32::from(count(query, 6)?) + u32::from(count(query, 8)?) {
-            reader.skip_record()?;
-        }
-        let mut edns = None;
-        for _ in 0..count(query, 10)? {
-            let record = reader.record()?;
-            if record.rtype == TYPE_OPT {
-                if option(query, &record, OPTION_ECS)?.is_some() {
+        let edns = match count(query, 10)? {
+            0 => None,
+            1 => {
+                let owner_is_root = *query.get(reader.offset)? == 0;
+                let record = reader.record()?;
+                let (extended_rcode, version) = (record.ttl >> 24, (record.ttl >> 16) & 0xff);
+                if record.rtype != TYPE_OPT || !owner_is_root || extended_rcode != 0 || version != 0
+                {
                     return None;
                 }
-                edns = Some(record);
+                if !options(query, &record)?
+                    .iter()
+                    .all(|(code, _)| matches!(*code, OPTION_COOKIE | OPTION_PADDING))
+                {
+                    return None;
+                }
+                Some(record)
             }
+            _ => return None,
+        };
+        if reader.offset != query.len() {
+            return None;
         }
         let udp_limit = edns.as_ref().map_or(CLASSIC_UDP_LIMIT, |opt| {
             usize::from(opt.class).max(CLASSIC_UDP_LIMIT)
@@ -114,7 +146,9 @@ impl CacheableQuery {
                 qclass,
                 edns: edns.is_some(),
                 dnssec_ok: edns.is_some_and(|opt| opt.ttl & 0x8000 != 0),
-                checking_disabled,
+                checking_disabled: header[3] & 0x10 != 0,
+                authentic_data: header[3] & 0x20 != 0,
+                recursion_desired: header[2] & 0x01 != 0,
             },
             udp_limit,
             question_end,
@@ -128,20 +162,29 @@ impl CacheableQuery {
     }
 }
 
-/// `answer`, the upstream's answer to an identical query, for another client whose query
-/// has `head` ([`CacheableQuery::head`]): with that client's ID and question bytes, and
-/// truncated past its UDP limit when `udp` is set. `None` if the answer's question is not the
-/// same length as the client's (it then answers something else).
+/// `answer`, the upstream's answer to an identical query whose header and question are
+/// `asked`, for another client whose query is `query` with `head`
+/// ([`CacheableQuery::head`]): with that client's ID and question bytes, without the first
+/// client's cookie and padding, and truncated past its UDP limit when `udp` is set. `None`
+/// if it is not to be shared: its question is not exactly the one asked (it would fail the
+/// first client's letter-case check), or it has an extended RCODE (about the first query's
+/// EDNS, a cookie say).
 pub fn shared_answer(
     answer: &[u8],
+    asked: &[u8],
     query: &CacheableQuery,
     head: &[u8],
     udp: bool,
 ) -> Option<Vec<u8>> {
-    if answer.len() < HEADER_LEN || head.len() < HEADER_LEN {
+    if answer.len() < HEADER_LEN || head.len() < HEADER_LEN || asked.len() < HEADER_LEN {
         return None;
     }
-    let mut shared = answer.to_vec();
+    if answer.get(HEADER_LEN..asked.len()) != asked.get(HEADER_LEN..)
+        || extended_rcode(answer)? != 0
+    {
+        return None;
+    }
+    let mut shared = without_client_options(answer)?.into_owned();
     shared[..2].copy_from_slice(&head[..2]);
     if count(answer, 4)? > 0 {
         let mut reader = Reader::new(answer, HEADER_LEN);
@@ -168,6 +211,8 @@ struct Entry {
     question_end: usize,
     stored: Instant,
     lifetime: Duration,
+    /// When the upstream last failed to refresh it, while it was stale.
+    failed: Option<Instant>,
 }
 
 impl Entry {
@@ -182,8 +227,12 @@ pub enum Cached {
     /// A live answer, ready to send.
     Fresh(Vec<u8>),
     /// An expired answer within `--serve-stale`, ready to send with TTL 30, for when the
-    /// upstream fails.
-    Stale(Vec<u8>),
+    /// upstream fails; `upstream_failing` if it failed to refresh it in the last 30 s, when
+    /// it may be served at once.
+    Stale {
+        answer: Vec<u8>,
+        upstream_failing: bool,
+    },
     Miss,
 }
 
@@ -236,6 +285,9 @@ impl Cache {
             return Cached::Miss;
         };
         let age = now.saturating_duration_since(entry.stored);
+        let upstream_failing = entry
+            .failed
+            .is_some_and(|failed| now.saturating_duration_since(failed) < FAILURE_RECHECK);
         let (answer, fresh) = if age < entry.lifetime {
             (
                 for_client(entry, client_query, age.as_secs() as u32, None),
@@ -258,14 +310,29 @@ impl Cache {
         if fresh {
             Cached::Fresh(answer)
         } else {
-            Cached::Stale(answer)
+            Cached::Stale {
+                answer,
+                upstream_failing,
+            }
         }
     }
 
-    /// Keeps `answer`, the upstream's answer to `query`, if the RFCs let it be kept, for as
-    /// long as they say. Returns whether it was kept.
-    pub fn store(&self, query: &CacheableQuery, answer: &[u8], now: Instant) -> bool {
-        let Some(entry) = cacheable(query, answer, self.settings.max_ttl, now) else {
+    /// Notes that the upstream failed to refresh `key`'s answer, now stale: for the next 30 s
+    /// it may be served stale at once (RFC 8767 §5).
+    pub fn upstream_failed(&self, key: &CacheKey, now: Instant) {
+        if let Some(entry) = self.lock().entries.peek_mut(key) {
+            entry.failed = Some(now);
+        }
+    }
+
+    /// Keeps `answer`, the upstream's answer to `query` (whose header and question are
+    /// `head`), if the RFCs let it be kept, for as long as they say, without the options that
+    /// were for its client alone. Returns whether it was kept.
+    pub fn store(&self, query: &CacheableQuery, head: &[u8], answer: &[u8], now: Instant) -> bool {
+        let Some(answer) = without_client_options(answer) else {
+            return false;
+        };
+        let Some(entry) = cacheable(query, head, &answer, self.settings.max_ttl, now) else {
             return false;
         };
         let size = entry.bytes();
@@ -304,16 +371,18 @@ impl Cache {
 }
 
 /// The entry for `answer`, if it may be kept: a response to a standard query, not truncated,
-/// with the query's question, and one of
+/// with the query's question exactly as asked (`head`'s: an answer that would fail its
+/// client's letter-case check is not shown to anyone else), no extended RCODE, and one of
 /// - NOERROR with answers: for the least TTL of its records (OPT aside);
 /// - NXDOMAIN, or NOERROR without answers (NODATA), with an SOA in the authority section: for
 ///   the least of that SOA's TTL and its MINIMUM, which the SOA then shows (RFC 2308 §5);
 /// - SERVFAIL: for 5 s at most (RFC 2308 §7.1);
 ///
 /// each capped by `max_ttl`, and none with an EDNS Client Subnet scope. A record with TTL 0
-/// means "do not keep".
+/// (or with its top bit set, which RFC 2181 §8 says to read as 0) means "do not keep".
 fn cacheable(
     query: &CacheableQuery,
+    head: &[u8],
     answer: &[u8],
     max_ttl: Duration,
     now: Instant,
@@ -333,6 +402,10 @@ fn cacheable(
         return None;
     }
     let question_end = reader.offset;
+    if answer.get(HEADER_LEN..question_end) != head.get(HEADER_LEN..) {
+        return None;
+    }
+    let max_ttl_seconds = u32::try_from(max_ttl.as_secs()).unwrap_or(u32::MAX);
     let (answers, authorities, additionals) =
         (count(answer, 6)?, count(answer, 8)?, count(answer, 10)?);
     let mut ttls = Vec::new();
@@ -343,6 +416,10 @@ fn cacheable(
         for _ in 0..records {
             let record = reader.record()?;
             if record.rtype == TYPE_OPT {
+                // BADVERS, BADCOOKIE...: about the query's EDNS, not the name.
+                if record.ttl >> 24 != 0 {
+                    return None;
+                }
                 // family (2), source prefix (1), scope prefix (1): a scope of 0 covers every
                 // client, and may be shared.
                 if let Some(ecs) = option(answer, &record, OPTION_ECS)?
@@ -352,7 +429,11 @@ fn cacheable(
                 }
                 continue;
             }
-            let mut ttl = record.ttl;
+            let mut ttl = if record.ttl & 0x8000_0000 != 0 {
+                0
+            } else {
+                record.ttl
+            };
             if section == 1 && record.rtype == TYPE_SOA && answers == 0 {
                 // SOA rdata: two names, then serial, refresh, retry, expire, minimum.
                 let mut rdata = Reader::new(answer, record.rdata_start);
@@ -367,7 +448,9 @@ fn cacheable(
                 negative_ttl = Some(negative_ttl.map_or(ttl, |n| n.min(ttl)));
             }
             least = Some(least.map_or(ttl, |l| l.min(ttl)));
-            ttls.push((record.ttl_offset, ttl));
+            // No TTL shown goes past the cap: a client's own cache keeps a record no longer
+            // than `--cache-max-ttl` either.
+            ttls.push((record.ttl_offset, ttl.min(max_ttl_seconds)));
         }
     }
     if reader.offset != answer.len() {
@@ -395,6 +478,7 @@ fn cacheable(
         question_end,
         stored: now,
         lifetime,
+        failed: None,
     })
 }
 
@@ -460,17 +544,64 @@ fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
 /// The data of option `code` in an OPT record, if it has one; `None` if the record's options
 /// are malformed.
 fn option<'a>(message: &'a [u8], opt: &Record, code: u16) -> Option<Option<&'a [u8]>> {
+    let found = options(message, opt)?
+        .into_iter()
+        .find(|(option, _)| *option == code);
+    Some(found.map(|(_, at)| &message[at.start + 4..at.end]))
+}
+
+/// The options of an OPT record, in order: each one's code and where it lies (its code and
+/// length included); `None` if they are malformed.
+fn options(message: &[u8], opt: &Record) -> Option<Vec<(u16, Range<usize>)>> {
+    let mut found = Vec::new();
     let mut reader = Reader::new(message, opt.rdata_start);
     while reader.offset < opt.rdata_end {
-        let option = reader.u16()?;
+        let start = reader.offset;
+        let code = reader.u16()?;
         let len = usize::from(reader.u16()?);
-        let data = message.get(reader.offset..reader.offset + len)?;
         reader.offset += len;
-        if option == code {
-            return Some(Some(data));
+        if reader.offset > opt.rdata_end {
+            return None;
         }
+        found.push((code, start..reader.offset));
     }
-    (reader.offset == opt.rdata_end).then_some(None)
+    Some(found)
+}
+
+/// `answer` without the options that belong to the client it was sent to, its cookie (RFC
+/// 7873) and padding, which another client must not be shown; `None` if its OPT record is
+/// malformed.
+fn without_client_options(answer: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let Some((opt_start, _)) = find_opt(answer) else {
+        return Some(Cow::Borrowed(answer));
+    };
+    let opt = Reader::new(answer, opt_start).record()?;
+    let options = options(answer, &opt)?;
+    if options
+        .iter()
+        .all(|(code, _)| !matches!(*code, OPTION_COOKIE | OPTION_PADDING))
+    {
+        return Some(Cow::Borrowed(answer));
+    }
+    // The OPT's RDLENGTH is the two bytes before its data.
+    let mut stripped = answer[..opt.rdata_start - 2].to_vec();
+    let kept: Vec<u8> = options
+        .iter()
+        .filter(|(code, _)| !matches!(*code, OPTION_COOKIE | OPTION_PADDING))
+        .flat_map(|(_, at)| answer[at.clone()].iter().copied())
+        .collect();
+    stripped.extend_from_slice(&u16::try_from(kept.len()).ok()?.to_be_bytes());
+    stripped.extend_from_slice(&kept);
+    stripped.extend_from_slice(&answer[opt.rdata_end..]);
+    Some(Cow::Owned(stripped))
+}
+
+/// The extended RCODE bits of `answer`'s OPT record (BADVERS, BADCOOKIE...), 0 without one.
+fn extended_rcode(answer: &[u8]) -> Option<u32> {
+    match find_opt(answer) {
+        Some((start, _)) => Some(Reader::new(answer, start).record()?.ttl >> 24),
+        None => Some(0),
+    }
 }
 
 fn count(message: &[u8], at: usize) -> Option<u16> {
@@ -581,10 +712,6 @@ impl<'a> Reader<'a> {
             rdata_end,
         })
     }
-
-    fn skip_record(&mut self) -> Option<()> {
-        self.record().map(|_| ())
-    }
 }
 
 #[cfg(test)]
@@ -595,7 +722,7 @@ pub(crate) mod tests {
         op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
         rr::{
             Name, RData, Record, RecordType,
-            rdata::{A, SOA, TXT},
+            rdata::{A, SOA, TXT, opt::EdnsOption},
         },
     };
 
@@ -678,7 +805,8 @@ pub(crate) mod tests {
 
     /// Whether `cache` keeps `answer` to `query`.
     fn keeps(cache: &Cache, query: &[u8], answer: &[u8], at: Instant) -> bool {
-        cache.store(&parsed(query), answer, at)
+        let parsed = parsed(query);
+        cache.store(&parsed, parsed.head(query), answer, at)
     }
 
     /// `message` (with no additional records) and an OPT record carrying an EDNS Client Subnet
@@ -754,7 +882,7 @@ pub(crate) mod tests {
             Cached::Fresh(_)
         ));
         match cache.lookup(&parsed(&q), &q, true, at(61)) {
-            Cached::Stale(answer) => assert_eq!(ttls(&answer), [STALE_TTL, STALE_TTL]),
+            Cached::Stale { answer, .. } => assert_eq!(ttls(&answer), [STALE_TTL, STALE_TTL]),
             other => panic!("{other:?}"),
         }
         assert_eq!(cache.lookup(&parsed(&q), &q, true, at(161)), Cached::Miss);
@@ -922,7 +1050,8 @@ pub(crate) mod tests {
         let answer = a_answer(&leader, &[60; 34]);
         let waiter = query(77, "SHARED.Example.TEST");
         let parsed = parsed(&waiter);
-        let shared = shared_answer(&answer, &parsed, parsed.head(&waiter), false).unwrap();
+        let asked = parsed_head(&leader);
+        let shared = shared_answer(&answer, &asked, &parsed, parsed.head(&waiter), false).unwrap();
         assert_eq!(shared[..2], 77u16.to_be_bytes());
         assert_eq!(wire_question(&shared), wire_question(&waiter));
         assert_eq!(
@@ -936,13 +1065,150 @@ pub(crate) mod tests {
         );
         // 34 records do not fit in 512 bytes: over UDP the client gets TC and retries.
         assert!(answer.len() > CLASSIC_UDP_LIMIT);
-        let over_udp = shared_answer(&answer, &parsed, parsed.head(&waiter), true).unwrap();
+        let over_udp = shared_answer(&answer, &asked, &parsed, parsed.head(&waiter), true).unwrap();
         assert_ne!(over_udp[2] & 0x02, 0, "TC");
         assert_eq!(over_udp[..2], 77u16.to_be_bytes());
-        // An answer to another question is not shared.
-        let other = query(5, "other.example.test");
-        let other = parsed_head(&other);
-        assert!(shared_answer(&answer, &parsed, &other, false).is_none());
+        // Nor an answer whose question is not, letter for letter, the one asked: it would
+        // fail the first client's 0x20 check.
+        let asked_otherwise = parsed_head(&query(1, "Shared.example.test"));
+        assert!(
+            shared_answer(
+                &answer,
+                &asked_otherwise,
+                &parsed,
+                parsed.head(&waiter),
+                false
+            )
+            .is_none()
+        );
+    }
+
+    /// A query for `name` with EDNS and these options.
+    fn query_with_options(id: u16, name: &str, options: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        for (code, data) in options {
+            edns.options_mut()
+                .insert(EdnsOption::Unknown(*code, data.to_vec()));
+        }
+        query_message(id, name, Some(edns)).to_vec().unwrap()
+    }
+
+    #[test]
+    fn only_queries_of_the_plain_shape_are_cached_and_their_header_bits_are_in_the_key() {
+        let plain = query_with_options(1, "shape.example.test", &[]);
+        assert!(CacheableQuery::parse(SERVER, &plain).is_some());
+        // A cookie or padding says nothing about the answer.
+        let cookie = query_with_options(1, "shape.example.test", &[(10, &[1; 8]), (12, &[0; 4])]);
+        assert_eq!(parsed(&cookie).key, parsed(&plain).key);
+        // NSID, or anything else the cache does not know, may change it.
+        let nsid = query_with_options(1, "shape.example.test", &[(3, &[])]);
+        assert!(CacheableQuery::parse(SERVER, &nsid).is_none());
+        // EDNS version 1 (BADVERS), trailing bytes, two OPTs, a record in another section,
+        // the Z bit: not the shape of a stub's query.
+        let mut version1 = plain.clone();
+        let opt = find_opt(&version1).unwrap().0;
+        version1[opt + 6] = 1; // the OPT's TTL: extended RCODE, then version
+        let mut trailing = plain.clone();
+        trailing.push(0);
+        let mut two_opts = plain.clone();
+        two_opts.extend_from_slice(&plain[opt..]);
+        two_opts[11] = 2;
+        let mut answer_section = plain.clone();
+        answer_section[7] = 1;
+        let mut z = plain.clone();
+        z[3] |= 0x40;
+        for odd in [&version1, &trailing, &two_opts, &answer_section, &z] {
+            assert!(CacheableQuery::parse(SERVER, odd).is_none(), "{odd:?}");
+        }
+        // AD and RD change what a server answers: they are in the key.
+        let mut ad = plain.clone();
+        ad[3] |= 0x20;
+        let mut no_rd = plain.clone();
+        no_rd[2] &= !0x01;
+        assert_ne!(parsed(&ad).key, parsed(&plain).key);
+        assert_ne!(parsed(&no_rd).key, parsed(&plain).key);
+    }
+
+    #[test]
+    fn answers_that_fail_the_case_check_or_carry_an_extended_rcode_or_a_top_bit_ttl_are_not_kept() {
+        let cache = Cache::new(settings());
+        let now = Instant::now();
+        // The upstream answered in another letter case than the client asked.
+        let asked = query(1, "CaSe.example.test");
+        let mut answer = a_answer(&asked, &[60]);
+        answer[HEADER_LEN + 1..HEADER_LEN + 5].copy_from_slice(b"CASE");
+        assert!(!keeps(&cache, &asked, &answer, now));
+        // BADCOOKIE (extended RCODE 1, header RCODE 7): about the client's cookie.
+        let with_cookie = query_with_options(1, "cookie.example.test", &[(10, &[1; 8])]);
+        let mut bad_cookie = a_answer(&with_cookie, &[60]);
+        let opt = find_opt(&bad_cookie).unwrap().0;
+        bad_cookie[opt + 5] = 1;
+        assert!(!keeps(&cache, &with_cookie, &bad_cookie, now));
+        // A TTL with its top bit set reads as 0 (RFC 2181 §8).
+        let top_bit = query(1, "topbit.example.test");
+        assert!(!keeps(
+            &cache,
+            &top_bit,
+            &a_answer(&top_bit, &[0x8000_0000]),
+            now
+        ));
+    }
+
+    #[test]
+    fn a_kept_answer_loses_its_clients_cookie_and_shows_no_ttl_beyond_the_cap() {
+        let cache = Cache::new(settings());
+        let now = Instant::now();
+        let asked = query_with_options(1, "cookie.example.test", &[(10, &[7; 8])]);
+        let mut answer = response_to(&asked, ResponseCode::NoError);
+        let name = answer.queries()[0].name().clone();
+        answer.add_answer(Record::from_rdata(
+            name,
+            7200,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 9))),
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(10, [[7; 8], [9; 8]].concat()));
+        answer.set_edns(edns);
+        let answer = answer.to_vec().unwrap();
+        assert!(keeps(&cache, &asked, &answer, now));
+        let other = query_with_options(2, "cookie.example.test", &[(10, &[8; 8])]);
+        let shown = fresh(cache.lookup(&parsed(&other), &other, true, now));
+        let message = Message::from_vec(&shown).unwrap();
+        let options = message
+            .extensions()
+            .as_ref()
+            .unwrap()
+            .options()
+            .as_ref()
+            .len();
+        assert_eq!(options, 0, "no cookie of another client's");
+        // Kept an hour at most (the settings' cap): shown so, not two.
+        assert_eq!(ttls(&shown), [settings().max_ttl.as_secs() as u32]);
+    }
+
+    #[test]
+    fn an_answer_the_upstream_failed_to_refresh_is_served_stale_at_once_for_30_s() {
+        let cache = Cache::new(CacheSettings {
+            serve_stale: Duration::from_secs(600),
+            ..settings()
+        });
+        let asked = query(1, "failing.example.test");
+        let now = Instant::now();
+        assert!(keeps(&cache, &asked, &a_answer(&asked, &[10]), now));
+        let later = now + Duration::from_secs(11);
+        let stale = |at| match cache.lookup(&parsed(&asked), &asked, true, at) {
+            Cached::Stale {
+                upstream_failing, ..
+            } => upstream_failing,
+            other => panic!("not stale: {other:?}"),
+        };
+        assert!(!stale(later));
+        cache.upstream_failed(&parsed(&asked).key, later);
+        assert!(stale(later + Duration::from_secs(29)));
+        assert!(!stale(later + Duration::from_secs(31)));
     }
 
     fn parsed_head(message: &[u8]) -> Vec<u8> {

@@ -13,7 +13,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -23,6 +23,10 @@ use super::{
 
 /// Clients that may wait on one query; more are forwarded on their own.
 const MAX_WAITERS_PER_QUERY: usize = 256;
+/// How long after a query left identical ones may still wait on it. A client that asks again
+/// later is retrying (the first query or its answer may be lost): its query goes upstream on
+/// its own, as it would without the cache.
+pub const COALESCE_WITHIN: Duration = Duration::from_secs(1);
 
 /// A client whose query waits for an identical one's answer.
 #[derive(Debug)]
@@ -52,12 +56,15 @@ pub enum Joined {
     /// The leading query's clients were served a stale answer while its refresh goes on
     /// (`--serve-stale`): so is this one's, at once.
     ServeStale(Box<Waiter>),
-    /// Too many wait already: it goes to the upstream on its own.
+    /// Too many wait already, or the leading query left too long ago
+    /// ([`COALESCE_WITHIN`]): it goes to the upstream on its own.
     Alone(Box<Waiter>),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct InFlight {
+    /// When the leading query came.
+    started: Instant,
     waiters: Vec<Waiter>,
     served_stale: bool,
 }
@@ -81,19 +88,25 @@ impl Coalescer {
         }
     }
 
-    /// Registers `waiter`'s query: it leads if no identical one is in flight, and otherwise
-    /// waits or is served as the leading one's clients were.
-    pub fn join(&self, waiter: Waiter) -> Joined {
+    /// Registers `waiter`'s query, which came `now`: it leads if no identical one is in
+    /// flight, and otherwise waits or is served as the leading one's clients were.
+    pub fn join(&self, waiter: Waiter, now: Instant) -> Joined {
         let waiter = Box::new(waiter);
         let mut in_flight = self.lock();
         let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
-            in_flight.insert(waiter.query.key.clone(), InFlight::default());
+            let leading = InFlight {
+                started: now,
+                waiters: Vec::new(),
+                served_stale: false,
+            };
+            in_flight.insert(waiter.query.key.clone(), leading);
             return Joined::Leads(waiter);
         };
         if leading.served_stale {
             return Joined::ServeStale(waiter);
         }
-        if leading.waiters.len() >= MAX_WAITERS_PER_QUERY
+        if now.saturating_duration_since(leading.started) >= COALESCE_WITHIN
+            || leading.waiters.len() >= MAX_WAITERS_PER_QUERY
             || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
         {
             return Joined::Alone(waiter);
@@ -142,6 +155,12 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
+    impl Coalescer {
+        fn join_now(&self, waiter: Waiter) -> Joined {
+            self.join(waiter, Instant::now())
+        }
+    }
+
     use super::*;
     use crate::dns::per_client::PerClientLimit;
 
@@ -170,18 +189,18 @@ mod tests {
     #[test]
     fn the_first_query_leads_identical_ones_wait_and_finishing_hands_them_over() {
         let coalescer = Coalescer::new(100);
-        let Joined::Leads(leader) = coalescer.join(waiter("a.example.test", 1)) else {
+        let Joined::Leads(leader) = coalescer.join_now(waiter("a.example.test", 1)) else {
             panic!("the first leads");
         };
         for port in 2..5 {
             assert!(matches!(
-                coalescer.join(waiter("A.Example.test", port)),
+                coalescer.join_now(waiter("A.Example.test", port)),
                 Joined::Waits
             ));
         }
         // Another name leads on its own.
         assert!(matches!(
-            coalescer.join(waiter("b.example.test", 9)),
+            coalescer.join_now(waiter("b.example.test", 9)),
             Joined::Leads(_)
         ));
         assert_eq!(coalescer.waiting(), 3);
@@ -191,7 +210,7 @@ mod tests {
         assert_eq!(coalescer.waiting(), 0);
         // Settled: the next identical query leads again.
         assert!(matches!(
-            coalescer.join(waiter("a.example.test", 5)),
+            coalescer.join_now(waiter("a.example.test", 5)),
             Joined::Leads(_)
         ));
     }
@@ -200,17 +219,17 @@ mod tests {
     fn waiters_are_bounded_per_query_and_in_all() {
         let coalescer = Coalescer::new(3);
         assert!(matches!(
-            coalescer.join(waiter("a.example.test", 1)),
+            coalescer.join_now(waiter("a.example.test", 1)),
             Joined::Leads(_)
         ));
         for port in 2..5 {
             assert!(matches!(
-                coalescer.join(waiter("a.example.test", port)),
+                coalescer.join_now(waiter("a.example.test", port)),
                 Joined::Waits
             ));
         }
         assert!(matches!(
-            coalescer.join(waiter("a.example.test", 5)),
+            coalescer.join_now(waiter("a.example.test", 5)),
             Joined::Alone(_)
         ));
         assert_eq!(coalescer.waiting(), 3);
@@ -219,17 +238,17 @@ mod tests {
     #[test]
     fn once_a_query_is_served_stale_identical_ones_are_served_stale_at_once() {
         let coalescer = Coalescer::new(100);
-        let Joined::Leads(leader) = coalescer.join(waiter("a.example.test", 1)) else {
+        let Joined::Leads(leader) = coalescer.join_now(waiter("a.example.test", 1)) else {
             panic!("the first leads");
         };
         assert!(matches!(
-            coalescer.join(waiter("a.example.test", 2)),
+            coalescer.join_now(waiter("a.example.test", 2)),
             Joined::Waits
         ));
         assert_eq!(coalescer.serve_stale(&leader.query.key).len(), 1);
         assert_eq!(coalescer.waiting(), 0);
         assert!(matches!(
-            coalescer.join(waiter("a.example.test", 3)),
+            coalescer.join_now(waiter("a.example.test", 3)),
             Joined::ServeStale(_)
         ));
         assert!(coalescer.finish(&leader.query.key).is_empty());

@@ -103,9 +103,9 @@ struct Pending {
     started: Instant,
     /// "name=... type=..." when debug logging is on.
     description: Option<String>,
-    /// Its key in the cache, whose answer is kept there; `None` with the cache off, or for a
-    /// query the cache does not answer.
-    cacheable: Option<CacheableQuery>,
+    /// Its key in the cache, whose answer is kept there, and its header and question; `None`
+    /// with the cache off, or for a query the cache does not answer.
+    cacheable: Option<(CacheableQuery, Box<[u8]>)>,
 }
 
 /// What both directions of one connection share.
@@ -402,17 +402,20 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let started = Instant::now();
             let cacheable = match self.consult_cache(conn, &query, started) {
-                Some(Ok(answer)) => {
+                Some(Ok((answer, stale))) => {
                     conn.set_reading(false);
                     let mut client_write = client_write.lock().await;
                     if let Err(err) = write_message(&mut *client_write, &answer).await {
                         return Closed::ClientError(err);
                     }
                     drop(client_write);
-                    self.answered_from_cache(conn, &answer, started);
+                    self.answered_from_cache(conn, &answer, stale, started);
                     continue;
                 }
-                Some(Err(cacheable)) => Some(cacheable),
+                Some(Err(cacheable)) => {
+                    let head = cacheable.head(&query).into();
+                    Some((cacheable, head))
+                }
                 None => None,
             };
             slot.forget(); // given back when its answer arrives
@@ -443,38 +446,50 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         }
     }
 
-    /// With the cache on, for a query it could answer: `Ok` with its live answer, or `Err`
-    /// with the key the upstream's answer is to be kept under. `None`: off, or not for such a
-    /// query.
+    /// With the cache on, for a query it could answer: `Ok` with its answer (and whether it
+    /// is stale), or `Err` with the key the upstream's answer is to be kept under. `None`: off,
+    /// or not for such a query.
+    ///
+    /// A stale answer (`--serve-stale`) is served here only while the upstream is known to
+    /// be failing (it failed to refresh it in the last 30 s): the retry of a UDP client whose
+    /// stale answer came truncated, say. Otherwise the upstream is asked.
     fn consult_cache(
         &self,
         conn: &Connection,
         query: &[u8],
         now: Instant,
-    ) -> Option<Result<Vec<u8>, CacheableQuery>> {
+    ) -> Option<Result<(Vec<u8>, bool), CacheableQuery>> {
         let cache = self.settings.cache.as_ref()?;
         let server = self.settings.upstream_override.unwrap_or(conn.original);
         let cacheable = CacheableQuery::parse(server, query)?;
         match cache.lookup(&cacheable, query, false, now) {
-            Cached::Fresh(answer) => Some(Ok(answer)),
-            // Stale answers (--serve-stale) are served over UDP only: ask the upstream.
-            Cached::Stale(_) | Cached::Miss => {
+            Cached::Fresh(answer) => Some(Ok((answer, false))),
+            Cached::Stale {
+                answer,
+                upstream_failing: true,
+            } => Some(Ok((answer, true))),
+            Cached::Stale { .. } | Cached::Miss => {
                 Stats::add(&self.stats.cache_misses);
                 Some(Err(cacheable))
             }
         }
     }
 
-    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], started: Instant) {
+    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
-        Stats::add(&self.stats.cache_hits);
+        Stats::add(if stale {
+            &self.stats.cache_stale
+        } else {
+            &self.stats.cache_hits
+        });
         let latency = started.elapsed();
         self.stats.tcp.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
-                "query tcp client={} server={} cache=hit {} rcode={} latency={latency:?}",
+                "query tcp client={} server={} cache={} {} rcode={} latency={latency:?}",
                 conn.client,
                 conn.original,
+                if stale { "stale" } else { "hit" },
                 wire::describe_query(answer),
                 wire::describe_rcode(answer)
             );
@@ -510,12 +525,12 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             if let (
                 Some(cache),
                 Some(Pending {
-                    cacheable: Some(cacheable),
+                    cacheable: Some((cacheable, head)),
                     ..
                 }),
             ) = (&self.settings.cache, &pending)
             {
-                cache.store(cacheable, &answer, Instant::now());
+                cache.store(cacheable, head, &answer, Instant::now());
             }
             if let Some(Pending {
                 description: Some(description),

@@ -628,7 +628,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 });
                 return FromCache::Handled;
             }
-            Cached::Stale(_) => true,
+            Cached::Stale { .. } => true,
             Cached::Miss => false,
         };
         let Some(client_slot) = self.client_slot(to.client, local) else {
@@ -645,11 +645,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             _client_slot: client_slot,
         };
         let in_flight = &self.settings.in_flight;
-        let (waiter, leading) = match in_flight.join(waiter) {
-            Joined::Waits => {
-                Stats::add(&self.stats.cache_coalesced);
-                return FromCache::Handled;
-            }
+        let (waiter, leading) = match in_flight.join(waiter, to.started) {
+            Joined::Waits => return FromCache::Handled,
             Joined::ServeStale(waiter) => {
                 self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
                 return FromCache::Handled;
@@ -689,7 +686,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         match cache.lookup(query, head, true, Instant::now()) {
             // A fresh answer came meanwhile, through another thread.
             Cached::Fresh(answer) => self.send_answer(&answer, to, CacheSource::Hit),
-            Cached::Stale(answer) => self.send_answer(&answer, to, CacheSource::Stale),
+            Cached::Stale { answer, .. } => self.send_answer(&answer, to, CacheSource::Stale),
             // Evicted since: the client retries, as after a loss.
             Cached::Miss => {}
         }
@@ -759,8 +756,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),
             CacheSource::Stale => Stats::add(&self.stats.cache_stale),
-            // Counted when it began to wait.
-            CacheSource::Coalesced => {}
+            CacheSource::Coalesced => Stats::add(&self.stats.cache_coalesced),
         }
         let latency = to.started.elapsed();
         stats.answered(answer, Some(latency));
@@ -795,10 +791,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             leading,
         } = cached;
         let stale_instead = stale_kept && answer.is_none_or(is_failure);
-        if let (Some(cache), Some(answer)) = (&self.settings.cache, answer)
-            && !stale_instead
-        {
-            cache.store(&query, answer, Instant::now());
+        if let Some(cache) = &self.settings.cache {
+            match answer {
+                _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),
+                Some(answer) => _ = cache.store(&query, &head, answer, Instant::now()),
+                None => {}
+            }
         }
         if stale_instead && !served_stale && !relayed {
             self.answer_stale(&query, &head, to);
@@ -807,9 +805,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let recipient = waiter.recipient();
             if stale_instead {
                 self.answer_stale(&waiter.query, &waiter.head, recipient);
-            } else if let Some(shared) = answer
-                .and_then(|answer| cache::shared_answer(answer, &waiter.query, &waiter.head, true))
-            {
+            } else if let Some(shared) = answer.and_then(|answer| {
+                cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true)
+            }) {
                 self.send_answer(&shared, recipient, CacheSource::Coalesced);
             }
         }
