@@ -16,10 +16,13 @@
 //! - `short`: A 198.51.100.1, TTL 2;
 //! - `ecs`: A 198.51.100.1, TTL 60, scoped to 192.0.2.0/24 by an EDNS Client Subnet option
 //!   (when the query has EDNS);
+//! - `upper`: A 198.51.100.1, TTL 60, its question in upper case whatever the query's (a
+//!   server that fails its clients' 0x20 check);
 //! - anything else: A 198.51.100.1, TTL 60.
 //!
 //! The answer echoes the question as asked, and an OPT record (size 1232, the DO bit echoed)
-//! if the query had one.
+//! if the query had one, with the client's cookie and a server cookie of 8 bytes if it sent
+//! one (RFC 7873).
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test server on std sockets; it resolves no names"
@@ -39,16 +42,17 @@ use hickory_proto::{
         Name, RData, Record, RecordType,
         rdata::{
             A, SOA,
-            opt::{ClientSubnet, EdnsOption},
+            opt::{ClientSubnet, EdnsCode, EdnsOption},
         },
     },
-    serialize::binary::BinDecodable,
+    serialize::binary::{BinDecodable, BinEncodable},
 };
 use tests::answer::read_tcp_message;
 
 const ANSWER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const SIGNED_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const SLOW: Duration = Duration::from_millis(500);
+const HEADER_LEN: usize = 12;
 /// The UDP payload a client without EDNS takes.
 const CLASSIC_UDP_LIMIT: usize = 512;
 
@@ -160,6 +164,21 @@ impl Script {
             echoed
                 .set_max_payload(1232)
                 .set_dnssec_ok(edns.flags().dnssec_ok);
+            let client_cookie =
+                edns.options()
+                    .as_ref()
+                    .iter()
+                    .find_map(|(code, option)| match (code, option) {
+                        (EdnsCode::Cookie, EdnsOption::Unknown(_, data)) => Some(data.clone()),
+                        _ => None,
+                    });
+            if let Some(mut cookie) = client_cookie.filter(|cookie| cookie.len() >= 8) {
+                cookie.truncate(8);
+                cookie.extend_from_slice(&[0x5e; 8]);
+                echoed
+                    .options_mut()
+                    .insert(EdnsOption::Unknown(u16::from(EdnsCode::Cookie), cookie));
+            }
             if first_label == "ecs" {
                 let subnet = ClientSubnet::new(Ipv4Addr::new(192, 0, 2, 0).into(), 24, 24);
                 echoed.options_mut().insert(EdnsOption::Subnet(subnet));
@@ -200,6 +219,9 @@ impl Script {
             "ecs" => {
                 answer.add_answer(a(60, ANSWER));
             }
+            "upper" => {
+                answer.add_answer(a(60, ANSWER));
+            }
             "short" => {
                 answer.add_answer(a(2, ANSWER));
             }
@@ -211,6 +233,11 @@ impl Script {
             }
         }
         let mut bytes = answer.to_vec().ok()?;
+        if first_label == "upper" {
+            // The question's labels, after the header: in upper case.
+            let end = HEADER_LEN + question.name().to_bytes().ok()?.len();
+            bytes[HEADER_LEN..end].make_ascii_uppercase();
+        }
         let limit = query
             .extensions()
             .as_ref()

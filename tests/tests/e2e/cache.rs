@@ -589,3 +589,112 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
     );
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
 }
+
+#[test]
+fn a_retry_after_a_lost_query_goes_upstream_and_only_identical_queries_wait_on_one_another() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 73);
+    let authority = Authority::start(&topology, server);
+    let _agent = Agent::start(&topology, &["--cache-size=1000"]);
+    // The first query is lost (the authority is silent); its client gives up after 1 s.
+    authority.set_failing(Some(""));
+    let lost = dig_at(
+        topology.workload("dig", &[]),
+        &server.to_string(),
+        "lost.example.test",
+        &["+time=1"],
+    );
+    assert!(lost.is_err(), "{lost:?}");
+    // Its retry, while the lost query still waits for the upstream (5 s), goes upstream on
+    // its own and is answered.
+    authority.set_failing(None);
+    let retry = dig_full(
+        &topology,
+        server,
+        "lost.example.test",
+        &["+time=1", "+short"],
+    );
+    assert_eq!(retry.trim(), "198.51.100.1");
+    assert_eq!(authority.queries("lost.example.test").len(), 2);
+
+    // A query of EDNS version 1 is not another's twin: a plain one asked while it waits
+    // (500 ms) goes upstream itself, and gets its own answer.
+    let mut version1 = topology.workload("dig", &[]);
+    version1
+        .arg(format!("@{server}"))
+        .args(["slow.example.test", "+edns=1", "+time=3", "+tries=1"])
+        .stdout(std::process::Stdio::null());
+    let mut version1 = version1.spawn().expect("dig");
+    std::thread::sleep(Duration::from_millis(100));
+    let plain = dig_full(&topology, server, "slow.example.test", &[]);
+    assert_eq!(status(&plain), "NOERROR", "{plain}");
+    version1.wait().expect("dig");
+    assert_eq!(authority.queries("slow.example.test").len(), 2);
+}
+
+#[test]
+fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_cookie() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 74);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000", "--cache-max-ttl=10s"]);
+    // The authority answers `upper` with its question in upper case: the client asking in
+    // lower case sees the mismatch; nobody else is shown that answer as if it matched.
+    for _ in 0..2 {
+        let _ = dig_full(&topology, server, "upper.example.test", &[]);
+    }
+    assert_eq!(authority.queries("upper.example.test").len(), 2);
+    assert_eq!(from_cache(&agent, "upper.example.test", "hit"), 0);
+
+    // Each client's own cookie: the second is not shown the first's.
+    let first = dig_full(
+        &topology,
+        server,
+        "cookie.example.test",
+        &["+cookie=0102030405060708"],
+    );
+    assert!(first.contains("COOKIE: 0102030405060708"), "{first}");
+    let second = dig_full(
+        &topology,
+        server,
+        "cookie.example.test",
+        &["+cookie=a1a2a3a4a5a6a7a8"],
+    );
+    assert!(!second.contains("0102030405060708"), "{second}");
+    assert!(!second.contains("mismatch"), "{second}");
+    assert_eq!(from_cache(&agent, "cookie.example.test", "hit"), 1);
+    // Kept 10 s at most (--cache-max-ttl), and shown so: not the upstream's 60.
+    assert!(ttl_of(&second, "A") <= 10, "{second}");
+}
+
+#[test]
+fn a_truncated_stale_answer_is_retried_over_tcp_and_answered_stale_there() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 75);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(
+        &topology,
+        &[
+            "--cache-size=1000",
+            "--cache-max-ttl=2s",
+            "--serve-stale=1h",
+            "--upstream-timeout=1s",
+        ],
+    );
+    let whole = dig_full(&topology, server, "big.example.test", &["+bufsize=1232"]);
+    assert!(whole.contains("ANSWER: 40,"), "{whole}");
+    std::thread::sleep(Duration::from_millis(2500));
+    authority.set_failing(Some(""));
+    // Over UDP the stale answer comes truncated for a 512-byte client once the refresh has
+    // failed; its retry over TCP is answered stale, in full, the upstream being down.
+    let retried = dig_full(&topology, server, "big.example.test", &["+bufsize=512"]);
+    assert!(retried.contains("ANSWER: 40,"), "{retried}");
+    assert_eq!(ttl_of(&retried, "A"), 30, "{retried}");
+    std::thread::sleep(Duration::from_millis(200));
+    let tcp_stale = agent
+        .query_lines("big.example.test")
+        .iter()
+        .filter(|line| line.contains("query tcp ") && line.contains(" cache=stale "))
+        .count();
+    assert_eq!(tcp_stale, 1, "{}", agent.log());
+}
