@@ -46,10 +46,11 @@ pub mod names {
     /// The `sk_lookup` program, attached to the agent's network namespace.
     pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
 
-    /// [`crate::server_key`] -> [`crate::Endpoint`]: the original server of each index.
-    /// Append-only and pinned (`--state-dir`), so a restarted agent decodes the same addresses.
+    /// [`crate::server_key`] -> [`crate::Origin`]: the original server of each index, and
+    /// the cgroup whose sockets were sent to it. Pinned (`--state-dir`), so a restarted agent
+    /// decodes the same addresses; an index never changes its origin while it is in use.
     pub const SERVERS: &str = "SERVERS";
-    /// [`crate::Endpoint`] -> index: the reverse of `SERVERS`, pinned beside it.
+    /// [`crate::Origin`] -> index: the reverse of `SERVERS`, pinned beside it.
     pub const SERVER_INDEX: &str = "SERVER_INDEX";
     /// Sockmap of the proxy's listening sockets, by [`crate::listener_slot`].
     pub const LISTENERS: &str = "LISTENERS";
@@ -256,6 +257,29 @@ pub const fn is_local_only_v4(addr_be: u32) -> bool {
     addr_be == 0 || first_octet == 127
 }
 
+/// Who asked which server, as an index of the block encodes it: the server, and the cgroup of
+/// the task that sent its socket there (what `bpf_get_current_cgroup_id` gave at `connect`
+/// or `sendmsg`). `cgroup_id` 0: any cgroup's, an index shared by every cgroup asking that
+/// server, given when the table had no room for the pair. Only the kernel writes it, so a
+/// query's origin is what the kernel saw, not what its sender claims.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub server: Endpoint,
+    pub _padding: u32,
+    pub cgroup_id: u64,
+}
+
+impl Origin {
+    pub const fn new(server: Endpoint, cgroup_id: u64) -> Self {
+        Self {
+            server,
+            _padding: 0,
+            cgroup_id,
+        }
+    }
+}
+
 /// What the programs need to know of the proxy, written by the loader before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -296,6 +320,7 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 }
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<Origin>() == 32);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
 const _: () = assert!(

@@ -9,11 +9,12 @@ use std::{
     string::String,
 };
 
-use crate::{AF_INET, AF_INET6, AgentRecord, Endpoint, MAX_INDEX, RedirectConfig};
+use crate::{AF_INET, AF_INET6, AgentRecord, Endpoint, MAX_INDEX, Origin, RedirectConfig};
 
-// SAFETY: all three are #[repr(C)], Copy, made only of integers, and have no implicit padding
+// SAFETY: all four are #[repr(C)], Copy, made only of integers, and have no implicit padding
 // (sizes are asserted in lib.rs), so any bit pattern is a valid value.
 unsafe impl aya::Pod for Endpoint {}
+unsafe impl aya::Pod for Origin {}
 unsafe impl aya::Pod for RedirectConfig {}
 unsafe impl aya::Pod for AgentRecord {}
 

@@ -30,7 +30,7 @@ use aya_ebpf::{
 use dns_proxy_common::{
     AF_INET, AF_INET6, AgentCgroup, AgentRecord, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint,
     IPPROTO_TCP, LISTENER_SLOTS, Listener, MAX_AGENTS, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL,
-    MAX_PROBES, MAX_SERVERS, RedirectConfig, listener_slot, server_key, v4_mapped_prefix,
+    MAX_PROBES, MAX_SERVERS, Origin, RedirectConfig, listener_slot, server_key, v4_mapped_prefix,
 };
 
 use aya_log_ebpf::warn;
@@ -81,10 +81,10 @@ static REDIRECT_CONFIG: RedirectConfig = RedirectConfig {
 static EXCLUDED_LEVELS: u64 = 0;
 
 #[map(name = "SERVERS")]
-static SERVERS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+static SERVERS: HashMap<u32, Origin> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SERVER_INDEX")]
-static SERVER_INDEX: HashMap<Endpoint, u32> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+static SERVER_INDEX: HashMap<Origin, u32> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LISTENERS")]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
@@ -144,8 +144,7 @@ pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
     if impersonates_proxy4(&ctx, None) {
         return REFUSE;
     }
-    redirect4(&ctx, true);
-    ALLOW
+    redirect4(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -154,8 +153,7 @@ pub fn dns_proxy_sendmsg4(ctx: SockAddrContext) -> i32 {
     if impersonates_proxy4(&ctx, Some(ctx.msg_src_ip4())) {
         return REFUSE;
     }
-    redirect4(&ctx, false);
-    ALLOW
+    redirect4(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -176,8 +174,7 @@ pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
     if impersonates_proxy6(&ctx, None) {
         return REFUSE;
     }
-    redirect6(&ctx, true);
-    ALLOW
+    redirect6(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -186,8 +183,7 @@ pub fn dns_proxy_sendmsg6(ctx: SockAddrContext) -> i32 {
     if impersonates_proxy6(&ctx, Some(ctx.msg_src_ip6())) {
         return REFUSE;
     }
-    redirect6(&ctx, false);
-    ALLOW
+    redirect6(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
@@ -302,51 +298,66 @@ fn leave_alone(ctx: &SockAddr, config: &RedirectConfig, server: &Endpoint) -> bo
     false
 }
 
-/// A cheap, well-mixed hash of an endpoint, to pick its first slot in the table.
-fn hash(server: &Endpoint) -> u32 {
+/// A cheap, well-mixed hash of an origin, to pick its first slot in the table.
+fn hash(origin: &Origin) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
-    for word in server.addr {
+    let cgroup = [origin.cgroup_id as u32, (origin.cgroup_id >> 32) as u32];
+    for word in origin.server.addr.into_iter().chain(cgroup) {
         h = (h ^ word).wrapping_mul(0x85eb_ca6b);
         h ^= h >> 13;
     }
-    h ^ u32::from(server.port)
+    h ^ u32::from(origin.server.port)
 }
 
-/// The index of `server` in its family's table (1 to `capacity`), given one if it has none;
-/// `None` (counted) if it can get none. Slots are taken with `BPF_NOEXIST`, so two CPUs that
-/// race for one agree on whose it is, and a slot, once taken, never changes.
-fn index_of(ctx: &SockAddrContext, server: &Endpoint, capacity: u32) -> Option<u32> {
+/// The index of `server`, asked by the calling task's cgroup, in its family's table (1 to
+/// `capacity`): the pair's own, so the proxy knows which workload asked; or, if the table has
+/// no room for the pair, the index every cgroup shares for that server (cgroup 0), so the
+/// lookup is still redirected. `None` (counted) if neither can be had.
+fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u32> {
+    // SAFETY: a helper call without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let index = index_of(&Origin::new(server, cgroup_id), capacity)
+        .or_else(|| index_of(&Origin::new(server, 0), capacity));
+    if index.is_none() {
+        table_full(ctx);
+    }
+    index
+}
+
+/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none;
+/// `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so two CPUs that race for
+/// one agree on whose it is, and a slot, once taken, never changes while it is in use.
+fn index_of(origin: &Origin, capacity: u32) -> Option<u32> {
+    let family = origin.server.family;
     // SAFETY: the value is copied out at once.
-    if let Some(index) = unsafe { SERVER_INDEX.get(server) }.copied() {
+    if let Some(index) = unsafe { SERVER_INDEX.get(origin) }.copied() {
         // The reverse entry is only a shortcut: the table itself must agree (a lost or
         // replaced pin must not send a socket to another server's address).
         // SAFETY: the value is only compared.
-        let agrees = unsafe { SERVERS.get(&server_key(server.family, index)) } == Some(server);
+        let agrees = unsafe { SERVERS.get(&server_key(family, index)) } == Some(origin);
         if agrees && index <= capacity {
             return Some(index);
         }
         if agrees {
             // An index from a larger block than this agent's: it cannot be encoded here.
-            table_full(ctx);
             return None;
         }
     }
-    let first = hash(server) % capacity;
+    let first = hash(origin) % capacity;
     for probe in 0..MAX_PROBES {
         let index = (first + probe) % capacity + 1;
-        let key = server_key(server.family, index);
-        let taken = match SERVERS.insert(&key, server, u64::from(BPF_NOEXIST)) {
+        let key = server_key(family, index);
+        let taken = match SERVERS.insert(&key, origin, u64::from(BPF_NOEXIST)) {
             Ok(()) => true,
             // SAFETY: the value is only compared.
-            Err(_) => (unsafe { SERVERS.get(&key) }) == Some(server),
+            Err(_) => (unsafe { SERVERS.get(&key) }) == Some(origin),
         };
         if taken {
             // A lost reverse entry only costs the next socket a probe.
-            let _ = SERVER_INDEX.insert(server, &index, 0);
+            let _ = SERVER_INDEX.insert(origin, &index, 0);
             return Some(index);
         }
     }
-    table_full(ctx);
     None
 }
 
@@ -364,86 +375,111 @@ fn table_full(ctx: &SockAddrContext) {
     }
 }
 
-/// connect4 / sendmsg4: send a DNS socket to its server's address in the IPv4 block.
-fn redirect4(ctx: &SockAddr, on_connect: bool) {
+/// connect4 / sendmsg4: send a DNS socket to its server's address in the IPv4 block; the
+/// verdict. A workload's socket may not address the block itself: the address would claim
+/// another workload's origin.
+fn redirect4(ctx: &SockAddr, on_connect: bool) -> i32 {
     let (addr, port_be) = (ctx.user_ip4(), ctx.user_port());
-    if !is_dns(ctx, port_be, on_connect) {
-        return;
-    }
     let config = config();
-    if config.capacity4 == 0
-        || addresses_proxy4(&config, addr, port_be)
-        || !armed()
-        || !proxy_alive(ctx.sock_type(), AF_INET)
-    {
-        return;
+    if config.capacity4 != 0 && addresses_proxy4(&config, addr, port_be) {
+        return verdict_on_block_address(AF_INET, index_in_block4(&config, addr));
+    }
+    if !is_dns(ctx, port_be, on_connect) {
+        return ALLOW;
+    }
+    if config.capacity4 == 0 || !armed() || !proxy_alive(ctx.sock_type(), AF_INET) {
+        return ALLOW;
     }
     let server = Endpoint::v4(addr, port_be);
     if leave_alone(ctx, &config, &server) {
-        return;
+        return ALLOW;
     }
-    let Some(index) = index_of(ctx.context(), &server, config.capacity4) else {
-        return;
+    let Some(index) = index_for(ctx.context(), server, config.capacity4) else {
+        return ALLOW;
     };
     ctx.set_user_ip4(block4_address(&config, index));
     ctx.set_user_port(config.port4);
     count(Counter::Redirected);
+    ALLOW
+}
+
+/// What a socket addressing block address `index` on the proxy's port is told: a workload may
+/// address only an origin of its own cgroup, or one shared by every cgroup (as the program of
+/// an agent that ran before this one, during a takeover, rewrote it); any other is refused
+/// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
+/// are let be.
+fn verdict_on_block_address(family: u16, index: Option<u32>) -> i32 {
+    if is_excluded() {
+        return ALLOW;
+    }
+    // SAFETY: a helper call without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let origin = index.and_then(|index| {
+        // SAFETY: the value is copied out at once.
+        unsafe { SERVERS.get(&server_key(family, index)) }.copied()
+    });
+    match origin {
+        Some(origin) if origin.cgroup_id == cgroup_id || origin.cgroup_id == 0 => ALLOW,
+        _ => {
+            count(Counter::ForeignRefused);
+            REFUSE
+        }
+    }
 }
 
 /// connect6 / sendmsg6: the same for IPv6 sockets. A v4-mapped destination (a dual-stack
 /// socket talking to an IPv4 server) goes to the v4-mapped address of the IPv4 block, so its
 /// packets stay IPv4.
-fn redirect6(ctx: &SockAddr, on_connect: bool) {
-    let port_be = ctx.user_port();
-    if !is_dns(ctx, port_be, on_connect) {
-        return;
-    }
-    let addr = ctx.user_ip6();
+fn redirect6(ctx: &SockAddr, on_connect: bool) -> i32 {
+    let (addr, port_be) = (ctx.user_ip6(), ctx.user_port());
     let config = config();
-    if !armed() {
-        return;
-    }
     let prefix = v4_mapped_prefix();
-    if addr[..3] == prefix {
-        if config.capacity4 == 0
-            || addresses_proxy4(&config, addr[3], port_be)
-            || !proxy_alive(ctx.sock_type(), AF_INET)
-        {
-            return;
+    let mapped = addr[..3] == prefix;
+    if mapped && config.capacity4 != 0 && addresses_proxy4(&config, addr[3], port_be) {
+        return verdict_on_block_address(AF_INET, index_in_block4(&config, addr[3]));
+    }
+    if !mapped && config.capacity6 != 0 && port_be == config.port6 {
+        if let Some(index) = index_in_block6(&config, addr) {
+            return verdict_on_block_address(AF_INET6, Some(index));
+        }
+    }
+    if !is_dns(ctx, port_be, on_connect) || !armed() {
+        return ALLOW;
+    }
+    if mapped {
+        if config.capacity4 == 0 || !proxy_alive(ctx.sock_type(), AF_INET) {
+            return ALLOW;
         }
         let server = Endpoint::v4(addr[3], port_be);
         if leave_alone(ctx, &config, &server) {
-            return;
+            return ALLOW;
         }
-        let Some(index) = index_of(ctx.context(), &server, config.capacity4) else {
-            return;
+        let Some(index) = index_for(ctx.context(), server, config.capacity4) else {
+            return ALLOW;
         };
         let to = block4_address(&config, index);
         ctx.set_user_ip6([prefix[0], prefix[1], prefix[2], to]);
         ctx.set_user_port(config.port4);
     } else {
-        if config.capacity6 == 0
-            || (port_be == config.port6 && index_in_block6(&config, addr).is_some())
-            || is_link_local6(addr)
-            || !proxy_alive(ctx.sock_type(), AF_INET6)
+        if config.capacity6 == 0 || is_link_local6(addr) || !proxy_alive(ctx.sock_type(), AF_INET6)
         {
-            return;
+            return ALLOW;
         }
         let server = Endpoint::v6(addr, port_be);
         if leave_alone(ctx, &config, &server) {
-            return;
+            return ALLOW;
         }
-        let Some(index) = index_of(ctx.context(), &server, config.capacity6) else {
-            return;
+        let Some(index) = index_for(ctx.context(), server, config.capacity6) else {
+            return ALLOW;
         };
         ctx.set_user_ip6(block6_address(&config, index));
         ctx.set_user_port(config.port6);
     }
     count(Counter::Redirected);
+    ALLOW
 }
 
-/// Whether a socket already addresses the proxy (a block address on its port): left as it is,
-/// so that what it reaches is what sk_lookup lets through.
+/// Whether a socket addresses the proxy directly (a block address on its port).
 fn addresses_proxy4(config: &RedirectConfig, addr: u32, port_be: u16) -> bool {
     port_be == config.port4 && index_in_block4(config, addr).is_some()
 }
@@ -487,11 +523,11 @@ fn index_in_block6(config: &RedirectConfig, addr: [u32; 4]) -> Option<u32> {
 /// The server of index `index` of `family`'s block, counted as unknown if there is none.
 fn server_at(family: u16, index: u32) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
-    let server = unsafe { SERVERS.get(&server_key(family, index)) }.copied();
-    if server.is_none() {
+    let origin = unsafe { SERVERS.get(&server_key(family, index)) }.copied();
+    if origin.is_none() {
         count(Counter::UnknownIndex);
     }
-    server
+    origin.map(|origin| origin.server)
 }
 
 /// Whether answers from the block are decoded for this socket: only where the proxy can

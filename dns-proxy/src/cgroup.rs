@@ -156,6 +156,20 @@ impl Cgroup {
         })
     }
 
+    /// The directory of the hierarchy's root above this cgroup (the top of the cgroup2
+    /// filesystem it is on); `None` if it cannot be read.
+    pub fn hierarchy_root(&self) -> Option<PathBuf> {
+        let mut dir = fs::canonicalize(&self.path).ok()?;
+        while dir.join("cgroup.type").exists() {
+            let parent = dir.parent()?;
+            if filesystem_magic(parent).ok() != Some(CGROUP2_SUPER_MAGIC) {
+                break;
+            }
+            dir = parent.to_owned();
+        }
+        Some(dir)
+    }
+
     /// How deep the cgroup sits below the hierarchy's root (level 0), as the kernel's
     /// `bpf_get_current_ancestor_cgroup_id` counts. Found by walking up to the root, the only
     /// cgroup without a `cgroup.type` file; fails when the root is not visible from here (a

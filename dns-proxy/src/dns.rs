@@ -69,12 +69,19 @@ pub fn upstream_for(
     Ok(upstream)
 }
 
-/// Where a redirected client's query was headed before the kernel sent it here.
+/// Where a redirected client's query was headed before the kernel sent it here, and who sent
+/// it.
 pub trait OriginalDestinations: Send + Sync + 'static {
-    /// The server a redirected client asked for, from the proxy address its packet reached
-    /// (a datagram's destination, a connection's local address); `None` if that address
-    /// encodes no server.
-    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr>;
+    /// The server a redirected client asked for, and the cgroup of the task that sent its
+    /// socket here (0: not recorded), from the proxy address its packet reached (a datagram's
+    /// destination, a connection's local address); `None` if that address encodes no server.
+    /// The kernel alone chose that address for that cgroup.
+    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)>;
+
+    /// The server alone, as [`origin`](Self::origin) says.
+    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr> {
+        self.origin(reached).map(|(server, _)| server)
+    }
 
     /// Whether `addr` is the proxy's own (one of its listeners, or an address of its blocks
     /// on its port): a query forwarded there would come back.
@@ -95,7 +102,7 @@ pub struct CachedServers {
     table: Arc<ServerTable>,
     /// Listen addresses: a query forwarded there would come back too.
     listeners: Vec<SocketAddr>,
-    known: Mutex<HashMap<(u16, u32), SocketAddr>>,
+    known: Mutex<HashMap<(u16, u32), (SocketAddr, u64)>>,
 }
 
 impl CachedServers {
@@ -109,14 +116,14 @@ impl CachedServers {
 }
 
 impl OriginalDestinations for CachedServers {
-    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr> {
+    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
         let key = self.table.index_of(reached)?;
-        if let Some(server) = self.known.lock().expect("not poisoned").get(&key) {
-            return Some(*server);
+        if let Some(origin) = self.known.lock().expect("not poisoned").get(&key) {
+            return Some(*origin);
         }
-        let server = self.table.server(key.0, key.1)?;
-        self.known.lock().expect("not poisoned").insert(key, server);
-        Some(server)
+        let origin = self.table.origin(key.0, key.1)?;
+        self.known.lock().expect("not poisoned").insert(key, origin);
+        Some(origin)
     }
 
     fn is_proxy(&self, addr: SocketAddr) -> bool {
@@ -131,8 +138,8 @@ impl OriginalDestinations for CachedServers {
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
-    fn original_destination(&self, reached: SocketAddr) -> Option<SocketAddr> {
-        T::original_destination(self, reached)
+    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
+        T::origin(self, reached)
     }
 
     fn is_proxy(&self, addr: SocketAddr) -> bool {
@@ -166,8 +173,8 @@ impl FixedDestination {
 
 #[cfg(any(test, feature = "fuzzing"))]
 impl OriginalDestinations for FixedDestination {
-    fn original_destination(&self, _reached: SocketAddr) -> Option<SocketAddr> {
-        self.original
+    fn origin(&self, _reached: SocketAddr) -> Option<(SocketAddr, u64)> {
+        self.original.map(|server| (server, 0))
     }
 
     fn is_proxy(&self, addr: SocketAddr) -> bool {

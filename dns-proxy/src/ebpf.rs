@@ -23,9 +23,9 @@ use aya::{
     },
 };
 use dns_proxy_common::{
-    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL, MAX_UDP_SOCKETS, RedirectConfig as KernelConfig,
-    listener_slot, names, server_key,
+    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_SUBTREE, Listener, MAX_EXCLUDED_CGROUPS,
+    MAX_EXCLUDED_LEVEL, MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, listener_slot,
+    names, server_key,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -683,7 +683,7 @@ impl KernelCounters {
 
 /// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
 pub struct ServerTable {
-    map: HashMap<MapData, u32, Endpoint>,
+    map: HashMap<MapData, u32, Origin>,
     block4: Block,
     block6: Option<Block>,
 }
@@ -700,11 +700,12 @@ impl ServerTable {
         Some((AF_INET6, index))
     }
 
-    /// The server of `index` of `family`'s block, from the kernel's table; `None` if it has
-    /// none. An index, once given, never changes its server, so callers may keep the answer.
-    pub fn server(&self, family: u16, index: u32) -> Option<SocketAddr> {
+    /// The server of `index` of `family`'s block, and the cgroup that asked it (0: any), from
+    /// the kernel's table; `None` if it has none. An index never changes its origin while in
+    /// use, so callers may keep the answer.
+    pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
         match self.map.get(&server_key(family, index), 0) {
-            Ok(endpoint) => endpoint.to_socket_addr(),
+            Ok(origin) => Some((origin.server.to_socket_addr()?, origin.cgroup_id)),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(err) => {
                 log::warn!(

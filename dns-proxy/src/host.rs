@@ -132,12 +132,12 @@ const PINS: [(&str, u32, u32, u32); 4] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
-        20,
+        32,
         dns_proxy_common::MAX_SERVERS,
     ),
     (
         dns_proxy_common::names::SERVER_INDEX,
-        20,
+        32,
         4,
         dns_proxy_common::MAX_SERVERS,
     ),

@@ -48,6 +48,7 @@ use crate::{
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
     udp_threads::{UdpThreads, bind_reuseport_group},
+    workload::WorkloadNames,
 };
 
 /// Why `dns-proxy run` could not start or keep running. Each says what to do about it.
@@ -536,6 +537,13 @@ async fn serve(
         );
         Arc::new(Cache::new(settings))
     });
+    // Paths are named from the top of the redirected cgroup's hierarchy, as the host sees it.
+    let workload_root = scope
+        .target
+        .hierarchy_root()
+        .or_else(|| cgroup::cgroup2_root().ok())
+        .unwrap_or_else(|| "/sys/fs/cgroup".into());
+    let workloads = Arc::new(WorkloadNames::new(workload_root));
     let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
@@ -543,6 +551,7 @@ async fn serve(
         per_client: PerClientLimit::new(config.max_inflight_per_client),
         cache: cache.clone(),
         in_flight: Arc::new(Coalescer::new(config.max_inflight)),
+        workloads: Some(Arc::clone(&workloads)),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -551,6 +560,7 @@ async fn serve(
         max_connections: config.max_tcp_connections,
         per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
         cache: cache.clone(),
+        workloads: Some(Arc::clone(&workloads)),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {
@@ -628,6 +638,9 @@ async fn serve(
     if scope.command.is_none() {
         drop_privileges(udp_threads).await?;
     }
+    // Only now: a thread made before dropping them would keep the capabilities (`exec` keeps
+    // them for its command anyway).
+    workloads.allow_resolving();
     readiness.set(true);
 
     let outcome = match scope.command {

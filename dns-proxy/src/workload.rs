@@ -15,7 +15,7 @@ use std::{
     fmt, fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -912,4 +912,95 @@ mod tests {
         );
         assert_eq!(paths.walks(), 3);
     }
+}
+
+/// Workload names for the query path, which must not block: a lookup answers from a cache at
+/// once, and an id it does not know yet is handed to a thread of its own that walks the
+/// cgroup tree ([`CgroupPaths`]); the name is there for the id's next query. The thread starts
+/// with the first name asked for once [`WorkloadNames::allow_resolving`] was called (after the
+/// agent dropped its capabilities: a thread made before would keep them), and ends with the
+/// last handle.
+#[derive(Debug)]
+pub struct WorkloadNames {
+    root: PathBuf,
+    names: Arc<Mutex<LruCache<u64, Arc<str>>>>,
+    /// Ids waiting for the resolver; full: asked again on a later query.
+    requests: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<u64>>>,
+    /// The resolver thread may start.
+    resolving: std::sync::atomic::AtomicBool,
+}
+
+/// Ids waiting for the resolver at most.
+const PENDING_RESOLUTIONS: usize = 1024;
+/// Names kept at most.
+const NAMES_KEPT: usize = 65_536;
+
+impl WorkloadNames {
+    /// Names for the cgroups of the cgroup2 hierarchy mounted at `root`.
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            names: Arc::new(Mutex::new(LruCache::new(NAMES_KEPT))),
+            requests: std::sync::OnceLock::new(),
+            resolving: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Lets names be resolved from now on.
+    pub fn allow_resolving(&self) {
+        self.resolving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The name of cgroup `id`'s workload (the short form of [`Workload`]'s `Display`), if
+    /// known; otherwise asks for it and says `cgroup-id=ID`. Id 0 is a query whose origin
+    /// the kernel could not record (its table full): `unknown`.
+    pub fn name(&self, id: u64) -> Arc<str> {
+        if id == 0 {
+            return Arc::from("unknown");
+        }
+        if let Some(name) = lock(&self.names).get(&id) {
+            return Arc::clone(name);
+        }
+        if self.resolving.load(std::sync::atomic::Ordering::Acquire)
+            && let Some(requests) = self.requests.get_or_init(|| self.start_resolver())
+        {
+            let _ = requests.try_send(id);
+        }
+        Arc::from(format!("cgroup-id={id}"))
+    }
+
+    fn start_resolver(&self) -> Option<std::sync::mpsc::SyncSender<u64>> {
+        let (requests, incoming) = std::sync::mpsc::sync_channel::<u64>(PENDING_RESOLUTIONS);
+        let (root, names) = (self.root.clone(), Arc::clone(&self.names));
+        let started = std::thread::Builder::new()
+            .name("dns-proxy-workloads".to_owned())
+            .spawn(move || {
+                let paths = CgroupPaths::new(root);
+                while let Ok(id) = incoming.recv() {
+                    if lock(&names).contains_key(&id) {
+                        continue;
+                    }
+                    match paths.workload(id) {
+                        Ok(Some(workload)) => {
+                            lock(&names).insert(id, workload.to_string().into());
+                        }
+                        // Not in the tree at the last walk: asked again on a later query.
+                        Ok(None) => {}
+                        Err(err) => log::debug!("naming cgroup {id}: {err}"),
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(requests),
+            Err(err) => {
+                log::warn!("cannot start the thread that names workloads: {err}");
+                None
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

@@ -88,6 +88,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 max_connections: 1,
                 per_client: PerClientLimit::new(1),
                 cache: None,
+                workloads: None,
             };
             let _entered = runtime.enter();
             TcpProxy::new(

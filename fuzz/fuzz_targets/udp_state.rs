@@ -88,6 +88,7 @@ fn run(ops: Vec<Op>) {
             max_inflight: MAX_INFLIGHT,
             per_client: Arc::clone(&per_client),
             cache: None,
+            workloads: None,
             in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime

@@ -929,9 +929,20 @@ impl Harness {
     }
 }
 
-/// The index the agents' server table (pinned below `state_dir`) gives `server_ip:port`, read
-/// with bpftool: the kernel's own record, not the agent's view of it.
+/// The index the agents' server table (pinned below `state_dir`) gives `server_ip:port` (for
+/// any cgroup), read with bpftool: the kernel's own record, not the agent's view of it.
 pub fn server_index(state_dir: &Path, server_ip: impl Into<IpAddr>, port: u16) -> u32 {
+    server_index_for(state_dir, server_ip, port, None)
+}
+
+/// The index the agents' server table gives `server_ip:port` asked by the cgroup whose id is
+/// `cgroup_id` (any cgroup if `None`).
+pub fn server_index_for(
+    state_dir: &Path,
+    server_ip: impl Into<IpAddr>,
+    port: u16,
+    cgroup_id: Option<u64>,
+) -> u32 {
     let server_ip: IpAddr = server_ip.into();
     let octets: Vec<u8> = match server_ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -972,7 +983,12 @@ pub fn server_index(state_dir: &Path, server_ip: impl Into<IpAddr>, port: u16) -
         let key = bytes(&entry["key"]);
         let value = bytes(&entry["value"]);
         // Endpoint: four address words (network order), the port (network order), the family.
-        let matches = value[..octets.len()] == octets[..] && value[16..18] == port.to_be_bytes();
+        // Origin: the server (four address words and the port, network order; the family),
+        // 4 bytes of padding, then the cgroup id (host order).
+        let cgroup = u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes"));
+        let matches = value[..octets.len()] == octets[..]
+            && value[16..18] == port.to_be_bytes()
+            && cgroup_id.is_none_or(|id| id == cgroup);
         // The key is the index, with bit 16 set for the IPv6 block's.
         matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]) & 0xffff)
     });

@@ -31,6 +31,8 @@ pub const COALESCE_WITHIN: Duration = Duration::from_secs(1);
 /// A client whose query waits for an identical one's answer.
 #[derive(Debug)]
 pub struct Waiter {
+    /// The cgroup that asked (0: not recorded), for the log.
+    pub cgroup: u64,
     pub client: SocketAddr,
     /// The server the client asked, for the log.
     pub original: SocketAddr,
@@ -175,6 +177,7 @@ mod tests {
         // Any descriptor: nothing is sent here.
         let listener = std::fs::File::open("/dev/null").unwrap();
         Waiter {
+            cgroup: 0,
             client,
             original: ([192, 0, 2, 1], 53).into(),
             reply_from: client.ip(),

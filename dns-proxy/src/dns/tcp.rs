@@ -31,7 +31,7 @@ use super::{
     stats::Stats,
     upstream_for, wire,
 };
-use crate::log_limit::RateLimited;
+use crate::{log_limit::RateLimited, workload::WorkloadNames};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
 /// that client until answers come back (backpressure, and a bound on what it keeps).
@@ -49,6 +49,8 @@ pub struct TcpSettings {
     pub per_client: Arc<PerClientLimit>,
     /// The answer cache (`--cache-size`), shared with UDP; `None`: off.
     pub cache: Option<Arc<Cache>>,
+    /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
+    pub workloads: Option<Arc<WorkloadNames>>,
 }
 
 pub struct TcpProxy<D> {
@@ -110,6 +112,8 @@ struct Pending {
 
 /// What both directions of one connection share.
 struct Connection {
+    /// The cgroup that connected (0: not recorded).
+    cgroup: u64,
     client: SocketAddr,
     original: SocketAddr,
     upstream: SocketAddr,
@@ -123,8 +127,9 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(client: SocketAddr, original: SocketAddr, upstream: SocketAddr) -> Self {
+    fn new(cgroup: u64, client: SocketAddr, original: SocketAddr, upstream: SocketAddr) -> Self {
         Self {
+            cgroup,
             client,
             original,
             upstream,
@@ -236,8 +241,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         // The connection's local address is the one its client was sent to: it names the
         // server. A listener address names none.
         let reached = stream.local_addr().ok();
-        let Some(original) = reached.and_then(|at| self.destinations.original_destination(at))
-        else {
+        let Some((original, cgroup)) = reached.and_then(|at| self.destinations.origin(at)) else {
             Stats::add(&stats.dropped_not_redirected);
             log::debug!("closing TCP connection from {client}: not a redirected client");
             return;
@@ -289,7 +293,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         };
         let proxy = Arc::clone(self);
         self.tasks.spawn(async move {
-            let connection = Connection::new(client, original, upstream);
+            let connection = Connection::new(cgroup, client, original, upstream);
             let closed = proxy.relay(stream, &connection).await;
             log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
             drop((permit, client_slot));
@@ -475,6 +479,14 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         }
     }
 
+    /// The name of cgroup `id`'s workload, for the log.
+    fn workload_name(&self, id: u64) -> Arc<str> {
+        match &self.settings.workloads {
+            Some(names) => names.name(id),
+            None => Arc::from(format!("cgroup-id={id}")),
+        }
+    }
+
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
         Stats::add(if stale {
@@ -486,12 +498,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         self.stats.tcp.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
-                "query tcp client={} server={} cache={} {} rcode={} latency={latency:?}",
+                "query tcp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
                 conn.client,
                 conn.original,
                 if stale { "stale" } else { "hit" },
                 wire::describe_query(answer),
-                wire::describe_rcode(answer)
+                wire::describe_rcode(answer),
+                self.workload_name(conn.cgroup),
             );
         }
     }
@@ -538,12 +551,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }) = pending
             {
                 log::debug!(
-                    "query tcp client={} server={} upstream={} {description} rcode={} latency={:?}",
+                    "query tcp client={} server={} upstream={} {description} rcode={} latency={:?} workload={}",
                     conn.client,
                     conn.original,
                     conn.upstream,
                     wire::describe_rcode(&answer),
-                    latency.unwrap_or_default()
+                    latency.unwrap_or_default(),
+                    self.workload_name(conn.cgroup),
                 );
             }
             if conn.finished() {
@@ -603,7 +617,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         upstream: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
     ) -> String {
         let server = ([192, 0, 2, 2], 53).into();
-        let connection = Connection::new(([192, 0, 2, 1], 40000).into(), server, server);
+        let connection = Connection::new(0, ([192, 0, 2, 1], 40000).into(), server, server);
         let closed = self.relay_streams(&connection, client, upstream).await;
         closed.to_string()
     }
@@ -738,7 +752,7 @@ mod tests {
         let relay = {
             let proxy = Arc::clone(&proxy);
             tokio::spawn(async move {
-                let conn = Connection::new("192.0.2.1:40000".parse().unwrap(), server, server);
+                let conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
                 let closed = proxy
                     .relay_streams(
                         &conn,
@@ -795,6 +809,7 @@ mod tests {
             max_connections,
             per_client: PerClientLimit::new(per_client),
             cache: None,
+            workloads: None,
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
@@ -997,7 +1012,7 @@ mod tests {
     async fn a_client_reusing_an_id_gets_its_slots_back() {
         let proxy = proxy(None, Duration::from_secs(5)).await;
         let server = ([192, 0, 2, 2], 53).into();
-        let connection = Connection::new(([192, 0, 2, 1], 40000).into(), server, server);
+        let connection = Connection::new(0, ([192, 0, 2, 1], 40000).into(), server, server);
         // Three queries with one ID, then the end of the client's stream.
         let mut client_bytes = Vec::new();
         for _ in 0..3 {

@@ -37,7 +37,7 @@ use super::{
     stats::Stats,
     upstream_for, wire,
 };
-use crate::log_limit::RateLimited;
+use crate::{log_limit::RateLimited, workload::WorkloadNames};
 
 /// Upstream sockets per address family, opened as queries need them. A query goes out on one
 /// chosen at random, so an off-path attacker must hit one of these random ports as well as the
@@ -62,6 +62,8 @@ pub struct ForwardSettings {
     pub per_client: Arc<PerClientLimit>,
     /// The answer cache (`--cache-size`), shared by every listener; `None`: off.
     pub cache: Option<Arc<Cache>>,
+    /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
+    pub workloads: Option<Arc<WorkloadNames>>,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
 }
@@ -80,6 +82,8 @@ struct PendingKey {
 struct Pending {
     /// The pool socket it left from, which stays open until this is settled.
     socket: Arc<PoolSocket>,
+    /// The cgroup that asked (0: not recorded).
+    cgroup: u64,
     client: SocketAddr,
     original: SocketAddr,
     /// Where the query was sent (the block address that names `original`): the answer
@@ -107,6 +111,19 @@ enum FromCache {
     Forward(Box<CachedQuery>, ClientSlot),
     /// Off, or not for such a query.
     NotCached,
+}
+
+/// Where a query goes, as the address it reached says.
+struct Route {
+    /// The server its client asked.
+    original: SocketAddr,
+    /// The cgroup of the task that sent it (0: not recorded).
+    cgroup: u64,
+    upstream: SocketAddr,
+    /// The address it reached, which its answer leaves from.
+    reply_from: IpAddr,
+    /// It came from this network namespace.
+    local: bool,
 }
 
 /// A query the cache could answer, on its way to the upstream.
@@ -159,6 +176,7 @@ impl Drop for Leading {
 /// `sendmmsg`.
 struct CacheHit {
     answer: Vec<u8>,
+    cgroup: u64,
     client: SocketAddr,
     original: SocketAddr,
     reply_from: IpAddr,
@@ -177,6 +195,8 @@ struct Forwarding {
 /// Whom a cached, stale or shared answer goes to.
 #[derive(Debug, Clone, Copy)]
 struct Recipient<'a> {
+    /// The cgroup that asked (0: not recorded), for the log.
+    cgroup: u64,
     client: SocketAddr,
     original: SocketAddr,
     reply_from: IpAddr,
@@ -206,6 +226,7 @@ struct Overdue<'a> {
 impl Waiter {
     fn recipient(&self) -> Recipient<'_> {
         Recipient {
+            cgroup: self.cgroup,
             client: self.client,
             original: self.original,
             reply_from: self.reply_from,
@@ -379,6 +400,7 @@ impl Pending {
     /// Its client, answered through `proxy`'s listener.
     fn recipient<'a, D>(&self, proxy: &'a UdpProxy<D>) -> Recipient<'a> {
         Recipient {
+            cgroup: self.cgroup,
             client: self.client,
             original: self.original,
             reply_from: self.reply_from,
@@ -565,9 +587,16 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.drop_malformed(datagram, client);
             return None;
         };
-        let (original, upstream, reply_from, local) = self.route(client, arrival)?;
+        let Route {
+            original,
+            cgroup,
+            upstream,
+            reply_from,
+            local,
+        } = self.route(client, arrival)?;
         let started = Instant::now();
         let recipient = Recipient {
+            cgroup,
             client,
             original,
             reply_from,
@@ -589,6 +618,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
         let pending = |socket| Pending {
             socket,
+            cgroup,
             client,
             original,
             reply_from,
@@ -621,6 +651,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Cached::Fresh(answer) => {
                 hits.push(CacheHit {
                     answer,
+                    cgroup: to.cgroup,
                     client: to.client,
                     original: to.original,
                     reply_from: to.reply_from,
@@ -635,6 +666,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return FromCache::Handled;
         };
         let waiter = Waiter {
+            cgroup: to.cgroup,
             client: to.client,
             original: to.original,
             reply_from: to.reply_from,
@@ -716,6 +748,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 continue;
             }
             let to = Recipient {
+                cgroup: hit.cgroup,
                 client: hit.client,
                 original: hit.original,
                 reply_from: hit.reply_from,
@@ -762,12 +795,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
-                "query udp client={} server={} cache={} {} rcode={} latency={latency:?}",
+                "query udp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
                 to.client,
                 to.original,
                 source.as_str(),
                 wire::describe_query(answer),
-                wire::describe_rcode(answer)
+                wire::describe_rcode(answer),
+                self.workload_name(to.cgroup),
             );
         }
     }
@@ -813,6 +847,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
+    /// The name of cgroup `id`'s workload, for the log.
+    fn workload_name(&self, id: u64) -> Arc<str> {
+        match &self.settings.workloads {
+            Some(names) => names.name(id),
+            None => Arc::from(format!("cgroup-id={id}")),
+        }
+    }
+
     /// One of the client's --max-inflight-per-client (the agent's own namespace is one client,
     /// `local`), or `None` (counted) if it has them all.
     fn client_slot(&self, client: SocketAddr, local: bool) -> Option<ClientSlot> {
@@ -839,20 +881,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         );
     }
 
-    /// Where the query of `client`, which arrived as `arrival` says, goes: (the server it
-    /// asked, the upstream to send it to, the address to answer from, whether it came from
-    /// this namespace); `None` if it must be dropped.
-    fn route(
-        &self,
-        client: SocketAddr,
-        arrival: Option<Arrival>,
-    ) -> Option<(SocketAddr, SocketAddr, IpAddr, bool)> {
+    /// Where the query of `client`, which arrived as `arrival` says, goes; `None` if it must
+    /// be dropped.
+    fn route(&self, client: SocketAddr, arrival: Option<Arrival>) -> Option<Route> {
         // The address it was sent to names its server; a listener address names none.
         let routed = arrival.and_then(|at| {
             let reached = SocketAddr::new(at.destination, self.local_addr.port());
-            Some((at, self.destinations.original_destination(reached)?))
+            Some((at, self.destinations.origin(reached)?))
         });
-        let Some((arrival, original)) = routed else {
+        let Some((arrival, (original, cgroup))) = routed else {
             // Only clients the kernel redirected have a server to go to.
             Stats::add(&self.stats.udp.dropped_not_redirected);
             log::debug!("dropping query from {client}: not a redirected client");
@@ -867,7 +904,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.settings.upstream_override,
             &self.destinations,
         ) {
-            Ok(upstream) => Some((original, upstream, arrival.destination, from_this_namespace)),
+            Ok(upstream) => Some(Route {
+                original,
+                cgroup,
+                upstream,
+                reply_from: arrival.destination,
+                local: from_this_namespace,
+            }),
             Err(refusal) => {
                 self.stats.udp.refused(refusal);
                 self.refusal_log.warn(|dropped| {
@@ -1057,10 +1100,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             stats.answered(datagram, Some(latency));
             if let Some(description) = pending.description {
                 log::debug!(
-                    "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?}",
+                    "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?} workload={}",
                     pending.client,
                     pending.original,
-                    wire::describe_rcode(datagram)
+                    wire::describe_rcode(datagram),
+                    self.workload_name(pending.cgroup),
                 );
             }
         }
@@ -1139,6 +1183,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                             return None;
                         }
                         cached.served_stale = true;
+                        // Late enough to count as failing: a TCP retry (the stale answer may
+                        // come truncated) is answered stale too.
+                        if let Some(cache) = &self.settings.cache {
+                            cache.upstream_failed(&cached.query.key, now);
+                        }
                         let waiters = cached
                             .leading
                             .as_ref()
@@ -1172,9 +1221,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 Stats::add(&stats.upstream_timeouts);
                 if let Some(description) = &pending.description {
                     log::debug!(
-                        "query udp client={} upstream={} {description} timed out after {timeout:?}",
+                        "query udp client={} upstream={} {description} timed out after {timeout:?} workload={}",
                         pending.client,
-                        key.upstream
+                        key.upstream,
+                        self.workload_name(pending.cgroup),
                     );
                 }
                 if let Some(cached) = pending.cached.take() {
@@ -1297,6 +1347,7 @@ mod tests {
             per_client: PerClientLimit::new(per_client),
             cache: None,
             in_flight: Arc::new(Coalescer::new(1024)),
+            workloads: None,
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1565,6 +1616,7 @@ mod tests {
             per_client: PerClientLimit::new(8),
             cache: None,
             in_flight: Arc::new(Coalescer::new(1024)),
+            workloads: None,
         };
         let destinations = Fixed {
             original: Some(itself),

@@ -645,8 +645,9 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
     let second_index = tests::server_index(&state_dir, SECOND_SERVER_IP, 53);
     assert_ne!(first_index, second_index);
 
-    // The key is an Endpoint: four address words (IPv4 in the first, network order), the
-    // port (network order), the family (AF_INET, native order); the value the index.
+    // The key is an Origin: the server as an Endpoint (four address words, IPv4 in the
+    // first, network order; the port, network order; the family, AF_INET, native order), 4
+    // bytes of padding and the asking cgroup's id (native order); the value the index.
     let table = std::fs::read_dir(&state_dir)
         .expect("the state dir")
         .map(|entry| entry.expect("an entry").path())
@@ -656,6 +657,11 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
     key.extend([0; 12]);
     key.extend(53u16.to_be_bytes());
     key.extend((libc::AF_INET as u16).to_ne_bytes());
+    key.extend([0; 4]);
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(&topology.cgroup.path).expect("stat the test cgroup"),
+    );
+    key.extend(cgroup_id.to_ne_bytes());
     let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:#04x}")).collect() };
     let reverse_index = || -> u32 {
         let output = must(

@@ -1,0 +1,122 @@
+//! Which workload asked: the kernel records the cgroup of the task that sent each socket to
+//! the proxy, in the block address it chooses, and the agent names that cgroup's workload in
+//! its log. No workload can choose that address itself.
+use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
+
+use tests::{PROXY_LISTEN, dig, in_cgroup_and_netns};
+
+use super::*;
+
+const CONTAINER: &str = "4f3c2b1a00112233445566778899aabbccddeeff00112233445566778899aabb";
+const POD: &str = "0b5d7d3e-7c9a-4f3e-9d8b-2a1c4e5f6a7b";
+
+/// A cgroup below the test cgroup, made with its parents.
+fn child_cgroup(topology: &Topology, relative: &str) -> PathBuf {
+    let path = topology.cgroup.path.join(relative);
+    std::fs::create_dir_all(&path).unwrap_or_else(|err| panic!("mkdir {relative}: {err}"));
+    path
+}
+
+/// The agent's debug lines for `name`, once there are `count`.
+fn lines_for(agent: &Agent, name: &str, count: usize) -> Vec<String> {
+    wait_for(
+        &format!("{count} query lines for {name}"),
+        Duration::from_secs(5),
+        || {
+            let lines = agent.query_lines(name);
+            (lines.len() >= count).then_some(lines)
+        },
+    )
+}
+
+#[test]
+fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
+    // The server too: dropped, it would stop answering.
+    let Harness {
+        agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    let docker = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
+    let pod = child_cgroup(
+        &topology,
+        &format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINER}.scope",
+            POD.replace('-', "_")
+        ),
+    );
+    for (cgroup, name, expected) in [
+        (
+            &docker,
+            "docker.example.test",
+            format!("workload=docker={}", &CONTAINER[..12]),
+        ),
+        (
+            &pod,
+            "pod.example.test",
+            format!("workload=pod={POD} container={}", &CONTAINER[..12]),
+        ),
+    ] {
+        // The first query of a cgroup asks for its name; the next ones carry it.
+        for _ in 0..2 {
+            let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+            let result = dig(command, name, &["+short"]);
+            assert_answered(result, name);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let lines = lines_for(&agent, name, 2);
+        assert!(
+            lines[1].contains(&expected),
+            "{expected} not in {:?}\n{}",
+            lines[1],
+            agent.log()
+        );
+    }
+    // A TCP query carries it too.
+    let command = in_cgroup_and_netns(&docker, &topology.client, "dig", &[]);
+    assert_answered(dig(command, "tcp.example.test", &["+tcp", "+short"]), "tcp");
+    let lines = lines_for(&agent, "tcp.example.test", 1);
+    assert!(
+        lines[0].contains("query tcp ")
+            && lines[0].contains(&format!("docker={}", &CONTAINER[..12])),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn no_workload_can_address_the_proxy_itself_to_pass_for_another() {
+    // The server too: dropped, it would stop answering.
+    let Harness {
+        agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    let victim = child_cgroup(&topology, "victim");
+    let attacker = child_cgroup(&topology, "attacker");
+    let command = in_cgroup_and_netns(&victim, &topology.client, "dig", &[]);
+    assert_answered(dig(command, "victim.example.test", &["+short"]), "victim");
+    // The address the kernel chose for the victim's cgroup and this server.
+    let victim_id = std::fs::metadata(&victim).expect("stat the cgroup").ino();
+    let index =
+        tests::server_index_for(&topology.client.state_dir(), SERVER_IP, 53, Some(victim_id));
+    let block_address =
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 53, 0, 0)) + index);
+    let port = PROXY_LISTEN.rsplit_once(':').expect("a port").1;
+    // The attacker asks that address directly, over UDP and TCP: refused by the kernel.
+    for transport in ["+notcp", "+tcp"] {
+        let command = in_cgroup_and_netns(&attacker, &topology.client, "dig", &[]);
+        let output = tests::dig_at(
+            command,
+            &block_address.to_string(),
+            "forged.example.test",
+            &["-p", port, transport],
+        );
+        assert!(output.is_err(), "{transport}: {output:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.query_lines("forged.example.test").is_empty(),
+        "{}",
+        agent.log()
+    );
+}
