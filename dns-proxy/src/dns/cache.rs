@@ -111,6 +111,11 @@ impl CacheableQuery {
         let name = reader.plain_name()?;
         let qtype = reader.u16()?;
         let qclass = reader.u16()?;
+        // OPT, and the meta types (TKEY, TSIG, IXFR, AXFR, MAILB, MAILA, ANY: RFC 6895 §3.1):
+        // transfers and transactions, not answers to keep.
+        if qtype == TYPE_OPT || (128..=255).contains(&qtype) {
+            return None;
+        }
         let question_end = reader.offset;
         let edns = match count(query, 10)? {
             0 => None,
@@ -181,6 +186,7 @@ pub fn shared_answer(
     }
     if answer.get(HEADER_LEN..asked.len()) != asked.get(HEADER_LEN..)
         || extended_rcode(answer)? != 0
+        || opt_count(answer)? > 1
     {
         return None;
     }
@@ -213,6 +219,8 @@ struct Entry {
     lifetime: Duration,
     /// When the upstream last failed to refresh it, while it was stale.
     failed: Option<Instant>,
+    /// A SERVFAIL: kept a few seconds, never served stale.
+    servfail: bool,
 }
 
 impl Entry {
@@ -293,7 +301,7 @@ impl Cache {
                 for_client(entry, client_query, age.as_secs() as u32, None),
                 true,
             )
-        } else if age < entry.lifetime + self.settings.serve_stale {
+        } else if !entry.servfail && age < entry.lifetime + self.settings.serve_stale {
             (for_client(entry, client_query, 0, Some(STALE_TTL)), false)
         } else {
             let expired = inner.entries.remove(&query.key);
@@ -340,6 +348,17 @@ impl Cache {
             return false;
         }
         let mut inner = self.lock();
+        // A SERVFAIL does not push out an answer still kept for serve-stale: it is the failure
+        // that answer is kept for (RFC 8767).
+        if entry.servfail
+            && let Some(kept) = inner.entries.peek_mut(&query.key)
+            && !kept.servfail
+            && now.saturating_duration_since(kept.stored)
+                < kept.lifetime + self.settings.serve_stale
+        {
+            kept.failed = Some(now);
+            return false;
+        }
         if let Some(replaced) = inner.entries.insert(query.key.clone(), entry) {
             inner.bytes -= replaced.bytes();
         }
@@ -411,13 +430,21 @@ fn cacheable(
     let mut ttls = Vec::new();
     let mut least: Option<u32> = None;
     let mut negative_ttl: Option<u32> = None;
+    // An answer of the type asked: without one, a NOERROR (a CNAME chain, say) is NODATA.
+    let mut answers_the_type = false;
+    let mut opts = 0;
     for section in 0..3 {
         let records = [answers, authorities, additionals][section];
         for _ in 0..records {
             let record = reader.record()?;
+            if section == 0 && record.rtype == query.key.qtype {
+                answers_the_type = true;
+            }
             if record.rtype == TYPE_OPT {
-                // BADVERS, BADCOOKIE...: about the query's EDNS, not the name.
-                if record.ttl >> 24 != 0 {
+                opts += 1;
+                // BADVERS, BADCOOKIE...: about the query's EDNS, not the name. Two OPTs:
+                // malformed (RFC 6891 §6.1.1).
+                if record.ttl >> 24 != 0 || opts > 1 {
                     return None;
                 }
                 // family (2), source prefix (1), scope prefix (1): a scope of 0 covers every
@@ -434,7 +461,7 @@ fn cacheable(
             } else {
                 record.ttl
             };
-            if section == 1 && record.rtype == TYPE_SOA && answers == 0 {
+            if section == 1 && record.rtype == TYPE_SOA {
                 // SOA rdata: two names, then serial, refresh, retry, expire, minimum.
                 let mut rdata = Reader::new(answer, record.rdata_start);
                 rdata.skip_name()?;
@@ -457,8 +484,9 @@ fn cacheable(
         return None; // trailing bytes: malformed
     }
     let seconds = match rcode {
-        RCODE_NOERROR if answers > 0 => least?,
-        RCODE_NOERROR | RCODE_NXDOMAIN => negative_ttl?,
+        RCODE_NOERROR if answers_the_type => least?,
+        // NXDOMAIN and NODATA, a CNAME chain to them included (RFC 2308 §5).
+        RCODE_NOERROR | RCODE_NXDOMAIN => negative_ttl?.min(least.unwrap_or(u32::MAX)),
         RCODE_SERVFAIL => least
             .unwrap_or(u32::MAX)
             .min(MAX_SERVFAIL_TTL.as_secs() as u32),
@@ -479,6 +507,7 @@ fn cacheable(
         stored: now,
         lifetime,
         failed: None,
+        servfail: rcode == RCODE_SERVFAIL,
     })
 }
 
@@ -583,6 +612,10 @@ fn without_client_options(answer: &[u8]) -> Option<Cow<'_, [u8]>> {
     {
         return Some(Cow::Borrowed(answer));
     }
+    // Bytes after the OPT would move, and names compressed to point at them would break.
+    if opt.rdata_end != answer.len() {
+        return None;
+    }
     // The OPT's RDLENGTH is the two bytes before its data.
     let mut stripped = answer[..opt.rdata_start - 2].to_vec();
     let kept: Vec<u8> = options
@@ -594,6 +627,24 @@ fn without_client_options(answer: &[u8]) -> Option<Cow<'_, [u8]>> {
     stripped.extend_from_slice(&kept);
     stripped.extend_from_slice(&answer[opt.rdata_end..]);
     Some(Cow::Owned(stripped))
+}
+
+/// How many OPT records `answer` has (more than one: malformed); `None` if it does not parse.
+fn opt_count(answer: &[u8]) -> Option<usize> {
+    let mut reader = Reader::new(answer, HEADER_LEN);
+    for _ in 0..count(answer, 4)? {
+        reader.skip_name()?;
+        reader.offset += 4;
+    }
+    let records =
+        u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
+    let mut opts = 0;
+    for _ in 0..records {
+        if reader.record()?.rtype == TYPE_OPT {
+            opts += 1;
+        }
+    }
+    Some(opts)
 }
 
 /// The extended RCODE bits of `answer`'s OPT record (BADVERS, BADCOOKIE...), 0 without one.
@@ -722,7 +773,7 @@ pub(crate) mod tests {
         op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
         rr::{
             Name, RData, Record, RecordType,
-            rdata::{A, SOA, TXT, opt::EdnsOption},
+            rdata::{A, SOA, opt::EdnsOption},
         },
     };
 
@@ -1024,13 +1075,9 @@ pub(crate) mod tests {
         let q = query(1, "big.example.test.");
         let mut message = response_to(&q, ResponseCode::NoError);
         let name = message.queries()[0].name().clone();
-        for i in 0..6 {
-            let text = format!("{i}{}", "x".repeat(150));
-            message.add_answer(Record::from_rdata(
-                name.clone(),
-                300,
-                RData::TXT(TXT::new(vec![text])),
-            ));
+        for i in 0..40 {
+            let ip = Ipv4Addr::new(198, 51, 100, i);
+            message.add_answer(Record::from_rdata(name.clone(), 300, RData::A(A(ip))));
         }
         let big = message.to_vec().unwrap();
         assert!(big.len() > 512);
@@ -1041,7 +1088,7 @@ pub(crate) mod tests {
         assert_eq!(truncated.queries().len(), 1);
         let tcp = fresh(cache.lookup(&parsed(&q), &q, false, start));
         assert_eq!(tcp.len(), big.len());
-        assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 6);
+        assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 40);
     }
 
     #[test]
@@ -1187,6 +1234,116 @@ pub(crate) mod tests {
         assert_eq!(options, 0, "no cookie of another client's");
         // Kept an hour at most (the settings' cap): shown so, not two.
         assert_eq!(ttls(&shown), [settings().max_ttl.as_secs() as u32]);
+    }
+
+    #[test]
+    fn transfers_are_never_cached_nor_answers_with_two_opts_or_an_opt_before_other_records() {
+        let mut axfr = query(1, "zone.example.test");
+        let at = axfr.len() - 4;
+        axfr[at..at + 2].copy_from_slice(&252u16.to_be_bytes());
+        assert!(CacheableQuery::parse(SERVER, &axfr).is_none());
+        let cache = Cache::new(settings());
+        let now = Instant::now();
+        // Two OPTs in an answer: malformed.
+        let asked = query_with_options(1, "two.example.test", &[]);
+        let answer = a_answer(&asked, &[60]);
+        let opt = find_opt(&answer).unwrap();
+        let mut two_opts = answer.clone();
+        two_opts.extend_from_slice(&answer[opt.0..opt.1]);
+        two_opts[11] = 2;
+        assert!(!keeps(&cache, &asked, &two_opts, now));
+        // A cookie in an OPT followed by another record: removing it would move names that
+        // later records point at.
+        let asked = query_with_options(1, "mid.example.test", &[(10, &[1; 8])]);
+        let mut answer = response_to(&asked, ResponseCode::NoError);
+        let name = answer.queries()[0].name().clone();
+        answer.add_answer(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
+        let mut edns = Edns::new();
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(10, vec![1; 16]));
+        answer.set_edns(edns);
+        let mut bytes = answer.to_vec().unwrap();
+        // Append a record after the OPT (an A for the question's name, by pointer).
+        bytes.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 2]);
+        bytes[11] = 2;
+        assert!(!keeps(&cache, &asked, &bytes, now));
+    }
+
+    #[test]
+    fn a_servfail_never_replaces_an_answer_kept_for_serve_stale_and_is_never_stale_itself() {
+        let cache = Cache::new(CacheSettings {
+            serve_stale: Duration::from_secs(600),
+            ..settings()
+        });
+        let asked = query(1, "kept.example.test");
+        let now = Instant::now();
+        assert!(keeps(&cache, &asked, &a_answer(&asked, &[10]), now));
+        let later = now + Duration::from_secs(20);
+        let servfail = response_to(&asked, ResponseCode::ServFail)
+            .to_vec()
+            .unwrap();
+        assert!(!keeps(&cache, &asked, &servfail, later));
+        match cache.lookup(&parsed(&asked), &asked, true, later) {
+            Cached::Stale {
+                answer,
+                upstream_failing,
+            } => {
+                assert_eq!(ttls(&answer), [STALE_TTL]);
+                assert!(upstream_failing);
+            }
+            other => panic!("the kept answer, stale: {other:?}"),
+        }
+        // A SERVFAIL kept on its own is gone after its 5 s, not served stale.
+        let alone = query(1, "alone.example.test");
+        let servfail = response_to(&alone, ResponseCode::ServFail)
+            .to_vec()
+            .unwrap();
+        assert!(keeps(&cache, &alone, &servfail, now));
+        let after = now + Duration::from_secs(6);
+        assert_eq!(
+            cache.lookup(&parsed(&alone), &alone, true, after),
+            Cached::Miss
+        );
+    }
+
+    #[test]
+    fn a_cname_chain_to_nodata_is_kept_for_the_soa_minimum() {
+        let cache = Cache::new(settings());
+        let asked = query(1, "alias.example.test");
+        let mut answer = response_to(&asked, ResponseCode::NoError);
+        let name = answer.queries()[0].name().clone();
+        let target = Name::from_ascii("target.example.test.").unwrap();
+        answer.add_answer(Record::from_rdata(
+            name,
+            300,
+            RData::CNAME(hickory_proto::rr::rdata::CNAME(target)),
+        ));
+        let zone = Name::from_ascii("example.test.").unwrap();
+        let soa = SOA::new(
+            Name::from_ascii("ns.example.test.").unwrap(),
+            Name::from_ascii("admin.example.test.").unwrap(),
+            1,
+            3600,
+            600,
+            86400,
+            2,
+        );
+        answer.add_name_server(Record::from_rdata(zone, 300, RData::SOA(soa)));
+        let now = Instant::now();
+        assert!(keeps(&cache, &asked, &answer.to_vec().unwrap(), now));
+        assert!(matches!(
+            cache.lookup(&parsed(&asked), &asked, true, now + Duration::from_secs(1)),
+            Cached::Fresh(_)
+        ));
+        assert_eq!(
+            cache.lookup(&parsed(&asked), &asked, true, now + Duration::from_secs(3)),
+            Cached::Miss,
+            "kept for the SOA's MINIMUM, 2 s, not the CNAME's 300"
+        );
     }
 
     #[test]
