@@ -118,6 +118,7 @@ impl CachedServers {
 impl OriginalDestinations for CachedServers {
     fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
         let key = self.table.index_of(reached)?;
+        self.table.seen(key.0, key.1);
         if let Some(origin) = self.known.lock().expect("not poisoned").get(&key) {
             return Some(*origin);
         }

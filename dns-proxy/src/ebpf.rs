@@ -333,9 +333,14 @@ impl Redirector {
         );
         fill_listeners(&mut ebpf, &config.listeners)?;
         let servers = ServerTable {
-            map: take_map(&mut ebpf, names::SERVERS)?,
+            map: std::sync::Mutex::new(take_map(&mut ebpf, names::SERVERS)?),
+            reverse: std::sync::Mutex::new(take_map(&mut ebpf, names::SERVER_INDEX)?),
             block4: config.block4,
             block6: config.block6,
+            last_seen: (0..2 * (dns_proxy_common::MAX_INDEX as usize + 1))
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            started: std::time::Instant::now(),
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -683,9 +688,25 @@ impl KernelCounters {
 
 /// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
 pub struct ServerTable {
-    map: HashMap<MapData, u32, Origin>,
+    /// `SERVERS`: read once per index by each listener ([`crate::dns::CachedServers`]).
+    map: std::sync::Mutex<HashMap<MapData, u32, Origin>>,
+    /// `SERVER_INDEX`, written only to forget origins of cgroups that are gone.
+    reverse: std::sync::Mutex<HashMap<MapData, Origin, u32>>,
     block4: Block,
     block6: Option<Block>,
+    /// When a query last came through each index (seconds since `started`; 0: not since this
+    /// agent started), by [`server_key`].
+    last_seen: Box<[std::sync::atomic::AtomicU32]>,
+    started: std::time::Instant,
+}
+
+/// What [`ServerTable::forget_departed`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Origins of cgroups that are gone, forgotten now.
+    pub forgotten: usize,
+    /// Origins in the table after.
+    pub kept: usize,
 }
 
 impl ServerTable {
@@ -704,7 +725,7 @@ impl ServerTable {
     /// the kernel's table; `None` if it has none. An index never changes its origin while in
     /// use, so callers may keep the answer.
     pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
-        match self.map.get(&server_key(family, index), 0) {
+        match self.table().get(&server_key(family, index), 0) {
             Ok(origin) => Some((origin.server.to_socket_addr()?, origin.cgroup_id)),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(err) => {
@@ -716,6 +737,74 @@ impl ServerTable {
                 None
             }
         }
+    }
+
+    /// Notes that a query came through `index` of `family`'s block now.
+    pub fn seen(&self, family: u16, index: u32) {
+        let seconds = u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX);
+        if let Some(slot) = self.last_seen.get(server_key(family, index) as usize) {
+            slot.store(seconds.max(1), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets the origins of cgroups that are gone, so their indexes serve new ones. `gone`
+    /// says whether a cgroup id is gone for good (the caller requires it missing from several
+    /// walks of the tree: a cgroup made while a walk passes is in the next). An origin is
+    /// forgotten if its cgroup is gone and it has not carried a query for `quiet` (a process
+    /// that moved to another cgroup keeps its connected socket, and its index, while it uses
+    /// it). The shared origins (cgroup 0) stay. Blocking (`bpf()` calls): call it off the
+    /// async threads.
+    pub fn forget_departed(
+        &self,
+        gone: impl Fn(u64) -> bool,
+        quiet: std::time::Duration,
+    ) -> Forgotten {
+        let now = self.started.elapsed().as_secs();
+        let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
+        let mut forgotten = 0;
+        for (key, origin) in &entries {
+            let cgroup = origin.cgroup_id;
+            if cgroup == 0 || !gone(cgroup) {
+                continue;
+            }
+            let seen = self
+                .last_seen
+                .get(*key as usize)
+                .map_or(0, |slot| slot.load(std::sync::atomic::Ordering::Relaxed));
+            if seen != 0 && now.saturating_sub(u64::from(seen)) < quiet.as_secs() {
+                continue;
+            }
+            // The table first: a program that finds the reverse entry then checks the table,
+            // and takes a fresh slot when they disagree.
+            if self.table().remove(key).is_ok() {
+                let _ = self
+                    .reverse
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(origin);
+                forgotten += 1;
+            }
+        }
+        Forgotten {
+            forgotten,
+            kept: entries.len() - forgotten,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u32, Origin>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cgroup ids the table's origins name (the shared 0 aside).
+    pub fn cgroups(&self) -> std::collections::HashSet<u64> {
+        self.table()
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, origin)| origin.cgroup_id)
+            .filter(|id| *id != 0)
+            .collect()
     }
 
     /// Host mode: the IPv4 block is loopback, so only this namespace reaches the proxy.

@@ -24,8 +24,10 @@ use std::{
     io,
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd as _,
+    path::PathBuf,
     process::ExitStatus,
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::net::{TcpListener, UdpSocket};
@@ -44,7 +46,7 @@ use crate::{
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
-    ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector},
+    ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector, ServerTable},
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
     udp_threads::{UdpThreads, bind_reuseport_group},
@@ -465,6 +467,82 @@ async fn keep_alive(agents: Arc<agents::Agents>, stop: CancellationToken) {
     }
 }
 
+/// How often the table of servers is checked for origins of cgroups that are gone.
+const FORGET_DEPARTED_EVERY: Duration = Duration::from_secs(60);
+/// Walks of the cgroup tree a cgroup must be missing from before its origins are forgotten:
+/// one made while a walk passes is in the next.
+const WALKS_MISSING: u8 = 3;
+/// How long an origin of a cgroup that is gone must have carried no query to be forgotten.
+const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
+
+/// Forgets, every [`FORGET_DEPARTED_EVERY`] until `stop`, the origins of cgroups that are gone
+/// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
+/// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
+/// often and forgets what was quiet for twice that.
+async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: CancellationToken) {
+    let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
+        .ok()
+        .and_then(|seconds| seconds.parse::<u64>().ok());
+    let (every, quiet) = match test_seconds {
+        Some(seconds) => (
+            Duration::from_secs(seconds),
+            Duration::from_secs(2 * seconds),
+        ),
+        None => (FORGET_DEPARTED_EVERY, QUIET_BEFORE_FORGETTING),
+    };
+    let mut missing: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let (servers, root) = (Arc::clone(&servers), root.clone());
+        let walked = tokio::task::spawn_blocking(move || {
+            let live = workload::CgroupPaths::new(root).live_ids();
+            let live = match live {
+                Ok(live) => live,
+                Err(err) => {
+                    log::debug!("walking the cgroup tree: {err}");
+                    return (missing, None);
+                }
+            };
+            let named = servers.cgroups();
+            missing.retain(|id, _| named.contains(id));
+            for id in named {
+                if live.contains(&id) {
+                    missing.remove(&id);
+                } else {
+                    *missing.entry(id).or_default() += 1;
+                }
+            }
+            let gone = |id| {
+                missing
+                    .get(&id)
+                    .is_some_and(|walks| *walks >= WALKS_MISSING)
+            };
+            let result = servers.forget_departed(gone, quiet);
+            (missing, Some(result))
+        })
+        .await;
+        match walked {
+            Ok((still_missing, result)) => {
+                missing = still_missing;
+                if let Some(result) = result.filter(|result| result.forgotten > 0) {
+                    log::info!(
+                        "forgot {} origins of cgroups that are gone ({} in the table)",
+                        result.forgotten,
+                        result.kept
+                    );
+                }
+            }
+            Err(err) => {
+                log::warn!("forgetting the origins of cgroups that are gone: {err}");
+                return;
+            }
+        }
+    }
+}
+
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -543,7 +621,7 @@ async fn serve(
         .hierarchy_root()
         .or_else(|| cgroup::cgroup2_root().ok())
         .unwrap_or_else(|| "/sys/fs/cgroup".into());
-    let workloads = Arc::new(WorkloadNames::new(workload_root));
+    let workloads = Arc::new(WorkloadNames::new(workload_root.clone()));
     let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
@@ -622,6 +700,11 @@ async fn serve(
     });
     let metrics_stop = CancellationToken::new();
     tokio::spawn(keep_alive(Arc::clone(&agents), metrics_stop.clone()));
+    tokio::spawn(forget_departed(
+        Arc::clone(&servers),
+        workload_root.clone(),
+        metrics_stop.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&stats),

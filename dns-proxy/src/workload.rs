@@ -397,6 +397,12 @@ impl CgroupPaths {
             .map(|path| Workload::from_cgroup_path(&path)))
     }
 
+    /// The ids of every cgroup in the tree now (a walk, within the limits; not rate-limited,
+    /// and the cache left alone).
+    pub fn live_ids(&self) -> Result<std::collections::HashSet<u64>, WorkloadError> {
+        Ok(self.walk()?.into_keys().collect())
+    }
+
     /// How many times the tree was walked, for metrics.
     pub fn walks(&self) -> u64 {
         self.state.lock().map_or(0, |state| state.walks)

@@ -686,6 +686,15 @@ impl Agent {
         Self::launch(&topology.client, &topology.cgroup.path, join, &args)
     }
 
+    /// As [`start`](Self::start), with `env` set for the agent.
+    pub fn start_with_env(topology: &Topology, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let mut command = Self::command(&topology.client, &topology.cgroup.path, None, &args);
+        command.envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
     /// As [`start`](Self::start), but logging at info level: for a test of many queries, whose
     /// debug lines would only cost time and the test's memory.
     pub fn start_quiet(topology: &Topology, extra_args: &[&str]) -> Self {
@@ -948,6 +957,37 @@ pub fn server_index_for(
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
+    let (pinned, entries) = server_table(state_dir);
+    let found = entries.iter().find_map(|(key, value)| {
+        // Origin: the server (four address words and the port, network order; the family),
+        // 4 bytes of padding, then the cgroup id (host order).
+        let cgroup = u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes"));
+        let matches = value[..octets.len()] == octets[..]
+            && value[16..18] == port.to_be_bytes()
+            && cgroup_id.is_none_or(|id| id == cgroup);
+        // The key is the index, with bit 16 set for the IPv6 block's.
+        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]) & 0xffff)
+    });
+    found.unwrap_or_else(|| panic!("{server_ip}:{port} has no index in {}", pinned.display()))
+}
+
+/// How many origins (indexes) of the agents' server table name the cgroup `cgroup_id`.
+pub fn origins_of_cgroup(state_dir: &Path, cgroup_id: u64) -> usize {
+    let (_, entries) = server_table(state_dir);
+    entries
+        .iter()
+        .filter(|(_, value)| {
+            u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes")) == cgroup_id
+        })
+        .count()
+}
+
+/// An entry of a BPF map as bpftool dumps it: key and value bytes.
+type MapEntry = (Vec<u8>, Vec<u8>);
+
+/// The entries of the agents' server table pinned below `state_dir`, read with bpftool, and
+/// where it is pinned.
+fn server_table(state_dir: &Path) -> (PathBuf, Vec<MapEntry>) {
     // One table per pair of blocks, each in a directory of its own: the agents here use one.
     let tables: Vec<PathBuf> = fs::read_dir(state_dir)
         .unwrap_or_else(|err| panic!("{}: {err}", state_dir.display()))
@@ -978,21 +1018,13 @@ pub fn server_index_for(
             })
             .collect()
     };
-    let entries = entries.as_array().expect("bpftool dumps an array");
-    let found = entries.iter().find_map(|entry| {
-        let key = bytes(&entry["key"]);
-        let value = bytes(&entry["value"]);
-        // Endpoint: four address words (network order), the port (network order), the family.
-        // Origin: the server (four address words and the port, network order; the family),
-        // 4 bytes of padding, then the cgroup id (host order).
-        let cgroup = u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes"));
-        let matches = value[..octets.len()] == octets[..]
-            && value[16..18] == port.to_be_bytes()
-            && cgroup_id.is_none_or(|id| id == cgroup);
-        // The key is the index, with bit 16 set for the IPv6 block's.
-        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]) & 0xffff)
-    });
-    found.unwrap_or_else(|| panic!("{server_ip}:{port} has no index in {}", pinned.display()))
+    let entries = entries
+        .as_array()
+        .expect("bpftool dumps an array")
+        .iter()
+        .map(|entry| (bytes(&entry["key"]), bytes(&entry["value"])))
+        .collect();
+    (pinned.clone(), entries)
 }
 
 /// How many entries the map called `map_name` holds, among the maps of the programs attached

@@ -120,3 +120,43 @@ fn no_workload_can_address_the_proxy_itself_to_pass_for_another() {
         agent.log()
     );
 }
+
+#[test]
+fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    // Checked every second; forgotten once missing from three walks and quiet for 2 s.
+    let agent = Agent::start_with_env(&topology, &[], &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")]);
+    let stays = child_cgroup(&topology, "stays");
+    let goes = child_cgroup(&topology, "goes");
+    for (cgroup, name) in [(&stays, "stays.example.test"), (&goes, "goes.example.test")] {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        assert_answered(dig(command, name, &["+short"]), name);
+    }
+    let state_dir = topology.client.state_dir();
+    let id = |cgroup: &PathBuf| std::fs::metadata(cgroup).expect("stat the cgroup").ino();
+    let (stays_id, goes_id) = (id(&stays), id(&goes));
+    assert_eq!(tests::origins_of_cgroup(&state_dir, goes_id), 1);
+    std::fs::remove_dir(&goes).expect("remove the departing cgroup");
+    wait_for(
+        "the departed cgroup's origin forgotten",
+        Duration::from_secs(20),
+        || (tests::origins_of_cgroup(&state_dir, goes_id) == 0).then_some(()),
+    );
+    assert_eq!(
+        tests::origins_of_cgroup(&state_dir, stays_id),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("forgot 1 origins of cgroups that are gone"),
+        "{}",
+        agent.log()
+    );
+    // The cgroup that stayed still resolves through its origin.
+    let command = in_cgroup_and_netns(&stays, &topology.client, "dig", &[]);
+    assert_answered(dig(command, "again.example.test", &["+short"]), "again");
+}
