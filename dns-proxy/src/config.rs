@@ -9,7 +9,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use dns_proxy_common::AddressBlock;
 
-use crate::dns::cache::CacheSettings;
+use crate::{dns::cache::CacheSettings, dnstap::DnstapTarget};
 
 /// Transparent DNS redirection with eBPF: each workload's lookup goes through this proxy to the
 /// server the workload asked for, and the answer comes back from that server's address.
@@ -191,6 +191,17 @@ pub struct ProxyArgs {
     /// `serve_stale` keeps 1h once turned on.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration_or_zero, env = "DNS_PROXY_SERVE_STALE")]
     pub serve_stale: Duration,
+
+    /// Write a dnstap log of every redirected query and the answer its client got (Frame
+    /// Streams, as CoreDNS, unbound and dnsdist write it), with the workload that asked in
+    /// each message's `extra`: `unix:PATH` (a reader's socket: dnstap-ldns, dnscollector...)
+    /// or `file:PATH`. Lookups never wait for it: what it cannot take is dropped and counted.
+    #[arg(long, value_name = "unix:PATH|file:PATH", value_parser = parse_dnstap, env = "DNS_PROXY_DNSTAP")]
+    pub dnstap: Option<DnstapTarget>,
+}
+
+fn parse_dnstap(text: &str) -> Result<DnstapTarget, String> {
+    DnstapTarget::parse(text).map_err(|err| err.to_string())
 }
 
 /// A duration that may be zero (`0` or `0s`: never).
@@ -276,6 +287,8 @@ pub struct RunConfig {
     pub metrics: Option<SocketAddr>,
     /// The answer cache; `None`: off (`--cache-size 0`).
     pub cache: Option<CacheSettings>,
+    /// The dnstap log; `None`: off.
+    pub dnstap: Option<DnstapTarget>,
     /// `run --takeover`: share the listen address with a running agent and take over from it.
     pub takeover: bool,
 }
@@ -419,6 +432,7 @@ impl RunConfig {
                 max_ttl: args.cache_max_ttl,
                 serve_stale: args.serve_stale,
             }),
+            dnstap: args.dnstap,
             takeover: false,
         })
     }

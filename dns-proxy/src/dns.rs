@@ -12,6 +12,7 @@ pub mod cache;
 pub mod coalesce;
 pub(crate) mod mmsg;
 pub mod per_client;
+pub mod query_log;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

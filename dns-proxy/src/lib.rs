@@ -42,10 +42,12 @@ use crate::{
         cache::Cache,
         coalesce::Coalescer,
         per_client::PerClientLimit,
+        query_log::QueryLog,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
     },
+    dnstap::DnstapSettings,
     ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector, ServerTable},
     metrics::{Metrics, Readiness},
     shutdown::StopSignals,
@@ -53,11 +55,20 @@ use crate::{
     workload::WorkloadNames,
 };
 
+/// This host's name, for the dnstap log's `identity`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// Why `dns-proxy run` could not start or keep running. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("--dnstap: {0}")]
+    Dnstap(String),
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
     #[error("cannot listen on {addr}: {source}{hint}", hint = listen_hint(source))]
@@ -622,6 +633,10 @@ async fn serve(
         .or_else(|| cgroup::cgroup2_root().ok())
         .unwrap_or_else(|| "/sys/fs/cgroup".into());
     let workloads = Arc::new(WorkloadNames::new(workload_root.clone()));
+    let query_log = config
+        .dnstap
+        .is_some()
+        .then(|| Arc::new(QueryLog::new(Arc::clone(&workloads))));
     let udp_settings = ForwardSettings {
         upstream_override: config.upstream,
         upstream_timeout: config.upstream_timeout,
@@ -630,6 +645,7 @@ async fn serve(
         cache: cache.clone(),
         in_flight: Arc::new(Coalescer::new(config.max_inflight)),
         workloads: Some(Arc::clone(&workloads)),
+        query_log: query_log.clone(),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -639,6 +655,7 @@ async fn serve(
         per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
         cache: cache.clone(),
         workloads: Some(Arc::clone(&workloads)),
+        query_log: query_log.clone(),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {
@@ -711,6 +728,7 @@ async fn serve(
             Arc::new(kernel_counters),
             Arc::clone(&readiness),
             cache.clone(),
+            query_log.clone(),
         );
         log::info!(
             "serving /metrics, /healthz and /readyz on http://{}",
@@ -724,6 +742,12 @@ async fn serve(
     // Only now: a thread made before dropping them would keep the capabilities (`exec` keeps
     // them for its command anyway).
     workloads.allow_resolving();
+    if let (Some(log), Some(target)) = (&query_log, &config.dnstap) {
+        let settings = DnstapSettings::new(target.clone(), host_name());
+        log.start(settings)
+            .map_err(|err| RunError::Dnstap(err.to_string()))?;
+        log::info!("writing a dnstap log of every query to {target}");
+    }
     readiness.set(true);
 
     let outcome = match scope.command {

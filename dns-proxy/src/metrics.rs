@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     dns::{
         cache::Cache,
+        query_log::QueryLog,
         stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
     },
     ebpf::KernelCounters,
@@ -83,6 +84,8 @@ struct AgentCollector {
     kernel: Arc<KernelCounters>,
     /// `None` with the cache off: its metrics are then left out.
     cache: Option<Arc<Cache>>,
+    /// `None` without `--dnstap`: its metrics are then left out.
+    query_log: Option<Arc<QueryLog>>,
 }
 
 type Labels<'a> = [(&'static str, &'a str)];
@@ -209,6 +212,22 @@ impl Collector for AgentCollector {
             &[(&[], load(&self.stats.tcp_connections))],
         )?;
 
+        if let Some(counters) = self.query_log.as_ref().and_then(|log| log.counters()) {
+            for (name, help, value) in [
+                (
+                    "dnstap_written",
+                    "dnstap messages written to the log (--dnstap).",
+                    counters.written(),
+                ),
+                (
+                    "dnstap_dropped",
+                    "dnstap messages dropped: the log's queue was full or it had no reader.",
+                    counters.dropped(),
+                ),
+            ] {
+                encode_counters(&mut encoder, name, help, &[(&[], value)])?;
+            }
+        }
         if let Some(cache) = &self.cache {
             let counts = cache.counts();
             for (name, help, value) in [
@@ -340,12 +359,14 @@ impl Metrics {
         kernel: Arc<KernelCounters>,
         readiness: Arc<Readiness>,
         cache: Option<Arc<Cache>>,
+        query_log: Option<Arc<QueryLog>>,
     ) -> Self {
         let mut registry = Registry::with_prefix("dns_proxy");
         registry.register_collector(Box::new(AgentCollector {
             stats,
             kernel,
             cache,
+            query_log,
         }));
         Self {
             registry,

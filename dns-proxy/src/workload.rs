@@ -929,12 +929,16 @@ mod tests {
 #[derive(Debug)]
 pub struct WorkloadNames {
     root: PathBuf,
-    names: Arc<Mutex<LruCache<u64, Arc<str>>>>,
+    /// Short and full forms, by cgroup id.
+    names: Arc<Mutex<LruCache<u64, Names>>>,
     /// Ids waiting for the resolver; full: asked again on a later query.
     requests: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<u64>>>,
     /// The resolver thread may start.
     resolving: std::sync::atomic::AtomicBool,
 }
+
+/// A workload's short form (the log's) and full form (dnstap's).
+type Names = (Arc<str>, Arc<str>);
 
 /// Ids waiting for the resolver at most.
 const PENDING_RESOLUTIONS: usize = 1024;
@@ -965,7 +969,7 @@ impl WorkloadNames {
         if id == 0 {
             return Arc::from("unknown");
         }
-        if let Some(name) = lock(&self.names).get(&id) {
+        if let Some((name, _)) = lock(&self.names).get(&id) {
             return Arc::clone(name);
         }
         if self.resolving.load(std::sync::atomic::Ordering::Acquire)
@@ -974,6 +978,19 @@ impl WorkloadNames {
             let _ = requests.try_send(id);
         }
         Arc::from(format!("cgroup-id={id}"))
+    }
+
+    /// The full form of cgroup `id`'s workload ([`Workload::key`]), if known (asked for as
+    /// [`name`](Self::name) does otherwise); `None` for id 0 or a cgroup not named yet.
+    pub fn full(&self, id: u64) -> Option<Arc<str>> {
+        if id == 0 {
+            return None;
+        }
+        if let Some((_, full)) = lock(&self.names).get(&id) {
+            return Some(Arc::clone(full));
+        }
+        let _ = self.name(id);
+        None
     }
 
     fn start_resolver(&self) -> Option<std::sync::mpsc::SyncSender<u64>> {
@@ -989,7 +1006,8 @@ impl WorkloadNames {
                     }
                     match paths.workload(id) {
                         Ok(Some(workload)) => {
-                            lock(&names).insert(id, workload.to_string().into());
+                            let forms = (workload.to_string().into(), workload.key().into());
+                            lock(&names).insert(id, forms);
                         }
                         // Not in the tree at the last walk: asked again on a later query.
                         Ok(None) => {}

@@ -89,6 +89,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 per_client: PerClientLimit::new(1),
                 cache: None,
                 workloads: None,
+                query_log: None,
             };
             let _entered = runtime.enter();
             TcpProxy::new(

@@ -89,6 +89,7 @@ fn run(ops: Vec<Op>) {
             per_client: Arc::clone(&per_client),
             cache: None,
             workloads: None,
+            query_log: None,
             in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime

@@ -28,6 +28,7 @@ use super::{
     OriginalDestinations,
     cache::{Cache, CacheableQuery, Cached},
     per_client::{LOCAL_CLIENT, PerClientLimit},
+    query_log::{Asked, QueryLog},
     stats::Stats,
     upstream_for, wire,
 };
@@ -51,6 +52,8 @@ pub struct TcpSettings {
     pub cache: Option<Arc<Cache>>,
     /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
     pub workloads: Option<Arc<WorkloadNames>>,
+    /// The dnstap log (`--dnstap`); `None`: off.
+    pub query_log: Option<Arc<QueryLog>>,
 }
 
 pub struct TcpProxy<D> {
@@ -127,6 +130,16 @@ struct Connection {
 }
 
 impl Connection {
+    /// What the query log says of this connection's queries.
+    fn asked(&self) -> Asked {
+        Asked {
+            transport: crate::dnstap::Transport::Tcp,
+            client: self.client,
+            server: self.original,
+            cgroup: self.cgroup,
+        }
+    }
+
     fn new(cgroup: u64, client: SocketAddr, original: SocketAddr, upstream: SocketAddr) -> Self {
         Self {
             cgroup,
@@ -405,6 +418,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 return Closed::MalformedQuery;
             }
             let started = Instant::now();
+            if let Some(log) = &self.settings.query_log {
+                log.query(conn.asked(), &query);
+            }
             let cacheable = match self.consult_cache(conn, &query, started) {
                 Some(Ok((answer, stale))) => {
                     conn.set_reading(false);
@@ -489,6 +505,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
 
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
+        if let Some(log) = &self.settings.query_log {
+            log.response(conn.asked(), started, answer);
+        }
         Stats::add(if stale {
             &self.stats.cache_stale
         } else {
@@ -535,6 +554,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let latency = pending.as_ref().map(|p| p.started.elapsed());
             stats.answered(&answer, latency);
+            if let (Some(log), Some(pending)) = (&self.settings.query_log, &pending) {
+                log.response(conn.asked(), pending.started, &answer);
+            }
             if let (
                 Some(cache),
                 Some(Pending {
@@ -810,6 +832,7 @@ mod tests {
             per_client: PerClientLimit::new(per_client),
             cache: None,
             workloads: None,
+            query_log: None,
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();

@@ -34,6 +34,7 @@ use super::{
     coalesce::{Coalescer, Joined, Waiter},
     mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
     per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
+    query_log::{Asked, QueryLog},
     stats::Stats,
     upstream_for, wire,
 };
@@ -64,6 +65,8 @@ pub struct ForwardSettings {
     pub cache: Option<Arc<Cache>>,
     /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
     pub workloads: Option<Arc<WorkloadNames>>,
+    /// The dnstap log (`--dnstap`); `None`: off.
+    pub query_log: Option<Arc<QueryLog>>,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
 }
@@ -233,6 +236,16 @@ impl Waiter {
             listener: self.listener.as_fd(),
             started: self.started,
         }
+    }
+}
+
+/// What the query log says of a UDP query.
+fn udp_asked(client: SocketAddr, server: SocketAddr, cgroup: u64) -> Asked {
+    Asked {
+        transport: crate::dnstap::Transport::Udp,
+        client,
+        server,
+        cgroup,
     }
 }
 
@@ -595,6 +608,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             local,
         } = self.route(client, arrival)?;
         let started = Instant::now();
+        if let Some(log) = &self.settings.query_log {
+            log.query(udp_asked(client, original, cgroup), datagram);
+        }
         let recipient = Recipient {
             cgroup,
             client,
@@ -786,6 +802,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Counts and logs an answer made here that went out.
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
         let stats = &self.stats.udp;
+        if let Some(log) = &self.settings.query_log {
+            log.response(
+                udp_asked(to.client, to.original, to.cgroup),
+                to.started,
+                answer,
+            );
+        }
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),
             CacheSource::Stale => Stats::add(&self.stats.cache_stale),
@@ -1098,6 +1121,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             let latency = pending.started.elapsed();
             stats.answered(datagram, Some(latency));
+            if let Some(log) = &self.settings.query_log {
+                let asked = udp_asked(pending.client, pending.original, pending.cgroup);
+                log.response(asked, pending.started, datagram);
+            }
             if let Some(description) = pending.description {
                 log::debug!(
                     "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?} workload={}",
@@ -1348,6 +1375,7 @@ mod tests {
             cache: None,
             in_flight: Arc::new(Coalescer::new(1024)),
             workloads: None,
+            query_log: None,
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1617,6 +1645,7 @@ mod tests {
             cache: None,
             in_flight: Arc::new(Coalescer::new(1024)),
             workloads: None,
+            query_log: None,
         };
         let destinations = Fixed {
             original: Some(itself),

@@ -160,3 +160,66 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
     let command = in_cgroup_and_netns(&stays, &topology.client, "dig", &[]);
     assert_answered(dig(command, "again.example.test", &["+short"]), "again");
 }
+
+#[test]
+fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
+    let dir = PathBuf::from("/run/dns-proxy-tests").join(format!("dnstap-{}", tests::unique_tag()));
+    std::fs::create_dir_all(&dir).expect("mkdir the log's directory");
+    let log = dir.join("queries.dnstap");
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
+    let docker = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
+    let unit = child_cgroup(&topology, "system.slice/web.service");
+    // Twice each: the first query of a cgroup asks for its name, the log has it from then on.
+    for (cgroup, name) in [
+        (&docker, "logged-docker.example.test"),
+        (&unit, "logged-unit.example.test"),
+    ] {
+        for _ in 0..2 {
+            let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+            assert_answered(dig(command, name, &["+short"]), name);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let command = in_cgroup_and_netns(&unit, &topology.client, "dig", &[]);
+    assert_answered(
+        dig(command, "logged-tcp.example.test", &["+tcp", "+short"]),
+        "tcp",
+    );
+    // Written within a second; read as the reader of any dnstap log would.
+    let text = wait_for("the dnstap log", Duration::from_secs(5), || {
+        let output = std::process::Command::new("dnstap-ldns")
+            .args(["-y", "-r"])
+            .arg(&log)
+            .output()
+            .expect("dnstap-ldns (cargo xtask setup --tests installs it)");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.contains("logged-tcp.example.test").then_some(text)
+    });
+    for name in ["logged-docker.example.test", "logged-unit.example.test"] {
+        let queries = text.matches(&format!("{name}.")).count();
+        // Each lookup twice: its query and its answer's question.
+        assert!(queries >= 4, "{name}: {queries} in\n{text}");
+    }
+    assert!(text.contains("type: CLIENT_QUERY"), "{text}");
+    assert!(text.contains("type: CLIENT_RESPONSE"), "{text}");
+    assert!(text.contains("socket_protocol: TCP"), "{text}");
+    assert!(
+        text.contains(&format!("response_address: \"{SERVER_IP}\"")),
+        "{text}"
+    );
+    assert!(text.contains("response_port: 53"), "{text}");
+    // The workload, in each message's `extra` (dnstap-ldns does not print it): full forms.
+    let raw = std::fs::read(&log).expect("read the log");
+    for workload in [format!("docker={CONTAINER}"), "unit=web.service".to_owned()] {
+        assert!(
+            raw.windows(workload.len())
+                .any(|window| window == workload.as_bytes()),
+            "{workload} not in the log; agent:\n{}",
+            agent.log()
+        );
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

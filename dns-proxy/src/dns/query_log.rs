@@ -1,0 +1,101 @@
+//! The dnstap query log (`--dnstap`): each redirected query and the answer its client got,
+//! with the client, the server it asked, the times and the workload that asked. Logging never
+//! waits: the sink drops and counts what it cannot take ([`crate::dnstap`]).
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    dnstap::{
+        DnstapCounters, DnstapError, DnstapSettings, DnstapSink, Event, MessageType, Transport,
+    },
+    workload::WorkloadNames,
+};
+
+/// The log, shared by every listener. Its sink starts once the agent serves without
+/// capabilities (its writer thread would keep them); until then nothing is logged.
+pub struct QueryLog {
+    sink: OnceLock<DnstapSink>,
+    workloads: Arc<WorkloadNames>,
+}
+
+impl std::fmt::Debug for QueryLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryLog")
+            .field("started", &self.sink.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which query an event is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    pub transport: Transport,
+    pub client: SocketAddr,
+    /// The server the client asked.
+    pub server: SocketAddr,
+    /// The cgroup that asked (0: not recorded).
+    pub cgroup: u64,
+}
+
+impl QueryLog {
+    pub fn new(workloads: Arc<WorkloadNames>) -> Self {
+        Self {
+            sink: OnceLock::new(),
+            workloads,
+        }
+    }
+
+    /// Starts the sink (its file or socket, and its writer thread).
+    pub fn start(&self, settings: DnstapSettings) -> Result<(), DnstapError> {
+        let sink = DnstapSink::start(settings)?;
+        let _ = self.sink.set(sink);
+        Ok(())
+    }
+
+    /// The sink's counters, once it has started.
+    pub fn counters(&self) -> Option<Arc<DnstapCounters>> {
+        self.sink.get().map(DnstapSink::counters)
+    }
+
+    /// A client's query, as it arrived.
+    pub fn query(&self, asked: Asked, query: &[u8]) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        sink.log(Event {
+            kind: MessageType::ClientQuery,
+            transport: asked.transport,
+            client: asked.client,
+            server: asked.server,
+            query_time: SystemTime::now(),
+            query: Some(Bytes::copy_from_slice(query)),
+            response_time: None,
+            response: None,
+            workload: self.workloads.full(asked.cgroup),
+        });
+    }
+
+    /// The answer a client got, to its query that arrived at `started`.
+    pub fn response(&self, asked: Asked, started: Instant, response: &[u8]) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let now = SystemTime::now();
+        sink.log(Event {
+            kind: MessageType::ClientResponse,
+            transport: asked.transport,
+            client: asked.client,
+            server: asked.server,
+            query_time: now - started.elapsed(),
+            query: None,
+            response_time: Some(now),
+            response: Some(Bytes::copy_from_slice(response)),
+            workload: self.workloads.full(asked.cgroup),
+        });
+    }
+}
