@@ -15,6 +15,7 @@ mod host;
 mod log_limit;
 pub mod metrics;
 mod privileges;
+pub mod resolutions;
 pub mod shutdown;
 mod udp_threads;
 pub mod workload;
@@ -50,6 +51,7 @@ use crate::{
     dnstap::DnstapSettings,
     ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector, ServerTable},
     metrics::{Metrics, Readiness},
+    resolutions::Resolutions,
     shutdown::StopSignals,
     udp_threads::{UdpThreads, bind_reuseport_group},
     workload::WorkloadNames,
@@ -633,6 +635,11 @@ async fn serve(
         .or_else(|| cgroup::cgroup2_root().ok())
         .unwrap_or_else(|| "/sys/fs/cgroup".into());
     let workloads = Arc::new(WorkloadNames::new(workload_root.clone()));
+    // Served on the metrics port: kept only when there is one.
+    let resolutions = config
+        .metrics
+        .is_some()
+        .then(|| Arc::new(Resolutions::new(Arc::clone(&workloads))));
     let query_log = config
         .dnstap
         .is_some()
@@ -646,6 +653,7 @@ async fn serve(
         in_flight: Arc::new(Coalescer::new(config.max_inflight)),
         workloads: Some(Arc::clone(&workloads)),
         query_log: query_log.clone(),
+        resolutions: resolutions.clone(),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -656,6 +664,7 @@ async fn serve(
         cache: cache.clone(),
         workloads: Some(Arc::clone(&workloads)),
         query_log: query_log.clone(),
+        resolutions: resolutions.clone(),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {
@@ -729,6 +738,7 @@ async fn serve(
             Arc::clone(&readiness),
             cache.clone(),
             query_log.clone(),
+            resolutions.clone(),
         );
         log::info!(
             "serving /metrics, /healthz and /readyz on http://{}",

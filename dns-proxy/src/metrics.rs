@@ -33,6 +33,7 @@ use crate::{
         stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
     },
     ebpf::KernelCounters,
+    resolutions::{self, Resolutions},
 };
 
 /// Scrapers served at once; more wait for the kernel's accept queue. Bounds what a
@@ -89,6 +90,24 @@ struct AgentCollector {
 }
 
 type Labels<'a> = [(&'static str, &'a str)];
+
+/// `text` with `%XX` escapes and `+` (a space) decoded; `None` if an escape is malformed or
+/// the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut input = text.bytes();
+    while let Some(byte) = input.next() {
+        match byte {
+            b'%' => {
+                let hex = [input.next()?, input.next()?];
+                bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => bytes.push(b' '),
+            byte => bytes.push(byte),
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
 
 /// Writes one metric (a family over `samples`, or a single value with no labels).
 fn encode_counters(
@@ -351,6 +370,8 @@ impl Collector for AgentCollector {
 pub struct Metrics {
     registry: Registry,
     readiness: Arc<Readiness>,
+    /// Served at `/v1/resolutions`.
+    resolutions: Option<Arc<Resolutions>>,
 }
 
 impl Metrics {
@@ -360,6 +381,7 @@ impl Metrics {
         readiness: Arc<Readiness>,
         cache: Option<Arc<Cache>>,
         query_log: Option<Arc<QueryLog>>,
+        resolutions: Option<Arc<Resolutions>>,
     ) -> Self {
         let mut registry = Registry::with_prefix("dns_proxy");
         registry.register_collector(Box::new(AgentCollector {
@@ -371,6 +393,7 @@ impl Metrics {
         Self {
             registry,
             readiness,
+            resolutions,
         }
     }
 
@@ -383,7 +406,81 @@ impl Metrics {
         text
     }
 
+    /// `/v1/resolutions?workload=W[&address=A]`: what W resolved (to A), as JSON.
+    fn resolutions(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let reply = |status: StatusCode, body: String, json: bool| {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            if json {
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+            }
+            response
+        };
+        let Some(table) = &self.resolutions else {
+            return reply(StatusCode::NOT_FOUND, "not kept\n".to_owned(), false);
+        };
+        let mut workload = None;
+        let mut address = None;
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(value) = percent_decode(value) else {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("{key}: bad percent-encoding\n"),
+                    false,
+                );
+            };
+            match key {
+                "workload" => workload = Some(value),
+                "address" => match value.parse::<std::net::IpAddr>() {
+                    Ok(ip) => address = Some(ip),
+                    Err(_) => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            format!("address={value}: not an IP address\n"),
+                            false,
+                        );
+                    }
+                },
+                _ => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("{key}: unknown parameter (workload, address)\n"),
+                        false,
+                    );
+                }
+            }
+        }
+        let Some(workload) = workload else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "workload=W is required (as the debug log or dnstap names it, or cgroup-id=N)\n"
+                    .to_owned(),
+                false,
+            );
+        };
+        let rows = table.lookup(&workload, address);
+        reply(StatusCode::OK, resolutions::to_json(&workload, &rows), true)
+    }
+
+    #[cfg(test)]
     fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        self.respond_to(method, path, None)
+    }
+
+    fn respond_to(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: &'static str| {
             let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
             *response.status_mut() = status;
@@ -404,6 +501,7 @@ impl Metrics {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/v1/resolutions" => self.resolutions(query),
             "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" if self.readiness.is_replaced() => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -415,7 +513,7 @@ impl Metrics {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz or /readyz\n",
+                "not found: try /metrics, /healthz, /readyz or /v1/resolutions\n",
             ),
         }
     }
@@ -443,7 +541,8 @@ impl Metrics {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| {
-                    let response = metrics.respond(request.method(), request.uri().path());
+                    let uri = request.uri();
+                    let response = metrics.respond_to(request.method(), uri.path(), uri.query());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -473,7 +572,26 @@ mod tests {
         Metrics {
             registry: Registry::with_prefix("dns_proxy"),
             readiness,
+            resolutions: None,
         }
+    }
+
+    #[test]
+    fn query_strings_are_percent_decoded_and_bad_ones_refused() {
+        assert_eq!(
+            percent_decode("pod%3Dabc+container%3D123").as_deref(),
+            Some("pod=abc container=123")
+        );
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+        let metrics = metrics(true);
+        let status = |query| {
+            metrics
+                .respond_to(&Method::GET, "/v1/resolutions", query)
+                .status()
+        };
+        // Not kept (no table): 404; with one, a missing workload or a bad address is a 400.
+        assert_eq!(status(Some("workload=x")), StatusCode::NOT_FOUND);
     }
 
     #[test]

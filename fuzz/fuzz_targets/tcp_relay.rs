@@ -90,6 +90,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 cache: None,
                 workloads: None,
                 query_log: None,
+                resolutions: None,
             };
             let _entered = runtime.enter();
             TcpProxy::new(

@@ -90,6 +90,7 @@ fn run(ops: Vec<Op>) {
             cache: None,
             workloads: None,
             query_log: None,
+            resolutions: None,
             in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime

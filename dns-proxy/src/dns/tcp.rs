@@ -32,7 +32,7 @@ use super::{
     stats::Stats,
     upstream_for, wire,
 };
-use crate::{log_limit::RateLimited, workload::WorkloadNames};
+use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
 /// that client until answers come back (backpressure, and a bound on what it keeps).
@@ -54,6 +54,8 @@ pub struct TcpSettings {
     pub workloads: Option<Arc<WorkloadNames>>,
     /// The dnstap log (`--dnstap`); `None`: off.
     pub query_log: Option<Arc<QueryLog>>,
+    /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
+    pub resolutions: Option<Arc<Resolutions>>,
 }
 
 pub struct TcpProxy<D> {
@@ -508,6 +510,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         if let Some(log) = &self.settings.query_log {
             log.response(conn.asked(), started, answer);
         }
+        if let Some(resolutions) = &self.settings.resolutions {
+            resolutions.record(conn.cgroup, answer);
+        }
         Stats::add(if stale {
             &self.stats.cache_stale
         } else {
@@ -556,6 +561,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             stats.answered(&answer, latency);
             if let (Some(log), Some(pending)) = (&self.settings.query_log, &pending) {
                 log.response(conn.asked(), pending.started, &answer);
+            }
+            if let Some(resolutions) = &self.settings.resolutions {
+                resolutions.record(conn.cgroup, &answer);
             }
             if let (
                 Some(cache),
@@ -833,6 +841,7 @@ mod tests {
             cache: None,
             workloads: None,
             query_log: None,
+            resolutions: None,
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();

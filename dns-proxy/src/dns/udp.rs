@@ -38,7 +38,7 @@ use super::{
     stats::Stats,
     upstream_for, wire,
 };
-use crate::{log_limit::RateLimited, workload::WorkloadNames};
+use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
 
 /// Upstream sockets per address family, opened as queries need them. A query goes out on one
 /// chosen at random, so an off-path attacker must hit one of these random ports as well as the
@@ -67,6 +67,8 @@ pub struct ForwardSettings {
     pub workloads: Option<Arc<WorkloadNames>>,
     /// The dnstap log (`--dnstap`); `None`: off.
     pub query_log: Option<Arc<QueryLog>>,
+    /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
+    pub resolutions: Option<Arc<Resolutions>>,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
 }
@@ -802,6 +804,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Counts and logs an answer made here that went out.
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
         let stats = &self.stats.udp;
+        if let Some(resolutions) = &self.settings.resolutions {
+            resolutions.record(to.cgroup, answer);
+        }
         if let Some(log) = &self.settings.query_log {
             log.response(
                 udp_asked(to.client, to.original, to.cgroup),
@@ -1125,6 +1130,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 let asked = udp_asked(pending.client, pending.original, pending.cgroup);
                 log.response(asked, pending.started, datagram);
             }
+            if let Some(resolutions) = &self.settings.resolutions {
+                resolutions.record(pending.cgroup, datagram);
+            }
             if let Some(description) = pending.description {
                 log::debug!(
                     "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?} workload={}",
@@ -1376,6 +1384,7 @@ mod tests {
             in_flight: Arc::new(Coalescer::new(1024)),
             workloads: None,
             query_log: None,
+            resolutions: None,
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1646,6 +1655,7 @@ mod tests {
             in_flight: Arc::new(Coalescer::new(1024)),
             workloads: None,
             query_log: None,
+            resolutions: None,
         };
         let destinations = Fixed {
             original: Some(itself),

@@ -223,3 +223,75 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn each_workload_is_told_which_names_it_resolved_to_an_address() {
+    use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let topology = Topology::new();
+    // Servers that answer with TTL 60 (dnsmasq's local answers have TTL 0: expired at once).
+    let upstream = |ip: std::net::Ipv4Addr, answer: std::net::Ipv4Addr| {
+        if ip != SERVER_IP {
+            topology.add_server_address(ip);
+        }
+        let mut command = topology.server.command(env!("CARGO_BIN_EXE_test-upstream"));
+        command.args([&format!("{ip}:53"), "0", &answer.to_string()]);
+        let process = tests::Process::spawn(&mut command);
+        wait_for("the upstream", Duration::from_secs(10), || {
+            let outsider = topology.outsider("dig", &[]);
+            tests::dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
+        });
+        process
+    };
+    let _first = upstream(SERVER_IP, ANSWER_IP);
+    let _second = upstream(SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let agent = Agent::start(&topology, &["--metrics", super::METRICS]);
+    let other = "5e6f7a8b00112233445566778899aabbccddeeff00112233445566778899aabb";
+    let first = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
+    let second = child_cgroup(&topology, &format!("docker/{other}"));
+    // The same name, each workload asking its own server, which answers it differently.
+    for (cgroup, server) in [(&first, SERVER_IP), (&second, SECOND_SERVER_IP)] {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        let output = tests::dig_at(
+            command,
+            &server.to_string(),
+            "shared.example.test",
+            &["+short"],
+        );
+        assert!(output.is_ok(), "{output:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let get = |query: &str| {
+        tests::http_get(
+            &topology.client,
+            super::metrics_addr(),
+            &format!("/v1/resolutions?{query}"),
+        )
+    };
+    let (status, body) = get(&format!(
+        "workload=docker%3D{CONTAINER}&address={ANSWER_IP}"
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"name\":\"shared.example.test.\"")
+            && body.contains(&format!("\"address\":\"{ANSWER_IP}\""))
+            && body.contains("\"expires\":"),
+        "{body}\n{}",
+        agent.log()
+    );
+    // Not the other workload's answer, nor the other's table.
+    let (_, body) = get(&format!(
+        "workload=docker%3D{CONTAINER}&address={SECOND_ANSWER_IP}"
+    ));
+    assert!(body.contains("\"resolutions\":[]"), "{body}");
+    let (_, body) = get(&format!("workload=docker%3D{other}"));
+    assert!(
+        body.contains(&format!("\"address\":\"{SECOND_ANSWER_IP}\""))
+            && !body.contains(&ANSWER_IP.to_string()),
+        "{body}"
+    );
+    // The short form names it too; a bad address is refused.
+    let (_, body) = get(&format!("workload=docker%3D{}", &other[..12]));
+    assert!(body.contains("shared.example.test."), "{body}");
+    let (status, _) = get("workload=x&address=not-an-ip");
+    assert_eq!(status, 400);
+}

@@ -1,0 +1,303 @@
+//! Which names resolved to which addresses, for each workload (issue 17): the A and AAAA
+//! records of the answers the agent relayed, with the name the workload asked and when each
+//! expires. A connection's destination can then be tied to the name its workload looked up,
+//! as FQDN policies and identity proxies need. Served as JSON at `/v1/resolutions` on the
+//! metrics port.
+//!
+//! Bounded: at most [`MAX_ENTRIES`] (workload, address, name) entries, least recently recorded
+//! out first; expired entries are not shown and go first.
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hashlink::LruCache;
+
+use crate::workload::WorkloadNames;
+
+/// Entries kept at most (about 150 bytes each).
+pub const MAX_ENTRIES: usize = 65_536;
+/// Names longer than a DNS name can be are not recorded.
+const MAX_NAME: usize = 255;
+
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const HEADER_LEN: usize = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    cgroup: u64,
+    address: IpAddr,
+    name: Box<str>,
+}
+
+/// The table, shared by every listener.
+pub struct Resolutions {
+    entries: Mutex<LruCache<Key, SystemTime>>,
+    workloads: Arc<WorkloadNames>,
+}
+
+impl std::fmt::Debug for Resolutions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolutions").finish_non_exhaustive()
+    }
+}
+
+/// One row of `/v1/resolutions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub name: String,
+    pub address: IpAddr,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+impl Resolutions {
+    pub fn new(workloads: Arc<WorkloadNames>) -> Self {
+        Self {
+            entries: Mutex::new(LruCache::new(MAX_ENTRIES)),
+            workloads,
+        }
+    }
+
+    /// Records the A and AAAA records of `answer`, relayed to a client of cgroup `cgroup`
+    /// (0: not recorded, skipped), under the name its question asked.
+    pub fn record(&self, cgroup: u64, answer: &[u8]) {
+        if cgroup == 0 {
+            return;
+        }
+        let Some((name, addresses)) = addresses(answer) else {
+            return;
+        };
+        if addresses.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let name: Box<str> = name.into();
+        let mut entries = self.lock();
+        for (address, ttl) in addresses {
+            let key = Key {
+                cgroup,
+                address,
+                name: name.clone(),
+            };
+            entries.insert(key, now + Duration::from_secs(u64::from(ttl)));
+        }
+    }
+
+    /// What workload `workload` (its full form, its short form, or `cgroup-id=N`) resolved
+    /// that has not expired, to `address` only if given.
+    pub fn lookup(&self, workload: &str, address: Option<IpAddr>) -> Vec<Resolution> {
+        let now = SystemTime::now();
+        let entries: Vec<(Key, SystemTime)> = self
+            .lock()
+            .iter()
+            .filter(|(key, expires)| {
+                **expires > now && address.is_none_or(|address| key.address == address)
+            })
+            .map(|(key, expires)| (key.clone(), *expires))
+            .collect();
+        let mut found: Vec<Resolution> = entries
+            .into_iter()
+            .filter(|(key, _)| self.is_workload(key.cgroup, workload))
+            .map(|(key, expires)| Resolution {
+                name: key.name.into(),
+                address: key.address,
+                expires: expires
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs()),
+            })
+            .collect();
+        found.sort_by(|a, b| (&a.name, a.address).cmp(&(&b.name, b.address)));
+        found
+    }
+
+    fn is_workload(&self, cgroup: u64, workload: &str) -> bool {
+        workload == format!("cgroup-id={cgroup}")
+            || self
+                .workloads
+                .full(cgroup)
+                .is_some_and(|full| *full == *workload)
+            || *self.workloads.name(cgroup) == *workload
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Key, SystemTime>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// `/v1/resolutions`' JSON for `workload`'s `rows`.
+pub fn to_json(workload: &str, rows: &[Resolution]) -> String {
+    let mut json = format!("{{\"workload\":{},\"resolutions\":[", quoted(workload));
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        let _ = write!(
+            json,
+            "{{\"name\":{},\"address\":\"{}\",\"expires\":{}}}",
+            quoted(&row.name),
+            row.address,
+            row.expires
+        );
+    }
+    json.push_str("]}\n");
+    json
+}
+
+/// A JSON string.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The question's name (dotted, lower case) and the A/AAAA addresses of the answer section
+/// with their TTLs; `None` if `answer` does not parse.
+fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
+    let count = |at: usize| -> Option<u16> {
+        Some(u16::from_be_bytes([*answer.get(at)?, *answer.get(at + 1)?]))
+    };
+    if count(4)? != 1 {
+        return None;
+    }
+    let mut at = HEADER_LEN;
+    let mut name = String::new();
+    loop {
+        let len = usize::from(*answer.get(at)?);
+        if len == 0 {
+            at += 1;
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = answer.get(at + 1..at + 1 + len)?;
+        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+        name.push('.');
+        at += 1 + len;
+        if name.len() > MAX_NAME {
+            return None;
+        }
+    }
+    at += 4;
+    let mut found = Vec::new();
+    for _ in 0..count(6)? {
+        at = skip_name(answer, at)?;
+        let rtype = count(at)?;
+        let ttl = u32::from_be_bytes(answer.get(at + 4..at + 8)?.try_into().ok()?);
+        let rdlength = usize::from(count(at + 8)?);
+        let rdata = answer.get(at + 10..at + 10 + rdlength)?;
+        at += 10 + rdlength;
+        let ttl = if ttl & 0x8000_0000 != 0 { 0 } else { ttl };
+        match (rtype, rdata.len()) {
+            (TYPE_A, 4) => found.push((
+                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).ok()?)),
+                ttl,
+            )),
+            (TYPE_AAAA, 16) => found.push((
+                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
+                ttl,
+            )),
+            _ => {}
+        }
+    }
+    Some((name, found))
+}
+
+/// Where the name at `at` ends (a pointer ends it).
+fn skip_name(message: &[u8], mut at: usize) -> Option<usize> {
+    for _ in 0..128 {
+        let len = *message.get(at)?;
+        match len {
+            0 => return Some(at + 1),
+            1..=63 => at += 1 + usize::from(len),
+            0xc0..=0xff => return Some(at + 2),
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::{
+        op::{Message, MessageType, Query},
+        rr::{
+            Name, RData, Record, RecordType,
+            rdata::{A, AAAA, CNAME},
+        },
+    };
+
+    use super::*;
+
+    fn answer(name: &str) -> Vec<u8> {
+        let name = Name::from_ascii(name).unwrap();
+        let target = Name::from_ascii("edge.example.net.").unwrap();
+        let mut message = Message::new();
+        message
+            .set_id(1)
+            .set_message_type(MessageType::Response)
+            .add_query(Query::query(name.clone(), RecordType::A));
+        message.add_answer(Record::from_rdata(
+            name,
+            300,
+            RData::CNAME(CNAME(target.clone())),
+        ));
+        message.add_answer(Record::from_rdata(
+            target.clone(),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 80))),
+        ));
+        message.add_answer(Record::from_rdata(
+            target,
+            30,
+            RData::AAAA(AAAA("2001:db8::80".parse().unwrap())),
+        ));
+        message.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_addresses_of_an_answer_are_read_under_the_name_asked() {
+        let (name, found) = addresses(&answer("WWW.Example.test.")).unwrap();
+        assert_eq!(name, "www.example.test.");
+        assert_eq!(
+            found,
+            [
+                (IpAddr::from([192, 0, 2, 80]), 60),
+                ("2001:db8::80".parse().unwrap(), 30)
+            ]
+        );
+        assert_eq!(addresses(&[0; 5]), None);
+    }
+
+    #[test]
+    fn each_workload_sees_its_own_resolutions_and_json_escapes_what_it_must() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        table.record(7, &answer("www.example.test."));
+        table.record(8, &answer("api.example.test."));
+        table.record(0, &answer("nobody.example.test."));
+        let rows = table.lookup("cgroup-id=7", Some([192, 0, 2, 80].into()));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].name, "www.example.test.");
+        assert_eq!(table.lookup("cgroup-id=7", None).len(), 2);
+        assert!(table.lookup("cgroup-id=9", None).is_empty());
+        assert_eq!(
+            to_json("a\"b", &rows[..0]),
+            "{\"workload\":\"a\\\"b\",\"resolutions\":[]}\n"
+        );
+    }
+}
