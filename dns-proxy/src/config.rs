@@ -198,6 +198,12 @@ pub struct ProxyArgs {
     /// or `file:PATH`. Lookups never wait for it: what it cannot take is dropped and counted.
     #[arg(long, value_name = "unix:PATH|file:PATH", value_parser = parse_dnstap, env = "DNS_PROXY_DNSTAP")]
     pub dnstap: Option<DnstapTarget>,
+
+    /// Count queries by the workload that asked, on /metrics
+    /// (`dns_proxy_workload_queries_total{workload}`), for the first N workloads seen; the rest
+    /// together as `other`. 0: off (the default), which keeps the page small.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000), env = "DNS_PROXY_WORKLOAD_METRICS")]
+    pub workload_metrics: u32,
 }
 
 fn parse_dnstap(text: &str) -> Result<DnstapTarget, String> {
@@ -232,6 +238,10 @@ pub enum ConfigError {
     ListenUnspecified(SocketAddr),
     #[error("--listen {0}: the port must not be 0: workloads are sent to this exact port")]
     ListenPortZero(SocketAddr),
+    #[error(
+        "--workload-metrics {0}: the counts are served on /metrics; give --metrics ADDR:PORT too"
+    )]
+    WorkloadMetricsWithoutMetrics(u32),
     #[error("--upstream {0}: the upstream must be a concrete address with a port")]
     BadUpstream(SocketAddr),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
@@ -289,6 +299,8 @@ pub struct RunConfig {
     pub cache: Option<CacheSettings>,
     /// The dnstap log; `None`: off.
     pub dnstap: Option<DnstapTarget>,
+    /// Workloads counted apart on /metrics; 0: off.
+    pub workload_metrics: usize,
     /// `run --takeover`: share the listen address with a running agent and take over from it.
     pub takeover: bool,
 }
@@ -346,6 +358,11 @@ impl TryFrom<ExecArgs> for RunConfig {
 
 impl RunConfig {
     fn new(workload: Workload, listen: SocketAddr, args: ProxyArgs) -> Result<Self, ConfigError> {
+        if args.workload_metrics > 0 && args.metrics.is_none() {
+            return Err(ConfigError::WorkloadMetricsWithoutMetrics(
+                args.workload_metrics,
+            ));
+        }
         let listen = match listen {
             SocketAddr::V6(_) => return Err(ConfigError::ListenNotIpv4(listen)),
             SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
@@ -433,6 +450,7 @@ impl RunConfig {
                 serve_stale: args.serve_stale,
             }),
             dnstap: args.dnstap,
+            workload_metrics: args.workload_metrics as usize,
             takeover: false,
         })
     }

@@ -17,6 +17,7 @@ pub mod stats;
 pub mod tcp;
 pub mod udp;
 pub mod wire;
+pub mod workload_stats;
 
 /// While draining, a listener stops once nothing has arrived for this long and nothing is in
 /// flight.

@@ -47,6 +47,7 @@ use crate::{
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
         udp::{ForwardSettings, UdpProxy},
+        workload_stats::WorkloadStats,
     },
     dnstap::DnstapSettings,
     ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector, ServerTable},
@@ -640,6 +641,8 @@ async fn serve(
         .metrics
         .is_some()
         .then(|| Arc::new(Resolutions::new(Arc::clone(&workloads))));
+    let workload_stats = (config.workload_metrics > 0 && config.metrics.is_some())
+        .then(|| Arc::new(WorkloadStats::new(config.workload_metrics)));
     let query_log = config
         .dnstap
         .is_some()
@@ -654,6 +657,7 @@ async fn serve(
         workloads: Some(Arc::clone(&workloads)),
         query_log: query_log.clone(),
         resolutions: resolutions.clone(),
+        workload_stats: workload_stats.clone(),
     };
     let tcp_settings = TcpSettings {
         upstream_override: config.upstream,
@@ -665,6 +669,7 @@ async fn serve(
         workloads: Some(Arc::clone(&workloads)),
         query_log: query_log.clone(),
         resolutions: resolutions.clone(),
+        workload_stats: workload_stats.clone(),
     };
     // Only a socket without an address fails here; say which listen address it was.
     let failed = |source| RunError::Listen {
@@ -739,6 +744,9 @@ async fn serve(
             cache.clone(),
             query_log.clone(),
             resolutions.clone(),
+            workload_stats
+                .clone()
+                .map(|stats| (stats, Arc::clone(&workloads))),
         );
         log::info!(
             "serving /metrics, /healthz and /readyz on http://{}",

@@ -27,6 +27,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    dns::workload_stats::WorkloadStats,
     dns::{
         cache::Cache,
         query_log::QueryLog,
@@ -34,6 +35,7 @@ use crate::{
     },
     ebpf::KernelCounters,
     resolutions::{self, Resolutions},
+    workload::WorkloadNames,
 };
 
 /// Scrapers served at once; more wait for the kernel's accept queue. Bounds what a
@@ -87,6 +89,8 @@ struct AgentCollector {
     cache: Option<Arc<Cache>>,
     /// `None` without `--dnstap`: its metrics are then left out.
     query_log: Option<Arc<QueryLog>>,
+    /// `None` without `--workload-metrics`: its metrics are then left out.
+    workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
 }
 
 type Labels<'a> = [(&'static str, &'a str)];
@@ -231,6 +235,34 @@ impl Collector for AgentCollector {
             &[(&[], load(&self.stats.tcp_connections))],
         )?;
 
+        if let Some((counts, names)) = &self.workloads {
+            let (by_cgroup, others) = counts.snapshot();
+            let labels: Vec<String> = by_cgroup
+                .iter()
+                .map(|(cgroup, _)| {
+                    names
+                        .full(*cgroup)
+                        .map_or_else(|| format!("cgroup-id={cgroup}"), |full| full.to_string())
+                })
+                .collect();
+            let mut samples: Vec<(Vec<(&'static str, &str)>, u64)> = by_cgroup
+                .iter()
+                .zip(&labels)
+                .map(|((_, count), label)| (vec![("workload", label.as_str())], *count))
+                .collect();
+            samples.push((vec![("workload", "other")], others));
+            let samples: Vec<(&Labels<'_>, u64)> = samples
+                .iter()
+                .map(|(labels, count)| (labels.as_slice(), *count))
+                .collect();
+            encode_counters(
+                &mut encoder,
+                "workload_queries",
+                "Queries received, by the workload that asked (--workload-metrics: the first N \
+                 workloads; the rest, and queries whose workload was not recorded, as other).",
+                &samples,
+            )?;
+        }
         if let Some(counters) = self.query_log.as_ref().and_then(|log| log.counters()) {
             for (name, help, value) in [
                 (
@@ -382,6 +414,7 @@ impl Metrics {
         cache: Option<Arc<Cache>>,
         query_log: Option<Arc<QueryLog>>,
         resolutions: Option<Arc<Resolutions>>,
+        workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
     ) -> Self {
         let mut registry = Registry::with_prefix("dns_proxy");
         registry.register_collector(Box::new(AgentCollector {
@@ -389,6 +422,7 @@ impl Metrics {
             kernel,
             cache,
             query_log,
+            workloads,
         }));
         Self {
             registry,

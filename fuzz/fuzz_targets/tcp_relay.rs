@@ -91,6 +91,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 workloads: None,
                 query_log: None,
                 resolutions: None,
+                workload_stats: None,
             };
             let _entered = runtime.enter();
             TcpProxy::new(

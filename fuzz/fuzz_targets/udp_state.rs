@@ -91,6 +91,7 @@ fn run(ops: Vec<Op>) {
             workloads: None,
             query_log: None,
             resolutions: None,
+            workload_stats: None,
             in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime

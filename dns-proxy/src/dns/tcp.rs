@@ -31,6 +31,7 @@ use super::{
     query_log::{Asked, QueryLog},
     stats::Stats,
     upstream_for, wire,
+    workload_stats::WorkloadStats,
 };
 use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
 
@@ -56,6 +57,8 @@ pub struct TcpSettings {
     pub query_log: Option<Arc<QueryLog>>,
     /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
     pub resolutions: Option<Arc<Resolutions>>,
+    /// Queries by workload (`--workload-metrics`); `None`: off.
+    pub workload_stats: Option<Arc<WorkloadStats>>,
 }
 
 pub struct TcpProxy<D> {
@@ -422,6 +425,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let started = Instant::now();
             if let Some(log) = &self.settings.query_log {
                 log.query(conn.asked(), &query);
+            }
+            if let Some(workload_stats) = &self.settings.workload_stats {
+                workload_stats.query(conn.cgroup);
             }
             let cacheable = match self.consult_cache(conn, &query, started) {
                 Some(Ok((answer, stale))) => {
@@ -842,6 +848,7 @@ mod tests {
             workloads: None,
             query_log: None,
             resolutions: None,
+            workload_stats: None,
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();

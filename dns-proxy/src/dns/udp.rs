@@ -37,6 +37,7 @@ use super::{
     query_log::{Asked, QueryLog},
     stats::Stats,
     upstream_for, wire,
+    workload_stats::WorkloadStats,
 };
 use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
 
@@ -69,6 +70,8 @@ pub struct ForwardSettings {
     pub query_log: Option<Arc<QueryLog>>,
     /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
     pub resolutions: Option<Arc<Resolutions>>,
+    /// Queries by workload (`--workload-metrics`); `None`: off.
+    pub workload_stats: Option<Arc<WorkloadStats>>,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
 }
@@ -612,6 +615,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let started = Instant::now();
         if let Some(log) = &self.settings.query_log {
             log.query(udp_asked(client, original, cgroup), datagram);
+        }
+        if let Some(workload_stats) = &self.settings.workload_stats {
+            workload_stats.query(cgroup);
         }
         let recipient = Recipient {
             cgroup,
@@ -1385,6 +1391,7 @@ mod tests {
             workloads: None,
             query_log: None,
             resolutions: None,
+            workload_stats: None,
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
@@ -1656,6 +1663,7 @@ mod tests {
             workloads: None,
             query_log: None,
             resolutions: None,
+            workload_stats: None,
         };
         let destinations = Fixed {
             original: Some(itself),

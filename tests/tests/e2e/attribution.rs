@@ -244,7 +244,10 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
     };
     let _first = upstream(SERVER_IP, ANSWER_IP);
     let _second = upstream(SECOND_SERVER_IP, SECOND_ANSWER_IP);
-    let agent = Agent::start(&topology, &["--metrics", super::METRICS]);
+    let agent = Agent::start(
+        &topology,
+        &["--metrics", super::METRICS, "--workload-metrics=1"],
+    );
     let other = "5e6f7a8b00112233445566778899aabbccddeeff00112233445566778899aabb";
     let first = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
     let second = child_cgroup(&topology, &format!("docker/{other}"));
@@ -294,4 +297,14 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
     assert!(body.contains("shared.example.test."), "{body}");
     let (status, _) = get("workload=x&address=not-an-ip");
     assert_eq!(status, 400);
+    // --workload-metrics=1: the first workload counted apart, the other as `other`.
+    let page = super::scrape(&topology);
+    let series =
+        |workload: &str| format!("dns_proxy_workload_queries_total{{workload=\"{workload}\"}}");
+    assert_eq!(
+        super::value(&page, &series(&format!("docker={CONTAINER}"))),
+        1,
+        "{page}"
+    );
+    assert_eq!(super::value(&page, &series("other")), 1, "{page}");
 }
