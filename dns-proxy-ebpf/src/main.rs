@@ -316,18 +316,29 @@ fn hash(origin: &Origin) -> u32 {
 fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u32> {
     // SAFETY: a helper call without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let index = index_of(&Origin::new(server, cgroup_id), capacity)
-        .or_else(|| index_of(&Origin::new(server, 0), capacity));
+    let shared = Origin::new(server, 0);
+    let index = match index_of(&Origin::new(server, cgroup_id), capacity) {
+        Some((index, created)) => {
+            // A server's first pair also takes its shared origin, while there is room: when
+            // the table is full, cgroups that ask it later still reach the proxy through it.
+            if created {
+                let _ = index_of(&shared, capacity);
+            }
+            Some(index)
+        }
+        None => index_of(&shared, capacity).map(|(index, _)| index),
+    };
     if index.is_none() {
         table_full(ctx);
     }
     index
 }
 
-/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none;
-/// `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so two CPUs that race for
-/// one agree on whose it is, and a slot, once taken, never changes while it is in use.
-fn index_of(origin: &Origin, capacity: u32) -> Option<u32> {
+/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none,
+/// and whether it was given now; `None` if it can get none. Slots are taken with
+/// `BPF_NOEXIST`, so two CPUs that race for one agree on whose it is, and a slot, once taken,
+/// never changes while it is in use.
+fn index_of(origin: &Origin, capacity: u32) -> Option<(u32, bool)> {
     let family = origin.server.family;
     // SAFETY: the value is copied out at once.
     if let Some(index) = unsafe { SERVER_INDEX.get(origin) }.copied() {
@@ -336,7 +347,7 @@ fn index_of(origin: &Origin, capacity: u32) -> Option<u32> {
         // SAFETY: the value is only compared.
         let agrees = unsafe { SERVERS.get(&server_key(family, index)) } == Some(origin);
         if agrees && index <= capacity {
-            return Some(index);
+            return Some((index, false));
         }
         if agrees {
             // An index from a larger block than this agent's: it cannot be encoded here.
@@ -355,7 +366,7 @@ fn index_of(origin: &Origin, capacity: u32) -> Option<u32> {
         if taken {
             // A lost reverse entry only costs the next socket a probe.
             let _ = SERVER_INDEX.insert(origin, &index, 0);
-            return Some(index);
+            return Some((index, true));
         }
     }
     None
@@ -382,7 +393,7 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) -> i32 {
     let (addr, port_be) = (ctx.user_ip4(), ctx.user_port());
     let config = config();
     if config.capacity4 != 0 && addresses_proxy4(&config, addr, port_be) {
-        return verdict_on_block_address(AF_INET, index_in_block4(&config, addr));
+        return verdict_on_block_address(ctx, &config, AF_INET, index_in_block4(&config, addr));
     }
     if !is_dns(ctx, port_be, on_connect) {
         return ALLOW;
@@ -408,8 +419,15 @@ fn redirect4(ctx: &SockAddr, on_connect: bool) -> i32 {
 /// an agent that ran before this one, during a takeover, rewrote it); any other is refused
 /// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
 /// are let be.
-fn verdict_on_block_address(family: u16, index: Option<u32>) -> i32 {
-    if is_excluded() {
+fn verdict_on_block_address(
+    ctx: &SockAddr,
+    config: &RedirectConfig,
+    family: u16,
+    index: Option<u32>,
+) -> i32 {
+    // In host mode the block is the agent's namespace's loopback: another namespace's
+    // addresses that look the same are that namespace's own.
+    if is_excluded() || (config.foreign_namespaces == 0 && !in_agent_namespace(ctx, config)) {
         return ALLOW;
     }
     // SAFETY: a helper call without arguments.
@@ -436,12 +454,15 @@ fn redirect6(ctx: &SockAddr, on_connect: bool) -> i32 {
     let prefix = v4_mapped_prefix();
     let mapped = addr[..3] == prefix;
     if mapped && config.capacity4 != 0 && addresses_proxy4(&config, addr[3], port_be) {
-        return verdict_on_block_address(AF_INET, index_in_block4(&config, addr[3]));
+        let index = index_in_block4(&config, addr[3]);
+        return verdict_on_block_address(ctx, &config, AF_INET, index);
     }
-    if !mapped && config.capacity6 != 0 && port_be == config.port6 {
-        if let Some(index) = index_in_block6(&config, addr) {
-            return verdict_on_block_address(AF_INET6, Some(index));
-        }
+    if !mapped
+        && config.capacity6 != 0
+        && port_be == config.port6
+        && let Some(index) = index_in_block6(&config, addr)
+    {
+        return verdict_on_block_address(ctx, &config, AF_INET6, Some(index));
     }
     if !is_dns(ctx, port_be, on_connect) || !armed() {
         return ALLOW;

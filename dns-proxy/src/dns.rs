@@ -98,14 +98,20 @@ pub trait OriginalDestinations: Send + Sync + 'static {
 }
 
 /// The kernel's table of servers with a copy of what was read of it, so that a query costs
-/// no `bpf()` call once its server was seen: an index never changes its server. One per UDP
-/// thread and one for TCP, so the copies are never contended. Bounded by the table's size.
+/// no `bpf()` call once its origin was seen: an index does not change its origin while in
+/// use, and the copy is dropped whenever the agent forgets origins of departed cgroups (their
+/// indexes may then name others). One per UDP thread and one for TCP, so the copies are never
+/// contended. Bounded by the table's size.
 pub struct CachedServers {
     table: Arc<ServerTable>,
     /// Listen addresses: a query forwarded there would come back too.
     listeners: Vec<SocketAddr>,
-    known: Mutex<HashMap<(u16, u32), (SocketAddr, u64)>>,
+    /// What was read, as of the table's generation it was read at.
+    known: Mutex<(u64, KnownOrigins)>,
 }
+
+/// (family, index) → (server, cgroup id), as read from the kernel's table.
+type KnownOrigins = HashMap<(u16, u32), (SocketAddr, u64)>;
 
 impl CachedServers {
     pub fn new(table: Arc<ServerTable>, listeners: Vec<SocketAddr>) -> Self {
@@ -121,11 +127,21 @@ impl OriginalDestinations for CachedServers {
     fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
         let key = self.table.index_of(reached)?;
         self.table.seen(key.0, key.1);
-        if let Some(origin) = self.known.lock().expect("not poisoned").get(&key) {
-            return Some(*origin);
+        let generation = self.table.generation();
+        {
+            let mut known = self.known.lock().expect("not poisoned");
+            if known.0 != generation {
+                *known = (generation, HashMap::new());
+            }
+            if let Some(origin) = known.1.get(&key) {
+                return Some(*origin);
+            }
         }
         let origin = self.table.origin(key.0, key.1)?;
-        self.known.lock().expect("not poisoned").insert(key, origin);
+        let mut known = self.known.lock().expect("not poisoned");
+        if known.0 == generation {
+            known.1.insert(key, origin);
+        }
         Some(origin)
     }
 

@@ -324,13 +324,85 @@ fn open_file(path: &Path) -> Result<Output, DnstapError> {
         path: path.to_owned(),
         source,
     };
-    let file = File::create(path).map_err(create)?;
+    let file = create_log_file(path).map_err(create)?;
     let mut writer: BufWriter<Box<dyn Write + Send>> = BufWriter::new(Box::new(file));
     fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE)).map_err(create)?;
     Ok(Output {
         writer,
         reader: None,
     })
+}
+
+/// Checks, before the agent changes anything, that `target` can be a log: a file's directory
+/// exists, and nothing but a regular file is at its path.
+pub fn check_target(target: &DnstapTarget) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let DnstapTarget::File(path) = target else {
+        return Ok(());
+    };
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty());
+    if let Some(parent) = parent
+        && !parent.is_dir()
+    {
+        return Err(format!("{}: no such directory", parent.display()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(existing) if !existing.file_type().is_file() => {
+            let kind = existing.file_type();
+            let what = if kind.is_symlink() {
+                "a symlink"
+            } else if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            Err(format!(
+                "{}: {what}; give the path of a regular file to create",
+                path.display()
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Creates the log file at `path`, a regular file and nothing else: not through a symlink
+/// (someone who may write to the directory could point it at any file the agent may write),
+/// and never waiting (a FIFO without a reader would block the agent). A log already there is
+/// kept, renamed `PATH.<unix seconds>`: a restarted agent's, or, during a takeover, the one
+/// the other agent is still writing to (through its own descriptor).
+pub fn create_log_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        let kind = existing.file_type();
+        if kind.is_symlink() || kind.is_fifo() || kind.is_socket() || kind.is_dir() {
+            return Err(io::Error::other(format!(
+                "not a regular file ({kind:?}): give the path of a file to create"
+            )));
+        }
+        if existing.len() > 0 {
+            let seconds = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            let mut kept = path.as_os_str().to_owned();
+            kept.push(format!(".{seconds}"));
+            std::fs::rename(path, &kept)?;
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o640)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
 }
 
 /// A connected output: the buffered writer, and for a socket the stream FINISH comes on.

@@ -341,6 +341,7 @@ impl Redirector {
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
             started: std::time::Instant::now(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -698,6 +699,9 @@ pub struct ServerTable {
     /// agent started), by [`server_key`].
     last_seen: Box<[std::sync::atomic::AtomicU32]>,
     started: std::time::Instant,
+    /// Bumped each time origins are forgotten: what a listener read of the table before is
+    /// then stale (a forgotten index may name another origin now).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// What [`ServerTable::forget_departed`] did.
@@ -785,10 +789,20 @@ impl ServerTable {
                 forgotten += 1;
             }
         }
+        if forgotten > 0 {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         Forgotten {
             forgotten,
             kept: entries.len() - forgotten,
         }
+    }
+
+    /// Changes whenever origins were forgotten ([`forget_departed`](Self::forget_departed)):
+    /// a copy of what was read of the table is good only while it stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u32, Origin>> {

@@ -135,6 +135,9 @@ fn listen_hint(err: &io::Error) -> &'static str {
 /// happens first, then a tokio runtime of its own serves.
 pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     log::info!("starting with {config:?}");
+    if let Some(target) = &config.dnstap {
+        dnstap::check_target(target).map_err(RunError::Dnstap)?;
+    }
     let hierarchy = cgroup::cgroup2_root()?;
     // Checked before the agent moves, so a bad path changes nothing.
     let (target, excluded_subtrees) = match &config.workload {

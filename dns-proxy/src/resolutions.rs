@@ -4,8 +4,8 @@
 //! as FQDN policies and identity proxies need. Served as JSON at `/v1/resolutions` on the
 //! metrics port.
 //!
-//! Bounded: at most [`MAX_ENTRIES`] (workload, address, name) entries, least recently recorded
-//! out first; expired entries are not shown and go first.
+//! Bounded: at most [`MAX_ENTRIES`] (workload, address, name) entries and [`MAX_BYTES`] of
+//! them, least recently recorded out first; expired entries are not shown.
 use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -17,8 +17,13 @@ use hashlink::LruCache;
 
 use crate::workload::WorkloadNames;
 
-/// Entries kept at most (about 150 bytes each).
+/// Entries kept at most.
 pub const MAX_ENTRIES: usize = 65_536;
+/// Bytes the entries may take at most, names included (an entry with a long name takes
+/// about 400).
+pub const MAX_BYTES: usize = 8 << 20;
+/// Bytes counted for an entry beyond its name: the key, the expiry, the map's own.
+const ENTRY_OVERHEAD: usize = 96;
 /// Names longer than a DNS name can be are not recorded.
 const MAX_NAME: usize = 255;
 
@@ -35,8 +40,20 @@ struct Key {
 
 /// The table, shared by every listener.
 pub struct Resolutions {
-    entries: Mutex<LruCache<Key, SystemTime>>,
+    entries: Mutex<Entries>,
     workloads: Arc<WorkloadNames>,
+}
+
+struct Entries {
+    /// Unbounded: every eviction is this table's own, so bytes are counted.
+    map: LruCache<Key, SystemTime>,
+    bytes: usize,
+}
+
+impl Key {
+    fn bytes(&self) -> usize {
+        self.name.len() + ENTRY_OVERHEAD
+    }
 }
 
 impl std::fmt::Debug for Resolutions {
@@ -57,7 +74,10 @@ pub struct Resolution {
 impl Resolutions {
     pub fn new(workloads: Arc<WorkloadNames>) -> Self {
         Self {
-            entries: Mutex::new(LruCache::new(MAX_ENTRIES)),
+            entries: Mutex::new(Entries {
+                map: LruCache::new_unbounded(),
+                bytes: 0,
+            }),
             workloads,
         }
     }
@@ -83,7 +103,20 @@ impl Resolutions {
                 address,
                 name: name.clone(),
             };
-            entries.insert(key, now + Duration::from_secs(u64::from(ttl)));
+            let size = key.bytes();
+            if entries
+                .map
+                .insert(key, now + Duration::from_secs(u64::from(ttl)))
+                .is_none()
+            {
+                entries.bytes += size;
+            }
+        }
+        while entries.map.len() > MAX_ENTRIES || entries.bytes > MAX_BYTES {
+            let Some((evicted, _)) = entries.map.remove_lru() else {
+                break;
+            };
+            entries.bytes -= evicted.bytes();
         }
     }
 
@@ -93,6 +126,7 @@ impl Resolutions {
         let now = SystemTime::now();
         let entries: Vec<(Key, SystemTime)> = self
             .lock()
+            .map
             .iter()
             .filter(|(key, expires)| {
                 **expires > now && address.is_none_or(|address| key.address == address)
@@ -123,7 +157,13 @@ impl Resolutions {
             || *self.workloads.name(cgroup) == *workload
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Key, SystemTime>> {
+    /// (entries, bytes) kept now.
+    pub fn size(&self) -> (usize, usize) {
+        let entries = self.lock();
+        (entries.map.len(), entries.bytes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -298,6 +338,25 @@ mod tests {
         assert_eq!(
             to_json("a\"b", &rows[..0]),
             "{\"workload\":\"a\\\"b\",\"resolutions\":[]}\n"
+        );
+    }
+
+    #[test]
+    fn entries_are_bounded_by_count_and_by_bytes() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        for cgroup in 1..=(MAX_ENTRIES as u64 / 2 + 10) {
+            table.record(cgroup, &answer("www.example.test."));
+        }
+        let (entries, bytes) = table.size();
+        assert!(entries <= MAX_ENTRIES, "{entries}");
+        assert!(bytes <= MAX_BYTES, "{bytes}");
+        // The oldest went first.
+        assert!(table.lookup("cgroup-id=1", None).is_empty());
+        assert_eq!(
+            table
+                .lookup(&format!("cgroup-id={}", MAX_ENTRIES / 2 + 10), None)
+                .len(),
+            2
         );
     }
 }

@@ -993,6 +993,12 @@ impl WorkloadNames {
         None
     }
 
+    /// The full form if known, otherwise what the log says ([`name`](Self::name):
+    /// `cgroup-id=N`, or `unknown`): never nothing, so every event names its cgroup.
+    pub fn full_or_id(&self, id: u64) -> Arc<str> {
+        self.full(id).unwrap_or_else(|| self.name(id))
+    }
+
     fn start_resolver(&self) -> Option<std::sync::mpsc::SyncSender<u64>> {
         let (requests, incoming) = std::sync::mpsc::sync_channel::<u64>(PENDING_RESOLUTIONS);
         let (root, names) = (self.root.clone(), Arc::clone(&self.names));

@@ -76,7 +76,7 @@ impl QueryLog {
             query: Some(Bytes::copy_from_slice(query)),
             response_time: None,
             response: None,
-            workload: self.workloads.full(asked.cgroup),
+            workload: Some(self.workloads.full_or_id(asked.cgroup)),
         });
     }
 
@@ -95,7 +95,7 @@ impl QueryLog {
             query: None,
             response_time: Some(now),
             response: Some(Bytes::copy_from_slice(response)),
-            workload: self.workloads.full(asked.cgroup),
+            workload: Some(self.workloads.full_or_id(asked.cgroup)),
         });
     }
 }

@@ -502,3 +502,34 @@ fn a_reader_that_never_reads_costs_drops_not_waits() {
         );
     }
 }
+
+#[test]
+fn a_log_file_is_a_regular_file_made_anew_and_an_old_one_is_kept() {
+    let dir = TempDir::new("create");
+    // A FIFO (no reader) or a symlink: refused at once, never waited on or followed.
+    let fifo = dir.0.join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that lives for the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let started = Instant::now();
+    assert!(create_log_file(&fifo).is_err());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let target = dir.0.join("target");
+    fs::write(&target, b"precious").unwrap();
+    let link = dir.0.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(create_log_file(&link).is_err());
+    assert_eq!(fs::read(&target).unwrap(), b"precious");
+    // A log already there (a restarted agent's, or the one another agent still writes to
+    // during a takeover) is kept under another name.
+    let log = dir.0.join("queries.dnstap");
+    fs::write(&log, b"the old log").unwrap();
+    drop(create_log_file(&log).unwrap());
+    assert_eq!(fs::metadata(&log).unwrap().len(), 0);
+    let kept: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("queries.dnstap."))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}

@@ -308,3 +308,59 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
     );
     assert_eq!(super::value(&page, &series("other")), 1, "{page}");
 }
+
+#[test]
+fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
+    use tests::{DnsServer, SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let topology = Topology::new();
+    let _first = DnsServer::start(&topology);
+    let _second = DnsServer::start_on(&topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    // Six indexes, one UDP thread (so one copy of what was read of the table), and departed
+    // cgroups forgotten within seconds.
+    let agent = Agent::start_with_env(
+        &topology,
+        &["--redirect-block=127.53.0.0/29", "--udp-threads=1"],
+        &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")],
+    );
+    let ask = |cgroup: &PathBuf, server: std::net::Ipv4Addr, name: &str| {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        tests::dig_at(command, &server.to_string(), name, &["+short"])
+    };
+    // Fill the table: each server's first pair also takes its shared origin.
+    let departs = child_cgroup(&topology, "departs");
+    let others: Vec<PathBuf> = ["b", "e", "f"]
+        .iter()
+        .map(|name| child_cgroup(&topology, name))
+        .collect();
+    let answer = ask(&departs, SERVER_IP, "first.example.test").expect("answered");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    for (cgroup, server) in others
+        .iter()
+        .zip([SECOND_SERVER_IP, SECOND_SERVER_IP, SERVER_IP])
+    {
+        assert!(ask(cgroup, server, "filler.example.test").is_ok());
+    }
+    // The departing cgroup goes; its origin is forgotten, and its index is the only free one.
+    std::fs::remove_dir(&departs).expect("remove the departing cgroup");
+    wait_for(
+        "the departed origin forgotten",
+        Duration::from_secs(20),
+        || agent.log().contains("forgot 1 origins").then_some(()),
+    );
+    let arrives = child_cgroup(&topology, "arrives");
+    let answer = ask(&arrives, SECOND_SERVER_IP, "reused.example.test").expect("answered");
+    assert_eq!(
+        answer.trim(),
+        SECOND_ANSWER_IP.to_string(),
+        "the second server's answer, not the first's: {}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let line = agent
+        .query_line("reused.example.test")
+        .expect("a query line");
+    assert!(
+        line.contains(&format!("server={SECOND_SERVER_IP}:53")) && !line.contains("departs"),
+        "{line}"
+    );
+}

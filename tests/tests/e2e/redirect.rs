@@ -138,7 +138,7 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
         format!("--listen={}:53", tests::node::NODE_LISTEN),
         "--metrics=127.0.0.1:9253".to_owned(),
     ];
-    let _agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
     let drops = || {
         let (_, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
         page.lines()
@@ -171,6 +171,49 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
     }
     let flooded = attacker.finish_with_stdout(Duration::from_secs(15));
     assert!(flooded.starts_with("attempts="), "{flooded}");
+    // Attribution holds too: each of the victim's queries is the victim pod's, and none of
+    // the attacker's flood is (the kernel names the cgroup; the address proves nothing).
+    let id = |i: usize| {
+        let metadata = std::fs::metadata(&node.pod_cgroups[i]).expect("stat the pod's cgroup");
+        std::os::unix::fs::MetadataExt::ino(&metadata)
+    };
+    let workload_of = |line: &str| line.rsplit_once(" workload=").map(|(_, w)| w.to_owned());
+    let victims = agent.query_lines("victim.example.test");
+    assert!(victims.len() >= 300, "{}", agent.log());
+    let victim_workloads: std::collections::HashSet<String> = victims
+        .iter()
+        .filter_map(|line| workload_of(line))
+        .collect();
+    let pod0 = node.pod_cgroups[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    for workload in &victim_workloads {
+        assert!(
+            workload == &format!("cgroup-id={}", id(0)) || workload.ends_with(&format!("/{pod0}")),
+            "a victim query attributed to {workload}"
+        );
+    }
+    let evil = format!("server={}:53", EVIL.0);
+    let pod1 = node.pod_cgroups[1]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let log = agent.log();
+    let attacker_lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("query udp client=") && line.contains(&evil))
+        .collect();
+    assert!(!attacker_lines.is_empty(), "the flood reached the agent");
+    for line in attacker_lines {
+        let workload = workload_of(line).unwrap_or_default();
+        assert!(
+            workload == format!("cgroup-id={}", id(1)) || workload.ends_with(&format!("/{pod1}")),
+            "{line}"
+        );
+    }
 }
 
 /// One connected UDP socket that lives across a graceful restart and across SIGKILL and a
