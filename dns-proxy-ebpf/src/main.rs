@@ -317,16 +317,17 @@ fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u
     // SAFETY: a helper call without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let shared = Origin::new(server, 0);
-    let index = match index_of(&Origin::new(server, cgroup_id), capacity) {
-        Some((index, created)) => {
+    let mut created = false;
+    let index = match index_of(&Origin::new(server, cgroup_id), capacity, &mut created) {
+        Some(index) => {
             // A server's first pair also takes its shared origin, while there is room: when
             // the table is full, cgroups that ask it later still reach the proxy through it.
             if created {
-                let _ = index_of(&shared, capacity);
+                let _ = index_of(&shared, capacity, &mut created);
             }
             Some(index)
         }
-        None => index_of(&shared, capacity).map(|(index, _)| index),
+        None => index_of(&shared, capacity, &mut created),
     };
     if index.is_none() {
         table_full(ctx);
@@ -334,11 +335,12 @@ fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u
     index
 }
 
-/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none,
-/// and whether it was given now; `None` if it can get none. Slots are taken with
-/// `BPF_NOEXIST`, so two CPUs that race for one agree on whose it is, and a slot, once taken,
-/// never changes while it is in use.
-fn index_of(origin: &Origin, capacity: u32) -> Option<(u32, bool)> {
+/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none
+/// (`created` then set: an out-parameter, since an `Option` of a tuple with a `bool` makes
+/// BTF the kernel refuses); `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so
+/// two CPUs that race for one agree on whose it is, and a slot, once taken, never changes
+/// while it is in use.
+fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
     let family = origin.server.family;
     // SAFETY: the value is copied out at once.
     if let Some(index) = unsafe { SERVER_INDEX.get(origin) }.copied() {
@@ -347,7 +349,7 @@ fn index_of(origin: &Origin, capacity: u32) -> Option<(u32, bool)> {
         // SAFETY: the value is only compared.
         let agrees = unsafe { SERVERS.get(&server_key(family, index)) } == Some(origin);
         if agrees && index <= capacity {
-            return Some((index, false));
+            return Some(index);
         }
         if agrees {
             // An index from a larger block than this agent's: it cannot be encoded here.
@@ -366,7 +368,8 @@ fn index_of(origin: &Origin, capacity: u32) -> Option<(u32, bool)> {
         if taken {
             // A lost reverse entry only costs the next socket a probe.
             let _ = SERVER_INDEX.insert(origin, &index, 0);
-            return Some((index, true));
+            *created = true;
+            return Some(index);
         }
     }
     None

@@ -178,8 +178,19 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
         std::os::unix::fs::MetadataExt::ino(&metadata)
     };
     let workload_of = |line: &str| line.rsplit_once(" workload=").map(|(_, w)| w.to_owned());
-    let victims = agent.query_lines("victim.example.test");
-    assert!(victims.len() >= 300, "{}", agent.log());
+    // The lines come just after the answers: wait for the last ones.
+    // (`l<i>.victim.example.test`: the lookups of both modes.)
+    let victims = wait_for("the victim's query lines", Duration::from_secs(5), || {
+        let lines: Vec<String> = agent
+            .log()
+            .lines()
+            .filter(|line| {
+                line.contains("query udp client=") && line.contains(".victim.example.test. ")
+            })
+            .map(str::to_owned)
+            .collect();
+        (lines.len() >= 300).then_some(lines)
+    });
     let victim_workloads: std::collections::HashSet<String> = victims
         .iter()
         .filter_map(|line| workload_of(line))
@@ -684,8 +695,12 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
         format!("source={second} answer={SECOND_ANSWER_IP}")
     );
     let state_dir = topology.client.state_dir();
-    let first_index = tests::server_index(&state_dir, SERVER_IP, 53);
-    let second_index = tests::server_index(&state_dir, SECOND_SERVER_IP, 53);
+    // The origins of the test cgroup's own pairs (not the servers' shared ones).
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(&topology.cgroup.path).expect("stat the test cgroup"),
+    );
+    let first_index = tests::server_index_for(&state_dir, SERVER_IP, 53, Some(cgroup_id));
+    let second_index = tests::server_index_for(&state_dir, SECOND_SERVER_IP, 53, Some(cgroup_id));
     assert_ne!(first_index, second_index);
 
     // The key is an Origin: the server as an Endpoint (four address words, IPv4 in the
@@ -701,9 +716,6 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
     key.extend(53u16.to_be_bytes());
     key.extend((libc::AF_INET as u16).to_ne_bytes());
     key.extend([0; 4]);
-    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::metadata(&topology.cgroup.path).expect("stat the test cgroup"),
-    );
     key.extend(cgroup_id.to_ne_bytes());
     let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:#04x}")).collect() };
     let reverse_index = || -> u32 {
