@@ -762,7 +762,7 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
         assert!(line.contains(&format!("server={second}")), "{line}");
     }
     assert_eq!(
-        tests::server_index(&state_dir, SECOND_SERVER_IP, 53),
+        tests::server_index_for(&state_dir, SECOND_SERVER_IP, 53, Some(cgroup_id)),
         second_index,
         "the second server kept its index"
     );
