@@ -44,6 +44,9 @@ pub const CONTENT_TYPE: &[u8] = b"protobuf:dnstap.Dnstap";
 pub const VERSION: &str = concat!("dns-proxy ", env!("CARGO_PKG_VERSION"));
 
 /// A reader sees a lookup at most this long after we write it, however busy we are.
+/// How long the writer naps when the queue is empty: events wait at most this long, and a
+/// busy agent fills at most a few thousand of the queue's slots meanwhile.
+const IDLE_NAP: Duration = Duration::from_millis(5);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnecting to a socket reader: the first wait, doubled up to the last.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -472,17 +475,15 @@ impl Writer {
                 Ok(event) => event,
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
-                    // Idle: a reader sees everything so far now.
+                    // Idle: a reader sees everything so far now. Then a nap, not a blocking
+                    // receive: a writer waiting in the channel is woken by every event a
+                    // lookup logs (a futex call and a context switch each), one napping
+                    // collects them a batch at a time.
                     self.flush();
                     self.report_drops();
-                    match self.events.recv_timeout(self.idle_wait()) {
-                        Ok(event) => event,
-                        Err(RecvTimeoutError::Timeout) => {
-                            self.reconnect_if_due();
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
+                    thread::sleep(IDLE_NAP.min(self.idle_wait()));
+                    self.reconnect_if_due();
+                    continue;
                 }
             };
             self.shared

@@ -85,7 +85,7 @@ impl Resolutions {
     /// Records the A and AAAA records of `answer`, relayed to a client of cgroup `cgroup`
     /// (0: not recorded, skipped), under the name its question asked.
     pub fn record(&self, cgroup: u64, answer: &[u8]) {
-        if cgroup == 0 {
+        if cgroup == 0 || recorded_lately(cgroup, answer) {
             return;
         }
         let Some((name, addresses)) = addresses(answer) else {
@@ -166,6 +166,48 @@ impl Resolutions {
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// How long an answer recorded for a cgroup is not recorded again: the same answer (its ID
+/// aside) comes back over and over, and its TTLs change only by the second.
+const RECORDED_LATELY: Duration = Duration::from_secs(1);
+/// Answers each thread remembers having recorded.
+const REMEMBERED: usize = 4096;
+
+thread_local! {
+    /// Per thread, so no lock: (cgroup, answer) hashes recorded in the last second.
+    static RECENT: std::cell::RefCell<(std::collections::HashMap<u64, std::time::Instant>, std::hash::RandomState)> =
+        std::cell::RefCell::default();
+}
+
+/// Whether this thread recorded this answer (its ID aside) for `cgroup` in the last second;
+/// notes it if not.
+fn recorded_lately(cgroup: u64, answer: &[u8]) -> bool {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let Some(body) = answer.get(2..) else {
+        return true;
+    };
+    let now = std::time::Instant::now();
+    RECENT.with_borrow_mut(|(recent, keys)| {
+        let mut hasher = keys.build_hasher();
+        cgroup.hash(&mut hasher);
+        body.hash(&mut hasher);
+        let hash = hasher.finish();
+        if recent
+            .get(&hash)
+            .is_some_and(|at| now.duration_since(*at) < RECORDED_LATELY)
+        {
+            return true;
+        }
+        if recent.len() >= REMEMBERED {
+            recent.retain(|_, at| now.duration_since(*at) < RECORDED_LATELY);
+            if recent.len() >= REMEMBERED {
+                recent.clear();
+            }
+        }
+        recent.insert(hash, now);
+        false
+    })
 }
 
 /// `/v1/resolutions`' JSON for `workload`'s `rows`.
