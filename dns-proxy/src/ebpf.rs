@@ -342,6 +342,7 @@ impl Redirector {
                 .collect(),
             started: std::time::Instant::now(),
             generation: std::sync::atomic::AtomicU64::new(0),
+            last_keys: std::sync::Mutex::default(),
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -702,6 +703,9 @@ pub struct ServerTable {
     /// Bumped each time origins are forgotten: what a listener read of the table before is
     /// then stale (a forgotten index may name another origin now).
     generation: std::sync::atomic::AtomicU64,
+    /// The indexes in the table at the last check: one gone since was forgotten by another
+    /// agent sharing the table (during a takeover), which bumps `generation` here too.
+    last_keys: std::sync::Mutex<std::collections::HashSet<u32>>,
 }
 
 /// What [`ServerTable::forget_departed`] did.
@@ -765,6 +769,16 @@ impl ServerTable {
     ) -> Forgotten {
         let now = self.started.elapsed().as_secs();
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
+        let mut last_keys = self
+            .last_keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys: std::collections::HashSet<u32> = entries.iter().map(|(key, _)| *key).collect();
+        if last_keys.iter().any(|key| !keys.contains(key)) {
+            // Forgotten by another agent: what this one read may be stale.
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         let mut forgotten = 0;
         for (key, origin) in &entries {
             let cgroup = origin.cgroup_id;
@@ -793,6 +807,7 @@ impl ServerTable {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
+        *last_keys = self.table().keys().filter_map(Result::ok).collect();
         Forgotten {
             forgotten,
             kept: entries.len() - forgotten,
