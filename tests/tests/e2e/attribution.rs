@@ -163,9 +163,11 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
 
 #[test]
 fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
-    let dir = PathBuf::from("/run/dns-proxy-tests").join(format!("dnstap-{}", tests::unique_tag()));
-    std::fs::create_dir_all(&dir).expect("mkdir the log's directory");
-    let log = dir.join("queries.dnstap");
+    let dir = RemovedOnDrop(
+        PathBuf::from("/run/dns-proxy-tests").join(format!("dnstap-{}", tests::unique_tag())),
+    );
+    std::fs::create_dir_all(&dir.0).expect("mkdir the log's directory");
+    let log = dir.0.join("queries.dnstap");
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
@@ -221,7 +223,15 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
         );
     }
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory of a test's own, removed even when the test fails.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
