@@ -15,7 +15,10 @@ use std::{
 
 use hashlink::LruCache;
 
-use crate::workload::WorkloadNames;
+use crate::{
+    dns::wire::{HEADER_LEN, Reader, count},
+    workload::WorkloadNames,
+};
 
 /// Entries kept at most.
 pub const MAX_ENTRIES: usize = 65_536;
@@ -24,12 +27,9 @@ pub const MAX_ENTRIES: usize = 65_536;
 pub const MAX_BYTES: usize = 8 << 20;
 /// Bytes counted for an entry beyond its name: the key, the expiry, the map's own.
 const ENTRY_OVERHEAD: usize = 96;
-/// Names longer than a DNS name can be are not recorded.
-const MAX_NAME: usize = 255;
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
-const HEADER_LEN: usize = 12;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -250,68 +250,44 @@ fn quoted(text: &str) -> String {
 /// The question's name (dotted, lower case) and the A/AAAA addresses of the answer section
 /// with their TTLs; `None` if `answer` does not parse.
 fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
-    let count = |at: usize| -> Option<u16> {
-        Some(u16::from_be_bytes([*answer.get(at)?, *answer.get(at + 1)?]))
-    };
-    if count(4)? != 1 {
+    if count(answer, 4)? != 1 {
         return None;
     }
-    let mut at = HEADER_LEN;
-    let mut name = String::new();
-    loop {
-        let len = usize::from(*answer.get(at)?);
-        if len == 0 {
-            at += 1;
-            break;
-        }
-        if len > 63 {
-            return None;
-        }
-        let label = answer.get(at + 1..at + 1 + len)?;
-        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
-        name.push('.');
-        at += 1 + len;
-        if name.len() > MAX_NAME {
-            return None;
-        }
-    }
-    at += 4;
+    let mut reader = Reader::new(answer, HEADER_LEN);
+    let name = dotted(&reader.plain_name()?);
+    reader.offset += 4;
     let mut found = Vec::new();
-    for _ in 0..count(6)? {
-        at = skip_name(answer, at)?;
-        let rtype = count(at)?;
-        let ttl = u32::from_be_bytes(answer.get(at + 4..at + 8)?.try_into().ok()?);
-        let rdlength = usize::from(count(at + 8)?);
-        let rdata = answer.get(at + 10..at + 10 + rdlength)?;
-        at += 10 + rdlength;
-        let ttl = if ttl & 0x8000_0000 != 0 { 0 } else { ttl };
-        match (rtype, rdata.len()) {
-            (TYPE_A, 4) => found.push((
-                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).ok()?)),
-                ttl,
-            )),
-            (TYPE_AAAA, 16) => found.push((
-                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
-                ttl,
-            )),
-            _ => {}
-        }
+    for _ in 0..count(answer, 6)? {
+        let record = reader.record()?;
+        let rdata = &answer[record.rdata_start..record.rdata_end];
+        let ttl = if record.ttl & 0x8000_0000 != 0 {
+            0
+        } else {
+            record.ttl
+        };
+        let address = match (record.rtype, rdata.len()) {
+            (TYPE_A, 4) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).ok()?)),
+            (TYPE_AAAA, 16) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
+            _ => continue,
+        };
+        found.push((address, ttl));
     }
     Some((name, found))
 }
 
-/// Where the name at `at` ends (a pointer ends it).
-fn skip_name(message: &[u8], mut at: usize) -> Option<usize> {
-    for _ in 0..128 {
-        let len = *message.get(at)?;
-        match len {
-            0 => return Some(at + 1),
-            1..=63 => at += 1 + usize::from(len),
-            0xc0..=0xff => return Some(at + 2),
-            _ => return None,
-        }
+/// A name in wire form (labels, each after its length) as dotted text.
+fn dotted(wire: &[u8]) -> String {
+    let mut name = String::new();
+    let mut at = 0;
+    while let Some(&len) = wire.get(at).filter(|len| **len != 0) {
+        let label = wire
+            .get(at + 1..at + 1 + usize::from(len))
+            .unwrap_or_default();
+        name.push_str(&String::from_utf8_lossy(label));
+        name.push('.');
+        at += 1 + usize::from(len);
     }
-    None
+    name
 }
 
 #[cfg(test)]

@@ -980,6 +980,15 @@ impl WorkloadNames {
         Arc::from(format!("cgroup-id={id}"))
     }
 
+    /// [`name`](Self::name) from `names` if there are any (a proxy without them: the unit
+    /// tests'), `cgroup-id=ID` otherwise.
+    pub fn name_in(names: Option<&Self>, id: u64) -> Arc<str> {
+        match names {
+            Some(names) => names.name(id),
+            None => Arc::from(format!("cgroup-id={id}")),
+        }
+    }
+
     /// The full form of cgroup `id`'s workload ([`Workload::key`]), if known (asked for as
     /// [`name`](Self::name) does otherwise); `None` for id 0 or a cgroup not named yet.
     pub fn full(&self, id: u64) -> Option<Arc<str>> {

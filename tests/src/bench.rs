@@ -146,15 +146,10 @@ pub struct Latency {
 #[derive(Debug, Clone)]
 pub struct Measurement {
     pub config: Config,
-    /// Closed loop (100 outstanding): queries/s answered, and the share lost.
-    pub max_qps: f64,
-    pub lost_percent: f64,
-    /// Latency at each of `Settings::loads`.
-    pub under_load: Vec<Latency>,
+    /// The closed loop, the offered loads and the CPU they cost (0 for direct).
+    pub throughput: Throughput,
     /// One query outstanding at a time.
     pub single: Latency,
-    /// The proxy's CPU time per 100k queries of the closed-loop run, in seconds (0 for direct).
-    pub cpu_per_100k: f64,
     /// The proxy's peak resident memory over the round, MiB (0 for direct).
     pub peak_rss_mib: f64,
     /// The client's syscall time per lookup of a fresh socket (median), nanoseconds: all of
@@ -526,11 +521,8 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
 
     Measurement {
         config,
-        max_qps: throughput.max_qps,
-        lost_percent: throughput.lost_percent,
-        under_load: throughput.under_load,
+        throughput,
         single,
-        cpu_per_100k: throughput.cpu_per_100k,
         peak_rss_mib,
         syscall_ns: syscall_field("median_ns"),
         connect_ns: syscall_field("connect_ns"),
@@ -708,6 +700,41 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
     out
 }
 
+/// The header of the columns [`write_throughput`] writes.
+fn write_throughput_header(out: &mut String, settings: &Settings) {
+    let _ = write!(out, "{:<17} {:>10} {:>7}", "config", "max qps", "lost %");
+    for qps in &settings.loads {
+        let _ = write!(out, " {:>23}", format!("@{qps}/s p50/p99/p99.9 us"));
+    }
+}
+
+/// The median over the rounds of a [`Throughput`] measure, for one configuration.
+type MedianOf<'a> = &'a dyn Fn(&dyn Fn(&Throughput) -> f64) -> f64;
+
+/// A row's name and throughput columns: the closed loop, the share lost, and the latencies
+/// at each offered load; `m` gives the median of a [`Throughput`] measure over the rounds.
+fn write_throughput(out: &mut String, name: &str, settings: &Settings, m: MedianOf<'_>) {
+    let _ = write!(
+        out,
+        "{:<17} {:>10.0} {:>7.2}",
+        name,
+        m(&|x| x.max_qps),
+        m(&|x| x.lost_percent)
+    );
+    for i in 0..settings.loads.len() {
+        let _ = write!(
+            out,
+            " {:>23}",
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                m(&|x| x.under_load[i].p50),
+                m(&|x| x.under_load[i].p99),
+                m(&|x| x.under_load[i].p999)
+            )
+        );
+    }
+}
+
 fn report_cached(settings: &Settings, rounds: &[CachedMeasurement]) -> String {
     let median_of = |config: CachedConfig, get: &dyn Fn(&CachedMeasurement) -> f64| {
         median(
@@ -724,33 +751,12 @@ fn report_cached(settings: &Settings, rounds: &[CachedMeasurement]) -> String {
         "\nCached: {CACHED_NAMES} names asked over and over, every cache warm ({CACHE_ENTRIES} \
          entries); medians."
     );
-    let _ = write!(out, "{:<17} {:>10} {:>7}", "config", "max qps", "lost %");
-    for qps in &settings.loads {
-        let _ = write!(out, " {:>23}", format!("@{qps}/s p50/p99/p99.9 us"));
-    }
+    write_throughput_header(&mut out, settings);
     let _ = writeln!(out, " {:>13}", "cpu s/100k q");
     for config in CachedConfig::ALL {
-        let m = |get: &dyn Fn(&CachedMeasurement) -> f64| median_of(config, get);
-        let _ = write!(
-            out,
-            "{:<17} {:>10.0} {:>7.2}",
-            config.name(),
-            m(&|x| x.throughput.max_qps),
-            m(&|x| x.throughput.lost_percent)
-        );
-        for i in 0..settings.loads.len() {
-            let _ = write!(
-                out,
-                " {:>23}",
-                format!(
-                    "{:.0}/{:.0}/{:.0}",
-                    m(&|x| x.throughput.under_load[i].p50),
-                    m(&|x| x.throughput.under_load[i].p99),
-                    m(&|x| x.throughput.under_load[i].p999)
-                )
-            );
-        }
-        let _ = writeln!(out, " {:>13.3}", m(&|x| x.throughput.cpu_per_100k));
+        let m = |get: &dyn Fn(&Throughput) -> f64| median_of(config, &|x| get(&x.throughput));
+        write_throughput(&mut out, config.name(), settings, &m);
+        let _ = writeln!(out, " {:>13.3}", m(&|x| x.cpu_per_100k));
     }
     let qps = |config| median_of(config, &|x| x.throughput.max_qps);
     let _ = writeln!(
@@ -793,10 +799,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         rounds.len(),
         settings.duration.as_secs()
     );
-    let _ = write!(out, "{:<17} {:>10} {:>7}", "config", "max qps", "lost %");
-    for qps in &settings.loads {
-        let _ = write!(out, " {:>23}", format!("@{qps}/s p50/p99/p99.9 us"));
-    }
+    write_throughput_header(&mut out, settings);
     let _ = writeln!(
         out,
         " {:>17} {:>13} {:>9} {:>27}",
@@ -804,30 +807,14 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
     );
     for config in Config::ALL {
         let m = |get: &dyn Fn(&Measurement) -> f64| median_of(rounds, config, get);
-        let _ = write!(
-            out,
-            "{:<17} {:>10.0} {:>7.2}",
-            config.name(),
-            m(&|x| x.max_qps),
-            m(&|x| x.lost_percent)
-        );
-        for i in 0..settings.loads.len() {
-            let _ = write!(
-                out,
-                " {:>23}",
-                format!(
-                    "{:.0}/{:.0}/{:.0}",
-                    m(&|x| x.under_load[i].p50),
-                    m(&|x| x.under_load[i].p99),
-                    m(&|x| x.under_load[i].p999)
-                )
-            );
-        }
+        write_throughput(&mut out, config.name(), settings, &|get| {
+            m(&|x| get(&x.throughput))
+        });
         let _ = writeln!(
             out,
             " {:>17} {:>13.3} {:>9.1} {:>27}",
             format!("{:.0}/{:.0}", m(&|x| x.single.p50), m(&|x| x.single.p99)),
-            m(&|x| x.cpu_per_100k),
+            m(&|x| x.throughput.cpu_per_100k),
             m(&|x| x.peak_rss_mib),
             format!(
                 "{:.0}/{:.0}/{:.0}/{:.0}",
@@ -839,7 +826,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         );
     }
 
-    let qps = |config| median_of(rounds, config, |x| x.max_qps);
+    let qps = |config| median_of(rounds, config, |x| x.throughput.max_qps);
     let single = |config| median_of(rounds, config, |x| x.single.p50);
     let syscall = |config| median_of(rounds, config, |x| x.syscall_ns);
     let hooks = |config| median_of(rounds, config, |x| x.connect_ns + x.recv_ns);
@@ -858,8 +845,8 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         "  max qps: agent+dnstap/agent {:.2} (every query attributed, logged to dnstap, its \
          names kept, counted by workload; CPU per 100k queries {:.3} s against {:.3} s)",
         qps(logging) / qps(agent),
-        median_of(rounds, logging, |x| x.cpu_per_100k),
-        median_of(rounds, agent, |x| x.cpu_per_100k)
+        median_of(rounds, logging, |x| x.throughput.cpu_per_100k),
+        median_of(rounds, agent, |x| x.throughput.cpu_per_100k)
     );
     let _ = writeln!(
         out,

@@ -18,7 +18,7 @@ use std::{
 
 use hashlink::LruCache;
 
-use crate::dns::wire::HEADER_LEN;
+use crate::dns::wire::{HEADER_LEN, Reader, Record, count};
 
 /// A SERVFAIL is kept at most this long (RFC 2308 §7.1).
 const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
@@ -652,116 +652,6 @@ fn extended_rcode(answer: &[u8]) -> Option<u32> {
     match find_opt(answer) {
         Some((start, _)) => Some(Reader::new(answer, start).record()?.ttl >> 24),
         None => Some(0),
-    }
-}
-
-fn count(message: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([
-        *message.get(at)?,
-        *message.get(at + 1)?,
-    ]))
-}
-
-/// A resource record's fixed fields, as found at some offset.
-#[derive(Debug, Clone, Copy)]
-struct Record {
-    rtype: u16,
-    class: u16,
-    ttl: u32,
-    ttl_offset: usize,
-    rdata_start: usize,
-    rdata_end: usize,
-}
-
-/// Walks a message, every read bounds-checked.
-struct Reader<'a> {
-    message: &'a [u8],
-    offset: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(message: &'a [u8], offset: usize) -> Self {
-        Self { message, offset }
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        let value = count(self.message, self.offset)?;
-        self.offset += 2;
-        Some(value)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        let bytes = self.message.get(self.offset..self.offset + 4)?;
-        self.offset += 4;
-        Some(u32::from_be_bytes(bytes.try_into().ok()?))
-    }
-
-    /// A name without compression (a question's), ASCII letters in lower case.
-    fn plain_name(&mut self) -> Option<Box<[u8]>> {
-        let start = self.offset;
-        loop {
-            let len = usize::from(*self.message.get(self.offset)?);
-            match len {
-                0 => {
-                    self.offset += 1;
-                    break;
-                }
-                1..=63 => self.offset += 1 + len,
-                _ => return None,
-            }
-            if self.offset - start > 255 {
-                return None;
-            }
-        }
-        let name = self.message.get(start..self.offset)?;
-        Some(name.to_ascii_lowercase().into())
-    }
-
-    /// Steps over a name, compressed or not (a pointer ends it).
-    fn skip_name(&mut self) -> Option<()> {
-        let start = self.offset;
-        loop {
-            let len = *self.message.get(self.offset)?;
-            match len {
-                0 => {
-                    self.offset += 1;
-                    return Some(());
-                }
-                1..=63 => self.offset += 1 + usize::from(len),
-                0xc0..=0xff => {
-                    self.message.get(self.offset + 1)?;
-                    self.offset += 2;
-                    return Some(());
-                }
-                _ => return None,
-            }
-            if self.offset - start > 255 {
-                return None;
-            }
-        }
-    }
-
-    fn record(&mut self) -> Option<Record> {
-        self.skip_name()?;
-        let rtype = self.u16()?;
-        let class = self.u16()?;
-        let ttl_offset = self.offset;
-        let ttl = self.u32()?;
-        let rdlength = usize::from(self.u16()?);
-        let rdata_start = self.offset;
-        let rdata_end = rdata_start + rdlength;
-        if rdata_end > self.message.len() {
-            return None;
-        }
-        self.offset = rdata_end;
-        Some(Record {
-            rtype,
-            class,
-            ttl,
-            ttl_offset,
-            rdata_start,
-            rdata_end,
-        })
     }
 }
 

@@ -505,10 +505,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
 
     /// The name of cgroup `id`'s workload, for the log.
     fn workload_name(&self, id: u64) -> Arc<str> {
-        match &self.settings.workloads {
-            Some(names) => names.name(id),
-            None => Arc::from(format!("cgroup-id={id}")),
-        }
+        WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
     }
 
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {

@@ -883,10 +883,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// The name of cgroup `id`'s workload, for the log.
     fn workload_name(&self, id: u64) -> Arc<str> {
-        match &self.settings.workloads {
-            Some(names) => names.name(id),
-            None => Arc::from(format!("cgroup-id={id}")),
-        }
+        WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
     }
 
     /// One of the client's --max-inflight-per-client (the agent's own namespace is one client,

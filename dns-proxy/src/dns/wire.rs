@@ -118,6 +118,117 @@ pub fn describe_rcode(message: &[u8]) -> String {
     }
 }
 
+/// A big-endian 16-bit field at `at` in `message`.
+pub(crate) fn count(message: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([
+        *message.get(at)?,
+        *message.get(at + 1)?,
+    ]))
+}
+
+/// A resource record's fixed fields, as found at some offset.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Record {
+    pub(crate) rtype: u16,
+    pub(crate) class: u16,
+    pub(crate) ttl: u32,
+    pub(crate) ttl_offset: usize,
+    pub(crate) rdata_start: usize,
+    pub(crate) rdata_end: usize,
+}
+
+/// Walks a message, every read bounds-checked.
+pub(crate) struct Reader<'a> {
+    message: &'a [u8],
+    pub(crate) offset: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(message: &'a [u8], offset: usize) -> Self {
+        Self { message, offset }
+    }
+
+    pub(crate) fn u16(&mut self) -> Option<u16> {
+        let value = count(self.message, self.offset)?;
+        self.offset += 2;
+        Some(value)
+    }
+
+    pub(crate) fn u32(&mut self) -> Option<u32> {
+        let bytes = self.message.get(self.offset..self.offset + 4)?;
+        self.offset += 4;
+        Some(u32::from_be_bytes(bytes.try_into().ok()?))
+    }
+
+    /// A name without compression (a question's), ASCII letters in lower case.
+    pub(crate) fn plain_name(&mut self) -> Option<Box<[u8]>> {
+        let start = self.offset;
+        loop {
+            let len = usize::from(*self.message.get(self.offset)?);
+            match len {
+                0 => {
+                    self.offset += 1;
+                    break;
+                }
+                1..=63 => self.offset += 1 + len,
+                _ => return None,
+            }
+            if self.offset - start > 255 {
+                return None;
+            }
+        }
+        let name = self.message.get(start..self.offset)?;
+        Some(name.to_ascii_lowercase().into())
+    }
+
+    /// Steps over a name, compressed or not (a pointer ends it).
+    pub(crate) fn skip_name(&mut self) -> Option<()> {
+        let start = self.offset;
+        loop {
+            let len = *self.message.get(self.offset)?;
+            match len {
+                0 => {
+                    self.offset += 1;
+                    return Some(());
+                }
+                1..=63 => self.offset += 1 + usize::from(len),
+                0xc0..=0xff => {
+                    self.message.get(self.offset + 1)?;
+                    self.offset += 2;
+                    return Some(());
+                }
+                _ => return None,
+            }
+            if self.offset - start > 255 {
+                return None;
+            }
+        }
+    }
+
+    pub(crate) fn record(&mut self) -> Option<Record> {
+        self.skip_name()?;
+        let rtype = self.u16()?;
+        let class = self.u16()?;
+        let ttl_offset = self.offset;
+        let ttl = self.u32()?;
+        let rdlength = usize::from(self.u16()?);
+        let rdata_start = self.offset;
+        let rdata_end = rdata_start + rdlength;
+        if rdata_end > self.message.len() {
+            return None;
+        }
+        self.offset = rdata_end;
+        Some(Record {
+            rtype,
+            class,
+            ttl,
+            ttl_offset,
+            rdata_start,
+            rdata_end,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use hickory_proto::{
