@@ -624,7 +624,7 @@ mod tests {
                 .respond_to(&Method::GET, "/v1/resolutions", query)
                 .status()
         };
-        // Not kept (no table): 404; with one, a missing workload or a bad address is a 400.
+        // Not kept (no table): 404. (With one, a bad address is a 400: e2e/attribution.rs.)
         assert_eq!(status(Some("workload=x")), StatusCode::NOT_FOUND);
     }
 
