@@ -18,23 +18,23 @@ mod encode;
 pub mod fstrm;
 
 use std::{
+    cell::RefCell,
     fmt,
     fs::File,
     io::{self, BufWriter, Write},
     net::SocketAddr,
+    ops::Range,
     os::{fd::OwnedFd, unix::net::UnixStream},
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError},
+        mpsc::{self, Receiver, RecvTimeoutError},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime},
 };
-
-use bytes::Bytes;
 
 use crate::log_limit::RateLimited;
 
@@ -125,9 +125,10 @@ pub enum Transport {
     Tcp = 2,
 }
 
-/// One lookup event; see the module docs for what goes where.
-#[derive(Debug, Clone)]
-pub struct Event {
+/// One lookup event; see the module docs for what goes where. It borrows what it carries:
+/// [`DnstapSink::log`] copies it into the calling thread's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
     pub kind: MessageType,
     pub transport: Transport,
     /// The workload's socket: `query_address`/`query_port`.
@@ -136,34 +137,64 @@ pub struct Event {
     pub server: SocketAddr,
     pub query_time: SystemTime,
     /// The query in wire format (for the query events).
-    pub query: Option<Bytes>,
+    pub query: Option<&'a [u8]>,
     pub response_time: Option<SystemTime>,
     /// The response in wire format (for the response events).
-    pub response: Option<Bytes>,
-    /// The workload's full form, for `extra`; shared, so callers can keep one per cgroup.
-    pub workload: Option<Arc<str>>,
+    pub response: Option<&'a [u8]>,
+    /// Who asked, for `extra`.
+    pub workload: Workload<'a>,
 }
 
-impl Event {
+/// The workload an event is about, as `extra` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload<'a> {
+    /// No `extra`.
+    Unknown,
+    /// Its full form.
+    Named(&'a str),
+    /// Its cgroup: the writer thread names it with [`DnstapSettings::name_cgroup`], so naming
+    /// costs the lookup path nothing (`cgroup-id=N` without a namer).
+    Cgroup(u64),
+}
+
+impl Event<'_> {
     /// What the event holds in memory while queued.
     fn cost(&self) -> usize {
-        size_of::<Self>()
-            + self.query.as_ref().map_or(0, Bytes::len)
-            + self.response.as_ref().map_or(0, Bytes::len)
-            + self.workload.as_ref().map_or(0, |workload| workload.len())
+        size_of::<Queued>()
+            + self.query.map_or(0, <[u8]>::len)
+            + self.response.map_or(0, <[u8]>::len)
+            + match self.workload {
+                Workload::Named(name) => name.len(),
+                Workload::Unknown | Workload::Cgroup(_) => 0,
+            }
     }
 }
 
 /// How a [`DnstapSink`] is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DnstapSettings {
     pub target: DnstapTarget,
     /// `identity` in every message: the node's name.
     pub identity: String,
-    /// The most events queued for the writer.
-    pub queue_events: usize,
-    /// The most bytes queued for the writer (TCP messages reach 64 KiB each).
+    /// The most bytes queued for the writer, events' own size included (TCP messages reach
+    /// 64 KiB each; an event without messages takes about 100 bytes).
     pub queue_bytes: usize,
+    /// Names a [`Workload::Cgroup`] for `extra`, on the writer thread.
+    pub name_cgroup: Option<CgroupNamer>,
+}
+
+/// See [`DnstapSettings::name_cgroup`].
+pub type CgroupNamer = Arc<dyn Fn(u64) -> Arc<str> + Send + Sync>;
+
+impl fmt::Debug for DnstapSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnstapSettings")
+            .field("target", &self.target)
+            .field("identity", &self.identity)
+            .field("queue_bytes", &self.queue_bytes)
+            .field("name_cgroup", &self.name_cgroup.is_some())
+            .finish()
+    }
 }
 
 impl DnstapSettings {
@@ -171,8 +202,8 @@ impl DnstapSettings {
         Self {
             target,
             identity: identity.into(),
-            queue_events: 4096,
             queue_bytes: 8 << 20,
+            name_cgroup: None,
         }
     }
 }
@@ -199,10 +230,107 @@ impl DnstapCounters {
     }
 }
 
+/// An event in a thread's queue; its messages and name are in the queue's `bytes`.
+#[derive(Debug)]
+struct Queued {
+    kind: MessageType,
+    transport: Transport,
+    client: SocketAddr,
+    server: SocketAddr,
+    query_time: SystemTime,
+    query: Option<Range<usize>>,
+    response_time: Option<SystemTime>,
+    response: Option<Range<usize>>,
+    workload: QueuedWorkload,
+}
+
+#[derive(Debug)]
+enum QueuedWorkload {
+    Unknown,
+    Named(Range<usize>),
+    Cgroup(u64),
+}
+
+/// The events one thread logged that the writer has not taken yet. Each logging thread has
+/// its own, so logging takes no lock another logging thread holds: the writer takes the whole
+/// queue at once, every few milliseconds.
 #[derive(Debug, Default)]
+struct ThreadQueue {
+    events: Vec<Queued>,
+    bytes: Vec<u8>,
+    /// What the events cost against [`DnstapSettings::queue_bytes`].
+    cost: usize,
+    /// The writer has taken its last events: what comes now is dropped.
+    closed: bool,
+}
+
+impl ThreadQueue {
+    fn push(&mut self, event: &Event<'_>, cost: usize) {
+        let mut keep = |data: &[u8]| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(data);
+            start..self.bytes.len()
+        };
+        let query = event.query.map(&mut keep);
+        let response = event.response.map(&mut keep);
+        let workload = match event.workload {
+            Workload::Unknown => QueuedWorkload::Unknown,
+            Workload::Named(name) => QueuedWorkload::Named(keep(name.as_bytes())),
+            Workload::Cgroup(id) => QueuedWorkload::Cgroup(id),
+        };
+        self.events.push(Queued {
+            kind: event.kind,
+            transport: event.transport,
+            client: event.client,
+            server: event.server,
+            query_time: event.query_time,
+            query,
+            response_time: event.response_time,
+            response,
+            workload,
+        });
+        self.cost += cost;
+    }
+
+    /// Moves the events to `into` (whose own were written), leaving this queue empty.
+    fn take(&mut self, into: &mut ThreadQueue) {
+        into.events.clear();
+        into.bytes.clear();
+        std::mem::swap(&mut self.events, &mut into.events);
+        std::mem::swap(&mut self.bytes, &mut into.bytes);
+        into.cost = std::mem::take(&mut self.cost);
+    }
+}
+
+type SharedQueue = Arc<Mutex<ThreadQueue>>;
+
+fn lock(queue: &Mutex<ThreadQueue>) -> std::sync::MutexGuard<'_, ThreadQueue> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+thread_local! {
+    /// This thread's queue of each sink it logged to, by the sink's id.
+    static QUEUES: RefCell<Vec<(u64, SharedQueue)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tells sinks apart in [`QUEUES`] (an address could be reused by a later sink).
+static NEXT_SINK_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Every thread's queue, for the writer.
+#[derive(Default)]
+struct Registry {
+    queues: Vec<SharedQueue>,
+    /// The writer has taken the last events: queues made now are closed from the start.
+    closed: bool,
+}
+
+#[derive(Default)]
 struct Shared {
     counters: Arc<DnstapCounters>,
     queued_bytes: AtomicUsize,
+    queues: Mutex<Registry>,
     /// Set on close: drain what is queued, but do not retry a reader for it (a first try,
     /// for a log closed right after it started, is still made).
     closing: AtomicBool,
@@ -211,7 +339,7 @@ struct Shared {
 /// The dnstap log: [`DnstapSink::log`] from any thread; a writer thread does the I/O.
 /// Dropping it closes the log (see [`DnstapSink::close`]).
 pub struct DnstapSink {
-    sender: Option<SyncSender<Event>>,
+    id: u64,
     shared: Arc<Shared>,
     queue_bytes: usize,
     /// The thread and its "done" signal; in a Mutex only so the sink is `Sync` (a Receiver is
@@ -227,18 +355,19 @@ impl DnstapSink {
             DnstapTarget::File(path) => Some(open_file(path)?),
             DnstapTarget::Unix(_) => None,
         };
-        let (sender, events) = mpsc::sync_channel(settings.queue_events.max(1));
         let (done_tx, done_rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
         let writer = Writer {
             target: settings.target,
-            events,
             shared: Arc::clone(&shared),
             identity: settings.identity.into_bytes(),
+            name_cgroup: settings.name_cgroup,
             output,
             tried: false,
             backoff: FIRST_BACKOFF,
             next_attempt: Instant::now(),
+            taken: Vec::new(),
+            spare: Vec::new(),
             frame: Vec::new(),
             scratch: Vec::new(),
             dirty: false,
@@ -255,27 +384,52 @@ impl DnstapSink {
             })
             .map_err(DnstapError::Thread)?;
         Ok(Self {
-            sender: Some(sender),
+            id: NEXT_SINK_ID.fetch_add(1, Ordering::Relaxed),
             shared,
             queue_bytes: settings.queue_bytes,
             writer: Mutex::new(Some((handle, done_rx))),
         })
     }
 
-    /// Queues `event` for the writer, or drops and counts it when the queue is full (or
-    /// the log is closed). Never blocks.
-    pub fn log(&self, event: Event) {
+    /// Queues a copy of `event` for the writer, or drops and counts it when the queue is full
+    /// (or the log is closed). Never blocks: the only lock is this thread's own queue's, which
+    /// the writer holds just to take it.
+    pub fn log(&self, event: &Event<'_>) {
         let cost = event.cost();
         let queued = self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
-        let sent = queued + cost <= self.queue_bytes
-            && self
-                .sender
-                .as_ref()
-                .is_some_and(|sender| sender.try_send(event).is_ok());
-        if !sent {
+        let kept = queued + cost <= self.queue_bytes
+            && QUEUES.with_borrow_mut(|queues| {
+                let mut queue = lock(self.thread_queue(queues));
+                if queue.closed {
+                    return false;
+                }
+                queue.push(event, cost);
+                true
+            });
+        if !kept {
             self.shared.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             self.shared.counters.drop_one();
         }
+    }
+
+    /// This thread's queue for this sink, made (and shown to the writer) on first use.
+    fn thread_queue<'q>(&self, queues: &'q mut Vec<(u64, SharedQueue)>) -> &'q SharedQueue {
+        if let Some(at) = queues.iter().position(|(id, _)| *id == self.id) {
+            return &queues[at].1;
+        }
+        // Queues of sinks that are gone (only this thread holds them) go first.
+        queues.retain(|(_, queue)| Arc::strong_count(queue) > 1);
+        let queue = SharedQueue::default();
+        let mut registry = self
+            .shared
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        lock(&queue).closed = registry.closed;
+        registry.queues.push(Arc::clone(&queue));
+        drop(registry);
+        queues.push((self.id, queue));
+        &queues[queues.len() - 1].1
     }
 
     /// The counters, to read from metrics.
@@ -291,9 +445,8 @@ impl DnstapSink {
     }
 
     fn close_within(&mut self, limit: Duration) -> bool {
+        // The writer takes the queues one last time, closing them, and ends.
         self.shared.closing.store(true, Ordering::Relaxed);
-        // The writer sees the queue disconnected once it has drained it.
-        drop(self.sender.take());
         let writer = self
             .writer
             .get_mut()
@@ -449,14 +602,18 @@ fn connect(path: &Path) -> io::Result<Output> {
 /// The writer thread's state.
 struct Writer {
     target: DnstapTarget,
-    events: Receiver<Event>,
     shared: Arc<Shared>,
     identity: Vec<u8>,
+    name_cgroup: Option<CgroupNamer>,
     output: Option<Output>,
     /// Whether we have tried to connect to a socket reader yet.
     tried: bool,
     backoff: Duration,
     next_attempt: Instant,
+    /// The queues' events taken in one pass, and emptied queues to take the next into: the
+    /// buffers go round between the threads instead of being made anew.
+    taken: Vec<ThreadQueue>,
+    spare: Vec<ThreadQueue>,
     /// Buffers reused from event to event.
     frame: Vec<u8>,
     scratch: Vec<u8>,
@@ -468,35 +625,79 @@ struct Writer {
     drop_warning: RateLimited,
 }
 
+/// Emptied queues the writer keeps to swap in; a bigger one goes (a burst's buffers are not
+/// held for ever).
+const SPARE_QUEUES: usize = 8;
+const SPARE_BYTES: usize = 1 << 20;
+
 impl Writer {
     fn run(mut self) {
         loop {
-            let event = match self.events.try_recv() {
-                Ok(event) => event,
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {
-                    // Idle: a reader sees everything so far now. Then a nap, not a blocking
-                    // receive: a writer waiting in the channel is woken by every event a
-                    // lookup logs (a futex call and a context switch each), one napping
-                    // collects them a batch at a time.
-                    self.flush();
-                    self.report_drops();
-                    thread::sleep(IDLE_NAP.min(self.idle_wait()));
-                    self.reconnect_if_due();
-                    continue;
+            // Seen before the last take: whatever was logged before closing is in it.
+            let closing = self.shared.closing.load(Ordering::Relaxed);
+            self.take_queues(closing);
+            if self.taken.is_empty() {
+                if closing {
+                    break;
                 }
-            };
-            self.shared
-                .queued_bytes
-                .fetch_sub(event.cost(), Ordering::Relaxed);
-            self.write(&event);
+                // Idle: a reader sees everything so far now. Then a nap: the logging threads
+                // never wake the writer (a futex call and a context switch per event); it
+                // takes what they queued a batch at a time.
+                self.flush();
+                self.report_drops();
+                thread::sleep(IDLE_NAP.min(self.idle_wait()));
+                self.reconnect_if_due();
+                continue;
+            }
+            let mut taken = std::mem::take(&mut self.taken);
+            for queue in &mut taken {
+                for queued in &queue.events {
+                    self.write(queued, &queue.bytes);
+                }
+                self.shared
+                    .queued_bytes
+                    .fetch_sub(queue.cost, Ordering::Relaxed);
+            }
+            for mut queue in taken.drain(..) {
+                if self.spare.len() < SPARE_QUEUES && queue.bytes.capacity() <= SPARE_BYTES {
+                    queue.events.clear();
+                    queue.bytes.clear();
+                    self.spare.push(queue);
+                }
+            }
+            self.taken = taken;
             if self.last_flush.elapsed() >= FLUSH_INTERVAL {
                 self.flush();
                 self.report_drops();
             }
+            if closing {
+                break;
+            }
         }
         self.stop();
         self.report_drops();
+    }
+
+    /// Takes every thread's queued events into `taken`; `last` also closes the queues, so
+    /// what is logged after is dropped and counted. Forgets the queues of threads that ended.
+    fn take_queues(&mut self, last: bool) {
+        let mut registry = self
+            .shared
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        registry.closed = last;
+        registry.queues.retain(|shared| {
+            let mut queue = lock(shared);
+            queue.closed = last;
+            if !queue.events.is_empty() {
+                let mut into = self.spare.pop().unwrap_or_default();
+                queue.take(&mut into);
+                self.taken.push(into);
+            }
+            // Only the writer holds it: its thread has ended, and it is empty now.
+            Arc::strong_count(shared) > 1
+        });
     }
 
     /// How long to wait for an event when there is none: until the next reconnection
@@ -511,7 +712,7 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, event: &Event) {
+    fn write(&mut self, queued: &Queued, bytes: &[u8]) {
         if self.output.is_none() {
             self.reconnect_if_due();
         }
@@ -519,9 +720,34 @@ impl Writer {
             self.shared.counters.drop_one();
             return;
         };
+        let named;
+        let workload = match &queued.workload {
+            QueuedWorkload::Unknown => Workload::Unknown,
+            QueuedWorkload::Named(range) => {
+                Workload::Named(std::str::from_utf8(&bytes[range.clone()]).unwrap_or_default())
+            }
+            QueuedWorkload::Cgroup(id) => match &self.name_cgroup {
+                Some(name_cgroup) => {
+                    named = name_cgroup(*id);
+                    Workload::Named(&named)
+                }
+                None => Workload::Cgroup(*id),
+            },
+        };
+        let event = Event {
+            kind: queued.kind,
+            transport: queued.transport,
+            client: queued.client,
+            server: queued.server,
+            query_time: queued.query_time,
+            query: queued.query.clone().map(|range| &bytes[range]),
+            response_time: queued.response_time,
+            response: queued.response.clone().map(|range| &bytes[range]),
+            workload,
+        };
         self.frame.clear();
         encode::dnstap(
-            event,
+            &event,
             &self.identity,
             VERSION.as_bytes(),
             &mut self.scratch,

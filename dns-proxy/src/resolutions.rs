@@ -7,10 +7,11 @@
 //! Bounded: at most [`MAX_ENTRIES`] (workload, address, name) entries and [`MAX_BYTES`] of
 //! them, least recently recorded out first; expired entries are not shown.
 use std::{
+    cell::RefCell,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use hashlink::LruCache;
@@ -46,7 +47,7 @@ pub struct Resolutions {
 
 struct Entries {
     /// Unbounded: every eviction is this table's own, so bytes are counted.
-    map: LruCache<Key, SystemTime>,
+    map: LruCache<Key, SystemTime, foldhash::fast::RandomState>,
     bytes: usize,
 }
 
@@ -75,7 +76,7 @@ impl Resolutions {
     pub fn new(workloads: Arc<WorkloadNames>) -> Self {
         Self {
             entries: Mutex::new(Entries {
-                map: LruCache::new_unbounded(),
+                map: LruCache::with_hasher(usize::MAX, foldhash::fast::RandomState::default()),
                 bytes: 0,
             }),
             workloads,
@@ -171,41 +172,44 @@ impl Resolutions {
 /// How long an answer recorded for a cgroup is not recorded again: the same answer (its ID
 /// aside) comes back over and over, and its TTLs change only by the second.
 const RECORDED_LATELY: Duration = Duration::from_secs(1);
-/// Answers each thread remembers having recorded.
-const REMEMBERED: usize = 4096;
+/// Answers each thread remembers having recorded (a power of two): the slots of a
+/// direct-mapped table, one answer each, 256 KiB a thread.
+const REMEMBERED: usize = 16_384;
+
+/// One thread's answers recorded lately: in each slot, the hash of the last (cgroup, answer)
+/// that fell there and when it was recorded. A busy slot is simply overwritten, so looking up
+/// and noting cost one hash and one slot, however many names go by.
+struct RecentAnswers {
+    keys: foldhash::fast::RandomState,
+    started: Instant,
+    slots: Box<[(u64, u32)]>,
+}
 
 thread_local! {
-    /// Per thread, so no lock: (cgroup, answer) hashes recorded in the last second.
-    static RECENT: std::cell::RefCell<(std::collections::HashMap<u64, std::time::Instant>, std::hash::RandomState)> =
-        std::cell::RefCell::default();
+    static RECENT: RefCell<Option<RecentAnswers>> = const { RefCell::new(None) };
 }
 
 /// Whether this thread recorded this answer (its ID aside) for `cgroup` in the last second;
 /// notes it if not.
 fn recorded_lately(cgroup: u64, answer: &[u8]) -> bool {
-    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
     let Some(body) = answer.get(2..) else {
         return true;
     };
-    let now = std::time::Instant::now();
-    RECENT.with_borrow_mut(|(recent, keys)| {
-        let mut hasher = keys.build_hasher();
-        cgroup.hash(&mut hasher);
-        body.hash(&mut hasher);
-        let hash = hasher.finish();
-        if recent
-            .get(&hash)
-            .is_some_and(|at| now.duration_since(*at) < RECORDED_LATELY)
-        {
+    RECENT.with_borrow_mut(|recent| {
+        let recent = recent.get_or_insert_with(|| RecentAnswers {
+            keys: foldhash::fast::RandomState::default(),
+            started: Instant::now(),
+            slots: vec![(0, 0); REMEMBERED].into_boxed_slice(),
+        });
+        let hash = std::hash::BuildHasher::hash_one(&recent.keys, (cgroup, body));
+        // Milliseconds, wrapping every 49 days: a slot then looks fresh for a second at most.
+        let now = recent.started.elapsed().as_millis() as u32;
+        let slot = &mut recent.slots[hash as usize & (REMEMBERED - 1)];
+        let recorded_ms = RECORDED_LATELY.as_millis() as u32;
+        if slot.0 == hash && now.wrapping_sub(slot.1) < recorded_ms {
             return true;
         }
-        if recent.len() >= REMEMBERED {
-            recent.retain(|_, at| now.duration_since(*at) < RECORDED_LATELY);
-            if recent.len() >= REMEMBERED {
-                recent.clear();
-            }
-        }
-        recent.insert(hash, now);
+        *slot = (hash, now);
         false
     })
 }

@@ -7,11 +7,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use bytes::Bytes;
-
 use crate::{
     dnstap::{
         DnstapCounters, DnstapError, DnstapSettings, DnstapSink, Event, MessageType, Transport,
+        Workload,
     },
     workload::WorkloadNames,
 };
@@ -50,8 +49,11 @@ impl QueryLog {
         }
     }
 
-    /// Starts the sink (its file or socket, and its writer thread).
-    pub fn start(&self, settings: DnstapSettings) -> Result<(), DnstapError> {
+    /// Starts the sink (its file or socket, and its writer thread), which names workloads
+    /// on its own thread.
+    pub fn start(&self, mut settings: DnstapSettings) -> Result<(), DnstapError> {
+        let workloads = Arc::clone(&self.workloads);
+        settings.name_cgroup = Some(Arc::new(move |cgroup| workloads.full_or_id(cgroup)));
         let sink = DnstapSink::start(settings)?;
         let _ = self.sink.set(sink);
         Ok(())
@@ -67,16 +69,16 @@ impl QueryLog {
         let Some(sink) = self.sink.get() else {
             return;
         };
-        sink.log(Event {
+        sink.log(&Event {
             kind: MessageType::ClientQuery,
             transport: asked.transport,
             client: asked.client,
             server: asked.server,
             query_time: SystemTime::now(),
-            query: Some(Bytes::copy_from_slice(query)),
+            query: Some(query),
             response_time: None,
             response: None,
-            workload: Some(self.workloads.full_or_id(asked.cgroup)),
+            workload: Workload::Cgroup(asked.cgroup),
         });
     }
 
@@ -86,7 +88,7 @@ impl QueryLog {
             return;
         };
         let now = SystemTime::now();
-        sink.log(Event {
+        sink.log(&Event {
             kind: MessageType::ClientResponse,
             transport: asked.transport,
             client: asked.client,
@@ -94,8 +96,8 @@ impl QueryLog {
             query_time: now - started.elapsed(),
             query: None,
             response_time: Some(now),
-            response: Some(Bytes::copy_from_slice(response)),
-            workload: Some(self.workloads.full_or_id(asked.cgroup)),
+            response: Some(response),
+            workload: Workload::Cgroup(asked.cgroup),
         });
     }
 }

@@ -6,7 +6,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::Event;
+use super::{Event, Workload};
 
 // Wire types.
 const VARINT: u32 = 0;
@@ -22,7 +22,7 @@ const INET6: u64 = 2;
 /// Appends the `Dnstap` message for `event` to `out`; `scratch` holds the inner `Message`
 /// while its length is not yet known (reused between events to save allocations).
 pub(super) fn dnstap(
-    event: &Event,
+    event: &Event<'_>,
     identity: &[u8],
     version: &[u8],
     scratch: &mut Vec<u8>,
@@ -34,8 +34,10 @@ pub(super) fn dnstap(
         bytes_field(out, 1, identity);
     }
     bytes_field(out, 2, version);
-    if let Some(workload) = &event.workload {
-        bytes_field(out, 3, workload.as_bytes());
+    match event.workload {
+        Workload::Unknown => {}
+        Workload::Named(name) => bytes_field(out, 3, name.as_bytes()),
+        Workload::Cgroup(id) => bytes_field(out, 3, format!("cgroup-id={id}").as_bytes()),
     }
     bytes_field(out, 14, scratch);
     varint_field(out, 15, DNSTAP_MESSAGE);
@@ -43,7 +45,7 @@ pub(super) fn dnstap(
 
 /// `Message`: query_address/port is the client, response_address/port the server the client
 /// asked; an IPv4 address beside an IPv6 one is written IPv4-mapped, as INET6 needs.
-fn message(event: &Event, out: &mut Vec<u8>) {
+fn message(event: &Event<'_>, out: &mut Vec<u8>) {
     varint_field(out, 1, event.kind as u64);
     let client = event.client.ip().to_canonical();
     let server = event.server.ip().to_canonical();
@@ -62,7 +64,7 @@ fn message(event: &Event, out: &mut Vec<u8>) {
     let (sec, nsec) = since_epoch(event.query_time);
     varint_field(out, 8, sec);
     fixed32_field(out, 9, nsec);
-    if let Some(query) = &event.query {
+    if let Some(query) = event.query {
         bytes_field(out, 10, query);
     }
     if let Some(time) = event.response_time {
@@ -70,7 +72,7 @@ fn message(event: &Event, out: &mut Vec<u8>) {
         varint_field(out, 12, sec);
         fixed32_field(out, 13, nsec);
     }
-    if let Some(response) = &event.response {
+    if let Some(response) = event.response {
         bytes_field(out, 14, response);
     }
 }
@@ -189,9 +191,7 @@ pub(super) mod decode {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::SocketAddr, sync::Arc, time::Duration};
-
-    use bytes::Bytes;
+    use std::{net::SocketAddr, time::Duration};
 
     use super::{
         decode::{Value, bytes, fields, one},
@@ -199,17 +199,17 @@ mod tests {
     };
     use crate::dnstap::{MessageType, Transport};
 
-    fn event() -> Event {
+    fn event() -> Event<'static> {
         Event {
             kind: MessageType::ClientResponse,
             transport: Transport::Udp,
             client: "10.1.2.3:40000".parse().unwrap(),
             server: "192.0.2.53:53".parse().unwrap(),
             query_time: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
-            query: Some(Bytes::from_static(b"query")),
+            query: Some(b"query"),
             response_time: Some(UNIX_EPOCH + Duration::new(1_700_000_001, 5)),
-            response: Some(Bytes::from_static(b"response")),
-            workload: Some(Arc::from("unit=x.service")),
+            response: Some(b"response"),
+            workload: Workload::Named("unit=x.service"),
         }
     }
 
@@ -242,7 +242,7 @@ mod tests {
             query: None,
             response_time: None,
             response: None,
-            workload: None,
+            workload: Workload::Unknown,
         };
         let mut out = Vec::new();
         dnstap(&event, b"", b"v", &mut Vec::new(), &mut out);

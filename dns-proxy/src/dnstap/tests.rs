@@ -57,33 +57,44 @@ fn response(name: &str, answer: Ipv4Addr) -> Message {
     message
 }
 
-/// A lookup of `name` as the two events on the workload's side.
-fn lookup(name: &str) -> [Event; 2] {
-    let start = SystemTime::now();
-    let query = Bytes::from(query(name).to_vec().unwrap());
-    let response = Bytes::from(
-        response(name, Ipv4Addr::new(198, 51, 100, 7))
+/// A lookup of `name`: what its two events on the workload's side carry.
+struct Lookup {
+    start: SystemTime,
+    query: Vec<u8>,
+    response: Vec<u8>,
+}
+
+fn lookup(name: &str) -> Lookup {
+    Lookup {
+        start: SystemTime::now(),
+        query: query(name).to_vec().unwrap(),
+        response: response(name, Ipv4Addr::new(198, 51, 100, 7))
             .to_vec()
             .unwrap(),
-    );
-    let common = Event {
-        kind: MessageType::ClientQuery,
-        transport: Transport::Udp,
-        client: "10.244.1.7:41234".parse().unwrap(),
-        server: "192.0.2.53:53".parse().unwrap(),
-        query_time: start,
-        query: Some(query),
-        response_time: None,
-        response: None,
-        workload: Some(Arc::from(WORKLOAD)),
-    };
-    let answered = Event {
-        kind: MessageType::ClientResponse,
-        response_time: Some(start + Duration::from_millis(3)),
-        response: Some(response),
-        ..common.clone()
-    };
-    [common, answered]
+    }
+}
+
+impl Lookup {
+    fn events(&self) -> [Event<'_>; 2] {
+        let common = Event {
+            kind: MessageType::ClientQuery,
+            transport: Transport::Udp,
+            client: "10.244.1.7:41234".parse().unwrap(),
+            server: "192.0.2.53:53".parse().unwrap(),
+            query_time: self.start,
+            query: Some(&self.query),
+            response_time: None,
+            response: None,
+            workload: Workload::Named(WORKLOAD),
+        };
+        let answered = Event {
+            kind: MessageType::ClientResponse,
+            response_time: Some(self.start + Duration::from_millis(3)),
+            response: Some(&self.response),
+            ..common
+        };
+        [common, answered]
+    }
 }
 
 /// `dnstap-ldns -y -r FILE`'s YAML.
@@ -259,8 +270,8 @@ fn dnstap_ldns_reads_the_file() {
     let sink = DnstapSink::start(settings).unwrap();
     let names = ["www.example.test.", "api.example.test."];
     for name in names {
-        for event in lookup(name) {
-            sink.log(event);
+        for event in lookup(name).events() {
+            sink.log(&event);
         }
     }
     let counters = sink.counters();
@@ -270,13 +281,77 @@ fn dnstap_ldns_reads_the_file() {
 }
 
 #[test]
+fn events_of_many_threads_are_all_written_even_from_threads_that_ended() {
+    let dir = TempDir::new("threads");
+    let path = dir.0.join("lookups.dnstap");
+    let mut settings = DnstapSettings::new(DnstapTarget::File(path.clone()), "node-1");
+    settings.name_cgroup = Some(Arc::new(|cgroup| format!("cgroup {cgroup}").into()));
+    let sink = DnstapSink::start(settings).unwrap();
+    let counters = sink.counters();
+    // Threads that log and end at once, some while the writer naps, some while it writes.
+    for round in 0..4_u64 {
+        thread::scope(|scope| {
+            for cgroup in 0..4 {
+                let sink = &sink;
+                scope.spawn(move || {
+                    let asked = lookup("www.example.test.");
+                    for event in asked.events() {
+                        for _ in 0..250 {
+                            sink.log(&Event {
+                                workload: Workload::Cgroup(round * 10 + cgroup),
+                                ..event
+                            });
+                        }
+                    }
+                });
+            }
+        });
+        thread::sleep(Duration::from_millis(3));
+    }
+    assert!(sink.close(Duration::from_secs(5)));
+    assert_eq!((counters.written(), counters.dropped()), (8_000, 0));
+    let frames = read_file(&path);
+    assert_eq!(frames.len(), 8_000);
+    let named = |name: &[u8]| {
+        frames
+            .iter()
+            .filter(|frame| frame.windows(name.len()).any(|at| at == name))
+            .count()
+    };
+    assert_eq!(named(b"cgroup 31"), 500, "the writer names cgroups");
+}
+
+#[test]
+fn what_is_logged_after_close_is_dropped_and_counted() {
+    let dir = TempDir::new("closed");
+    let path = dir.0.join("lookups.dnstap");
+    let settings = DnstapSettings::new(DnstapTarget::File(path), "node-1");
+    let sink = Arc::new(DnstapSink::start(settings).unwrap());
+    let counters = sink.counters();
+    let asked = lookup("www.example.test.");
+    sink.log(&asked.events()[0]);
+    // Close from the sink's own side, as drop does, while this thread's queue exists.
+    let shared = Arc::clone(&sink.shared);
+    shared.closing.store(true, Ordering::Relaxed);
+    wait_for("the writer's last take", Duration::from_secs(5), || {
+        shared.queues.lock().unwrap().closed
+    });
+    sink.log(&asked.events()[1]);
+    // A thread that logs for the first time after the last take.
+    thread::scope(|scope| {
+        scope.spawn(|| sink.log(&asked.events()[1]));
+    });
+    assert_eq!((counters.written(), counters.dropped()), (1, 2));
+}
+
+#[test]
 fn a_file_reader_sees_lookups_within_a_second_without_a_close() {
     let dir = TempDir::new("flush");
     let path = dir.0.join("lookups.dnstap");
     let settings = DnstapSettings::new(DnstapTarget::File(path.clone()), "node-1");
     let sink = DnstapSink::start(settings).unwrap();
-    let [query, _] = lookup("www.example.test.");
-    sink.log(query);
+    let asked = lookup("www.example.test.");
+    sink.log(&asked.events()[0]);
     let start_frame = 8 + 34;
     wait_for("the query in the file", Duration::from_secs(2), || {
         fs::metadata(&path).is_ok_and(|meta| meta.len() > start_frame)
@@ -338,8 +413,8 @@ fn a_socket_reader_gets_the_handshake_and_the_lookups() {
     let names = ["www.example.test.", "api.example.test."];
     // The reader is there from the start: the first event connects to it.
     for name in names {
-        for event in lookup(name) {
-            sink.log(event);
+        for event in lookup(name).events() {
+            sink.log(&event);
         }
     }
     assert!(sink.close(Duration::from_secs(5)));
@@ -357,8 +432,8 @@ fn a_reader_that_comes_late_is_connected_to_and_gets_what_follows() {
     let settings = DnstapSettings::new(DnstapTarget::Unix(socket.clone()), "node-1");
     let sink = DnstapSink::start(settings).unwrap();
     let counters = sink.counters();
-    let [query, _] = lookup("early.example.test.");
-    sink.log(query);
+    let asked = lookup("early.example.test.");
+    sink.log(&asked.events()[0]);
     wait_for("the early query dropped", Duration::from_secs(2), || {
         counters.dropped() == 1
     });
@@ -366,8 +441,8 @@ fn a_reader_that_comes_late_is_connected_to_and_gets_what_follows() {
     let reader = thread::spawn(move || read_socket(&listener));
     // The first retry comes after a second.
     wait_for("the reconnection", Duration::from_secs(5), || {
-        let [query, _] = lookup("late.example.test.");
-        sink.log(query);
+        let asked = lookup("late.example.test.");
+        sink.log(&asked.events()[0]);
         thread::sleep(Duration::from_millis(50));
         counters.written() > 0
     });
@@ -379,12 +454,14 @@ fn a_reader_that_comes_late_is_connected_to_and_gets_what_follows() {
 
 /// Logs `count` events of about 600 bytes as fast as it can; the slowest `log` call.
 fn flood(sink: &DnstapSink, count: usize) -> Duration {
-    let mut event = lookup("www.example.test.")[1].clone();
-    event.response = Some(Bytes::from(vec![0; 512]));
+    let asked = lookup("www.example.test.");
+    let big = [0; 512];
+    let mut event = asked.events()[1];
+    event.response = Some(&big);
     let mut slowest = Duration::ZERO;
     for _ in 0..count {
         let start = Instant::now();
-        sink.log(event.clone());
+        sink.log(&event);
         slowest = slowest.max(start.elapsed());
     }
     slowest
@@ -467,7 +544,7 @@ fn a_reader_that_never_reads_costs_drops_not_waits() {
         let socket = dir.0.join("dnstap.sock");
         let _reader = DeafReader::new(&socket, handshake);
         let mut settings = DnstapSettings::new(DnstapTarget::Unix(socket), "node-1");
-        settings.queue_events = 64;
+        settings.queue_bytes = 64 * 700;
         let sink = DnstapSink::start(settings).unwrap();
         let counters = sink.counters();
         if handshake {
