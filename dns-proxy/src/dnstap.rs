@@ -628,6 +628,8 @@ struct Writer {
 /// Emptied queues the writer keeps to swap in; a bigger one goes (a burst's buffers are not
 /// held for ever).
 const SPARE_QUEUES: usize = 8;
+/// Fewer events than this in one take, and the writer naps before the next.
+const SMALL_BATCH: usize = 256;
 const SPARE_BYTES: usize = 1 << 20;
 
 impl Writer {
@@ -650,6 +652,7 @@ impl Writer {
                 continue;
             }
             let mut taken = std::mem::take(&mut self.taken);
+            let events: usize = taken.iter().map(|queue| queue.events.len()).sum();
             for queue in &mut taken {
                 for queued in &queue.events {
                     self.write(queued, &queue.bytes);
@@ -672,6 +675,11 @@ impl Writer {
             }
             if closing {
                 break;
+            }
+            // A small batch: the loggers are not busy, and taking their queues again at once
+            // would only make their next events wait on the queue's lock.
+            if events < SMALL_BATCH {
+                thread::sleep(IDLE_NAP);
             }
         }
         self.stop();

@@ -172,13 +172,13 @@ impl Resolutions {
 /// How long an answer recorded for a cgroup is not recorded again: the same answer (its ID
 /// aside) comes back over and over, and its TTLs change only by the second.
 const RECORDED_LATELY: Duration = Duration::from_secs(1);
-/// Answers each thread remembers having recorded (a power of two): the slots of a
-/// direct-mapped table, one answer each, 256 KiB a thread.
+/// Answers each thread remembers having recorded (a power of two): the slots of a two-way
+/// table, one answer each, 256 KiB a thread.
 const REMEMBERED: usize = 16_384;
 
-/// One thread's answers recorded lately: in each slot, the hash of the last (cgroup, answer)
-/// that fell there and when it was recorded. A busy slot is simply overwritten, so looking up
-/// and noting cost one hash and one slot, however many names go by.
+/// One thread's answers recorded lately: in each slot, the hash of a (cgroup, answer) and
+/// when it was recorded. Each answer has a pair of slots; a new one pushes out the older, so
+/// looking up and noting cost one hash and two slots, however many names go by.
 struct RecentAnswers {
     keys: foldhash::fast::RandomState,
     started: Instant,
@@ -204,12 +204,16 @@ fn recorded_lately(cgroup: u64, answer: &[u8]) -> bool {
         let hash = std::hash::BuildHasher::hash_one(&recent.keys, (cgroup, body));
         // Milliseconds, wrapping every 49 days: a slot then looks fresh for a second at most.
         let now = recent.started.elapsed().as_millis() as u32;
-        let slot = &mut recent.slots[hash as usize & (REMEMBERED - 1)];
-        let recorded_ms = RECORDED_LATELY.as_millis() as u32;
-        if slot.0 == hash && now.wrapping_sub(slot.1) < recorded_ms {
+        // Two slots per answer (a pair): the newest goes first and the one it displaces
+        // second, so two answers that share a pair do not push each other out.
+        let pair = hash as usize & (REMEMBERED - 2);
+        let fresh = |at: u32| now.wrapping_sub(at) < RECORDED_LATELY.as_millis() as u32;
+        let slots = &mut recent.slots[pair..pair + 2];
+        if slots.iter().any(|&(noted, at)| noted == hash && fresh(at)) {
             return true;
         }
-        *slot = (hash, now);
+        slots[1] = slots[0];
+        slots[0] = (hash, now);
         false
     })
 }
@@ -379,6 +383,35 @@ mod tests {
                 .lookup(&format!("cgroup-id={}", MAX_ENTRIES / 2 + 10), None)
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn an_answer_is_recorded_once_a_second_per_cgroup_however_many_others_go_by() {
+        let answer = |i: u32| {
+            let mut answer = vec![0xab, 0xcd];
+            answer.extend_from_slice(&i.to_be_bytes());
+            answer
+        };
+        assert!(!recorded_lately(7, &answer(0)));
+        assert!(recorded_lately(7, &answer(0)), "the same answer, at once");
+        let mut other_id = answer(0);
+        other_id[..2].copy_from_slice(&[0x12, 0x34]);
+        assert!(recorded_lately(7, &other_id), "its ID aside");
+        assert!(!recorded_lately(8, &answer(0)), "another cgroup's");
+        // Half as many other answers as the table has slots: about 90 % keep their place (a
+        // pair holds two), and checking one that was pushed out notes it again, pushing out
+        // another: about 74 % read back as remembered.
+        let others = REMEMBERED as u32 / 2;
+        for i in 1..=others {
+            recorded_lately(7, &answer(i));
+        }
+        let remembered = (1..=others)
+            .filter(|&i| recorded_lately(7, &answer(i)))
+            .count();
+        assert!(
+            remembered > others as usize * 7 / 10,
+            "{remembered} of {others} remembered"
         );
     }
 }

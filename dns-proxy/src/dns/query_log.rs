@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, OnceLock},
-    time::{Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use crate::{
@@ -82,8 +82,8 @@ impl QueryLog {
         });
     }
 
-    /// The answer a client got, to its query that arrived at `started`.
-    pub fn response(&self, asked: Asked, started: Instant, response: &[u8]) {
+    /// The answer a client got, `latency` after its query arrived.
+    pub fn response(&self, asked: Asked, latency: Duration, response: &[u8]) {
         let Some(sink) = self.sink.get() else {
             return;
         };
@@ -93,7 +93,7 @@ impl QueryLog {
             transport: asked.transport,
             client: asked.client,
             server: asked.server,
-            query_time: now - started.elapsed(),
+            query_time: now - latency,
             query: None,
             response_time: Some(now),
             response: Some(response),

@@ -511,7 +511,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
         if let Some(log) = &self.settings.query_log {
-            log.response(conn.asked(), started, answer);
+            log.response(conn.asked(), started.elapsed(), answer);
         }
         if let Some(resolutions) = &self.settings.resolutions {
             resolutions.record(conn.cgroup, answer);
@@ -562,8 +562,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let latency = pending.as_ref().map(|p| p.started.elapsed());
             stats.answered(&answer, latency);
-            if let (Some(log), Some(pending)) = (&self.settings.query_log, &pending) {
-                log.response(conn.asked(), pending.started, &answer);
+            if let (Some(log), Some(latency)) = (&self.settings.query_log, latency) {
+                log.response(conn.asked(), latency, &answer);
             }
             if let Some(resolutions) = &self.settings.resolutions {
                 resolutions.record(conn.cgroup, &answer);

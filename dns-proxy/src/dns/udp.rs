@@ -810,22 +810,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Counts and logs an answer made here that went out.
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
         let stats = &self.stats.udp;
+        let latency = to.started.elapsed();
         if let Some(resolutions) = &self.settings.resolutions {
             resolutions.record(to.cgroup, answer);
         }
         if let Some(log) = &self.settings.query_log {
-            log.response(
-                udp_asked(to.client, to.original, to.cgroup),
-                to.started,
-                answer,
-            );
+            let asked = udp_asked(to.client, to.original, to.cgroup);
+            log.response(asked, latency, answer);
         }
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),
             CacheSource::Stale => Stats::add(&self.stats.cache_stale),
             CacheSource::Coalesced => Stats::add(&self.stats.cache_coalesced),
         }
-        let latency = to.started.elapsed();
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
@@ -1131,7 +1128,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             stats.answered(datagram, Some(latency));
             if let Some(log) = &self.settings.query_log {
                 let asked = udp_asked(pending.client, pending.original, pending.cgroup);
-                log.response(asked, pending.started, datagram);
+                log.response(asked, latency, datagram);
             }
             if let Some(resolutions) = &self.settings.resolutions {
                 resolutions.record(pending.cgroup, datagram);
