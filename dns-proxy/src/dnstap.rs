@@ -1,9 +1,10 @@
 //! A dnstap log of lookups (dnstap.info): every query and answer, with the workload that
 //! asked, for tools that read dnstap (dnstap-ldns, golang-dnstap, dnscollector).
 //!
-//! [`DnstapSink::log`] never blocks and never queues without bound: events go through a
-//! bounded queue to a writer thread of their own, and an event that does not fit, or finds no
-//! reader, is dropped and counted ([`DnstapCounters`]). Lookups must never wait for a log.
+//! [`DnstapSink::log`] never blocks and never queues without bound: each logging thread
+//! queues its events in a buffer of its own, a writer thread of the sink's own takes them a
+//! whole buffer at a time, and an event that does not fit the bound, or finds no reader, is
+//! dropped and counted ([`DnstapCounters`]). Lookups must never wait for a log.
 //!
 //! What we fill in each `Dnstap` message:
 //! - `identity`: the node's name, given by the caller; `version`: `dns-proxy <version>`;

@@ -1,38 +1,35 @@
 //! The operator's view of a running agent, over HTTP on `--metrics`:
 //! - `/metrics`: Prometheus (OpenMetrics text), read at scrape time from the proxy's atomic
-//!   counters and the kernel side's per-CPU counters;
+//!   counters and the kernel side's per-CPU counters. Each metric is declared once, in
+//!   [`catalog`]; [`collector`] writes the page from it, and docs/metrics.md is generated from
+//!   it too;
 //! - `/healthz`: the agent is alive (its runtime answers);
 //! - `/readyz`: the programs are attached and the listeners bound; not ready while shutting down.
+mod catalog;
+mod collector;
+#[cfg(test)]
+mod reference;
+
 use std::{
     convert::Infallible,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use bytes::Bytes;
-use dns_proxy_common::Counter;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, gauge::ConstGauge},
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use self::collector::AgentCollector;
 use crate::{
-    dns::workload_stats::WorkloadStats,
-    dns::{
-        cache::Cache,
-        query_log::QueryLog,
-        stats::{LATENCY_BUCKETS_US, ProtocolStats, Stats},
-    },
+    dns::{cache::Cache, query_log::QueryLog, stats::Stats, workload_stats::WorkloadStats},
     ebpf::KernelCounters,
     resolutions::{self, Resolutions},
     workload::WorkloadNames,
@@ -80,21 +77,6 @@ impl Readiness {
     }
 }
 
-/// Everything a scrape reads.
-#[derive(Debug)]
-struct AgentCollector {
-    stats: Arc<Stats>,
-    kernel: Arc<KernelCounters>,
-    /// `None` with the cache off: its metrics are then left out.
-    cache: Option<Arc<Cache>>,
-    /// `None` without `--dnstap`: its metrics are then left out.
-    query_log: Option<Arc<QueryLog>>,
-    /// `None` without `--workload-metrics`: its metrics are then left out.
-    workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
-}
-
-type Labels<'a> = [(&'static str, &'a str)];
-
 /// `text` with `%XX` escapes and `+` (a space) decoded; `None` if an escape is malformed or
 /// the result is not UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
@@ -111,291 +93,6 @@ fn percent_decode(text: &str) -> Option<String> {
         }
     }
     String::from_utf8(bytes).ok()
-}
-
-/// Writes one metric (a family over `samples`, or a single value with no labels).
-fn encode_counters(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    samples: &[(&Labels<'_>, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in samples {
-        if labels.is_empty() {
-            metric.encode_counter::<Vec<(String, String)>, _, u64>(value, None)?;
-        } else {
-            metric
-                .encode_family(labels)?
-                .encode_counter::<Vec<(String, String)>, _, u64>(value, None)?;
-        }
-    }
-    Ok(())
-}
-
-fn load(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
-}
-
-/// The names the header RCODEs of RFC 1035 and RFC 2136 go by; the rest by number.
-const RCODE_NAMES: [&str; 16] = [
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
-    "NXRRSET", "NOTAUTH", "NOTZONE", "11", "12", "13", "14", "15",
-];
-
-impl Collector for AgentCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let protocols: [(&str, &ProtocolStats); 2] =
-            [("udp", &self.stats.udp), ("tcp", &self.stats.tcp)];
-        let per_protocol = |field: fn(&ProtocolStats) -> &AtomicU64| {
-            protocols.map(|(name, stats)| (name, load(field(stats))))
-        };
-        for (name, help, field) in [
-            (
-                "queries_received",
-                "Messages read from redirected clients.",
-                (|s| &s.received) as fn(&ProtocolStats) -> &AtomicU64,
-            ),
-            ("queries_forwarded", "Queries sent to an upstream.", |s| {
-                &s.forwarded
-            }),
-            (
-                "upstream_timeouts",
-                "Queries (UDP) or connections (TCP) whose upstream did not answer in time.",
-                |s| &s.upstream_timeouts,
-            ),
-            (
-                "upstream_errors",
-                "Queries (UDP) or connections (TCP) that failed on the upstream side.",
-                |s| &s.upstream_errors,
-            ),
-        ] {
-            let values = per_protocol(field);
-            let labels = values.map(|(protocol, _)| [("protocol", protocol)]);
-            let samples: Vec<_> = labels
-                .iter()
-                .zip(values)
-                .map(|(labels, (_, value))| (&labels[..], value))
-                .collect();
-            encode_counters(&mut encoder, name, help, &samples)?;
-        }
-
-        let mut answers = Vec::new();
-        for (protocol, stats) in protocols {
-            for (name, counter) in RCODE_NAMES.iter().zip(&stats.answered_by_rcode) {
-                let value = load(counter);
-                if value > 0 {
-                    answers.push(([("protocol", protocol), ("rcode", *name)], value));
-                }
-            }
-        }
-        let samples: Vec<_> = answers
-            .iter()
-            .map(|(labels, value)| (&labels[..], *value))
-            .collect();
-        encode_counters(
-            &mut encoder,
-            "answers",
-            "Answers relayed to their clients, by the RCODE in their header.",
-            &samples,
-        )?;
-
-        let mut dropped = Vec::new();
-        for (protocol, stats) in protocols {
-            for (reason, counter) in [
-                ("malformed", &stats.dropped_malformed),
-                ("not_redirected", &stats.dropped_not_redirected),
-                ("overload", &stats.dropped_overload),
-                ("client_limit", &stats.dropped_client_limit),
-                ("loop", &stats.dropped_loop),
-                ("foreign_loopback", &stats.dropped_foreign_loopback),
-                ("stray", &stats.dropped_stray),
-            ] {
-                dropped.push(([("protocol", protocol), ("reason", reason)], load(counter)));
-            }
-        }
-        let samples: Vec<_> = dropped
-            .iter()
-            .map(|(labels, value)| (&labels[..], *value))
-            .collect();
-        encode_counters(
-            &mut encoder,
-            "dropped",
-            "Messages (UDP) or connections (TCP) dropped, by reason: not a DNS query, from a \
-             client the kernel did not redirect, beyond an agent-wide limit (overload) or a \
-             client's own (client_limit), headed back to the proxy, or \
-             (stray) a datagram from upstream that answers no query in flight.",
-            &samples,
-        )?;
-
-        encode_counters(
-            &mut encoder,
-            "tcp_connections",
-            "TCP connections accepted.",
-            &[(&[], load(&self.stats.tcp_connections))],
-        )?;
-
-        if let Some((counts, names)) = &self.workloads {
-            let (by_cgroup, others) = counts.snapshot();
-            let labels: Vec<String> = by_cgroup
-                .iter()
-                .map(|(cgroup, _)| {
-                    names
-                        .full(*cgroup)
-                        .map_or_else(|| format!("cgroup-id={cgroup}"), |full| full.to_string())
-                })
-                .collect();
-            let mut samples: Vec<(Vec<(&'static str, &str)>, u64)> = by_cgroup
-                .iter()
-                .zip(&labels)
-                .map(|((_, count), label)| (vec![("workload", label.as_str())], *count))
-                .collect();
-            samples.push((vec![("workload", "other")], others));
-            let samples: Vec<(&Labels<'_>, u64)> = samples
-                .iter()
-                .map(|(labels, count)| (labels.as_slice(), *count))
-                .collect();
-            encode_counters(
-                &mut encoder,
-                "workload_queries",
-                "Queries received, by the workload that asked (--workload-metrics: the first N \
-                 workloads; the rest, and queries whose workload was not recorded, as other).",
-                &samples,
-            )?;
-        }
-        if let Some(counters) = self.query_log.as_ref().and_then(|log| log.counters()) {
-            for (name, help, value) in [
-                (
-                    "dnstap_written",
-                    "dnstap messages written to the log (--dnstap).",
-                    counters.written(),
-                ),
-                (
-                    "dnstap_dropped",
-                    "dnstap messages dropped: the log's queue was full or it had no reader.",
-                    counters.dropped(),
-                ),
-            ] {
-                encode_counters(&mut encoder, name, help, &[(&[], value)])?;
-            }
-        }
-        if let Some(cache) = &self.cache {
-            let counts = cache.counts();
-            for (name, help, value) in [
-                (
-                    "cache_hits",
-                    "Queries answered from the cache.",
-                    load(&self.stats.cache_hits),
-                ),
-                (
-                    "cache_misses",
-                    "Queries the cache held no live answer for, forwarded.",
-                    load(&self.stats.cache_misses),
-                ),
-                (
-                    "cache_stale_answers",
-                    "Expired answers served (--serve-stale) because the upstream failed or was slow.",
-                    load(&self.stats.cache_stale),
-                ),
-                (
-                    "cache_coalesced",
-                    "Queries that waited for an identical query's answer instead of going upstream.",
-                    load(&self.stats.cache_coalesced),
-                ),
-                (
-                    "cache_evictions",
-                    "Answers dropped from the cache to stay within its bounds.",
-                    counts.evictions,
-                ),
-            ] {
-                encode_counters(&mut encoder, name, help, &[(&[], value)])?;
-            }
-            for (name, help, value) in [
-                ("cache_entries", "Answers in the cache.", counts.entries),
-                (
-                    "cache_bytes",
-                    "Bytes the cache's answers take.",
-                    counts.bytes,
-                ),
-            ] {
-                let gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                ConstGauge::new(value as i64).encode(gauge)?;
-            }
-        }
-
-        let mut inflight = encoder.encode_descriptor(
-            "inflight_queries",
-            "Queries forwarded and not yet answered, timed out or failed.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (protocol, stats) in protocols {
-            let gauge = ConstGauge::new(load(&stats.inflight) as i64);
-            gauge.encode(inflight.encode_family(&[("protocol", protocol)])?)?;
-        }
-
-        let mut latency = encoder.encode_descriptor(
-            "query_duration_seconds",
-            "Time from a query's arrival to its answer's relay, for answered queries.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (protocol, stats) in protocols {
-            let (sum, count, counts) = stats.latency.snapshot();
-            let bounds = LATENCY_BUCKETS_US
-                .iter()
-                .map(|&us| us as f64 / 1e6)
-                .chain([f64::INFINITY]);
-            let buckets: Vec<(f64, u64)> = bounds.zip(counts).collect();
-            latency
-                .encode_family(&[("protocol", protocol)])?
-                .encode_histogram::<Vec<(String, String)>>(sum, count, &buckets, None)?;
-        }
-
-        for (counter, value) in self.kernel.read() {
-            let (name, help) = match counter {
-                Counter::Redirected => (
-                    "kernel_redirected",
-                    "DNS connects and sends the kernel side rewrote to the proxy.",
-                ),
-                Counter::SkippedExcluded => (
-                    "kernel_skipped_excluded",
-                    "DNS connects and sends left alone because their cgroup is excluded.",
-                ),
-                Counter::SkippedForeignNamespace => (
-                    "kernel_skipped_foreign_namespace",
-                    "DNS connects and sends of another network namespace left alone: a \
-                     loopback or unspecified server, or a proxy only its own namespace reaches.",
-                ),
-                Counter::ReverseTranslated => (
-                    "kernel_reverse_translated",
-                    "Answers and peer names shown as from the original server.",
-                ),
-                Counter::UnknownIndex => (
-                    "kernel_unknown_index",
-                    "Packets, answers or peer names at a proxy address whose index names no \
-                     server.",
-                ),
-                Counter::TableFull => (
-                    "kernel_table_full",
-                    "Servers that got no index (the table, or its probe window, is full); \
-                     those sockets went direct.",
-                ),
-                Counter::ForeignRefused => (
-                    "kernel_foreign_refused",
-                    "Packets to a proxy address dropped by sk_lookup: from another namespace \
-                     to a loopback server's address, or in host mode from outside it.",
-                ),
-                Counter::ImpersonationRefused => (
-                    "kernel_impersonation_refused",
-                    "Binds of, or sends from, a proxy address on the proxy's port refused to \
-                     other sockets.",
-                ),
-            };
-            encode_counters(&mut encoder, name, help, &[(&[], value)])?;
-        }
-        Ok(())
-    }
 }
 
 /// The `/metrics` page of a registry holding the agent's collector.
@@ -416,7 +113,7 @@ impl Metrics {
         resolutions: Option<Arc<Resolutions>>,
         workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
     ) -> Self {
-        let mut registry = Registry::with_prefix("dns_proxy");
+        let mut registry = Registry::with_prefix(catalog::PREFIX);
         registry.register_collector(Box::new(AgentCollector {
             stats,
             kernel,
@@ -604,7 +301,7 @@ mod tests {
         let readiness = Arc::new(Readiness::default());
         readiness.set(ready);
         Metrics {
-            registry: Registry::with_prefix("dns_proxy"),
+            registry: Registry::with_prefix(catalog::PREFIX),
             readiness,
             resolutions: None,
         }

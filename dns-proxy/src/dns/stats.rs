@@ -1,5 +1,9 @@
 //! Counters of what the proxy did with each query, per protocol. Plain atomics, so counting
 //! costs a query nothing that takes a lock; `crate::metrics` reads them at scrape time.
+//!
+//! What each counter means to an operator is declared once, with its metric, in the catalog
+//! of `crate::metrics` (and docs/metrics.md, generated from it): a field here only names the
+//! metric it feeds, and what the code must know to count it.
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -47,52 +51,53 @@ impl LatencyHistogram {
 /// What happened to the queries of one protocol.
 #[derive(Debug, Default)]
 pub struct ProtocolStats {
-    /// Messages read from clients.
+    /// `queries_received`: each message read from a client, query or not.
     pub received: AtomicU64,
-    /// Queries sent to an upstream.
+    /// `queries_forwarded`.
     pub forwarded: AtomicU64,
-    /// Answers relayed to their client.
+    /// Answers relayed to their client, whatever their header (in the log summary only).
     pub answered: AtomicU64,
-    /// Answers relayed, by the RCODE in their header (0..=15).
+    /// `answers`: by the RCODE in the header (0..=15).
     pub answered_by_rcode: [AtomicU64; 16],
-    /// Queries forwarded and not yet answered, timed out or failed.
+    /// `inflight_queries`: up at [`Self::forwarding`], down at [`Self::settled`].
     pub inflight: AtomicU64,
+    /// `query_duration_seconds`.
     pub latency: LatencyHistogram,
-    /// Queries (or, for TCP, connections) whose upstream did not answer in time.
+    /// `upstream_timeouts`: per query (UDP) or connection (TCP).
     pub upstream_timeouts: AtomicU64,
-    /// Queries or connections that failed on the upstream side (refused, reset, unreachable).
+    /// `upstream_errors`: per query (UDP) or connection (TCP).
     pub upstream_errors: AtomicU64,
-    /// Messages that are not DNS queries.
+    /// `dropped{reason="malformed"}`.
     pub dropped_malformed: AtomicU64,
-    /// Queries or connections from clients the kernel did not redirect here.
+    /// `dropped{reason="not_redirected"}`.
     pub dropped_not_redirected: AtomicU64,
-    /// Queries or connections dropped at a limit (--max-inflight, --max-tcp-connections).
+    /// `dropped{reason="overload"}`: at --max-inflight or --max-tcp-connections.
     pub dropped_overload: AtomicU64,
-    /// Queries or connections dropped at a client's own limit (--max-inflight-per-client,
-    /// --max-tcp-connections-per-client).
+    /// `dropped{reason="client_limit"}`: at --max-inflight-per-client or
+    /// --max-tcp-connections-per-client.
     pub dropped_client_limit: AtomicU64,
-    /// Queries whose upstream would have been the proxy itself.
+    /// `dropped{reason="loop"}` ([`Refusal::Loop`]).
     pub dropped_loop: AtomicU64,
-    /// Queries from another network namespace to a loopback server ([`Refusal::ForeignLoopback`]).
+    /// `dropped{reason="foreign_loopback"}` ([`Refusal::ForeignLoopback`]).
     pub dropped_foreign_loopback: AtomicU64,
-    /// Datagrams on upstream sockets that answer no query in flight: late, stray or spoofed
-    /// (UDP only).
+    /// `dropped{reason="stray"}`: UDP only.
     pub dropped_stray: AtomicU64,
 }
 
+/// The proxy's counters: per protocol, and agent-wide.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub udp: ProtocolStats,
     pub tcp: ProtocolStats,
-    /// TCP connections accepted.
+    /// `tcp_connections`.
     pub tcp_connections: AtomicU64,
-    /// Queries answered from the cache (`--cache-size`).
+    /// `cache_hits`.
     pub cache_hits: AtomicU64,
-    /// Queries the cache could have answered but held no live answer for (forwarded).
+    /// `cache_misses`: queries the cache could have answered (forwarded instead).
     pub cache_misses: AtomicU64,
-    /// Stale answers served (`--serve-stale`) because the upstream failed or was slow.
+    /// `cache_stale_answers`.
     pub cache_stale: AtomicU64,
-    /// Queries that waited for an identical query's answer instead of going upstream.
+    /// `cache_coalesced`.
     pub cache_coalesced: AtomicU64,
 }
 
