@@ -10,9 +10,10 @@
 //!   one its hook does not allow. So a call from the wrong hook (`user_ip4` in a `*6` program,
 //!   `msg_src_ip4` outside `sendmsg4`) cannot run: the load fails, and the e2e suite loads
 //!   every program for real.
-//! - the size: the verifier allows only 32-bit access to `user_ip6`, `msg_src_ip6` and the
-//!   sk_lookup addresses, so those are read and written one word at a time, through volatile
-//!   accesses that the compiler may not merge into 64-bit ones.
+//! - the size: the verifier allows no access wider than 32 bits to some of the IPv6 address
+//!   arrays (the socket's, sk_lookup's), and to the others only at 8-byte-aligned offsets
+//!   and on newer kernels, so all of them are read and written one 32-bit word at a time,
+//!   through volatile accesses that the compiler may not merge into 64-bit ones.
 //!
 //! Addresses and ports are in network order unless an accessor says otherwise.
 use aya_ebpf::{
@@ -52,7 +53,7 @@ pub fn ctx_user_ip4(ctx: &SockAddrContext) -> u32 {
     unsafe { (*raw(ctx)).user_ip4 }
 }
 
-/// Rewrites the IPv4 address the call names. The `*4` hooks but bind4.
+/// Rewrites the IPv4 address the call names. The `*4` hooks.
 pub fn ctx_set_user_ip4(ctx: &SockAddrContext, addr_be: u32) {
     // SAFETY: a valid context; `user_ip4` is writable in the `*4` hooks that call this.
     unsafe { (*raw(ctx)).user_ip4 = addr_be }
@@ -67,7 +68,7 @@ pub fn ctx_user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     unsafe { read_words(words) }
 }
 
-/// Rewrites the IPv6 address the call names, one word at a time. The `*6` hooks but bind6.
+/// Rewrites the IPv6 address the call names, one word at a time. The `*6` hooks.
 pub fn ctx_set_user_ip6(ctx: &SockAddrContext, addr: [u32; 4]) {
     // SAFETY: a valid context; `addr_of_mut!` makes a pointer to the field without reading it.
     let words = unsafe { core::ptr::addr_of_mut!((*raw(ctx)).user_ip6) }.cast::<u32>();
@@ -84,7 +85,7 @@ pub fn ctx_user_port(ctx: &SockAddrContext) -> u16 {
     unsafe { (*raw(ctx)).user_port as u16 }
 }
 
-/// Rewrites the port the call names. Every hook but bind.
+/// Rewrites the port the call names. Every hook.
 pub fn ctx_set_user_port(ctx: &SockAddrContext, port_be: u16) {
     // SAFETY: a valid context; `user_port` is writable in every hook that calls this.
     unsafe { (*raw(ctx)).user_port = u32::from(port_be) }
