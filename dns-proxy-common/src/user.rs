@@ -11,11 +11,20 @@ use std::{
 
 use crate::{AF_INET, AF_INET6, AgentRecord, Endpoint, MAX_INDEX, Origin, RedirectConfig};
 
-// SAFETY: all four are #[repr(C)], Copy, made only of integers, and have no implicit padding
-// (sizes are asserted in lib.rs), so any bit pattern is a valid value.
+// aya copies map keys and values as raw bytes, which is sound for a type that is #[repr(C)],
+// Copy, made only of integers (and arrays of them) and free of implicit padding: any bit
+// pattern is a valid value and no byte is uninitialised. Padding is in explicit fields, and
+// lib.rs asserts each size.
+// SAFETY: `Endpoint` is `[u32; 4]`, `u16`, `u16`: 20 bytes, no padding (asserted).
 unsafe impl aya::Pod for Endpoint {}
+// SAFETY: `Origin` is an `Endpoint`, an explicit `u32` of padding and a `u64`: 32 bytes, the
+// `u64` aligned at 24, no implicit padding (asserted).
 unsafe impl aya::Pod for Origin {}
+// SAFETY: `RedirectConfig` is integers and integer arrays laid out without gaps (an explicit
+// `[u8; 2]` fills the one there would be): 64 bytes (asserted).
 unsafe impl aya::Pod for RedirectConfig {}
+// SAFETY: `AgentRecord` is two `u64`s, a `u16` and an explicit `[u8; 6]` of padding: 24
+// bytes (asserted).
 unsafe impl aya::Pod for AgentRecord {}
 
 /// The kernel keeps an IPv4 address as the u32 whose in-memory bytes are the octets.

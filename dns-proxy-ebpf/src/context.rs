@@ -1,131 +1,150 @@
-//! The raw context access of the programs, in one place: every field of `bpf_sock_addr` and
-//! `bpf_sk_lookup` that they read or write goes through here.
-use core::ffi::c_void;
-
+//! The `ctx_*` accessors: the programs' only raw access to their contexts. Every field of
+//! `bpf_sock_addr` and `bpf_sk_lookup` that they read or write, and the one helper that takes
+//! the context itself, goes through here (compare cilium's `ctx_*` in `bpf/include/bpf/ctx/`).
+//!
+//! Why each access is sound, once for all of them:
+//! - the pointer: aya's program macros build the context from the pointer the kernel passes
+//!   the program, valid for the whole run; the programs never keep it past the call.
+//! - the field: the verifier checks every context access (field, size, read or write) against
+//!   the program's type and hook when the program is loaded, and refuses a program that makes
+//!   one its hook does not allow. So a call from the wrong hook (`user_ip4` in a `*6` program,
+//!   `msg_src_ip4` outside `sendmsg4`) cannot run: the load fails, and the e2e suite loads
+//!   every program for real.
+//! - the size: the verifier allows no access wider than 32 bits to some of the IPv6 address
+//!   arrays (the socket's, sk_lookup's), and to the others only at 8-byte-aligned offsets
+//!   and on newer kernels, so all of them are read and written one 32-bit word at a time,
+//!   through volatile accesses that the compiler may not merge into 64-bit ones.
+//!
+//! Addresses and ports are in network order unless an accessor says otherwise.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sk_lookup, bpf_sock_addr},
+    helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockAddrContext},
 };
 
-/// A `cgroup/*4` or `cgroup/*6` context. Addresses and the port are in network order.
-pub struct SockAddr<'a> {
-    ctx: &'a SockAddrContext,
-    raw: *mut bpf_sock_addr,
+/// The `bpf_sock_addr` behind a `cgroup/*4` or `cgroup/*6` context.
+fn raw(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
 }
 
-impl<'a> SockAddr<'a> {
-    pub fn new(ctx: &'a SockAddrContext) -> Self {
-        Self {
-            ctx,
-            raw: ctx.sock_addr,
-        }
-    }
+/// Four network-order words from a context field the verifier lets be read 32 bits at a time.
+///
+/// # Safety
+/// `words` points at four readable `u32`s of a live context.
+// Always inlined: the verifier refuses a load through a context pointer moved by an offset, so
+// the word's offset must fold into each load, which it cannot across a call.
+#[inline(always)]
+unsafe fn read_words(words: *const u32) -> [u32; 4] {
+    // SAFETY: the caller's promise: each `words.add(i)`, `i < 4`, is a readable word.
+    core::array::from_fn(|i| unsafe { core::ptr::read_volatile(words.add(i)) })
+}
 
-    /// The program's context, for aya-log.
-    pub fn context(&self) -> &'a SockAddrContext {
-        self.ctx
-    }
+/// The socket's type (`SOCK_STREAM`, `SOCK_DGRAM`, ...). Every sock_addr hook.
+pub fn ctx_sock_type(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context (module docs); `type` is readable in every sock_addr hook.
+    unsafe { (*raw(ctx)).type_ }
+}
 
-    /// The context, for helpers that take it.
-    pub fn raw(&self) -> *mut c_void {
-        self.raw.cast()
-    }
+/// The IPv4 address the call names (destination or peer). The `*4` hooks.
+pub fn ctx_user_ip4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context; `user_ip4` is readable in the `*4` hooks, the only callers (the
+    // verifier refuses any other).
+    unsafe { (*raw(ctx)).user_ip4 }
+}
 
-    pub fn sock_type(&self) -> u32 {
-        // SAFETY: the kernel hands every sock_addr program a valid context; `type` is
-        // readable in every sock_addr hook.
-        unsafe { (*self.raw).type_ }
-    }
+/// Rewrites the IPv4 address the call names. The `*4` hooks.
+pub fn ctx_set_user_ip4(ctx: &SockAddrContext, addr_be: u32) {
+    // SAFETY: a valid context; `user_ip4` is writable in the `*4` hooks that call this.
+    unsafe { (*raw(ctx)).user_ip4 = addr_be }
+}
 
-    pub fn user_ip4(&self) -> u32 {
-        // SAFETY: as above; `user_ip4` is readable in the *4 hooks, the only ones that call this.
-        unsafe { (*self.raw).user_ip4 }
-    }
+/// The IPv6 address the call names, as four words. The `*6` hooks.
+pub fn ctx_user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: a valid context; `addr_of!` makes a pointer to the field without reading it.
+    let words = unsafe { core::ptr::addr_of!((*raw(ctx)).user_ip6) }.cast::<u32>();
+    // SAFETY: `words` points at the four words of `user_ip6`, readable in the `*6` hooks, the
+    // only callers.
+    unsafe { read_words(words) }
+}
 
-    pub fn set_user_ip4(&self, addr_be: u32) {
-        // SAFETY: as above; `user_ip4` is writable in the *4 hooks.
-        unsafe { (*self.raw).user_ip4 = addr_be }
+/// Rewrites the IPv6 address the call names, one word at a time. The `*6` hooks.
+pub fn ctx_set_user_ip6(ctx: &SockAddrContext, addr: [u32; 4]) {
+    // SAFETY: a valid context; `addr_of_mut!` makes a pointer to the field without reading it.
+    let words = unsafe { core::ptr::addr_of_mut!((*raw(ctx)).user_ip6) }.cast::<u32>();
+    for (i, word) in addr.into_iter().enumerate() {
+        // SAFETY: `words.add(i)`, `i < 4`, is a word of `user_ip6`, writable with 32-bit
+        // stores in the `*6` hooks that call this.
+        unsafe { core::ptr::write_volatile(words.add(i), word) };
     }
+}
 
-    /// The socket's own local port, host order (0 while it has none).
-    pub fn local_port(&self) -> u32 {
-        // SAFETY: the kernel hands every sock_addr program a valid context whose `sk` is a
-        // valid, non-null socket; `src_port` is readable through it.
-        unsafe {
-            let sk = (*self.raw).__bindgen_anon_1.sk;
-            (*sk).src_port
-        }
-    }
+/// The port the call names (it sits in the low 16 bits of `user_port`). Every hook.
+pub fn ctx_user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: a valid context; `user_port` is readable in every sock_addr hook.
+    unsafe { (*raw(ctx)).user_port as u16 }
+}
 
-    /// The socket's own local IPv4 address, network order (0 while unbound).
-    pub fn local_ip4(&self) -> u32 {
-        // SAFETY: as for `local_port`; `src_ip4` is readable through `sk`.
-        unsafe {
-            let sk = (*self.raw).__bindgen_anon_1.sk;
-            (*sk).src_ip4
-        }
-    }
+/// Rewrites the port the call names. Every hook.
+pub fn ctx_set_user_port(ctx: &SockAddrContext, port_be: u16) {
+    // SAFETY: a valid context; `user_port` is writable in every hook that calls this.
+    unsafe { (*raw(ctx)).user_port = u32::from(port_be) }
+}
 
-    /// The socket's own local IPv6 address, network-order words, read one at a time.
-    pub fn local_ip6(&self) -> [u32; 4] {
-        // SAFETY: as for `local_port`; `src_ip6` is readable through `sk`, word by word.
-        unsafe {
-            let sk = (*self.raw).__bindgen_anon_1.sk;
-            let words = core::ptr::addr_of!((*sk).src_ip6).cast::<u32>();
-            core::array::from_fn(|i| core::ptr::read_volatile(words.add(i)))
-        }
-    }
+/// The source address a `sendmsg` asked for (`IP_PKTINFO`); 0 if none. sendmsg4 only.
+pub fn ctx_msg_src_ip4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context; `msg_src_ip4` is readable in sendmsg4, the only caller.
+    unsafe { (*raw(ctx)).msg_src_ip4 }
+}
 
-    /// The source address a `sendmsg` asked for (`IP_PKTINFO`), network order; 0 if none.
-    /// Only sendmsg4 calls it, where the field is readable.
-    pub fn msg_src_ip4(&self) -> u32 {
-        // SAFETY: the context is valid; `msg_src_ip4` is readable in sendmsg4.
-        unsafe { (*self.raw).msg_src_ip4 }
-    }
+/// The source address a `sendmsg` asked for (`IPV6_PKTINFO`), as four words; zeros if none.
+/// sendmsg6 only.
+pub fn ctx_msg_src_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: a valid context; `addr_of!` makes a pointer to the field without reading it.
+    let words = unsafe { core::ptr::addr_of!((*raw(ctx)).msg_src_ip6) }.cast::<u32>();
+    // SAFETY: `words` points at the four words of `msg_src_ip6`, readable in sendmsg6, the
+    // only caller.
+    unsafe { read_words(words) }
+}
 
-    /// The source address a `sendmsg` asked for (`IPV6_PKTINFO`), network-order words read
-    /// one at a time. Only sendmsg6 calls it, where the field is readable.
-    pub fn msg_src_ip6(&self) -> [u32; 4] {
-        // SAFETY: the context is valid; `msg_src_ip6` is readable in sendmsg6, word by word.
-        let words = unsafe { core::ptr::addr_of!((*self.raw).msg_src_ip6) }.cast::<u32>();
-        // SAFETY: `words` points at the four words of `msg_src_ip6`.
-        core::array::from_fn(|i| unsafe { core::ptr::read_volatile(words.add(i)) })
+/// The socket's own local port, host order (0 while it has none). Every hook.
+pub fn ctx_local_port(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context, whose `sk` the verifier knows as a valid, non-null socket in
+    // every sock_addr hook; `src_port` is readable through it.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        (*sk).src_port
     }
+}
 
-    /// The port, network order (it sits in the low 16 bits of `user_port`).
-    pub fn user_port(&self) -> u16 {
-        // SAFETY: as above; `user_port` is readable in every sock_addr hook.
-        unsafe { (*self.raw).user_port as u16 }
+/// The socket's own local IPv4 address (0 while unbound). The `*4` hooks.
+pub fn ctx_local_ip4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: as for `ctx_local_port`; `src_ip4` is readable through `sk`.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        (*sk).src_ip4
     }
+}
 
-    pub fn set_user_port(&self, port_be: u16) {
-        // SAFETY: as above; `user_port` is writable in every hook that calls this.
-        unsafe { (*self.raw).user_port = u32::from(port_be) }
+/// The socket's own local IPv6 address, as four words (zeros while unbound). The `*6` hooks.
+pub fn ctx_local_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: as for `ctx_local_port`; `src_ip6` is readable through `sk`, word by word, and
+    // `addr_of!` makes a pointer to it without reading it.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        read_words(core::ptr::addr_of!((*sk).src_ip6).cast::<u32>())
     }
+}
 
-    /// `user_ip6`, one 32-bit word at a time: the verifier allows no wider access to it, and
-    /// plain reads may be merged by the compiler into 64-bit loads.
-    pub fn user_ip6(&self) -> [u32; 4] {
-        // SAFETY: as above; only the *6 hooks call this, where `user_ip6` is readable.
-        let words = unsafe { core::ptr::addr_of!((*self.raw).user_ip6) }.cast::<u32>();
-        // SAFETY: `words` points at the four words of `user_ip6`.
-        core::array::from_fn(|i| unsafe { core::ptr::read_volatile(words.add(i)) })
-    }
-
-    /// Writes `user_ip6` one 32-bit word at a time, for the same reason.
-    pub fn set_user_ip6(&self, addr: [u32; 4]) {
-        // SAFETY: as above; `user_ip6` is writable in the *6 hooks that call this.
-        let words = unsafe { core::ptr::addr_of_mut!((*self.raw).user_ip6) }.cast::<u32>();
-        for (i, word) in addr.into_iter().enumerate() {
-            // SAFETY: `words` points at the four words of `user_ip6`.
-            unsafe { core::ptr::write_volatile(words.add(i), word) };
-        }
-    }
+/// The cookie of the network namespace of the socket behind `ctx`. Every hook.
+pub fn ctx_netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper takes the program's own context, the pointer the kernel passed it (the
+    // verifier checks the argument is that context); it only reads the socket's namespace.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 /// What `sk_lookup` reads of its context.
-pub struct LookupFields {
+pub struct Lookup {
     pub family: u32,
     pub protocol: u32,
     /// Network order.
@@ -141,27 +160,26 @@ pub struct LookupFields {
     pub ingress_ifindex: u32,
 }
 
-impl LookupFields {
-    pub fn read(ctx: &SkLookupContext) -> Self {
-        let raw: *const bpf_sk_lookup = ctx.as_ptr().cast();
-        // SAFETY: the kernel hands sk_lookup a valid context, whose fields are all readable
-        // with 32-bit loads; the IPv6 words are read one at a time, as for user_ip6.
-        unsafe {
-            let word = |field: *const u32| core::ptr::read_volatile(field);
-            let ip6 = core::ptr::addr_of!((*raw).local_ip6).cast::<u32>();
-            let remote6 = core::ptr::addr_of!((*raw).remote_ip6).cast::<u32>();
-            Self {
-                family: word(core::ptr::addr_of!((*raw).family)),
-                protocol: word(core::ptr::addr_of!((*raw).protocol)),
-                local_ip4: word(core::ptr::addr_of!((*raw).local_ip4)),
-                local_ip6: core::array::from_fn(|i| word(ip6.add(i))),
-                local_port: word(core::ptr::addr_of!((*raw).local_port)),
-                remote_port: u16::from_be(core::ptr::read_volatile(core::ptr::addr_of!(
-                    (*raw).remote_port
-                ))),
-                remote_hash: word(core::ptr::addr_of!((*raw).remote_ip4)) ^ word(remote6.add(3)),
-                ingress_ifindex: word(core::ptr::addr_of!((*raw).ingress_ifindex)),
-            }
+/// The fields of an `sk_lookup` context that `steer_to_proxy` looks at, read at once.
+pub fn ctx_lookup(ctx: &SkLookupContext) -> Lookup {
+    let raw: *const bpf_sk_lookup = ctx.as_ptr().cast();
+    // SAFETY: the kernel hands sk_lookup a valid context (module docs), every field of which
+    // it may read with 32-bit loads (`remote_port` with a 16-bit one); `addr_of!` makes each
+    // pointer without reading, and the IPv6 words are read one at a time, as for `user_ip6`.
+    unsafe {
+        let word = |field: *const u32| core::ptr::read_volatile(field);
+        let remote6 = core::ptr::addr_of!((*raw).remote_ip6).cast::<u32>();
+        Lookup {
+            family: word(core::ptr::addr_of!((*raw).family)),
+            protocol: word(core::ptr::addr_of!((*raw).protocol)),
+            local_ip4: word(core::ptr::addr_of!((*raw).local_ip4)),
+            local_ip6: read_words(core::ptr::addr_of!((*raw).local_ip6).cast::<u32>()),
+            local_port: word(core::ptr::addr_of!((*raw).local_port)),
+            remote_port: u16::from_be(core::ptr::read_volatile(core::ptr::addr_of!(
+                (*raw).remote_port
+            ))),
+            remote_hash: word(core::ptr::addr_of!((*raw).remote_ip4)) ^ word(remote6.add(3)),
+            ingress_ifindex: word(core::ptr::addr_of!((*raw).ingress_ifindex)),
         }
     }
 }

@@ -207,17 +207,19 @@ fn filesystem_magic(path: &Path) -> io::Result<i64> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: c_path is NUL-terminated and stat is large enough for the kernel to fill.
+    // SAFETY: c_path is NUL-terminated and lives for the call; stat is a live, writable
+    // `struct statfs`, the size the kernel fills.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: statfs returned 0, so it filled the struct.
+    // SAFETY: statfs returned 0, so the kernel filled the whole struct.
+    let stat = unsafe { stat.assume_init() };
     #[allow(
         clippy::unnecessary_cast,
         reason = "f_type is narrower on some architectures"
     )]
-    Ok(unsafe { stat.assume_init() }.f_type as i64)
+    Ok(stat.f_type as i64)
 }
 
 /// The agent's own leaf cgroup. While it lives, the agent's sockets carry its id, which the

@@ -496,7 +496,8 @@ fn netns_cookie() -> Result<u64, EbpfError> {
         .map_err(EbpfError::NetnsCookie)?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `cookie`, which is that large.
+    // SAFETY: the descriptor is open (owned by `socket`); the kernel writes at most `len`
+    // bytes into `cookie`, a live local that large, and the length back into `len`.
     let result = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),

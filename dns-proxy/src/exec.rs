@@ -29,8 +29,9 @@ pub async fn run_command(
         .map_err(|_| spawn_failed(io::Error::other("cgroup path contains a NUL byte")))?;
     let mut command = tokio::process::Command::new(program);
     command.args(args);
-    // SAFETY: between fork and exec only async-signal-safe calls run (open, write, close), on
-    // memory prepared before the fork.
+    // SAFETY: `pre_exec` runs the closure in the forked child, where only async-signal-safe
+    // calls are sound: it makes only open, write and close, and allocates nothing (`procs`
+    // was made before the fork and moves into the closure).
     unsafe {
         command.pre_exec(move || enter_cgroup(&procs));
     }
@@ -61,19 +62,20 @@ pub async fn run_command(
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` ("0" means the
 /// writer itself). Runs in the forked child before exec.
 fn enter_cgroup(procs: &CString) -> io::Result<()> {
-    // SAFETY: procs is NUL-terminated; the buffer and fd are valid for the calls.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-        let result = if written == 1 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
-        libc::close(fd);
-        result
+    // SAFETY: `procs` is NUL-terminated and lives for the call.
+    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` is open (checked above); the buffer is a static byte, and write reads only
+    // the one byte given.
+    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let result = if written == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: `fd` is ours, opened above, and closed once.
+    unsafe { libc::close(fd) };
+    result
 }

@@ -242,14 +242,16 @@ pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<()
 fn interface_addresses() -> Vec<std::net::IpAddr> {
     let mut addresses = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a list we free below.
+    // SAFETY: getifaddrs writes one pointer into `list`, a live local; the list it points to
+    // is the C library's until `freeifaddrs` below, and is only read meanwhile.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return addresses;
     }
     let mut entry = list;
     while !entry.is_null() {
-        // SAFETY: a node of the list getifaddrs made; its address, if any, is a sockaddr of
-        // the family it names.
+        // SAFETY: `entry` is a non-null node of the list getifaddrs made, not yet freed; its
+        // address, if not null, is a sockaddr of the family it names, so the cast to that
+        // family's struct reads only bytes of it.
         unsafe {
             let address = (*entry).ifa_addr;
             if !address.is_null() {
@@ -268,7 +270,8 @@ fn interface_addresses() -> Vec<std::net::IpAddr> {
             entry = (*entry).ifa_next;
         }
     }
-    // SAFETY: the list getifaddrs made, freed once.
+    // SAFETY: the list getifaddrs made (it succeeded), freed once, and no pointer into it is
+    // used after: the addresses were copied out.
     unsafe { libc::freeifaddrs(list) };
     addresses
 }
@@ -306,9 +309,10 @@ fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
-    // SAFETY: statfs writes one struct statfs into `stat`.
+    // SAFETY: `struct statfs` is plain integers, for which all zeros is a valid value.
     let mut stat: libc::statfs = unsafe { mem::zeroed() };
-    // SAFETY: a valid C string and a pointer to a live struct.
+    // SAFETY: c_path is NUL-terminated and lives for the call; `stat` is a live, writable
+    // `struct statfs`, the size the kernel fills.
     let result = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
     result == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
@@ -318,7 +322,9 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
     let kind = c"bpf";
     // Only root may use it: the table's pins must not be removed or replaced by others.
     let options = c"mode=0700";
-    // SAFETY: valid C strings.
+    // SAFETY: source, target and type are NUL-terminated strings that outlive the call
+    // (`kind` and `options` are static, `target` is owned here), and bpffs reads its data
+    // (`options`) as one; mount writes no memory of ours.
     let result = unsafe {
         libc::mount(
             kind.as_ptr(),
@@ -375,7 +381,7 @@ fn add_local_route(block: AddressBlock) -> io::Result<()> {
     let len = message.len() as u32;
     message[..4].copy_from_slice(&len.to_ne_bytes());
 
-    // SAFETY: plain socket creation; the fd is owned below.
+    // SAFETY: socket takes integers only; the descriptor it returns is owned at once below.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -386,12 +392,15 @@ fn add_local_route(block: AddressBlock) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: a fresh fd that nothing else owns.
+    // SAFETY: `fd` is a fresh, open descriptor (checked above) that nothing else owns or
+    // closes.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_nl is the kernel's address (pid 0, no groups).
+    // SAFETY: `sockaddr_nl` is plain integers, for which all zeros is a valid value (and the
+    // kernel's own address: pid 0, no groups).
     let mut kernel: libc::sockaddr_nl = unsafe { mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: the buffer and the address are live and of the lengths given.
+    // SAFETY: the descriptor is open (owned by `socket`); the message and the address are
+    // live for the call and of the lengths given, and sendto only reads them.
     let sent = unsafe {
         libc::sendto(
             socket.as_raw_fd(),
@@ -406,7 +415,8 @@ fn add_local_route(block: AddressBlock) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let mut reply = [0u8; 1024];
-    // SAFETY: the kernel writes at most the buffer's length.
+    // SAFETY: the descriptor is open (owned by `socket`); `reply` is live and writable for
+    // the call, and the kernel writes at most the length given, its own.
     let received = unsafe {
         libc::recv(
             socket.as_raw_fd(),

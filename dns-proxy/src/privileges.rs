@@ -34,11 +34,12 @@ pub fn drop_all_on_this_thread() -> io::Result<()> {
         pid: 0,
     };
     let none = [CapabilityData::default(); 2];
-    // SAFETY: capset reads one header and, for version 3, two data structs, both live here.
+    // SAFETY: capset reads one header and, for version 3, two data structs; both are live
+    // locals of the kernel's layout (#[repr(C)]) for the whole call, and it writes neither.
     if unsafe { libc::syscall(libc::SYS_capset, &header, none.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: a prctl that takes integers only.
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -49,7 +50,7 @@ pub fn drop_all_on_this_thread() -> io::Result<()> {
 /// ptrace it or read its memory and `/proc` files without CAP_SYS_PTRACE. (Dropping
 /// capabilities does not do this by itself for a process that keeps user id 0.)
 pub fn make_undumpable() -> io::Result<()> {
-    // SAFETY: a prctl that takes integers only.
+    // SAFETY: PR_SET_DUMPABLE takes integers only and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -101,6 +102,7 @@ mod tests {
     fn a_thread_that_drops_them_has_none_and_cannot_get_them_back() {
         std::thread::spawn(|| {
             drop_all_on_this_thread().unwrap();
+            // SAFETY: gettid takes nothing, touches no memory and cannot fail.
             let tid = unsafe { libc::gettid() };
             let status = fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
             assert!(!holds_capabilities(&status), "{status}");

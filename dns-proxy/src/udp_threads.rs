@@ -129,7 +129,8 @@ const LISTENER_FDS_FROM: libc::c_int = 256;
 /// are the connections in flight reset, so a client's retry goes direct.
 pub fn listener_socket(domain: Domain, kind: Type) -> io::Result<Socket> {
     let socket = Socket::new(domain, kind.nonblocking().cloexec(), None)?;
-    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of the same socket, which we own.
+    // SAFETY: `socket`'s descriptor is open for the call; F_DUPFD_CLOEXEC takes an integer
+    // and makes a new descriptor of the same socket, owned below.
     let high = unsafe {
         libc::fcntl(
             std::os::fd::AsRawFd::as_raw_fd(&socket),

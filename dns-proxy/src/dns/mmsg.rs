@@ -188,8 +188,11 @@ impl ReceivedBatch {
     pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
         self.count = 0;
         // Zeroed, so that reading a whole one is sound whatever length the kernel wrote.
+        // SAFETY: `sockaddr_storage` is plain integers, for which all zeros is a valid value.
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { mem::zeroed() };
+        // SAFETY: `iovec` is a pointer and a length: all zeros is a null pointer and 0.
         let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+        // SAFETY: `mmsghdr` is integers and raw pointers, all zeros null; each is set below.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
         for (i, chunk) in self.buffers.chunks_exact_mut(MAX_UDP_MESSAGE).enumerate() {
@@ -328,7 +331,10 @@ fn send_batch<'a>(
     debug_assert!(count > 0 && count <= BATCH);
     // Only the first `count` are made: a lone datagram pays for one address, not BATCH.
     let mut names: [MaybeUninit<SockAddr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
+    // SAFETY: `iovec` is a pointer and a length: all zeros is a null pointer and 0.
     let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+    // SAFETY: `mmsghdr` is integers and raw pointers, all zeros null; only the first `count`
+    // are set and sent.
     let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
     let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
     for i in 0..count {
@@ -345,7 +351,7 @@ fn send_batch<'a>(
         header.msg_iov = &mut iovecs[i];
         header.msg_iovlen = 1;
         if let Some(from) = from {
-            // SAFETY: the control buffer is live, aligned and large enough for one pktinfo.
+            // SAFETY: `controls` lives until after the `sendmmsg` below, the send of `header`.
             unsafe { set_source(header, &mut controls[i], from) };
         }
     }
@@ -372,7 +378,6 @@ fn send_batch<'a>(
 /// `control` outlives the send of `header`.
 unsafe fn set_source(header: &mut libc::msghdr, control: &mut [u64; CONTROL_WORDS], from: IpAddr) {
     header.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a length.
     let (level, kind, len) = match from {
         IpAddr::V4(_) => (
             libc::IPPROTO_IP,
@@ -385,12 +390,13 @@ unsafe fn set_source(header: &mut libc::msghdr, control: &mut [u64; CONTROL_WORD
             mem::size_of::<libc::in6_pktinfo>(),
         ),
     };
-    // SAFETY: as above.
+    // SAFETY: CMSG_SPACE only computes a length from an integer.
     header.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as usize;
-    // SAFETY: the buffer holds CMSG_SPACE(len) bytes (checked by the assertion below), so
-    // the first header and its data fit; the data is written unaligned.
+    debug_assert!(header.msg_controllen <= mem::size_of_val(control));
+    // SAFETY: `control` is live and holds CMSG_SPACE(len) bytes (the assertion above), and
+    // `header` points at it with that length, so CMSG_FIRSTHDR gives a header inside it and
+    // the header and its data fit; the data is written unaligned.
     unsafe {
-        debug_assert!(header.msg_controllen <= mem::size_of_val(control));
         let cmsg = libc::CMSG_FIRSTHDR(header);
         (*cmsg).cmsg_level = level;
         (*cmsg).cmsg_type = kind;

@@ -1,0 +1,151 @@
+//! The block of addresses the proxy answers on, and the server table behind it: index `i` of
+//! the IPv4 block `B` is the address `B + i` (of the IPv6 block, its last 16 bits), and
+//! `SERVERS` names the origin of each index (a server and the cgroup that asked it).
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_get_current_cgroup_id, programs::SockAddrContext,
+};
+use aya_log_ebpf::warn;
+use dns_proxy_common::{Counter, Endpoint, MAX_PROBES, Origin, RedirectConfig, server_key};
+
+use crate::{SERVER_INDEX, SERVERS, count};
+
+/// Index `index`'s address in the IPv4 block, network order.
+pub fn block4_address(config: &RedirectConfig, index: u32) -> u32 {
+    (u32::from_be(config.block4) + index).to_be()
+}
+
+/// Index `index`'s address in the IPv6 block (its last 16 bits), network-order words.
+pub fn block6_address(config: &RedirectConfig, index: u32) -> [u32; 4] {
+    let [a, b, c, d] = config.block6;
+    [a, b, c, (u32::from_be(d) | index).to_be()]
+}
+
+/// The index a network-order IPv4 address encodes, if it is in the block.
+pub fn index_in_block4(config: &RedirectConfig, addr: u32) -> Option<u32> {
+    let index = u32::from_be(addr).wrapping_sub(u32::from_be(config.block4));
+    (index >= 1 && index <= config.capacity4).then_some(index)
+}
+
+/// The index a network-order IPv6 address encodes, if it is in the block.
+pub fn index_in_block6(config: &RedirectConfig, addr: [u32; 4]) -> Option<u32> {
+    let block = config.block6;
+    if addr[..3] != block[..3] || config.capacity6 == 0 {
+        return None;
+    }
+    let index = u32::from_be(addr[3]).wrapping_sub(u32::from_be(block[3]));
+    (index >= 1 && index <= config.capacity6).then_some(index)
+}
+
+/// Whether a socket addresses the proxy directly (a block address on its port).
+pub fn addresses_proxy4(config: &RedirectConfig, addr: u32, port_be: u16) -> bool {
+    port_be == config.port4 && index_in_block4(config, addr).is_some()
+}
+
+/// The origin of index `index` of `family`'s block, if it has one.
+pub fn origin_at(family: u16, index: u32) -> Option<Origin> {
+    // SAFETY: `get` is unsafe because an element may be removed or replaced while it is held;
+    // `SERVERS` is `BPF_F_NO_PREALLOC`, so a removed element is freed only after the program
+    // is done (RCU) and never reused meanwhile, and the value is copied out at once.
+    unsafe { SERVERS.get(server_key(family, index)) }.copied()
+}
+
+/// The server of index `index` of `family`'s block, counted as unknown if there is none.
+pub fn server_at(family: u16, index: u32) -> Option<Endpoint> {
+    let origin = origin_at(family, index);
+    if origin.is_none() {
+        count(Counter::UnknownIndex);
+    }
+    origin.map(|origin| origin.server)
+}
+
+/// A cheap, well-mixed hash of an origin, to pick its first slot in the table.
+fn hash(origin: &Origin) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    let cgroup = [origin.cgroup_id as u32, (origin.cgroup_id >> 32) as u32];
+    for word in origin.server.addr.into_iter().chain(cgroup) {
+        h = (h ^ word).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+    }
+    h ^ u32::from(origin.server.port)
+}
+
+/// The index of `server`, asked by the calling task's cgroup, in its family's table (1 to
+/// `capacity`): the pair's own, so the proxy knows which workload asked; or, if the table has
+/// no room for the pair, the index every cgroup shares for that server (cgroup 0), so the
+/// lookup is still redirected. `None` (counted) if neither can be had.
+pub fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u32> {
+    // SAFETY: a helper without arguments, which reads the calling task's cgroup.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let shared = Origin::new(server, 0);
+    let mut created = false;
+    let index = match index_of(&Origin::new(server, cgroup_id), capacity, &mut created) {
+        Some(index) => {
+            // A server's first pair also takes its shared origin, while there is room: when
+            // the table is full, cgroups that ask it later still reach the proxy through it.
+            if created {
+                let _ = index_of(&shared, capacity, &mut created);
+            }
+            Some(index)
+        }
+        None => index_of(&shared, capacity, &mut created),
+    };
+    if index.is_none() {
+        table_full(ctx);
+    }
+    index
+}
+
+/// The index of `origin` in its family's table (1 to `capacity`), given one if it has none
+/// (`created` then set: an out-parameter, since an `Option` of a tuple with a `bool` makes
+/// BTF the kernel refuses); `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so
+/// two CPUs that race for one agree on whose it is, and a slot, once taken, never changes
+/// while it is in use.
+fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
+    let family = origin.server.family;
+    // SAFETY: as in `origin_at` (`SERVER_INDEX` is `BPF_F_NO_PREALLOC` too); the value is
+    // copied out at once.
+    if let Some(index) = unsafe { SERVER_INDEX.get(origin) }.copied() {
+        // The reverse entry is only a shortcut: the table itself must agree (a lost or
+        // replaced pin must not send a socket to another server's address).
+        // SAFETY: as in `origin_at`; the value is only compared.
+        let agrees = unsafe { SERVERS.get(server_key(family, index)) } == Some(origin);
+        if agrees && index <= capacity {
+            return Some(index);
+        }
+        if agrees {
+            // An index from a larger block than this agent's: it cannot be encoded here.
+            return None;
+        }
+    }
+    let first = hash(origin) % capacity;
+    for probe in 0..MAX_PROBES {
+        let index = (first + probe) % capacity + 1;
+        let key = server_key(family, index);
+        let taken = match SERVERS.insert(key, origin, u64::from(BPF_NOEXIST)) {
+            Ok(()) => true,
+            // SAFETY: as in `origin_at`; the value is only compared.
+            Err(_) => (unsafe { SERVERS.get(key) }) == Some(origin),
+        };
+        if taken {
+            // A lost reverse entry only costs the next socket a probe.
+            let _ = SERVER_INDEX.insert(origin, index, 0);
+            *created = true;
+            return Some(index);
+        }
+    }
+    None
+}
+
+/// Counts a server that got no index, and says so in the log at the 1st, 2nd, 4th, 8th...
+/// time on each CPU: a workload that fills the table cannot flood the log.
+fn table_full(ctx: &SockAddrContext) {
+    let times = count(Counter::TableFull);
+    if times.is_power_of_two() {
+        warn!(
+            ctx,
+            "dns-proxy: a server got no index (the table is full, {} times on this CPU): its \
+             socket goes direct",
+            times
+        );
+    }
+}

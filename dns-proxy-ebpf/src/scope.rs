@@ -1,0 +1,141 @@
+//! Which sockets the programs act on: nothing until the agent has armed them and while its
+//! socket is gone; only DNS clients; never an excluded cgroup's (the agents' own among them);
+//! and, unless the proxy serves other namespaces (node mode), only the agent's namespace.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_map_lookup_elem,
+        bpf_sk_release,
+    },
+    programs::SockAddrContext,
+};
+use dns_proxy_common::{
+    Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener, MAX_EXCLUDED_LEVEL, RedirectConfig,
+    listener_slot,
+};
+
+use crate::{
+    AGENT_CGROUPS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, Hook, LISTENERS,
+    context::{ctx_local_port, ctx_netns_cookie, ctx_sock_type},
+    count,
+};
+
+/// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// Whether the agent has attached every program (it sets `ARMED` last): the redirecting
+/// programs redirect nothing until the steering and decoding programs are in place.
+pub fn armed() -> bool {
+    ARMED.get(0).is_some_and(|armed| *armed == 1)
+}
+
+/// Whether the proxy's socket for this kind of socket (`LISTENERS`: its TCP listener, or its
+/// first UDP socket, of the family it will be sent to) is alive. A dead agent's sockets leave
+/// the map as the kernel closes them, before its links are gone: from that moment nothing is
+/// sent to it, and a client's retry goes direct.
+pub fn proxy_alive(sock_type: u32, family: u16) -> bool {
+    let listener = if sock_type == SOCK_STREAM {
+        Listener::Tcp { family }
+    } else {
+        Listener::Udp { family, n: 0 }
+    };
+    let slot = listener_slot(listener);
+    // SAFETY: the map pointer is a map this object defines and the key pointer is to `slot`, on
+    // the stack for the whole call, of the map's key size; a socket the lookup returns holds a
+    // reference, released at once, and is never dereferenced.
+    unsafe {
+        let sock = bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENERS).cast_mut().cast(),
+            core::ptr::addr_of!(slot).cast(),
+        );
+        if sock.is_null() {
+            return false;
+        }
+        bpf_sk_release(sock);
+    }
+    true
+}
+
+/// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP on
+/// connect (sendmsg hooks only see UDP anyway). A socket on port 53 itself is a DNS server's:
+/// what it sends to port 53 is an answer to another server (or a forwarder's query from the
+/// server's port), not a lookup of a workload, and is left alone.
+pub fn is_dns(ctx: &SockAddrContext, port_be: u16, hook: Hook) -> bool {
+    let sock_type = ctx_sock_type(ctx);
+    port_be == DNS_PORT.to_be()
+        && (sock_type == SOCK_DGRAM || (hook == Hook::Connect && sock_type == SOCK_STREAM))
+        && ctx_local_port(ctx) != u32::from(DNS_PORT)
+}
+
+/// Whether the calling task's cgroup is excluded: an agent's (any agent of this block, the
+/// one taking over from this one included), or below a cgroup listed with its subtree. Only
+/// the levels that hold such a cgroup are looked at.
+pub fn is_excluded() -> bool {
+    // SAFETY: a helper without arguments, which reads the calling task's cgroup.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: `get` is unsafe because an element may be removed or replaced while it is held;
+    // these maps are `BPF_F_NO_PREALLOC`, so a removed element is freed only after the program
+    // is done (RCU) and never reused meanwhile, and the value is only tested, never kept.
+    if unsafe { AGENT_CGROUPS.get(cgroup_id) }.is_some() {
+        return true;
+    }
+    // SAFETY: a read of a global the loader patches before load and nothing writes after;
+    // volatile, so that the compiler cannot fold in the zero it was compiled with.
+    let levels = unsafe { core::ptr::read_volatile(&EXCLUDED_LEVELS) };
+    for level in 0..=MAX_EXCLUDED_LEVEL {
+        if levels >> level == 0 {
+            break;
+        }
+        if levels & (1 << level) == 0 {
+            continue;
+        }
+        // SAFETY: a helper that takes a plain integer (it returns 0 for a level deeper than
+        // the task's cgroup).
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if ancestor == 0 {
+            break; // the calling task's cgroup is shallower than this level
+        }
+        // SAFETY: as for `AGENT_CGROUPS` above: a `BPF_F_NO_PREALLOC` map, the value only
+        // compared.
+        if unsafe { EXCLUDED_CGROUPS.get(ancestor) } == Some(&EXCLUDED_SUBTREE) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether the socket behind `ctx` lives in the agent's network namespace.
+pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> bool {
+    ctx_netns_cookie(ctx) == config.agent_netns
+}
+
+/// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
+/// excluded cgroup; or another namespace, where a loopback or unspecified server is that
+/// namespace's own and where a host-mode proxy cannot be reached.
+pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
+    if !in_agent_namespace(ctx, config)
+        && (config.foreign_namespaces == 0 || server.is_local_only())
+    {
+        count(Counter::SkippedForeignNamespace);
+        return true;
+    }
+    if is_excluded() {
+        count(Counter::SkippedExcluded);
+        return true;
+    }
+    false
+}
+
+/// Whether answers from the block are decoded for this socket: only where the proxy can
+/// have sent them (the agent's namespace, or any in node mode), and never for the proxy's own
+/// sockets. Checked once a peer is known to be a block address.
+pub fn decodes_here(ctx: &SockAddrContext, config: &RedirectConfig) -> bool {
+    guarded_here(ctx, config) && !is_excluded()
+}
+
+/// Whether the send guard applies to this socket: everywhere in node mode (the block is
+/// routed to the node from every namespace), only in the agent's namespace in host mode
+/// (another namespace's 127.53.x.y is its own, and nothing is decoded there).
+pub fn guarded_here(ctx: &SockAddrContext, config: &RedirectConfig) -> bool {
+    config.foreign_namespaces != 0 || in_agent_namespace(ctx, config)
+}

@@ -1,0 +1,329 @@
+//! The translation behind the cgroup `sock_addr` hooks, as in cilium's `bpf/bpf_sock.c`:
+//! forward on connect and sendmsg (`sock4_xlate_fwd`, `sock6_xlate_fwd`: a DNS socket is sent
+//! to its server's address in the block), reverse on recvmsg and getpeername
+//! (`sock4_xlate_rev`, `sock6_xlate_rev`: a peer in the block is shown as its server), and
+//! the guards that keep every socket but the proxy's off the block (`sock4_guard_bind`,
+//! `sock6_guard_bind`, `impersonates_proxy4/6`). A dual-stack socket's v4-mapped address takes
+//! the IPv4 path (`xlate_fwd4`, `xlate_rev4`), written back v4-mapped.
+//!
+//! Each returns the hook's verdict and fails open: whatever goes wrong, the call is allowed
+//! unchanged. Only a socket that would use the proxy's addresses is refused.
+use aya_ebpf::{helpers::bpf_get_current_cgroup_id, programs::SockAddrContext};
+use dns_proxy_common::{AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, v4_mapped_prefix};
+
+use crate::{
+    ALLOW, Hook, REFUSE,
+    block::{
+        addresses_proxy4, block4_address, block6_address, index_for, index_in_block4,
+        index_in_block6, origin_at, server_at,
+    },
+    config,
+    context::{
+        ctx_local_ip4, ctx_local_ip6, ctx_local_port, ctx_msg_src_ip4, ctx_msg_src_ip6,
+        ctx_set_user_ip4, ctx_set_user_ip6, ctx_set_user_port, ctx_sock_type, ctx_user_ip4,
+        ctx_user_ip6, ctx_user_port,
+    },
+    count,
+    scope::{
+        armed, decodes_here, guarded_here, in_agent_namespace, is_dns, is_excluded, leave_alone,
+        proxy_alive,
+    },
+};
+
+/// connect4 / sendmsg4: a socket that would send as the proxy is refused; a DNS socket is sent
+/// to its server's address in the IPv4 block.
+pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    if impersonates_proxy4(ctx, hook) {
+        return REFUSE;
+    }
+    let config = config();
+    match xlate_fwd4(ctx, &config, ctx_user_ip4(ctx), ctx_user_port(ctx), hook) {
+        Forward4::Leave(verdict) => verdict,
+        Forward4::Redirect(to) => {
+            ctx_set_user_ip4(ctx, to);
+            to_proxy_port(ctx, config.port4)
+        }
+    }
+}
+
+/// connect6 / sendmsg6: the same for IPv6 sockets. A v4-mapped destination (a dual-stack
+/// socket talking to an IPv4 server) takes the IPv4 path and goes to the v4-mapped address of
+/// the IPv4 block, so its packets stay IPv4.
+pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    if impersonates_proxy6(ctx, hook) {
+        return REFUSE;
+    }
+    let (addr, port_be) = (ctx_user_ip6(ctx), ctx_user_port(ctx));
+    let config = config();
+    let prefix = v4_mapped_prefix();
+    if addr[..3] == prefix {
+        return match xlate_fwd4(ctx, &config, addr[3], port_be, hook) {
+            Forward4::Leave(verdict) => verdict,
+            Forward4::Redirect(to) => {
+                ctx_set_user_ip6(ctx, [prefix[0], prefix[1], prefix[2], to]);
+                to_proxy_port(ctx, config.port4)
+            }
+        };
+    }
+    if config.capacity6 != 0
+        && port_be == config.port6
+        && let Some(index) = index_in_block6(&config, addr)
+    {
+        return verdict_on_block_address(ctx, &config, AF_INET6, Some(index));
+    }
+    if !is_dns(ctx, port_be, hook) || !armed() {
+        return ALLOW;
+    }
+    if config.capacity6 == 0 || is_link_local6(addr) || !proxy_alive(ctx_sock_type(ctx), AF_INET6) {
+        return ALLOW;
+    }
+    let server = Endpoint::v6(addr, port_be);
+    if leave_alone(ctx, &config, &server) {
+        return ALLOW;
+    }
+    let Some(index) = index_for(ctx, server, config.capacity6) else {
+        return ALLOW;
+    };
+    ctx_set_user_ip6(ctx, block6_address(&config, index));
+    to_proxy_port(ctx, config.port6)
+}
+
+/// What the forward translation makes of an IPv4 destination.
+enum Forward4 {
+    /// The call gets this verdict, its destination unchanged.
+    Leave(i32),
+    /// The socket is sent to this address of the IPv4 block (network order), on the proxy's
+    /// port.
+    Redirect(u32),
+}
+
+/// The forward translation of the IPv4 destination `addr`:`port_be`, a v4 socket's or the
+/// v4-mapped one of a dual-stack socket. A workload's socket may not address the block itself
+/// (the address would claim another workload's origin); a DNS client the proxy takes is
+/// redirected; any other is left alone.
+// Always inlined: a BPF call takes at most five arguments, in registers, and this one's six
+// (its result is returned through a pointer) would not compile as a call.
+#[inline(always)]
+fn xlate_fwd4(
+    ctx: &SockAddrContext,
+    config: &RedirectConfig,
+    addr: u32,
+    port_be: u16,
+    hook: Hook,
+) -> Forward4 {
+    if config.capacity4 != 0 && addresses_proxy4(config, addr, port_be) {
+        let index = index_in_block4(config, addr);
+        return Forward4::Leave(verdict_on_block_address(ctx, config, AF_INET, index));
+    }
+    if !is_dns(ctx, port_be, hook)
+        || config.capacity4 == 0
+        || !armed()
+        || !proxy_alive(ctx_sock_type(ctx), AF_INET)
+    {
+        return Forward4::Leave(ALLOW);
+    }
+    let server = Endpoint::v4(addr, port_be);
+    if leave_alone(ctx, config, &server) {
+        return Forward4::Leave(ALLOW);
+    }
+    match index_for(ctx, server, config.capacity4) {
+        Some(index) => Forward4::Redirect(block4_address(config, index)),
+        None => Forward4::Leave(ALLOW),
+    }
+}
+
+/// The last step of a redirect, once the address is written: the proxy's port; counted.
+fn to_proxy_port(ctx: &SockAddrContext, port_be: u16) -> i32 {
+    ctx_set_user_port(ctx, port_be);
+    count(Counter::Redirected);
+    ALLOW
+}
+
+/// What a socket addressing block address `index` on the proxy's port is told: a workload may
+/// address only an origin of its own cgroup, or one shared by every cgroup (as the program of
+/// an agent that ran before this one, during a takeover, rewrote it); any other is refused
+/// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
+/// are let be.
+fn verdict_on_block_address(
+    ctx: &SockAddrContext,
+    config: &RedirectConfig,
+    family: u16,
+    index: Option<u32>,
+) -> i32 {
+    // In host mode the block is the agent's namespace's loopback: another namespace's
+    // addresses that look the same are that namespace's own.
+    if is_excluded() || (config.foreign_namespaces == 0 && !in_agent_namespace(ctx, config)) {
+        return ALLOW;
+    }
+    // SAFETY: a helper without arguments, which reads the calling task's cgroup.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    match index.and_then(|index| origin_at(family, index)) {
+        Some(origin) if origin.cgroup_id == cgroup_id || origin.cgroup_id == 0 => ALLOW,
+        _ => {
+            count(Counter::ForeignRefused);
+            REFUSE
+        }
+    }
+}
+
+/// Whether an IPv6 address is link-local (fe80::/10) or multicast (ff00::/8): its zone (the
+/// interface) is part of the socket's address but not of the context the programs see, so
+/// the proxy could not reach it the way the client meant. Such a server is left alone and
+/// asked directly.
+fn is_link_local6(addr: [u32; 4]) -> bool {
+    let first = addr[0].to_ne_bytes();
+    (first[0] == 0xfe && first[1] & 0xc0 == 0x80) || first[0] == 0xff
+}
+
+/// recvmsg4 / getpeername4: a peer in the block, on the proxy's port, is shown as the server
+/// its address encodes.
+pub fn sock4_xlate_rev(ctx: &SockAddrContext) -> i32 {
+    let config = config();
+    if let Some(server) = xlate_rev4(ctx, &config, ctx_user_ip4(ctx), ctx_user_port(ctx)) {
+        ctx_set_user_ip4(ctx, server.addr[0]);
+        from_server_port(ctx, server.port);
+    }
+    ALLOW
+}
+
+/// recvmsg6 / getpeername6: the same for IPv6 sockets, whose peer may be a v4-mapped address
+/// of the IPv4 block (the IPv4 path); the server is shown exactly as the socket addressed it.
+pub fn sock6_xlate_rev(ctx: &SockAddrContext) -> i32 {
+    let config = config();
+    let (addr, port_be) = (ctx_user_ip6(ctx), ctx_user_port(ctx));
+    let prefix = v4_mapped_prefix();
+    let server = if addr[..3] == prefix {
+        xlate_rev4(ctx, &config, addr[3], port_be).map(|server| {
+            let mapped = [prefix[0], prefix[1], prefix[2], server.addr[0]];
+            Endpoint::v6(mapped, server.port)
+        })
+    } else {
+        xlate_rev6(ctx, &config, addr, port_be)
+    };
+    if let Some(server) = server {
+        ctx_set_user_ip6(ctx, server.addr);
+        from_server_port(ctx, server.port);
+    }
+    ALLOW
+}
+
+/// The reverse translation of the IPv4 peer `addr`:`port_be` (a v4 socket's, or the last word
+/// of a dual-stack socket's v4-mapped one): the server its block address encodes, if it is
+/// one on the proxy's port and answers are decoded for this socket.
+fn xlate_rev4(
+    ctx: &SockAddrContext,
+    config: &RedirectConfig,
+    addr: u32,
+    port_be: u16,
+) -> Option<Endpoint> {
+    if config.capacity4 == 0 || port_be != config.port4 {
+        return None;
+    }
+    let index = index_in_block4(config, addr)?;
+    if !decodes_here(ctx, config) {
+        return None;
+    }
+    server_at(AF_INET, index)
+}
+
+/// The same for an IPv6 peer in the IPv6 block.
+fn xlate_rev6(
+    ctx: &SockAddrContext,
+    config: &RedirectConfig,
+    addr: [u32; 4],
+    port_be: u16,
+) -> Option<Endpoint> {
+    if port_be != config.port6 {
+        return None;
+    }
+    let index = index_in_block6(config, addr)?;
+    if !decodes_here(ctx, config) {
+        return None;
+    }
+    server_at(AF_INET6, index)
+}
+
+/// The last step of a reverse translation, once the address is written: the server's port;
+/// counted.
+fn from_server_port(ctx: &SockAddrContext, port_be: u16) {
+    ctx_set_user_port(ctx, port_be);
+    count(Counter::ReverseTranslated);
+}
+
+/// connect4 / sendmsg4: a socket on the proxy's port may not send from a block address,
+/// whether bound there (before the agent started, when no bind guard ran) or asking for it
+/// with `IP_PKTINFO` (on sendmsg): `recvmsg4` would present what it sends as a server's. Only
+/// the proxy may (refused with `EPERM`, counted).
+fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
+    let config = config();
+    if config.capacity4 == 0 || ctx_local_port(ctx) != u32::from(u16::from_be(config.port4)) {
+        return false;
+    }
+    let from_block = index_in_block4(&config, ctx_local_ip4(ctx)).is_some()
+        || (hook == Hook::Sendmsg && index_in_block4(&config, ctx_msg_src_ip4(ctx)).is_some());
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
+}
+
+/// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
+fn impersonates_proxy6(ctx: &SockAddrContext, hook: Hook) -> bool {
+    let config = config();
+    let port = ctx_local_port(ctx);
+    let in_block = |addr: [u32; 4]| {
+        if addr[..3] == v4_mapped_prefix() {
+            port == u32::from(u16::from_be(config.port4))
+                && index_in_block4(&config, addr[3]).is_some()
+        } else {
+            port == u32::from(u16::from_be(config.port6))
+                && index_in_block6(&config, addr).is_some()
+        }
+    };
+    let from_block =
+        in_block(ctx_local_ip6(ctx)) || (hook == Hook::Sendmsg && in_block(ctx_msg_src_ip6(ctx)));
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
+}
+
+/// Whether to refuse a socket's use of a block address on the proxy's port: always, but for
+/// the proxy's own (excluded) cgroup. Counted when refused.
+fn refuse_unless_excluded() -> bool {
+    if is_excluded() {
+        return false;
+    }
+    count(Counter::ImpersonationRefused);
+    true
+}
+
+/// bind4: no socket of the agent's namespace but the proxy's may take a block address on
+/// the proxy's port, from where `recvmsg4` would present its datagrams as the server's.
+pub fn sock4_guard_bind(ctx: &SockAddrContext) -> i32 {
+    let config = config();
+    if config.capacity4 == 0
+        || ctx_user_port(ctx) != config.port4
+        || index_in_block4(&config, ctx_user_ip4(ctx)).is_none()
+    {
+        return ALLOW;
+    }
+    refuse_bind_unless_excluded(ctx, &config)
+}
+
+/// bind6: the same for IPv6 sockets, v4-mapped block addresses included.
+pub fn sock6_guard_bind(ctx: &SockAddrContext) -> i32 {
+    let config = config();
+    let (addr, port_be) = (ctx_user_ip6(ctx), ctx_user_port(ctx));
+    let in_block = if addr[..3] == v4_mapped_prefix() {
+        port_be == config.port4 && index_in_block4(&config, addr[3]).is_some()
+    } else {
+        port_be == config.port6 && index_in_block6(&config, addr).is_some()
+    };
+    if !in_block {
+        return ALLOW;
+    }
+    refuse_bind_unless_excluded(ctx, &config)
+}
+
+fn refuse_bind_unless_excluded(ctx: &SockAddrContext, config: &RedirectConfig) -> i32 {
+    // Another namespace's block addresses are nobody's: the proxy never answers from there.
+    if !in_agent_namespace(ctx, config) || !refuse_unless_excluded() {
+        return ALLOW;
+    }
+    REFUSE
+}
