@@ -5,7 +5,9 @@
 //! its root cgroup's programs, or any address outside the tests' namespaces.
 //!
 //! One module per topic, each readable on its own; the names most tests use are re-exported
-//! here. What each test suite covers and how to run one: tests/README.md.
+//! here. What each test suite covers and how to run one: tests/README.md. The measuring tools
+//! (`cargo xtask bench|race|soak`) are not tests: they live in tools/ (dns-proxy-tools) and
+//! build on these fixtures.
 
 // The pieces of a test topology.
 mod cgroup;
@@ -31,12 +33,6 @@ pub mod answer;
 pub mod docker;
 pub mod manifest;
 pub mod registry_proxy;
-
-// The product tools (`cargo xtask bench|race|soak`).
-pub mod bench;
-pub mod chaos;
-pub mod race;
-pub mod soak;
 
 pub use agent::{Agent, Harness, PROXY_LISTEN, Placement, agent_binary};
 pub use bpftool::{attached_map_entries, origins_of_cgroup, server_index, server_index_for};

@@ -44,7 +44,7 @@ fn main() {
     let (mut total, mut connect, mut send, mut recv) = (vec![], vec![], vec![], vec![]);
     let mut answer = [0u8; 4096];
     for i in 0..count {
-        let query = tests::a_query(i as u16, &format!("c{i}.example.test"));
+        let query = fixtures::a_query(i as u16, &format!("c{i}.example.test"));
         let started = Instant::now();
         let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
         let before_connect = Instant::now();
