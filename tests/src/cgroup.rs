@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::require_root;
+
 /// A child cgroup of the cgroup2 root; its processes are killed and it is removed on drop.
 pub struct TestCgroup {
     pub path: PathBuf,
@@ -15,6 +17,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(name: &str) -> Self {
+        require_root();
         let path = cgroup2_root().join(name);
         fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
         Self { path }

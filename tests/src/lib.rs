@@ -43,7 +43,7 @@ pub use http::{http_get, http_get_in, metric};
 pub use netns::Netns;
 pub(crate) use netns::NetnsResolvConf;
 pub use process::{Process, must, status_kib, wait_for};
-pub use root::require_root;
+pub use root::{require_root, stop_the_run};
 pub use servers::{
     ANSWER_IP, ANSWER_IP6, BIG_NAME, DnsServer, SECOND_ANSWER_IP, SECOND_SERVER_IP, UNBOUND_IP,
     UNBOUND_ZONE, UnboundServer, ZONE,

@@ -3,7 +3,7 @@
 //! here touches the host's own namespace.
 use std::{fs, net::IpAddr, path::PathBuf, process::Command};
 
-use crate::must;
+use crate::{must, require_root};
 
 /// A network namespace of the tests' own, with a bpffs of its own for the server table of
 /// the agents that run in it (so restarts in one test share it and no test touches the
@@ -15,6 +15,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: String) -> Self {
+        require_root();
         must(Command::new("ip").args(["netns", "add", &name]));
         let state_dir = PathBuf::from("/run/dns-proxy-tests").join(&name);
         fs::create_dir_all(&state_dir).expect("mkdir the test bpffs");
