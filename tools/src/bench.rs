@@ -247,7 +247,7 @@ impl Interceptor {
         let after_name = stat.rsplit_once(')').expect("stat format").1;
         let fields: Vec<&str> = after_name.split_whitespace().collect();
         let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf has no memory effects.
+        // SAFETY: sysconf takes and returns integers only; no memory of ours is involved.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let hwm_kib = status_kib(pid, "VmHWM") as f64;
         (ticks / per_second, hwm_kib / 1024.0)

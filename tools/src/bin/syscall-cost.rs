@@ -28,7 +28,8 @@ fn wait_readable(socket: &UdpSocket) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, for the duration of the call.
+    // SAFETY: `poll` is one live pollfd (count 1) for the duration of the call, and its fd is
+    // the socket's, open while `socket` is borrowed.
     unsafe { libc::poll(&mut poll, 1, 2000) == 1 }
 }
 
