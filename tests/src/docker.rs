@@ -418,13 +418,16 @@ fn shut_down(host: &str, pid: i32) {
         }
     }
     let _ = docker(host).args(["network", "prune", "-f"]).output();
-    // SAFETY: kill has no memory-safety preconditions.
+    // SAFETY: kill takes and returns integers only; no memory of ours is involved. The pid is
+    // the tests' dockerd, read from its pid file.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
-    // SAFETY: as above; signal 0 only checks that the process exists.
+    // SAFETY: kill takes and returns integers only; signal 0 only checks that the process
+    // exists.
     while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
         // Reap it if it is our child (a zombie still answers signal 0).
-        // SAFETY: waitpid with WNOHANG on a pid; no memory is passed.
+        // SAFETY: a null status pointer is allowed (waitpid then stores no status), so no memory
+        // of ours is written; WNOHANG returns at once.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         thread::sleep(Duration::from_millis(100));
     }

@@ -44,7 +44,9 @@ impl RegistryProxy {
         // setns is per thread: only this one enters the namespace to bind; the connections
         // to the registries are made by threads that the host-namespace thread below spawns.
         thread::spawn(move || {
-            // SAFETY: a valid namespace fd; CLONE_NEWNET asks for exactly that kind.
+            // SAFETY: setns takes an fd and flags, no memory; `namespace` is an open file of a
+            // network namespace, owned by this closure for the call, and CLONE_NEWNET asks for
+            // that kind. It moves this thread only.
             let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
             let bound = if entered == 0 {
                 TcpListener::bind(addr)
@@ -94,7 +96,8 @@ impl Drop for RegistryProxy {
         let netns = self.netns.clone();
         let _ = thread::spawn(move || {
             if let Ok(namespace) = File::open(format!("/run/netns/{netns}")) {
-                // SAFETY: as in start.
+                // SAFETY: setns takes an fd and flags, no memory; `namespace` is an open file
+                // of a network namespace, alive for the call. It moves this thread only.
                 if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
                     let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
                 }

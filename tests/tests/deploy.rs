@@ -19,7 +19,11 @@ fn repository() -> PathBuf {
 
 fn deploy_tool(name: &str) -> PathBuf {
     let venv = std::env::var_os("DNS_PROXY_DEPLOY_TOOLS").unwrap_or_else(|| {
-        panic!("DNS_PROXY_DEPLOY_TOOLS is not set: run the tests with `cargo xtask test`")
+        tests::stop_the_run(
+            "the deployment checks need the checkers `cargo xtask test` installs \
+             (DNS_PROXY_DEPLOY_TOOLS is not set): run `cargo xtask test` as root \
+             (see tests/README.md)",
+        )
     });
     let tool = Path::new(&venv).join("bin").join(name);
     assert!(tool.is_file(), "{} is missing", tool.display());

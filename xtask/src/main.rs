@@ -7,7 +7,7 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use tests::race;
+use dns_proxy_tools::{bench, chaos, race, soak};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -135,13 +135,13 @@ fn main() -> Result<()> {
             agent,
             rows,
         } => {
-            let settings = tests::bench::Settings {
+            let settings = bench::Settings {
                 rounds,
                 duration: std::time::Duration::from_secs(seconds),
                 rows: match rows {
-                    BenchRows::All => tests::bench::Rows::All,
-                    BenchRows::Uncached => tests::bench::Rows::Uncached,
-                    BenchRows::Cached => tests::bench::Rows::Cached,
+                    BenchRows::All => bench::Rows::All,
+                    BenchRows::Uncached => bench::Rows::Uncached,
+                    BenchRows::Cached => bench::Rows::Cached,
                 },
                 ..Default::default()
             };
@@ -225,31 +225,31 @@ fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64, chaos: bool)
         bin.join("soak-client"),
         bin.join("bad-upstream"),
     );
-    let settings = tests::soak::Settings {
+    let settings = soak::Settings {
         duration: std::time::Duration::from_secs(minutes * 60),
         interval: std::time::Duration::from_millis(interval_ms),
     };
     if chaos {
         let hostile_client = bin.join("hostile-client");
-        let tools = tests::chaos::Tools {
+        let tools = chaos::Tools {
             agent: &agent,
             soak_client: &soak_client,
             bad_upstream: &bad_upstream,
             hostile_client: &hostile_client,
         };
-        let (report, passed) = tests::chaos::run(settings.duration, settings.interval, &tools);
+        let (report, passed) = chaos::run(settings.duration, settings.interval, &tools);
         print!("{report}");
         if !passed {
             bail!("the chaos soak failed (see the verdict above)");
         }
         return Ok(());
     }
-    let tools = tests::soak::Tools {
+    let tools = soak::Tools {
         agent: &agent,
         soak_client: &soak_client,
         bad_upstream: &bad_upstream,
     };
-    let (report, passed) = tests::soak::run(&settings, &tools);
+    let (report, passed) = soak::run(&settings, &tools);
     print!("{report}");
     if !passed {
         bail!("the soak failed (see the verdict above)");
@@ -259,7 +259,7 @@ fn run_soak(root: &std::path::Path, minutes: u64, interval_ms: u64, chaos: bool)
 
 fn run_bench(
     root: &std::path::Path,
-    settings: &tests::bench::Settings,
+    settings: &bench::Settings,
     agent: Option<PathBuf>,
 ) -> Result<()> {
     if !shell::is_root() {
@@ -276,16 +276,17 @@ fn run_bench(
     if !agent.is_file() {
         bail!("--agent {}: no such file", agent.display());
     }
-    let tools = tests::bench::Tools {
+    let tools = bench::Tools {
         agent: &agent,
         test_upstream: &test_upstream,
         syscall_cost: &syscall_cost,
     };
-    print!("{}", tests::bench::run(settings, &tools));
+    print!("{}", bench::run(settings, &tools));
     Ok(())
 }
 
-/// Builds the agent and the test crate's tools with `profile`; returns their directory.
+/// Builds the agent, the test servers and clients (tests/src/bin) and the tools' own clients
+/// (tools/src/bin) with `profile`; returns their directory.
 fn build_agent_and_test_tools(root: &std::path::Path, profile: &str) -> Result<PathBuf> {
     shell::run(cargo().current_dir(root).args([
         "build",
@@ -295,6 +296,8 @@ fn build_agent_and_test_tools(root: &std::path::Path, profile: &str) -> Result<P
         "dns-proxy",
         "--package",
         "tests",
+        "--package",
+        "dns-proxy-tools",
         "--bins",
     ]))?;
     Ok(root.join("target").join(profile))

@@ -225,7 +225,8 @@ fn flood(args: &[String]) -> Result<(), String> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(|e| e.to_string())?;
     if options.iter().any(|o| o == "--transparent") {
         let on: libc::c_int = 1;
-        // SAFETY: the kernel reads an int of the size given.
+        // SAFETY: the fd is the socket's, open for the call; the kernel reads `size_of::<c_int>`
+        // bytes from `on`, a live c_int.
         let result = unsafe {
             libc::setsockopt(
                 socket.as_raw_fd(),
@@ -281,12 +282,12 @@ fn hold(args: &[String]) -> Result<(), String> {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: the kernel writes one struct rlimit.
+    // SAFETY: the kernel writes one struct rlimit into `limit`, a live local of that type.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     let wanted = u64::from(count) + 1024;
     limit.rlim_cur = wanted.max(limit.rlim_cur);
     limit.rlim_max = wanted.max(limit.rlim_max);
-    // SAFETY: a plain struct the kernel reads.
+    // SAFETY: the kernel reads one struct rlimit from `limit`, a live local of that type.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
         return Err(format!(
             "RLIMIT_NOFILE: {}",
@@ -439,7 +440,8 @@ fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
         iov_len: payload.len(),
     };
     let mut control = [0u64; 8];
-    // SAFETY: a zeroed msghdr, then every pointer set to a live buffer of the length given.
+    // SAFETY: msghdr is integers and raw pointers, for which all zeroes is a valid value (null
+    // pointers, zero lengths); the pointers are set to live buffers below.
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_name = (&raw mut name).cast();
     header.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -449,7 +451,11 @@ fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
     // SAFETY: CMSG_SPACE only computes a length.
     header.msg_controllen =
         unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as usize;
-    // SAFETY: the control buffer holds one in_pktinfo message (64 bytes > CMSG_SPACE(12)).
+    // SAFETY: msg_control points at `control` (64 bytes, u64-aligned), which holds one
+    // in_pktinfo message (CMSG_SPACE(12) = 32 bytes), so CMSG_FIRSTHDR is non-null and the
+    // header and data written through it stay inside it (the data with write_unaligned, so
+    // its alignment does not matter); msg_name, msg_iov and the payload are live locals for
+    // the sendmsg.
     let sent = unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&header);
         (*cmsg).cmsg_level = libc::IPPROTO_IP;

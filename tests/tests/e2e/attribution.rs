@@ -163,6 +163,7 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
 
 #[test]
 fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
+    tests::require_root();
     let dir = RemovedOnDrop(
         PathBuf::from("/run/dns-proxy-tests").join(format!("dnstap-{}", tests::unique_tag())),
     );

@@ -1,6 +1,7 @@
 //! End to end, in the real kernel: the real agent attached to a test cgroup, real DNS servers
-//! (dnsmasq, unbound) in a namespace of their own, real clients as workloads. Needs root;
-//! panics without. One binary with modules, so it links once.
+//! (dnsmasq, unbound) in a namespace of their own, real clients as workloads. Needs root:
+//! without, the first test ends the run with one line saying what to run instead. One binary
+//! with modules, so it links once. What each module covers: tests/README.md.
 mod attribution;
 mod cache;
 mod clients;

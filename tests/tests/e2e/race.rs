@@ -2,7 +2,7 @@
 //! that the outcome is not left to chance.
 use std::path::Path;
 
-use tests::race::{self, Mode, Settings, Tools};
+use dns_proxy_tools::race::{self, Mode, Settings, Tools};
 
 use super::*;
 

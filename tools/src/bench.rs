@@ -18,11 +18,11 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    ANSWER_IP, Agent, Process, SERVER_IP, Topology, must,
-    race::{PROXY_UID, REDIRECT_PORT, field, install_classic_rules},
-    wait_for,
+use fixtures::{
+    ANSWER_IP, Agent, PROXY_LISTEN, Process, SERVER_IP, Topology, must, status_kib, wait_for,
 };
+
+use crate::race::{PROXY_UID, REDIRECT_PORT, field, install_classic_rules};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Config {
@@ -247,9 +247,9 @@ impl Interceptor {
         let after_name = stat.rsplit_once(')').expect("stat format").1;
         let fields: Vec<&str> = after_name.split_whitespace().collect();
         let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf has no memory effects.
+        // SAFETY: sysconf takes and returns integers only; no memory of ours is involved.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let hwm_kib = crate::status_kib(pid, "VmHWM") as f64;
+        let hwm_kib = status_kib(pid, "VmHWM") as f64;
         (ticks / per_second, hwm_kib / 1024.0)
     }
 }
@@ -271,14 +271,14 @@ fn start_agent(topology: &Topology, tools: &Tools<'_>, extra_args: &[&str]) -> A
 }
 
 /// The agent binary `agent` in the topology's client namespace, redirecting its cgroup, on
-/// [`crate::PROXY_LISTEN`], logging at info.
+/// [`PROXY_LISTEN`], logging at info.
 pub(crate) fn start_agent_binary(topology: &Topology, agent: &Path, extra_args: &[&str]) -> Agent {
     let mut command = topology.client.nsenter();
     command
         .arg(agent)
         .arg("run")
         .arg(format!("--cgroup={}", topology.cgroup.path.display()))
-        .arg(format!("--listen={}", crate::PROXY_LISTEN))
+        .arg(format!("--listen={PROXY_LISTEN}"))
         .args(extra_args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null());

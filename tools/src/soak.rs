@@ -11,10 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    DnsServer, Process, SECOND_SERVER_IP, SERVER_IP, Topology, bench::start_agent_binary, http_get,
-    metric, status_kib,
+use fixtures::{
+    DnsServer, Netns, Process, SECOND_SERVER_IP, SERVER_IP, Topology, http_get, metric, status_kib,
 };
+
+use crate::bench::start_agent_binary;
 
 pub struct Settings {
     pub duration: Duration,
@@ -43,7 +44,7 @@ struct Sample {
 }
 
 /// bad-upstream, silent, on SECOND_SERVER_IP:53 in `server`: the soaks' failing upstream.
-pub(crate) fn start_failing_upstream(server: &crate::Netns, bad_upstream: &Path) -> Process {
+pub(crate) fn start_failing_upstream(server: &Netns, bad_upstream: &Path) -> Process {
     let mut bad = server.command(bad_upstream.to_str().expect("UTF-8"));
     bad.args([&format!("{SECOND_SERVER_IP}:53"), "silent"])
         .stdout(Stdio::null());

@@ -13,11 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
+use fixtures::{
     ANSWER_IP, Agent, DnsServer, Process, SECOND_SERVER_IP, SERVER_IP,
     node::{NODE_LISTEN, NodeTopology},
-    soak::{resources, start_failing_upstream},
+    status_kib,
 };
+
+use crate::soak::{resources, start_failing_upstream};
 
 pub struct Tools<'a> {
     pub agent: &'a Path,
@@ -34,7 +36,7 @@ const RSS_SLACK_KIB: u64 = 4096;
 /// An instance's (RSS, heap) in KiB and open descriptors.
 fn instance_resources(pid: u32) -> (u64, u64, u64) {
     let (rss, fds) = resources(pid);
-    (rss, crate::status_kib(pid, "RssAnon"), fds)
+    (rss, status_kib(pid, "RssAnon"), fds)
 }
 /// Descriptors likewise (the upstream socket pools open and retire sockets as queries come).
 const FD_SLACK: u64 = 40;

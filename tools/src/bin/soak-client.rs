@@ -4,7 +4,7 @@
 //! Usage: soak-client SERVER:PORT FAILING_SERVER:PORT INTERVAL_MS [RETRIES]
 //! - `udp` (two threads): an A query from a fresh connected UDP socket, as glibc sends it;
 //! - `tcp`: an A query over a fresh TCP connection;
-//! - `large`: the TXT query for tests::BIG_NAME (about 800 bytes) over TCP;
+//! - `large`: the TXT query for `fixtures::BIG_NAME` (about 800 bytes) over TCP;
 //! - `failing`: an A query to FAILING_SERVER, which never answers (a short timeout).
 //!
 //! One lookup after another per thread, INTERVAL_MS apart (TCP kinds five times that: the
@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{ANSWER_IP, BIG_NAME, a_query};
+use fixtures::{ANSWER_IP, BIG_NAME, a_query};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const FAILING_TIMEOUT: Duration = Duration::from_millis(300);

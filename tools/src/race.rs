@@ -1,7 +1,7 @@
 //! The conntrack race this product exists to remove, reproduced side by side with the agent:
 //! the topology of the original incident (a workload and its DNS proxy in one network
 //! namespace, the DNS server in another), lookups made the way resolvers make them, and three
-//! ways of intercepting them. Used by `cargo xtask race` and by the integration tests.
+//! ways of intercepting them. Used by `cargo xtask race` and by the e2e tests (tests/tests/e2e/race.rs).
 use std::{
     fmt::Write as _,
     path::Path,
@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Agent, DnsServer, Process, SERVER_IP, Topology, must};
+use fixtures::{Agent, DnsServer, Process, SERVER_IP, Topology, must, wait_for};
 
 /// The uid the classic forwarder runs as, which the iptables owner match exempts.
 pub const PROXY_UID: u32 = 1053;
@@ -178,7 +178,7 @@ fn start_classic_forwarder(topology: &Topology, settings: &Settings, tools: &Too
         .stdout(Stdio::piped());
     let forwarder = Process::spawn(&mut command);
     // Ready when a lookup through the rules is answered.
-    crate::wait_for(
+    wait_for(
         "the classic forwarder to answer",
         Duration::from_secs(10),
         || {

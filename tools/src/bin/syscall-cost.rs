@@ -28,7 +28,8 @@ fn wait_readable(socket: &UdpSocket) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, for the duration of the call.
+    // SAFETY: `poll` is one live pollfd (count 1) for the duration of the call, and its fd is
+    // the socket's, open while `socket` is borrowed.
     unsafe { libc::poll(&mut poll, 1, 2000) == 1 }
 }
 
@@ -44,7 +45,7 @@ fn main() {
     let (mut total, mut connect, mut send, mut recv) = (vec![], vec![], vec![], vec![]);
     let mut answer = [0u8; 4096];
     for i in 0..count {
-        let query = tests::a_query(i as u16, &format!("c{i}.example.test"));
+        let query = fixtures::a_query(i as u16, &format!("c{i}.example.test"));
         let started = Instant::now();
         let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
         let before_connect = Instant::now();

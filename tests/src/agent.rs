@@ -1,0 +1,240 @@
+//! The real dns-proxy binary under test ([`Agent`]), started in a test namespace and
+//! redirecting a test cgroup, its log collected for assertions and killed on drop; and
+//! [`Harness`], the usual set-up of a topology, its DNS server and an agent.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use crate::{DnsServer, Netns, Process, Topology, wait_for};
+
+/// The agent's listener inside the client namespace.
+pub const PROXY_LISTEN: &str = "127.0.0.1:8053";
+
+/// The path of the dns-proxy binary under test: `DNS_PROXY_BIN` (set by `cargo xtask test`),
+/// else `dns-proxy` in the target directory of the running executable: beside it (xtask), or
+/// one level up (a test binary in `target/<profile>/deps`).
+pub fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("DNS_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            let dir = exe.parent().expect("the executable's directory");
+            let beside = dir.join("dns-proxy");
+            if beside.is_file() {
+                return beside;
+            }
+            dir.parent().expect("target dir").join("dns-proxy")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The real dns-proxy binary running in the client namespace, redirecting the test cgroup.
+/// Its log (stderr) is collected for assertions; it is killed on drop.
+pub struct Agent {
+    process: Process,
+    log: Arc<Mutex<String>>,
+}
+
+/// Where the agent process starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the test process's cgroup, outside the redirected one.
+    Outside,
+    /// Inside the redirected cgroup, as on a hybrid host where the agent starts in the
+    /// cgroup2 root it redirects: only its self-exclusion keeps its upstream queries direct.
+    InsideRedirectedCgroup,
+}
+
+impl Agent {
+    pub fn start(topology: &Topology, extra_args: &[&str]) -> Self {
+        Self::start_at(topology, Placement::Outside, extra_args)
+    }
+
+    pub fn start_at(topology: &Topology, placement: Placement, extra_args: &[&str]) -> Self {
+        let join = match placement {
+            Placement::Outside => None,
+            Placement::InsideRedirectedCgroup => Some(topology.cgroup.path.as_path()),
+        };
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        Self::launch(&topology.client, &topology.cgroup.path, join, &args)
+    }
+
+    /// As [`start`](Self::start), with `env` set for the agent.
+    pub fn start_with_env(topology: &Topology, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let mut command = Self::command(&topology.client, &topology.cgroup.path, None, &args);
+        command.envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// As [`start`](Self::start), but logging at info level: for a test of many queries, whose
+    /// debug lines would only cost time and the test's memory.
+    pub fn start_quiet(topology: &Topology, extra_args: &[&str]) -> Self {
+        let mut args = vec![format!("--listen={PROXY_LISTEN}")];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let mut command = Self::command(&topology.client, &topology.cgroup.path, None, &args);
+        command.env("RUST_LOG", "info");
+        Self::spawn(command)
+    }
+
+    /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.
+    pub fn launch(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Self {
+        Self::spawn(Self::command(netns, redirected, join, args))
+    }
+
+    /// The command [`launch`](Self::launch) runs.
+    fn command(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Command {
+        let mut command = match join {
+            None => Command::new("nsenter"),
+            Some(cgroup) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
+                    .arg(cgroup);
+                sh
+            }
+        };
+        // nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup2
+        // mount the agent needs. nsenter and sh exec, so the pid is the agent's.
+        command
+            .arg(format!("--net=/run/netns/{}", netns.name))
+            .env("DNS_PROXY_STATE_DIR", netns.state_dir())
+            .arg("--")
+            .arg(agent_binary())
+            .arg("run")
+            .arg(format!("--cgroup={}", redirected.display()))
+            .args(args)
+            .env("RUST_LOG", "info,dns_proxy=debug")
+            .stdout(Stdio::null());
+        command
+    }
+
+    /// `dns-proxy exec ARGS -- COMMAND` in `netns`; the command's output goes to a pipe
+    /// (stdout) and the agent's log is collected as for `run`.
+    pub fn exec(netns: &Netns, args: &[&str], command: &[&str]) -> Self {
+        let mut nsenter = netns.nsenter();
+        nsenter
+            .arg(agent_binary())
+            .arg("exec")
+            .args(args)
+            .arg("--")
+            .args(command)
+            .env("RUST_LOG", "info,dns_proxy=debug")
+            .stdout(Stdio::piped());
+        Self::spawn(nsenter)
+    }
+
+    /// Starts `command` (an agent, directly or through exec-ing wrappers), collects its
+    /// stderr as the log, and waits until it serves.
+    pub fn spawn(mut command: Command) -> Self {
+        command.stderr(Stdio::piped());
+        let mut process = Process::spawn(&mut command);
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = process.take_stderr();
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut agent = Self { process, log };
+        let serving = |agent: &Self| agent.log().contains("serving redirected DNS");
+        wait_for("the agent to serve", Duration::from_secs(20), || {
+            if serving(&agent) {
+                return Some(());
+            }
+            if let Some(status) = agent.process.exit_status() {
+                // It may have served and exited at once (`exec` of a short command): give
+                // the log reader a moment to catch up before calling it a failure.
+                thread::sleep(Duration::from_millis(500));
+                assert!(
+                    serving(&agent),
+                    "the agent exited ({status}) before serving:\n{}",
+                    agent.log()
+                );
+                return Some(());
+            }
+            None
+        });
+        agent
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The agent's debug line for a query of `name` it answered, if there is one yet.
+    pub fn query_line(&self, name: &str) -> Option<String> {
+        self.query_lines(name).into_iter().next()
+    }
+
+    /// All of the agent's debug lines for answered queries of `name` (`query udp ...`,
+    /// `query tcp ...`).
+    pub fn query_lines(&self, name: &str) -> Vec<String> {
+        let needle = format!(" name={name}. ");
+        self.log()
+            .lines()
+            .filter(|line| {
+                (line.contains("query udp client=") || line.contains("query tcp client="))
+                    && line.contains(&needle)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
+    /// Waits at most `limit` for the agent to exit; returns its status and what it printed on
+    /// stdout (`exec`'s command's output).
+    pub fn wait_with_stdout(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let status = self.process.wait_exit(limit);
+        (status, self.process.rest_of_stdout())
+    }
+
+    /// How many queries the agent has logged as answered, of any name.
+    pub fn answered_queries(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("query udp client=") || line.contains("query tcp client="))
+            .filter(|line| line.contains(" rcode="))
+            .count()
+    }
+}
+
+/// The usual set-up: a topology, its DNS server, and the agent. Fields drop in order: the agent
+/// first, the namespaces and the cgroup last.
+pub struct Harness {
+    pub agent: Agent,
+    pub server: DnsServer,
+    pub topology: Topology,
+}
+
+impl Harness {
+    pub fn start(placement: Placement, agent_args: &[&str]) -> Self {
+        let topology = Topology::new();
+        let server = DnsServer::start(&topology);
+        let agent = Agent::start_at(&topology, placement, agent_args);
+        Self {
+            agent,
+            server,
+            topology,
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! What the kernel holds, read with bpftool rather than through the agent: the indexes the
+//! agents' pinned server table gives servers, its origins per cgroup, and how many entries a
+//! map of the programs attached to a cgroup has.
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::must;
+
+/// The index the agents' server table (pinned below `state_dir`) gives `server_ip:port` (for
+/// any cgroup), read with bpftool: the kernel's own record, not the agent's view of it.
+pub fn server_index(state_dir: &Path, server_ip: impl Into<IpAddr>, port: u16) -> u32 {
+    server_index_for(state_dir, server_ip, port, None)
+}
+
+/// The index the agents' server table gives `server_ip:port` asked by the cgroup whose id is
+/// `cgroup_id` (any cgroup if `None`).
+pub fn server_index_for(
+    state_dir: &Path,
+    server_ip: impl Into<IpAddr>,
+    port: u16,
+    cgroup_id: Option<u64>,
+) -> u32 {
+    let server_ip: IpAddr = server_ip.into();
+    let octets: Vec<u8> = match server_ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (pinned, entries) = server_table(state_dir);
+    let found = entries.iter().find_map(|(key, value)| {
+        // Origin: the server (four address words and the port, network order; the family),
+        // 4 bytes of padding, then the cgroup id (host order).
+        let cgroup = u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes"));
+        let matches = value[..octets.len()] == octets[..]
+            && value[16..18] == port.to_be_bytes()
+            && cgroup_id.is_none_or(|id| id == cgroup);
+        // The key is the index, with bit 16 set for the IPv6 block's.
+        matches.then(|| u32::from_ne_bytes([key[0], key[1], key[2], key[3]]) & 0xffff)
+    });
+    found.unwrap_or_else(|| panic!("{server_ip}:{port} has no index in {}", pinned.display()))
+}
+
+/// How many origins (indexes) of the agents' server table name the cgroup `cgroup_id`.
+pub fn origins_of_cgroup(state_dir: &Path, cgroup_id: u64) -> usize {
+    let (_, entries) = server_table(state_dir);
+    entries
+        .iter()
+        .filter(|(_, value)| {
+            u64::from_ne_bytes(value[24..32].try_into().expect("8 bytes")) == cgroup_id
+        })
+        .count()
+}
+
+/// An entry of a BPF map as bpftool dumps it: key and value bytes.
+type MapEntry = (Vec<u8>, Vec<u8>);
+
+/// The entries of the agents' server table pinned below `state_dir`, read with bpftool, and
+/// where it is pinned.
+fn server_table(state_dir: &Path) -> (PathBuf, Vec<MapEntry>) {
+    // One table per pair of blocks, each in a directory of its own: the agents here use one.
+    let tables: Vec<PathBuf> = fs::read_dir(state_dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", state_dir.display()))
+        .map(|entry| entry.expect("a directory entry").path().join("SERVERS"))
+        .filter(|pinned| pinned.exists())
+        .collect();
+    let [pinned] = tables.as_slice() else {
+        panic!(
+            "not one table of servers in {}: {tables:?}",
+            state_dir.display()
+        );
+    };
+    let output = must(
+        Command::new("bpftool")
+            .arg("--json")
+            .args(["map", "dump", "pinned"])
+            .arg(pinned),
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
+    let bytes = |value: &serde_json::Value| -> Vec<u8> {
+        value
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| {
+                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
+                    .expect("hex")
+            })
+            .collect()
+    };
+    let entries = entries
+        .as_array()
+        .expect("bpftool dumps an array")
+        .iter()
+        .map(|entry| (bytes(&entry["key"]), bytes(&entry["value"])))
+        .collect();
+    (pinned.clone(), entries)
+}
+
+/// How many entries the map called `map_name` holds, among the maps of the programs attached
+/// to `cgroup` (read with bpftool, so the agent's own view plays no part).
+pub fn attached_map_entries(cgroup: &Path, map_name: &str) -> usize {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let output = must(Command::new("bpftool").arg("--json").args(args));
+        serde_json::from_slice(&output.stdout).expect("bpftool JSON")
+    };
+    let cgroup = cgroup.to_str().expect("UTF-8 path");
+    let mut map_ids: Vec<u64> = Vec::new();
+    for program in json(&["cgroup", "show", cgroup]).as_array().expect("array") {
+        let id = program["id"].as_u64().expect("program id").to_string();
+        let maps = json(&["prog", "show", "id", &id]);
+        for map_id in maps["map_ids"].as_array().into_iter().flatten() {
+            map_ids.push(map_id.as_u64().expect("map id"));
+        }
+    }
+    map_ids.sort_unstable();
+    map_ids.dedup();
+    let matching: Vec<u64> = map_ids
+        .into_iter()
+        .filter(|id| json(&["map", "show", "id", &id.to_string()])["name"] == map_name)
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "one {map_name} map attached to {cgroup}: {matching:?}"
+    );
+    let entries = json(&["map", "dump", "id", &matching[0].to_string()]);
+    entries.as_array().expect("array").len()
+}
