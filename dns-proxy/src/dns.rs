@@ -10,7 +10,6 @@ use crate::ebpf::ServerTable;
 
 pub mod cache;
 pub mod coalesce;
-pub(crate) mod mmsg;
 pub mod per_client;
 pub mod query_log;
 pub mod stats;
@@ -18,6 +17,9 @@ pub mod tcp;
 pub mod udp;
 pub mod wire;
 pub mod workload_stats;
+
+// The UDP threads set up their listeners with it too.
+pub(crate) use udp::mmsg;
 
 /// While draining, a listener stops once nothing has arrived for this long and nothing is in
 /// flight.

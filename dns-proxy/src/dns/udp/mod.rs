@@ -8,7 +8,7 @@
 //! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
 //! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
 //! answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
-//! [`mmsg`](super::mmsg)): the queries of one batch leave together from one pool socket, and
+//! [`mmsg`]): the queries of one batch leave together from one pool socket, and
 //! the answers one reader finds go back to their clients together.
 use std::{
     cell::{Cell, RefCell},
@@ -32,7 +32,6 @@ use super::{
     DRAIN_QUIET, OriginalDestinations,
     cache::{self, Cache, CacheKey, CacheableQuery, Cached},
     coalesce::{Coalescer, Joined, Waiter},
-    mmsg::{self, Arrival, LOOPBACK_IFINDEX, ReceivedBatch},
     per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
     query_log::{Asked, QueryLog},
     stats::Stats,
@@ -40,6 +39,10 @@ use super::{
     workload_stats::WorkloadStats,
 };
 use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
+
+pub(crate) mod mmsg;
+
+use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 
 /// Upstream sockets per address family, opened as queries need them. A query goes out on one
 /// chosen at random, so an off-path attacker must hit one of these random ports as well as the
