@@ -1,12 +1,9 @@
 //! The DNS side of the proxy: listeners, forwarding, and the wire-format helpers they share.
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
-
-use crate::ebpf::ServerTable;
 
 pub mod cache;
 pub mod coalesce;
@@ -74,7 +71,8 @@ pub fn upstream_for(
 }
 
 /// Where a redirected client's query was headed before the kernel sent it here, and who sent
-/// it.
+/// it. The listeners ask only this; the eBPF side answers it from the kernel's table of
+/// servers (`ebpf::CachedServers`), so the DNS side does not depend on aya.
 pub trait OriginalDestinations: Send + Sync + 'static {
     /// The server a redirected client asked for, and the cgroup of the task that sent its
     /// socket here (0: not recorded), from the proxy address its packet reached (a datagram's
@@ -97,65 +95,6 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// of a block picks its first address as the source; no other namespace can complete a
     /// handshake from there).
     fn is_local_client(&self, client: IpAddr) -> bool;
-}
-
-/// The kernel's table of servers with a copy of what was read of it, so that a query costs
-/// no `bpf()` call once its origin was seen: an index does not change its origin while in
-/// use, and the copy is dropped whenever the agent forgets origins of departed cgroups (their
-/// indexes may then name others). One per UDP thread and one for TCP, so the copies are never
-/// contended. Bounded by the table's size.
-pub struct CachedServers {
-    table: Arc<ServerTable>,
-    /// Listen addresses: a query forwarded there would come back too.
-    listeners: Vec<SocketAddr>,
-    /// What was read, as of the table's generation it was read at.
-    known: Mutex<(u64, KnownOrigins)>,
-}
-
-/// (family, index) → (server, cgroup id), as read from the kernel's table.
-type KnownOrigins = HashMap<(u16, u32), (SocketAddr, u64)>;
-
-impl CachedServers {
-    pub fn new(table: Arc<ServerTable>, listeners: Vec<SocketAddr>) -> Self {
-        Self {
-            table,
-            listeners,
-            known: Mutex::default(),
-        }
-    }
-}
-
-impl OriginalDestinations for CachedServers {
-    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
-        let key = self.table.index_of(reached)?;
-        self.table.seen(key.0, key.1);
-        let generation = self.table.generation();
-        {
-            let mut known = self.known.lock().expect("not poisoned");
-            if known.0 != generation {
-                *known = (generation, HashMap::new());
-            }
-            if let Some(origin) = known.1.get(&key) {
-                return Some(*origin);
-            }
-        }
-        let origin = self.table.origin(key.0, key.1)?;
-        let mut known = self.known.lock().expect("not poisoned");
-        if known.0 == generation {
-            known.1.insert(key, origin);
-        }
-        Some(origin)
-    }
-
-    fn is_proxy(&self, addr: SocketAddr) -> bool {
-        let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        self.listeners.contains(&canonical) || self.table.is_block_address(canonical)
-    }
-
-    fn is_local_client(&self, client: IpAddr) -> bool {
-        let client = client.to_canonical();
-        self.table.host_mode() || client.is_loopback() || self.table.is_block_ip(client)
-    }
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {

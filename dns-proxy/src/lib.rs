@@ -38,7 +38,6 @@ use crate::{
     agents::HEARTBEAT_INTERVAL,
     cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
     config::{Listen6, RunConfig, Workload},
-    dns::CachedServers,
     dns::{
         cache::Cache,
         coalesce::Coalescer,
@@ -50,7 +49,10 @@ use crate::{
         workload_stats::WorkloadStats,
     },
     dnstap::DnstapSettings,
-    ebpf::{Block, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector, ServerTable},
+    ebpf::{
+        Block, CachedServers, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector,
+        ServerTable,
+    },
     metrics::{Metrics, Readiness},
     resolutions::Resolutions,
     shutdown::StopSignals,
