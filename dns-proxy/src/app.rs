@@ -2,26 +2,14 @@
 //! programs, starts the DNS listeners, the metrics server and the background tasks, and at a
 //! stop request shuts them down in order. Everything else is a module of its own, which this
 //! one only assembles.
-use std::{
-    ffi::OsString,
-    io,
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsFd as _,
-    path::PathBuf,
-    process::ExitStatus,
-    sync::Arc,
-    time::Duration,
-};
+use std::{ffi::OsString, io, net::SocketAddr, process::ExitStatus, sync::Arc};
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agents,
-    agents::HEARTBEAT_INTERVAL,
-    cgroup,
-    cgroup::{AgentCgroup, Cgroup, CgroupError, CommandCgroup},
-    config::{Listen6, RunConfig, Workload},
+    cgroup::{self, AgentCgroup, Cgroup, CgroupError, CommandCgroup},
+    config::{RunConfig, Workload},
     dns::{
         cache::Cache,
         coalesce::Coalescer,
@@ -32,22 +20,22 @@ use crate::{
         udp::{ForwardSettings, UdpProxy},
         workload_stats::WorkloadStats,
     },
-    dnstap,
-    dnstap::DnstapSettings,
-    ebpf::{
-        Block, CachedServers, EbpfError, ExcludedTree, ListenerFds, RedirectConfig, Redirector,
-        ServerTable,
-    },
+    dnstap::{self, DnstapSettings},
+    ebpf::{Block, CachedServers, EbpfError, ExcludedTree, RedirectConfig, Redirector},
     exec, host,
     metrics::{Metrics, Readiness},
     privileges,
     resolutions::Resolutions,
     shutdown::StopSignals,
-    udp_threads,
-    udp_threads::{UdpThreads, bind_reuseport_group},
-    workload,
+    udp_threads::UdpThreads,
     workload::WorkloadNames,
 };
+
+mod background;
+mod listeners;
+
+use background::{forget_departed, keep_alive};
+use listeners::{Listeners, bind_metrics_listener};
 
 /// The target of the agent's own log lines: the crate's, as when this was lib.rs, so that the
 /// lines and the filters that name them stay as they were.
@@ -159,7 +147,8 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         (None, Some((_, command_cgroup))) => command_cgroup.cgroup(),
         (None, None) => unreachable!("a cgroup workload has a target"),
     };
-    log::info!(target: LOG,
+    log::info!(
+        target: LOG,
         "agent runs in cgroup {} (id {}); redirecting cgroup {} (id {})",
         agent.cgroup().path.display(),
         agent.cgroup().id,
@@ -206,233 +195,6 @@ struct Scope<'a> {
     command: Option<(&'a [OsString], &'a Cgroup)>,
 }
 
-/// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
-/// where there is one.
-struct Listeners {
-    /// Per address, a UDP socket for each UDP thread.
-    udp: Vec<Vec<std::net::UdpSocket>>,
-    tcp: Vec<TcpListener>,
-    /// Where IPv4 clients are sent (the port the kernel picked, for port 0).
-    v4: SocketAddrV4,
-    /// `None` when IPv6 is not redirected.
-    v6: Option<SocketAddrV6>,
-    /// Sockets that hold the blocks' first addresses (see `lock_blocks`).
-    locks: Vec<socket2::Socket>,
-    /// Whether another agent's listeners were there, and these joined them (`--takeover`).
-    joined_another_agent: bool,
-}
-
-impl Listeners {
-    /// The sockets, for the kernel's `LISTENERS` map, with the metrics listener if there is one.
-    fn fds<'a>(&'a self, metrics: Option<&'a TcpListener>) -> ListenerFds<'a> {
-        let udp = |n: usize| {
-            self.udp
-                .get(n)
-                .map(|group| group.iter().map(|socket| socket.as_fd()).collect())
-                .unwrap_or_default()
-        };
-        ListenerFds {
-            tcp4: self.tcp[0].as_fd(),
-            tcp6: self.tcp.get(1).map(|tcp| tcp.as_fd()),
-            udp4: udp(0),
-            udp6: udp(1),
-            metrics: metrics
-                .and_then(|listener| Some((listener.local_addr().ok()?, listener.as_fd()))),
-        }
-    }
-
-    /// `udp_threads`: how many UDP sockets to bind on each address.
-    async fn bind(config: &RunConfig, udp_threads: usize) -> Result<Self, RunError> {
-        let mut listeners = Self {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-            v4: config.listen,
-            v6: None,
-            locks: Vec::new(),
-            joined_another_agent: false,
-        };
-        // First the block's route: the listen address may be the block's first.
-        host::check_block_is_free("--redirect-block", config.block4)?;
-        host::route_block_here(config.block4)?;
-        if let SocketAddr::V4(v4) = listeners
-            .bind_pair(SocketAddr::V4(config.listen), udp_threads, config.takeover)
-            .await?
-        {
-            listeners.v4 = v4;
-        }
-        let bound_v6 = |addr| match addr {
-            SocketAddr::V6(v6) => Some(v6),
-            SocketAddr::V4(_) => None,
-        };
-        match config.listen6 {
-            Listen6::Required(v6) => {
-                host::check_block_is_free("--redirect-block6", config.block6)?;
-                host::route_block_here(config.block6)?;
-                listeners.v6 = bound_v6(
-                    listeners
-                        .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
-                        .await?,
-                );
-            }
-            Listen6::IfAvailable(v6) => {
-                host::check_block_is_free("--redirect-block6", config.block6)?;
-                let bound = match host::route_block_here(config.block6) {
-                    Ok(()) => {
-                        listeners
-                            .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
-                            .await
-                    }
-                    Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
-                        addr: SocketAddr::V6(v6),
-                        source,
-                    }),
-                    Err(err) => Err(err.into()),
-                };
-                match bound {
-                    Ok(bound) => listeners.v6 = bound_v6(bound),
-                    Err(RunError::Listen { source, .. })
-                        if matches!(
-                            source.kind(),
-                            io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
-                        ) || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                    {
-                        log::warn!(target: LOG,
-                            "no IPv6 on this host ({v6}: {source}): IPv6 lookups are left alone"
-                        );
-                    }
-                    Err(err) => return Err(err),
-                }
-            }
-            Listen6::Off => log::info!(target: LOG,
-                "IPv6 lookups are left alone: --listen {} is not a loopback address and no \
-                 --listen6 was given",
-                config.listen
-            ),
-        }
-        listeners.lock_blocks(config)?;
-        Ok(listeners)
-    }
-
-    /// Holds each block's first address on its port (unless the listeners are there), so a
-    /// second agent with the same block and port, elsewhere on the host, fails to start
-    /// instead of taking this one's lookups, unless it was told to take over
-    /// (`--takeover`): then it joins the lock.
-    fn lock_blocks(&mut self, config: &RunConfig) -> Result<(), RunError> {
-        let blocks = [
-            Some((
-                config.block4.first(),
-                self.v4.port(),
-                SocketAddr::V4(self.v4),
-            )),
-            self.v6
-                .map(|v6| (config.block6.first(), v6.port(), SocketAddr::V6(v6))),
-        ];
-        for (first, port, listen) in blocks.into_iter().flatten() {
-            let lock = SocketAddr::new(first, port);
-            if lock == listen {
-                continue; // the listeners hold it, bound alone first
-            }
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(lock),
-                socket2::Type::DGRAM.cloexec(),
-                None,
-            )
-            .and_then(|socket| {
-                if lock.is_ipv6() {
-                    // The IPv6 block is only routed here, not an address of an interface.
-                    socket.set_freebind_v6(true)?;
-                }
-                // Alone first, which fails if another agent holds it; joinable after, for
-                // the agent that takes over from this one.
-                if !config.takeover {
-                    socket.bind(&lock.into())?;
-                    socket.set_reuse_port(true)?;
-                    return Ok(socket);
-                }
-                socket.set_reuse_port(true)?;
-                socket.bind(&lock.into())?;
-                Ok(socket)
-            })
-            .map_err(|source| RunError::BlockInUse { lock, source })?;
-            self.locks.push(socket);
-        }
-        Ok(())
-    }
-
-    /// Binds UDP (`udp_sockets` of them) and TCP on one address and port, and returns it.
-    /// For port 0, the port the kernel picks for UDP, retried a few times if TCP already has
-    /// it (or, in between, another UDP socket): the redirect sends both protocols to one port.
-    async fn bind_pair(
-        &mut self,
-        addr: SocketAddr,
-        udp_sockets: usize,
-        take_over: bool,
-    ) -> Result<SocketAddr, RunError> {
-        const PICK_ATTEMPTS: u32 = 16;
-        let mut attempt = 1;
-        loop {
-            let failed = |addr, source| RunError::Listen { addr, source };
-            let (bound, udp, joined) = match bind_reuseport_group(addr, udp_sockets, take_over) {
-                Ok(group) => group,
-                Err(err)
-                    if addr.port() == 0
-                        && err.kind() == io::ErrorKind::AddrInUse
-                        && attempt < PICK_ATTEMPTS =>
-                {
-                    attempt += 1;
-                    continue;
-                }
-                Err(source) => return Err(failed(addr, source)),
-            };
-            match bind_tcp_listener(bound) {
-                Ok(tcp) => {
-                    self.udp.push(udp);
-                    self.tcp.push(tcp);
-                    self.joined_another_agent |= joined;
-                    return Ok(bound);
-                }
-                Err(err)
-                    if addr.port() == 0
-                        && err.kind() == io::ErrorKind::AddrInUse
-                        && attempt < PICK_ATTEMPTS =>
-                {
-                    attempt += 1;
-                }
-                Err(source) => return Err(failed(bound, source)),
-            }
-        }
-    }
-}
-
-/// A TCP listener on `addr`, as tokio's `bind` makes it (SO_REUSEADDR, a backlog of 1024),
-/// on a high descriptor (see [`udp_threads::listener_socket`]), and joinable (SO_REUSEPORT)
-/// by the agent that takes over from this one: the UDP group, bound first, is what keeps a
-/// second agent out. Must run inside a tokio runtime.
-fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket =
-        udp_threads::listener_socket(socket2::Domain::for_address(addr), socket2::Type::STREAM)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
-/// The metrics listener, joinable (SO_REUSEPORT) by the agent that takes over from this one:
-/// while both run, a request reaches either, and each says whether it is the one serving.
-fn bind_metrics_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    TcpListener::from_std(socket.into())
-}
-
 /// Drops every capability on every thread of the agent (this one and the UDP threads), and
 /// checks in /proc that none is left. `exec` keeps them: its command runs with the rights of
 /// whoever started it.
@@ -452,107 +214,12 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
         ))));
     }
     privileges::make_undumpable().map_err(RunError::DropPrivileges)?;
-    log::info!(target: LOG,
+    log::info!(
+        target: LOG,
         "dropped all capabilities and became undumpable: the programs are attached and the \
          sockets bound"
     );
     Ok(())
-}
-
-/// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
-/// newer agent has taken over.
-async fn keep_alive(agents: Arc<agents::Agents>, stop: CancellationToken) {
-    let mut replaced = false;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
-        }
-        agents.heartbeat();
-        if !replaced && agents.replaced() {
-            replaced = true;
-            log::info!(target: LOG,
-                "a newer agent has taken over: new lookups go to it; this one answers what \
-                 reaches it until it is stopped (/readyz now says 503)"
-            );
-        }
-    }
-}
-
-/// How often the table of servers is checked for origins of cgroups that are gone.
-const FORGET_DEPARTED_EVERY: Duration = Duration::from_secs(60);
-/// Walks of the cgroup tree a cgroup must be missing from before its origins are forgotten:
-/// one made while a walk passes is in the next.
-const WALKS_MISSING: u8 = 3;
-/// How long an origin of a cgroup that is gone must have carried no query to be forgotten.
-const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
-
-/// Forgets, every [`FORGET_DEPARTED_EVERY`] until `stop`, the origins of cgroups that are gone
-/// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
-/// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
-/// often and forgets what was quiet for twice that.
-async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: CancellationToken) {
-    let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
-        .ok()
-        .and_then(|seconds| seconds.parse::<u64>().ok());
-    let (every, quiet) = match test_seconds {
-        Some(seconds) => (
-            Duration::from_secs(seconds),
-            Duration::from_secs(2 * seconds),
-        ),
-        None => (FORGET_DEPARTED_EVERY, QUIET_BEFORE_FORGETTING),
-    };
-    let mut missing: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let (servers, root) = (Arc::clone(&servers), root.clone());
-        let walked = tokio::task::spawn_blocking(move || {
-            let live = workload::CgroupPaths::new(root).live_ids();
-            let live = match live {
-                Ok(live) => live,
-                Err(err) => {
-                    log::debug!(target: LOG, "walking the cgroup tree: {err}");
-                    return (missing, None);
-                }
-            };
-            let named = servers.cgroups();
-            missing.retain(|id, _| named.contains(id));
-            for id in named {
-                if live.contains(&id) {
-                    missing.remove(&id);
-                } else {
-                    *missing.entry(id).or_default() += 1;
-                }
-            }
-            let gone = |id| {
-                missing
-                    .get(&id)
-                    .is_some_and(|walks| *walks >= WALKS_MISSING)
-            };
-            let result = servers.forget_departed(gone, quiet);
-            (missing, Some(result))
-        })
-        .await;
-        match walked {
-            Ok((still_missing, result)) => {
-                missing = still_missing;
-                if let Some(result) = result.filter(|result| result.forgotten > 0) {
-                    log::info!(target: LOG,
-                        "forgot {} origins of cgroups that are gone ({} in the table)",
-                        result.forgotten,
-                        result.kept
-                    );
-                }
-            }
-            Err(err) => {
-                log::warn!(target: LOG, "forgetting the origins of cgroups that are gone: {err}");
-                return;
-            }
-        }
-    }
 }
 
 async fn serve(
@@ -564,7 +231,8 @@ async fn serve(
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
     let listeners = Listeners::bind(config, udp_threads.count()).await?;
     if listeners.joined_another_agent {
-        log::info!(target: LOG,
+        log::info!(
+            target: LOG,
             "another agent serves {}: taking over from it (it answers what it has until it is \
              stopped; new lookups come here once this agent is ready)",
             listeners.v4
@@ -598,7 +266,8 @@ async fn serve(
         listeners: listeners.fds(metrics_listener.as_ref()),
         taking_over: listeners.joined_another_agent,
     })?;
-    log::info!(target: LOG,
+    log::info!(
+        target: LOG,
         "redirecting IPv4 lookups to {} (one address per server) on port {}{}",
         block4.addresses,
         block4.port,
@@ -617,7 +286,8 @@ async fn serve(
     let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
     let stats = Arc::new(Stats::default());
     let cache = config.cache.map(|settings| {
-        log::info!(target: LOG,
+        log::info!(
+            target: LOG,
             "caching answers: at most {} entries and {} bytes, each kept {:?} at most, served \
              stale {:?} past expiry when the upstream fails",
             settings.max_entries,
@@ -692,7 +362,8 @@ async fn serve(
             udp.push((proxy, runtime.clone()));
         }
         if let Some(addr) = local_addr {
-            log::info!(target: LOG,
+            log::info!(
+                target: LOG,
                 "serving redirected DNS on {addr}/udp ({} threads)",
                 udp_threads.count()
             );
@@ -746,7 +417,8 @@ async fn serve(
                 .clone()
                 .map(|stats| (stats, Arc::clone(&workloads))),
         );
-        log::info!(target: LOG,
+        log::info!(
+            target: LOG,
             "serving /metrics, /healthz and /readyz on http://{}",
             listener.local_addr().map_err(failed)?
         );
@@ -769,12 +441,16 @@ async fn serve(
     let outcome = match scope.command {
         None => {
             let signal = signals.next().await;
-            log::info!(target: LOG, "{signal}: no longer redirecting new lookups; answering those in flight");
+            log::info!(
+                target: LOG,
+                "{signal}: no longer redirecting new lookups; answering those in flight"
+            );
             Outcome::Stopped
         }
         Some((argv, cgroup)) => {
             let status = exec::run_command(argv, cgroup, &mut signals).await?;
-            log::info!(target: LOG,
+            log::info!(
+                target: LOG,
                 "the command exited ({status}): no longer redirecting; answering what is in flight"
             );
             Outcome::CommandExited(status)
@@ -806,7 +482,8 @@ async fn serve(
         connections += open;
     }
     if queries + connections > 0 {
-        log::warn!(target: LOG,
+        log::warn!(
+            target: LOG,
             "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
         );
     }
