@@ -5,7 +5,6 @@
 use std::{ffi::OsString, io, net::SocketAddr, process::ExitStatus, sync::Arc};
 
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{self, AgentCgroup, Cgroup, CgroupError, CommandCgroup},
@@ -21,6 +20,7 @@ use crate::{
         workload_stats::WorkloadStats,
     },
     dnstap::{self, DnstapSettings},
+    drain::{self, Deadline},
     ebpf::{Block, CachedServers, EbpfError, ExcludedTree, RedirectConfig, Redirector},
     exec, host,
     metrics::{Metrics, Readiness},
@@ -382,14 +382,14 @@ async fn serve(
         tcp.push(proxy);
     }
 
-    let stop = CancellationToken::new();
+    let stop_serving = drain::Signal::new();
     let mut serving = tokio::task::JoinSet::new();
     for (proxy, runtime) in &udp {
-        let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+        let (proxy, stop) = (Arc::clone(proxy), stop_serving.clone());
         serving.spawn_on(async move { proxy.serve(stop).await }, runtime);
     }
     for proxy in &tcp {
-        let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+        let (proxy, stop) = (Arc::clone(proxy), stop_serving.clone());
         serving.spawn(async move { proxy.serve(stop).await });
     }
     let agents = Arc::new(agents);
@@ -398,12 +398,13 @@ async fn serve(
         let agents = Arc::clone(&agents);
         move || agents.replaced()
     });
-    let metrics_stop = CancellationToken::new();
-    tokio::spawn(keep_alive(Arc::clone(&agents), metrics_stop.clone()));
+    // The metrics server and the background tasks: stopped last, after the drain.
+    let stop_background = drain::Signal::new();
+    tokio::spawn(keep_alive(Arc::clone(&agents), stop_background.clone()));
     tokio::spawn(forget_departed(
         Arc::clone(&servers),
         workload_root.clone(),
-        metrics_stop.clone(),
+        stop_background.clone(),
     ));
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
@@ -422,7 +423,7 @@ async fn serve(
             "serving /metrics, /healthz and /readyz on http://{}",
             listener.local_addr().map_err(failed)?
         );
-        tokio::spawn(Arc::new(metrics).serve(listener, metrics_stop.clone()));
+        tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
     }
     if scope.command.is_none() {
         drop_privileges(udp_threads).await?;
@@ -457,7 +458,7 @@ async fn serve(
         }
     };
     readiness.set(false);
-    stop.cancel();
+    stop_serving.stop();
     serving.join_all().await;
 
     redirector.stop_redirecting();
@@ -468,7 +469,7 @@ async fn serve(
         redirector.stop_steering();
     }
     // All listeners drain at once, each until the same deadline.
-    let deadline = config.shutdown_timeout;
+    let deadline = Deadline::after(config.shutdown_timeout);
     let mut draining = tokio::task::JoinSet::new();
     for (proxy, runtime) in udp {
         draining.spawn_on(async move { (proxy.drain(deadline).await, 0) }, &runtime);
@@ -488,7 +489,7 @@ async fn serve(
         );
     }
     drop(redirector);
-    metrics_stop.cancel();
+    stop_background.stop();
     log::info!(target: LOG, "stopped: {}", stats.summary());
     Ok(outcome)
 }

@@ -2,7 +2,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 pub mod cache;
@@ -17,10 +16,6 @@ pub mod workload_stats;
 
 // The UDP threads set up their listeners with it too.
 pub(crate) use udp::mmsg;
-
-/// While draining, a listener stops once nothing has arrived for this long and nothing is in
-/// flight.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 /// Why a redirected client's query is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

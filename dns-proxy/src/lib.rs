@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod config;
 pub mod dns;
 pub mod dnstap;
+pub mod drain;
 pub mod ebpf;
 mod exec;
 mod host;

@@ -24,8 +24,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
 
+use crate::drain;
 use crate::{
     dns::workload_stats::WorkloadStats,
     dns::{
@@ -552,15 +552,15 @@ impl Metrics {
         }
     }
 
-    /// Serves HTTP/1.1 on `listener` until `stop` is cancelled.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    /// Serves HTTP/1.1 on `listener` until `stop` is sent.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: drain::Signal) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
             let accepted = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.stopped() => return,
                 accepted = listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -587,7 +587,7 @@ impl Metrics {
                     result = connection => if let Err(err) = result {
                         log::debug!("metrics connection from {peer}: {err}");
                     },
-                    () = stop.cancelled() => {}
+                    () = stop.stopped() => {}
                 }
                 drop(slot);
             });

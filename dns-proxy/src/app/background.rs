@@ -2,18 +2,16 @@
 //! this one is alive, and the walk that forgets the origins of cgroups that are gone.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio_util::sync::CancellationToken;
-
 use super::LOG;
-use crate::{agents, agents::HEARTBEAT_INTERVAL, ebpf::ServerTable, workload};
+use crate::{agents, agents::HEARTBEAT_INTERVAL, drain, ebpf::ServerTable, workload};
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
 /// newer agent has taken over.
-pub(super) async fn keep_alive(agents: Arc<agents::Agents>, stop: CancellationToken) {
+pub(super) async fn keep_alive(agents: Arc<agents::Agents>, stop: drain::Signal) {
     let mut replaced = false;
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.stopped() => return,
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
         agents.heartbeat();
@@ -40,11 +38,7 @@ const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
 /// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
 /// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
 /// often and forgets what was quiet for twice that.
-pub(super) async fn forget_departed(
-    servers: Arc<ServerTable>,
-    root: PathBuf,
-    stop: CancellationToken,
-) {
+pub(super) async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::Signal) {
     let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
         .ok()
         .and_then(|seconds| seconds.parse::<u64>().ok());
@@ -58,7 +52,7 @@ pub(super) async fn forget_departed(
     let mut missing: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.stopped() => return,
             () = tokio::time::sleep(every) => {}
         }
         let (servers, root) = (Arc::clone(&servers), root.clone());

@@ -22,7 +22,7 @@ use tokio::{
     sync::{Mutex as AsyncMutex, Notify, Semaphore},
     time::timeout,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use super::{
     OriginalDestinations,
@@ -33,7 +33,12 @@ use super::{
     upstream_for, wire,
     workload_stats::WorkloadStats,
 };
-use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
+use crate::{
+    drain::{self, Deadline},
+    log_limit::RateLimited,
+    resolutions::Resolutions,
+    workload::WorkloadNames,
+};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
 /// that client until answers come back (backpressure, and a bound on what it keeps).
@@ -68,8 +73,8 @@ pub struct TcpProxy<D> {
     settings: TcpSettings,
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
-    /// Cancelled at shutdown: connections close once nothing is outstanding.
-    draining: CancellationToken,
+    /// Sent at shutdown: connections close once nothing is outstanding.
+    draining: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
     client_limit_log: RateLimited,
@@ -199,7 +204,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tasks: TaskTracker::new(),
-            draining: CancellationToken::new(),
+            draining: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
             client_limit_log: RateLimited::new(Duration::from_secs(10)),
@@ -211,34 +216,24 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         self.local_addr
     }
 
-    /// Accepts connections until `stop` is cancelled.
-    pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = self.listener.accept() => self.on_accepted(accepted).await,
-            }
+    /// Accepts connections until `stop` is sent.
+    pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
+        while let Some(accepted) = stop.unless_stopped(self.listener.accept()).await {
+            self.on_accepted(accepted).await;
         }
     }
 
     /// Graceful end: keeps accepting the connections redirected before the redirect was
     /// switched off, lets every connection finish what it has outstanding, and closes it.
     /// Returns how many connections were still open at `deadline`.
-    pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + deadline;
-        self.draining.cancel();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                accepted = timeout(super::DRAIN_QUIET, self.listener.accept()) => match accepted {
-                    Ok(accepted) => self.on_accepted(accepted).await,
-                    Err(_quiet) if self.tasks.is_empty() => break,
-                    Err(_quiet) => {}
-                },
-            }
+    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
+        self.draining.stop();
+        let (accept, idle) = (|| self.listener.accept(), || self.tasks.is_empty());
+        while let Some(accepted) = deadline.next_arrival(accept, idle).await {
+            self.on_accepted(accepted).await;
         }
         self.tasks.close();
-        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        deadline.within(self.tasks.wait()).await;
         self.tasks.len()
     }
 
@@ -610,8 +605,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let outstanding = conn.outstanding();
             let last = *conn.last_activity.lock().expect("not poisoned");
-            let may_drain = self.draining.is_cancelled() && outstanding == 0 && !conn.is_reading();
-            if may_drain && last.elapsed() >= super::DRAIN_QUIET {
+            let may_drain = self.draining.is_stopped() && outstanding == 0 && !conn.is_reading();
+            if may_drain && last.elapsed() >= drain::QUIET {
                 return Closed::Draining;
             }
             let (limit, why) = if outstanding > 0 {
@@ -621,7 +616,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             let deadline = tokio::time::Instant::from_std(last + limit);
             let wake = if may_drain {
-                deadline.min(tokio::time::Instant::from_std(last + super::DRAIN_QUIET))
+                deadline.min(tokio::time::Instant::from_std(last + drain::QUIET))
             } else {
                 deadline
             };
@@ -634,7 +629,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     }
                 }
                 () = conn.changed.notified() => {}
-                () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
+                () = self.draining.stopped(), if !self.draining.is_stopped() => {}
             }
         }
     }
@@ -778,7 +773,7 @@ mod tests {
     #[tokio::test]
     async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
         let proxy = proxy(None, Duration::from_secs(10)).await;
-        proxy.draining.cancel();
+        proxy.draining.stop();
         let (mut client, proxy_client) = tokio::io::duplex(4096);
         let (proxy_upstream, mut upstream) = tokio::io::duplex(4096);
         let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
@@ -800,7 +795,7 @@ mod tests {
         write_message(&mut frame, &query(7)).await.unwrap();
         client.write_all(&frame[..1]).await.unwrap();
         // Longer than the drain's quiet time: only the half-read query keeps it open.
-        tokio::time::sleep(super::super::DRAIN_QUIET * 3).await;
+        tokio::time::sleep(drain::QUIET * 3).await;
         client.write_all(&frame[1..]).await.unwrap();
         let forwarded = timeout(Duration::from_secs(2), read_message(&mut upstream))
             .await
@@ -850,7 +845,7 @@ mod tests {
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
-        tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
+        tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
         proxy
     }
 

@@ -26,10 +26,9 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket};
-use tokio_util::sync::CancellationToken;
 
 use super::{
-    DRAIN_QUIET, OriginalDestinations,
+    OriginalDestinations,
     cache::{self, Cache, CacheKey, CacheableQuery, Cached},
     coalesce::{Coalescer, Joined, Waiter},
     per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
@@ -38,7 +37,12 @@ use super::{
     upstream_for, wire,
     workload_stats::WorkloadStats,
 };
-use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
+use crate::{
+    drain::{self, Deadline},
+    log_limit::RateLimited,
+    resolutions::Resolutions,
+    workload::WorkloadNames,
+};
 
 pub(crate) mod mmsg;
 
@@ -339,7 +343,7 @@ pub struct UdpProxy<D> {
     /// Keys the question hashes, so no one can craft a question that collides.
     question_hasher: RandomState,
     /// Stops the pool readers and the sweeper, at the end of `drain`.
-    workers: CancellationToken,
+    workers: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
     client_limit_log: RateLimited,
@@ -463,7 +467,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             next_socket_id: AtomicU64::new(0),
             pending: Mutex::default(),
             question_hasher: RandomState::new(),
-            workers: CancellationToken::new(),
+            workers: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
             client_limit_log: RateLimited::new(Duration::from_secs(10)),
@@ -476,36 +480,26 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         Ok(proxy)
     }
 
-    /// Serves until `stop` is cancelled.
-    pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
+    /// Serves until `stop` is sent.
+    pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                ready = self.socket.readable() => self.on_readable(ready, &mut batch, &mut forwarding),
-            }
+        while let Some(ready) = stop.unless_stopped(self.socket.readable()).await {
+            self.on_readable(ready, &mut batch, &mut forwarding);
         }
     }
 
     /// Graceful end: keeps answering clients that were redirected before the redirect was
     /// switched off, until nothing has arrived for a moment and nothing is in flight, or until
     /// `deadline`. Returns how many forwarded queries were still unanswered then.
-    pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + deadline;
+    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                ready = tokio::time::timeout(DRAIN_QUIET, self.socket.readable()) => match ready {
-                    Ok(ready) => self.on_readable(ready, &mut batch, &mut forwarding),
-                    Err(_quiet) if self.inflight() == 0 => break,
-                    Err(_quiet) => {}
-                },
-            }
+        let (readable, idle) = (|| self.socket.readable(), || self.inflight() == 0);
+        while let Some(ready) = deadline.next_arrival(readable, idle).await {
+            self.on_readable(ready, &mut batch, &mut forwarding);
         }
-        self.workers.cancel();
+        self.workers.stop();
         self.inflight()
     }
 
@@ -1059,7 +1053,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 return;
             }
             tokio::select! {
-                () = self.workers.cancelled() => return,
+                () = self.workers.stopped() => return,
                 // It may be retired while it waits here.
                 _ = retired_check.tick() => continue,
                 ready = socket.readable() => if let Err(err) = ready {
@@ -1202,9 +1196,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                () = self.workers.cancelled() => return,
-                _ = ticks.tick() => {}
+            if self.workers.unless_stopped(ticks.tick()).await.is_none() {
+                return;
             }
             let now = Instant::now();
             let (expired, overdue) = {
@@ -1315,7 +1308,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// For the fuzz targets: ends the pool readers and the sweeper (they end when next polled).
     pub fn fuzz_stop(&self) {
-        self.workers.cancel();
+        self.workers.stop();
     }
 }
 
@@ -1395,7 +1388,7 @@ mod tests {
         };
         let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
-        tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
+        tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
         proxy
     }
 
@@ -1671,7 +1664,7 @@ mod tests {
         };
         let proxy = UdpProxy::new(socket, destinations, settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
-        tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
+        tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
         assert_eq!(ask(&proxy, QUERY).await, None);
         assert_eq!(proxy.stats.udp.dropped_loop.load(Ordering::Relaxed), 1);
     }
@@ -1679,11 +1672,10 @@ mod tests {
     #[tokio::test]
     async fn drain_answers_what_is_in_flight_then_returns() {
         let proxy = proxy(Some(upstream(false).await), 8).await;
-        let stop = CancellationToken::new();
-        stop.cancel();
         assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
         let started = Instant::now();
-        assert_eq!(proxy.drain(Duration::from_secs(5)).await, 0);
+        let deadline = Deadline::after(Duration::from_secs(5));
+        assert_eq!(proxy.drain(deadline).await, 0);
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
