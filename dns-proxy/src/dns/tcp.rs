@@ -26,11 +26,12 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     OriginalDestinations,
+    admission::{Admission, Route, Transport},
     cache::{Cache, CacheableQuery, Cached},
-    per_client::{LOCAL_CLIENT, PerClientLimit},
+    per_client::PerClientLimit,
     query_log::{Asked, QueryLog},
     stats::Stats,
-    upstream_for, wire,
+    wire,
     workload_stats::WorkloadStats,
 };
 use crate::{
@@ -69,7 +70,7 @@ pub struct TcpSettings {
 pub struct TcpProxy<D> {
     listener: TcpListener,
     local_addr: SocketAddr,
-    destinations: D,
+    admission: Admission<D>,
     settings: TcpSettings,
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -77,10 +78,6 @@ pub struct TcpProxy<D> {
     draining: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
-    client_limit_log: RateLimited,
-    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
-    /// them as fast as it likes, the log gets a line now and then.
-    refusal_log: RateLimited,
 }
 
 /// Why a relayed connection ended, for the debug log.
@@ -197,18 +194,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         stats: Arc<Stats>,
     ) -> io::Result<Arc<Self>> {
         let local_addr = listener.local_addr()?;
+        let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
+        let admission = Admission::new(Transport::Tcp, destinations, upstream, per_client, &stats);
         Ok(Arc::new(Self {
             listener,
             local_addr,
-            destinations,
+            admission,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tasks: TaskTracker::new(),
             draining: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
-            client_limit_log: RateLimited::new(Duration::from_secs(10)),
-            refusal_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
 
@@ -252,46 +249,21 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         Stats::add(&self.stats.tcp_connections);
         let stats = &self.stats.tcp;
         // The connection's local address is the one its client was sent to: it names the
-        // server. A listener address names none.
+        // server. sk_lookup hands the proxy a connection to a loopback server's address only
+        // from this namespace: the kernel has checked where it came from.
         let reached = stream.local_addr().ok();
-        let Some((original, cgroup)) = reached.and_then(|at| self.destinations.origin(at)) else {
-            Stats::add(&stats.dropped_not_redirected);
-            log::debug!("closing TCP connection from {client}: not a redirected client");
+        let Some(Route {
+            original,
+            cgroup,
+            upstream,
+            ..
+        }) = self.admission.route(client, reached, true)
+        else {
             return;
         };
-        // sk_lookup hands the proxy a connection to a loopback server's address only from
-        // this namespace: the kernel has checked where it came from.
-        let upstream = match upstream_for(
-            original,
-            true,
-            self.settings.upstream_override,
-            &self.destinations,
-        ) {
-            Ok(upstream) => upstream,
-            Err(refusal) => {
-                stats.refused(refusal);
-                self.refusal_log.warn(|closed| {
-                    format!(
-                        "closing TCP connection from {client} to {original}: {refusal} \
-                         ({closed} refused)"
-                    )
-                });
-                return;
-            }
-        };
         // The agent's own namespace is one client, whatever local address it sends from.
-        let local = self.destinations.is_local_client(client.ip());
-        let key = if local { LOCAL_CLIENT } else { client.ip() };
-        let Some(client_slot) = self.settings.per_client.try_acquire(key) else {
-            Stats::add(&stats.dropped_client_limit);
-            let limit = self.settings.per_client.limit();
-            self.client_limit_log.warn(|dropped| {
-                format!(
-                    "{} has {limit} TCP connections open (--max-tcp-connections-per-client): \
-                     refused {dropped} connections of clients at their limit",
-                    client.ip()
-                )
-            });
+        let local = self.admission.is_local_client(client.ip());
+        let Some(client_slot) = self.admission.client_slot(client, local) else {
             return;
         };
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {

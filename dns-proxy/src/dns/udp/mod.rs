@@ -29,12 +29,13 @@ use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
     OriginalDestinations,
+    admission::{Admission, Route, Transport},
     cache::{self, Cache, CacheKey, CacheableQuery, Cached},
     coalesce::{Coalescer, Joined, Waiter},
-    per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
+    per_client::{ClientSlot, PerClientLimit},
     query_log::{Asked, QueryLog},
     stats::Stats,
-    upstream_for, wire,
+    wire,
     workload_stats::WorkloadStats,
 };
 use crate::{
@@ -126,19 +127,6 @@ enum FromCache {
     Forward(Box<CachedQuery>, ClientSlot),
     /// Off, or not for such a query.
     NotCached,
-}
-
-/// Where a query goes, as the address it reached says.
-struct Route {
-    /// The server its client asked.
-    original: SocketAddr,
-    /// The cgroup of the task that sent it (0: not recorded).
-    cgroup: u64,
-    upstream: SocketAddr,
-    /// The address it reached, which its answer leaves from.
-    reply_from: IpAddr,
-    /// It came from this network namespace.
-    local: bool,
 }
 
 /// A query the cache could answer, on its way to the upstream.
@@ -334,7 +322,7 @@ pub struct UdpProxy<D> {
     /// queries wait on an identical one of theirs.
     shared_listener: Arc<OwnedFd>,
     local_addr: SocketAddr,
-    destinations: D,
+    admission: Admission<D>,
     settings: ForwardSettings,
     v4: Pool,
     v6: Pool,
@@ -346,10 +334,6 @@ pub struct UdpProxy<D> {
     workers: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
-    client_limit_log: RateLimited,
-    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
-    /// them as fast as it likes, the log gets a line now and then.
-    refusal_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
 }
@@ -450,11 +434,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         mmsg::receive_arrivals(socket.as_fd(), local_addr.is_ipv6())?;
         mmsg::send_from_any_address(socket.as_fd(), local_addr.is_ipv6())?;
         let shared_listener = Arc::new(socket.as_fd().try_clone_to_owned()?);
+        let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
+        let admission = Admission::new(Transport::Udp, destinations, upstream, per_client, &stats);
         let proxy = Arc::new(Self {
             socket,
             shared_listener,
             local_addr,
-            destinations,
+            admission,
             settings,
             v4: Pool {
                 any: (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -470,8 +456,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             workers: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
-            client_limit_log: RateLimited::new(Duration::from_secs(10)),
-            refusal_log: RateLimited::new(Duration::from_secs(10)),
             upstream_log: RateLimited::new(Duration::from_secs(10)),
             stray_log: RateLimited::new(Duration::from_secs(10)),
         });
@@ -602,13 +586,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.drop_malformed(datagram, client);
             return None;
         };
+        // sk_lookup already refuses loopback servers' addresses to other namespaces; what
+        // came over the loopback device was sent from this one.
+        let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
+        // The address it was sent to names its server; a listener address names none.
+        let reached = arrival.map(|at| SocketAddr::new(at.destination, self.local_addr.port()));
         let Route {
             original,
             cgroup,
             upstream,
-            reply_from,
-            local,
-        } = self.route(client, arrival)?;
+            reached,
+        } = self.admission.route(client, reached, local)?;
+        // Its answer leaves from there, so the client's connected socket takes it.
+        let reply_from = reached.ip();
         let started = Instant::now();
         if let Some(log) = &self.settings.query_log {
             log.query(udp_asked(client, original, cgroup), datagram);
@@ -627,7 +617,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
-            FromCache::NotCached => (None, self.client_slot(client, local)?),
+            FromCache::NotCached => (None, self.admission.client_slot(client, local)?),
         };
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let pool = match upstream {
@@ -683,7 +673,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Cached::Stale { .. } => true,
             Cached::Miss => false,
         };
-        let Some(client_slot) = self.client_slot(to.client, local) else {
+        let Some(client_slot) = self.admission.client_slot(to.client, local) else {
             return FromCache::Handled;
         };
         let waiter = Waiter {
@@ -883,73 +873,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
     }
 
-    /// One of the client's --max-inflight-per-client (the agent's own namespace is one client,
-    /// `local`), or `None` (counted) if it has them all.
-    fn client_slot(&self, client: SocketAddr, local: bool) -> Option<ClientSlot> {
-        let client = if local { LOCAL_CLIENT } else { client.ip() };
-        let slot = self.settings.per_client.try_acquire(client);
-        if slot.is_none() {
-            Stats::add(&self.stats.udp.dropped_client_limit);
-            let limit = self.settings.per_client.limit();
-            self.client_limit_log.warn(|dropped| {
-                format!(
-                    "{client} has {limit} queries in flight (--max-inflight-per-client): \
-                     dropped {dropped} queries of clients at their limit"
-                )
-            });
-        }
-        slot
-    }
-
     fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
         Stats::add(&self.stats.udp.dropped_malformed);
         log::debug!(
             "dropping {} bytes from {client}: not a DNS query",
             datagram.len()
         );
-    }
-
-    /// Where the query of `client`, which arrived as `arrival` says, goes; `None` if it must
-    /// be dropped.
-    fn route(&self, client: SocketAddr, arrival: Option<Arrival>) -> Option<Route> {
-        // The address it was sent to names its server; a listener address names none.
-        let routed = arrival.and_then(|at| {
-            let reached = SocketAddr::new(at.destination, self.local_addr.port());
-            Some((at, self.destinations.origin(reached)?))
-        });
-        let Some((arrival, (original, cgroup))) = routed else {
-            // Only clients the kernel redirected have a server to go to.
-            Stats::add(&self.stats.udp.dropped_not_redirected);
-            log::debug!("dropping query from {client}: not a redirected client");
-            return None;
-        };
-        // sk_lookup already refuses loopback servers' addresses to other namespaces; what
-        // came over the loopback device was sent from this one.
-        let from_this_namespace = arrival.ifindex == LOOPBACK_IFINDEX;
-        match upstream_for(
-            original,
-            from_this_namespace,
-            self.settings.upstream_override,
-            &self.destinations,
-        ) {
-            Ok(upstream) => Some(Route {
-                original,
-                cgroup,
-                upstream,
-                reply_from: arrival.destination,
-                local: from_this_namespace,
-            }),
-            Err(refusal) => {
-                self.stats.udp.refused(refusal);
-                self.refusal_log.warn(|dropped| {
-                    format!(
-                        "dropping query from {client} to {original}: {refusal} ({dropped} \
-                         refused)"
-                    )
-                });
-                None
-            }
-        }
     }
 
     /// Starts relaying the answers that arrive on `socket`.
