@@ -26,7 +26,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let mut hits = Vec::new();
         let registered = self.register_query(datagram, client, arrival, pick, &mut hits);
         self.send_hits(&mut hits);
-        registered.map(|(key, socket)| (socket.id, key.upstream))
+        registered.map(|(key, socket)| (socket.id(), key.upstream))
     }
 
     /// For the fuzz targets: what a pool reader does with a datagram from `from` on pool

@@ -3,8 +3,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::time::timeout;
 
-use super::*;
-
+use super::{
+    pool::{POOL_SIZE, RETIRED_CHECK},
+    *,
+};
 use crate::dns::FixedDestination as Fixed;
 
 const QUERY: &[u8] =
