@@ -2,39 +2,32 @@
 //! programs, starts the DNS listeners, the metrics server and the background tasks, and at a
 //! stop request shuts them down in order. Everything else is a module of its own, which this
 //! one only assembles.
-use std::{ffi::OsString, io, net::SocketAddr, process::ExitStatus, sync::Arc};
+use std::{ffi::OsString, io, mem::take, net::SocketAddr, process::ExitStatus, sync::Arc};
 
-use tokio::net::UdpSocket;
+use tokio::net::TcpListener;
 
 use crate::{
+    agents::Agents,
     cgroup::{self, AgentCgroup, Cgroup, CgroupError, CommandCgroup},
     config::{RunConfig, Workload},
-    dns::{
-        cache::Cache,
-        coalesce::Coalescer,
-        per_client::PerClientLimit,
-        query_log::QueryLog,
-        stats::Stats,
-        tcp::{TcpProxy, TcpSettings},
-        udp::{ForwardSettings, UdpProxy},
-        workload_stats::WorkloadStats,
-    },
     dnstap::{self, DnstapSettings},
     drain::{self, Deadline},
-    ebpf::{Block, CachedServers, EbpfError, ExcludedTree, RedirectConfig, Redirector},
+    ebpf::{
+        Block, CachedServers, EbpfError, ExcludedTree, KernelCounters, RedirectConfig, Redirector,
+        ServerTable,
+    },
     exec, host,
     metrics::{Metrics, Readiness},
     privileges,
-    resolutions::Resolutions,
     shutdown::StopSignals,
     udp_threads::UdpThreads,
-    workload::WorkloadNames,
 };
 
 mod background;
+mod dns;
 mod listeners;
 
-use background::{forget_departed, keep_alive};
+use dns::{Dns, Shared};
 use listeners::{Listeners, bind_metrics_listener};
 
 /// The target of the agent's own log lines: the crate's, as when this was lib.rs, so that the
@@ -222,6 +215,11 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Serves until the stop request (or, for `exec`, the command's end), then shuts down in
+/// order: not ready; the listeners stop serving as usual; the redirect is switched off (and,
+/// with another agent on the port, every new packet steered to it); the listeners drain
+/// together until one deadline; the programs are detached; the metrics server and the
+/// background tasks stop.
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -229,23 +227,99 @@ async fn serve(
 ) -> Result<Outcome, RunError> {
     // Watched from the start, so a stop request during start-up is not lost.
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
-    let listeners = Listeners::bind(config, udp_threads.count()).await?;
-    if listeners.joined_another_agent {
-        log::info!(
-            target: LOG,
-            "another agent serves {}: taking over from it (it answers what it has until it is \
-             stopped; new lookups come here once this agent is ready)",
-            listeners.v4
-        );
-    } else if config.takeover {
-        log::info!(target: LOG, "no agent serves {} yet: nothing to take over", listeners.v4);
-    }
+    // Held until this returns: the sockets that hold the blocks' first addresses among them.
+    let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
     let metrics_listener = match config.metrics {
         Some(addr) => {
             Some(bind_metrics_listener(addr).map_err(|source| RunError::Listen { addr, source })?)
         }
         None => None,
     };
+    let (mut redirector, servers, kernel_counters, agents) =
+        attach(config, &scope, &listeners, metrics_listener.as_ref())?;
+    let servers = Arc::new(servers);
+    let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
+        .chain(listeners.v6.map(SocketAddr::V6))
+        .collect();
+    let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
+    // Paths are named from the top of the redirected cgroup's hierarchy, as the host sees it.
+    let workload_root = scope
+        .target
+        .hierarchy_root()
+        .or_else(|| cgroup::cgroup2_root().ok())
+        .unwrap_or_else(|| "/sys/fs/cgroup".into());
+    let shared = Shared::new(config, workload_root.clone());
+    let sockets = (take(&mut listeners.udp), take(&mut listeners.tcp));
+    let listen = SocketAddr::V4(listeners.v4);
+    let dns = Dns::start(config, &shared, sockets, udp_threads, destinations, listen)?;
+
+    let stop_serving = drain::Signal::new();
+    let serving = dns.serve(&stop_serving);
+    let agents = Arc::new(agents);
+    let readiness = Arc::new(Readiness::default());
+    readiness.watch_for_replacement({
+        let agents = Arc::clone(&agents);
+        move || agents.replaced()
+    });
+    // The metrics server and the background tasks: stopped last, after the drain.
+    let stop_background = drain::Signal::new();
+    background::start(&agents, &servers, workload_root, &stop_background);
+    if let Some(listener) = metrics_listener {
+        let metrics = Metrics::new(
+            Arc::clone(&shared.stats),
+            Arc::new(kernel_counters),
+            Arc::clone(&readiness),
+            shared.cache.clone(),
+            shared.query_log.clone(),
+            shared.resolutions.clone(),
+            shared
+                .workload_stats
+                .clone()
+                .map(|stats| (stats, Arc::clone(&shared.workloads))),
+        );
+        let addr = listener.local_addr().map_err(|source| RunError::Listen {
+            addr: listen,
+            source,
+        })?;
+        log::info!(target: LOG, "serving /metrics, /healthz and /readyz on http://{addr}");
+        tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
+    }
+    go_live(config, &scope, udp_threads, &shared).await?;
+    readiness.set(true);
+
+    let outcome = until_stopped(scope.command, &mut signals).await?;
+    readiness.set(false);
+    stop_serving.stop();
+    serving.join_all().await;
+    redirector.stop_redirecting();
+    if agents.others_on_port() {
+        // Another agent serves the block (an older one, when a newer one that took over is
+        // stopped first, or the one that took over from this one): let it have every new
+        // packet, so this one's drain ends with what it has.
+        redirector.stop_steering();
+    }
+    // All listeners drain at once, each until the same deadline.
+    let (queries, connections) = dns.drain(Deadline::after(config.shutdown_timeout)).await;
+    if queries + connections > 0 {
+        log::warn!(
+            target: LOG,
+            "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
+        );
+    }
+    drop(redirector);
+    stop_background.stop();
+    log::info!(target: LOG, "stopped: {}", shared.stats.summary());
+    Ok(outcome)
+}
+
+/// Attaches the programs to `scope`'s cgroups, redirecting lookups to the ports of
+/// `listeners` (the state directory's pins checked first), and says what is redirected.
+fn attach(
+    config: &RunConfig,
+    scope: &Scope<'_>,
+    listeners: &Listeners,
+    metrics: Option<&TcpListener>,
+) -> Result<(Redirector, ServerTable, KernelCounters, Agents), RunError> {
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
     host::check_pins(&pins)?;
     let block4 = Block {
@@ -256,14 +330,14 @@ async fn serve(
         addresses: config.block6,
         port: v6.port(),
     });
-    let (mut redirector, servers, kernel_counters, agents) = Redirector::attach(&RedirectConfig {
+    let attached = Redirector::attach(&RedirectConfig {
         cgroup: scope.target,
         agent_cgroup: scope.agent,
         block4,
         block6,
         excluded: scope.excluded,
         state_dir: &pins,
-        listeners: listeners.fds(metrics_listener.as_ref()),
+        listeners: listeners.fds(metrics),
         taking_over: listeners.joined_another_agent,
     })?;
     log::info!(
@@ -279,167 +353,38 @@ async fn serve(
             )
         )
     );
-    let servers = Arc::new(servers);
-    let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
-        .chain(listeners.v6.map(SocketAddr::V6))
-        .collect();
-    let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
-    let stats = Arc::new(Stats::default());
-    let cache = config.cache.map(|settings| {
-        log::info!(
-            target: LOG,
-            "caching answers: at most {} entries and {} bytes, each kept {:?} at most, served \
-             stale {:?} past expiry when the upstream fails",
-            settings.max_entries,
-            settings.max_bytes,
-            settings.max_ttl,
-            settings.serve_stale
-        );
-        Arc::new(Cache::new(settings))
-    });
-    // Paths are named from the top of the redirected cgroup's hierarchy, as the host sees it.
-    let workload_root = scope
-        .target
-        .hierarchy_root()
-        .or_else(|| cgroup::cgroup2_root().ok())
-        .unwrap_or_else(|| "/sys/fs/cgroup".into());
-    let workloads = Arc::new(WorkloadNames::new(workload_root.clone()));
-    // Served on the metrics port: kept only when there is one.
-    let resolutions = config
-        .metrics
-        .is_some()
-        .then(|| Arc::new(Resolutions::new(Arc::clone(&workloads))));
-    let workload_stats = (config.workload_metrics > 0 && config.metrics.is_some())
-        .then(|| Arc::new(WorkloadStats::new(config.workload_metrics)));
-    let query_log = config
-        .dnstap
-        .is_some()
-        .then(|| Arc::new(QueryLog::new(Arc::clone(&workloads))));
-    let udp_settings = ForwardSettings {
-        upstream_override: config.upstream,
-        upstream_timeout: config.upstream_timeout,
-        max_inflight: config.max_inflight,
-        per_client: PerClientLimit::new(config.max_inflight_per_client),
-        cache: cache.clone(),
-        in_flight: Arc::new(Coalescer::new(config.max_inflight)),
-        workloads: Some(Arc::clone(&workloads)),
-        query_log: query_log.clone(),
-        resolutions: resolutions.clone(),
-        workload_stats: workload_stats.clone(),
-    };
-    let tcp_settings = TcpSettings {
-        upstream_override: config.upstream,
-        upstream_timeout: config.upstream_timeout,
-        idle_timeout: config.tcp_idle_timeout,
-        max_connections: config.max_tcp_connections,
-        per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
-        cache: cache.clone(),
-        workloads: Some(Arc::clone(&workloads)),
-        query_log: query_log.clone(),
-        resolutions: resolutions.clone(),
-        workload_stats: workload_stats.clone(),
-    };
-    // Only a socket without an address fails here; say which listen address it was.
-    let failed = |source| RunError::Listen {
-        addr: SocketAddr::V4(listeners.v4),
-        source,
-    };
-    // Each UDP proxy lives on its thread's runtime: its sockets, its readers, its sweeper.
-    let mut udp = Vec::new();
-    for group in listeners.udp {
-        let mut local_addr = None;
-        for (socket, runtime) in group.into_iter().zip(udp_threads.runtimes()) {
-            let _on_its_thread = runtime.enter();
-            let socket = UdpSocket::from_std(socket).map_err(failed)?;
-            let proxy = UdpProxy::new(
-                socket,
-                destinations(),
-                udp_settings.clone(),
-                Arc::clone(&stats),
-            )
-            .map_err(failed)?;
-            local_addr = Some(proxy.local_addr());
-            udp.push((proxy, runtime.clone()));
-        }
-        if let Some(addr) = local_addr {
-            log::info!(
-                target: LOG,
-                "serving redirected DNS on {addr}/udp ({} threads)",
-                udp_threads.count()
-            );
-        }
-    }
-    let mut tcp = Vec::new();
-    for listener in listeners.tcp {
-        let proxy = TcpProxy::new(
-            listener,
-            destinations(),
-            tcp_settings.clone(),
-            Arc::clone(&stats),
-        )
-        .map_err(failed)?;
-        log::info!(target: LOG, "serving redirected DNS on {}/tcp", proxy.local_addr());
-        tcp.push(proxy);
-    }
+    Ok(attached)
+}
 
-    let stop_serving = drain::Signal::new();
-    let mut serving = tokio::task::JoinSet::new();
-    for (proxy, runtime) in &udp {
-        let (proxy, stop) = (Arc::clone(proxy), stop_serving.clone());
-        serving.spawn_on(async move { proxy.serve(stop).await }, runtime);
-    }
-    for proxy in &tcp {
-        let (proxy, stop) = (Arc::clone(proxy), stop_serving.clone());
-        serving.spawn(async move { proxy.serve(stop).await });
-    }
-    let agents = Arc::new(agents);
-    let readiness = Arc::new(Readiness::default());
-    readiness.watch_for_replacement({
-        let agents = Arc::clone(&agents);
-        move || agents.replaced()
-    });
-    // The metrics server and the background tasks: stopped last, after the drain.
-    let stop_background = drain::Signal::new();
-    tokio::spawn(keep_alive(Arc::clone(&agents), stop_background.clone()));
-    tokio::spawn(forget_departed(
-        Arc::clone(&servers),
-        workload_root.clone(),
-        stop_background.clone(),
-    ));
-    if let Some(listener) = metrics_listener {
-        let metrics = Metrics::new(
-            Arc::clone(&stats),
-            Arc::new(kernel_counters),
-            Arc::clone(&readiness),
-            cache.clone(),
-            query_log.clone(),
-            resolutions.clone(),
-            workload_stats
-                .clone()
-                .map(|stats| (stats, Arc::clone(&workloads))),
-        );
-        log::info!(
-            target: LOG,
-            "serving /metrics, /healthz and /readyz on http://{}",
-            listener.local_addr().map_err(failed)?
-        );
-        tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
-    }
+/// Once everything is bound and attached: drops privileges (not for `exec`), lets workload
+/// names be resolved and starts the dnstap log.
+async fn go_live(
+    config: &RunConfig,
+    scope: &Scope<'_>,
+    udp_threads: &UdpThreads,
+    shared: &Shared,
+) -> Result<(), RunError> {
     if scope.command.is_none() {
         drop_privileges(udp_threads).await?;
     }
     // Only now: a thread made before dropping them would keep the capabilities (`exec` keeps
     // them for its command anyway).
-    workloads.allow_resolving();
-    if let (Some(log), Some(target)) = (&query_log, &config.dnstap) {
+    shared.workloads.allow_resolving();
+    if let (Some(log), Some(target)) = (&shared.query_log, &config.dnstap) {
         let settings = DnstapSettings::new(target.clone(), host_name());
         log.start(settings)
             .map_err(|err| RunError::Dnstap(err.to_string()))?;
         log::info!(target: LOG, "writing a dnstap log of every query to {target}");
     }
-    readiness.set(true);
+    Ok(())
+}
 
-    let outcome = match scope.command {
+/// Waits for SIGINT or SIGTERM (`run`), or for the command to exit (`exec`).
+async fn until_stopped(
+    command: Option<(&[OsString], &Cgroup)>,
+    signals: &mut StopSignals,
+) -> Result<Outcome, RunError> {
+    Ok(match command {
         None => {
             let signal = signals.next().await;
             log::info!(
@@ -449,47 +394,12 @@ async fn serve(
             Outcome::Stopped
         }
         Some((argv, cgroup)) => {
-            let status = exec::run_command(argv, cgroup, &mut signals).await?;
+            let status = exec::run_command(argv, cgroup, signals).await?;
             log::info!(
                 target: LOG,
                 "the command exited ({status}): no longer redirecting; answering what is in flight"
             );
             Outcome::CommandExited(status)
         }
-    };
-    readiness.set(false);
-    stop_serving.stop();
-    serving.join_all().await;
-
-    redirector.stop_redirecting();
-    if agents.others_on_port() {
-        // Another agent serves the block (an older one, when a newer one that took over is
-        // stopped first, or the one that took over from this one): let it have every new
-        // packet, so this one's drain ends with what it has.
-        redirector.stop_steering();
-    }
-    // All listeners drain at once, each until the same deadline.
-    let deadline = Deadline::after(config.shutdown_timeout);
-    let mut draining = tokio::task::JoinSet::new();
-    for (proxy, runtime) in udp {
-        draining.spawn_on(async move { (proxy.drain(deadline).await, 0) }, &runtime);
-    }
-    for proxy in tcp {
-        draining.spawn(async move { (0, proxy.drain(deadline).await) });
-    }
-    let (mut queries, mut connections) = (0, 0);
-    for (unanswered, open) in draining.join_all().await {
-        queries += unanswered;
-        connections += open;
-    }
-    if queries + connections > 0 {
-        log::warn!(
-            target: LOG,
-            "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
-        );
-    }
-    drop(redirector);
-    stop_background.stop();
-    log::info!(target: LOG, "stopped: {}", stats.summary());
-    Ok(outcome)
+    })
 }

@@ -5,9 +5,21 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use super::LOG;
 use crate::{agents, agents::HEARTBEAT_INTERVAL, drain, ebpf::ServerTable, workload};
 
+/// Starts the heartbeat and the forgetting of the origins of cgroups that are gone (named from
+/// `root`), until `stop`.
+pub(super) fn start(
+    agents: &Arc<agents::Agents>,
+    servers: &Arc<ServerTable>,
+    root: PathBuf,
+    stop: &drain::Signal,
+) {
+    tokio::spawn(keep_alive(Arc::clone(agents), stop.clone()));
+    tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
+}
+
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
 /// newer agent has taken over.
-pub(super) async fn keep_alive(agents: Arc<agents::Agents>, stop: drain::Signal) {
+async fn keep_alive(agents: Arc<agents::Agents>, stop: drain::Signal) {
     let mut replaced = false;
     loop {
         tokio::select! {
@@ -38,7 +50,7 @@ const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
 /// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
 /// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
 /// often and forgets what was quiet for twice that.
-pub(super) async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::Signal) {
+async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::Signal) {
     let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
         .ok()
         .and_then(|seconds| seconds.parse::<u64>().ok());

@@ -53,7 +53,8 @@ impl Listeners {
         }
     }
 
-    /// `udp_threads`: how many UDP sockets to bind on each address.
+    /// Binds the listeners (`udp_threads`: how many UDP sockets on each address) and the
+    /// blocks' locks, and says whether this agent takes over from another (`--takeover`).
     pub(super) async fn bind(config: &RunConfig, udp_threads: usize) -> Result<Self, RunError> {
         let mut listeners = Self {
             udp: Vec::new(),
@@ -124,6 +125,16 @@ impl Listeners {
             ),
         }
         listeners.lock_blocks(config)?;
+        if listeners.joined_another_agent {
+            log::info!(
+                target: LOG,
+                "another agent serves {}: taking over from it (it answers what it has until it \
+                 is stopped; new lookups come here once this agent is ready)",
+                listeners.v4
+            );
+        } else if config.takeover {
+            log::info!(target: LOG, "no agent serves {} yet: nothing to take over", listeners.v4);
+        }
         Ok(listeners)
     }
 
