@@ -3,7 +3,8 @@
 //! The kernel side (`dns-proxy-ebpf`) rewrites a workload's DNS destination to this proxy and
 //! remembers where it was headed; this library loads it ([`ebpf`]) into a cgroup
 //! ([`cgroup`]) and forwards each query to that original server ([`dns`]). [`metrics`] shows
-//! what it does.
+//! what it does. [`run`] is the agent, wired (in the private `app` module); [`drain`] is how
+//! its listeners stop.
 pub mod agents;
 mod app;
 pub mod cgroup;

@@ -110,6 +110,7 @@ pub(super) struct Recipient<'a> {
 }
 
 impl Waiter {
+    /// Its client, answered through the listener its query reached.
     pub(super) fn recipient(&self) -> Recipient<'_> {
         Recipient {
             cgroup: self.cgroup,
@@ -132,7 +133,7 @@ fn is_failure(answer: &[u8]) -> bool {
 
 /// Where an answer to a cached query came from, for the metrics and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CacheSource {
+enum CacheSource {
     Hit,
     Stale,
     Coalesced,

@@ -8,7 +8,7 @@
 //! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
 //! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
 //! answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
-//! [`mmsg`]): the queries of one batch leave together from one pool socket, and
+//! `mmsg`): the queries of one batch leave together from one pool socket, and
 //! the answers one reader finds go back to their clients together.
 //!
 //! This file holds the listener and a query's way in (admission, the cache, the pending
