@@ -1,16 +1,13 @@
-//! The DNS side of the proxy: listeners, forwarding, and the wire-format helpers they share.
+//! The DNS side of the proxy: admission, the UDP and TCP listeners, forwarding, and the
+//! wire-format helpers they share.
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::Arc,
 };
 
-use crate::ebpf::ServerTable;
-
+pub mod admission;
 pub mod cache;
 pub mod coalesce;
-pub(crate) mod mmsg;
 pub mod per_client;
 pub mod query_log;
 pub mod stats;
@@ -19,60 +16,13 @@ pub mod udp;
 pub mod wire;
 pub mod workload_stats;
 
-/// While draining, a listener stops once nothing has arrived for this long and nothing is in
-/// flight.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
-
-/// Why a redirected client's query is not forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Its upstream would be this proxy.
-    Loop,
-    /// It asked a loopback or unspecified server from another network namespace (a pod asking
-    /// its own 127.0.0.1:53): forwarding it would reach the agent's loopback, not the pod's.
-    ForeignLoopback,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Refusal::Loop => "its upstream is this proxy",
-            Refusal::ForeignLoopback => {
-                "a loopback server asked from another network namespace (not forwarded: it \
-                 would reach this host's loopback, not the client's)"
-            }
-        })
-    }
-}
-
-/// Whether the server is one that means "this network namespace" to whoever asks it.
-fn is_local_only(server: SocketAddr) -> bool {
-    let ip = server.ip().to_canonical();
-    ip.is_loopback() || ip.is_unspecified()
-}
-
-/// Where a redirected query to `original` goes: the operator's `upstream_override` if given,
-/// else `original`, unless that would loop or let a client of another namespace into this
-/// one's loopback services. `from_this_namespace`: the query came from the agent's own
-/// network namespace (over the loopback device).
-pub fn upstream_for(
-    original: SocketAddr,
-    from_this_namespace: bool,
-    upstream_override: Option<SocketAddr>,
-    destinations: &impl OriginalDestinations,
-) -> Result<SocketAddr, Refusal> {
-    let upstream = upstream_override.unwrap_or(original);
-    if destinations.is_proxy(upstream) {
-        return Err(Refusal::Loop);
-    }
-    if upstream_override.is_none() && is_local_only(original) && !from_this_namespace {
-        return Err(Refusal::ForeignLoopback);
-    }
-    Ok(upstream)
-}
+pub use admission::Refusal;
+// The UDP threads set up their listeners with it too.
+pub(crate) use udp::mmsg;
 
 /// Where a redirected client's query was headed before the kernel sent it here, and who sent
-/// it.
+/// it. The listeners ask only this; the eBPF side answers it from the kernel's table of
+/// servers (`ebpf::CachedServers`), so the DNS side does not depend on aya.
 pub trait OriginalDestinations: Send + Sync + 'static {
     /// The server a redirected client asked for, and the cgroup of the task that sent its
     /// socket here (0: not recorded), from the proxy address its packet reached (a datagram's
@@ -95,65 +45,6 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// of a block picks its first address as the source; no other namespace can complete a
     /// handshake from there).
     fn is_local_client(&self, client: IpAddr) -> bool;
-}
-
-/// The kernel's table of servers with a copy of what was read of it, so that a query costs
-/// no `bpf()` call once its origin was seen: an index does not change its origin while in
-/// use, and the copy is dropped whenever the agent forgets origins of departed cgroups (their
-/// indexes may then name others). One per UDP thread and one for TCP, so the copies are never
-/// contended. Bounded by the table's size.
-pub struct CachedServers {
-    table: Arc<ServerTable>,
-    /// Listen addresses: a query forwarded there would come back too.
-    listeners: Vec<SocketAddr>,
-    /// What was read, as of the table's generation it was read at.
-    known: Mutex<(u64, KnownOrigins)>,
-}
-
-/// (family, index) → (server, cgroup id), as read from the kernel's table.
-type KnownOrigins = HashMap<(u16, u32), (SocketAddr, u64)>;
-
-impl CachedServers {
-    pub fn new(table: Arc<ServerTable>, listeners: Vec<SocketAddr>) -> Self {
-        Self {
-            table,
-            listeners,
-            known: Mutex::default(),
-        }
-    }
-}
-
-impl OriginalDestinations for CachedServers {
-    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
-        let key = self.table.index_of(reached)?;
-        self.table.seen(key.0, key.1);
-        let generation = self.table.generation();
-        {
-            let mut known = self.known.lock().expect("not poisoned");
-            if known.0 != generation {
-                *known = (generation, HashMap::new());
-            }
-            if let Some(origin) = known.1.get(&key) {
-                return Some(*origin);
-            }
-        }
-        let origin = self.table.origin(key.0, key.1)?;
-        let mut known = self.known.lock().expect("not poisoned");
-        if known.0 == generation {
-            known.1.insert(key, origin);
-        }
-        Some(origin)
-    }
-
-    fn is_proxy(&self, addr: SocketAddr) -> bool {
-        let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        self.listeners.contains(&canonical) || self.table.is_block_address(canonical)
-    }
-
-    fn is_local_client(&self, client: IpAddr) -> bool {
-        let client = client.to_canonical();
-        self.table.host_mode() || client.is_loopback() || self.table.is_block_ip(client)
-    }
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
@@ -202,49 +93,5 @@ impl OriginalDestinations for FixedDestination {
 
     fn is_local_client(&self, client: IpAddr) -> bool {
         client.to_canonical().is_loopback()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_servers_are_only_for_clients_of_this_namespace() {
-        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
-        let proxy = FixedDestination {
-            original: None,
-            proxy: Some(at("169.254.20.10:53")),
-        };
-        let loopback_server = at("127.0.0.53:53");
-        let cluster_dns = at("10.96.0.10:53");
-        assert_eq!(
-            upstream_for(cluster_dns, false, None, &proxy),
-            Ok(cluster_dns)
-        );
-        assert_eq!(
-            upstream_for(loopback_server, true, None, &proxy),
-            Ok(loopback_server)
-        );
-        assert_eq!(
-            upstream_for(loopback_server, false, None, &proxy),
-            Err(Refusal::ForeignLoopback)
-        );
-        for local_only in ["[::1]:53", "0.0.0.0:53", "[::]:53", "[::ffff:127.0.0.1]:53"] {
-            assert_eq!(
-                upstream_for(at(local_only), false, None, &proxy),
-                Err(Refusal::ForeignLoopback),
-                "{local_only}"
-            );
-        }
-        // The operator's upstream is theirs to choose.
-        assert_eq!(
-            upstream_for(loopback_server, false, Some(at("127.0.0.1:5353")), &proxy),
-            Ok(at("127.0.0.1:5353"))
-        );
-        assert_eq!(
-            upstream_for(at("169.254.20.10:53"), true, None, &proxy),
-            Err(Refusal::Loop)
-        );
     }
 }

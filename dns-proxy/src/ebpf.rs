@@ -31,6 +31,10 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{agents::Agents, cgroup::Cgroup};
 
+mod origins;
+
+pub use origins::CachedServers;
+
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-proxy"));
 
@@ -691,7 +695,7 @@ impl KernelCounters {
 
 /// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
 pub struct ServerTable {
-    /// `SERVERS`: read once per index by each listener ([`crate::dns::CachedServers`]).
+    /// `SERVERS`: read once per index by each listener ([`CachedServers`]).
     map: std::sync::Mutex<HashMap<MapData, u32, Origin>>,
     /// `SERVER_INDEX`, written only to forget origins of cgroups that are gone.
     reverse: std::sync::Mutex<HashMap<MapData, Origin, u32>>,

@@ -25,9 +25,9 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use self::collector::AgentCollector;
+use crate::drain;
 use crate::{
     dns::{cache::Cache, query_log::QueryLog, stats::Stats, workload_stats::WorkloadStats},
     ebpf::KernelCounters,
@@ -249,15 +249,15 @@ impl Metrics {
         }
     }
 
-    /// Serves HTTP/1.1 on `listener` until `stop` is cancelled.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    /// Serves HTTP/1.1 on `listener` until `stop` is sent.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: drain::Signal) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
             let accepted = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.stopped() => return,
                 accepted = listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -284,7 +284,7 @@ impl Metrics {
                     result = connection => if let Err(err) = result {
                         log::debug!("metrics connection from {peer}: {err}");
                     },
-                    () = stop.cancelled() => {}
+                    () = stop.stopped() => {}
                 }
                 drop(slot);
             });

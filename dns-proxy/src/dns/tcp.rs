@@ -22,18 +22,24 @@ use tokio::{
     sync::{Mutex as AsyncMutex, Notify, Semaphore},
     time::timeout,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 
 use super::{
     OriginalDestinations,
+    admission::{Admission, Route, Transport},
     cache::{Cache, CacheableQuery, Cached},
-    per_client::{LOCAL_CLIENT, PerClientLimit},
+    per_client::PerClientLimit,
     query_log::{Asked, QueryLog},
     stats::Stats,
-    upstream_for, wire,
+    wire,
     workload_stats::WorkloadStats,
 };
-use crate::{log_limit::RateLimited, resolutions::Resolutions, workload::WorkloadNames};
+use crate::{
+    drain::{self, Deadline},
+    log_limit::RateLimited,
+    resolutions::Resolutions,
+    workload::WorkloadNames,
+};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
 /// that client until answers come back (backpressure, and a bound on what it keeps).
@@ -64,18 +70,14 @@ pub struct TcpSettings {
 pub struct TcpProxy<D> {
     listener: TcpListener,
     local_addr: SocketAddr,
-    destinations: D,
+    admission: Admission<D>,
     settings: TcpSettings,
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
-    /// Cancelled at shutdown: connections close once nothing is outstanding.
-    draining: CancellationToken,
+    /// Sent at shutdown: connections close once nothing is outstanding.
+    draining: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
-    client_limit_log: RateLimited,
-    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
-    /// them as fast as it likes, the log gets a line now and then.
-    refusal_log: RateLimited,
 }
 
 /// Why a relayed connection ended, for the debug log.
@@ -192,18 +194,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         stats: Arc<Stats>,
     ) -> io::Result<Arc<Self>> {
         let local_addr = listener.local_addr()?;
+        let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
+        let admission = Admission::new(Transport::Tcp, destinations, upstream, per_client, &stats);
         Ok(Arc::new(Self {
             listener,
             local_addr,
-            destinations,
+            admission,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tasks: TaskTracker::new(),
-            draining: CancellationToken::new(),
+            draining: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
-            client_limit_log: RateLimited::new(Duration::from_secs(10)),
-            refusal_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
 
@@ -211,34 +213,24 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         self.local_addr
     }
 
-    /// Accepts connections until `stop` is cancelled.
-    pub async fn serve(self: &Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = self.listener.accept() => self.on_accepted(accepted).await,
-            }
+    /// Accepts connections until `stop` is sent.
+    pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
+        while let Some(accepted) = stop.unless_stopped(self.listener.accept()).await {
+            self.on_accepted(accepted).await;
         }
     }
 
     /// Graceful end: keeps accepting the connections redirected before the redirect was
     /// switched off, lets every connection finish what it has outstanding, and closes it.
     /// Returns how many connections were still open at `deadline`.
-    pub async fn drain(self: &Arc<Self>, deadline: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + deadline;
-        self.draining.cancel();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                accepted = timeout(super::DRAIN_QUIET, self.listener.accept()) => match accepted {
-                    Ok(accepted) => self.on_accepted(accepted).await,
-                    Err(_quiet) if self.tasks.is_empty() => break,
-                    Err(_quiet) => {}
-                },
-            }
+    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
+        self.draining.stop();
+        let (accept, idle) = (|| self.listener.accept(), || self.tasks.is_empty());
+        while let Some(accepted) = deadline.next_arrival(accept, idle).await {
+            self.on_accepted(accepted).await;
         }
         self.tasks.close();
-        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        deadline.within(self.tasks.wait()).await;
         self.tasks.len()
     }
 
@@ -257,46 +249,21 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         Stats::add(&self.stats.tcp_connections);
         let stats = &self.stats.tcp;
         // The connection's local address is the one its client was sent to: it names the
-        // server. A listener address names none.
+        // server. sk_lookup hands the proxy a connection to a loopback server's address only
+        // from this namespace: the kernel has checked where it came from.
         let reached = stream.local_addr().ok();
-        let Some((original, cgroup)) = reached.and_then(|at| self.destinations.origin(at)) else {
-            Stats::add(&stats.dropped_not_redirected);
-            log::debug!("closing TCP connection from {client}: not a redirected client");
+        let Some(Route {
+            original,
+            cgroup,
+            upstream,
+            ..
+        }) = self.admission.route(client, reached, true)
+        else {
             return;
         };
-        // sk_lookup hands the proxy a connection to a loopback server's address only from
-        // this namespace: the kernel has checked where it came from.
-        let upstream = match upstream_for(
-            original,
-            true,
-            self.settings.upstream_override,
-            &self.destinations,
-        ) {
-            Ok(upstream) => upstream,
-            Err(refusal) => {
-                stats.refused(refusal);
-                self.refusal_log.warn(|closed| {
-                    format!(
-                        "closing TCP connection from {client} to {original}: {refusal} \
-                         ({closed} refused)"
-                    )
-                });
-                return;
-            }
-        };
         // The agent's own namespace is one client, whatever local address it sends from.
-        let local = self.destinations.is_local_client(client.ip());
-        let key = if local { LOCAL_CLIENT } else { client.ip() };
-        let Some(client_slot) = self.settings.per_client.try_acquire(key) else {
-            Stats::add(&stats.dropped_client_limit);
-            let limit = self.settings.per_client.limit();
-            self.client_limit_log.warn(|dropped| {
-                format!(
-                    "{} has {limit} TCP connections open (--max-tcp-connections-per-client): \
-                     refused {dropped} connections of clients at their limit",
-                    client.ip()
-                )
-            });
+        let local = self.admission.is_local_client(client.ip());
+        let Some(client_slot) = self.admission.client_slot(client, local) else {
             return;
         };
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
@@ -610,8 +577,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let outstanding = conn.outstanding();
             let last = *conn.last_activity.lock().expect("not poisoned");
-            let may_drain = self.draining.is_cancelled() && outstanding == 0 && !conn.is_reading();
-            if may_drain && last.elapsed() >= super::DRAIN_QUIET {
+            let may_drain = self.draining.is_stopped() && outstanding == 0 && !conn.is_reading();
+            if may_drain && last.elapsed() >= drain::QUIET {
                 return Closed::Draining;
             }
             let (limit, why) = if outstanding > 0 {
@@ -621,7 +588,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             let deadline = tokio::time::Instant::from_std(last + limit);
             let wake = if may_drain {
-                deadline.min(tokio::time::Instant::from_std(last + super::DRAIN_QUIET))
+                deadline.min(tokio::time::Instant::from_std(last + drain::QUIET))
             } else {
                 deadline
             };
@@ -634,7 +601,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     }
                 }
                 () = conn.changed.notified() => {}
-                () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
+                () = self.draining.stopped(), if !self.draining.is_stopped() => {}
             }
         }
     }
@@ -778,7 +745,7 @@ mod tests {
     #[tokio::test]
     async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
         let proxy = proxy(None, Duration::from_secs(10)).await;
-        proxy.draining.cancel();
+        proxy.draining.stop();
         let (mut client, proxy_client) = tokio::io::duplex(4096);
         let (proxy_upstream, mut upstream) = tokio::io::duplex(4096);
         let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
@@ -800,7 +767,7 @@ mod tests {
         write_message(&mut frame, &query(7)).await.unwrap();
         client.write_all(&frame[..1]).await.unwrap();
         // Longer than the drain's quiet time: only the half-read query keeps it open.
-        tokio::time::sleep(super::super::DRAIN_QUIET * 3).await;
+        tokio::time::sleep(drain::QUIET * 3).await;
         client.write_all(&frame[1..]).await.unwrap();
         let forwarded = timeout(Duration::from_secs(2), read_message(&mut upstream))
             .await
@@ -850,7 +817,7 @@ mod tests {
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
         let serving = Arc::clone(&proxy);
-        tokio::spawn(async move { serving.serve(CancellationToken::new()).await });
+        tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
         proxy
     }
 

@@ -1,0 +1,405 @@
+//! The agent, wired: `run` checks and enters the cgroups, binds the listeners, attaches the
+//! programs, starts the DNS listeners, the metrics server and the background tasks, and at a
+//! stop request shuts them down in order. Everything else is a module of its own, which this
+//! one only assembles.
+use std::{ffi::OsString, io, mem::take, net::SocketAddr, process::ExitStatus, sync::Arc};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    agents::Agents,
+    cgroup::{self, AgentCgroup, Cgroup, CgroupError, CommandCgroup},
+    config::{RunConfig, Workload},
+    dnstap::{self, DnstapSettings},
+    drain::{self, Deadline},
+    ebpf::{
+        Block, CachedServers, EbpfError, ExcludedTree, KernelCounters, RedirectConfig, Redirector,
+        ServerTable,
+    },
+    exec, host,
+    metrics::{Metrics, Readiness},
+    privileges,
+    shutdown::StopSignals,
+    udp_threads::UdpThreads,
+};
+
+mod background;
+mod dns;
+mod listeners;
+
+use dns::{Dns, Shared};
+use listeners::{Listeners, bind_metrics_listener};
+
+/// The target of the agent's own log lines: the crate's, as when this was lib.rs, so that the
+/// lines and the filters that name them stay as they were.
+const LOG: &str = "dns_proxy";
+
+/// This host's name, for the dnstap log's `identity`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Why `dns-proxy run` could not start or keep running. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("--dnstap: {0}")]
+    Dnstap(String),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error("cannot listen on {addr}: {source}{hint}", hint = listen_hint(source))]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot watch for SIGINT/SIGTERM: {0}")]
+    Signals(io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+    #[error("cannot run {command:?}: {source}")]
+    Spawn {
+        command: OsString,
+        source: io::Error,
+    },
+    #[error("waiting for the command: {0}")]
+    Wait(io::Error),
+    #[error("cannot drop capabilities after attaching: {0}")]
+    DropPrivileges(io::Error),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error("cannot hold {lock}: {source}{hint}", hint = block_hint(source))]
+    BlockInUse { lock: SocketAddr, source: io::Error },
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stopped by SIGINT or SIGTERM (`run`).
+    Stopped,
+    /// The command of `exec` exited with this status.
+    CommandExited(ExitStatus),
+}
+
+fn block_hint(err: &io::Error) -> &'static str {
+    if err.kind() == io::ErrorKind::AddrInUse {
+        " (another dns-proxy serves this block on this port: stop it, pass --takeover to \
+         replace it without a gap, or give this one another --redirect-block or port)"
+    } else {
+        ""
+    }
+}
+
+fn listen_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (something already listens there: stop it or choose another --listen; if it is \
+             another dns-proxy, --takeover replaces it without a gap)"
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            " (no interface has this address: add it, or choose another --listen)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        _ => "",
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM (or, for `exec`, until the command exits), then
+/// stops redirecting, answers what is in flight, detaches and returns. Blocks: the cgroup work
+/// happens first, then a tokio runtime of its own serves.
+pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
+    log::info!(target: LOG, "starting with {config:?}");
+    if let Some(target) = &config.dnstap {
+        dnstap::check_target(target).map_err(RunError::Dnstap)?;
+    }
+    let hierarchy = cgroup::cgroup2_root()?;
+    // Checked before the agent moves, so a bad path changes nothing.
+    let (target, excluded_subtrees) = match &config.workload {
+        Workload::Cgroup { cgroup, exclude } => {
+            let target = Cgroup::open("--cgroup", cgroup.as_deref().unwrap_or(&hierarchy))?;
+            let mut excluded = Vec::new();
+            for path in exclude {
+                let cgroup = Cgroup::open("--exclude-cgroup", path)?;
+                let level = cgroup.level("--exclude-cgroup")?;
+                excluded.push((cgroup, level));
+            }
+            (Some(target), excluded)
+        }
+        Workload::Command(_) => (None, Vec::new()),
+    };
+    // Before any thread or socket exists, so that all of the agent's traffic carries its cgroup.
+    let agent = AgentCgroup::enter(&hierarchy)?;
+    let command = match &config.workload {
+        Workload::Command(argv) => Some((argv.as_slice(), CommandCgroup::create(agent.parent())?)),
+        Workload::Cgroup { .. } => None,
+    };
+    let target = match (&target, &command) {
+        (Some(target), _) => target,
+        (None, Some((_, command_cgroup))) => command_cgroup.cgroup(),
+        (None, None) => unreachable!("a cgroup workload has a target"),
+    };
+    log::info!(
+        target: LOG,
+        "agent runs in cgroup {} (id {}); redirecting cgroup {} (id {})",
+        agent.cgroup().path.display(),
+        agent.cgroup().id,
+        target.path.display(),
+        target.id
+    );
+    let excluded: Vec<ExcludedTree<'_>> = excluded_subtrees
+        .iter()
+        .map(|(cgroup, level)| ExcludedTree {
+            cgroup,
+            level: *level,
+        })
+        .collect();
+    // One thread for TCP, metrics and signals; UDP has threads of its own. Every thread that
+    // exists when privileges are dropped must drop them itself: these are all known.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    let udp_threads = UdpThreads::start(config.udp_threads).map_err(RunError::Runtime)?;
+    let scope = Scope {
+        target,
+        agent: agent.cgroup(),
+        excluded: &excluded,
+        command: command
+            .as_ref()
+            .map(|(argv, cgroup)| (*argv, cgroup.cgroup())),
+    };
+    let result = runtime.block_on(serve(&config, scope, &udp_threads));
+    // Every socket closes with the runtimes; then the agent may leave its cgroup.
+    drop(udp_threads);
+    drop(runtime);
+    drop(command);
+    drop(agent);
+    result
+}
+
+/// Whose traffic is redirected, and what to run there (`exec`).
+struct Scope<'a> {
+    target: &'a Cgroup,
+    /// The agent's own cgroup, never redirected.
+    agent: &'a Cgroup,
+    excluded: &'a [ExcludedTree<'a>],
+    command: Option<(&'a [OsString], &'a Cgroup)>,
+}
+
+/// Drops every capability on every thread of the agent (this one and the UDP threads), and
+/// checks in /proc that none is left. `exec` keeps them: its command runs with the rights of
+/// whoever started it.
+async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
+    privileges::drop_all_on_this_thread().map_err(RunError::DropPrivileges)?;
+    for runtime in udp_threads.runtimes() {
+        runtime
+            .spawn(async { privileges::drop_all_on_this_thread() })
+            .await
+            .map_err(|err| RunError::DropPrivileges(io::Error::other(err)))?
+            .map_err(RunError::DropPrivileges)?;
+    }
+    let holding = privileges::threads_with_capabilities().map_err(RunError::DropPrivileges)?;
+    if !holding.is_empty() {
+        return Err(RunError::DropPrivileges(io::Error::other(format!(
+            "threads {holding:?} still hold capabilities"
+        ))));
+    }
+    privileges::make_undumpable().map_err(RunError::DropPrivileges)?;
+    log::info!(
+        target: LOG,
+        "dropped all capabilities and became undumpable: the programs are attached and the \
+         sockets bound"
+    );
+    Ok(())
+}
+
+/// Serves until the stop request (or, for `exec`, the command's end), then shuts down in
+/// order: not ready; the listeners stop serving as usual; the redirect is switched off (and,
+/// with another agent on the port, every new packet steered to it); the listeners drain
+/// together until one deadline; the programs are detached; the metrics server and the
+/// background tasks stop.
+async fn serve(
+    config: &RunConfig,
+    scope: Scope<'_>,
+    udp_threads: &UdpThreads,
+) -> Result<Outcome, RunError> {
+    // Watched from the start, so a stop request during start-up is not lost.
+    let mut signals = StopSignals::new().map_err(RunError::Signals)?;
+    // Held until this returns: the sockets that hold the blocks' first addresses among them.
+    let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            Some(bind_metrics_listener(addr).map_err(|source| RunError::Listen { addr, source })?)
+        }
+        None => None,
+    };
+    let (mut redirector, servers, kernel_counters, agents) =
+        attach(config, &scope, &listeners, metrics_listener.as_ref())?;
+    let servers = Arc::new(servers);
+    let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
+        .chain(listeners.v6.map(SocketAddr::V6))
+        .collect();
+    let destinations = || CachedServers::new(Arc::clone(&servers), listen_addrs.clone());
+    // Paths are named from the top of the redirected cgroup's hierarchy, as the host sees it.
+    let workload_root = scope
+        .target
+        .hierarchy_root()
+        .or_else(|| cgroup::cgroup2_root().ok())
+        .unwrap_or_else(|| "/sys/fs/cgroup".into());
+    let shared = Shared::new(config, workload_root.clone());
+    let sockets = (take(&mut listeners.udp), take(&mut listeners.tcp));
+    let listen = SocketAddr::V4(listeners.v4);
+    let dns = Dns::start(config, &shared, sockets, udp_threads, destinations, listen)?;
+
+    let stop_serving = drain::Signal::new();
+    let serving = dns.serve(&stop_serving);
+    let agents = Arc::new(agents);
+    let readiness = Arc::new(Readiness::default());
+    readiness.watch_for_replacement({
+        let agents = Arc::clone(&agents);
+        move || agents.replaced()
+    });
+    // The metrics server and the background tasks: stopped last, after the drain.
+    let stop_background = drain::Signal::new();
+    background::start(&agents, &servers, workload_root, &stop_background);
+    if let Some(listener) = metrics_listener {
+        let metrics = Metrics::new(
+            Arc::clone(&shared.stats),
+            Arc::new(kernel_counters),
+            Arc::clone(&readiness),
+            shared.cache.clone(),
+            shared.query_log.clone(),
+            shared.resolutions.clone(),
+            shared
+                .workload_stats
+                .clone()
+                .map(|stats| (stats, Arc::clone(&shared.workloads))),
+        );
+        let addr = listener.local_addr().map_err(|source| RunError::Listen {
+            addr: listen,
+            source,
+        })?;
+        log::info!(target: LOG, "serving /metrics, /healthz and /readyz on http://{addr}");
+        tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
+    }
+    go_live(config, &scope, udp_threads, &shared).await?;
+    readiness.set(true);
+
+    let outcome = until_stopped(scope.command, &mut signals).await?;
+    readiness.set(false);
+    stop_serving.stop();
+    serving.join_all().await;
+    redirector.stop_redirecting();
+    if agents.others_on_port() {
+        // Another agent serves the block (an older one, when a newer one that took over is
+        // stopped first, or the one that took over from this one): let it have every new
+        // packet, so this one's drain ends with what it has.
+        redirector.stop_steering();
+    }
+    // All listeners drain at once, each until the same deadline.
+    let (queries, connections) = dns.drain(Deadline::after(config.shutdown_timeout)).await;
+    if queries + connections > 0 {
+        log::warn!(
+            target: LOG,
+            "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
+        );
+    }
+    drop(redirector);
+    stop_background.stop();
+    log::info!(target: LOG, "stopped: {}", shared.stats.summary());
+    Ok(outcome)
+}
+
+/// Attaches the programs to `scope`'s cgroups, redirecting lookups to the ports of
+/// `listeners` (the state directory's pins checked first), and says what is redirected.
+fn attach(
+    config: &RunConfig,
+    scope: &Scope<'_>,
+    listeners: &Listeners,
+    metrics: Option<&TcpListener>,
+) -> Result<(Redirector, ServerTable, KernelCounters, Agents), RunError> {
+    let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
+    host::check_pins(&pins)?;
+    let block4 = Block {
+        addresses: config.block4,
+        port: listeners.v4.port(),
+    };
+    let block6 = listeners.v6.map(|v6| Block {
+        addresses: config.block6,
+        port: v6.port(),
+    });
+    let attached = Redirector::attach(&RedirectConfig {
+        cgroup: scope.target,
+        agent_cgroup: scope.agent,
+        block4,
+        block6,
+        excluded: scope.excluded,
+        state_dir: &pins,
+        listeners: listeners.fds(metrics),
+        taking_over: listeners.joined_another_agent,
+    })?;
+    log::info!(
+        target: LOG,
+        "redirecting IPv4 lookups to {} (one address per server) on port {}{}",
+        block4.addresses,
+        block4.port,
+        block6.map_or_else(
+            || "; IPv6 lookups are left alone".to_owned(),
+            |block| format!(
+                ", IPv6 lookups to {} on port {}",
+                block.addresses, block.port
+            )
+        )
+    );
+    Ok(attached)
+}
+
+/// Once everything is bound and attached: drops privileges (not for `exec`), lets workload
+/// names be resolved and starts the dnstap log.
+async fn go_live(
+    config: &RunConfig,
+    scope: &Scope<'_>,
+    udp_threads: &UdpThreads,
+    shared: &Shared,
+) -> Result<(), RunError> {
+    if scope.command.is_none() {
+        drop_privileges(udp_threads).await?;
+    }
+    // Only now: a thread made before dropping them would keep the capabilities (`exec` keeps
+    // them for its command anyway).
+    shared.workloads.allow_resolving();
+    if let (Some(log), Some(target)) = (&shared.query_log, &config.dnstap) {
+        let settings = DnstapSettings::new(target.clone(), host_name());
+        log.start(settings)
+            .map_err(|err| RunError::Dnstap(err.to_string()))?;
+        log::info!(target: LOG, "writing a dnstap log of every query to {target}");
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (`run`), or for the command to exit (`exec`).
+async fn until_stopped(
+    command: Option<(&[OsString], &Cgroup)>,
+    signals: &mut StopSignals,
+) -> Result<Outcome, RunError> {
+    Ok(match command {
+        None => {
+            let signal = signals.next().await;
+            log::info!(
+                target: LOG,
+                "{signal}: no longer redirecting new lookups; answering those in flight"
+            );
+            Outcome::Stopped
+        }
+        Some((argv, cgroup)) => {
+            let status = exec::run_command(argv, cgroup, signals).await?;
+            log::info!(
+                target: LOG,
+                "the command exited ({status}): no longer redirecting; answering what is in flight"
+            );
+            Outcome::CommandExited(status)
+        }
+    })
+}

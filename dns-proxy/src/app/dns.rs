@@ -1,0 +1,200 @@
+//! The DNS side, assembled: what the listeners share (the counters, the cache, what names and
+//! records workloads), their settings from the configuration, and a proxy per socket, each UDP
+//! one on its thread's runtime. They serve until told to stop, then drain together.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    runtime::Handle,
+    task::JoinSet,
+};
+
+use super::{LOG, RunError};
+use crate::{
+    config::RunConfig,
+    dns::{
+        cache::Cache,
+        coalesce::Coalescer,
+        per_client::PerClientLimit,
+        query_log::QueryLog,
+        stats::Stats,
+        tcp::{TcpProxy, TcpSettings},
+        udp::{ForwardSettings, UdpProxy},
+        workload_stats::WorkloadStats,
+    },
+    drain::{self, Deadline},
+    ebpf::CachedServers,
+    resolutions::Resolutions,
+    udp_threads::UdpThreads,
+    workload::WorkloadNames,
+};
+
+/// What every listener, and the metrics server, shares; each `None` when off.
+pub(super) struct Shared {
+    pub(super) stats: Arc<Stats>,
+    pub(super) cache: Option<Arc<Cache>>,
+    pub(super) workloads: Arc<WorkloadNames>,
+    /// Served on the metrics port: kept only when there is one.
+    pub(super) resolutions: Option<Arc<Resolutions>>,
+    pub(super) workload_stats: Option<Arc<WorkloadStats>>,
+    /// The dnstap log, started once privileges are dropped.
+    pub(super) query_log: Option<Arc<QueryLog>>,
+}
+
+impl Shared {
+    /// `workload_root`: where the workloads' cgroup paths are named from.
+    pub(super) fn new(config: &RunConfig, workload_root: PathBuf) -> Self {
+        let stats = Arc::new(Stats::default());
+        let cache = config.cache.map(|settings| {
+            log::info!(
+                target: LOG,
+                "caching answers: at most {} entries and {} bytes, each kept {:?} at most, \
+                 served stale {:?} past expiry when the upstream fails",
+                settings.max_entries,
+                settings.max_bytes,
+                settings.max_ttl,
+                settings.serve_stale
+            );
+            Arc::new(Cache::new(settings))
+        });
+        let workloads = Arc::new(WorkloadNames::new(workload_root));
+        let resolutions = config
+            .metrics
+            .is_some()
+            .then(|| Arc::new(Resolutions::new(Arc::clone(&workloads))));
+        let workload_stats = (config.workload_metrics > 0 && config.metrics.is_some())
+            .then(|| Arc::new(WorkloadStats::new(config.workload_metrics)));
+        let query_log = config
+            .dnstap
+            .is_some()
+            .then(|| Arc::new(QueryLog::new(Arc::clone(&workloads))));
+        Self {
+            stats,
+            cache,
+            workloads,
+            resolutions,
+            workload_stats,
+            query_log,
+        }
+    }
+
+    fn udp_settings(&self, config: &RunConfig) -> ForwardSettings {
+        ForwardSettings {
+            upstream_override: config.upstream,
+            upstream_timeout: config.upstream_timeout,
+            max_inflight: config.max_inflight,
+            per_client: PerClientLimit::new(config.max_inflight_per_client),
+            cache: self.cache.clone(),
+            in_flight: Arc::new(Coalescer::new(config.max_inflight)),
+            workloads: Some(Arc::clone(&self.workloads)),
+            query_log: self.query_log.clone(),
+            resolutions: self.resolutions.clone(),
+            workload_stats: self.workload_stats.clone(),
+        }
+    }
+
+    fn tcp_settings(&self, config: &RunConfig) -> TcpSettings {
+        TcpSettings {
+            upstream_override: config.upstream,
+            upstream_timeout: config.upstream_timeout,
+            idle_timeout: config.tcp_idle_timeout,
+            max_connections: config.max_tcp_connections,
+            per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
+            cache: self.cache.clone(),
+            workloads: Some(Arc::clone(&self.workloads)),
+            query_log: self.query_log.clone(),
+            resolutions: self.resolutions.clone(),
+            workload_stats: self.workload_stats.clone(),
+        }
+    }
+}
+
+/// The DNS listeners: a UDP proxy per socket, each on its thread's runtime (its sockets, its
+/// readers and its sweeper live there), and a TCP proxy per address.
+pub(super) struct Dns {
+    udp: Vec<(Arc<UdpProxy<CachedServers>>, Handle)>,
+    tcp: Vec<Arc<TcpProxy<CachedServers>>>,
+}
+
+impl Dns {
+    /// A proxy for each socket: `udp` holds, per address, one for each UDP thread. Each asks
+    /// a copy of its own, from `destinations`, where its clients were headed. A socket without
+    /// an address (the only failure here) is reported as `listen`'s.
+    pub(super) fn start(
+        config: &RunConfig,
+        shared: &Shared,
+        (udp, tcp): (Vec<Vec<std::net::UdpSocket>>, Vec<TcpListener>),
+        udp_threads: &UdpThreads,
+        destinations: impl Fn() -> CachedServers,
+        listen: SocketAddr,
+    ) -> Result<Self, RunError> {
+        let failed = |source| RunError::Listen {
+            addr: listen,
+            source,
+        };
+        let (udp_settings, tcp_settings) =
+            (shared.udp_settings(config), shared.tcp_settings(config));
+        let stats = || Arc::clone(&shared.stats);
+        let mut dns = Self {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for group in udp {
+            let mut local_addr = None;
+            for (socket, runtime) in group.into_iter().zip(udp_threads.runtimes()) {
+                let _on_its_thread = runtime.enter();
+                let socket = UdpSocket::from_std(socket).map_err(failed)?;
+                let proxy = UdpProxy::new(socket, destinations(), udp_settings.clone(), stats())
+                    .map_err(failed)?;
+                local_addr = Some(proxy.local_addr());
+                dns.udp.push((proxy, runtime.clone()));
+            }
+            if let Some(addr) = local_addr {
+                log::info!(
+                    target: LOG,
+                    "serving redirected DNS on {addr}/udp ({} threads)",
+                    udp_threads.count()
+                );
+            }
+        }
+        for listener in tcp {
+            let proxy = TcpProxy::new(listener, destinations(), tcp_settings.clone(), stats())
+                .map_err(failed)?;
+            log::info!(target: LOG, "serving redirected DNS on {}/tcp", proxy.local_addr());
+            dns.tcp.push(proxy);
+        }
+        Ok(dns)
+    }
+
+    /// Serves on every listener until `stop` is sent; the set is empty once all have stopped.
+    pub(super) fn serve(&self, stop: &drain::Signal) -> JoinSet<()> {
+        let mut serving = JoinSet::new();
+        for (proxy, runtime) in &self.udp {
+            let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+            serving.spawn_on(async move { proxy.serve(stop).await }, runtime);
+        }
+        for proxy in &self.tcp {
+            let (proxy, stop) = (Arc::clone(proxy), stop.clone());
+            serving.spawn(async move { proxy.serve(stop).await });
+        }
+        serving
+    }
+
+    /// Drains every listener at once, each until `deadline`. Returns the UDP queries still
+    /// unanswered and the TCP connections still open then.
+    pub(super) async fn drain(self, deadline: Deadline) -> (usize, usize) {
+        let mut draining = JoinSet::new();
+        for (proxy, runtime) in self.udp {
+            draining.spawn_on(async move { (proxy.drain(deadline).await, 0) }, &runtime);
+        }
+        for proxy in self.tcp {
+            draining.spawn(async move { (0, proxy.drain(deadline).await) });
+        }
+        let (mut queries, mut connections) = (0, 0);
+        for (unanswered, open) in draining.join_all().await {
+            queries += unanswered;
+            connections += open;
+        }
+        (queries, connections)
+    }
+}

@@ -1,0 +1,259 @@
+//! Binding the sockets the agent serves on: per address, a UDP socket for each UDP thread
+//! (one SO_REUSEPORT group) and a TCP listener on the same port; the sockets that hold the
+//! blocks' first addresses; the metrics listener. What `--takeover` joins and what it keeps
+//! out is decided here.
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd as _,
+};
+
+use tokio::net::TcpListener;
+
+use super::{LOG, RunError};
+use crate::{
+    config::{Listen6, RunConfig},
+    ebpf::ListenerFds,
+    host, udp_threads,
+    udp_threads::bind_reuseport_group,
+};
+
+/// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
+/// where there is one.
+pub(super) struct Listeners {
+    /// Per address, a UDP socket for each UDP thread.
+    pub(super) udp: Vec<Vec<std::net::UdpSocket>>,
+    pub(super) tcp: Vec<TcpListener>,
+    /// Where IPv4 clients are sent (the port the kernel picked, for port 0).
+    pub(super) v4: SocketAddrV4,
+    /// `None` when IPv6 is not redirected.
+    pub(super) v6: Option<SocketAddrV6>,
+    /// Sockets that hold the blocks' first addresses (see `lock_blocks`).
+    locks: Vec<socket2::Socket>,
+    /// Whether another agent's listeners were there, and these joined them (`--takeover`).
+    pub(super) joined_another_agent: bool,
+}
+
+impl Listeners {
+    /// The sockets, for the kernel's `LISTENERS` map, with the metrics listener if there is one.
+    pub(super) fn fds<'a>(&'a self, metrics: Option<&'a TcpListener>) -> ListenerFds<'a> {
+        let udp = |n: usize| {
+            self.udp
+                .get(n)
+                .map(|group| group.iter().map(|socket| socket.as_fd()).collect())
+                .unwrap_or_default()
+        };
+        ListenerFds {
+            tcp4: self.tcp[0].as_fd(),
+            tcp6: self.tcp.get(1).map(|tcp| tcp.as_fd()),
+            udp4: udp(0),
+            udp6: udp(1),
+            metrics: metrics
+                .and_then(|listener| Some((listener.local_addr().ok()?, listener.as_fd()))),
+        }
+    }
+
+    /// Binds the listeners (`udp_threads`: how many UDP sockets on each address) and the
+    /// blocks' locks, and says whether this agent takes over from another (`--takeover`).
+    pub(super) async fn bind(config: &RunConfig, udp_threads: usize) -> Result<Self, RunError> {
+        let mut listeners = Self {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            v4: config.listen,
+            v6: None,
+            locks: Vec::new(),
+            joined_another_agent: false,
+        };
+        // First the block's route: the listen address may be the block's first.
+        host::check_block_is_free("--redirect-block", config.block4)?;
+        host::route_block_here(config.block4)?;
+        if let SocketAddr::V4(v4) = listeners
+            .bind_pair(SocketAddr::V4(config.listen), udp_threads, config.takeover)
+            .await?
+        {
+            listeners.v4 = v4;
+        }
+        let bound_v6 = |addr| match addr {
+            SocketAddr::V6(v6) => Some(v6),
+            SocketAddr::V4(_) => None,
+        };
+        match config.listen6 {
+            Listen6::Required(v6) => {
+                host::check_block_is_free("--redirect-block6", config.block6)?;
+                host::route_block_here(config.block6)?;
+                listeners.v6 = bound_v6(
+                    listeners
+                        .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                        .await?,
+                );
+            }
+            Listen6::IfAvailable(v6) => {
+                host::check_block_is_free("--redirect-block6", config.block6)?;
+                let bound = match host::route_block_here(config.block6) {
+                    Ok(()) => {
+                        listeners
+                            .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                            .await
+                    }
+                    Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
+                        addr: SocketAddr::V6(v6),
+                        source,
+                    }),
+                    Err(err) => Err(err.into()),
+                };
+                match bound {
+                    Ok(bound) => listeners.v6 = bound_v6(bound),
+                    Err(RunError::Listen { source, .. })
+                        if matches!(
+                            source.kind(),
+                            io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
+                        ) || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                    {
+                        log::warn!(
+                            target: LOG,
+                            "no IPv6 on this host ({v6}: {source}): IPv6 lookups are left alone"
+                        );
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Listen6::Off => log::info!(
+                target: LOG,
+                "IPv6 lookups are left alone: --listen {} is not a loopback address and no \
+                 --listen6 was given",
+                config.listen
+            ),
+        }
+        listeners.lock_blocks(config)?;
+        if listeners.joined_another_agent {
+            log::info!(
+                target: LOG,
+                "another agent serves {}: taking over from it (it answers what it has until it \
+                 is stopped; new lookups come here once this agent is ready)",
+                listeners.v4
+            );
+        } else if config.takeover {
+            log::info!(target: LOG, "no agent serves {} yet: nothing to take over", listeners.v4);
+        }
+        Ok(listeners)
+    }
+
+    /// Holds each block's first address on its port (unless the listeners are there), so a
+    /// second agent with the same block and port, elsewhere on the host, fails to start
+    /// instead of taking this one's lookups, unless it was told to take over
+    /// (`--takeover`): then it joins the lock.
+    fn lock_blocks(&mut self, config: &RunConfig) -> Result<(), RunError> {
+        let blocks = [
+            Some((
+                config.block4.first(),
+                self.v4.port(),
+                SocketAddr::V4(self.v4),
+            )),
+            self.v6
+                .map(|v6| (config.block6.first(), v6.port(), SocketAddr::V6(v6))),
+        ];
+        for (first, port, listen) in blocks.into_iter().flatten() {
+            let lock = SocketAddr::new(first, port);
+            if lock == listen {
+                continue; // the listeners hold it, bound alone first
+            }
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(lock),
+                socket2::Type::DGRAM.cloexec(),
+                None,
+            )
+            .and_then(|socket| {
+                if lock.is_ipv6() {
+                    // The IPv6 block is only routed here, not an address of an interface.
+                    socket.set_freebind_v6(true)?;
+                }
+                // Alone first, which fails if another agent holds it; joinable after, for
+                // the agent that takes over from this one.
+                if !config.takeover {
+                    socket.bind(&lock.into())?;
+                    socket.set_reuse_port(true)?;
+                    return Ok(socket);
+                }
+                socket.set_reuse_port(true)?;
+                socket.bind(&lock.into())?;
+                Ok(socket)
+            })
+            .map_err(|source| RunError::BlockInUse { lock, source })?;
+            self.locks.push(socket);
+        }
+        Ok(())
+    }
+
+    /// Binds UDP (`udp_sockets` of them) and TCP on one address and port, and returns it.
+    /// For port 0, the port the kernel picks for UDP, retried a few times if TCP already has
+    /// it (or, in between, another UDP socket): the redirect sends both protocols to one port.
+    async fn bind_pair(
+        &mut self,
+        addr: SocketAddr,
+        udp_sockets: usize,
+        take_over: bool,
+    ) -> Result<SocketAddr, RunError> {
+        const PICK_ATTEMPTS: u32 = 16;
+        let mut attempt = 1;
+        loop {
+            let failed = |addr, source| RunError::Listen { addr, source };
+            let (bound, udp, joined) = match bind_reuseport_group(addr, udp_sockets, take_over) {
+                Ok(group) => group,
+                Err(err)
+                    if addr.port() == 0
+                        && err.kind() == io::ErrorKind::AddrInUse
+                        && attempt < PICK_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    continue;
+                }
+                Err(source) => return Err(failed(addr, source)),
+            };
+            match bind_tcp_listener(bound) {
+                Ok(tcp) => {
+                    self.udp.push(udp);
+                    self.tcp.push(tcp);
+                    self.joined_another_agent |= joined;
+                    return Ok(bound);
+                }
+                Err(err)
+                    if addr.port() == 0
+                        && err.kind() == io::ErrorKind::AddrInUse
+                        && attempt < PICK_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                Err(source) => return Err(failed(bound, source)),
+            }
+        }
+    }
+}
+
+/// A TCP listener on `addr`, as tokio's `bind` makes it (SO_REUSEADDR, a backlog of 1024),
+/// on a high descriptor (see [`udp_threads::listener_socket`]), and joinable (SO_REUSEPORT)
+/// by the agent that takes over from this one: the UDP group, bound first, is what keeps a
+/// second agent out. Must run inside a tokio runtime.
+fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket =
+        udp_threads::listener_socket(socket2::Domain::for_address(addr), socket2::Type::STREAM)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The metrics listener, joinable (SO_REUSEPORT) by the agent that takes over from this one:
+/// while both run, a request reaches either, and each says whether it is the one serving.
+pub(super) fn bind_metrics_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,302 @@
+//! Admission: whether a redirected client's query (UDP) or connection (TCP) is taken, and where
+//! it goes. One path for both transports, as hickory-dns's `handle_udp` and `handle_tcp` both
+//! end in `ServerContext::handle_request`; the transports only move bytes.
+//!
+//! The proxy address a client reached names the server it asked for and its cgroup
+//! ([`OriginalDestinations`]); [`upstream_for`] picks the upstream or refuses (a loop, a
+//! loopback server asked from another namespace); then the client must be within its share
+//! (`--max-inflight-per-client` for UDP queries, `--max-tcp-connections-per-client` for TCP
+//! connections). What is turned away is counted and logged here (the warnings rate-limited),
+//! under the transport's own counters and log target.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use super::{
+    OriginalDestinations,
+    per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
+    stats::{ProtocolStats, Stats},
+};
+use crate::log_limit::RateLimited;
+
+/// Why a redirected client's query is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its upstream would be this proxy.
+    Loop,
+    /// It asked a loopback or unspecified server from another network namespace (a pod asking
+    /// its own 127.0.0.1:53): forwarding it would reach the agent's loopback, not the pod's.
+    ForeignLoopback,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::Loop => "its upstream is this proxy",
+            Refusal::ForeignLoopback => {
+                "a loopback server asked from another network namespace (not forwarded: it \
+                 would reach this host's loopback, not the client's)"
+            }
+        })
+    }
+}
+
+/// Whether the server is one that means "this network namespace" to whoever asks it.
+fn is_local_only(server: SocketAddr) -> bool {
+    let ip = server.ip().to_canonical();
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Where a redirected query to `original` goes: the operator's `upstream_override` if given,
+/// else `original`, unless that would loop or let a client of another namespace into this
+/// one's loopback services. `from_this_namespace`: the query came from the agent's own
+/// network namespace (over the loopback device).
+pub fn upstream_for(
+    original: SocketAddr,
+    from_this_namespace: bool,
+    upstream_override: Option<SocketAddr>,
+    destinations: &impl OriginalDestinations,
+) -> Result<SocketAddr, Refusal> {
+    let upstream = upstream_override.unwrap_or(original);
+    if destinations.is_proxy(upstream) {
+        return Err(Refusal::Loop);
+    }
+    if upstream_override.is_none() && is_local_only(original) && !from_this_namespace {
+        return Err(Refusal::ForeignLoopback);
+    }
+    Ok(upstream)
+}
+
+/// The transport a listener serves: whose counters and words its refusals take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn stats(self, stats: &Stats) -> &ProtocolStats {
+        match self {
+            Self::Udp => &stats.udp,
+            Self::Tcp => &stats.tcp,
+        }
+    }
+
+    /// What turning a client away is called in the log.
+    fn turning_away(self) -> &'static str {
+        match self {
+            Self::Udp => "dropping query",
+            Self::Tcp => "closing TCP connection",
+        }
+    }
+
+    /// The listener's log target, which its debug lines keep (the rate-limited warnings are
+    /// [`RateLimited`]'s).
+    fn log_target(self) -> &'static str {
+        match self {
+            Self::Udp => "dns_proxy::dns::udp",
+            Self::Tcp => "dns_proxy::dns::tcp",
+        }
+    }
+}
+
+/// Where an admitted query or connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The server its client asked.
+    pub original: SocketAddr,
+    /// The cgroup of the task that sent it (0: not recorded).
+    pub cgroup: u64,
+    pub upstream: SocketAddr,
+    /// The proxy address it reached: its answers leave from there.
+    pub reached: SocketAddr,
+}
+
+/// One listener's admission: its destinations, limits and rate-limited warnings.
+pub struct Admission<D> {
+    transport: Transport,
+    destinations: D,
+    /// Forward everything here instead of to each query's original destination.
+    upstream_override: Option<SocketAddr>,
+    /// Shared by every listener of the transport.
+    per_client: Arc<PerClientLimit>,
+    stats: Arc<Stats>,
+    client_limit_log: RateLimited,
+    /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
+    /// them as fast as it likes, the log gets a line now and then.
+    refusal_log: RateLimited,
+}
+
+impl<D: OriginalDestinations> Admission<D> {
+    pub fn new(
+        transport: Transport,
+        destinations: D,
+        upstream_override: Option<SocketAddr>,
+        per_client: &Arc<PerClientLimit>,
+        stats: &Arc<Stats>,
+    ) -> Self {
+        Self {
+            transport,
+            destinations,
+            upstream_override,
+            per_client: Arc::clone(per_client),
+            stats: Arc::clone(stats),
+            client_limit_log: RateLimited::new(Duration::from_secs(10)),
+            refusal_log: RateLimited::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Where the query or connection of `client`, which reached the proxy address `reached`
+    /// (`None`: unknown), goes; `None` (counted and logged) if its client was not redirected
+    /// or it is refused. `from_this_namespace`: its client is of the agent's own network
+    /// namespace, and so may ask a loopback server.
+    pub fn route(
+        &self,
+        client: SocketAddr,
+        reached: Option<SocketAddr>,
+        from_this_namespace: bool,
+    ) -> Option<Route> {
+        let stats = self.transport.stats(&self.stats);
+        let turning_away = self.transport.turning_away();
+        // The address it was sent to names its server; a listener address names none.
+        let routed = reached.and_then(|at| Some((at, self.destinations.origin(at)?)));
+        let Some((reached, (original, cgroup))) = routed else {
+            // Only clients the kernel redirected have a server to go to.
+            Stats::add(&stats.dropped_not_redirected);
+            log::debug!(
+                target: self.transport.log_target(),
+                "{turning_away} from {client}: not a redirected client"
+            );
+            return None;
+        };
+        match upstream_for(
+            original,
+            from_this_namespace,
+            self.upstream_override,
+            &self.destinations,
+        ) {
+            Ok(upstream) => Some(Route {
+                original,
+                cgroup,
+                upstream,
+                reached,
+            }),
+            Err(refusal) => {
+                stats.refused(refusal);
+                self.refusal_log.warn(|refused| {
+                    format!(
+                        "{turning_away} from {client} to {original}: {refusal} ({refused} refused)"
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    /// One of the client's share (the agent's own namespace is one client, `local`, whatever
+    /// local address it sends from), held until dropped; `None` (counted and logged) if it
+    /// holds them all.
+    pub fn client_slot(&self, client: SocketAddr, local: bool) -> Option<ClientSlot> {
+        let key = if local { LOCAL_CLIENT } else { client.ip() };
+        let slot = self.per_client.try_acquire(key);
+        if slot.is_none() {
+            Stats::add(&self.transport.stats(&self.stats).dropped_client_limit);
+            let limit = self.per_client.limit();
+            let transport = self.transport;
+            self.client_limit_log.warn(|dropped| match transport {
+                Transport::Udp => format!(
+                    "{key} has {limit} queries in flight (--max-inflight-per-client): dropped \
+                     {dropped} queries of clients at their limit"
+                ),
+                Transport::Tcp => format!(
+                    "{} has {limit} TCP connections open (--max-tcp-connections-per-client): \
+                     refused {dropped} connections of clients at their limit",
+                    client.ip()
+                ),
+            });
+        }
+        slot
+    }
+
+    /// Whether a TCP client's source says it is of the agent's own network namespace
+    /// ([`OriginalDestinations::is_local_client`]).
+    pub fn is_local_client(&self, client: IpAddr) -> bool {
+        self.destinations.is_local_client(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::dns::FixedDestination;
+
+    #[test]
+    fn what_is_turned_away_is_counted_under_its_transport() {
+        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let itself = at("169.254.20.10:53");
+        let destinations = FixedDestination {
+            original: Some(itself),
+            proxy: Some(itself),
+        };
+        let (stats, per_client) = (Arc::new(Stats::default()), PerClientLimit::new(1));
+        let tcp = Admission::new(Transport::Tcp, destinations, None, &per_client, &stats);
+        let client = at("10.0.0.1:40000");
+        assert_eq!(tcp.route(client, None, true), None, "not redirected");
+        assert_eq!(tcp.route(client, Some(itself), true), None, "a loop");
+        let held = tcp.client_slot(client, false);
+        assert!(held.is_some());
+        assert!(tcp.client_slot(client, false).is_none(), "at its limit");
+        assert!(
+            tcp.client_slot(client, true).is_some(),
+            "this namespace: another client"
+        );
+        let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        assert_eq!(count(&stats.tcp.dropped_not_redirected), 1);
+        assert_eq!(count(&stats.tcp.dropped_loop), 1);
+        assert_eq!(count(&stats.tcp.dropped_client_limit), 1);
+        assert_eq!(count(&stats.udp.dropped_client_limit), 0);
+    }
+
+    #[test]
+    fn loopback_servers_are_only_for_clients_of_this_namespace() {
+        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let proxy = FixedDestination {
+            original: None,
+            proxy: Some(at("169.254.20.10:53")),
+        };
+        let loopback_server = at("127.0.0.53:53");
+        let cluster_dns = at("10.96.0.10:53");
+        assert_eq!(
+            upstream_for(cluster_dns, false, None, &proxy),
+            Ok(cluster_dns)
+        );
+        assert_eq!(
+            upstream_for(loopback_server, true, None, &proxy),
+            Ok(loopback_server)
+        );
+        assert_eq!(
+            upstream_for(loopback_server, false, None, &proxy),
+            Err(Refusal::ForeignLoopback)
+        );
+        for local_only in ["[::1]:53", "0.0.0.0:53", "[::]:53", "[::ffff:127.0.0.1]:53"] {
+            assert_eq!(
+                upstream_for(at(local_only), false, None, &proxy),
+                Err(Refusal::ForeignLoopback),
+                "{local_only}"
+            );
+        }
+        // The operator's upstream is theirs to choose.
+        assert_eq!(
+            upstream_for(loopback_server, false, Some(at("127.0.0.1:5353")), &proxy),
+            Ok(at("127.0.0.1:5353"))
+        );
+        assert_eq!(
+            upstream_for(at("169.254.20.10:53"), true, None, &proxy),
+            Err(Refusal::Loop)
+        );
+    }
+}

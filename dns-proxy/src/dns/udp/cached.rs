@@ -1,0 +1,376 @@
+//! The answer cache, as the UDP listener uses it: a query it holds a live answer for is answered
+//! at once (with the batch's others), identical queries wait on the first one's answer
+//! ([`Coalescer`]), a stale answer goes to a client whose upstream fails or is late
+//! (`--serve-stale`), and the upstream's answers are kept.
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd},
+    sync::Arc,
+    time::Instant,
+};
+
+use super::{LOG, UdpProxy, mmsg, udp_asked};
+use crate::dns::{
+    OriginalDestinations,
+    cache::{self, CacheKey, CacheableQuery, Cached},
+    coalesce::{Coalescer, Joined, Waiter},
+    per_client::ClientSlot,
+    stats::Stats,
+    wire,
+};
+
+/// What the cache did with a query.
+pub(super) enum FromCache {
+    /// Answered it, had it wait for an identical query's answer, or dropped it (its client
+    /// at its limit).
+    Handled,
+    /// Holds no live answer: the query goes to the upstream, whose answer is kept.
+    Forward(Box<CachedQuery>, ClientSlot),
+    /// Off, or not for such a query.
+    NotCached,
+}
+
+/// A query the cache could answer, on its way to the upstream.
+#[derive(Debug)]
+pub(super) struct CachedQuery {
+    pub(super) query: CacheableQuery,
+    /// The client's header and question ([`CacheableQuery::head`]), for a stale answer.
+    pub(super) head: Box<[u8]>,
+    /// The cache held an expired answer within --serve-stale when the query came.
+    pub(super) stale_kept: bool,
+    /// Its client has had that stale answer: the upstream's now only refreshes the cache.
+    pub(super) served_stale: bool,
+    /// Identical queries wait on this one; `None` if it went alone.
+    pub(super) leading: Option<Leading>,
+}
+
+impl CachedQuery {
+    /// Whether the upstream's `answer` goes to the client: not if the client has had a stale
+    /// answer already, nor if the upstream failed and a stale answer is kept to go instead.
+    pub(super) fn relays(&self, answer: &[u8]) -> bool {
+        let stale_instead = self.stale_kept && is_failure(answer);
+        !self.served_stale && !stale_instead
+    }
+}
+
+/// A query that identical ones wait on ([`Coalescer`]). Finished when dropped, which leaves
+/// its waiters unanswered: they retry, as after a lost datagram.
+#[derive(Debug)]
+pub(super) struct Leading {
+    in_flight: Arc<Coalescer>,
+    key: Option<CacheKey>,
+}
+
+impl Leading {
+    /// Its waiters, now that it is settled.
+    fn finish(mut self) -> Vec<Waiter> {
+        let key = self.key.take().expect("finished once");
+        self.in_flight.finish(&key)
+    }
+
+    /// Its waiters, who get a stale answer; from now on identical queries get one at once.
+    pub(super) fn serve_stale(&self) -> Vec<Waiter> {
+        self.key
+            .as_ref()
+            .map(|key| self.in_flight.serve_stale(key))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.in_flight.finish(&key);
+        }
+    }
+}
+
+/// A query answered from the cache: its answer goes out with the batch's others, in one
+/// `sendmmsg`.
+pub(super) struct CacheHit {
+    answer: Vec<u8>,
+    cgroup: u64,
+    client: SocketAddr,
+    original: SocketAddr,
+    reply_from: IpAddr,
+    started: Instant,
+}
+
+/// Whom a cached, stale or shared answer goes to.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Recipient<'a> {
+    /// The cgroup that asked (0: not recorded), for the log.
+    pub(super) cgroup: u64,
+    pub(super) client: SocketAddr,
+    pub(super) original: SocketAddr,
+    pub(super) reply_from: IpAddr,
+    /// The listener its query reached.
+    pub(super) listener: BorrowedFd<'a>,
+    pub(super) started: Instant,
+}
+
+impl Waiter {
+    /// Its client, answered through the listener its query reached.
+    pub(super) fn recipient(&self) -> Recipient<'_> {
+        Recipient {
+            cgroup: self.cgroup,
+            client: self.client,
+            original: self.original,
+            reply_from: self.reply_from,
+            listener: self.listener.as_fd(),
+            started: self.started,
+        }
+    }
+}
+
+/// Whether `answer` says the upstream failed (SERVFAIL or REFUSED): a stale answer, if the
+/// cache holds one, serves the client better (RFC 8767 §4).
+fn is_failure(answer: &[u8]) -> bool {
+    const SERVFAIL: u8 = 2;
+    const REFUSED: u8 = 5;
+    matches!(wire::header_rcode(answer), Some(SERVFAIL | REFUSED))
+}
+
+/// Where an answer to a cached query came from, for the metrics and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheSource {
+    Hit,
+    Stale,
+    Coalesced,
+}
+
+impl CacheSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Stale => "stale",
+            Self::Coalesced => "coalesced",
+        }
+    }
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Answers `datagram` from the cache if it holds a live answer, or has it wait for an
+    /// identical query's answer; otherwise says what its own answer is to do in the cache.
+    pub(super) fn consult_cache(
+        &self,
+        datagram: &[u8],
+        to: Recipient<'_>,
+        local: bool,
+        hits: &mut Vec<CacheHit>,
+    ) -> FromCache {
+        let Some(cache) = &self.settings.cache else {
+            return FromCache::NotCached;
+        };
+        let server = self.settings.upstream_override.unwrap_or(to.original);
+        let Some(query) = CacheableQuery::parse(server, datagram) else {
+            return FromCache::NotCached;
+        };
+        let stale_kept = match cache.lookup(&query, datagram, true, to.started) {
+            Cached::Fresh(answer) => {
+                hits.push(CacheHit {
+                    answer,
+                    cgroup: to.cgroup,
+                    client: to.client,
+                    original: to.original,
+                    reply_from: to.reply_from,
+                    started: to.started,
+                });
+                return FromCache::Handled;
+            }
+            Cached::Stale { .. } => true,
+            Cached::Miss => false,
+        };
+        let Some(client_slot) = self.admission.client_slot(to.client, local) else {
+            return FromCache::Handled;
+        };
+        let waiter = Waiter {
+            cgroup: to.cgroup,
+            client: to.client,
+            original: to.original,
+            reply_from: to.reply_from,
+            listener: Arc::clone(&self.shared_listener),
+            head: query.head(datagram).into(),
+            query,
+            started: to.started,
+            _client_slot: client_slot,
+        };
+        let in_flight = &self.settings.in_flight;
+        let (waiter, leading) = match in_flight.join(waiter, to.started) {
+            Joined::Waits => return FromCache::Handled,
+            Joined::ServeStale(waiter) => {
+                self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
+                return FromCache::Handled;
+            }
+            Joined::Leads(waiter) => {
+                let key = Some(waiter.query.key.clone());
+                let leading = Leading {
+                    in_flight: Arc::clone(in_flight),
+                    key,
+                };
+                (waiter, Some(leading))
+            }
+            Joined::Alone(waiter) => (waiter, None),
+        };
+        Stats::add(&self.stats.cache_misses);
+        let Waiter {
+            query,
+            head,
+            _client_slot,
+            ..
+        } = *waiter;
+        let cached = CachedQuery {
+            query,
+            head,
+            stale_kept,
+            served_stale: false,
+            leading,
+        };
+        FromCache::Forward(Box::new(cached), _client_slot)
+    }
+
+    /// Sends `to` the stale answer the cache holds for its query, if it still does.
+    pub(super) fn answer_stale(&self, query: &CacheableQuery, head: &[u8], to: Recipient<'_>) {
+        let Some(cache) = &self.settings.cache else {
+            return;
+        };
+        match cache.lookup(query, head, true, Instant::now()) {
+            // A fresh answer came meanwhile, through another thread.
+            Cached::Fresh(answer) => self.send_answer(&answer, to, CacheSource::Hit),
+            Cached::Stale { answer, .. } => self.send_answer(&answer, to, CacheSource::Stale),
+            // Evicted since: the client retries, as after a loss.
+            Cached::Miss => {}
+        }
+    }
+
+    /// Sends the answers the cache gave a batch's queries, with as few `sendmmsg` as the
+    /// kernel takes, and empties `hits`.
+    pub(super) fn send_hits(&self, hits: &mut Vec<CacheHit>) {
+        let mut refused = Vec::new();
+        mmsg::send_all(
+            self.socket.as_fd(),
+            hits.len(),
+            |i| mmsg::Outgoing {
+                datagram: &hits[i].answer,
+                to: hits[i].client,
+                from: Some(hits[i].reply_from),
+            },
+            |i, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&self.stats.udp.dropped_overload);
+                log::debug!(target: LOG, "answering {} from the cache: {err}", hits[i].client);
+                refused.push(i);
+            },
+        );
+        for (i, hit) in hits.drain(..).enumerate() {
+            if refused.contains(&i) {
+                continue;
+            }
+            let to = Recipient {
+                cgroup: hit.cgroup,
+                client: hit.client,
+                original: hit.original,
+                reply_from: hit.reply_from,
+                listener: self.socket.as_fd(),
+                started: hit.started,
+            };
+            self.answered_here(&hit.answer, to, CacheSource::Hit);
+        }
+    }
+
+    /// Sends an answer made here (from the cache, or shared from an identical query's) to its
+    /// client, from the address its query reached.
+    fn send_answer(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
+        let mut sent = true;
+        mmsg::send_all(
+            to.listener,
+            1,
+            |_| mmsg::Outgoing {
+                datagram: answer,
+                to: to.client,
+                from: Some(to.reply_from),
+            },
+            |_, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&self.stats.udp.dropped_overload);
+                log::debug!(target: LOG, "answering {} ({}): {err}", to.client, source.as_str());
+                sent = false;
+            },
+        );
+        if sent {
+            self.answered_here(answer, to, source);
+        }
+    }
+
+    /// Counts and logs an answer made here that went out.
+    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
+        let stats = &self.stats.udp;
+        let latency = to.started.elapsed();
+        if let Some(resolutions) = &self.settings.resolutions {
+            resolutions.record(to.cgroup, answer);
+        }
+        if let Some(log) = &self.settings.query_log {
+            let asked = udp_asked(to.client, to.original, to.cgroup);
+            log.response(asked, latency, answer);
+        }
+        match source {
+            CacheSource::Hit => Stats::add(&self.stats.cache_hits),
+            CacheSource::Stale => Stats::add(&self.stats.cache_stale),
+            CacheSource::Coalesced => Stats::add(&self.stats.cache_coalesced),
+        }
+        stats.answered(answer, Some(latency));
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                target: LOG,
+                "query udp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
+                to.client,
+                to.original,
+                source.as_str(),
+                wire::describe_query(answer),
+                wire::describe_rcode(answer),
+                self.workload_name(to.cgroup),
+            );
+        }
+    }
+
+    /// The end of a query the cache could answer, whose `answer` (or none: it failed or timed
+    /// out) came, and whose own client, `to`, had it relayed unless `relayed` is unset: keeps
+    /// the answer and shares it with the clients that waited on it. If the upstream failed and
+    /// the cache holds a stale answer, that goes to them all instead, and is kept.
+    pub(super) fn settle_cached(
+        &self,
+        cached: CachedQuery,
+        answer: Option<&[u8]>,
+        to: Recipient<'_>,
+        relayed: bool,
+    ) {
+        let CachedQuery {
+            query,
+            head,
+            stale_kept,
+            served_stale,
+            leading,
+        } = cached;
+        let stale_instead = stale_kept && answer.is_none_or(is_failure);
+        if let Some(cache) = &self.settings.cache {
+            match answer {
+                _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),
+                Some(answer) => _ = cache.store(&query, &head, answer, Instant::now()),
+                None => {}
+            }
+        }
+        if stale_instead && !served_stale && !relayed {
+            self.answer_stale(&query, &head, to);
+        }
+        for waiter in leading.map(Leading::finish).unwrap_or_default() {
+            let recipient = waiter.recipient();
+            if stale_instead {
+                self.answer_stale(&waiter.query, &waiter.head, recipient);
+            } else if let Some(shared) = answer.and_then(|answer| {
+                cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true)
+            }) {
+                self.send_answer(&shared, recipient, CacheSource::Coalesced);
+            }
+        }
+    }
+}

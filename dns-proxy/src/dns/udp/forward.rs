@@ -1,0 +1,92 @@
+//! Client to upstream, in batches: the queries of one `recvmmsg` on the listener are
+//! registered as pending, those the cache answers are answered together, and each run of
+//! queries that share a pool socket leaves with one `sendmmsg`.
+use std::{io, os::fd::AsFd, sync::Arc};
+
+use super::{
+    UdpProxy,
+    cached::CacheHit,
+    mmsg::{self, ReceivedBatch},
+    pending::PendingKey,
+    pool::{PoolSocket, random},
+};
+use crate::dns::{OriginalDestinations, stats::Stats};
+
+/// What forwarding a batch of queries gathers, kept from one batch to the next.
+#[derive(Default)]
+pub(super) struct Forwarding {
+    /// The queries going upstream.
+    outgoing: Vec<Outgoing>,
+    /// The queries answered from the cache.
+    hits: Vec<CacheHit>,
+}
+
+/// A query of the batch being forwarded, registered as pending on `socket`.
+struct Outgoing {
+    /// Its index in the received batch.
+    index: usize,
+    socket: Arc<PoolSocket>,
+    key: PendingKey,
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Sends the queries of redirected clients in `batch` to their upstreams: registers each,
+    /// then sends each run of queries that share a pool socket with one `sendmmsg`. Those the
+    /// cache answers are answered first, all with one `sendmmsg`.
+    pub(super) fn forward_batch(
+        self: &Arc<Self>,
+        batch: &ReceivedBatch,
+        forwarding: &mut Forwarding,
+    ) {
+        // One random pool socket for the batch (another where its ID is taken).
+        let pick = random();
+        let Forwarding { outgoing, hits } = forwarding;
+        outgoing.clear();
+        for (index, datagram, client) in batch.iter() {
+            let arrival = batch.arrival(index);
+            if let Some((key, socket)) = self.register_query(datagram, client, arrival, pick, hits)
+            {
+                outgoing.push(Outgoing { index, socket, key });
+            }
+        }
+        self.send_hits(hits);
+        let mut run_start = 0;
+        while run_start < outgoing.len() {
+            let socket = &outgoing[run_start].socket;
+            let run_len = outgoing[run_start..]
+                .iter()
+                .take_while(|query| query.socket.id() == socket.id())
+                .count();
+            let run = &outgoing[run_start..run_start + run_len];
+            mmsg::send_all(
+                socket.socket().as_fd(),
+                run.len(),
+                |i| mmsg::Outgoing {
+                    datagram: batch.datagram(run[i].index),
+                    to: run[i].key.upstream,
+                    from: None,
+                },
+                |i, err| self.forward_failed(run[i].key, &err),
+            );
+            run_start += run_len;
+        }
+    }
+
+    /// A query the kernel would not send: the client retries, as it would after a lost
+    /// datagram.
+    fn forward_failed(&self, key: PendingKey, err: &io::Error) {
+        let stats = &self.stats.udp;
+        let pending = self.pending.lock().expect("not poisoned").remove(&key);
+        if let Some(mut pending) = pending {
+            pending.socket.settled();
+            if let Some(cached) = pending.cached.take() {
+                self.settle_cached(*cached, None, pending.recipient(self), false);
+            }
+        }
+        stats.settled(1);
+        Stats::add(&stats.upstream_errors);
+        let upstream = key.upstream;
+        self.upstream_log
+            .warn(|failed| format!("sending to {upstream}: {err} ({failed} queries failed)"));
+    }
+}

@@ -1,0 +1,323 @@
+//! The UDP listener: each redirected query is forwarded, unaltered, to the server its client
+//! asked for, and the answer is relayed back unaltered.
+//!
+//! Queries leave from a pool of upstream sockets, each bound to a random port and replaced by
+//! a fresh one (a new random port) after [`USES_PER_SOCKET`] queries. An answer is relayed
+//! only if it arrives on the socket its query left from, from the address and port the query
+//! went to, with the query's ID and the very bytes of its question; anything else is counted
+//! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
+//! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
+//! answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
+//! `mmsg`): the queries of one batch leave together from one pool socket, and
+//! the answers one reader finds go back to their clients together.
+//!
+//! This file holds the listener and a query's way in (admission, the cache, the pending
+//! table); the rest is a file each:
+//! - `pool`: the upstream sockets;
+//! - `pending`: the table of queries in flight, and answer matching;
+//! - `forward`: client to upstream, in batches;
+//! - `relay`: upstream to client, in batches;
+//! - `cached`: the answer cache's part (hits, waiting on identical queries, stale answers);
+//! - `sweeper`: queries that time out, and stale answers for late upstreams;
+//! - `mmsg`: `recvmmsg` and `sendmmsg`;
+//! - `fuzz`: the fuzz targets' hooks.
+use std::{
+    collections::HashMap,
+    hash::RandomState,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use tokio::{io::Interest, net::UdpSocket};
+
+use super::{
+    OriginalDestinations,
+    admission::{Admission, Route, Transport},
+    cache::Cache,
+    coalesce::Coalescer,
+    per_client::PerClientLimit,
+    query_log::{Asked, QueryLog},
+    stats::Stats,
+    wire,
+    workload_stats::WorkloadStats,
+};
+use crate::{
+    drain::{self, Deadline},
+    log_limit::RateLimited,
+    resolutions::Resolutions,
+    workload::WorkloadNames,
+};
+
+mod cached;
+mod forward;
+#[cfg(feature = "fuzzing")]
+mod fuzz;
+pub(crate) mod mmsg;
+mod pending;
+mod pool;
+mod relay;
+mod sweeper;
+#[cfg(test)]
+mod tests;
+
+use cached::{CacheHit, FromCache, Recipient};
+use forward::Forwarding;
+use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
+use pending::{Pending, PendingKey};
+pub use pool::USES_PER_SOCKET;
+use pool::{Pool, PoolSocket};
+pub use sweeper::STALE_AFTER;
+
+/// The target of the listener's log lines, whichever of its files they come from: the one they
+/// had when it was one file, which log filters and searches name.
+const LOG: &str = module_path!();
+
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    /// Forward everything here instead of to each query's original destination.
+    pub upstream_override: Option<SocketAddr>,
+    pub upstream_timeout: Duration,
+    pub max_inflight: usize,
+    /// Shared by every UDP proxy of the agent: queries in flight per client address.
+    pub per_client: Arc<PerClientLimit>,
+    /// The answer cache (`--cache-size`), shared by every listener; `None`: off.
+    pub cache: Option<Arc<Cache>>,
+    /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
+    pub workloads: Option<Arc<WorkloadNames>>,
+    /// The dnstap log (`--dnstap`); `None`: off.
+    pub query_log: Option<Arc<QueryLog>>,
+    /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
+    pub resolutions: Option<Arc<Resolutions>>,
+    /// Queries by workload (`--workload-metrics`); `None`: off.
+    pub workload_stats: Option<Arc<WorkloadStats>>,
+    /// With the cache on, the queries identical ones wait on, shared by every listener.
+    pub in_flight: Arc<Coalescer>,
+}
+
+/// What the query log says of a UDP query.
+fn udp_asked(client: SocketAddr, server: SocketAddr, cgroup: u64) -> Asked {
+    Asked {
+        transport: crate::dnstap::Transport::Udp,
+        client,
+        server,
+        cgroup,
+    }
+}
+
+/// The UDP side of the proxy. Cheap to share: everything lives behind one `Arc`.
+pub struct UdpProxy<D> {
+    socket: UdpSocket,
+    /// The same listener, for other threads to answer this one's clients through: those whose
+    /// queries wait on an identical one of theirs.
+    shared_listener: Arc<OwnedFd>,
+    local_addr: SocketAddr,
+    admission: Admission<D>,
+    settings: ForwardSettings,
+    v4: Pool,
+    v6: Pool,
+    next_socket_id: AtomicU64,
+    pending: Mutex<HashMap<PendingKey, Pending>>,
+    /// Keys the question hashes, so no one can craft a question that collides.
+    question_hasher: RandomState,
+    /// Stops the pool readers and the sweeper, at the end of `drain`.
+    workers: drain::Signal,
+    stats: Arc<Stats>,
+    overload_log: RateLimited,
+    upstream_log: RateLimited,
+    stray_log: RateLimited,
+}
+
+/// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
+/// queue was empty when the kernel stopped: tokio's readiness is then cleared at once, as it
+/// would be by the next call finding nothing, a syscall this saves. (A datagram that arrives
+/// later wakes the socket again.)
+fn receive_batch(socket: &UdpSocket, batch: &mut ReceivedBatch) -> io::Result<usize> {
+    let mut count = 0;
+    let received = socket.try_io(Interest::READABLE, || {
+        count = batch.receive(socket.as_fd())?;
+        if count < mmsg::BATCH {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match received {
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock && count == 0 => Err(err),
+        Err(err) if err.kind() != io::ErrorKind::WouldBlock => Err(err),
+        _ => Ok(count),
+    }
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Starts the sweeper; the upstream sockets are opened as queries need them. Must run
+    /// inside a tokio runtime.
+    pub fn new(
+        socket: UdpSocket,
+        destinations: D,
+        settings: ForwardSettings,
+        stats: Arc<Stats>,
+    ) -> io::Result<Arc<Self>> {
+        let local_addr = socket.local_addr()?;
+        // Each query says which block address it was sent to (its server), and the answer
+        // leaves from that address.
+        mmsg::receive_arrivals(socket.as_fd(), local_addr.is_ipv6())?;
+        mmsg::send_from_any_address(socket.as_fd(), local_addr.is_ipv6())?;
+        let shared_listener = Arc::new(socket.as_fd().try_clone_to_owned()?);
+        let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
+        let admission = Admission::new(Transport::Udp, destinations, upstream, per_client, &stats);
+        let proxy = Arc::new(Self {
+            socket,
+            shared_listener,
+            local_addr,
+            admission,
+            settings,
+            v4: Pool::new((Ipv4Addr::UNSPECIFIED, 0)),
+            v6: Pool::new((Ipv6Addr::UNSPECIFIED, 0)),
+            next_socket_id: AtomicU64::new(0),
+            pending: Mutex::default(),
+            question_hasher: RandomState::new(),
+            workers: drain::Signal::new(),
+            stats,
+            overload_log: RateLimited::new(Duration::from_secs(10)),
+            upstream_log: RateLimited::new(Duration::from_secs(10)),
+            stray_log: RateLimited::new(Duration::from_secs(10)),
+        });
+        let sweeper = Arc::clone(&proxy);
+        tokio::spawn(async move { sweeper.expire_unanswered().await });
+        Ok(proxy)
+    }
+
+    /// Serves until `stop` is sent.
+    pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
+        let mut batch = ReceivedBatch::default();
+        let mut forwarding = Forwarding::default();
+        while let Some(ready) = stop.unless_stopped(self.socket.readable()).await {
+            self.on_readable(ready, &mut batch, &mut forwarding);
+        }
+    }
+
+    /// Graceful end: keeps answering clients that were redirected before the redirect was
+    /// switched off, until nothing has arrived for a moment and nothing is in flight, or until
+    /// `deadline`. Returns how many forwarded queries were still unanswered then.
+    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
+        let mut batch = ReceivedBatch::default();
+        let mut forwarding = Forwarding::default();
+        let (readable, idle) = (|| self.socket.readable(), || self.inflight() == 0);
+        while let Some(ready) = deadline.next_arrival(readable, idle).await {
+            self.on_readable(ready, &mut batch, &mut forwarding);
+        }
+        self.workers.stop();
+        self.inflight()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Takes one batch of what is queued on the listener, if `ready`, and forwards it.
+    fn on_readable(
+        self: &Arc<Self>,
+        ready: io::Result<()>,
+        batch: &mut ReceivedBatch,
+        forwarding: &mut Forwarding,
+    ) {
+        match ready.and_then(|()| receive_batch(&self.socket, batch)) {
+            Ok(_) => self.forward_batch(batch, forwarding),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            // Nothing a datagram can do makes recv fail for long; keep serving.
+            Err(err) => log::warn!("receiving on {}: {err}", self.local_addr),
+        }
+    }
+
+    /// Records a client's datagram, if it is a query of a redirected client, as pending on a
+    /// pool socket (the one `pick` chooses if it can); returns its key and socket.
+    fn register_query(
+        self: &Arc<Self>,
+        datagram: &[u8],
+        client: SocketAddr,
+        arrival: Option<Arrival>,
+        pick: u64,
+        hits: &mut Vec<CacheHit>,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
+        let stats = &self.stats.udp;
+        Stats::add(&stats.received);
+        let (true, Some(id), Some(question)) = (
+            wire::is_query(datagram),
+            wire::message_id(datagram),
+            wire::question(datagram),
+        ) else {
+            self.drop_malformed(datagram, client);
+            return None;
+        };
+        // sk_lookup already refuses loopback servers' addresses to other namespaces; what
+        // came over the loopback device was sent from this one.
+        let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
+        // The address it was sent to names its server; a listener address names none.
+        let reached = arrival.map(|at| SocketAddr::new(at.destination, self.local_addr.port()));
+        let Route {
+            original,
+            cgroup,
+            upstream,
+            reached,
+        } = self.admission.route(client, reached, local)?;
+        // Its answer leaves from there, so the client's connected socket takes it.
+        let reply_from = reached.ip();
+        let started = Instant::now();
+        if let Some(log) = &self.settings.query_log {
+            log.query(udp_asked(client, original, cgroup), datagram);
+        }
+        if let Some(workload_stats) = &self.settings.workload_stats {
+            workload_stats.query(cgroup);
+        }
+        let recipient = Recipient {
+            cgroup,
+            client,
+            original,
+            reply_from,
+            listener: self.shared_listener.as_fd(),
+            started,
+        };
+        let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
+            FromCache::Handled => return None,
+            FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
+            FromCache::NotCached => (None, self.admission.client_slot(client, local)?),
+        };
+        let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
+        let pool = match upstream {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => &self.v6,
+        };
+        let question = self.question_key(question);
+        let description =
+            log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
+        let pending = |socket| Pending {
+            socket,
+            cgroup,
+            client,
+            original,
+            reply_from,
+            question,
+            started,
+            description,
+            cached,
+            _client_slot: client_slot,
+        };
+        self.register(pool, upstream, id, pending, pick, within_fair_share)
+    }
+
+    /// The name of cgroup `id`'s workload, for the log.
+    fn workload_name(&self, id: u64) -> Arc<str> {
+        WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
+    }
+
+    fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
+        Stats::add(&self.stats.udp.dropped_malformed);
+        log::debug!(
+            "dropping {} bytes from {client}: not a DNS query",
+            datagram.len()
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! The table of queries in flight: each is keyed by the pool socket it left from, the upstream
+//! it went to and its ID, and holds what its answer needs. An answer takes its query out of
+//! the table only if it arrives on that socket, from that upstream, with that ID and the very
+//! question asked (letter case aside); anything else is counted and dropped.
+use std::{
+    collections::hash_map::Entry,
+    hash::BuildHasher,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use super::{
+    UdpProxy,
+    cached::{CachedQuery, Recipient},
+    pool::{Pool, PoolSocket},
+};
+use crate::dns::{OriginalDestinations, per_client::ClientSlot, stats::Stats, wire};
+
+/// A query on its way: which pool socket it left from, where to, with which ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct PendingKey {
+    /// The pool socket's [`PoolSocket::id`].
+    socket: u64,
+    pub(super) upstream: SocketAddr,
+    id: u16,
+}
+
+/// What the answer to a pending query needs.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// The pool socket it left from, which stays open until this is settled.
+    pub(super) socket: Arc<PoolSocket>,
+    /// The cgroup that asked (0: not recorded).
+    pub(super) cgroup: u64,
+    pub(super) client: SocketAddr,
+    pub(super) original: SocketAddr,
+    /// Where the query was sent (the block address that names `original`): the answer
+    /// leaves from there, so the client's connected socket takes it.
+    pub(super) reply_from: IpAddr,
+    /// A keyed hash of the query's question ([`wire::hash_question`]): an answer that has a
+    /// question must ask the same one, letter case aside.
+    pub(super) question: u64,
+    pub(super) started: Instant,
+    /// "name=... type=..." when debug logging is on.
+    pub(super) description: Option<String>,
+    /// What the cache needs at its answer: `None` with the cache off, or for a query the
+    /// cache does not answer.
+    pub(super) cached: Option<Box<CachedQuery>>,
+    /// Counts against the client's --max-inflight-per-client until this is settled.
+    pub(super) _client_slot: ClientSlot,
+}
+
+impl Pending {
+    /// Its client, answered through `proxy`'s listener.
+    pub(super) fn recipient<'a, D>(&self, proxy: &'a UdpProxy<D>) -> Recipient<'a> {
+        Recipient {
+            cgroup: self.cgroup,
+            client: self.client,
+            original: self.original,
+            reply_from: self.reply_from,
+            listener: proxy.socket.as_fd(),
+            started: self.started,
+        }
+    }
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// The queries in flight on this listener.
+    pub(super) fn inflight(&self) -> usize {
+        self.pending.lock().expect("not poisoned").len()
+    }
+
+    /// Records a query as pending on the pool socket `pick` chooses or, if a query of the same
+    /// ID to the same upstream is in flight there, the next free one, and returns its key and
+    /// socket. The socket first chosen is replaced by a fresh one if it has carried its share.
+    /// `None` (counted) at the in-flight limit, or with no socket to use.
+    pub(super) fn register(
+        self: &Arc<Self>,
+        pool: &Pool,
+        upstream: SocketAddr,
+        id: u16,
+        pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
+        pick: u64,
+        within_fair_share: bool,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
+        let stats = &self.stats.udp;
+        let (slots, start) = self.pick_socket(pool, upstream, pick)?;
+        let mut table = self.pending.lock().expect("not poisoned");
+        // The limit is the agent's, over all UDP threads (which may pass it by one each). A
+        // client within its fair share passes it, up to twice the limit.
+        let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
+        let max = self.settings.max_inflight;
+        if inflight < max || (within_fair_share && inflight < 2 * max) {
+            for offset in 0..slots.len() {
+                let socket = &slots[(start + offset) % slots.len()];
+                let key = PendingKey {
+                    socket: socket.id(),
+                    upstream,
+                    id,
+                };
+                if let Entry::Vacant(entry) = table.entry(key) {
+                    // Counted under the lock, so its answer cannot be counted first.
+                    stats.forwarding();
+                    entry.insert(pending(Arc::clone(socket)));
+                    socket.carries();
+                    return Some((key, Arc::clone(socket)));
+                }
+            }
+        }
+        drop(table);
+        drop(slots);
+        Stats::add(&stats.dropped_overload);
+        self.overload_log.warn(|dropped| {
+            format!(
+                "{} queries in flight (--max-inflight), or the same ID to the same server on \
+                 every upstream socket: dropped {dropped} queries",
+                self.settings.max_inflight
+            )
+        });
+        None
+    }
+
+    /// The pending query that `datagram`, from `from` on pool socket `socket`, answers, taken
+    /// out of the table; `None` (counted) if it answers none.
+    pub(super) fn match_answer(
+        &self,
+        socket: u64,
+        datagram: &[u8],
+        from: SocketAddr,
+    ) -> Option<Pending> {
+        let stats = &self.stats.udp;
+        let answer_to = wire::response_id(datagram).map(|id| PendingKey {
+            socket,
+            upstream: from,
+            id,
+        });
+        // An answer with no question (a FORMERR or NOTIMP from a server that does not echo
+        // it) matches on socket, server and ID alone, as it would for the client.
+        let question =
+            wire::question(datagram).map(|q| (!q.is_empty()).then(|| self.question_key(q)));
+        let pending = answer_to.and_then(|key| {
+            let mut table = self.pending.lock().expect("not poisoned");
+            // Only the question asked takes the slot; anything else leaves it waiting.
+            match (table.get(&key), question) {
+                (Some(pending), Some(asked)) if asked.is_none_or(|q| q == pending.question) => {
+                    table.remove(&key)
+                }
+                _ => None,
+            }
+        });
+        let Some(pending) = pending else {
+            Stats::add(&stats.dropped_stray);
+            self.stray_log.warn(|dropped| {
+                format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
+            });
+            return None;
+        };
+        stats.settled(1);
+        pending.socket.settled();
+        Some(pending)
+    }
+
+    /// The keyed hash of a question that the answer check compares.
+    pub(super) fn question_key(&self, question: &[u8]) -> u64 {
+        let mut hasher = self.question_hasher.build_hasher();
+        wire::hash_question(question, &mut hasher);
+        std::hash::Hasher::finish(&hasher)
+    }
+}

@@ -1,0 +1,140 @@
+//! Upstream to client, in batches: each pool socket has a reader that takes what arrived with
+//! one `recvmmsg`, matches each datagram against the pending table, and sends the answers back
+//! to their clients with one `sendmmsg` on the listener, each from the address its query
+//! reached.
+use std::{cell::RefCell, io, net::SocketAddr, os::fd::AsFd, sync::Arc};
+
+use super::{
+    LOG, UdpProxy,
+    mmsg::{self, ReceivedBatch},
+    pending::Pending,
+    pool::{PoolSocket, RETIRED_CHECK},
+    receive_batch, udp_asked,
+};
+use crate::dns::{OriginalDestinations, stats::Stats, wire};
+
+/// The answers a pool reader found in one batch, before they go back to their clients.
+#[derive(Default)]
+struct Answers {
+    received: ReceivedBatch,
+    /// (index in `received`, the upstream it came from, the query it answers).
+    matched: Vec<(usize, SocketAddr, Pending)>,
+}
+
+thread_local! {
+    /// Where pool readers receive answers, one per worker thread: no buffer per socket or query.
+    static ANSWERS: RefCell<Answers> = RefCell::default();
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Starts relaying the answers that arrive on `socket`.
+    pub(super) fn spawn_reader(self: &Arc<Self>, socket: &Arc<PoolSocket>) {
+        let (proxy, reader) = (Arc::clone(self), Arc::clone(socket));
+        tokio::spawn(async move { proxy.relay_answers(&reader).await });
+    }
+
+    /// Relays the answers that arrive on a pool socket to their clients, until the proxy stops
+    /// or, once the socket is retired, until nothing sent from it is outstanding.
+    async fn relay_answers(&self, pool_socket: &PoolSocket) {
+        let (id, socket) = (pool_socket.id(), pool_socket.socket());
+        // One timer for the reader's life, not one per wake-up.
+        let mut retired_check = tokio::time::interval(RETIRED_CHECK);
+        retired_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            if pool_socket.is_done() {
+                return;
+            }
+            tokio::select! {
+                () = self.workers.stopped() => return,
+                // It may be retired while it waits here.
+                _ = retired_check.tick() => continue,
+                ready = socket.readable() => if let Err(err) = ready {
+                    log::warn!(target: LOG, "upstream socket {id}: {err}");
+                    return;
+                },
+            }
+            ANSWERS.with_borrow_mut(|answers| {
+                match receive_batch(socket, &mut answers.received) {
+                    Ok(_) => self.relay_batch(id, answers),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    // An ICMP error from an earlier send, say: nothing to relay.
+                    Err(err) => log::debug!(target: LOG, "upstream socket {id}: {err}"),
+                }
+            });
+        }
+    }
+
+    /// Relays the datagrams of `answers.received`, which arrived on pool socket `socket`, that
+    /// answer pending queries: all of them with as few `sendmmsg` as the kernel takes.
+    fn relay_batch(&self, socket: u64, answers: &mut Answers) {
+        let Answers { received, matched } = answers;
+        matched.clear();
+        // Answers that refresh the cache, or that a stale answer replaces: not relayed.
+        let mut not_relayed = Vec::new();
+        for (index, datagram, from) in received.iter() {
+            if let Some(pending) = self.match_answer(socket, datagram, from) {
+                if pending
+                    .cached
+                    .as_ref()
+                    .is_none_or(|cached| cached.relays(datagram))
+                {
+                    matched.push((index, from, pending));
+                } else {
+                    not_relayed.push((index, pending));
+                }
+            }
+        }
+        for (index, mut pending) in not_relayed {
+            if let Some(cached) = pending.cached.take() {
+                let datagram = received.datagram(index);
+                self.settle_cached(*cached, Some(datagram), pending.recipient(self), false);
+            }
+        }
+        let stats = &self.stats.udp;
+        let mut refused = Vec::new();
+        mmsg::send_all(
+            self.socket.as_fd(),
+            matched.len(),
+            |i| mmsg::Outgoing {
+                datagram: received.datagram(matched[i].0),
+                to: matched[i].2.client,
+                from: Some(matched[i].2.reply_from),
+            },
+            |i, err| {
+                // The listener's send buffer is full: the client retries, as after a loss.
+                Stats::add(&stats.dropped_overload);
+                log::debug!(target: LOG, "relaying to {}: {err}", matched[i].2.client);
+                refused.push(i);
+            },
+        );
+        for (i, (index, from, mut pending)) in matched.drain(..).enumerate() {
+            let datagram = received.datagram(index);
+            let relayed = !refused.contains(&i);
+            if let Some(cached) = pending.cached.take() {
+                self.settle_cached(*cached, Some(datagram), pending.recipient(self), relayed);
+            }
+            if !relayed {
+                continue;
+            }
+            let latency = pending.started.elapsed();
+            stats.answered(datagram, Some(latency));
+            if let Some(log) = &self.settings.query_log {
+                let asked = udp_asked(pending.client, pending.original, pending.cgroup);
+                log.response(asked, latency, datagram);
+            }
+            if let Some(resolutions) = &self.settings.resolutions {
+                resolutions.record(pending.cgroup, datagram);
+            }
+            if let Some(description) = pending.description {
+                log::debug!(
+                    target: LOG,
+                    "query udp client={} server={} upstream={from} {description} rcode={} latency={latency:?} workload={}",
+                    pending.client,
+                    pending.original,
+                    wire::describe_rcode(datagram),
+                    self.workload_name(pending.cgroup),
+                );
+            }
+        }
+    }
+}

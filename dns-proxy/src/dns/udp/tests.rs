@@ -1,0 +1,365 @@
+//! The UDP listener against real sockets on loopback, and its state driven directly.
+use std::sync::atomic::Ordering;
+
+use tokio::time::timeout;
+
+use super::{
+    pool::{POOL_SIZE, RETIRED_CHECK},
+    *,
+};
+use crate::dns::FixedDestination as Fixed;
+
+const QUERY: &[u8] =
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
+
+fn answer_to(query: &[u8]) -> Vec<u8> {
+    let mut answer = query.to_vec();
+    answer[2] |= 0x80;
+    answer.extend_from_slice(b"opaque trailing bytes the proxy must not touch");
+    answer
+}
+
+/// A real UDP server on loopback that sends, for each query, the datagrams `respond`
+/// makes of it, in order.
+async fn serve_upstream(respond: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+            for datagram in respond(&buf[..len]) {
+                socket.send_to(&datagram, from).await.unwrap();
+            }
+        }
+    });
+    addr
+}
+
+/// First a stray datagram with the wrong ID, then the answer; or nothing at all.
+async fn upstream(silent: bool) -> SocketAddr {
+    serve_upstream(move |query| {
+        if silent {
+            return Vec::new();
+        }
+        let mut stray = answer_to(query);
+        stray[0] ^= 0xff;
+        vec![stray, answer_to(query)]
+    })
+    .await
+}
+
+async fn proxy(original: Option<SocketAddr>, max_inflight: usize) -> Arc<UdpProxy<Fixed>> {
+    proxy_with_limits(original, max_inflight, max_inflight).await
+}
+
+async fn proxy_with_limits(
+    original: Option<SocketAddr>,
+    max_inflight: usize,
+    per_client: usize,
+) -> Arc<UdpProxy<Fixed>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let settings = ForwardSettings {
+        upstream_override: None,
+        upstream_timeout: Duration::from_millis(300),
+        max_inflight,
+        per_client: PerClientLimit::new(per_client),
+        cache: None,
+        in_flight: Arc::new(Coalescer::new(1024)),
+        workloads: None,
+        query_log: None,
+        resolutions: None,
+        workload_stats: None,
+    };
+    let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
+    let serving = Arc::clone(&proxy);
+    tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
+    proxy
+}
+
+async fn ask(proxy: &UdpProxy<Fixed>, query: &[u8]) -> Option<Vec<u8>> {
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(query, proxy.local_addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let (len, from) = timeout(Duration::from_millis(600), client.recv_from(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    assert_eq!(from, proxy.local_addr);
+    Some(buf[..len].to_vec())
+}
+
+#[tokio::test]
+async fn relays_the_matching_answer_byte_for_byte() {
+    let proxy = proxy(Some(upstream(false).await), 8).await;
+    assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
+    assert_eq!(proxy.stats.udp.answered.load(Ordering::Relaxed), 1);
+    // The datagram with the wrong ID that came first.
+    assert_eq!(proxy.stats.udp.dropped_stray.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn drops_clients_that_were_not_redirected_and_non_queries() {
+    let proxy = proxy(None, 8).await;
+    assert_eq!(ask(&proxy, QUERY).await, None);
+    assert_eq!(
+        proxy
+            .stats
+            .udp
+            .dropped_not_redirected
+            .load(Ordering::Relaxed),
+        1
+    );
+
+    let proxy = self::proxy(Some(upstream(false).await), 8).await;
+    assert_eq!(ask(&proxy, &answer_to(QUERY)).await, None);
+    assert_eq!(ask(&proxy, b"hello").await, None);
+    assert_eq!(proxy.stats.udp.dropped_malformed.load(Ordering::Relaxed), 2);
+    assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_silent_upstream_times_out_and_frees_its_slot() {
+    let proxy = proxy(Some(upstream(true).await), 1).await;
+    assert_eq!(ask(&proxy, QUERY).await, None);
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.inflight(), 0);
+    assert_eq!(proxy.stats.udp.inflight.load(Ordering::Relaxed), 0);
+}
+
+/// An upstream whose answers are wrong in one way: from another port, with another
+/// question, or (a late answer) after the query timed out.
+async fn wrong_upstream(wrong: &'static str) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other_port = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+            let mut answer = answer_to(&buf[..len]);
+            match wrong {
+                "port" => {
+                    other_port.send_to(&answer, from).await.unwrap();
+                }
+                "question" => {
+                    answer[14] = b'y'; // "eyample": another name
+                    socket.send_to(&answer, from).await.unwrap();
+                }
+                _ => unreachable!(),
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn answers_from_another_port_or_to_another_question_are_dropped() {
+    for wrong in ["port", "question"] {
+        let proxy = proxy(Some(wrong_upstream(wrong).await), 8).await;
+        assert_eq!(ask(&proxy, QUERY).await, None, "{wrong}");
+        assert_eq!(
+            proxy.stats.udp.dropped_stray.load(Ordering::Relaxed),
+            1,
+            "{wrong}"
+        );
+        assert_eq!(
+            proxy.stats.udp.answered.load(Ordering::Relaxed),
+            0,
+            "{wrong}"
+        );
+    }
+}
+
+/// An upstream that answers as some servers do: the question in another letter case, or
+/// a FORMERR with no question section at all.
+async fn loose_upstream(how: &'static str) -> SocketAddr {
+    serve_upstream(move |query| {
+        let answer = match how {
+            "case" => {
+                let mut answer = answer_to(query);
+                answer[13..20].make_ascii_uppercase(); // "EXAMPLE"
+                answer
+            }
+            "formerr" => {
+                // The header alone: QR, RCODE 1, every count 0.
+                let mut answer = query[..12].to_vec();
+                answer[2] |= 0x80;
+                answer[3] = (answer[3] & 0xf0) | 1;
+                answer[4..12].fill(0);
+                answer
+            }
+            _ => unreachable!(),
+        };
+        vec![answer]
+    })
+    .await
+}
+
+#[tokio::test]
+async fn answers_the_client_would_take_are_relayed_a_case_change_or_no_question() {
+    for how in ["case", "formerr"] {
+        let upstream = loose_upstream(how).await;
+        let proxy = proxy(Some(upstream), 8).await;
+        let answer = ask(&proxy, QUERY)
+            .await
+            .unwrap_or_else(|| panic!("{how}: dropped"));
+        assert_eq!(answer[..2], QUERY[..2], "{how}");
+        assert_eq!(
+            proxy.stats.udp.dropped_stray.load(Ordering::Relaxed),
+            0,
+            "{how}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
+    let proxy = proxy(Some(upstream(false).await), 64).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let queries = (POOL_SIZE as u32 * USES_PER_SOCKET * 2) as usize;
+    let mut buf = [0u8; 1024];
+    for i in 0..queries {
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        client.send_to(&query, proxy.local_addr).await.unwrap();
+        let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("query {i} unanswered: {}", proxy.stats.summary()))
+            .unwrap();
+        assert_eq!(&buf[..len], &answer_to(&query)[..], "query {i}");
+    }
+    let opened = proxy.next_socket_id.load(Ordering::Relaxed);
+    assert!(
+        opened >= 2 * POOL_SIZE as u64,
+        "only {opened} sockets opened"
+    );
+    // Retired sockets close once nothing sent from them is outstanding.
+    tokio::time::sleep(RETIRED_CHECK * 3).await;
+    let open = Arc::strong_count(&proxy) - 1; // the serving task holds one
+    assert!(
+        open <= 2 * POOL_SIZE + 2,
+        "{open} readers still hold the proxy"
+    );
+}
+
+#[tokio::test]
+async fn sheds_queries_beyond_max_inflight() {
+    let proxy = proxy_with_limits(Some(upstream(true).await), 1, 8).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..3 {
+        client.send_to(QUERY, proxy.local_addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.udp.dropped_overload.load(Ordering::Relaxed), 2);
+}
+
+/// Registers (without sending) query `id` of pod `n` (10.0.0.n), as a pod's query arrives:
+/// over an interface of its own. Whether it is now in flight.
+fn register_as_pod(proxy: &Arc<UdpProxy<Fixed>>, n: u8, id: u16) -> bool {
+    let mut query = QUERY.to_vec();
+    query[..2].copy_from_slice(&id.to_be_bytes());
+    let client = (Ipv4Addr::new(10, 0, 0, n), 40000).into();
+    let arrival = Some(Arrival {
+        destination: proxy.local_addr.ip(),
+        ifindex: LOOPBACK_IFINDEX + 1,
+    });
+    proxy
+        .register_query(&query, client, arrival, 0, &mut Vec::new())
+        .is_some()
+}
+
+#[tokio::test]
+async fn a_client_at_its_own_limit_is_shed_and_others_are_still_forwarded() {
+    // Only registered, never sent: a server no one reaches will do, and one that is not
+    // loopback, which pods may not ask.
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 8, 2).await;
+    // Two pods, as their queries arrive over their own interface.
+    let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+    let flooded: Vec<bool> = (0..5).map(|id| register(1, id)).collect();
+    assert_eq!(flooded, [true, true, false, false, false]);
+    assert!(register(2, 9), "another client is still forwarded");
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 3);
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.settings.per_client.clients(), 2);
+    // Timed out queries give their clients' slots back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.settings.per_client.clients(), 0);
+    assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn local_addresses_are_one_client_however_many_there_are() {
+    let proxy = proxy_with_limits(Some(upstream(true).await), 8, 2).await;
+    for (n, local) in ["127.0.0.1:0", "127.0.0.2:0", "127.0.0.3:0"]
+        .iter()
+        .enumerate()
+    {
+        let socket = UdpSocket::bind(local).await.unwrap();
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&(n as u16).to_be_bytes());
+        socket.send_to(&query, proxy.local_addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.forwarded.load(Ordering::Relaxed), 2);
+    assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.settings.per_client.clients(), 1);
+}
+
+#[tokio::test]
+async fn a_client_within_its_fair_share_passes_a_limit_others_filled() {
+    // 4 in flight at most, 4 per client: one client alone can fill the agent. Queries are
+    // only registered, never sent.
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+    let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+    let flooder: Vec<bool> = (0..5).map(|id| register(1, id)).collect();
+    assert_eq!(flooder, [true, true, true, true, false], "its own limit");
+    // Two clients now: a fair share is 2. The other gets its 2 past the full agent.
+    let other: Vec<bool> = (10..13).map(|id| register(2, id)).collect();
+    assert_eq!(other, [true, true, false]);
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.forwarded.load(Ordering::Relaxed), 6);
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
+    // The flooder is past its share: the full agent refuses it.
+    assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn refuses_to_forward_to_itself() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let itself = socket.local_addr().unwrap();
+    let settings = ForwardSettings {
+        upstream_override: None,
+        upstream_timeout: Duration::from_millis(300),
+        max_inflight: 8,
+        per_client: PerClientLimit::new(8),
+        cache: None,
+        in_flight: Arc::new(Coalescer::new(1024)),
+        workloads: None,
+        query_log: None,
+        resolutions: None,
+        workload_stats: None,
+    };
+    let destinations = Fixed {
+        original: Some(itself),
+        proxy: Some(itself),
+    };
+    let proxy = UdpProxy::new(socket, destinations, settings, Arc::default()).unwrap();
+    let serving = Arc::clone(&proxy);
+    tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
+    assert_eq!(ask(&proxy, QUERY).await, None);
+    assert_eq!(proxy.stats.udp.dropped_loop.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn drain_answers_what_is_in_flight_then_returns() {
+    let proxy = proxy(Some(upstream(false).await), 8).await;
+    assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
+    let started = Instant::now();
+    let deadline = Deadline::after(Duration::from_secs(5));
+    assert_eq!(proxy.drain(deadline).await, 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
