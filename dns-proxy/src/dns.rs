@@ -17,8 +17,6 @@ pub mod wire;
 pub mod workload_stats;
 
 pub use admission::Refusal;
-// The UDP threads set up their listeners with it too.
-pub(crate) use udp::mmsg;
 
 /// Where a redirected client's query was headed before the kernel sent it here, and who sent
 /// it. The listeners ask only this; the eBPF side answers it from the kernel's table of

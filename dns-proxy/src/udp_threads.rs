@@ -110,7 +110,7 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     // (destination and interface) would read as one of another namespace and be refused. The
     // kernel may steer one here as soon as `sk_lookup` finds the socket in `LISTENERS`, before
     // its proxy exists (an agent taking over, or a connected client across a restart).
-    crate::dns::mmsg::receive_arrivals(socket.as_fd(), addr.is_ipv6())?;
+    crate::dns::udp::mmsg::receive_arrivals(socket.as_fd(), addr.is_ipv6())?;
     socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     Ok(socket)
