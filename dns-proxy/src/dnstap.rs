@@ -483,7 +483,10 @@ fn open_file(path: &Path) -> Result<Output, DnstapError> {
     };
     let file = create_log_file(path).map_err(create)?;
     let mut writer: BufWriter<Box<dyn Write + Send>> = BufWriter::new(Box::new(file));
-    fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE)).map_err(create)?;
+    // START reaches the file at once: a file with nothing in it is no agent's log yet.
+    fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE))
+        .and_then(|()| writer.flush())
+        .map_err(create)?;
     Ok(Output {
         writer,
         reader: None,
@@ -540,14 +543,9 @@ pub fn create_log_file(path: &Path) -> io::Result<File> {
                 "not a regular file ({kind:?}): give the path of a file to create"
             )));
         }
-        if existing.len() > 0 {
-            let seconds = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |since| since.as_secs());
-            let mut kept = path.as_os_str().to_owned();
-            kept.push(format!(".{seconds}"));
-            std::fs::rename(path, &kept)?;
-        }
+        // Kept whatever its size: an agent that has logged nothing yet may still write to it
+        // (an agent taken over from), and two agents must never share one file.
+        keep_aside(path)?;
     }
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -560,6 +558,28 @@ pub fn create_log_file(path: &Path) -> io::Result<File> {
         return Err(io::Error::other("not a regular file"));
     }
     Ok(file)
+}
+
+/// Moves the file at `path` to `PATH.<unix seconds>` (`PATH.<seconds>.<n>` if that is taken:
+/// two takeovers in one second), never over another file.
+fn keep_aside(path: &Path) -> io::Result<()> {
+    let seconds = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    for n in 0..1000 {
+        let mut kept = path.as_os_str().to_owned();
+        kept.push(format!(".{seconds}"));
+        if n > 0 {
+            kept.push(format!(".{n}"));
+        }
+        // A hard link never replaces a file (a rename would): then the old name goes.
+        match std::fs::hard_link(path, &kept) {
+            Ok(()) => return std::fs::remove_file(path),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(io::Error::other("no free name to keep the old log under"))
 }
 
 /// A connected output: the buffered writer, and for a socket the stream FINISH comes on.

@@ -375,3 +375,65 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
         "{line}"
     );
 }
+
+/// Found by an adversarial review: an agent that had logged nothing left an empty file
+/// (START still in its buffer), which the agent taking over opened again instead of keeping
+/// aside, so both wrote into one file and the older one's STOP corrupted the newer one's log.
+#[test]
+fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
+    tests::require_root();
+    let dir = RemovedOnDrop(
+        PathBuf::from("/run/dns-proxy-tests").join(format!("adv-dnstap-{}", tests::unique_tag())),
+    );
+    std::fs::create_dir_all(&dir.0).expect("mkdir the logs' directory");
+    let log = dir.0.join("queries.dnstap");
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let dnstap = format!("--dnstap=file:{}", log.display());
+    let started = |agent: &Agent| {
+        wait_for("the dnstap log started", Duration::from_secs(10), || {
+            agent.log().contains("writing a dnstap log").then_some(())
+        });
+    };
+    let mut older = Agent::start(&topology, &["--takeover", &dnstap]);
+    started(&older);
+    // The older agent serves, but nobody has looked anything up yet. Then it is replaced.
+    let mut newer = Agent::start(&topology, &["--takeover", &dnstap]);
+    assert!(
+        newer.log().contains("taking over from it"),
+        "{}",
+        newer.log()
+    );
+    started(&newer);
+    let name = "after-the-takeover.example.test";
+    assert_answered(dig(topology.workload("dig", &[]), name, &["+short"]), name);
+    std::thread::sleep(Duration::from_millis(1500));
+    for agent in [&mut older, &mut newer] {
+        agent.process().signal(libc::SIGTERM);
+        let status = agent.process().wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "{status}:\n{}", agent.log());
+    }
+    // Every log the agents left, read as any dnstap reader would.
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir.0).expect("list the logs") {
+        let path = entry.expect("a log").path();
+        let output = std::process::Command::new("dnstap-ldns")
+            .arg("-q")
+            .arg("-r")
+            .arg(&path)
+            .output()
+            .expect("dnstap-ldns");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let size = std::fs::metadata(&path).map_or(0, |meta| meta.len());
+        seen.push(format!("{} ({size} bytes): {:?}", path.display(), text));
+        if text.contains(name) {
+            return;
+        }
+    }
+    panic!(
+        "{name} was answered and logged, but no dnstap log has it:\n{}\nolder:\n{}\nnewer:\n{}",
+        seen.join("\n"),
+        older.log(),
+        newer.log()
+    );
+}
