@@ -182,6 +182,9 @@ pub struct DnstapSettings {
     pub queue_bytes: usize,
     /// Names a [`Workload::Cgroup`] for `extra`, on the writer thread.
     pub name_cgroup: Option<CgroupNamer>,
+    /// Where the sink counts what it writes and drops (shared with whoever counted before
+    /// it started).
+    pub counters: Arc<DnstapCounters>,
 }
 
 /// See [`DnstapSettings::name_cgroup`].
@@ -205,6 +208,7 @@ impl DnstapSettings {
             identity: identity.into(),
             queue_bytes: 8 << 20,
             name_cgroup: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -226,7 +230,7 @@ impl DnstapCounters {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn drop_one(&self) {
+    pub(crate) fn drop_one(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -332,6 +336,8 @@ struct Shared {
     counters: Arc<DnstapCounters>,
     queued_bytes: AtomicUsize,
     queues: Mutex<Registry>,
+    /// Events the writer has taken and not yet written or dropped.
+    in_hand: AtomicUsize,
     /// Set on close: drain what is queued, but do not retry a reader for it (a first try,
     /// for a log closed right after it started, is still made).
     closing: AtomicBool,
@@ -357,7 +363,10 @@ impl DnstapSink {
             DnstapTarget::Unix(_) => None,
         };
         let (done_tx, done_rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            counters: Arc::clone(&settings.counters),
+            ..Shared::default()
+        });
         let writer = Writer {
             target: settings.target,
             shared: Arc::clone(&shared),
@@ -458,7 +467,18 @@ impl DnstapSink {
         };
         match done.recv_timeout(limit) {
             Err(RecvTimeoutError::Timeout) => {
-                log::warn!("dnstap: the writer did not finish within {limit:?}; leaving it");
+                // Whatever it has not written is lost with the process: count it so (a few
+                // it manages to write meanwhile are then counted twice).
+                let left = self.shared.in_hand.load(Ordering::Relaxed) + self.close_queues();
+                let left_events = u64::try_from(left).unwrap_or(u64::MAX);
+                self.shared
+                    .counters
+                    .dropped
+                    .fetch_add(left_events, Ordering::Relaxed);
+                log::warn!(
+                    "dnstap: the writer did not finish within {limit:?}; leaving it, with the \
+                     events of {left} lookups unwritten (counted as dropped)"
+                );
                 false
             }
             // Disconnected without a message: the thread panicked; join reports nothing new.
@@ -467,6 +487,30 @@ impl DnstapSink {
                 true
             }
         }
+    }
+}
+
+impl DnstapSink {
+    /// Closes every thread's queue (what is logged now is dropped and counted), returning how
+    /// many events they still held.
+    fn close_queues(&self) -> usize {
+        let mut registry = self
+            .shared
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        registry.closed = true;
+        registry
+            .queues
+            .iter()
+            .map(|queue| {
+                let mut queue = lock(queue);
+                queue.closed = true;
+                let held = queue.events.len();
+                queue.events.clear();
+                held
+            })
+            .sum()
     }
 }
 
@@ -674,9 +718,11 @@ impl Writer {
             }
             let mut taken = std::mem::take(&mut self.taken);
             let events: usize = taken.iter().map(|queue| queue.events.len()).sum();
+            self.shared.in_hand.store(events, Ordering::Relaxed);
             for queue in &mut taken {
                 for queued in &queue.events {
                     self.write(queued, &queue.bytes);
+                    self.shared.in_hand.fetch_sub(1, Ordering::Relaxed);
                 }
                 self.shared
                     .queued_bytes

@@ -272,9 +272,25 @@ impl Metrics {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| {
-                    let uri = request.uri();
-                    let response = metrics.respond_to(request.method(), uri.path(), uri.query());
-                    async move { Ok::<_, Infallible>(response) }
+                    let metrics = Arc::clone(&metrics);
+                    let method = request.method().clone();
+                    let uri = request.uri().clone();
+                    async move {
+                        // Off this runtime, which also serves TCP lookups: a page of a
+                        // workload's 65,536 names takes a while to build.
+                        let response = tokio::task::spawn_blocking(move || {
+                            metrics.respond_to(&method, uri.path(), uri.query())
+                        })
+                        .await
+                        .unwrap_or_else(|_| {
+                            let mut response = Response::new(Full::new(Bytes::from_static(
+                                b"the response could not be built\n",
+                            )));
+                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            response
+                        });
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())

@@ -16,10 +16,13 @@ use crate::{
 };
 
 /// The log, shared by every listener. Its sink starts once the agent serves without
-/// capabilities (its writer thread would keep them); until then nothing is logged.
+/// capabilities (its writer thread would keep them); until then nothing is logged, and what would have been is counted as dropped.
 pub struct QueryLog {
     sink: OnceLock<DnstapSink>,
     workloads: Arc<WorkloadNames>,
+    /// The sink's counters, from the start: an event before the sink starts is dropped, and
+    /// counted.
+    counters: Arc<DnstapCounters>,
 }
 
 impl std::fmt::Debug for QueryLog {
@@ -46,6 +49,7 @@ impl QueryLog {
         Self {
             sink: OnceLock::new(),
             workloads,
+            counters: Arc::default(),
         }
     }
 
@@ -54,19 +58,29 @@ impl QueryLog {
     pub fn start(&self, mut settings: DnstapSettings) -> Result<(), DnstapError> {
         let workloads = Arc::clone(&self.workloads);
         settings.name_cgroup = Some(Arc::new(move |cgroup| workloads.full_or_id(cgroup)));
+        settings.counters = Arc::clone(&self.counters);
         let sink = DnstapSink::start(settings)?;
         let _ = self.sink.set(sink);
         Ok(())
     }
 
-    /// The sink's counters, once it has started.
+    /// The log's counters (the sink's, and the events before it started).
     pub fn counters(&self) -> Option<Arc<DnstapCounters>> {
-        self.sink.get().map(DnstapSink::counters)
+        Some(Arc::clone(&self.counters))
+    }
+
+    /// The sink, or `None` after counting the event it would have logged as dropped.
+    fn sink(&self) -> Option<&DnstapSink> {
+        let sink = self.sink.get();
+        if sink.is_none() {
+            self.counters.drop_one();
+        }
+        sink
     }
 
     /// A client's query, as it arrived.
     pub fn query(&self, asked: Asked, query: &[u8]) {
-        let Some(sink) = self.sink.get() else {
+        let Some(sink) = self.sink() else {
             return;
         };
         sink.log(&Event {
@@ -84,7 +98,7 @@ impl QueryLog {
 
     /// The answer a client got, `latency` after its query arrived.
     pub fn response(&self, asked: Asked, latency: Duration, response: &[u8]) {
-        let Some(sink) = self.sink.get() else {
+        let Some(sink) = self.sink() else {
             return;
         };
         let now = SystemTime::now();

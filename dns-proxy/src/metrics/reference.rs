@@ -31,8 +31,8 @@ fn write_reference(out: &mut String) -> std::fmt::Result {
         "With `--metrics ADDR:PORT`, the agent serves these at `/metrics`, in the OpenMetrics \
          text\nformat, read at each scrape from the proxy's counters and the kernel side's \
          per-CPU counters\n(summed over the CPUs). The page carries the same help (`# HELP`). \
-         The other endpoints\n(`/healthz`, `/readyz`, `/v1/resolutions`) are in the \
-         [README](../README.md) and\n[operations.md](operations.md)."
+         The other endpoints\n(`/healthz`, `/readyz`, `/v1/resolutions`) are in \
+         [operations.md](operations.md#metrics-and-health)\nand [attribution.md](attribution.md)."
     )?;
     writeln!(out)?;
     writeln!(out, "- `protocol` is `udp` or `tcp`.")?;
