@@ -343,6 +343,14 @@ struct Shared {
     closing: AtomicBool,
 }
 
+impl Shared {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The dnstap log: [`DnstapSink::log`] from any thread; a writer thread does the I/O.
 /// Dropping it closes the log (see [`DnstapSink::close`]).
 pub struct DnstapSink {
@@ -430,11 +438,7 @@ impl DnstapSink {
         // Queues of sinks that are gone (only this thread holds them) go first.
         queues.retain(|(_, queue)| Arc::strong_count(queue) > 1);
         let queue = SharedQueue::default();
-        let mut registry = self
-            .shared
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registry = self.shared.registry();
         lock(&queue).closed = registry.closed;
         registry.queues.push(Arc::clone(&queue));
         drop(registry);
@@ -494,11 +498,7 @@ impl DnstapSink {
     /// Closes every thread's queue (what is logged now is dropped and counted), returning how
     /// many events they still held.
     fn close_queues(&self) -> usize {
-        let mut registry = self
-            .shared
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registry = self.shared.registry();
         registry.closed = true;
         registry
             .queues
@@ -756,11 +756,7 @@ impl Writer {
     /// Takes every thread's queued events into `taken`; `last` also closes the queues, so
     /// what is logged after is dropped and counted. Forgets the queues of threads that ended.
     fn take_queues(&mut self, last: bool) {
-        let mut registry = self
-            .shared
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registry = self.shared.registry();
         registry.closed = last;
         registry.queues.retain(|shared| {
             let mut queue = lock(shared);
