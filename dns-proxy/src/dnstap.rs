@@ -49,6 +49,8 @@ pub const VERSION: &str = concat!("dns-proxy ", env!("CARGO_PKG_VERSION"));
 /// busy agent fills at most a few thousand of the queue's slots meanwhile.
 const IDLE_NAP: Duration = Duration::from_millis(5);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The writer's buffer: one `write` per this many bytes of frames (about 300 events).
+const WRITE_BUFFER: usize = 64 << 10;
 /// Reconnecting to a socket reader: the first wait, doubled up to the last.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -526,7 +528,8 @@ fn open_file(path: &Path) -> Result<Output, DnstapError> {
         source,
     };
     let file = create_log_file(path).map_err(create)?;
-    let mut writer: BufWriter<Box<dyn Write + Send>> = BufWriter::new(Box::new(file));
+    let mut writer: BufWriter<Box<dyn Write + Send>> =
+        BufWriter::with_capacity(WRITE_BUFFER, Box::new(file));
     // START reaches the file at once: a file with nothing in it is no agent's log yet.
     fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE))
         .and_then(|()| writer.flush())
@@ -655,7 +658,7 @@ fn connect(path: &Path) -> io::Result<Output> {
         }
     }
     let mut writer: BufWriter<Box<dyn Write + Send>> =
-        BufWriter::new(Box::new(stream.try_clone()?));
+        BufWriter::with_capacity(WRITE_BUFFER, Box::new(stream.try_clone()?));
     fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE))?;
     writer.flush()?;
     Ok(Output {

@@ -49,16 +49,19 @@ fn message(event: &Event<'_>, out: &mut Vec<u8>) {
     varint_field(out, 1, event.kind as u64);
     let client = event.client.ip().to_canonical();
     let server = event.server.ip().to_canonical();
-    let (family, client, server) = match (client, server) {
-        (IpAddr::V4(client), IpAddr::V4(server)) => {
-            (INET, client.octets().to_vec(), server.octets().to_vec())
-        }
-        _ => (INET6, v6_octets(client), v6_octets(server)),
+    let (client, server) = (v6_octets(client), v6_octets(server));
+    // Both IPv4 (mapped here): INET with 4 bytes each; otherwise INET6 with 16.
+    let (family, at) = match (
+        event.client.ip().to_canonical(),
+        event.server.ip().to_canonical(),
+    ) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => (INET, 12),
+        _ => (INET6, 0),
     };
     varint_field(out, 2, family);
     varint_field(out, 3, event.transport as u64);
-    bytes_field(out, 4, &client);
-    bytes_field(out, 5, &server);
+    bytes_field(out, 4, &client[at..]);
+    bytes_field(out, 5, &server[at..]);
     varint_field(out, 6, u64::from(event.client.port()));
     varint_field(out, 7, u64::from(event.server.port()));
     let (sec, nsec) = since_epoch(event.query_time);
@@ -77,10 +80,10 @@ fn message(event: &Event<'_>, out: &mut Vec<u8>) {
     }
 }
 
-fn v6_octets(ip: IpAddr) -> Vec<u8> {
+fn v6_octets(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V4(ip) => ip.to_ipv6_mapped().octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
+        IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        IpAddr::V6(ip) => ip.octets(),
     }
 }
 
