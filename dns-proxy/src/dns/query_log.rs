@@ -65,8 +65,8 @@ impl QueryLog {
     }
 
     /// The log's counters (the sink's, and the events before it started).
-    pub fn counters(&self) -> Option<Arc<DnstapCounters>> {
-        Some(Arc::clone(&self.counters))
+    pub fn counters(&self) -> Arc<DnstapCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// The sink, or `None` after counting the event it would have logged as dropped.

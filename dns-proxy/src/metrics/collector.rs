@@ -47,7 +47,7 @@ impl AgentCollector {
             stats: &self.stats,
             kernel: self.kernel.read(),
             cache: self.cache.as_ref().map(|cache| cache.counts()),
-            dnstap: self.query_log.as_ref().and_then(|log| log.counters()),
+            dnstap: self.query_log.as_ref().map(|log| log.counters()),
             workloads,
         }
     }

@@ -164,11 +164,7 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
 #[test]
 fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
     tests::require_root();
-    let dir = RemovedOnDrop(
-        PathBuf::from("/run/dns-proxy-tests").join(format!("dnstap-{}", tests::unique_tag())),
-    );
-    std::fs::create_dir_all(&dir.0).expect("mkdir the log's directory");
-    let log = dir.0.join("queries.dnstap");
+    let (_dir, log) = dnstap_directory("dnstap");
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
@@ -228,6 +224,16 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
 
 /// A directory of a test's own, removed even when the test fails.
 struct RemovedOnDrop(PathBuf);
+
+/// A directory of the test's own for dnstap logs, and the path of the log in it.
+fn dnstap_directory(tag: &str) -> (RemovedOnDrop, PathBuf) {
+    let dir = RemovedOnDrop(
+        PathBuf::from("/run/dns-proxy-tests").join(format!("{tag}-{}", tests::unique_tag())),
+    );
+    std::fs::create_dir_all(&dir.0).expect("mkdir the logs' directory");
+    let log = dir.0.join("queries.dnstap");
+    (dir, log)
+}
 
 impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
@@ -382,11 +388,7 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
 #[test]
 fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
     tests::require_root();
-    let dir = RemovedOnDrop(
-        PathBuf::from("/run/dns-proxy-tests").join(format!("adv-dnstap-{}", tests::unique_tag())),
-    );
-    std::fs::create_dir_all(&dir.0).expect("mkdir the logs' directory");
-    let log = dir.0.join("queries.dnstap");
+    let (dir, log) = dnstap_directory("takeover-dnstap");
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let dnstap = format!("--dnstap=file:{}", log.display());
