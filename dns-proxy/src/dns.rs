@@ -3,6 +3,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::{Instant, SystemTime},
 };
 
 pub mod admission;
@@ -17,6 +18,24 @@ pub mod wire;
 pub mod workload_stats;
 
 pub use admission::Refusal;
+
+/// One reading of both clocks, shared by everything a batch of datagrams times, logs and
+/// records: a reading per datagram and per log event showed in the UDP thread's profile, and
+/// the datagrams of one `recvmmsg` arrived together anyway.
+#[derive(Debug, Clone, Copy)]
+pub struct Moment {
+    pub instant: Instant,
+    pub wall: SystemTime,
+}
+
+impl Moment {
+    pub fn now() -> Self {
+        Self {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
 
 /// Where a redirected client's query was headed before the kernel sent it here, and who sent
 /// it. The listeners ask only this; the eBPF side answers it from the kernel's table of

@@ -17,7 +17,10 @@ use std::{
 use hashlink::LruCache;
 
 use crate::{
-    dns::wire::{HEADER_LEN, Reader, count},
+    dns::{
+        Moment,
+        wire::{HEADER_LEN, Reader, count},
+    },
     workload::WorkloadNames,
 };
 
@@ -85,8 +88,8 @@ impl Resolutions {
 
     /// Records the A and AAAA records of `answer`, relayed to a client of cgroup `cgroup`
     /// (0: not recorded, skipped), under the name its question asked.
-    pub fn record(&self, cgroup: u64, answer: &[u8]) {
-        if cgroup == 0 || recorded_lately(cgroup, answer) {
+    pub fn record(&self, cgroup: u64, answer: &[u8], now: Moment) {
+        if cgroup == 0 || recorded_lately(cgroup, answer, now.instant) {
             return;
         }
         let Some((name, addresses)) = addresses(answer) else {
@@ -95,7 +98,7 @@ impl Resolutions {
         if addresses.is_empty() {
             return;
         }
-        let now = SystemTime::now();
+        let now = now.wall;
         let name: Box<str> = name.into();
         let mut entries = self.lock();
         for (address, ttl) in addresses {
@@ -191,19 +194,19 @@ thread_local! {
 
 /// Whether this thread recorded this answer (its ID aside) for `cgroup` in the last second;
 /// notes it if not.
-fn recorded_lately(cgroup: u64, answer: &[u8]) -> bool {
+fn recorded_lately(cgroup: u64, answer: &[u8], now: Instant) -> bool {
     let Some(body) = answer.get(2..) else {
         return true;
     };
     RECENT.with_borrow_mut(|recent| {
         let recent = recent.get_or_insert_with(|| RecentAnswers {
             keys: foldhash::fast::RandomState::default(),
-            started: Instant::now(),
+            started: now,
             slots: vec![(0, 0); REMEMBERED].into_boxed_slice(),
         });
         let hash = std::hash::BuildHasher::hash_one(&recent.keys, (cgroup, body));
         // Milliseconds, wrapping every 49 days: a slot then looks fresh for a second at most.
-        let now = recent.started.elapsed().as_millis() as u32;
+        let now = now.saturating_duration_since(recent.started).as_millis() as u32;
         // Two slots per answer (a pair): the newest goes first and the one it displaces
         // second, so two answers that share a pair do not push each other out.
         let pair = hash as usize & (REMEMBERED - 2);
@@ -353,9 +356,10 @@ mod tests {
     #[test]
     fn each_workload_sees_its_own_resolutions_and_json_escapes_what_it_must() {
         let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
-        table.record(7, &answer("www.example.test."));
-        table.record(8, &answer("api.example.test."));
-        table.record(0, &answer("nobody.example.test."));
+        let now = Moment::now();
+        table.record(7, &answer("www.example.test."), now);
+        table.record(8, &answer("api.example.test."), now);
+        table.record(0, &answer("nobody.example.test."), now);
         let rows = table.lookup("cgroup-id=7", Some([192, 0, 2, 80].into()));
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].name, "www.example.test.");
@@ -371,7 +375,7 @@ mod tests {
     fn entries_are_bounded_by_count_and_by_bytes() {
         let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
         for cgroup in 1..=(MAX_ENTRIES as u64 / 2 + 10) {
-            table.record(cgroup, &answer("www.example.test."));
+            table.record(cgroup, &answer("www.example.test."), Moment::now());
         }
         let (entries, bytes) = table.size();
         assert!(entries <= MAX_ENTRIES, "{entries}");
@@ -393,21 +397,31 @@ mod tests {
             answer.extend_from_slice(&i.to_be_bytes());
             answer
         };
-        assert!(!recorded_lately(7, &answer(0)));
-        assert!(recorded_lately(7, &answer(0)), "the same answer, at once");
+        let now = Instant::now();
+        assert!(!recorded_lately(7, &answer(0), now));
+        assert!(
+            recorded_lately(7, &answer(0), now),
+            "the same answer, at once"
+        );
         let mut other_id = answer(0);
         other_id[..2].copy_from_slice(&[0x12, 0x34]);
-        assert!(recorded_lately(7, &other_id), "its ID aside");
-        assert!(!recorded_lately(8, &answer(0)), "another cgroup's");
+        assert!(recorded_lately(7, &other_id, now), "its ID aside");
+        assert!(!recorded_lately(8, &answer(0), now), "another cgroup's");
+        let a_second_later = now + RECORDED_LATELY;
+        assert!(
+            !recorded_lately(8, &answer(0), a_second_later),
+            "a second later"
+        );
+        assert!(recorded_lately(8, &answer(0), a_second_later));
         // Half as many other answers as the table has slots: about 90 % keep their place (a
         // pair holds two), and checking one that was pushed out notes it again, pushing out
         // another: about 74 % read back as remembered.
         let others = REMEMBERED as u32 / 2;
         for i in 1..=others {
-            recorded_lately(7, &answer(i));
+            recorded_lately(7, &answer(i), now);
         }
         let remembered = (1..=others)
-            .filter(|&i| recorded_lately(7, &answer(i)))
+            .filter(|&i| recorded_lately(7, &answer(i), now))
             .count();
         assert!(
             remembered > others as usize * 7 / 10,

@@ -9,9 +9,9 @@
 //! something. A client within it is admitted even when the agent-wide limit is reached by
 //! others (up to twice that limit, which bounds memory), so a few flooding clients cannot
 //! push the rest out.
+use foldhash::{HashMap, fast::RandomState};
 use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex,
@@ -66,7 +66,7 @@ impl PerClientLimit {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             shards: Default::default(),
             active: AtomicUsize::new(0),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         })
     }
 

@@ -78,8 +78,8 @@ impl QueryLog {
         sink
     }
 
-    /// A client's query, as it arrived.
-    pub fn query(&self, asked: Asked, query: &[u8]) {
+    /// A client's query, as it arrived at `at`.
+    pub fn query(&self, asked: Asked, query: &[u8], at: SystemTime) {
         let Some(sink) = self.sink() else {
             return;
         };
@@ -88,7 +88,7 @@ impl QueryLog {
             transport: asked.transport,
             client: asked.client,
             server: asked.server,
-            query_time: SystemTime::now(),
+            query_time: at,
             query: Some(query),
             response_time: None,
             response: None,
@@ -96,12 +96,11 @@ impl QueryLog {
         });
     }
 
-    /// The answer a client got, `latency` after its query arrived.
-    pub fn response(&self, asked: Asked, latency: Duration, response: &[u8]) {
+    /// The answer a client got at `now`, `latency` after its query arrived.
+    pub fn response(&self, asked: Asked, latency: Duration, now: SystemTime, response: &[u8]) {
         let Some(sink) = self.sink() else {
             return;
         };
-        let now = SystemTime::now();
         sink.log(&Event {
             kind: MessageType::ClientResponse,
             transport: asked.transport,

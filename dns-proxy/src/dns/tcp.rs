@@ -25,7 +25,7 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 
 use super::{
-    OriginalDestinations,
+    Moment, OriginalDestinations,
     admission::{Admission, Route, Transport},
     cache::{Cache, CacheableQuery, Cached},
     per_client::PerClientLimit,
@@ -389,9 +389,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Stats::add(&stats.dropped_malformed);
                 return Closed::MalformedQuery;
             }
-            let started = Instant::now();
+            let arrived = Moment::now();
+            let started = arrived.instant;
             if let Some(log) = &self.settings.query_log {
-                log.query(conn.asked(), &query);
+                log.query(conn.asked(), &query, arrived.wall);
             }
             if let Some(workload_stats) = &self.settings.workload_stats {
                 workload_stats.query(conn.cgroup);
@@ -477,11 +478,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
 
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
+        let now = Moment::now();
         if let Some(log) = &self.settings.query_log {
-            log.response(conn.asked(), started.elapsed(), answer);
+            let latency = now.instant.saturating_duration_since(started);
+            log.response(conn.asked(), latency, now.wall, answer);
         }
         if let Some(resolutions) = &self.settings.resolutions {
-            resolutions.record(conn.cgroup, answer);
+            resolutions.record(conn.cgroup, answer, now);
         }
         Stats::add(if stale {
             &self.stats.cache_stale
@@ -527,13 +530,16 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             if let Err(err) = write_message(&mut *client.lock().await, &answer).await {
                 return Closed::ClientError(err);
             }
-            let latency = pending.as_ref().map(|p| p.started.elapsed());
+            let now = Moment::now();
+            let latency = pending
+                .as_ref()
+                .map(|p| now.instant.saturating_duration_since(p.started));
             stats.answered(&answer, latency);
             if let (Some(log), Some(latency)) = (&self.settings.query_log, latency) {
-                log.response(conn.asked(), latency, &answer);
+                log.response(conn.asked(), latency, now.wall, &answer);
             }
             if let Some(resolutions) = &self.settings.resolutions {
-                resolutions.record(conn.cgroup, &answer);
+                resolutions.record(conn.cgroup, &answer, now);
             }
             if let (
                 Some(cache),

@@ -32,6 +32,9 @@ pub fn is_query(message: &[u8]) -> bool {
     }
 }
 
+/// The longest name's labels, in bytes (RFC 1035 2.3.4).
+const MAX_NAME_LEN: usize = 255;
+
 /// The offset just past the question at `offset`: a name (labels of at most 63 bytes, ending
 /// with the root, 255 bytes at most), then type and class.
 ///
@@ -40,7 +43,6 @@ pub fn is_query(message: &[u8]) -> bool {
 /// questions of equal bytes could name different things (a pointer into headers that differ),
 /// and the answer check, which compares bytes, would compare nothing.
 fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
-    const MAX_NAME: usize = 255;
     let start = offset;
     loop {
         let len = usize::from(*message.get(offset)?);
@@ -53,7 +55,7 @@ fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
             // Pointers (0xc0), and the obsolete or unassigned 0x40 and 0x80 label types.
             _ => return None,
         }
-        if offset - start > MAX_NAME {
+        if offset - start > MAX_NAME_LEN {
             return None;
         }
     }
@@ -81,9 +83,17 @@ pub fn question(message: &[u8]) -> Option<&[u8]> {
 pub fn hash_question(question: &[u8], hasher: &mut impl std::hash::Hasher) {
     let name_len = question.len().saturating_sub(4);
     // Label length bytes are at most 63, below every ASCII letter: only letters change.
-    for byte in &question[..name_len] {
-        hasher.write_u8(byte.to_ascii_lowercase());
-    }
+    // Lowered into a copy and fed in one write: a write per byte costs a hasher round each.
+    // `question` lets a name's labels reach 255 bytes, then the root's.
+    let mut lowered = [0u8; MAX_NAME_LEN + 1];
+    let Some(copy) = lowered.get_mut(..name_len) else {
+        // Longer than any name: compare it as it is.
+        hasher.write(question);
+        return;
+    };
+    copy.copy_from_slice(&question[..name_len]);
+    copy.make_ascii_lowercase();
+    hasher.write(copy);
     hasher.write(&question[name_len..]);
 }
 

@@ -1,12 +1,10 @@
 //! Per-workload query counts (`--workload-metrics N`, off by default): queries by the cgroup
 //! that asked, for the first N cgroups seen; the rest are counted together, so the metrics
 //! page stays small whatever runs on the node.
-use std::{
-    collections::HashMap,
-    sync::{
-        Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+use foldhash::HashMap;
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicU64, Ordering},
 };
 
 /// The counts, shared by every listener.

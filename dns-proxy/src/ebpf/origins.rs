@@ -1,7 +1,7 @@
 //! The kernel's table of servers as the DNS listeners ask it: the eBPF side's implementation
 //! of [`OriginalDestinations`], so that nothing under [`crate::dns`] needs aya.
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
 };

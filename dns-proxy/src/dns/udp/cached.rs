@@ -11,7 +11,7 @@ use std::{
 
 use super::{LOG, UdpProxy, mmsg, udp_asked};
 use crate::dns::{
-    OriginalDestinations,
+    Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
     coalesce::{Coalescer, Joined, Waiter},
     per_client::ClientSlot,
@@ -305,13 +305,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Counts and logs an answer made here that went out.
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
         let stats = &self.stats.udp;
-        let latency = to.started.elapsed();
+        let now = Moment::now();
+        let latency = now.instant.saturating_duration_since(to.started);
         if let Some(resolutions) = &self.settings.resolutions {
-            resolutions.record(to.cgroup, answer);
+            resolutions.record(to.cgroup, answer, now);
         }
         if let Some(log) = &self.settings.query_log {
             let asked = udp_asked(to.client, to.original, to.cgroup);
-            log.response(asked, latency, answer);
+            log.response(asked, latency, now.wall, answer);
         }
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),

@@ -10,7 +10,7 @@ use super::{
     pending::PendingKey,
     pool::{PoolSocket, random},
 };
-use crate::dns::{OriginalDestinations, stats::Stats};
+use crate::dns::{Moment, OriginalDestinations, stats::Stats};
 
 /// What forwarding a batch of queries gathers, kept from one batch to the next.
 #[derive(Default)]
@@ -40,11 +40,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) {
         // One random pool socket for the batch (another where its ID is taken).
         let pick = random();
+        let now = Moment::now();
         let Forwarding { outgoing, hits } = forwarding;
         outgoing.clear();
         for (index, datagram, client) in batch.iter() {
             let arrival = batch.arrival(index);
-            if let Some((key, socket)) = self.register_query(datagram, client, arrival, pick, hits)
+            if let Some((key, socket)) =
+                self.register_query(datagram, client, arrival, now, pick, hits)
             {
                 outgoing.push(Outgoing { index, socket, key });
             }

@@ -21,20 +21,20 @@
 //! - `sweeper`: queries that time out, and stale answers for late upstreams;
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
 //! - `fuzz`: the fuzz targets' hooks.
+use foldhash::HashMap;
 use std::{
-    collections::HashMap,
     hash::RandomState,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     sync::{Arc, Mutex, atomic::AtomicU64},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
-    OriginalDestinations,
+    Moment, OriginalDestinations,
     admission::{Admission, Route, Transport},
     cache::Cache,
     coalesce::Coalescer,
@@ -239,6 +239,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         datagram: &[u8],
         client: SocketAddr,
         arrival: Option<Arrival>,
+        now: Moment,
         pick: u64,
         hits: &mut Vec<CacheHit>,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
@@ -265,9 +266,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         } = self.admission.route(client, reached, local)?;
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
-        let started = Instant::now();
+        let started = now.instant;
         if let Some(log) = &self.settings.query_log {
-            log.query(udp_asked(client, original, cgroup), datagram);
+            log.query(udp_asked(client, original, cgroup), datagram, now.wall);
         }
         if let Some(workload_stats) = &self.settings.workload_stats {
             workload_stats.query(cgroup);

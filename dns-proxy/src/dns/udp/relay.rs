@@ -11,7 +11,7 @@ use super::{
     pool::{PoolSocket, RETIRED_CHECK},
     receive_batch, udp_asked,
 };
-use crate::dns::{OriginalDestinations, stats::Stats, wire};
+use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
 /// The answers a pool reader found in one batch, before they go back to their clients.
 #[derive(Default)]
@@ -107,6 +107,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 refused.push(i);
             },
         );
+        let now = Moment::now();
         for (i, (index, from, mut pending)) in matched.drain(..).enumerate() {
             let datagram = received.datagram(index);
             let relayed = !refused.contains(&i);
@@ -116,14 +117,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             if !relayed {
                 continue;
             }
-            let latency = pending.started.elapsed();
+            let latency = now.instant.saturating_duration_since(pending.started);
             stats.answered(datagram, Some(latency));
             if let Some(log) = &self.settings.query_log {
                 let asked = udp_asked(pending.client, pending.original, pending.cgroup);
-                log.response(asked, latency, datagram);
+                log.response(asked, latency, now.wall, datagram);
             }
             if let Some(resolutions) = &self.settings.resolutions {
-                resolutions.record(pending.cgroup, datagram);
+                resolutions.record(pending.cgroup, datagram, now);
             }
             if let Some(description) = pending.description {
                 log::debug!(

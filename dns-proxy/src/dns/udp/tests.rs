@@ -266,7 +266,7 @@ fn register_as_pod(proxy: &Arc<UdpProxy<Fixed>>, n: u8, id: u16) -> bool {
         ifindex: LOOPBACK_IFINDEX + 1,
     });
     proxy
-        .register_query(&query, client, arrival, 0, &mut Vec::new())
+        .register_query(&query, client, arrival, Moment::now(), 0, &mut Vec::new())
         .is_some()
 }
 
@@ -358,7 +358,7 @@ async fn refuses_to_forward_to_itself() {
 async fn drain_answers_what_is_in_flight_then_returns() {
     let proxy = proxy(Some(upstream(false).await), 8).await;
     assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let deadline = Deadline::after(Duration::from_secs(5));
     assert_eq!(proxy.drain(deadline).await, 0);
     assert!(started.elapsed() < Duration::from_secs(2));
