@@ -382,6 +382,7 @@ impl DnstapSink {
             shared: Arc::clone(&shared),
             identity: settings.identity.into_bytes(),
             name_cgroup: settings.name_cgroup,
+            last_named: None,
             output,
             tried: false,
             backoff: FIRST_BACKOFF,
@@ -673,6 +674,9 @@ struct Writer {
     shared: Arc<Shared>,
     identity: Vec<u8>,
     name_cgroup: Option<CgroupNamer>,
+    /// The last cgroup named, within one take: a batch's events are mostly one workload's,
+    /// and naming takes a lock. Forgotten at each take, so a renamed workload shows soon.
+    last_named: Option<(u64, Arc<str>)>,
     output: Option<Output>,
     /// Whether we have tried to connect to a socket reader yet.
     tried: bool,
@@ -759,6 +763,7 @@ impl Writer {
     /// Takes every thread's queued events into `taken`; `last` also closes the queues, so
     /// what is logged after is dropped and counted. Forgets the queues of threads that ended.
     fn take_queues(&mut self, last: bool) {
+        self.last_named = None;
         let mut registry = self.shared.registry();
         registry.closed = last;
         registry.queues.retain(|shared| {
@@ -802,7 +807,14 @@ impl Writer {
             }
             QueuedWorkload::Cgroup(id) => match &self.name_cgroup {
                 Some(name_cgroup) => {
-                    named = name_cgroup(*id);
+                    named = match &self.last_named {
+                        Some((last, name)) if last == id => Arc::clone(name),
+                        _ => {
+                            let name = name_cgroup(*id);
+                            self.last_named = Some((*id, Arc::clone(&name)));
+                            name
+                        }
+                    };
                     Workload::Named(&named)
                 }
                 None => Workload::Cgroup(*id),
