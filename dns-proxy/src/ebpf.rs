@@ -871,6 +871,19 @@ impl ServerTable {
     }
 }
 
+/// Seconds of the monotonic clock, read from its coarse variant: every query notes when its
+/// index was seen, and a full clock reading per query showed in the UDP thread's profile.
+fn coarse_seconds() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a live timespec the call only writes; CLOCK_MONOTONIC_COARSE exists on
+    // every kernel this runs on (2.6.32 and later).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,17 +917,4 @@ mod tests {
         assert_eq!(redirecting, 4);
         assert!(PROGRAMS[..redirecting].iter().all(|p| p.redirects));
     }
-}
-
-/// Seconds of the monotonic clock, read from its coarse variant: every query notes when its
-/// index was seen, and a full clock reading per query showed in the UDP thread's profile.
-fn coarse_seconds() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a live timespec the call only writes; CLOCK_MONOTONIC_COARSE exists on
-    // every kernel this runs on (2.6.32 and later).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0)
 }
