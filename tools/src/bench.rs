@@ -28,6 +28,10 @@ use crate::race::{PROXY_UID, REDIRECT_PORT, field, install_classic_rules};
 pub enum Config {
     /// No interception: the physical ceiling.
     Direct,
+    /// No interception, and the least relay there is (`bare-relay`, tools/src/bin) between
+    /// dnsperf and the upstream, which dnsperf asks directly: the ceiling of any user-space
+    /// proxy on this machine.
+    BareRelay,
     /// dns-proxy's eBPF redirect and forwarder.
     Agent,
     /// The same with every query attributed and logged: `--dnstap` to a file, `--metrics`
@@ -70,8 +74,9 @@ const CACHE_ENTRIES: u32 = 10_000;
 const CACHED_NAMES: u32 = 1_000;
 
 impl Config {
-    pub const ALL: [Config; 4] = [
+    pub const ALL: [Config; 5] = [
         Config::Direct,
+        Config::BareRelay,
         Config::Agent,
         Config::AgentLogging,
         Config::IptablesDnsdist,
@@ -80,6 +85,7 @@ impl Config {
     pub fn name(self) -> &'static str {
         match self {
             Config::Direct => "direct",
+            Config::BareRelay => "bare relay",
             Config::Agent => "agent",
             Config::AgentLogging => "agent+dnstap",
             Config::IptablesDnsdist => "iptables+dnsdist",
@@ -132,6 +138,7 @@ pub struct Tools<'a> {
     pub agent: &'a Path,
     pub test_upstream: &'a Path,
     pub syscall_cost: &'a Path,
+    pub bare_relay: &'a Path,
 }
 
 /// Latency percentiles, in microseconds.
@@ -163,6 +170,8 @@ pub struct Measurement {
 /// The interception a configuration puts between dnsperf and the upstream.
 enum Interceptor {
     None,
+    /// `bare-relay` on [`BARE_RELAY_LISTEN`], which dnsperf asks instead of the upstream.
+    BareRelay(Process),
     Agent(Agent),
     Dnsdist(Process, PathBuf),
     /// The agent writing a dnstap log to this file.
@@ -183,6 +192,17 @@ impl Interceptor {
     ) -> Self {
         match config {
             Config::Direct => Interceptor::None,
+            Config::BareRelay => {
+                let mut command = topology.client.nsenter();
+                command
+                    .arg(tools.bare_relay)
+                    .args([BARE_RELAY_LISTEN, &format!("{SERVER_IP}:53")]);
+                let relay = Process::spawn(&mut command);
+                wait_until_answered("the bare relay", || {
+                    topology.outsider("dig", &READY_DIG_BARE_RELAY)
+                });
+                Interceptor::BareRelay(relay)
+            }
             Config::Agent => Interceptor::Agent(start_agent(topology, tools, extra_agent_args)),
             Config::AgentLogging => {
                 let log = std::env::temp_dir().join(format!("{}-dnstap.log", topology.tag));
@@ -232,7 +252,18 @@ impl Interceptor {
             Interceptor::Agent(agent) | Interceptor::LoggingAgent(agent, _) => {
                 Some(agent.process().id())
             }
-            Interceptor::Dnsdist(process, _) => Some(process.id()),
+            Interceptor::Dnsdist(process, _) | Interceptor::BareRelay(process) => {
+                Some(process.id())
+            }
+        }
+    }
+
+    /// Where dnsperf sends its queries: the upstream, as a workload asks it, but for the
+    /// bare relay, which is asked directly.
+    fn target(&self) -> String {
+        match self {
+            Interceptor::BareRelay(_) => BARE_RELAY_LISTEN.to_owned(),
+            _ => format!("{SERVER_IP}:53"),
         }
     }
 
@@ -376,6 +407,17 @@ const READY_DIG_LOCAL: [&str; 5] = [
     "ready.example.test",
 ];
 
+/// Where the bare relay listens, in the client namespace (off the agent's port).
+const BARE_RELAY_LISTEN: &str = "127.0.0.1:5300";
+const READY_DIG_BARE_RELAY: [&str; 6] = [
+    "+short",
+    "+tries=1",
+    "+time=3",
+    "@127.0.0.1",
+    "-p5300",
+    "ready.example.test",
+];
+
 /// Waits until `dig` (a command running [`READY_DIG`]) prints the upstream's answer.
 fn wait_until_answered(what: &str, dig: impl Fn() -> Command) {
     wait_for(
@@ -437,10 +479,13 @@ fn query_file() -> PathBuf {
 }
 
 /// The output of one dnsperf run as a workload.
-fn dnsperf(topology: &Topology, queries: &Path, args: &[String]) -> String {
+fn dnsperf(topology: &Topology, target: &str, queries: &Path, args: &[String]) -> String {
+    let (server, port) = target.rsplit_once(':').expect("ADDRESS:PORT");
     let mut all = vec![
         "-s".to_owned(),
-        SERVER_IP.to_string(),
+        server.to_owned(),
+        "-p".to_owned(),
+        port.to_owned(),
         "-d".to_owned(),
         queries.display().to_string(),
         "-t".to_owned(),
@@ -489,6 +534,7 @@ pub fn measure(config: Config, settings: &Settings, tools: &Tools<'_>) -> Measur
     let throughput = measure_throughput(&topology, &mut interceptor, &queries, settings, 1);
     let single = latencies(&dnsperf(
         &topology,
+        &interceptor.target(),
         &queries,
         &[
             "-l".into(),
@@ -553,13 +599,15 @@ fn measure_throughput(
     warm_up_seconds: u32,
 ) -> Throughput {
     let seconds = settings.duration.as_secs().max(1).to_string();
+    let target = interceptor.target();
     dnsperf(
         topology,
+        &target,
         queries,
         &["-l".into(), warm_up_seconds.to_string()],
     );
     let (cpu_before, _) = interceptor.usage();
-    let closed = dnsperf(topology, queries, &["-l".into(), seconds.clone()]);
+    let closed = dnsperf(topology, &target, queries, &["-l".into(), seconds.clone()]);
     let (cpu_after, _) = interceptor.usage();
     let completed = statistic(&closed, "Queries completed:");
     let sent = statistic(&closed, "Queries sent:");
@@ -569,6 +617,7 @@ fn measure_throughput(
         .map(|qps| {
             latencies(&dnsperf(
                 topology,
+                &target,
                 queries,
                 &[
                     "-l".into(),
@@ -641,6 +690,7 @@ pub fn peak_rss_in_flight(config: Config, settings: &Settings, tools: &Tools<'_>
     let queries = query_file();
     dnsperf(
         &topology,
+        &interceptor.target(),
         &queries,
         &[
             "-l".into(),
@@ -831,7 +881,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
     let syscall = |config| median_of(rounds, config, |x| x.syscall_ns);
     let hooks = |config| median_of(rounds, config, |x| x.connect_ns + x.recv_ns);
     let (direct, agent, dnsdist) = (Config::Direct, Config::Agent, Config::IptablesDnsdist);
-    let logging = Config::AgentLogging;
+    let (logging, bare) = (Config::AgentLogging, Config::BareRelay);
     let _ = writeln!(out, "\nRatios (of medians):");
     let _ = writeln!(
         out,
@@ -839,6 +889,14 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         qps(agent) / qps(direct),
         qps(dnsdist) / qps(direct),
         qps(agent) / qps(dnsdist)
+    );
+    let _ = writeln!(
+        out,
+        "  max qps: bare relay/direct {:.2} (the ceiling of a user-space relay here), \
+         agent/bare relay {:.2}, bare relay/iptables+dnsdist {:.2}",
+        qps(bare) / qps(direct),
+        qps(agent) / qps(bare),
+        qps(bare) / qps(dnsdist)
     );
     let _ = writeln!(
         out,
@@ -850,9 +908,11 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
     );
     let _ = writeln!(
         out,
-        "  single-query p50 added over direct: agent {:.1} us, iptables+dnsdist {:.1} us",
+        "  single-query p50 added over direct: agent {:.1} us, iptables+dnsdist {:.1} us, \
+         bare relay {:.1} us",
         single(agent) - single(direct),
-        single(dnsdist) - single(direct)
+        single(dnsdist) - single(direct),
+        single(bare) - single(direct)
     );
     let _ = writeln!(
         out,

@@ -268,10 +268,11 @@ fn run_bench(
     provision::setup(true)?;
     provision::bench_tools()?;
     let bin = build_agent_and_test_tools(root, "release")?;
-    let (agent, test_upstream, syscall_cost) = (
+    let (agent, test_upstream, syscall_cost, bare_relay) = (
         agent.unwrap_or_else(|| bin.join("dns-proxy")),
         bin.join("test-upstream"),
         bin.join("syscall-cost"),
+        bin.join("bare-relay"),
     );
     if !agent.is_file() {
         bail!("--agent {}: no such file", agent.display());
@@ -280,6 +281,7 @@ fn run_bench(
         agent: &agent,
         test_upstream: &test_upstream,
         syscall_cost: &syscall_cost,
+        bare_relay: &bare_relay,
     };
     print!("{}", bench::run(settings, &tools));
     Ok(())
