@@ -182,7 +182,8 @@ pub struct DnstapSettings {
     /// The most bytes queued for the writer, events' own size included (TCP messages reach
     /// 64 KiB each; an event without messages takes about 100 bytes).
     pub queue_bytes: usize,
-    /// Names a [`Workload::Cgroup`] for `extra`, on the writer thread.
+    /// Names a [`Workload::Cgroup`] for `extra`, on the writer thread. A name is reused for
+    /// the cgroup's other events of the same take of the queues (a few milliseconds' worth).
     pub name_cgroup: Option<CgroupNamer>,
     /// Where the sink counts what it writes and drops (shared with whoever counted before
     /// it started).

@@ -874,14 +874,17 @@ impl ServerTable {
 /// Seconds of the monotonic clock, read from its coarse variant: every query notes when its
 /// index was seen, and a full clock reading per query showed in the UDP thread's profile.
 fn coarse_seconds() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+    let read = |clock| {
+        // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: `now` is a live timespec that the call only writes.
+        let status = unsafe { libc::clock_gettime(clock, &mut now) };
+        (status == 0).then(|| u64::try_from(now.tv_sec).unwrap_or(0))
     };
-    // SAFETY: `now` is a live timespec the call only writes; CLOCK_MONOTONIC_COARSE exists on
-    // every kernel this runs on (2.6.32 and later).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0)
+    // The coarse clock exists since Linux 2.6.32; the precise one counts from the same start.
+    read(libc::CLOCK_MONOTONIC_COARSE)
+        .or_else(|| read(libc::CLOCK_MONOTONIC))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -210,7 +210,14 @@ fn recorded_lately(cgroup: u64, answer: &[u8], now: Instant) -> bool {
         // Two slots per answer (a pair): the newest goes first and the one it displaces
         // second, so two answers that share a pair do not push each other out.
         let pair = hash as usize & (REMEMBERED - 2);
-        let fresh = |at: u32| now.wrapping_sub(at) < RECORDED_LATELY.as_millis() as u32;
+        // A slot up to a second in the future is fresh too: a batch's answers share the
+        // moment it was read, and the cache's waiters answered among them may have read a
+        // later one.
+        let window = RECORDED_LATELY.as_millis() as u32;
+        let fresh = |at: u32| {
+            let age = now.wrapping_sub(at);
+            age < window || age > u32::MAX - window
+        };
         let slots = &mut recent.slots[pair..pair + 2];
         if slots.iter().any(|&(noted, at)| noted == hash && fresh(at)) {
             return true;
@@ -413,6 +420,14 @@ mod tests {
             "a second later"
         );
         assert!(recorded_lately(8, &answer(0), a_second_later));
+        // A batch's moment may be older than one a cache waiter read and noted meanwhile.
+        let later = now + Duration::from_millis(100);
+        assert!(!recorded_lately(9, &answer(0), later));
+        let earlier = later - Duration::from_millis(5);
+        assert!(
+            recorded_lately(9, &answer(0), earlier),
+            "a moment older than the note"
+        );
         // Half as many other answers as the table has slots: about 90 % keep their place (a
         // pair holds two), and checking one that was pushed out notes it again, pushing out
         // another: about 74 % read back as remembered.

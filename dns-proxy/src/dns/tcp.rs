@@ -479,8 +479,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
         let now = Moment::now();
+        let latency = now.instant.saturating_duration_since(started);
         if let Some(log) = &self.settings.query_log {
-            let latency = now.instant.saturating_duration_since(started);
             log.response(conn.asked(), latency, now.wall, answer);
         }
         if let Some(resolutions) = &self.settings.resolutions {
@@ -491,7 +491,6 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         } else {
             &self.stats.cache_hits
         });
-        let latency = started.elapsed();
         self.stats.tcp.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
@@ -549,7 +548,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 }),
             ) = (&self.settings.cache, &pending)
             {
-                cache.store(cacheable, head, &answer, Instant::now());
+                cache.store(cacheable, head, &answer, now.instant);
             }
             if let Some(Pending {
                 description: Some(description),

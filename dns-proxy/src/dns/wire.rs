@@ -87,7 +87,8 @@ pub fn hash_question(question: &[u8], hasher: &mut impl std::hash::Hasher) {
     // `question` lets a name's labels reach 255 bytes, then the root's.
     let mut lowered = [0u8; MAX_NAME_LEN + 1];
     let Some(copy) = lowered.get_mut(..name_len) else {
-        // Longer than any name: compare it as it is.
+        // Longer than any name `question` returns: compare it as it is.
+        debug_assert!(false, "a question name of {name_len} bytes");
         hasher.write(question);
         return;
     };
@@ -280,6 +281,31 @@ mod tests {
         let a = answer(0xbeef, ResponseCode::NXDomain);
         assert!(!is_query(&a));
         assert_eq!(response_id(&a), Some(0xbeef));
+    }
+
+    #[test]
+    fn the_question_check_ignores_case_up_to_the_longest_name() {
+        // The longest name `question` takes: 255 bytes of labels with their lengths (three
+        // of 63 letters, one of 62), then the root.
+        let message = |letter: u8| {
+            let mut message = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            for len in [63, 63, 63, 62] {
+                message.push(len);
+                message.extend(std::iter::repeat_n(letter, usize::from(len)));
+            }
+            message.extend_from_slice(&[0, 0, 1, 0, 1]);
+            message
+        };
+        let hash = |message: &[u8]| {
+            let question = question(message).expect("a question");
+            let mut hasher = std::hash::DefaultHasher::new();
+            hash_question(question, &mut hasher);
+            std::hash::Hasher::finish(&hasher)
+        };
+        let (lower, upper) = (message(b'a'), message(b'A'));
+        assert_eq!(question(&lower).unwrap().len(), 256 + 4);
+        assert_eq!(hash(&lower), hash(&upper));
+        assert_ne!(hash(&lower), hash(&message(b'b')));
     }
 
     #[test]

@@ -68,14 +68,17 @@ impl Batch {
         batch
     }
 
-    /// Waits for at least one datagram on `fd` and takes what is queued, up to a batch.
+    /// Waits for at least one datagram on `fd` and takes what is queued, up to a batch. An
+    /// error that a datagram or a signal causes (an ICMP error on the connected upstream
+    /// socket, say) reads as an empty batch.
     fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
         for (header, iovec) in self.headers.iter_mut().zip(&mut self.iovecs) {
             iovec.iov_len = BUFFER;
             header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
         }
-        // SAFETY: every header points at its own live address, iovec and buffer, all owned by
-        // `self` (boxed, so they do not move) and borrowed mutably for the call.
+        // SAFETY: every header points at its own address, iovec and buffer, in vectors of
+        // `self` filled once to BATCH and never resized (so their heap storage never moves),
+        // borrowed mutably for the call.
         let received = unsafe {
             libc::recvmmsg(
                 fd,
@@ -86,7 +89,11 @@ impl Batch {
             )
         };
         if received < 0 {
-            return Err(io::Error::last_os_error());
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ECONNREFUSED | libc::EINTR) => Ok(0),
+                _ => Err(err),
+            };
         }
         let received = received as usize;
         for (header, iovec) in self.headers.iter().zip(&mut self.iovecs).take(received) {

@@ -262,6 +262,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 refused.push(i);
             },
         );
+        let now = Moment::now();
         for (i, hit) in hits.drain(..).enumerate() {
             if refused.contains(&i) {
                 continue;
@@ -274,7 +275,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 listener: self.socket.as_fd(),
                 started: hit.started,
             };
-            self.answered_here(&hit.answer, to, CacheSource::Hit);
+            self.answered_here(&hit.answer, to, CacheSource::Hit, now);
         }
     }
 
@@ -298,14 +299,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             },
         );
         if sent {
-            self.answered_here(answer, to, source);
+            self.answered_here(answer, to, source, Moment::now());
         }
     }
 
-    /// Counts and logs an answer made here that went out.
-    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
+    /// Counts and logs an answer made here that went out at `now`.
+    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource, now: Moment) {
         let stats = &self.stats.udp;
-        let now = Moment::now();
         let latency = now.instant.saturating_duration_since(to.started);
         if let Some(resolutions) = &self.settings.resolutions {
             resolutions.record(to.cgroup, answer, now);

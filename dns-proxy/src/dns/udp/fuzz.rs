@@ -7,7 +7,7 @@ use super::{
     UdpProxy,
     mmsg::{Arrival, LOOPBACK_IFINDEX},
 };
-use crate::dns::OriginalDestinations;
+use crate::dns::{Moment, OriginalDestinations};
 
 impl<D: OriginalDestinations> UdpProxy<D> {
     /// For the fuzz targets: what the receive loop does with a client's datagram, but for the
@@ -24,7 +24,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             ifindex: LOOPBACK_IFINDEX + 1,
         });
         let mut hits = Vec::new();
-        let registered = self.register_query(datagram, client, arrival, pick, &mut hits);
+        let registered =
+            self.register_query(datagram, client, arrival, Moment::now(), pick, &mut hits);
         self.send_hits(&mut hits);
         registered.map(|(key, socket)| (socket.id(), key.upstream))
     }
