@@ -841,6 +841,27 @@ fn median_of(
     )
 }
 
+/// `top`'s closed loop over `bottom`'s in each round, where the two ran minutes apart at
+/// most: the machine's speed drifts over a run more than between neighbours.
+fn paired_ratios(rounds: &[Vec<Measurement>], top: Config, bottom: Config) -> Vec<f64> {
+    let qps = |round: &[Measurement], config| {
+        round
+            .iter()
+            .find(|m| m.config == config)
+            .map(|m| m.throughput.max_qps)
+    };
+    rounds
+        .iter()
+        .filter_map(|round| Some(qps(round, top)? / qps(round, bottom)?))
+        .collect()
+}
+
+/// "a, b, c (median m)" of ratios.
+fn list_with_median(ratios: Vec<f64>) -> String {
+    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    format!("{} (median {:.2})", listed.join(", "), median(ratios))
+}
+
 fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config, f64)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -905,6 +926,12 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         qps(logging) / qps(agent),
         median_of(rounds, logging, |x| x.throughput.cpu_per_100k),
         median_of(rounds, agent, |x| x.throughput.cpu_per_100k)
+    );
+    let _ = writeln!(
+        out,
+        "  max qps, paired by round: agent/iptables+dnsdist {}; agent+dnstap/agent {}",
+        list_with_median(paired_ratios(rounds, agent, dnsdist)),
+        list_with_median(paired_ratios(rounds, logging, agent))
     );
     let _ = writeln!(
         out,
