@@ -9,6 +9,7 @@ use std::{
 pub mod admission;
 pub mod cache;
 pub mod coalesce;
+pub mod observers;
 pub mod per_client;
 pub mod query_log;
 pub mod stats;

@@ -15,6 +15,7 @@ use crate::{
     dns::{
         cache::Cache,
         coalesce::Coalescer,
+        observers::Observers,
         per_client::PerClientLimit,
         query_log::QueryLog,
         stats::Stats,
@@ -86,6 +87,13 @@ impl Shared {
             per_client: PerClientLimit::new(config.max_inflight_per_client),
             cache: self.cache.clone(),
             in_flight: Arc::new(Coalescer::new(config.max_inflight)),
+            observers: self.observers(),
+        }
+    }
+
+    /// What each listener tells of its queries and answers.
+    fn observers(&self) -> Observers {
+        Observers {
             workloads: Some(Arc::clone(&self.workloads)),
             query_log: self.query_log.clone(),
             resolutions: self.resolutions.clone(),
@@ -101,10 +109,7 @@ impl Shared {
             max_connections: config.max_tcp_connections,
             per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
             cache: self.cache.clone(),
-            workloads: Some(Arc::clone(&self.workloads)),
-            query_log: self.query_log.clone(),
-            resolutions: self.resolutions.clone(),
-            workload_stats: self.workload_stats.clone(),
+            observers: self.observers(),
         }
     }
 }

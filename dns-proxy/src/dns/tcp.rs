@@ -28,17 +28,15 @@ use super::{
     Moment, OriginalDestinations,
     admission::{Admission, Route, Transport},
     cache::{Cache, CacheableQuery, Cached},
+    observers::Observers,
     per_client::PerClientLimit,
-    query_log::{Asked, QueryLog},
+    query_log::Asked,
     stats::Stats,
     wire,
-    workload_stats::WorkloadStats,
 };
 use crate::{
     drain::{self, Deadline},
     log_limit::RateLimited,
-    resolutions::Resolutions,
-    workload::WorkloadNames,
 };
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
@@ -57,14 +55,8 @@ pub struct TcpSettings {
     pub per_client: Arc<PerClientLimit>,
     /// The answer cache (`--cache-size`), shared with UDP; `None`: off.
     pub cache: Option<Arc<Cache>>,
-    /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
-    pub workloads: Option<Arc<WorkloadNames>>,
-    /// The dnstap log (`--dnstap`); `None`: off.
-    pub query_log: Option<Arc<QueryLog>>,
-    /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
-    pub resolutions: Option<Arc<Resolutions>>,
-    /// Queries by workload (`--workload-metrics`); `None`: off.
-    pub workload_stats: Option<Arc<WorkloadStats>>,
+    /// Who hears of each query and answer: the log, the names table, the counts by workload.
+    pub observers: Observers,
 }
 
 pub struct TcpProxy<D> {
@@ -391,12 +383,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             let arrived = Moment::now();
             let started = arrived.instant;
-            if let Some(log) = &self.settings.query_log {
-                log.query(conn.asked(), &query, arrived.wall);
-            }
-            if let Some(workload_stats) = &self.settings.workload_stats {
-                workload_stats.query(conn.cgroup);
-            }
+            self.settings.observers.asked(conn.asked(), &query, arrived);
             let cacheable = match self.consult_cache(conn, &query, started) {
                 Some(Ok((answer, stale))) => {
                     conn.set_reading(false);
@@ -473,19 +460,16 @@ impl<D: OriginalDestinations> TcpProxy<D> {
 
     /// The name of cgroup `id`'s workload, for the log.
     fn workload_name(&self, id: u64) -> Arc<str> {
-        WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
+        self.settings.observers.workload_name(id)
     }
 
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
         conn.touch();
         let now = Moment::now();
         let latency = now.instant.saturating_duration_since(started);
-        if let Some(log) = &self.settings.query_log {
-            log.response(conn.asked(), latency, now.wall, answer);
-        }
-        if let Some(resolutions) = &self.settings.resolutions {
-            resolutions.record(conn.cgroup, answer, now);
-        }
+        self.settings
+            .observers
+            .answered(conn.asked(), Some(latency), answer, now);
         Stats::add(if stale {
             &self.stats.cache_stale
         } else {
@@ -534,12 +518,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 .as_ref()
                 .map(|p| now.instant.saturating_duration_since(p.started));
             stats.answered(&answer, latency);
-            if let (Some(log), Some(latency)) = (&self.settings.query_log, latency) {
-                log.response(conn.asked(), latency, now.wall, &answer);
-            }
-            if let Some(resolutions) = &self.settings.resolutions {
-                resolutions.record(conn.cgroup, &answer, now);
-            }
+            self.settings
+                .observers
+                .answered(conn.asked(), latency, &answer, now);
             if let (
                 Some(cache),
                 Some(Pending {
@@ -814,10 +795,7 @@ mod tests {
             max_connections,
             per_client: PerClientLimit::new(per_client),
             cache: None,
-            workloads: None,
-            query_log: None,
-            resolutions: None,
-            workload_stats: None,
+            observers: Observers::default(),
         };
         let proxy =
             TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();

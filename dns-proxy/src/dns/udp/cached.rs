@@ -307,13 +307,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource, now: Moment) {
         let stats = &self.stats.udp;
         let latency = now.instant.saturating_duration_since(to.started);
-        if let Some(resolutions) = &self.settings.resolutions {
-            resolutions.record(to.cgroup, answer, now);
-        }
-        if let Some(log) = &self.settings.query_log {
-            let asked = udp_asked(to.client, to.original, to.cgroup);
-            log.response(asked, latency, now.wall, answer);
-        }
+        let asked = udp_asked(to.client, to.original, to.cgroup);
+        self.settings
+            .observers
+            .answered(asked, Some(latency), answer, now);
         match source {
             CacheSource::Hit => Stats::add(&self.stats.cache_hits),
             CacheSource::Stale => Stats::add(&self.stats.cache_stale),

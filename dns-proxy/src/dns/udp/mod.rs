@@ -38,17 +38,15 @@ use super::{
     admission::{Admission, Route, Transport},
     cache::Cache,
     coalesce::Coalescer,
+    observers::Observers,
     per_client::PerClientLimit,
-    query_log::{Asked, QueryLog},
+    query_log::Asked,
     stats::Stats,
     wire,
-    workload_stats::WorkloadStats,
 };
 use crate::{
     drain::{self, Deadline},
     log_limit::RateLimited,
-    resolutions::Resolutions,
-    workload::WorkloadNames,
 };
 
 mod cached;
@@ -85,14 +83,8 @@ pub struct ForwardSettings {
     pub per_client: Arc<PerClientLimit>,
     /// The answer cache (`--cache-size`), shared by every listener; `None`: off.
     pub cache: Option<Arc<Cache>>,
-    /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
-    pub workloads: Option<Arc<WorkloadNames>>,
-    /// The dnstap log (`--dnstap`); `None`: off.
-    pub query_log: Option<Arc<QueryLog>>,
-    /// The names each workload resolved (`/v1/resolutions`); `None`: not kept.
-    pub resolutions: Option<Arc<Resolutions>>,
-    /// Queries by workload (`--workload-metrics`); `None`: off.
-    pub workload_stats: Option<Arc<WorkloadStats>>,
+    /// Who hears of each query and answer: the log, the names table, the counts by workload.
+    pub observers: Observers,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
 }
@@ -267,12 +259,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
         let started = now.instant;
-        if let Some(log) = &self.settings.query_log {
-            log.query(udp_asked(client, original, cgroup), datagram, now.wall);
-        }
-        if let Some(workload_stats) = &self.settings.workload_stats {
-            workload_stats.query(cgroup);
-        }
+        let asked = udp_asked(client, original, cgroup);
+        self.settings.observers.asked(asked, datagram, now);
         let recipient = Recipient {
             cgroup,
             client,
@@ -311,7 +299,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// The name of cgroup `id`'s workload, for the log.
     fn workload_name(&self, id: u64) -> Arc<str> {
-        WorkloadNames::name_in(self.settings.workloads.as_deref(), id)
+        self.settings.observers.workload_name(id)
     }
 
     fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {

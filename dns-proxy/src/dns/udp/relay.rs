@@ -119,13 +119,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             let latency = now.instant.saturating_duration_since(pending.started);
             stats.answered(datagram, Some(latency));
-            if let Some(log) = &self.settings.query_log {
-                let asked = udp_asked(pending.client, pending.original, pending.cgroup);
-                log.response(asked, latency, now.wall, datagram);
-            }
-            if let Some(resolutions) = &self.settings.resolutions {
-                resolutions.record(pending.cgroup, datagram, now);
-            }
+            let asked = udp_asked(pending.client, pending.original, pending.cgroup);
+            self.settings
+                .observers
+                .answered(asked, Some(latency), datagram, now);
             if let Some(description) = pending.description {
                 log::debug!(
                     target: LOG,

@@ -66,10 +66,7 @@ async fn proxy_with_limits(
         per_client: PerClientLimit::new(per_client),
         cache: None,
         in_flight: Arc::new(Coalescer::new(1024)),
-        workloads: None,
-        query_log: None,
-        resolutions: None,
-        workload_stats: None,
+        observers: Observers::default(),
     };
     let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
     let serving = Arc::clone(&proxy);
@@ -338,10 +335,7 @@ async fn refuses_to_forward_to_itself() {
         per_client: PerClientLimit::new(8),
         cache: None,
         in_flight: Arc::new(Coalescer::new(1024)),
-        workloads: None,
-        query_log: None,
-        resolutions: None,
-        workload_stats: None,
+        observers: Observers::default(),
     };
     let destinations = Fixed {
         original: Some(itself),
