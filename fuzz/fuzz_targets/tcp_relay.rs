@@ -88,10 +88,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 max_connections: 1,
                 per_client: PerClientLimit::new(1),
                 cache: None,
-                workloads: None,
-                query_log: None,
-                resolutions: None,
-                workload_stats: None,
+                observers: Default::default(),
             };
             let _entered = runtime.enter();
             TcpProxy::new(

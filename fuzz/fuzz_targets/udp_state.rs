@@ -88,10 +88,7 @@ fn run(ops: Vec<Op>) {
             max_inflight: MAX_INFLIGHT,
             per_client: Arc::clone(&per_client),
             cache: None,
-            workloads: None,
-            query_log: None,
-            resolutions: None,
-            workload_stats: None,
+            observers: Default::default(),
             in_flight: Arc::new(Coalescer::new(1024)),
         };
         let listener = runtime

@@ -353,6 +353,9 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
             .current_dir(root)
             .args(["build", "--package", "dns-proxy", "--bins"]),
     )?;
+    if args.is_empty() {
+        fuzz_build(root)?;
+    }
     let binary = root.join("target/debug/dns-proxy");
     let deploy_tools = root.join("target/deploy-check-tools");
     provision::deploy_check_tools(&deploy_tools)?;
@@ -411,21 +414,30 @@ fn docker(root: &std::path::Path, stop: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo fuzz` with the nightly toolchain (rustup run), whatever toolchain started xtask.
+fn cargo_fuzz(root: &std::path::Path) -> Command {
+    let mut command = Command::new("rustup");
+    command
+        .current_dir(root)
+        .args(["run", "nightly", "cargo", "fuzz"])
+        .env_remove("RUSTC")
+        .env_remove("CARGO");
+    command
+}
+
+/// Builds every fuzz target, so that one the code no longer compiles with fails the run
+/// in minutes rather than after the integration tests.
+fn fuzz_build(root: &std::path::Path) -> Result<()> {
+    provision::fuzz_tools()?;
+    shell::run(cargo_fuzz(root).args(["build", "--fuzz-dir", "fuzz"]))
+}
+
 /// How long `cargo xtask test` runs each fuzz target.
 const FUZZ_SMOKE_SECONDS: u64 = 20;
 fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
     provision::setup(false)?; // dns-proxy's build script builds the eBPF object
     provision::fuzz_tools()?;
-    // rustup run: the nightly cargo, whatever toolchain started xtask.
-    let cargo_fuzz = || {
-        let mut command = Command::new("rustup");
-        command
-            .current_dir(root)
-            .args(["run", "nightly", "cargo", "fuzz"])
-            .env_remove("RUSTC")
-            .env_remove("CARGO");
-        command
-    };
+    let cargo_fuzz = || cargo_fuzz(root);
     let listed = shell::output(cargo_fuzz().args(["list", "--fuzz-dir", "fuzz"]))
         .context("cargo fuzz list")?;
     let all: Vec<&str> = listed.lines().map(str::trim).collect();
