@@ -309,7 +309,7 @@ fn dotted(wire: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use hickory_proto::{
         op::{Message, MessageType, Query},
         rr::{
@@ -320,7 +320,9 @@ mod tests {
 
     use super::*;
 
-    fn answer(name: &str) -> Vec<u8> {
+    /// An answer for `name`: a CNAME to edge.example.net., which has 192.0.2.80 (TTL 60)
+    /// and 2001:db8::80 (TTL 30).
+    pub(crate) fn answer(name: &str) -> Vec<u8> {
         let name = Name::from_ascii(name).unwrap();
         let target = Name::from_ascii("edge.example.net.").unwrap();
         let mut message = Message::new();

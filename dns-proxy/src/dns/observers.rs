@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{resolutions::Resolutions, workload::WorkloadNames};
 
-/// Each `None` when off.
+/// The log, the names table and the counts are `None` when off.
 #[derive(Debug, Clone, Default)]
 pub struct Observers {
     /// Names the workloads of the cgroups that ask, for the log; `None`: cgroup ids only.
@@ -48,5 +48,73 @@ impl Observers {
     /// The name of cgroup `id`'s workload, for the log.
     pub fn workload_name(&self, id: u64) -> Arc<str> {
         WorkloadNames::name_in(self.workloads.as_deref(), id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::*;
+    use crate::{dnstap::Transport, resolutions::tests::answer};
+
+    #[test]
+    fn each_observer_hears_what_it_keeps_and_an_answer_to_no_known_query_is_not_logged() {
+        let workloads = Arc::new(WorkloadNames::new("/nonexistent".into()));
+        // A log whose sink never started counts every event it is given as dropped.
+        let query_log = Arc::new(QueryLog::new(Arc::clone(&workloads)));
+        let observers = Observers {
+            workloads: Some(Arc::clone(&workloads)),
+            query_log: Some(Arc::clone(&query_log)),
+            resolutions: Some(Arc::new(Resolutions::new(Arc::clone(&workloads)))),
+            workload_stats: Some(Arc::new(WorkloadStats::new(10))),
+        };
+        let asked = Asked {
+            transport: Transport::Udp,
+            client: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            server: SocketAddr::from(([192, 0, 2, 53], 53)),
+            cgroup: 7,
+        };
+        let logged = || query_log.counters().dropped();
+        let resolved = |observers: &Observers| {
+            let rows = observers
+                .resolutions
+                .as_ref()
+                .unwrap()
+                .lookup("cgroup-id=7", Some(IpAddr::from([192, 0, 2, 80])));
+            rows.len()
+        };
+
+        observers.asked(asked, b"query", Moment::now());
+        assert_eq!(logged(), 1);
+        let (counts, _) = observers.workload_stats.as_ref().unwrap().snapshot();
+        assert_eq!(counts, [(7, 1)]);
+
+        observers.answered(asked, None, &answer("www.example.test."), Moment::now());
+        assert_eq!(
+            logged(),
+            1,
+            "an answer with no query known is left out of the log"
+        );
+        assert_eq!(resolved(&observers), 1, "but its names are recorded");
+
+        observers.answered(
+            asked,
+            Some(Duration::from_micros(50)),
+            &answer("www.example.test."),
+            Moment::now(),
+        );
+        assert_eq!(logged(), 2);
+
+        // All off: nothing to call, and workloads are named by cgroup id.
+        let off = Observers::default();
+        off.asked(asked, b"query", Moment::now());
+        off.answered(
+            asked,
+            Some(Duration::ZERO),
+            &answer("www.example.test."),
+            Moment::now(),
+        );
+        assert_eq!(&*off.workload_name(7), "cgroup-id=7");
     }
 }
