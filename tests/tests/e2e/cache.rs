@@ -576,8 +576,10 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
     assert_eq!(entries, ENTRIES, "full, and no fuller");
     assert!(bytes <= ENTRIES * 2048, "{bytes}");
     // The kernel may drop some of a flood before the agent reads it (a debug build here,
-    // keeping the names table of --metrics too).
-    assert!(misses >= 700_000, "most names reached the cache: {misses}");
+    // keeping the names table of --metrics too, and in the full run sharing two CPUs with
+    // other tests: 68 % arrived in one such run, 99 % alone). Half a million is still ten
+    // times what the cache holds.
+    assert!(misses >= 500_000, "most names reached the cache: {misses}");
     // Every name is distinct: all but the last ENTRIES kept were pushed out, and counted.
     assert!(
         evictions + ENTRIES >= misses * 99 / 100,
