@@ -268,6 +268,9 @@ struct ThreadQueue {
     bytes: Vec<u8>,
     /// What the events cost against [`DnstapSettings::queue_bytes`].
     cost: usize,
+    /// Room this thread took from the shared bound and has not used yet (see
+    /// [`DnstapSink::reserve`]).
+    credit: usize,
     /// The writer has taken its last events: what comes now is dropped.
     closed: bool,
 }
@@ -337,13 +340,29 @@ struct Registry {
 #[derive(Default)]
 struct Shared {
     counters: Arc<DnstapCounters>,
+    /// What every queue holds and has room taken for, against `queue_bytes`.
     queued_bytes: AtomicUsize,
     queues: Mutex<Registry>,
-    /// Events the writer has taken and not yet written or dropped.
-    in_hand: AtomicUsize,
+    /// Events the writer has taken and not yet written or dropped. The writer changes it
+    /// per event: on a cache line of its own, so that the logging threads' `queued_bytes`
+    /// does not bounce between the CPUs with it.
+    in_hand: OwnCacheLine<AtomicUsize>,
     /// Set on close: drain what is queued, but do not retry a reader for it (a first try,
     /// for a log closed right after it started, is still made).
     closing: AtomicBool,
+}
+
+/// A value alone on its cache line (128 bytes: two lines, as adjacent-line prefetch pairs
+/// them on x86).
+#[derive(Default)]
+#[repr(align(128))]
+struct OwnCacheLine<T>(T);
+
+impl<T> std::ops::Deref for OwnCacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 impl Shared {
@@ -360,6 +379,8 @@ pub struct DnstapSink {
     id: u64,
     shared: Arc<Shared>,
     queue_bytes: usize,
+    /// How much room a logging thread takes from `queue_bytes` at a time.
+    reserve_chunk: usize,
     /// The thread and its "done" signal; in a Mutex only so the sink is `Sync` (a Receiver is
     /// not), for sharing between the relays' threads.
     writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
@@ -409,6 +430,7 @@ impl DnstapSink {
             id: NEXT_SINK_ID.fetch_add(1, Ordering::Relaxed),
             shared,
             queue_bytes: settings.queue_bytes,
+            reserve_chunk: (settings.queue_bytes / RESERVE_CHUNKS).max(1),
             writer: Mutex::new(Some((handle, done_rx))),
         })
     }
@@ -418,19 +440,49 @@ impl DnstapSink {
     /// the writer holds just to take it.
     pub fn log(&self, event: &Event<'_>) {
         let cost = event.cost();
-        let queued = self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
-        let kept = queued + cost <= self.queue_bytes
-            && QUEUES.with_borrow_mut(|queues| {
-                let mut queue = lock(self.thread_queue(queues));
-                if queue.closed {
-                    return false;
-                }
-                queue.push(event, cost);
-                true
-            });
+        let kept = QUEUES.with_borrow_mut(|queues| {
+            let mut queue = lock(self.thread_queue(queues));
+            if queue.closed || (queue.credit < cost && !self.reserve(&mut queue, cost)) {
+                return false;
+            }
+            queue.credit -= cost;
+            queue.push(event, cost);
+            true
+        });
         if !kept {
-            self.shared.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             self.shared.counters.drop_one();
+        }
+    }
+
+    /// Takes room for at least `cost` more bytes from the shared bound into `queue`'s credit:
+    /// a chunk at a time, so that a busy thread changes the count every other logging thread
+    /// and the writer change once per chunk, not once per event. Chunks come only from the
+    /// bound's first half: above it, just `cost`, so that what the threads hold unused never
+    /// keeps more than half the bound from the others. Whether it fits.
+    fn reserve(&self, queue: &mut ThreadQueue, cost: usize) -> bool {
+        let queued_bytes = &self.shared.queued_bytes;
+        let mut queued = queued_bytes.load(Ordering::Relaxed);
+        loop {
+            let chunk = cost.max(self.reserve_chunk);
+            let room = if queued + chunk <= self.queue_bytes / 2 {
+                chunk
+            } else if queued + cost <= self.queue_bytes {
+                cost
+            } else {
+                return false;
+            };
+            match queued_bytes.compare_exchange_weak(
+                queued,
+                queued + room,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    queue.credit += room;
+                    return true;
+                }
+                Err(now) => queued = now,
+            }
         }
     }
 
@@ -698,6 +750,8 @@ struct Writer {
     drop_warning: RateLimited,
 }
 
+/// A logging thread takes room from the queues' shared bound in chunks of this share of it.
+const RESERVE_CHUNKS: usize = 64;
 /// Emptied queues the writer keeps to swap in; a bigger one goes (a burst's buffers are not
 /// held for ever).
 const SPARE_QUEUES: usize = 8;
@@ -767,17 +821,31 @@ impl Writer {
         self.last_named = None;
         let mut registry = self.shared.registry();
         registry.closed = last;
+        let mut returned = 0;
         registry.queues.retain(|shared| {
             let mut queue = lock(shared);
             queue.closed = last;
-            if !queue.events.is_empty() {
+            // Only the writer holds it: its thread has ended, and it is empty once taken.
+            let ended = Arc::strong_count(shared) == 1;
+            if queue.events.is_empty() {
+                // A thread that logged nothing since the last take gives back the room it
+                // took, so idle threads hold none of the bound.
+                returned += std::mem::take(&mut queue.credit);
+            } else {
                 let mut into = self.spare.pop().unwrap_or_default();
                 queue.take(&mut into);
                 self.taken.push(into);
+                if ended {
+                    returned += std::mem::take(&mut queue.credit);
+                }
             }
-            // Only the writer holds it: its thread has ended, and it is empty now.
-            Arc::strong_count(shared) > 1
+            !ended
         });
+        if returned > 0 {
+            self.shared
+                .queued_bytes
+                .fetch_sub(returned, Ordering::Relaxed);
+        }
     }
 
     /// How long to wait for an event when there is none: until the next reconnection

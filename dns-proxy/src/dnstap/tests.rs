@@ -322,6 +322,51 @@ fn events_of_many_threads_are_all_written_even_from_threads_that_ended() {
 }
 
 #[test]
+fn threads_that_go_quiet_give_back_the_room_they_took_and_the_bound_holds() {
+    let dir = TempDir::new("credit");
+    let path = dir.0.join("lookups.dnstap");
+    let mut settings = DnstapSettings::new(DnstapTarget::File(path), "node-1");
+    settings.queue_bytes = 64 * 1024;
+    let sink = DnstapSink::start(settings).unwrap();
+    let queued = || sink.shared.queued_bytes.load(Ordering::Relaxed);
+    let (quiet_tx, quiet_rx) = std::sync::mpsc::channel::<()>();
+    let quiet_rx = Mutex::new(quiet_rx);
+    thread::scope(|scope| {
+        // Twenty threads that log one event each and then stay, quiet: each took a chunk of
+        // room (a 64th of the bound) for it.
+        let (logged_tx, logged_rx) = std::sync::mpsc::channel();
+        for _ in 0..20 {
+            let (sink, quiet_rx, logged_tx) = (&sink, &quiet_rx, logged_tx.clone());
+            scope.spawn(move || {
+                sink.log(&lookup("www.example.test.").events()[0]);
+                logged_tx.send(()).unwrap();
+                let _ = quiet_rx.lock().unwrap().recv();
+            });
+        }
+        for _ in 0..20 {
+            logged_rx.recv().unwrap();
+        }
+        // Once the writer has taken and written their events, and found them quiet, none of
+        // that room is held.
+        wait_for(
+            "the quiet threads' room back",
+            Duration::from_secs(5),
+            || sink.counters().written() == 20 && queued() == 0,
+        );
+        // And the threads that log hold what the bound allows at most.
+        let big = [0; 2048];
+        let asked = lookup("www.example.test.");
+        for _ in 0..200 {
+            let mut event = asked.events()[1];
+            event.response = Some(&big);
+            sink.log(&event);
+            assert!(queued() <= 64 * 1024, "{}", queued());
+        }
+        drop(quiet_tx);
+    });
+}
+
+#[test]
 fn what_is_logged_after_close_is_dropped_and_counted() {
     let dir = TempDir::new("closed");
     let path = dir.0.join("lookups.dnstap");
