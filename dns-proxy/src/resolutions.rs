@@ -89,15 +89,16 @@ impl Resolutions {
     /// Records the A and AAAA records of `answer`, relayed to a client of cgroup `cgroup`
     /// (0: not recorded, skipped), under the name its question asked.
     pub fn record(&self, cgroup: u64, answer: &[u8], now: Moment) {
-        if cgroup == 0 || recorded_lately(cgroup, answer, now.instant) {
+        if cgroup == 0 {
             return;
         }
-        let Some((name, addresses)) = addresses(answer) else {
+        let Some((name, addresses)) = unless_recorded_lately(cgroup, answer, now.instant, || {
+            let (name, addresses) = addresses(answer)?;
+            let least_ttl = addresses.iter().map(|&(_, ttl)| ttl).min()?;
+            Some(((name, addresses), least_ttl))
+        }) else {
             return;
         };
-        if addresses.is_empty() {
-            return;
-        }
         let now = now.wall;
         let name: Box<str> = name.into();
         let mut entries = self.lock();
@@ -172,40 +173,58 @@ impl Resolutions {
     }
 }
 
-/// How long an answer recorded for a cgroup is not recorded again: the same answer (its ID
-/// aside) comes back over and over, and its TTLs change only by the second.
-const RECORDED_LATELY: Duration = Duration::from_secs(1);
+/// How long an answer recorded for a cgroup is not recorded again: a tenth of its least TTL,
+/// at least [`RECORDED_LATELY_MIN`] and at most [`RECORDED_LATELY_MAX`]. The same answer (its
+/// ID aside) comes back over and over; recording it anew only moves its expiry on, so what
+/// `/v1/resolutions` shows is earlier than the last answer's by that window at most. With a
+/// TTL of 2 s or more (longer than the window), an entry does not expire while its workload
+/// keeps getting the answer, unless a full table pushed it out (it is back within the window).
+const RECORDED_LATELY_MIN: Duration = Duration::from_secs(1);
+const RECORDED_LATELY_MAX: Duration = Duration::from_secs(10);
 /// Answers each thread remembers having recorded (a power of two): the slots of a two-way
 /// table, one answer each, 256 KiB a thread.
 const REMEMBERED: usize = 16_384;
 
-/// One thread's answers recorded lately: in each slot, the hash of a (cgroup, answer) and
-/// when it was recorded. Each answer has a pair of slots; a new one pushes out the older, so
-/// looking up and noting cost one hash and two slots, however many names go by.
+/// One thread's answers recorded lately: in each slot, the hash of a (cgroup, answer), when
+/// it was recorded and for how long it is not recorded again (milliseconds). Each answer has
+/// a pair of slots; a new one pushes out the older, so looking up and noting cost one hash
+/// and two slots, however many names go by.
 struct RecentAnswers {
     keys: foldhash::fast::RandomState,
     started: Instant,
-    slots: Box<[(u64, u32)]>,
+    slots: Box<[RecentSlot]>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RecentSlot {
+    hash: u64,
+    at: u32,
+    window: u32,
 }
 
 thread_local! {
     static RECENT: RefCell<Option<RecentAnswers>> = const { RefCell::new(None) };
 }
 
-/// Whether this thread recorded this answer (its ID aside) for `cgroup` in the last second;
-/// notes it if not.
-fn recorded_lately(cgroup: u64, answer: &[u8], now: Instant) -> bool {
-    let Some(body) = answer.get(2..) else {
-        return true;
-    };
+/// `parse(answer)`'s result, unless this thread recorded this answer (its ID aside) for
+/// `cgroup` within its window; notes it then. `parse` gives what to record and the answer's
+/// least TTL, or `None` when there is nothing to record (the answer is then not looked at
+/// again for a second).
+fn unless_recorded_lately<T>(
+    cgroup: u64,
+    answer: &[u8],
+    now: Instant,
+    parse: impl FnOnce() -> Option<(T, u32)>,
+) -> Option<T> {
+    let body = answer.get(2..)?;
     RECENT.with_borrow_mut(|recent| {
         let recent = recent.get_or_insert_with(|| RecentAnswers {
             keys: foldhash::fast::RandomState::default(),
             started: now,
-            slots: vec![(0, 0); REMEMBERED].into_boxed_slice(),
+            slots: vec![RecentSlot::default(); REMEMBERED].into_boxed_slice(),
         });
         let hash = std::hash::BuildHasher::hash_one(&recent.keys, (cgroup, body));
-        // Milliseconds, wrapping every 49 days: a slot then looks fresh for a second at most.
+        // Milliseconds, wrapping every 49 days: a slot then looks fresh for its window at most.
         let now = now.saturating_duration_since(recent.started).as_millis() as u32;
         // Two slots per answer (a pair): the newest goes first and the one it displaces
         // second, so two answers that share a pair do not push each other out.
@@ -213,18 +232,32 @@ fn recorded_lately(cgroup: u64, answer: &[u8], now: Instant) -> bool {
         // A slot up to a second in the future is fresh too: a batch's answers share the
         // moment it was read, and the cache's waiters answered among them may have read a
         // later one.
-        let window = RECORDED_LATELY.as_millis() as u32;
-        let fresh = |at: u32| {
-            let age = now.wrapping_sub(at);
-            age < window || age > u32::MAX - window
+        let ahead = RECORDED_LATELY_MIN.as_millis() as u32;
+        let fresh = |slot: &RecentSlot| {
+            let age = now.wrapping_sub(slot.at);
+            age < slot.window || age > u32::MAX - ahead
         };
         let slots = &mut recent.slots[pair..pair + 2];
-        if slots.iter().any(|&(noted, at)| noted == hash && fresh(at)) {
-            return true;
+        if slots.iter().any(|slot| slot.hash == hash && fresh(slot)) {
+            return None;
         }
-        slots[1] = slots[0];
-        slots[0] = (hash, now);
-        false
+        let parsed = parse();
+        let window = parsed
+            .as_ref()
+            .map_or(RECORDED_LATELY_MIN, |(_, least_ttl)| {
+                (Duration::from_secs(u64::from(*least_ttl)) / 10)
+                    .clamp(RECORDED_LATELY_MIN, RECORDED_LATELY_MAX)
+            });
+        // The answer's own stale note is replaced, not kept beside it.
+        if slots[0].hash != hash {
+            slots[1] = slots[0];
+        }
+        slots[0] = RecentSlot {
+            hash,
+            at: now,
+            window: window.as_millis() as u32,
+        };
+        parsed.map(|(recorded, _)| recorded)
     })
 }
 
@@ -399,13 +432,25 @@ pub(crate) mod tests {
         );
     }
 
+    /// Whether this thread recorded `answer` for `cgroup` lately; notes it if not, as an
+    /// answer whose least TTL is 0 (noted for a second).
+    fn recorded_lately(cgroup: u64, answer: &[u8], now: Instant) -> bool {
+        recorded_lately_ttl(cgroup, answer, now, 0)
+    }
+
+    fn recorded_lately_ttl(cgroup: u64, answer: &[u8], now: Instant, ttl: u32) -> bool {
+        unless_recorded_lately(cgroup, answer, now, || Some(((), ttl))).is_none()
+    }
+
+    fn numbered_answer(i: u32) -> Vec<u8> {
+        let mut answer = vec![0xab, 0xcd];
+        answer.extend_from_slice(&i.to_be_bytes());
+        answer
+    }
+
     #[test]
     fn an_answer_is_recorded_once_a_second_per_cgroup_however_many_others_go_by() {
-        let answer = |i: u32| {
-            let mut answer = vec![0xab, 0xcd];
-            answer.extend_from_slice(&i.to_be_bytes());
-            answer
-        };
+        let answer = numbered_answer;
         let now = Instant::now();
         assert!(!recorded_lately(7, &answer(0), now));
         assert!(
@@ -416,7 +461,7 @@ pub(crate) mod tests {
         other_id[..2].copy_from_slice(&[0x12, 0x34]);
         assert!(recorded_lately(7, &other_id, now), "its ID aside");
         assert!(!recorded_lately(8, &answer(0), now), "another cgroup's");
-        let a_second_later = now + RECORDED_LATELY;
+        let a_second_later = now + RECORDED_LATELY_MIN;
         assert!(
             !recorded_lately(8, &answer(0), a_second_later),
             "a second later"
@@ -444,5 +489,74 @@ pub(crate) mod tests {
             remembered > others as usize * 7 / 10,
             "{remembered} of {others} remembered"
         );
+    }
+
+    #[test]
+    fn an_answer_is_recorded_again_after_a_tenth_of_its_least_ttl_within_bounds() {
+        let now = Instant::now();
+        let after = |seconds: f64| now + Duration::from_secs_f64(seconds);
+        // TTL 60: for 6 s.
+        assert!(!recorded_lately_ttl(7, &numbered_answer(1), now, 60));
+        assert!(recorded_lately_ttl(7, &numbered_answer(1), after(5.9), 60));
+        assert!(!recorded_lately_ttl(7, &numbered_answer(1), after(6.0), 60));
+        // TTL 3600: for 10 s, not 360.
+        assert!(!recorded_lately_ttl(7, &numbered_answer(2), now, 3600));
+        assert!(recorded_lately_ttl(
+            7,
+            &numbered_answer(2),
+            after(9.9),
+            3600
+        ));
+        assert!(!recorded_lately_ttl(
+            7,
+            &numbered_answer(2),
+            after(10.0),
+            3600
+        ));
+        // TTL 5: for a second, not half of one.
+        assert!(!recorded_lately_ttl(7, &numbered_answer(3), now, 5));
+        assert!(recorded_lately_ttl(7, &numbered_answer(3), after(0.9), 5));
+        assert!(!recorded_lately_ttl(7, &numbered_answer(3), after(1.0), 5));
+        // Nothing to record: not looked at again for a second.
+        let nothing =
+            |now| unless_recorded_lately(7, &numbered_answer(4), now, || None::<((), u32)>);
+        assert!(nothing(now).is_none());
+        let mut parsed = false;
+        let again = unless_recorded_lately(7, &numbered_answer(4), after(0.5), || {
+            parsed = true;
+            Some(((), 60))
+        });
+        assert!(again.is_none() && !parsed, "parsed again within the second");
+        assert!(
+            unless_recorded_lately(7, &numbered_answer(4), after(1.0), || Some(((), 60))).is_some()
+        );
+    }
+
+    #[test]
+    fn a_workload_that_keeps_asking_keeps_its_entry_with_an_expiry_close_to_the_last_answer() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        let start = Moment::now();
+        let at = |seconds: u64| Moment {
+            instant: start.instant + Duration::from_secs(seconds),
+            wall: start.wall + Duration::from_secs(seconds),
+        };
+        let answer = answer("www.example.test.");
+        let v4 = Some(IpAddr::from([192, 0, 2, 80]));
+        // The least TTL is 30 (the AAAA): recorded again 3 s after.
+        for second in 0..=200 {
+            table.record(7, &answer, at(second));
+            let rows = table.lookup("cgroup-id=7", v4);
+            assert_eq!(rows.len(), 1, "at {second} s");
+            let last_answer_expiry = secs(at(second).wall) + 60;
+            assert!(
+                rows[0].expires + 3 >= last_answer_expiry && rows[0].expires <= last_answer_expiry,
+                "at {second} s: expires {} against {last_answer_expiry}",
+                rows[0].expires
+            );
+        }
+    }
+
+    fn secs(time: SystemTime) -> u64 {
+        time.duration_since(UNIX_EPOCH).unwrap().as_secs()
     }
 }
