@@ -124,7 +124,8 @@ pub enum Rows {
     Uncached,
     /// Through caches only.
     Cached,
-    /// The plain agent and the agent logging (issue 17's budget) only.
+    /// The plain agent and the agent logging (issue 17's budget): the closed loop only, so
+    /// that the rows compared run seconds apart.
     Logging,
 }
 
@@ -720,16 +721,14 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Runs every configuration `settings.rounds` times, interleaved, and returns the report.
 pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
-    let configs: &[Config] = match settings.rows {
-        Rows::All | Rows::Uncached => &Config::ALL,
-        Rows::Logging => &Config::LOGGING,
-        Rows::Cached => &[],
-    };
-    let uncached = !configs.is_empty();
-    let cached = matches!(settings.rows, Rows::All | Rows::Cached);
+    if settings.rows == Rows::Logging {
+        return run_logging(settings, tools);
+    }
+    let uncached = settings.rows != Rows::Cached;
+    let cached = settings.rows != Rows::Uncached;
     let in_flight: Vec<(Config, f64)> = [Config::Agent, Config::IptablesDnsdist]
         .into_iter()
-        .filter(|_| matches!(settings.rows, Rows::All | Rows::Uncached))
+        .filter(|_| uncached)
         .map(|config| {
             eprintln!(
                 "bench: memory with {} queries in flight: {}",
@@ -744,7 +743,7 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
     for round in 1..=settings.rounds {
         let progress = |name| eprintln!("bench: round {round}/{}: {name}", settings.rounds);
         let mut this_round = Vec::new();
-        for &config in configs {
+        for config in Config::ALL.into_iter().filter(|_| uncached) {
             progress(config.name());
             this_round.push(measure(config, settings, tools));
         }
@@ -760,6 +759,79 @@ pub fn run(settings: &Settings, tools: &Tools<'_>) -> String {
     }
     if cached {
         out.push_str(&report_cached(settings, &cached_rounds));
+    }
+    out
+}
+
+/// [`Rows::Logging`]: the closed loop of the plain agent and of the logging ones, round after
+/// round, each in a topology of its own, and the report.
+fn run_logging(settings: &Settings, tools: &Tools<'_>) -> String {
+    let mut rounds: Vec<Vec<(Config, Throughput)>> = Vec::new();
+    let no_loads = Settings {
+        loads: Vec::new(),
+        ..settings.clone()
+    };
+    for round in 1..=settings.rounds {
+        let mut this_round = Vec::new();
+        for config in Config::LOGGING {
+            eprintln!(
+                "bench: round {round}/{}: {}",
+                settings.rounds,
+                config.name()
+            );
+            let topology = Topology::new();
+            let _upstream = start_upstream(&topology, tools, 0);
+            let mut interceptor = Interceptor::start(config, &topology, tools, &[]);
+            let throughput =
+                measure_throughput(&topology, &mut interceptor, &query_file(), &no_loads, 1);
+            this_round.push((config, throughput));
+        }
+        rounds.push(this_round);
+    }
+    let of = |config: Config, get: &dyn Fn(&Throughput) -> f64| {
+        let values = rounds.iter().flatten().filter(|(c, _)| *c == config);
+        median(values.map(|(_, throughput)| get(throughput)).collect())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} rounds, interleaved, closed loop only (dnsperf {} s runs); medians.\n",
+        rounds.len(),
+        settings.duration.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "{:<17} {:>10} {:>13}",
+        "config", "max qps", "cpu s/100k q"
+    );
+    for config in Config::LOGGING {
+        let _ = writeln!(
+            out,
+            "{:<17} {:>10.0} {:>13.3}",
+            config.name(),
+            of(config, &|x| x.max_qps),
+            of(config, &|x| x.cpu_per_100k)
+        );
+    }
+    let _ = writeln!(out, "\nRatios:");
+    let qps = |round: &[(Config, Throughput)], config| {
+        round
+            .iter()
+            .find(|(c, _)| *c == config)
+            .map(|(_, throughput)| throughput.max_qps)
+    };
+    for config in [Config::AgentDnstap, Config::AgentLogging] {
+        let paired = rounds
+            .iter()
+            .filter_map(|round| Some(qps(round, config)? / qps(round, Config::Agent)?))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  max qps: {}/agent {:.2} of medians; paired by round {}",
+            config.name(),
+            of(config, &|x| x.max_qps) / of(Config::Agent, &|x| x.max_qps),
+            list_with_median(paired)
+        );
     }
     out
 }
@@ -890,11 +962,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
         " {:>17} {:>13} {:>9} {:>27}",
         "1-out p50/p99 us", "cpu s/100k q", "peak MiB", "syscall ns all/conn/send/recv"
     );
-    let measured: Vec<Config> = Config::ALL
-        .into_iter()
-        .filter(|config| rounds[0].iter().any(|m| m.config == *config))
-        .collect();
-    for &config in &measured {
+    for config in Config::ALL {
         let m = |get: &dyn Fn(&Measurement) -> f64| median_of(rounds, config, get);
         write_throughput(&mut out, config.name(), settings, &|get| {
             m(&|x| get(&x.throughput))
@@ -940,9 +1008,6 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
             cpu(agent),
             list_with_median(paired_ratios(rounds, config, agent))
         );
-    }
-    if !measured.contains(&direct) {
-        return out;
     }
     let _ = writeln!(
         out,

@@ -72,7 +72,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
         /// Which rows: all, uncached (the relay), cached (through caches), or logging (the
-        /// plain agent and the agent logging: issue 17's budget, in a few minutes).
+        /// closed loops of the plain agent and of the agent logging: issue 17's budget).
         #[arg(long, value_enum, default_value_t = BenchRows::All)]
         rows: BenchRows,
     },
