@@ -795,9 +795,11 @@ fn run_logging(settings: &Settings, tools: &Tools<'_>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} rounds, interleaved, closed loop only (dnsperf {} s runs); medians.\n",
+        "{} rounds, interleaved, closed loop only (dnsperf {} s runs; dnstap logs in {}); \
+         medians.\n",
         rounds.len(),
-        settings.duration.as_secs()
+        settings.duration.as_secs(),
+        std::env::temp_dir().display()
     );
     let _ = writeln!(
         out,
