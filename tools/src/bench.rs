@@ -816,17 +816,9 @@ fn run_logging(settings: &Settings, tools: &Tools<'_>) -> String {
         );
     }
     let _ = writeln!(out, "\nRatios:");
-    let qps = |round: &[(Config, Throughput)], config| {
-        round
-            .iter()
-            .find(|(c, _)| *c == config)
-            .map(|(_, throughput)| throughput.max_qps)
-    };
     for config in [Config::AgentDnstap, Config::AgentLogging] {
-        let paired = rounds
-            .iter()
-            .filter_map(|round| Some(qps(round, config)? / qps(round, Config::Agent)?))
-            .collect();
+        let config_qps = |(c, throughput): &(Config, Throughput)| (*c, throughput.max_qps);
+        let paired = paired_ratios(&rounds, config_qps, config, Config::Agent);
         let _ = writeln!(
             out,
             "  max qps: {}/agent {:.2} of medians; paired by round {}",
@@ -931,17 +923,28 @@ fn median_of(
 
 /// `top`'s closed loop over `bottom`'s in each round, where the two ran minutes apart at
 /// most: the machine's speed drifts over a run more than between neighbours.
-fn paired_ratios(rounds: &[Vec<Measurement>], top: Config, bottom: Config) -> Vec<f64> {
-    let qps = |round: &[Measurement], config| {
+/// `config_qps` gives each entry's configuration and closed-loop rate.
+fn paired_ratios<T>(
+    rounds: &[Vec<T>],
+    config_qps: impl Fn(&T) -> (Config, f64),
+    top: Config,
+    bottom: Config,
+) -> Vec<f64> {
+    let qps = |round: &[T], config| {
         round
             .iter()
-            .find(|m| m.config == config)
-            .map(|m| m.throughput.max_qps)
+            .map(&config_qps)
+            .find(|(c, _)| *c == config)
+            .map(|(_, qps)| qps)
     };
     rounds
         .iter()
         .filter_map(|round| Some(qps(round, top)? / qps(round, bottom)?))
         .collect()
+}
+
+fn measured_qps(m: &Measurement) -> (Config, f64) {
+    (m.config, m.throughput.max_qps)
 }
 
 /// "a, b, c (median m)" of ratios.
@@ -1008,7 +1011,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
             qps(config) / qps(agent),
             cpu(config),
             cpu(agent),
-            list_with_median(paired_ratios(rounds, config, agent))
+            list_with_median(paired_ratios(rounds, measured_qps, config, agent))
         );
     }
     let _ = writeln!(
@@ -1029,7 +1032,7 @@ fn report(settings: &Settings, rounds: &[Vec<Measurement>], in_flight: &[(Config
     let _ = writeln!(
         out,
         "  max qps, paired by round: agent/iptables+dnsdist {}",
-        list_with_median(paired_ratios(rounds, agent, dnsdist)),
+        list_with_median(paired_ratios(rounds, measured_qps, agent, dnsdist)),
     );
     let _ = writeln!(
         out,

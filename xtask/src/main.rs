@@ -440,8 +440,7 @@ const FUZZ_SMOKE_SECONDS: u64 = 20;
 fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
     provision::setup(false)?; // dns-proxy's build script builds the eBPF object
     provision::fuzz_tools()?;
-    let cargo_fuzz = || cargo_fuzz(root);
-    let listed = shell::output(cargo_fuzz().args(["list", "--fuzz-dir", "fuzz"]))
+    let listed = shell::output(cargo_fuzz(root).args(["list", "--fuzz-dir", "fuzz"]))
         .context("cargo fuzz list")?;
     let all: Vec<&str> = listed.lines().map(str::trim).collect();
     for target in targets {
@@ -457,7 +456,7 @@ fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> 
     for target in targets {
         eprintln!("xtask: fuzzing {target} for {seconds} s");
         shell::run(
-            cargo_fuzz()
+            cargo_fuzz(root)
                 .args(["run", "--fuzz-dir", "fuzz", target, "--"])
                 .arg(format!("-max_total_time={seconds}")),
         )?;
