@@ -185,7 +185,7 @@ pub struct ProxyArgs {
     pub cache_max_ttl: Duration,
 
     /// How long past its expiry a cached answer may still be served (RFC 8767), to clients
-    /// whose upstream fails or has not answered within 1.8 s; it is shown with TTL 30 while
+    /// whose upstream fails or has not answered within 1.8 s; it is shown with TTL 30 (at most --cache-max-ttl) while
     /// the upstream is asked again. 0: never. Off by default, as in CoreDNS and NodeLocal
     /// DNSCache: an answer past its TTL may name an address that has moved; CoreDNS's
     /// `serve_stale` keeps 1h once turned on.
@@ -210,12 +210,18 @@ fn parse_dnstap(text: &str) -> Result<DnstapTarget, String> {
     DnstapTarget::parse(text).map_err(|err| err.to_string())
 }
 
+/// The longest any duration flag may be: beyond it no setting makes sense (RFC 8767 suggests
+/// 1 to 3 days of serve-stale), and sums of times stay far from overflowing.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A duration that may be zero (`0` or `0s`: never).
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text).map_err(|err| format!("{err} (write it like 0, 30s or 1h)"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|err| format!("{err} (write it like 0, 30s or 1h)"))?;
+    at_most_a_week(duration)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -223,6 +229,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|err| format!("{err} (write it like 500ms, 5s or 1m)"))?;
     if duration.is_zero() {
         return Err("must be more than zero".to_owned());
+    }
+    at_most_a_week(duration)
+}
+
+fn at_most_a_week(duration: Duration) -> Result<Duration, String> {
+    if duration > MAX_DURATION {
+        return Err("must be at most 7d".to_owned());
     }
     Ok(duration)
 }
@@ -658,6 +671,11 @@ mod tests {
                 .unwrap_err()
                 .contains("500ms")
         );
+        for flag in ["--serve-stale", "--upstream-timeout", "--shutdown-timeout"] {
+            let error = run_config(&[&format!("{flag}=584542046090y")]).unwrap_err();
+            assert!(error.contains("at most 7d"), "{flag}: {error}");
+        }
+        assert!(run_config(&["--serve-stale=7d", "--cache-max-ttl=7d"]).is_ok());
         assert!(run_config(&["--max-inflight=0"]).is_err());
         assert!(run_config(&["--udp-threads=0"]).is_err());
         assert!(

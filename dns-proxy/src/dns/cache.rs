@@ -301,8 +301,12 @@ impl Cache {
                 for_client(entry, client_query, age.as_secs() as u32, None),
                 true,
             )
-        } else if !entry.servfail && age < entry.lifetime + self.settings.serve_stale {
-            (for_client(entry, client_query, 0, Some(STALE_TTL)), false)
+        } else if !entry.servfail && age < entry.lifetime.saturating_add(self.settings.serve_stale)
+        {
+            (
+                for_client(entry, client_query, 0, Some(self.stale_ttl())),
+                false,
+            )
         } else {
             let expired = inner.entries.remove(&query.key);
             inner.bytes -= expired.map_or(0, |entry| entry.bytes());
@@ -323,6 +327,11 @@ impl Cache {
                 upstream_failing,
             }
         }
+    }
+
+    /// The TTL a stale answer shows: 30 s (RFC 8767 §4), or `--cache-max-ttl` if less.
+    fn stale_ttl(&self) -> u32 {
+        u32::try_from(self.settings.max_ttl.as_secs()).map_or(STALE_TTL, |cap| cap.min(STALE_TTL))
     }
 
     /// Notes that the upstream failed to refresh `key`'s answer, now stale: for the next 30 s
@@ -354,7 +363,7 @@ impl Cache {
             && let Some(kept) = inner.entries.peek_mut(&query.key)
             && !kept.servfail
             && now.saturating_duration_since(kept.stored)
-                < kept.lifetime + self.settings.serve_stale
+                < kept.lifetime.saturating_add(self.settings.serve_stale)
         {
             kept.failed = Some(now);
             return false;
@@ -391,7 +400,9 @@ impl Cache {
 
 /// The entry for `answer`, if it may be kept: a response to a standard query, not truncated,
 /// with the query's question exactly as asked (`head`'s: an answer that would fail its
-/// client's letter-case check is not shown to anyone else), no extended RCODE, and one of
+/// client's letter-case check is not shown to anyone else), the bits the key holds copied
+/// back as the RFCs say (RD, CD; an OPT only to an EDNS query, with its DO bit), no
+/// extended RCODE, and one of
 /// - NOERROR with answers: for the least TTL of its records (OPT aside);
 /// - NXDOMAIN, or NOERROR without answers (NODATA), with an SOA in the authority section: for
 ///   the least of that SOA's TTL and its MINIMUM, which the SOA then shows (RFC 2308 §5);
@@ -413,6 +424,15 @@ fn cacheable(
         return None;
     }
     let rcode = header[3] & 0x0f;
+    // RD (RFC 1035 §4.1.1) and CD (RFC 4035 §3.2.2) are copied from the query: an answer with
+    // others answers another query (a TCP client reusing an ID in flight, say), which must
+    // not be kept under this one's key.
+    let (recursion_desired, checking_disabled) = (header[2] & 0x01 != 0, header[3] & 0x10 != 0);
+    if recursion_desired != query.key.recursion_desired
+        || checking_disabled != query.key.checking_disabled
+    {
+        return None;
+    }
     let mut reader = Reader::new(answer, HEADER_LEN);
     if reader.plain_name()? != query.key.name {
         return None;
@@ -445,6 +465,11 @@ fn cacheable(
                 // BADVERS, BADCOOKIE...: about the query's EDNS, not the name. Two OPTs:
                 // malformed (RFC 6891 §6.1.1).
                 if record.ttl >> 24 != 0 || opts > 1 {
+                    return None;
+                }
+                // An OPT answers only an EDNS query (RFC 6891 §7), and carries its DO bit
+                // back (RFC 3225 §3).
+                if !query.key.edns || (record.ttl & 0x8000 != 0) != query.key.dnssec_ok {
                     return None;
                 }
                 // family (2), source prefix (1), scope prefix (1): a scope of 0 covers every
@@ -831,6 +856,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_stale_answer_shows_no_ttl_beyond_the_cap_and_a_week_of_serve_stale_does_not_overflow() {
+        let cache = Cache::new(CacheSettings {
+            max_ttl: Duration::from_secs(2),
+            serve_stale: Duration::from_secs(7 * 24 * 3600),
+            ..settings()
+        });
+        let q = query(1, "short.example.test.");
+        let start = Instant::now();
+        assert!(keeps(&cache, &q, &a_answer(&q, &[300]), start));
+        match cache.lookup(&parsed(&q), &q, true, start + Duration::from_secs(3)) {
+            Cached::Stale { answer, .. } => assert_eq!(ttls(&answer), [2]),
+            other => panic!("{other:?}"),
+        }
+        let huge = Cache::new(CacheSettings {
+            serve_stale: Duration::MAX,
+            ..settings()
+        });
+        assert!(keeps(&huge, &q, &a_answer(&q, &[1]), start));
+        let later = start + Duration::from_secs(5);
+        assert!(matches!(
+            huge.lookup(&parsed(&q), &q, true, later),
+            Cached::Stale { .. }
+        ));
+    }
+
+    #[test]
     fn keys_tell_servers_edns_and_its_bits_apart_and_ignore_letter_case() {
         let plain = parsed(&query(1, "k.example.test."));
         assert_eq!(plain.key, parsed(&query(9, "K.EXAMPLE.test.")).key);
@@ -1092,6 +1143,41 @@ pub(crate) mod tests {
         ));
     }
 
+    /// The answer to another query with the same ID (a TCP client may reuse one in flight)
+    /// must not be kept under this one's key: RD, CD, the OPT and its DO bit must be this
+    /// query's.
+    #[test]
+    fn answers_that_do_not_carry_back_the_querys_bits_are_not_kept() {
+        let cache = Cache::new(settings());
+        let now = Instant::now();
+        let asked = query(1, "bits.example.test");
+        let answer = a_answer(&asked, &[60]);
+        let mut checking_disabled = answer.clone();
+        checking_disabled[3] |= 0x10;
+        assert!(!keeps(&cache, &asked, &checking_disabled, now), "CD set");
+        let mut no_recursion = answer.clone();
+        no_recursion[2] &= !0x01;
+        assert!(!keeps(&cache, &asked, &no_recursion, now), "RD clear");
+        let mut cd_query = asked.clone();
+        cd_query[3] |= 0x10;
+        assert!(!keeps(&cache, &cd_query, &answer, now), "CD not copied");
+        // An OPT in the answer to a query without EDNS.
+        let edns_query = query_with_options(1, "bits.example.test", &[]);
+        let with_opt = a_answer(&edns_query, &[60]);
+        assert!(
+            !keeps(&cache, &asked, &with_opt, now),
+            "OPT to a plain query"
+        );
+        // DO set in the answer, not in the query.
+        let mut dnssec_ok = with_opt.clone();
+        let opt = find_opt(&dnssec_ok).unwrap().0;
+        dnssec_ok[opt + 7] |= 0x80;
+        assert!(!keeps(&cache, &edns_query, &dnssec_ok, now), "DO not asked");
+        assert!(keeps(&cache, &edns_query, &with_opt, now));
+        assert!(keeps(&cache, &asked, &answer, now));
+        assert!(keeps(&cache, &cd_query, &checking_disabled, now));
+    }
+
     #[test]
     fn a_kept_answer_loses_its_clients_cookie_and_shows_no_ttl_beyond_the_cap() {
         let cache = Cache::new(settings());
@@ -1265,8 +1351,10 @@ pub(crate) mod tests {
     #[test]
     fn an_answer_scoped_to_a_client_subnet_is_not_kept() {
         let cache = Cache::new(settings());
-        let q = query(1, "ecs.example.test.");
-        let with_scope = |scope| with_client_subnet(a_answer(&q, &[300]), scope);
+        // An EDNS query, without a subnet of its own (one would make it uncacheable).
+        let q = query_with_options(1, "ecs.example.test.", &[]);
+        let plain = query(1, "ecs.example.test.");
+        let with_scope = |scope| with_client_subnet(a_answer(&plain, &[300]), scope);
         assert!(!keeps(&cache, &q, &with_scope(24), Instant::now()));
         assert!(keeps(&cache, &q, &with_scope(0), Instant::now()));
     }

@@ -405,17 +405,21 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let id = wire::message_id(&query).unwrap_or_default();
             let description =
                 log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&query));
-            let pending = Pending {
+            let mut pending = Pending {
                 started,
                 description,
                 cacheable,
             };
-            // A client reusing an ID it is still waiting on replaces that query.
-            let replaced = conn
-                .pending
-                .lock()
-                .expect("not poisoned")
-                .insert(id, pending);
+            // A client reusing an ID it is still waiting on replaces that query. Nothing tells
+            // their answers apart, so neither is kept in the cache: the first answer may be the
+            // first query's, and kept under this one's key it would be served to others.
+            let replaced = {
+                let mut table = conn.pending.lock().expect("not poisoned");
+                if table.contains_key(&id) {
+                    pending.cacheable = None;
+                }
+                table.insert(id, pending)
+            };
             if replaced.is_some() {
                 // Its slot too: only one answer will find this ID now.
                 stats.settled(1);
