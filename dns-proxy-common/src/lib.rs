@@ -108,10 +108,14 @@ pub enum Counter {
     /// Binds of, or sends from, a block address on the proxy's port refused (nothing but the
     /// proxy may send from there: `recvmsg` would show it as the server).
     ImpersonationRefused = 7,
+    /// DNS connects and sends of the agent's namespace left alone because their socket is
+    /// bound to a device other than loopback (`SO_BINDTODEVICE`): the proxy's addresses are
+    /// local, on `lo`, which such a socket cannot reach.
+    SkippedBoundDevice = 8,
 }
 
 impl Counter {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -120,6 +124,7 @@ impl Counter {
         Self::TableFull,
         Self::ForeignRefused,
         Self::ImpersonationRefused,
+        Self::SkippedBoundDevice,
     ];
 }
 

@@ -15,10 +15,12 @@ use dns_proxy_common::{
 
 use crate::{
     AGENT_CGROUPS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, Hook, LISTENERS,
-    context::{ctx_local_port, ctx_netns_cookie, ctx_sock_type},
+    context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
     count,
 };
 
+/// The loopback device's index, in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 /// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -110,8 +112,9 @@ pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> boo
 }
 
 /// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
-/// excluded cgroup; or another namespace, where a loopback or unspecified server is that
-/// namespace's own and where a host-mode proxy cannot be reached.
+/// excluded cgroup; another namespace, where a loopback or unspecified server is that
+/// namespace's own and where a host-mode proxy cannot be reached; or, in the agent's
+/// namespace, a socket bound to a device other than loopback.
 pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
     if !in_agent_namespace(ctx, config)
         && (config.foreign_namespaces == 0 || server.is_local_only())
@@ -121,6 +124,14 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
     }
     if is_excluded() {
         count(Counter::SkippedExcluded);
+        return true;
+    }
+    // The proxy's addresses are local, on `lo`: a socket bound to another device (dnsmasq's
+    // `server=IP@eth0`, say) cannot reach them, and would lose every lookup. In other
+    // namespaces (node mode) the block is routed through the pod's own device, which works.
+    let bound = ctx_bound_dev_if(ctx);
+    if bound != 0 && bound != LOOPBACK_IFINDEX && in_agent_namespace(ctx, config) {
+        count(Counter::SkippedBoundDevice);
         return true;
     }
     false

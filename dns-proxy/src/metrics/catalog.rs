@@ -372,6 +372,15 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::SkippedForeignNamespace)),
     },
     Metric {
+        name: "kernel_skipped_bound_device",
+        labels: &[],
+        only_with: None,
+        help: "DNS connects and sends of the agent's namespace left alone because their socket \
+               is bound to a device other than loopback (SO_BINDTODEVICE), which cannot reach \
+               the proxy's addresses.",
+        read: Read::Counter(|s| s.kernel(Counter::SkippedBoundDevice)),
+    },
+    Metric {
         name: "kernel_reverse_translated",
         labels: &[],
         only_with: None,

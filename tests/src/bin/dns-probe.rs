@@ -10,7 +10,8 @@
 //! SERVER is `IP:PORT` or `[IPv6]:PORT`; a v4-mapped `[::ffff:a.b.c.d]:53` makes a dual-stack
 //! IPv6 socket talk to an IPv4 server. `--hold` keeps the socket open after the answer until
 //! standard input closes. `--raw HEX` sends that message instead of an A query for NAME.
-//! `--port N` sends from local port N (UDP) instead of an ephemeral one.
+//! `--port N` sends from local port N (UDP) instead of an ephemeral one. `--device IFNAME`
+//! binds the socket to that interface first (`SO_BINDTODEVICE`, as dnsmasq's `server=IP@IF`).
 //!
 //! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
 //! says what was wrong and exits 1.
@@ -51,6 +52,7 @@ fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<
 /// Sends `query` and returns the answer and the address it came from.
 fn exchange(
     port: u16,
+    device: Option<&str>,
     mode: &str,
     servers: &[SocketAddr],
     query: &[u8],
@@ -62,6 +64,11 @@ fn exchange(
         "sendto" | "connect" => {
             let socket =
                 UdpSocket::bind(local_for(&first, port)).map_err(|e| format!("bind: {e}"))?;
+            if let Some(device) = device {
+                socket2::SockRef::from(&socket)
+                    .bind_device(Some(device.as_bytes()))
+                    .map_err(|e| format!("SO_BINDTODEVICE {device}: {e}"))?;
+            }
             socket
                 .set_read_timeout(Some(TIMEOUT))
                 .map_err(|e| e.to_string())?;
@@ -83,8 +90,21 @@ fn exchange(
             Ok((buf[..len].to_vec(), source))
         }
         "tcp" => {
-            let mut stream =
-                TcpStream::connect_timeout(&first, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(first),
+                socket2::Type::STREAM,
+                None,
+            )
+            .map_err(|e| format!("socket: {e}"))?;
+            if let Some(device) = device {
+                socket
+                    .bind_device(Some(device.as_bytes()))
+                    .map_err(|e| format!("SO_BINDTODEVICE {device}: {e}"))?;
+            }
+            socket
+                .connect_timeout(&first.into(), TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut stream = TcpStream::from(socket);
             stream
                 .set_read_timeout(Some(TIMEOUT))
                 .map_err(|e| e.to_string())?;
@@ -129,7 +149,7 @@ fn run(args: &[String]) -> Result<String, String> {
         .split(',')
         .map(|s| s.parse().map_err(|_| format!("{s}: not an IP:PORT")))
         .collect::<Result<_, _>>()?;
-    let (mut hold, mut raw, mut port) = (false, None, 0);
+    let (mut hold, mut raw, mut port, mut device) = (false, None, 0, None);
     let mut options = options.iter();
     while let Some(option) = options.next() {
         match option.as_str() {
@@ -140,6 +160,7 @@ fn run(args: &[String]) -> Result<String, String> {
                     .and_then(|p| p.parse().ok())
                     .ok_or("--port needs a port")?
             }
+            "--device" => device = Some(options.next().ok_or("--device needs an interface")?),
             "--raw" => {
                 raw = Some(
                     options
@@ -155,7 +176,8 @@ fn run(args: &[String]) -> Result<String, String> {
         .clone()
         .unwrap_or_else(|| tests::a_query(QUERY_ID, name));
     let mut sockets = Vec::new();
-    let (answer, source) = exchange(port, mode, &servers, &query, &mut sockets)?;
+    let device = device.map(String::as_str);
+    let (answer, source) = exchange(port, device, mode, &servers, &query, &mut sockets)?;
     if !servers.contains(&source) {
         return Err(format!(
             "answer came from {source}, not from {servers:?}: musl would drop it"

@@ -329,6 +329,37 @@ fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
     forwarded(agent, name);
 }
 
+/// A socket bound to a device (dnsmasq's `server=IP@eth0`) cannot reach the proxy's
+/// addresses on `lo`: it is left alone, goes direct, and is counted, over UDP and TCP.
+#[test]
+fn a_socket_bound_to_a_device_goes_direct() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    let device = format!("{}c", topology.tag);
+    let server = format!("{SERVER_IP}:53");
+    for mode in ["sendto", "connect", "tcp"] {
+        let name = format!("bound-{mode}.example.test");
+        let line = probe_at(&topology, mode, &server, &name, &["--device", &device]);
+        assert_eq!(line, expected_probe_line(), "{mode}");
+        assert!(
+            agent.query_line(&name).is_none(),
+            "{mode} went through the proxy"
+        );
+    }
+    // The same socket bound to loopback is redirected as any other.
+    let name = "bound-lo.example.test";
+    let line = probe_at(&topology, "connect", &server, name, &["--device", "lo"]);
+    assert_eq!(line, expected_probe_line());
+    forwarded(&agent, name);
+    let page = scrape(&topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_skipped_bound_device_total"),
+        3
+    );
+    assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
+}
+
 #[test]
 fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
     let Harness {
