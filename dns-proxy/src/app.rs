@@ -263,7 +263,8 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
-    background::start(&agents, &servers, workload_root, &stop_background);
+    let watched = (scope.target.clone(), redirector.take_exclusions());
+    background::start(&agents, &servers, workload_root, watched, &stop_background);
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&shared.stats),

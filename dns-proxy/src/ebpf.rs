@@ -23,14 +23,16 @@ use aya::{
     },
 };
 use dns_proxy_common::{
-    AF_INET, AF_INET6, AddressBlock, Counter, EXCLUDED_SUBTREE, Listener, MAX_EXCLUDED_CGROUPS,
-    MAX_EXCLUDED_LEVEL, MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, listener_slot,
-    names, server_key,
+    AF_INET, AF_INET6, AddressBlock, Counter, Listener, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL,
+    MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, listener_slot, names, server_key,
 };
 use tokio::io::unix::AsyncFd;
 
+pub use exclusions::Exclusions;
+
 use crate::{agents::Agents, cgroup::Cgroup};
 
+mod exclusions;
 mod origins;
 
 pub use origins::CachedServers;
@@ -279,6 +281,8 @@ pub struct Redirector {
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     steer_link: Option<SkLookupLinkId>,
     cgroup: String,
+    /// Until [`Redirector::take_exclusions`].
+    exclusions: Option<Exclusions>,
 }
 
 impl Redirector {
@@ -316,7 +320,10 @@ impl Redirector {
             })?;
         spawn_kernel_logger(&mut ebpf);
 
-        exclude_cgroups(&mut ebpf, config.excluded)?;
+        let exclusions = Exclusions::new(
+            take_map(&mut ebpf, names::EXCLUDED_CGROUPS)?,
+            config.excluded,
+        )?;
         // Before anything is attached: from now on no agent redirects this one's sockets.
         let agents = Agents::register(
             take_map(&mut ebpf, names::AGENT_CGROUPS)?,
@@ -418,6 +425,7 @@ impl Redirector {
                 redirect_links,
                 steer_link,
                 cgroup: cgroup_name,
+                exclusions: Some(exclusions),
             },
             servers,
             counters,
@@ -449,6 +457,12 @@ fn log_detached(name: &str, what: &str, result: Option<Result<(), aya::programs:
 }
 
 impl Redirector {
+    /// The excluded cgroup trees, for the task that keeps them excluded when they are made
+    /// anew; `None` after the first call.
+    pub fn take_exclusions(&mut self) -> Option<Exclusions> {
+        self.exclusions.take()
+    }
+
     /// Stops steering packets to this agent's sockets: what reaches the block goes to the
     /// other agent serving it. For an agent that stops while another runs, so that its drain
     /// ends (what it has is answered) instead of taking every new packet until the deadline.
@@ -578,32 +592,6 @@ fn excluded_levels(excluded: &[ExcludedTree<'_>]) -> Result<u64, EbpfError> {
         mask |= 1 << tree.level;
     }
     Ok(mask)
-}
-
-/// Fills `EXCLUDED_CGROUPS`; the map stays owned by `ebpf`, alive as long as the programs.
-fn exclude_cgroups(ebpf: &mut Ebpf, excluded: &[ExcludedTree<'_>]) -> Result<(), EbpfError> {
-    let name = names::EXCLUDED_CGROUPS;
-    let map = ebpf
-        .map_mut(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let mut map: HashMap<_, u64, u8> = HashMap::try_from(map).map_err(|source| EbpfError::Map {
-        map: name,
-        source: Box::new(source),
-    })?;
-    for tree in excluded {
-        let cgroup = tree.cgroup;
-        map.insert(cgroup.id, EXCLUDED_SUBTREE, 0)
-            .map_err(|source| EbpfError::Map {
-                map: name,
-                source: Box::new(source),
-            })?;
-        log::info!(
-            "never redirecting cgroup tree {} (id {})",
-            cgroup.path.display(),
-            cgroup.id
-        );
-    }
-    Ok(())
 }
 
 fn take_map<V: aya::Pod, K: aya::Pod>(

@@ -1,20 +1,75 @@
 //! The agent's background tasks, beside the listeners: the heartbeat that tells other agents
-//! this one is alive, and the walk that forgets the origins of cgroups that are gone.
+//! this one is alive, the walk that forgets the origins of cgroups that are gone, and the
+//! watch on the cgroups named on the command line (excluded trees made anew, a redirected
+//! cgroup that is gone).
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use super::LOG;
-use crate::{agents, agents::HEARTBEAT_INTERVAL, drain, ebpf::ServerTable, workload};
+use crate::{
+    agents,
+    agents::HEARTBEAT_INTERVAL,
+    cgroup::Cgroup,
+    drain,
+    ebpf::{Exclusions, ServerTable},
+    workload,
+};
 
-/// Starts the heartbeat and the forgetting of the origins of cgroups that are gone (named from
-/// `root`), until `stop`.
+/// How often the cgroups named on the command line are looked at. A service restarted in a
+/// cgroup made anew at an excluded path is redirected for at most this long.
+const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
+/// `root`) and the watch on the redirected cgroup `target` and the `exclusions`, until `stop`.
 pub(super) fn start(
     agents: &Arc<agents::Agents>,
     servers: &Arc<ServerTable>,
     root: PathBuf,
+    watched: (Cgroup, Option<Exclusions>),
     stop: &drain::Signal,
 ) {
     tokio::spawn(keep_alive(Arc::clone(agents), stop.clone()));
     tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
+    tokio::spawn(watch_cgroups(watched.0, watched.1, stop.clone()));
+}
+
+/// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
+/// made anew ([`Exclusions::refresh`]), and says once, as an error, when the redirected cgroup
+/// is gone or made anew: the programs stay on the old one, so nothing in a new one is
+/// redirected until the agent restarts.
+async fn watch_cgroups(target: Cgroup, exclusions: Option<Exclusions>, stop: drain::Signal) {
+    let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
+    let mut target_lost = false;
+    loop {
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
+        }
+        let target_path = target.path.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            if let Some(exclusions) = exclusions.as_mut() {
+                exclusions.refresh();
+            }
+            let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
+            (exclusions, now)
+        })
+        .await;
+        let Ok((kept, target_now)) = looked else {
+            log::warn!(target: LOG, "watching the cgroups named on the command line stopped");
+            return;
+        };
+        exclusions = kept;
+        let lost = target_now.map_or(true, |id| id != target.id);
+        if lost && !target_lost {
+            log::error!(
+                target: LOG,
+                "the redirected cgroup {} (id {}) is gone or was made anew: nothing in it is \
+                 redirected now; restart the agent to redirect the new one",
+                target.path.display(),
+                target.id
+            );
+        }
+        target_lost = lost;
+    }
 }
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a

@@ -66,6 +66,58 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
 }
 
+/// systemd makes a service's cgroup anew at each restart, with a new id: the tree stays
+/// excluded (within a second), and the agent says so. A redirected cgroup that goes is an
+/// error in the log.
+#[test]
+fn an_excluded_cgroup_made_anew_stays_excluded() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let redirected = child_cgroup(&topology, "system");
+    let excluded = child_cgroup(&topology, "system/resolver");
+    // The agent redirects `system`, all but `system/resolver`: a cgroup of its own, so that
+    // this test can remove it at the end.
+    let args = [
+        format!("--listen={PROXY_LISTEN}"),
+        format!("--exclude-cgroup={}", excluded.display()),
+        format!("--metrics={METRICS}"),
+    ];
+    let agent = Agent::launch(&topology.client, &redirected, None, &args);
+    assert_eq!(
+        probe_in(&excluded, &topology, "before.example.test"),
+        expected_probe_line()
+    );
+    // A restart of the service: its cgroup removed, and made again at the same path.
+    fs::remove_dir(&excluded).expect("rmdir the excluded cgroup");
+    fs::create_dir(&excluded).expect("mkdir it again");
+    wait_for(
+        "the agent to exclude the cgroup made anew",
+        Duration::from_secs(5),
+        || agent.log().contains("was made anew").then_some(()),
+    );
+    assert_eq!(
+        probe_in(&excluded, &topology, "after.example.test"),
+        expected_probe_line()
+    );
+    assert_eq!(
+        probe_in(&redirected, &topology, "redirected.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "redirected.example.test");
+    assert!(agent.query_line("before.example.test").is_none());
+    assert!(agent.query_line("after.example.test").is_none());
+    let page = scrape(&topology);
+    assert_eq!(value(&page, "dns_proxy_kernel_skipped_excluded_total"), 2);
+
+    fs::remove_dir(&excluded).expect("rmdir the excluded cgroup");
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
+    wait_for(
+        "the agent to say the redirected cgroup is gone",
+        Duration::from_secs(5),
+        || agent.log().contains("the redirected cgroup").then_some(()),
+    );
+}
+
 #[test]
 fn an_exclusion_that_is_not_a_cgroup_is_a_one_line_error() {
     let topology = Topology::new();
