@@ -10,7 +10,7 @@ use super::{
     pending::PendingKey,
     pool::{PoolSocket, random},
 };
-use crate::dns::{Moment, OriginalDestinations, stats::Stats};
+use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
 /// What forwarding a batch of queries gathers, kept from one batch to the next.
 #[derive(Default)]
@@ -35,7 +35,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// cache answers are answered first, all with one `sendmmsg`.
     pub(super) fn forward_batch(
         self: &Arc<Self>,
-        batch: &ReceivedBatch,
+        batch: &mut ReceivedBatch,
         forwarding: &mut Forwarding,
     ) {
         // One random pool socket for the batch (another where its ID is taken).
@@ -52,6 +52,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         self.send_hits(hits);
+        // The queries that go up with an ID of the agent's own (`register_query`).
+        for query in outgoing.iter() {
+            if wire::message_id(batch.datagram(query.index)) != Some(query.key.id) {
+                batch.set_message_id(query.index, query.key.id);
+            }
+        }
         let mut run_start = 0;
         while run_start < outgoing.len() {
             let socket = &outgoing[run_start].socket;

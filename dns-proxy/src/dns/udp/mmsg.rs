@@ -183,6 +183,14 @@ impl ReceivedBatch {
         &self.buffers[start..start + self.lens[index]]
     }
 
+    /// Writes `id` as datagram `index`'s message ID: its first two bytes, which it has (it
+    /// parsed as a DNS message).
+    pub fn set_message_id(&mut self, index: usize, id: u16) {
+        assert!(index < self.count && self.lens[index] >= 2);
+        let start = index * MAX_UDP_MESSAGE;
+        self.buffers[start..start + 2].copy_from_slice(&id.to_be_bytes());
+    }
+
     /// Receives what is queued on `socket` (non-blocking), up to [`BATCH`] datagrams, with
     /// one `recvmmsg`. Returns how many; `WouldBlock` if none was queued.
     pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {

@@ -1,5 +1,7 @@
 //! The UDP listener: each redirected query is forwarded, unaltered, to the server its client
-//! asked for, and the answer is relayed back unaltered.
+//! asked for, and the answer is relayed back unaltered. (With the cache on, a query whose
+//! answer may be kept or shared goes up with an ID of the agent's own, and its answer gets
+//! the client's back.)
 //!
 //! Queries leave from a pool of upstream sockets, each bound to a random port and replaced by
 //! a fresh one (a new random port) after [`USES_PER_SOCKET`] queries. An answer is relayed
@@ -275,6 +277,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             FromCache::NotCached => (None, self.admission.client_slot(client, local)?),
         };
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
+        // A query whose answer the cache keeps, or gives to the clients waiting on it, goes up
+        // with an ID of the agent's own: the client chose its ID, and a workload that knows
+        // the ID of a query whose answer others will be given would have one thing fewer to
+        // guess in forging that answer (security.md, claim 7). Its answer gets the client's
+        // ID back. Other queries go as they came, byte for byte.
+        let (upstream_id, client_id) = match cached {
+            Some(_) => (pool::unpredictable_id(), Some(id)),
+            None => (id, None),
+        };
         let pool = match upstream {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
@@ -286,6 +297,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             socket,
             cgroup,
             client,
+            client_id,
             original,
             reply_from,
             question,
@@ -294,7 +306,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cached,
             _client_slot: client_slot,
         };
-        self.register(pool, upstream, id, pending, pick, within_fair_share)
+        self.register(
+            pool,
+            upstream,
+            upstream_id,
+            pending,
+            pick,
+            within_fair_share,
+        )
     }
 
     /// The name of cgroup `id`'s workload, for the log.

@@ -24,7 +24,8 @@ pub(super) struct PendingKey {
     /// The pool socket's [`PoolSocket::id`].
     socket: u64,
     pub(super) upstream: SocketAddr,
-    id: u16,
+    /// The ID it went upstream with.
+    pub(super) id: u16,
 }
 
 /// What the answer to a pending query needs.
@@ -35,6 +36,9 @@ pub(super) struct Pending {
     /// The cgroup that asked (0: not recorded).
     pub(super) cgroup: u64,
     pub(super) client: SocketAddr,
+    /// The client's own ID, when the query went upstream with one of the agent's
+    /// ([`super::UdpProxy::register_query`]): its answer gets it back.
+    pub(super) client_id: Option<u16>,
     pub(super) original: SocketAddr,
     /// Where the query was sent (the block address that names `original`): the answer
     /// leaves from there, so the client's connected socket takes it.

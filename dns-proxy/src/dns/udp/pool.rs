@@ -125,6 +125,21 @@ thread_local! {
     static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
 }
 
+thread_local! {
+    /// A keyed hash (SipHash, with a key of this thread's drawn from the OS) of a counter:
+    /// values no one without the key can predict.
+    static UNPREDICTABLE: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
+}
+
+/// A message ID an off-path attacker cannot predict, for a query sent with an ID of the
+/// agent's own.
+pub(super) fn unpredictable_id() -> u16 {
+    UNPREDICTABLE.with(|(key, counter)| {
+        counter.set(counter.get().wrapping_add(1));
+        key.hash_one(counter.get()) as u16
+    })
+}
+
 pub(super) fn random() -> u64 {
     RANDOM.with(|state| {
         let mut x = state.get();

@@ -90,6 +90,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 self.settle_cached(*cached, Some(datagram), pending.recipient(self), false);
             }
         }
+        // Queries that went up with an ID of the agent's own: their clients' IDs back.
+        for (index, _, pending) in matched.iter() {
+            if let Some(id) = pending.client_id {
+                received.set_message_id(*index, id);
+            }
+        }
         let stats = &self.stats.udp;
         let mut refused = Vec::new();
         mmsg::send_all(

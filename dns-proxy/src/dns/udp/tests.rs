@@ -58,8 +58,12 @@ async fn proxy_with_limits(
     max_inflight: usize,
     per_client: usize,
 ) -> Arc<UdpProxy<Fixed>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let settings = ForwardSettings {
+    start_proxy(original, settings(max_inflight, per_client)).await
+}
+
+/// The settings of the tests' proxies: no cache, a short upstream timeout.
+fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
+    ForwardSettings {
         upstream_override: None,
         upstream_timeout: Duration::from_millis(300),
         max_inflight,
@@ -67,7 +71,14 @@ async fn proxy_with_limits(
         cache: None,
         in_flight: Arc::new(Coalescer::new(1024)),
         observers: Observers::default(),
-    };
+    }
+}
+
+async fn start_proxy(
+    original: Option<SocketAddr>,
+    settings: ForwardSettings,
+) -> Arc<UdpProxy<Fixed>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let proxy = UdpProxy::new(socket, Fixed::new(original), settings, Arc::default()).unwrap();
     let serving = Arc::clone(&proxy);
     tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
@@ -93,6 +104,40 @@ async fn relays_the_matching_answer_byte_for_byte() {
     assert_eq!(proxy.stats.udp.answered.load(Ordering::Relaxed), 1);
     // The datagram with the wrong ID that came first.
     assert_eq!(proxy.stats.udp.dropped_stray.load(Ordering::Relaxed), 1);
+}
+
+/// With the cache on, a query whose answer may be kept or shared goes upstream with an ID of
+/// the agent's own (the client's is no secret to the workload that chose it), and its client
+/// gets its own ID back, the rest of the answer untouched.
+#[tokio::test]
+async fn with_the_cache_on_queries_go_up_with_an_id_of_the_agents_own() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let upstream = serve_upstream({
+        let seen = Arc::clone(&seen);
+        move |query| {
+            seen.lock().unwrap().push(wire::message_id(query).unwrap());
+            vec![answer_to(query)]
+        }
+    })
+    .await;
+    let mut settings = settings(8, 8);
+    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+        max_entries: 16,
+        max_bytes: 1 << 20,
+        max_ttl: Duration::from_secs(30),
+        serve_stale: Duration::ZERO,
+    })));
+    let proxy = start_proxy(Some(upstream), settings).await;
+    for letter in b"abcd" {
+        // Another name each time: nothing cached, nothing coalesced.
+        let mut query = QUERY.to_vec();
+        query[13] = *letter;
+        assert_eq!(ask(&proxy, &query).await, Some(answer_to(&query)));
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    // Each is 0x1234 by chance with odds of 1 in 65,536.
+    assert!(seen.iter().any(|id| *id != 0x1234), "{seen:x?}");
 }
 
 #[tokio::test]
