@@ -43,6 +43,8 @@ pub struct Waiter {
     pub query: CacheableQuery,
     /// Its query's header and question ([`CacheableQuery::head`]).
     pub head: Box<[u8]>,
+    /// Its whole query: sent on its own if the leading query's answer cannot be given to it.
+    pub message: Box<[u8]>,
     pub started: Instant,
     /// Counts against the client's --max-inflight-per-client until it is answered.
     pub _client_slot: ClientSlot,
@@ -183,6 +185,7 @@ mod tests {
             reply_from: client.ip(),
             listener: Arc::new(listener.into()),
             head: parsed.head(&message).into(),
+            message: message.clone().into(),
             query: parsed,
             started: Instant::now(),
             _client_slot: PerClientLimit::new(100).try_acquire(client.ip()).unwrap(),

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use super::{LOG, UdpProxy, mmsg, udp_asked};
+use super::{LOG, UdpProxy, mmsg, pending::Pending, pool::random, udp_asked};
 use crate::dns::{
     Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
@@ -191,6 +191,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             reply_from: to.reply_from,
             listener: Arc::clone(&self.shared_listener),
             head: query.head(datagram).into(),
+            message: datagram.into(),
             query,
             started: to.started,
             _client_slot: client_slot,
@@ -336,7 +337,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// the answer and shares it with the clients that waited on it. If the upstream failed and
     /// the cache holds a stale answer, that goes to them all instead, and is kept.
     pub(super) fn settle_cached(
-        &self,
+        self: &Arc<Self>,
         cached: CachedQuery,
         answer: Option<&[u8]>,
         to: Recipient<'_>,
@@ -364,11 +365,74 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let recipient = waiter.recipient();
             if stale_instead {
                 self.answer_stale(&waiter.query, &waiter.head, recipient);
-            } else if let Some(shared) = answer.and_then(|answer| {
-                cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true)
-            }) {
-                self.send_answer(&shared, recipient, CacheSource::Coalesced);
+            } else if let Some(answer) = answer {
+                match cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true) {
+                    Some(shared) => self.send_answer(&shared, recipient, CacheSource::Coalesced),
+                    // Not to be shown as its own (the question came back in another letter
+                    // case, or it is about the first query's EDNS): its own query goes up.
+                    None => self.forward_alone(waiter),
+                }
             }
         }
+    }
+
+    /// Sends `waiter`'s query upstream on its own, as if it had not waited: its answer is
+    /// relayed to it as it comes, and not kept. Dropped (counted) if it cannot be registered,
+    /// as a query at the in-flight limit is.
+    fn forward_alone(self: &Arc<Self>, waiter: Waiter) {
+        let (Some(id), Some(question)) = (
+            wire::message_id(&waiter.message),
+            wire::question(&waiter.message),
+        ) else {
+            return;
+        };
+        let upstream = self.settings.upstream_override.unwrap_or(waiter.original);
+        let pool = match upstream {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => &self.v6,
+        };
+        let question = self.question_key(question);
+        let within_fair_share = waiter
+            ._client_slot
+            .within_fair_share(self.settings.max_inflight);
+        let Waiter {
+            cgroup,
+            client,
+            original,
+            reply_from,
+            started,
+            message,
+            _client_slot,
+            ..
+        } = waiter;
+        let pending = |socket| Pending {
+            socket,
+            cgroup,
+            client,
+            client_id: None,
+            original,
+            reply_from,
+            question,
+            started,
+            description: log::log_enabled!(log::Level::Debug)
+                .then(|| wire::describe_query(&message)),
+            cached: None,
+            _client_slot,
+        };
+        let Some((key, socket)) =
+            self.register(pool, upstream, id, pending, random(), within_fair_share)
+        else {
+            return;
+        };
+        mmsg::send_all(
+            socket.socket().as_fd(),
+            1,
+            |_| mmsg::Outgoing {
+                datagram: &message,
+                to: upstream,
+                from: None,
+            },
+            |_, err| self.forward_failed(key, &err),
+        );
     }
 }

@@ -82,7 +82,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// A query the kernel would not send: the client retries, as it would after a lost
     /// datagram.
-    fn forward_failed(&self, key: PendingKey, err: &io::Error) {
+    pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, err: &io::Error) {
         let stats = &self.stats.udp;
         let pending = self.pending.lock().expect("not poisoned").remove(&key);
         if let Some(mut pending) = pending {

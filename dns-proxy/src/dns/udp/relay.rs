@@ -35,7 +35,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Relays the answers that arrive on a pool socket to their clients, until the proxy stops
     /// or, once the socket is retired, until nothing sent from it is outstanding.
-    async fn relay_answers(&self, pool_socket: &PoolSocket) {
+    async fn relay_answers(self: &Arc<Self>, pool_socket: &PoolSocket) {
         let (id, socket) = (pool_socket.id(), pool_socket.socket());
         // One timer for the reader's life, not one per wake-up.
         let mut retired_check = tokio::time::interval(RETIRED_CHECK);
@@ -66,7 +66,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Relays the datagrams of `answers.received`, which arrived on pool socket `socket`, that
     /// answer pending queries: all of them with as few `sendmmsg` as the kernel takes.
-    fn relay_batch(&self, socket: u64, answers: &mut Answers) {
+    fn relay_batch(self: &Arc<Self>, socket: u64, answers: &mut Answers) {
         let Answers { received, matched } = answers;
         matched.clear();
         // Answers that refresh the cache, or that a stale answer replaces: not relayed.

@@ -1,7 +1,10 @@
 //! The sweeper: every so often, the queries not answered within the upstream timeout are
 //! forgotten (their clients time out, as they would have without the proxy), and a client
 //! whose upstream is late gets a stale answer, if the cache holds one.
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use super::{
     LOG, UdpProxy,
@@ -27,7 +30,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Forgets, every so often, the queries not answered within the upstream timeout. Their
     /// clients time out, as they would have without the proxy, unless the cache holds a stale
     /// answer for them (`--serve-stale`): they get it once they have waited [`STALE_AFTER`].
-    pub(super) async fn expire_unanswered(&self) {
+    pub(super) async fn expire_unanswered(self: &Arc<Self>) {
         let timeout = self.settings.upstream_timeout;
         let every = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut ticks = tokio::time::interval(every);

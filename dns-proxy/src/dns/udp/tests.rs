@@ -74,6 +74,19 @@ fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
     }
 }
 
+/// `settings` with a small cache.
+fn with_cache(settings: ForwardSettings) -> ForwardSettings {
+    ForwardSettings {
+        cache: Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+            max_entries: 16,
+            max_bytes: 1 << 20,
+            max_ttl: Duration::from_secs(30),
+            serve_stale: Duration::ZERO,
+        }))),
+        ..settings
+    }
+}
+
 async fn start_proxy(
     original: Option<SocketAddr>,
     settings: ForwardSettings,
@@ -120,14 +133,7 @@ async fn with_the_cache_on_queries_go_up_with_an_id_of_the_agents_own() {
         }
     })
     .await;
-    let mut settings = settings(8, 8);
-    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
-        max_entries: 16,
-        max_bytes: 1 << 20,
-        max_ttl: Duration::from_secs(30),
-        serve_stale: Duration::ZERO,
-    })));
-    let proxy = start_proxy(Some(upstream), settings).await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
     for letter in b"abcd" {
         // Another name each time: nothing cached, nothing coalesced.
         let mut query = QUERY.to_vec();
@@ -138,6 +144,52 @@ async fn with_the_cache_on_queries_go_up_with_an_id_of_the_agents_own() {
     assert_eq!(seen.len(), 4);
     // Each is 0x1234 by chance with odds of 1 in 65,536.
     assert!(seen.iter().any(|id| *id != 0x1234), "{seen:x?}");
+}
+
+/// With the cache on, a client that waits on an identical query whose answer cannot be given
+/// to it (the upstream wrote the question back in lower case, which would fail the client's
+/// 0x20 check as its own) has its own query sent, and gets that one's answer.
+#[tokio::test]
+async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own() {
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let upstream = socket.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let asked = Arc::clone(&asked);
+        async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+                asked.fetch_add(1, Ordering::Relaxed);
+                let mut answer = answer_to(&buf[..len]);
+                answer[12..26].make_ascii_lowercase();
+                let socket = Arc::clone(&socket);
+                // Slow enough for the second client to wait on the first's query.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    socket.send_to(&answer, from).await.unwrap();
+                });
+            }
+        }
+    });
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let (mut leading, mut waiting) = (QUERY.to_vec(), QUERY.to_vec());
+    leading[13..20].copy_from_slice(b"EXAMPLE");
+    waiting[0] = 0x56; // another ID too
+    waiting[13..20].copy_from_slice(b"eXaMpLe");
+    let (first, second) = tokio::join!(ask(&proxy, &leading), async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ask(&proxy, &waiting).await
+    });
+    let lowered = |query: &[u8]| {
+        let mut answer = answer_to(query);
+        answer[12..26].make_ascii_lowercase();
+        answer
+    };
+    assert_eq!(first, Some(lowered(&leading)));
+    assert_eq!(second, Some(lowered(&waiting)));
+    assert_eq!(asked.load(Ordering::Relaxed), 2);
+    assert_eq!(proxy.stats.cache_coalesced.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
