@@ -558,17 +558,28 @@ impl<D: OriginalDestinations> TcpProxy<D> {
 
     /// Ends the connection when it has been idle too long, when an answer is overdue, when the
     /// client is done and answered, or at shutdown once nothing is outstanding, nothing is
-    /// being read and the client has been quiet for a moment (a query it already sent is
-    /// answered first).
+    /// being read and the client has been quiet for a moment, or the drain has gone on for
+    /// that moment (a query it already sent is answered first).
     async fn watchdog(&self, conn: &Connection) -> Closed {
+        // When this connection first saw the drain.
+        let mut draining_since = None;
         loop {
             if conn.finished() {
                 return Closed::ByClient;
             }
             let outstanding = conn.outstanding();
             let last = *conn.last_activity.lock().expect("not poisoned");
-            let may_drain = self.draining.is_stopped() && outstanding == 0 && !conn.is_reading();
-            if may_drain && last.elapsed() >= drain::QUIET {
+            if self.draining.is_stopped() && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            let may_drain = draining_since.is_some() && outstanding == 0 && !conn.is_reading();
+            // A client that keeps asking is never quiet for a moment: once the drain has gone
+            // on that long, its connection closes at the first gap between an answer and its
+            // next query (anything it sent before is read first: the select is biased), and
+            // it asks again on a new one, as RFC 7766 clients do, instead of losing a query
+            // at the drain's deadline.
+            let waited = draining_since.is_some_and(|since| since.elapsed() >= drain::QUIET);
+            if may_drain && (last.elapsed() >= drain::QUIET || waited) {
                 return Closed::Draining;
             }
             let (limit, why) = if outstanding > 0 {
@@ -577,10 +588,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 (self.settings.idle_timeout, Closed::Idle)
             };
             let deadline = tokio::time::Instant::from_std(last + limit);
-            let wake = if may_drain {
-                deadline.min(tokio::time::Instant::from_std(last + drain::QUIET))
-            } else {
-                deadline
+            let wake = match draining_since {
+                Some(since) if may_drain => deadline
+                    .min(tokio::time::Instant::from_std(last + drain::QUIET))
+                    .min(tokio::time::Instant::from_std(since + drain::QUIET)),
+                _ => deadline,
             };
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {
@@ -729,6 +741,33 @@ mod tests {
         addr
     }
 
+    /// One connection relayed by `proxy` between in-memory streams: the client's end, the
+    /// upstream's end, and the relay, which says why it ended.
+    fn relay_in_memory(
+        proxy: &Arc<TcpProxy<Fixed>>,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<String>,
+    ) {
+        let (client, proxy_client) = tokio::io::duplex(4096);
+        let (proxy_upstream, upstream) = tokio::io::duplex(4096);
+        let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
+        let proxy = Arc::clone(proxy);
+        let relay = tokio::spawn(async move {
+            let conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
+            let closed = proxy
+                .relay_streams(
+                    &conn,
+                    tokio::io::split(proxy_client),
+                    tokio::io::split(proxy_upstream),
+                )
+                .await;
+            closed.to_string()
+        });
+        (client, upstream, relay)
+    }
+
     /// The drain race, deterministic: a connection is draining with nothing outstanding when
     /// a query's first byte arrives, and the rest only after the drain's quiet time. The watchdog must not close
     /// it before the query is read, forwarded and answered.
@@ -736,23 +775,7 @@ mod tests {
     async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
         let proxy = proxy(None, Duration::from_secs(10)).await;
         proxy.draining.stop();
-        let (mut client, proxy_client) = tokio::io::duplex(4096);
-        let (proxy_upstream, mut upstream) = tokio::io::duplex(4096);
-        let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
-        let relay = {
-            let proxy = Arc::clone(&proxy);
-            tokio::spawn(async move {
-                let conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
-                let closed = proxy
-                    .relay_streams(
-                        &conn,
-                        tokio::io::split(proxy_client),
-                        tokio::io::split(proxy_upstream),
-                    )
-                    .await;
-                closed.to_string()
-            })
-        };
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
         let mut frame = Vec::new();
         write_message(&mut frame, &query(7)).await.unwrap();
         client.write_all(&frame[..1]).await.unwrap();
@@ -779,6 +802,56 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(closed, Closed::Draining.to_string());
+    }
+
+    /// A client that asks every 50 ms is never quiet for the drain's moment: once the drain
+    /// has gone on that long, its connection closes at the next gap after an answer, every
+    /// query it sent answered, instead of staying open to the drain's deadline and losing
+    /// the query in flight then.
+    #[tokio::test]
+    async fn a_busy_connection_closes_at_a_gap_once_the_drain_has_gone_on() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+        tokio::spawn(async move {
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                write_message(&mut upstream, &answer_to(&query))
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut drain_started = None;
+        let (mut sent, mut answered) = (0u16, 0u16);
+        while sent < 100 {
+            if sent == 2 {
+                proxy.draining.stop();
+                drain_started = Some(Instant::now());
+            }
+            let mut frame = Vec::new();
+            write_message(&mut frame, &query(sent)).await.unwrap();
+            if client.write_all(&frame).await.is_err() {
+                break; // closed: the client asks again on a new connection
+            }
+            sent += 1;
+            match timeout(Duration::from_secs(2), read_message(&mut client)).await {
+                Ok(Ok(Some(answer))) => {
+                    assert_eq!(answer, answer_to(&query(sent - 1)));
+                    answered += 1;
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let closed = timeout(Duration::from_secs(2), relay)
+            .await
+            .expect("closed long before the drain's deadline")
+            .unwrap();
+        assert_eq!(closed, Closed::Draining.to_string());
+        let drained_in = drain_started.unwrap().elapsed();
+        assert!(drained_in < drain::QUIET * 3, "{drained_in:?}");
+        assert_eq!(
+            answered, sent,
+            "every query sent before the close was answered"
+        );
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
