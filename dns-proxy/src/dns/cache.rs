@@ -234,7 +234,8 @@ impl Entry {
 pub enum Cached {
     /// A live answer, ready to send.
     Fresh(Vec<u8>),
-    /// An expired answer within `--serve-stale`, ready to send with TTL 30, for when the
+    /// An expired answer within `--serve-stale`, ready to send with TTL 30 (at most
+    /// `--cache-max-ttl`), for when the
     /// upstream fails; `upstream_failing` if it failed to refresh it in the last 30 s, when
     /// it may be served at once.
     Stale {

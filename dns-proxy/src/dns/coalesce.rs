@@ -23,6 +23,10 @@ use super::{
 
 /// Clients that may wait on one query; more are forwarded on their own.
 const MAX_WAITERS_PER_QUERY: usize = 256;
+/// The largest query a waiter keeps whole, to send on its own should the answer it waits for
+/// not be for it: a plain query, padded (RFC 8467) or with a cookie, is well below it, and the
+/// waiters of `--max-inflight` 4,096 keep 5 MiB of queries at most.
+pub const MAX_KEPT_QUERY: usize = 1232;
 /// How long after a query left identical ones may still wait on it. A client that asks again
 /// later is retrying (the first query or its answer may be lost): its query goes upstream on
 /// its own, as it would without the cache.
@@ -43,8 +47,10 @@ pub struct Waiter {
     pub query: CacheableQuery,
     /// Its query's header and question ([`CacheableQuery::head`]).
     pub head: Box<[u8]>,
-    /// Its whole query: sent on its own if the leading query's answer cannot be given to it.
-    pub message: Box<[u8]>,
+    /// Its whole query, up to [`MAX_KEPT_QUERY`] bytes: sent on its own if the leading
+    /// query's answer cannot be given to it. `None`: longer (it then goes unanswered, and
+    /// its client retries).
+    pub message: Option<Box<[u8]>>,
     pub started: Instant,
     /// Counts against the client's --max-inflight-per-client until it is answered.
     pub _client_slot: ClientSlot,
@@ -185,7 +191,7 @@ mod tests {
             reply_from: client.ip(),
             listener: Arc::new(listener.into()),
             head: parsed.head(&message).into(),
-            message: message.clone().into(),
+            message: Some(message.clone().into()),
             query: parsed,
             started: Instant::now(),
             _client_slot: PerClientLimit::new(100).try_acquire(client.ip()).unwrap(),

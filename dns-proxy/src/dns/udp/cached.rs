@@ -13,7 +13,7 @@ use super::{LOG, UdpProxy, mmsg, pending::Pending, pool::random, udp_asked};
 use crate::dns::{
     Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
-    coalesce::{Coalescer, Joined, Waiter},
+    coalesce::{Coalescer, Joined, MAX_KEPT_QUERY, Waiter},
     per_client::ClientSlot,
     stats::Stats,
     wire,
@@ -191,7 +191,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             reply_from: to.reply_from,
             listener: Arc::clone(&self.shared_listener),
             head: query.head(datagram).into(),
-            message: datagram.into(),
+            message: (datagram.len() <= MAX_KEPT_QUERY).then(|| datagram.into()),
             query,
             started: to.started,
             _client_slot: client_slot,
@@ -378,12 +378,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Sends `waiter`'s query upstream on its own, as if it had not waited: its answer is
     /// relayed to it as it comes, and not kept. Dropped (counted) if it cannot be registered,
-    /// as a query at the in-flight limit is.
+    /// as a query at the in-flight limit is; left unanswered, as after a loss, if it kept no
+    /// query ([`MAX_KEPT_QUERY`]) or its listener is of the other address family (its answer
+    /// would leave through this proxy's listener: with `--upstream`, IPv4 and IPv6 clients
+    /// share keys).
     fn forward_alone(self: &Arc<Self>, waiter: Waiter) {
-        let (Some(id), Some(question)) = (
-            wire::message_id(&waiter.message),
-            wire::question(&waiter.message),
-        ) else {
+        if waiter.client.is_ipv4() != self.local_addr.is_ipv4() {
+            return;
+        }
+        let Some(message) = waiter.message.as_deref() else {
+            return;
+        };
+        let (Some(id), Some(question)) = (wire::message_id(message), wire::question(message))
+        else {
             return;
         };
         let upstream = self.settings.upstream_override.unwrap_or(waiter.original);
@@ -395,13 +402,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let within_fair_share = waiter
             ._client_slot
             .within_fair_share(self.settings.max_inflight);
+        let description =
+            log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(message));
+        let message = message.to_vec();
         let Waiter {
             cgroup,
             client,
             original,
             reply_from,
-            started,
-            message,
             _client_slot,
             ..
         } = waiter;
@@ -413,9 +421,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             original,
             reply_from,
             question,
-            started,
-            description: log::log_enabled!(log::Level::Debug)
-                .then(|| wire::describe_query(&message)),
+            // Now: its own query has the whole upstream timeout, whenever it first came.
+            started: Instant::now(),
+            description,
             cached: None,
             _client_slot,
         };
