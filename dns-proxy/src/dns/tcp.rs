@@ -125,6 +125,9 @@ struct Connection {
     client_done: std::sync::atomic::AtomicBool,
     /// A query has begun to arrive and is not yet on its way: a drain must wait for it.
     reading: std::sync::atomic::AtomicBool,
+    /// The client sent a query with an ID still in flight: answers to its queries cannot be
+    /// told apart for sure from then on, so none is kept in the cache.
+    reuses_ids: std::sync::atomic::AtomicBool,
     changed: Notify,
 }
 
@@ -150,6 +153,7 @@ impl Connection {
             last_activity: Mutex::new(Instant::now()),
             client_done: false.into(),
             reading: false.into(),
+            reuses_ids: false.into(),
             changed: Notify::new(),
         }
     }
@@ -332,7 +336,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             biased;
             closed = self.queries(conn, BufReader::new(client_read), upstream_write, &client_write) => closed,
             closed = self.answers(conn, BufReader::new(upstream_read), &client_write) => closed,
-            closed = self.watchdog(conn) => closed,
+            closed = self.watchdog(conn, &client_write) => closed,
         };
         // Queries still waiting will never be answered now.
         stats.settled(conn.outstanding() as u64);
@@ -411,11 +415,17 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 cacheable,
             };
             // A client reusing an ID it is still waiting on replaces that query. Nothing tells
-            // their answers apart, so neither is kept in the cache: the first answer may be the
-            // first query's, and kept under this one's key it would be served to others.
+            // their answers apart (the first answer may be the first query's, and kept under
+            // this one's key it would be served to others), nor, while answers to the earlier
+            // ones may still come, those of its later queries: from then on none of this
+            // connection's answers is kept in the cache.
             let replaced = {
                 let mut table = conn.pending.lock().expect("not poisoned");
                 if table.contains_key(&id) {
+                    conn.reuses_ids
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if conn.reuses_ids.load(std::sync::atomic::Ordering::Relaxed) {
                     pending.cacheable = None;
                 }
                 table.insert(id, pending)
@@ -517,6 +527,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             if let Err(err) = write_message(&mut *client.lock().await, &answer).await {
                 return Closed::ClientError(err);
             }
+            // Written: a draining watchdog, which waits while an answer is being written,
+            // looks again.
+            conn.touch();
             let now = Moment::now();
             let latency = pending
                 .as_ref()
@@ -560,7 +573,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     /// client is done and answered, or at shutdown once nothing is outstanding, nothing is
     /// being read and the client has been quiet for a moment, or the drain has gone on for
     /// that moment (a query it already sent is answered first).
-    async fn watchdog(&self, conn: &Connection) -> Closed {
+    async fn watchdog(
+        &self,
+        conn: &Connection,
+        client_write: &AsyncMutex<impl AsyncWrite + Unpin>,
+    ) -> Closed {
         // When this connection first saw the drain.
         let mut draining_since = None;
         loop {
@@ -572,7 +589,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             if self.draining.is_stopped() && draining_since.is_none() {
                 draining_since = Some(Instant::now());
             }
-            let may_drain = draining_since.is_some() && outstanding == 0 && !conn.is_reading();
+            // An answer being written holds the client's writer (a slow client's buffer may
+            // be full): it is not a gap.
+            let writing = client_write.try_lock().is_err();
+            let may_drain =
+                draining_since.is_some() && outstanding == 0 && !conn.is_reading() && !writing;
             // A client that keeps asking is never quiet for a moment: once the drain has gone
             // on that long, its connection closes at the first gap between an answer and its
             // next query (anything it sent before is read first: the select is biased), and
@@ -852,6 +873,57 @@ mod tests {
             answered, sent,
             "every query sent before the close was answered"
         );
+    }
+
+    /// An answer still being written (the client reads slowly: its buffer is full) is not a
+    /// gap a drain may close at, even once the drain has gone on: the client gets all of it.
+    #[tokio::test]
+    async fn a_drain_never_closes_on_an_answer_being_written() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+        let big_answer = |query: &[u8]| {
+            let mut answer = answer_to(query);
+            answer.resize(6000, 0); // more than the 4 KiB the client's end buffers
+            answer
+        };
+        tokio::spawn(async move {
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                if query[..2] == [0, 1] {
+                    // Late: the drain has gone on for its quiet time when this comes.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    write_message(&mut upstream, &big_answer(&query))
+                        .await
+                        .unwrap();
+                } else {
+                    write_message(&mut upstream, &answer_to(&query))
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        let mut frame = Vec::new();
+        write_message(&mut frame, &query(0)).await.unwrap();
+        client.write_all(&frame).await.unwrap();
+        assert_eq!(
+            read_message(&mut client).await.unwrap(),
+            Some(answer_to(&query(0)))
+        );
+        proxy.draining.stop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut frame = Vec::new();
+        write_message(&mut frame, &query(1)).await.unwrap();
+        client.write_all(&frame).await.unwrap();
+        // The answer comes at about 350 ms into the drain; read it at about 500 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = timeout(Duration::from_secs(2), read_message(&mut client))
+            .await
+            .expect("the answer comes");
+        assert_eq!(answer.unwrap(), Some(big_answer(&query(1))));
+        let closed = timeout(Duration::from_secs(2), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed, Closed::Draining.to_string());
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
