@@ -108,9 +108,9 @@ pub enum Counter {
     /// Binds of, or sends from, a block address on the proxy's port refused (nothing but the
     /// proxy may send from there: `recvmsg` would show it as the server).
     ImpersonationRefused = 7,
-    /// DNS connects and sends of the agent's namespace left alone because their socket is
-    /// bound to a device other than loopback (`SO_BINDTODEVICE`): the proxy's addresses are
-    /// local, on `lo`, which such a socket cannot reach.
+    /// DNS connects and sends left alone because their socket is bound to a device other
+    /// than loopback (`SO_BINDTODEVICE`): the proxy's addresses are local, on `lo`, or routed
+    /// through one device of a pod, which such a socket may not reach.
     SkippedBoundDevice = 8,
 }
 

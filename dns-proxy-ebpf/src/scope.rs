@@ -113,8 +113,8 @@ pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> boo
 
 /// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
 /// excluded cgroup; another namespace, where a loopback or unspecified server is that
-/// namespace's own and where a host-mode proxy cannot be reached; or, in the agent's
-/// namespace, a socket bound to a device other than loopback.
+/// namespace's own and where a host-mode proxy cannot be reached; or a socket bound to a
+/// device other than loopback.
 pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
     if !in_agent_namespace(ctx, config)
         && (config.foreign_namespaces == 0 || server.is_local_only())
@@ -126,11 +126,12 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
         count(Counter::SkippedExcluded);
         return true;
     }
-    // The proxy's addresses are local, on `lo`: a socket bound to another device (dnsmasq's
-    // `server=IP@eth0`, say) cannot reach them, and would lose every lookup. In other
-    // namespaces (node mode) the block is routed through the pod's own device, which works.
+    // In the agent's namespace the proxy's addresses are local, on `lo`: a socket bound to
+    // another device (dnsmasq's `server=IP@eth0`, say) cannot reach them, and would lose
+    // every lookup. In a pod the block is routed through one device, which a socket bound
+    // to another (a second network's) cannot use either: left alone everywhere (fail-open).
     let bound = ctx_bound_dev_if(ctx);
-    if bound != 0 && bound != LOOPBACK_IFINDEX && in_agent_namespace(ctx, config) {
+    if bound != 0 && bound != LOOPBACK_IFINDEX {
         count(Counter::SkippedBoundDevice);
         return true;
     }

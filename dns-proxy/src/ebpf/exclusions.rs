@@ -81,20 +81,20 @@ impl Exclusions {
             if id == tree.id {
                 continue;
             }
-            if let Err(err) = self.map.insert(id, EXCLUDED_SUBTREE, 0) {
-                log::warn!(
-                    "excluding cgroup tree {}, made anew (id {id}): {err}",
-                    tree.path.display()
-                );
-                continue;
-            }
-            // Gone with its cgroup; if it was not in the map, there is nothing to let go.
+            // The old id first: its cgroup is gone, and a full map has room for the new one.
             let _ = self.map.remove(&tree.id);
-            log::info!(
-                "cgroup tree {} was made anew (id {} -> {id}): still never redirected",
-                tree.path.display(),
-                tree.id
-            );
+            match self.map.insert(id, EXCLUDED_SUBTREE, 0) {
+                Ok(()) => log::info!(
+                    "cgroup tree {} was made anew (id {} -> {id}): still never redirected",
+                    tree.path.display(),
+                    tree.id
+                ),
+                // Not tried again (said once): the tree is redirected until a restart.
+                Err(err) => log::error!(
+                    "cgroup tree {} was made anew (id {id}) and cannot be excluded: {err}",
+                    tree.path.display()
+                ),
+            }
             tree.id = id;
         }
     }

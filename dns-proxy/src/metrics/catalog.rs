@@ -375,9 +375,9 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_skipped_bound_device",
         labels: &[],
         only_with: None,
-        help: "DNS connects and sends of the agent's namespace left alone because their socket \
-               is bound to a device other than loopback (SO_BINDTODEVICE), which cannot reach \
-               the proxy's addresses.",
+        help: "DNS connects and sends left alone because their socket is bound to a device \
+               other than loopback (SO_BINDTODEVICE), which may not reach the proxy's \
+               addresses.",
         read: Read::Counter(|s| s.kernel(Counter::SkippedBoundDevice)),
     },
     Metric {
