@@ -78,33 +78,35 @@ impl Drop for UdpThread {
 /// The group is only joined by sockets of the same user that set SO_REUSEPORT, which a second
 /// agent would: so the address is first bound alone, without it, which fails if anything,
 /// such an agent included, is there; only `take_over` goes on to join it. For port 0 that
-/// first bind picks the port.
+/// first bind picks the port. `freebind`: the address is only routed here (an IPv6 block's),
+/// which IPv6 binds only with `IPV6_FREEBIND`.
 pub fn bind_reuseport_group(
     addr: SocketAddr,
     count: usize,
     take_over: bool,
+    freebind: bool,
 ) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>, bool)> {
-    let (bound, joined) = match bind_alone(addr) {
+    let (bound, joined) = match bind_alone(addr, freebind) {
         Ok(bound) => (bound, false),
         Err(err) if take_over && err.kind() == io::ErrorKind::AddrInUse => (addr, true),
         Err(err) => return Err(err),
     };
     let group = (0..count)
-        .map(|_| udp_socket(bound, true).map(std::net::UdpSocket::from))
+        .map(|_| udp_socket(bound, true, freebind).map(std::net::UdpSocket::from))
         .collect::<io::Result<_>>()?;
     Ok((bound, group, joined))
 }
 
 /// Binds `addr` with a UDP socket without SO_REUSEPORT, which fails if any socket is there,
 /// and returns where it was bound (the port the kernel picked, for port 0).
-fn bind_alone(addr: SocketAddr) -> io::Result<SocketAddr> {
-    udp_socket(addr, false)?
+fn bind_alone(addr: SocketAddr, freebind: bool) -> io::Result<SocketAddr> {
+    udp_socket(addr, false, freebind)?
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("a UDP socket without an IP address"))
 }
 
-fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+fn udp_socket(addr: SocketAddr, reuse_port: bool, freebind: bool) -> io::Result<Socket> {
     let socket = listener_socket(Domain::for_address(addr), Type::DGRAM)?;
     // Before the socket can receive anything: a datagram queued without its arrival
     // (destination and interface) would read as one of another namespace and be refused. The
@@ -112,8 +114,18 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     // its proxy exists (an agent taking over, or a connected client across a restart).
     crate::dns::udp::mmsg::receive_arrivals(socket.as_fd(), addr.is_ipv6())?;
     socket.set_reuse_port(reuse_port)?;
+    set_freebind(&socket, addr, freebind)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// Lets `socket` bind `addr` although no interface has it (it is only routed `local` here),
+/// if `freebind`: IPv4 binds such an address anyway, IPv6 only with `IPV6_FREEBIND`.
+pub fn set_freebind(socket: &Socket, addr: SocketAddr, freebind: bool) -> io::Result<()> {
+    if freebind && addr.is_ipv6() {
+        socket.set_freebind_v6(true)?;
+    }
+    Ok(())
 }
 
 /// The lowest descriptor a listening socket may have: above every descriptor the agent has
@@ -153,7 +165,7 @@ mod tests {
     #[test]
     fn a_group_shares_its_port_and_keeps_others_out() {
         let (bound, group, joined) =
-            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3, false).unwrap();
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3, false, false).unwrap();
         assert!(!joined);
         assert_ne!(bound.port(), 0);
         assert_eq!(group.len(), 3);
@@ -161,13 +173,13 @@ mod tests {
             assert_eq!(socket.local_addr().unwrap(), bound);
         }
         // A second agent, doing the same, is refused; one taking over joins.
-        let err = bind_reuseport_group(bound, 3, false).unwrap_err();
+        let err = bind_reuseport_group(bound, 3, false, false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        let (joined_at, second, joined) = bind_reuseport_group(bound, 2, true).unwrap();
+        let (joined_at, second, joined) = bind_reuseport_group(bound, 2, true, false).unwrap();
         assert_eq!((joined_at, second.len(), joined), (bound, 2, true));
         // Taking over finds nothing to join at a free address, and says so.
         drop((group, second));
-        let (_, _, joined) = bind_reuseport_group(bound, 1, true).unwrap();
+        let (_, _, joined) = bind_reuseport_group(bound, 1, true, false).unwrap();
         assert!(!joined);
     }
 

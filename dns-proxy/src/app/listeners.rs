@@ -4,7 +4,7 @@
 //! out is decided here.
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd as _,
 };
 
@@ -68,11 +68,18 @@ impl Listeners {
         host::check_block_is_free("--redirect-block", config.block4)?;
         host::route_block_here(config.block4)?;
         if let SocketAddr::V4(v4) = listeners
-            .bind_pair(SocketAddr::V4(config.listen), udp_threads, config.takeover)
+            .bind_pair(
+                SocketAddr::V4(config.listen),
+                udp_threads,
+                config.takeover,
+                false,
+            )
             .await?
         {
             listeners.v4 = v4;
         }
+        // An IPv6 listen address in the block (its first, say) is only routed here.
+        let in_block6 = |v6: SocketAddrV6| config.block6.contains(IpAddr::V6(*v6.ip()));
         let bound_v6 = |addr| match addr {
             SocketAddr::V6(v6) => Some(v6),
             SocketAddr::V4(_) => None,
@@ -83,7 +90,12 @@ impl Listeners {
                 host::route_block_here(config.block6)?;
                 listeners.v6 = bound_v6(
                     listeners
-                        .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                        .bind_pair(
+                            SocketAddr::V6(v6),
+                            udp_threads,
+                            config.takeover,
+                            in_block6(v6),
+                        )
                         .await?,
                 );
             }
@@ -92,7 +104,12 @@ impl Listeners {
                 let bound = match host::route_block_here(config.block6) {
                     Ok(()) => {
                         listeners
-                            .bind_pair(SocketAddr::V6(v6), udp_threads, config.takeover)
+                            .bind_pair(
+                                SocketAddr::V6(v6),
+                                udp_threads,
+                                config.takeover,
+                                in_block6(v6),
+                            )
                             .await
                     }
                     Err(host::HostError::Route { source, .. }) => Err(RunError::Listen {
@@ -192,24 +209,26 @@ impl Listeners {
         addr: SocketAddr,
         udp_sockets: usize,
         take_over: bool,
+        freebind: bool,
     ) -> Result<SocketAddr, RunError> {
         const PICK_ATTEMPTS: u32 = 16;
         let mut attempt = 1;
         loop {
             let failed = |addr, source| RunError::Listen { addr, source };
-            let (bound, udp, joined) = match bind_reuseport_group(addr, udp_sockets, take_over) {
-                Ok(group) => group,
-                Err(err)
-                    if addr.port() == 0
-                        && err.kind() == io::ErrorKind::AddrInUse
-                        && attempt < PICK_ATTEMPTS =>
-                {
-                    attempt += 1;
-                    continue;
-                }
-                Err(source) => return Err(failed(addr, source)),
-            };
-            match bind_tcp_listener(bound) {
+            let (bound, udp, joined) =
+                match bind_reuseport_group(addr, udp_sockets, take_over, freebind) {
+                    Ok(group) => group,
+                    Err(err)
+                        if addr.port() == 0
+                            && err.kind() == io::ErrorKind::AddrInUse
+                            && attempt < PICK_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(source) => return Err(failed(addr, source)),
+                };
+            match bind_tcp_listener(bound, freebind) {
                 Ok(tcp) => {
                     self.udp.push(udp);
                     self.tcp.push(tcp);
@@ -233,11 +252,12 @@ impl Listeners {
 /// on a high descriptor (see [`udp_threads::listener_socket`]), and joinable (SO_REUSEPORT)
 /// by the agent that takes over from this one: the UDP group, bound first, is what keeps a
 /// second agent out. Must run inside a tokio runtime.
-fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_tcp_listener(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
     let socket =
         udp_threads::listener_socket(socket2::Domain::for_address(addr), socket2::Type::STREAM)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    udp_threads::set_freebind(&socket, addr, freebind)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())

@@ -261,6 +261,36 @@ mod ipv6 {
         assert_forwarded_over(agent, name, "tcp");
     }
 
+    /// Node mode's IPv6 twin of `--listen 169.254.53.0:53`: the listeners on the IPv6 block's
+    /// first address, which no interface has (the agent only routes the block `local`), and
+    /// a node process's UDP and TCP lookups to an IPv6 server through them.
+    #[test]
+    fn node_mode_listens_on_the_ipv6_blocks_first_address() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let args = [
+            "--listen=169.254.53.0:53".to_owned(),
+            "--listen6=[fd53:6e73:6470::]:53".to_owned(),
+        ];
+        let agent = Agent::launch(&topology.client, &topology.cgroup.path, None, &args);
+        for (mode, name) in [
+            ("connect", "six-node.example.test"),
+            ("tcp", "six-node-tcp.example.test"),
+        ] {
+            let line = probe_at(&topology, mode, &server6(), name, &[]);
+            assert_eq!(
+                line,
+                format!("source={} answer={ANSWER_IP}", server6()),
+                "{mode}"
+            );
+            let forwarded = forwarded(&agent, name);
+            assert!(
+                forwarded.contains(&format!("server={}", server6())),
+                "{forwarded}"
+            );
+        }
+    }
+
     #[test]
     fn ipv6_clients_see_the_server_address_and_port() {
         let Harness {
