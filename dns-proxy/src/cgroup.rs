@@ -357,7 +357,8 @@ impl Drop for CommandCgroup {
                 .unwrap_or(0);
             log::warn!(
                 "cannot remove {}: {err} ({left} processes the command started are still \
-                 there, and no longer redirected)",
+                 there: no longer redirected, and a socket of theirs connected through this \
+                 agent is refused until it connects again)",
                 path.display()
             );
         }
