@@ -180,10 +180,8 @@ impl Listeners {
                 None,
             )
             .and_then(|socket| {
-                if lock.is_ipv6() {
-                    // The IPv6 block is only routed here, not an address of an interface.
-                    socket.set_freebind_v6(true)?;
-                }
+                // The IPv6 block is only routed here, not an address of an interface.
+                udp_threads::set_freebind(&socket, lock, true)?;
                 // Alone first, which fails if another agent holds it; joinable after, for
                 // the agent that takes over from this one.
                 if !config.takeover {

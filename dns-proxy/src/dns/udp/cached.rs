@@ -383,36 +383,30 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// would leave through this proxy's listener: with `--upstream`, IPv4 and IPv6 clients
     /// share keys).
     fn forward_alone(self: &Arc<Self>, waiter: Waiter) {
-        if waiter.client.is_ipv4() != self.local_addr.is_ipv4() {
-            return;
-        }
-        let Some(message) = waiter.message.as_deref() else {
-            return;
-        };
-        let (Some(id), Some(question)) = (wire::message_id(message), wire::question(message))
-        else {
-            return;
-        };
-        let upstream = self.settings.upstream_override.unwrap_or(waiter.original);
-        let pool = match upstream {
-            SocketAddr::V4(_) => &self.v4,
-            SocketAddr::V6(_) => &self.v6,
-        };
-        let question = self.question_key(question);
-        let within_fair_share = waiter
-            ._client_slot
-            .within_fair_share(self.settings.max_inflight);
-        let description =
-            log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(message));
-        let message = message.to_vec();
         let Waiter {
             cgroup,
             client,
             original,
             reply_from,
-            _client_slot,
+            message: Some(message),
+            _client_slot: client_slot,
             ..
-        } = waiter;
+        } = waiter
+        else {
+            return;
+        };
+        let (Some(id), Some(question)) = (wire::message_id(&message), wire::question(&message))
+        else {
+            return;
+        };
+        if client.is_ipv4() != self.local_addr.is_ipv4() {
+            return;
+        }
+        let upstream = self.settings.upstream_override.unwrap_or(original);
+        let question = self.question_key(question);
+        let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
+        let description =
+            log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
         let pending = |socket| Pending {
             socket,
             cgroup,
@@ -425,10 +419,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             started: Instant::now(),
             description,
             cached: None,
-            _client_slot,
+            _client_slot: client_slot,
         };
-        let Some((key, socket)) =
-            self.register(pool, upstream, id, pending, random(), within_fair_share)
+        let Some((key, socket)) = self.register(upstream, id, pending, random(), within_fair_share)
         else {
             return;
         };

@@ -286,10 +286,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Some(_) => (pool::unpredictable_id(), Some(id)),
             None => (id, None),
         };
-        let pool = match upstream {
-            SocketAddr::V4(_) => &self.v4,
-            SocketAddr::V6(_) => &self.v6,
-        };
         let question = self.question_key(question);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
@@ -306,14 +302,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cached,
             _client_slot: client_slot,
         };
-        self.register(
-            pool,
-            upstream,
-            upstream_id,
-            pending,
-            pick,
-            within_fair_share,
-        )
+        self.register(upstream, upstream_id, pending, pick, within_fair_share)
     }
 
     /// The name of cgroup `id`'s workload, for the log.

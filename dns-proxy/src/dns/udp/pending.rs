@@ -14,7 +14,7 @@ use std::{
 use super::{
     UdpProxy,
     cached::{CachedQuery, Recipient},
-    pool::{Pool, PoolSocket},
+    pool::PoolSocket,
 };
 use crate::dns::{OriginalDestinations, per_client::ClientSlot, stats::Stats, wire};
 
@@ -76,13 +76,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.pending.lock().expect("not poisoned").len()
     }
 
-    /// Records a query as pending on the pool socket `pick` chooses or, if a query of the same
-    /// ID to the same upstream is in flight there, the next free one, and returns its key and
-    /// socket. The socket first chosen is replaced by a fresh one if it has carried its share.
+    /// Records a query as pending on a socket of the pool of `upstream`'s family: the one
+    /// `pick` chooses or, if a query of the same ID to the same upstream is in flight there,
+    /// the next free one; returns its key and socket. The socket first chosen is replaced by a fresh one if it has carried its share.
     /// `None` (counted) at the in-flight limit, or with no socket to use.
     pub(super) fn register(
         self: &Arc<Self>,
-        pool: &Pool,
         upstream: SocketAddr,
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
@@ -90,6 +89,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         within_fair_share: bool,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
+        let pool = match upstream {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => &self.v6,
+        };
         let (slots, start) = self.pick_socket(pool, upstream, pick)?;
         let mut table = self.pending.lock().expect("not poisoned");
         // The limit is the agent's, over all UDP threads (which may pass it by one each). A
