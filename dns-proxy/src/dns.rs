@@ -14,6 +14,7 @@ pub mod per_client;
 pub mod query_log;
 pub mod stats;
 pub mod tcp;
+pub mod transfer;
 pub mod udp;
 pub mod wire;
 pub mod workload_stats;

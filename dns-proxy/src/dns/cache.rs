@@ -11,14 +11,13 @@
 use std::{
     borrow::Cow,
     net::SocketAddr,
-    ops::Range,
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use hashlink::LruCache;
 
-use crate::dns::wire::{HEADER_LEN, Reader, Record, count};
+use crate::dns::wire::{HEADER_LEN, Reader, TYPE_OPT, count, find_opt, option, options};
 
 /// A SERVFAIL is kept at most this long (RFC 2308 §7.1).
 const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
@@ -30,7 +29,6 @@ const CLASSIC_UDP_LIMIT: usize = 512;
 const ENTRY_OVERHEAD: usize = 128;
 
 const TYPE_SOA: u16 = 6;
-const TYPE_OPT: u16 = 41;
 /// EDNS Client Subnet (RFC 7871).
 const OPTION_ECS: u16 = 8;
 /// DNS Cookies (RFC 7873): one client's, and the server's answer to it.
@@ -577,50 +575,6 @@ fn truncated(answer: &[u8], edns: bool) -> Vec<u8> {
         out[10..12].copy_from_slice(&1u16.to_be_bytes());
     }
     out
-}
-
-/// Where the answer's OPT record lies, start and end, if it has one.
-fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
-    let mut reader = Reader::new(answer, HEADER_LEN);
-    reader.skip_name()?;
-    reader.offset += 4;
-    let records =
-        u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
-    for _ in 0..records {
-        let start = reader.offset;
-        let record = reader.record()?;
-        if record.rtype == TYPE_OPT {
-            return Some((start, record.rdata_end));
-        }
-    }
-    None
-}
-
-/// The data of option `code` in an OPT record, if it has one; `None` if the record's options
-/// are malformed.
-fn option<'a>(message: &'a [u8], opt: &Record, code: u16) -> Option<Option<&'a [u8]>> {
-    let found = options(message, opt)?
-        .into_iter()
-        .find(|(option, _)| *option == code);
-    Some(found.map(|(_, at)| &message[at.start + 4..at.end]))
-}
-
-/// The options of an OPT record, in order: each one's code and where it lies (its code and
-/// length included); `None` if they are malformed.
-fn options(message: &[u8], opt: &Record) -> Option<Vec<(u16, Range<usize>)>> {
-    let mut found = Vec::new();
-    let mut reader = Reader::new(message, opt.rdata_start);
-    while reader.offset < opt.rdata_end {
-        let start = reader.offset;
-        let code = reader.u16()?;
-        let len = usize::from(reader.u16()?);
-        reader.offset += len;
-        if reader.offset > opt.rdata_end {
-            return None;
-        }
-        found.push((code, start..reader.offset));
-    }
-    Some(found)
 }
 
 /// `answer` without the options that belong to the client it was sent to, its cookie (RFC

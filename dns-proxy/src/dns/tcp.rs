@@ -32,6 +32,7 @@ use super::{
     per_client::PerClientLimit,
     query_log::Asked,
     stats::Stats,
+    transfer::Transfer,
     wire,
 };
 use crate::{
@@ -79,6 +80,7 @@ enum Closed {
     ByUpstream,
     Idle,
     UpstreamTimeout,
+    ClientStalled,
     Draining,
     MalformedQuery,
     ClientError(io::Error),
@@ -92,6 +94,7 @@ impl std::fmt::Display for Closed {
             Self::ByUpstream => f.write_str("by the upstream"),
             Self::Idle => f.write_str("idle"),
             Self::UpstreamTimeout => f.write_str("the upstream did not answer in time"),
+            Self::ClientStalled => f.write_str("the client stopped reading its answers"),
             Self::Draining => f.write_str("shutting down"),
             Self::MalformedQuery => {
                 f.write_str("the client sent something that is not a DNS query")
@@ -110,6 +113,9 @@ struct Pending {
     /// Its key in the cache, whose answer is kept there, and its header and question; `None`
     /// with the cache off, or for a query the cache does not answer.
     cacheable: Option<(CacheableQuery, Box<[u8]>)>,
+    /// For a zone transfer (AXFR, IXFR), how far its answer has come: the query is pending
+    /// until its last message.
+    transfer: Option<Transfer>,
 }
 
 /// What both directions of one connection share.
@@ -128,6 +134,9 @@ struct Connection {
     /// The client sent a query with an ID still in flight: answers to its queries cannot be
     /// told apart for sure from then on, so none is kept in the cache.
     reuses_ids: std::sync::atomic::AtomicBool,
+    /// How long the server last told the client it may leave the connection idle
+    /// (edns-tcp-keepalive, RFC 7828), in units of 100 ms; 0: it did not say.
+    keepalive: std::sync::atomic::AtomicU16,
     changed: Notify,
 }
 
@@ -154,6 +163,7 @@ impl Connection {
             client_done: false.into(),
             reading: false.into(),
             reuses_ids: false.into(),
+            keepalive: 0.into(),
             changed: Notify::new(),
         }
     }
@@ -179,6 +189,35 @@ impl Connection {
 
     fn is_reading(&self) -> bool {
         self.reading.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes an answer off the table: the query it answers, once answered in full (at a zone
+    /// transfer's last message), and when that query was asked if this is its first answer.
+    fn settle(&self, id: u16, answer: &[u8]) -> (Option<Pending>, Option<Instant>) {
+        let mut table = self.pending.lock().expect("not poisoned");
+        let Some(pending) = table.get_mut(&id) else {
+            return (None, None);
+        };
+        let first = pending.transfer.as_ref().is_none_or(Transfer::not_begun);
+        let started = first.then_some(pending.started);
+        let over = (pending.transfer.as_mut()).is_none_or(|transfer| transfer.took(answer));
+        (if over { table.remove(&id) } else { None }, started)
+    }
+
+    /// Notes how long `answer`'s server says the client may leave the connection idle: the
+    /// client sees that, relayed, and may idle on it.
+    fn note_keepalive(&self, answer: &[u8]) {
+        if let Some(timeout) = wire::tcp_keepalive(answer) {
+            self.keepalive
+                .store(timeout, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How long the connection may stay idle: `configured`, or longer if the server promised
+    /// the client more.
+    fn idle_limit(&self, configured: Duration) -> Duration {
+        let promised = self.keepalive.load(std::sync::atomic::Ordering::Relaxed);
+        configured.max(Duration::from_millis(100 * u64::from(promised)))
     }
 }
 
@@ -413,6 +452,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 started,
                 description,
                 cacheable,
+                transfer: Transfer::for_query(&query),
             };
             // A client reusing an ID it is still waiting on replaces that query. Nothing tells
             // their answers apart (the first answer may be the first query's, and kept under
@@ -518,7 +558,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Err(err) => return Closed::UpstreamError(err),
             };
             let id = wire::message_id(&answer).unwrap_or_default();
-            let pending = conn.pending.lock().expect("not poisoned").remove(&id);
+            // A zone transfer's query stays pending until its last message.
+            let (pending, started) = conn.settle(id, &answer);
             if pending.is_some() {
                 conn.slots.add_permits(1);
                 stats.settled(1);
@@ -530,10 +571,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             // Written: a draining watchdog, which waits while an answer is being written,
             // looks again.
             conn.touch();
+            conn.note_keepalive(&answer);
             let now = Moment::now();
-            let latency = pending
-                .as_ref()
-                .map(|p| now.instant.saturating_duration_since(p.started));
+            let latency = started.map(|started| now.instant.saturating_duration_since(started));
             stats.answered(&answer, latency);
             self.settings
                 .observers
@@ -550,16 +590,18 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             if let Some(Pending {
                 description: Some(description),
+                started,
                 ..
             }) = pending
             {
+                // A transfer's: from its query to its last message.
                 log::debug!(
                     "query tcp client={} server={} upstream={} {description} rcode={} latency={:?} workload={}",
                     conn.client,
                     conn.original,
                     conn.upstream,
                     wire::describe_rcode(&answer),
-                    latency.unwrap_or_default(),
+                    now.instant.saturating_duration_since(started),
                     self.workload_name(conn.cgroup),
                 );
             }
@@ -606,7 +648,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let (limit, why) = if outstanding > 0 {
                 (self.settings.upstream_timeout, Closed::UpstreamTimeout)
             } else {
-                (self.settings.idle_timeout, Closed::Idle)
+                (conn.idle_limit(self.settings.idle_timeout), Closed::Idle)
             };
             let deadline = tokio::time::Instant::from_std(last + limit);
             let wake = match draining_since {
@@ -620,6 +662,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     if wake == deadline
                         && *conn.last_activity.lock().expect("not poisoned") == last
                     {
+                        // An answer still being written all this time: the client stopped
+                        // reading, and the upstream's answers wait behind it.
+                        if client_write.try_lock().is_err() {
+                            return Closed::ClientStalled;
+                        }
                         return why;
                     }
                 }
@@ -924,6 +971,141 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(closed, Closed::Draining.to_string());
+    }
+
+    /// The three messages of a zone transfer, as an authoritative server sends them.
+    fn zone_transfer() -> Vec<Vec<u8>> {
+        use crate::dns::transfer::tests::{a, message, soa};
+        let axfr = hickory_proto::rr::RecordType::AXFR;
+        vec![
+            message(axfr, true, vec![soa(5), a(1)]),
+            message(axfr, false, vec![a(2)]),
+            message(axfr, false, vec![a(3), soa(5)]),
+        ]
+    }
+
+    /// An upstream on `upstream` that sends the whole `zone_transfer` to the first query,
+    /// `pause` between messages, then waits for more.
+    fn transfer_server(mut upstream: tokio::io::DuplexStream, pause: Duration) {
+        tokio::spawn(async move {
+            read_message(&mut upstream).await.unwrap().unwrap();
+            for message in zone_transfer() {
+                write_message(&mut upstream, &message).await.unwrap();
+                tokio::time::sleep(pause).await;
+            }
+            let _ = read_message(&mut upstream).await;
+        });
+    }
+
+    /// A zone transfer is one query answered by many messages: a client that half-closes
+    /// once it has asked (as a direct connection allows) gets every one of them, not the
+    /// first alone.
+    #[tokio::test]
+    async fn a_client_that_half_closes_gets_a_whole_zone_transfer() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        let (mut client, upstream, relay) = relay_in_memory(&proxy);
+        transfer_server(upstream, Duration::from_millis(20));
+        let axfr = crate::dns::transfer::tests::query(hickory_proto::rr::RecordType::AXFR);
+        write_message(&mut client, &axfr).await.unwrap();
+        client.shutdown().await.unwrap();
+        for message in zone_transfer() {
+            let relayed = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+            assert_eq!(relayed.unwrap().unwrap(), Some(message));
+        }
+        let end = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+        assert_eq!(end.unwrap().unwrap(), None, "closed after the last message");
+        let closed = relay.await.unwrap();
+        assert_eq!(closed, Closed::ByClient.to_string());
+        assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+    }
+
+    /// A graceful stop lets a zone transfer in progress finish (within the drain's deadline)
+    /// instead of closing at a gap between its messages.
+    #[tokio::test]
+    async fn a_drain_lets_a_zone_transfer_finish() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        let (mut client, upstream, relay) = relay_in_memory(&proxy);
+        // Messages farther apart than the drain's quiet moment (and closer than the
+        // upstream timeout, 500 ms).
+        transfer_server(upstream, drain::QUIET + Duration::from_millis(100));
+        let axfr = crate::dns::transfer::tests::query(hickory_proto::rr::RecordType::AXFR);
+        write_message(&mut client, &axfr).await.unwrap();
+        for (at, message) in zone_transfer().into_iter().enumerate() {
+            let relayed = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+            assert_eq!(relayed.unwrap().unwrap(), Some(message), "message {at}");
+            if at == 0 {
+                proxy.draining.stop();
+            }
+        }
+        let closed = timeout(Duration::from_secs(2), relay).await.unwrap();
+        assert_eq!(closed.unwrap(), Closed::Draining.to_string());
+    }
+
+    /// A client that stops reading holds up its answers, and the ones behind them: its
+    /// connection is closed as the client's doing, not counted against the upstream.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_not_an_upstream_timeout() {
+        let proxy = proxy(None, Duration::from_secs(10)).await;
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+        tokio::spawn(async move {
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                let mut answer = answer_to(&query);
+                answer.resize(6000, 0); // more than the 4 KiB the client's end buffers
+                write_message(&mut upstream, &answer).await.unwrap();
+            }
+        });
+        for id in 0..10 {
+            write_message(&mut client, &query(id)).await.unwrap();
+        }
+        // The client reads nothing.
+        let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+        assert_eq!(closed.unwrap(), Closed::ClientStalled.to_string());
+        assert_eq!(proxy.stats.tcp.upstream_timeouts.load(Ordering::Relaxed), 0);
+        drop(client);
+    }
+
+    /// A server's edns-tcp-keepalive (RFC 7828) reaches the client unaltered, and tells it
+    /// how long it may leave the connection idle: the relay keeps it open that long, past
+    /// its own idle timeout, as the server would.
+    #[tokio::test]
+    async fn a_connection_stays_open_as_long_as_its_server_told_the_client() {
+        use hickory_proto::{
+            op::{Edns, Message},
+            rr::rdata::opt::EdnsOption,
+        };
+        let proxy = proxy(None, Duration::from_millis(200)).await;
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+        let keepalive = |query: &[u8]| {
+            let mut answer = Message::from_vec(query).unwrap();
+            answer.set_message_type(hickory_proto::op::MessageType::Response);
+            let mut edns = Edns::new();
+            // One second, in units of 100 ms.
+            edns.options_mut()
+                .insert(EdnsOption::Unknown(11, 10u16.to_be_bytes().to_vec()));
+            answer.set_edns(edns);
+            answer.to_vec().unwrap()
+        };
+        tokio::spawn(async move {
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                write_message(&mut upstream, &keepalive(&query))
+                    .await
+                    .unwrap();
+            }
+        });
+        for id in 0..2 {
+            write_message(&mut client, &query(id)).await.unwrap();
+            let answer = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+            assert_eq!(answer.unwrap().unwrap(), Some(keepalive(&query(id))));
+            // Idle longer than the relay's own 200 ms.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        let started = Instant::now();
+        let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+        assert_eq!(closed.unwrap(), Closed::Idle.to_string());
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "closed once the second is up"
+        );
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {

@@ -1,9 +1,17 @@
 //! The little of the DNS wire format the proxy needs to look at. Messages are relayed byte for
 //! byte; nothing here rebuilds one.
+use std::ops::Range;
+
 use hickory_proto::op::Message;
 
 /// Length of the fixed DNS header.
 pub const HEADER_LEN: usize = 12;
+
+/// The type of EDNS's pseudo-record (RFC 6891).
+pub(crate) const TYPE_OPT: u16 = 41;
+
+/// edns-tcp-keepalive (RFC 7828): how long a server lets a client's TCP connection idle.
+const OPTION_TCP_KEEPALIVE: u16 = 11;
 
 /// The largest UDP payload (and so the largest DNS message over UDP).
 pub const MAX_UDP_MESSAGE: usize = 65_535;
@@ -238,6 +246,59 @@ impl<'a> Reader<'a> {
             rdata_end,
         })
     }
+}
+
+/// Where the answer's OPT record lies, start and end, if it has one.
+pub(crate) fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
+    let mut reader = Reader::new(answer, HEADER_LEN);
+    reader.skip_name()?;
+    reader.offset += 4;
+    let records =
+        u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
+    for _ in 0..records {
+        let start = reader.offset;
+        let record = reader.record()?;
+        if record.rtype == TYPE_OPT {
+            return Some((start, record.rdata_end));
+        }
+    }
+    None
+}
+
+/// The data of option `code` in an OPT record, if it has one; `None` if the record's options
+/// are malformed.
+pub(crate) fn option<'a>(message: &'a [u8], opt: &Record, code: u16) -> Option<Option<&'a [u8]>> {
+    let found = options(message, opt)?
+        .into_iter()
+        .find(|(option, _)| *option == code);
+    Some(found.map(|(_, at)| &message[at.start + 4..at.end]))
+}
+
+/// The options of an OPT record, in order: each one's code and where it lies (its code and
+/// length included); `None` if they are malformed.
+pub(crate) fn options(message: &[u8], opt: &Record) -> Option<Vec<(u16, Range<usize>)>> {
+    let mut found = Vec::new();
+    let mut reader = Reader::new(message, opt.rdata_start);
+    while reader.offset < opt.rdata_end {
+        let start = reader.offset;
+        let code = reader.u16()?;
+        let len = usize::from(reader.u16()?);
+        reader.offset += len;
+        if reader.offset > opt.rdata_end {
+            return None;
+        }
+        found.push((code, start..reader.offset));
+    }
+    Some(found)
+}
+
+/// The idle timeout an answer's edns-tcp-keepalive option (RFC 7828) gives, in units of
+/// 100 ms, if it has one.
+pub fn tcp_keepalive(answer: &[u8]) -> Option<u16> {
+    let (opt_start, _) = find_opt(answer)?;
+    let opt = Reader::new(answer, opt_start).record()?;
+    let timeout = option(answer, &opt, OPTION_TCP_KEEPALIVE)??;
+    Some(u16::from_be_bytes(timeout.try_into().ok()?))
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ pub const METRICS: &[Metric] = &[
         name: "upstream_timeouts",
         labels: &["protocol"],
         only_with: None,
-        help: "Queries (UDP) or connections (TCP) whose upstream did not answer in time.",
+        help: "Queries (UDP) or connections (TCP) whose upstream did not answer in time (not a TCP client that stopped reading its answers).",
         read: Read::Counter(|s| Some(s.by_protocol(|p| &p.upstream_timeouts))),
     },
     Metric {

@@ -5,7 +5,10 @@
 //! - `sendto`: like musl, one unconnected socket, `sendto` to every server listed, then
 //!   `recvfrom`; the answer's source must be one of them;
 //! - `connect`: like glibc, a connected UDP socket; `getpeername()` must name the server too;
-//! - `tcp`: a TCP connection; `getpeername()` must name the server.
+//! - `tcp`: a TCP connection; `getpeername()` must name the server;
+//! - `axfr`: a zone transfer of NAME over TCP, as a client that half-closes once it has asked:
+//!   the write side is shut after the query, then every message is read until the server
+//!   closes. Prints `source=ADDR messages=N` (each message must carry the query's ID).
 //!
 //! SERVER is `IP:PORT` or `[IPv6]:PORT`; a v4-mapped `[::ffff:a.b.c.d]:53` makes a dual-stack
 //! IPv6 socket talk to an IPv4 server. `--hold` keeps the socket open after the answer until
@@ -127,6 +130,43 @@ fn exchange(
     }
 }
 
+/// The `axfr` mode: every message of a zone transfer, read after a half-close.
+fn transfer(server: SocketAddr, name: &str) -> Result<String, String> {
+    let mut query = tests::a_query(QUERY_ID, name);
+    let qtype = query.len() - 4;
+    query[qtype..qtype + 2].copy_from_slice(&252u16.to_be_bytes()); // AXFR
+    let mut stream =
+        TcpStream::connect_timeout(&server, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    expect_peer(stream.peer_addr(), server)?;
+    let mut frame = (query.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(&query);
+    stream.write_all(&frame).map_err(|e| format!("send: {e}"))?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut messages = 0;
+    loop {
+        let mut length = [0u8; 2];
+        match stream.read_exact(&mut length) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(err) => return Err(format!("after {messages} messages: {err}")),
+        }
+        let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        stream
+            .read_exact(&mut message)
+            .map_err(|e| format!("message {messages} cut short: {e}"))?;
+        if message.get(..2) != query.get(..2) {
+            return Err(format!("message {messages} has the wrong ID"));
+        }
+        messages += 1;
+    }
+    Ok(format!("source={server} messages={messages}"))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -141,7 +181,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 fn run(args: &[String]) -> Result<String, String> {
     let [mode, servers, name, options @ ..] = args else {
         return Err(
-            "usage: dns-probe sendto|connect|tcp SERVER[,SERVER...] NAME [--hold] [--raw HEX]"
+            "usage: dns-probe sendto|connect|tcp|axfr SERVER[,SERVER...] NAME [--hold] [--raw HEX]"
                 .to_owned(),
         );
     };
@@ -171,6 +211,9 @@ fn run(args: &[String]) -> Result<String, String> {
             }
             other => return Err(format!("unknown option {other}")),
         }
+    }
+    if mode == "axfr" {
+        return transfer(servers[0], name);
     }
     let query = raw
         .clone()

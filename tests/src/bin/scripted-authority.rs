@@ -18,6 +18,11 @@
 //!   (when the query has EDNS);
 //! - `upper`: A 198.51.100.1, TTL 60, its question in upper case whatever the query's (a
 //!   server that fails its clients' 0x20 check);
+//! - `keepalive` (over TCP, with EDNS): A 198.51.100.1, TTL 60, and an edns-tcp-keepalive
+//!   option (RFC 7828) of 5 s: the client may leave the connection idle that long;
+//! - an AXFR of any name (over TCP): a zone transfer of 300 A records in 6 messages, 150 ms
+//!   apart, the zone's SOA first and last; the server closes when the client has closed its
+//!   side and the transfer is sent;
 //! - anything else: A 198.51.100.1, TTL 60.
 //!
 //! The answer echoes the question as asked, and an OPT record (size 1232, the DO bit echoed)
@@ -108,16 +113,64 @@ fn main() {
 
 fn serve_tcp(script: &Script, mut stream: TcpStream) {
     while let Some(query) = read_tcp_message(&mut stream) {
-        let Some((answer, delay)) = script.answer(&query, "tcp") else {
-            continue;
+        let answers = match zone_transfer(&query) {
+            Some(messages) => messages,
+            None => match script.answer(&query, "tcp") {
+                Some((answer, delay)) => {
+                    std::thread::sleep(delay);
+                    vec![answer]
+                }
+                None => continue,
+            },
         };
-        std::thread::sleep(delay);
-        let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&answer);
-        if stream.write_all(&framed).is_err() {
-            return;
+        for (at, answer) in answers.iter().enumerate() {
+            if at > 0 {
+                std::thread::sleep(TRANSFER_PAUSE);
+            }
+            let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(answer);
+            if stream.write_all(&framed).is_err() {
+                return;
+            }
         }
     }
+}
+
+/// Between a zone transfer's messages.
+const TRANSFER_PAUSE: Duration = Duration::from_millis(150);
+
+/// The messages of a zone transfer if `query` asks for one (AXFR): the zone's SOA, 300 A
+/// records, the SOA again, 50 records to a message, each with the query's ID.
+fn zone_transfer(query: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let query = Message::from_bytes(query).ok()?;
+    let question = query.queries().first()?.clone();
+    if question.query_type() != RecordType::AXFR {
+        return None;
+    }
+    let mut records = vec![soa(60, 60)];
+    records.extend((0..300u32).map(|i| {
+        let name = Name::from_ascii(format!("h{i}.example.test.")).expect("a name");
+        let [.., high, low] = i.to_be_bytes();
+        Record::from_rdata(name, 60, RData::A(A(Ipv4Addr::new(10, 1, high, low))))
+    }));
+    records.push(soa(60, 60));
+    let messages = records
+        .chunks(51)
+        .enumerate()
+        .map(|(at, chunk)| {
+            let mut message = Message::new();
+            message
+                .set_id(query.id())
+                .set_message_type(MessageType::Response)
+                .set_authoritative(true);
+            if at == 0 {
+                message.add_query(question.clone());
+            }
+            message.add_answers(chunk.iter().cloned());
+            message.to_vec().expect("a transfer message")
+        })
+        .collect();
+    Some(messages)
 }
 
 impl Script {
@@ -178,6 +231,12 @@ impl Script {
                 echoed
                     .options_mut()
                     .insert(EdnsOption::Unknown(u16::from(EdnsCode::Cookie), cookie));
+            }
+            if first_label == "keepalive" && transport == "tcp" {
+                // 5 s, in units of 100 ms.
+                echoed
+                    .options_mut()
+                    .insert(EdnsOption::Unknown(11, 50u16.to_be_bytes().to_vec()));
             }
             if first_label == "ecs" {
                 let subnet = ClientSubnet::new(Ipv4Addr::new(192, 0, 2, 0).into(), 24, 24);

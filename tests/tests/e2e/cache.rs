@@ -134,13 +134,13 @@ const SCRIPTED_AUTHORITY: &str = env!("CARGO_BIN_EXE_scripted-authority");
 
 /// A `scripted-authority` on `ip`:53 in the server namespace: answers by name (see its usage),
 /// logs every query it receives, and answers nothing while it is told to be silent.
-struct Authority {
+pub(super) struct Authority {
     _process: Process,
     dir: std::path::PathBuf,
 }
 
 impl Authority {
-    fn start(topology: &Topology, ip: Ipv4Addr) -> Self {
+    pub(super) fn start(topology: &Topology, ip: Ipv4Addr) -> Self {
         let dir = std::path::PathBuf::from("/run/dns-proxy-tests")
             .join(format!("authority-{}", tests::unique_tag()));
         std::fs::create_dir_all(&dir).expect("mkdir the authority's directory");

@@ -390,6 +390,86 @@ fn a_socket_bound_to_a_device_goes_direct() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
 }
 
+/// A zone transfer (AXFR) is one query answered by many messages. A client that half-closes
+/// once it has asked gets every message, as it does directly, and so does one whose transfer
+/// is under way when the agent is stopped gracefully.
+#[test]
+fn a_zone_transfer_reaches_a_client_that_half_closes_whole_even_across_a_graceful_stop() {
+    let topology = Topology::new();
+    let server = std::net::Ipv4Addr::new(192, 0, 2, 68);
+    let _authority = super::cache::Authority::start(&topology, server);
+    let mut agent = Agent::start(&topology, &[]);
+    let server = format!("{server}:53");
+    // 6 messages, 150 ms apart.
+    let whole = format!("source={server} messages=6");
+    let direct = must(&mut topology.outsider(PROBE, &["axfr", &server, "example.test"]));
+    assert_eq!(String::from_utf8_lossy(&direct.stdout).trim(), whole);
+    assert_eq!(
+        probe_at(&topology, "axfr", &server, "example.test", &[]),
+        whole
+    );
+    // Through the agent, not around it.
+    forwarded(&agent, "example.test");
+    // SIGTERM 300 ms into a transfer of 750 ms: the drain waits for its last message.
+    let mut probe = topology.workload(PROBE, &["axfr", &server, "example.test"]);
+    let transfer = probe
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the probe");
+    std::thread::sleep(Duration::from_millis(300));
+    agent.process().signal(libc::SIGTERM);
+    let output = transfer.wait_with_output().expect("the probe ends");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), whole);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+}
+
+/// A server's edns-tcp-keepalive (RFC 7828) tells the client how long it may leave its
+/// connection idle; it reaches the client unaltered, and the agent keeps the connection that
+/// long too, past its own `--tcp-idle-timeout`.
+#[test]
+fn a_tcp_connection_stays_open_as_long_as_the_server_told_the_client() {
+    let topology = Topology::new();
+    let server = std::net::Ipv4Addr::new(192, 0, 2, 69);
+    let _authority = super::cache::Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--tcp-idle-timeout=1s"]);
+    // Two queries with EDNS on one connection, 2.5 s apart: the server said 5 s.
+    let script = r#"
+import socket, struct, sys, time
+def query(i):
+    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 1)
+    for label in b"keepalive.example.test".split(b"."):
+        q += bytes([len(label)]) + label
+    q += b"\0" + struct.pack(">HH", 1, 1) + b"\0" + struct.pack(">HHIH", 41, 1232, 0, 0)
+    return struct.pack(">H", len(q)) + q
+def answer(s):
+    n = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
+    return s.recv(n, socket.MSG_WAITALL)
+s = socket.create_connection((sys.argv[1], 53), timeout=5)
+for i in (1, 2):
+    s.sendall(query(i))
+    a = answer(s)
+    assert a[:2] == struct.pack(">H", i), a
+    keepalive = bytes.fromhex("000b00020032") in a
+    print(f"answer={i} keepalive={keepalive} peer={s.getpeername()[0]}", flush=True)
+    if i == 1:
+        time.sleep(2.5)
+"#;
+    let output = stdout_of(&mut topology.workload("python3", &["-c", script, &server.to_string()]));
+    assert_eq!(
+        output.trim(),
+        format!("answer=1 keepalive=True peer={server}\nanswer=2 keepalive=True peer={server}")
+    );
+    let lines = agent.query_lines("keepalive.example.test");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|line| line.contains("query tcp "))
+            .count(),
+        2,
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
     let Harness {
