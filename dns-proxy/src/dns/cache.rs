@@ -82,6 +82,11 @@ pub struct CacheableQuery {
     /// Where the question ends in the client's query: its header and question are what an
     /// answer shared with it takes from it.
     question_end: usize,
+    /// The client's COOKIE option when it holds a server cookie (RFC 7873: 8 bytes of its
+    /// own, 8 to 32 of its server's): shown back in any answer the cache gives it, as its
+    /// server would. A cookie-speaking resolver (BIND) takes an answer without its cookie for
+    /// a forgery and retries over TCP.
+    cookie: Option<Box<[u8]>>,
 }
 
 impl CacheableQuery {
@@ -115,6 +120,7 @@ impl CacheableQuery {
             return None;
         }
         let question_end = reader.offset;
+        let mut cookie = None;
         let edns = match count(query, 10)? {
             0 => None,
             1 => {
@@ -125,12 +131,17 @@ impl CacheableQuery {
                 {
                     return None;
                 }
-                if !options(query, &record)?
+                let options = options(query, &record)?;
+                if !options
                     .iter()
                     .all(|(code, _)| matches!(*code, OPTION_COOKIE | OPTION_PADDING))
                 {
                     return None;
                 }
+                cookie = options
+                    .iter()
+                    .find(|(code, at)| *code == OPTION_COOKIE && (20..=44).contains(&at.len()))
+                    .map(|(_, at)| query[at.start + 4..at.end].into());
                 Some(record)
             }
             _ => return None,
@@ -155,6 +166,7 @@ impl CacheableQuery {
             },
             udp_limit,
             question_end,
+            cookie,
         })
     }
 
@@ -189,6 +201,9 @@ pub fn shared_answer(
         return None;
     }
     let mut shared = without_client_options(answer)?.into_owned();
+    if let Some(cookie) = &query.cookie {
+        shared = with_cookie(shared, cookie);
+    }
     shared[..2].copy_from_slice(&head[..2]);
     if count(answer, 4)? > 0 {
         let mut reader = Reader::new(answer, HEADER_LEN);
@@ -315,6 +330,9 @@ impl Cache {
         let Some(mut answer) = answer else {
             return Cached::Miss;
         };
+        if let Some(cookie) = &query.cookie {
+            answer = with_cookie(answer, cookie);
+        }
         if udp && answer.len() > query.udp_limit {
             answer = truncated(&answer, query.key.edns);
         }
@@ -575,6 +593,31 @@ fn truncated(answer: &[u8], edns: bool) -> Vec<u8> {
         out[10..12].copy_from_slice(&1u16.to_be_bytes());
     }
     out
+}
+
+/// `answer` (kept or shared, so without anyone's cookie) with `cookie`, a client's own COOKIE
+/// option, added to its OPT record. Unchanged if its OPT is not the last record: bytes after
+/// it would move, and names compressed to point at them would break.
+fn with_cookie(mut answer: Vec<u8>, cookie: &[u8]) -> Vec<u8> {
+    let Some((opt_start, opt_end)) = find_opt(&answer) else {
+        return answer;
+    };
+    let Some(opt) = Reader::new(&answer, opt_start).record() else {
+        return answer;
+    };
+    let grown = opt.rdata_end - opt.rdata_start + 4 + cookie.len();
+    let (Ok(rdlength), Ok(cookie_len)) = (u16::try_from(grown), u16::try_from(cookie.len())) else {
+        return answer;
+    };
+    if opt_end != answer.len() {
+        return answer;
+    }
+    // The OPT's RDLENGTH is the two bytes before its data.
+    answer[opt.rdata_start - 2..opt.rdata_start].copy_from_slice(&rdlength.to_be_bytes());
+    answer.extend_from_slice(&OPTION_COOKIE.to_be_bytes());
+    answer.extend_from_slice(&cookie_len.to_be_bytes());
+    answer.extend_from_slice(cookie);
+    answer
 }
 
 /// `answer` without the options that belong to the client it was sent to, its cookie (RFC
@@ -1165,6 +1208,28 @@ pub(crate) mod tests {
         assert_eq!(options, 0, "no cookie of another client's");
         // Kept an hour at most (the settings' cap): shown so, not two.
         assert_eq!(ttls(&shown), [settings().max_ttl.as_secs() as u32]);
+        // A client that holds a server cookie is shown its own cookie back, as its server
+        // would (a resolver that checks it would take the answer for a forgery otherwise),
+        // and still no one else's, whether the answer is kept or shared.
+        let own = [[8; 8], [5; 8]].concat();
+        let holder = query_with_options(3, "cookie.example.test", &[(10, &own)]);
+        let holder_query = parsed(&holder);
+        let shown = fresh(cache.lookup(&holder_query, &holder, true, now));
+        let shared = shared_answer(
+            &answer,
+            holder_query.head(&asked),
+            &holder_query,
+            holder_query.head(&holder),
+            true,
+        )
+        .unwrap();
+        for shown in [shown, shared] {
+            let message = Message::from_vec(&shown).unwrap();
+            let edns = message.extensions().as_ref().unwrap();
+            let cookies: Vec<_> = edns.options().as_ref().iter().map(|(_, o)| o).collect();
+            assert_eq!(cookies, [&EdnsOption::Unknown(10, own.clone())]);
+            assert_eq!(message.answers().len(), 1);
+        }
     }
 
     #[test]

@@ -668,6 +668,18 @@ fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_c
     assert_eq!(from_cache(&agent, "cookie.example.test", "hit"), 1);
     // Kept 10 s at most (--cache-max-ttl), and shown so: not the upstream's 60.
     assert!(ttl_of(&second, "A") <= 10, "{second}");
+    // A client that holds a server cookie is shown its own cookie back, as its server would
+    // (BIND takes an answer without it for a forgery and asks again over TCP).
+    let own = "b1b2b3b4b5b6b7b8c1c2c3c4c5c6c7c8";
+    let third = dig_full(
+        &topology,
+        server,
+        "cookie.example.test",
+        &[&format!("+cookie={own}")],
+    );
+    assert!(third.contains(&format!("COOKIE: {own}")), "{third}");
+    assert!(!third.contains("0102030405060708"), "{third}");
+    assert_eq!(from_cache(&agent, "cookie.example.test", "hit"), 2);
 }
 
 #[test]
