@@ -50,7 +50,7 @@ pub enum RunError {
     Dnstap(String),
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
-    #[error("cannot listen on {addr}: {source}{hint}", hint = listen_hint(source))]
+    #[error("cannot listen on {addr}: {source}{hint}", hint = listen_hint(*addr, source))]
     Listen {
         addr: std::net::SocketAddr,
         source: io::Error,
@@ -92,7 +92,7 @@ fn block_hint(err: &io::Error) -> &'static str {
     }
 }
 
-fn listen_hint(err: &io::Error) -> &'static str {
+fn listen_hint(addr: std::net::SocketAddr, err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::AddrInUse => {
             " (something already listens there: stop it or choose another --listen; if it is \
@@ -101,7 +101,9 @@ fn listen_hint(err: &io::Error) -> &'static str {
         io::ErrorKind::AddrNotAvailable => {
             " (no interface has this address: add it, or choose another --listen)"
         }
-        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        }
         _ => "",
     }
 }

@@ -102,7 +102,7 @@ pub enum EbpfError {
 }
 
 /// The root cause of an aya error, if it is an OS error.
-fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+pub(crate) fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
     let mut current = Some(err);
     while let Some(err) = current {
         if let Some(io_err) = err.downcast_ref::<io::Error>() {

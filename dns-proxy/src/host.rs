@@ -8,7 +8,7 @@ use std::{
     fs, io, mem,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
+        unix::{ffi::OsStrExt as _, fs::DirBuilderExt as _},
     },
     path::{Path, PathBuf},
 };
@@ -58,6 +58,16 @@ pub fn route_block_here(block: AddressBlock) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Whether IPv6 is off in this network namespace: switched off on the loopback device, where
+/// the proxy's IPv6 addresses live (`net.ipv6.conf.lo.disable_ipv6`, which
+/// `net.ipv6.conf.all.disable_ipv6` sets too), or absent from the kernel.
+pub fn ipv6_is_off() -> bool {
+    match fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6") {
+        Ok(value) => value.trim() == "1",
+        Err(_) => Path::new("/proc/sys/net/ipv4").exists(),
+    }
+}
+
 /// `BPF_FS_MAGIC` from the kernel's magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -83,15 +93,14 @@ pub fn prepare_state_dir(
     )
     .replace(['.', ':'], "_");
     let pins = path.join(name);
-    prepare_bpffs_dir(path)?;
-    for dir in [path, pins.as_path()] {
-        let created = !dir.exists();
-        fs::create_dir_all(dir).map_err(|err| HostError::StateDir {
-            path: dir.to_owned(),
-            problem: format!("cannot create it: {err}"),
-        })?;
-        own_exclusively(dir, created)?;
-    }
+    let created = prepare_bpffs_dir(path)?;
+    own_exclusively(path, created)?;
+    let created = !pins.exists();
+    fs::create_dir_all(&pins).map_err(|err| HostError::StateDir {
+        path: pins.clone(),
+        problem: format!("cannot create it: {err}"),
+    })?;
+    own_exclusively(&pins, created)?;
     Ok(pins)
 }
 
@@ -180,8 +189,15 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
             path: path.clone(),
             problem,
         };
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .map_err(|err| pin_problem(format!("cannot read it as a BPF map: {err}")))?;
+        // Not a problem of the table's (a read-only bpffs, say): said as it is, without the
+        // advice to remove the table.
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|err| HostError::StateDir {
+            path: path.clone(),
+            problem: match crate::ebpf::os_error(&err) {
+                Some(os) => format!("cannot open the pinned map: {err}: {os}"),
+                None => format!("cannot open the pinned map: {err}"),
+            },
+        })?;
         let hash = matches!(info.map_type(), Ok(aya::maps::MapType::Hash));
         let same_layout = hash
             && info.key_size() == key_size
@@ -276,8 +292,8 @@ fn interface_addresses() -> Vec<std::net::IpAddr> {
     addresses
 }
 
-/// Makes `path` a directory on a bpffs (see [`prepare_state_dir`]).
-fn prepare_bpffs_dir(path: &Path) -> Result<(), HostError> {
+/// Makes `path` a directory on a bpffs (see [`prepare_state_dir`]); returns whether it made it.
+fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
     let problem = |problem: String| HostError::StateDir {
         path: path.to_owned(),
         problem,
@@ -294,15 +310,24 @@ fn prepare_bpffs_dir(path: &Path) -> Result<(), HostError> {
         })?;
         log::info!("mounted bpffs at /sys/fs/bpf");
     }
-    fs::create_dir_all(path).map_err(|err| problem(format!("cannot create it: {err}")))?;
-    if !is_bpffs(path) {
+    // Nothing is made outside a bpffs: the nearest directory that exists must be on one.
+    let existing = path.ancestors().find(|dir| dir.exists());
+    if !existing.is_some_and(is_bpffs) {
         return Err(problem(
             "not on a bpf filesystem; give a directory on one, or mount one \
              (`mount -t bpf -o mode=0700 bpf DIR`)"
                 .to_owned(),
         ));
     }
-    Ok(())
+    if existing == Some(path) {
+        return Ok(false);
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|err| problem(format!("cannot create it: {err}")))?;
+    Ok(true)
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -99,6 +99,11 @@ impl Listeners {
                         .await?,
                 );
             }
+            Listen6::IfAvailable(v6) if host::ipv6_is_off() => log::warn!(
+                target: LOG,
+                "IPv6 is off on this host (net.ipv6.conf.lo.disable_ipv6): {v6} not served, \
+                 IPv6 lookups are left alone"
+            ),
             Listen6::IfAvailable(v6) => {
                 host::check_block_is_free("--redirect-block6", config.block6)?;
                 let bound = match host::route_block_here(config.block6) {

@@ -263,6 +263,31 @@ fn sigterm_detaches_and_exits_zero() {
 }
 
 /// Errors a user can cause end with one line that says what to do.
+/// With IPv6 switched off (`net.ipv6.conf.all.disable_ipv6=1`, as some hosts are set up),
+/// host mode serves IPv4 and leaves IPv6 lookups alone, as it does on a host without IPv6.
+#[test]
+fn with_ipv6_switched_off_the_agent_serves_ipv4() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    for sysctl in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ] {
+        must(topology.client.command("sysctl").args(["-q", "-w", sysctl]));
+    }
+    let agent = Agent::start(&topology, &[]);
+    assert!(
+        agent.log().contains("IPv6 is off on this host"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        probe(&topology, "connect", "v6off.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "v6off.example.test");
+}
+
 mod usage_errors {
     use super::*;
 
@@ -415,6 +440,35 @@ mod usage_errors {
             "{}",
             agent.log()
         );
+    }
+
+    /// A state dir the agent makes is its own alone (0700), and it makes nothing where it
+    /// would refuse to keep its table: off a bpffs, not one directory is left behind.
+    #[test]
+    fn the_agent_makes_its_state_dir_0700_and_nothing_off_a_bpffs() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let topology = Topology::new();
+        let base = std::env::temp_dir().join(format!("{}-not-bpffs", topology.tag));
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state_dir = format!("--state-dir={}", base.join("sub/dir").display());
+        assert_one_line_error(
+            &[&cgroup, &state_dir],
+            &["nsenter", &netns, "--"],
+            "not on a bpf filesystem",
+        );
+        let made = base.exists();
+        let _ = std::fs::remove_dir_all(&base);
+        assert!(!made, "{} was made", base.display());
+
+        let state_dir = topology.client.state_dir();
+        assert!(!state_dir.exists());
+        let _agent = Agent::start(&topology, &[]);
+        let mode = std::fs::metadata(&state_dir)
+            .expect("the state dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", state_dir.display());
     }
 
     #[test]
