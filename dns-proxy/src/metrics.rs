@@ -4,42 +4,32 @@
 //!   [`catalog`]; [`collector`] writes the page from it, and docs/metrics.md is generated from
 //!   it too;
 //! - `/healthz`: the agent is alive (its runtime answers);
-//! - `/readyz`: the programs are attached and the listeners bound; not ready while shutting down.
+//! - `/readyz`: the programs are attached and the listeners bound; not ready while shutting down;
+//! - `/v1/resolutions`: the names a workload resolved ([`resolutions`]).
+//!
+//! [`server`] serves them, bounded against its own clients.
 mod catalog;
 mod collector;
 #[cfg(test)]
 mod reference;
+mod server;
 
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Response, StatusCode, header};
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, sync::Semaphore};
 
 use self::collector::AgentCollector;
-use crate::drain;
 use crate::{
     dns::{cache::Cache, query_log::QueryLog, stats::Stats, workload_stats::WorkloadStats},
     ebpf::KernelCounters,
     resolutions::{self, Resolutions},
     workload::WorkloadNames,
 };
-
-/// Scrapers served at once; more wait for the kernel's accept queue. Bounds what a
-/// misbehaving client of the endpoint can hold.
-const MAX_CONNECTIONS: usize = 16;
-/// A request's headers must arrive within this long.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the agent is the one serving redirected DNS: set once attached, cleared when it
 /// starts to shut down; and not while a newer agent has taken over from it.
@@ -138,9 +128,9 @@ impl Metrics {
     }
 
     /// `/v1/resolutions?workload=W[&address=A]`: what W resolved (to A), as JSON.
-    fn resolutions(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+    fn resolutions(&self, query: Option<&str>) -> Response<Bytes> {
         let reply = |status: StatusCode, body: String, json: bool| {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let mut response = Response::new(Bytes::from(body));
             *response.status_mut() = status;
             if json {
                 response.headers_mut().insert(
@@ -202,18 +192,13 @@ impl Metrics {
     }
 
     #[cfg(test)]
-    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    fn respond(&self, method: &Method, path: &str) -> Response<Bytes> {
         self.respond_to(method, path, None)
     }
 
-    fn respond_to(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-    ) -> Response<Full<Bytes>> {
+    fn respond_to(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Bytes> {
         let text = |status: StatusCode, body: &'static str| {
-            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            let mut response = Response::new(Bytes::from_static(body.as_bytes()));
             *response.status_mut() = status;
             response
         };
@@ -222,7 +207,7 @@ impl Metrics {
         }
         match path {
             "/metrics" => {
-                let mut response = Response::new(Full::new(Bytes::from(self.render())));
+                let mut response = Response::new(Bytes::from(self.render()));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static(
@@ -246,64 +231,6 @@ impl Metrics {
                 StatusCode::NOT_FOUND,
                 "not found: try /metrics, /healthz, /readyz or /v1/resolutions\n",
             ),
-        }
-    }
-
-    /// Serves HTTP/1.1 on `listener` until `stop` is sent.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: drain::Signal) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                () = stop.stopped() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    log::warn!("accepting a metrics connection: {err}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let metrics = Arc::clone(&self);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: Request<Incoming>| {
-                    let metrics = Arc::clone(&metrics);
-                    let method = request.method().clone();
-                    let uri = request.uri().clone();
-                    async move {
-                        // Off this runtime, which also serves TCP lookups: a page of a
-                        // workload's 65,536 names takes a while to build.
-                        let response = tokio::task::spawn_blocking(move || {
-                            metrics.respond_to(&method, uri.path(), uri.query())
-                        })
-                        .await
-                        .unwrap_or_else(|_| {
-                            let mut response = Response::new(Full::new(Bytes::from_static(
-                                b"the response could not be built\n",
-                            )));
-                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                            response
-                        });
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    result = connection => if let Err(err) = result {
-                        log::debug!("metrics connection from {peer}: {err}");
-                    },
-                    () = stop.stopped() => {}
-                }
-                drop(slot);
-            });
         }
     }
 }

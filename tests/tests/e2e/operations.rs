@@ -270,6 +270,69 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
     assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
 }
 
+/// Whoever reaches the metrics port (on a node, any pod, if it listens on the node's address)
+/// cannot keep the kubelet's probes out by holding connections open: at the limit, the
+/// oldest connection that is not in the middle of a request is closed for a new one.
+#[test]
+fn connections_held_open_on_the_metrics_port_do_not_starve_the_probes() {
+    let topology = Topology::new();
+    let _agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    // 64 idle connections, each reopened as soon as it is closed, and a probe a second with
+    // the kubelet's default timeout (1 s), for 8 s.
+    let script = r#"
+import selectors, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+address = (host, int(port))
+sel = selectors.DefaultSelector()
+def hold():
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(address)
+    except BlockingIOError:
+        pass
+    sel.register(s, selectors.EVENT_READ)
+for _ in range(64):
+    hold()
+start = time.time()
+next_probe = start + 0.5
+answered = probes = 0
+while time.time() - start < 8:
+    for key, _ in sel.select(timeout=0.05):
+        s = key.fileobj
+        try:
+            data = s.recv(100)
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(s)
+            s.close()
+            hold()
+    if time.time() >= next_probe:
+        next_probe += 1
+        probes += 1
+        try:
+            p = socket.create_connection(address, timeout=1)
+            p.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            answered += p.recv(100).startswith(b"HTTP/1.1 200")
+            p.close()
+        except OSError:
+            pass
+print(f"{answered}/{probes}")
+"#;
+    let output = must(
+        topology
+            .client
+            .command("python3")
+            .args(["-c", script, METRICS]),
+    );
+    let answered = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert_eq!(
+        answered, "8/8",
+        "probes answered while connections were held"
+    );
+}
+
 /// The cgroup `dns-proxy exec` made for its command, from its log.
 fn exec_cgroup_of(agent: &Agent) -> std::path::PathBuf {
     let log = agent.log();

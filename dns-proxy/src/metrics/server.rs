@@ -1,0 +1,292 @@
+//! The HTTP server of `--metrics`, bounded against its own clients: whoever reaches the port
+//! (on a node, any pod, if it listens on the node's address) must not be able to starve the
+//! kubelet's probes, nor grow the agent's memory past its pod's limit.
+//! - At most [`MAX_CONNECTIONS`] are served at once. When another arrives, the oldest one not
+//!   in the middle of a request (idle, or still sending its headers) is closed for it: a
+//!   client holding connections open cannot keep a probe out, and a probe, which asks at
+//!   once, is not the one closed.
+//! - The pages that can be large (`/metrics`, `/v1/resolutions`: a workload's names run to
+//!   megabytes) are built one at a time, and what is built and not yet sent is bounded by
+//!   [`PAGE_BUDGET`] bytes: a page waits for room before its building ends. `/healthz` and
+//!   `/readyz` wait for neither.
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex as AsyncMutex, Notify, OwnedSemaphorePermit, Semaphore},
+};
+
+use super::Metrics;
+use crate::drain;
+
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// A request's headers must arrive within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of large pages built and not yet sent. A page larger than this takes all of it.
+const PAGE_BUDGET: usize = 16 << 20;
+
+impl Metrics {
+    /// Serves HTTP/1.1 on `listener` until `stop` is sent.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: drain::Signal) {
+        let connections = Arc::new(Connections::default());
+        let pages = Arc::new(Pages::default());
+        loop {
+            let accepted = tokio::select! {
+                () = stop.stopped() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    log::warn!("accepting a metrics connection: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(held) = connections.admit() else {
+                // Every one in the middle of a request: this one is closed at once.
+                log::debug!("metrics connection from {peer}: refused, {MAX_CONNECTIONS} busy");
+                continue;
+            };
+            let metrics = Arc::clone(&self);
+            let pages = Arc::clone(&pages);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| {
+                    let busy = held.busy();
+                    let (metrics, pages) = (Arc::clone(&metrics), Arc::clone(&pages));
+                    async move {
+                        let response = metrics.respond_bounded(&request, &pages).await;
+                        drop(busy);
+                        Ok::<_, Infallible>(response.map(Full::new))
+                    }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    result = connection => if let Err(err) = result {
+                        log::debug!("metrics connection from {peer}: {err}");
+                    },
+                    () = held.evicted() => {
+                        log::debug!("metrics connection from {peer}: closed for a newer one");
+                    }
+                    () = stop.stopped() => {}
+                }
+            });
+        }
+    }
+
+    /// The response to `request`; a large page built under `pages`' bounds.
+    async fn respond_bounded(
+        self: Arc<Self>,
+        request: &Request<Incoming>,
+        pages: &Pages,
+    ) -> Response<Bytes> {
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        let large = method == Method::GET && matches!(uri.path(), "/metrics" | "/v1/resolutions");
+        if !large {
+            return self.respond_to(&method, uri.path(), uri.query());
+        }
+        let building = pages.building.lock().await;
+        // Off this runtime, which also serves TCP lookups: a page of a workload's 65,536
+        // names takes a while to build.
+        let built =
+            tokio::task::spawn_blocking(move || self.respond_to(&method, uri.path(), uri.query()))
+                .await;
+        let Ok(response) = built else {
+            let mut response =
+                Response::new(Bytes::from_static(b"the response could not be built\n"));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return response;
+        };
+        let (parts, body) = response.into_parts();
+        let room = pages.room_for(body.len()).await;
+        drop(building);
+        // The room is given back when the last of the page's bytes is dropped: once hyper
+        // has written it out, or the connection is gone.
+        Response::from_parts(parts, Bytes::from_owner(Page { body, _room: room }))
+    }
+}
+
+/// The large pages: one built at a time, and a bound on the bytes of those not yet sent.
+struct Pages {
+    building: AsyncMutex<()>,
+    budget: Arc<Semaphore>,
+}
+
+impl Default for Pages {
+    fn default() -> Self {
+        Self {
+            building: AsyncMutex::new(()),
+            budget: Arc::new(Semaphore::new(PAGE_BUDGET)),
+        }
+    }
+}
+
+impl Pages {
+    async fn room_for(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let permits = u32::try_from(len.clamp(1, PAGE_BUDGET)).unwrap_or(u32::MAX);
+        Arc::clone(&self.budget)
+            .acquire_many_owned(permits)
+            .await
+            .ok()
+    }
+}
+
+/// A page's bytes, holding its room in the budget while they live.
+struct Page {
+    body: Bytes,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Page {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// The connections being served, oldest first.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<VecDeque<Arc<Tracked>>>,
+    next_id: AtomicU64,
+}
+
+struct Tracked {
+    id: u64,
+    /// Requests being answered on it.
+    busy: AtomicUsize,
+    evict: Notify,
+}
+
+impl Connections {
+    /// A place for a new connection: at the limit, the oldest one not in the middle of a
+    /// request is closed for it; `None` if every one is.
+    fn admit(self: &Arc<Self>) -> Option<Held> {
+        let mut open = self.open.lock().expect("not poisoned");
+        if open.len() >= MAX_CONNECTIONS {
+            let idle = open
+                .iter()
+                .position(|tracked| tracked.busy.load(Ordering::Relaxed) == 0)?;
+            if let Some(evicted) = open.remove(idle) {
+                evicted.evict.notify_one();
+            }
+        }
+        let tracked = Arc::new(Tracked {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            busy: AtomicUsize::new(0),
+            evict: Notify::new(),
+        });
+        open.push_back(Arc::clone(&tracked));
+        Some(Held {
+            connections: Arc::clone(self),
+            tracked,
+        })
+    }
+}
+
+/// A connection's place among those served, given up when it ends.
+struct Held {
+    connections: Arc<Connections>,
+    tracked: Arc<Tracked>,
+}
+
+impl Held {
+    /// Marks the connection busy (not to be closed for a newer one) while the guard lives.
+    fn busy(&self) -> Busy {
+        self.tracked.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(&self.tracked))
+    }
+
+    /// Resolves when the connection is to close for a newer one.
+    async fn evicted(&self) {
+        self.tracked.evict.notified().await;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock().expect("not poisoned");
+        open.retain(|tracked| tracked.id != self.tracked.id);
+    }
+}
+
+struct Busy(Arc<Tracked>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn at_the_limit_the_oldest_idle_connection_makes_room_and_busy_ones_stay() {
+        let connections = Arc::new(Connections::default());
+        let open = |connections: &Connections| -> Vec<u64> {
+            let open = connections.open.lock().expect("not poisoned");
+            open.iter().map(|tracked| tracked.id).collect()
+        };
+        let held: Vec<Held> = (0..MAX_CONNECTIONS)
+            .map(|_| connections.admit().expect("room"))
+            .collect();
+        // The oldest is answering a request: the next oldest is closed instead, and told so.
+        let busy = held[0].busy();
+        let newer = connections.admit().expect("room made");
+        assert!(!open(&connections).contains(&1), "the oldest idle one went");
+        assert!(open(&connections).contains(&0), "the busy one stayed");
+        assert_eq!(open(&connections).len(), MAX_CONNECTIONS);
+        let told = tokio::time::timeout(Duration::from_millis(10), held[1].evicted()).await;
+        assert!(told.is_ok());
+        // All busy: no room.
+        let all_busy: Vec<Busy> = held[2..].iter().map(Held::busy).collect();
+        let newer_busy = newer.busy();
+        assert!(connections.admit().is_none());
+        drop((busy, all_busy, newer_busy));
+        let again = connections.admit().expect("room again");
+        // Those that end give their places back.
+        drop(held);
+        assert_eq!(open(&connections).len(), 2);
+        drop((newer, again));
+        assert!(open(&connections).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pages_not_yet_sent_are_bounded() {
+        let pages = Pages::default();
+        let page = Bytes::from_owner(Page {
+            body: Bytes::from(vec![7u8; PAGE_BUDGET]),
+            _room: pages.room_for(PAGE_BUDGET).await,
+        });
+        assert_eq!(pages.budget.available_permits(), 0);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), pages.room_for(1)).await;
+        assert!(waiting.is_err(), "no room while the page is held");
+        let sent = page.slice(..10);
+        drop(page);
+        assert_eq!(
+            pages.budget.available_permits(),
+            0,
+            "a slice still holds it"
+        );
+        drop(sent);
+        assert_eq!(pages.budget.available_permits(), PAGE_BUDGET);
+    }
+}
