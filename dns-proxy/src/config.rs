@@ -257,6 +257,15 @@ pub enum ConfigError {
     WorkloadMetricsWithoutMetrics(u32),
     #[error("--upstream {0}: the upstream must be a concrete address with a port")]
     BadUpstream(SocketAddr),
+    #[error(
+        "--upstream {0}: that is the proxy itself (its listen address, or its block on its \
+         port): every query would loop; give the server to forward to"
+    )]
+    UpstreamIsProxy(SocketAddr),
+    #[error("--upstream-timeout {0:?}: must be at least 1ms")]
+    UpstreamTimeoutTooShort(Duration),
+    #[error("--exclude-cgroup {0}: is the --cgroup itself, which would leave nothing redirected")]
+    ExcludesEverything(PathBuf),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
     MetricsPortZero(SocketAddr),
     #[error("--redirect-block {0}: must be an IPv4 block")]
@@ -349,6 +358,14 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.listen.port() == 0 {
             return Err(ConfigError::ListenPortZero(args.listen));
         }
+        if let Some(cgroup) = &args.cgroup
+            && args
+                .exclude_cgroups
+                .iter()
+                .any(|excluded| excluded == cgroup)
+        {
+            return Err(ConfigError::ExcludesEverything(cgroup.clone()));
+        }
         let workload = Workload::Cgroup {
             cgroup: args.cgroup,
             exclude: args.exclude_cgroups,
@@ -435,6 +452,23 @@ impl RunConfig {
                 block: block6,
                 listen: v6.into(),
             });
+        }
+        if let Some(upstream) = args.upstream {
+            let proxy_port = upstream.port() == listen.port();
+            let listens_there = match (upstream, listen6) {
+                (SocketAddr::V4(v4), _) => v4 == listen,
+                (SocketAddr::V6(v6), Listen6::Required(l6) | Listen6::IfAvailable(l6)) => {
+                    v6.ip() == l6.ip() && v6.port() == l6.port()
+                }
+                (SocketAddr::V6(_), Listen6::Off) => false,
+            };
+            let in_a_block = block4.contains(upstream.ip()) || block6.contains(upstream.ip());
+            if listens_there || (proxy_port && in_a_block) {
+                return Err(ConfigError::UpstreamIsProxy(upstream));
+            }
+        }
+        if args.upstream_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::UpstreamTimeoutTooShort(args.upstream_timeout));
         }
         Ok(Self {
             workload,
@@ -683,5 +717,36 @@ mod tests {
                 .unwrap_err()
                 .contains("port other than 0")
         );
+        assert!(
+            run_config(&["--upstream-timeout=1ns"])
+                .unwrap_err()
+                .contains("at least 1ms")
+        );
+    }
+
+    /// What would make the agent serve nothing, said at start rather than found in counters.
+    #[test]
+    fn rejects_an_upstream_that_is_the_proxy_and_an_exclusion_of_everything() {
+        for upstream in [
+            "127.0.0.1:8053",
+            "[::1]:8053",
+            "127.53.0.9:8053",
+            "[fd53:6e73:6470::9]:8053",
+        ] {
+            let error = run_config(&[&format!("--upstream={upstream}")]).unwrap_err();
+            assert!(error.contains("the proxy itself"), "{upstream}: {error}");
+        }
+        // Another port of those addresses, or a node's server: fine.
+        assert!(run_config(&["--upstream=127.0.0.1:53"]).is_ok());
+        assert!(run_config(&["--upstream=127.53.0.9:53"]).is_ok());
+        let node = ["--listen=169.254.53.0:53", "--upstream=169.254.53.0:53"];
+        assert!(run_config(&node).unwrap_err().contains("the proxy itself"));
+        assert!(run_config(&["--listen=169.254.53.0:53", "--upstream=10.0.0.10:53"]).is_ok());
+
+        let cgroup = "--cgroup=/sys/fs/cgroup/unified/pods";
+        let error =
+            run_config(&[cgroup, "--exclude-cgroup=/sys/fs/cgroup/unified/pods/"]).unwrap_err();
+        assert!(error.contains("nothing redirected"), "{error}");
+        assert!(run_config(&[cgroup, "--exclude-cgroup=/sys/fs/cgroup/unified/pods/a"]).is_ok());
     }
 }

@@ -1,4 +1,4 @@
-use std::{os::unix::process::ExitStatusExt as _, process::ExitCode};
+use std::{io::Write as _, os::unix::process::ExitStatusExt as _, process::ExitCode};
 
 use clap::Parser as _;
 use dns_proxy::{
@@ -12,8 +12,24 @@ const EXEC_FAILED: u8 = 125;
 const EXEC_NOT_EXECUTABLE: u8 = 126;
 const EXEC_NOT_FOUND: u8 = 127;
 
+/// A usage error of `run` (a flag that does not parse), as clap and most tools report it.
+const USAGE_ERROR: u8 = 2;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version are not errors; a usage error of `exec` is one of exec's
+            // own failures.
+            let _ = err.print();
+            let exec = std::env::args().nth(1).as_deref() == Some("exec");
+            return ExitCode::from(match (err.use_stderr(), exec) {
+                (false, _) => 0,
+                (true, true) => EXEC_FAILED,
+                (true, false) => USAGE_ERROR,
+            });
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let (config, is_exec) = match cli.command {
         Command::Run(args) => (RunConfig::try_from(args), false),
@@ -27,7 +43,8 @@ fn main() -> ExitCode {
         Ok(Outcome::CommandExited(status)) => exit_code_of(status),
         // One line that says what failed and what to do; the error types carry the detail.
         Err((message, err)) => {
-            eprintln!("dns-proxy: error: {message}");
+            // Not eprintln!: with stderr closed it would panic, and the exit code with it.
+            let _ = writeln!(std::io::stderr(), "dns-proxy: error: {message}");
             match err {
                 Some(RunError::Spawn { source, .. }) if is_exec => {
                     if source.kind() == std::io::ErrorKind::NotFound {

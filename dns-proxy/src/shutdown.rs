@@ -3,10 +3,13 @@ use std::io;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// SIGINT and SIGTERM, watched from creation on, so none is missed between waits.
+/// SIGINT and SIGTERM, watched from creation on, so none is missed between waits; and SIGHUP,
+/// which an operator may send out of habit (a reload): there is nothing to reload, and it must
+/// not stop the agent without a drain, as its default action would.
 pub struct StopSignals {
     interrupt: Signal,
     terminate: Signal,
+    hangup: Signal,
 }
 
 /// A stop request.
@@ -30,14 +33,21 @@ impl StopSignals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Resolves on the next SIGINT or SIGTERM.
+    /// Resolves on the next SIGINT or SIGTERM; a SIGHUP meanwhile is logged and ignored.
     pub async fn next(&mut self) -> StopSignal {
-        tokio::select! {
-            _ = self.interrupt.recv() => StopSignal::Interrupt,
-            _ = self.terminate.recv() => StopSignal::Terminate,
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return StopSignal::Interrupt,
+                _ = self.terminate.recv() => return StopSignal::Terminate,
+                _ = self.hangup.recv() => log::warn!(
+                    "SIGHUP ignored: there is no configuration to reload (restart with \
+                     --takeover to change flags; SIGTERM stops the agent)"
+                ),
+            }
         }
     }
 }

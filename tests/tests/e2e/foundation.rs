@@ -225,10 +225,17 @@ fn after_sigkill_lookups_go_direct_within_a_second() {
 }
 
 #[test]
-fn sigterm_detaches_and_exits_zero() {
+fn sighup_is_ignored_and_sigterm_detaches_and_exits_zero() {
     let Harness {
         agent, topology, ..
     } = &mut Harness::start(Placement::Outside, &["--shutdown-timeout=3s"]);
+    // An operator's reflex reload: nothing to reload, and no stop without a drain.
+    agent.process().signal(libc::SIGHUP);
+    wait_for(
+        "the agent to log the SIGHUP",
+        Duration::from_secs(2),
+        || agent.log().contains("SIGHUP ignored").then_some(()),
+    );
     let name = "term.example.test";
     assert_answered(
         dig(topology.workload("dig", &[]), name, &[]),
@@ -262,7 +269,6 @@ fn sigterm_detaches_and_exits_zero() {
     );
 }
 
-/// Errors a user can cause end with one line that says what to do.
 /// With IPv6 switched off (`net.ipv6.conf.all.disable_ipv6=1`, as some hosts are set up),
 /// host mode serves IPv4 and leaves IPv6 lookups alone, as it does on a host without IPv6.
 #[test]
@@ -288,6 +294,7 @@ fn with_ipv6_switched_off_the_agent_serves_ipv4() {
     forwarded(&agent, "v6off.example.test");
 }
 
+/// Errors a user can cause end with one line that says what to do.
 mod usage_errors {
     use super::*;
 
