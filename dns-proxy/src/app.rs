@@ -231,6 +231,8 @@ async fn serve(
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
     // Held until this returns: the sockets that hold the blocks' first addresses among them.
     let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
+    // Removed again if the start fails from here on; kept once the agent serves.
+    let routes = take(&mut listeners.routes);
     let metrics_listener = match config.metrics {
         Some(addr) => {
             Some(bind_metrics_listener(addr).map_err(|source| RunError::Listen { addr, source })?)
@@ -288,6 +290,7 @@ async fn serve(
         tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
     }
     go_live(config, &scope, udp_threads, &shared).await?;
+    routes.into_iter().for_each(host::AddedRoute::keep);
     readiness.set(true);
 
     let outcome = until_stopped(scope.command, &mut signals).await?;

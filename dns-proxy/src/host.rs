@@ -48,14 +48,66 @@ pub enum HostError {
 }
 
 /// Makes every address of `block` local to this network namespace, as
-/// `ip route replace local BLOCK dev lo` does (AnyIP). 127/8 is local already.
-pub fn route_block_here(block: AddressBlock) -> Result<(), HostError> {
+/// `ip route replace local BLOCK dev lo` does (AnyIP). 127/8 is local already. Returns the
+/// route if this call made it (it was not there: no agent had routed it), for a start that
+/// fails to take back.
+pub fn route_block_here(block: AddressBlock) -> Result<Option<AddedRoute>, HostError> {
     if block.first().to_canonical().is_loopback() {
-        return Ok(());
+        return Ok(None);
     }
-    add_local_route(block).map_err(|source| HostError::Route { block, source })?;
+    let error = |source| HostError::Route { block, source };
+    let made = match local_route(block, RouteRequest::Create) {
+        Ok(()) => true,
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+            local_route(block, RouteRequest::Replace).map_err(error)?;
+            false
+        }
+        Err(err) => return Err(error(err)),
+    };
     log::info!("routed {block} to this host (local, dev lo)");
-    Ok(())
+    // `then`, not `then_some`: a route made and dropped at once would be removed.
+    Ok(made.then(|| AddedRoute { block, keep: false }))
+}
+
+/// A route a start made. Once the agent serves it is kept, after the agent too (a socket sent
+/// to the block is then refused, not sent elsewhere, until the next agent); if the start
+/// fails, dropping it removes the route again.
+#[must_use]
+#[derive(Debug)]
+pub struct AddedRoute {
+    block: AddressBlock,
+    keep: bool,
+}
+
+impl AddedRoute {
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for AddedRoute {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        match local_route(self.block, RouteRequest::Delete) {
+            Ok(()) => log::info!(
+                "removed the route of {}: the agent did not start",
+                self.block
+            ),
+            Err(err) => log::warn!("removing the route of {}: {err}", self.block),
+        }
+    }
+}
+
+/// What to ask of the local route of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteRequest {
+    /// Make it, unless there is one (`EEXIST`).
+    Create,
+    /// Make it, or replace the one there.
+    Replace,
+    Delete,
 }
 
 /// Whether IPv6 is off in this network namespace: switched off on the loopback device, where
@@ -365,9 +417,9 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// One rtnetlink request: `RTM_NEWROUTE` of type local for `block` on the loopback device in
-/// the local table, created or replaced, and its acknowledgement.
-fn add_local_route(block: AddressBlock) -> io::Result<()> {
+/// One rtnetlink request about the route of type local for `block` on the loopback device in
+/// the local table (`RTM_NEWROUTE` or `RTM_DELROUTE`), and its acknowledgement.
+fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
     let (family, address) = match block.first() {
         std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
         std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
@@ -376,8 +428,13 @@ fn add_local_route(block: AddressBlock) -> io::Result<()> {
     let mut message = Vec::with_capacity(64);
     // struct nlmsghdr, its length filled in at the end.
     message.extend_from_slice(&0u32.to_ne_bytes());
-    message.extend_from_slice(&libc::RTM_NEWROUTE.to_ne_bytes());
-    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
+    let (kind, flags) = match request {
+        RouteRequest::Create => (libc::RTM_NEWROUTE, libc::NLM_F_CREATE | libc::NLM_F_EXCL),
+        RouteRequest::Replace => (libc::RTM_NEWROUTE, libc::NLM_F_CREATE | libc::NLM_F_REPLACE),
+        RouteRequest::Delete => (libc::RTM_DELROUTE, 0),
+    };
+    message.extend_from_slice(&kind.to_ne_bytes());
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | flags;
     message.extend_from_slice(&(flags as u16).to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's

@@ -32,6 +32,8 @@ pub(super) struct Listeners {
     locks: Vec<socket2::Socket>,
     /// Whether another agent's listeners were there, and these joined them (`--takeover`).
     pub(super) joined_another_agent: bool,
+    /// The blocks' routes this start made: removed again if it fails.
+    pub(super) routes: Vec<host::AddedRoute>,
 }
 
 impl Listeners {
@@ -63,10 +65,13 @@ impl Listeners {
             v6: None,
             locks: Vec::new(),
             joined_another_agent: false,
+            routes: Vec::new(),
         };
         // First the block's route: the listen address may be the block's first.
         host::check_block_is_free("--redirect-block", config.block4)?;
-        host::route_block_here(config.block4)?;
+        listeners
+            .routes
+            .extend(host::route_block_here(config.block4)?);
         if let SocketAddr::V4(v4) = listeners
             .bind_pair(
                 SocketAddr::V4(config.listen),
@@ -87,7 +92,9 @@ impl Listeners {
         match config.listen6 {
             Listen6::Required(v6) => {
                 host::check_block_is_free("--redirect-block6", config.block6)?;
-                host::route_block_here(config.block6)?;
+                listeners
+                    .routes
+                    .extend(host::route_block_here(config.block6)?);
                 listeners.v6 = bound_v6(
                     listeners
                         .bind_pair(
@@ -106,8 +113,11 @@ impl Listeners {
             ),
             Listen6::IfAvailable(v6) => {
                 host::check_block_is_free("--redirect-block6", config.block6)?;
+                // Taken back with the IPv6 it was for, if there is none after all.
+                let mut route6 = None;
                 let bound = match host::route_block_here(config.block6) {
-                    Ok(()) => {
+                    Ok(route) => {
+                        route6 = route;
                         listeners
                             .bind_pair(
                                 SocketAddr::V6(v6),
@@ -124,7 +134,10 @@ impl Listeners {
                     Err(err) => Err(err.into()),
                 };
                 match bound {
-                    Ok(bound) => listeners.v6 = bound_v6(bound),
+                    Ok(bound) => {
+                        listeners.v6 = bound_v6(bound);
+                        listeners.routes.extend(route6);
+                    }
                     Err(RunError::Listen { source, .. })
                         if matches!(
                             source.kind(),

@@ -478,6 +478,69 @@ mod usage_errors {
         assert_eq!(mode & 0o777, 0o700, "{}", state_dir.display());
     }
 
+    /// A start that fails after routing its blocks takes back the routes it made, and only
+    /// those: nothing of a failed start stays in the namespace, and a route that was there
+    /// (an earlier agent's) stays. (A start that succeeds leaves its routes, by design.)
+    #[test]
+    fn a_failed_start_takes_back_the_routes_it_made() {
+        let topology = Topology::new();
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let not_bpffs = std::env::temp_dir().join(format!("{}-state", topology.tag));
+        let routes = || {
+            let output = must(Command::new("ip").args([
+                "-n",
+                &topology.client.name,
+                "route",
+                "show",
+                "table",
+                "local",
+            ]));
+            let output6 = must(Command::new("ip").args([
+                "-6",
+                "-n",
+                &topology.client.name,
+                "route",
+                "show",
+                "table",
+                "local",
+            ]));
+            let all = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output6.stdout);
+            all.lines()
+                .filter(|line| line.contains("169.254.53.0/24") || line.contains("fd53:"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // The IPv4 block routed already, as an earlier agent leaves it: not this start's.
+        must(Command::new("ip").args([
+            "-n",
+            &topology.client.name,
+            "route",
+            "add",
+            "local",
+            "169.254.53.0/24",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ]));
+        assert_one_line_error(
+            &[
+                &cgroup,
+                "--listen=169.254.53.0:53",
+                "--listen6=[fd53:6e73:6470::]:53",
+                &format!("--state-dir={}", not_bpffs.display()),
+            ],
+            &["nsenter", &netns, "--"],
+            "not on a bpf filesystem",
+        );
+        let left = routes();
+        let _ = std::fs::remove_dir_all(&not_bpffs);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].contains("169.254.53.0/24"), "{left:?}");
+    }
+
     #[test]
     fn a_pin_of_another_layout_is_refused() {
         let topology = Topology::new();
