@@ -488,29 +488,19 @@ mod usage_errors {
         let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
         let not_bpffs = std::env::temp_dir().join(format!("{}-state", topology.tag));
         let routes = || {
-            let output = must(Command::new("ip").args([
-                "-n",
-                &topology.client.name,
-                "route",
-                "show",
-                "table",
-                "local",
-            ]));
-            let output6 = must(Command::new("ip").args([
-                "-6",
-                "-n",
-                &topology.client.name,
-                "route",
-                "show",
-                "table",
-                "local",
-            ]));
-            let all = String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output6.stdout);
-            all.lines()
-                .filter(|line| line.contains("169.254.53.0/24") || line.contains("fd53:"))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
+            let mut found = Vec::new();
+            for family in ["-4", "-6"] {
+                let name = &topology.client.name;
+                let args = [family, "-n", name, "route", "show", "table", "local"];
+                let output = must(Command::new("ip").args(args));
+                found.extend(
+                    String::from_utf8_lossy(&output.stdout)
+                        .lines()
+                        .filter(|line| line.contains("169.254.53.0/24") || line.contains("fd53:"))
+                        .map(str::to_owned),
+                );
+            }
+            found
         };
         // The IPv4 block routed already, as an earlier agent leaves it: not this start's.
         must(Command::new("ip").args([
