@@ -268,7 +268,14 @@ async fn serve(
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
     let watched = (scope.target.clone(), redirector.take_exclusions());
-    background::start(&agents, &servers, workload_root, watched, &stop_background);
+    background::start(
+        &agents,
+        &servers,
+        workload_root,
+        watched,
+        &readiness,
+        &stop_background,
+    );
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&shared.stats),

@@ -37,6 +37,8 @@ use crate::{
 pub struct Readiness {
     ready: AtomicBool,
     replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The redirected cgroup is gone or was made anew: the programs stay on the old one.
+    target_lost: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -58,8 +60,18 @@ impl Readiness {
         let _ = self.replaced.set(Box::new(replaced));
     }
 
+    /// Whether the redirected cgroup is gone or was made anew (the agent then redirects
+    /// nothing until it restarts).
+    pub fn set_target_lost(&self, lost: bool) {
+        self.target_lost.store(lost, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.is_replaced()
+        self.ready.load(Ordering::Relaxed) && !self.is_replaced() && !self.is_target_lost()
+    }
+
+    fn is_target_lost(&self) -> bool {
+        self.target_lost.load(Ordering::Relaxed)
     }
 
     fn is_replaced(&self) -> bool {
@@ -223,6 +235,10 @@ impl Metrics {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: a newer agent has taken over\n",
             ),
+            "/readyz" if self.readiness.is_target_lost() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the redirected cgroup is gone or was made anew; restart the agent\n",
+            ),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: starting or shutting down\n",
@@ -309,6 +325,21 @@ mod tests {
         // Still alive: it answers what reaches it until it is stopped.
         assert_eq!(
             agent.respond(&Method::GET, "/healthz").status(),
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn an_agent_whose_cgroup_is_gone_is_not_ready_and_says_why() {
+        let agent = metrics(true);
+        agent.readiness.set_target_lost(true);
+        let response = agent.respond(&Method::GET, "/readyz");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = format!("{:?}", response.body());
+        assert!(body.contains("the redirected cgroup is gone"), "{body}");
+        agent.readiness.set_target_lost(false);
+        assert_eq!(
+            agent.respond(&Method::GET, "/readyz").status(),
             StatusCode::OK
         );
     }

@@ -11,6 +11,7 @@ use crate::{
     cgroup::Cgroup,
     drain,
     ebpf::{Exclusions, ServerTable},
+    metrics::Readiness,
     workload,
 };
 
@@ -25,18 +26,25 @@ pub(super) fn start(
     servers: &Arc<ServerTable>,
     root: PathBuf,
     watched: (Cgroup, Option<Exclusions>),
+    readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
     tokio::spawn(keep_alive(Arc::clone(agents), stop.clone()));
     tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
-    tokio::spawn(watch_cgroups(watched.0, watched.1, stop.clone()));
+    let readiness = Arc::clone(readiness);
+    tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
 }
 
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
-/// made anew ([`Exclusions::refresh`]), and says once, as an error, when the redirected cgroup
-/// is gone or made anew: the programs stay on the old one, so nothing in a new one is
-/// redirected until the agent restarts.
-async fn watch_cgroups(target: Cgroup, exclusions: Option<Exclusions>, stop: drain::Signal) {
+/// made anew ([`Exclusions::refresh`]), and says once, as an error and on `/readyz`, when the
+/// redirected cgroup is gone or made anew: the programs stay on the old one, so nothing in a
+/// new one is redirected until the agent restarts.
+async fn watch_cgroups(
+    target: Cgroup,
+    exclusions: Option<Exclusions>,
+    readiness: Arc<Readiness>,
+    stop: drain::Signal,
+) {
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
     loop {
@@ -69,6 +77,7 @@ async fn watch_cgroups(target: Cgroup, exclusions: Option<Exclusions>, stop: dra
             );
         }
         target_lost = lost;
+        readiness.set_target_lost(lost);
     }
 }
 

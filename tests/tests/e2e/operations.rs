@@ -68,7 +68,7 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
 
 /// systemd makes a service's cgroup anew at each restart, with a new id: the tree stays
 /// excluded (within a second), and the agent says so. A redirected cgroup that goes is an
-/// error in the log.
+/// error in the log, and `/readyz` says 503.
 #[test]
 fn an_excluded_cgroup_made_anew_stays_excluded() {
     let topology = Topology::new();
@@ -116,6 +116,10 @@ fn an_excluded_cgroup_made_anew_stays_excluded() {
         Duration::from_secs(5),
         || agent.log().contains("the redirected cgroup").then_some(()),
     );
+    // And so does /readyz: the agent redirects nothing until it is restarted.
+    let (status, body) = tests::http_get(&topology.client, metrics_addr(), "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the redirected cgroup is gone"), "{body}");
 }
 
 #[test]
