@@ -136,11 +136,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
 
-    /// Most queries one client address may have forwarded at once; beyond it that client's
-    /// new queries are dropped (and counted), so one flooding workload cannot use up
-    /// --max-inflight for the others. A pod in node mode is one client; the agent's own
-    /// network namespace (every process on a host) is one client. A client within its fair
-    /// share of --max-inflight is admitted even when others filled it.
+    /// Most queries one client may have forwarded at once; beyond it that client's new
+    /// queries are dropped (and counted), so one flooding workload cannot use up
+    /// --max-inflight for the others. A client is a workload (the cgroup the kernel recorded
+    /// for its query), or, where none is recorded, its source address. A client within its
+    /// fair share of --max-inflight is admitted even when others filled it.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: u32,
 
@@ -154,12 +154,13 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, env = "DNS_PROXY_TCP_IDLE_TIMEOUT")]
     pub tcp_idle_timeout: Duration,
 
-    /// Most TCP connections relayed at once; beyond it new ones are closed (and counted).
+    /// Most TCP connections relayed at once; beyond it new ones are closed (and counted),
+    /// but a client within its fair share is let in, up to twice it.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS")]
     pub max_tcp_connections: u32,
 
-    /// Most TCP connections one client address may have relayed at once; beyond it that
-    /// client's new ones are closed (and counted).
+    /// Most TCP connections one client (a workload, as for --max-inflight-per-client) may
+    /// have relayed at once; beyond it that client's new ones are closed (and counted).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS_PER_CLIENT")]
     pub max_tcp_connections_per_client: u32,
 

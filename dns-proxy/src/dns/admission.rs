@@ -16,7 +16,7 @@ use std::{
 
 use super::{
     OriginalDestinations,
-    per_client::{ClientSlot, LOCAL_CLIENT, PerClientLimit},
+    per_client::{Client, ClientSlot, LOCAL_CLIENT, PerClientLimit},
     stats::{ProtocolStats, Stats},
 };
 use crate::log_limit::RateLimited;
@@ -195,11 +195,16 @@ impl<D: OriginalDestinations> Admission<D> {
         }
     }
 
-    /// One of the client's share (the agent's own namespace is one client, `local`, whatever
-    /// local address it sends from), held until dropped; `None` (counted and logged) if it
-    /// holds them all.
-    pub fn client_slot(&self, client: SocketAddr, local: bool) -> Option<ClientSlot> {
-        let key = if local { LOCAL_CLIENT } else { client.ip() };
+    /// One of the client's share, held until dropped; `None` (counted and logged) if it holds
+    /// them all. The client is the workload of `cgroup`, as the kernel recorded it for the
+    /// address the query reached; with none recorded (0), its source address (the agent's own
+    /// namespace is one client, `local`, whatever local address it sends from).
+    pub fn client_slot(&self, client: SocketAddr, cgroup: u64, local: bool) -> Option<ClientSlot> {
+        let key = match cgroup {
+            0 if local => Client::Address(LOCAL_CLIENT),
+            0 => Client::Address(client.ip()),
+            id => Client::Workload(id),
+        };
         let slot = self.per_client.try_acquire(key);
         if slot.is_none() {
             Stats::add(&self.transport.stats(&self.stats).dropped_client_limit);
@@ -211,9 +216,8 @@ impl<D: OriginalDestinations> Admission<D> {
                      {dropped} queries of clients at their limit"
                 ),
                 Transport::Tcp => format!(
-                    "{} has {limit} TCP connections open (--max-tcp-connections-per-client): \
-                     refused {dropped} connections of clients at their limit",
-                    client.ip()
+                    "{key} has {limit} TCP connections open (--max-tcp-connections-per-client): \
+                     refused {dropped} connections of clients at their limit"
                 ),
             });
         }
@@ -247,17 +251,24 @@ mod tests {
         let client = at("10.0.0.1:40000");
         assert_eq!(tcp.route(client, None, true), None, "not redirected");
         assert_eq!(tcp.route(client, Some(itself), true), None, "a loop");
-        let held = tcp.client_slot(client, false);
+        let held = tcp.client_slot(client, 0, false);
         assert!(held.is_some());
-        assert!(tcp.client_slot(client, false).is_none(), "at its limit");
+        assert!(tcp.client_slot(client, 0, false).is_none(), "at its limit");
         assert!(
-            tcp.client_slot(client, true).is_some(),
+            tcp.client_slot(client, 0, true).is_some(),
             "this namespace: another client"
+        );
+        // A workload recorded by the kernel is a client of its own, whatever its source.
+        let workload = tcp.client_slot(client, 42, false);
+        assert!(workload.is_some());
+        assert!(
+            tcp.client_slot(([192, 0, 2, 9], 1).into(), 42, false)
+                .is_none()
         );
         let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         assert_eq!(count(&stats.tcp.dropped_not_redirected), 1);
         assert_eq!(count(&stats.tcp.dropped_loop), 1);
-        assert_eq!(count(&stats.tcp.dropped_client_limit), 1);
+        assert_eq!(count(&stats.tcp.dropped_client_limit), 2);
         assert_eq!(count(&stats.udp.dropped_client_limit), 0);
     }
 

@@ -172,7 +172,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::dns::per_client::PerClientLimit;
+    use crate::dns::per_client::{Client, PerClientLimit};
 
     fn query(name: &str) -> Vec<u8> {
         crate::dns::cache::tests::query(1, name)
@@ -194,7 +194,9 @@ mod tests {
             message: Some(message.clone().into()),
             query: parsed,
             started: Instant::now(),
-            _client_slot: PerClientLimit::new(100).try_acquire(client.ip()).unwrap(),
+            _client_slot: PerClientLimit::new(100)
+                .try_acquire(Client::Address(client.ip()))
+                .unwrap(),
         }
     }
 

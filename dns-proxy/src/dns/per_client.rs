@@ -1,9 +1,13 @@
-//! A limit per client address: how many UDP queries (or TCP connections) one client may have
-//! open at once, so that one flooding workload fills its own share and not the whole agent's.
+//! A limit per client: how many UDP queries (or TCP connections) one client may have open at
+//! once, so that one flooding workload fills its own share and not the whole agent's.
 //!
-//! A client is its source address. In node mode that is a pod; the processes of the agent's
-//! own namespace (every process on a host) are one client, whatever local address they send
-//! from (the listeners decide: [`LOCAL_CLIENT`]).
+//! A client is the workload the kernel recorded for the block address its query reached: its
+//! cgroup, which no other workload can send to that address as (the programs refuse another
+//! cgroup's address), so a container forging a neighbour's source address charges its own
+//! share, and a host-network container its own, not the node's. Where no workload is
+//! recorded (a server's shared address, when the table is full), a client is its source
+//! address; the processes of the agent's own namespace are then one client, whatever local
+//! address they send from (the listeners decide: [`LOCAL_CLIENT`]).
 //!
 //! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
 //! something. A client within it is admitted even when the agent-wide limit is reached by
@@ -19,19 +23,37 @@ use std::{
     },
 };
 
-/// The key of every client of the agent's own network namespace: one share, however many
-/// local addresses they send from.
+/// The key of every client of the agent's own network namespace with no workload recorded:
+/// one share, however many local addresses they send from.
 pub const LOCAL_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Who a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Client {
+    /// A workload, by the id of the cgroup the kernel recorded for its query.
+    Workload(u64),
+    /// A source address, where no workload is recorded.
+    Address(IpAddr),
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Workload(id) => write!(f, "the workload of cgroup id {id}"),
+            Self::Address(ip) => write!(f, "{ip}"),
+        }
+    }
+}
 
 /// Independent locks, so the UDP threads seldom wait on one another.
 const SHARDS: usize = 16;
 
-/// Counts per client address. An address is in the table only while it holds something, so
-/// the table is no larger than what the agent-wide limits let be open.
+/// Counts per client. A client is in the table only while it holds something, so the table is
+/// no larger than what the agent-wide limits let be open.
 #[derive(Debug)]
 pub struct PerClientLimit {
     limit: u32,
-    shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    shards: [Mutex<HashMap<Client, u32>>; SHARDS],
     /// Clients in the table: those that hold something now.
     active: AtomicUsize,
     /// Keyed, so no client can choose addresses that all land in one shard.
@@ -42,7 +64,7 @@ pub struct PerClientLimit {
 #[derive(Debug)]
 pub struct ClientSlot {
     limits: Arc<PerClientLimit>,
-    client: IpAddr,
+    client: Client,
     /// What the client held before this one.
     held_before: u32,
 }
@@ -75,9 +97,12 @@ impl PerClientLimit {
     }
 
     /// One more for `client`, or `None` if it holds its limit already.
-    pub fn try_acquire(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+    pub fn try_acquire(self: &Arc<Self>, client: Client) -> Option<ClientSlot> {
         // A v4-mapped IPv6 source is the same client as its IPv4 address.
-        let client = client.to_canonical();
+        let client = match client {
+            Client::Address(ip) => Client::Address(ip.to_canonical()),
+            workload => workload,
+        };
         let mut counts = self.shard(client).lock().expect("not poisoned");
         let count = counts.entry(client).or_insert_with(|| {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +133,7 @@ impl PerClientLimit {
         (total / self.active.load(Ordering::Relaxed).max(1)).max(1)
     }
 
-    fn release(&self, client: IpAddr) {
+    fn release(&self, client: Client) {
         let mut counts = self.shard(client).lock().expect("not poisoned");
         if let Some(count) = counts.get_mut(&client) {
             *count -= 1;
@@ -119,7 +144,7 @@ impl PerClientLimit {
         }
     }
 
-    fn shard(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+    fn shard(&self, client: Client) -> &Mutex<HashMap<Client, u32>> {
         &self.shards[(self.hasher.hash_one(client) % SHARDS as u64) as usize]
     }
 }
@@ -133,28 +158,35 @@ mod tests {
     #[test]
     fn each_client_has_its_own_limit_and_gets_slots_back_when_they_drop() {
         let limits = PerClientLimit::new(2);
-        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
-        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
+        let a = Client::Address(Ipv4Addr::new(10, 0, 0, 1).into());
+        let b = Client::Address(Ipv4Addr::new(10, 0, 0, 2).into());
         let first = limits.try_acquire(a).expect("a's first");
         let _second = limits.try_acquire(a).expect("a's second");
         assert!(limits.try_acquire(a).is_none(), "a is at its limit");
         // The same address, v4-mapped, is the same client.
         assert!(
             limits
-                .try_acquire("::ffff:10.0.0.1".parse().unwrap())
+                .try_acquire(Client::Address("::ffff:10.0.0.1".parse().unwrap()))
                 .is_none()
         );
         let _other = limits.try_acquire(b).expect("b is not held back by a");
         drop(first);
         let _third = limits.try_acquire(a).expect("a got one back");
         assert_eq!(limits.clients(), 2);
+        // A workload is a client of its own, whatever addresses its queries come from.
+        let workload = Client::Workload(7);
+        let _w = limits.try_acquire(workload).expect("the workload's first");
+        let _w2 = limits.try_acquire(workload).expect("the workload's second");
+        assert!(limits.try_acquire(workload).is_none());
+        assert_eq!(limits.clients(), 3);
     }
 
     #[test]
     fn a_client_holding_nothing_leaves_the_table() {
         let limits = PerClientLimit::new(4);
         for i in 0..1000u32 {
-            drop(limits.try_acquire(Ipv4Addr::from(i).into()));
+            drop(limits.try_acquire(Client::Address(Ipv4Addr::from(i).into())));
+            drop(limits.try_acquire(Client::Workload(i.into())));
         }
         assert_eq!(limits.clients(), 0);
     }

@@ -66,6 +66,9 @@ pub struct TcpProxy<D> {
     admission: Admission<D>,
     settings: TcpSettings,
     connections: Arc<Semaphore>,
+    /// As many again, for clients within their fair share when `connections` is taken: a few
+    /// clients holding every connection cannot keep the others out.
+    fair_share_room: Arc<Semaphore>,
     tasks: TaskTracker,
     /// Sent at shutdown: connections close once nothing is outstanding.
     draining: drain::Signal,
@@ -236,6 +239,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             local_addr,
             admission,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
+            fair_share_room: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tasks: TaskTracker::new(),
             draining: drain::Signal::new(),
@@ -298,10 +302,20 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         };
         // The agent's own namespace is one client, whatever local address it sends from.
         let local = self.admission.is_local_client(client.ip());
-        let Some(client_slot) = self.admission.client_slot(client, local) else {
+        let Some(client_slot) = self.admission.client_slot(client, cgroup, local) else {
             return;
         };
-        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+        // At the limit, a client holding less than its fair share (the limit divided among the
+        // clients holding connections) is still let in, up to twice the limit (as UDP does).
+        let max = self.settings.max_connections;
+        let permit = match self.connections.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if client_slot.within_fair_share(max) => {
+                self.fair_share_room.clone().try_acquire_owned().ok()
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             Stats::add(&stats.dropped_overload);
             self.overload_log.warn(|dropped| {
                 format!(

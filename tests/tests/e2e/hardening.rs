@@ -176,19 +176,26 @@ const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
 /// What the agent's memory must stay under at its default limits, flooded (docs/security.md).
 const MEMORY_BOUND_MIB: u64 = 64;
 
-#[test]
-fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
+/// A node of its own for a flood: its server at SERVER_IP, one at SECOND_SERVER_IP that
+/// answers after 3 s (so a flood's queries pile up in flight), and an agent in node mode at
+/// the default limits, with metrics. Fields drop in order: the agent first.
+struct FloodedNode {
+    agent: Agent,
+    _slow: Process,
+    _server: DnsServer,
+    node: tests::node::NodeTopology,
+}
+
+fn node_with_a_slow_server(pods: u8) -> FloodedNode {
     use tests::node::{NODE_LISTEN, NodeTopology};
 
-    let node = NodeTopology::new();
-    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
-    // The flood goes to a server that answers after 3 s, so its queries pile up in flight.
+    let node = NodeTopology::with_pods(pods);
+    let server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     node.add_server_address(SECOND_SERVER_IP);
     let mut slow = node.server.command(TEST_UPSTREAM);
     slow.args([&format!("{SECOND_SERVER_IP}:53"), "3000", "198.51.100.9"]);
-    let _slow = Process::spawn(&mut slow);
-    // The default limits: 4096 in flight, 1024 per client.
-    let mut agent = Agent::launch(
+    let slow = Process::spawn(&mut slow);
+    let agent = Agent::launch(
         &node.node,
         node.redirected_cgroup(),
         None,
@@ -197,6 +204,24 @@ fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
             format!("--metrics={METRICS}"),
         ],
     );
+    FloodedNode {
+        agent,
+        _slow: slow,
+        _server: server,
+        node,
+    }
+}
+
+#[test]
+fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
+    // The flood goes to a server that answers after 3 s, so its queries pile up in flight.
+    // Bound whole: a field left to `..` would be dropped (the agent stopped) at once.
+    let FloodedNode {
+        mut agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server(2);
 
     // Pod 1 and a host process resolve steadily: a lookup every 5 ms per stream, 1 s per try,
     // three tries.
@@ -346,24 +371,13 @@ impl Joiner {
 /// a ninth pod, within its fair share, resolves every lookup.
 #[test]
 fn a_pod_within_its_fair_share_is_never_refused_because_of_others() {
-    use tests::node::{NODE_LISTEN, NodeTopology};
-
-    let node = NodeTopology::with_pods(9);
-    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
-    node.add_server_address(SECOND_SERVER_IP);
-    let mut slow = node.server.command(TEST_UPSTREAM);
-    slow.args([&format!("{SECOND_SERVER_IP}:53"), "3000", "198.51.100.9"]);
-    let _slow = Process::spawn(&mut slow);
     // The default limits: 4096 in flight, 1024 per client, so four flooders fill the agent.
-    let _agent = Agent::launch(
-        &node.node,
-        node.redirected_cgroup(),
-        None,
-        &[
-            format!("--listen={NODE_LISTEN}:53"),
-            format!("--metrics={METRICS}"),
-        ],
-    );
+    let FloodedNode {
+        agent: _agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server(9);
     let server = format!("{SECOND_SERVER_IP}:53");
     let flooders: Vec<Process> = (0..8)
         .map(|pod| {
@@ -424,4 +438,102 @@ fn a_process_joining_the_metrics_port_gets_no_probe() {
         assert_eq!((status, body.as_str()), (200, "ok\n"));
     }
     assert_eq!(joiner.finish(), "accepted=0");
+}
+
+/// A client is the workload the kernel recorded for its query, not its source address: a
+/// host process flooding through the redirect (a host-network container, say) is shed at its
+/// own cgroup's limit, and the node's other processes, which share its address, keep
+/// resolving. (Before, the node's namespace was one client, and the flood took its share.)
+#[test]
+fn a_flooding_host_process_is_shed_at_its_own_limit_and_the_nodes_others_keep_resolving() {
+    let FloodedNode {
+        agent: _agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server(2);
+    let (flooder, kubelet) = (
+        node.host_cgroup.join("flooder"),
+        node.host_cgroup.join("kubelet"),
+    );
+    for cgroup in [&flooder, &kubelet] {
+        fs::create_dir(cgroup).unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.display()));
+    }
+    let server = format!("{SERVER_IP}:53");
+    let steady_args = [server.as_str(), "1000", "3", "5", "2"];
+    let mut steady = Process::spawn(
+        tests::in_cgroup_and_netns(&kubelet, &node.node, STEADY, &steady_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let flood = must(&mut tests::in_cgroup_and_netns(
+        &flooder,
+        &node.node,
+        FLOOD,
+        &[&format!("{SECOND_SERVER_IP}:53"), "20000", "80000", "4"],
+    ));
+    let flood = String::from_utf8_lossy(&flood.stdout).trim().to_owned();
+    let line = steady.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _first_try, retried, failed] = steady_outcome(&line);
+    eprintln!("flood: {flood}; the node's other process: {line}");
+    assert!(lookups > 100, "{line}");
+    assert_eq!(failed, 0, "lost lookups during the flood: {line}");
+    assert!(retried * 100 <= lookups, "retried more than 1 %: {line}");
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let shed = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
+    );
+    assert!(
+        shed > 10_000,
+        "the flood was shed at its own limit: {shed}\n{page}"
+    );
+}
+
+/// A few clients holding every TCP connection the agent allows cannot keep another out: a
+/// client within its fair share (the limit divided among the clients holding connections)
+/// is let in past the limit, up to twice it, as for UDP.
+#[test]
+fn clients_holding_every_tcp_connection_do_not_keep_another_pod_out() {
+    use tests::node::{NODE_LISTEN, NodeTopology};
+
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let _agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[
+            format!("--listen={NODE_LISTEN}:53"),
+            "--max-tcp-connections=4".to_owned(),
+            "--max-tcp-connections-per-client=4".to_owned(),
+        ],
+    );
+    // Pod 0 holds all four, idle (the agent closes them after 10 s).
+    let script = "import socket, sys\n\
+                  held = [socket.create_connection((sys.argv[1], 53)) for _ in range(4)]\n\
+                  print('holding', flush=True)\n\
+                  sys.stdin.read()";
+    let server = SERVER_IP.to_string();
+    let mut holder = Process::spawn(
+        node.pod(0, "python3", &["-c", script, &server])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(holder.take_stdout())
+        .read_line(&mut line)
+        .expect("read the holder");
+    assert_eq!(line.trim(), "holding");
+    // Pod 1 holds nothing: within its fair share, it is let in.
+    let probe = must(&mut node.pod(
+        1,
+        PROBE,
+        &["tcp", &format!("{server}:53"), "fair.example.test"],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        expected_probe_line()
+    );
+    holder.finish_with_stdout(Duration::from_secs(5));
 }

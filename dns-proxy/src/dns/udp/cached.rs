@@ -181,7 +181,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Cached::Stale { .. } => true,
             Cached::Miss => false,
         };
-        let Some(client_slot) = self.admission.client_slot(to.client, local) else {
+        let Some(client_slot) = self.admission.client_slot(to.client, to.cgroup, local) else {
             return FromCache::Handled;
         };
         let waiter = Waiter {

@@ -274,7 +274,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
-            FromCache::NotCached => (None, self.admission.client_slot(client, local)?),
+            FromCache::NotCached => (None, self.admission.client_slot(client, cgroup, local)?),
         };
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         // A query whose answer the cache keeps, or gives to the clients waiting on it, goes up
