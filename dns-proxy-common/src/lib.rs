@@ -112,10 +112,15 @@ pub enum Counter {
     /// than loopback (`SO_BINDTODEVICE`): the proxy's addresses are local, on `lo`, or routed
     /// through one device of a pod, which such a socket may not reach.
     SkippedBoundDevice = 8,
+    /// DNS connects and sends given their server's shared index, as every cgroup may be
+    /// when the table has no room for a pair of their own: redirected and answered, but the
+    /// proxy cannot tell which workload asked (`workload=unknown`), and the per-client limits
+    /// fall back to its source address.
+    SharedIndex = 9,
 }
 
 impl Counter {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -125,6 +130,7 @@ impl Counter {
         Self::ForeignRefused,
         Self::ImpersonationRefused,
         Self::SkippedBoundDevice,
+        Self::SharedIndex,
     ];
 }
 

@@ -87,12 +87,33 @@ pub fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Opti
             }
             Some(index)
         }
-        None => index_of(&shared, capacity, &mut created),
+        None => {
+            let index = index_of(&shared, capacity, &mut created);
+            if index.is_some() {
+                shared_index(ctx);
+            }
+            index
+        }
     };
     if index.is_none() {
         table_full(ctx);
     }
     index
+}
+
+/// Counts a socket given its server's shared index, and says so in the log at the 1st, 2nd,
+/// 4th, 8th... time on each CPU.
+fn shared_index(ctx: &SockAddrContext) {
+    let times = count(Counter::SharedIndex);
+    if times.is_power_of_two() {
+        warn!(
+            ctx,
+            "dns-proxy: no room in the table for a workload's own index ({} times on this \
+             CPU): its lookups go through the server's shared one, their workload unknown; \
+             give a larger --redirect-block",
+            times
+        );
+    }
 }
 
 /// The index of `origin` in its family's table (1 to `capacity`), given one if it has none

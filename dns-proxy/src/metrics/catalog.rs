@@ -403,6 +403,15 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::TableFull)),
     },
     Metric {
+        name: "kernel_shared_index",
+        labels: &[],
+        only_with: None,
+        help: "DNS connects and sends given their server's shared index: no room in the table \
+               for their workload's own, so they were redirected with their workload unknown \
+               (give a larger --redirect-block).",
+        read: Read::Counter(|s| s.kernel(Counter::SharedIndex)),
+    },
+    Metric {
         name: "kernel_foreign_refused",
         labels: &[],
         only_with: None,

@@ -439,3 +439,45 @@ fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
         newer.log()
     );
 }
+
+/// With no room in the table for a workload's own index, its lookups go through the server's
+/// shared one: still answered, but whose they are is unknown, and that is counted (it was
+/// silent: `kernel_table_full` counts only sockets that got no index at all).
+#[test]
+fn a_workload_with_no_room_for_an_index_of_its_own_is_answered_and_counted() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    // Six indexes: the server's shared one, and five workloads' own.
+    let agent = Agent::start(
+        &topology,
+        &[
+            "--redirect-block=127.53.0.0/29",
+            &format!("--metrics={}", super::METRICS),
+        ],
+    );
+    let ask = |cgroup: &PathBuf, name: &str| {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        tests::dig_at(command, &SERVER_IP.to_string(), name, &["+short"])
+    };
+    for i in 0..5 {
+        let cgroup = child_cgroup(&topology, &format!("own{i}"));
+        let answer = ask(&cgroup, &format!("own{i}.example.test")).expect("answered");
+        assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    }
+    let late = child_cgroup(&topology, "late");
+    let answer = ask(&late, "late.example.test").expect("answered through the shared index");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    let page = super::scrape(&topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_shared_index_total"),
+        1,
+        "{page}"
+    );
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_table_full_total"),
+        0,
+        "{page}"
+    );
+    let line = forwarded(&agent, "late.example.test");
+    assert!(line.ends_with("workload=unknown"), "{line}");
+}
