@@ -186,3 +186,44 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
     let answer = format!("NOERROR [\"{BAD_ANSWER}\"]");
     the_client_sees_what_it_would_without_the_agent("case", [&answer, &answer]);
 }
+
+/// A nameserver whose port is closed, listed first: glibc moves on to the next one at once
+/// through the agent as it does directly (where its connected socket reads ECONNREFUSED;
+/// through the agent, that server's address answers SERVFAIL), instead of waiting out its
+/// timeout on every lookup.
+#[test]
+fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    // The address exists; nothing listens on its port 53.
+    let closed = std::net::Ipv4Addr::new(192, 0, 2, 98);
+    topology.add_server_address(closed);
+    topology.set_nameservers(&[closed.into(), SERVER_IP.into()]);
+    let name = "closed-first.example.test";
+    for (path, mut command) in [
+        ("directly", topology.outsider("getent", &["ahostsv4", name])),
+        (
+            "through the agent",
+            topology.workload("getent", &["ahostsv4", name]),
+        ),
+    ] {
+        let started = Instant::now();
+        let output = must(&mut command);
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(&ANSWER_IP.to_string()), "{path}: {stdout}");
+        // glibc's timeout is 5 s a server.
+        assert!(took < Duration::from_secs(2), "{path}: {took:?}");
+    }
+    forwarded(agent, name);
+    let asked = tests::dig_at(
+        topology.workload("dig", &[]),
+        &closed.to_string(),
+        "closed.example.test",
+        &["+time=3", "+tries=1"],
+    )
+    .expect("an answer, not a timeout");
+    assert!(asked.contains("status: SERVFAIL"), "{asked}");
+    assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
+}

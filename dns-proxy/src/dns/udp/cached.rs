@@ -433,7 +433,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 to: upstream,
                 from: None,
             },
-            |_, err| self.forward_failed(key, &err),
+            |_, err| self.forward_failed(key, &message, &err),
         );
     }
 }

@@ -74,22 +74,34 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     to: run[i].key.upstream,
                     from: None,
                 },
-                |i, err| self.forward_failed(run[i].key, &err),
+                |i, err| self.forward_failed(run[i].key, batch.datagram(run[i].index), &err),
             );
             run_start += run_len;
         }
     }
 
-    /// A query the kernel would not send: the client retries, as it would after a lost
-    /// datagram.
-    pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, err: &io::Error) {
+    /// A query the kernel would not send (`sent`, as it was to go up): if it says the server
+    /// cannot be reached (no route), its client is told at once
+    /// ([`UdpProxy::unreachable`]); otherwise the client retries, as after a lost datagram.
+    pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, sent: &[u8], err: &io::Error) {
         let stats = &self.stats.udp;
         let pending = self.pending.lock().expect("not poisoned").remove(&key);
-        if let Some(mut pending) = pending {
-            pending.socket.settled();
-            if let Some(cached) = pending.cached.take() {
-                self.settle_cached(*cached, None, pending.recipient(self), false);
+        let unreachable = err
+            .raw_os_error()
+            .is_some_and(super::unreachable::means_unreachable);
+        match pending {
+            Some(pending) if unreachable => {
+                stats.settled(1);
+                self.unreachable(pending, key.upstream, sent, err);
+                return;
             }
+            Some(mut pending) => {
+                pending.socket.settled();
+                if let Some(cached) = pending.cached.take() {
+                    self.settle_cached(*cached, None, pending.recipient(self), false);
+                }
+            }
+            None => {}
         }
         stats.settled(1);
         Stats::add(&stats.upstream_errors);

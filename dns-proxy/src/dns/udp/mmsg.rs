@@ -162,6 +162,109 @@ fn set_flag(socket: BorrowedFd<'_>, level: libc::c_int, option: libc::c_int) -> 
     Ok(())
 }
 
+/// Asks the kernel to queue the ICMP errors that come back for what `socket` sends (an
+/// unconnected socket is told of none otherwise), to be read with [`receive_error`].
+pub fn queue_errors(socket: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    } else {
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_RECVERR)
+    }
+}
+
+/// An ICMP error that came back for a datagram the socket sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedError {
+    /// Where the datagram went.
+    pub destination: SocketAddr,
+    /// What the error means to a socket: `ECONNREFUSED` (port unreachable),
+    /// `EHOSTUNREACH`, `ENETUNREACH`...
+    pub errno: i32,
+    /// The start of the datagram, as the ICMP message carried it back.
+    pub datagram: Vec<u8>,
+}
+
+/// The next ICMP error queued on `socket` ([`queue_errors`]); `None` when none is left.
+/// Errors of other origins (local ones) are passed over.
+pub fn receive_error(socket: BorrowedFd<'_>) -> io::Result<Option<QueuedError>> {
+    loop {
+        let mut datagram = vec![0u8; 1280];
+        let mut iov = libc::iovec {
+            iov_base: datagram.as_mut_ptr().cast(),
+            iov_len: datagram.len(),
+        };
+        // SAFETY: `sockaddr_storage` is plain integers, for which all zeros is a valid value.
+        let mut name: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let mut control = [0u64; 16];
+        // SAFETY: `msghdr` is plain integers and pointers, for which all zeros is valid.
+        let mut header: libc::msghdr = unsafe { mem::zeroed() };
+        header.msg_name = (&raw mut name).cast();
+        header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        header.msg_iov = &raw mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = mem::size_of_val(&control);
+        // SAFETY: every buffer the header points at is alive and of the length given, and the
+        // kernel writes within those lengths.
+        let received = unsafe {
+            libc::recvmsg(
+                socket.as_raw_fd(),
+                &raw mut header,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if received < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(err),
+            };
+        }
+        datagram.truncate(received as usize);
+        // SAFETY: the kernel wrote the destination's address, of the length it set.
+        let destination = unsafe { socket_addr(&name, header.msg_namelen) };
+        // SAFETY: `recvmsg` filled the header, its control buffer still alive.
+        let errno = unsafe { icmp_errno(&header) };
+        if let (Some(destination), Some(errno)) = (destination, errno) {
+            return Ok(Some(QueuedError {
+                destination,
+                errno,
+                datagram,
+            }));
+        }
+    }
+}
+
+/// The errno of an ICMP error, from a message of the error queue's `IP_RECVERR` or
+/// `IPV6_RECVERR` control message (`struct sock_extended_err`); `None` for an error of
+/// another origin.
+///
+/// # Safety
+/// `header` was filled in by `recvmsg`, its control buffer still alive.
+unsafe fn icmp_errno(header: &libc::msghdr) -> Option<i32> {
+    // SAFETY: the CMSG macros walk the buffer the kernel filled, within its length.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null cmsg from the macros points at a whole header in the buffer.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        let is_error = (level == libc::IPPROTO_IP && kind == libc::IP_RECVERR)
+            || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_RECVERR);
+        if is_error {
+            // SAFETY: the data of such a message is a `sock_extended_err`, maybe unaligned.
+            let error: libc::sock_extended_err =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+            let from_icmp = matches!(
+                error.ee_origin,
+                libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+            );
+            return from_icmp.then_some(error.ee_errno as i32);
+        }
+        // SAFETY: as above, within the buffer.
+        cmsg = unsafe { libc::CMSG_NXTHDR(header, cmsg) };
+    }
+    None
+}
+
 impl ReceivedBatch {
     /// The datagrams of the last [`receive`](Self::receive), with their indexes and senders.
     /// A datagram whose sender's address is not IPv4 or IPv6 is left out.

@@ -21,6 +21,7 @@
 //! - `relay`: upstream to client, in batches;
 //! - `cached`: the answer cache's part (hits, waiting on identical queries, stale answers);
 //! - `sweeper`: queries that time out, and stale answers for late upstreams;
+//! - `unreachable`: queries whose upstream cannot be reached (an ICMP error, a failed send);
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
 //! - `fuzz`: the fuzz targets' hooks.
 use foldhash::HashMap;
@@ -62,6 +63,7 @@ mod relay;
 mod sweeper;
 #[cfg(test)]
 mod tests;
+mod unreachable;
 
 use cached::{CacheHit, FromCache, Recipient};
 use forward::Forwarding;

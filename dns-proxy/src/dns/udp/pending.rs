@@ -28,6 +28,16 @@ pub(super) struct PendingKey {
     pub(super) id: u16,
 }
 
+impl PendingKey {
+    pub(super) fn new(socket: u64, upstream: SocketAddr, id: u16) -> Self {
+        Self {
+            socket,
+            upstream,
+            id,
+        }
+    }
+}
+
 /// What the answer to a pending query needs.
 #[derive(Debug)]
 pub(super) struct Pending {

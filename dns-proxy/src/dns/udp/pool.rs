@@ -8,6 +8,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     io,
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -18,7 +19,7 @@ use std::{
 use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 
-use super::{LOG, UdpProxy};
+use super::{LOG, UdpProxy, mmsg};
 use crate::dns::{OriginalDestinations, stats::Stats};
 
 /// Upstream sockets per address family, opened as queries need them. A query goes out on one
@@ -117,6 +118,8 @@ fn pool_socket(any: SocketAddr) -> io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.bind(&any.into())?;
+    // An unreachable server (its port closed, no route) is told at once, not by a timeout.
+    mmsg::queue_errors(socket.as_fd(), any.is_ipv6())?;
     UdpSocket::from_std(socket.into())
 }
 

@@ -4,6 +4,8 @@
 //! reached.
 use std::{cell::RefCell, io, net::SocketAddr, os::fd::AsFd, sync::Arc};
 
+use tokio::io::Interest;
+
 use super::{
     LOG, UdpProxy,
     mmsg::{self, ReceivedBatch},
@@ -48,17 +50,22 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 () = self.workers.stopped() => return,
                 // It may be retired while it waits here.
                 _ = retired_check.tick() => continue,
-                ready = socket.readable() => if let Err(err) = ready {
-                    log::warn!(target: LOG, "upstream socket {id}: {err}");
-                    return;
+                // An ICMP error queued for a query sent from it, too.
+                ready = socket.ready(Interest::READABLE | Interest::ERROR) => match ready {
+                    Ok(ready) if ready.is_error() => self.take_errors(id, socket),
+                    Ok(_) => {}
+                    Err(err) => {
+                        log::warn!(target: LOG, "upstream socket {id}: {err}");
+                        return;
+                    }
                 },
             }
             ANSWERS.with_borrow_mut(|answers| {
                 match receive_batch(socket, &mut answers.received) {
                     Ok(_) => self.relay_batch(id, answers),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    // An ICMP error from an earlier send, say: nothing to relay.
-                    Err(err) => log::debug!(target: LOG, "upstream socket {id}: {err}"),
+                    // The socket's pending error, an ICMP error's, which is in its queue.
+                    Err(_) => self.take_errors(id, socket),
                 }
             });
         }

@@ -454,3 +454,32 @@ async fn drain_answers_what_is_in_flight_then_returns() {
     assert_eq!(proxy.drain(deadline).await, 0);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+/// A server whose port is closed: its client is answered SERVFAIL from it at once (asking
+/// directly, it would have read the ICMP error at once), not left to its timeout; the query
+/// is settled and counted as an upstream error.
+#[tokio::test]
+async fn a_closed_upstream_port_is_answered_servfail_at_once() {
+    // A port bound a moment ago, and closed.
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let settings = ForwardSettings {
+        upstream_timeout: Duration::from_secs(5),
+        ..settings(8, 8)
+    };
+    let proxy = start_proxy(Some(closed), settings).await;
+    let started = std::time::Instant::now();
+    let answer = ask(&proxy, QUERY).await.expect("answered within 600 ms");
+    assert!(started.elapsed() < Duration::from_millis(600));
+    let mut servfail = QUERY.to_vec();
+    servfail[2] = 0x81; // QR and RD
+    servfail[3] = 0x02; // SERVFAIL
+    assert_eq!(answer, servfail);
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.upstream_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.inflight(), 0);
+}

@@ -1,0 +1,172 @@
+//! Upstreams that cannot be reached: a server whose port is closed (ICMP port unreachable), or
+//! to which there is no route. A client asking directly learns that at once (its connected
+//! socket reads `ECONNREFUSED`, and glibc asks its next nameserver); through the proxy it
+//! would wait out its timeout, five seconds a lookup with a dead first nameserver. So the
+//! query is settled at once and its client answered SERVFAIL, from its server's address:
+//! resolvers move on to their next server for it as they do for the error. (The agent cannot
+//! send the client the ICMP error itself without `CAP_NET_RAW`.) With the cache on and a
+//! stale answer kept (`--serve-stale`), the client gets that instead.
+use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
+
+use tokio::{io::Interest, net::UdpSocket};
+
+use super::{
+    LOG, UdpProxy,
+    mmsg::{self, QueuedError},
+    pending::{Pending, PendingKey},
+};
+use crate::dns::{OriginalDestinations, stats::Stats, wire};
+
+/// Whether a send's error, or an ICMP error's, says the server cannot be reached at all, as
+/// opposed to a passing shortage (`ENOBUFS`) or a path MTU to learn (`EMSGSIZE`).
+pub(super) fn means_unreachable(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNREFUSED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EACCES
+            | libc::EPERM
+    )
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Takes the ICMP errors queued on pool socket `id` (`socket`), each about a query sent
+    /// from it, and settles the queries they name. Clears the socket's error readiness.
+    pub(super) fn take_errors(self: &Arc<Self>, id: u64, socket: &UdpSocket) {
+        let _ = socket.try_io(Interest::ERROR, || {
+            loop {
+                match mmsg::receive_error(socket.as_fd()) {
+                    Ok(Some(error)) => self.on_icmp_error(id, error),
+                    Ok(None) => return Err::<(), _>(io::ErrorKind::WouldBlock.into()),
+                    Err(err) => {
+                        log::debug!(target: LOG, "upstream socket {id}: its errors: {err}");
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                }
+            }
+        });
+    }
+
+    fn on_icmp_error(self: &Arc<Self>, socket: u64, error: QueuedError) {
+        if !means_unreachable(error.errno) {
+            return;
+        }
+        let Some(id) = wire::message_id(&error.datagram) else {
+            return;
+        };
+        let key = PendingKey::new(socket, error.destination, id);
+        // The query the error came back for: its socket, server and ID, and its question (an
+        // ICMP error can be forged as an answer can, but it only settles a query early).
+        let pending = {
+            let mut table = self.pending.lock().expect("not poisoned");
+            let asks = |pending: &Pending| {
+                wire::question(&error.datagram)
+                    .is_some_and(|question| self.question_key(question) == pending.question)
+            };
+            match table.get(&key) {
+                Some(pending) if asks(pending) => table.remove(&key),
+                _ => None,
+            }
+        };
+        if let Some(pending) = pending {
+            self.stats.udp.settled(1);
+            let why = io::Error::from_raw_os_error(error.errno);
+            self.unreachable(pending, error.destination, &error.datagram, &why);
+        }
+    }
+
+    /// `pending`, taken out of the table, whose upstream cannot be reached (`why`): its
+    /// client is answered SERVFAIL at once (or stale), from `sent`, the query as it went up.
+    pub(super) fn unreachable(
+        self: &Arc<Self>,
+        mut pending: Pending,
+        upstream: SocketAddr,
+        sent: &[u8],
+        why: &io::Error,
+    ) {
+        pending.socket.settled();
+        Stats::add(&self.stats.udp.upstream_errors);
+        self.upstream_log
+            .warn(|failed| format!("{upstream}: {why} ({failed} queries failed)"));
+        let to = pending.recipient(self);
+        let stale = pending
+            .cached
+            .as_ref()
+            .is_some_and(|cached| cached.stale_kept);
+        if let Some(cached) = pending.cached.take() {
+            // Nothing kept; with a stale answer, that goes to the client and the waiters.
+            self.settle_cached(*cached, None, to, !stale);
+        }
+        if stale {
+            return;
+        }
+        let Some(answer) = servfail(sent, pending.client_id) else {
+            return;
+        };
+        mmsg::send_all(
+            to.listener,
+            1,
+            |_| mmsg::Outgoing {
+                datagram: &answer,
+                to: to.client,
+                from: Some(to.reply_from),
+            },
+            |_, err| log::debug!(target: LOG, "answering {}: {err}", to.client),
+        );
+        if let Some(description) = &pending.description {
+            log::debug!(
+                target: LOG,
+                "query udp client={} server={} upstream={upstream} {description} unreachable \
+                 ({why}): answered SERVFAIL workload={}",
+                pending.client,
+                pending.original,
+                self.workload_name(pending.cgroup),
+            );
+        }
+    }
+}
+
+/// SERVFAIL to `sent` (a query, or its start as an ICMP error carried it back): its header
+/// with QR set and RCODE 2 (opcode, RD and CD kept), its question if it is whole, none
+/// otherwise, and the client's own ID if the query went up with the agent's.
+fn servfail(sent: &[u8], client_id: Option<u16>) -> Option<Vec<u8>> {
+    let header = sent.get(..wire::HEADER_LEN)?;
+    let question = wire::question(sent).unwrap_or_default();
+    let mut answer = Vec::with_capacity(wire::HEADER_LEN + question.len());
+    answer.extend_from_slice(&client_id.map_or([header[0], header[1]], u16::to_be_bytes));
+    answer.push(0x80 | (header[2] & 0x79));
+    answer.push((header[3] & 0x10) | 2);
+    answer.extend_from_slice(&u16::from(!question.is_empty()).to_be_bytes());
+    answer.extend_from_slice(&[0; 6]);
+    answer.extend_from_slice(question);
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servfail_keeps_the_question_id_and_flags_a_client_checks() {
+        // ID 0x1234, RD and CD set, one question, and an OPT record after it.
+        let mut query = vec![0x12, 0x34, 0x01, 0x10, 0, 1, 0, 0, 0, 0, 0, 1];
+        query.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
+        let question = query[12..].to_vec();
+        query.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let answer = servfail(&query, None).unwrap();
+        assert_eq!(&answer[..4], [0x12, 0x34, 0x81, 0x12]);
+        assert_eq!(&answer[4..12], [0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&answer[12..], &question[..]);
+        assert_eq!(wire::response_id(&answer), Some(0x1234));
+        // The client's own ID, when the query went up with the agent's.
+        assert_eq!(&servfail(&query, Some(7)).unwrap()[..2], [0, 7]);
+        // Cut inside its question (an ICMP error carries back what it can): no question.
+        let cut = servfail(&query[..20], None).unwrap();
+        assert_eq!(cut.len(), 12);
+        assert_eq!(&cut[4..6], [0, 0]);
+        assert!(servfail(&query[..8], None).is_none());
+    }
+}
