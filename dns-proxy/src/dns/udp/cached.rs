@@ -63,7 +63,7 @@ pub(super) struct Leading {
 
 impl Leading {
     /// Its waiters, now that it is settled.
-    fn finish(mut self) -> Vec<Waiter> {
+    pub(super) fn finish(mut self) -> Vec<Waiter> {
         let key = self.key.take().expect("finished once");
         self.in_flight.finish(&key)
     }

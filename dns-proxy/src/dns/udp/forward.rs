@@ -80,19 +80,35 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
-    /// A query the kernel would not send (`sent`, as it was to go up): if it says the server
-    /// cannot be reached (no route), its client is told at once
-    /// ([`UdpProxy::unreachable`]); otherwise the client retries, as after a lost datagram.
+    /// A query the kernel would not send (`sent`, as it was to go up). It is sent once more
+    /// at once: the failure may have been an ICMP error about an earlier datagram, which an
+    /// unconnected socket reports on its next send ([`super::unreachable::no_route`]). If
+    /// that fails too for want of a route, its client is told at once
+    /// ([`UdpProxy::unreachable`]), as its own send would have failed; otherwise the client
+    /// retries, as after a lost datagram.
     pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, sent: &[u8], err: &io::Error) {
         let stats = &self.stats.udp;
+        let socket = {
+            let table = self.pending.lock().expect("not poisoned");
+            table.get(&key).map(|pending| Arc::clone(&pending.socket))
+        };
+        let again = socket.map(|socket| {
+            socket2::SockRef::from(socket.socket()).send_to(sent, &key.upstream.into())
+        });
+        let err = match again {
+            Some(Ok(_)) => return,
+            Some(Err(again)) => again,
+            None => err.raw_os_error().map_or_else(
+                || io::Error::other(err.to_string()),
+                io::Error::from_raw_os_error,
+            ),
+        };
         let pending = self.pending.lock().expect("not poisoned").remove(&key);
-        let unreachable = err
-            .raw_os_error()
-            .is_some_and(super::unreachable::means_unreachable);
+        let no_route = err.raw_os_error().is_some_and(super::unreachable::no_route);
         match pending {
-            Some(pending) if unreachable => {
+            Some(pending) if no_route => {
                 stats.settled(1);
-                self.unreachable(pending, key.upstream, sent, err);
+                self.unreachable(pending, key.upstream, sent, &err);
                 return;
             }
             Some(mut pending) => {

@@ -180,6 +180,10 @@ pub struct QueuedError {
     /// What the error means to a socket: `ECONNREFUSED` (port unreachable),
     /// `EHOSTUNREACH`, `ENETUNREACH`...
     pub errno: i32,
+    /// Whether it is one the kernel reports to a connected socket (a hard error: port
+    /// unreachable, administratively prohibited...), not a soft one (net or host unreachable,
+    /// time exceeded), which a connected socket never sees: its client retries then.
+    pub hard: bool,
     /// The start of the datagram, as the ICMP message carried it back.
     pub datagram: Vec<u8>,
 }
@@ -224,24 +228,37 @@ pub fn receive_error(socket: BorrowedFd<'_>) -> io::Result<Option<QueuedError>> 
         // SAFETY: the kernel wrote the destination's address, of the length it set.
         let destination = unsafe { socket_addr(&name, header.msg_namelen) };
         // SAFETY: `recvmsg` filled the header, its control buffer still alive.
-        let errno = unsafe { icmp_errno(&header) };
-        if let (Some(destination), Some(errno)) = (destination, errno) {
+        let error = unsafe { icmp_error(&header) };
+        if let (Some(destination), Some(error)) = (destination, error) {
             return Ok(Some(QueuedError {
                 destination,
-                errno,
+                errno: error.ee_errno as i32,
+                hard: is_hard(&error),
                 datagram,
             }));
         }
     }
 }
 
-/// The errno of an ICMP error, from a message of the error queue's `IP_RECVERR` or
-/// `IPV6_RECVERR` control message (`struct sock_extended_err`); `None` for an error of
-/// another origin.
+/// Whether an ICMP error is one the kernel gives a connected UDP socket (`icmp_err_convert`'s
+/// and `icmpv6_err_convert`'s fatal ones): destination unreachable for a port, a protocol,
+/// an unknown network or host, or by administrative prohibition.
+fn is_hard(error: &libc::sock_extended_err) -> bool {
+    match error.ee_origin {
+        libc::SO_EE_ORIGIN_ICMP => {
+            error.ee_type == 3 && matches!(error.ee_code, 2 | 3 | 6..=10 | 13..=15)
+        }
+        libc::SO_EE_ORIGIN_ICMP6 => error.ee_type == 1 && matches!(error.ee_code, 1 | 4..=6),
+        _ => false,
+    }
+}
+
+/// The ICMP error of a message of the error queue, from its `IP_RECVERR` or `IPV6_RECVERR`
+/// control message (`struct sock_extended_err`); `None` for an error of another origin.
 ///
 /// # Safety
 /// `header` was filled in by `recvmsg`, its control buffer still alive.
-unsafe fn icmp_errno(header: &libc::msghdr) -> Option<i32> {
+unsafe fn icmp_error(header: &libc::msghdr) -> Option<libc::sock_extended_err> {
     // SAFETY: the CMSG macros walk the buffer the kernel filled, within its length.
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
     while !cmsg.is_null() {
@@ -257,7 +274,7 @@ unsafe fn icmp_errno(header: &libc::msghdr) -> Option<i32> {
                 error.ee_origin,
                 libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
             );
-            return from_icmp.then_some(error.ee_errno as i32);
+            return from_icmp.then_some(error);
         }
         // SAFETY: as above, within the buffer.
         cmsg = unsafe { libc::CMSG_NXTHDR(header, cmsg) };

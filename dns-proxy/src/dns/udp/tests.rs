@@ -466,11 +466,11 @@ async fn a_closed_upstream_port_is_answered_servfail_at_once() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let settings = ForwardSettings {
+    let patient = ForwardSettings {
         upstream_timeout: Duration::from_secs(5),
         ..settings(8, 8)
     };
-    let proxy = start_proxy(Some(closed), settings).await;
+    let proxy = start_proxy(Some(closed), patient).await;
     let started = std::time::Instant::now();
     let answer = ask(&proxy, QUERY).await.expect("answered within 600 ms");
     assert!(started.elapsed() < Duration::from_millis(600));
@@ -481,5 +481,68 @@ async fn a_closed_upstream_port_is_answered_servfail_at_once() {
     let udp = &proxy.stats.udp;
     assert_eq!(udp.upstream_errors.load(Ordering::Relaxed), 1);
     assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(udp.answered.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.inflight(), 0);
+
+    // With the cache on, a client whose identical query waited on it is told too, with its
+    // own ID, and nothing is kept.
+    let patient = ForwardSettings {
+        upstream_timeout: Duration::from_secs(5),
+        ..with_cache(settings(8, 8))
+    };
+    let proxy = start_proxy(Some(closed), patient).await;
+    let (first, second) = (
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let mut other = QUERY.to_vec();
+    other[..2].copy_from_slice(&[0x56, 0x78]);
+    first.send_to(QUERY, proxy.local_addr).await.unwrap();
+    second.send_to(&other, proxy.local_addr).await.unwrap();
+    for (client, id) in [(&first, [0x12, 0x34]), (&second, [0x56, 0x78])] {
+        let mut buf = [0u8; 512];
+        let (len, _) = timeout(Duration::from_millis(600), client.recv_from(&mut buf))
+            .await
+            .expect("answered at once")
+            .unwrap();
+        let mut expected = servfail.clone();
+        expected[..2].copy_from_slice(&id);
+        assert_eq!(&buf[..len], expected);
+    }
+    assert_eq!(proxy.settings.cache.as_ref().unwrap().counts().entries, 0);
+}
+
+/// A send that fails with an ICMP error about an earlier datagram (an unconnected socket with
+/// `IP_RECVERR` reports one on its next send, whatever its destination): the query is sent
+/// again and its own server answers it; its client is not told SERVFAIL for another server's
+/// closed port. Only a send that fails again for want of a route tells the client at once.
+#[tokio::test]
+async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
+    let proxy = proxy(Some(upstream(false).await), 8).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let arrival = Some(Arrival {
+        destination: proxy.local_addr.ip(),
+        ifindex: LOOPBACK_IFINDEX,
+    });
+    let now = Moment::now();
+    let (key, _socket) = proxy
+        .register_query(
+            QUERY,
+            client.local_addr().unwrap(),
+            arrival,
+            now,
+            0,
+            &mut Vec::new(),
+        )
+        .expect("registered");
+    // As if its send had failed with a port unreachable meant for another query.
+    let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+    proxy.forward_failed(key, QUERY, &refused);
+    let mut buf = [0u8; 512];
+    let (len, _) = timeout(Duration::from_millis(600), client.recv_from(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(&buf[..len], answer_to(QUERY), "its own server's answer");
+    assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 0);
 }

@@ -12,23 +12,25 @@ use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
     LOG, UdpProxy,
+    cached::{Leading, Recipient},
     mmsg::{self, QueuedError},
     pending::{Pending, PendingKey},
+    udp_asked,
 };
-use crate::dns::{OriginalDestinations, stats::Stats, wire};
+use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
-/// Whether a send's error, or an ICMP error's, says the server cannot be reached at all, as
-/// opposed to a passing shortage (`ENOBUFS`) or a path MTU to learn (`EMSGSIZE`).
-pub(super) fn means_unreachable(errno: i32) -> bool {
+/// Whether a send that failed twice says the server cannot be reached from here at all (no
+/// route, or a firewall's refusal), as a client's own send would have failed, as opposed to
+/// a passing shortage (`ENOBUFS`).
+///
+/// A first failure says nothing of its datagram: an unconnected socket with `IP_RECVERR`
+/// reports an ICMP error about an earlier datagram, to any server, on its next send, which
+/// clears it. So a send is tried again before this is asked, and `ECONNREFUSED`, which only
+/// an ICMP error gives, never counts.
+pub(super) fn no_route(errno: i32) -> bool {
     matches!(
         errno,
-        libc::ECONNREFUSED
-            | libc::EHOSTUNREACH
-            | libc::ENETUNREACH
-            | libc::EHOSTDOWN
-            | libc::ENONET
-            | libc::EACCES
-            | libc::EPERM
+        libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EACCES | libc::EPERM
     )
 }
 
@@ -51,7 +53,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     fn on_icmp_error(self: &Arc<Self>, socket: u64, error: QueuedError) {
-        if !means_unreachable(error.errno) {
+        // A soft error (a router's host unreachable, time exceeded) is not shown to a
+        // connected socket either: its client retries, as asking directly.
+        if !error.hard {
             return;
         }
         let Some(id) = wire::message_id(&error.datagram) else {
@@ -79,7 +83,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// `pending`, taken out of the table, whose upstream cannot be reached (`why`): its
-    /// client is answered SERVFAIL at once (or stale), from `sent`, the query as it went up.
+    /// client, and those of identical queries that waited on it, are answered SERVFAIL at
+    /// once (or stale), from `sent`, the query as it went up, and their own queries.
     pub(super) fn unreachable(
         self: &Arc<Self>,
         mut pending: Pending,
@@ -96,34 +101,67 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             .cached
             .as_ref()
             .is_some_and(|cached| cached.stale_kept);
-        if let Some(cached) = pending.cached.take() {
+        let mut waiters = Vec::new();
+        if let Some(mut cached) = pending.cached.take() {
+            if !stale {
+                waiters = cached
+                    .leading
+                    .take()
+                    .map(Leading::finish)
+                    .unwrap_or_default();
+            }
             // Nothing kept; with a stale answer, that goes to the client and the waiters.
             self.settle_cached(*cached, None, to, !stale);
         }
         if stale {
             return;
         }
-        let Some(answer) = servfail(sent, pending.client_id) else {
-            return;
-        };
+        if let Some(answer) = servfail(sent, pending.client_id) {
+            self.send_servfail(&answer, to, why);
+        }
+        for waiter in waiters {
+            if let Some(answer) = servfail(&waiter.head, None) {
+                self.send_servfail(&answer, waiter.recipient(), why);
+            }
+        }
+    }
+
+    /// Sends a SERVFAIL made here to `to`, from the address its query reached, and counts
+    /// and logs it as an answer.
+    fn send_servfail(&self, answer: &[u8], to: Recipient<'_>, why: &io::Error) {
+        let mut sent = true;
         mmsg::send_all(
             to.listener,
             1,
             |_| mmsg::Outgoing {
-                datagram: &answer,
+                datagram: answer,
                 to: to.client,
                 from: Some(to.reply_from),
             },
-            |_, err| log::debug!(target: LOG, "answering {}: {err}", to.client),
+            |_, err| {
+                log::debug!(target: LOG, "answering {}: {err}", to.client);
+                sent = false;
+            },
         );
-        if let Some(description) = &pending.description {
+        if !sent {
+            return;
+        }
+        let now = Moment::now();
+        let latency = now.instant.saturating_duration_since(to.started);
+        let asked = udp_asked(to.client, to.original, to.cgroup);
+        self.settings
+            .observers
+            .answered(asked, Some(latency), answer, now);
+        self.stats.udp.answered(answer, Some(latency));
+        if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 target: LOG,
-                "query udp client={} server={} upstream={upstream} {description} unreachable \
-                 ({why}): answered SERVFAIL workload={}",
-                pending.client,
-                pending.original,
-                self.workload_name(pending.cgroup),
+                "query udp client={} server={} {} unreachable ({why}): answered SERVFAIL \
+                 latency={latency:?} workload={}",
+                to.client,
+                to.original,
+                wire::describe_query(answer),
+                self.workload_name(to.cgroup),
             );
         }
     }
