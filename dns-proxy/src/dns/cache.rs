@@ -609,7 +609,10 @@ fn with_cookie(mut answer: Vec<u8>, cookie: &[u8]) -> Vec<u8> {
     let (Ok(rdlength), Ok(cookie_len)) = (u16::try_from(grown), u16::try_from(cookie.len())) else {
         return answer;
     };
-    if opt_end != answer.len() {
+    // Nor past the largest message (over TCP, 65,535 bytes).
+    if opt_end != answer.len()
+        || answer.len() + 4 + cookie.len() > crate::dns::wire::MAX_UDP_MESSAGE
+    {
         return answer;
     }
     // The OPT's RDLENGTH is the two bytes before its data.

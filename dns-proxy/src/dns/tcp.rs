@@ -44,6 +44,10 @@ use crate::{
 /// that client until answers come back (backpressure, and a bound on what it keeps).
 const MAX_PIPELINED: usize = 64;
 
+/// The longest a server's edns-tcp-keepalive keeps a connection idle here: a workload picks
+/// its server, and with it how long its idle connections would hold the agent's.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone)]
 pub struct TcpSettings {
     pub upstream_override: Option<SocketAddr>,
@@ -140,6 +144,8 @@ struct Connection {
     /// How long the server last told the client it may leave the connection idle
     /// (edns-tcp-keepalive, RFC 7828), in units of 100 ms; 0: it did not say.
     keepalive: std::sync::atomic::AtomicU16,
+    /// The client asked for edns-tcp-keepalive: only then is the server's heeded.
+    asked_keepalive: std::sync::atomic::AtomicBool,
     changed: Notify,
 }
 
@@ -167,6 +173,7 @@ impl Connection {
             reading: false.into(),
             reuses_ids: false.into(),
             keepalive: 0.into(),
+            asked_keepalive: false.into(),
             changed: Notify::new(),
         }
     }
@@ -207,9 +214,15 @@ impl Connection {
         (if over { table.remove(&id) } else { None }, started)
     }
 
-    /// Notes how long `answer`'s server says the client may leave the connection idle: the
-    /// client sees that, relayed, and may idle on it.
+    /// Notes how long `answer`'s server says the client may leave the connection idle, if the
+    /// client asked: the client sees that, relayed, and may idle on it.
     fn note_keepalive(&self, answer: &[u8]) {
+        if !self
+            .asked_keepalive
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         if let Some(timeout) = wire::tcp_keepalive(answer) {
             self.keepalive
                 .store(timeout, std::sync::atomic::Ordering::Relaxed);
@@ -217,10 +230,11 @@ impl Connection {
     }
 
     /// How long the connection may stay idle: `configured`, or longer if the server promised
-    /// the client more.
+    /// the client more, up to [`MAX_KEEPALIVE`].
     fn idle_limit(&self, configured: Duration) -> Duration {
         let promised = self.keepalive.load(std::sync::atomic::Ordering::Relaxed);
-        configured.max(Duration::from_millis(100 * u64::from(promised)))
+        let promised = Duration::from_millis(100 * u64::from(promised)).min(MAX_KEEPALIVE);
+        configured.max(promised)
     }
 }
 
@@ -437,6 +451,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             if !wire::is_query(&query) {
                 Stats::add(&stats.dropped_malformed);
                 return Closed::MalformedQuery;
+            }
+            if wire::asks_tcp_keepalive(&query) {
+                conn.asked_keepalive
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let arrived = Moment::now();
             let started = arrived.instant;
@@ -1079,47 +1097,64 @@ mod tests {
     }
 
     /// A server's edns-tcp-keepalive (RFC 7828) reaches the client unaltered, and tells it
-    /// how long it may leave the connection idle: the relay keeps it open that long, past
-    /// its own idle timeout, as the server would.
+    /// how long it may leave the connection idle: if the client asked for it, the relay keeps
+    /// the connection open that long, past its own idle timeout, as the server would. A
+    /// client that did not ask is not held longer (the server should not have said it).
     #[tokio::test]
     async fn a_connection_stays_open_as_long_as_its_server_told_the_client() {
         use hickory_proto::{
-            op::{Edns, Message},
+            op::{Edns, Message, MessageType},
             rr::rdata::opt::EdnsOption,
         };
-        let proxy = proxy(None, Duration::from_millis(200)).await;
-        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
-        let keepalive = |query: &[u8]| {
-            let mut answer = Message::from_vec(query).unwrap();
-            answer.set_message_type(hickory_proto::op::MessageType::Response);
-            let mut edns = Edns::new();
-            // One second, in units of 100 ms.
-            edns.options_mut()
-                .insert(EdnsOption::Unknown(11, 10u16.to_be_bytes().to_vec()));
-            answer.set_edns(edns);
-            answer.to_vec().unwrap()
-        };
-        tokio::spawn(async move {
-            while let Ok(Some(query)) = read_message(&mut upstream).await {
-                write_message(&mut upstream, &keepalive(&query))
-                    .await
-                    .unwrap();
+        // `message` with an OPT holding edns-tcp-keepalive's `data`, as a query or an answer.
+        let with_keepalive = |message: &[u8], data: Vec<u8>, answer: bool| {
+            let mut message = Message::from_vec(message).unwrap();
+            if answer {
+                message.set_message_type(MessageType::Response);
             }
-        });
-        for id in 0..2 {
-            write_message(&mut client, &query(id)).await.unwrap();
+            let mut edns = Edns::new();
+            edns.options_mut().insert(EdnsOption::Unknown(11, data));
+            message.set_edns(edns);
+            message.to_vec().unwrap()
+        };
+        // One second, in units of 100 ms.
+        let answer_to = move |query: &[u8]| with_keepalive(query, 10u16.to_be_bytes().into(), true);
+        for asks in [true, false] {
+            let proxy = proxy(None, Duration::from_millis(200)).await;
+            let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+            tokio::spawn(async move {
+                while let Ok(Some(query)) = read_message(&mut upstream).await {
+                    if write_message(&mut upstream, &answer_to(&query))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let asking = |id| match asks {
+                true => with_keepalive(&query(id), Vec::new(), false),
+                false => query(id),
+            };
+            write_message(&mut client, &asking(0)).await.unwrap();
             let answer = timeout(Duration::from_secs(2), read_message(&mut client)).await;
-            assert_eq!(answer.unwrap().unwrap(), Some(keepalive(&query(id))));
-            // Idle longer than the relay's own 200 ms.
-            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&asking(0))));
+            let started = Instant::now();
+            if asks {
+                // Idle longer than the relay's own 200 ms, and asking again.
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                write_message(&mut client, &asking(1)).await.unwrap();
+                let answer = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+                assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&asking(1))));
+            }
+            let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+            assert_eq!(closed.unwrap(), Closed::Idle.to_string());
+            let idle = started.elapsed();
+            match asks {
+                true => assert!(idle > Duration::from_millis(1500), "{idle:?}"),
+                false => assert!(idle < Duration::from_millis(600), "{idle:?}"),
+            }
         }
-        let started = Instant::now();
-        let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
-        assert_eq!(closed.unwrap(), Closed::Idle.to_string());
-        assert!(
-            started.elapsed() < Duration::from_millis(800),
-            "closed once the second is up"
-        );
     }
 
     async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {

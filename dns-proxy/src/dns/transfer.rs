@@ -68,6 +68,10 @@ impl Transfer {
             return Some(true);
         }
         let answers = wire::count(message, 6)?;
+        // A first message with no records: no transfer comes.
+        if answers == 0 && self.serial.is_none() {
+            return Some(true);
+        }
         let mut reader = Reader::new(message, HEADER_LEN);
         for _ in 0..wire::count(message, 4)? {
             reader.skip_name()?;

@@ -251,8 +251,10 @@ impl<'a> Reader<'a> {
 /// Where the answer's OPT record lies, start and end, if it has one.
 pub(crate) fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
     let mut reader = Reader::new(answer, HEADER_LEN);
-    reader.skip_name()?;
-    reader.offset += 4;
+    for _ in 0..count(answer, 4)? {
+        reader.skip_name()?;
+        reader.offset += 4;
+    }
     let records =
         u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
     for _ in 0..records {
@@ -295,10 +297,21 @@ pub(crate) fn options(message: &[u8], opt: &Record) -> Option<Vec<(u16, Range<us
 /// The idle timeout an answer's edns-tcp-keepalive option (RFC 7828) gives, in units of
 /// 100 ms, if it has one.
 pub fn tcp_keepalive(answer: &[u8]) -> Option<u16> {
-    let (opt_start, _) = find_opt(answer)?;
-    let opt = Reader::new(answer, opt_start).record()?;
-    let timeout = option(answer, &opt, OPTION_TCP_KEEPALIVE)??;
+    let timeout = edns_option(answer, OPTION_TCP_KEEPALIVE)?;
     Some(u16::from_be_bytes(timeout.try_into().ok()?))
+}
+
+/// Whether a query asks for edns-tcp-keepalive (RFC 7828): only then may its server's answer
+/// carry one.
+pub fn asks_tcp_keepalive(query: &[u8]) -> bool {
+    edns_option(query, OPTION_TCP_KEEPALIVE).is_some()
+}
+
+/// The data of option `code` in `message`'s OPT record, if it has both.
+fn edns_option(message: &[u8], code: u16) -> Option<&[u8]> {
+    let (opt_start, _) = find_opt(message)?;
+    let opt = Reader::new(message, opt_start).record()?;
+    option(message, &opt, code)?
 }
 
 #[cfg(test)]

@@ -423,9 +423,9 @@ fn a_zone_transfer_reaches_a_client_that_half_closes_whole_even_across_a_gracefu
     assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
 }
 
-/// A server's edns-tcp-keepalive (RFC 7828) tells the client how long it may leave its
-/// connection idle; it reaches the client unaltered, and the agent keeps the connection that
-/// long too, past its own `--tcp-idle-timeout`.
+/// A server's edns-tcp-keepalive (RFC 7828) tells a client that asked for it how long it may
+/// leave its connection idle; it reaches the client unaltered, and the agent keeps the
+/// connection that long too, past its own `--tcp-idle-timeout`.
 #[test]
 fn a_tcp_connection_stays_open_as_long_as_the_server_told_the_client() {
     let topology = Topology::new();
@@ -439,7 +439,9 @@ def query(i):
     q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 1)
     for label in b"keepalive.example.test".split(b"."):
         q += bytes([len(label)]) + label
-    q += b"\0" + struct.pack(">HH", 1, 1) + b"\0" + struct.pack(">HHIH", 41, 1232, 0, 0)
+    # An OPT asking for edns-tcp-keepalive (option 11, empty in a query).
+    opt = struct.pack(">HHIH", 41, 1232, 0, 4) + struct.pack(">HH", 11, 0)
+    q += b"\0" + struct.pack(">HH", 1, 1) + b"\0" + opt
     return struct.pack(">H", len(q)) + q
 def answer(s):
     n = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
