@@ -2,13 +2,15 @@
 //! (on a node, any pod, if it listens on the node's address) must not be able to starve the
 //! kubelet's probes, nor grow the agent's memory past its pod's limit.
 //! - At most [`MAX_CONNECTIONS`] are served at once. When another arrives, the oldest one not
-//!   in the middle of a request (idle, or still sending its headers) is closed for it: a
-//!   client holding connections open cannot keep a probe out, and a probe, which asks at
-//!   once, is not the one closed.
+//!   busy building a response is closed for it (idle, sending its headers, waiting for its
+//!   turn to build a page, or reading one slowly): a client holding connections open, or
+//!   asking for pages over and over, cannot keep a probe out, and a probe, which asks at once
+//!   and is answered at once, is not the one closed. A connection lasts
+//!   [`MAX_CONNECTION_AGE`] at most.
 //! - The pages that can be large (`/metrics`, `/v1/resolutions`: a workload's names run to
 //!   megabytes) are built one at a time, and what is built and not yet sent is bounded by
-//!   [`PAGE_BUDGET`] bytes: a page waits for room before its building ends. `/healthz` and
-//!   `/readyz` wait for neither.
+//!   [`PAGE_BUDGET`] bytes: a page waits for room (at most [`PAGE_WAIT`], then 503) before its
+//!   building ends. `/healthz` and `/readyz` wait for neither.
 use std::{
     collections::VecDeque,
     convert::Infallible,
@@ -37,6 +39,11 @@ const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of large pages built and not yet sent. A page larger than this takes all of it.
 const PAGE_BUDGET: usize = 16 << 20;
+/// How long a page waits for room in the budget before the request is answered 503.
+const PAGE_WAIT: Duration = Duration::from_secs(5);
+/// How long a connection is served: one that does not read what it asked for gives its
+/// page's room back then.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 impl Metrics {
     /// Serves HTTP/1.1 on `listener` until `stop` is sent.
@@ -66,11 +73,10 @@ impl Metrics {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| {
-                    let busy = held.busy();
+                    let tracked = Arc::clone(&held.tracked);
                     let (metrics, pages) = (Arc::clone(&metrics), Arc::clone(&pages));
                     async move {
-                        let response = metrics.respond_bounded(&request, &pages).await;
-                        drop(busy);
+                        let response = metrics.respond_bounded(&request, &pages, &tracked).await;
                         Ok::<_, Infallible>(response.map(Full::new))
                     }
                 });
@@ -79,8 +85,10 @@ impl Metrics {
                     .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
-                    result = connection => if let Err(err) = result {
-                        log::debug!("metrics connection from {peer}: {err}");
+                    result = tokio::time::timeout(MAX_CONNECTION_AGE, connection) => match result {
+                        Ok(Err(err)) => log::debug!("metrics connection from {peer}: {err}"),
+                        Err(_) => log::debug!("metrics connection from {peer}: closed, too old"),
+                        Ok(Ok(())) => {}
                     },
                     () = held.evicted() => {
                         log::debug!("metrics connection from {peer}: closed for a newer one");
@@ -91,23 +99,28 @@ impl Metrics {
         }
     }
 
-    /// The response to `request`; a large page built under `pages`' bounds.
+    /// The response to `request` on the connection `tracked`, busy (not to be closed for a
+    /// newer one) only while it is built; a large page built under `pages`' bounds.
     async fn respond_bounded(
         self: Arc<Self>,
         request: &Request<Incoming>,
         pages: &Pages,
+        tracked: &Arc<Tracked>,
     ) -> Response<Bytes> {
         let (method, uri) = (request.method().clone(), request.uri().clone());
         let large = method == Method::GET && matches!(uri.path(), "/metrics" | "/v1/resolutions");
         if !large {
+            let _busy = Busy::new(tracked);
             return self.respond_to(&method, uri.path(), uri.query());
         }
         let building = pages.building.lock().await;
+        let busy = Busy::new(tracked);
         // Off this runtime, which also serves TCP lookups: a page of a workload's 65,536
         // names takes a while to build.
         let built =
             tokio::task::spawn_blocking(move || self.respond_to(&method, uri.path(), uri.query()))
                 .await;
+        drop(busy);
         let Ok(response) = built else {
             let mut response =
                 Response::new(Bytes::from_static(b"the response could not be built\n"));
@@ -115,7 +128,13 @@ impl Metrics {
             return response;
         };
         let (parts, body) = response.into_parts();
-        let room = pages.room_for(body.len()).await;
+        let Ok(room) = tokio::time::timeout(PAGE_WAIT, pages.room_for(body.len())).await else {
+            let mut response = Response::new(Bytes::from_static(
+                b"busy: pages not yet read by other clients fill the budget; try again\n",
+            ));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return response;
+        };
         drop(building);
         // The room is given back when the last of the page's bytes is dropped: once hyper
         // has written it out, or the connection is gone.
@@ -207,12 +226,6 @@ struct Held {
 }
 
 impl Held {
-    /// Marks the connection busy (not to be closed for a newer one) while the guard lives.
-    fn busy(&self) -> Busy {
-        self.tracked.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(Arc::clone(&self.tracked))
-    }
-
     /// Resolves when the connection is to close for a newer one.
     async fn evicted(&self) {
         self.tracked.evict.notified().await;
@@ -226,7 +239,15 @@ impl Drop for Held {
     }
 }
 
+/// Marks a connection busy (not to be closed for a newer one) while it lives.
 struct Busy(Arc<Tracked>);
+
+impl Busy {
+    fn new(tracked: &Arc<Tracked>) -> Self {
+        tracked.busy.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(tracked))
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -249,7 +270,7 @@ mod tests {
             .map(|_| connections.admit().expect("room"))
             .collect();
         // The oldest is answering a request: the next oldest is closed instead, and told so.
-        let busy = held[0].busy();
+        let busy = Busy::new(&held[0].tracked);
         let newer = connections.admit().expect("room made");
         assert!(!open(&connections).contains(&1), "the oldest idle one went");
         assert!(open(&connections).contains(&0), "the busy one stayed");
@@ -257,8 +278,8 @@ mod tests {
         let told = tokio::time::timeout(Duration::from_millis(10), held[1].evicted()).await;
         assert!(told.is_ok());
         // All busy: no room.
-        let all_busy: Vec<Busy> = held[2..].iter().map(Held::busy).collect();
-        let newer_busy = newer.busy();
+        let all_busy: Vec<Busy> = held[2..].iter().map(|h| Busy::new(&h.tracked)).collect();
+        let newer_busy = Busy::new(&newer.tracked);
         assert!(connections.admit().is_none());
         drop((busy, all_busy, newer_busy));
         let again = connections.admit().expect("room again");

@@ -279,8 +279,6 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
 /// oldest connection that is not in the middle of a request is closed for a new one.
 #[test]
 fn connections_held_open_on_the_metrics_port_do_not_starve_the_probes() {
-    let topology = Topology::new();
-    let _agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
     // 64 idle connections, each reopened as soon as it is closed, and a probe a second with
     // the kubelet's default timeout (1 s), for 8 s.
     let script = r#"
@@ -315,26 +313,89 @@ while time.time() - start < 8:
     if time.time() >= next_probe:
         next_probe += 1
         probes += 1
-        try:
-            p = socket.create_connection(address, timeout=1)
-            p.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            answered += p.recv(100).startswith(b"HTTP/1.1 200")
-            p.close()
-        except OSError:
-            pass
+        answered += probe(address)
 print(f"{answered}/{probes}")
 "#;
+    let (answered, probes) = probes_answered_meanwhile(script);
+    assert_eq!(answered, 8, "of {probes}, while connections were held");
+    assert_eq!(probes, 8);
+}
+
+/// Runs the Python `script`, which loads an agent's metrics port (its first argument) while
+/// it probes `/healthz` and prints `ANSWERED/PROBES`; returns those two.
+fn probes_answered_meanwhile(script: &str) -> (u32, u32) {
+    // What the scripts share: one /healthz probe, with the kubelet's default timeout.
+    const PROBE: &str = r#"
+import socket
+def probe(address):
+    try:
+        p = socket.create_connection(address, timeout=1)
+        p.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        answered = p.recv(100).startswith(b"HTTP/1.1 200")
+        p.close()
+        return int(answered)
+    except OSError:
+        return 0
+"#;
+    let script = format!("{PROBE}{script}");
+    let topology = Topology::new();
+    let _agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
     let output = must(
         topology
             .client
             .command("python3")
-            .args(["-c", script, METRICS]),
+            .args(["-c", &script, METRICS]),
     );
-    let answered = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    assert_eq!(
-        answered, "8/8",
-        "probes answered while connections were held"
-    );
+    let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let parsed = line
+        .split_once('/')
+        .and_then(|(answered, probes)| Some((answered.parse().ok()?, probes.parse().ok()?)));
+    parsed.unwrap_or_else(|| panic!("not ANSWERED/PROBES: {line}"))
+}
+
+/// Nor by asking for pages over and over: a connection is busy (not to be closed for a new
+/// one) only while its response is built, not while it waits its turn to build a page.
+#[test]
+fn scrapers_asking_without_pause_do_not_starve_the_probes() {
+    // 16 keep-alive connections asking /metrics again as soon as each page is read (a new
+    // connection when one is closed), and a probe a second with a 1 s timeout, for 8 s.
+    let script = r#"
+import socket, sys, threading, time
+host, port = sys.argv[1].rsplit(":", 1)
+address = (host, int(port))
+stop = time.time() + 8
+def scrape():
+    while time.time() < stop:
+        try:
+            s = socket.create_connection(address, timeout=2)
+            f = s.makefile("rb")
+            while time.time() < stop:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+                length = 0
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise OSError("closed")
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    if line in (b"\r\n", b"\n"):
+                        break
+                f.read(length)
+        except OSError:
+            pass
+for _ in range(16):
+    threading.Thread(target=scrape, daemon=True).start()
+time.sleep(0.5)
+answered = probes = 0
+while time.time() < stop - 0.5:
+    probes += 1
+    answered += probe(address)
+    time.sleep(1)
+print(f"{answered}/{probes}")
+"#;
+    let (answered, probes) = probes_answered_meanwhile(script);
+    assert!(probes >= 6, "{answered}/{probes}");
+    assert_eq!(answered, probes, "while scrapers asked without pause");
 }
 
 /// The cgroup `dns-proxy exec` made for its command, from its log.
