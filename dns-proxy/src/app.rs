@@ -113,6 +113,10 @@ fn listen_hint(addr: std::net::SocketAddr, err: &io::Error) -> &'static str {
 /// happens first, then a tokio runtime of its own serves.
 pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     log::info!(target: LOG, "starting with {config:?}");
+    // Not for `exec`: its command would inherit it (select() breaks past 1,024).
+    if let crate::config::Workload::Cgroup { .. } = config.workload {
+        host::raise_open_file_limit();
+    }
     if let Some(target) = &config.dnstap {
         dnstap::check_target(target).map_err(RunError::Dnstap)?;
     }

@@ -265,7 +265,10 @@ pub enum ConfigError {
     UpstreamIsProxy(SocketAddr),
     #[error("--upstream-timeout {0:?}: must be at least 1ms")]
     UpstreamTimeoutTooShort(Duration),
-    #[error("--exclude-cgroup {0}: is the --cgroup itself, which would leave nothing redirected")]
+    #[error(
+        "--exclude-cgroup {0}: is the --cgroup itself or holds it, which would leave nothing \
+         redirected"
+    )]
     ExcludesEverything(PathBuf),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
     MetricsPortZero(SocketAddr),
@@ -359,13 +362,11 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.listen.port() == 0 {
             return Err(ConfigError::ListenPortZero(args.listen));
         }
+        // The --cgroup itself, or a tree holding it.
         if let Some(cgroup) = &args.cgroup
-            && args
-                .exclude_cgroups
-                .iter()
-                .any(|excluded| excluded == cgroup)
+            && let Some(excluded) = (args.exclude_cgroups.iter()).find(|e| cgroup.starts_with(e))
         {
-            return Err(ConfigError::ExcludesEverything(cgroup.clone()));
+            return Err(ConfigError::ExcludesEverything(excluded.clone()));
         }
         let workload = Workload::Cgroup {
             cgroup: args.cgroup,
@@ -745,9 +746,14 @@ mod tests {
         assert!(run_config(&["--listen=169.254.53.0:53", "--upstream=10.0.0.10:53"]).is_ok());
 
         let cgroup = "--cgroup=/sys/fs/cgroup/unified/pods";
-        let error =
-            run_config(&[cgroup, "--exclude-cgroup=/sys/fs/cgroup/unified/pods/"]).unwrap_err();
-        assert!(error.contains("nothing redirected"), "{error}");
+        for everything in ["/sys/fs/cgroup/unified/pods/", "/sys/fs/cgroup/unified"] {
+            let error = run_config(&[cgroup, &format!("--exclude-cgroup={everything}")]);
+            let error = error.unwrap_err();
+            assert!(
+                error.contains("nothing redirected"),
+                "{everything}: {error}"
+            );
+        }
         assert!(run_config(&[cgroup, "--exclude-cgroup=/sys/fs/cgroup/unified/pods/a"]).is_ok());
     }
 }

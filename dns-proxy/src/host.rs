@@ -110,6 +110,31 @@ enum RouteRequest {
     Delete,
 }
 
+/// Raises the soft limit on open files to the hard one: each relayed TCP connection holds
+/// two descriptors, and `--max-tcp-connections` (twice it, by fair share) would pass the
+/// usual soft limit of 1,024 long before the hard one (systemd's is 524,288).
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: the kernel reads one `struct rlimit` from `limit`, a live local of that type.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        log::debug!(
+            "open files: raised the soft limit from {soft} to {}",
+            limit.rlim_max
+        );
+    }
+}
+
 /// Whether IPv6 is off in this network namespace: switched off on the loopback device, where
 /// the proxy's IPv6 addresses live (`net.ipv6.conf.lo.disable_ipv6`, which
 /// `net.ipv6.conf.all.disable_ipv6` sets too), or absent from the kernel.

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             // --help and --version are not errors; a usage error of `exec` is one of exec's
             // own failures.
             let _ = err.print();
-            let exec = std::env::args().nth(1).as_deref() == Some("exec");
+            let exec = std::env::args_os().nth(1).is_some_and(|arg| arg == "exec");
             return ExitCode::from(match (err.use_stderr(), exec) {
                 (false, _) => 0,
                 (true, true) => EXEC_FAILED,

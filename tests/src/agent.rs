@@ -89,6 +89,26 @@ impl Agent {
         Self::spawn(command)
     }
 
+    /// As [`start`](Self::start), with the soft limit on open files lowered to `soft` first
+    /// (`prlimit`), as a service manager may leave it.
+    pub fn start_with_soft_file_limit(topology: &Topology, soft: u64) -> Self {
+        let args = [format!("--listen={PROXY_LISTEN}")];
+        let inner = Self::command(&topology.client, &topology.cgroup.path, None, &args);
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={soft}:"))
+            .arg("--")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .envs(
+                inner
+                    .get_envs()
+                    .filter_map(|(key, value)| Some((key, value?))),
+            )
+            .stdout(Stdio::null());
+        Self::spawn(command)
+    }
+
     /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.
     pub fn launch(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Self {
         Self::spawn(Self::command(netns, redirected, join, args))

@@ -294,6 +294,24 @@ fn with_ipv6_switched_off_the_agent_serves_ipv4() {
     forwarded(&agent, "v6off.example.test");
 }
 
+/// Each relayed TCP connection holds two descriptors: the agent raises its soft limit on open
+/// files to the hard one, so --max-tcp-connections is not cut short at 1,024 descriptors.
+#[test]
+fn the_agent_raises_its_soft_limit_on_open_files_to_the_hard_one() {
+    let topology = Topology::new();
+    let mut agent = Agent::start_with_soft_file_limit(&topology, 1024);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.process().id()))
+        .expect("the agent's limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a line for open files");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    assert_eq!(numbers[0], numbers[1], "soft and hard: {line}");
+    assert_ne!(numbers[0], "1024", "{line}");
+}
+
 /// Errors a user can cause end with one line that says what to do.
 mod usage_errors {
     use super::*;
