@@ -42,8 +42,10 @@ const PAGE_BUDGET: usize = 16 << 20;
 /// How long a page waits for room in the budget before the request is answered 503.
 const PAGE_WAIT: Duration = Duration::from_secs(5);
 /// How long a connection is served: one that does not read what it asked for gives its
-/// page's room back then.
+/// page's room back then (after [`CLOSING_GRACE`] to finish the response it is on).
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// How long a connection at its age limit may take to finish its response.
+const CLOSING_GRACE: Duration = Duration::from_secs(10);
 
 impl Metrics {
     /// Serves HTTP/1.1 on `listener` until `stop` is sent.
@@ -84,16 +86,36 @@ impl Metrics {
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    result = tokio::time::timeout(MAX_CONNECTION_AGE, connection) => match result {
-                        Ok(Err(err)) => log::debug!("metrics connection from {peer}: {err}"),
-                        Err(_) => log::debug!("metrics connection from {peer}: closed, too old"),
-                        Ok(Ok(())) => {}
-                    },
-                    () = held.evicted() => {
-                        log::debug!("metrics connection from {peer}: closed for a newer one");
+                tokio::pin!(connection);
+                // At its age limit, a connection finishes the response it is on (a scraper's
+                // reused connection must not lose a scrape), then closes; past a grace, it
+                // is dropped.
+                let age = tokio::time::sleep(MAX_CONNECTION_AGE);
+                tokio::pin!(age);
+                let mut closing = false;
+                loop {
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(err) = result {
+                                log::debug!("metrics connection from {peer}: {err}");
+                            }
+                            break;
+                        }
+                        () = &mut age => {
+                            if closing {
+                                log::debug!("metrics connection from {peer}: too old, dropped");
+                                break;
+                            }
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                            age.as_mut().reset(tokio::time::Instant::now() + CLOSING_GRACE);
+                        }
+                        () = held.evicted() => {
+                            log::debug!("metrics connection from {peer}: closed for a newer one");
+                            break;
+                        }
+                        () = stop.stopped() => break,
                     }
-                    () = stop.stopped() => {}
                 }
             });
         }

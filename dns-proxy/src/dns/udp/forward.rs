@@ -103,23 +103,22 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 io::Error::from_raw_os_error,
             ),
         };
-        let pending = self.pending.lock().expect("not poisoned").remove(&key);
-        let no_route = err.raw_os_error().is_some_and(super::unreachable::no_route);
-        match pending {
-            Some(pending) if no_route => {
-                stats.settled(1);
-                self.unreachable(pending, key.upstream, sent, &err);
-                return;
-            }
-            Some(mut pending) => {
-                pending.socket.settled();
-                if let Some(cached) = pending.cached.take() {
-                    self.settle_cached(*cached, None, pending.recipient(self), false);
-                }
-            }
-            None => {}
-        }
+        // Settled elsewhere meanwhile (not expected): nothing left to count.
+        let Some(mut pending) = self.pending.lock().expect("not poisoned").remove(&key) else {
+            return;
+        };
         stats.settled(1);
+        let no_route = err
+            .raw_os_error()
+            .is_some_and(|errno| super::unreachable::no_route(errno, key.upstream));
+        if no_route {
+            self.unreachable(pending, key.upstream, sent, &err);
+            return;
+        }
+        pending.socket.settled();
+        if let Some(cached) = pending.cached.take() {
+            self.settle_cached(*cached, None, pending.recipient(self), false);
+        }
         Stats::add(&stats.upstream_errors);
         let upstream = key.upstream;
         self.upstream_log

@@ -19,19 +19,43 @@ use super::{
 };
 use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
-/// Whether a send that failed twice says the server cannot be reached from here at all (no
-/// route, or a firewall's refusal), as a client's own send would have failed, as opposed to
-/// a passing shortage (`ENOBUFS`).
+/// Whether a send that failed twice with `errno` failed because `upstream` cannot be reached
+/// from here at all (no route, or a firewall's refusal), as a client's own send would have,
+/// as opposed to a passing shortage (`ENOBUFS`).
 ///
-/// A first failure says nothing of its datagram: an unconnected socket with `IP_RECVERR`
-/// reports an ICMP error about an earlier datagram, to any server, on its next send, which
-/// clears it. So a send is tried again before this is asked, and `ECONNREFUSED`, which only
-/// an ICMP error gives, never counts.
-pub(super) fn no_route(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EACCES | libc::EPERM
-    )
+/// A failed send says nothing sure of its datagram: an unconnected socket with `IP_RECVERR`
+/// reports the last ICMP error about any earlier datagram, to any server, on its next send
+/// (and ICMP errors can come in bursts, between a send and its retry). So `ECONNREFUSED`,
+/// which only an ICMP error gives, never counts; `EPERM`, which none gives (a netfilter or
+/// BPF drop), does; and no route (`ENETUNREACH`, `EHOSTUNREACH`, `EACCES`) counts only if a
+/// route lookup for `upstream` on a socket of its own, which no ICMP error reaches, fails
+/// too.
+pub(super) fn no_route(errno: i32, upstream: SocketAddr) -> bool {
+    match errno {
+        libc::EPERM => true,
+        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => route_lookup_fails(upstream),
+        _ => false,
+    }
+}
+
+/// Whether connecting a fresh UDP socket to `upstream` (a route lookup; nothing is sent)
+/// fails for want of a route.
+fn route_lookup_fails(upstream: SocketAddr) -> bool {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::DGRAM.cloexec(),
+        None,
+    );
+    let Ok(socket) = socket else {
+        return false;
+    };
+    match socket.connect(&upstream.into()) {
+        Ok(()) => false,
+        Err(err) => matches!(
+            err.raw_os_error(),
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EPERM)
+        ),
+    }
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
@@ -186,6 +210,21 @@ fn servfail(sent: &[u8], client_id: Option<u16>) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed send is taken for a missing route only if nothing but a missing route
+    /// explains it: an ICMP error about another datagram does not count, whatever it says.
+    #[test]
+    fn only_a_missing_route_confirmed_by_a_lookup_counts() {
+        let reachable: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        // Only an ICMP error gives it: about an earlier datagram, perhaps to another server.
+        assert!(!no_route(libc::ECONNREFUSED, reachable));
+        // A burst of ICMP host unreachable overwrote the socket's error: the route is there.
+        assert!(!no_route(libc::EHOSTUNREACH, reachable));
+        assert!(!no_route(libc::ENETUNREACH, reachable));
+        // No ICMP error gives it: a firewall dropped the send.
+        assert!(no_route(libc::EPERM, reachable));
+        assert!(!no_route(libc::ENOBUFS, reachable));
+    }
 
     #[test]
     fn a_servfail_keeps_the_question_id_and_flags_a_client_checks() {
