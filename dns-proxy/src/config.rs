@@ -472,6 +472,10 @@ impl RunConfig {
         if args.upstream_timeout < Duration::from_millis(1) {
             return Err(ConfigError::UpstreamTimeoutTooShort(args.upstream_timeout));
         }
+        // Said, not refused: an environment file may keep them while the cache is turned off.
+        if args.cache_size == 0 && !args.serve_stale.is_zero() {
+            log::warn!("--serve-stale has no effect without --cache-size: there is no cache");
+        }
         Ok(Self {
             workload,
             listen,
