@@ -82,6 +82,8 @@ pub struct ProtocolStats {
     pub dropped_foreign_loopback: AtomicU64,
     /// `dropped{reason="stray"}`: UDP only.
     pub dropped_stray: AtomicU64,
+    /// `dropped{reason="stalled"}`: TCP only, connections whose client stopped reading.
+    pub dropped_stalled: AtomicU64,
 }
 
 /// The proxy's counters: per protocol, and agent-wide.

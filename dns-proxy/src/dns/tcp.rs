@@ -409,6 +409,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         stats.settled(conn.outstanding() as u64);
         match &closed {
             Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
+            Closed::ClientStalled => Stats::add(&stats.dropped_stalled),
             Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
                 Stats::add(&stats.upstream_errors)
             }
@@ -1093,6 +1094,7 @@ mod tests {
         let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
         assert_eq!(closed.unwrap(), Closed::ClientStalled.to_string());
         assert_eq!(proxy.stats.tcp.upstream_timeouts.load(Ordering::Relaxed), 0);
+        assert_eq!(proxy.stats.tcp.dropped_stalled.load(Ordering::Relaxed), 1);
         drop(client);
     }
 

@@ -139,7 +139,7 @@ const RCODE_NAMES: [&str; 16] = [
 ];
 
 /// The `reason` label of `dropped`, and the counter of each (each explained in its help).
-const DROP_REASONS: [(&str, Field); 7] = [
+const DROP_REASONS: [(&str, Field); 8] = [
     ("malformed", |s| &s.dropped_malformed),
     ("not_redirected", |s| &s.dropped_not_redirected),
     ("overload", |s| &s.dropped_overload),
@@ -147,6 +147,7 @@ const DROP_REASONS: [(&str, Field); 7] = [
     ("loop", |s| &s.dropped_loop),
     ("foreign_loopback", |s| &s.dropped_foreign_loopback),
     ("stray", |s| &s.dropped_stray),
+    ("stalled", |s| &s.dropped_stalled),
 ];
 
 /// Every metric, in the order of the page.
@@ -211,8 +212,10 @@ pub const METRICS: &[Metric] = &[
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
-               foreign_loopback (from another network namespace to a loopback server), or stray \
-               (UDP: a datagram from upstream that answers no query in flight, late or forged).",
+               foreign_loopback (from another network namespace to a loopback server), stray \
+               (UDP: a datagram from upstream that answers no query in flight, late or forged), \
+               or stalled (TCP: a client that stopped reading its answers for \
+               --upstream-timeout; its connection is closed).",
         read: Read::Counter(|s| {
             let mut samples = Vec::new();
             for (protocol, stats) in s.protocols() {
