@@ -17,7 +17,7 @@ use std::{
 
 use hashlink::LruCache;
 
-use crate::dns::wire::{HEADER_LEN, Reader, TYPE_OPT, count, find_opt, option, options};
+use crate::dns::wire::{HEADER_LEN, Reader, TYPE_OPT, count, find_opt, option, options, records};
 
 /// A SERVFAIL is kept at most this long (RFC 2308 §7.1).
 const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
@@ -657,16 +657,9 @@ fn without_client_options(answer: &[u8]) -> Option<Cow<'_, [u8]>> {
 
 /// How many OPT records `answer` has (more than one: malformed); `None` if it does not parse.
 fn opt_count(answer: &[u8]) -> Option<usize> {
-    let mut reader = Reader::new(answer, HEADER_LEN);
-    for _ in 0..count(answer, 4)? {
-        reader.skip_name()?;
-        reader.offset += 4;
-    }
-    let records =
-        u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
     let mut opts = 0;
-    for _ in 0..records {
-        if reader.record()?.rtype == TYPE_OPT {
+    for record in records(answer)? {
+        if record?.1.rtype == TYPE_OPT {
             opts += 1;
         }
     }

@@ -248,18 +248,30 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Where the answer's OPT record lies, start and end, if it has one.
-pub(crate) fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
-    let mut reader = Reader::new(answer, HEADER_LEN);
-    for _ in 0..count(answer, 4)? {
+/// The records of `message` after its questions (its answer, authority and additional
+/// sections), each with the offset it starts at; an item is `None` where a record does not
+/// parse, and the walk should stop there.
+pub(crate) fn records(
+    message: &[u8],
+) -> Option<impl Iterator<Item = Option<(usize, Record)>> + '_> {
+    let mut reader = Reader::new(message, HEADER_LEN);
+    for _ in 0..count(message, 4)? {
         reader.skip_name()?;
         reader.offset += 4;
     }
-    let records =
-        u32::from(count(answer, 6)?) + u32::from(count(answer, 8)?) + u32::from(count(answer, 10)?);
-    for _ in 0..records {
+    let total = u32::from(count(message, 6)?)
+        + u32::from(count(message, 8)?)
+        + u32::from(count(message, 10)?);
+    Some((0..total).map(move |_| {
         let start = reader.offset;
-        let record = reader.record()?;
+        Some((start, reader.record()?))
+    }))
+}
+
+/// Where the answer's OPT record lies, start and end, if it has one.
+pub(crate) fn find_opt(answer: &[u8]) -> Option<(usize, usize)> {
+    for record in records(answer)? {
+        let (start, record) = record?;
         if record.rtype == TYPE_OPT {
             return Some((start, record.rdata_end));
         }

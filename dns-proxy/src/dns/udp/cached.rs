@@ -131,20 +131,27 @@ fn is_failure(answer: &[u8]) -> bool {
     matches!(wire::header_rcode(answer), Some(SERVFAIL | REFUSED))
 }
 
-/// Where an answer to a cached query came from, for the metrics and the log.
+/// What an answer made here (not the upstream's, relayed) is, for the metrics and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CacheSource {
+pub(super) enum MadeHere {
+    /// A live answer from the cache.
     Hit,
+    /// A stale one (`--serve-stale`).
     Stale,
+    /// An identical query's answer, shared.
     Coalesced,
+    /// SERVFAIL for an upstream that cannot be reached (`unreachable`).
+    Unreachable,
 }
 
-impl CacheSource {
+impl MadeHere {
+    /// How the query's log line says it.
     fn as_str(self) -> &'static str {
         match self {
-            Self::Hit => "hit",
-            Self::Stale => "stale",
-            Self::Coalesced => "coalesced",
+            Self::Hit => "cache=hit",
+            Self::Stale => "cache=stale",
+            Self::Coalesced => "cache=coalesced",
+            Self::Unreachable => "upstream=unreachable",
         }
     }
 }
@@ -237,8 +244,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         match cache.lookup(query, head, true, Instant::now()) {
             // A fresh answer came meanwhile, through another thread.
-            Cached::Fresh(answer) => self.send_answer(&answer, to, CacheSource::Hit),
-            Cached::Stale { answer, .. } => self.send_answer(&answer, to, CacheSource::Stale),
+            Cached::Fresh(answer) => self.send_answer(&answer, to, MadeHere::Hit),
+            Cached::Stale { answer, .. } => self.send_answer(&answer, to, MadeHere::Stale),
             // Evicted since: the client retries, as after a loss.
             Cached::Miss => {}
         }
@@ -276,13 +283,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 listener: self.socket.as_fd(),
                 started: hit.started,
             };
-            self.answered_here(&hit.answer, to, CacheSource::Hit, now);
+            self.answered_here(&hit.answer, to, MadeHere::Hit, now);
         }
     }
 
-    /// Sends an answer made here (from the cache, or shared from an identical query's) to its
-    /// client, from the address its query reached.
-    fn send_answer(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource) {
+    /// Sends an answer made here to its client, from the address its query reached, and
+    /// counts and logs it.
+    pub(super) fn send_answer(&self, answer: &[u8], to: Recipient<'_>, source: MadeHere) {
         let mut sent = true;
         mmsg::send_all(
             to.listener,
@@ -305,7 +312,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Counts and logs an answer made here that went out at `now`.
-    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: CacheSource, now: Moment) {
+    fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: MadeHere, now: Moment) {
         let stats = &self.stats.udp;
         let latency = now.instant.saturating_duration_since(to.started);
         let asked = udp_asked(to.client, to.original, to.cgroup);
@@ -313,15 +320,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             .observers
             .answered(asked, Some(latency), answer, now);
         match source {
-            CacheSource::Hit => Stats::add(&self.stats.cache_hits),
-            CacheSource::Stale => Stats::add(&self.stats.cache_stale),
-            CacheSource::Coalesced => Stats::add(&self.stats.cache_coalesced),
+            MadeHere::Hit => Stats::add(&self.stats.cache_hits),
+            MadeHere::Stale => Stats::add(&self.stats.cache_stale),
+            MadeHere::Coalesced => Stats::add(&self.stats.cache_coalesced),
+            // Counted as an upstream error where it is made.
+            MadeHere::Unreachable => {}
         }
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 target: LOG,
-                "query udp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
+                "query udp client={} server={} {} {} rcode={} latency={latency:?} workload={}",
                 to.client,
                 to.original,
                 source.as_str(),
@@ -367,7 +376,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 self.answer_stale(&waiter.query, &waiter.head, recipient);
             } else if let Some(answer) = answer {
                 match cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true) {
-                    Some(shared) => self.send_answer(&shared, recipient, CacheSource::Coalesced),
+                    Some(shared) => self.send_answer(&shared, recipient, MadeHere::Coalesced),
                     // Not to be shown as its own (the question came back in another letter
                     // case, or it is about the first query's EDNS): its own query goes up.
                     None => self.forward_alone(waiter),

@@ -12,12 +12,11 @@ use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
     LOG, UdpProxy,
-    cached::{Leading, Recipient},
+    cached::{Leading, MadeHere},
     mmsg::{self, QueuedError},
     pending::{Pending, PendingKey},
-    udp_asked,
 };
-use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
+use crate::dns::{OriginalDestinations, stats::Stats, wire};
 
 /// Whether a send that failed twice with `errno` failed because `upstream` cannot be reached
 /// from here at all (no route, or a firewall's refusal), as a client's own send would have,
@@ -141,52 +140,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         }
         if let Some(answer) = servfail(sent, pending.client_id) {
-            self.send_servfail(&answer, to, why);
+            self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
             if let Some(answer) = servfail(&waiter.head, None) {
-                self.send_servfail(&answer, waiter.recipient(), why);
+                self.send_answer(&answer, waiter.recipient(), MadeHere::Unreachable);
             }
-        }
-    }
-
-    /// Sends a SERVFAIL made here to `to`, from the address its query reached, and counts
-    /// and logs it as an answer.
-    fn send_servfail(&self, answer: &[u8], to: Recipient<'_>, why: &io::Error) {
-        let mut sent = true;
-        mmsg::send_all(
-            to.listener,
-            1,
-            |_| mmsg::Outgoing {
-                datagram: answer,
-                to: to.client,
-                from: Some(to.reply_from),
-            },
-            |_, err| {
-                log::debug!(target: LOG, "answering {}: {err}", to.client);
-                sent = false;
-            },
-        );
-        if !sent {
-            return;
-        }
-        let now = Moment::now();
-        let latency = now.instant.saturating_duration_since(to.started);
-        let asked = udp_asked(to.client, to.original, to.cgroup);
-        self.settings
-            .observers
-            .answered(asked, Some(latency), answer, now);
-        self.stats.udp.answered(answer, Some(latency));
-        if log::log_enabled!(log::Level::Debug) {
-            log::debug!(
-                target: LOG,
-                "query udp client={} server={} {} unreachable ({why}): answered SERVFAIL \
-                 latency={latency:?} workload={}",
-                to.client,
-                to.original,
-                wire::describe_query(answer),
-                self.workload_name(to.cgroup),
-            );
         }
     }
 }
