@@ -315,6 +315,8 @@ fn the_agent_raises_its_soft_limit_on_open_files_to_the_hard_one() {
 /// Errors a user can cause end with one line that says what to do.
 mod usage_errors {
     use super::*;
+    use std::io::Read as _;
+    use tests::Process;
 
     /// Runs the agent (behind `wrapper`, e.g. nsenter) and returns (succeeded, stderr).
     fn run_agent(args: &[&str], wrapper: &[&str]) -> (bool, String) {
@@ -326,10 +328,21 @@ mod usage_errors {
             }
             None => Command::new(agent_binary()),
         };
-        command.arg("run").args(args).env("RUST_LOG", "off");
-        let output = command.output().expect("run the agent");
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        (output.status.success(), stderr)
+        command
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // An agent that should have refused may serve instead: fail, and kill it, on time.
+        let mut agent = Process::spawn(&mut command);
+        let status = agent.wait_exit(Duration::from_secs(30));
+        let mut stderr = String::new();
+        agent
+            .take_stderr()
+            .read_to_string(&mut stderr)
+            .expect("read the agent's stderr");
+        (status.success(), stderr)
     }
 
     fn assert_one_line_error(args: &[&str], wrapper: &[&str], expected: &str) {
@@ -624,6 +637,57 @@ mod usage_errors {
             probe(&topology, "sendto", "unmoved.example.test"),
             expected_probe_line()
         );
+    }
+
+    /// A second agent on the cgroup another agent redirects, on another port or block, would
+    /// attach beside it and serve nothing (the first one's programs rewrite every query
+    /// before its own see it) while it reports ready: refused, with the same state dir or
+    /// another, and with `--takeover` on another port. Once the first is gone, it starts.
+    #[test]
+    fn a_second_agent_on_a_redirected_cgroup_is_refused_whatever_its_port_or_block() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let mut first = Agent::start(&topology, &[]);
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let same_state = format!(
+            "DNS_PROXY_STATE_DIR={}",
+            topology.client.state_dir().display()
+        );
+        let other = topology.client.state_dir().with_file_name("other-state");
+        let other_state = format!("DNS_PROXY_STATE_DIR={}", other.display());
+        let refused = "another dns-proxy already redirects";
+        for (state, args) in [
+            (&same_state, &["--listen=127.0.0.1:8054"][..]),
+            (&same_state, &["--listen=127.0.0.1:8054", "--takeover"]),
+            (
+                &other_state,
+                &["--listen=127.0.0.1:8055", "--redirect-block=127.54.0.0/16"],
+            ),
+        ] {
+            let mut all = vec![cgroup.as_str()];
+            all.extend_from_slice(args);
+            assert_one_line_error(&all, &["env", state, "nsenter", &netns, "--"], refused);
+            assert_eq!(
+                probe(&topology, "sendto", "still-served.example.test"),
+                expected_probe_line(),
+                "{args:?}"
+            );
+        }
+
+        first.process().signal(libc::SIGTERM);
+        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        let second = Agent::launch(
+            &topology.client,
+            &topology.cgroup.path,
+            None,
+            &["--listen=127.0.0.1:8054".to_owned()],
+        );
+        assert_eq!(
+            probe(&topology, "sendto", "second.example.test"),
+            expected_probe_line()
+        );
+        drop(second);
     }
 
     #[test]
