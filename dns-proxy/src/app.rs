@@ -303,6 +303,8 @@ async fn serve(
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);
     readiness.set(true);
+    // The line to wait for: /readyz answers 200 from here on.
+    log::info!(target: LOG, "ready: redirected lookups are served");
 
     let outcome = until_stopped(scope.command, &mut signals).await?;
     readiness.set(false);

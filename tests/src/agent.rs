@@ -172,7 +172,9 @@ impl Agent {
             }
         });
         let mut agent = Self { process, log };
-        let serving = |agent: &Self| agent.log().contains("serving redirected DNS");
+        // Logged once `/readyz` answers 200, after the listeners, the programs and the
+        // dropping of capabilities.
+        let serving = |agent: &Self| agent.log().contains("ready: redirected lookups are served");
         wait_for("the agent to serve", Duration::from_secs(20), || {
             if serving(&agent) {
                 return Some(());
