@@ -19,6 +19,7 @@ use crate::{
     exec, host,
     metrics::{Metrics, Readiness},
     privileges,
+    redirect_lock::RedirectLock,
     shutdown::StopSignals,
     udp_threads::UdpThreads,
 };
@@ -70,6 +71,8 @@ pub enum RunError {
     DropPrivileges(io::Error),
     #[error(transparent)]
     Host(#[from] host::HostError),
+    #[error(transparent)]
+    RedirectLock(#[from] crate::redirect_lock::LockError),
     #[error("cannot hold {lock}: {source}{hint}", hint = block_hint(source))]
     BlockInUse { lock: SocketAddr, source: io::Error },
 }
@@ -243,6 +246,12 @@ async fn serve(
         }
         None => None,
     };
+    // One agent redirects a cgroup: a second would attach beside it and serve nothing.
+    let redirect_lock = Arc::new(RedirectLock::take(
+        &scope.target.path.display().to_string(),
+        scope.target.id,
+        listeners.joined_another_agent,
+    )?);
     let (mut redirector, servers, kernel_counters, agents) =
         attach(config, &scope, &listeners, metrics_listener.as_ref())?;
     let servers = Arc::new(servers);
@@ -274,6 +283,7 @@ async fn serve(
     let watched = (scope.target.clone(), redirector.take_exclusions());
     background::start(
         &agents,
+        &redirect_lock,
         &servers,
         workload_root,
         watched,
@@ -311,6 +321,7 @@ async fn serve(
     stop_serving.stop();
     serving.join_all().await;
     redirector.stop_redirecting();
+    redirect_lock.release();
     if agents.others_on_port() {
         // Another agent serves the block (an older one, when a newer one that took over is
         // stopped first, or the one that took over from this one): let it have every new

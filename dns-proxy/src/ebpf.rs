@@ -32,7 +32,6 @@ pub use exclusions::Exclusions;
 
 use crate::{agents::Agents, cgroup::Cgroup};
 
-mod attached;
 mod exclusions;
 mod origins;
 
@@ -95,12 +94,6 @@ pub enum EbpfError {
          shares its --state-dir (and so its table of servers)"
     )]
     NothingToTakeOver { state_dir: String },
-    #[error(
-        "another dns-proxy already redirects {cgroup} (its connect4 program: id {program}): \
-         this agent would serve nothing. Stop that agent first, or, to replace it without a \
-         gap, start this one with --takeover and the same --listen port and --state-dir"
-    )]
-    AlreadyRedirected { cgroup: String, program: u32 },
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
     Map {
         map: &'static str,
@@ -322,23 +315,6 @@ impl Redirector {
                 cgroup: cgroup_name.clone(),
                 source,
             })?;
-        // An agent taking over shares the cgroup with the one it replaces, on purpose.
-        if !config.taking_over {
-            match attached::redirecting_programs(&cgroup_fd) {
-                Ok(programs) => {
-                    if let Some(&program) = programs.first() {
-                        return Err(EbpfError::AlreadyRedirected {
-                            cgroup: cgroup_name,
-                            program,
-                        });
-                    }
-                }
-                Err(err) => log::warn!(
-                    "cannot list the programs attached to {cgroup_name} ({err}): not checking \
-                     for another dns-proxy there"
-                ),
-            }
-        }
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_CONFIG, &kernel_config, true)
             .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)

@@ -18,6 +18,7 @@ mod host;
 mod log_limit;
 pub mod metrics;
 mod privileges;
+mod redirect_lock;
 pub mod resolutions;
 pub mod shutdown;
 mod udp_threads;

@@ -12,6 +12,7 @@ use crate::{
     drain,
     ebpf::{Exclusions, ServerTable},
     metrics::Readiness,
+    redirect_lock::RedirectLock,
     workload,
 };
 
@@ -23,13 +24,18 @@ const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 /// `root`) and the watch on the redirected cgroup `target` and the `exclusions`, until `stop`.
 pub(super) fn start(
     agents: &Arc<agents::Agents>,
+    redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
     root: PathBuf,
     watched: (Cgroup, Option<Exclusions>),
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
-    tokio::spawn(keep_alive(Arc::clone(agents), stop.clone()));
+    tokio::spawn(keep_alive(
+        Arc::clone(agents),
+        Arc::clone(redirect_lock),
+        stop.clone(),
+    ));
     tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
     let readiness = Arc::clone(readiness);
     tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
@@ -82,8 +88,13 @@ async fn watch_cgroups(
 }
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
-/// newer agent has taken over.
-async fn keep_alive(agents: Arc<agents::Agents>, stop: drain::Signal) {
+/// newer agent has taken over. Takes the lock on the redirected cgroup once free, if it took
+/// over from the agent that held it.
+async fn keep_alive(
+    agents: Arc<agents::Agents>,
+    redirect_lock: Arc<RedirectLock>,
+    stop: drain::Signal,
+) {
     let mut replaced = false;
     loop {
         tokio::select! {
@@ -91,6 +102,7 @@ async fn keep_alive(agents: Arc<agents::Agents>, stop: drain::Signal) {
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
         agents.heartbeat();
+        redirect_lock.try_take();
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(

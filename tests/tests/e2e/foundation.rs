@@ -656,18 +656,36 @@ mod usage_errors {
         );
         let other = topology.client.state_dir().with_file_name("other-state");
         let other_state = format!("DNS_PROXY_STATE_DIR={}", other.display());
-        let refused = "another dns-proxy already redirects";
-        for (state, args) in [
-            (&same_state, &["--listen=127.0.0.1:8054"][..]),
-            (&same_state, &["--listen=127.0.0.1:8054", "--takeover"]),
+        let refused = format!(
+            "another dns-proxy (pid {}, dns-proxy) already redirects",
+            first.process().id()
+        );
+        // The capabilities of the systemd unit and the DaemonSet: no CAP_SYS_ADMIN, which the
+        // kernel asks before it says whose programs are attached.
+        let production_caps = [
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+dac_override",
+        ];
+        for (state, caps, args) in [
+            (&same_state, &[][..], &["--listen=127.0.0.1:8054"][..]),
+            (
+                &same_state,
+                &production_caps[..],
+                &["--listen=127.0.0.1:8054"],
+            ),
+            (&same_state, &[], &["--listen=127.0.0.1:8054", "--takeover"]),
             (
                 &other_state,
+                &production_caps,
                 &["--listen=127.0.0.1:8055", "--redirect-block=127.54.0.0/16"],
             ),
         ] {
             let mut all = vec![cgroup.as_str()];
             all.extend_from_slice(args);
-            assert_one_line_error(&all, &["env", state, "nsenter", &netns, "--"], refused);
+            let mut wrapper = vec!["env", state, "nsenter", &netns, "--"];
+            wrapper.extend_from_slice(caps);
+            assert_one_line_error(&all, &wrapper, &refused);
             assert_eq!(
                 probe(&topology, "sendto", "still-served.example.test"),
                 expected_probe_line(),
@@ -688,6 +706,46 @@ mod usage_errors {
             expected_probe_line()
         );
         drop(second);
+    }
+
+    /// Agents on nested cgroups are not a second agent on one cgroup: a child cgroup's
+    /// programs run before its parent's, so the child's agent serves the child's lookups and
+    /// the parent's agent the rest.
+    #[test]
+    fn agents_on_nested_cgroups_each_serve_their_own() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let parent = Agent::start(&topology, &[]);
+        let child = topology.cgroup.path.join("nested");
+        std::fs::create_dir(&child).expect("mkdir the child cgroup");
+        let nested = Agent::launch(
+            &topology.client,
+            &child,
+            None,
+            &[
+                "--listen=127.0.0.1:8054".to_owned(),
+                "--redirect-block=127.54.0.0/16".to_owned(),
+            ],
+        );
+        let mut in_child = tests::in_cgroup_and_netns(
+            &child,
+            &topology.client,
+            PROBE,
+            &["sendto", &format!("{SERVER_IP}:53"), "child.example.test"],
+        );
+        let output = must(&mut in_child);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            expected_probe_line()
+        );
+        assert_eq!(
+            probe(&topology, "sendto", "parent.example.test"),
+            expected_probe_line()
+        );
+        forwarded(&nested, "child.example.test");
+        forwarded(&parent, "parent.example.test");
+        assert!(!parent.log().contains("child.example.test"));
+        assert!(!nested.log().contains("parent.example.test"));
     }
 
     #[test]
