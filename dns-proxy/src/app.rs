@@ -19,7 +19,7 @@ use crate::{
     exec, host,
     metrics::{Metrics, Readiness},
     privileges,
-    redirect_lock::RedirectLock,
+    redirect_lock::{self, Claim, RedirectLock},
     shutdown::StopSignals,
     udp_threads::UdpThreads,
 };
@@ -247,11 +247,16 @@ async fn serve(
         None => None,
     };
     // One agent redirects a cgroup: a second would attach beside it and serve nothing.
-    let redirect_lock = Arc::new(RedirectLock::take(
-        &scope.target.path.display().to_string(),
-        scope.target.id,
-        listeners.joined_another_agent,
-    )?);
+    let redirect_lock = Arc::new(RedirectLock::take(&Claim {
+        cgroup: &scope.target.path.display().to_string(),
+        cgroup_id: scope.target.id,
+        port: listeners.v4.port(),
+        takeover: config.takeover,
+        joined: listeners.joined_another_agent,
+    })?);
+    if listeners.v4.port() == 53 || listeners.v6.is_some_and(|v6| v6.port() == 53) {
+        warn_of_agents_above(scope.target);
+    }
     let (mut redirector, servers, kernel_counters, agents) =
         attach(config, &scope, &listeners, metrics_listener.as_ref())?;
     let servers = Arc::new(servers);
@@ -277,6 +282,10 @@ async fn serve(
     readiness.watch_for_replacement({
         let agents = Arc::clone(&agents);
         move || agents.replaced()
+    });
+    readiness.watch_redirect_lock({
+        let redirect_lock = Arc::clone(&redirect_lock);
+        move || redirect_lock.serves()
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
@@ -340,6 +349,39 @@ async fn serve(
     stop_background.stop();
     log::info!(target: LOG, "stopped: {}", shared.stats.summary());
     Ok(outcome)
+}
+
+/// Warns of an agent redirecting a cgroup above `target`, for an agent that listens on port 53:
+/// a child cgroup's programs run first, and what they redirect to this agent's block on port
+/// 53 is still a lookup to port 53 for the programs above, which redirect it again; its
+/// clients then see answers come from this agent's block address.
+fn warn_of_agents_above(target: &Cgroup) {
+    let Some(root) = target.hierarchy_root() else {
+        return;
+    };
+    let Ok(target_path) = std::fs::canonicalize(&target.path) else {
+        return;
+    };
+    for ancestor in target_path.ancestors().skip(1) {
+        if !ancestor.starts_with(&root) {
+            break;
+        }
+        let Ok(cgroup) = Cgroup::open("--cgroup", ancestor) else {
+            break;
+        };
+        if let Some(pid) = redirect_lock::agent_redirecting(cgroup.id) {
+            log::warn!(
+                target: LOG,
+                "another dns-proxy (pid {pid}) redirects {}, above {}: this agent listens on \
+                 port 53, so that agent redirects again what this one's programs send here, and \
+                 this one's clients see answers come from its block's addresses. Exclude {} \
+                 from that agent (--exclude-cgroup), or listen on another port",
+                ancestor.display(),
+                target.path.display(),
+                target.path.display()
+            );
+        }
+    }
 }
 
 /// Attaches the programs to `scope`'s cgroups, redirecting lookups to the ports of

@@ -61,7 +61,9 @@ pub struct RunArgs {
     /// Start while another agent serves the same block and port, and take over from it: this
     /// one gets every new lookup once it is ready, the other answers what it already has until
     /// it is stopped, and no lookup meets a moment with no agent. Without it, such an agent is
-    /// an error. For restarts without a gap (a DaemonSet's `maxSurge: 1`).
+    /// an error, as is any second agent on a cgroup another one redirects. With it, an agent
+    /// on another port is not ready until the other stops, then serves without a gap. For
+    /// restarts without a gap (a DaemonSet's `maxSurge: 1`).
     #[arg(long, env = "DNS_PROXY_TAKEOVER")]
     pub takeover: bool,
 

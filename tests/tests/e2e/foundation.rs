@@ -642,7 +642,7 @@ mod usage_errors {
     /// A second agent on the cgroup another agent redirects, on another port or block, would
     /// attach beside it and serve nothing (the first one's programs rewrite every query
     /// before its own see it) while it reports ready: refused, with the same state dir or
-    /// another, and with `--takeover` on another port. Once the first is gone, it starts.
+    /// another, with the deployments' capabilities too. Once the first is gone, it starts.
     #[test]
     fn a_second_agent_on_a_redirected_cgroup_is_refused_whatever_its_port_or_block() {
         let topology = Topology::new();
@@ -674,7 +674,6 @@ mod usage_errors {
                 &production_caps[..],
                 &["--listen=127.0.0.1:8054"],
             ),
-            (&same_state, &[], &["--listen=127.0.0.1:8054", "--takeover"]),
             (
                 &other_state,
                 &production_caps,
@@ -706,6 +705,53 @@ mod usage_errors {
             expected_probe_line()
         );
         drop(second);
+    }
+
+    /// `--takeover` on another port (a rollout that changes the port): the new agent starts
+    /// beside the old one, is not ready while the old one's programs take every lookup, and
+    /// serves, ready, once the old one stops; no lookup is lost in between.
+    #[test]
+    fn a_takeover_on_another_port_is_ready_once_the_old_agent_stops() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let mut old = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+        let new_metrics: std::net::SocketAddr = "127.0.0.1:9254".parse().unwrap();
+        let new = Agent::launch(
+            &topology.client,
+            &topology.cgroup.path,
+            None,
+            &[
+                "--listen=127.0.0.1:8054".to_owned(),
+                "--takeover".to_owned(),
+                format!("--metrics={new_metrics}"),
+            ],
+        );
+        let (status, body) = tests::http_get(&topology.client, new_metrics, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.contains("another dns-proxy redirects this cgroup"),
+            "{body}"
+        );
+        assert_eq!(
+            tests::http_get(&topology.client, metrics_addr(), "/readyz").0,
+            200
+        );
+        assert_eq!(
+            probe(&topology, "sendto", "before.example.test"),
+            expected_probe_line()
+        );
+        forwarded(&old, "before.example.test");
+
+        old.process().signal(libc::SIGTERM);
+        assert!(old.process().wait_exit(Duration::from_secs(10)).success());
+        assert_eq!(
+            probe(&topology, "sendto", "after.example.test"),
+            expected_probe_line()
+        );
+        forwarded(&new, "after.example.test");
+        wait_for("the new agent to be ready", Duration::from_secs(5), || {
+            (tests::http_get(&topology.client, new_metrics, "/readyz").0 == 200).then_some(())
+        });
     }
 
     /// Agents on nested cgroups are not a second agent on one cgroup: a child cgroup's
