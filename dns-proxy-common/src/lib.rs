@@ -161,8 +161,14 @@ pub struct AgentRecord {
     pub cgroup_id: u64,
     pub heartbeat_ns: u64,
     pub port: u16,
-    pub _padding: [u8; 6],
+    /// [`AGENT_NAMED`], or 0 from an agent that predates it (the byte was padding).
+    pub flags: u8,
+    pub _padding: [u8; 5],
 }
+
+/// [`AgentRecord::flags`]: the agent holds the abstract unix socket
+/// `dns-proxy/agent/<start stamp>` in its network namespace while it runs.
+pub const AGENT_NAMED: u8 = 1;
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
 /// Capacity of the `LISTENERS` sockmap: TCP and UDP listeners per family, and the metrics

@@ -11,10 +11,21 @@
 //!   `AGENT_CGROUPS` entries belong to no agent alive (a killed agent cannot remove its own).
 //!
 //! Only agents that can open the pinned maps (root, in a `0700` state directory) write them.
+//!
+//! A heartbeat says an agent is alive for 30 s after it was killed, and says nothing of where
+//! it runs. So each agent also holds a name in its network namespace while it runs (an
+//! abstract unix socket, `dns-proxy/agent/<start stamp>`, which the kernel frees however the
+//! agent exits): an agent that is gone, or runs in another namespace (where it replaces no
+//! one: `sk_lookup` steers within one namespace), is not taken for one that replaced this
+//! one, or that this one takes over from. Agents of versions before it, whose records do not
+//! say they hold a name, are judged by their heartbeat alone.
 use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
-use dns_proxy_common::{AgentCgroup, AgentRecord, names};
+use dns_proxy_common::{AGENT_NAMED, AgentCgroup, AgentRecord, names};
+use socket2::Socket;
+
+use crate::redirect_lock::{listen_on_name, name_is_held};
 
 /// How often an agent says it is alive.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -37,6 +48,8 @@ pub struct Agents {
     cgroup_id: u64,
     /// The port it serves: only an agent on the same port replaces it.
     port: u16,
+    /// Held while this agent runs; `None` if it could not be bound (then its record says so).
+    name: Option<Socket>,
 }
 
 impl Agents {
@@ -68,11 +81,21 @@ impl Agents {
             log::debug!("forgetting the cgroup of an agent that is gone (id {cgroup})");
             let _ = cgroups.remove(&cgroup);
         }
+        let name = match listen_on_name(&agent_name(stamp)) {
+            Ok(name) => Some(name),
+            Err(err) => {
+                log::warn!(
+                    "cannot hold this agent's name ({err}): others judge it by its heartbeat"
+                );
+                None
+            }
+        };
         let record = AgentRecord {
             cgroup_id,
             heartbeat_ns: stamp,
             port,
-            _padding: [0; 6],
+            flags: if name.is_some() { AGENT_NAMED } else { 0 },
+            _padding: [0; 5],
         };
         records
             .insert(stamp, record, 0)
@@ -86,6 +109,7 @@ impl Agents {
             stamp,
             cgroup_id,
             port,
+            name,
         })
     }
 
@@ -96,8 +120,13 @@ impl Agents {
             cgroup_id: self.cgroup_id,
             heartbeat_ns: boottime_ns(),
             port: self.port,
-            _padding: [0; 6],
+            flags: if self.name.is_some() { AGENT_NAMED } else { 0 },
+            _padding: [0; 5],
         };
+        // What other agents' looks at the name left queued.
+        if let Some(name) = &self.name {
+            while name.accept().is_ok() {}
+        }
         if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
             log::warn!("cannot update this agent's heartbeat: {err}");
         }
@@ -125,9 +154,22 @@ impl Agents {
             .iter()
             .filter_map(Result::ok)
             .any(|(stamp, record)| {
-                started(stamp) && record.port == self.port && !is_stale(&record, now)
+                started(stamp) && record.port == self.port && is_running(stamp, &record, now)
             })
     }
+}
+
+/// Whether the agent of `record`, started at `stamp`, runs in this network namespace (or, for
+/// an agent that holds no name, whether its heartbeat is recent).
+fn is_running(stamp: u64, record: &AgentRecord, now_ns: u64) -> bool {
+    if is_stale(record, now_ns) {
+        return false;
+    }
+    record.flags & AGENT_NAMED == 0 || name_is_held(&agent_name(stamp))
+}
+
+fn agent_name(stamp: u64) -> String {
+    format!("dns-proxy/agent/{stamp}")
 }
 
 impl Drop for Agents {

@@ -87,8 +87,8 @@ impl RedirectLock {
         };
         let id = claim.cgroup_id;
         let mut lock = Self {
-            cgroup_name: SockAddr::unix(format!("\0dns-proxy/redirects/{id}")).map_err(io_error)?,
-            port_name: SockAddr::unix(format!("\0dns-proxy/redirects/{id}/port/{}", claim.port))
+            cgroup_name: abstract_name(&format!("dns-proxy/redirects/{id}")).map_err(io_error)?,
+            port_name: abstract_name(&format!("dns-proxy/redirects/{id}/port/{}", claim.port))
                 .map_err(io_error)?,
             state: Mutex::new(State::Waiting),
             serves_unheld: true,
@@ -205,7 +205,7 @@ impl RedirectLock {
 /// The pid of the agent that redirects cgroup `cgroup_id` from this network namespace, if one
 /// does.
 pub fn agent_redirecting(cgroup_id: u64) -> Option<i32> {
-    let name = SockAddr::unix(format!("\0dns-proxy/redirects/{cgroup_id}")).ok()?;
+    let name = abstract_name(&format!("dns-proxy/redirects/{cgroup_id}")).ok()?;
     holder_of(&name).map(|holder| holder.pid)
 }
 
@@ -216,6 +216,30 @@ fn holder_of(name: &SockAddr) -> Option<libc::ucred> {
 
 fn is_trusted(holder: &libc::ucred) -> bool {
     holder.uid == 0 || holder.uid == effective_uid()
+}
+
+/// A listening abstract unix socket named `name` in this network namespace, held by whoever
+/// keeps the socket.
+pub(crate) fn listen_on_name(name: &str) -> io::Result<Socket> {
+    bind(&abstract_name(name)?)
+}
+
+/// Whether anything listens on the abstract name `name` in this network namespace.
+pub(crate) fn name_is_held(name: &str) -> bool {
+    let Ok(name) = abstract_name(name) else {
+        return false;
+    };
+    let connected = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
+        .and_then(|socket| socket.connect(&name));
+    // A full listen queue is a listener too.
+    match connected {
+        Ok(()) => true,
+        Err(err) => err.kind() == io::ErrorKind::WouldBlock,
+    }
+}
+
+fn abstract_name(name: &str) -> io::Result<SockAddr> {
+    SockAddr::unix(format!("\0{name}"))
 }
 
 fn bind(name: &SockAddr) -> io::Result<Socket> {

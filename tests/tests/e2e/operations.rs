@@ -912,3 +912,60 @@ fn an_exec_agent_beside_a_running_one_replaces_nothing() {
     assert!(status.success(), "{status}: {}", exec.log());
     assert_eq!(stdout.trim(), expected_probe_line());
 }
+
+/// Host-mode agents in two network namespaces, of one block and port and sharing a state
+/// dir (the default /sys/fs/bpf/dns-proxy, say), replace no one: `sk_lookup` steers within
+/// one namespace. The one started first stays ready (it said "a newer agent has taken over"
+/// while the other ran, from the other's heartbeat in the shared `AGENTS`), and both serve.
+#[test]
+fn agents_in_two_namespaces_sharing_a_state_dir_are_both_ready() {
+    let first = Topology::new();
+    let second = Topology::new();
+    let _servers = (DnsServer::start(&first), DnsServer::start(&second));
+    let _first_agent = Agent::start(&first, &[&format!("--metrics={METRICS}")]);
+    let shared_state = format!("--state-dir={}", first.client.state_dir().display());
+    let _second_agent = Agent::start(&second, &[&format!("--metrics={METRICS}"), &shared_state]);
+    for topology in [&first, &second] {
+        assert_eq!(
+            http_get(&topology.client, metrics_addr(), "/readyz"),
+            (200, "ready\n".to_owned()),
+            "{}",
+            topology.client.name
+        );
+        assert_eq!(
+            probe(topology, "sendto", "both.example.test"),
+            expected_probe_line()
+        );
+    }
+}
+
+/// The agent that took over is SIGKILLed (OOM, say): the one it replaced serves again at once
+/// and says so on `/readyz` within a heartbeat, not once the killed one's record is stale
+/// (30 s).
+#[test]
+fn when_the_agent_that_took_over_is_killed_the_one_before_is_ready_again_at_once() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let metrics = format!("--metrics={METRICS}");
+    let _old = Agent::start(&topology, &[&metrics]);
+    let mut new = Agent::start(&topology, &[&metrics, "--takeover"]);
+    assert_eq!(
+        http_get(&topology.client, metrics_addr(), "/readyz").0,
+        200,
+        "the new agent"
+    );
+    new.process().signal(libc::SIGKILL);
+    new.process().wait_exit(Duration::from_secs(5));
+    wait_for(
+        "the old agent to be ready again",
+        Duration::from_secs(3),
+        || {
+            (http_get(&topology.client, metrics_addr(), "/readyz") == (200, "ready\n".to_owned()))
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        probe(&topology, "sendto", "again.example.test"),
+        expected_probe_line()
+    );
+}
