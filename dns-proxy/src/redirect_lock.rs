@@ -16,7 +16,11 @@
 //! process that takes the name first cannot keep the agent from starting.
 //!
 //! An agent taking over (`--takeover`) shares the cgroup with the one it replaces, on
-//! purpose: it takes the lock once that one has let go of it.
+//! purpose: it takes the lock once that one has let go of it. On the holder's port it serves
+//! meanwhile (the kernel steers the port's packets to the newest agent); on another port it
+//! serves nothing, and is not ready, until then.
+//!
+//! The names are also how an agent tells that another runs (`agents`).
 use std::{io, mem, os::fd::AsRawFd as _, sync::Mutex};
 
 use socket2::{Domain, SockAddr, Socket, Type};
