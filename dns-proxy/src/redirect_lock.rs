@@ -28,15 +28,10 @@ use socket2::{Domain, SockAddr, Socket, Type};
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another dns-proxy (pid {pid}{name}) already redirects {cgroup}: this agent would serve \
-         nothing. Stop that agent first, or, to replace it without a gap, start this one with \
+        "another dns-proxy ({who}) already redirects {cgroup}: this agent would serve nothing. Stop that agent first, or, to replace it without a gap, start this one with \
          --takeover"
     )]
-    Held {
-        cgroup: String,
-        pid: i32,
-        name: String,
-    },
+    Held { cgroup: String, who: String },
     #[error("cannot take the lock on redirecting {cgroup}: {source}")]
     Io { cgroup: String, source: io::Error },
 }
@@ -129,14 +124,11 @@ impl RedirectLock {
                 return Ok(lock);
             }
         };
-        let name = process_name(holder.pid)
-            .map(|name| format!(", {name}"))
-            .unwrap_or_default();
+        let who = describe(holder.pid);
         if !claim.takeover {
             return Err(LockError::Held {
                 cgroup: cgroup.to_owned(),
-                pid: holder.pid,
-                name,
+                who,
             });
         }
         let on_this_port =
@@ -144,10 +136,9 @@ impl RedirectLock {
         if !on_this_port {
             lock.serves_unheld = false;
             log::warn!(
-                "another dns-proxy (pid {}{name}) redirects {cgroup} on another port: its \
-                 programs see every lookup first, so this agent serves none and is not ready \
-                 until that one stops redirecting; then it takes over",
-                holder.pid
+                "another dns-proxy ({who}) redirects {cgroup} on another port: its programs see \
+                 every lookup first, so this agent serves none and is not ready until that one \
+                 stops redirecting; then it takes over"
             );
         }
         Ok(lock)
@@ -285,10 +276,17 @@ fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// A process's command name (`/proc/PID/comm`), for messages.
-fn process_name(pid: i32) -> Option<String> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(comm.trim_end().to_owned())
+/// A lock holder, for messages: its pid and command name (`/proc/PID/comm`). The kernel says
+/// pid 0 for a process outside this one's pid namespace (an agent on the host, seen from a
+/// container).
+fn describe(pid: i32) -> String {
+    if pid == 0 {
+        return "in another pid namespace".to_owned();
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("pid {pid}, {}", comm.trim_end()),
+        Err(_) => format!("pid {pid}"),
+    }
 }
 
 #[cfg(test)]
