@@ -25,7 +25,7 @@ use aya::maps::{HashMap, MapData};
 use dns_proxy_common::{AGENT_NAMED, AgentCgroup, AgentRecord, names};
 use socket2::Socket;
 
-use crate::redirect_lock::{listen_on_name, name_is_held};
+use crate::local_names;
 
 /// How often an agent says it is alive.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -81,7 +81,7 @@ impl Agents {
             log::debug!("forgetting the cgroup of an agent that is gone (id {cgroup})");
             let _ = cgroups.remove(&cgroup);
         }
-        let name = match listen_on_name(&agent_name(stamp)) {
+        let name = match local_names::hold(&agent_name(stamp)) {
             Ok(name) => Some(name),
             Err(err) => {
                 log::warn!(
@@ -150,22 +150,32 @@ impl Agents {
     /// Whether an agent whose start stamp `started` accepts is alive on this one's port.
     fn any_alive_on_port(&self, started: impl Fn(u64) -> bool) -> bool {
         let now = boottime_ns();
-        lock(&self.records)
+        let candidates: Vec<(u64, AgentRecord)> = lock(&self.records)
             .iter()
             .filter_map(Result::ok)
-            .any(|(stamp, record)| {
-                started(stamp) && record.port == self.port && is_running(stamp, &record, now)
+            .filter(|(stamp, record)| {
+                started(*stamp) && record.port == self.port && !is_stale(record, now)
             })
+            .collect();
+        if candidates.is_empty() {
+            return false;
+        }
+        // The names held in this namespace, asked once for all the records.
+        let named: Option<HashSet<String>> = local_names::held_with_prefix("dns-proxy/agent/")
+            .ok()
+            .map(|held| {
+                held.into_iter()
+                    .filter(|(_, uid)| local_names::is_trusted(*uid))
+                    .map(|(name, _)| name)
+                    .collect()
+            });
+        candidates.iter().any(|(stamp, record)| {
+            record.flags & AGENT_NAMED == 0
+                || named
+                    .as_ref()
+                    .is_none_or(|named| named.contains(&agent_name(*stamp)))
+        })
     }
-}
-
-/// Whether the agent of `record`, started at `stamp`, runs in this network namespace (or, for
-/// an agent that holds no name, whether its heartbeat is recent).
-fn is_running(stamp: u64, record: &AgentRecord, now_ns: u64) -> bool {
-    if is_stale(record, now_ns) {
-        return false;
-    }
-    record.flags & AGENT_NAMED == 0 || name_is_held(&agent_name(stamp))
 }
 
 fn agent_name(stamp: u64) -> String {

@@ -250,7 +250,7 @@ async fn serve(
     let redirect_lock = Arc::new(RedirectLock::take(&Claim {
         cgroup: &scope.target.path.display().to_string(),
         cgroup_id: scope.target.id,
-        port: listeners.v4.port(),
+        listen: listeners.v4,
         takeover: config.takeover,
         joined: listeners.joined_another_agent,
     })?);
@@ -370,9 +370,10 @@ fn warn_of_agents_above(target: &Cgroup) {
             break;
         };
         if let Some(pid) = redirect_lock::agent_redirecting(cgroup.id) {
+            let pid = pid.map_or_else(|| "pid unknown".to_owned(), |pid| format!("pid {pid}"));
             log::warn!(
                 target: LOG,
-                "another dns-proxy (pid {pid}) redirects {}, above {}: this agent listens on \
+                "another dns-proxy ({pid}) redirects {}, above {}: this agent listens on \
                  port 53, so that agent redirects again what this one's programs send here, and \
                  this one's clients see answers come from its block's addresses. Exclude {} \
                  from that agent (--exclude-cgroup), or listen on another port",

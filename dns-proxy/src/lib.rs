@@ -15,6 +15,7 @@ pub mod drain;
 pub mod ebpf;
 mod exec;
 mod host;
+mod local_names;
 mod log_limit;
 pub mod metrics;
 mod privileges;

@@ -8,12 +8,14 @@
 //! the same block and port), and the kernel tells whose programs are attached only to
 //! CAP_SYS_ADMIN, which the agent does not have in production.
 //!
-//! The lock is an abstract unix socket in the agent's network namespace (where a DaemonSet's
-//! agents and a host's share one), listening, named `dns-proxy/redirects/<cgroup id>`. The
-//! kernel frees it when the agent exits, however it exits. A cgroup id is never reused
-//! within a boot. A second agent that finds the name taken asks the holder's credentials
-//! (`SO_PEERCRED`): only a hold by root or by the agent's own user counts, so an unprivileged
-//! process that takes the name first cannot keep the agent from starting.
+//! The lock is a name in the agent's network namespace (`local_names`: where a DaemonSet's
+//! agents and a host's share one), `dns-proxy/redirects/<cgroup id>`. The kernel frees it
+//! when the agent exits, however it exits. A cgroup id is never reused within a boot. A
+//! second agent that finds the name taken asks the kernel who holds it: only a hold by root or
+//! by the agent's own user counts, so an unprivileged process that takes the name first
+//! cannot keep the agent from starting (the agent then starts without the lock, and says so).
+//! Beside it the holder keeps `dns-proxy/redirects/<cgroup id>/listen/<address:port>`: an agent
+//! taking over tells by it the agent it replaces, whose listeners it joined, from another.
 //!
 //! An agent taking over (`--takeover`) shares the cgroup with the one it replaces, on
 //! purpose: it takes the lock once that one has let go of it. On the holder's port it serves
@@ -21,19 +23,24 @@
 //! serves nothing, and is not ready, until then.
 //!
 //! The names are also how an agent tells that another runs (`agents`).
-use std::{io, mem, os::fd::AsRawFd as _, sync::Mutex};
+use std::{net::SocketAddrV4, sync::Mutex};
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::Socket;
+
+use crate::local_names;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another dns-proxy ({who}) already redirects {cgroup}: this agent would serve nothing. Stop that agent first, or, to replace it without a gap, start this one with \
-         --takeover"
+        "another dns-proxy ({who}) already redirects {cgroup}: this agent would serve nothing. \
+         Stop that agent first, or, to replace it without a gap, start this one with --takeover"
     )]
     Held { cgroup: String, who: String },
     #[error("cannot take the lock on redirecting {cgroup}: {source}")]
-    Io { cgroup: String, source: io::Error },
+    Io {
+        cgroup: String,
+        source: std::io::Error,
+    },
 }
 
 /// What an agent asks of the lock.
@@ -41,36 +48,34 @@ pub struct Claim<'a> {
     /// The redirected cgroup's path (for messages) and id.
     pub cgroup: &'a str,
     pub cgroup_id: u64,
-    /// The port its listeners serve.
-    pub port: u16,
+    /// Where its listeners serve.
+    pub listen: SocketAddrV4,
     /// `--takeover`: another agent may redirect the cgroup now; this one replaces it.
     pub takeover: bool,
-    /// Its listeners joined another agent's (a takeover on the same port and block).
+    /// Its listeners joined another agent's (a takeover on the same address and port).
     pub joined: bool,
 }
 
 /// This agent's claim on redirecting a cgroup; released on [`release`](Self::release) or drop.
 pub struct RedirectLock {
-    /// One agent redirects the cgroup: the one listening here.
-    cgroup_name: SockAddr,
-    /// The port that agent serves, held beside it, so that an agent taking over can tell the
-    /// one it replaces (same port: it joined its listeners) from another.
-    port_name: SockAddr,
+    /// One agent redirects the cgroup: the one that holds this name.
+    cgroup_name: String,
+    /// Held beside it: where that agent listens.
+    listen_name: String,
     state: Mutex<State>,
-    /// Whether this agent serves the cgroup's lookups while it does not hold the lock: it took
-    /// over on the holder's port (the kernel steers the port's packets to the newest agent),
-    /// or the name is held by something that is not an agent.
-    serves_unheld: bool,
 }
 
 enum State {
     Held {
-        _cgroup: Socket,
-        _port: Option<Socket>,
+        cgroup: Socket,
+        _listen: Option<Socket>,
     },
-    /// Not held: the agent this one takes over from holds it, or something that is not an
-    /// agent does.
-    Waiting,
+    /// Another agent holds the lock, and this one takes over from it once it lets go. On the
+    /// holder's listen address this one serves meanwhile (the kernel steers the address's
+    /// packets to the newest agent); elsewhere the holder's programs see every lookup first.
+    Waiting { serves: bool },
+    /// Something that is not an agent holds the name: this agent serves without the lock.
+    Unlocked,
     /// Let go for good: this agent no longer redirects.
     Released,
 }
@@ -80,93 +85,135 @@ impl RedirectLock {
     /// error, unless this one takes over: then it is taken later
     /// ([`try_take`](Self::try_take)), once that agent has let go of it.
     pub fn take(claim: &Claim<'_>) -> Result<Self, LockError> {
+        let cgroup = claim.cgroup;
         let io_error = |source| LockError::Io {
-            cgroup: claim.cgroup.to_owned(),
+            cgroup: cgroup.to_owned(),
             source,
         };
-        let id = claim.cgroup_id;
-        let mut lock = Self {
-            cgroup_name: abstract_name(&format!("dns-proxy/redirects/{id}")).map_err(io_error)?,
-            port_name: abstract_name(&format!("dns-proxy/redirects/{id}/port/{}", claim.port))
-                .map_err(io_error)?,
-            state: Mutex::new(State::Waiting),
-            serves_unheld: true,
+        let cgroup_name = format!("dns-proxy/redirects/{}", claim.cgroup_id);
+        let lock = Self {
+            listen_name: format!("{cgroup_name}/listen/{}", claim.listen),
+            cgroup_name,
+            state: Mutex::new(State::Released),
         };
-        let cgroup = claim.cgroup;
-        match bind(&lock.cgroup_name) {
-            Ok(socket) => {
-                *lock.state() = State::Held {
-                    _cgroup: socket,
-                    _port: bind(&lock.port_name).ok(),
-                };
-                return Ok(lock);
-            }
-            Err(err) if err.kind() == io::ErrorKind::AddrInUse => {}
-            Err(err) => return Err(io_error(err)),
+        if claim.joined {
+            lock.warn_if_joined_agent_redirects_another_cgroup(claim);
         }
-        let holder = match holder(&lock.cgroup_name) {
-            Ok(holder) if is_trusted(&holder) => holder,
-            Ok(holder) => {
-                log::warn!(
-                    "a process of user {} (pid {}) holds the name dns-proxy agents lock {cgroup} \
-                     with; neither root nor this agent's user, so not an agent: going on \
-                     without the lock",
-                    holder.uid,
-                    holder.pid
-                );
-                return Ok(lock);
-            }
-            Err(err) => {
-                log::warn!(
-                    "something holds the name dns-proxy agents lock {cgroup} with, and does not \
-                     say who ({err}): going on without the lock"
-                );
-                return Ok(lock);
-            }
+        // Twice: a holder may let go between the hold and the look at who held it.
+        for _ in 0..2 {
+            let held = match local_names::hold(&lock.cgroup_name) {
+                Ok(held) => held,
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                    let Some(uid) = local_names::holder_uid(&lock.cgroup_name).map_err(io_error)?
+                    else {
+                        continue;
+                    };
+                    *lock.state() = lock.held_by_another(claim, uid)?;
+                    return Ok(lock);
+                }
+                Err(err) => return Err(io_error(err)),
+            };
+            *lock.state() = State::Held {
+                cgroup: held,
+                _listen: local_names::hold(&lock.listen_name).ok(),
+            };
+            return Ok(lock);
+        }
+        Err(io_error(std::io::Error::other(
+            "its name was taken and let go twice in a row",
+        )))
+    }
+
+    /// What this agent does when the lock is held by a process of user `uid`.
+    fn held_by_another(&self, claim: &Claim<'_>, uid: u32) -> Result<State, LockError> {
+        let cgroup = claim.cgroup;
+        if !local_names::is_trusted(uid) {
+            log::warn!(
+                "a process of user {uid} holds the name dns-proxy agents lock {cgroup} with \
+                 ({}); neither root nor this agent's user, so not an agent: going on without \
+                 the lock (a second agent on {cgroup} is not refused while it holds the name)",
+                self.cgroup_name
+            );
+            return Ok(State::Unlocked);
+        }
+        let who = match local_names::listener_pid(&self.cgroup_name) {
+            Some(pid) => describe(pid),
+            None => "in another pid namespace, or too busy to say its pid".to_owned(),
         };
-        let who = describe(holder.pid);
         if !claim.takeover {
             return Err(LockError::Held {
                 cgroup: cgroup.to_owned(),
                 who,
             });
         }
-        let on_this_port =
-            claim.joined && holder_of(&lock.port_name).is_some_and(|port| port.pid == holder.pid);
-        if !on_this_port {
-            lock.serves_unheld = false;
+        // Anyone's hold of the listen name counts: one that is not an agent's can only be
+        // there to confuse, and the listeners were joined, so an agent does listen there.
+        let on_this_listener = claim.joined
+            && local_names::holder_uid(&self.listen_name).is_ok_and(|uid| uid.is_some());
+        if !on_this_listener {
             log::warn!(
-                "another dns-proxy ({who}) redirects {cgroup} on another port: its programs see \
-                 every lookup first, so this agent serves none and is not ready until that one \
-                 stops redirecting; then it takes over"
+                "another dns-proxy ({who}) redirects {cgroup}, listening elsewhere than {}: its \
+                 programs see every lookup first, so this agent serves none and is not ready \
+                 until that one stops redirecting; then it takes over. Sockets connected to \
+                 that agent's address stay so, and are refused once it has stopped",
+                claim.listen
             );
         }
-        Ok(lock)
+        Ok(State::Waiting {
+            serves: on_this_listener,
+        })
     }
 
-    /// Takes the lock if this agent does not hold it and it is free: an agent that took over
-    /// calls it until the one it replaced is gone. Also clears what probing agents left in
-    /// the listen queue.
+    /// A takeover replaces the agent whose listeners it joined: if that one redirects another
+    /// cgroup, nothing redirects that one once it stops.
+    fn warn_if_joined_agent_redirects_another_cgroup(&self, claim: &Claim<'_>) {
+        let suffix = format!("/listen/{}", claim.listen);
+        let Ok(held) = local_names::held_with_prefix("dns-proxy/redirects/") else {
+            return;
+        };
+        for (name, uid) in held {
+            let Some(id) = name
+                .strip_prefix("dns-proxy/redirects/")
+                .and_then(|rest| rest.strip_suffix(&suffix))
+            else {
+                continue;
+            };
+            if local_names::is_trusted(uid) && id != claim.cgroup_id.to_string() {
+                log::warn!(
+                    "the agent this one takes over from (on {}) redirects the cgroup of id {id}, \
+                     not {}: once it stops, nothing redirects that one",
+                    claim.listen,
+                    claim.cgroup
+                );
+            }
+        }
+    }
+
+    /// Takes the lock if this agent waits for it and it is free. Also clears what looks at
+    /// the holder's pid left in the listen queue.
     pub fn try_take(&self) {
         let mut state = self.state();
         match &*state {
-            State::Held {
-                _cgroup: socket, ..
-            } => while socket.accept().is_ok() {},
-            State::Waiting => {
-                if let Ok(socket) = bind(&self.cgroup_name) {
+            State::Held { cgroup, .. } => while cgroup.accept().is_ok() {},
+            State::Waiting { .. } => {
+                if let Ok(held) = local_names::hold(&self.cgroup_name) {
                     log::info!(
                         "the agent this one took over from has stopped redirecting: this one \
                          holds the redirect now"
                     );
                     *state = State::Held {
-                        _cgroup: socket,
-                        _port: bind(&self.port_name).ok(),
+                        cgroup: held,
+                        _listen: local_names::hold(&self.listen_name).ok(),
                     };
                 }
             }
-            State::Released => {}
+            State::Unlocked | State::Released => {}
         }
+    }
+
+    /// Whether this agent waits for another to let go of the lock.
+    pub fn is_waiting(&self) -> bool {
+        matches!(*self.state(), State::Waiting { .. })
     }
 
     /// Lets go of the lock: this agent no longer redirects new lookups.
@@ -174,12 +221,11 @@ impl RedirectLock {
         *self.state() = State::Released;
     }
 
-    /// Whether this agent serves the cgroup's lookups: it holds the lock, or it took over on
-    /// the port of the agent that holds it (or no agent holds it).
+    /// Whether this agent serves the cgroup's lookups.
     pub fn serves(&self) -> bool {
         match *self.state() {
-            State::Held { .. } => true,
-            State::Waiting => self.serves_unheld,
+            State::Held { .. } | State::Unlocked => true,
+            State::Waiting { serves } => serves,
             State::Released => false,
         }
     }
@@ -197,92 +243,16 @@ impl RedirectLock {
     }
 }
 
-/// The pid of the agent that redirects cgroup `cgroup_id` from this network namespace, if one
-/// does.
-pub fn agent_redirecting(cgroup_id: u64) -> Option<i32> {
-    let name = abstract_name(&format!("dns-proxy/redirects/{cgroup_id}")).ok()?;
-    holder_of(&name).map(|holder| holder.pid)
+/// The pid of the agent that redirects cgroup `cgroup_id` from this network namespace, if an
+/// agent does (`Some(None)`: one does, of a pid it does not say).
+pub fn agent_redirecting(cgroup_id: u64) -> Option<Option<i32>> {
+    let name = format!("dns-proxy/redirects/{cgroup_id}");
+    let uid = local_names::holder_uid(&name).ok()??;
+    local_names::is_trusted(uid).then(|| local_names::listener_pid(&name))
 }
 
-/// Who holds `name`, if that is root or this agent's user.
-fn holder_of(name: &SockAddr) -> Option<libc::ucred> {
-    holder(name).ok().filter(is_trusted)
-}
-
-fn is_trusted(holder: &libc::ucred) -> bool {
-    holder.uid == 0 || holder.uid == effective_uid()
-}
-
-/// A listening abstract unix socket named `name` in this network namespace, held by whoever
-/// keeps the socket.
-pub(crate) fn listen_on_name(name: &str) -> io::Result<Socket> {
-    bind(&abstract_name(name)?)
-}
-
-/// Whether anything listens on the abstract name `name` in this network namespace.
-pub(crate) fn name_is_held(name: &str) -> bool {
-    let Ok(name) = abstract_name(name) else {
-        return false;
-    };
-    let connected = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
-        .and_then(|socket| socket.connect(&name));
-    // A full listen queue is a listener too.
-    match connected {
-        Ok(()) => true,
-        Err(err) => err.kind() == io::ErrorKind::WouldBlock,
-    }
-}
-
-fn abstract_name(name: &str) -> io::Result<SockAddr> {
-    SockAddr::unix(format!("\0{name}"))
-}
-
-fn bind(name: &SockAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
-    socket.bind(name)?;
-    socket.listen(8)?;
-    Ok(socket)
-}
-
-/// Who listens on `name` (non-blocking: a full listen queue is an error, not a wait).
-fn holder(name: &SockAddr) -> io::Result<libc::ucred> {
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
-    socket.connect(name)?;
-    let mut credentials = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut length = mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `length` bytes into `credentials`, a live local
-    // of the type SO_PEERCRED fills, and `length` is its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut credentials as *mut libc::ucred).cast(),
-            &mut length,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(credentials)
-}
-
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// A lock holder, for messages: its pid and command name (`/proc/PID/comm`). The kernel says
-/// pid 0 for a process outside this one's pid namespace (an agent on the host, seen from a
-/// container).
+/// A lock holder, for messages: its pid and command name (`/proc/PID/comm`).
 fn describe(pid: i32) -> String {
-    if pid == 0 {
-        return "in another pid namespace".to_owned();
-    }
     match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
         Ok(comm) => format!("pid {pid}, {}", comm.trim_end()),
         Err(_) => format!("pid {pid}"),
@@ -301,7 +271,7 @@ mod tests {
         Claim {
             cgroup: "test",
             cgroup_id,
-            port,
+            listen: SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port),
             takeover,
             joined,
         }
@@ -311,7 +281,10 @@ mod tests {
     fn a_second_claim_is_refused_until_the_first_lets_go() {
         let first = RedirectLock::take(&claim(TEST_ID, 53, false, false)).expect("the first");
         assert!(first.serves());
-        assert_eq!(agent_redirecting(TEST_ID), Some(std::process::id() as i32));
+        assert_eq!(
+            agent_redirecting(TEST_ID),
+            Some(Some(std::process::id() as i32))
+        );
         // The holder is this process: its own user, so an agent's hold.
         let err = RedirectLock::take(&claim(TEST_ID, 8053, false, false))
             .err()
@@ -331,19 +304,44 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_taking_over_on_the_same_port_serves_and_takes_the_lock_once_free() {
+    fn a_full_listen_queue_still_refuses_a_second_agent() {
+        let first = RedirectLock::take(&claim(TEST_ID - 3, 53, false, false)).expect("the first");
+        // Connections nobody accepts, past the queue's length.
+        let name = socket2::SockAddr::unix(format!("\0{}", first.cgroup_name)).unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..64 {
+            let socket = Socket::new(
+                socket2::Domain::UNIX,
+                socket2::Type::STREAM.nonblocking(),
+                None,
+            )
+            .unwrap();
+            if socket.connect(&name).is_ok() {
+                queued.push(socket);
+            }
+        }
+        let err = RedirectLock::take(&claim(TEST_ID - 3, 54, false, false))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("too busy to say its pid"), "{err}");
+    }
+
+    #[test]
+    fn an_agent_taking_over_on_the_same_listener_serves_and_takes_the_lock_once_free() {
         let old = RedirectLock::take(&claim(TEST_ID - 1, 53, false, false)).expect("the old");
         let new = RedirectLock::take(&claim(TEST_ID - 1, 53, true, true)).expect("a takeover");
-        assert!(new.serves(), "the newest agent on the port serves");
+        assert!(new.serves(), "the newest agent on the listener serves");
+        assert!(new.is_waiting());
         new.try_take();
         assert!(!new.is_held(), "taken while the old agent holds it");
         drop(old);
         new.try_take();
         assert!(new.is_held(), "not taken once free");
+        assert!(!new.is_waiting());
     }
 
     #[test]
-    fn an_agent_taking_over_on_another_port_serves_once_the_other_has_stopped() {
+    fn an_agent_taking_over_on_another_listener_serves_once_the_other_has_stopped() {
         let old = RedirectLock::take(&claim(TEST_ID - 2, 53, false, false)).expect("the old");
         // Its listeners joined another agent's, on port 54, not the holder's.
         let new = RedirectLock::take(&claim(TEST_ID - 2, 54, true, true)).expect("a takeover");

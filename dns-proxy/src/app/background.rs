@@ -36,6 +36,9 @@ pub(super) fn start(
         Arc::clone(redirect_lock),
         stop.clone(),
     ));
+    if redirect_lock.is_waiting() {
+        tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
+    }
     tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
     let readiness = Arc::clone(readiness);
     tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
@@ -88,8 +91,7 @@ async fn watch_cgroups(
 }
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
-/// newer agent has taken over. Takes the lock on the redirected cgroup once free, if it took
-/// over from the agent that held it.
+/// newer agent has taken over. Clears the queue of the lock on the redirected cgroup.
 async fn keep_alive(
     agents: Arc<agents::Agents>,
     redirect_lock: Arc<RedirectLock>,
@@ -111,6 +113,23 @@ async fn keep_alive(
                  reaches it until it is stopped (/readyz now says 503)"
             );
         }
+    }
+}
+
+/// How often an agent that took over looks whether the agent it replaced has let go of the
+/// lock on the redirected cgroup: the lock is free, and a second agent could take it, for
+/// this long at most.
+const TAKE_LOCK_EVERY: Duration = Duration::from_millis(50);
+
+/// Takes the lock on the redirected cgroup as soon as the agent this one took over from lets
+/// go of it.
+async fn take_lock_when_free(redirect_lock: Arc<RedirectLock>, stop: drain::Signal) {
+    while redirect_lock.is_waiting() {
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = tokio::time::sleep(TAKE_LOCK_EVERY) => {}
+        }
+        redirect_lock.try_take();
     }
 }
 

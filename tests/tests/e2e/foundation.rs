@@ -707,6 +707,87 @@ mod usage_errors {
         drop(second);
     }
 
+    /// A process of an unprivileged user in the agent's network namespace, as nobody:
+    /// `script` (Python) with `name`, an abstract unix socket name, as its argument, started
+    /// once it has printed its first line.
+    fn unprivileged(topology: &Topology, script: &str, name: &str) -> Process {
+        let mut command = topology.client.nsenter();
+        command
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .args(["/usr/bin/python3", "-c", script, name])
+            .stdout(Stdio::piped());
+        let mut process = Process::spawn(&mut command);
+        let mut line = String::new();
+        BufReader::new(process.take_stdout())
+            .read_line(&mut line)
+            .expect("read the script's first line");
+        assert!(!line.is_empty(), "the script ended without a word");
+        process
+    }
+
+    /// The lock's name is in reach of any process of the agent's network namespace. Filling
+    /// the running agent's listen queue, one cannot let a second agent in (the kernel says who
+    /// holds the name, not the holder); taking the name of a cgroup first, one cannot keep its
+    /// agent out (a hold of neither root nor the agent's user is not an agent's).
+    #[test]
+    fn an_unprivileged_process_can_neither_let_a_second_agent_in_nor_keep_the_agent_out() {
+        use std::os::unix::fs::MetadataExt as _;
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let _first = Agent::start(&topology, &[]);
+        let lock_of = |cgroup: &std::path::Path| {
+            let id = std::fs::metadata(cgroup).expect("the cgroup").ino();
+            format!("dns-proxy/redirects/{id}")
+        };
+        const FILL: &str = "import socket, sys, time\n\
+            held = []\n\
+            print('filling', flush=True)\n\
+            while True:\n\
+            \x20   c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+            \x20   c.setblocking(False)\n\
+            \x20   try:\n\
+            \x20       c.connect(b'\\0' + sys.argv[1].encode())\n\
+            \x20       held = (held + [c])[-500:]\n\
+            \x20   except OSError:\n\
+            \x20       c.close()\n\
+            \x20       time.sleep(0.001)\n";
+        let _filler = unprivileged(&topology, FILL, &lock_of(&topology.cgroup.path));
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        assert_one_line_error(
+            &[&cgroup, "--listen=127.0.0.1:8054"],
+            &["nsenter", &netns, "--"],
+            "already redirects",
+        );
+
+        const SQUAT: &str = "import socket, sys, time\n\
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+            s.bind(b'\\0' + sys.argv[1].encode())\n\
+            print('held', flush=True)\n\
+            time.sleep(600)\n";
+        let other = topology.cgroup.path.join("squatted");
+        std::fs::create_dir(&other).expect("mkdir a cgroup");
+        let _squatter = unprivileged(&topology, SQUAT, &lock_of(&other));
+        let agent = Agent::launch(
+            &topology.client,
+            &other,
+            None,
+            &["--listen=127.0.0.1:8055".to_owned()],
+        );
+        assert!(
+            agent
+                .log()
+                .contains("a process of user 65534 holds the name"),
+            "{}",
+            agent.log()
+        );
+    }
+
     /// `--takeover` on another port (a rollout that changes the port): the new agent starts
     /// beside the old one, is not ready while the old one's programs take every lookup, and
     /// serves, ready, once the old one stops; no lookup is lost in between.
