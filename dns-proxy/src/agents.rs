@@ -157,23 +157,14 @@ impl Agents {
                 started(*stamp) && record.port == self.port && !is_stale(record, now)
             })
             .collect();
-        if candidates.is_empty() {
-            return false;
-        }
-        // The names held in this namespace, asked once for all the records.
-        let named: Option<HashSet<String>> = local_names::held_with_prefix("dns-proxy/agent/")
-            .ok()
-            .map(|held| {
-                held.into_iter()
-                    .filter(|(_, uid)| local_names::is_trusted(*uid))
-                    .map(|(name, _)| name)
-                    .collect()
-            });
         candidates.iter().any(|(stamp, record)| {
-            record.flags & AGENT_NAMED == 0
-                || named
-                    .as_ref()
-                    .is_none_or(|named| named.contains(&agent_name(*stamp)))
+            if record.flags & AGENT_NAMED == 0 {
+                return true; // an agent of a version before names: its heartbeat says
+            }
+            // Held by an agent where this one can see it: it runs, in this namespace. A look
+            // that fails leaves the heartbeat to say.
+            local_names::owner(&agent_name(*stamp))
+                .map_or(true, |owner| owner.is_some_and(local_names::is_trusted))
         })
     }
 }

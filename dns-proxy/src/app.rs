@@ -283,10 +283,6 @@ async fn serve(
         let agents = Arc::clone(&agents);
         move || agents.replaced()
     });
-    readiness.watch_redirect_lock({
-        let redirect_lock = Arc::clone(&redirect_lock);
-        move || redirect_lock.serves()
-    });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
     let watched = (scope.target.clone(), redirector.take_exclusions());

@@ -62,8 +62,8 @@ pub struct RunArgs {
     /// one gets every new lookup once it is ready, the other answers what it already has until
     /// it is stopped, and no lookup meets a moment with no agent. Without it, such an agent is
     /// an error, as is any second agent on a cgroup another one redirects. With it, an agent
-    /// on another port is not ready until the other stops, then serves new lookups without a gap. For
-    /// restarts without a gap (a DaemonSet's `maxSurge: 1`).
+    /// on another port serves nothing until the other stops, then serves new lookups without a
+    /// gap. For restarts without a gap (a DaemonSet's `maxSurge: 1`).
     #[arg(long, env = "DNS_PROXY_TAKEOVER")]
     pub takeover: bool,
 

@@ -37,9 +37,6 @@ use crate::{
 pub struct Readiness {
     ready: AtomicBool,
     replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
-    /// Whether this agent serves its cgroup's lookups (`redirect_lock`): not while another
-    /// agent, on another port, redirects the cgroup and this one waits to take over.
-    serves: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
     /// The redirected cgroup is gone or was made anew: the programs stay on the old one.
     target_lost: AtomicBool,
 }
@@ -63,11 +60,6 @@ impl Readiness {
         let _ = self.replaced.set(Box::new(replaced));
     }
 
-    /// `serves` says whether this agent serves its cgroup's lookups; asked at each `/readyz`.
-    pub fn watch_redirect_lock(&self, serves: impl Fn() -> bool + Send + Sync + 'static) {
-        let _ = self.serves.set(Box::new(serves));
-    }
-
     /// Whether the redirected cgroup is gone or was made anew (the agent then redirects
     /// nothing until it restarts).
     pub fn set_target_lost(&self, lost: bool) {
@@ -75,14 +67,7 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-            && !self.is_replaced()
-            && !self.is_target_lost()
-            && !self.is_waiting_to_take_over()
-    }
-
-    fn is_waiting_to_take_over(&self) -> bool {
-        self.serves.get().is_some_and(|serves| !serves())
+        self.ready.load(Ordering::Relaxed) && !self.is_replaced() && !self.is_target_lost()
     }
 
     fn is_target_lost(&self) -> bool {
@@ -249,11 +234,6 @@ impl Metrics {
             "/readyz" if self.readiness.is_replaced() => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: a newer agent has taken over\n",
-            ),
-            "/readyz" if self.readiness.is_waiting_to_take_over() => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: another dns-proxy redirects this cgroup on another port; this one \
-                 takes over when it stops\n",
             ),
             "/readyz" if self.readiness.is_target_lost() => text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -68,17 +68,24 @@ pub struct RedirectLock {
 enum State {
     Held {
         cgroup: Socket,
-        _listen: Option<Socket>,
+        /// `None` while another process has the name (taken again at a heartbeat).
+        listen: Option<Socket>,
     },
-    /// Another agent holds the lock, and this one takes over from it once it lets go. On the
-    /// holder's listen address this one serves meanwhile (the kernel steers the address's
-    /// packets to the newest agent); elsewhere the holder's programs see every lookup first.
-    Waiting { serves: bool },
-    /// Something that is not an agent holds the name: this agent serves without the lock.
+    /// Another agent holds the lock, and this one takes over from it once it lets go.
+    Waiting {
+        /// Looks at the lock since the last look at who holds it.
+        looks: u32,
+    },
+    /// Something that is not an agent holds the name: this agent serves without the lock, and
+    /// takes it if it is let go.
     Unlocked,
     /// Let go for good: this agent no longer redirects.
     Released,
 }
+
+/// How many looks at the lock, by an agent waiting to take over, between two looks at who holds
+/// it: an unprivileged process may take the name in the moment between two agents.
+const LOOKS_PER_OWNER_CHECK: u32 = 20;
 
 impl RedirectLock {
     /// Takes the lock on redirecting the claimed cgroup. Held by another agent, that is an
@@ -99,41 +106,34 @@ impl RedirectLock {
         if claim.joined {
             lock.warn_if_joined_agent_redirects_another_cgroup(claim);
         }
-        // Twice: a holder may let go between the hold and the look at who held it.
-        for _ in 0..2 {
-            let held = match local_names::hold(&lock.cgroup_name) {
-                Ok(held) => held,
-                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                    let Some(uid) = local_names::holder_uid(&lock.cgroup_name).map_err(io_error)?
-                    else {
-                        continue;
+        loop {
+            match local_names::hold(&lock.cgroup_name) {
+                Ok(held) => {
+                    *lock.state() = State::Held {
+                        cgroup: held,
+                        listen: local_names::hold(&lock.listen_name).ok(),
                     };
-                    *lock.state() = lock.held_by_another(claim, uid)?;
                     return Ok(lock);
                 }
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                    // `None`: let go meanwhile; try again.
+                    if let Some(uid) =
+                        local_names::owner_of_held(&lock.cgroup_name).map_err(io_error)?
+                    {
+                        *lock.state() = lock.held_by_another(claim, uid)?;
+                        return Ok(lock);
+                    }
+                }
                 Err(err) => return Err(io_error(err)),
-            };
-            *lock.state() = State::Held {
-                cgroup: held,
-                _listen: local_names::hold(&lock.listen_name).ok(),
-            };
-            return Ok(lock);
+            }
         }
-        Err(io_error(std::io::Error::other(
-            "its name was taken and let go twice in a row",
-        )))
     }
 
     /// What this agent does when the lock is held by a process of user `uid`.
     fn held_by_another(&self, claim: &Claim<'_>, uid: u32) -> Result<State, LockError> {
         let cgroup = claim.cgroup;
         if !local_names::is_trusted(uid) {
-            log::warn!(
-                "a process of user {uid} holds the name dns-proxy agents lock {cgroup} with \
-                 ({}); neither root nor this agent's user, so not an agent: going on without \
-                 the lock (a second agent on {cgroup} is not refused while it holds the name)",
-                self.cgroup_name
-            );
+            self.warn_of_squatter(cgroup, uid);
             return Ok(State::Unlocked);
         }
         let who = match local_names::listener_pid(&self.cgroup_name) {
@@ -146,22 +146,30 @@ impl RedirectLock {
                 who,
             });
         }
-        // Anyone's hold of the listen name counts: one that is not an agent's can only be
-        // there to confuse, and the listeners were joined, so an agent does listen there.
         let on_this_listener = claim.joined
-            && local_names::holder_uid(&self.listen_name).is_ok_and(|uid| uid.is_some());
-        if !on_this_listener {
+            && local_names::owner(&self.listen_name)
+                .is_ok_and(|uid| uid.is_some_and(local_names::is_trusted));
+        if on_this_listener {
+            log::info!("taking over from the agent that redirects {cgroup} ({who})");
+        } else {
             log::warn!(
                 "another dns-proxy ({who}) redirects {cgroup}, listening elsewhere than {}: its \
-                 programs see every lookup first, so this agent serves none and is not ready \
-                 until that one stops redirecting; then it takes over. Sockets connected to \
-                 that agent's address stay so, and are refused once it has stopped",
+                 programs see every lookup first, so this agent serves none until that one \
+                 stops redirecting; then it takes over. Sockets connected to that agent's \
+                 address stay so, and are refused once it has stopped",
                 claim.listen
             );
         }
-        Ok(State::Waiting {
-            serves: on_this_listener,
-        })
+        Ok(State::Waiting { looks: 0 })
+    }
+
+    fn warn_of_squatter(&self, cgroup: &str, uid: u32) {
+        log::warn!(
+            "a process of user {uid} holds the name dns-proxy agents lock {cgroup} with ({}); \
+             neither root nor this agent's user, so not an agent: going on without the lock \
+             (a second agent on {cgroup} is not refused until this one holds it again)",
+            self.cgroup_name
+        );
     }
 
     /// A takeover replaces the agent whose listeners it joined: if that one redirects another
@@ -189,45 +197,71 @@ impl RedirectLock {
         }
     }
 
-    /// Takes the lock if this agent waits for it and it is free. Also clears what looks at
-    /// the holder's pid left in the listen queue.
+    /// Takes the lock if this agent does not hold it and it is free. Holding it, takes back
+    /// the listen name if another process had it, and clears what looks at the holder's pid
+    /// left in the listen queue.
     pub fn try_take(&self) {
         let mut state = self.state();
-        match &*state {
-            State::Held { cgroup, .. } => while cgroup.accept().is_ok() {},
-            State::Waiting { .. } => {
-                if let Ok(held) = local_names::hold(&self.cgroup_name) {
+        match &mut *state {
+            State::Held { cgroup, listen } => {
+                while cgroup.accept().is_ok() {}
+                if listen.is_none() {
+                    *listen = local_names::hold(&self.listen_name).ok();
+                }
+            }
+            State::Waiting { looks } => match local_names::hold(&self.cgroup_name) {
+                Ok(held) => {
                     log::info!(
                         "the agent this one took over from has stopped redirecting: this one \
                          holds the redirect now"
                     );
-                    *state = State::Held {
-                        cgroup: held,
-                        _listen: local_names::hold(&self.listen_name).ok(),
-                    };
+                    *state = self.held(held);
+                }
+                Err(_) => {
+                    *looks += 1;
+                    if *looks < LOOKS_PER_OWNER_CHECK {
+                        return;
+                    }
+                    *looks = 0;
+                    if let Ok(Some(uid)) = local_names::owner_of_held(&self.cgroup_name)
+                        && !local_names::is_trusted(uid)
+                    {
+                        self.warn_of_squatter("the redirected cgroup", uid);
+                        *state = State::Unlocked;
+                    }
+                }
+            },
+            State::Unlocked => {
+                if let Ok(held) = local_names::hold(&self.cgroup_name) {
+                    log::info!("the name of the lock was let go: this agent holds the lock now");
+                    *state = self.held(held);
                 }
             }
-            State::Unlocked | State::Released => {}
+            State::Released => {}
         }
     }
 
-    /// Whether this agent waits for another to let go of the lock.
-    pub fn is_waiting(&self) -> bool {
-        matches!(*self.state(), State::Waiting { .. })
+    fn held(&self, cgroup: Socket) -> State {
+        State::Held {
+            cgroup,
+            listen: local_names::hold(&self.listen_name).ok(),
+        }
+    }
+
+    /// How long to wait before the next [`try_take`](Self::try_take), if this agent does not
+    /// hold the lock: briefly while another agent lets go of it, at leisure while a process
+    /// that is not an agent holds its name.
+    pub fn next_look(&self) -> Option<std::time::Duration> {
+        match *self.state() {
+            State::Waiting { .. } => Some(std::time::Duration::from_millis(50)),
+            State::Unlocked => Some(std::time::Duration::from_secs(1)),
+            State::Held { .. } | State::Released => None,
+        }
     }
 
     /// Lets go of the lock: this agent no longer redirects new lookups.
     pub fn release(&self) {
         *self.state() = State::Released;
-    }
-
-    /// Whether this agent serves the cgroup's lookups.
-    pub fn serves(&self) -> bool {
-        match *self.state() {
-            State::Held { .. } | State::Unlocked => true,
-            State::Waiting { serves } => serves,
-            State::Released => false,
-        }
     }
 
     /// Whether this agent holds the lock.
@@ -280,7 +314,7 @@ mod tests {
     #[test]
     fn a_second_claim_is_refused_until_the_first_lets_go() {
         let first = RedirectLock::take(&claim(TEST_ID, 53, false, false)).expect("the first");
-        assert!(first.serves());
+        assert!(first.is_held());
         assert_eq!(
             agent_redirecting(TEST_ID),
             Some(Some(std::process::id() as i32))
@@ -297,7 +331,6 @@ mod tests {
         first.release();
         first.try_take();
         assert!(!first.is_held(), "taken again once released");
-        assert!(!first.serves());
         assert_eq!(agent_redirecting(TEST_ID), None);
         let third = RedirectLock::take(&claim(TEST_ID, 53, false, false)).expect("once let go");
         assert!(third.is_held());
@@ -330,27 +363,29 @@ mod tests {
     fn an_agent_taking_over_on_the_same_listener_serves_and_takes_the_lock_once_free() {
         let old = RedirectLock::take(&claim(TEST_ID - 1, 53, false, false)).expect("the old");
         let new = RedirectLock::take(&claim(TEST_ID - 1, 53, true, true)).expect("a takeover");
-        assert!(new.serves(), "the newest agent on the listener serves");
-        assert!(new.is_waiting());
+        assert!(new.next_look().is_some(), "waits");
         new.try_take();
         assert!(!new.is_held(), "taken while the old agent holds it");
         drop(old);
         new.try_take();
         assert!(new.is_held(), "not taken once free");
-        assert!(!new.is_waiting());
+        assert!(new.next_look().is_none());
     }
 
     #[test]
-    fn an_agent_taking_over_on_another_listener_serves_once_the_other_has_stopped() {
-        let old = RedirectLock::take(&claim(TEST_ID - 2, 53, false, false)).expect("the old");
-        // Its listeners joined another agent's, on port 54, not the holder's.
-        let new = RedirectLock::take(&claim(TEST_ID - 2, 54, true, true)).expect("a takeover");
-        assert!(
-            !new.serves(),
-            "the holder's programs see every lookup first"
-        );
-        old.release();
-        new.try_take();
-        assert!(new.serves());
+    fn a_name_squatted_by_another_user_leaves_the_agent_unlocked_until_it_is_let_go() {
+        // Held by this process: trusted. A squatter of another user is what the e2e tests
+        // run (as nobody); here, the state's own transitions.
+        let lock = RedirectLock::take(&claim(TEST_ID - 2, 53, false, false)).expect("the lock");
+        let name = lock.cgroup_name.clone();
+        lock.release();
+        let squatter = local_names::hold(&name).expect("hold the name");
+        *lock.state() = State::Unlocked;
+        assert_eq!(lock.next_look(), Some(std::time::Duration::from_secs(1)));
+        lock.try_take();
+        assert!(!lock.is_held(), "taken while held");
+        drop(squatter);
+        lock.try_take();
+        assert!(lock.is_held(), "not taken once let go");
     }
 }

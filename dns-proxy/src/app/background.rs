@@ -36,9 +36,7 @@ pub(super) fn start(
         Arc::clone(redirect_lock),
         stop.clone(),
     ));
-    if redirect_lock.is_waiting() {
-        tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
-    }
+    tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
     tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
     let readiness = Arc::clone(readiness);
     tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
@@ -116,18 +114,14 @@ async fn keep_alive(
     }
 }
 
-/// How often an agent that took over looks whether the agent it replaced has let go of the
-/// lock on the redirected cgroup: the lock is free, and a second agent could take it, for
-/// this long at most.
-const TAKE_LOCK_EVERY: Duration = Duration::from_millis(50);
-
-/// Takes the lock on the redirected cgroup as soon as the agent this one took over from lets
-/// go of it.
+/// Takes the lock on the redirected cgroup, if this agent does not hold it, as soon as it is
+/// free: within 50 ms of the agent this one took over from letting go of it (in that moment a
+/// second agent could take it), within a second of a process that is not an agent.
 async fn take_lock_when_free(redirect_lock: Arc<RedirectLock>, stop: drain::Signal) {
-    while redirect_lock.is_waiting() {
+    while let Some(wait) = redirect_lock.next_look() {
         tokio::select! {
             () = stop.stopped() => return,
-            () = tokio::time::sleep(TAKE_LOCK_EVERY) => {}
+            () = tokio::time::sleep(wait) => {}
         }
         redirect_lock.try_take();
     }

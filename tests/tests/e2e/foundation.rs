@@ -789,13 +789,14 @@ mod usage_errors {
     }
 
     /// `--takeover` on another port (a rollout that changes the port): the new agent starts
-    /// beside the old one, is not ready while the old one's programs take every lookup, and
-    /// serves, ready, once the old one stops; no lookup is lost in between.
+    /// beside the old one and is ready (a surge rollout waits for that before it stops the
+    /// old one), while the old one's programs take every lookup; once the old one stops, the
+    /// new one serves.
     #[test]
-    fn a_takeover_on_another_port_is_ready_once_the_old_agent_stops() {
+    fn a_takeover_on_another_port_serves_once_the_old_agent_stops() {
         let topology = Topology::new();
         let _server = DnsServer::start(&topology);
-        let mut old = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+        let mut old = Agent::start(&topology, &[]);
         let new_metrics: std::net::SocketAddr = "127.0.0.1:9254".parse().unwrap();
         let new = Agent::launch(
             &topology.client,
@@ -807,15 +808,15 @@ mod usage_errors {
                 format!("--metrics={new_metrics}"),
             ],
         );
-        let (status, body) = tests::http_get(&topology.client, new_metrics, "/readyz");
-        assert_eq!(status, 503, "{body}");
         assert!(
-            body.contains("another dns-proxy redirects this cgroup"),
-            "{body}"
+            new.log()
+                .contains("serves none until that one stops redirecting"),
+            "{}",
+            new.log()
         );
         assert_eq!(
-            tests::http_get(&topology.client, metrics_addr(), "/readyz").0,
-            200
+            tests::http_get(&topology.client, new_metrics, "/readyz"),
+            (200, "ready\n".to_owned())
         );
         assert_eq!(
             probe(&topology, "sendto", "before.example.test"),
@@ -830,9 +831,15 @@ mod usage_errors {
             expected_probe_line()
         );
         forwarded(&new, "after.example.test");
-        wait_for("the new agent to be ready", Duration::from_secs(5), || {
-            (tests::http_get(&topology.client, new_metrics, "/readyz").0 == 200).then_some(())
-        });
+        wait_for(
+            "the new agent to hold the lock",
+            Duration::from_secs(5),
+            || {
+                new.log()
+                    .contains("this one holds the redirect now")
+                    .then_some(())
+            },
+        );
     }
 
     /// Agents on nested cgroups are not a second agent on one cgroup: a child cgroup's
