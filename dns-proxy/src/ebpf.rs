@@ -309,12 +309,6 @@ impl Redirector {
             config.listeners.metrics.map(|(addr, _)| addr),
         );
         let excluded_levels = excluded_levels(config.excluded)?;
-        let cgroup_name = config.cgroup.path.display().to_string();
-        let cgroup_fd =
-            File::open(&config.cgroup.path).map_err(|source| EbpfError::OpenCgroup {
-                cgroup: cgroup_name.clone(),
-                source,
-            })?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_CONFIG, &kernel_config, true)
             .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)
@@ -363,6 +357,12 @@ impl Redirector {
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
+        let cgroup_name = config.cgroup.path.display().to_string();
+        let cgroup_fd =
+            File::open(&config.cgroup.path).map_err(|source| EbpfError::OpenCgroup {
+                cgroup: cgroup_name.clone(),
+                source,
+            })?;
         let netns_fd = File::open("/proc/self/ns/net").map_err(EbpfError::OpenNetns)?;
         let mut redirect_links = Vec::new();
         let mut steer_link = None;
