@@ -58,20 +58,24 @@ pub(crate) fn owner(name: &str) -> io::Result<Option<u32>> {
         Err(err) if err.kind() == io::ErrorKind::AddrInUse => {}
         Err(err) => return Err(err),
     }
-    owner_of_held(name)
+    owner_of_held(name)?.map(Some).ok_or_else(|| {
+        io::Error::other(format!(
+            "{name} is held, but the kernel's list of sockets did not show it in {LIST_READS} \
+             reads"
+        ))
+    })
 }
 
-/// The uid of the holder of `name`, known to be held: read from the kernel's list, again on a
-/// miss. `None` if it was let go meanwhile (a bind then succeeds).
+/// The uid of the holder of `name`, a name just found held: read from the kernel's list,
+/// again on a miss. `None` if no read showed it: it was let go meanwhile, or the list kept
+/// skipping it.
 pub(crate) fn owner_of_held(name: &str) -> io::Result<Option<u32>> {
     for _ in 0..LIST_READS {
         if let Some(uid) = holder_uid(name)? {
             return Ok(Some(uid));
         }
     }
-    Err(io::Error::other(format!(
-        "{name} is held, but the kernel's list of sockets did not show it in {LIST_READS} reads"
-    )))
+    Ok(None)
 }
 
 /// The pid of the process listening on `name`, for messages (best effort: `None` when its

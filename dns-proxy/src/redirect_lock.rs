@@ -18,9 +18,10 @@
 //! taking over tells by it the agent it replaces, whose listeners it joined, from another.
 //!
 //! An agent taking over (`--takeover`) shares the cgroup with the one it replaces, on
-//! purpose: it takes the lock once that one has let go of it. On the holder's port it serves
-//! meanwhile (the kernel steers the port's packets to the newest agent); on another port it
-//! serves nothing, and is not ready, until then.
+//! purpose: it takes the lock once that one has let go of it. On the holder's listen address
+//! it serves meanwhile (the kernel steers the address's packets to the newest agent);
+//! elsewhere it serves nothing until then (it is ready all the same: a surge rollout stops
+//! the old agent only once the new one is).
 //!
 //! The names are also how an agent tells that another runs (`agents`).
 use std::{net::SocketAddrV4, sync::Mutex};
@@ -83,6 +84,9 @@ enum State {
     Released,
 }
 
+/// Tries to hold the lock, or to learn who holds it, before a start fails.
+const HOLD_ATTEMPTS: usize = 5;
+
 /// How many looks at the lock, by an agent waiting to take over, between two looks at who holds
 /// it: an unprivileged process may take the name in the moment between two agents.
 const LOOKS_PER_OWNER_CHECK: u32 = 20;
@@ -106,7 +110,9 @@ impl RedirectLock {
         if claim.joined {
             lock.warn_if_joined_agent_redirects_another_cgroup(claim);
         }
-        loop {
+        // A holder may let go between a failed hold and the look at who held it: then the
+        // hold is tried again, a few times (the kernel's list may also keep skipping a name).
+        for _ in 0..HOLD_ATTEMPTS {
             match local_names::hold(&lock.cgroup_name) {
                 Ok(held) => {
                     *lock.state() = State::Held {
@@ -116,7 +122,7 @@ impl RedirectLock {
                     return Ok(lock);
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                    // `None`: let go meanwhile; try again.
+                    // `None`: let go meanwhile, or skipped by the list; try again.
                     if let Some(uid) =
                         local_names::owner_of_held(&lock.cgroup_name).map_err(io_error)?
                     {
@@ -127,6 +133,9 @@ impl RedirectLock {
                 Err(err) => return Err(io_error(err)),
             }
         }
+        Err(io_error(std::io::Error::other(
+            "the name is held, but the kernel's list of sockets did not say by whom",
+        )))
     }
 
     /// What this agent does when the lock is held by a process of user `uid`.
