@@ -50,6 +50,9 @@ pub struct Agents {
     port: u16,
     /// Held while this agent runs; `None` if it could not be bound (then its record says so).
     name: Option<Socket>,
+    /// What [`refresh_replaced`](Self::refresh_replaced) last found: read by `/readyz`, which
+    /// must not wait on the kernel's socket list on the main runtime.
+    newer_alive: std::sync::atomic::AtomicBool,
 }
 
 impl Agents {
@@ -110,6 +113,7 @@ impl Agents {
             cgroup_id,
             port,
             name,
+            newer_alive: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -141,10 +145,18 @@ impl Agents {
         self.any_alive_on_port(|stamp| stamp != self.stamp)
     }
 
-    /// Whether an agent that started after this one, on the same port, is alive: it took
-    /// over.
+    /// Whether an agent that started after this one, on the same port, was alive at the last
+    /// [`refresh_replaced`](Self::refresh_replaced): it took over.
     pub fn replaced(&self) -> bool {
-        self.any_alive_on_port(|stamp| stamp > self.stamp)
+        self.newer_alive.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Looks whether an agent that started after this one, on the same port, is alive. Blocks
+    /// (binds and reads the kernel's socket list): call it off the async runtimes.
+    pub fn refresh_replaced(&self) {
+        let newer_alive = self.any_alive_on_port(|stamp| stamp > self.stamp);
+        self.newer_alive
+            .store(newer_alive, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether an agent whose start stamp `started` accepts is alive on this one's port.

@@ -72,7 +72,7 @@ pub enum RunError {
     #[error(transparent)]
     Host(#[from] host::HostError),
     #[error(transparent)]
-    RedirectLock(#[from] crate::redirect_lock::LockError),
+    RedirectLock(#[from] redirect_lock::LockError),
     #[error("cannot hold {lock}: {source}{hint}", hint = block_hint(source))]
     BlockInUse { lock: SocketAddr, source: io::Error },
 }

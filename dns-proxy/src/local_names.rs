@@ -58,12 +58,18 @@ pub(crate) fn owner(name: &str) -> io::Result<Option<u32>> {
         Err(err) if err.kind() == io::ErrorKind::AddrInUse => {}
         Err(err) => return Err(err),
     }
-    owner_of_held(name)?.map(Some).ok_or_else(|| {
-        io::Error::other(format!(
+    if let Some(uid) = owner_of_held(name)? {
+        return Ok(Some(uid));
+    }
+    // Not in the list: let go meanwhile, or skipped by it every time.
+    match Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?.bind(&abstract_address(name)?) {
+        Ok(()) => Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => Err(io::Error::other(format!(
             "{name} is held, but the kernel's list of sockets did not show it in {LIST_READS} \
              reads"
-        ))
-    })
+        ))),
+        Err(err) => Err(err),
+    }
 }
 
 /// The uid of the holder of `name`, a name just found held: read from the kernel's list,
@@ -134,7 +140,14 @@ fn dump() -> io::Result<Vec<(String, u32)>> {
         Domain::from(libc::AF_NETLINK),
         Type::DGRAM.cloexec(),
         Some(Protocol::from(NETLINK_SOCK_DIAG)),
-    )?;
+    )
+    .map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!("cannot ask the kernel about unix sockets (sock_diag): {err}"),
+        )
+    })?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     socket.send(&dump_request())?;
     let mut socket = socket;
     let mut names = Vec::new();
@@ -184,8 +197,17 @@ fn parse_messages(datagram: &[u8], names: &mut Vec<(String, u32)>) -> io::Result
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
-                let errno = payload.get(..4).map_or(0, |code| i32_at(code, 0));
-                return Err(io::Error::from_raw_os_error(-errno));
+                let errno = payload.get(..4).map_or(0, |code| -i32_at(code, 0));
+                if errno == 0 {
+                    // An acknowledgement, not an error.
+                } else if errno == libc::ENOENT || errno == libc::EOPNOTSUPP {
+                    return Err(io::Error::other(
+                        "the kernel has no diagnostics of unix sockets (module unix_diag, \
+                         CONFIG_UNIX_DIAG): `modprobe unix_diag`, or allow it to load",
+                    ));
+                } else {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
             }
             SOCK_DIAG_BY_FAMILY => {
                 if let Some(named) = parse_socket(payload) {

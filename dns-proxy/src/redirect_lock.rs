@@ -59,6 +59,8 @@ pub struct Claim<'a> {
 
 /// This agent's claim on redirecting a cgroup; released on [`release`](Self::release) or drop.
 pub struct RedirectLock {
+    /// The redirected cgroup's path, for messages.
+    cgroup: String,
     /// One agent redirects the cgroup: the one that holds this name.
     cgroup_name: String,
     /// Held beside it: where that agent listens.
@@ -103,6 +105,7 @@ impl RedirectLock {
         };
         let cgroup_name = format!("dns-proxy/redirects/{}", claim.cgroup_id);
         let lock = Self {
+            cgroup: cgroup.to_owned(),
             listen_name: format!("{cgroup_name}/listen/{}", claim.listen),
             cgroup_name,
             state: Mutex::new(State::Released),
@@ -133,16 +136,18 @@ impl RedirectLock {
                 Err(err) => return Err(io_error(err)),
             }
         }
-        Err(io_error(std::io::Error::other(
-            "the name is held, but the kernel's list of sockets did not say by whom",
-        )))
+        Err(io_error(std::io::Error::other(format!(
+            "{} is held, but the kernel's list of sockets did not say by whom; try again, and \
+             see who holds it with `ss -xlp | grep dns-proxy/redirects`",
+            lock.cgroup_name
+        ))))
     }
 
     /// What this agent does when the lock is held by a process of user `uid`.
     fn held_by_another(&self, claim: &Claim<'_>, uid: u32) -> Result<State, LockError> {
         let cgroup = claim.cgroup;
         if !local_names::is_trusted(uid) {
-            self.warn_of_squatter(cgroup, uid);
+            self.warn_of_squatter(uid);
             return Ok(State::Unlocked);
         }
         let who = match local_names::listener_pid(&self.cgroup_name) {
@@ -172,7 +177,8 @@ impl RedirectLock {
         Ok(State::Waiting { looks: 0 })
     }
 
-    fn warn_of_squatter(&self, cgroup: &str, uid: u32) {
+    fn warn_of_squatter(&self, uid: u32) {
+        let cgroup = &self.cgroup;
         log::warn!(
             "a process of user {uid} holds the name dns-proxy agents lock {cgroup} with ({}); \
              neither root nor this agent's user, so not an agent: going on without the lock \
@@ -235,7 +241,7 @@ impl RedirectLock {
                     if let Ok(Some(uid)) = local_names::owner_of_held(&self.cgroup_name)
                         && !local_names::is_trusted(uid)
                     {
-                        self.warn_of_squatter("the redirected cgroup", uid);
+                        self.warn_of_squatter(uid);
                         *state = State::Unlocked;
                     }
                 }
@@ -306,9 +312,11 @@ fn describe(pid: i32) -> String {
 mod tests {
     use super::*;
 
-    /// Ids no cgroup of this boot has (they count up from 1): the lock is per name, so each
-    /// test has names of its own.
-    const TEST_ID: u64 = u64::MAX - 7;
+    /// Ids no cgroup of this boot has (they count up from 1), of this test process (the lock
+    /// is per name, in the host's namespace): each test has names of its own.
+    fn test_id(test: u64) -> u64 {
+        u64::MAX - u64::from(std::process::id()) * 16 - test
+    }
 
     fn claim(cgroup_id: u64, port: u16, takeover: bool, joined: bool) -> Claim<'static> {
         Claim {
@@ -322,14 +330,14 @@ mod tests {
 
     #[test]
     fn a_second_claim_is_refused_until_the_first_lets_go() {
-        let first = RedirectLock::take(&claim(TEST_ID, 53, false, false)).expect("the first");
+        let first = RedirectLock::take(&claim(test_id(0), 53, false, false)).expect("the first");
         assert!(first.is_held());
         assert_eq!(
-            agent_redirecting(TEST_ID),
+            agent_redirecting(test_id(0)),
             Some(Some(std::process::id() as i32))
         );
         // The holder is this process: its own user, so an agent's hold.
-        let err = RedirectLock::take(&claim(TEST_ID, 8053, false, false))
+        let err = RedirectLock::take(&claim(test_id(0), 8053, false, false))
             .err()
             .expect("the second claim is refused");
         assert!(
@@ -340,14 +348,14 @@ mod tests {
         first.release();
         first.try_take();
         assert!(!first.is_held(), "taken again once released");
-        assert_eq!(agent_redirecting(TEST_ID), None);
-        let third = RedirectLock::take(&claim(TEST_ID, 53, false, false)).expect("once let go");
+        assert_eq!(agent_redirecting(test_id(0)), None);
+        let third = RedirectLock::take(&claim(test_id(0), 53, false, false)).expect("once let go");
         assert!(third.is_held());
     }
 
     #[test]
     fn a_full_listen_queue_still_refuses_a_second_agent() {
-        let first = RedirectLock::take(&claim(TEST_ID - 3, 53, false, false)).expect("the first");
+        let first = RedirectLock::take(&claim(test_id(3), 53, false, false)).expect("the first");
         // Connections nobody accepts, past the queue's length.
         let name = socket2::SockAddr::unix(format!("\0{}", first.cgroup_name)).unwrap();
         let mut queued = Vec::new();
@@ -362,7 +370,7 @@ mod tests {
                 queued.push(socket);
             }
         }
-        let err = RedirectLock::take(&claim(TEST_ID - 3, 54, false, false))
+        let err = RedirectLock::take(&claim(test_id(3), 54, false, false))
             .err()
             .expect("refused");
         assert!(err.to_string().contains("too busy to say its pid"), "{err}");
@@ -370,8 +378,8 @@ mod tests {
 
     #[test]
     fn an_agent_taking_over_on_the_same_listener_serves_and_takes_the_lock_once_free() {
-        let old = RedirectLock::take(&claim(TEST_ID - 1, 53, false, false)).expect("the old");
-        let new = RedirectLock::take(&claim(TEST_ID - 1, 53, true, true)).expect("a takeover");
+        let old = RedirectLock::take(&claim(test_id(1), 53, false, false)).expect("the old");
+        let new = RedirectLock::take(&claim(test_id(1), 53, true, true)).expect("a takeover");
         assert!(new.next_look().is_some(), "waits");
         new.try_take();
         assert!(!new.is_held(), "taken while the old agent holds it");
@@ -385,7 +393,7 @@ mod tests {
     fn a_name_squatted_by_another_user_leaves_the_agent_unlocked_until_it_is_let_go() {
         // Held by this process: trusted. A squatter of another user is what the e2e tests
         // run (as nobody); here, the state's own transitions.
-        let lock = RedirectLock::take(&claim(TEST_ID - 2, 53, false, false)).expect("the lock");
+        let lock = RedirectLock::take(&claim(test_id(2), 53, false, false)).expect("the lock");
         let name = lock.cgroup_name.clone();
         lock.release();
         let squatter = local_names::hold(&name).expect("hold the name");

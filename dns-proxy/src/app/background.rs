@@ -101,8 +101,20 @@ async fn keep_alive(
             () = stop.stopped() => return,
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
-        agents.heartbeat();
-        redirect_lock.try_take();
+        // Off the runtime: the map updates, binds and reads of the kernel's socket list block.
+        let looked = tokio::task::spawn_blocking({
+            let (agents, redirect_lock) = (Arc::clone(&agents), Arc::clone(&redirect_lock));
+            move || {
+                agents.heartbeat();
+                redirect_lock.try_take();
+                agents.refresh_replaced();
+            }
+        })
+        .await;
+        if looked.is_err() {
+            log::warn!(target: LOG, "the heartbeat stopped");
+            return;
+        }
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(
@@ -123,7 +135,14 @@ async fn take_lock_when_free(redirect_lock: Arc<RedirectLock>, stop: drain::Sign
             () = stop.stopped() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        redirect_lock.try_take();
+        let taken = tokio::task::spawn_blocking({
+            let redirect_lock = Arc::clone(&redirect_lock);
+            move || redirect_lock.try_take()
+        })
+        .await;
+        if taken.is_err() {
+            return;
+        }
     }
 }
 

@@ -733,9 +733,10 @@ mod usage_errors {
     /// The lock's name is in reach of any process of the agent's network namespace. Filling
     /// the running agent's listen queue, one cannot let a second agent in (the kernel says who
     /// holds the name, not the holder); taking the name of a cgroup first, one cannot keep its
-    /// agent out (a hold of neither root nor the agent's user is not an agent's).
+    /// agent out (a hold of neither root nor the agent's user is not an agent's; while it
+    /// lasts, a second agent is not refused either: documented).
     #[test]
-    fn an_unprivileged_process_can_neither_let_a_second_agent_in_nor_keep_the_agent_out() {
+    fn a_full_lock_queue_lets_no_second_agent_in_and_a_squatter_keeps_no_agent_out() {
         use std::os::unix::fs::MetadataExt as _;
         let topology = Topology::new();
         let _server = DnsServer::start(&topology);
