@@ -127,10 +127,6 @@ impl Agents {
             flags: if self.name.is_some() { AGENT_NAMED } else { 0 },
             _padding: [0; 5],
         };
-        // What other agents' looks at the name left queued.
-        if let Some(name) = &self.name {
-            while name.accept().is_ok() {}
-        }
         if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
             log::warn!("cannot update this agent's heartbeat: {err}");
         }

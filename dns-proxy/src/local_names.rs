@@ -151,7 +151,8 @@ fn dump() -> io::Result<Vec<(String, u32)>> {
     socket.send(&dump_request())?;
     let mut socket = socket;
     let mut names = Vec::new();
-    let mut buffer = vec![0u8; 32 * 1024];
+    // Room for the largest message a dump sends (32 KiB), with margin.
+    let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let received = socket.read(&mut buffer)?;
         if received == 0 {
