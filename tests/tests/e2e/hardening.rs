@@ -12,46 +12,37 @@ const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 /// dns-probe's query ID (`QUERY_ID` there), which the proxy forwards unchanged.
 const PROBE_QUERY_ID: &str = "23063";
 
-/// The ports of the agent's upstream sockets (bound to 0.0.0.0 on a random port), from `ss`
-/// in the agent's namespace.
-fn upstream_ports(topology: &Topology, agent_pid: u32) -> Vec<u16> {
+/// The ports of the agent's upstream sockets, from `ss` in the agent's namespace: the shared
+/// ones (bound to 0.0.0.0 on a random port, for any server) and those connected to
+/// `SERVER_IP:53`.
+fn upstream_ports(topology: &Topology, agent_pid: u32) -> (Vec<u16>, Vec<u16>) {
     let output = must(topology.client.command("ss").args(["-Hunap"]));
     let pid = format!("pid={agent_pid},");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.contains(&pid))
-        .filter_map(|line| {
-            let local = line.split_whitespace().nth(3)?;
-            local.strip_prefix("0.0.0.0:")?.parse().ok()
-        })
-        .collect()
+    let server = format!("{SERVER_IP}:53");
+    let (mut shared, mut connected) = (Vec::new(), Vec::new());
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(peer)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        let port = local
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok());
+        match port {
+            Some(port) if line.contains(&pid) && local.starts_with("0.0.0.0:") => shared.push(port),
+            Some(port) if line.contains(&pid) && *peer == server => connected.push(port),
+            _ => {}
+        }
+    }
+    (shared, connected)
 }
 
-#[test]
-fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
-    let topology = Topology::new();
-    topology.add_server_address(SECOND_SERVER_IP);
-    // The real server answers after 1.5 s: the forgeries arrive first.
-    let mut upstream = topology.server.command(TEST_UPSTREAM);
-    upstream.args([&format!("{SERVER_IP}:53"), "1500", &ANSWER_IP.to_string()]);
-    let _upstream = Process::spawn(&mut upstream);
-    let mut agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
-    let agent_pid = agent.process().id();
-
-    let name = "spoofed-target.example.test";
-    let mut client = topology.workload(PROBE, &["sendto", &format!("{SERVER_IP}:53"), name]);
-    client.stdout(Stdio::piped());
-    let client = client.spawn().expect("start the probe");
-    // The agent opens its upstream socket when the query comes.
-    let ports = wait_for(
-        "the agent's upstream socket",
-        Duration::from_secs(2),
-        || Some(upstream_ports(&topology, agent_pid)).filter(|ports| !ports.is_empty()),
-    );
-    assert_eq!(ports.len(), 1, "one query, one upstream socket: {ports:?}");
+/// Sends four forgeries of the answer to `name` at the agent's upstream socket on `port`:
+/// from another address, from another port, with another ID and with another question.
+fn forge_answers(topology: &Topology, port: u16, name: &str) {
     let spoofed = must(topology.server.command(SPOOF).args([
         &tests::CLIENT_IP.to_string(),
-        &ports[0].to_string(),
+        &port.to_string(),
         &SERVER_IP.to_string(),
         &SECOND_SERVER_IP.to_string(),
         PROBE_QUERY_ID,
@@ -62,7 +53,10 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
         4,
         "{spoofed:?}"
     );
+}
 
+/// Waits for `client` (a `dns-probe`) and checks it took the real answer.
+fn took_the_real_answer(client: std::process::Child) {
     let output = client.wait_with_output().expect("wait for the probe");
     let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     assert!(
@@ -71,21 +65,78 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(line, expected_probe_line(), "the client took a forgery");
+}
+
+/// While a lookup waits for a slow server, forged answers are sent straight at the agent's
+/// upstream socket. The first lookup leaves from a shared socket: the agent drops all four
+/// forgeries (strays). Its server has answered, so the second leaves from a socket connected
+/// to it, to which the kernel delivers nothing but that server's datagrams: the forgeries from
+/// another address or port never reach the agent, the other two are dropped as strays.
+#[test]
+fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
+    let topology = Topology::new();
+    topology.add_server_address(SECOND_SERVER_IP);
+    // The real server answers after 1.5 s: the forgeries arrive first.
+    let mut upstream = topology.server.command(TEST_UPSTREAM);
+    upstream.args([&format!("{SERVER_IP}:53"), "1500", &ANSWER_IP.to_string()]);
+    let _upstream = Process::spawn(&mut upstream);
+    let mut agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    let agent_pid = agent.process().id();
+    let name = "spoofed-target.example.test";
+    let probe = || {
+        let mut client = topology.workload(PROBE, &["sendto", &format!("{SERVER_IP}:53"), name]);
+        client.stdout(Stdio::piped());
+        client.spawn().expect("start the probe")
+    };
+
+    let client = probe();
+    // The agent opens its upstream socket when the query comes.
+    let (shared, connected) = wait_for(
+        "the agent's upstream socket",
+        Duration::from_secs(2),
+        || Some(upstream_ports(&topology, agent_pid)).filter(|(shared, _)| !shared.is_empty()),
+    );
+    assert_eq!(
+        shared.len(),
+        1,
+        "one query, one upstream socket: {shared:?}"
+    );
+    assert!(
+        connected.is_empty(),
+        "its server has not answered yet: {connected:?}"
+    );
+    forge_answers(&topology, shared[0], name);
+    took_the_real_answer(client);
     forwarded(&agent, name);
+
+    let client = probe();
+    let connected = wait_for(
+        "an upstream socket connected to the server",
+        Duration::from_secs(2),
+        || Some(upstream_ports(&topology, agent_pid).1).filter(|ports| !ports.is_empty()),
+    );
+    assert_eq!(
+        connected.len(),
+        1,
+        "one query, one connected socket: {connected:?}"
+    );
+    forge_answers(&topology, connected[0], name);
+    took_the_real_answer(client);
+
     let page = scrape(&topology);
     for (series, expected) in [
         (
             "dns_proxy_dropped_total{protocol=\"udp\",reason=\"stray\"}",
-            4,
+            4 + 2,
         ),
         (
             "dns_proxy_answers_total{protocol=\"udp\",rcode=\"NOERROR\"}",
-            1,
+            2,
         ),
     ] {
         assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
     }
-    assert_eq!(agent.answered_queries(), 1, "{}", agent.log());
+    assert_eq!(agent.answered_queries(), 2, "{}", agent.log());
 }
 
 /// `(CapEff, CapPrm, NoNewPrivs)` of each thread of `pid`.

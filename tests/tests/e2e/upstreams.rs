@@ -1,7 +1,8 @@
 //! Failing upstreams, in the real kernel: a server that is silent, slow, answers SERVFAIL,
 //! refuses TCP, resets TCP mid-answer or sends garbage. The same dig, asking the same server,
 //! must see the same through the agent as without it, while a lookup of another client to a
-//! good server, at the same moment, gets its own answer; and the agent keeps serving.
+//! good server, at the same moment, gets its own answer; and the agent keeps serving. And the
+//! agent's own address changing under it, which its sockets connected to a server keep.
 use std::thread;
 
 use tests::Process;
@@ -226,4 +227,62 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     .expect("an answer, not a timeout");
     assert!(asked.contains("status: SERVFAIL"), "{asked}");
     assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
+}
+
+/// The local ends of the agent's UDP sockets connected to `SERVER_IP:53`, from `ss` in its
+/// namespace.
+fn connected_to_the_server(topology: &Topology) -> Vec<String> {
+    let output = must(topology.client.command("ss").args(["-Hunap"]));
+    let server = format!("{SERVER_IP}:53");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("dns-proxy"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(4) == Some(&server.as_str())).then(|| fields[3].to_owned())
+        })
+        .collect()
+}
+
+/// The agent's namespace changes its address while the agent serves (a node's new DHCP
+/// lease, say). The sockets the agent connected to the server keep the old address as their
+/// source, and sending from them fails: the server goes back to the shared sockets (which
+/// choose a source for each datagram) at the first failure, that query is sent again from
+/// one, and no lookup is lost. Once the server answers there, it is connected to anew, from
+/// the new address.
+#[test]
+fn a_change_of_the_agents_own_address_loses_no_lookup() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &["--udp-threads=1"]);
+    let lookup = |name: &str| {
+        assert_answered(dig(topology.workload("dig", &[]), name, &[]), name);
+    };
+    for i in 0..3 {
+        lookup(&format!("before-{i}.example.test"));
+    }
+    let old = format!("{}:", tests::CLIENT_IP);
+    let connected = connected_to_the_server(topology);
+    assert!(
+        !connected.is_empty() && connected.iter().all(|local| local.starts_with(&old)),
+        "the server answered, so it is asked from connected sockets: {connected:?}"
+    );
+
+    let interface = format!("{}c", topology.tag);
+    let netns = &topology.client.name;
+    let readdress = |verb: &str, address: &str| {
+        must(Command::new("ip").args(["-n", netns, "addr", verb, address, "dev", &interface]));
+    };
+    readdress("del", &format!("{}/24", tests::CLIENT_IP));
+    readdress("add", "192.0.2.9/24");
+    // One try each, one second: a lookup lost would fail.
+    for i in 0..20 {
+        lookup(&format!("after-{i}.example.test"));
+    }
+    let connected = connected_to_the_server(topology);
+    assert!(
+        !connected.is_empty()
+            && connected
+                .iter()
+                .all(|local| local.starts_with("192.0.2.9:")),
+        "connected to anew, from the new address: {connected:?}"
+    );
 }

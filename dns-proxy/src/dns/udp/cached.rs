@@ -260,7 +260,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             hits.len(),
             |i| mmsg::Outgoing {
                 datagram: &hits[i].answer,
-                to: hits[i].client,
+                to: Some(hits[i].client),
                 from: Some(hits[i].reply_from),
             },
             |i, err| {
@@ -296,7 +296,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             1,
             |_| mmsg::Outgoing {
                 datagram: answer,
-                to: to.client,
+                to: Some(to.client),
                 from: Some(to.reply_from),
             },
             |_, err| {
@@ -416,6 +416,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
+        // Now: its own query has the whole upstream timeout, whenever it first came.
+        let started = Instant::now();
         let pending = |socket| Pending {
             socket,
             cgroup,
@@ -424,13 +426,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             original,
             reply_from,
             question,
-            // Now: its own query has the whole upstream timeout, whenever it first came.
-            started: Instant::now(),
+            started,
             description,
             cached: None,
             _client_slot: client_slot,
         };
-        let Some((key, socket)) = self.register(upstream, id, pending, random(), within_fair_share)
+        let pick = random();
+        let Some((key, socket)) =
+            self.register(upstream, id, pending, pick, within_fair_share, started)
         else {
             return;
         };
@@ -439,7 +442,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             1,
             |_| mmsg::Outgoing {
                 datagram: &message,
-                to: upstream,
+                to: socket.address_for(upstream),
                 from: None,
             },
             |_, err| self.forward_failed(key, &message, &err),

@@ -1,6 +1,6 @@
 //! Client to upstream, in batches: the queries of one `recvmmsg` on the listener are
-//! registered as pending, those the cache answers are answered together, and each run of
-//! queries that share a pool socket leaves with one `sendmmsg`.
+//! registered as pending, those the cache answers are answered together, and the queries
+//! that share a pool socket leave with one `sendmmsg`.
 use std::{io, os::fd::AsFd, sync::Arc};
 
 use super::{
@@ -31,7 +31,7 @@ struct Outgoing {
 
 impl<D: OriginalDestinations> UdpProxy<D> {
     /// Sends the queries of redirected clients in `batch` to their upstreams: registers each,
-    /// then sends each run of queries that share a pool socket with one `sendmmsg`. Those the
+    /// then sends the queries that share a pool socket with one `sendmmsg`. Those the
     /// cache answers are answered first, all with one `sendmmsg`.
     pub(super) fn forward_batch(
         self: &Arc<Self>,
@@ -58,6 +58,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 batch.set_message_id(query.index, query.key.id);
             }
         }
+        // Queries to different upstreams may leave from different sockets (those connected to
+        // each): one run, and one `sendmmsg`, per socket. The order between sockets is
+        // nobody's; within one it is kept.
+        outgoing.sort_by_key(|query| query.socket.id());
         let mut run_start = 0;
         while run_start < outgoing.len() {
             let socket = &outgoing[run_start].socket;
@@ -71,7 +75,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 run.len(),
                 |i| mmsg::Outgoing {
                     datagram: batch.datagram(run[i].index),
-                    to: run[i].key.upstream,
+                    to: socket.address_for(run[i].key.upstream),
                     from: None,
                 },
                 |i, err| self.forward_failed(run[i].key, batch.datagram(run[i].index), &err),
@@ -81,16 +85,30 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// A query the kernel would not send (`sent`, as it was to go up). It is sent once more
-    /// at once: the failure may have been an ICMP error about an earlier datagram, which an
-    /// unconnected socket reports on its next send ([`super::unreachable::no_route`]). If
-    /// that fails too for want of a route, its client is told at once
-    /// ([`UdpProxy::unreachable`]), as its own send would have failed; otherwise the client
-    /// retries, as after a lost datagram.
+    /// at once: the failure may have been an ICMP error about an earlier datagram, which a
+    /// socket reports on its next send ([`super::unreachable::no_route`]). If that fails too
+    /// for want of a route, its client is told at once ([`UdpProxy::unreachable`]), as its
+    /// own send would have failed; otherwise the client retries, as after a lost datagram.
+    ///
+    /// A socket connected to the upstream may have failed for want of its source address,
+    /// which it keeps from `connect` (the host's may have changed): the upstream goes back to
+    /// the shared sockets, which choose one per datagram, until it answers again, and the
+    /// query is sent again from one of those.
     pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, sent: &[u8], err: &io::Error) {
         let stats = &self.stats.udp;
         let socket = {
             let table = self.pending.lock().expect("not poisoned");
             table.get(&key).map(|pending| Arc::clone(&pending.socket))
+        };
+        let (key, socket) = match socket {
+            Some(connected) if connected.peer().is_some() => {
+                self.disconnect_upstream(key.upstream);
+                match self.move_to_shared(key) {
+                    Some((moved, shared)) => (moved, Some(shared)),
+                    None => (key, Some(connected)),
+                }
+            }
+            socket => (key, socket),
         };
         let again = socket.map(|socket| {
             socket2::SockRef::from(socket.socket()).send_to(sent, &key.upstream.into())

@@ -313,7 +313,15 @@ impl ReceivedBatch {
 
     /// Receives what is queued on `socket` (non-blocking), up to [`BATCH`] datagrams, with
     /// one `recvmmsg`. Returns how many; `WouldBlock` if none was queued.
-    pub fn receive(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+    ///
+    /// `peer`: the socket is connected to it. The kernel delivers such a socket nothing but
+    /// `peer`'s datagrams, so their sender is not asked for, which spares the kernel's cgroup
+    /// `recvmsg` hook and the socket lock it takes.
+    pub fn receive(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        peer: Option<SocketAddr>,
+    ) -> io::Result<usize> {
         self.count = 0;
         // Zeroed, so that reading a whole one is sound whatever length the kernel wrote.
         // SAFETY: `sockaddr_storage` is plain integers, for which all zeros is a valid value.
@@ -329,8 +337,10 @@ impl ReceivedBatch {
                 iov_len: chunk.len(),
             };
             let header = &mut headers[i].msg_hdr;
-            header.msg_name = (&raw mut names[i]).cast();
-            header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if peer.is_none() {
+                header.msg_name = (&raw mut names[i]).cast();
+                header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            }
             header.msg_iov = &mut iovecs[i];
             header.msg_iovlen = 1;
             header.msg_control = controls[i].as_mut_ptr().cast();
@@ -354,8 +364,11 @@ impl ReceivedBatch {
         for i in 0..received {
             self.lens[i] = headers[i].msg_len as usize;
             let namelen = headers[i].msg_hdr.msg_namelen;
-            // SAFETY: the kernel wrote `namelen` bytes of a socket address into `names[i]`.
-            self.peers[i] = unsafe { socket_addr(&names[i], namelen) };
+            self.peers[i] = match peer {
+                Some(peer) => Some(peer),
+                // SAFETY: the kernel wrote `namelen` bytes of a socket address into `names[i]`.
+                None => unsafe { socket_addr(&names[i], namelen) },
+            };
             // SAFETY: the header's control buffer is `controls[i]`, filled in by the kernel
             // up to the length it set.
             self.arrivals[i] = unsafe { arrival(&headers[i].msg_hdr) };
@@ -412,11 +425,12 @@ unsafe fn arrival(header: &libc::msghdr) -> Option<Arrival> {
     None
 }
 
-/// What a datagram to send is: its bytes, where it goes, and (for an answer) the address it
-/// must come from, which is the one its query was sent to.
+/// What a datagram to send is: its bytes, where it goes (`None`: the socket's connected
+/// peer), and (for an answer) the address it must come from, which is the one its query was
+/// sent to.
 pub struct Outgoing<'a> {
     pub datagram: &'a [u8],
-    pub to: SocketAddr,
+    pub to: Option<SocketAddr>,
     pub from: Option<IpAddr>,
 }
 
@@ -467,15 +481,18 @@ fn send_batch<'a>(
     let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
     for i in 0..count {
         let Outgoing { datagram, to, from } = datagram(indexes.start + i);
-        let name = names[i].write(to.into());
         iovecs[i] = libc::iovec {
             // The kernel only reads it.
             iov_base: datagram.as_ptr().cast_mut().cast(),
             iov_len: datagram.len(),
         };
         let header = &mut headers[i].msg_hdr;
-        header.msg_name = name.as_ptr().cast_mut().cast();
-        header.msg_namelen = name.len();
+        // Without an address (left null), to the connected peer.
+        if let Some(to) = to {
+            let name = names[i].write(to.into());
+            header.msg_name = name.as_ptr().cast_mut().cast();
+            header.msg_namelen = name.len();
+        }
         header.msg_iov = &mut iovecs[i];
         header.msg_iovlen = 1;
         if let Some(from) = from {
@@ -565,7 +582,7 @@ mod tests {
     fn outgoing((datagram, to): (&[u8], SocketAddr)) -> Outgoing<'_> {
         Outgoing {
             datagram,
-            to,
+            to: Some(to),
             from: None,
         }
     }
@@ -583,7 +600,7 @@ mod tests {
         client.connect(asked).await.unwrap();
         client.send(b"query").await.unwrap();
         let mut batch = ReceivedBatch::default();
-        assert_eq!(batch.receive(receiver.as_fd()).unwrap(), 1);
+        assert_eq!(batch.receive(receiver.as_fd(), None).unwrap(), 1);
         let (_, datagram, from) = batch.iter().next().unwrap();
         assert_eq!(
             (datagram, from),
@@ -597,7 +614,7 @@ mod tests {
             1,
             |_| Outgoing {
                 datagram: b"answer",
-                to: from,
+                to: Some(from),
                 from: Some(arrival.destination),
             },
             |_, err| panic!("{err}"),
@@ -651,7 +668,7 @@ mod tests {
         let mut got = Vec::new();
         for socket in [&receiver, &other] {
             loop {
-                match batch.receive(socket.as_fd()) {
+                match batch.receive(socket.as_fd(), None) {
                     Ok(_) => got.extend(batch.iter().map(|(_, d, from)| (d.to_vec(), from))),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) => panic!("{err}"),
@@ -685,7 +702,7 @@ mod tests {
         assert_eq!(sent, 2);
         assert_eq!(failures, vec![(1, Some(libc::EMSGSIZE))]);
         let mut batch = ReceivedBatch::default();
-        batch.receive(receiver.as_fd()).unwrap();
+        batch.receive(receiver.as_fd(), None).unwrap();
         let got: Vec<&[u8]> = batch.iter().map(|(_, d, _)| d).collect();
         assert_eq!(got, vec![&b"one"[..], &b"three"[..]]);
     }

@@ -129,11 +129,16 @@ pub struct UdpProxy<D> {
 /// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
 /// queue was empty when the kernel stopped: tokio's readiness is then cleared at once, as it
 /// would be by the next call finding nothing, a syscall this saves. (A datagram that arrives
-/// later wakes the socket again.)
-fn receive_batch(socket: &UdpSocket, batch: &mut ReceivedBatch) -> io::Result<usize> {
+/// later wakes the socket again.) `peer`: the socket is connected to it
+/// ([`ReceivedBatch::receive`]).
+fn receive_batch(
+    socket: &UdpSocket,
+    batch: &mut ReceivedBatch,
+    peer: Option<SocketAddr>,
+) -> io::Result<usize> {
     let mut count = 0;
     let received = socket.try_io(Interest::READABLE, || {
-        count = batch.receive(socket.as_fd())?;
+        count = batch.receive(socket.as_fd(), peer)?;
         if count < mmsg::BATCH {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
@@ -220,7 +225,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         batch: &mut ReceivedBatch,
         forwarding: &mut Forwarding,
     ) {
-        match ready.and_then(|()| receive_batch(&self.socket, batch)) {
+        match ready.and_then(|()| receive_batch(&self.socket, batch, None)) {
             Ok(_) => self.forward_batch(batch, forwarding),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             // Nothing a datagram can do makes recv fail for long; keep serving.
@@ -304,7 +309,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cached,
             _client_slot: client_slot,
         };
-        self.register(upstream, upstream_id, pending, pick, within_fair_share)
+        self.register(
+            upstream,
+            upstream_id,
+            pending,
+            pick,
+            within_fair_share,
+            started,
+        )
     }
 
     /// The name of cgroup `id`'s workload, for the log.

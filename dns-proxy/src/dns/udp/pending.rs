@@ -87,9 +87,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Records a query as pending on a socket of the pool of `upstream`'s family: the one
-    /// `pick` chooses or, if a query of the same ID to the same upstream is in flight there,
-    /// the next free one; returns its key and socket. The socket first chosen is replaced by a fresh one if it has carried its share.
-    /// `None` (counted) at the in-flight limit, or with no socket to use.
+    /// `pick` chooses among those for `upstream` ([`UdpProxy::pick_socket`]) or, if a query
+    /// of the same ID to the same upstream is in flight there, the next free one; returns its
+    /// key and socket. `None` (counted) at the in-flight limit, or with no socket to use.
     pub(super) fn register(
         self: &Arc<Self>,
         upstream: SocketAddr,
@@ -97,21 +97,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
         pick: u64,
         within_fair_share: bool,
+        now: Instant,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
-        let pool = match upstream {
-            SocketAddr::V4(_) => &self.v4,
-            SocketAddr::V6(_) => &self.v6,
-        };
-        let (slots, start) = self.pick_socket(pool, upstream, pick)?;
+        let pool = self.pool_for(upstream);
+        let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
         let mut table = self.pending.lock().expect("not poisoned");
         // The limit is the agent's, over all UDP threads (which may pass it by one each). A
         // client within its fair share passes it, up to twice the limit.
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
         if inflight < max || (within_fair_share && inflight < 2 * max) {
-            for offset in 0..slots.len() {
-                let socket = &slots[(start + offset) % slots.len()];
+            for socket in slots.candidates(picked) {
                 let key = PendingKey {
                     socket: socket.id(),
                     upstream,
@@ -136,6 +133,32 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 self.settings.max_inflight
             )
         });
+        None
+    }
+
+    /// Moves the pending query `key` to a shared socket of its upstream's pool: its new key
+    /// and socket, or `None` if it is not pending or no shared socket could take it.
+    pub(super) fn move_to_shared(
+        self: &Arc<Self>,
+        key: PendingKey,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
+        let pool = self.pool_for(key.upstream);
+        let (slots, picked) = self.pick_shared(pool, key.upstream, super::pool::random())?;
+        let mut table = self.pending.lock().expect("not poisoned");
+        for socket in slots.candidates(picked) {
+            let moved = PendingKey {
+                socket: socket.id(),
+                ..key
+            };
+            if !table.contains_key(&moved) {
+                let mut pending = table.remove(&key)?;
+                pending.socket.settled();
+                socket.carries();
+                pending.socket = Arc::clone(socket);
+                table.insert(moved, pending);
+                return Some((moved, Arc::clone(socket)));
+            }
+        }
         None
     }
 

@@ -1,8 +1,26 @@
-//! The upstream sockets: per address family, a pool of up to [`POOL_SIZE`] sockets, each
-//! bound to a random port, opened as queries need them and replaced by a fresh one (a new
-//! random port) after [`USES_PER_SOCKET`] queries. A batch of queries leaves from one socket
-//! picked at random, so an off-path attacker must hit one of these ports as well as a query's
-//! ID and question. Compare ztunnel's `src/proxy/pool.rs`.
+//! The upstream sockets: per address family, a pool of up to [`POOL_SIZE`] sockets for any
+//! upstream, and sockets connected to one upstream each for the few upstreams that answer
+//! ([`CONNECTED_UPSTREAMS`], [`CONNECTED_SOCKETS`] each). Every socket is bound to a random
+//! port, opened as queries need it, and replaced by a fresh one (a new random port) after
+//! [`USES_PER_SOCKET`] queries. A batch of queries leaves from one socket picked at random, so
+//! an off-path attacker must hit one of these ports as well as a query's ID and question.
+//! Compare ztunnel's `src/proxy/pool.rs`.
+//!
+//! Why connected sockets: a datagram sent or received with an address runs the kernel's
+//! cgroup `sendmsg`/`recvmsg` hooks, which lock the socket even where no program is attached
+//! (the hooks are switched on machine-wide once any is), and a send with an address looks
+//! its route up each time. A connected socket sends and receives without one: the kernel
+//! delivers it nothing but its upstream's datagrams, and keeps the route. Measured in
+//! docs/performance.md: about 6 % of the agent's CPU per query.
+//!
+//! Only an upstream that has answered a query gets connected sockets, so a workload that asks
+//! servers that never answer takes none. An upstream not asked for [`CONNECTED_IDLE`] gives
+//! its place to the next that answers; upstreams beyond the few are asked from the shared
+//! sockets, as are all of them whenever their connected sockets cannot be opened. A connected
+//! socket keeps the source address it was given at `connect`: if a query on one cannot be
+//! sent, or times out with nothing heard on it since, that address may be gone (the host's
+//! changed), and the upstream goes back to the shared sockets, which choose one per datagram,
+//! until it answers again ([`UdpProxy::disconnect_upstream`]).
 use std::{
     cell::Cell,
     hash::{BuildHasher, RandomState},
@@ -13,7 +31,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Socket, Type};
@@ -22,10 +40,24 @@ use tokio::net::UdpSocket;
 use super::{LOG, UdpProxy, mmsg};
 use crate::dns::{OriginalDestinations, stats::Stats};
 
-/// Upstream sockets per address family, opened as queries need them. A query goes out on one
-/// chosen at random, so an off-path attacker must hit one of these random ports as well as the
-/// query's ID and question.
+/// Sockets per address family for any upstream, opened as queries need them. A query goes
+/// out on one chosen at random, so an off-path attacker must hit one of these random ports as
+/// well as the query's ID and question.
 pub(super) const POOL_SIZE: usize = 16;
+
+/// Upstreams per address family (and UDP thread) that get sockets connected to them.
+/// Nodes and hosts ask one to three servers; a workload that asks many (a recursive
+/// resolver) has the rest asked from the shared sockets.
+pub(super) const CONNECTED_UPSTREAMS: usize = 4;
+
+/// Sockets connected to one upstream. Each carries [`USES_PER_SOCKET`] queries, as a shared
+/// one does, so the ports change as often; fewer keep the descriptors per thread near what
+/// the shared pool alone took.
+pub(super) const CONNECTED_SOCKETS: usize = 4;
+
+/// An upstream with connected sockets that is not asked for this long gives them up to the
+/// next upstream that answers (only when there is one and no room is left).
+pub(super) const CONNECTED_IDLE: Duration = Duration::from_secs(30);
 
 /// Queries a pool socket carries before a fresh one, on a new random port, takes its place:
 /// the ports keep changing, and the cost of a socket is shared by this many queries.
@@ -39,6 +71,13 @@ pub(super) struct PoolSocket {
     /// Unique among all the proxy's pool sockets, ever.
     id: u64,
     socket: UdpSocket,
+    /// The upstream it is connected to, the only one it sends to and hears from; `None`: a
+    /// shared socket, for any upstream.
+    peer: Option<SocketAddr>,
+    /// When it was opened.
+    opened: Instant,
+    /// When an answer last arrived on it, in nanoseconds after `opened`; 0: none yet.
+    last_answer: AtomicU64,
     /// Queries sent from it.
     uses: AtomicU32,
     /// Queries sent from it and not yet settled.
@@ -48,11 +87,19 @@ pub(super) struct PoolSocket {
 }
 
 impl PoolSocket {
-    /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`).
-    fn open(next_id: &AtomicU64, any: SocketAddr) -> io::Result<Arc<Self>> {
+    /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`), connected to
+    /// `peer` if given.
+    fn open(
+        next_id: &AtomicU64,
+        any: SocketAddr,
+        peer: Option<SocketAddr>,
+    ) -> io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             id: next_id.fetch_add(1, Ordering::Relaxed),
-            socket: pool_socket(any)?,
+            socket: pool_socket(any, peer)?,
+            peer,
+            opened: Instant::now(),
+            last_answer: AtomicU64::new(0),
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -68,10 +115,41 @@ impl PoolSocket {
         &self.socket
     }
 
+    /// The upstream it is connected to; `None` for a shared socket.
+    pub(super) fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The address a datagram to `upstream` is sent to from it: none from a socket connected
+    /// to `upstream`, which sends there without one.
+    pub(super) fn address_for(&self, upstream: SocketAddr) -> Option<SocketAddr> {
+        (self.peer != Some(upstream)).then_some(upstream)
+    }
+
+    /// Replaced, or given up: its reader ends once nothing sent from it is outstanding.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
     /// A query was sent from it: one more of its share, outstanding until settled.
     pub(super) fn carries(&self) {
         self.uses.fetch_add(1, Ordering::Relaxed);
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers to queries sent from it arrived at `now`.
+    pub(super) fn answered(&self, now: Instant) {
+        let since_opened = now.saturating_duration_since(self.opened).as_nanos();
+        let nanos = u64::try_from(since_opened).unwrap_or(u64::MAX).max(1);
+        self.last_answer.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether an answer arrived on it at `since` or later.
+    pub(super) fn answered_since(&self, since: Instant) -> bool {
+        match self.last_answer.load(Ordering::Relaxed) {
+            0 => false,
+            nanos => self.opened + Duration::from_nanos(nanos) >= since,
+        }
     }
 
     /// A query sent from it was answered, failed or timed out.
@@ -95,8 +173,7 @@ impl std::fmt::Debug for PoolSocket {
 pub(super) struct Pool {
     /// `0.0.0.0:0` or `[::]:0`.
     any: SocketAddr,
-    /// Empty when this family has no sockets on this host.
-    slots: Mutex<Vec<Arc<PoolSocket>>>,
+    slots: Mutex<Slots>,
 }
 
 impl Pool {
@@ -107,10 +184,59 @@ impl Pool {
             slots: Mutex::default(),
         }
     }
+
+    /// The upstreams that have connected sockets (or may open some), and how many each has.
+    #[cfg(test)]
+    pub(super) fn connected(&self) -> Vec<(SocketAddr, usize)> {
+        let slots = self.slots.lock().expect("not poisoned");
+        let connected = slots.connected.iter();
+        connected.map(|c| (c.upstream, c.sockets.len())).collect()
+    }
 }
 
-/// A UDP socket on a random port of `any` (`0.0.0.0` or `::`).
-fn pool_socket(any: SocketAddr) -> io::Result<UdpSocket> {
+/// A pool's sockets.
+#[derive(Default)]
+pub(super) struct Slots {
+    /// For any upstream; empty when this family has no sockets on this host.
+    shared: Vec<Arc<PoolSocket>>,
+    /// At most [`CONNECTED_UPSTREAMS`].
+    connected: Vec<Connected>,
+}
+
+/// The sockets connected to one upstream.
+struct Connected {
+    upstream: SocketAddr,
+    /// At most [`CONNECTED_SOCKETS`], opened as queries need them.
+    sockets: Vec<Arc<PoolSocket>>,
+    /// When a query last went to it.
+    last_asked: Instant,
+}
+
+/// The sockets a query may leave from, as [`UdpProxy::pick_socket`] chose them: those of
+/// `connected` (an index into [`Slots::connected`]) if given, else the shared ones; the one
+/// at `start` first.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Picked {
+    connected: Option<usize>,
+    start: usize,
+}
+
+impl Slots {
+    /// The sockets a query may leave from, in the order to try them (one in flight with the
+    /// same ID to the same upstream takes a socket's key): those picked, from the one picked,
+    /// then for a connected upstream the shared ones already open.
+    pub(super) fn candidates(&self, picked: Picked) -> impl Iterator<Item = &Arc<PoolSocket>> {
+        let (first, then) = match picked.connected {
+            Some(index) => (&self.connected[index].sockets[..], &self.shared[..]),
+            None => (&self.shared[..], &[][..]),
+        };
+        let (before, from_start) = first.split_at(picked.start);
+        from_start.iter().chain(before).chain(then)
+    }
+}
+
+/// A UDP socket on a random port of `any` (`0.0.0.0` or `::`), connected to `peer` if given.
+fn pool_socket(any: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
     let domain = Domain::for_address(any);
     let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
     if any.is_ipv6() {
@@ -120,6 +246,10 @@ fn pool_socket(any: SocketAddr) -> io::Result<UdpSocket> {
     socket.bind(&any.into())?;
     // An unreachable server (its port closed, no route) is told at once, not by a timeout.
     mmsg::queue_errors(socket.as_fd(), any.is_ipv6())?;
+    if let Some(peer) = peer {
+        // A route lookup: nothing is sent.
+        socket.connect(&peer.into())?;
+    }
     UdpSocket::from_std(socket.into())
 }
 
@@ -155,47 +285,151 @@ pub(super) fn random() -> u64 {
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
-    /// The pool's sockets, locked, and the index of the one `pick` chooses: while the pool is
-    /// not full, another socket is opened first, and the chosen one is replaced by a fresh one
-    /// if it has carried its share. `None` (counted) with no socket to use.
+    /// The pool's sockets, locked, and those a query to `upstream` may leave from, the one
+    /// `pick` chooses first: `upstream`'s connected sockets if it has some, else the shared
+    /// ones. While the chosen sockets are fewer than they may be, another is opened first, and
+    /// the chosen one is replaced by a fresh one if it has carried its share. `None` (counted)
+    /// with no socket to use.
     pub(super) fn pick_socket<'p>(
         self: &Arc<Self>,
         pool: &'p Pool,
         upstream: SocketAddr,
         pick: u64,
-    ) -> Option<(MutexGuard<'p, Vec<Arc<PoolSocket>>>, usize)> {
-        let stats = &self.stats.udp;
+        now: Instant,
+    ) -> Option<(MutexGuard<'p, Slots>, Picked)> {
         let mut slots = pool.slots.lock().expect("not poisoned");
-        if slots.len() < POOL_SIZE {
-            match PoolSocket::open(&self.next_socket_id, pool.any) {
+        if let Some(index) = slots.connected.iter().position(|c| c.upstream == upstream) {
+            let connected = &mut slots.connected[index];
+            connected.last_asked = now;
+            let (sockets, peer) = (&mut connected.sockets, Some(upstream));
+            match self.pick_among(sockets, CONNECTED_SOCKETS, pool.any, peer, pick) {
+                Ok(start) => {
+                    let connected = Some(index);
+                    return Some((slots, Picked { connected, start }));
+                }
+                // None could be opened (no route to it now, or out of descriptors): it gives
+                // its place up until it answers again, and this query goes out shared.
+                Err(err) => {
+                    log::debug!(target: LOG, "connecting a socket to {upstream}: {err}");
+                    slots.connected.swap_remove(index);
+                }
+            }
+        }
+        drop(slots);
+        self.pick_shared(pool, upstream, pick)
+    }
+
+    /// [`pick_socket`](Self::pick_socket) among the shared sockets only.
+    pub(super) fn pick_shared<'p>(
+        self: &Arc<Self>,
+        pool: &'p Pool,
+        upstream: SocketAddr,
+        pick: u64,
+    ) -> Option<(MutexGuard<'p, Slots>, Picked)> {
+        let mut slots = pool.slots.lock().expect("not poisoned");
+        match self.pick_among(&mut slots.shared, POOL_SIZE, pool.any, None, pick) {
+            Ok(start) => Some((
+                slots,
+                Picked {
+                    connected: None,
+                    start,
+                },
+            )),
+            // No IPv6 on the host, or out of descriptors or ports.
+            Err(err) => {
+                drop(slots);
+                Stats::add(&self.stats.udp.upstream_errors);
+                self.upstream_log.warn(|failed| {
+                    format!("no socket for {upstream}: {err} ({failed} queries failed)")
+                });
+                None
+            }
+        }
+    }
+
+    /// The index in `sockets` of the one `pick` chooses, after opening another (connected to
+    /// `peer`, if given) while they are fewer than `size`, and replacing the chosen one if it
+    /// has carried its share. An error if there is none and none could be opened.
+    fn pick_among(
+        self: &Arc<Self>,
+        sockets: &mut Vec<Arc<PoolSocket>>,
+        size: usize,
+        any: SocketAddr,
+        peer: Option<SocketAddr>,
+        pick: u64,
+    ) -> io::Result<usize> {
+        if sockets.len() < size {
+            match PoolSocket::open(&self.next_socket_id, any, peer) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
-                    slots.push(fresh);
+                    sockets.push(fresh);
                 }
-                // No IPv6 on the host, or out of descriptors or ports.
-                Err(err) if slots.is_empty() => {
-                    drop(slots);
-                    Stats::add(&stats.upstream_errors);
-                    self.upstream_log.warn(|failed| {
-                        format!("no socket for {upstream}: {err} ({failed} queries failed)")
-                    });
-                    return None;
-                }
+                Err(err) if sockets.is_empty() => return Err(err),
                 Err(err) => log::debug!(target: LOG, "opening another upstream socket: {err}"),
             }
         }
-        let start = (pick % slots.len() as u64) as usize;
-        if slots[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
-            match PoolSocket::open(&self.next_socket_id, pool.any) {
+        let start = (pick % sockets.len() as u64) as usize;
+        if sockets[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
+            match PoolSocket::open(&self.next_socket_id, any, peer) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
-                    let old = std::mem::replace(&mut slots[start], fresh);
-                    old.retired.store(true, Ordering::Relaxed);
+                    std::mem::replace(&mut sockets[start], fresh).retire();
                 }
                 // Out of descriptors, say: keep using the old one for now.
                 Err(err) => log::debug!(target: LOG, "replacing an upstream socket: {err}"),
             }
         }
-        Some((slots, start))
+        Ok(start)
+    }
+
+    /// `upstream` answered a query sent from a shared socket: it gets sockets connected to it
+    /// (opened as its next queries need them) if there is room, or an upstream not asked for
+    /// [`CONNECTED_IDLE`] gives its place up.
+    pub(super) fn connect_upstream(&self, upstream: SocketAddr, now: Instant) {
+        let pool = self.pool_for(upstream);
+        let mut slots = pool.slots.lock().expect("not poisoned");
+        if slots.connected.iter().any(|c| c.upstream == upstream) {
+            return;
+        }
+        if slots.connected.len() >= CONNECTED_UPSTREAMS {
+            let idle = slots
+                .connected
+                .iter()
+                .position(|c| now.saturating_duration_since(c.last_asked) >= CONNECTED_IDLE);
+            let Some(idle) = idle else {
+                return;
+            };
+            for socket in slots.connected.swap_remove(idle).sockets {
+                socket.retire();
+            }
+        }
+        slots.connected.push(Connected {
+            upstream,
+            sockets: Vec::new(),
+            last_asked: now,
+        });
+    }
+
+    /// A query sent to `upstream` from a socket connected to it could not be sent, or timed
+    /// out with nothing heard on that socket since it left: the socket's source address may
+    /// be gone (the host's address changed, or the route to it), which a connected socket
+    /// keeps. `upstream` gives its connected sockets up, and is asked from the shared ones
+    /// (which choose a source for every datagram) until it answers again.
+    pub(super) fn disconnect_upstream(&self, upstream: SocketAddr) {
+        let pool = self.pool_for(upstream);
+        let mut slots = pool.slots.lock().expect("not poisoned");
+        if let Some(index) = slots.connected.iter().position(|c| c.upstream == upstream) {
+            for socket in slots.connected.swap_remove(index).sockets {
+                socket.retire();
+            }
+        }
+    }
+
+    /// The pool of `upstream`'s address family.
+    pub(super) fn pool_for(&self, upstream: SocketAddr) -> &Pool {
+        match upstream {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => &self.v6,
+        }
     }
 }

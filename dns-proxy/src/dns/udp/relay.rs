@@ -61,8 +61,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 },
             }
             ANSWERS.with_borrow_mut(|answers| {
-                match receive_batch(socket, &mut answers.received) {
-                    Ok(_) => self.relay_batch(id, answers),
+                match receive_batch(socket, &mut answers.received, pool_socket.peer()) {
+                    Ok(_) => self.relay_batch(pool_socket, answers),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     // The socket's pending error, an ICMP error's, which is in its queue.
                     Err(_) => self.take_errors(id, socket),
@@ -71,15 +71,23 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
-    /// Relays the datagrams of `answers.received`, which arrived on pool socket `socket`, that
-    /// answer pending queries: all of them with as few `sendmmsg` as the kernel takes.
-    fn relay_batch(self: &Arc<Self>, socket: u64, answers: &mut Answers) {
+    /// Relays the datagrams of `answers.received`, which arrived on `socket`, that answer
+    /// pending queries: all of them with as few `sendmmsg` as the kernel takes. An upstream
+    /// that answered on a shared socket may get sockets connected to it.
+    fn relay_batch(self: &Arc<Self>, socket: &PoolSocket, answers: &mut Answers) {
         let Answers { received, matched } = answers;
         matched.clear();
         // Answers that refresh the cache, or that a stale answer replaces: not relayed.
         let mut not_relayed = Vec::new();
+        let mut connected = None;
+        let mut heard = false;
         for (index, datagram, from) in received.iter() {
-            if let Some(pending) = self.match_answer(socket, datagram, from) {
+            if let Some(pending) = self.match_answer(socket.id(), datagram, from) {
+                heard = true;
+                if socket.peer().is_none() && connected != Some(from) {
+                    self.connect_upstream(from, pending.started);
+                    connected = Some(from);
+                }
                 if pending
                     .cached
                     .as_ref()
@@ -104,13 +112,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         let stats = &self.stats.udp;
+        let now = Moment::now();
+        if heard {
+            socket.answered(now.instant);
+        }
         let mut refused = Vec::new();
         mmsg::send_all(
             self.socket.as_fd(),
             matched.len(),
             |i| mmsg::Outgoing {
                 datagram: received.datagram(matched[i].0),
-                to: matched[i].2.client,
+                to: Some(matched[i].2.client),
                 from: Some(matched[i].2.reply_from),
             },
             |i, err| {
@@ -120,7 +132,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 refused.push(i);
             },
         );
-        let now = Moment::now();
         for (i, (index, from, mut pending)) in matched.drain(..).enumerate() {
             let datagram = received.datagram(index);
             let relayed = !refused.contains(&i);

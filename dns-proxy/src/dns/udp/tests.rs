@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::timeout;
 
 use super::{
-    pool::{POOL_SIZE, RETIRED_CHECK},
+    pool::{CONNECTED_IDLE, CONNECTED_UPSTREAMS, POOL_SIZE, RETIRED_CHECK},
     *,
 };
 use crate::dns::FixedDestination as Fixed;
@@ -545,4 +545,261 @@ async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
         .unwrap();
     assert_eq!(&buf[..len], answer_to(QUERY), "its own server's answer");
     assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Registers (without sending) `query` from `client` as it arrives over loopback; the pool
+/// socket it would leave from.
+fn register_from(
+    proxy: &Arc<UdpProxy<Fixed>>,
+    query: &[u8],
+    client: SocketAddr,
+) -> Arc<PoolSocket> {
+    let arrival = Some(Arrival {
+        destination: proxy.local_addr.ip(),
+        ifindex: LOOPBACK_IFINDEX,
+    });
+    let (_, socket) = proxy
+        .register_query(query, client, arrival, Moment::now(), 0, &mut Vec::new())
+        .expect("registered");
+    socket
+}
+
+/// An upstream that answers gets sockets connected to it: its next queries leave from one,
+/// which sends and receives without an address, and are answered as before. One that never
+/// answers gets none.
+#[tokio::test]
+async fn an_upstream_that_answers_is_asked_from_sockets_connected_to_it() {
+    let answering = serve_upstream(|query| vec![answer_to(query)]).await;
+    let proxy = proxy(Some(answering), 64).await;
+    assert_eq!(proxy.v4.connected(), []);
+    assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
+    assert_eq!(proxy.v4.connected(), [(answering, 0)]);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 1024];
+    for id in 1..=20u16 {
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        client.send_to(&query, proxy.local_addr).await.unwrap();
+        let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("query {id} unanswered: {}", proxy.stats.summary()))
+            .unwrap();
+        assert_eq!(&buf[..len], &answer_to(&query)[..], "query {id}");
+    }
+    let connected = proxy.v4.connected();
+    assert!(matches!(connected[..], [(upstream, 1..)] if upstream == answering));
+    let mut query = QUERY.to_vec();
+    query[..2].copy_from_slice(&[0xab, 0xcd]);
+    let socket = register_from(&proxy, &query, client.local_addr().unwrap());
+    assert_eq!(socket.peer(), Some(answering));
+    assert_eq!(proxy.stats.udp.dropped_stray.load(Ordering::Relaxed), 0);
+
+    let proxy = self::proxy(Some(upstream(true).await), 8).await;
+    assert_eq!(ask(&proxy, QUERY).await, None);
+    assert_eq!(proxy.v4.connected(), []);
+    let socket = register_from(&proxy, QUERY, client.local_addr().unwrap());
+    assert_eq!(
+        socket.peer(),
+        None,
+        "a silent upstream is asked from a shared socket"
+    );
+}
+
+/// A socket connected to an upstream hears nothing but it: an answer from another port (a
+/// shared socket counts it stray, as `answers_from_another_port...` shows) never reaches it.
+#[tokio::test]
+async fn a_connected_socket_takes_no_answer_from_another_port() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other_port = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy(Some(server.local_addr().unwrap()), 8).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 512];
+    for (n, answer_from) in [&server, &other_port].into_iter().enumerate() {
+        let mut query = QUERY.to_vec();
+        query[1] = n as u8;
+        client.send_to(&query, proxy.local_addr).await.unwrap();
+        let (len, from) = server.recv_from(&mut buf).await.unwrap();
+        answer_from
+            .send_to(&answer_to(&buf[..len]), from)
+            .await
+            .unwrap();
+        let answered = timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await;
+        assert_eq!(answered.is_ok(), n == 0, "answer {n}");
+    }
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.answered.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        udp.dropped_stray.load(Ordering::Relaxed),
+        0,
+        "the kernel kept it out"
+    );
+}
+
+/// An upstream with connected sockets whose port then closes: its client is answered SERVFAIL
+/// at once, as through a shared socket (`a_closed_upstream_port_is_answered_servfail_at_once`).
+#[tokio::test]
+async fn a_connected_upstream_that_closes_its_port_is_answered_servfail_at_once() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = server.local_addr().unwrap();
+    let patient = ForwardSettings {
+        upstream_timeout: Duration::from_secs(5),
+        ..settings(8, 8)
+    };
+    let proxy = start_proxy(Some(upstream), patient).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(QUERY, proxy.local_addr).await.unwrap();
+    let mut buf = [0u8; 512];
+    let (len, from) = server.recv_from(&mut buf).await.unwrap();
+    server.send_to(&answer_to(&buf[..len]), from).await.unwrap();
+    client.recv_from(&mut buf).await.unwrap();
+    assert_eq!(proxy.v4.connected(), [(upstream, 0)]);
+    drop(server);
+
+    let mut query = QUERY.to_vec();
+    query[..2].copy_from_slice(&[0x56, 0x78]);
+    let started = std::time::Instant::now();
+    let answer = ask(&proxy, &query).await.expect("answered within 600 ms");
+    assert!(started.elapsed() < Duration::from_millis(600));
+    let mut servfail = query.clone();
+    servfail[2] = 0x81; // QR and RD
+    servfail[3] = 0x02; // SERVFAIL
+    assert_eq!(answer, servfail);
+    assert!(
+        matches!(proxy.v4.connected()[..], [(_, 1..)]),
+        "sent connected"
+    );
+    assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.inflight(), 0);
+}
+
+/// At most [`CONNECTED_UPSTREAMS`] upstreams have connected sockets; the next that answers
+/// takes the place of one not asked for [`CONNECTED_IDLE`], and only then.
+#[tokio::test]
+async fn only_a_few_upstreams_get_connected_sockets_and_an_idle_one_gives_its_place_up() {
+    let proxy = proxy(None, 8).await;
+    // Loopback ports no one listens on: connecting a socket sends nothing.
+    let upstream = |n: usize| SocketAddr::from((Ipv4Addr::LOCALHOST, 10_000 + n as u16));
+    let connected =
+        || -> Vec<SocketAddr> { proxy.v4.connected().into_iter().map(|(u, _)| u).collect() };
+    let start = std::time::Instant::now();
+    for n in 0..=CONNECTED_UPSTREAMS {
+        proxy.connect_upstream(upstream(n), start);
+    }
+    let first: Vec<SocketAddr> = (0..CONNECTED_UPSTREAMS).map(upstream).collect();
+    assert_eq!(connected(), first, "no room for the last");
+    // All but the first are asked later on.
+    let later = start + CONNECTED_IDLE;
+    for n in 1..CONNECTED_UPSTREAMS {
+        let (slots, _) = proxy.pick_socket(&proxy.v4, upstream(n), 0, later).unwrap();
+        drop(slots);
+    }
+    let newcomer = upstream(CONNECTED_UPSTREAMS);
+    proxy.connect_upstream(newcomer, later - Duration::from_millis(1));
+    assert_eq!(connected(), first, "the first was not idle long enough");
+    proxy.connect_upstream(newcomer, later);
+    let now = connected();
+    assert_eq!(now.len(), CONNECTED_UPSTREAMS);
+    assert!(
+        now.contains(&newcomer) && !now.contains(&upstream(0)),
+        "{now:?}"
+    );
+}
+
+/// A query on a connected socket that times out with nothing heard on that socket since it
+/// left (the socket's source address may be gone) sends its upstream back to the shared
+/// sockets until it answers again; one that times out while its socket still hears answers
+/// (a lost query) changes nothing.
+#[tokio::test]
+async fn a_connected_upstream_that_falls_silent_is_asked_from_shared_sockets_again() {
+    // Queries whose ID starts with 0xde are never answered.
+    let upstream = serve_upstream(|query| {
+        if query[0] == 0xde {
+            vec![]
+        } else {
+            vec![answer_to(query)]
+        }
+    })
+    .await;
+    let proxy = proxy(Some(upstream), 64).await;
+    let with_id = |id: u16| {
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        query
+    };
+    assert!(ask(&proxy, &with_id(1)).await.is_some());
+    assert!(ask(&proxy, &with_id(2)).await.is_some());
+    assert!(matches!(proxy.v4.connected()[..], [(_, 1..)]));
+
+    // A lost query, and an answered one after it, on the same connected socket.
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+    let (lost, answered) = (with_id(0xde01), with_id(3));
+    for query in [&lost, &answered] {
+        let socket = register_from(&proxy, query, client_addr);
+        assert_eq!(socket.peer(), Some(upstream));
+        socket.socket().send(query).await.unwrap();
+    }
+    let mut buf = [0u8; 512];
+    let (len, _) = client.recv_from(&mut buf).await.unwrap();
+    assert_eq!(&buf[..len], answer_to(&answered));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
+    assert!(
+        !proxy.v4.connected().is_empty(),
+        "its socket still hears answers"
+    );
+
+    // A query that times out with nothing heard since.
+    let silent = with_id(0xde02);
+    let socket = register_from(&proxy, &silent, client_addr);
+    assert_eq!(socket.peer(), Some(upstream));
+    socket.socket().send(&silent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 2);
+    assert_eq!(proxy.v4.connected(), []);
+    let socket = register_from(&proxy, &with_id(4), client_addr);
+    assert_eq!(socket.peer(), None, "asked from a shared socket");
+
+    // It answers there, and is connected to again.
+    assert!(ask(&proxy, &with_id(5)).await.is_some());
+    assert_eq!(proxy.v4.connected(), [(upstream, 0)]);
+}
+
+/// A send that fails on a socket connected to its upstream (its source address is gone, say:
+/// `EINVAL`): the upstream goes back to the shared sockets, the query is sent again from one
+/// and answered, and the upstream, having answered, is connected to anew.
+#[tokio::test]
+async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_shared_one() {
+    let answering = serve_upstream(|query| vec![answer_to(query)]).await;
+    let proxy = proxy(Some(answering), 8).await;
+    assert!(ask(&proxy, QUERY).await.is_some());
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut query = QUERY.to_vec();
+    query[..2].copy_from_slice(&[0x42, 0x42]);
+    let arrival = Some(Arrival {
+        destination: proxy.local_addr.ip(),
+        ifindex: LOOPBACK_IFINDEX,
+    });
+    let client_addr = client.local_addr().unwrap();
+    let (key, socket) = proxy
+        .register_query(
+            &query,
+            client_addr,
+            arrival,
+            Moment::now(),
+            0,
+            &mut Vec::new(),
+        )
+        .expect("registered");
+    assert_eq!(socket.peer(), Some(answering));
+    proxy.forward_failed(key, &query, &io::Error::from_raw_os_error(libc::EINVAL));
+    let mut buf = [0u8; 512];
+    let (len, _) = timeout(Duration::from_millis(600), client.recv_from(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(&buf[..len], answer_to(&query));
+    assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.v4.connected(), [(answering, 0)], "connected to anew");
+    assert_eq!(proxy.inflight(), 0);
 }
