@@ -80,7 +80,12 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
     let mut upstream = topology.server.command(TEST_UPSTREAM);
     upstream.args([&format!("{SERVER_IP}:53"), "1500", &ANSWER_IP.to_string()]);
     let _upstream = Process::spawn(&mut upstream);
-    let mut agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    // One UDP thread: each has pools of its own, and the second lookup must find the one
+    // whose server has answered.
+    let mut agent = Agent::start(
+        &topology,
+        &[&format!("--metrics={METRICS}"), "--udp-threads=1"],
+    );
     let agent_pid = agent.process().id();
     let name = "spoofed-target.example.test";
     let probe = || {
