@@ -21,6 +21,7 @@ pub mod metrics;
 mod privileges;
 mod redirect_lock;
 pub mod resolutions;
+pub mod route_changes;
 pub mod shutdown;
 mod udp_threads;
 pub mod workload;

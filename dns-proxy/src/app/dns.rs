@@ -26,6 +26,7 @@ use crate::{
     drain::{self, Deadline},
     ebpf::CachedServers,
     resolutions::Resolutions,
+    route_changes::RouteChanges,
     udp_threads::UdpThreads,
     workload::WorkloadNames,
 };
@@ -40,6 +41,8 @@ pub(super) struct Shared {
     pub(super) workload_stats: Option<Arc<WorkloadStats>>,
     /// The dnstap log, started once privileges are dropped.
     pub(super) query_log: Option<Arc<QueryLog>>,
+    /// Changes to this namespace's routes and addresses, watched once serving starts.
+    pub(super) route_changes: RouteChanges,
 }
 
 impl Shared {
@@ -76,6 +79,7 @@ impl Shared {
             resolutions,
             workload_stats,
             query_log,
+            route_changes: RouteChanges::default(),
         }
     }
 
@@ -88,6 +92,7 @@ impl Shared {
             cache: self.cache.clone(),
             in_flight: Arc::new(Coalescer::new(config.max_inflight)),
             observers: self.observers(),
+            route_changes: self.route_changes.clone(),
         }
     }
 
@@ -139,6 +144,13 @@ impl Dns {
         };
         let (udp_settings, tcp_settings) =
             (shared.udp_settings(config), shared.tcp_settings(config));
+        if let Err(err) = shared.route_changes.watch() {
+            log::warn!(
+                target: LOG,
+                "cannot watch for route and address changes ({err}): upstream sockets connected \
+                 to a server are connected anew only when a query on one fails or times out"
+            );
+        }
         let stats = || Arc::clone(&shared.stats);
         let mut dns = Self {
             udp: Vec::new(),

@@ -229,60 +229,117 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
 }
 
-/// The local ends of the agent's UDP sockets connected to `SERVER_IP:53`, from `ss` in its
+/// The local ends of the agent's UDP sockets connected to `server`, from `ss` in its
 /// namespace.
-fn connected_to_the_server(topology: &Topology) -> Vec<String> {
+fn connected_to(topology: &Topology, server: &str) -> Vec<String> {
     let output = must(topology.client.command("ss").args(["-Hunap"]));
-    let server = format!("{SERVER_IP}:53");
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains("dns-proxy"))
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(4) == Some(&server.as_str())).then(|| fields[3].to_owned())
+            (fields.get(4) == Some(&server)).then(|| fields[3].to_owned())
         })
         .collect()
 }
 
-/// The agent's namespace changes its address while the agent serves (a node's new DHCP
-/// lease, say). The sockets the agent connected to the server keep the old address as their
-/// source, and sending from them fails: the server goes back to the shared sockets (which
-/// choose a source for each datagram) at the first failure, that query is sent again from
-/// one, and no lookup is lost. Once the server answers there, it is connected to anew, from
-/// the new address.
-#[test]
-fn a_change_of_the_agents_own_address_loses_no_lookup() {
+/// Lookups from the workload to `server` (an address dig takes) across `change`, made to the
+/// agent's namespace while it serves: three before, from sockets connected to the server
+/// (the server answered) with a source address starting `old_source`; twenty after, one try
+/// of one second each, all answered; then connected anew from `new_source`.
+fn lookups_survive(
+    server: &str,
+    (old_source, new_source): (&str, &str),
+    change: impl FnOnce(&Topology, &dyn Fn(&str)),
+) {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &["--udp-threads=1"]);
     let lookup = |name: &str| {
-        assert_answered(dig(topology.workload("dig", &[]), name, &[]), name);
+        let result = tests::dig_at(topology.workload("dig", &[]), server, name, &[]);
+        assert_answered(result, name);
     };
     for i in 0..3 {
         lookup(&format!("before-{i}.example.test"));
     }
-    let old = format!("{}:", tests::CLIENT_IP);
-    let connected = connected_to_the_server(topology);
+    let port53 = if server.contains(':') {
+        format!("[{server}]:53")
+    } else {
+        format!("{server}:53")
+    };
+    let connected = connected_to(topology, &port53);
     assert!(
-        !connected.is_empty() && connected.iter().all(|local| local.starts_with(&old)),
+        !connected.is_empty() && connected.iter().all(|local| local.starts_with(old_source)),
         "the server answered, so it is asked from connected sockets: {connected:?}"
     );
-
     let interface = format!("{}c", topology.tag);
-    let netns = &topology.client.name;
-    let readdress = |verb: &str, address: &str| {
-        must(Command::new("ip").args(["-n", netns, "addr", verb, address, "dev", &interface]));
+    let ip = |args: &str| {
+        let mut command = Command::new("ip");
+        command.args(["-n", &topology.client.name]);
+        command.args(args.replace("IF", &interface).split_whitespace());
+        must(&mut command);
     };
-    readdress("del", &format!("{}/24", tests::CLIENT_IP));
-    readdress("add", "192.0.2.9/24");
-    // One try each, one second: a lookup lost would fail.
+    change(topology, &ip);
     for i in 0..20 {
         lookup(&format!("after-{i}.example.test"));
     }
-    let connected = connected_to_the_server(topology);
+    let connected = connected_to(topology, &port53);
     assert!(
-        !connected.is_empty()
-            && connected
-                .iter()
-                .all(|local| local.starts_with("192.0.2.9:")),
-        "connected to anew, from the new address: {connected:?}"
+        !connected.is_empty() && connected.iter().all(|local| local.starts_with(new_source)),
+        "connected anew, from {new_source}: {connected:?}"
+    );
+}
+
+/// The agent's namespace changes its IPv4 address while the agent serves (a node's new DHCP
+/// lease, say). The sockets the agent connected to the server kept the old address as their
+/// source: they are connected anew at once (the kernel announces the change), and no lookup
+/// is lost. (Were the announcement missed, a send from the old address fails, and that query
+/// goes again from a shared socket.)
+#[test]
+fn a_change_of_the_agents_own_address_loses_no_lookup() {
+    lookups_survive(
+        &SERVER_IP.to_string(),
+        ("192.0.2.1:", "192.0.2.9:"),
+        |_, ip| {
+            ip("addr del 192.0.2.1/24 dev IF");
+            ip("addr add 192.0.2.9/24 dev IF");
+        },
+    );
+}
+
+/// The same with IPv6, where a send from an address that is gone does not fail: only the
+/// kernel's announcement tells the agent.
+#[test]
+fn a_change_of_the_agents_own_ipv6_address_loses_no_lookup() {
+    lookups_survive(
+        &tests::SERVER_IP6.to_string(),
+        ("[2001:db8::1]:", "[2001:db8::99]:"),
+        |_, ip| {
+            ip("-6 addr del 2001:db8::1/64 dev IF");
+            ip("-6 addr add 2001:db8::99/64 dev IF nodad");
+        },
+    );
+}
+
+/// The route to the server changes to another source address while the old one stays (an
+/// uplink fails over, a VPN comes up), and the server's side no longer takes the old one.
+/// A send from the old address succeeds and its answer never comes: only the kernel's
+/// announcement of the new route tells the agent, which connects anew, and no lookup is lost.
+#[test]
+fn a_new_route_to_the_server_from_another_source_loses_no_lookup() {
+    lookups_survive(
+        &SERVER_IP.to_string(),
+        ("192.0.2.1:", "192.0.2.9:"),
+        |topology, ip| {
+            ip("addr add 192.0.2.9/24 dev IF");
+            ip(&format!("route add {SERVER_IP}/32 dev IF src 192.0.2.9"));
+            // The old source's way back is gone: the server's side drops what it sends.
+            must(topology.server.command("iptables").args([
+                "-A",
+                "INPUT",
+                "-s",
+                "192.0.2.1",
+                "-j",
+                "DROP",
+            ]));
+        },
     );
 }

@@ -102,7 +102,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         let (key, socket) = match socket {
             Some(connected) if connected.peer().is_some() => {
-                self.disconnect_upstream(key.upstream);
+                self.disconnect_upstream(key.upstream, connected.id());
                 match self.move_to_shared(key) {
                     Some((moved, shared)) => (moved, Some(shared)),
                     None => (key, Some(connected)),

@@ -50,6 +50,7 @@ use super::{
 use crate::{
     drain::{self, Deadline},
     log_limit::RateLimited,
+    route_changes::RouteChanges,
 };
 
 mod cached;
@@ -91,6 +92,9 @@ pub struct ForwardSettings {
     pub observers: Observers,
     /// With the cache on, the queries identical ones wait on, shared by every listener.
     pub in_flight: Arc<Coalescer>,
+    /// Changes to the namespace's routes and addresses: upstream sockets connected to a
+    /// server are connected anew after each.
+    pub route_changes: RouteChanges,
 }
 
 /// What the query log says of a UDP query.

@@ -102,29 +102,29 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let stats = &self.stats.udp;
         let pool = self.pool_for(upstream);
         let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
-        let mut table = self.pending.lock().expect("not poisoned");
         // The limit is the agent's, over all UDP threads (which may pass it by one each). A
         // client within its fair share passes it, up to twice the limit.
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
         if inflight < max || (within_fair_share && inflight < 2 * max) {
-            for socket in slots.candidates(picked) {
-                let key = PendingKey {
-                    socket: socket.id(),
-                    upstream,
-                    id,
-                };
-                if let Entry::Vacant(entry) = table.entry(key) {
-                    // Counted under the lock, so its answer cannot be counted first.
-                    stats.forwarding();
-                    entry.insert(pending(Arc::clone(socket)));
-                    socket.carries();
-                    return Some((key, Arc::clone(socket)));
-                }
+            let mut pending = Some(pending);
+            let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
+            if let Some(registered) =
+                self.insert_pending(slots.candidates(picked), key, &mut pending)
+            {
+                return Some(registered);
+            }
+            // Every socket connected to `upstream` carries a query with this ID to it: the
+            // shared sockets, as many as may be opened, take the rest.
+            drop(slots);
+            if picked.is_connected()
+                && let Some((slots, shared)) = self.pick_shared(pool, upstream, pick)
+                && let Some(registered) =
+                    self.insert_pending(slots.candidates(shared), key, &mut pending)
+            {
+                return Some(registered);
             }
         }
-        drop(table);
-        drop(slots);
         Stats::add(&stats.dropped_overload);
         self.overload_log.warn(|dropped| {
             format!(
@@ -133,6 +133,28 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 self.settings.max_inflight
             )
         });
+        None
+    }
+
+    /// Records `pending` (taken) on the first of `candidates` under whose `key` nothing is in
+    /// flight; its key and socket.
+    fn insert_pending<'s>(
+        &self,
+        candidates: impl Iterator<Item = &'s Arc<PoolSocket>>,
+        key: impl Fn(&PoolSocket) -> PendingKey,
+        pending: &mut Option<impl FnOnce(Arc<PoolSocket>) -> Pending>,
+    ) -> Option<(PendingKey, Arc<PoolSocket>)> {
+        let mut table = self.pending.lock().expect("not poisoned");
+        for socket in candidates {
+            let key = key(socket);
+            if let Entry::Vacant(entry) = table.entry(key) {
+                // Counted under the lock, so its answer cannot be counted first.
+                self.stats.udp.forwarding();
+                entry.insert((pending.take()?)(Arc::clone(socket)));
+                socket.carries();
+                return Some((key, Arc::clone(socket)));
+            }
+        }
         None
     }
 

@@ -210,6 +210,9 @@ struct Connected {
     sockets: Vec<Arc<PoolSocket>>,
     /// When a query last went to it.
     last_asked: Instant,
+    /// The [`RouteChanges`](crate::route_changes::RouteChanges) its sockets were connected
+    /// after: after another, they are connected anew.
+    routes: u64,
 }
 
 /// The sockets a query may leave from, as [`UdpProxy::pick_socket`] chose them: those of
@@ -219,6 +222,13 @@ struct Connected {
 pub(super) struct Picked {
     connected: Option<usize>,
     start: usize,
+}
+
+impl Picked {
+    /// Whether the sockets picked are connected to the upstream.
+    pub(super) fn is_connected(&self) -> bool {
+        self.connected.is_some()
+    }
 }
 
 impl Slots {
@@ -243,14 +253,34 @@ fn pool_socket(any: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocke
         // IPv4 servers are asked from the IPv4 pool.
         socket.set_only_v6(true)?;
     }
-    socket.bind(&any.into())?;
     // An unreachable server (its port closed, no route) is told at once, not by a timeout.
     mmsg::queue_errors(socket.as_fd(), any.is_ipv6())?;
-    if let Some(peer) = peer {
-        // A route lookup: nothing is sent.
-        socket.connect(&peer.into())?;
+    match peer {
+        // Connected with no bind first (connect picks a random port, as a bind to port 0
+        // does): until it is connected, the socket takes anyone's datagrams, and once it is,
+        // its receives no longer ask who sent them. A route lookup: nothing is sent.
+        Some(peer) => {
+            socket.connect(&peer.into())?;
+            discard_queued(&socket);
+        }
+        None => socket.bind(&any.into())?,
     }
     UdpSocket::from_std(socket.into())
+}
+
+/// Discards what reached a socket just connected, before anything was sent from it (so
+/// nothing from its peer): datagrams of anyone that hit its port as `connect` bound it, and
+/// their errors.
+fn discard_queued(socket: &Socket) {
+    let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+    // Bounded: each call takes a datagram or a pending error, and the queue is small.
+    for _ in 0..1024 {
+        match socket.recv(&mut byte) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            _ => {}
+        }
+    }
+    while let Ok(Some(_)) = mmsg::receive_error(socket.as_fd()) {}
 }
 
 thread_local! {
@@ -301,6 +331,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if let Some(index) = slots.connected.iter().position(|c| c.upstream == upstream) {
             let connected = &mut slots.connected[index];
             connected.last_asked = now;
+            let routes = self.settings.route_changes.generation();
+            if connected.routes != routes {
+                // Their source address or route may be gone: fresh ones are connected (what
+                // is in flight on these is still answered, until they close).
+                connected.routes = routes;
+                for socket in connected.sockets.drain(..) {
+                    socket.retire();
+                }
+            }
             let (sockets, peer) = (&mut connected.sockets, Some(upstream));
             match self.pick_among(sockets, CONNECTED_SOCKETS, pool.any, peer, pick) {
                 Ok(start) => {
@@ -407,18 +446,23 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream,
             sockets: Vec::new(),
             last_asked: now,
+            routes: self.settings.route_changes.generation(),
         });
     }
 
-    /// A query sent to `upstream` from a socket connected to it could not be sent, or timed
+    /// A query sent to `upstream` from `socket`, connected to it, could not be sent, or timed
     /// out with nothing heard on that socket since it left: the socket's source address may
     /// be gone (the host's address changed, or the route to it), which a connected socket
-    /// keeps. `upstream` gives its connected sockets up, and is asked from the shared ones
-    /// (which choose a source for every datagram) until it answers again.
-    pub(super) fn disconnect_upstream(&self, upstream: SocketAddr) {
+    /// keeps. If `socket` is still one of `upstream`'s (not one already replaced),
+    /// `upstream` gives its connected sockets up, and is asked from the shared ones (which
+    /// choose a source for every datagram) until it answers again.
+    pub(super) fn disconnect_upstream(&self, upstream: SocketAddr, socket: u64) {
         let pool = self.pool_for(upstream);
         let mut slots = pool.slots.lock().expect("not poisoned");
-        if let Some(index) = slots.connected.iter().position(|c| c.upstream == upstream) {
+        let current = slots.connected.iter().position(|c| {
+            c.upstream == upstream && c.sockets.iter().any(|open| open.id() == socket)
+        });
+        if let Some(index) = current {
             for socket in slots.connected.swap_remove(index).sockets {
                 socket.retire();
             }
@@ -431,5 +475,35 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             SocketAddr::V4(_) => &self.v4,
             SocketAddr::V6(_) => &self.v6,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reached a socket's port before it was connected (anyone's datagram, an error) is
+    /// gone once it is: its receives no longer ask who sent what they take.
+    #[tokio::test]
+    async fn what_reached_a_socket_before_it_was_connected_is_discarded() {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), None).unwrap();
+        socket
+            .bind(&SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)).into())
+            .unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap();
+        let anyone = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..3 {
+            anyone.send_to(b"forged answer", port).await.unwrap();
+        }
+        socket.connect(&peer.local_addr().unwrap().into()).unwrap();
+        discard_queued(&socket);
+        let mut buf = [std::mem::MaybeUninit::uninit(); 64];
+        let err = socket.recv(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        // What its peer sends still comes through.
+        peer.send_to(b"answer", port).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(socket.recv(&mut buf).unwrap(), 6);
     }
 }

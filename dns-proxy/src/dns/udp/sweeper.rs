@@ -90,15 +90,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 }
             }
             let stats = &self.stats.udp;
-            let mut disconnected = None;
             for (key, mut pending) in expired {
                 let socket = &pending.socket;
-                if socket.peer().is_some()
-                    && !socket.answered_since(pending.started)
-                    && disconnected != Some(key.upstream)
-                {
-                    self.disconnect_upstream(key.upstream);
-                    disconnected = Some(key.upstream);
+                if socket.peer().is_some() && !socket.answered_since(pending.started) {
+                    self.disconnect_upstream(key.upstream, socket.id());
                 }
                 pending.socket.settled();
                 Stats::add(&stats.upstream_timeouts);

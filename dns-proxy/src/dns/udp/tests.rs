@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::timeout;
 
 use super::{
-    pool::{CONNECTED_IDLE, CONNECTED_UPSTREAMS, POOL_SIZE, RETIRED_CHECK},
+    pool::{CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, POOL_SIZE, RETIRED_CHECK},
     *,
 };
 use crate::dns::FixedDestination as Fixed;
@@ -71,6 +71,7 @@ fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
         cache: None,
         in_flight: Arc::new(Coalescer::new(1024)),
         observers: Observers::default(),
+        route_changes: RouteChanges::default(),
     }
 }
 
@@ -433,6 +434,7 @@ async fn refuses_to_forward_to_itself() {
         cache: None,
         in_flight: Arc::new(Coalescer::new(1024)),
         observers: Observers::default(),
+        route_changes: RouteChanges::default(),
     };
     let destinations = Fixed {
         original: Some(itself),
@@ -545,6 +547,25 @@ async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
         .unwrap();
     assert_eq!(&buf[..len], answer_to(QUERY), "its own server's answer");
     assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// An upstream that answers every query but those whose ID starts with 0xde.
+async fn dropping_upstream() -> SocketAddr {
+    serve_upstream(|query| {
+        if query[0] == 0xde {
+            vec![]
+        } else {
+            vec![answer_to(query)]
+        }
+    })
+    .await
+}
+
+/// `QUERY` with ID `id`.
+fn with_id(id: u16) -> Vec<u8> {
+    let mut query = QUERY.to_vec();
+    query[..2].copy_from_slice(&id.to_be_bytes());
+    query
 }
 
 /// Registers (without sending) `query` from `client` as it arrives over loopback; the pool
@@ -711,21 +732,8 @@ async fn only_a_few_upstreams_get_connected_sockets_and_an_idle_one_gives_its_pl
 /// (a lost query) changes nothing.
 #[tokio::test]
 async fn a_connected_upstream_that_falls_silent_is_asked_from_shared_sockets_again() {
-    // Queries whose ID starts with 0xde are never answered.
-    let upstream = serve_upstream(|query| {
-        if query[0] == 0xde {
-            vec![]
-        } else {
-            vec![answer_to(query)]
-        }
-    })
-    .await;
+    let upstream = dropping_upstream().await;
     let proxy = proxy(Some(upstream), 64).await;
-    let with_id = |id: u16| {
-        let mut query = QUERY.to_vec();
-        query[..2].copy_from_slice(&id.to_be_bytes());
-        query
-    };
     assert!(ask(&proxy, &with_id(1)).await.is_some());
     assert!(ask(&proxy, &with_id(2)).await.is_some());
     assert!(matches!(proxy.v4.connected()[..], [(_, 1..)]));
@@ -802,4 +810,75 @@ async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_shared_one() 
     assert_eq!(proxy.stats.udp.upstream_errors.load(Ordering::Relaxed), 0);
     assert_eq!(proxy.v4.connected(), [(answering, 0)], "connected to anew");
     assert_eq!(proxy.inflight(), 0);
+}
+
+/// A change to the namespace's routes or addresses (rtnetlink says so): the sockets connected
+/// to an upstream are replaced by fresh ones, connected anew, at its next query. A query
+/// that then times out on one of the replaced sockets does not take the fresh ones away.
+#[tokio::test]
+async fn after_a_route_change_connected_sockets_are_connected_anew() {
+    let upstream = dropping_upstream().await;
+    let changes = RouteChanges::default();
+    let settings = ForwardSettings {
+        route_changes: changes.clone(),
+        ..settings(64, 64)
+    };
+    let proxy = start_proxy(Some(upstream), settings).await;
+    assert!(ask(&proxy, &with_id(1)).await.is_some());
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+    // A query that will be lost, on a connected socket.
+    let lost = with_id(0xde01);
+    let before = register_from(&proxy, &lost, client_addr);
+    assert_eq!(before.peer(), Some(upstream));
+    before.socket().send(&lost).await.unwrap();
+
+    changes.changed();
+    let answered = with_id(2);
+    let after = register_from(&proxy, &answered, client_addr);
+    assert_eq!(after.peer(), Some(upstream));
+    assert_ne!(after.id(), before.id(), "a fresh socket");
+    assert_eq!(
+        proxy.v4.connected(),
+        [(upstream, 1)],
+        "the old ones are replaced"
+    );
+    after.socket().send(&answered).await.unwrap();
+    let mut buf = [0u8; 512];
+    let (len, _) = client.recv_from(&mut buf).await.unwrap();
+    assert_eq!(&buf[..len], answer_to(&answered));
+
+    // The lost query times out on the replaced socket, where nothing was heard.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.v4.connected(), [(upstream, 1)], "the fresh one stays");
+}
+
+/// Queries with the same ID to one upstream at once (clients that all use ID 0, health
+/// checks say) take a socket each: an upstream with connected sockets has the shared ones,
+/// as many as may be opened, besides its few.
+#[tokio::test]
+async fn same_id_queries_to_a_connected_upstream_fit_as_many_as_before() {
+    let proxy = proxy(Some(upstream(false).await), 64).await;
+    assert!(ask(&proxy, QUERY).await.is_some());
+    let upstream = proxy.v4.connected()[0].0;
+    let registered = (0..40u16)
+        .filter(|n| {
+            let client = SocketAddr::from((Ipv4Addr::LOCALHOST, 20_000 + n));
+            let arrival = Some(Arrival {
+                destination: proxy.local_addr.ip(),
+                ifindex: LOOPBACK_IFINDEX,
+            });
+            let now = Moment::now();
+            proxy
+                .register_query(QUERY, client, arrival, now, 0, &mut Vec::new())
+                .is_some_and(|(key, _)| key.upstream == upstream)
+        })
+        .count();
+    // Its own connected sockets, and every shared one.
+    assert_eq!(registered, CONNECTED_SOCKETS + POOL_SIZE);
+    assert_eq!(
+        proxy.stats.udp.dropped_overload.load(Ordering::Relaxed),
+        40 - registered as u64
+    );
 }

@@ -1,0 +1,197 @@
+//! Changes to the agent's network namespace that may change the route or the source address
+//! of a datagram to an upstream: its links, addresses, routes and routing rules, as rtnetlink
+//! announces them. An upstream socket connected to a server keeps the source address and the
+//! route `connect` chose; a change makes the pool connect its sockets anew
+//! (`dns::udp::pool`). Only that anything changed counts, so no message is parsed: a missed
+//! one (`ENOBUFS`, the socket's queue overran) counts as a change too.
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// How many changes the agent has seen: cheap to read on every pick of an upstream socket.
+#[derive(Debug, Clone, Default)]
+pub struct RouteChanges(Arc<AtomicU64>);
+
+impl RouteChanges {
+    /// Changes seen so far.
+    pub fn generation(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Something changed.
+    pub fn changed(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Subscribes to the changes of this network namespace and counts them in a task on the
+    /// current tokio runtime, until the runtime ends. Needs no privilege.
+    pub fn watch(&self) -> io::Result<()> {
+        // SAFETY: the AsyncFd owns the descriptor, which stays open and the same until it
+        // is dropped.
+        let socket = unsafe { AsyncFd::register_with_interest(subscribe()?, Interest::READABLE) }
+            .map_err(|err| io::Error::other(err.to_string()))?;
+        let changes = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = changes.count(&socket).await {
+                log::warn!(
+                    "watching for route and address changes: {err}; upstream sockets connected \
+                     to a server are connected anew only when a query on one fails or times out"
+                );
+            }
+        });
+        Ok(())
+    }
+
+    async fn count(&self, socket: &AsyncFd<OwnedFd>) -> io::Result<()> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let mut ready = socket.readable().await?;
+            loop {
+                // SAFETY: the buffer is live and as long as said; the kernel writes within it.
+                let read = unsafe {
+                    libc::recv(
+                        socket.as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if read >= 0 {
+                    self.changed();
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    // Messages were lost: whatever they said, something changed.
+                    Some(libc::ENOBUFS) => self.changed(),
+                    Some(libc::EINTR) => {}
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
+}
+
+/// A non-blocking rtnetlink socket subscribed to link, address, route and rule changes, of
+/// IPv4 and IPv6.
+fn subscribe() -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; the descriptor is owned at once below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ipv6_rules = 1 << (libc::RTNLGRP_IPV6_RULE - 1);
+    let groups = libc::RTMGRP_LINK
+        | libc::RTMGRP_IPV4_IFADDR
+        | libc::RTMGRP_IPV4_ROUTE
+        | libc::RTMGRP_IPV4_RULE
+        | libc::RTMGRP_IPV6_IFADDR
+        | libc::RTMGRP_IPV6_ROUTE
+        | ipv6_rules as libc::c_int;
+    // SAFETY: `sockaddr_nl` is plain integers: all zeros is valid, the fields are set below.
+    let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    address.nl_groups = groups as u32;
+    // SAFETY: the address is a live `sockaddr_nl` of the length given.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{process::Command, time::Duration};
+
+    use super::*;
+
+    /// In a network namespace of its own (`unshare`, so nothing of the host's changes), each
+    /// kind of change is counted: an address added, a route added, a link set down.
+    #[test]
+    fn changes_to_links_addresses_and_routes_are_counted() {
+        if !nix_is_root() {
+            panic!("this test needs root (a network namespace of its own)");
+        }
+        let changes = RouteChanges::default();
+        let child = std::thread::spawn({
+            let changes = changes.clone();
+            move || {
+                // This thread alone moves into a fresh namespace; the test's others stay.
+                // SAFETY: unshare on this thread only, with a flag that takes no pointer.
+                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    changes.watch().unwrap();
+                    let ip = |args: &str| {
+                        let netns =
+                            format!("/proc/{}/task/{}/ns/net", std::process::id(), gettid());
+                        let status = Command::new("nsenter")
+                            .arg(format!("--net={netns}"))
+                            .arg("ip")
+                            .args(args.split_whitespace())
+                            .status()
+                            .unwrap();
+                        assert!(status.success(), "ip {args}");
+                    };
+                    let mut seen = changes.generation();
+                    for change in [
+                        "link set lo up",
+                        "addr add 192.0.2.7/24 dev lo",
+                        "route add 198.51.100.0/24 dev lo",
+                        "-6 route add 2001:db8:1::/64 dev lo",
+                        "rule add from 192.0.2.7 table 100",
+                        "link set lo down",
+                    ] {
+                        ip(change);
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while changes.generation() == seen {
+                            assert!(tokio::time::Instant::now() < deadline, "{change}: not seen");
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        seen = changes.generation();
+                    }
+                });
+            }
+        });
+        child.join().unwrap();
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn gettid() -> libc::pid_t {
+        // SAFETY: gettid takes nothing and cannot fail.
+        unsafe { libc::gettid() }
+    }
+}
