@@ -11,16 +11,20 @@
 //! (the hooks are switched on machine-wide once any is), and a send with an address looks
 //! its route up each time. A connected socket sends and receives without one: the kernel
 //! delivers it nothing but its upstream's datagrams, and keeps the route. Measured in
-//! docs/performance.md: about 6 % of the agent's CPU per query.
+//! docs/performance.md: about 5 % of the agent's CPU per query.
 //!
 //! Only an upstream that has answered a query gets connected sockets, so a workload that asks
 //! servers that never answer takes none. An upstream not asked for [`CONNECTED_IDLE`] gives
 //! its place to the next that answers; upstreams beyond the few are asked from the shared
-//! sockets, as are all of them whenever their connected sockets cannot be opened. A connected
-//! socket keeps the source address it was given at `connect`: if a query on one cannot be
-//! sent, or times out with nothing heard on it since, that address may be gone (the host's
-//! changed), and the upstream goes back to the shared sockets, which choose one per datagram,
-//! until it answers again ([`UdpProxy::disconnect_upstream`]).
+//! sockets, as are all of them whenever their connected sockets cannot be opened, and queries
+//! with an ID all of its connected sockets carry to it.
+//!
+//! A connected socket keeps the route and source address `connect` chose. After any change
+//! to the namespace's links, addresses, routes or rules ([`crate::route_changes`]), an
+//! upstream's connected sockets are replaced by fresh ones at its next query. Should a change
+//! go unannounced: if a query on a connected socket cannot be sent, or times out with nothing
+//! heard on that socket since, the upstream goes back to the shared sockets, which choose a
+//! source per datagram, until it answers again ([`UdpProxy::disconnect_upstream`]).
 use std::{
     cell::Cell,
     hash::{BuildHasher, RandomState},
