@@ -1,6 +1,6 @@
 //! Changes to the agent's network namespace that may change the route or the source address
-//! of a datagram to an upstream: its links, addresses, routes and routing rules, as rtnetlink
-//! announces them. An upstream socket connected to a server keeps the source address and the
+//! of a datagram to an upstream: its links, addresses, routes, nexthops and routing rules, as
+//! rtnetlink announces them. An upstream socket connected to a server keeps the source address and the
 //! route `connect` chose; a change makes the pool connect its sockets anew
 //! (`dns::udp::pool`). Only that anything changed counts, so no message is parsed: a missed
 //! one (`ENOBUFS`, the socket's queue overran) counts as a change too.
@@ -122,8 +122,29 @@ fn subscribe() -> io::Result<OwnedFd> {
     if bound < 0 {
         return Err(io::Error::last_os_error());
     }
+    // Nexthop objects (`ip nexthop`), which routes may point at: a replaced one changes the
+    // path of every route using it, and with `net.ipv4.nexthop_compat_mode=0` no route change
+    // is announced for it. Group 32 is beyond `nl_groups`' bits; a kernel without it (before
+    // 5.3) has no nexthop objects either.
+    let nexthops = libc::RTNLGRP_NEXTHOP;
+    // SAFETY: the option value is a live `c_uint` of the length given.
+    let joined = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_NETLINK,
+            NETLINK_ADD_MEMBERSHIP,
+            (&raw const nexthops).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if joined < 0 {
+        log::debug!("no nexthop announcements: {}", io::Error::last_os_error());
+    }
     Ok(socket)
 }
+
+/// `linux/netlink.h`'s socket option to join a multicast group by its number.
+const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
 
 #[cfg(test)]
 mod tests {
@@ -132,7 +153,9 @@ mod tests {
     use super::*;
 
     /// In a network namespace of its own (`unshare`, so nothing of the host's changes), each
-    /// kind of change is counted: an address added, a route added, a link set down.
+    /// kind of change is counted: a link set up and down, an address, routes, a rule, and a
+    /// nexthop object replaced with `nexthop_compat_mode` off (no route change is announced
+    /// for it then).
     #[test]
     fn changes_to_links_addresses_and_routes_are_counted() {
         if !nix_is_root() {
@@ -151,17 +174,25 @@ mod tests {
                     .unwrap();
                 runtime.block_on(async {
                     changes.watch().unwrap();
-                    let ip = |args: &str| {
+                    // `ip ARGS` (or another command) in this thread's namespace.
+                    let run = |command: &str| {
                         let netns =
                             format!("/proc/{}/task/{}/ns/net", std::process::id(), gettid());
+                        let mut words = command.split_whitespace();
+                        let program = if command.starts_with("sysctl") {
+                            words.next().unwrap()
+                        } else {
+                            "ip"
+                        };
                         let status = Command::new("nsenter")
                             .arg(format!("--net={netns}"))
-                            .arg("ip")
-                            .args(args.split_whitespace())
+                            .arg(program)
+                            .args(words)
                             .status()
                             .unwrap();
-                        assert!(status.success(), "ip {args}");
+                        assert!(status.success(), "{command}");
                     };
+                    run("sysctl -qw net.ipv4.nexthop_compat_mode=0");
                     let mut seen = changes.generation();
                     for change in [
                         "link set lo up",
@@ -169,14 +200,19 @@ mod tests {
                         "route add 198.51.100.0/24 dev lo",
                         "-6 route add 2001:db8:1::/64 dev lo",
                         "rule add from 192.0.2.7 table 100",
+                        "nexthop add id 7 dev lo",
+                        "nexthop replace id 7 via 192.0.2.8 dev lo",
                         "link set lo down",
                     ] {
-                        ip(change);
+                        run(change);
                         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
                         while changes.generation() == seen {
                             assert!(tokio::time::Instant::now() < deadline, "{change}: not seen");
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        // What the change set off (IPv6 on a link brought up) is counted
+                        // before the next: each is seen for itself.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         seen = changes.generation();
                     }
                 });

@@ -21,7 +21,8 @@
 //!
 //! A connected socket keeps the route and source address `connect` chose. After any change
 //! to the namespace's links, addresses, routes or rules ([`crate::route_changes`]), an
-//! upstream's connected sockets are replaced by fresh ones at its next query. Should a change
+//! upstream's connected sockets are replaced by fresh ones at its next query (at most once
+//! per [`RECONNECT_EVERY`]; meanwhile, the shared sockets). Should a change
 //! go unannounced: if a query on a connected socket cannot be sent, or times out with nothing
 //! heard on that socket since, the upstream goes back to the shared sockets, which choose a
 //! source per datagram, until it answers again ([`UdpProxy::disconnect_upstream`]).
@@ -62,6 +63,12 @@ pub(super) const CONNECTED_SOCKETS: usize = 4;
 /// An upstream with connected sockets that is not asked for this long gives them up to the
 /// next upstream that answers (only when there is one and no room is left).
 pub(super) const CONNECTED_IDLE: Duration = Duration::from_secs(30);
+
+/// After a change to the namespace's routes, an upstream's connected sockets are replaced at
+/// most this often. Changes that come faster (a node's pod churn) leave it on the shared
+/// sockets, which follow any change, until this has passed: connecting anew at every change
+/// would open a socket per query and keep one open per query in flight.
+pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Queries a pool socket carries before a fresh one, on a new random port, takes its place:
 /// the ports keep changing, and the cost of a socket is shared by this many queries.
@@ -217,6 +224,8 @@ struct Connected {
     /// The [`RouteChanges`](crate::route_changes::RouteChanges) its sockets were connected
     /// after: after another, they are connected anew.
     routes: u64,
+    /// When they were last connected anew for a change.
+    reconnected: Option<Instant>,
 }
 
 /// The sockets a query may leave from, as [`UdpProxy::pick_socket`] chose them: those of
@@ -337,9 +346,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             connected.last_asked = now;
             let routes = self.settings.route_changes.generation();
             if connected.routes != routes {
+                let recently = connected
+                    .reconnected
+                    .is_some_and(|at| now.saturating_duration_since(at) < RECONNECT_EVERY);
+                if recently {
+                    drop(slots);
+                    return self.pick_shared(pool, upstream, pick);
+                }
                 // Their source address or route may be gone: fresh ones are connected (what
                 // is in flight on these is still answered, until they close).
                 connected.routes = routes;
+                connected.reconnected = Some(now);
                 for socket in connected.sockets.drain(..) {
                     socket.retire();
                 }
@@ -451,6 +468,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             sockets: Vec::new(),
             last_asked: now,
             routes: self.settings.route_changes.generation(),
+            reconnected: None,
         });
     }
 

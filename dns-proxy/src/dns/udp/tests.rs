@@ -4,7 +4,10 @@ use std::sync::atomic::Ordering;
 use tokio::time::timeout;
 
 use super::{
-    pool::{CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, POOL_SIZE, RETIRED_CHECK},
+    pool::{
+        CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, POOL_SIZE, RECONNECT_EVERY,
+        RETIRED_CHECK,
+    },
     *,
 };
 use crate::dns::FixedDestination as Fixed;
@@ -881,4 +884,43 @@ async fn same_id_queries_to_a_connected_upstream_fit_as_many_as_before() {
         proxy.stats.udp.dropped_overload.load(Ordering::Relaxed),
         40 - registered as u64
     );
+}
+
+/// Route changes that come faster than [`RECONNECT_EVERY`] (a node's pod churn): an upstream's
+/// connected sockets are replaced at the first, and meanwhile it is asked from the shared
+/// sockets, which follow any change, not from a socket connected anew at every change.
+#[tokio::test]
+async fn route_changes_in_quick_succession_leave_the_upstream_on_shared_sockets() {
+    let changes = RouteChanges::default();
+    let settings = ForwardSettings {
+        route_changes: changes.clone(),
+        ..settings(8, 8)
+    };
+    let proxy = start_proxy(None, settings).await;
+    // A loopback port no one listens on: connecting a socket sends nothing.
+    let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 10_053));
+    let start = std::time::Instant::now();
+    proxy.connect_upstream(upstream, start);
+    // The first socket each pick leaves from, and whether it is connected.
+    let pick = |at| {
+        let (slots, picked) = proxy.pick_socket(&proxy.v4, upstream, 0, at).unwrap();
+        let first = slots.candidates(picked).next().map(|socket| socket.id());
+        (first.unwrap(), picked.is_connected())
+    };
+    let (connected, true) = pick(start) else {
+        panic!("not connected")
+    };
+    changes.changed();
+    let (fresh, true) = pick(start) else {
+        panic!("not connected anew")
+    };
+    assert_ne!(fresh, connected);
+    changes.changed();
+    let soon = start + RECONNECT_EVERY / 2;
+    assert!(!pick(soon).1, "asked from a shared socket");
+    assert_eq!(proxy.v4.connected(), [(upstream, 1)]);
+    let (later, true) = pick(start + RECONNECT_EVERY) else {
+        panic!("not connected anew after {RECONNECT_EVERY:?}")
+    };
+    assert_ne!(later, fresh);
 }
