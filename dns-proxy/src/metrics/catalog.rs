@@ -213,8 +213,9 @@ pub const METRICS: &[Metric] = &[
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
                foreign_loopback (from another network namespace to a loopback server), stray \
-               (UDP: a datagram from upstream that answers no query in flight, late or forged), \
-               or stalled (TCP: a client that stopped reading its answers for \
+               (UDP: a datagram from upstream that answers no query in flight, late or forged; \
+               not one the kernel refuses: from another address or port than the server an \
+               upstream socket is connected to, or to a socket already closed), or stalled (TCP: a client that stopped reading its answers for \
                --upstream-timeout; its connection is closed).",
         read: Read::Counter(|s| {
             let mut samples = Vec::new();
