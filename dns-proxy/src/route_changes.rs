@@ -1,18 +1,20 @@
 //! Changes to the agent's network namespace that may change the route or the source address
 //! of a datagram to an upstream: its links, addresses, routes, nexthops and routing rules, as
-//! rtnetlink announces them. An upstream socket connected to a server keeps the source address and the
-//! route `connect` chose; a change makes the pool connect its sockets anew
+//! rtnetlink announces them. An upstream socket connected to a server keeps the source address
+//! and the route `connect` chose; a change makes the pool connect its sockets anew
 //! (`dns::udp::pool`). Only that anything changed counts, so no message is parsed: a missed
 //! one (`ENOBUFS`, the socket's queue overran) counts as a change too.
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    mem::MaybeUninit,
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{Interest, unix::AsyncFd};
 
 /// How many changes the agent has seen: cheap to read on every pick of an upstream socket.
@@ -33,8 +35,8 @@ impl RouteChanges {
     /// Subscribes to the changes of this network namespace and counts them in a task on the
     /// current tokio runtime, until the runtime ends. Needs no privilege.
     pub fn watch(&self) -> io::Result<()> {
-        // SAFETY: the AsyncFd owns the descriptor, which stays open and the same until it
-        // is dropped.
+        // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and the same
+        // until it is dropped.
         let socket = unsafe { AsyncFd::register_with_interest(subscribe()?, Interest::READABLE) }
             .map_err(|err| io::Error::other(err.to_string()))?;
         let changes = self.clone();
@@ -49,56 +51,33 @@ impl RouteChanges {
         Ok(())
     }
 
-    async fn count(&self, socket: &AsyncFd<OwnedFd>) -> io::Result<()> {
-        let mut buffer = vec![0u8; 64 * 1024];
+    async fn count(&self, socket: &AsyncFd<Socket>) -> io::Result<()> {
+        let mut buffer = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
         loop {
             let mut ready = socket.readable().await?;
-            loop {
-                // SAFETY: the buffer is live and as long as said; the kernel writes within it.
-                let read = unsafe {
-                    libc::recv(
-                        socket.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if read >= 0 {
-                    self.changed();
-                    continue;
-                }
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EAGAIN) => {
-                        ready.clear_ready();
-                        break;
-                    }
-                    // Messages were lost: whatever they said, something changed.
-                    Some(libc::ENOBUFS) => self.changed(),
-                    Some(libc::EINTR) => {}
-                    _ => return Err(err),
-                }
+            // `WouldBlock` (an empty queue) clears the readiness and waits again.
+            let Ok(received) = ready.try_io(|socket| socket.get_ref().recv(&mut buffer)) else {
+                continue;
+            };
+            match received {
+                Ok(_) => self.changed(),
+                // Messages were lost: whatever they said, something changed.
+                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => self.changed(),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
             }
         }
     }
 }
 
-/// A non-blocking rtnetlink socket subscribed to link, address, route and rule changes, of
-/// IPv4 and IPv6.
-fn subscribe() -> io::Result<OwnedFd> {
-    // SAFETY: plain integer arguments; the descriptor is owned at once below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just opened, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+/// A non-blocking rtnetlink socket subscribed to link, address, route, nexthop and rule
+/// changes, of IPv4 and IPv6.
+fn subscribe() -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW.nonblocking().cloexec(),
+        Some(Protocol::from(libc::NETLINK_ROUTE)),
+    )?;
     let ipv6_rules = 1 << (libc::RTNLGRP_IPV6_RULE - 1);
     let groups = libc::RTMGRP_LINK
         | libc::RTMGRP_IPV4_IFADDR

@@ -311,21 +311,25 @@ async fn answers_the_client_would_take_are_relayed_a_case_change_or_no_question(
     }
 }
 
+/// Sends `QUERY` with ID `id` from `client` and checks the upstream's answer comes back.
+async fn answered_in_turn(proxy: &UdpProxy<Fixed>, client: &UdpSocket, id: u16) {
+    let query = with_id(id);
+    client.send_to(&query, proxy.local_addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("query {id} unanswered: {}", proxy.stats.summary()))
+        .unwrap();
+    assert_eq!(&buf[..len], &answer_to(&query)[..], "query {id}");
+}
+
 #[tokio::test]
 async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
     let proxy = proxy(Some(upstream(false).await), 64).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let queries = (POOL_SIZE as u32 * USES_PER_SOCKET * 2) as usize;
-    let mut buf = [0u8; 1024];
     for i in 0..queries {
-        let mut query = QUERY.to_vec();
-        query[..2].copy_from_slice(&(i as u16).to_be_bytes());
-        client.send_to(&query, proxy.local_addr).await.unwrap();
-        let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("query {i} unanswered: {}", proxy.stats.summary()))
-            .unwrap();
-        assert_eq!(&buf[..len], &answer_to(&query)[..], "query {i}");
+        answered_in_turn(&proxy, &client, i as u16).await;
     }
     let opened = proxy.next_socket_id.load(Ordering::Relaxed);
     assert!(
@@ -599,16 +603,8 @@ async fn an_upstream_that_answers_is_asked_from_sockets_connected_to_it() {
     assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
     assert_eq!(proxy.v4.connected(), [(answering, 0)]);
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut buf = [0u8; 1024];
     for id in 1..=20u16 {
-        let mut query = QUERY.to_vec();
-        query[..2].copy_from_slice(&id.to_be_bytes());
-        client.send_to(&query, proxy.local_addr).await.unwrap();
-        let (len, _) = timeout(Duration::from_secs(2), client.recv_from(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("query {id} unanswered: {}", proxy.stats.summary()))
-            .unwrap();
-        assert_eq!(&buf[..len], &answer_to(&query)[..], "query {id}");
+        answered_in_turn(&proxy, &client, id).await;
     }
     let connected = proxy.v4.connected();
     assert!(matches!(connected[..], [(upstream, 1..)] if upstream == answering));
