@@ -9,7 +9,7 @@
 //! connections). What is turned away is counted and logged here (the warnings rate-limited),
 //! under the transport's own counters and log target.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -59,7 +59,7 @@ pub fn upstream_for(
     upstream_override: Option<SocketAddr>,
     destinations: &impl OriginalDestinations,
 ) -> Result<SocketAddr, Refusal> {
-    let upstream = upstream_override.unwrap_or(original);
+    let upstream = this_host(upstream_override.unwrap_or(original));
     if destinations.is_proxy(upstream) {
         return Err(Refusal::Loop);
     }
@@ -67,6 +67,22 @@ pub fn upstream_for(
         return Err(Refusal::ForeignLoopback);
     }
     Ok(upstream)
+}
+
+/// `server`, with an unspecified address replaced by the loopback address the kernel sends
+/// to in its place (`0.0.0.0` → `127.0.0.1`, `::` → `::1`, and v4-mapped alike). A client
+/// asking `0.0.0.0` takes the answer from `127.0.0.1`, and so must the agent: an answer is
+/// relayed only if it comes from the address the query went to.
+fn this_host(server: SocketAddr) -> SocketAddr {
+    let ip = match server.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.to_ipv4_mapped() == Some(Ipv4Addr::UNSPECIFIED) => {
+            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped())
+        }
+        ip => ip,
+    };
+    SocketAddr::new(ip, server.port())
 }
 
 /// The transport a listener serves: whose counters and words its refusals take.
@@ -307,6 +323,35 @@ mod tests {
         );
         assert_eq!(
             upstream_for(at("169.254.20.10:53"), true, None, &proxy),
+            Err(Refusal::Loop)
+        );
+    }
+
+    /// A client of this namespace asking an unspecified address is answered by this host's
+    /// loopback: that is where its query goes, and where the answer must come from.
+    #[test]
+    fn an_unspecified_server_is_this_hosts_loopback() {
+        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let proxy = FixedDestination {
+            original: None,
+            proxy: Some(at("127.0.0.1:5300")),
+        };
+        for (asked, upstream) in [
+            ("0.0.0.0:53", "127.0.0.1:53"),
+            ("[::]:53", "[::1]:53"),
+            ("[::ffff:0.0.0.0]:53", "[::ffff:127.0.0.1]:53"),
+            ("127.0.0.53:53", "127.0.0.53:53"),
+            ("192.0.2.2:53", "192.0.2.2:53"),
+        ] {
+            assert_eq!(
+                upstream_for(at(asked), true, None, &proxy),
+                Ok(at(upstream)),
+                "{asked}"
+            );
+        }
+        // Asked as 0.0.0.0, the proxy's own address is still a loop.
+        assert_eq!(
+            upstream_for(at("0.0.0.0:5300"), true, None, &proxy),
             Err(Refusal::Loop)
         );
     }

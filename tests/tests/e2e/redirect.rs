@@ -295,8 +295,9 @@ fn host_mode_leaves_other_namespaces_sockets_alone() {
     );
 }
 
-/// Node mode: pods keep their own loopback stubs; a node process keeps the node's stub; no pod
-/// reaches the node's loopback services through the agent, by any address or protocol.
+/// Node mode: pods keep their own loopback stubs; a node process keeps the node's stub, and
+/// asking 0.0.0.0 reaches the node's loopback; no pod reaches the node's loopback services
+/// through the agent, by any address or protocol.
 #[test]
 fn loopback_servers_are_each_namespaces_own_in_node_mode() {
     let node = NodeTopology::new();
@@ -351,6 +352,17 @@ fn loopback_servers_are_each_namespaces_own_in_node_mode() {
     }
     let line = forwarded(&agent, "nodestub.example.test");
     assert!(line.contains(&format!("server={node_stub}:53")), "{line}");
+
+    // A node process asking 0.0.0.0 reaches the node's own loopback, as it would directly:
+    // the kernel sends to 127.0.0.1 in its place, and the answer comes from there.
+    for (n, extra) in [&[][..], &["+tcp"][..]].into_iter().enumerate() {
+        let name = format!("nodeany{n}.example.test");
+        let output = dig_at(node.host("dig", &[]), "0.0.0.0", &name, extra)
+            .unwrap_or_else(|err| panic!("0.0.0.0 from the node: {err}"));
+        assert!(output.contains(&node_answer.to_string()), "{output}");
+        let line = forwarded(&agent, &name);
+        assert!(line.contains("upstream=127.0.0.1:53"), "{line}");
+    }
 
     // A pod asking 0.0.0.0 or the node stub's own address in the block gets nothing of the
     // node's, over UDP or TCP.
