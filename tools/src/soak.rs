@@ -33,8 +33,9 @@ pub struct Tools<'a> {
 const METRICS: &str = "127.0.0.1:9253";
 /// RSS may move this much after warm-up (allocator noise) and still count as flat.
 const RSS_SLACK_KIB: u64 = 2048;
-/// Descriptors may differ this much: the upstream socket pools open and retire sockets as
-/// queries come (up to 16 per family, and retired ones until their last query settles).
+/// Descriptors may differ this much: the upstream sockets open and retire as queries come
+/// (one per query in flight to a server without connected sockets, up to 16 connected per
+/// family and thread, and retired ones until their last query settles).
 const FD_SLACK: u64 = 40;
 
 struct Sample {

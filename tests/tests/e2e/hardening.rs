@@ -12,14 +12,14 @@ const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 /// dns-probe's query ID (`QUERY_ID` there), which the proxy forwards unchanged.
 const PROBE_QUERY_ID: &str = "23063";
 
-/// The ports of the agent's upstream sockets, from `ss` in the agent's namespace: the shared
-/// ones (bound to 0.0.0.0 on a random port, for any server) and those connected to
+/// The ports of the agent's upstream sockets, from `ss` in the agent's namespace: those of
+/// one query's own (bound to 0.0.0.0 on a random port, not connected) and those connected to
 /// `SERVER_IP:53`.
 fn upstream_ports(topology: &Topology, agent_pid: u32) -> (Vec<u16>, Vec<u16>) {
     let output = must(topology.client.command("ss").args(["-Hunap"]));
     let pid = format!("pid={agent_pid},");
     let server = format!("{SERVER_IP}:53");
-    let (mut shared, mut connected) = (Vec::new(), Vec::new());
+    let (mut own, mut connected) = (Vec::new(), Vec::new());
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (Some(local), Some(peer)) = (fields.get(3), fields.get(4)) else {
@@ -29,12 +29,12 @@ fn upstream_ports(topology: &Topology, agent_pid: u32) -> (Vec<u16>, Vec<u16>) {
             .rsplit_once(':')
             .and_then(|(_, port)| port.parse().ok());
         match port {
-            Some(port) if line.contains(&pid) && local.starts_with("0.0.0.0:") => shared.push(port),
+            Some(port) if line.contains(&pid) && local.starts_with("0.0.0.0:") => own.push(port),
             Some(port) if line.contains(&pid) && *peer == server => connected.push(port),
             _ => {}
         }
     }
-    (shared, connected)
+    (own, connected)
 }
 
 /// Sends four forgeries of the answer to `name` at the agent's upstream socket on `port`:
@@ -68,7 +68,7 @@ fn took_the_real_answer(client: std::process::Child) {
 }
 
 /// While a lookup waits for a slow server, forged answers are sent straight at the agent's
-/// upstream socket. The first lookup leaves from a shared socket: the agent drops all four
+/// upstream socket. The first lookup leaves from a socket of its own: the agent drops all four
 /// forgeries (strays). Its server has answered, so the second leaves from a socket connected
 /// to it, to which the kernel delivers nothing but that server's datagrams: the forgeries from
 /// another address or port never reach the agent, the other two are dropped as strays.
@@ -96,21 +96,17 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
 
     let client = probe();
     // The agent opens its upstream socket when the query comes.
-    let (shared, connected) = wait_for(
+    let (own, connected) = wait_for(
         "the agent's upstream socket",
         Duration::from_secs(2),
-        || Some(upstream_ports(&topology, agent_pid)).filter(|(shared, _)| !shared.is_empty()),
+        || Some(upstream_ports(&topology, agent_pid)).filter(|(own, _)| !own.is_empty()),
     );
-    assert_eq!(
-        shared.len(),
-        1,
-        "one query, one upstream socket: {shared:?}"
-    );
+    assert_eq!(own.len(), 1, "one query, one upstream socket: {own:?}");
     assert!(
         connected.is_empty(),
         "its server has not answered yet: {connected:?}"
     );
-    forge_answers(&topology, shared[0], name);
+    forge_answers(&topology, own[0], name);
     took_the_real_answer(client);
     forwarded(&agent, name);
 

@@ -292,7 +292,7 @@ fn lookups_survive(
 /// lease, say). The sockets the agent connected to the server kept the old address as their
 /// source: they are connected anew at once (the kernel announces the change), and no lookup
 /// is lost. (Were the announcement missed, a send from the old address fails, and that query
-/// goes again from a shared socket.)
+/// goes again from a socket of its own.)
 #[test]
 fn a_change_of_the_agents_own_address_loses_no_lookup() {
     lookups_survive(

@@ -92,8 +92,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ///
     /// A socket connected to the upstream may have failed for want of its source address,
     /// which it keeps from `connect` (the host's may have changed): the upstream goes back to
-    /// the shared sockets, which choose one per datagram, until it answers again, and the
-    /// query is sent again from one of those.
+    /// a socket per query, which chooses one as it sends, until it answers again, and the
+    /// query is sent again from a socket of its own.
     pub(super) fn forward_failed(self: &Arc<Self>, key: PendingKey, sent: &[u8], err: &io::Error) {
         let stats = &self.stats.udp;
         let socket = {
@@ -103,8 +103,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let (key, socket) = match socket {
             Some(connected) if connected.peer().is_some() => {
                 self.disconnect_upstream(key.upstream, connected.id());
-                match self.move_to_shared(key) {
-                    Some((moved, shared)) => (moved, Some(shared)),
+                match self.move_to_one_off(key) {
+                    Some((moved, own)) => (moved, Some(own)),
                     None => (key, Some(connected)),
                 }
             }

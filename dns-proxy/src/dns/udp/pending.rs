@@ -110,17 +110,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let mut pending = Some(pending);
             let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
             if let Some(registered) =
-                self.insert_pending(slots.candidates(picked), key, &mut pending)
+                self.insert_pending(slots.candidates(&picked), key, &mut pending)
             {
                 return Some(registered);
             }
-            // Every socket connected to `upstream` carries a query with this ID to it: the
-            // shared sockets, as many as may be opened, take the rest.
+            // Every socket connected to `upstream` carries a query with this ID to it: this
+            // one leaves from a socket of its own.
             drop(slots);
             if picked.is_connected()
-                && let Some((slots, shared)) = self.pick_shared(pool, upstream, pick)
+                && let Some((slots, own)) = self.pick_one_off(pool, upstream)
                 && let Some(registered) =
-                    self.insert_pending(slots.candidates(shared), key, &mut pending)
+                    self.insert_pending(slots.candidates(&own), key, &mut pending)
             {
                 return Some(registered);
             }
@@ -139,35 +139,39 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Records `pending` (taken) on the first of `candidates` under whose `key` nothing is in
     /// flight; its key and socket.
     fn insert_pending<'s>(
-        &self,
+        self: &Arc<Self>,
         candidates: impl Iterator<Item = &'s Arc<PoolSocket>>,
         key: impl Fn(&PoolSocket) -> PendingKey,
         pending: &mut Option<impl FnOnce(Arc<PoolSocket>) -> Pending>,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
-        let mut table = self.pending.lock().expect("not poisoned");
-        for socket in candidates {
-            let key = key(socket);
-            if let Entry::Vacant(entry) = table.entry(key) {
+        let registered = {
+            let mut table = self.pending.lock().expect("not poisoned");
+            candidates.into_iter().find_map(|socket| {
+                let key = key(socket);
+                let Entry::Vacant(entry) = table.entry(key) else {
+                    return None;
+                };
                 // Counted under the lock, so its answer cannot be counted first.
                 self.stats.udp.forwarding();
                 entry.insert((pending.take()?)(Arc::clone(socket)));
                 socket.carries();
-                return Some((key, Arc::clone(socket)));
-            }
-        }
-        None
+                Some((key, Arc::clone(socket)))
+            })
+        }?;
+        self.started_on(&registered.1);
+        Some(registered)
     }
 
-    /// Moves the pending query `key` to a shared socket of its upstream's pool: its new key
-    /// and socket, or `None` if it is not pending or no shared socket could take it.
-    pub(super) fn move_to_shared(
+    /// Moves the pending query `key` to a socket of its own: its new key and socket, or
+    /// `None` if it is not pending or no socket could be opened.
+    pub(super) fn move_to_one_off(
         self: &Arc<Self>,
         key: PendingKey,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let pool = self.pool_for(key.upstream);
-        let (slots, picked) = self.pick_shared(pool, key.upstream, super::pool::random())?;
+        let (slots, picked) = self.pick_one_off(pool, key.upstream)?;
         let mut table = self.pending.lock().expect("not poisoned");
-        for socket in slots.candidates(picked) {
+        for socket in slots.candidates(&picked) {
             let moved = PendingKey {
                 socket: socket.id(),
                 ..key
@@ -178,6 +182,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 socket.carries();
                 pending.socket = Arc::clone(socket);
                 table.insert(moved, pending);
+                drop(table);
+                self.started_on(socket);
                 return Some((moved, Arc::clone(socket)));
             }
         }

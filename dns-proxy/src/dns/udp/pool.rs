@@ -1,9 +1,13 @@
-//! The upstream sockets: per address family, a pool of up to [`POOL_SIZE`] sockets for any
-//! upstream, and sockets connected to one upstream each for the few upstreams that answer
-//! ([`CONNECTED_UPSTREAMS`], [`CONNECTED_SOCKETS`] each). Every socket is bound to a random
-//! port, opened as queries need it, and replaced by a fresh one (a new random port) after
-//! [`USES_PER_SOCKET`] queries. A batch of queries leaves from one socket picked at random, so
-//! an off-path attacker must hit one of these ports as well as a query's ID and question.
+//! The upstream sockets. No socket carries queries to two servers, so the port a query leaves
+//! from is never shown to another server, one a workload may run to learn the agent's ports:
+//! - per address family, the few upstreams that answer ([`CONNECTED_UPSTREAMS`]) get sockets
+//!   connected to them ([`CONNECTED_SOCKETS`] each), each on a random port, opened as queries
+//!   need them and replaced by a fresh one (a new random port) after [`USES_PER_SOCKET`]
+//!   queries; a batch of queries to one leaves from one of them picked at random;
+//! - any other query leaves from a socket of its own, on a random port, opened for it and
+//!   closed once it is settled ([`UdpProxy::pick_one_off`]), as a resolver's are.
+//!
+//! So an off-path attacker must hit one of these ports as well as a query's ID and question.
 //! Compare ztunnel's `src/proxy/pool.rs`.
 //!
 //! Why connected sockets: a datagram sent or received with an address runs the kernel's
@@ -15,16 +19,17 @@
 //!
 //! Only an upstream that has answered a query gets connected sockets, so a workload that asks
 //! servers that never answer takes none. An upstream not asked for [`CONNECTED_IDLE`] gives
-//! its place to the next that answers; upstreams beyond the few are asked from the shared
-//! sockets, as are all of them whenever their connected sockets cannot be opened, and queries
-//! with an ID all of its connected sockets carry to it.
+//! its place to the next that answers; upstreams beyond the few are asked from sockets of
+//! their own, one per query, as are all of them whenever their connected sockets cannot be
+//! opened, and queries with an ID all of its connected sockets carry to it. A workload that
+//! keeps the few places for servers of its own costs the others speed, not their ports.
 //!
 //! A connected socket keeps the route and source address `connect` chose. After any change
 //! to the namespace's links, addresses, routes or rules ([`crate::route_changes`]), an
 //! upstream's connected sockets are replaced by fresh ones at its next query (at most once
-//! per [`RECONNECT_EVERY`]; meanwhile, the shared sockets). Should a change
+//! per [`RECONNECT_EVERY`]; meanwhile, sockets of their own). Should a change
 //! go unannounced: if a query on a connected socket cannot be sent, or times out with nothing
-//! heard on that socket since, the upstream goes back to the shared sockets, which choose a
+//! heard on that socket since, the upstream goes back to sockets of their own, which choose a
 //! source per datagram, until it answers again ([`UdpProxy::disconnect_upstream`]).
 use std::{
     cell::Cell,
@@ -45,19 +50,14 @@ use tokio::net::UdpSocket;
 use super::{LOG, UdpProxy, mmsg};
 use crate::dns::{OriginalDestinations, stats::Stats};
 
-/// Sockets per address family for any upstream, opened as queries need them. A query goes
-/// out on one chosen at random, so an off-path attacker must hit one of these random ports as
-/// well as the query's ID and question.
-pub(super) const POOL_SIZE: usize = 16;
-
 /// Upstreams per address family (and UDP thread) that get sockets connected to them.
-/// Nodes and hosts ask one to three servers; a workload that asks many (a recursive
-/// resolver) has the rest asked from the shared sockets.
-pub(super) const CONNECTED_UPSTREAMS: usize = 4;
+/// Nodes and hosts ask one to three servers, a workload with servers of its own a few more; a
+/// workload that asks many (a recursive resolver) has the rest asked from a socket per query,
+/// which costs about twice the CPU (docs/performance.md).
+pub(super) const CONNECTED_UPSTREAMS: usize = 16;
 
-/// Sockets connected to one upstream. Each carries [`USES_PER_SOCKET`] queries, as a shared
-/// one does, so the ports change as often; fewer keep the descriptors per thread near what
-/// the shared pool alone took.
+/// Sockets connected to one upstream. Each carries [`USES_PER_SOCKET`] queries, so the ports
+/// keep changing.
 pub(super) const CONNECTED_SOCKETS: usize = 4;
 
 /// An upstream with connected sockets that is not asked for this long gives them up to the
@@ -65,25 +65,25 @@ pub(super) const CONNECTED_SOCKETS: usize = 4;
 pub(super) const CONNECTED_IDLE: Duration = Duration::from_secs(30);
 
 /// After a change to the namespace's routes, an upstream's connected sockets are replaced at
-/// most this often. Changes that come faster (a node's pod churn) leave it on the shared
-/// sockets, which follow any change, until this has passed: connecting anew at every change
-/// would open a socket per query and keep one open per query in flight.
+/// most this often. Changes that come faster (a node's pod churn) leave it on sockets of their
+/// own, which follow any change, until this has passed: connecting its few anew at every
+/// change would leave as many replaced ones open as there are changes.
 pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
-/// Queries a pool socket carries before a fresh one, on a new random port, takes its place:
-/// the ports keep changing, and the cost of a socket is shared by this many queries.
+/// Queries a connected socket carries before a fresh one, on a new random port, takes its
+/// place: the ports keep changing, and the cost of a socket is shared by this many queries.
 pub const USES_PER_SOCKET: u32 = 128;
 
 /// How often a retired pool socket checks whether its last query is settled, so it can close.
 pub(super) const RETIRED_CHECK: Duration = Duration::from_millis(250);
 
-/// One upstream socket of a pool.
+/// One upstream socket.
 pub(super) struct PoolSocket {
     /// Unique among all the proxy's pool sockets, ever.
     id: u64,
     socket: UdpSocket,
     /// The upstream it is connected to, the only one it sends to and hears from; `None`: a
-    /// shared socket, for any upstream.
+    /// socket of one query's own.
     peer: Option<SocketAddr>,
     /// When it was opened.
     opened: Instant,
@@ -126,7 +126,7 @@ impl PoolSocket {
         &self.socket
     }
 
-    /// The upstream it is connected to; `None` for a shared socket.
+    /// The upstream it is connected to; `None` for a socket of one query's own.
     pub(super) fn peer(&self) -> Option<SocketAddr> {
         self.peer
     }
@@ -205,11 +205,9 @@ impl Pool {
     }
 }
 
-/// A pool's sockets.
+/// A pool's sockets that outlive a query.
 #[derive(Default)]
 pub(super) struct Slots {
-    /// For any upstream; empty when this family has no sockets on this host.
-    shared: Vec<Arc<PoolSocket>>,
     /// At most [`CONNECTED_UPSTREAMS`].
     connected: Vec<Connected>,
 }
@@ -228,33 +226,36 @@ struct Connected {
     reconnected: Option<Instant>,
 }
 
-/// The sockets a query may leave from, as [`UdpProxy::pick_socket`] chose them: those of
-/// `connected` (an index into [`Slots::connected`]) if given, else the shared ones; the one
-/// at `start` first.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Picked {
-    connected: Option<usize>,
-    start: usize,
+/// The sockets a query may leave from, as [`UdpProxy::pick_socket`] chose them.
+#[derive(Debug)]
+pub(super) enum Picked {
+    /// Those connected to the upstream, at `index` in [`Slots::connected`], the one at `start`
+    /// first.
+    Connected { index: usize, start: usize },
+    /// A socket of the query's own.
+    OneOff(Arc<PoolSocket>),
 }
 
 impl Picked {
     /// Whether the sockets picked are connected to the upstream.
     pub(super) fn is_connected(&self) -> bool {
-        self.connected.is_some()
+        matches!(self, Picked::Connected { .. })
     }
 }
 
 impl Slots {
     /// The sockets a query may leave from, in the order to try them (one in flight with the
-    /// same ID to the same upstream takes a socket's key): those picked, from the one picked,
-    /// then for a connected upstream the shared ones already open.
-    pub(super) fn candidates(&self, picked: Picked) -> impl Iterator<Item = &Arc<PoolSocket>> {
-        let (first, then) = match picked.connected {
-            Some(index) => (&self.connected[index].sockets[..], &self.shared[..]),
-            None => (&self.shared[..], &[][..]),
+    /// same ID to the same upstream takes a socket's key): those picked, from the one picked.
+    pub(super) fn candidates<'a>(
+        &'a self,
+        picked: &'a Picked,
+    ) -> impl Iterator<Item = &'a Arc<PoolSocket>> {
+        let (sockets, start) = match picked {
+            Picked::Connected { index, start } => (&self.connected[*index].sockets[..], *start),
+            Picked::OneOff(socket) => (std::slice::from_ref(socket), 0),
         };
-        let (before, from_start) = first.split_at(picked.start);
-        from_start.iter().chain(before).chain(then)
+        let (before, from_start) = sockets.split_at(start);
+        from_start.iter().chain(before)
     }
 }
 
@@ -329,10 +330,10 @@ pub(super) fn random() -> u64 {
 
 impl<D: OriginalDestinations> UdpProxy<D> {
     /// The pool's sockets, locked, and those a query to `upstream` may leave from, the one
-    /// `pick` chooses first: `upstream`'s connected sockets if it has some, else the shared
-    /// ones. While the chosen sockets are fewer than they may be, another is opened first, and
-    /// the chosen one is replaced by a fresh one if it has carried its share. `None` (counted)
-    /// with no socket to use.
+    /// `pick` chooses first: `upstream`'s connected sockets if it has some, else a socket of
+    /// the query's own. While the connected sockets are fewer than they may be, another is
+    /// opened first, and the chosen one is replaced by a fresh one if it has carried its share.
+    /// `None` (counted) with no socket to use.
     pub(super) fn pick_socket<'p>(
         self: &Arc<Self>,
         pool: &'p Pool,
@@ -351,7 +352,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     .is_some_and(|at| now.saturating_duration_since(at) < RECONNECT_EVERY);
                 if recently {
                     drop(slots);
-                    return self.pick_shared(pool, upstream, pick);
+                    return self.pick_one_off(pool, upstream);
                 }
                 // Their source address or route may be gone: fresh ones are connected (what
                 // is in flight on these is still answered, until they close).
@@ -361,14 +362,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     socket.retire();
                 }
             }
-            let (sockets, peer) = (&mut connected.sockets, Some(upstream));
-            match self.pick_among(sockets, CONNECTED_SOCKETS, pool.any, peer, pick) {
-                Ok(start) => {
-                    let connected = Some(index);
-                    return Some((slots, Picked { connected, start }));
-                }
+            match self.pick_among(&mut connected.sockets, pool.any, upstream, pick) {
+                Ok(start) => return Some((slots, Picked::Connected { index, start })),
                 // None could be opened (no route to it now, or out of descriptors): it gives
-                // its place up until it answers again, and this query goes out shared.
+                // its place up until it answers again, and this query goes out on its own.
                 Err(err) => {
                     log::debug!(target: LOG, "connecting a socket to {upstream}: {err}");
                     slots.connected.swap_remove(index);
@@ -376,28 +373,28 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         drop(slots);
-        self.pick_shared(pool, upstream, pick)
+        self.pick_one_off(pool, upstream)
     }
 
-    /// [`pick_socket`](Self::pick_socket) among the shared sockets only.
-    pub(super) fn pick_shared<'p>(
+    /// [`pick_socket`](Self::pick_socket) for a query that leaves from a socket of its own: a
+    /// fresh one on a random port, bound but not connected (the send chooses its route and
+    /// source, which a connected socket would keep). It is retired from the start, so it
+    /// closes once the one query it carries is settled, and no other server ever sees its
+    /// port. Its reader starts once the query is recorded on it
+    /// ([`UdpProxy::started_on`]); until then, dropping it closes it.
+    pub(super) fn pick_one_off<'p>(
         self: &Arc<Self>,
         pool: &'p Pool,
         upstream: SocketAddr,
-        pick: u64,
     ) -> Option<(MutexGuard<'p, Slots>, Picked)> {
-        let mut slots = pool.slots.lock().expect("not poisoned");
-        match self.pick_among(&mut slots.shared, POOL_SIZE, pool.any, None, pick) {
-            Ok(start) => Some((
-                slots,
-                Picked {
-                    connected: None,
-                    start,
-                },
-            )),
+        match PoolSocket::open(&self.next_socket_id, pool.any, None) {
+            Ok(socket) => {
+                socket.retire();
+                let slots = pool.slots.lock().expect("not poisoned");
+                Some((slots, Picked::OneOff(socket)))
+            }
             // No IPv6 on the host, or out of descriptors or ports.
             Err(err) => {
-                drop(slots);
                 Stats::add(&self.stats.udp.upstream_errors);
                 self.upstream_log.warn(|failed| {
                     format!("no socket for {upstream}: {err} ({failed} queries failed)")
@@ -407,18 +404,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
-    /// The index in `sockets` of the one `pick` chooses, after opening another (connected to
-    /// `peer`, if given) while they are fewer than `size`, and replacing the chosen one if it
-    /// has carried its share. An error if there is none and none could be opened.
+    /// The index in `sockets` (connected to `peer`) of the one `pick` chooses, after opening
+    /// another while they are fewer than [`CONNECTED_SOCKETS`], and replacing the chosen one if
+    /// it has carried its share. An error if there is none and none could be opened.
     fn pick_among(
         self: &Arc<Self>,
         sockets: &mut Vec<Arc<PoolSocket>>,
-        size: usize,
         any: SocketAddr,
-        peer: Option<SocketAddr>,
+        peer: SocketAddr,
         pick: u64,
     ) -> io::Result<usize> {
-        if sockets.len() < size {
+        let peer = Some(peer);
+        if sockets.len() < CONNECTED_SOCKETS {
             match PoolSocket::open(&self.next_socket_id, any, peer) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
@@ -442,7 +439,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         Ok(start)
     }
 
-    /// `upstream` answered a query sent from a shared socket: it gets sockets connected to it
+    /// A query was recorded on `socket`: a socket of its own gets its reader now (a connected
+    /// one has had its reader since it was opened).
+    pub(super) fn started_on(self: &Arc<Self>, socket: &Arc<PoolSocket>) {
+        if socket.peer().is_none() {
+            self.spawn_reader(socket);
+        }
+    }
+
+    /// `upstream` answered a query sent from a socket of its own: it gets sockets connected to it
     /// (opened as its next queries need them) if there is room, or an upstream not asked for
     /// [`CONNECTED_IDLE`] gives its place up.
     pub(super) fn connect_upstream(&self, upstream: SocketAddr, now: Instant) {
@@ -476,8 +481,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// out with nothing heard on that socket since it left: the socket's source address may
     /// be gone (the host's address changed, or the route to it), which a connected socket
     /// keeps. If `socket` is still one of `upstream`'s (not one already replaced),
-    /// `upstream` gives its connected sockets up, and is asked from the shared ones (which
-    /// choose a source for every datagram) until it answers again.
+    /// `upstream` gives its connected sockets up, and is asked from a socket per query (which
+    /// chooses a source as it sends) until it answers again.
     pub(super) fn disconnect_upstream(&self, upstream: SocketAddr, socket: u64) {
         let pool = self.pool_for(upstream);
         let mut slots = pool.slots.lock().expect("not poisoned");

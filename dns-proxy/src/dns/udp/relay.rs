@@ -73,7 +73,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// Relays the datagrams of `answers.received`, which arrived on `socket`, that answer
     /// pending queries: all of them with as few `sendmmsg` as the kernel takes. An upstream
-    /// that answered on a shared socket may get sockets connected to it.
+    /// that answered on a socket of one query's own may get sockets connected to it.
     fn relay_batch(self: &Arc<Self>, socket: &PoolSocket, answers: &mut Answers) {
         let Answers { received, matched } = answers;
         matched.clear();

@@ -1,12 +1,13 @@
 //! The UDP listener against real sockets on loopback, and its state driven directly.
 use std::sync::atomic::Ordering;
 
+use std::net::IpAddr;
+
 use tokio::time::timeout;
 
 use super::{
     pool::{
-        CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, POOL_SIZE, RECONNECT_EVERY,
-        RETIRED_CHECK,
+        CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, RECONNECT_EVERY, RETIRED_CHECK,
     },
     *,
 };
@@ -327,20 +328,21 @@ async fn answered_in_turn(proxy: &UdpProxy<Fixed>, client: &UdpSocket, id: u16) 
 async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
     let proxy = proxy(Some(upstream(false).await), 64).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let queries = (POOL_SIZE as u32 * USES_PER_SOCKET * 2) as usize;
+    let queries = (CONNECTED_SOCKETS as u32 * USES_PER_SOCKET * 2) as usize;
     for i in 0..queries {
         answered_in_turn(&proxy, &client, i as u16).await;
     }
     let opened = proxy.next_socket_id.load(Ordering::Relaxed);
     assert!(
-        opened >= 2 * POOL_SIZE as u64,
+        opened >= 2 * CONNECTED_SOCKETS as u64,
         "only {opened} sockets opened"
     );
-    // Retired sockets close once nothing sent from them is outstanding.
+    // Retired sockets close once nothing sent from them is outstanding (the first query's
+    // own socket too).
     tokio::time::sleep(RETIRED_CHECK * 3).await;
     let open = Arc::strong_count(&proxy) - 1; // the serving task holds one
     assert!(
-        open <= 2 * POOL_SIZE + 2,
+        open <= CONNECTED_SOCKETS + 2,
         "{open} readers still hold the proxy"
     );
 }
@@ -621,12 +623,13 @@ async fn an_upstream_that_answers_is_asked_from_sockets_connected_to_it() {
     assert_eq!(
         socket.peer(),
         None,
-        "a silent upstream is asked from a shared socket"
+        "a silent upstream is asked from a socket of the query's own"
     );
 }
 
 /// A socket connected to an upstream hears nothing but it: an answer from another port (a
-/// shared socket counts it stray, as `answers_from_another_port...` shows) never reaches it.
+/// socket of one query's own counts it stray, as `answers_from_another_port...` shows) never
+/// reaches it.
 #[tokio::test]
 async fn a_connected_socket_takes_no_answer_from_another_port() {
     let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -656,7 +659,8 @@ async fn a_connected_socket_takes_no_answer_from_another_port() {
 }
 
 /// An upstream with connected sockets whose port then closes: its client is answered SERVFAIL
-/// at once, as through a shared socket (`a_closed_upstream_port_is_answered_servfail_at_once`).
+/// at once, as through a socket of one query's own
+/// (`a_closed_upstream_port_is_answered_servfail_at_once`).
 #[tokio::test]
 async fn a_connected_upstream_that_closes_its_port_is_answered_servfail_at_once() {
     let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -726,11 +730,11 @@ async fn only_a_few_upstreams_get_connected_sockets_and_an_idle_one_gives_its_pl
 }
 
 /// A query on a connected socket that times out with nothing heard on that socket since it
-/// left (the socket's source address may be gone) sends its upstream back to the shared
-/// sockets until it answers again; one that times out while its socket still hears answers
+/// left (the socket's source address may be gone) sends its upstream back to a socket per
+/// query until it answers again; one that times out while its socket still hears answers
 /// (a lost query) changes nothing.
 #[tokio::test]
-async fn a_connected_upstream_that_falls_silent_is_asked_from_shared_sockets_again() {
+async fn a_connected_upstream_that_falls_silent_is_asked_from_sockets_of_its_queries_own_again() {
     let upstream = dropping_upstream().await;
     let proxy = proxy(Some(upstream), 64).await;
     assert!(ask(&proxy, &with_id(1)).await.is_some());
@@ -765,7 +769,11 @@ async fn a_connected_upstream_that_falls_silent_is_asked_from_shared_sockets_aga
     assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 2);
     assert_eq!(proxy.v4.connected(), []);
     let socket = register_from(&proxy, &with_id(4), client_addr);
-    assert_eq!(socket.peer(), None, "asked from a shared socket");
+    assert_eq!(
+        socket.peer(),
+        None,
+        "asked from a socket of the query's own"
+    );
 
     // It answers there, and is connected to again.
     assert!(ask(&proxy, &with_id(5)).await.is_some());
@@ -773,10 +781,10 @@ async fn a_connected_upstream_that_falls_silent_is_asked_from_shared_sockets_aga
 }
 
 /// A send that fails on a socket connected to its upstream (its source address is gone, say:
-/// `EINVAL`): the upstream goes back to the shared sockets, the query is sent again from one
-/// and answered, and the upstream, having answered, is connected to anew.
+/// `EINVAL`): the upstream goes back to a socket per query, the query is sent again from one
+/// of its own and answered, and the upstream, having answered, is connected to anew.
 #[tokio::test]
-async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_shared_one() {
+async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_socket_of_its_own() {
     let answering = serve_upstream(|query| vec![answer_to(query)]).await;
     let proxy = proxy(Some(answering), 8).await;
     assert!(ask(&proxy, QUERY).await.is_some());
@@ -854,10 +862,10 @@ async fn after_a_route_change_connected_sockets_are_connected_anew() {
 }
 
 /// Queries with the same ID to one upstream at once (clients that all use ID 0, health
-/// checks say) take a socket each: an upstream with connected sockets has the shared ones,
-/// as many as may be opened, besides its few.
+/// checks say) take a socket each: beyond an upstream's few connected sockets, one of their
+/// own each, up to the in-flight limit.
 #[tokio::test]
-async fn same_id_queries_to_a_connected_upstream_fit_as_many_as_before() {
+async fn same_id_queries_to_a_connected_upstream_take_a_socket_each() {
     let proxy = proxy(Some(upstream(false).await), 64).await;
     assert!(ask(&proxy, QUERY).await.is_some());
     let upstream = proxy.v4.connected()[0].0;
@@ -874,19 +882,16 @@ async fn same_id_queries_to_a_connected_upstream_fit_as_many_as_before() {
                 .is_some_and(|(key, _)| key.upstream == upstream)
         })
         .count();
-    // Its own connected sockets, and every shared one.
-    assert_eq!(registered, CONNECTED_SOCKETS + POOL_SIZE);
-    assert_eq!(
-        proxy.stats.udp.dropped_overload.load(Ordering::Relaxed),
-        40 - registered as u64
-    );
+    assert_eq!(registered, 40);
+    assert_eq!(proxy.stats.udp.dropped_overload.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.v4.connected(), [(upstream, CONNECTED_SOCKETS)]);
 }
 
 /// Route changes that come faster than [`RECONNECT_EVERY`] (a node's pod churn): an upstream's
-/// connected sockets are replaced at the first, and meanwhile it is asked from the shared
-/// sockets, which follow any change, not from a socket connected anew at every change.
+/// connected sockets are replaced at the first, and meanwhile it is asked from a socket per
+/// query, which follows any change, not from sockets connected anew at every change.
 #[tokio::test]
-async fn route_changes_in_quick_succession_leave_the_upstream_on_shared_sockets() {
+async fn route_changes_in_quick_succession_leave_the_upstream_on_one_off_sockets() {
     let changes = RouteChanges::default();
     let settings = ForwardSettings {
         route_changes: changes.clone(),
@@ -900,7 +905,7 @@ async fn route_changes_in_quick_succession_leave_the_upstream_on_shared_sockets(
     // The first socket each pick leaves from, and whether it is connected.
     let pick = |at| {
         let (slots, picked) = proxy.pick_socket(&proxy.v4, upstream, 0, at).unwrap();
-        let first = slots.candidates(picked).next().map(|socket| socket.id());
+        let first = slots.candidates(&picked).next().map(|socket| socket.id());
         (first.unwrap(), picked.is_connected())
     };
     let (connected, true) = pick(start) else {
@@ -913,10 +918,127 @@ async fn route_changes_in_quick_succession_leave_the_upstream_on_shared_sockets(
     assert_ne!(fresh, connected);
     changes.changed();
     let soon = start + RECONNECT_EVERY / 2;
-    assert!(!pick(soon).1, "asked from a shared socket");
+    assert!(!pick(soon).1, "asked from a socket of the query's own");
     assert_eq!(proxy.v4.connected(), [(upstream, 1)]);
     let (later, true) = pick(start + RECONNECT_EVERY) else {
         panic!("not connected anew after {RECONNECT_EVERY:?}")
     };
     assert_ne!(later, fresh);
+}
+
+/// Servers by the address their queries reach the proxy at: `127.0.0.N` asks `servers[N - 10]`.
+struct ByAddress(Vec<SocketAddr>);
+
+impl OriginalDestinations for ByAddress {
+    fn origin(&self, reached: SocketAddr) -> Option<(SocketAddr, u64)> {
+        let IpAddr::V4(ip) = reached.ip() else {
+            return None;
+        };
+        let index = usize::from(ip.octets()[3]).checked_sub(10)?;
+        self.0.get(index).map(|&server| (server, 0))
+    }
+
+    fn is_proxy(&self, _: SocketAddr) -> bool {
+        false
+    }
+
+    fn is_local_client(&self, client: IpAddr) -> bool {
+        client.is_loopback()
+    }
+}
+
+/// A server on loopback that records the source port of every query it gets, and answers
+/// them unless `silent`.
+async fn recording_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (addr, ports) = (
+        socket.local_addr().unwrap(),
+        Arc::<Mutex<Vec<u16>>>::default(),
+    );
+    let seen = Arc::clone(&ports);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+            seen.lock().unwrap().push(from.port());
+            if !silent {
+                socket.send_to(&answer_to(&buf[..len]), from).await.unwrap();
+            }
+        }
+    });
+    (addr, ports)
+}
+
+/// No server sees the port a query to another left from. A workload that keeps the few
+/// connected places for servers of its own, and asks one more that it runs (here a silent
+/// one, so the sockets it saw stay open throughout), learns nothing of the ports of another
+/// workload's queries to its server, which has no place: each of those leaves from a socket
+/// of its own. (With a pool of sockets shared by every server, it saw all of them.)
+#[tokio::test]
+async fn no_server_sees_the_port_a_query_to_another_server_left_from() {
+    let mut servers = Vec::new();
+    for n in 0..CONNECTED_UPSTREAMS + 2 {
+        servers.push(recording_upstream(n == CONNECTED_UPSTREAMS).await);
+    }
+    let listener = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let destinations = ByAddress(servers.iter().map(|(addr, _)| *addr).collect());
+    let settings = ForwardSettings {
+        upstream_timeout: Duration::from_secs(5),
+        ..settings(64, 64)
+    };
+    let proxy = UdpProxy::new(listener, destinations, settings, Arc::default()).unwrap();
+    let serving = Arc::clone(&proxy);
+    tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = |n: usize| SocketAddr::from((Ipv4Addr::new(127, 0, 0, 10 + n as u8), port));
+    let ask = |n: usize, id: u16| {
+        let client = &client;
+        async move {
+            client.send_to(&with_id(id), at(n)).await.unwrap();
+            let mut buf = [0u8; 1024];
+            timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+                .await
+                .is_ok()
+        }
+    };
+    // The "attacker's" servers take every connected place.
+    for n in 0..CONNECTED_UPSTREAMS {
+        assert!(ask(n, n as u16).await, "server {n} unanswered");
+        assert!(ask(n, 100 + n as u16).await, "server {n} unanswered");
+    }
+    assert_eq!(proxy.v4.connected().len(), CONNECTED_UPSTREAMS);
+    // From here on, only sockets that stay open until the end, and the victim's own, one at a
+    // time (closed ones' ports may come round again).
+    for (_, ports) in &servers {
+        ports.lock().unwrap().clear();
+    }
+    // Its silent server sees ten queries, whose sockets wait for answers.
+    let silent = CONNECTED_UPSTREAMS;
+    for id in 0..10 {
+        let query = with_id(1000 + id);
+        client.send_to(&query, at(silent)).await.unwrap();
+    }
+    // The other workload's server, with no place left, and the attacker's, asked in turn.
+    let victim = CONNECTED_UPSTREAMS + 1;
+    for id in 0..20 {
+        assert!(ask(victim, 2000 + id).await, "the victim's lookup {id}");
+        let n = usize::from(id) % CONNECTED_UPSTREAMS;
+        assert!(ask(n, 3000 + id).await, "server {n} unanswered");
+    }
+    let ports: Vec<Vec<u16>> = servers
+        .iter()
+        .map(|(_, p)| p.lock().unwrap().clone())
+        .collect();
+    assert_eq!(ports[silent].len(), 10);
+    assert_eq!(ports[victim].len(), 20);
+    for (a, seen_a) in ports.iter().enumerate() {
+        for (b, seen_b) in ports.iter().enumerate().skip(a + 1) {
+            let shared: Vec<&u16> = seen_a.iter().filter(|p| seen_b.contains(p)).collect();
+            assert!(
+                shared.is_empty(),
+                "servers {a} and {b} both saw ports {shared:?}"
+            );
+        }
+    }
 }
