@@ -248,7 +248,10 @@ fn at_most_a_week(duration: Duration) -> Result<Duration, String> {
 pub enum ConfigError {
     #[error("--listen {0}: must be an IPv4 address (IPv6 clients go to --listen6)")]
     ListenNotIpv4(SocketAddr),
-    #[error("--listen6 {0}: must be an IPv6 address, concrete (not [::]) and with a port")]
+    #[error(
+        "--listen6 {0}: must be an IPv6 address, concrete (not [::]), not an IPv4 one written as \
+         IPv6 (::ffff:a.b.c.d), and with a port"
+    )]
     BadListen6(SocketAddr),
     #[error("--listen {0}: the redirect target must be a concrete address, not a wildcard; try 127.0.0.1:{port}", port = .0.port())]
     ListenUnspecified(SocketAddr),
@@ -409,12 +412,21 @@ impl RunConfig {
                 Listen6::IfAvailable(SocketAddrV6::new(Ipv6Addr::LOCALHOST, listen.port(), 0, 0))
             }
             None => Listen6::Off,
-            Some(SocketAddr::V6(v6)) if !v6.ip().is_unspecified() && v6.port() != 0 => {
+            Some(SocketAddr::V6(v6))
+                if !v6.ip().is_unspecified()
+                    && v6.ip().to_ipv4_mapped().is_none()
+                    && v6.port() != 0 =>
+            {
                 Listen6::Required(v6)
             }
             Some(other) => return Err(ConfigError::BadListen6(other)),
         };
-        if let Some(upstream) = args.upstream
+        // An IPv4 server written as IPv6 (::ffff:a.b.c.d) is asked as the IPv4 one it is: the
+        // agent's IPv6 upstream sockets are IPv6 only.
+        let upstream = args
+            .upstream
+            .map(|upstream| SocketAddr::new(upstream.ip().to_canonical(), upstream.port()));
+        if let Some(upstream) = upstream
             && (upstream.ip().is_unspecified() || upstream.port() == 0)
         {
             return Err(ConfigError::BadUpstream(upstream));
@@ -457,7 +469,7 @@ impl RunConfig {
                 listen: v6.into(),
             });
         }
-        if let Some(upstream) = args.upstream {
+        if let Some(upstream) = upstream {
             let proxy_port = upstream.port() == listen.port();
             let listens_there = match (upstream, listen6) {
                 (SocketAddr::V4(v4), _) => v4 == listen,
@@ -485,7 +497,7 @@ impl RunConfig {
             block4,
             block6,
             state_dir: args.state_dir,
-            upstream: args.upstream,
+            upstream,
             upstream_timeout: args.upstream_timeout,
             max_inflight: args.max_inflight as usize,
             max_inflight_per_client: args.max_inflight_per_client as usize,
@@ -697,6 +709,28 @@ mod tests {
                 .contains("port must not be 0")
         );
         assert!(run_config(&["--listen=localhost:53"]).is_err());
+        // An IPv4 address written as IPv6 would collide with the IPv4 listener.
+        assert!(
+            run_config(&["--listen6=[::ffff:127.0.0.1]:8053"])
+                .unwrap_err()
+                .contains("not an IPv4 one written as IPv6")
+        );
+    }
+
+    /// The agent's IPv6 upstream sockets are IPv6 only: an IPv4 server written as IPv6 is
+    /// asked as the IPv4 server it is (before, every UDP query to it failed), and checked as
+    /// one.
+    #[test]
+    fn an_upstream_written_as_ipv4_mapped_ipv6_is_the_ipv4_server() {
+        let config = run_config(&["--upstream=[::ffff:192.0.2.2]:53"]).unwrap();
+        assert_eq!(config.upstream, Some("192.0.2.2:53".parse().unwrap()));
+        for (args, says) in [
+            ("--upstream=[::ffff:0.0.0.0]:53", "concrete address"),
+            ("--upstream=[::ffff:127.0.0.1]:8053", "the proxy itself"),
+        ] {
+            let err = run_config(&[args]).unwrap_err();
+            assert!(err.contains(says), "{args}: {err}");
+        }
     }
 
     #[test]
