@@ -118,7 +118,12 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     log::info!(target: LOG, "starting with {config:?}");
     // Not for `exec`: its command would inherit it (select() breaks past 1,024).
     if let crate::config::Workload::Cgroup { .. } = config.workload {
-        host::raise_open_file_limit();
+        // Each relayed TCP connection holds two (twice the limit, by fair share), each UDP
+        // query in flight to a server without connected sockets one (as many as twice the
+        // limit, by fair share), and the programs, maps, listeners and connected sockets a
+        // few hundred.
+        let needed = 4 * config.max_tcp_connections + 2 * config.max_inflight + 512;
+        host::raise_open_file_limit(u64::try_from(needed).unwrap_or(u64::MAX));
     }
     if let Some(target) = &config.dnstap {
         dnstap::check_target(target).map_err(RunError::Dnstap)?;

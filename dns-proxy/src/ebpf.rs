@@ -120,6 +120,12 @@ fn hint(err: &(dyn std::error::Error + 'static)) -> String {
         Some(os) if os.kind() == io::ErrorKind::PermissionDenied => format!(
             " ({os}: run dns-proxy as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
         ),
+        // Not the verifier's doing, whatever its log says: every map and program is a
+        // descriptor.
+        Some(os) if os.raw_os_error() == Some(libc::EMFILE) => format!(
+            " ({os}: the agent is out of open files; raise its hard limit, `ulimit -Hn` or \
+             systemd's LimitNOFILE=, to a few thousand or more)"
+        ),
         Some(os) => format!(" ({os})"),
         None => String::new(),
     }

@@ -112,16 +112,27 @@ enum RouteRequest {
 
 /// Raises the soft limit on open files to the hard one: each relayed TCP connection holds
 /// two descriptors, and `--max-tcp-connections` (twice it, by fair share) would pass the
-/// usual soft limit of 1,024 long before the hard one (systemd's is 524,288).
-pub fn raise_open_file_limit() {
+/// usual soft limit of 1,024 long before the hard one (systemd's is 524,288). Warns if the hard
+/// one is below `needed`, what the agent's limits may take: past it, TCP clients wait
+/// unaccepted and queries are dropped.
+pub fn raise_open_file_limit(needed: u64) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
-        || limit.rlim_cur >= limit.rlim_max
-    {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_max < needed {
+        log::warn!(
+            "open files: the hard limit is {}, and --max-tcp-connections and --max-inflight \
+             may need {needed}: past it, TCP clients wait unaccepted and queries are dropped; \
+             raise it (`ulimit -Hn`, systemd's LimitNOFILE=) or lower those limits",
+            limit.rlim_max
+        );
+    }
+    if limit.rlim_cur >= limit.rlim_max {
         return;
     }
     let soft = limit.rlim_cur;
