@@ -40,7 +40,9 @@ fn main() {
     while sent < count && started.elapsed() < limit {
         // Keep to the rate: send what is due, then sleep a millisecond.
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-        while sent < due.min(count) {
+        // Time is checked per query too: unpaced (a rate above what one thread can send),
+        // what is due would keep it sending past SECONDS.
+        while sent < due.min(count) && started.elapsed() < limit {
             let name = format!("flood{}.example.test", first + sent);
             let query = tests::a_query(sent as u16, &name);
             if sockets[sent as usize % SOCKETS]

@@ -9,6 +9,7 @@ use super::{
     mmsg::{self, ReceivedBatch},
     pending::PendingKey,
     pool::{PoolSocket, random},
+    shedding::Shedding,
 };
 use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
@@ -19,6 +20,9 @@ pub(super) struct Forwarding {
     outgoing: Vec<Outgoing>,
     /// The queries answered from the cache.
     hits: Vec<CacheHit>,
+    /// Each client's queries, against a quota while the listener overflows; made at the
+    /// first batch.
+    shedding: Option<Shedding>,
 }
 
 /// A query of the batch being forwarded, registered as pending on `socket`.
@@ -41,12 +45,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // One random pool socket for the batch (another where its ID is taken).
         let pick = random();
         let now = Moment::now();
-        let Forwarding { outgoing, hits } = forwarding;
+        let Forwarding {
+            outgoing,
+            hits,
+            shedding,
+        } = forwarding;
+        let shedding =
+            shedding.get_or_insert_with(|| Shedding::new(self.socket.as_fd(), now.instant));
         outgoing.clear();
         for (index, datagram, client) in batch.iter() {
             let arrival = batch.arrival(index);
+            let shedding = Some(&mut *shedding);
             if let Some((key, socket)) =
-                self.register_query(datagram, client, arrival, now, pick, hits)
+                self.register_query(datagram, client, arrival, now, pick, hits, shedding)
             {
                 outgoing.push(Outgoing { index, socket, key });
             }
@@ -82,6 +93,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             );
             run_start += run_len;
         }
+        // Kept for its capacity only: a socket of one query's own closes once its query is
+        // settled, not when the next batch comes.
+        outgoing.clear();
     }
 
     /// A query the kernel would not send (`sent`, as it was to go up). It is sent once more

@@ -24,8 +24,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             ifindex: LOOPBACK_IFINDEX + 1,
         });
         let mut hits = Vec::new();
-        let registered =
-            self.register_query(datagram, client, arrival, Moment::now(), pick, &mut hits);
+        let registered = self.register_query(
+            datagram,
+            client,
+            arrival,
+            Moment::now(),
+            pick,
+            &mut hits,
+            None,
+        );
         self.send_hits(&mut hits);
         registered.map(|(key, socket)| (socket.id(), key.upstream))
     }

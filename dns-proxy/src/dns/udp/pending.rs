@@ -101,12 +101,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         let pool = self.pool_for(upstream);
-        let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
         // The limit is the agent's, over all UDP threads (which may pass it by one each). A
-        // client within its fair share passes it, up to twice the limit.
+        // client within its fair share passes it, up to twice the limit. Checked first: a
+        // query dropped here opens no socket.
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
         if inflight < max || (within_fair_share && inflight < 2 * max) {
+            let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
             let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
             if let Some(registered) =

@@ -95,6 +95,8 @@ pub(super) struct PoolSocket {
     outstanding: AtomicUsize,
     /// Replaced in its pool: its reader ends once nothing is outstanding.
     retired: AtomicBool,
+    /// Told when it becomes [done](Self::is_done), so its reader ends, and it closes, at once.
+    done: tokio::sync::Notify,
 }
 
 impl PoolSocket {
@@ -114,6 +116,7 @@ impl PoolSocket {
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
         }))
     }
 
@@ -139,7 +142,12 @@ impl PoolSocket {
 
     /// Replaced, or given up: its reader ends once nothing sent from it is outstanding.
     fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
+        // SeqCst, here and in `settled`: of a retirement and the last settlement, at the same
+        // moment on two threads, at least one sees the other.
+        self.retired.store(true, Ordering::SeqCst);
+        if self.outstanding.load(Ordering::SeqCst) == 0 {
+            self.done.notify_one();
+        }
     }
 
     /// A query was sent from it: one more of its share, outstanding until settled.
@@ -165,12 +173,20 @@ impl PoolSocket {
 
     /// A query sent from it was answered, failed or timed out.
     pub(super) fn settled(&self) {
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let last = self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last && self.retired.load(Ordering::SeqCst) {
+            self.done.notify_one();
+        }
     }
 
     /// Replaced in its pool, with nothing sent from it outstanding: its reader may end.
     pub(super) fn is_done(&self) -> bool {
-        self.retired.load(Ordering::Relaxed) && self.outstanding.load(Ordering::Relaxed) == 0
+        self.retired.load(Ordering::SeqCst) && self.outstanding.load(Ordering::SeqCst) == 0
+    }
+
+    /// Waits until told it may be [done](Self::is_done).
+    pub(super) async fn until_done(&self) {
+        self.done.notified().await;
     }
 }
 

@@ -48,7 +48,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             tokio::select! {
                 () = self.workers.stopped() => return,
-                // It may be retired while it waits here.
+                // It may be retired, or its last query settled, while it waits here.
+                () = pool_socket.until_done() => continue,
                 _ = retired_check.tick() => continue,
                 // An ICMP error queued for a query sent from it, too.
                 ready = socket.ready(Interest::READABLE | Interest::ERROR) => match ready {

@@ -357,6 +357,29 @@ async fn sheds_queries_beyond_max_inflight() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.stats.udp.dropped_overload.load(Ordering::Relaxed), 2);
+    // A query dropped at the limit opens no socket: only the one in flight has one.
+    assert_eq!(proxy.next_socket_id.load(Ordering::Relaxed), 1);
+}
+
+/// A socket of one query's own closes once its query is settled (here, timed out): nothing
+/// holds it until the listener's next batch, nor for long after.
+#[tokio::test]
+async fn a_socket_of_one_querys_own_closes_once_the_query_is_settled() {
+    let proxy = proxy(Some(upstream(true).await), 8).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(QUERY, proxy.local_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let socket: std::sync::Weak<PoolSocket> = {
+        let table = proxy.pending.lock().unwrap();
+        let pending = table.values().next().expect("in flight");
+        Arc::downgrade(&pending.socket)
+    };
+    // The 300 ms timeout, and the retired sockets' check twice over.
+    tokio::time::sleep(Duration::from_millis(300) + RETIRED_CHECK * 2).await;
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
+    assert!(socket.upgrade().is_none(), "still open");
+    // No reader is left holding the proxy (the serving task holds one, the sweeper one).
+    assert_eq!(Arc::strong_count(&proxy), 3);
 }
 
 /// Registers (without sending) query `id` of pod `n` (10.0.0.n), as a pod's query arrives:
@@ -370,7 +393,15 @@ fn register_as_pod(proxy: &Arc<UdpProxy<Fixed>>, n: u8, id: u16) -> bool {
         ifindex: LOOPBACK_IFINDEX + 1,
     });
     proxy
-        .register_query(&query, client, arrival, Moment::now(), 0, &mut Vec::new())
+        .register_query(
+            &query,
+            client,
+            arrival,
+            Moment::now(),
+            0,
+            &mut Vec::new(),
+            None,
+        )
         .is_some()
 }
 
@@ -544,6 +575,7 @@ async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
             now,
             0,
             &mut Vec::new(),
+            None,
         )
         .expect("registered");
     // As if its send had failed with a port unreachable meant for another query.
@@ -589,7 +621,15 @@ fn register_from(
         ifindex: LOOPBACK_IFINDEX,
     });
     let (_, socket) = proxy
-        .register_query(query, client, arrival, Moment::now(), 0, &mut Vec::new())
+        .register_query(
+            query,
+            client,
+            arrival,
+            Moment::now(),
+            0,
+            &mut Vec::new(),
+            None,
+        )
         .expect("registered");
     socket
 }
@@ -804,6 +844,7 @@ async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_socket_of_its
             Moment::now(),
             0,
             &mut Vec::new(),
+            None,
         )
         .expect("registered");
     assert_eq!(socket.peer(), Some(answering));
@@ -878,7 +919,7 @@ async fn same_id_queries_to_a_connected_upstream_take_a_socket_each() {
             });
             let now = Moment::now();
             proxy
-                .register_query(QUERY, client, arrival, now, 0, &mut Vec::new())
+                .register_query(QUERY, client, arrival, now, 0, &mut Vec::new(), None)
                 .is_some_and(|(key, _)| key.upstream == upstream)
         })
         .count();
