@@ -14,7 +14,8 @@
 //! The signal is the kernel's own account of the listener's queue (`SO_MEMINFO`), read once a
 //! window: datagrams it dropped since the last, or a queue more than a quarter full (the
 //! thread is falling behind, and a full queue drops anyone's). A backlog of a few thousand
-//! queries sheds nothing, so a closed loop is never shed.
+//! queries sheds nothing, so a closed loop is never shed; nor is a client alone
+//! ([`SHARED_FOR`]).
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -31,6 +32,11 @@ pub(super) const WINDOW: Duration = Duration::from_millis(50);
 /// The fewest queries a client may have forwarded in a window, however long the overflow:
 /// 1,280 a second.
 pub(super) const MIN_QUOTA: u32 = 64;
+
+/// How long after two clients last asked in one window the thread still shares out: a
+/// client alone is never shed (its queue's drops are its own, and shedding would only lower
+/// what it gets), one that asks now and then keeps its share meanwhile.
+pub(super) const SHARED_FOR: Duration = Duration::from_secs(1);
 
 /// Clients counted in one window; any beyond are not shed (the table stays bounded).
 const MAX_COUNTED: usize = 4096;
@@ -55,6 +61,8 @@ pub(super) struct Shedding {
     capacity: Option<u32>,
     /// At most this many forwarded per client in a window; `None`: no limit.
     quota: Option<u32>,
+    /// When a window last ended with two clients or more.
+    shared: Option<Instant>,
 }
 
 impl Shedding {
@@ -65,6 +73,7 @@ impl Shedding {
             counts: HashMap::default(),
             capacity: None,
             quota: None,
+            shared: None,
         }
     }
 
@@ -98,8 +107,16 @@ impl Shedding {
             }
             _ => false,
         };
+        if self.counts.len() >= 2 {
+            self.shared = Some(now);
+        }
+        let alone = self
+            .shared
+            .is_none_or(|at| now.saturating_duration_since(at) > SHARED_FOR);
         let forwarded: u32 = self.counts.values().map(|c| c.forwarded).sum();
-        self.capacity = if overflowed {
+        self.capacity = if alone {
+            None
+        } else if overflowed {
             Some((forwarded / 2).max(MIN_QUOTA))
         } else {
             self.capacity
@@ -265,6 +282,15 @@ mod tests {
         assert_eq!(run(&mut shedding, 4, 10), (10, 300));
         assert_eq!(run(&mut shedding, 5, 5000), (5000, 300));
         assert_eq!(shedding.quota(), None);
+        // A client alone is never shed, however it overflows the queue.
+        let mut alone = Shedding::new(fd, start);
+        for n in 0..5 {
+            let forwarded = (0..5000)
+                .filter(|_| alone.admit(flooder, fd, window(n)))
+                .count();
+            assert_eq!(forwarded, 5000, "window {n}");
+            overflow();
+        }
         // However long the overflow, a client may forward the floor.
         let mut shedding = Shedding::new(fd, start);
         for n in 0..30 {
