@@ -127,7 +127,7 @@ const LISTENER_RECEIVE_BUFFER: libc::c_int = 4 << 20;
 
 /// Sets a listener's receive queue to [`LISTENER_RECEIVE_BUFFER`]: beyond `net.core.rmem_max`
 /// with `CAP_NET_ADMIN` (`SO_RCVBUFFORCE`), else as far as that allows. Best effort: a
-/// smaller queue only drops sooner under a flood (`dns::udp::shedding`).
+/// smaller queue only drops sooner under a flood.
 fn enlarge_receive_queue(socket: &Socket) {
     let size = LISTENER_RECEIVE_BUFFER;
     // SAFETY: the kernel reads one c_int from `size`, a live local of that type, for the
@@ -210,6 +210,18 @@ mod tests {
         drop((group, second));
         let (_, _, joined) = bind_reuseport_group(bound, 1, true, false).unwrap();
         assert!(!joined);
+    }
+
+    /// With `CAP_NET_ADMIN` (the unit tests run as root, as the agent starts), beyond
+    /// `net.core.rmem_max`; the kernel doubles what it is asked for.
+    #[test]
+    fn listeners_get_a_receive_queue_of_thousands_of_queries() {
+        let (_, group, _) =
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 2, false, false).unwrap();
+        for socket in &group {
+            let size = socket2::SockRef::from(socket).recv_buffer_size().unwrap();
+            assert!(size >= LISTENER_RECEIVE_BUFFER as usize, "{size}");
+        }
     }
 
     #[test]

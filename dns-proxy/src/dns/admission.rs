@@ -216,7 +216,11 @@ impl<D: OriginalDestinations> Admission<D> {
     /// address the query reached; with none recorded (0), its source address (the agent's own
     /// namespace is one client, `local`, whatever local address it sends from).
     pub fn client_slot(&self, client: SocketAddr, cgroup: u64, local: bool) -> Option<ClientSlot> {
-        let key = client_key(client, cgroup, local);
+        let key = match cgroup {
+            0 if local => Client::Address(LOCAL_CLIENT),
+            0 => Client::Address(client.ip()),
+            id => Client::Workload(id),
+        };
         let slot = self.per_client.try_acquire(key);
         if slot.is_none() {
             Stats::add(&self.transport.stats(&self.stats).dropped_client_limit);
@@ -240,16 +244,6 @@ impl<D: OriginalDestinations> Admission<D> {
     /// ([`OriginalDestinations::is_local_client`]).
     pub fn is_local_client(&self, client: IpAddr) -> bool {
         self.destinations.is_local_client(client)
-    }
-}
-
-/// Who the per-client limits count for a client at `client` whose query reached a block
-/// address of cgroup `cgroup` (0: none recorded); `local`: from the agent's own namespace.
-pub fn client_key(client: SocketAddr, cgroup: u64, local: bool) -> Client {
-    match cgroup {
-        0 if local => Client::Address(LOCAL_CLIENT),
-        0 => Client::Address(client.ip()),
-        id => Client::Workload(id),
     }
 }
 

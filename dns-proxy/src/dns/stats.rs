@@ -84,9 +84,6 @@ pub struct ProtocolStats {
     pub dropped_stray: AtomicU64,
     /// `dropped{reason="stalled"}`: TCP only, connections whose client stopped reading.
     pub dropped_stalled: AtomicU64,
-    /// `dropped{reason="shed"}`: UDP only, beyond a client's quota while the listener's
-    /// queue overflows.
-    pub dropped_shed: AtomicU64,
 }
 
 /// The proxy's counters: per protocol, and agent-wide.
@@ -159,7 +156,7 @@ impl ProtocolStats {
         format!(
             "received={} forwarded={} answered={} upstream_timeouts={} upstream_errors={} \
              dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_client_limit={} \
-             dropped_loop={} dropped_foreign_loopback={} dropped_stray={} dropped_shed={}",
+             dropped_loop={} dropped_foreign_loopback={} dropped_stray={}",
             get(&self.received),
             get(&self.forwarded),
             get(&self.answered),
@@ -172,7 +169,6 @@ impl ProtocolStats {
             get(&self.dropped_loop),
             get(&self.dropped_foreign_loopback),
             get(&self.dropped_stray),
-            get(&self.dropped_shed),
         )
     }
 }

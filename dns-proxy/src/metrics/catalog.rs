@@ -139,7 +139,7 @@ const RCODE_NAMES: [&str; 16] = [
 ];
 
 /// The `reason` label of `dropped`, and the counter of each (each explained in its help).
-const DROP_REASONS: [(&str, Field); 9] = [
+const DROP_REASONS: [(&str, Field); 8] = [
     ("malformed", |s| &s.dropped_malformed),
     ("not_redirected", |s| &s.dropped_not_redirected),
     ("overload", |s| &s.dropped_overload),
@@ -148,7 +148,6 @@ const DROP_REASONS: [(&str, Field); 9] = [
     ("foreign_loopback", |s| &s.dropped_foreign_loopback),
     ("stray", |s| &s.dropped_stray),
     ("stalled", |s| &s.dropped_stalled),
-    ("shed", |s| &s.dropped_shed),
 ];
 
 /// Every metric, in the order of the page.
@@ -216,10 +215,8 @@ pub const METRICS: &[Metric] = &[
                foreign_loopback (from another network namespace to a loopback server), stray \
                (UDP: a datagram from upstream that answers no query in flight, late or forged; \
                not one the kernel refuses: from another address or port than the server an \
-               upstream socket is connected to, or to a socket already closed), stalled (TCP: a client that stopped reading its answers for \
-               --upstream-timeout; its connection is closed), or shed (UDP: beyond a client's \
-               quota while the kernel drops datagrams at a listener whose queue is full; \
-               counted, not logged).",
+               upstream socket is connected to, or to a socket already closed), or stalled (TCP: a client that stopped reading its answers for \
+               --upstream-timeout; its connection is closed).",
         read: Read::Counter(|s| {
             let mut samples = Vec::new();
             for (protocol, stats) in s.protocols() {

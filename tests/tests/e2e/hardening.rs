@@ -505,7 +505,7 @@ fn a_flooding_host_process_is_shed_at_its_own_limit_and_the_nodes_others_keep_re
         _server,
     } = node_with_a_slow_server(2);
     let flood = [&format!("{SECOND_SERVER_IP}:53"), "20000", "80000", "4"];
-    steady_lookups_while_flooded(&node.node, &node.host_cgroup, &flood);
+    steady_lookups_while_flooded(&node.node, &node.host_cgroup, &flood, "1000");
     let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
     let shed = value(
         &page,
@@ -518,15 +518,20 @@ fn a_flooding_host_process_is_shed_at_its_own_limit_and_the_nodes_others_keep_re
 }
 
 /// In `netns`, two cgroups under `parent`: one floods (`flood`: flood's arguments) while the
-/// other resolves steadily (a lookup every 5 ms per stream, two streams, 1 s per try, three
-/// tries); checks that the steady one lost no lookup and retried at most 1 %.
-fn steady_lookups_while_flooded(netns: &tests::Netns, parent: &std::path::Path, flood: &[&str]) {
+/// other resolves steadily (a lookup every 5 ms per stream, two streams, `try_ms` per try,
+/// three tries); checks that the steady one lost no lookup and retried at most 1 %.
+fn steady_lookups_while_flooded(
+    netns: &tests::Netns,
+    parent: &std::path::Path,
+    flood: &[&str],
+    try_ms: &str,
+) {
     let (flooder, steady) = (parent.join("flooder"), parent.join("steady"));
     for cgroup in [&flooder, &steady] {
         fs::create_dir(cgroup).unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.display()));
     }
     let server = format!("{SERVER_IP}:53");
-    let steady_args = [server.as_str(), "1000", "3", "5", "2"];
+    let steady_args = [server.as_str(), try_ms, "3", "5", "2"];
     let mut steady = Process::spawn(
         tests::in_cgroup_and_netns(&steady, netns, STEADY, &steady_args)
             .stdin(Stdio::piped())
@@ -544,28 +549,20 @@ fn steady_lookups_while_flooded(netns: &tests::Netns, parent: &std::path::Path, 
     assert!(retried * 100 <= lookups, "retried more than 1 %: {line}");
 }
 
-/// A workload flooding faster than the agent can read (unpaced, from 8 sockets, so every UDP
-/// thread has it, at a closed port of the host: every query the agent forwards costs it an
-/// ICMP error and a SERVFAIL) costs another workload no lookup. While a listener's queue
-/// overflows, each client is held to a fair share of what its thread forwards as it is read
-/// (`shed`), and the queue holds what arrives while the thread is off its CPU. Before, the
-/// kernel dropped datagrams at the full queue whoever sent them.
+/// A workload flooding as fast as it can (unpaced, from 8 sockets, so every UDP thread has
+/// it, at a closed port of the host: every query the agent forwards costs it an ICMP error
+/// and a SERVFAIL) costs another workload no lookup. The listeners' receive queues hold what
+/// arrives while a UDP thread is off its CPU. Before, with the default queue (a few hundred
+/// datagrams), the kernel dropped datagrams at the full queue whoever sent them.
 #[test]
-fn a_workload_flooding_faster_than_the_agent_reads_costs_another_no_lookup() {
+fn a_workload_flooding_as_fast_as_it_can_costs_another_no_lookup() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
-    let _agent = Agent::start_quiet(&topology, &[&format!("--metrics={METRICS}")]);
+    let _agent = Agent::start_quiet(&topology, &[]);
+    // 2 s per try: a retry is a query lost, not one slowed by the other tests running beside
+    // this one on a machine the flood keeps busy.
     let flood = ["127.0.0.9:53", "100000000", "100000000", "5"];
-    steady_lookups_while_flooded(&topology.client, &topology.cgroup.path, &flood);
-    let page = tests::http_get(&topology.client, metrics_addr(), "/metrics").1;
-    let shed = value(
-        &page,
-        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"shed\"}",
-    );
-    assert!(
-        shed > 0,
-        "the flood was shed as it was read: {shed}\n{page}"
-    );
+    steady_lookups_while_flooded(&topology.client, &topology.cgroup.path, &flood, "2000");
 }
 
 /// A few clients holding every TCP connection the agent allows cannot keep another out: a

@@ -9,7 +9,6 @@ use super::{
     mmsg::{self, ReceivedBatch},
     pending::PendingKey,
     pool::{PoolSocket, random},
-    shedding::Shedding,
 };
 use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
 
@@ -20,9 +19,6 @@ pub(super) struct Forwarding {
     outgoing: Vec<Outgoing>,
     /// The queries answered from the cache.
     hits: Vec<CacheHit>,
-    /// Each client's queries, against a quota while the listener overflows; made at the
-    /// first batch.
-    shedding: Option<Shedding>,
 }
 
 /// A query of the batch being forwarded, registered as pending on `socket`.
@@ -45,19 +41,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // One random pool socket for the batch (another where its ID is taken).
         let pick = random();
         let now = Moment::now();
-        let Forwarding {
-            outgoing,
-            hits,
-            shedding,
-        } = forwarding;
-        let shedding =
-            shedding.get_or_insert_with(|| Shedding::new(self.socket.as_fd(), now.instant));
+        let Forwarding { outgoing, hits } = forwarding;
         outgoing.clear();
         for (index, datagram, client) in batch.iter() {
             let arrival = batch.arrival(index);
-            let shedding = Some(&mut *shedding);
             if let Some((key, socket)) =
-                self.register_query(datagram, client, arrival, now, pick, hits, shedding)
+                self.register_query(datagram, client, arrival, now, pick, hits)
             {
                 outgoing.push(Outgoing { index, socket, key });
             }

@@ -24,15 +24,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             ifindex: LOOPBACK_IFINDEX + 1,
         });
         let mut hits = Vec::new();
-        let registered = self.register_query(
-            datagram,
-            client,
-            arrival,
-            Moment::now(),
-            pick,
-            &mut hits,
-            None,
-        );
+        let registered =
+            self.register_query(datagram, client, arrival, Moment::now(), pick, &mut hits);
         self.send_hits(&mut hits);
         registered.map(|(key, socket)| (socket.id(), key.upstream))
     }

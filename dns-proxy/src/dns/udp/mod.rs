@@ -21,7 +21,6 @@
 //! - `relay`: upstream to client, in batches;
 //! - `cached`: the answer cache's part (hits, waiting on identical queries, stale answers);
 //! - `sweeper`: queries that time out, and stale answers for late upstreams;
-//! - `shedding`: while the listener's queue overflows, each client held to a quota;
 //! - `unreachable`: queries whose upstream cannot be reached (an ICMP error, a failed send);
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
 //! - `fuzz`: the fuzz targets' hooks.
@@ -62,7 +61,6 @@ pub(crate) mod mmsg;
 mod pending;
 mod pool;
 mod relay;
-mod shedding;
 mod sweeper;
 #[cfg(test)]
 mod tests;
@@ -74,7 +72,6 @@ use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
 pub use pool::USES_PER_SOCKET;
 use pool::{Pool, PoolSocket};
-use shedding::Shedding;
 pub use sweeper::STALE_AFTER;
 
 /// The target of the listener's log lines, whichever of its files they come from: the one they
@@ -131,7 +128,6 @@ pub struct UdpProxy<D> {
     overload_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
-    shed_log: RateLimited,
 }
 
 /// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
@@ -193,7 +189,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             overload_log: RateLimited::new(Duration::from_secs(10)),
             upstream_log: RateLimited::new(Duration::from_secs(10)),
             stray_log: RateLimited::new(Duration::from_secs(10)),
-            shed_log: RateLimited::new(Duration::from_secs(10)),
         });
         let sweeper = Arc::clone(&proxy);
         tokio::spawn(async move { sweeper.expire_unanswered().await });
@@ -243,9 +238,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// Records a client's datagram, if it is a query of a redirected client, as pending on a
-    /// pool socket (the one `pick` chooses if it can); returns its key and socket. With
-    /// `shedding`, a client beyond its quota while the listener overflows is dropped.
-    #[expect(clippy::too_many_arguments, reason = "one query's context, read once")]
+    /// pool socket (the one `pick` chooses if it can); returns its key and socket.
     fn register_query(
         self: &Arc<Self>,
         datagram: &[u8],
@@ -254,7 +247,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         now: Moment,
         pick: u64,
         hits: &mut Vec<CacheHit>,
-        shedding: Option<&mut Shedding>,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
@@ -277,20 +269,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream,
             reached,
         } = self.admission.route(client, reached, local)?;
-        let client_key = super::admission::client_key(client, cgroup, local);
-        if let Some(shedding) = shedding
-            && !shedding.admit(client_key, self.socket.as_fd(), now.instant)
-        {
-            Stats::add(&stats.dropped_shed);
-            self.shed_log.warn(|dropped| {
-                format!(
-                    "the listener {}'s queue overflows: dropped {dropped} queries of clients \
-                     beyond their share (the latest of {client_key})",
-                    self.local_addr
-                )
-            });
-            return None;
-        }
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
         let started = now.instant;

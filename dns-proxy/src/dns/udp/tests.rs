@@ -393,15 +393,7 @@ fn register_as_pod(proxy: &Arc<UdpProxy<Fixed>>, n: u8, id: u16) -> bool {
         ifindex: LOOPBACK_IFINDEX + 1,
     });
     proxy
-        .register_query(
-            &query,
-            client,
-            arrival,
-            Moment::now(),
-            0,
-            &mut Vec::new(),
-            None,
-        )
+        .register_query(&query, client, arrival, Moment::now(), 0, &mut Vec::new())
         .is_some()
 }
 
@@ -575,7 +567,6 @@ async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
             now,
             0,
             &mut Vec::new(),
-            None,
         )
         .expect("registered");
     // As if its send had failed with a port unreachable meant for another query.
@@ -621,15 +612,7 @@ fn register_from(
         ifindex: LOOPBACK_IFINDEX,
     });
     let (_, socket) = proxy
-        .register_query(
-            query,
-            client,
-            arrival,
-            Moment::now(),
-            0,
-            &mut Vec::new(),
-            None,
-        )
+        .register_query(query, client, arrival, Moment::now(), 0, &mut Vec::new())
         .expect("registered");
     socket
 }
@@ -844,7 +827,6 @@ async fn a_send_failing_on_a_connected_socket_is_sent_again_from_a_socket_of_its
             Moment::now(),
             0,
             &mut Vec::new(),
-            None,
         )
         .expect("registered");
     assert_eq!(socket.peer(), Some(answering));
@@ -919,7 +901,7 @@ async fn same_id_queries_to_a_connected_upstream_take_a_socket_each() {
             });
             let now = Moment::now();
             proxy
-                .register_query(QUERY, client, arrival, now, 0, &mut Vec::new(), None)
+                .register_query(QUERY, client, arrival, now, 0, &mut Vec::new())
                 .is_some_and(|(key, _)| key.upstream == upstream)
         })
         .count();
