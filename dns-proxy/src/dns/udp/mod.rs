@@ -3,13 +3,14 @@
 //! answer may be kept or shared goes up with an ID of the agent's own, and its answer gets
 //! the client's back.)
 //!
-//! Queries leave from a pool of upstream sockets, each bound to a random port and replaced by
-//! a fresh one (a new random port) after [`USES_PER_SOCKET`] queries. An answer is relayed
-//! only if it arrives on the socket its query left from, from the address and port the query
-//! went to, with the query's ID and the very bytes of its question; anything else is counted
-//! and dropped. Nothing is made per query (no task, socket or buffer): the receive loop
-//! forwards, each pool socket's reader relays its answers, and a sweeper expires what was not
-//! answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
+//! Queries leave from upstream sockets on random ports that each carry queries to one server
+//! only (`pool`): those connected to the few servers that answer, replaced by fresh ones
+//! after [`USES_PER_SOCKET`] queries, and for any other query a socket of its own. An answer
+//! is relayed only if it arrives on the socket its query left from, from the address and port
+//! the query went to, with the query's ID and the very bytes of its question; anything else is
+//! counted and dropped. Nothing is made per query to a server with connected sockets (no
+//! task, socket or buffer): the receive loop forwards, each pool socket's reader relays its
+//! answers, and a sweeper expires what was not answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
 //! `mmsg`): the queries of one batch leave together from one pool socket, and
 //! the answers one reader finds go back to their clients together.
 //!
