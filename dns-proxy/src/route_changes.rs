@@ -7,7 +7,7 @@
 use std::{
     io,
     mem::MaybeUninit,
-    os::fd::AsRawFd,
+    os::fd::{AsFd as _, AsRawFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -105,19 +105,14 @@ fn subscribe() -> io::Result<Socket> {
     // path of every route using it, and with `net.ipv4.nexthop_compat_mode=0` no route change
     // is announced for it. Group 32 is beyond `nl_groups`' bits; a kernel without it (before
     // 5.3) has no nexthop objects either.
-    let nexthops = libc::RTNLGRP_NEXTHOP;
-    // SAFETY: the option value is a live `c_uint` of the length given.
-    let joined = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_NETLINK,
-            NETLINK_ADD_MEMBERSHIP,
-            (&raw const nexthops).cast(),
-            size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if joined < 0 {
-        log::debug!("no nexthop announcements: {}", io::Error::last_os_error());
+    let joined = crate::dns::udp::mmsg::set_int_option(
+        socket.as_fd(),
+        libc::SOL_NETLINK,
+        NETLINK_ADD_MEMBERSHIP,
+        libc::RTNLGRP_NEXTHOP as libc::c_int,
+    );
+    if let Err(err) = joined {
+        log::debug!("no nexthop announcements: {err}");
     }
     Ok(socket)
 }

@@ -130,18 +130,9 @@ const LISTENER_RECEIVE_BUFFER: libc::c_int = 4 << 20;
 /// smaller queue only drops sooner under a flood.
 fn enlarge_receive_queue(socket: &Socket) {
     let size = LISTENER_RECEIVE_BUFFER;
-    // SAFETY: the kernel reads one c_int from `size`, a live local of that type, for the
-    // open descriptor of `socket`.
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            std::mem::size_of_val(&size) as libc::socklen_t,
-        )
-    };
-    if forced != 0
+    let (fd, level) = (socket.as_fd(), libc::SOL_SOCKET);
+    let forced = crate::dns::udp::mmsg::set_int_option(fd, level, libc::SO_RCVBUFFORCE, size);
+    if forced.is_err()
         && let Err(err) = socket.set_recv_buffer_size(size as usize)
     {
         log::debug!("a listener's receive queue keeps its default size: {err}");

@@ -145,14 +145,24 @@ pub fn send_from_any_address(socket: BorrowedFd<'_>, ipv6: bool) -> io::Result<(
 const IPV6_FREEBIND: libc::c_int = 78;
 
 fn set_flag(socket: BorrowedFd<'_>, level: libc::c_int, option: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: the kernel reads an int of the size given.
+    set_int_option(socket, level, option, 1)
+}
+
+/// Sets a socket option whose value is an int (a flag, a size, a group number).
+pub(crate) fn set_int_option(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the kernel reads an int of the size given, a live local, for the open
+    // descriptor `socket` borrows.
     let result = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             level,
             option,
-            (&raw const on).cast(),
+            (&raw const value).cast(),
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -119,9 +119,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // one leaves from a socket of its own.
             drop(slots);
             if picked.is_connected()
-                && let Some((slots, own)) = self.pick_one_off(pool, upstream)
+                && let Some(own) = self.open_one_off(pool, upstream)
                 && let Some(registered) =
-                    self.insert_pending(slots.candidates(&own), key, &mut pending)
+                    self.insert_pending(std::iter::once(&own), key, &mut pending)
             {
                 return Some(registered);
             }
@@ -169,26 +169,22 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self: &Arc<Self>,
         key: PendingKey,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
-        let pool = self.pool_for(key.upstream);
-        let (slots, picked) = self.pick_one_off(pool, key.upstream)?;
-        let mut table = self.pending.lock().expect("not poisoned");
-        for socket in slots.candidates(&picked) {
-            let moved = PendingKey {
-                socket: socket.id(),
-                ..key
-            };
-            if !table.contains_key(&moved) {
-                let mut pending = table.remove(&key)?;
-                pending.socket.settled();
-                socket.carries();
-                pending.socket = Arc::clone(socket);
-                table.insert(moved, pending);
-                drop(table);
-                self.started_on(socket);
-                return Some((moved, Arc::clone(socket)));
-            }
+        let socket = self.open_one_off(self.pool_for(key.upstream), key.upstream)?;
+        // A fresh socket: nothing is pending under its key.
+        let moved = PendingKey {
+            socket: socket.id(),
+            ..key
+        };
+        {
+            let mut table = self.pending.lock().expect("not poisoned");
+            let mut pending = table.remove(&key)?;
+            pending.socket.settled();
+            socket.carries();
+            pending.socket = Arc::clone(&socket);
+            table.insert(moved, pending);
         }
-        None
+        self.started_on(&socket);
+        Some((moved, socket))
     }
 
     /// The pending query that `datagram`, from `from` on pool socket `socket`, answers, taken

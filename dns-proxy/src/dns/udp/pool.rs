@@ -392,22 +392,34 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.pick_one_off(pool, upstream)
     }
 
-    /// [`pick_socket`](Self::pick_socket) for a query that leaves from a socket of its own: a
-    /// fresh one on a random port, bound but not connected (the send chooses its route and
-    /// source, which a connected socket would keep). It is retired from the start, so it
-    /// closes once the one query it carries is settled, and no other server ever sees its
-    /// port. Its reader starts once the query is recorded on it
-    /// ([`UdpProxy::started_on`]); until then, dropping it closes it.
-    pub(super) fn pick_one_off<'p>(
+    /// [`pick_socket`](Self::pick_socket) for a query that leaves from a socket of its own.
+    fn pick_one_off<'p>(
         self: &Arc<Self>,
         pool: &'p Pool,
         upstream: SocketAddr,
     ) -> Option<(MutexGuard<'p, Slots>, Picked)> {
+        let socket = self.open_one_off(pool, upstream)?;
+        Some((
+            pool.slots.lock().expect("not poisoned"),
+            Picked::OneOff(socket),
+        ))
+    }
+
+    /// A socket of one query's own, to `upstream`: a fresh one on a random port, bound but not
+    /// connected (the send chooses its route and source, which a connected socket would keep).
+    /// It is retired from the start, so it closes once the one query it carries is settled,
+    /// and no other server ever sees its port. Its reader starts once the query is recorded on
+    /// it ([`UdpProxy::started_on`]); until then, dropping it closes it. `None` (counted) if
+    /// none can be opened.
+    pub(super) fn open_one_off(
+        self: &Arc<Self>,
+        pool: &Pool,
+        upstream: SocketAddr,
+    ) -> Option<Arc<PoolSocket>> {
         match PoolSocket::open(&self.next_socket_id, pool.any, None) {
             Ok(socket) => {
                 socket.retire();
-                let slots = pool.slots.lock().expect("not poisoned");
-                Some((slots, Picked::OneOff(socket)))
+                Some(socket)
             }
             // No IPv6 on the host, or out of descriptors or ports.
             Err(err) => {
