@@ -106,6 +106,41 @@ pub fn hash_question(question: &[u8], hasher: &mut impl std::hash::Hasher) {
     hasher.write(&question[name_len..]);
 }
 
+/// RCODE 1, "format error": the server could not interpret the query (RFC 1035 4.1.1).
+pub const FORMERR: u8 = 1;
+/// RCODE 2, "server failure".
+pub const SERVFAIL: u8 = 2;
+
+/// An answer made here to `sent` (a query, or its start as an ICMP error carried it back):
+/// its header with QR set and `rcode` (opcode, RD and CD kept), its question if it is whole
+/// and the only one, none otherwise, and `id` for its ID if given (the client's own, when the
+/// query went up with the agent's). `None` without a full header.
+pub fn error_answer(sent: &[u8], rcode: u8, id: Option<u16>) -> Option<Vec<u8>> {
+    let header = sent.get(..HEADER_LEN)?;
+    let question = question(sent).unwrap_or_default();
+    let mut answer = Vec::with_capacity(HEADER_LEN + question.len());
+    answer.extend_from_slice(&id.map_or([header[0], header[1]], u16::to_be_bytes));
+    answer.push(0x80 | (header[2] & 0x79));
+    answer.push((header[3] & 0x10) | (rcode & 0x0f));
+    answer.extend_from_slice(&u16::from(!question.is_empty()).to_be_bytes());
+    answer.extend_from_slice(&[0; 6]);
+    answer.extend_from_slice(question);
+    Some(answer)
+}
+
+/// FORMERR to a message with a query's header (QR clear) that is not a query the agent
+/// forwards ([`is_query`]): more than one question (RFC 9619 asks for FORMERR), or one it
+/// cannot read. What a server answers, so the client hears at once instead of waiting out
+/// its timeout. `None` for anything else (too short for a header, or a response), which no
+/// server answers either.
+pub fn format_error(message: &[u8]) -> Option<Vec<u8>> {
+    let header = message.get(..HEADER_LEN)?;
+    if is_response(header) || is_query(message) {
+        return None;
+    }
+    error_answer(message, FORMERR, None)
+}
+
 /// The ID of a message that is a response (a full header with QR set).
 pub fn response_id(message: &[u8]) -> Option<u16> {
     message_id(message).filter(|_| is_response(message))
@@ -392,6 +427,28 @@ mod tests {
         assert_eq!(question(&lower).unwrap().len(), 256 + 4);
         assert_eq!(hash(&lower), hash(&upper));
         assert_ne!(hash(&lower), hash(&message(b'b')));
+    }
+
+    /// FORMERR goes to what has a query's header and is not forwarded, and to nothing else;
+    /// it keeps the ID, opcode, RD and CD, and names no question it could not read.
+    #[test]
+    fn format_errors_answer_only_queries_that_are_not_forwarded() {
+        let good = query(7);
+        assert_eq!(format_error(&good), None);
+        assert_eq!(format_error(&good[..HEADER_LEN - 1]), None);
+        let mut response = good.clone();
+        response[2] |= 0x80;
+        response[5] = 2;
+        assert_eq!(format_error(&response), None);
+        let mut two = good.clone();
+        two[2] = 0x29; // opcode 5 (UPDATE) and RD
+        two[3] = 0x10; // CD
+        two[5] = 2;
+        let formerr = format_error(&two).unwrap();
+        assert_eq!(formerr, [0, 7, 0xa9, 0x11, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // One question, cut short: none named either.
+        let cut = format_error(&good[..good.len() - 1]).unwrap();
+        assert_eq!(&cut[4..], [0; 8]);
     }
 
     #[test]

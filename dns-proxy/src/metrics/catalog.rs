@@ -207,8 +207,9 @@ pub const METRICS: &[Metric] = &[
         name: "dropped",
         labels: &["protocol", "reason"],
         only_with: None,
-        help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
-               query), not_redirected (from a client the kernel did not redirect), overload \
+        help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not DNS: \
+               too short for a header, or a response; a query the agent does not forward, \
+               such as one with two questions, is answered FORMERR instead), not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \

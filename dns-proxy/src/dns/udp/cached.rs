@@ -126,9 +126,8 @@ impl Waiter {
 /// Whether `answer` says the upstream failed (SERVFAIL or REFUSED): a stale answer, if the
 /// cache holds one, serves the client better (RFC 8767 §4).
 fn is_failure(answer: &[u8]) -> bool {
-    const SERVFAIL: u8 = 2;
     const REFUSED: u8 = 5;
-    matches!(wire::header_rcode(answer), Some(SERVFAIL | REFUSED))
+    matches!(wire::header_rcode(answer), Some(wire::SERVFAIL | REFUSED))
 }
 
 /// What an answer made here (not the upstream's, relayed) is, for the metrics and the log.
@@ -142,6 +141,8 @@ pub(super) enum MadeHere {
     Coalesced,
     /// SERVFAIL for an upstream that cannot be reached (`unreachable`).
     Unreachable,
+    /// FORMERR for a query the agent does not forward (`refuse_malformed`).
+    FormatError,
 }
 
 impl MadeHere {
@@ -152,6 +153,7 @@ impl MadeHere {
             Self::Stale => "cache=stale",
             Self::Coalesced => "cache=coalesced",
             Self::Unreachable => "upstream=unreachable",
+            Self::FormatError => "upstream=none (malformed)",
         }
     }
 }
@@ -323,8 +325,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             MadeHere::Hit => Stats::add(&self.stats.cache_hits),
             MadeHere::Stale => Stats::add(&self.stats.cache_stale),
             MadeHere::Coalesced => Stats::add(&self.stats.cache_coalesced),
-            // Counted as an upstream error where it is made.
-            MadeHere::Unreachable => {}
+            // Counted as an upstream error where it is made; a FORMERR by its RCODE below.
+            MadeHere::Unreachable | MadeHere::FormatError => {}
         }
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {

@@ -67,7 +67,7 @@ mod sweeper;
 mod tests;
 mod unreachable;
 
-use cached::{CacheHit, FromCache, Recipient};
+use cached::{CacheHit, FromCache, MadeHere, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
@@ -251,19 +251,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
-        let (true, Some(id), Some(question)) = (
-            wire::is_query(datagram),
-            wire::message_id(datagram),
-            wire::question(datagram),
-        ) else {
-            self.drop_malformed(datagram, client);
-            return None;
-        };
         // sk_lookup already refuses loopback servers' addresses to other namespaces; what
         // came over the loopback device was sent from this one.
         let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
         // The address it was sent to names its server; a listener address names none.
         let reached = arrival.map(|at| SocketAddr::new(at.destination, self.local_addr.port()));
+        let (true, Some(id), Some(question)) = (
+            wire::is_query(datagram),
+            wire::message_id(datagram),
+            wire::question(datagram),
+        ) else {
+            self.refuse_malformed(datagram, client, reached, local, now);
+            return None;
+        };
         let Route {
             original,
             cgroup,
@@ -329,11 +329,46 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.settings.observers.workload_name(id)
     }
 
-    fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
-        Stats::add(&self.stats.udp.dropped_malformed);
-        log::debug!(
-            "dropping {} bytes from {client}: not a DNS query",
-            datagram.len()
-        );
+    /// A datagram that is not a query the agent forwards. One with a query's header (more
+    /// than one question, or one it cannot read) from a redirected client is answered FORMERR
+    /// from its server's address, as a server answers it (RFC 9619), so that its client hears
+    /// at once instead of waiting out its timeout; anything else is dropped and counted.
+    fn refuse_malformed(
+        &self,
+        datagram: &[u8],
+        client: SocketAddr,
+        reached: Option<SocketAddr>,
+        local: bool,
+        now: Moment,
+    ) {
+        let Some(answer) = wire::format_error(datagram) else {
+            Stats::add(&self.stats.udp.dropped_malformed);
+            log::debug!(
+                "dropping {} bytes from {client}: not a DNS query",
+                datagram.len()
+            );
+            return;
+        };
+        let Some(Route {
+            original,
+            cgroup,
+            reached,
+            ..
+        }) = self.admission.route(client, reached, local)
+        else {
+            return;
+        };
+        self.settings
+            .observers
+            .asked(udp_asked(client, original, cgroup), datagram, now);
+        let to = Recipient {
+            cgroup,
+            client,
+            original,
+            reply_from: reached.ip(),
+            listener: self.shared_listener.as_fd(),
+            started: now.instant,
+        };
+        self.send_answer(&answer, to, MadeHere::FormatError);
     }
 }

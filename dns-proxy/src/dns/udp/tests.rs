@@ -1,5 +1,5 @@
 //! The UDP listener against real sockets on loopback, and its state driven directly.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::net::IpAddr;
 
@@ -158,7 +158,7 @@ async fn with_the_cache_on_queries_go_up_with_an_id_of_the_agents_own() {
 async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own() {
     let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let upstream = socket.local_addr().unwrap();
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
     tokio::spawn({
         let asked = Arc::clone(&asked);
         async move {
@@ -215,6 +215,48 @@ async fn drops_clients_that_were_not_redirected_and_non_queries() {
     assert_eq!(ask(&proxy, b"hello").await, None);
     assert_eq!(proxy.stats.udp.dropped_malformed.load(Ordering::Relaxed), 2);
     assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 0);
+}
+
+/// A query the agent does not forward (two questions, a question it cannot read) is answered
+/// FORMERR at once from its server's address, as a server answers it (RFC 9619), instead of
+/// leaving its client to time out; nothing goes upstream.
+#[tokio::test]
+async fn a_query_that_is_not_forwarded_is_answered_formerr_at_once() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let upstream = serve_upstream({
+        let asked = Arc::clone(&asked);
+        move |query| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            vec![answer_to(query)]
+        }
+    })
+    .await;
+    let proxy = proxy(Some(upstream), 8).await;
+    let mut two_questions = QUERY.to_vec();
+    two_questions[5] = 2;
+    let mut pointer = QUERY[..wire::HEADER_LEN].to_vec();
+    pointer.extend_from_slice(&[0xc0, 0x00, 0, 1, 0, 1]);
+    let cut = &QUERY[..QUERY.len() - 2];
+    for (what, query) in [
+        ("two", &two_questions[..]),
+        ("pointer", &pointer),
+        ("cut", cut),
+    ] {
+        let answer = ask(&proxy, query)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no answer"));
+        // The query's ID, QR, its opcode and RD; RCODE 1; no question, no records.
+        let mut formerr = QUERY[..wire::HEADER_LEN].to_vec();
+        formerr[2] |= 0x80;
+        formerr[3] = (formerr[3] & 0x10) | 1;
+        formerr[4..].fill(0);
+        assert_eq!(answer, formerr, "{what}");
+    }
+    assert_eq!(asked.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.udp.dropped_malformed.load(Ordering::Relaxed), 0);
+    // A good query still goes up and is answered.
+    assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
 }
 
 #[tokio::test]
