@@ -84,6 +84,9 @@ pub struct ProtocolStats {
     pub dropped_stray: AtomicU64,
     /// `dropped{reason="stalled"}`: TCP only, connections whose client stopped reading.
     pub dropped_stalled: AtomicU64,
+    /// `dropped{reason="unsendable"}`: UDP only, answers the kernel would not send to their
+    /// client for another reason than a full buffer.
+    pub dropped_unsendable: AtomicU64,
 }
 
 /// The proxy's counters: per protocol, and agent-wide.
@@ -156,7 +159,7 @@ impl ProtocolStats {
         format!(
             "received={} forwarded={} answered={} upstream_timeouts={} upstream_errors={} \
              dropped_malformed={} dropped_not_redirected={} dropped_overload={} dropped_client_limit={} \
-             dropped_loop={} dropped_foreign_loopback={} dropped_stray={}",
+             dropped_loop={} dropped_foreign_loopback={} dropped_stray={} dropped_unsendable={}",
             get(&self.received),
             get(&self.forwarded),
             get(&self.answered),
@@ -169,6 +172,7 @@ impl ProtocolStats {
             get(&self.dropped_loop),
             get(&self.dropped_foreign_loopback),
             get(&self.dropped_stray),
+            get(&self.dropped_unsendable),
         )
     }
 }

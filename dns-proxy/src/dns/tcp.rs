@@ -450,22 +450,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             Stats::add(&stats.received);
             if !wire::is_query(&query) {
-                // With a query's header it is answered FORMERR, as a server answers it (RFC
-                // 9619), and the connection stays; anything else is not DNS.
-                let Some(formerr) = wire::format_error(&query) else {
-                    Stats::add(&stats.dropped_malformed);
-                    return Closed::MalformedQuery;
-                };
-                let arrived = Moment::now();
-                self.settings.observers.asked(conn.asked(), &query, arrived);
-                conn.set_reading(false);
-                let mut client_write = client_write.lock().await;
-                if let Err(err) = write_message(&mut *client_write, &formerr).await {
-                    return Closed::ClientError(err);
-                }
-                drop(client_write);
-                self.answered_here(conn, &formerr, "upstream=none (malformed)", arrived.instant);
-                continue;
+                Stats::add(&stats.dropped_malformed);
+                return Closed::MalformedQuery;
             }
             if wire::asks_tcp_keepalive(&query) {
                 conn.asked_keepalive
@@ -565,29 +551,24 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     }
 
     fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
-        Stats::add(if stale {
-            &self.stats.cache_stale
-        } else {
-            &self.stats.cache_hits
-        });
-        let made = if stale { "cache=stale" } else { "cache=hit" };
-        self.answered_here(conn, answer, made, started);
-    }
-
-    /// Counts and logs an answer made here (`made`, as the log says it), not relayed.
-    fn answered_here(&self, conn: &Connection, answer: &[u8], made: &str, started: Instant) {
         conn.touch();
         let now = Moment::now();
         let latency = now.instant.saturating_duration_since(started);
         self.settings
             .observers
             .answered(conn.asked(), Some(latency), answer, now);
+        Stats::add(if stale {
+            &self.stats.cache_stale
+        } else {
+            &self.stats.cache_hits
+        });
         self.stats.tcp.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
-                "query tcp client={} server={} {made} {} rcode={} latency={latency:?} workload={}",
+                "query tcp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
                 conn.client,
                 conn.original,
+                if stale { "stale" } else { "hit" },
                 wire::describe_query(answer),
                 wire::describe_rcode(answer),
                 self.workload_name(conn.cgroup),
@@ -1279,29 +1260,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn malformed_queries_are_answered_formerr_and_non_dns_and_unknown_clients_closed() {
+    async fn what_is_not_a_query_and_unknown_clients_are_closed_not_forwarded() {
         let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
-        // A query with two questions is answered FORMERR (RFC 9619), as a server answers it,
-        // and the connection serves the next query.
+        // A query whose question the agent cannot read (two questions) is the server's to
+        // answer, as without the agent: forwarded, and its answer relayed.
         let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
         let mut two_questions = query(1);
         two_questions[5] = 2;
         write_message(&mut client, &two_questions).await.unwrap();
-        let formerr = read_message(&mut client).await.unwrap().unwrap();
-        assert_eq!(formerr, b"\x00\x01\x81\x01\x00\x00\x00\x00\x00\x00\x00\x00");
-        assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 0);
-        write_message(&mut client, &query(2)).await.unwrap();
         assert_eq!(
             read_message(&mut client).await.unwrap(),
-            Some(answer_to(&query(2)))
+            Some(answer_to(&two_questions))
         );
-        // What has no query's header (here a response) is not DNS to a server: closed.
-        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
-        write_message(&mut client, &answer_to(&query(3)))
-            .await
-            .unwrap();
-        assert_eq!(read_message(&mut client).await.unwrap(), None);
-        assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+        // A response, or less than a header, is not a query: closed.
+        for not_a_query in [answer_to(&query(2)), query(3)[..11].to_vec()] {
+            let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+            write_message(&mut client, &not_a_query).await.unwrap();
+            assert_eq!(read_message(&mut client).await.unwrap(), None);
+        }
+        assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 2);
         assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 1);
 
         let proxy = self::proxy(None, Duration::from_secs(5)).await;

@@ -2,7 +2,7 @@
 //! byte; nothing here rebuilds one.
 use std::ops::Range;
 
-use hickory_proto::op::Message;
+use hickory_proto::op::{Message, ResponseCode};
 
 /// Length of the fixed DNS header.
 pub const HEADER_LEN: usize = 12;
@@ -26,18 +26,13 @@ fn is_response(header: &[u8]) -> bool {
     header[2] & 0x80 != 0
 }
 
-/// A message worth forwarding as a query: a full header with the QR bit clear, and at most one
-/// question (what every resolver sends; none at all is legal, e.g. for cookie refreshes) that
-/// lies within the message. Anything else is not DNS, or not something a server would answer.
+/// A message to forward as a query: a full header with the QR bit clear. What follows is the
+/// server's to read, as it would be without the agent: one it cannot read (two questions, a
+/// question cut short) gets what that server answers it (FORMERR, REFUSED, or nothing; RFC
+/// 9619), and the answer check then has no question to compare ([`question`]). Anything
+/// shorter, or a response, is not DNS a server answers.
 pub fn is_query(message: &[u8]) -> bool {
-    if message.len() < HEADER_LEN || is_response(message) {
-        return false;
-    }
-    match u16::from_be_bytes([message[4], message[5]]) {
-        0 => true,
-        1 => question_end(message, HEADER_LEN).is_some(),
-        _ => false,
-    }
+    message.len() >= HEADER_LEN && !is_response(message)
 }
 
 /// The longest name's labels, in bytes (RFC 1035 2.3.4).
@@ -72,7 +67,8 @@ fn question_end(message: &[u8], mut offset: usize) -> Option<usize> {
 }
 
 /// The question section of a message with at most one question (empty for none), as bytes:
-/// what the answer check compares ([`hash_question`]).
+/// what the answer check compares ([`hash_question`]). `None` for more than one, or for one
+/// that is not whole and plain ([`question_end`]).
 pub fn question(message: &[u8]) -> Option<&[u8]> {
     if message.len() < HEADER_LEN {
         return None;
@@ -106,8 +102,6 @@ pub fn hash_question(question: &[u8], hasher: &mut impl std::hash::Hasher) {
     hasher.write(&question[name_len..]);
 }
 
-/// RCODE 1, "format error": the server could not interpret the query (RFC 1035 4.1.1).
-pub const FORMERR: u8 = 1;
 /// RCODE 2, "server failure".
 pub const SERVFAIL: u8 = 2;
 
@@ -126,19 +120,6 @@ pub fn error_answer(sent: &[u8], rcode: u8, id: Option<u16>) -> Option<Vec<u8>> 
     answer.extend_from_slice(&[0; 6]);
     answer.extend_from_slice(question);
     Some(answer)
-}
-
-/// FORMERR to a message with a query's header (QR clear) that is not a query the agent
-/// forwards ([`is_query`]): more than one question (RFC 9619 asks for FORMERR), or one it
-/// cannot read. What a server answers, so the client hears at once instead of waiting out
-/// its timeout. `None` for anything else (too short for a header, or a response), which no
-/// server answers either.
-pub fn format_error(message: &[u8]) -> Option<Vec<u8>> {
-    let header = message.get(..HEADER_LEN)?;
-    if is_response(header) || is_query(message) {
-        return None;
-    }
-    error_answer(message, FORMERR, None)
 }
 
 /// The ID of a message that is a response (a full header with QR set).
@@ -166,9 +147,12 @@ pub fn header_rcode(message: &[u8]) -> Option<u8> {
 
 /// The response code of an answer (extended RCODE included), for logs.
 pub fn describe_rcode(message: &[u8]) -> String {
-    match Message::from_vec(message) {
-        Ok(message) => format!("{:?}", message.response_code()),
-        Err(_) => "? (unparsable)".to_owned(),
+    match (Message::from_vec(message), header_rcode(message)) {
+        (Ok(message), _) => format!("{:?}", message.response_code()),
+        // The header's RCODE still says what the server meant (a FORMERR echoing a question
+        // that cannot be read, say).
+        (Err(_), Some(rcode)) => format!("{:?} (unparsable)", ResponseCode::from(0, rcode)),
+        (Err(_), None) => "? (unparsable)".to_owned(),
     }
 }
 
@@ -429,44 +413,25 @@ mod tests {
         assert_ne!(hash(&lower), hash(&message(b'b')));
     }
 
-    /// FORMERR goes to what has a query's header and is not forwarded, and to nothing else;
-    /// it keeps the ID, opcode, RD and CD, and names no question it could not read.
+    /// A query's question is read only if it is alone, whole and plain; one that is not is
+    /// still a query, forwarded for its server to answer as it would without the agent.
     #[test]
-    fn format_errors_answer_only_queries_that_are_not_forwarded() {
+    fn a_question_is_read_only_if_it_is_alone_whole_and_plain() {
         let good = query(7);
-        assert_eq!(format_error(&good), None);
-        assert_eq!(format_error(&good[..HEADER_LEN - 1]), None);
-        let mut response = good.clone();
-        response[2] |= 0x80;
-        response[5] = 2;
-        assert_eq!(format_error(&response), None);
-        let mut two = good.clone();
-        two[2] = 0x29; // opcode 5 (UPDATE) and RD
-        two[3] = 0x10; // CD
-        two[5] = 2;
-        let formerr = format_error(&two).unwrap();
-        assert_eq!(formerr, [0, 7, 0xa9, 0x11, 0, 0, 0, 0, 0, 0, 0, 0]);
-        // One question, cut short: none named either.
-        let cut = format_error(&good[..good.len() - 1]).unwrap();
-        assert_eq!(&cut[4..], [0; 8]);
-    }
-
-    #[test]
-    fn a_query_must_have_one_well_formed_question_at_most() {
-        let good = query(7);
+        let mut unreadable = Vec::new();
         // Type and class cut off; a label that runs past the end.
-        assert!(!is_query(&good[..good.len() - 1]));
-        assert!(!is_query(&good[..HEADER_LEN + 3]));
+        unreadable.push(good[..good.len() - 1].to_vec());
+        unreadable.push(good[..HEADER_LEN + 3].to_vec());
         // Two questions claimed.
         let mut two = good.clone();
         two[5] = 2;
-        assert!(!is_query(&two));
+        unreadable.push(two);
         // A label longer than 63 bytes.
         let mut long = good[..HEADER_LEN].to_vec();
         long.push(64);
         long.extend_from_slice(&[b'a'; 64]);
         long.extend_from_slice(&[0, 0, 1, 0, 1]);
-        assert!(!is_query(&long));
+        unreadable.push(long);
         // A name longer than 255 bytes, in legal labels.
         let mut huge = good[..HEADER_LEN].to_vec();
         for _ in 0..5 {
@@ -474,16 +439,20 @@ mod tests {
             huge.extend_from_slice(&[b'a'; 63]);
         }
         huge.extend_from_slice(&[0, 0, 1, 0, 1]);
-        assert!(!is_query(&huge));
+        unreadable.push(huge);
         // A compression pointer: it could only name header bytes, or loop.
         let mut pointer = good[..HEADER_LEN].to_vec();
         pointer.extend_from_slice(&[0xc0, 2, 0, 1, 0, 1]);
-        assert!(!is_query(&pointer));
-        assert_eq!(question(&pointer), None);
-        // No question at all (a cookie refresh, say) is legal.
+        unreadable.push(pointer);
+        for message in &unreadable {
+            assert!(is_query(message), "{message:02x?}");
+            assert_eq!(question(message), None, "{message:02x?}");
+        }
+        // No question at all (a cookie refresh, say) is legal, and an empty one.
         let mut none = good[..HEADER_LEN].to_vec();
         none[5] = 0;
         assert!(is_query(&none));
+        assert_eq!(question(&none), Some(&[][..]));
     }
 
     #[test]
@@ -519,5 +488,12 @@ mod tests {
             "NXDomain"
         );
         assert!(describe_query(b"\x00\x01\x00\x00\x00\x01").contains("unparsable"));
+        // A FORMERR that echoes a question cut short: its header still says FORMERR.
+        let mut formerr = query(1);
+        formerr[2] |= 0x80;
+        formerr[3] = 1;
+        formerr.truncate(formerr.len() - 1);
+        assert_eq!(describe_rcode(&formerr), "FormErr (unparsable)");
+        assert_eq!(describe_rcode(&formerr[..5]), "? (unparsable)");
     }
 }

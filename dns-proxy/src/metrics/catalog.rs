@@ -139,7 +139,7 @@ const RCODE_NAMES: [&str; 16] = [
 ];
 
 /// The `reason` label of `dropped`, and the counter of each (each explained in its help).
-const DROP_REASONS: [(&str, Field); 8] = [
+const DROP_REASONS: [(&str, Field); 9] = [
     ("malformed", |s| &s.dropped_malformed),
     ("not_redirected", |s| &s.dropped_not_redirected),
     ("overload", |s| &s.dropped_overload),
@@ -148,6 +148,7 @@ const DROP_REASONS: [(&str, Field); 8] = [
     ("foreign_loopback", |s| &s.dropped_foreign_loopback),
     ("stray", |s| &s.dropped_stray),
     ("stalled", |s| &s.dropped_stalled),
+    ("unsendable", |s| &s.dropped_unsendable),
 ];
 
 /// Every metric, in the order of the page.
@@ -207,17 +208,19 @@ pub const METRICS: &[Metric] = &[
         name: "dropped",
         labels: &["protocol", "reason"],
         only_with: None,
-        help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not DNS: \
-               too short for a header, or a response; a query the agent does not forward, \
-               such as one with two questions, is answered FORMERR instead), not_redirected (from a client the kernel did not redirect), overload \
+        help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
+               query: shorter than a header, or a response), not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
                foreign_loopback (from another network namespace to a loopback server), stray \
                (UDP: a datagram from upstream that answers no query in flight, late or forged; \
                not one the kernel refuses: from another address or port than the server an \
-               upstream socket is connected to, or to a socket already closed), or stalled (TCP: a client that stopped reading its answers for \
-               --upstream-timeout; its connection is closed).",
+               upstream socket is connected to, or to a socket already closed), stalled (TCP: a \
+               client that stopped reading its answers for --upstream-timeout; its connection \
+               is closed), or unsendable (UDP: an answer the kernel would not send to its \
+               client, for another reason than a full buffer, which is overload: no route \
+               back to its source, a firewall).",
         read: Read::Counter(|s| {
             let mut samples = Vec::new();
             for (protocol, stats) in s.protocols() {

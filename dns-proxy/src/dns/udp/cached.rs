@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use super::{LOG, UdpProxy, mmsg, pending::Pending, pool::random, udp_asked};
+use super::{LOG, UdpProxy, count_unsent, mmsg, pending::Pending, pool::random, udp_asked};
 use crate::dns::{
     Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
@@ -141,8 +141,6 @@ pub(super) enum MadeHere {
     Coalesced,
     /// SERVFAIL for an upstream that cannot be reached (`unreachable`).
     Unreachable,
-    /// FORMERR for a query the agent does not forward (`refuse_malformed`).
-    FormatError,
 }
 
 impl MadeHere {
@@ -153,7 +151,6 @@ impl MadeHere {
             Self::Stale => "cache=stale",
             Self::Coalesced => "cache=coalesced",
             Self::Unreachable => "upstream=unreachable",
-            Self::FormatError => "upstream=none (malformed)",
         }
     }
 }
@@ -266,8 +263,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 from: Some(hits[i].reply_from),
             },
             |i, err| {
-                // The listener's send buffer is full: the client retries, as after a loss.
-                Stats::add(&self.stats.udp.dropped_overload);
+                count_unsent(&self.stats.udp, &err);
                 log::debug!(target: LOG, "answering {} from the cache: {err}", hits[i].client);
                 refused.push(i);
             },
@@ -302,8 +298,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 from: Some(to.reply_from),
             },
             |_, err| {
-                // The listener's send buffer is full: the client retries, as after a loss.
-                Stats::add(&self.stats.udp.dropped_overload);
+                count_unsent(&self.stats.udp, &err);
                 log::debug!(target: LOG, "answering {} ({}): {err}", to.client, source.as_str());
                 sent = false;
             },
@@ -325,8 +320,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             MadeHere::Hit => Stats::add(&self.stats.cache_hits),
             MadeHere::Stale => Stats::add(&self.stats.cache_stale),
             MadeHere::Coalesced => Stats::add(&self.stats.cache_coalesced),
-            // Counted as an upstream error where it is made; a FORMERR by its RCODE below.
-            MadeHere::Unreachable | MadeHere::FormatError => {}
+            // Counted as an upstream error where it is made.
+            MadeHere::Unreachable => {}
         }
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {
@@ -414,7 +409,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         }
         let upstream = self.settings.upstream_override.unwrap_or(original);
-        let question = self.question_key(question);
+        let question = Some(self.question_key(question));
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));

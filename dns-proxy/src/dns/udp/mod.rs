@@ -45,7 +45,7 @@ use super::{
     observers::Observers,
     per_client::PerClientLimit,
     query_log::Asked,
-    stats::Stats,
+    stats::{ProtocolStats, Stats},
     wire,
 };
 use crate::{
@@ -67,7 +67,7 @@ mod sweeper;
 mod tests;
 mod unreachable;
 
-use cached::{CacheHit, FromCache, MadeHere, Recipient};
+use cached::{CacheHit, FromCache, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
@@ -106,6 +106,19 @@ fn udp_asked(client: SocketAddr, server: SocketAddr, cgroup: u64) -> Asked {
         server,
         cgroup,
     }
+}
+
+/// Counts an answer the listener could not send to its client. A full send buffer is
+/// overload (the client retries, as after a loss); anything else is the kernel refusing it
+/// (no route back to a forged source, a firewall on the listener's output), which more room
+/// would not cure.
+fn count_unsent(stats: &ProtocolStats, err: &io::Error) {
+    let full = err.kind() == io::ErrorKind::WouldBlock || err.raw_os_error() == Some(libc::ENOBUFS);
+    Stats::add(if full {
+        &stats.dropped_overload
+    } else {
+        &stats.dropped_unsendable
+    });
 }
 
 /// The UDP side of the proxy. Cheap to share: everything lives behind one `Arc`.
@@ -256,12 +269,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
         // The address it was sent to names its server; a listener address names none.
         let reached = arrival.map(|at| SocketAddr::new(at.destination, self.local_addr.port()));
-        let (true, Some(id), Some(question)) = (
-            wire::is_query(datagram),
-            wire::message_id(datagram),
-            wire::question(datagram),
-        ) else {
-            self.refuse_malformed(datagram, client, reached, local, now);
+        let (true, Some(id)) = (wire::is_query(datagram), wire::message_id(datagram)) else {
+            self.drop_malformed(datagram, client);
             return None;
         };
         let Route {
@@ -298,7 +307,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Some(_) => (pool::unpredictable_id(), Some(id)),
             None => (id, None),
         };
-        let question = self.question_key(question);
+        // None: a question the agent cannot read goes as it came, and its server's answer,
+        // whatever it says, is known by socket, server and ID, as the client would know it.
+        let question = wire::question(datagram).map(|question| self.question_key(question));
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
         let pending = |socket| Pending {
@@ -329,46 +340,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         self.settings.observers.workload_name(id)
     }
 
-    /// A datagram that is not a query the agent forwards. One with a query's header (more
-    /// than one question, or one it cannot read) from a redirected client is answered FORMERR
-    /// from its server's address, as a server answers it (RFC 9619), so that its client hears
-    /// at once instead of waiting out its timeout; anything else is dropped and counted.
-    fn refuse_malformed(
-        &self,
-        datagram: &[u8],
-        client: SocketAddr,
-        reached: Option<SocketAddr>,
-        local: bool,
-        now: Moment,
-    ) {
-        let Some(answer) = wire::format_error(datagram) else {
-            Stats::add(&self.stats.udp.dropped_malformed);
-            log::debug!(
-                "dropping {} bytes from {client}: not a DNS query",
-                datagram.len()
-            );
-            return;
-        };
-        let Some(Route {
-            original,
-            cgroup,
-            reached,
-            ..
-        }) = self.admission.route(client, reached, local)
-        else {
-            return;
-        };
-        self.settings
-            .observers
-            .asked(udp_asked(client, original, cgroup), datagram, now);
-        let to = Recipient {
-            cgroup,
-            client,
-            original,
-            reply_from: reached.ip(),
-            listener: self.shared_listener.as_fd(),
-            started: now.instant,
-        };
-        self.send_answer(&answer, to, MadeHere::FormatError);
+    fn drop_malformed(&self, datagram: &[u8], client: SocketAddr) {
+        Stats::add(&self.stats.udp.dropped_malformed);
+        log::debug!(
+            "dropping {} bytes from {client}: not a DNS query",
+            datagram.len()
+        );
     }
 }

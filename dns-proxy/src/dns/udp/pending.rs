@@ -54,8 +54,10 @@ pub(super) struct Pending {
     /// leaves from there, so the client's connected socket takes it.
     pub(super) reply_from: IpAddr,
     /// A keyed hash of the query's question ([`wire::hash_question`]): an answer that has a
-    /// question must ask the same one, letter case aside.
-    pub(super) question: u64,
+    /// question must ask the same one, letter case aside. `None` for a query whose question
+    /// the agent cannot read (two questions, one cut short): its answer, whatever it says, is
+    /// known by socket, server and ID alone, as its client would know it.
+    pub(super) question: Option<u64>,
     pub(super) started: Instant,
     /// "name=... type=..." when debug logging is on.
     pub(super) description: Option<String>,
@@ -205,13 +207,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // it) matches on socket, server and ID alone, as it would for the client.
         let question =
             wire::question(datagram).map(|q| (!q.is_empty()).then(|| self.question_key(q)));
+        let answers = |pending: &Pending| match (pending.question, question) {
+            // A query whose question the agent cannot read: nothing to compare.
+            (None, _) => true,
+            (Some(asked), Some(answered)) => answered.is_none_or(|q| q == asked),
+            (Some(_), None) => false,
+        };
         let pending = answer_to.and_then(|key| {
             let mut table = self.pending.lock().expect("not poisoned");
             // Only the question asked takes the slot; anything else leaves it waiting.
-            match (table.get(&key), question) {
-                (Some(pending), Some(asked)) if asked.is_none_or(|q| q == pending.question) => {
-                    table.remove(&key)
-                }
+            match table.get(&key) {
+                Some(pending) if answers(pending) => table.remove(&key),
                 _ => None,
             }
         });

@@ -7,13 +7,13 @@ use std::{cell::RefCell, io, net::SocketAddr, os::fd::AsFd, sync::Arc};
 use tokio::io::Interest;
 
 use super::{
-    LOG, UdpProxy,
+    LOG, UdpProxy, count_unsent,
     mmsg::{self, ReceivedBatch},
     pending::Pending,
     pool::{PoolSocket, RETIRED_CHECK},
     receive_batch, udp_asked,
 };
-use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
+use crate::dns::{Moment, OriginalDestinations, wire};
 
 /// The answers a pool reader found in one batch, before they go back to their clients.
 #[derive(Default)]
@@ -127,8 +127,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 from: Some(matched[i].2.reply_from),
             },
             |i, err| {
-                // The listener's send buffer is full: the client retries, as after a loss.
-                Stats::add(&stats.dropped_overload);
+                count_unsent(stats, &err);
                 log::debug!(target: LOG, "relaying to {}: {err}", matched[i].2.client);
                 refused.push(i);
             },

@@ -89,9 +89,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // ICMP error can be forged as an answer can, but it only settles a query early).
         let pending = {
             let mut table = self.pending.lock().expect("not poisoned");
-            let asks = |pending: &Pending| {
-                wire::question(&error.datagram)
-                    .is_some_and(|question| self.question_key(question) == pending.question)
+            let asks = |pending: &Pending| match pending.question {
+                // The query's own question could not be read: its socket, server and ID.
+                None => true,
+                Some(asked) => wire::question(&error.datagram)
+                    .is_some_and(|question| self.question_key(question) == asked),
             };
             match table.get(&key) {
                 Some(pending) if asks(pending) => table.remove(&key),
