@@ -429,9 +429,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             _client_slot: client_slot,
         };
         let pick = random();
-        let Some((key, socket)) =
-            self.register(upstream, id, pending, pick, within_fair_share, started)
-        else {
+        let Some((key, socket)) = self.register(
+            upstream,
+            id,
+            pending,
+            false,
+            pick,
+            within_fair_share,
+            started,
+        ) else {
             return;
         };
         mmsg::send_all(

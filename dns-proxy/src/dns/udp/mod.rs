@@ -308,7 +308,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             None => (id, None),
         };
         // None: a question the agent cannot read goes as it came, and its server's answer,
-        // whatever it says, is known by socket, server and ID, as the client would know it.
+        // whatever it says, is known by socket, server and ID, as the client would know it;
+        // so it leaves from a socket of its own, where no other query's answer can come.
         let question = wire::question(datagram).map(|question| self.question_key(question));
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
@@ -329,6 +330,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream,
             upstream_id,
             pending,
+            question.is_none(),
             pick,
             within_fair_share,
             started,

@@ -91,12 +91,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Records a query as pending on a socket of the pool of `upstream`'s family: the one
     /// `pick` chooses among those for `upstream` ([`UdpProxy::pick_socket`]) or, if a query
     /// of the same ID to the same upstream is in flight there, the next free one; returns its
-    /// key and socket. `None` (counted) at the in-flight limit, or with no socket to use.
+    /// key and socket. `unread_question`: the query's answer will be matched without a
+    /// question ([`Pending::question`]), so it leaves from a socket of its own, where no other
+    /// query's answer (a late one, say) can come. `None` (counted) at the in-flight limit, or
+    /// with no socket to use.
+    #[expect(clippy::too_many_arguments, reason = "each is one query's own")]
     pub(super) fn register(
         self: &Arc<Self>,
         upstream: SocketAddr,
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
+        unread_question: bool,
         pick: u64,
         within_fair_share: bool,
         now: Instant,
@@ -109,18 +114,20 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
         if inflight < max || (within_fair_share && inflight < 2 * max) {
-            let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
             let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
-            if let Some(registered) =
-                self.insert_pending(slots.candidates(&picked), key, &mut pending)
-            {
-                return Some(registered);
-            }
-            // Every socket connected to `upstream` carries a query with this ID to it: this
-            // one leaves from a socket of its own.
-            drop(slots);
-            if picked.is_connected()
+            let own_socket = unread_question || {
+                let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
+                if let Some(registered) =
+                    self.insert_pending(slots.candidates(&picked), key, &mut pending)
+                {
+                    return Some(registered);
+                }
+                // Every socket connected to `upstream` carries a query with this ID to it:
+                // this one leaves from a socket of its own.
+                picked.is_connected()
+            };
+            if own_socket
                 && let Some(own) = self.open_one_off(pool, upstream)
                 && let Some(registered) =
                     self.insert_pending(std::iter::once(&own), key, &mut pending)

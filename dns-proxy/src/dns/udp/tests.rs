@@ -1116,3 +1116,44 @@ fn only_a_full_send_buffer_counts_an_unsent_answer_as_overload() {
     assert_eq!(stats.dropped_overload.load(Ordering::Relaxed), 2);
     assert_eq!(stats.dropped_unsendable.load(Ordering::Relaxed), 4);
 }
+
+/// A query whose question the agent cannot read leaves from a socket of its own: its answer
+/// is matched without a question, so on a socket shared with others it could take another
+/// workload's late answer with the same ID (an adversary had 2 to 6 of 20 a victim's answers
+/// so). Its server sees a port none of the connected sockets has.
+#[tokio::test]
+async fn a_query_whose_question_cannot_be_read_shares_no_socket() {
+    let (upstream, ports) = recording_upstream(false).await;
+    let proxy = proxy(Some(upstream), 8).await;
+    let mut two_questions = QUERY.to_vec();
+    two_questions[5] = 2;
+    for id in 0..20 {
+        assert!(ask(&proxy, &with_id(id)).await.is_some(), "query {id}");
+    }
+    for id in 100..104 {
+        two_questions[..2].copy_from_slice(&u16::to_be_bytes(id));
+        assert_eq!(
+            ask(&proxy, &two_questions).await,
+            Some(answer_to(&two_questions))
+        );
+    }
+    for id in 200..220 {
+        assert!(ask(&proxy, &with_id(id)).await.is_some(), "query {id}");
+    }
+    let ports = ports.lock().unwrap().clone();
+    let valid: Vec<u16> = ports[..20].iter().chain(&ports[24..]).copied().collect();
+    // A socket that carried two queries is a connected one (a socket of one query's own
+    // carries one), open throughout.
+    let connected: Vec<u16> = valid
+        .iter()
+        .filter(|port| valid.iter().filter(|p| p == port).count() >= 2)
+        .copied()
+        .collect();
+    assert!(!connected.is_empty(), "no connected socket in {ports:?}");
+    for port in &ports[20..24] {
+        assert!(
+            !connected.contains(port),
+            "{port} is a connected socket's: {ports:?}"
+        );
+    }
+}
