@@ -1,7 +1,7 @@
 //! The UDP relay's state: queries of several clients registered as in flight, and datagrams
 //! arriving on the pool sockets, in any order, against a model of what must happen. An answer
 //! goes to the client whose query it answers (same pool socket, upstream, ID and question
-//! bytes, or any question if the query's could not be read), once, and to no one else; a query is refused only at a limit or when its ID is
+//! bytes), once, and to no one else; a query is refused only at a limit or when its ID is
 //! taken; the table, the shared gauge and the per-client counts always agree with the model.
 #![no_main]
 
@@ -195,21 +195,16 @@ fn run(ops: Vec<Op>) {
                 }
             };
             // The model's verdict: the query with this socket, upstream and ID, whose question
-            // the answer repeats (letter case aside), or any such query if it has none, or if
-            // the query's own question cannot be read.
+            // the answer repeats (letter case aside), or any such query if it has none.
             let expected = (from == UPSTREAM)
                 .then(|| {
                     let id = wire::response_id(&datagram)?;
-                    let answered = wire::question(&datagram);
+                    let question = wire::question(&datagram)?;
                     model.iter().position(|q| {
                         q.socket == socket
                             && q.id == id
-                            && match wire::question(&q.query) {
-                                None => true,
-                                Some(asked) => {
-                                    answered.is_some_and(|answered| same_question(asked, answered))
-                                }
-                            }
+                            && wire::question(&q.query)
+                                .is_some_and(|asked| same_question(asked, question))
                     })
                 })
                 .flatten();

@@ -1260,26 +1260,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn what_is_not_a_query_and_unknown_clients_are_closed_not_forwarded() {
+    async fn malformed_queries_and_unknown_clients_are_closed_not_forwarded() {
         let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
-        // A query whose question the agent cannot read (two questions) is the server's to
-        // answer, as without the agent: forwarded, and its answer relayed.
         let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
-        let mut two_questions = query(1);
-        two_questions[5] = 2;
-        write_message(&mut client, &two_questions).await.unwrap();
-        assert_eq!(
-            read_message(&mut client).await.unwrap(),
-            Some(answer_to(&two_questions))
-        );
-        // A response, or less than a header, is not a query: closed.
-        for not_a_query in [answer_to(&query(2)), query(3)[..11].to_vec()] {
-            let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
-            write_message(&mut client, &not_a_query).await.unwrap();
-            assert_eq!(read_message(&mut client).await.unwrap(), None);
-        }
-        assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 2);
-        assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 1);
+        write_message(&mut client, b"not dns at all, but long enough")
+            .await
+            .unwrap();
+        assert_eq!(read_message(&mut client).await.unwrap(), None);
+        assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+        assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 0);
 
         let proxy = self::proxy(None, Duration::from_secs(5)).await;
         let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();

@@ -209,7 +209,7 @@ pub const METRICS: &[Metric] = &[
         labels: &["protocol", "reason"],
         only_with: None,
         help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
-               query: shorter than a header, or a response), not_redirected (from a client the kernel did not redirect), overload \
+               query), not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \

@@ -126,8 +126,9 @@ impl Waiter {
 /// Whether `answer` says the upstream failed (SERVFAIL or REFUSED): a stale answer, if the
 /// cache holds one, serves the client better (RFC 8767 §4).
 fn is_failure(answer: &[u8]) -> bool {
+    const SERVFAIL: u8 = 2;
     const REFUSED: u8 = 5;
-    matches!(wire::header_rcode(answer), Some(wire::SERVFAIL | REFUSED))
+    matches!(wire::header_rcode(answer), Some(SERVFAIL | REFUSED))
 }
 
 /// What an answer made here (not the upstream's, relayed) is, for the metrics and the log.
@@ -409,7 +410,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         }
         let upstream = self.settings.upstream_override.unwrap_or(original);
-        let question = Some(self.question_key(question));
+        let question = self.question_key(question);
         let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
@@ -429,15 +430,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             _client_slot: client_slot,
         };
         let pick = random();
-        let Some((key, socket)) = self.register(
-            upstream,
-            id,
-            pending,
-            false,
-            pick,
-            within_fair_share,
-            started,
-        ) else {
+        let Some((key, socket)) =
+            self.register(upstream, id, pending, pick, within_fair_share, started)
+        else {
             return;
         };
         mmsg::send_all(

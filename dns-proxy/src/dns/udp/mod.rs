@@ -264,15 +264,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
+        let (true, Some(id), Some(question)) = (
+            wire::is_query(datagram),
+            wire::message_id(datagram),
+            wire::question(datagram),
+        ) else {
+            self.drop_malformed(datagram, client);
+            return None;
+        };
         // sk_lookup already refuses loopback servers' addresses to other namespaces; what
         // came over the loopback device was sent from this one.
         let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
         // The address it was sent to names its server; a listener address names none.
         let reached = arrival.map(|at| SocketAddr::new(at.destination, self.local_addr.port()));
-        let (true, Some(id)) = (wire::is_query(datagram), wire::message_id(datagram)) else {
-            self.drop_malformed(datagram, client);
-            return None;
-        };
         let Route {
             original,
             cgroup,
@@ -307,10 +311,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             Some(_) => (pool::unpredictable_id(), Some(id)),
             None => (id, None),
         };
-        // None: a question the agent cannot read goes as it came, and its server's answer,
-        // whatever it says, is known by socket, server and ID, as the client would know it;
-        // so it leaves from a socket of its own, where no other query's answer can come.
-        let question = wire::question(datagram).map(|question| self.question_key(question));
+        let question = self.question_key(question);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(datagram));
         let pending = |socket| Pending {
@@ -330,7 +331,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream,
             upstream_id,
             pending,
-            question.is_none(),
             pick,
             within_fair_share,
             started,

@@ -54,10 +54,8 @@ pub(super) struct Pending {
     /// leaves from there, so the client's connected socket takes it.
     pub(super) reply_from: IpAddr,
     /// A keyed hash of the query's question ([`wire::hash_question`]): an answer that has a
-    /// question must ask the same one, letter case aside. `None` for a query whose question
-    /// the agent cannot read (two questions, one cut short): its answer, whatever it says, is
-    /// known by socket, server and ID alone, as its client would know it.
-    pub(super) question: Option<u64>,
+    /// question must ask the same one, letter case aside.
+    pub(super) question: u64,
     pub(super) started: Instant,
     /// "name=... type=..." when debug logging is on.
     pub(super) description: Option<String>,
@@ -91,17 +89,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Records a query as pending on a socket of the pool of `upstream`'s family: the one
     /// `pick` chooses among those for `upstream` ([`UdpProxy::pick_socket`]) or, if a query
     /// of the same ID to the same upstream is in flight there, the next free one; returns its
-    /// key and socket. `unread_question`: the query's answer will be matched without a
-    /// question ([`Pending::question`]), so it leaves from a socket of its own, where no other
-    /// query's answer (a late one, say) can come. `None` (counted) at the in-flight limit, or
-    /// with no socket to use.
-    #[expect(clippy::too_many_arguments, reason = "each is one query's own")]
+    /// key and socket. `None` (counted) at the in-flight limit, or with no socket to use.
     pub(super) fn register(
         self: &Arc<Self>,
         upstream: SocketAddr,
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
-        unread_question: bool,
         pick: u64,
         within_fair_share: bool,
         now: Instant,
@@ -114,20 +107,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
         if inflight < max || (within_fair_share && inflight < 2 * max) {
+            let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
             let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
-            let own_socket = unread_question || {
-                let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
-                if let Some(registered) =
-                    self.insert_pending(slots.candidates(&picked), key, &mut pending)
-                {
-                    return Some(registered);
-                }
-                // Every socket connected to `upstream` carries a query with this ID to it:
-                // this one leaves from a socket of its own.
-                picked.is_connected()
-            };
-            if own_socket
+            if let Some(registered) =
+                self.insert_pending(slots.candidates(&picked), key, &mut pending)
+            {
+                return Some(registered);
+            }
+            // Every socket connected to `upstream` carries a query with this ID to it: this
+            // one leaves from a socket of its own.
+            drop(slots);
+            if picked.is_connected()
                 && let Some(own) = self.open_one_off(pool, upstream)
                 && let Some(registered) =
                     self.insert_pending(std::iter::once(&own), key, &mut pending)
@@ -214,17 +205,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // it) matches on socket, server and ID alone, as it would for the client.
         let question =
             wire::question(datagram).map(|q| (!q.is_empty()).then(|| self.question_key(q)));
-        let answers = |pending: &Pending| match (pending.question, question) {
-            // A query whose question the agent cannot read: nothing to compare.
-            (None, _) => true,
-            (Some(asked), Some(answered)) => answered.is_none_or(|q| q == asked),
-            (Some(_), None) => false,
-        };
         let pending = answer_to.and_then(|key| {
             let mut table = self.pending.lock().expect("not poisoned");
             // Only the question asked takes the slot; anything else leaves it waiting.
-            match table.get(&key) {
-                Some(pending) if answers(pending) => table.remove(&key),
+            match (table.get(&key), question) {
+                (Some(pending), Some(asked)) if asked.is_none_or(|q| q == pending.question) => {
+                    table.remove(&key)
+                }
                 _ => None,
             }
         });

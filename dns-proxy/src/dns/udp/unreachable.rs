@@ -89,11 +89,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // ICMP error can be forged as an answer can, but it only settles a query early).
         let pending = {
             let mut table = self.pending.lock().expect("not poisoned");
-            let asks = |pending: &Pending| match pending.question {
-                // The query's own question could not be read: its socket, server and ID.
-                None => true,
-                Some(asked) => wire::question(&error.datagram)
-                    .is_some_and(|question| self.question_key(question) == asked),
+            let asks = |pending: &Pending| {
+                wire::question(&error.datagram)
+                    .is_some_and(|question| self.question_key(question) == pending.question)
             };
             match table.get(&key) {
                 Some(pending) if asks(pending) => table.remove(&key),
@@ -152,10 +150,20 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 }
 
-/// SERVFAIL to `sent` (a query, or its start as an ICMP error carried it back), with the
-/// client's own ID if the query went up with the agent's ([`wire::error_answer`]).
+/// SERVFAIL to `sent` (a query, or its start as an ICMP error carried it back): its header
+/// with QR set and RCODE 2 (opcode, RD and CD kept), its question if it is whole, none
+/// otherwise, and the client's own ID if the query went up with the agent's.
 fn servfail(sent: &[u8], client_id: Option<u16>) -> Option<Vec<u8>> {
-    wire::error_answer(sent, wire::SERVFAIL, client_id)
+    let header = sent.get(..wire::HEADER_LEN)?;
+    let question = wire::question(sent).unwrap_or_default();
+    let mut answer = Vec::with_capacity(wire::HEADER_LEN + question.len());
+    answer.extend_from_slice(&client_id.map_or([header[0], header[1]], u16::to_be_bytes));
+    answer.push(0x80 | (header[2] & 0x79));
+    answer.push((header[3] & 0x10) | 2);
+    answer.extend_from_slice(&u16::from(!question.is_empty()).to_be_bytes());
+    answer.extend_from_slice(&[0; 6]);
+    answer.extend_from_slice(question);
+    Some(answer)
 }
 
 #[cfg(test)]
