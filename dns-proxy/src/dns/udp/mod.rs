@@ -10,9 +10,9 @@
 //! the query went to, with the query's ID and the very bytes of its question; anything else is
 //! counted and dropped. Nothing is made per query to a server with connected sockets (no
 //! task, socket or buffer): the receive loop forwards, each pool socket's reader relays its
-//! answers, and a sweeper expires what was not answered in time. Datagrams move in batches, a `recvmmsg` or `sendmmsg` each (see
-//! `mmsg`): the queries of one batch leave together from one pool socket, and
-//! the answers one reader finds go back to their clients together.
+//! answers, and a sweeper expires what was not answered in time. Datagrams move in batches, a
+//! `recvmmsg` or `sendmmsg` each (see `mmsg`): the queries of one batch leave together from
+//! one pool socket, and the answers one reader finds go back to their clients together.
 //!
 //! This file holds the listener and a query's way in (admission, the cache, the pending
 //! table); the rest is a file each:

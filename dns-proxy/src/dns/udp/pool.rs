@@ -74,9 +74,6 @@ pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// place: the ports keep changing, and the cost of a socket is shared by this many queries.
 pub const USES_PER_SOCKET: u32 = 128;
 
-/// How often a retired pool socket checks whether its last query is settled, so it can close.
-pub(super) const RETIRED_CHECK: Duration = Duration::from_millis(250);
-
 /// One upstream socket.
 pub(super) struct PoolSocket {
     /// Unique among all the proxy's pool sockets, ever.

@@ -10,7 +10,7 @@ use super::{
     LOG, UdpProxy, count_unsent,
     mmsg::{self, ReceivedBatch},
     pending::Pending,
-    pool::{PoolSocket, RETIRED_CHECK},
+    pool::PoolSocket,
     receive_batch, udp_asked,
 };
 use crate::dns::{Moment, OriginalDestinations, wire};
@@ -39,9 +39,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// or, once the socket is retired, until nothing sent from it is outstanding.
     async fn relay_answers(self: &Arc<Self>, pool_socket: &PoolSocket) {
         let (id, socket) = (pool_socket.id(), pool_socket.socket());
-        // One timer for the reader's life, not one per wake-up.
-        let mut retired_check = tokio::time::interval(RETIRED_CHECK);
-        retired_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if pool_socket.is_done() {
                 return;
@@ -50,7 +47,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 () = self.workers.stopped() => return,
                 // It may be retired, or its last query settled, while it waits here.
                 () = pool_socket.until_done() => continue,
-                _ = retired_check.tick() => continue,
                 // An ICMP error queued for a query sent from it, too.
                 ready = socket.ready(Interest::READABLE | Interest::ERROR) => match ready {
                     Ok(ready) if ready.is_error() => self.take_errors(id, socket),

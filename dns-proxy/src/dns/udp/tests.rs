@@ -6,9 +6,7 @@ use std::net::IpAddr;
 use tokio::time::timeout;
 
 use super::{
-    pool::{
-        CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, RECONNECT_EVERY, RETIRED_CHECK,
-    },
+    pool::{CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, RECONNECT_EVERY},
     *,
 };
 use crate::dns::FixedDestination as Fixed;
@@ -344,7 +342,7 @@ async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
     );
     // Retired sockets close once nothing sent from them is outstanding (the first query's
     // own socket too).
-    tokio::time::sleep(RETIRED_CHECK * 3).await;
+    tokio::time::sleep(Duration::from_millis(750)).await;
     let open = Arc::strong_count(&proxy) - 1; // the serving task holds one
     assert!(
         open <= CONNECTED_SOCKETS + 2,
@@ -379,8 +377,8 @@ async fn a_socket_of_one_querys_own_closes_once_the_query_is_settled() {
         let pending = table.values().next().expect("in flight");
         Arc::downgrade(&pending.socket)
     };
-    // The 300 ms timeout, and the retired sockets' check twice over.
-    tokio::time::sleep(Duration::from_millis(300) + RETIRED_CHECK * 2).await;
+    // The 300 ms timeout, and time for the sweeper to see it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 1);
     assert!(socket.upgrade().is_none(), "still open");
     // No reader is left holding the proxy (the serving task holds one, the sweeper one).
