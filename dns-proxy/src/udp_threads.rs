@@ -197,10 +197,12 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         let (joined_at, second, joined) = bind_reuseport_group(bound, 2, true, false).unwrap();
         assert_eq!((joined_at, second.len(), joined), (bound, 2, true));
-        // Taking over finds nothing to join at a free address, and says so.
-        drop((group, second));
-        let (_, _, joined) = bind_reuseport_group(bound, 1, true, false).unwrap();
+        // Taking over finds nothing to join at a free address, and says so. Not at `bound`
+        // once let go: another test's socket may take that port in between (seen in CI).
+        let (free, _, joined) =
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 1, true, false).unwrap();
         assert!(!joined);
+        assert_ne!(free, bound);
     }
 
     /// With `CAP_NET_ADMIN` (the unit tests run as root, as the agent starts), beyond
