@@ -1286,12 +1286,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_that_refuses_resets_the_client_connection() {
-        // A port nobody listens on: bind, learn it, close.
-        let refused = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // A port nobody listens on: bound, so no other test's socket takes it, but not
+        // listening, so a connection to it is refused.
+        let holder = tokio::net::TcpSocket::new_v4().unwrap();
+        holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let refused = holder.local_addr().unwrap();
         let proxy = proxy(Some(refused), Duration::from_secs(5)).await;
         let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
         write_message(&mut client, &query(1)).await.unwrap();

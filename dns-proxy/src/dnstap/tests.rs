@@ -512,9 +512,9 @@ fn flood(sink: &DnstapSink, count: usize) -> Duration {
     slowest
 }
 
-/// The slowest a `log` call may be: far below the writer's one-second waits, with room for a
-/// busy test machine.
-const NEVER_WAITS: Duration = Duration::from_millis(100);
+/// The slowest a `log` call may be: half the writer's one-second waits, with room for a busy
+/// test machine (a call took 104 ms once in 15 runs beside twelve busy loops).
+const NEVER_WAITS: Duration = Duration::from_millis(500);
 
 #[test]
 fn with_no_reader_log_returns_at_once_and_counts_drops() {

@@ -497,12 +497,7 @@ async fn drain_answers_what_is_in_flight_then_returns() {
 /// is settled and counted as an upstream error.
 #[tokio::test]
 async fn a_closed_upstream_port_is_answered_servfail_at_once() {
-    // A port bound a moment ago, and closed.
-    let closed = UdpSocket::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_holder, closed) = closed_port().await;
     let patient = ForwardSettings {
         upstream_timeout: Duration::from_secs(5),
         ..settings(8, 8)
@@ -547,6 +542,16 @@ async fn a_closed_upstream_port_is_answered_servfail_at_once() {
         assert_eq!(&buf[..len], expected);
     }
     assert_eq!(proxy.settings.cache.as_ref().unwrap().counts().entries, 0);
+}
+
+/// A port no socket takes datagrams at, so the kernel answers them port unreachable, and that
+/// no other test's socket takes either while the returned socket lives: it holds the port,
+/// connected elsewhere, and a connected socket takes only datagrams from its peer.
+async fn closed_port() -> (UdpSocket, SocketAddr) {
+    let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    holder.connect("127.0.0.1:9").await.unwrap();
+    let addr = holder.local_addr().unwrap();
+    (holder, addr)
 }
 
 /// A send that fails with an ICMP error about an earlier datagram (an unconnected socket with
@@ -703,7 +708,9 @@ async fn a_connected_upstream_that_closes_its_port_is_answered_servfail_at_once(
     server.send_to(&answer_to(&buf[..len]), from).await.unwrap();
     client.recv_from(&mut buf).await.unwrap();
     assert_eq!(proxy.v4.connected(), [(upstream, 0)]);
-    drop(server);
+    // The port closes: the server's socket stays, holding it (no other test's socket can take
+    // it), but connected elsewhere, so it no longer takes the agent's datagrams.
+    server.connect("127.0.0.1:9").await.unwrap();
 
     let mut query = QUERY.to_vec();
     query[..2].copy_from_slice(&[0x56, 0x78]);
