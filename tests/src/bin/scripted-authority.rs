@@ -12,7 +12,7 @@
 //! - `servfail`: SERVFAIL;
 //! - `big`: 40 A records, TTL 60 (truncated, TC, over UDP past the client's size);
 //! - `dnssec`: A 198.51.100.2 when the query has the DO bit, 198.51.100.1 without;
-//! - `slow`: A 198.51.100.1, TTL 60, 500 ms after the query;
+//! - `slow`: A 198.51.100.1, TTL 60, 1.5 s after the query;
 //! - `short`: A 198.51.100.1, TTL 2;
 //! - `ecs`: A 198.51.100.1, TTL 60, scoped to 192.0.2.0/24 by an EDNS Client Subnet option
 //!   (when the query has EDNS);
@@ -56,7 +56,7 @@ use tests::answer::read_tcp_message;
 
 const ANSWER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const SIGNED_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-const SLOW: Duration = Duration::from_millis(500);
+const SLOW: Duration = Duration::from_millis(1500);
 const HEADER_LEN: usize = 12;
 /// The UDP payload a client without EDNS takes.
 const CLASSIC_UDP_LIMIT: usize = 512;

@@ -395,7 +395,8 @@ fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_i
         &topology,
         &["--cache-size=1000", "--metrics", super::METRICS],
     );
-    // The authority answers `slow` after 500 ms: all twenty ask while the first is on its way.
+    // The authority answers `slow` after 1.5 s: all twenty ask while the first is on its way
+    // (twenty `dig`s started on two CPUs shared with other tests).
     let spellings: Vec<String> = (0..20u32)
         .map(|i| {
             "slow.example.test"
@@ -476,8 +477,9 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_se
 
     // An upstream that answers SERVFAIL has failed too: the stale answer comes at once, and the
     // SERVFAIL is not kept over it. (Once the silent refresh has timed out: until then, clients
-    // get the stale answer at once without asking again.)
-    std::thread::sleep(Duration::from_millis(500));
+    // get the stale answer at once without asking again. It went 2 s after the first query,
+    // and the sweeper sees it 200 ms later at most: a second leaves room for a busy machine.)
+    std::thread::sleep(Duration::from_millis(1000));
     authority.set_failing(Some("servfail"));
     for _ in 0..2 {
         let started = Instant::now();
@@ -577,9 +579,13 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
     assert!(bytes <= ENTRIES * 2048, "{bytes}");
     // The kernel may drop some of a flood before the agent reads it (a debug build here,
     // keeping the names table of --metrics too, and in the full run sharing two CPUs with
-    // other tests: 68 % arrived in one such run, 99 % alone). Half a million is still ten
-    // times what the cache holds.
-    assert!(misses >= 500_000, "most names reached the cache: {misses}");
+    // other tests: 68 % arrived in one such run, 99 % alone; a slower machine may take
+    // fewer). Four times what the cache holds still fills it in the first half and pushes
+    // out most of what it took.
+    assert!(
+        misses >= 4 * ENTRIES,
+        "enough names reached the cache: {misses}"
+    );
     // Every name is distinct: all but the last ENTRIES kept were pushed out, and counted.
     assert!(
         evictions + ENTRIES >= misses * 99 / 100,
@@ -621,7 +627,7 @@ fn a_retry_after_a_lost_query_goes_upstream_and_only_identical_queries_wait_on_o
     assert_eq!(authority.queries("lost.example.test").len(), 2);
 
     // A query of EDNS version 1 is not another's twin: a plain one asked while it waits
-    // (500 ms) goes upstream itself, and gets its own answer.
+    // (1.5 s) goes upstream itself, and gets its own answer.
     let mut version1 = topology.workload("dig", &[]);
     version1
         .arg(format!("@{server}"))

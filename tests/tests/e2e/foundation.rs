@@ -212,8 +212,10 @@ fn after_sigkill_lookups_go_direct_within_a_second() {
         dig(topology.workload("dig", &[]), after, &[]),
         "dig after SIGKILL",
     );
+    // dig's one try of 1 s is what shows the second; this bounds the rest (starting `ip
+    // netns exec` and dig on a busy machine).
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
     );

@@ -317,8 +317,9 @@ while time.time() - start < 8:
 print(f"{answered}/{probes}")
 "#;
     let (answered, probes) = probes_answered_meanwhile(script);
-    assert_eq!(answered, 8, "of {probes}, while connections were held");
-    assert_eq!(probes, 8);
+    // Eight probes, or seven if the script fell half a second behind on a busy machine.
+    assert!((7..=8).contains(&probes), "{answered}/{probes}");
+    assert_eq!(answered, probes, "while connections were held");
 }
 
 /// Runs the Python `script`, which loads an agent's metrics port (its first argument) while
