@@ -18,10 +18,11 @@
 //! Addresses and ports are in network order unless an accessor says otherwise.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_sk_lookup, bpf_sock_addr},
-    helpers::bpf_get_netns_cookie,
+    bindings::{bpf_sk_lookup, bpf_sock_addr, sockaddr},
+    helpers::{bpf_get_netns_cookie, generated::bpf_bind},
     programs::{SkLookupContext, SockAddrContext},
 };
+use dns_proxy_common::{AF_INET, AF_INET6};
 
 /// The `bpf_sock_addr` behind a `cgroup/*4` or `cgroup/*6` context.
 fn raw(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
@@ -143,6 +144,66 @@ pub fn ctx_local_ip6(ctx: &SockAddrContext) -> [u32; 4] {
         let sk = (*raw(ctx)).__bindgen_anon_1.sk;
         read_words(core::ptr::addr_of!((*sk).src_ip6).cast::<u32>())
     }
+}
+
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr_be: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// Binds the socket to the IPv4 address `addr_be`, its port left to `connect` to pick
+/// (`bpf_bind` with port 0). connect4 only; the result is ignored (a failed bind changes
+/// nothing).
+pub fn ctx_bind_source4(ctx: &SockAddrContext, addr_be: u32) {
+    let mut addr = SockaddrIn {
+        family: AF_INET,
+        port_be: 0,
+        addr_be,
+        zero: [0; 8],
+    };
+    // SAFETY: the helper takes the program's own context (checked by the verifier, which
+    // allows it in connect4/6 only) and a pointer to an initialized `sockaddr_in` on the stack,
+    // of the length given, which it only reads.
+    unsafe {
+        bpf_bind(
+            raw(ctx),
+            (&raw mut addr).cast::<sockaddr>(),
+            size_of::<SockaddrIn>() as i32,
+        )
+    };
+}
+
+/// The same for an IPv6 socket and the IPv6 (or v4-mapped) address `addr`. connect6 only.
+pub fn ctx_bind_source6(ctx: &SockAddrContext, addr: [u32; 4]) {
+    let mut addr = SockaddrIn6 {
+        family: AF_INET6,
+        port_be: 0,
+        flowinfo: 0,
+        addr,
+        scope_id: 0,
+    };
+    // SAFETY: as for `ctx_bind_source4`, with a `sockaddr_in6`.
+    unsafe {
+        bpf_bind(
+            raw(ctx),
+            (&raw mut addr).cast::<sockaddr>(),
+            size_of::<SockaddrIn6>() as i32,
+        )
+    };
 }
 
 /// The cookie of the network namespace of the socket behind `ctx`. Every hook.

@@ -297,6 +297,7 @@ async fn serve(
         &servers,
         workload_root,
         watched,
+        (redirector.take_sources(), shared.route_changes.clone()),
         &readiness,
         &stop_background,
     );

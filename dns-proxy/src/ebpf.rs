@@ -34,8 +34,10 @@ use crate::{agents::Agents, cgroup::Cgroup};
 
 mod exclusions;
 mod origins;
+mod sources;
 
 pub use origins::CachedServers;
+pub use sources::DirectSources;
 
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-proxy"));
@@ -289,6 +291,8 @@ pub struct Redirector {
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
+    /// Until [`Redirector::take_sources`].
+    sources: Option<DirectSources>,
 }
 
 impl Redirector {
@@ -423,6 +427,8 @@ impl Redirector {
                 }
             }
         }
+        // Before the redirect starts, so that the first socket it sends gets its source.
+        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCES)?);
         // Every program is in place: the redirect may start.
         arm(&mut ebpf)?;
         Ok((
@@ -432,6 +438,7 @@ impl Redirector {
                 steer_link,
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
+                sources: Some(sources),
             },
             servers,
             counters,
@@ -467,6 +474,12 @@ impl Redirector {
     /// anew; `None` after the first call.
     pub fn take_exclusions(&mut self) -> Option<Exclusions> {
         self.exclusions.take()
+    }
+
+    /// The sources of redirected sockets, for the task that keeps them as routes change;
+    /// `None` after the first call.
+    pub fn take_sources(&mut self) -> Option<DirectSources> {
+        self.sources.take()
     }
 
     /// Stops steering packets to this agent's sockets: what reaches the block goes to the
@@ -608,6 +621,19 @@ fn take_map<V: aya::Pod, K: aya::Pod>(
         .take_map(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;
     HashMap::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })
+}
+
+fn take_array<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::Array<MapData, V>, EbpfError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map {
         map: name,
         source: Box::new(source),
     })

@@ -2,8 +2,9 @@
 //! of a datagram to an upstream: its links, addresses, routes, nexthops and routing rules, as
 //! rtnetlink announces them. An upstream socket connected to a server keeps the source address
 //! and the route `connect` chose; a change makes the pool connect its sockets anew
-//! (`dns::udp::pool`). Only that anything changed counts, so no message is parsed: a missed
-//! one (`ENOBUFS`, the socket's queue overran) counts as a change too.
+//! (`dns::udp::pool`), and the agent look again at the source the kernel picks toward the
+//! default route (`ebpf::DirectSources`). Only that anything changed counts, so no message is
+//! parsed: a missed one (`ENOBUFS`, the socket's queue overran) counts as a change too.
 use std::{
     io,
     mem::MaybeUninit,
@@ -15,21 +16,38 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::Notify,
+};
 
 /// How many changes the agent has seen: cheap to read on every pick of an upstream socket.
 #[derive(Debug, Clone, Default)]
-pub struct RouteChanges(Arc<AtomicU64>);
+pub struct RouteChanges(Arc<Seen>);
+
+#[derive(Debug, Default)]
+struct Seen {
+    generation: AtomicU64,
+    /// Woken at each change, for the one task that waits on [`RouteChanges::next_change`].
+    waiter: Notify,
+}
 
 impl RouteChanges {
     /// Changes seen so far.
     pub fn generation(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.generation.load(Ordering::Relaxed)
     }
 
     /// Something changed.
     pub fn changed(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.generation.fetch_add(1, Ordering::Relaxed);
+        self.0.waiter.notify_one();
+    }
+
+    /// Returns at the next change, or at once if one came since the last call returned. For
+    /// one task only: two would share the wake-ups.
+    pub async fn next_change(&self) {
+        self.0.waiter.notified().await;
     }
 
     /// Subscribes to the changes of this network namespace and counts them in a task on the

@@ -1,7 +1,7 @@
 //! The agent's background tasks, beside the listeners: the heartbeat that tells other agents
-//! this one is alive, the walk that forgets the origins of cgroups that are gone, and the
-//! watch on the cgroups named on the command line (excluded trees made anew, a redirected
-//! cgroup that is gone).
+//! this one is alive, the walk that forgets the origins of cgroups that are gone, the watch
+//! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
+//! that is gone), and the sources of redirected sockets kept as routes change.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use super::LOG;
@@ -10,9 +10,10 @@ use crate::{
     agents::HEARTBEAT_INTERVAL,
     cgroup::Cgroup,
     drain,
-    ebpf::{Exclusions, ServerTable},
+    ebpf::{DirectSources, Exclusions, ServerTable},
     metrics::Readiness,
     redirect_lock::RedirectLock,
+    route_changes::RouteChanges,
     workload,
 };
 
@@ -21,16 +22,25 @@ use crate::{
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
-/// `root`) and the watch on the redirected cgroup `target` and the `exclusions`, until `stop`.
+/// `root`), the watch on the redirected cgroup `target` and the `exclusions`, and the
+/// `sources` kept as routes change, until `stop`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one of each thing the tasks watch; a struct would only name them again"
+)]
 pub(super) fn start(
     agents: &Arc<agents::Agents>,
     redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
     root: PathBuf,
     watched: (Cgroup, Option<Exclusions>),
+    sources: (Option<DirectSources>, RouteChanges),
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
+    if let (Some(sources), changes) = sources {
+        tokio::spawn(keep_sources(sources, changes, stop.clone()));
+    }
     tokio::spawn(keep_alive(
         Arc::clone(agents),
         Arc::clone(redirect_lock),
@@ -85,6 +95,17 @@ async fn watch_cgroups(
         }
         target_lost = lost;
         readiness.set_target_lost(lost);
+    }
+}
+
+/// Writes the sources of redirected sockets anew after each change of routes or addresses
+/// ([`DirectSources::refresh`]: two UDP `connect`s, no packet), until `stop`.
+async fn keep_sources(mut sources: DirectSources, changes: RouteChanges, stop: drain::Signal) {
+    loop {
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = changes.next_change() => sources.refresh(),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! Each test plays the attacker or the awkward client the issue names.
 use std::{net::Ipv4Addr, thread};
 
-use tests::{Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTopology};
+use tests::{CLIENT_IP, Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTopology};
 
 use super::*;
 
@@ -786,4 +786,151 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
         second_index,
         "the reverse entry is repaired"
     );
+}
+
+/// What a client sees of its own address, run as a workload: `SERVER_IP FAR_IP [SERVER_IP6]`.
+/// Prints one line per socket: `far=` the source of a UDP socket connected to FAR_IP:53
+/// (nothing sent: the "which address am I" idiom); `udp=` the source of a socket connected
+/// to the server, once its lookup is answered, then `reconnected=` its source once connected
+/// to another port of the server (no DNS); `tcp=` a TCP connection's; `mapped=` a dual-stack
+/// socket's, connected to the server's v4-mapped address; with SERVER_IP6, `udp6=`.
+const OWN_ADDRESS_SCRIPT: &str = r#"
+import socket, struct, sys
+server, far = sys.argv[1], sys.argv[2]
+def lookup(s):
+    query = struct.pack("!HHHHHH", 0x5d5d, 0x0100, 1, 0, 0, 0) + b"\x03own\x07example\x04test\x00\x00\x01\x00\x01"
+    s.send(query)
+    answer = s.recv(512)
+    assert answer[:2] == b"\x5d\x5d", answer
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((far, 53))
+print("far=" + s.getsockname()[0])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((server, 53))
+lookup(s)
+print("udp=" + s.getsockname()[0])
+s.connect((server, 9))
+print("reconnected=" + s.getsockname()[0])
+t = socket.create_connection((server, 53), timeout=2)
+print("tcp=" + t.getsockname()[0])
+m = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+m.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+m.settimeout(2)
+m.connect(("::ffff:" + server, 53))
+lookup(m)
+print("mapped=" + m.getsockname()[0])
+if len(sys.argv) > 3:
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s6.settimeout(2)
+    s6.connect((sys.argv[3], 53))
+    lookup(s6)
+    print("udp6=" + s6.getsockname()[0])
+"#;
+
+/// An address only a default route reaches (TEST-NET-2): nothing is ever sent there.
+const FAR_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+
+/// Waits until `agent` says its redirected sockets send from `source` (it looks again when
+/// routes change).
+fn wait_for_sources(agent: &Agent, source: &str) {
+    wait_for(
+        "the agent to see the default route",
+        Duration::from_secs(5),
+        || {
+            agent
+                .log()
+                .lines()
+                .any(|line| {
+                    line.contains(&format!(
+                        "redirected sockets of this namespace send from {source}"
+                    ))
+                })
+                .then_some(())
+        },
+    );
+}
+
+/// A socket the agent's namespace sends to the block shows the source it would have had
+/// without the agent (its own namespace's route toward the default route picks it), not the
+/// loopback address the route to the block gives: `getsockname` reads the host's address (the
+/// "which address am I" idiom), and the same socket can be connected elsewhere afterwards (with
+/// a loopback source it could not: `EINVAL`). Over UDP, TCP, v4-mapped and IPv6; the default
+/// route is added while the agent runs, which looks again.
+#[test]
+fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let ip = |args: &[&str]| {
+        must(
+            Command::new("ip")
+                .args(["-n", &topology.client.name])
+                .args(args),
+        )
+    };
+    ip(&["route", "add", "default", "via", &SERVER_IP.to_string()]);
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &tests::SERVER_IP6.to_string(),
+    ]);
+    wait_for_sources(
+        agent,
+        &format!("{CLIENT_IP} (IPv4) and {} (IPv6)", tests::CLIENT_IP6),
+    );
+    let (server, far, server6) = (
+        SERVER_IP.to_string(),
+        FAR_IP.to_string(),
+        tests::SERVER_IP6.to_string(),
+    );
+    let seen = stdout(&mut topology.workload(
+        "python3",
+        &["-c", OWN_ADDRESS_SCRIPT, &server, &far, &server6],
+    ));
+    let expected = format!(
+        "far={CLIENT_IP}\nudp={CLIENT_IP}\nreconnected={CLIENT_IP}\ntcp={CLIENT_IP}\n\
+         mapped=::ffff:{CLIENT_IP}\nudp6={}",
+        tests::CLIENT_IP6
+    );
+    assert_eq!(seen, expected);
+    // The lookups went through the agent: three of them, one per family path.
+    wait_for("the lookups logged", Duration::from_secs(2), || {
+        (agent.query_lines("own.example.test").len() == 3).then_some(())
+    });
+}
+
+/// The same on a node: a host process shows the node's own address, not the block's
+/// (169.254.53.0, which a later `connect` elsewhere would keep and send from, link-local,
+/// where no answer comes back), and a pod its own.
+#[test]
+fn on_a_node_sockets_show_their_own_namespaces_source() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let args = [format!("--listen={}:53", tests::node::NODE_LISTEN)];
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    must(Command::new("ip").args([
+        "-n",
+        &node.node.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        &SERVER_IP.to_string(),
+    ]));
+    wait_for_sources(&agent, &format!("{CLIENT_IP} (IPv4)"));
+    let (server, far) = (SERVER_IP.to_string(), FAR_IP.to_string());
+    let expected = |ip: Ipv4Addr| {
+        format!("far={ip}\nudp={ip}\nreconnected={ip}\ntcp={ip}\nmapped=::ffff:{ip}")
+    };
+    let host = stdout(&mut node.host("python3", &["-c", OWN_ADDRESS_SCRIPT, &server, &far]));
+    assert_eq!(host, expected(CLIENT_IP), "a host process");
+    let pod = stdout(&mut node.pod(0, "python3", &["-c", OWN_ADDRESS_SCRIPT, &server, &far]));
+    assert_eq!(pod, expected(tests::node::PODS[0].0), "a pod");
+    wait_for("the lookups logged", Duration::from_secs(2), || {
+        (agent.query_lines("own.example.test").len() == 4).then_some(())
+    });
 }
