@@ -71,12 +71,11 @@ pub mod names {
     /// programs (attached first, so that they detach first) redirect nothing.
     pub const ARMED: &str = "ARMED";
 
-    /// Array of two `[u32; 4]`, by [`crate::SourceSlot`]: the address a socket of the agent's
-    /// namespace would send from toward the default route (IPv4 in the first word, network
-    /// order; all zeros: none). Written by the agent, and again when routes change;
-    /// `connect4/6` bind an unbound socket there before sending it to the block, so that it
-    /// shows the source it would have had without the agent.
-    pub const SOURCES: &str = "SOURCES";
+    /// Array of one `u32`: the IPv4 address a socket of the agent's namespace sends from
+    /// toward the Internet (network order; 0: none). Written by the agent, and again when
+    /// routes change; `connect4` binds an unbound socket there before sending it to the
+    /// block, so that it shows the source it would have had without the agent.
+    pub const SOURCE4: &str = "SOURCE4";
 
     /// Global holding the [`crate::RedirectConfig`], set at load time.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
@@ -155,14 +154,6 @@ pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
 /// (normally one, two while one takes over), with room for the records of agents that were
 /// killed, until the next agent to start removes them.
 pub const MAX_AGENTS: u32 = 64;
-
-/// The slots of `SOURCES`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceSlot {
-    V4 = 0,
-    V6 = 1,
-}
 
 /// `AGENT_CGROUPS` value: an agent's cgroup. Only its presence matters to the programs.
 pub type AgentCgroup = u64;

@@ -22,7 +22,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, generated::bpf_bind},
     programs::{SkLookupContext, SockAddrContext},
 };
-use dns_proxy_common::{AF_INET, AF_INET6};
+use dns_proxy_common::AF_INET;
 
 /// The `bpf_sock_addr` behind a `cgroup/*4` or `cgroup/*6` context.
 fn raw(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
@@ -155,19 +155,9 @@ struct SockaddrIn {
     zero: [u8; 8],
 }
 
-/// `struct sockaddr_in6`, for `bpf_bind`.
-#[repr(C)]
-struct SockaddrIn6 {
-    family: u16,
-    port_be: u16,
-    flowinfo: u32,
-    addr: [u32; 4],
-    scope_id: u32,
-}
-
 /// Binds the socket to the IPv4 address `addr_be`, its port left to `connect` to pick
-/// (`bpf_bind` with port 0). connect4 only; the result is ignored (a failed bind changes
-/// nothing).
+/// (`bpf_bind` with port 0). connect4 only (the verifier allows the helper in connect4/6); the
+/// result is ignored (a failed bind changes nothing).
 pub fn ctx_bind_source4(ctx: &SockAddrContext, addr_be: u32) {
     let mut addr = SockaddrIn {
         family: AF_INET,
@@ -175,33 +165,14 @@ pub fn ctx_bind_source4(ctx: &SockAddrContext, addr_be: u32) {
         addr_be,
         zero: [0; 8],
     };
-    // SAFETY: the helper takes the program's own context (checked by the verifier, which
-    // allows it in connect4/6 only) and a pointer to an initialized `sockaddr_in` on the stack,
-    // of the length given, which it only reads.
+    // SAFETY: the helper takes the program's own context (checked by the verifier) and a
+    // pointer to an initialized `sockaddr_in` on the stack, of the length given, which it only
+    // reads.
     unsafe {
         bpf_bind(
             raw(ctx),
             (&raw mut addr).cast::<sockaddr>(),
             size_of::<SockaddrIn>() as i32,
-        )
-    };
-}
-
-/// The same for an IPv6 socket and the IPv6 (or v4-mapped) address `addr`. connect6 only.
-pub fn ctx_bind_source6(ctx: &SockAddrContext, addr: [u32; 4]) {
-    let mut addr = SockaddrIn6 {
-        family: AF_INET6,
-        port_be: 0,
-        flowinfo: 0,
-        addr,
-        scope_id: 0,
-    };
-    // SAFETY: as for `ctx_bind_source4`, with a `sockaddr_in6`.
-    unsafe {
-        bpf_bind(
-            raw(ctx),
-            (&raw mut addr).cast::<sockaddr>(),
-            size_of::<SockaddrIn6>() as i32,
         )
     };
 }

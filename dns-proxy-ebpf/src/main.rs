@@ -5,9 +5,9 @@
 //! The redirect is self-describing (see `dns-proxy-common`): the address a socket is sent to
 //! encodes its original server, as an index into the pinned, append-only `SERVERS` table.
 //! - `connect4/6` (UDP and TCP) and `sendmsg4/6` (UDP) give the server an index and rewrite
-//!   the destination to that index's address in the block, on the proxy's port; `connect4/6`
-//!   first bind an unbound socket of the agent's namespace to the source it would have had
-//!   (`SOURCES`), not the one the route to the block would give it.
+//!   the destination to that index's address in the block, on the proxy's port; `connect4`
+//!   first binds an unbound IPv4 socket of the agent's namespace to the source it would have
+//!   had (`SOURCE4`), not the one the route to the block would give it.
 //! - `recvmsg4/6` and `getpeername4/6` decode a source in the block back to the server.
 //! - `bind4/6` keep everyone but the proxy off the block's addresses on the proxy's port.
 //! - `sk_lookup` (on the agent's network namespace) steers the block to the proxy's sockets,
@@ -48,8 +48,8 @@ use dns_proxy_common::{
 
 use crate::{
     sock::{
-        sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev, sock6_connect,
-        sock6_guard_bind, sock6_xlate_fwd, sock6_xlate_rev,
+        sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev, sock6_guard_bind,
+        sock6_xlate_fwd, sock6_xlate_rev,
     },
     steer::steer_to_proxy,
 };
@@ -110,9 +110,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 #[map(name = "ARMED")]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The agent's namespace's source addresses toward the default route, by `SourceSlot`.
-#[map(name = "SOURCES")]
-static SOURCES: Array<[u32; 4]> = Array::with_max_entries(2, 0);
+/// The IPv4 address the agent's namespace sends from toward the Internet (network order; 0:
+/// none), for `connect4` to bind redirected sockets to.
+#[map(name = "SOURCE4")]
+static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The hook a forward translation runs in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -145,7 +146,7 @@ pub fn dns_proxy_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
-    sock6_connect(&ctx)
+    sock6_xlate_fwd(&ctx, Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg6)]

@@ -9,21 +9,19 @@
 //! Each returns the hook's verdict and fails open: whatever goes wrong, the call is allowed
 //! unchanged. Only a socket that would use the proxy's addresses is refused.
 use aya_ebpf::{helpers::bpf_get_current_cgroup_id, programs::SockAddrContext};
-use dns_proxy_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, SourceSlot, v4_mapped_prefix,
-};
+use dns_proxy_common::{AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, v4_mapped_prefix};
 
 use crate::{
-    ALLOW, Hook, REFUSE, SOURCES,
+    ALLOW, Hook, REFUSE, SOURCE4,
     block::{
         addresses_proxy4, block4_address, block6_address, index_for, index_in_block4,
         index_in_block6, origin_at, server_at,
     },
     config,
     context::{
-        ctx_bind_source4, ctx_bind_source6, ctx_local_ip4, ctx_local_ip6, ctx_local_port,
-        ctx_msg_src_ip4, ctx_msg_src_ip6, ctx_set_user_ip4, ctx_set_user_ip6, ctx_set_user_port,
-        ctx_sock_type, ctx_user_ip4, ctx_user_ip6, ctx_user_port,
+        ctx_bind_source4, ctx_local_ip4, ctx_local_ip6, ctx_local_port, ctx_msg_src_ip4,
+        ctx_msg_src_ip6, ctx_set_user_ip4, ctx_set_user_ip6, ctx_set_user_port, ctx_sock_type,
+        ctx_user_ip4, ctx_user_ip6, ctx_user_port,
     },
     count,
     scope::{
@@ -43,24 +41,16 @@ pub fn sock4_connect(ctx: &SockAddrContext) -> i32 {
     verdict
 }
 
-/// connect6: the same for IPv6 sockets, v4-mapped servers included.
-pub fn sock6_connect(ctx: &SockAddrContext) -> i32 {
-    let server = ctx_user_ip6(ctx);
-    let verdict = sock6_xlate_fwd(ctx, Hook::Connect);
-    if ctx_user_ip6(ctx) != server {
-        bind_direct_source6(ctx, server);
-    }
-    verdict
-}
-
-/// Binds a socket of the agent's namespace that `connect4` sends to the block, and that has
-/// no address or port yet, to the address it would send from toward the default route
-/// (`SOURCES`, kept by the agent), as connecting it to `server_be` directly would have.
-/// Without it the route to the block picks the source (127.0.0.1, or the block's address on
-/// a node), which `getsockname` shows, and which a later `connect` of the same socket to any
-/// other destination keeps and cannot route. A loopback or unspecified server keeps the
-/// loopback source it would have had. Best effort: a bind that fails (the address just went
-/// away) leaves the socket as it was.
+/// Binds an IPv4 socket of the agent's namespace that `connect4` sends to the block, and that
+/// has no address or port yet, to the address the agent found toward the Internet (`SOURCE4`),
+/// as connecting it to `server_be` directly would have on a node with one uplink. Without it
+/// the route to the block picks the source (127.0.0.1, or the block's address on a node),
+/// which `getsockname` shows, and which a later `connect` of the same socket elsewhere keeps
+/// and cannot route. A loopback or unspecified server keeps the loopback source it would have
+/// had. IPv6 sockets are left alone: binding one to an IPv6 address makes it IPv6-only for
+/// good, and binding a dual-stack one to a v4-mapped address keeps it off IPv6 after a
+/// disconnect. Best effort: a bind that fails (the address just went away) leaves the socket
+/// as it was.
 fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
     let config = config();
     if Endpoint::v4(server_be, 0).is_local_only()
@@ -70,40 +60,10 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
     {
         return;
     }
-    match direct_source(SourceSlot::V4) {
-        Some([source, ..]) if source != 0 => ctx_bind_source4(ctx, source),
+    match SOURCE4.get(0) {
+        Some(&source) if source != 0 => ctx_bind_source4(ctx, source),
         _ => {}
     }
-}
-
-/// The same for IPv6 sockets: a v4-mapped server is given the IPv4 source, v4-mapped.
-fn bind_direct_source6(ctx: &SockAddrContext, server: [u32; 4]) {
-    let config = config();
-    if Endpoint::v6(server, 0).is_local_only()
-        || !in_agent_namespace(ctx, &config)
-        || ctx_local_ip6(ctx) != [0; 4]
-        || ctx_local_port(ctx) != 0
-    {
-        return;
-    }
-    let prefix = v4_mapped_prefix();
-    let source = if server[..3] == prefix {
-        match direct_source(SourceSlot::V4) {
-            Some([source, ..]) if source != 0 => [prefix[0], prefix[1], prefix[2], source],
-            _ => return,
-        }
-    } else {
-        match direct_source(SourceSlot::V6) {
-            Some(source) if source != [0; 4] => source,
-            _ => return,
-        }
-    };
-    ctx_bind_source6(ctx, source);
-}
-
-/// What the agent wrote in `SOURCES` for `slot`.
-fn direct_source(slot: SourceSlot) -> Option<[u32; 4]> {
-    SOURCES.get(slot as u32).copied()
 }
 
 /// connect4 / sendmsg4: a socket that would send as the proxy is refused; a DNS socket is sent

@@ -59,10 +59,12 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     fn is_proxy(&self, addr: SocketAddr) -> bool;
 
     /// Whether a TCP client's source says it is of the agent's own network namespace (one
-    /// client for the per-client limits): in host mode every client is (sk_lookup lets
-    /// nothing else in), in node mode one from loopback or from a block address (the route
-    /// of a block picks its first address as the source; no other namespace can complete a
-    /// handshake from there).
+    /// client for the per-client limits, where the kernel recorded no workload): in host mode
+    /// every client is (sk_lookup lets nothing else in), in node mode one from loopback or
+    /// from a block address (the route of a block picks its first address as the source; no
+    /// other namespace can complete a handshake from there). A node process whose socket
+    /// `connect4` bound to the node's own address is one client by that address, which all
+    /// of them share.
     fn is_local_client(&self, client: IpAddr) -> bool;
 }
 

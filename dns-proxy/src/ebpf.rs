@@ -428,7 +428,7 @@ impl Redirector {
             }
         }
         // Before the redirect starts, so that the first socket it sends gets its source.
-        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCES)?);
+        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
         // Every program is in place: the redirect may start.
         arm(&mut ebpf)?;
         Ok((

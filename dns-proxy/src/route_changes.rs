@@ -3,7 +3,7 @@
 //! rtnetlink announces them. An upstream socket connected to a server keeps the source address
 //! and the route `connect` chose; a change makes the pool connect its sockets anew
 //! (`dns::udp::pool`), and the agent look again at the source the kernel picks toward the
-//! default route (`ebpf::DirectSources`). Only that anything changed counts, so no message is
+//! Internet (`ebpf::DirectSources`). Only that anything changed counts, so no message is
 //! parsed: a missed one (`ENOBUFS`, the socket's queue overran) counts as a change too.
 use std::{
     io,
@@ -62,7 +62,8 @@ impl RouteChanges {
             if let Err(err) = changes.count(&socket).await {
                 log::warn!(
                     "watching for route and address changes: {err}; upstream sockets connected \
-                     to a server are connected anew only when a query on one fails or times out"
+                     to a server are connected anew only when a query on one fails or times out, \
+                     and redirected sockets keep the source found before"
                 );
             }
         });

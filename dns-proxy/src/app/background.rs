@@ -98,9 +98,11 @@ async fn watch_cgroups(
     }
 }
 
-/// Writes the sources of redirected sockets anew after each change of routes or addresses
-/// ([`DirectSources::refresh`]: two UDP `connect`s, no packet), until `stop`.
+/// Writes the source of redirected sockets anew after each change of routes or addresses
+/// ([`DirectSources::refresh`]: a UDP `connect`, no packet), until `stop`; and once at the
+/// start, for a change between the agent's first look and the start of the watch.
 async fn keep_sources(mut sources: DirectSources, changes: RouteChanges, stop: drain::Signal) {
+    sources.refresh();
     loop {
         tokio::select! {
             () = stop.stopped() => return,

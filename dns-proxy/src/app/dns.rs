@@ -148,7 +148,8 @@ impl Dns {
             log::warn!(
                 target: LOG,
                 "cannot watch for route and address changes ({err}): upstream sockets connected \
-                 to a server are connected anew only when a query on one fails or times out"
+                 to a server are connected anew only when a query on one fails or times out, and \
+                 redirected sockets keep the source found at start"
             );
         }
         let stats = || Arc::clone(&shared.stats);

