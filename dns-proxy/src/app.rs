@@ -229,6 +229,15 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The blocks served that have a route of their own to this host (made at start, by this
+/// agent or one before it): the IPv4 block unless it is in 127/8, and the IPv6 block if IPv6
+/// is served.
+fn routed_blocks(config: &RunConfig, serves_ipv6: bool) -> Vec<dns_proxy_common::AddressBlock> {
+    let ipv4 = Some(config.block4).filter(|block| !block.first().is_loopback());
+    let ipv6 = Some(config.block6).filter(|_| serves_ipv6);
+    ipv4.into_iter().chain(ipv6).collect()
+}
+
 /// Serves until the stop request (or, for `exec`, the command's end), then shuts down in
 /// order: not ready; the listeners stop serving as usual; the redirect is switched off (and,
 /// with another agent on the port, every new packet steered to it); the listeners drain
@@ -297,7 +306,14 @@ async fn serve(
         &servers,
         workload_root,
         watched,
-        (redirector.take_sources(), shared.route_changes.clone()),
+        redirector
+            .take_routing()
+            .map(|(sources, switch)| background::Routing {
+                sources,
+                switch,
+                blocks: routed_blocks(config, listeners.v6.is_some()),
+                changes: shared.route_changes.clone(),
+            }),
         &readiness,
         &stop_background,
     );

@@ -291,8 +291,8 @@ pub struct Redirector {
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
-    /// Until [`Redirector::take_sources`].
-    sources: Option<DirectSources>,
+    /// Until [`Redirector::take_routing`].
+    sources: Option<(DirectSources, RedirectSwitch)>,
 }
 
 impl Redirector {
@@ -430,7 +430,8 @@ impl Redirector {
         // Before the redirect starts, so that the first socket it sends gets its source.
         let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
         // Every program is in place: the redirect may start.
-        arm(&mut ebpf)?;
+        let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
+        switch.set(true)?;
         Ok((
             Self {
                 ebpf,
@@ -438,7 +439,7 @@ impl Redirector {
                 steer_link,
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
-                sources: Some(sources),
+                sources: Some((sources, switch)),
             },
             servers,
             counters,
@@ -476,9 +477,9 @@ impl Redirector {
         self.exclusions.take()
     }
 
-    /// The sources of redirected sockets, for the task that keeps them as routes change;
-    /// `None` after the first call.
-    pub fn take_sources(&mut self) -> Option<DirectSources> {
+    /// The source of redirected sockets and the switch of the redirect, for the task that
+    /// keeps both as routes change; `None` after the first call.
+    pub fn take_routing(&mut self) -> Option<(DirectSources, RedirectSwitch)> {
         self.sources.take()
     }
 
@@ -510,21 +511,19 @@ impl Drop for Redirector {
     }
 }
 
-/// Sets `ARMED`: the redirecting programs start redirecting.
-fn arm(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
-    let name = names::ARMED;
-    let map = ebpf
-        .map_mut(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let mut armed: aya::maps::Array<_, u32> =
-        aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map {
-            map: name,
-            source: Box::new(source),
-        })?;
-    armed.set(0, 1, 0).map_err(|source| EbpfError::Map {
-        map: name,
-        source: Box::new(source),
-    })
+/// `ARMED`: while it is on, the redirecting programs redirect; off, they send nothing to the
+/// block (new lookups go direct) while what was sent before is still steered and decoded.
+pub struct RedirectSwitch(aya::maps::Array<MapData, u32>);
+
+impl RedirectSwitch {
+    pub fn set(&mut self, on: bool) -> Result<(), EbpfError> {
+        self.0
+            .set(0, u32::from(on), 0)
+            .map_err(|source| EbpfError::Map {
+                map: names::ARMED,
+                source: Box::new(source),
+            })
+    }
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.

@@ -496,9 +496,54 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
         push_attribute(&mut message, libc::RTA_PREFSRC, &address);
     }
     push_attribute(&mut message, libc::RTA_OIF, &loopback);
+    let (reply, received) = rtnetlink_exchange(&mut message)?;
+    match reply_error(&reply[..received])? {
+        0 => Ok(()),
+        code => Err(io::Error::from_raw_os_error(-code)),
+    }
+}
+
+/// Whether `addr` is routed to this host (a route of type local: the kernel delivers what is
+/// sent there here), as `ip route get` says. Needs no privilege. For the watch on the blocks'
+/// routes: another program, or an interface's IPv6 switched off and on, can remove them.
+pub fn is_routed_here(addr: std::net::IpAddr) -> io::Result<bool> {
+    let (family, address) = match addr {
+        std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+    };
+    let mut message = Vec::with_capacity(48);
+    message.extend_from_slice(&0u32.to_ne_bytes()); // nlmsghdr's length, filled in later
+    message.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
+    message.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    // struct rtmsg: the route to this one address, in whatever table the rules pick.
+    let dst_len = (address.len() * 8) as u8;
+    message.extend_from_slice(&[family, dst_len, 0, 0, 0, 0, 0, 0]);
+    message.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
+    push_attribute(&mut message, libc::RTA_DST, &address);
+    let (reply, received) = rtnetlink_exchange(&mut message)?;
+    let reply = &reply[..received];
+    let header_len = mem::size_of::<libc::nlmsghdr>();
+    let kind = reply
+        .get(4..6)
+        .map(|kind| u16::from_ne_bytes([kind[0], kind[1]]));
+    if kind == Some(libc::RTM_NEWROUTE) {
+        // rtmsg's last byte of its first eight: rtm_type.
+        let route_type = reply
+            .get(header_len + 7)
+            .ok_or_else(|| io::Error::other("a short rtnetlink route"))?;
+        return Ok(*route_type == libc::RTN_LOCAL);
+    }
+    // No route at all (ENETUNREACH, say): not here either.
+    reply_error(reply).map(|_| false)
+}
+
+/// Sends one rtnetlink request (`message`, whose length it writes into its header) and
+/// returns the kernel's first reply and its length.
+fn rtnetlink_exchange(message: &mut [u8]) -> io::Result<([u8; 1024], usize)> {
     let len = message.len() as u32;
     message[..4].copy_from_slice(&len.to_ne_bytes());
-
     // SAFETY: socket takes integers only; the descriptor it returns is owned at once below.
     let fd = unsafe {
         libc::socket(
@@ -546,9 +591,14 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
     if received < 0 {
         return Err(io::Error::last_os_error());
     }
-    // An NLMSG_ERROR message: its header, then the error code (0 is the acknowledgement).
+    Ok((reply, received as usize))
+}
+
+/// The error code of an `NLMSG_ERROR` reply (0: an acknowledgement); an error if the reply is
+/// something else.
+fn reply_error(reply: &[u8]) -> io::Result<i32> {
     let header_len = mem::size_of::<libc::nlmsghdr>();
-    if (received as usize) < header_len + 4 {
+    if reply.len() < header_len + 4 {
         return Err(io::Error::other("a short rtnetlink reply"));
     }
     let kind = u16::from_ne_bytes([reply[4], reply[5]]);
@@ -559,11 +609,7 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
     }
     let mut code = [0u8; 4];
     code.copy_from_slice(&reply[header_len..header_len + 4]);
-    let code = i32::from_ne_bytes(code);
-    if code != 0 {
-        return Err(io::Error::from_raw_os_error(-code));
-    }
-    Ok(())
+    Ok(i32::from_ne_bytes(code))
 }
 
 /// Appends one `rtattr` with its payload, padded to 4 bytes.
@@ -573,4 +619,18 @@ fn push_attribute(message: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     message.extend_from_slice(&kind.to_ne_bytes());
     message.extend_from_slice(payload);
     message.resize(message.len().next_multiple_of(4), 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read-only questions to this namespace's routes: loopback is local, a documentation
+    /// address (TEST-NET-1) is not, whether a default route takes it or no route does.
+    #[test]
+    fn loopback_is_routed_here_and_a_documentation_address_is_not() {
+        assert!(is_routed_here("127.0.0.1".parse().unwrap()).unwrap());
+        assert!(is_routed_here("127.53.0.7".parse().unwrap()).unwrap());
+        assert!(!is_routed_here("192.0.2.123".parse().unwrap()).unwrap());
+    }
 }

@@ -39,6 +39,8 @@ pub struct Readiness {
     replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
     /// The redirected cgroup is gone or was made anew: the programs stay on the old one.
     target_lost: AtomicBool,
+    /// A block the agent serves is no longer routed to this host: the redirect is off.
+    block_unrouted: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -66,8 +68,21 @@ impl Readiness {
         self.target_lost.store(lost, Ordering::Relaxed);
     }
 
+    /// Whether a block the agent serves lost its route to this host (the redirect is off
+    /// until it is back).
+    pub fn set_block_unrouted(&self, unrouted: bool) {
+        self.block_unrouted.store(unrouted, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.is_replaced() && !self.is_target_lost()
+        self.ready.load(Ordering::Relaxed)
+            && !self.is_replaced()
+            && !self.is_target_lost()
+            && !self.is_block_unrouted()
+    }
+
+    fn is_block_unrouted(&self) -> bool {
+        self.block_unrouted.load(Ordering::Relaxed)
     }
 
     fn is_target_lost(&self) -> bool {
@@ -239,6 +254,11 @@ impl Metrics {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: the redirected cgroup is gone or was made anew; restart the agent\n",
             ),
+            "/readyz" if self.readiness.is_block_unrouted() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the redirect block is no longer routed to this host (lookups go \
+                 direct); restart the agent to route it again\n",
+            ),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: starting or shutting down\n",
@@ -338,6 +358,21 @@ mod tests {
         let body = format!("{:?}", response.body());
         assert!(body.contains("the redirected cgroup is gone"), "{body}");
         agent.readiness.set_target_lost(false);
+        assert_eq!(
+            agent.respond(&Method::GET, "/readyz").status(),
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn an_agent_whose_block_lost_its_route_is_not_ready_and_says_why() {
+        let agent = metrics(true);
+        agent.readiness.set_block_unrouted(true);
+        let response = agent.respond(&Method::GET, "/readyz");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = format!("{:?}", response.body());
+        assert!(body.contains("no longer routed to this host"), "{body}");
+        agent.readiness.set_block_unrouted(false);
         assert_eq!(
             agent.respond(&Method::GET, "/readyz").status(),
             StatusCode::OK

@@ -1,8 +1,11 @@
 //! The agent's background tasks, beside the listeners: the heartbeat that tells other agents
 //! this one is alive, the walk that forgets the origins of cgroups that are gone, the watch
 //! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
-//! that is gone), and the sources of redirected sockets kept as routes change.
+//! that is gone), and, as routes change, the source of redirected sockets and the blocks'
+//! routes (the redirect is switched off while a block is not routed here).
 use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use dns_proxy_common::AddressBlock;
 
 use super::LOG;
 use crate::{
@@ -10,7 +13,8 @@ use crate::{
     agents::HEARTBEAT_INTERVAL,
     cgroup::Cgroup,
     drain,
-    ebpf::{DirectSources, Exclusions, ServerTable},
+    ebpf::{DirectSources, Exclusions, RedirectSwitch, ServerTable},
+    host,
     metrics::Readiness,
     redirect_lock::RedirectLock,
     route_changes::RouteChanges,
@@ -22,8 +26,8 @@ use crate::{
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
-/// `root`), the watch on the redirected cgroup `target` and the `exclusions`, and the
-/// `sources` kept as routes change, until `stop`.
+/// `root`), the watch on the redirected cgroup `target` and the `exclusions`, and the watch
+/// on `routing` as routes change, until `stop`.
 #[expect(
     clippy::too_many_arguments,
     reason = "one of each thing the tasks watch; a struct would only name them again"
@@ -34,12 +38,12 @@ pub(super) fn start(
     servers: &Arc<ServerTable>,
     root: PathBuf,
     watched: (Cgroup, Option<Exclusions>),
-    sources: (Option<DirectSources>, RouteChanges),
+    routing: Option<Routing>,
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
-    if let (Some(sources), changes) = sources {
-        tokio::spawn(keep_sources(sources, changes, stop.clone()));
+    if let Some(routing) = routing {
+        tokio::spawn(keep_routing(routing, Arc::clone(readiness), stop.clone()));
     }
     tokio::spawn(keep_alive(
         Arc::clone(agents),
@@ -98,16 +102,69 @@ async fn watch_cgroups(
     }
 }
 
-/// Writes the source of redirected sockets anew after each change of routes or addresses
-/// ([`DirectSources::refresh`]: a UDP `connect`, no packet), until `stop`; and once at the
-/// start, for a change between the agent's first look and the start of the watch.
-async fn keep_sources(mut sources: DirectSources, changes: RouteChanges, stop: drain::Signal) {
-    sources.refresh();
+/// What the agent keeps as routes and addresses change: the source of redirected sockets,
+/// and the blocks it routed here (whose routes the redirect needs), with the switch of the
+/// redirect.
+pub(super) struct Routing {
+    pub sources: DirectSources,
+    pub switch: RedirectSwitch,
+    /// The blocks the agent serves that are routed here by a route of their own (not 127/8).
+    pub blocks: Vec<AddressBlock>,
+    pub changes: RouteChanges,
+}
+
+/// After each change of routes or addresses (and once at the start, for a change between the
+/// agent's first look and the start of the watch), until `stop`: writes the source of
+/// redirected sockets anew ([`DirectSources::refresh`]: a UDP `connect`, no packet), and
+/// checks that every block is still routed here. One that is not (a program removed its
+/// route, or IPv6 was switched off and on, which flushes it) would send what the programs
+/// redirect there to the default route, where no answer comes: the redirect is switched off
+/// (lookups go direct, fail-open) and the agent is not ready, until the route is back. The
+/// agent cannot route it again itself: it dropped the capability after start.
+async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: drain::Signal) {
+    let mut unrouted: Vec<AddressBlock> = Vec::new();
     loop {
+        routing.sources.refresh();
+        let blocks = routing.blocks.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            blocks
+                .into_iter()
+                .filter(|block| !host::is_routed_here(block.first()).unwrap_or(true))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        if let Ok(now) = checked {
+            if now != unrouted {
+                switch_redirect(&mut routing.switch, &now, &readiness);
+            }
+            unrouted = now;
+        }
         tokio::select! {
             () = stop.stopped() => return,
-            () = changes.next_change() => sources.refresh(),
+            () = routing.changes.next_change() => {}
         }
+    }
+}
+
+/// Switches the redirect off while any block in `unrouted` has lost its route, on again
+/// once none has, and says so.
+fn switch_redirect(switch: &mut RedirectSwitch, unrouted: &[AddressBlock], readiness: &Readiness) {
+    let on = unrouted.is_empty();
+    if let Err(err) = switch.set(on) {
+        log::error!(target: LOG, "cannot switch the redirect {}: {err}", if on { "on" } else { "off" });
+        return;
+    }
+    readiness.set_block_unrouted(!on);
+    if on {
+        log::warn!(target: LOG, "the blocks are routed to this host again: redirecting");
+    } else {
+        let blocks: Vec<String> = unrouted.iter().map(ToString::to_string).collect();
+        log::error!(
+            target: LOG,
+            "{} no longer routed to this host (its local route is gone): redirecting nothing, \
+             so new lookups go direct, until it is back; restart the agent to route it again",
+            blocks.join(" and ")
+        );
     }
 }
 

@@ -59,3 +59,82 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
     }
     forwarded(&agent, "r9.host.example.test");
 }
+
+/// The block's route on the node goes away while the agent runs (another program removes it,
+/// or IPv6 switched off and on flushes an IPv6 one). Every lookup the programs sent there
+/// would reach no agent; instead the redirect is switched off, so lookups go direct and are
+/// answered, `/readyz` says why, and once the route is back the agent redirects again.
+#[test]
+fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let args = [
+        format!("--listen={NODE_LISTEN}:53"),
+        format!("--metrics={METRICS}"),
+    ];
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let lookup = |name: &str| {
+        let result = tests::dig_at(node.pod(0, "dig", &[]), &SERVER_IP.to_string(), name, &[]);
+        assert_answered(result, name);
+    };
+    let readyz = || tests::http_get(&node.node, metrics_addr(), "/readyz");
+    lookup("before.example.test");
+    forwarded(&agent, "before.example.test");
+    assert_eq!(readyz().0, 200);
+
+    let block = format!("{NODE_LISTEN}/24");
+    let route = |verb: &str| {
+        let mut command = Command::new("ip");
+        command.args([
+            "-n",
+            &node.node.name,
+            "route",
+            verb,
+            "local",
+            &block,
+            "dev",
+            "lo",
+        ]);
+        command.args(["table", "local"]);
+        if verb == "add" {
+            command.args(["src", &NODE_LISTEN.to_string()]);
+        }
+        must(&mut command);
+    };
+    route("del");
+    wait_for(
+        "the agent to see the route gone",
+        Duration::from_secs(5),
+        || {
+            agent
+                .log()
+                .contains("no longer routed to this host")
+                .then_some(())
+        },
+    );
+    for i in 0..5 {
+        lookup(&format!("unrouted{i}.example.test"));
+    }
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no longer routed to this host"), "{body}");
+    assert!(
+        agent.query_lines("unrouted4.example.test").is_empty(),
+        "went direct, not to the agent"
+    );
+
+    route("add");
+    wait_for(
+        "the agent to see the route back",
+        Duration::from_secs(5),
+        || {
+            agent
+                .log()
+                .contains("routed to this host again")
+                .then_some(())
+        },
+    );
+    lookup("after.example.test");
+    forwarded(&agent, "after.example.test");
+    assert_eq!(readyz().0, 200);
+}
