@@ -67,8 +67,10 @@ pub mod names {
     pub const AGENTS: &str = "AGENTS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
-    /// Array of one `u32`: 1 once every program is attached; until then the redirecting
-    /// programs (attached first, so that they detach first) redirect nothing.
+    /// Array of one `u32`, bits [`crate::ARMED_IPV4`] and [`crate::ARMED_IPV6`]: each set once
+    /// every program is attached (until then the redirecting programs, attached first so that
+    /// they detach first, redirect nothing), and cleared while that family's block is not
+    /// routed to the host (nothing is sent there; lookups go direct).
     pub const ARMED: &str = "ARMED";
 
     /// Array of one `u32`: the IPv4 address a socket of the agent's namespace sends from
@@ -154,6 +156,12 @@ pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
 /// (normally one, two while one takes over), with room for the records of agents that were
 /// killed, until the next agent to start removes them.
 pub const MAX_AGENTS: u32 = 64;
+
+/// The bit of `ARMED` that lets the programs send sockets to the IPv4 block (v4-mapped
+/// destinations of dual-stack sockets included).
+pub const ARMED_IPV4: u32 = 1;
+/// The bit of `ARMED` that lets the programs send sockets to the IPv6 block.
+pub const ARMED_IPV6: u32 = 2;
 
 /// `AGENT_CGROUPS` value: an agent's cgroup. Only its presence matters to the programs.
 pub type AgentCgroup = u64;

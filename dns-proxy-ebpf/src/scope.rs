@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use dns_proxy_common::{
-    Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener, MAX_EXCLUDED_LEVEL, RedirectConfig,
-    listener_slot,
+    AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, listener_slot,
 };
 
 use crate::{
@@ -25,10 +25,17 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
-/// Whether the agent has attached every program (it sets `ARMED` last): the redirecting
-/// programs redirect nothing until the steering and decoding programs are in place.
-pub fn armed() -> bool {
-    ARMED.get(0).is_some_and(|armed| *armed == 1)
+/// Whether the agent has attached every program and the block of `family` is routed here
+/// (`ARMED`, whose bit for the family it sets last and clears while the block has no route):
+/// the redirecting programs redirect nothing before the steering and decoding programs are
+/// in place, nor to a block whose packets would leave the host.
+pub fn armed(family: u16) -> bool {
+    let bit = if family == AF_INET6 {
+        ARMED_IPV6
+    } else {
+        ARMED_IPV4
+    };
+    ARMED.get(0).is_some_and(|armed| *armed & bit != 0)
 }
 
 /// Whether the proxy's socket for this kind of socket (`LISTENERS`: its TCP listener, or its

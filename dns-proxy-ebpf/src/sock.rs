@@ -107,7 +107,7 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
     {
         return verdict_on_block_address(ctx, &config, AF_INET6, Some(index));
     }
-    if !is_dns(ctx, port_be, hook) || !armed() {
+    if !is_dns(ctx, port_be, hook) || !armed(AF_INET6) {
         return ALLOW;
     }
     if config.capacity6 == 0 || is_link_local6(addr) || !proxy_alive(ctx_sock_type(ctx), AF_INET6) {
@@ -153,7 +153,7 @@ fn xlate_fwd4(
     }
     if !is_dns(ctx, port_be, hook)
         || config.capacity4 == 0
-        || !armed()
+        || !armed(AF_INET)
         || !proxy_alive(ctx_sock_type(ctx), AF_INET)
     {
         return Forward4::Leave(ALLOW);

@@ -431,7 +431,7 @@ impl Redirector {
         let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
         // Every program is in place: the redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
-        switch.set(true)?;
+        switch.set(&[])?;
         Ok((
             Self {
                 ebpf,
@@ -511,18 +511,26 @@ impl Drop for Redirector {
     }
 }
 
-/// `ARMED`: while it is on, the redirecting programs redirect; off, they send nothing to the
-/// block (new lookups go direct) while what was sent before is still steered and decoded.
+/// `ARMED`: a bit per address family; while it is set, the redirecting programs send sockets
+/// to that family's block; cleared, they send nothing there (new lookups go direct), while
+/// what was sent before is still steered and decoded.
 pub struct RedirectSwitch(aya::maps::Array<MapData, u32>);
 
 impl RedirectSwitch {
-    pub fn set(&mut self, on: bool) -> Result<(), EbpfError> {
-        self.0
-            .set(0, u32::from(on), 0)
-            .map_err(|source| EbpfError::Map {
-                map: names::ARMED,
-                source: Box::new(source),
+    /// Redirects to every family's block but those of the blocks in `unrouted`.
+    pub fn set(&mut self, unrouted: &[dns_proxy_common::AddressBlock]) -> Result<(), EbpfError> {
+        let off = unrouted
+            .iter()
+            .map(|block| match block.first() {
+                IpAddr::V4(_) => dns_proxy_common::ARMED_IPV4,
+                IpAddr::V6(_) => dns_proxy_common::ARMED_IPV6,
             })
+            .fold(0, |bits, bit| bits | bit);
+        let on = (dns_proxy_common::ARMED_IPV4 | dns_proxy_common::ARMED_IPV6) & !off;
+        self.0.set(0, on, 0).map_err(|source| EbpfError::Map {
+            map: names::ARMED,
+            source: Box::new(source),
+        })
     }
 }
 

@@ -118,9 +118,10 @@ pub(super) struct Routing {
 /// redirected sockets anew ([`DirectSources::refresh`]: a UDP `connect`, no packet), and
 /// checks that every block is still routed here. One that is not (a program removed its
 /// route, or IPv6 was switched off and on, which flushes it) would send what the programs
-/// redirect there to the default route, where no answer comes: the redirect is switched off
-/// (lookups go direct, fail-open) and the agent is not ready, until the route is back. The
-/// agent cannot route it again itself: it dropped the capability after start.
+/// redirect there to the default route, where no answer comes: the redirect to it is
+/// switched off (that family's lookups go direct, fail-open) and the agent is not ready,
+/// until the route is back. The agent cannot route it again itself: it dropped the
+/// capability after start.
 async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: drain::Signal) {
     let mut unrouted: Vec<AddressBlock> = Vec::new();
     loop {
@@ -146,23 +147,23 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
     }
 }
 
-/// Switches the redirect off while any block in `unrouted` has lost its route, on again
-/// once none has, and says so.
+/// Switches the redirect to the blocks in `unrouted` off (the other family's stays on), and
+/// on again once they are routed here, and says so.
 fn switch_redirect(switch: &mut RedirectSwitch, unrouted: &[AddressBlock], readiness: &Readiness) {
-    let on = unrouted.is_empty();
-    if let Err(err) = switch.set(on) {
-        log::error!(target: LOG, "cannot switch the redirect {}: {err}", if on { "on" } else { "off" });
+    if let Err(err) = switch.set(unrouted) {
+        log::error!(target: LOG, "cannot switch the redirect: {err}");
         return;
     }
-    readiness.set_block_unrouted(!on);
-    if on {
+    readiness.set_block_unrouted(!unrouted.is_empty());
+    if unrouted.is_empty() {
         log::warn!(target: LOG, "the blocks are routed to this host again: redirecting");
     } else {
         let blocks: Vec<String> = unrouted.iter().map(ToString::to_string).collect();
         log::error!(
             target: LOG,
-            "{} no longer routed to this host (its local route is gone): redirecting nothing, \
-             so new lookups go direct, until it is back; restart the agent to route it again",
+            "{} no longer routed to this host (its local route is gone): redirecting nothing \
+             there, so new lookups of that family go direct, until it is back; restart the \
+             agent to route it again",
             blocks.join(" and ")
         );
     }

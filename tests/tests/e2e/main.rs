@@ -37,6 +37,16 @@ fn forwarded(agent: &Agent, name: &str) -> String {
     )
 }
 
+/// Waits up to 5 s for the agent to log a line holding `text` (it logs what it notices of
+/// the host: routes, addresses).
+fn wait_for_log(agent: &Agent, text: &str) {
+    wait_for(
+        &format!("the agent to log {text:?}"),
+        Duration::from_secs(5),
+        || agent.log().contains(text).then_some(()),
+    );
+}
+
 fn assert_answered(result: Result<String, String>, what: &str) {
     let output = result.unwrap_or_else(|err| panic!("{what} failed:\n{err}"));
     assert!(

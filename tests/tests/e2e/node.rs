@@ -102,16 +102,7 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
         must(&mut command);
     };
     route("del");
-    wait_for(
-        "the agent to see the route gone",
-        Duration::from_secs(5),
-        || {
-            agent
-                .log()
-                .contains("no longer routed to this host")
-                .then_some(())
-        },
-    );
+    wait_for_log(&agent, "no longer routed to this host");
     for i in 0..5 {
         lookup(&format!("unrouted{i}.example.test"));
     }
@@ -124,16 +115,7 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     );
 
     route("add");
-    wait_for(
-        "the agent to see the route back",
-        Duration::from_secs(5),
-        || {
-            agent
-                .log()
-                .contains("routed to this host again")
-                .then_some(())
-        },
-    );
+    wait_for_log(&agent, "routed to this host again");
     lookup("after.example.test");
     forwarded(&agent, "after.example.test");
     assert_eq!(readyz().0, 200);

@@ -835,11 +835,9 @@ fn add_default_route(netns: &Netns, agent: &Agent) {
         "via",
         &SERVER_IP.to_string(),
     ]));
-    let said = format!("redirected IPv4 sockets of this namespace send from {CLIENT_IP},");
-    wait_for(
-        "the agent to see the default route",
-        Duration::from_secs(5),
-        || agent.log().contains(&said).then_some(()),
+    wait_for_log(
+        agent,
+        &format!("redirected IPv4 sockets of this namespace send from {CLIENT_IP},"),
     );
 }
 
@@ -895,4 +893,41 @@ fn on_a_node_sockets_show_their_own_namespaces_source() {
     wait_for("both lookups logged", Duration::from_secs(2), || {
         (agent.query_lines("own.example.test").len() == 2).then_some(())
     });
+}
+
+/// Host mode: the IPv6 block loses its route while the agent runs (IPv6 switched off and on
+/// on `lo` flushes it). IPv6 lookups then go direct and are answered, instead of following
+/// the default route to nowhere; IPv4 ones are still redirected.
+#[test]
+fn an_ipv6_block_that_loses_its_route_leaves_ipv4_redirected() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    must(Command::new("ip").args([
+        "-n",
+        &topology.client.name,
+        "-6",
+        "route",
+        "del",
+        "local",
+        "fd53:6e73:6470::/112",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]));
+    wait_for_log(agent, "no longer routed to this host");
+    let dig = |server: String, name: &str| {
+        assert_answered(
+            dig_at(topology.workload("dig", &[]), &server, name, &[]),
+            name,
+        );
+    };
+    dig(tests::SERVER_IP6.to_string(), "v6-unrouted.example.test");
+    dig(SERVER_IP.to_string(), "v4-still.example.test");
+    forwarded(agent, "v4-still.example.test");
+    assert!(
+        agent.query_lines("v6-unrouted.example.test").is_empty(),
+        "the IPv6 lookup went direct"
+    );
 }
