@@ -503,13 +503,24 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
     }
 }
 
-/// Whether `addr` is routed to this host (a route of type local: the kernel delivers what is
-/// sent there here), as `ip route get` says. Needs no privilege. For the watch on the blocks'
-/// routes: another program, or an interface's IPv6 switched off and on, can remove them.
-pub fn is_routed_here(addr: std::net::IpAddr) -> io::Result<bool> {
-    let (family, address) = match addr {
-        std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
-        std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+/// Whether `block` is routed to this host as a whole: the route the kernel matches for the
+/// block's index-1 address (`ip route get fibmatch`) is of type local and covers the block
+/// (its prefix no longer than the block's). Needs no privilege. For the watch on the blocks'
+/// routes: another program, or an interface's IPv6 switched off and on, can remove them, or
+/// leave a narrower local route (an address of the block on an interface) that no longer
+/// holds the servers' addresses. Not seen: a route for one address inside the block.
+pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
+    // Index 1's address, not the first: an address of the block added to an interface makes
+    // the first one an anycast route of its own (IPv6), which says nothing of the others.
+    let (family, address) = match block.first() {
+        std::net::IpAddr::V4(v4) => (
+            libc::AF_INET as u8,
+            (u32::from(v4) + 1).to_be_bytes().to_vec(),
+        ),
+        std::net::IpAddr::V6(v6) => (
+            libc::AF_INET6 as u8,
+            (u128::from(v6) + 1).to_be_bytes().to_vec(),
+        ),
     };
     let mut message = Vec::with_capacity(48);
     message.extend_from_slice(&0u32.to_ne_bytes()); // nlmsghdr's length, filled in later
@@ -517,10 +528,10 @@ pub fn is_routed_here(addr: std::net::IpAddr) -> io::Result<bool> {
     message.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    // struct rtmsg: the route to this one address, in whatever table the rules pick.
+    // struct rtmsg: the route matched for this one address, in whatever table the rules pick.
     let dst_len = (address.len() * 8) as u8;
     message.extend_from_slice(&[family, dst_len, 0, 0, 0, 0, 0, 0]);
-    message.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
+    message.extend_from_slice(&RTM_F_FIB_MATCH.to_ne_bytes());
     push_attribute(&mut message, libc::RTA_DST, &address);
     let (reply, received) = rtnetlink_exchange(&mut message)?;
     let reply = &reply[..received];
@@ -529,15 +540,20 @@ pub fn is_routed_here(addr: std::net::IpAddr) -> io::Result<bool> {
         .get(4..6)
         .map(|kind| u16::from_ne_bytes([kind[0], kind[1]]));
     if kind == Some(libc::RTM_NEWROUTE) {
-        // rtmsg's last byte of its first eight: rtm_type.
-        let route_type = reply
-            .get(header_len + 7)
-            .ok_or_else(|| io::Error::other("a short rtnetlink route"))?;
-        return Ok(*route_type == libc::RTN_LOCAL);
+        // struct rtmsg: rtm_dst_len is its second byte, rtm_type its eighth.
+        let (Some(&matched_len), Some(&route_type)) =
+            (reply.get(header_len + 1), reply.get(header_len + 7))
+        else {
+            return Err(io::Error::other("a short rtnetlink route"));
+        };
+        return Ok(route_type == libc::RTN_LOCAL && matched_len <= block.prefix_len());
     }
     // No route at all (ENETUNREACH, say): not here either.
     reply_error(reply).map(|_| false)
 }
+
+/// `linux/rtnetlink.h`'s flag asking `RTM_GETROUTE` for the route matched, not the result.
+const RTM_F_FIB_MATCH: u32 = 0x2000;
 
 /// Sends one rtnetlink request (`message`, whose length it writes into its header) and
 /// returns the kernel's first reply and its length.
@@ -625,12 +641,13 @@ fn push_attribute(message: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 mod tests {
     use super::*;
 
-    /// Read-only questions to this namespace's routes: loopback is local, a documentation
-    /// address (TEST-NET-1) is not, whether a default route takes it or no route does.
+    /// Read-only questions to this namespace's routes: the host-mode block is local (inside
+    /// 127/8), a documentation block (TEST-NET-1) is not, whether a default route takes it or
+    /// no route does.
     #[test]
-    fn loopback_is_routed_here_and_a_documentation_address_is_not() {
-        assert!(is_routed_here("127.0.0.1".parse().unwrap()).unwrap());
-        assert!(is_routed_here("127.53.0.7".parse().unwrap()).unwrap());
-        assert!(!is_routed_here("192.0.2.123".parse().unwrap()).unwrap());
+    fn the_loopback_block_is_routed_here_and_a_documentation_block_is_not() {
+        let block = |text: &str| text.parse::<AddressBlock>().unwrap();
+        assert!(is_block_routed_here(block("127.53.0.0/16")).unwrap());
+        assert!(!is_block_routed_here(block("192.0.2.0/24")).unwrap());
     }
 }

@@ -63,7 +63,8 @@ impl RouteChanges {
                 log::warn!(
                     "watching for route and address changes: {err}; upstream sockets connected \
                      to a server are connected anew only when a query on one fails or times out, \
-                     and redirected sockets keep the source found before"
+                     redirected sockets keep the source found before, and a block that loses \
+                     its route is not noticed"
                 );
             }
         });

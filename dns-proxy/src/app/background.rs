@@ -130,7 +130,8 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
         let checked = tokio::task::spawn_blocking(move || {
             blocks
                 .into_iter()
-                .filter(|block| !host::is_routed_here(block.first()).unwrap_or(true))
+                // A question that fails (no reply) says nothing: the redirect is left as it is.
+                .filter(|block| !host::is_block_routed_here(*block).unwrap_or(true))
                 .collect::<Vec<_>>()
         })
         .await;

@@ -148,8 +148,9 @@ impl Dns {
             log::warn!(
                 target: LOG,
                 "cannot watch for route and address changes ({err}): upstream sockets connected \
-                 to a server are connected anew only when a query on one fails or times out, and \
-                 redirected sockets keep the source found at start"
+                 to a server are connected anew only when a query on one fails or times out, \
+                 redirected sockets keep the source found at start, and a block that loses its \
+                 route is not noticed"
             );
         }
         let stats = || Arc::clone(&shared.stats);

@@ -63,7 +63,8 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
 /// The block's route on the node goes away while the agent runs (another program removes it,
 /// or IPv6 switched off and on flushes an IPv6 one). Every lookup the programs sent there
 /// would reach no agent; instead the redirect is switched off, so lookups go direct and are
-/// answered, `/readyz` says why, and once the route is back the agent redirects again.
+/// answered, `/readyz` says why, and once the route is back the agent redirects again. Also
+/// when a narrower local route is left (the block's first address on `lo`).
 #[test]
 fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     let node = NodeTopology::new();
@@ -119,4 +120,21 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     lookup("after.example.test");
     forwarded(&agent, "after.example.test");
     assert_eq!(readyz().0, 200);
+
+    // The block's first address on `lo` (as NodeLocal DNSCache puts its own), then the
+    // block's route gone: the first address is still local, the servers' addresses are not.
+    let listen = format!("{NODE_LISTEN}/32");
+    must(Command::new("ip").args(["-n", &node.node.name, "addr", "add", &listen, "dev", "lo"]));
+    route("del");
+    wait_for(
+        "the agent to see the route gone again",
+        Duration::from_secs(5),
+        || {
+            let log = agent.log();
+            (log.matches("no longer routed to this host").count() == 2).then_some(())
+        },
+    );
+    lookup("narrowed.example.test");
+    assert_eq!(readyz().0, 503);
+    assert!(agent.query_lines("narrowed.example.test").is_empty());
 }
