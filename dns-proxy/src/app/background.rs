@@ -135,10 +135,11 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
                 .collect::<Vec<_>>()
         })
         .await;
-        if let Ok(now) = checked {
-            if now != unrouted {
-                switch_redirect(&mut routing.switch, &now, &readiness);
-            }
+        // Kept as it was if the switch could not be set, so that the next change tries again.
+        if let Ok(now) = checked
+            && now != unrouted
+            && switch_redirect(&mut routing.switch, &now, &readiness)
+        {
             unrouted = now;
         }
         tokio::select! {
@@ -149,11 +150,15 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
 }
 
 /// Switches the redirect to the blocks in `unrouted` off (the other family's stays on), and
-/// on again once they are routed here, and says so.
-fn switch_redirect(switch: &mut RedirectSwitch, unrouted: &[AddressBlock], readiness: &Readiness) {
+/// on again once they are routed here, and says so; whether it could.
+fn switch_redirect(
+    switch: &mut RedirectSwitch,
+    unrouted: &[AddressBlock],
+    readiness: &Readiness,
+) -> bool {
     if let Err(err) = switch.set(unrouted) {
         log::error!(target: LOG, "cannot switch the redirect: {err}");
-        return;
+        return false;
     }
     readiness.set_block_unrouted(!unrouted.is_empty());
     if unrouted.is_empty() {
@@ -168,6 +173,7 @@ fn switch_redirect(switch: &mut RedirectSwitch, unrouted: &[AddressBlock], readi
             blocks.join(" and ")
         );
     }
+    true
 }
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
