@@ -292,7 +292,7 @@ pub struct Redirector {
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
     /// Until [`Redirector::take_routing`].
-    sources: Option<(DirectSources, RedirectSwitch)>,
+    routing: Option<(DirectSources, RedirectSwitch)>,
 }
 
 impl Redirector {
@@ -439,7 +439,7 @@ impl Redirector {
                 steer_link,
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
-                sources: Some((sources, switch)),
+                routing: Some((sources, switch)),
             },
             servers,
             counters,
@@ -480,7 +480,7 @@ impl Redirector {
     /// The source of redirected sockets and the switch of the redirect, for the task that
     /// keeps both as routes change; `None` after the first call.
     pub fn take_routing(&mut self) -> Option<(DirectSources, RedirectSwitch)> {
-        self.sources.take()
+        self.routing.take()
     }
 
     /// Stops steering packets to this agent's sockets: what reaches the block goes to the
