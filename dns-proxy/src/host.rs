@@ -461,19 +461,12 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
         std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
     };
     let loopback = 1u32.to_ne_bytes(); // the loopback device's index, in every namespace
-    let mut message = Vec::with_capacity(64);
-    // struct nlmsghdr, its length filled in at the end.
-    message.extend_from_slice(&0u32.to_ne_bytes());
     let (kind, flags) = match request {
         RouteRequest::Create => (libc::RTM_NEWROUTE, libc::NLM_F_CREATE | libc::NLM_F_EXCL),
         RouteRequest::Replace => (libc::RTM_NEWROUTE, libc::NLM_F_CREATE | libc::NLM_F_REPLACE),
         RouteRequest::Delete => (libc::RTM_DELROUTE, 0),
     };
-    message.extend_from_slice(&kind.to_ne_bytes());
-    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | flags;
-    message.extend_from_slice(&(flags as u16).to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    let mut message = rtnetlink_header(kind, libc::NLM_F_REQUEST | libc::NLM_F_ACK | flags);
     // struct rtmsg
     message.extend_from_slice(&[
         family,
@@ -522,12 +515,7 @@ pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
             (u128::from(v6) + 1).to_be_bytes().to_vec(),
         ),
     };
-    let mut message = Vec::with_capacity(48);
-    message.extend_from_slice(&0u32.to_ne_bytes()); // nlmsghdr's length, filled in later
-    message.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
-    message.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    let mut message = rtnetlink_header(libc::RTM_GETROUTE, libc::NLM_F_REQUEST);
     // struct rtmsg: the route matched for this one address, in whatever table the rules pick.
     let dst_len = (address.len() * 8) as u8;
     message.extend_from_slice(&[family, dst_len, 0, 0, 0, 0, 0, 0]);
@@ -554,6 +542,18 @@ pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
 
 /// `linux/rtnetlink.h`'s flag asking `RTM_GETROUTE` for the route matched, not the result.
 const RTM_F_FIB_MATCH: u32 = 0x2000;
+
+/// A `struct nlmsghdr` of one request of `kind`, to the kernel, to be followed by its body;
+/// [`rtnetlink_exchange`] writes its length.
+fn rtnetlink_header(kind: u16, flags: libc::c_int) -> Vec<u8> {
+    let mut message = Vec::with_capacity(64);
+    message.extend_from_slice(&0u32.to_ne_bytes()); // the length, filled in when sent
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(&(flags as u16).to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    message
+}
 
 /// Sends one rtnetlink request (`message`, whose length it writes into its header) and
 /// returns the kernel's first reply and its length.

@@ -349,33 +349,30 @@ mod tests {
         );
     }
 
+    /// Each state the agent cannot leave by itself (it redirects nothing, or not as asked,
+    /// until it restarts) fails `/readyz` and says why, and only while it lasts.
     #[test]
-    fn an_agent_whose_cgroup_is_gone_is_not_ready_and_says_why() {
+    fn an_agent_that_cannot_redirect_as_asked_is_not_ready_and_says_why() {
         let agent = metrics(true);
-        agent.readiness.set_target_lost(true);
-        let response = agent.respond(&Method::GET, "/readyz");
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = format!("{:?}", response.body());
-        assert!(body.contains("the redirected cgroup is gone"), "{body}");
-        agent.readiness.set_target_lost(false);
-        assert_eq!(
-            agent.respond(&Method::GET, "/readyz").status(),
-            StatusCode::OK
-        );
-    }
-
-    #[test]
-    fn an_agent_whose_block_lost_its_route_is_not_ready_and_says_why() {
-        let agent = metrics(true);
-        agent.readiness.set_block_unrouted(true);
-        let response = agent.respond(&Method::GET, "/readyz");
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = format!("{:?}", response.body());
-        assert!(body.contains("no longer routed to this host"), "{body}");
-        agent.readiness.set_block_unrouted(false);
-        assert_eq!(
-            agent.respond(&Method::GET, "/readyz").status(),
-            StatusCode::OK
-        );
+        type Setter = fn(&Readiness, bool);
+        let states: [(Setter, &str); 2] = [
+            (Readiness::set_target_lost, "the redirected cgroup is gone"),
+            (
+                Readiness::set_block_unrouted,
+                "no longer routed to this host",
+            ),
+        ];
+        for (set, why) in states {
+            set(&agent.readiness, true);
+            let response = agent.respond(&Method::GET, "/readyz");
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = format!("{:?}", response.body());
+            assert!(body.contains(why), "{body}");
+            set(&agent.readiness, false);
+            assert_eq!(
+                agent.respond(&Method::GET, "/readyz").status(),
+                StatusCode::OK
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! rtnetlink announces them. An upstream socket connected to a server keeps the source address
 //! and the route `connect` chose; a change makes the pool connect its sockets anew
 //! (`dns::udp::pool`), and the agent look again at the source the kernel picks toward the
-//! Internet (`ebpf::DirectSources`). Only that anything changed counts, so no message is
+//! Internet (`ebpf::DirectSources`) and at its blocks' routes (`app::background`). Only that anything changed counts, so no message is
 //! parsed: a missed one (`ENOBUFS`, the socket's queue overran) counts as a change too.
 use std::{
     io,
