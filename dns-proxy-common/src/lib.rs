@@ -17,7 +17,7 @@
 #[cfg(feature = "user")]
 mod user;
 #[cfg(feature = "user")]
-pub use user::{AddressBlock, BlockError};
+pub use user::{AddressBlock, BlockError, ServerPrefix};
 
 /// `AF_INET` from the kernel's socket.h.
 pub const AF_INET: u16 = 2;
@@ -65,6 +65,10 @@ pub mod names {
     /// with its heartbeat. Pinned; read by the agents only (which is the newest, and which
     /// `AGENT_CGROUPS` entries belong to none that is alive).
     pub const AGENTS: &str = "AGENTS";
+    /// LPM trie of [`crate::server_prefix_data`] -> `u8`: the operator's servers
+    /// (`--exclude-server`), whose sockets are never redirected. IPv4 prefixes sit in the
+    /// trie v4-mapped (`::ffff:a.b.c.d`, their length plus 96).
+    pub const EXCLUDED_SERVERS: &str = "EXCLUDED_SERVERS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
     /// Array of one `u32`, bits [`crate::ARMED_IPV4`] and [`crate::ARMED_IPV6`]: each set once
@@ -84,6 +88,9 @@ pub mod names {
     /// Global `u64` bit mask, set at load time: bit N set means some cgroup at level N (the
     /// hierarchy's root is level 0) is excluded with its whole subtree.
     pub const EXCLUDED_LEVELS: &str = "EXCLUDED_LEVELS";
+    /// Global `u32`, set at load time: how many prefixes `EXCLUDED_SERVERS` holds (0: the
+    /// programs do not look).
+    pub const EXCLUDED_SERVER_COUNT: &str = "EXCLUDED_SERVER_COUNT";
 }
 
 /// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
@@ -125,10 +132,13 @@ pub enum Counter {
     /// proxy cannot tell which workload asked (`workload=unknown`), and the per-client limits
     /// fall back to its source address.
     SharedIndex = 9,
+    /// DNS connects and sends left alone because their server is excluded
+    /// (`EXCLUDED_SERVERS`): asked directly, from the workload's own address.
+    SkippedExcludedServer = 10,
 }
 
 impl Counter {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -139,6 +149,7 @@ impl Counter {
         Self::ImpersonationRefused,
         Self::SkippedBoundDevice,
         Self::SharedIndex,
+        Self::SkippedExcludedServer,
     ];
 }
 
@@ -152,6 +163,8 @@ pub const MAX_SERVERS: u32 = 2 * (MAX_INDEX + 1);
 pub const MAX_PROBES: u32 = 16;
 /// Capacity of the `EXCLUDED_CGROUPS` map.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
+/// Capacity of the `EXCLUDED_SERVERS` map.
+pub const MAX_EXCLUDED_SERVERS: u32 = 64;
 /// Capacity of the `AGENT_CGROUPS` and `AGENTS` maps: agents of one block alive at once
 /// (normally one, two while one takes over), with room for the records of agents that were
 /// killed, until the next agent to start removes them.
@@ -279,6 +292,18 @@ impl Endpoint {
             }
             _ => false,
         }
+    }
+}
+
+/// The `EXCLUDED_SERVERS` key data of a server's address: an IPv6 address as it is, an IPv4
+/// one v4-mapped, so one trie holds both families and a dual-stack socket's v4-mapped server
+/// matches its IPv4 prefix. Looked up at its full 128 bits.
+pub const fn server_prefix_data(server: &Endpoint) -> [u32; 4] {
+    if server.family == AF_INET {
+        let prefix = v4_mapped_prefix();
+        [prefix[0], prefix[1], prefix[2], server.addr[0]]
+    } else {
+        server.addr
     }
 }
 

@@ -197,6 +197,80 @@ impl fmt::Display for AddressBlock {
     }
 }
 
+/// Servers whose sockets are left alone (`--exclude-server`): an address, or a prefix of
+/// either family (`ADDR/LEN`). An IPv4 prefix also holds the v4-mapped addresses of a
+/// dual-stack socket asking an IPv4 server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerPrefix {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl ServerPrefix {
+    /// The `EXCLUDED_SERVERS` key: the prefix length in the trie's 128 bits, and the data
+    /// ([`crate::server_prefix_data`]).
+    pub fn trie_key(&self) -> (u32, [u32; 4]) {
+        let server = Endpoint::from(SocketAddr::new(self.addr, 0));
+        let prefix_len = u32::from(self.prefix_len) + if self.addr.is_ipv4() { 96 } else { 0 };
+        (prefix_len, crate::server_prefix_data(&server))
+    }
+}
+
+impl core::str::FromStr for ServerPrefix {
+    type Err = BlockError;
+
+    /// `ADDR` (one server) or `ADDR/LEN`, e.g. `10.88.0.1`, `10.88.0.0/16`, `fd00::/8`.
+    fn from_str(text: &str) -> Result<Self, BlockError> {
+        let bad = || {
+            BlockError(std::format!(
+                "{text}: expected ADDRESS or ADDRESS/PREFIX-LENGTH"
+            ))
+        };
+        let (addr, len) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        if let IpAddr::V6(v6) = addr
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err(BlockError(std::format!(
+                "{text}: write an IPv4 server as IPv4 (it covers the v4-mapped form too)"
+            )));
+        }
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            Some(len) => len.parse::<u8>().map_err(|_| bad())?,
+            None => bits,
+        };
+        if prefix_len > bits {
+            return Err(BlockError(std::format!(
+                "{text}: the prefix must be at most /{bits}"
+            )));
+        }
+        let host_bits = u32::from(bits - prefix_len);
+        let host_part = match addr {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        } & 1u128
+            .checked_shl(host_bits)
+            .map_or(u128::MAX, |bit| bit - 1);
+        if host_part != 0 {
+            return Err(BlockError(std::format!(
+                "{text}: the address has bits set past the prefix (its last {host_bits} bits \
+                 must be zero)"
+            )));
+        }
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for ServerPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
 impl RedirectConfig {
     /// IPv4 sockets (and v4-mapped destinations) go to `block4` on `port4`; IPv6 ones to
     /// `block6` on `port6`, or nowhere when it is `None`.
@@ -401,5 +475,45 @@ mod tests {
             endpoint.to_socket_addr(),
             Some("192.0.2.2:53".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn excluded_servers_are_trie_keys_with_ipv4_v4_mapped() {
+        let one: ServerPrefix = "10.88.0.1".parse().unwrap();
+        let (len, data) = one.trie_key();
+        assert_eq!(len, 128);
+        assert_eq!(data[..3], crate::v4_mapped_prefix());
+        assert_eq!(data[3].to_ne_bytes(), [10, 88, 0, 1]);
+        // The key a v4-mapped server of a dual-stack socket is looked up with is the same.
+        let mapped = Endpoint::from("[::ffff:10.88.0.1]:53".parse::<SocketAddr>().unwrap());
+        assert_eq!(crate::server_prefix_data(&mapped), data);
+
+        let net: ServerPrefix = "10.88.0.0/16".parse().unwrap();
+        assert_eq!(net.trie_key().0, 96 + 16);
+        assert_eq!(net.to_string(), "10.88.0.0/16");
+        let v6: ServerPrefix = "fd00:53::/32".parse().unwrap();
+        let (len, data) = v6.trie_key();
+        assert_eq!(len, 32);
+        assert_eq!(data[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x53]);
+        assert_eq!(
+            "0.0.0.0/0".parse::<ServerPrefix>().unwrap().trie_key().0,
+            96
+        );
+    }
+
+    #[test]
+    fn excluded_servers_that_cannot_be_meant_are_refused_with_the_reason() {
+        for (text, reason) in [
+            ("10.88.0.1/16", "bits set past the prefix"),
+            ("10.88.0.0/33", "at most /32"),
+            ("fd00::1/64", "bits set past the prefix"),
+            ("::ffff:10.0.0.1", "write an IPv4 server as IPv4"),
+            ("10.88.0.0:53", "expected ADDRESS"),
+            ("dns.example", "expected ADDRESS"),
+            ("10.88.0.0/x", "expected ADDRESS"),
+        ] {
+            let err = text.parse::<ServerPrefix>().unwrap_err().to_string();
+            assert!(err.contains(reason), "{text}: {err}");
+        }
     }
 }

@@ -38,12 +38,12 @@ mod steer;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::{cgroup_sock_addr, map, sk_lookup},
-    maps::{Array, HashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext},
 };
 use dns_proxy_common::{
     AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_EXCLUDED_CGROUPS,
-    MAX_SERVERS, Origin, RedirectConfig,
+    MAX_EXCLUDED_SERVERS, MAX_SERVERS, Origin, RedirectConfig,
 };
 
 use crate::{
@@ -96,6 +96,16 @@ static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 #[map(name = "EXCLUDED_CGROUPS")]
 static EXCLUDED_CGROUPS: HashMap<u64, u8> =
     HashMap::with_max_entries(MAX_EXCLUDED_CGROUPS, BPF_F_NO_PREALLOC);
+
+/// How many prefixes `EXCLUDED_SERVERS` holds; written by the loader before load
+/// (`names::EXCLUDED_SERVER_COUNT`).
+#[unsafe(no_mangle)]
+static EXCLUDED_SERVER_COUNT: u32 = 0;
+
+/// Written by the agent before it attaches, and not after; looked up only when
+/// `EXCLUDED_SERVER_COUNT` says it holds something.
+#[map(name = "EXCLUDED_SERVERS")]
+static EXCLUDED_SERVERS: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXCLUDED_SERVERS, 0);
 
 #[map(name = "AGENT_CGROUPS")]
 static AGENT_CGROUPS: HashMap<u64, AgentCgroup> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);

@@ -1,20 +1,23 @@
 //! Which sockets the programs act on: nothing until the agent has armed them and while its
-//! socket is gone; only DNS clients; never an excluded cgroup's (the agents' own among them);
-//! and, unless the proxy serves other namespaces (node mode), only the agent's namespace.
+//! socket is gone; only DNS clients; never an excluded cgroup's (the agents' own among them),
+//! nor one asking an excluded server; and, unless the proxy serves other namespaces (node
+//! mode), only the agent's namespace.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_map_lookup_elem,
         bpf_sk_release,
     },
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use dns_proxy_common::{
     AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, listener_slot,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, listener_slot, server_prefix_data,
 };
 
 use crate::{
-    AGENT_CGROUPS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, Hook, LISTENERS,
+    AGENT_CGROUPS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, EXCLUDED_SERVER_COUNT,
+    EXCLUDED_SERVERS, Hook, LISTENERS,
     context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
     count,
 };
@@ -120,8 +123,8 @@ pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> boo
 
 /// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
 /// excluded cgroup; another namespace, where a loopback or unspecified server is that
-/// namespace's own and where a host-mode proxy cannot be reached; or a socket bound to a
-/// device other than loopback.
+/// namespace's own and where a host-mode proxy cannot be reached; an excluded server; or a
+/// socket bound to a device other than loopback.
 pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
     if !in_agent_namespace(ctx, config)
         && (config.foreign_namespaces == 0 || server.is_local_only())
@@ -131,6 +134,10 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
     }
     if is_excluded() {
         count(Counter::SkippedExcluded);
+        return true;
+    }
+    if is_excluded_server(server) {
+        count(Counter::SkippedExcludedServer);
         return true;
     }
     // In the agent's namespace the proxy's addresses are local, on `lo`: a socket bound to
@@ -143,6 +150,21 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
         return true;
     }
     false
+}
+
+/// Whether `server` is in a prefix of `EXCLUDED_SERVERS`. Not inlined, and its count a global
+/// of its own rather than a field of `RedirectConfig`: either grew the callers' frames, and
+/// the combined stack of the `connect6` path is near the kernel's 512-byte limit.
+#[inline(never)]
+fn is_excluded_server(server: &Endpoint) -> bool {
+    // SAFETY: a read of a global the loader patches before load and nothing writes after;
+    // volatile, so that the compiler cannot fold in the zero it was compiled with.
+    if unsafe { core::ptr::read_volatile(&EXCLUDED_SERVER_COUNT) } == 0 {
+        return false;
+    }
+    EXCLUDED_SERVERS
+        .get(Key::new(128, server_prefix_data(server)))
+        .is_some()
 }
 
 /// Whether answers from the block are decoded for this socket: only where the proxy can

@@ -427,10 +427,23 @@ fn attach(
         block4,
         block6,
         excluded: scope.excluded,
+        excluded_servers: &config.excluded_servers,
         state_dir: &pins,
         listeners: listeners.fds(metrics),
         taking_over: listeners.joined_another_agent,
     })?;
+    if !config.excluded_servers.is_empty() {
+        let servers: Vec<String> = config
+            .excluded_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        log::info!(
+            target: LOG,
+            "never redirecting lookups to {} (--exclude-server): they go direct",
+            servers.join(", ")
+        );
+    }
     log::info!(
         target: LOG,
         "redirecting IPv4 lookups to {} (one address per server) on port {}{}",

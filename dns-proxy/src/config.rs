@@ -7,7 +7,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use dns_proxy_common::AddressBlock;
+use dns_proxy_common::{AddressBlock, MAX_EXCLUDED_SERVERS, ServerPrefix};
 
 use crate::{dns::cache::CacheSettings, dnstap::DnstapTarget};
 
@@ -103,6 +103,19 @@ pub struct ProxyArgs {
     /// --listen, else 169.254.53.0/24.
     #[arg(long, value_name = "ADDR/LEN", env = "DNS_PROXY_REDIRECT_BLOCK")]
     pub redirect_block: Option<AddressBlock>,
+
+    /// A DNS server whose lookups are never redirected: sockets asking it (an address, or any
+    /// address of a prefix ADDR/LEN) are left alone and reach it directly, from the
+    /// workload's own address. For servers that answer by the asker's address (Podman's
+    /// aardvark-dns, split-horizon views, source ACLs). Repeat it for several, at most 64 (in
+    /// the environment variable, separate them with commas).
+    #[arg(
+        long = "exclude-server",
+        value_name = "ADDR[/LEN]",
+        env = "DNS_PROXY_EXCLUDE_SERVERS",
+        value_delimiter = ','
+    )]
+    pub exclude_servers: Vec<ServerPrefix>,
 
     /// The same for IPv6 sockets, on the --listen6 port; routed `local` on `lo` by the agent.
     #[arg(
@@ -275,6 +288,11 @@ pub enum ConfigError {
          redirected"
     )]
     ExcludesEverything(PathBuf),
+    #[error(
+        "--exclude-server: {0} servers given, at most {MAX_EXCLUDED_SERVERS} can be (exclude a \
+         prefix that holds several instead)"
+    )]
+    TooManyExcludedServers(usize),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
     MetricsPortZero(SocketAddr),
     #[error("--redirect-block {0}: must be an IPv4 block")]
@@ -315,6 +333,8 @@ pub struct RunConfig {
     pub block4: AddressBlock,
     /// Where IPv6 sockets are sent, when `listen6` is not `Off`.
     pub block6: AddressBlock,
+    /// Servers whose sockets are left alone.
+    pub excluded_servers: Vec<ServerPrefix>,
     pub state_dir: PathBuf,
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
@@ -486,6 +506,11 @@ impl RunConfig {
         if args.upstream_timeout < Duration::from_millis(1) {
             return Err(ConfigError::UpstreamTimeoutTooShort(args.upstream_timeout));
         }
+        if args.exclude_servers.len() > MAX_EXCLUDED_SERVERS as usize {
+            return Err(ConfigError::TooManyExcludedServers(
+                args.exclude_servers.len(),
+            ));
+        }
         // Said, not refused: an environment file may keep them while the cache is turned off.
         if args.cache_size == 0 && !args.serve_stale.is_zero() {
             log::warn!("--serve-stale has no effect without --cache-size: there is no cache");
@@ -496,6 +521,7 @@ impl RunConfig {
             listen6,
             block4,
             block6,
+            excluded_servers: args.exclude_servers,
             state_dir: args.state_dir,
             upstream,
             upstream_timeout: args.upstream_timeout,
@@ -661,6 +687,34 @@ mod tests {
             let err = run_config(args).unwrap_err();
             assert!(err.contains(says), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn servers_to_leave_alone_are_addresses_or_prefixes_of_either_family() {
+        assert!(run_config(&[]).unwrap().excluded_servers.is_empty());
+        let config = run_config(&[
+            "--exclude-server=10.88.0.1",
+            "--exclude-server",
+            "10.89.0.0/16",
+            "--exclude-server=fd00:53::/32",
+        ])
+        .unwrap();
+        let given: Vec<String> = config
+            .excluded_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(given, ["10.88.0.1/32", "10.89.0.0/16", "fd00:53::/32"]);
+        let bad = run_config(&["--exclude-server=10.89.0.1/16"]).unwrap_err();
+        assert!(bad.contains("bits set past the prefix"), "{bad}");
+        let many: Vec<String> = (0..65)
+            .map(|i| format!("--exclude-server=10.0.0.{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let err = run_config(&many).unwrap_err();
+        assert!(err.contains("65 servers given, at most 64"), "{err}");
+        let exec = exec_config(&["--exclude-server=192.0.2.53", "--", "true"]).unwrap();
+        assert_eq!(exec.excluded_servers.len(), 1);
     }
 
     #[test]

@@ -16,7 +16,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    maps::{
+        HashMap, MapData, PerCpuArray, SockMap,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
         sk_lookup::SkLookupLinkId,
@@ -24,7 +27,8 @@ use aya::{
 };
 use dns_proxy_common::{
     AF_INET, AF_INET6, AddressBlock, Counter, Listener, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL,
-    MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, listener_slot, names, server_key,
+    MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, ServerPrefix, listener_slot, names,
+    server_key,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -267,6 +271,8 @@ pub struct RedirectConfig<'a> {
     pub agent_cgroup: &'a Cgroup,
     /// The operator's cgroup trees whose sockets are never redirected.
     pub excluded: &'a [ExcludedTree<'a>],
+    /// The operator's servers, whose sockets are never redirected.
+    pub excluded_servers: &'a [ServerPrefix],
     /// The bpffs directory where the server table is pinned.
     pub state_dir: &'a Path,
     pub listeners: ListenerFds<'a>,
@@ -322,6 +328,11 @@ impl Redirector {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_CONFIG, &kernel_config, true)
             .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)
+            .override_global(
+                names::EXCLUDED_SERVER_COUNT,
+                &(config.excluded_servers.len() as u32),
+                true,
+            )
             .default_map_pin_directory(config.state_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
@@ -353,6 +364,7 @@ impl Redirector {
             config.agent_cgroup.id
         );
         fill_listeners(&mut ebpf, &config.listeners)?;
+        fill_excluded_servers(&mut ebpf, config.excluded_servers)?;
         let servers = ServerTable {
             map: std::sync::Mutex::new(take_map(&mut ebpf, names::SERVERS)?),
             reverse: std::sync::Mutex::new(take_map(&mut ebpf, names::SERVER_INDEX)?),
@@ -594,6 +606,26 @@ fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), Eb
                 *fd,
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Puts the operator's excluded servers (at most `MAX_EXCLUDED_SERVERS`, which the
+/// configuration checks) into `EXCLUDED_SERVERS`, before anything is attached.
+fn fill_excluded_servers(ebpf: &mut Ebpf, servers: &[ServerPrefix]) -> Result<(), EbpfError> {
+    let name = names::EXCLUDED_SERVERS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map_err = |source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    };
+    let mut map: LpmTrie<_, [u32; 4], u8> = LpmTrie::try_from(map).map_err(map_err)?;
+    for server in servers {
+        let (prefix_len, data) = server.trie_key();
+        map.insert(&Key::new(prefix_len, data), 1, 0)
+            .map_err(map_err)?;
     }
     Ok(())
 }

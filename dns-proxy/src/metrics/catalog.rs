@@ -380,6 +380,14 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::SkippedForeignNamespace)),
     },
     Metric {
+        name: "kernel_skipped_excluded_server",
+        labels: &[],
+        only_with: None,
+        help: "DNS connects and sends left alone because their server is excluded \
+               (--exclude-server): asked directly.",
+        read: Read::Counter(|s| s.kernel(Counter::SkippedExcludedServer)),
+    },
+    Metric {
         name: "kernel_skipped_bound_device",
         labels: &[],
         only_with: None,

@@ -2,8 +2,10 @@
 //! at once or after a fixed delay. One thread; delayed answers wait in a FIFO (the delay is
 //! the same for all), so ten thousand queries in flight cost a few megabytes, not threads.
 //!
-//! Usage: test-upstream LISTEN_ADDR:PORT DELAY_MS ANSWER_IPV4
-//! Answers each query with one A record (TTL 60) for the name asked, DELAY_MS after it came.
+//! Usage: test-upstream LISTEN_ADDR:PORT DELAY_MS ANSWER_IPV4|source
+//! Answers each query with one A record (TTL 60) for the name asked, DELAY_MS after it came:
+//! ANSWER_IPV4, or with `source` the IPv4 address the query came from (what a server that
+//! answers by its asker's address sees).
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test server on std sockets; it resolves no names"
@@ -20,12 +22,14 @@ use tests::answer::{Reply, write_answer};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [listen, delay_ms, address] = args.as_slice() else {
-        eprintln!("usage: test-upstream LISTEN_ADDR:PORT DELAY_MS ANSWER_IPV4");
+        eprintln!("usage: test-upstream LISTEN_ADDR:PORT DELAY_MS ANSWER_IPV4|source");
         std::process::exit(2);
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR:PORT");
     let delay = Duration::from_millis(delay_ms.parse().expect("DELAY_MS"));
-    let address: Ipv4Addr = address.parse().expect("ANSWER_IPV4");
+    // `None`: the asker's address.
+    let address: Option<Ipv4Addr> =
+        (address != "source").then(|| address.parse().expect("ANSWER_IPV4 or source"));
     let socket = UdpSocket::bind(listen).expect("bind");
     let mut buf = [0u8; 4096];
     let mut message = Vec::with_capacity(512);
@@ -54,7 +58,14 @@ fn main() {
             }
             Err(_) => continue,
         };
-        if !write_answer(&buf[..len], Reply::A(address), &mut message) {
+        let answer = match (address, from.ip()) {
+            (Some(address), _) => address,
+            (None, std::net::IpAddr::V4(source)) => source,
+            (None, std::net::IpAddr::V6(source)) => {
+                source.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)
+            }
+        };
+        if !write_answer(&buf[..len], Reply::A(answer), &mut message) {
             continue;
         }
         if delay.is_zero() {

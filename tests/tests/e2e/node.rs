@@ -1,6 +1,9 @@
 //! Node mode: pods in network namespaces of their own, redirected to a link-local address on
 //! the node, and host processes, all answered at once by one agent in the node's namespace.
-use tests::node::{NODE_LISTEN, NodeTopology, PODS};
+use tests::{
+    CLIENT_IP,
+    node::{NODE_LISTEN, NodeTopology, PODS},
+};
 
 use super::*;
 
@@ -58,6 +61,76 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
         );
     }
     forwarded(&agent, "r9.host.example.test");
+}
+
+/// A server excluded with `--exclude-server` (one that answers by its asker's address, as
+/// Podman's aardvark-dns does) is asked directly by every workload, from its own address, while
+/// other servers are still asked through the agent. Servers here answer with the address
+/// they were asked from.
+#[test]
+fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
+    use std::net::Ipv4Addr;
+    // One server excluded by its address, one by a prefix that holds it.
+    const IN_PREFIX: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+    let node = NodeTopology::new();
+    let whoami = |ip: Ipv4Addr| {
+        if ip != SERVER_IP {
+            node.add_server_address(ip);
+        }
+        let mut command = node.server.command(env!("CARGO_BIN_EXE_test-upstream"));
+        command.args([&format!("{ip}:53"), "0", "source"]);
+        let process = tests::Process::spawn(&mut command);
+        wait_for("the server to answer", Duration::from_secs(10), || {
+            tests::dig_at(node.node.command("dig"), &ip.to_string(), "ready.test", &[]).ok()
+        });
+        process
+    };
+    let _servers = [SERVER_IP, SECOND_SERVER_IP, IN_PREFIX].map(whoami);
+    let args = [
+        format!("--listen={NODE_LISTEN}:53"),
+        format!("--metrics={METRICS}"),
+        format!("--exclude-server={SECOND_SERVER_IP}"),
+        "--exclude-server=192.0.2.192/26".to_owned(),
+    ];
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    wait_for_log(
+        &agent,
+        "never redirecting lookups to 192.0.2.3/32, 192.0.2.192/26",
+    );
+    let (pod_ip, _) = PODS[0];
+    let ask = |mode: &str, server: &str, name: &str| {
+        let output = must(&mut node.pod(0, PROBE, &[mode, server, name]));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let redirected = format!("{SERVER_IP}:53");
+    // Each excluded server, and its v4-mapped address, which a dual-stack socket asks.
+    let excluded = [SECOND_SERVER_IP, IN_PREFIX]
+        .into_iter()
+        .flat_map(|ip| [format!("{ip}:53"), format!("[::ffff:{ip}]:53")]);
+    for mode in ["sendto", "connect"] {
+        // Through the agent, the server sees the node's address...
+        let name = format!("{mode}.redirected.test");
+        let line = ask(mode, &redirected, &name);
+        assert_eq!(line, format!("source={redirected} answer={CLIENT_IP}"));
+        forwarded(&agent, &name);
+        // ...and an excluded one the pod's own.
+        for (i, server) in excluded.clone().enumerate() {
+            let name = format!("{mode}.excluded{i}.test");
+            let line = ask(mode, &server, &name);
+            assert_eq!(line, format!("source={server} answer={pod_ip}"));
+            assert_eq!(agent.query_line(&name), None, "the agent forwarded {name}");
+        }
+    }
+    // Each of the eight lookups to them counted (a dual-stack connect more than once).
+    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
+    assert_eq!(status, 200);
+    let skipped = value(&page, "dns_proxy_kernel_skipped_excluded_server_total");
+    assert!(skipped >= 8, "{page}");
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_redirected_total"),
+        2,
+        "{page}"
+    );
 }
 
 /// The block's route on the node goes away while the agent runs (another program removes it,
