@@ -1,0 +1,177 @@
+//! One relayed connection: what both of its directions share (the queries waiting for
+//! answers, the pipelining slots, when it was last active), and why it ended.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, Semaphore};
+
+use super::{MAX_KEEPALIVE, MAX_PIPELINED};
+use crate::dns::{cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire};
+
+/// Why a relayed connection ended, for the debug log.
+#[derive(Debug)]
+pub(super) enum Closed {
+    ByClient,
+    ByUpstream,
+    Idle,
+    UpstreamTimeout,
+    ClientStalled,
+    Draining,
+    MalformedQuery,
+    ClientError(io::Error),
+    UpstreamError(io::Error),
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ByClient => f.write_str("by the client"),
+            Self::ByUpstream => f.write_str("by the upstream"),
+            Self::Idle => f.write_str("idle"),
+            Self::UpstreamTimeout => f.write_str("the upstream did not answer in time"),
+            Self::ClientStalled => f.write_str("the client stopped reading its answers"),
+            Self::Draining => f.write_str("shutting down"),
+            Self::MalformedQuery => {
+                f.write_str("the client sent something that is not a DNS query")
+            }
+            Self::ClientError(err) => write!(f, "client error: {err}"),
+            Self::UpstreamError(err) => write!(f, "upstream error: {err}"),
+        }
+    }
+}
+
+/// A query waiting for its answer.
+pub(super) struct Pending {
+    pub(super) started: Instant,
+    /// "name=... type=..." when debug logging is on.
+    pub(super) description: Option<String>,
+    /// Its key in the cache, whose answer is kept there, and its header and question; `None`
+    /// with the cache off, or for a query the cache does not answer.
+    pub(super) cacheable: Option<(CacheableQuery, Box<[u8]>)>,
+    /// For a zone transfer (AXFR, IXFR), how far its answer has come: the query is pending
+    /// until its last message.
+    pub(super) transfer: Option<Transfer>,
+}
+
+/// What both directions of one connection share.
+pub(super) struct Connection {
+    /// The cgroup that connected (0: not recorded).
+    pub(super) cgroup: u64,
+    pub(super) client: SocketAddr,
+    pub(super) original: SocketAddr,
+    pub(super) upstream: SocketAddr,
+    pub(super) pending: Mutex<HashMap<u16, Pending>>,
+    pub(super) slots: Semaphore,
+    pub(super) last_activity: Mutex<Instant>,
+    pub(super) client_done: std::sync::atomic::AtomicBool,
+    /// A query has begun to arrive and is not yet on its way: a drain must wait for it.
+    reading: std::sync::atomic::AtomicBool,
+    /// The client sent a query with an ID still in flight: answers to its queries cannot be
+    /// told apart for sure from then on, so none is kept in the cache.
+    pub(super) reuses_ids: std::sync::atomic::AtomicBool,
+    /// How long the server last told the client it may leave the connection idle
+    /// (edns-tcp-keepalive, RFC 7828), in units of 100 ms; 0: it did not say.
+    keepalive: std::sync::atomic::AtomicU16,
+    /// The client asked for edns-tcp-keepalive: only then is the server's heeded.
+    pub(super) asked_keepalive: std::sync::atomic::AtomicBool,
+    pub(super) changed: Notify,
+}
+
+impl Connection {
+    /// What the query log says of this connection's queries.
+    pub(super) fn asked(&self) -> Asked {
+        Asked {
+            transport: crate::dnstap::Transport::Tcp,
+            client: self.client,
+            server: self.original,
+            cgroup: self.cgroup,
+        }
+    }
+
+    pub(super) fn new(
+        cgroup: u64,
+        client: SocketAddr,
+        original: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Self {
+        Self {
+            cgroup,
+            client,
+            original,
+            upstream,
+            pending: Mutex::default(),
+            slots: Semaphore::new(MAX_PIPELINED),
+            last_activity: Mutex::new(Instant::now()),
+            client_done: false.into(),
+            reading: false.into(),
+            reuses_ids: false.into(),
+            keepalive: 0.into(),
+            asked_keepalive: false.into(),
+            changed: Notify::new(),
+        }
+    }
+
+    pub(super) fn touch(&self) {
+        *self.last_activity.lock().expect("not poisoned") = Instant::now();
+        self.changed.notify_one();
+    }
+
+    pub(super) fn outstanding(&self) -> usize {
+        self.pending.lock().expect("not poisoned").len()
+    }
+
+    pub(super) fn finished(&self) -> bool {
+        self.client_done.load(std::sync::atomic::Ordering::Relaxed) && self.outstanding() == 0
+    }
+
+    pub(super) fn set_reading(&self, reading: bool) {
+        self.reading
+            .store(reading, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+    }
+
+    pub(super) fn is_reading(&self) -> bool {
+        self.reading.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes an answer off the table: the query it answers, once answered in full (at a zone
+    /// transfer's last message), and when that query was asked if this is its first answer.
+    pub(super) fn settle(&self, id: u16, answer: &[u8]) -> (Option<Pending>, Option<Instant>) {
+        let mut table = self.pending.lock().expect("not poisoned");
+        let Some(pending) = table.get_mut(&id) else {
+            return (None, None);
+        };
+        let first = pending.transfer.as_ref().is_none_or(Transfer::not_begun);
+        let started = first.then_some(pending.started);
+        let over = (pending.transfer.as_mut()).is_none_or(|transfer| transfer.took(answer));
+        (if over { table.remove(&id) } else { None }, started)
+    }
+
+    /// Notes how long `answer`'s server says the client may leave the connection idle, if the
+    /// client asked: the client sees that, relayed, and may idle on it.
+    pub(super) fn note_keepalive(&self, answer: &[u8]) {
+        if !self
+            .asked_keepalive
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Some(timeout) = wire::tcp_keepalive(answer) {
+            self.keepalive
+                .store(timeout, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How long the connection may stay idle: `configured`, or longer if the server promised
+    /// the client more, up to [`MAX_KEEPALIVE`].
+    pub(super) fn idle_limit(&self, configured: Duration) -> Duration {
+        let promised = self.keepalive.load(std::sync::atomic::Ordering::Relaxed);
+        let promised = Duration::from_millis(100 * u64::from(promised)).min(MAX_KEEPALIVE);
+        configured.max(promised)
+    }
+}

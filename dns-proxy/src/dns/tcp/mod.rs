@@ -1,0 +1,591 @@
+//! The TCP listener: each redirected connection is relayed, message by message, over a
+//! connection of its own to the server its client asked for.
+//!
+//! Both directions run independently, so a client may pipeline queries and the server may
+//! answer them in any order (RFC 7766). Messages are relayed unaltered; only their framing and
+//! headers are read. Each connection is one task: a client that stalls (stops reading, or
+//! sends half a message) holds up nobody else, and the watchdog closes it.
+//!
+//! With the cache on, a query it holds a live answer for is answered from it, in full (the
+//! retry of a client whose UDP answer was truncated, say), and the upstream's answers are kept.
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::{Mutex as AsyncMutex, Semaphore},
+    time::timeout,
+};
+use tokio_util::task::TaskTracker;
+
+use super::{
+    Moment, OriginalDestinations,
+    admission::{Admission, Route, Transport},
+    cache::{Cache, CacheableQuery, Cached},
+    observers::Observers,
+    per_client::PerClientLimit,
+    stats::Stats,
+    transfer::Transfer,
+    wire,
+};
+use crate::{
+    drain::{self, Deadline},
+    log_limit::RateLimited,
+};
+
+mod connection;
+mod framing;
+#[cfg(test)]
+mod tests;
+
+use connection::{Closed, Connection, Pending};
+use framing::{read_first_byte, read_rest};
+pub use framing::{read_message, write_message};
+
+/// Queries one connection may have waiting for answers; past it, the proxy stops reading from
+/// that client until answers come back (backpressure, and a bound on what it keeps).
+const MAX_PIPELINED: usize = 64;
+
+/// The longest a server's edns-tcp-keepalive keeps a connection idle here: a workload picks
+/// its server, and with it how long its idle connections would hold the agent's.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    pub upstream_override: Option<SocketAddr>,
+    /// Connecting to the upstream, and waiting for an answer, may take this long.
+    pub upstream_timeout: Duration,
+    /// A connection with nothing outstanding is closed after this long without a message.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// Connections open per client address.
+    pub per_client: Arc<PerClientLimit>,
+    /// The answer cache (`--cache-size`), shared with UDP; `None`: off.
+    pub cache: Option<Arc<Cache>>,
+    /// Who hears of each query and answer: the log, the names table, the counts by workload.
+    pub observers: Observers,
+}
+
+pub struct TcpProxy<D> {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    admission: Admission<D>,
+    settings: TcpSettings,
+    connections: Arc<Semaphore>,
+    /// As many again, for clients within their fair share when `connections` is taken: a few
+    /// clients holding every connection cannot keep the others out.
+    fair_share_room: Arc<Semaphore>,
+    tasks: TaskTracker,
+    /// Sent at shutdown: connections close once nothing is outstanding.
+    draining: drain::Signal,
+    stats: Arc<Stats>,
+    overload_log: RateLimited,
+}
+
+impl<D: OriginalDestinations> TcpProxy<D> {
+    pub fn new(
+        listener: TcpListener,
+        destinations: D,
+        settings: TcpSettings,
+        stats: Arc<Stats>,
+    ) -> io::Result<Arc<Self>> {
+        let local_addr = listener.local_addr()?;
+        let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
+        let admission = Admission::new(Transport::Tcp, destinations, upstream, per_client, &stats);
+        Ok(Arc::new(Self {
+            listener,
+            local_addr,
+            admission,
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            fair_share_room: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            tasks: TaskTracker::new(),
+            draining: drain::Signal::new(),
+            stats,
+            overload_log: RateLimited::new(Duration::from_secs(10)),
+        }))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Accepts connections until `stop` is sent.
+    pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
+        while let Some(accepted) = stop.unless_stopped(self.listener.accept()).await {
+            self.on_accepted(accepted).await;
+        }
+    }
+
+    /// Graceful end: keeps accepting the connections redirected before the redirect was
+    /// switched off, lets every connection finish what it has outstanding, and closes it.
+    /// Returns how many connections were still open at `deadline`.
+    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
+        self.draining.stop();
+        let (accept, idle) = (|| self.listener.accept(), || self.tasks.is_empty());
+        while let Some(accepted) = deadline.next_arrival(accept, idle).await {
+            self.on_accepted(accepted).await;
+        }
+        self.tasks.close();
+        deadline.within(self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    async fn on_accepted(self: &Arc<Self>, accepted: io::Result<(TcpStream, SocketAddr)>) {
+        match accepted {
+            Ok((stream, client)) => self.handle(stream, client),
+            Err(err) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                log::warn!("accepting on {}/tcp: {err}", self.local_addr);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, stream: TcpStream, client: SocketAddr) {
+        Stats::add(&self.stats.tcp_connections);
+        let stats = &self.stats.tcp;
+        // The connection's local address is the one its client was sent to: it names the
+        // server. sk_lookup hands the proxy a connection to a loopback server's address only
+        // from this namespace: the kernel has checked where it came from.
+        let reached = stream.local_addr().ok();
+        let Some(Route {
+            original,
+            cgroup,
+            upstream,
+            ..
+        }) = self.admission.route(client, reached, true)
+        else {
+            return;
+        };
+        // The agent's own namespace is one client, whatever local address it sends from.
+        let local = self.admission.is_local_client(client.ip());
+        let Some(client_slot) = self.admission.client_slot(client, cgroup, local) else {
+            return;
+        };
+        // At the limit, a client holding less than its fair share (the limit divided among the
+        // clients holding connections) is still let in, up to twice the limit (as UDP does).
+        let max = self.settings.max_connections;
+        let permit = match self.connections.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if client_slot.within_fair_share(max) => {
+                self.fair_share_room.clone().try_acquire_owned().ok()
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
+            Stats::add(&stats.dropped_overload);
+            self.overload_log.warn(|dropped| {
+                format!(
+                    "{} TCP connections open (--max-tcp-connections): refused {dropped}",
+                    self.settings.max_connections
+                )
+            });
+            return;
+        };
+        let proxy = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let connection = Connection::new(cgroup, client, original, upstream);
+            let closed = proxy.relay(stream, &connection).await;
+            log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
+            drop((permit, client_slot));
+        });
+    }
+
+    async fn relay(&self, client_stream: TcpStream, conn: &Connection) -> Closed {
+        let stats = &self.stats.tcp;
+        let connecting = timeout(
+            self.settings.upstream_timeout,
+            TcpStream::connect(conn.upstream),
+        );
+        let upstream_stream = match connecting.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                Stats::add(&stats.upstream_errors);
+                reset(&client_stream);
+                return Closed::UpstreamError(err);
+            }
+            Err(_elapsed) => {
+                Stats::add(&stats.upstream_timeouts);
+                return Closed::UpstreamTimeout;
+            }
+        };
+        // Each message goes out in one write; don't let Nagle hold it back.
+        let _ = client_stream.set_nodelay(true);
+        let _ = upstream_stream.set_nodelay(true);
+        let (mut client_read, mut client_write) = client_stream.into_split();
+        let (upstream_read, upstream_write) = upstream_stream.into_split();
+        let closed = self
+            .relay_streams(
+                conn,
+                (&mut client_read, &mut client_write),
+                (upstream_read, upstream_write),
+            )
+            .await;
+        if let Closed::UpstreamError(_) = closed
+            && let Ok(client_stream) = client_read.reunite(client_write)
+        {
+            reset(&client_stream);
+        }
+        closed
+    }
+
+    /// Relays one connection between its client's and its upstream's streams until either
+    /// side ends it, then settles what is left.
+    async fn relay_streams(
+        &self,
+        conn: &Connection,
+        (client_read, client_write): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+        (upstream_read, upstream_write): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        // Biased: what the client has sent is read before the watchdog may end a draining
+        // connection, so a query that arrived is never closed on.
+        // Written by both directions: the upstream's answers, and the cache's.
+        let client_write = AsyncMutex::new(client_write);
+        let closed = tokio::select! {
+            biased;
+            closed = self.queries(conn, BufReader::new(client_read), upstream_write, &client_write) => closed,
+            closed = self.answers(conn, BufReader::new(upstream_read), &client_write) => closed,
+            closed = self.watchdog(conn, &client_write) => closed,
+        };
+        // Queries still waiting will never be answered now.
+        stats.settled(conn.outstanding() as u64);
+        match &closed {
+            Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
+            Closed::ClientStalled => Stats::add(&stats.dropped_stalled),
+            Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
+                Stats::add(&stats.upstream_errors)
+            }
+            _ => {}
+        }
+        closed
+    }
+
+    /// Client to upstream: one framed query at a time, checked, then written whole (or
+    /// answered from the cache, through `client_write`).
+    async fn queries(
+        &self,
+        conn: &Connection,
+        mut client: impl AsyncRead + Unpin,
+        mut upstream: impl AsyncWrite + Unpin,
+        client_write: &AsyncMutex<impl AsyncWrite + Unpin>,
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        loop {
+            let Ok(slot) = conn.slots.acquire().await else {
+                return Closed::ByClient;
+            };
+            let first = match read_first_byte(&mut client).await {
+                Ok(Some(first)) => first,
+                Ok(None) => {
+                    // The client sent all it will; its answers may still be on their way.
+                    conn.client_done
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    conn.changed.notify_one();
+                    return std::future::pending().await;
+                }
+                Err(err) => return Closed::ClientError(err),
+            };
+            conn.set_reading(true);
+            let query = match read_rest(first, &mut client).await {
+                Ok(query) => query,
+                Err(err) => return Closed::ClientError(err),
+            };
+            Stats::add(&stats.received);
+            if !wire::is_query(&query) {
+                Stats::add(&stats.dropped_malformed);
+                return Closed::MalformedQuery;
+            }
+            if wire::asks_tcp_keepalive(&query) {
+                conn.asked_keepalive
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let arrived = Moment::now();
+            let started = arrived.instant;
+            self.settings.observers.asked(conn.asked(), &query, arrived);
+            let cacheable = match self.consult_cache(conn, &query, started) {
+                Some(Ok((answer, stale))) => {
+                    conn.set_reading(false);
+                    let mut client_write = client_write.lock().await;
+                    if let Err(err) = write_message(&mut *client_write, &answer).await {
+                        return Closed::ClientError(err);
+                    }
+                    drop(client_write);
+                    self.answered_from_cache(conn, &answer, stale, started);
+                    continue;
+                }
+                Some(Err(cacheable)) => {
+                    let head = cacheable.head(&query).into();
+                    Some((cacheable, head))
+                }
+                None => None,
+            };
+            slot.forget(); // given back when its answer arrives
+            let id = wire::message_id(&query).unwrap_or_default();
+            let description =
+                log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&query));
+            let mut pending = Pending {
+                started,
+                description,
+                cacheable,
+                transfer: Transfer::for_query(&query),
+            };
+            // A client reusing an ID it is still waiting on replaces that query. Nothing tells
+            // their answers apart (the first answer may be the first query's, and kept under
+            // this one's key it would be served to others), nor, while answers to the earlier
+            // ones may still come, those of its later queries: from then on none of this
+            // connection's answers is kept in the cache.
+            let replaced = {
+                let mut table = conn.pending.lock().expect("not poisoned");
+                if table.contains_key(&id) {
+                    conn.reuses_ids
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if conn.reuses_ids.load(std::sync::atomic::Ordering::Relaxed) {
+                    pending.cacheable = None;
+                }
+                table.insert(id, pending)
+            };
+            if replaced.is_some() {
+                // Its slot too: only one answer will find this ID now.
+                stats.settled(1);
+                conn.slots.add_permits(1);
+            }
+            stats.forwarding();
+            conn.set_reading(false);
+            if let Err(err) = write_message(&mut upstream, &query).await {
+                return Closed::UpstreamError(err);
+            }
+        }
+    }
+
+    /// With the cache on, for a query it could answer: `Ok` with its answer (and whether it
+    /// is stale), or `Err` with the key the upstream's answer is to be kept under. `None`: off,
+    /// or not for such a query.
+    ///
+    /// A stale answer (`--serve-stale`) is served here only while the upstream is known to
+    /// be failing (it failed to refresh it in the last 30 s): the retry of a UDP client whose
+    /// stale answer came truncated, say. Otherwise the upstream is asked.
+    fn consult_cache(
+        &self,
+        conn: &Connection,
+        query: &[u8],
+        now: Instant,
+    ) -> Option<Result<(Vec<u8>, bool), CacheableQuery>> {
+        let cache = self.settings.cache.as_ref()?;
+        let server = self.settings.upstream_override.unwrap_or(conn.original);
+        let cacheable = CacheableQuery::parse(server, query)?;
+        match cache.lookup(&cacheable, query, false, now) {
+            Cached::Fresh(answer) => Some(Ok((answer, false))),
+            Cached::Stale {
+                answer,
+                upstream_failing: true,
+            } => Some(Ok((answer, true))),
+            Cached::Stale { .. } | Cached::Miss => {
+                Stats::add(&self.stats.cache_misses);
+                Some(Err(cacheable))
+            }
+        }
+    }
+
+    /// The name of cgroup `id`'s workload, for the log.
+    fn workload_name(&self, id: u64) -> Arc<str> {
+        self.settings.observers.workload_name(id)
+    }
+
+    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
+        conn.touch();
+        let now = Moment::now();
+        let latency = now.instant.saturating_duration_since(started);
+        self.settings
+            .observers
+            .answered(conn.asked(), Some(latency), answer, now);
+        Stats::add(if stale {
+            &self.stats.cache_stale
+        } else {
+            &self.stats.cache_hits
+        });
+        self.stats.tcp.answered(answer, Some(latency));
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "query tcp client={} server={} cache={} {} rcode={} latency={latency:?} workload={}",
+                conn.client,
+                conn.original,
+                if stale { "stale" } else { "hit" },
+                wire::describe_query(answer),
+                wire::describe_rcode(answer),
+                self.workload_name(conn.cgroup),
+            );
+        }
+    }
+
+    /// Upstream to client: every framed answer, unaltered, in the order the server sends them.
+    async fn answers(
+        &self,
+        conn: &Connection,
+        mut upstream: impl AsyncRead + Unpin,
+        client: &AsyncMutex<impl AsyncWrite + Unpin>,
+    ) -> Closed {
+        let stats = &self.stats.tcp;
+        loop {
+            let answer = match read_message(&mut upstream).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => return Closed::ByUpstream,
+                Err(err) => return Closed::UpstreamError(err),
+            };
+            let id = wire::message_id(&answer).unwrap_or_default();
+            // A zone transfer's query stays pending until its last message.
+            let (pending, started) = conn.settle(id, &answer);
+            if pending.is_some() {
+                conn.slots.add_permits(1);
+                stats.settled(1);
+            }
+            conn.touch();
+            if let Err(err) = write_message(&mut *client.lock().await, &answer).await {
+                return Closed::ClientError(err);
+            }
+            // Written: a draining watchdog, which waits while an answer is being written,
+            // looks again.
+            conn.touch();
+            conn.note_keepalive(&answer);
+            let now = Moment::now();
+            let latency = started.map(|started| now.instant.saturating_duration_since(started));
+            stats.answered(&answer, latency);
+            self.settings
+                .observers
+                .answered(conn.asked(), latency, &answer, now);
+            if let (
+                Some(cache),
+                Some(Pending {
+                    cacheable: Some((cacheable, head)),
+                    ..
+                }),
+            ) = (&self.settings.cache, &pending)
+            {
+                cache.store(cacheable, head, &answer, now.instant);
+            }
+            if let Some(Pending {
+                description: Some(description),
+                started,
+                ..
+            }) = pending
+            {
+                // A transfer's: from its query to its last message.
+                log::debug!(
+                    "query tcp client={} server={} upstream={} {description} rcode={} latency={:?} workload={}",
+                    conn.client,
+                    conn.original,
+                    conn.upstream,
+                    wire::describe_rcode(&answer),
+                    now.instant.saturating_duration_since(started),
+                    self.workload_name(conn.cgroup),
+                );
+            }
+            if conn.finished() {
+                return Closed::ByClient;
+            }
+        }
+    }
+
+    /// Ends the connection when it has been idle too long, when an answer is overdue, when the
+    /// client is done and answered, or at shutdown once nothing is outstanding, nothing is
+    /// being read and the client has been quiet for a moment, or the drain has gone on for
+    /// that moment (a query it already sent is answered first).
+    async fn watchdog(
+        &self,
+        conn: &Connection,
+        client_write: &AsyncMutex<impl AsyncWrite + Unpin>,
+    ) -> Closed {
+        // When this connection first saw the drain.
+        let mut draining_since = None;
+        loop {
+            if conn.finished() {
+                return Closed::ByClient;
+            }
+            let outstanding = conn.outstanding();
+            let last = *conn.last_activity.lock().expect("not poisoned");
+            if self.draining.is_stopped() && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            // An answer being written holds the client's writer (a slow client's buffer may
+            // be full): it is not a gap.
+            let writing = client_write.try_lock().is_err();
+            let may_drain =
+                draining_since.is_some() && outstanding == 0 && !conn.is_reading() && !writing;
+            // A client that keeps asking is never quiet for a moment: once the drain has gone
+            // on that long, its connection closes at the first gap between an answer and its
+            // next query (anything it sent before is read first: the select is biased), and
+            // it asks again on a new one, as RFC 7766 clients do, instead of losing a query
+            // at the drain's deadline.
+            let waited = draining_since.is_some_and(|since| since.elapsed() >= drain::QUIET);
+            if may_drain && (last.elapsed() >= drain::QUIET || waited) {
+                return Closed::Draining;
+            }
+            let (limit, why) = if outstanding > 0 {
+                (self.settings.upstream_timeout, Closed::UpstreamTimeout)
+            } else {
+                (conn.idle_limit(self.settings.idle_timeout), Closed::Idle)
+            };
+            let deadline = tokio::time::Instant::from_std(last + limit);
+            let wake = match draining_since {
+                Some(since) if may_drain => deadline
+                    .min(tokio::time::Instant::from_std(last + drain::QUIET))
+                    .min(tokio::time::Instant::from_std(since + drain::QUIET)),
+                _ => deadline,
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {
+                    if wake == deadline
+                        && *conn.last_activity.lock().expect("not poisoned") == last
+                    {
+                        // An answer still being written all this time: the client stopped
+                        // reading, and the upstream's answers wait behind it.
+                        if client_write.try_lock().is_err() {
+                            return Closed::ClientStalled;
+                        }
+                        return why;
+                    }
+                }
+                () = conn.changed.notified() => {}
+                () = self.draining.stopped(), if !self.draining.is_stopped() => {}
+            }
+        }
+    }
+}
+
+#[cfg(feature = "fuzzing")]
+impl<D: OriginalDestinations> TcpProxy<D> {
+    /// For the fuzz targets: relays one connection between in-memory streams, as a real one
+    /// is once both sides are connected; returns why it ended.
+    pub async fn fuzz_relay(
+        &self,
+        client: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+        upstream: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    ) -> String {
+        let server = ([192, 0, 2, 2], 53).into();
+        let connection = Connection::new(0, ([192, 0, 2, 1], 40000).into(), server, server);
+        let closed = self.relay_streams(&connection, client, upstream).await;
+        closed.to_string()
+    }
+
+    /// For the fuzz targets: TCP queries counted as in flight.
+    pub fn fuzz_inflight(&self) -> u64 {
+        self.stats
+            .tcp
+            .inflight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Makes closing `stream` send a reset instead of an orderly end: an upstream that refused or
+/// reset its connection is shown to the client as a connection that failed, not one the
+/// server closed in good order after answering.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}

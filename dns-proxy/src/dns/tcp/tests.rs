@@ -1,0 +1,630 @@
+use std::sync::atomic::Ordering;
+
+use tokio::io::AsyncWriteExt as _;
+
+use super::*;
+
+use crate::dns::FixedDestination as Fixed;
+
+fn query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(
+        b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01",
+    );
+    q
+}
+
+fn answer_to(query: &[u8]) -> Vec<u8> {
+    let mut answer = query.to_vec();
+    answer[2] |= 0x80;
+    answer.extend_from_slice(b"trailing bytes the proxy must not touch");
+    answer
+}
+
+/// A real TCP DNS server on loopback that collects `batch` queries, then answers them in
+/// reverse order (pipelining, out of order), each answer written in two pieces.
+async fn upstream(batch: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let mut queries = Vec::new();
+                    for _ in 0..batch {
+                        match read_message(&mut stream).await {
+                            Ok(Some(q)) => queries.push(q),
+                            _ => return,
+                        }
+                    }
+                    for q in queries.iter().rev() {
+                        let answer = answer_to(q);
+                        let mut frame = (answer.len() as u16).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&answer);
+                        let (head, tail) = frame.split_at(5);
+                        stream.write_all(head).await.unwrap();
+                        stream.flush().await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        stream.write_all(tail).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One connection relayed by `proxy` between in-memory streams: the client's end, the
+/// upstream's end, and the relay, which says why it ended.
+fn relay_in_memory(
+    proxy: &Arc<TcpProxy<Fixed>>,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<String>,
+) {
+    let (client, proxy_client) = tokio::io::duplex(4096);
+    let (proxy_upstream, upstream) = tokio::io::duplex(4096);
+    let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
+    let proxy = Arc::clone(proxy);
+    let relay = tokio::spawn(async move {
+        let conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
+        let closed = proxy
+            .relay_streams(
+                &conn,
+                tokio::io::split(proxy_client),
+                tokio::io::split(proxy_upstream),
+            )
+            .await;
+        closed.to_string()
+    });
+    (client, upstream, relay)
+}
+
+/// The drain race, deterministic: a connection is draining with nothing outstanding when
+/// a query's first byte arrives, and the rest only after the drain's quiet time. The watchdog must not close
+/// it before the query is read, forwarded and answered.
+#[tokio::test]
+async fn a_draining_connection_answers_a_query_that_has_begun_to_arrive() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    proxy.draining.stop();
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    let mut frame = Vec::new();
+    write_message(&mut frame, &query(7)).await.unwrap();
+    client.write_all(&frame[..1]).await.unwrap();
+    // Longer than the drain's quiet time: only the half-read query keeps it open.
+    tokio::time::sleep(drain::QUIET * 3).await;
+    client.write_all(&frame[1..]).await.unwrap();
+    let forwarded = timeout(Duration::from_secs(2), read_message(&mut upstream))
+        .await
+        .expect("the query is forwarded, not closed on")
+        .unwrap()
+        .expect("a whole query");
+    assert_eq!(forwarded, query(7));
+    write_message(&mut upstream, &answer_to(&forwarded))
+        .await
+        .unwrap();
+    let answered = timeout(Duration::from_secs(2), read_message(&mut client))
+        .await
+        .expect("the answer is relayed")
+        .unwrap();
+    assert_eq!(answered, Some(answer_to(&forwarded)));
+    // Then, with nothing outstanding and the client quiet, the drain closes it.
+    let closed = timeout(Duration::from_secs(2), relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed, Closed::Draining.to_string());
+}
+
+/// A client that asks every 50 ms is never quiet for the drain's moment: once the drain
+/// has gone on that long, its connection closes at the next gap after an answer, every
+/// query it sent answered, instead of staying open to the drain's deadline and losing
+/// the query in flight then.
+#[tokio::test]
+async fn a_busy_connection_closes_at_a_gap_once_the_drain_has_gone_on() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    tokio::spawn(async move {
+        while let Ok(Some(query)) = read_message(&mut upstream).await {
+            write_message(&mut upstream, &answer_to(&query))
+                .await
+                .unwrap();
+        }
+    });
+    let mut drain_started = None;
+    let (mut sent, mut answered) = (0u16, 0u16);
+    while sent < 100 {
+        if sent == 2 {
+            proxy.draining.stop();
+            drain_started = Some(Instant::now());
+        }
+        let mut frame = Vec::new();
+        write_message(&mut frame, &query(sent)).await.unwrap();
+        if client.write_all(&frame).await.is_err() {
+            break; // closed: the client asks again on a new connection
+        }
+        sent += 1;
+        match timeout(Duration::from_secs(2), read_message(&mut client)).await {
+            Ok(Ok(Some(answer))) => {
+                assert_eq!(answer, answer_to(&query(sent - 1)));
+                answered += 1;
+            }
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed = timeout(Duration::from_secs(2), relay)
+        .await
+        .expect("closed long before the drain's deadline")
+        .unwrap();
+    assert_eq!(closed, Closed::Draining.to_string());
+    let drained_in = drain_started.unwrap().elapsed();
+    assert!(drained_in < drain::QUIET * 3, "{drained_in:?}");
+    assert_eq!(
+        answered, sent,
+        "every query sent before the close was answered"
+    );
+}
+
+/// An answer still being written (the client reads slowly: its buffer is full) is not a
+/// gap a drain may close at, even once the drain has gone on: the client gets all of it.
+#[tokio::test]
+async fn a_drain_never_closes_on_an_answer_being_written() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    let big_answer = |query: &[u8]| {
+        let mut answer = answer_to(query);
+        answer.resize(6000, 0); // more than the 4 KiB the client's end buffers
+        answer
+    };
+    tokio::spawn(async move {
+        while let Ok(Some(query)) = read_message(&mut upstream).await {
+            if query[..2] == [0, 1] {
+                // Late: the drain has gone on for its quiet time when this comes.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                write_message(&mut upstream, &big_answer(&query))
+                    .await
+                    .unwrap();
+            } else {
+                write_message(&mut upstream, &answer_to(&query))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let mut frame = Vec::new();
+    write_message(&mut frame, &query(0)).await.unwrap();
+    client.write_all(&frame).await.unwrap();
+    assert_eq!(
+        read_message(&mut client).await.unwrap(),
+        Some(answer_to(&query(0)))
+    );
+    proxy.draining.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut frame = Vec::new();
+    write_message(&mut frame, &query(1)).await.unwrap();
+    client.write_all(&frame).await.unwrap();
+    // The answer comes at about 350 ms into the drain; read it at about 500 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = timeout(Duration::from_secs(2), read_message(&mut client))
+        .await
+        .expect("the answer comes");
+    assert_eq!(answer.unwrap(), Some(big_answer(&query(1))));
+    let closed = timeout(Duration::from_secs(2), relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed, Closed::Draining.to_string());
+}
+
+/// The three messages of a zone transfer, as an authoritative server sends them.
+fn zone_transfer() -> Vec<Vec<u8>> {
+    use crate::dns::transfer::tests::{a, message, soa};
+    let axfr = hickory_proto::rr::RecordType::AXFR;
+    vec![
+        message(axfr, true, vec![soa(5), a(1)]),
+        message(axfr, false, vec![a(2)]),
+        message(axfr, false, vec![a(3), soa(5)]),
+    ]
+}
+
+/// An upstream on `upstream` that sends the whole `zone_transfer` to the first query,
+/// `pause` between messages, then waits for more.
+fn transfer_server(mut upstream: tokio::io::DuplexStream, pause: Duration) {
+    tokio::spawn(async move {
+        read_message(&mut upstream).await.unwrap().unwrap();
+        for message in zone_transfer() {
+            write_message(&mut upstream, &message).await.unwrap();
+            tokio::time::sleep(pause).await;
+        }
+        let _ = read_message(&mut upstream).await;
+    });
+}
+
+/// A zone transfer is one query answered by many messages: a client that half-closes
+/// once it has asked (as a direct connection allows) gets every one of them, not the
+/// first alone.
+#[tokio::test]
+async fn a_client_that_half_closes_gets_a_whole_zone_transfer() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, upstream, relay) = relay_in_memory(&proxy);
+    transfer_server(upstream, Duration::from_millis(20));
+    let axfr = crate::dns::transfer::tests::query(hickory_proto::rr::RecordType::AXFR);
+    write_message(&mut client, &axfr).await.unwrap();
+    client.shutdown().await.unwrap();
+    for message in zone_transfer() {
+        let relayed = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+        assert_eq!(relayed.unwrap().unwrap(), Some(message));
+    }
+    let end = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+    assert_eq!(end.unwrap().unwrap(), None, "closed after the last message");
+    let closed = relay.await.unwrap();
+    assert_eq!(closed, Closed::ByClient.to_string());
+    assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+}
+
+/// A graceful stop lets a zone transfer in progress finish (within the drain's deadline)
+/// instead of closing at a gap between its messages.
+#[tokio::test]
+async fn a_drain_lets_a_zone_transfer_finish() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, upstream, relay) = relay_in_memory(&proxy);
+    // Messages farther apart than the drain's quiet moment (and closer than the
+    // upstream timeout, 500 ms).
+    transfer_server(upstream, drain::QUIET + Duration::from_millis(100));
+    let axfr = crate::dns::transfer::tests::query(hickory_proto::rr::RecordType::AXFR);
+    write_message(&mut client, &axfr).await.unwrap();
+    for (at, message) in zone_transfer().into_iter().enumerate() {
+        let relayed = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+        assert_eq!(relayed.unwrap().unwrap(), Some(message), "message {at}");
+        if at == 0 {
+            proxy.draining.stop();
+        }
+    }
+    let closed = timeout(Duration::from_secs(2), relay).await.unwrap();
+    assert_eq!(closed.unwrap(), Closed::Draining.to_string());
+}
+
+/// A client that stops reading holds up its answers, and the ones behind them: its
+/// connection is closed as the client's doing, not counted against the upstream.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_not_an_upstream_timeout() {
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    tokio::spawn(async move {
+        while let Ok(Some(query)) = read_message(&mut upstream).await {
+            let mut answer = answer_to(&query);
+            answer.resize(6000, 0); // more than the 4 KiB the client's end buffers
+            write_message(&mut upstream, &answer).await.unwrap();
+        }
+    });
+    for id in 0..10 {
+        write_message(&mut client, &query(id)).await.unwrap();
+    }
+    // The client reads nothing.
+    let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+    assert_eq!(closed.unwrap(), Closed::ClientStalled.to_string());
+    assert_eq!(proxy.stats.tcp.upstream_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.tcp.dropped_stalled.load(Ordering::Relaxed), 1);
+    drop(client);
+}
+
+/// A server's edns-tcp-keepalive (RFC 7828) reaches the client unaltered, and tells it
+/// how long it may leave the connection idle: if the client asked for it, the relay keeps
+/// the connection open that long, past its own idle timeout, as the server would. A
+/// client that did not ask is not held longer (the server should not have said it).
+#[tokio::test]
+async fn a_connection_stays_open_as_long_as_its_server_told_the_client() {
+    use hickory_proto::{
+        op::{Edns, Message, MessageType},
+        rr::rdata::opt::EdnsOption,
+    };
+    // `message` with an OPT holding edns-tcp-keepalive's `data`, as a query or an answer.
+    let with_keepalive = |message: &[u8], data: Vec<u8>, answer: bool| {
+        let mut message = Message::from_vec(message).unwrap();
+        if answer {
+            message.set_message_type(MessageType::Response);
+        }
+        let mut edns = Edns::new();
+        edns.options_mut().insert(EdnsOption::Unknown(11, data));
+        message.set_edns(edns);
+        message.to_vec().unwrap()
+    };
+    // One second, in units of 100 ms.
+    let answer_to = move |query: &[u8]| with_keepalive(query, 10u16.to_be_bytes().into(), true);
+    for asks in [true, false] {
+        let proxy = proxy(None, Duration::from_millis(200)).await;
+        let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+        tokio::spawn(async move {
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                if write_message(&mut upstream, &answer_to(&query))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let asking = |id| match asks {
+            true => with_keepalive(&query(id), Vec::new(), false),
+            false => query(id),
+        };
+        write_message(&mut client, &asking(0)).await.unwrap();
+        let answer = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+        assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&asking(0))));
+        let started = Instant::now();
+        if asks {
+            // Idle longer than the relay's own 200 ms, and asking again.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            write_message(&mut client, &asking(1)).await.unwrap();
+            let answer = timeout(Duration::from_secs(2), read_message(&mut client)).await;
+            assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&asking(1))));
+        }
+        let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+        assert_eq!(closed.unwrap(), Closed::Idle.to_string());
+        let idle = started.elapsed();
+        match asks {
+            true => assert!(idle > Duration::from_millis(1500), "{idle:?}"),
+            false => assert!(idle < Duration::from_millis(600), "{idle:?}"),
+        }
+    }
+}
+
+async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
+    proxy_with_limits(original, idle, 4, 4).await
+}
+
+async fn proxy_with_limits(
+    original: Option<SocketAddr>,
+    idle: Duration,
+    max_connections: usize,
+    per_client: usize,
+) -> Arc<TcpProxy<Fixed>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let settings = TcpSettings {
+        upstream_override: None,
+        upstream_timeout: Duration::from_millis(500),
+        idle_timeout: idle,
+        max_connections,
+        per_client: PerClientLimit::new(per_client),
+        cache: None,
+        observers: Observers::default(),
+    };
+    let proxy = TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
+    let serving = Arc::clone(&proxy);
+    tokio::spawn(async move { serving.serve(drain::Signal::new()).await });
+    proxy
+}
+
+#[tokio::test]
+async fn relays_pipelined_queries_answered_out_of_order_byte_for_byte() {
+    let proxy = proxy(Some(upstream(3).await), Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    // Three queries in one write, the second split across two writes.
+    let mut bytes = Vec::new();
+    for id in [1u16, 2, 3] {
+        let q = query(id);
+        bytes.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(&q);
+    }
+    let (first, rest) = bytes.split_at(40);
+    client.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client.write_all(rest).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(read_message(&mut client).await.unwrap().unwrap());
+    }
+    assert_eq!(
+        answers,
+        vec![
+            answer_to(&query(3)),
+            answer_to(&query(2)),
+            answer_to(&query(1))
+        ]
+    );
+    assert_eq!(proxy.stats.tcp.answered.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_its_answers() {
+    let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    write_message(&mut client, &query(9)).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(
+        read_message(&mut client).await.unwrap(),
+        Some(answer_to(&query(9)))
+    );
+    assert_eq!(
+        read_message(&mut client).await.unwrap(),
+        None,
+        "closed after the answer"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let proxy = proxy(Some(upstream(1).await), Duration::from_millis(200)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(read_message(&mut client).await.unwrap(), None);
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_stalled_client_does_not_hold_up_another() {
+    let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+    // Half a length prefix, then nothing.
+    let mut stalled = TcpStream::connect(proxy.local_addr).await.unwrap();
+    stalled.write_all(&[0]).await.unwrap();
+    let mut other = TcpStream::connect(proxy.local_addr).await.unwrap();
+    write_message(&mut other, &query(5)).await.unwrap();
+    let answer = timeout(Duration::from_secs(1), read_message(&mut other)).await;
+    assert_eq!(answer.unwrap().unwrap(), Some(answer_to(&query(5))));
+}
+
+#[tokio::test]
+async fn malformed_queries_and_unknown_clients_are_closed_not_forwarded() {
+    let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    write_message(&mut client, b"not dns at all, but long enough")
+        .await
+        .unwrap();
+    assert_eq!(read_message(&mut client).await.unwrap(), None);
+    assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 0);
+
+    let proxy = self::proxy(None, Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    write_message(&mut client, &query(1)).await.unwrap();
+    assert!(matches!(read_message(&mut client).await, Ok(None) | Err(_)));
+    assert_eq!(
+        proxy
+            .stats
+            .tcp
+            .dropped_not_redirected
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_resets_the_client_connection() {
+    // A port nobody listens on: bound, so no other test's socket takes it, but not
+    // listening, so a connection to it is refused.
+    let holder = tokio::net::TcpSocket::new_v4().unwrap();
+    holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused = holder.local_addr().unwrap();
+    let proxy = proxy(Some(refused), Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    write_message(&mut client, &query(1)).await.unwrap();
+    // Reset, as the refusal was: not an orderly close, which looks like a server that
+    // answered everything.
+    let read = read_message(&mut client).await;
+    assert!(
+        matches!(&read, Err(err) if err.kind() == io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    assert_eq!(proxy.stats.tcp.upstream_errors.load(Ordering::Relaxed), 1);
+}
+
+/// A connection from `source` (any 127/8 address is this host's loopback).
+async fn connect_from(source: &str, proxy: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(proxy).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_client_at_its_connection_limit_is_refused_and_local_addresses_are_one_client() {
+    let proxy = proxy_with_limits(Some(upstream(1).await), Duration::from_secs(5), 8, 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_from("127.0.0.1", proxy.local_addr).await);
+    }
+    // Both are accepted before the third comes.
+    wait_until(|| proxy.stats.tcp_connections.load(Ordering::Relaxed) == 2).await;
+    let mut third = connect_from("127.0.0.1", proxy.local_addr).await;
+    write_message(&mut third, &query(3)).await.unwrap();
+    assert!(matches!(read_message(&mut third).await, Ok(None) | Err(_)));
+    assert_eq!(
+        proxy.stats.tcp.dropped_client_limit.load(Ordering::Relaxed),
+        1
+    );
+    // Another loopback address is the same client (this namespace): no extra share.
+    let mut other = connect_from("127.0.0.2", proxy.local_addr).await;
+    write_message(&mut other, &query(4)).await.unwrap();
+    assert!(matches!(read_message(&mut other).await, Ok(None) | Err(_)));
+    assert_eq!(
+        proxy.stats.tcp.dropped_client_limit.load(Ordering::Relaxed),
+        2
+    );
+    // A connection that closes gives its client's slot back.
+    drop(held.pop());
+    wait_until(|| proxy.tasks.len() == 1).await;
+    let mut again = connect_from("127.0.0.1", proxy.local_addr).await;
+    write_message(&mut again, &query(5)).await.unwrap();
+    assert_eq!(
+        read_message(&mut again).await.unwrap(),
+        Some(answer_to(&query(5)))
+    );
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not done within 2 s");
+}
+
+#[tokio::test]
+async fn a_stream_cut_inside_the_length_prefix_is_an_error_not_a_clean_end() {
+    // What the tcp_framing fuzz target found first: one byte of a length, then the end.
+    let mut cut: &[u8] = &[0x00];
+    let read = read_message(&mut cut).await;
+    assert!(
+        matches!(&read, Err(err) if err.kind() == io::ErrorKind::UnexpectedEof),
+        "{read:?}"
+    );
+    let mut empty: &[u8] = &[];
+    assert_eq!(read_message(&mut empty).await.unwrap(), None);
+    let mut whole: &[u8] = &[0, 2, 0xab, 0xcd];
+    assert_eq!(
+        read_message(&mut whole).await.unwrap(),
+        Some(vec![0xab, 0xcd])
+    );
+    assert_eq!(read_message(&mut whole).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_client_reusing_an_id_gets_its_slots_back() {
+    let proxy = proxy(None, Duration::from_secs(5)).await;
+    let server = ([192, 0, 2, 2], 53).into();
+    let connection = Connection::new(0, ([192, 0, 2, 1], 40000).into(), server, server);
+    // Three queries with one ID, then the end of the client's stream.
+    let mut client_bytes = Vec::new();
+    for _ in 0..3 {
+        write_message(&mut client_bytes, &query(7)).await.unwrap();
+    }
+    let (proxy_side, mut server_side) = tokio::io::duplex(4096);
+    let (upstream_read, upstream_write) = tokio::io::split(proxy_side);
+    let server = tokio::spawn(async move {
+        for _ in 0..3 {
+            read_message(&mut server_side).await.unwrap().unwrap();
+        }
+        // One answer: only one of the three can be matched.
+        write_message(&mut server_side, &answer_to(&query(7)))
+            .await
+            .unwrap();
+    });
+    let mut client_out = Vec::new();
+    let closed = proxy
+        .relay_streams(
+            &connection,
+            (&client_bytes[..], &mut client_out),
+            (upstream_read, upstream_write),
+        )
+        .await;
+    server.await.unwrap();
+    assert!(
+        matches!(closed, Closed::ByClient | Closed::ByUpstream),
+        "{closed}"
+    );
+    assert_eq!(
+        read_message(&mut &client_out[..]).await.unwrap(),
+        Some(answer_to(&query(7)))
+    );
+    assert_eq!(connection.slots.available_permits(), MAX_PIPELINED);
+    assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+}
