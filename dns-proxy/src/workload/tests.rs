@@ -1,0 +1,465 @@
+use super::*;
+
+const ID: &str = "0bc5eac79e3ae7a0c2651f14722aa10fa333eb2325c2ca97da33aa284cda81b0";
+const UID: &str = "0b7632a2-a56e-4278-987a-22de18008dbe";
+
+fn parse(path: &str) -> Workload {
+    Workload::from_cgroup_path(Path::new(path))
+}
+
+fn pod(container: Option<&str>) -> Workload {
+    Workload::Pod {
+        uid: UID.into(),
+        container: container.map(Into::into),
+    }
+}
+
+fn underscored() -> String {
+    UID.replace('-', "_")
+}
+
+#[test]
+fn names_pods_and_containers_of_the_systemd_driver_for_each_runtime_and_qos() {
+    let u = underscored();
+    for (qos_slice, qos) in [
+        ("kubepods-burstable.slice/", "burstable-"),
+        ("kubepods-besteffort.slice/", "besteffort-"),
+        ("", ""),
+    ] {
+        let pod_slice = format!("/kubepods.slice/{qos_slice}kubepods-{qos}pod{u}.slice");
+        assert_eq!(parse(&pod_slice), pod(None), "{pod_slice}");
+        for runtime in ["cri-containerd-", "crio-", "docker-"] {
+            let path = format!("{pod_slice}/{runtime}{ID}.scope");
+            assert_eq!(parse(&path), pod(Some(ID)), "{path}");
+        }
+    }
+}
+
+#[test]
+fn names_pods_and_containers_of_the_cgroupfs_driver() {
+    for qos in ["burstable/", "besteffort/", ""] {
+        let pod_dir = format!("/kubepods/{qos}pod{UID}");
+        assert_eq!(parse(&pod_dir), pod(None), "{pod_dir}");
+        assert_eq!(parse(&format!("{pod_dir}/{ID}")), pod(Some(ID)));
+        assert_eq!(parse(&format!("{pod_dir}/crio-{ID}")), pod(Some(ID)));
+    }
+    // A real one, from a GKE node's /proc/self/cgroup.
+    assert_eq!(
+        parse(
+            "/kubepods/besteffort/pod74c13223-5a00-11e9-b385-42010a80018d/\
+             34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376"
+        ),
+        Workload::Pod {
+            uid: "74c13223-5a00-11e9-b385-42010a80018d".into(),
+            container: Some(
+                "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376".into()
+            ),
+        }
+    );
+}
+
+#[test]
+fn names_pods_nested_under_kind_nodes_and_other_prefixes() {
+    let u = underscored();
+    // kind: the node is a Docker container whose kubelet uses kubelet.slice.
+    let kind = format!(
+        "/system.slice/docker-{ID}.scope/kubelet.slice/kubelet-kubepods.slice/\
+         kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{u}.slice/\
+         cri-containerd-{ID}.scope"
+    );
+    assert_eq!(parse(&kind), pod(Some(ID)));
+    let guaranteed = format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{u}.slice");
+    assert_eq!(parse(&guaranteed), pod(None));
+    let under_containerd = format!(
+        "/system.slice/containerd.service/kubepods-burstable-pod{u}.slice:cri-containerd:{ID}"
+    );
+    assert_eq!(parse(&under_containerd), pod(Some(ID)));
+    let nested = format!("/system.slice/containerd.service/kubepods/burstable/pod{UID}/{ID}");
+    assert_eq!(parse(&nested), pod(Some(ID)));
+    // k3s in a cgroup of its own.
+    assert_eq!(
+        parse(&format!("/k3s/kubepods/pod{UID}/{ID}")),
+        pod(Some(ID))
+    );
+}
+
+#[test]
+fn a_containers_own_sub_cgroups_still_name_that_container() {
+    let u = underscored();
+    let other = "1".repeat(64);
+    let fake = format!(
+        "kubepods-pod{}.slice/cri-containerd-{other}.scope",
+        "1".repeat(32)
+    );
+    let path = format!(
+        "/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope/init.scope/{fake}"
+    );
+    assert_eq!(parse(&path), pod(Some(ID)));
+}
+
+#[test]
+fn takes_static_pods_config_hash_as_their_uid() {
+    let hash = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    assert_eq!(
+        parse(&format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice"
+        )),
+        Workload::Pod {
+            uid: hash.into(),
+            container: None
+        }
+    );
+}
+
+#[test]
+fn crio_conmon_is_the_pod_not_a_container() {
+    let u = underscored();
+    let path = format!("/kubepods.slice/kubepods-pod{u}.slice/crio-conmon-{ID}.scope");
+    assert_eq!(parse(&path), pod(None));
+}
+
+#[test]
+fn names_docker_containers_of_both_drivers() {
+    let docker = Workload::Docker { id: ID.into() };
+    assert_eq!(parse(&format!("/docker/{ID}")), docker);
+    assert_eq!(parse(&format!("/system.slice/docker-{ID}.scope")), docker);
+    assert_eq!(parse(&format!("/docker/{ID}/sub")), docker);
+    assert_eq!(docker.to_string(), "docker=0bc5eac79e3a");
+    assert_eq!(docker.key(), format!("docker={ID}"));
+}
+
+#[test]
+fn names_systemd_units_system_and_user() {
+    let system = |name: &str| Workload::Unit {
+        name: name.into(),
+        user: None,
+    };
+    let user = |name: &str| Workload::Unit {
+        name: name.into(),
+        user: Some(1000),
+    };
+    assert_eq!(
+        parse("/system.slice/nginx.service"),
+        system("nginx.service")
+    );
+    assert_eq!(
+        parse("/system.slice/foo.slice/bar.service"),
+        system("bar.service")
+    );
+    assert_eq!(
+        parse("/system.slice/dns-proxy.service/dns-proxy-agent"),
+        system("dns-proxy.service")
+    );
+    assert_eq!(parse("/init.scope"), system("init.scope"));
+    assert_eq!(
+        parse("/system.slice/system-getty.slice/getty@tty1.service"),
+        system("getty@tty1.service")
+    );
+    assert_eq!(
+        parse("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service"),
+        user("x.service")
+    );
+    assert_eq!(
+        parse("/user.slice/user-1000.slice/user@1000.service/init.scope"),
+        user("init.scope")
+    );
+    assert_eq!(
+        parse("/user.slice/user-1000.slice/session-3.scope"),
+        user("session-3.scope")
+    );
+    assert_eq!(
+        parse("/user.slice/user-1000.slice/user@1000.service"),
+        user("user@1000.service")
+    );
+    assert_eq!(user("x.service").to_string(), "unit=x.service user=1000");
+    assert_eq!(system("nginx.service").to_string(), "unit=nginx.service");
+}
+
+#[test]
+fn anything_else_is_its_path() {
+    let path = |p: &str| Workload::Cgroup { path: p.into() };
+    assert_eq!(parse("/"), path("/"));
+    assert_eq!(parse(""), path("/"));
+    assert_eq!(parse("/system.slice"), path("/system.slice"));
+    assert_eq!(parse("my-cgroup/leaf/"), path("/my-cgroup/leaf"));
+    assert_eq!(path("/a/b").to_string(), "cgroup=/a/b");
+}
+
+#[test]
+fn names_that_do_not_validate_fall_through_to_the_path() {
+    let u = underscored();
+    let odd = [
+        // Uid too short, too long, uppercase, dashes in a systemd name, non-hex.
+        format!("/kubepods.slice/kubepods-pod{}.slice", &u[1..]),
+        format!("/kubepods.slice/kubepods-pod{u}0.slice"),
+        format!("/kubepods.slice/kubepods-pod{}.slice", u.to_uppercase()),
+        format!("/kubepods.slice/kubepods-pod{UID}.slice"),
+        "/kubepods.slice/kubepods-podzzzzzzzz_zzzz_zzzz_zzzz_zzzzzzzzzzzz.slice".into(),
+        "/kubepods.slice/kubepods-pod.slice".into(),
+        // A pod directory that is not where kubelet puts one.
+        format!("/elsewhere/pod{UID}/{ID}"),
+        // Docker ids of the wrong length or alphabet.
+        format!("/docker/{}", &ID[1..]),
+        format!("/docker/{}", ID.to_uppercase()),
+        "/docker/".into(),
+    ];
+    for path in odd {
+        let parsed = parse(&path);
+        assert!(
+            matches!(parsed, Workload::Cgroup { .. }),
+            "{path}: {parsed:?}"
+        );
+    }
+    // Still a valid systemd scope name, so the unit, not a container.
+    assert_eq!(
+        parse(&format!("/system.slice/docker-{ID}x.scope")),
+        Workload::Unit {
+            name: format!("docker-{ID}x.scope"),
+            user: None
+        }
+    );
+    // A pod whose container part does not validate is still the pod.
+    let bad_container = format!(
+        "/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{}.scope",
+        &ID[2..]
+    );
+    assert_eq!(parse(&bad_container), pod(None));
+}
+
+#[test]
+fn hostile_names_neither_panic_nor_break_a_log_line() {
+    let nasty = [
+        "/a\nb/c d=e\\\"f\u{7f}\u{200b}",
+        "/kubepods.slice/kubepods-pod\u{e9}\u{e9}.slice",
+        "/kubepods-pod.slice/-.scope",
+        "/user.slice/user-99999999999999999999.slice/user@-1.service/.service",
+        "////",
+        "/docker-.scope",
+        "/kubepods/pod/",
+        "/\u{0}",
+    ];
+    for path in nasty {
+        let parsed = parse(path);
+        for line in [parsed.to_string(), parsed.key()] {
+            assert!(
+                !line.chars().any(|c| c.is_control() || c == '\u{200b}'),
+                "{path:?} → {line:?}"
+            );
+            let value = line.split_once('=').map_or("", |(_, value)| value);
+            assert!(!value.contains([' ', '=']), "{path:?} → {line:?}");
+        }
+    }
+    assert_eq!(parse("/a\nb c").to_string(), "cgroup=/a\\u{a}b\\u{20}c");
+    // Not a .service: a unit name needs a stem and systemd's characters.
+    assert!(matches!(
+        parse("/system.slice/.service"),
+        Workload::Cgroup { .. }
+    ));
+    assert!(matches!(
+        parse("/system.slice/a b.service"),
+        Workload::Cgroup { .. }
+    ));
+}
+
+#[test]
+fn compact_form_shortens_container_ids_and_full_form_keeps_them() {
+    let workload = pod(Some(ID));
+    assert_eq!(
+        workload.to_string(),
+        format!("pod={UID} container=0bc5eac79e3a")
+    );
+    assert_eq!(workload.key(), format!("pod={UID} container={ID}"));
+    assert_eq!(workload.full().to_string(), workload.key());
+    assert_eq!(pod(None).to_string(), format!("pod={UID}"));
+}
+
+/// A directory tree of the test's own, removed on drop.
+struct TempTree(PathBuf);
+
+impl TempTree {
+    fn new(parent: &Path, name: &str) -> Self {
+        let dir = parent.join(name);
+        fs::create_dir(&dir).unwrap_or_else(|err| panic!("mkdir {}: {err}", dir.display()));
+        Self(dir)
+    }
+
+    fn mkdir(&self, relative: &str) -> u64 {
+        let dir = self.0.join(relative);
+        fs::create_dir(&dir).unwrap_or_else(|err| panic!("mkdir {}: {err}", dir.display()));
+        fs::metadata(&dir).unwrap().ino()
+    }
+}
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        // cgroupfs refuses recursive removal of files (cgroup.procs, ...): rmdir leaves
+        // first, deepest first.
+        let mut dirs = Vec::new();
+        let mut stack = vec![self.0.clone()];
+        while let Some(dir) = stack.pop() {
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                        stack.push(entry.path());
+                    }
+                }
+            }
+            dirs.push(dir);
+        }
+        for dir in dirs.iter().rev() {
+            if fs::remove_dir(dir).is_err() {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+fn temp_tree() -> TempTree {
+    TempTree::new(
+        &std::env::temp_dir(),
+        &format!(
+            "dns-proxy-test-paths-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .replace(['(', ')'], ""),
+    )
+}
+
+#[test]
+fn resolves_ids_from_one_walk_and_walks_no_more_often_than_the_interval() {
+    let tree = temp_tree();
+    let a = tree.mkdir("a");
+    let b = tree.mkdir("a/b");
+    let paths = CgroupPaths::with_limits(
+        &tree.0,
+        CgroupPathsLimits {
+            min_walk_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    assert_eq!(paths.resolve(b).unwrap(), Some(PathBuf::from("/a/b")));
+    assert_eq!(paths.resolve(a).unwrap(), Some(PathBuf::from("/a")));
+    let root = fs::metadata(&tree.0).unwrap().ino();
+    assert_eq!(paths.resolve(root).unwrap(), Some(PathBuf::from("/")));
+    assert_eq!(paths.walks(), 1);
+    // A storm of unknown ids, and a cgroup made since: no walk until the interval is up.
+    let c = tree.mkdir("c");
+    for id in 0..1000 {
+        assert_eq!(paths.resolve(u64::MAX - id).unwrap(), None);
+    }
+    assert_eq!(paths.resolve(c).unwrap(), None);
+    assert_eq!(paths.walks(), 1);
+}
+
+#[test]
+fn keeps_the_asked_id_when_the_tree_is_larger_than_the_cache() {
+    let tree = temp_tree();
+    let ids: Vec<u64> = (0..20).map(|n| tree.mkdir(&format!("d{n}"))).collect();
+    let paths = CgroupPaths::with_limits(
+        &tree.0,
+        CgroupPathsLimits {
+            capacity: 4,
+            min_walk_interval: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(
+            paths.resolve(*id).unwrap(),
+            Some(PathBuf::from(format!("/d{n}")))
+        );
+        assert!(paths.cached() <= 4);
+    }
+}
+
+#[test]
+fn bounds_the_depth_and_does_not_follow_symlinks() {
+    let tree = temp_tree();
+    let mut deep = String::from("x");
+    let mut deepest = tree.mkdir(&deep);
+    for _ in 0..5 {
+        deep.push_str("/x");
+        deepest = tree.mkdir(&deep);
+    }
+    std::os::unix::fs::symlink("/", tree.0.join("link")).unwrap();
+    let paths = CgroupPaths::with_limits(
+        &tree.0,
+        CgroupPathsLimits {
+            max_depth: 3,
+            min_walk_interval: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    assert_eq!(paths.resolve(deepest).unwrap(), None);
+    let slash = fs::metadata("/").unwrap().ino();
+    let found = paths.walk().unwrap();
+    assert_eq!(found.len(), 4, "{found:?}"); // the root and x, x/x, x/x/x
+    assert!(
+        found
+            .get(&slash)
+            .is_none_or(|path| !path.starts_with("/link"))
+    );
+}
+
+#[test]
+fn an_unreadable_root_is_an_error_naming_it() {
+    let paths = CgroupPaths::new("/nonexistent/cgroup2");
+    let err = paths.resolve(1).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/cgroup2"), "{err}");
+}
+
+/// Panics unless running as root: a privileged test must never skip quietly.
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        panic!(
+            "this test makes cgroups and needs root: run `cargo xtask test` as root (see \
+             tests/README.md)"
+        );
+    }
+}
+
+#[test]
+fn resolves_real_cgroups_and_drops_the_ones_removed() {
+    require_root();
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount =
+        crate::cgroup::parse_cgroup2_mount(&mountinfo).expect("no cgroup2 mount on this machine");
+    let name = format!("dns-proxy-test-wl-{}", std::process::id());
+    let tree = TempTree::new(&mount, &name);
+    let parent = fs::metadata(&tree.0).unwrap().ino();
+    let child = tree.mkdir("child");
+    let paths = CgroupPaths::with_limits(
+        &mount,
+        CgroupPathsLimits {
+            min_walk_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        paths.resolve(child).unwrap(),
+        Some(PathBuf::from(format!("/{name}/child")))
+    );
+    assert_eq!(
+        paths.workload(parent).unwrap(),
+        Some(Workload::Cgroup {
+            path: format!("/{name}")
+        })
+    );
+    // The root cgroup's id on cgroup v2 is its inode, 1.
+    assert_eq!(paths.resolve(1).unwrap(), Some(PathBuf::from("/")));
+
+    fs::remove_dir(tree.0.join("child")).unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    // A miss walks again (the interval is up), and the walk forgets the child.
+    assert_eq!(paths.resolve(u64::MAX).unwrap(), None);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(paths.resolve(child).unwrap(), None);
+    assert_eq!(
+        paths.resolve(parent).unwrap(),
+        Some(PathBuf::from(format!("/{name}")))
+    );
+    assert_eq!(paths.walks(), 3);
+}
