@@ -66,8 +66,7 @@ pub mod names {
     /// `AGENT_CGROUPS` entries belong to none that is alive).
     pub const AGENTS: &str = "AGENTS";
     /// LPM trie of [`crate::server_prefix_data`] -> `u8`: the operator's servers
-    /// (`--exclude-server`), whose sockets are never redirected. IPv4 prefixes sit in the
-    /// trie v4-mapped (`::ffff:a.b.c.d`, their length plus 96).
+    /// (`--exclude-server`), whose sockets are never redirected; each family apart.
     pub const EXCLUDED_SERVERS: &str = "EXCLUDED_SERVERS";
     /// Per-CPU array of `u64`, indexed by [`crate::Counter`]
     pub const COUNTERS: &str = "COUNTERS";
@@ -295,17 +294,22 @@ impl Endpoint {
     }
 }
 
-/// The `EXCLUDED_SERVERS` key data of a server's address: an IPv6 address as it is, an IPv4
-/// one v4-mapped, so one trie holds both families and a dual-stack socket's v4-mapped server
-/// matches its IPv4 prefix. Looked up at its full 128 bits.
-pub const fn server_prefix_data(server: &Endpoint) -> [u32; 4] {
-    if server.family == AF_INET {
-        let prefix = v4_mapped_prefix();
-        [prefix[0], prefix[1], prefix[2], server.addr[0]]
-    } else {
-        server.addr
-    }
+/// The `EXCLUDED_SERVERS` key data of a server's address: its family, then its address (an
+/// IPv4 one in the first word, the rest zero). The family keeps the two apart, so an IPv6
+/// prefix such as `::/0` holds no IPv4 server. A dual-stack socket's v4-mapped server takes
+/// the IPv4 path, as an IPv4 [`Endpoint`], and matches its IPv4 prefix. Looked up at all
+/// [`SERVER_PREFIX_BITS`]; a prefix of the address is [`SERVER_FAMILY_BITS`] longer.
+pub const fn server_prefix_data(server: &Endpoint) -> ServerPrefixData {
+    let [a, b, c, d] = server.addr;
+    [(server.family as u32).to_be(), a, b, c, d]
 }
+
+/// What an `EXCLUDED_SERVERS` key holds: see [`server_prefix_data`].
+pub type ServerPrefixData = [u32; 5];
+/// The bits of an `EXCLUDED_SERVERS` key: the family's word and an IPv6 address.
+pub const SERVER_PREFIX_BITS: u32 = 160;
+/// The bits of the family's word, before the address.
+pub const SERVER_FAMILY_BITS: u32 = 32;
 
 /// Whether a network-order IPv4 address is loopback (127/8) or unspecified (0.0.0.0).
 pub const fn is_local_only_v4(addr_be: u32) -> bool {

@@ -199,7 +199,7 @@ impl fmt::Display for AddressBlock {
 
 /// Servers whose sockets are left alone (`--exclude-server`): an address, or a prefix of
 /// either family (`ADDR/LEN`). An IPv4 prefix also holds the v4-mapped addresses of a
-/// dual-stack socket asking an IPv4 server.
+/// dual-stack socket asking an IPv4 server; an IPv6 prefix holds IPv6 servers only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerPrefix {
     addr: IpAddr,
@@ -207,12 +207,17 @@ pub struct ServerPrefix {
 }
 
 impl ServerPrefix {
-    /// The `EXCLUDED_SERVERS` key: the prefix length in the trie's 128 bits, and the data
-    /// ([`crate::server_prefix_data`]).
-    pub fn trie_key(&self) -> (u32, [u32; 4]) {
+    /// The `EXCLUDED_SERVERS` key: the prefix length in the trie's bits (the family's word
+    /// always matched), and the data ([`crate::server_prefix_data`]).
+    pub fn trie_key(&self) -> (u32, crate::ServerPrefixData) {
         let server = Endpoint::from(SocketAddr::new(self.addr, 0));
-        let prefix_len = u32::from(self.prefix_len) + if self.addr.is_ipv4() { 96 } else { 0 };
+        let prefix_len = crate::SERVER_FAMILY_BITS + u32::from(self.prefix_len);
         (prefix_len, crate::server_prefix_data(&server))
+    }
+
+    /// Whether it holds every server of its family (`0.0.0.0/0`, `::/0`).
+    pub fn is_everything(&self) -> bool {
+        self.prefix_len == 0
     }
 }
 
@@ -478,27 +483,32 @@ mod tests {
     }
 
     #[test]
-    fn excluded_servers_are_trie_keys_with_ipv4_v4_mapped() {
+    fn excluded_servers_are_trie_keys_of_their_family() {
         let one: ServerPrefix = "10.88.0.1".parse().unwrap();
         let (len, data) = one.trie_key();
-        assert_eq!(len, 128);
-        assert_eq!(data[..3], crate::v4_mapped_prefix());
-        assert_eq!(data[3].to_ne_bytes(), [10, 88, 0, 1]);
-        // The key a v4-mapped server of a dual-stack socket is looked up with is the same.
-        let mapped = Endpoint::from("[::ffff:10.88.0.1]:53".parse::<SocketAddr>().unwrap());
-        assert_eq!(crate::server_prefix_data(&mapped), data);
+        assert_eq!(len, 32 + 32);
+        assert_eq!(data[0], (AF_INET as u32).to_be());
+        assert_eq!(data[1].to_ne_bytes(), [10, 88, 0, 1]);
+        assert_eq!(data[2..], [0, 0, 0]);
+        // A dual-stack socket's v4-mapped server is looked up as the IPv4 server it is.
+        let server = Endpoint::from("10.88.0.1:53".parse::<SocketAddr>().unwrap());
+        assert_eq!(crate::server_prefix_data(&server), data);
 
         let net: ServerPrefix = "10.88.0.0/16".parse().unwrap();
-        assert_eq!(net.trie_key().0, 96 + 16);
+        assert_eq!(net.trie_key().0, 32 + 16);
         assert_eq!(net.to_string(), "10.88.0.0/16");
         let v6: ServerPrefix = "fd00:53::/32".parse().unwrap();
         let (len, data) = v6.trie_key();
-        assert_eq!(len, 32);
-        assert_eq!(data[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x53]);
+        assert_eq!(len, 32 + 32);
+        assert_eq!(data[0], (AF_INET6 as u32).to_be());
+        assert_eq!(data[1].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x53]);
+        // Every IPv6 server, and no IPv4 one: the family word is matched in full.
+        let all6: ServerPrefix = "::/0".parse().unwrap();
         assert_eq!(
-            "0.0.0.0/0".parse::<ServerPrefix>().unwrap().trie_key().0,
-            96
+            all6.trie_key(),
+            (32, [(AF_INET6 as u32).to_be(), 0, 0, 0, 0])
         );
+        assert!(all6.is_everything() && !v6.is_everything());
     }
 
     #[test]

@@ -43,7 +43,7 @@ use aya_ebpf::{
 };
 use dns_proxy_common::{
     AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_EXCLUDED_CGROUPS,
-    MAX_EXCLUDED_SERVERS, MAX_SERVERS, Origin, RedirectConfig,
+    MAX_EXCLUDED_SERVERS, MAX_SERVERS, Origin, RedirectConfig, ServerPrefixData,
 };
 
 use crate::{
@@ -105,7 +105,8 @@ static EXCLUDED_SERVER_COUNT: u32 = 0;
 /// Written by the agent before it attaches, and not after; looked up only when
 /// `EXCLUDED_SERVER_COUNT` says it holds something.
 #[map(name = "EXCLUDED_SERVERS")]
-static EXCLUDED_SERVERS: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXCLUDED_SERVERS, 0);
+static EXCLUDED_SERVERS: LpmTrie<ServerPrefixData, u8> =
+    LpmTrie::with_max_entries(MAX_EXCLUDED_SERVERS, 0);
 
 #[map(name = "AGENT_CGROUPS")]
 static AGENT_CGROUPS: HashMap<u64, AgentCgroup> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use dns_proxy_common::{
     AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, listener_slot, server_prefix_data,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, listener_slot, server_prefix_data,
 };
 
 use crate::{
@@ -163,7 +163,7 @@ fn is_excluded_server(server: &Endpoint) -> bool {
         return false;
     }
     EXCLUDED_SERVERS
-        .get(Key::new(128, server_prefix_data(server)))
+        .get(Key::new(SERVER_PREFIX_BITS, server_prefix_data(server)))
         .is_some()
 }
 

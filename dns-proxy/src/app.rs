@@ -443,6 +443,13 @@ fn attach(
             "never redirecting lookups to {} (--exclude-server): they go direct",
             servers.join(", ")
         );
+        for everything in config.excluded_servers.iter().filter(|s| s.is_everything()) {
+            log::warn!(
+                target: LOG,
+                "--exclude-server {everything} holds every server of its family: no lookup of \
+                 that family is redirected"
+            );
+        }
     }
     log::info!(
         target: LOG,

@@ -27,8 +27,8 @@ use aya::{
 };
 use dns_proxy_common::{
     AF_INET, AF_INET6, AddressBlock, Counter, Listener, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_LEVEL,
-    MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, ServerPrefix, listener_slot, names,
-    server_key,
+    MAX_UDP_SOCKETS, Origin, RedirectConfig as KernelConfig, ServerPrefix, ServerPrefixData,
+    listener_slot, names, server_key,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -621,7 +621,7 @@ fn fill_excluded_servers(ebpf: &mut Ebpf, servers: &[ServerPrefix]) -> Result<()
         map: name,
         source: Box::new(source),
     };
-    let mut map: LpmTrie<_, [u32; 4], u8> = LpmTrie::try_from(map).map_err(map_err)?;
+    let mut map: LpmTrie<_, ServerPrefixData, u8> = LpmTrie::try_from(map).map_err(map_err)?;
     for server in servers {
         let (prefix_len, data) = server.trie_key();
         map.insert(&Key::new(prefix_len, data), 1, 0)

@@ -65,8 +65,8 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
 
 /// A server excluded with `--exclude-server` (one that answers by its asker's address, as
 /// Podman's aardvark-dns does) is asked directly by every workload, from its own address, while
-/// other servers are still asked through the agent. Servers here answer with the address
-/// they were asked from.
+/// other servers are still asked through the agent, also with every IPv6 server excluded.
+/// Servers here answer with the address they were asked from.
 #[test]
 fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
     use std::net::Ipv4Addr;
@@ -91,11 +91,17 @@ fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
         format!("--metrics={METRICS}"),
         format!("--exclude-server={SECOND_SERVER_IP}"),
         "--exclude-server=192.0.2.192/26".to_owned(),
+        // Every IPv6 server, and none of the IPv4 ones.
+        "--exclude-server=::/0".to_owned(),
     ];
     let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
     wait_for_log(
         &agent,
-        "never redirecting lookups to 192.0.2.3/32, 192.0.2.192/26",
+        "never redirecting lookups to 192.0.2.3/32, 192.0.2.192/26, ::/0",
+    );
+    wait_for_log(
+        &agent,
+        "--exclude-server ::/0 holds every server of its family",
     );
     let (pod_ip, _) = PODS[0];
     let ask = |mode: &str, server: &str, name: &str| {
