@@ -146,6 +146,30 @@ pub fn ctx_local_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     }
 }
 
+/// The IPv4 peer the socket is connected to, and its port; a port of 0 while it is not
+/// connected. A dual-stack socket connected to a v4-mapped address has its IPv4 peer here.
+/// The `*4` hooks.
+pub fn ctx_peer4(ctx: &SockAddrContext) -> (u32, u16) {
+    // SAFETY: as for `ctx_local_port`; `dst_ip4` and `dst_port` (16 bits) are readable
+    // through `sk`.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        ((*sk).dst_ip4, (*sk).dst_port)
+    }
+}
+
+/// The IPv6 peer the socket is connected to, as four words, and its port; a port of 0 while it
+/// is not connected. The `*6` hooks.
+pub fn ctx_peer6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
+    // SAFETY: as for `ctx_local_ip6`; `dst_ip6` (word by word) and `dst_port` are readable
+    // through `sk`.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        let peer = read_words(core::ptr::addr_of!((*sk).dst_ip6).cast::<u32>());
+        (peer, (*sk).dst_port)
+    }
+}
+
 /// `struct sockaddr_in`, for `bpf_bind`.
 #[repr(C)]
 struct SockaddrIn {

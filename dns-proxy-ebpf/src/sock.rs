@@ -20,8 +20,8 @@ use crate::{
     config,
     context::{
         ctx_bind_source4, ctx_local_ip4, ctx_local_ip6, ctx_local_port, ctx_msg_src_ip4,
-        ctx_msg_src_ip6, ctx_set_user_ip4, ctx_set_user_ip6, ctx_set_user_port, ctx_sock_type,
-        ctx_user_ip4, ctx_user_ip6, ctx_user_port,
+        ctx_msg_src_ip6, ctx_peer4, ctx_peer6, ctx_set_user_ip4, ctx_set_user_ip6,
+        ctx_set_user_port, ctx_sock_type, ctx_user_ip4, ctx_user_ip6, ctx_user_port,
     },
     count,
     scope::{
@@ -67,8 +67,12 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
 }
 
 /// connect4 / sendmsg4: a socket that would send as the proxy is refused; a DNS socket is sent
-/// to its server's address in the IPv4 block.
+/// to its server's address in the IPv4 block. A send to the peer the socket is connected to
+/// is left as its `connect` left it ([`sends_to_its_peer4`]).
 pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    if sends_to_its_peer4(ctx, hook) {
+        return ALLOW;
+    }
     if impersonates_proxy4(ctx, hook) {
         return REFUSE;
     }
@@ -86,6 +90,9 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
 /// socket talking to an IPv4 server) takes the IPv4 path and goes to the v4-mapped address of
 /// the IPv4 block, so its packets stay IPv4.
 pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    if sends_to_its_peer6(ctx, hook) {
+        return ALLOW;
+    }
     if impersonates_proxy6(ctx, hook) {
         return REFUSE;
     }
@@ -122,6 +129,32 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
     };
     ctx_set_user_ip6(ctx, block6_address(&config, index));
     to_proxy_port(ctx, config.port6)
+}
+
+/// Whether a `sendmsg4` names the peer its socket is connected to. The kernel runs the hook for
+/// every send of a dual-stack socket connected to a v4-mapped address (its IPv4 path is given
+/// the peer as the destination), and for a `sendto` that names the peer. `connect` decided
+/// where such a socket goes, as it does for an IPv4 socket's `send`, which runs no hook:
+/// redirecting its sends would send a socket connected straight to its server (before an
+/// agent ran, say) to the block, whose answers its connection refuses, and refusing them
+/// would fail a socket connected to the block by another cgroup's process.
+fn sends_to_its_peer4(ctx: &SockAddrContext, hook: Hook) -> bool {
+    if hook != Hook::Sendmsg {
+        return false;
+    }
+    let (peer, peer_port) = ctx_peer4(ctx);
+    // A port of 0: not connected.
+    peer_port != 0 && peer_port == ctx_user_port(ctx) && peer == ctx_user_ip4(ctx)
+}
+
+/// The same for a `sendmsg6` that names the peer its IPv6 socket is connected to (a `sendto`
+/// naming it: a connected IPv6 socket's `send` runs no hook).
+fn sends_to_its_peer6(ctx: &SockAddrContext, hook: Hook) -> bool {
+    if hook != Hook::Sendmsg {
+        return false;
+    }
+    let (peer, peer_port) = ctx_peer6(ctx);
+    peer_port != 0 && peer_port == ctx_user_port(ctx) && peer == ctx_user_ip6(ctx)
 }
 
 /// What the forward translation makes of an IPv4 destination.

@@ -10,8 +10,8 @@
 //!   as a strict resolver does: a datagram from elsewhere, or with another ID, is ignored.
 //!   Prints `right=N wrong=N failed=N`: right is an answer from SERVER with IP, wrong one
 //!   from SERVER (as the socket sees it) with anything else, failed no answer.
-//! - `long-lived SERVER PREFIX COUNT INTERVAL_MS TIMEOUT_MS`: one connected UDP socket, a
-//!   lookup of `PREFIX-i...` every INTERVAL_MS, each retried once on the same socket after
+//! - `long-lived SERVER PREFIX COUNT INTERVAL_MS TIMEOUT_MS`: one connected UDP socket (a
+//!   dual-stack one for `[::ffff:a.b.c.d]:53`), a lookup of `PREFIX-i...` every INTERVAL_MS, each retried once on the same socket after
 //!   TIMEOUT_MS without an answer; prints `lookup i: answered tries=T at_ms=M` or
 //!   `lookup i: failed at_ms=M` (M: when the lookup began, since the start).
 //! - `flood FROM TO SECONDS [--transparent]`: sends queries from FROM (bound with
@@ -154,7 +154,13 @@ fn long_lived(args: &[String]) -> Result<(), String> {
     let count: u32 = parse(count, "a count")?;
     let interval = Duration::from_millis(parse(interval, "milliseconds")?);
     let timeout = Duration::from_millis(parse(timeout, "milliseconds")?);
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    // An IPv6 server (`[::ffff:a.b.c.d]:53` included: a dual-stack socket) gets an IPv6 socket.
+    let any = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(any).map_err(|e| e.to_string())?;
     socket
         .connect(server)
         .map_err(|e| format!("connect: {e}"))?;

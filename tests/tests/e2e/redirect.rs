@@ -270,6 +270,55 @@ fn a_long_lived_connected_socket_keeps_resolving_across_restarts() {
     assert_eq!(served_last.len(), 1, "{}", agent.log());
 }
 
+/// A UDP socket connected straight to its server while no agent runs (before the first starts,
+/// or between a SIGKILL and the next start) keeps its server for as long as it lives: an agent
+/// that starts meanwhile leaves it alone. A dual-stack socket too, whose every send to its
+/// v4-mapped peer runs the kernel's `sendmsg4` hook: before, that hook sent it to the block,
+/// whose answers its connection refused, and every lookup while an agent ran was lost.
+#[test]
+fn a_socket_connected_while_no_agent_runs_keeps_its_server() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let servers = [
+        ("v4", format!("{SERVER_IP}:53")),
+        ("ds", format!("[::ffff:{SERVER_IP}]:53")),
+    ];
+    let clients: Vec<Process> = servers
+        .iter()
+        .map(|(prefix, server)| {
+            let args = ["long-lived", server, prefix, "16", "500", "1000"];
+            Process::spawn(topology.workload(HOSTILE, &args).stdout(Stdio::piped()))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    let mut agent = Agent::start(&topology, &[]);
+    // A fresh socket is redirected meanwhile.
+    assert_eq!(
+        probe(&topology, "connect", "fresh.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "fresh.example.test");
+    thread::sleep(Duration::from_millis(2000));
+    agent.process().signal(libc::SIGKILL);
+    agent.process().wait_exit(Duration::from_secs(5));
+    let agent = Agent::start(&topology, &[]);
+    for ((prefix, _), mut client) in servers.iter().zip(clients) {
+        let output = client.finish_with_stdout(Duration::from_secs(30));
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines.len(), 16, "{prefix}: {output}");
+        let failed: Vec<&&str> = lines
+            .iter()
+            .filter(|l| !l.contains("answered tries=1"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{prefix}: lookups lost or retried:\n{output}"
+        );
+        // Asked directly, as connected.
+        assert_eq!(agent.query_line(&format!("{prefix}-15.example.test")), None);
+    }
+}
+
 /// Host mode: a container's namespace under the redirected cgroup keeps its own stub (as
 /// Docker's 127.0.0.11), and is not sent to the agent's loopback, where it cannot reach.
 #[test]
