@@ -68,13 +68,15 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
 
 /// connect4 / sendmsg4: a socket that would send as the proxy is refused; a DNS socket is sent
 /// to its server's address in the IPv4 block. A send to the peer the socket is connected to
-/// is left as its `connect` left it ([`sends_to_its_peer4`]).
+/// is left as its `connect` left it ([`sends_to_its_peer4`]), once the guard has seen the
+/// source it asks for.
 pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
-    if sends_to_its_peer4(ctx, hook) {
-        return ALLOW;
-    }
+    // The guard first: a send to the socket's own peer may still ask for a block source.
     if impersonates_proxy4(ctx, hook) {
         return REFUSE;
+    }
+    if sends_to_its_peer4(ctx, hook) {
+        return ALLOW;
     }
     let config = config();
     match xlate_fwd4(ctx, &config, ctx_user_ip4(ctx), ctx_user_port(ctx), hook) {
@@ -90,11 +92,11 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
 /// socket talking to an IPv4 server) takes the IPv4 path and goes to the v4-mapped address of
 /// the IPv4 block, so its packets stay IPv4.
 pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
-    if sends_to_its_peer6(ctx, hook) {
-        return ALLOW;
-    }
     if impersonates_proxy6(ctx, hook) {
         return REFUSE;
+    }
+    if sends_to_its_peer6(ctx, hook) {
+        return ALLOW;
     }
     let (addr, port_be) = (ctx_user_ip6(ctx), ctx_user_port(ctx));
     let config = config();

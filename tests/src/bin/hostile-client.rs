@@ -21,8 +21,10 @@
 //!   connection (2 s to answer), PAUSE_MS apart (default 0), until standard input closes;
 //!   prints `answered=N failed=N` and, on stderr, why each failed one did.
 //! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
-//! - `spoof FROM SOURCE TO`: binds a UDP socket at FROM and sends TO a datagram from SOURCE
-//!   (`IP_PKTINFO`), as a forger of answers would; prints `sent` or `refused: ERROR`.
+//! - `spoof FROM SOURCE TO [--connected-sendto|--connected-send]`: binds a UDP socket at FROM
+//!   (a dual-stack one for an IPv6 FROM) and sends TO a datagram from SOURCE (`IP_PKTINFO` or
+//!   `IPV6_PKTINFO`), as a forger of answers would; connected to TO first if asked, and then
+//!   naming TO or not; prints `sent` or `refused: ERROR`.
 //! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
 //!   there) and counts what it receives for SECONDS; prints `received=N`.
 //! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
@@ -424,22 +426,37 @@ fn tcp_lookups(server: SocketAddr, name: &str, pause: Duration) -> Result<(), St
     Ok(())
 }
 
-fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
+fn spoof(from: &str, source: &str, to: &str, how: &[String]) -> Result<(), String> {
     let from: SocketAddr = parse(from, "IP:PORT")?;
-    let source: Ipv4Addr = parse(source, "an IPv4 address")?;
+    let source: IpAddr = parse(source, "an IP address")?;
     let to: SocketAddr = parse(to, "IP:PORT")?;
-    let socket = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
-    let SocketAddr::V4(to_v4) = to else {
-        return Err("an IPv4 destination".to_owned());
+    let (connect, name) = match how {
+        [] => (false, true),
+        [how] if how == "--connected-sendto" => (true, true),
+        [how] if how == "--connected-send" => (true, false),
+        _ => return Err("spoof FROM SOURCE TO [--connected-sendto|--connected-send]".to_owned()),
     };
-    let mut name = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to_v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(to_v4.ip().octets()),
-        },
-        sin_zero: [0; 8],
+    let domain = if from.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
     };
+    let socket = Socket::new(domain, Type::DGRAM, None).map_err(|e| format!("socket: {e}"))?;
+    if from.is_ipv6() {
+        // Dual-stack, so a v4-mapped FROM and TO take the IPv4 path, as such clients do.
+        socket
+            .set_only_v6(false)
+            .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
+    }
+    socket
+        .bind(&from.into())
+        .map_err(|e| format!("bind {from}: {e}"))?;
+    if connect {
+        socket
+            .connect(&to.into())
+            .map_err(|e| format!("connect {to}: {e}"))?;
+    }
+    let name_of_to = socket2::SockAddr::from(to);
     let payload = tests::a_query(0x6666, "forged.example.test");
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr().cast_mut().cast(),
@@ -449,35 +466,63 @@ fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
     // SAFETY: msghdr is integers and raw pointers, for which all zeroes is a valid value (null
     // pointers, zero lengths); the pointers are set to live buffers below.
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_name = (&raw mut name).cast();
-    header.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    if name {
+        header.msg_name = name_of_to.as_ptr().cast_mut().cast();
+        header.msg_namelen = name_of_to.len();
+    }
     header.msg_iov = &mut iov;
     header.msg_iovlen = 1;
     header.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a length.
-    header.msg_controllen =
-        unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as usize;
-    // SAFETY: msg_control points at `control` (64 bytes, u64-aligned), which holds one
-    // in_pktinfo message (CMSG_SPACE(12) = 32 bytes), so CMSG_FIRSTHDR is non-null and the
-    // header and data written through it stay inside it (the data with write_unaligned, so
-    // its alignment does not matter); msg_name, msg_iov and the payload are live locals for
-    // the sendmsg.
-    let sent = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&header);
-        (*cmsg).cmsg_level = libc::IPPROTO_IP;
-        (*cmsg).cmsg_type = libc::IP_PKTINFO;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
-        std::ptr::write_unaligned(
-            libc::CMSG_DATA(cmsg).cast(),
-            libc::in_pktinfo {
+    let sent = match (domain, source) {
+        (Domain::IPV4, IpAddr::V4(source)) => {
+            // SAFETY: CMSG_SPACE only computes a length.
+            header.msg_controllen =
+                unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) }
+                    as usize;
+            let pktinfo = libc::in_pktinfo {
                 ipi_ifindex: 0,
                 ipi_spec_dst: libc::in_addr {
                     s_addr: u32::from_ne_bytes(source.octets()),
                 },
                 ipi_addr: libc::in_addr { s_addr: 0 },
-            },
-        );
-        libc::sendmsg(socket.as_raw_fd(), &header, 0)
+            };
+            // SAFETY: as in `send_with_pktinfo`.
+            unsafe {
+                send_with_pktinfo(
+                    &socket,
+                    &header,
+                    libc::IPPROTO_IP,
+                    libc::IP_PKTINFO,
+                    pktinfo,
+                )
+            }
+        }
+        (_, source) => {
+            let source = match source {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            // SAFETY: CMSG_SPACE only computes a length.
+            header.msg_controllen =
+                unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) }
+                    as usize;
+            let pktinfo = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: source.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            // SAFETY: as in `send_with_pktinfo`.
+            unsafe {
+                send_with_pktinfo(
+                    &socket,
+                    &header,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    pktinfo,
+                )
+            }
+        }
     };
     if sent < 0 {
         println!("refused: {}", std::io::Error::last_os_error());
@@ -485,6 +530,33 @@ fn spoof(from: &str, source: &str, to: &str) -> Result<(), String> {
         println!("sent");
     }
     Ok(())
+}
+
+/// Writes one control message of `level`/`kind` holding `data` into `header`'s control buffer
+/// and sends with it; what `sendmsg` returned.
+///
+/// # Safety
+/// `header.msg_control` points at a u64-aligned buffer of at least
+/// `header.msg_controllen` = `CMSG_SPACE(size_of::<T>())` bytes, and every pointer in `header`
+/// (name, iov and what it points at) is live for the call.
+unsafe fn send_with_pktinfo<T>(
+    socket: &Socket,
+    header: &libc::msghdr,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: T,
+) -> isize {
+    // SAFETY: the caller's promise: the buffer holds one message of T, so CMSG_FIRSTHDR is
+    // non-null and the header and data written through it stay inside it (the data with
+    // write_unaligned, so its alignment does not matter).
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(header);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<T>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), data);
+        libc::sendmsg(socket.as_raw_fd(), header, 0)
+    }
 }
 
 fn main() -> ExitCode {
@@ -526,8 +598,8 @@ fn main() -> ExitCode {
             _ => Err("tcp-lookups SERVER NAME [PAUSE_MS]".to_owned()),
         },
         Some("spoof") => match &args[1..] {
-            [from, source, to] => spoof(from, source, to),
-            _ => Err("spoof FROM SOURCE TO".to_owned()),
+            [from, source, to, how @ ..] => spoof(from, source, to, how),
+            _ => Err("spoof FROM SOURCE TO [--connected-sendto|--connected-send]".to_owned()),
         },
         Some("bind") => match &args[1..] {
             [addr] => {

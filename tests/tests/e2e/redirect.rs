@@ -658,33 +658,49 @@ fn a_link_local_ipv6_server_is_asked_directly_with_its_zone() {
 
 /// A workload, even an unprivileged one, cannot send from a block address on the proxy's
 /// port with `IP_PKTINFO`: its datagram would be shown as its server's answer to a victim.
+/// Not from an IPv4 or a dual-stack socket, and not from one connected to the victim first,
+/// naming it or not (a send to a socket's own peer is otherwise left alone).
 #[test]
 fn no_workload_can_send_from_the_proxys_block_addresses() {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
     let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
-    let victim = "127.0.0.1:40999";
     // Without the agent's guard, this is what a forger does: any address on the proxy's port
     // (127.0.0.2 is nobody's), and the source it wants from IP_PKTINFO.
-    let from = format!("127.0.0.2:{port}");
+    let ipv4 = (
+        format!("127.0.0.2:{port}"),
+        "127.53.0.1",
+        "127.0.0.1:40999".to_owned(),
+    );
+    let dual_stack = (
+        format!("[::ffff:127.0.0.2]:{port}"),
+        "::ffff:127.53.0.1",
+        "[::ffff:127.0.0.1]:40999".to_owned(),
+    );
     let nobody = [
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
         "--inh-caps=-all",
     ];
-    for user in [&[][..], &nobody[..]] {
-        let mut args: Vec<&str> = user.to_vec();
-        args.extend([HOSTILE, "spoof", &from, "127.53.0.1", victim]);
-        let outcome = stdout(&mut topology.workload("setpriv", &args));
-        assert!(
-            outcome.starts_with("refused: Operation not permitted"),
-            "{user:?}: {outcome}"
-        );
+    for (from, source, victim) in [&ipv4, &dual_stack] {
+        for how in [None, Some("--connected-sendto"), Some("--connected-send")] {
+            for user in [&[][..], &nobody[..]] {
+                let mut args: Vec<&str> = user.to_vec();
+                args.extend([HOSTILE, "spoof", from, source, victim]);
+                args.extend(how);
+                let outcome = stdout(&mut topology.workload("setpriv", &args));
+                assert!(
+                    outcome.starts_with("refused: Operation not permitted"),
+                    "{from} {how:?} {user:?}: {outcome}"
+                );
+            }
+        }
     }
     // The same from another port is just a datagram from that port: not refused.
-    let outcome = stdout(
-        &mut topology.workload(HOSTILE, &["spoof", "127.0.0.2:40998", "127.53.0.1", victim]),
-    );
+    let outcome = stdout(&mut topology.workload(
+        HOSTILE,
+        &["spoof", "127.0.0.2:40998", "127.53.0.1", &ipv4.2],
+    ));
     assert_eq!(outcome, "sent");
 }
 
