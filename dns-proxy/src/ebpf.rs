@@ -34,7 +34,7 @@ use tokio::io::unix::AsyncFd;
 
 pub use exclusions::Exclusions;
 
-use crate::{agents::Agents, cgroup::Cgroup};
+use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 
 mod exclusions;
 mod origins;
@@ -179,15 +179,16 @@ struct ProgramSpec {
 
 /// In attach order: the redirecting programs first, but disarmed (`ARMED` is 0 until every
 /// program is attached: they redirect nothing before sk_lookup and the decoding programs are
-/// in place).
+/// in place); then the bind guards, after which sockets bound to the block while no agent ran
+/// are aborted ([`LAST_GUARD`]), before `sk_lookup` and the decoding programs.
 const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
     ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
     ProgramSpec::redirecting(names::SENDMSG4, "cgroup/sendmsg4", "5.8"),
     ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
-    ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
     ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
+    ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
     ProgramSpec::new(names::RECVMSG4, "cgroup/recvmsg4", Hook::SockAddr, "5.2"),
     ProgramSpec::new(names::RECVMSG6, "cgroup/recvmsg6", Hook::SockAddr, "5.2"),
     ProgramSpec::new(
@@ -203,6 +204,10 @@ const PROGRAMS: &[ProgramSpec] = &[
         "5.8",
     ),
 ];
+
+/// Once this one is attached, no socket of the cgroup may bind a block address on the
+/// proxy's port: those bound before are aborted then ([`block_binders`]).
+const LAST_GUARD: &str = names::BIND6;
 
 impl ProgramSpec {
     const fn new(
@@ -422,6 +427,9 @@ impl Redirector {
                         redirect_links.push((spec.name, link));
                     }
                     log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
+                    if spec.name == LAST_GUARD {
+                        abort_block_binders(config.block4, config.block6);
+                    }
                 }
                 Hook::SkLookup => {
                     let program: &mut SkLookup = program.try_into().map_err(|_| mismatch)?;
@@ -520,6 +528,27 @@ impl Drop for Redirector {
     fn drop(&mut self) {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
         log::info!("detaching all programs from {}", self.cgroup);
+    }
+}
+
+/// Aborts the sockets of this namespace bound to a block address on the proxy's port while no
+/// agent ran ([`block_binders`]), and says so. If they cannot be looked for, the agent goes on
+/// (they stay as the kernel left them) and says why.
+fn abort_block_binders(block4: Block, block6: Option<Block>) {
+    match block_binders::abort_block_binders(block4, block6) {
+        Ok(aborted) => {
+            for (local, peer) in aborted {
+                log::warn!(
+                    "aborted a socket bound to {local}, a block address on the proxy's port, \
+                     connected to {peer}: it was bound while no agent ran, and could have sent \
+                     datagrams shown as a server's answers"
+                );
+            }
+        }
+        Err(err) => log::error!(
+            "cannot look for sockets bound to the block while no agent ran (sock_diag): {err}; \
+             any there stay as they are"
+        ),
     }
 }
 
@@ -971,6 +1000,22 @@ mod tests {
             "{text}"
         );
         assert_eq!(hint(&io::Error::other("no OS error")), " (no OS error)");
+    }
+
+    #[test]
+    fn block_binders_are_aborted_after_the_guards_and_before_anything_decodes() {
+        let position = |name| PROGRAMS.iter().position(|p| p.name == name).unwrap();
+        let guarded = position(LAST_GUARD);
+        assert!(position(names::BIND4) <= guarded);
+        for decoding in [
+            names::SK_LOOKUP,
+            names::RECVMSG4,
+            names::RECVMSG6,
+            names::GETPEERNAME4,
+            names::GETPEERNAME6,
+        ] {
+            assert!(position(decoding) > guarded, "{decoding}");
+        }
     }
 
     #[test]

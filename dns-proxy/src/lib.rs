@@ -7,6 +7,7 @@
 //! its listeners stop.
 pub mod agents;
 mod app;
+mod block_binders;
 pub mod cgroup;
 pub mod config;
 pub mod dns;

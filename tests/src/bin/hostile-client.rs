@@ -25,6 +25,11 @@
 //!   (a dual-stack one for an IPv6 FROM) and sends TO a datagram from SOURCE (`IP_PKTINFO` or
 //!   `IPV6_PKTINFO`), as a forger of answers would; connected to TO first if asked, and then
 //!   naming TO or not; prints `sent` or `refused: ERROR`.
+//! - `prebound FROM TO GO_FILE`: binds a UDP socket at FROM and connects it to TO (meant for
+//!   while no agent runs, when nothing refuses a block address), prints `ready`, and once
+//!   GO_FILE exists sends TO forged answers, one for every ID, over and over with `send` (no
+//!   address: no cgroup hook runs), until standard input closes; prints `sent=N failed=N
+//!   first_error=E`.
 //! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
 //!   there) and counts what it receives for SECONDS; prints `received=N`.
 //! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
@@ -532,6 +537,48 @@ fn spoof(from: &str, source: &str, to: &str, how: &[String]) -> Result<(), Strin
     Ok(())
 }
 
+fn prebound(from: &str, to: &str, go: &str) -> Result<(), String> {
+    let from: SocketAddr = parse(from, "IP:PORT")?;
+    let to: SocketAddr = parse(to, "IP:PORT")?;
+    let socket = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
+    socket
+        .connect(to)
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    println!("ready");
+    while !std::path::Path::new(go).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdin = std::io::stdin();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stdin, &mut std::io::sink());
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let (mut sent, mut failed, mut first_error) = (0u64, 0u64, None);
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        for id in 0..=u16::MAX {
+            let mut answer = tests::a_query(id, "forged.example.test");
+            answer[2] |= 0x80; // QR: a response
+            match socket.send(&answer) {
+                Ok(_) => sent += 1,
+                Err(err) => {
+                    failed += 1;
+                    first_error.get_or_insert(err.to_string());
+                }
+            }
+        }
+    }
+    let _ = reader.join();
+    println!(
+        "sent={sent} failed={failed} first_error={}",
+        first_error.unwrap_or_default()
+    );
+    Ok(())
+}
+
 /// Writes one control message of `level`/`kind` holding `data` into `header`'s control buffer
 /// and sends with it; what `sendmsg` returned.
 ///
@@ -600,6 +647,10 @@ fn main() -> ExitCode {
         Some("spoof") => match &args[1..] {
             [from, source, to, how @ ..] => spoof(from, source, to, how),
             _ => Err("spoof FROM SOURCE TO [--connected-sendto|--connected-send]".to_owned()),
+        },
+        Some("prebound") => match &args[1..] {
+            [from, to, go] => prebound(from, to, go),
+            _ => Err("prebound FROM TO GO_FILE".to_owned()),
         },
         Some("bind") => match &args[1..] {
             [addr] => {

@@ -319,6 +319,99 @@ fn a_socket_connected_while_no_agent_runs_keeps_its_server() {
     }
 }
 
+/// While no agent runs nothing guards the block: an unprivileged workload binds its server's
+/// block address on the proxy's port and connects to a client's port. Its plain `send` runs
+/// no hook, so once an agent starts, `recvmsg` would show what it sends as the server's
+/// answers. The agent aborts such sockets at start, once its bind guard is attached: the
+/// forger's sends fail and the client hears only its server (the binary before: 109,425
+/// forged answers taken by a victim in a by-hand run of the same).
+#[test]
+fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    let server = format!("{SERVER_IP}:53");
+    let victim_port = "20053";
+    let lookups = |count: &str| {
+        let args = [
+            "lookups",
+            "connect",
+            &server,
+            "victim.example.test",
+            count,
+            "--expect",
+            &ANSWER_IP.to_string(),
+            "--port",
+            victim_port,
+        ];
+        stdout(&mut topology.workload(HOSTILE, &args))
+    };
+    // The server's index for the cgroup, and the address the victim's sockets go to.
+    assert_eq!(lookups("1"), "right=1 wrong=0 failed=0");
+    let index = tests::server_index(&topology.client.state_dir(), SERVER_IP, 53);
+    let block_address = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 53, 0, 0)) + index);
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+
+    // A file the forger waits for (it may read /tmp), removed when the test ends.
+    struct RemovedAtEnd(std::path::PathBuf);
+    impl Drop for RemovedAtEnd {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let go = RemovedAtEnd(std::env::temp_dir().join(format!("{}-forge-go", topology.tag)));
+    let go = &go.0;
+    let from = format!(
+        "{block_address}:{}",
+        PROXY_LISTEN.rsplit(':').next().unwrap()
+    );
+    let to = format!("127.0.0.1:{victim_port}");
+    let mut forger = Process::spawn(
+        topology
+            .workload(
+                "setpriv",
+                &[
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    HOSTILE,
+                    "prebound",
+                    &from,
+                    &to,
+                    go.to_str().unwrap(),
+                ],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    // Kept open to the end: the forger prints what it sent once its standard input closes.
+    let mut forger_output = std::io::BufReader::new(forger.take_stdout());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut forger_output, &mut ready).unwrap();
+    assert_eq!(
+        ready.trim(),
+        "ready",
+        "bound and connected while no agent ran"
+    );
+    let agent = Agent::start(&topology, &[]);
+    std::fs::write(go, "").unwrap();
+    let victim = lookups("20");
+    forger.finish_with_stdout(Duration::from_secs(30));
+    let mut forged = String::new();
+    std::io::Read::read_to_string(&mut forger_output, &mut forged).unwrap();
+    assert_eq!(victim, "right=20 wrong=0 failed=0", "forger: {forged}");
+    assert!(forged.contains("sent=0 "), "{forged}");
+    assert!(
+        agent
+            .log()
+            .contains(&format!("aborted a socket bound to {from}")),
+        "{}",
+        agent.log()
+    );
+}
+
 /// Host mode: a container's namespace under the redirected cgroup keeps its own stub (as
 /// Docker's 127.0.0.11), and is not sent to the agent's loopback, where it cannot reach.
 #[test]

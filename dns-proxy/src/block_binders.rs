@@ -1,0 +1,173 @@
+//! Sockets of the agent's namespace that were bound to a block address on the proxy's port
+//! while no agent ran, when no bind guard refused it: such a socket, connected to a client
+//! then, sends with a plain `send`, which runs no cgroup hook, and `recvmsg` would show its
+//! datagrams to that client as its server's answers (security.md, claim 1). Once this agent's
+//! bind guard is attached, and before anything decodes, each is aborted through `sock_diag`
+//! (`SOCK_DESTROY`, as `ss -K` does): it is disconnected with `ECONNABORTED`, keeps its bind,
+//! and may only send again with an address, which the guard refuses.
+//!
+//! Only the agent's own namespace: in node mode a pod's namespace is its own, and binding a
+//! block address there takes privileges that forge with raw sockets anyway.
+use std::{
+    io::{self, Read as _, Write as _},
+    mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::ebpf::Block;
+
+/// `linux/sock_diag.h`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+/// `struct nlmsghdr`.
+const NLMSG_HEADER_LEN: usize = 16;
+/// `struct inet_diag_sockid`: ports, source and destination, interface, cookie.
+const SOCKID_LEN: usize = 48;
+/// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, then the id.
+const REQUEST_LEN: usize = 8 + SOCKID_LEN;
+/// `struct inet_diag_msg` begins with family, state, timer, retransmits, then the id.
+const MESSAGE_ID_OFFSET: usize = 4;
+
+/// A UDP socket as `sock_diag` lists it: its family, local address and the id that names it
+/// in a `SOCK_DESTROY`.
+#[derive(Debug, Clone)]
+struct Listed {
+    family: u8,
+    local: SocketAddr,
+    peer: SocketAddr,
+    id: [u8; SOCKID_LEN],
+}
+
+/// Aborts every UDP socket of this network namespace bound to an address of `block4` or
+/// `block6` that encodes a server, on the block's port; returns the local and peer addresses
+/// of those it aborted. Needs `CAP_NET_ADMIN`.
+pub fn abort_block_binders(
+    block4: Block,
+    block6: Option<Block>,
+) -> io::Result<Vec<(SocketAddr, SocketAddr)>> {
+    let binds_block = |local: SocketAddr| {
+        let in_block = |block: Block| {
+            local.port() == block.port && block.addresses.index_of(local.ip()).is_some()
+        };
+        in_block(block4) || block6.is_some_and(in_block)
+    };
+    let mut aborted = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for socket in list_udp(family)? {
+            if binds_block(socket.local) {
+                destroy(&socket)?;
+                aborted.push((socket.local, socket.peer));
+            }
+        }
+    }
+    Ok(aborted)
+}
+
+fn diag_socket() -> io::Result<Socket> {
+    Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW.cloexec(),
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )
+}
+
+/// A `sock_diag` request of `kind` for UDP sockets of `family`, naming `id` (zeros: any).
+fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+    let len = (NLMSG_HEADER_LEN + REQUEST_LEN) as u32;
+    let mut message = Vec::with_capacity(len as usize);
+    message.extend_from_slice(&len.to_ne_bytes());
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    message.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
+    message.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    message.extend_from_slice(id);
+    message
+}
+
+/// Every UDP socket of `family` in this namespace.
+fn list_udp(family: u8) -> io::Result<Vec<Listed>> {
+    let mut socket = diag_socket()?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    socket.write_all(&request(
+        SOCK_DIAG_BY_FAMILY,
+        flags,
+        family,
+        &[0; SOCKID_LEN],
+    ))?;
+    let mut listed = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let received = socket.read(&mut buffer)?;
+        let mut rest = &buffer[..received];
+        while rest.len() >= NLMSG_HEADER_LEN {
+            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            if len < NLMSG_HEADER_LEN || len > rest.len() {
+                return Err(io::Error::other("a malformed sock_diag reply"));
+            }
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(listed),
+                k if k == libc::NLMSG_ERROR as u16 => return Err(netlink_error(&rest[..len])),
+                _ => listed.extend(parse_listed(&rest[NLMSG_HEADER_LEN..len])),
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+    }
+}
+
+/// One `inet_diag_msg`: the socket it describes, if it is IPv4 or IPv6.
+fn parse_listed(body: &[u8]) -> Option<Listed> {
+    let id: [u8; SOCKID_LEN] = body
+        .get(MESSAGE_ID_OFFSET..MESSAGE_ID_OFFSET + SOCKID_LEN)?
+        .try_into()
+        .ok()?;
+    let family = body[0];
+    let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
+    let address = |at: usize| -> Option<IpAddr> {
+        match i32::from(family) {
+            libc::AF_INET => {
+                let octets: [u8; 4] = id[at..at + 4].try_into().ok()?;
+                Some(IpAddr::V4(Ipv4Addr::from(octets)))
+            }
+            libc::AF_INET6 => {
+                let octets: [u8; 16] = id[at..at + 16].try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            _ => None,
+        }
+    };
+    Some(Listed {
+        family,
+        local: SocketAddr::new(address(4)?, port(0)),
+        peer: SocketAddr::new(address(20)?, port(2)),
+        id,
+    })
+}
+
+/// Aborts `socket` (`SOCK_DESTROY`). One that closed meanwhile is no error.
+fn destroy(socket: &Listed) -> io::Result<()> {
+    let mut diag = diag_socket()?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    diag.write_all(&request(SOCK_DESTROY, flags, socket.family, &socket.id))?;
+    let mut reply = [0u8; 256];
+    let received = diag.read(&mut reply)?;
+    match netlink_error(&reply[..received]) {
+        err if err.raw_os_error() == Some(0) || err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        err => Err(err),
+    }
+}
+
+/// The error an `NLMSG_ERROR` reply carries (`raw_os_error` 0: an acknowledgement).
+fn netlink_error(reply: &[u8]) -> io::Error {
+    match reply.get(NLMSG_HEADER_LEN..NLMSG_HEADER_LEN + mem::size_of::<i32>()) {
+        Some(code) => {
+            let code = i32::from_ne_bytes(code.try_into().expect("4 bytes"));
+            io::Error::from_raw_os_error(-code)
+        }
+        None => io::Error::other("a short sock_diag reply"),
+    }
+}
