@@ -41,8 +41,15 @@ struct Listed {
 }
 
 /// Aborts every UDP socket of this network namespace bound to an address of `block4` or
-/// `block6` that encodes a server, on the block's port; returns the local and peer addresses
-/// of those it aborted. Needs `CAP_NET_ADMIN`.
+/// `block6` that encodes a server, on the block's port, and connected (one that is not may
+/// only send with an address, which the guard refuses); returns the local and peer addresses
+/// of each it aborted. Needs `CAP_NET_ADMIN`.
+///
+/// The kernel finds the socket a `SOCK_DESTROY` names by its addresses, and then checks its
+/// cookie. Several sockets may share the addresses (`SO_REUSEADDR`), and the kernel then finds
+/// the one connected last, whatever was listed: so for each pair of addresses listed, the
+/// socket the kernel finds is asked for (a lookup of one) and aborted by its own cookie, until
+/// it finds none bound to the block and connected to that peer.
 pub fn abort_block_binders(
     block4: Block,
     block6: Option<Block>,
@@ -55,10 +62,26 @@ pub fn abort_block_binders(
     };
     let mut aborted = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for socket in list_udp(family)? {
-            if binds_block(socket.local) {
-                destroy(&socket)?;
-                aborted.push((socket.local, socket.peer));
+        let mut pairs: Vec<Listed> = list_udp(family)?
+            .into_iter()
+            .filter(|socket| socket.peer.port() != 0 && binds_block(socket.local))
+            .collect();
+        pairs.sort_by_key(|socket| (socket.local, socket.peer));
+        pairs.dedup_by_key(|socket| (socket.local, socket.peer));
+        for pair in pairs {
+            // Each socket once: should the kernel find one it aborted again, that is the end.
+            let mut seen = std::collections::HashSet::new();
+            while let Some(found) = find_one(&pair)? {
+                let cookie = &found.id[SOCKID_LEN - 8..];
+                if found.local != pair.local
+                    || found.peer != pair.peer
+                    || !seen.insert(cookie.to_vec())
+                {
+                    break;
+                }
+                if destroy(&found)? {
+                    aborted.push((found.local, found.peer));
+                }
             }
         }
     }
@@ -148,15 +171,50 @@ fn parse_listed(body: &[u8]) -> Option<Listed> {
     })
 }
 
-/// Aborts `socket` (`SOCK_DESTROY`). One that closed meanwhile is no error.
-fn destroy(socket: &Listed) -> io::Result<()> {
+/// The socket the kernel finds for `pair`'s addresses, as it would for a datagram from its
+/// peer: the one `SOCK_DESTROY` of those addresses reaches. `None` if there is none.
+fn find_one(pair: &Listed) -> io::Result<Option<Listed>> {
+    let mut diag = diag_socket()?;
+    // A lookup of one names the datagram's source (the socket's peer) first, then its
+    // destination, and takes any cookie.
+    let mut id = [0u8; SOCKID_LEN];
+    id[..2].copy_from_slice(&pair.id[2..4]);
+    id[2..4].copy_from_slice(&pair.id[..2]);
+    id[4..20].copy_from_slice(&pair.id[20..36]);
+    id[20..36].copy_from_slice(&pair.id[4..20]);
+    id[36..40].copy_from_slice(&pair.id[36..40]);
+    id[40..].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let flags = libc::NLM_F_REQUEST as u16;
+    diag.write_all(&request(SOCK_DIAG_BY_FAMILY, flags, pair.family, &id))?;
+    let mut reply = vec![0u8; 4096];
+    let received = diag.read(&mut reply)?;
+    let reply = &reply[..received];
+    if reply.len() < NLMSG_HEADER_LEN {
+        return Err(io::Error::other("a short sock_diag reply"));
+    }
+    if u16::from_ne_bytes([reply[4], reply[5]]) == libc::NLMSG_ERROR as u16 {
+        return match netlink_error(reply) {
+            err if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            err => Err(err),
+        };
+    }
+    let len = u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize;
+    Ok(parse_listed(
+        reply.get(NLMSG_HEADER_LEN..len).unwrap_or_default(),
+    ))
+}
+
+/// Aborts `socket` (`SOCK_DESTROY`, by its cookie): whether it did. One that closed
+/// meanwhile, or that the kernel does not find first for its addresses, is not aborted.
+fn destroy(socket: &Listed) -> io::Result<bool> {
     let mut diag = diag_socket()?;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     diag.write_all(&request(SOCK_DESTROY, flags, socket.family, &socket.id))?;
     let mut reply = [0u8; 256];
     let received = diag.read(&mut reply)?;
     match netlink_error(&reply[..received]) {
-        err if err.raw_os_error() == Some(0) || err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        err if err.raw_os_error() == Some(0) => Ok(true),
+        err if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         err => Err(err),
     }
 }

@@ -25,9 +25,10 @@
 //!   (a dual-stack one for an IPv6 FROM) and sends TO a datagram from SOURCE (`IP_PKTINFO` or
 //!   `IPV6_PKTINFO`), as a forger of answers would; connected to TO first if asked, and then
 //!   naming TO or not; prints `sent` or `refused: ERROR`.
-//! - `prebound FROM TO GO_FILE`: binds a UDP socket at FROM and connects it to TO (meant for
-//!   while no agent runs, when nothing refuses a block address), prints `ready`, and once
-//!   GO_FILE exists sends TO forged answers, one for every ID, over and over with `send` (no
+//! - `prebound FROM TO GO_FILE [TWINS]`: binds TWINS (default 1) UDP sockets at FROM
+//!   (`SO_REUSEADDR`) and connects them to TO, in the reverse order (meant for while no agent
+//!   runs, when nothing refuses a block address), prints `ready`, and once GO_FILE exists
+//!   sends TO forged answers from each, one for every ID, over and over with `send` (no
 //!   address: no cgroup hook runs), until standard input closes; prints `sent=N failed=N
 //!   first_error=E`.
 //! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
@@ -537,13 +538,31 @@ fn spoof(from: &str, source: &str, to: &str, how: &[String]) -> Result<(), Strin
     Ok(())
 }
 
-fn prebound(from: &str, to: &str, go: &str) -> Result<(), String> {
+fn prebound(from: &str, to: &str, go: &str, twins: &[String]) -> Result<(), String> {
     let from: SocketAddr = parse(from, "IP:PORT")?;
     let to: SocketAddr = parse(to, "IP:PORT")?;
-    let socket = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
-    socket
-        .connect(to)
-        .map_err(|e| format!("connect {to}: {e}"))?;
+    let twins: usize = match twins {
+        [] => 1,
+        [count] => parse(count, "a count")?,
+        _ => return Err("prebound FROM TO GO_FILE [TWINS]".to_owned()),
+    };
+    // Bound in order, connected in the reverse: the kernel finds the one connected last
+    // first, and a sweep that aborts what it listed must not take that for the rest.
+    let mut sockets = Vec::new();
+    for _ in 0..twins {
+        let socket =
+            Socket::new(Domain::for_address(from), Type::DGRAM, None).map_err(|e| e.to_string())?;
+        socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+        socket
+            .bind(&from.into())
+            .map_err(|e| format!("bind {from}: {e}"))?;
+        sockets.push(UdpSocket::from(socket));
+    }
+    for socket in sockets.iter().rev() {
+        socket
+            .connect(to)
+            .map_err(|e| format!("connect {to}: {e}"))?;
+    }
     println!("ready");
     while !std::path::Path::new(go).exists() {
         std::thread::sleep(Duration::from_millis(20));
@@ -562,11 +581,13 @@ fn prebound(from: &str, to: &str, go: &str) -> Result<(), String> {
         for id in 0..=u16::MAX {
             let mut answer = tests::a_query(id, "forged.example.test");
             answer[2] |= 0x80; // QR: a response
-            match socket.send(&answer) {
-                Ok(_) => sent += 1,
-                Err(err) => {
-                    failed += 1;
-                    first_error.get_or_insert(err.to_string());
+            for socket in &sockets {
+                match socket.send(&answer) {
+                    Ok(_) => sent += 1,
+                    Err(err) => {
+                        failed += 1;
+                        first_error.get_or_insert(err.to_string());
+                    }
                 }
             }
         }
@@ -649,8 +670,8 @@ fn main() -> ExitCode {
             _ => Err("spoof FROM SOURCE TO [--connected-sendto|--connected-send]".to_owned()),
         },
         Some("prebound") => match &args[1..] {
-            [from, to, go] => prebound(from, to, go),
-            _ => Err("prebound FROM TO GO_FILE".to_owned()),
+            [from, to, go, twins @ ..] => prebound(from, to, go, twins),
+            _ => Err("prebound FROM TO GO_FILE [TWINS]".to_owned()),
         },
         Some("bind") => match &args[1..] {
             [addr] => {

@@ -322,9 +322,10 @@ fn a_socket_connected_while_no_agent_runs_keeps_its_server() {
 /// While no agent runs nothing guards the block: an unprivileged workload binds its server's
 /// block address on the proxy's port and connects to a client's port. Its plain `send` runs
 /// no hook, so once an agent starts, `recvmsg` would show what it sends as the server's
-/// answers. The agent aborts such sockets at start, once its bind guard is attached: the
-/// forger's sends fail and the client hears only its server (the binary before: 109,425
-/// forged answers taken by a victim in a by-hand run of the same).
+/// answers. The agent aborts such sockets at start, once its bind guard is attached, each of
+/// several bound to the same addresses too: the forger's sends fail and the client hears only
+/// its server (the binary before: 109,425 forged answers taken by a victim in a by-hand run
+/// of the same; with three twins, the first sweep aborted one).
 #[test]
 fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
     let topology = Topology::new();
@@ -381,6 +382,8 @@ fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
                     &from,
                     &to,
                     go.to_str().unwrap(),
+                    // Twins on the same addresses: each must be aborted, not one of them.
+                    "3",
                 ],
             )
             .stdin(Stdio::piped())
@@ -626,8 +629,16 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
     let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
     let bind = |addr: String| stdout(&mut topology.workload(HOSTILE, &["bind", &addr]));
-    for addr in ["127.53.0.1", "127.53.200.9"] {
-        let outcome = bind(format!("{addr}:{port}"));
+    // Port 0 too: the kernel picks the port later, and may pick the proxy's (an adversarial
+    // review had a socket's own IP_LOCAL_PORT_RANGE make it so, and forge answers).
+    for addr in [
+        format!("127.53.0.1:{port}"),
+        format!("127.53.200.9:{port}"),
+        "127.53.0.1:0".to_owned(),
+        "[::ffff:127.53.0.1]:0".to_owned(),
+        "[fd53:6e73:6470::1]:0".to_owned(),
+    ] {
+        let outcome = bind(addr.clone());
         assert!(
             outcome.starts_with("refused: Operation not permitted"),
             "{addr}: {outcome}"
