@@ -45,11 +45,13 @@ struct Listed {
 /// only send with an address, which the guard refuses); returns the local and peer addresses
 /// of each it aborted. Needs `CAP_NET_ADMIN`.
 ///
-/// The kernel finds the socket a `SOCK_DESTROY` names by its addresses, and then checks its
-/// cookie. Several sockets may share the addresses (`SO_REUSEADDR`), and the kernel then finds
-/// the one connected last, whatever was listed: so for each pair of addresses listed, the
-/// socket the kernel finds is asked for (a lookup of one) and aborted by its own cookie, until
-/// it finds none bound to the block and connected to that peer.
+/// The kernel finds the socket a `SOCK_DESTROY` names by its addresses and interface, and only
+/// then checks the cookie: of several sockets on the same addresses (`SO_REUSEADDR`), it finds
+/// the one connected last, of either family (a dual-stack socket on the v4-mapped address
+/// included), whatever was listed. So for each socket listed, with its own family and
+/// interface, the sweep asks which socket the kernel finds (a lookup of one, any cookie) and
+/// aborts that one by its cookie, until the kernel finds none bound to the block and connected
+/// to that peer (adversarial reviews defeated two simpler sweeps with such twins).
 pub fn abort_block_binders(
     block4: Block,
     block6: Option<Block>,
@@ -60,32 +62,46 @@ pub fn abort_block_binders(
         };
         in_block(block4) || block6.is_some_and(in_block)
     };
-    let mut aborted = Vec::new();
+    let mut diag = diag_socket()?;
+    let mut listed = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let mut pairs: Vec<Listed> = list_udp(family)?
-            .into_iter()
-            .filter(|socket| socket.peer.port() != 0 && binds_block(socket.local))
-            .collect();
-        pairs.sort_by_key(|socket| (socket.local, socket.peer));
-        pairs.dedup_by_key(|socket| (socket.local, socket.peer));
-        for pair in pairs {
-            // Each socket once: should the kernel find one it aborted again, that is the end.
-            let mut seen = std::collections::HashSet::new();
-            while let Some(found) = find_one(&pair)? {
-                let cookie = &found.id[SOCKID_LEN - 8..];
-                if found.local != pair.local
-                    || found.peer != pair.peer
-                    || !seen.insert(cookie.to_vec())
-                {
-                    break;
-                }
-                if destroy(&found)? {
-                    aborted.push((found.local, found.peer));
-                }
+        listed.extend(
+            list_udp(&mut diag, family)?
+                .into_iter()
+                .filter(|socket| socket.peer.port() != 0 && binds_block(socket.local)),
+        );
+    }
+    let same = |a: SocketAddr, b: SocketAddr| {
+        a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+    };
+    let mut aborted = Vec::new();
+    let mut done = std::collections::HashSet::new();
+    for socket in &listed {
+        while !done.contains(&socket.cookie()) {
+            let Some(found) = find_one(&mut diag, socket)? else {
+                break;
+            };
+            // Another socket, or one aborted before: the kernel finds no more of these.
+            if !same(found.local, socket.local)
+                || !same(found.peer, socket.peer)
+                || !done.insert(found.cookie())
+            {
+                break;
+            }
+            if destroy(&mut diag, &found)? {
+                aborted.push((found.local, found.peer));
             }
         }
     }
     Ok(aborted)
+}
+
+impl Listed {
+    fn cookie(&self) -> [u8; 8] {
+        let mut cookie = [0; 8];
+        cookie.copy_from_slice(&self.id[SOCKID_LEN - 8..]);
+        cookie
+    }
 }
 
 fn diag_socket() -> io::Result<Socket> {
@@ -112,8 +128,7 @@ fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> 
 }
 
 /// Every UDP socket of `family` in this namespace.
-fn list_udp(family: u8) -> io::Result<Vec<Listed>> {
-    let mut socket = diag_socket()?;
+fn list_udp(socket: &mut Socket, family: u8) -> io::Result<Vec<Listed>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     socket.write_all(&request(
         SOCK_DIAG_BY_FAMILY,
@@ -173,8 +188,7 @@ fn parse_listed(body: &[u8]) -> Option<Listed> {
 
 /// The socket the kernel finds for `pair`'s addresses, as it would for a datagram from its
 /// peer: the one `SOCK_DESTROY` of those addresses reaches. `None` if there is none.
-fn find_one(pair: &Listed) -> io::Result<Option<Listed>> {
-    let mut diag = diag_socket()?;
+fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
     // A lookup of one names the datagram's source (the socket's peer) first, then its
     // destination, and takes any cookie.
     let mut id = [0u8; SOCKID_LEN];
@@ -206,8 +220,7 @@ fn find_one(pair: &Listed) -> io::Result<Option<Listed>> {
 
 /// Aborts `socket` (`SOCK_DESTROY`, by its cookie): whether it did. One that closed
 /// meanwhile, or that the kernel does not find first for its addresses, is not aborted.
-fn destroy(socket: &Listed) -> io::Result<bool> {
-    let mut diag = diag_socket()?;
+fn destroy(diag: &mut Socket, socket: &Listed) -> io::Result<bool> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     diag.write_all(&request(SOCK_DESTROY, flags, socket.family, &socket.id))?;
     let mut reply = [0u8; 256];

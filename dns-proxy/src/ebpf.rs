@@ -537,11 +537,20 @@ impl Drop for Redirector {
 fn abort_block_binders(block4: Block, block6: Option<Block>) {
     match block_binders::abort_block_binders(block4, block6) {
         Ok(aborted) => {
-            for (local, peer) in aborted {
+            // The first few, and how many: a workload may have made thousands.
+            const NAMED: usize = 10;
+            for (local, peer) in aborted.iter().take(NAMED) {
                 log::warn!(
                     "aborted a socket bound to {local}, a block address on the proxy's port, \
                      connected to {peer}: it was bound while no agent ran, and could have sent \
                      datagrams shown as a server's answers"
+                );
+            }
+            if aborted.len() > NAMED {
+                log::warn!(
+                    "aborted {} sockets bound to the block while no agent ran ({} not named)",
+                    aborted.len(),
+                    aborted.len() - NAMED
                 );
             }
         }
