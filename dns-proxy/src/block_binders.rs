@@ -10,13 +10,12 @@
 //! block address there takes privileges that forge with raw sockets anyway.
 use std::{
     io::{self, Read as _, Write as _},
-    mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::ebpf::Block;
+use crate::{ebpf::Block, host::reply_error};
 
 /// `linux/sock_diag.h`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -32,7 +31,7 @@ const MESSAGE_ID_OFFSET: usize = 4;
 
 /// A UDP socket as `sock_diag` lists it: its family, local address and the id that names it
 /// in a `SOCK_DESTROY`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Listed {
     family: u8,
     local: SocketAddr,
@@ -149,7 +148,9 @@ fn list_udp(socket: &mut Socket, family: u8) -> io::Result<Vec<Listed>> {
             }
             match kind {
                 k if k == libc::NLMSG_DONE as u16 => return Ok(listed),
-                k if k == libc::NLMSG_ERROR as u16 => return Err(netlink_error(&rest[..len])),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    return Err(io::Error::from_raw_os_error(-reply_error(&rest[..len])?));
+                }
                 _ => listed.extend(parse_listed(&rest[NLMSG_HEADER_LEN..len])),
             }
             rest = &rest[len.next_multiple_of(4).min(rest.len())..];
@@ -207,9 +208,9 @@ fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
         return Err(io::Error::other("a short sock_diag reply"));
     }
     if u16::from_ne_bytes([reply[4], reply[5]]) == libc::NLMSG_ERROR as u16 {
-        return match netlink_error(reply) {
-            err if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            err => Err(err),
+        return match -reply_error(reply)? {
+            libc::ENOENT => Ok(None),
+            errno => Err(io::Error::from_raw_os_error(errno)),
         };
     }
     let len = u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize;
@@ -225,20 +226,9 @@ fn destroy(diag: &mut Socket, socket: &Listed) -> io::Result<bool> {
     diag.write_all(&request(SOCK_DESTROY, flags, socket.family, &socket.id))?;
     let mut reply = [0u8; 256];
     let received = diag.read(&mut reply)?;
-    match netlink_error(&reply[..received]) {
-        err if err.raw_os_error() == Some(0) => Ok(true),
-        err if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        err => Err(err),
-    }
-}
-
-/// The error an `NLMSG_ERROR` reply carries (`raw_os_error` 0: an acknowledgement).
-fn netlink_error(reply: &[u8]) -> io::Error {
-    match reply.get(NLMSG_HEADER_LEN..NLMSG_HEADER_LEN + mem::size_of::<i32>()) {
-        Some(code) => {
-            let code = i32::from_ne_bytes(code.try_into().expect("4 bytes"));
-            io::Error::from_raw_os_error(-code)
-        }
-        None => io::Error::other("a short sock_diag reply"),
+    match -reply_error(&reply[..received])? {
+        0 => Ok(true),
+        libc::ENOENT => Ok(false),
+        errno => Err(io::Error::from_raw_os_error(errno)),
     }
 }

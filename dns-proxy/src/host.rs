@@ -610,18 +610,16 @@ fn rtnetlink_exchange(message: &mut [u8]) -> io::Result<([u8; 1024], usize)> {
     Ok((reply, received as usize))
 }
 
-/// The error code of an `NLMSG_ERROR` reply (0: an acknowledgement); an error if the reply is
-/// something else.
-fn reply_error(reply: &[u8]) -> io::Result<i32> {
+/// The error code of an `NLMSG_ERROR` reply (0: an acknowledgement), of rtnetlink or
+/// `sock_diag`; an error if the reply is something else.
+pub(crate) fn reply_error(reply: &[u8]) -> io::Result<i32> {
     let header_len = mem::size_of::<libc::nlmsghdr>();
     if reply.len() < header_len + 4 {
-        return Err(io::Error::other("a short rtnetlink reply"));
+        return Err(io::Error::other("a short netlink reply"));
     }
     let kind = u16::from_ne_bytes([reply[4], reply[5]]);
     if kind != libc::NLMSG_ERROR as u16 {
-        return Err(io::Error::other(format!(
-            "an rtnetlink reply of type {kind}"
-        )));
+        return Err(io::Error::other(format!("a netlink reply of type {kind}")));
     }
     let mut code = [0u8; 4];
     code.copy_from_slice(&reply[header_len..header_len + 4]);

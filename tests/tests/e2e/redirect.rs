@@ -8,6 +8,13 @@ use tests::{CLIENT_IP, Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTo
 use super::*;
 
 const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
+/// `setpriv`'s arguments that run what follows as `nobody`, with no capability.
+const AS_NOBODY: [&str; 4] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
 
 /// What another server answers, where a hijacked lookup would end up.
 const EVIL: (Ipv4Addr, Ipv4Addr) = (SECOND_SERVER_IP, SECOND_ANSWER_IP);
@@ -373,18 +380,18 @@ fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
             .workload(
                 "setpriv",
                 &[
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--inh-caps=-all",
-                    HOSTILE,
-                    "prebound",
-                    &from,
-                    &to,
-                    go.to_str().unwrap(),
-                    // Twins on the same addresses: each must be aborted, not one of them.
-                    "3",
-                ],
+                    AS_NOBODY.as_slice(),
+                    &[
+                        HOSTILE,
+                        "prebound",
+                        &from,
+                        &to,
+                        go.to_str().unwrap(),
+                        // Twins on the same addresses: each must be aborted, not one of them.
+                        "3",
+                    ],
+                ]
+                .concat(),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
@@ -780,15 +787,9 @@ fn no_workload_can_send_from_the_proxys_block_addresses() {
         "::ffff:127.53.0.1",
         "[::ffff:127.0.0.1]:40999".to_owned(),
     );
-    let nobody = [
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ];
     for (from, source, victim) in [&ipv4, &dual_stack] {
         for how in [None, Some("--connected-sendto"), Some("--connected-send")] {
-            for user in [&[][..], &nobody[..]] {
+            for user in [&[][..], &AS_NOBODY[..]] {
                 let mut args: Vec<&str> = user.to_vec();
                 args.extend([HOSTILE, "spoof", from, source, victim]);
                 args.extend(how);
