@@ -69,6 +69,8 @@ pub(super) struct Connection {
     pub(super) slots: Semaphore,
     pub(super) last_activity: Mutex<Instant>,
     pub(super) client_done: std::sync::atomic::AtomicBool,
+    /// The client sent something that is not a query: nothing more is read from it.
+    pub(super) sent_malformed: std::sync::atomic::AtomicBool,
     /// A query has begun to arrive and is not yet on its way: a drain must wait for it.
     reading: std::sync::atomic::AtomicBool,
     /// The client sent a query with an ID still in flight: answers to its queries cannot be
@@ -108,6 +110,7 @@ impl Connection {
             slots: Semaphore::new(MAX_PIPELINED),
             last_activity: Mutex::new(Instant::now()),
             client_done: false.into(),
+            sent_malformed: false.into(),
             reading: false.into(),
             reuses_ids: false.into(),
             keepalive: 0.into(),
@@ -127,6 +130,15 @@ impl Connection {
 
     pub(super) fn finished(&self) -> bool {
         self.client_done.load(std::sync::atomic::Ordering::Relaxed) && self.outstanding() == 0
+    }
+
+    /// Why a [`finished`](Self::finished) connection ends.
+    pub(super) fn why_finished(&self) -> Closed {
+        if self.sent_malformed.load(std::sync::atomic::Ordering::Relaxed) {
+            Closed::MalformedQuery
+        } else {
+            Closed::ByClient
+        }
     }
 
     pub(super) fn set_reading(&self, reading: bool) {

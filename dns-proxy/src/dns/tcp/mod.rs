@@ -299,8 +299,16 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             Stats::add(&stats.received);
             if !wire::is_query(&query) {
+                // Nothing more is read (what follows may not be framed as the client thinks),
+                // but the queries before it still get their answers, as a server's would.
                 Stats::add(&stats.dropped_malformed);
-                return Closed::MalformedQuery;
+                conn.set_reading(false);
+                conn.sent_malformed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                conn.client_done
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                conn.changed.notify_one();
+                return std::future::pending().await;
             }
             if wire::asks_tcp_keepalive(&query) {
                 conn.asked_keepalive
@@ -468,7 +476,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 }),
             ) = (&self.settings.cache, &pending)
             {
-                cache.store(cacheable, head, &answer, now.instant);
+                cache.store(cacheable, head, &answer, false, now.instant);
             }
             if let Some(Pending {
                 description: Some(description),
@@ -488,7 +496,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 );
             }
             if conn.finished() {
-                return Closed::ByClient;
+                return conn.why_finished();
             }
         }
     }
@@ -506,7 +514,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let mut draining_since = None;
         loop {
             if conn.finished() {
-                return Closed::ByClient;
+                return conn.why_finished();
             }
             let outstanding = conn.outstanding();
             let last = *conn.last_activity.lock().expect("not poisoned");

@@ -472,6 +472,28 @@ async fn a_stalled_client_does_not_hold_up_another() {
 }
 
 #[tokio::test]
+async fn queries_before_a_malformed_one_are_still_answered_then_the_connection_closes() {
+    let proxy = proxy(Some(upstream(2).await), Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    let mut pipelined = Vec::new();
+    for message in [&query(1)[..], &query(2), b"not dns at all, but long enough"] {
+        write_message(&mut pipelined, message).await.unwrap();
+    }
+    client.write_all(&pipelined).await.unwrap();
+    let mut answers = Vec::new();
+    while let Some(answer) = timeout(Duration::from_secs(2), read_message(&mut client))
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        answers.push(answer);
+    }
+    assert_eq!(answers, [answer_to(&query(2)), answer_to(&query(1))]);
+    assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
 async fn malformed_queries_and_unknown_clients_are_closed_not_forwarded() {
     let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
     let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
