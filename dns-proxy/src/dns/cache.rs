@@ -29,6 +29,9 @@ const CLASSIC_UDP_LIMIT: usize = 512;
 const ENTRY_OVERHEAD: usize = 128;
 
 const TYPE_SOA: u16 = 6;
+/// The meta classes (RFC 6895 §3.2).
+const CLASS_NONE: u16 = 254;
+const CLASS_ANY: u16 = 255;
 /// EDNS Client Subnet (RFC 7871).
 const OPTION_ECS: u16 = 8;
 /// DNS Cookies (RFC 7873): one client's, and the server's answer to it.
@@ -119,6 +122,11 @@ impl CacheableQuery {
         if qtype == TYPE_OPT || (128..=255).contains(&qtype) {
             return None;
         }
+        // The reserved classes and the meta classes NONE and ANY (RFC 6895 §3.2): an answer
+        // to ANY depends on what the server holds in which class, not one RRset to keep.
+        if matches!(qclass, 0 | CLASS_NONE | CLASS_ANY | 0xffff) {
+            return None;
+        }
         let question_end = reader.offset;
         let mut cookie = None;
         let edns = match count(query, 10)? {
@@ -127,7 +135,14 @@ impl CacheableQuery {
                 let owner_is_root = *query.get(reader.offset)? == 0;
                 let record = reader.record()?;
                 let (extended_rcode, version) = (record.ttl >> 24, (record.ttl >> 16) & 0xff);
-                if record.rtype != TYPE_OPT || !owner_is_root || extended_rcode != 0 || version != 0
+                // EDNS flags other than DO (the compact-denial CO bit, say) may change the
+                // answer, and the key holds only DO.
+                let other_flags = record.ttl & 0x7fff;
+                if record.rtype != TYPE_OPT
+                    || !owner_is_root
+                    || extended_rcode != 0
+                    || version != 0
+                    || other_flags != 0
                 {
                     return None;
                 }
@@ -138,10 +153,19 @@ impl CacheableQuery {
                 {
                     return None;
                 }
-                cookie = options
-                    .iter()
-                    .find(|(code, at)| *code == OPTION_COOKIE && (20..=44).contains(&at.len()))
-                    .map(|(_, at)| query[at.start + 4..at.end].into());
+                // One COOKIE option of a length RFC 7873 §4 allows: 8 bytes of the client's
+                // own, and 8 to 32 of its server's. A server answers a malformed one with
+                // FORMERR, or not at all (§5.2.2): that is no answer for anyone else.
+                let mut cookies = options.iter().filter(|(code, _)| *code == OPTION_COOKIE);
+                if let Some((_, at)) = cookies.next() {
+                    let length = at.len() - 4;
+                    if cookies.next().is_some() || !(length == 8 || (16..=40).contains(&length)) {
+                        return None;
+                    }
+                    if length > 8 {
+                        cookie = Some(query[at.start + 4..at.end].into());
+                    }
+                }
                 Some(record)
             }
             _ => return None,
@@ -181,9 +205,13 @@ impl CacheableQuery {
 /// `asked`, for another client whose query is `query` with `head`
 /// ([`CacheableQuery::head`]): with that client's ID and question bytes, without the first
 /// client's cookie and padding, and truncated past its UDP limit when `udp` is set. `None`
-/// if it is not to be shared: its question is not exactly the one asked (it would fail the
-/// first client's letter-case check), or it has an extended RCODE (about the first query's
-/// EDNS, a cookie say).
+/// if it is not to be shared, because it answers the first query rather than the name:
+/// - its question is not exactly the one asked (it would fail the first client's
+///   letter-case check);
+/// - it is truncated (the first client's UDP size was too small for it, the other's may not
+///   be);
+/// - its RCODE is not NOERROR, NXDOMAIN or SERVFAIL (FORMERR, REFUSED, an extended RCODE:
+///   about the first query's EDNS or cookie, say).
 pub fn shared_answer(
     answer: &[u8],
     asked: &[u8],
@@ -194,7 +222,11 @@ pub fn shared_answer(
     if answer.len() < HEADER_LEN || head.len() < HEADER_LEN || asked.len() < HEADER_LEN {
         return None;
     }
+    let cut_short = answer[2] & 0x02 != 0;
+    let rcode = answer[3] & 0x0f;
     if answer.get(HEADER_LEN..asked.len()) != asked.get(HEADER_LEN..)
+        || cut_short
+        || !matches!(rcode, RCODE_NOERROR | RCODE_NXDOMAIN | RCODE_SERVFAIL)
         || extended_rcode(answer)? != 0
         || opt_count(answer)? > 1
     {
@@ -228,6 +260,10 @@ struct Entry {
     ttls: Vec<(usize, u32)>,
     /// Where the question ends in `answer` (the client's question replaces it).
     question_end: usize,
+    /// The UDP size of the query it answered (`usize::MAX` over TCP): a server may leave
+    /// optional records out of an answer that would not fit, without truncating it (RFC 2181
+    /// §9), so a UDP client that takes more is asked for again rather than shown less.
+    fetched_within: usize,
     stored: Instant,
     lifetime: Duration,
     /// When the upstream last failed to refresh it, while it was stale.
@@ -247,10 +283,10 @@ impl Entry {
 pub enum Cached {
     /// A live answer, ready to send.
     Fresh(Vec<u8>),
-    /// An expired answer within `--serve-stale`, ready to send with TTL 30 (at most
-    /// `--cache-max-ttl`), for when the
-    /// upstream fails; `upstream_failing` if it failed to refresh it in the last 30 s, when
-    /// it may be served at once.
+    /// An answer to send only if the upstream fails: expired within `--serve-stale` (shown
+    /// with TTL 30, at most `--cache-max-ttl`), or live but fetched for a smaller UDP size
+    /// than this client's (TTLs counted down). `upstream_failing` if the upstream failed to
+    /// refresh it in the last 30 s, when it may be served at once.
     Stale {
         answer: Vec<u8>,
         upstream_failing: bool,
@@ -306,6 +342,9 @@ impl Cache {
         let Some(entry) = inner.entries.get(&query.key) else {
             return Cached::Miss;
         };
+        // Fetched for a smaller UDP size than this client's: the upstream may have left
+        // records out that it would get. Asked for again, and shown only if that fails.
+        let complete = !udp || query.udp_limit <= entry.fetched_within;
         let age = now.saturating_duration_since(entry.stored);
         let upstream_failing = entry
             .failed
@@ -313,7 +352,7 @@ impl Cache {
         let (answer, fresh) = if age < entry.lifetime {
             (
                 for_client(entry, client_query, age.as_secs() as u32, None),
-                true,
+                complete,
             )
         } else if !entry.servfail && age < entry.lifetime.saturating_add(self.settings.serve_stale)
         {
@@ -360,15 +399,25 @@ impl Cache {
     }
 
     /// Keeps `answer`, the upstream's answer to `query` (whose header and question are
-    /// `head`), if the RFCs let it be kept, for as long as they say, without the options that
-    /// were for its client alone. Returns whether it was kept.
-    pub fn store(&self, query: &CacheableQuery, head: &[u8], answer: &[u8], now: Instant) -> bool {
+    /// `head`, asked over UDP if `udp` is set), if the RFCs let it be kept, for as long as they
+    /// say, without the options that were for its client alone. Returns whether it was kept.
+    pub fn store(
+        &self,
+        query: &CacheableQuery,
+        head: &[u8],
+        answer: &[u8],
+        udp: bool,
+        now: Instant,
+    ) -> bool {
         let Some(answer) = without_client_options(answer) else {
             return false;
         };
-        let Some(entry) = cacheable(query, head, &answer, self.settings.max_ttl, now) else {
+        let Some(mut entry) = cacheable(query, head, &answer, self.settings.max_ttl, now) else {
             return false;
         };
+        if udp {
+            entry.fetched_within = query.udp_limit;
+        }
         let size = entry.bytes();
         if size > self.settings.max_bytes {
             return false;
@@ -546,6 +595,7 @@ fn cacheable(
         answer: answer.into(),
         ttls,
         question_end,
+        fetched_within: usize::MAX,
         stored: now,
         lifetime,
         failed: None,

@@ -66,8 +66,9 @@ pub enum Joined {
     /// The leading query's clients were served a stale answer while its refresh goes on
     /// (`--serve-stale`): so is this one's, at once.
     ServeStale(Box<Waiter>),
-    /// Too many wait already, or the leading query left too long ago
-    /// ([`COALESCE_WITHIN`]): it goes to the upstream on its own.
+    /// Too many wait already, the leading query left too long ago ([`COALESCE_WITHIN`]), or
+    /// it asked for a smaller UDP size (its answer may be truncated, or lack records, where
+    /// this one's would not): it goes to the upstream on its own.
     Alone(Box<Waiter>),
 }
 
@@ -75,6 +76,8 @@ pub enum Joined {
 struct InFlight {
     /// When the leading query came.
     started: Instant,
+    /// The leading query's UDP size: its answer may lack records a larger one would carry.
+    udp_limit: usize,
     waiters: Vec<Waiter>,
     served_stale: bool,
 }
@@ -106,6 +109,7 @@ impl Coalescer {
         let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
             let leading = InFlight {
                 started: now,
+                udp_limit: waiter.query.udp_limit,
                 waiters: Vec::new(),
                 served_stale: false,
             };
@@ -116,6 +120,7 @@ impl Coalescer {
             return Joined::ServeStale(waiter);
         }
         if now.saturating_duration_since(leading.started) >= COALESCE_WITHIN
+            || waiter.query.udp_limit > leading.udp_limit
             || leading.waiters.len() >= MAX_WAITERS_PER_QUERY
             || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
         {
@@ -226,6 +231,26 @@ mod tests {
         assert!(matches!(
             coalescer.join_now(waiter("a.example.test", 5)),
             Joined::Leads(_)
+        ));
+    }
+
+    #[test]
+    fn a_query_that_takes_more_than_the_leading_one_asked_for_goes_on_its_own() {
+        let coalescer = Coalescer::new(100);
+        let sized = |size: u16, port: u16| {
+            let mut waiter = waiter("a.example.test", port);
+            waiter.query.udp_limit = usize::from(size);
+            waiter
+        };
+        assert!(matches!(
+            coalescer.join_now(sized(1232, 1)),
+            Joined::Leads(_)
+        ));
+        assert!(matches!(coalescer.join_now(sized(512, 2)), Joined::Waits));
+        assert!(matches!(coalescer.join_now(sized(1232, 3)), Joined::Waits));
+        assert!(matches!(
+            coalescer.join_now(sized(4096, 4)),
+            Joined::Alone(_)
         ));
     }
 

@@ -13,6 +13,7 @@
 //! - `big`: 40 A records, TTL 60 (truncated, TC, over UDP past the client's size);
 //! - `dnssec`: A 198.51.100.2 when the query has the DO bit, 198.51.100.1 without;
 //! - `slow`: A 198.51.100.1, TTL 60, 1.5 s after the query;
+//! - `slowbig`: as `big`, 1.5 s after the query;
 //! - `short`: A 198.51.100.1, TTL 2;
 //! - `ecs`: A 198.51.100.1, TTL 60, scoped to 192.0.2.0/24 by an EDNS Client Subnet option
 //!   (when the query has EDNS);
@@ -263,9 +264,12 @@ impl Script {
             "servfail" => {
                 answer.set_response_code(ResponseCode::ServFail);
             }
-            "big" => {
+            "big" | "slowbig" => {
                 for i in 0..40u8 {
                     answer.add_answer(a(60, Ipv4Addr::new(10, 0, 0, i)));
+                }
+                if first_label == "slowbig" {
+                    delay = SLOW;
                 }
             }
             "dnssec" => {

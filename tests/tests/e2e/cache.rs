@@ -387,6 +387,55 @@ fn an_answer_too_long_for_the_client_is_sent_truncated_and_its_tcp_retry_comes_w
 }
 
 #[test]
+fn a_client_that_takes_more_than_an_identical_query_in_flight_gets_the_whole_answer_not_its_truncation()
+ {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 76);
+    let authority = Authority::start(&topology, server);
+    let _agent = Agent::start(&topology, &["--cache-size=1000"]);
+    // The first client takes 512 bytes; the answer (40 records, about 700 bytes) comes 1.5 s
+    // later, truncated for it. A client that takes 1232 bytes asks meanwhile.
+    let mut small = topology.workload("dig", &[]);
+    small
+        .arg(format!("@{server}"))
+        .args(["-b", "0.0.0.0#20100"])
+        .args(["slowbig.example.test", "+bufsize=512", "+ignore"])
+        .args(["+time=4", "+tries=1"])
+        .stdout(std::process::Stdio::piped());
+    let small = small.spawn().expect("spawn dig");
+    std::thread::sleep(Duration::from_millis(300));
+    let large = dig_full(
+        &topology,
+        server,
+        "slowbig.example.test",
+        &[
+            "-b",
+            "0.0.0.0#20101",
+            "+bufsize=1232",
+            "+ignore",
+            "+tries=1",
+        ],
+    );
+    let small =
+        String::from_utf8_lossy(&small.wait_with_output().expect("dig").stdout).into_owned();
+    assert!(small.contains(" tc"), "TC for 512 bytes: {small}");
+    // Without the agent it would get all 40 records over UDP: so it does through it, asked
+    // for on its own rather than shown the first client's truncation.
+    assert!(large.contains("ANSWER: 40,"), "{large}");
+    assert!(!large.contains(" tc"), "{large}");
+    assert_eq!(authority.queries("slowbig.example.test").len(), 2);
+    // Its answer is kept, and serves the next client of its size.
+    let again = dig_full(
+        &topology,
+        server,
+        "slowbig.example.test",
+        &["+bufsize=1232"],
+    );
+    assert!(again.contains("ANSWER: 40,"), "{again}");
+    assert_eq!(authority.queries("slowbig.example.test").len(), 2);
+}
+
+#[test]
 fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_id_and_case() {
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 68);

@@ -84,10 +84,10 @@ fn negative_answer(query: &[u8], rcode: ResponseCode, soa: Option<(u32, u32)>) -
     message.to_vec().unwrap()
 }
 
-/// Whether `cache` keeps `answer` to `query`.
+/// Whether `cache` keeps `answer` to `query`, asked over UDP.
 fn keeps(cache: &Cache, query: &[u8], answer: &[u8], at: Instant) -> bool {
     let parsed = parsed(query);
-    cache.store(&parsed, parsed.head(query), answer, at)
+    cache.store(&parsed, parsed.head(query), answer, true, at)
 }
 
 /// `message` (with no additional records) and an OPT record carrying an EDNS Client Subnet
@@ -735,4 +735,110 @@ fn entries_and_bytes_are_bounded_least_recently_used_out_first() {
     let counts = small.counts();
     assert!(counts.bytes <= 3 * (ENTRY_OVERHEAD + 100), "{counts:?}");
     assert!(counts.evictions >= 97, "{counts:?}");
+}
+
+/// A query for `name` with EDNS, a UDP size of `size` and these EDNS flags (DO is 0x8000).
+fn query_with_size_and_flags(id: u16, name: &str, size: u16, flags: u16) -> Vec<u8> {
+    let mut message = query_with_options(id, name, &[]);
+    let opt = find_opt(&message).unwrap().0;
+    // The OPT record: root name (1), type (2), then the UDP size as its class, then the TTL:
+    // extended RCODE, version, flags.
+    message[opt + 3..opt + 5].copy_from_slice(&size.to_be_bytes());
+    message[opt + 7..opt + 9].copy_from_slice(&flags.to_be_bytes());
+    message
+}
+
+#[test]
+fn edns_flags_other_than_do_malformed_cookies_and_meta_classes_are_not_cached() {
+    let plain = query_with_size_and_flags(1, "flags.example.test", 1232, 0);
+    let dnssec_ok = query_with_size_and_flags(1, "flags.example.test", 1232, 0x8000);
+    assert_ne!(parsed(&plain).key, parsed(&dnssec_ok).key);
+    // The compact-denial CO bit, or any flag not yet assigned, may change the answer.
+    for flags in [0x4000, 0x0001, 0xc000] {
+        let odd = query_with_size_and_flags(1, "flags.example.test", 1232, flags);
+        assert!(CacheableQuery::parse(SERVER, &odd).is_none(), "{flags:#x}");
+    }
+    // RFC 7873: a client cookie of 8 bytes, with a server cookie of 8 to 32.
+    for length in [8, 16, 40] {
+        let cookie = query_with_options(1, "cookie.example.test", &[(10, &vec![7; length])]);
+        assert!(CacheableQuery::parse(SERVER, &cookie).is_some(), "{length}");
+    }
+    for length in [0, 5, 12, 15, 41] {
+        let malformed = query_with_options(1, "cookie.example.test", &[(10, &vec![7; length])]);
+        assert!(
+            CacheableQuery::parse(SERVER, &malformed).is_none(),
+            "{length}"
+        );
+    }
+    let two = query_with_options(1, "cookie.example.test", &[(10, &[1; 8]), (10, &[2; 8])]);
+    assert!(CacheableQuery::parse(SERVER, &two).is_none());
+    // Class ANY, NONE and the reserved ones ask no one RRset.
+    for class in [0u16, 254, 255, 0xffff] {
+        let mut meta = query(1, "class.example.test");
+        let end = meta.len();
+        meta[end - 2..].copy_from_slice(&class.to_be_bytes());
+        assert!(CacheableQuery::parse(SERVER, &meta).is_none(), "{class}");
+    }
+}
+
+#[test]
+fn an_answer_fetched_for_a_smaller_udp_size_is_asked_for_again_by_a_larger_one() {
+    let cache = Cache::new(settings());
+    let now = Instant::now();
+    let small = query_with_size_and_flags(1, "glue.example.test", 512, 0);
+    let large = query_with_size_and_flags(2, "glue.example.test", 4096, 0);
+    assert_eq!(parsed(&small).key, parsed(&large).key);
+    let answer = a_answer(&small, &[300]);
+    assert!(keeps(&cache, &small, &answer, now));
+    // The upstream may have left records out for 512 bytes: the larger client is asked for
+    // again, and shown this only if that fails.
+    assert!(matches!(
+        cache.lookup(&parsed(&large), &large, true, now),
+        Cached::Stale { .. }
+    ));
+    // Not so for a client that takes no more, nor over TCP.
+    fresh(cache.lookup(&parsed(&small), &small, true, now));
+    fresh(cache.lookup(&parsed(&large), &large, false, now));
+    // The larger client's answer replaces it, and then serves both.
+    let larger = a_answer(&large, &[300]);
+    assert!(keeps(&cache, &large, &larger, now));
+    fresh(cache.lookup(&parsed(&large), &large, true, now));
+    fresh(cache.lookup(&parsed(&small), &small, true, now));
+    // An answer fetched over TCP was cut for no one.
+    let tcp_cache = Cache::new(settings());
+    let parsed_small = parsed(&small);
+    assert!(tcp_cache.store(
+        &parsed_small,
+        parsed_small.head(&small),
+        &answer,
+        false,
+        now
+    ));
+    fresh(tcp_cache.lookup(&parsed(&large), &large, true, now));
+}
+
+#[test]
+fn an_answer_about_the_first_query_rather_than_the_name_is_not_shared() {
+    let leader = query(1, "fate.example.test");
+    let waiter = query(77, "fate.example.test");
+    let parsed = parsed(&waiter);
+    let asked = parsed_head(&leader);
+    let share = |answer: &[u8]| shared_answer(answer, &asked, &parsed, parsed.head(&waiter), true);
+    for rcode in [ResponseCode::NXDomain, ResponseCode::ServFail] {
+        let answer = negative_answer(&leader, rcode, Some((60, 60)));
+        assert!(share(&answer).is_some(), "{rcode:?}");
+    }
+    // FORMERR to a malformed cookie, REFUSED, NOTIMP: the first query's, not the name's.
+    for rcode in [
+        ResponseCode::FormErr,
+        ResponseCode::Refused,
+        ResponseCode::NotImp,
+    ] {
+        let answer = negative_answer(&leader, rcode, None);
+        assert!(share(&answer).is_none(), "{rcode:?}");
+    }
+    // Truncated for the first client's UDP size, which the waiter's may exceed.
+    let mut truncated = a_answer(&leader, &[60]);
+    truncated[2] |= 0x02;
+    assert!(share(&truncated).is_none());
 }

@@ -134,7 +134,10 @@ impl Connection {
 
     /// Why a [`finished`](Self::finished) connection ends.
     pub(super) fn why_finished(&self) -> Closed {
-        if self.sent_malformed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .sent_malformed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             Closed::MalformedQuery
         } else {
             Closed::ByClient

@@ -361,7 +361,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if let Some(cache) = &self.settings.cache {
             match answer {
                 _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),
-                Some(answer) => _ = cache.store(&query, &head, answer, Instant::now()),
+                Some(answer) => _ = cache.store(&query, &head, answer, true, Instant::now()),
                 None => {}
             }
         }
