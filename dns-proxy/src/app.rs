@@ -136,6 +136,20 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
             let mut excluded = Vec::new();
             for path in exclude {
                 let cgroup = Cgroup::open("--exclude-cgroup", path)?;
+                // The configuration compared the paths as given; this compares the cgroups
+                // (the default --cgroup, the hierarchy's root, included).
+                if cgroup.holds(&target) {
+                    return Err(CgroupError::BadCgroup {
+                        flag: "--exclude-cgroup",
+                        path: path.clone(),
+                        reason: format!(
+                            "is the --cgroup ({}) itself or holds it, which would leave nothing \
+                             redirected",
+                            target.path.display()
+                        ),
+                    }
+                    .into());
+                }
                 let level = cgroup.level("--exclude-cgroup")?;
                 excluded.push((cgroup, level));
             }

@@ -170,6 +170,25 @@ impl Cgroup {
         Some(dir)
     }
 
+    /// Whether this cgroup is `other` or one of its ancestors: compared by id, so two paths
+    /// to one cgroup (another mount of the hierarchy, `..`, a symlink) are one.
+    pub fn holds(&self, other: &Cgroup) -> bool {
+        let Ok(mut dir) = fs::canonicalize(&other.path) else {
+            return false;
+        };
+        loop {
+            if fs::metadata(&dir).is_ok_and(|metadata| metadata.ino() == self.id) {
+                return true;
+            }
+            match dir.parent() {
+                Some(parent) if filesystem_magic(parent).ok() == Some(CGROUP2_SUPER_MAGIC) => {
+                    dir = parent.to_owned();
+                }
+                _ => return false,
+            }
+        }
+    }
+
     /// How deep the cgroup sits below the hierarchy's root (level 0), as the kernel's
     /// `bpf_get_current_ancestor_cgroup_id` counts. Found by walking up to the root, the only
     /// cgroup without a `cgroup.type` file; fails when the root is not visible from here (a

@@ -386,6 +386,30 @@ mod usage_errors {
     }
 
     #[test]
+    fn an_exclusion_that_holds_the_cgroup_under_another_path_is_refused() {
+        let topology = Topology::new();
+        let path = &topology.cgroup.path;
+        let name = path.file_name().expect("a name").to_string_lossy();
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let state = format!(
+            "DNS_PROXY_STATE_DIR={}",
+            topology.client.state_dir().display()
+        );
+        let cgroup = format!("--cgroup={}", path.display());
+        // The cgroup itself through `..`, and its parent: no path is a prefix of the other.
+        for excluded in [
+            format!("{}/../{name}", path.display()),
+            format!("{}/..", path.display()),
+        ] {
+            assert_one_line_error(
+                &[&cgroup, &format!("--exclude-cgroup={excluded}")],
+                &["env", &state, "nsenter", &netns, "--"],
+                "is the --cgroup",
+            );
+        }
+    }
+
+    #[test]
     fn port_in_use() {
         let topology = Topology::new();
         let _first = Agent::start(&topology, &[]);
