@@ -25,6 +25,8 @@ const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
 pub const STALE_TTL: u32 = 30;
 /// The UDP payload a client without EDNS can take (RFC 1035).
 const CLASSIC_UDP_LIMIT: usize = 512;
+/// The largest UDP answer DNS Flag Day 2020's servers send, whatever a client takes.
+const FLAG_DAY_UDP_SIZE: usize = 1232;
 /// Bytes counted for an entry beyond its answer: the key, the offsets, the map's own.
 const ENTRY_OVERHEAD: usize = 128;
 
@@ -194,6 +196,18 @@ impl CacheableQuery {
         })
     }
 
+    /// What its UDP size says of the answer the upstream gives it: below 1,232 bytes, that
+    /// size (a server may trim or truncate to fit it); from 1,232 up, any (`usize::MAX`): the
+    /// servers of DNS Flag Day 2020 (BIND, Unbound, Knot, PowerDNS) send no UDP answer larger
+    /// than 1,232 bytes, whatever the client takes, so a larger size is asked the same.
+    pub fn fetch_size(&self) -> usize {
+        if self.udp_limit >= FLAG_DAY_UDP_SIZE {
+            usize::MAX
+        } else {
+            self.udp_limit
+        }
+    }
+
     /// The client's header and question, out of its whole query: all an answer kept or
     /// shared for it needs of it.
     pub fn head<'a>(&self, query: &'a [u8]) -> &'a [u8] {
@@ -202,19 +216,20 @@ impl CacheableQuery {
 }
 
 /// `answer`, the upstream's answer to an identical query whose header and question are
-/// `asked`, for another client whose query is `query` with `head`
-/// ([`CacheableQuery::head`]): with that client's ID and question bytes, without the first
-/// client's cookie and padding, and truncated past its UDP limit when `udp` is set. `None`
-/// if it is not to be shared, because it answers the first query rather than the name:
+/// `asked` and whose [`fetch_size`](CacheableQuery::fetch_size) was `asked_limit`, for another client whose query is `query`
+/// with `head` ([`CacheableQuery::head`]): with that client's ID and question bytes, without
+/// the first client's cookie and padding, and truncated past its UDP limit when `udp` is set.
+/// `None` if it is not to be shared, because it answers the first query rather than the name:
 /// - its question is not exactly the one asked (it would fail the first client's
 ///   letter-case check);
-/// - it is truncated (the first client's UDP size was too small for it, the other's may not
-///   be);
+/// - it is truncated, and the other client takes more than the first (it may not be
+///   truncated for it);
 /// - its RCODE is not NOERROR, NXDOMAIN or SERVFAIL (FORMERR, REFUSED, an extended RCODE:
 ///   about the first query's EDNS or cookie, say).
 pub fn shared_answer(
     answer: &[u8],
     asked: &[u8],
+    asked_limit: usize,
     query: &CacheableQuery,
     head: &[u8],
     udp: bool,
@@ -222,7 +237,7 @@ pub fn shared_answer(
     if answer.len() < HEADER_LEN || head.len() < HEADER_LEN || asked.len() < HEADER_LEN {
         return None;
     }
-    let cut_short = answer[2] & 0x02 != 0;
+    let cut_short = answer[2] & 0x02 != 0 && query.fetch_size() > asked_limit;
     let rcode = answer[3] & 0x0f;
     if answer.get(HEADER_LEN..asked.len()) != asked.get(HEADER_LEN..)
         || cut_short
@@ -260,9 +275,10 @@ struct Entry {
     ttls: Vec<(usize, u32)>,
     /// Where the question ends in `answer` (the client's question replaces it).
     question_end: usize,
-    /// The UDP size of the query it answered (`usize::MAX` over TCP): a server may leave
-    /// optional records out of an answer that would not fit, without truncating it (RFC 2181
-    /// §9), so a UDP client that takes more is asked for again rather than shown less.
+    /// The [`fetch_size`](CacheableQuery::fetch_size) of the query it answered (`usize::MAX`
+    /// over TCP): a server may leave optional records out of an answer that would not fit,
+    /// without truncating it (RFC 2181 §9), so a UDP client that takes more is asked for again
+    /// rather than shown less.
     fetched_within: usize,
     stored: Instant,
     lifetime: Duration,
@@ -343,8 +359,10 @@ impl Cache {
             return Cached::Miss;
         };
         // Fetched for a smaller UDP size than this client's: the upstream may have left
-        // records out that it would get. Asked for again, and shown only if that fails.
-        let complete = !udp || query.udp_limit <= entry.fetched_within;
+        // records out that it would get. Asked for again, and shown only if that fails. Over
+        // TCP any kept answer is served: a server that trims only what is optional (RFC 2181
+        // §9) trims alike for every size, and a truncated client's retry is served here.
+        let complete = !udp || query.fetch_size() <= entry.fetched_within;
         let age = now.saturating_duration_since(entry.stored);
         let upstream_failing = entry
             .failed
@@ -416,13 +434,21 @@ impl Cache {
             return false;
         };
         if udp {
-            entry.fetched_within = query.udp_limit;
+            entry.fetched_within = query.fetch_size();
         }
         let size = entry.bytes();
         if size > self.settings.max_bytes {
             return false;
         }
         let mut inner = self.lock();
+        // Nor does an answer fetched for a smaller size push out a live one fetched for a
+        // larger (a slower client's answer, come last): larger clients would ask again.
+        if let Some(kept) = inner.entries.peek(&query.key)
+            && kept.fetched_within > entry.fetched_within
+            && now.saturating_duration_since(kept.stored) < kept.lifetime
+        {
+            return false;
+        }
         // A SERVFAIL does not push out an answer still kept for serve-stale: it is the failure
         // that answer is kept for (RFC 8767).
         if entry.servfail

@@ -66,9 +66,10 @@ pub enum Joined {
     /// The leading query's clients were served a stale answer while its refresh goes on
     /// (`--serve-stale`): so is this one's, at once.
     ServeStale(Box<Waiter>),
-    /// Too many wait already, the leading query left too long ago ([`COALESCE_WITHIN`]), or
-    /// it asked for a smaller UDP size (its answer may be truncated, or lack records, where
-    /// this one's would not): it goes to the upstream on its own.
+    /// Too many wait already, the leading query left too long ago ([`COALESCE_WITHIN`]), it
+    /// asked for a smaller UDP size (its answer may be truncated, or lack records, where this
+    /// one's would not), or this query is too long to keep ([`MAX_KEPT_QUERY`]) for sending
+    /// on its own should that answer not be for it: it goes to the upstream on its own.
     Alone(Box<Waiter>),
 }
 
@@ -76,8 +77,9 @@ pub enum Joined {
 struct InFlight {
     /// When the leading query came.
     started: Instant,
-    /// The leading query's UDP size: its answer may lack records a larger one would carry.
-    udp_limit: usize,
+    /// The leading query's [`CacheableQuery::fetch_size`]: its answer may lack records a
+    /// larger one would carry.
+    fetch_size: usize,
     waiters: Vec<Waiter>,
     served_stale: bool,
 }
@@ -109,7 +111,7 @@ impl Coalescer {
         let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
             let leading = InFlight {
                 started: now,
-                udp_limit: waiter.query.udp_limit,
+                fetch_size: waiter.query.fetch_size(),
                 waiters: Vec::new(),
                 served_stale: false,
             };
@@ -120,7 +122,8 @@ impl Coalescer {
             return Joined::ServeStale(waiter);
         }
         if now.saturating_duration_since(leading.started) >= COALESCE_WITHIN
-            || waiter.query.udp_limit > leading.udp_limit
+            || waiter.query.fetch_size() > leading.fetch_size
+            || waiter.message.is_none()
             || leading.waiters.len() >= MAX_WAITERS_PER_QUERY
             || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
         {
@@ -243,15 +246,27 @@ mod tests {
             waiter
         };
         assert!(matches!(
-            coalescer.join_now(sized(1232, 1)),
+            coalescer.join_now(sized(1200, 1)),
             Joined::Leads(_)
         ));
         assert!(matches!(coalescer.join_now(sized(512, 2)), Joined::Waits));
-        assert!(matches!(coalescer.join_now(sized(1232, 3)), Joined::Waits));
+        assert!(matches!(coalescer.join_now(sized(1200, 3)), Joined::Waits));
         assert!(matches!(
-            coalescer.join_now(sized(4096, 4)),
+            coalescer.join_now(sized(1232, 4)),
             Joined::Alone(_)
         ));
+        // From 1,232 bytes up, every size is asked the same.
+        let key = sized(4096, 0).query.key;
+        coalescer.finish(&key);
+        assert!(matches!(
+            coalescer.join_now(sized(1232, 1)),
+            Joined::Leads(_)
+        ));
+        assert!(matches!(coalescer.join_now(sized(4096, 2)), Joined::Waits));
+        // Nor one too long to keep, which could not be sent on its own if need be.
+        let mut long = sized(512, 5);
+        long.message = None;
+        assert!(matches!(coalescer.join_now(long), Joined::Alone(_)));
     }
 
     #[test]

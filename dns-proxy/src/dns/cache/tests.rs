@@ -354,7 +354,7 @@ fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
     let waiter = query(77, "SHARED.Example.TEST");
     let parsed = parsed(&waiter);
     let asked = parsed_head(&leader);
-    let shared = shared_answer(&answer, &asked, &parsed, parsed.head(&waiter), false).unwrap();
+    let shared = shared_answer(&answer, &asked, 512, &parsed, parsed.head(&waiter), false).unwrap();
     assert_eq!(shared[..2], 77u16.to_be_bytes());
     assert_eq!(wire_question(&shared), wire_question(&waiter));
     assert_eq!(
@@ -368,7 +368,8 @@ fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
     );
     // 34 records do not fit in 512 bytes: over UDP the client gets TC and retries.
     assert!(answer.len() > CLASSIC_UDP_LIMIT);
-    let over_udp = shared_answer(&answer, &asked, &parsed, parsed.head(&waiter), true).unwrap();
+    let over_udp =
+        shared_answer(&answer, &asked, 512, &parsed, parsed.head(&waiter), true).unwrap();
     assert_ne!(over_udp[2] & 0x02, 0, "TC");
     assert_eq!(over_udp[..2], 77u16.to_be_bytes());
     // Nor an answer whose question is not, letter for letter, the one asked: it would
@@ -378,6 +379,7 @@ fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
         shared_answer(
             &answer,
             &asked_otherwise,
+            512,
             &parsed,
             parsed.head(&waiter),
             false
@@ -535,6 +537,7 @@ fn a_kept_answer_loses_its_clients_cookie_and_shows_no_ttl_beyond_the_cap() {
     let shared = shared_answer(
         &answer,
         holder_query.head(&asked),
+        1232,
         &holder_query,
         holder_query.head(&holder),
         true,
@@ -799,22 +802,28 @@ fn an_answer_fetched_for_a_smaller_udp_size_is_asked_for_again_by_a_larger_one()
     // Not so for a client that takes no more, nor over TCP.
     fresh(cache.lookup(&parsed(&small), &small, true, now));
     fresh(cache.lookup(&parsed(&large), &large, false, now));
-    // The larger client's answer replaces it, and then serves both.
+    // The larger client's answer replaces it, and then serves both; a smaller one's, come
+    // later, does not push it out.
     let larger = a_answer(&large, &[300]);
     assert!(keeps(&cache, &large, &larger, now));
+    assert!(!keeps(&cache, &small, &answer, now));
     fresh(cache.lookup(&parsed(&large), &large, true, now));
     fresh(cache.lookup(&parsed(&small), &small, true, now));
     // An answer fetched over TCP was cut for no one.
-    let tcp_cache = Cache::new(settings());
     let parsed_small = parsed(&small);
-    assert!(tcp_cache.store(
+    assert!(cache.store(
         &parsed_small,
         parsed_small.head(&small),
         &answer,
         false,
         now
     ));
-    fresh(tcp_cache.lookup(&parsed(&large), &large, true, now));
+    fresh(cache.lookup(&parsed(&large), &large, true, now));
+    // From 1,232 bytes up every size is asked the same: one fetched for 1,232 serves 4,096.
+    let flag_day = Cache::new(settings());
+    let at_1232 = query_with_size_and_flags(3, "glue.example.test", 1232, 0);
+    assert!(keeps(&flag_day, &at_1232, &a_answer(&at_1232, &[300]), now));
+    fresh(flag_day.lookup(&parsed(&large), &large, true, now));
 }
 
 #[test]
@@ -823,7 +832,8 @@ fn an_answer_about_the_first_query_rather_than_the_name_is_not_shared() {
     let waiter = query(77, "fate.example.test");
     let parsed = parsed(&waiter);
     let asked = parsed_head(&leader);
-    let share = |answer: &[u8]| shared_answer(answer, &asked, &parsed, parsed.head(&waiter), true);
+    let share =
+        |answer: &[u8]| shared_answer(answer, &asked, 512, &parsed, parsed.head(&waiter), true);
     for rcode in [ResponseCode::NXDomain, ResponseCode::ServFail] {
         let answer = negative_answer(&leader, rcode, Some((60, 60)));
         assert!(share(&answer).is_some(), "{rcode:?}");
@@ -837,8 +847,27 @@ fn an_answer_about_the_first_query_rather_than_the_name_is_not_shared() {
         let answer = negative_answer(&leader, rcode, None);
         assert!(share(&answer).is_none(), "{rcode:?}");
     }
-    // Truncated for the first client's UDP size, which the waiter's may exceed.
+    // Truncated for the first client's UDP size: so it would be for a client that takes no
+    // more, not for one that takes more.
     let mut truncated = a_answer(&leader, &[60]);
     truncated[2] |= 0x02;
-    assert!(share(&truncated).is_none());
+    assert!(share(&truncated).is_some());
+    let larger = query_with_size_and_flags(78, "fate.example.test", 1232, 0);
+    let larger_parsed = CacheableQuery::parse(SERVER, &larger).unwrap();
+    let leader_edns = query_with_size_and_flags(1, "fate.example.test", 600, 0);
+    let mut truncated = a_answer(&leader_edns, &[60]);
+    truncated[2] |= 0x02;
+    let asked_edns = parsed_head(&leader_edns);
+    let to_larger = |asked_limit| {
+        shared_answer(
+            &truncated,
+            &asked_edns,
+            asked_limit,
+            &larger_parsed,
+            larger_parsed.head(&larger),
+            true,
+        )
+    };
+    assert!(to_larger(600).is_none());
+    assert!(to_larger(usize::MAX).is_some());
 }

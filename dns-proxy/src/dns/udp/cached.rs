@@ -373,7 +373,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             if stale_instead {
                 self.answer_stale(&waiter.query, &waiter.head, recipient);
             } else if let Some(answer) = answer {
-                match cache::shared_answer(answer, &head, &waiter.query, &waiter.head, true) {
+                let shared = cache::shared_answer(
+                    answer,
+                    &head,
+                    query.fetch_size(),
+                    &waiter.query,
+                    &waiter.head,
+                    true,
+                );
+                match shared {
                     Some(shared) => self.send_answer(&shared, recipient, MadeHere::Coalesced),
                     // Not to be shown as its own (the question came back in another letter
                     // case, or it is about the first query's EDNS): its own query goes up.
