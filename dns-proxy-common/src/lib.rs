@@ -43,6 +43,8 @@ pub mod names {
     pub const GETPEERNAME6: &str = "dns_proxy_getpeername6";
     pub const BIND4: &str = "dns_proxy_bind4";
     pub const BIND6: &str = "dns_proxy_bind6";
+    /// The `cgroup_skb/egress` guard: packets from the block on the proxy's port.
+    pub const EGRESS: &str = "dns_proxy_egress";
     /// The `sk_lookup` program, attached to the agent's network namespace.
     pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
 

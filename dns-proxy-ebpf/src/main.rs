@@ -9,7 +9,8 @@
 //!   first binds an unbound IPv4 socket of the agent's namespace to the source it would have
 //!   had (`SOURCE4`), not the one the route to the block would give it.
 //! - `recvmsg4/6` and `getpeername4/6` decode a source in the block back to the server.
-//! - `bind4/6` keep everyone but the proxy off the block's addresses on the proxy's port.
+//! - `bind4/6` keep everyone but the proxy off the block's addresses on the proxy's port, and
+//!   `cgroup_skb/egress` drops any packet but the proxy's sent from there.
 //! - `sk_lookup` (on the agent's network namespace) steers the block to the proxy's sockets,
 //!   and refuses packets from other namespaces whose index names a loopback server.
 //!
@@ -21,6 +22,7 @@
 //!   (connect, sendmsg), `sock4_xlate_rev` / `sock6_xlate_rev` (recvmsg, getpeername), and the
 //!   guards on bind and on sending from the proxy's addresses; a v4-mapped address of a
 //!   dual-stack socket takes the IPv4 path;
+//! - `egress`: the guard on every packet sent from the block on the proxy's port;
 //! - `steer`: what `sk_lookup` does with a packet to the block;
 //! - `block`: the block's addresses and the server table behind them (an index per origin);
 //! - `scope`: which sockets the programs act on (armed, a live proxy, DNS, excluded cgroups,
@@ -31,15 +33,16 @@
 
 mod block;
 mod context;
+mod egress;
 mod scope;
 mod sock;
 mod steer;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::{cgroup_sock_addr, map, sk_lookup},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext},
 };
 use dns_proxy_common::{
     AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_EXCLUDED_CGROUPS,
@@ -47,6 +50,7 @@ use dns_proxy_common::{
 };
 
 use crate::{
+    egress::guard_egress,
     sock::{
         sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev, sock6_guard_bind,
         sock6_xlate_fwd, sock6_xlate_rev,
@@ -183,6 +187,11 @@ pub fn dns_proxy_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn dns_proxy_bind6(ctx: SockAddrContext) -> i32 {
     sock6_guard_bind(&ctx)
+}
+
+#[cgroup_skb(egress)]
+pub fn dns_proxy_egress(ctx: SkBuffContext) -> i32 {
+    guard_egress(&ctx)
 }
 
 #[sk_lookup]

@@ -85,6 +85,17 @@ pub fn is_dns(ctx: &SockAddrContext, port_be: u16, hook: Hook) -> bool {
 pub fn is_excluded() -> bool {
     // SAFETY: a helper without arguments, which reads the calling task's cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: a helper that takes a plain integer (it returns 0 for a level deeper than the
+    // task's cgroup).
+    is_excluded_cgroup(cgroup_id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// Whether cgroup `cgroup_id`, whose ancestor at a level `ancestor` gives (0: none that
+/// deep), is excluded: an agent's, or below a cgroup listed with its subtree.
+#[inline(always)]
+pub fn is_excluded_cgroup(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> bool {
     // SAFETY: `get` is unsafe because an element may be removed or replaced while it is held;
     // these maps are `BPF_F_NO_PREALLOC`, so a removed element is freed only after the program
     // is done (RCU) and never reused meanwhile, and the value is only tested, never kept.
@@ -101,11 +112,9 @@ pub fn is_excluded() -> bool {
         if levels & (1 << level) == 0 {
             continue;
         }
-        // SAFETY: a helper that takes a plain integer (it returns 0 for a level deeper than
-        // the task's cgroup).
-        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let ancestor = ancestor(level as i32);
         if ancestor == 0 {
-            break; // the calling task's cgroup is shallower than this level
+            break; // the cgroup is shallower than this level
         }
         // SAFETY: as for `AGENT_CGROUPS` above: a `BPF_F_NO_PREALLOC` map, the value only
         // compared.

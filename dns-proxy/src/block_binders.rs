@@ -1,16 +1,24 @@
 //! Sockets of the agent's namespace that were bound to a block address on the proxy's port
-//! while no agent ran, when no bind guard refused it: such a socket, connected to a client
-//! then, sends with a plain `send`, which runs no cgroup hook, and `recvmsg` would show its
-//! datagrams to that client as its server's answers (security.md, claim 1). Once this agent's
-//! bind guard is attached, and before anything decodes, each is aborted through `sock_diag`
-//! (`SOCK_DESTROY`, as `ss -K` does): it is disconnected with `ECONNABORTED`, keeps its bind,
-//! and may only send again with an address, which the guard refuses.
+//! and connected to a client while no agent ran, when no bind guard refused it. What such a
+//! socket sends is dropped by the egress guard once an agent runs, but while it stays
+//! connected it takes what that client sends to the block (a connected socket comes before
+//! `sk_lookup`): the client's queries, which would never reach the proxy (security.md,
+//! claim 1). Once this agent's guards are attached, and before anything decodes, each is
+//! aborted through `sock_diag` (`SOCK_DESTROY`, as `ss -K` does): it is disconnected with
+//! `ECONNABORTED` and keeps its bind.
+//!
+//! The kernel finds a socket to abort by its addresses, walking every socket bound to the
+//! same address and port, so thousands of twins cost seconds: the sweep stops at a deadline
+//! (the agent serves; the rest keep what they took, one client port each). And a dump that
+//! someone closes sockets under may skip one: the sweep dumps again until a dump finds
+//! nothing to abort.
 //!
 //! Only the agent's own namespace: in node mode a pod's namespace is its own, and binding a
 //! block address there takes privileges that forge with raw sockets anyway.
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Instant,
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -40,9 +48,9 @@ struct Listed {
 }
 
 /// Aborts every UDP socket of this network namespace bound to an address of `block4` or
-/// `block6` that encodes a server, on the block's port, and connected (one that is not may
-/// only send with an address, which the guard refuses); returns the local and peer addresses
-/// of each it aborted. Needs `CAP_NET_ADMIN`.
+/// `block6` that encodes a server, on the block's port, and connected (one that is not takes
+/// nothing from `sk_lookup`), until `deadline`; dumps again until a dump lists none it has
+/// not seen. Needs `CAP_NET_ADMIN`.
 ///
 /// The kernel finds the socket a `SOCK_DESTROY` names by its addresses and interface, and only
 /// then checks the cookie: of several sockets on the same addresses (`SO_REUSEADDR`), it finds
@@ -54,7 +62,8 @@ struct Listed {
 pub fn abort_block_binders(
     block4: Block,
     block6: Option<Block>,
-) -> io::Result<Vec<(SocketAddr, SocketAddr)>> {
+    deadline: Instant,
+) -> io::Result<Sweep> {
     let binds_block = |local: SocketAddr| {
         let in_block = |block: Block| {
             local.port() == block.port && block.addresses.index_of(local.ip()).is_some()
@@ -62,37 +71,56 @@ pub fn abort_block_binders(
         in_block(block4) || block6.is_some_and(in_block)
     };
     let mut diag = diag_socket()?;
-    let mut listed = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        listed.extend(
-            list_udp(&mut diag, family)?
-                .into_iter()
-                .filter(|socket| socket.peer.port() != 0 && binds_block(socket.local)),
-        );
-    }
     let same = |a: SocketAddr, b: SocketAddr| {
         a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
     };
-    let mut aborted = Vec::new();
+    let mut sweep = Sweep::default();
     let mut done = std::collections::HashSet::new();
-    for socket in &listed {
-        while !done.contains(&socket.cookie()) {
-            let Some(found) = find_one(&mut diag, socket)? else {
-                break;
-            };
-            // Another socket, or one aborted before: the kernel finds no more of these.
-            if !same(found.local, socket.local)
-                || !same(found.peer, socket.peer)
-                || !done.insert(found.cookie())
-            {
-                break;
+    loop {
+        let mut listed = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            listed.extend(list_udp(&mut diag, family)?.into_iter().filter(|socket| {
+                socket.peer.port() != 0
+                    && binds_block(socket.local)
+                    && !done.contains(&socket.cookie())
+            }));
+        }
+        if listed.is_empty() {
+            return Ok(sweep);
+        }
+        for (n, socket) in listed.iter().enumerate() {
+            if Instant::now() >= deadline {
+                sweep.left = listed.len() - n;
+                return Ok(sweep);
             }
-            if destroy(&mut diag, &found)? {
-                aborted.push((found.local, found.peer));
+            while !done.contains(&socket.cookie()) {
+                let Some(found) = find_one(&mut diag, socket)? else {
+                    break;
+                };
+                // Another socket, or one aborted before: the kernel finds no more of these.
+                if !same(found.local, socket.local)
+                    || !same(found.peer, socket.peer)
+                    || !done.insert(found.cookie())
+                {
+                    break;
+                }
+                if destroy(&mut diag, &found)? {
+                    sweep.aborted.push((found.local, found.peer));
+                }
             }
+            // Listed but not found (closed, or shielded by another twin): not listed again.
+            done.insert(socket.cookie());
         }
     }
-    Ok(aborted)
+}
+
+/// What a sweep did.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// The local and peer addresses of each socket aborted.
+    pub aborted: Vec<(SocketAddr, SocketAddr)>,
+    /// Sockets listed but not reached by the deadline.
+    pub left: usize,
 }
 
 impl Listed {

@@ -21,8 +21,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
-        sk_lookup::SkLookupLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup,
+        cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId,
     },
 };
 use dns_proxy_common::{
@@ -165,6 +165,8 @@ enum Hook {
     SockAddr,
     /// `sk_lookup`, on the agent's network namespace.
     SkLookup,
+    /// `cgroup_skb/egress`, on the redirected cgroup.
+    Egress,
 }
 
 struct ProgramSpec {
@@ -179,8 +181,9 @@ struct ProgramSpec {
 
 /// In attach order: the redirecting programs first, but disarmed (`ARMED` is 0 until every
 /// program is attached: they redirect nothing before sk_lookup and the decoding programs are
-/// in place); then the bind guards, after which sockets bound to the block while no agent ran
-/// are aborted ([`LAST_GUARD`]), before `sk_lookup` and the decoding programs.
+/// in place); then the guards (bind, and every packet sent), after which sockets bound to the
+/// block while no agent ran are aborted ([`LAST_GUARD`]), before `sk_lookup` and the decoding
+/// programs.
 const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::CONNECT4, "cgroup/connect4", "5.8"),
     ProgramSpec::redirecting(names::CONNECT6, "cgroup/connect6", "5.8"),
@@ -188,6 +191,7 @@ const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
     ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
+    ProgramSpec::new(names::EGRESS, "cgroup_skb/egress", Hook::Egress, "5.8"),
     ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
     ProgramSpec::new(names::RECVMSG4, "cgroup/recvmsg4", Hook::SockAddr, "5.2"),
     ProgramSpec::new(names::RECVMSG6, "cgroup/recvmsg6", Hook::SockAddr, "5.2"),
@@ -206,8 +210,9 @@ const PROGRAMS: &[ProgramSpec] = &[
 ];
 
 /// Once this one is attached, no socket of the cgroup may bind a block address on the
-/// proxy's port: those bound before are aborted then ([`block_binders`]).
-const LAST_GUARD: &str = names::BIND6;
+/// proxy's port, nor send from one: those bound before are aborted then
+/// ([`block_binders`]).
+const LAST_GUARD: &str = names::EGRESS;
 
 impl ProgramSpec {
     const fn new(
@@ -427,9 +432,18 @@ impl Redirector {
                         redirect_links.push((spec.name, link));
                     }
                     log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
-                    if spec.name == LAST_GUARD {
-                        abort_block_binders(config.block4, config.block6);
-                    }
+                }
+                Hook::Egress => {
+                    let program: &mut CgroupSkb = program.try_into().map_err(|_| mismatch)?;
+                    program.load().map_err(load_err)?;
+                    program
+                        .attach(
+                            cgroup_fd.as_fd(),
+                            CgroupSkbAttachType::Egress,
+                            CgroupAttachMode::Single,
+                        )
+                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
+                    log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
                 }
                 Hook::SkLookup => {
                     let program: &mut SkLookup = program.try_into().map_err(|_| mismatch)?;
@@ -445,6 +459,9 @@ impl Redirector {
                         spec.hook
                     );
                 }
+            }
+            if spec.name == LAST_GUARD {
+                abort_block_binders(config.block4, config.block6);
             }
         }
         // Before the redirect starts, so that the first socket it sends gets its source.
@@ -531,12 +548,17 @@ impl Drop for Redirector {
     }
 }
 
+/// How long the start sweep may take: the kernel's lookups make thousands of twins cost
+/// seconds (5,000 took 0.6 s, 19,000 8.5 s), and lookups go direct meanwhile.
+const SWEEP_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Aborts the sockets of this namespace bound to a block address on the proxy's port while no
 /// agent ran ([`block_binders`]), and says so. If they cannot be looked for, the agent goes on
 /// (they stay as the kernel left them) and says why.
 fn abort_block_binders(block4: Block, block6: Option<Block>) {
-    match block_binders::abort_block_binders(block4, block6) {
-        Ok(aborted) => {
+    let deadline = std::time::Instant::now() + SWEEP_BUDGET;
+    match block_binders::abort_block_binders(block4, block6, deadline) {
+        Ok(block_binders::Sweep { aborted, left }) => {
             // The first few, and how many: a workload may have made thousands.
             const NAMED: usize = 10;
             for (local, peer) in aborted.iter().take(NAMED) {
@@ -551,6 +573,13 @@ fn abort_block_binders(block4: Block, block6: Option<Block>) {
                     "aborted {} sockets bound to the block while no agent ran ({} not named)",
                     aborted.len(),
                     aborted.len() - NAMED
+                );
+            }
+            if left > 0 {
+                log::error!(
+                    "stopped aborting sockets bound to the block while no agent ran after \
+                     {SWEEP_BUDGET:?}, {left} left: each keeps taking what the client it is \
+                     connected to sends to the block (nothing it sends gets out)"
                 );
             }
         }

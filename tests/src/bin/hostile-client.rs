@@ -31,6 +31,12 @@
 //!   sends TO forged answers from each, one for every ID, over and over with `send` (no
 //!   address: no cgroup hook runs), until standard input closes; prints `sent=N failed=N
 //!   first_error=E`.
+//! - `corked FROM TO GO_FILE ROUNDS`: binds ROUNDS × 20 UDP sockets at FROM (`SO_REUSEADDR`),
+//!   half of them connected to TO, and on each queues the first 12 bytes (the header) of a
+//!   forged answer to TO for one of the IDs 0 to 19 (`MSG_MORE`: nothing is sent yet), as
+//!   while no agent runs; prints `ready`, and once GO_FILE exists sends the rest of each with
+//!   a plain `send` (no cgroup hook runs on it), one round of 20 IDs every 150 ms; prints
+//!   `sent=N failed=N first_error=E`.
 //! - `join ADDR SECONDS`: binds a UDP socket there with SO_REUSEPORT (joining a group bound
 //!   there) and counts what it receives for SECONDS; prints `received=N`.
 //! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
@@ -292,22 +298,7 @@ fn hold(args: &[String]) -> Result<(), String> {
         Some(at) => parse(options.get(at + 1).ok_or("--source needs an IP")?, "an IP")?,
         None => Ipv4Addr::UNSPECIFIED.into(),
     };
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: the kernel writes one struct rlimit into `limit`, a live local of that type.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    let wanted = u64::from(count) + 1024;
-    limit.rlim_cur = wanted.max(limit.rlim_cur);
-    limit.rlim_max = wanted.max(limit.rlim_max);
-    // SAFETY: the kernel reads one struct rlimit from `limit`, a live local of that type.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(format!(
-            "RLIMIT_NOFILE: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    allow_open_files(u64::from(count))?;
     let IpAddr::V4(first) = server.ip() else {
         return Err("an IPv4 server".to_owned());
     };
@@ -550,23 +541,14 @@ fn prebound(from: &str, to: &str, go: &str, twins: &[String]) -> Result<(), Stri
     // first, and a sweep that aborts what it listed must not take that for the rest.
     let mut sockets = Vec::new();
     for _ in 0..twins {
-        let socket =
-            Socket::new(Domain::for_address(from), Type::DGRAM, None).map_err(|e| e.to_string())?;
-        socket.set_reuse_address(true).map_err(|e| e.to_string())?;
-        socket
-            .bind(&from.into())
-            .map_err(|e| format!("bind {from}: {e}"))?;
-        sockets.push(UdpSocket::from(socket));
+        sockets.push(UdpSocket::from(twin_at(from)?));
     }
     for socket in sockets.iter().rev() {
         socket
             .connect(to)
             .map_err(|e| format!("connect {to}: {e}"))?;
     }
-    println!("ready");
-    while !std::path::Path::new(go).exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ready_until(go);
     let mut stdin = std::io::stdin();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -579,8 +561,7 @@ fn prebound(from: &str, to: &str, go: &str, twins: &[String]) -> Result<(), Stri
     let (mut sent, mut failed, mut first_error) = (0u64, 0u64, None);
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         for id in 0..=u16::MAX {
-            let mut answer = tests::a_query(id, "forged.example.test");
-            answer[2] |= 0x80; // QR: a response
+            let answer = forged_answer(id);
             for socket in &sockets {
                 match socket.send(&answer) {
                     Ok(_) => sent += 1,
@@ -593,6 +574,104 @@ fn prebound(from: &str, to: &str, go: &str, twins: &[String]) -> Result<(), Stri
         }
     }
     let _ = reader.join();
+    println!(
+        "sent={sent} failed={failed} first_error={}",
+        first_error.unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Raises this process's open-file limit to hold `count` sockets and some (past the hard
+/// limit only with `CAP_SYS_RESOURCE`).
+fn allow_open_files(count: u64) -> Result<(), String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the kernel writes one struct rlimit into `limit`, a live local of that type.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let wanted = count + 1024;
+    limit.rlim_cur = wanted.max(limit.rlim_cur);
+    limit.rlim_max = wanted.max(limit.rlim_max);
+    // SAFETY: the kernel reads one struct rlimit from `limit`, a live local of that type.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(format!(
+            "RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A UDP socket bound at `from` beside others (`SO_REUSEADDR`).
+fn twin_at(from: SocketAddr) -> Result<Socket, String> {
+    let socket =
+        Socket::new(Domain::for_address(from), Type::DGRAM, None).map_err(|e| e.to_string())?;
+    socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+    socket
+        .bind(&from.into())
+        .map_err(|e| format!("bind {from}: {e}"))?;
+    Ok(socket)
+}
+
+/// An answer a forger sends for ID `id`: a response to a query of its own.
+fn forged_answer(id: u16) -> Vec<u8> {
+    let mut answer = tests::a_query(id, "forged.example.test");
+    answer[2] |= 0x80; // QR: a response
+    answer
+}
+
+/// Says `ready`, then waits until the file `go` exists.
+fn ready_until(go: &str) {
+    println!("ready");
+    while !std::path::Path::new(go).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// IDs the corked answers cover, one socket each per round: a victim's first lookups.
+const CORKED_IDS: u16 = 20;
+
+/// `corked`: see the module's help.
+fn corked(from: &str, to: &str, go: &str, rounds: &str) -> Result<(), String> {
+    let from: SocketAddr = parse(from, "IP:PORT")?;
+    let to: SocketAddr = parse(to, "IP:PORT")?;
+    let rounds: u16 = parse(rounds, "a count")?;
+    allow_open_files(u64::from(rounds) * u64::from(CORKED_IDS))?;
+    let mut sockets = Vec::new();
+    for n in 0..rounds * CORKED_IDS {
+        let socket = twin_at(from)?;
+        // Half connected (which a sweep lists), half not.
+        let connected = n % 2 == 1;
+        if connected {
+            socket
+                .connect(&to.into())
+                .map_err(|e| format!("connect {to}: {e}"))?;
+        }
+        let header = &forged_answer(n % CORKED_IDS)[..12];
+        let queued = if connected {
+            socket.send_with_flags(header, libc::MSG_MORE)
+        } else {
+            socket.send_to_with_flags(header, &to.into(), libc::MSG_MORE)
+        };
+        queued.map_err(|e| format!("sendto {to} with MSG_MORE: {e}"))?;
+        sockets.push(socket);
+    }
+    ready_until(go);
+    let (mut sent, mut failed, mut first_error) = (0u64, 0u64, None);
+    for round in sockets.chunks(usize::from(CORKED_IDS)) {
+        for (id, socket) in (0..).zip(round) {
+            // The rest of the answer, with no address: no cgroup hook runs on it.
+            match socket.send(&forged_answer(id)[12..]) {
+                Ok(_) => sent += 1,
+                Err(err) => {
+                    failed += 1;
+                    first_error.get_or_insert(err.to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
     println!(
         "sent={sent} failed={failed} first_error={}",
         first_error.unwrap_or_default()
@@ -668,6 +747,10 @@ fn main() -> ExitCode {
         Some("spoof") => match &args[1..] {
             [from, source, to, how @ ..] => spoof(from, source, to, how),
             _ => Err("spoof FROM SOURCE TO [--connected-sendto|--connected-send]".to_owned()),
+        },
+        Some("corked") => match &args[1..] {
+            [from, to, go, rounds] => corked(from, to, go, rounds),
+            _ => Err("corked FROM TO GO_FILE ROUNDS".to_owned()),
         },
         Some("prebound") => match &args[1..] {
             [from, to, go, twins @ ..] => prebound(from, to, go, twins),

@@ -8,6 +8,7 @@ use tests::{CLIENT_IP, Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTo
 use super::*;
 
 const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
+const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 /// `setpriv`'s arguments that run what follows as `nobody`, with no capability.
 const AS_NOBODY: [&str; 4] = [
     "--reuid=65534",
@@ -337,82 +338,12 @@ fn a_socket_connected_while_no_agent_runs_keeps_its_server() {
 fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
-    let mut agent = Agent::start(&topology, &[]);
-    let server = format!("{SERVER_IP}:53");
-    let victim_port = "20053";
-    let lookups = |count: &str| {
-        let args = [
-            "lookups",
-            "connect",
-            &server,
-            "victim.example.test",
-            count,
-            "--expect",
-            &ANSWER_IP.to_string(),
-            "--port",
-            victim_port,
-        ];
-        stdout(&mut topology.workload(HOSTILE, &args))
-    };
-    // The server's index for the cgroup, and the address the victim's sockets go to.
-    assert_eq!(lookups("1"), "right=1 wrong=0 failed=0");
-    let index = tests::server_index(&topology.client.state_dir(), SERVER_IP, 53);
-    let block_address = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 53, 0, 0)) + index);
-    agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
-
-    // A file the forger waits for (it may read /tmp), removed when the test ends.
-    struct RemovedAtEnd(std::path::PathBuf);
-    impl Drop for RemovedAtEnd {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let go = RemovedAtEnd(std::env::temp_dir().join(format!("{}-forge-go", topology.tag)));
-    let go = &go.0;
-    let from = format!(
-        "{block_address}:{}",
-        PROXY_LISTEN.rsplit(':').next().unwrap()
-    );
-    let to = format!("127.0.0.1:{victim_port}");
-    let mut forger = Process::spawn(
-        topology
-            .workload(
-                "setpriv",
-                &[
-                    AS_NOBODY.as_slice(),
-                    &[
-                        HOSTILE,
-                        "prebound",
-                        &from,
-                        &to,
-                        go.to_str().unwrap(),
-                        // Twins on the same addresses: each must be aborted, not one of them.
-                        "3",
-                    ],
-                ]
-                .concat(),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    // Kept open to the end: the forger prints what it sent once its standard input closes.
-    let mut forger_output = std::io::BufReader::new(forger.take_stdout());
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut forger_output, &mut ready).unwrap();
-    assert_eq!(
-        ready.trim(),
-        "ready",
-        "bound and connected while no agent ran"
-    );
+    let window = RestartWindow::open(&topology, SERVER_IP);
+    let (from, to, go) = (&window.from, &window.to, window.go());
+    // Twins on the same addresses: each must be aborted, not one of them.
+    let forger = window.forger(&["prebound", from, to, go, "3"]);
     let agent = Agent::start(&topology, &[]);
-    std::fs::write(go, "").unwrap();
-    let victim = lookups("20");
-    forger.finish_with_stdout(Duration::from_secs(30));
-    let mut forged = String::new();
-    std::io::Read::read_to_string(&mut forger_output, &mut forged).unwrap();
-    assert_eq!(victim, "right=20 wrong=0 failed=0", "forger: {forged}");
-    assert!(forged.contains("sent=0 "), "{forged}");
+    window.forger_gets_nothing_through(forger);
     assert!(
         agent
             .log()
@@ -420,6 +351,135 @@ fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
         "{}",
         agent.log()
     );
+}
+
+/// A datagram begun while no agent ran (`MSG_MORE`: its header queued on a socket bound to the
+/// block, nothing sent) and finished once one runs: the rest goes out with no cgroup hook,
+/// from the block address and to the address the socket chose while nothing guarded it. An
+/// adversarial review got 20 of 20 of a victim's lookups answered so, past the start sweep
+/// (which does not list the unconnected sockets, and whose abort leaves a queued datagram
+/// queued on the connected ones).
+#[test]
+fn a_datagram_begun_while_no_agent_ran_cannot_forge_an_answer_after() {
+    let topology = Topology::new();
+    // A server that answers 300 ms late, so that a forged answer has the time to come first.
+    let server_ip = Ipv4Addr::new(192, 0, 2, 91);
+    topology.add_server_address(server_ip);
+    let mut upstream = topology.server.command(TEST_UPSTREAM);
+    upstream.args([&format!("{server_ip}:53"), "300", &ANSWER_IP.to_string()]);
+    let _upstream = Process::spawn(&mut upstream);
+    wait_for("the upstream to answer", Duration::from_secs(10), || {
+        let outsider = topology.outsider("dig", &[]);
+        dig_at(outsider, &server_ip.to_string(), "ready.example.test", &[]).ok()
+    });
+    let window = RestartWindow::open(&topology, server_ip);
+    let (from, to, go) = (&window.from, &window.to, window.go());
+    // 40 rounds of the 20 IDs, 150 ms apart: each of the victim's lookups (300 ms) meets two.
+    let forger = window.forger(&["corked", from, to, go, "40"]);
+    let _agent = Agent::start(&topology, &["--metrics", super::METRICS]);
+    window.forger_gets_nothing_through(forger);
+    let page = super::scrape(&topology);
+    let refused = super::value(&page, "dns_proxy_kernel_impersonation_refused_total");
+    assert!(refused >= 800, "dropped at the egress guard: {refused}");
+}
+
+/// The window between two agents, as a forger uses it: a victim asked `server_ip` once through
+/// an agent (so the server has an index), and the agent has stopped.
+struct RestartWindow<'a> {
+    topology: &'a Topology,
+    server: String,
+    /// The block address of the victim's server, on the proxy's port.
+    from: String,
+    /// The victim's address and port.
+    to: String,
+    /// A file the forger waits for (it may read /tmp), removed when the test ends.
+    go: std::path::PathBuf,
+}
+
+impl<'a> RestartWindow<'a> {
+    const VICTIM_PORT: &'static str = "20053";
+
+    fn open(topology: &'a Topology, server_ip: Ipv4Addr) -> Self {
+        let mut agent = Agent::start(topology, &[]);
+        let mut window = Self {
+            topology,
+            server: format!("{server_ip}:53"),
+            from: String::new(),
+            to: format!("127.0.0.1:{}", Self::VICTIM_PORT),
+            go: std::env::temp_dir().join(format!("{}-forge-go", topology.tag)),
+        };
+        assert_eq!(window.lookups("1"), "right=1 wrong=0 failed=0");
+        let index = tests::server_index(&topology.client.state_dir(), server_ip, 53);
+        let block_address = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 53, 0, 0)) + index);
+        agent.process().signal(libc::SIGTERM);
+        assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+        let port = PROXY_LISTEN.rsplit(':').next().unwrap();
+        window.from = format!("{block_address}:{port}");
+        window
+    }
+
+    fn go(&self) -> &str {
+        self.go.to_str().unwrap()
+    }
+
+    /// Lets `forger` go, while the victim makes 20 lookups from its port: every one is
+    /// answered by its server, and nothing the forger sends gets out.
+    fn forger_gets_nothing_through(
+        &self,
+        (mut forger, mut output): (Process, std::io::BufReader<std::process::ChildStdout>),
+    ) {
+        std::fs::write(&self.go, "").unwrap();
+        let victim = self.lookups("20");
+        forger.finish_with_stdout(Duration::from_secs(30));
+        let mut forged = String::new();
+        std::io::Read::read_to_string(&mut output, &mut forged).unwrap();
+        assert_eq!(victim, "right=20 wrong=0 failed=0", "forger: {forged}");
+        assert!(forged.contains("sent=0 "), "{forged}");
+    }
+
+    /// `hostile-client ARGS` as `nobody` in the cgroup, once it has said `ready` (what it was
+    /// to do while no agent runs is done), and its standard output (the forger prints what it
+    /// sent once it is done, or its standard input closes).
+    fn forger(&self, args: &[&str]) -> (Process, std::io::BufReader<std::process::ChildStdout>) {
+        let mut forger = Process::spawn(
+            self.topology
+                .workload(
+                    "setpriv",
+                    &[AS_NOBODY.as_slice(), &[HOSTILE], args].concat(),
+                )
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        );
+        let mut output = std::io::BufReader::new(forger.take_stdout());
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut output, &mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "{args:?} while no agent ran");
+        (forger, output)
+    }
+
+    /// `count` lookups of the victim, one after another from its port, each on a socket
+    /// connected to its server: `right=N wrong=N failed=N`.
+    fn lookups(&self, count: &str) -> String {
+        let expect = ANSWER_IP.to_string();
+        let args = [
+            "lookups",
+            "connect",
+            &self.server,
+            "victim.example.test",
+            count,
+            "--expect",
+            &expect,
+            "--port",
+            Self::VICTIM_PORT,
+        ];
+        stdout(&mut self.topology.workload(HOSTILE, &args))
+    }
+}
+
+impl Drop for RestartWindow<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.go);
+    }
 }
 
 /// Host mode: a container's namespace under the redirected cgroup keeps its own stub (as

@@ -1,0 +1,87 @@
+//! The send guard's last line, on every packet a socket of the cgroup sends
+//! (`cgroup_skb/egress`): only the proxy's sockets send from a block address on its port.
+//!
+//! The `sock_addr` guards see a socket at `bind`, `connect` and `sendmsg`, and a socket set
+//! up while no agent ran passes none of them afterwards: one bound to the block then and
+//! connected to a client sends with a plain `send`, and one that queued the start of a
+//! datagram then (`MSG_MORE`, `UDP_CORK`) sends the rest, with the source and destination it
+//! chose then, without any hook. Aborting such sockets at start ([`block_binders`] in the
+//! daemon) leaves a corked datagram queued, and a socket dump can be made to skip one. The
+//! packet itself cannot hide its source: a packet from a block address on the proxy's port is
+//! dropped here unless an agent's socket (or an excluded cgroup's) sent it.
+//!
+//! Cheap for everything else: a packet whose socket is not on the proxy's port is let through
+//! after one read of the socket's port. Raw sockets (their "port" is a protocol) are not
+//! looked at: forging with one takes `CAP_NET_RAW`, which forges any source anyway.
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    programs::SkBuffContext,
+};
+use dns_proxy_common::Counter;
+
+use crate::{
+    block::{index_in_block4, index_in_block6},
+    config, count,
+    scope::is_excluded_cgroup,
+};
+
+/// `cgroup_skb` verdicts.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+/// `ETH_P_IP` and `ETH_P_IPV6`, as `__sk_buff.protocol` holds them (network order).
+const PROTOCOL_IPV4: u32 = 0x0800u16.to_be() as u32;
+const PROTOCOL_IPV6: u32 = 0x86ddu16.to_be() as u32;
+/// Where the source address sits in the IPv4 and IPv6 headers (the program sees the packet
+/// from its network header on).
+const IPV4_SOURCE: usize = 12;
+const IPV6_SOURCE: usize = 8;
+
+/// Drops a packet sent from a block address on the proxy's port by any socket but an agent's
+/// (or an excluded cgroup's, which the guards leave alone), counted as an impersonation.
+pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
+    let config = config();
+    // The socket's port, host order: the packet's source port for UDP and TCP.
+    let port = ctx.skb.local_port();
+    let port4 = u32::from(u16::from_be(config.port4));
+    let port6 = u32::from(u16::from_be(config.port6));
+    if port != port4 && port != port6 {
+        return PASS;
+    }
+    let protocol = ctx.skb.protocol();
+    let from_block = if protocol == PROTOCOL_IPV4 && port == port4 && config.capacity4 != 0 {
+        ctx.load::<u32>(IPV4_SOURCE)
+            .is_ok_and(|source| index_in_block4(&config, source).is_some())
+    } else if protocol == PROTOCOL_IPV6 && port == port6 && config.capacity6 != 0 {
+        ctx.load::<[u32; 4]>(IPV6_SOURCE)
+            .is_ok_and(|source| index_in_block6(&config, source).is_some())
+    } else {
+        false
+    };
+    if !from_block || !guarded_here(ctx) || sent_by_an_exempt_socket(ctx) {
+        return PASS;
+    }
+    count(Counter::ImpersonationRefused);
+    DROP
+}
+
+/// Whether the guard applies to the packet's namespace: every one in node mode, only the
+/// agent's in host mode (another namespace's 127.53.x.y is its own).
+fn guarded_here(ctx: &SkBuffContext) -> bool {
+    let config = config();
+    // SAFETY: the context's own `__sk_buff`, valid for the whole run.
+    config.foreign_namespaces != 0
+        || unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) } == config.agent_netns
+}
+
+/// Whether the packet's socket belongs to an agent's cgroup or an excluded one (its cgroup is
+/// the one it was made in, whoever sends on it now).
+fn sent_by_an_exempt_socket(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's own `__sk_buff`, valid for the whole run.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    // SAFETY: as above; the level is a plain integer (0 comes back for one deeper than the
+    // socket's cgroup).
+    is_excluded_cgroup(cgroup_id, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
+}
