@@ -16,6 +16,7 @@
 //! Only the agent's own namespace: in node mode a pod's namespace is its own, and binding a
 //! block address there takes privileges that forge with raw sockets anyway.
 use std::{
+    collections::{HashMap, HashSet},
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Instant,
@@ -34,6 +35,9 @@ const NLMSG_HEADER_LEN: usize = 16;
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, then the id.
 const REQUEST_LEN: usize = 8 + SOCKID_LEN;
+/// `inet_diag_req_v2.idiag_states`: every state, and the one of a connected UDP socket.
+const ALL_STATES: u32 = u32::MAX;
+const TCP_ESTABLISHED: u32 = 1;
 /// `struct inet_diag_msg` begins with family, state, timer, retransmits, then the id.
 const MESSAGE_ID_OFFSET: usize = 4;
 
@@ -74,23 +78,52 @@ pub fn abort_block_binders(
     let same = |a: SocketAddr, b: SocketAddr| {
         a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
     };
+    // IPv4 sockets on the IPv4 block's port; IPv6 ones on it (v4-mapped) and on the IPv6's.
+    let mut queries = vec![
+        (libc::AF_INET as u8, block4.port),
+        (libc::AF_INET6 as u8, block4.port),
+    ];
+    if let Some(block6) = block6
+        && block6.port != block4.port
+    {
+        queries.push((libc::AF_INET6 as u8, block6.port));
+    }
     let mut sweep = Sweep::default();
-    let mut done = std::collections::HashSet::new();
+    let mut done = HashSet::new();
     loop {
+        let mut connected = 0;
         let mut listed = Vec::new();
-        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            listed.extend(list_udp(&mut diag, family)?.into_iter().filter(|socket| {
-                socket.peer.port() != 0
-                    && binds_block(socket.local)
-                    && !done.contains(&socket.cookie())
-            }));
+        for &(family, port) in &queries {
+            let on_port = list_connected_udp(&mut diag, family, port)?;
+            connected += on_port.len();
+            listed.extend(
+                on_port
+                    .into_iter()
+                    .filter(|socket| binds_block(socket.local) && !done.contains(&socket.cookie())),
+            );
         }
-        if listed.is_empty() {
+        // A dump that someone closes sockets under may skip one, but only where its output
+        // is cut in pieces: one of a few sockets comes whole, and then nothing is missed.
+        if listed.is_empty() && connected <= WHOLE_DUMP {
             return Ok(sweep);
         }
-        for (n, socket) in listed.iter().enumerate() {
+        if Instant::now() >= deadline {
+            sweep.left = listed.len();
+            sweep.unconfirmed = listed.is_empty();
+            return Ok(sweep);
+        }
+        // Each lookup walks the sockets on the same addresses: the cheapest first, so that
+        // thousands of twins on one client's port do not keep the others from being aborted.
+        let mut groups: HashMap<(SocketAddr, SocketAddr), Vec<&Listed>> = HashMap::new();
+        for socket in &listed {
+            let key = (canonical(socket.local), canonical(socket.peer));
+            groups.entry(key).or_default().push(socket);
+        }
+        let mut groups: Vec<_> = groups.into_values().collect();
+        groups.sort_by_key(Vec::len);
+        for (reached, socket) in groups.iter().flatten().enumerate() {
             if Instant::now() >= deadline {
-                sweep.left = listed.len() - n;
+                sweep.left = listed.len() - reached;
                 return Ok(sweep);
             }
             while !done.contains(&socket.cookie()) {
@@ -114,6 +147,14 @@ pub fn abort_block_binders(
     }
 }
 
+/// At most this many connected sockets on the proxy's port make a dump that comes in one
+/// piece (about 100 bytes each, against the 4 KiB of a dump's first message).
+pub const WHOLE_DUMP: usize = 16;
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// What a sweep did.
 #[derive(Debug, Default)]
 pub struct Sweep {
@@ -121,6 +162,8 @@ pub struct Sweep {
     pub aborted: Vec<(SocketAddr, SocketAddr)>,
     /// Sockets listed but not reached by the deadline.
     pub left: usize,
+    /// The deadline came before a dump could be trusted whole: one may have been skipped.
+    pub unconfirmed: bool,
 }
 
 impl Listed {
@@ -140,7 +183,7 @@ fn diag_socket() -> io::Result<Socket> {
 }
 
 /// A `sock_diag` request of `kind` for UDP sockets of `family`, naming `id` (zeros: any).
-fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+fn request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     let len = (NLMSG_HEADER_LEN + REQUEST_LEN) as u32;
     let mut message = Vec::with_capacity(len as usize);
     message.extend_from_slice(&len.to_ne_bytes());
@@ -149,19 +192,23 @@ fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> 
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
     message.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
-    message.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    message.extend_from_slice(&states.to_ne_bytes());
     message.extend_from_slice(id);
     message
 }
 
-/// Every UDP socket of `family` in this namespace.
-fn list_udp(socket: &mut Socket, family: u8) -> io::Result<Vec<Listed>> {
+/// Every connected UDP socket of `family` in this namespace on local port `port` (the kernel
+/// filters: a connected UDP socket's state is `TCP_ESTABLISHED`).
+fn list_connected_udp(socket: &mut Socket, family: u8, port: u16) -> io::Result<Vec<Listed>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let mut id = [0; SOCKID_LEN];
+    id[..2].copy_from_slice(&port.to_be_bytes());
     socket.write_all(&request(
         SOCK_DIAG_BY_FAMILY,
         flags,
         family,
-        &[0; SOCKID_LEN],
+        1 << TCP_ESTABLISHED,
+        &id,
     ))?;
     let mut listed = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
@@ -228,7 +275,13 @@ fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
     id[36..40].copy_from_slice(&pair.id[36..40]);
     id[40..].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
     let flags = libc::NLM_F_REQUEST as u16;
-    diag.write_all(&request(SOCK_DIAG_BY_FAMILY, flags, pair.family, &id))?;
+    diag.write_all(&request(
+        SOCK_DIAG_BY_FAMILY,
+        flags,
+        pair.family,
+        ALL_STATES,
+        &id,
+    ))?;
     let mut reply = vec![0u8; 4096];
     let received = diag.read(&mut reply)?;
     let reply = &reply[..received];
@@ -251,7 +304,13 @@ fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
 /// meanwhile, or that the kernel does not find first for its addresses, is not aborted.
 fn destroy(diag: &mut Socket, socket: &Listed) -> io::Result<bool> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    diag.write_all(&request(SOCK_DESTROY, flags, socket.family, &socket.id))?;
+    diag.write_all(&request(
+        SOCK_DESTROY,
+        flags,
+        socket.family,
+        ALL_STATES,
+        &socket.id,
+    ))?;
     let mut reply = [0u8; 256];
     let received = diag.read(&mut reply)?;
     match -reply_error(&reply[..received])? {

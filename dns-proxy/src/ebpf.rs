@@ -558,7 +558,11 @@ const SWEEP_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 fn abort_block_binders(block4: Block, block6: Option<Block>) {
     let deadline = std::time::Instant::now() + SWEEP_BUDGET;
     match block_binders::abort_block_binders(block4, block6, deadline) {
-        Ok(block_binders::Sweep { aborted, left }) => {
+        Ok(block_binders::Sweep {
+            aborted,
+            left,
+            unconfirmed,
+        }) => {
             // The first few, and how many: a workload may have made thousands.
             const NAMED: usize = 10;
             for (local, peer) in aborted.iter().take(NAMED) {
@@ -573,6 +577,15 @@ fn abort_block_binders(block4: Block, block6: Option<Block>) {
                     "aborted {} sockets bound to the block while no agent ran ({} not named)",
                     aborted.len(),
                     aborted.len() - NAMED
+                );
+            }
+            if unconfirmed {
+                log::error!(
+                    "stopped looking for sockets bound to the block while no agent ran after \
+                     {SWEEP_BUDGET:?} with more than {} connected on the proxy's port: one may \
+                     have been missed (it would take what the client it is connected to sends \
+                     to the block; nothing it sends gets out)",
+                    block_binders::WHOLE_DUMP
                 );
             }
             if left > 0 {
