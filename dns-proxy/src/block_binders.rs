@@ -35,9 +35,15 @@ const NLMSG_HEADER_LEN: usize = 16;
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, then the id.
 const REQUEST_LEN: usize = 8 + SOCKID_LEN;
+/// `linux/inet_diag.h`: the request's bytecode attribute, and its "local address in a prefix,
+/// on a port" condition.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_S_COND: u8 = 7;
 /// `inet_diag_req_v2.idiag_states`: every state, and the one of a connected UDP socket.
 const ALL_STATES: u32 = u32::MAX;
 const TCP_ESTABLISHED: u32 = 1;
+/// `::ffff:0:0/96`.
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// `struct inet_diag_msg` begins with family, state, timer, retransmits, then the id.
 const MESSAGE_ID_OFFSET: usize = 4;
 
@@ -78,32 +84,29 @@ pub fn abort_block_binders(
     let same = |a: SocketAddr, b: SocketAddr| {
         a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
     };
-    // IPv4 sockets on the IPv4 block's port; IPv6 ones on it (v4-mapped) and on the IPv6's.
+    // IPv4 sockets on the IPv4 block; IPv6 ones on it (v4-mapped) and on the IPv6 block.
     let mut queries = vec![
-        (libc::AF_INET as u8, block4.port),
-        (libc::AF_INET6 as u8, block4.port),
+        (libc::AF_INET as u8, block4),
+        (libc::AF_INET6 as u8, block4),
     ];
-    if let Some(block6) = block6
-        && block6.port != block4.port
-    {
-        queries.push((libc::AF_INET6 as u8, block6.port));
-    }
+    queries.extend(block6.map(|block6| (libc::AF_INET6 as u8, block6)));
     let mut sweep = Sweep::default();
     let mut done = HashSet::new();
     loop {
         let mut connected = 0;
         let mut listed = Vec::new();
-        for &(family, port) in &queries {
-            let on_port = list_connected_udp(&mut diag, family, port)?;
-            connected += on_port.len();
+        for &(family, block) in &queries {
+            let on_block = list_connected_udp(&mut diag, family, block)?;
+            connected += on_block.len();
             listed.extend(
-                on_port
+                on_block
                     .into_iter()
                     .filter(|socket| binds_block(socket.local) && !done.contains(&socket.cookie())),
             );
         }
         // A dump that someone closes sockets under may skip one, but only where its output
-        // is cut in pieces: one of a few sockets comes whole, and then nothing is missed.
+        // is cut in pieces: one of a few sockets comes whole, and then nothing is missed
+        // (the kernel filters by the block, so no other socket adds to the output).
         if listed.is_empty() && connected <= WHOLE_DUMP {
             return Ok(sweep);
         }
@@ -147,8 +150,8 @@ pub fn abort_block_binders(
     }
 }
 
-/// At most this many connected sockets on the proxy's port make a dump that comes in one
-/// piece (about 100 bytes each, against the 4 KiB of a dump's first message).
+/// At most this many connected sockets on the block make a dump that comes in one piece
+/// (about 100 bytes each, against the 4 KiB of a dump's first message).
 pub const WHOLE_DUMP: usize = 16;
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -197,19 +200,28 @@ fn request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]
     message
 }
 
-/// Every connected UDP socket of `family` in this namespace on local port `port` (the kernel
-/// filters: a connected UDP socket's state is `TCP_ESTABLISHED`).
-fn list_connected_udp(socket: &mut Socket, family: u8, port: u16) -> io::Result<Vec<Listed>> {
+/// Every connected UDP socket of `family` in this namespace bound to an address of `block` on
+/// its port (v4-mapped for an IPv6 socket on an IPv4 block). The kernel filters: a connected
+/// UDP socket's state is `TCP_ESTABLISHED`, and a bytecode condition names the block.
+fn list_connected_udp(socket: &mut Socket, family: u8, block: Block) -> io::Result<Vec<Listed>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     let mut id = [0; SOCKID_LEN];
-    id[..2].copy_from_slice(&port.to_be_bytes());
-    socket.write_all(&request(
+    id[..2].copy_from_slice(&block.port.to_be_bytes());
+    let mut message = request(
         SOCK_DIAG_BY_FAMILY,
         flags,
         family,
         1 << TCP_ESTABLISHED,
         &id,
-    ))?;
+    );
+    let filter = source_in(block);
+    // The attribute: length, type, then the bytecode (a multiple of 4 bytes).
+    message.extend_from_slice(&((4 + filter.len()) as u16).to_ne_bytes());
+    message.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    message.extend_from_slice(&filter);
+    let len = message.len() as u32;
+    message[..4].copy_from_slice(&len.to_ne_bytes());
+    socket.write_all(&message)?;
     let mut listed = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -262,6 +274,24 @@ fn parse_listed(body: &[u8]) -> Option<Listed> {
     })
 }
 
+/// `inet_diag` bytecode that matches a socket whose local address is in `block`, on its port:
+/// one `INET_DIAG_BC_S_COND`, whose "yes" jumps to the end (a match) and whose "no" past it.
+fn source_in(block: Block) -> Vec<u8> {
+    let (family, address) = match block.addresses.first() {
+        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+    };
+    // struct inet_diag_bc_op (code, yes, no), then struct inet_diag_hostcond (family,
+    // prefix length, two bytes of padding, port as an int, the address).
+    let length = 4 + 8 + address.len();
+    let mut bytecode = vec![INET_DIAG_BC_S_COND, length as u8];
+    bytecode.extend_from_slice(&((length + 4) as u16).to_ne_bytes());
+    bytecode.extend_from_slice(&[family, block.addresses.prefix_len(), 0, 0]);
+    bytecode.extend_from_slice(&i32::from(block.port).to_ne_bytes());
+    bytecode.extend_from_slice(&address);
+    bytecode
+}
+
 /// The socket the kernel finds for `pair`'s addresses, as it would for a datagram from its
 /// peer: the one `SOCK_DESTROY` of those addresses reaches. `None` if there is none.
 fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
@@ -270,15 +300,26 @@ fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
     let mut id = [0u8; SOCKID_LEN];
     id[..2].copy_from_slice(&pair.id[2..4]);
     id[2..4].copy_from_slice(&pair.id[..2]);
-    id[4..20].copy_from_slice(&pair.id[20..36]);
-    id[20..36].copy_from_slice(&pair.id[4..20]);
+    // A dual-stack socket on v4-mapped addresses is asked for as IPv4: `SOCK_DESTROY` looks
+    // such a pair up as IPv4 too, and the IPv6 lookup may find another twin than it.
+    let v4_mapped =
+        |at: usize| pair.family == libc::AF_INET6 as u8 && pair.id[at..at + 12] == V4_MAPPED_PREFIX;
+    let family = if v4_mapped(4) && v4_mapped(20) {
+        id[4..8].copy_from_slice(&pair.id[32..36]);
+        id[20..24].copy_from_slice(&pair.id[16..20]);
+        libc::AF_INET as u8
+    } else {
+        id[4..20].copy_from_slice(&pair.id[20..36]);
+        id[20..36].copy_from_slice(&pair.id[4..20]);
+        pair.family
+    };
     id[36..40].copy_from_slice(&pair.id[36..40]);
     id[40..].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
     let flags = libc::NLM_F_REQUEST as u16;
     diag.write_all(&request(
         SOCK_DIAG_BY_FAMILY,
         flags,
-        pair.family,
+        family,
         ALL_STATES,
         &id,
     ))?;

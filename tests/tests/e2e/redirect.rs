@@ -329,28 +329,35 @@ fn a_socket_connected_while_no_agent_runs_keeps_its_server() {
 
 /// While no agent runs nothing guards the block: an unprivileged workload binds its server's
 /// block address on the proxy's port and connects to a client's port. Its plain `send` runs
-/// no hook, so once an agent starts, `recvmsg` would show what it sends as the server's
-/// answers. The agent aborts such sockets at start, once its bind guard is attached, each of
-/// several bound to the same addresses too: the forger's sends fail and the client hears only
-/// its server (the binary before: 109,425 forged answers taken by a victim in a by-hand run
-/// of the same; with three twins, the first sweep aborted one).
+/// no hook, and while it stays connected it takes what that client sends to the block (a
+/// connected socket comes before `sk_lookup`). Once an agent runs, the egress guard drops
+/// what it sends, and the agent aborts it at start, each of several bound to the same
+/// addresses too, IPv4 or dual-stack: the client hears only its server and every one of its
+/// queries reaches it (the binary before the sweep: 109,425 forged answers taken by a victim
+/// in a by-hand run of the same; with three twins, the first sweep aborted one; with three
+/// dual-stack twins, the sweep before this test's second case aborted none, and each of the
+/// client's 20 queries was taken).
 #[test]
 fn a_socket_bound_to_the_block_while_no_agent_ran_cannot_forge_answers_after() {
-    let topology = Topology::new();
-    let _server = DnsServer::start(&topology);
-    let window = RestartWindow::open(&topology, SERVER_IP);
-    let (from, to, go) = (&window.from, &window.to, window.go());
-    // Twins on the same addresses: each must be aborted, not one of them.
-    let forger = window.forger(&["prebound", from, to, go, "3"]);
-    let agent = Agent::start(&topology, &[]);
-    window.forger_gets_nothing_through(forger);
-    assert!(
-        agent
-            .log()
-            .contains(&format!("aborted a socket bound to {from}")),
-        "{}",
-        agent.log()
-    );
+    for dual_stack in [false, true] {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let window = RestartWindow::open(&topology, SERVER_IP);
+        let (mut from, mut to) = (window.from.clone(), window.to.clone());
+        if dual_stack {
+            let mapped = |address: &str| {
+                let (ip, port) = address.rsplit_once(':').unwrap();
+                format!("[::ffff:{ip}]:{port}")
+            };
+            (from, to) = (mapped(&from), mapped(&to));
+        }
+        // Twins on the same addresses: each must be aborted, not one of them.
+        let forger = window.forger(&["prebound", &from, &to, window.go(), "3"]);
+        let agent = Agent::start(&topology, &[]);
+        window.forger_gets_nothing_through(forger);
+        let aborted = format!("aborted a socket bound to {from}");
+        assert_eq!(agent.log().matches(&aborted).count(), 3, "{}", agent.log());
+    }
 }
 
 /// A datagram begun while no agent ran (`MSG_MORE`: its header queued on a socket bound to the
