@@ -108,15 +108,19 @@ pub fn abort_block_binders(
         // is cut in pieces: one of a few sockets comes whole, and then nothing is missed
         // (the kernel filters by the block, so no other socket adds to the output).
         if listed.is_empty() && connected <= WHOLE_DUMP {
+            sweep.unconfirmed = false;
             return Ok(sweep);
         }
+        // Stopped before a dump came whole: one may have been skipped, whatever was listed.
+        sweep.unconfirmed = connected > WHOLE_DUMP;
         if Instant::now() >= deadline {
             sweep.left = listed.len();
-            sweep.unconfirmed = listed.is_empty();
             return Ok(sweep);
         }
         // Each lookup walks the sockets on the same addresses: the cheapest first, so that
         // thousands of twins on one client's port do not keep the others from being aborted.
+        // Only the small groups while there are any: the next dump may list what this one
+        // skipped before the twins take the rest of the time.
         let mut groups: HashMap<(SocketAddr, SocketAddr), Vec<&Listed>> = HashMap::new();
         for socket in &listed {
             let key = (canonical(socket.local), canonical(socket.peer));
@@ -124,6 +128,12 @@ pub fn abort_block_binders(
         }
         let mut groups: Vec<_> = groups.into_values().collect();
         groups.sort_by_key(Vec::len);
+        if groups
+            .first()
+            .is_some_and(|group| group.len() <= WHOLE_DUMP)
+        {
+            groups.retain(|group| group.len() <= WHOLE_DUMP);
+        }
         for (reached, socket) in groups.iter().flatten().enumerate() {
             if Instant::now() >= deadline {
                 sweep.left = listed.len() - reached;
@@ -165,7 +175,8 @@ pub struct Sweep {
     pub aborted: Vec<(SocketAddr, SocketAddr)>,
     /// Sockets listed but not reached by the deadline.
     pub left: usize,
-    /// The deadline came before a dump could be trusted whole: one may have been skipped.
+    /// The deadline came before a dump could be trusted whole: one may have been skipped (and
+    /// `left` may be short of what is there).
     pub unconfirmed: bool,
 }
 

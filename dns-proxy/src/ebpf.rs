@@ -582,9 +582,9 @@ fn abort_block_binders(block4: Block, block6: Option<Block>) {
             if unconfirmed {
                 log::error!(
                     "stopped looking for sockets bound to the block while no agent ran after \
-                     {SWEEP_BUDGET:?} with more than {} connected on the proxy's port: one may \
-                     have been missed (it would take what the client it is connected to sends \
-                     to the block; nothing it sends gets out)",
+                     {SWEEP_BUDGET:?} with more than {} still connected there: some may have \
+                     been missed (each takes what the client it is connected to sends to the \
+                     block; nothing it sends gets out)",
                     block_binders::WHOLE_DUMP
                 );
             }
