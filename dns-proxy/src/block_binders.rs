@@ -59,8 +59,9 @@ struct Listed {
 
 /// Aborts every UDP socket of this network namespace bound to an address of `block4` or
 /// `block6` that encodes a server, on the block's port, and connected (one that is not takes
-/// nothing from `sk_lookup`), until `deadline`; dumps again until a dump lists none it has
-/// not seen. Needs `CAP_NET_ADMIN`.
+/// nothing from `sk_lookup`); dumps again until a dump lists none it has not seen. Past
+/// `deadline` it takes on no more twins (groups of more than [`WHOLE_DUMP`] on the same
+/// addresses). Needs `CAP_NET_ADMIN`.
 ///
 /// The kernel finds the socket a `SOCK_DESTROY` names by its addresses and interface, and only
 /// then checks the cookie: of several sockets on the same addresses (`SO_REUSEADDR`), it finds
@@ -113,14 +114,11 @@ pub fn abort_block_binders(
         }
         // Stopped before a dump came whole: one may have been skipped, whatever was listed.
         sweep.unconfirmed = connected > WHOLE_DUMP;
-        if Instant::now() >= deadline {
-            sweep.left = listed.len();
-            return Ok(sweep);
-        }
-        // Each lookup walks the sockets on the same addresses: the cheapest first, so that
-        // thousands of twins on one client's port do not keep the others from being aborted.
-        // Only the small groups while there are any: the next dump may list what this one
-        // skipped before the twins take the rest of the time.
+        // Each lookup walks the sockets on the same addresses: the small groups cost a lookup
+        // or a few each, and are all aborted, whatever the time (a dump alone may take longer
+        // than the deadline: the kernel walks every socket on the port, another workload's
+        // many unconnected ones included). Then a new dump, which may list what this one
+        // skipped, before the twins, which take the most and come last, within the deadline.
         let mut groups: HashMap<(SocketAddr, SocketAddr), Vec<&Listed>> = HashMap::new();
         for socket in &listed {
             let key = (canonical(socket.local), canonical(socket.peer));
@@ -128,14 +126,17 @@ pub fn abort_block_binders(
         }
         let mut groups: Vec<_> = groups.into_values().collect();
         groups.sort_by_key(Vec::len);
-        if groups
+        let small = groups
             .first()
-            .is_some_and(|group| group.len() <= WHOLE_DUMP)
-        {
+            .is_some_and(|group| group.len() <= WHOLE_DUMP);
+        if small {
             groups.retain(|group| group.len() <= WHOLE_DUMP);
+        } else if Instant::now() >= deadline {
+            sweep.left = listed.len();
+            return Ok(sweep);
         }
         for (reached, socket) in groups.iter().flatten().enumerate() {
-            if Instant::now() >= deadline {
+            if !small && Instant::now() >= deadline {
                 sweep.left = listed.len() - reached;
                 return Ok(sweep);
             }
