@@ -8,13 +8,14 @@
 //! `ECONNABORTED` and keeps its bind.
 //!
 //! The kernel finds a socket to abort by its addresses, walking every socket bound to the
-//! same address and port, so thousands of twins cost seconds: the sweep stops at a deadline
-//! (the agent serves; the rest keep what they took, one client port each). And a dump that
-//! someone closes sockets under may skip one: the sweep dumps again until a dump finds
-//! nothing to abort.
+//! same address and port, so thousands of twins cost seconds: past a deadline the sweep takes
+//! on no more twins (the agent serves; the rest keep what they took, one client port each).
+//! And a dump that someone closes sockets under may skip one where it comes in pieces: the
+//! sweep dumps again until a dump small enough to come whole lists nothing new.
 //!
-//! Only the agent's own namespace: in node mode a pod's namespace is its own, and binding a
-//! block address there takes privileges that forge with raw sockets anyway.
+//! Only the agent's own namespace: in node mode what a pod's socket takes is its own pod's
+//! (the block is routed to the node), and what it sends from the block the egress guard
+//! drops.
 use std::{
     collections::{HashMap, HashSet},
     io::{self, Read as _, Write as _},
@@ -82,9 +83,7 @@ pub fn abort_block_binders(
         in_block(block4) || block6.is_some_and(in_block)
     };
     let mut diag = diag_socket()?;
-    let same = |a: SocketAddr, b: SocketAddr| {
-        a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
-    };
+    let same = |a: SocketAddr, b: SocketAddr| canonical(a) == canonical(b);
     // IPv4 sockets on the IPv4 block; IPv6 ones on it (v4-mapped) and on the IPv6 block.
     let mut queries = vec![
         (libc::AF_INET as u8, block4),

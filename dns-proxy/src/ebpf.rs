@@ -1057,7 +1057,9 @@ mod tests {
     fn block_binders_are_aborted_after_the_guards_and_before_anything_decodes() {
         let position = |name| PROGRAMS.iter().position(|p| p.name == name).unwrap();
         let guarded = position(LAST_GUARD);
-        assert!(position(names::BIND4) <= guarded);
+        for guard in [names::BIND4, names::BIND6, names::EGRESS] {
+            assert!(position(guard) <= guarded, "{guard}");
+        }
         for decoding in [
             names::SK_LOOKUP,
             names::RECVMSG4,

@@ -7,19 +7,9 @@ use tests::{Process, dig_at};
 
 use super::*;
 
-const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
-
-/// A `test-upstream` on `ip` in the server namespace, answering `answer` with TTL 60.
+/// A `test-upstream` on `ip` in the server namespace, answering `answer` at once.
 fn upstream(topology: &Topology, ip: Ipv4Addr, answer: Ipv4Addr) -> Process {
-    topology.add_server_address(ip);
-    let mut command = topology.server.command(TEST_UPSTREAM);
-    command.args([&format!("{ip}:53"), "0", &answer.to_string()]);
-    let process = Process::spawn(&mut command);
-    wait_for("the upstream to answer", Duration::from_secs(10), || {
-        let outsider = topology.outsider("dig", &[]);
-        dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
-    });
-    process
+    super::start_test_upstream(topology, ip, 0, answer)
 }
 
 /// `dig @server name` as a workload: the answer section's lines.

@@ -69,6 +69,29 @@ fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &
 }
 
 /// Where agents started with `--metrics` serve, in the client namespace.
+/// A `test-upstream` on `ip` in the server namespace, answering `answer` with TTL 60,
+/// `delay_ms` after each query; returned once it answers.
+fn start_test_upstream(
+    topology: &Topology,
+    ip: std::net::Ipv4Addr,
+    delay_ms: u32,
+    answer: std::net::Ipv4Addr,
+) -> tests::Process {
+    topology.add_server_address(ip);
+    let mut command = topology.server.command(env!("CARGO_BIN_EXE_test-upstream"));
+    command.args([
+        &format!("{ip}:53"),
+        &delay_ms.to_string(),
+        &answer.to_string(),
+    ]);
+    let process = tests::Process::spawn(&mut command);
+    wait_for("the upstream to answer", Duration::from_secs(10), || {
+        let outsider = topology.outsider("dig", &[]);
+        tests::dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
+    });
+    process
+}
+
 const METRICS: &str = "127.0.0.1:9253";
 
 fn metrics_addr() -> std::net::SocketAddr {

@@ -8,7 +8,6 @@ use tests::{CLIENT_IP, Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTo
 use super::*;
 
 const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
-const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 /// `setpriv`'s arguments that run what follows as `nobody`, with no capability.
 const AS_NOBODY: [&str; 4] = [
     "--reuid=65534",
@@ -371,14 +370,7 @@ fn a_datagram_begun_while_no_agent_ran_cannot_forge_an_answer_after() {
     let topology = Topology::new();
     // A server that answers 300 ms late, so that a forged answer has the time to come first.
     let server_ip = Ipv4Addr::new(192, 0, 2, 91);
-    topology.add_server_address(server_ip);
-    let mut upstream = topology.server.command(TEST_UPSTREAM);
-    upstream.args([&format!("{server_ip}:53"), "300", &ANSWER_IP.to_string()]);
-    let _upstream = Process::spawn(&mut upstream);
-    wait_for("the upstream to answer", Duration::from_secs(10), || {
-        let outsider = topology.outsider("dig", &[]);
-        dig_at(outsider, &server_ip.to_string(), "ready.example.test", &[]).ok()
-    });
+    let _upstream = super::start_test_upstream(&topology, server_ip, 300, ANSWER_IP);
     let window = RestartWindow::open(&topology, server_ip);
     let (from, to, go) = (&window.from, &window.to, window.go());
     // 40 rounds of the 20 IDs, 150 ms apart: each of the victim's lookups (300 ms) meets two.
