@@ -99,6 +99,9 @@ impl Resolutions {
         }) else {
             return;
         };
+        // Named now, while the workload's cgroup still exists: a short-lived one (a job) is
+        // otherwise gone before anything asks its name, and cannot be looked up by it.
+        let _ = self.workloads.full(cgroup);
         let now = now.wall;
         let name: Box<str> = name.into();
         let mut entries = self.lock();

@@ -327,6 +327,40 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
 }
 
 #[test]
+fn a_workload_whose_cgroup_is_gone_is_still_found_by_name_in_its_resolutions() {
+    use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let topology = Topology::new();
+    let _upstream = start_test_upstream(&topology, SECOND_SERVER_IP, 0, SECOND_ANSWER_IP);
+    // At info, with nothing else that names workloads (no debug log, dnstap or
+    // --workload-metrics): only the table of names asks for the job's name.
+    let agent = Agent::start_quiet(&topology, &["--metrics", super::METRICS]);
+    let job = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
+    let command = in_cgroup_and_netns(&job, &topology.client, "dig", &[]);
+    let output = tests::dig_at(
+        command,
+        &SECOND_SERVER_IP.to_string(),
+        "job.example.test",
+        &["+short"],
+    );
+    assert!(output.is_ok(), "{output:?}");
+    // A job that ends soon after its lookup, its cgroup removed with it.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_dir(&job).expect("remove the job's cgroup");
+    let (status, body) = tests::http_get(
+        &topology.client,
+        super::metrics_addr(),
+        &format!("/v1/resolutions?workload=docker%3D{CONTAINER}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"name\":\"job.example.test.\"")
+            && body.contains(&format!("\"address\":\"{SECOND_ANSWER_IP}\"")),
+        "{body}\n{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
     use tests::{DnsServer, SECOND_ANSWER_IP, SECOND_SERVER_IP};
     let topology = Topology::new();
