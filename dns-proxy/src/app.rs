@@ -56,6 +56,11 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
+    #[error("cannot serve metrics on {addr}: {source}{hint}", hint = bind_hint(*addr, source, "--metrics"))]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
     #[error("cannot watch for SIGINT/SIGTERM: {0}")]
     Signals(io::Error),
     #[error("cannot start the async runtime: {0}")]
@@ -95,19 +100,33 @@ fn block_hint(err: &io::Error) -> &'static str {
     }
 }
 
-fn listen_hint(addr: std::net::SocketAddr, err: &io::Error) -> &'static str {
+fn listen_hint(addr: std::net::SocketAddr, err: &io::Error) -> String {
+    let flag = if addr.is_ipv6() {
+        "--listen6"
+    } else {
+        "--listen"
+    };
+    match err.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            " (something already listens there: stop it or choose another {flag}; if it is \
+             another dns-proxy, --takeover replaces it without a gap)"
+        ),
+        _ => bind_hint(addr, err, flag),
+    }
+}
+
+fn bind_hint(addr: std::net::SocketAddr, err: &io::Error, flag: &str) -> String {
     match err.kind() {
         io::ErrorKind::AddrInUse => {
-            " (something already listens there: stop it or choose another --listen; if it is \
-             another dns-proxy, --takeover replaces it without a gap)"
+            format!(" (something already listens there: stop it or choose another {flag})")
         }
         io::ErrorKind::AddrNotAvailable => {
-            " (no interface has this address: add it, or choose another --listen)"
+            format!(" (no interface has this address: add it, or choose another {flag})")
         }
         io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
-            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_owned()
         }
-        _ => "",
+        _ => String::new(),
     }
 }
 
@@ -270,7 +289,7 @@ async fn serve(
     let routes = take(&mut listeners.routes);
     let metrics_listener = match config.metrics {
         Some(addr) => {
-            Some(bind_metrics_listener(addr).map_err(|source| RunError::Listen { addr, source })?)
+            Some(bind_metrics_listener(addr).map_err(|source| RunError::Metrics { addr, source })?)
         }
         None => None,
     };
