@@ -320,6 +320,13 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
 /// Refuses a block that would take over addresses in use: any address of this host's
 /// interfaces, and the loopback resolvers' `127.0.0.1`, `127.0.0.53` and `127.0.0.54`.
 pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<(), HostError> {
+    if is_public(block.first()) {
+        log::warn!(
+            "{flag} {block}: a range of the public Internet; this host routes it to itself \
+             (and keeps the route after the agent exits), so it can no longer reach those \
+             addresses; a link-local, loopback or private block is meant"
+        );
+    }
     let reserved: [std::net::IpAddr; 3] = [
         [127, 0, 0, 1].into(),
         [127, 0, 0, 53].into(),
@@ -339,6 +346,29 @@ pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<()
             ),
         }),
         None => Ok(()),
+    }
+}
+
+/// Whether `ip` may be a public Internet host's: not loopback, link-local, private (RFC 1918,
+/// unique-local), shared (RFC 6598), benchmarking (RFC 2544) or documentation space.
+fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_private()
+                || v4.is_documentation()
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (18..20).contains(&b)))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || first & 0xfe00 == 0xfc00
+                || first & 0xffc0 == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
     }
 }
 
@@ -647,5 +677,26 @@ mod tests {
         let block = |text: &str| text.parse::<AddressBlock>().unwrap();
         assert!(is_block_routed_here(block("127.53.0.0/16")).unwrap());
         assert!(!is_block_routed_here(block("192.0.2.0/24")).unwrap());
+    }
+
+    #[test]
+    fn only_a_block_of_the_public_internet_is_called_public() {
+        for public in ["8.8.8.0", "1.1.1.0", "2001:4860::", "2a00:1450::"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+        for meant in [
+            "127.53.0.0",
+            "169.254.53.0",
+            "10.53.0.0",
+            "192.168.0.0",
+            "100.64.0.0",
+            "198.18.0.0",
+            "192.0.2.0",
+            "fd53:6e73:6470::",
+            "fe80::",
+            "::1",
+        ] {
+            assert!(!is_public(meant.parse().unwrap()), "{meant}");
+        }
     }
 }
