@@ -3,7 +3,7 @@
 //! must see the same through the agent as without it, while a lookup of another client to a
 //! good server, at the same moment, gets its own answer; and the agent keeps serving. And the
 //! agent's own address changing under it, which its sockets connected to a server keep.
-use std::thread;
+use std::{process::Stdio, thread};
 
 use tests::Process;
 
@@ -190,7 +190,7 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
 
 /// A nameserver whose port is closed, listed first: glibc moves on to the next one at once
 /// through the agent as it does directly (where its connected socket reads ECONNREFUSED;
-/// through the agent, that server's address answers SERVFAIL), instead of waiting out its
+/// through the agent, that server's address answers REFUSED), instead of waiting out its
 /// timeout on every lookup.
 #[test]
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
@@ -225,8 +225,56 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
         &["+time=3", "+tries=1"],
     )
     .expect("an answer, not a timeout");
-    assert!(asked.contains("status: SERVFAIL"), "{asked}");
+    assert!(asked.contains("status: REFUSED"), "{asked}");
     assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
+}
+
+/// dnsmasq as a workload's forwarder, a server whose port is closed listed first: every lookup
+/// through it is answered by its other server, as without the agent. (Told SERVFAIL from the
+/// closed server's address, dnsmasq took it for the fastest server's answer, relayed it, and
+/// asked only that server from then on: none of 20 was answered.)
+#[test]
+fn a_forwarder_with_a_closed_first_server_answers_every_lookup_from_its_other_one() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let closed = std::net::Ipv4Addr::new(192, 0, 2, 98);
+    topology.add_server_address(closed);
+    let forwarder = "127.0.1.5";
+    let mut command = topology.workload(
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={forwarder}"),
+            &format!("--server={closed}"),
+            &format!("--server={SERVER_IP}"),
+            "--pid-file=",
+            "--user=root",
+            "--cache-size=0",
+        ],
+    );
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    let _dnsmasq = Process::spawn(&mut command);
+    wait_for("the forwarder to listen", Duration::from_secs(10), || {
+        let output = must(topology.client.command("ss").args(["-Hunl"]));
+        String::from_utf8_lossy(&output.stdout)
+            .contains(&format!("{forwarder}:53"))
+            .then_some(())
+    });
+    for i in 0..20 {
+        let name = format!("forwarded-{i}.example.test");
+        let asked = tests::dig_at(
+            topology.outsider("dig", &[]),
+            forwarder,
+            &name,
+            &["+time=3", "+tries=1"],
+        );
+        assert_answered(asked, &name);
+    }
+    forwarded(agent, "forwarded-19.example.test");
 }
 
 /// The local ends of the agent's UDP sockets connected to `server`, from `ss` in its

@@ -140,7 +140,7 @@ pub(super) enum MadeHere {
     Stale,
     /// An identical query's answer, shared.
     Coalesced,
-    /// SERVFAIL for an upstream that cannot be reached (`unreachable`).
+    /// REFUSED for an upstream that cannot be reached (`unreachable`).
     Unreachable,
 }
 

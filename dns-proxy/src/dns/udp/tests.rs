@@ -492,11 +492,11 @@ async fn drain_answers_what_is_in_flight_then_returns() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-/// A server whose port is closed: its client is answered SERVFAIL from it at once (asking
+/// A server whose port is closed: its client is answered REFUSED from it at once (asking
 /// directly, it would have read the ICMP error at once), not left to its timeout; the query
 /// is settled and counted as an upstream error.
 #[tokio::test]
-async fn a_closed_upstream_port_is_answered_servfail_at_once() {
+async fn a_closed_upstream_port_is_answered_refused_at_once() {
     let (_holder, closed) = closed_port().await;
     let patient = ForwardSettings {
         upstream_timeout: Duration::from_secs(5),
@@ -506,10 +506,10 @@ async fn a_closed_upstream_port_is_answered_servfail_at_once() {
     let started = std::time::Instant::now();
     let answer = ask(&proxy, QUERY).await.expect("answered within 600 ms");
     assert!(started.elapsed() < Duration::from_millis(600));
-    let mut servfail = QUERY.to_vec();
-    servfail[2] = 0x81; // QR and RD
-    servfail[3] = 0x02; // SERVFAIL
-    assert_eq!(answer, servfail);
+    let mut refused = QUERY.to_vec();
+    refused[2] = 0x81; // QR and RD
+    refused[3] = 0x05; // REFUSED
+    assert_eq!(answer, refused);
     let udp = &proxy.stats.udp;
     assert_eq!(udp.upstream_errors.load(Ordering::Relaxed), 1);
     assert_eq!(udp.upstream_timeouts.load(Ordering::Relaxed), 0);
@@ -537,7 +537,7 @@ async fn a_closed_upstream_port_is_answered_servfail_at_once() {
             .await
             .expect("answered at once")
             .unwrap();
-        let mut expected = servfail.clone();
+        let mut expected = refused.clone();
         expected[..2].copy_from_slice(&id);
         assert_eq!(&buf[..len], expected);
     }
@@ -556,7 +556,7 @@ async fn closed_port() -> (UdpSocket, SocketAddr) {
 
 /// A send that fails with an ICMP error about an earlier datagram (an unconnected socket with
 /// `IP_RECVERR` reports one on its next send, whatever its destination): the query is sent
-/// again and its own server answers it; its client is not told SERVFAIL for another server's
+/// again and its own server answers it; its client is not told REFUSED for another server's
 /// closed port. Only a send that fails again for want of a route tells the client at once.
 #[tokio::test]
 async fn a_send_failing_with_an_earlier_datagrams_icmp_error_is_sent_again() {
@@ -689,11 +689,11 @@ async fn a_connected_socket_takes_no_answer_from_another_port() {
     );
 }
 
-/// An upstream with connected sockets whose port then closes: its client is answered SERVFAIL
+/// An upstream with connected sockets whose port then closes: its client is answered REFUSED
 /// at once, as through a socket of one query's own
-/// (`a_closed_upstream_port_is_answered_servfail_at_once`).
+/// (`a_closed_upstream_port_is_answered_refused_at_once`).
 #[tokio::test]
-async fn a_connected_upstream_that_closes_its_port_is_answered_servfail_at_once() {
+async fn a_connected_upstream_that_closes_its_port_is_answered_refused_at_once() {
     let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let upstream = server.local_addr().unwrap();
     let patient = ForwardSettings {
@@ -717,10 +717,10 @@ async fn a_connected_upstream_that_closes_its_port_is_answered_servfail_at_once(
     let started = std::time::Instant::now();
     let answer = ask(&proxy, &query).await.expect("answered within 600 ms");
     assert!(started.elapsed() < Duration::from_millis(600));
-    let mut servfail = query.clone();
-    servfail[2] = 0x81; // QR and RD
-    servfail[3] = 0x02; // SERVFAIL
-    assert_eq!(answer, servfail);
+    let mut refused = query.clone();
+    refused[2] = 0x81; // QR and RD
+    refused[3] = 0x05; // REFUSED
+    assert_eq!(answer, refused);
     assert!(
         matches!(proxy.v4.connected()[..], [(_, 1..)]),
         "sent connected"

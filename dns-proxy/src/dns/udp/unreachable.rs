@@ -2,10 +2,13 @@
 //! to which there is no route. A client asking directly learns that at once (its connected
 //! socket reads `ECONNREFUSED`, and glibc asks its next nameserver); through the proxy it
 //! would wait out its timeout, five seconds a lookup with a dead first nameserver. So the
-//! query is settled at once and its client answered SERVFAIL, from its server's address:
-//! resolvers move on to their next server for it as they do for the error. (The agent cannot
-//! send the client the ICMP error itself without `CAP_NET_RAW`.) With the cache on and a
-//! stale answer kept (`--serve-stale`), the client gets that instead.
+//! query is settled at once and its client answered REFUSED, from its server's address:
+//! resolvers move on to their next server for it as they do for the error, and none takes it
+//! for an answer (dnsmasq takes a SERVFAIL for the fastest server's, and then asks only the
+//! dead one; musl and dnsmasq wait on for their other servers' answers after a REFUSED, as
+//! they do when a dead server stays silent). The agent cannot send the client the ICMP error
+//! itself without `CAP_NET_RAW`. With the cache on and a stale answer kept
+//! (`--serve-stale`), the client gets that instead.
 use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 
 use tokio::{io::Interest, net::UdpSocket};
@@ -139,27 +142,27 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if stale {
             return;
         }
-        if let Some(answer) = servfail(sent, pending.client_id) {
+        if let Some(answer) = refused(sent, pending.client_id) {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
-            if let Some(answer) = servfail(&waiter.head, None) {
+            if let Some(answer) = refused(&waiter.head, None) {
                 self.send_answer(&answer, waiter.recipient(), MadeHere::Unreachable);
             }
         }
     }
 }
 
-/// SERVFAIL to `sent` (a query, or its start as an ICMP error carried it back): its header
-/// with QR set and RCODE 2 (opcode, RD and CD kept), its question if it is whole, none
+/// REFUSED to `sent` (a query, or its start as an ICMP error carried it back): its header
+/// with QR set and RCODE 5 (opcode, RD and CD kept), its question if it is whole, none
 /// otherwise, and the client's own ID if the query went up with the agent's.
-fn servfail(sent: &[u8], client_id: Option<u16>) -> Option<Vec<u8>> {
+fn refused(sent: &[u8], client_id: Option<u16>) -> Option<Vec<u8>> {
     let header = sent.get(..wire::HEADER_LEN)?;
     let question = wire::question(sent).unwrap_or_default();
     let mut answer = Vec::with_capacity(wire::HEADER_LEN + question.len());
     answer.extend_from_slice(&client_id.map_or([header[0], header[1]], u16::to_be_bytes));
     answer.push(0x80 | (header[2] & 0x79));
-    answer.push((header[3] & 0x10) | 2);
+    answer.push((header[3] & 0x10) | 5);
     answer.extend_from_slice(&u16::from(!question.is_empty()).to_be_bytes());
     answer.extend_from_slice(&[0; 6]);
     answer.extend_from_slice(question);
@@ -186,23 +189,23 @@ mod tests {
     }
 
     #[test]
-    fn a_servfail_keeps_the_question_id_and_flags_a_client_checks() {
+    fn a_refusal_keeps_the_question_id_and_flags_a_client_checks() {
         // ID 0x1234, RD and CD set, one question, and an OPT record after it.
         let mut query = vec![0x12, 0x34, 0x01, 0x10, 0, 1, 0, 0, 0, 0, 0, 1];
         query.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
         let question = query[12..].to_vec();
         query.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0]);
-        let answer = servfail(&query, None).unwrap();
-        assert_eq!(&answer[..4], [0x12, 0x34, 0x81, 0x12]);
+        let answer = refused(&query, None).unwrap();
+        assert_eq!(&answer[..4], [0x12, 0x34, 0x81, 0x15]);
         assert_eq!(&answer[4..12], [0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&answer[12..], &question[..]);
         assert_eq!(wire::response_id(&answer), Some(0x1234));
         // The client's own ID, when the query went up with the agent's.
-        assert_eq!(&servfail(&query, Some(7)).unwrap()[..2], [0, 7]);
+        assert_eq!(&refused(&query, Some(7)).unwrap()[..2], [0, 7]);
         // Cut inside its question (an ICMP error carries back what it can): no question.
-        let cut = servfail(&query[..20], None).unwrap();
+        let cut = refused(&query[..20], None).unwrap();
         assert_eq!(cut.len(), 12);
         assert_eq!(&cut[4..6], [0, 0]);
-        assert!(servfail(&query[..8], None).is_none());
+        assert!(refused(&query[..8], None).is_none());
     }
 }
