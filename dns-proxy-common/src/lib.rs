@@ -84,6 +84,12 @@ pub mod names {
     /// block, so that it shows the source it would have had without the agent.
     pub const SOURCE4: &str = "SOURCE4";
 
+    /// Array of `u64` by [`crate::server_key`]: until when (`CLOCK_MONOTONIC` nanoseconds)
+    /// `sk_lookup` drops UDP datagrams to that index's address, so that the kernel answers
+    /// them port unreachable, as the server the index names did the agent. Written by the
+    /// agent on such an ICMP error; not pinned (each agent's program has its own).
+    pub const REFUSING: &str = "REFUSING";
+
     /// Global holding the [`crate::RedirectConfig`], set at load time.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
     /// Global `u64` bit mask, set at load time: bit N set means some cgroup at level N (the

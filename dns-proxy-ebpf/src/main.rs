@@ -125,6 +125,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 #[map(name = "ARMED")]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Until when (`CLOCK_MONOTONIC` ns) `sk_lookup` refuses UDP datagrams to each index's address
+/// (by `server_key`): the agent found that index's server's port closed.
+#[map(name = "REFUSING")]
+static REFUSING: Array<u64> = Array::with_max_entries(MAX_SERVERS, 0);
+
 /// The IPv4 address the agent's namespace sends from toward the Internet (network order; 0:
 /// none), for `connect4` to bind redirected sockets to.
 #[map(name = "SOURCE4")]

@@ -1,13 +1,13 @@
 //! `sk_lookup`, on the agent's network namespace: a packet to a block address on the proxy's
 //! port goes to one of the proxy's sockets, whatever else is bound there, and the metrics
 //! port to the newest agent's listener.
-use aya_ebpf::programs::SkLookupContext;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::SkLookupContext};
 use dns_proxy_common::{
-    AF_INET, AF_INET6, Counter, IPPROTO_TCP, Listener, RedirectConfig, listener_slot,
+    AF_INET, AF_INET6, Counter, IPPROTO_TCP, Listener, RedirectConfig, listener_slot, server_key,
 };
 
 use crate::{
-    LISTENERS,
+    LISTENERS, REFUSING,
     block::{index_in_block4, index_in_block6, server_at},
     config,
     context::{Lookup, ctx_lookup},
@@ -86,7 +86,12 @@ pub fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
         count(Counter::ForeignRefused);
         return SK_DROP;
     }
-    let listener = if lookup.protocol == u32::from(IPPROTO_TCP) {
+    let tcp = lookup.protocol == u32::from(IPPROTO_TCP);
+    if !tcp && refusing(family, index) {
+        // No socket takes it: the kernel answers port unreachable, as the server did the agent.
+        return SK_DROP;
+    }
+    let listener = if tcp {
         Listener::Tcp { family }
     } else {
         // Any UDP socket serves any client; spread clients by their port.
@@ -98,4 +103,15 @@ pub fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
     // to the agent this one took over from, while that one still serves.
     let _ = LISTENERS.redirect_sk_lookup(ctx, listener_slot(listener), TAKE_OVER_AND_NO_REUSEPORT);
     SK_PASS
+}
+
+/// Whether the agent asked that UDP datagrams to `family`'s index `index` be refused for now
+/// (`REFUSING`): its server's port was closed a moment ago. A client connected to the address
+/// then reads `ECONNREFUSED`, as it would asking the server itself, and moves on.
+fn refusing(family: u16, index: u32) -> bool {
+    match REFUSING.get(server_key(family, index)) {
+        // SAFETY: a helper without arguments.
+        Some(&until) => until != 0 && until > unsafe { bpf_ktime_get_ns() },
+        None => false,
+    }
 }

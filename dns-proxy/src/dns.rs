@@ -66,6 +66,11 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// `connect4` bound to the node's own address is one client by that address, which all
     /// of them share.
     fn is_local_client(&self, client: IpAddr) -> bool;
+
+    /// Has the kernel answer UDP datagrams to `reached` (where a query arrived) port
+    /// unreachable for a while, as the server it names did the agent: a client connected there
+    /// then reads the error itself. Nothing where there is no kernel side (unit tests).
+    fn refuse_udp_for_a_while(&self, _reached: SocketAddr) {}
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
@@ -79,6 +84,10 @@ impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
 
     fn is_local_client(&self, client: IpAddr) -> bool {
         T::is_local_client(self, client)
+    }
+
+    fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
+        T::refuse_udp_for_a_while(self, reached);
     }
 }
 

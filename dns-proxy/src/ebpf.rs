@@ -386,6 +386,7 @@ impl Redirector {
             started: coarse_seconds(),
             generation: std::sync::atomic::AtomicU64::new(0),
             last_keys: std::sync::Mutex::default(),
+            refusing: std::sync::Mutex::new(take_array(&mut ebpf, names::REFUSING)?),
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -850,7 +851,14 @@ pub struct ServerTable {
     /// The indexes in the table at the last check: one gone since was forgotten by another
     /// agent sharing the table (during a takeover), which bumps `generation` here too.
     last_keys: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
+    refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
 }
+
+/// How long UDP datagrams to an index whose server's port was found closed are refused by the
+/// kernel: long enough that a client's next lookups read the error itself, short enough that
+/// a server back on its port is asked again soon.
+const REFUSE_CLOSED_SERVER_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What [`ServerTable::forget_departed`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -888,6 +896,36 @@ impl ServerTable {
                 );
                 None
             }
+        }
+    }
+
+    /// Has the kernel refuse UDP datagrams sent to `reached` (a block address on the proxy's
+    /// port) for [`REFUSE_CLOSED_SERVER_FOR`]: `sk_lookup` drops them, so the kernel answers
+    /// port unreachable and a client connected there reads `ECONNREFUSED`, as it would from
+    /// the server whose port the agent just found closed. A `bpf()` call: made only on such an
+    /// ICMP error, which the kernel rate-limits.
+    pub fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
+        let Some((family, index)) = self.index_of(reached) else {
+            return;
+        };
+        // SAFETY: clock_gettime writes one timespec into a live local.
+        let now = unsafe {
+            let mut now: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+            now
+        };
+        let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(now.tv_nsec).unwrap_or(0);
+        let until = now_ns + REFUSE_CLOSED_SERVER_FOR.as_nanos() as u64;
+        let mut refusing = self
+            .refusing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = refusing.set(server_key(family, index), until, 0) {
+            log::warn!(
+                "cannot have index {index} refused for a while ({}): {err}",
+                names::REFUSING
+            );
         }
     }
 

@@ -164,6 +164,16 @@ impl<D: OriginalDestinations> Admission<D> {
         }
     }
 
+    /// Has the kernel refuse UDP datagrams to `reached` for a while
+    /// ([`OriginalDestinations::refuse_udp_for_a_while`]): the server it names has its port
+    /// closed. Not with `--upstream`, where the server found closed is not the one the
+    /// client's address names.
+    pub fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
+        if self.upstream_override.is_none() {
+            self.destinations.refuse_udp_for_a_while(reached);
+        }
+    }
+
     /// Where the query or connection of `client`, which reached the proxy address `reached`
     /// (`None`: unknown), goes; `None` (counted and logged) if its client was not redirected
     /// or it is refused. `from_this_namespace`: its client is of the agent's own network

@@ -66,4 +66,8 @@ impl OriginalDestinations for CachedServers {
         let client = client.to_canonical();
         self.table.host_mode() || client.is_loopback() || self.table.is_block_ip(client)
     }
+
+    fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
+        self.table.refuse_udp_for_a_while(reached);
+    }
 }

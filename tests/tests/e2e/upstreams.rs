@@ -190,8 +190,8 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
 
 /// A nameserver whose port is closed, listed first: glibc moves on to the next one at once
 /// through the agent as it does directly (where its connected socket reads ECONNREFUSED;
-/// through the agent, that server's address answers REFUSED), instead of waiting out its
-/// timeout on every lookup.
+/// through the agent, that server's address answers REFUSED, and for 2 s after the kernel
+/// refuses the datagrams there itself), instead of waiting out its timeout on every lookup.
 #[test]
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let Harness {
@@ -218,6 +218,27 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
         assert!(took < Duration::from_secs(2), "{path}: {took:?}");
     }
     forwarded(agent, name);
+    // For 2 s after, the kernel refuses the workload's datagrams to that server's address
+    // itself: dig, whose socket is connected, reads the port unreachable, as directly.
+    let ask = |command: Command| {
+        outcome(tests::dig_at(
+            command,
+            &closed.to_string(),
+            "closed.example.test",
+            &["+time=3", "+tries=1"],
+        ))
+    };
+    let directly = ask(topology.outsider("dig", &[]));
+    assert_eq!(directly, "connection failed");
+    assert_eq!(
+        ask(topology.workload("dig", &[])),
+        directly,
+        "{}",
+        agent.log()
+    );
+    // Then the agent asks the server again, and tells the first client REFUSED from its
+    // address.
+    thread::sleep(Duration::from_millis(2500));
     let asked = tests::dig_at(
         topology.workload("dig", &[]),
         &closed.to_string(),

@@ -109,7 +109,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// `pending`, taken out of the table, whose upstream cannot be reached (`why`): its
-    /// client, and those of identical queries that waited on it, are answered SERVFAIL at
+    /// client, and those of identical queries that waited on it, are answered REFUSED at
     /// once (or stale), from `sent`, the query as it went up, and their own queries.
     pub(super) fn unreachable(
         self: &Arc<Self>,
@@ -142,12 +142,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if stale {
             return;
         }
+        let port = self.local_addr.port();
+        self.admission
+            .refuse_udp_for_a_while(SocketAddr::new(to.reply_from, port));
         if let Some(answer) = refused(sent, pending.client_id) {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
+            let to = waiter.recipient();
+            self.admission
+                .refuse_udp_for_a_while(SocketAddr::new(to.reply_from, port));
             if let Some(answer) = refused(&waiter.head, None) {
-                self.send_answer(&answer, waiter.recipient(), MadeHere::Unreachable);
+                self.send_answer(&answer, to, MadeHere::Unreachable);
             }
         }
     }
