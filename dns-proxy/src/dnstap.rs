@@ -585,9 +585,13 @@ fn open_file(path: &Path) -> Result<Output, DnstapError> {
     let mut writer: BufWriter<Box<dyn Write + Send>> =
         BufWriter::with_capacity(WRITE_BUFFER, Box::new(file));
     // START reaches the file at once: a file with nothing in it is no agent's log yet.
-    fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE))
+    if let Err(err) = fstrm::write_control(&mut writer, fstrm::START, Some(CONTENT_TYPE))
         .and_then(|()| writer.flush())
-        .map_err(create)?;
+    {
+        // Not left for the next try to keep aside (a full disk would collect them).
+        let _ = std::fs::remove_file(path);
+        return Err(create(err));
+    }
     Ok(Output {
         writer,
         reader: None,
@@ -731,7 +735,7 @@ struct Writer {
     /// and naming takes a lock. Forgotten at each take, so a renamed workload shows soon.
     last_named: Option<(u64, Arc<str>)>,
     output: Option<Output>,
-    /// Whether we have tried to connect to a socket reader yet.
+    /// Whether we have tried to connect to a socket reader, or to start a file anew, yet.
     tried: bool,
     backoff: Duration,
     next_attempt: Instant,
@@ -851,7 +855,7 @@ impl Writer {
     /// How long to wait for an event when there is none: until the next reconnection
     /// attempt, or a flush interval.
     fn idle_wait(&self) -> Duration {
-        if self.output.is_none() && matches!(self.target, DnstapTarget::Unix(_)) {
+        if self.output.is_none() {
             self.next_attempt
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(10), FLUSH_INTERVAL)
@@ -933,7 +937,9 @@ impl Writer {
         }
     }
 
-    /// The output failed: a file is done for, a socket is retried after the backoff.
+    /// The output failed: retried after the backoff, a socket by connecting again, a file by
+    /// starting a new one (the failed one kept aside: a partial frame ends what can be read of
+    /// it).
     fn lost(&mut self, err: &io::Error) {
         // Dropping a BufWriter flushes it; with a stalled reader that would wait again.
         if let Some(output) = self.output.take() {
@@ -941,40 +947,41 @@ impl Writer {
             drop(inner);
         }
         self.dirty = false;
-        let target = &self.target;
-        match target {
-            DnstapTarget::File(_) => {
-                log::warn!(
-                    "dnstap: writing {target} failed ({err}); it gets nothing more (a partial \
-                     frame would corrupt the rest of it)"
-                );
-            }
-            DnstapTarget::Unix(_) => {
-                self.next_attempt = Instant::now() + self.backoff;
-                let backoff = self.backoff;
-                self.reader_warning.warn(|_| {
-                    format!(
-                        "dnstap: lost the reader at {target} ({err}); dropping lookups until it \
-                         is back, next try in {backoff:?}"
-                    )
-                });
-            }
-        }
+        self.next_attempt = Instant::now() + self.backoff;
+        let (target, backoff) = (&self.target, self.backoff);
+        let _ = match target {
+            DnstapTarget::File(_) => self.reader_warning.warn(|_| {
+                format!(
+                    "dnstap: writing {target} failed ({err}); dropping lookups until a new \
+                     file can be started there (this one kept aside, as at start: a partial \
+                     frame ends it), next try in {backoff:?}"
+                )
+            }),
+            DnstapTarget::Unix(_) => self.reader_warning.warn(|_| {
+                format!(
+                    "dnstap: lost the reader at {target} ({err}); dropping lookups until it \
+                     is back, next try in {backoff:?}"
+                )
+            }),
+        };
     }
 
     fn reconnect_if_due(&mut self) {
-        let DnstapTarget::Unix(path) = &self.target else {
-            return;
-        };
         let retry = self.tried;
+        let file = matches!(self.target, DnstapTarget::File(_));
+        // A file is started anew only to go on logging, never to close it.
         if self.output.is_some()
-            || (retry && self.shared.closing.load(Ordering::Relaxed))
+            || ((retry || file) && self.shared.closing.load(Ordering::Relaxed))
             || Instant::now() < self.next_attempt
         {
             return;
         }
         self.tried = true;
-        match connect(path) {
+        let opened = match &self.target {
+            DnstapTarget::Unix(path) => connect(path),
+            DnstapTarget::File(path) => open_file(path).map_err(io::Error::other),
+        };
+        match opened {
             Ok(output) => {
                 log::info!("dnstap: writing to {}", self.target);
                 self.output = Some(output);
@@ -982,9 +989,10 @@ impl Writer {
             }
             Err(err) => {
                 let (target, backoff) = (&self.target, self.backoff);
+                let what = if file { "cannot start" } else { "no reader at" };
                 self.reader_warning.warn(|attempts| {
                     format!(
-                        "dnstap: no reader at {target} ({err}; {attempts} attempts); dropping \
+                        "dnstap: {what} {target} ({err}; {attempts} attempts); dropping \
                          lookups until there is, next try in {backoff:?}"
                     )
                 });

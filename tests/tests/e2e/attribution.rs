@@ -222,6 +222,70 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
     drop(agent);
 }
 
+/// A dnstap file whose filesystem fills up: every lookup is still answered, and once there is
+/// room again the log goes on in a new file (the full one kept aside, whole up to its last
+/// frame). Before, a file that failed once got nothing more until the agent restarted.
+#[test]
+fn a_dnstap_file_whose_filesystem_filled_up_goes_on_in_a_new_one_once_there_is_room() {
+    tests::require_root();
+    let (dir, log) = dnstap_directory("dnstap-full");
+    // A filesystem of the test's own, 64 KiB: a few hundred lookups fill it.
+    must(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&dir.0),
+    );
+    let _mounted = Unmounted(dir.0.clone());
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
+    let names = dir
+        .0
+        .join("..")
+        .join(format!("names-{}", tests::unique_tag()));
+    let list: String = (0..1500)
+        .map(|i| format!("filling-{i}.example.test\n"))
+        .collect();
+    std::fs::write(&names, list).expect("write the names");
+    let output = must(&mut topology.workload(
+        "dig",
+        &["-f", &names.display().to_string(), "+short", "+tries=1"],
+    ));
+    let _ = std::fs::remove_file(&names);
+    let answered = String::from_utf8_lossy(&output.stdout)
+        .matches(&ANSWER_IP.to_string())
+        .count();
+    assert_eq!(answered, 1500, "{}", agent.log());
+    wait_for_log(&agent, "No space left on device");
+    // Room again, the full log left where it is.
+    must(
+        Command::new("mount")
+            .args(["-o", "remount,size=1m"])
+            .arg(&dir.0),
+    );
+    let text = wait_for("a new dnstap log", Duration::from_secs(20), || {
+        let name = "after-room.example.test";
+        assert_answered(dig(topology.workload("dig", &[]), name, &["+short"]), name);
+        let output = Command::new("dnstap-ldns")
+            .args(["-y", "-r"])
+            .arg(&log)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.contains(name).then_some(text)
+    });
+    assert!(text.contains("type: CLIENT_RESPONSE"), "{text}");
+}
+
+/// Unmounts a test's filesystem, even when the test fails.
+struct Unmounted(PathBuf);
+
+impl Drop for Unmounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A directory of a test's own, removed even when the test fails.
 struct RemovedOnDrop(PathBuf);
 
