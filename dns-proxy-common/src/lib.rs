@@ -45,6 +45,7 @@ pub mod names {
     pub const BIND6: &str = "dns_proxy_bind6";
     /// The `cgroup_skb/egress` guard: packets from the block on the proxy's port.
     pub const EGRESS: &str = "dns_proxy_egress";
+    pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
     /// The `sk_lookup` program, attached to the agent's network namespace.
     pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
 
@@ -84,6 +85,10 @@ pub mod names {
     /// block, so that it shows the source it would have had without the agent.
     pub const SOURCE4: &str = "SOURCE4";
 
+    /// Socket cookie -> [`crate::server_key`]: the sockets `connect4/6` connected to an
+    /// index's address (UDP or TCP), until they are released (`cgroup/sock_release`). Pinned
+    /// beside `SERVERS`: the agent forgets no origin that a live socket is connected to.
+    pub const CONNECTED: &str = "CONNECTED";
     /// Array of `u64` by [`crate::server_key`]: until when (`CLOCK_MONOTONIC` nanoseconds)
     /// `sk_lookup` drops UDP datagrams to that index's address, so that the kernel answers
     /// them port unreachable, as the server the index names did the agent. Written by the
@@ -176,6 +181,9 @@ pub const MAX_EXCLUDED_SERVERS: u32 = 64;
 /// (normally one, two while one takes over), with room for the records of agents that were
 /// killed, until the next agent to start removes them.
 pub const MAX_AGENTS: u32 = 64;
+/// Capacity of the `CONNECTED` map: sockets connected to the block at once that keep their
+/// index from being forgotten (past it, a socket is not counted, as before the map).
+pub const MAX_CONNECTED: u32 = 65_536;
 
 /// The bit of `ARMED` that lets the programs send sockets to the IPv4 block (v4-mapped
 /// destinations of dual-stack sockets included).

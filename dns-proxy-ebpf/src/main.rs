@@ -23,6 +23,7 @@
 //!   guards on bind and on sending from the proxy's addresses; a v4-mapped address of a
 //!   dual-stack socket takes the IPv4 path;
 //! - `egress`: the guard on every packet sent from the block on the proxy's port;
+//! - `cgroup/sock_release` (in `sock`): a socket connected to the block lets go of its index;
 //! - `steer`: what `sk_lookup` does with a packet to the block;
 //! - `block`: the block's addresses and the server table behind them (an index per origin);
 //! - `scope`: which sockets the programs act on (armed, a live proxy, DNS, excluded cgroups,
@@ -40,20 +41,21 @@ mod steer;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sk_lookup},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext},
 };
 use dns_proxy_common::{
-    AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_EXCLUDED_CGROUPS,
-    MAX_EXCLUDED_SERVERS, MAX_SERVERS, Origin, RedirectConfig, ServerPrefixData,
+    AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_CONNECTED,
+    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_SERVERS, MAX_SERVERS, Origin, RedirectConfig,
+    ServerPrefixData,
 };
 
 use crate::{
     egress::guard_egress,
     sock::{
-        sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev, sock6_guard_bind,
-        sock6_xlate_fwd, sock6_xlate_rev,
+        release_sock, sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev,
+        sock6_guard_bind, sock6_xlate_fwd, sock6_xlate_rev,
     },
     steer::steer_to_proxy,
 };
@@ -125,6 +127,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 #[map(name = "ARMED")]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Socket cookie → server key: sockets connected to an index's address, until released.
+#[map(name = "CONNECTED")]
+static CONNECTED: HashMap<u64, u32> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
+
 /// Until when (`CLOCK_MONOTONIC` ns) `sk_lookup` refuses UDP datagrams to each index's address
 /// (by `server_key`): the agent found that index's server's port closed.
 #[map(name = "REFUSING")]
@@ -192,6 +198,11 @@ pub fn dns_proxy_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn dns_proxy_bind6(ctx: SockAddrContext) -> i32 {
     sock6_guard_bind(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn dns_proxy_sock_release(ctx: SockContext) -> i32 {
+    release_sock(&ctx)
 }
 
 #[cgroup_skb(egress)]

@@ -8,11 +8,17 @@
 //!
 //! Each returns the hook's verdict and fails open: whatever goes wrong, the call is allowed
 //! unchanged. Only a socket that would use the proxy's addresses is refused.
-use aya_ebpf::{helpers::bpf_get_current_cgroup_id, programs::SockAddrContext};
-use dns_proxy_common::{AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, v4_mapped_prefix};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    programs::{SockAddrContext, SockContext},
+};
+use dns_proxy_common::{
+    AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, server_key, v4_mapped_prefix,
+};
 
 use crate::{
-    ALLOW, Hook, REFUSE, SOURCE4,
+    ALLOW, CONNECTED, Hook, REFUSE, SOURCE4,
     block::{
         addresses_proxy4, block4_address, block6_address, index_for, index_in_block4,
         index_in_block6, origin_at, server_at,
@@ -81,9 +87,9 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let config = config();
     match xlate_fwd4(ctx, &config, ctx_user_ip4(ctx), ctx_user_port(ctx), hook) {
         Forward4::Leave(verdict) => verdict,
-        Forward4::Redirect(to) => {
-            ctx_set_user_ip4(ctx, to);
-            to_proxy_port(ctx, config.port4)
+        Forward4::Redirect(index) => {
+            ctx_set_user_ip4(ctx, block4_address(&config, index));
+            to_proxy_port(ctx, config.port4, hook, server_key(AF_INET, index))
         }
     }
 }
@@ -104,9 +110,10 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if addr[..3] == prefix {
         return match xlate_fwd4(ctx, &config, addr[3], port_be, hook) {
             Forward4::Leave(verdict) => verdict,
-            Forward4::Redirect(to) => {
+            Forward4::Redirect(index) => {
+                let to = block4_address(&config, index);
                 ctx_set_user_ip6(ctx, [prefix[0], prefix[1], prefix[2], to]);
-                to_proxy_port(ctx, config.port4)
+                to_proxy_port(ctx, config.port4, hook, server_key(AF_INET, index))
             }
         };
     }
@@ -130,7 +137,7 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
         return ALLOW;
     };
     ctx_set_user_ip6(ctx, block6_address(&config, index));
-    to_proxy_port(ctx, config.port6)
+    to_proxy_port(ctx, config.port6, hook, server_key(AF_INET6, index))
 }
 
 /// Whether a `sendmsg4` names the peer its socket is connected to. The kernel runs the hook for
@@ -163,8 +170,7 @@ fn sends_to_its_peer6(ctx: &SockAddrContext, hook: Hook) -> bool {
 enum Forward4 {
     /// The call gets this verdict, its destination unchanged.
     Leave(i32),
-    /// The socket is sent to this address of the IPv4 block (network order), on the proxy's
-    /// port.
+    /// The socket is sent to this index's address of the IPv4 block, on the proxy's port.
     Redirect(u32),
 }
 
@@ -198,15 +204,38 @@ fn xlate_fwd4(
         return Forward4::Leave(ALLOW);
     }
     match index_for(ctx, server, config.capacity4) {
-        Some(index) => Forward4::Redirect(block4_address(config, index)),
+        Some(index) => Forward4::Redirect(index),
         None => Forward4::Leave(ALLOW),
     }
 }
 
-/// The last step of a redirect, once the address is written: the proxy's port; counted.
-fn to_proxy_port(ctx: &SockAddrContext, port_be: u16) -> i32 {
+/// The last step of a redirect, once the address is written: the proxy's port; counted. A
+/// socket connected there holds the index (`key`) until it is released.
+fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i32 {
     ctx_set_user_port(ctx, port_be);
     count(Counter::Redirected);
+    if hook == Hook::Connect {
+        hold_index(ctx, key);
+    }
+    ALLOW
+}
+
+/// Notes that the socket behind `ctx` is connected to the address of server key `key`
+/// (`CONNECTED`), so that the agent does not give that index to another origin while the
+/// socket may still send there. Not inlined: the `connect6` path's stack is near its limit.
+#[inline(never)]
+fn hold_index(ctx: &SockAddrContext, key: u32) {
+    // SAFETY: the helper takes the program's own context, which it was given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Full: the socket is not counted, as before the map (the table's limits say so).
+    let _ = CONNECTED.insert(cookie, key, 0);
+}
+
+/// cgroup/sock_release: a socket going away lets go of the index it was connected to.
+pub fn release_sock(ctx: &SockContext) -> i32 {
+    // SAFETY: the helper takes the program's own context, which it was given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = CONNECTED.remove(cookie);
     ALLOW
 }
 

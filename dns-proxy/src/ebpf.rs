@@ -21,7 +21,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SkLookup,
         cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId,
     },
 };
@@ -167,6 +167,8 @@ enum Hook {
     SkLookup,
     /// `cgroup_skb/egress`, on the redirected cgroup.
     Egress,
+    /// A `cgroup/*` sock hook (`sock_release`), on the redirected cgroup.
+    Sock,
 }
 
 struct ProgramSpec {
@@ -191,6 +193,12 @@ const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
     ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
+    ProgramSpec::new(
+        names::SOCK_RELEASE,
+        "cgroup/sock_release",
+        Hook::Sock,
+        "5.9",
+    ),
     ProgramSpec::new(names::EGRESS, "cgroup_skb/egress", Hook::Egress, "5.8"),
     ProgramSpec::new(names::SK_LOOKUP, "sk_lookup", Hook::SkLookup, "5.17"),
     ProgramSpec::new(names::RECVMSG4, "cgroup/recvmsg4", Hook::SockAddr, "5.2"),
@@ -387,6 +395,7 @@ impl Redirector {
             generation: std::sync::atomic::AtomicU64::new(0),
             last_keys: std::sync::Mutex::default(),
             refusing: std::sync::Mutex::new(take_array(&mut ebpf, names::REFUSING)?),
+            connected: std::sync::Mutex::new(take_map(&mut ebpf, names::CONNECTED)?),
         };
         let counters = KernelCounters::take(&mut ebpf)?;
 
@@ -443,6 +452,14 @@ impl Redirector {
                             CgroupSkbAttachType::Egress,
                             CgroupAttachMode::Single,
                         )
+                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
+                    log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
+                }
+                Hook::Sock => {
+                    let program: &mut CgroupSock = program.try_into().map_err(|_| mismatch)?;
+                    program.load().map_err(load_err)?;
+                    program
+                        .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
                         .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
                     log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
                 }
@@ -853,6 +870,8 @@ pub struct ServerTable {
     last_keys: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
+    /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
+    connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
 }
 
 /// How long UDP datagrams to an index whose server's port was found closed are refused by the
@@ -969,9 +988,15 @@ impl ServerTable {
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         let mut forgotten = 0;
+        let mut held = None;
         for (key, origin) in &entries {
             let cgroup = origin.cgroup_id;
             if cgroup == 0 || !gone(cgroup) {
+                continue;
+            }
+            // A socket still connected to the index (its process moved to another cgroup, or
+            // was handed the socket) would send the next origin's queries: kept while it is.
+            if held.get_or_insert_with(|| self.held_keys()).contains(key) {
                 continue;
             }
             let seen = self
@@ -1001,6 +1026,17 @@ impl ServerTable {
             forgotten,
             kept: entries.len() - forgotten,
         }
+    }
+
+    /// The server keys that sockets are connected to now (`CONNECTED`).
+    fn held_keys(&self) -> std::collections::HashSet<u32> {
+        self.connected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, key)| key)
+            .collect()
     }
 
     /// Changes whenever origins were forgotten ([`forget_departed`](Self::forget_departed)):

@@ -225,7 +225,7 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
 
 /// What the pins must be, by name: (key size, value size, max entries). The first two are the
 /// table of servers, whose halves must be there together; the agents' maps come and go alone.
-const PINS: [(&str, u32, u32, u32); 4] = [
+const PINS: [(&str, u32, u32, u32); 5] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -249,6 +249,12 @@ const PINS: [(&str, u32, u32, u32); 4] = [
         8,
         24,
         dns_proxy_common::MAX_AGENTS,
+    ),
+    (
+        dns_proxy_common::names::CONNECTED,
+        8,
+        4,
+        dns_proxy_common::MAX_CONNECTED,
     ),
 ];
 

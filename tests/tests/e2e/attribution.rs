@@ -1,7 +1,7 @@
 //! Which workload asked: the kernel records the cgroup of the task that sent each socket to
 //! the proxy, in the block address it chooses, and the agent names that cgroup's workload in
 //! its log. No workload can choose that address itself.
-use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
+use std::{os::unix::fs::MetadataExt as _, path::PathBuf, process::Stdio};
 
 use tests::{PROXY_LISTEN, dig, in_cgroup_and_netns};
 
@@ -424,19 +424,27 @@ fn a_workload_whose_cgroup_is_gone_is_still_found_by_name_in_its_resolutions() {
     );
 }
 
-#[test]
-fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
+/// Two servers, and an agent with a table of six indexes, one UDP thread (so one copy of what
+/// was read of the table), and departed cgroups forgotten within seconds.
+fn a_table_of_six_indexes() -> (Topology, [tests::DnsServer; 2], Agent) {
     use tests::{DnsServer, SECOND_ANSWER_IP, SECOND_SERVER_IP};
     let topology = Topology::new();
-    let _first = DnsServer::start(&topology);
-    let _second = DnsServer::start_on(&topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
-    // Six indexes, one UDP thread (so one copy of what was read of the table), and departed
-    // cgroups forgotten within seconds.
+    let servers = [
+        DnsServer::start(&topology),
+        DnsServer::start_on(&topology, SECOND_SERVER_IP, SECOND_ANSWER_IP),
+    ];
     let agent = Agent::start_with_env(
         &topology,
         &["--redirect-block=127.53.0.0/29", "--udp-threads=1"],
         &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")],
     );
+    (topology, servers, agent)
+}
+
+#[test]
+fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
+    use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let (topology, _servers, agent) = a_table_of_six_indexes();
     let ask = |cgroup: &PathBuf, server: std::net::Ipv4Addr, name: &str| {
         let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
         tests::dig_at(command, &server.to_string(), name, &["+short"])
@@ -483,6 +491,116 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
 /// Found by an adversarial review: an agent that had logged nothing left an empty file
 /// (START still in its buffer), which the agent taking over opened again instead of keeping
 /// aside, so both wrote into one file and the older one's STOP corrupted the newer one's log.
+/// A socket connected from a cgroup that is then removed (its process moved on): its origin
+/// is kept as long as the socket lives, so its index is never given to another pair, and its
+/// queries still go to the server it asked; once it is closed, the origin is forgotten. Before,
+/// the origin was forgotten while the socket lived, and its next query went to the server of
+/// whichever pair got the index next.
+#[test]
+fn an_origin_is_not_forgotten_while_a_socket_is_connected_to_it() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let (topology, _servers, agent) = a_table_of_six_indexes();
+    // A process with a UDP socket connected to the first server, which asks a name on "ask".
+    let departs = child_cgroup(&topology, "departs");
+    let mut holder = in_cgroup_and_netns(
+        &departs,
+        &topology.client,
+        "python3",
+        &["-c", HOLDER, &SERVER_IP.to_string()],
+    );
+    holder.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut holder = holder.spawn().expect("start the socket's holder");
+    let mut said = BufReader::new(holder.stdout.take().expect("its stdout"));
+    let mut tell = holder.stdin.take().expect("its stdin");
+    let mut hear = || {
+        let mut line = String::new();
+        said.read_line(&mut line).expect("a line from the holder");
+        line.trim().to_owned()
+    };
+    let pid = hear();
+    let departs_id = std::fs::metadata(&departs).expect("stat").ino();
+    // Fill the rest of the table (six indexes): three more pairs and the second's shared one.
+    for (cgroup, server) in [
+        ("b", SECOND_SERVER_IP),
+        ("e", SECOND_SERVER_IP),
+        ("f", SERVER_IP),
+    ] {
+        let command = in_cgroup_and_netns(
+            &child_cgroup(&topology, cgroup),
+            &topology.client,
+            "dig",
+            &[],
+        );
+        assert!(
+            tests::dig_at(
+                command,
+                &server.to_string(),
+                "filler.example.test",
+                &["+short"]
+            )
+            .is_ok()
+        );
+    }
+    // The process moves on, and its cgroup goes.
+    std::fs::write(topology.cgroup.path.join("cgroup.procs"), &pid).expect("move the holder");
+    std::fs::remove_dir(&departs).expect("remove the departed cgroup");
+    // Forgotten within about 4 s if nothing held it.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(!agent.log().contains("forgot 1 origins"), "{}", agent.log());
+    assert_eq!(
+        tests::origins_of_cgroup(&topology.client.state_dir(), departs_id),
+        1
+    );
+    // A new pair finds no room (and is answered directly), rather than taking the held index.
+    let arrives = child_cgroup(&topology, "arrives");
+    let command = in_cgroup_and_netns(&arrives, &topology.client, "dig", &[]);
+    let answer = tests::dig_at(
+        command,
+        &SECOND_SERVER_IP.to_string(),
+        "new.example.test",
+        &["+short"],
+    );
+    assert_eq!(
+        answer.expect("answered").trim(),
+        SECOND_ANSWER_IP.to_string()
+    );
+    // The held socket's query still goes to its own server.
+    writeln!(tell, "ask held.example.test").expect("tell the holder");
+    assert_eq!(hear(), ANSWER_IP.to_string(), "{}", agent.log());
+    // Once it is closed, the origin goes.
+    writeln!(tell, "close").expect("tell the holder");
+    assert_eq!(hear(), "closed");
+    wait_for(
+        "the released origin forgotten",
+        Duration::from_secs(20),
+        || agent.log().contains("forgot 1 origins").then_some(()),
+    );
+    drop(tell);
+    let _ = holder.wait();
+}
+
+/// The holder of `an_origin_is_not_forgotten_while_a_socket_is_connected_to_it`: prints its
+/// pid, connects a UDP socket to `argv[1]`:53, then on "ask NAME" prints the A record its
+/// query for NAME got, and on "close" closes the socket.
+const HOLDER: &str = r#"
+import os, socket, struct, sys
+print(os.getpid(), flush=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+s.settimeout(3)
+for line in sys.stdin:
+    word = line.split()
+    if word[0] == "ask":
+        name = b"".join(bytes([len(l)]) + l.encode() for l in word[1].split(".")) + b"\0"
+        s.send(struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1")
+        answer = s.recv(512)
+        print(socket.inet_ntoa(answer[-4:]), flush=True)
+    elif word[0] == "close":
+        s.close()
+        print("closed", flush=True)
+"#;
+
 #[test]
 fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
     tests::require_root();
