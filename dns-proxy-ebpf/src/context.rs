@@ -20,9 +20,9 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sk_lookup, bpf_sock_addr, sockaddr},
     helpers::{bpf_get_netns_cookie, generated::bpf_bind},
-    programs::{SkLookupContext, SockAddrContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext},
 };
-use dns_proxy_common::AF_INET;
+use dns_proxy_common::{AF_INET, AF_INET6};
 
 /// The `bpf_sock_addr` behind a `cgroup/*4` or `cgroup/*6` context.
 fn raw(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
@@ -245,6 +245,31 @@ pub fn ctx_lookup(ctx: &SkLookupContext) -> Lookup {
             ))),
             remote_hash: word(core::ptr::addr_of!((*raw).remote_ip4)) ^ word(remote6.add(3)),
             ingress_ifindex: word(core::ptr::addr_of!((*raw).ingress_ifindex)),
+        }
+    }
+}
+
+/// The type of the socket behind a `cgroup/sock_release` context (`SOCK_STREAM`, ...).
+pub fn ctx_sock_kind(ctx: &SockContext) -> u32 {
+    // SAFETY: the context's socket pointer is the kernel's, valid for the whole run; `type` is
+    // readable.
+    unsafe { (*ctx.sock).type_ }
+}
+
+/// The peer of the socket behind a `cgroup/sock_release` context: its family, address (an
+/// IPv4 one in the first word) and port (network order; 0 while not connected).
+pub fn ctx_sock_peer(ctx: &SockContext) -> (u32, [u32; 4], u16) {
+    // SAFETY: the context's socket pointer is the kernel's, valid for the whole run; the
+    // verifier allows reading `family`, `dst_ip4`, `dst_ip6` (word by word) and `dst_port`.
+    unsafe {
+        let sk = ctx.sock;
+        let family = (*sk).family;
+        let port = (*sk).dst_port;
+        if family == u32::from(AF_INET6) {
+            let addr = read_words(core::ptr::addr_of!((*sk).dst_ip6).cast::<u32>());
+            (family, addr, port)
+        } else {
+            (family, [(*sk).dst_ip4, 0, 0, 0], port)
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::{
 const LOOPBACK_IFINDEX: u32 = 1;
 /// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
+pub const SOCK_DGRAM: u32 = 2;
 
 /// Whether the agent has attached every program and the block of `family` is routed here
 /// (`ARMED`, whose bit for the family it sets last and clears while the block has no route):

@@ -27,12 +27,13 @@ use crate::{
     context::{
         ctx_bind_source4, ctx_local_ip4, ctx_local_ip6, ctx_local_port, ctx_msg_src_ip4,
         ctx_msg_src_ip6, ctx_peer4, ctx_peer6, ctx_set_user_ip4, ctx_set_user_ip6,
-        ctx_set_user_port, ctx_sock_type, ctx_user_ip4, ctx_user_ip6, ctx_user_port,
+        ctx_set_user_port, ctx_sock_kind, ctx_sock_peer, ctx_sock_type, ctx_user_ip4, ctx_user_ip6,
+        ctx_user_port,
     },
     count,
     scope::{
-        armed, decodes_here, guarded_here, in_agent_namespace, is_dns, is_excluded, leave_alone,
-        proxy_alive,
+        SOCK_DGRAM, armed, decodes_here, guarded_here, in_agent_namespace, is_dns, is_excluded,
+        leave_alone, proxy_alive,
     },
 };
 
@@ -231,12 +232,37 @@ fn hold_index(ctx: &SockAddrContext, key: u32) {
     let _ = CONNECTED.insert(cookie, key, 0);
 }
 
-/// cgroup/sock_release: a socket going away lets go of the index it was connected to.
+/// cgroup/sock_release: a socket going away lets go of the index it was connected to. Every
+/// socket of the cgroup comes here, and an update of the map takes a lock: a TCP socket whose
+/// peer is not in the block never held one (it cannot connect twice), and a UDP one (connected
+/// elsewhere since, or disconnected) is looked up first, without the lock.
 pub fn release_sock(ctx: &SockContext) -> i32 {
+    let (family, addr, port) = ctx_sock_peer(ctx);
+    let in_block = port != 0 && is_block_peer(&config(), family, addr, port);
+    if !in_block && ctx_sock_kind(ctx) != SOCK_DGRAM {
+        return ALLOW;
+    }
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = CONNECTED.remove(cookie);
+    // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
+    if in_block || unsafe { CONNECTED.get(cookie) }.is_some() {
+        let _ = CONNECTED.remove(cookie);
+    }
     ALLOW
+}
+
+/// Whether a peer is an address of the block on the proxy's port (an IPv4 one, or a v4-mapped
+/// one of a dual-stack socket, in the IPv4 block).
+fn is_block_peer(config: &RedirectConfig, family: u32, addr: [u32; 4], port_be: u16) -> bool {
+    if family == u32::from(AF_INET6) && addr[..3] != v4_mapped_prefix() {
+        return port_be == config.port6 && index_in_block6(config, addr).is_some();
+    }
+    let addr4 = if family == u32::from(AF_INET6) {
+        addr[3]
+    } else {
+        addr[0]
+    };
+    port_be == config.port4 && index_in_block4(config, addr4).is_some()
 }
 
 /// What a socket addressing block address `index` on the proxy's port is told: a workload may
