@@ -93,6 +93,7 @@ impl Shared {
             in_flight: Arc::new(Coalescer::new(config.max_inflight)),
             observers: self.observers(),
             route_changes: self.route_changes.clone(),
+            closed_ports: Arc::default(),
         }
     }
 

@@ -218,36 +218,71 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
         assert!(took < Duration::from_secs(2), "{path}: {took:?}");
     }
     forwarded(agent, name);
-    // For 2 s after, the kernel refuses the workload's datagrams to that server's address
-    // itself: dig, whose socket is connected, reads the port unreachable, as directly.
-    let ask = |command: Command| {
-        outcome(tests::dig_at(
-            command,
-            &closed.to_string(),
-            "closed.example.test",
-            &["+time=3", "+tries=1"],
-        ))
+    let ask = |command: Command, name: &str| {
+        tests::dig_at(command, &closed.to_string(), name, &["+time=3", "+tries=1"])
     };
-    let directly = ask(topology.outsider("dig", &[]));
+    let refused = |name: &str| {
+        let asked = ask(topology.workload("dig", &[]), name).expect("an answer, not a timeout");
+        assert!(asked.contains("status: REFUSED"), "{asked}");
+        assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
+    };
+    // Another question refused there within 2 s confirms the port is closed: its client is
+    // told REFUSED, and for 2 s after, the kernel refuses the workload's datagrams to that
+    // server's address itself: dig, whose socket is connected, reads the port unreachable, as
+    // directly.
+    refused("closed.example.test");
+    let directly = outcome(ask(topology.outsider("dig", &[]), "closed.example.test"));
     assert_eq!(directly, "connection failed");
-    assert_eq!(
-        ask(topology.workload("dig", &[])),
-        directly,
-        "{}",
-        agent.log()
-    );
+    let through = outcome(ask(topology.workload("dig", &[]), "closed.example.test"));
+    assert_eq!(through, directly, "{}", agent.log());
     // Then the agent asks the server again, and tells the first client REFUSED from its
     // address.
     thread::sleep(Duration::from_millis(2500));
-    let asked = tests::dig_at(
-        topology.workload("dig", &[]),
-        &closed.to_string(),
-        "closed.example.test",
-        &["+time=3", "+tries=1"],
-    )
-    .expect("an answer, not a timeout");
+    refused("closed.example.test");
+}
+
+/// A server that refuses one question only (a firewall that rejects it with port
+/// unreachable): the other lookups of the workload that asked it are answered, as directly.
+/// (One refused question once had the kernel refuse all of them for 2 s.)
+#[test]
+fn one_question_refused_port_unreachable_costs_no_other_lookup() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let rule = [
+        "INPUT",
+        "-p",
+        "udp",
+        "--dport",
+        "53",
+        "-m",
+        "string",
+        "--algo",
+        "bm",
+        "--string",
+        "refused-here",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "icmp-port-unreachable",
+    ];
+    must(topology.server.command("iptables").arg("-A").args(rule));
+    let ask = |name: &str| {
+        let server = SERVER_IP.to_string();
+        tests::dig_at(
+            topology.workload("dig", &[]),
+            &server,
+            name,
+            &["+time=3", "+tries=1"],
+        )
+    };
+    let asked = ask("refused-here.example.test").expect("an answer, not a timeout");
     assert!(asked.contains("status: REFUSED"), "{asked}");
-    assert!(asked.contains(&format!("SERVER: {closed}#53")), "{asked}");
+    for i in 0..10 {
+        let name = format!("answered-{i}.example.test");
+        assert_answered(ask(&name), &name);
+    }
+    forwarded(agent, "answered-9.example.test");
 }
 
 /// dnsmasq as a workload's forwarder, a server whose port is closed listed first: every lookup

@@ -67,6 +67,8 @@ mod sweeper;
 mod tests;
 mod unreachable;
 
+pub use unreachable::ClosedPorts;
+
 use cached::{CacheHit, FromCache, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
@@ -96,6 +98,9 @@ pub struct ForwardSettings {
     /// Changes to the namespace's routes and addresses: upstream sockets connected to a
     /// server are connected anew after each.
     pub route_changes: RouteChanges,
+    /// Indexes whose server refused one question port unreachable, shared by every listener
+    /// (`unreachable`).
+    pub closed_ports: Arc<ClosedPorts>,
 }
 
 /// What the query log says of a UDP query.

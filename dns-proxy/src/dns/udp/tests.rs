@@ -74,6 +74,7 @@ fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
         in_flight: Arc::new(Coalescer::new(1024)),
         observers: Observers::default(),
         route_changes: RouteChanges::default(),
+        closed_ports: Arc::default(),
     }
 }
 
@@ -470,6 +471,7 @@ async fn refuses_to_forward_to_itself() {
         in_flight: Arc::new(Coalescer::new(1024)),
         observers: Observers::default(),
         route_changes: RouteChanges::default(),
+        closed_ports: Arc::default(),
     };
     let destinations = Fixed {
         original: Some(itself),

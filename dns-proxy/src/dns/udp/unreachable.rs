@@ -142,21 +142,76 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if stale {
             return;
         }
-        let port = self.local_addr.port();
-        self.admission
-            .refuse_udp_for_a_while(SocketAddr::new(to.reply_from, port));
+        // A workload's own index only: a shared one (cgroup 0) is every workload's that asks
+        // the server, and one workload's refused query must not refuse the others'.
+        let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
+        if to.cgroup != 0
+            && self.settings.closed_ports.confirm(
+                reached,
+                question_of(sent),
+                std::time::Instant::now(),
+            )
+        {
+            self.admission.refuse_udp_for_a_while(reached);
+        }
         if let Some(answer) = refused(sent, pending.client_id) {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
-            let to = waiter.recipient();
-            self.admission
-                .refuse_udp_for_a_while(SocketAddr::new(to.reply_from, port));
             if let Some(answer) = refused(&waiter.head, None) {
-                self.send_answer(&answer, to, MadeHere::Unreachable);
+                self.send_answer(&answer, waiter.recipient(), MadeHere::Unreachable);
             }
         }
     }
+}
+
+/// How far apart two refused questions to one index may be to confirm its server's port is
+/// closed for every question: as long as the kernel then refuses it.
+const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// Indexes with one refused question kept at most; past it, those older than
+/// [`CONFIRM_WITHIN`] go.
+const UNCONFIRMED_KEPT: usize = 1024;
+
+/// The indexes (block addresses) whose server answered one question port unreachable, waiting
+/// for a second, other question to be refused too before the kernel is told to refuse them
+/// all: a firewall may refuse some questions only (and an adversary once had one refused
+/// query cost its workload every lookup to that server for 2 s).
+#[derive(Debug, Default)]
+pub struct ClosedPorts(
+    std::sync::Mutex<std::collections::HashMap<SocketAddr, (std::time::Instant, u64)>>,
+);
+
+impl ClosedPorts {
+    /// Whether `question` refused at `reached` confirms an earlier, other question refused
+    /// there within [`CONFIRM_WITHIN`]; notes it otherwise.
+    fn confirm(&self, reached: SocketAddr, question: u64, now: std::time::Instant) -> bool {
+        let mut unconfirmed = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&(at, earlier)) = unconfirmed.get(&reached)
+            && earlier != question
+            && now.duration_since(at) <= CONFIRM_WITHIN
+        {
+            unconfirmed.remove(&reached);
+            return true;
+        }
+        if unconfirmed.len() >= UNCONFIRMED_KEPT {
+            unconfirmed.retain(|_, (at, _)| now.duration_since(*at) <= CONFIRM_WITHIN);
+        }
+        if unconfirmed.len() < UNCONFIRMED_KEPT {
+            unconfirmed.insert(reached, (now, question));
+        }
+        false
+    }
+}
+
+/// A hash of the question of `sent` (a query as it went up), the same in every listener; 0
+/// without a whole one. Not keyed: a collision only takes two questions for one.
+fn question_of(sent: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    let question = wire::question(sent).unwrap_or_default();
+    foldhash::fast::FixedState::with_seed(0).hash_one(question)
 }
 
 /// REFUSED to `sent` (a query, or its start as an ICMP error carried it back): its header
@@ -192,6 +247,24 @@ mod tests {
         // No ICMP error gives it: a firewall dropped the send.
         assert!(no_route(libc::EPERM, reachable));
         assert!(!no_route(libc::ENOBUFS, reachable));
+    }
+
+    #[test]
+    fn only_a_second_other_question_refused_soon_after_confirms_a_closed_port() {
+        let ports = ClosedPorts::default();
+        let reached: SocketAddr = "127.53.0.7:8053".parse().unwrap();
+        let other: SocketAddr = "127.53.0.8:8053".parse().unwrap();
+        let start = std::time::Instant::now();
+        let at = |ms| start + std::time::Duration::from_millis(ms);
+        assert!(!ports.confirm(reached, 1, at(0)));
+        // The same question again (a client's retry), or another index: not yet.
+        assert!(!ports.confirm(reached, 1, at(100)));
+        assert!(!ports.confirm(other, 2, at(150)));
+        // Another question at the same index, soon after: confirmed, and noted no more.
+        assert!(ports.confirm(reached, 2, at(200)));
+        assert!(!ports.confirm(reached, 3, at(5000)));
+        // Too late after the first: it starts again.
+        assert!(!ports.confirm(reached, 4, at(7100)));
     }
 
     #[test]
