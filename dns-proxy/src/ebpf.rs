@@ -927,15 +927,11 @@ impl ServerTable {
         let Some((family, index)) = self.index_of(reached) else {
             return;
         };
-        // SAFETY: clock_gettime writes one timespec into a live local.
-        let now = unsafe {
-            let mut now: libc::timespec = std::mem::zeroed();
-            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
-            now
+        // The clock `bpf_ktime_get_ns` reads.
+        let Some(now) = read_clock(libc::CLOCK_MONOTONIC) else {
+            return;
         };
-        let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(now.tv_nsec).unwrap_or(0);
-        let until = now_ns + REFUSE_CLOSED_SERVER_FOR.as_nanos() as u64;
+        let until = u64::try_from((now + REFUSE_CLOSED_SERVER_FOR).as_nanos()).unwrap_or(u64::MAX);
         let mut refusing = self
             .refusing
             .lock()
@@ -1009,6 +1005,12 @@ impl ServerTable {
             // The table first: a program that finds the reverse entry then checks the table,
             // and takes a fresh slot when they disagree.
             if self.table().remove(key).is_ok() {
+                // The next origin of this index must not inherit a refusal meant for this one.
+                let _ = self
+                    .refusing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .set(*key, 0, 0);
                 let _ = self
                     .reverse
                     .lock()
@@ -1087,17 +1089,21 @@ impl ServerTable {
 /// Seconds of the monotonic clock, read from its coarse variant: every query notes when its
 /// index was seen, and a full clock reading per query showed in the UDP thread's profile.
 fn coarse_seconds() -> u64 {
-    let read = |clock| {
-        // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
-        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: `now` is a live timespec that the call only writes.
-        let status = unsafe { libc::clock_gettime(clock, &mut now) };
-        (status == 0).then(|| u64::try_from(now.tv_sec).unwrap_or(0))
-    };
     // The coarse clock exists since Linux 2.6.32; the precise one counts from the same start.
-    read(libc::CLOCK_MONOTONIC_COARSE)
-        .or_else(|| read(libc::CLOCK_MONOTONIC))
-        .unwrap_or(0)
+    read_clock(libc::CLOCK_MONOTONIC_COARSE)
+        .or_else(|| read_clock(libc::CLOCK_MONOTONIC))
+        .map_or(0, |now| now.as_secs())
+}
+
+/// `clock` now, since its start; `None` if it cannot be read.
+fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a live timespec that the call only writes.
+    let status = unsafe { libc::clock_gettime(clock, &mut now) };
+    let seconds = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u32::try_from(now.tv_nsec).ok()?;
+    (status == 0).then(|| std::time::Duration::new(seconds, nanos))
 }
 
 #[cfg(test)]

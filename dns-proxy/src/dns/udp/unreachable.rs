@@ -7,8 +7,11 @@
 //! for an answer (dnsmasq takes a SERVFAIL for the fastest server's, and then asks only the
 //! dead one; musl and dnsmasq wait on for their other servers' answers after a REFUSED, as
 //! they do when a dead server stays silent). The agent cannot send the client the ICMP error
-//! itself without `CAP_NET_RAW`. With the cache on and a stale answer kept
-//! (`--serve-stale`), the client gets that instead.
+//! about the query it holds without `CAP_NET_RAW`; but once a second, other question to the
+//! same workload's index is refused within 2 s ([`ClosedPorts`]), it has the kernel refuse
+//! that index's datagrams itself for 2 s, so its clients read the port unreachable as from the
+//! server. With the cache on and a stale answer kept (`--serve-stale`), the client gets that
+//! instead.
 use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 
 use tokio::{io::Interest, net::UdpSocket};
