@@ -147,10 +147,13 @@ pub enum Counter {
     /// DNS connects and sends left alone because their server is excluded
     /// (`EXCLUDED_SERVERS`): asked directly, from the workload's own address.
     SkippedExcludedServer = 10,
+    /// Sockets connected to a proxy address that `CONNECTED` had no room to note: once their
+    /// cgroup is gone, their index may be given to another origin while they still use it.
+    ConnectedNotNoted = 11,
 }
 
 impl Counter {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -162,6 +165,7 @@ impl Counter {
         Self::SkippedBoundDevice,
         Self::SharedIndex,
         Self::SkippedExcludedServer,
+        Self::ConnectedNotNoted,
     ];
 }
 

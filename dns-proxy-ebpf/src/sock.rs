@@ -228,8 +228,10 @@ fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i
 fn hold_index(ctx: &SockAddrContext, key: u32) {
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Full: the socket is not counted, as before the map (the table's limits say so).
-    let _ = CONNECTED.insert(cookie, key, 0);
+    // Full: the socket is not noted, as before the map, and counted.
+    if CONNECTED.insert(cookie, key, 0).is_err() {
+        count(Counter::ConnectedNotNoted);
+    }
 }
 
 /// cgroup/sock_release: a socket going away lets go of the index it was connected to. Every

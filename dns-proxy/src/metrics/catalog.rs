@@ -428,6 +428,15 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::SharedIndex)),
     },
     Metric {
+        name: "kernel_connected_not_noted",
+        labels: &[],
+        only_with: None,
+        help: "Sockets connected to a proxy address that the kernel side had no room to note \
+               (65,536 at once): once their workload's cgroup is gone, their server's index \
+               may be given to another while they still use it.",
+        read: Read::Counter(|s| s.kernel(Counter::ConnectedNotNoted)),
+    },
+    Metric {
         name: "kernel_foreign_refused",
         labels: &[],
         only_with: None,

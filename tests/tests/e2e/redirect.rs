@@ -677,6 +677,18 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
             assert_eq!(line.trim(), "holding 17500", "distinct={distinct}");
         }
         assert_eq!(victim(), "right=30 wrong=0 failed=0", "distinct={distinct}");
+        if !distinct {
+            // 70,000 sockets connected to the block: the table of connected sockets holds
+            // 65,536, and the rest are counted.
+            let connected = attached_map_entries(&topology.cgroup.path, "CONNECTED");
+            assert!(connected <= 65_536, "{connected} sockets noted");
+            let page = scrape(topology);
+            let not_noted = value(&page, "dns_proxy_kernel_connected_not_noted_total");
+            assert!(
+                not_noted >= 70_000 - 65_536,
+                "the sockets not noted are counted: {not_noted}"
+            );
+        }
         for mut holder in holders {
             holder.finish_with_stdout(Duration::from_secs(30));
         }
@@ -686,6 +698,9 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
     let page = scrape(topology);
     let full = value(&page, "dns_proxy_kernel_table_full_total");
     assert!(full > 0, "a full table is counted: {full}");
+    // Every socket is closed: none is still noted as connected.
+    let connected = attached_map_entries(&topology.cgroup.path, "CONNECTED");
+    assert_eq!(connected, 0, "sockets noted after all closed");
 }
 
 /// Nothing in the redirected cgroup can take a block address on the proxy's port, from where
