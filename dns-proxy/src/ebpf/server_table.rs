@@ -1,0 +1,294 @@
+//! The kernel's table of servers as the daemon sees it: which origin each block address
+//! names, when each index last carried a query, forgetting the origins of cgroups that are
+//! gone (never one a socket is still connected to), and the kernel's refusal of an index
+//! whose server's port was found closed.
+use std::{
+    error::Error as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
+use dns_proxy_common::{AF_INET, AF_INET6, Origin, names, server_key};
+
+use super::{Block, EbpfError, take_array, take_map};
+
+/// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
+pub struct ServerTable {
+    /// `SERVERS`: read once per index by each listener ([`CachedServers`]).
+    map: std::sync::Mutex<HashMap<MapData, u32, Origin>>,
+    /// `SERVER_INDEX`, written only to forget origins of cgroups that are gone.
+    reverse: std::sync::Mutex<HashMap<MapData, Origin, u32>>,
+    block4: Block,
+    block6: Option<Block>,
+    /// When a query last came through each index (seconds since `started`; 0: not since this
+    /// agent started), by [`server_key`].
+    last_seen: Box<[std::sync::atomic::AtomicU32]>,
+    started: u64,
+    /// Bumped each time origins are forgotten: what a listener read of the table before is
+    /// then stale (a forgotten index may name another origin now).
+    generation: std::sync::atomic::AtomicU64,
+    /// The indexes in the table at the last check: one gone since was forgotten by another
+    /// agent sharing the table (during a takeover), which bumps `generation` here too.
+    last_keys: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
+    refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
+    /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
+    connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
+}
+
+/// How long UDP datagrams to an index whose server's port was found closed are refused by the
+/// kernel: long enough that a client's next lookups read the error itself, short enough that
+/// a server back on its port is asked again soon.
+const REFUSE_CLOSED_SERVER_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What [`ServerTable::forget_departed`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Origins of cgroups that are gone, forgotten now.
+    pub forgotten: usize,
+    /// Origins in the table after.
+    pub kept: usize,
+}
+
+impl ServerTable {
+    /// The table's maps, taken from the loaded object, for the blocks the agent serves.
+    pub(super) fn take(
+        ebpf: &mut Ebpf,
+        block4: Block,
+        block6: Option<Block>,
+    ) -> Result<Self, EbpfError> {
+        Ok(Self {
+            map: std::sync::Mutex::new(take_map(ebpf, names::SERVERS)?),
+            reverse: std::sync::Mutex::new(take_map(ebpf, names::SERVER_INDEX)?),
+            block4,
+            block6,
+            last_seen: (0..2 * (dns_proxy_common::MAX_INDEX as usize + 1))
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            started: coarse_seconds(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            last_keys: std::sync::Mutex::default(),
+            refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
+            connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
+        })
+    }
+
+    /// The family and index that `reached` (where a redirected client's packet arrived)
+    /// encodes, if it is one of the proxy's block addresses on its port.
+    pub fn index_of(&self, reached: SocketAddr) -> Option<(u16, u32)> {
+        let reached = SocketAddr::new(reached.ip().to_canonical(), reached.port());
+        if let Some(index) = self.block4.index_of(reached) {
+            return Some((AF_INET, index));
+        }
+        let index = self.block6?.index_of(reached)?;
+        Some((AF_INET6, index))
+    }
+
+    /// The server of `index` of `family`'s block, and the cgroup that asked it (0: any), from
+    /// the kernel's table; `None` if it has none. An index never changes its origin while in
+    /// use, so callers may keep the answer.
+    pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
+        match self.table().get(&server_key(family, index), 0) {
+            Ok(origin) => Some((origin.server.to_socket_addr()?, origin.cgroup_id)),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(err) => {
+                log::warn!(
+                    "looking up index {index} in {}: {}",
+                    names::SERVERS,
+                    err.source().map_or(err.to_string(), |s| s.to_string())
+                );
+                None
+            }
+        }
+    }
+
+    /// Has the kernel refuse UDP datagrams sent to `reached` (a block address on the proxy's
+    /// port) for [`REFUSE_CLOSED_SERVER_FOR`]: `sk_lookup` drops them, so the kernel answers
+    /// port unreachable and a client connected there reads `ECONNREFUSED`, as it would from
+    /// the server whose port the agent just found closed. A `bpf()` call: made only on such an
+    /// ICMP error, which the kernel rate-limits.
+    pub fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
+        let Some((family, index)) = self.index_of(reached) else {
+            return;
+        };
+        // The clock `bpf_ktime_get_ns` reads.
+        let Some(now) = read_clock(libc::CLOCK_MONOTONIC) else {
+            return;
+        };
+        let until = u64::try_from((now + REFUSE_CLOSED_SERVER_FOR).as_nanos()).unwrap_or(u64::MAX);
+        let mut refusing = self
+            .refusing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = refusing.set(server_key(family, index), until, 0) {
+            log::warn!(
+                "cannot have index {index} refused for a while ({}): {err}",
+                names::REFUSING
+            );
+        }
+    }
+
+    /// Notes that a query came through `index` of `family`'s block now.
+    pub fn seen(&self, family: u16, index: u32) {
+        let seconds = u32::try_from(self.seconds_since_start()).unwrap_or(u32::MAX);
+        if let Some(slot) = self.last_seen.get(server_key(family, index) as usize) {
+            // Written once a second at most: the UDP threads share these lines.
+            if slot.load(std::sync::atomic::Ordering::Relaxed) != seconds.max(1) {
+                slot.store(seconds.max(1), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn seconds_since_start(&self) -> u64 {
+        coarse_seconds().saturating_sub(self.started)
+    }
+
+    /// Forgets the origins of cgroups that are gone, so their indexes serve new ones. `gone`
+    /// says whether a cgroup id is gone for good (the caller requires it missing from several
+    /// walks of the tree: a cgroup made while a walk passes is in the next). An origin is
+    /// forgotten if its cgroup is gone and it has not carried a query for `quiet` (a process
+    /// that moved to another cgroup keeps its connected socket, and its index, while it uses
+    /// it). The shared origins (cgroup 0) stay. Blocking (`bpf()` calls): call it off the
+    /// async threads.
+    pub fn forget_departed(
+        &self,
+        gone: impl Fn(u64) -> bool,
+        quiet: std::time::Duration,
+    ) -> Forgotten {
+        let now = self.seconds_since_start();
+        let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
+        let mut last_keys = self
+            .last_keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys: std::collections::HashSet<u32> = entries.iter().map(|(key, _)| *key).collect();
+        if last_keys.iter().any(|key| !keys.contains(key)) {
+            // Forgotten by another agent: what this one read may be stale.
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        let mut forgotten = 0;
+        let mut held = None;
+        for (key, origin) in &entries {
+            let cgroup = origin.cgroup_id;
+            if cgroup == 0 || !gone(cgroup) {
+                continue;
+            }
+            // A socket still connected to the index (its process moved to another cgroup, or
+            // was handed the socket) would send the next origin's queries: kept while it is.
+            if held.get_or_insert_with(|| self.held_keys()).contains(key) {
+                continue;
+            }
+            let seen = self
+                .last_seen
+                .get(*key as usize)
+                .map_or(0, |slot| slot.load(std::sync::atomic::Ordering::Relaxed));
+            if seen != 0 && now.saturating_sub(u64::from(seen)) < quiet.as_secs() {
+                continue;
+            }
+            // The table first: a program that finds the reverse entry then checks the table,
+            // and takes a fresh slot when they disagree.
+            if self.table().remove(key).is_ok() {
+                // The next origin of this index must not inherit a refusal meant for this one.
+                let _ = self
+                    .refusing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .set(*key, 0, 0);
+                let _ = self
+                    .reverse
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(origin);
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        *last_keys = self.table().keys().filter_map(Result::ok).collect();
+        Forgotten {
+            forgotten,
+            kept: entries.len() - forgotten,
+        }
+    }
+
+    /// The server keys that sockets are connected to now (`CONNECTED`).
+    fn held_keys(&self) -> std::collections::HashSet<u32> {
+        self.connected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, key)| key)
+            .collect()
+    }
+
+    /// Changes whenever origins were forgotten ([`forget_departed`](Self::forget_departed)):
+    /// a copy of what was read of the table is good only while it stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u32, Origin>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cgroup ids the table's origins name (the shared 0 aside).
+    pub fn cgroups(&self) -> std::collections::HashSet<u64> {
+        self.table()
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, origin)| origin.cgroup_id)
+            .filter(|id| *id != 0)
+            .collect()
+    }
+
+    /// Host mode: the IPv4 block is loopback, so only this namespace reaches the proxy.
+    pub fn host_mode(&self) -> bool {
+        self.block4.addresses.first().is_loopback()
+    }
+
+    /// Whether `ip` is in one of the proxy's blocks (on any port).
+    pub fn is_block_ip(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.block4.addresses.contains(ip)
+            || self
+                .block6
+                .is_some_and(|block| block.addresses.contains(ip))
+    }
+
+    /// Whether `addr` is one of the proxy's block addresses on its port.
+    pub fn is_block_address(&self, addr: SocketAddr) -> bool {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        let in_block =
+            |block: Block| addr.port() == block.port && block.addresses.contains(addr.ip());
+        in_block(self.block4) || self.block6.is_some_and(in_block)
+    }
+}
+
+/// Seconds of the monotonic clock, read from its coarse variant: every query notes when its
+/// index was seen, and a full clock reading per query showed in the UDP thread's profile.
+fn coarse_seconds() -> u64 {
+    // The coarse clock exists since Linux 2.6.32; the precise one counts from the same start.
+    read_clock(libc::CLOCK_MONOTONIC_COARSE)
+        .or_else(|| read_clock(libc::CLOCK_MONOTONIC))
+        .map_or(0, |now| now.as_secs())
+}
+
+/// `clock` now, since its start; `None` if it cannot be read.
+fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a live timespec that the call only writes.
+    let status = unsafe { libc::clock_gettime(clock, &mut now) };
+    let seconds = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u32::try_from(now.tv_nsec).ok()?;
+    (status == 0).then(|| std::time::Duration::new(seconds, nanos))
+}
