@@ -1,5 +1,6 @@
 use std::{
-    fs, io::Read as _, net::Ipv4Addr, os::unix::net::UnixListener, process::Command, sync::Mutex,
+    fs, io::Read as _, net::Ipv4Addr, os::unix::net::UnixListener, path::Path, process::Command,
+    sync::Mutex,
 };
 
 use hickory_proto::{
