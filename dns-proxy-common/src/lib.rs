@@ -46,6 +46,8 @@ pub mod names {
     /// The `cgroup_skb/egress` guard: packets from the block on the proxy's port.
     pub const EGRESS: &str = "dns_proxy_egress";
     pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
+    /// The `cgroup/setsockopt` program: notes sockets that choose their interface.
+    pub const SETSOCKOPT: &str = "dns_proxy_setsockopt";
     /// The `sk_lookup` program, attached to the agent's network namespace.
     pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
 
@@ -136,8 +138,9 @@ pub enum Counter {
     /// proxy may send from there: `recvmsg` would show it as the server).
     ImpersonationRefused = 7,
     /// DNS connects and sends left alone because their socket is bound to a device other
-    /// than loopback (`SO_BINDTODEVICE`): the proxy's addresses are local, on `lo`, or routed
-    /// through one device of a pod, which such a socket may not reach.
+    /// than loopback (`SO_BINDTODEVICE`), or sends through one (`IP_UNICAST_IF`): the proxy's
+    /// addresses are local, on `lo`, or routed through one device of a pod, which such a
+    /// socket may not reach.
     SkippedBoundDevice = 8,
     /// DNS connects and sends given their server's shared index, as every cgroup may be
     /// when the table has no room for a pair of their own: redirected and answered, but the

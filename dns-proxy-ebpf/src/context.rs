@@ -1,5 +1,5 @@
 //! The `ctx_*` accessors: the programs' only raw access to their contexts. Every field of
-//! `bpf_sock_addr` and `bpf_sk_lookup` that they read or write, and the one helper that takes
+//! `bpf_sock_addr`, `bpf_sk_lookup` and `bpf_sockopt` that they read or write, and the one helper that takes
 //! the context itself, goes through here (compare cilium's `ctx_*` in `bpf/include/bpf/ctx/`).
 //!
 //! Why each access is sound, once for all of them:
@@ -18,9 +18,9 @@
 //! Addresses and ports are in network order unless an accessor says otherwise.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_sk_lookup, bpf_sock_addr, sockaddr},
+    bindings::{bpf_sk_lookup, bpf_sock, bpf_sock_addr, sockaddr},
     helpers::{bpf_get_netns_cookie, generated::bpf_bind},
-    programs::{SkLookupContext, SockAddrContext, SockContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockoptContext},
 };
 use dns_proxy_common::{AF_INET, AF_INET6};
 
@@ -272,4 +272,42 @@ pub fn ctx_sock_peer(ctx: &SockContext) -> (u32, [u32; 4], u16) {
             (family, [(*sk).dst_ip4, 0, 0, 0], port)
         }
     }
+}
+
+/// The option a `cgroup/setsockopt` call sets: its level, name and length.
+pub fn ctx_sockopt_option(ctx: &SockoptContext) -> (i32, i32, i32) {
+    // SAFETY: a valid context; `level`, `optname` and `optlen` are readable in setsockopt.
+    unsafe {
+        let raw = ctx.sockopt;
+        ((*raw).level, (*raw).optname, (*raw).optlen)
+    }
+}
+
+/// The first four bytes of the value a `cgroup/setsockopt` call sets, as they are in memory;
+/// `None` if the kernel passed the program fewer.
+pub fn ctx_sockopt_u32(ctx: &SockoptContext) -> Option<u32> {
+    // SAFETY: a valid context; `optval` and `optval_end` bound the copy of the value the kernel
+    // made for the program, and the verifier checks the read below against that bound.
+    unsafe {
+        let raw = ctx.sockopt;
+        let start = (*raw).__bindgen_anon_2.optval.cast::<u8>();
+        let end = (*raw).__bindgen_anon_3.optval_end.cast::<u8>();
+        if start.add(4) > end {
+            return None;
+        }
+        Some(core::ptr::read_unaligned(start.cast::<u32>()))
+    }
+}
+
+/// Tells the kernel to set the option from the caller's own buffer, not the program's copy
+/// (an `optlen` of 0): the program changed nothing, and the kernel need not copy it again.
+pub fn ctx_sockopt_use_callers_value(ctx: &SockoptContext) {
+    // SAFETY: a valid context; `optlen` is writable in setsockopt.
+    unsafe { (*ctx.sockopt).optlen = 0 }
+}
+
+/// The socket a `cgroup/setsockopt` call is made on, for the socket storage helpers.
+pub fn ctx_sockopt_sk(ctx: &SockoptContext) -> *mut bpf_sock {
+    // SAFETY: a valid context; `sk` is readable in setsockopt and never null there.
+    unsafe { (*ctx.sockopt).__bindgen_anon_1.sk }
 }

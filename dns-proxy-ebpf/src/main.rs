@@ -24,6 +24,8 @@
 //!   dual-stack socket takes the IPv4 path;
 //! - `egress`: the guard on every packet sent from the block on the proxy's port;
 //! - `cgroup/sock_release` (in `sock`): a socket connected to the block lets go of its index;
+//! - `interface`: `cgroup/setsockopt` notes a socket that chooses the interface it sends
+//!   through, which the redirect then leaves alone;
 //! - `steer`: what `sk_lookup` does with a packet to the block;
 //! - `block`: the block's addresses and the server table behind them (an index per origin);
 //! - `scope`: which sockets the programs act on (armed, a live proxy, DNS, excluded cgroups,
@@ -35,15 +37,17 @@
 mod block;
 mod context;
 mod egress;
+mod interface;
 mod scope;
 mod sock;
 mod steer;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sk_lookup},
+    btf_maps::SkStorage,
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext, SockoptContext},
 };
 use dns_proxy_common::{
     AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_CONNECTED,
@@ -53,6 +57,7 @@ use dns_proxy_common::{
 
 use crate::{
     egress::guard_egress,
+    interface::note_unicast_if,
     sock::{
         release_sock, sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev,
         sock6_guard_bind, sock6_xlate_fwd, sock6_xlate_rev,
@@ -141,6 +146,11 @@ static REFUSING: Array<u64> = Array::with_max_entries(MAX_SERVERS, 0);
 #[map(name = "SOURCE4")]
 static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Socket → the interface it chose to send through (`IP_UNICAST_IF` / `IPV6_UNICAST_IF`), by
+/// index, as `cgroup/setsockopt` saw it set; the kernel frees it with the socket.
+#[btf_map(name = "UNICAST_IF")]
+static UNICAST_IF: SkStorage<u32> = SkStorage::new();
+
 /// The hook a forward translation runs in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
@@ -203,6 +213,11 @@ pub fn dns_proxy_bind6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn dns_proxy_sock_release(ctx: SockContext) -> i32 {
     release_sock(&ctx)
+}
+
+#[cgroup_sockopt(setsockopt)]
+pub fn dns_proxy_setsockopt(ctx: SockoptContext) -> i32 {
+    note_unicast_if(&ctx)
 }
 
 #[cgroup_skb(egress)]

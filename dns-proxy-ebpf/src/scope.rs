@@ -20,10 +20,11 @@ use crate::{
     EXCLUDED_SERVERS, Hook, LISTENERS,
     context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
     count,
+    interface::chosen_interface,
 };
 
 /// The loopback device's index, in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
+pub const LOOPBACK_IFINDEX: u32 = 1;
 /// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
@@ -133,7 +134,7 @@ pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> boo
 /// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
 /// excluded cgroup; another namespace, where a loopback or unspecified server is that
 /// namespace's own and where a host-mode proxy cannot be reached; an excluded server; or a
-/// socket bound to a device other than loopback.
+/// socket bound to a device other than loopback, or sending through one.
 pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
     if !in_agent_namespace(ctx, config)
         && (config.foreign_namespaces == 0 || server.is_local_only())
@@ -153,8 +154,10 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
     // another device (dnsmasq's `server=IP@eth0`, say) cannot reach them, and would lose
     // every lookup. In a pod the block is routed through one device, which a socket bound
     // to another (a second network's) cannot use either: left alone everywhere (fail-open).
+    // The same for a socket that sends through another device without being bound to it
+    // (`IP_UNICAST_IF`).
     let bound = ctx_bound_dev_if(ctx);
-    if bound != 0 && bound != LOOPBACK_IFINDEX {
+    if (bound != 0 && bound != LOOPBACK_IFINDEX) || chosen_interface(ctx) > LOOPBACK_IFINDEX {
         count(Counter::SkippedBoundDevice);
         return true;
     }

@@ -20,8 +20,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SkLookup,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId,
     },
 };
 use dns_proxy_common::{
@@ -170,6 +170,8 @@ enum Hook {
     Egress,
     /// A `cgroup/*` sock hook (`sock_release`), on the redirected cgroup.
     Sock,
+    /// `cgroup/setsockopt`, on the redirected cgroup.
+    Sockopt,
 }
 
 struct ProgramSpec {
@@ -194,6 +196,12 @@ const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec::redirecting(names::SENDMSG6, "cgroup/sendmsg6", "5.8"),
     ProgramSpec::new(names::BIND4, "cgroup/bind4", Hook::SockAddr, "4.17"),
     ProgramSpec::new(names::BIND6, "cgroup/bind6", Hook::SockAddr, "4.17"),
+    ProgramSpec::new(
+        names::SETSOCKOPT,
+        "cgroup/setsockopt",
+        Hook::Sockopt,
+        "5.11",
+    ),
     ProgramSpec::new(
         names::SOCK_RELEASE,
         "cgroup/sock_release",
@@ -445,6 +453,14 @@ impl Redirector {
                 }
                 Hook::Sock => {
                     let program: &mut CgroupSock = program.try_into().map_err(|_| mismatch)?;
+                    program.load().map_err(load_err)?;
+                    program
+                        .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
+                    log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
+                }
+                Hook::Sockopt => {
+                    let program: &mut CgroupSockopt = program.try_into().map_err(|_| mismatch)?;
                     program.load().map_err(load_err)?;
                     program
                         .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)

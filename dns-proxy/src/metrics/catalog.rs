@@ -392,8 +392,8 @@ pub const METRICS: &[Metric] = &[
         labels: &[],
         only_with: None,
         help: "DNS connects and sends left alone because their socket is bound to a device \
-               other than loopback (SO_BINDTODEVICE), which may not reach the proxy's \
-               addresses.",
+               other than loopback (SO_BINDTODEVICE), or sends through one (IP_UNICAST_IF), \
+               which may not reach the proxy's addresses.",
         read: Read::Counter(|s| s.kernel(Counter::SkippedBoundDevice)),
     },
     Metric {

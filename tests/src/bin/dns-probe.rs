@@ -14,7 +14,9 @@
 //! IPv6 socket talk to an IPv4 server. `--hold` keeps the socket open after the answer until
 //! standard input closes. `--raw HEX` sends that message instead of an A query for NAME.
 //! `--port N` sends from local port N (UDP) instead of an ephemeral one. `--device IFNAME`
-//! binds the socket to that interface first (`SO_BINDTODEVICE`, as dnsmasq's `server=IP@IF`).
+//! binds the socket to that interface first (`SO_BINDTODEVICE`, as dnsmasq's `server=IP@IF`);
+//! `--unicast-if IFNAME` sends through it instead (`IP_UNICAST_IF` / `IPV6_UNICAST_IF`, as
+//! systemd-resolved does for a link's own servers).
 //!
 //! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
 //! says what was wrong and exits 1.
@@ -44,6 +46,62 @@ fn local_for(server: &SocketAddr, port: u16) -> SocketAddr {
     SocketAddr::new(any, port)
 }
 
+/// How the socket is tied to an interface, if it is.
+#[derive(Clone, Copy)]
+enum Interface<'a> {
+    /// `SO_BINDTODEVICE`.
+    Bound(&'a str),
+    /// `IP_UNICAST_IF` / `IPV6_UNICAST_IF`.
+    Unicast(&'a str),
+}
+
+/// Ties `socket` (of `server`'s family) to its interface, as asked.
+fn choose_interface(
+    socket: socket2::SockRef<'_>,
+    server: SocketAddr,
+    interface: Option<Interface<'_>>,
+) -> Result<(), String> {
+    match interface {
+        None => Ok(()),
+        Some(Interface::Bound(name)) => socket
+            .bind_device(Some(name.as_bytes()))
+            .map_err(|e| format!("SO_BINDTODEVICE {name}: {e}")),
+        Some(Interface::Unicast(name)) => {
+            use std::os::fd::AsRawFd as _;
+            let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+            // SAFETY: a NUL-terminated name the call only reads.
+            let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+            if index == 0 {
+                return Err(format!("no interface {name}"));
+            }
+            // Both options take the index in network order.
+            let value = index.to_be();
+            let (level, option) = if server.is_ipv4() {
+                (libc::IPPROTO_IP, libc::IP_UNICAST_IF)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_IF)
+            };
+            // SAFETY: a live socket, and a 4-byte value the call only reads.
+            let status = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    level,
+                    option,
+                    std::ptr::from_ref(&value).cast(),
+                    std::mem::size_of_val(&value) as libc::socklen_t,
+                )
+            };
+            if status != 0 {
+                return Err(format!(
+                    "UNICAST_IF {name}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<(), String> {
     let peer = peer.map_err(|e| format!("getpeername: {e}"))?;
     if peer != server {
@@ -55,7 +113,7 @@ fn expect_peer(peer: std::io::Result<SocketAddr>, server: SocketAddr) -> Result<
 /// Sends `query` and returns the answer and the address it came from.
 fn exchange(
     port: u16,
-    device: Option<&str>,
+    interface: Option<Interface<'_>>,
     mode: &str,
     servers: &[SocketAddr],
     query: &[u8],
@@ -67,11 +125,7 @@ fn exchange(
         "sendto" | "connect" => {
             let socket =
                 UdpSocket::bind(local_for(&first, port)).map_err(|e| format!("bind: {e}"))?;
-            if let Some(device) = device {
-                socket2::SockRef::from(&socket)
-                    .bind_device(Some(device.as_bytes()))
-                    .map_err(|e| format!("SO_BINDTODEVICE {device}: {e}"))?;
-            }
+            choose_interface(socket2::SockRef::from(&socket), first, interface)?;
             socket
                 .set_read_timeout(Some(TIMEOUT))
                 .map_err(|e| e.to_string())?;
@@ -99,11 +153,7 @@ fn exchange(
                 None,
             )
             .map_err(|e| format!("socket: {e}"))?;
-            if let Some(device) = device {
-                socket
-                    .bind_device(Some(device.as_bytes()))
-                    .map_err(|e| format!("SO_BINDTODEVICE {device}: {e}"))?;
-            }
+            choose_interface(socket2::SockRef::from(&socket), first, interface)?;
             socket
                 .connect_timeout(&first.into(), TIMEOUT)
                 .map_err(|e| format!("connect: {e}"))?;
@@ -189,7 +239,7 @@ fn run(args: &[String]) -> Result<String, String> {
         .split(',')
         .map(|s| s.parse().map_err(|_| format!("{s}: not an IP:PORT")))
         .collect::<Result<_, _>>()?;
-    let (mut hold, mut raw, mut port, mut device) = (false, None, 0, None);
+    let (mut hold, mut raw, mut port, mut interface) = (false, None, 0, None);
     let mut options = options.iter();
     while let Some(option) = options.next() {
         match option.as_str() {
@@ -200,7 +250,14 @@ fn run(args: &[String]) -> Result<String, String> {
                     .and_then(|p| p.parse().ok())
                     .ok_or("--port needs a port")?
             }
-            "--device" => device = Some(options.next().ok_or("--device needs an interface")?),
+            "--device" => {
+                let name = options.next().ok_or("--device needs an interface")?;
+                interface = Some(Interface::Bound(name.as_str()));
+            }
+            "--unicast-if" => {
+                let name = options.next().ok_or("--unicast-if needs an interface")?;
+                interface = Some(Interface::Unicast(name.as_str()));
+            }
             "--raw" => {
                 raw = Some(
                     options
@@ -219,8 +276,7 @@ fn run(args: &[String]) -> Result<String, String> {
         .clone()
         .unwrap_or_else(|| tests::a_query(QUERY_ID, name));
     let mut sockets = Vec::new();
-    let device = device.map(String::as_str);
-    let (answer, source) = exchange(port, device, mode, &servers, &query, &mut sockets)?;
+    let (answer, source) = exchange(port, interface, mode, &servers, &query, &mut sockets)?;
     if !servers.contains(&source) {
         return Err(format!(
             "answer came from {source}, not from {servers:?}: musl would drop it"

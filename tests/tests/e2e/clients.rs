@@ -359,35 +359,83 @@ fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
     forwarded(agent, name);
 }
 
-/// A socket bound to a device (dnsmasq's `server=IP@eth0`) cannot reach the proxy's
-/// addresses on `lo`: it is left alone, goes direct, and is counted, over UDP and TCP.
+/// A socket bound to a device (dnsmasq's `server=IP@eth0`), or sending through one
+/// (`IP_UNICAST_IF`, as systemd-resolved does for a link's own servers), cannot reach the
+/// proxy's addresses on `lo`: it is left alone, goes direct, and is counted, over UDP and TCP.
 #[test]
-fn a_socket_bound_to_a_device_goes_direct() {
+fn a_socket_bound_to_a_device_or_sending_through_one_goes_direct() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
     let device = format!("{}c", topology.tag);
     let server = format!("{SERVER_IP}:53");
-    for mode in ["sendto", "connect", "tcp"] {
-        let name = format!("bound-{mode}.example.test");
-        let line = probe_at(&topology, mode, &server, &name, &["--device", &device]);
-        assert_eq!(line, expected_probe_line(), "{mode}");
-        assert!(
-            agent.query_line(&name).is_none(),
-            "{mode} went through the proxy"
-        );
+    let server6 = format!("[{SERVER_IP6}]:53");
+    for how in ["--device", "--unicast-if"] {
+        for (server, source) in [(&server, &server), (&server6, &server6)] {
+            for mode in ["sendto", "connect", "tcp"] {
+                let family = if server.starts_with('[') { "6" } else { "4" };
+                let name = format!("bound-{mode}{family}{how}.example.test");
+                let line = probe_at(&topology, mode, server, &name, &[how, &device]);
+                assert_eq!(
+                    line,
+                    format!("source={source} answer={ANSWER_IP}"),
+                    "{how} {mode} {server}"
+                );
+                assert!(
+                    agent.query_line(&name).is_none(),
+                    "{how} {mode} {server} went through the proxy"
+                );
+            }
+        }
     }
-    // The same socket bound to loopback is redirected as any other.
-    let name = "bound-lo.example.test";
-    let line = probe_at(&topology, "connect", &server, name, &["--device", "lo"]);
-    assert_eq!(line, expected_probe_line());
-    forwarded(&agent, name);
+    // The same sockets tied to loopback are redirected as any other.
+    for how in ["--device", "--unicast-if"] {
+        let name = format!("bound-lo{how}.example.test");
+        let line = probe_at(&topology, "connect", &server, &name, &[how, "lo"]);
+        assert_eq!(line, expected_probe_line(), "{how} lo");
+        forwarded(&agent, &name);
+    }
     let page = scrape(&topology);
     assert_eq!(
         value(&page, "dns_proxy_kernel_skipped_bound_device_total"),
-        3
+        12
     );
-    assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
+    assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 2);
+}
+
+/// The setsockopt program reads the options it looks for and changes no call: a rule set
+/// written with one large setsockopt (iptables-legacy's table, far more than the page of it
+/// the kernel shows a program) is set whole, in the redirected cgroup.
+#[test]
+fn setsockopt_calls_in_the_cgroup_are_made_as_asked() {
+    let topology = Topology::new();
+    let _agent = Agent::start(&topology, &[]);
+    let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n");
+    rules.push_str(":OUTPUT ACCEPT [0:0]\n");
+    for i in 0..400 {
+        rules.push_str(&format!(
+            "-A OUTPUT -d 198.51.{}.{}/32 -j DROP\n",
+            i / 200,
+            i % 200
+        ));
+    }
+    rules.push_str("COMMIT\n");
+    let mut restore = topology
+        .workload("iptables-legacy-restore", &[])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("start iptables-legacy-restore");
+    let mut input = restore.stdin.take().expect("a piped stdin");
+    std::io::Write::write_all(&mut input, rules.as_bytes()).expect("write the rules");
+    drop(input);
+    let status = restore.wait().expect("wait for iptables-legacy-restore");
+    assert!(status.success(), "iptables-legacy-restore: {status}");
+    let listed = stdout_of(&mut topology.workload("iptables-legacy", &["-S", "OUTPUT"]));
+    assert_eq!(listed.lines().count(), 401, "{listed}");
+    assert!(
+        listed.contains("-A OUTPUT -d 198.51.1.199/32 -j DROP"),
+        "{listed}"
+    );
 }
 
 /// A zone transfer (AXFR) is one query answered by many messages. A client that half-closes

@@ -1,0 +1,84 @@
+//! Sockets that choose the interface they send through (`IP_UNICAST_IF`, `IPV6_UNICAST_IF`:
+//! systemd-resolved for a link's own servers). Routed out of that interface, a socket sent to
+//! the proxy's addresses (local, on `lo`) never reaches them and loses every lookup, so the
+//! redirect leaves such a socket alone, as one bound to a device (`scope::leave_alone`).
+//!
+//! No `sock_addr` hook can read the option, so `cgroup/setsockopt` notes it when it is set, in
+//! the socket's own storage (`UNICAST_IF`), which the kernel frees with the socket. A socket
+//! that set it before the agent's programs were attached is not seen.
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::generated::bpf_sk_storage_get,
+    programs::{SockAddrContext, SockoptContext},
+};
+
+use crate::{
+    ALLOW, UNICAST_IF,
+    context::{ctx_sockopt_option, ctx_sockopt_sk, ctx_sockopt_u32, ctx_sockopt_use_callers_value},
+};
+
+/// `SOL_IP`, `SOL_IPV6` and the two options, from the kernel's `in.h` and `in6.h`.
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const IP_UNICAST_IF: i32 = 50;
+const IPV6_UNICAST_IF: i32 = 76;
+
+/// cgroup/setsockopt: notes the interface a socket chooses to send through. Never changes or
+/// refuses the call: the kernel sets the option from the caller's own value.
+pub fn note_unicast_if(ctx: &SockoptContext) -> i32 {
+    let (level, name, len) = ctx_sockopt_option(ctx);
+    let unicast_if = (level == SOL_IP && name == IP_UNICAST_IF)
+        || (level == SOL_IPV6 && name == IPV6_UNICAST_IF);
+    // The kernel takes nothing but 4 bytes for either, the index in network order.
+    if unicast_if
+        && len == 4
+        && let Some(raw) = ctx_sockopt_u32(ctx)
+    {
+        note(ctx, u32::from_be(raw));
+    }
+    ctx_sockopt_use_callers_value(ctx);
+    ALLOW
+}
+
+/// Stores `ifindex` as the socket's choice: made only for a choice other than none (0) or
+/// loopback (1), updated whatever it is once made (a socket may choose again).
+fn note(ctx: &SockoptContext, ifindex: u32) {
+    let map = ptr::from_ref(&UNICAST_IF).cast_mut().cast();
+    let sk = ctx_sockopt_sk(ctx).cast();
+    // SAFETY: the map is the program's own, `sk` the socket of the call (a full socket there),
+    // and a null value with no flags only looks the storage up.
+    let stored = unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), 0) }.cast::<u32>();
+    if !stored.is_null() {
+        // SAFETY: non-null, the socket's own storage of this map, a u32; nothing else holds
+        // it while the socket's option is being set.
+        unsafe { *stored = ifindex };
+        return;
+    }
+    if ifindex > crate::scope::LOOPBACK_IFINDEX {
+        let mut value = ifindex;
+        // SAFETY: as above; `value` is a live u32 the helper copies into new storage.
+        unsafe {
+            bpf_sk_storage_get(
+                map,
+                sk,
+                ptr::from_mut(&mut value).cast(),
+                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+            )
+        };
+    }
+}
+
+/// The interface the socket behind `ctx` chose to send through, by index: 0 if none was seen.
+#[inline(never)]
+pub fn chosen_interface(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: looks up the socket's storage of the program's own map; the helper takes the
+    // context's socket, valid for the run.
+    let stored = unsafe { UNICAST_IF.get_ptr_mut(ctx) };
+    if stored.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null: the socket's storage of this map, a u32.
+    unsafe { *stored }
+}
