@@ -122,7 +122,13 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
         && port_be == config.port6
         && let Some(index) = index_in_block6(&config, addr)
     {
-        return verdict_on_block_address(ctx, &config, AF_INET6, Some(index));
+        return held_if_own(
+            ctx,
+            hook,
+            AF_INET6,
+            index,
+            verdict_on_block_address(ctx, &config, AF_INET6, Some(index)),
+        );
     }
     if !is_dns(ctx, port_be, hook) || !armed(AF_INET6) {
         return ALLOW;
@@ -191,7 +197,11 @@ fn xlate_fwd4(
 ) -> Forward4 {
     if config.capacity4 != 0 && addresses_proxy4(config, addr, port_be) {
         let index = index_in_block4(config, addr);
-        return Forward4::Leave(verdict_on_block_address(ctx, config, AF_INET, index));
+        let verdict = verdict_on_block_address(ctx, config, AF_INET, index);
+        return Forward4::Leave(match index {
+            Some(index) => held_if_own(ctx, hook, AF_INET, index, verdict),
+            None => verdict,
+        });
     }
     if !is_dns(ctx, port_be, hook)
         || config.capacity4 == 0
@@ -221,11 +231,18 @@ fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i
     ALLOW
 }
 
-/// Notes that the socket behind `ctx` is connected to the address of server key `key`
+/// Notes that the UDP socket behind `ctx` is connected to the address of server key `key`
 /// (`CONNECTED`), so that the agent does not give that index to another origin while the
-/// socket may still send there. Not inlined: the `connect6` path's stack is near its limit.
+/// socket may still send there. A TCP connection needs no note: the agent reads its server
+/// once, when it accepts it; and noting one would leak, as a TCP socket can leave the block
+/// before its release (a failed connect, a disconnect), and an MPTCP connect runs the hook on
+/// a subflow whose release runs none. Not inlined: the `connect6` path's stack is near its
+/// limit.
 #[inline(never)]
 fn hold_index(ctx: &SockAddrContext, key: u32) {
+    if ctx_sock_type(ctx) != SOCK_DGRAM {
+        return;
+    }
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Full: the socket is not noted, as before the map, and counted.
@@ -234,16 +251,16 @@ fn hold_index(ctx: &SockAddrContext, key: u32) {
     }
 }
 
-/// cgroup/sock_release: a socket going away lets go of the index it was connected to. Every
-/// socket of the cgroup comes here, and an update of the map takes a lock: a TCP socket whose
-/// peer is not in the block never held one (it cannot connect twice), and a UDP one (connected
+/// cgroup/sock_release: a UDP socket going away lets go of the index it was connected to.
+/// Every socket of the cgroup comes here, and an update of the map takes a lock: only UDP
+/// sockets are noted ([`hold_index`]), and one whose peer is not in the block (connected
 /// elsewhere since, or disconnected) is looked up first, without the lock.
 pub fn release_sock(ctx: &SockContext) -> i32 {
-    let (family, addr, port) = ctx_sock_peer(ctx);
-    let in_block = port != 0 && is_block_peer(&config(), family, addr, port);
-    if !in_block && ctx_sock_kind(ctx) != SOCK_DGRAM {
+    if ctx_sock_kind(ctx) != SOCK_DGRAM {
         return ALLOW;
     }
+    let (family, addr, port) = ctx_sock_peer(ctx);
+    let in_block = port != 0 && is_block_peer(&config(), family, addr, port);
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
@@ -271,7 +288,7 @@ fn is_block_peer(config: &RedirectConfig, family: u32, addr: [u32; 4], port_be: 
 /// address only an origin of its own cgroup, or one shared by every cgroup (as the program of
 /// an agent that ran before this one, during a takeover, rewrote it); any other is refused
 /// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
-/// are let be.
+/// are let be. [`OWN_ORIGIN`]: an origin of the socket's own cgroup, allowed.
 fn verdict_on_block_address(
     ctx: &SockAddrContext,
     config: &RedirectConfig,
@@ -285,13 +302,35 @@ fn verdict_on_block_address(
     }
     // SAFETY: a helper without arguments, which reads the calling task's cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    match index.and_then(|index| origin_at(family, index)) {
-        Some(origin) if origin.cgroup_id == cgroup_id || origin.cgroup_id == 0 => ALLOW,
+    let Some(index) = index else {
+        count(Counter::ForeignRefused);
+        return REFUSE;
+    };
+    match origin_at(family, index) {
+        Some(origin) if origin.cgroup_id == cgroup_id => OWN_ORIGIN,
+        // A shared origin is never forgotten.
+        Some(origin) if origin.cgroup_id == 0 => ALLOW,
         _ => {
             count(Counter::ForeignRefused);
             REFUSE
         }
     }
+}
+
+/// [`verdict_on_block_address`]'s verdict for a socket addressing an origin of its own cgroup:
+/// allowed, and, connected there, holding it ([`held_if_own`]).
+const OWN_ORIGIN: i32 = 2;
+
+/// The verdict the kernel gets for a socket addressing block address `index` directly: a
+/// socket connected to an origin of its own cgroup holds it, as one the redirect sent there.
+fn held_if_own(ctx: &SockAddrContext, hook: Hook, family: u16, index: u32, verdict: i32) -> i32 {
+    if verdict != OWN_ORIGIN {
+        return verdict;
+    }
+    if hook == Hook::Connect {
+        hold_index(ctx, server_key(family, index));
+    }
+    ALLOW
 }
 
 /// Whether an IPv6 address is link-local (fe80::/10) or multicast (ff00::/8): its zone (the

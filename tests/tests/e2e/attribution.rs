@@ -498,16 +498,48 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
 /// whichever pair got the index next.
 #[test]
 fn an_origin_is_not_forgotten_while_a_socket_is_connected_to_it() {
+    origin_held_by_a_connected_socket(false);
+}
+
+/// The same for a socket connected straight to its own origin's block address (which a
+/// workload can read in /proc/net/udp): an adversary's, before, was not noted, and once the
+/// index went to another cgroup its queries were counted, and limited, as that cgroup's.
+#[test]
+fn an_origin_is_not_forgotten_while_a_socket_connected_to_its_address_lives() {
+    origin_held_by_a_connected_socket(true);
+}
+
+/// A socket that is redirected or, if `direct`, connected to its origin's block address holds
+/// that origin after its cgroup is gone.
+fn origin_held_by_a_connected_socket(direct: bool) {
     use std::io::{BufRead as _, BufReader, Write as _};
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
     let (topology, _servers, agent) = a_table_of_six_indexes();
     // A process with a UDP socket connected to the first server, which asks a name on "ask".
     let departs = child_cgroup(&topology, "departs");
+    let departs_id = std::fs::metadata(&departs).expect("stat").ino();
+    let (address, port) = if direct {
+        // The pair's origin first, then its address in the /29 block.
+        let command = in_cgroup_and_netns(&departs, &topology.client, "dig", &[]);
+        tests::dig_at(
+            command,
+            &SERVER_IP.to_string(),
+            "first.example.test",
+            &["+short"],
+        )
+        .expect("answered");
+        let state = topology.client.state_dir();
+        let index = tests::server_index_for(&state, SERVER_IP, 53, Some(departs_id));
+        let port = PROXY_LISTEN.rsplit(':').next().expect("a port").to_owned();
+        (format!("127.53.0.{index}"), port)
+    } else {
+        (SERVER_IP.to_string(), "53".to_owned())
+    };
     let mut holder = in_cgroup_and_netns(
         &departs,
         &topology.client,
         "python3",
-        &["-c", HOLDER, &SERVER_IP.to_string()],
+        &["-c", HOLDER, &address, &port],
     );
     holder.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut holder = holder.spawn().expect("start the socket's holder");
@@ -519,7 +551,6 @@ fn an_origin_is_not_forgotten_while_a_socket_is_connected_to_it() {
         line.trim().to_owned()
     };
     let pid = hear();
-    let departs_id = std::fs::metadata(&departs).expect("stat").ino();
     // Fill the rest of the table (six indexes): three more pairs and the second's shared one.
     for (cgroup, server) in [
         ("b", SECOND_SERVER_IP),
@@ -580,14 +611,55 @@ fn an_origin_is_not_forgotten_while_a_socket_is_connected_to_it() {
     let _ = holder.wait();
 }
 
-/// The holder of `an_origin_is_not_forgotten_while_a_socket_is_connected_to_it`: prints its
-/// pid, connects a UDP socket to `argv[1]`:53, then on "ask NAME" prints the A record its
-/// query for NAME got, and on "close" closes the socket.
+/// TCP connections are not noted as holding their origin (the agent reads a connection's
+/// server once, when it accepts it), so none is left noted by a connection that left the block
+/// before it was closed (a disconnect), nor by an MPTCP connection, whose connect hook runs on
+/// a subflow that is released without the hook. An adversary filled the table of connected
+/// sockets that way, for good, unprivileged, and then took over a departed socket's index.
+#[test]
+fn tcp_connections_leave_no_socket_noted() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let _agent = Agent::start(&topology, &[]);
+    let output =
+        tests::must(&mut topology.workload("python3", &["-c", TCP_CHURN, &SERVER_IP.to_string()]));
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(summary.trim(), "disconnected=50 mptcp=50 udp=50");
+    let noted = tests::attached_map_entries(&topology.cgroup.path, "CONNECTED");
+    assert_eq!(noted, 0, "sockets noted once all are closed");
+}
+
+/// 50 TCP connections to `argv[1]`:53, each disconnected (`AF_UNSPEC`) and then closed; 50
+/// MPTCP connections, each closed; and 50 connected UDP sockets, each disconnected and closed.
+const TCP_CHURN: &str = r#"
+import ctypes, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+unspec = ctypes.create_string_buffer(16)
+def disconnect(s):
+    if libc.connect(s.fileno(), unspec, 16) != 0:
+        raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+server = (sys.argv[1], 53)
+counts = {}
+for kind, proto, udp in [("disconnected", 0, False), ("mptcp", 262, False), ("udp", 0, True)]:
+    for _ in range(50):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM, proto)
+        s.settimeout(3)
+        s.connect(server)
+        if kind != "mptcp":
+            disconnect(s)
+        s.close()
+        counts[kind] = counts.get(kind, 0) + 1
+print(" ".join(f"{k}={v}" for k, v in counts.items()))
+"#;
+
+/// The holder of [`origin_held_by_a_connected_socket`]: prints its pid, connects a UDP socket
+/// to `argv[1]`:`argv[2]`, then on "ask NAME" prints the A record its query for NAME got, and
+/// on "close" closes the socket.
 const HOLDER: &str = r#"
 import os, socket, struct, sys
 print(os.getpid(), flush=True)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((sys.argv[1], 53))
+s.connect((sys.argv[1], int(sys.argv[2])))
 s.settimeout(3)
 for line in sys.stdin:
     word = line.split()
