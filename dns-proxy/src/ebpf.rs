@@ -41,7 +41,7 @@ mod server_table;
 mod sources;
 
 pub use origins::CachedServers;
-pub use server_table::{Forgotten, ServerTable};
+pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
 pub use sources::DirectSources;
 
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.

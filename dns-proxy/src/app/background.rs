@@ -13,7 +13,7 @@ use crate::{
     agents::HEARTBEAT_INTERVAL,
     cgroup::Cgroup,
     drain,
-    ebpf::{DirectSources, Exclusions, RedirectSwitch, ServerTable},
+    ebpf::{DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
     host,
     metrics::Readiness,
     redirect_lock::RedirectLock,
@@ -294,13 +294,24 @@ async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::
         match walked {
             Ok((still_missing, result)) => {
                 missing = still_missing;
-                if let Some(result) = result.filter(|result| result.forgotten > 0) {
-                    log::info!(
-                        target: LOG,
-                        "forgot {} origins of cgroups that are gone ({} in the table)",
-                        result.forgotten,
-                        result.kept
-                    );
+                if let Some(result) = result {
+                    if result.forgotten > 0 {
+                        log::info!(
+                            target: LOG,
+                            "forgot {} origins of cgroups that are gone, or shared ones no \
+                             pair uses ({} in the table); their indexes are held for {} more checks, then freed",
+                            result.forgotten,
+                            result.kept,
+                            FORGOTTEN_HELD_FOR
+                        );
+                    }
+                    if result.freed > 0 {
+                        log::info!(
+                            target: LOG,
+                            "freed {} indexes forgotten before, for new origins",
+                            result.freed
+                        );
+                    }
                 }
             }
             Err(err) => {

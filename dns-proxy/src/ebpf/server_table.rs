@@ -30,9 +30,11 @@ pub struct ServerTable {
     /// Bumped each time origins are forgotten: what a listener read of the table before is
     /// then stale (a forgotten index may name another origin now).
     generation: std::sync::atomic::AtomicU64,
-    /// The indexes in the table at the last check: one gone since was forgotten by another
+    /// The table at the last check: an index gone or changed since was forgotten by another
     /// agent sharing the table (during a takeover), which bumps `generation` here too.
-    last_keys: std::sync::Mutex<std::collections::HashSet<u32>>,
+    last_seen_table: std::sync::Mutex<std::collections::HashMap<u32, Origin>>,
+    /// Forgotten indexes still held ([`FORGOTTEN`]), with how many checks have seen them so.
+    held_forgotten: std::sync::Mutex<std::collections::HashMap<u32, u8>>,
     /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
@@ -44,11 +46,26 @@ pub struct ServerTable {
 /// a server back on its port is asked again soon.
 const REFUSE_CLOSED_SERVER_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The cgroup id a forgotten origin is rewritten with: its index stays taken (the kernel
+/// gives new origins only free slots) and names no origin to the listeners, until each has
+/// dropped what it read of the table. Freed then: [`FORGOTTEN_HELD_FOR`].
+const FORGOTTEN: u64 = u64::MAX;
+
+/// The `bpf()` update flag that changes an element only if it is there (uapi `bpf.h`).
+const BPF_EXIST: u64 = 2;
+
+/// How many checks a forgotten index is held for before it is freed: the listeners drop what
+/// they read at their next query, and an agent sharing the table (during a takeover), which
+/// checks as often, sees it forgotten at its next check.
+pub const FORGOTTEN_HELD_FOR: u8 = 2;
+
 /// What [`ServerTable::forget_departed`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Forgotten {
-    /// Origins of cgroups that are gone, forgotten now.
+    /// Origins forgotten now: of cgroups that are gone, or shared ones no pair uses any more.
     pub forgotten: usize,
+    /// Indexes forgotten at earlier checks, freed now for new origins.
+    pub freed: usize,
     /// Origins in the table after.
     pub kept: usize,
 }
@@ -70,7 +87,8 @@ impl ServerTable {
                 .collect(),
             started: coarse_seconds(),
             generation: std::sync::atomic::AtomicU64::new(0),
-            last_keys: std::sync::Mutex::default(),
+            last_seen_table: std::sync::Mutex::default(),
+            held_forgotten: std::sync::Mutex::default(),
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
         })
@@ -92,6 +110,7 @@ impl ServerTable {
     /// use, so callers may keep the answer.
     pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
         match self.table().get(&server_key(family, index), 0) {
+            Ok(origin) if origin.cgroup_id == FORGOTTEN => None,
             Ok(origin) => Some((origin.server.to_socket_addr()?, origin.cgroup_id)),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(err) => {
@@ -151,47 +170,70 @@ impl ServerTable {
     /// walks of the tree: a cgroup made while a walk passes is in the next). An origin is
     /// forgotten if its cgroup is gone and it has not carried a query for `quiet` (a process
     /// that moved to another cgroup keeps its connected socket, and its index, while it uses
-    /// it). The shared origins (cgroup 0) stay. Blocking (`bpf()` calls): call it off the
-    /// async threads.
+    /// it), and no socket is connected to it. A server's shared origin (cgroup 0) is forgotten
+    /// once no pair of that server is left and it is as quiet: otherwise the shared origins of
+    /// every server ever asked would fill the table for good.
+    ///
+    /// A forgotten index is not free at once: it is rewritten as [`FORGOTTEN`], which the
+    /// listeners read as no origin, and freed [`FORGOTTEN_HELD_FOR`] checks later. Freed at
+    /// once, a new origin could take it before a listener dropped what it had read of it, and
+    /// that listener sent the new origin's query to the old origin's server. Blocking (`bpf()`
+    /// calls): call it off the async threads.
     pub fn forget_departed(
         &self,
         gone: impl Fn(u64) -> bool,
         quiet: std::time::Duration,
     ) -> Forgotten {
-        let now = self.seconds_since_start();
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
-        let mut last_keys = self
-            .last_keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let keys: std::collections::HashSet<u32> = entries.iter().map(|(key, _)| *key).collect();
-        if last_keys.iter().any(|key| !keys.contains(key)) {
-            // Forgotten by another agent: what this one read may be stale.
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
-        }
-        let mut forgotten = 0;
-        let mut held = None;
-        for (key, origin) in &entries {
-            let cgroup = origin.cgroup_id;
-            if cgroup == 0 || !gone(cgroup) {
-                continue;
-            }
-            // A socket still connected to the index (its process moved to another cgroup, or
-            // was handed the socket) would send the next origin's queries: kept while it is.
-            if held.get_or_insert_with(|| self.held_keys()).contains(key) {
-                continue;
-            }
+        self.notice_changes_by_others(&entries);
+        let freed = self.free_forgotten(&entries);
+        let is_quiet = |key: u32| {
             let seen = self
                 .last_seen
-                .get(*key as usize)
+                .get(key as usize)
                 .map_or(0, |slot| slot.load(std::sync::atomic::Ordering::Relaxed));
-            if seen != 0 && now.saturating_sub(u64::from(seen)) < quiet.as_secs() {
-                continue;
-            }
+            let now = self.seconds_since_start();
+            seen == 0 || now.saturating_sub(u64::from(seen)) >= quiet.as_secs()
+        };
+        let live = |origin: &Origin| origin.cgroup_id != FORGOTTEN;
+        let mut held = None;
+        let mut is_held = |key: u32| held.get_or_insert_with(|| self.held_keys()).contains(&key);
+        let departed: Vec<(u32, Origin)> = entries
+            .iter()
+            .filter(|(_, origin)| live(origin) && origin.cgroup_id != 0)
+            .filter(|(key, origin)| gone(origin.cgroup_id) && is_quiet(*key) && !is_held(*key))
+            .copied()
+            .collect();
+        // Servers some pair still asks through: their shared origins stay.
+        let departing: std::collections::HashSet<u32> =
+            departed.iter().map(|(key, _)| *key).collect();
+        let asked: std::collections::HashSet<dns_proxy_common::Endpoint> = entries
+            .iter()
+            .filter(|(key, origin)| {
+                live(origin) && origin.cgroup_id != 0 && !departing.contains(key)
+            })
+            .map(|(_, origin)| origin.server)
+            .collect();
+        let unused_shared: Vec<(u32, Origin)> = entries
+            .iter()
+            .filter(|(key, origin)| {
+                origin.cgroup_id == 0
+                    && !asked.contains(&origin.server)
+                    && is_quiet(*key)
+                    && !is_held(*key)
+            })
+            .copied()
+            .collect();
+        let mut forgotten = 0;
+        for (key, origin) in departed.iter().chain(&unused_shared) {
             // The table first: a program that finds the reverse entry then checks the table,
             // and takes a fresh slot when they disagree.
-            if self.table().remove(key).is_ok() {
+            let held_as_forgotten = Origin::new(origin.server, FORGOTTEN);
+            if self
+                .table()
+                .insert(key, held_as_forgotten, BPF_EXIST)
+                .is_ok()
+            {
                 // The next origin of this index must not inherit a refusal meant for this one.
                 let _ = self
                     .refusing
@@ -210,11 +252,62 @@ impl ServerTable {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
-        *last_keys = self.table().keys().filter_map(Result::ok).collect();
+        let after: std::collections::HashMap<u32, Origin> =
+            self.table().iter().filter_map(Result::ok).collect();
+        let kept = after.values().filter(|origin| live(origin)).count();
+        *self
+            .last_seen_table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = after;
         Forgotten {
             forgotten,
-            kept: entries.len() - forgotten,
+            freed,
+            kept,
         }
+    }
+
+    /// Bumps the generation if an index was forgotten or freed by another agent sharing the
+    /// table since the last check (during a takeover): what this one read may be stale.
+    fn notice_changes_by_others(&self, entries: &[(u32, Origin)]) {
+        let last = self
+            .last_seen_table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now: std::collections::HashMap<u32, Origin> = entries.iter().copied().collect();
+        let changed = last.iter().any(|(key, origin)| {
+            now.get(key)
+                .is_none_or(|now| now.cgroup_id != origin.cgroup_id)
+        });
+        if changed {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Frees the indexes held as forgotten for [`FORGOTTEN_HELD_FOR`] checks (this agent's:
+    /// one forgotten by an agent before it counts from this agent's first check). Returns how
+    /// many.
+    fn free_forgotten(&self, entries: &[(u32, Origin)]) -> usize {
+        let mut held = self
+            .held_forgotten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let forgotten: std::collections::HashSet<u32> = entries
+            .iter()
+            .filter(|(_, origin)| origin.cgroup_id == FORGOTTEN)
+            .map(|(key, _)| *key)
+            .collect();
+        held.retain(|key, _| forgotten.contains(key));
+        let mut freed = 0;
+        for key in forgotten {
+            let checks = held.entry(key).or_default();
+            *checks += 1;
+            if *checks > FORGOTTEN_HELD_FOR && self.table().remove(&key).is_ok() {
+                held.remove(&key);
+                freed += 1;
+            }
+        }
+        freed
     }
 
     /// The server keys that sockets are connected to now (`CONNECTED`).
@@ -246,7 +339,7 @@ impl ServerTable {
             .iter()
             .filter_map(Result::ok)
             .map(|(_, origin)| origin.cgroup_id)
-            .filter(|id| *id != 0)
+            .filter(|id| *id != 0 && *id != FORGOTTEN)
             .collect()
     }
 

@@ -463,13 +463,15 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
     {
         assert!(ask(cgroup, server, "filler.example.test").is_ok());
     }
-    // The departing cgroup goes; its origin is forgotten, and its index is the only free one.
+    // The departing cgroup goes; its origin is forgotten, and, once the listeners have
+    // dropped what they read of it, its index is freed: the only free one.
     std::fs::remove_dir(&departs).expect("remove the departing cgroup");
     wait_for(
-        "the departed origin forgotten",
+        "the departed origin forgotten and its index freed",
         Duration::from_secs(20),
-        || agent.log().contains("forgot 1 origins").then_some(()),
+        || agent.log().contains("freed 1 indexes").then_some(()),
     );
+    assert!(agent.log().contains("forgot 1 origins"), "{}", agent.log());
     let arrives = child_cgroup(&topology, "arrives");
     let answer = ask(&arrives, SECOND_SERVER_IP, "reused.example.test").expect("answered");
     assert_eq!(
@@ -651,6 +653,37 @@ for kind, proto, udp in [("disconnected", 0, False), ("mptcp", 262, False), ("ud
         counts[kind] = counts.get(kind, 0) + 1
 print(" ".join(f"{k}={v}" for k, v in counts.items()))
 "#;
+
+/// A server's shared origin is forgotten too once no pair of that server is left: before,
+/// every server ever asked kept one for good, and pods that came and went asking new servers
+/// filled the table, so that no new pod got an index of its own (an adversary's soak).
+#[test]
+fn a_servers_shared_origin_is_forgotten_once_no_pair_asks_it() {
+    use tests::SECOND_SERVER_IP;
+    let (topology, _servers, agent) = a_table_of_six_indexes();
+    let state = topology.client.state_dir();
+    let goes = child_cgroup(&topology, "goes");
+    let stays = child_cgroup(&topology, "stays");
+    for (cgroup, server) in [(&goes, SERVER_IP), (&stays, SECOND_SERVER_IP)] {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        tests::dig_at(command, &server.to_string(), "a.example.test", &["+short"])
+            .expect("answered");
+    }
+    // Each server's first pair took its shared origin as well.
+    assert_eq!(tests::origins_of_cgroup(&state, 0), 2);
+    let goes_id = std::fs::metadata(&goes).expect("stat").ino();
+    std::fs::remove_dir(&goes).expect("remove the cgroup that goes");
+    wait_for(
+        "the departed pair and its server's shared origin forgotten",
+        Duration::from_secs(20),
+        || agent.log().contains("freed 2 indexes").then_some(()),
+    );
+    assert_eq!(tests::origins_of_cgroup(&state, goes_id), 0);
+    // The other server is still asked by a pair: its shared origin stays.
+    assert_eq!(tests::origins_of_cgroup(&state, 0), 1, "{}", agent.log());
+    // And it is that server's (the lookup panics if it has none).
+    tests::server_index_for(&state, SECOND_SERVER_IP, 53, Some(0));
+}
 
 /// The holder of [`origin_held_by_a_connected_socket`]: prints its pid, connects a UDP socket
 /// to `argv[1]`:`argv[2]`, then on "ask NAME" prints the A record its query for NAME got, and
