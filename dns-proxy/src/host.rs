@@ -532,27 +532,29 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
     }
 }
 
-/// Whether `block` is routed to this host as a whole: the route the kernel matches for the
-/// block's index-1 address (`ip route get fibmatch`) is of type local and covers the block
-/// (its prefix no longer than the block's). Needs no privilege. For the watch on the blocks'
-/// routes: another program, or an interface's IPv6 switched off and on, can remove them, or
-/// leave a narrower local route (an address of the block on an interface) that no longer
-/// holds the servers' addresses. Not seen: a route for one address inside the block.
+/// Whether `block` is routed to this host: the routes the kernel matches for the block's
+/// first and last server addresses (index 1 and the highest, `ip route get fibmatch`) are of
+/// type local. Needs no privilege. For the watch on the blocks' routes: another program, or
+/// an interface's IPv6 switched off and on, can remove them, or leave a narrower local route
+/// (an address of the block on an interface) that no longer holds the servers' addresses. A
+/// narrower local route left inside the block (by an agent of a smaller block before it, say)
+/// is fine: the addresses it holds are local too. Not seen: a route for one address inside
+/// the block, between the two.
 pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
     // Index 1's address, not the first: an address of the block added to an interface makes
     // the first one an anycast route of its own (IPv6), which says nothing of the others.
-    let (family, address) = match block.first() {
-        std::net::IpAddr::V4(v4) => (
-            libc::AF_INET as u8,
-            (u32::from(v4) + 1).to_be_bytes().to_vec(),
-        ),
-        std::net::IpAddr::V6(v6) => (
-            libc::AF_INET6 as u8,
-            (u128::from(v6) + 1).to_be_bytes().to_vec(),
-        ),
+    Ok(is_local_here(block.address(1))? && is_local_here(block.address(block.capacity()))?)
+}
+
+/// Whether the route the kernel matches for `address`, in whatever table the rules pick, is
+/// of type local.
+fn is_local_here(address: std::net::IpAddr) -> io::Result<bool> {
+    let (family, address) = match address {
+        std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
     };
     let mut message = rtnetlink_header(libc::RTM_GETROUTE, libc::NLM_F_REQUEST);
-    // struct rtmsg: the route matched for this one address, in whatever table the rules pick.
+    // struct rtmsg: the route matched for this one address.
     let dst_len = (address.len() * 8) as u8;
     message.extend_from_slice(&[family, dst_len, 0, 0, 0, 0, 0, 0]);
     message.extend_from_slice(&RTM_F_FIB_MATCH.to_ne_bytes());
@@ -564,13 +566,11 @@ pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
         .get(4..6)
         .map(|kind| u16::from_ne_bytes([kind[0], kind[1]]));
     if kind == Some(libc::RTM_NEWROUTE) {
-        // struct rtmsg: rtm_dst_len is its second byte, rtm_type its eighth.
-        let (Some(&matched_len), Some(&route_type)) =
-            (reply.get(header_len + 1), reply.get(header_len + 7))
-        else {
+        // struct rtmsg: rtm_type is its eighth byte.
+        let Some(&route_type) = reply.get(header_len + 7) else {
             return Err(io::Error::other("a short rtnetlink route"));
         };
-        return Ok(route_type == libc::RTN_LOCAL && matched_len <= block.prefix_len());
+        return Ok(route_type == libc::RTN_LOCAL);
     }
     // No route at all (ENETUNREACH, say): not here either.
     reply_error(reply).map(|_| false)

@@ -217,3 +217,46 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     assert_eq!(readyz().0, 503);
     assert!(agent.query_lines("narrowed.example.test").is_empty());
 }
+
+/// A narrower local route left inside the block (by an agent of a smaller block that was
+/// SIGKILLed, say: the log's own advice is a larger `--redirect-block`, from the same first
+/// address) keeps the block routed here: the addresses it holds are local too. Before, the
+/// agent took the block for unrouted, switched the redirect off for good and said to restart,
+/// which changed nothing (an adversary's soak).
+#[test]
+fn a_narrower_local_route_left_inside_the_block_keeps_it_routed() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let (listen, block) = ("169.254.52.0", "169.254.52.0/23");
+    let left = "169.254.52.0/24";
+    must(Command::new("ip").args([
+        "-n",
+        &node.node.name,
+        "route",
+        "add",
+        "local",
+        left,
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]));
+    let args = [
+        format!("--listen={listen}:53"),
+        format!("--redirect-block={block}"),
+        format!("--metrics={METRICS}"),
+    ];
+    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    for name in ["first.example.test", "second.example.test"] {
+        let result = tests::dig_at(node.pod(0, "dig", &[]), &SERVER_IP.to_string(), name, &[]);
+        assert_answered(result, name);
+        forwarded(&agent, name);
+    }
+    let (status, body) = tests::http_get(&node.node, metrics_addr(), "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !agent.log().contains("no longer routed"),
+        "{}",
+        agent.log()
+    );
+}
