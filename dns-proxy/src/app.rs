@@ -337,6 +337,7 @@ async fn serve(
         &agents,
         &redirect_lock,
         &servers,
+        shared.workload_stats.clone(),
         workload_root,
         watched,
         redirector

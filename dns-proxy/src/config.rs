@@ -216,8 +216,10 @@ pub struct ProxyArgs {
     pub dnstap: Option<DnstapTarget>,
 
     /// Count queries by the workload that asked, on /metrics
-    /// (`dns_proxy_workload_queries_total{workload}`), for the first N workloads seen; the rest
-    /// together as `other`. 0: off (the default), which keeps the page small.
+    /// (`dns_proxy_workload_queries_total{workload}`), for the first N workloads seen that are
+    /// still there (a workload whose cgroup is gone gives its place to the next, within about
+    /// 3 minutes); the rest together as `other`. 0: off (the default), which keeps the page
+    /// small.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000), env = "DNS_PROXY_WORKLOAD_METRICS")]
     pub workload_metrics: u32,
 }

@@ -12,6 +12,7 @@ use crate::{
     agents,
     agents::HEARTBEAT_INTERVAL,
     cgroup::Cgroup,
+    dns::workload_stats::WorkloadStats,
     drain,
     ebpf::{DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
     host,
@@ -36,6 +37,7 @@ pub(super) fn start(
     agents: &Arc<agents::Agents>,
     redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
+    workload_stats: Option<Arc<WorkloadStats>>,
     root: PathBuf,
     watched: (Cgroup, Option<Exclusions>),
     routing: Option<Routing>,
@@ -51,7 +53,12 @@ pub(super) fn start(
         stop.clone(),
     ));
     tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
-    tokio::spawn(forget_departed(Arc::clone(servers), root, stop.clone()));
+    tokio::spawn(forget_departed(
+        Arc::clone(servers),
+        workload_stats,
+        root,
+        stop.clone(),
+    ));
     let readiness = Arc::clone(readiness);
     tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
 }
@@ -246,7 +253,12 @@ const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
 /// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
 /// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
 /// often and forgets what was quiet for twice that.
-async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::Signal) {
+async fn forget_departed(
+    servers: Arc<ServerTable>,
+    workload_stats: Option<Arc<WorkloadStats>>,
+    root: PathBuf,
+    stop: drain::Signal,
+) {
     let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
         .ok()
         .and_then(|seconds| seconds.parse::<u64>().ok());
@@ -264,6 +276,7 @@ async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::
             () = tokio::time::sleep(every) => {}
         }
         let (servers, root) = (Arc::clone(&servers), root.clone());
+        let workload_stats = workload_stats.clone();
         let walked = tokio::task::spawn_blocking(move || {
             let live = workload::CgroupPaths::new(root).live_ids();
             let live = match live {
@@ -273,7 +286,10 @@ async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::
                     return (missing, None);
                 }
             };
-            let named = servers.cgroups();
+            let mut named = servers.cgroups();
+            if let Some(stats) = &workload_stats {
+                named.extend(stats.cgroups());
+            }
             missing.retain(|id, _| named.contains(id));
             for id in named {
                 if live.contains(&id) {
@@ -287,6 +303,9 @@ async fn forget_departed(servers: Arc<ServerTable>, root: PathBuf, stop: drain::
                     .get(&id)
                     .is_some_and(|walks| *walks >= WALKS_MISSING)
             };
+            if let Some(stats) = &workload_stats {
+                stats.forget(gone);
+            }
             let result = servers.forget_departed(gone, quiet);
             (missing, Some(result))
         })

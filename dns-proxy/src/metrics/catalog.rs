@@ -246,7 +246,8 @@ pub const METRICS: &[Metric] = &[
         labels: &["workload"],
         only_with: Some("--workload-metrics"),
         help: "Queries received, by the workload that asked (--workload-metrics: the first N \
-               workloads; the rest, and queries whose workload was not recorded, as other).",
+               workloads still there; the rest, and queries whose workload was not recorded, \
+               as other).",
         read: Read::Counter(|s| {
             let workloads = s.workloads.as_ref()?;
             let samples = workloads.iter().map(|(workload, queries)| Sample {

@@ -390,6 +390,46 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
     assert_eq!(super::value(&page, &series("other")), 1, "{page}");
 }
 
+/// `--workload-metrics N` counts apart the first N workloads that are still there: one whose
+/// cgroup is gone gives its place to the next. Before, the first N ever seen kept their
+/// places for good, and every later workload was counted as `other` (an adversary's soak: 17
+/// of 20 series were of pods long gone).
+#[test]
+fn a_gone_workloads_place_in_the_workload_metrics_goes_to_the_next() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let _agent = Agent::start_with_env(
+        &topology,
+        &["--metrics", super::METRICS, "--workload-metrics=1"],
+        &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")],
+    );
+    let series =
+        |workload: &str| format!("dns_proxy_workload_queries_total{{workload=\"{workload}\"}}");
+    let ask = |cgroup: &PathBuf, name: &str| {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        assert_answered(dig(command, name, &["+short"]), name);
+    };
+    let first = child_cgroup(&topology, "job-first");
+    ask(&first, "first.example.test");
+    std::fs::remove_dir(&first).expect("remove the first job's cgroup");
+    // Gone from three walks of the tree, a second apart.
+    wait_for(
+        "the first job's series gone",
+        Duration::from_secs(20),
+        || {
+            let page = super::scrape(&topology);
+            (!page.contains("job-first")).then_some(())
+        },
+    );
+    let next = child_cgroup(&topology, "job-next");
+    ask(&next, "next.example.test");
+    let page = super::scrape(&topology);
+    let parent = topology.cgroup.path.file_name().expect("a name");
+    let workload = format!("cgroup=/{}/job-next", parent.to_string_lossy());
+    assert_eq!(super::value(&page, &series(&workload)), 1, "{page}");
+    assert_eq!(super::value(&page, &series("other")), 0, "{page}");
+}
+
 #[test]
 fn a_workload_whose_cgroup_is_gone_is_still_found_by_name_in_its_resolutions() {
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};

@@ -254,9 +254,5 @@ fn a_narrower_local_route_left_inside_the_block_keeps_it_routed() {
     }
     let (status, body) = tests::http_get(&node.node, metrics_addr(), "/readyz");
     assert_eq!(status, 200, "{body}");
-    assert!(
-        !agent.log().contains("no longer routed"),
-        "{}",
-        agent.log()
-    );
+    assert!(!agent.log().contains("no longer routed"), "{}", agent.log());
 }
