@@ -377,7 +377,7 @@ async fn serve(
     // The line to wait for: /readyz answers 200 from here on.
     log::info!(target: LOG, "ready: redirected lookups are served");
 
-    let outcome = until_stopped(scope.command, &mut signals).await?;
+    let outcome = until_stopped(scope.command, &mut signals, &shared).await?;
     readiness.set(false);
     stop_serving.stop();
     serving.join_all().await;
@@ -528,10 +528,13 @@ async fn go_live(
 async fn until_stopped(
     command: Option<(&[OsString], &Cgroup)>,
     signals: &mut StopSignals,
+    shared: &Shared,
 ) -> Result<Outcome, RunError> {
+    // SIGHUP: the dnstap file, if any, is started anew (log rotation).
+    let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
     Ok(match command {
         None => {
-            let signal = signals.next().await;
+            let signal = signals.next(&reopen_logs).await;
             log::info!(
                 target: LOG,
                 "{signal}: no longer redirecting new lookups; answering those in flight"

@@ -352,6 +352,8 @@ struct Shared {
     /// Set on close: drain what is queued, but do not retry a reader for it (a first try,
     /// for a log closed right after it started, is still made).
     closing: AtomicBool,
+    /// Set by [`DnstapSink::reopen`]: end the file and start a new one at its path.
+    reopen: AtomicBool,
 }
 
 /// A value alone on its cache line (128 bytes: two lines, as adjacent-line prefetch pairs
@@ -386,12 +388,15 @@ pub struct DnstapSink {
     /// The thread and its "done" signal; in a Mutex only so the sink is `Sync` (a Receiver is
     /// not), for sharing between the relays' threads.
     writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+    /// Whether the log is a file (which [`reopen`](Self::reopen) starts anew).
+    file: bool,
 }
 
 impl DnstapSink {
     /// Starts the writer thread. A file is created (truncated) here, so a bad path is an
     /// error now; a socket reader may come later.
     pub fn start(settings: DnstapSettings) -> Result<Self, DnstapError> {
+        let file = matches!(settings.target, DnstapTarget::File(_));
         let output = match &settings.target {
             DnstapTarget::File(path) => Some(open_file(path)?),
             DnstapTarget::Unix(_) => None,
@@ -434,6 +439,7 @@ impl DnstapSink {
             queue_bytes: settings.queue_bytes,
             reserve_chunk: (settings.queue_bytes / RESERVE_CHUNKS).max(1),
             writer: Mutex::new(Some((handle, done_rx))),
+            file,
         })
     }
 
@@ -553,6 +559,17 @@ impl DnstapSink {
 }
 
 impl DnstapSink {
+    /// Ends the log file and starts a new one at its path, for log rotation (SIGHUP, after
+    /// logrotate moved the file away); whatever is at the path then is kept aside, unless it
+    /// is an empty file (logrotate's `create`), which is used. Returns whether the log is a
+    /// file (a socket reader has nothing to reopen).
+    pub fn reopen(&self) -> bool {
+        if self.file {
+            self.shared.reopen.store(true, Ordering::Relaxed);
+        }
+        self.file
+    }
+
     /// Closes every thread's queue (what is logged now is dropped and counted), returning how
     /// many events they still held.
     fn close_queues(&self) -> usize {
@@ -621,6 +638,9 @@ impl Writer {
         loop {
             // Seen before the last take: whatever was logged before closing is in it.
             let closing = self.shared.closing.load(Ordering::Relaxed);
+            if self.shared.reopen.swap(false, Ordering::Relaxed) {
+                self.reopen_file();
+            }
             self.take_queues(closing);
             if self.taken.is_empty() {
                 if closing {
@@ -817,6 +837,27 @@ impl Writer {
                 )
             }),
         };
+    }
+
+    /// Ends the file (STOP) and starts a new one at its path at once: after log rotation.
+    fn reopen_file(&mut self) {
+        let DnstapTarget::File(path) = &self.target else {
+            return;
+        };
+        let path = path.clone();
+        self.flush();
+        self.stop();
+        // logrotate's `create` leaves an empty file at the path: used, not kept aside.
+        if std::fs::symlink_metadata(&path)
+            .is_ok_and(|existing| existing.file_type().is_file() && existing.len() == 0)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+        self.tried = false;
+        self.next_attempt = Instant::now();
+        self.backoff = FIRST_BACKOFF;
+        log::info!("dnstap: reopening {} (SIGHUP)", self.target);
+        self.reconnect_if_due();
     }
 
     fn reconnect_if_due(&mut self) {

@@ -45,7 +45,7 @@ pub async fn run_command(
     loop {
         tokio::select! {
             status = child.wait() => return status.map_err(RunError::Wait),
-            signal = signals.next() => {
+            signal = signals.next(&|| false) => {
                 if signal == StopSignal::Terminate && let Some(pid) = child.id() {
                     log::info!("{signal}: passing it on to the command (pid {pid})");
                     // SAFETY: kill has no memory effects; the child is not yet reaped, so

@@ -4,8 +4,8 @@ use std::io;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// SIGINT and SIGTERM, watched from creation on, so none is missed between waits; and SIGHUP,
-/// which an operator may send out of habit (a reload): there is nothing to reload, and it must
-/// not stop the agent without a drain, as its default action would.
+/// which starts the dnstap file anew (log rotation) and must not stop the agent without a
+/// drain, as its default action would.
 pub struct StopSignals {
     interrupt: Signal,
     terminate: Signal,
@@ -37,16 +37,20 @@ impl StopSignals {
         })
     }
 
-    /// Resolves on the next SIGINT or SIGTERM; a SIGHUP meanwhile is logged and ignored.
-    pub async fn next(&mut self) -> StopSignal {
+    /// Resolves on the next SIGINT or SIGTERM. A SIGHUP meanwhile calls `reopen_logs`, which
+    /// says whether there was a log file to start anew; if not, it is logged and ignored.
+    pub async fn next(&mut self, reopen_logs: &dyn Fn() -> bool) -> StopSignal {
         loop {
             tokio::select! {
                 _ = self.interrupt.recv() => return StopSignal::Interrupt,
                 _ = self.terminate.recv() => return StopSignal::Terminate,
-                _ = self.hangup.recv() => log::warn!(
-                    "SIGHUP ignored: there is no configuration to reload (restart with \
-                     --takeover to change flags; SIGTERM stops the agent)"
-                ),
+                _ = self.hangup.recv() => if !reopen_logs() {
+                    log::warn!(
+                        "SIGHUP ignored: there is no log file to reopen nor configuration to \
+                         reload (restart with --takeover to change flags; SIGTERM stops the \
+                         agent)"
+                    );
+                },
             }
         }
     }

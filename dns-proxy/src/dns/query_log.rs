@@ -64,6 +64,11 @@ impl QueryLog {
         Ok(())
     }
 
+    /// Starts the log file anew at its path (log rotation): whether there is a file log.
+    pub fn reopen(&self) -> bool {
+        self.sink.get().is_some_and(DnstapSink::reopen)
+    }
+
     /// The log's counters (the sink's, and the events before it started).
     pub fn counters(&self) -> Arc<DnstapCounters> {
         Arc::clone(&self.counters)

@@ -91,7 +91,10 @@ pub fn create_log_file(path: &Path) -> io::Result<File> {
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        // Appending: a file truncated under the agent (logrotate's `copytruncate`, which
+        // this log does not support: see `DnstapSink::reopen`) is not filled with gigabytes
+        // of zeros up to where the agent was.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_APPEND)
         .mode(0o640)
         .open(path)?;
     if !file.metadata()?.file_type().is_file() {

@@ -390,6 +390,41 @@ fn what_is_logged_after_close_is_dropped_and_counted() {
     assert_eq!((counters.written(), counters.dropped()), (1, 2));
 }
 
+/// Log rotation as logrotate does it by default (`create`, then SIGHUP): the file is moved
+/// away and an empty one made at its path; on `reopen` the moved file is ended (STOP), whole
+/// and readable, and the lookups after go to a new file at the path.
+#[test]
+fn a_reopened_file_log_ends_the_moved_file_and_goes_on_at_its_path() {
+    let dir = TempDir::new("rotate");
+    let path = dir.0.join("lookups.dnstap");
+    let rotated = dir.0.join("lookups.dnstap.1");
+    let settings = DnstapSettings::new(DnstapTarget::File(path.clone()), "node-1");
+    let sink = DnstapSink::start(settings).unwrap();
+    for event in lookup("before.example.test.").events() {
+        sink.log(&event);
+    }
+    wait_for("the lookup in the file", Duration::from_secs(3), || {
+        sink.counters().written() == 2
+    });
+    fs::rename(&path, &rotated).unwrap();
+    drop(fs::File::create(&path).unwrap());
+    assert!(sink.reopen());
+    wait_for("a new file at the path", Duration::from_secs(3), || {
+        fs::metadata(&path).is_ok_and(|meta| meta.len() > 0)
+    });
+    for event in lookup("after.example.test.").events() {
+        sink.log(&event);
+    }
+    assert!(sink.close(Duration::from_secs(5)));
+    let names = ["before.example.test."];
+    assert_lookups_read_back(&dnstap_ldns(&rotated), &read_file(&rotated), &names);
+    let names = ["after.example.test."];
+    assert_lookups_read_back(&dnstap_ldns(&path), &read_file(&path), &names);
+    // The empty file logrotate made was used, not kept aside.
+    let files = fs::read_dir(&dir.0).unwrap().count();
+    assert_eq!(files, 2);
+}
+
 #[test]
 fn a_file_reader_sees_lookups_within_a_second_without_a_close() {
     let dir = TempDir::new("flush");

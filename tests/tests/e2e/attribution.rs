@@ -430,6 +430,51 @@ fn a_gone_workloads_place_in_the_workload_metrics_goes_to_the_next() {
     assert_eq!(super::value(&page, &series("other")), 0, "{page}");
 }
 
+/// Log rotation (logrotate's default: the file moved away, an empty one made, SIGHUP): the
+/// agent ends the moved file and writes the next lookups to the path. Before, SIGHUP was
+/// ignored and the agent kept writing to the moved file.
+#[test]
+fn sighup_starts_the_dnstap_file_anew_for_log_rotation() {
+    tests::require_root();
+    let (_dir, log) = dnstap_directory("rotate");
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
+    let read = |file: &std::path::Path| {
+        let output = std::process::Command::new("dnstap-ldns")
+            .args(["-y", "-r"])
+            .arg(file)
+            .output()
+            .expect("dnstap-ldns");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let ask = |name: &str| {
+        let command = topology.workload("dig", &[]);
+        assert_answered(dig(command, name, &["+short"]), name);
+    };
+    ask("before.example.test");
+    wait_for(
+        "the first lookup in the log",
+        Duration::from_secs(5),
+        || read(&log).contains("before.example.test").then_some(()),
+    );
+    let rotated = log.with_extension("dnstap.1");
+    std::fs::rename(&log, &rotated).expect("move the log away");
+    std::fs::File::create(&log).expect("an empty log, as logrotate makes");
+    agent.process().signal(libc::SIGHUP);
+    wait_for_log(&agent, "dnstap: reopening");
+    ask("after.example.test");
+    wait_for(
+        "the second lookup in the new log",
+        Duration::from_secs(5),
+        || read(&log).contains("after.example.test").then_some(()),
+    );
+    let old = read(&rotated);
+    assert!(old.contains("before.example.test"), "{old}");
+    assert!(!old.contains("after.example.test"), "{old}");
+    assert!(agent.process().is_running(), "{}", agent.log());
+}
+
 #[test]
 fn a_workload_whose_cgroup_is_gone_is_still_found_by_name_in_its_resolutions() {
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
