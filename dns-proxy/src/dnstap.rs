@@ -902,10 +902,12 @@ impl Writer {
             return;
         }
         let since = dropped - self.drops_reported;
-        if self
-            .drop_warning
-            .warn(|_| format!("dnstap: dropped {since} lookups (queue full, or no reader)"))
-        {
+        if self.drop_warning.warn(|_| {
+            format!(
+                "dnstap: dropped {since} lookups (queue full, no reader, or asked before \
+                 the log started)"
+            )
+        }) {
             self.drops_reported = dropped;
         }
     }
