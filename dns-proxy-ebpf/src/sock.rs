@@ -122,7 +122,7 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
         && port_be == config.port6
         && let Some(index) = index_in_block6(&config, addr)
     {
-        return held_if_own(
+        return held_if_connected(
             ctx,
             hook,
             AF_INET6,
@@ -199,7 +199,7 @@ fn xlate_fwd4(
         let index = index_in_block4(config, addr);
         let verdict = verdict_on_block_address(ctx, config, AF_INET, index);
         return Forward4::Leave(match index {
-            Some(index) => held_if_own(ctx, hook, AF_INET, index, verdict),
+            Some(index) => held_if_connected(ctx, hook, AF_INET, index, verdict),
             None => verdict,
         });
     }
@@ -288,7 +288,8 @@ fn is_block_peer(config: &RedirectConfig, family: u32, addr: [u32; 4], port_be: 
 /// address only an origin of its own cgroup, or one shared by every cgroup (as the program of
 /// an agent that ran before this one, during a takeover, rewrote it); any other is refused
 /// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
-/// are let be. [`OWN_ORIGIN`]: an origin of the socket's own cgroup, allowed.
+/// are let be. [`ALLOWED_AND_HELD`]: an origin the socket may address, which it holds once
+/// connected there.
 fn verdict_on_block_address(
     ctx: &SockAddrContext,
     config: &RedirectConfig,
@@ -307,9 +308,7 @@ fn verdict_on_block_address(
         return REFUSE;
     };
     match origin_at(family, index) {
-        Some(origin) if origin.cgroup_id == cgroup_id => OWN_ORIGIN,
-        // A shared origin is never forgotten.
-        Some(origin) if origin.cgroup_id == 0 => ALLOW,
+        Some(origin) if origin.cgroup_id == cgroup_id || origin.cgroup_id == 0 => ALLOWED_AND_HELD,
         _ => {
             count(Counter::ForeignRefused);
             REFUSE
@@ -317,14 +316,20 @@ fn verdict_on_block_address(
     }
 }
 
-/// [`verdict_on_block_address`]'s verdict for a socket addressing an origin of its own cgroup:
-/// allowed, and, connected there, holding it ([`held_if_own`]).
-const OWN_ORIGIN: i32 = 2;
+/// [`verdict_on_block_address`]'s verdict for a socket addressing an origin of its own cgroup,
+/// or a shared one: allowed, and, connected there, holding it ([`held_if_connected`]).
+const ALLOWED_AND_HELD: i32 = 2;
 
 /// The verdict the kernel gets for a socket addressing block address `index` directly: a
-/// socket connected to an origin of its own cgroup holds it, as one the redirect sent there.
-fn held_if_own(ctx: &SockAddrContext, hook: Hook, family: u16, index: u32, verdict: i32) -> i32 {
-    if verdict != OWN_ORIGIN {
+/// socket connected to an origin it may address holds it, as one the redirect sent there.
+fn held_if_connected(
+    ctx: &SockAddrContext,
+    hook: Hook,
+    family: u16,
+    index: u32,
+    verdict: i32,
+) -> i32 {
+    if verdict != ALLOWED_AND_HELD {
         return verdict;
     }
     if hook == Hook::Connect {

@@ -274,10 +274,9 @@ impl ServerTable {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now: std::collections::HashMap<u32, Origin> = entries.iter().copied().collect();
-        let changed = last.iter().any(|(key, origin)| {
-            now.get(key)
-                .is_none_or(|now| now.cgroup_id != origin.cgroup_id)
-        });
+        let changed = last
+            .iter()
+            .any(|(key, origin)| now.get(key) != Some(origin));
         if changed {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
