@@ -300,7 +300,7 @@ pub fn ctx_sockopt_u32(ctx: &SockoptContext) -> Option<u32> {
 }
 
 /// Tells the kernel to set the option from the caller's own buffer, not the program's copy
-/// (an `optlen` of 0): the program changed nothing, and the kernel need not copy it again.
+/// (an `optlen` of 0).
 pub fn ctx_sockopt_use_callers_value(ctx: &SockoptContext) {
     // SAFETY: a valid context; `optlen` is writable in setsockopt.
     unsafe { (*ctx.sockopt).optlen = 0 }

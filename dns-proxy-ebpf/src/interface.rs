@@ -25,8 +25,13 @@ const SOL_IPV6: i32 = 41;
 const IP_UNICAST_IF: i32 = 50;
 const IPV6_UNICAST_IF: i32 = 76;
 
+/// The most of an option's value the kernel shows a program (a page).
+const SHOWN_AT_MOST: i32 = 4096;
+
 /// cgroup/setsockopt: notes the interface a socket chooses to send through. Never changes or
-/// refuses the call: the kernel sets the option from the caller's own value.
+/// refuses the call, nor what a program of a cgroup below (which ran first) made of it: the
+/// length is left as it is, but for a value longer than the page the kernel showed, which is
+/// then set from the caller's own buffer (as the kernel would, without logging that it did).
 pub fn note_unicast_if(ctx: &SockoptContext) -> i32 {
     let (level, name, len) = ctx_sockopt_option(ctx);
     let unicast_if = (level == SOL_IP && name == IP_UNICAST_IF)
@@ -38,7 +43,9 @@ pub fn note_unicast_if(ctx: &SockoptContext) -> i32 {
     {
         note(ctx, u32::from_be(raw));
     }
-    ctx_sockopt_use_callers_value(ctx);
+    if len > SHOWN_AT_MOST {
+        ctx_sockopt_use_callers_value(ctx);
+    }
     ALLOW
 }
 

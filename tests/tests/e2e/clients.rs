@@ -438,6 +438,68 @@ fn setsockopt_calls_in_the_cgroup_are_made_as_asked() {
     );
 }
 
+/// A `cgroup/setsockopt` program of a cgroup below the redirected one runs first and may
+/// decide a call itself: the agent's program leaves its decision be. An adversary's program
+/// that answers `SO_RCVBUF` itself (`optlen = -1`, the kernel bypassed) had its decision undone
+/// by the agent's, which told the kernel to take the caller's value on every call.
+#[test]
+fn a_setsockopt_program_of_a_cgroup_below_keeps_the_last_word() {
+    let topology = Topology::new();
+    let _agent = Agent::start(&topology, &[]);
+    let below = topology.cgroup.path.join("policy");
+    std::fs::create_dir(&below).expect("make the cgroup below");
+    let output = tests::must(std::process::Command::new("python3").args([
+        "-c",
+        SOCKOPT_POLICY,
+        below.to_str().expect("a UTF-8 path"),
+    ]));
+    let _ = std::fs::remove_dir(&below);
+    let line = String::from_utf8_lossy(&output.stdout);
+    let values: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(values.len(), 2, "{line}");
+    assert_eq!(values[0], values[1], "the size was changed: {line}");
+}
+
+/// Loads a `cgroup/setsockopt` program that decides `SO_RCVBUF` itself (sets `optlen` to -1,
+/// so the kernel does nothing), attaches it to `argv[1]`, and prints a socket's `SO_RCVBUF`
+/// there before and after `setsockopt(SO_RCVBUF, 100000)`.
+const SOCKOPT_POLICY: &str = r#"
+import ctypes, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, 128)
+    fd = libc.syscall(321, cmd, buf, 128)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "bpf")
+    return fd
+def op(code, dst, src, off, imm):
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+code = b"".join([
+    op(0x61, 2, 1, 28, 0),   # r2 = ctx->optname
+    op(0x55, 2, 0, 2, 8),    # if r2 != SO_RCVBUF: skip two
+    op(0xb7, 3, 0, 0, -1),   # r3 = -1
+    op(0x63, 1, 3, 32, 0),   # ctx->optlen = r3
+    op(0xb7, 0, 0, 0, 1),    # r0 = 1
+    op(0x95, 0, 0, 0, 0),    # exit
+])
+insns, license = ctypes.create_string_buffer(code), ctypes.create_string_buffer(b"GPL")
+load = struct.pack("<IIQQIIQII16sII", 25, len(code) // 8, ctypes.addressof(insns),
+                   ctypes.addressof(license), 0, 0, 0, 0, 0, b"test_policy", 0, 22)
+prog = bpf(5, load)
+cgroup = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+bpf(8, struct.pack("<IIII", cgroup, prog, 22, 2))
+pid = os.fork()
+if pid == 0:
+    with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    before = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 100000)
+    print(before, s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"#;
+
 /// A zone transfer (AXFR) is one query answered by many messages. A client that half-closes
 /// once it has asked gets every message, as it does directly, and so does one whose transfer
 /// is under way when the agent is stopped gracefully.
