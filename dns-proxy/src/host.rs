@@ -534,21 +534,27 @@ fn local_route(block: AddressBlock, request: RouteRequest) -> io::Result<()> {
 
 /// Whether `block` is routed to this host: the routes the kernel matches for the block's
 /// first and last server addresses (index 1 and the highest, `ip route get fibmatch`) are of
-/// type local. Needs no privilege. For the watch on the blocks' routes: another program, or
-/// an interface's IPv6 switched off and on, can remove them, or leave a narrower local route
-/// (an address of the block on an interface) that no longer holds the servers' addresses. A
-/// narrower local route left inside the block (by an agent of a smaller block before it, say)
-/// is fine: the addresses it holds are local too. Not seen: a route for one address inside
-/// the block, between the two.
+/// type local, and one of them covers the whole block (its prefix no longer than the block's).
+/// Needs no privilege. For the watch on the blocks' routes: another program, or an
+/// interface's IPv6 switched off and on, can remove them, or leave narrower local routes (an
+/// address of the block on an interface) that no longer hold the servers' addresses. A
+/// narrower local route left inside the block beside its own (by an agent of a smaller block
+/// before it, say) is fine: the addresses it holds are local too. Not seen: a route for one
+/// address inside the block, between the two.
 pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
     // Index 1's address, not the first: an address of the block added to an interface makes
     // the first one an anycast route of its own (IPv6), which says nothing of the others.
-    Ok(is_local_here(block.address(1))? && is_local_here(block.address(block.capacity()))?)
+    let first = local_route_length(block.address(1))?;
+    let last = local_route_length(block.address(block.capacity()))?;
+    Ok(match (first, last) {
+        (Some(first), Some(last)) => first.min(last) <= block.prefix_len(),
+        _ => false,
+    })
 }
 
-/// Whether the route the kernel matches for `address`, in whatever table the rules pick, is
-/// of type local.
-fn is_local_here(address: std::net::IpAddr) -> io::Result<bool> {
+/// The prefix length of the route the kernel matches for `address`, in whatever table the
+/// rules pick, if it is of type local.
+fn local_route_length(address: std::net::IpAddr) -> io::Result<Option<u8>> {
     let (family, address) = match address {
         std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
         std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
@@ -566,14 +572,16 @@ fn is_local_here(address: std::net::IpAddr) -> io::Result<bool> {
         .get(4..6)
         .map(|kind| u16::from_ne_bytes([kind[0], kind[1]]));
     if kind == Some(libc::RTM_NEWROUTE) {
-        // struct rtmsg: rtm_type is its eighth byte.
-        let Some(&route_type) = reply.get(header_len + 7) else {
+        // struct rtmsg: rtm_dst_len is its second byte, rtm_type its eighth.
+        let (Some(&matched_len), Some(&route_type)) =
+            (reply.get(header_len + 1), reply.get(header_len + 7))
+        else {
             return Err(io::Error::other("a short rtnetlink route"));
         };
-        return Ok(route_type == libc::RTN_LOCAL);
+        return Ok((route_type == libc::RTN_LOCAL).then_some(matched_len));
     }
     // No route at all (ENETUNREACH, say): not here either.
-    reply_error(reply).map(|_| false)
+    reply_error(reply).map(|_| None)
 }
 
 /// `linux/rtnetlink.h`'s flag asking `RTM_GETROUTE` for the route matched, not the result.

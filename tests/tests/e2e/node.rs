@@ -216,6 +216,23 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     lookup("narrowed.example.test");
     assert_eq!(readyz().0, 503);
     assert!(agent.query_lines("narrowed.example.test").is_empty());
+
+    // The first and last server addresses local too (an adversary's case): still not the
+    // block; an index between them would reach nothing.
+    let prefix = NODE_LISTEN.octets();
+    for last in [1, 254] {
+        let address = format!("{}.{}.{}.{last}/32", prefix[0], prefix[1], prefix[2]);
+        add_local_route(&node.node.name, &address);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    lookup("ends.example.test");
+    assert_eq!(readyz().0, 503, "{}", agent.log());
+    assert_eq!(
+        agent.log().matches("routed to this host again").count(),
+        1,
+        "{}",
+        agent.log()
+    );
 }
 
 /// A narrower local route left inside the block (by an agent of a smaller block that was
@@ -228,19 +245,7 @@ fn a_narrower_local_route_left_inside_the_block_keeps_it_routed() {
     let node = NodeTopology::new();
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     let (listen, block) = ("169.254.52.0", "169.254.52.0/23");
-    let left = "169.254.52.0/24";
-    must(Command::new("ip").args([
-        "-n",
-        &node.node.name,
-        "route",
-        "add",
-        "local",
-        left,
-        "dev",
-        "lo",
-        "table",
-        "local",
-    ]));
+    add_local_route(&node.node.name, "169.254.52.0/24");
     let args = [
         format!("--listen={listen}:53"),
         format!("--redirect-block={block}"),
@@ -255,4 +260,11 @@ fn a_narrower_local_route_left_inside_the_block_keeps_it_routed() {
     let (status, body) = tests::http_get(&node.node, metrics_addr(), "/readyz");
     assert_eq!(status, 200, "{body}");
     assert!(!agent.log().contains("no longer routed"), "{}", agent.log());
+}
+
+/// Routes `prefix` to namespace `netns` itself (`local`, on `lo`, in the local table).
+fn add_local_route(netns: &str, prefix: &str) {
+    must(Command::new("ip").args([
+        "-n", netns, "route", "add", "local", prefix, "dev", "lo", "table", "local",
+    ]));
 }
