@@ -33,8 +33,9 @@ pub struct ServerTable {
     /// The table at the last check: an index gone or changed since was forgotten by another
     /// agent sharing the table (during a takeover), which bumps `generation` here too.
     last_seen_table: std::sync::Mutex<std::collections::HashMap<u32, Origin>>,
-    /// Forgotten indexes still held ([`FORGOTTEN`]), with how many checks have seen them so.
-    held_forgotten: std::sync::Mutex<std::collections::HashMap<u32, u8>>,
+    /// Forgotten indexes still held ([`FORGOTTEN`]): the origin each named (if this agent
+    /// forgot it) and how many checks have seen it so.
+    held_forgotten: std::sync::Mutex<std::collections::HashMap<u32, (Option<Origin>, u8)>>,
     /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
@@ -51,7 +52,9 @@ const REFUSE_CLOSED_SERVER_FOR: std::time::Duration = std::time::Duration::from_
 /// dropped what it read of the table. Freed then: [`FORGOTTEN_HELD_FOR`].
 const FORGOTTEN: u64 = u64::MAX;
 
-/// The `bpf()` update flag that changes an element only if it is there (uapi `bpf.h`).
+/// The `bpf()` update flags that add an element only if it is not there, and change one only
+/// if it is (uapi `bpf.h`).
+const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
 /// How many checks a forgotten index is held for before it is freed: the listeners drop what
@@ -245,7 +248,21 @@ impl ServerTable {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(origin);
+                self.held_forgotten
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(*key, (Some(*origin), 0));
                 forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            // A UDP socket that connected to one of them since `CONNECTED` was read (through
+            // the reverse entry, before it went) holds it: given back.
+            let now_held = self.held_keys();
+            for (key, origin) in departed.iter().chain(&unused_shared) {
+                if now_held.contains(key) && self.restore(*key, *origin) {
+                    forgotten -= 1;
+                }
             }
         }
         if forgotten > 0 {
@@ -284,29 +301,75 @@ impl ServerTable {
     }
 
     /// Frees the indexes held as forgotten for [`FORGOTTEN_HELD_FOR`] checks (this agent's:
-    /// one forgotten by an agent before it counts from this agent's first check). Returns how
-    /// many.
+    /// one forgotten by an agent before it counts from this agent's first check), unless a
+    /// socket is connected to one: it connected while the index was being forgotten, and the
+    /// index is given back to its origin (or, forgotten by an agent before this one, kept
+    /// held). Returns how many were freed.
     fn free_forgotten(&self, entries: &[(u32, Origin)]) -> usize {
-        let mut held = self
-            .held_forgotten
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let forgotten: std::collections::HashSet<u32> = entries
             .iter()
             .filter(|(_, origin)| origin.cgroup_id == FORGOTTEN)
             .map(|(key, _)| *key)
             .collect();
-        held.retain(|key, _| forgotten.contains(key));
+        let due: Vec<(u32, Option<Origin>)> = {
+            let mut held = self
+                .held_forgotten
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.retain(|key, _| forgotten.contains(key));
+            forgotten
+                .iter()
+                .filter_map(|key| {
+                    let (origin, checks) = held.entry(*key).or_insert((None, 0));
+                    *checks += 1;
+                    (*checks > FORGOTTEN_HELD_FOR).then_some((*key, *origin))
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        let connected = self.held_keys();
         let mut freed = 0;
-        for key in forgotten {
-            let checks = held.entry(key).or_default();
-            *checks += 1;
-            if *checks > FORGOTTEN_HELD_FOR && self.table().remove(&key).is_ok() {
-                held.remove(&key);
+        for (key, origin) in due {
+            if connected.contains(&key) {
+                if let Some(origin) = origin {
+                    self.restore(key, origin);
+                }
+                continue;
+            }
+            if self.table().remove(&key).is_ok() {
+                self.held_forgotten
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&key);
                 freed += 1;
             }
         }
         freed
+    }
+
+    /// Gives forgotten index `key` back to `origin` (a socket is connected to it); whether it
+    /// was.
+    fn restore(&self, key: u32, origin: Origin) -> bool {
+        if self.table().insert(key, origin, BPF_EXIST).is_err() {
+            return false;
+        }
+        // Unless the origin got another index meanwhile: both then name it.
+        let _ = self
+            .reverse
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(origin, key, BPF_NOEXIST);
+        self.held_forgotten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key);
+        log::info!(
+            "kept index {key} for {:?}: a socket connected to it while it was being forgotten",
+            origin.server.to_socket_addr()
+        );
+        true
     }
 
     /// The server keys that sockets are connected to now (`CONNECTED`).
