@@ -423,9 +423,13 @@ fn a_gone_workloads_place_in_the_workload_metrics_goes_to_the_next() {
     );
     let next = child_cgroup(&topology, "job-next");
     ask(&next, "next.example.test");
-    let page = super::scrape(&topology);
     let parent = topology.cgroup.path.file_name().expect("a name");
     let workload = format!("cgroup=/{}/job-next", parent.to_string_lossy());
+    // Named as soon as the agent has looked the cgroup's name up (a series by its id before).
+    let page = wait_for("the next job's series", Duration::from_secs(5), || {
+        let page = super::scrape(&topology);
+        page.contains(&series(&workload)).then_some(page)
+    });
     assert_eq!(super::value(&page, &series(&workload)), 1, "{page}");
     assert_eq!(super::value(&page, &series("other")), 0, "{page}");
 }
