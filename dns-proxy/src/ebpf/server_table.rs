@@ -303,26 +303,28 @@ impl ServerTable {
     /// Frees the indexes held as forgotten for [`FORGOTTEN_HELD_FOR`] checks (this agent's:
     /// one forgotten by an agent before it counts from this agent's first check), unless a
     /// socket is connected to one: it connected while the index was being forgotten, and the
-    /// index is given back to its origin (or, forgotten by an agent before this one, kept
-    /// held). Returns how many were freed.
+    /// index is given back to its origin (forgotten by an agent before this one, whose origin
+    /// this one does not know: to its server, as a shared origin). Returns how many were
+    /// freed.
     fn free_forgotten(&self, entries: &[(u32, Origin)]) -> usize {
-        let forgotten: std::collections::HashSet<u32> = entries
+        let forgotten: std::collections::HashMap<u32, Origin> = entries
             .iter()
             .filter(|(_, origin)| origin.cgroup_id == FORGOTTEN)
-            .map(|(key, _)| *key)
+            .copied()
             .collect();
-        let due: Vec<(u32, Option<Origin>)> = {
+        let due: Vec<(u32, Origin)> = {
             let mut held = self
                 .held_forgotten
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            held.retain(|key, _| forgotten.contains(key));
+            held.retain(|key, _| forgotten.contains_key(key));
             forgotten
                 .iter()
-                .filter_map(|key| {
+                .filter_map(|(key, entry)| {
                     let (origin, checks) = held.entry(*key).or_insert((None, 0));
                     *checks += 1;
-                    (*checks > FORGOTTEN_HELD_FOR).then_some((*key, *origin))
+                    let origin = origin.unwrap_or(Origin::new(entry.server, 0));
+                    (*checks > FORGOTTEN_HELD_FOR).then_some((*key, origin))
                 })
                 .collect()
         };
@@ -333,9 +335,7 @@ impl ServerTable {
         let mut freed = 0;
         for (key, origin) in due {
             if connected.contains(&key) {
-                if let Some(origin) = origin {
-                    self.restore(key, origin);
-                }
+                self.restore(key, origin);
                 continue;
             }
             if self.table().remove(&key).is_ok() {
