@@ -188,12 +188,7 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
     );
     // Written within a second; read as the reader of any dnstap log would.
     let text = wait_for("the dnstap log", Duration::from_secs(5), || {
-        let output = std::process::Command::new("dnstap-ldns")
-            .args(["-y", "-r"])
-            .arg(&log)
-            .output()
-            .expect("dnstap-ldns (cargo xtask setup --tests installs it)");
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let text = dnstap_text(&log);
         text.contains("logged-tcp.example.test").then_some(text)
     });
     for name in ["logged-docker.example.test", "logged-unit.example.test"] {
@@ -266,12 +261,7 @@ fn a_dnstap_file_whose_filesystem_filled_up_goes_on_in_a_new_one_once_there_is_r
     let text = wait_for("a new dnstap log", Duration::from_secs(20), || {
         let name = "after-room.example.test";
         assert_answered(dig(topology.workload("dig", &[]), name, &["+short"]), name);
-        let output = Command::new("dnstap-ldns")
-            .args(["-y", "-r"])
-            .arg(&log)
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let text = dnstap_text(&log);
         text.contains(name).then_some(text)
     });
     assert!(text.contains("type: CLIENT_RESPONSE"), "{text}");
@@ -290,6 +280,17 @@ impl Drop for Unmounted {
 struct RemovedOnDrop(PathBuf);
 
 /// A directory of the test's own for dnstap logs, and the path of the log in it.
+/// A dnstap log file read as any reader would (`dnstap-ldns -y`, which `cargo xtask test`
+/// installs): its messages as YAML.
+fn dnstap_text(file: &std::path::Path) -> String {
+    let output = std::process::Command::new("dnstap-ldns")
+        .args(["-y", "-r"])
+        .arg(file)
+        .output()
+        .expect("dnstap-ldns (cargo xtask test installs it)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn dnstap_directory(tag: &str) -> (RemovedOnDrop, PathBuf) {
     let dir = RemovedOnDrop(
         PathBuf::from("/run/dns-proxy-tests").join(format!("{tag}-{}", tests::unique_tag())),
@@ -444,14 +445,6 @@ fn sighup_starts_the_dnstap_file_anew_for_log_rotation() {
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     let mut agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
-    let read = |file: &std::path::Path| {
-        let output = std::process::Command::new("dnstap-ldns")
-            .args(["-y", "-r"])
-            .arg(file)
-            .output()
-            .expect("dnstap-ldns");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
     let ask = |name: &str| {
         let command = topology.workload("dig", &[]);
         assert_answered(dig(command, name, &["+short"]), name);
@@ -460,7 +453,11 @@ fn sighup_starts_the_dnstap_file_anew_for_log_rotation() {
     wait_for(
         "the first lookup in the log",
         Duration::from_secs(5),
-        || read(&log).contains("before.example.test").then_some(()),
+        || {
+            dnstap_text(&log)
+                .contains("before.example.test")
+                .then_some(())
+        },
     );
     let rotated = log.with_extension("dnstap.1");
     std::fs::rename(&log, &rotated).expect("move the log away");
@@ -471,9 +468,13 @@ fn sighup_starts_the_dnstap_file_anew_for_log_rotation() {
     wait_for(
         "the second lookup in the new log",
         Duration::from_secs(5),
-        || read(&log).contains("after.example.test").then_some(()),
+        || {
+            dnstap_text(&log)
+                .contains("after.example.test")
+                .then_some(())
+        },
     );
-    let old = read(&rotated);
+    let old = dnstap_text(&rotated);
     assert!(old.contains("before.example.test"), "{old}");
     assert!(!old.contains("after.example.test"), "{old}");
     assert!(agent.process().is_running(), "{}", agent.log());

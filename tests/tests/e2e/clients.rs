@@ -446,6 +446,7 @@ fn setsockopt_calls_in_the_cgroup_are_made_as_asked() {
 fn a_setsockopt_program_of_a_cgroup_below_keeps_the_last_word() {
     let topology = Topology::new();
     let _agent = Agent::start(&topology, &[]);
+    // Removed with the topology's cgroup tree, which detaches the program.
     let below = topology.cgroup.path.join("policy");
     std::fs::create_dir(&below).expect("make the cgroup below");
     let output = tests::must(std::process::Command::new("python3").args([
@@ -453,7 +454,6 @@ fn a_setsockopt_program_of_a_cgroup_below_keeps_the_last_word() {
         SOCKOPT_POLICY,
         below.to_str().expect("a UTF-8 path"),
     ]));
-    let _ = std::fs::remove_dir(&below);
     let line = String::from_utf8_lossy(&output.stdout);
     let values: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(values.len(), 2, "{line}");
