@@ -58,6 +58,25 @@ pub fn server_at(family: u16, index: u32) -> Option<Endpoint> {
     origin.map(|origin| origin.server)
 }
 
+/// Whether index `index` of `family`'s block names the server `addr`:`port_be` (of that
+/// family), whichever cgroup asked it. Compared in place, field by field: no copy of the
+/// origin and no `memcmp` call, for the `connect6` path's stack.
+pub fn encodes(family: u16, index: u32, addr: &[u32; 4], port_be: u16) -> bool {
+    // SAFETY: as for `origin_at`; the element is only read, in place.
+    match unsafe { SERVERS.get(server_key(family, index)) } {
+        Some(origin) => {
+            let server = &origin.server;
+            server.family == family
+                && server.port == port_be
+                && server.addr[0] == addr[0]
+                && server.addr[1] == addr[1]
+                && server.addr[2] == addr[2]
+                && server.addr[3] == addr[3]
+        }
+        None => false,
+    }
+}
+
 /// A cheap, well-mixed hash of an origin, to pick its first slot in the table.
 fn hash(origin: &Origin) -> u32 {
     let mut h: u32 = 0x9e37_79b9;

@@ -59,8 +59,8 @@ use crate::{
     egress::guard_egress,
     interface::note_unicast_if,
     sock::{
-        release_sock, sock4_connect, sock4_guard_bind, sock4_xlate_fwd, sock4_xlate_rev,
-        sock6_guard_bind, sock6_xlate_fwd, sock6_xlate_rev,
+        release_sock, sock4_connect, sock4_guard_bind, sock4_sendmsg, sock4_xlate_rev,
+        sock6_guard_bind, sock6_sendmsg, sock6_xlate_fwd, sock6_xlate_rev,
     },
     steer::steer_to_proxy,
 };
@@ -167,7 +167,7 @@ pub fn dns_proxy_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_proxy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock4_xlate_fwd(&ctx, Hook::Sendmsg)
+    sock4_sendmsg(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -187,7 +187,7 @@ pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_proxy_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock6_xlate_fwd(&ctx, Hook::Sendmsg)
+    sock6_sendmsg(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]

@@ -20,7 +20,7 @@ use dns_proxy_common::{
 use crate::{
     ALLOW, CONNECTED, Hook, REFUSE, SOURCE4,
     block::{
-        addresses_proxy4, block4_address, block6_address, index_for, index_in_block4,
+        addresses_proxy4, block4_address, block6_address, encodes, index_for, index_in_block4,
         index_in_block6, origin_at, server_at,
     },
     config,
@@ -71,6 +71,33 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
         Some(&source) if source != 0 => ctx_bind_source4(ctx, source),
         _ => {}
     }
+}
+
+/// sendmsg4: [`sock4_xlate_fwd`], but a `sendto` that names the server of the block address
+/// its socket is connected to goes to that address ([`sends_to_its_peers_server4`]), once the
+/// guard has seen the source it asks for.
+pub fn sock4_sendmsg(ctx: &SockAddrContext) -> i32 {
+    if sends_to_its_peers_server4(ctx) {
+        return if impersonates_proxy4(ctx, Hook::Sendmsg) {
+            REFUSE
+        } else {
+            ALLOW
+        };
+    }
+    sock4_xlate_fwd(ctx, Hook::Sendmsg)
+}
+
+/// sendmsg6: the same for IPv6 sockets ([`sends_to_its_peers_server6`]). Apart from
+/// [`sock6_xlate_fwd`], which `connect6` shares: that path's stack is at its limit.
+pub fn sock6_sendmsg(ctx: &SockAddrContext) -> i32 {
+    if sends_to_its_peers_server6(ctx) {
+        return if impersonates_proxy6(ctx, Hook::Sendmsg) {
+            REFUSE
+        } else {
+            ALLOW
+        };
+    }
+    sock6_xlate_fwd(ctx, Hook::Sendmsg)
 }
 
 /// connect4 / sendmsg4: a socket that would send as the proxy is refused; a DNS socket is sent
@@ -171,6 +198,82 @@ fn sends_to_its_peer6(ctx: &SockAddrContext, hook: Hook) -> bool {
     }
     let (peer, peer_port) = ctx_peer6(ctx);
     peer_port != 0 && peer_port == ctx_user_port(ctx) && peer == ctx_user_ip6(ctx)
+}
+
+/// Whether a `sendmsg4` names the server of the block address its socket is connected to (a
+/// `sendto` of the server's own address, on a socket `connect` sent to the block); if so, the
+/// send goes to that peer, as the socket's `send` would. Redirected anew it would take the
+/// index of the sending process's cgroup, which is not the connecting one's once the socket
+/// was passed on or its process moved, and the connected socket would refuse the answer,
+/// which comes from that other index's address. Not inlined: its frame would add to the
+/// redirect's.
+#[inline(never)]
+fn sends_to_its_peers_server4(ctx: &SockAddrContext) -> bool {
+    let (peer, peer_port) = ctx_peer4(ctx);
+    let config = config();
+    if config.capacity4 == 0 || peer_port != config.port4 {
+        return false;
+    }
+    let server = [ctx_user_ip4(ctx), 0, 0, 0];
+    let index = index_in_block4(&config, peer);
+    if !is_peers_server(ctx, &config, AF_INET, index, &server, ctx_user_port(ctx)) {
+        return false;
+    }
+    ctx_set_user_ip4(ctx, peer);
+    ctx_set_user_port(ctx, peer_port);
+    true
+}
+
+/// The same for a `sendmsg6`: a dual-stack socket connected to a v4-mapped block address that
+/// names its IPv4 server v4-mapped, or an IPv6 socket connected to the IPv6 block that names
+/// its IPv6 server. Not inlined: its frame would add to the redirect's.
+#[inline(never)]
+fn sends_to_its_peers_server6(ctx: &SockAddrContext) -> bool {
+    let (peer, peer_port) = ctx_peer6(ctx);
+    let config = &config();
+    if peer_port == 0 {
+        return false;
+    }
+    let addr = ctx_user_ip6(ctx);
+    let prefix = v4_mapped_prefix();
+    let (family, index, server) = if addr[..3] == prefix {
+        if peer[..3] != prefix || config.capacity4 == 0 || peer_port != config.port4 {
+            return false;
+        }
+        (
+            AF_INET,
+            index_in_block4(config, peer[3]),
+            [addr[3], 0, 0, 0],
+        )
+    } else {
+        if peer[..3] == prefix || config.capacity6 == 0 || peer_port != config.port6 {
+            return false;
+        }
+        (AF_INET6, index_in_block6(config, peer), addr)
+    };
+    if !is_peers_server(ctx, config, family, index, &server, ctx_user_port(ctx)) {
+        return false;
+    }
+    ctx_set_user_ip6(ctx, peer);
+    ctx_set_user_port(ctx, peer_port);
+    true
+}
+
+/// Whether block address `index` of `family` (a socket's peer) encodes the server
+/// `addr`:`port_be`, for a socket whose block addresses are decoded.
+#[inline(always)]
+fn is_peers_server(
+    ctx: &SockAddrContext,
+    config: &RedirectConfig,
+    family: u16,
+    index: Option<u32>,
+    addr: &[u32; 4],
+    port_be: u16,
+) -> bool {
+    match index {
+        Some(index) => decodes_here(ctx, config) && encodes(family, index, addr, port_be),
+        None => false,
+    }
 }
 
 /// What the forward translation makes of an IPv4 destination.

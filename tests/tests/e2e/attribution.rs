@@ -10,13 +10,6 @@ use super::*;
 const CONTAINER: &str = "4f3c2b1a00112233445566778899aabbccddeeff00112233445566778899aabb";
 const POD: &str = "0b5d7d3e-7c9a-4f3e-9d8b-2a1c4e5f6a7b";
 
-/// A cgroup below the test cgroup, made with its parents.
-fn child_cgroup(topology: &Topology, relative: &str) -> PathBuf {
-    let path = topology.cgroup.path.join(relative);
-    std::fs::create_dir_all(&path).unwrap_or_else(|err| panic!("mkdir {relative}: {err}"));
-    path
-}
-
 /// The agent's debug lines for `name`, once there are `count`.
 fn lines_for(agent: &Agent, name: &str, count: usize) -> Vec<String> {
     wait_for(

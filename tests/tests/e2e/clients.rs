@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use tests::{
     ANSWER_IP6, BIG_NAME, SERVER_IP6, UNBOUND_IP, UNBOUND_ZONE, UnboundServer, dig_at, go_resolver,
-    musl_getaddrinfo,
+    in_cgroup_and_netns, musl_getaddrinfo,
 };
 
 use super::*;
@@ -358,6 +358,81 @@ fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
     assert!(answers.iter().any(|a| line.ends_with(a.as_str())), "{line}");
     forwarded(agent, name);
 }
+
+/// A connected UDP socket whose process moves to another cgroup (as one passed on to another
+/// workload's process would be used) may still name its server with `sendto`: the send goes
+/// where its `connect` sent it, as its `send` does. Redirected anew, it took the other cgroup's
+/// index, whose answers the connected socket refused (an adversary's case: every such `sendto`
+/// timed out). IPv4, IPv6, and a dual-stack socket asking an IPv4 server.
+#[test]
+fn a_connected_socket_that_moves_to_another_cgroup_may_still_name_its_server() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let Harness {
+        agent, topology, ..
+    } = &start();
+    let connects = child_cgroup(topology, "connects");
+    let moved_to = child_cgroup(topology, "moved-to").join("cgroup.procs");
+    for server in [
+        SERVER_IP.to_string(),
+        SERVER_IP6.to_string(),
+        format!("::ffff:{SERVER_IP}"),
+    ] {
+        let mut mover = in_cgroup_and_netns(
+            &connects,
+            &topology.client,
+            "python3",
+            &["-c", CONNECTED_MOVER, &server],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the client");
+        let mut said = BufReader::new(mover.stdout.take().expect("its stdout"));
+        let mut hear = || {
+            let mut line = String::new();
+            said.read_line(&mut line).expect("a line from the client");
+            line.trim().to_owned()
+        };
+        let mut heard = vec![hear()];
+        // Moved by the test: `ip netns exec` leaves the client no view of the cgroup tree.
+        std::fs::write(&moved_to, hear()).expect("move the client");
+        let mut tell = mover.stdin.take().expect("its stdin");
+        writeln!(tell, "moved").expect("tell the client");
+        heard.extend([hear(), hear()]);
+        assert!(mover.wait().expect("the client's end").success());
+        let expected: Vec<String> = ["send", "moved send", "moved sendto"]
+            .iter()
+            .map(|how| format!("{how}: {ANSWER_IP} from {server}"))
+            .collect();
+        assert_eq!(heard, expected, "{server}");
+    }
+    assert!(agent.query_lines("moved.example.test").len() >= 9);
+}
+
+/// [`a_connected_socket_that_moves_to_another_cgroup_may_still_name_its_server`]'s client:
+/// connects a UDP socket to `argv[1]`:53 and asks with `send`; prints its pid and waits to be
+/// moved to another cgroup; asks with `send` and then with `sendto` naming the server. Prints
+/// each answer's A record and source, or the error.
+const CONNECTED_MOVER: &str = r#"
+import os, socket, struct, sys
+server = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+s.settimeout(3)
+query = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\5moved\7example\4test\0\0\1\0\1"
+def ask(how, send):
+    try:
+        send()
+        answer, source = s.recvfrom(512)
+        print(f"{how}: {socket.inet_ntoa(answer[-4:])} from {source[0]}", flush=True)
+    except OSError as err:
+        print(f"{how}: {err}", flush=True)
+ask("send", lambda: s.send(query))
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+ask("moved send", lambda: s.send(query))
+ask("moved sendto", lambda: s.sendto(query, (server, 53)))
+"#;
 
 /// A socket bound to a device (dnsmasq's `server=IP@eth0`), or sending through one
 /// (`IP_UNICAST_IF`, as systemd-resolved does for a link's own servers), cannot reach the

@@ -56,6 +56,13 @@ fn assert_answered(result: Result<String, String>, what: &str) {
 }
 
 /// Runs the probe as a workload against SERVER_IP:53; returns its `source=... answer=...` line.
+/// A cgroup below the test cgroup, made with its parents (removed with it).
+fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
+    let path = topology.cgroup.path.join(relative);
+    std::fs::create_dir_all(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+    path
+}
+
 fn probe(topology: &Topology, mode: &str, name: &str) -> String {
     probe_at(topology, mode, &format!("{SERVER_IP}:53"), name, &[])
 }

@@ -11,13 +11,6 @@ const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 const SLOW_SERVER_IP: &str = "192.0.2.5";
 /// How long the slow upstream takes to answer.
 const SLOW_DELAY_MS: &str = "50";
-/// A cgroup below the test cgroup (removed with it).
-fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
-    let path = topology.cgroup.path.join(relative);
-    fs::create_dir_all(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
-    path
-}
-
 /// The probe, as a process of `cgroup` in the client namespace; its output line.
 fn probe_in(cgroup: &Path, topology: &Topology, name: &str) -> String {
     let server = format!("{SERVER_IP}:53");
