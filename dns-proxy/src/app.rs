@@ -262,13 +262,13 @@ async fn drop_privileges(udp_threads: &UdpThreads) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The blocks served that have a route of their own to this host (made at start, by this
-/// agent or one before it): the IPv4 block unless it is in 127/8, and the IPv6 block if IPv6
-/// is served.
+/// The blocks served, whose routes to this host the redirect needs: the IPv4 block (routed
+/// by a route of its own, made at start by this agent or one before it, or, in 127/8, by
+/// loopback's own route, which goes with `lo`'s address or with `lo` down), and the IPv6 block
+/// if IPv6 is served.
 fn routed_blocks(config: &RunConfig, serves_ipv6: bool) -> Vec<dns_proxy_common::AddressBlock> {
-    let ipv4 = Some(config.block4).filter(|block| !block.first().is_loopback());
     let ipv6 = Some(config.block6).filter(|_| serves_ipv6);
-    ipv4.into_iter().chain(ipv6).collect()
+    std::iter::once(config.block4).chain(ipv6).collect()
 }
 
 /// Serves until the stop request (or, for `exec`, the command's end), then shuts down in

@@ -115,7 +115,7 @@ async fn watch_cgroups(
 pub(super) struct Routing {
     pub sources: DirectSources,
     pub switch: RedirectSwitch,
-    /// The blocks the agent serves that are routed here by a route of their own (not 127/8).
+    /// The blocks the agent serves, which must stay routed here.
     pub blocks: Vec<AddressBlock>,
     pub changes: RouteChanges,
 }
@@ -124,7 +124,8 @@ pub(super) struct Routing {
 /// agent's first look and the start of the watch), until `stop`: writes the source of
 /// redirected sockets anew ([`DirectSources::refresh`]: a UDP `connect`, no packet), and
 /// checks that every block is still routed here. One that is not (a program removed its
-/// route, or IPv6 was switched off and on, which flushes it) would send what the programs
+/// route, IPv6 was switched off and on, which flushes it, or, for a block in 127/8, `lo` went
+/// down or lost its address) would send what the programs
 /// redirect there to the default route, where no answer comes: the redirect to it is
 /// switched off (that family's lookups go direct, fail-open) and the agent is not ready,
 /// until the route is back. The agent cannot route it again itself: it dropped the
@@ -175,8 +176,9 @@ fn switch_redirect(
         log::error!(
             target: LOG,
             "{} no longer routed to this host (its local route is gone): redirecting nothing \
-             there, so new lookups of that family go direct, until it is back; restart the \
-             agent to route it again",
+             there, so new lookups of that family go direct, until it is back (loopback's \
+             with `lo` and its address; a block's own route: restart the agent to route it \
+             again)",
             blocks.join(" and ")
         );
     }

@@ -1139,6 +1139,65 @@ fn on_a_node_sockets_show_their_own_namespaces_source() {
     });
 }
 
+/// Host mode: the IPv4 block in 127/8 loses its route while the agent runs (another program
+/// deletes loopback's `local 127.0.0.0/8`, leaving 127.0.0.1's own; `lo` down or its address
+/// gone take it too). IPv4 lookups then go direct and are answered, and `/readyz` says why,
+/// instead of every redirected one being lost while the agent said it was ready (an
+/// adversary's case: 20 of 20); once the route is back they are redirected again.
+#[test]
+fn a_loopback_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[&format!("--metrics={METRICS}")]);
+    let route = |verb: &str| {
+        must(Command::new("ip").args([
+            "-n",
+            &topology.client.name,
+            "route",
+            verb,
+            "local",
+            "127.0.0.0/8",
+            "dev",
+            "lo",
+            "table",
+            "local",
+            "src",
+            "127.0.0.1",
+        ]));
+    };
+    let readyz = || tests::http_get(&topology.client, metrics_addr(), "/readyz");
+    let dig = |name: &str| {
+        assert_answered(
+            dig_at(
+                topology.workload("dig", &[]),
+                &SERVER_IP.to_string(),
+                name,
+                &[],
+            ),
+            name,
+        );
+    };
+    dig("before.example.test");
+    forwarded(agent, "before.example.test");
+    route("del");
+    wait_for_log(agent, "no longer routed to this host");
+    for i in 0..5 {
+        dig(&format!("unrouted{i}.example.test"));
+    }
+    assert!(
+        agent.query_lines("unrouted4.example.test").is_empty(),
+        "went direct, not to the agent"
+    );
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no longer routed to this host"), "{body}");
+    route("add");
+    wait_for_log(agent, "routed to this host again");
+    dig("after.example.test");
+    forwarded(agent, "after.example.test");
+    assert_eq!(readyz().0, 200);
+}
+
 /// Host mode: the IPv6 block loses its route while the agent runs (IPv6 switched off and on
 /// on `lo` flushes it). IPv6 lookups then go direct and are answered, instead of following
 /// the default route to nowhere; IPv4 ones are still redirected.
