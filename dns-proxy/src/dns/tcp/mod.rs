@@ -51,6 +51,10 @@ pub use framing::{read_message, write_message};
 /// that client until answers come back (backpressure, and a bound on what it keeps).
 const MAX_PIPELINED: usize = 64;
 
+/// The send buffer of a relayed client connection, which the kernel doubles: about the
+/// largest DNS message twice over (see where it is set).
+const CLIENT_SEND_BUFFER: usize = 64 * 1024;
+
 /// The longest a server's edns-tcp-keepalive keeps a connection idle here: a workload picks
 /// its server, and with it how long its idle connections would hold the agent's.
 const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
@@ -218,6 +222,12 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         // Each message goes out in one write; don't let Nagle hold it back.
         let _ = client_stream.set_nodelay(true);
         let _ = upstream_stream.set_nodelay(true);
+        // Answers a client has not read wait in this buffer, which the kernel would grow to
+        // `tcp_wmem`'s maximum (4 MiB) for each of up to `--max-tcp-connections`: a client
+        // that pipelines queries and never reads held that much of the host's TCP memory. A
+        // fixed one holds the largest message about twice over; past it the relay waits, and
+        // a client that reads nothing is closed as stalled.
+        let _ = socket2::SockRef::from(&client_stream).set_send_buffer_size(CLIENT_SEND_BUFFER);
         let (mut client_read, mut client_write) = client_stream.into_split();
         let (upstream_read, upstream_write) = upstream_stream.into_split();
         let closed = self

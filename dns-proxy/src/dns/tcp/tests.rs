@@ -650,3 +650,43 @@ async fn a_client_reusing_an_id_gets_its_slots_back() {
     assert_eq!(connection.slots.available_permits(), MAX_PIPELINED);
     assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
 }
+
+/// A client that pipelines queries and reads none of their answers holds a bounded part of
+/// the host's TCP memory: the relay's send buffer to it is fixed, so once it and the client's
+/// receive buffer are full the relay stops reading answers, and then queries (an
+/// adversary's connections, before, each made the kernel grow that buffer to 4 MiB of
+/// answers).
+#[tokio::test]
+async fn a_client_that_reads_no_answers_holds_a_bounded_buffer() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let counted = Arc::clone(&asked);
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        while let Ok(Some(query)) = read_message(&mut stream).await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let mut answer = answer_to(&query);
+            answer.resize(16 * 1024, 0);
+            if write_message(&mut stream, &answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    let proxy = proxy(Some(upstream), Duration::from_secs(10)).await;
+    let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+    let mut pipelined = Vec::new();
+    for id in 0..2000 {
+        write_message(&mut pipelined, &query(id)).await.unwrap();
+    }
+    client.write_all(&pipelined).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The queries in flight (64), and 16 KiB answers in the relay's 128 KiB and the client's
+    // receive buffer; the kernel's own would have taken a few hundred more.
+    let asked = asked.load(Ordering::Relaxed);
+    assert!(
+        (MAX_PIPELINED..200).contains(&asked),
+        "{asked} queries asked"
+    );
+    drop(client);
+}
