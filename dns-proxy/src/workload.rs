@@ -297,6 +297,10 @@ pub struct CgroupPathsLimits {
     /// The least time between two walks of the tree: ids that miss in between are unknown
     /// until the next walk, so a storm of unknown ids costs one walk per interval.
     pub min_walk_interval: Duration,
+    /// The time between two walks is also at least this many times the last walk's own, so
+    /// that a tree slow to walk (deep paths of long names, which a workload that may make
+    /// cgroups can make) takes at most about `1 / (1 + this)` of a CPU.
+    pub walk_time_factor: u32,
     /// How deep a walk goes below the mount (kind in Docker nests about ten deep).
     pub max_depth: usize,
     /// How many directories one walk visits at most, so a workload that makes a flood of
@@ -309,6 +313,7 @@ impl Default for CgroupPathsLimits {
         Self {
             capacity: 65_536,
             min_walk_interval: Duration::from_millis(250),
+            walk_time_factor: 10,
             max_depth: 32,
             max_walk_entries: 262_144,
         }
@@ -329,9 +334,16 @@ pub struct CgroupPaths {
 
 struct State {
     paths: LruCache<u64, PathBuf>,
-    last_walk: Option<Instant>,
+    /// When the next walk may start.
+    next_walk: Option<Instant>,
     walks: u64,
 }
+
+/// The longest path kept for a cgroup, in bytes, cut at a `/`: a cgroup's path is its
+/// creator's to choose, up to the kernel's 4 KiB, and up to 65,536 are kept. The shapes
+/// that name a workload (a pod, a container, a unit) come in its first few hundred bytes; one
+/// only below the cut is named by its path's start.
+const PATH_BYTES_KEPT: usize = 512;
 
 impl CgroupPaths {
     /// A resolver for the cgroup2 hierarchy mounted at `root` (e.g.
@@ -346,7 +358,7 @@ impl CgroupPaths {
             limits,
             state: Mutex::new(State {
                 paths: LruCache::new(limits.capacity.max(1)),
-                last_walk: None,
+                next_walk: None,
                 walks: 0,
             }),
         }
@@ -367,22 +379,23 @@ impl CgroupPaths {
             return Ok(Some(path.clone()));
         }
         let now = Instant::now();
-        if state
-            .last_walk
-            .is_some_and(|last| now.duration_since(last) < self.limits.min_walk_interval)
-        {
+        if state.next_walk.is_some_and(|next| now < next) {
             return Ok(None);
         }
-        state.last_walk = Some(now);
         state.walks += 1;
-        let mut found = self.walk()?;
+        let found = self.walk();
+        let took = now.elapsed();
+        let pause = took * self.limits.walk_time_factor;
+        state.next_walk = Some(now + self.limits.min_walk_interval.max(pause));
+        let mut found = found?;
         let wanted = found.remove(&id);
         // A fresh walk replaces the cache, which drops the cgroups that vanished.
         state.paths.clear();
         for (other, path) in found {
-            state.paths.insert(other, path);
+            state.paths.insert(other, cut_path(path));
         }
         // Last, so a tree larger than the cache still keeps the one asked for.
+        let wanted = wanted.map(cut_path);
         if let Some(path) = &wanted {
             state.paths.insert(id, path.clone());
         }
@@ -451,6 +464,22 @@ impl CgroupPaths {
     }
 }
 
+/// `path`, or its first components within [`PATH_BYTES_KEPT`] bytes (at least the first).
+fn cut_path(path: PathBuf) -> PathBuf {
+    if path.as_os_str().len() <= PATH_BYTES_KEPT {
+        return path;
+    }
+    let mut cut = PathBuf::new();
+    for part in path.components() {
+        let len = cut.as_os_str().len() + 1 + part.as_os_str().len();
+        if len > PATH_BYTES_KEPT && cut.components().count() > 1 {
+            break;
+        }
+        cut.push(part);
+    }
+    cut
+}
+
 /// Workload names for the query path, which must not block: a lookup answers from a cache at
 /// once, and an id it does not know yet is handed to a thread of its own that walks the
 /// cgroup tree ([`CgroupPaths`]); the name is there for the id's next query. The thread starts
@@ -475,6 +504,22 @@ type Names = (Arc<str>, Arc<str>);
 const PENDING_RESOLUTIONS: usize = 1024;
 /// Names kept at most.
 const NAMES_KEPT: usize = 65_536;
+/// The longest name kept, in bytes: a path's form escapes a byte as up to six, and each name
+/// is kept, logged and written to dnstap with every query of its workload.
+const NAME_BYTES: usize = 256;
+
+/// `name`, or, if it is longer than [`NAME_BYTES`], its start, `...` and the cgroup's id, so
+/// that two cut names stay apart.
+fn bounded_name(name: String, id: u64) -> Arc<str> {
+    if name.len() <= NAME_BYTES {
+        return name.into();
+    }
+    let mut end = NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... cgroup-id={id}", &name[..end]).into()
+}
 
 impl WorkloadNames {
     /// Names for the cgroups of the cgroup2 hierarchy mounted at `root`.
@@ -552,7 +597,10 @@ impl WorkloadNames {
                     }
                     match paths.workload(id) {
                         Ok(Some(workload)) => {
-                            let forms = (workload.to_string().into(), workload.key().into());
+                            let forms = (
+                                bounded_name(workload.to_string(), id),
+                                bounded_name(workload.key(), id),
+                            );
                             lock(&names).insert(id, forms);
                         }
                         // Not in the tree at the last walk: asked again on a later query.

@@ -361,6 +361,7 @@ fn keeps_the_asked_id_when_the_tree_is_larger_than_the_cache() {
         CgroupPathsLimits {
             capacity: 4,
             min_walk_interval: Duration::ZERO,
+            walk_time_factor: 0,
             ..Default::default()
         },
     );
@@ -462,4 +463,44 @@ fn resolves_real_cgroups_and_drops_the_ones_removed() {
         Some(PathBuf::from(format!("/{name}")))
     );
     assert_eq!(paths.walks(), 3);
+}
+
+#[test]
+fn the_time_between_walks_grows_with_the_time_a_walk_takes() {
+    let tree = temp_tree();
+    for n in 0..200 {
+        tree.mkdir(&format!("d{n}"));
+    }
+    let paths = CgroupPaths::with_limits(
+        &tree.0,
+        CgroupPathsLimits {
+            min_walk_interval: Duration::ZERO,
+            walk_time_factor: 1_000_000,
+            ..Default::default()
+        },
+    );
+    // Unknown ids: the first walks, the rest wait a million walks' time.
+    for id in 0..100 {
+        assert_eq!(paths.resolve(u64::MAX - id).unwrap(), None);
+    }
+    assert_eq!(paths.walks(), 1);
+}
+
+#[test]
+fn a_long_path_is_kept_cut_at_a_component_and_a_long_name_with_its_cgroup_id() {
+    let (long_a, long_b) = ("a".repeat(300), "b".repeat(300));
+    let path = PathBuf::from(format!("/top/{long_a}/{long_b}"));
+    assert_eq!(cut_path(path), PathBuf::from(format!("/top/{long_a}")));
+    let lone = PathBuf::from(format!("/{}", "c".repeat(600)));
+    assert_eq!(cut_path(lone.clone()), lone, "at least the first component");
+    let short = PathBuf::from("/kubepods.slice/x.scope");
+    assert_eq!(cut_path(short.clone()), short);
+
+    let name = parse(&format!("/{}", "=".repeat(200))).key();
+    assert!(name.len() > NAME_BYTES);
+    let bounded = bounded_name(name.clone(), 42);
+    assert!(bounded.len() <= NAME_BYTES + 32, "{bounded}");
+    assert!(bounded.starts_with(&name[..NAME_BYTES]), "{bounded}");
+    assert!(bounded.ends_with("... cgroup-id=42"), "{bounded}");
+    assert_eq!(&*bounded_name("pod=x".to_owned(), 42), "pod=x");
 }
