@@ -151,7 +151,9 @@ impl Cgroup {
             return Err(bad(format!("not a cgroup v2 directory ({hint})")));
         }
         Ok(Self {
-            path: path.to_owned(),
+            // Resolved once: the cgroup is the directory named now, which a symlink re-pointed
+            // later, or a relative path read from another directory, would no longer name.
+            path: fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
             id: metadata.ino(),
         })
     }
@@ -448,6 +450,22 @@ mod tests {
             Some(PathBuf::from("system.slice/dns-proxy.service"))
         );
         assert_eq!(parse_own_cgroup("4:memory:/x\n"), None);
+    }
+
+    /// A `--cgroup` given through a symlink is the directory it names at start: re-pointed
+    /// later, the link no longer names the cgroup the programs are on (an adversary's case:
+    /// the agent said its cgroup was gone while it still served it).
+    #[test]
+    fn open_keeps_the_directory_a_symlink_names_now() {
+        let root = cgroup2_root().expect("a cgroup2 mount");
+        let link = std::env::temp_dir().join(format!("dns-proxy-cgroup-{}", std::process::id()));
+        std::os::unix::fs::symlink(&root, &link).expect("a symlink");
+        let opened = Cgroup::open("--cgroup", &link);
+        let _ = fs::remove_file(&link);
+        assert_eq!(
+            opened.expect("opened").path,
+            fs::canonicalize(&root).unwrap()
+        );
     }
 
     #[test]

@@ -436,6 +436,7 @@ fn resolves_real_cgroups_and_drops_the_ones_removed() {
         &mount,
         CgroupPathsLimits {
             min_walk_interval: Duration::from_millis(50),
+            walk_time_factor: 0,
             ..Default::default()
         },
     );
