@@ -332,7 +332,11 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
-    let watched = (scope.target.clone(), redirector.take_exclusions());
+    let watched = background::Watched {
+        target: scope.target.clone(),
+        exclusions: redirector.take_exclusions(),
+        agent: scope.agent.clone(),
+    };
     background::start(
         &agents,
         &redirect_lock,

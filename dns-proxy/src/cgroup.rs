@@ -340,6 +340,28 @@ impl Drop for AgentCgroup {
     }
 }
 
+/// Moves this process back into `agent`, its own cgroup, if something moved it out (a
+/// service manager, or `echo PID > cgroup.procs` into the redirected cgroup): a socket it
+/// made elsewhere would carry that cgroup's id and could be redirected to the agent itself.
+/// Returns where it was found, if it had to move.
+pub fn return_to(agent: &Cgroup) -> Result<Option<PathBuf>, CgroupError> {
+    let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
+        .ok_or(CgroupError::NotInCgroup2)?;
+    let now = cgroup2_root()?.join(own);
+    if fs::metadata(&now).is_ok_and(|meta| meta.ino() == agent.id) {
+        return Ok(None);
+    }
+    fs::write(
+        agent.path.join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .map_err(|source| CgroupError::EnterAgentCgroup {
+        path: agent.path.clone(),
+        source,
+    })?;
+    Ok(Some(now))
+}
+
 /// The fresh cgroup `dns-proxy exec` runs its command in, beside the agent's own. Dropping it
 /// removes it, unless the command left processes behind there.
 #[derive(Debug)]

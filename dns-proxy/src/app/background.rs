@@ -3,7 +3,14 @@
 //! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
 //! that is gone), and, as routes change, the source of redirected sockets and the blocks'
 //! routes (the redirect is switched off while a block is not routed here).
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use dns_proxy_common::AddressBlock;
 
@@ -11,6 +18,7 @@ use super::LOG;
 use crate::{
     agents,
     agents::HEARTBEAT_INTERVAL,
+    cgroup,
     cgroup::Cgroup,
     dns::workload_stats::WorkloadStats,
     drain,
@@ -26,9 +34,19 @@ use crate::{
 /// cgroup made anew at an excluded path is redirected for at most this long.
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
+/// The cgroups the agent keeps an eye on.
+pub(super) struct Watched {
+    /// The redirected cgroup (`--cgroup`).
+    pub target: Cgroup,
+    /// The excluded trees (`--exclude-cgroup`).
+    pub exclusions: Option<Exclusions>,
+    /// The agent's own cgroup, which it must not leave.
+    pub agent: Cgroup,
+}
+
 /// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
-/// `root`), the watch on the redirected cgroup `target` and the `exclusions`, and the watch
-/// on `routing` as routes change, until `stop`.
+/// `root`), the watch on the `watched` cgroups, and the watch on `routing` as routes change,
+/// until `stop`.
 #[expect(
     clippy::too_many_arguments,
     reason = "one of each thing the tasks watch; a struct would only name them again"
@@ -39,7 +57,7 @@ pub(super) fn start(
     servers: &Arc<ServerTable>,
     workload_stats: Option<Arc<WorkloadStats>>,
     root: PathBuf,
-    watched: (Cgroup, Option<Exclusions>),
+    watched: Watched,
     routing: Option<Routing>,
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
@@ -60,19 +78,20 @@ pub(super) fn start(
         stop.clone(),
     ));
     let readiness = Arc::clone(readiness);
-    tokio::spawn(watch_cgroups(watched.0, watched.1, readiness, stop.clone()));
+    tokio::spawn(watch_cgroups(watched, readiness, stop.clone()));
 }
 
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
-/// made anew ([`Exclusions::refresh`]), and says once, as an error and on `/readyz`, when the
+/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup if something
+/// moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when the
 /// redirected cgroup is gone or made anew: the programs stay on the old one, so nothing in a
 /// new one is redirected until the agent restarts.
-async fn watch_cgroups(
-    target: Cgroup,
-    exclusions: Option<Exclusions>,
-    readiness: Arc<Readiness>,
-    stop: drain::Signal,
-) {
+async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
+    let Watched {
+        target,
+        exclusions,
+        agent,
+    } = watched;
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
     loop {
@@ -80,11 +99,12 @@ async fn watch_cgroups(
             () = stop.stopped() => return,
             () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
         }
-        let target_path = target.path.clone();
+        let (target_path, agent) = (target.path.clone(), agent.clone());
         let looked = tokio::task::spawn_blocking(move || {
             if let Some(exclusions) = exclusions.as_mut() {
                 exclusions.refresh();
             }
+            keep_in_own_cgroup(&agent);
             let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
             (exclusions, now)
         })
@@ -108,6 +128,30 @@ async fn watch_cgroups(
         readiness.set_target_lost(lost);
     }
 }
+
+/// Moves the agent back into its own cgroup `agent` if it was moved out, and says so: in
+/// another (the redirected one, say) the sockets it makes are redirected to itself, and its
+/// lookups loop until they are dropped. Those it made meanwhile stay where they were made,
+/// until it replaces them.
+fn keep_in_own_cgroup(agent: &Cgroup) {
+    match cgroup::return_to(agent) {
+        Ok(None) => {}
+        Ok(Some(found)) => log::error!(
+            target: LOG,
+            "the agent was moved out of its own cgroup {} (to {}): moved back; sockets it \
+             made there may have sent its own lookups back to it",
+            agent.path.display(),
+            found.display()
+        ),
+        // Said once: it would be the same every second.
+        Err(err) if !CANNOT_KEEP_IN_OWN_CGROUP.swap(true, Ordering::Relaxed) => {
+            log::error!(target: LOG, "cannot keep the agent in its own cgroup: {err}");
+        }
+        Err(_) => {}
+    }
+}
+
+static CANNOT_KEEP_IN_OWN_CGROUP: AtomicBool = AtomicBool::new(false);
 
 /// What the agent keeps as routes and addresses change: the source of redirected sockets,
 /// and the blocks it routed here (whose routes the redirect needs), with the switch of the

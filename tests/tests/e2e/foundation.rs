@@ -165,6 +165,38 @@ fn an_agent_inside_the_redirected_cgroup_does_not_redirect_itself() {
     assert_eq!(log.matches("query udp client=").count(), 1, "{log}");
 }
 
+/// Something moves the running agent out of its own cgroup, into the one it redirects (a
+/// service manager, an operator's `echo PID > cgroup.procs`): it moves back within a second
+/// and says so. Before, it stayed: the sockets it made there were redirected to itself, and
+/// a lookup of a server it had no socket for yet looped through it about a thousand times
+/// and was lost (an adversary's case).
+#[test]
+fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
+    let Harness {
+        mut agent,
+        topology,
+        ..
+    } = Harness::start(Placement::InsideRedirectedCgroup, &[]);
+    let _second = DnsServer::start_on(&topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let pid = agent.process().id().to_string();
+    std::fs::write(topology.cgroup.path.join("cgroup.procs"), &pid).expect("move the agent");
+    wait_for_log(&agent, "moved back");
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+    assert!(own.contains("/dns-proxy-agent"), "{own}");
+    let name = "moved.example.test";
+    let answer = tests::dig_at(
+        topology.workload("dig", &[]),
+        &SECOND_SERVER_IP.to_string(),
+        name,
+        &["+short"],
+    );
+    assert_eq!(
+        answer.expect("answered").trim(),
+        SECOND_ANSWER_IP.to_string()
+    );
+    assert_eq!(agent.query_lines(name).len(), 1, "{}", agent.log());
+}
+
 #[test]
 fn processes_outside_the_cgroup_are_not_redirected() {
     let Harness {
