@@ -11,7 +11,6 @@
 //! identity of the cgroup it was put in, only add shapes below it; and any name that does not
 //! validate falls through to the plain path, escaped for logs.
 use std::{
-    collections::HashMap,
     fmt, fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -383,19 +382,26 @@ impl CgroupPaths {
             return Ok(None);
         }
         state.walks += 1;
-        let found = self.walk();
+        // The cache's worth of paths, and the one asked for: held as the walk goes, so that a
+        // tree of many long paths costs no more than the cache.
+        let (capacity, mut found, mut wanted) = (self.limits.capacity, Vec::new(), None);
+        let walked = self.walk(|other, path| {
+            if other == id {
+                wanted = Some(cut_path(path));
+            } else if found.len() < capacity {
+                found.push((other, cut_path(path)));
+            }
+        });
         let took = now.elapsed();
         let pause = took * self.limits.walk_time_factor;
         state.next_walk = Some(now + self.limits.min_walk_interval.max(pause));
-        let mut found = found?;
-        let wanted = found.remove(&id);
+        walked?;
         // A fresh walk replaces the cache, which drops the cgroups that vanished.
         state.paths.clear();
         for (other, path) in found {
-            state.paths.insert(other, cut_path(path));
+            state.paths.insert(other, path);
         }
         // Last, so a tree larger than the cache still keeps the one asked for.
-        let wanted = wanted.map(cut_path);
         if let Some(path) = &wanted {
             state.paths.insert(id, path.clone());
         }
@@ -413,7 +419,11 @@ impl CgroupPaths {
     /// The ids of every cgroup in the tree now (a walk, within the limits; not rate-limited,
     /// and the cache left alone).
     pub fn live_ids(&self) -> Result<std::collections::HashSet<u64>, WorkloadError> {
-        Ok(self.walk()?.into_keys().collect())
+        let mut ids = std::collections::HashSet::new();
+        self.walk(|id, _| {
+            ids.insert(id);
+        })?;
+        Ok(ids)
     }
 
     /// How many times the tree was walked, for metrics.
@@ -426,48 +436,61 @@ impl CgroupPaths {
         self.state.lock().map_or(0, |state| state.paths.len())
     }
 
-    /// Every cgroup under the mount, by id, within the limits. Directories that vanish or
-    /// cannot be read during the walk are skipped: the tree changes while we walk it.
-    fn walk(&self) -> Result<HashMap<u64, PathBuf>, WorkloadError> {
+    /// Visits every cgroup under the mount, within the limits, with its id and its path under
+    /// the mount (`/` for the root). Directories that vanish or cannot be read during the walk
+    /// are skipped: the tree changes while we walk it. Nothing is kept but an open directory per
+    /// level.
+    fn walk(&self, mut visit: impl FnMut(u64, &Path)) -> Result<(), WorkloadError> {
         let root_meta = fs::symlink_metadata(&self.root).map_err(|source| WorkloadError::Root {
             path: self.root.clone(),
             source,
         })?;
-        let mut found = HashMap::new();
-        found.insert(root_meta.ino(), PathBuf::from("/"));
-        // Depth-first with an explicit stack: (directory on disk, path under the mount, depth).
-        let mut stack = vec![(self.root.clone(), PathBuf::from("/"), 0)];
-        while let Some((dir, relative, depth)) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
+        visit(root_meta.ino(), Path::new("/"));
+        let mut visited = 1;
+        // Depth-first, one open directory per level: what the walk holds is bounded by the
+        // depth, however wide the tree.
+        let Ok(top) = fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        let mut open = vec![top];
+        while let Some(entries) = open.last_mut() {
+            let Some(entry) = entries.next() else {
+                open.pop();
                 continue;
             };
-            for entry in entries.flatten() {
-                if found.len() >= self.limits.max_walk_entries {
-                    return Ok(found);
-                }
-                // DirEntry::metadata does not follow symlinks; a different device is a
-                // mount inside the tree, not a cgroup.
-                let Ok(meta) = entry.metadata() else {
-                    continue;
-                };
-                if !meta.is_dir() || meta.dev() != root_meta.dev() {
-                    continue;
-                }
-                let child = relative.join(entry.file_name());
-                found.insert(meta.ino(), child.clone());
-                if depth + 1 < self.limits.max_depth {
-                    stack.push((entry.path(), child, depth + 1));
-                }
+            let Ok(entry) = entry else {
+                continue;
+            };
+            if visited >= self.limits.max_walk_entries {
+                return Ok(());
+            }
+            // DirEntry::metadata does not follow symlinks; a different device is a mount
+            // inside the tree, not a cgroup.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if !meta.is_dir() || meta.dev() != root_meta.dev() {
+                continue;
+            }
+            visited += 1;
+            let path = entry.path();
+            let below = path.strip_prefix(&self.root).unwrap_or(&path);
+            visit(meta.ino(), &Path::new("/").join(below));
+            // `open` holds the directories above this one's parent, and its parent.
+            if open.len() < self.limits.max_depth
+                && let Ok(children) = fs::read_dir(&path)
+            {
+                open.push(children);
             }
         }
-        Ok(found)
+        Ok(())
     }
 }
 
 /// `path`, or its first components within [`PATH_BYTES_KEPT`] bytes (at least the first).
-fn cut_path(path: PathBuf) -> PathBuf {
+fn cut_path(path: &Path) -> PathBuf {
     if path.as_os_str().len() <= PATH_BYTES_KEPT {
-        return path;
+        return path.to_owned();
     }
     let mut cut = PathBuf::new();
     for part in path.components() {
@@ -517,6 +540,12 @@ fn bounded_name(name: String, id: u64) -> Arc<str> {
     let mut end = NAME_BYTES;
     while !name.is_char_boundary(end) {
         end -= 1;
+    }
+    // Not inside an escape (`\u{3d}`).
+    if let Some(escape) = name[..end].rfind('\\')
+        && !name[escape..end].contains('}')
+    {
+        end = escape;
     }
     format!("{}... cgroup-id={id}", &name[..end]).into()
 }
