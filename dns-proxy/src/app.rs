@@ -304,7 +304,7 @@ async fn serve(
     if listeners.v4.port() == 53 || listeners.v6.is_some_and(|v6| v6.port() == 53) {
         warn_of_agents_above(scope.target);
     }
-    let (mut redirector, servers, kernel_counters, agents) =
+    let (mut redirector, servers, kernel_counters, agents, pins) =
         attach(config, &scope, &listeners, metrics_listener.as_ref())?;
     let servers = Arc::new(servers);
     let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
@@ -339,6 +339,7 @@ async fn serve(
     };
     background::start(
         &agents,
+        pins,
         &redirect_lock,
         &servers,
         shared.workload_stats.clone(),
@@ -448,7 +449,7 @@ fn attach(
     scope: &Scope<'_>,
     listeners: &Listeners,
     metrics: Option<&TcpListener>,
-) -> Result<(Redirector, ServerTable, KernelCounters, Agents), RunError> {
+) -> Result<(Redirector, ServerTable, KernelCounters, Agents, host::Pins), RunError> {
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
     host::check_pins(&pins)?;
     let block4 = Block {
@@ -502,7 +503,10 @@ fn attach(
             )
         )
     );
-    Ok(attached)
+    let (redirector, servers, counters, agents) = attached;
+    // Held once the load has pinned them: pinned again if the state directory goes.
+    let pins = host::Pins::hold(&pins)?;
+    Ok((redirector, servers, counters, agents, pins))
 }
 
 /// Once everything is bound and attached: drops privileges (not for `exec`), lets workload

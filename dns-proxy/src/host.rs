@@ -323,6 +323,78 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
     Ok(())
 }
 
+/// The pinned maps (the table of servers, the agents' maps), held open so that they can be
+/// pinned again: a state directory removed while the agent runs (by hand, or a bpffs mounted
+/// over it) would leave the next agent a fresh table, by whose indexes the sockets connected
+/// before would name other servers.
+pub struct Pins {
+    dir: PathBuf,
+    maps: Vec<(&'static str, aya::maps::MapData)>,
+}
+
+impl Pins {
+    /// Opens every pin in `dir`, the table's directory, once the programs are loaded.
+    pub fn hold(dir: &Path) -> Result<Self, HostError> {
+        let maps = PINS
+            .iter()
+            .map(|(name, ..)| {
+                let path = dir.join(name);
+                aya::maps::MapData::from_pin(&path)
+                    .map(|map| (*name, map))
+                    .map_err(|err| HostError::StateDir {
+                        path,
+                        problem: format!("cannot open the pinned map: {err}"),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            maps,
+        })
+    }
+
+    /// The table's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pins again each map whose pin is gone, its directories made again as the agent makes
+    /// them, and returns their names. A pin that names another map (an agent of another
+    /// version's) is left alone.
+    pub fn restore(&self) -> Result<Vec<&'static str>, HostError> {
+        let mut restored = Vec::new();
+        for (name, map) in &self.maps {
+            let path = self.dir.join(name);
+            match fs::symlink_metadata(&path) {
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(HostError::StateDir {
+                        path,
+                        problem: format!("cannot read it: {err}"),
+                    });
+                }
+            }
+            for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
+                let created = !dir.exists();
+                if created {
+                    fs::create_dir(dir).map_err(|err| HostError::StateDir {
+                        path: dir.to_owned(),
+                        problem: format!("cannot create it again: {err}"),
+                    })?;
+                }
+                own_exclusively(dir, created)?;
+            }
+            map.pin(&path).map_err(|err| HostError::StateDir {
+                path: path.clone(),
+                problem: format!("cannot pin it again: {err}"),
+            })?;
+            restored.push(*name);
+        }
+        Ok(restored)
+    }
+}
+
 /// Refuses a block that would take over addresses in use: any address of this host's
 /// interfaces, and the loopback resolvers' `127.0.0.1`, `127.0.0.53` and `127.0.0.54`.
 pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<(), HostError> {

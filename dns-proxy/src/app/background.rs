@@ -53,6 +53,7 @@ pub(super) struct Watched {
 )]
 pub(super) fn start(
     agents: &Arc<agents::Agents>,
+    pins: host::Pins,
     redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
     workload_stats: Option<Arc<WorkloadStats>>,
@@ -67,6 +68,7 @@ pub(super) fn start(
     }
     tokio::spawn(keep_alive(
         Arc::clone(agents),
+        Arc::new(pins),
         Arc::clone(redirect_lock),
         stop.clone(),
     ));
@@ -233,10 +235,12 @@ fn switch_redirect(
 /// newer agent has taken over. Clears the queue of the lock on the redirected cgroup.
 async fn keep_alive(
     agents: Arc<agents::Agents>,
+    pins: Arc<host::Pins>,
     redirect_lock: Arc<RedirectLock>,
     stop: drain::Signal,
 ) {
     let mut replaced = false;
+    let mut cannot_pin = false;
     loop {
         tokio::select! {
             () = stop.stopped() => return,
@@ -245,16 +249,35 @@ async fn keep_alive(
         // Off the runtime: the map updates, binds and reads of the kernel's socket list block.
         let looked = tokio::task::spawn_blocking({
             let (agents, redirect_lock) = (Arc::clone(&agents), Arc::clone(&redirect_lock));
+            let pins = Arc::clone(&pins);
             move || {
                 agents.heartbeat();
                 redirect_lock.try_take();
                 agents.refresh_replaced();
+                pins.restore()
             }
         })
         .await;
-        if looked.is_err() {
+        let Ok(restored) = looked else {
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
+        };
+        match restored {
+            Ok(names) if !names.is_empty() => log::warn!(
+                target: LOG,
+                "the pins of {} were gone ({}): pinned again, so that the next agent decodes \
+                 the addresses sockets were sent to as this one does; to start a table anew, \
+                 remove it while no agent runs",
+                pins.dir().display(),
+                names.join(", ")
+            ),
+            Ok(_) => cannot_pin = false,
+            // Said once until it works again: it would be the same every heartbeat.
+            Err(err) if !cannot_pin => {
+                cannot_pin = true;
+                log::error!(target: LOG, "cannot keep the table of servers pinned: {err}");
+            }
+            Err(_) => {}
         }
         if !replaced && agents.replaced() {
             replaced = true;

@@ -597,7 +597,6 @@ fn an_origin_is_not_forgotten_while_a_socket_connected_to_its_address_lives() {
 /// A socket that is redirected or, if `direct`, connected to its origin's block address holds
 /// that origin after its cgroup is gone.
 fn origin_held_by_a_connected_socket(direct: bool) {
-    use std::io::{BufRead as _, BufReader, Write as _};
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
     let (topology, _servers, agent) = a_table_of_six_indexes();
     // A process with a UDP socket connected to the first server, which asks a name on "ask".
@@ -620,22 +619,7 @@ fn origin_held_by_a_connected_socket(direct: bool) {
     } else {
         (SERVER_IP.to_string(), "53".to_owned())
     };
-    let mut holder = in_cgroup_and_netns(
-        &departs,
-        &topology.client,
-        "python3",
-        &["-c", HOLDER, &address, &port],
-    );
-    holder.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut holder = holder.spawn().expect("start the socket's holder");
-    let mut said = BufReader::new(holder.stdout.take().expect("its stdout"));
-    let mut tell = holder.stdin.take().expect("its stdin");
-    let mut hear = || {
-        let mut line = String::new();
-        said.read_line(&mut line).expect("a line from the holder");
-        line.trim().to_owned()
-    };
-    let pid = hear();
+    let mut holder = Holder::start(&topology, &departs, &address, &port);
     // Fill the rest of the table (six indexes): three more pairs and the second's shared one.
     for (cgroup, server) in [
         ("b", SECOND_SERVER_IP),
@@ -659,7 +643,7 @@ fn origin_held_by_a_connected_socket(direct: bool) {
         );
     }
     // The process moves on, and its cgroup goes.
-    std::fs::write(topology.cgroup.path.join("cgroup.procs"), &pid).expect("move the holder");
+    std::fs::write(topology.cgroup.path.join("cgroup.procs"), &holder.pid).expect("move it");
     std::fs::remove_dir(&departs).expect("remove the departed cgroup");
     // Forgotten within about 4 s if nothing held it.
     std::thread::sleep(Duration::from_secs(8));
@@ -682,18 +666,15 @@ fn origin_held_by_a_connected_socket(direct: bool) {
         SECOND_ANSWER_IP.to_string()
     );
     // The held socket's query still goes to its own server.
-    writeln!(tell, "ask held.example.test").expect("tell the holder");
-    assert_eq!(hear(), ANSWER_IP.to_string(), "{}", agent.log());
+    let answer = holder.ask("held.example.test");
+    assert_eq!(answer, ANSWER_IP.to_string(), "{}", agent.log());
     // Once it is closed, the origin goes.
-    writeln!(tell, "close").expect("tell the holder");
-    assert_eq!(hear(), "closed");
+    holder.close();
     wait_for(
         "the released origin forgotten",
         Duration::from_secs(20),
         || agent.log().contains("forgot 1 origins").then_some(()),
     );
-    drop(tell);
-    let _ = holder.wait();
 }
 
 /// TCP connections are not noted as holding their origin (the agent reads a connection's
@@ -766,6 +747,119 @@ fn a_servers_shared_origin_is_forgotten_once_no_pair_asks_it() {
     assert_eq!(tests::origins_of_cgroup(&state, 0), 1, "{}", agent.log());
     // And it is that server's (the lookup panics if it has none).
     tests::server_index_for(&state, SECOND_SERVER_IP, 53, Some(0));
+}
+
+/// The table's pins removed while the agent runs (by hand, or a bpffs mounted over the state
+/// directory) are pinned again, so that the next agent decodes the addresses sockets were sent
+/// to before as this one does. Before, the next agent made a fresh table, in which a socket
+/// connected before named whichever origin took its index next (an adversary's held sockets:
+/// 9 of 60 answered by another server, 47 refused).
+#[test]
+fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
+    use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
+    let (topology, _servers, mut agent) = a_table_of_six_indexes();
+    let holds = child_cgroup(&topology, "holds");
+    let mut holder = Holder::start(&topology, &holds, &SERVER_IP.to_string(), "53");
+    assert_eq!(holder.ask("before.example.test"), ANSWER_IP.to_string());
+
+    let state = topology.client.state_dir();
+    std::fs::remove_dir_all(&state).expect("remove the state directory");
+    wait_for_log(&agent, "pinned again");
+    assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let agent = Agent::start_with_env(
+        &topology,
+        &["--redirect-block=127.53.0.0/29", "--udp-threads=1"],
+        &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")],
+    );
+    // Other cgroups ask the second server: in a fresh table one of them would take the
+    // holder's index.
+    for cgroup in ["b", "c", "d", "e", "f"] {
+        let command = in_cgroup_and_netns(
+            &child_cgroup(&topology, cgroup),
+            &topology.client,
+            "dig",
+            &[],
+        );
+        let answer = tests::dig_at(
+            command,
+            &SECOND_SERVER_IP.to_string(),
+            "filler.example.test",
+            &["+short"],
+        );
+        assert_eq!(
+            answer.expect("answered").trim(),
+            SECOND_ANSWER_IP.to_string()
+        );
+    }
+    let answer = holder.ask("after.example.test");
+    assert_eq!(answer, ANSWER_IP.to_string(), "{}", agent.log());
+    holder.close();
+}
+
+/// A process of a cgroup of its own that runs [`HOLDER`]: a UDP socket connected to an
+/// address, which asks names when told to.
+struct Holder {
+    process: std::process::Child,
+    said: std::io::BufReader<std::process::ChildStdout>,
+    tell: Option<std::process::ChildStdin>,
+    pid: String,
+}
+
+impl Holder {
+    /// Starts it in `cgroup` and the client namespace, connected to `address`:`port`.
+    fn start(topology: &Topology, cgroup: &std::path::Path, address: &str, port: &str) -> Self {
+        let mut process = in_cgroup_and_netns(
+            cgroup,
+            &topology.client,
+            "python3",
+            &["-c", HOLDER, address, port],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the socket's holder");
+        let said = std::io::BufReader::new(process.stdout.take().expect("its stdout"));
+        let tell = process.stdin.take();
+        let mut holder = Self {
+            process,
+            said,
+            tell,
+            pid: String::new(),
+        };
+        holder.pid = holder.hear();
+        holder
+    }
+
+    fn hear(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.said
+            .read_line(&mut line)
+            .expect("a line from the holder");
+        line.trim().to_owned()
+    }
+
+    fn tell(&mut self, line: &str) {
+        use std::io::Write as _;
+        let tell = self.tell.as_mut().expect("the holder's stdin");
+        writeln!(tell, "{line}").expect("tell the holder");
+    }
+
+    /// The A record its socket's query for `name` got (empty if it got none).
+    fn ask(&mut self, name: &str) -> String {
+        self.tell(&format!("ask {name}"));
+        self.hear()
+    }
+
+    /// Closes its socket, and ends it.
+    fn close(mut self) {
+        self.tell("close");
+        assert_eq!(self.hear(), "closed");
+        drop(self.tell.take());
+        assert!(self.process.wait().expect("the holder's end").success());
+    }
 }
 
 /// The holder of [`origin_held_by_a_connected_socket`]: prints its pid, connects a UDP socket
