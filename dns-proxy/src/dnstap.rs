@@ -219,7 +219,7 @@ impl DnstapSettings {
 }
 
 /// Events written and dropped, for metrics. `written` counts frames handed to the output's
-/// buffer: a socket that fails later loses what was in it uncounted.
+/// buffer: a file or socket that fails later loses what was in it uncounted.
 #[derive(Debug, Default)]
 pub struct DnstapCounters {
     written: AtomicU64,

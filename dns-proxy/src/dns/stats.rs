@@ -123,6 +123,21 @@ impl Stats {
 }
 
 impl ProtocolStats {
+    /// Counts a query (UDP) or connection (TCP) that could not be sent upstream because no
+    /// socket could be opened for it: the agent out of open files (or the host of memory) is
+    /// an overload of the agent's own, `dropped{reason="overload"}`, not the upstream's error.
+    pub fn no_upstream_socket(&self, err: &std::io::Error) {
+        let own = matches!(
+            err.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        Stats::add(if own {
+            &self.dropped_overload
+        } else {
+            &self.upstream_errors
+        });
+    }
+
     /// A query or connection not forwarded, for `refusal`.
     pub fn refused(&self, refusal: Refusal) {
         Stats::add(match refusal {
@@ -207,5 +222,14 @@ mod tests {
         assert_eq!(stats.answered.load(Ordering::Relaxed), 2);
         assert_eq!(stats.answered_by_rcode[3].load(Ordering::Relaxed), 1);
         assert_eq!(stats.latency.snapshot().1, 1);
+    }
+
+    #[test]
+    fn no_socket_for_want_of_open_files_is_an_overload_not_the_upstreams_error() {
+        let stats = ProtocolStats::default();
+        stats.no_upstream_socket(&std::io::Error::from_raw_os_error(libc::EMFILE));
+        stats.no_upstream_socket(&std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(stats.dropped_overload.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.upstream_errors.load(Ordering::Relaxed), 1);
     }
 }

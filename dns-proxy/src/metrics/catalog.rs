@@ -210,7 +210,8 @@ pub const METRICS: &[Metric] = &[
         only_with: None,
         help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
                query), not_redirected (from a client the kernel did not redirect), overload \
-               (beyond an agent-wide limit: --max-inflight, --max-tcp-connections), \
+               (beyond an agent-wide limit: --max-inflight, --max-tcp-connections; or no \
+               socket to be had toward the upstream, the agent out of open files), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
                foreign_loopback (from another network namespace to a loopback server), stray \
@@ -261,7 +262,10 @@ pub const METRICS: &[Metric] = &[
         name: "dnstap_written",
         labels: &[],
         only_with: Some("--dnstap"),
-        help: "dnstap messages written to the log (--dnstap).",
+        help: "dnstap messages written to the log (--dnstap): handed to its 64 KiB write \
+               buffer, so when the file or the reader fails, those still in it are lost \
+               uncounted, and a reader that reads nothing takes a buffer's worth each time \
+               it connects.",
         read: Read::Counter(|s| Some(one(s.dnstap.as_ref()?.written()))),
     },
     Metric {

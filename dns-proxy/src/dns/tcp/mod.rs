@@ -89,6 +89,8 @@ pub struct TcpProxy<D> {
     draining: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
+    /// Failed accepts (out of open files, typically) come as fast as connections do.
+    accept_log: RateLimited,
 }
 
 impl<D: OriginalDestinations> TcpProxy<D> {
@@ -112,6 +114,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             draining: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
+            accept_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
 
@@ -145,7 +148,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             Ok((stream, client)) => self.handle(stream, client),
             Err(err) => {
                 // Out of file descriptors, typically: back off instead of spinning.
-                log::warn!("accepting on {}/tcp: {err}", self.local_addr);
+                let local_addr = self.local_addr;
+                self.accept_log.warn(|failed| {
+                    format!("accepting on {local_addr}/tcp: {err} ({failed} accepts failed)")
+                });
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -210,7 +216,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let upstream_stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
-                Stats::add(&stats.upstream_errors);
+                stats.no_upstream_socket(&err);
                 reset(&client_stream);
                 return Closed::UpstreamError(err);
             }

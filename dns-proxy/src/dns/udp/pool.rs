@@ -48,7 +48,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 
 use super::{LOG, UdpProxy, mmsg};
-use crate::dns::{OriginalDestinations, stats::Stats};
+use crate::dns::OriginalDestinations;
 
 /// Upstreams per address family (and UDP thread) that get sockets connected to them.
 /// Nodes and hosts ask one to three servers, a workload with servers of its own a few more; a
@@ -420,7 +420,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             // No IPv6 on the host, or out of descriptors or ports.
             Err(err) => {
-                Stats::add(&self.stats.udp.upstream_errors);
+                self.stats.udp.no_upstream_socket(&err);
                 self.upstream_log.warn(|failed| {
                     format!("no socket for {upstream}: {err} ({failed} queries failed)")
                 });
