@@ -210,6 +210,10 @@ fn sends_to_its_peer6(ctx: &SockAddrContext, hook: Hook) -> bool {
 #[inline(never)]
 fn sends_to_its_peers_server4(ctx: &SockAddrContext) -> bool {
     let (peer, peer_port) = ctx_peer4(ctx);
+    // Not connected: the usual `sendto`, at the cost of two field reads.
+    if peer_port == 0 {
+        return false;
+    }
     let config = config();
     if config.capacity4 == 0 || peer_port != config.port4 {
         return false;
@@ -230,10 +234,11 @@ fn sends_to_its_peers_server4(ctx: &SockAddrContext) -> bool {
 #[inline(never)]
 fn sends_to_its_peers_server6(ctx: &SockAddrContext) -> bool {
     let (peer, peer_port) = ctx_peer6(ctx);
-    let config = &config();
+    // Not connected: the usual `sendto`.
     if peer_port == 0 {
         return false;
     }
+    let config = &config();
     let addr = ctx_user_ip6(ctx);
     let prefix = v4_mapped_prefix();
     let (family, index, server) = if addr[..3] == prefix {
