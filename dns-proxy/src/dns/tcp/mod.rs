@@ -43,7 +43,7 @@ mod framing;
 #[cfg(test)]
 mod tests;
 
-use connection::{Closed, Connection, Pending};
+use connection::{Closed, Connection, Pending, Progress};
 use framing::{read_first_byte, read_rest};
 pub use framing::{read_message, write_message};
 
@@ -263,7 +263,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         // Biased: what the client has sent is read before the watchdog may end a draining
         // connection, so a query that arrived is never closed on.
         // Written by both directions: the upstream's answers, and the cache's.
-        let client_write = AsyncMutex::new(client_write);
+        let client_write = AsyncMutex::new(Progress {
+            inner: client_write,
+            conn,
+        });
         let closed = tokio::select! {
             biased;
             closed = self.queries(conn, BufReader::new(client_read), upstream_write, &client_write) => closed,

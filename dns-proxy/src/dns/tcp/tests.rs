@@ -1,6 +1,6 @@
 use std::sync::atomic::Ordering;
 
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
 
@@ -689,4 +689,56 @@ async fn a_client_that_reads_no_answers_holds_a_bounded_buffer() {
         "{asked} queries asked"
     );
     drop(client);
+}
+
+/// A client that reads its answers slowly, through a small receive buffer, gets every one,
+/// however long the whole takes: each byte its socket takes counts as progress. Counted by
+/// whole answers only, the relay closed it as stalled once an answer's write took longer
+/// than the upstream timeout behind the fixed send buffer (an adversary's client with a
+/// 4 KiB buffer and a 3 s pause: 3 answers of 40).
+#[tokio::test]
+async fn a_client_that_reads_slowly_gets_every_answer() {
+    const ANSWERS: u16 = 6;
+    const ANSWER_BYTES: usize = 60_000;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        while let Ok(Some(query)) = read_message(&mut stream).await {
+            let mut answer = answer_to(&query);
+            answer.resize(ANSWER_BYTES, 0);
+            if write_message(&mut stream, &answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Upstream timeout 500 ms: each answer takes the client longer than that to read.
+    let proxy = proxy(Some(upstream), Duration::from_secs(10)).await;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&proxy.local_addr.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(socket.into()).unwrap();
+    let mut pipelined = Vec::new();
+    for id in 0..ANSWERS {
+        write_message(&mut pipelined, &query(id)).await.unwrap();
+    }
+    client.write_all(&pipelined).await.unwrap();
+    let started = Instant::now();
+    let (mut received, mut chunk) = (0, [0u8; 2048]);
+    while received < usize::from(ANSWERS) * (ANSWER_BYTES + 2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let read = timeout(Duration::from_secs(5), client.read(&mut chunk)).await;
+        match read.unwrap().unwrap() {
+            0 => break,
+            n => received += n,
+        }
+    }
+    assert_eq!(received, usize::from(ANSWERS) * (ANSWER_BYTES + 2));
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.stats.tcp.dropped_stalled.load(Ordering::Relaxed), 0);
 }
