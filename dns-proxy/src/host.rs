@@ -624,6 +624,32 @@ pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
     })
 }
 
+/// Whether this namespace's loopback interface is up. Every block is routed through `lo`, and
+/// with `lo` down the kernel keeps loopback's own `local 127.0.0.0/8` route (its address's)
+/// while it delivers nothing there.
+pub fn is_loopback_up() -> io::Result<bool> {
+    // SAFETY: socket takes integers only; the descriptor it returns is owned at once below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, open descriptor that nothing else owns or closes.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `ifreq` is plain integers and a union of them, for which all zeros is valid.
+    let mut request: libc::ifreq = unsafe { mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: the descriptor is open; SIOCGIFFLAGS reads the name and writes the flags of the
+    // `ifreq` it is given, which lives for the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the union's flags.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    Ok(flags & libc::IFF_UP as libc::c_short != 0)
+}
+
 /// The prefix length of the route the kernel matches for `address`, in whatever table the
 /// rules pick, if it is of type local.
 fn local_route_length(address: std::net::IpAddr) -> io::Result<Option<u8>> {

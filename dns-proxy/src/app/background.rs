@@ -170,8 +170,8 @@ pub(super) struct Routing {
 /// agent's first look and the start of the watch), until `stop`: writes the source of
 /// redirected sockets anew ([`DirectSources::refresh`]: a UDP `connect`, no packet), and
 /// checks that every block is still routed here. One that is not (a program removed its
-/// route, IPv6 was switched off and on, which flushes it, or, for a block in 127/8, `lo` went
-/// down or lost its address) would send what the programs
+/// route, IPv6 was switched off and on, which flushes it, `lo` went down, or, for a block in
+/// 127/8, `lo` lost its address) would send what the programs
 /// redirect there to the default route, where no answer comes: the redirect to it is
 /// switched off (that family's lookups go direct, fail-open) and the agent is not ready,
 /// until the route is back. The agent cannot route it again itself: it dropped the
@@ -182,10 +182,11 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
         routing.sources.refresh();
         let blocks = routing.blocks.clone();
         let checked = tokio::task::spawn_blocking(move || {
+            // A question that fails (no reply) says nothing: the redirect is left as it is.
+            let loopback_up = host::is_loopback_up().unwrap_or(true);
             blocks
                 .into_iter()
-                // A question that fails (no reply) says nothing: the redirect is left as it is.
-                .filter(|block| !host::is_block_routed_here(*block).unwrap_or(true))
+                .filter(|block| !loopback_up || !host::is_block_routed_here(*block).unwrap_or(true))
                 .collect::<Vec<_>>()
         })
         .await;
@@ -221,7 +222,8 @@ fn switch_redirect(
         let blocks: Vec<String> = unrouted.iter().map(ToString::to_string).collect();
         log::error!(
             target: LOG,
-            "{} no longer routed to this host (its local route is gone): redirecting nothing \
+            "{} no longer routed to this host (its local route is gone, or `lo` is down): \
+             redirecting nothing \
              there, so new lookups of that family go direct, until it is back (loopback's \
              with `lo` and its address; a block's own route: restart the agent to route it \
              again)",

@@ -1196,6 +1196,34 @@ fn a_loopback_block_that_loses_its_route_is_not_redirected_to_until_it_is_back()
     dig("after.example.test");
     forwarded(agent, "after.example.test");
     assert_eq!(readyz().0, 200);
+
+    // `lo` down: the kernel keeps loopback's route, and delivers nothing there (an adversary's
+    // case: every lookup lost while the agent saw the block routed).
+    let lo = |state: &str| {
+        must(Command::new("ip").args(["-n", &topology.client.name, "link", "set", "lo", state]));
+    };
+    let unrouted = |times: usize| {
+        wait_for(
+            "the agent to see the block unrouted",
+            Duration::from_secs(5),
+            || {
+                (agent.log().matches("no longer routed to this host").count() >= times)
+                    .then_some(())
+            },
+        );
+    };
+    lo("down");
+    unrouted(2);
+    for i in 0..3 {
+        dig(&format!("lo-down{i}.example.test"));
+    }
+    assert!(agent.query_lines("lo-down2.example.test").is_empty());
+    // Back up, IPv4 is redirected again (the IPv6 block's own route went with `lo`, and only
+    // an agent with CAP_NET_ADMIN routes it again: it says so once more).
+    lo("up");
+    unrouted(3);
+    dig("lo-up.example.test");
+    forwarded(agent, "lo-up.example.test");
 }
 
 /// Host mode: the IPv6 block loses its route while the agent runs (IPv6 switched off and on
