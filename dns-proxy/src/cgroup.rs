@@ -340,16 +340,31 @@ impl Drop for AgentCgroup {
     }
 }
 
+/// Where [`return_to`] found the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OwnCgroup {
+    /// In its own cgroup.
+    In,
+    /// Elsewhere (this path): moved back.
+    MovedBack(PathBuf),
+    /// Elsewhere (this path), and its own cgroup is gone or was made anew (another cgroup,
+    /// which no agent registered): left where it is.
+    Lost(PathBuf),
+}
+
 /// Moves this process back into `agent`, its own cgroup, if something moved it out (a
 /// service manager, or `echo PID > cgroup.procs` into the redirected cgroup): a socket it
 /// made elsewhere would carry that cgroup's id and could be redirected to the agent itself.
-/// Returns where it was found, if it had to move.
-pub fn return_to(agent: &Cgroup) -> Result<Option<PathBuf>, CgroupError> {
+pub fn return_to(agent: &Cgroup) -> Result<OwnCgroup, CgroupError> {
     let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
         .ok_or(CgroupError::NotInCgroup2)?;
     let now = cgroup2_root()?.join(own);
     if fs::metadata(&now).is_ok_and(|meta| meta.ino() == agent.id) {
-        return Ok(None);
+        return Ok(OwnCgroup::In);
+    }
+    // A directory made anew at its path is another cgroup, which the programs redirect.
+    if !fs::metadata(&agent.path).is_ok_and(|meta| meta.ino() == agent.id) {
+        return Ok(OwnCgroup::Lost(now));
     }
     fs::write(
         agent.path.join("cgroup.procs"),
@@ -359,7 +374,7 @@ pub fn return_to(agent: &Cgroup) -> Result<Option<PathBuf>, CgroupError> {
         path: agent.path.clone(),
         source,
     })?;
-    Ok(Some(now))
+    Ok(OwnCgroup::MovedBack(now))
 }
 
 /// The fresh cgroup `dns-proxy exec` runs its command in, beside the agent's own. Dropping it

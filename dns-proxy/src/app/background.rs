@@ -137,8 +137,8 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
 /// until it replaces them.
 fn keep_in_own_cgroup(agent: &Cgroup) {
     match cgroup::return_to(agent) {
-        Ok(None) => {}
-        Ok(Some(found)) => log::error!(
+        Ok(cgroup::OwnCgroup::In) => {}
+        Ok(cgroup::OwnCgroup::MovedBack(found)) => log::error!(
             target: LOG,
             "the agent was moved out of its own cgroup {} (to {}): moved back; sockets it \
              made there may have sent its own lookups back to it",
@@ -146,10 +146,22 @@ fn keep_in_own_cgroup(agent: &Cgroup) {
             found.display()
         ),
         // Said once: it would be the same every second.
+        Ok(cgroup::OwnCgroup::Lost(found))
+            if !CANNOT_KEEP_IN_OWN_CGROUP.swap(true, Ordering::Relaxed) =>
+        {
+            log::error!(
+                target: LOG,
+                "the agent was moved out of its own cgroup {} (to {}), which is gone or was \
+                 made anew since: it cannot go back, and the sockets it makes may send its \
+                 own lookups back to it; restart it",
+                agent.path.display(),
+                found.display()
+            );
+        }
         Err(err) if !CANNOT_KEEP_IN_OWN_CGROUP.swap(true, Ordering::Relaxed) => {
             log::error!(target: LOG, "cannot keep the agent in its own cgroup: {err}");
         }
-        Err(_) => {}
+        Ok(cgroup::OwnCgroup::Lost(_)) | Err(_) => {}
     }
 }
 
