@@ -265,7 +265,9 @@ fn sends_to_its_peers_server6(ctx: &SockAddrContext) -> bool {
 }
 
 /// Whether block address `index` of `family` (a socket's peer) encodes the server
-/// `addr`:`port_be`, for a socket whose block addresses are decoded.
+/// `addr`:`port_be`, for a socket the block's guard applies to: an excluded process's too,
+/// which may send there with `send` anyway (left alone, its `sendto` went direct, from a
+/// socket that takes answers from the block address only).
 #[inline(always)]
 fn is_peers_server(
     ctx: &SockAddrContext,
@@ -276,7 +278,7 @@ fn is_peers_server(
     port_be: u16,
 ) -> bool {
     match index {
-        Some(index) => decodes_here(ctx, config) && encodes(family, index, addr, port_be),
+        Some(index) => guarded_here(ctx, config) && encodes(family, index, addr, port_be),
         None => false,
     }
 }

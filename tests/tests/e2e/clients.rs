@@ -363,25 +363,36 @@ fn one_unconnected_socket_asking_two_servers_hears_from_one_of_them() {
 /// workload's process would be used) may still name its server with `sendto`: the send goes
 /// where its `connect` sent it, as its `send` does. Redirected anew, it took the other cgroup's
 /// index, whose answers the connected socket refused (an adversary's case: every such `sendto`
-/// timed out). IPv4, IPv6, and a dual-stack socket asking an IPv4 server.
+/// timed out). IPv4, IPv6, and a dual-stack socket asking an IPv4 server; moved to another
+/// workload's cgroup, or to an excluded one.
 #[test]
 fn a_connected_socket_that_moves_to_another_cgroup_may_still_name_its_server() {
     use std::io::{BufRead as _, BufReader, Write as _};
-    let Harness {
-        agent, topology, ..
-    } = &start();
+    let topology = &Topology::new();
+    let _server = DnsServer::start(topology);
     let connects = child_cgroup(topology, "connects");
-    let moved_to = child_cgroup(topology, "moved-to").join("cgroup.procs");
-    for server in [
+    let excluded = child_cgroup(topology, "excluded");
+    let agent = &Agent::start(
+        topology,
+        &[&format!("--exclude-cgroup={}", excluded.display())],
+    );
+    let servers = [
         SERVER_IP.to_string(),
         SERVER_IP6.to_string(),
         format!("::ffff:{SERVER_IP}"),
-    ] {
+    ];
+    // Another workload's cgroup, and an excluded one (whose `sendto` went direct).
+    let moves = [child_cgroup(topology, "moved-to"), excluded.clone()];
+    for (server, moved_to) in servers
+        .iter()
+        .flat_map(|s| moves.iter().map(move |m| (s, m)))
+    {
+        let moved_to = moved_to.join("cgroup.procs");
         let mut mover = in_cgroup_and_netns(
             &connects,
             &topology.client,
             "python3",
-            &["-c", CONNECTED_MOVER, &server],
+            &["-c", CONNECTED_MOVER, server],
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -404,9 +415,19 @@ fn a_connected_socket_that_moves_to_another_cgroup_may_still_name_its_server() {
             .iter()
             .map(|how| format!("{how}: {ANSWER_IP} from {server}"))
             .collect();
-        assert_eq!(heard, expected, "{server}");
+        // An excluded process's receives are not decoded: its answers show the block address.
+        let from_excluded = moved_to.starts_with(&excluded);
+        let answer_only = |line: &String| line.split(" from ").next().unwrap_or("").to_owned();
+        if from_excluded {
+            assert_eq!(heard[0], expected[0], "{server}");
+            let heard: Vec<String> = heard.iter().map(answer_only).collect();
+            let expected: Vec<String> = expected.iter().map(answer_only).collect();
+            assert_eq!(heard, expected, "{server} from the excluded cgroup");
+        } else {
+            assert_eq!(heard, expected, "{server}");
+        }
     }
-    assert!(agent.query_lines("moved.example.test").len() >= 9);
+    assert!(agent.query_lines("moved.example.test").len() >= 18);
 }
 
 /// [`a_connected_socket_that_moves_to_another_cgroup_may_still_name_its_server`]'s client:
