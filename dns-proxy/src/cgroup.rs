@@ -352,13 +352,14 @@ pub enum OwnCgroup {
     Lost(PathBuf),
 }
 
-/// Moves this process back into `agent`, its own cgroup, if something moved it out (a
-/// service manager, or `echo PID > cgroup.procs` into the redirected cgroup): a socket it
-/// made elsewhere would carry that cgroup's id and could be redirected to the agent itself.
-pub fn return_to(agent: &Cgroup) -> Result<OwnCgroup, CgroupError> {
+/// Moves this process back into `agent`, its own cgroup in the hierarchy mounted at
+/// `hierarchy_root`, if something moved it out (a service manager, or `echo PID >
+/// cgroup.procs` into the redirected cgroup): a socket it made elsewhere would carry that
+/// cgroup's id and could be redirected to the agent itself.
+pub fn return_to(agent: &Cgroup, hierarchy_root: &Path) -> Result<OwnCgroup, CgroupError> {
     let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
         .ok_or(CgroupError::NotInCgroup2)?;
-    let now = cgroup2_root()?.join(own);
+    let now = hierarchy_root.join(own);
     if fs::metadata(&now).is_ok_and(|meta| meta.ino() == agent.id) {
         return Ok(OwnCgroup::In);
     }

@@ -628,13 +628,7 @@ pub fn is_block_routed_here(block: AddressBlock) -> io::Result<bool> {
 /// with `lo` down the kernel keeps loopback's own `local 127.0.0.0/8` route (its address's)
 /// while it delivers nothing there.
 pub fn is_loopback_up() -> io::Result<bool> {
-    // SAFETY: socket takes integers only; the descriptor it returns is owned at once below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh, open descriptor that nothing else owns or closes.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     // SAFETY: `ifreq` is plain integers and a union of them, for which all zeros is valid.
     let mut request: libc::ifreq = unsafe { mem::zeroed() };
     for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {

@@ -385,11 +385,11 @@ impl CgroupPaths {
         // The cache's worth of paths, and the one asked for: held as the walk goes, so that a
         // tree of many long paths costs no more than the cache.
         let (capacity, mut found, mut wanted) = (self.limits.capacity, Vec::new(), None);
-        let walked = self.walk(|other, path| {
+        let walked = self.walk(|other, below| {
             if other == id {
-                wanted = Some(cut_path(path));
+                wanted = Some(cut_path(&Path::new("/").join(below)));
             } else if found.len() < capacity {
-                found.push((other, cut_path(path)));
+                found.push((other, cut_path(&Path::new("/").join(below))));
             }
         });
         let took = now.elapsed();
@@ -436,8 +436,8 @@ impl CgroupPaths {
         self.state.lock().map_or(0, |state| state.paths.len())
     }
 
-    /// Visits every cgroup under the mount, within the limits, with its id and its path under
-    /// the mount (`/` for the root). Directories that vanish or cannot be read during the walk
+    /// Visits every cgroup under the mount, within the limits, with its id and its path below
+    /// the mount (empty for the root). Directories that vanish or cannot be read during the walk
     /// are skipped: the tree changes while we walk it. Nothing is kept but an open directory per
     /// level.
     fn walk(&self, mut visit: impl FnMut(u64, &Path)) -> Result<(), WorkloadError> {
@@ -445,7 +445,7 @@ impl CgroupPaths {
             path: self.root.clone(),
             source,
         })?;
-        visit(root_meta.ino(), Path::new("/"));
+        visit(root_meta.ino(), Path::new(""));
         let mut visited = 1;
         // Depth-first, one open directory per level: what the walk holds is bounded by the
         // depth, however wide the tree.
@@ -474,8 +474,7 @@ impl CgroupPaths {
             }
             visited += 1;
             let path = entry.path();
-            let below = path.strip_prefix(&self.root).unwrap_or(&path);
-            visit(meta.ino(), &Path::new("/").join(below));
+            visit(meta.ino(), path.strip_prefix(&self.root).unwrap_or(&path));
             // `open` holds the directories above this one's parent, and its parent.
             if open.len() < self.limits.max_depth
                 && let Ok(children) = fs::read_dir(&path)

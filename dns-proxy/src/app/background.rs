@@ -3,14 +3,7 @@
 //! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
 //! that is gone), and, as routes change, the source of redirected sockets and the blocks'
 //! routes (the redirect is switched off while a block is not routed here).
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use dns_proxy_common::AddressBlock;
 
@@ -76,19 +69,25 @@ pub(super) fn start(
     tokio::spawn(forget_departed(
         Arc::clone(servers),
         workload_stats,
-        root,
+        root.clone(),
         stop.clone(),
     ));
     let readiness = Arc::clone(readiness);
-    tokio::spawn(watch_cgroups(watched, readiness, stop.clone()));
+    tokio::spawn(watch_cgroups(watched, root, readiness, stop.clone()));
 }
 
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
-/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup if something
-/// moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when the
-/// redirected cgroup is gone or made anew: the programs stay on the old one, so nothing in a
-/// new one is redirected until the agent restarts.
-async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
+/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup (in the
+/// hierarchy mounted at `root`) if something moved it out ([`cgroup::return_to`]), and says
+/// once, as an error and on `/readyz`, when the redirected cgroup is gone or made anew: the
+/// programs stay on the old one, so nothing in a new one is redirected until the agent
+/// restarts.
+async fn watch_cgroups(
+    watched: Watched,
+    root: PathBuf,
+    readiness: Arc<Readiness>,
+    stop: drain::Signal,
+) {
     let Watched {
         target,
         exclusions,
@@ -96,26 +95,28 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     } = watched;
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
+    let mut own_cgroup_said = false;
     loop {
         tokio::select! {
             () = stop.stopped() => return,
             () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
         }
-        let (target_path, agent) = (target.path.clone(), agent.clone());
+        let (target_path, own_cgroup, root) = (target.path.clone(), agent.clone(), root.clone());
         let looked = tokio::task::spawn_blocking(move || {
             if let Some(exclusions) = exclusions.as_mut() {
                 exclusions.refresh();
             }
-            keep_in_own_cgroup(&agent);
+            let own = cgroup::return_to(&own_cgroup, &root);
             let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
-            (exclusions, now)
+            (exclusions, own, now)
         })
         .await;
-        let Ok((kept, target_now)) = looked else {
+        let Ok((kept, own, target_now)) = looked else {
             log::warn!(target: LOG, "watching the cgroups named on the command line stopped");
             return;
         };
         exclusions = kept;
+        say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         let lost = target_now.map_or(true, |id| id != target.id);
         if lost && !target_lost {
             log::error!(
@@ -131,12 +132,17 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     }
 }
 
-/// Moves the agent back into its own cgroup `agent` if it was moved out, and says so: in
+/// Says where [`cgroup::return_to`] found the agent, if not in its own cgroup `agent`: in
 /// another (the redirected one, say) the sockets it makes are redirected to itself, and its
-/// lookups loop until they are dropped. Those it made meanwhile stay where they were made,
-/// until it replaces them.
-fn keep_in_own_cgroup(agent: &Cgroup) {
-    match cgroup::return_to(agent) {
+/// lookups loop until they are dropped; those it made meanwhile stay where they were made,
+/// until it replaces them. What cannot be helped is said once (`said`): it would be the same
+/// every second.
+fn say_where_the_agent_was(
+    own: Result<cgroup::OwnCgroup, cgroup::CgroupError>,
+    agent: &Cgroup,
+    said: &mut bool,
+) {
+    match own {
         Ok(cgroup::OwnCgroup::In) => {}
         Ok(cgroup::OwnCgroup::MovedBack(found)) => log::error!(
             target: LOG,
@@ -145,10 +151,9 @@ fn keep_in_own_cgroup(agent: &Cgroup) {
             agent.path.display(),
             found.display()
         ),
-        // Said once: it would be the same every second.
-        Ok(cgroup::OwnCgroup::Lost(found))
-            if !CANNOT_KEEP_IN_OWN_CGROUP.swap(true, Ordering::Relaxed) =>
-        {
+        Ok(cgroup::OwnCgroup::Lost(_)) | Err(_) if *said => {}
+        Ok(cgroup::OwnCgroup::Lost(found)) => {
+            *said = true;
             log::error!(
                 target: LOG,
                 "the agent was moved out of its own cgroup {} (to {}), which is gone or was \
@@ -158,14 +163,12 @@ fn keep_in_own_cgroup(agent: &Cgroup) {
                 found.display()
             );
         }
-        Err(err) if !CANNOT_KEEP_IN_OWN_CGROUP.swap(true, Ordering::Relaxed) => {
+        Err(err) => {
+            *said = true;
             log::error!(target: LOG, "cannot keep the agent in its own cgroup: {err}");
         }
-        Ok(cgroup::OwnCgroup::Lost(_)) | Err(_) => {}
     }
 }
-
-static CANNOT_KEEP_IN_OWN_CGROUP: AtomicBool = AtomicBool::new(false);
 
 /// What the agent keeps as routes and addresses change: the source of redirected sockets,
 /// and the blocks it routed here (whose routes the redirect needs), with the switch of the
@@ -235,10 +238,9 @@ fn switch_redirect(
         log::error!(
             target: LOG,
             "{} no longer routed to this host (its local route is gone, or `lo` is down): \
-             redirecting nothing \
-             there, so new lookups of that family go direct, until it is back (loopback's \
-             with `lo` and its address; a block's own route: restart the agent to route it \
-             again)",
+             redirecting nothing there, so new lookups of that family go direct, until it is \
+             back (loopback's with `lo` and its address; a block's own route: restart the \
+             agent to route it again)",
             blocks.join(" and ")
         );
     }
