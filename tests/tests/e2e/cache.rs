@@ -617,10 +617,14 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
     let bytes = super::value(&page, "dns_proxy_cache_bytes");
     let evictions = super::value(&page, "dns_proxy_cache_evictions_total");
     let misses = super::value(&page, "dns_proxy_cache_misses_total");
+    let answered = super::value(
+        &page,
+        "dns_proxy_answers_total{protocol=\"udp\",rcode=\"NOERROR\"}",
+    );
     eprintln!(
-        "cache: misses={misses} entries={entries} bytes={bytes} evictions={evictions} \
-         rss: before={rss_before} KiB half={rss_after_half} KiB after={rss_after} KiB \
-         peak={peak} KiB"
+        "cache: misses={misses} answered={answered} entries={entries} bytes={bytes} \
+         evictions={evictions} rss: before={rss_before} KiB half={rss_after_half} KiB \
+         after={rss_after} KiB peak={peak} KiB"
     );
     assert_eq!(entries, ENTRIES, "full, and no fuller");
     assert!(bytes <= ENTRIES * 2048, "{bytes}");
@@ -633,14 +637,19 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
         misses >= 4 * ENTRIES,
         "enough names reached the cache: {misses}"
     );
-    // Every name is distinct: all but the last ENTRIES kept were pushed out, and counted.
+    // Every name is distinct and every answer the upstream gave was kept: all but the last
+    // ENTRIES kept were pushed out, and counted. (Not every miss: under load some queries
+    // get no answer in time, and nothing is kept for them.)
     assert!(
-        evictions + ENTRIES >= misses * 99 / 100,
-        "{evictions} of {misses}"
+        evictions + ENTRIES >= answered && evictions + ENTRIES <= misses,
+        "{evictions} evictions, {answered} answered, {misses} misses"
     );
+    // The allocator keeps what it took at its busiest (a few MiB more, at random points of a
+    // run: 2.3 to 3.7 MiB here); keeping the second half's names would take at least 32
+    // bytes for each of them: 15 MiB for the 490,000 of them that reach the agent alone.
     assert!(
-        rss_after <= rss_after_half + 4096,
-        "the second half of the names grew the agent by more than 4 MiB: {rss_after_half} -> \
+        rss_after <= rss_after_half + 8192,
+        "the second half of the names grew the agent by more than 8 MiB: {rss_after_half} -> \
          {rss_after} KiB"
     );
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
