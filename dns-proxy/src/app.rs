@@ -148,6 +148,8 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         dnstap::check_target(target).map_err(RunError::Dnstap)?;
     }
     let hierarchy = cgroup::cgroup2_root()?;
+    // Where the agent finds its own cgroup: in a container, its own mount, not the host's.
+    let agent_mount = cgroup::own_cgroup_mount()?;
     // Checked before the agent moves, so a bad path changes nothing.
     let (target, excluded_subtrees) = match &config.workload {
         Workload::Cgroup { cgroup, exclude } => {
@@ -177,7 +179,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         Workload::Command(_) => (None, Vec::new()),
     };
     // Before any thread or socket exists, so that all of the agent's traffic carries its cgroup.
-    let agent = AgentCgroup::enter(&hierarchy)?;
+    let agent = AgentCgroup::enter(&agent_mount)?;
     let command = match &config.workload {
         Workload::Command(argv) => Some((argv.as_slice(), CommandCgroup::create(agent.parent())?)),
         Workload::Cgroup { .. } => None,
@@ -212,6 +214,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     let scope = Scope {
         target,
         agent: agent.cgroup(),
+        agent_mount: &agent_mount,
         excluded: &excluded,
         command: command
             .as_ref()
@@ -231,6 +234,10 @@ struct Scope<'a> {
     target: &'a Cgroup,
     /// The agent's own cgroup, never redirected.
     agent: &'a Cgroup,
+    /// The cgroup2 mount the agent found its own cgroup in, which shows the paths
+    /// `/proc/self/cgroup` names: in a container, not the redirected cgroup's hierarchy
+    /// mounted beside it (the DaemonSet's `/host/cgroup`).
+    agent_mount: &'a cgroup::Cgroup2Mount,
     excluded: &'a [ExcludedTree<'a>],
     command: Option<(&'a [OsString], &'a Cgroup)>,
 }
@@ -336,6 +343,7 @@ async fn serve(
         target: scope.target.clone(),
         exclusions: redirector.take_exclusions(),
         agent: scope.agent.clone(),
+        agent_mount: scope.agent_mount.clone(),
     };
     background::start(
         &agents,

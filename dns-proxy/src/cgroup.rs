@@ -37,6 +37,14 @@ pub enum CgroupError {
     EnterAgentCgroup { path: PathBuf, source: io::Error },
     #[error("this process has no cgroup v2 entry (0::) in /proc/self/cgroup")]
     NotInCgroup2,
+    #[error(
+        "no cgroup2 mount shows the agent's own cgroup (/{}, as its cgroup namespace names \
+         it): in a container with a cgroup namespace of its own, mount cgroup2 in the \
+         container too (runtimes do at /sys/fs/cgroup on cgroup v2 hosts), or run it in the \
+         host's cgroup namespace",
+        .0.display()
+    )]
+    OwnCgroupNotMounted(PathBuf),
     #[error("cannot create a cgroup for the command at {path}: {source}{hint}", hint = permission_hint(source))]
     CreateCommandCgroup { path: PathBuf, source: io::Error },
 }
@@ -55,31 +63,74 @@ fn read(path: &Path) -> Result<String, CgroupError> {
     })
 }
 
+/// A cgroup2 mount: where it is, and the cgroup it shows there (its root, as this process's
+/// cgroup namespace names it, without the leading `/`: empty for the namespace's root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub mount_point: PathBuf,
+    root: PathBuf,
+}
+
+impl Cgroup2Mount {
+    /// The directory of `cgroup` (a path as [`parse_own_cgroup`] gives it) under this mount;
+    /// `None` if the mount does not show it: a subtree beside it, or a mount whose root lies
+    /// above the namespace's (`/..`, the host's tree bound into a container with a cgroup
+    /// namespace of its own), which no path of the namespace can be placed in.
+    pub fn dir_of(&self, cgroup: &Path) -> Option<PathBuf> {
+        let climbs = |path: &Path| {
+            path.components()
+                .any(|part| part == std::path::Component::ParentDir)
+        };
+        if climbs(&self.root) || climbs(cgroup) {
+            return None;
+        }
+        let below = cgroup.strip_prefix(&self.root).ok()?;
+        Some(self.mount_point.join(below))
+    }
+}
+
+/// The cgroup2 mounts in the text of `/proc/self/mountinfo`, in its order.
+fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // "36 25 0:31 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw": fields before " - "
+            // are id, parent, dev, root, mount point, options...; after it the filesystem type.
+            let (mount, fs) = line.split_once(" - ")?;
+            if fs.split_whitespace().next() != Some("cgroup2") {
+                return None;
+            }
+            let mut fields = mount.split_whitespace().skip(3);
+            let (root, mount_point) = (fields.next()?, fields.next()?);
+            Some(Cgroup2Mount {
+                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                root: PathBuf::from(unescape_mountinfo(root).trim_start_matches('/')),
+            })
+        })
+        .collect()
+}
+
 /// Where the cgroup2 hierarchy is mounted, from the text of `/proc/self/mountinfo`.
 ///
 /// Prefers a mount of the hierarchy's root over a bind mount of a subtree.
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    let mut fallback = None;
-    for line in mountinfo.lines() {
-        // "36 25 0:31 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw": fields before " - " are
-        // id, parent, dev, root, mount point, options...; after it the filesystem type.
-        let Some((mount, fs)) = line.split_once(" - ") else {
-            continue;
-        };
-        if fs.split_whitespace().next() != Some("cgroup2") {
-            continue;
-        }
-        let fields: Vec<&str> = mount.split_whitespace().collect();
-        let (Some(root), Some(mount_point)) = (fields.get(3), fields.get(4)) else {
-            continue;
-        };
-        let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
-        if *root == "/" {
-            return Some(mount_point);
-        }
-        fallback.get_or_insert(mount_point);
-    }
-    fallback
+    let mounts = parse_cgroup2_mounts(mountinfo);
+    mounts
+        .iter()
+        .find(|mount| mount.root.as_os_str().is_empty())
+        .or(mounts.first())
+        .map(|mount| mount.mount_point.clone())
+}
+
+/// The cgroup2 mount that shows `own`, this process's cgroup (from [`parse_own_cgroup`]),
+/// from the text of `/proc/self/mountinfo`: the one of the widest root among those that do.
+/// In a container with a cgroup namespace of its own, that is the container's own mount,
+/// not the host's tree mounted beside it for `--cgroup`.
+pub fn parse_own_cgroup_mount(mountinfo: &str, own: &Path) -> Option<Cgroup2Mount> {
+    parse_cgroup2_mounts(mountinfo)
+        .into_iter()
+        .filter(|mount| mount.dir_of(own).is_some())
+        .min_by_key(|mount| mount.root.components().count())
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
@@ -112,6 +163,24 @@ pub fn parse_own_cgroup(proc_self_cgroup: &str) -> Option<PathBuf> {
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(|path| PathBuf::from(path.trim_start_matches('/')))
+}
+
+/// This process's cgroup, as `/proc/self/cgroup` names it from its cgroup namespace's root.
+fn own_cgroup() -> Result<PathBuf, CgroupError> {
+    parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?).ok_or(CgroupError::NotInCgroup2)
+}
+
+/// The cgroup2 mount that shows this process's own cgroup ([`parse_own_cgroup_mount`]).
+pub fn own_cgroup_mount() -> Result<Cgroup2Mount, CgroupError> {
+    let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+    let own = own_cgroup()?;
+    parse_own_cgroup_mount(&mountinfo, &own).ok_or_else(|| {
+        if parse_cgroup2_mount(&mountinfo).is_none() {
+            CgroupError::NoCgroup2Mount
+        } else {
+            CgroupError::OwnCgroupNotMounted(own)
+        }
+    })
 }
 
 /// The mount point of the cgroup2 hierarchy on this host.
@@ -252,12 +321,14 @@ pub struct AgentCgroup {
 }
 
 impl AgentCgroup {
-    /// Creates (or reuses) `<current cgroup>/dns-proxy-agent` and moves the whole process there.
-    /// Call it before any socket is created.
-    pub fn enter(hierarchy_root: &Path) -> Result<Self, CgroupError> {
-        let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
-            .ok_or(CgroupError::NotInCgroup2)?;
-        let previous = hierarchy_root.join(&own);
+    /// Creates (or reuses) `<current cgroup>/dns-proxy-agent`, under `mount` (which shows the
+    /// current cgroup: [`own_cgroup_mount`]), and moves the whole process there. Call it
+    /// before any socket is created.
+    pub fn enter(mount: &Cgroup2Mount) -> Result<Self, CgroupError> {
+        let own = own_cgroup()?;
+        let previous = mount
+            .dir_of(&own)
+            .ok_or_else(|| CgroupError::OwnCgroupNotMounted(own.clone()))?;
         // Already inside one (a re-exec): stay.
         let path = if own
             .file_name()
@@ -352,14 +423,16 @@ pub enum OwnCgroup {
     Lost(PathBuf),
 }
 
-/// Moves this process back into `agent`, its own cgroup in the hierarchy mounted at
-/// `hierarchy_root`, if something moved it out (a service manager, or `echo PID >
-/// cgroup.procs` into the redirected cgroup): a socket it made elsewhere would carry that
-/// cgroup's id and could be redirected to the agent itself.
-pub fn return_to(agent: &Cgroup, hierarchy_root: &Path) -> Result<OwnCgroup, CgroupError> {
-    let own = parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?)
-        .ok_or(CgroupError::NotInCgroup2)?;
-    let now = hierarchy_root.join(own);
+/// Moves this process back into `agent`, its own cgroup, under `mount` (the mount it entered
+/// it from), if something moved it out (a service manager, or `echo PID > cgroup.procs` into
+/// the redirected cgroup): a socket it made elsewhere would carry that cgroup's id and could
+/// be redirected to the agent itself.
+pub fn return_to(agent: &Cgroup, mount: &Cgroup2Mount) -> Result<OwnCgroup, CgroupError> {
+    let own = own_cgroup()?;
+    // Moved where the mount does not show (outside its cgroup namespace): named as is.
+    let now = mount
+        .dir_of(&own)
+        .unwrap_or_else(|| Path::new("/").join(&own));
     if fs::metadata(&now).is_ok_and(|meta| meta.ino() == agent.id) {
         return Ok(OwnCgroup::In);
     }
@@ -456,6 +529,43 @@ mod tests {
         assert_eq!(
             parse_cgroup2_mount(&text[..text.find('\n').unwrap()]),
             Some(PathBuf::from("/host/cgroup"))
+        );
+    }
+
+    /// The agent finds its own cgroup in the mount that shows it: in a Kubernetes pod on a
+    /// cgroup v2 node (a cgroup namespace of its own), the container's `/sys/fs/cgroup`, not
+    /// the host's tree at `/host/cgroup`, whose root lies above the namespace's.
+    #[test]
+    fn finds_its_own_cgroup_in_the_mount_that_shows_it() {
+        let pod = "\
+50 25 0:38 /../../.. /host/cgroup ro,relatime - cgroup2 cgroup2 rw
+51 25 0:38 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw
+";
+        let own = |mountinfo: &str, cgroup: &str| {
+            parse_own_cgroup_mount(mountinfo, Path::new(cgroup))
+                .and_then(|mount| mount.dir_of(Path::new(cgroup)))
+        };
+        assert_eq!(own(pod, ""), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            own(pod, "dns-proxy-agent"),
+            Some(PathBuf::from("/sys/fs/cgroup/dns-proxy-agent"))
+        );
+        // Moved out of its namespace: no mount shows where it is.
+        assert_eq!(own(pod, "../other"), None);
+        // The host's tree alone, in a namespace of its own: nothing to place it in.
+        assert_eq!(own(&pod[..pod.find('\n').unwrap()], ""), None);
+        // A subtree bound alone shows the cgroups below it, and no others.
+        let subtree = "50 25 0:38 /kubepods /host/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own(subtree, "kubepods/pod1/ctr"),
+            Some(PathBuf::from("/host/cgroup/pod1/ctr"))
+        );
+        assert_eq!(own(subtree, "kubepods-other"), None);
+        assert_eq!(own(subtree, "system.slice/x.service"), None);
+        // With the whole hierarchy mounted too, the whole hierarchy's mount.
+        assert_eq!(
+            own(&format!("{subtree}{HYBRID}"), "kubepods/pod1"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified/kubepods/pod1"))
         );
     }
 

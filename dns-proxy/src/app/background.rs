@@ -35,6 +35,8 @@ pub(super) struct Watched {
     pub exclusions: Option<Exclusions>,
     /// The agent's own cgroup, which it must not leave.
     pub agent: Cgroup,
+    /// The cgroup2 mount that shows the agent's own cgroup.
+    pub agent_mount: cgroup::Cgroup2Mount,
 }
 
 /// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
@@ -69,29 +71,24 @@ pub(super) fn start(
     tokio::spawn(forget_departed(
         Arc::clone(servers),
         workload_stats,
-        root.clone(),
+        root,
         stop.clone(),
     ));
     let readiness = Arc::clone(readiness);
-    tokio::spawn(watch_cgroups(watched, root, readiness, stop.clone()));
+    tokio::spawn(watch_cgroups(watched, readiness, stop.clone()));
 }
 
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
-/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup (in the
-/// hierarchy mounted at `root`) if something moved it out ([`cgroup::return_to`]), and says
-/// once, as an error and on `/readyz`, when the redirected cgroup is gone or made anew: the
-/// programs stay on the old one, so nothing in a new one is redirected until the agent
-/// restarts.
-async fn watch_cgroups(
-    watched: Watched,
-    root: PathBuf,
-    readiness: Arc<Readiness>,
-    stop: drain::Signal,
-) {
+/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup if something
+/// moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when
+/// the redirected cgroup is gone or made anew: the programs stay on the old one, so nothing
+/// in a new one is redirected until the agent restarts.
+async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
     let Watched {
         target,
         exclusions,
         agent,
+        agent_mount,
     } = watched;
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
@@ -101,12 +98,13 @@ async fn watch_cgroups(
             () = stop.stopped() => return,
             () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
         }
-        let (target_path, own_cgroup, root) = (target.path.clone(), agent.clone(), root.clone());
+        let (target_path, own_cgroup, mount) =
+            (target.path.clone(), agent.clone(), agent_mount.clone());
         let looked = tokio::task::spawn_blocking(move || {
             if let Some(exclusions) = exclusions.as_mut() {
                 exclusions.refresh();
             }
-            let own = cgroup::return_to(&own_cgroup, &root);
+            let own = cgroup::return_to(&own_cgroup, &mount);
             let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
             (exclusions, own, now)
         })

@@ -197,6 +197,108 @@ fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
     assert_eq!(agent.query_lines(name).len(), 1, "{}", agent.log());
 }
 
+/// The agent as a container runs it: in a cgroup namespace of its own, whose root is its
+/// container's cgroup (mounted read-only, as Kubernetes does, or writable), with the host's
+/// hierarchy mounted elsewhere for `--cgroup` (the DaemonSet's `/host/cgroup`). It finds
+/// itself in its own cgroup and stays there. Before, it looked for itself in the host's
+/// hierarchy: it "moved back" every second where it could write its cgroup, and logged that
+/// it could not keep to its cgroup where it could not. With no mount that shows its own
+/// cgroup, it says so and starts nothing (before, it took the host's root for its cgroup).
+#[test]
+fn an_agent_in_a_cgroup_namespace_of_its_own_finds_its_cgroup_in_its_own_mount() {
+    for mount_options in ["ro", "rw", "none"] {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let container = tests::TestCgroup::new(&format!("{}-container", topology.tag));
+        let mut command = agent_in_a_container(&topology, &container.path, mount_options);
+        if mount_options == "none" {
+            let output = command.output().expect("run the agent");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{stderr}");
+            assert!(
+                stderr.contains("dns-proxy: error: no cgroup2 mount shows the agent's own cgroup"),
+                "{stderr}"
+            );
+            continue;
+        }
+        let mut agent = Agent::spawn(command);
+        let name = format!("container-{mount_options}.example.test");
+        assert_answered(
+            dig(topology.workload("dig", &[]), &name, &[]),
+            "dig in the cgroup",
+        );
+        forwarded(&agent, &name);
+        // Three rounds of the agent's check of its own cgroup.
+        std::thread::sleep(Duration::from_millis(3500));
+        let log = agent.log();
+        assert!(!log.contains("its own cgroup"), "{mount_options}: {log}");
+        let pid = agent.process().id();
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+        let container_name = container.path.file_name().unwrap().to_string_lossy();
+        let expected = match mount_options {
+            "ro" => format!("/{container_name}\n"),
+            _ => format!("/{container_name}/dns-proxy-agent\n"),
+        };
+        assert!(own.ends_with(&expected), "{mount_options}: {own}");
+    }
+}
+
+/// The agent, redirecting the topology's cgroup, started in `container` (a cgroup) with a
+/// cgroup namespace and a mount namespace of its own: the host's hierarchy bound at a path of
+/// its own, and cgroup2 mounted anew where it was with `mount_options` (showing the
+/// container's cgroup), or not at all (`none`).
+fn agent_in_a_container(
+    topology: &Topology,
+    container: &std::path::Path,
+    mount_options: &str,
+) -> Command {
+    let hierarchy = tests::cgroup2_root();
+    // On the namespace's bpffs, which goes with it.
+    let host_view = topology.client.state_dir().with_file_name("host-cgroup");
+    std::fs::create_dir(&host_view).expect("mkdir the host's view");
+    let redirected = host_view.join(
+        topology
+            .cgroup
+            .path
+            .strip_prefix(&hierarchy)
+            .expect("the test cgroup is in the hierarchy"),
+    );
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(
+            r#"echo $$ > "$1/cgroup.procs" &&
+            exec unshare --cgroup --mount --propagation private sh -c "$CONTAINER" sh "$@""#,
+        )
+        .env(
+            "CONTAINER",
+            r#"mount --bind "$2" "$3" && umount "$2" &&
+            { [ "$4" = none ] || mount -t cgroup2 -o "$4" cgroup2 "$2"; } &&
+            shift 4 && exec "$@""#,
+        )
+        .arg("sh")
+        .arg(container)
+        .arg(&hierarchy)
+        .arg(&host_view)
+        .arg(mount_options);
+    if mount_options == "none" {
+        // Refused at once; were it not, it would serve until killed.
+        command.args(["timeout", "20"]);
+    }
+    command
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(agent_binary())
+        .arg("run")
+        .arg(format!("--cgroup={}", redirected.display()))
+        .arg(format!("--listen={PROXY_LISTEN}"))
+        .env("DNS_PROXY_STATE_DIR", topology.client.state_dir())
+        .env("RUST_LOG", "info,dns_proxy=debug")
+        .stdout(Stdio::null());
+    command
+}
+
 #[test]
 fn processes_outside_the_cgroup_are_not_redirected() {
     let Harness {
