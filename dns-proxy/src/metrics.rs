@@ -41,6 +41,8 @@ pub struct Readiness {
     target_lost: AtomicBool,
     /// A block the agent serves is no longer routed to this host: the redirect is off.
     block_unrouted: AtomicBool,
+    /// The agent is out of its own cgroup and cannot go back: its own lookups may loop.
+    outside_own_cgroup: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -74,11 +76,22 @@ impl Readiness {
         self.block_unrouted.store(unrouted, Ordering::Relaxed);
     }
 
+    /// Whether the agent is out of its own cgroup and cannot go back (it was removed or made
+    /// anew meanwhile): the sockets it makes may send its own lookups back to it.
+    pub fn set_outside_own_cgroup(&self, outside: bool) {
+        self.outside_own_cgroup.store(outside, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.is_replaced()
             && !self.is_target_lost()
             && !self.is_block_unrouted()
+            && !self.is_outside_own_cgroup()
+    }
+
+    fn is_outside_own_cgroup(&self) -> bool {
+        self.outside_own_cgroup.load(Ordering::Relaxed)
     }
 
     fn is_block_unrouted(&self) -> bool {
@@ -259,6 +272,11 @@ impl Metrics {
                 "not ready: the redirect block is no longer routed to this host (lookups go \
                  direct); restart the agent to route it again\n",
             ),
+            "/readyz" if self.readiness.is_outside_own_cgroup() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the agent is out of its own cgroup and cannot go back (its own \
+                 lookups may loop); restart the agent\n",
+            ),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: starting or shutting down\n",
@@ -355,11 +373,15 @@ mod tests {
     fn an_agent_that_cannot_redirect_as_asked_is_not_ready_and_says_why() {
         let agent = metrics(true);
         type Setter = fn(&Readiness, bool);
-        let states: [(Setter, &str); 2] = [
+        let states: [(Setter, &str); 3] = [
             (Readiness::set_target_lost, "the redirected cgroup is gone"),
             (
                 Readiness::set_block_unrouted,
                 "no longer routed to this host",
+            ),
+            (
+                Readiness::set_outside_own_cgroup,
+                "out of its own cgroup and cannot go back",
             ),
         ];
         for (set, why) in states {

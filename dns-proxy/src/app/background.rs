@@ -81,8 +81,8 @@ pub(super) fn start(
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
 /// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup if something
 /// moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when
-/// the redirected cgroup is gone or made anew: the programs stay on the old one, so nothing
-/// in a new one is redirected until the agent restarts.
+/// the redirected cgroup is gone or made anew (the programs stay on the old one, so nothing
+/// in a new one is redirected until the agent restarts), or when the agent cannot go back.
 async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
     let Watched {
         target,
@@ -114,6 +114,7 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             return;
         };
         exclusions = kept;
+        readiness.set_outside_own_cgroup(matches!(own, Ok(cgroup::OwnCgroup::Lost(_)) | Err(_)));
         say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         let lost = target_now.map_or(true, |id| id != target.id);
         if lost && !target_lost {

@@ -197,6 +197,46 @@ fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
     assert_eq!(agent.query_lines(name).len(), 1, "{}", agent.log());
 }
 
+/// Moved out of its own cgroup, which is then removed: the agent cannot go back (a cgroup
+/// made anew there would be another, whose id no agent registered). It stays where it was
+/// put, says so once, and `/readyz` says it needs a restart; before, `/readyz` said ready.
+#[test]
+fn an_agent_that_cannot_go_back_to_its_own_cgroup_stays_put_and_is_not_ready() {
+    let Harness {
+        mut agent,
+        topology,
+        ..
+    } = Harness::start(
+        Placement::InsideRedirectedCgroup,
+        &["--metrics", super::METRICS],
+    );
+    let readyz = || tests::http_get(&topology.client, metrics_addr(), "/readyz");
+    assert_eq!(readyz().0, 200);
+    let pid = agent.process().id().to_string();
+    let own = topology.cgroup.path.join("dns-proxy-agent");
+    // Out and removed between two of the agent's checks, a second apart; again if a check
+    // came between (the agent back in, the removal refused).
+    wait_for(
+        "the agent's cgroup to be removed while it is out",
+        Duration::from_secs(10),
+        || {
+            std::fs::write(topology.cgroup.path.join("cgroup.procs"), &pid)
+                .expect("move the agent");
+            std::fs::remove_dir(&own).ok()
+        },
+    );
+    wait_for_log(&agent, "cannot go back");
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("out of its own cgroup"), "{body}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.log();
+    assert_eq!(log.matches("cannot go back").count(), 1, "{log}");
+    let now = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+    let workload = topology.cgroup.path.file_name().unwrap().to_string_lossy();
+    assert!(now.trim_end().ends_with(&format!("/{workload}")), "{now}");
+}
+
 /// The agent as a container runs it: in a cgroup namespace of its own, whose root is its
 /// container's cgroup (mounted read-only, as Kubernetes does, or writable), with the host's
 /// hierarchy mounted elsewhere for `--cgroup` (the DaemonSet's `/host/cgroup`). It finds
