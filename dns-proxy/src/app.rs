@@ -424,10 +424,8 @@ fn warn_of_agents_above(target: &Cgroup) {
     let Some(root) = target.hierarchy_root() else {
         return;
     };
-    let Ok(target_path) = std::fs::canonicalize(&target.path) else {
-        return;
-    };
-    for ancestor in target_path.ancestors().skip(1) {
+    // Resolved when it was opened, where resolving names the same directory.
+    for ancestor in target.path.ancestors().skip(1) {
         if !ancestor.starts_with(&root) {
             break;
         }

@@ -219,10 +219,19 @@ impl Cgroup {
             };
             return Err(bad(format!("not a cgroup v2 directory ({hint})")));
         }
+        // Resolved once: the cgroup is the directory named now, which a symlink re-pointed
+        // later, or a relative path read from another directory, would no longer name.
+        let path = resolved(path, &metadata).ok_or_else(|| {
+            bad(
+                "reached through another mount namespace's tree (/proc/PID/root, say), where \
+                 this one shows another directory or none, and which the agent cannot follow \
+                 once it drops its capabilities: mount the host's cgroup2 hierarchy into the \
+                 agent's mount namespace and name it there"
+                    .to_owned(),
+            )
+        })?;
         Ok(Self {
-            // Resolved once: the cgroup is the directory named now, which a symlink re-pointed
-            // later, or a relative path read from another directory, would no longer name.
-            path: fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+            path,
             id: metadata.ino(),
         })
     }
@@ -230,7 +239,8 @@ impl Cgroup {
     /// The directory of the hierarchy's root above this cgroup (the top of the cgroup2
     /// filesystem it is on); `None` if it cannot be read.
     pub fn hierarchy_root(&self) -> Option<PathBuf> {
-        let mut dir = fs::canonicalize(&self.path).ok()?;
+        // Resolved when it was opened.
+        let mut dir = self.path.clone();
         while dir.join("cgroup.type").exists() {
             let parent = dir.parent()?;
             if filesystem_magic(parent).ok() != Some(CGROUP2_SUPER_MAGIC) {
@@ -244,9 +254,7 @@ impl Cgroup {
     /// Whether this cgroup is `other` or one of its ancestors: compared by id, so two paths
     /// to one cgroup (another mount of the hierarchy, `..`, a symlink) are one.
     pub fn holds(&self, other: &Cgroup) -> bool {
-        let Ok(mut dir) = fs::canonicalize(&other.path) else {
-            return false;
-        };
+        let mut dir = other.path.clone();
         loop {
             if fs::metadata(&dir).is_ok_and(|metadata| metadata.ino() == self.id) {
                 return true;
@@ -270,7 +278,7 @@ impl Cgroup {
             path: self.path.clone(),
             reason,
         };
-        let mut dir = fs::canonicalize(&self.path).map_err(|err| bad(err.to_string()))?;
+        let mut dir = self.path.clone();
         let mut level = 0;
         while dir.join("cgroup.type").exists() {
             let parent = dir.parent().map(Path::to_owned);
@@ -290,6 +298,16 @@ impl Cgroup {
         }
         Ok(level)
     }
+}
+
+/// `path` (of `metadata`) with its symlinks and `..` resolved, if that names the same
+/// directory. Through `/proc/PID/root` (another mount namespace's tree, as a pod with
+/// `hostPID` may name the host's cgroups) it names a directory of this namespace instead, or
+/// none: `None`.
+fn resolved(path: &Path, metadata: &fs::Metadata) -> Option<PathBuf> {
+    let canonical = fs::canonicalize(path).ok()?;
+    let found = fs::metadata(&canonical).ok()?;
+    (found.dev() == metadata.dev() && found.ino() == metadata.ino()).then_some(canonical)
 }
 
 fn filesystem_magic(path: &Path) -> io::Result<i64> {

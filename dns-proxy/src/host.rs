@@ -360,14 +360,23 @@ impl Pins {
 
     /// Pins again each map whose pin is gone, its directories made again as the agent makes
     /// them, and returns their names. A pin that names another map (an agent of another
-    /// version's) is left alone.
+    /// version's) is left alone, and so is a gone `AGENTS` beside a table still pinned: an
+    /// agent of another version removed it to make its own ([`check_pins`]), which ours,
+    /// pinned again before it loads, would be handed instead.
     pub fn restore(&self) -> Result<Vec<&'static str>, HostError> {
-        let mut restored = Vec::new();
+        let table_pinned = PINS[..2]
+            .iter()
+            .any(|(name, ..)| self.dir.join(name).exists());
+        let mut gone = Vec::new();
         for (name, map) in &self.maps {
             let path = self.dir.join(name);
             match fs::symlink_metadata(&path) {
-                Ok(_) => continue,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    if !(*name == dns_proxy_common::names::AGENTS && table_pinned) {
+                        gone.push((*name, map, path));
+                    }
+                }
                 Err(err) => {
                     return Err(HostError::StateDir {
                         path,
@@ -375,23 +384,53 @@ impl Pins {
                     });
                 }
             }
-            for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
-                let created = !dir.exists();
-                if created {
-                    fs::create_dir(dir).map_err(|err| HostError::StateDir {
-                        path: dir.to_owned(),
-                        problem: format!("cannot create it again: {err}"),
-                    })?;
-                }
-                own_exclusively(dir, created)?;
-            }
+        }
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.make_dirs_again()?;
+        let mut restored = Vec::new();
+        for (name, map, path) in gone {
             map.pin(&path).map_err(|err| HostError::StateDir {
                 path: path.clone(),
                 problem: format!("cannot pin it again: {err}"),
             })?;
-            restored.push(*name);
+            restored.push(name);
         }
         Ok(restored)
+    }
+
+    /// Makes the table's directory and those above it that are gone, `0700`, and checks the
+    /// state directory and the table's as at start. Nothing is made outside a bpffs (one
+    /// unmounted under the agent, say): the nearest directory that exists must be on one.
+    fn make_dirs_again(&self) -> Result<(), HostError> {
+        let existing = self.dir.ancestors().find(|dir| dir.exists());
+        if !existing.is_some_and(is_bpffs) {
+            return Err(HostError::StateDir {
+                path: self.dir.clone(),
+                problem: "no longer on a bpf filesystem (unmounted, or another filesystem \
+                          mounted over it): cannot pin the table again"
+                    .to_owned(),
+            });
+        }
+        let missing: Vec<&Path> = self
+            .dir
+            .ancestors()
+            .take_while(|dir| Some(*dir) != existing)
+            .collect();
+        for dir in missing.iter().rev() {
+            fs::create_dir(dir).map_err(|err| HostError::StateDir {
+                path: dir.to_path_buf(),
+                problem: format!("cannot create it again: {err}"),
+            })?;
+            own_exclusively(dir, true)?;
+        }
+        for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
+            if !missing.contains(&dir) {
+                own_exclusively(dir, false)?;
+            }
+        }
+        Ok(())
     }
 }
 

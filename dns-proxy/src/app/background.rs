@@ -134,22 +134,25 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
 /// Says where [`cgroup::return_to`] found the agent, if not in its own cgroup `agent`: in
 /// another (the redirected one, say) the sockets it makes are redirected to itself, and its
 /// lookups loop until they are dropped; those it made meanwhile stay where they were made,
-/// until it replaces them. What cannot be helped is said once (`said`): it would be the same
-/// every second.
+/// until it replaces them. What cannot be helped is said once (`said`) until the agent is
+/// back: it would be the same every second.
 fn say_where_the_agent_was(
     own: Result<cgroup::OwnCgroup, cgroup::CgroupError>,
     agent: &Cgroup,
     said: &mut bool,
 ) {
     match own {
-        Ok(cgroup::OwnCgroup::In) => {}
-        Ok(cgroup::OwnCgroup::MovedBack(found)) => log::error!(
-            target: LOG,
-            "the agent was moved out of its own cgroup {} (to {}): moved back; sockets it \
-             made there may have sent its own lookups back to it",
-            agent.path.display(),
-            found.display()
-        ),
+        Ok(cgroup::OwnCgroup::In) => *said = false,
+        Ok(cgroup::OwnCgroup::MovedBack(found)) => {
+            *said = false;
+            log::error!(
+                target: LOG,
+                "the agent was moved out of its own cgroup {} (to {}): moved back; sockets it \
+                 made there may have sent its own lookups back to it",
+                agent.path.display(),
+                found.display()
+            );
+        }
         Ok(cgroup::OwnCgroup::Lost(_)) | Err(_) if *said => {}
         Ok(cgroup::OwnCgroup::Lost(found)) => {
             *said = true;

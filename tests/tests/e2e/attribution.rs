@@ -798,6 +798,91 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     holder.close();
 }
 
+/// The edges of pinning the table again. A state directory deep in a bpffs whose top
+/// directory is removed: every level is made again and pinned (before, only the last two
+/// levels were, so it said it could not and never did). `AGENTS` alone gone beside the table:
+/// left to the agent of another version that removed it to make its own (before, pinned
+/// again within a second, it could be handed to that agent instead). The bpffs unmounted:
+/// said once, and nothing made on the filesystem under it (before, its directories were).
+#[test]
+fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_stays_on_bpffs() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
+    let state = bpffs.path.join("a/b/state");
+    let agent = Agent::start(&topology, &[&format!("--state-dir={}", state.display())]);
+    let table = std::fs::read_dir(&state)
+        .expect("the state directory")
+        .next()
+        .expect("the table's directory")
+        .expect("its entry")
+        .path();
+    assert_answered(
+        dig(topology.workload("dig", &[]), "before.example.test", &[]),
+        "dig before",
+    );
+    assert!(
+        tests::origins_of_cgroup(&state, 0) > 0,
+        "the table holds the server"
+    );
+
+    std::fs::remove_dir_all(bpffs.path.join("a")).expect("remove the top directory");
+    wait_for_log(&agent, "pinned again");
+    assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
+
+    std::fs::remove_file(table.join("AGENTS")).expect("remove AGENTS");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!table.join("AGENTS").exists(), "{}", agent.log());
+    assert_eq!(agent.log().matches("pinned again").count(), 1);
+
+    bpffs.unmount();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!bpffs.path.join("a").exists(), "made under the bpffs");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("no longer on a bpf filesystem").count(),
+        1,
+        "{log}"
+    );
+    // The lookups go on.
+    assert_answered(
+        dig(topology.workload("dig", &[]), "after.example.test", &[]),
+        "dig after the unmount",
+    );
+    forwarded(&agent, "after.example.test");
+}
+
+/// A bpffs of a test's own on a directory of `/run/dns-proxy-tests`; unmounted and removed on
+/// drop.
+struct BpffsAt {
+    path: PathBuf,
+}
+
+impl BpffsAt {
+    fn mount(name: &str) -> Self {
+        let path = PathBuf::from("/run/dns-proxy-tests").join(name);
+        std::fs::create_dir_all(&path).expect("mkdir the bpffs's directory");
+        let bpffs = Self { path };
+        must(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&bpffs.path),
+        );
+        bpffs
+    }
+
+    fn unmount(&self) {
+        must(Command::new("umount").arg("-l").arg(&self.path));
+    }
+}
+
+impl Drop for BpffsAt {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// A process of a cgroup of its own that runs [`HOLDER`]: a UDP socket connected to an
 /// address, which asks names when told to.
 struct Holder {

@@ -59,6 +59,95 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
 }
 
+/// `--cgroup` and `--exclude-cgroup` through `/proc/PID/root`. Into the agent's own mount
+/// namespace, such a path is taken as the directory it names and kept. Into another one,
+/// which shows another directory at the same path (a decoy here), it is refused with one
+/// line: resolved into its own namespace, the agent had put its programs on the decoy, and
+/// swapped an excluded tree for it a second after start (an adversary's case); kept as
+/// given, it cannot follow it once it drops its capabilities.
+#[test]
+fn cgroups_named_through_proc_pid_root_are_taken_in_this_namespace_and_refused_from_another() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let through_proc = |cgroup: &Path| {
+        let root = format!("/proc/{}/root", std::process::id());
+        Path::new(&root).join(cgroup.strip_prefix("/").unwrap())
+    };
+    let app = child_cgroup(&topology, "app");
+    let resolver = child_cgroup(&topology, "resolver");
+    let decoy = child_cgroup(&topology, "decoy");
+
+    for (covered, args) in [
+        (
+            &app,
+            vec![format!("--cgroup={}", through_proc(&app).display())],
+        ),
+        (
+            &resolver,
+            vec![
+                format!("--cgroup={}", topology.cgroup.path.display()),
+                format!("--exclude-cgroup={}", through_proc(&resolver).display()),
+            ],
+        ),
+    ] {
+        let mut command = agent_seeing_a_decoy(&topology, &decoy, covered, &args);
+        let output = command.output().expect("run the agent");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("reached through another mount namespace's tree"),
+            "{stderr}"
+        );
+    }
+
+    // In the agent's own namespace: redirected, and still after the agent's checks.
+    let agent = Agent::launch(
+        &topology.client,
+        &through_proc(&app),
+        None,
+        &[
+            format!("--listen={PROXY_LISTEN}"),
+            format!("--exclude-cgroup={}", through_proc(&resolver).display()),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        probe_in(&app, &topology, "app.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "app.example.test");
+    assert!(!agent.log().contains("made anew"), "{}", agent.log());
+}
+
+/// The agent in a mount namespace of its own where `decoy` is bound over `covered`, with
+/// `args` (its `--cgroup` among them); refused at once, else it would serve until killed.
+fn agent_seeing_a_decoy(
+    topology: &Topology,
+    decoy: &Path,
+    covered: &Path,
+    args: &[String],
+) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+        .arg("sh")
+        .arg(decoy)
+        .arg(covered)
+        .args(["timeout", "20", "nsenter"])
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(agent_binary())
+        .arg("run")
+        .arg(format!("--listen={PROXY_LISTEN}"))
+        .args(args)
+        .env("DNS_PROXY_STATE_DIR", topology.client.state_dir())
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null());
+    command
+}
+
 /// systemd makes a service's cgroup anew at each restart, with a new id: the tree stays
 /// excluded (within a second), and the agent says so. A redirected cgroup that goes is an
 /// error in the log, and `/readyz` says 503.
