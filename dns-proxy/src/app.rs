@@ -89,6 +89,8 @@ pub enum Outcome {
     Stopped,
     /// The command of `exec` exited with this status.
     CommandExited(ExitStatus),
+    /// Stopped because it was moved out of its own cgroup and could not go back (`run`).
+    Stranded,
 }
 
 fn block_hint(err: &io::Error) -> &'static str {
@@ -339,11 +341,13 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
+    let stranded = drain::Signal::new();
     let watched = background::Watched {
         target: scope.target.clone(),
         exclusions: redirector.take_exclusions(),
         agent: scope.agent.clone(),
         agent_mount: scope.agent_mount.clone(),
+        stranded: stranded.clone(),
     };
     background::start(
         &agents,
@@ -390,7 +394,7 @@ async fn serve(
     // The line to wait for: /readyz answers 200 from here on.
     log::info!(target: LOG, "ready: redirected lookups are served");
 
-    let outcome = until_stopped(scope.command, &mut signals, &shared).await?;
+    let outcome = until_stopped(scope.command, &mut signals, &stranded, &shared).await?;
     readiness.set(false);
     stop_serving.stop();
     serving.join_all().await;
@@ -538,23 +542,34 @@ async fn go_live(
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM (`run`), or for the command to exit (`exec`).
+/// Waits for SIGINT or SIGTERM, or for the agent to be `stranded` out of its own cgroup
+/// (`run`), or for the command to exit (`exec`).
 async fn until_stopped(
     command: Option<(&[OsString], &Cgroup)>,
     signals: &mut StopSignals,
+    stranded: &drain::Signal,
     shared: &Shared,
 ) -> Result<Outcome, RunError> {
     // SIGHUP: the dnstap file, if any, is started anew (log rotation).
     let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
     Ok(match command {
-        None => {
-            let signal = signals.next(&reopen_logs).await;
-            log::info!(
-                target: LOG,
-                "{signal}: no longer redirecting new lookups; answering those in flight"
-            );
-            Outcome::Stopped
-        }
+        None => tokio::select! {
+            signal = signals.next(&reopen_logs) => {
+                log::info!(
+                    target: LOG,
+                    "{signal}: no longer redirecting new lookups; answering those in flight"
+                );
+                Outcome::Stopped
+            }
+            () = stranded.stopped() => {
+                log::error!(
+                    target: LOG,
+                    "out of its own cgroup, with no way back: no longer redirecting new lookups; \
+                     answering those in flight, then exiting with an error, to be started anew"
+                );
+                Outcome::Stranded
+            }
+        },
         Some((argv, cgroup)) => {
             let status = exec::run_command(argv, cgroup, signals).await?;
             log::info!(

@@ -41,6 +41,8 @@ fn main() -> ExitCode {
     match result {
         Ok(Outcome::Stopped) => ExitCode::SUCCESS,
         Ok(Outcome::CommandExited(status)) => exit_code_of(status),
+        // Logged as it happened; a service manager starts it anew.
+        Ok(Outcome::Stranded) => ExitCode::FAILURE,
         // One line that says what failed and what to do; the error types carry the detail.
         Err((message, err)) => {
             // Not eprintln!: with stderr closed it would panic, and the exit code with it.

@@ -37,6 +37,9 @@ pub(super) struct Watched {
     pub agent: Cgroup,
     /// The cgroup2 mount that shows the agent's own cgroup.
     pub agent_mount: cgroup::Cgroup2Mount,
+    /// Fired when the agent is out of its own cgroup and cannot go back: it stops, so that
+    /// its service manager starts it anew in its own.
+    pub stranded: drain::Signal,
 }
 
 /// Starts the heartbeat, the forgetting of the origins of cgroups that are gone (named from
@@ -89,6 +92,7 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         exclusions,
         agent,
         agent_mount,
+        stranded,
     } = watched;
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
@@ -115,6 +119,14 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         };
         exclusions = kept;
         readiness.set_outside_own_cgroup(matches!(own, Ok(cgroup::OwnCgroup::Lost(_)) | Err(_)));
+        // The sockets it makes where it is now may send its own lookups back to it, each
+        // looping until dropped: stopping switches the redirect off at once.
+        if matches!(
+            own,
+            Ok(cgroup::OwnCgroup::Lost(_)) | Err(cgroup::CgroupError::EnterAgentCgroup { .. })
+        ) {
+            stranded.stop();
+        }
         say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         let lost = target_now.map_or(true, |id| id != target.id);
         if lost && !target_lost {
@@ -160,7 +172,7 @@ fn say_where_the_agent_was(
                 target: LOG,
                 "the agent was moved out of its own cgroup {} (to {}), which is gone or was \
                  made anew since: it cannot go back, and the sockets it makes may send its \
-                 own lookups back to it; restart it",
+                 own lookups back to it; stopping, to be started anew",
                 agent.path.display(),
                 found.display()
             );

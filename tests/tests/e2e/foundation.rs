@@ -198,20 +198,17 @@ fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
 }
 
 /// Moved out of its own cgroup, which is then removed: the agent cannot go back (a cgroup
-/// made anew there would be another, whose id no agent registered). It stays where it was
-/// put, says so once, and `/readyz` says it needs a restart; before, `/readyz` said ready.
+/// made anew there would be another, whose id no agent registered), and the sockets it makes
+/// where it is may send its own lookups back to it. It stops, with an error, so that its
+/// service manager starts it anew in a cgroup of its own, and lookups go direct meanwhile.
+/// Before, it stayed, ready, while its lookups looped.
 #[test]
-fn an_agent_that_cannot_go_back_to_its_own_cgroup_stays_put_and_is_not_ready() {
+fn an_agent_that_cannot_go_back_to_its_own_cgroup_stops_and_lookups_go_direct() {
     let Harness {
         mut agent,
         topology,
-        ..
-    } = Harness::start(
-        Placement::InsideRedirectedCgroup,
-        &["--metrics", super::METRICS],
-    );
-    let readyz = || tests::http_get(&topology.client, metrics_addr(), "/readyz");
-    assert_eq!(readyz().0, 200);
+        server: _server,
+    } = Harness::start(Placement::InsideRedirectedCgroup, &[]);
     let pid = agent.process().id().to_string();
     let own = topology.cgroup.path.join("dns-proxy-agent");
     // Out and removed between two of the agent's checks, a second apart; again if a check
@@ -225,16 +222,15 @@ fn an_agent_that_cannot_go_back_to_its_own_cgroup_stays_put_and_is_not_ready() {
             std::fs::remove_dir(&own).ok()
         },
     );
-    wait_for_log(&agent, "cannot go back");
-    let (status, body) = readyz();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("out of its own cgroup"), "{body}");
-    std::thread::sleep(Duration::from_millis(2500));
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "{status}");
     let log = agent.log();
     assert_eq!(log.matches("cannot go back").count(), 1, "{log}");
-    let now = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
-    let workload = topology.cgroup.path.file_name().unwrap().to_string_lossy();
-    assert!(now.trim_end().ends_with(&format!("/{workload}")), "{now}");
+    assert!(log.contains("with no way back"), "{log}");
+    assert_answered(
+        dig(topology.workload("dig", &[]), "after.example.test", &[]),
+        "dig after the agent stopped",
+    );
 }
 
 /// The agent as a container runs it: in a cgroup namespace of its own, whose root is its
@@ -280,6 +276,19 @@ fn an_agent_in_a_cgroup_namespace_of_its_own_finds_its_cgroup_in_its_own_mount()
             _ => format!("/{container_name}/dns-proxy-agent\n"),
         };
         assert!(own.ends_with(&expected), "{mount_options}: {own}");
+        if mount_options == "ro" {
+            // Moved from the host into the cgroup it redirects, it cannot go back through its
+            // read-only mount: it stops, with an error, and lookups go direct.
+            std::fs::write(topology.cgroup.path.join("cgroup.procs"), pid.to_string())
+                .expect("move the agent");
+            let status = agent.process().wait_exit(Duration::from_secs(10));
+            assert!(!status.success(), "{status}");
+            assert!(agent.log().contains("with no way back"), "{}", agent.log());
+            assert_answered(
+                dig(topology.workload("dig", &[]), "after.example.test", &[]),
+                "dig after the agent stopped",
+            );
+        }
     }
 }
 
