@@ -89,7 +89,8 @@ pub enum Outcome {
     Stopped,
     /// The command of `exec` exited with this status.
     CommandExited(ExitStatus),
-    /// Stopped because it was moved out of its own cgroup and could not go back (`run`).
+    /// Stopped because it was moved out of its own cgroup and could not go back (`exec`: after
+    /// stopping its command).
     Stranded,
 }
 
@@ -191,6 +192,19 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
         (None, Some((_, command_cgroup))) => command_cgroup.cgroup(),
         (None, None) => unreachable!("a cgroup workload has a target"),
     };
+    // Where the agent could not make a cgroup of its own (read-only), its cgroup is skipped:
+    // were that the redirected cgroup itself, nothing in it would be redirected.
+    if agent.cgroup().id == target.id {
+        return Err(CgroupError::BadCgroup {
+            flag: "--cgroup",
+            path: target.path.clone(),
+            reason: "is the agent's own cgroup, read-only here, which the agent skips: nothing \
+                     directly in it would be redirected; start the agent in another cgroup, or \
+                     where it can make one below"
+                .to_owned(),
+        }
+        .into());
+    }
     log::info!(
         target: LOG,
         "agent runs in cgroup {} (id {}); redirecting cgroup {} (id {})",
@@ -543,7 +557,7 @@ async fn go_live(
 }
 
 /// Waits for SIGINT or SIGTERM, or for the agent to be `stranded` out of its own cgroup
-/// (`run`), or for the command to exit (`exec`).
+/// (`run`), or for the command to exit (`exec`, which stops it when the agent is stranded).
 async fn until_stopped(
     command: Option<(&[OsString], &Cgroup)>,
     signals: &mut StopSignals,
@@ -571,7 +585,16 @@ async fn until_stopped(
             }
         },
         Some((argv, cgroup)) => {
-            let status = exec::run_command(argv, cgroup, signals).await?;
+            let status = exec::run_command(argv, cgroup, signals, stranded).await?;
+            if stranded.is_stopped() {
+                log::error!(
+                    target: LOG,
+                    "the command exited ({status}); out of its own cgroup, with no way back: \
+                     no longer redirecting; answering what is in flight, then exiting with an \
+                     error"
+                );
+                return Ok(Outcome::Stranded);
+            }
             log::info!(
                 target: LOG,
                 "the command exited ({status}): no longer redirecting; answering what is in flight"

@@ -69,6 +69,7 @@ fn read(path: &Path) -> Result<String, CgroupError> {
 pub struct Cgroup2Mount {
     pub mount_point: PathBuf,
     root: PathBuf,
+    read_only: bool,
 }
 
 impl Cgroup2Mount {
@@ -87,6 +88,12 @@ impl Cgroup2Mount {
         let below = cgroup.strip_prefix(&self.root).ok()?;
         Some(self.mount_point.join(below))
     }
+
+    /// The cgroup (as [`parse_own_cgroup`] names it) whose directory under this mount is
+    /// `dir`: the inverse of [`dir_of`](Self::dir_of).
+    fn cgroup_at(&self, dir: &Path) -> Option<PathBuf> {
+        Some(self.root.join(dir.strip_prefix(&self.mount_point).ok()?))
+    }
 }
 
 /// The cgroup2 mounts in the text of `/proc/self/mountinfo`, in its order.
@@ -102,9 +109,11 @@ fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
             }
             let mut fields = mount.split_whitespace().skip(3);
             let (root, mount_point) = (fields.next()?, fields.next()?);
+            let options = fields.next().unwrap_or_default();
             Some(Cgroup2Mount {
                 mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
                 root: PathBuf::from(unescape_mountinfo(root).trim_start_matches('/')),
+                read_only: options.split(',').any(|option| option == "ro"),
             })
         })
         .collect()
@@ -122,15 +131,18 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         .map(|mount| mount.mount_point.clone())
 }
 
-/// The cgroup2 mount that shows `own`, this process's cgroup (from [`parse_own_cgroup`]),
-/// from the text of `/proc/self/mountinfo`: the one of the widest root among those that do.
-/// In a container with a cgroup namespace of its own, that is the container's own mount,
-/// not the host's tree mounted beside it for `--cgroup`.
-pub fn parse_own_cgroup_mount(mountinfo: &str, own: &Path) -> Option<Cgroup2Mount> {
-    parse_cgroup2_mounts(mountinfo)
+/// The cgroup2 mounts that show `own`, this process's cgroup (from [`parse_own_cgroup`]),
+/// from the text of `/proc/self/mountinfo`, best first: the widest root, then writable
+/// before read-only. In a container with a cgroup namespace of its own, the container's own
+/// mount comes before the host's tree mounted beside it for `--cgroup`, which does not show
+/// it at all.
+pub fn parse_own_cgroup_mounts(mountinfo: &str, own: &Path) -> Vec<Cgroup2Mount> {
+    let mut mounts: Vec<Cgroup2Mount> = parse_cgroup2_mounts(mountinfo)
         .into_iter()
         .filter(|mount| mount.dir_of(own).is_some())
-        .min_by_key(|mount| mount.root.components().count())
+        .collect();
+    mounts.sort_by_key(|mount| (mount.root.components().count(), mount.read_only));
+    mounts
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
@@ -170,17 +182,26 @@ fn own_cgroup() -> Result<PathBuf, CgroupError> {
     parse_own_cgroup(&read(Path::new("/proc/self/cgroup"))?).ok_or(CgroupError::NotInCgroup2)
 }
 
-/// The cgroup2 mount that shows this process's own cgroup ([`parse_own_cgroup_mount`]).
+/// The cgroup2 mount that shows this process's own cgroup: the best of
+/// [`parse_own_cgroup_mounts`] whose directory of it is there.
 pub fn own_cgroup_mount() -> Result<Cgroup2Mount, CgroupError> {
     let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
     let own = own_cgroup()?;
-    parse_own_cgroup_mount(&mountinfo, &own).ok_or_else(|| {
-        if parse_cgroup2_mount(&mountinfo).is_none() {
-            CgroupError::NoCgroup2Mount
-        } else {
-            CgroupError::OwnCgroupNotMounted(own)
-        }
-    })
+    // The first whose directory is there: a mount covered by another shows nothing.
+    parse_own_cgroup_mounts(&mountinfo, &own)
+        .into_iter()
+        .find(|mount| {
+            mount
+                .dir_of(&own)
+                .is_some_and(|dir| filesystem_magic(&dir).ok() == Some(CGROUP2_SUPER_MAGIC))
+        })
+        .ok_or_else(|| {
+            if parse_cgroup2_mount(&mountinfo).is_none() {
+                CgroupError::NoCgroup2Mount
+            } else {
+                CgroupError::OwnCgroupNotMounted(own)
+            }
+        })
 }
 
 /// The mount point of the cgroup2 hierarchy on this host.
@@ -451,7 +472,14 @@ pub fn return_to(agent: &Cgroup, mount: &Cgroup2Mount) -> Result<OwnCgroup, Cgro
     let now = mount
         .dir_of(&own)
         .unwrap_or_else(|| Path::new("/").join(&own));
-    if fs::metadata(&now).is_ok_and(|meta| meta.ino() == agent.id) {
+    let at = fs::metadata(&now);
+    if at.as_ref().is_ok_and(|meta| meta.ino() == agent.id) {
+        return Ok(OwnCgroup::In);
+    }
+    // Where it was put, by name: in its own cgroup unless the mount shows another directory
+    // there (made anew while it was out, and it was put in that); a mount covered since by
+    // another filesystem shows nothing.
+    if mount.cgroup_at(&agent.path).as_deref() == Some(own.as_path()) && at.is_err() {
         return Ok(OwnCgroup::In);
     }
     // A directory made anew at its path is another cgroup, which the programs redirect.
@@ -560,7 +588,8 @@ mod tests {
 51 25 0:38 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw
 ";
         let own = |mountinfo: &str, cgroup: &str| {
-            parse_own_cgroup_mount(mountinfo, Path::new(cgroup))
+            parse_own_cgroup_mounts(mountinfo, Path::new(cgroup))
+                .first()
                 .and_then(|mount| mount.dir_of(Path::new(cgroup)))
         };
         assert_eq!(own(pod, ""), Some(PathBuf::from("/sys/fs/cgroup")));
@@ -580,6 +609,12 @@ mod tests {
         );
         assert_eq!(own(subtree, "kubepods-other"), None);
         assert_eq!(own(subtree, "system.slice/x.service"), None);
+        // Of two mounts of one root, the writable one, wherever it is listed.
+        let two = "\
+50 25 0:38 / /run/cgroup-ro ro,relatime - cgroup2 cgroup2 rw
+51 25 0:38 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw
+";
+        assert_eq!(own(two, "app"), Some(PathBuf::from("/sys/fs/cgroup/app")));
         // With the whole hierarchy mounted too, the whole hierarchy's mount.
         assert_eq!(
             own(&format!("{subtree}{HYBRID}"), "kubepods/pod1"),

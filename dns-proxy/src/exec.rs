@@ -10,15 +10,19 @@ use std::{
 use crate::{
     RunError,
     cgroup::Cgroup,
+    drain,
     shutdown::{StopSignal, StopSignals},
 };
 
 /// Runs `argv` in `cgroup` and waits for it to exit. SIGTERM is passed on to it; SIGINT is
-/// not, since a terminal's Ctrl-C reaches the command on its own and would arrive twice.
+/// not, since a terminal's Ctrl-C reaches the command on its own and would arrive twice. When
+/// the agent is `stranded` out of its own cgroup, the command is sent SIGTERM too: its
+/// lookups through the agent may loop.
 pub async fn run_command(
     argv: &[OsString],
     cgroup: &Cgroup,
     signals: &mut StopSignals,
+    stranded: &drain::Signal,
 ) -> Result<ExitStatus, RunError> {
     let (program, args) = argv.split_first().expect("clap requires a command");
     let spawn_failed = |source| RunError::Spawn {
@@ -42,15 +46,26 @@ pub async fn run_command(
         child.id().unwrap_or_default(),
         cgroup.path.display()
     );
+    let terminate = |pid: u32| {
+        // SAFETY: kill has no memory effects; the child is not yet reaped, so the pid is
+        // still its own.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    };
+    let mut told = false;
     loop {
         tokio::select! {
             status = child.wait() => return status.map_err(RunError::Wait),
+            () = stranded.stopped(), if !told => {
+                told = true;
+                if let Some(pid) = child.id() {
+                    log::error!("stopping the command (pid {pid}): SIGTERM");
+                    terminate(pid);
+                }
+            }
             signal = signals.next(&|| false) => {
                 if signal == StopSignal::Terminate && let Some(pid) = child.id() {
                     log::info!("{signal}: passing it on to the command (pid {pid})");
-                    // SAFETY: kill has no memory effects; the child is not yet reaped, so
-                    // the pid is still its own.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                    terminate(pid);
                 } else {
                     log::info!("{signal}: waiting for the command to exit");
                 }

@@ -532,6 +532,52 @@ fn exec_redirects_its_command_only_and_exits_with_its_status() {
     assert!(!agent.log().contains(PROXY_LISTEN), "{}", agent.log());
 }
 
+/// `exec`'s agent moved into its command's cgroup while its own is removed: it cannot go
+/// back, and its command's lookups through it may loop. It stops the command (SIGTERM) and
+/// exits with an error. Before, it went on until the command exited, and an adversary's
+/// command lost 30 lookups of 30 to loops.
+#[test]
+fn an_exec_agent_that_cannot_go_back_to_its_cgroup_stops_its_command_and_fails() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    // Started from a cgroup of this test's, so that its own cgroup is this test's to remove.
+    let start = child_cgroup(&topology, "start");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(&start)
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(agent_binary())
+        .args(["exec", "--", "sleep", "30"])
+        .env("DNS_PROXY_STATE_DIR", topology.client.state_dir())
+        .env("RUST_LOG", "info,dns_proxy=debug")
+        .stdout(Stdio::null());
+    let mut agent = Agent::spawn(command);
+    wait_for_log(&agent, "started [");
+    let command_cgroup = exec_cgroup_of(&agent);
+    let own = start.join("dns-proxy-agent");
+    let pid = agent.process().id().to_string();
+    wait_for(
+        "the agent's cgroup to be removed while it is out",
+        Duration::from_secs(10),
+        || {
+            fs::write(command_cgroup.join("cgroup.procs"), &pid).expect("move the agent");
+            fs::remove_dir(&own).ok()
+        },
+    );
+    // Well before the command's 30 s.
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "{status}: {}", agent.log());
+    assert!(
+        agent.log().contains("stopping the command"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[test]
 fn exec_reports_a_missing_command_like_env_does() {
     let topology = Topology::new();
