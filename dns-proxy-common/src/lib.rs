@@ -96,6 +96,10 @@ pub mod names {
     /// them port unreachable, as the server the index names did the agent. Written by the
     /// agent on such an ICMP error; not pinned (each agent's program has its own).
     pub const REFUSING: &str = "REFUSING";
+    /// Socket storage (a byte): the agent's own sockets (its listeners, its upstream sockets),
+    /// marked by the agent as it makes them, which no program redirects, refuses or decodes,
+    /// whatever cgroup the agent is in. Not pinned (each agent's program has its own).
+    pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
 
     /// Global holding the [`crate::RedirectConfig`], set at load time.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";

@@ -151,6 +151,11 @@ static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 #[btf_map(name = "UNICAST_IF")]
 static UNICAST_IF: SkStorage<u32> = SkStorage::new();
 
+/// The agent's own sockets, which it marks as it makes them (`names::AGENT_SOCKETS`): never
+/// redirected, refused or decoded, whatever cgroup the agent is in when it uses them.
+#[btf_map(name = "AGENT_SOCKETS")]
+static AGENT_SOCKETS: SkStorage<u8> = SkStorage::new();
+
 /// The hook a forward translation runs in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {

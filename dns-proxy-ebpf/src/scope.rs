@@ -1,7 +1,7 @@
 //! Which sockets the programs act on: nothing until the agent has armed them and while its
-//! socket is gone; only DNS clients; never an excluded cgroup's (the agents' own among them),
-//! nor one asking an excluded server; and, unless the proxy serves other namespaces (node
-//! mode), only the agent's namespace.
+//! socket is gone; only DNS clients; never the agent's own sockets nor an excluded cgroup's
+//! (the agents' own among them), nor one asking an excluded server; and, unless the proxy
+//! serves other namespaces (node mode), only the agent's namespace.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_map_lookup_elem,
@@ -16,7 +16,7 @@ use dns_proxy_common::{
 };
 
 use crate::{
-    AGENT_CGROUPS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, EXCLUDED_SERVER_COUNT,
+    AGENT_CGROUPS, AGENT_SOCKETS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, EXCLUDED_SERVER_COUNT,
     EXCLUDED_SERVERS, Hook, LISTENERS,
     context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
     count,
@@ -80,10 +80,27 @@ pub fn is_dns(ctx: &SockAddrContext, port_be: u16, hook: Hook) -> bool {
         && ctx_local_port(ctx) != u32::from(DNS_PORT)
 }
 
+/// Whether the socket behind `ctx` is the agent's own, by its mark (`AGENT_SOCKETS`), or the
+/// calling task's cgroup is excluded. The mark holds wherever the agent is: moved out of its
+/// cgroup (into the one it redirects, say), it still never redirects its own queries to
+/// itself nor refuses its own answers.
+pub fn is_agents_or_excluded(ctx: &SockAddrContext) -> bool {
+    is_agents_socket(ctx) || is_excluded()
+}
+
+/// Whether the agent marked the socket behind `ctx` as its own.
+#[inline(always)]
+fn is_agents_socket(ctx: &SockAddrContext) -> bool {
+    // SAFETY: looks up the socket's storage of the program's own map, never creating it; the
+    // helper takes the context's socket, valid for the run, and the pointer is only tested.
+    !unsafe { AGENT_SOCKETS.get_ptr_mut(ctx) }.is_null()
+}
+
 /// Whether the calling task's cgroup is excluded: an agent's (any agent of this block, the
 /// one taking over from this one included), or below a cgroup listed with its subtree. Only
 /// the levels that hold such a cgroup are looked at.
-pub fn is_excluded() -> bool {
+#[inline(never)]
+fn is_excluded() -> bool {
     // SAFETY: a helper without arguments, which reads the calling task's cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: a helper that takes a plain integer (it returns 0 for a level deeper than the
@@ -142,7 +159,7 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
         count(Counter::SkippedForeignNamespace);
         return true;
     }
-    if is_excluded() {
+    if is_agents_or_excluded(ctx) {
         count(Counter::SkippedExcluded);
         return true;
     }
@@ -183,7 +200,7 @@ fn is_excluded_server(server: &Endpoint) -> bool {
 /// have sent them (the agent's namespace, or any in node mode), and never for the proxy's own
 /// sockets. Checked once a peer is known to be a block address.
 pub fn decodes_here(ctx: &SockAddrContext, config: &RedirectConfig) -> bool {
-    guarded_here(ctx, config) && !is_excluded()
+    guarded_here(ctx, config) && !is_agents_or_excluded(ctx)
 }
 
 /// Whether the send guard applies to this socket: everywhere in node mode (the block is

@@ -32,8 +32,8 @@ use crate::{
     },
     count,
     scope::{
-        SOCK_DGRAM, armed, decodes_here, guarded_here, in_agent_namespace, is_dns, is_excluded,
-        leave_alone, proxy_alive,
+        SOCK_DGRAM, armed, decodes_here, guarded_here, in_agent_namespace, is_agents_or_excluded,
+        is_dns, leave_alone, proxy_alive,
     },
 };
 
@@ -408,7 +408,9 @@ fn verdict_on_block_address(
 ) -> i32 {
     // In host mode the block is the agent's namespace's loopback: another namespace's
     // addresses that look the same are that namespace's own.
-    if is_excluded() || (config.foreign_namespaces == 0 && !in_agent_namespace(ctx, config)) {
+    if is_agents_or_excluded(ctx)
+        || (config.foreign_namespaces == 0 && !in_agent_namespace(ctx, config))
+    {
         return ALLOW;
     }
     // SAFETY: a helper without arguments, which reads the calling task's cgroup.
@@ -546,7 +548,7 @@ fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
     }
     let from_block = index_in_block4(&config, ctx_local_ip4(ctx)).is_some()
         || (hook == Hook::Sendmsg && index_in_block4(&config, ctx_msg_src_ip4(ctx)).is_some());
-    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded(ctx)
 }
 
 /// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
@@ -564,13 +566,13 @@ fn impersonates_proxy6(ctx: &SockAddrContext, hook: Hook) -> bool {
     };
     let from_block =
         in_block(ctx_local_ip6(ctx)) || (hook == Hook::Sendmsg && in_block(ctx_msg_src_ip6(ctx)));
-    from_block && guarded_here(ctx, &config) && refuse_unless_excluded()
+    from_block && guarded_here(ctx, &config) && refuse_unless_excluded(ctx)
 }
 
 /// Whether to refuse a socket's use of a block address on the proxy's port: always, but for
-/// the proxy's own (excluded) cgroup. Counted when refused.
-fn refuse_unless_excluded() -> bool {
-    if is_excluded() {
+/// the proxy's own sockets and (excluded) cgroup. Counted when refused.
+fn refuse_unless_excluded(ctx: &SockAddrContext) -> bool {
+    if is_agents_or_excluded(ctx) {
         return false;
     }
     count(Counter::ImpersonationRefused);
@@ -614,7 +616,7 @@ pub fn sock6_guard_bind(ctx: &SockAddrContext) -> i32 {
 
 fn refuse_bind_unless_excluded(ctx: &SockAddrContext, config: &RedirectConfig) -> i32 {
     // Another namespace's block addresses are nobody's: the proxy never answers from there.
-    if !in_agent_namespace(ctx, config) || !refuse_unless_excluded() {
+    if !in_agent_namespace(ctx, config) || !refuse_unless_excluded(ctx) {
         return ALLOW;
     }
     REFUSE

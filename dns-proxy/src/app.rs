@@ -340,7 +340,7 @@ async fn serve(
         .hierarchy_root()
         .or_else(|| cgroup::cgroup2_root().ok())
         .unwrap_or_else(|| "/sys/fs/cgroup".into());
-    let shared = Shared::new(config, workload_root.clone());
+    let shared = Shared::new(config, workload_root.clone(), redirector.own_sockets());
     let sockets = (take(&mut listeners.udp), take(&mut listeners.tcp));
     let listen = SocketAddr::V4(listeners.v4);
     let dns = Dns::start(config, &shared, sockets, udp_threads, destinations, listen)?;

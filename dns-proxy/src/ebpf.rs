@@ -16,7 +16,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, MapData, PerCpuArray, SockMap,
+        HashMap, MapData, PerCpuArray, SkStorage, SockMap,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -37,10 +37,12 @@ use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 
 mod exclusions;
 mod origins;
+mod own_sockets;
 mod server_table;
 mod sources;
 
 pub use origins::CachedServers;
+pub use own_sockets::OwnSockets;
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
 pub use sources::DirectSources;
 
@@ -326,6 +328,7 @@ pub struct Redirector {
     exclusions: Option<Exclusions>,
     /// Until [`Redirector::take_routing`].
     routing: Option<(DirectSources, RedirectSwitch)>,
+    own_sockets: OwnSockets,
 }
 
 impl Redirector {
@@ -391,6 +394,7 @@ impl Redirector {
             config.agent_cgroup.id
         );
         fill_listeners(&mut ebpf, &config.listeners)?;
+        let own_sockets = mark_listeners(&mut ebpf, &config.listeners)?;
         fill_excluded_servers(&mut ebpf, config.excluded_servers)?;
         let servers = ServerTable::take(&mut ebpf, config.block4, config.block6)?;
         let counters = KernelCounters::take(&mut ebpf)?;
@@ -499,6 +503,7 @@ impl Redirector {
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
                 routing: Some((sources, switch)),
+                own_sockets,
             },
             servers,
             counters,
@@ -540,6 +545,11 @@ impl Redirector {
     /// keeps both as routes change; `None` after the first call.
     pub fn take_routing(&mut self) -> Option<(DirectSources, RedirectSwitch)> {
         self.routing.take()
+    }
+
+    /// Where the agent marks the sockets it makes as its own.
+    pub fn own_sockets(&self) -> OwnSockets {
+        self.own_sockets.clone()
     }
 
     /// Stops steering packets to this agent's sockets: what reaches the block goes to the
@@ -710,6 +720,32 @@ fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), Eb
         }
     }
     Ok(())
+}
+
+/// Marks the listeners as the agent's own (`AGENT_SOCKETS`), and returns where to mark the
+/// sockets it makes from now on. Before anything is attached, so that the programs never
+/// refuse the listeners' answers, sent from the block's addresses, whatever cgroup the agent
+/// is moved to later.
+fn mark_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<OwnSockets, EbpfError> {
+    let name = names::AGENT_SOCKETS;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map = SkStorage::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })?;
+    let own_sockets = OwnSockets::new(map);
+    let metrics = listeners.metrics.map(|(_, fd)| fd);
+    let udp = listeners.udp4.iter().chain(&listeners.udp6).copied();
+    for fd in [Some(listeners.tcp4), listeners.tcp6, metrics]
+        .into_iter()
+        .flatten()
+        .chain(udp)
+    {
+        own_sockets.mark(fd);
+    }
+    Ok(own_sockets)
 }
 
 /// Puts the operator's excluded servers (at most `MAX_EXCLUDED_SERVERS`, which the

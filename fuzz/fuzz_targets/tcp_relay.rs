@@ -89,6 +89,7 @@ fn proxy(runtime: &Runtime) -> Arc<TcpProxy<FixedDestination>> {
                 per_client: PerClientLimit::new(1),
                 cache: None,
                 observers: Default::default(),
+                own_sockets: Default::default(),
             };
             let _entered = runtime.enter();
             TcpProxy::new(

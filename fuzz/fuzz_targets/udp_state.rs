@@ -92,6 +92,7 @@ fn run(ops: Vec<Op>) {
             in_flight: Arc::new(Coalescer::new(1024)),
             route_changes: Default::default(),
             closed_ports: Default::default(),
+            own_sockets: Default::default(),
         };
         let listener = runtime
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))

@@ -24,7 +24,7 @@ use crate::{
         workload_stats::WorkloadStats,
     },
     drain::{self, Deadline},
-    ebpf::CachedServers,
+    ebpf::{CachedServers, OwnSockets},
     resolutions::Resolutions,
     route_changes::RouteChanges,
     udp_threads::UdpThreads,
@@ -43,11 +43,14 @@ pub(super) struct Shared {
     pub(super) query_log: Option<Arc<QueryLog>>,
     /// Changes to this namespace's routes and addresses, watched once serving starts.
     pub(super) route_changes: RouteChanges,
+    /// Where upstream sockets are marked as the agent's own.
+    own_sockets: OwnSockets,
 }
 
 impl Shared {
-    /// `workload_root`: where the workloads' cgroup paths are named from.
-    pub(super) fn new(config: &RunConfig, workload_root: PathBuf) -> Self {
+    /// `workload_root`: where the workloads' cgroup paths are named from; `own_sockets`: where
+    /// the upstream sockets are marked as the agent's own.
+    pub(super) fn new(config: &RunConfig, workload_root: PathBuf, own_sockets: OwnSockets) -> Self {
         let stats = Arc::new(Stats::default());
         let cache = config.cache.map(|settings| {
             log::info!(
@@ -80,6 +83,7 @@ impl Shared {
             workload_stats,
             query_log,
             route_changes: RouteChanges::default(),
+            own_sockets,
         }
     }
 
@@ -94,6 +98,7 @@ impl Shared {
             observers: self.observers(),
             route_changes: self.route_changes.clone(),
             closed_ports: Arc::default(),
+            own_sockets: self.own_sockets.clone(),
         }
     }
 
@@ -116,6 +121,7 @@ impl Shared {
             per_client: PerClientLimit::new(config.max_tcp_connections_per_client),
             cache: self.cache.clone(),
             observers: self.observers(),
+            own_sockets: self.own_sockets.clone(),
         }
     }
 }

@@ -197,6 +197,81 @@ fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
     assert_eq!(agent.query_lines(name).len(), 1, "{}", agent.log());
 }
 
+/// Held in the cgroup it redirects (moved there again as soon as it moves back, as a service
+/// manager that insists would), the agent still never sends its own queries back to itself
+/// nor has its answers refused: it marks each socket it makes as its own, and the programs go
+/// by the mark, wherever the agent is. Lookups to a server it has no socket for yet, over UDP
+/// and TCP, are each answered by that server and forwarded once. Before, the upstream socket
+/// it made in the redirected cgroup was sent back to the agent, and its listener's answers,
+/// sent from the block's addresses, were refused as another's: no lookup was answered.
+#[test]
+fn an_agent_held_in_the_cgroup_it_redirects_forwards_every_lookup_once() {
+    let Harness {
+        mut agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::InsideRedirectedCgroup, &[]);
+    let _second = DnsServer::start_on(&topology, SECOND_SERVER_IP, SECOND_ANSWER_IP);
+    let pid = agent.process().id().to_string();
+    let procs = topology.cgroup.path.join("cgroup.procs");
+    let in_its_own = || {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+        own.contains("/dns-proxy-agent")
+    };
+    let holding = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while holding.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&procs, &pid).expect("move the agent");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        // Stops the mover however this ends, a failed assertion included (the scope waits
+        // for it).
+        struct StopHolding<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopHolding<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop_holding = StopHolding(&holding);
+        wait_for(
+            "the agent in the redirected cgroup",
+            Duration::from_secs(5),
+            || (!in_its_own()).then_some(()),
+        );
+        for (n, transport) in [
+            "+notcp", "+notcp", "+notcp", "+notcp", "+notcp", "+tcp", "+tcp",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!("held-{n}.example.test");
+            let answer = tests::dig_at(
+                topology.workload("dig", &[]),
+                &SECOND_SERVER_IP.to_string(),
+                &name,
+                &["+short", transport],
+            );
+            assert_eq!(
+                answer
+                    .unwrap_or_else(|err| panic!("{name} {transport}: {err}\n{}", agent.log()))
+                    .trim(),
+                SECOND_ANSWER_IP.to_string(),
+                "{name} {transport}"
+            );
+            assert_eq!(agent.query_lines(&name).len(), 1, "{}", agent.log());
+        }
+        // Held, not left there: it moves back, and is moved out again at once.
+        wait_for_log(&agent, "moved back");
+    });
+    wait_for(
+        "the agent back in its own cgroup",
+        Duration::from_secs(5),
+        || in_its_own().then_some(()),
+    );
+}
+
 /// Moved out of its own cgroup, which is then removed: the agent cannot go back (a cgroup
 /// made anew there would be another, whose id no agent registered), and the sockets it makes
 /// where it is may send its own lookups back to it. It stops, with an error, so that its

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, BufReader},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{Mutex as AsyncMutex, Semaphore},
     time::timeout,
 };
@@ -35,6 +35,7 @@ use super::{
 };
 use crate::{
     drain::{self, Deadline},
+    ebpf::OwnSockets,
     log_limit::RateLimited,
 };
 
@@ -73,6 +74,9 @@ pub struct TcpSettings {
     pub cache: Option<Arc<Cache>>,
     /// Who hears of each query and answer: the log, the names table, the counts by workload.
     pub observers: Observers,
+    /// Where upstream connections are marked as the agent's own, so that no program of its
+    /// redirects them wherever the agent is.
+    pub own_sockets: OwnSockets,
 }
 
 pub struct TcpProxy<D> {
@@ -91,6 +95,17 @@ pub struct TcpProxy<D> {
     overload_log: RateLimited,
     /// Failed accepts (out of open files, typically) come as fast as connections do.
     accept_log: RateLimited,
+}
+
+/// A connection to `upstream` from a socket marked as the agent's own before it connects.
+async fn connect_upstream(upstream: SocketAddr, own_sockets: &OwnSockets) -> io::Result<TcpStream> {
+    let socket = if upstream.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    own_sockets.mark(&socket);
+    socket.connect(upstream).await
 }
 
 impl<D: OriginalDestinations> TcpProxy<D> {
@@ -211,7 +226,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let stats = &self.stats.tcp;
         let connecting = timeout(
             self.settings.upstream_timeout,
-            TcpStream::connect(conn.upstream),
+            connect_upstream(conn.upstream, &self.settings.own_sockets),
         );
         let upstream_stream = match connecting.await {
             Ok(Ok(stream)) => stream,

@@ -391,6 +391,7 @@ async fn proxy_with_limits(
         per_client: PerClientLimit::new(per_client),
         cache: None,
         observers: Observers::default(),
+        own_sockets: OwnSockets::default(),
     };
     let proxy = TcpProxy::new(listener, Fixed::new(original), settings, Arc::default()).unwrap();
     let serving = Arc::clone(&proxy);

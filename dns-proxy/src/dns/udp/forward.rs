@@ -129,9 +129,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         };
         stats.settled(1);
-        let no_route = err
-            .raw_os_error()
-            .is_some_and(|errno| super::unreachable::no_route(errno, key.upstream));
+        let no_route = err.raw_os_error().is_some_and(|errno| {
+            super::unreachable::no_route(errno, key.upstream, &self.settings.own_sockets)
+        });
         if no_route {
             self.unreachable(pending, key.upstream, sent, &err);
             return;

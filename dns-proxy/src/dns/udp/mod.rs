@@ -50,6 +50,7 @@ use super::{
 };
 use crate::{
     drain::{self, Deadline},
+    ebpf::OwnSockets,
     log_limit::RateLimited,
     route_changes::RouteChanges,
 };
@@ -101,6 +102,9 @@ pub struct ForwardSettings {
     /// Indexes whose server refused one question port unreachable, shared by every listener
     /// (`unreachable`).
     pub closed_ports: Arc<ClosedPorts>,
+    /// Where upstream sockets are marked as the agent's own, so that no program of its
+    /// redirects them wherever the agent is.
+    pub own_sockets: OwnSockets,
 }
 
 /// What the query log says of a UDP query.

@@ -48,7 +48,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 
 use super::{LOG, UdpProxy, mmsg};
-use crate::dns::OriginalDestinations;
+use crate::{dns::OriginalDestinations, ebpf::OwnSockets};
 
 /// Upstreams per address family (and UDP thread) that get sockets connected to them.
 /// Nodes and hosts ask one to three servers, a workload with servers of its own a few more; a
@@ -98,15 +98,16 @@ pub(super) struct PoolSocket {
 
 impl PoolSocket {
     /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`), connected to
-    /// `peer` if given.
+    /// `peer` if given, marked as the agent's own in `own_sockets`.
     fn open(
         next_id: &AtomicU64,
         any: SocketAddr,
         peer: Option<SocketAddr>,
+        own_sockets: &OwnSockets,
     ) -> io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             id: next_id.fetch_add(1, Ordering::Relaxed),
-            socket: pool_socket(any, peer)?,
+            socket: pool_socket(any, peer, own_sockets)?,
             peer,
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
@@ -272,10 +273,17 @@ impl Slots {
     }
 }
 
-/// A UDP socket on a random port of `any` (`0.0.0.0` or `::`), connected to `peer` if given.
-fn pool_socket(any: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
+/// A UDP socket on a random port of `any` (`0.0.0.0` or `::`), connected to `peer` if given,
+/// marked as the agent's own first: whatever cgroup the agent is in now, neither the connect
+/// nor the sends are redirected.
+fn pool_socket(
+    any: SocketAddr,
+    peer: Option<SocketAddr>,
+    own_sockets: &OwnSockets,
+) -> io::Result<UdpSocket> {
     let domain = Domain::for_address(any);
     let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
+    own_sockets.mark(&socket);
     if any.is_ipv6() {
         // IPv4 servers are asked from the IPv4 pool.
         socket.set_only_v6(true)?;
@@ -413,7 +421,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         pool: &Pool,
         upstream: SocketAddr,
     ) -> Option<Arc<PoolSocket>> {
-        match PoolSocket::open(&self.next_socket_id, pool.any, None) {
+        match PoolSocket::open(
+            &self.next_socket_id,
+            pool.any,
+            None,
+            &self.settings.own_sockets,
+        ) {
             Ok(socket) => {
                 socket.retire();
                 Some(socket)
@@ -441,7 +454,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) -> io::Result<usize> {
         let peer = Some(peer);
         if sockets.len() < CONNECTED_SOCKETS {
-            match PoolSocket::open(&self.next_socket_id, any, peer) {
+            match PoolSocket::open(&self.next_socket_id, any, peer, &self.settings.own_sockets) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
                     sockets.push(fresh);
@@ -452,7 +465,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         let start = (pick % sockets.len() as u64) as usize;
         if sockets[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
-            match PoolSocket::open(&self.next_socket_id, any, peer) {
+            match PoolSocket::open(&self.next_socket_id, any, peer, &self.settings.own_sockets) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
                     std::mem::replace(&mut sockets[start], fresh).retire();

@@ -22,7 +22,10 @@ use super::{
     mmsg::{self, QueuedError},
     pending::{Pending, PendingKey},
 };
-use crate::dns::{OriginalDestinations, stats::Stats, wire};
+use crate::{
+    dns::{OriginalDestinations, stats::Stats, wire},
+    ebpf::OwnSockets,
+};
 
 /// Whether a send that failed twice with `errno` failed because `upstream` cannot be reached
 /// from here at all (no route, or a firewall's refusal), as a client's own send would have,
@@ -35,17 +38,19 @@ use crate::dns::{OriginalDestinations, stats::Stats, wire};
 /// BPF drop), does; and no route (`ENETUNREACH`, `EHOSTUNREACH`, `EACCES`) counts only if a
 /// route lookup for `upstream` on a socket of its own, which no ICMP error reaches, fails
 /// too.
-pub(super) fn no_route(errno: i32, upstream: SocketAddr) -> bool {
+pub(super) fn no_route(errno: i32, upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
     match errno {
         libc::EPERM => true,
-        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => route_lookup_fails(upstream),
+        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => {
+            route_lookup_fails(upstream, own_sockets)
+        }
         _ => false,
     }
 }
 
 /// Whether connecting a fresh UDP socket to `upstream` (a route lookup; nothing is sent)
-/// fails for want of a route.
-fn route_lookup_fails(upstream: SocketAddr) -> bool {
+/// fails for want of a route. The socket is the agent's own: never connected to the block.
+fn route_lookup_fails(upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(upstream),
         socket2::Type::DGRAM.cloexec(),
@@ -54,6 +59,7 @@ fn route_lookup_fails(upstream: SocketAddr) -> bool {
     let Ok(socket) = socket else {
         return false;
     };
+    own_sockets.mark(&socket);
     match socket.connect(&upstream.into()) {
         Ok(()) => false,
         Err(err) => matches!(
@@ -243,13 +249,25 @@ mod tests {
     fn only_a_missing_route_confirmed_by_a_lookup_counts() {
         let reachable: SocketAddr = "127.0.0.1:53".parse().unwrap();
         // Only an ICMP error gives it: about an earlier datagram, perhaps to another server.
-        assert!(!no_route(libc::ECONNREFUSED, reachable));
+        assert!(!no_route(
+            libc::ECONNREFUSED,
+            reachable,
+            &OwnSockets::default()
+        ));
         // A burst of ICMP host unreachable overwrote the socket's error: the route is there.
-        assert!(!no_route(libc::EHOSTUNREACH, reachable));
-        assert!(!no_route(libc::ENETUNREACH, reachable));
+        assert!(!no_route(
+            libc::EHOSTUNREACH,
+            reachable,
+            &OwnSockets::default()
+        ));
+        assert!(!no_route(
+            libc::ENETUNREACH,
+            reachable,
+            &OwnSockets::default()
+        ));
         // No ICMP error gives it: a firewall dropped the send.
-        assert!(no_route(libc::EPERM, reachable));
-        assert!(!no_route(libc::ENOBUFS, reachable));
+        assert!(no_route(libc::EPERM, reachable, &OwnSockets::default()));
+        assert!(!no_route(libc::ENOBUFS, reachable, &OwnSockets::default()));
     }
 
     #[test]
