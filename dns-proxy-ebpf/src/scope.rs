@@ -197,10 +197,23 @@ fn is_excluded_server(server: &Endpoint) -> bool {
 }
 
 /// Whether answers from the block are decoded for this socket: only where the proxy can
-/// have sent them (the agent's namespace, or any in node mode), and never for the proxy's own
-/// sockets. Checked once a peer is known to be a block address.
+/// have sent them (the agent's namespace, or any in node mode), and never for an agent's own
+/// sockets. An excluded cgroup's are decoded: a socket sent to the block before its process
+/// moved into one (or before a takeover excluded its cgroup) still sends there, and its
+/// answers must show its server, or resolvers drop every one. Checked once a peer is known to
+/// be a block address.
 pub fn decodes_here(ctx: &SockAddrContext, config: &RedirectConfig) -> bool {
-    guarded_here(ctx, config) && !is_agents_or_excluded(ctx)
+    guarded_here(ctx, config) && !is_an_agents(ctx)
+}
+
+/// Whether the socket behind `ctx` is an agent's: marked by this one, or used by a task of
+/// any agent's cgroup.
+#[inline(never)]
+fn is_an_agents(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a helper without arguments, which reads the calling task's cgroup.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: as in `is_excluded_cgroup`: a `BPF_F_NO_PREALLOC` map, the value only tested.
+    is_agents_socket(ctx) || unsafe { AGENT_CGROUPS.get(cgroup_id) }.is_some()
 }
 
 /// Whether the send guard applies to this socket: everywhere in node mode (the block is

@@ -59,6 +59,82 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
 }
 
+/// Asks SERVER (argv 1) on one connected UDP socket, prints its pid, waits for a line on
+/// stdin (meanwhile it is moved), and asks again on the same socket; prints, for each answer,
+/// the source recvfrom gave and the peer getpeername gives ("none": no answer in 2 s).
+const MOVED_SOCKET_SCRIPT: &str = r#"
+import os, socket, struct, sys
+server = sys.argv[1]
+def query(qid):
+    name = b"".join(bytes([len(l)]) + l for l in b"moved.example.test".split(b".")) + b"\0"
+    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((server, 53))
+for step, qid in (("before", 1), ("after", 2)):
+    if step == "after":
+        print(os.getpid(), flush=True)
+        sys.stdin.readline()
+    s.send(query(qid))
+    try:
+        data, source = s.recvfrom(4096)
+        seen = "%s:%d" % source
+    except socket.timeout:
+        seen = "none"
+    print(step, seen, "%s:%d" % s.getpeername(), flush=True)
+"#;
+
+/// A socket connected while its process was redirected keeps sending to the proxy after the
+/// process moves into an excluded cgroup (an operator's move; a takeover that adds
+/// `--exclude-cgroup`): its answers still show the server it asked, in recvfrom and
+/// getpeername. Before, the programs decoded nothing for an excluded cgroup, and every answer
+/// on such a socket came from a block address, which resolvers drop (an adversary: every
+/// lookup on it lost until the application connected anew).
+#[test]
+fn a_socket_connected_before_its_process_moved_into_an_excluded_cgroup_still_sees_its_server() {
+    use std::io::Write as _;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let excluded = child_cgroup(&topology, "resolver");
+    let app = child_cgroup(&topology, "app");
+    let agent = Agent::start(
+        &topology,
+        &[&format!("--exclude-cgroup={}", excluded.display())],
+    );
+    let server = SERVER_IP.to_string();
+    let mut client = in_cgroup_and_netns(
+        &app,
+        &topology.client,
+        "python3",
+        &["-c", MOVED_SOCKET_SCRIPT, &server],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("start the client");
+    let mut lines = BufReader::new(client.stdout.take().expect("its stdout")).lines();
+    let mut next_line = || lines.next().expect("a line").expect("its output");
+    assert_eq!(next_line(), format!("before {SERVER_IP}:53 {SERVER_IP}:53"));
+    let pid = next_line();
+    fs::write(excluded.join("cgroup.procs"), &pid).expect("move the client");
+    let mut stdin = client.stdin.take().expect("its stdin");
+    stdin.write_all(b"\n").expect("tell it to go on");
+    assert_eq!(
+        next_line(),
+        format!("after {SERVER_IP}:53 {SERVER_IP}:53"),
+        "{}",
+        agent.log()
+    );
+    assert!(client.wait().expect("its exit").success());
+    // Both went through the agent: the socket was sent to it before the move.
+    assert_eq!(
+        agent.query_lines("moved.example.test").len(),
+        2,
+        "{}",
+        agent.log()
+    );
+}
+
 /// `--cgroup` and `--exclude-cgroup` through `/proc/PID/root`. Into the agent's own mount
 /// namespace, such a path is taken as the directory it names and kept. Into another one,
 /// which shows another directory at the same path (a decoy here), it is refused with one
