@@ -80,6 +80,12 @@ pub mod names {
     /// they detach first, redirect nothing), and cleared while that family's block is not
     /// routed to the host (nothing is sent there; lookups go direct).
     pub const ARMED: &str = "ARMED";
+    /// Array of one `u64`: when (`CLOCK_MONOTONIC` nanoseconds, as `bpf_ktime_get_ns` reads
+    /// it) the agent last said it was running, which it does every half second while each of
+    /// its UDP threads runs. Past [`crate::UNRESPONSIVE_AFTER_NS`] the redirecting programs
+    /// redirect nothing and `sk_lookup` refuses what reaches the block: a stopped, frozen or
+    /// wedged agent would read none of it. Not pinned (each agent's program has its own).
+    pub const ALIVE_AT: &str = "ALIVE_AT";
 
     /// Array of one `u32`: the IPv4 address a socket of the agent's namespace sends from
     /// toward the Internet (network order; 0: none). Written by the agent, and again when
@@ -115,6 +121,11 @@ pub mod names {
 pub const EXCLUDED_SUBTREE: u8 = 2;
 /// The deepest cgroup level an exclusion may sit at (the bits of `EXCLUDED_LEVELS`).
 pub const MAX_EXCLUDED_LEVEL: u32 = 63;
+
+/// How long after the agent last said it was running (`ALIVE_AT`) the programs take it for
+/// stopped: nothing new is sent to it, and what reaches the block is refused. The agent says
+/// so every half second; a loaded host's scheduling delays are far shorter.
+pub const UNRESPONSIVE_AFTER_NS: u64 = 3_000_000_000;
 
 /// What the kernel side counts, per CPU: the index into `COUNTERS`.
 #[repr(u32)]
@@ -157,10 +168,14 @@ pub enum Counter {
     /// Sockets connected to a proxy address that `CONNECTED` had no room to note: once their
     /// cgroup is gone, their index may be given to another origin while they still use it.
     ConnectedNotNoted = 11,
+    /// DNS connects and sends left alone, and packets to a block address refused, because the
+    /// agent had not said it was running for [`UNRESPONSIVE_AFTER_NS`] (`ALIVE_AT`): stopped
+    /// (SIGSTOP), frozen (`docker pause`) or wedged, it would read none of them.
+    AgentUnresponsive = 12,
 }
 
 impl Counter {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -173,6 +188,7 @@ impl Counter {
         Self::SharedIndex,
         Self::SkippedExcludedServer,
         Self::ConnectedNotNoted,
+        Self::AgentUnresponsive,
     ];
 }
 

@@ -132,6 +132,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::ALL.l
 #[map(name = "ARMED")]
 static ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
+#[map(name = "ALIVE_AT")]
+static ALIVE_AT: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Socket cookie → server key: sockets connected to an index's address, until released.
 #[map(name = "CONNECTED")]
 static CONNECTED: HashMap<u64, u32> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);

@@ -4,20 +4,21 @@
 //! serves other namespaces (node mode), only the agent's namespace.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_map_lookup_elem,
-        bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+        bpf_map_lookup_elem, bpf_sk_release,
     },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use dns_proxy_common::{
     AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, listener_slot, server_prefix_data,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, UNRESPONSIVE_AFTER_NS, listener_slot,
+    server_prefix_data,
 };
 
 use crate::{
-    AGENT_CGROUPS, AGENT_SOCKETS, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS, EXCLUDED_SERVER_COUNT,
-    EXCLUDED_SERVERS, Hook, LISTENERS,
+    AGENT_CGROUPS, AGENT_SOCKETS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
+    EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS,
     context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
     count,
     interface::chosen_interface,
@@ -33,13 +34,34 @@ pub const SOCK_DGRAM: u32 = 2;
 /// (`ARMED`, whose bit for the family it sets last and clears while the block has no route):
 /// the redirecting programs redirect nothing before the steering and decoding programs are
 /// in place, nor to a block whose packets would leave the host.
+/// An armed agent that has not said it is running for a while redirects nothing (counted).
 pub fn armed(family: u16) -> bool {
     let bit = if family == AF_INET6 {
         ARMED_IPV6
     } else {
         ARMED_IPV4
     };
-    ARMED.get(0).is_some_and(|armed| *armed & bit != 0)
+    if ARMED.get(0).is_none_or(|armed| *armed & bit == 0) {
+        return false;
+    }
+    if !agent_running() {
+        count(Counter::AgentUnresponsive);
+        return false;
+    }
+    true
+}
+
+/// Whether the agent said it was running less than [`UNRESPONSIVE_AFTER_NS`] ago (`ALIVE_AT`).
+/// Stopped (SIGSTOP), frozen (`docker pause`, `cgroup.freeze`) or wedged, an agent keeps its
+/// programs attached and its sockets open, and reads nothing: lookups sent to it would be lost
+/// until it runs again. Past that, new ones go direct and those sent to the block are refused.
+pub fn agent_running() -> bool {
+    let Some(&alive_at) = ALIVE_AT.get(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(alive_at) < UNRESPONSIVE_AFTER_NS
 }
 
 /// Whether the proxy's socket for this kind of socket (`LISTENERS`: its TCP listener, or its

@@ -12,6 +12,7 @@ use crate::{
     config,
     context::{Lookup, ctx_lookup},
     count,
+    scope::agent_running,
 };
 
 /// `sk_lookup` verdicts.
@@ -84,6 +85,12 @@ pub fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
     };
     if server.is_local_only() && lookup.ingress_ifindex != LOOPBACK_IFINDEX {
         count(Counter::ForeignRefused);
+        return SK_DROP;
+    }
+    if !agent_running() {
+        // Read by no one: the sender hears at once (port unreachable, a reset) and moves on,
+        // unless another agent's program takes it.
+        count(Counter::AgentUnresponsive);
         return SK_DROP;
     }
     let tcp = lookup.protocol == u32::from(IPPROTO_TCP);

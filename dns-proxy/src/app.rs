@@ -379,6 +379,12 @@ async fn serve(
                 blocks: routed_blocks(config, listeners.v6.is_some()),
                 changes: shared.route_changes.clone(),
             }),
+        redirector
+            .take_alive_at()
+            .map(|alive_at| background::Running {
+                alive_at,
+                udp_threads: udp_threads.runtimes().cloned().collect(),
+            }),
         &readiness,
         &stop_background,
     );

@@ -35,12 +35,14 @@ pub use exclusions::Exclusions;
 
 use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 
+mod alive;
 mod exclusions;
 mod origins;
 mod own_sockets;
 mod server_table;
 mod sources;
 
+pub use alive::AliveAt;
 pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
@@ -328,6 +330,8 @@ pub struct Redirector {
     exclusions: Option<Exclusions>,
     /// Until [`Redirector::take_routing`].
     routing: Option<(DirectSources, RedirectSwitch)>,
+    /// Until [`Redirector::take_alive_at`].
+    alive_at: Option<AliveAt>,
     own_sockets: OwnSockets,
 }
 
@@ -492,6 +496,9 @@ impl Redirector {
         }
         // Before the redirect starts, so that the first socket it sends gets its source.
         let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
+        // The programs redirect nothing for an agent that has not said it runs.
+        let mut alive_at = AliveAt::new(take_array(&mut ebpf, names::ALIVE_AT)?);
+        alive_at.now()?;
         // Every program is in place: the redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
         switch.set(&[])?;
@@ -503,6 +510,7 @@ impl Redirector {
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
                 routing: Some((sources, switch)),
+                alive_at: Some(alive_at),
                 own_sockets,
             },
             servers,
@@ -545,6 +553,12 @@ impl Redirector {
     /// keeps both as routes change; `None` after the first call.
     pub fn take_routing(&mut self) -> Option<(DirectSources, RedirectSwitch)> {
         self.routing.take()
+    }
+
+    /// Where the agent says it runs, for the task that keeps saying so; `None` after the first
+    /// call.
+    pub fn take_alive_at(&mut self) -> Option<AliveAt> {
+        self.alive_at.take()
     }
 
     /// Where the agent marks the sockets it makes as its own.

@@ -1,9 +1,17 @@
 //! The agent's background tasks, beside the listeners: the heartbeat that tells other agents
 //! this one is alive, the walk that forgets the origins of cgroups that are gone, the watch
 //! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
-//! that is gone), and, as routes change, the source of redirected sockets and the blocks'
-//! routes (the redirect is switched off while a block is not routed here).
-use std::{path::PathBuf, sync::Arc, time::Duration};
+//! that is gone), as routes change, the source of redirected sockets and the blocks' routes
+//! (the redirect is switched off while a block is not routed here), and the word to the
+//! programs that the agent runs (they send nothing to one that stopped).
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use dns_proxy_common::AddressBlock;
 
@@ -15,8 +23,9 @@ use crate::{
     cgroup::Cgroup,
     dns::workload_stats::WorkloadStats,
     drain,
-    ebpf::{DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
+    ebpf::{AliveAt, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
     host,
+    log_limit::RateLimited,
     metrics::Readiness,
     redirect_lock::RedirectLock,
     route_changes::RouteChanges,
@@ -26,6 +35,23 @@ use crate::{
 /// How often the cgroups named on the command line are looked at. A service restarted in a
 /// cgroup made anew at an excluded path is redirected for at most this long.
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the agent tells its programs that it runs (`ALIVE_AT`). They take it for stopped
+/// after [`dns_proxy_common::UNRESPONSIVE_AFTER_NS`] (3 s) without: six in a row missed.
+const SAY_RUNNING_EVERY: Duration = Duration::from_millis(500);
+
+/// How often each UDP thread notes that it runs.
+const UDP_THREAD_TICK: Duration = Duration::from_millis(250);
+
+/// A UDP thread that has not noted it runs for this long is taken for wedged: the agent stops
+/// saying it runs, since a third of the lookups (those its listener gets) would be lost.
+const UDP_THREAD_WEDGED_AFTER: Duration = Duration::from_millis(1500);
+
+/// What tells the programs that the agent runs: the map, and the UDP threads that must run.
+pub(super) struct Running {
+    pub alive_at: AliveAt,
+    pub udp_threads: Vec<tokio::runtime::Handle>,
+}
 
 /// The cgroups the agent keeps an eye on.
 pub(super) struct Watched {
@@ -58,9 +84,13 @@ pub(super) fn start(
     root: PathBuf,
     watched: Watched,
     routing: Option<Routing>,
+    running: Option<Running>,
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
+    if let Some(running) = running {
+        tokio::spawn(say_running(running, stop.clone()));
+    }
     if let Some(routing) = routing {
         tokio::spawn(keep_routing(routing, Arc::clone(readiness), stop.clone()));
     }
@@ -79,6 +109,64 @@ pub(super) fn start(
     ));
     let readiness = Arc::clone(readiness);
     tokio::spawn(watch_cgroups(watched, readiness, stop.clone()));
+}
+
+/// Tells the programs that the agent runs (`ALIVE_AT`) every [`SAY_RUNNING_EVERY`] until
+/// `stop`, while every UDP thread does too: stopped, frozen or wedged, the agent says nothing,
+/// and the programs soon send it nothing (lookups go direct). Logs when a UDP thread is wedged.
+async fn say_running(running: Running, stop: drain::Signal) {
+    let Running {
+        mut alive_at,
+        udp_threads,
+    } = running;
+    let start = tokio::time::Instant::now();
+    let ticks: Vec<Arc<AtomicU64>> = udp_threads
+        .iter()
+        .map(|thread| {
+            let tick = Arc::new(AtomicU64::new(0));
+            thread.spawn(note_running(Arc::clone(&tick), start, stop.clone()));
+            tick
+        })
+        .collect();
+    let wedged_log = RateLimited::new(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = tokio::time::sleep(SAY_RUNNING_EVERY) => {}
+        }
+        let now = millis_since(start);
+        let wedged = ticks.iter().enumerate().find_map(|(n, tick)| {
+            let silent = now.saturating_sub(tick.load(Ordering::Relaxed));
+            (silent > UDP_THREAD_WEDGED_AFTER.as_millis() as u64).then_some((n, silent))
+        });
+        if let Some((n, silent)) = wedged {
+            wedged_log.warn(|_| {
+                format!(
+                    "UDP thread {n} has not run for {silent} ms: the redirect stops within 3 s \
+                     (lookups go direct) until it runs again"
+                )
+            });
+            continue;
+        }
+        if let Err(err) = alive_at.now() {
+            wedged_log.warn(|_| format!("cannot tell the programs the agent runs: {err}"));
+        }
+    }
+}
+
+/// Notes, every [`UDP_THREAD_TICK`] until `stop`, that the UDP thread it runs on runs.
+async fn note_running(tick: Arc<AtomicU64>, start: tokio::time::Instant, stop: drain::Signal) {
+    loop {
+        tick.store(millis_since(start), Ordering::Relaxed);
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = tokio::time::sleep(UDP_THREAD_TICK) => {}
+        }
+    }
+}
+
+fn millis_since(start: tokio::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are

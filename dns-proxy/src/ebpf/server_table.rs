@@ -438,7 +438,7 @@ fn coarse_seconds() -> u64 {
 }
 
 /// `clock` now, since its start; `None` if it cannot be read.
-fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
+pub(super) fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
     // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: `now` is a live timespec that the call only writes.

@@ -59,30 +59,126 @@ fn an_excluded_cgroup_tree_is_left_alone_and_the_rest_is_redirected() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
 }
 
-/// Asks SERVER (argv 1) on one connected UDP socket, prints its pid, waits for a line on
-/// stdin (meanwhile it is moved), and asks again on the same socket; prints, for each answer,
-/// the source recvfrom gave and the peer getpeername gives ("none": no answer in 2 s).
-const MOVED_SOCKET_SCRIPT: &str = r#"
+/// Asks SERVER (argv 1) for NAME (argv 2) on one connected UDP socket, prints its pid, waits
+/// for a line on stdin (meanwhile the test acts), and asks again on the same socket. For each
+/// ask it prints what it got: "answered SOURCE PEER" (the source recvfrom gave, the peer
+/// getpeername gives), "refused" (ECONNREFUSED) or "timeout" (nothing in 2 s).
+const ASK_TWICE_SCRIPT: &str = r#"
 import os, socket, struct, sys
-server = sys.argv[1]
+server, name = sys.argv[1], sys.argv[2].encode()
 def query(qid):
-    name = b"".join(bytes([len(l)]) + l for l in b"moved.example.test".split(b".")) + b"\0"
-    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
+    labels = b"".join(bytes([len(l)]) + l for l in name.split(b".")) + b"\0"
+    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack(">HH", 1, 1)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(2)
 s.connect((server, 53))
-for step, qid in (("before", 1), ("after", 2)):
-    if step == "after":
+for qid in (1, 2):
+    if qid == 2:
         print(os.getpid(), flush=True)
         sys.stdin.readline()
-    s.send(query(qid))
     try:
+        s.send(query(qid))
         data, source = s.recvfrom(4096)
-        seen = "%s:%d" % source
+        seen = "answered %s:%d %s:%d" % (source + s.getpeername())
+    except ConnectionRefusedError:
+        seen = "refused"
     except socket.timeout:
-        seen = "none"
-    print(step, seen, "%s:%d" % s.getpeername(), flush=True)
+        seen = "timeout"
+    print(seen, flush=True)
 "#;
+
+/// The client of [`ASK_TWICE_SCRIPT`], started, with its stdin and its lines.
+struct AskTwice {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl AskTwice {
+    fn start(mut command: Command, name: &str) -> Self {
+        let mut child = command
+            .args(["-c", ASK_TWICE_SCRIPT, &SERVER_IP.to_string(), name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the client");
+        let lines = BufReader::new(child.stdout.take().expect("its stdout")).lines();
+        Self { child, lines }
+    }
+
+    fn next_line(&mut self) -> String {
+        self.lines.next().expect("a line").expect("its output")
+    }
+
+    /// Tells it to ask again; what the second ask got.
+    fn ask_again(&mut self) -> String {
+        use std::io::Write as _;
+        let mut stdin = self.child.stdin.take().expect("its stdin");
+        stdin.write_all(b"\n").expect("tell it to go on");
+        let second = self.next_line();
+        assert!(self.child.wait().expect("its exit").success());
+        second
+    }
+}
+
+/// An agent that is alive but does not run (SIGSTOP here; `docker pause`, a frozen cgroup or
+/// a wedged UDP thread alike) keeps its programs attached and its sockets open, and reads
+/// nothing. Within 3 s the programs take it for stopped: a new lookup goes direct, and one on
+/// a socket already sent to the block is refused at once instead of vanishing; once it runs
+/// again, lookups go through it again. Before, every lookup was lost for as long as it was
+/// stopped (an adversary: every stream, fresh sockets included, for 10 s).
+#[test]
+fn lookups_go_direct_or_are_refused_while_the_agent_is_stopped() {
+    let Harness {
+        mut agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[&format!("--metrics={METRICS}")]);
+    let mut client = AskTwice::start(topology.workload("python3", &[]), "stopped.example.test");
+    let answered = format!("answered {SERVER_IP}:53 {SERVER_IP}:53");
+    assert_eq!(client.next_line(), answered, "{}", agent.log());
+    client.next_line(); // its pid
+    forwarded(&agent, "stopped.example.test");
+
+    let pid = agent.process().id().to_string();
+    must(Command::new("kill").args(["-STOP", &pid]));
+    // Let it run again however this ends, so that it can be stopped.
+    struct Continue<'a>(&'a str);
+    impl Drop for Continue<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", self.0]).status();
+        }
+    }
+    let continue_it = Continue(&pid);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_answered(
+        dig(topology.workload("dig", &[]), "direct.example.test", &[]),
+        "dig while the agent is stopped",
+    );
+    assert_eq!(client.ask_again(), "refused");
+
+    drop(continue_it);
+    // Running again: it says so within half a second, and is sent lookups again.
+    wait_for(
+        "a lookup through the agent again",
+        Duration::from_secs(5),
+        || {
+            let name = "again.example.test";
+            let _ = dig(topology.workload("dig", &[]), name, &[]);
+            agent.query_line(name)
+        },
+    );
+    // The lookup made while it was stopped went direct: the agent never saw it.
+    assert!(
+        agent.query_line("direct.example.test").is_none(),
+        "{}",
+        agent.log()
+    );
+    let page = scrape(&topology);
+    assert!(
+        value(&page, "dns_proxy_kernel_agent_unresponsive_total") >= 2,
+        "{page}"
+    );
+}
 
 /// A socket connected while its process was redirected keeps sending to the proxy after the
 /// process moves into an excluded cgroup (an operator's move; a takeover that adds
@@ -92,7 +188,6 @@ for step, qid in (("before", 1), ("after", 2)):
 /// lookup on it lost until the application connected anew).
 #[test]
 fn a_socket_connected_before_its_process_moved_into_an_excluded_cgroup_still_sees_its_server() {
-    use std::io::Write as _;
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let excluded = child_cgroup(&topology, "resolver");
@@ -101,31 +196,13 @@ fn a_socket_connected_before_its_process_moved_into_an_excluded_cgroup_still_see
         &topology,
         &[&format!("--exclude-cgroup={}", excluded.display())],
     );
-    let server = SERVER_IP.to_string();
-    let mut client = in_cgroup_and_netns(
-        &app,
-        &topology.client,
-        "python3",
-        &["-c", MOVED_SOCKET_SCRIPT, &server],
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .spawn()
-    .expect("start the client");
-    let mut lines = BufReader::new(client.stdout.take().expect("its stdout")).lines();
-    let mut next_line = || lines.next().expect("a line").expect("its output");
-    assert_eq!(next_line(), format!("before {SERVER_IP}:53 {SERVER_IP}:53"));
-    let pid = next_line();
+    let in_app = in_cgroup_and_netns(&app, &topology.client, "python3", &[]);
+    let mut client = AskTwice::start(in_app, "moved.example.test");
+    let answered = format!("answered {SERVER_IP}:53 {SERVER_IP}:53");
+    assert_eq!(client.next_line(), answered);
+    let pid = client.next_line();
     fs::write(excluded.join("cgroup.procs"), &pid).expect("move the client");
-    let mut stdin = client.stdin.take().expect("its stdin");
-    stdin.write_all(b"\n").expect("tell it to go on");
-    assert_eq!(
-        next_line(),
-        format!("after {SERVER_IP}:53 {SERVER_IP}:53"),
-        "{}",
-        agent.log()
-    );
-    assert!(client.wait().expect("its exit").success());
+    assert_eq!(client.ask_again(), answered, "{}", agent.log());
     // Both went through the agent: the socket was sent to it before the move.
     assert_eq!(
         agent.query_lines("moved.example.test").len(),
