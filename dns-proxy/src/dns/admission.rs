@@ -223,13 +223,14 @@ impl<D: OriginalDestinations> Admission<D> {
 
     /// One of the client's share, held until dropped; `None` (counted and logged) if it holds
     /// them all. The client is the workload of `cgroup`, as the kernel recorded it for the
-    /// address the query reached; with none recorded (0), its source address (the agent's own
-    /// namespace is one client, `local`, whatever local address it sends from).
+    /// address the query reached, from its source address; with none recorded (0), its source
+    /// address alone. The agent's own namespace is one source, `local`, whatever local address
+    /// it sends from.
     pub fn client_slot(&self, client: SocketAddr, cgroup: u64, local: bool) -> Option<ClientSlot> {
+        let source = if local { LOCAL_CLIENT } else { client.ip() };
         let key = match cgroup {
-            0 if local => Client::Address(LOCAL_CLIENT),
-            0 => Client::Address(client.ip()),
-            id => Client::Workload(id),
+            0 => Client::Address(source),
+            id => Client::Workload { cgroup: id, source },
         };
         let slot = self.per_client.try_acquire(key);
         if slot.is_none() {
@@ -284,13 +285,17 @@ mod tests {
             tcp.client_slot(client, 0, true).is_some(),
             "this namespace: another client"
         );
-        // A workload recorded by the kernel is a client of its own, whatever its source.
+        // A workload recorded by the kernel, from its source, is a client of its own: apart
+        // from that source alone, and from the same workload from another source (a raw
+        // datagram from another pod, which passes no cgroup hook).
         let workload = tcp.client_slot(client, 42, false);
         assert!(workload.is_some());
         assert!(
-            tcp.client_slot(([192, 0, 2, 9], 1).into(), 42, false)
+            tcp.client_slot(([10, 0, 0, 1], 2).into(), 42, false)
                 .is_none()
         );
+        let other_source = tcp.client_slot(([192, 0, 2, 9], 1).into(), 42, false);
+        assert!(other_source.is_some());
         let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         assert_eq!(count(&stats.tcp.dropped_not_redirected), 1);
         assert_eq!(count(&stats.tcp.dropped_loop), 1);

@@ -1,13 +1,18 @@
 //! A limit per client: how many UDP queries (or TCP connections) one client may have open at
 //! once, so that one flooding workload fills its own share and not the whole agent's.
 //!
-//! A client is the workload the kernel recorded for the block address its query reached: its
-//! cgroup, which no other workload can send to that address as (the programs refuse another
-//! cgroup's address), so a container forging a neighbour's source address charges its own
-//! share, and a host-network container its own, not the node's. Where no workload is
-//! recorded (a server's shared address, when the table is full), a client is its source
-//! address; the processes of the agent's own namespace are then one client, whatever local
-//! address they send from (the listeners decide: [`LOCAL_CLIENT`]).
+//! A client is the workload the kernel recorded for the block address its query reached (its
+//! cgroup, which no other workload's socket can send to that address as: the programs refuse
+//! another cgroup's address), from the source address it came from. So a container forging a
+//! neighbour's source address charges a share of its own, and a host-network container its
+//! own, not the node's. The source counts too because a raw datagram passes no cgroup hook: a
+//! pod with `CAP_NET_RAW` could send to a neighbour's address from its own, and charged the
+//! neighbour's share until it held all of it (an adversary dropped 80 % of a neighbour's
+//! lookups, to every server, so); now it charges a share of the neighbour's cgroup and its own
+//! address, which the neighbour never uses. The processes of the agent's own namespace are
+//! one source, whatever local address they send from (the listeners decide:
+//! [`LOCAL_CLIENT`]). Where no workload is recorded (a server's shared address, when the
+//! table is full), a client is its source address alone.
 //!
 //! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
 //! something. A client within it is admitted even when the agent-wide limit is reached by
@@ -30,8 +35,9 @@ pub const LOCAL_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Who a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Client {
-    /// A workload, by the id of the cgroup the kernel recorded for its query.
-    Workload(u64),
+    /// A workload, by the id of the cgroup the kernel recorded for its query, from a source
+    /// address.
+    Workload { cgroup: u64, source: IpAddr },
     /// A source address, where no workload is recorded.
     Address(IpAddr),
 }
@@ -39,7 +45,9 @@ pub enum Client {
 impl std::fmt::Display for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Workload(id) => write!(f, "the workload of cgroup id {id}"),
+            Self::Workload { cgroup, source } => {
+                write!(f, "the workload of cgroup id {cgroup} from {source}")
+            }
             Self::Address(ip) => write!(f, "{ip}"),
         }
     }
@@ -101,7 +109,10 @@ impl PerClientLimit {
         // A v4-mapped IPv6 source is the same client as its IPv4 address.
         let client = match client {
             Client::Address(ip) => Client::Address(ip.to_canonical()),
-            workload => workload,
+            Client::Workload { cgroup, source } => Client::Workload {
+                cgroup,
+                source: source.to_canonical(),
+            },
         };
         let mut counts = self.shard(client).lock().expect("not poisoned");
         let count = counts.entry(client).or_insert_with(|| {
@@ -173,12 +184,23 @@ mod tests {
         drop(first);
         let _third = limits.try_acquire(a).expect("a got one back");
         assert_eq!(limits.clients(), 2);
-        // A workload is a client of its own, whatever addresses its queries come from.
-        let workload = Client::Workload(7);
-        let _w = limits.try_acquire(workload).expect("the workload's first");
-        let _w2 = limits.try_acquire(workload).expect("the workload's second");
-        assert!(limits.try_acquire(workload).is_none());
-        assert_eq!(limits.clients(), 3);
+        // A workload from an address is a client of its own, apart from that address alone,
+        // and apart from the same workload's address from elsewhere.
+        let workload = |source: &str| Client::Workload {
+            cgroup: 7,
+            source: source.parse().unwrap(),
+        };
+        let _w = limits
+            .try_acquire(workload("10.0.0.1"))
+            .expect("the workload's first");
+        let _w2 = limits
+            .try_acquire(workload("10.0.0.1"))
+            .expect("the workload's second");
+        assert!(limits.try_acquire(workload("::ffff:10.0.0.1")).is_none());
+        let _elsewhere = limits
+            .try_acquire(workload("10.0.0.9"))
+            .expect("its address sent to from elsewhere is another share");
+        assert_eq!(limits.clients(), 4);
     }
 
     #[test]
@@ -186,7 +208,10 @@ mod tests {
         let limits = PerClientLimit::new(4);
         for i in 0..1000u32 {
             drop(limits.try_acquire(Client::Address(Ipv4Addr::from(i).into())));
-            drop(limits.try_acquire(Client::Workload(i.into())));
+            drop(limits.try_acquire(Client::Workload {
+                cgroup: i.into(),
+                source: LOCAL_CLIENT,
+            }));
         }
         assert_eq!(limits.clients(), 0);
     }

@@ -239,6 +239,11 @@ struct FloodedNode {
 }
 
 fn node_with_a_slow_server(pods: u8) -> FloodedNode {
+    node_with_a_slow_server_and(pods, &[])
+}
+
+/// [`node_with_a_slow_server`], the agent started with `extra` arguments too.
+fn node_with_a_slow_server_and(pods: u8, extra: &[&str]) -> FloodedNode {
     use tests::node::{NODE_LISTEN, NodeTopology};
 
     let node = NodeTopology::with_pods(pods);
@@ -252,9 +257,13 @@ fn node_with_a_slow_server(pods: u8) -> FloodedNode {
         node.redirected_cgroup(),
         None,
         &[
-            format!("--listen={NODE_LISTEN}:53"),
-            format!("--metrics={METRICS}"),
-        ],
+            &[
+                format!("--listen={NODE_LISTEN}:53"),
+                format!("--metrics={METRICS}"),
+            ],
+            &extra.iter().map(ToString::to_string).collect::<Vec<_>>()[..],
+        ]
+        .concat(),
     );
     FloodedNode {
         agent,
@@ -262,6 +271,76 @@ fn node_with_a_slow_server(pods: u8) -> FloodedNode {
         _server: server,
         node,
     }
+}
+
+/// Sends raw UDP queries (no cgroup hook runs for a raw socket) from the pod's own address to
+/// every address of the node's block on port 53, ROUNDS times a second for SECONDS (argv 1
+/// and 2), each for a name of its own; prints how many it sent.
+const RAW_SWEEP_SCRIPT: &str = r#"
+import socket, struct, sys, time
+rounds, seconds = float(sys.argv[1]), float(sys.argv[2])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+start, n = time.monotonic(), 0
+while time.monotonic() - start < seconds:
+    for index in range(1, 255):
+        name = b"raw%d.example.test" % n
+        labels = b"".join(bytes([len(l)]) + l for l in name.split(b".")) + b"\0"
+        query = struct.pack(">HHHHHH", n & 0xffff, 0x0100, 1, 0, 0, 0) + labels + b"\0\1\0\1"
+        header = struct.pack(">HHHH", 40000 + n % 20000, 53, 8 + len(query), 0)
+        raw.sendto(header + query, ("169.254.53.%d" % index, 0))
+        n += 1
+    time.sleep(1 / rounds)
+print("sent=%d" % n)
+"#;
+
+/// A pod with `CAP_NET_RAW` (Docker's and Kubernetes' default) sends raw datagrams, which pass
+/// no cgroup hook, to every address of the node's block, from its own address: among them
+/// the neighbour pod's own address for a server that answers after 3 s, so each holds a slot
+/// in flight for 3 s. They are charged to the neighbour's workload from the attacker's
+/// address, a share apart from the neighbour's own: the neighbour, resolving at the same time
+/// (through another server, with the same small per-client limit), loses no lookup. Before,
+/// a share was the workload's alone, and the raw queries held all of it (an adversary: 80 %
+/// of the neighbour's lookups lost, to every server).
+#[test]
+fn raw_queries_to_a_neighbours_address_do_not_use_up_its_share() {
+    let FloodedNode {
+        agent: _agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server_and(2, &["--max-inflight-per-client=8"]);
+    // Pod 1 asks the slow server once: it has an address of its own for it.
+    let slow = SECOND_SERVER_IP.to_string();
+    must(&mut node.pod(
+        1,
+        "dig",
+        &[
+            &format!("@{slow}"),
+            "+time=5",
+            "+tries=1",
+            "mine.example.test",
+        ],
+    ));
+    let server = format!("{SERVER_IP}:53");
+    let mut victim = node.pod(1, STEADY, &[&server, "1000", "1", "20", "1"]);
+    victim.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut victim = Process::spawn(&mut victim);
+    // 10 sweeps a second for 4 s: about 40 in flight at a time to each address of pod 1,
+    // five times its limit, were they charged to it.
+    let sweep = must(&mut node.pod(0, "python3", &["-c", RAW_SWEEP_SCRIPT, "10", "4"]));
+    let sweep = String::from_utf8_lossy(&sweep.stdout).trim().to_owned();
+    let line = victim.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _first_try, _retried, failed] = steady_outcome(&line);
+    eprintln!("sweep: {sweep}; pod 1: {line}");
+    assert!(lookups > 50, "{line}");
+    assert_eq!(failed, 0, "pod 1 lost lookups to the raw sweep: {line}");
+    // The sweep was shed at its own share (the slow server's queries pile up past 8).
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let shed = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
+    );
+    assert!(shed > 0, "the sweep held nothing in flight:\n{page}");
 }
 
 #[test]
