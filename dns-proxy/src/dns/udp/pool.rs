@@ -3,7 +3,8 @@
 //! - per address family, the few upstreams that answer ([`CONNECTED_UPSTREAMS`]) get sockets
 //!   connected to them ([`CONNECTED_SOCKETS`] each), each on a random port, opened as queries
 //!   need them and replaced by a fresh one (a new random port) after [`USES_PER_SOCKET`]
-//!   queries; a batch of queries to one leaves from one of them picked at random;
+//!   queries or [`MAX_SOCKET_AGE`], whichever comes first; a batch of queries to one leaves
+//!   from one of them picked at random;
 //! - any other query leaves from a socket of its own, on a random port, opened for it and
 //!   closed once it is settled ([`UdpProxy::pick_one_off`]), as a resolver's are.
 //!
@@ -73,6 +74,19 @@ pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Queries a connected socket carries before a fresh one, on a new random port, takes its
 /// place: the ports keep changing, and the cost of a socket is shared by this many queries.
 pub const USES_PER_SOCKET: u32 = 128;
+
+/// A connected socket older than this is replaced at its next use, however few queries it
+/// carried: an upstream asked seldom kept its sockets, and their ports, for many minutes (an
+/// adversary saw one unchanged for 4), so a port learned somehow (a side channel) left only
+/// the 16-bit ID to guess for that long.
+#[cfg(not(test))]
+pub(super) const MAX_SOCKET_AGE: Duration = Duration::from_secs(60);
+#[cfg(test)]
+pub(super) const MAX_SOCKET_AGE: Duration = Duration::from_millis(300);
+
+/// Uses of a connected socket past which its age is looked at only every this many: a busy
+/// socket is spent by its uses long before its age, and reads no clock per query.
+const AGE_LOOKED_AT_EVERY: u32 = 16;
 
 /// One upstream socket.
 pub(super) struct PoolSocket {
@@ -146,6 +160,15 @@ impl PoolSocket {
         if self.outstanding.load(Ordering::SeqCst) == 0 {
             self.done.notify_one();
         }
+    }
+
+    /// Whether it has carried its share of queries ([`USES_PER_SOCKET`]) or lived its time
+    /// ([`MAX_SOCKET_AGE`]): then it is replaced.
+    fn is_spent(&self) -> bool {
+        let uses = self.uses.load(Ordering::Relaxed);
+        uses >= USES_PER_SOCKET
+            || ((uses < AGE_LOOKED_AT_EVERY || uses.is_multiple_of(AGE_LOOKED_AT_EVERY))
+                && self.opened.elapsed() >= MAX_SOCKET_AGE)
     }
 
     /// A query was sent from it: one more of its share, outstanding until settled.
@@ -444,7 +467,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 
     /// The index in `sockets` (connected to `peer`) of the one `pick` chooses, after opening
     /// another while they are fewer than [`CONNECTED_SOCKETS`], and replacing the chosen one if
-    /// it has carried its share. An error if there is none and none could be opened.
+    /// it is spent (its share carried, or its time lived). An error if there is none and none could be opened.
     fn pick_among(
         self: &Arc<Self>,
         sockets: &mut Vec<Arc<PoolSocket>>,
@@ -464,7 +487,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         }
         let start = (pick % sockets.len() as u64) as usize;
-        if sockets[start].uses.load(Ordering::Relaxed) >= USES_PER_SOCKET {
+        if sockets[start].is_spent() {
             match PoolSocket::open(&self.next_socket_id, any, peer, &self.settings.own_sockets) {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);

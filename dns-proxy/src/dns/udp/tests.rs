@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use tokio::time::timeout;
 
 use super::{
-    pool::{CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, RECONNECT_EVERY},
+    pool::{
+        CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, MAX_SOCKET_AGE, RECONNECT_EVERY,
+    },
     *,
 };
 use crate::dns::FixedDestination as Fixed;
@@ -349,6 +351,35 @@ async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
     assert!(
         open <= CONNECTED_SOCKETS + 2,
         "{open} readers still hold the proxy"
+    );
+}
+
+/// An upstream asked seldom gets fresh ports all the same: a connected socket that has lived
+/// [`MAX_SOCKET_AGE`] (300 ms in tests, 60 s otherwise) is replaced at its next use, however
+/// few queries it carried, and only once.
+#[tokio::test]
+async fn a_connected_socket_is_replaced_once_it_has_lived_its_time() {
+    let (upstream, ports) = recording_upstream(false).await;
+    let proxy = proxy(Some(upstream), 64).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for id in 0..16 {
+        answered_in_turn(&proxy, &client, id).await;
+    }
+    let opened_before = proxy.next_socket_id.load(Ordering::Relaxed);
+    let ports_before: Vec<u16> = ports.lock().unwrap().drain(..).collect();
+    tokio::time::sleep(MAX_SOCKET_AGE + Duration::from_millis(50)).await;
+    for id in 16..32 {
+        answered_in_turn(&proxy, &client, id).await;
+    }
+    let opened = proxy.next_socket_id.load(Ordering::Relaxed) - opened_before;
+    let ports_after: Vec<u16> = ports.lock().unwrap().drain(..).collect();
+    assert!(
+        (1..=CONNECTED_SOCKETS as u64).contains(&opened),
+        "{opened} sockets opened after the sockets' time"
+    );
+    assert!(
+        ports_after.iter().any(|port| !ports_before.contains(port)),
+        "no new port: {ports_before:?} then {ports_after:?}"
     );
 }
 
