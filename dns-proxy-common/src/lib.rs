@@ -168,8 +168,9 @@ pub enum Counter {
     /// Sockets connected to a proxy address that `CONNECTED` had no room to note: once their
     /// cgroup is gone, their index may be given to another origin while they still use it.
     ConnectedNotNoted = 11,
-    /// DNS connects and sends left alone, and packets to a block address refused, because the
-    /// agent had not said it was running for [`UNRESPONSIVE_AFTER_NS`] (`ALIVE_AT`): stopped
+    /// DNS connects and sends left alone (an excluded cgroup's included: this is looked at
+    /// first), and packets to a block address refused, because the agent had not said it was
+    /// running for [`UNRESPONSIVE_AFTER_NS`] (`ALIVE_AT`): stopped
     /// (SIGSTOP), frozen (`docker pause`) or wedged, it would read none of them.
     AgentUnresponsive = 12,
 }

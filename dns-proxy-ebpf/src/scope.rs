@@ -105,7 +105,9 @@ pub fn is_dns(ctx: &SockAddrContext, port_be: u16, hook: Hook) -> bool {
 /// Whether the socket behind `ctx` is the agent's own, by its mark (`AGENT_SOCKETS`), or the
 /// calling task's cgroup is excluded. The mark holds wherever the agent is: moved out of its
 /// cgroup (into the one it redirects, say), it still never redirects its own queries to
-/// itself nor refuses its own answers.
+/// itself nor refuses its own answers. Not inlined: the `connect6` path's frames are near the
+/// kernel's 512-byte stack limit.
+#[inline(never)]
 pub fn is_agents_or_excluded(ctx: &SockAddrContext) -> bool {
     is_agents_socket(ctx) || is_excluded()
 }

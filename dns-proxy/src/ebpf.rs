@@ -402,6 +402,10 @@ impl Redirector {
         fill_excluded_servers(&mut ebpf, config.excluded_servers)?;
         let servers = ServerTable::take(&mut ebpf, config.block4, config.block6)?;
         let counters = KernelCounters::take(&mut ebpf)?;
+        // Before anything is attached: the programs redirect nothing, and sk_lookup steers
+        // nothing, for an agent that has not said it runs.
+        let mut alive_at = AliveAt::new(take_array(&mut ebpf, names::ALIVE_AT)?);
+        alive_at.now()?;
 
         let cgroup_name = config.cgroup.path.display().to_string();
         let cgroup_fd =
@@ -496,9 +500,6 @@ impl Redirector {
         }
         // Before the redirect starts, so that the first socket it sends gets its source.
         let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
-        // The programs redirect nothing for an agent that has not said it runs.
-        let mut alive_at = AliveAt::new(take_array(&mut ebpf, names::ALIVE_AT)?);
-        alive_at.now()?;
         // Every program is in place: the redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
         switch.set(&[])?;
@@ -670,6 +671,44 @@ impl RedirectSwitch {
             source: Box::new(source),
         })
     }
+}
+
+/// Now, on the clock the programs read (`bpf_ktime_get_ns`), in nanoseconds: the kernel's
+/// `CLOCK_MONOTONIC`, which this process sees shifted by its time namespace's offset, if it
+/// runs in one of its own (`unshare --time`). Without that correction an agent with a
+/// negative offset wrote times that the programs took for long past, and redirected nothing.
+pub(crate) fn kernel_monotonic_ns() -> u64 {
+    // The clock cannot fail on Linux.
+    let seen = server_table::read_clock(libc::CLOCK_MONOTONIC).unwrap_or_default();
+    let seen = i128::try_from(seen.as_nanos()).unwrap_or(i128::MAX);
+    u64::try_from((seen - time_namespace_offset_ns()).max(0)).unwrap_or(u64::MAX)
+}
+
+/// The `CLOCK_MONOTONIC` offset of this process's time namespace, in nanoseconds
+/// (`/proc/self/timens_offsets`; 0 without time namespaces). Read once: a process cannot
+/// change its own time namespace, only its children's.
+fn time_namespace_offset_ns() -> i128 {
+    static OFFSET: std::sync::OnceLock<i128> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/timens_offsets")
+            .ok()
+            .and_then(|offsets| monotonic_offset_ns(&offsets))
+            .unwrap_or(0)
+    })
+}
+
+/// The monotonic line's offset of a `timens_offsets` text ("monotonic SECONDS NANOSECONDS").
+fn monotonic_offset_ns(offsets: &str) -> Option<i128> {
+    offsets.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let clock = fields.next()?;
+        if clock != "monotonic" && clock != "1" {
+            return None;
+        }
+        let seconds: i128 = fields.next()?.parse().ok()?;
+        let nanos: i128 = fields.next()?.parse().ok()?;
+        Some(seconds * 1_000_000_000 + nanos)
+    })
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
@@ -907,6 +946,16 @@ impl KernelCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both forms the kernel has printed: by name (5.8 and later) and by clock id.
+    #[test]
+    fn reads_the_monotonic_offset_of_a_time_namespace() {
+        let named = "monotonic           -100         0\nboottime      7    250\n";
+        assert_eq!(monotonic_offset_ns(named), Some(-100_000_000_000));
+        assert_eq!(monotonic_offset_ns("7 1 0\n1 2 500\n"), Some(2_000_000_500));
+        assert_eq!(monotonic_offset_ns("boottime 1 0\n"), None);
+        assert_eq!(monotonic_offset_ns(""), None);
+    }
 
     #[test]
     fn error_hints_say_what_to_do() {

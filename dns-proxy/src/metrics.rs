@@ -43,6 +43,8 @@ pub struct Readiness {
     block_unrouted: AtomicBool,
     /// The agent is out of its own cgroup and cannot go back: its own lookups may loop.
     outside_own_cgroup: AtomicBool,
+    /// The agent cannot tell its programs that it runs: they soon redirect nothing.
+    cannot_say_running: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -82,12 +84,23 @@ impl Readiness {
         self.outside_own_cgroup.store(outside, Ordering::Relaxed);
     }
 
+    /// Whether the agent cannot tell its programs that it runs (`ALIVE_AT`): they then
+    /// redirect nothing.
+    pub fn set_cannot_say_running(&self, cannot: bool) {
+        self.cannot_say_running.store(cannot, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.is_replaced()
             && !self.is_target_lost()
             && !self.is_block_unrouted()
             && !self.is_outside_own_cgroup()
+            && !self.is_unable_to_say_running()
+    }
+
+    fn is_unable_to_say_running(&self) -> bool {
+        self.cannot_say_running.load(Ordering::Relaxed)
     }
 
     fn is_outside_own_cgroup(&self) -> bool {
@@ -277,6 +290,11 @@ impl Metrics {
                 "not ready: the agent is out of its own cgroup and cannot go back (its own \
                  lookups may loop); restart the agent\n",
             ),
+            "/readyz" if self.readiness.is_unable_to_say_running() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the agent cannot tell its programs that it runs, so they redirect \
+                 nothing (lookups go direct); see its log\n",
+            ),
             "/readyz" => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: starting or shutting down\n",
@@ -373,7 +391,7 @@ mod tests {
     fn an_agent_that_cannot_redirect_as_asked_is_not_ready_and_says_why() {
         let agent = metrics(true);
         type Setter = fn(&Readiness, bool);
-        let states: [(Setter, &str); 3] = [
+        let states: [(Setter, &str); 4] = [
             (Readiness::set_target_lost, "the redirected cgroup is gone"),
             (
                 Readiness::set_block_unrouted,
@@ -382,6 +400,10 @@ mod tests {
             (
                 Readiness::set_outside_own_cgroup,
                 "out of its own cgroup and cannot go back",
+            ),
+            (
+                Readiness::set_cannot_say_running,
+                "cannot tell its programs that it runs",
             ),
         ];
         for (set, why) in states {

@@ -92,11 +92,27 @@ impl Agent {
     /// As [`start`](Self::start), with the soft limit on open files lowered to `soft` first
     /// (`prlimit`), as a service manager may leave it.
     pub fn start_with_soft_file_limit(topology: &Topology, soft: u64) -> Self {
+        let mut prlimit = Command::new("prlimit");
+        prlimit.arg(format!("--nofile={soft}:"));
+        Self::start_through(topology, prlimit)
+    }
+
+    /// As [`start`](Self::start), in a time namespace of its own whose `CLOCK_MONOTONIC` is
+    /// `offset_seconds` off the host's (`unshare --time`; the agent runs as its child, killed
+    /// with it).
+    pub fn start_in_time_namespace(topology: &Topology, offset_seconds: i64) -> Self {
+        let mut unshare = Command::new("unshare");
+        unshare
+            .args(["--time", "--fork", "--kill-child"])
+            .arg(format!("--monotonic={offset_seconds}"));
+        Self::start_through(topology, unshare)
+    }
+
+    /// As [`start`](Self::start), through `wrapper`, which runs the command after its `--`.
+    fn start_through(topology: &Topology, mut wrapper: Command) -> Self {
         let args = [format!("--listen={PROXY_LISTEN}")];
         let inner = Self::command(&topology.client, &topology.cgroup.path, None, &args);
-        let mut command = Command::new("prlimit");
-        command
-            .arg(format!("--nofile={soft}:"))
+        wrapper
             .arg("--")
             .arg(inner.get_program())
             .args(inner.get_args())
@@ -106,7 +122,7 @@ impl Agent {
                     .filter_map(|(key, value)| Some((key, value?))),
             )
             .stdout(Stdio::null());
-        Self::spawn(command)
+        Self::spawn(wrapper)
     }
 
     /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.

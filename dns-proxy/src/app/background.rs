@@ -89,7 +89,7 @@ pub(super) fn start(
     stop: &drain::Signal,
 ) {
     if let Some(running) = running {
-        tokio::spawn(say_running(running, stop.clone()));
+        tokio::spawn(say_running(running, Arc::clone(readiness), stop.clone()));
     }
     if let Some(routing) = routing {
         tokio::spawn(keep_routing(routing, Arc::clone(readiness), stop.clone()));
@@ -114,7 +114,8 @@ pub(super) fn start(
 /// Tells the programs that the agent runs (`ALIVE_AT`) every [`SAY_RUNNING_EVERY`] until
 /// `stop`, while every UDP thread does too: stopped, frozen or wedged, the agent says nothing,
 /// and the programs soon send it nothing (lookups go direct). Logs when a UDP thread is wedged.
-async fn say_running(running: Running, stop: drain::Signal) {
+/// A write that fails is said once, as an error, and on `/readyz`, until one works again.
+async fn say_running(running: Running, readiness: Arc<Readiness>, stop: drain::Signal) {
     let Running {
         mut alive_at,
         udp_threads,
@@ -129,15 +130,25 @@ async fn say_running(running: Running, stop: drain::Signal) {
         })
         .collect();
     let wedged_log = RateLimited::new(Duration::from_secs(10));
+    let mut failing = false;
+    let mut last_look = 0;
+    // The first tick at once: the agent said it runs at load, a moment ago.
+    let mut every = tokio::time::interval(SAY_RUNNING_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.stopped() => return,
-            () = tokio::time::sleep(SAY_RUNNING_EVERY) => {}
+            _ = every.tick() => {}
         }
         let now = millis_since(start);
+        let wedged_after = UDP_THREAD_WEDGED_AFTER.as_millis() as u64;
+        // Late itself (the whole agent was stopped, and runs again): the UDP threads' last
+        // notes are as old, and say nothing of them.
+        let on_time = now.saturating_sub(last_look) <= wedged_after;
+        last_look = now;
         let wedged = ticks.iter().enumerate().find_map(|(n, tick)| {
             let silent = now.saturating_sub(tick.load(Ordering::Relaxed));
-            (silent > UDP_THREAD_WEDGED_AFTER.as_millis() as u64).then_some((n, silent))
+            (on_time && silent > wedged_after).then_some((n, silent))
         });
         if let Some((n, silent)) = wedged {
             wedged_log.warn(|_| {
@@ -148,8 +159,25 @@ async fn say_running(running: Running, stop: drain::Signal) {
             });
             continue;
         }
-        if let Err(err) = alive_at.now() {
-            wedged_log.warn(|_| format!("cannot tell the programs the agent runs: {err}"));
+        match alive_at.now() {
+            Ok(()) if failing => {
+                failing = false;
+                readiness.set_cannot_say_running(false);
+                log::info!(target: LOG, "the programs are told that the agent runs again");
+            }
+            Ok(()) => {}
+            Err(err) if !failing => {
+                failing = true;
+                readiness.set_cannot_say_running(true);
+                log::error!(
+                    target: LOG,
+                    "cannot tell the programs that the agent runs ({err}): within 3 s they \
+                     redirect nothing, and lookups go direct (Linux before 5.19 with \
+                     kernel.unprivileged_bpf_disabled set refuses map writes to a process \
+                     without CAP_BPF: set it to 0)"
+                );
+            }
+            Err(_) => {}
         }
     }
 }

@@ -7,7 +7,7 @@
 use aya::maps::{Array, MapData};
 use dns_proxy_common::names;
 
-use super::{EbpfError, server_table::read_clock};
+use super::{EbpfError, kernel_monotonic_ns};
 
 pub struct AliveAt(Array<MapData, u64>);
 
@@ -18,12 +18,11 @@ impl AliveAt {
 
     /// Says the agent runs now (a `bpf()` call).
     pub fn now(&mut self) -> Result<(), EbpfError> {
-        // The clock `bpf_ktime_get_ns` reads; it cannot fail on Linux.
-        let now = read_clock(libc::CLOCK_MONOTONIC).unwrap_or_default();
-        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        self.0.set(0, now, 0).map_err(|source| EbpfError::Map {
-            map: names::ALIVE_AT,
-            source: Box::new(source),
-        })
+        self.0
+            .set(0, kernel_monotonic_ns(), 0)
+            .map_err(|source| EbpfError::Map {
+                map: names::ALIVE_AT,
+                source: Box::new(source),
+            })
     }
 }

@@ -136,11 +136,8 @@ impl ServerTable {
         let Some((family, index)) = self.index_of(reached) else {
             return;
         };
-        // The clock `bpf_ktime_get_ns` reads.
-        let Some(now) = read_clock(libc::CLOCK_MONOTONIC) else {
-            return;
-        };
-        let until = u64::try_from((now + REFUSE_CLOSED_SERVER_FOR).as_nanos()).unwrap_or(u64::MAX);
+        let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
+        let until = super::kernel_monotonic_ns().saturating_add(for_ns);
         let mut refusing = self
             .refusing
             .lock()

@@ -445,9 +445,10 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_agent_unresponsive",
         labels: &[],
         only_with: None,
-        help: "DNS connects and sends left alone (they went direct), and packets to a proxy \
-               address refused, because the agent had not said it was running for 3 s: \
-               stopped, frozen or with a wedged UDP thread, it would have read none of them.",
+        help: "DNS connects and sends of the redirected cgroup (its excluded trees included) \
+               left alone (they went direct), and packets to a proxy address refused, because \
+               the agent had not said it was running for 3 s: stopped, frozen or with a wedged \
+               UDP thread, it would have read none of them.",
         read: Read::Counter(|s| s.kernel(Counter::AgentUnresponsive)),
     },
     Metric {

@@ -272,6 +272,23 @@ fn an_agent_held_in_the_cgroup_it_redirects_forwards_every_lookup_once() {
     );
 }
 
+/// An agent in a time namespace of its own (`unshare --time`), whose `CLOCK_MONOTONIC` is
+/// 100 s behind the kernel's, still tells its programs when it last ran on their clock: they
+/// redirect, and a lookup goes through it. Before, it wrote its own clock's times, which the
+/// programs took for 100 s old: they redirected nothing, and every lookup went direct.
+#[test]
+fn an_agent_in_a_time_namespace_of_its_own_is_taken_for_running() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let agent = Agent::start_in_time_namespace(&topology, -100);
+    let name = "timens.example.test";
+    assert_answered(
+        dig(topology.workload("dig", &[]), name, &[]),
+        "dig in the cgroup",
+    );
+    forwarded(&agent, name);
+}
+
 /// Moved out of its own cgroup, which is then removed: the agent cannot go back (a cgroup
 /// made anew there would be another, whose id no agent registered), and the sockets it makes
 /// where it is may send its own lookups back to it. It stops, with an error, so that its
