@@ -11,8 +11,13 @@
 //! lookups, to every server, so); now it charges a share of the neighbour's cgroup and its own
 //! address, which the neighbour never uses. The processes of the agent's own namespace are
 //! one source, whatever local address they send from (the listeners decide:
-//! [`LOCAL_CLIENT`]). Where no workload is recorded (a server's shared address, when the
-//! table is full), a client is its source address alone.
+//! [`LOCAL_CLIENT`]). A workload has a share for at most [`SOURCES_PER_WORKLOAD`] source
+//! addresses at once, and one more for all its others together ([`OTHER_SOURCES`]): a pod
+//! with `CAP_NET_RAW` can send from addresses it does not own (`IP_TRANSPARENT`), through its
+//! own block address, where the node does not check sources, and took a share for each (an
+//! adversary: 60,000 sources, the agent filled to twice `--max-inflight`, half a neighbour's
+//! lookups lost). Where no workload is recorded (a server's shared address, when the table is
+//! full), a client is its source address alone.
 //!
 //! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
 //! something. A client within it is admitted even when the agent-wide limit is reached by
@@ -56,12 +61,22 @@ impl std::fmt::Display for Client {
 /// Independent locks, so the UDP threads seldom wait on one another.
 const SHARDS: usize = 16;
 
+/// Source addresses a workload holds a share of its own for at once: a pod's IPv4 and IPv6
+/// addresses, and a neighbour or two sending to its block address raw.
+pub const SOURCES_PER_WORKLOAD: u32 = 4;
+
+/// The source that stands for all a workload's others, past [`SOURCES_PER_WORKLOAD`].
+pub const OTHER_SOURCES: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
 /// Counts per client. A client is in the table only while it holds something, so the table is
 /// no larger than what the agent-wide limits let be open.
 #[derive(Debug)]
 pub struct PerClientLimit {
     limit: u32,
     shards: [Mutex<HashMap<Client, u32>>; SHARDS],
+    /// Per workload (cgroup id), the sources of its own it holds a share for now (not
+    /// [`OTHER_SOURCES`]). Locked inside a shard's lock, never the other way round.
+    sources: Mutex<HashMap<u64, u32>>,
     /// Clients in the table: those that hold something now.
     active: AtomicUsize,
     /// Keyed, so no client can choose addresses that all land in one shard.
@@ -95,6 +110,7 @@ impl PerClientLimit {
         Arc::new(Self {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             shards: Default::default(),
+            sources: Mutex::default(),
             active: AtomicUsize::new(0),
             hasher: RandomState::default(),
         })
@@ -115,6 +131,18 @@ impl PerClientLimit {
             },
         };
         let mut counts = self.shard(client).lock().expect("not poisoned");
+        if !counts.contains_key(&client)
+            && let Client::Workload { cgroup, source } = client
+            && source != OTHER_SOURCES
+            && !self.take_source(cgroup)
+        {
+            // As many of its sources have a share as may: this one joins its others.
+            drop(counts);
+            return self.try_acquire(Client::Workload {
+                cgroup,
+                source: OTHER_SOURCES,
+            });
+        }
         let count = counts.entry(client).or_insert_with(|| {
             self.active.fetch_add(1, Ordering::Relaxed);
             0
@@ -151,6 +179,34 @@ impl PerClientLimit {
             if *count == 0 {
                 counts.remove(&client);
                 self.active.fetch_sub(1, Ordering::Relaxed);
+                if let Client::Workload { cgroup, source } = client
+                    && source != OTHER_SOURCES
+                {
+                    self.give_source_back(cgroup);
+                }
+            }
+        }
+    }
+
+    /// Counts one more source of `cgroup`'s with a share of its own, if it may have one
+    /// ([`SOURCES_PER_WORKLOAD`]). Called under the lock of the source's shard.
+    fn take_source(&self, cgroup: u64) -> bool {
+        let mut sources = self.sources.lock().expect("not poisoned");
+        let held = sources.entry(cgroup).or_insert(0);
+        if *held >= SOURCES_PER_WORKLOAD {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// One source of `cgroup`'s no longer holds a share. Called under the lock of its shard.
+    fn give_source_back(&self, cgroup: u64) {
+        let mut sources = self.sources.lock().expect("not poisoned");
+        if let Some(held) = sources.get_mut(&cgroup) {
+            *held -= 1;
+            if *held == 0 {
+                sources.remove(&cgroup);
             }
         }
     }
@@ -201,6 +257,49 @@ mod tests {
             .try_acquire(workload("10.0.0.9"))
             .expect("its address sent to from elsewhere is another share");
         assert_eq!(limits.clients(), 4);
+    }
+
+    /// A workload has a share of its own for at most [`SOURCES_PER_WORKLOAD`] sources at
+    /// once, and one for all its others: a pod sending from addresses it does not own cannot
+    /// multiply its share. A source that gives its share back makes room for another.
+    #[test]
+    fn a_workload_has_a_share_for_a_few_sources_and_one_for_the_rest() {
+        let limits = PerClientLimit::new(2);
+        let from = |n: u32| Client::Workload {
+            cgroup: 7,
+            source: Ipv4Addr::from(0x0a00_0000 + n).into(),
+        };
+        let mut held = Vec::new();
+        for n in 0..SOURCES_PER_WORKLOAD {
+            held.push(limits.try_acquire(from(n)).expect("a source's first"));
+            held.push(limits.try_acquire(from(n)).expect("a source's second"));
+            assert!(
+                limits.try_acquire(from(n)).is_none(),
+                "a source at its limit"
+            );
+        }
+        held.push(limits.try_acquire(from(100)).expect("the others' first"));
+        held.push(limits.try_acquire(from(101)).expect("the others' second"));
+        assert!(
+            limits.try_acquire(from(102)).is_none(),
+            "the others' share is full"
+        );
+        assert_eq!(limits.clients(), SOURCES_PER_WORKLOAD as usize + 1);
+        let neighbour = Client::Workload {
+            cgroup: 8,
+            source: Ipv4Addr::new(10, 0, 0, 1).into(),
+        };
+        let neighbours = limits
+            .try_acquire(neighbour)
+            .expect("another workload's own");
+        // The first source holds nothing any more: another may have its place.
+        held.drain(..2);
+        let fresh = limits
+            .try_acquire(from(200))
+            .expect("room for another source");
+        drop((held, fresh, neighbours));
+        assert_eq!(limits.clients(), 0);
+        assert!(limits.sources.lock().unwrap().is_empty());
     }
 
     #[test]

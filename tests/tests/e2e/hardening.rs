@@ -343,6 +343,72 @@ fn raw_queries_to_a_neighbours_address_do_not_use_up_its_share() {
     assert!(shed > 0, "the sweep held nothing in flight:\n{page}");
 }
 
+/// Sends, RATE times a second for SECONDS (argv 2 and 3), a query to SERVER (argv 1) from a
+/// socket bound with `IP_TRANSPARENT` to one of 60,000 addresses the pod does not own, each
+/// for a name of its own; prints how many it sent.
+const FORGED_SOURCES_SCRIPT: &str = r#"
+import socket, struct, sys, time
+server, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+start, n = time.monotonic(), 0
+while time.monotonic() - start < seconds:
+    name = b"forged%d.example.test" % n
+    labels = b"".join(bytes([len(l)]) + l for l in name.split(b".")) + b"\0"
+    query = struct.pack(">HHHHHH", n & 0xffff, 0x0100, 1, 0, 0, 0) + labels + b"\0\1\0\1"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+    i = n % 60000
+    s.bind(("10.%d.%d.%d" % (100 + i // 65536, (i // 256) % 256, i % 256), 0))
+    s.sendto(query, (server, 53))
+    s.close()
+    n += 1
+    time.sleep(max(0, start + n / rate - time.monotonic()))
+print("sent=%d" % n)
+"#;
+
+/// A pod with `CAP_NET_RAW` sends through its own block address from 60,000 addresses it does
+/// not own (`IP_TRANSPARENT`; the node checks no sources), to a server that answers after
+/// 3 s: a share for each of a few of its sources, and one for all the others, so it cannot
+/// fill the agent past what the fair share leaves the others (small limits here, so that the
+/// flood a test can send reaches them); its neighbour, resolving at the same time, loses no
+/// lookup. Before, each source had a share of its own: the agent filled
+/// to twice `--max-inflight`, and the neighbour lost half its lookups (an adversary).
+#[test]
+fn a_pod_sending_from_addresses_it_does_not_own_gets_no_more_shares() {
+    let FloodedNode {
+        agent: _agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server_and(2, &["--max-inflight=1024", "--max-inflight-per-client=256"]);
+    let server = format!("{SERVER_IP}:53");
+    let mut victim = node.pod(1, STEADY, &[&server, "1000", "1", "20", "1"]);
+    victim.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut victim = Process::spawn(&mut victim);
+    // 2,500 a second held 3 s each: 7,500 in flight, past twice --max-inflight, were each
+    // source a client of its own.
+    let slow = SECOND_SERVER_IP.to_string();
+    let flood = must(&mut node.pod(
+        0,
+        "python3",
+        &["-c", FORGED_SOURCES_SCRIPT, &slow, "2500", "6"],
+    ));
+    let flood = String::from_utf8_lossy(&flood.stdout).trim().to_owned();
+    let line = victim.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _first_try, _retried, failed] = steady_outcome(&line);
+    eprintln!("flood: {flood}; pod 1: {line}");
+    assert!(lookups > 100, "{line}");
+    assert_eq!(
+        failed, 0,
+        "pod 1 lost lookups to the forged sources: {line}"
+    );
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let shed = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
+    );
+    assert!(shed > 0, "the flood was never held at a share:\n{page}");
+}
+
 #[test]
 fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
     // The flood goes to a server that answers after 3 s, so its queries pile up in flight.
