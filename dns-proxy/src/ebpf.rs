@@ -681,34 +681,8 @@ pub(crate) fn kernel_monotonic_ns() -> u64 {
     // The clock cannot fail on Linux.
     let seen = server_table::read_clock(libc::CLOCK_MONOTONIC).unwrap_or_default();
     let seen = i128::try_from(seen.as_nanos()).unwrap_or(i128::MAX);
-    u64::try_from((seen - time_namespace_offset_ns()).max(0)).unwrap_or(u64::MAX)
-}
-
-/// The `CLOCK_MONOTONIC` offset of this process's time namespace, in nanoseconds
-/// (`/proc/self/timens_offsets`; 0 without time namespaces). Read once: a process cannot
-/// change its own time namespace, only its children's.
-fn time_namespace_offset_ns() -> i128 {
-    static OFFSET: std::sync::OnceLock<i128> = std::sync::OnceLock::new();
-    *OFFSET.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/timens_offsets")
-            .ok()
-            .and_then(|offsets| monotonic_offset_ns(&offsets))
-            .unwrap_or(0)
-    })
-}
-
-/// The monotonic line's offset of a `timens_offsets` text ("monotonic SECONDS NANOSECONDS").
-fn monotonic_offset_ns(offsets: &str) -> Option<i128> {
-    offsets.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let clock = fields.next()?;
-        if clock != "monotonic" && clock != "1" {
-            return None;
-        }
-        let seconds: i128 = fields.next()?.parse().ok()?;
-        let nanos: i128 = fields.next()?.parse().ok()?;
-        Some(seconds * 1_000_000_000 + nanos)
-    })
+    let offset = crate::time_namespace::offsets().monotonic_ns;
+    u64::try_from((seen - offset).max(0)).unwrap_or(u64::MAX)
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
@@ -946,16 +920,6 @@ impl KernelCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Both forms the kernel has printed: by name (5.8 and later) and by clock id.
-    #[test]
-    fn reads_the_monotonic_offset_of_a_time_namespace() {
-        let named = "monotonic           -100         0\nboottime      7    250\n";
-        assert_eq!(monotonic_offset_ns(named), Some(-100_000_000_000));
-        assert_eq!(monotonic_offset_ns("7 1 0\n1 2 500\n"), Some(2_000_000_500));
-        assert_eq!(monotonic_offset_ns("boottime 1 0\n"), None);
-        assert_eq!(monotonic_offset_ns(""), None);
-    }
 
     #[test]
     fn error_hints_say_what_to_do() {

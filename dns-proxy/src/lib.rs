@@ -24,6 +24,7 @@ mod redirect_lock;
 pub mod resolutions;
 pub mod route_changes;
 pub mod shutdown;
+mod time_namespace;
 mod udp_threads;
 pub mod workload;
 

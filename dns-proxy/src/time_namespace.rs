@@ -1,0 +1,84 @@
+//! The offsets of this process's time namespace (`unshare --time`): it sees
+//! `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` shifted by them, while the programs
+//! (`bpf_ktime_get_ns`) and the other agents of the block see the kernel's own. An agent with
+//! a negative monotonic offset wrote liveness times the programs took for long past (it
+//! redirected nothing); one with a boottime offset judged the other agents' heartbeats wrong
+//! (a takeover's new agent never became ready, or took a live agent for dead).
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offsets {
+    pub monotonic_ns: i128,
+    pub boottime_ns: i128,
+}
+
+/// This process's offsets (`/proc/self/timens_offsets`; 0 without time namespaces, or if it
+/// cannot be read, which is logged). Read once: a process cannot change its own time
+/// namespace, only its children's.
+pub fn offsets() -> Offsets {
+    static OFFSETS: OnceLock<Offsets> = OnceLock::new();
+    *OFFSETS.get_or_init(
+        || match std::fs::read_to_string("/proc/self/timens_offsets") {
+            Ok(text) => parse(&text),
+            // No time namespaces in this kernel: no offsets.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Offsets::default(),
+            Err(err) => {
+                log::warn!(
+                    "cannot read /proc/self/timens_offsets ({err}): taking this process's clocks \
+                 for the kernel's, which they are unless it runs in a time namespace of its own"
+                );
+                Offsets::default()
+            }
+        },
+    )
+}
+
+/// A `timens_offsets` text: a line per clock, "NAME SECONDS NANOSECONDS", by name (Linux
+/// 5.8 and later) or by clock id (1 monotonic, 7 boottime).
+fn parse(text: &str) -> Offsets {
+    let mut offsets = Offsets::default();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(clock), Some(seconds), Some(nanos)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (Ok(seconds), Ok(nanos)) = (seconds.parse::<i128>(), nanos.parse::<i128>()) else {
+            continue;
+        };
+        let offset = seconds * 1_000_000_000 + nanos;
+        match clock {
+            "monotonic" | "1" => offsets.monotonic_ns = offset,
+            "boottime" | "7" => offsets.boottime_ns = offset,
+            _ => {}
+        }
+    }
+    offsets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_forms_the_kernel_has_printed() {
+        let named = "monotonic           -100         0\nboottime      7    250\n";
+        assert_eq!(
+            parse(named),
+            Offsets {
+                monotonic_ns: -100_000_000_000,
+                boottime_ns: 7_000_000_250,
+            }
+        );
+        assert_eq!(
+            parse("7 1 0\n1 2 500\n"),
+            Offsets {
+                monotonic_ns: 2_000_000_500,
+                boottime_ns: 1_000_000_000,
+            }
+        );
+        assert_eq!(parse(""), Offsets::default());
+        assert_eq!(parse("monotonic x 0\n"), Offsets::default());
+    }
+}
