@@ -173,10 +173,14 @@ pub enum Counter {
     /// running for [`UNRESPONSIVE_AFTER_NS`] (`ALIVE_AT`): stopped
     /// (SIGSTOP), frozen (`docker pause`) or wedged, it would read none of them.
     AgentUnresponsive = 12,
+    /// Packets a raw socket of the cgroup sent to a block address (but ICMP), dropped at
+    /// egress: a raw datagram passes no cgroup hook, so nothing checks whose address it uses,
+    /// and it would be charged to the workload that address belongs to.
+    RawRefused = 13,
 }
 
 impl Counter {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -190,6 +194,7 @@ impl Counter {
         Self::SkippedExcludedServer,
         Self::ConnectedNotNoted,
         Self::AgentUnresponsive,
+        Self::RawRefused,
     ];
 }
 

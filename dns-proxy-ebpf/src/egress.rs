@@ -10,11 +10,20 @@
 //! packet itself cannot hide its source: a packet from a block address on the proxy's port is
 //! dropped here unless an agent's socket (or an excluded cgroup's) sent it.
 //!
-//! Cheap for everything else: a packet whose socket is not on the proxy's port is let through
-//! after one read of the socket's port. Raw sockets (their "port" is a protocol) are not
-//! looked at: forging with one takes `CAP_NET_RAW`, which forges any source anyway.
+//! It also drops what a raw socket of the cgroup sends to a block address (but ICMP): a raw
+//! datagram passes no `sock_addr` hook, so nothing checks that the block address it uses is
+//! its own workload's, and the agent charges the workload the address belongs to. Pods have
+//! `CAP_NET_RAW` by default: one sent raw queries from its own address to a neighbour's block
+//! address and used up the neighbour's in-flight share (80 % of its lookups lost; five such
+//! senders defeated the per-source places too). A packet socket (`AF_PACKET`) builds its own
+//! frames and passes no cgroup hook at all: that stays open (docs/security.md).
+//!
+//! Cheap for everything else: a packet whose socket is not on the proxy's port, nor a raw
+//! socket's (whose "port" is its protocol), is let through after one read of the socket's port.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::{
+        bpf_get_netns_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     programs::SkBuffContext,
 };
 use dns_proxy_common::Counter;
@@ -35,6 +44,19 @@ const PROTOCOL_IPV6: u32 = 0x86ddu16.to_be() as u32;
 /// from its network header on).
 const IPV4_SOURCE: usize = 12;
 const IPV6_SOURCE: usize = 8;
+/// Where the destination address, and the protocol (IPv6: the next header), sit.
+const IPV4_DESTINATION: usize = 16;
+const IPV6_DESTINATION: usize = 24;
+const IPV4_PROTOCOL: usize = 9;
+const IPV6_NEXT_HEADER: usize = 6;
+/// `SOCK_RAW`, and the protocols of ICMP and ICMPv6, which a raw socket may send to the block
+/// (`ping`).
+const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// The "ports" of raw sockets worth a look: their protocol, as the kernel keeps it in the
+/// socket's port (`IPPROTO_UDP`, `IPPROTO_TCP`, and `IPPROTO_RAW`, which sends any header).
+const RAW_PORTS: [u32; 3] = [17, 6, 255];
 
 /// Drops a packet sent from a block address on the proxy's port by any socket but an agent's
 /// (or an excluded cgroup's, which the guards leave alone), counted as an impersonation.
@@ -42,6 +64,10 @@ pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
     let config = config();
     // The socket's port, host order: the packet's source port for UDP and TCP.
     let port = ctx.skb.local_port();
+    if RAW_PORTS.contains(&port) && raw_to_the_block(ctx) {
+        count(Counter::RawRefused);
+        return DROP;
+    }
     let port4 = u32::from(u16::from_be(config.port4));
     let port6 = u32::from(u16::from_be(config.port6));
     if port != port4 && port != port6 {
@@ -62,6 +88,42 @@ pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
     }
     count(Counter::ImpersonationRefused);
     DROP
+}
+
+/// Whether a raw socket sent the packet to a block address (anything but ICMP), in a
+/// namespace the guard applies to, and not an agent's or an excluded cgroup's.
+#[inline(never)]
+fn raw_to_the_block(ctx: &SkBuffContext) -> bool {
+    let config = config();
+    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
+    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket of the packet, valid for the run.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    // SAFETY: non-null: a full socket the helper returned, valid for the run.
+    if sk.is_null() || unsafe { (*sk).type_ } != SOCK_RAW {
+        return false;
+    }
+    let protocol = ctx.skb.protocol();
+    let to_block = if protocol == PROTOCOL_IPV4 && config.capacity4 != 0 {
+        ctx.load::<u8>(IPV4_PROTOCOL)
+            .is_ok_and(|next| next != IPPROTO_ICMP)
+            && ctx
+                .load::<u32>(IPV4_DESTINATION)
+                .is_ok_and(|destination| index_in_block4(&config, destination).is_some())
+    } else if protocol == PROTOCOL_IPV6 && config.capacity6 != 0 {
+        ctx.load::<u8>(IPV6_NEXT_HEADER)
+            .is_ok_and(|next| next != IPPROTO_ICMPV6)
+            && ctx
+                .load::<[u32; 4]>(IPV6_DESTINATION)
+                .is_ok_and(|destination| index_in_block6(&config, destination).is_some())
+    } else {
+        false
+    };
+    to_block && guarded_here(ctx) && !sent_by_an_exempt_socket(ctx)
 }
 
 /// Whether the guard applies to the packet's namespace: every one in node mode, only the

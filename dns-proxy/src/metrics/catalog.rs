@@ -452,6 +452,15 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::AgentUnresponsive)),
     },
     Metric {
+        name: "kernel_raw_refused",
+        labels: &[],
+        only_with: None,
+        help: "Packets a raw socket of the redirected cgroup sent to a proxy address (but \
+               ICMP), dropped: nothing checks whose address a raw datagram uses, and it would be \
+               charged to the workload that address belongs to.",
+        read: Read::Counter(|s| s.kernel(Counter::RawRefused)),
+    },
+    Metric {
         name: "kernel_foreign_refused",
         labels: &[],
         only_with: None,

@@ -183,11 +183,16 @@ fn assert_long_lived_all_first_try(output: &str, prefix: &str, count: usize, log
 
 /// `lookups=N first_try=N retried=N failed=N` as numbers.
 fn steady_outcome(line: &str) -> [u64; 4] {
+    numbers_of(line)
+}
+
+/// The `N` numbers of a line of `name=number` fields, in order; panics if it has not `N`.
+fn numbers_of<const N: usize>(line: &str) -> [u64; N] {
     let numbers: Vec<u64> = line
         .split_whitespace()
         .filter_map(|field| field.split_once('=')?.1.parse().ok())
         .collect();
     numbers
         .try_into()
-        .unwrap_or_else(|_| panic!("not an outcome line: {line}"))
+        .unwrap_or_else(|_| panic!("not {N} numbers: {line}"))
 }
