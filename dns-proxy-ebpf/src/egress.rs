@@ -18,8 +18,10 @@
 //! senders defeated the per-source places too). A packet socket (`AF_PACKET`) builds its own
 //! frames and passes no cgroup hook at all: that stays open (docs/security.md).
 //!
-//! Cheap for everything else: a packet whose socket is not on the proxy's port, nor a raw
-//! socket's (whose "port" is its protocol), is let through after one read of the socket's port.
+//! Cheap for everything else: a packet of a socket that is not raw and not on the proxy's port
+//! is let through after a look at the socket's type and port. Every raw socket is looked at,
+//! whatever its protocol: with `IP_HDRINCL` (`IPV6_HDRINCL`) one of any protocol, 0 included,
+//! writes the whole header, a UDP one too.
 use aya_ebpf::{
     helpers::{
         bpf_get_netns_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
@@ -54,20 +56,17 @@ const IPV6_NEXT_HEADER: usize = 6;
 const SOCK_RAW: u32 = 3;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-/// The "ports" of raw sockets worth a look: their protocol, as the kernel keeps it in the
-/// socket's port (`IPPROTO_UDP`, `IPPROTO_TCP`, and `IPPROTO_RAW`, which sends any header).
-const RAW_PORTS: [u32; 3] = [17, 6, 255];
 
 /// Drops a packet sent from a block address on the proxy's port by any socket but an agent's
 /// (or an excluded cgroup's, which the guards leave alone), counted as an impersonation.
 pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
-    let config = config();
-    // The socket's port, host order: the packet's source port for UDP and TCP.
-    let port = ctx.skb.local_port();
-    if RAW_PORTS.contains(&port) && raw_to_the_block(ctx) {
+    if raw_to_the_block(ctx) {
         count(Counter::RawRefused);
         return DROP;
     }
+    let config = config();
+    // The socket's port, host order: the packet's source port for UDP and TCP.
+    let port = ctx.skb.local_port();
     let port4 = u32::from(u16::from_be(config.port4));
     let port6 = u32::from(u16::from_be(config.port6));
     if port != port4 && port != port6 {
