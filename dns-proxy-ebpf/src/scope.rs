@@ -33,8 +33,8 @@ pub const SOCK_DGRAM: u32 = 2;
 /// Whether the agent has attached every program and the block of `family` is routed here
 /// (`ARMED`, whose bit for the family it sets last and clears while the block has no route):
 /// the redirecting programs redirect nothing before the steering and decoding programs are
-/// in place, nor to a block whose packets would leave the host.
-/// An armed agent that has not said it is running for a while redirects nothing (counted).
+/// in place, nor to a block whose packets would leave the host. Nor for an agent that has not
+/// said it runs for a while ([`agent_running`]; counted).
 pub fn armed(family: u16) -> bool {
     let bit = if family == AF_INET6 {
         ARMED_IPV6

@@ -207,16 +207,8 @@ fn map_error(map: &'static str, source: aya::maps::MapError) -> AgentsError {
 }
 
 /// The kernel's `CLOCK_BOOTTIME` in nanoseconds: the same clock for every process on the
-/// host (this process's own, less its time namespace's offset), counting through suspend, and
-/// the pinned maps do not outlive a boot.
+/// host, whatever its time namespace, counting through suspend, and the pinned maps do not
+/// outlive a boot.
 fn boottime_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: the kernel writes one timespec into `now`, a live local of that type.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    let seen = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
-    let kernels = seen - crate::time_namespace::offsets().boottime_ns;
-    u64::try_from(kernels.max(0)).unwrap_or(u64::MAX)
+    crate::time_namespace::kernel_boottime_ns()
 }

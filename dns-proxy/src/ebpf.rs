@@ -673,18 +673,6 @@ impl RedirectSwitch {
     }
 }
 
-/// Now, on the clock the programs read (`bpf_ktime_get_ns`), in nanoseconds: the kernel's
-/// `CLOCK_MONOTONIC`, which this process sees shifted by its time namespace's offset, if it
-/// runs in one of its own (`unshare --time`). Without that correction an agent with a
-/// negative offset wrote times that the programs took for long past, and redirected nothing.
-pub(crate) fn kernel_monotonic_ns() -> u64 {
-    // The clock cannot fail on Linux.
-    let seen = server_table::read_clock(libc::CLOCK_MONOTONIC).unwrap_or_default();
-    let seen = i128::try_from(seen.as_nanos()).unwrap_or(i128::MAX);
-    let offset = crate::time_namespace::offsets().monotonic_ns;
-    u64::try_from((seen - offset).max(0)).unwrap_or(u64::MAX)
-}
-
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
 fn netns_cookie() -> Result<u64, EbpfError> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
@@ -754,15 +742,7 @@ fn fill_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<(), Eb
 /// refuse the listeners' answers, sent from the block's addresses, whatever cgroup the agent
 /// is moved to later.
 fn mark_listeners(ebpf: &mut Ebpf, listeners: &ListenerFds<'_>) -> Result<OwnSockets, EbpfError> {
-    let name = names::AGENT_SOCKETS;
-    let map = ebpf
-        .take_map(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    let map = SkStorage::try_from(map).map_err(|source| EbpfError::Map {
-        map: name,
-        source: Box::new(source),
-    })?;
-    let own_sockets = OwnSockets::new(map);
+    let own_sockets = OwnSockets::new(take_as::<SkStorage<_, u8>>(ebpf, names::AGENT_SOCKETS)?);
     let metrics = listeners.metrics.map(|(_, fd)| fd);
     let udp = listeners.udp4.iter().chain(&listeners.udp6).copied();
     for fd in [Some(listeners.tcp4), listeners.tcp6, metrics]
@@ -817,30 +797,32 @@ fn excluded_levels(excluded: &[ExcludedTree<'_>]) -> Result<u64, EbpfError> {
     Ok(mask)
 }
 
+/// Takes map `name` out of the object, as the kind `T` it must be.
+fn take_as<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        source: Box::new(source),
+    })
+}
+
 fn take_map<V: aya::Pod, K: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, EbpfError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    HashMap::try_from(map).map_err(|source| EbpfError::Map {
-        map: name,
-        source: Box::new(source),
-    })
+    take_as(ebpf, name)
 }
 
 fn take_array<V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<aya::maps::Array<MapData, V>, EbpfError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
-    aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map {
-        map: name,
-        source: Box::new(source),
-    })
+    take_as(ebpf, name)
 }
 
 /// Forwards the kernel programs' aya-log records to the `log` crate. The logger owns the log
@@ -892,15 +874,9 @@ impl std::fmt::Debug for KernelCounters {
 
 impl KernelCounters {
     fn take(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
-        let name = names::COUNTERS;
-        let map = ebpf
-            .take_map(name)
-            .ok_or(EbpfError::Missing { kind: "map", name })?;
-        let map = PerCpuArray::try_from(map).map_err(|source| EbpfError::Map {
-            map: name,
-            source: Box::new(source),
-        })?;
-        Ok(Self { map })
+        Ok(Self {
+            map: take_as(ebpf, names::COUNTERS)?,
+        })
     }
 
     /// Each counter summed over the CPUs. A counter that cannot be read is left out (and

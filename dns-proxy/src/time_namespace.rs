@@ -6,6 +6,31 @@
 //! (a takeover's new agent never became ready, or took a live agent for dead).
 use std::sync::OnceLock;
 
+/// Now, in nanoseconds, on the kernel's `CLOCK_MONOTONIC`: the clock the programs read
+/// (`bpf_ktime_get_ns`).
+pub fn kernel_monotonic_ns() -> u64 {
+    kernel_clock_ns(libc::CLOCK_MONOTONIC, offsets().monotonic_ns)
+}
+
+/// Now, in nanoseconds, on the kernel's `CLOCK_BOOTTIME`: the clock every agent of the host
+/// stamps its records with.
+pub fn kernel_boottime_ns() -> u64 {
+    kernel_clock_ns(libc::CLOCK_BOOTTIME, offsets().boottime_ns)
+}
+
+/// `clock` as this process sees it, less its time namespace's `offset`.
+fn kernel_clock_ns(clock: libc::clockid_t, offset: i128) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the kernel writes one timespec into `now`, a live local of that type (these two
+    // clocks cannot fail on Linux).
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    let seen = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    u64::try_from((seen - offset).max(0)).unwrap_or(u64::MAX)
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Offsets {
     pub monotonic_ns: i128,

@@ -235,8 +235,9 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         };
         exclusions = kept;
         readiness.set_outside_own_cgroup(matches!(own, Ok(cgroup::OwnCgroup::Lost(_)) | Err(_)));
-        // The sockets it makes where it is now may send its own lookups back to it, each
-        // looping until dropped: stopping switches the redirect off at once.
+        // Its marks keep its own programs off its sockets, but not another agent's (one that
+        // takes over knows it by its cgroup alone): stopping switches the redirect off at
+        // once, and its service manager starts it anew in a cgroup of its own.
         if matches!(
             own,
             Ok(cgroup::OwnCgroup::Lost(_)) | Err(cgroup::CgroupError::EnterAgentCgroup { .. })
@@ -259,11 +260,11 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     }
 }
 
-/// Says where [`cgroup::return_to`] found the agent, if not in its own cgroup `agent`: in
-/// another (the redirected one, say) the sockets it makes are redirected to itself, and its
-/// lookups loop until they are dropped; those it made meanwhile stay where they were made,
-/// until it replaces them. What cannot be helped is said once (`said`) until the agent is
-/// back: it would be the same every second.
+/// Says where [`cgroup::return_to`] found the agent, if not in its own cgroup `agent`. Its
+/// own programs know its sockets by their marks wherever it is, but another agent of the block
+/// (one taking over) knows them by its cgroup alone, and would send them back to it. What
+/// cannot be helped is said once (`said`) until the agent is back: it would be the same every
+/// second.
 fn say_where_the_agent_was(
     own: Result<cgroup::OwnCgroup, cgroup::CgroupError>,
     agent: &Cgroup,
@@ -273,10 +274,10 @@ fn say_where_the_agent_was(
         Ok(cgroup::OwnCgroup::In) => *said = false,
         Ok(cgroup::OwnCgroup::MovedBack(found)) => {
             *said = false;
-            log::error!(
+            log::warn!(
                 target: LOG,
-                "the agent was moved out of its own cgroup {} (to {}): moved back; sockets it \
-                 made there may have sent its own lookups back to it",
+                "the agent was moved out of its own cgroup {} (to {}): moved back (another \
+                 agent taking over meanwhile would have sent its lookups back to it)",
                 agent.path.display(),
                 found.display()
             );
@@ -287,8 +288,8 @@ fn say_where_the_agent_was(
             log::error!(
                 target: LOG,
                 "the agent was moved out of its own cgroup {} (to {}), which is gone or was \
-                 made anew since: it cannot go back, and the sockets it makes may send its \
-                 own lookups back to it; stopping, to be started anew",
+                 made anew since: it cannot go back, and an agent taking over from it would \
+                 send its lookups back to it; stopping, to be started anew",
                 agent.path.display(),
                 found.display()
             );

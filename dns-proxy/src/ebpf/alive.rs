@@ -7,7 +7,8 @@
 use aya::maps::{Array, MapData};
 use dns_proxy_common::names;
 
-use super::{EbpfError, kernel_monotonic_ns};
+use super::EbpfError;
+use crate::time_namespace::kernel_monotonic_ns;
 
 pub struct AliveAt(Array<MapData, u64>);
 

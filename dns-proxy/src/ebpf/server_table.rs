@@ -137,7 +137,7 @@ impl ServerTable {
             return;
         };
         let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
-        let until = super::kernel_monotonic_ns().saturating_add(for_ns);
+        let until = crate::time_namespace::kernel_monotonic_ns().saturating_add(for_ns);
         let mut refusing = self
             .refusing
             .lock()
@@ -435,7 +435,7 @@ fn coarse_seconds() -> u64 {
 }
 
 /// `clock` now, since its start; `None` if it cannot be read.
-pub(super) fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
+fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
     // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: `now` is a live timespec that the call only writes.
