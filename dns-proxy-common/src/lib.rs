@@ -147,7 +147,9 @@ pub enum Counter {
     TableFull = 5,
     /// Packets to a block address dropped by `sk_lookup`: from another namespace to a loopback
     /// or unspecified server's address (no one outside reaches this host's loopback services
-    /// through the proxy), or, in host mode, from anywhere but this namespace.
+    /// through the proxy), or, in host mode, from anywhere but this namespace; and connects
+    /// and sends of a workload to a block address that is not its own cgroup's, refused
+    /// (`EPERM`).
     ForeignRefused = 6,
     /// Binds of, or sends from, a block address on the proxy's port refused (nothing but the
     /// proxy may send from there: `recvmsg` would show it as the server).

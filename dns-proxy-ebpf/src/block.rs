@@ -157,6 +157,10 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
             return None;
         }
     }
+    // No block of that family: no index (and no division by zero for the verifier to refuse).
+    if capacity == 0 {
+        return None;
+    }
     let first = hash(origin) % capacity;
     for probe in 0..MAX_PROBES {
         let index = (first + probe) % capacity + 1;

@@ -149,13 +149,14 @@ pub fn sock6_xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
         && port_be == config.port6
         && let Some(index) = index_in_block6(&config, addr)
     {
-        return held_if_connected(
-            ctx,
-            hook,
-            AF_INET6,
-            index,
-            verdict_on_block_address(ctx, &config, AF_INET6, Some(index)),
-        );
+        let verdict = verdict_on_block_address(ctx, &config, AF_INET6, Some(index));
+        if verdict == SHARED_ORIGIN
+            && let Some(own) = own_origin_of_shared(ctx, AF_INET6, index)
+        {
+            ctx_set_user_ip6(ctx, block6_address(&config, own));
+            return to_proxy_port(ctx, config.port6, hook, server_key(AF_INET6, own));
+        }
+        return held_if_connected(ctx, hook, AF_INET6, index, verdict);
     }
     if !is_dns(ctx, port_be, hook) || !armed(AF_INET6) {
         return ALLOW;
@@ -308,10 +309,15 @@ fn xlate_fwd4(
     if config.capacity4 != 0 && addresses_proxy4(config, addr, port_be) {
         let index = index_in_block4(config, addr);
         let verdict = verdict_on_block_address(ctx, config, AF_INET, index);
-        return Forward4::Leave(match index {
-            Some(index) => held_if_connected(ctx, hook, AF_INET, index, verdict),
-            None => verdict,
-        });
+        let Some(index) = index else {
+            return Forward4::Leave(verdict);
+        };
+        if verdict == SHARED_ORIGIN
+            && let Some(own) = own_origin_of_shared(ctx, AF_INET, index)
+        {
+            return Forward4::Redirect(own);
+        }
+        return Forward4::Leave(held_if_connected(ctx, hook, AF_INET, index, verdict));
     }
     if !is_dns(ctx, port_be, hook)
         || config.capacity4 == 0
@@ -398,8 +404,8 @@ fn is_block_peer(config: &RedirectConfig, family: u32, addr: [u32; 4], port_be: 
 /// address only an origin of its own cgroup, or one shared by every cgroup (as the program of
 /// an agent that ran before this one, during a takeover, rewrote it); any other is refused
 /// (`EPERM`), so no workload can send as another's. Agents' and excluded cgroups' sockets
-/// are let be. [`ALLOWED_AND_HELD`]: an origin the socket may address, which it holds once
-/// connected there.
+/// are let be. [`ALLOWED_AND_HELD`]: an origin of the socket's own cgroup, which it holds once
+/// connected there; [`SHARED_ORIGIN`]: a shared one, which the socket is moved off.
 fn verdict_on_block_address(
     ctx: &SockAddrContext,
     config: &RedirectConfig,
@@ -420,7 +426,8 @@ fn verdict_on_block_address(
         return REFUSE;
     };
     match origin_at(family, index) {
-        Some(origin) if origin.cgroup_id == cgroup_id || origin.cgroup_id == 0 => ALLOWED_AND_HELD,
+        Some(origin) if origin.cgroup_id == cgroup_id => ALLOWED_AND_HELD,
+        Some(origin) if origin.cgroup_id == 0 => SHARED_ORIGIN,
         _ => {
             count(Counter::ForeignRefused);
             REFUSE
@@ -428,9 +435,30 @@ fn verdict_on_block_address(
     }
 }
 
-/// [`verdict_on_block_address`]'s verdict for a socket addressing an origin of its own cgroup,
-/// or a shared one: allowed, and, connected there, holding it ([`held_if_connected`]).
+/// [`verdict_on_block_address`]'s verdict for a socket addressing an origin of its own cgroup:
+/// allowed, and, connected there, holding it ([`held_if_connected`]).
 const ALLOWED_AND_HELD: i32 = 2;
+
+/// [`verdict_on_block_address`]'s verdict for a workload's socket addressing a server's shared
+/// origin: sent on to its own cgroup's origin of that server ([`own_origin_of_shared`]), so
+/// that no workload can go unnamed by asking the shared address itself; where the table has no
+/// room for it, allowed and held as [`ALLOWED_AND_HELD`].
+const SHARED_ORIGIN: i32 = 3;
+
+/// The index of the calling cgroup's own origin of the server that shared origin `index` of
+/// `family` names ([`index_for`]: made if there is room, else the shared one again, counted).
+/// Not inlined: the `connect6` path's stack is near its limit.
+#[inline(never)]
+fn own_origin_of_shared(ctx: &SockAddrContext, family: u16, index: u32) -> Option<u32> {
+    let server = server_at(family, index)?;
+    let config = config();
+    let capacity = if family == AF_INET {
+        config.capacity4
+    } else {
+        config.capacity6
+    };
+    index_for(ctx, server, capacity)
+}
 
 /// The verdict the kernel gets for a socket addressing block address `index` directly: a
 /// socket connected to an origin it may address holds it, as one the redirect sent there.
@@ -441,7 +469,7 @@ fn held_if_connected(
     index: u32,
     verdict: i32,
 ) -> i32 {
-    if verdict != ALLOWED_AND_HELD {
+    if verdict != ALLOWED_AND_HELD && verdict != SHARED_ORIGIN {
         return verdict;
     }
     if hook == Hook::Connect {

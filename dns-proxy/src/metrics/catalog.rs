@@ -464,8 +464,10 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_foreign_refused",
         labels: &[],
         only_with: None,
-        help: "Packets to a proxy address dropped by sk_lookup: from another namespace to a \
-               loopback server's address, or in host mode from outside it.",
+        help: "Packets to a proxy address dropped by sk_lookup (from another namespace to a \
+               loopback server's address, or in host mode from outside it), and connects and \
+               sends of a workload to a proxy address that is not its own cgroup's, refused \
+               (EPERM): attempts to pass for another workload.",
         read: Read::Counter(|s| s.kernel(Counter::ForeignRefused)),
     },
     Metric {

@@ -115,6 +115,48 @@ fn no_workload_can_address_the_proxy_itself_to_pass_for_another() {
 }
 
 #[test]
+fn a_workload_asking_a_servers_shared_address_itself_is_still_named() {
+    // The server too: dropped, it would stop answering.
+    let Harness {
+        agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    let other = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";
+    let asker = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
+    let hider = child_cgroup(&topology, &format!("docker/{other}"));
+    // The first pair of a server also makes its shared origin (cgroup 0).
+    let command = in_cgroup_and_netns(&asker, &topology.client, "dig", &[]);
+    assert_answered(dig(command, "asker.example.test", &["+short"]), "asker");
+    let index = tests::server_index_for(&topology.client.state_dir(), SERVER_IP, 53, Some(0));
+    let shared =
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 53, 0, 0)) + index);
+    let port = PROXY_LISTEN.rsplit_once(':').expect("a port").1;
+    let hider_id = std::fs::metadata(&hider).expect("stat the cgroup").ino();
+    // Another workload asks that address itself, over UDP and TCP: answered, and named (by
+    // its cgroup id until the agent has read the cgroup's name).
+    let named = |line: &str| {
+        line.contains(&format!("workload=docker={}", &other[..12]))
+            || line.contains(&format!("workload=cgroup-id={hider_id}"))
+    };
+    for (transport, name) in [
+        ("+notcp", "hider.example.test"),
+        ("+tcp", "hider-tcp.example.test"),
+    ] {
+        let command = in_cgroup_and_netns(&hider, &topology.client, "dig", &[]);
+        let output = tests::dig_at(command, &shared.to_string(), name, &["-p", port, transport]);
+        assert_answered(output, name);
+        let lines = lines_for(&agent, name, 1);
+        assert!(named(&lines[0]), "{transport}: {lines:?}\n{}", agent.log());
+    }
+    assert_eq!(
+        tests::origins_of_cgroup(&topology.client.state_dir(), hider_id),
+        1,
+        "the hider's own origin of the server"
+    );
+}
+
+#[test]
 fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
