@@ -157,7 +157,8 @@ pub enum Counter {
     /// DNS connects and sends left alone because their socket is bound to a device other
     /// than loopback (`SO_BINDTODEVICE`), or sends through one (`IP_UNICAST_IF`): the proxy's
     /// addresses are local, on `lo`, or routed through one device of a pod, which such a
-    /// socket may not reach.
+    /// socket may not reach; or because it is marked (`SO_MARK`), for policy routing that the
+    /// proxy's own socket would not get.
     SkippedBoundDevice = 8,
     /// DNS connects and sends given their server's shared index, as every cgroup may be
     /// when the table has no room for a pair of their own: redirected and answered, but the

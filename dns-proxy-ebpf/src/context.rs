@@ -127,6 +127,15 @@ pub fn ctx_bound_dev_if(ctx: &SockAddrContext) -> u32 {
     }
 }
 
+/// The socket's mark (`SO_MARK`); 0 if none. Every hook.
+pub fn ctx_mark(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: as for `ctx_local_port`; `mark` is readable through `sk`.
+    unsafe {
+        let sk = (*raw(ctx)).__bindgen_anon_1.sk;
+        (*sk).mark
+    }
+}
+
 /// The socket's own local IPv4 address (0 while unbound). The `*4` hooks.
 pub fn ctx_local_ip4(ctx: &SockAddrContext) -> u32 {
     // SAFETY: as for `ctx_local_port`; `src_ip4` is readable through `sk`.

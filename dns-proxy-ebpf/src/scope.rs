@@ -19,7 +19,7 @@ use dns_proxy_common::{
 use crate::{
     AGENT_CGROUPS, AGENT_SOCKETS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
     EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS,
-    context::{ctx_bound_dev_if, ctx_local_port, ctx_netns_cookie, ctx_sock_type},
+    context::{ctx_bound_dev_if, ctx_local_port, ctx_mark, ctx_netns_cookie, ctx_sock_type},
     count,
     interface::chosen_interface,
 };
@@ -175,7 +175,7 @@ pub fn in_agent_namespace(ctx: &SockAddrContext, config: &RedirectConfig) -> boo
 /// Whether a DNS socket headed for `server` must be left alone (counted when it is): an
 /// excluded cgroup; another namespace, where a loopback or unspecified server is that
 /// namespace's own and where a host-mode proxy cannot be reached; an excluded server; or a
-/// socket bound to a device other than loopback, or sending through one.
+/// socket bound to a device other than loopback, sending through one, or marked.
 pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endpoint) -> bool {
     if !in_agent_namespace(ctx, config)
         && (config.foreign_namespaces == 0 || server.is_local_only())
@@ -196,9 +196,13 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
     // every lookup. In a pod the block is routed through one device, which a socket bound
     // to another (a second network's) cannot use either: left alone everywhere (fail-open).
     // The same for a socket that sends through another device without being bound to it
-    // (`IP_UNICAST_IF`).
+    // (`IP_UNICAST_IF`), and for a marked one (`SO_MARK`): policy routing by its mark (a VPN's
+    // or a mesh's DNS forwarder) would not apply to the proxy's own socket.
     let bound = ctx_bound_dev_if(ctx);
-    if (bound != 0 && bound != LOOPBACK_IFINDEX) || chosen_interface(ctx) > LOOPBACK_IFINDEX {
+    if (bound != 0 && bound != LOOPBACK_IFINDEX)
+        || ctx_mark(ctx) != 0
+        || chosen_interface(ctx) > LOOPBACK_IFINDEX
+    {
         count(Counter::SkippedBoundDevice);
         return true;
     }

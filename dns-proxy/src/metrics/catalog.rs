@@ -398,7 +398,8 @@ pub const METRICS: &[Metric] = &[
         only_with: None,
         help: "DNS connects and sends left alone because their socket is bound to a device \
                other than loopback (SO_BINDTODEVICE), or sends through one (IP_UNICAST_IF), \
-               which may not reach the proxy's addresses.",
+               which may not reach the proxy's addresses, or is marked (SO_MARK) for routing \
+               of its own.",
         read: Read::Counter(|s| s.kernel(Counter::SkippedBoundDevice)),
     },
     Metric {

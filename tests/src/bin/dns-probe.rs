@@ -16,7 +16,8 @@
 //! `--port N` sends from local port N (UDP) instead of an ephemeral one. `--device IFNAME`
 //! binds the socket to that interface first (`SO_BINDTODEVICE`, as dnsmasq's `server=IP@IF`);
 //! `--unicast-if IFNAME` sends through it instead (`IP_UNICAST_IF` / `IPV6_UNICAST_IF`, as
-//! systemd-resolved does for a link's own servers).
+//! systemd-resolved does for a link's own servers); `--mark N` marks it (`SO_MARK`, as a VPN's
+//! or a mesh's DNS forwarder does for policy routing).
 //!
 //! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
 //! says what was wrong and exits 1.
@@ -46,13 +47,15 @@ fn local_for(server: &SocketAddr, port: u16) -> SocketAddr {
     SocketAddr::new(any, port)
 }
 
-/// How the socket is tied to an interface, if it is.
+/// How the socket chooses its route (an interface, or a mark for policy routing), if it does.
 #[derive(Clone, Copy)]
 enum Interface<'a> {
     /// `SO_BINDTODEVICE`.
     Bound(&'a str),
     /// `IP_UNICAST_IF` / `IPV6_UNICAST_IF`.
     Unicast(&'a str),
+    /// `SO_MARK`.
+    Marked(u32),
 }
 
 /// Ties `socket` (of `server`'s family) to its interface, as asked.
@@ -66,6 +69,9 @@ fn choose_interface(
         Some(Interface::Bound(name)) => socket
             .bind_device(Some(name.as_bytes()))
             .map_err(|e| format!("SO_BINDTODEVICE {name}: {e}")),
+        Some(Interface::Marked(mark)) => socket
+            .set_mark(mark)
+            .map_err(|e| format!("SO_MARK {mark}: {e}")),
         Some(Interface::Unicast(name)) => {
             use std::os::fd::AsRawFd as _;
             let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
@@ -257,6 +263,13 @@ fn run(args: &[String]) -> Result<String, String> {
             "--unicast-if" => {
                 let name = options.next().ok_or("--unicast-if needs an interface")?;
                 interface = Some(Interface::Unicast(name.as_str()));
+            }
+            "--mark" => {
+                let mark = options
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .ok_or("--mark needs a number")?;
+                interface = Some(Interface::Marked(mark));
             }
             "--raw" => {
                 raw = Some(

@@ -459,7 +459,7 @@ ask("moved sendto", lambda: s.sendto(query, (server, 53)))
 /// (`IP_UNICAST_IF`, as systemd-resolved does for a link's own servers), cannot reach the
 /// proxy's addresses on `lo`: it is left alone, goes direct, and is counted, over UDP and TCP.
 #[test]
-fn a_socket_bound_to_a_device_or_sending_through_one_goes_direct() {
+fn a_socket_bound_to_a_device_sending_through_one_or_marked_goes_direct() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
@@ -491,10 +491,27 @@ fn a_socket_bound_to_a_device_or_sending_through_one_goes_direct() {
         assert_eq!(line, expected_probe_line(), "{how} lo");
         forwarded(&agent, &name);
     }
+    // A marked socket (`SO_MARK`, routed by the node's rules for its mark) likewise.
+    for (server, source) in [(&server, &server), (&server6, &server6)] {
+        for mode in ["sendto", "connect", "tcp"] {
+            let family = if server.starts_with('[') { "6" } else { "4" };
+            let name = format!("marked-{mode}{family}.example.test");
+            let line = probe_at(&topology, mode, server, &name, &["--mark", "7"]);
+            assert_eq!(
+                line,
+                format!("source={source} answer={ANSWER_IP}"),
+                "{mode}"
+            );
+            assert!(
+                agent.query_line(&name).is_none(),
+                "marked {mode} {server} went through the proxy"
+            );
+        }
+    }
     let page = scrape(&topology);
     assert_eq!(
         value(&page, "dns_proxy_kernel_skipped_bound_device_total"),
-        12
+        18
     );
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 2);
 }
