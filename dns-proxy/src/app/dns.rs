@@ -20,7 +20,7 @@ use crate::{
         query_log::QueryLog,
         stats::Stats,
         tcp::{TcpProxy, TcpSettings},
-        udp::{ForwardSettings, UdpProxy},
+        udp::{ForwardSettings, PortUnreachable, UdpProxy},
         workload_stats::WorkloadStats,
     },
     drain::{self, Deadline},
@@ -98,6 +98,7 @@ impl Shared {
             observers: self.observers(),
             route_changes: self.route_changes.clone(),
             closed_ports: Arc::default(),
+            port_unreachable: Arc::new(PortUnreachable::open(&self.own_sockets)),
             own_sockets: self.own_sockets.clone(),
         }
     }

@@ -452,8 +452,8 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
             .unwrap_or_default()
             .to_owned()
     };
-    // CAP_NET_BIND_SERVICE 10, NET_ADMIN 12, DAC_OVERRIDE 1, PERFMON 38, BPF 39.
-    let expected = (1u64 << 1) | (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
+    // CAP_NET_BIND_SERVICE 10, NET_ADMIN 12, NET_RAW 13, DAC_OVERRIDE 1, PERFMON 38, BPF 39.
+    let expected = (1u64 << 1) | (1 << 10) | (1 << 12) | (1 << 13) | (1 << 38) | (1 << 39);
     assert_eq!(
         u64::from_str_radix(&field("CapBnd:"), 16).expect("CapBnd"),
         expected,

@@ -966,7 +966,7 @@ mod usage_errors {
         let production_caps = [
             "setpriv",
             "--inh-caps=-all",
-            "--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+dac_override",
+            "--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+net_raw,+dac_override",
         ];
         for (state, caps, args) in [
             (&same_state, &[][..], &["--listen=127.0.0.1:8054"][..]),

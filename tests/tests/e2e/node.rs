@@ -139,6 +139,40 @@ fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
     );
 }
 
+/// A pod asks a server whose port is closed: its connected socket reads ECONNREFUSED through
+/// the agent as directly (the agent sends it the port unreachable from the block address, as
+/// the server would have), so a resolver moves on at once; c-ares in Node.js, told REFUSED
+/// instead, failed every such lookup.
+#[test]
+fn a_pods_connected_socket_reads_a_closed_servers_refusal_as_directly() {
+    let node = NodeTopology::new();
+    // The address exists; nothing listens on its port 53.
+    node.add_server_address(SECOND_SERVER_IP);
+    let closed = format!("{SECOND_SERVER_IP}:53");
+    let outcome = |command: &mut Command| {
+        let output = command.output().expect("run the probe");
+        String::from_utf8_lossy(&output.stderr).trim().to_owned()
+    };
+    let directly = outcome(&mut node.pod(0, PROBE, &["connect", &closed, "direct.example.test"]));
+    assert!(directly.contains("refused"), "{directly}");
+    let agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[format!("--listen={NODE_LISTEN}:53")],
+    );
+    for i in 0..2 {
+        let name = format!("closed{i}.example.test");
+        let through = outcome(&mut node.pod(0, PROBE, &["connect", &closed, &name]));
+        assert_eq!(
+            through,
+            directly.replace("direct", &format!("closed{i}")),
+            "{}",
+            agent.log()
+        );
+    }
+}
+
 /// The block's route on the node goes away while the agent runs (another program removes it,
 /// or IPv6 switched off and on flushes an IPv6 one). Every lookup the programs sent there
 /// would reach no agent; instead the redirect is switched off, so lookups go direct and are

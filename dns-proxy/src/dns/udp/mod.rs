@@ -23,6 +23,7 @@
 //! - `cached`: the answer cache's part (hits, waiting on identical queries, stale answers);
 //! - `sweeper`: queries that time out, and stale answers for late upstreams;
 //! - `unreachable`: queries whose upstream cannot be reached (an ICMP error, a failed send);
+//! - `port_unreachable`: the ICMP error their clients get, as from the server;
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
 //! - `fuzz`: the fuzz targets' hooks.
 use foldhash::HashMap;
@@ -62,12 +63,14 @@ mod fuzz;
 pub(crate) mod mmsg;
 mod pending;
 mod pool;
+mod port_unreachable;
 mod relay;
 mod sweeper;
 #[cfg(test)]
 mod tests;
 mod unreachable;
 
+pub use port_unreachable::PortUnreachable;
 pub use unreachable::ClosedPorts;
 
 use cached::{CacheHit, FromCache, Recipient};
@@ -102,6 +105,9 @@ pub struct ForwardSettings {
     /// Indexes whose server refused one question port unreachable, shared by every listener
     /// (`unreachable`).
     pub closed_ports: Arc<ClosedPorts>,
+    /// Where clients of a closed server are told so as by the server (raw ICMP sockets),
+    /// shared by every listener.
+    pub port_unreachable: Arc<PortUnreachable>,
     /// Where upstream sockets are marked as the agent's own, so that no program of its
     /// redirects them wherever the agent is.
     pub own_sockets: OwnSockets,

@@ -77,6 +77,7 @@ fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
         observers: Observers::default(),
         route_changes: RouteChanges::default(),
         closed_ports: Arc::default(),
+        port_unreachable: Arc::default(),
         own_sockets: OwnSockets::default(),
     }
 }
@@ -504,6 +505,7 @@ async fn refuses_to_forward_to_itself() {
         observers: Observers::default(),
         route_changes: RouteChanges::default(),
         closed_ports: Arc::default(),
+        port_unreachable: Arc::default(),
         own_sockets: OwnSockets::default(),
     };
     let destinations = Fixed {

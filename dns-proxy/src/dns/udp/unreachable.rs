@@ -6,11 +6,12 @@
 //! resolvers move on to their next server for it as they do for the error, and none takes it
 //! for an answer (dnsmasq takes a SERVFAIL for the fastest server's, and then asks only the
 //! dead one; musl and dnsmasq wait on for their other servers' answers after a REFUSED, as
-//! they do when a dead server stays silent). The agent cannot send the client the ICMP error
-//! about the query it holds without `CAP_NET_RAW`; but once a second, other question to the
-//! same workload's index is refused within 2 s ([`ClosedPorts`]), it has the kernel refuse
-//! that index's datagrams itself for 2 s, so its clients read the port unreachable as from the
-//! server. With the cache on and a stale answer kept (`--serve-stale`), the client gets that
+//! they do when a dead server stays silent). Before the REFUSED, the client is sent the ICMP
+//! error the server sent (`port_unreachable`, with `CAP_NET_RAW`), so that a connected
+//! socket reads `ECONNREFUSED`, as asking the server directly (Node.js's c-ares takes a
+//! REFUSED as final). And once a second, other question to the same workload's index is
+//! refused within 2 s ([`ClosedPorts`]), the agent has the kernel refuse that index's
+//! datagrams itself for 2 s, so its clients read the port unreachable as from the server. With the cache on and a stale answer kept (`--serve-stale`), the client gets that
 //! instead.
 use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 
@@ -163,12 +164,22 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         {
             self.admission.refuse_udp_for_a_while(reached);
         }
+        // The ICMP error first: a connected client reads it before the REFUSED, as asking
+        // the server directly, and moves on; an unconnected one takes the REFUSED.
+        let port_unreachable = &self.settings.port_unreachable;
+        port_unreachable.send(to.client, reached, sent);
         if let Some(answer) = refused(sent, pending.client_id) {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
+            let to = waiter.recipient();
+            port_unreachable.send(
+                to.client,
+                SocketAddr::new(to.reply_from, self.local_addr.port()),
+                &waiter.head,
+            );
             if let Some(answer) = refused(&waiter.head, None) {
-                self.send_answer(&answer, waiter.recipient(), MadeHere::Unreachable);
+                self.send_answer(&answer, to, MadeHere::Unreachable);
             }
         }
     }
