@@ -104,6 +104,8 @@ pub struct Stats {
     pub cache_stale: AtomicU64,
     /// `cache_coalesced`.
     pub cache_coalesced: AtomicU64,
+    /// `cache_untrusted`: answers neither kept nor shared, for strays on their socket.
+    pub cache_untrusted: AtomicU64,
 }
 
 impl Stats {

@@ -304,6 +304,15 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.with_cache(load(&s.stats.cache_coalesced))),
     },
     Metric {
+        name: "cache_untrusted",
+        labels: &[],
+        only_with: Some("--cache-size"),
+        help: "Upstream answers neither kept nor shared with identical queries, because \
+               datagrams that answered nothing (late, or forged answers sprayed at the \
+               socket) arrived on their socket while their query was out.",
+        read: Read::Counter(|s| s.with_cache(load(&s.stats.cache_untrusted))),
+    },
+    Metric {
         name: "cache_evictions",
         labels: &[],
         only_with: Some("--cache-size"),

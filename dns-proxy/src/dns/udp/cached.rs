@@ -123,6 +123,29 @@ impl Waiter {
     }
 }
 
+/// An upstream's answer to a query the cache could answer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct UpstreamAnswer<'a> {
+    pub(super) datagram: &'a [u8],
+    /// Whether it may be kept and shared: not if a datagram that answered nothing arrived on
+    /// its socket while its query was out. Forged answers sprayed at the socket's port (which
+    /// a process of the agent's namespace can read in /proc/net/udp) come with such datagrams,
+    /// and one that guessed the ID must reach no client but the one that asked, as without
+    /// the agent. A late answer does too, and only costs the cache an entry.
+    pub(super) trusted: bool,
+}
+
+impl<'a> UpstreamAnswer<'a> {
+    /// `datagram`, the answer to `pending`, trusted if nothing stray came on its socket since
+    /// it was sent.
+    pub(super) fn checked(datagram: &'a [u8], pending: &Pending) -> Self {
+        Self {
+            datagram,
+            trusted: pending.socket.strays() == pending.strays_at_send,
+        }
+    }
+}
+
 /// Whether `answer` says the upstream failed (SERVFAIL or REFUSED): a stale answer, if the
 /// cache holds one, serves the client better (RFC 8767 §4).
 fn is_failure(answer: &[u8]) -> bool {
@@ -346,10 +369,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     pub(super) fn settle_cached(
         self: &Arc<Self>,
         cached: CachedQuery,
-        answer: Option<&[u8]>,
+        answer: Option<UpstreamAnswer<'_>>,
         to: Recipient<'_>,
         relayed: bool,
     ) {
+        let trusted = answer.is_none_or(|answer| answer.trusted);
+        let answer = answer.map(|answer| answer.datagram);
+        if !trusted {
+            Stats::add(&self.stats.cache_untrusted);
+        }
         let CachedQuery {
             query,
             head,
@@ -361,7 +389,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if let Some(cache) = &self.settings.cache {
             match answer {
                 _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),
-                Some(answer) => _ = cache.store(&query, &head, answer, true, Instant::now()),
+                Some(answer) if trusted => {
+                    _ = cache.store(&query, &head, answer, true, Instant::now());
+                }
+                Some(_) => {}
                 None => {}
             }
         }
@@ -372,6 +403,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let recipient = waiter.recipient();
             if stale_instead {
                 self.answer_stale(&waiter.query, &waiter.head, recipient);
+            } else if !trusted {
+                self.forward_alone(waiter);
             } else if let Some(answer) = answer {
                 let shared = cache::shared_answer(
                     answer,
@@ -436,6 +469,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             description,
             cached: None,
             _client_slot: client_slot,
+            strays_at_send: 0,
         };
         let pick = random();
         let Some((key, socket)) =

@@ -341,6 +341,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             description,
             cached,
             _client_slot: client_slot,
+            strays_at_send: 0,
         };
         self.register(
             upstream,

@@ -64,6 +64,9 @@ pub(super) struct Pending {
     pub(super) cached: Option<Box<CachedQuery>>,
     /// Counts against the client's --max-inflight-per-client until this is settled.
     pub(super) _client_slot: ClientSlot,
+    /// Its socket's [`PoolSocket::strays`] when it was sent: more by its answer, and the
+    /// answer may be a forged one that won the race, so it is not kept nor shared.
+    pub(super) strays_at_send: u32,
 }
 
 impl Pending {
@@ -154,7 +157,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 };
                 // Counted under the lock, so its answer cannot be counted first.
                 self.stats.udp.forwarding();
-                entry.insert((pending.take()?)(Arc::clone(socket)));
+                let mut registered = (pending.take()?)(Arc::clone(socket));
+                registered.strays_at_send = socket.strays();
+                entry.insert(registered);
                 socket.carries();
                 Some((key, Arc::clone(socket)))
             })
@@ -180,6 +185,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let mut pending = table.remove(&key)?;
             pending.socket.settled();
             socket.carries();
+            pending.strays_at_send = socket.strays();
             pending.socket = Arc::clone(&socket);
             table.insert(moved, pending);
         }

@@ -104,6 +104,9 @@ pub(super) struct PoolSocket {
     uses: AtomicU32,
     /// Queries sent from it and not yet settled.
     outstanding: AtomicUsize,
+    /// Datagrams that arrived on it and answered no query in flight: late answers, or forged
+    /// ones sprayed at its port.
+    strays: AtomicU32,
     /// Replaced in its pool: its reader ends once nothing is outstanding.
     retired: AtomicBool,
     /// Told when it becomes [done](Self::is_done), so its reader ends, and it closes, at once.
@@ -125,6 +128,7 @@ impl PoolSocket {
             peer,
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
+            strays: AtomicU32::new(0),
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -190,6 +194,16 @@ impl PoolSocket {
             0 => false,
             nanos => self.opened + Duration::from_nanos(nanos) >= since,
         }
+    }
+
+    /// A datagram arrived on it that answers no query in flight.
+    pub(super) fn stray(&self) {
+        self.strays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many datagrams that answered nothing arrived on it so far.
+    pub(super) fn strays(&self) -> u32 {
+        self.strays.load(Ordering::Relaxed)
     }
 
     /// A query sent from it was answered, failed or timed out.

@@ -7,7 +7,9 @@ use std::{cell::RefCell, io, net::SocketAddr, os::fd::AsFd, sync::Arc};
 use tokio::io::Interest;
 
 use super::{
-    LOG, UdpProxy, count_unsent,
+    LOG, UdpProxy,
+    cached::UpstreamAnswer,
+    count_unsent,
     mmsg::{self, ReceivedBatch},
     pending::Pending,
     pool::PoolSocket,
@@ -79,27 +81,29 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let mut connected = None;
         let mut heard = false;
         for (index, datagram, from) in received.iter() {
-            if let Some(pending) = self.match_answer(socket.id(), datagram, from) {
-                heard = true;
-                if socket.peer().is_none() && connected != Some(from) {
-                    self.connect_upstream(from, pending.started);
-                    connected = Some(from);
-                }
-                if pending
-                    .cached
-                    .as_ref()
-                    .is_none_or(|cached| cached.relays(datagram))
-                {
-                    matched.push((index, from, pending));
-                } else {
-                    not_relayed.push((index, pending));
-                }
+            let Some(pending) = self.match_answer(socket.id(), datagram, from) else {
+                socket.stray();
+                continue;
+            };
+            heard = true;
+            if socket.peer().is_none() && connected != Some(from) {
+                self.connect_upstream(from, pending.started);
+                connected = Some(from);
+            }
+            if pending
+                .cached
+                .as_ref()
+                .is_none_or(|cached| cached.relays(datagram))
+            {
+                matched.push((index, from, pending));
+            } else {
+                not_relayed.push((index, pending));
             }
         }
         for (index, mut pending) in not_relayed {
             if let Some(cached) = pending.cached.take() {
-                let datagram = received.datagram(index);
-                self.settle_cached(*cached, Some(datagram), pending.recipient(self), false);
+                let answer = UpstreamAnswer::checked(received.datagram(index), &pending);
+                self.settle_cached(*cached, Some(answer), pending.recipient(self), false);
             }
         }
         // Queries that went up with an ID of the agent's own: their clients' IDs back.
@@ -132,7 +136,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let datagram = received.datagram(index);
             let relayed = !refused.contains(&i);
             if let Some(cached) = pending.cached.take() {
-                self.settle_cached(*cached, Some(datagram), pending.recipient(self), relayed);
+                let answer = UpstreamAnswer::checked(datagram, &pending);
+                self.settle_cached(*cached, Some(answer), pending.recipient(self), relayed);
             }
             if !relayed {
                 continue;

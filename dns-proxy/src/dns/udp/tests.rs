@@ -154,6 +154,50 @@ async fn with_the_cache_on_queries_go_up_with_an_id_of_the_agents_own() {
     assert!(seen.iter().any(|id| *id != 0x1234), "{seen:x?}");
 }
 
+/// An answer with one A record (TTL 60) to `query`: one the cache keeps.
+fn a_record_answer(query: &[u8]) -> Vec<u8> {
+    let mut answer = query.to_vec();
+    answer[2] |= 0x80;
+    answer[7] = 1;
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+    answer
+}
+
+/// With the cache on, an answer that comes on a socket where a datagram that answered
+/// nothing arrived while its query was out (forged answers sprayed at its port come with
+/// thousands) is relayed to its client alone and not kept, so that a forgery that guessed
+/// the ID reaches no other client; the next identical query goes upstream again.
+#[tokio::test]
+async fn an_answer_after_a_stray_on_its_socket_is_relayed_but_not_kept() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = serve_upstream({
+        let asked = Arc::clone(&asked);
+        move |query| {
+            let answer = a_record_answer(query);
+            if asked.fetch_add(1, Ordering::SeqCst) > 0 {
+                return vec![answer];
+            }
+            // The first: a datagram with another ID, then the answer.
+            let mut stray = answer.clone();
+            stray[0] ^= 0xff;
+            vec![stray, answer]
+        }
+    })
+    .await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let asked_so_far = || asked.load(Ordering::SeqCst);
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+    assert_eq!(asked_so_far(), 1);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+    // Not kept: asked again, and this answer, with nothing stray, is kept.
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+    assert_eq!(asked_so_far(), 2);
+    // From the cache (its TTL capped at the cache's 30 s).
+    assert!(ask(&proxy, QUERY).await.is_some());
+    assert_eq!(asked_so_far(), 2);
+    assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 1);
+}
+
 /// With the cache on, a client that waits on an identical query whose answer cannot be given
 /// to it (the upstream wrote the question back in lower case, which would fail the client's
 /// 0x20 check as its own) has its own query sent, and gets that one's answer.
