@@ -262,7 +262,7 @@ pub fn shared_answer(
         shared[HEADER_LEN..question_end].copy_from_slice(&head[HEADER_LEN..]);
     }
     if udp && shared.len() > query.udp_limit {
-        shared = truncated(&shared, query.key.edns);
+        shared = truncated(&shared, query.key.edns, query.udp_limit);
     }
     Some(shared)
 }
@@ -391,7 +391,7 @@ impl Cache {
             answer = with_cookie(answer, cookie);
         }
         if udp && answer.len() > query.udp_limit {
-            answer = truncated(&answer, query.key.edns);
+            answer = truncated(&answer, query.key.edns, query.udp_limit);
         }
         if fresh {
             Cached::Fresh(answer)
@@ -630,7 +630,9 @@ fn cacheable(
 }
 
 /// `entry`'s answer for the client whose query is `client_query`: its ID, its question
-/// bytes, each TTL less `age` seconds (or all set to `stale_ttl`). `None` if the client's
+/// bytes, each TTL less `age` seconds (or all set to `stale_ttl`), and AA clear: the cache is
+/// no authority for the name (RFC 1035 §4.1.1), as recursive resolvers answer from theirs.
+/// `None` if the client's
 /// question is not the same length as the kept one (it then asked something else).
 fn for_client(
     entry: &Entry,
@@ -642,6 +644,7 @@ fn for_client(
     let question = question.get(..entry.question_end - HEADER_LEN)?;
     let mut answer = entry.answer.to_vec();
     answer[..2].copy_from_slice(&client_query[..2]);
+    answer[2] &= !FLAG_AA;
     answer[HEADER_LEN..entry.question_end].copy_from_slice(question);
     for &(offset, ttl) in &entry.ttls {
         let shown = stale_ttl.unwrap_or_else(|| ttl.saturating_sub(age));
@@ -650,9 +653,13 @@ fn for_client(
     Some(answer)
 }
 
+/// The header's authoritative-answer bit, in its third byte.
+const FLAG_AA: u8 = 0x04;
+
 /// A truncated answer (TC set) with only the question, and the OPT record for an EDNS client
-/// (RFC 6891 §7): the client retries over TCP.
-fn truncated(answer: &[u8], edns: bool) -> Vec<u8> {
+/// (RFC 6891 §7), within `limit` bytes: its options left out if they would not fit (an
+/// upstream's long Extended DNS Error text, say). The client retries over TCP.
+fn truncated(answer: &[u8], edns: bool, limit: usize) -> Vec<u8> {
     let mut reader = Reader::new(answer, HEADER_LEN);
     let question_end = reader.plain_name().and_then(|_| {
         reader.offset += 4;
@@ -664,8 +671,17 @@ fn truncated(answer: &[u8], edns: bool) -> Vec<u8> {
     let mut out = answer[..question_end].to_vec();
     out[2] |= 0x02;
     out[6..12].fill(0);
-    if edns && let Some(opt) = find_opt(answer) {
-        out.extend_from_slice(&answer[opt.0..opt.1]);
+    if edns && let Some((start, end)) = find_opt(answer) {
+        let opt = &answer[start..end];
+        // Its root name, type, class (the UDP size), TTL (extended RCODE and flags) and
+        // RDLENGTH come first.
+        const FIXED: usize = 11;
+        if out.len() + opt.len() <= limit {
+            out.extend_from_slice(opt);
+        } else if opt.len() >= FIXED {
+            out.extend_from_slice(&opt[..FIXED - 2]);
+            out.extend_from_slice(&[0, 0]);
+        }
         out[10..12].copy_from_slice(&1u16.to_be_bytes());
     }
     out

@@ -347,6 +347,59 @@ fn an_answer_too_long_for_the_client_is_truncated_over_udp_and_whole_over_tcp() 
     assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 40);
 }
 
+/// An upstream's OPT record with a long option (an Extended DNS Error's text): a client that
+/// takes 512 bytes gets the truncated answer within them, its OPT without options.
+#[test]
+fn a_truncated_answer_fits_the_client_whatever_options_the_upstreams_opt_holds() {
+    let cache = Cache::new(settings());
+    let start = Instant::now();
+    let asked = query_with_options(1, "ede.example.test", &[]);
+    let mut message = response_to(&asked, ResponseCode::NoError);
+    let name = message.queries()[0].name().clone();
+    message.add_answer(Record::from_rdata(
+        name,
+        300,
+        RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+    ));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    // EDE 0 ("other") with 600 bytes of text.
+    let mut ede = vec![0, 0];
+    ede.extend_from_slice(&[b'x'; 600]);
+    edns.options_mut().insert(EdnsOption::Unknown(15, ede));
+    message.set_edns(edns);
+    let answer = message.to_vec().unwrap();
+    assert!(keeps(&cache, &asked, &answer, start));
+    let mut small = Edns::new();
+    small.set_max_payload(512);
+    let client = query_message(2, "ede.example.test", Some(small))
+        .to_vec()
+        .unwrap();
+    let udp = fresh(cache.lookup(&parsed(&client), &client, true, start));
+    assert!(udp.len() <= 512, "{} bytes", udp.len());
+    let truncated = Message::from_vec(&udp).unwrap();
+    assert!(truncated.truncated() && truncated.answers().is_empty());
+    assert!(truncated.extensions().is_some(), "the OPT record stays");
+    // A client that takes it all gets it all.
+    let tcp = fresh(cache.lookup(&parsed(&client), &client, false, start));
+    assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 1);
+}
+
+/// An authoritative answer kept is served from the cache without AA: the cache is no
+/// authority for the name.
+#[test]
+fn an_answer_from_the_cache_is_not_authoritative() {
+    let cache = Cache::new(settings());
+    let start = Instant::now();
+    let asked = query(1, "aa.example.test");
+    let mut answer = a_answer(&asked, &[300]);
+    answer[2] |= 0x04;
+    assert!(keeps(&cache, &asked, &answer, start));
+    let served = fresh(cache.lookup(&parsed(&asked), &asked, true, start));
+    assert!(!Message::from_vec(&served).unwrap().authoritative());
+    assert_eq!(served[3..], answer[3..]);
+}
+
 #[test]
 fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
     let leader = query(1, "shared.example.test");
