@@ -64,7 +64,11 @@ pub struct RunArgs {
     /// an error, as is any second agent on a cgroup another one redirects. With it, an agent
     /// on another port serves nothing until the other stops, then serves new lookups without a
     /// gap. For restarts without a gap (a DaemonSet's `maxSurge: 1`).
-    #[arg(long, env = "DNS_PROXY_TAKEOVER")]
+    #[arg(
+        long,
+        env = "DNS_PROXY_TAKEOVER",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub takeover: bool,
 
     #[command(flatten)]
@@ -303,6 +307,16 @@ pub enum ConfigError {
     #[error("--redirect-block6 {0}: must be an IPv6 block")]
     Block6NotIpv6(AddressBlock),
     #[error(
+        "{flag} {block}: {why}; give a block of unicast addresses (host mode: loopback, \
+         127.53.0.0/16; node mode: link-local 169.254.53.0/24 or a private range; IPv6: a \
+         unique local range such as fd53:6e73:6470::/112)"
+    )]
+    BlockNotUnicast {
+        flag: &'static str,
+        block: AddressBlock,
+        why: &'static str,
+    },
+    #[error(
         "{flag} {block}: holds the listen address {listen}, which would name a server; listen \
          on the block's first address or outside it"
     )]
@@ -470,6 +484,15 @@ impl RunConfig {
         if !block4.is_ipv4() {
             return Err(ConfigError::Block4NotIpv4(block4));
         }
+        if let IpAddr::V4(first) = block4.first()
+            && let Some(why) = not_unicast4(first)
+        {
+            return Err(ConfigError::BlockNotUnicast {
+                flag: "--redirect-block",
+                block: block4,
+                why,
+            });
+        }
         // The block's first address encodes no server: the listeners may use it.
         if block4.contains((*listen.ip()).into()) && block4.first() != IpAddr::V4(*listen.ip()) {
             return Err(ConfigError::BlockHoldsListen {
@@ -481,6 +504,15 @@ impl RunConfig {
         let block6 = args.redirect_block6;
         if block6.is_ipv4() {
             return Err(ConfigError::Block6NotIpv6(block6));
+        }
+        if let IpAddr::V6(first) = block6.first()
+            && let Some(why) = not_unicast6(first)
+        {
+            return Err(ConfigError::BlockNotUnicast {
+                flag: "--redirect-block6",
+                block: block6,
+                why,
+            });
         }
         if let Listen6::Required(v6) | Listen6::IfAvailable(v6) = listen6
             && block6.contains((*v6.ip()).into())
@@ -549,6 +581,32 @@ impl RunConfig {
             workload_metrics: args.workload_metrics as usize,
             takeover: false,
         })
+    }
+}
+
+/// Why a block starting at `first` cannot hold the proxy's addresses, if it cannot.
+fn not_unicast4(first: std::net::Ipv4Addr) -> Option<&'static str> {
+    match first.octets()[0] {
+        0 => Some("addresses of 0.0.0.0/8 name \"this host\" and cannot be routed"),
+        224..=239 => Some("multicast addresses"),
+        240..=255 => Some("reserved (and broadcast) addresses"),
+        _ => None,
+    }
+}
+
+/// The same for an IPv6 block.
+fn not_unicast6(first: std::net::Ipv6Addr) -> Option<&'static str> {
+    let segments = first.segments();
+    if first.to_ipv4_mapped().is_some() {
+        Some("v4-mapped addresses are IPv4 ones (use --redirect-block)")
+    } else if first.is_unspecified() {
+        Some("the unspecified address :: names no host")
+    } else if first.is_multicast() {
+        Some("multicast addresses")
+    } else if segments[0] & 0xffc0 == 0xfe80 {
+        Some("link-local addresses need an interface, which the proxy's addresses have not")
+    } else {
+        None
     }
 }
 
@@ -686,6 +744,14 @@ mod tests {
                 "must be an IPv6 block",
             ),
             (&["--redirect-block=127.53.0.0/8"][..], "/16 to /30"),
+            (&["--redirect-block=0.0.0.0/24"][..], "cannot be routed"),
+            (&["--redirect-block=224.0.53.0/24"][..], "multicast"),
+            (
+                &["--redirect-block6=::ffff:127.53.0.0/112"][..],
+                "v4-mapped",
+            ),
+            (&["--redirect-block6=fe80::/112"][..], "link-local"),
+            (&["--redirect-block6=ff05::/112"][..], "multicast"),
         ] {
             let err = run_config(args).unwrap_err();
             assert!(err.contains(says), "{args:?}: {err}");

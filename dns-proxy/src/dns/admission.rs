@@ -238,13 +238,19 @@ impl<D: OriginalDestinations> Admission<D> {
             let limit = self.per_client.limit();
             let transport = self.transport;
             self.client_limit_log.warn(|dropped| match transport {
+                // The count is of every client at its limit since the last such line, not
+                // of this one alone: the line names the client that wrote it.
                 Transport::Udp => format!(
-                    "{key} has {limit} queries in flight (--max-inflight-per-client): dropped \
-                     {dropped} queries of clients at their limit"
+                    "{key} has {limit} queries in flight (--max-inflight-per-client), its next \
+                     query dropped; {dropped} queries of clients at their limits (this one \
+                     and any other) dropped since the last such line \
+                     (dns_proxy_dropped_total{{reason=\"client_limit\"}})"
                 ),
                 Transport::Tcp => format!(
-                    "{key} has {limit} TCP connections open (--max-tcp-connections-per-client): \
-                     refused {dropped} connections of clients at their limit"
+                    "{key} has {limit} TCP connections open \
+                     (--max-tcp-connections-per-client), its next one refused; {dropped} \
+                     connections of clients at their limits (this one and any other) refused \
+                     since the last such line"
                 ),
             });
         }
