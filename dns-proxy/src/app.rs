@@ -378,6 +378,7 @@ async fn serve(
                 switch,
                 blocks: routed_blocks(config, listeners.v6.is_some()),
                 changes: shared.route_changes.clone(),
+                restart: stranded.clone(),
             }),
         redirector
             .take_alive_at()
@@ -582,10 +583,12 @@ async fn until_stopped(
                 Outcome::Stopped
             }
             () = stranded.stopped() => {
+                // Why was said where it was found: out of its own cgroup with no way back, or
+                // a block it routed gone and not back.
                 log::error!(
                     target: LOG,
-                    "out of its own cgroup, with no way back: no longer redirecting new lookups; \
-                     answering those in flight, then exiting with an error, to be started anew"
+                    "no longer redirecting new lookups; answering those in flight, then exiting \
+                     with an error, to be started anew"
                 );
                 Outcome::Stranded
             }

@@ -241,7 +241,9 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         if matches!(
             own,
             Ok(cgroup::OwnCgroup::Lost(_)) | Err(cgroup::CgroupError::EnterAgentCgroup { .. })
-        ) {
+        ) && !stranded.is_stopped()
+        {
+            log::error!(target: LOG, "out of its own cgroup, with no way back: stopping");
             stranded.stop();
         }
         say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
@@ -310,7 +312,15 @@ pub(super) struct Routing {
     /// The blocks the agent serves, which must stay routed here.
     pub blocks: Vec<AddressBlock>,
     pub changes: RouteChanges,
+    /// Fired when a block the agent routed itself has stayed unrouted for
+    /// [`REROUTE_BY_RESTART_AFTER`]: it stops, and its service manager starts it anew, which
+    /// routes it again.
+    pub restart: drain::Signal,
 }
+
+/// How long a block the agent routed itself may stay unrouted, `lo` up, before the agent
+/// stops to be started anew: it dropped the capability to route it again itself.
+const REROUTE_BY_RESTART_AFTER: Duration = Duration::from_secs(30);
 
 /// After each change of routes or addresses (and once at the start, for a change between the
 /// agent's first look and the start of the watch), until `stop`: writes the source of
@@ -321,31 +331,61 @@ pub(super) struct Routing {
 /// redirect there to the default route, where no answer comes: the redirect to it is
 /// switched off (that family's lookups go direct, fail-open) and the agent is not ready,
 /// until the route is back. The agent cannot route it again itself: it dropped the
-/// capability after start.
+/// capability after start. So if a block it routed itself stays unrouted for
+/// [`REROUTE_BY_RESTART_AFTER`] while `lo` is up, it stops with an error (`restart`), and its
+/// service manager starts it anew, which routes the block again.
 async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: drain::Signal) {
     let mut unrouted: Vec<AddressBlock> = Vec::new();
+    // Since when a block the agent routed itself has been unrouted, `lo` up.
+    let mut reroute_due: Option<tokio::time::Instant> = None;
     loop {
         routing.sources.refresh();
         let blocks = routing.blocks.clone();
         let checked = tokio::task::spawn_blocking(move || {
             // A question that fails (no reply) says nothing: the redirect is left as it is.
             let loopback_up = host::is_loopback_up().unwrap_or(true);
-            blocks
+            let unrouted = blocks
                 .into_iter()
                 .filter(|block| !loopback_up || !host::is_block_routed_here(*block).unwrap_or(true))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (loopback_up, unrouted)
         })
         .await;
-        // Kept as it was if the switch could not be set, so that the next change tries again.
-        if let Ok(now) = checked
-            && now != unrouted
-            && switch_redirect(&mut routing.switch, &now, &readiness)
-        {
-            unrouted = now;
+        if let Ok((loopback_up, now)) = checked {
+            let routed_by_the_agent = now
+                .iter()
+                .any(|block| !block.first().to_canonical().is_loopback());
+            reroute_due = match (loopback_up && routed_by_the_agent, reroute_due) {
+                (true, None) => Some(tokio::time::Instant::now() + REROUTE_BY_RESTART_AFTER),
+                (true, due) => due,
+                (false, _) => None,
+            };
+            // Kept as it was if the switch could not be set, so that the next change tries
+            // again.
+            if now != unrouted && switch_redirect(&mut routing.switch, &now, &readiness) {
+                unrouted = now;
+            }
         }
+        let reroute = async {
+            match reroute_due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = stop.stopped() => return,
             () = routing.changes.next_change() => {}
+            () = reroute => {
+                log::error!(
+                    target: LOG,
+                    "a block this agent routed has been unrouted for {}s, `lo` up, and the \
+                     agent dropped the capability to route it again: stopping, to be started \
+                     anew, which routes it",
+                    REROUTE_BY_RESTART_AFTER.as_secs()
+                );
+                routing.restart.stop();
+                return;
+            }
         }
     }
 }
@@ -370,9 +410,10 @@ fn switch_redirect(
             target: LOG,
             "{} no longer routed to this host (its local route is gone, or `lo` is down): \
              redirecting nothing there, so new lookups of that family go direct, until it is \
-             back (loopback's with `lo` and its address; a block's own route: restart the \
-             agent to route it again)",
-            blocks.join(" and ")
+             back (loopback's with `lo` and its address; a block's own route: the agent stops \
+             to be started anew, and route it again, if it is not back within {}s)",
+            blocks.join(" and "),
+            REROUTE_BY_RESTART_AFTER.as_secs()
         );
     }
     true

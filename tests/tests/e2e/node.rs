@@ -269,6 +269,52 @@ fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     );
 }
 
+/// The block's route gone and not back for 30 s, `lo` up: the agent, which dropped the
+/// capability to route it again, stops with an error, to be started anew (as systemd and
+/// Kubernetes do), and the next agent routes it and redirects again. Lookups go direct in
+/// between. Before, it waited for someone to route the block by hand, `/healthz` saying 200.
+#[test]
+fn an_agent_whose_block_stays_unrouted_stops_to_be_started_anew() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let args = [format!("--listen={NODE_LISTEN}:53")];
+    let mut agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let lookup = |name: &str| {
+        let result = tests::dig_at(node.pod(0, "dig", &[]), &SERVER_IP.to_string(), name, &[]);
+        assert_answered(result, name);
+    };
+    lookup("before.example.test");
+    forwarded(&agent, "before.example.test");
+    let block = format!("{NODE_LISTEN}/24");
+    must(Command::new("ip").args([
+        "-n",
+        &node.node.name,
+        "route",
+        "del",
+        "local",
+        &block,
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]));
+    wait_for_log(&agent, "no longer routed to this host");
+    lookup("unrouted.example.test");
+    let status = agent.process().wait_exit(Duration::from_secs(40));
+    assert!(!status.success(), "{status}\n{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("a block this agent routed has been unrouted for 30s"),
+        "{}",
+        agent.log()
+    );
+    lookup("between.example.test");
+    let next = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    lookup("after.example.test");
+    forwarded(&next, "after.example.test");
+}
+
 /// A narrower local route left inside the block (by an agent of a smaller block that was
 /// SIGKILLed, say: the log's own advice is a larger `--redirect-block`, from the same first
 /// address) keeps the block routed here: the addresses it holds are local too. Before, the
