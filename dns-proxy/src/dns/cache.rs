@@ -17,7 +17,9 @@ use std::{
 
 use hashlink::LruCache;
 
-use crate::dns::wire::{HEADER_LEN, Reader, TYPE_OPT, count, find_opt, option, options, records};
+use crate::dns::wire::{
+    self, HEADER_LEN, Reader, TYPE_OPT, count, find_opt, option, options, records,
+};
 
 /// A SERVFAIL is kept at most this long (RFC 2308 §7.1).
 const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
@@ -548,7 +550,15 @@ fn cacheable(
     for section in 0..3 {
         let records = [answers, authorities, additionals][section];
         for _ in 0..records {
+            // A name a client cannot read (a pointer loop) makes a malformed answer: relayed
+            // as it came, never kept.
+            if !wire::name_is_sound(answer, reader.offset) {
+                return None;
+            }
             let record = reader.record()?;
+            if !rdata_names_are_sound(answer, &record) {
+                return None;
+            }
             if section == 0 && record.rtype == query.key.qtype {
                 answers_the_type = true;
             }
@@ -651,6 +661,30 @@ fn for_client(
         answer[offset..offset + 4].copy_from_slice(&shown.to_be_bytes());
     }
     Some(answer)
+}
+
+/// Whether the names in `record`'s data, for the types that hold names a client decompresses,
+/// can be read whole ([`wire::name_is_sound`]).
+fn rdata_names_are_sound(answer: &[u8], record: &wire::Record) -> bool {
+    const NS: u16 = 2;
+    const CNAME: u16 = 5;
+    const PTR: u16 = 12;
+    const MX: u16 = 15;
+    const SRV: u16 = 33;
+    const DNAME: u16 = 39;
+    let start = record.rdata_start;
+    match record.rtype {
+        NS | CNAME | PTR | DNAME => wire::name_is_sound(answer, start),
+        MX => wire::name_is_sound(answer, start + 2),
+        SRV => wire::name_is_sound(answer, start + 6),
+        TYPE_SOA => {
+            let mut rdata = Reader::new(answer, start);
+            wire::name_is_sound(answer, start)
+                && rdata.skip_name().is_some()
+                && wire::name_is_sound(answer, rdata.offset)
+        }
+        _ => true,
+    }
 }
 
 /// The header's authoritative-answer bit, in its third byte.

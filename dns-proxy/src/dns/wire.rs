@@ -251,6 +251,40 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Whether the name at `offset` of `message` can be read whole: its compression pointers each
+/// point before the labels that led to them (to a prior occurrence, RFC 1035 §4.1.4), so
+/// following them ends, and it is at most 255 bytes long. A client that follows a pointer
+/// loop fails on the answer, or never ends.
+pub(crate) fn name_is_sound(message: &[u8], offset: usize) -> bool {
+    let (mut at, mut segment_start, mut length) = (offset, offset, 0usize);
+    loop {
+        let Some(&len) = message.get(at) else {
+            return false;
+        };
+        match len {
+            0 => return length < 255,
+            1..=63 => {
+                at += 1 + usize::from(len);
+                length += 1 + usize::from(len);
+            }
+            0xc0..=0xff => {
+                let Some(&low) = message.get(at + 1) else {
+                    return false;
+                };
+                let target = usize::from(len & 0x3f) << 8 | usize::from(low);
+                if target >= segment_start {
+                    return false;
+                }
+                (at, segment_start) = (target, target);
+            }
+            _ => return false,
+        }
+        if length >= 255 {
+            return false;
+        }
+    }
+}
+
 /// The records of `message` after its questions (its answer, authority and additional
 /// sections), each with the offset it starts at; an item is `None` where a record does not
 /// parse, and the walk should stop there.

@@ -385,6 +385,65 @@ fn a_truncated_answer_fits_the_client_whatever_options_the_upstreams_opt_holds()
     assert_eq!(Message::from_vec(&tcp).unwrap().answers().len(), 1);
 }
 
+/// An answer whose names a client cannot read (a compression pointer to itself, or forward)
+/// is not kept; well-compressed answers are, CNAME targets included.
+#[test]
+fn an_answer_with_a_compression_loop_is_never_kept() {
+    let cache = Cache::new(settings());
+    let start = Instant::now();
+    let asked = query(1, "loop.example.test");
+    let good = a_answer(&asked, &[300]);
+    assert!(keeps(&cache, &asked, &good, start));
+    for (what, name) in [
+        ("a pointer to itself", vec![0xc0, 0]),
+        ("a pointer forward", vec![0xc0, 0]),
+        ("a label, then a pointer back to it", vec![1, b'a', 0xc0, 0]),
+    ] {
+        let asked = query(2, &format!("{}.example.test", what.len()));
+        let mut answer = a_answer(&asked, &[300]);
+        // An additional A record whose owner name is `name`, its pointer set below.
+        let at = answer.len();
+        let mut name = name;
+        let pointer = name.len() - 1;
+        name[pointer] = match what {
+            "a pointer forward" => (at + 2) as u8,
+            _ => at as u8,
+        };
+        answer.extend_from_slice(&name);
+        answer.extend_from_slice(&[0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2, 9]);
+        answer[11] = 1;
+        assert!(at < 255, "{what}: the pointer must fit a byte");
+        assert!(!keeps(&cache, &asked, &answer, start), "{what}");
+    }
+    // A CNAME whose target ("x" and a pointer to the question's name) the next record's
+    // owner points to: kept.
+    let asked = query(3, "chain.example.test");
+    let mut chain = asked.clone();
+    chain[2] |= 0x80;
+    chain[7] = 2;
+    let target = chain.len() + 12;
+    chain.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 1, 44, 0, 4, 1, b'x', 0xc0, 12]);
+    chain.extend_from_slice(&[
+        0xc0,
+        target as u8,
+        0,
+        1,
+        0,
+        1,
+        0,
+        0,
+        1,
+        44,
+        0,
+        4,
+        192,
+        0,
+        2,
+        9,
+    ]);
+    assert!(keeps(&cache, &asked, &chain, start));
+}
+
 /// An authoritative answer kept is served from the cache without AA: the cache is no
 /// authority for the name.
 #[test]
