@@ -93,6 +93,7 @@ fn run(ops: Vec<Op>) {
             route_changes: Default::default(),
             closed_ports: Default::default(),
             own_sockets: Default::default(),
+            port_unreachable: Arc::default(),
         };
         let listener = runtime
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
