@@ -113,6 +113,12 @@ impl Topology {
         must(Command::new("ip").args(["-n", netns, "addr", "add", &address, "dev", &interface]));
     }
 
+    /// Adds another IPv6 address to the server namespace's end of the veth.
+    pub fn add_server_address6(&self, ip: Ipv6Addr) {
+        self.server
+            .add_ipv6(&format!("{}s", self.tag), &format!("{ip}/64"));
+    }
+
     /// Points the client namespace's resolv.conf at these nameservers.
     pub fn set_nameservers(&self, nameservers: &[IpAddr]) {
         self._resolv_conf.write(nameservers);

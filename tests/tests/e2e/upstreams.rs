@@ -192,7 +192,8 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
 /// through the agent as it does directly, instead of waiting out its timeout on every lookup.
 /// A connected socket reads ECONNREFUSED through the agent as directly (the agent sends it
 /// the port unreachable, as from the server; told REFUSED alone, c-ares in Node.js failed the
-/// lookup), and an unconnected one, which the kernel tells nothing, is answered REFUSED.
+/// lookup), over IPv4 and IPv6, and an unconnected one, which the kernel tells nothing, is
+/// answered REFUSED.
 #[test]
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let Harness {
@@ -238,6 +239,25 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
             thread::sleep(Duration::from_millis(2500));
         }
     }
+    // The same over IPv6.
+    let closed6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x98);
+    topology.add_server_address6(closed6);
+    let ask6 = |command: Command| {
+        let name = "closed-v6.example.test";
+        outcome(tests::dig_at(
+            command,
+            &closed6.to_string(),
+            name,
+            &["+time=3", "+tries=1"],
+        ))
+    };
+    assert_eq!(ask6(topology.outsider("dig", &[])), "connection failed");
+    assert_eq!(
+        ask6(topology.workload("dig", &[])),
+        "connection failed",
+        "{}",
+        agent.log()
+    );
     // An unconnected socket is answered REFUSED, from the server's address.
     let query: String = tests::a_query(0x4242, "unconnected.example.test")
         .iter()

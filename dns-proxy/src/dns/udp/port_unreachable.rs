@@ -43,6 +43,9 @@ impl PortUnreachable {
             )?;
             // Nothing is read from them: no receive buffer to fill with the namespace's ICMP.
             socket.set_recv_buffer_size(0)?;
+            // The error comes from the block address the client sent to, which no interface
+            // has where it is only routed (IPv6 always): without this, EINVAL.
+            mmsg::send_from_any_address(socket.as_fd(), domain == socket2::Domain::IPV6)?;
             own_sockets.mark(&socket);
             Ok::<_, io::Error>(socket)
         };
