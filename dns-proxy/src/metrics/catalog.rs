@@ -308,8 +308,9 @@ pub const METRICS: &[Metric] = &[
         labels: &[],
         only_with: Some("--cache-size"),
         help: "Upstream answers neither kept nor shared with identical queries, because \
-               datagrams that answered nothing (late, or forged answers sprayed at the \
-               socket) arrived on their socket while their query was out.",
+               datagrams that answered nothing and could have passed for an answer to their \
+               question (late, or forged answers sprayed at the socket) arrived on their \
+               socket while their query was out.",
         read: Read::Counter(|s| s.with_cache(load(&s.stats.cache_untrusted))),
     },
     Metric {

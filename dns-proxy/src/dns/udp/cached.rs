@@ -141,7 +141,7 @@ impl<'a> UpstreamAnswer<'a> {
     pub(super) fn checked(datagram: &'a [u8], pending: &Pending) -> Self {
         Self {
             datagram,
-            trusted: pending.socket.strays() == pending.strays_at_send,
+            trusted: pending.socket.strays(pending.question) == pending.strays_at_send,
         }
     }
 }

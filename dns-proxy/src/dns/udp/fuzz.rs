@@ -34,6 +34,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// socket `socket`: the client it is relayed to, if it answers a query in flight.
     pub fn fuzz_match(&self, socket: u64, datagram: &[u8], from: SocketAddr) -> Option<SocketAddr> {
         self.match_answer(socket, datagram, from)
+            .ok()
             .map(|pending| pending.client)
     }
 

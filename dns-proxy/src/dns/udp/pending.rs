@@ -14,7 +14,7 @@ use std::{
 use super::{
     UdpProxy,
     cached::{CachedQuery, Recipient},
-    pool::PoolSocket,
+    pool::{PoolSocket, Stray},
 };
 use crate::dns::{OriginalDestinations, per_client::ClientSlot, stats::Stats, wire};
 
@@ -158,7 +158,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 // Counted under the lock, so its answer cannot be counted first.
                 self.stats.udp.forwarding();
                 let mut registered = (pending.take()?)(Arc::clone(socket));
-                registered.strays_at_send = socket.strays();
+                registered.strays_at_send = socket.strays(registered.question);
                 entry.insert(registered);
                 socket.carries();
                 Some((key, Arc::clone(socket)))
@@ -185,7 +185,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let mut pending = table.remove(&key)?;
             pending.socket.settled();
             socket.carries();
-            pending.strays_at_send = socket.strays();
+            pending.strays_at_send = socket.strays(pending.question);
             pending.socket = Arc::clone(&socket);
             table.insert(moved, pending);
         }
@@ -194,13 +194,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// The pending query that `datagram`, from `from` on pool socket `socket`, answers, taken
-    /// out of the table; `None` (counted) if it answers none.
+    /// out of the table; if it answers none (counted), what it could have been taken for.
     pub(super) fn match_answer(
         &self,
         socket: u64,
         datagram: &[u8],
         from: SocketAddr,
-    ) -> Option<Pending> {
+    ) -> Result<Pending, Stray> {
         let stats = &self.stats.udp;
         let answer_to = wire::response_id(datagram).map(|id| PendingKey {
             socket,
@@ -226,11 +226,15 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.stray_log.warn(|dropped| {
                 format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
             });
-            return None;
+            return Err(match (answer_to, question) {
+                (Some(_), Some(Some(question))) => Stray::Question(question),
+                (Some(_), Some(None)) => Stray::Unquestioned,
+                _ => Stray::NotAnAnswer,
+            });
         };
         stats.settled(1);
         pending.socket.settled();
-        Some(pending)
+        Ok(pending)
     }
 
     /// The keyed hash of a question that the answer check compares.

@@ -104,13 +104,36 @@ pub(super) struct PoolSocket {
     uses: AtomicU32,
     /// Queries sent from it and not yet settled.
     outstanding: AtomicUsize,
-    /// Datagrams that arrived on it and answered no query in flight: late answers, or forged
-    /// ones sprayed at its port.
-    strays: AtomicU32,
+    /// Datagrams that arrived on it, answered no query in flight and could have been taken
+    /// for an answer (late answers, or forged ones sprayed at its port), by the bucket of
+    /// their question ([`STRAY_BUCKETS`]); and those with no question, which could have been
+    /// taken for any.
+    strays: [AtomicU32; STRAY_BUCKETS],
+    strays_unquestioned: AtomicU32,
     /// Replaced in its pool: its reader ends once nothing is outstanding.
     retired: AtomicBool,
     /// Told when it becomes [done](Self::is_done), so its reader ends, and it closes, at once.
     done: tokio::sync::Notify,
+}
+
+/// Stray datagrams are counted by question, in this many buckets (of the keyed question
+/// hash), so that junk or other names sprayed at a socket's port cost the cache nothing for
+/// the questions they could not have answered.
+const STRAY_BUCKETS: usize = 64;
+
+fn stray_bucket(question: u64) -> usize {
+    (question % STRAY_BUCKETS as u64) as usize
+}
+
+/// What a datagram that answered nothing could have been taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stray {
+    /// Nothing: not a response, or its question cannot be read.
+    NotAnAnswer,
+    /// An answer to any question: it has none (as FORMERR may).
+    Unquestioned,
+    /// An answer to the question with this key.
+    Question(u64),
 }
 
 impl PoolSocket {
@@ -128,7 +151,8 @@ impl PoolSocket {
             peer,
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
-            strays: AtomicU32::new(0),
+            strays: std::array::from_fn(|_| AtomicU32::new(0)),
+            strays_unquestioned: AtomicU32::new(0),
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -197,13 +221,24 @@ impl PoolSocket {
     }
 
     /// A datagram arrived on it that answers no query in flight.
-    pub(super) fn stray(&self) {
-        self.strays.fetch_add(1, Ordering::Relaxed);
+    pub(super) fn stray(&self, stray: Stray) {
+        match stray {
+            Stray::NotAnAnswer => {}
+            Stray::Unquestioned => {
+                self.strays_unquestioned.fetch_add(1, Ordering::Relaxed);
+            }
+            Stray::Question(key) => {
+                self.strays[stray_bucket(key)].fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
-    /// How many datagrams that answered nothing arrived on it so far.
-    pub(super) fn strays(&self) -> u32 {
-        self.strays.load(Ordering::Relaxed)
+    /// How many datagrams that answered nothing, and could have been taken for an answer to
+    /// the question whose key is `question`, arrived on it so far (with those of the other
+    /// questions in its bucket).
+    pub(super) fn strays(&self, question: u64) -> u32 {
+        let bucket = self.strays[stray_bucket(question)].load(Ordering::Relaxed);
+        bucket.wrapping_add(self.strays_unquestioned.load(Ordering::Relaxed))
     }
 
     /// A query sent from it was answered, failed or timed out.
@@ -583,6 +618,28 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stray is counted against the questions it could have answered, and one with no
+    /// question against every question.
+    #[tokio::test]
+    async fn strays_count_against_their_own_question() {
+        let socket = PoolSocket::open(
+            &AtomicU64::new(0),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            &OwnSockets::default(),
+        )
+        .unwrap();
+        let (asked, other) = (7, 8);
+        socket.stray(Stray::NotAnAnswer);
+        socket.stray(Stray::Question(other));
+        assert_eq!(socket.strays(asked), 0);
+        assert_eq!(socket.strays(other), 1);
+        socket.stray(Stray::Question(asked + STRAY_BUCKETS as u64));
+        assert_eq!(socket.strays(asked), 1);
+        socket.stray(Stray::Unquestioned);
+        assert_eq!((socket.strays(asked), socket.strays(other)), (2, 2));
+    }
 
     /// What reached a socket's port before it was connected (anyone's datagram, an error) is
     /// gone once it is: its receives no longer ask who sent what they take.

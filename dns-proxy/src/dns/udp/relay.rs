@@ -81,9 +81,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let mut connected = None;
         let mut heard = false;
         for (index, datagram, from) in received.iter() {
-            let Some(pending) = self.match_answer(socket.id(), datagram, from) else {
-                socket.stray();
-                continue;
+            let pending = match self.match_answer(socket.id(), datagram, from) {
+                Ok(pending) => pending,
+                Err(stray) => {
+                    socket.stray(stray);
+                    continue;
+                }
             };
             heard = true;
             if socket.peer().is_none() && connected != Some(from) {

@@ -198,6 +198,29 @@ async fn an_answer_after_a_stray_on_its_socket_is_relayed_but_not_kept() {
     assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 1);
 }
 
+/// Datagrams sprayed at a socket's port that could not pass for an answer to the query in
+/// flight (junk, queries) taint nothing: the answer that follows is kept. (One workload's
+/// junk once stopped the cache for every client.)
+#[tokio::test]
+async fn junk_on_a_socket_does_not_keep_the_answer_out_of_the_cache() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = serve_upstream({
+        let asked = Arc::clone(&asked);
+        move |query| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            // Junk, the query itself (not a response), then the answer.
+            vec![b"junk".to_vec(), query.to_vec(), a_record_answer(query)]
+        }
+    })
+    .await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+    assert!(ask(&proxy, QUERY).await.is_some());
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 1);
+}
+
 /// With the cache on, a client that waits on an identical query whose answer cannot be given
 /// to it (the upstream wrote the question back in lower case, which would fail the client's
 /// 0x20 check as its own) has its own query sent, and gets that one's answer.
