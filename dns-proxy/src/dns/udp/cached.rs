@@ -136,12 +136,12 @@ pub(super) struct UpstreamAnswer<'a> {
 }
 
 impl<'a> UpstreamAnswer<'a> {
-    /// `datagram`, the answer to `pending`, trusted if nothing stray came on its socket since
-    /// it was sent.
+    /// `datagram`, the answer to `pending`, trusted if nothing stray that could pass for it
+    /// came on its socket between its query's sending and its matching.
     pub(super) fn checked(datagram: &'a [u8], pending: &Pending) -> Self {
         Self {
             datagram,
-            trusted: pending.socket.strays(pending.question) == pending.strays_at_send,
+            trusted: pending.answer_trusted,
         }
     }
 }
@@ -470,6 +470,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cached: None,
             _client_slot: client_slot,
             strays_at_send: 0,
+            answer_trusted: false,
         };
         let pick = random();
         let Some((key, socket)) =

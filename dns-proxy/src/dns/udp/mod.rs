@@ -342,6 +342,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cached,
             _client_slot: client_slot,
             strays_at_send: 0,
+            answer_trusted: false,
         };
         self.register(
             upstream,

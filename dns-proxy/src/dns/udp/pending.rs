@@ -67,6 +67,9 @@ pub(super) struct Pending {
     /// Its socket's [`PoolSocket::strays`] when it was sent: more by its answer, and the
     /// answer may be a forged one that won the race, so it is not kept nor shared.
     pub(super) strays_at_send: u32,
+    /// Whether nothing stray that could pass for its answer had come when its answer was
+    /// matched (set then: a copy of the answer later in the same batch is such a stray).
+    pub(super) answer_trusted: bool,
 }
 
 impl Pending {
@@ -234,6 +237,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         stats.settled(1);
         pending.socket.settled();
+        let mut pending = pending;
+        pending.answer_trusted = pending.socket.strays(pending.question) == pending.strays_at_send;
         Ok(pending)
     }
 

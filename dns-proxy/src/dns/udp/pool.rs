@@ -93,8 +93,10 @@ pub(super) struct PoolSocket {
     /// Unique among all the proxy's pool sockets, ever.
     id: u64,
     socket: UdpSocket,
-    /// The upstream it is connected to, the only one it sends to and hears from; `None`: a
-    /// socket of one query's own.
+    /// The upstream it sends to: the only one (a socket of one query's own sends to one).
+    upstream: SocketAddr,
+    /// The upstream it is connected to, the only one it hears from; `None`: a socket of one
+    /// query's own, which hears anyone.
     peer: Option<SocketAddr>,
     /// When it was opened.
     opened: Instant,
@@ -137,17 +139,20 @@ pub(super) enum Stray {
 }
 
 impl PoolSocket {
-    /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`), connected to
-    /// `peer` if given, marked as the agent's own in `own_sockets`.
+    /// A fresh socket on a random port of `any` (`0.0.0.0:0` or `[::]:0`) for `upstream`,
+    /// connected to it if `connect`, marked as the agent's own in `own_sockets`.
     fn open(
         next_id: &AtomicU64,
         any: SocketAddr,
-        peer: Option<SocketAddr>,
+        upstream: SocketAddr,
+        connect: bool,
         own_sockets: &OwnSockets,
     ) -> io::Result<Arc<Self>> {
+        let peer = connect.then_some(upstream);
         Ok(Arc::new(Self {
             id: next_id.fetch_add(1, Ordering::Relaxed),
             socket: pool_socket(any, peer, own_sockets)?,
+            upstream,
             peer,
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
@@ -172,6 +177,11 @@ impl PoolSocket {
     /// The upstream it is connected to; `None` for a socket of one query's own.
     pub(super) fn peer(&self) -> Option<SocketAddr> {
         self.peer
+    }
+
+    /// The upstream it sends to.
+    pub(super) fn upstream(&self) -> SocketAddr {
+        self.upstream
     }
 
     /// The address a datagram to `upstream` is sent to from it: none from a socket connected
@@ -496,7 +506,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         match PoolSocket::open(
             &self.next_socket_id,
             pool.any,
-            None,
+            upstream,
+            false,
             &self.settings.own_sockets,
         ) {
             Ok(socket) => {
@@ -524,9 +535,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         peer: SocketAddr,
         pick: u64,
     ) -> io::Result<usize> {
-        let peer = Some(peer);
+        let open = || {
+            PoolSocket::open(
+                &self.next_socket_id,
+                any,
+                peer,
+                true,
+                &self.settings.own_sockets,
+            )
+        };
         if sockets.len() < CONNECTED_SOCKETS {
-            match PoolSocket::open(&self.next_socket_id, any, peer, &self.settings.own_sockets) {
+            match open() {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
                     sockets.push(fresh);
@@ -537,7 +556,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         let start = (pick % sockets.len() as u64) as usize;
         if sockets[start].is_spent() {
-            match PoolSocket::open(&self.next_socket_id, any, peer, &self.settings.own_sockets) {
+            match open() {
                 Ok(fresh) => {
                     self.spawn_reader(&fresh);
                     std::mem::replace(&mut sockets[start], fresh).retire();
@@ -626,7 +645,8 @@ mod tests {
         let socket = PoolSocket::open(
             &AtomicU64::new(0),
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            "127.0.0.1:53".parse().unwrap(),
+            false,
             &OwnSockets::default(),
         )
         .unwrap();

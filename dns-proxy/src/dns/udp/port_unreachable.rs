@@ -66,9 +66,17 @@ impl PortUnreachable {
     }
 
     /// Tells `client` that its query `query` to `reached` (a block address on the proxy's
-    /// port) met a closed port. Best effort: a failed send is logged at debug level.
-    pub fn send(&self, client: SocketAddr, reached: SocketAddr, query: &[u8]) {
-        let quoted = &query[..query.len().min(QUERY_QUOTED)];
+    /// port) met a closed port; `client_id`: the ID the client chose, where `query` went up
+    /// with one of the agent's own, which the client must not see. Best effort: a failed send
+    /// is logged at debug level.
+    pub fn send(
+        &self,
+        client: SocketAddr,
+        reached: SocketAddr,
+        query: &[u8],
+        client_id: Option<u16>,
+    ) {
+        let quoted = &quoted(query, client_id);
         let (socket, message) = match (client.ip(), reached.ip()) {
             (IpAddr::V4(_), IpAddr::V4(_)) => {
                 (&self.v4, icmp4(client, reached, query.len(), quoted))
@@ -93,6 +101,15 @@ impl PortUnreachable {
             |_, err| log::debug!(target: LOG, "port unreachable to {client}: {err}"),
         );
     }
+}
+
+/// The first bytes of the client's query, as it sent them: with its own ID.
+fn quoted(query: &[u8], client_id: Option<u16>) -> Vec<u8> {
+    let mut quoted = query[..query.len().min(QUERY_QUOTED)].to_vec();
+    if let (Some(id), Some(head)) = (client_id, quoted.get_mut(..2)) {
+        head.copy_from_slice(&id.to_be_bytes());
+    }
+    quoted
 }
 
 /// The UDP header of the client's datagram: its ports, its length, no checksum.
@@ -198,5 +215,14 @@ mod tests {
         assert_eq!(&message[..2], [1, 4]);
         assert_eq!(&message[8 + 4..8 + 8], [0, 108, 17, 64]);
         assert_eq!(message.len(), 8 + 40 + 8 + query.len());
+    }
+
+    /// A query that went up with an ID of the agent's own is quoted with the client's.
+    #[test]
+    fn the_error_quotes_the_clients_own_id() {
+        let sent = [0x99, 0x2e, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+        assert_eq!(quoted(&sent, Some(0xabcd))[..4], [0xab, 0xcd, 1, 0]);
+        assert_eq!(quoted(&sent, None), sent);
+        assert_eq!(quoted(&[0u8; 100], None).len(), QUERY_QUOTED);
     }
 }

@@ -83,8 +83,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         for (index, datagram, from) in received.iter() {
             let pending = match self.match_answer(socket.id(), datagram, from) {
                 Ok(pending) => pending,
+                // Only its upstream's can pass for an answer there (a socket of one query's
+                // own hears anyone).
                 Err(stray) => {
-                    socket.stray(stray);
+                    if from == socket.upstream() {
+                        socket.stray(stray);
+                    }
                     continue;
                 }
             };

@@ -221,6 +221,58 @@ async fn junk_on_a_socket_does_not_keep_the_answer_out_of_the_cache() {
     assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 1);
 }
 
+/// An upstream that sends every answer twice (some do, and networks duplicate datagrams): the
+/// first copy is kept, the second, which answers nothing, does not taint it after the fact.
+#[tokio::test]
+async fn an_answer_sent_twice_is_kept() {
+    let upstream = serve_upstream(|query| {
+        let answer = a_record_answer(query);
+        vec![answer.clone(), answer]
+    })
+    .await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    for name in ["a", "b", "c"] {
+        let mut query = QUERY.to_vec();
+        query[13] = name.as_bytes()[0];
+        assert_eq!(ask(&proxy, &query).await, Some(a_record_answer(&query)));
+        assert!(ask(&proxy, &query).await.is_some());
+    }
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 3);
+}
+
+/// A forged answer to the question in flight from another address than its upstream, on a
+/// socket that hears anyone (one query's own), cannot pass for its answer and taints nothing:
+/// the real answer is kept. (Anyone who could reach the agent's port turned the cache off.)
+#[tokio::test]
+async fn a_stray_from_another_address_than_the_upstream_taints_nothing() {
+    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let upstream = upstream_socket.local_addr().unwrap();
+    let forger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let asked = Arc::clone(&asked);
+        async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
+                asked.fetch_add(1, Ordering::SeqCst);
+                let answer = a_record_answer(&buf[..len]);
+                let mut forged = answer.clone();
+                forged[0] ^= 0xff;
+                forger.send_to(&forged, from).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                upstream_socket.send_to(&answer, from).await.unwrap();
+            }
+        }
+    });
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+    assert!(ask(&proxy, QUERY).await.is_some());
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
+}
+
 /// With the cache on, a client that waits on an identical query whose answer cannot be given
 /// to it (the upstream wrote the question back in lower case, which would fail the client's
 /// 0x20 check as its own) has its own query sent, and gets that one's answer.

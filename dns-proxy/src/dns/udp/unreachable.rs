@@ -167,7 +167,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // The ICMP error first: a connected client reads it before the REFUSED, as asking
         // the server directly, and moves on; an unconnected one takes the REFUSED.
         let port_unreachable = &self.settings.port_unreachable;
-        port_unreachable.send(to.client, reached, sent);
+        port_unreachable.send(to.client, reached, sent, pending.client_id);
         if let Some(answer) = refused(sent, pending.client_id) {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
@@ -177,6 +177,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 to.client,
                 SocketAddr::new(to.reply_from, self.local_addr.port()),
                 &waiter.head,
+                None,
             );
             if let Some(answer) = refused(&waiter.head, None) {
                 self.send_answer(&answer, to, MadeHere::Unreachable);
