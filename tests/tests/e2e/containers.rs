@@ -412,7 +412,7 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
     assert_eq!(spec.capabilities_drop, ["ALL"]);
     assert_eq!(
         spec.capabilities_add.len(),
-        5,
+        6,
         "{:?}",
         spec.capabilities_add
     );
