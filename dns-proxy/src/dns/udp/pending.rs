@@ -230,13 +230,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
             });
             return Err(match (answer_to, question) {
-                (Some(_), Some(Some(question))) => Stray::Question(question),
-                (Some(_), Some(None)) => Stray::Unquestioned,
+                (Some(key), Some(Some(question))) => Stray::Question {
+                    id: key.id,
+                    key: question,
+                },
                 _ => Stray::NotAnAnswer,
             });
         };
         stats.settled(1);
         pending.socket.settled();
+        if let Some(key) = answer_to {
+            pending.socket.carried_answer(key.id, pending.question);
+        }
         let mut pending = pending;
         pending.answer_trusted = pending.socket.strays(pending.question) == pending.strays_at_send;
         Ok(pending)

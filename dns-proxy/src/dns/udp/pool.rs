@@ -108,10 +108,12 @@ pub(super) struct PoolSocket {
     outstanding: AtomicUsize,
     /// Datagrams that arrived on it, answered no query in flight and could have been taken
     /// for an answer (late answers, or forged ones sprayed at its port), by the bucket of
-    /// their question ([`STRAY_BUCKETS`]); and those with no question, which could have been
-    /// taken for any.
+    /// their question ([`STRAY_BUCKETS`]).
     strays: [AtomicU32; STRAY_BUCKETS],
-    strays_unquestioned: AtomicU32,
+    /// The last [`RECENT_ANSWERS`] answers it carried, by [`answer_print`]: a second copy
+    /// of one (a server or network that duplicates) is no stray.
+    recent_answers: [AtomicU64; RECENT_ANSWERS],
+    next_recent_answer: AtomicUsize,
     /// Replaced in its pool: its reader ends once nothing is outstanding.
     retired: AtomicBool,
     /// Told when it becomes [done](Self::is_done), so its reader ends, and it closes, at once.
@@ -123,19 +125,28 @@ pub(super) struct PoolSocket {
 /// the questions they could not have answered.
 const STRAY_BUCKETS: usize = 64;
 
-fn stray_bucket(question: u64) -> usize {
+pub(super) fn stray_bucket(question: u64) -> usize {
     (question % STRAY_BUCKETS as u64) as usize
+}
+
+/// Answers a socket remembers, so that a second copy of one that arrives with a later batch
+/// is not taken for a stray (a duplicating server made 7 % of other answers unkept).
+const RECENT_ANSWERS: usize = 16;
+
+/// An answer's ID and question in one word (0: none). The question key is keyed, so nobody
+/// can aim a datagram at a print they did not see answered.
+fn answer_print(id: u16, question: u64) -> u64 {
+    (question << 16) | u64::from(id)
 }
 
 /// What a datagram that answered nothing could have been taken for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Stray {
-    /// Nothing: not a response, or its question cannot be read.
+    /// Nothing: not a response, its question cannot be read, or it has none (as FORMERR
+    /// may), and an answer with no question is never kept.
     NotAnAnswer,
-    /// An answer to any question: it has none (as FORMERR may).
-    Unquestioned,
-    /// An answer to the question with this key.
-    Question(u64),
+    /// An answer with this ID to the question with this key.
+    Question { id: u16, key: u64 },
 }
 
 impl PoolSocket {
@@ -157,7 +168,8 @@ impl PoolSocket {
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
             strays: std::array::from_fn(|_| AtomicU32::new(0)),
-            strays_unquestioned: AtomicU32::new(0),
+            recent_answers: std::array::from_fn(|_| AtomicU64::new(0)),
+            next_recent_answer: AtomicUsize::new(0),
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -230,16 +242,24 @@ impl PoolSocket {
         }
     }
 
+    /// The answer with `id` to the question with key `question` arrived on it.
+    pub(super) fn carried_answer(&self, id: u16, question: u64) {
+        let slot = self.next_recent_answer.fetch_add(1, Ordering::Relaxed) % RECENT_ANSWERS;
+        self.recent_answers[slot].store(answer_print(id, question), Ordering::Relaxed);
+    }
+
     /// A datagram arrived on it that answers no query in flight.
     pub(super) fn stray(&self, stray: Stray) {
-        match stray {
-            Stray::NotAnAnswer => {}
-            Stray::Unquestioned => {
-                self.strays_unquestioned.fetch_add(1, Ordering::Relaxed);
-            }
-            Stray::Question(key) => {
-                self.strays[stray_bucket(key)].fetch_add(1, Ordering::Relaxed);
-            }
+        let Stray::Question { id, key } = stray else {
+            return;
+        };
+        let print = answer_print(id, key);
+        let copy = self
+            .recent_answers
+            .iter()
+            .any(|recent| recent.load(Ordering::Relaxed) == print);
+        if !copy {
+            self.strays[stray_bucket(key)].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -247,8 +267,7 @@ impl PoolSocket {
     /// the question whose key is `question`, arrived on it so far (with those of the other
     /// questions in its bucket).
     pub(super) fn strays(&self, question: u64) -> u32 {
-        let bucket = self.strays[stray_bucket(question)].load(Ordering::Relaxed);
-        bucket.wrapping_add(self.strays_unquestioned.load(Ordering::Relaxed))
+        self.strays[stray_bucket(question)].load(Ordering::Relaxed)
     }
 
     /// A query sent from it was answered, failed or timed out.
@@ -639,7 +658,7 @@ mod tests {
     use super::*;
 
     /// A stray is counted against the questions it could have answered, and one with no
-    /// question against every question.
+    /// question, never kept, against none.
     #[tokio::test]
     async fn strays_count_against_their_own_question() {
         let socket = PoolSocket::open(
@@ -652,13 +671,55 @@ mod tests {
         .unwrap();
         let (asked, other) = (7, 8);
         socket.stray(Stray::NotAnAnswer);
-        socket.stray(Stray::Question(other));
+        socket.stray(Stray::Question { id: 1, key: other });
         assert_eq!(socket.strays(asked), 0);
         assert_eq!(socket.strays(other), 1);
-        socket.stray(Stray::Question(asked + STRAY_BUCKETS as u64));
-        assert_eq!(socket.strays(asked), 1);
-        socket.stray(Stray::Unquestioned);
-        assert_eq!((socket.strays(asked), socket.strays(other)), (2, 2));
+        let same_bucket = asked + STRAY_BUCKETS as u64;
+        socket.stray(Stray::Question {
+            id: 1,
+            key: same_bucket,
+        });
+        assert_eq!((socket.strays(asked), socket.strays(other)), (1, 1));
+    }
+
+    /// A second copy of an answer the socket carried is no stray; another ID to the same
+    /// question, or the same ID to another, is.
+    #[tokio::test]
+    async fn a_second_copy_of_an_answer_is_no_stray() {
+        let socket = PoolSocket::open(
+            &AtomicU64::new(0),
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:53".parse().unwrap(),
+            true,
+            &OwnSockets::default(),
+        )
+        .unwrap();
+        let question = 7;
+        socket.carried_answer(0x1234, question);
+        for other in 0..RECENT_ANSWERS as u16 - 1 {
+            socket.carried_answer(other, 100 + u64::from(other));
+        }
+        socket.stray(Stray::Question {
+            id: 0x1234,
+            key: question,
+        });
+        assert_eq!(socket.strays(question), 0);
+        socket.stray(Stray::Question {
+            id: 0x1235,
+            key: question,
+        });
+        socket.stray(Stray::Question {
+            id: 0x1234,
+            key: question + STRAY_BUCKETS as u64,
+        });
+        assert_eq!(socket.strays(question), 2);
+        // Remembered are the last few only.
+        socket.carried_answer(0xffff, 99);
+        socket.stray(Stray::Question {
+            id: 0x1234,
+            key: question,
+        });
+        assert_eq!(socket.strays(question), 3);
     }
 
     /// What reached a socket's port before it was connected (anyone's datagram, an error) is

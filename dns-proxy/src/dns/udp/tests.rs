@@ -8,6 +8,7 @@ use tokio::time::timeout;
 use super::{
     pool::{
         CONNECTED_IDLE, CONNECTED_SOCKETS, CONNECTED_UPSTREAMS, MAX_SOCKET_AGE, RECONNECT_EVERY,
+        stray_bucket,
     },
     *,
 };
@@ -239,6 +240,65 @@ async fn an_answer_sent_twice_is_kept() {
     }
     assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
     assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 3);
+}
+
+/// A query for `label`.test, type A.
+fn query_for(label: &str) -> Vec<u8> {
+    let mut query = b"\x56\x78\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00".to_vec();
+    query.push(u8::try_from(label.len()).unwrap());
+    query.extend_from_slice(label.as_bytes());
+    query.extend_from_slice(b"\x04test\x00\x00\x01\x00\x01");
+    query
+}
+
+/// A server (or a network) that sends each answer twice, the copy a little later: the copy,
+/// which answers nothing in flight, is no stray, so the answers to other questions in its
+/// bucket that come on the same socket after it are kept (helper-84: 7 % of them were not).
+#[tokio::test]
+async fn a_later_copy_of_an_answer_taints_no_other_answer() {
+    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let upstream = upstream_socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
+            let answer = a_record_answer(&buf[..len]);
+            // Names starting with "late" are answered after the copies of the others.
+            let delay = if buf[13..].starts_with(b"late") {
+                100
+            } else {
+                0
+            };
+            let socket = Arc::clone(&upstream_socket);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                socket.send_to(&answer, from).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                socket.send_to(&answer, from).await.unwrap();
+            });
+        }
+    });
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let bucket = |query: &[u8]| stray_bucket(proxy.question_key(wire::question(query).unwrap()));
+    // The upstream answers, so it is asked from connected sockets from now on.
+    assert!(ask(&proxy, &query_for("warm")).await.is_some());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let pairs = 6;
+    let mut late = (0..).map(|n| query_for(&format!("late{n}")));
+    for n in 0..pairs {
+        let early = query_for(&format!("early{n}"));
+        let late = late.find(|late| bucket(late) == bucket(&early)).unwrap();
+        let (early_answer, late_answer) = tokio::join!(ask(&proxy, &early), async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ask(&proxy, &late).await
+        });
+        assert_eq!(early_answer, Some(a_record_answer(&early)));
+        assert_eq!(late_answer, Some(a_record_answer(&late)));
+        assert!(ask(&proxy, &early).await.is_some());
+        assert!(ask(&proxy, &late).await.is_some());
+    }
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 2 * pairs);
 }
 
 /// A forged answer to the question in flight from another address than its upstream, on a
