@@ -222,7 +222,8 @@ impl CacheableQuery {
 /// with `head` ([`CacheableQuery::head`]): with that client's ID and question bytes, without
 /// the first client's cookie and padding, and truncated past its UDP limit when `udp` is set.
 /// `None` if it is not to be shared, because it answers the first query rather than the name:
-/// - its question is not exactly the one asked (it would fail the first client's
+/// - it has no question (what matched the one asked may be a forged record's owner), or
+///   its question is not exactly the one asked (it would fail the first client's
 ///   letter-case check);
 /// - it is truncated, and the other client takes more than the first (it may not be
 ///   truncated for it);
@@ -243,6 +244,8 @@ pub fn shared_answer(
     let rcode = answer[3] & 0x0f;
     if answer.get(HEADER_LEN..asked.len()) != asked.get(HEADER_LEN..)
         || cut_short
+        // With no question, the bytes compared above may be a record's (forged to match).
+        || count(answer, 4)? != 1
         || !matches!(rcode, RCODE_NOERROR | RCODE_NXDOMAIN | RCODE_SERVFAIL)
         || extended_rcode(answer)? != 0
         || opt_count(answer)? > 1
@@ -254,15 +257,13 @@ pub fn shared_answer(
         shared = with_cookie(shared, cookie);
     }
     shared[..2].copy_from_slice(&head[..2]);
-    if count(answer, 4)? > 0 {
-        let mut reader = Reader::new(answer, HEADER_LEN);
-        reader.plain_name()?;
-        let question_end = reader.offset + 4;
-        if question_end != head.len() || question_end > answer.len() {
-            return None;
-        }
-        shared[HEADER_LEN..question_end].copy_from_slice(&head[HEADER_LEN..]);
+    let mut reader = Reader::new(answer, HEADER_LEN);
+    reader.plain_name()?;
+    let question_end = reader.offset + 4;
+    if question_end != head.len() || question_end > answer.len() {
+        return None;
     }
+    shared[HEADER_LEN..question_end].copy_from_slice(&head[HEADER_LEN..]);
     if udp && shared.len() > query.udp_limit {
         shared = truncated(&shared, query.key.edns, query.udp_limit);
     }

@@ -239,11 +239,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         stats.settled(1);
         pending.socket.settled();
-        if let Some(key) = answer_to {
+        let mut pending = pending;
+        // An answer with no question matched on its ID alone, and strays with none count
+        // against nothing: it is never trusted.
+        let has_question = matches!(question, Some(Some(_)));
+        pending.answer_trusted =
+            has_question && pending.socket.strays(pending.question) == pending.strays_at_send;
+        // Only an ID of the agent's own is remembered, so that a copy of its answer is no
+        // stray: a workload that picks its queries' IDs could otherwise have the socket
+        // remember them, and excuse its forgeries with those IDs.
+        if let (Some(key), true, Some(_)) = (answer_to, has_question, pending.client_id) {
             pending.socket.carried_answer(key.id, pending.question);
         }
-        let mut pending = pending;
-        pending.answer_trusted = pending.socket.strays(pending.question) == pending.strays_at_send;
         Ok(pending)
     }
 

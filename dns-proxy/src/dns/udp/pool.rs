@@ -133,8 +133,9 @@ pub(super) fn stray_bucket(question: u64) -> usize {
 /// is not taken for a stray (a duplicating server made 7 % of other answers unkept).
 const RECENT_ANSWERS: usize = 16;
 
-/// An answer's ID and question in one word (0: none). The question key is keyed, so nobody
-/// can aim a datagram at a print they did not see answered.
+/// An answer's ID and question in one word (0: none). Only answers to queries that went up
+/// with an ID of the agent's own are remembered (`match_answer`), so no workload knows the
+/// ID of a print, and the question key is keyed: nobody can aim a forgery at one.
 fn answer_print(id: u16, question: u64) -> u64 {
     (question << 16) | u64::from(id)
 }

@@ -278,12 +278,22 @@ async fn a_later_copy_of_an_answer_taints_no_other_answer() {
             });
         }
     });
-    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    // Each pair goes out on one of the upstream's connected sockets at random, so enough
+    // pairs that some share one (all but surely: without the fix, 1 run in 12 of 6 pairs
+    // passed).
+    let pairs = 16;
+    let mut settings = with_cache(settings(8, 8));
+    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+        max_entries: 64,
+        max_bytes: 1 << 20,
+        max_ttl: Duration::from_secs(30),
+        serve_stale: Duration::ZERO,
+    })));
+    let proxy = start_proxy(Some(upstream), settings).await;
     let bucket = |query: &[u8]| stray_bucket(proxy.question_key(wire::question(query).unwrap()));
     // The upstream answers, so it is asked from connected sockets from now on.
     assert!(ask(&proxy, &query_for("warm")).await.is_some());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let pairs = 6;
     let mut late = (0..).map(|n| query_for(&format!("late{n}")));
     for n in 0..pairs {
         let early = query_for(&format!("early{n}"));
@@ -299,6 +309,75 @@ async fn a_later_copy_of_an_answer_taints_no_other_answer() {
     }
     assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 0);
     assert_eq!(proxy.stats.cache_hits.load(Ordering::Relaxed), 2 * pairs);
+}
+
+/// Forged answers with no question, sprayed from the upstream's address with guessed IDs:
+/// the one with the right ID matches (an answer with no question matches on its ID alone),
+/// but is relayed to the client that asked only, never given to a client that waited on the
+/// same query (another workload), however its answer records mimic the question (helper-85).
+#[tokio::test]
+async fn a_forged_answer_with_no_question_reaches_no_waiter() {
+    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let upstream = upstream_socket.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let asked = Arc::clone(&asked);
+        async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
+                let query = buf[..len].to_vec();
+                let socket = Arc::clone(&upstream_socket);
+                if asked.fetch_add(1, Ordering::SeqCst) > 0 {
+                    socket
+                        .send_to(&a_record_answer(&query), from)
+                        .await
+                        .unwrap();
+                    continue;
+                }
+                tokio::spawn(async move {
+                    // Slow enough for the second client to wait on the first's query.
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                    // No question, one answer record whose owner, type and class are the
+                    // question's bytes: 6.6.6.6.
+                    let forged = |id: u16| {
+                        let mut forged = id.to_be_bytes().to_vec();
+                        forged.extend_from_slice(&[0x81, 0x80, 0, 0, 0, 1, 0, 0, 0, 0]);
+                        forged.extend_from_slice(&query[12..]);
+                        forged.extend_from_slice(&[0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+                        forged
+                    };
+                    let id = u16::from_be_bytes([query[0], query[1]]);
+                    for wrong in 1..=32u16 {
+                        socket
+                            .send_to(&forged(id.wrapping_add(wrong)), from)
+                            .await
+                            .unwrap();
+                    }
+                    socket.send_to(&forged(id), from).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    socket
+                        .send_to(&a_record_answer(&query), from)
+                        .await
+                        .unwrap();
+                });
+            }
+        }
+    });
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let mut waiting = QUERY.to_vec();
+    waiting[0] = 0x56;
+    let (first, second) = tokio::join!(ask(&proxy, QUERY), async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ask(&proxy, &waiting).await
+    });
+    // The client that asked gets the forgery, as it would asking directly.
+    assert!(first.unwrap().ends_with(&[6, 6, 6, 6]));
+    assert_eq!(second, Some(a_record_answer(&waiting)));
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+    // Nor was it kept.
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
 }
 
 /// A forged answer to the question in flight from another address than its upstream, on a
