@@ -104,7 +104,8 @@ pub struct Stats {
     pub cache_stale: AtomicU64,
     /// `cache_coalesced`.
     pub cache_coalesced: AtomicU64,
-    /// `cache_untrusted`: answers neither kept nor shared, for strays on their socket.
+    /// `cache_untrusted`: answers neither kept nor shared, for strays on their socket or for
+    /// want of a question.
     pub cache_untrusted: AtomicU64,
 }
 

@@ -310,7 +310,8 @@ pub const METRICS: &[Metric] = &[
         help: "Upstream answers neither kept nor shared with identical queries, because \
                datagrams that answered nothing and could have passed for an answer to their \
                question (late, or forged answers sprayed at the socket) arrived on their \
-               socket while their query was out.",
+               socket while their query was out, or because they had no question (matched \
+               on their ID alone: a FORMERR, say, or a forgery).",
         read: Read::Counter(|s| s.with_cache(load(&s.stats.cache_untrusted))),
     },
     Metric {

@@ -950,6 +950,13 @@ fn an_answer_about_the_first_query_rather_than_the_name_is_not_shared() {
         let answer = negative_answer(&leader, rcode, Some((60, 60)));
         assert!(share(&answer).is_some(), "{rcode:?}");
     }
+    // No question, and a record whose owner, type and class are the question's bytes (a
+    // forgery shaped to pass the comparison of what follows the header).
+    let mut no_question = a_answer(&leader, &[60])[..HEADER_LEN].to_vec();
+    no_question[4..HEADER_LEN].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    no_question.extend_from_slice(&asked[HEADER_LEN..]);
+    no_question.extend_from_slice(&[0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+    assert!(share(&no_question).is_none());
     // FORMERR to a malformed cookie, REFUSED, NOTIMP: the first query's, not the name's.
     for rcode in [
         ResponseCode::FormErr,

@@ -47,8 +47,10 @@ pub(super) struct CachedQuery {
 impl CachedQuery {
     /// Whether the upstream's `answer` goes to the client: not if the client has had a stale
     /// answer already, nor if the upstream failed and a stale answer is kept to go instead.
-    pub(super) fn relays(&self, answer: &[u8]) -> bool {
-        let stale_instead = self.stale_kept && is_failure(answer);
+    /// A failure that may be forged (not `trusted`) decides nothing for the cache: it goes to
+    /// its client as it would directly.
+    pub(super) fn relays(&self, answer: &[u8], trusted: bool) -> bool {
+        let stale_instead = self.stale_kept && trusted && is_failure(answer);
         !self.served_stale && !stale_instead
     }
 }
@@ -385,7 +387,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             served_stale,
             leading,
         } = cached;
-        let stale_instead = stale_kept && answer.is_none_or(is_failure);
+        // A failure that may be forged neither marks the upstream failing nor gives the
+        // waiters the stale answer: a spoofer could keep every workload on it.
+        let stale_instead = stale_kept && answer.is_none_or(|answer| trusted && is_failure(answer));
         if let Some(cache) = &self.settings.cache {
             match answer {
                 _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),

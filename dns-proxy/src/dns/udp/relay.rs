@@ -100,7 +100,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             if pending
                 .cached
                 .as_ref()
-                .is_none_or(|cached| cached.relays(datagram))
+                .is_none_or(|cached| cached.relays(datagram, pending.answer_trusted))
             {
                 matched.push((index, from, pending));
             } else {

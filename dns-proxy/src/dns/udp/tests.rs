@@ -41,6 +41,50 @@ async fn serve_upstream(respond: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static
     addr
 }
 
+/// A real UDP server on loopback that hands each query, with its sender and how many queries
+/// came before it, to `respond` in a task of its own, which answers through the socket it is
+/// given; and the count of queries it was asked.
+async fn serve_upstream_with<F, R>(respond: F) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+where
+    F: Fn(Arc<UdpSocket>, Vec<u8>, SocketAddr, usize) -> R + Send + 'static,
+    R: Future<Output = ()> + Send + 'static,
+{
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = socket.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let asked = Arc::clone(&asked);
+        async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+                let before = asked.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(respond(
+                    Arc::clone(&socket),
+                    buf[..len].to_vec(),
+                    from,
+                    before,
+                ));
+            }
+        }
+    });
+    (addr, asked)
+}
+
+/// A forgery race the forger won: `forged` sent to `to`, then, 20 ms later, `real`.
+async fn forged_before_real(
+    socket: &UdpSocket,
+    forged: impl IntoIterator<Item = Vec<u8>>,
+    real: &[u8],
+    to: SocketAddr,
+) {
+    for forged in forged {
+        socket.send_to(&forged, to).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    socket.send_to(real, to).await.unwrap();
+}
+
 /// First a stray datagram with the wrong ID, then the answer; or nothing at all.
 async fn upstream(silent: bool) -> SocketAddr {
     serve_upstream(move |query| {
@@ -256,28 +300,20 @@ fn query_for(label: &str) -> Vec<u8> {
 /// bucket that come on the same socket after it are kept (helper-84: 7 % of them were not).
 #[tokio::test]
 async fn a_later_copy_of_an_answer_taints_no_other_answer() {
-    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let upstream = upstream_socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        loop {
-            let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
-            let answer = a_record_answer(&buf[..len]);
-            // Names starting with "late" are answered after the copies of the others.
-            let delay = if buf[13..].starts_with(b"late") {
-                100
-            } else {
-                0
-            };
-            let socket = Arc::clone(&upstream_socket);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                socket.send_to(&answer, from).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                socket.send_to(&answer, from).await.unwrap();
-            });
-        }
-    });
+    let (upstream, _) = serve_upstream_with(|socket, query, from, _| async move {
+        let answer = a_record_answer(&query);
+        // Names starting with "late" are answered after the copies of the others.
+        let delay = if query[13..].starts_with(b"late") {
+            100
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        socket.send_to(&answer, from).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        socket.send_to(&answer, from).await.unwrap();
+    })
+    .await;
     // Each pair goes out on one of the upstream's connected sockets at random, so enough
     // pairs that some share one (all but surely: without the fix, 1 run in 12 of 6 pairs
     // passed).
@@ -317,53 +353,33 @@ async fn a_later_copy_of_an_answer_taints_no_other_answer() {
 /// same query (another workload), however its answer records mimic the question (helper-85).
 #[tokio::test]
 async fn a_forged_answer_with_no_question_reaches_no_waiter() {
-    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let upstream = upstream_socket.local_addr().unwrap();
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn({
-        let asked = Arc::clone(&asked);
-        async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
-                let query = buf[..len].to_vec();
-                let socket = Arc::clone(&upstream_socket);
-                if asked.fetch_add(1, Ordering::SeqCst) > 0 {
-                    socket
-                        .send_to(&a_record_answer(&query), from)
-                        .await
-                        .unwrap();
-                    continue;
-                }
-                tokio::spawn(async move {
-                    // Slow enough for the second client to wait on the first's query.
-                    tokio::time::sleep(Duration::from_millis(60)).await;
-                    // No question, one answer record whose owner, type and class are the
-                    // question's bytes: 6.6.6.6.
-                    let forged = |id: u16| {
-                        let mut forged = id.to_be_bytes().to_vec();
-                        forged.extend_from_slice(&[0x81, 0x80, 0, 0, 0, 1, 0, 0, 0, 0]);
-                        forged.extend_from_slice(&query[12..]);
-                        forged.extend_from_slice(&[0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
-                        forged
-                    };
-                    let id = u16::from_be_bytes([query[0], query[1]]);
-                    for wrong in 1..=32u16 {
-                        socket
-                            .send_to(&forged(id.wrapping_add(wrong)), from)
-                            .await
-                            .unwrap();
-                    }
-                    socket.send_to(&forged(id), from).await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    socket
-                        .send_to(&a_record_answer(&query), from)
-                        .await
-                        .unwrap();
-                });
-            }
+    let (upstream, asked) = serve_upstream_with(|socket, query, from, asked_before| async move {
+        if asked_before > 0 {
+            socket
+                .send_to(&a_record_answer(&query), from)
+                .await
+                .unwrap();
+            return;
         }
-    });
+        // Slow enough for the second client to wait on the first's query.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // No question, one answer record whose owner, type and class are the question's
+        // bytes: 6.6.6.6.
+        let forged = |id: u16| {
+            let mut forged = id.to_be_bytes().to_vec();
+            forged.extend_from_slice(&[0x81, 0x80, 0, 0, 0, 1, 0, 0, 0, 0]);
+            forged.extend_from_slice(&query[12..]);
+            forged.extend_from_slice(&[0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+            forged
+        };
+        // The wrong guesses, then the right one.
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let guesses = (1..=32u16)
+            .chain([0])
+            .map(|guess| forged(id.wrapping_add(guess)));
+        forged_before_real(&socket, guesses, &a_record_answer(&query), from).await;
+    })
+    .await;
     let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
     let mut waiting = QUERY.to_vec();
     waiting[0] = 0x56;
@@ -380,31 +396,112 @@ async fn a_forged_answer_with_no_question_reaches_no_waiter() {
     assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
 }
 
+/// A workload that picks its queries' IDs cannot have a socket remember them as answered,
+/// and so excuse forgeries with those IDs: it sends queries the cache does not answer (an
+/// NSID option: they go up with its ID) for a question, then a forgery with that ID comes
+/// before the real answer to a cacheable query for the same question, and still counts.
+#[tokio::test]
+async fn planted_ids_excuse_no_forgery() {
+    const PLANTED: u16 = 0x4242;
+    let (upstream, _) = serve_upstream_with(|socket, query, from, _| async move {
+        if query[11] == 1 {
+            // A planting query (ARCOUNT 1): its header and question back.
+            let mut answer = query[..QUERY.len()].to_vec();
+            answer[2] |= 0x80;
+            answer[11] = 0;
+            socket.send_to(&answer, from).await.unwrap();
+            return;
+        }
+        let mut forged = a_record_answer(&query);
+        forged[..2].copy_from_slice(&PLANTED.to_be_bytes());
+        forged_before_real(&socket, [forged], &a_record_answer(&query), from).await;
+    })
+    .await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let mut planting = QUERY.to_vec();
+    planting[..2].copy_from_slice(&PLANTED.to_be_bytes());
+    planting[11] = 1;
+    planting.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 4, 0, 3, 0, 0]);
+    // Enough that every connected socket carries some.
+    for _ in 0..32 {
+        assert!(ask(&proxy, &planting).await.is_some());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+}
+
+/// With --serve-stale, a failure that may be forged (here a bare SERVFAIL header with the
+/// right ID, which matches on its ID alone) decides nothing for the cache: its client gets it
+/// as it would directly, the client that waited on the same query is asked for on its own and
+/// gets the new answer, not the stale one. (It gave every waiter the stale answer and marked
+/// the upstream failing, so a spoofer could keep every workload on old records; helper-86.)
+#[tokio::test]
+async fn a_failure_that_may_be_forged_serves_no_waiter_stale() {
+    let (upstream, asked) = serve_upstream_with(|socket, query, from, asked_before| async move {
+        let mut real = a_record_answer(&query);
+        if asked_before > 0 {
+            // The records changed: 192.0.2.2 now.
+            *real.last_mut().unwrap() = 2;
+        }
+        if asked_before != 1 {
+            socket.send_to(&real, from).await.unwrap();
+            return;
+        }
+        // Slow enough for the second client to wait on the first's query.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // A bare SERVFAIL header.
+        let mut forged = query[..12].to_vec();
+        forged[2] |= 0x80;
+        forged[3] = (forged[3] & 0xf0) | 2;
+        forged[4..12].fill(0);
+        forged_before_real(&socket, [forged], &real, from).await;
+    })
+    .await;
+    let mut settings = settings(8, 8);
+    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+        max_entries: 16,
+        max_bytes: 1 << 20,
+        max_ttl: Duration::from_secs(1),
+        serve_stale: Duration::from_secs(60),
+    })));
+    let proxy = start_proxy(Some(upstream), settings).await;
+    assert!(ask(&proxy, QUERY).await.unwrap().ends_with(&[192, 0, 2, 1]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut waiting = QUERY.to_vec();
+    waiting[0] = 0x56;
+    let (first, second) = tokio::join!(ask(&proxy, QUERY), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ask(&proxy, &waiting).await
+    });
+    assert_eq!(
+        first.unwrap()[3] & 0x0f,
+        2,
+        "the forged SERVFAIL, as directly"
+    );
+    assert!(second.unwrap().ends_with(&[192, 0, 2, 2]));
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+}
+
 /// A forged answer to the question in flight from another address than its upstream, on a
 /// socket that hears anyone (one query's own), cannot pass for its answer and taints nothing:
 /// the real answer is kept. (Anyone who could reach the agent's port turned the cache off.)
 #[tokio::test]
 async fn a_stray_from_another_address_than_the_upstream_taints_nothing() {
-    let upstream_socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let upstream = upstream_socket.local_addr().unwrap();
-    let forger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn({
-        let asked = Arc::clone(&asked);
+    let forger = Arc::new(UdpSocket::bind("127.0.0.2:0").await.unwrap());
+    let (upstream, asked) = serve_upstream_with(move |socket, query, from, _| {
+        let forger = Arc::clone(&forger);
         async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (len, from) = upstream_socket.recv_from(&mut buf).await.unwrap();
-                asked.fetch_add(1, Ordering::SeqCst);
-                let answer = a_record_answer(&buf[..len]);
-                let mut forged = answer.clone();
-                forged[0] ^= 0xff;
-                forger.send_to(&forged, from).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                upstream_socket.send_to(&answer, from).await.unwrap();
-            }
+            let answer = a_record_answer(&query);
+            let mut forged = answer.clone();
+            forged[0] ^= 0xff;
+            forger.send_to(&forged, from).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            socket.send_to(&answer, from).await.unwrap();
         }
-    });
+    })
+    .await;
     let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
     assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
     assert!(ask(&proxy, QUERY).await.is_some());
@@ -417,27 +514,14 @@ async fn a_stray_from_another_address_than_the_upstream_taints_nothing() {
 /// 0x20 check as its own) has its own query sent, and gets that one's answer.
 #[tokio::test]
 async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own() {
-    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let upstream = socket.local_addr().unwrap();
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn({
-        let asked = Arc::clone(&asked);
-        async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-                asked.fetch_add(1, Ordering::Relaxed);
-                let mut answer = answer_to(&buf[..len]);
-                answer[12..26].make_ascii_lowercase();
-                let socket = Arc::clone(&socket);
-                // Slow enough for the second client to wait on the first's query.
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    socket.send_to(&answer, from).await.unwrap();
-                });
-            }
-        }
-    });
+    let (upstream, asked) = serve_upstream_with(|socket, query, from, _| async move {
+        let mut answer = answer_to(&query);
+        answer[12..26].make_ascii_lowercase();
+        // Slow enough for the second client to wait on the first's query.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        socket.send_to(&answer, from).await.unwrap();
+    })
+    .await;
     let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
     let (mut leading, mut waiting) = (QUERY.to_vec(), QUERY.to_vec());
     leading[13..20].copy_from_slice(b"EXAMPLE");
