@@ -434,7 +434,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// query ([`MAX_KEPT_QUERY`]) or its listener is of the other address family (its answer
     /// would leave through this proxy's listener: with `--upstream`, IPv4 and IPv6 clients
     /// share keys).
-    fn forward_alone(self: &Arc<Self>, waiter: Waiter) {
+    pub(super) fn forward_alone(self: &Arc<Self>, waiter: Waiter) {
         let Waiter {
             cgroup,
             client,

@@ -133,7 +133,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             super::unreachable::no_route(errno, key.upstream, &self.settings.own_sockets)
         });
         if no_route {
-            self.unreachable(pending, key.upstream, sent, &err);
+            // The kernel's own word: nobody could have forged it.
+            self.unreachable(pending, key.upstream, sent, &err, true);
             return;
         }
         pending.socket.settled();

@@ -51,7 +51,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 () = pool_socket.until_done() => continue,
                 // An ICMP error queued for a query sent from it, too.
                 ready = socket.ready(Interest::READABLE | Interest::ERROR) => match ready {
-                    Ok(ready) if ready.is_error() => self.take_errors(id, socket),
+                    Ok(ready) if ready.is_error() => self.take_errors(pool_socket),
                     Ok(_) => {}
                     Err(err) => {
                         log::warn!(target: LOG, "upstream socket {id}: {err}");
@@ -64,7 +64,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     Ok(_) => self.relay_batch(pool_socket, answers),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     // The socket's pending error, an ICMP error's, which is in its queue.
-                    Err(_) => self.take_errors(id, socket),
+                    Err(_) => self.take_errors(pool_socket),
                 }
             });
         }

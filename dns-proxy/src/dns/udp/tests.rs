@@ -923,6 +923,67 @@ async fn a_closed_upstream_port_is_answered_refused_at_once() {
     assert_eq!(proxy.settings.cache.as_ref().unwrap().counts().entries, 0);
 }
 
+/// A forged ICMP port unreachable (from a raw socket, the agent's port read in /proc): the
+/// errors that name no query in flight count as stray answers do, so the one that guessed the
+/// ID decides nothing beyond its own client, which gets REFUSED as it would have the error
+/// directly; the client that waited on the same query is asked for on its own and answered.
+/// (A spray of errors gave every waiter REFUSED, or with --serve-stale the stale answer, and
+/// marked the server failing; helper-87.)
+#[tokio::test]
+async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
+    let (upstream, asked) = serve_upstream_with(|socket, query, from, _| async move {
+        // Slow enough for the second client to wait on the first's query, and for the
+        // errors to come first.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        socket
+            .send_to(&a_record_answer(&query), from)
+            .await
+            .unwrap();
+    })
+    .await;
+    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let forge = async {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let (key, socket) = {
+            let table = proxy.pending.lock().unwrap();
+            let (key, pending) = table.iter().next().expect("the first query is out");
+            (*key, Arc::clone(&pending.socket))
+        };
+        let error = |id: u16| {
+            let mut datagram = QUERY.to_vec();
+            datagram[..2].copy_from_slice(&id.to_be_bytes());
+            mmsg::QueuedError {
+                destination: upstream,
+                errno: libc::ECONNREFUSED,
+                hard: true,
+                datagram,
+            }
+        };
+        // The wrong guesses, then the right one.
+        for guess in (1..=32u16).chain([0]) {
+            proxy.on_icmp_error(&socket, error(key.id.wrapping_add(guess)));
+        }
+    };
+    let mut waiting = QUERY.to_vec();
+    waiting[0] = 0x56;
+    let (first, second, ()) = tokio::join!(
+        ask(&proxy, QUERY),
+        async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ask(&proxy, &waiting).await
+        },
+        forge
+    );
+    assert_eq!(
+        first.unwrap()[3] & 0x0f,
+        5,
+        "REFUSED, as the error directly"
+    );
+    assert_eq!(second, Some(a_record_answer(&waiting)));
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+}
+
 /// A port no socket takes datagrams at, so the kernel answers them port unreachable, and that
 /// no other test's socket takes either while the returned socket lives: it holds the port,
 /// connected elsewhere, and a connected socket takes only datagrams from its peer.

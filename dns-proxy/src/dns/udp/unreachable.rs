@@ -11,17 +11,21 @@
 //! socket reads `ECONNREFUSED`, as asking the server directly (Node.js's c-ares takes a
 //! REFUSED as final). And once a second, other question to the same workload's index is
 //! refused within 2 s ([`ClosedPorts`]), the agent has the kernel refuse that index's
-//! datagrams itself for 2 s, so its clients read the port unreachable as from the server. With the cache on and a stale answer kept (`--serve-stale`), the client gets that
-//! instead.
+//! datagrams itself for 2 s, so its clients read the port unreachable as from the server.
+//! With the cache on and a stale answer kept (`--serve-stale`), the client gets that
+//! instead. An ICMP error can be forged as an answer can: one that settles a query after
+//! errors or answers that matched nothing came for its question decides nothing beyond its
+//! own client (docs/security.md, §7).
 use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 
-use tokio::{io::Interest, net::UdpSocket};
+use tokio::io::Interest;
 
 use super::{
     LOG, UdpProxy,
     cached::{Leading, MadeHere},
     mmsg::{self, QueuedError},
     pending::{Pending, PendingKey},
+    pool::{PoolSocket, Stray},
 };
 use crate::{
     dns::{OriginalDestinations, stats::Stats, wire},
@@ -71,13 +75,14 @@ fn route_lookup_fails(upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
-    /// Takes the ICMP errors queued on pool socket `id` (`socket`), each about a query sent
+    /// Takes the ICMP errors queued on pool socket `pool_socket`, each about a query sent
     /// from it, and settles the queries they name. Clears the socket's error readiness.
-    pub(super) fn take_errors(self: &Arc<Self>, id: u64, socket: &UdpSocket) {
+    pub(super) fn take_errors(self: &Arc<Self>, pool_socket: &PoolSocket) {
+        let (id, socket) = (pool_socket.id(), pool_socket.socket());
         let _ = socket.try_io(Interest::ERROR, || {
             loop {
                 match mmsg::receive_error(socket.as_fd()) {
-                    Ok(Some(error)) => self.on_icmp_error(id, error),
+                    Ok(Some(error)) => self.on_icmp_error(pool_socket, error),
                     Ok(None) => return Err::<(), _>(io::ErrorKind::WouldBlock.into()),
                     Err(err) => {
                         log::debug!(target: LOG, "upstream socket {id}: its errors: {err}");
@@ -88,55 +93,69 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         });
     }
 
-    fn on_icmp_error(self: &Arc<Self>, socket: u64, error: QueuedError) {
+    pub(super) fn on_icmp_error(self: &Arc<Self>, pool_socket: &PoolSocket, error: QueuedError) {
         // A soft error (a router's host unreachable, time exceeded) is not shown to a
         // connected socket either: its client retries, as asking directly.
         if !error.hard {
             return;
         }
-        let Some(id) = wire::message_id(&error.datagram) else {
+        let (Some(id), Some(question)) = (
+            wire::message_id(&error.datagram),
+            wire::question(&error.datagram).filter(|question| !question.is_empty()),
+        ) else {
             return;
         };
-        let key = PendingKey::new(socket, error.destination, id);
-        // The query the error came back for: its socket, server and ID, and its question (an
-        // ICMP error can be forged as an answer can, but it only settles a query early).
+        let question = self.question_key(question);
+        let key = PendingKey::new(pool_socket.id(), error.destination, id);
+        // The query the error came back for: its socket, server, ID and question.
         let pending = {
             let mut table = self.pending.lock().expect("not poisoned");
-            let asks = |pending: &Pending| {
-                wire::question(&error.datagram)
-                    .is_some_and(|question| self.question_key(question) == pending.question)
-            };
             match table.get(&key) {
-                Some(pending) if asks(pending) => table.remove(&key),
+                Some(pending) if pending.question == question => table.remove(&key),
                 _ => None,
             }
         };
-        if let Some(pending) = pending {
-            self.stats.udp.settled(1);
-            let why = io::Error::from_raw_os_error(error.errno);
-            self.unreachable(pending, error.destination, &error.datagram, &why);
-        }
+        let Some(pending) = pending else {
+            // An ICMP error can be forged as an answer can (a raw socket, the port read in
+            // /proc): one that names no query in flight counts as a stray answer would, so
+            // that guessing IDs with errors is seen as guessing them with answers is.
+            if error.destination == pool_socket.upstream() {
+                pool_socket.stray(Stray::Question { id, key: question });
+            }
+            return;
+        };
+        self.stats.udp.settled(1);
+        let trusted = pending.socket.strays(pending.question) == pending.strays_at_send;
+        let why = io::Error::from_raw_os_error(error.errno);
+        self.unreachable(pending, error.destination, &error.datagram, &why, trusted);
     }
 
     /// `pending`, taken out of the table, whose upstream cannot be reached (`why`): its
     /// client, and those of identical queries that waited on it, are answered REFUSED at
     /// once (or stale), from `sent`, the query as it went up, and their own queries.
+    ///
+    /// Unless `trusted` (an ICMP error on a socket where forgeries for its question came):
+    /// then it may be forged, and it decides nothing beyond its own client, who gets it as
+    /// directly. The upstream is not taken for failing, no stale answer is served, the port
+    /// is not taken for closed, and the clients that waited are asked for on their own.
     pub(super) fn unreachable(
         self: &Arc<Self>,
         mut pending: Pending,
         upstream: SocketAddr,
         sent: &[u8],
         why: &io::Error,
+        trusted: bool,
     ) {
         pending.socket.settled();
         Stats::add(&self.stats.udp.upstream_errors);
         self.upstream_log
             .warn(|failed| format!("{upstream}: {why} ({failed} queries failed)"));
         let to = pending.recipient(self);
-        let stale = pending
-            .cached
-            .as_ref()
-            .is_some_and(|cached| cached.stale_kept);
+        let stale = trusted
+            && pending
+                .cached
+                .as_ref()
+                .is_some_and(|cached| cached.stale_kept);
         let mut waiters = Vec::new();
         if let Some(mut cached) = pending.cached.take() {
             if !stale {
@@ -146,8 +165,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     .map(Leading::finish)
                     .unwrap_or_default();
             }
-            // Nothing kept; with a stale answer, that goes to the client and the waiters.
-            self.settle_cached(*cached, None, to, !stale);
+            if trusted {
+                // Nothing kept; with a stale answer, that goes to the client and the waiters.
+                self.settle_cached(*cached, None, to, !stale);
+            } else {
+                Stats::add(&self.stats.cache_untrusted);
+            }
         }
         if stale {
             return;
@@ -155,7 +178,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // A workload's own index only: a shared one (cgroup 0) is every workload's that asks
         // the server, and one workload's refused query must not refuse the others'.
         let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
-        if to.cgroup != 0
+        if trusted
+            && to.cgroup != 0
             && self.settings.closed_ports.confirm(
                 reached,
                 question_of(sent),
@@ -172,6 +196,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.send_answer(&answer, to, MadeHere::Unreachable);
         }
         for waiter in waiters {
+            if !trusted {
+                self.forward_alone(waiter);
+                continue;
+            }
             let to = waiter.recipient();
             port_unreachable.send(
                 to.client,
