@@ -110,10 +110,11 @@ pub(super) struct PoolSocket {
     /// for an answer (late answers, or forged ones sprayed at its port), by the bucket of
     /// their question ([`STRAY_BUCKETS`]).
     strays: [AtomicU32; STRAY_BUCKETS],
-    /// The last [`RECENT_ANSWERS`] answers it carried, by [`answer_print`]: a second copy
-    /// of one (a server or network that duplicates) is no stray.
-    recent_answers: [AtomicU64; RECENT_ANSWERS],
-    next_recent_answer: AtomicUsize,
+    /// The answers it carried, by [`answer_print`], as many as it carries queries (the last
+    /// of them, should a batch take it past [`USES_PER_SOCKET`]): a second copy of one (a
+    /// server or network that duplicates) is no stray.
+    answers_carried: Box<[AtomicU64]>,
+    next_answer_carried: AtomicUsize,
     /// Replaced in its pool: its reader ends once nothing is outstanding.
     retired: AtomicBool,
     /// Told when it becomes [done](Self::is_done), so its reader ends, and it closes, at once.
@@ -128,10 +129,6 @@ const STRAY_BUCKETS: usize = 64;
 pub(super) fn stray_bucket(question: u64) -> usize {
     (question % STRAY_BUCKETS as u64) as usize
 }
-
-/// Answers a socket remembers, so that a second copy of one that arrives with a later batch
-/// is not taken for a stray (a duplicating server made 7 % of other answers unkept).
-const RECENT_ANSWERS: usize = 16;
 
 /// An answer's ID and question in one word (0: none). Only answers to queries that went up
 /// with an ID of the agent's own are remembered (`match_answer`), so no workload knows the
@@ -169,8 +166,13 @@ impl PoolSocket {
             opened: Instant::now(),
             last_answer: AtomicU64::new(0),
             strays: std::array::from_fn(|_| AtomicU32::new(0)),
-            recent_answers: std::array::from_fn(|_| AtomicU64::new(0)),
-            next_recent_answer: AtomicUsize::new(0),
+            // So that a copy that comes with a later batch is not taken for a stray (a
+            // duplicating server made 7 % of other answers unkept; remembering the last 16
+            // left 4 % under bursts of 400).
+            answers_carried: (0..if connect { USES_PER_SOCKET as usize } else { 1 })
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            next_answer_carried: AtomicUsize::new(0),
             uses: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
@@ -245,8 +247,9 @@ impl PoolSocket {
 
     /// The answer with `id` to the question with key `question` arrived on it.
     pub(super) fn carried_answer(&self, id: u16, question: u64) {
-        let slot = self.next_recent_answer.fetch_add(1, Ordering::Relaxed) % RECENT_ANSWERS;
-        self.recent_answers[slot].store(answer_print(id, question), Ordering::Relaxed);
+        let slot = self.next_answer_carried.fetch_add(1, Ordering::Relaxed);
+        let slot = slot % self.answers_carried.len();
+        self.answers_carried[slot].store(answer_print(id, question), Ordering::Relaxed);
     }
 
     /// A datagram arrived on it that answers no query in flight.
@@ -256,7 +259,7 @@ impl PoolSocket {
         };
         let print = answer_print(id, key);
         let copy = self
-            .recent_answers
+            .answers_carried
             .iter()
             .any(|recent| recent.load(Ordering::Relaxed) == print);
         if !copy {
@@ -697,7 +700,7 @@ mod tests {
         .unwrap();
         let question = 7;
         socket.carried_answer(0x1234, question);
-        for other in 0..RECENT_ANSWERS as u16 - 1 {
+        for other in 0..USES_PER_SOCKET as u16 - 1 {
             socket.carried_answer(other, 100 + u64::from(other));
         }
         socket.stray(Stray::Question {
@@ -714,7 +717,7 @@ mod tests {
             key: question + STRAY_BUCKETS as u64,
         });
         assert_eq!(socket.strays(question), 2);
-        // Remembered are the last few only.
+        // Past its share of queries, the last of them only.
         socket.carried_answer(0xffff, 99);
         socket.stray(Stray::Question {
             id: 0x1234,
