@@ -825,15 +825,15 @@ impl Writer {
         let _ = match target {
             DnstapTarget::File(_) => self.reader_warning.warn(|_| {
                 format!(
-                    "dnstap: writing {target} failed ({err}); dropping lookups until a new \
-                     file can be started there (this one kept aside, as at start: a partial \
-                     frame ends it), next try in {backoff:?}"
+                    "dnstap: writing {target} failed ({err}); lookups are answered but \
+                     not logged until a new file can be started there (this one kept aside, \
+                     as at start: a partial frame ends it), next try in {backoff:?}"
                 )
             }),
             DnstapTarget::Unix(_) => self.reader_warning.warn(|_| {
                 format!(
-                    "dnstap: lost the reader at {target} ({err}); dropping lookups until it \
-                     is back, next try in {backoff:?}"
+                    "dnstap: lost the reader at {target} ({err}); lookups are answered but not \
+                     logged until it is back, next try in {backoff:?}"
                 )
             }),
         };
@@ -886,8 +886,8 @@ impl Writer {
                 let what = if file { "cannot start" } else { "no reader at" };
                 self.reader_warning.warn(|attempts| {
                     format!(
-                        "dnstap: {what} {target} ({err}; {attempts} attempts); dropping \
-                         lookups until there is, next try in {backoff:?}"
+                        "dnstap: {what} {target} ({err}; {attempts} attempts); lookups \
+                         are answered but not logged until there is, next try in {backoff:?}"
                     )
                 });
                 self.next_attempt = Instant::now() + self.backoff;
@@ -904,8 +904,8 @@ impl Writer {
         let since = dropped - self.drops_reported;
         if self.drop_warning.warn(|_| {
             format!(
-                "dnstap: dropped {since} lookups (queue full, no reader, or asked before \
-                 the log started)"
+                "dnstap: left {since} lookups out of the log, all of them answered (queue \
+                 full, no reader, or asked before the log started)"
             )
         }) {
             self.drops_reported = dropped;

@@ -34,7 +34,7 @@ pub(super) fn open_file(path: &Path) -> Result<Output, DnstapError> {
 }
 
 /// Checks, before the agent changes anything, that `target` can be a log: a file's directory
-/// exists, and nothing but a regular file is at its path.
+/// exists and can be written to, and nothing but a regular file is at its path.
 pub fn check_target(target: &DnstapTarget) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt as _;
     let DnstapTarget::File(path) = target else {
@@ -47,6 +47,16 @@ pub fn check_target(target: &DnstapTarget) -> Result<(), String> {
         && !parent.is_dir()
     {
         return Err(format!("{}: no such directory", parent.display()));
+    }
+    // A read-only filesystem (a systemd unit's ProtectSystem=strict without ReadWritePaths=
+    // or LogsDirectory=) was found only after attaching, and a unit that restarts the agent
+    // then attached and detached it over and over.
+    if let Err(err) = writable(parent.unwrap_or(Path::new("."))) {
+        return Err(format!(
+            "{}: cannot be written to ({err}); give a path on a writable filesystem (a \
+             systemd unit: ReadWritePaths= or LogsDirectory=)",
+            parent.unwrap_or(Path::new(".")).display()
+        ));
     }
     match std::fs::symlink_metadata(path) {
         Ok(existing) if !existing.file_type().is_file() => {
@@ -66,6 +76,20 @@ pub fn check_target(target: &DnstapTarget) -> Result<(), String> {
             ))
         }
         _ => Ok(()),
+    }
+}
+
+/// Whether the process may create files in `dir`, as far as the kernel says now (its
+/// filesystem is not read-only, and its permissions allow it).
+fn writable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `dir` is a NUL-terminated string that lives across the call.
+    if unsafe { libc::access(dir.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -260,12 +260,7 @@ fn a_dnstap_file_whose_filesystem_filled_up_goes_on_in_a_new_one_once_there_is_r
     tests::require_root();
     let (dir, log) = dnstap_directory("dnstap-full");
     // A filesystem of the test's own, 64 KiB: a few hundred lookups fill it.
-    must(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-            .arg(&dir.0),
-    );
-    let _mounted = Unmounted(dir.0.clone());
+    let _mounted = Unmounted::tmpfs(&dir.0, "size=64k");
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
@@ -302,8 +297,58 @@ fn a_dnstap_file_whose_filesystem_filled_up_goes_on_in_a_new_one_once_there_is_r
     assert!(text.contains("type: CLIENT_RESPONSE"), "{text}");
 }
 
+/// A dnstap file on a read-only filesystem (a systemd unit's ProtectSystem=strict) is refused
+/// before the agent changes anything: no program attached to the cgroup. It was found only
+/// after attaching, and a unit that restarts the agent attached and detached it over and
+/// over (helper-88).
+#[test]
+fn a_dnstap_file_on_a_read_only_filesystem_is_refused_before_anything_is_attached() {
+    tests::require_root();
+    let (dir, log) = dnstap_directory("dnstap-read-only");
+    let _mounted = Unmounted::tmpfs(&dir.0, "ro,size=64k");
+    let topology = Topology::new();
+    let output = Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.client.name))
+        .arg("--")
+        .arg(tests::agent_binary())
+        .arg("run")
+        .arg(format!("--cgroup={}", topology.cgroup.path.display()))
+        .arg(format!("--listen={PROXY_LISTEN}"))
+        .arg(format!("--dnstap=file:{}", log.display()))
+        .env("DNS_PROXY_STATE_DIR", topology.client.state_dir())
+        .env("RUST_LOG", "info,dns_proxy=debug")
+        .stdout(Stdio::null())
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be written to"), "{stderr}");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert!(!stderr.contains("attached"), "it attached first:\n{stderr}");
+    let attached = must(
+        Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&topology.cgroup.path),
+    );
+    assert!(String::from_utf8_lossy(&attached.stdout).trim().is_empty());
+}
+
 /// Unmounts a test's filesystem, even when the test fails.
 struct Unmounted(PathBuf);
+
+impl Unmounted {
+    /// A tmpfs of the test's own at `dir`, mounted with `options`.
+    fn tmpfs(dir: &std::path::Path, options: &str) -> Self {
+        must(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+                .arg(dir),
+        );
+        Self(dir.to_owned())
+    }
+}
 
 impl Drop for Unmounted {
     fn drop(&mut self) {
