@@ -180,10 +180,15 @@ pub enum Counter {
     /// egress: a raw datagram passes no cgroup hook, so nothing checks whose address it uses,
     /// and it would be charged to the workload that address belongs to.
     RawRefused = 13,
+    /// UDP datagrams to a block address refused by `sk_lookup` (the kernel answers port
+    /// unreachable) because its server's port was found closed a moment ago (`REFUSING`):
+    /// lookups that failed fast, as asking the server would have, without reaching the
+    /// agent.
+    ClosedPortRefused = 14,
 }
 
 impl Counter {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -198,6 +203,7 @@ impl Counter {
         Self::ConnectedNotNoted,
         Self::AgentUnresponsive,
         Self::RawRefused,
+        Self::ClosedPortRefused,
     ];
 }
 

@@ -96,6 +96,7 @@ pub fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
     let tcp = lookup.protocol == u32::from(IPPROTO_TCP);
     if !tcp && refusing(family, index) {
         // No socket takes it: the kernel answers port unreachable, as the server did the agent.
+        count(Counter::ClosedPortRefused);
         return SK_DROP;
     }
     let listener = if tcp {

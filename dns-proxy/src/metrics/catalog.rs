@@ -464,6 +464,16 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::AgentUnresponsive)),
     },
     Metric {
+        name: "kernel_closed_port_refused",
+        labels: &[],
+        only_with: None,
+        help: "UDP datagrams to a proxy address refused by the kernel (port unreachable, as \
+               the server would answer) for the 2 s after the agent found that server's port \
+               closed for two questions of the workload: lookups that failed at once, as \
+               asking the server directly, without reaching the agent.",
+        read: Read::Counter(|s| s.kernel(Counter::ClosedPortRefused)),
+    },
+    Metric {
         name: "kernel_raw_refused",
         labels: &[],
         only_with: None,

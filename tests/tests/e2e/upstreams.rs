@@ -198,7 +198,7 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let Harness {
         agent, topology, ..
-    } = &Harness::start(Placement::Outside, &[]);
+    } = &Harness::start(Placement::Outside, &["--metrics", super::METRICS]);
     // The address exists; nothing listens on its port 53.
     let closed = std::net::Ipv4Addr::new(192, 0, 2, 98);
     topology.add_server_address(closed);
@@ -226,19 +226,34 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let directly = outcome(ask(topology.outsider("dig", &[]), "closed.example.test"));
     assert_eq!(directly, "connection failed");
     // dig's socket is connected. The first question the agent asks there, and one more
-    // within 2 s (which has the kernel refuse the workload's datagrams there itself for 2 s),
-    // and one more after: each reads the port unreachable, as directly.
+    // within 2 s (which has the kernel refuse the workload's datagrams there itself for 2 s:
+    // the next, which the agent never sees, is counted), and one more after: each reads the
+    // port unreachable, as directly.
+    let refused_by_the_kernel = || {
+        value(
+            &scrape(topology),
+            "dns_proxy_kernel_closed_port_refused_total",
+        )
+    };
+    let mut refused = Vec::new();
     for name in [
         "closed.example.test",
         "closed-2.example.test",
+        "closed-2b.example.test",
         "closed-3.example.test",
     ] {
         let through = outcome(ask(topology.workload("dig", &[]), name));
         assert_eq!(through, directly, "{name}\n{}", agent.log());
-        if name == "closed-2.example.test" {
+        refused.push(refused_by_the_kernel());
+        if name == "closed-2b.example.test" {
             thread::sleep(Duration::from_millis(2500));
         }
     }
+    // None before the second question; the third, within 2 s, refused by the kernel (dig
+    // tries once more after a refusal, so the second's retry may count too); none after 2 s.
+    assert_eq!(refused[0], 0, "{refused:?}");
+    assert!(refused[2] > refused[1], "{refused:?}");
+    assert_eq!(refused[3], refused[2], "{refused:?}");
     // The same over IPv6.
     let closed6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x98);
     topology.add_server_address6(closed6);
