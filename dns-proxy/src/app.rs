@@ -427,8 +427,19 @@ async fn serve(
         // packet, so this one's drain ends with what it has.
         redirector.stop_steering();
     }
-    // All listeners drain at once, each until the same deadline.
-    let (queries, connections) = dns.drain(Deadline::after(config.shutdown_timeout)).await;
+    // All listeners drain at once, each until the same deadline; a second SIGINT or SIGTERM
+    // (an operator's second Ctrl-C) cuts the drain short.
+    let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
+    let (queries, connections) = tokio::select! {
+        drained = dns.drain(Deadline::after(config.shutdown_timeout)) => drained,
+        signal = signals.next(&reopen_logs) => {
+            log::warn!(
+                target: LOG,
+                "{signal} again: stopping at once, without answering the lookups still in flight"
+            );
+            (0, 0)
+        }
+    };
     if queries + connections > 0 {
         log::warn!(
             target: LOG,

@@ -185,7 +185,7 @@ pub struct ProxyArgs {
     pub max_tcp_connections_per_client: u32,
 
     /// On SIGINT/SIGTERM, the longest time spent answering queries already on their way
-    /// before the programs are detached.
+    /// before the programs are detached; a second SIGINT or SIGTERM stops at once.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Duration,
 

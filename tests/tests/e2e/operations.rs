@@ -746,6 +746,36 @@ fn exec_reports_a_missing_command_like_env_does() {
     );
 }
 
+/// A second SIGTERM or SIGINT during the drain (an operator's second Ctrl-C) stops the agent
+/// at once, where it waited out --shutdown-timeout for a lookup its server never answers
+/// (helper-88); the programs are detached all the same.
+#[test]
+fn a_second_stop_signal_cuts_the_drain_short() {
+    let topology = Topology::new();
+    let silent_ip = "192.0.2.6";
+    topology.add_server_address(silent_ip.parse().unwrap());
+    // Answers after a minute: the lookup stays in flight through any drain.
+    let mut command = topology.server.command(TEST_UPSTREAM);
+    command.args([&format!("{silent_ip}:53"), "60000", &ANSWER_IP.to_string()]);
+    let _silent = Process::spawn(&mut command);
+    let mut agent = Agent::start(&topology, &["--shutdown-timeout=30s"]);
+    let mut lookup = topology.workload("dig", &[&format!("@{silent_ip}"), "held.example.test"]);
+    let _lookup = Process::spawn(&mut lookup);
+    // Its query reaches the agent at once; nothing is logged of it until it is answered.
+    std::thread::sleep(Duration::from_millis(500));
+    agent.process().signal(libc::SIGTERM);
+    wait_for_log(&agent, "answering those in flight");
+    let started = Instant::now();
+    agent.process().signal(libc::SIGINT);
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let log = agent.log();
+    // Not the drain: the lookup would have held it 5 s (its upstream timeout).
+    assert!(started.elapsed() < Duration::from_secs(3), "{log}");
+    assert!(status.success(), "exit status {status}:\n{log}");
+    assert!(log.contains("SIGINT again: stopping at once"), "{log}");
+    assert!(log.contains("detaching all programs"), "{log}");
+}
+
 /// A server in the server namespace that answers after [`SLOW_DELAY_MS`], so lookups are in
 /// flight at every moment, whenever an agent stops.
 fn slow_upstream(topology: &Topology) -> Process {
