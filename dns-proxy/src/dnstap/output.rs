@@ -141,7 +141,14 @@ fn keep_aside(path: &Path) -> io::Result<()> {
         }
         // A hard link never replaces a file (a rename would): then the old name goes.
         match std::fs::hard_link(path, &kept) {
-            Ok(()) => return std::fs::remove_file(path),
+            Ok(()) => {
+                log::info!(
+                    "dnstap: the log already at {} is kept as {}",
+                    path.display(),
+                    Path::new(&kept).display()
+                );
+                return std::fs::remove_file(path);
+            }
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(err) => return Err(err),
         }
