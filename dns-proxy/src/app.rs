@@ -427,12 +427,19 @@ async fn serve(
         // packet, so this one's drain ends with what it has.
         redirector.stop_steering();
     }
-    // All listeners drain at once, each until the same deadline; a second SIGINT or SIGTERM
-    // (an operator's second Ctrl-C) cuts the drain short.
+    // All listeners drain at once, each until the same deadline. After a stop signal, a
+    // second SIGINT or SIGTERM (an operator's second Ctrl-C) cuts the drain short. (Not
+    // after `exec`'s command exited: a Ctrl-C reaches the agent as well as the command.)
     let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
+    let cut_short = async {
+        match outcome {
+            Outcome::Stopped => signals.next(&reopen_logs).await,
+            _ => std::future::pending().await,
+        }
+    };
     let (queries, connections) = tokio::select! {
         drained = dns.drain(Deadline::after(config.shutdown_timeout)) => drained,
-        signal = signals.next(&reopen_logs) => {
+        signal = cut_short => {
             log::warn!(
                 target: LOG,
                 "{signal} again: stopping at once, without answering the lookups still in flight"

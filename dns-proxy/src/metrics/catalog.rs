@@ -311,7 +311,9 @@ pub const METRICS: &[Metric] = &[
                datagrams that answered nothing and could have passed for an answer to their \
                question (late, or forged answers sprayed at the socket) arrived on their \
                socket while their query was out, or because they had no question (matched \
-               on their ID alone: a FORMERR, say, or a forgery).",
+               on their ID alone: a FORMERR, say, or a forgery); and ICMP port unreachable \
+               errors that came after such datagrams, which settle their query for its own \
+               client only.",
         read: Read::Counter(|s| s.with_cache(load(&s.stats.cache_untrusted))),
     },
     Metric {

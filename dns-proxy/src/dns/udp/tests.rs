@@ -931,6 +931,38 @@ async fn a_closed_upstream_port_is_answered_refused_at_once() {
 /// marked the server failing; helper-87.)
 #[tokio::test]
 async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
+    let (proxy, asked) = forged_port_unreachable_race(with_cache(settings(8, 8)), false).await;
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+}
+
+/// The same with --serve-stale and an expired answer kept: the client that asked gets the
+/// REFUSED, as directly, not the stale answer, and the client that waited is asked for on its
+/// own and gets the fresh answer (a spray of errors served it the stale one 7 times in 30).
+#[tokio::test]
+async fn a_port_unreachable_that_may_be_forged_serves_no_waiter_stale() {
+    let mut settings = settings(8, 8);
+    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+        max_entries: 16,
+        max_bytes: 1 << 20,
+        max_ttl: Duration::from_secs(1),
+        serve_stale: Duration::from_secs(60),
+    })));
+    let (proxy, asked) = forged_port_unreachable_race(settings, true).await;
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.cache_stale.load(Ordering::Relaxed), 0);
+}
+
+/// A client asks, another waits on its query, and forged port unreachable errors are sprayed
+/// at the query's socket, the right ID last; the upstream answers after 150 ms. With `warm`,
+/// the answer is asked for and left to expire first. The client that asked must get REFUSED
+/// (as the error directly), the one that waited the upstream's answer. The proxy, and how
+/// many queries the upstream was asked.
+async fn forged_port_unreachable_race(
+    settings: ForwardSettings,
+    warm: bool,
+) -> (Arc<UdpProxy<Fixed>>, Arc<std::sync::atomic::AtomicUsize>) {
     let (upstream, asked) = serve_upstream_with(|socket, query, from, _| async move {
         // Slow enough for the second client to wait on the first's query, and for the
         // errors to come first.
@@ -941,7 +973,11 @@ async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
             .unwrap();
     })
     .await;
-    let proxy = start_proxy(Some(upstream), with_cache(settings(8, 8))).await;
+    let proxy = start_proxy(Some(upstream), settings).await;
+    if warm {
+        assert_eq!(ask(&proxy, QUERY).await, Some(a_record_answer(QUERY)));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
     let forge = async {
         tokio::time::sleep(Duration::from_millis(60)).await;
         let (key, socket) = {
@@ -980,8 +1016,7 @@ async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
         "REFUSED, as the error directly"
     );
     assert_eq!(second, Some(a_record_answer(&waiting)));
-    assert_eq!(asked.load(Ordering::SeqCst), 2);
-    assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+    (proxy, asked)
 }
 
 /// A port no socket takes datagrams at, so the kernel answers them port unreachable, and that

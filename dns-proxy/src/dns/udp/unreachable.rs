@@ -156,6 +156,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 .cached
                 .as_ref()
                 .is_some_and(|cached| cached.stale_kept);
+        // A client that has had the stale answer already (and its waiters, then) is told
+        // nothing more: an error after it would fail its other queries on that socket.
+        let served_stale = pending
+            .cached
+            .as_ref()
+            .is_some_and(|cached| cached.served_stale);
         let mut waiters = Vec::new();
         if let Some(mut cached) = pending.cached.take() {
             if !stale {
@@ -191,9 +197,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // The ICMP error first: a connected client reads it before the REFUSED, as asking
         // the server directly, and moves on; an unconnected one takes the REFUSED.
         let port_unreachable = &self.settings.port_unreachable;
-        port_unreachable.send(to.client, reached, sent, pending.client_id);
-        if let Some(answer) = refused(sent, pending.client_id) {
-            self.send_answer(&answer, to, MadeHere::Unreachable);
+        if !served_stale {
+            port_unreachable.send(to.client, reached, sent, pending.client_id);
+            if let Some(answer) = refused(sent, pending.client_id) {
+                self.send_answer(&answer, to, MadeHere::Unreachable);
+            }
         }
         for waiter in waiters {
             if !trusted {
