@@ -249,9 +249,9 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
             thread::sleep(Duration::from_millis(2500));
         }
     }
-    // None before the second question; the third, within 2 s, refused by the kernel (dig
-    // tries once more after a refusal, so the second's retry may count too); none after 2 s.
-    assert_eq!(refused[0], 0, "{refused:?}");
+    // The third, within 2 s of the second, refused by the kernel; none after 2 s. (The
+    // first may be too, within 2 s of getent's two questions above, and a retry of dig's
+    // after a refusal may count.)
     assert!(refused[2] > refused[1], "{refused:?}");
     assert_eq!(refused[3], refused[2], "{refused:?}");
     // The same over IPv6.
