@@ -124,7 +124,12 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
     forge_answers(&topology, connected[0], name);
     took_the_real_answer(client);
 
-    let page = scrape(&topology);
+    // An answer is counted once it is sent: the client may have it a moment before.
+    let answered = "dns_proxy_answers_total{protocol=\"udp\",rcode=\"NOERROR\"}";
+    let page = wait_for("both answers counted", Duration::from_secs(2), || {
+        let page = scrape(&topology);
+        (value(&page, answered) == 2).then_some(page)
+    });
     for (series, expected) in [
         (
             "dns_proxy_dropped_total{protocol=\"udp\",reason=\"stray\"}",
