@@ -51,11 +51,12 @@ pub fn check_target(target: &DnstapTarget) -> Result<(), String> {
     // A read-only filesystem (a systemd unit's ProtectSystem=strict without ReadWritePaths=
     // or LogsDirectory=) was found only after attaching, and a unit that restarts the agent
     // then attached and detached it over and over.
-    if let Err(err) = writable(parent.unwrap_or(Path::new("."))) {
+    let dir = parent.unwrap_or(Path::new("."));
+    if let Err(err) = writable(dir) {
         return Err(format!(
             "{}: cannot be written to ({err}); give a path on a writable filesystem (a \
              systemd unit: ReadWritePaths= or LogsDirectory=)",
-            parent.unwrap_or(Path::new(".")).display()
+            dir.display()
         ));
     }
     match std::fs::symlink_metadata(path) {

@@ -73,6 +73,12 @@ pub(super) struct Pending {
 }
 
 impl Pending {
+    /// Whether nothing stray that could pass for its answer (a forged answer or error with
+    /// a wrong guess of its ID) came on its socket since it was sent.
+    pub(super) fn nothing_stray_since_sent(&self) -> bool {
+        self.socket.strays(self.question) == self.strays_at_send
+    }
+
     /// Its client, answered through `proxy`'s listener.
     pub(super) fn recipient<'a, D>(&self, proxy: &'a UdpProxy<D>) -> Recipient<'a> {
         Recipient {
@@ -243,8 +249,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // An answer with no question matched on its ID alone, and strays with none count
         // against nothing: it is never trusted.
         let has_question = matches!(question, Some(Some(_)));
-        pending.answer_trusted =
-            has_question && pending.socket.strays(pending.question) == pending.strays_at_send;
+        pending.answer_trusted = has_question && pending.nothing_stray_since_sent();
         // Only an ID of the agent's own is remembered, so that a copy of its answer is no
         // stray: a workload that picks its queries' IDs could otherwise have the socket
         // remember them, and excuse its forgeries with those IDs.

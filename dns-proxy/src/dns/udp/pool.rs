@@ -661,18 +661,23 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 mod tests {
     use super::*;
 
+    /// A pool socket on loopback for 127.0.0.1:53, connected to it if `connect`.
+    fn test_socket(connect: bool) -> Arc<PoolSocket> {
+        PoolSocket::open(
+            &AtomicU64::new(0),
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:53".parse().unwrap(),
+            connect,
+            &OwnSockets::default(),
+        )
+        .unwrap()
+    }
+
     /// A stray is counted against the questions it could have answered, and one with no
     /// question, never kept, against none.
     #[tokio::test]
     async fn strays_count_against_their_own_question() {
-        let socket = PoolSocket::open(
-            &AtomicU64::new(0),
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:53".parse().unwrap(),
-            false,
-            &OwnSockets::default(),
-        )
-        .unwrap();
+        let socket = test_socket(false);
         let (asked, other) = (7, 8);
         socket.stray(Stray::NotAnAnswer);
         socket.stray(Stray::Question { id: 1, key: other });
@@ -690,14 +695,7 @@ mod tests {
     /// question, or the same ID to another, is.
     #[tokio::test]
     async fn a_second_copy_of_an_answer_is_no_stray() {
-        let socket = PoolSocket::open(
-            &AtomicU64::new(0),
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:53".parse().unwrap(),
-            true,
-            &OwnSockets::default(),
-        )
-        .unwrap();
+        let socket = test_socket(true);
         let question = 7;
         socket.carried_answer(0x1234, question);
         for other in 0..USES_PER_SOCKET as u16 - 1 {

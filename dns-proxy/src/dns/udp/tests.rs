@@ -12,7 +12,7 @@ use super::{
     },
     *,
 };
-use crate::dns::FixedDestination as Fixed;
+use crate::dns::{FixedDestination as Fixed, cache::CacheSettings};
 
 const QUERY: &[u8] =
     b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
@@ -127,17 +127,38 @@ fn settings(max_inflight: usize, per_client: usize) -> ForwardSettings {
     }
 }
 
-/// `settings` with a small cache.
-fn with_cache(settings: ForwardSettings) -> ForwardSettings {
+/// A small cache: 16 entries, TTLs up to 30 s, nothing served stale.
+fn small_cache() -> CacheSettings {
+    CacheSettings {
+        max_entries: 16,
+        max_bytes: 1 << 20,
+        max_ttl: Duration::from_secs(30),
+        serve_stale: Duration::ZERO,
+    }
+}
+
+/// `settings` with a cache of `cache`.
+fn with_cache_of(settings: ForwardSettings, cache: CacheSettings) -> ForwardSettings {
     ForwardSettings {
-        cache: Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
-            max_entries: 16,
-            max_bytes: 1 << 20,
-            max_ttl: Duration::from_secs(30),
-            serve_stale: Duration::ZERO,
-        }))),
+        cache: Some(Arc::new(Cache::new(cache))),
         ..settings
     }
+}
+
+/// `settings` with a [small cache](small_cache).
+fn with_cache(settings: ForwardSettings) -> ForwardSettings {
+    with_cache_of(settings, small_cache())
+}
+
+/// `settings` with a small cache whose answers expire after 1 s and are then served stale
+/// (`--serve-stale`) for a minute.
+fn with_stale_cache(settings: ForwardSettings) -> ForwardSettings {
+    let cache = CacheSettings {
+        max_ttl: Duration::from_secs(1),
+        serve_stale: Duration::from_secs(60),
+        ..small_cache()
+    };
+    with_cache_of(settings, cache)
 }
 
 async fn start_proxy(
@@ -318,14 +339,11 @@ async fn a_later_copy_of_an_answer_taints_no_other_answer() {
     // pairs that some share one (all but surely: without the fix, 1 run in 12 of 6 pairs
     // passed).
     let pairs = 16;
-    let mut settings = with_cache(settings(8, 8));
-    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
+    let cache = CacheSettings {
         max_entries: 64,
-        max_bytes: 1 << 20,
-        max_ttl: Duration::from_secs(30),
-        serve_stale: Duration::ZERO,
-    })));
-    let proxy = start_proxy(Some(upstream), settings).await;
+        ..small_cache()
+    };
+    let proxy = start_proxy(Some(upstream), with_cache_of(settings(8, 8), cache)).await;
     let bucket = |query: &[u8]| stray_bucket(proxy.question_key(wire::question(query).unwrap()));
     // The upstream answers, so it is asked from connected sockets from now on.
     assert!(ask(&proxy, &query_for("warm")).await.is_some());
@@ -458,14 +476,7 @@ async fn a_failure_that_may_be_forged_serves_no_waiter_stale() {
         forged_before_real(&socket, [forged], &real, from).await;
     })
     .await;
-    let mut settings = settings(8, 8);
-    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
-        max_entries: 16,
-        max_bytes: 1 << 20,
-        max_ttl: Duration::from_secs(1),
-        serve_stale: Duration::from_secs(60),
-    })));
-    let proxy = start_proxy(Some(upstream), settings).await;
+    let proxy = start_proxy(Some(upstream), with_stale_cache(settings(8, 8))).await;
     assert!(ask(&proxy, QUERY).await.unwrap().ends_with(&[192, 0, 2, 1]));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut waiting = QUERY.to_vec();
@@ -941,14 +952,7 @@ async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
 /// own and gets the fresh answer (a spray of errors served it the stale one 7 times in 30).
 #[tokio::test]
 async fn a_port_unreachable_that_may_be_forged_serves_no_waiter_stale() {
-    let mut settings = settings(8, 8);
-    settings.cache = Some(Arc::new(Cache::new(crate::dns::cache::CacheSettings {
-        max_entries: 16,
-        max_bytes: 1 << 20,
-        max_ttl: Duration::from_secs(1),
-        serve_stale: Duration::from_secs(60),
-    })));
-    let (proxy, asked) = forged_port_unreachable_race(settings, true).await;
+    let (proxy, asked) = forged_port_unreachable_race(with_stale_cache(settings(8, 8)), true).await;
     assert_eq!(asked.load(Ordering::SeqCst), 3);
     assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.stats.cache_stale.load(Ordering::Relaxed), 0);

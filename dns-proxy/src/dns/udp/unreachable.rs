@@ -125,7 +125,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         };
         self.stats.udp.settled(1);
-        let trusted = pending.socket.strays(pending.question) == pending.strays_at_send;
+        let trusted = pending.nothing_stray_since_sent();
         let why = io::Error::from_raw_os_error(error.errno);
         self.unreachable(pending, error.destination, &error.datagram, &why, trusted);
     }
