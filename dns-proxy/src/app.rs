@@ -20,6 +20,7 @@ use crate::{
     metrics::{Metrics, Readiness},
     privileges,
     redirect_lock::{self, Claim, RedirectLock},
+    service_manager::ServiceManager,
     shutdown::StopSignals,
     udp_threads::UdpThreads,
 };
@@ -306,6 +307,7 @@ async fn serve(
 ) -> Result<Outcome, RunError> {
     // Watched from the start, so a stop request during start-up is not lost.
     let mut signals = StopSignals::new().map_err(RunError::Signals)?;
+    let service_manager = ServiceManager::from_environment();
     // Held until this returns: the sockets that hold the blocks' first addresses among them.
     let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
     // Removed again if the start fails from here on; kept once the agent serves.
@@ -412,11 +414,13 @@ async fn serve(
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);
     readiness.set(true);
+    service_manager.ready();
     // The line to wait for: /readyz answers 200 from here on.
     log::info!(target: LOG, "ready: redirected lookups are served");
 
     let outcome = until_stopped(scope.command, &mut signals, &stranded, &shared).await?;
     readiness.set(false);
+    service_manager.stopping();
     stop_serving.stop();
     serving.join_all().await;
     redirector.stop_redirecting();

@@ -33,6 +33,8 @@ pub async fn run_command(
         .map_err(|_| spawn_failed(io::Error::other("cgroup path contains a NUL byte")))?;
     let mut command = tokio::process::Command::new(program);
     command.args(args);
+    // The agent tells the service manager when it serves, not the command.
+    command.env_remove("NOTIFY_SOCKET");
     // SAFETY: `pre_exec` runs the closure in the forked child, where only async-signal-safe
     // calls are sound: it makes only open, write and close, and allocates nothing (`procs`
     // was made before the fork and moves into the closure).

@@ -23,6 +23,7 @@ mod privileges;
 mod redirect_lock;
 pub mod resolutions;
 pub mod route_changes;
+mod service_manager;
 pub mod shutdown;
 mod time_namespace;
 mod udp_threads;

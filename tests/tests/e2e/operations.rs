@@ -1281,3 +1281,85 @@ fn when_the_agent_that_took_over_is_killed_the_one_before_is_ready_again_at_once
         expected_probe_line()
     );
 }
+
+/// Under systemd (`Type=notify`), the agent says READY=1 only once it serves redirected
+/// lookups: a lookup made the moment the word arrives goes through the agent. It says
+/// STOPPING=1 on SIGTERM, and a command run with `exec` is not given the manager's socket.
+#[test]
+fn the_service_manager_is_told_ready_once_lookups_are_redirected() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let notify = ManagerSocket::bind(&topology);
+    let manager = notify.socket.try_clone().unwrap();
+    // Waits for READY=1, then looks up a name at once: the lookup the first unit ordered
+    // after the agent would make.
+    let lookup = topology.workload("dig", &[]);
+    let at_ready = std::thread::spawn(move || {
+        let mut buffer = [0; 512];
+        let length = manager.recv(&mut buffer).expect("READY=1 within 30 s");
+        let first = String::from_utf8_lossy(&buffer[..length]).into_owned();
+        let answer = dig(lookup, "at-ready.example.test", &[]);
+        (manager, first, answer)
+    });
+    let notify = notify.path.to_str().unwrap();
+    let mut agent = Agent::start_with_env(&topology, &[], &[("NOTIFY_SOCKET", notify)]);
+    let (manager, first, answer) = at_ready.join().unwrap();
+    assert!(first.starts_with("READY=1\n"), "{first:?}");
+    assert_answered(answer, "dig at READY=1");
+    // Through the agent, not direct: it was attached when it said ready.
+    forwarded(&agent, "at-ready.example.test");
+
+    agent.process().signal(libc::SIGTERM);
+    let mut buffer = [0; 512];
+    let length = manager.recv(&mut buffer).expect("STOPPING=1 within 30 s");
+    let stopping = String::from_utf8_lossy(&buffer[..length]).into_owned();
+    assert!(stopping.starts_with("STOPPING=1\n"), "{stopping:?}");
+    let status = agent.process().wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status}:\n{}", agent.log());
+
+    let mut command = topology.client.nsenter();
+    command
+        .arg(agent_binary())
+        .args([
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo \"command sees ${NOTIFY_SOCKET:-no socket}\"",
+        ])
+        .env("NOTIFY_SOCKET", notify)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped());
+    let mut exec = Agent::spawn(command);
+    let (status, stdout) = exec.wait_with_stdout(Duration::from_secs(15));
+    assert!(status.success(), "{status}:\n{}", exec.log());
+    assert_eq!(stdout.trim(), "command sees no socket", "{}", exec.log());
+    // The exec agent told the manager too.
+    let length = manager.recv(&mut buffer).expect("READY=1 from exec");
+    assert!(buffer[..length].starts_with(b"READY=1\n"));
+}
+
+/// A service manager's notification socket, like systemd's /run/systemd/notify; removed on
+/// drop.
+struct ManagerSocket {
+    path: std::path::PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl ManagerSocket {
+    fn bind(topology: &Topology) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-notify", topology.tag));
+        let _ = fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Self { path, socket }
+    }
+}
+
+impl Drop for ManagerSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
