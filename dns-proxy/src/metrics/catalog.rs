@@ -215,9 +215,10 @@ pub const METRICS: &[Metric] = &[
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
                foreign_loopback (from another network namespace to a loopback server), stray \
-               (UDP: a datagram from upstream that answers no query in flight, late or forged; \
-               not one the kernel refuses: from another address or port than the server an \
-               upstream socket is connected to, or to a socket already closed), stalled (TCP: a \
+               (UDP: a datagram from upstream that answers no query in flight, late or forged, \
+               or an ICMP port unreachable about none; not one the kernel refuses: from \
+               another address or port than the server an upstream socket is connected to, or \
+               to a socket already closed), stalled (TCP: a \
                client that stopped reading its answers for --upstream-timeout; its connection \
                is closed), or unsendable (UDP: an answer the kernel would not send to its \
                client, for another reason than a full buffer, which is overload: no route \

@@ -202,6 +202,18 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         Some((moved, socket))
     }
 
+    /// Counts and logs (rate-limited) a datagram or an ICMP error on an upstream socket that
+    /// is about no query in flight.
+    pub(super) fn count_stray(&self) {
+        Stats::add(&self.stats.udp.dropped_stray);
+        self.stray_log.warn(|dropped| {
+            format!(
+                "dropped {dropped} datagrams and ICMP errors on upstream sockets that are about \
+                 no query in flight (late, or spoofed)"
+            )
+        });
+    }
+
     /// The pending query that `datagram`, from `from` on pool socket `socket`, answers, taken
     /// out of the table; if it answers none (counted), what it could have been taken for.
     pub(super) fn match_answer(
@@ -231,10 +243,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
         });
         let Some(pending) = pending else {
-            Stats::add(&stats.dropped_stray);
-            self.stray_log.warn(|dropped| {
-                format!("dropped {dropped} datagrams on upstream sockets that answer no query in flight (late, or spoofed)")
-            });
+            self.count_stray();
             return Err(match (answer_to, question) {
                 (Some(key), Some(Some(question))) => Stray::Question {
                     id: key.id,

@@ -945,6 +945,8 @@ async fn a_port_unreachable_that_may_be_forged_decides_nothing_for_waiters() {
     let (proxy, asked) = forged_port_unreachable_race(with_cache(settings(8, 8)), false).await;
     assert_eq!(asked.load(Ordering::SeqCst), 2);
     assert_eq!(proxy.stats.cache_untrusted.load(Ordering::Relaxed), 1);
+    // The 32 wrong guesses, counted as stray answers are.
+    assert_eq!(proxy.stats.udp.dropped_stray.load(Ordering::Relaxed), 32);
 }
 
 /// The same with --serve-stale and an expired answer kept: the client that asked gets the

@@ -103,6 +103,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             wire::message_id(&error.datagram),
             wire::question(&error.datagram).filter(|question| !question.is_empty()),
         ) else {
+            // Too little of the query quoted to tell which it was about.
+            self.count_stray();
             return;
         };
         let question = self.question_key(question);
@@ -119,6 +121,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // An ICMP error can be forged as an answer can (a raw socket, the port read in
             // /proc): one that names no query in flight counts as a stray answer would, so
             // that guessing IDs with errors is seen as guessing them with answers is.
+            self.count_stray();
             if error.destination == pool_socket.upstream() {
                 pool_socket.stray(Stray::Question { id, key: question });
             }
