@@ -415,6 +415,11 @@ async fn serve(
     routes.into_iter().for_each(host::AddedRoute::keep);
     readiness.set(true);
     service_manager.ready();
+    tokio::spawn(
+        service_manager
+            .clone()
+            .feed_watchdog(Arc::clone(&readiness), stop_background.clone()),
+    );
     // The line to wait for: /readyz answers 200 from here on.
     log::info!(target: LOG, "ready: redirected lookups are served");
 

@@ -3,8 +3,10 @@
 //!   counters and the kernel side's per-CPU counters. Each metric is declared once, in
 //!   [`catalog`]; [`collector`] writes the page from it, and docs/metrics.md is generated from
 //!   it too;
-//! - `/healthz`: the agent is alive (its runtime answers);
-//! - `/readyz`: the programs are attached and the listeners bound; not ready while shutting down;
+//! - `/healthz`: the agent is alive (its runtime answers), and none of its UDP threads has
+//!   been wedged for [`UNHEALTHY_AFTER`];
+//! - `/readyz`: the programs are attached, the listeners bound and every UDP thread runs; not
+//!   ready while shutting down;
 //! - `/v1/resolutions`: the names a workload resolved ([`resolutions`]).
 //!
 //! [`server`] serves them, bounded against its own clients.
@@ -14,9 +16,12 @@ mod collector;
 mod reference;
 mod server;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -30,6 +35,18 @@ use crate::{
     resolutions::{self, Resolutions},
     workload::WorkloadNames,
 };
+
+/// How long a UDP thread may be wedged before the agent is unhealthy (`/healthz` 503, no
+/// watchdog keep-alive to systemd): it is then restarted, the one way to serve again. Lookups
+/// went direct meanwhile.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// A UDP thread that has not run (taken for wedged): which, and since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WedgedThread {
+    pub index: usize,
+    pub since: Instant,
+}
 
 /// Whether the agent is the one serving redirected DNS: set once attached, cleared when it
 /// starts to shut down; and not while a newer agent has taken over from it.
@@ -45,6 +62,8 @@ pub struct Readiness {
     outside_own_cgroup: AtomicBool,
     /// The agent cannot tell its programs that it runs: they soon redirect nothing.
     cannot_say_running: AtomicBool,
+    /// A UDP thread has not run: the agent stopped saying it runs, so the redirect is off.
+    wedged_udp_thread: Mutex<Option<WedgedThread>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -90,6 +109,29 @@ impl Readiness {
         self.cannot_say_running.store(cannot, Ordering::Relaxed);
     }
 
+    /// The UDP thread taken for wedged, if one is (`None` once every one runs again).
+    pub fn set_wedged_udp_thread(&self, wedged: Option<WedgedThread>) {
+        *self.wedged_udp_thread.lock().expect("not poisoned") = wedged;
+    }
+
+    fn wedged_udp_thread(&self) -> Option<WedgedThread> {
+        *self.wedged_udp_thread.lock().expect("not poisoned")
+    }
+
+    /// Why the agent should be restarted (`None`: it should not): a UDP thread wedged for
+    /// [`UNHEALTHY_AFTER`].
+    pub fn unhealthy(&self) -> Option<String> {
+        let wedged = self.wedged_udp_thread()?;
+        let for_how_long = wedged.since.elapsed();
+        (for_how_long >= UNHEALTHY_AFTER).then(|| {
+            format!(
+                "UDP thread {} has not run for {} s (lookups go direct); restart the agent",
+                wedged.index,
+                for_how_long.as_secs()
+            )
+        })
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.is_replaced()
@@ -97,6 +139,7 @@ impl Readiness {
             && !self.is_block_unrouted()
             && !self.is_outside_own_cgroup()
             && !self.is_unable_to_say_running()
+            && self.wedged_udp_thread().is_none()
     }
 
     fn is_unable_to_say_running(&self) -> bool {
@@ -118,6 +161,13 @@ impl Readiness {
     fn is_replaced(&self) -> bool {
         self.replaced.get().is_some_and(|replaced| replaced())
     }
+}
+
+/// A plain-text response.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response
 }
 
 /// `text` with `%XX` escapes and `+` (a space) decoded; `None` if an escape is malformed or
@@ -250,11 +300,6 @@ impl Metrics {
     }
 
     fn respond_to(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Bytes> {
-        let text = |status: StatusCode, body: &'static str| {
-            let mut response = Response::new(Bytes::from_static(body.as_bytes()));
-            *response.status_mut() = status;
-            response
-        };
         if method != Method::GET && method != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -269,7 +314,13 @@ impl Metrics {
                 );
                 response
             }
-            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/healthz" => match self.readiness.unhealthy() {
+                None => text(StatusCode::OK, "ok\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("unhealthy: {why}\n"),
+                ),
+            },
             "/v1/resolutions" => self.resolutions(query),
             "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" if self.readiness.is_replaced() => text(
@@ -295,10 +346,21 @@ impl Metrics {
                 "not ready: the agent cannot tell its programs that it runs, so they redirect \
                  nothing (lookups go direct); see its log\n",
             ),
-            "/readyz" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: starting or shutting down\n",
-            ),
+            "/readyz" => match self.readiness.wedged_udp_thread() {
+                Some(wedged) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: UDP thread {} has not run for {} ms, so the redirect is off \
+                         (lookups go direct) until it runs again\n",
+                        wedged.index,
+                        wedged.since.elapsed().as_millis()
+                    ),
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: starting or shutting down\n",
+                ),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found: try /metrics, /healthz, /readyz or /v1/resolutions\n",
@@ -383,6 +445,40 @@ mod tests {
             agent.respond(&Method::GET, "/healthz").status(),
             StatusCode::OK
         );
+    }
+
+    /// A wedged UDP thread makes the agent not ready at once (its redirect is off), and
+    /// unhealthy, to be restarted, once it has been wedged for [`UNHEALTHY_AFTER`].
+    #[test]
+    fn a_wedged_udp_thread_is_not_ready_then_unhealthy() {
+        let agent = metrics(true);
+        let body = |path| format!("{:?}", agent.respond(&Method::GET, path).body());
+        let status = |path| agent.respond(&Method::GET, path).status();
+        let now = Instant::now();
+        agent.readiness.set_wedged_udp_thread(Some(WedgedThread {
+            index: 1,
+            since: now - Duration::from_secs(2),
+        }));
+        assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body("/readyz").contains("UDP thread 1 has not run for 2"),
+            "{}",
+            body("/readyz")
+        );
+        assert_eq!(status("/healthz"), StatusCode::OK);
+        agent.readiness.set_wedged_udp_thread(Some(WedgedThread {
+            index: 1,
+            since: now - UNHEALTHY_AFTER,
+        }));
+        assert_eq!(status("/healthz"), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body("/healthz").contains("restart the agent"),
+            "{}",
+            body("/healthz")
+        );
+        agent.readiness.set_wedged_udp_thread(None);
+        assert_eq!(status("/readyz"), StatusCode::OK);
+        assert_eq!(status("/healthz"), StatusCode::OK);
     }
 
     /// Each state the agent cannot leave by itself (it redirects nothing, or not as asked,

@@ -1,9 +1,11 @@
 //! Tells the service manager (systemd, `Type=notify`) when the agent serves and when it stops,
-//! with the datagrams of sd_notify(3) sent to the socket named in `NOTIFY_SOCKET`. Without
-//! that variable, nothing is sent.
+//! with the datagrams of sd_notify(3) sent to the socket named in `NOTIFY_SOCKET`, and keeps
+//! its watchdog (`WatchdogSec=`) fed while the agent is healthy. Without that variable,
+//! nothing is sent.
 //!
 //! So `systemctl start dns-proxy` returns, and units ordered after `nss-lookup.target` start,
-//! only once redirected lookups are served, not when the binary was merely started.
+//! only once redirected lookups are served, not when the binary was merely started; and an
+//! agent wedged past [`crate::metrics::UNHEALTHY_AFTER`] is restarted.
 use std::{
     ffi::OsStr,
     io,
@@ -14,14 +16,21 @@ use std::{
             net::{SocketAddr, UnixDatagram},
         },
     },
+    sync::Arc,
+    time::Duration,
 };
+
+use crate::{drain, metrics::Readiness};
 
 /// The variable systemd sets for a service of `Type=notify`.
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// The service manager's notification socket, if the agent runs under one.
+#[derive(Clone)]
 pub struct ServiceManager {
-    notify: Option<Notify>,
+    notify: Option<Arc<Notify>>,
+    /// How often to feed the watchdog, if the manager keeps one.
+    watchdog_every: Option<Duration>,
 }
 
 struct Notify {
@@ -37,7 +46,7 @@ impl ServiceManager {
     /// vain, says so when the start times out.
     pub fn from_environment() -> Self {
         let notify = std::env::var_os(NOTIFY_SOCKET).and_then(|value| match Notify::open(&value) {
-            Ok(notify) => Some(notify),
+            Ok(notify) => Some(Arc::new(notify)),
             Err(error) => {
                 log::warn!(
                     "{NOTIFY_SOCKET}={}: cannot tell the service manager that the agent is \
@@ -47,7 +56,43 @@ impl ServiceManager {
                 None
             }
         });
-        Self { notify }
+        let watchdog_every = notify.as_ref().and_then(|_| watchdog_every());
+        Self {
+            notify,
+            watchdog_every,
+        }
+    }
+
+    /// Feeds the watchdog (`WATCHDOG=1`) at half its timeout while the agent is healthy (as
+    /// `/healthz` says), until `stop`. Unhealthy, it stops feeding it, and the manager
+    /// restarts the agent; so it does if the runtime that runs this stops.
+    pub async fn feed_watchdog(self, readiness: Arc<Readiness>, stop: drain::Signal) {
+        let Some(every) = self.watchdog_every else {
+            return;
+        };
+        let mut ticks = tokio::time::interval(every);
+        let mut starved = false;
+        loop {
+            tokio::select! {
+                () = stop.stopped() => return,
+                _ = ticks.tick() => {}
+            }
+            match readiness.unhealthy() {
+                None => {
+                    starved = false;
+                    self.send("WATCHDOG=1\n");
+                }
+                Some(why) if !starved => {
+                    starved = true;
+                    log::error!(
+                        "no longer telling the service manager's watchdog that the agent is \
+                         alive, so that it restarts the agent: {why}"
+                    );
+                    self.send(&format!("STATUS=unhealthy: {why}\n"));
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// Redirected lookups are served from now on.
@@ -86,6 +131,24 @@ impl Notify {
             addr,
             name: value.to_string_lossy().into_owned(),
         })
+    }
+}
+
+/// Half the watchdog timeout the manager set for this process (`WATCHDOG_USEC`, and
+/// `WATCHDOG_PID` if set), as sd_watchdog_enabled(3) reads them; `None` without one.
+fn watchdog_every() -> Option<Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    match usec.parse::<u64>() {
+        Ok(usec) if usec > 0 => Some(Duration::from_micros(usec) / 2),
+        _ => {
+            log::warn!("WATCHDOG_USEC={usec}: not a number of microseconds; no watchdog kept");
+            None
+        }
     }
 }
 
@@ -137,7 +200,10 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let agent = ServiceManager {
-            notify: Some(Notify::open(OsStr::new(&format!("@{name}"))).unwrap()),
+            notify: Some(Arc::new(
+                Notify::open(OsStr::new(&format!("@{name}"))).unwrap(),
+            )),
+            watchdog_every: None,
         };
         let mut buffer = [0; 256];
         agent.ready();

@@ -26,7 +26,7 @@ use crate::{
     ebpf::{AliveAt, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
     host,
     log_limit::RateLimited,
-    metrics::Readiness,
+    metrics::{Readiness, WedgedThread},
     redirect_lock::RedirectLock,
     route_changes::RouteChanges,
     workload,
@@ -131,6 +131,7 @@ async fn say_running(running: Running, readiness: Arc<Readiness>, stop: drain::S
         .collect();
     let wedged_log = RateLimited::new(Duration::from_secs(10));
     let mut failing = false;
+    let mut was_wedged = false;
     let mut last_look = 0;
     // The first tick at once: the agent said it runs at load, a moment ago.
     let mut every = tokio::time::interval(SAY_RUNNING_EVERY);
@@ -150,6 +151,21 @@ async fn say_running(running: Running, readiness: Arc<Readiness>, stop: drain::S
             let silent = now.saturating_sub(tick.load(Ordering::Relaxed));
             (on_time && silent > wedged_after).then_some((n, silent))
         });
+        if on_time {
+            let now = std::time::Instant::now();
+            readiness.set_wedged_udp_thread(wedged.map(|(index, silent)| {
+                WedgedThread {
+                    index,
+                    since: now
+                        .checked_sub(Duration::from_millis(silent))
+                        .unwrap_or(now),
+                }
+            }));
+            if was_wedged && wedged.is_none() {
+                log::info!(target: LOG, "every UDP thread runs again: the redirect is back on");
+            }
+            was_wedged = wedged.is_some();
+        }
         if let Some((n, silent)) = wedged {
             wedged_log.warn(|_| {
                 format!(

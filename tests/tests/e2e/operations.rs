@@ -158,15 +158,7 @@ fn lookups_go_direct_or_are_refused_while_the_agent_is_stopped() {
 
     drop(continue_it);
     // Running again: it says so within half a second, and is sent lookups again.
-    wait_for(
-        "a lookup through the agent again",
-        Duration::from_secs(5),
-        || {
-            let name = "again.example.test";
-            let _ = dig(topology.workload("dig", &[]), name, &[]);
-            agent.query_line(name)
-        },
-    );
+    wait_for_a_lookup_through(&agent, &topology);
     // The lookup made while it was stopped went direct: the agent never saw it.
     assert!(
         agent.query_line("direct.example.test").is_none(),
@@ -1339,6 +1331,128 @@ fn the_service_manager_is_told_ready_once_lookups_are_redirected() {
     assert!(buffer[..length].starts_with(b"READY=1\n"));
 }
 
+/// A UDP thread that stops running (held here by ptrace, as a bug that blocked it would hold
+/// it) turns the redirect off, so lookups go direct, and `/readyz` 503 at once; after 30 s
+/// `/healthz` turns 503 and systemd's watchdog is no longer fed, so that Kubernetes or systemd
+/// restart the agent. Once the thread runs again, all comes back.
+#[test]
+fn a_wedged_udp_thread_fails_open_and_has_the_agent_restarted() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let notify = ManagerSocket::bind(&topology);
+    let path = notify.path.to_str().unwrap();
+    let mut agent = Agent::start_with_env(
+        &topology,
+        &[&format!("--metrics={METRICS}"), "--udp-threads=2"],
+        &[("NOTIFY_SOCKET", path), ("WATCHDOG_USEC", "2000000")],
+    );
+    let fed = |messages: &[String]| messages.iter().any(|m| m.starts_with("WATCHDOG=1"));
+    // Fed every second (half of WATCHDOG_USEC) while all is well.
+    assert!(fed(&notify.messages_for(Duration::from_millis(2500))));
+    let probe = |path| tests::http_get(&topology.client, metrics_addr(), path);
+
+    let held = HeldThread::seize(agent.process().id(), "dns-proxy-udp-0");
+    wait_for(
+        "/readyz to say the thread is wedged",
+        Duration::from_secs(5),
+        || {
+            let (status, body) = probe("/readyz");
+            (status == 503 && body.contains("UDP thread 0 has not run")).then_some(())
+        },
+    );
+    // Within 3 s more the programs take the agent for stopped: lookups go direct.
+    std::thread::sleep(Duration::from_secs(4));
+    for n in 0..8 {
+        let name = format!("direct-{n}.example.test");
+        assert_answered(dig(topology.workload("dig", &[]), &name, &[]), &name);
+        assert!(agent.query_line(&name).is_none(), "{}", agent.log());
+    }
+    assert_eq!(probe("/healthz").0, 200, "alive for 30 s");
+    wait_for("/healthz to say restart", Duration::from_secs(40), || {
+        let (status, body) = probe("/healthz");
+        (status == 503 && body.contains("restart the agent")).then_some(())
+    });
+    // The watchdog is starved (one STATUS line says why).
+    let _ = notify.messages_for(Duration::from_millis(100));
+    let starved = notify.messages_for(Duration::from_millis(3000));
+    assert!(!fed(&starved), "{starved:?}");
+
+    drop(held);
+    wait_for("/readyz 200 again", Duration::from_secs(5), || {
+        (probe("/readyz").0 == 200).then_some(())
+    });
+    assert_eq!(probe("/healthz").0, 200);
+    assert!(fed(&notify.messages_for(Duration::from_millis(2500))));
+    wait_for_a_lookup_through(&agent, &topology);
+    assert!(
+        agent.log().contains("every UDP thread runs again"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Waits up to 5 s for a workload's lookup to go through `agent` again (after it was
+/// taken for stopped).
+fn wait_for_a_lookup_through(agent: &Agent, topology: &Topology) {
+    wait_for(
+        "a lookup through the agent again",
+        Duration::from_secs(5),
+        || {
+            let name = "again.example.test";
+            let _ = dig(topology.workload("dig", &[]), name, &[]);
+            agent.query_line(name)
+        },
+    );
+}
+
+/// A thread of another process stopped with ptrace (the rest of the process runs on), until
+/// dropped. Held and released from the thread that made it, as ptrace requires.
+struct HeldThread {
+    tid: libc::pid_t,
+}
+
+impl HeldThread {
+    /// Stops the thread of `pid` named `name`.
+    fn seize(pid: u32, name: &str) -> Self {
+        let tasks = format!("/proc/{pid}/task");
+        let tid: libc::pid_t = fs::read_dir(&tasks)
+            .unwrap_or_else(|err| panic!("{tasks}: {err}"))
+            .flatten()
+            .find(|task| {
+                fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+            })
+            .unwrap_or_else(|| panic!("no thread {name} in {tasks}"))
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("a thread id");
+        // SAFETY: ptrace and waitpid on a thread id; no memory is shared with it.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, null, null),
+                0,
+                "PTRACE_SEIZE {tid}"
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+            assert!(libc::WIFSTOPPED(status), "{status:#x}");
+        }
+        Self { tid }
+    }
+}
+
+impl Drop for HeldThread {
+    fn drop(&mut self) {
+        // SAFETY: as in seize; detaching resumes the thread.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null);
+        }
+    }
+}
+
 /// A service manager's notification socket, like systemd's /run/systemd/notify; removed on
 /// drop.
 struct ManagerSocket {
@@ -1355,6 +1469,25 @@ impl ManagerSocket {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         Self { path, socket }
+    }
+
+    /// The messages received within `duration` from now.
+    fn messages_for(&self, duration: Duration) -> Vec<String> {
+        let until = Instant::now() + duration;
+        let mut messages = Vec::new();
+        let mut buffer = [0; 512];
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            self.socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            if let Ok(length) = self.socket.recv(&mut buffer) {
+                messages.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+            }
+        }
+        self.socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        messages
     }
 }
 
