@@ -34,8 +34,7 @@ const ENTRY_OVERHEAD: usize = 128;
 
 const TYPE_SOA: u16 = 6;
 /// The meta classes (RFC 6895 §3.2).
-const CLASS_NONE: u16 = 254;
-const CLASS_ANY: u16 = 255;
+const CLASS_IN: u16 = 1;
 /// EDNS Client Subnet (RFC 7871).
 const OPTION_ECS: u16 = 8;
 /// DNS Cookies (RFC 7873): one client's, and the server's answer to it.
@@ -126,9 +125,11 @@ impl CacheableQuery {
         if qtype == TYPE_OPT || (128..=255).contains(&qtype) {
             return None;
         }
-        // The reserved classes and the meta classes NONE and ANY (RFC 6895 §3.2): an answer
-        // to ANY depends on what the server holds in which class, not one RRset to keep.
-        if matches!(qclass, 0 | CLASS_NONE | CLASS_ANY | 0xffff) {
+        // The Internet class alone. A CHAOS query (version.bind, id.server: RFC 4892) asks
+        // which server instance answers, and no cache is that instance; an answer to the
+        // meta classes NONE and ANY (RFC 6895 §3.2) depends on what the server holds in
+        // which class, not one RRset to keep; the others are all but unused.
+        if qclass != CLASS_IN {
             return None;
         }
         let question_end = reader.offset;
@@ -362,10 +363,12 @@ impl Cache {
             return Cached::Miss;
         };
         // Fetched for a smaller UDP size than this client's: the upstream may have left
-        // records out that it would get. Asked for again, and shown only if that fails. Over
-        // TCP any kept answer is served: a server that trims only what is optional (RFC 2181
-        // §9) trims alike for every size, and a truncated client's retry is served here.
-        let complete = !udp || query.fetch_size() <= entry.fetched_within;
+        // records out that it would get (RFC 2181 §9 lets it leave out what is optional to
+        // fit the size asked, without TC). Asked for again, and shown only if that fails. A
+        // TCP client takes any size, so only an answer fetched for any size is complete for
+        // it: over TCP, or for a UDP size of 1,232 or more (`fetch_size`).
+        let wanted = if udp { query.fetch_size() } else { usize::MAX };
+        let complete = wanted <= entry.fetched_within;
         let age = now.saturating_duration_since(entry.stored);
         let upstream_failing = entry
             .failed
@@ -589,7 +592,11 @@ fn cacheable(
             } else {
                 record.ttl
             };
-            if section == 1 && record.rtype == TYPE_SOA {
+            // In a negative answer (NXDOMAIN, or NODATA: NOERROR with no record of the type
+            // asked), the SOA's TTL is at most its MINIMUM (RFC 2308 §5); in any other, the
+            // SOA is one more record, with its own TTL.
+            let negative = rcode == RCODE_NXDOMAIN || (rcode == RCODE_NOERROR && !answers_the_type);
+            if section == 1 && record.rtype == TYPE_SOA && negative {
                 // SOA rdata: two names, then serial, refresh, retry, expire, minimum.
                 let mut rdata = Reader::new(answer, record.rdata_start);
                 rdata.skip_name()?;
