@@ -21,6 +21,8 @@ pub(super) enum Closed {
     Idle,
     UpstreamTimeout,
     ClientStalled,
+    /// No room for another large message (`MESSAGE_BUDGET`).
+    NoRoomForMessage,
     Draining,
     MalformedQuery,
     ClientError(io::Error),
@@ -35,6 +37,7 @@ impl std::fmt::Display for Closed {
             Self::Idle => f.write_str("idle"),
             Self::UpstreamTimeout => f.write_str("the upstream did not answer in time"),
             Self::ClientStalled => f.write_str("the client stopped reading its answers"),
+            Self::NoRoomForMessage => f.write_str("no room for another large message"),
             Self::Draining => f.write_str("shutting down"),
             Self::MalformedQuery => {
                 f.write_str("the client sent something that is not a DNS query")
@@ -56,6 +59,21 @@ pub(super) struct Pending {
     /// For a zone transfer (AXFR, IXFR), how far its answer has come: the query is pending
     /// until its last message.
     pub(super) transfer: Option<Transfer>,
+    /// Queries sent with this ID and not yet answered: more than one when the client reused
+    /// an ID still in flight, and then each of their answers is relayed before the
+    /// connection counts as answered.
+    pub(super) awaited: usize,
+}
+
+/// What an answer settled.
+#[derive(Default)]
+pub(super) struct Settled {
+    /// It answered a query in full: that query's slot is free.
+    pub(super) answered: bool,
+    /// The query, once nothing sent with its ID awaits an answer.
+    pub(super) done: Option<Pending>,
+    /// When the query was asked, if this is its first answer.
+    pub(super) started: Option<Instant>,
 }
 
 /// What both directions of one connection share.
@@ -124,8 +142,10 @@ impl Connection {
         self.changed.notify_one();
     }
 
+    /// Queries sent and not yet answered (in full, for a zone transfer).
     pub(super) fn outstanding(&self) -> usize {
-        self.pending.lock().expect("not poisoned").len()
+        let table = self.pending.lock().expect("not poisoned");
+        table.values().map(|pending| pending.awaited).sum()
     }
 
     pub(super) fn finished(&self) -> bool {
@@ -154,17 +174,28 @@ impl Connection {
         self.reading.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Takes an answer off the table: the query it answers, once answered in full (at a zone
-    /// transfer's last message), and when that query was asked if this is its first answer.
-    pub(super) fn settle(&self, id: u16, answer: &[u8]) -> (Option<Pending>, Option<Instant>) {
+    /// Takes an answer off the table: whether it answered a query in full (at a zone
+    /// transfer's last message), which frees that query's slot; the query, once none sent
+    /// with its ID awaits an answer any more; and when it was asked if this is a first answer.
+    pub(super) fn settle(&self, id: u16, answer: &[u8]) -> Settled {
         let mut table = self.pending.lock().expect("not poisoned");
         let Some(pending) = table.get_mut(&id) else {
-            return (None, None);
+            return Settled::default();
         };
         let first = pending.transfer.as_ref().is_none_or(Transfer::not_begun);
         let started = first.then_some(pending.started);
-        let over = (pending.transfer.as_mut()).is_none_or(|transfer| transfer.took(answer));
-        (if over { table.remove(&id) } else { None }, started)
+        let answered = (pending.transfer.as_mut()).is_none_or(|transfer| transfer.took(answer));
+        if answered {
+            pending.awaited -= 1;
+        }
+        let done = (answered && pending.awaited == 0)
+            .then(|| table.remove(&id))
+            .flatten();
+        Settled {
+            answered,
+            done,
+            started,
+        }
     }
 
     /// Notes how long `answer`'s server says the client may leave the connection idle, if the
@@ -193,7 +224,8 @@ impl Connection {
 
 /// The client's writer, which counts every byte the client's socket takes as activity: a
 /// client that reads slowly makes progress, one that stopped reading does not, even while an
-/// answer larger than the socket's buffer is being written.
+/// answer larger than the socket's buffer is being written. As the upstream's reader, it
+/// counts every byte that comes: a large answer sent slowly is not overdue.
 pub(super) struct Progress<'a, W> {
     pub(super) inner: W,
     pub(super) conn: &'a Connection,
@@ -226,5 +258,22 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<'_, W>
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Progress<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = read
+            && buf.filled().len() > before
+        {
+            self.conn.touch();
+        }
+        read
     }
 }

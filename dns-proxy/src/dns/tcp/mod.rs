@@ -45,12 +45,22 @@ mod framing;
 mod tests;
 
 use connection::{Closed, Connection, Pending, Progress};
-use framing::{read_first_byte, read_rest};
+use framing::{MessageBudget, read_first_byte, read_rest};
 pub use framing::{read_message, write_message};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
 /// that client until answers come back (backpressure, and a bound on what it keeps).
 const MAX_PIPELINED: usize = 64;
+
+/// Room for the large part of the messages being read or relayed, over every connection
+/// (each message's first 4 KiB aside): 512 messages of 64 KiB at once. A connection that
+/// finds no room for its next large message is closed, and counted as overload.
+const MESSAGE_BUDGET: usize = 32 * 1024 * 1024;
+
+/// The read buffer of each direction of a relayed connection. Small: a message larger than
+/// it is read past it, and two of these for each of up to twice `--max-tcp-connections`
+/// are part of what a flood of connections holds.
+const READ_BUFFER: usize = 2048;
 
 /// The send buffer of a relayed client connection, which the kernel doubles: about the
 /// largest DNS message twice over (see where it is set).
@@ -89,6 +99,8 @@ pub struct TcpProxy<D> {
     /// clients holding every connection cannot keep the others out.
     fair_share_room: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// Room for large messages, over every connection.
+    budget: MessageBudget,
     /// Sent at shutdown: connections close once nothing is outstanding.
     draining: drain::Signal,
     stats: Arc<Stats>,
@@ -126,6 +138,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             fair_share_room: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tasks: TaskTracker::new(),
+            budget: MessageBudget::new(MESSAGE_BUDGET),
             draining: drain::Signal::new(),
             stats,
             overload_log: RateLimited::new(Duration::from_secs(10)),
@@ -282,15 +295,32 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             inner: client_write,
             conn,
         });
+        // Every byte of an answer counts as activity: a large answer that comes slowly is on
+        // its way, not overdue. (A query must come whole within the idle timeout of its first
+        // byte, as Go's and so CoreDNS's servers want it within 2 s.)
+        let upstream_read = Progress {
+            inner: upstream_read,
+            conn,
+        };
         let closed = tokio::select! {
             biased;
-            closed = self.queries(conn, BufReader::new(client_read), upstream_write, &client_write) => closed,
-            closed = self.answers(conn, BufReader::new(upstream_read), &client_write) => closed,
+            closed = self.queries(conn, BufReader::with_capacity(READ_BUFFER, client_read), upstream_write, &client_write) => closed,
+            closed = self.answers(conn, BufReader::with_capacity(READ_BUFFER, upstream_read), &client_write) => closed,
             closed = self.watchdog(conn, &client_write) => closed,
         };
         // Queries still waiting will never be answered now.
         stats.settled(conn.outstanding() as u64);
         match &closed {
+            Closed::NoRoomForMessage => {
+                Stats::add(&stats.dropped_overload);
+                self.overload_log.warn(|closed| {
+                    format!(
+                        "{} MiB of large TCP messages held at once: closed {closed} connections \
+                         that sent or were sent another",
+                        MESSAGE_BUDGET >> 20
+                    )
+                });
+            }
             Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
             Closed::ClientStalled => Stats::add(&stats.dropped_stalled),
             Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
@@ -327,8 +357,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Err(err) => return Closed::ClientError(err),
             };
             conn.set_reading(true);
-            let query = match read_rest(first, &mut client).await {
+            let query = match read_rest(first, &mut client, Some(&self.budget)).await {
                 Ok(query) => query,
+                Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
+                    return Closed::NoRoomForMessage;
+                }
                 Err(err) => return Closed::ClientError(err),
             };
             Stats::add(&stats.received);
@@ -377,27 +410,31 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 description,
                 cacheable,
                 transfer: Transfer::for_query(&query),
+                awaited: 1,
             };
-            // A client reusing an ID it is still waiting on replaces that query. Nothing tells
-            // their answers apart (the first answer may be the first query's, and kept under
-            // this one's key it would be served to others), nor, while answers to the earlier
-            // ones may still come, those of its later queries: from then on none of this
-            // connection's answers is kept in the cache.
-            let replaced = {
+            // A client reusing an ID it is still waiting on awaits one more answer to it.
+            // Nothing tells their answers apart (the first answer may be the first query's,
+            // and kept under this one's key it would be served to others), nor, while answers
+            // to the earlier ones may still come, those of its later queries: from then on
+            // none of this connection's answers is kept in the cache. Each answer is relayed
+            // before the connection counts as answered (a client that half-closed after two
+            // such queries got one answer, then the end; helper-91).
+            {
                 let mut table = conn.pending.lock().expect("not poisoned");
-                if table.contains_key(&id) {
-                    conn.reuses_ids
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                match table.get_mut(&id) {
+                    Some(earlier) => {
+                        conn.reuses_ids
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        earlier.cacheable = None;
+                        earlier.awaited += 1;
+                    }
+                    None => {
+                        if conn.reuses_ids.load(std::sync::atomic::Ordering::Relaxed) {
+                            pending.cacheable = None;
+                        }
+                        table.insert(id, pending);
+                    }
                 }
-                if conn.reuses_ids.load(std::sync::atomic::Ordering::Relaxed) {
-                    pending.cacheable = None;
-                }
-                table.insert(id, pending)
-            };
-            if replaced.is_some() {
-                // Its slot too: only one answer will find this ID now.
-                stats.settled(1);
-                conn.slots.add_permits(1);
             }
             stats.forwarding();
             conn.set_reading(false);
@@ -476,15 +513,26 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     ) -> Closed {
         let stats = &self.stats.tcp;
         loop {
-            let answer = match read_message(&mut upstream).await {
-                Ok(Some(answer)) => answer,
+            let answer = match read_first_byte(&mut upstream).await {
+                Ok(Some(first)) => read_rest(first, &mut upstream, Some(&self.budget)).await,
                 Ok(None) => return Closed::ByUpstream,
+                Err(err) => Err(err),
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
+                    return Closed::NoRoomForMessage;
+                }
                 Err(err) => return Closed::UpstreamError(err),
             };
             let id = wire::message_id(&answer).unwrap_or_default();
             // A zone transfer's query stays pending until its last message.
-            let (pending, started) = conn.settle(id, &answer);
-            if pending.is_some() {
+            let connection::Settled {
+                answered,
+                done: pending,
+                started,
+            } = conn.settle(id, &answer);
+            if answered {
                 conn.slots.add_permits(1);
                 stats.settled(1);
             }
