@@ -192,8 +192,11 @@ impl ServerTable {
                 .last_seen
                 .get(key as usize)
                 .map_or(0, |slot| slot.load(std::sync::atomic::Ordering::Relaxed));
+            // Not seen since this agent started (0): quiet since then at most. A restart or
+            // takeover does not make every origin quiet at once (an agent that took over
+            // forgot a departed cgroup's origins 3 minutes after its last query; helper-92).
             let now = self.seconds_since_start();
-            seen == 0 || now.saturating_sub(u64::from(seen)) >= quiet.as_secs()
+            now.saturating_sub(u64::from(seen)) >= quiet.as_secs()
         };
         let live = |origin: &Origin| origin.cgroup_id != FORGOTTEN;
         let mut held = None;
