@@ -370,6 +370,7 @@ async fn serve(
         pins,
         &redirect_lock,
         &servers,
+        Arc::clone(&shared.stats),
         shared.workload_stats.clone(),
         workload_root,
         watched,

@@ -21,7 +21,7 @@ use crate::{
     agents::HEARTBEAT_INTERVAL,
     cgroup,
     cgroup::Cgroup,
-    dns::workload_stats::WorkloadStats,
+    dns::{stats::Stats, workload_stats::WorkloadStats},
     drain,
     ebpf::{AliveAt, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
     host,
@@ -80,6 +80,7 @@ pub(super) fn start(
     pins: host::Pins,
     redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
+    stats: Arc<Stats>,
     workload_stats: Option<Arc<WorkloadStats>>,
     root: PathBuf,
     watched: Watched,
@@ -103,6 +104,7 @@ pub(super) fn start(
     tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
     tokio::spawn(forget_departed(
         Arc::clone(servers),
+        stats,
         workload_stats,
         root,
         stop.clone(),
@@ -528,6 +530,7 @@ const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
 /// often and forgets what was quiet for twice that.
 async fn forget_departed(
     servers: Arc<ServerTable>,
+    stats: Arc<Stats>,
     workload_stats: Option<Arc<WorkloadStats>>,
     root: PathBuf,
     stop: drain::Signal,
@@ -587,6 +590,9 @@ async fn forget_departed(
             Ok((still_missing, result)) => {
                 missing = still_missing;
                 if let Some(result) = result {
+                    stats
+                        .server_table_entries
+                        .store(result.kept as u64, Ordering::Relaxed);
                     if result.forgotten > 0 {
                         log::info!(
                             target: LOG,

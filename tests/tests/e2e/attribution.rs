@@ -161,7 +161,11 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     // Checked every second; forgotten once missing from three walks and quiet for 2 s.
-    let agent = Agent::start_with_env(&topology, &[], &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")]);
+    let agent = Agent::start_with_env(
+        &topology,
+        &[&format!("--metrics={METRICS}")],
+        &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")],
+    );
     let stays = child_cgroup(&topology, "stays");
     let goes = child_cgroup(&topology, "goes");
     for (cgroup, name) in [(&stays, "stays.example.test"), (&goes, "goes.example.test")] {
@@ -194,6 +198,15 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
     // The cgroup that stayed still resolves through its origin.
     let command = in_cgroup_and_netns(&stays, &topology.client, "dig", &[]);
     assert_answered(dig(command, "again.example.test", &["+short"]), "again");
+    // The table's size is on /metrics: the pair that stayed and the server's shared origin.
+    wait_for(
+        "the table's size on /metrics",
+        Duration::from_secs(5),
+        || {
+            let page = scrape(&topology);
+            (value(&page, "dns_proxy_kernel_server_table_entries") == 2).then_some(())
+        },
+    );
 }
 
 #[test]
