@@ -159,7 +159,7 @@ pub struct ProxyArgs {
     /// queries are dropped (and counted), so one flooding workload cannot use up
     /// --max-inflight for the others. A client is a workload (the cgroup the kernel recorded
     /// for its query) from a source address, or, where none is recorded, its source address
-    /// alone (its socket, from the agent's own network namespace). A client within its fair share of --max-inflight is admitted even when others
+    /// alone. A client within its fair share of --max-inflight is admitted even when others
     /// filled it.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: u32,

@@ -592,7 +592,7 @@ async fn forget_departed(
                 if let Some(result) = result {
                     stats
                         .server_table_entries
-                        .store(result.kept as u64, Ordering::Relaxed);
+                        .store(result.occupied as u64, Ordering::Relaxed);
                     if result.forgotten > 0 {
                         log::info!(
                             target: LOG,

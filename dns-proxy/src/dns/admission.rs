@@ -224,13 +224,11 @@ impl<D: OriginalDestinations> Admission<D> {
     /// One of the client's share, held until dropped; `None` (counted and logged) if it holds
     /// them all. The client is the workload of `cgroup`, as the kernel recorded it for the
     /// address the query reached, from its source address; with none recorded (0), its source
-    /// address alone, or over UDP from the agent's own namespace its socket (its processes
-    /// share their addresses). The agent's own namespace is one source, `local`, whatever
-    /// local address it sends from.
+    /// address alone. The agent's own namespace is one source, `local`, whatever local address
+    /// it sends from.
     pub fn client_slot(&self, client: SocketAddr, cgroup: u64, local: bool) -> Option<ClientSlot> {
         let source = if local { LOCAL_CLIENT } else { client.ip() };
         let key = match cgroup {
-            0 if local && self.transport == Transport::Udp => Client::Socket(client),
             0 => Client::Address(source),
             id => Client::Workload { cgroup: id, source },
         };

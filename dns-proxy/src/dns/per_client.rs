@@ -26,7 +26,7 @@
 use foldhash::{HashMap, fast::RandomState};
 use std::{
     hash::BuildHasher,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -45,11 +45,6 @@ pub enum Client {
     Workload { cgroup: u64, source: IpAddr },
     /// A source address, where no workload is recorded.
     Address(IpAddr),
-    /// A UDP socket of the agent's own namespace, where no workload is recorded (its query
-    /// came by a server's shared index, the table having no room for a pair of its own):
-    /// every process there sends from the same addresses, so by address they would all be
-    /// one client, and one flooding process would have the others' queries dropped.
-    Socket(SocketAddr),
 }
 
 impl std::fmt::Display for Client {
@@ -59,7 +54,6 @@ impl std::fmt::Display for Client {
                 write!(f, "the workload of cgroup id {cgroup} from {source}")
             }
             Self::Address(ip) => write!(f, "{ip}"),
-            Self::Socket(addr) => write!(f, "the socket {addr} (no workload recorded)"),
         }
     }
 }
@@ -131,9 +125,6 @@ impl PerClientLimit {
         // A v4-mapped IPv6 source is the same client as its IPv4 address.
         let client = match client {
             Client::Address(ip) => Client::Address(ip.to_canonical()),
-            Client::Socket(addr) => {
-                Client::Socket(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
-            }
             Client::Workload { cgroup, source } => Client::Workload {
                 cgroup,
                 source: source.to_canonical(),

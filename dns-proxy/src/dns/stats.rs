@@ -94,8 +94,8 @@ pub struct ProtocolStats {
 pub struct Stats {
     pub udp: ProtocolStats,
     pub tcp: ProtocolStats,
-    /// `kernel_server_table_entries`: origins in the kernel's table of servers, as of the
-    /// last walk that forgets departed ones (every minute).
+    /// `server_table_entries`: entries that take a slot in the kernel's table of servers, as
+    /// of the last walk that forgets departed origins (every minute).
     pub server_table_entries: AtomicU64,
     /// `tcp_connections`.
     pub tcp_connections: AtomicU64,

@@ -71,6 +71,9 @@ pub struct Forgotten {
     pub freed: usize,
     /// Origins in the table after.
     pub kept: usize,
+    /// Entries that take a slot after: the origins, and the indexes forgotten but not yet
+    /// freed.
+    pub occupied: usize,
 }
 
 impl ServerTable {
@@ -272,6 +275,7 @@ impl ServerTable {
         let after: std::collections::HashMap<u32, Origin> =
             self.table().iter().filter_map(Result::ok).collect();
         let kept = after.values().filter(|origin| live(origin)).count();
+        let occupied = after.len();
         *self
             .last_seen_table
             .lock()
@@ -280,6 +284,7 @@ impl ServerTable {
             forgotten,
             freed,
             kept,
+            occupied,
         }
     }
 

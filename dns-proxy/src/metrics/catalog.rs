@@ -467,12 +467,13 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::AgentUnresponsive)),
     },
     Metric {
-        name: "kernel_server_table_entries",
+        name: "server_table_entries",
         labels: &[],
         only_with: None,
-        help: "Origins (a server, with the cgroup that asked it or shared) in the kernel's \
-               table of servers, both families, as of the last walk that forgets those of \
-               departed cgroups (every minute; 0 before the first). Each family holds as many \
+        help: "Slots taken in the kernel's table of servers, both families: origins (a server, \
+               with the cgroup that asked it or shared) and indexes forgotten but not yet \
+               freed, as of the last walk that forgets those of departed cgroups (every \
+               minute; 0 before the first). Each family holds as many \
                as its block has addresses, less two (65,534 for a /16, 254 for a /24); past \
                that, lookups go by a server's shared index (kernel_shared_index_total) or \
                direct (kernel_table_full_total).",
