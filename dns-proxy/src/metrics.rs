@@ -454,10 +454,14 @@ mod tests {
         let agent = metrics(true);
         let body = |path| format!("{:?}", agent.respond(&Method::GET, path).body());
         let status = |path| agent.respond(&Method::GET, path).status();
-        let now = Instant::now();
+        // A clock that has run less than 30 s (a VM just booted) cannot say it: skipped then.
+        let Some(long_ago) = Instant::now().checked_sub(UNHEALTHY_AFTER) else {
+            return;
+        };
+        let recently = long_ago + UNHEALTHY_AFTER - Duration::from_secs(2);
         agent.readiness.set_wedged_udp_thread(Some(WedgedThread {
             index: 1,
-            since: now - Duration::from_secs(2),
+            since: recently,
         }));
         assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
         assert!(
@@ -468,7 +472,7 @@ mod tests {
         assert_eq!(status("/healthz"), StatusCode::OK);
         agent.readiness.set_wedged_udp_thread(Some(WedgedThread {
             index: 1,
-            since: now - UNHEALTHY_AFTER,
+            since: long_ago,
         }));
         assert_eq!(status("/healthz"), StatusCode::SERVICE_UNAVAILABLE);
         assert!(

@@ -78,10 +78,12 @@ impl ServiceManager {
                 _ = ticks.tick() => {}
             }
             match readiness.unhealthy() {
-                None => {
+                None if starved => {
                     starved = false;
-                    self.send("WATCHDOG=1\n");
+                    log::info!("healthy again: telling the service manager's watchdog so again");
+                    self.send("WATCHDOG=1\nSTATUS=serving redirected lookups\n");
                 }
+                None => self.send("WATCHDOG=1\n"),
                 Some(why) if !starved => {
                     starved = true;
                     log::error!(

@@ -211,7 +211,8 @@ pub const METRICS: &[Metric] = &[
         help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
                query), not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections; or no \
-               socket to be had toward the upstream, the agent out of open files), \
+               socket to be had toward the upstream, the agent out of open files; or, TCP, \
+               a connection closed for want of room for a large message), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
                --max-tcp-connections-per-client), loop (headed back to the proxy), \
                foreign_loopback (from another network namespace to a loopback server), stray \

@@ -56,13 +56,11 @@ pub(super) struct Pending {
     /// Its key in the cache, whose answer is kept there, and its header and question; `None`
     /// with the cache off, or for a query the cache does not answer.
     pub(super) cacheable: Option<(CacheableQuery, Box<[u8]>)>,
-    /// For a zone transfer (AXFR, IXFR), how far its answer has come: the query is pending
-    /// until its last message.
-    pub(super) transfer: Option<Transfer>,
-    /// Queries sent with this ID and not yet answered: more than one when the client reused
-    /// an ID still in flight, and then each of their answers is relayed before the
-    /// connection counts as answered.
-    pub(super) awaited: usize,
+    /// The queries sent with this ID and not yet answered, in the order they were sent: more
+    /// than one when the client reused an ID still in flight, and then each is answered
+    /// before the connection counts as answered. For each, a zone transfer's (AXFR, IXFR)
+    /// progress: such a query is pending until its last message.
+    pub(super) awaited: std::collections::VecDeque<Option<Transfer>>,
 }
 
 /// What an answer settled.
@@ -103,6 +101,11 @@ pub(super) struct Connection {
 }
 
 impl Connection {
+    /// Who the room its large messages take is charged to: its client.
+    pub(super) fn room_holder(&self) -> super::framing::RoomHolder {
+        (self.cgroup, self.client.ip().to_canonical())
+    }
+
     /// What the query log says of this connection's queries.
     pub(super) fn asked(&self) -> Asked {
         Asked {
@@ -145,7 +148,7 @@ impl Connection {
     /// Queries sent and not yet answered (in full, for a zone transfer).
     pub(super) fn outstanding(&self) -> usize {
         let table = self.pending.lock().expect("not poisoned");
-        table.values().map(|pending| pending.awaited).sum()
+        table.values().map(|pending| pending.awaited.len()).sum()
     }
 
     pub(super) fn finished(&self) -> bool {
@@ -182,13 +185,17 @@ impl Connection {
         let Some(pending) = table.get_mut(&id) else {
             return Settled::default();
         };
-        let first = pending.transfer.as_ref().is_none_or(Transfer::not_begun);
+        // Answers to queries with one ID are taken in the order the queries were sent.
+        let Some(front) = pending.awaited.front_mut() else {
+            return Settled::default();
+        };
+        let first = front.as_ref().is_none_or(Transfer::not_begun);
         let started = first.then_some(pending.started);
-        let answered = (pending.transfer.as_mut()).is_none_or(|transfer| transfer.took(answer));
+        let answered = front.as_mut().is_none_or(|transfer| transfer.took(answer));
         if answered {
-            pending.awaited -= 1;
+            pending.awaited.pop_front();
         }
-        let done = (answered && pending.awaited == 0)
+        let done = (answered && pending.awaited.is_empty())
             .then(|| table.remove(&id))
             .flatten();
         Settled {

@@ -1,10 +1,13 @@
 //! DNS over TCP framing (RFC 1035 4.2.2): each message behind its two-byte length.
-use std::{io, ops::Deref, sync::Arc};
-
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    sync::{OwnedSemaphorePermit, Semaphore},
+use std::{
+    collections::HashMap,
+    io,
+    net::IpAddr,
+    ops::Deref,
+    sync::{Arc, Mutex},
 };
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// How much of a message is read without the [`MessageBudget`]: every query a stub resolver
 /// sends, and most answers, fit, so they never meet its limit.
@@ -14,30 +17,82 @@ pub(super) const SMALL_MESSAGE: usize = 4096;
 /// shared by every connection. A message's buffer grows only as its bytes arrive, and takes
 /// room for each step: a flood of connections that announce 64 KiB and send part of it
 /// holds no more than this (a connection that finds no room is closed), where each once
-/// held 64 KiB from its length prefix on.
+/// held 64 KiB from its length prefix on. One client holds at most a quarter of it, so one
+/// workload cannot take it all and have everyone else's large messages refused.
 #[derive(Clone)]
-pub struct MessageBudget(Arc<Semaphore>);
+pub struct MessageBudget(Arc<Mutex<Budget>>);
+
+struct Budget {
+    free: usize,
+    per_client: usize,
+    held: HashMap<RoomHolder, usize>,
+}
+
+/// Who holds room: the client of the connection (its workload's cgroup id, 0 if none was
+/// recorded, and its source address), for its queries and for the answers sent to it.
+pub type RoomHolder = (u64, IpAddr);
 
 impl MessageBudget {
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes)))
+        Self(Arc::new(Mutex::new(Budget {
+            free: bytes,
+            per_client: bytes / 4,
+            held: HashMap::new(),
+        })))
     }
 
-    fn take(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-        u32::try_from(bytes)
-            .ok()
-            .and_then(|bytes| Arc::clone(&self.0).try_acquire_many_owned(bytes).ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::OutOfMemory,
-                    "no room for another large message: the room for them is taken",
-                )
-            })
+    /// `bytes` more for `holder`, on top of `room` if it holds some already.
+    fn take(&self, holder: RoomHolder, room: &mut Option<Room>, bytes: usize) -> io::Result<()> {
+        let mut budget = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = budget.held.get(&holder).copied().unwrap_or(0);
+        if bytes > budget.free || held + bytes > budget.per_client {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "no room for another large message: the room for them, or this client's \
+                 share of it, is taken",
+            ));
+        }
+        budget.free -= bytes;
+        budget.held.insert(holder, held + bytes);
+        match room {
+            Some(room) => room.bytes += bytes,
+            none => {
+                *none = Some(Room {
+                    budget: self.clone(),
+                    holder,
+                    bytes,
+                })
+            }
+        }
+        Ok(())
     }
 
     #[cfg(test)]
     pub(super) fn available(&self) -> usize {
-        self.0.available_permits()
+        self.0.lock().expect("not poisoned").free
+    }
+}
+
+/// Room taken from a [`MessageBudget`], given back when dropped.
+struct Room {
+    budget: MessageBudget,
+    holder: RoomHolder,
+    bytes: usize,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let mut budget = (self.budget.0.lock()).unwrap_or_else(std::sync::PoisonError::into_inner);
+        budget.free += self.bytes;
+        if let Some(held) = budget.held.get_mut(&self.holder) {
+            *held -= self.bytes;
+            if *held == 0 {
+                budget.held.remove(&self.holder);
+            }
+        }
     }
 }
 
@@ -45,7 +100,7 @@ impl MessageBudget {
 /// relayed).
 pub struct Message {
     bytes: Vec<u8>,
-    _room: Option<OwnedSemaphorePermit>,
+    _room: Option<Room>,
 }
 
 impl Deref for Message {
@@ -79,12 +134,12 @@ pub(super) async fn read_first_byte(
 }
 
 /// The rest of a message whose first byte was `first`. Its buffer grows as its bytes come,
-/// doubling from [`SMALL_MESSAGE`], each step past it taking room from `budget` (none
-/// needed without one).
+/// doubling from [`SMALL_MESSAGE`], each step past it taking room from `budget` for its
+/// holder (none needed without one).
 pub(super) async fn read_rest(
     first: u8,
     reader: &mut (impl AsyncRead + Unpin),
-    budget: Option<&MessageBudget>,
+    budget: Option<(&MessageBudget, RoomHolder)>,
 ) -> io::Result<Message> {
     let mut second = [0u8; 1];
     reader.read_exact(&mut second).await?;
@@ -97,12 +152,8 @@ pub(super) async fn read_rest(
     while filled < length {
         if filled == message.bytes.len() {
             let grown = length.min(filled * 2);
-            if let Some(budget) = budget {
-                let room = budget.take(grown - filled)?;
-                match &mut message._room {
-                    Some(taken) => taken.merge(room),
-                    none => *none = Some(room),
-                }
+            if let Some((budget, holder)) = budget {
+                budget.take(holder, &mut message._room, grown - filled)?;
             }
             message.bytes.resize(grown, 0);
         }
@@ -131,40 +182,69 @@ pub async fn write_message(
 mod tests {
     use super::*;
 
-    /// A message announced at 64 KiB takes room only as its bytes come, and gives it back
-    /// when dropped; one that finds no room is refused.
+    const HOLDER: RoomHolder = (7, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    /// A message announced at 64 KiB takes room only as its bytes come (12 KiB for its first
+    /// 10,000 bytes, not 60), and gives it back when dropped.
     #[tokio::test]
     async fn a_large_message_takes_room_as_it_arrives() {
-        let budget = MessageBudget::new(100_000);
+        let budget = MessageBudget::new(400_000);
         let (mut writer, mut reader) = tokio::io::duplex(1 << 20);
         writer.write_all(&[0xff, 0xff]).await.unwrap();
         writer.write_all(&[7; 10_000]).await.unwrap();
         let first = read_first_byte(&mut reader).await.unwrap().unwrap();
-        let reading = tokio::spawn(async move {
-            let message = read_rest(first, &mut reader, Some(&budget.clone())).await;
-            (message, budget)
+        let reading = tokio::spawn({
+            let budget = budget.clone();
+            async move { read_rest(first, &mut reader, Some((&budget, HOLDER))).await }
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!reading.is_finished());
+        // 4 KiB free of room, then 4 KiB and 8 KiB more as the buffer doubled.
+        assert_eq!(budget.available(), 400_000 - 12_288);
         writer.write_all(&[7; 65_535 - 10_000]).await.unwrap();
-        let (message, budget) = reading.await.unwrap();
-        let message = message.unwrap();
+        let message = reading.await.unwrap().unwrap();
         assert_eq!(message.len(), 65_535);
-        assert_eq!(budget.available(), 100_000 - (65_535 - SMALL_MESSAGE));
+        assert_eq!(budget.available(), 400_000 - (65_535 - SMALL_MESSAGE));
         drop(message);
-        assert_eq!(budget.available(), 100_000);
+        assert_eq!(budget.available(), 400_000);
+    }
 
-        let small = MessageBudget::new(10_000);
-        let (mut writer, mut reader) = tokio::io::duplex(1 << 20);
-        writer.write_all(&[0xff, 0xff]).await.unwrap();
-        writer.write_all(&[7; 65_535]).await.unwrap();
-        let first = read_first_byte(&mut reader).await.unwrap().unwrap();
-        let refused = read_rest(first, &mut reader, Some(&small)).await;
+    /// One client holds at most a quarter of the room: its message past that is refused
+    /// while other clients' are taken (helper-95: one workload's stalled halves took it all,
+    /// and another's 20 kB answer was closed on).
+    #[tokio::test]
+    async fn one_client_holds_at_most_a_quarter_of_the_room() {
+        let budget = MessageBudget::new(300_000);
+        let read = |holder: RoomHolder| {
+            let budget = budget.clone();
+            async move {
+                let (mut writer, mut reader) = tokio::io::duplex(1 << 20);
+                write_message(&mut writer, &[7; 65_535]).await.unwrap();
+                let first = read_first_byte(&mut reader).await.unwrap().unwrap();
+                read_rest(first, &mut reader, Some((&budget, holder))).await
+            }
+        };
+        let client = |cgroup| (cgroup, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let first = read(client(1)).await.unwrap();
+        // 61,439 held of its 75,000: a second message of its own finds no room.
+        let refused = read(client(1)).await;
         assert_eq!(
             refused.err().map(|err| err.kind()),
             Some(io::ErrorKind::OutOfMemory)
         );
-        assert_eq!(small.available(), 10_000);
+        assert_eq!(budget.available(), 300_000 - 61_439);
+        let others: Vec<_> = [2, 3, 4]
+            .into_iter()
+            .map(|cgroup| read(client(cgroup)))
+            .collect();
+        let mut held = vec![first];
+        for other in others {
+            held.push(other.await.unwrap());
+        }
+        // 245,756 held: a fifth client's message finds no room left.
+        assert!(read(client(5)).await.is_err());
+        drop(held);
+        assert_eq!(budget.available(), 300_000);
     }
 
     /// A stub's query never needs room.
@@ -174,7 +254,9 @@ mod tests {
         let (mut writer, mut reader) = tokio::io::duplex(1024);
         write_message(&mut writer, &[1; 512]).await.unwrap();
         let first = read_first_byte(&mut reader).await.unwrap().unwrap();
-        let message = read_rest(first, &mut reader, Some(&none)).await.unwrap();
+        let message = read_rest(first, &mut reader, Some((&none, HOLDER)))
+            .await
+            .unwrap();
         assert_eq!(&*message, &[1; 512][..]);
     }
 }

@@ -53,8 +53,9 @@ pub use framing::{read_message, write_message};
 const MAX_PIPELINED: usize = 64;
 
 /// Room for the large part of the messages being read or relayed, over every connection
-/// (each message's first 4 KiB aside): 512 messages of 64 KiB at once. A connection that
-/// finds no room for its next large message is closed, and counted as overload.
+/// (each message's first 4 KiB aside): 512 messages of 64 KiB at once, a quarter of it for
+/// one client. A connection that finds no room for its next large message is closed, and
+/// counted as overload.
 const MESSAGE_BUDGET: usize = 32 * 1024 * 1024;
 
 /// The read buffer of each direction of a relayed connection. Small: a message larger than
@@ -357,13 +358,15 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Err(err) => return Closed::ClientError(err),
             };
             conn.set_reading(true);
-            let query = match read_rest(first, &mut client, Some(&self.budget)).await {
-                Ok(query) => query,
-                Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
-                    return Closed::NoRoomForMessage;
-                }
-                Err(err) => return Closed::ClientError(err),
-            };
+            let query =
+                match read_rest(first, &mut client, Some((&self.budget, conn.room_holder()))).await
+                {
+                    Ok(query) => query,
+                    Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
+                        return Closed::NoRoomForMessage;
+                    }
+                    Err(err) => return Closed::ClientError(err),
+                };
             Stats::add(&stats.received);
             if !wire::is_query(&query) {
                 // Nothing more is read (what follows may not be framed as the client thinks),
@@ -409,8 +412,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 started,
                 description,
                 cacheable,
-                transfer: Transfer::for_query(&query),
-                awaited: 1,
+                awaited: [Transfer::for_query(&query)].into(),
             };
             // A client reusing an ID it is still waiting on awaits one more answer to it.
             // Nothing tells their answers apart (the first answer may be the first query's,
@@ -426,7 +428,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                         conn.reuses_ids
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                         earlier.cacheable = None;
-                        earlier.awaited += 1;
+                        earlier.awaited.extend(pending.awaited);
                     }
                     None => {
                         if conn.reuses_ids.load(std::sync::atomic::Ordering::Relaxed) {
@@ -514,7 +516,14 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         let stats = &self.stats.tcp;
         loop {
             let answer = match read_first_byte(&mut upstream).await {
-                Ok(Some(first)) => read_rest(first, &mut upstream, Some(&self.budget)).await,
+                Ok(Some(first)) => {
+                    read_rest(
+                        first,
+                        &mut upstream,
+                        Some((&self.budget, conn.room_holder())),
+                    )
+                    .await
+                }
                 Ok(None) => return Closed::ByUpstream,
                 Err(err) => Err(err),
             };

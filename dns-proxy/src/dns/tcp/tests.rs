@@ -809,3 +809,46 @@ async fn a_large_answer_sent_slowly_is_relayed_whole() {
     assert_eq!(relayed, Some(answer), "{:?}", relay.is_finished());
     drop(sending.await.unwrap());
 }
+
+/// A zone transfer, then a plain query with the same ID, and a half-close: answers are taken
+/// in the order the queries were sent, so the transfer's messages settle the transfer and
+/// the last answer the plain query; the client gets all four, and nothing is counted as an
+/// upstream timeout (the plain answer was read as a fifth transfer message, and the
+/// connection closed as overdue; helper-95).
+#[tokio::test]
+async fn a_transfer_and_a_query_with_its_id_are_each_answered() {
+    use crate::dns::transfer::tests::{a, message, query as query_of};
+    use hickory_proto::rr::RecordType;
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    write_message(&mut client, &query_of(RecordType::AXFR))
+        .await
+        .unwrap();
+    write_message(&mut client, &query_of(RecordType::A))
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    tokio::spawn(async move {
+        for _ in 0..2 {
+            read_message(&mut upstream).await.unwrap().unwrap();
+        }
+        for message in zone_transfer() {
+            write_message(&mut upstream, &message).await.unwrap();
+        }
+        let answer = message(RecordType::A, true, vec![a(9)]);
+        write_message(&mut upstream, &answer).await.unwrap();
+        let _ = read_message(&mut upstream).await;
+    });
+    let mut relayed = 0;
+    while let Ok(Ok(Some(_))) = timeout(Duration::from_secs(3), read_message(&mut client)).await {
+        relayed += 1;
+    }
+    assert_eq!(relayed, zone_transfer().len() + 1);
+    let closed = timeout(Duration::from_secs(2), relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed, Closed::ByClient.to_string());
+    assert_eq!(proxy.stats.tcp.upstream_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+}
