@@ -53,10 +53,11 @@ pub use framing::{read_message, write_message};
 const MAX_PIPELINED: usize = 64;
 
 /// Room for the large part of the messages being read or relayed, over every connection
-/// (each message's first 4 KiB aside): 512 messages of 64 KiB at once, a quarter of it for
-/// one client. A connection that finds no room for its next large message is closed, and
-/// counted as overload.
-const MESSAGE_BUDGET: usize = 32 * 1024 * 1024;
+/// (each message's first 4 KiB aside): about 1,000 messages of 64 KiB at once, an eighth of
+/// it for one client, so that eight workloads must hold their shares to keep another's
+/// large messages out. A connection that finds no room for its next large message is
+/// closed, and counted as overload.
+const MESSAGE_BUDGET: usize = 64 * 1024 * 1024;
 
 /// The read buffer of each direction of a relayed connection. Small: a message larger than
 /// it is read past it, and two of these for each of up to twice `--max-tcp-connections`
