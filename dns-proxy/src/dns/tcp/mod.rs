@@ -317,8 +317,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Stats::add(&stats.dropped_overload);
                 self.overload_log.warn(|closed| {
                     format!(
-                        "{} MiB of large TCP messages held at once: closed {closed} connections \
-                         that sent or were sent another",
+                        "no room for a large TCP message ({} MiB for all clients, an eighth \
+                         for one): closed {closed} connections that sent or were sent one",
                         MESSAGE_BUDGET >> 20
                     )
                 });
