@@ -101,9 +101,14 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    /// Who the room its large messages take is charged to: its client.
+    /// Who the room its large messages take is charged to: its workload, whatever address
+    /// it sends from (a workload that bound ten local addresses held ten shares; helper-96),
+    /// or, where none is recorded, its source address.
     pub(super) fn room_holder(&self) -> super::framing::RoomHolder {
-        (self.cgroup, self.client.ip().to_canonical())
+        match self.cgroup {
+            0 => (0, self.client.ip().to_canonical()),
+            cgroup => (cgroup, std::net::Ipv4Addr::UNSPECIFIED.into()),
+        }
     }
 
     /// What the query log says of this connection's queries.

@@ -28,8 +28,8 @@ struct Budget {
     held: HashMap<RoomHolder, usize>,
 }
 
-/// Who holds room: the client of the connection (its workload's cgroup id, 0 if none was
-/// recorded, and its source address), for its queries and for the answers sent to it.
+/// Who holds room: the workload of the connection (its cgroup id), or where none was
+/// recorded (0) its source address, for its queries and for the answers sent to it.
 pub type RoomHolder = (u64, IpAddr);
 
 impl MessageBudget {

@@ -54,8 +54,8 @@ const MAX_PIPELINED: usize = 64;
 
 /// Room for the large part of the messages being read or relayed, over every connection
 /// (each message's first 4 KiB aside): about 1,000 messages of 64 KiB at once, an eighth of
-/// it for one client, so that eight workloads must hold their shares to keep another's
-/// large messages out. A connection that finds no room for its next large message is
+/// it for one workload, so that nine must hold their shares to keep another's large
+/// messages out. A connection that finds no room for its next large message is
 /// closed, and counted as overload.
 const MESSAGE_BUDGET: usize = 64 * 1024 * 1024;
 

@@ -852,3 +852,17 @@ async fn a_transfer_and_a_query_with_its_id_are_each_answered() {
     assert_eq!(proxy.stats.tcp.upstream_timeouts.load(Ordering::Relaxed), 0);
     assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
 }
+
+/// Room for large messages is charged to the workload, whatever address it sends from: a
+/// workload that bound ten local addresses held ten shares (helper-96).
+#[test]
+fn room_is_charged_to_the_workload_whatever_its_address() {
+    let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
+    let from = |cgroup, client: &str| {
+        Connection::new(cgroup, client.parse().unwrap(), server, server).room_holder()
+    };
+    assert_eq!(from(7, "127.0.0.2:4000"), from(7, "10.0.0.1:5000"));
+    assert_ne!(from(7, "127.0.0.2:4000"), from(8, "127.0.0.2:4000"));
+    // No workload recorded: by address.
+    assert_ne!(from(0, "127.0.0.2:4000"), from(0, "127.0.0.3:4000"));
+}
