@@ -49,11 +49,7 @@ impl MessageBudget {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let held = budget.held.get(&holder).copied().unwrap_or(0);
         if bytes > budget.free || held + bytes > budget.per_client {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "no room for another large message: the room for them, or this client's \
-                 share of it, is taken",
-            ));
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, NoRoom));
         }
         budget.free -= bytes;
         budget.held.insert(holder, held + bytes);
@@ -76,6 +72,28 @@ impl MessageBudget {
     }
 }
 
+/// The error of a message that found no room in its [`MessageBudget`].
+#[derive(Debug)]
+pub(super) struct NoRoom;
+
+impl NoRoom {
+    /// Whether `err` says a message found no room (not a socket's own ENOMEM, say).
+    pub(super) fn is(err: &io::Error) -> bool {
+        err.get_ref().is_some_and(|inner| inner.is::<Self>())
+    }
+}
+
+impl std::fmt::Display for NoRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "no room for another large message: the room for them, or this workload's share \
+             of it, is taken",
+        )
+    }
+}
+
+impl std::error::Error for NoRoom {}
+
 /// Room taken from a [`MessageBudget`], given back when dropped.
 struct Room {
     budget: MessageBudget,
@@ -85,7 +103,11 @@ struct Room {
 
 impl Drop for Room {
     fn drop(&mut self) {
-        let mut budget = (self.budget.0.lock()).unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut budget = self
+            .budget
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         budget.free += self.bytes;
         if let Some(held) = budget.held.get_mut(&self.holder) {
             *held -= self.bytes;
@@ -243,10 +265,7 @@ mod tests {
         let first = read(client(1)).await.unwrap();
         // 61,439 held of its 75,000: a second message of its own finds no room.
         let refused = read(client(1)).await;
-        assert_eq!(
-            refused.err().map(|err| err.kind()),
-            Some(io::ErrorKind::OutOfMemory)
-        );
+        assert!(refused.is_err_and(|err| NoRoom::is(&err)));
         assert_eq!(budget.available(), 600_000 - 61_439);
         let others: Vec<_> = (2..=9).map(|cgroup| read(client(cgroup))).collect();
         let mut held = vec![first];

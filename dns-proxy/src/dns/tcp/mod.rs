@@ -45,7 +45,7 @@ mod framing;
 mod tests;
 
 use connection::{Closed, Connection, Pending, Progress};
-use framing::{MessageBudget, read_first_byte, read_rest};
+use framing::{MessageBudget, NoRoom, read_first_byte, read_rest};
 pub use framing::{read_message, write_message};
 
 /// Queries one connection may have waiting for answers; past it, the proxy stops reading from
@@ -363,7 +363,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 match read_rest(first, &mut client, Some((&self.budget, conn.room_holder()))).await
                 {
                     Ok(query) => query,
-                    Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
+                    Err(err) if NoRoom::is(&err) => {
                         return Closed::NoRoomForMessage;
                     }
                     Err(err) => return Closed::ClientError(err),
@@ -530,7 +530,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             };
             let answer = match answer {
                 Ok(answer) => answer,
-                Err(err) if err.kind() == io::ErrorKind::OutOfMemory => {
+                Err(err) if NoRoom::is(&err) => {
                     return Closed::NoRoomForMessage;
                 }
                 Err(err) => return Closed::UpstreamError(err),
