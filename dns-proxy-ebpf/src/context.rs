@@ -47,6 +47,13 @@ pub fn ctx_sock_type(ctx: &SockAddrContext) -> u32 {
     unsafe { (*raw(ctx)).type_ }
 }
 
+/// The socket's protocol (`IPPROTO_UDP`, `IPPROTO_TCP`, ...; the one the kernel resolved, never
+/// 0). Every sock_addr hook.
+pub fn ctx_sock_protocol(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context (module docs); `protocol` is readable in every sock_addr hook.
+    unsafe { (*raw(ctx)).protocol }
+}
+
 /// The IPv4 address the call names (destination or peer). The `*4` hooks.
 pub fn ctx_user_ip4(ctx: &SockAddrContext) -> u32 {
     // SAFETY: a valid context; `user_ip4` is readable in the `*4` hooks, the only callers (the

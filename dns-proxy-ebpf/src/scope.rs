@@ -19,7 +19,10 @@ use dns_proxy_common::{
 use crate::{
     AGENT_CGROUPS, AGENT_SOCKETS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
     EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS,
-    context::{ctx_bound_dev_if, ctx_local_port, ctx_mark, ctx_netns_cookie, ctx_sock_type},
+    context::{
+        ctx_bound_dev_if, ctx_local_port, ctx_mark, ctx_netns_cookie, ctx_sock_protocol,
+        ctx_sock_type,
+    },
     count,
     interface::chosen_interface,
 };
@@ -29,6 +32,11 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 /// `SOCK_STREAM` and `SOCK_DGRAM` from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
+/// The protocols of a DNS client's socket (uapi `in.h`): UDP, TCP, and MPTCP, which carries
+/// TCP.
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_MPTCP: u32 = 262;
 
 /// Whether the agent has attached every program and the block of `family` is routed here
 /// (`ARMED`, whose bit for the family it sets last and clears while the block has no route):
@@ -91,14 +99,20 @@ pub fn proxy_alive(sock_type: u32, family: u16) -> bool {
     true
 }
 
-/// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP on
-/// connect (sendmsg hooks only see UDP anyway). A socket on port 53 itself is a DNS server's:
-/// what it sends to port 53 is an answer to another server (or a forwarder's query from the
-/// server's port), not a lookup of a workload, and is left alone.
+/// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP (or
+/// MPTCP) on connect (sendmsg hooks only see datagrams anyway). A socket on port 53 itself is
+/// a DNS server's: what it sends to port 53 is an answer to another server (or a forwarder's
+/// query from the server's port), not a lookup of a workload, and is left alone. So is any
+/// other protocol of those types, which the proxy cannot take: a UDP-Lite datagram sent to
+/// the block found no socket there (`sk_lookup` runs for UDP only) and was lost, and an ICMP
+/// "ping" socket connected to a server's port 53 was answered by this host (helper-98).
 pub fn is_dns(ctx: &SockAddrContext, port_be: u16, hook: Hook) -> bool {
-    let sock_type = ctx_sock_type(ctx);
+    let (sock_type, protocol) = (ctx_sock_type(ctx), ctx_sock_protocol(ctx));
     port_be == DNS_PORT.to_be()
-        && (sock_type == SOCK_DGRAM || (hook == Hook::Connect && sock_type == SOCK_STREAM))
+        && ((sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP)
+            || (hook == Hook::Connect
+                && sock_type == SOCK_STREAM
+                && (protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP)))
         && ctx_local_port(ctx) != u32::from(DNS_PORT)
 }
 

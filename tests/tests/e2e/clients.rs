@@ -516,6 +516,98 @@ fn a_socket_bound_to_a_device_sending_through_one_or_marked_goes_direct() {
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 2);
 }
 
+/// A UDP-Lite server's, answering each datagram with its own bytes, on `argv[1]` port 53.
+const UDP_LITE_ECHO: &str = r#"
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
+s.bind((sys.argv[1], 53))
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(data, peer)
+"#;
+
+/// Sends, from sockets of protocols the proxy does not take, to port 53 of each server in
+/// `argv[1:]`: a UDP-Lite datagram (`sendto`), and an ICMP echo request from a "ping" socket
+/// connected to the server's port 53. Prints who answered each, or `timeout`. Then one query
+/// over MPTCP to the first.
+const ODD_PROTOCOLS_TO_PORT_53: &str = r#"
+import socket, sys
+def reply(s):
+    try:
+        data, peer = s.recvfrom(512)
+        return peer[0]
+    except socket.timeout:
+        return "timeout"
+for server in sys.argv[1:]:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    lite = socket.socket(family, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
+    lite.settimeout(2)
+    lite.sendto(b"not dns", (server, 53))
+    ping = socket.socket(family, socket.SOCK_DGRAM,
+                         socket.IPPROTO_ICMPV6 if family == socket.AF_INET6 else socket.IPPROTO_ICMP)
+    ping.settimeout(2)
+    ping.connect((server, 53))
+    # An echo request; the kernel fills in the identifier and the checksum.
+    ping.send(bytes([128 if family == socket.AF_INET6 else 8, 0, 0, 0, 0, 0, 0, 1]) + b"ping")
+    print(f"udplite={reply(lite)} ping={reply(ping)}", flush=True)
+# MPTCP, which carries TCP, is redirected as TCP is: one query over it.
+query = bytes.fromhex("abcd01000001000000000000") + b"\x05mptcp\x07example\x04test\x00\x00\x01\x00\x01"
+mptcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)  # IPPROTO_MPTCP
+mptcp.settimeout(5)
+mptcp.connect((sys.argv[1], 53))
+mptcp.sendall(len(query).to_bytes(2, "big") + query)
+length = int.from_bytes(mptcp.recv(2, socket.MSG_WAITALL), "big")
+answer = mptcp.recv(length, socket.MSG_WAITALL)
+print(f"mptcp id={answer[:2].hex()} peer={mptcp.getpeername()[0]}", flush=True)
+"#;
+
+/// Sockets of other protocols of the same types (UDP-Lite datagrams; ICMP "ping" sockets,
+/// which are `SOCK_DGRAM` too) are left alone: a UDP-Lite datagram sent to the block found no
+/// socket there (`sk_lookup` runs for UDP only) and was lost, and a ping socket connected to a
+/// server's port 53 was answered by this host, from the block (helper-98). MPTCP, which carries
+/// TCP, is still redirected.
+#[test]
+fn udp_lite_and_ping_sockets_to_port_53_go_where_they_were_sent() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let agent = Agent::start(&topology, &[&format!("--metrics={METRICS}")]);
+    let (server, server6) = (SERVER_IP.to_string(), SERVER_IP6.to_string());
+    let _echoes: Vec<tests::Process> = [&server, &server6]
+        .into_iter()
+        .map(|address| {
+            tests::Process::spawn(topology.server.command("python3").args([
+                "-c",
+                UDP_LITE_ECHO,
+                address,
+            ]))
+        })
+        .collect();
+    // Ping sockets for every group, root's included, in the client namespace only.
+    must(&mut topology.outsider("sysctl", &["-qw", "net.ipv4.ping_group_range=0 2147483647"]));
+    // The echo servers bind as they start: port 53 (0035) in the kernel's UDP-Lite tables.
+    wait_for("the UDP-Lite servers", Duration::from_secs(10), || {
+        let bound =
+            |table: &str| stdout_of(topology.server.command("cat").arg(table)).contains(":0035 ");
+        (bound("/proc/net/udplite") && bound("/proc/net/udplite6")).then_some(())
+    });
+    let output = stdout_of(&mut topology.workload(
+        "python3",
+        &["-c", ODD_PROTOCOLS_TO_PORT_53, &server, &server6],
+    ));
+    assert_eq!(
+        output.trim(),
+        format!(
+            "udplite={server} ping={server}\nudplite={server6} ping={server6}\n\
+             mptcp id=abcd peer={server}"
+        )
+    );
+    assert_forwarded_over(&agent, "mptcp.example.test", "tcp");
+    let page = scrape(&topology);
+    assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 1);
+    drop(agent);
+}
+
 /// The setsockopt program reads the options it looks for and changes no call: a rule set
 /// written with one large setsockopt (iptables-legacy's table, far more than the page of it
 /// the kernel shows a program) is set whole, in the redirected cgroup.
