@@ -231,6 +231,7 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
     let mut own_cgroup_said = false;
+    let descriptors_log = RateLimited::new(Duration::from_secs(60));
     loop {
         tokio::select! {
             () = stop.stopped() => return,
@@ -252,19 +253,34 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             return;
         };
         exclusions = kept;
-        readiness.set_outside_own_cgroup(matches!(own, Ok(cgroup::OwnCgroup::Lost(_)) | Err(_)));
-        // Its marks keep its own programs off its sockets, but not another agent's (one that
-        // takes over knows it by its cgroup alone): stopping switches the redirect off at
-        // once, and its service manager starts it anew in a cgroup of its own.
-        if matches!(
-            own,
-            Ok(cgroup::OwnCgroup::Lost(_)) | Err(cgroup::CgroupError::EnterAgentCgroup { .. })
-        ) && !stranded.is_stopped()
+        if let Err(cgroup::CgroupError::Read { source, .. }) = &own
+            && is_out_of_descriptors(source)
         {
-            log::error!(target: LOG, "out of its own cgroup, with no way back: stopping");
-            stranded.stop();
+            // /proc/self/cgroup could not be opened, which says nothing of where the agent is
+            // (it read as "out of its own cgroup" on /readyz, and as an error every few
+            // seconds, during a flood of connections at a low `ulimit -n`; helper-98).
+            descriptors_log.warn(|times| {
+                format!(
+                    "cannot check that the agent is in its own cgroup: {source} ({times} \
+                     times); raise its limit of open files (LimitNOFILE=)"
+                )
+            });
+        } else {
+            readiness
+                .set_outside_own_cgroup(matches!(own, Ok(cgroup::OwnCgroup::Lost(_)) | Err(_)));
+            // Its marks keep its own programs off its sockets, but not another agent's (one
+            // that takes over knows it by its cgroup alone): stopping switches the redirect
+            // off at once, and its service manager starts it anew in a cgroup of its own.
+            if matches!(
+                own,
+                Ok(cgroup::OwnCgroup::Lost(_)) | Err(cgroup::CgroupError::EnterAgentCgroup { .. })
+            ) && !stranded.is_stopped()
+            {
+                log::error!(target: LOG, "out of its own cgroup, with no way back: stopping");
+                stranded.stop();
+            }
+            say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         }
-        say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         let lost = target_now.map_or(true, |id| id != target.id);
         if lost && !target_lost {
             log::error!(
@@ -278,6 +294,11 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         target_lost = lost;
         readiness.set_target_lost(lost);
     }
+}
+
+/// Whether an error is the process's (or the system's) file descriptors running out.
+pub(crate) fn is_out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Says where [`cgroup::return_to`] found the agent, if not in its own cgroup `agent`. Its
