@@ -296,6 +296,18 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     }
 }
 
+/// Gives the heap's free pages back to the system. A walk of a full table builds and drops
+/// about 14 MB of maps and sets on a blocking thread, whose glibc arena kept them: an idle
+/// agent's RSS went from 10.7 to 38.2 MB over its first walks (helper-98), which a memory
+/// limit of 40 MiB did not hold.
+fn give_back_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and only releases memory no allocation holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Whether an error is the process's (or the system's) file descriptors running out.
 pub(crate) fn is_out_of_descriptors(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
@@ -604,6 +616,7 @@ async fn forget_departed(
                 stats.forget(gone);
             }
             let result = servers.forget_departed(gone, quiet);
+            give_back_free_heap();
             (missing, Some(result))
         })
         .await;
