@@ -36,9 +36,10 @@ use crate::{
     workload::WorkloadNames,
 };
 
-/// How long a UDP thread may be wedged before the agent is unhealthy (`/healthz` 503, no
-/// watchdog keep-alive to systemd): it is then restarted, the one way to serve again. Lookups
-/// went direct meanwhile.
+/// How long a UDP thread may be wedged, or the redirected cgroup gone, before the agent is
+/// unhealthy (`/healthz` 503, no watchdog keep-alive to systemd): it is then restarted, the
+/// one way to serve again (a restarted agent attaches to the cgroup made anew at the path).
+/// Lookups went direct meanwhile.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// A UDP thread that has not run (taken for wedged): which, and since when.
@@ -54,8 +55,9 @@ pub struct WedgedThread {
 pub struct Readiness {
     ready: AtomicBool,
     replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
-    /// The redirected cgroup is gone or was made anew: the programs stay on the old one.
-    target_lost: AtomicBool,
+    /// Since when the redirected cgroup is gone or was made anew: the programs stay on the
+    /// old one.
+    target_lost: Mutex<Option<Instant>>,
     /// A block the agent serves is no longer routed to this host: the redirect is off.
     block_unrouted: AtomicBool,
     /// The agent is out of its own cgroup and cannot go back: its own lookups may loop.
@@ -88,7 +90,16 @@ impl Readiness {
     /// Whether the redirected cgroup is gone or was made anew (the agent then redirects
     /// nothing until it restarts).
     pub fn set_target_lost(&self, lost: bool) {
-        self.target_lost.store(lost, Ordering::Relaxed);
+        let mut since = self.target_lost.lock().expect("not poisoned");
+        match (lost, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, _) => *since = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    fn target_lost_since(&self) -> Option<Instant> {
+        *self.target_lost.lock().expect("not poisoned")
     }
 
     /// Whether a block the agent serves lost its route to this host (the redirect is off
@@ -118,15 +129,26 @@ impl Readiness {
         *self.wedged_udp_thread.lock().expect("not poisoned")
     }
 
-    /// Why the agent should be restarted (`None`: it should not): a UDP thread wedged for
-    /// [`UNHEALTHY_AFTER`].
+    /// Why the agent should be restarted (`None`: it should not): a UDP thread wedged, or
+    /// the redirected cgroup gone or made anew, for [`UNHEALTHY_AFTER`]. Before, an agent
+    /// whose cgroup was made anew (runc's `mkdir -p` of Docker's parent cgroup) redirected
+    /// nothing for good while `/healthz` said 200 (helper-97).
     pub fn unhealthy(&self) -> Option<String> {
-        let wedged = self.wedged_udp_thread()?;
-        let for_how_long = wedged.since.elapsed();
+        if let Some(wedged) = self.wedged_udp_thread() {
+            let for_how_long = wedged.since.elapsed();
+            if for_how_long >= UNHEALTHY_AFTER {
+                return Some(format!(
+                    "UDP thread {} has not run for {} s (lookups go direct); restart the agent",
+                    wedged.index,
+                    for_how_long.as_secs()
+                ));
+            }
+        }
+        let for_how_long = self.target_lost_since()?.elapsed();
         (for_how_long >= UNHEALTHY_AFTER).then(|| {
             format!(
-                "UDP thread {} has not run for {} s (lookups go direct); restart the agent",
-                wedged.index,
+                "the redirected cgroup has been gone, or made anew, for {} s (nothing in it is \
+                 redirected); restart the agent",
                 for_how_long.as_secs()
             )
         })
@@ -155,7 +177,7 @@ impl Readiness {
     }
 
     fn is_target_lost(&self) -> bool {
-        self.target_lost.load(Ordering::Relaxed)
+        self.target_lost_since().is_some()
     }
 
     fn is_replaced(&self) -> bool {
@@ -481,6 +503,35 @@ mod tests {
             body("/healthz")
         );
         agent.readiness.set_wedged_udp_thread(None);
+        assert_eq!(status("/readyz"), StatusCode::OK);
+        assert_eq!(status("/healthz"), StatusCode::OK);
+    }
+
+    /// A redirected cgroup gone (or made anew) makes the agent not ready at once, and
+    /// unhealthy, to be restarted onto the cgroup at its path, once it has been gone for
+    /// [`UNHEALTHY_AFTER`].
+    #[test]
+    fn a_lost_redirected_cgroup_is_not_ready_then_unhealthy() {
+        let agent = metrics(true);
+        let body = |path| format!("{:?}", agent.respond(&Method::GET, path).body());
+        let status = |path| agent.respond(&Method::GET, path).status();
+        // A clock that has run less than 30 s (a VM just booted) cannot say it: skipped then.
+        let Some(long_ago) = Instant::now().checked_sub(UNHEALTHY_AFTER) else {
+            return;
+        };
+        agent.readiness.set_target_lost(true);
+        assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status("/healthz"), StatusCode::OK);
+        // Still lost at the next look: it has been lost since the first.
+        *agent.readiness.target_lost.lock().expect("not poisoned") = Some(long_ago);
+        agent.readiness.set_target_lost(true);
+        assert_eq!(status("/healthz"), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body("/healthz").contains("gone, or made anew, for 30 s"),
+            "{}",
+            body("/healthz")
+        );
+        agent.readiness.set_target_lost(false);
         assert_eq!(status("/readyz"), StatusCode::OK);
         assert_eq!(status("/healthz"), StatusCode::OK);
     }

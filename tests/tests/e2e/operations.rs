@@ -347,6 +347,23 @@ fn an_excluded_cgroup_made_anew_stays_excluded() {
     let (status, body) = tests::http_get(&topology.client, metrics_addr(), "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the redirected cgroup is gone"), "{body}");
+    // Made anew at its path (runc's `mkdir -p` of Docker's parent cgroup), it is another
+    // cgroup, which this agent never attached to: after 30 s it asks to be restarted (by the
+    // liveness probe, or systemd's watchdog), which attaches a new agent to it. Before, it
+    // said 200 for good while redirecting nothing (helper-97).
+    fs::create_dir(&redirected).expect("make the redirected cgroup anew");
+    let (status, body) = tests::http_get(&topology.client, metrics_addr(), "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let body = wait_for(
+        "/healthz to ask for a restart",
+        Duration::from_secs(45),
+        || {
+            let (status, body) = tests::http_get(&topology.client, metrics_addr(), "/healthz");
+            (status == 503).then_some(body)
+        },
+    );
+    assert!(body.contains("restart the agent"), "{body}");
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup made anew");
 }
 
 #[test]
