@@ -3,8 +3,8 @@
 //!   counters and the kernel side's per-CPU counters. Each metric is declared once, in
 //!   [`catalog`]; [`collector`] writes the page from it, and docs/metrics.md is generated from
 //!   it too;
-//! - `/healthz`: the agent is alive (its runtime answers), and none of its UDP threads has
-//!   been wedged for [`UNHEALTHY_AFTER`];
+//! - `/healthz`: the agent is alive (its runtime answers), none of its UDP threads has been
+//!   wedged for [`UNHEALTHY_AFTER`], nor has its redirected cgroup been made anew as long;
 //! - `/readyz`: the programs are attached, the listeners bound and every UDP thread runs; not
 //!   ready while shutting down;
 //! - `/v1/resolutions`: the names a workload resolved ([`resolutions`]).
@@ -36,10 +36,10 @@ use crate::{
     workload::WorkloadNames,
 };
 
-/// How long a UDP thread may be wedged, or the redirected cgroup gone, before the agent is
-/// unhealthy (`/healthz` 503, no watchdog keep-alive to systemd): it is then restarted, the
-/// one way to serve again (a restarted agent attaches to the cgroup made anew at the path).
-/// Lookups went direct meanwhile.
+/// How long a UDP thread may be wedged, or the redirected cgroup made anew, before the agent
+/// is unhealthy (`/healthz` 503, no watchdog keep-alive to systemd): it is then restarted,
+/// the one way to serve again (a restarted agent attaches to the cgroup made anew at the
+/// path). Lookups went direct meanwhile.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// A UDP thread that has not run (taken for wedged): which, and since when.
@@ -55,9 +55,10 @@ pub struct WedgedThread {
 pub struct Readiness {
     ready: AtomicBool,
     replaced: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
-    /// Since when the redirected cgroup is gone or was made anew: the programs stay on the
-    /// old one.
-    target_lost: Mutex<Option<Instant>>,
+    /// The redirected cgroup is gone or was made anew: the programs stay on the old one.
+    target_lost: AtomicBool,
+    /// Since when another cgroup is at the redirected cgroup's path.
+    target_made_anew: Mutex<Option<Instant>>,
     /// A block the agent serves is no longer routed to this host: the redirect is off.
     block_unrouted: AtomicBool,
     /// The agent is out of its own cgroup and cannot go back: its own lookups may loop.
@@ -90,16 +91,22 @@ impl Readiness {
     /// Whether the redirected cgroup is gone or was made anew (the agent then redirects
     /// nothing until it restarts).
     pub fn set_target_lost(&self, lost: bool) {
-        let mut since = self.target_lost.lock().expect("not poisoned");
-        match (lost, *since) {
+        self.target_lost.store(lost, Ordering::Relaxed);
+    }
+
+    /// Whether another cgroup is at the redirected cgroup's path (made anew there): an agent
+    /// restarted would attach to it.
+    pub fn set_target_made_anew(&self, made_anew: bool) {
+        let mut since = self.target_made_anew.lock().expect("not poisoned");
+        match (made_anew, *since) {
             (true, None) => *since = Some(Instant::now()),
             (false, _) => *since = None,
             (true, Some(_)) => {}
         }
     }
 
-    fn target_lost_since(&self) -> Option<Instant> {
-        *self.target_lost.lock().expect("not poisoned")
+    fn target_made_anew_since(&self) -> Option<Instant> {
+        *self.target_made_anew.lock().expect("not poisoned")
     }
 
     /// Whether a block the agent serves lost its route to this host (the redirect is off
@@ -130,9 +137,10 @@ impl Readiness {
     }
 
     /// Why the agent should be restarted (`None`: it should not): a UDP thread wedged, or
-    /// the redirected cgroup gone or made anew, for [`UNHEALTHY_AFTER`]. Before, an agent
-    /// whose cgroup was made anew (runc's `mkdir -p` of Docker's parent cgroup) redirected
-    /// nothing for good while `/healthz` said 200 (helper-97).
+    /// the redirected cgroup made anew, for [`UNHEALTHY_AFTER`]. Before, an agent whose
+    /// cgroup was made anew (runc's `mkdir -p` of Docker's parent cgroup) redirected nothing
+    /// for good while `/healthz` said 200 (helper-97). A cgroup merely gone is not a reason:
+    /// a restarted agent would fail at start, and systemd give up on it.
     pub fn unhealthy(&self) -> Option<String> {
         if let Some(wedged) = self.wedged_udp_thread() {
             let for_how_long = wedged.since.elapsed();
@@ -144,11 +152,11 @@ impl Readiness {
                 ));
             }
         }
-        let for_how_long = self.target_lost_since()?.elapsed();
+        let for_how_long = self.target_made_anew_since()?.elapsed();
         (for_how_long >= UNHEALTHY_AFTER).then(|| {
             format!(
-                "the redirected cgroup has been gone, or made anew, for {} s (nothing in it is \
-                 redirected); restart the agent",
+                "the redirected cgroup was made anew {} s ago (nothing in it is redirected); \
+                 restart the agent",
                 for_how_long.as_secs()
             )
         })
@@ -177,7 +185,7 @@ impl Readiness {
     }
 
     fn is_target_lost(&self) -> bool {
-        self.target_lost_since().is_some()
+        self.target_lost.load(Ordering::Relaxed)
     }
 
     fn is_replaced(&self) -> bool {
@@ -507,11 +515,11 @@ mod tests {
         assert_eq!(status("/healthz"), StatusCode::OK);
     }
 
-    /// A redirected cgroup gone (or made anew) makes the agent not ready at once, and
-    /// unhealthy, to be restarted onto the cgroup at its path, once it has been gone for
-    /// [`UNHEALTHY_AFTER`].
+    /// A redirected cgroup made anew makes the agent not ready at once, and unhealthy, to be
+    /// restarted onto the cgroup at its path, after [`UNHEALTHY_AFTER`]; one merely gone only
+    /// not ready.
     #[test]
-    fn a_lost_redirected_cgroup_is_not_ready_then_unhealthy() {
+    fn a_redirected_cgroup_made_anew_is_not_ready_then_unhealthy() {
         let agent = metrics(true);
         let body = |path| format!("{:?}", agent.respond(&Method::GET, path).body());
         let status = |path| agent.respond(&Method::GET, path).status();
@@ -520,17 +528,22 @@ mod tests {
             return;
         };
         agent.readiness.set_target_lost(true);
+        agent.readiness.set_target_made_anew(true);
         assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status("/healthz"), StatusCode::OK);
-        // Still lost at the next look: it has been lost since the first.
-        *agent.readiness.target_lost.lock().expect("not poisoned") = Some(long_ago);
-        agent.readiness.set_target_lost(true);
+        // Still made anew at the next look: it has been since the first.
+        *agent.readiness.target_made_anew.lock().expect("not poisoned") = Some(long_ago);
+        agent.readiness.set_target_made_anew(true);
         assert_eq!(status("/healthz"), StatusCode::SERVICE_UNAVAILABLE);
         assert!(
-            body("/healthz").contains("gone, or made anew, for 30 s"),
+            body("/healthz").contains("made anew 30 s ago"),
             "{}",
             body("/healthz")
         );
+        // Gone, with nothing at its path: a restart would fail at start.
+        agent.readiness.set_target_made_anew(false);
+        assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status("/healthz"), StatusCode::OK);
         agent.readiness.set_target_lost(false);
         assert_eq!(status("/readyz"), StatusCode::OK);
         assert_eq!(status("/healthz"), StatusCode::OK);

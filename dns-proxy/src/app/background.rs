@@ -253,16 +253,24 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             return;
         };
         exclusions = kept;
-        if let Err(cgroup::CgroupError::Read { source, .. }) = &own
+        if let Err(
+            cgroup::CgroupError::Read { source, .. }
+            | cgroup::CgroupError::EnterAgentCgroup { source, .. },
+        ) = &own
             && is_out_of_descriptors(source)
         {
-            // /proc/self/cgroup could not be opened, which says nothing of where the agent is
-            // (it read as "out of its own cgroup" on /readyz, and as an error every few
-            // seconds, during a flood of connections at a low `ulimit -n`; helper-98).
+            // Out of file descriptors, /proc/self/cgroup could not be read, which says nothing
+            // of where the agent is (it read as "out of its own cgroup" on /readyz, and as an
+            // error every few seconds, during a flood of connections at a low `ulimit -n`;
+            // helper-98), or the agent, moved out, could not open its cgroup to go back, which
+            // it may do at a later look: not ready meanwhile, but not stopped for it.
+            if matches!(own, Err(cgroup::CgroupError::EnterAgentCgroup { .. })) {
+                readiness.set_outside_own_cgroup(true);
+            }
             descriptors_log.warn(|times| {
                 format!(
-                    "cannot check that the agent is in its own cgroup: {source} ({times} \
-                     times); raise its limit of open files (LimitNOFILE=)"
+                    "cannot keep the agent in its own cgroup: {source} ({times} times); \
+                     raise its limit of open files (LimitNOFILE=)"
                 )
             });
         } else {
@@ -281,7 +289,7 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             }
             say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         }
-        let lost = target_now.map_or(true, |id| id != target.id);
+        let lost = target_now.as_ref().map_or(true, |id| *id != target.id);
         if lost && !target_lost {
             log::error!(
                 target: LOG,
@@ -293,11 +301,15 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         }
         target_lost = lost;
         readiness.set_target_lost(lost);
+        // Made anew (another cgroup at the path): a restarted agent attaches to it, so the
+        // agent asks for one after a while. Merely gone (or renamed, which the programs
+        // follow), a restart would fail at start, and leave no agent when the path comes back.
+        readiness.set_target_made_anew(target_now.is_ok_and(|id| id != target.id));
     }
 }
 
 /// Gives the heap's free pages back to the system. A walk of a full table builds and drops
-/// about 14 MB of maps and sets on a blocking thread, whose glibc arena kept them: an idle
+/// about 10 MB of maps and sets on a blocking thread, whose glibc arena kept them: an idle
 /// agent's RSS went from 10.7 to 38.2 MB over its first walks (helper-98), which a memory
 /// limit of 40 MiB did not hold.
 fn give_back_free_heap() {
