@@ -33,7 +33,8 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
 /// The protocols of a DNS client's socket (uapi `in.h`): UDP, TCP, and MPTCP, which carries
-/// TCP.
+/// TCP (its `connect` runs the hook on its first subflow, a TCP socket; MPTCP is taken too,
+/// should a kernel run it on the MPTCP socket itself).
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_MPTCP: u32 = 262;
