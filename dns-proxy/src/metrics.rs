@@ -532,7 +532,11 @@ mod tests {
         assert_eq!(status("/readyz"), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status("/healthz"), StatusCode::OK);
         // Still made anew at the next look: it has been since the first.
-        *agent.readiness.target_made_anew.lock().expect("not poisoned") = Some(long_ago);
+        *agent
+            .readiness
+            .target_made_anew
+            .lock()
+            .expect("not poisoned") = Some(long_ago);
         agent.readiness.set_target_made_anew(true);
         assert_eq!(status("/healthz"), StatusCode::SERVICE_UNAVAILABLE);
         assert!(
