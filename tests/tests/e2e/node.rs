@@ -67,6 +67,42 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
 /// Podman's aardvark-dns does) is asked directly by every workload, from its own address, while
 /// other servers are still asked through the agent, also with every IPv6 server excluded.
 /// Servers here answer with the address they were asked from.
+/// A pod given the agent's own listen address as its nameserver (a container's `--dns
+/// 169.254.53.0`) is answered REFUSED at once, from that address, and its resolver moves on:
+/// the query was dropped as a loop, and glibc waited out its 10 s timeout (helper-97).
+#[test]
+fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
+    let node = NodeTopology::new();
+    let args = [
+        format!("--listen={NODE_LISTEN}:53"),
+        format!("--metrics={METRICS}"),
+    ];
+    let _agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let started = Instant::now();
+    let answer = tests::dig_at(
+        node.pod(0, "dig", &[]),
+        &NODE_LISTEN.to_string(),
+        "itself.example.test",
+        &[],
+    )
+    .unwrap_or_else(|err| panic!("dig: {err}"));
+    assert!(answer.contains("status: REFUSED"), "{answer}");
+    assert!(
+        answer.contains(&format!("SERVER: {NODE_LISTEN}#53")),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{answer}");
+    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        value(
+            &page,
+            "dns_proxy_dropped_total{protocol=\"udp\",reason=\"loop\"}"
+        ),
+        1
+    );
+}
+
 #[test]
 fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
     use std::net::Ipv4Addr;

@@ -167,6 +167,8 @@ pub(super) enum MadeHere {
     Coalesced,
     /// REFUSED for an upstream that cannot be reached (`unreachable`).
     Unreachable,
+    /// REFUSED for a query whose server is this proxy (`refuse_loop`).
+    Loop,
 }
 
 impl MadeHere {
@@ -177,6 +179,7 @@ impl MadeHere {
             Self::Stale => "cache=stale",
             Self::Coalesced => "cache=coalesced",
             Self::Unreachable => "upstream=unreachable",
+            Self::Loop => "upstream=this-proxy",
         }
     }
 }
@@ -348,6 +351,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             MadeHere::Coalesced => Stats::add(&self.stats.cache_coalesced),
             // Counted as an upstream error where it is made.
             MadeHere::Unreachable => {}
+            // Counted as refused (`reason="loop"`) where it is made.
+            MadeHere::Loop => {}
         }
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {

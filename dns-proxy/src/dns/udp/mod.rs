@@ -297,7 +297,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             cgroup,
             upstream,
             reached,
-        } = self.admission.route(client, reached, local)?;
+        } = match self.admission.route_or_loop(client, reached, local) {
+            Ok(route) => route,
+            Err(Some(looped)) => {
+                self.refuse_loop(datagram, client, &looped, now);
+                return None;
+            }
+            Err(None) => return None,
+        };
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
         let started = now.instant;

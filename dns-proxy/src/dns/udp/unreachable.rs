@@ -21,14 +21,14 @@ use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 use tokio::io::Interest;
 
 use super::{
-    LOG, UdpProxy,
+    LOG, Recipient, UdpProxy,
     cached::{Leading, MadeHere},
     mmsg::{self, QueuedError},
     pending::{Pending, PendingKey},
     pool::{PoolSocket, Stray},
 };
 use crate::{
-    dns::{OriginalDestinations, stats::Stats, wire},
+    dns::{Moment, OriginalDestinations, admission::Route, stats::Stats, wire},
     ebpf::OwnSockets,
 };
 
@@ -272,6 +272,33 @@ fn question_of(sent: &[u8]) -> u64 {
     use std::hash::BuildHasher as _;
     let question = wire::question(sent).unwrap_or_default();
     foldhash::fast::FixedState::with_seed(0).hash_one(question)
+}
+
+impl<D: OriginalDestinations> UdpProxy<D> {
+    /// Answers REFUSED to a query whose server is this proxy itself (`looped`: where it would
+    /// have gone), from the address it reached: its resolver moves on to its next nameserver
+    /// at once, as from a server that will not answer, instead of waiting out its timeout.
+    /// No larger than the query (its question alone), so a forged source gains nothing.
+    pub(super) fn refuse_loop(
+        &self,
+        datagram: &[u8],
+        client: SocketAddr,
+        looped: &Route,
+        now: Moment,
+    ) {
+        let Some(answer) = refused(datagram, None) else {
+            return;
+        };
+        let to = Recipient {
+            cgroup: looped.cgroup,
+            client,
+            original: looped.original,
+            reply_from: looped.reached.ip(),
+            listener: self.shared_listener.as_fd(),
+            started: now.instant,
+        };
+        self.send_answer(&answer, to, MadeHere::Loop);
+    }
 }
 
 /// REFUSED to `sent` (a query, or its start as an ICMP error carried it back): its header
