@@ -321,7 +321,7 @@ fn give_back_free_heap() {
 }
 
 /// Whether an error is the process's (or the system's) file descriptors running out.
-pub(crate) fn is_out_of_descriptors(err: &std::io::Error) -> bool {
+fn is_out_of_descriptors(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 

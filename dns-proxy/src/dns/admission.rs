@@ -130,6 +130,20 @@ pub struct Route {
     pub reached: SocketAddr,
 }
 
+/// Why a query was not routed ([`Admission::route_or_loop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedAway {
+    /// Its server is this proxy: the server its client asked, the cgroup that asked, and the
+    /// proxy address it reached, from which an answer to it leaves.
+    Looped {
+        original: SocketAddr,
+        cgroup: u64,
+        reached: SocketAddr,
+    },
+    /// Not redirected, or refused for another reason.
+    Other,
+}
+
 /// One listener's admission: its destinations, limits and rate-limited warnings.
 pub struct Admission<D> {
     transport: Transport,
@@ -188,17 +202,17 @@ impl<D: OriginalDestinations> Admission<D> {
             .ok()
     }
 
-    /// [`route`](Self::route), and for a query whose upstream would be this proxy (counted and
-    /// logged as refused) the route it would have taken as `Err`, for a UDP listener to
-    /// answer it REFUSED: a workload given the proxy's own address as its nameserver (a
-    /// container's `--dns 169.254.53.0`) otherwise waited out its resolver's timeout, 10 s
-    /// for glibc, on every lookup (helper-97).
+    /// [`route`](Self::route), which says, of a query turned away, whether its server is this
+    /// proxy (counted and logged as refused), for a UDP listener to answer it REFUSED: a
+    /// workload given the proxy's own address as its nameserver (a container's `--dns
+    /// 169.254.53.0`) otherwise waited out its resolver's timeout, 10 s for glibc, on every
+    /// lookup (helper-97).
     pub fn route_or_loop(
         &self,
         client: SocketAddr,
         reached: Option<SocketAddr>,
         from_this_namespace: bool,
-    ) -> Result<Route, Option<Route>> {
+    ) -> Result<Route, TurnedAway> {
         let stats = self.transport.stats(&self.stats);
         let turning_away = self.transport.turning_away();
         // The address it was sent to names its server; a listener address names none.
@@ -210,7 +224,7 @@ impl<D: OriginalDestinations> Admission<D> {
                 target: self.transport.log_target(),
                 "{turning_away} from {client}: not a redirected client"
             );
-            return Err(None);
+            return Err(TurnedAway::Other);
         };
         match upstream_for(
             original,
@@ -231,12 +245,14 @@ impl<D: OriginalDestinations> Admission<D> {
                         "{turning_away} from {client} to {original}: {refusal} ({refused} refused)"
                     )
                 });
-                Err((refusal == Refusal::Loop).then_some(Route {
-                    original,
-                    cgroup,
-                    upstream: original,
-                    reached,
-                }))
+                Err(match refusal {
+                    Refusal::Loop => TurnedAway::Looped {
+                        original,
+                        cgroup,
+                        reached,
+                    },
+                    Refusal::ForeignLoopback => TurnedAway::Other,
+                })
             }
         }
     }

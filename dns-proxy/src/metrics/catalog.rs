@@ -214,8 +214,8 @@ pub const METRICS: &[Metric] = &[
                socket to be had toward the upstream, the agent out of open files; or, TCP, \
                a connection closed for want of room for a large message), \
                client_limit (beyond a client's own: --max-inflight-per-client, \
-               --max-tcp-connections-per-client), loop (headed back to the proxy; UDP: answered REFUSED), \
-               foreign_loopback (from another network namespace to a loopback server), stray \
+               --max-tcp-connections-per-client), loop (headed back to the proxy; UDP: \
+               answered REFUSED), foreign_loopback (from another network namespace to a loopback server), stray \
                (UDP: a datagram from upstream that answers no query in flight, late or forged, \
                or an ICMP port unreachable about none; not one the kernel refuses: from \
                another address or port than the server an upstream socket is connected to, or \

@@ -63,10 +63,6 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
     forwarded(&agent, "r9.host.example.test");
 }
 
-/// A server excluded with `--exclude-server` (one that answers by its asker's address, as
-/// Podman's aardvark-dns does) is asked directly by every workload, from its own address, while
-/// other servers are still asked through the agent, also with every IPv6 server excluded.
-/// Servers here answer with the address they were asked from.
 /// A pod given the agent's own listen address as its nameserver (a container's `--dns
 /// 169.254.53.0`) is answered REFUSED at once, from that address, and its resolver moves on:
 /// the query was dropped as a loop, and glibc waited out its 10 s timeout (helper-97).
@@ -103,6 +99,10 @@ fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
     );
 }
 
+/// A server excluded with `--exclude-server` (one that answers by its asker's address, as
+/// Podman's aardvark-dns does) is asked directly by every workload, from its own address, while
+/// other servers are still asked through the agent, also with every IPv6 server excluded.
+/// Servers here answer with the address they were asked from.
 #[test]
 fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
     use std::net::Ipv4Addr;

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::{Notify, Semaphore};
 
-use super::{MAX_KEEPALIVE, MAX_PIPELINED};
+use super::{MAX_KEEPALIVE, MAX_PIPELINED, framing::RoomHolder};
 use crate::dns::{cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire};
 
 /// Why a relayed connection ended, for the debug log.
@@ -104,10 +104,10 @@ impl Connection {
     /// Who the room its large messages take is charged to: its workload, whatever address
     /// it sends from (a workload that bound ten local addresses held ten shares; helper-96),
     /// or, where none is recorded, its source address.
-    pub(super) fn room_holder(&self) -> super::framing::RoomHolder {
+    pub(super) fn room_holder(&self) -> RoomHolder {
         match self.cgroup {
-            0 => (0, self.client.ip().to_canonical()),
-            cgroup => (cgroup, std::net::Ipv4Addr::UNSPECIFIED.into()),
+            0 => RoomHolder::Address(self.client.ip().to_canonical()),
+            cgroup => RoomHolder::Workload(cgroup),
         }
     }
 

@@ -28,9 +28,14 @@ struct Budget {
     held: HashMap<RoomHolder, usize>,
 }
 
-/// Who holds room: the workload of the connection (its cgroup id), or where none was
-/// recorded (0) its source address, for its queries and for the answers sent to it.
-pub type RoomHolder = (u64, IpAddr);
+/// Who holds room, for a connection's queries and for the answers sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoomHolder {
+    /// Its workload (cgroup id), whatever address it sends from.
+    Workload(u64),
+    /// Its source address, where no workload was recorded.
+    Address(IpAddr),
+}
 
 impl MessageBudget {
     pub fn new(bytes: usize) -> Self {
@@ -219,7 +224,7 @@ pub async fn write_message(
 mod tests {
     use super::*;
 
-    const HOLDER: RoomHolder = (7, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    const HOLDER: RoomHolder = RoomHolder::Workload(7);
 
     /// A message announced at 64 KiB takes room only as its bytes come (12 KiB for its first
     /// 10,000 bytes, not 60), and gives it back when dropped.
@@ -261,7 +266,7 @@ mod tests {
                 read_rest(first, &mut reader, Some((&budget, holder))).await
             }
         };
-        let client = |cgroup| (cgroup, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let client = RoomHolder::Workload;
         let first = read(client(1)).await.unwrap();
         // 61,439 held of its 75,000: a second message of its own finds no room.
         let refused = read(client(1)).await;

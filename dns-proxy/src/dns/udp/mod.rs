@@ -40,7 +40,7 @@ use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
     Moment, OriginalDestinations,
-    admission::{Admission, Route, Transport},
+    admission::{Admission, Route, Transport, TurnedAway},
     cache::Cache,
     coalesce::Coalescer,
     observers::Observers,
@@ -299,11 +299,23 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             reached,
         } = match self.admission.route_or_loop(client, reached, local) {
             Ok(route) => route,
-            Err(Some(looped)) => {
-                self.refuse_loop(datagram, client, &looped, now);
+            Err(TurnedAway::Looped {
+                original,
+                cgroup,
+                reached,
+            }) => {
+                let to = Recipient {
+                    cgroup,
+                    client,
+                    original,
+                    reply_from: reached.ip(),
+                    listener: self.shared_listener.as_fd(),
+                    started: now.instant,
+                };
+                self.refuse_loop(datagram, to);
                 return None;
             }
-            Err(None) => return None,
+            Err(TurnedAway::Other) => return None,
         };
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();

@@ -28,7 +28,7 @@ use super::{
     pool::{PoolSocket, Stray},
 };
 use crate::{
-    dns::{Moment, OriginalDestinations, admission::Route, stats::Stats, wire},
+    dns::{OriginalDestinations, stats::Stats, wire},
     ebpf::OwnSockets,
 };
 
@@ -275,29 +275,14 @@ fn question_of(sent: &[u8]) -> u64 {
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
-    /// Answers REFUSED to a query whose server is this proxy itself (`looped`: where it would
-    /// have gone), from the address it reached: its resolver moves on to its next nameserver
-    /// at once, as from a server that will not answer, instead of waiting out its timeout.
-    /// No larger than the query (its question alone), so a forged source gains nothing.
-    pub(super) fn refuse_loop(
-        &self,
-        datagram: &[u8],
-        client: SocketAddr,
-        looped: &Route,
-        now: Moment,
-    ) {
-        let Some(answer) = refused(datagram, None) else {
-            return;
-        };
-        let to = Recipient {
-            cgroup: looped.cgroup,
-            client,
-            original: looped.original,
-            reply_from: looped.reached.ip(),
-            listener: self.shared_listener.as_fd(),
-            started: now.instant,
-        };
-        self.send_answer(&answer, to, MadeHere::Loop);
+    /// Answers REFUSED to a query whose server is this proxy itself, to `to`, from the
+    /// address it reached: its resolver moves on to its next nameserver at once, as from a
+    /// server that will not answer, instead of waiting out its timeout. No larger than the
+    /// query (its question alone), so a forged source gains nothing.
+    pub(super) fn refuse_loop(&self, datagram: &[u8], to: Recipient<'_>) {
+        if let Some(answer) = refused(datagram, None) {
+            self.send_answer(&answer, to, MadeHere::Loop);
+        }
     }
 }
 
