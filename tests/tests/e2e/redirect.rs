@@ -612,6 +612,40 @@ fn loopback_servers_are_each_namespaces_own_in_node_mode() {
     );
 }
 
+/// Routes `10.0.0.0/8` to the client namespace's loopback, so sockets to servers there that
+/// are left alone (a full table) still connect.
+fn route_servers_left_alone(topology: &Topology) {
+    must(Command::new("ip").args([
+        "-n",
+        &topology.client.name,
+        "route",
+        "add",
+        "10.0.0.0/8",
+        "dev",
+        "lo",
+    ]));
+}
+
+/// A workload holding `count` UDP sockets connected to `server` (`hostile-client hold`, with
+/// `options`), once it says it holds them all; they are closed when it is finished.
+fn hold(topology: &Topology, server: &str, count: u32, options: &[&str]) -> Process {
+    let count = count.to_string();
+    let mut args = vec!["hold", server, &count];
+    args.extend_from_slice(options);
+    let mut holder = Process::spawn(
+        topology
+            .workload(HOSTILE, &args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(holder.take_stdout())
+        .read_line(&mut line)
+        .expect("read the holder");
+    assert_eq!(line.trim(), format!("holding {count}"), "{args:?}");
+    holder
+}
+
 /// Seventy thousand open DNS sockets of one workload, to one server or to as many servers,
 /// leave another workload's lookups alone.
 #[test]
@@ -633,21 +667,11 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
         ))
     };
     assert_eq!(victim(), "right=30 wrong=0 failed=0");
-    // Some addresses the client namespace can route to, so sockets that are left alone (a
-    // full table) still connect.
-    must(Command::new("ip").args([
-        "-n",
-        &topology.client.name,
-        "route",
-        "add",
-        "10.0.0.0/8",
-        "dev",
-        "lo",
-    ]));
+    route_servers_left_alone(topology);
     // Four processes of 17,500 sockets each (this machine caps a process at 20,000
     // descriptors): to one server, then to 70,000 different ones.
     for distinct in [false, true] {
-        let mut holders: Vec<Process> = (0..4)
+        let holders: Vec<Process> = (0..4)
             .map(|k| {
                 let server = if distinct {
                     format!("10.{}.0.1:53", k + 1)
@@ -657,25 +681,13 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
                 // Each holder's sockets on an address of their own: one address has fewer
                 // ephemeral ports than that.
                 let source = format!("127.0.1.{}", k + 1);
-                let mut args = vec!["hold", server.as_str(), "17500", "--source", &source];
+                let mut args = vec!["--source", source.as_str()];
                 if distinct {
                     args.push("--distinct");
                 }
-                Process::spawn(
-                    topology
-                        .workload(HOSTILE, &args)
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped()),
-                )
+                hold(topology, &server, 17_500, &args)
             })
             .collect();
-        for holder in &mut holders {
-            let mut line = String::new();
-            BufReader::new(holder.take_stdout())
-                .read_line(&mut line)
-                .expect("read the holder");
-            assert_eq!(line.trim(), "holding 17500", "distinct={distinct}");
-        }
         assert_eq!(victim(), "right=30 wrong=0 failed=0", "distinct={distinct}");
         if !distinct {
             // 70,000 sockets connected to the block: the table of connected sockets holds
@@ -701,6 +713,48 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
     // Every socket is closed: none is still noted as connected.
     let connected = attached_map_entries(&topology.cgroup.path, "CONNECTED");
     assert_eq!(connected, 0, "sockets noted after all closed");
+}
+
+/// A block of 64 addresses or fewer is searched whole for a free slot, so it fills to its
+/// last index before any origin goes without one. With the window of 16 slots linear probing
+/// had before, a 62-index block began to turn pairs away (their workload unknown) at about
+/// half full.
+#[test]
+fn a_small_block_fills_to_its_last_index() {
+    let Harness { topology, .. } = &Harness::start(
+        Placement::Outside,
+        &["--redirect-block=127.53.0.0/26", "--metrics=127.0.0.1:9253"],
+    );
+    route_servers_left_alone(topology);
+    // 62 indexes: 31 servers, each with its shared origin and this workload's pair.
+    let filling = hold(topology, "10.1.0.1:53", 31, &["--distinct"]);
+    let page = scrape(topology);
+    assert_eq!(
+        attached_map_entries(&topology.cgroup.path, "SERVERS"),
+        62,
+        "{page}"
+    );
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_shared_index_total"),
+        0,
+        "{page}"
+    );
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_table_full_total"),
+        0,
+        "{page}"
+    );
+    // The block is full: one more server gets no index at all, and that is counted.
+    let past = hold(topology, "10.2.0.1:53", 1, &["--distinct"]);
+    let page = scrape(topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_table_full_total"),
+        1,
+        "{page}"
+    );
+    for mut holder in [filling, past] {
+        holder.finish_with_stdout(Duration::from_secs(30));
+    }
 }
 
 /// Nothing in the redirected cgroup can take a block address on the proxy's port, from where
