@@ -115,6 +115,11 @@ pub mod names {
     /// Global `u32`, set at load time: how many prefixes `EXCLUDED_SERVERS` holds (0: the
     /// programs do not look).
     pub const EXCLUDED_SERVER_COUNT: &str = "EXCLUDED_SERVER_COUNT";
+    /// Global `[u64; 2]`, set at load time: the agent's random key for
+    /// [`crate::Origin::slot_hash`]. Each agent draws its own: the hash only says where a new
+    /// origin's search starts, and an origin's index is found again through `SERVER_INDEX`,
+    /// so agents sharing the table need not agree on it.
+    pub const TABLE_HASH_KEY: &str = "TABLE_HASH_KEY";
 }
 
 /// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
@@ -142,8 +147,9 @@ pub enum Counter {
     ReverseTranslated = 3,
     /// Answers or peer names from a block address whose index names no server.
     UnknownIndex = 4,
-    /// Servers that got no index: the table is full for that address family (or the probe
-    /// window of its slot is), so the socket was left alone and went direct.
+    /// Connects and sends whose server got no index: the table is full for that address
+    /// family (or the slots its search may try are), so the socket was left alone and went
+    /// direct. Counted per call, not per server.
     TableFull = 5,
     /// Packets to a block address dropped by `sk_lookup`: from another namespace to a loopback
     /// or unspecified server's address (no one outside reaches this host's loopback services
@@ -217,6 +223,13 @@ pub const MAX_SERVERS: u32 = 2 * (MAX_INDEX + 1);
 /// `/24` began to turn origins away at about 55 % full; with 64 at about 80 %, and a block of
 /// 64 addresses or fewer is searched whole. A probe of a taken slot is one map lookup.
 pub const MAX_PROBES: u32 = 64;
+/// How long an origin whose search for a slot failed skips the search (its sockets go by its
+/// server's shared index, or direct, at once): a slot freed meanwhile (by the agent's walk,
+/// once a minute) waits that long at most.
+pub const NO_ROOM_FOR_NS: u64 = 1_000_000_000;
+/// Capacity of the `NO_ROOM` array: origins remembered as finding no slot, one per entry
+/// their hash picks (a later one takes the entry over).
+pub const NO_ROOM_ENTRIES: u32 = 4096;
 /// Capacity of the `EXCLUDED_CGROUPS` map.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
 /// Capacity of the `EXCLUDED_SERVERS` map.
@@ -398,6 +411,70 @@ impl Origin {
             cgroup_id,
         }
     }
+
+    /// Where in the table this origin's search for a free slot starts: SipHash-2-4 of its
+    /// fields under `key`, the agent's random [`names::TABLE_HASH_KEY`]. Keyed, so that no
+    /// workload can pick servers whose origins crowd the slots another's would take: with
+    /// the hash known, 128 connects made a victim's lookups skip the proxy on an empty table.
+    #[inline(always)]
+    pub fn slot_hash(&self, key: [u64; 2]) -> u64 {
+        let [a0, a1, a2, a3] = self.server.addr.map(u64::from);
+        siphash_2_4(
+            key,
+            [
+                a0 | a1 << 32,
+                a2 | a3 << 32,
+                u64::from(self.server.port) | u64::from(self.server.family) << 16,
+                self.cgroup_id,
+            ],
+        )
+    }
+}
+
+/// SipHash-2-4 (Aumasson and Bernstein) of a 32-byte message given as four little-endian
+/// words. Written out, not taken from a crate: the eBPF programs need it without `std`, and
+/// in registers (scalars, inlined), since the deepest program's stack has little room left.
+#[inline(always)]
+pub fn siphash_2_4(key: [u64; 2], message: [u64; 4]) -> u64 {
+    #[inline(always)]
+    fn round(v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64) {
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13) ^ *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16) ^ *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21) ^ *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17) ^ *v2;
+        *v2 = v2.rotate_left(32);
+    }
+    let mut v0 = key[0] ^ 0x736f_6d65_7073_6575;
+    let mut v1 = key[1] ^ 0x646f_7261_6e64_6f6d;
+    let mut v2 = key[0] ^ 0x6c79_6765_6e65_7261;
+    let mut v3 = key[1] ^ 0x7465_6462_7974_6573;
+    // The last block holds the message's length in bytes, 32, in its top byte.
+    let [m0, m1, m2, m3] = message;
+    for word in [m0, m1, m2, m3, 32 << 56] {
+        v3 ^= word;
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        v0 ^= word;
+    }
+    v2 ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+    }
+    v0 ^ v1 ^ v2 ^ v3
+}
+
+/// `NO_ROOM` value: an origin whose search for a free slot found none, and when
+/// (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoRoom {
+    pub origin: Origin,
+    pub failed_at_ns: u64,
 }
 
 /// What the programs need to know of the proxy, written by the loader before load.
@@ -441,6 +518,7 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Origin>() == 32);
+const _: () = assert!(core::mem::size_of::<NoRoom>() == 40);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
 const _: () = assert!(

@@ -338,6 +338,49 @@ mod tests {
     use super::*;
 
     #[test]
+    #[expect(deprecated, reason = "core's SipHasher, SipHash-2-4, is the reference")]
+    fn siphash_2_4_is_the_reference_one() {
+        use core::hash::{Hasher as _, SipHasher};
+
+        use crate::siphash_2_4;
+        let message = [
+            0x0706_0504_0302_0100,
+            0x0f0e_0d0c_0b0a_0908,
+            0x1716_1514_1312_1110,
+            0x1f1e_1d1c_1b1a_1918,
+        ];
+        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+        for (key, message) in [(key, message), ([1, 2], [u64::MAX, 0, 7, 1 << 63])] {
+            let mut reference = SipHasher::new_with_keys(key[0], key[1]);
+            for word in message {
+                reference.write(&word.to_le_bytes());
+            }
+            assert_eq!(siphash_2_4(key, message), reference.finish());
+        }
+    }
+
+    #[test]
+    fn an_origins_slot_hash_depends_on_the_key_and_every_field() {
+        use crate::Origin;
+        let origin = Origin::new(
+            Endpoint::from("192.0.2.10:53".parse::<SocketAddr>().unwrap()),
+            7,
+        );
+        let key = [0x1234, 0x5678];
+        let hash = origin.slot_hash(key);
+        assert_ne!(origin.slot_hash([0x1234, 0x5679]), hash);
+        let mut other = origin;
+        other.cgroup_id = 8;
+        assert_ne!(other.slot_hash(key), hash);
+        let mut other = origin;
+        other.server.port = 54_u16.to_be();
+        assert_ne!(other.slot_hash(key), hash);
+        let mut other = origin;
+        other.server.addr[3] = 1;
+        assert_ne!(other.slot_hash(key), hash);
+    }
+
+    #[test]
     fn ipv4_endpoint_matches_kernel_layout_and_round_trips() {
         let addr: SocketAddr = "192.0.2.10:53".parse().unwrap();
         let endpoint = Endpoint::from(addr);

@@ -4,13 +4,16 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     cty::{c_long, c_void},
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_loop},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_loop},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
-use dns_proxy_common::{Counter, Endpoint, MAX_PROBES, Origin, RedirectConfig, server_key};
+use dns_proxy_common::{
+    Counter, Endpoint, MAX_PROBES, NO_ROOM_ENTRIES, NO_ROOM_FOR_NS, Origin, RedirectConfig,
+    server_key,
+};
 
-use crate::{SERVER_INDEX, SERVERS, count};
+use crate::{NO_ROOM, SERVER_INDEX, SERVERS, TABLE_HASH_KEY, count};
 
 /// Index `index`'s address in the IPv4 block, network order.
 pub fn block4_address(config: &RedirectConfig, index: u32) -> u32 {
@@ -80,15 +83,13 @@ pub fn encodes(family: u16, index: u32, addr: &[u32; 4], port_be: u16) -> bool {
     }
 }
 
-/// A cheap, well-mixed hash of an origin, to pick its first slot in the table.
-fn hash(origin: &Origin) -> u32 {
-    let mut h: u32 = 0x9e37_79b9;
-    let cgroup = [origin.cgroup_id as u32, (origin.cgroup_id >> 32) as u32];
-    for word in origin.server.addr.into_iter().chain(cgroup) {
-        h = (h ^ word).wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-    }
-    h ^ u32::from(origin.server.port)
+/// `origin`'s hash under the agent's key: where its search for a free slot starts, and its
+/// entry in `NO_ROOM`.
+fn keyed_hash(origin: &Origin) -> u64 {
+    // SAFETY: a read of a global that the loader patched before load and nothing writes
+    // since; volatile, so that the compiler cannot fold in the zeros it was compiled with.
+    let key = unsafe { core::ptr::read_volatile(&TABLE_HASH_KEY) };
+    origin.slot_hash(key)
 }
 
 /// The index of `server`, asked by the calling task's cgroup, in its family's table (1 to
@@ -164,9 +165,21 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
     if capacity == 0 {
         return None;
     }
+    let hash = keyed_hash(origin);
+    let remembered = (hash >> 32) as u32 % NO_ROOM_ENTRIES;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Entries are written by any CPU without a lock: a torn one names no origin, or one that
+    // found no room a moment ago, either way no wrong index.
+    if let Some(entry) = NO_ROOM.get(remembered)
+        && entry.origin == *origin
+        && now.saturating_sub(entry.failed_at_ns) < NO_ROOM_FOR_NS
+    {
+        return None;
+    }
     let mut probe = Probe {
         origin,
-        first: hash(origin) % capacity,
+        first: (hash % u64::from(capacity)) as u32,
         capacity,
         found: 0,
     };
@@ -183,6 +196,13 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
         )
     };
     if probe.found == 0 {
+        if let Some(entry) = NO_ROOM.get_ptr_mut(remembered) {
+            // SAFETY: a pointer into the array's value, valid while the program runs.
+            unsafe {
+                (*entry).origin = *origin;
+                (*entry).failed_at_ns = now;
+            }
+        }
         return None;
     }
     // A lost reverse entry only costs the next socket a probe.

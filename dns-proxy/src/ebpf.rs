@@ -367,6 +367,7 @@ impl Redirector {
                 &(config.excluded_servers.len() as u32),
                 true,
             )
+            .override_global(names::TABLE_HASH_KEY, &table_hash_key(), true)
             .default_map_pin_directory(config.state_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
@@ -671,6 +672,14 @@ impl RedirectSwitch {
             source: Box::new(source),
         })
     }
+}
+
+/// A key no workload can know, for where new origins' searches for a slot start in the table
+/// (`Origin::slot_hash`): the keys of a `RandomState`, which the OS draws, hashed.
+fn table_hash_key() -> [u64; 2] {
+    use std::hash::BuildHasher as _;
+    let state = std::hash::RandomState::new();
+    [state.hash_one(0_u8), state.hash_one(1_u8)]
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.

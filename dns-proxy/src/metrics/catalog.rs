@@ -435,8 +435,8 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_table_full",
         labels: &[],
         only_with: None,
-        help: "Servers that got no index (the table, or its probe window, is full); those \
-               sockets went direct.",
+        help: "DNS connects and sends whose server got no index (the table, or the slots its \
+               search may try, full): those sockets went direct.",
         read: Read::Counter(|s| s.kernel(Counter::TableFull)),
     },
     Metric {

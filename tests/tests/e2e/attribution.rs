@@ -76,6 +76,39 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
     );
 }
 
+/// Where a new origin's search for a slot starts is a keyed hash, the key each agent's own
+/// and random: a workload that knew it could pick servers whose origins take the slots a
+/// victim's next server would, and send the victim's lookups direct (an adversarial round
+/// did, with 128 connects on an empty table, when the hash had no key). Two agents, each
+/// with a fresh table, put the same cgroup's pair and shared origin for one server at other
+/// indexes.
+#[test]
+fn where_a_new_origin_goes_in_the_table_is_each_agents_secret() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let asker = child_cgroup(&topology, "asker");
+    let asker_id = std::fs::metadata(&asker).expect("stat the cgroup").ino();
+    let state_dir = topology.client.state_dir();
+    let placements: Vec<(u32, u32)> = (0..2)
+        .map(|round| {
+            let mut agent = Agent::start(&topology, &[]);
+            let command = in_cgroup_and_netns(&asker, &topology.client, "dig", &[]);
+            assert_answered(dig(command, "asker.example.test", &["+short"]), "asker");
+            let pair = tests::server_index_for(&state_dir, SERVER_IP, 53, Some(asker_id));
+            let shared = tests::server_index_for(&state_dir, SERVER_IP, 53, Some(0));
+            agent.process().signal(libc::SIGTERM);
+            let (status, _) = agent.wait_with_stdout(Duration::from_secs(20));
+            assert!(status.success(), "round {round}: {}", agent.log());
+            // The next agent makes a fresh table.
+            for entry in std::fs::read_dir(&state_dir).expect("read the state dir") {
+                std::fs::remove_dir_all(entry.expect("an entry").path()).expect("remove the table");
+            }
+            (pair, shared)
+        })
+        .collect();
+    assert_ne!(placements[0], placements[1], "{placements:?}");
+}
+
 #[test]
 fn no_workload_can_address_the_proxy_itself_to_pass_for_another() {
     // The server too: dropped, it would stop answering.
