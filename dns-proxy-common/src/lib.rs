@@ -118,7 +118,8 @@ pub mod names {
     /// Global `[u64; 2]`, set at load time: the agent's random key for
     /// [`crate::Origin::slot_hash`]. Each agent draws its own: the hash only says where a new
     /// origin's search starts, and an origin's index is found again through `SERVER_INDEX`,
-    /// so agents sharing the table need not agree on it.
+    /// so agents sharing the table need not agree on it (an origin whose reverse entry was
+    /// lost may take a second slot then, freed with the first when it is forgotten).
     pub const TABLE_HASH_KEY: &str = "TABLE_HASH_KEY";
 }
 
@@ -220,8 +221,9 @@ pub const MAX_INDEX: u32 = 65_535;
 pub const MAX_SERVERS: u32 = 2 * (MAX_INDEX + 1);
 /// How many slots a new origin may try, from the one its hash picks, before it goes without
 /// (its server's shared index, or [`Counter::TableFull`]). Linear probing clusters: with 16, a
-/// `/24` began to turn origins away at about 55 % full; with 64 at about 80 %, and a block of
-/// 64 addresses or fewer is searched whole. A probe of a taken slot is one map lookup.
+/// `/24` began to turn origins away at about 55 % full; with 64, none was at 71 % (90 servers
+/// and their pairs) and a few were at 94 %, and a block of 64 addresses or fewer is searched
+/// whole. A probe of a taken slot is one map lookup.
 pub const MAX_PROBES: u32 = 64;
 /// How long an origin whose search for a slot failed skips the search (its sockets go by its
 /// server's shared index, or direct, at once): a slot freed meanwhile (by the agent's walk,

@@ -169,8 +169,9 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
     let remembered = (hash >> 32) as u32 % NO_ROOM_ENTRIES;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // Entries are written by any CPU without a lock: a torn one names no origin, or one that
-    // found no room a moment ago, either way no wrong index.
+    // Entries are written by any CPU without a lock, so a read can mix two writes: at worst
+    // it names a third origin of the same entry, which then skips its search for a second.
+    // A skip only ever means no index (the shared one, or direct), never a wrong one.
     if let Some(entry) = NO_ROOM.get(remembered)
         && entry.origin == *origin
         && now.saturating_sub(entry.failed_at_ns) < NO_ROOM_FOR_NS
@@ -183,9 +184,9 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
         capacity,
         found: 0,
     };
-    // `bpf_loop` (Linux 5.17), not a `for` loop: the verifier checks its callback once, where
-    // it walks every turn of a bounded loop (64 turns, twice in each connect and sendmsg
-    // program, added about 1.5 s to the agent's start).
+    // `bpf_loop` (Linux 5.17), not a `for` loop: the verifier checks its callback a few times
+    // (until its states repeat), where it walks every turn of a bounded loop (64 turns, twice
+    // in each connect and sendmsg program, added about 1.5 s to the agent's start).
     // SAFETY: `probe_slot` has the callback's signature, and `probe` outlives the call.
     unsafe {
         bpf_loop(
@@ -205,7 +206,9 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
         }
         return None;
     }
-    // A lost reverse entry only costs the next socket a probe.
+    // A lost reverse entry costs this agent's next socket a search that finds the slot again;
+    // an agent with another key (a takeover) may take a second slot for the origin, which is
+    // freed with the first when the origin is forgotten.
     let _ = SERVER_INDEX.insert(origin, probe.found, 0);
     *created = true;
     Some(probe.found)
@@ -227,7 +230,8 @@ struct Probe<'a> {
 extern "C" fn probe_slot(turn: u64, probe: *mut c_void) -> c_long {
     // SAFETY: `index_of` passes a `Probe` of its stack, alive for the whole loop.
     let probe = unsafe { &mut *probe.cast::<Probe>() };
-    // The verifier cannot know `capacity` is not 0; `index_of` never loops then.
+    // `index_of` never loops with no capacity, but without this check the `%` below would
+    // keep a panic path, which the verifier refuses.
     if probe.capacity == 0 {
         return 1;
     }
@@ -253,15 +257,15 @@ extern "C" fn probe_slot(turn: u64, probe: *mut c_void) -> c_long {
     }
 }
 
-/// Counts a server that got no index, and says so in the log at the 1st, 2nd, 4th, 8th...
-/// time on each CPU: a workload that fills the table cannot flood the log.
+/// Counts a connect or send whose server got no index, and says so in the log at the 1st,
+/// 2nd, 4th, 8th... time on each CPU: a workload that fills the table cannot flood the log.
 fn table_full(ctx: &SockAddrContext) {
     let times = count(Counter::TableFull);
     if times.is_power_of_two() {
         warn!(
             ctx,
-            "dns-proxy: a server got no index (the table is full, {} times on this CPU): its \
-             socket goes direct",
+            "dns-proxy: a socket's server got no index (the table is full, {} times on this \
+             CPU): it goes direct",
             times
         );
     }

@@ -80,6 +80,8 @@ pub enum EbpfError {
     OpenNetns(io::Error),
     #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {0}")]
     NetnsCookie(io::Error),
+    #[error("cannot draw a random key for the server table's hash (getrandom): {0}")]
+    RandomKey(io::Error),
     #[error("{count} UDP threads: at most {max} can be served")]
     TooManyUdpSockets { count: usize, max: u32 },
     #[error("cannot open cgroup {cgroup}: {source}")]
@@ -367,7 +369,7 @@ impl Redirector {
                 &(config.excluded_servers.len() as u32),
                 true,
             )
-            .override_global(names::TABLE_HASH_KEY, &table_hash_key(), true)
+            .override_global(names::TABLE_HASH_KEY, &table_hash_key()?, true)
             .default_map_pin_directory(config.state_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
@@ -675,11 +677,26 @@ impl RedirectSwitch {
 }
 
 /// A key no workload can know, for where new origins' searches for a slot start in the table
-/// (`Origin::slot_hash`): the keys of a `RandomState`, which the OS draws, hashed.
-fn table_hash_key() -> [u64; 2] {
-    use std::hash::BuildHasher as _;
-    let state = std::hash::RandomState::new();
-    [state.hash_one(0_u8), state.hash_one(1_u8)]
+/// (`Origin::slot_hash`). From `getrandom(2)` without flags, which waits until the kernel's
+/// generator is seeded (std's `RandomState` does not wait: an agent started early in boot
+/// could draw a guessable key).
+fn table_hash_key() -> Result<[u64; 2], EbpfError> {
+    let mut key = [0_u8; 16];
+    loop {
+        // SAFETY: the kernel writes at most `key.len()` bytes into `key`, a live local.
+        let filled = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+        if filled == key.len() as isize {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        // Interrupted by a signal before any byte (16 bytes are never read short).
+        if filled < 0 && err.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(EbpfError::RandomKey(err));
+    }
+    let (first, second) = key.split_at(8);
+    Ok([first, second].map(|half| u64::from_ne_bytes(half.try_into().expect("8 bytes"))))
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.
