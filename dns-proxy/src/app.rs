@@ -139,6 +139,8 @@ fn bind_hint(addr: std::net::SocketAddr, err: &io::Error, flag: &str) -> String 
 /// happens first, then a tokio runtime of its own serves.
 pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
     log::info!(target: LOG, "starting with {config:?}");
+    // Before any thread that serves starts: their query IDs must be unpredictable.
+    host::wait_for_random_seed();
     // Not for `exec`: its command would inherit it (select() breaks past 1,024).
     if let crate::config::Workload::Cgroup { .. } = config.workload {
         // Each relayed TCP connection holds two (twice the limit, by fair share), each UDP

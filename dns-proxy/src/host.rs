@@ -110,6 +110,30 @@ enum RouteRequest {
     Delete,
 }
 
+/// Waits until the kernel's random generator is seeded, which early in boot, on a machine short
+/// of entropy, it may not be yet. The keys std's `RandomState` draws for each thread (the UDP
+/// threads' unpredictable query IDs come from them) do not wait for it themselves; threads
+/// started after this draw from a seeded generator.
+pub fn wait_for_random_seed() {
+    let mut byte = [0_u8; 1];
+    let mut flags = libc::GRND_NONBLOCK;
+    loop {
+        // SAFETY: the kernel writes at most one byte into `byte`, a live local.
+        if unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, flags) } == 1 {
+            return;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => {
+                log::info!("waiting for the kernel's random generator to be seeded");
+                flags = 0;
+            }
+            Some(libc::EINTR) => {}
+            // No getrandom(2) (before Linux 3.17, which cannot run the agent anyway).
+            _ => return,
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard one: each relayed TCP connection holds
 /// two descriptors, and `--max-tcp-connections` (twice it, by fair share) would pass the
 /// usual soft limit of 1,024 long before the hard one (systemd's is 524,288). Warns if the hard
