@@ -369,7 +369,13 @@ impl Redirector {
                 &(config.excluded_servers.len() as u32),
                 true,
             )
-            .override_global(names::TABLE_HASH_KEY, &table_hash_key()?, true)
+            // A key no workload can know, for where new origins' searches for a slot start
+            // in the table (`Origin::slot_hash`).
+            .override_global(
+                names::TABLE_HASH_KEY,
+                &crate::host::random_key().map_err(EbpfError::RandomKey)?,
+                true,
+            )
             .default_map_pin_directory(config.state_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| EbpfError::Load {
@@ -674,29 +680,6 @@ impl RedirectSwitch {
             source: Box::new(source),
         })
     }
-}
-
-/// A key no workload can know, for where new origins' searches for a slot start in the table
-/// (`Origin::slot_hash`). From `getrandom(2)` without flags, which waits until the kernel's
-/// generator is seeded (std's `RandomState` does not wait: an agent started early in boot
-/// could draw a guessable key).
-fn table_hash_key() -> Result<[u64; 2], EbpfError> {
-    let mut key = [0_u8; 16];
-    loop {
-        // SAFETY: the kernel writes at most `key.len()` bytes into `key`, a live local.
-        let filled = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
-        if filled == key.len() as isize {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        // Interrupted by a signal before any byte (16 bytes are never read short).
-        if filled < 0 && err.kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return Err(EbpfError::RandomKey(err));
-    }
-    let (first, second) = key.split_at(8);
-    Ok([first, second].map(|half| u64::from_ne_bytes(half.try_into().expect("8 bytes"))))
 }
 
 /// This network namespace's cookie, as `bpf_get_netns_cookie` gives it to the programs.

@@ -116,20 +116,35 @@ enum RouteRequest {
 /// started after this draw from a seeded generator.
 pub fn wait_for_random_seed() {
     let mut byte = [0_u8; 1];
-    let mut flags = libc::GRND_NONBLOCK;
+    let not_yet = getrandom(&mut byte, libc::GRND_NONBLOCK)
+        .is_err_and(|err| err.raw_os_error() == Some(libc::EAGAIN));
+    if not_yet {
+        log::info!("waiting for the kernel's random generator to be seeded");
+        // Any other error: no getrandom(2) (before Linux 3.17, which cannot run the agent).
+        let _ = getrandom(&mut byte, 0);
+    }
+}
+
+/// 128 random bits from a seeded generator: `getrandom(2)` without flags waits for its seed.
+pub fn random_key() -> std::io::Result<[u64; 2]> {
+    let mut key = [0_u8; 16];
+    getrandom(&mut key, 0)?;
+    let (first, second) = key.split_at(8);
+    Ok([first, second].map(|half| u64::from_ne_bytes(half.try_into().expect("8 bytes"))))
+}
+
+/// Fills `buf` (at most 256 bytes, never read short) from `getrandom(2)` with `flags`,
+/// again if a signal interrupts it.
+fn getrandom(buf: &mut [u8], flags: libc::c_uint) -> std::io::Result<()> {
     loop {
-        // SAFETY: the kernel writes at most one byte into `byte`, a live local.
-        if unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, flags) } == 1 {
-            return;
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, a live slice.
+        let filled = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if filled >= 0 {
+            return Ok(());
         }
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) => {
-                log::info!("waiting for the kernel's random generator to be seeded");
-                flags = 0;
-            }
-            Some(libc::EINTR) => {}
-            // No getrandom(2) (before Linux 3.17, which cannot run the agent anyway).
-            _ => return,
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }

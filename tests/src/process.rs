@@ -95,6 +95,17 @@ impl Process {
             .expect("spawned with a piped stdout")
     }
 
+    /// The first line it prints (it was spawned with a piped stdout), trimmed: for a process
+    /// that says when it is ready. Its standard output is not read further.
+    pub fn first_line_of_stdout(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(self.take_stdout())
+            .read_line(&mut line)
+            .expect("read its first line");
+        line.trim().to_owned()
+    }
+
     /// Its standard error (it was spawned with a pipe), to read while it runs.
     pub fn take_stderr(&mut self) -> ChildStderr {
         self.child

@@ -769,11 +769,7 @@ fn clients_holding_every_tcp_connection_do_not_keep_another_pod_out() {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(holder.take_stdout())
-        .read_line(&mut line)
-        .expect("read the holder");
-    assert_eq!(line.trim(), "holding");
+    assert_eq!(holder.first_line_of_stdout(), "holding");
     // Pod 1 holds nothing: within its fair share, it is let in.
     let probe = must(&mut node.pod(
         1,

@@ -117,6 +117,15 @@ fn value(page: &str, series: &str) -> u64 {
     tests::metric(page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}")) as u64
 }
 
+/// The server table's two counters of what found no room, from a scraped page: lookups that
+/// went by a shared index (their workload unknown), and connects and sends that went direct.
+fn no_room_counts(page: &str) -> (u64, u64) {
+    (
+        value(page, "dns_proxy_kernel_shared_index_total"),
+        value(page, "dns_proxy_kernel_table_full_total"),
+    )
+}
+
 fn expected_probe_line() -> String {
     format!("source={SERVER_IP}:53 answer={ANSWER_IP}")
 }
