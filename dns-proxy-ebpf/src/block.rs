@@ -84,7 +84,10 @@ pub fn encodes(family: u16, index: u32, addr: &[u32; 4], port_be: u16) -> bool {
 }
 
 /// `origin`'s hash under the agent's key: where its search for a free slot starts, and its
-/// entry in `NO_ROOM`.
+/// entry in `NO_ROOM`. Not inlined: SipHash's spills then take a frame beside `probe_slot`'s
+/// rather than under it, on the deepest path of `connect6` (docs/architecture.md: older
+/// kernels count frames in 32-byte steps).
+#[inline(never)]
 fn keyed_hash(origin: &Origin) -> u64 {
     // SAFETY: a read of a global that the loader patched before load and nothing writes
     // since; volatile, so that the compiler cannot fold in the zeros it was compiled with.
