@@ -45,6 +45,11 @@ pub mod names {
     pub const BIND6: &str = "dns_proxy_bind6";
     /// The `cgroup_skb/egress` guard: packets from the block on the proxy's port.
     pub const EGRESS: &str = "dns_proxy_egress";
+    /// The same guard for kernels older than Linux 6.18, whose `cgroup_skb` programs cannot
+    /// tell a packet's network namespace (no `bpf_get_netns_cookie` there): it guards every
+    /// namespace, as node mode does anyway. Named apart from `EGRESS` within the 15
+    /// characters the kernel keeps of a program's name (`bpftool prog` shows `dns_proxy_guard`).
+    pub const EGRESS_ANY_NETNS: &str = "dns_proxy_guard_any_netns";
     pub const SOCK_RELEASE: &str = "dns_proxy_sock_release";
     /// The `cgroup/setsockopt` program: notes sockets that choose their interface.
     pub const SETSOCKOPT: &str = "dns_proxy_setsockopt";

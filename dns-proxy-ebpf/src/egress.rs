@@ -57,10 +57,18 @@ const SOCK_RAW: u32 = 3;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
+/// Whether the kernel tells a `cgroup_skb` program the packet's network namespace
+/// (`bpf_get_netns_cookie`, Linux 6.18): the guard's type parameter, so that the program for
+/// older kernels holds no call to the helper at all. Where it is not told, the guard applies in
+/// every namespace, in host mode too: a container of the cgroup that sends from its own
+/// block address on the proxy's port, or raw to one, is dropped as well (the agent warns).
+pub const NETNS_TOLD: bool = true;
+pub const NETNS_UNTOLD: bool = false;
+
 /// Drops a packet sent from a block address on the proxy's port by any socket but an agent's
 /// (or an excluded cgroup's, which the guards leave alone), counted as an impersonation.
-pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
-    if raw_to_the_block(ctx) {
+pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
+    if raw_to_the_block::<NETNS>(ctx) {
         count(Counter::RawRefused);
         return DROP;
     }
@@ -82,7 +90,7 @@ pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
     } else {
         false
     };
-    if !from_block || !guarded_here(ctx) || sent_by_an_exempt_socket(ctx) {
+    if !from_block || !guarded_here::<NETNS>(ctx) || sent_by_an_exempt_socket(ctx) {
         return PASS;
     }
     count(Counter::ImpersonationRefused);
@@ -92,7 +100,7 @@ pub fn guard_egress(ctx: &SkBuffContext) -> i32 {
 /// Whether a raw socket sent the packet to a block address (anything but ICMP), in a
 /// namespace the guard applies to, and not an agent's or an excluded cgroup's.
 #[inline(never)]
-fn raw_to_the_block(ctx: &SkBuffContext) -> bool {
+fn raw_to_the_block<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
     let config = config();
     // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
     // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
@@ -122,15 +130,17 @@ fn raw_to_the_block(ctx: &SkBuffContext) -> bool {
     } else {
         false
     };
-    to_block && guarded_here(ctx) && !sent_by_an_exempt_socket(ctx)
+    to_block && guarded_here::<NETNS>(ctx) && !sent_by_an_exempt_socket(ctx)
 }
 
 /// Whether the guard applies to the packet's namespace: every one in node mode, only the
-/// agent's in host mode (another namespace's 127.53.x.y is its own).
-fn guarded_here(ctx: &SkBuffContext) -> bool {
+/// agent's in host mode (another namespace's 127.53.x.y is its own), every one where the
+/// kernel does not tell.
+fn guarded_here<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
     let config = config();
-    // SAFETY: the context's own `__sk_buff`, valid for the whole run.
     config.foreign_namespaces != 0
+        || !NETNS
+        // SAFETY: the context's own `__sk_buff`, valid for the whole run.
         || unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) } == config.agent_netns
 }
 

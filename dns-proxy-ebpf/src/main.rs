@@ -56,7 +56,7 @@ use dns_proxy_common::{
 };
 
 use crate::{
-    egress::guard_egress,
+    egress::{NETNS_TOLD, NETNS_UNTOLD, guard_egress},
     interface::note_unicast_if,
     sock::{
         release_sock, sock4_connect, sock4_guard_bind, sock4_sendmsg, sock4_xlate_rev,
@@ -244,7 +244,14 @@ pub fn dns_proxy_setsockopt(ctx: SockoptContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn dns_proxy_egress(ctx: SkBuffContext) -> i32 {
-    guard_egress(&ctx)
+    guard_egress::<NETNS_TOLD>(&ctx)
+}
+
+/// `dns_proxy_egress` for kernels before Linux 6.18, which give a `cgroup_skb` program no
+/// network namespace: the loader attaches it where the kernel refuses the other.
+#[cgroup_skb(egress)]
+pub fn dns_proxy_guard_any_netns(ctx: SkBuffContext) -> i32 {
+    guard_egress::<NETNS_UNTOLD>(&ctx)
 }
 
 #[sk_lookup]

@@ -149,6 +149,21 @@ fn hook_hint(err: &(dyn std::error::Error + 'static), hook: &'static str) -> Str
         .iter()
         .find(|p| p.hook == hook)
         .map_or("a newer kernel", |p| p.min_kernel);
+    if refused_by_the_verifier(err) {
+        // EACCES or EINVAL then say nothing of the hook, and of privileges only where the
+        // agent runs without root (a verifier without CAP_PERFMON refuses pointer arithmetic).
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let privileges = if unsafe { libc::geteuid() } == 0 {
+            ""
+        } else {
+            "; without root the agent also needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+        };
+        return format!(
+            " (the kernel's verifier refused the program, for the reason the end of its output \
+             gives: dns-proxy needs Linux {MIN_KERNEL} or later, and is tested on Linux 6.1 and \
+             6.18; please report it with `uname -r`{privileges})"
+        );
+    }
     match os_error(err) {
         Some(os) if matches!(os.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => format!(
             " ({os}: this kernel does not support {hook}, which needs Linux {min_kernel} with \
@@ -159,6 +174,45 @@ fn hook_hint(err: &(dyn std::error::Error + 'static), hook: &'static str) -> Str
             format!(" ({os}: a kernel older than Linux {min_kernel} has no {hook})")
         }
         _ => hint(err),
+    }
+}
+
+/// The oldest kernel the programs are written for (`sk_lookup`'s ingress interface and
+/// `bpf_loop`); docs/operations.md says what each part needs.
+const MIN_KERNEL: &str = "5.17";
+
+/// Whether `err` is a program load the verifier refused, with its reasons.
+fn refused_by_the_verifier(err: &(dyn std::error::Error + 'static)) -> bool {
+    use aya::programs::ProgramError;
+    let load_error = err.downcast_ref::<ProgramError>().or_else(|| {
+        err.downcast_ref::<Box<ProgramError>>()
+            .map(|boxed| &**boxed)
+    });
+    matches!(
+        load_error,
+        Some(ProgramError::LoadError { verifier_log, .. })
+            if !verifier_log.to_string().trim().is_empty()
+    )
+}
+
+/// The `cgroup_skb` program `name` of the object.
+fn cgroup_skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, EbpfError> {
+    ebpf.program_mut(name)
+        .and_then(|program| <&mut CgroupSkb>::try_from(program).ok())
+        .ok_or(EbpfError::Missing {
+            kind: "cgroup_skb program",
+            name,
+        })
+}
+
+/// Whether the kernel refused a program for calling `helper`, which it does not offer to the
+/// program's type.
+fn lacks_helper(err: &aya::programs::ProgramError, helper: &str) -> bool {
+    match err {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => verifier_log
+            .to_string()
+            .contains(&format!("unknown func {helper}#")),
+        _ => false,
     }
 }
 
@@ -462,15 +516,41 @@ impl Redirector {
                 }
                 Hook::Egress => {
                     let program: &mut CgroupSkb = program.try_into().map_err(|_| mismatch)?;
-                    program.load().map_err(load_err)?;
-                    program
+                    let loaded = match program.load() {
+                        Ok(()) => spec.name,
+                        Err(err) if lacks_helper(&err, "bpf_get_netns_cookie") => {
+                            // Node mode guards every namespace anyway.
+                            if !foreign_namespaces {
+                                log::warn!(
+                                    "this kernel tells cgroup_skb programs no network namespace \
+                                     (Linux 6.18 does): in every namespace of the cgroup, not \
+                                     only this one, a packet sent from a block address on port \
+                                     {} (or {} for IPv6), or sent raw to a block address, is \
+                                     dropped; a container of the cgroup that serves on its own \
+                                     127.53.x.y there needs --exclude-cgroup",
+                                    config.block4.port,
+                                    config.block6.map_or(config.block4.port, |block| block.port),
+                                );
+                            }
+                            cgroup_skb(&mut ebpf, names::EGRESS_ANY_NETNS)?
+                                .load()
+                                .map_err(|source| EbpfError::LoadProgram {
+                                    program: names::EGRESS_ANY_NETNS,
+                                    hook: spec.hook,
+                                    source: Box::new(source),
+                                })?;
+                            names::EGRESS_ANY_NETNS
+                        }
+                        Err(err) => return Err(load_err(err)),
+                    };
+                    cgroup_skb(&mut ebpf, loaded)?
                         .attach(
                             cgroup_fd.as_fd(),
                             CgroupSkbAttachType::Egress,
                             CgroupAttachMode::Single,
                         )
                         .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
-                    log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
+                    log::info!("attached {loaded} ({}) to {cgroup_name}", spec.hook);
                 }
                 Hook::Sock => {
                     let program: &mut CgroupSock = program.try_into().map_err(|_| mismatch)?;
@@ -927,6 +1007,34 @@ mod tests {
             "{text}"
         );
         assert_eq!(hint(&io::Error::other("no OS error")), " (no OS error)");
+    }
+
+    #[test]
+    fn a_program_the_verifier_refused_is_not_blamed_on_privileges_or_the_hook() {
+        let refused = |errno, log: &str| aya::programs::ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(log.to_owned()),
+        };
+        // Linux 6.1's words for a path whose frames it counts in 32-byte steps.
+        let too_deep = refused(
+            libc::EACCES,
+            "combined stack size of 6 calls is 544. Too large\n",
+        );
+        let text = hook_hint(&too_deep, "cgroup/connect6");
+        assert!(text.contains("verifier refused"), "{text}");
+        assert!(!text.contains("root") && !text.contains("CAP_"), "{text}");
+        // And for a helper its `cgroup_skb` programs do not have (Linux 6.18 added it).
+        let no_cookie = refused(
+            libc::EINVAL,
+            "160: (85) call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\n",
+        );
+        let text = hook_hint(&no_cookie, "cgroup_skb/egress");
+        assert!(!text.contains("has no cgroup_skb/egress"), "{text}");
+        assert!(lacks_helper(&no_cookie, "bpf_get_netns_cookie"));
+        assert!(!lacks_helper(&too_deep, "bpf_get_netns_cookie"));
+        // Without a log it is still the syscall's error that speaks.
+        let text = hook_hint(&refused(libc::EPERM, ""), "cgroup/connect4");
+        assert!(text.contains("run dns-proxy as root"), "{text}");
     }
 
     #[test]
