@@ -19,16 +19,13 @@ use dns_proxy_common::AddressBlock;
 pub enum HostError {
     #[error(
         "cannot route {block} to this host (`ip route replace local {block} dev lo`): \
-         {source}{hint}",
-        hint = if source.kind() == io::ErrorKind::PermissionDenied {
-            " (the agent needs CAP_NET_ADMIN)"
-        } else {
-            ""
-        }
+         {source}{hint}"
     )]
     Route {
         block: AddressBlock,
         source: io::Error,
+        /// What the error likely means ([`route_hint`]).
+        hint: &'static str,
     },
     #[error("--state-dir {path}: {problem}")]
     StateDir { path: PathBuf, problem: String },
@@ -55,7 +52,11 @@ pub fn route_block_here(block: AddressBlock) -> Result<Option<AddedRoute>, HostE
     if block.first().to_canonical().is_loopback() {
         return Ok(None);
     }
-    let error = |source| HostError::Route { block, source };
+    let error = |source| HostError::Route {
+        block,
+        hint: route_hint(block, &source),
+        source,
+    };
     let made = match local_route(block, RouteRequest::Create) {
         Ok(()) => true,
         Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
@@ -67,6 +68,20 @@ pub fn route_block_here(block: AddressBlock) -> Result<Option<AddedRoute>, HostE
     log::info!("routed {block} to this host (local, dev lo)");
     // `then`, not `then_some`: a route made and dropped at once would be removed.
     Ok(made.then(|| AddedRoute { block, keep: false }))
+}
+
+/// What a failed route means: rtnetlink answers `EPERM` to a process without
+/// `CAP_NET_ADMIN`, and `EACCES`, whoever asks, for an IPv6 route where IPv6 is switched off
+/// on `lo` (the default `--listen6` checks that first; an explicit one gets here).
+fn route_hint(block: AddressBlock, source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EACCES) if block.first().is_ipv6() && ipv6_is_off() => {
+            " (IPv6 is switched off on lo in this network namespace, \
+             net.ipv6.conf.lo.disable_ipv6 = 1: switch it on, or give no --listen6)"
+        }
+        Some(libc::EPERM | libc::EACCES) => " (the agent needs CAP_NET_ADMIN)",
+        _ => "",
+    }
 }
 
 /// A route a start made. Once the agent serves it is kept, after the agent too (a socket sent
