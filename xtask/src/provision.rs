@@ -163,10 +163,29 @@ pub fn fuzz_tools() -> Result<()> {
 
 /// Makes (or reuses) the virtualenv `venv` holding [`DEPLOY_CHECK_TOOLS`].
 pub fn deploy_check_tools(venv: &Path) -> Result<()> {
+    python_tools(venv, DEPLOY_CHECK_TOOLS, "checks deploy/")
+}
+
+/// virtme-ng, which boots a kernel in qemu on this machine's own files (`cargo xtask
+/// kernel-vm`); pinned, as the other Python tools are.
+const KERNEL_VM_TOOLS: &[&str] = &["virtme-ng==1.42"];
+
+/// What `cargo xtask kernel-vm` needs: qemu, depmod (for the kernel's modules) and, in the
+/// virtualenv `venv`, [`KERNEL_VM_TOOLS`].
+pub fn kernel_vm_tools(venv: &Path) -> Result<()> {
+    Apt::default().install(
+        &["qemu-system-x86", "kmod", "busybox-static"],
+        "booting Debian's own kernel in qemu for the tests on Linux 6.1",
+    )?;
+    python_tools(venv, KERNEL_VM_TOOLS, "boots other kernels")
+}
+
+/// Makes (or reuses) the virtualenv `venv` holding the pinned PyPI packages `tools`.
+fn python_tools(venv: &Path, tools: &[&str], why: &str) -> Result<()> {
     let pip = venv.join("bin/pip");
     let ready = |pip: &Path| {
         shell::output(Command::new(pip).args(["freeze"])).is_some_and(|installed| {
-            DEPLOY_CHECK_TOOLS.iter().all(|tool| {
+            tools.iter().all(|tool| {
                 installed
                     .lines()
                     .any(|line| line.eq_ignore_ascii_case(tool))
@@ -177,29 +196,26 @@ pub fn deploy_check_tools(venv: &Path) -> Result<()> {
         return Ok(());
     }
     if !has_program("python3") {
-        Apt::default().install(
-            &["python3"],
-            "the deployment files' checkers are Python tools",
-        )?;
+        Apt::default().install(&["python3"], "Python tools of the tests")?;
     }
     let make_venv = || shell::run(Command::new("python3").arg("-m").arg("venv").arg(venv));
     if make_venv().is_err() {
         // Debian's python3 keeps venv in a package of its own.
         Apt::default().install(
             &["python3-venv"],
-            "a virtualenv for the deployment checkers",
+            "a virtualenv for the tests' Python tools",
         )?;
         make_venv()?;
     }
     eprintln!(
-        "xtask: installing {} into {} (checks deploy/)",
-        DEPLOY_CHECK_TOOLS.join(" "),
+        "xtask: installing {} into {} ({why})",
+        tools.join(" "),
         venv.display()
     );
     shell::run(
         Command::new(&pip)
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(DEPLOY_CHECK_TOOLS),
+            .args(tools),
     )
 }
 
