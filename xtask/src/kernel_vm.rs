@@ -82,6 +82,8 @@ pub fn run(root: &Path, filters: &[String], skips: &[&str]) -> Result<()> {
             .arg(root.join("target"))
             .arg("--exec")
             .arg(&script)
+            // vng runs virtme-ng's other commands (virtme-run) by name.
+            .env("PATH", path_with(&venv.join("bin"))?)
             .stdin(Stdio::null())
             .current_dir(root),
     );
@@ -95,6 +97,13 @@ pub fn run(root: &Path, filters: &[String], skips: &[&str]) -> Result<()> {
         NO_TESTS => bail!("no e2e test's name contains any of: {}", filters.join(" ")),
         code => bail!("the tests in Linux 6.1 failed (exit status {code}); their output is above"),
     }
+}
+
+/// This process's `PATH` with `dir` first.
+fn path_with(dir: &Path) -> Result<std::ffi::OsString> {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(dir.to_owned()).chain(std::env::split_paths(&rest)))
+        .with_context(|| format!("{} cannot go on PATH", dir.display()))
 }
 
 /// Runs `command` with its stdout and stderr through a pipe that this process copies to its

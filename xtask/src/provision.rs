@@ -173,10 +173,20 @@ const KERNEL_VM_TOOLS: &[&str] = &["virtme-ng==1.42"];
 /// What `cargo xtask kernel-vm` needs: qemu, depmod (for the kernel's modules) and, in the
 /// virtualenv `venv`, [`KERNEL_VM_TOOLS`].
 pub fn kernel_vm_tools(venv: &Path) -> Result<()> {
-    Apt::default().install(
+    let had_qemu_img = has_program("qemu-img");
+    let mut apt = Apt::default();
+    apt.install(
         &["qemu-system-x86", "kmod", "busybox-static"],
         "booting Debian's own kernel in qemu for the tests on Linux 6.1",
     )?;
+    if had_qemu_img && !has_program("qemu-img") {
+        // A newer qemu-utils (from backports) cannot stay beside Debian 12's qemu-system-x86,
+        // and apt removes it: put Debian's own back, so that the machine keeps its qemu-img.
+        apt.install(
+            &["qemu-utils"],
+            "qemu-img and qemu-nbd, whose newer package apt removed for qemu-system-x86",
+        )?;
+    }
     python_tools(venv, KERNEL_VM_TOOLS, "boots other kernels")
 }
 
