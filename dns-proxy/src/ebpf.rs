@@ -184,15 +184,23 @@ const MIN_KERNEL: &str = "5.17";
 /// Whether `err` is a program load the verifier refused, with its reasons.
 fn refused_by_the_verifier(err: &(dyn std::error::Error + 'static)) -> bool {
     use aya::programs::ProgramError;
-    let load_error = err.downcast_ref::<ProgramError>().or_else(|| {
-        err.downcast_ref::<Box<ProgramError>>()
-            .map(|boxed| &**boxed)
-    });
-    matches!(
-        load_error,
-        Some(ProgramError::LoadError { verifier_log, .. })
-            if !verifier_log.to_string().trim().is_empty()
-    )
+    err.downcast_ref::<ProgramError>()
+        .or_else(|| {
+            err.downcast_ref::<Box<ProgramError>>()
+                .map(|boxed| &**boxed)
+        })
+        .and_then(verifier_log)
+        .is_some_and(|log| !log.trim().is_empty())
+}
+
+/// What the verifier said of a program it refused.
+fn verifier_log(err: &aya::programs::ProgramError) -> Option<String> {
+    match err {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+            Some(verifier_log.to_string())
+        }
+        _ => None,
+    }
 }
 
 /// The `cgroup_skb` program `name` of the object.
@@ -208,12 +216,7 @@ fn cgroup_skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Cgro
 /// Whether the kernel refused a program for calling `helper`, which it does not offer to the
 /// program's type.
 fn lacks_helper(err: &aya::programs::ProgramError, helper: &str) -> bool {
-    match err {
-        aya::programs::ProgramError::LoadError { verifier_log, .. } => verifier_log
-            .to_string()
-            .contains(&format!("unknown func {helper}#")),
-        _ => false,
-    }
+    verifier_log(err).is_some_and(|log| log.contains(&format!("unknown func {helper}#")))
 }
 
 /// The kernel's internal "operation not supported" (524), which the bpf syscall can leak.

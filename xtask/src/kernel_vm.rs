@@ -117,8 +117,8 @@ fn run_through_pipe(command: &mut Command) -> Result<()> {
         .stderr(writer)
         .spawn()
         .with_context(|| format!("cannot start {command:?}"))?;
-    // The child holds the pipe's only writers now (the command keeps no copy once spawned):
-    // the copy ends when the guest's last process closes them.
+    // The command still holds this process's ends of the pipe: drop them, so that the copy
+    // ends when the guest's last process closes its own.
     command.stdout(Stdio::null()).stderr(Stdio::null());
     std::io::copy(&mut reader, &mut std::io::stdout().lock()).context("copy the guest's output")?;
     let status = child.wait()?;

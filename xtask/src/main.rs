@@ -134,7 +134,13 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&root, &args),
         Task::Test { args } => test(&root, &args),
         Task::Docker { stop } => docker(&root, stop),
-        Task::KernelVm { filters } => kernel_vm(&root, &filters),
+        Task::KernelVm { filters } => {
+            if !shell::is_root() {
+                bail!("the tests in Linux 6.1 need root, as the other integration tests do");
+            }
+            set_up_for_tests(&root)?;
+            kernel_vm(&root, &filters)
+        }
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Soak {
             minutes,
@@ -400,12 +406,8 @@ fn set_up_for_tests(root: &std::path::Path) -> Result<()> {
 }
 
 /// The e2e tests `filters` in Linux 6.1; by default [`kernel_vm::DEFAULT_TESTS`] but
-/// [`kernel_vm::SKIPPED_BY_DEFAULT`].
+/// [`kernel_vm::SKIPPED_BY_DEFAULT`]. Expects [`set_up_for_tests`] done.
 fn kernel_vm(root: &std::path::Path, filters: &[String]) -> Result<()> {
-    if !shell::is_root() {
-        bail!("the tests in Linux 6.1 need root, as the other integration tests do");
-    }
-    set_up_for_tests(root)?;
     if filters.is_empty() {
         let defaults: Vec<String> = kernel_vm::DEFAULT_TESTS
             .iter()
