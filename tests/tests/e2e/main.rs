@@ -55,7 +55,6 @@ fn assert_answered(result: Result<String, String>, what: &str) {
     );
 }
 
-/// Runs the probe as a workload against SERVER_IP:53; returns its `source=... answer=...` line.
 /// A cgroup below the test cgroup, made with its parents (removed with it).
 fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
     let path = topology.cgroup.path.join(relative);
@@ -63,6 +62,7 @@ fn child_cgroup(topology: &Topology, relative: &str) -> std::path::PathBuf {
     path
 }
 
+/// Runs the probe as a workload against SERVER_IP:53; returns its `source=... answer=...` line.
 fn probe(topology: &Topology, mode: &str, name: &str) -> String {
     probe_at(topology, mode, &format!("{SERVER_IP}:53"), name, &[])
 }
@@ -75,7 +75,6 @@ fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// Where agents started with `--metrics` serve, in the client namespace.
 /// A `test-upstream` on `ip` in the server namespace, answering `answer` with TTL 60,
 /// `delay_ms` after each query; returned once it answers.
 fn start_test_upstream(
@@ -99,6 +98,7 @@ fn start_test_upstream(
     process
 }
 
+/// Where agents started with `--metrics` serve, in the client namespace.
 const METRICS: &str = "127.0.0.1:9253";
 
 fn metrics_addr() -> std::net::SocketAddr {
