@@ -27,6 +27,7 @@ use crate::{
 
 mod background;
 mod dns;
+mod kernel_refusals;
 mod listeners;
 
 use dns::{Dns, Shared};
@@ -394,10 +395,15 @@ async fn serve(
         &readiness,
         &stop_background,
     );
+    let kernel_counters = Arc::new(kernel_counters);
+    let refusals = tokio::spawn(kernel_refusals::say_kernel_refusals(
+        Arc::clone(&kernel_counters),
+        stop_background.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&shared.stats),
-            Arc::new(kernel_counters),
+            kernel_counters,
             Arc::clone(&readiness),
             shared.cache.clone(),
             shared.query_log.clone(),
@@ -467,6 +473,8 @@ async fn serve(
     }
     drop(redirector);
     stop_background.stop();
+    // The programs are detached: the refusals' last count is final, and said before "stopped".
+    let _ = refusals.await;
     log::info!(target: LOG, "stopped: {}", shared.stats.summary());
     Ok(outcome)
 }

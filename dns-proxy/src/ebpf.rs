@@ -971,6 +971,17 @@ impl KernelCounters {
         })
     }
 
+    /// Each counter summed over the CPUs, or the first error of reading one.
+    pub fn try_read(&self) -> Result<Vec<(Counter, u64)>, aya::maps::MapError> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let per_cpu = self.map.get(&(counter as u32), 0)?;
+                Ok((counter, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
     /// Each counter summed over the CPUs. A counter that cannot be read is left out (and
     /// logged): a scrape shows what it can.
     pub fn read(&self) -> Vec<(Counter, u64)> {

@@ -209,6 +209,54 @@ fn a_pods_connected_socket_reads_a_closed_servers_refusal_as_directly() {
     }
 }
 
+/// A second agent on the node's tree from another network namespace (here a pod's) is not
+/// caught by the lock, which lives in a namespace: each agent's programs refuse (`EPERM`) the
+/// addresses the other's rewrote, and every lookup of the tree fails while both say ready.
+/// The refusals are said in the log, naming that cause, and once the second agent stops, the
+/// lookups are answered again.
+#[test]
+fn a_second_agent_from_another_namespace_is_named_in_the_log_and_its_stop_mends_the_tree() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let listen = [format!("--listen={NODE_LISTEN}:53")];
+    let _first = Agent::launch(&node.node, node.redirected_cgroup(), None, &listen);
+    let mut second = Agent::launch(&node.pods[1], node.redirected_cgroup(), None, &listen);
+    let ask = |command: Command, name: &str| {
+        tests::dig_at(
+            command,
+            &SERVER_IP.to_string(),
+            name,
+            &["+tries=1", "+time=2"],
+        )
+    };
+    let refused = ask(node.pod(0, "dig", &[]), "both.example.test")
+        .expect_err("answered with two agents on the tree");
+    assert!(refused.contains("permission denied"), "{refused}");
+    wait_for_log(&second, "a second dns-proxy redirecting this cgroup tree");
+    let line = second
+        .log()
+        .lines()
+        .find(|line| line.contains("ForeignRefused"))
+        .map(str::to_owned)
+        .expect("the refusals' line");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("were refused (EPERM)"), "{line}");
+
+    second.process().signal(libc::SIGTERM);
+    assert!(
+        second
+            .process()
+            .wait_exit(Duration::from_secs(10))
+            .success()
+    );
+    for (who, command) in [
+        ("pod", node.pod(0, "dig", &[])),
+        ("host", node.host("dig", &[])),
+    ] {
+        assert_answered(ask(command, &format!("{who}.example.test")), who);
+    }
+}
+
 /// The block's route on the node goes away while the agent runs (another program removes it,
 /// or IPv6 switched off and on flushes an IPv6 one). Every lookup the programs sent there
 /// would reach no agent; instead the redirect is switched off, so lookups go direct and are

@@ -170,6 +170,8 @@ fn lookups_go_direct_or_are_refused_while_the_agent_is_stopped() {
         value(&page, "dns_proxy_kernel_agent_unresponsive_total") >= 2,
         "{page}"
     );
+    // Running again, the agent says what went direct meanwhile.
+    wait_for_log(&agent, "because the agent had not said it runs for 3 s");
 }
 
 /// A socket connected while its process was redirected keeps sending to the proxy after the
