@@ -209,6 +209,49 @@ fn a_pods_connected_socket_reads_a_closed_servers_refusal_as_directly() {
     }
 }
 
+/// A pod's connected UDP socket that lives across a graceful restart of the node's agent and
+/// across SIGKILL and a restart, retrying once on the same socket, as c-ares and nginx's
+/// resolver do: the pod's lookups reach the node's block from another namespace, through its
+/// veth, where the kernel's refusals while no agent runs are rate-limited (unlike on `lo`).
+#[test]
+fn a_pods_long_lived_connected_socket_keeps_resolving_across_restarts() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let listen = [format!("--listen={NODE_LISTEN}:53")];
+    let start = || Agent::launch(&node.node, node.redirected_cgroup(), None, &listen);
+    let mut agent = start();
+    let mut client = tests::Process::spawn(
+        node.pod(
+            0,
+            env!("CARGO_BIN_EXE_hostile-client"),
+            &[
+                "long-lived",
+                &format!("{SERVER_IP}:53"),
+                "pl",
+                "32",
+                "500",
+                "1000",
+            ],
+        )
+        .stdout(Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let mut agent = start();
+    std::thread::sleep(Duration::from_millis(4000));
+    agent.process().signal(libc::SIGKILL);
+    agent.process().wait_exit(Duration::from_secs(5));
+    let agent = start();
+    let output = client.finish_with_stdout(Duration::from_secs(30));
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 32, "{output}");
+    let failed: Vec<&&str> = lines.iter().filter(|l| !l.contains("answered")).collect();
+    assert!(failed.is_empty(), "lookups lost:\n{output}");
+    let served_last = agent.query_lines("pl-31.example.test");
+    assert_eq!(served_last.len(), 1, "{}", agent.log());
+}
+
 /// A second agent on the node's tree from another network namespace (here a pod's) is not
 /// caught by the lock, which lives in a namespace: each agent's programs refuse (`EPERM`) the
 /// addresses the other's rewrote, and every lookup of the tree fails while both say ready.
