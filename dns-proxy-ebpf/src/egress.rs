@@ -65,26 +65,21 @@ const IPPROTO_ICMPV6: u8 = 58;
 pub const NETNS_TOLD: bool = true;
 pub const NETNS_UNTOLD: bool = false;
 
-/// Drops a packet sent from a block address on the proxy's port by any socket but an agent's
-/// (or an excluded cgroup's, which the guards leave alone), counted as an impersonation.
+/// Drops a packet sent from a block address, on any port, by any socket but an agent's (or an
+/// excluded cgroup's, which the guards leave alone), counted as an impersonation. On any port:
+/// a socket still connected to a block address on a port the proxy served before a change of
+/// port would take such a packet as its server's answer.
 pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     if raw_to_the_block::<NETNS>(ctx) {
         count(Counter::RawRefused);
         return DROP;
     }
     let config = config();
-    // The socket's port, host order: the packet's source port for UDP and TCP.
-    let port = ctx.skb.local_port();
-    let port4 = u32::from(u16::from_be(config.port4));
-    let port6 = u32::from(u16::from_be(config.port6));
-    if port != port4 && port != port6 {
-        return PASS;
-    }
     let protocol = ctx.skb.protocol();
-    let from_block = if protocol == PROTOCOL_IPV4 && port == port4 && config.capacity4 != 0 {
+    let from_block = if protocol == PROTOCOL_IPV4 && config.capacity4 != 0 {
         ctx.load::<u32>(IPV4_SOURCE)
             .is_ok_and(|source| index_in_block4(&config, source).is_some())
-    } else if protocol == PROTOCOL_IPV6 && port == port6 && config.capacity6 != 0 {
+    } else if protocol == PROTOCOL_IPV6 && config.capacity6 != 0 {
         ctx.load::<[u32; 4]>(IPV6_SOURCE)
             .is_ok_and(|source| index_in_block6(&config, source).is_some())
     } else {

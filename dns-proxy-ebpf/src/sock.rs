@@ -563,16 +563,15 @@ fn from_server_port(ctx: &SockAddrContext, port_be: u16) {
     count(Counter::ReverseTranslated);
 }
 
-/// connect4 / sendmsg4: a socket on the proxy's port may not send from a block address,
-/// whether bound there (before the agent started, when no bind guard ran) or asking for it
-/// with `IP_PKTINFO` (on sendmsg): `recvmsg4` would present what it sends as a server's. Only
-/// the proxy may (refused with `EPERM`, counted). A socket bound to a block address with no
-/// port yet counts as on the proxy's: `connect` picks its port after this hook, and it may be
-/// the proxy's.
+/// connect4 / sendmsg4: no socket may send from a block address, whether bound there (before
+/// the agent started, when no bind guard ran) or asking for it with `IP_PKTINFO` (on
+/// sendmsg): `recvmsg4` would present what it sends as a server's, and a socket still
+/// connected to a block address on a port the proxy served before (a restart or takeover that
+/// changed `--listen`'s port) would take it as its server's. Only the proxy may (refused with
+/// `EPERM`, counted). On any port, not the proxy's alone: once one that was the proxy's.
 fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
     let config = config();
-    let port = ctx_local_port(ctx);
-    if config.capacity4 == 0 || (port != 0 && port != u32::from(u16::from_be(config.port4))) {
+    if config.capacity4 == 0 {
         return false;
     }
     let from_block = index_in_block4(&config, ctx_local_ip4(ctx)).is_some()
@@ -583,14 +582,11 @@ fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
 /// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
 fn impersonates_proxy6(ctx: &SockAddrContext, hook: Hook) -> bool {
     let config = config();
-    let port = ctx_local_port(ctx);
     let in_block = |addr: [u32; 4]| {
         if addr[..3] == v4_mapped_prefix() {
-            (port == 0 || port == u32::from(u16::from_be(config.port4)))
-                && index_in_block4(&config, addr[3]).is_some()
+            index_in_block4(&config, addr[3]).is_some()
         } else {
-            (port == 0 || port == u32::from(u16::from_be(config.port6)))
-                && index_in_block6(&config, addr).is_some()
+            index_in_block6(&config, addr).is_some()
         }
     };
     let from_block =
@@ -608,21 +604,13 @@ fn refuse_unless_excluded(ctx: &SockAddrContext) -> bool {
     true
 }
 
-/// Whether a bind's port (network order) is the proxy's, or 0: a port the kernel picks later,
-/// which may be the proxy's (a namespace whose ephemeral range holds it, or a socket's own
-/// `IP_LOCAL_PORT_RANGE`, which needs no privilege).
-fn proxy_port_or_unchosen(port_be: u16, proxy_port_be: u16) -> bool {
-    port_be == 0 || port_be == proxy_port_be
-}
-
-/// bind4: no socket of the agent's namespace but the proxy's may take a block address on
-/// the proxy's port, from where `recvmsg4` would present its datagrams as the server's.
+/// bind4: no socket of the agent's namespace but the proxy's may take a block address, on
+/// any port: on the proxy's, `recvmsg4` would present its datagrams as the server's; on
+/// another, one that was the proxy's before a change of port, it would receive what sockets
+/// still connected there send.
 pub fn sock4_guard_bind(ctx: &SockAddrContext) -> i32 {
     let config = config();
-    if config.capacity4 == 0
-        || !proxy_port_or_unchosen(ctx_user_port(ctx), config.port4)
-        || index_in_block4(&config, ctx_user_ip4(ctx)).is_none()
-    {
+    if config.capacity4 == 0 || index_in_block4(&config, ctx_user_ip4(ctx)).is_none() {
         return ALLOW;
     }
     refuse_bind_unless_excluded(ctx, &config)
@@ -631,11 +619,11 @@ pub fn sock4_guard_bind(ctx: &SockAddrContext) -> i32 {
 /// bind6: the same for IPv6 sockets, v4-mapped block addresses included.
 pub fn sock6_guard_bind(ctx: &SockAddrContext) -> i32 {
     let config = config();
-    let (addr, port_be) = (ctx_user_ip6(ctx), ctx_user_port(ctx));
+    let addr = ctx_user_ip6(ctx);
     let in_block = if addr[..3] == v4_mapped_prefix() {
-        proxy_port_or_unchosen(port_be, config.port4) && index_in_block4(&config, addr[3]).is_some()
+        index_in_block4(&config, addr[3]).is_some()
     } else {
-        proxy_port_or_unchosen(port_be, config.port6) && index_in_block6(&config, addr).is_some()
+        index_in_block6(&config, addr).is_some()
     };
     if !in_block {
         return ALLOW;

@@ -32,8 +32,8 @@ const SAID: [(Counter, &str); 5] = [
     ),
     (
         Counter::ImpersonationRefused,
-        "binds of, or sends from, a proxy address on the proxy's port were refused to sockets \
-         other than the agent's: a process trying to answer as a DNS server",
+        "binds of, or sends from, a proxy address (on any port) were refused to sockets other \
+         than the agent's: a process trying to answer as a DNS server",
     ),
     (
         Counter::RawRefused,

@@ -517,7 +517,7 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_impersonation_refused",
         labels: &[],
         only_with: None,
-        help: "Binds of, or sends from, a proxy address on the proxy's port refused to other \
+        help: "Binds of, or sends from, a proxy address (on any port) refused to other \
                sockets.",
         read: Read::Counter(|s| s.kernel(Counter::ImpersonationRefused)),
     },

@@ -744,8 +744,10 @@ fn a_small_block_fills_to_its_last_index() {
     }
 }
 
-/// Nothing in the redirected cgroup can take a block address on the proxy's port, from where
-/// its datagrams would be shown to clients as their server's.
+/// Nothing in the redirected cgroup can take a block address, on the proxy's port, from where
+/// its datagrams would be shown to clients as their server's, or on another, which may have
+/// been the proxy's before a change of port (sockets still connected there would take its
+/// datagrams for their server's, and send it their queries).
 #[test]
 fn no_workload_can_bind_the_proxys_block_addresses() {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
@@ -757,8 +759,11 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
         format!("127.53.0.1:{port}"),
         format!("127.53.200.9:{port}"),
         "127.53.0.1:0".to_owned(),
+        "127.53.0.1:8054".to_owned(),
         "[::ffff:127.53.0.1]:0".to_owned(),
+        "[::ffff:127.53.0.1]:8054".to_owned(),
         "[fd53:6e73:6470::1]:0".to_owned(),
+        "[fd53:6e73:6470::1]:8054".to_owned(),
     ] {
         let outcome = bind(addr.clone());
         assert!(
@@ -766,9 +771,113 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
             "{addr}: {outcome}"
         );
     }
-    // Other ports of the block, and other addresses, are anyone's.
-    assert_eq!(bind("127.53.0.1:8054".to_owned()), "bound");
+    // Other addresses are anyone's, on the proxy's port too, as is the block's first address,
+    // which names no server.
     assert_eq!(bind(format!("127.0.0.2:{port}")), "bound");
+    assert_eq!(bind("127.53.0.0:8054".to_owned()), "bound");
+}
+
+/// After a restart that changes `--listen`'s port, a socket still connected to the old port
+/// sends its queries there, where an unprivileged process of the cgroup can bind the port on
+/// the wildcard address and receive them. It cannot answer them as their server: a datagram
+/// from a block address is refused to every socket but the agent's, on every port (an
+/// adversarial review had such a process answer a victim's every query before).
+#[test]
+fn a_process_on_the_old_port_after_a_port_change_cannot_answer_as_a_server() {
+    // Asks every 0.2 s or so until its standard input closes.
+    const VICTIM: &str = "import select, socket, struct, sys, time\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.connect((sys.argv[1], 53))\n\
+        s.settimeout(0.5)\n\
+        i = 0\n\
+        while not select.select([sys.stdin], [], [], 0)[0]:\n\
+        \x20   i += 1\n\
+        \x20   q = struct.pack('>HHHHHH', i, 0x100, 1, 0, 0, 0)\n\
+        \x20   q += b''.join(bytes([len(l)]) + l for l in [b'v%d' % i, b'example', b'test']) + b'\\0\\0\\1\\0\\1'\n\
+        \x20   try:\n\
+        \x20       s.send(q)\n\
+        \x20       a = s.recv(512)\n\
+        \x20       print('answer', '.'.join(str(b) for b in a[-4:]), flush=True)\n\
+        \x20   except OSError as e:\n\
+        \x20       print('error', e.__class__.__name__, flush=True)\n\
+        \x20   time.sleep(0.2)\n";
+    // IP_PKTINFO is 8 (Debian 12's Python names no such constant).
+    // Answers what it receives on the old port, from the address it was sent to, until it
+    // has had five queries.
+    const SQUATTER: &str = "import socket, struct, sys, time\n\
+        IP_PKTINFO = 8\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)\n\
+        s.bind(('0.0.0.0', int(sys.argv[1])))\n\
+        s.settimeout(0.5)\n\
+        received = sent = refused = 0\n\
+        end = time.time() + 30\n\
+        while time.time() < end and received < 5:\n\
+        \x20   try:\n\
+        \x20       q, anc, _, peer = s.recvmsg(512, 256)\n\
+        \x20   except socket.timeout:\n\
+        \x20       continue\n\
+        \x20   received += 1\n\
+        \x20   dst = [d[8:12] for (l, t, d) in anc if t == IP_PKTINFO][0]\n\
+        \x20   a = q[:2] + b'\\x81\\x80' + q[4:6] + b'\\0\\1\\0\\0\\0\\0' + q[12:]\n\
+        \x20   a += b'\\xc0\\x0c\\0\\1\\0\\1\\0\\0\\0\\x3c\\0\\4\\6\\6\\6\\6'\n\
+        \x20   info = struct.pack('i4s4s', 0, dst, dst)\n\
+        \x20   try:\n\
+        \x20       s.sendmsg([a], [(socket.SOL_IP, IP_PKTINFO, info)], 0, peer)\n\
+        \x20       sent += 1\n\
+        \x20   except PermissionError:\n\
+        \x20       refused += 1\n\
+        print(f'received={received} sent={sent} refused={refused}', flush=True)\n";
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    let mut victim = Process::spawn(
+        topology
+            .workload("/usr/bin/python3", &["-c", VICTIM, &SERVER_IP.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let _agent = Agent::launch(
+        &topology.client,
+        &topology.cgroup.path,
+        None,
+        &["--listen=127.0.0.1:8054".to_owned()],
+    );
+    let old_port = PROXY_LISTEN.rsplit(':').next().expect("a port");
+    let mut args: Vec<&str> = AS_NOBODY.to_vec();
+    args.extend(["/usr/bin/python3", "-c", SQUATTER, old_port]);
+    let mut squatter = Process::spawn(topology.workload("setpriv", &args).stdout(Stdio::piped()));
+    // Done once it has had five of the victim's queries (30 s at most).
+    let squatted = squatter.finish_with_stdout(Duration::from_secs(40));
+    let asked = victim.finish_with_stdout(Duration::from_secs(15));
+    assert!(
+        asked
+            .lines()
+            .any(|line| line == format!("answer {ANSWER_IP}")),
+        "the victim was answered before the change:\n{asked}"
+    );
+    assert!(
+        !asked.contains("answer 6.6.6.6"),
+        "a forged answer:\n{asked}"
+    );
+    let counts: Vec<u64> = squatted
+        .trim()
+        .split(' ')
+        .map(|field| {
+            field
+                .split('=')
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        counts.len() == 3 && counts[0] > 0 && counts[1] == 0 && counts[2] == counts[0],
+        "every answer refused: {squatted}\nvictim:\n{asked}"
+    );
 }
 
 /// A DNS server inside the redirected cgroup answers a client on port 53 (another server, or
@@ -882,44 +991,49 @@ fn a_link_local_ipv6_server_is_asked_directly_with_its_zone() {
     );
 }
 
-/// A workload, even an unprivileged one, cannot send from a block address on the proxy's
-/// port with `IP_PKTINFO`: its datagram would be shown as its server's answer to a victim.
-/// Not from an IPv4 or a dual-stack socket, and not from one connected to the victim first,
-/// naming it or not (a send to a socket's own peer is otherwise left alone).
+/// A workload, even an unprivileged one, cannot send from a block address with `IP_PKTINFO`:
+/// its datagram would be shown as its server's answer to a victim. Not from an IPv4 or a
+/// dual-stack socket, and not from one connected to the victim first, naming it or not (a
+/// send to a socket's own peer is otherwise left alone). Not on the proxy's port, nor on
+/// another: after a change of `--listen`'s port, sockets still connected to the old one take
+/// what comes from there for their server's answer (an adversarial review bound the old port
+/// as nobody and answered a victim's every query).
 #[test]
 fn no_workload_can_send_from_the_proxys_block_addresses() {
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
     let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
-    // Without the agent's guard, this is what a forger does: any address on the proxy's port
-    // (127.0.0.2 is nobody's), and the source it wants from IP_PKTINFO.
-    let ipv4 = (
-        format!("127.0.0.2:{port}"),
-        "127.53.0.1",
-        "127.0.0.1:40999".to_owned(),
-    );
-    let dual_stack = (
-        format!("[::ffff:127.0.0.2]:{port}"),
-        "::ffff:127.53.0.1",
-        "[::ffff:127.0.0.1]:40999".to_owned(),
-    );
-    for (from, source, victim) in [&ipv4, &dual_stack] {
-        for how in [None, Some("--connected-sendto"), Some("--connected-send")] {
-            for user in [&[][..], &AS_NOBODY[..]] {
-                let mut args: Vec<&str> = user.to_vec();
-                args.extend([HOSTILE, "spoof", from, source, victim]);
-                args.extend(how);
-                let outcome = stdout(&mut topology.workload("setpriv", &args));
-                assert!(
-                    outcome.starts_with("refused: Operation not permitted"),
-                    "{from} {how:?} {user:?}: {outcome}"
-                );
+    for port in [port, "8054"] {
+        // Without the agent's guard, this is what a forger does: any address on the port
+        // (127.0.0.2 is nobody's), and the source it wants from IP_PKTINFO.
+        let ipv4 = (
+            format!("127.0.0.2:{port}"),
+            "127.53.0.1",
+            "127.0.0.1:40999".to_owned(),
+        );
+        let dual_stack = (
+            format!("[::ffff:127.0.0.2]:{port}"),
+            "::ffff:127.53.0.1",
+            "[::ffff:127.0.0.1]:40999".to_owned(),
+        );
+        for (from, source, victim) in [&ipv4, &dual_stack] {
+            for how in [None, Some("--connected-sendto"), Some("--connected-send")] {
+                for user in [&[][..], &AS_NOBODY[..]] {
+                    let mut args: Vec<&str> = user.to_vec();
+                    args.extend([HOSTILE, "spoof", from, source, victim]);
+                    args.extend(how);
+                    let outcome = stdout(&mut topology.workload("setpriv", &args));
+                    assert!(
+                        outcome.starts_with("refused: Operation not permitted"),
+                        "{from} {how:?} {user:?}: {outcome}"
+                    );
+                }
             }
         }
     }
-    // The same from another port is just a datagram from that port: not refused.
+    // From an address outside the block it is just a datagram from there: not refused.
     let outcome = stdout(&mut topology.workload(
         HOSTILE,
-        &["spoof", "127.0.0.2:40998", "127.53.0.1", &ipv4.2],
+        &["spoof", "127.0.0.2:40998", "127.0.0.3", "127.0.0.1:40999"],
     ));
     assert_eq!(outcome, "sent");
 }
