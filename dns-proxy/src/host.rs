@@ -503,6 +503,7 @@ pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<()
         [127, 0, 0, 53].into(),
         [127, 0, 0, 54].into(),
     ];
+    warn_of_a_network_routed_through_the_block(flag, block);
     let taken = reserved
         .into_iter()
         .chain(interface_addresses())
@@ -517,6 +518,57 @@ pub fn check_block_is_free(flag: &'static str, block: AddressBlock) -> Result<()
             ),
         }),
         None => Ok(()),
+    }
+}
+
+/// Warns when the kernel routes the block's servers' addresses (index 1 and the last) through
+/// a network, by a route narrower than a default one: its hosts there, DNS servers among them,
+/// become unreachable for every process once the block is routed here, and stay so after
+/// the agent exits (its route stays). A link-local block is left alone: hosts often route all
+/// of `169.254.0.0/16` or `fe80::/64` to a link, where nothing answers at the block's addresses.
+fn warn_of_a_network_routed_through_the_block(flag: &'static str, block: AddressBlock) {
+    let link_local = match block.first() {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    if link_local {
+        return;
+    }
+    for address in [block.address(1), block.address(block.capacity())] {
+        if let Ok(Some((length, kind))) = matched_route(address)
+            && kind == libc::RTN_UNICAST
+            && length > 0
+        {
+            let network = network_of(address, length);
+            log::warn!(
+                "{flag} {block}: this host routes {network} through a network; once the block \
+                 is routed here (and after the agent exits: the route stays), no process \
+                 reaches the hosts of that network inside the block, and a DNS server there is \
+                 refused; choose a block nothing else routes"
+            );
+            return;
+        }
+    }
+}
+
+/// The network of `length` bits that holds `address`, as `a.b.c.d/len`.
+fn network_of(address: std::net::IpAddr, length: u8) -> String {
+    let length = u32::from(length);
+    match address {
+        std::net::IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - length.min(32)).unwrap_or(0);
+            format!(
+                "{}/{length}",
+                std::net::Ipv4Addr::from(u32::from(v4) & mask)
+            )
+        }
+        std::net::IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - length.min(128)).unwrap_or(0);
+            format!(
+                "{}/{length}",
+                std::net::Ipv6Addr::from(u128::from(v6) & mask)
+            )
+        }
     }
 }
 
@@ -740,6 +792,13 @@ pub fn is_loopback_up() -> io::Result<bool> {
 /// The prefix length of the route the kernel matches for `address`, in whatever table the
 /// rules pick, if it is of type local.
 fn local_route_length(address: std::net::IpAddr) -> io::Result<Option<u8>> {
+    Ok(matched_route(address)?
+        .and_then(|(length, kind)| (kind == libc::RTN_LOCAL).then_some(length)))
+}
+
+/// The prefix length and type (`RTN_*`) of the route the kernel matches for `address`, in
+/// whatever table the rules pick (`ip route get fibmatch`); `None` if none does.
+fn matched_route(address: std::net::IpAddr) -> io::Result<Option<(u8, u8)>> {
     let (family, address) = match address {
         std::net::IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
         std::net::IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
@@ -763,7 +822,7 @@ fn local_route_length(address: std::net::IpAddr) -> io::Result<Option<u8>> {
         else {
             return Err(io::Error::other("a short rtnetlink route"));
         };
-        return Ok((route_type == libc::RTN_LOCAL).then_some(matched_len));
+        return Ok(Some((matched_len, route_type)));
     }
     // No route at all (ENETUNREACH, say): not here either.
     reply_error(reply).map(|_| None)

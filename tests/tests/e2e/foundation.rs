@@ -940,6 +940,40 @@ mod usage_errors {
         );
     }
 
+    /// A block inside a network the host routes elsewhere takes that network's hosts there
+    /// away from every process, DNS servers among them (an adversarial review's site server
+    /// behind a gateway: ready, and every lookup refused), and the route stays after the agent
+    /// exits: said at start, naming the network.
+    #[test]
+    fn a_block_inside_a_routed_network_is_warned_of() {
+        let topology = Topology::new();
+        must(Command::new("ip").args([
+            "-n",
+            &topology.client.name,
+            "route",
+            "add",
+            "10.20.0.0/16",
+            "via",
+            &SERVER_IP.to_string(),
+        ]));
+        let agent = Agent::launch(
+            &topology.client,
+            &topology.cgroup.path,
+            None,
+            &[
+                "--listen=10.20.0.0:53".to_owned(),
+                "--redirect-block=10.20.0.0/24".to_owned(),
+            ],
+        );
+        let log = agent.log();
+        let warning = log
+            .lines()
+            .find(|line| line.contains("this host routes 10.20.0.0/16 through a network"))
+            .unwrap_or_else(|| panic!("no warning of the routed network:\n{log}"));
+        assert!(warning.contains("WARN"), "{warning}");
+        assert!(warning.contains("--redirect-block 10.20.0.0/24"), "{warning}");
+    }
+
     /// A second agent on the cgroup another agent redirects, on another port or block, would
     /// attach beside it and serve nothing (the first one's programs rewrite every query
     /// before its own see it) while it reports ready: refused, with the same state dir or
