@@ -22,7 +22,7 @@
 use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
-use dns_proxy_common::{AGENT_NAMED, AgentCgroup, AgentRecord, names};
+use dns_proxy_common::{AGENT_NAMED, AgentCgroup, AgentRecord, MAX_AGENTS, names};
 use socket2::Socket;
 
 use crate::local_names;
@@ -31,9 +31,14 @@ use crate::local_names;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// An agent silent this long is gone: killed, or stopped without cleaning up.
 const STALE_AFTER: Duration = Duration::from_secs(30);
+/// An agent silent this long whose name no one holds in this namespace is gone sooner: an
+/// agent that runs says it is alive every [`HEARTBEAT_INTERVAL`], wherever it runs, and a
+/// killed one's name is freed by the kernel. Without it, agents killed in a tight loop (a
+/// crash loop) filled `AGENTS` (64 records) within 30 s, and the next start failed.
+const GONE_IF_UNNAMED_AFTER: Duration = Duration::from_secs(6);
 
 #[derive(Debug, thiserror::Error)]
-#[error("eBPF map {map}: {source}")]
+#[error("eBPF map {map}: {source}{}", hint(source))]
 pub struct AgentsError {
     map: &'static str,
     source: Box<aya::maps::MapError>,
@@ -71,7 +76,7 @@ impl Agents {
         let mut alive = HashSet::from([cgroup_id]);
         let mut gone = Vec::new();
         for (agent, record) in records.iter().filter_map(Result::ok) {
-            if is_stale(&record, stamp) {
+            if is_stale(&record, stamp) || is_gone_by_its_name(agent, &record, stamp) {
                 gone.push(agent);
             } else {
                 alive.insert(record.cgroup_id);
@@ -193,10 +198,33 @@ fn is_stale(record: &AgentRecord, now_ns: u64) -> bool {
     now_ns.saturating_sub(record.heartbeat_ns) > STALE_AFTER.as_nanos() as u64
 }
 
+/// Whether the agent of `record` (started at `stamp`) is gone by its name: it held one, no
+/// one holds it in this namespace now, and it has been silent for [`GONE_IF_UNNAMED_AFTER`]
+/// (three heartbeats: an agent of another namespace, whose name is not seen here, still says
+/// it is alive meanwhile). A look that fails says nothing.
+fn is_gone_by_its_name(stamp: u64, record: &AgentRecord, now_ns: u64) -> bool {
+    record.flags & AGENT_NAMED != 0
+        && now_ns.saturating_sub(record.heartbeat_ns) > GONE_IF_UNNAMED_AFTER.as_nanos() as u64
+        && matches!(local_names::owner(&agent_name(stamp)), Ok(None))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The OS error under a map error (aya's message names the syscall alone), and what a full
+/// table means.
+fn hint(err: &aya::maps::MapError) -> String {
+    match crate::ebpf::os_error(err) {
+        Some(os) if os.raw_os_error() == Some(libc::E2BIG) => format!(
+            " ({os}: the table of running agents is full, {MAX_AGENTS} records; an agent's \
+             record goes once it has been silent for 30 s, or for 6 s once its name is free)"
+        ),
+        Some(os) => format!(" ({os})"),
+        None => String::new(),
+    }
 }
 
 fn map_error(map: &'static str, source: aya::maps::MapError) -> AgentsError {

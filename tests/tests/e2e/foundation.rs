@@ -940,6 +940,58 @@ mod usage_errors {
         );
     }
 
+    /// Agents killed in a tight loop (a crash loop) leave their records in `AGENTS` (64 at
+    /// most) until they have been silent for 30 s: an adversarial review's 65th start within
+    /// 15 s failed (`AGENTS: bpf_map_update_elem failed`). A record whose agent's name is
+    /// free and that has been silent for 6 s is gone: here 64 such records, 10 s silent, and
+    /// the next agent starts.
+    #[test]
+    fn a_table_of_agents_filled_by_a_crash_loop_keeps_no_agent_out() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let mut first = Agent::start(&topology, &[]);
+        first.process().signal(libc::SIGTERM);
+        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        let agents = std::fs::read_dir(topology.client.state_dir())
+            .expect("the state dir")
+            .map(|entry| entry.expect("an entry").path().join("AGENTS"))
+            .find(|pinned| pinned.exists())
+            .expect("a pinned AGENTS");
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given, a live local.
+        let read = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+        assert_eq!(read, 0, "clock_gettime");
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+        for i in 0..64u64 {
+            // A start stamp no agent holds a name for, 10 s silent, named, on port 8053, in a
+            // cgroup that never was.
+            let stamp = now_ns - 20_000_000_000 + i;
+            let mut record = Vec::new();
+            record.extend_from_slice(&(1_000_000 + i).to_ne_bytes());
+            record.extend_from_slice(&(now_ns - 10_000_000_000).to_ne_bytes());
+            record.extend_from_slice(&8053u16.to_ne_bytes());
+            record.extend_from_slice(&[1, 0, 0, 0, 0, 0]);
+            must(
+                Command::new("bpftool")
+                    .args(["map", "update", "pinned"])
+                    .arg(&agents)
+                    .args(["key", "hex"])
+                    .args(hex(&stamp.to_ne_bytes()))
+                    .args(["value", "hex"])
+                    .args(hex(&record)),
+            );
+        }
+        let _second = Agent::start(&topology, &[]);
+        assert_eq!(
+            probe(&topology, "sendto", "after-the-loop.example.test"),
+            expected_probe_line()
+        );
+    }
+
     /// A block inside a network the host routes elsewhere takes that network's hosts there
     /// away from every process, DNS servers among them (an adversarial review's site server
     /// behind a gateway: ready, and every lookup refused), and the route stays after the agent
@@ -971,7 +1023,10 @@ mod usage_errors {
             .find(|line| line.contains("this host routes 10.20.0.0/16 through a network"))
             .unwrap_or_else(|| panic!("no warning of the routed network:\n{log}"));
         assert!(warning.contains("WARN"), "{warning}");
-        assert!(warning.contains("--redirect-block 10.20.0.0/24"), "{warning}");
+        assert!(
+            warning.contains("--redirect-block 10.20.0.0/24"),
+            "{warning}"
+        );
     }
 
     /// A second agent on the cgroup another agent redirects, on another port or block, would
