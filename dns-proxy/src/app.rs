@@ -163,6 +163,18 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
             let target = Cgroup::open("--cgroup", cgroup.as_deref().unwrap_or(&hierarchy))?;
             let mut excluded = Vec::new();
             for path in exclude {
+                // Not made yet (a stopped service's, which systemd removes): excluded once it
+                // is, at the depth its path gives. A restart while it is stopped would
+                // otherwise fail, and leave lookups direct until someone saw.
+                if !path.exists()
+                    && path.is_absolute()
+                    && let Some(ancestor) = Cgroup::nearest_above("--exclude-cgroup", path)
+                {
+                    let (cgroup, level) =
+                        Cgroup::not_made_yet("--exclude-cgroup", path, &ancestor)?;
+                    excluded.push((cgroup, level));
+                    continue;
+                }
                 let cgroup = Cgroup::open("--exclude-cgroup", path)?;
                 // The configuration compared the paths as given; this compares the cgroups
                 // (the default --cgroup, the hierarchy's root, included).

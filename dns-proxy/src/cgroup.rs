@@ -257,6 +257,37 @@ impl Cgroup {
         })
     }
 
+    /// A cgroup not made yet at `path`, a path below an existing cgroup `ancestor`: id 0,
+    /// which no cgroup has, and the depth it will have. For an `--exclude-cgroup` of a service
+    /// that is stopped when the agent starts (systemd removes a stopped unit's cgroup).
+    pub fn not_made_yet(
+        flag: &'static str,
+        path: &Path,
+        ancestor: &Self,
+    ) -> Result<(Self, u32), CgroupError> {
+        let below = path
+            .strip_prefix(&ancestor.path)
+            .map(|rest| rest.components().count())
+            .unwrap_or(0);
+        let level = ancestor.level(flag)? + u32::try_from(below).unwrap_or(u32::MAX);
+        Ok((
+            Self {
+                path: path.to_owned(),
+                id: 0,
+            },
+            level,
+        ))
+    }
+
+    /// The nearest existing cgroup above `path`, a path that does not exist, if its parents
+    /// lead to one.
+    pub fn nearest_above(flag: &'static str, path: &Path) -> Option<Self> {
+        path.ancestors()
+            .skip(1)
+            .find(|dir| dir.exists())
+            .and_then(|dir| Self::open(flag, dir).ok())
+    }
+
     /// The directory of the hierarchy's root above this cgroup (the top of the cgroup2
     /// filesystem it is on); `None` if it cannot be read.
     pub fn hierarchy_root(&self) -> Option<PathBuf> {

@@ -34,6 +34,19 @@ impl Exclusions {
         let mut trees = Vec::with_capacity(excluded.len());
         for tree in excluded {
             let cgroup = tree.cgroup;
+            if cgroup.id == 0 {
+                log::warn!(
+                    "excluded cgroup tree {} does not exist yet: it is excluded as soon as it \
+                     is made (within a second); until then nothing is made there to redirect",
+                    cgroup.path.display()
+                );
+                trees.push(Tree {
+                    path: cgroup.path.clone(),
+                    id: 0,
+                    missing: true,
+                });
+                continue;
+            }
             map.insert(cgroup.id, EXCLUDED_SUBTREE, 0)
                 .map_err(|source| EbpfError::Map {
                     map: names::EXCLUDED_CGROUPS,
@@ -84,6 +97,10 @@ impl Exclusions {
             // The old id first: its cgroup is gone, and a full map has room for the new one.
             let _ = self.map.remove(&tree.id);
             match self.map.insert(id, EXCLUDED_SUBTREE, 0) {
+                Ok(()) if tree.id == 0 => log::info!(
+                    "cgroup tree {} was made (id {id}): never redirected",
+                    tree.path.display()
+                ),
                 Ok(()) => log::info!(
                     "cgroup tree {} was made anew (id {} -> {id}): still never redirected",
                     tree.path.display(),

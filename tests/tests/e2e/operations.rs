@@ -295,6 +295,41 @@ fn agent_seeing_a_decoy(
     command
 }
 
+/// An excluded cgroup that does not exist when the agent starts (a stopped service's: systemd
+/// removes a stopped unit's cgroup) is excluded once it is made. Before, the agent refused to
+/// start, and a restart while the service was stopped left every lookup direct (an
+/// adversarial review).
+#[test]
+fn an_excluded_cgroup_not_made_yet_at_start_is_excluded_once_made() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let redirected = child_cgroup(&topology, "system");
+    let excluded = redirected.join("resolver");
+    let args = [
+        format!("--listen={PROXY_LISTEN}"),
+        format!("--exclude-cgroup={}", excluded.display()),
+    ];
+    let agent = Agent::launch(&topology.client, &redirected, None, &args);
+    wait_for_log(
+        &agent,
+        "does not exist yet: it is excluded as soon as it is made",
+    );
+    fs::create_dir(&excluded).expect("mkdir the excluded cgroup");
+    wait_for_log(&agent, "was made (id");
+    assert_eq!(
+        probe_in(&excluded, &topology, "made.example.test"),
+        expected_probe_line()
+    );
+    assert_eq!(
+        probe_in(&redirected, &topology, "redirected.example.test"),
+        expected_probe_line()
+    );
+    forwarded(&agent, "redirected.example.test");
+    assert!(agent.query_line("made.example.test").is_none());
+    fs::remove_dir(&excluded).expect("rmdir the excluded cgroup");
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
+}
+
 /// systemd makes a service's cgroup anew at each restart, with a new id: the tree stays
 /// excluded (within a second), and the agent says so. A redirected cgroup that goes is an
 /// error in the log, and `/readyz` says 503.
