@@ -260,8 +260,12 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
     if metadata.uid() != me {
         return Err(problem(format!(
             "owned by user {}, not by the agent's ({me}): another user could replace the pinned \
-             table",
-            metadata.uid()
+             table. Remove it (`rm -r {}`) and keep others from making it again: mount the \
+             bpffs with mode=0700 (as systemd mounts /sys/fs/bpf; a plain `mount -t bpf` \
+             lets every user write there), or give --state-dir a directory only root may \
+             write to",
+            metadata.uid(),
+            dir.display()
         )));
     }
     if created {
@@ -363,6 +367,19 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
                 .map_err(|err| pin_problem(format!("cannot replace it: {err}")))?;
             continue;
         }
+        if !same_layout && name == dns_proxy_common::names::AGENT_CGROUPS {
+            // It holds only the running agents' cgroups, which every agent puts back: the
+            // table of servers need not go with it.
+            return Err(HostError::StateDir {
+                path: path.clone(),
+                problem: format!(
+                    "a map of another layout (an agent of another version's); it holds only \
+                     the running agents' cgroups: stop the agents of this state dir, remove \
+                     this pin alone (`rm {}`), and start again",
+                    path.display()
+                ),
+            });
+        }
         if !same_layout {
             return Err(pin_problem(format!(
                 "a map of another layout (type {:?}, key {} bytes, value {}, {} entries; this \
@@ -396,8 +413,11 @@ impl Pins {
                 aya::maps::MapData::from_pin(&path)
                     .map(|map| (*name, map))
                     .map_err(|err| HostError::StateDir {
+                        problem: match crate::ebpf::os_error(&err) {
+                            Some(os) => format!("cannot open the pinned map: {err}: {os}"),
+                            None => format!("cannot open the pinned map: {err}"),
+                        },
                         path,
-                        problem: format!("cannot open the pinned map: {err}"),
                     })
             })
             .collect::<Result<_, _>>()?;

@@ -887,6 +887,46 @@ mod usage_errors {
         assert_agent_refuses(&topology, "SERVERS: a map of another layout");
     }
 
+    /// The agents' cgroups, which the programs read, of another layout: refused, but what to
+    /// remove is that pin alone (the whole table's directory, as the message said before,
+    /// would have thrown away the servers' indexes that long-lived sockets still use), and
+    /// once it is removed the agent starts on the same table.
+    #[test]
+    fn an_agents_cgroup_map_of_another_layout_names_the_one_pin_to_remove() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let first = Agent::start(&topology, &[]);
+        assert_eq!(
+            probe(&topology, "sendto", "first.example.test"),
+            expected_probe_line()
+        );
+        drop(first);
+        let state_dir = topology.client.state_dir();
+        let index = tests::server_index(&state_dir, SERVER_IP, 53);
+        let pin = state_dir
+            .join("127_53_0_0-16+fd53_6e73_6470__-112")
+            .join("AGENT_CGROUPS");
+        std::fs::remove_file(&pin).expect("rm the pin");
+        must(
+            Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(&pin)
+                .args(["type", "hash", "key", "8", "value", "16", "entries", "64"])
+                .args(["name", "AGENT_CGROUPS", "flags", "1"]),
+        );
+        assert_agent_refuses(
+            &topology,
+            &format!("remove this pin alone (`rm {}`)", pin.display()),
+        );
+        std::fs::remove_file(&pin).expect("rm the pin");
+        let _second = Agent::start(&topology, &[]);
+        assert_eq!(
+            probe(&topology, "sendto", "second.example.test"),
+            expected_probe_line()
+        );
+        assert_eq!(tests::server_index(&state_dir, SERVER_IP, 53), index);
+    }
+
     /// The agents' own records are only theirs to read: one of another layout (an agent of
     /// another version's) is replaced, with a warning, and the agent serves.
     #[test]
