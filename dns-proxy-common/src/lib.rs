@@ -163,9 +163,10 @@ pub enum Counter {
     /// and sends of a workload to a block address that is not its own cgroup's, refused
     /// (`EPERM`).
     ForeignRefused = 6,
-    /// Binds of, or sends from, a block address refused, on any port (nothing but the proxy
-    /// may send from there: `recvmsg` would show it as the server, and a socket still
-    /// connected to a port the proxy served before would take it for its server's answer).
+    /// Binds of, or sends from, a block address refused, UDP on any port, TCP on the proxy's
+    /// (nothing but the proxy may send from there: `recvmsg` would show it as the server, and
+    /// a UDP socket still connected to a port the proxy served before would take it for its
+    /// server's answer).
     ImpersonationRefused = 7,
     /// DNS connects and sends left alone because their socket is bound to a device other
     /// than loopback (`SO_BINDTODEVICE`), or sends through one (`IP_UNICAST_IF`): the proxy's

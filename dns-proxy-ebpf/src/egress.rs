@@ -53,6 +53,8 @@ const IPV4_PROTOCOL: usize = 9;
 const IPV6_NEXT_HEADER: usize = 6;
 /// `SOCK_RAW`, and the protocols of ICMP and ICMPv6, which a raw socket may send to the block
 /// (`ping`).
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -65,16 +67,31 @@ const IPPROTO_ICMPV6: u8 = 58;
 pub const NETNS_TOLD: bool = true;
 pub const NETNS_UNTOLD: bool = false;
 
-/// Drops a packet sent from a block address, on any port, by any socket but an agent's (or an
-/// excluded cgroup's, which the guards leave alone), counted as an impersonation. On any port:
-/// a socket still connected to a block address on a port the proxy served before a change of
-/// port would take such a packet as its server's answer.
+/// Drops a packet sent from a block address by any socket but an agent's (or an excluded
+/// cgroup's, which the guards leave alone), counted as an impersonation: by a UDP socket on
+/// any port (a socket still connected to a block address on a port the proxy served before
+/// a change of port would take it for its server's answer), by a TCP socket on the proxy's.
+/// Raw sockets are not judged by their source: the kernel's own (ICMP errors, echo replies,
+/// TCP resets, sent from the address a packet was refused at) are raw, and live in the
+/// cgroup a deployment redirects when that is the root.
 pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     if raw_to_the_block::<NETNS>(ctx) {
         count(Counter::RawRefused);
         return DROP;
     }
     let config = config();
+    let guarded = match socket_type(ctx) {
+        Some(SOCK_DGRAM) => true,
+        Some(SOCK_STREAM) => {
+            let port = ctx.skb.local_port();
+            port == u32::from(u16::from_be(config.port4))
+                || port == u32::from(u16::from_be(config.port6))
+        }
+        _ => false,
+    };
+    if !guarded {
+        return PASS;
+    }
     let protocol = ctx.skb.protocol();
     let from_block = if protocol == PROTOCOL_IPV4 && config.capacity4 != 0 {
         ctx.load::<u32>(IPV4_SOURCE)
@@ -90,6 +107,22 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     }
     count(Counter::ImpersonationRefused);
     DROP
+}
+
+/// The type of the packet's full socket (`SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_RAW`), if it has
+/// one. Not inlined: a frame of its own, beside the guard's, for older verifiers' budget.
+#[inline(never)]
+fn socket_type(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
+    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket of the packet, valid for the run.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    // SAFETY: non-null: a full socket the helper returned, valid for the run.
+    (!sk.is_null()).then(|| unsafe { (*sk).type_ })
 }
 
 /// Whether a raw socket sent the packet to a block address (anything but ICMP), in a

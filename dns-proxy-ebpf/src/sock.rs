@@ -563,15 +563,13 @@ fn from_server_port(ctx: &SockAddrContext, port_be: u16) {
     count(Counter::ReverseTranslated);
 }
 
-/// connect4 / sendmsg4: no socket may send from a block address, whether bound there (before
-/// the agent started, when no bind guard ran) or asking for it with `IP_PKTINFO` (on
-/// sendmsg): `recvmsg4` would present what it sends as a server's, and a socket still
-/// connected to a block address on a port the proxy served before (a restart or takeover that
-/// changed `--listen`'s port) would take it as its server's. Only the proxy may (refused with
-/// `EPERM`, counted). On any port, not the proxy's alone: once one that was the proxy's.
+/// connect4 / sendmsg4: no socket may send from a block address on a port it guards
+/// ([`guarded_port`]), whether bound there (before the agent started, when no bind guard ran)
+/// or asking for it with `IP_PKTINFO` (on sendmsg): `recvmsg4` would present what it sends as
+/// a server's. Only the proxy may (refused with `EPERM`, counted).
 fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
     let config = config();
-    if config.capacity4 == 0 {
+    if config.capacity4 == 0 || !guarded_port(ctx, ctx_local_port(ctx), config.port4) {
         return false;
     }
     let from_block = index_in_block4(&config, ctx_local_ip4(ctx)).is_some()
@@ -582,11 +580,12 @@ fn impersonates_proxy4(ctx: &SockAddrContext, hook: Hook) -> bool {
 /// connect6 / sendmsg6: the same for IPv6 sockets, the v4-mapped block included.
 fn impersonates_proxy6(ctx: &SockAddrContext, hook: Hook) -> bool {
     let config = config();
+    let port = ctx_local_port(ctx);
     let in_block = |addr: [u32; 4]| {
         if addr[..3] == v4_mapped_prefix() {
-            index_in_block4(&config, addr[3]).is_some()
+            guarded_port(ctx, port, config.port4) && index_in_block4(&config, addr[3]).is_some()
         } else {
-            index_in_block6(&config, addr).is_some()
+            guarded_port(ctx, port, config.port6) && index_in_block6(&config, addr).is_some()
         }
     };
     let from_block =
@@ -604,13 +603,28 @@ fn refuse_unless_excluded(ctx: &SockAddrContext) -> bool {
     true
 }
 
-/// bind4: no socket of the agent's namespace but the proxy's may take a block address, on
-/// any port: on the proxy's, `recvmsg4` would present its datagrams as the server's; on
-/// another, one that was the proxy's before a change of port, it would receive what sockets
-/// still connected there send.
+/// Whether the guards refuse a socket's use of a block address on `port` (host order; 0: not
+/// chosen yet, which the kernel may make the proxy's later): for a UDP socket on any port,
+/// since after a change of `--listen`'s port, sockets still connected to the old one take
+/// what comes from there for their server's answer (an adversarial review answered a victim
+/// so); for others on the proxy's port (`proxy_port_be`) or one not chosen yet, as a TCP
+/// connection to the proxy is made anew, to its port of the moment, and a service of the
+/// cgroup may answer its own clients on a block address and another port.
+fn guarded_port(ctx: &SockAddrContext, port: u32, proxy_port_be: u16) -> bool {
+    ctx_sock_type(ctx) == SOCK_DGRAM || port == 0 || port == u32::from(u16::from_be(proxy_port_be))
+}
+
+/// bind4: no socket of the agent's namespace but the proxy's may take a block address on a
+/// port the guards keep ([`guarded_port`]): from there `recvmsg4` would present its datagrams
+/// as the server's, and on a port the proxy served before, it would receive what sockets still
+/// connected there send.
 pub fn sock4_guard_bind(ctx: &SockAddrContext) -> i32 {
     let config = config();
-    if config.capacity4 == 0 || index_in_block4(&config, ctx_user_ip4(ctx)).is_none() {
+    let port = u32::from(u16::from_be(ctx_user_port(ctx)));
+    if config.capacity4 == 0
+        || !guarded_port(ctx, port, config.port4)
+        || index_in_block4(&config, ctx_user_ip4(ctx)).is_none()
+    {
         return ALLOW;
     }
     refuse_bind_unless_excluded(ctx, &config)
@@ -620,10 +634,11 @@ pub fn sock4_guard_bind(ctx: &SockAddrContext) -> i32 {
 pub fn sock6_guard_bind(ctx: &SockAddrContext) -> i32 {
     let config = config();
     let addr = ctx_user_ip6(ctx);
+    let port = u32::from(u16::from_be(ctx_user_port(ctx)));
     let in_block = if addr[..3] == v4_mapped_prefix() {
-        index_in_block4(&config, addr[3]).is_some()
+        guarded_port(ctx, port, config.port4) && index_in_block4(&config, addr[3]).is_some()
     } else {
-        index_in_block6(&config, addr).is_some()
+        guarded_port(ctx, port, config.port6) && index_in_block6(&config, addr).is_some()
     };
     if !in_block {
         return ALLOW;

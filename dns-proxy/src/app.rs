@@ -168,10 +168,8 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
                 // otherwise fail, and leave lookups direct until someone saw.
                 if !path.exists()
                     && path.is_absolute()
-                    && let Some(ancestor) = Cgroup::nearest_above("--exclude-cgroup", path)
+                    && let Some((cgroup, level)) = Cgroup::not_made_yet("--exclude-cgroup", path)
                 {
-                    let (cgroup, level) =
-                        Cgroup::not_made_yet("--exclude-cgroup", path, &ancestor)?;
                     excluded.push((cgroup, level));
                     continue;
                 }

@@ -257,35 +257,31 @@ impl Cgroup {
         })
     }
 
-    /// A cgroup not made yet at `path`, a path below an existing cgroup `ancestor`: id 0,
-    /// which no cgroup has, and the depth it will have. For an `--exclude-cgroup` of a service
-    /// that is stopped when the agent starts (systemd removes a stopped unit's cgroup).
-    pub fn not_made_yet(
-        flag: &'static str,
-        path: &Path,
-        ancestor: &Self,
-    ) -> Result<(Self, u32), CgroupError> {
-        let below = path
-            .strip_prefix(&ancestor.path)
-            .map(|rest| rest.components().count())
-            .unwrap_or(0);
-        let level = ancestor.level(flag)? + u32::try_from(below).unwrap_or(u32::MAX);
-        Ok((
+    /// A cgroup not made yet at `path`, an absolute path that does not exist, below an
+    /// existing cgroup: id 0, which no cgroup has, its path resolved as [`open`](Self::open)
+    /// resolves one (the existing part's symlinks and `..`; the rest must be plain names), and
+    /// the depth it will have. `None` if no cgroup is above it, or the rest is not plain. For
+    /// an `--exclude-cgroup` of a service that is stopped when the agent starts (systemd
+    /// removes a stopped unit's cgroup).
+    pub fn not_made_yet(flag: &'static str, path: &Path) -> Option<(Self, u32)> {
+        let existing = path.ancestors().skip(1).find(|dir| dir.exists())?;
+        let ancestor = Self::open(flag, existing).ok()?;
+        let rest = path.strip_prefix(existing).ok()?;
+        let plain = rest
+            .components()
+            .all(|part| matches!(part, std::path::Component::Normal(_)));
+        let below = u32::try_from(rest.components().count()).ok()?;
+        if !plain || below == 0 {
+            return None;
+        }
+        let level = ancestor.level(flag).ok()? + below;
+        Some((
             Self {
-                path: path.to_owned(),
+                path: ancestor.path.join(rest),
                 id: 0,
             },
             level,
         ))
-    }
-
-    /// The nearest existing cgroup above `path`, a path that does not exist, if its parents
-    /// lead to one.
-    pub fn nearest_above(flag: &'static str, path: &Path) -> Option<Self> {
-        path.ancestors()
-            .skip(1)
-            .find(|dir| dir.exists())
-            .and_then(|dir| Self::open(flag, dir).ok())
     }
 
     /// The directory of the hierarchy's root above this cgroup (the top of the cgroup2

@@ -27,13 +27,15 @@ const SAID: [(Counter, &str); 5] = [
         Counter::ForeignRefused,
         "connects or sends of a workload to a proxy address that is not its own were refused \
          (EPERM), or packets to a proxy address from outside dropped: a process passing for \
-         another workload, or a second dns-proxy redirecting this cgroup tree from another \
-         network namespace (every lookup of the tree then fails: run one agent per cgroup tree)",
+         another workload, or, in node mode, a second dns-proxy redirecting this cgroup tree from \
+         another network namespace (every lookup of the tree then fails: run one agent per \
+         cgroup tree)",
     ),
     (
         Counter::ImpersonationRefused,
-        "binds of, or sends from, a proxy address (on any port) were refused to sockets other \
-         than the agent's: a process trying to answer as a DNS server",
+        "binds of, or sends from, a proxy address were refused to sockets other than the \
+         agent's: a process trying to answer as a DNS server, or another agent of this cgroup \
+         tree with a state dir of its own (`dns-proxy exec` must share the agent's)",
     ),
     (
         Counter::RawRefused,

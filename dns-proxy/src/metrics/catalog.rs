@@ -517,8 +517,8 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_impersonation_refused",
         labels: &[],
         only_with: None,
-        help: "Binds of, or sends from, a proxy address (on any port) refused to other \
-               sockets.",
+        help: "Binds of, or sends from, a proxy address refused to other sockets (UDP on \
+               any port, TCP on the proxy's).",
         read: Read::Counter(|s| s.kernel(Counter::ImpersonationRefused)),
     },
 ];

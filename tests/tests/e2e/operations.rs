@@ -305,28 +305,41 @@ fn an_excluded_cgroup_not_made_yet_at_start_is_excluded_once_made() {
     let _server = DnsServer::start(&topology);
     let redirected = child_cgroup(&topology, "system");
     let excluded = redirected.join("resolver");
+    // A second one named through a symlink: resolved at start, as an existing one is (before,
+    // its depth was taken for its parent's, and it was never excluded).
+    let link = std::env::temp_dir().join(format!("{}-system", topology.tag));
+    std::os::unix::fs::symlink(&redirected, &link).expect("symlink the redirected cgroup");
+    let linked = redirected.join("linked");
     let args = [
         format!("--listen={PROXY_LISTEN}"),
         format!("--exclude-cgroup={}", excluded.display()),
+        format!("--exclude-cgroup={}", link.join("linked").display()),
     ];
     let agent = Agent::launch(&topology.client, &redirected, None, &args);
+    fs::remove_file(&link).expect("rm the symlink");
     wait_for_log(
         &agent,
         "does not exist yet: it is excluded as soon as it is made",
     );
     fs::create_dir(&excluded).expect("mkdir the excluded cgroup");
-    wait_for_log(&agent, "was made (id");
-    assert_eq!(
-        probe_in(&excluded, &topology, "made.example.test"),
-        expected_probe_line()
-    );
+    fs::create_dir(&linked).expect("mkdir the one named through a symlink");
+    wait_for("the agent to exclude both", Duration::from_secs(5), || {
+        (agent.log().matches("was made (id").count() == 2).then_some(())
+    });
+    for (cgroup, name) in [
+        (&excluded, "made.example.test"),
+        (&linked, "linked.example.test"),
+    ] {
+        assert_eq!(probe_in(cgroup, &topology, name), expected_probe_line());
+        assert!(agent.query_line(name).is_none(), "{name}: {}", agent.log());
+    }
     assert_eq!(
         probe_in(&redirected, &topology, "redirected.example.test"),
         expected_probe_line()
     );
     forwarded(&agent, "redirected.example.test");
-    assert!(agent.query_line("made.example.test").is_none());
     fs::remove_dir(&excluded).expect("rmdir the excluded cgroup");
+    fs::remove_dir(&linked).expect("rmdir the other excluded cgroup");
     fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
 }
 
