@@ -51,11 +51,11 @@ const IPV4_DESTINATION: usize = 16;
 const IPV6_DESTINATION: usize = 24;
 const IPV4_PROTOCOL: usize = 9;
 const IPV6_NEXT_HEADER: usize = 6;
-/// `SOCK_RAW`, and the protocols of ICMP and ICMPv6, which a raw socket may send to the block
-/// (`ping`).
+/// Socket types, from the kernel's net.h.
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+/// The protocols of ICMP and ICMPv6, which a raw socket may send to the block (`ping`).
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
@@ -75,12 +75,13 @@ pub const NETNS_UNTOLD: bool = false;
 /// TCP resets, sent from the address a packet was refused at) are raw, and live in the
 /// cgroup a deployment redirects when that is the root.
 pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
-    if raw_to_the_block::<NETNS>(ctx) {
+    let sock_type = socket_type(ctx);
+    if sock_type == Some(SOCK_RAW) && raw_to_the_block::<NETNS>(ctx) {
         count(Counter::RawRefused);
         return DROP;
     }
     let config = config();
-    let guarded = match socket_type(ctx) {
+    let guarded = match sock_type {
         Some(SOCK_DGRAM) => true,
         Some(SOCK_STREAM) => {
             let port = ctx.skb.local_port();
@@ -125,23 +126,11 @@ fn socket_type(ctx: &SkBuffContext) -> Option<u32> {
     (!sk.is_null()).then(|| unsafe { (*sk).type_ })
 }
 
-/// Whether a raw socket sent the packet to a block address (anything but ICMP), in a
-/// namespace the guard applies to, and not an agent's or an excluded cgroup's.
+/// Whether the packet, a raw socket's, goes to a block address (anything but ICMP), in a
+/// namespace the guard applies to, and not from an agent's or an excluded cgroup's socket.
 #[inline(never)]
 fn raw_to_the_block<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
     let config = config();
-    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
-    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: a non-null socket of the packet, valid for the run.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    // SAFETY: non-null: a full socket the helper returned, valid for the run.
-    if sk.is_null() || unsafe { (*sk).type_ } != SOCK_RAW {
-        return false;
-    }
     let protocol = ctx.skb.protocol();
     let to_block = if protocol == PROTOCOL_IPV4 && config.capacity4 != 0 {
         ctx.load::<u8>(IPV4_PROTOCOL)

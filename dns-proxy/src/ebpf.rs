@@ -971,14 +971,16 @@ impl KernelCounters {
         })
     }
 
+    /// `counter` summed over the CPUs.
+    fn sum(&self, counter: Counter) -> Result<u64, aya::maps::MapError> {
+        Ok(self.map.get(&(counter as u32), 0)?.iter().sum())
+    }
+
     /// Each counter summed over the CPUs, or the first error of reading one.
     pub fn try_read(&self) -> Result<Vec<(Counter, u64)>, aya::maps::MapError> {
         Counter::ALL
             .iter()
-            .map(|&counter| {
-                let per_cpu = self.map.get(&(counter as u32), 0)?;
-                Ok((counter, per_cpu.iter().sum()))
-            })
+            .map(|&counter| Ok((counter, self.sum(counter)?)))
             .collect()
     }
 
@@ -987,8 +989,8 @@ impl KernelCounters {
     pub fn read(&self) -> Vec<(Counter, u64)> {
         let mut values = Vec::with_capacity(Counter::ALL.len());
         for counter in Counter::ALL {
-            match self.map.get(&(counter as u32), 0) {
-                Ok(per_cpu) => values.push((counter, per_cpu.iter().sum())),
+            match self.sum(counter) {
+                Ok(value) => values.push((counter, value)),
                 Err(err) => log::warn!("reading {} [{counter:?}]: {err}", names::COUNTERS),
             }
         }
