@@ -292,6 +292,58 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     assert_eq!(&answer[7..8], "5", "{line}");
 }
 
+/// A first nameserver the host has no way to: a `blackhole` route (a VPN's kill switch, a
+/// bogon list), an `unreachable` one, over IPv4 and IPv6. Directly, glibc's send fails at
+/// once and it asks the next server; through the agent it must too, instead of waiting out
+/// its 5 s timeout on every lookup (a blackhole's `EINVAL` was once taken for a passing
+/// failure, and the client told nothing).
+#[test]
+fn a_first_nameserver_without_a_route_costs_a_glibc_client_no_timeout() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let client = &topology.client.name;
+    for route in [
+        ["-4", "blackhole", "203.0.113.128/26"],
+        ["-4", "unreachable", "203.0.113.192/26"],
+        ["-6", "blackhole", "2001:db8:beef::/48"],
+    ] {
+        must(
+            Command::new("ip")
+                .args(["-n", client, route[0], "route", "add"])
+                .args(&route[1..]),
+        );
+    }
+    for (first, family) in [
+        ("203.0.113.129", "ahostsv4"),
+        ("203.0.113.193", "ahostsv4"),
+        ("2001:db8:beef::53", "ahostsv4"),
+    ] {
+        topology.set_nameservers(&[first.parse().unwrap(), SERVER_IP.into()]);
+        let name = format!("no-route-{}.example.test", first.replace([':', '.'], "-"));
+        for (path, mut command) in [
+            ("directly", topology.outsider("getent", &[family, &name])),
+            (
+                "through the agent",
+                topology.workload("getent", &[family, &name]),
+            ),
+        ] {
+            let started = Instant::now();
+            let output = must(&mut command);
+            let took = started.elapsed();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(stdout.contains(&ANSWER_IP.to_string()), "{path}: {stdout}");
+            // glibc's timeout (the topology's resolv.conf: 2 s a server).
+            assert!(
+                took < Duration::from_secs(1),
+                "{first} {path}: {took:?}\n{}",
+                agent.log()
+            );
+        }
+        forwarded(agent, &name);
+    }
+}
+
 /// A server that refuses one question only (a firewall that rejects it with port
 /// unreachable): the other lookups of the workload that asked it are answered, as directly.
 /// (One refused question once had the kernel refuse all of them for 2 s.)

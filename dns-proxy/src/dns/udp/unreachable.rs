@@ -40,13 +40,13 @@ use crate::{
 /// reports the last ICMP error about any earlier datagram, to any server, on its next send
 /// (and ICMP errors can come in bursts, between a send and its retry). So `ECONNREFUSED`,
 /// which only an ICMP error gives, never counts; `EPERM`, which none gives (a netfilter or
-/// BPF drop), does; and no route (`ENETUNREACH`, `EHOSTUNREACH`, `EACCES`) counts only if a
-/// route lookup for `upstream` on a socket of its own, which no ICMP error reaches, fails
-/// too.
+/// BPF drop), does; and no route (`ENETUNREACH`, `EHOSTUNREACH`, `EACCES`, or `EINVAL`,
+/// which a `blackhole` route gives) counts only if a route lookup for `upstream` on a socket
+/// of its own, which no ICMP error reaches, fails too.
 pub(super) fn no_route(errno: i32, upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
     match errno {
         libc::EPERM => true,
-        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => {
+        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL => {
             route_lookup_fails(upstream, own_sockets)
         }
         _ => false,
@@ -54,7 +54,8 @@ pub(super) fn no_route(errno: i32, upstream: SocketAddr, own_sockets: &OwnSocket
 }
 
 /// Whether connecting a fresh UDP socket to `upstream` (a route lookup; nothing is sent)
-/// fails for want of a route. The socket is the agent's own: never connected to the block.
+/// fails for want of a route (`EINVAL`: a `blackhole` route, or an `ip rule ... blackhole`).
+/// The socket is the agent's own: never connected to the block.
 fn route_lookup_fails(upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(upstream),
@@ -69,7 +70,9 @@ fn route_lookup_fails(upstream: SocketAddr, own_sockets: &OwnSockets) -> bool {
         Ok(()) => false,
         Err(err) => matches!(
             err.raw_os_error(),
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EPERM)
+            Some(
+                libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EPERM | libc::EINVAL
+            )
         ),
     }
 }
@@ -328,6 +331,7 @@ mod tests {
             reachable,
             &OwnSockets::default()
         ));
+        assert!(!no_route(libc::EINVAL, reachable, &OwnSockets::default()));
         // No ICMP error gives it: a firewall dropped the send.
         assert!(no_route(libc::EPERM, reachable, &OwnSockets::default()));
         assert!(!no_route(libc::ENOBUFS, reachable, &OwnSockets::default()));
