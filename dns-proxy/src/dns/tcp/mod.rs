@@ -106,7 +106,10 @@ pub struct TcpProxy<D> {
     /// Sent at shutdown: connections close once nothing is outstanding.
     draining: drain::Signal,
     stats: Arc<Stats>,
-    overload_log: RateLimited,
+    /// Connections refused at --max-tcp-connections, and connections closed for want of room
+    /// for a large message: two causes, so two lines, each with its own count.
+    connection_limit_log: RateLimited,
+    message_room_log: RateLimited,
     /// Failed accepts (out of open files, typically) come as fast as connections do.
     accept_log: RateLimited,
 }
@@ -143,7 +146,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             budget: MessageBudget::new(MESSAGE_BUDGET),
             draining: drain::Signal::new(),
             stats,
-            overload_log: RateLimited::new(Duration::from_secs(10)),
+            connection_limit_log: RateLimited::new(Duration::from_secs(10)),
+            message_room_log: RateLimited::new(Duration::from_secs(10)),
             accept_log: RateLimited::new(Duration::from_secs(10)),
         }))
     }
@@ -220,7 +224,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         };
         let Some(permit) = permit else {
             Stats::add(&stats.dropped_overload);
-            self.overload_log.warn(|dropped| {
+            self.connection_limit_log.warn(|dropped| {
                 format!(
                     "{} TCP connections open (--max-tcp-connections): refused {dropped}",
                     self.settings.max_connections
@@ -315,7 +319,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         match &closed {
             Closed::NoRoomForMessage => {
                 Stats::add(&stats.dropped_overload);
-                self.overload_log.warn(|closed| {
+                self.message_room_log.warn(|closed| {
                     format!(
                         "no room for a large TCP message ({} MiB for all clients, an eighth \
                          for one): closed {closed} connections that sent or were sent one",
