@@ -62,6 +62,11 @@ pub mod names {
     pub const SERVERS: &str = "SERVERS";
     /// [`crate::Origin`] -> index: the reverse of `SERVERS`, pinned beside it.
     pub const SERVER_INDEX: &str = "SERVER_INDEX";
+    /// cgroup id -> `u64`: how many slots of `SERVERS` that cgroup's sockets took (its pairs,
+    /// and shared origins it made alone), against `MAX_ORIGINS_PER_CGROUP`. Raised by the
+    /// programs as they take a slot; an entry goes (the agent's walk) once its cgroup is gone
+    /// and no pair of it is left. Pinned beside `SERVERS`, which it counts.
+    pub const CGROUP_ORIGINS: &str = "CGROUP_ORIGINS";
     /// Sockmap of the proxy's listening sockets, by [`crate::listener_slot`].
     pub const LISTENERS: &str = "LISTENERS";
     /// cgroup id -> [`crate::EXCLUDED_SUBTREE`]: the operator's excluded cgroup trees, whose
@@ -126,6 +131,10 @@ pub mod names {
     /// so agents sharing the table need not agree on it (an origin whose reverse entry was
     /// lost may take a second slot then, freed with the first when it is forgotten).
     pub const TABLE_HASH_KEY: &str = "TABLE_HASH_KEY";
+    /// Global `u32`, set at load time (`--max-servers-per-workload`): the most slots of
+    /// `SERVERS` one cgroup's sockets may take (`CGROUP_ORIGINS`); 0: no limit. So that one
+    /// workload cannot fill the table that every workload's lookups need.
+    pub const MAX_ORIGINS_PER_CGROUP: &str = "MAX_ORIGINS_PER_CGROUP";
 }
 
 /// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
@@ -199,10 +208,15 @@ pub enum Counter {
     /// lookups that failed fast, as asking the server would have, without reaching the
     /// agent.
     ClosedPortRefused = 14,
+    /// DNS connects and sends of a cgroup that has taken its share of the table
+    /// (`MAX_ORIGINS_PER_CGROUP`) to a server it has no index of its own for: given the
+    /// server's shared index if it has one (redirected, the workload unknown), else left
+    /// alone (direct). Counted per call.
+    WorkloadLimit = 15,
 }
 
 impl Counter {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -218,6 +232,7 @@ impl Counter {
         Self::AgentUnresponsive,
         Self::RawRefused,
         Self::ClosedPortRefused,
+        Self::WorkloadLimit,
     ];
 }
 

@@ -13,7 +13,9 @@ use dns_proxy_common::{
     server_key,
 };
 
-use crate::{NO_ROOM, SERVER_INDEX, SERVERS, TABLE_HASH_KEY, count};
+use crate::{
+    CGROUP_ORIGINS, MAX_ORIGINS_PER_CGROUP, NO_ROOM, SERVER_INDEX, SERVERS, TABLE_HASH_KEY, count,
+};
 
 /// Index `index`'s address in the IPv4 block, network order.
 pub fn block4_address(config: &RedirectConfig, index: u32) -> u32 {
@@ -97,57 +99,85 @@ fn keyed_hash(origin: &Origin) -> u64 {
 
 /// The index of `server`, asked by the calling task's cgroup, in its family's table (1 to
 /// `capacity`): the pair's own, so the proxy knows which workload asked; or, if the table has
-/// no room for the pair, the index every cgroup shares for that server (cgroup 0), so the
-/// lookup is still redirected. `None` (counted) if neither can be had.
+/// no room for the pair, or the cgroup has taken its share of it, the index every cgroup
+/// shares for that server (cgroup 0), so the lookup is still redirected. `None` (counted) if
+/// neither can be had.
 pub fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Option<u32> {
     // SAFETY: a helper without arguments, which reads the calling task's cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let shared = Origin::new(server, 0);
-    let mut created = false;
-    let index = match index_of(&Origin::new(server, cgroup_id), capacity, &mut created) {
+    let own = Origin::new(server, cgroup_id);
+    let mut taken = Taken::new(Taking::ChargedTo(cgroup_id));
+    let index = match index_of(&own, capacity, &mut taken) {
         Some(index) => {
             // A server's first pair also takes its shared origin, while there is room: when
             // the table is full, cgroups that ask it later still reach the proxy through it.
-            if created {
-                let _ = index_of(&shared, capacity, &mut created);
+            // Charged to no one: a cgroup's pairs bound the shared origins they made.
+            if taken.created {
+                let _ = index_of(&shared, capacity, &mut Taken::new(Taking::Uncharged));
             }
             Some(index)
         }
         None => {
-            let index = index_of(&shared, capacity, &mut created);
-            if index.is_some() {
+            // A cgroup at its share makes no slot at all, a shared one neither (else it would
+            // fill the table with those): it may only use one its server has.
+            taken.taking = if taken.at_limit {
+                Taking::Never
+            } else {
+                Taking::ChargedTo(cgroup_id)
+            };
+            let index = index_of(&shared, capacity, &mut taken);
+            if taken.at_limit {
+                workload_limit(ctx);
+            } else if index.is_some() {
                 shared_index(ctx);
             }
             index
         }
     };
-    if index.is_none() {
+    if index.is_none() && !taken.at_limit {
         table_full(ctx);
     }
     index
 }
 
-/// Counts a socket given its server's shared index, and says so in the log at the 1st, 2nd,
-/// 4th, 8th... time on each CPU.
-fn shared_index(ctx: &SockAddrContext) {
-    let times = count(Counter::SharedIndex);
-    if times.is_power_of_two() {
-        warn!(
-            ctx,
-            "dns-proxy: no room in the table for a workload's own index ({} times on this \
-             CPU): its lookups go through the server's shared one, their workload unknown; \
-             give a larger --redirect-block",
-            times
-        );
+/// Whom a slot newly taken for an origin is charged to.
+#[derive(Clone, Copy)]
+enum Taking {
+    /// This cgroup: it may take no more than its share (`MAX_ORIGINS_PER_CGROUP`).
+    ChargedTo(u64),
+    /// No one: a server's shared origin taken with a cgroup's first pair of that server.
+    Uncharged,
+    /// No slot is taken: only an index the origin already has is found.
+    Never,
+}
+
+/// How [`index_of`] may take a slot, and what it did beside the index it returns: in and out
+/// parameters in one (an `Option` of a tuple with a `bool` makes BTF the kernel refuses, and
+/// the bpf target passes five arguments at most).
+struct Taken {
+    taking: Taking,
+    /// A slot was taken for the origin, by this search.
+    created: bool,
+    /// No slot was taken because the cgroup charged has taken its share.
+    at_limit: bool,
+}
+
+impl Taken {
+    fn new(taking: Taking) -> Self {
+        Self {
+            taking,
+            created: false,
+            at_limit: false,
+        }
     }
 }
 
 /// The index of `origin` in its family's table (1 to `capacity`), given one if it has none
-/// (`created` then set: an out-parameter, since an `Option` of a tuple with a `bool` makes
-/// BTF the kernel refuses); `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so
-/// two CPUs that race for one agree on whose it is, and a slot, once taken, never changes
-/// while it is in use.
-fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
+/// and `taken.taking` allows; `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so two
+/// CPUs that race for one agree on whose it is, and a slot, once taken, never changes while
+/// it is in use.
+fn index_of(origin: &Origin, capacity: u32, taken: &mut Taken) -> Option<u32> {
     let family = origin.server.family;
     // SAFETY: as in `origin_at` (`SERVER_INDEX` is `BPF_F_NO_PREALLOC` too); the value is
     // copied out at once.
@@ -168,6 +198,17 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
     if capacity == 0 {
         return None;
     }
+    let charged_to = match taken.taking {
+        Taking::Never => return None,
+        Taking::Uncharged => None,
+        Taking::ChargedTo(cgroup_id) => {
+            if !share_left(cgroup_id) {
+                taken.at_limit = true;
+                return None;
+            }
+            Some(cgroup_id)
+        }
+    };
     let hash = keyed_hash(origin);
     let remembered = (hash >> 32) as u32 % NO_ROOM_ENTRIES;
     // SAFETY: a helper without arguments.
@@ -186,6 +227,7 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
         first: (hash % u64::from(capacity)) as u32,
         capacity,
         found: 0,
+        inserted: 0,
     };
     // `bpf_loop` (Linux 5.17), not a `for` loop: the verifier checks its callback a few times
     // (until its states repeat), where it walks every turn of a bounded loop (64 turns, twice
@@ -213,8 +255,66 @@ fn index_of(origin: &Origin, capacity: u32, created: &mut bool) -> Option<u32> {
     // an agent with another key (a takeover) may take a second slot for the origin, which is
     // freed with the first when the origin is forgotten.
     let _ = SERVER_INDEX.insert(origin, probe.found, 0);
-    *created = true;
+    // Only the CPU whose insert took the slot charges it, and takes the server's shared
+    // origin: two threads of a cgroup racing to one new server were charged twice
+    // (helper-112: 1,997 for 1,000 pairs).
+    if probe.inserted != 0 {
+        taken.created = true;
+        if let Some(cgroup_id) = charged_to {
+            charge(cgroup_id);
+        }
+    }
     Some(probe.found)
+}
+
+/// Whether cgroup `cgroup_id` may take another slot of the table: it has taken fewer than
+/// `MAX_ORIGINS_PER_CGROUP`, or there is no limit. Two CPUs of one cgroup may both pass at its
+/// last slot: a share is exceeded by a slot per CPU at most. Not inlined, as `keyed_hash`.
+#[inline(never)]
+fn share_left(cgroup_id: u64) -> bool {
+    // SAFETY: a read of a global that the loader patched before load; volatile, as in
+    // `keyed_hash`.
+    let limit = unsafe { core::ptr::read_volatile(&MAX_ORIGINS_PER_CGROUP) };
+    if limit == 0 {
+        return true;
+    }
+    // SAFETY: as in `origin_at` (`CGROUP_ORIGINS` is `BPF_F_NO_PREALLOC`); copied out at once.
+    let taken = unsafe { CGROUP_ORIGINS.get(cgroup_id) }
+        .copied()
+        .unwrap_or(0);
+    taken < u64::from(limit)
+}
+
+/// Charges a slot just taken to cgroup `cgroup_id` (`CGROUP_ORIGINS`), with no limit too: a
+/// limit set at a later start then counts what the cgroup took before. An atomic add, as the
+/// cgroup's sockets may take slots on several CPUs at once.
+#[inline(never)]
+fn charge(cgroup_id: u64) {
+    if CGROUP_ORIGINS.get_ptr_mut(cgroup_id).is_none() {
+        // Room for it: the map has an entry per slot of the table at most, and the agent
+        // removes those of departed cgroups as it forgets their slots.
+        let _ = CGROUP_ORIGINS.insert(cgroup_id, 0, u64::from(BPF_NOEXIST));
+    }
+    if let Some(count) = CGROUP_ORIGINS.get_ptr_mut(cgroup_id) {
+        // SAFETY: a pointer into the map's value, aligned and valid while the program runs;
+        // every other writer (another CPU) adds to it atomically too.
+        unsafe { atomic_add(count, 1) };
+    }
+}
+
+/// Counts a socket given its server's shared index, and says so in the log at the 1st, 2nd,
+/// 4th, 8th... time on each CPU.
+fn shared_index(ctx: &SockAddrContext) {
+    let times = count(Counter::SharedIndex);
+    if times.is_power_of_two() {
+        warn!(
+            ctx,
+            "dns-proxy: no room in the table for a workload's own index ({} times on this \
+             CPU): its lookups go through the server's shared one, their workload unknown; \
+             give a larger --redirect-block",
+            times
+        );
+    }
 }
 
 /// The state of one search for a free slot (`index_of`), shared with its callback.
@@ -226,6 +326,9 @@ struct Probe<'a> {
     capacity: u32,
     /// The index taken (or found already the origin's), 0 while none is.
     found: u32,
+    /// 1 if this search took the slot (its insert made it), 0 if another CPU took it for the
+    /// same origin meanwhile, or it was the origin's already.
+    inserted: u32,
 }
 
 /// `bpf_loop`'s callback: tries the `turn`th slot from the first, and stops the loop (1) once
@@ -246,7 +349,10 @@ extern "C" fn probe_slot(turn: u64, probe: *mut c_void) -> c_long {
     let ours = match unsafe { SERVERS.get(key) } {
         Some(held) => held == probe.origin,
         None => match SERVERS.insert(key, probe.origin, u64::from(BPF_NOEXIST)) {
-            Ok(()) => true,
+            Ok(()) => {
+                probe.inserted = 1;
+                true
+            }
             // Another CPU took it meanwhile: ours only if for the same origin.
             // SAFETY: as above.
             Err(_) => (unsafe { SERVERS.get(key) }) == Some(probe.origin),
@@ -257,6 +363,42 @@ extern "C" fn probe_slot(turn: u64, probe: *mut c_void) -> c_long {
         1
     } else {
         0
+    }
+}
+
+/// Adds `n` to the `u64` at `target` atomically. `core::sync::atomic` has no read-modify-write
+/// for the bpf target: there, the intrinsic, its result unused, is the one instruction
+/// `lock *(u64 *)(target + 0) += n`.
+///
+/// # Safety
+/// `target` must be valid and aligned for a `u64`, and written only atomically meanwhile.
+#[inline(always)]
+unsafe fn atomic_add(target: *mut u64, n: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            target, n,
+        )
+    };
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as the caller promises.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(target) }
+        .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Counts a connect or send of a cgroup at its share of the table to a server it has no index
+/// of its own for, and says so in the log at the 1st, 2nd, 4th, 8th... time on each CPU.
+fn workload_limit(ctx: &SockAddrContext) {
+    let times = count(Counter::WorkloadLimit);
+    if times.is_power_of_two() {
+        warn!(
+            ctx,
+            "dns-proxy: a workload took its share of the table (--max-servers-per-workload; \
+             {} times on this CPU): its lookups to servers new to it go by the server's shared \
+             index (workload unknown) or direct",
+            times
+        );
     }
 }
 

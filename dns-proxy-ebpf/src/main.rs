@@ -33,6 +33,11 @@
 //! - `context`: the `ctx_*` accessors, the only raw access to the programs' contexts.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the bpf target's `core::sync::atomic` has no `fetch_add` (block.rs,
+// `atomic_add`). Built for bpf with `RUSTC_BOOTSTRAP=1` (dns-proxy/build.rs); the host build
+// (clippy) uses `AtomicU64`.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod block;
 mod context;
@@ -100,6 +105,17 @@ static SERVERS: HashMap<u32, Origin> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PRE
 
 #[map(name = "SERVER_INDEX")]
 static SERVER_INDEX: HashMap<Origin, u32> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+
+/// Slots of `SERVERS` each cgroup took, against `MAX_ORIGINS_PER_CGROUP`: an entry per cgroup
+/// that took one, so no more than the table has slots while the agent removes those of
+/// departed cgroups.
+#[map(name = "CGROUP_ORIGINS")]
+static CGROUP_ORIGINS: HashMap<u64, u64> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+
+/// The most slots of `SERVERS` one cgroup may take (0: no limit); written by the loader
+/// before load (`names::MAX_ORIGINS_PER_CGROUP`).
+#[unsafe(no_mangle)]
+static MAX_ORIGINS_PER_CGROUP: u32 = 0;
 
 /// Origins whose search for a free slot found none, and when, at the entry their hash picks:
 /// for [`dns_proxy_common::NO_ROOM_FOR_NS`], their sockets skip the search. On a full `/16`

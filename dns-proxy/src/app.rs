@@ -546,6 +546,7 @@ fn attach(
         block6,
         excluded: scope.excluded,
         excluded_servers: &config.excluded_servers,
+        max_origins_per_cgroup: config.max_servers_per_workload,
         state_dir: &pins,
         listeners: listeners.fds(metrics),
         taking_over: listeners.joined_another_agent,
@@ -582,6 +583,19 @@ fn attach(
             )
         )
     );
+    match config.max_servers_per_workload {
+        0 => log::info!(
+            target: LOG,
+            "no workload's share of the table of servers is limited \
+             (--max-servers-per-workload 0): one may fill it for all"
+        ),
+        share => log::info!(
+            target: LOG,
+            "each workload may take {share} slots of the table of servers \
+             (--max-servers-per-workload); past it, its lookups to servers new to it go by their \
+             shared index or direct"
+        ),
+    }
     let (redirector, servers, counters, agents) = attached;
     // Held once the load has pinned them: pinned again if the state directory goes.
     let pins = host::Pins::hold(&pins)?;

@@ -121,6 +121,16 @@ pub struct ProxyArgs {
     )]
     pub exclude_servers: Vec<ServerPrefix>,
 
+    /// The most servers one workload (a cgroup) may have an index of its own for in the table
+    /// of servers (each server's first one also gives the server its shared index, so the
+    /// workload holds up to twice as many slots). Past it, its lookups to servers new to it go
+    /// by the server's shared index (their workload unknown) or direct, and are counted, so
+    /// that one workload cannot fill the table that every workload's lookups need. 0: no
+    /// limit. Default: a sixteenth of the --redirect-block's addresses, at least 4 (15 for a
+    /// /24, 4,095 for a /16).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=131_072), env = "DNS_PROXY_MAX_SERVERS_PER_WORKLOAD")]
+    pub max_servers_per_workload: Option<u32>,
+
     /// The same for IPv6 sockets, on the --listen6 port; routed `local` on `lo` by the agent.
     #[arg(
         long,
@@ -352,6 +362,8 @@ pub struct RunConfig {
     pub block6: AddressBlock,
     /// Servers whose sockets are left alone.
     pub excluded_servers: Vec<ServerPrefix>,
+    /// The most slots of the table one cgroup may take; 0: no limit.
+    pub max_servers_per_workload: u32,
     pub state_dir: PathBuf,
     pub upstream: Option<SocketAddr>,
     pub upstream_timeout: Duration,
@@ -557,6 +569,9 @@ impl RunConfig {
             block4,
             block6,
             excluded_servers: args.exclude_servers,
+            max_servers_per_workload: args
+                .max_servers_per_workload
+                .unwrap_or_else(|| default_servers_per_workload(block4)),
             state_dir: args.state_dir,
             upstream,
             upstream_timeout: args.upstream_timeout,
@@ -582,6 +597,14 @@ impl RunConfig {
             takeover: false,
         })
     }
+}
+
+/// `--max-servers-per-workload`'s default: a sixteenth of the IPv4 block, at least 4. A
+/// workload asks one to three servers (a resolv.conf holds three); one that asks many (a
+/// recursive resolver) has the rest of its lookups go direct, and must not take the room of
+/// the others.
+fn default_servers_per_workload(block4: AddressBlock) -> u32 {
+    (block4.capacity() / 16).max(4)
 }
 
 /// Why a block starting at `first` cannot hold the proxy's addresses, if it cannot.
@@ -659,6 +682,17 @@ mod tests {
             config.udp_threads,
             std::thread::available_parallelism().unwrap().get()
         );
+    }
+
+    #[test]
+    fn a_workloads_share_of_the_table_is_a_sixteenth_of_the_block_by_default() {
+        let share = |args: &[&str]| run_config(args).unwrap().max_servers_per_workload;
+        assert_eq!(share(&[]), 4095, "host mode's /16");
+        assert_eq!(share(&["--listen=169.254.20.10:53"]), 15, "node mode's /24");
+        assert_eq!(share(&["--redirect-block=127.53.0.0/26"]), 4, "at least 4");
+        assert_eq!(share(&["--max-servers-per-workload=0"]), 0, "no limit");
+        assert_eq!(share(&["--max-servers-per-workload=100"]), 100);
+        assert!(run_config(&["--max-servers-per-workload=200000"]).is_err());
     }
 
     #[test]

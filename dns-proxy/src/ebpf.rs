@@ -363,6 +363,8 @@ pub struct RedirectConfig<'a> {
     pub excluded: &'a [ExcludedTree<'a>],
     /// The operator's servers, whose sockets are never redirected.
     pub excluded_servers: &'a [ServerPrefix],
+    /// The most slots of the table one cgroup may take; 0: no limit.
+    pub max_origins_per_cgroup: u32,
     /// The bpffs directory where the server table is pinned.
     pub state_dir: &'a Path,
     pub listeners: ListenerFds<'a>,
@@ -424,6 +426,11 @@ impl Redirector {
             .override_global(
                 names::EXCLUDED_SERVER_COUNT,
                 &(config.excluded_servers.len() as u32),
+                true,
+            )
+            .override_global(
+                names::MAX_ORIGINS_PER_CGROUP,
+                &config.max_origins_per_cgroup,
                 true,
             )
             // A key no workload can know, for where new origins' searches for a slot start

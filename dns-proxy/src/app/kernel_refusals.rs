@@ -5,7 +5,7 @@
 //! `EPERM` while both agents say they are ready, and only the refusals tell.
 //!
 //! A table with no room for an origin is said by the programs themselves (`table_full`,
-//! `shared_index`, through aya-log), so it is not said here again.
+//! `shared_index`, `workload_limit`, through aya-log), so it is not said here again.
 use std::time::Duration;
 
 use dns_proxy_common::Counter;
@@ -186,6 +186,7 @@ mod tests {
             Counter::Redirected,
             Counter::TableFull,
             Counter::SharedIndex,
+            Counter::WorkloadLimit,
         ] {
             let name = format!("kernel {quiet:?},");
             assert!(!lines.iter().any(|line| line.contains(&name)), "{lines:#?}");

@@ -40,6 +40,9 @@ pub struct ServerTable {
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
+    /// `CGROUP_ORIGINS`: cgroup id → slots it took; written here only to remove the entries
+    /// of cgroups that are gone.
+    shares: std::sync::Mutex<HashMap<MapData, u64, u64>>,
 }
 
 /// How long UDP datagrams to an index whose server's port was found closed are refused by the
@@ -83,7 +86,7 @@ impl ServerTable {
         block4: Block,
         block6: Option<Block>,
     ) -> Result<Self, EbpfError> {
-        Ok(Self {
+        let table = Self {
             map: std::sync::Mutex::new(take_map(ebpf, names::SERVERS)?),
             reverse: std::sync::Mutex::new(take_map(ebpf, names::SERVER_INDEX)?),
             block4,
@@ -97,7 +100,47 @@ impl ServerTable {
             held_forgotten: std::sync::Mutex::default(),
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
-        })
+            shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
+        };
+        table.charge_pairs_held();
+        Ok(table)
+    }
+
+    /// Charges each cgroup at least the pairs it holds in the table (`CGROUP_ORIGINS`): pairs
+    /// that an agent before shares were counted took are charged to no one. That is every pair
+    /// after an upgrade, and those taken while such an agent ran again (a downgrade and
+    /// upgrade gave a cgroup twice its share: helper-112). Before the programs are attached,
+    /// so none of this agent's charges a slot meanwhile; an agent's running beside it (during a
+    /// takeover) may, and the one it charges between this read and write goes uncharged.
+    fn charge_pairs_held(&self) {
+        let mut pairs: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for (_, origin) in self.table().iter().filter_map(Result::ok) {
+            if origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN {
+                *pairs.entry(origin.cgroup_id).or_default() += 1;
+            }
+        }
+        let mut shares = self.shares();
+        let mut charged = 0;
+        for (cgroup_id, held) in pairs {
+            let charge = shares.get(&cgroup_id, 0).unwrap_or(0);
+            if charge >= held {
+                continue;
+            }
+            match shares.insert(cgroup_id, held, 0) {
+                Ok(()) => charged += 1,
+                Err(err) => log::warn!(
+                    "cannot charge cgroup {cgroup_id} the {held} slots it holds ({}): {err}",
+                    names::CGROUP_ORIGINS
+                ),
+            }
+        }
+        if charged > 0 {
+            log::info!(
+                "charged {charged} cgroups the slots they hold in the table of servers, taken \
+                 by an agent that did not count them ({})",
+                names::CGROUP_ORIGINS
+            );
+        }
     }
 
     /// The family and index that `reached` (where a redirected client's packet arrived)
@@ -276,6 +319,7 @@ impl ServerTable {
             self.table().iter().filter_map(Result::ok).collect();
         let kept = after.values().filter(|origin| live(origin)).count();
         let occupied = after.len();
+        self.forget_shares(&gone, &after);
         *self
             .last_seen_table
             .lock()
@@ -285,6 +329,27 @@ impl ServerTable {
             freed,
             kept,
             occupied,
+        }
+    }
+
+    /// Removes the shares (`CGROUP_ORIGINS`) of cgroups that are gone and hold no pair in the
+    /// table (`after`, as it is now): their ids are never used again, and the map would
+    /// otherwise keep an entry for every cgroup that ever asked a new server.
+    fn forget_shares(
+        &self,
+        gone: &impl Fn(u64) -> bool,
+        after: &std::collections::HashMap<u32, Origin>,
+    ) {
+        let holding: std::collections::HashSet<u64> =
+            after.values().map(|origin| origin.cgroup_id).collect();
+        let mut shares = self.shares();
+        let done: Vec<u64> = shares
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cgroup_id| gone(*cgroup_id) && !holding.contains(cgroup_id))
+            .collect();
+        for cgroup_id in done {
+            let _ = shares.remove(&cgroup_id);
         }
     }
 
@@ -400,14 +465,24 @@ impl ServerTable {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The cgroup ids the table's origins name (the shared 0 aside).
+    /// The cgroup ids the table's origins name (the shared 0 aside), and those charged with a
+    /// share of it.
     pub fn cgroups(&self) -> std::collections::HashSet<u64> {
-        self.table()
+        let mut cgroups: std::collections::HashSet<u64> = self
+            .table()
             .iter()
             .filter_map(Result::ok)
             .map(|(_, origin)| origin.cgroup_id)
             .filter(|id| *id != 0 && *id != FORGOTTEN)
-            .collect()
+            .collect();
+        cgroups.extend(self.shares().keys().filter_map(Result::ok));
+        cgroups
+    }
+
+    fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, u64>> {
+        self.shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Host mode: the IPv4 block is loopback, so only this namespace reaches the proxy.

@@ -449,6 +449,16 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::SharedIndex)),
     },
     Metric {
+        name: "kernel_workload_limit",
+        labels: &[],
+        only_with: None,
+        help: "DNS connects and sends of a workload that had taken its share of the kernel's \
+               table of servers (--max-servers-per-workload) to a server new to it: given the \
+               server's shared index (their workload unknown) if it had one, else left alone \
+               (direct).",
+        read: Read::Counter(|s| s.kernel(Counter::WorkloadLimit)),
+    },
+    Metric {
         name: "kernel_connected_not_noted",
         labels: &[],
         only_with: None,

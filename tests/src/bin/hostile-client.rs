@@ -322,6 +322,45 @@ fn hold(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `THREADS` threads connect a UDP socket each to the same new server at the same moment (a
+/// spin barrier per round), for `COUNT` servers from `FIRST` on (port 53), and close them: the
+/// kernel side's race for a new server's slot, as many threads' first lookups make it.
+fn race_connect(args: &[String]) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let [threads, count, first] = args else {
+        return Err("race-connect THREADS COUNT FIRST_SERVER_IP".to_owned());
+    };
+    let threads: u32 = parse(threads, "a thread count")?;
+    let count: u32 = parse(count, "a count")?;
+    let first: Ipv4Addr = parse(first, "an IPv4 address")?;
+    let arrived = std::sync::Arc::new(AtomicU32::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let arrived = std::sync::Arc::clone(&arrived);
+            std::thread::spawn(move || -> Result<(), String> {
+                for round in 0..count {
+                    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                        .map_err(|e| format!("socket: {e}"))?;
+                    arrived.fetch_add(1, Ordering::AcqRel);
+                    while arrived.load(Ordering::Acquire) < threads * (round + 1) {
+                        std::hint::spin_loop();
+                    }
+                    let to = SocketAddr::from((Ipv4Addr::from(u32::from(first) + round), 53));
+                    socket
+                        .connect(to)
+                        .map_err(|e| format!("connect {to}: {e}"))?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().map_err(|_| "a thread panicked")??;
+    }
+    println!("raced {count}");
+    Ok(())
+}
+
 /// A socket of `kind` bound to `addr` with SO_REUSEPORT, joining any group there.
 fn joined(addr: SocketAddr, kind: Type) -> Result<Socket, String> {
     let socket = Socket::new(Domain::for_address(addr), kind, None).map_err(|e| e.to_string())?;
@@ -719,6 +758,7 @@ fn main() -> ExitCode {
         Some("long-lived") => long_lived(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("race-connect") => race_connect(&args[1..]),
         Some("join") => match &args[1..] {
             [addr, seconds] => parse::<SocketAddr>(addr, "IP:PORT")
                 .and_then(|addr| Ok((addr, parse::<u64>(seconds, "seconds")?)))

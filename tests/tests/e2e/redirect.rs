@@ -650,8 +650,11 @@ fn hold(topology: &Topology, server: &str, count: u32, options: &[&str]) -> Proc
 /// leave another workload's lookups alone.
 #[test]
 fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
-    let Harness { topology, .. } =
-        &Harness::start(Placement::Outside, &["--metrics=127.0.0.1:9253"]);
+    // No share per workload: this one fills the table, for the others to fail if they can.
+    let Harness { topology, .. } = &Harness::start(
+        Placement::Outside,
+        &["--metrics=127.0.0.1:9253", "--max-servers-per-workload=0"],
+    );
     let victim = || {
         stdout(&mut topology.workload(
             HOSTILE,
@@ -723,7 +726,11 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
 fn a_small_block_fills_to_its_last_index() {
     let Harness { topology, .. } = &Harness::start(
         Placement::Outside,
-        &["--redirect-block=127.53.0.0/26", "--metrics=127.0.0.1:9253"],
+        &[
+            "--redirect-block=127.53.0.0/26",
+            "--metrics=127.0.0.1:9253",
+            "--max-servers-per-workload=0",
+        ],
     );
     route_servers_left_alone(topology);
     // 62 indexes: 31 servers, each with its shared origin and this workload's pair.
@@ -742,6 +749,169 @@ fn a_small_block_fills_to_its_last_index() {
     for mut holder in [filling, past] {
         holder.finish_with_stdout(Duration::from_secs(30));
     }
+}
+
+/// One workload cannot take the table from the others: asking as many servers as filled a
+/// block before (`a_small_block_fills_to_its_last_index`), it takes its share
+/// (`--max-servers-per-workload`, 4 by default for a /26: four pairs and their servers' shared
+/// origins), and what it was denied is counted; another workload asking a server new to the
+/// table still gets an index of its own, seen and named by the agent. Without the share, that
+/// lookup went direct, unseen.
+#[test]
+fn one_workload_cannot_take_the_table_from_the_others() {
+    let Harness {
+        topology, agent, ..
+    } = &Harness::start(
+        Placement::Outside,
+        &["--redirect-block=127.53.0.0/26", "--metrics=127.0.0.1:9253"],
+    );
+    route_servers_left_alone(topology);
+    let hostile = child_cgroup(topology, "hostile");
+    let mut filling = Process::spawn(
+        in_cgroup_and_netns(
+            &hostile,
+            &topology.client,
+            HOSTILE,
+            &["hold", "10.1.0.1:53", "31", "--distinct"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped()),
+    );
+    assert_eq!(filling.first_line_of_stdout(), "holding 31");
+    let page = scrape(topology);
+    assert_eq!(
+        attached_map_entries(&topology.cgroup.path, "SERVERS"),
+        8,
+        "{page}"
+    );
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_workload_limit_total"),
+        31 - 4,
+        "{page}"
+    );
+    assert_eq!(no_room_counts(&page), (0, 0), "{page}");
+
+    let victim = child_cgroup(topology, "victim");
+    let answer = dig_at(
+        in_cgroup_and_netns(&victim, &topology.client, "dig", &[]),
+        &SERVER_IP.to_string(),
+        "victim.example.test",
+        &["+short"],
+    )
+    .expect("answered");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    let line = forwarded(agent, "victim.example.test");
+    assert!(line.contains("victim"), "the victim's own workload: {line}");
+    assert_eq!(
+        attached_map_entries(&topology.cgroup.path, "SERVERS"),
+        10,
+        "{}",
+        scrape(topology)
+    );
+    filling.finish_with_stdout(Duration::from_secs(30));
+}
+
+/// A slot is charged to a workload once, however many of its threads race for it: with two
+/// threads connecting to each new server at the same moment, a workload of share 8 holds its 8
+/// servers. Before, the CPU that lost the race charged the slot too (1,997 for 1,000 pairs), and
+/// a busy workload reached its share with half of it.
+#[test]
+fn a_slot_raced_for_by_a_workloads_threads_is_charged_once() {
+    let Harness { topology, .. } = &Harness::start(
+        Placement::Outside,
+        &[
+            "--redirect-block=127.53.0.0/26",
+            "--metrics=127.0.0.1:9253",
+            "--max-servers-per-workload=8",
+        ],
+    );
+    route_servers_left_alone(topology);
+    let racing = child_cgroup(topology, "racing");
+    let output = stdout(&mut in_cgroup_and_netns(
+        &racing,
+        &topology.client,
+        HOSTILE,
+        &["race-connect", "2", "8", "10.1.0.1"],
+    ));
+    assert_eq!(output, "raced 8");
+    let page = scrape(topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_workload_limit_total"),
+        0,
+        "{page}"
+    );
+    assert_eq!(
+        attached_map_entries(&topology.cgroup.path, "SERVERS"),
+        16,
+        "eight pairs and their shared origins"
+    );
+}
+
+/// A workload's share of the table is kept with the table: a restarted agent does not give it
+/// a fresh one (even after SIGKILL). And it goes with the workload: once its cgroup is gone and
+/// its origins forgotten, nothing of it is left in the kernel.
+#[test]
+fn a_workloads_share_outlives_restarts_and_goes_with_it() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    route_servers_left_alone(&topology);
+    let args = ["--redirect-block=127.53.0.0/26", "--metrics=127.0.0.1:9253"];
+    let env = [("DNS_PROXY_TEST_FORGET_DEPARTED", "1")];
+    let mut agent = Agent::start_with_env(&topology, &args, &env);
+    let workload = child_cgroup(&topology, "asks-many");
+    let hold_ten = |first: &str| {
+        let mut holder = Process::spawn(
+            in_cgroup_and_netns(
+                &workload,
+                &topology.client,
+                HOSTILE,
+                &["hold", first, "10", "--distinct"],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+        );
+        assert_eq!(holder.first_line_of_stdout(), "holding 10");
+        holder.finish_with_stdout(Duration::from_secs(30));
+    };
+    let entries = |map: &str| attached_map_entries(&topology.cgroup.path, map);
+    hold_ten("10.1.0.1:53");
+    assert_eq!(entries("SERVERS"), 8, "four pairs and their shared origins");
+    agent.process().signal(libc::SIGKILL);
+    agent.process().wait_exit(Duration::from_secs(5));
+    let mut agent = Agent::start_with_env(&topology, &args, &env);
+    hold_ten("10.2.0.1:53");
+    assert_eq!(entries("SERVERS"), 8, "no fresh share after a restart");
+
+    // A table whose pairs no count charges, as an agent from before shares leaves it (an
+    // upgrade, or a downgrade and back): the next agent charges them before it attaches.
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let state_dir = topology.client.state_dir();
+    let table_dir = std::fs::read_dir(&state_dir)
+        .expect("the state dir")
+        .map(|entry| entry.expect("an entry").path())
+        .find(|dir| dir.join("SERVERS").exists())
+        .expect("a pinned table");
+    std::fs::remove_file(table_dir.join("CGROUP_ORIGINS")).expect("unpin the shares");
+    let agent = Agent::start_with_env(&topology, &args, &env);
+    assert!(agent.log().contains("charged 1 cgroups"), "{}", agent.log());
+    hold_ten("10.3.0.1:53");
+    assert_eq!(entries("SERVERS"), 8, "no fresh share after an upgrade");
+    let page = scrape(&topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_workload_limit_total"),
+        10,
+        "{page}"
+    );
+    assert_eq!(entries("CGROUP_ORIGINS"), 1);
+
+    std::fs::remove_dir(&workload).expect("remove the workload's cgroup");
+    wait_for(
+        "the departed workload's share and origins to go",
+        Duration::from_secs(30),
+        || (entries("CGROUP_ORIGINS") == 0 && entries("SERVERS") == 0).then_some(()),
+    );
+    assert!(agent.log().contains("forgot 8 origins"), "{}", agent.log());
 }
 
 /// Nothing in the redirected cgroup can take a block address, on the proxy's port, from where
