@@ -174,9 +174,9 @@ impl Taken {
 }
 
 /// The index of `origin` in its family's table (1 to `capacity`), given one if it has none
-/// and `taken.taking` allows; `None` if it can get none. Slots are taken with `BPF_NOEXIST`, so two
-/// CPUs that race for one agree on whose it is, and a slot, once taken, never changes while
-/// it is in use.
+/// and `taken.taking` allows; `None` if it can get none. Slots are taken with `BPF_NOEXIST`,
+/// so two CPUs that race for one agree on whose it is, and a slot, once taken, never changes
+/// while it is in use.
 fn index_of(origin: &Origin, capacity: u32, taken: &mut Taken) -> Option<u32> {
     let family = origin.server.family;
     // SAFETY: as in `origin_at` (`SERVER_INDEX` is `BPF_F_NO_PREALLOC` too); the value is
