@@ -410,6 +410,9 @@ async fn serve(
         Arc::clone(&kernel_counters),
         stop_background.clone(),
     ));
+    let held_back = tokio::spawn(crate::log_limit::say_held_back_until(
+        stop_background.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         let metrics = Metrics::new(
             Arc::clone(&shared.stats),
@@ -483,8 +486,10 @@ async fn serve(
     }
     drop(redirector);
     stop_background.stop();
-    // The programs are detached: the refusals' last count is final, and said before "stopped".
+    // The programs are detached: the refusals' last count is final, and said before "stopped",
+    // as is what the rate-limited lines held back.
     let _ = refusals.await;
+    let _ = held_back.await;
     log::info!(target: LOG, "stopped: {}", shared.stats.summary());
     Ok(outcome)
 }

@@ -231,7 +231,10 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
     let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
     let mut own_cgroup_said = false;
-    let descriptors_log = RateLimited::new(Duration::from_secs(60));
+    let descriptors_log = RateLimited::counting(
+        Duration::from_secs(60),
+        "failures to keep the agent in its own cgroup",
+    );
     loop {
         tokio::select! {
             () = stop.stopped() => return,

@@ -173,8 +173,19 @@ impl<D: OriginalDestinations> Admission<D> {
             upstream_override,
             per_client: Arc::clone(per_client),
             stats: Arc::clone(stats),
-            client_limit_log: RateLimited::new(Duration::from_secs(10)),
-            refusal_log: RateLimited::new(Duration::from_secs(10)),
+            client_limit_log: RateLimited::counting(
+                Duration::from_secs(10),
+                match transport {
+                    Transport::Udp => "UDP queries of clients at --max-inflight-per-client dropped",
+                    Transport::Tcp => {
+                        "TCP connections of clients at --max-tcp-connections-per-client refused"
+                    }
+                },
+            ),
+            refusal_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "lookups refused (a loop, or another namespace's loopback server)",
+            ),
         }
     }
 

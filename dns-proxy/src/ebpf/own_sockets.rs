@@ -40,7 +40,10 @@ impl OwnSockets {
         Self {
             marks: Some(Arc::new(Marks {
                 map: Mutex::new(map),
-                failed_log: RateLimited::new(Duration::from_secs(10)),
+                failed_log: RateLimited::counting(
+                    Duration::from_secs(10),
+                    "sockets of the agent's not marked as its own",
+                ),
             })),
         }
     }

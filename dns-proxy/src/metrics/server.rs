@@ -54,7 +54,8 @@ impl Metrics {
         let pages = Arc::new(Pages::default());
         // Failed accepts (out of open files, typically) come as fast as connections do: 464
         // lines in 25 s under a flood of DNS connections (helper-98).
-        let accept_log = RateLimited::new(Duration::from_secs(10));
+        let accept_log =
+            RateLimited::counting(Duration::from_secs(10), "metrics connections not accepted");
         loop {
             let accepted = tokio::select! {
                 () = stop.stopped() => return,

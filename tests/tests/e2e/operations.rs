@@ -805,6 +805,45 @@ fn exec_reports_a_missing_command_like_env_does() {
     );
 }
 
+/// A burst of refusals is said whole in the log: the rate-limited line says its first, and
+/// what it held back is said once that line is 10 s old, or at stop. Before, the rest of a
+/// burst that ended went unsaid (the metrics alone kept it).
+#[test]
+fn a_burst_of_refusals_is_said_whole_in_the_log() {
+    let Harness {
+        topology, agent, ..
+    } = &mut Harness::start(Placement::Outside, &["--max-tcp-connections-per-client=1"]);
+    // One connection held, then 20 more tried: each is refused (closed at once).
+    let script = "import socket, sys\n\
+                  held = socket.create_connection((sys.argv[1], 53))\n\
+                  refused = 0\n\
+                  for _ in range(20):\n    \
+                      s = socket.create_connection((sys.argv[1], 53))\n    \
+                      s.settimeout(5)\n    \
+                      try:\n        \
+                          refused += s.recv(1) == b''\n    \
+                      except ConnectionResetError:\n        \
+                          refused += 1\n\
+                  print('refused', refused)";
+    let output = must(&mut topology.workload("python3", &["-c", script, &SERVER_IP.to_string()]));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "refused 20");
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    let log = agent.log();
+    let first = "connections of clients at their limits (this one and any other) refused";
+    assert!(
+        log.contains(&format!("its next one refused; 1 {first}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "19 more TCP connections of clients at --max-tcp-connections-per-client refused \
+             since the last such line"
+        ),
+        "{log}"
+    );
+}
+
 /// A second SIGTERM or SIGINT during the drain (an operator's second Ctrl-C) stops the agent
 /// at once, where it waited out --shutdown-timeout for a lookup its server never answers
 /// (helper-88); the programs are detached all the same.

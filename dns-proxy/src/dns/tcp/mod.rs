@@ -146,9 +146,15 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             budget: MessageBudget::new(MESSAGE_BUDGET),
             draining: drain::Signal::new(),
             stats,
-            connection_limit_log: RateLimited::new(Duration::from_secs(10)),
-            message_room_log: RateLimited::new(Duration::from_secs(10)),
-            accept_log: RateLimited::new(Duration::from_secs(10)),
+            connection_limit_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "TCP connections refused at --max-tcp-connections",
+            ),
+            message_room_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "TCP connections closed for want of room for a large message",
+            ),
+            accept_log: RateLimited::counting(Duration::from_secs(10), "TCP accepts failed"),
         }))
     }
 

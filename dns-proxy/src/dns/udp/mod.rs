@@ -215,9 +215,21 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             question_hasher: RandomState::new(),
             workers: drain::Signal::new(),
             stats,
-            overload_log: RateLimited::new(Duration::from_secs(10)),
-            upstream_log: RateLimited::new(Duration::from_secs(10)),
-            stray_log: RateLimited::new(Duration::from_secs(10)),
+            overload_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "UDP queries dropped at --max-inflight (or for an ID in use on every upstream \
+                 socket)",
+            ),
+            upstream_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "UDP queries failed on their way upstream (no socket, a send refused, or no \
+                 route)",
+            ),
+            stray_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "datagrams and ICMP errors dropped on upstream sockets (about no query in \
+                 flight)",
+            ),
         });
         let sweeper = Arc::clone(&proxy);
         tokio::spawn(async move { sweeper.expire_unanswered().await });
