@@ -128,7 +128,7 @@ pub fn index_for(ctx: &SockAddrContext, server: Endpoint, capacity: u32) -> Opti
             };
             let index = index_of(&shared, capacity, &mut taken);
             if taken.at_limit {
-                workload_limit(ctx);
+                workload_limit(ctx, cgroup_id);
             } else if index.is_some() {
                 shared_index(ctx);
             }
@@ -389,14 +389,15 @@ unsafe fn atomic_add(target: *mut u64, n: u64) {
 
 /// Counts a connect or send of a cgroup at its share of the table to a server it has no index
 /// of its own for, and says so in the log at the 1st, 2nd, 4th, 8th... time on each CPU.
-fn workload_limit(ctx: &SockAddrContext) {
+fn workload_limit(ctx: &SockAddrContext, cgroup_id: u64) {
     let times = count(Counter::WorkloadLimit);
     if times.is_power_of_two() {
         warn!(
             ctx,
-            "dns-proxy: a workload took its share of the table (--max-servers-per-workload; \
-             {} times on this CPU): its lookups to servers new to it go by the server's shared \
-             index (workload unknown) or direct",
+            "dns-proxy: the workload of cgroup id {} took its share of the table \
+             (--max-servers-per-workload; {} times on this CPU, any workload): its lookups to \
+             servers new to it go by the server's shared index (workload unknown) or direct",
+            cgroup_id,
             times
         );
     }

@@ -102,19 +102,22 @@ impl ServerTable {
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
         };
-        table.charge_pairs_held();
+        let entries: Vec<(u32, Origin)> = table.table().iter().filter_map(Result::ok).collect();
+        table.charge_pairs_held(&entries);
         Ok(table)
     }
 
-    /// Charges each cgroup at least the pairs it holds in the table (`CGROUP_ORIGINS`): pairs
-    /// that an agent before shares were counted took are charged to no one. That is every pair
-    /// after an upgrade, and those taken while such an agent ran again (a downgrade and
-    /// upgrade gave a cgroup twice its share: helper-112). Before the programs are attached,
-    /// so none of this agent's charges a slot meanwhile; an agent's running beside it (during a
-    /// takeover) may, and the one it charges between this read and write goes uncharged.
-    fn charge_pairs_held(&self) {
+    /// Charges each cgroup at least the pairs it holds in the table (`entries`, read before
+    /// the charges): pairs that an agent from before shares took are charged to no one. That
+    /// is every pair after an upgrade, those taken while such an agent ran again (a downgrade
+    /// and upgrade gave a cgroup twice its share: helper-112), and those its programs take
+    /// while it runs beside this one, during a takeover from it (a workload took 40 pairs with
+    /// a share of 15: helper-113). So at start, before the programs are attached, and at each
+    /// walk. A charge a program makes between this read and write is lost; the next walk
+    /// restores it if its pair is still held.
+    fn charge_pairs_held(&self, entries: &[(u32, Origin)]) {
         let mut pairs: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-        for (_, origin) in self.table().iter().filter_map(Result::ok) {
+        for (_, origin) in entries {
             if origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN {
                 *pairs.entry(origin.cgroup_id).or_default() += 1;
             }
@@ -232,6 +235,7 @@ impl ServerTable {
     ) -> Forgotten {
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
         self.notice_changes_by_others(&entries);
+        self.charge_pairs_held(&entries);
         let freed = self.free_forgotten(&entries);
         let is_quiet = |key: u32| {
             let seen = self

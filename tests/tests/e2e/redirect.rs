@@ -848,8 +848,10 @@ fn a_slot_raced_for_by_a_workloads_threads_is_charged_once() {
 }
 
 /// A workload's share of the table is kept with the table: a restarted agent does not give it
-/// a fresh one (even after SIGKILL). And it goes with the workload: once its cgroup is gone and
-/// its origins forgotten, nothing of it is left in the kernel.
+/// a fresh one (even after SIGKILL), and pairs taken uncharged (by an agent from before shares,
+/// before an upgrade or during a takeover from it) are charged at start and at each walk. And
+/// it goes with the workload: once its cgroup is gone and its origins forgotten, nothing of it
+/// is left in the kernel.
 #[test]
 fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     let topology = Topology::new();
@@ -904,6 +906,33 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
         "{page}"
     );
     assert_eq!(entries("CGROUP_ORIGINS"), 1);
+
+    // Pairs taken uncharged while the agent runs, as an older agent's programs take them
+    // during a takeover from it: the next walk charges them.
+    let charge = |value: u64| {
+        use std::os::unix::fs::MetadataExt;
+        let cgroup_id = std::fs::metadata(&workload).expect("the cgroup").ino();
+        let hex = |n: u64| n.to_le_bytes().map(|b| format!("{b:02x}"));
+        must(
+            Command::new("bpftool")
+                .args(["map", "update", "pinned"])
+                .arg(table_dir.join("CGROUP_ORIGINS"))
+                .arg("key")
+                .arg("hex")
+                .args(hex(cgroup_id))
+                .arg("value")
+                .arg("hex")
+                .args(hex(value)),
+        );
+    };
+    charge(0);
+    wait_for(
+        "the walk to charge the pairs held",
+        Duration::from_secs(10),
+        || (agent.log().matches("charged 1 cgroups").count() == 2).then_some(()),
+    );
+    hold_ten("10.4.0.1:53");
+    assert_eq!(entries("SERVERS"), 8, "no fresh share while the agent runs");
 
     std::fs::remove_dir(&workload).expect("remove the workload's cgroup");
     wait_for(
