@@ -85,15 +85,16 @@ impl RateLimited {
 
 impl Limiter {
     /// What it held back, if any and its last line is an interval old (or `now_anyway`), taken
-    /// as said now.
+    /// as said now. Its last line stays when it was: the next event is written in full at
+    /// once, naming its server or client (a sweep that counted as a line hid every failure
+    /// of a slow trickle behind "N more" lines: helper-113).
     fn take_held_back(&self, now: Instant, now_anyway: bool) -> Option<(u64, &'static str)> {
         let what = self.what?;
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let due = now_anyway || last.is_none_or(|last| now.duration_since(last) >= self.interval);
         if !due || self.held_back.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        *last = Some(now);
         Some((self.held_back.swap(0, Ordering::Relaxed), what))
     }
 }
@@ -104,13 +105,14 @@ impl Drop for Limiter {
     fn drop(&mut self) {
         let held_back = *self.held_back.get_mut();
         if let (Some(what), 1..) = (self.what, held_back) {
-            log::warn!("{held_back} more {what} since the last such line");
+            log::warn!("{held_back} more {what} since the last such lines");
         }
     }
 }
 
 /// Says, for each counting limiter alive, what it held back since its last line, once that line
-/// is an interval old; with `at_stop`, whatever it held back. Returns the lines, also logged.
+/// is an interval old; with `at_stop`, whatever it held back. Limiters of one kind (one per
+/// UDP thread) are said together, in one line. Returns the lines, also logged.
 pub fn say_held_back(at_stop: bool) -> Vec<String> {
     let now = Instant::now();
     let limiters: Vec<Arc<Limiter>> = {
@@ -118,10 +120,19 @@ pub fn say_held_back(at_stop: bool) -> Vec<String> {
         counting.retain(|limiter| limiter.strong_count() > 0);
         counting.iter().filter_map(Weak::upgrade).collect()
     };
-    let lines: Vec<String> = limiters
+    let mut by_kind: Vec<(&'static str, u64)> = Vec::new();
+    for (events, what) in limiters
         .iter()
         .filter_map(|limiter| limiter.take_held_back(now, at_stop))
-        .map(|(events, what)| format!("{events} more {what} since the last such line"))
+    {
+        match by_kind.iter_mut().find(|(kind, _)| *kind == what) {
+            Some((_, total)) => *total += events,
+            None => by_kind.push((what, events)),
+        }
+    }
+    let lines: Vec<String> = by_kind
+        .into_iter()
+        .map(|(what, events)| format!("{events} more {what} since the last such lines"))
         .collect();
     for line in &lines {
         log::warn!("{line}");
@@ -186,11 +197,18 @@ mod tests {
         assert_eq!(held_back(&limited, false), None, "the line is too recent");
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(held_back(&limited, false), Some(1459));
-        // Said now: the next event waits an interval, or the stop.
+        assert_eq!(held_back(&limited, false), None, "said once");
+        // The next event is written in full at once, as the line is old: the sweep said a
+        // count, and named nothing.
+        let mut counts = Vec::new();
+        assert!(limited.warn(|n| {
+            counts.push(n);
+            String::new()
+        }));
+        assert_eq!(counts, [1]);
         assert!(!limited.warn(|_| unreachable!()));
-        assert_eq!(held_back(&limited, false), None);
-        assert_eq!(held_back(&limited, true), Some(1));
-        assert_eq!(held_back(&limited, true), None, "said once");
+        assert_eq!(held_back(&limited, false), None, "the line is recent");
+        assert_eq!(held_back(&limited, true), Some(1), "at stop");
     }
 
     #[test]
@@ -203,16 +221,18 @@ mod tests {
     }
 
     #[test]
-    fn the_counting_limiters_alive_are_said_and_the_dropped_forgotten() {
+    fn the_counting_limiters_alive_are_said_by_kind_and_the_dropped_forgotten() {
         let said = |what: &str| {
             say_held_back(false)
                 .into_iter()
                 .filter(|line| line.contains(what))
                 .collect::<Vec<_>>()
         };
-        let alive = RateLimited::counting(Duration::from_millis(10), "test events alive");
+        // Two of one kind (as each UDP thread has its own), and one dropped.
+        let alive =
+            [(); 2].map(|()| RateLimited::counting(Duration::from_millis(10), "test events alive"));
         let dropped = RateLimited::counting(Duration::from_millis(10), "test events dropped");
-        for limited in [&alive, &dropped] {
+        for limited in alive.iter().chain([&dropped]) {
             assert!(limited.warn(|_| String::new()));
             assert!(!limited.warn(|_| unreachable!()));
         }
@@ -220,7 +240,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             said("test events alive"),
-            ["1 more test events alive since the last such line"]
+            ["2 more test events alive since the last such lines"]
         );
         assert!(said("test events dropped").is_empty());
     }

@@ -838,7 +838,7 @@ fn a_burst_of_refusals_is_said_whole_in_the_log() {
     assert!(
         log.contains(
             "19 more TCP connections of clients at --max-tcp-connections-per-client refused \
-             since the last such line"
+             since the last such lines"
         ),
         "{log}"
     );
