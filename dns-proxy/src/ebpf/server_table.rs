@@ -40,8 +40,8 @@ pub struct ServerTable {
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
-    /// `CGROUP_ORIGINS`: cgroup id → slots it took; written here only to remove the entries
-    /// of cgroups that are gone.
+    /// `CGROUP_ORIGINS`: cgroup id → slots it took; written here only to charge pairs that
+    /// an agent from before shares took, and to remove the entries of cgroups that are gone.
     shares: std::sync::Mutex<HashMap<MapData, u64, u64>>,
 }
 
