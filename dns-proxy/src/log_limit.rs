@@ -40,7 +40,7 @@ impl RateLimited {
     }
 
     /// A limiter for a line that counts events: those it holds back are said by
-    /// [`say_held_back`] as "N more `what` since the last such line".
+    /// [`say_held_back`] as "N more `what` since the last such lines".
     pub fn counting(interval: Duration, what: &'static str) -> Self {
         let limited = Self::with(interval, Some(what));
         COUNTING
