@@ -42,16 +42,16 @@
 //! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
 //!   HTTP 500; prints `accepted=N`.
 //! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
-//!   (or, with --distinct, to COUNT different addresses from SERVER's on, port 53), bound to
-//!   IP if given (each local address has its own ports); prints `holding N` and keeps them
-//!   until standard input closes.
+//!   (IPv4 or IPv6; or, with --distinct, to COUNT different addresses from SERVER's on, port
+//!   53), bound to IP if given (each local address has its own ports); prints `holding N` and
+//!   keeps them until standard input closes.
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test client; it resolves no names"
 )]
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     process::ExitCode,
     time::{Duration, Instant},
@@ -296,18 +296,20 @@ fn hold(args: &[String]) -> Result<(), String> {
     let distinct = options.iter().any(|o| o == "--distinct");
     let source: IpAddr = match options.iter().position(|o| o == "--source") {
         Some(at) => parse(options.get(at + 1).ok_or("--source needs an IP")?, "an IP")?,
+        None if server.is_ipv6() => Ipv6Addr::UNSPECIFIED.into(),
         None => Ipv4Addr::UNSPECIFIED.into(),
     };
     allow_open_files(u64::from(count))?;
-    let IpAddr::V4(first) = server.ip() else {
-        return Err("an IPv4 server".to_owned());
-    };
     let mut sockets = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let to = if distinct {
-            SocketAddr::from((Ipv4Addr::from(u32::from(first) + i), 53))
-        } else {
-            server
+        let to = match server.ip() {
+            IpAddr::V4(first) if distinct => {
+                SocketAddr::from((Ipv4Addr::from(u32::from(first) + i), 53))
+            }
+            IpAddr::V6(first) if distinct => {
+                SocketAddr::from((Ipv6Addr::from(u128::from(first) + u128::from(i)), 53))
+            }
+            _ => server,
         };
         let socket =
             UdpSocket::bind(SocketAddr::new(source, 0)).map_err(|e| format!("socket {i}: {e}"))?;

@@ -8,7 +8,6 @@ use super::*;
 
 const TEST_UPSTREAM: &str = env!("CARGO_BIN_EXE_test-upstream");
 const SPOOF: &str = env!("CARGO_BIN_EXE_spoof-answers");
-const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 /// dns-probe's query ID (`QUERY_ID` there), which the proxy forwards unchanged.
 const PROBE_QUERY_ID: &str = "23063";
 

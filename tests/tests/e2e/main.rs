@@ -27,6 +27,7 @@ use tests::{
 
 const PROBE: &str = env!("CARGO_BIN_EXE_dns-probe");
 const STEADY: &str = env!("CARGO_BIN_EXE_steady-lookups");
+const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 
 /// The agent's log line for `name`, waited for briefly (it is written after the answer is sent).
 fn forwarded(agent: &Agent, name: &str) -> String {

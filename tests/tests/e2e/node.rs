@@ -69,11 +69,7 @@ fn pods_and_host_processes_resolve_at_once_even_from_the_same_port() {
 #[test]
 fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
     let node = NodeTopology::new();
-    let args = [
-        format!("--listen={NODE_LISTEN}:53"),
-        format!("--metrics={METRICS}"),
-    ];
-    let _agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let _agent = launch_with_metrics(&node);
     let started = Instant::now();
     let answer = tests::dig_at(
         node.pod(0, "dig", &[]),
@@ -88,8 +84,7 @@ fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
         "{answer}"
     );
     assert!(started.elapsed() < Duration::from_secs(1), "{answer}");
-    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
-    assert_eq!(status, 200, "{page}");
+    let page = scrape_node(&node);
     assert_eq!(
         value(
             &page,
@@ -97,6 +92,104 @@ fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
         ),
         1
     );
+}
+
+/// Node mode: a pod that connects to 200 servers (one container can, unprivileged) takes its
+/// share of the node's /24, 15 servers, and no more: the other pod and the node's own processes
+/// still get an index of their own, and the greedy pod still resolves through the server's
+/// shared index. Without a share it took the whole table in under a second (helper-109).
+#[test]
+fn a_pod_cannot_take_the_nodes_table_from_the_other_pods() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let agent = launch_with_metrics(&node);
+    let slots = || attached_map_entries(node.redirected_cgroup(), "SERVERS");
+    // Servers of TEST-NET-2's neighbour, reached (were they asked) by the pod's default route.
+    let mut greedy = tests::Process::spawn(
+        node.pod(0, HOSTILE, &["hold", "10.1.0.1:53", "200", "--distinct"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    assert_eq!(greedy.first_line_of_stdout(), "holding 200");
+    let page = scrape_node(&node);
+    assert_eq!(slots(), 30, "15 pairs and their shared origins: {page}");
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_workload_limit_total"),
+        200 - 15,
+        "{page}"
+    );
+    assert_eq!(no_room_counts(&page), (0, 0), "{page}");
+
+    let (other_pod, _) = PODS[1];
+    let answer = tests::dig_at(
+        node.pod(1, "dig", &[]),
+        &SERVER_IP.to_string(),
+        "other-pod.example.test",
+        &["+short"],
+    )
+    .expect("answered");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    let line = forwarded(&agent, "other-pod.example.test");
+    assert!(line.contains(&format!("client={other_pod}:")), "{line}");
+    assert!(
+        attributed_to(&line, &node.pod_cgroups[1]),
+        "the other pod's own workload: {line}"
+    );
+    let answer = tests::dig_at(
+        node.host("dig", &[]),
+        &SERVER_IP.to_string(),
+        "node-process.example.test",
+        &["+short"],
+    )
+    .expect("answered");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    let line = forwarded(&agent, "node-process.example.test");
+    assert!(
+        attributed_to(&line, &node.host_cgroup),
+        "the node process's own workload: {line}"
+    );
+    assert_eq!(slots(), 33, "{}", scrape_node(&node));
+
+    // The greedy pod, at its share, still resolves: through the server's shared index.
+    let answer = tests::dig_at(
+        node.pod(0, "dig", &[]),
+        &SERVER_IP.to_string(),
+        "greedy-pod.example.test",
+        &["+short"],
+    )
+    .expect("answered");
+    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    let line = forwarded(&agent, "greedy-pod.example.test");
+    assert!(line.ends_with(" workload=unknown"), "{line}");
+    assert_eq!(slots(), 33, "{}", scrape_node(&node));
+    greedy.finish_with_stdout(Duration::from_secs(30));
+}
+
+/// The agent on `node` as the DaemonSet runs it, listening on [`NODE_LISTEN`], with metrics.
+fn launch_with_metrics(node: &NodeTopology) -> Agent {
+    let args = [
+        format!("--listen={NODE_LISTEN}:53"),
+        format!("--metrics={METRICS}"),
+    ];
+    Agent::launch(&node.node, node.redirected_cgroup(), None, &args)
+}
+
+/// The node agent's metrics page.
+fn scrape_node(node: &NodeTopology) -> String {
+    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
+    assert_eq!(status, 200, "{page}");
+    page
+}
+
+/// Whether a query line names cgroup `cgroup`'s workload: by its path once the agent has named
+/// it, by its id (the cgroup's inode) before.
+fn attributed_to(line: &str, cgroup: &std::path::Path) -> bool {
+    let Some((_, workload)) = line.rsplit_once(" workload=") else {
+        return false;
+    };
+    let name = cgroup.file_name().unwrap().to_string_lossy();
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup).unwrap());
+    workload.ends_with(&format!("/{name}")) || workload == format!("cgroup-id={id}")
 }
 
 /// A server excluded with `--exclude-server` (one that answers by its asker's address, as
@@ -164,8 +257,7 @@ fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
         }
     }
     // Each of the eight lookups to them counted (a dual-stack connect more than once).
-    let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
-    assert_eq!(status, 200);
+    let page = scrape_node(&node);
     let skipped = value(&page, "dns_proxy_kernel_skipped_excluded_server_total");
     assert!(skipped >= 8, "{page}");
     assert_eq!(
@@ -309,11 +401,7 @@ fn a_second_agent_from_another_namespace_is_named_in_the_log_and_its_stop_mends_
 fn a_block_that_loses_its_route_is_not_redirected_to_until_it_is_back() {
     let node = NodeTopology::new();
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
-    let args = [
-        format!("--listen={NODE_LISTEN}:53"),
-        format!("--metrics={METRICS}"),
-    ];
-    let agent = Agent::launch(&node.node, node.redirected_cgroup(), None, &args);
+    let agent = launch_with_metrics(&node);
     let lookup = |name: &str| {
         let result = tests::dig_at(node.pod(0, "dig", &[]), &SERVER_IP.to_string(), name, &[]);
         assert_answered(result, name);

@@ -7,7 +7,6 @@ use tests::{CLIENT_IP, Netns, Process, dig_at, in_cgroup_and_netns, node::NodeTo
 
 use super::*;
 
-const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 /// `setpriv`'s arguments that run what follows as `nobody`, with no capability.
 const AS_NOBODY: [&str; 4] = [
     "--reuid=65534",
@@ -778,6 +777,76 @@ fn one_workload_cannot_take_the_table_from_the_others() {
         .stdout(Stdio::piped()),
     );
     assert_eq!(filling.first_line_of_stdout(), "holding 31");
+    let page = assert_share_of_four_taken(topology, 31 - 4);
+    assert_eq!(no_room_counts(&page), (0, 0), "{page}");
+
+    a_new_workload_gets_a_pair_of_its_own(topology, agent, SERVER_IP.into(), "victim.example.test");
+    filling.finish_with_stdout(Duration::from_secs(30));
+}
+
+/// A workload's share counts its servers of both families: one that spends it on IPv6 servers
+/// gets no slot for an IPv4 one either, and other workloads' IPv6 lookups keep their own index.
+#[test]
+fn a_workloads_share_counts_its_ipv6_servers_too() {
+    let Harness {
+        topology, agent, ..
+    } = &Harness::start(
+        Placement::Outside,
+        &[
+            "--redirect-block=127.53.0.0/26",
+            "--redirect-block6=fd53:6e73:6470::/122",
+            "--metrics=127.0.0.1:9253",
+        ],
+    );
+    route_servers_left_alone(topology);
+    must(Command::new("ip").args([
+        "-n",
+        &topology.client.name,
+        "-6",
+        "route",
+        "add",
+        "2001:db8:99::/64",
+        "dev",
+        "lo",
+    ]));
+    let hostile = child_cgroup(topology, "hostile");
+    let hold_in_hostile = |first: &str, count: u32| {
+        let count = count.to_string();
+        let mut holder = Process::spawn(
+            in_cgroup_and_netns(
+                &hostile,
+                &topology.client,
+                HOSTILE,
+                &["hold", first, &count, "--distinct"],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+        );
+        assert_eq!(holder.first_line_of_stdout(), format!("holding {count}"));
+        holder
+    };
+    // A share of 4 on a /26: four pairs and their shared origins, the rest direct. Without a
+    // share, 40 servers would take the whole IPv6 table (63 slots of a /122).
+    let ipv6 = hold_in_hostile("[2001:db8:99::1]:53", 40);
+    assert_share_of_four_taken(topology, 40 - 4);
+    // The same share: no slot for an IPv4 server new to it.
+    let ipv4 = hold_in_hostile("10.1.0.1:53", 1);
+    assert_share_of_four_taken(topology, 40 - 4 + 1);
+
+    a_new_workload_gets_a_pair_of_its_own(
+        topology,
+        agent,
+        tests::SERVER_IP6.into(),
+        "victim6.example.test",
+    );
+    for mut holder in [ipv6, ipv4] {
+        holder.finish_with_stdout(Duration::from_secs(30));
+    }
+}
+
+/// Asserts that a workload of share 4 holds 8 slots of the table (four pairs and their shared
+/// origins), and that `at_share` of its connects found it at its share; returns the page.
+fn assert_share_of_four_taken(topology: &Topology, at_share: u64) -> String {
     let page = scrape(topology);
     assert_eq!(
         attached_map_entries(&topology.cgroup.path, "SERVERS"),
@@ -786,21 +855,31 @@ fn one_workload_cannot_take_the_table_from_the_others() {
     );
     assert_eq!(
         value(&page, "dns_proxy_kernel_workload_limit_total"),
-        31 - 4,
+        at_share,
         "{page}"
     );
-    assert_eq!(no_room_counts(&page), (0, 0), "{page}");
+    page
+}
 
+/// With a workload at its share (8 slots), a new workload asking `server` (new to the table) is
+/// answered through the agent and named: it got a pair of its own, and the server's shared
+/// origin with it (10 slots).
+fn a_new_workload_gets_a_pair_of_its_own(
+    topology: &Topology,
+    agent: &Agent,
+    server: std::net::IpAddr,
+    name: &str,
+) {
     let victim = child_cgroup(topology, "victim");
     let answer = dig_at(
         in_cgroup_and_netns(&victim, &topology.client, "dig", &[]),
-        &SERVER_IP.to_string(),
-        "victim.example.test",
+        &server.to_string(),
+        name,
         &["+short"],
     )
     .expect("answered");
     assert_eq!(answer.trim(), ANSWER_IP.to_string());
-    let line = forwarded(agent, "victim.example.test");
+    let line = forwarded(agent, name);
     assert!(line.contains("victim"), "the victim's own workload: {line}");
     assert_eq!(
         attached_map_entries(&topology.cgroup.path, "SERVERS"),
@@ -808,7 +887,6 @@ fn one_workload_cannot_take_the_table_from_the_others() {
         "{}",
         scrape(topology)
     );
-    filling.finish_with_stdout(Duration::from_secs(30));
 }
 
 /// A slot is charged to a workload once, however many of its threads race for it: with two
