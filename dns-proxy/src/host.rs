@@ -282,8 +282,9 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
 }
 
 /// What the pins must be, by name: (key size, value size, max entries). The first two are the
-/// table of servers, whose halves must be there together; the agents' maps come and go alone.
-const PINS: [(&str, u32, u32, u32); 5] = [
+/// table of servers, whose halves must be there together; the workloads' shares of it and the
+/// agents' maps come and go alone.
+const PINS: [(&str, u32, u32, u32); 6] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -294,6 +295,12 @@ const PINS: [(&str, u32, u32, u32); 5] = [
         dns_proxy_common::names::SERVER_INDEX,
         32,
         4,
+        dns_proxy_common::MAX_SERVERS,
+    ),
+    (
+        dns_proxy_common::names::CGROUP_ORIGINS,
+        8,
+        8,
         dns_proxy_common::MAX_SERVERS,
     ),
     (

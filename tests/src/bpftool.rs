@@ -29,7 +29,7 @@ pub fn server_index_for(
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    let (pinned, entries) = server_table(state_dir);
+    let (pinned, entries) = table_map(state_dir, "SERVERS");
     let found = entries.iter().find_map(|(key, value)| {
         // Origin: the server (four address words and the port, network order; the family),
         // 4 bytes of padding, then the cgroup id (host order).
@@ -45,7 +45,7 @@ pub fn server_index_for(
 
 /// How many origins (indexes) of the agents' server table name the cgroup `cgroup_id`.
 pub fn origins_of_cgroup(state_dir: &Path, cgroup_id: u64) -> usize {
-    let (_, entries) = server_table(state_dir);
+    let (_, entries) = table_map(state_dir, "SERVERS");
     entries
         .iter()
         .filter(|(_, value)| {
@@ -54,29 +54,46 @@ pub fn origins_of_cgroup(state_dir: &Path, cgroup_id: u64) -> usize {
         .count()
 }
 
+/// How many slots of the table of servers cgroup `cgroup_id` is charged (its entry in the
+/// `CGROUP_ORIGINS` pinned beside the table), if it has an entry.
+pub fn charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<u64> {
+    let (_, entries) = table_map(state_dir, "CGROUP_ORIGINS");
+    entries.iter().find_map(|(key, value)| {
+        (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
+            .then(|| u64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
+    })
+}
+
 /// An entry of a BPF map as bpftool dumps it: key and value bytes.
 type MapEntry = (Vec<u8>, Vec<u8>);
 
-/// The entries of the agents' server table pinned below `state_dir`, read with bpftool, and
-/// where it is pinned.
-fn server_table(state_dir: &Path) -> (PathBuf, Vec<MapEntry>) {
+/// The directory of the agents' table of servers below `state_dir`, where `SERVERS` and the
+/// maps beside it are pinned.
+pub fn table_dir(state_dir: &Path) -> PathBuf {
     // One table per pair of blocks, each in a directory of its own: the agents here use one.
     let tables: Vec<PathBuf> = fs::read_dir(state_dir)
         .unwrap_or_else(|err| panic!("{}: {err}", state_dir.display()))
-        .map(|entry| entry.expect("a directory entry").path().join("SERVERS"))
-        .filter(|pinned| pinned.exists())
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|dir| dir.join("SERVERS").exists())
         .collect();
-    let [pinned] = tables.as_slice() else {
+    let [table] = tables.as_slice() else {
         panic!(
             "not one table of servers in {}: {tables:?}",
             state_dir.display()
         );
     };
+    table.clone()
+}
+
+/// The entries of map `name` of the agents' server table pinned below `state_dir` (`SERVERS`,
+/// or a map pinned beside it), read with bpftool, and where it is pinned.
+fn table_map(state_dir: &Path, name: &str) -> (PathBuf, Vec<MapEntry>) {
+    let pinned = table_dir(state_dir).join(name);
     let output = must(
         Command::new("bpftool")
             .arg("--json")
             .args(["map", "dump", "pinned"])
-            .arg(pinned),
+            .arg(&pinned),
     );
     let entries: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
     let bytes = |value: &serde_json::Value| -> Vec<u8> {
@@ -96,7 +113,7 @@ fn server_table(state_dir: &Path) -> (PathBuf, Vec<MapEntry>) {
         .iter()
         .map(|entry| (bytes(&entry["key"]), bytes(&entry["value"])))
         .collect();
-    (pinned.clone(), entries)
+    (pinned, entries)
 }
 
 /// How many entries the map called `map_name` holds, among the maps of the programs attached

@@ -35,7 +35,10 @@ pub mod manifest;
 pub mod registry_proxy;
 
 pub use agent::{Agent, Harness, PROXY_LISTEN, Placement, agent_binary};
-pub use bpftool::{attached_map_entries, origins_of_cgroup, server_index, server_index_for};
+pub use bpftool::{
+    attached_map_entries, charge_of_cgroup, origins_of_cgroup, server_index, server_index_for,
+    table_dir,
+};
 pub(crate) use cgroup::remove_cgroup_tree;
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use clients::{a_query, dig, dig_at, go_resolver, lookup_from_port, musl_getaddrinfo};

@@ -900,6 +900,10 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     std::fs::remove_dir_all(&state).expect("remove the state directory");
     wait_for_log(&agent, "pinned again");
     assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
+    assert!(
+        tests::table_dir(&state).join("CGROUP_ORIGINS").exists(),
+        "the workloads' shares are back with it"
+    );
     agent.process().signal(libc::SIGTERM);
     assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
     let agent = Agent::start_with_env(
@@ -945,12 +949,7 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
     let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
     let state = bpffs.path.join("a/b/state");
     let agent = Agent::start(&topology, &[&format!("--state-dir={}", state.display())]);
-    let table = std::fs::read_dir(&state)
-        .expect("the state directory")
-        .next()
-        .expect("the table's directory")
-        .expect("its entry")
-        .path();
+    let table = tests::table_dir(&state);
     assert_answered(
         dig(topology.workload("dig", &[]), "before.example.test", &[]),
         "dig before",
