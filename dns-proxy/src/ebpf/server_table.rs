@@ -102,45 +102,86 @@ impl ServerTable {
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
         };
-        let entries: Vec<(u32, Origin)> = table.table().iter().filter_map(Result::ok).collect();
-        table.charge_pairs_held(&entries);
+        table.settle_charges();
         Ok(table)
     }
 
-    /// Charges each cgroup at least the pairs it holds in the table (`entries`, read before
-    /// the charges): pairs that an agent from before shares took are charged to no one. That
-    /// is every pair after an upgrade, those taken while such an agent ran again (a downgrade
-    /// and upgrade gave a cgroup twice its share: helper-112), and those its programs take
-    /// while it runs beside this one, during a takeover from it (a workload took 40 pairs with
-    /// a share of 15: helper-113). So at start, before the programs are attached, and at each
-    /// walk. A charge a program makes between this read and write is lost; the next walk
-    /// restores it if its pair is still held.
-    fn charge_pairs_held(&self, entries: &[(u32, Origin)]) {
+    /// Settles each cgroup's charge (`CGROUP_ORIGINS`) against the table, at start, before the
+    /// programs are attached, and at each walk:
+    /// - Raised to at least the pairs the cgroup holds. Pairs that an agent from before shares
+    ///   took are charged to no one: every pair after an upgrade, those taken while such an
+    ///   agent ran again (a downgrade and upgrade gave a cgroup twice its share: helper-112),
+    ///   and those its programs take while it runs beside this one, during a takeover from it
+    ///   (a workload took 40 pairs with a share of 15: helper-113).
+    /// - Lowered to at most its pairs and the shared origins no pair asks through. A cgroup is
+    ///   charged, beside its pairs, only for shared origins it made alone when its pair found
+    ///   no room; once those are forgotten the charge would outlive them, and a long-lived
+    ///   workload in a crowded table would lose its share for good (helper-114).
+    ///
+    /// The charges are read before the table, so that a pair taken meanwhile is in the table
+    /// read, never only in its charge (lowered, it would let the cgroup past its share). A
+    /// charge a program makes between this read and the write is lost; the next walk restores
+    /// it if its pair is still held.
+    fn settle_charges(&self) {
+        let mut shares = self.shares();
+        let charges: Vec<(u64, u64)> = shares.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
         let mut pairs: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-        for (_, origin) in entries {
+        for (_, origin) in &entries {
             if origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN {
                 *pairs.entry(origin.cgroup_id).or_default() += 1;
             }
         }
-        let mut shares = self.shares();
-        let mut charged = 0;
-        for (cgroup_id, held) in pairs {
-            let charge = shares.get(&cgroup_id, 0).unwrap_or(0);
-            if charge >= held {
-                continue;
+        let asked: std::collections::HashSet<dns_proxy_common::Endpoint> = entries
+            .iter()
+            .filter(|(_, origin)| origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN)
+            .map(|(_, origin)| origin.server)
+            .collect();
+        let made_alone = entries
+            .iter()
+            .filter(|(_, origin)| origin.cgroup_id == 0 && !asked.contains(&origin.server))
+            .count() as u64;
+        let mut wanted: Vec<(u64, u64, u64)> = Vec::new();
+        for (cgroup_id, charge) in charges {
+            let held = pairs.remove(&cgroup_id).unwrap_or(0);
+            let most = held + made_alone;
+            if charge > most {
+                wanted.push((cgroup_id, charge, most));
+            } else if charge < held {
+                wanted.push((cgroup_id, charge, held));
             }
-            match shares.insert(cgroup_id, held, 0) {
-                Ok(()) => charged += 1,
+        }
+        // Cgroups with pairs and no charge at all.
+        wanted.extend(
+            pairs
+                .into_iter()
+                .map(|(cgroup_id, held)| (cgroup_id, 0, held)),
+        );
+        let (mut raised, mut lowered) = (0, 0);
+        for (cgroup_id, charge, settled) in wanted {
+            match shares.insert(cgroup_id, settled, 0) {
+                Ok(()) if settled > charge => raised += 1,
+                Ok(()) => lowered += 1,
                 Err(err) => log::warn!(
-                    "cannot charge cgroup {cgroup_id} the {held} slots it holds ({}): {err}",
+                    "cannot charge cgroup {cgroup_id} the {settled} slots it may hold ({}): \
+                     {err}",
                     names::CGROUP_ORIGINS
                 ),
             }
         }
-        if charged > 0 {
+        if raised > 0 {
             log::info!(
-                "charged {charged} cgroups the slots they hold in the table of servers, taken \
+                "charged {raised} cgroups the slots they hold in the table of servers, taken \
                  by an agent that did not count them ({})",
+                names::CGROUP_ORIGINS
+            );
+        }
+        if lowered > 0 {
+            log::info!(
+                "lowered {lowered} cgroups' charges to the slots they may still hold in the \
+                 table of servers: their pairs, and the shared origins no pair asks through \
+                 ({} of them) ({})",
+                made_alone,
                 names::CGROUP_ORIGINS
             );
         }
@@ -235,7 +276,7 @@ impl ServerTable {
     ) -> Forgotten {
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
         self.notice_changes_by_others(&entries);
-        self.charge_pairs_held(&entries);
+        self.settle_charges();
         let freed = self.free_forgotten(&entries);
         let is_quiet = |key: u32| {
             let seen = self

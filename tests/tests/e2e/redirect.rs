@@ -967,11 +967,7 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     agent.process().signal(libc::SIGTERM);
     assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
     let state_dir = topology.client.state_dir();
-    let table_dir = std::fs::read_dir(&state_dir)
-        .expect("the state dir")
-        .map(|entry| entry.expect("an entry").path())
-        .find(|dir| dir.join("SERVERS").exists())
-        .expect("a pinned table");
+    let table_dir = tests::table_dir(&state_dir);
     std::fs::remove_file(table_dir.join("CGROUP_ORIGINS")).expect("unpin the shares");
     let agent = Agent::start_with_env(&topology, &args, &env);
     assert!(agent.log().contains("charged 1 cgroups"), "{}", agent.log());
@@ -987,9 +983,10 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
 
     // Pairs taken uncharged while the agent runs, as an older agent's programs take them
     // during a takeover from it: the next walk charges them.
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(&workload).expect("the workload's cgroup"),
+    );
     let charge = |value: u64| {
-        use std::os::unix::fs::MetadataExt;
-        let cgroup_id = std::fs::metadata(&workload).expect("the cgroup").ino();
         let hex = |n: u64| n.to_le_bytes().map(|b| format!("{b:02x}"));
         must(
             Command::new("bpftool")
@@ -1011,6 +1008,19 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     );
     hold_ten("10.4.0.1:53");
     assert_eq!(entries("SERVERS"), 8, "no fresh share while the agent runs");
+    assert_eq!(tests::charge_of_cgroup(&state_dir, cgroup_id), Some(4));
+
+    // A charge past what the cgroup can hold (its pairs, and shared origins no pair asks
+    // through, which it may have made alone when its pair found no room): such a charge
+    // outlived those origins, and a long-lived workload lost its share for good. The next walk
+    // lowers it.
+    charge(1000);
+    wait_for(
+        "the walk to lower the charge",
+        Duration::from_secs(10),
+        || agent.log().contains("lowered 1 cgroups").then_some(()),
+    );
+    assert_eq!(tests::charge_of_cgroup(&state_dir, cgroup_id), Some(4));
 
     std::fs::remove_dir(&workload).expect("remove the workload's cgroup");
     wait_for(
