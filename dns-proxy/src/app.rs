@@ -596,9 +596,10 @@ fn attach(
         ),
         share => log::info!(
             target: LOG,
-            "each workload may take {share} slots of the table of servers \
-             (--max-servers-per-workload); past it, its lookups to servers new to it go by their \
-             shared index or direct"
+            "each workload may have an index of its own for {share} servers in the table of \
+             servers, up to {} slots with the servers' shared ones (--max-servers-per-workload); \
+             past it, its lookups to servers new to it go by their shared index or direct",
+            u64::from(share) * 2
         ),
     }
     let (redirector, servers, counters, agents) = attached;

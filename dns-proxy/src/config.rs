@@ -126,8 +126,8 @@ pub struct ProxyArgs {
     /// workload holds up to twice as many slots). Past it, its lookups to servers new to it go
     /// by the server's shared index (their workload unknown) or direct, and are counted, so
     /// that one workload cannot fill the table that every workload's lookups need. 0: no
-    /// limit. Default: a sixteenth of the --redirect-block's addresses, at least 4 (15 for a
-    /// /24, 4,095 for a /16).
+    /// limit. Default: a sixteenth of the smaller block's slots (its addresses less two; the
+    /// IPv6 block counts if IPv6 is served), at least 4 (15 for a /24, 4,095 for a /16).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=131_072), env = "DNS_PROXY_MAX_SERVERS_PER_WORKLOAD")]
     pub max_servers_per_workload: Option<u32>,
 
@@ -569,9 +569,10 @@ impl RunConfig {
             block4,
             block6,
             excluded_servers: args.exclude_servers,
-            max_servers_per_workload: args
-                .max_servers_per_workload
-                .unwrap_or_else(|| default_servers_per_workload(block4)),
+            max_servers_per_workload: args.max_servers_per_workload.unwrap_or_else(|| {
+                let block6 = (!matches!(listen6, Listen6::Off)).then_some(block6);
+                default_servers_per_workload(block4, block6)
+            }),
             state_dir: args.state_dir,
             upstream,
             upstream_timeout: args.upstream_timeout,
@@ -599,12 +600,16 @@ impl RunConfig {
     }
 }
 
-/// `--max-servers-per-workload`'s default: a sixteenth of the IPv4 block, at least 4. A
-/// workload asks one to three servers (a resolv.conf holds three); one that asks many (a
-/// recursive resolver) has the rest of its lookups go direct, and must not take the room of
-/// the others.
-fn default_servers_per_workload(block4: AddressBlock) -> u32 {
-    (block4.capacity() / 16).max(4)
+/// `--max-servers-per-workload`'s default: a sixteenth of the smaller table's slots (a block's
+/// addresses less two), of the IPv4 block's and the IPv6 one's if IPv6 is served (one share
+/// counts both), at least 4. A workload asks one to three servers (a resolv.conf holds three);
+/// one that asks many (a recursive resolver) has the rest of its lookups go direct, and must
+/// not take the room of the others.
+fn default_servers_per_workload(block4: AddressBlock, block6: Option<AddressBlock>) -> u32 {
+    let slots = block6.map_or(block4.capacity(), |block6| {
+        block4.capacity().min(block6.capacity())
+    });
+    (slots / 16).max(4)
 }
 
 /// Why a block starting at `first` cannot hold the proxy's addresses, if it cannot.
@@ -690,6 +695,20 @@ mod tests {
         assert_eq!(share(&[]), 4095, "host mode's /16");
         assert_eq!(share(&["--listen=169.254.20.10:53"]), 15, "node mode's /24");
         assert_eq!(share(&["--redirect-block=127.53.0.0/26"]), 4, "at least 4");
+        assert_eq!(
+            share(&["--redirect-block6=fd53:6e73:6470::/120"]),
+            15,
+            "one share counts both families: the smaller block's"
+        );
+        assert_eq!(
+            share(&[
+                "--listen=169.254.52.0:53",
+                "--redirect-block=169.254.52.0/22",
+                "--redirect-block6=fd53:6e73:6470::/120"
+            ]),
+            63,
+            "node mode without --listen6 serves no IPv6"
+        );
         assert_eq!(share(&["--max-servers-per-workload=0"]), 0, "no limit");
         assert_eq!(share(&["--max-servers-per-workload=100"]), 100);
         assert!(run_config(&["--max-servers-per-workload=200000"]).is_err());
