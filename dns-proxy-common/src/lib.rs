@@ -67,6 +67,12 @@ pub mod names {
     /// programs as they take a slot; an entry goes (the agent's walk) once its cgroup is gone
     /// and no pair of it is left. Pinned beside `SERVERS`, which it counts.
     pub const CGROUP_ORIGINS: &str = "CGROUP_ORIGINS";
+    /// cgroup id -> `i64`: what the agent's walk adds to a cgroup's `CGROUP_ORIGINS` so that
+    /// the sum is what the cgroup holds (pairs an older agent took uncharged, shared origins it
+    /// made alone and that were since forgotten). Written by the agents alone, so that they
+    /// never overwrite a count the programs add to (which let a workload past its share:
+    /// helper-115). Pinned beside `CGROUP_ORIGINS`, and gone with it.
+    pub const CGROUP_ADJUST: &str = "CGROUP_ADJUST";
     /// Sockmap of the proxy's listening sockets, by [`crate::listener_slot`].
     pub const LISTENERS: &str = "LISTENERS";
     /// cgroup id -> [`crate::EXCLUDED_SUBTREE`]: the operator's excluded cgroup trees, whose

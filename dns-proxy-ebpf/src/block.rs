@@ -14,7 +14,8 @@ use dns_proxy_common::{
 };
 
 use crate::{
-    CGROUP_ORIGINS, MAX_ORIGINS_PER_CGROUP, NO_ROOM, SERVER_INDEX, SERVERS, TABLE_HASH_KEY, count,
+    CGROUP_ADJUST, CGROUP_ORIGINS, MAX_ORIGINS_PER_CGROUP, NO_ROOM, SERVER_INDEX, SERVERS,
+    TABLE_HASH_KEY, count,
 };
 
 /// Index `index`'s address in the IPv4 block, network order.
@@ -267,9 +268,11 @@ fn index_of(origin: &Origin, capacity: u32, taken: &mut Taken) -> Option<u32> {
     Some(probe.found)
 }
 
-/// Whether cgroup `cgroup_id` may take another slot of the table: it has taken fewer than
-/// `MAX_ORIGINS_PER_CGROUP`, or there is no limit. Two CPUs of one cgroup may both pass at its
-/// last slot: a share is exceeded by a slot per CPU at most. Not inlined, as `keyed_hash`.
+/// Whether cgroup `cgroup_id` may take another slot of the table: it holds fewer than
+/// `MAX_ORIGINS_PER_CGROUP` (the programs' count, `CGROUP_ORIGINS`, with the agent's
+/// correction, `CGROUP_ADJUST`), or there is no limit. Two CPUs of one cgroup may both
+/// pass at its last slot: a share is exceeded by about a slot per CPU. Not inlined, as
+/// `keyed_hash`.
 #[inline(never)]
 fn share_left(cgroup_id: u64) -> bool {
     // SAFETY: a read of a global that the loader patched before load; volatile, as in
@@ -278,11 +281,15 @@ fn share_left(cgroup_id: u64) -> bool {
     if limit == 0 {
         return true;
     }
-    // SAFETY: as in `origin_at` (`CGROUP_ORIGINS` is `BPF_F_NO_PREALLOC`); copied out at once.
+    // SAFETY: as in `origin_at` (both maps are `BPF_F_NO_PREALLOC`); copied out at once.
     let taken = unsafe { CGROUP_ORIGINS.get(cgroup_id) }
         .copied()
         .unwrap_or(0);
-    taken < u64::from(limit)
+    // SAFETY: as above.
+    let correction = unsafe { CGROUP_ADJUST.get(cgroup_id) }
+        .copied()
+        .unwrap_or(0);
+    (taken as i64).saturating_add(correction) < i64::from(limit)
 }
 
 /// Charges a slot just taken to cgroup `cgroup_id` (`CGROUP_ORIGINS`), with no limit too: a

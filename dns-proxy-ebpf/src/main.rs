@@ -112,6 +112,11 @@ static SERVER_INDEX: HashMap<Origin, u32> = HashMap::pinned(MAX_SERVERS, BPF_F_N
 #[map(name = "CGROUP_ORIGINS")]
 static CGROUP_ORIGINS: HashMap<u64, u64> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
 
+/// What the agent adds to a cgroup's `CGROUP_ORIGINS` (its walk's corrections); read only
+/// here.
+#[map(name = "CGROUP_ADJUST")]
+static CGROUP_ADJUST: HashMap<u64, i64> = HashMap::pinned(MAX_SERVERS, BPF_F_NO_PREALLOC);
+
 /// The most slots of `SERVERS` one cgroup may take (0: no limit); written by the loader
 /// before load (`names::MAX_ORIGINS_PER_CGROUP`).
 #[unsafe(no_mangle)]

@@ -284,7 +284,7 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
 /// What the pins must be, by name: (key size, value size, max entries). The first two are the
 /// table of servers, whose halves must be there together; the workloads' shares of it and the
 /// agents' maps come and go alone.
-const PINS: [(&str, u32, u32, u32); 6] = [
+const PINS: [(&str, u32, u32, u32); 7] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -299,6 +299,12 @@ const PINS: [(&str, u32, u32, u32); 6] = [
     ),
     (
         dns_proxy_common::names::CGROUP_ORIGINS,
+        8,
+        8,
+        dns_proxy_common::MAX_SERVERS,
+    ),
+    (
+        dns_proxy_common::names::CGROUP_ADJUST,
         8,
         8,
         dns_proxy_common::MAX_SERVERS,
@@ -338,6 +344,20 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
             path: pins.join(there),
             problem: format!("its other half, {missing}, is gone: the table cannot be trusted"),
         });
+    }
+    // The corrections of counts that are gone (a pin removed by hand) would correct the new
+    // counts wrongly: they go too, and the first walk settles the new counts afresh.
+    let corrections = pins.join(dns_proxy_common::names::CGROUP_ADJUST);
+    if corrections.exists() && !pins.join(dns_proxy_common::names::CGROUP_ORIGINS).exists() {
+        log::warn!(
+            "{}: the counts it corrects ({}) are gone: removing it",
+            corrections.display(),
+            dns_proxy_common::names::CGROUP_ORIGINS
+        );
+        std::fs::remove_file(&corrections).map_err(|err| HostError::Pin {
+            path: corrections.clone(),
+            problem: format!("cannot remove it: {err}"),
+        })?;
     }
     for (name, key_size, value_size, max_entries) in PINS {
         let path = pins.join(name);

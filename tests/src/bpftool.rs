@@ -54,14 +54,21 @@ pub fn origins_of_cgroup(state_dir: &Path, cgroup_id: u64) -> usize {
         .count()
 }
 
-/// How many slots of the table of servers cgroup `cgroup_id` is charged (its entry in the
-/// `CGROUP_ORIGINS` pinned beside the table), if it has an entry.
-pub fn charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<u64> {
-    let (_, entries) = table_map(state_dir, "CGROUP_ORIGINS");
-    entries.iter().find_map(|(key, value)| {
-        (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
-            .then(|| u64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
-    })
+/// How many slots of the table of servers cgroup `cgroup_id` is charged, as the programs see
+/// it: its count in the `CGROUP_ORIGINS` pinned beside the table, with the agent's correction
+/// in `CGROUP_ADJUST`; `None` if it has neither.
+pub fn charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<i64> {
+    let of_cgroup = |name: &str| {
+        let (_, entries) = table_map(state_dir, name);
+        entries.iter().find_map(|(key, value)| {
+            (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
+                .then(|| i64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
+        })
+    };
+    match (of_cgroup("CGROUP_ORIGINS"), of_cgroup("CGROUP_ADJUST")) {
+        (None, None) => None,
+        (count, correction) => Some(count.unwrap_or(0) + correction.unwrap_or(0)),
+    }
 }
 
 /// An entry of a BPF map as bpftool dumps it: key and value bytes.

@@ -40,9 +40,13 @@ pub struct ServerTable {
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
-    /// `CGROUP_ORIGINS`: cgroup id → slots it took; written here only to charge pairs that
-    /// an agent from before shares took, and to remove the entries of cgroups that are gone.
+    /// `CGROUP_ORIGINS`: cgroup id → slots the programs charged it; only read here, and
+    /// entries of cgroups that are gone removed.
     shares: std::sync::Mutex<HashMap<MapData, u64, u64>>,
+    /// `CGROUP_ADJUST`: cgroup id → what the walk adds to its `CGROUP_ORIGINS`.
+    corrections: std::sync::Mutex<HashMap<MapData, u64, i64>>,
+    /// The shared origins the last walk found unused: forgotten if this one does too.
+    unused_shared: std::sync::Mutex<std::collections::HashSet<(u32, Origin)>>,
 }
 
 /// How long UDP datagrams to an index whose server's port was found closed are refused by the
@@ -101,13 +105,19 @@ impl ServerTable {
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
+            corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
+            unused_shared: std::sync::Mutex::default(),
         };
         table.settle_charges();
         Ok(table)
     }
 
-    /// Settles each cgroup's charge (`CGROUP_ORIGINS`) against the table, at start, before the
-    /// programs are attached, and at each walk:
+    /// Settles what each cgroup is charged against the table, at start, before the programs
+    /// are attached, and at each walk. What the programs see is the count they keep
+    /// (`CGROUP_ORIGINS`, only ever added to) plus the agent's correction (`CGROUP_ADJUST`,
+    /// written here alone), so that no count a program adds is overwritten (an overwrite lost
+    /// the charges of pairs taken meanwhile, and a workload bursting at a walk went past its
+    /// share by hundreds: helper-115). The sum is:
     /// - Raised to at least the pairs the cgroup holds. Pairs that an agent from before shares
     ///   took are charged to no one: every pair after an upgrade, those taken while such an
     ///   agent ran again (a downgrade and upgrade gave a cgroup twice its share: helper-112),
@@ -118,15 +128,25 @@ impl ServerTable {
     ///   no room; once those are forgotten the charge would outlive them, and a long-lived
     ///   workload in a crowded table would lose its share for good (helper-114).
     ///
-    /// The charges are read before the table, so that a pair taken meanwhile is in the table
-    /// read, never only in its charge (lowered, it would let the cgroup past its share). A
-    /// charge a program makes between this read and the write is lost; the next walk restores
-    /// it if its pair is still held.
+    /// The counts are read before the table (for lowering) and after it (for raising): a pair
+    /// taken meanwhile is then counted in what each decision compares, and the correction is
+    /// computed from a count no larger than the programs' now, so the sum is never set below
+    /// what it should be.
     fn settle_charges(&self) {
-        let mut shares = self.shares();
-        let charges: Vec<(u64, u64)> = shares.iter().filter_map(Result::ok).collect();
+        let read_counts = || -> std::collections::HashMap<u64, i64> {
+            self.shares()
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(cgroup_id, count)| (cgroup_id, i64::try_from(count).unwrap_or(i64::MAX)))
+                .collect()
+        };
+        let before = read_counts();
+        let mut corrections = self.corrections();
+        let corrected: std::collections::HashMap<u64, i64> =
+            corrections.iter().filter_map(Result::ok).collect();
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
-        let mut pairs: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let after = read_counts();
+        let mut pairs: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
         for (_, origin) in &entries {
             if origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN {
                 *pairs.entry(origin.cgroup_id).or_default() += 1;
@@ -140,49 +160,49 @@ impl ServerTable {
         let made_alone = entries
             .iter()
             .filter(|(_, origin)| origin.cgroup_id == 0 && !asked.contains(&origin.server))
-            .count() as u64;
-        let mut wanted: Vec<(u64, u64, u64)> = Vec::new();
-        for (cgroup_id, charge) in charges {
-            let held = pairs.remove(&cgroup_id).unwrap_or(0);
-            let most = held + made_alone;
-            if charge > most {
-                wanted.push((cgroup_id, charge, most));
-            } else if charge < held {
-                wanted.push((cgroup_id, charge, held));
-            }
-        }
-        // Cgroups with pairs and no charge at all.
-        wanted.extend(
-            pairs
-                .into_iter()
-                .map(|(cgroup_id, held)| (cgroup_id, 0, held)),
-        );
+            .count() as i64;
+        let cgroups: std::collections::HashSet<u64> = after
+            .keys()
+            .chain(corrected.keys())
+            .chain(pairs.keys())
+            .copied()
+            .collect();
         let (mut raised, mut lowered) = (0, 0);
-        for (cgroup_id, charge, settled) in wanted {
-            match shares.insert(cgroup_id, settled, 0) {
-                Ok(()) if settled > charge => raised += 1,
-                Ok(()) => lowered += 1,
-                Err(err) => log::warn!(
-                    "cannot charge cgroup {cgroup_id} the {settled} slots it may hold ({}): \
+        for cgroup_id in cgroups {
+            let correction = corrected.get(&cgroup_id).copied().unwrap_or(0);
+            let held = pairs.get(&cgroup_id).copied().unwrap_or(0);
+            let count_after = after.get(&cgroup_id).copied().unwrap_or(0);
+            let count_before = before.get(&cgroup_id).copied().unwrap_or(0);
+            let settled = if count_after.saturating_add(correction) < held {
+                raised += 1;
+                held - count_after
+            } else if count_before.saturating_add(correction) > held + made_alone {
+                lowered += 1;
+                held + made_alone - count_before
+            } else {
+                continue;
+            };
+            if let Err(err) = corrections.insert(cgroup_id, settled, 0) {
+                log::warn!(
+                    "cannot correct the charge of cgroup {cgroup_id} by {settled} slots ({}): \
                      {err}",
-                    names::CGROUP_ORIGINS
-                ),
+                    names::CGROUP_ADJUST
+                );
             }
         }
         if raised > 0 {
             log::info!(
                 "charged {raised} cgroups the slots they hold in the table of servers, taken \
                  by an agent that did not count them ({})",
-                names::CGROUP_ORIGINS
+                names::CGROUP_ADJUST
             );
         }
         if lowered > 0 {
             log::info!(
                 "lowered {lowered} cgroups' charges to the slots they may still hold in the \
                  table of servers: their pairs, and the shared origins no pair asks through \
-                 ({} of them) ({})",
-                made_alone,
-                names::CGROUP_ORIGINS
+                 ({made_alone} of them) ({})",
+                names::CGROUP_ADJUST
             );
         }
     }
@@ -308,7 +328,7 @@ impl ServerTable {
             })
             .map(|(_, origin)| origin.server)
             .collect();
-        let unused_shared: Vec<(u32, Origin)> = entries
+        let unused_now: std::collections::HashSet<(u32, Origin)> = entries
             .iter()
             .filter(|(key, origin)| {
                 origin.cgroup_id == 0
@@ -318,6 +338,21 @@ impl ServerTable {
             })
             .copied()
             .collect();
+        // Forgotten only once two walks in a row found it unused: a server's first pair is
+        // taken just before its shared origin, so a read of the table that passed the pair's
+        // slot before it was taken and the shared origin's after sees a shared origin no pair
+        // asks through, and a fresh one is quiet (it carried no query yet). Forgotten at once,
+        // up to 589 of a burst's new pairs were left without their server's shared index
+        // (helper-115).
+        let unused_shared: Vec<(u32, Origin)> = {
+            let mut unused_before = self
+                .unused_shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let twice = unused_now.intersection(&unused_before).copied().collect();
+            *unused_before = unused_now;
+            twice
+        };
         let mut forgotten = 0;
         for (key, origin) in departed.iter().chain(&unused_shared) {
             // The table first: a program that finds the reverse entry then checks the table,
@@ -377,9 +412,10 @@ impl ServerTable {
         }
     }
 
-    /// Removes the shares (`CGROUP_ORIGINS`) of cgroups that are gone and hold no pair in the
-    /// table (`after`, as it is now): their ids are never used again, and the map would
-    /// otherwise keep an entry for every cgroup that ever asked a new server.
+    /// Removes the shares (`CGROUP_ORIGINS` and `CGROUP_ADJUST`) of cgroups that are gone
+    /// and hold no pair in the table (`after`, as it is now): their ids are never used again,
+    /// and the maps would otherwise keep an entry for every cgroup that ever asked a new
+    /// server.
     fn forget_shares(
         &self,
         gone: &impl Fn(u64) -> bool,
@@ -387,14 +423,22 @@ impl ServerTable {
     ) {
         let holding: std::collections::HashSet<u64> =
             after.values().map(|origin| origin.cgroup_id).collect();
-        let mut shares = self.shares();
-        let done: Vec<u64> = shares
+        let done = |cgroup_id: &u64| gone(*cgroup_id) && !holding.contains(cgroup_id);
+        {
+            let mut shares = self.shares();
+            let counted: Vec<u64> = shares.keys().filter_map(Result::ok).filter(done).collect();
+            for cgroup_id in counted {
+                let _ = shares.remove(&cgroup_id);
+            }
+        }
+        let mut corrections = self.corrections();
+        let corrected: Vec<u64> = corrections
             .keys()
             .filter_map(Result::ok)
-            .filter(|cgroup_id| gone(*cgroup_id) && !holding.contains(cgroup_id))
+            .filter(done)
             .collect();
-        for cgroup_id in done {
-            let _ = shares.remove(&cgroup_id);
+        for cgroup_id in corrected {
+            let _ = corrections.remove(&cgroup_id);
         }
     }
 
@@ -521,11 +565,18 @@ impl ServerTable {
             .filter(|id| *id != 0 && *id != FORGOTTEN)
             .collect();
         cgroups.extend(self.shares().keys().filter_map(Result::ok));
+        cgroups.extend(self.corrections().keys().filter_map(Result::ok));
         cgroups
     }
 
     fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, u64>> {
         self.shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn corrections(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, i64>> {
+        self.corrections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }

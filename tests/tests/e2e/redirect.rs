@@ -979,19 +979,21 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
         10,
         "{page}"
     );
-    assert_eq!(entries("CGROUP_ORIGINS"), 1);
-
-    // Pairs taken uncharged while the agent runs, as an older agent's programs take them
-    // during a takeover from it: the next walk charges them.
     let cgroup_id = std::os::unix::fs::MetadataExt::ino(
         &std::fs::metadata(&workload).expect("the workload's cgroup"),
     );
-    let charge = |value: u64| {
+    // Charged by the agent's correction: the programs' count is new and holds nothing.
+    assert_eq!(entries("CGROUP_ADJUST"), 1);
+    assert_eq!(tests::charge_of_cgroup(&state_dir, cgroup_id), Some(4));
+
+    // Pairs taken uncharged while the agent runs, as an older agent's programs take them
+    // during a takeover from it: the next walk charges them.
+    let set = |map: &str, value: u64| {
         let hex = |n: u64| n.to_le_bytes().map(|b| format!("{b:02x}"));
         must(
             Command::new("bpftool")
                 .args(["map", "update", "pinned"])
-                .arg(table_dir.join("CGROUP_ORIGINS"))
+                .arg(table_dir.join(map))
                 .arg("key")
                 .arg("hex")
                 .args(hex(cgroup_id))
@@ -1000,7 +1002,7 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
                 .args(hex(value)),
         );
     };
-    charge(0);
+    set("CGROUP_ADJUST", 0);
     wait_for(
         "the walk to charge the pairs held",
         Duration::from_secs(10),
@@ -1014,7 +1016,7 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     // through, which it may have made alone when its pair found no room): such a charge
     // outlived those origins, and a long-lived workload lost its share for good. The next walk
     // lowers it.
-    charge(1000);
+    set("CGROUP_ORIGINS", 1000);
     wait_for(
         "the walk to lower the charge",
         Duration::from_secs(10),
@@ -1026,9 +1028,27 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     wait_for(
         "the departed workload's share and origins to go",
         Duration::from_secs(30),
-        || (entries("CGROUP_ORIGINS") == 0 && entries("SERVERS") == 0).then_some(()),
+        || {
+            (entries("CGROUP_ORIGINS") == 0
+                && entries("CGROUP_ADJUST") == 0
+                && entries("SERVERS") == 0)
+                .then_some(())
+        },
     );
-    assert!(agent.log().contains("forgot 8 origins"), "{}", agent.log());
+    // The pairs at one walk, their servers' shared origins at the next.
+    let forgotten: usize = agent
+        .log()
+        .lines()
+        .filter_map(|line| {
+            line.split(" forgot ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(forgotten, 8, "{}", agent.log());
 }
 
 /// Nothing in the redirected cgroup can take a block address, on the proxy's port, from where
