@@ -108,7 +108,9 @@ impl ServerTable {
             corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
             unused_shared: std::sync::Mutex::default(),
         };
-        table.settle_charges();
+        let counts = table.read_counts();
+        let entries: Vec<(u32, Origin)> = table.table().iter().filter_map(Result::ok).collect();
+        table.settle_charges(&counts, &entries);
         Ok(table)
     }
 
@@ -128,26 +130,22 @@ impl ServerTable {
     ///   no room; once those are forgotten the charge would outlive them, and a long-lived
     ///   workload in a crowded table would lose its share for good (helper-114).
     ///
-    /// The counts are read before the table (for lowering) and after it (for raising): a pair
-    /// taken meanwhile is then counted in what each decision compares, and the correction is
-    /// computed from a count no larger than the programs' now, so the sum is never set below
-    /// what it should be.
-    fn settle_charges(&self) {
-        let read_counts = || -> std::collections::HashMap<u64, i64> {
-            self.shares()
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(cgroup_id, count)| (cgroup_id, i64::try_from(count).unwrap_or(i64::MAX)))
-                .collect()
-        };
-        let before = read_counts();
+    /// `before` are the counts ([`read_counts`](Self::read_counts)) read before the table was
+    /// read as `entries`; the counts are read again after it. Lowering is decided on the
+    /// first, raising on the second: a pair taken meanwhile is then counted in what each
+    /// decision compares, and the correction is computed from a count no larger than the
+    /// programs' now, so the sum is never set below what it should be.
+    fn settle_charges(
+        &self,
+        before: &std::collections::HashMap<u64, i64>,
+        entries: &[(u32, Origin)],
+    ) {
         let mut corrections = self.corrections();
         let corrected: std::collections::HashMap<u64, i64> =
             corrections.iter().filter_map(Result::ok).collect();
-        let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
-        let after = read_counts();
+        let after = self.read_counts();
         let mut pairs: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
-        for (_, origin) in &entries {
+        for (_, origin) in entries {
             if origin.cgroup_id != 0 && origin.cgroup_id != FORGOTTEN {
                 *pairs.entry(origin.cgroup_id).or_default() += 1;
             }
@@ -205,6 +203,15 @@ impl ServerTable {
                 names::CGROUP_ADJUST
             );
         }
+    }
+
+    /// The programs' counts (`CGROUP_ORIGINS`), by cgroup id.
+    fn read_counts(&self) -> std::collections::HashMap<u64, i64> {
+        self.shares()
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cgroup_id, count)| (cgroup_id, i64::try_from(count).unwrap_or(i64::MAX)))
+            .collect()
     }
 
     /// The family and index that `reached` (where a redirected client's packet arrived)
@@ -294,9 +301,10 @@ impl ServerTable {
         gone: impl Fn(u64) -> bool,
         quiet: std::time::Duration,
     ) -> Forgotten {
+        let counts = self.read_counts();
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
         self.notice_changes_by_others(&entries);
-        self.settle_charges();
+        self.settle_charges(&counts, &entries);
         let freed = self.free_forgotten(&entries);
         let is_quiet = |key: u32| {
             let seen = self
