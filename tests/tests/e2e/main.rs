@@ -38,6 +38,17 @@ fn forwarded(agent: &Agent, name: &str) -> String {
     )
 }
 
+/// Whether a query line names cgroup `cgroup`'s workload: by its path once the agent has named
+/// it, by its id (the cgroup's inode) before.
+fn attributed_to(line: &str, cgroup: &std::path::Path) -> bool {
+    let Some((_, workload)) = line.rsplit_once(" workload=") else {
+        return false;
+    };
+    let name = cgroup.file_name().unwrap().to_string_lossy();
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup).unwrap());
+    workload.ends_with(&format!("/{name}")) || workload == format!("cgroup-id={id}")
+}
+
 /// Waits up to 5 s for the agent to log a line holding `text` (it logs what it notices of
 /// the host: routes, addresses).
 fn wait_for_log(agent: &Agent, text: &str) {

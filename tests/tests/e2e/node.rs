@@ -104,6 +104,10 @@ fn a_pod_cannot_take_the_nodes_table_from_the_other_pods() {
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     let agent = launch_with_metrics(&node);
     let slots = || attached_map_entries(node.redirected_cgroup(), "SERVERS");
+    let resolves = |dig: Command, name: &str| {
+        let answer = tests::dig_at(dig, &SERVER_IP.to_string(), name, &["+short"]);
+        assert_eq!(answer.expect("answered").trim(), ANSWER_IP.to_string());
+    };
     // Servers of TEST-NET-2's neighbour, reached (were they asked) by the pod's default route.
     let mut greedy = tests::Process::spawn(
         node.pod(0, HOSTILE, &["hold", "10.1.0.1:53", "200", "--distinct"])
@@ -121,28 +125,14 @@ fn a_pod_cannot_take_the_nodes_table_from_the_other_pods() {
     assert_eq!(no_room_counts(&page), (0, 0), "{page}");
 
     let (other_pod, _) = PODS[1];
-    let answer = tests::dig_at(
-        node.pod(1, "dig", &[]),
-        &SERVER_IP.to_string(),
-        "other-pod.example.test",
-        &["+short"],
-    )
-    .expect("answered");
-    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    resolves(node.pod(1, "dig", &[]), "other-pod.example.test");
     let line = forwarded(&agent, "other-pod.example.test");
     assert!(line.contains(&format!("client={other_pod}:")), "{line}");
     assert!(
         attributed_to(&line, &node.pod_cgroups[1]),
         "the other pod's own workload: {line}"
     );
-    let answer = tests::dig_at(
-        node.host("dig", &[]),
-        &SERVER_IP.to_string(),
-        "node-process.example.test",
-        &["+short"],
-    )
-    .expect("answered");
-    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    resolves(node.host("dig", &[]), "node-process.example.test");
     let line = forwarded(&agent, "node-process.example.test");
     assert!(
         attributed_to(&line, &node.host_cgroup),
@@ -151,14 +141,7 @@ fn a_pod_cannot_take_the_nodes_table_from_the_other_pods() {
     assert_eq!(slots(), 33, "{}", scrape_node(&node));
 
     // The greedy pod, at its share, still resolves: through the server's shared index.
-    let answer = tests::dig_at(
-        node.pod(0, "dig", &[]),
-        &SERVER_IP.to_string(),
-        "greedy-pod.example.test",
-        &["+short"],
-    )
-    .expect("answered");
-    assert_eq!(answer.trim(), ANSWER_IP.to_string());
+    resolves(node.pod(0, "dig", &[]), "greedy-pod.example.test");
     let line = forwarded(&agent, "greedy-pod.example.test");
     assert!(line.ends_with(" workload=unknown"), "{line}");
     assert_eq!(slots(), 33, "{}", scrape_node(&node));
@@ -179,17 +162,6 @@ fn scrape_node(node: &NodeTopology) -> String {
     let (status, page) = tests::http_get(&node.node, metrics_addr(), "/metrics");
     assert_eq!(status, 200, "{page}");
     page
-}
-
-/// Whether a query line names cgroup `cgroup`'s workload: by its path once the agent has named
-/// it, by its id (the cgroup's inode) before.
-fn attributed_to(line: &str, cgroup: &std::path::Path) -> bool {
-    let Some((_, workload)) = line.rsplit_once(" workload=") else {
-        return false;
-    };
-    let name = cgroup.file_name().unwrap().to_string_lossy();
-    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup).unwrap());
-    workload.ends_with(&format!("/{name}")) || workload == format!("cgroup-id={id}")
 }
 
 /// A server excluded with `--exclude-server` (one that answers by its asker's address, as

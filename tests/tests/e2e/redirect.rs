@@ -181,11 +181,6 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
     assert!(flooded.starts_with("attempts="), "{flooded}");
     // Attribution holds too: each of the victim's queries is the victim pod's, and none of
     // the attacker's flood is (the kernel names the cgroup; the address proves nothing).
-    let id = |i: usize| {
-        let metadata = std::fs::metadata(&node.pod_cgroups[i]).expect("stat the pod's cgroup");
-        std::os::unix::fs::MetadataExt::ino(&metadata)
-    };
-    let workload_of = |line: &str| line.rsplit_once(" workload=").map(|(_, w)| w.to_owned());
     // The lines come just after the answers: wait for the last ones.
     // (`l<i>.victim.example.test`: the lookups of both modes.)
     let victims = wait_for("the victim's query lines", Duration::from_secs(5), || {
@@ -199,27 +194,13 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
             .collect();
         (lines.len() >= 300).then_some(lines)
     });
-    let victim_workloads: std::collections::HashSet<String> = victims
-        .iter()
-        .filter_map(|line| workload_of(line))
-        .collect();
-    let pod0 = node.pod_cgroups[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    for workload in &victim_workloads {
+    for line in &victims {
         assert!(
-            workload == &format!("cgroup-id={}", id(0)) || workload.ends_with(&format!("/{pod0}")),
-            "a victim query attributed to {workload}"
+            attributed_to(line, &node.pod_cgroups[0]),
+            "a victim query attributed elsewhere: {line}"
         );
     }
     let evil = format!("server={}:53", EVIL.0);
-    let pod1 = node.pod_cgroups[1]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
     let log = agent.log();
     let attacker_lines: Vec<&str> = log
         .lines()
@@ -227,11 +208,7 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
         .collect();
     assert!(!attacker_lines.is_empty(), "the flood reached the agent");
     for line in attacker_lines {
-        let workload = workload_of(line).unwrap_or_default();
-        assert!(
-            workload == format!("cgroup-id={}", id(1)) || workload.ends_with(&format!("/{pod1}")),
-            "{line}"
-        );
+        assert!(attributed_to(line, &node.pod_cgroups[1]), "{line}");
     }
 }
 
@@ -625,15 +602,16 @@ fn route_servers_left_alone(topology: &Topology) {
     ]));
 }
 
-/// A workload holding `count` UDP sockets connected to `server` (`hostile-client hold`, with
-/// `options`), once it says it holds them all; they are closed when it is finished.
-fn hold(topology: &Topology, server: &str, count: u32, options: &[&str]) -> Process {
+/// `hostile` (`hostile-client` run as some workload, without arguments) holding `count` UDP
+/// sockets connected to `server` (`hold`, with `options`), once it says it holds them all;
+/// they are closed when it is finished.
+fn hold(mut hostile: Command, server: &str, count: u32, options: &[&str]) -> Process {
     let count = count.to_string();
     let mut args = vec!["hold", server, &count];
     args.extend_from_slice(options);
     let mut holder = Process::spawn(
-        topology
-            .workload(HOSTILE, &args)
+        hostile
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
@@ -687,7 +665,7 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
                 if distinct {
                     args.push("--distinct");
                 }
-                hold(topology, &server, 17_500, &args)
+                hold(topology.workload(HOSTILE, &[]), &server, 17_500, &args)
             })
             .collect();
         assert_eq!(victim(), "right=30 wrong=0 failed=0", "distinct={distinct}");
@@ -733,7 +711,12 @@ fn a_small_block_fills_to_its_last_index() {
     );
     route_servers_left_alone(topology);
     // 62 indexes: 31 servers, each with its shared origin and this workload's pair.
-    let filling = hold(topology, "10.1.0.1:53", 31, &["--distinct"]);
+    let filling = hold(
+        topology.workload(HOSTILE, &[]),
+        "10.1.0.1:53",
+        31,
+        &["--distinct"],
+    );
     let page = scrape(topology);
     assert_eq!(
         attached_map_entries(&topology.cgroup.path, "SERVERS"),
@@ -742,7 +725,12 @@ fn a_small_block_fills_to_its_last_index() {
     );
     assert_eq!(no_room_counts(&page), (0, 0), "{page}");
     // The block is full: one more server gets no index at all, and that is counted.
-    let past = hold(topology, "10.2.0.1:53", 1, &["--distinct"]);
+    let past = hold(
+        topology.workload(HOSTILE, &[]),
+        "10.2.0.1:53",
+        1,
+        &["--distinct"],
+    );
     let page = scrape(topology);
     assert_eq!(no_room_counts(&page), (0, 1), "{page}");
     for mut holder in [filling, past] {
@@ -766,17 +754,8 @@ fn one_workload_cannot_take_the_table_from_the_others() {
     );
     route_servers_left_alone(topology);
     let hostile = child_cgroup(topology, "hostile");
-    let mut filling = Process::spawn(
-        in_cgroup_and_netns(
-            &hostile,
-            &topology.client,
-            HOSTILE,
-            &["hold", "10.1.0.1:53", "31", "--distinct"],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped()),
-    );
-    assert_eq!(filling.first_line_of_stdout(), "holding 31");
+    let in_hostile = in_cgroup_and_netns(&hostile, &topology.client, HOSTILE, &[]);
+    let mut filling = hold(in_hostile, "10.1.0.1:53", 31, &["--distinct"]);
     let page = assert_share_of_four_taken(topology, 31 - 4);
     assert_eq!(no_room_counts(&page), (0, 0), "{page}");
 
@@ -811,19 +790,8 @@ fn a_workloads_share_counts_its_ipv6_servers_too() {
     ]));
     let hostile = child_cgroup(topology, "hostile");
     let hold_in_hostile = |first: &str, count: u32| {
-        let count = count.to_string();
-        let mut holder = Process::spawn(
-            in_cgroup_and_netns(
-                &hostile,
-                &topology.client,
-                HOSTILE,
-                &["hold", first, &count, "--distinct"],
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-        );
-        assert_eq!(holder.first_line_of_stdout(), format!("holding {count}"));
-        holder
+        let in_hostile = in_cgroup_and_netns(&hostile, &topology.client, HOSTILE, &[]);
+        hold(in_hostile, first, count, &["--distinct"])
     };
     // A share of 4 on a /26: four pairs and their shared origins, the rest direct. Without a
     // share, 40 servers would take the whole IPv6 table (63 slots of a /122).
@@ -940,18 +908,8 @@ fn a_workloads_share_outlives_restarts_and_goes_with_it() {
     let mut agent = Agent::start_with_env(&topology, &args, &env);
     let workload = child_cgroup(&topology, "asks-many");
     let hold_ten = |first: &str| {
-        let mut holder = Process::spawn(
-            in_cgroup_and_netns(
-                &workload,
-                &topology.client,
-                HOSTILE,
-                &["hold", first, "10", "--distinct"],
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-        );
-        assert_eq!(holder.first_line_of_stdout(), "holding 10");
-        holder.finish_with_stdout(Duration::from_secs(30));
+        let in_workload = in_cgroup_and_netns(&workload, &topology.client, HOSTILE, &[]);
+        hold(in_workload, first, 10, &["--distinct"]).finish_with_stdout(Duration::from_secs(30));
     };
     let entries = |map: &str| attached_map_entries(&topology.cgroup.path, map);
     hold_ten("10.1.0.1:53");
