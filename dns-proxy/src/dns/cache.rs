@@ -648,10 +648,12 @@ fn cacheable(
 }
 
 /// `entry`'s answer for the client whose query is `client_query`: its ID, its question
-/// bytes, each TTL less `age` seconds (or all set to `stale_ttl`), and AA clear: the cache is
-/// no authority for the name (RFC 1035 §4.1.1), as recursive resolvers answer from theirs.
-/// `None` if the client's
-/// question is not the same length as the kept one (it then asked something else).
+/// bytes, and each TTL less `age` seconds (or all set to `stale_ttl`). The header flags stay
+/// as the upstream sent them, AA included: the client asked that server, and stub resolvers
+/// take an answer with no records and neither AA nor RA for a lame referral (glibc's
+/// `res_send`, Go's `checkHeader`), so an authoritative-only server's answer with AA cleared
+/// failed from the cache where it resolved fresh. `None` if the client's question is not the
+/// same length as the kept one (it then asked something else).
 fn for_client(
     entry: &Entry,
     client_query: &[u8],
@@ -662,7 +664,6 @@ fn for_client(
     let question = question.get(..entry.question_end - HEADER_LEN)?;
     let mut answer = entry.answer.to_vec();
     answer[..2].copy_from_slice(&client_query[..2]);
-    answer[2] &= !FLAG_AA;
     answer[HEADER_LEN..entry.question_end].copy_from_slice(question);
     for &(offset, ttl) in &entry.ttls {
         let shown = stale_ttl.unwrap_or_else(|| ttl.saturating_sub(age));
@@ -694,9 +695,6 @@ fn rdata_names_are_sound(answer: &[u8], record: &wire::Record) -> bool {
         _ => true,
     }
 }
-
-/// The header's authoritative-answer bit, in its third byte.
-const FLAG_AA: u8 = 0x04;
 
 /// A truncated answer (TC set) with only the question, and the OPT record for an EDNS client
 /// (RFC 6891 §7), within `limit` bytes: its options left out if they would not fit (an

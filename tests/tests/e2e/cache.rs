@@ -776,3 +776,81 @@ fn a_truncated_stale_answer_is_retried_over_tcp_and_answered_stale_there() {
         .count();
     assert_eq!(tcp_stale, 1, "{}", agent.log());
 }
+
+/// The output of a workload's command that must succeed.
+fn workload_stdout(command: &mut std::process::Command) -> String {
+    let output = command.output().expect("run the workload's command");
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Stub resolvers take an answer with no records and neither AA nor RA for a lame referral and
+/// give up on the server (glibc's `res_send`, Go's `checkHeader`). An authoritative-only
+/// server sets AA and not RA, so its answers are served from the cache with its flags as it
+/// sent them, and glibc, Python and Go resolve from the cache as they did from the server:
+/// a truncated answer for glibc's 512 bytes (no records) is retried over TCP, and NODATA stays
+/// "no address" rather than a temporary failure.
+#[test]
+fn stub_resolvers_read_an_authoritative_servers_answers_from_the_cache_as_they_did_fresh() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 77);
+    let authority = Authority::start(&topology, server);
+    topology.set_nameservers(&[server.into()]);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+
+    // 40 records: glibc asks without EDNS, gets TC and asks again over TCP, fresh and cached.
+    let addresses = |output: &str| {
+        let mut addresses: Vec<String> = output
+            .lines()
+            .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    };
+    for lookup in 0..3 {
+        let output =
+            workload_stdout(&mut topology.workload("getent", &["ahostsv4", "big.example.test"]));
+        assert_eq!(addresses(&output).len(), 40, "lookup {lookup}:\n{output}");
+    }
+    assert_eq!(
+        authority.queries("big.example.test"),
+        [
+            "big.example.test. A do=0 udp",
+            "big.example.test. A do=0 tcp"
+        ],
+        "asked once over each"
+    );
+    assert!(from_cache(&agent, "big.example.test", "hit") >= 4);
+
+    // NODATA (kept 5 s): getaddrinfo's EAI_NODATA (-5) from the cache too, not EAI_AGAIN (-3).
+    let python = "import socket, sys\n\
+        try:\n    socket.getaddrinfo(sys.argv[1], None, socket.AF_INET6)\n    print('resolved')\n\
+        except socket.gaierror as err:\n    print(err.errno)";
+    for lookup in 0..2 {
+        let output = workload_stdout(
+            &mut topology.workload("python3", &["-c", python, "nodata.python.example.test"]),
+        );
+        assert_eq!(output.trim(), "-5", "lookup {lookup}: {output}");
+    }
+    assert_eq!(from_cache(&agent, "nodata.python.example.test", "hit"), 1);
+
+    // Go's own resolver: "no such host", fresh and cached, never "lame referral".
+    let go = tests::go_resolver();
+    let go = go.to_str().expect("UTF-8 path");
+    for lookup in 0..2 {
+        let output = topology
+            .workload(go, &["nodata.go.example.test"])
+            .env("GODEBUG", "netdns=go")
+            .output()
+            .expect("run Go's resolver");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("no such host"), "lookup {lookup}: {stderr}");
+    }
+    assert_eq!(from_cache(&agent, "nodata.go.example.test", "hit"), 2);
+}

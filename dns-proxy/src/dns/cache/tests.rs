@@ -446,19 +446,24 @@ fn an_answer_with_a_compression_loop_is_never_kept() {
     assert!(keeps(&cache, &asked, &chain, start));
 }
 
-/// An authoritative answer kept is served from the cache without AA: the cache is no
-/// authority for the name.
+/// An answer kept is served from the cache with the upstream's header flags, AA and RA as
+/// they came: an authoritative-only server's NODATA with AA cleared (and RA clear) reads to
+/// glibc and Go as a lame referral.
 #[test]
-fn an_answer_from_the_cache_is_not_authoritative() {
+fn an_answer_from_the_cache_keeps_the_upstreams_flags_aa_included() {
     let cache = Cache::new(settings());
     let start = Instant::now();
     let asked = query(1, "aa.example.test");
     let mut answer = a_answer(&asked, &[300]);
     answer[2] |= 0x04;
+    answer[3] &= !0x80;
     assert!(keeps(&cache, &asked, &answer, start));
     let served = fresh(cache.lookup(&parsed(&asked), &asked, true, start));
-    assert!(!Message::from_vec(&served).unwrap().authoritative());
-    assert_eq!(served[3..], answer[3..]);
+    let served = Message::from_vec(&served).unwrap();
+    assert!(served.authoritative());
+    assert!(!served.recursion_available());
+    let served = fresh(cache.lookup(&parsed(&asked), &asked, true, start));
+    assert_eq!(served, answer);
 }
 
 #[test]
