@@ -327,7 +327,8 @@ async fn serve(
     let routes = take(&mut listeners.routes);
     let metrics_listener = match config.metrics {
         Some(addr) => {
-            Some(bind_metrics_listener(addr).map_err(|source| RunError::Metrics { addr, source })?)
+            let listener = bind_metrics_listener(addr, config.takeover);
+            Some(listener.map_err(|source| RunError::Metrics { addr, source })?)
         }
         None => None,
     };

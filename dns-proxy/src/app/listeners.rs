@@ -279,17 +279,25 @@ fn bind_tcp_listener(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener
     TcpListener::from_std(socket.into())
 }
 
-/// The metrics listener, joinable (SO_REUSEPORT) by the agent that takes over from this one:
-/// while both run, a request reaches either, and each says whether it is the one serving.
-pub(super) fn bind_metrics_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// The metrics listener. Bound alone first, which fails while another agent (or anything
+/// else) listens there, so a second agent cannot take this port's scrapes and probes; then
+/// joinable (SO_REUSEPORT) by the agent that takes over from this one. With `take_over` it
+/// joins the one there: while both run, a request reaches either (`sk_lookup` steers it to
+/// the newest), and each says whether it is the one serving.
+pub(super) fn bind_metrics_listener(addr: SocketAddr, take_over: bool) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking().cloexec(),
         None,
     )?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
+    if take_over {
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+    } else {
+        socket.bind(&addr.into())?;
+        socket.set_reuse_port(true)?;
+    }
     socket.listen(128)?;
     TcpListener::from_std(socket.into())
 }

@@ -713,6 +713,47 @@ mod usage_errors {
         );
     }
 
+    /// A second agent elsewhere (its own cgroup, listen address, block and state) given the
+    /// first one's `--metrics` is refused: it would have taken the first one's scrapes and
+    /// probes (a liveness probe then fails a healthy agent while the second is frozen). Only
+    /// `--takeover` joins the port.
+    #[test]
+    fn a_second_agent_on_the_metrics_port_is_refused_unless_it_takes_over() {
+        let topology = Topology::new();
+        let _server = DnsServer::start(&topology);
+        let metrics = format!("--metrics={METRICS}");
+        let _first = Agent::start(&topology, &[&metrics]);
+        assert_eq!(
+            probe(&topology, "sendto", "first.example.test"),
+            expected_probe_line()
+        );
+        let other = tests::TestCgroup::new(&format!("{}-metrics-twin", topology.tag));
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", other.path.display());
+        let state = topology
+            .client
+            .state_dir()
+            .with_file_name("metrics-twin-state");
+        let state = format!("DNS_PROXY_STATE_DIR={}", state.display());
+        assert_one_line_error(
+            &[
+                &cgroup,
+                "--listen=127.0.0.1:8055",
+                "--redirect-block=127.54.0.0/16",
+                "--listen6=[::1]:8055",
+                "--redirect-block6=fd54::/112",
+                &metrics,
+            ],
+            &["env", &state, "nsenter", &netns, "--"],
+            &format!("cannot serve metrics on {METRICS}: "),
+        );
+        for _ in 0..5 {
+            let page = scrape(&topology);
+            let received = value(&page, "dns_proxy_queries_received_total{protocol=\"udp\"}");
+            assert_eq!(received, 1, "the first agent's page");
+        }
+    }
+
     #[test]
     fn a_block_over_an_address_in_use_is_refused() {
         let topology = Topology::new();
