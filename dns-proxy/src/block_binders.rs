@@ -28,12 +28,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::{ebpf::Block, host::reply_error};
 
 /// `linux/sock_diag.h`.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 /// `struct nlmsghdr`.
-const NLMSG_HEADER_LEN: usize = 16;
+pub(crate) const NLMSG_HEADER_LEN: usize = 16;
 /// `struct inet_diag_sockid`: ports, source and destination, interface, cookie.
-const SOCKID_LEN: usize = 48;
+pub(crate) const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, then the id.
 const REQUEST_LEN: usize = 8 + SOCKID_LEN;
 /// `linux/inet_diag.h`: the request's bytecode attribute, and its "local address in a prefix,
@@ -43,6 +43,7 @@ const INET_DIAG_BC_S_COND: u8 = 7;
 /// `inet_diag_req_v2.idiag_states`: every state, and the one of a connected UDP socket.
 const ALL_STATES: u32 = u32::MAX;
 const TCP_ESTABLISHED: u32 = 1;
+const UDP: u8 = libc::IPPROTO_UDP as u8;
 /// `::ffff:0:0/96`.
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// `struct inet_diag_msg` begins with family, state, timer, retransmits, then the id.
@@ -188,7 +189,7 @@ impl Listed {
     }
 }
 
-fn diag_socket() -> io::Result<Socket> {
+pub(crate) fn diag_socket() -> io::Result<Socket> {
     Socket::new(
         Domain::from(libc::AF_NETLINK),
         Type::RAW.cloexec(),
@@ -196,8 +197,15 @@ fn diag_socket() -> io::Result<Socket> {
     )
 }
 
-/// A `sock_diag` request of `kind` for UDP sockets of `family`, naming `id` (zeros: any).
-fn request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+/// A `sock_diag` request of `kind` for `protocol`'s sockets of `family`, naming `id` (zeros:
+/// any).
+pub(crate) fn request(
+    kind: u16,
+    flags: u16,
+    (family, protocol): (u8, u8),
+    states: u32,
+    id: &[u8; SOCKID_LEN],
+) -> Vec<u8> {
     let len = (NLMSG_HEADER_LEN + REQUEST_LEN) as u32;
     let mut message = Vec::with_capacity(len as usize);
     message.extend_from_slice(&len.to_ne_bytes());
@@ -205,7 +213,7 @@ fn request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]
     message.extend_from_slice(&flags.to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    message.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
+    message.extend_from_slice(&[family, protocol, 0, 0]);
     message.extend_from_slice(&states.to_ne_bytes());
     message.extend_from_slice(id);
     message
@@ -221,7 +229,7 @@ fn list_connected_udp(socket: &mut Socket, family: u8, block: Block) -> io::Resu
     let mut message = request(
         SOCK_DIAG_BY_FAMILY,
         flags,
-        family,
+        (family, UDP),
         1 << TCP_ESTABLISHED,
         &id,
     );
@@ -330,7 +338,7 @@ fn find_one(diag: &mut Socket, pair: &Listed) -> io::Result<Option<Listed>> {
     diag.write_all(&request(
         SOCK_DIAG_BY_FAMILY,
         flags,
-        family,
+        (family, UDP),
         ALL_STATES,
         &id,
     ))?;
@@ -359,7 +367,7 @@ fn destroy(diag: &mut Socket, socket: &Listed) -> io::Result<bool> {
     diag.write_all(&request(
         SOCK_DESTROY,
         flags,
-        socket.family,
+        (socket.family, UDP),
         ALL_STATES,
         &socket.id,
     ))?;

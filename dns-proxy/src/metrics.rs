@@ -12,6 +12,7 @@
 //! [`server`] serves them, bounded against its own clients.
 mod catalog;
 mod collector;
+mod peer_owner;
 #[cfg(test)]
 mod reference;
 mod server;

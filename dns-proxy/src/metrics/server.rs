@@ -14,6 +14,7 @@
 use std::{
     collections::VecDeque,
     convert::Infallible,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -30,7 +31,7 @@ use tokio::{
     sync::{Mutex as AsyncMutex, Notify, OwnedSemaphorePermit, Semaphore},
 };
 
-use super::Metrics;
+use super::{Metrics, peer_owner};
 use crate::{drain, log_limit::RateLimited};
 
 /// Connections served at once.
@@ -79,12 +80,15 @@ impl Metrics {
             let metrics = Arc::clone(&self);
             let pages = Arc::clone(&pages);
             let stop = stop.clone();
+            let ends = stream.local_addr().ok().map(|local| (local, peer));
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| {
                     let tracked = Arc::clone(&held.tracked);
                     let (metrics, pages) = (Arc::clone(&metrics), Arc::clone(&pages));
                     async move {
-                        let response = metrics.respond_bounded(&request, &pages, &tracked).await;
+                        let response = metrics
+                            .respond_bounded(&request, ends, &pages, &tracked)
+                            .await;
                         Ok::<_, Infallible>(response.map(Full::new))
                     }
                 });
@@ -127,15 +131,29 @@ impl Metrics {
         }
     }
 
-    /// The response to `request` on the connection `tracked`, busy (not to be closed for a
-    /// newer one) only while it is built; a large page built under `pages`' bounds.
+    /// The response to `request` on the connection `tracked` (its `ends`: this agent's
+    /// address and the client's), busy (not to be closed for a newer one) only while it is
+    /// built; a large page built under `pages`' bounds.
     async fn respond_bounded(
         self: Arc<Self>,
         request: &Request<Incoming>,
+        ends: Option<(SocketAddr, SocketAddr)>,
         pages: &Pages,
         tracked: &Arc<Tracked>,
     ) -> Response<Bytes> {
         let (method, uri) = (request.method().clone(), request.uri().clone());
+        if uri.path() == "/v1/resolutions" {
+            // A netlink request to the kernel: off this runtime.
+            let allowed = tokio::task::spawn_blocking(move || {
+                let (local, peer) = ends.ok_or(u32::MAX)?;
+                peer_owner::may_read_names(local, peer)
+            });
+            match allowed.await {
+                Ok(Ok(())) => {}
+                Ok(Err(uid)) => return names_refused(uid),
+                Err(_) => return names_refused(u32::MAX),
+            }
+        }
         let large = method == Method::GET && matches!(uri.path(), "/metrics" | "/v1/resolutions");
         if !large {
             let _busy = Busy::new(tracked);
@@ -168,6 +186,17 @@ impl Metrics {
         // has written it out, or the connection is gone.
         Response::from_parts(parts, Bytes::from_owner(Page { body, _room: room }))
     }
+}
+
+/// The answer to a client of this namespace whose socket `uid` owns (`u32::MAX`: unknown),
+/// neither root nor the agent's user.
+fn names_refused(uid: u32) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(format!(
+        "forbidden: the names table is served to root and the agent's user only (this \
+         client's socket is uid {uid}'s)\n"
+    )));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response
 }
 
 /// The large pages: one built at a time, and a bound on the bytes of those not yet sent.

@@ -1193,3 +1193,90 @@ fn a_workload_with_no_room_for_an_index_of_its_own_is_answered_and_counted() {
     let line = forwarded(&agent, "late.example.test");
     assert!(line.ends_with("workload=unknown"), "{line}");
 }
+
+/// `METHOD TARGET` asked of the metrics port over a raw socket by `user` in the agent's
+/// namespace (`4`: IPv4 to the metrics address; `6`: an IPv6 socket to its v4-mapped form):
+/// the whole response.
+fn ask_metrics_port_as(
+    topology: &Topology,
+    user: &str,
+    family: &str,
+    method: &str,
+    target: &str,
+) -> String {
+    const SCRIPT: &str = r#"
+import socket, sys
+family, method, target = sys.argv[1:4]
+port = 9253
+if family == "4":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect(("127.0.0.1", port))
+else:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.connect(("::ffff:127.0.0.1", port))
+s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode(errors="replace"))
+"#;
+    assert_eq!(super::METRICS, "127.0.0.1:9253", "the script's address");
+    let output = topology
+        .client
+        .nsenter()
+        .args([
+            "setpriv",
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+        ])
+        .args(["--clear-groups", "/usr/bin/python3", "-c", SCRIPT])
+        .args([family, method, target])
+        .output()
+        .expect("run the script");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The names each workload resolved are as private as its lookups: a client in the agent's
+/// network namespace (in host mode, any local user: the metrics port is on loopback) is
+/// served them only if root or the agent's user owns its socket. Another user is refused,
+/// over IPv4 and over an IPv6 socket to the v4-mapped address, for GET and HEAD alike
+/// (helper-118: a user enumerating cgroup ids read another workload's names).
+#[test]
+fn only_root_reads_the_names_table_from_the_agents_namespace() {
+    let topology = Topology::new();
+    // TTL 60: kept in the table (dnsmasq's local answers have TTL 0).
+    let server = std::net::Ipv4Addr::new(192, 0, 2, 80);
+    let _server = super::start_test_upstream(&topology, server, 0, ANSWER_IP);
+    let agent = Agent::start(&topology, &["--metrics", super::METRICS]);
+    let cgroup = child_cgroup(&topology, "private-job");
+    let command = in_cgroup_and_netns(&cgroup, &topology.client, "dig", &[]);
+    let name = "private.example.test";
+    let answer = tests::dig_at(command, &server.to_string(), name, &["+short"]);
+    assert_answered(answer, name);
+    std::thread::sleep(Duration::from_millis(300));
+    let parent = topology.cgroup.path.file_name().expect("a name");
+    let target = format!(
+        "/v1/resolutions?workload=cgroup%3D/{}/private-job",
+        parent.to_string_lossy()
+    );
+    let root = ask_metrics_port_as(&topology, "0", "4", "GET", &target);
+    assert!(root.starts_with("HTTP/1.1 200"), "{root}\n{}", agent.log());
+    assert!(root.contains(&format!("\"name\":\"{name}.\"")), "{root}");
+    for (family, method) in [("4", "GET"), ("6", "GET"), ("4", "HEAD")] {
+        let nobody = ask_metrics_port_as(&topology, "65534", family, method, &target);
+        assert!(
+            nobody.starts_with("HTTP/1.1 403"),
+            "{family} {method}: {nobody}"
+        );
+        assert!(!nobody.contains(name), "{nobody}");
+    }
+    // The rest of the port stays open to every user: scrapers and probes.
+    for target in ["/metrics", "/healthz", "/readyz"] {
+        let page = ask_metrics_port_as(&topology, "65534", "4", "GET", target);
+        assert!(page.starts_with("HTTP/1.1 200"), "{target}: {page}");
+    }
+}
