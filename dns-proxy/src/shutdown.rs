@@ -4,12 +4,16 @@ use std::io;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// SIGINT and SIGTERM, watched from creation on, so none is missed between waits; and SIGHUP,
-/// which starts the dnstap file anew (log rotation) and must not stop the agent without a
-/// drain, as its default action would.
+/// which starts the dnstap file anew (log rotation), and SIGUSR1, SIGUSR2 and SIGALRM, which
+/// are logged and ignored: none may stop the agent without a drain, as their default action
+/// would (a log rotation's `kill -USR1` once killed it silently, lookups in flight lost).
 pub struct StopSignals {
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
+    user1: Signal,
+    user2: Signal,
+    alarm: Signal,
 }
 
 /// A stop request.
@@ -34,6 +38,9 @@ impl StopSignals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
             hangup: signal(SignalKind::hangup())?,
+            user1: signal(SignalKind::user_defined1())?,
+            user2: signal(SignalKind::user_defined2())?,
+            alarm: signal(SignalKind::alarm())?,
         })
     }
 
@@ -51,7 +58,16 @@ impl StopSignals {
                          agent)"
                     );
                 },
+                _ = self.user1.recv() => ignored("SIGUSR1"),
+                _ = self.user2.recv() => ignored("SIGUSR2"),
+                _ = self.alarm.recv() => ignored("SIGALRM"),
             }
         }
     }
+}
+
+fn ignored(signal: &str) {
+    log::warn!(
+        "{signal} ignored: the agent has no use for it (SIGHUP reopens a --dnstap file; SIGTERM stops the agent)"
+    );
 }

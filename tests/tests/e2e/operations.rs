@@ -874,6 +874,30 @@ fn a_second_stop_signal_cuts_the_drain_short() {
     assert!(log.contains("detaching all programs"), "{log}");
 }
 
+/// Signals an operator's tools send to daemons (a log rotation's `kill -USR1`) neither stop
+/// the agent nor lose a lookup: each is logged and ignored, as SIGHUP is without a dnstap file.
+/// Before, each killed it at once, without a drain or a word.
+#[test]
+fn signals_the_agent_has_no_use_for_are_ignored_not_fatal() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    for (signal, name) in [
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
+        agent.process().signal(signal);
+        wait_for_log(&agent, &format!("{name} ignored"));
+        let lookup = format!("after-{}.example.test", name.to_ascii_lowercase());
+        assert_eq!(probe(&topology, "sendto", &lookup), expected_probe_line());
+    }
+    agent.process().signal(libc::SIGTERM);
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}:\n{}", agent.log());
+}
+
 /// A server in the server namespace that answers after [`SLOW_DELAY_MS`], so lookups are in
 /// flight at every moment, whenever an agent stops.
 fn slow_upstream(topology: &Topology) -> Process {
