@@ -874,6 +874,29 @@ fn a_second_stop_signal_cuts_the_drain_short() {
     assert!(log.contains("detaching all programs"), "{log}");
 }
 
+/// An empty `DNS_PROXY_*` variable, as a line `DNS_PROXY_EXCLUDE_CGROUPS=` left in
+/// /etc/default/dns-proxy gives, is the flag not given: the agent starts and serves. Before,
+/// each was a usage error (exit 2), a restart loop under `Restart=always`.
+#[test]
+fn empty_settings_in_the_environment_are_the_defaults() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let empty = [
+        "DNS_PROXY_EXCLUDE_CGROUPS",
+        "DNS_PROXY_EXCLUDE_SERVERS",
+        "DNS_PROXY_TAKEOVER",
+        "DNS_PROXY_UPSTREAM",
+        "DNS_PROXY_CACHE_SIZE",
+        "DNS_PROXY_METRICS",
+    ]
+    .map(|name| (name, ""));
+    let _agent = Agent::start_with_env(&topology, &[], &empty);
+    assert_eq!(
+        probe(&topology, "sendto", "empty-settings.example.test"),
+        expected_probe_line()
+    );
+}
+
 /// Signals an operator's tools send to daemons (a log rotation's `kill -USR1`) neither stop
 /// the agent nor lose a lookup: each is logged and ignored, as SIGHUP is without a dnstap file.
 /// Before, each killed it at once, without a drain or a word.
