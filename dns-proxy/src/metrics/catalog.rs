@@ -185,9 +185,11 @@ pub const METRICS: &[Metric] = &[
         name: "answers",
         labels: &["protocol", "rcode"],
         only_with: None,
-        help: "Answers relayed to their clients, by the RCODE in their header: by name \
+        help: "Answers sent to their clients, by the RCODE in their header: by name \
                (NOERROR, SERVFAIL, NXDOMAIN...), 11 to 15 by number; an RCODE not seen yet \
-               has no series.",
+               has no series. The upstream's, the cache's, and the agent's own: the REFUSED \
+               it answers over UDP for an upstream it could not reach (its port closed, no \
+               route), which upstream_errors counts too.",
         read: Read::Counter(|s| {
             let mut samples = Vec::new();
             for (protocol, stats) in s.protocols() {
