@@ -18,78 +18,125 @@ use crate::{
 /// `struct inet_diag_msg`: family, state, timer, retransmits, the id, then expires, the two
 /// queues, and the owner's uid.
 const UID_OFFSET: usize = 4 + SOCKID_LEN + 12;
+/// `linux/inet_diag.h`: the request's bytecode attribute, and the conditions on a socket's
+/// local and remote address and port.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_S_COND: u8 = 7;
+const INET_DIAG_BC_D_COND: u8 = 8;
+/// Every TCP state but those of no client socket: listening, `TIME_WAIT` (no owner) and a
+/// server's half-open connection.
+const CLIENT_STATES: u32 = !((1 << 6) | (1 << 10) | (1 << 12));
 
 /// Whether the client at `peer`, connected to this agent's `local`, may read the names table;
 /// `Err(uid)` names the user refused.
 pub(super) fn may_read_names(local: SocketAddr, peer: SocketAddr) -> Result<(), u32> {
-    match owner(local, peer) {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        Ok(Some(uid)) if uid != 0 && uid != unsafe { libc::geteuid() } => Err(uid),
-        Ok(_) => Ok(()),
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let agent = unsafe { libc::geteuid() };
+    match owners(local, peer) {
+        Ok(owners) => match owners.into_iter().find(|&uid| uid != 0 && uid != agent) {
+            Some(uid) => Err(uid),
+            None => Ok(()),
+        },
         Err(err) => {
-            // The kernel always answers a lookup by address; refuse rather than serve blind.
+            // The kernel always answers a dump; refuse rather than serve blind.
             log::warn!("who asks for /v1/resolutions from {peer}: {err}; refused");
             Err(u32::MAX)
         }
     }
 }
 
-/// The uid owning the TCP socket at `peer` connected to `local`, if that socket is in this
-/// network namespace.
-fn owner(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<u32>> {
-    let mut id = [0u8; SOCKID_LEN];
-    // The client's socket: its source is `peer`, its destination `local`.
-    id[..2].copy_from_slice(&peer.port().to_be_bytes());
-    id[2..4].copy_from_slice(&local.port().to_be_bytes());
-    let family = match (peer.ip(), local.ip()) {
-        (IpAddr::V4(source), IpAddr::V4(destination)) => {
-            id[4..8].copy_from_slice(&source.octets());
-            id[20..24].copy_from_slice(&destination.octets());
-            libc::AF_INET
-        }
-        (source, destination) => {
-            id[4..20].copy_from_slice(&to_v6(source).octets());
-            id[20..36].copy_from_slice(&to_v6(destination).octets());
-            libc::AF_INET6
-        }
+/// The uids owning the TCP sockets of this network namespace whose local end is `peer` and
+/// whose remote end is `local`: the client's socket, if it is here (none if the client is in
+/// another namespace or host). A dump filtered by those addresses, not the kernel's lookup of
+/// one socket, which wants the interface of a socket bound to one (`SO_BINDTODEVICE`, which
+/// any user may set) and found none for a client bound to `lo`.
+fn owners(local: SocketAddr, peer: SocketAddr) -> io::Result<Vec<u32>> {
+    let (local, peer) = (canonical(local), canonical(peer));
+    // An IPv4 connection may be an IPv6 socket's, on v4-mapped addresses: both families.
+    let families: &[libc::c_int] = match peer.ip() {
+        IpAddr::V4(_) => &[libc::AF_INET, libc::AF_INET6],
+        IpAddr::V6(_) => &[libc::AF_INET6],
     };
-    // No cookie: the lookup is by addresses alone.
-    id[40..48].fill(0xff);
-    let mut diag = diag_socket()?;
-    let flags = libc::NLM_F_REQUEST as u16;
-    let protocol = (family as u8, libc::IPPROTO_TCP as u8);
-    diag.write_all(&request(
-        SOCK_DIAG_BY_FAMILY,
-        flags,
-        protocol,
-        u32::MAX,
-        &id,
-    ))?;
-    let mut reply = [0u8; 512];
-    let received = diag.read(&mut reply)?;
-    let reply = &reply[..received];
-    if reply.len() < NLMSG_HEADER_LEN {
-        return Err(io::Error::other("a short sock_diag reply"));
+    let mut filter = condition(INET_DIAG_BC_S_COND, peer, 0);
+    let rest = filter.len();
+    filter.extend(condition(INET_DIAG_BC_D_COND, local, rest));
+    let mut owners = Vec::new();
+    for &family in families {
+        let mut diag = diag_socket()?;
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        let protocol = (family as u8, libc::IPPROTO_TCP as u8);
+        let no_socket = [0; SOCKID_LEN];
+        let mut message = request(
+            SOCK_DIAG_BY_FAMILY,
+            flags,
+            protocol,
+            CLIENT_STATES,
+            &no_socket,
+        );
+        // The attribute: length, type, then the bytecode (a multiple of 4 bytes).
+        message.extend_from_slice(&((4 + filter.len()) as u16).to_ne_bytes());
+        message.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        message.extend_from_slice(&filter);
+        let len = message.len() as u32;
+        message[..4].copy_from_slice(&len.to_ne_bytes());
+        diag.write_all(&message)?;
+        read_owners(&mut diag, &mut owners)?;
     }
-    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-    if kind == libc::NLMSG_ERROR as u16 {
-        return match -reply_error(reply)? {
-            libc::ENOENT => Ok(None),
-            errno => Err(io::Error::from_raw_os_error(errno)),
-        };
-    }
-    let body = &reply[NLMSG_HEADER_LEN..];
-    let uid = body
-        .get(UID_OFFSET..UID_OFFSET + 4)
-        .ok_or_else(|| io::Error::other("a short inet_diag_msg"))?;
-    Ok(Some(u32::from_ne_bytes([uid[0], uid[1], uid[2], uid[3]])))
+    Ok(owners)
 }
 
-fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
+/// One `inet_diag_bc_op` and its `inet_diag_hostcond`: `code` (the socket's local or remote
+/// end) is `addr`, address and port. Its "yes" goes on to what follows; its "no" jumps past
+/// the end of a filter of two such conditions, `before` bytes of which precede it.
+fn condition(code: u8, addr: SocketAddr, before: usize) -> Vec<u8> {
+    let (family, address) = match addr.ip() {
+        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec()),
+    };
+    let length = 4 + 8 + address.len();
+    // Past both conditions: their whole length (twice this one's, same family), less what
+    // precedes this one, plus 4.
+    let reject = 2 * length - before + 4;
+    let mut op = vec![code, length as u8];
+    op.extend_from_slice(&(reject as u16).to_ne_bytes());
+    op.extend_from_slice(&[family, (address.len() * 8) as u8, 0, 0]);
+    op.extend_from_slice(&i32::from(addr.port()).to_ne_bytes());
+    op.extend_from_slice(&address);
+    op
+}
+
+/// Reads a dump's messages to its end, adding each socket's owner to `owners`.
+fn read_owners(diag: &mut socket2::Socket, owners: &mut Vec<u32>) -> io::Result<()> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let received = diag.read(&mut buffer)?;
+        let mut rest = &buffer[..received];
+        while rest.len() >= NLMSG_HEADER_LEN {
+            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            if len < NLMSG_HEADER_LEN || len > rest.len() {
+                return Err(io::Error::other("a malformed sock_diag reply"));
+            }
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(()),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    return Err(io::Error::from_raw_os_error(-reply_error(&rest[..len])?));
+                }
+                _ => {
+                    let uid = rest[NLMSG_HEADER_LEN..len]
+                        .get(UID_OFFSET..UID_OFFSET + 4)
+                        .ok_or_else(|| io::Error::other("a short inet_diag_msg"))?;
+                    owners.push(u32::from_ne_bytes([uid[0], uid[1], uid[2], uid[3]]));
+                }
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
     }
+}
+
+/// `addr` with a v4-mapped IPv6 address as the IPv4 one it maps.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]
@@ -99,12 +146,15 @@ mod tests {
     use super::*;
 
     fn mapped_v4(addr: SocketAddr) -> SocketAddr {
-        SocketAddr::new(IpAddr::V6(to_v6(addr.ip())), addr.port())
+        let IpAddr::V4(v4) = addr.ip() else {
+            return addr;
+        };
+        SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port())
     }
 
-    /// The kernel names this process's user as the owner of its own connected socket, over
-    /// IPv4, over IPv6 to a v4-mapped address of either kind of listener, and no one for a
-    /// peer of no socket here.
+    /// The kernel names this process's user as the owner of its own connected socket: over
+    /// IPv4, bound to `lo` (which the kernel's lookup of one socket missed), over IPv6 to a
+    /// v4-mapped address of either kind of listener; and no one for a peer of no socket here.
     #[tokio::test]
     async fn the_owner_of_a_local_client_socket_is_its_user() {
         // SAFETY: as above.
@@ -113,7 +163,15 @@ mod tests {
         let local = listener.local_addr().unwrap();
         let _client = TcpStream::connect(local).await.unwrap();
         let (_accepted, peer) = listener.accept().await.unwrap();
-        assert_eq!(owner(local, peer).unwrap(), Some(me));
+        assert_eq!(owners(local, peer).unwrap(), [me]);
+
+        let bound = TcpSocket::new_v4().unwrap();
+        socket2::SockRef::from(&bound)
+            .bind_device(Some(b"lo"))
+            .unwrap();
+        let _bound = bound.connect(local).await.unwrap();
+        let (_accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(owners(local, peer).unwrap(), [me]);
 
         // An IPv6 socket of this host connected to an IPv4 listener, as the listener sees it.
         let _v6_client = TcpSocket::new_v6()
@@ -123,17 +181,17 @@ mod tests {
             .unwrap();
         let (_accepted, peer) = listener.accept().await.unwrap();
         assert!(peer.is_ipv4(), "{peer}");
-        assert_eq!(owner(local, peer).unwrap(), Some(me));
+        assert_eq!(owners(local, peer).unwrap(), [me]);
 
         let listener6 = TcpListener::bind("[::]:0").await.unwrap();
         let port = listener6.local_addr().unwrap().port();
         let mapped = mapped_v4(SocketAddr::from(([127, 0, 0, 1], port)));
         let _client = TcpStream::connect(mapped).await.unwrap();
         let (_accepted, peer) = listener6.accept().await.unwrap();
-        assert_eq!(owner(mapped, peer).unwrap(), Some(me));
+        assert_eq!(owners(mapped, peer).unwrap(), [me]);
 
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert_eq!(owner(local, nobody).unwrap(), None);
+        assert_eq!(owners(local, nobody).unwrap(), []);
         assert_eq!(may_read_names(local, nobody), Ok(()));
     }
 }

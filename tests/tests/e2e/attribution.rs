@@ -1195,8 +1195,8 @@ fn a_workload_with_no_room_for_an_index_of_its_own_is_answered_and_counted() {
 }
 
 /// `METHOD TARGET` asked of the metrics port over a raw socket by `user` in the agent's
-/// namespace (`4`: IPv4 to the metrics address; `6`: an IPv6 socket to its v4-mapped form):
-/// the whole response.
+/// namespace (`4`: IPv4 to the metrics address; `4lo`: the same from a socket bound to `lo`;
+/// `6`: an IPv6 socket to its v4-mapped form): the whole response.
 fn ask_metrics_port_as(
     topology: &Topology,
     user: &str,
@@ -1208,8 +1208,10 @@ fn ask_metrics_port_as(
 import socket, sys
 family, method, target = sys.argv[1:4]
 port = 9253
-if family == "4":
+if family.startswith("4"):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if family == "4lo":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
     s.connect(("127.0.0.1", port))
 else:
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -1243,8 +1245,10 @@ print(data.decode(errors="replace"))
 /// The names each workload resolved are as private as its lookups: a client in the agent's
 /// network namespace (in host mode, any local user: the metrics port is on loopback) is
 /// served them only if root or the agent's user owns its socket. Another user is refused,
-/// over IPv4 and over an IPv6 socket to the v4-mapped address, for GET and HEAD alike
-/// (helper-118: a user enumerating cgroup ids read another workload's names).
+/// over IPv4, from a socket bound to `lo` (which any user may bind to, and which the kernel's
+/// lookup of one socket did not find), and over an IPv6 socket to the v4-mapped address, for
+/// GET and HEAD alike (helper-118: a user enumerating cgroup ids read another workload's
+/// names).
 #[test]
 fn only_root_reads_the_names_table_from_the_agents_namespace() {
     let topology = Topology::new();
@@ -1266,7 +1270,7 @@ fn only_root_reads_the_names_table_from_the_agents_namespace() {
     let root = ask_metrics_port_as(&topology, "0", "4", "GET", &target);
     assert!(root.starts_with("HTTP/1.1 200"), "{root}\n{}", agent.log());
     assert!(root.contains(&format!("\"name\":\"{name}.\"")), "{root}");
-    for (family, method) in [("4", "GET"), ("6", "GET"), ("4", "HEAD")] {
+    for (family, method) in [("4", "GET"), ("4lo", "GET"), ("6", "GET"), ("4", "HEAD")] {
         let nobody = ask_metrics_port_as(&topology, "65534", family, method, &target);
         assert!(
             nobody.starts_with("HTTP/1.1 403"),
