@@ -28,10 +28,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::{ebpf::Block, host::reply_error};
 
 /// `linux/sock_diag.h`.
-pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 /// `struct nlmsghdr`.
-pub(crate) const NLMSG_HEADER_LEN: usize = 16;
+const NLMSG_HEADER_LEN: usize = 16;
 /// `struct inet_diag_sockid`: ports, source and destination, interface, cookie.
 pub(crate) const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, then the id.
@@ -199,7 +199,7 @@ pub(crate) fn diag_socket() -> io::Result<Socket> {
 
 /// A `sock_diag` request of `kind` for `protocol`'s sockets of `family`, naming `id` (zeros:
 /// any).
-pub(crate) fn request(
+fn request(
     kind: u16,
     flags: u16,
     (family, protocol): (u8, u8),
@@ -223,25 +223,39 @@ pub(crate) fn request(
 /// its port (v4-mapped for an IPv6 socket on an IPv4 block). The kernel filters: a connected
 /// UDP socket's state is `TCP_ESTABLISHED`, and a bytecode condition names the block.
 fn list_connected_udp(socket: &mut Socket, family: u8, block: Block) -> io::Result<Vec<Listed>> {
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     let mut id = [0; SOCKID_LEN];
     id[..2].copy_from_slice(&block.port.to_be_bytes());
-    let mut message = request(
-        SOCK_DIAG_BY_FAMILY,
-        flags,
+    let mut listed = Vec::new();
+    dump(
+        socket,
         (family, UDP),
         1 << TCP_ESTABLISHED,
         &id,
-    );
-    let filter = source_in(block);
+        &source_in(block),
+        |body| listed.extend(parse_listed(body)),
+    )?;
+    Ok(listed)
+}
+
+/// Dumps `protocol`'s sockets of `family` (and `id`'s port) in `states` that the inet_diag
+/// bytecode `filter` matches, handing each `inet_diag_msg` to `each`.
+pub(crate) fn dump(
+    socket: &mut Socket,
+    (family, protocol): (u8, u8),
+    states: u32,
+    id: &[u8; SOCKID_LEN],
+    filter: &[u8],
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let mut message = request(SOCK_DIAG_BY_FAMILY, flags, (family, protocol), states, id);
     // The attribute: length, type, then the bytecode (a multiple of 4 bytes).
     message.extend_from_slice(&((4 + filter.len()) as u16).to_ne_bytes());
     message.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-    message.extend_from_slice(&filter);
+    message.extend_from_slice(filter);
     let len = message.len() as u32;
     message[..4].copy_from_slice(&len.to_ne_bytes());
     socket.write_all(&message)?;
-    let mut listed = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let received = socket.read(&mut buffer)?;
@@ -253,11 +267,11 @@ fn list_connected_udp(socket: &mut Socket, family: u8, block: Block) -> io::Resu
                 return Err(io::Error::other("a malformed sock_diag reply"));
             }
             match kind {
-                k if k == libc::NLMSG_DONE as u16 => return Ok(listed),
+                k if k == libc::NLMSG_DONE as u16 => return Ok(()),
                 k if k == libc::NLMSG_ERROR as u16 => {
                     return Err(io::Error::from_raw_os_error(-reply_error(&rest[..len])?));
                 }
-                _ => listed.extend(parse_listed(&rest[NLMSG_HEADER_LEN..len])),
+                _ => each(&rest[NLMSG_HEADER_LEN..len]),
             }
             rest = &rest[len.next_multiple_of(4).min(rest.len())..];
         }

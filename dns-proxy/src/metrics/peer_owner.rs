@@ -6,21 +6,16 @@
 //! another namespace or host has no socket here: whoever chose `--metrics` chose who reaches
 //! it.
 use std::{
-    io::{self, Read as _, Write as _},
+    io,
     net::{IpAddr, SocketAddr},
 };
 
-use crate::{
-    block_binders::{NLMSG_HEADER_LEN, SOCK_DIAG_BY_FAMILY, SOCKID_LEN, diag_socket, request},
-    host::reply_error,
-};
+use crate::block_binders::{SOCKID_LEN, diag_socket, dump};
 
 /// `struct inet_diag_msg`: family, state, timer, retransmits, the id, then expires, the two
 /// queues, and the owner's uid.
 const UID_OFFSET: usize = 4 + SOCKID_LEN + 12;
-/// `linux/inet_diag.h`: the request's bytecode attribute, and the conditions on a socket's
-/// local and remote address and port.
-const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// `linux/inet_diag.h`: the conditions on a socket's local and remote address and port.
 const INET_DIAG_BC_S_COND: u8 = 7;
 const INET_DIAG_BC_D_COND: u8 = 8;
 /// Every TCP state but those of no client socket: listening, `TIME_WAIT` (no owner) and a
@@ -62,27 +57,24 @@ fn owners(local: SocketAddr, peer: SocketAddr) -> io::Result<Vec<u32>> {
     filter.extend(condition(INET_DIAG_BC_D_COND, local, rest));
     let mut owners = Vec::new();
     for &family in families {
-        let mut diag = diag_socket()?;
-        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
         let protocol = (family as u8, libc::IPPROTO_TCP as u8);
-        let no_socket = [0; SOCKID_LEN];
-        let mut message = request(
-            SOCK_DIAG_BY_FAMILY,
-            flags,
+        let any = [0; SOCKID_LEN];
+        dump(
+            &mut diag_socket()?,
             protocol,
             CLIENT_STATES,
-            &no_socket,
-        );
-        // The attribute: length, type, then the bytecode (a multiple of 4 bytes).
-        message.extend_from_slice(&((4 + filter.len()) as u16).to_ne_bytes());
-        message.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-        message.extend_from_slice(&filter);
-        let len = message.len() as u32;
-        message[..4].copy_from_slice(&len.to_ne_bytes());
-        diag.write_all(&message)?;
-        read_owners(&mut diag, &mut owners)?;
+            &any,
+            &filter,
+            |message| {
+                let uid = message.get(UID_OFFSET..UID_OFFSET + 4);
+                owners.push(uid.map(|uid| u32::from_ne_bytes([uid[0], uid[1], uid[2], uid[3]])));
+            },
+        )?;
     }
-    Ok(owners)
+    owners
+        .into_iter()
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| io::Error::other("a short inet_diag_msg"))
 }
 
 /// One `inet_diag_bc_op` and its `inet_diag_hostcond`: `code` (the socket's local or remote
@@ -103,35 +95,6 @@ fn condition(code: u8, addr: SocketAddr, before: usize) -> Vec<u8> {
     op.extend_from_slice(&i32::from(addr.port()).to_ne_bytes());
     op.extend_from_slice(&address);
     op
-}
-
-/// Reads a dump's messages to its end, adding each socket's owner to `owners`.
-fn read_owners(diag: &mut socket2::Socket, owners: &mut Vec<u32>) -> io::Result<()> {
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        let received = diag.read(&mut buffer)?;
-        let mut rest = &buffer[..received];
-        while rest.len() >= NLMSG_HEADER_LEN {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-            if len < NLMSG_HEADER_LEN || len > rest.len() {
-                return Err(io::Error::other("a malformed sock_diag reply"));
-            }
-            match kind {
-                k if k == libc::NLMSG_DONE as u16 => return Ok(()),
-                k if k == libc::NLMSG_ERROR as u16 => {
-                    return Err(io::Error::from_raw_os_error(-reply_error(&rest[..len])?));
-                }
-                _ => {
-                    let uid = rest[NLMSG_HEADER_LEN..len]
-                        .get(UID_OFFSET..UID_OFFSET + 4)
-                        .ok_or_else(|| io::Error::other("a short inet_diag_msg"))?;
-                    owners.push(u32::from_ne_bytes([uid[0], uid[1], uid[2], uid[3]]));
-                }
-            }
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-    }
 }
 
 /// `addr` with a v4-mapped IPv6 address as the IPv4 one it maps.
