@@ -327,7 +327,10 @@ async fn serve(
     let routes = take(&mut listeners.routes);
     let metrics_listener = match config.metrics {
         Some(addr) => {
-            let listener = bind_metrics_listener(addr, config.takeover);
+            // Joined only when this agent takes over from one: `--takeover` with no agent on
+            // this listen address (both deployments always pass it) must not join another
+            // agent's port.
+            let listener = bind_metrics_listener(addr, listeners.joined_another_agent);
             Some(listener.map_err(|source| RunError::Metrics { addr, source })?)
         }
         None => None,

@@ -715,8 +715,8 @@ mod usage_errors {
 
     /// A second agent elsewhere (its own cgroup, listen address, block and state) given the
     /// first one's `--metrics` is refused: it would have taken the first one's scrapes and
-    /// probes (a liveness probe then fails a healthy agent while the second is frozen). Only
-    /// `--takeover` joins the port.
+    /// probes (a liveness probe then fails a healthy agent while the second is frozen). Only an
+    /// agent that takes over from one on its listen address joins the port.
     #[test]
     fn a_second_agent_on_the_metrics_port_is_refused_unless_it_takes_over() {
         let topology = Topology::new();
@@ -735,18 +735,24 @@ mod usage_errors {
             .state_dir()
             .with_file_name("metrics-twin-state");
         let state = format!("DNS_PROXY_STATE_DIR={}", state.display());
-        assert_one_line_error(
-            &[
-                &cgroup,
+        // With --takeover too, as both deployments pass it: there is no agent on this listen
+        // address to take over from, so nothing to join.
+        for takeover in [&[][..], &["--takeover"][..]] {
+            let mut args = vec![
+                cgroup.as_str(),
                 "--listen=127.0.0.1:8055",
                 "--redirect-block=127.54.0.0/16",
                 "--listen6=[::1]:8055",
                 "--redirect-block6=fd54::/112",
                 &metrics,
-            ],
-            &["env", &state, "nsenter", &netns, "--"],
-            &format!("cannot serve metrics on {METRICS}: "),
-        );
+            ];
+            args.extend_from_slice(takeover);
+            assert_one_line_error(
+                &args,
+                &["env", &state, "nsenter", &netns, "--"],
+                &format!("cannot serve metrics on {METRICS}: "),
+            );
+        }
         for _ in 0..5 {
             let page = scrape(&topology);
             let received = value(&page, "dns_proxy_queries_received_total{protocol=\"udp\"}");
