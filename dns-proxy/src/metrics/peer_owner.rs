@@ -2,9 +2,10 @@
 //! lookups themselves (systemd-resolved shows its own to root alone). A client whose TCP
 //! socket is in the agent's network namespace (in host mode, any local user, since the
 //! metrics port listens on loopback) is served only if root or the agent's own user owns
-//! that socket; the kernel says who does (`sock_diag`, as `ss -e` shows it). A client of
-//! another namespace or host has no socket here: whoever chose `--metrics` chose who reaches
-//! it.
+//! that socket; the kernel says who does (`sock_diag`, as `ss -e` shows it). A client from an
+//! address of this namespace whose socket is not found (it connected to another address that
+//! NAT sent here, a port redirect or a hostPort) is refused too. A client of another
+//! namespace or host has no socket here: whoever chose `--metrics` chose who reaches it.
 use std::{
     io,
     net::{IpAddr, SocketAddr},
@@ -23,21 +24,46 @@ const INET_DIAG_BC_D_COND: u8 = 8;
 const CLIENT_STATES: u32 = !((1 << 6) | (1 << 10) | (1 << 12));
 
 /// Whether the client at `peer`, connected to this agent's `local`, may read the names table;
-/// `Err(uid)` names the user refused.
-pub(super) fn may_read_names(local: SocketAddr, peer: SocketAddr) -> Result<(), u32> {
+/// `Err` says why not.
+pub(super) fn may_read_names(local: SocketAddr, peer: SocketAddr) -> Result<(), String> {
     // SAFETY: geteuid cannot fail and touches no memory.
     let agent = unsafe { libc::geteuid() };
     match owners(local, peer) {
+        Ok(owners) if owners.is_empty() && is_local(peer) => Err(format!(
+            "this client's address, {}, is this host's, and its socket is not connected to \
+             this port (a NAT in between?)",
+            peer.ip()
+        )),
         Ok(owners) => match owners.into_iter().find(|&uid| uid != 0 && uid != agent) {
-            Some(uid) => Err(uid),
+            Some(uid) => Err(format!("this client's socket is uid {uid}'s")),
             None => Ok(()),
         },
         Err(err) => {
             // The kernel always answers a dump; refuse rather than serve blind.
             log::warn!("who asks for /v1/resolutions from {peer}: {err}; refused");
-            Err(u32::MAX)
+            Err(format!("who asks could not be told: {err}"))
         }
     }
+}
+
+/// Whether `peer`'s address is one of this network namespace's own (loopback, an interface's,
+/// or a route's `local` block): a socket can be bound to it.
+fn is_local(peer: SocketAddr) -> bool {
+    let address = SocketAddr::new(peer.ip(), 0);
+    let address = match (address, peer) {
+        (SocketAddr::V6(mut v6), SocketAddr::V6(peer)) => {
+            v6.set_scope_id(peer.scope_id());
+            SocketAddr::V6(v6)
+        }
+        (address, _) => address,
+    };
+    socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::DGRAM.cloexec(),
+        None,
+    )
+    .and_then(|socket| socket.bind(&address.into()))
+    .is_ok()
 }
 
 /// The uids owning the TCP sockets of this network namespace whose local end is `peer` and
@@ -117,7 +143,8 @@ mod tests {
 
     /// The kernel names this process's user as the owner of its own connected socket: over
     /// IPv4, bound to `lo` (which the kernel's lookup of one socket missed), over IPv6 to a
-    /// v4-mapped address of either kind of listener; and no one for a peer of no socket here.
+    /// v4-mapped address of either kind of listener; and no one for a peer of no socket here,
+    /// refused if its address is this host's.
     #[tokio::test]
     async fn the_owner_of_a_local_client_socket_is_its_user() {
         // SAFETY: as above.
@@ -153,8 +180,12 @@ mod tests {
         let (_accepted, peer) = listener6.accept().await.unwrap();
         assert_eq!(owners(mapped, peer).unwrap(), [me]);
 
+        // No socket here: from this host's own address, a NAT in between, refused; from
+        // another host's, allowed.
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(owners(local, nobody).unwrap(), []);
-        assert_eq!(may_read_names(local, nobody), Ok(()));
+        assert!(may_read_names(local, nobody).is_err());
+        let remote: SocketAddr = "198.51.100.1:1".parse().unwrap();
+        assert_eq!(may_read_names(local, remote), Ok(()));
     }
 }

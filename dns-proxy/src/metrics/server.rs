@@ -145,13 +145,13 @@ impl Metrics {
         if uri.path() == "/v1/resolutions" {
             // A netlink request to the kernel: off this runtime.
             let allowed = tokio::task::spawn_blocking(move || {
-                let (local, peer) = ends.ok_or(u32::MAX)?;
+                let (local, peer) = ends.ok_or("the connection's addresses are unknown")?;
                 peer_owner::may_read_names(local, peer)
             });
             match allowed.await {
                 Ok(Ok(())) => {}
-                Ok(Err(uid)) => return names_refused(uid),
-                Err(_) => return names_refused(u32::MAX),
+                Ok(Err(why)) => return names_refused(&why),
+                Err(_) => return names_refused("the check did not finish"),
             }
         }
         let large = method == Method::GET && matches!(uri.path(), "/metrics" | "/v1/resolutions");
@@ -188,12 +188,10 @@ impl Metrics {
     }
 }
 
-/// The answer to a client of this namespace whose socket `uid` owns (`u32::MAX`: unknown),
-/// neither root nor the agent's user.
-fn names_refused(uid: u32) -> Response<Bytes> {
+/// The answer to a client refused the names table, and `why`.
+fn names_refused(why: &str) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(format!(
-        "forbidden: the names table is served to root and the agent's user only (this \
-         client's socket is uid {uid}'s)\n"
+        "forbidden: the names table is served to root and the agent's user only ({why})\n"
     )));
     *response.status_mut() = StatusCode::FORBIDDEN;
     response

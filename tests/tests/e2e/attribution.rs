@@ -1196,7 +1196,8 @@ fn a_workload_with_no_room_for_an_index_of_its_own_is_answered_and_counted() {
 
 /// `METHOD TARGET` asked of the metrics port over a raw socket by `user` in the agent's
 /// namespace (`4`: IPv4 to the metrics address; `4lo`: the same from a socket bound to `lo`;
-/// `6`: an IPv6 socket to its v4-mapped form): the whole response.
+/// `6`: an IPv6 socket to its v4-mapped form; `nat`: to 192.0.2.99:81, which a NAT rule must
+/// send there): the whole response.
 fn ask_metrics_port_as(
     topology: &Topology,
     user: &str,
@@ -1213,6 +1214,9 @@ if family.startswith("4"):
     if family == "4lo":
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
     s.connect(("127.0.0.1", port))
+elif family == "nat":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect(("192.0.2.99", 81))
 else:
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.connect(("::ffff:127.0.0.1", port))
@@ -1246,9 +1250,9 @@ print(data.decode(errors="replace"))
 /// network namespace (in host mode, any local user: the metrics port is on loopback) is
 /// served them only if root or the agent's user owns its socket. Another user is refused,
 /// over IPv4, from a socket bound to `lo` (which any user may bind to, and which the kernel's
-/// lookup of one socket did not find), and over an IPv6 socket to the v4-mapped address, for
-/// GET and HEAD alike (helper-118: a user enumerating cgroup ids read another workload's
-/// names).
+/// lookup of one socket did not find), over an IPv6 socket to the v4-mapped address, and
+/// through a port redirect, for GET and HEAD alike (helper-118: a user enumerating cgroup ids
+/// read another workload's names; helper-120: the bound socket and the redirect).
 #[test]
 fn only_root_reads_the_names_table_from_the_agents_namespace() {
     let topology = Topology::new();
@@ -1270,7 +1274,38 @@ fn only_root_reads_the_names_table_from_the_agents_namespace() {
     let root = ask_metrics_port_as(&topology, "0", "4", "GET", &target);
     assert!(root.starts_with("HTTP/1.1 200"), "{root}\n{}", agent.log());
     assert!(root.contains(&format!("\"name\":\"{name}.\"")), "{root}");
-    for (family, method) in [("4", "GET"), ("4lo", "GET"), ("6", "GET"), ("4", "HEAD")] {
+    // A port redirect in front of the metrics port (as a hostPort or NodePort would make): the
+    // client's socket is connected to another address than the agent's end.
+    for command in [
+        vec!["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"],
+        vec![
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "192.0.2.99",
+            "--dport",
+            "81",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            super::METRICS,
+        ],
+    ] {
+        tests::must(topology.client.nsenter().args(&command));
+    }
+    let kinds = [
+        ("4", "GET"),
+        ("4lo", "GET"),
+        ("6", "GET"),
+        ("nat", "GET"),
+        ("4", "HEAD"),
+    ];
+    for (family, method) in kinds {
         let nobody = ask_metrics_port_as(&topology, "65534", family, method, &target);
         assert!(
             nobody.starts_with("HTTP/1.1 403"),
