@@ -643,7 +643,7 @@ fn is_public(ip: std::net::IpAddr) -> bool {
 }
 
 /// The addresses of this namespace's interfaces (`getifaddrs`).
-fn interface_addresses() -> Vec<std::net::IpAddr> {
+pub(crate) fn interface_addresses() -> Vec<std::net::IpAddr> {
     let mut addresses = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes one pointer into `list`, a live local; the list it points to

@@ -46,24 +46,12 @@ pub(super) fn may_read_names(local: SocketAddr, peer: SocketAddr) -> Result<(), 
     }
 }
 
-/// Whether `peer`'s address is one of this network namespace's own (loopback, an interface's,
-/// or a route's `local` block): a socket can be bound to it.
+/// Whether `peer`'s address is one of this network namespace's own: loopback, or an
+/// interface's. Not "a socket could bind it", which `ip_nonlocal_bind` (set on many load
+/// balancers) makes true of any address, and would refuse every remote client.
 fn is_local(peer: SocketAddr) -> bool {
-    let address = SocketAddr::new(peer.ip(), 0);
-    let address = match (address, peer) {
-        (SocketAddr::V6(mut v6), SocketAddr::V6(peer)) => {
-            v6.set_scope_id(peer.scope_id());
-            SocketAddr::V6(v6)
-        }
-        (address, _) => address,
-    };
-    socket2::Socket::new(
-        socket2::Domain::for_address(address),
-        socket2::Type::DGRAM.cloexec(),
-        None,
-    )
-    .and_then(|socket| socket.bind(&address.into()))
-    .is_ok()
+    let ip = peer.ip().to_canonical();
+    ip.is_loopback() || crate::host::interface_addresses().contains(&ip)
 }
 
 /// The uids owning the TCP sockets of this network namespace whose local end is `peer` and
