@@ -190,11 +190,10 @@ impl Metrics {
 
 /// The answer to a client refused the names table, and `why`.
 fn names_refused(why: &str) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from(format!(
-        "forbidden: the names table is served to root and the agent's user only ({why})\n"
-    )));
-    *response.status_mut() = StatusCode::FORBIDDEN;
-    response
+    super::text(
+        StatusCode::FORBIDDEN,
+        format!("forbidden: the names table is served to root and the agent's user only ({why})\n"),
+    )
 }
 
 /// The large pages: one built at a time, and a bound on the bytes of those not yet sent.
