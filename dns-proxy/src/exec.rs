@@ -11,13 +11,14 @@ use crate::{
     RunError,
     cgroup::Cgroup,
     drain,
-    shutdown::{StopSignal, StopSignals},
+    shutdown::{Received, StopSignal, StopSignals},
 };
 
-/// Runs `argv` in `cgroup` and waits for it to exit. SIGTERM is passed on to it; SIGINT is
-/// not, since a terminal's Ctrl-C reaches the command on its own and would arrive twice. When
-/// the agent is `stranded` out of its own cgroup, the command is sent SIGTERM too: its
-/// lookups through the agent may loop.
+/// Runs `argv` in `cgroup` and waits for it to exit. SIGTERM, SIGHUP and the other signals
+/// the agent watches but SIGINT are passed on to it, as a wrapper should (a `kill -HUP` meant
+/// to reload the command reaches it); SIGINT is not, since a terminal's Ctrl-C reaches the
+/// command on its own and would arrive twice. When the agent is `stranded` out of its own
+/// cgroup, the command is sent SIGTERM too: its lookups through the agent may loop.
 pub async fn run_command(
     argv: &[OsString],
     cgroup: &Cgroup,
@@ -48,10 +49,10 @@ pub async fn run_command(
         child.id().unwrap_or_default(),
         cgroup.path.display()
     );
-    let terminate = |pid: u32| {
+    let send = |pid: u32, signal: libc::c_int| {
         // SAFETY: kill has no memory effects; the child is not yet reaped, so the pid is
         // still its own.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
     };
     let mut told = false;
     loop {
@@ -61,15 +62,15 @@ pub async fn run_command(
                 told = true;
                 if let Some(pid) = child.id() {
                     log::error!("stopping the command (pid {pid}): SIGTERM");
-                    terminate(pid);
+                    send(pid, libc::SIGTERM);
                 }
             }
-            signal = signals.next(&|| false) => {
-                if signal == StopSignal::Terminate && let Some(pid) = child.id() {
-                    log::info!("{signal}: passing it on to the command (pid {pid})");
-                    terminate(pid);
-                } else {
+            signal = signals.recv() => {
+                if signal == Received::Stop(StopSignal::Interrupt) {
                     log::info!("{signal}: waiting for the command to exit");
+                } else if let Some(pid) = child.id() {
+                    log::info!("{signal}: passing it on to the command (pid {pid})");
+                    send(pid, signal.number());
                 }
             }
         }

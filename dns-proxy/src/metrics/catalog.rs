@@ -276,7 +276,7 @@ pub const METRICS: &[Metric] = &[
         name: "dnstap_dropped",
         labels: &[],
         only_with: Some("--dnstap"),
-        help: "dnstap messages dropped: the log's queue was full or it had no reader.",
+        help: "dnstap messages dropped: the log's queue was full, it had no reader, or its write failed (a full disk, a file-size limit).",
         read: Read::Counter(|s| Some(one(s.dnstap.as_ref()?.dropped()))),
     },
     Metric {

@@ -790,6 +790,31 @@ fn an_exec_agent_that_cannot_go_back_to_its_cgroup_stops_its_command_and_fails()
     );
 }
 
+/// `exec` passes SIGHUP and the other signals it has no use for on to its command, as a
+/// wrapper should: a `kill -HUP` meant to reload the command reaches it. Before, SIGHUP was
+/// logged and dropped, and SIGUSR1 was dropped too.
+#[test]
+fn exec_passes_the_signals_it_has_no_use_for_on_to_its_command() {
+    let topology = Topology::new();
+    let mark = std::env::temp_dir().join(format!("{}-exec-traps", topology.tag));
+    let script = format!(
+        "trap 'echo hup' HUP; trap 'echo usr1; exit 3' USR1; touch {mark}; \
+         while :; do sleep 0.05; done",
+        mark = mark.display()
+    );
+    let mut agent = Agent::exec(&topology.client, &[], &["sh", "-c", &script]);
+    wait_for("the command's traps", Duration::from_secs(15), || {
+        mark.exists().then_some(())
+    });
+    let _ = fs::remove_file(&mark);
+    agent.process().signal(libc::SIGHUP);
+    wait_for_log(&agent, "SIGHUP: passing it on to the command");
+    agent.process().signal(libc::SIGUSR1);
+    let (status, stdout) = agent.wait_with_stdout(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(3), "{}", agent.log());
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["hup", "usr1"]);
+}
+
 #[test]
 fn exec_reports_a_missing_command_like_env_does() {
     let topology = Topology::new();
@@ -905,15 +930,24 @@ fn signals_the_agent_has_no_use_for_are_ignored_not_fatal() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let mut agent = Agent::start(&topology, &[]);
+    let last_real_time = format!("SIGRTMIN+{}", libc::SIGRTMAX() - libc::SIGRTMIN());
     for (signal, name) in [
         (libc::SIGUSR1, "SIGUSR1"),
         (libc::SIGUSR2, "SIGUSR2"),
         (libc::SIGALRM, "SIGALRM"),
         (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGPWR, "SIGPWR"),
+        (libc::SIGIO, "SIGIO"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+        (libc::SIGRTMIN(), "SIGRTMIN"),
+        (libc::SIGRTMAX(), last_real_time.as_str()),
     ] {
         agent.process().signal(signal);
         wait_for_log(&agent, &format!("{name} ignored"));
-        let lookup = format!("after-{}.example.test", name.to_ascii_lowercase());
+        let lookup = format!(
+            "after-{}.example.test",
+            name.to_ascii_lowercase().replace('+', "-")
+        );
         assert_eq!(probe(&topology, "sendto", &lookup), expected_probe_line());
     }
     agent.process().signal(libc::SIGTERM);
