@@ -15,14 +15,14 @@ const EXEC_NOT_FOUND: u8 = 127;
 /// A usage error of `run` (a flag that does not parse), as clap and most tools report it.
 const USAGE_ERROR: u8 = 2;
 
-/// Makes an empty `DNS_PROXY_*` variable (`DNS_PROXY_EXCLUDE_CGROUPS=` left in
-/// /etc/default/dns-proxy) mean what an absent one does, the flag's default, as systemd's
-/// `EnvironmentFile=` users expect, rather than a value that does not parse: under
-/// `Restart=always` that was a restart loop.
+/// Makes an empty or blank `DNS_PROXY_*` variable (`DNS_PROXY_EXCLUDE_CGROUPS=` left in
+/// /etc/default/dns-proxy, or a space left in a pod spec's `value: " "`) mean what an absent
+/// one does, the flag's default, as systemd's `EnvironmentFile=` users expect, rather than a
+/// value that does not parse: under `Restart=always` that was a restart loop.
 fn drop_empty_settings() {
     let empty: Vec<std::ffi::OsString> = std::env::vars_os()
         .filter(|(name, value)| {
-            value.is_empty()
+            value.as_encoded_bytes().trim_ascii().is_empty()
                 && name
                     .to_str()
                     .is_some_and(|name| name.starts_with("DNS_PROXY_"))

@@ -796,10 +796,11 @@ fn an_exec_agent_that_cannot_go_back_to_its_cgroup_stops_its_command_and_fails()
 #[test]
 fn exec_passes_the_signals_it_has_no_use_for_on_to_its_command() {
     let topology = Topology::new();
+    // The command ends on its own after 30 s, should its agent die and leave it behind.
     let mark = std::env::temp_dir().join(format!("{}-exec-traps", topology.tag));
     let script = format!(
         "trap 'echo hup' HUP; trap 'echo usr1; exit 3' USR1; touch {mark}; \
-         while :; do sleep 0.05; done",
+         i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done",
         mark = mark.display()
     );
     let mut agent = Agent::exec(&topology.client, &[], &["sh", "-c", &script]);
@@ -899,22 +900,22 @@ fn a_second_stop_signal_cuts_the_drain_short() {
     assert!(log.contains("detaching all programs"), "{log}");
 }
 
-/// An empty `DNS_PROXY_*` variable, as a line `DNS_PROXY_EXCLUDE_CGROUPS=` left in
+/// An empty or blank `DNS_PROXY_*` variable, as a line `DNS_PROXY_EXCLUDE_CGROUPS=` left in
 /// /etc/default/dns-proxy gives, is the flag not given: the agent starts and serves. Before,
-/// each was a usage error (exit 2), a restart loop under `Restart=always`.
+/// each was a usage error (exit 2), a restart loop under `Restart=always`; a blank one (a
+/// space, a tab) still was after empty ones were fixed.
 #[test]
 fn empty_settings_in_the_environment_are_the_defaults() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let empty = [
-        "DNS_PROXY_EXCLUDE_CGROUPS",
-        "DNS_PROXY_EXCLUDE_SERVERS",
-        "DNS_PROXY_TAKEOVER",
-        "DNS_PROXY_UPSTREAM",
-        "DNS_PROXY_CACHE_SIZE",
-        "DNS_PROXY_METRICS",
-    ]
-    .map(|name| (name, ""));
+        ("DNS_PROXY_EXCLUDE_CGROUPS", ""),
+        ("DNS_PROXY_EXCLUDE_SERVERS", ""),
+        ("DNS_PROXY_TAKEOVER", ""),
+        ("DNS_PROXY_UPSTREAM", " "),
+        ("DNS_PROXY_CACHE_SIZE", "\t"),
+        ("DNS_PROXY_METRICS", "  "),
+    ];
     let _agent = Agent::start_with_env(&topology, &[], &empty);
     assert_eq!(
         probe(&topology, "sendto", "empty-settings.example.test"),
