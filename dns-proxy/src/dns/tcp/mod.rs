@@ -280,7 +280,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             .relay_streams(
                 conn,
                 (&mut client_read, &mut client_write),
-                (upstream_read, upstream_write),
+                (AckAtOnce(upstream_read), upstream_write),
             )
             .await;
         if let Closed::UpstreamError(_) = closed
@@ -690,6 +690,30 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             .tcp
             .inflight
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The upstream's side of a relayed connection, acknowledging what it reads at once. The relay
+/// writes each query as it comes, answers arriving meanwhile, so the kernel takes the
+/// connection for an interactive one and delays its ACKs (by up to 40 ms); a server with
+/// Nagle's algorithm on (unbound, dnsmasq) then holds each pipelined answer back until the one
+/// before is acknowledged. 20 pipelined queries to unbound took 44 ms through the agent
+/// against 0.6 ms direct (helper-123). `TCP_QUICKACK` lasts until the kernel decides again,
+/// so it is set after every read.
+struct AckAtOnce(tokio::net::tcp::OwnedReadHalf);
+
+impl AsyncRead for AckAtOnce {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.0).poll_read(context, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let _ = socket2::SockRef::from(self.0.as_ref()).set_tcp_quickack(true);
+        }
+        polled
     }
 }
 
