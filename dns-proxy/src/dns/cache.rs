@@ -93,6 +93,9 @@ pub struct CacheableQuery {
     /// server would. A cookie-speaking resolver (BIND) takes an answer without its cookie for
     /// a forgery and retries over TCP.
     cookie: Option<Box<[u8]>>,
+    /// Where its client cookie, the first 8 bytes of its COOKIE option, lies in the query:
+    /// each client has its own, so two clients' queries differ there and nowhere else.
+    pub client_cookie_at: Option<usize>,
 }
 
 impl CacheableQuery {
@@ -134,6 +137,7 @@ impl CacheableQuery {
         }
         let question_end = reader.offset;
         let mut cookie = None;
+        let mut client_cookie_at = None;
         let edns = match count(query, 10)? {
             0 => None,
             1 => {
@@ -167,6 +171,7 @@ impl CacheableQuery {
                     if cookies.next().is_some() || !(length == 8 || (16..=40).contains(&length)) {
                         return None;
                     }
+                    client_cookie_at = Some(at.start + 4);
                     if length > 8 {
                         cookie = Some(query[at.start + 4..at.end].into());
                     }
@@ -196,6 +201,7 @@ impl CacheableQuery {
             udp_limit,
             question_end,
             cookie,
+            client_cookie_at,
         })
     }
 

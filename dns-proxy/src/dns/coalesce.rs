@@ -19,6 +19,7 @@ use std::{
 use super::{
     cache::{CacheKey, CacheableQuery},
     per_client::ClientSlot,
+    wire,
 };
 
 /// Clients that may wait on one query; more are forwarded on their own.
@@ -67,9 +68,9 @@ pub enum Joined {
     /// (`--serve-stale`): so is this one's, at once.
     ServeStale(Box<Waiter>),
     /// Too many wait already, the leading query left too long ago ([`COALESCE_WITHIN`]), it
-    /// asked for a smaller UDP size (its answer may be truncated, or lack records, where this
-    /// one's would not), or this query is too long to keep ([`MAX_KEPT_QUERY`]) for sending
-    /// on its own should that answer not be for it: it goes to the upstream on its own.
+    /// is not this one asked again ([`same_query`]), or this query is too long to keep
+    /// ([`MAX_KEPT_QUERY`]) for sending on its own should that answer not be for it: it goes
+    /// to the upstream on its own.
     Alone(Box<Waiter>),
 }
 
@@ -77,9 +78,10 @@ pub enum Joined {
 struct InFlight {
     /// When the leading query came.
     started: Instant,
-    /// The leading query's [`CacheableQuery::fetch_size`]: its answer may lack records a
-    /// larger one would carry.
-    fetch_size: usize,
+    /// The leading query as it went upstream (`None`: longer than [`MAX_KEPT_QUERY`], and
+    /// none waits on it), and where its client cookie lies.
+    query: Option<Box<[u8]>>,
+    client_cookie_at: Option<usize>,
     waiters: Vec<Waiter>,
     served_stale: bool,
 }
@@ -111,7 +113,8 @@ impl Coalescer {
         let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
             let leading = InFlight {
                 started: now,
-                fetch_size: waiter.query.fetch_size(),
+                query: waiter.message.clone(),
+                client_cookie_at: waiter.query.client_cookie_at,
                 waiters: Vec::new(),
                 served_stale: false,
             };
@@ -122,8 +125,7 @@ impl Coalescer {
             return Joined::ServeStale(waiter);
         }
         if now.saturating_duration_since(leading.started) >= COALESCE_WITHIN
-            || waiter.query.fetch_size() > leading.fetch_size
-            || waiter.message.is_none()
+            || !same_query(leading, &waiter)
             || leading.waiters.len() >= MAX_WAITERS_PER_QUERY
             || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
         {
@@ -169,6 +171,31 @@ impl Coalescer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether `waiter`, a query with the leading one's key, is that query asked again: the same
+/// bytes but for the ID, the letter case of the name (0x20 clients spell it each their own
+/// way) and the client cookie (each client has its own). Only then does the upstream do with
+/// the one what it would do with the other. Before, any query of the key could lead: a workload
+/// led with one padded past what its server takes (dnsmasq drops UDP queries over 1,232
+/// bytes), and every client waiting on it went unanswered for the upstream timeout, 5 s
+/// (helper-121). It also keeps a client from waiting on a query that asked for a smaller UDP
+/// size, whose answer may be truncated or lack records where its own would not.
+fn same_query(leading: &InFlight, waiter: &Waiter) -> bool {
+    let (Some(leading_query), Some(query)) = (leading.query.as_deref(), waiter.message.as_deref())
+    else {
+        return false;
+    };
+    let question_end = waiter.head.len();
+    let cookie_at = waiter.query.client_cookie_at;
+    let same = |range: std::ops::Range<usize>| leading_query.get(range.clone()) == query.get(range);
+    leading_query.len() == query.len()
+        && leading.client_cookie_at == cookie_at
+        && same(2..wire::HEADER_LEN)
+        && match cookie_at {
+            Some(at) => same(question_end..at) && same(at + 8..query.len()),
+            None => same(question_end..query.len()),
+        }
 }
 
 #[cfg(test)]
@@ -237,36 +264,72 @@ mod tests {
         ));
     }
 
+    /// A waiter for a query of `message`'s bytes.
+    fn waiter_of(message: Vec<u8>, client_port: u16) -> Waiter {
+        let mut waiter = waiter("a.example.test", client_port);
+        let parsed = CacheableQuery::parse(([192, 0, 2, 1], 53).into(), &message).unwrap();
+        waiter.head = parsed.head(&message).into();
+        waiter.query = parsed;
+        waiter.message = (message.len() <= MAX_KEPT_QUERY).then(|| message.into());
+        waiter
+    }
+
     #[test]
-    fn a_query_that_takes_more_than_the_leading_one_asked_for_goes_on_its_own() {
+    fn only_the_leading_query_asked_again_waits_on_it() {
+        use crate::dns::cache::tests::{query_with_options, query_with_size_and_flags};
         let coalescer = Coalescer::new(100);
-        let sized = |size: u16, port: u16| {
-            let mut waiter = waiter("a.example.test", port);
-            waiter.query.udp_limit = usize::from(size);
-            waiter
+        let sized = |size: u16| query_with_size_and_flags(7, "a.example.test", size, 0);
+        let Joined::Leads(leader) = coalescer.join_now(waiter_of(sized(1232), 1)) else {
+            panic!("the first leads");
+        };
+        // Another ID, the name in other letters: the same query.
+        let mut again = sized(1232);
+        again[..2].copy_from_slice(&[0x99, 0x98]);
+        again[13..14].make_ascii_uppercase();
+        assert!(matches!(
+            coalescer.join_now(waiter_of(again, 2)),
+            Joined::Waits
+        ));
+        coalescer.finish(&leader.query.key);
+        // Each client's own cookie: the same query.
+        let cookie = |client: u8| query_with_options(7, "a.example.test", &[(10, &[client; 8])]);
+        let Joined::Leads(leader) = coalescer.join_now(waiter_of(cookie(1), 1)) else {
+            panic!("the first leads");
         };
         assert!(matches!(
-            coalescer.join_now(sized(1200, 1)),
+            coalescer.join_now(waiter_of(cookie(2), 2)),
+            Joined::Waits
+        ));
+        // The same key, but not the same query: it goes on its own, whatever the difference.
+        for other in [
+            sized(512),
+            sized(4096),
+            sized(1232),
+            query_with_options(7, "a.example.test", &[(12, &[0; 64])]),
+            query_with_options(7, "a.example.test", &[(10, &[1; 16])]),
+        ] {
+            assert!(matches!(
+                coalescer.join_now(waiter_of(other, 3)),
+                Joined::Alone(_)
+            ));
+        }
+        coalescer.finish(&leader.query.key);
+
+        // None waits on a query too long to keep, nor is one too long kept waiting: a padded
+        // query that the server drops led, and every client waiting on it went unanswered.
+        let padded = query_with_options(7, "a.example.test", &[(12, &[0; 2000])]);
+        assert!(matches!(
+            coalescer.join_now(waiter_of(padded.clone(), 4)),
             Joined::Leads(_)
         ));
-        assert!(matches!(coalescer.join_now(sized(512, 2)), Joined::Waits));
-        assert!(matches!(coalescer.join_now(sized(1200, 3)), Joined::Waits));
         assert!(matches!(
-            coalescer.join_now(sized(1232, 4)),
+            coalescer.join_now(waiter_of(sized(1232), 5)),
             Joined::Alone(_)
         ));
-        // From 1,232 bytes up, every size is asked the same.
-        let key = sized(4096, 0).query.key;
-        coalescer.finish(&key);
         assert!(matches!(
-            coalescer.join_now(sized(1232, 1)),
-            Joined::Leads(_)
+            coalescer.join_now(waiter_of(padded, 6)),
+            Joined::Alone(_)
         ));
-        assert!(matches!(coalescer.join_now(sized(4096, 2)), Joined::Waits));
-        // Nor one too long to keep, which could not be sent on its own if need be.
-        let mut long = sized(512, 5);
-        long.message = None;
-        assert!(matches!(coalescer.join_now(long), Joined::Alone(_)));
     }
 
     #[test]

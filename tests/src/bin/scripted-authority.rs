@@ -19,6 +19,8 @@
 //!   (when the query has EDNS);
 //! - `upper`: A 198.51.100.1, TTL 60, its question in upper case whatever the query's (a
 //!   server that fails its clients' 0x20 check);
+//! - `droplong`: A 198.51.100.1, TTL 60, but a UDP query over 1,232 bytes is dropped, as
+//!   dnsmasq drops it;
 //! - `keepalive` (over TCP, with EDNS): A 198.51.100.1, TTL 60, and an edns-tcp-keepalive
 //!   option (RFC 7828) of 5 s: the client may leave the connection idle that long;
 //! - an AXFR of any name (over TCP): a zone transfer of 300 A records in 6 messages, 150 ms
@@ -177,6 +179,7 @@ fn zone_transfer(query: &[u8]) -> Option<Vec<Vec<u8>>> {
 impl Script {
     /// The answer to `query` and when to send it; `None` for no answer.
     fn answer(&self, query: &[u8], transport: &str) -> Option<(Vec<u8>, Duration)> {
+        let size = query.len();
         let query = Message::from_bytes(query).ok()?;
         let question = query.queries().first()?.clone();
         let dnssec_ok = query
@@ -205,6 +208,9 @@ impl Script {
             .next()
             .map(|label| String::from_utf8_lossy(label).to_ascii_lowercase())
             .unwrap_or_default();
+        if first_label == "droplong" && transport == "udp" && size > 1232 {
+            return None;
+        }
         let mut answer = Message::new();
         answer
             .set_id(query.id())

@@ -697,6 +697,51 @@ fn a_retry_after_a_lost_query_goes_upstream_and_only_identical_queries_wait_on_o
     assert_eq!(authority.queries("slow.example.test").len(), 2);
 }
 
+/// A workload cannot keep other clients' lookups unanswered by leading with a query its server
+/// drops: only the same query asked again waits on one in flight. Before, a query of the same
+/// key padded past 1,232 bytes (which dnsmasq drops) led, and a plain one asked meanwhile waited
+/// on it for the upstream timeout, 5 s, unanswered (helper-121).
+#[test]
+fn a_query_the_server_drops_keeps_no_other_client_waiting() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 78);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000"]);
+    // RD, EDNS 1232, no DO, AD or CD: what `dig +noadflag +bufsize=1232` asks, but with
+    // 1,400 bytes of padding (RFC 7830), which the cache's key leaves out.
+    let padded = r#"
+import socket, struct, sys
+q = struct.pack(">HHHHHH", 0x4141, 0x0100, 1, 0, 0, 1)
+for label in b"droplong.example.test".split(b"."):
+    q += bytes([len(label)]) + label
+q += b"\0" + struct.pack(">HH", 1, 1)
+q += b"\0" + struct.pack(">HHIH", 41, 1232, 0, 4 + 1400) + struct.pack(">HH", 12, 1400)
+q += bytes(1400)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(q, (sys.argv[1], 53))
+"#;
+    must(&mut topology.workload("python3", &["-c", padded, &server.to_string()]));
+    let plain = dig_at(
+        topology.workload("dig", &[]),
+        &server.to_string(),
+        "droplong.example.test",
+        &[
+            "+noadflag",
+            "+bufsize=1232",
+            "+time=3",
+            "+tries=1",
+            "+short",
+        ],
+    );
+    assert_eq!(
+        plain.as_deref().map(str::trim),
+        Ok("198.51.100.1"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(authority.queries("droplong.example.test").len(), 2);
+}
+
 #[test]
 fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_cookie() {
     let topology = Topology::new();

@@ -508,7 +508,7 @@ fn an_answer_shared_with_an_identical_query_carries_that_clients_id_and_case() {
 }
 
 /// A query for `name` with EDNS and these options.
-fn query_with_options(id: u16, name: &str, options: &[(u16, &[u8])]) -> Vec<u8> {
+pub(crate) fn query_with_options(id: u16, name: &str, options: &[(u16, &[u8])]) -> Vec<u8> {
     let mut edns = Edns::new();
     edns.set_max_payload(1232);
     for (code, data) in options {
@@ -860,7 +860,7 @@ fn entries_and_bytes_are_bounded_least_recently_used_out_first() {
 }
 
 /// A query for `name` with EDNS, a UDP size of `size` and these EDNS flags (DO is 0x8000).
-fn query_with_size_and_flags(id: u16, name: &str, size: u16, flags: u16) -> Vec<u8> {
+pub(crate) fn query_with_size_and_flags(id: u16, name: &str, size: u16, flags: u16) -> Vec<u8> {
     let mut message = query_with_options(id, name, &[]);
     let opt = find_opt(&message).unwrap().0;
     // The OPT record: root name (1), type (2), then the UDP size as its class, then the TTL:
