@@ -6,10 +6,14 @@
 //! shapes that Kubernetes, Docker and systemd give their cgroups.
 //!
 //! The names are labels, not proof: a workload that was delegated its cgroup subtree (a
-//! systemd service with `Delegate=yes`, a container with a writable cgroupns) chooses the
-//! names below it. Parsing takes the outermost match, so such a workload cannot escape the
-//! identity of the cgroup it was put in, only add shapes below it; and any name that does not
-//! validate falls through to the plain path, escaped for logs.
+//! systemd service with `Delegate=yes`, every user's own manager `user@<uid>.service`, a
+//! container with a writable cgroupns) chooses the names below it. Parsing takes the outermost
+//! identity of any kind, so such a workload cannot escape the identity of the cgroup it was put
+//! in, only add shapes below it; and any name that does not validate falls through to the
+//! plain path, escaped for logs. Two kinds of parent are looked through, to the pods below
+//! them: a container runtime's own unit (`containerd.service`: only root makes cgroups
+//! there), and a Docker container (a kind node: only a privileged container, root on the
+//! node, can make cgroups in its own).
 use std::{
     fmt, fs, io,
     os::unix::fs::MetadataExt as _,
@@ -56,18 +60,19 @@ impl Workload {
     /// (`/kubepods.slice/...`; the leading `/` is optional). Never fails: what matches no
     /// known shape is [`Workload::Cgroup`].
     ///
-    /// Precedence: a Kubernetes pod anywhere in the path (so kind nodes, which are Docker
-    /// containers holding kubelets, name their pods), then a Docker container, then a
-    /// systemd unit. Within each, the outermost match wins.
+    /// The outermost identity wins, whatever its kind: a Kubernetes pod, a Docker container
+    /// or a systemd unit, so that a workload cannot take another's name by making cgroups
+    /// shaped like it below its own. Before, a pod anywhere in the path came first, then a
+    /// Docker container: a service with `Delegate=yes` made `docker/<id>` below itself and
+    /// was named, and listed in the names table, as that container (helper-124). Below a
+    /// container runtime's unit or a Docker container, a pod is that pod (see the module's
+    /// docs).
     pub fn from_cgroup_path(path: &Path) -> Self {
         let text = path.to_string_lossy();
         let parts: Vec<&str> = text.split('/').filter(|part| !part.is_empty()).collect();
-        pod(&parts)
-            .or_else(|| docker(&parts))
-            .or_else(|| unit(&parts))
-            .unwrap_or_else(|| Workload::Cgroup {
-                path: format!("/{}", parts.join("/")),
-            })
+        outermost(&parts).unwrap_or_else(|| Workload::Cgroup {
+            path: format!("/{}", parts.join("/")),
+        })
     }
 
     /// The stable full form (see the type's docs), for dnstap, JSON and keys.
@@ -133,25 +138,59 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
     Ok(())
 }
 
-/// The outermost pod cgroup and the container directly under it.
-fn pod(parts: &[&str]) -> Option<Workload> {
+/// Container runtimes' own units, below which their containers' cgroups may sit
+/// (`/system.slice/containerd.service/kubepods-...:cri-containerd:<id>`): only root makes
+/// cgroups there.
+const RUNTIME_UNITS: &[&str] = &[
+    "containerd.service",
+    "crio.service",
+    "k3s.service",
+    "k3s-agent.service",
+    "rke2-server.service",
+    "rke2-agent.service",
+];
+
+/// The workload of the outermost cgroup in `parts` that names one.
+fn outermost(parts: &[&str]) -> Option<Workload> {
     for (at, part) in parts.iter().enumerate() {
-        if let Some(workload) = containerd_leaf(part) {
-            return Some(workload);
+        if let Some(pod) = pod_at(parts, at) {
+            return Some(pod);
         }
-        let uid = systemd_pod_uid(part).or_else(|| {
-            let parents = &parts[..at];
-            cgroupfs_under_kubepods(parents)
-                .then(|| part.strip_prefix("pod").and_then(pod_uid))
-                .flatten()
-        });
-        if let Some(uid) = uid {
-            // Below the container: its own sub-cgroups, still that container.
-            let container = parts.get(at + 1).and_then(|part| container_id(part));
-            return Some(Workload::Pod { uid, container });
+        if let Some(id) = docker_at(parts, at) {
+            // A kind node: a Docker container whose kubelet runs pods inside it.
+            return Some(pod(&parts[at + 1..]).unwrap_or(Workload::Docker { id }));
+        }
+        if is_unit(part) {
+            if RUNTIME_UNITS.contains(part)
+                && let Some(pod) = pod(&parts[at + 1..])
+            {
+                return Some(pod);
+            }
+            return Some(unit_at(parts, at));
         }
     }
     None
+}
+
+/// The outermost pod cgroup in `parts` and the container directly under it.
+fn pod(parts: &[&str]) -> Option<Workload> {
+    (0..parts.len()).find_map(|at| pod_at(parts, at))
+}
+
+/// The pod whose cgroup is `parts[at]`, and the container directly under it.
+fn pod_at(parts: &[&str], at: usize) -> Option<Workload> {
+    let part = parts[at];
+    if let Some(workload) = containerd_leaf(part) {
+        return Some(workload);
+    }
+    let uid = systemd_pod_uid(part).or_else(|| {
+        cgroupfs_under_kubepods(&parts[..at])
+            .then(|| part.strip_prefix("pod").and_then(pod_uid))
+            .flatten()
+    })?;
+    // Below the container: its own sub-cgroups, still that container.
+    let container = parts.get(at + 1).and_then(|part| container_id(part));
+    Some(Workload::Pod { uid, container })
 }
 
 /// containerd's own name for a container's cgroup, `<pod slice>:<runtime>:<id>`, which
@@ -225,22 +264,21 @@ fn is_lower_hex(text: &str) -> bool {
     !text.is_empty() && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// `docker-<id>.scope` (systemd driver) or `docker/<id>` (cgroupfs driver).
-fn docker(parts: &[&str]) -> Option<Workload> {
-    parts.iter().enumerate().find_map(|(at, part)| {
-        let id = match part.strip_prefix("docker-") {
-            Some(scope) => scope.strip_suffix(".scope")?,
-            None if at > 0 && parts[at - 1] == "docker" => part,
-            None => return None,
-        };
-        is_container_id(id).then(|| Workload::Docker { id: id.to_owned() })
-    })
+/// The id of the Docker container whose cgroup is `parts[at]`: `docker-<id>.scope`
+/// (systemd driver) or `docker/<id>` (cgroupfs driver).
+fn docker_at(parts: &[&str], at: usize) -> Option<String> {
+    let part = parts[at];
+    let id = match part.strip_prefix("docker-") {
+        Some(scope) => scope.strip_suffix(".scope")?,
+        None if at > 0 && parts[at - 1] == "docker" => part,
+        None => return None,
+    };
+    is_container_id(id).then(|| id.to_owned())
 }
 
-/// The outermost `.service` or `.scope`; inside a user's manager (`user@<uid>.service`) the
-/// outermost unit below it, when there is one.
-fn unit(parts: &[&str]) -> Option<Workload> {
-    let at = parts.iter().position(|part| is_unit(part))?;
+/// The unit `parts[at]` (a `.service` or `.scope`); inside a user's manager
+/// (`user@<uid>.service`) the outermost unit below it, when there is one.
+fn unit_at(parts: &[&str], at: usize) -> Workload {
     let user = parts[..at].iter().find_map(|part| {
         part.strip_prefix("user-")?
             .strip_suffix(".slice")?
@@ -254,15 +292,15 @@ fn unit(parts: &[&str]) -> Option<Workload> {
     if let Some(uid) = manager_of
         && let Some(inner) = parts[at + 1..].iter().find(|part| is_unit(part))
     {
-        return Some(Workload::Unit {
+        return Workload::Unit {
             name: (*inner).to_owned(),
             user: Some(uid),
-        });
+        };
     }
-    Some(Workload::Unit {
+    Workload::Unit {
         name: parts[at].to_owned(),
         user,
-    })
+    }
 }
 
 /// A systemd unit name for a cgroup: `.service` or `.scope`, in the characters systemd

@@ -83,6 +83,58 @@ fn names_pods_nested_under_kind_nodes_and_other_prefixes() {
     );
 }
 
+/// A workload that makes cgroups below its own (a service with `Delegate=yes`, any user's
+/// own manager) cannot take another's name by shaping them like it: the outermost identity
+/// wins, whatever its kind. Before, a pod anywhere came first, then a Docker container, and a
+/// delegated service was named, and listed in the names table, as the container it mimicked
+/// (helper-124).
+#[test]
+fn a_delegated_subtree_cannot_take_another_workloads_name() {
+    let u = underscored();
+    let evil = Workload::Unit {
+        name: "evil.service".into(),
+        user: None,
+    };
+    for below in [
+        format!("docker/{ID}"),
+        format!("docker-{ID}.scope"),
+        format!("kubepods/burstable/pod{UID}/{ID}"),
+        format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope"),
+        format!("kubepods-pod{u}.slice:cri-containerd:{ID}"),
+    ] {
+        let path = format!("/system.slice/evil.service/{below}");
+        assert_eq!(parse(&path), evil, "{path}");
+    }
+    // A user's manager: the user's own unit, never a pod or a container.
+    let path = format!(
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods.slice/\
+         kubepods-pod{u}.slice/cri-containerd-{ID}.scope"
+    );
+    assert_eq!(
+        parse(&path),
+        Workload::Unit {
+            name: format!("cri-containerd-{ID}.scope"),
+            user: Some(1000),
+        }
+    );
+    let path = format!("/user.slice/user-1000.slice/user@1000.service/docker/{ID}");
+    assert_eq!(
+        parse(&path),
+        Workload::Unit {
+            name: "user@1000.service".into(),
+            user: Some(1000),
+        }
+    );
+    // A runtime's own unit is looked through to its pods, and is itself otherwise.
+    assert_eq!(
+        parse("/system.slice/containerd.service"),
+        Workload::Unit {
+            name: "containerd.service".into(),
+            user: None,
+        }
+    );
+}
+
 #[test]
 fn a_containers_own_sub_cgroups_still_name_that_container() {
     let u = underscored();

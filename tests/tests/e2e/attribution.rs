@@ -38,6 +38,9 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
             POD.replace('-', "_")
         ),
     );
+    // A service given its subtree (`Delegate=yes`) that mimics that container below itself
+    // is named as itself: before, it was named as the container (helper-124).
+    let mimic = child_cgroup(&topology, &format!("evil.service/docker/{CONTAINER}"));
     for (cgroup, name, expected) in [
         (
             &docker,
@@ -48,6 +51,11 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
             &pod,
             "pod.example.test",
             format!("workload=pod={POD} container={}", &CONTAINER[..12]),
+        ),
+        (
+            &mimic,
+            "mimic.example.test",
+            "workload=unit=evil.service".to_owned(),
         ),
     ] {
         // The first query of a cgroup asks for its name; the next ones carry it.
