@@ -108,6 +108,13 @@ impl Agent {
         Self::start_through(topology, unshare)
     }
 
+    /// The command [`start`](Self::start) runs, not yet started: for a test that runs it
+    /// some other way (through a wrapper of its own, or expecting it to fail).
+    pub fn run_command(topology: &Topology) -> Command {
+        let args = [format!("--listen={PROXY_LISTEN}")];
+        Self::command(&topology.client, &topology.cgroup.path, None, &args)
+    }
+
     /// As [`start`](Self::start), through `wrapper`, which runs the command after its `--`.
     fn start_through(topology: &Topology, mut wrapper: Command) -> Self {
         let args = [format!("--listen={PROXY_LISTEN}")];

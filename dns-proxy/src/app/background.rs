@@ -63,8 +63,8 @@ pub(super) struct Watched {
     pub agent: Cgroup,
     /// The cgroup2 mount that shows the agent's own cgroup.
     pub agent_mount: cgroup::Cgroup2Mount,
-    /// Fired when the agent is out of its own cgroup and cannot go back: it stops, so that
-    /// its service manager starts it anew in its own.
+    /// Fired when the agent is out of its own cgroup and cannot go back, or a background task
+    /// failed: it stops, so that its service manager starts it anew.
     pub stranded: drain::Signal,
 }
 
@@ -89,28 +89,75 @@ pub(super) fn start(
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
+    let failed = watched.stranded.clone();
+    let spawn = |name, ends_early, task| spawn_watched(name, ends_early, task, stop, &failed);
     if let Some(running) = running {
-        tokio::spawn(say_running(running, Arc::clone(readiness), stop.clone()));
+        let task = say_running(running, Arc::clone(readiness), stop.clone());
+        spawn("saying the agent runs", false, Box::pin(task));
     }
     if let Some(routing) = routing {
-        tokio::spawn(keep_routing(routing, Arc::clone(readiness), stop.clone()));
+        let task = keep_routing(routing, Arc::clone(readiness), stop.clone());
+        spawn("watching the blocks' routes", false, Box::pin(task));
     }
-    tokio::spawn(keep_alive(
+    let task = keep_alive(
         Arc::clone(agents),
         Arc::new(pins),
         Arc::clone(redirect_lock),
         stop.clone(),
-    ));
-    tokio::spawn(take_lock_when_free(Arc::clone(redirect_lock), stop.clone()));
-    tokio::spawn(forget_departed(
+    );
+    spawn("the heartbeat", false, Box::pin(task));
+    // Ends once it holds the lock.
+    let task = take_lock_when_free(Arc::clone(redirect_lock), stop.clone());
+    spawn("taking the redirect lock", true, Box::pin(task));
+    let task = forget_departed(
         Arc::clone(servers),
         stats,
         workload_stats,
         root,
         stop.clone(),
-    ));
-    let readiness = Arc::clone(readiness);
-    tokio::spawn(watch_cgroups(watched, readiness, stop.clone()));
+    );
+    spawn("forgetting departed cgroups", false, Box::pin(task));
+    let task = watch_cgroups(watched, Arc::clone(readiness), stop.clone());
+    spawn("watching the cgroups", false, Box::pin(task));
+}
+
+/// A background task, boxed so that tasks of every kind go through one [`spawn_watched`].
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Spawns `task`, and stops the agent with an error (`failed`), to be started anew, if it
+/// panics, or ends before `stop` when it should run until then (`ends_early` unset). Before,
+/// a task that failed ended alone: an agent started at its cgroup's task limit (`pids.max`)
+/// could not start the threads its tasks' blocking work runs on, and ran on with no
+/// heartbeat, no watch on its cgroups and no forgetting, while `/readyz`, `/healthz` and the
+/// watchdog said it was well; once another agent took it for gone, its own answers were
+/// dropped as a stranger's (helper-122: 0 lookups of 194 answered over 60 s).
+fn spawn_watched(
+    name: &'static str,
+    ends_early: bool,
+    task: Task,
+    stop: &drain::Signal,
+    failed: &drain::Signal,
+) {
+    let task = tokio::spawn(task);
+    let (stop, failed) = (stop.clone(), failed.clone());
+    tokio::spawn(async move {
+        let ended = task.await;
+        if stop.is_stopped() || failed.is_stopped() {
+            return;
+        }
+        match ended {
+            Ok(()) if ends_early => return,
+            Ok(()) => log::error!(
+                target: LOG,
+                "{name} stopped: stopping the agent, to be started anew"
+            ),
+            Err(err) => log::error!(
+                target: LOG,
+                "{name} failed ({err}): stopping the agent, to be started anew"
+            ),
+        }
+        failed.stop();
+    });
 }
 
 /// Tells the programs that the agent runs (`ALIVE_AT`) every [`SAY_RUNNING_EVERY`] until

@@ -923,6 +923,85 @@ fn empty_settings_in_the_environment_are_the_defaults() {
     );
 }
 
+/// An agent whose background tasks fail stops with an error, to be started anew, rather than
+/// serving on without its heartbeat, its watch on the cgroups and its forgetting while it says
+/// it is well. Here it starts at its task limit (`pids.max` 3), so the threads their blocking
+/// work runs on cannot start. Before, it ran on with them dead, `/readyz` and `/healthz` 200;
+/// once another agent took it for gone, its own answers were dropped (helper-122).
+#[test]
+fn an_agent_whose_background_tasks_fail_stops_with_an_error() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let controller = Path::new("/sys/fs/cgroup/pids");
+    assert!(
+        controller.is_dir(),
+        "this test needs the cgroup v1 pids controller at {}",
+        controller.display()
+    );
+    let limited = PidsCgroup::new(controller.join(format!("{}-pids", topology.tag)), 3);
+    let inner = Agent::run_command(&topology);
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(&limited.0)
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(
+            inner
+                .get_envs()
+                .filter_map(|(key, value)| Some((key, value?))),
+        )
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut agent = Process::spawn(&mut command);
+    let mut stderr = agent.take_stderr();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        log
+    });
+    let status = agent.wait_exit(Duration::from_secs(20));
+    let log = reader.join().expect("the log");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("stopping the agent, to be started anew"),
+        "{log}"
+    );
+}
+
+/// A cgroup of the v1 pids controller with `pids.max` set; its processes killed and it removed
+/// when dropped.
+struct PidsCgroup(std::path::PathBuf);
+
+impl PidsCgroup {
+    fn new(path: std::path::PathBuf, max: u32) -> Self {
+        fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+        let cgroup = Self(path);
+        fs::write(cgroup.0.join("pids.max"), max.to_string()).expect("set pids.max");
+        cgroup
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let procs = fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs
+            .lines()
+            .filter_map(|line| line.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = wait_for(
+            "the pids cgroup to be removed",
+            Duration::from_secs(5),
+            || fs::remove_dir(&self.0).ok(),
+        );
+    }
+}
+
 /// Signals an operator's tools send to daemons (a log rotation's `kill -USR1`) neither stop
 /// the agent nor lose a lookup: each is logged and ignored, as SIGHUP is without a dnstap file.
 /// Before, each killed it at once, without a drain or a word.
