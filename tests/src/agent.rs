@@ -108,15 +108,14 @@ impl Agent {
         Self::start_through(topology, unshare)
     }
 
-    /// The command [`start`](Self::start) runs, not yet started: for a test that runs it
-    /// some other way (through a wrapper of its own, or expecting it to fail).
-    pub fn run_command(topology: &Topology) -> Command {
-        let args = [format!("--listen={PROXY_LISTEN}")];
-        Self::command(&topology.client, &topology.cgroup.path, None, &args)
+    /// As [`start`](Self::start), through `wrapper`, which runs the command after its `--`.
+    fn start_through(topology: &Topology, wrapper: Command) -> Self {
+        Self::spawn(Self::command_through(topology, wrapper))
     }
 
-    /// As [`start`](Self::start), through `wrapper`, which runs the command after its `--`.
-    fn start_through(topology: &Topology, mut wrapper: Command) -> Self {
+    /// The command [`start_through`](Self::start_through) runs, not yet started: for a test
+    /// that expects the agent to fail.
+    pub fn command_through(topology: &Topology, mut wrapper: Command) -> Command {
         let args = [format!("--listen={PROXY_LISTEN}")];
         let inner = Self::command(&topology.client, &topology.cgroup.path, None, &args);
         wrapper
@@ -129,7 +128,7 @@ impl Agent {
                     .filter_map(|(key, value)| Some((key, value?))),
             )
             .stdout(Stdio::null());
-        Self::spawn(wrapper)
+        wrapper
     }
 
     /// The agent in `netns`, redirecting `redirected`, started inside `join` if given.
