@@ -149,6 +149,12 @@ fn hook_hint(err: &(dyn std::error::Error + 'static), hook: &'static str) -> Str
         .iter()
         .find(|p| p.hook == hook)
         .map_or("a newer kernel", |p| p.min_kernel);
+    // Out of open files: the load failed for want of a descriptor, after a verification that
+    // may have passed and left its log (helper-122 was told of the verifier and Linux 5.17
+    // under `prlimit --nofile=64`).
+    if os_error(err).is_some_and(|os| os.raw_os_error() == Some(libc::EMFILE)) {
+        return hint(err);
+    }
     if refused_by_the_verifier(err) {
         // EACCES or EINVAL then say nothing of the hook, and of privileges only where the
         // agent runs without root (a verifier without CAP_PERFMON refuses pointer arithmetic).
@@ -1058,6 +1064,13 @@ mod tests {
         // Without a log it is still the syscall's error that speaks.
         let text = hook_hint(&refused(libc::EPERM, ""), "cgroup/connect4");
         assert!(text.contains("run dns-proxy as root"), "{text}");
+        // Out of open files after a verification that passed and left its log: the limit is
+        // to blame, not the kernel (helper-122, `prlimit --nofile=64`).
+        let no_descriptor = refused(libc::EMFILE, "verification time 162776 usec
+");
+        let text = hook_hint(&no_descriptor, "cgroup/connect4");
+        assert!(text.contains("out of open files"), "{text}");
+        assert!(!text.contains("verifier refused"), "{text}");
     }
 
     #[test]
