@@ -267,9 +267,10 @@ pub const METRICS: &[Metric] = &[
         labels: &[],
         only_with: Some("--dnstap"),
         help: "dnstap messages written to the log (--dnstap): handed to its 64 KiB write \
-               buffer, so when the file or the reader fails, those still in it are lost \
-               uncounted, and a reader that reads nothing takes a buffer's worth each time \
-               it connects.",
+               buffer, so when the file or the reader fails, those still in it, and for a \
+               socket those in its kernel buffer (net.core.wmem_default, 208 KiB by \
+               default), are lost uncounted: a reader that reads nothing takes about that \
+               much (some 1,400 events) each time it connects.",
         read: Read::Counter(|s| Some(one(s.dnstap.as_ref()?.written()))),
     },
     Metric {
