@@ -548,7 +548,14 @@ fn cacheable(
     if answer.get(HEADER_LEN..question_end) != head.get(HEADER_LEN..) {
         return None;
     }
-    let max_ttl_seconds = u32::try_from(max_ttl.as_secs()).unwrap_or(u32::MAX);
+    // No TTL shown goes past how long the answer is kept: `--cache-max-ttl`, and for a
+    // SERVFAIL its 5 s (before, a SERVFAIL's SOA was shown with 29 s left).
+    let shown_at_most = if rcode == RCODE_SERVFAIL {
+        max_ttl.min(MAX_SERVFAIL_TTL)
+    } else {
+        max_ttl
+    };
+    let max_ttl_seconds = u32::try_from(shown_at_most.as_secs()).unwrap_or(u32::MAX);
     let (answers, authorities, additionals) =
         (count(answer, 6)?, count(answer, 8)?, count(answer, 10)?);
     let mut ttls = Vec::new();
@@ -612,6 +619,9 @@ fn cacheable(
                 if rdata.offset > record.rdata_end {
                     return None;
                 }
+                // A TTL, read as one: with its top bit set it is 0 (RFC 2181 §8). Before, a
+                // MINIMUM of 2^31 let the SOA's own TTL stand (helper-121).
+                let minimum = if minimum & 0x8000_0000 != 0 { 0 } else { minimum };
                 ttl = ttl.min(minimum);
                 negative_ttl = Some(negative_ttl.map_or(ttl, |n| n.min(ttl)));
             }

@@ -275,6 +275,16 @@ fn negative_answers_are_kept_for_the_soa_they_carry_and_show_it_counting_down() 
     ));
     assert_eq!(ttls(&answer), [1]);
 
+    // A MINIMUM with its top bit set is a TTL of 0 (RFC 2181 §8): not kept, whatever the
+    // SOA's own TTL says. Before, the SOA's 20 s stood (helper-121).
+    let top = query(1, "top.example.test.");
+    assert!(!keeps(
+        &cache,
+        &top,
+        &negative_answer(&top, ResponseCode::NXDomain, Some((20, 0x8000_0000))),
+        start
+    ));
+
     // Without an SOA, nothing says how long: not kept.
     let bare = query(1, "bare.example.test.");
     assert!(!keeps(
@@ -304,6 +314,13 @@ fn servfail_is_kept_five_seconds_at_most_and_refused_truncated_or_malformed_neve
         cache.lookup(&parsed(&q), &q, true, start + Duration::from_secs(5)),
         Cached::Miss
     );
+    // Its records are shown with no more than the 5 s it is kept (before: an SOA of 300 s
+    // showed 29, the cap of `--cache-max-ttl`).
+    let with_soa = query(1, "soafail.example.test.");
+    let answer = negative_answer(&with_soa, ResponseCode::ServFail, Some((300, 300)));
+    assert!(keeps(&cache, &with_soa, &answer, start));
+    let hit = fresh(cache.lookup(&parsed(&with_soa), &with_soa, true, start));
+    assert!(ttls(&hit).iter().all(|ttl| *ttl <= 5), "{:?}", ttls(&hit));
 
     let refused = negative_answer(&q, ResponseCode::Refused, Some((300, 300)));
     assert!(!keeps(&cache, &q, &refused, start));
