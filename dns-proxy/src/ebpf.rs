@@ -1066,8 +1066,7 @@ mod tests {
         assert!(text.contains("run dns-proxy as root"), "{text}");
         // Out of open files after a verification that passed and left its log: the limit is
         // to blame, not the kernel (helper-122, `prlimit --nofile=64`).
-        let no_descriptor = refused(libc::EMFILE, "verification time 162776 usec
-");
+        let no_descriptor = refused(libc::EMFILE, "verification time 162776 usec\n");
         let text = hook_hint(&no_descriptor, "cgroup/connect4");
         assert!(text.contains("out of open files"), "{text}");
         assert!(!text.contains("verifier refused"), "{text}");

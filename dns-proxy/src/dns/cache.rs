@@ -621,7 +621,11 @@ fn cacheable(
                 }
                 // A TTL, read as one: with its top bit set it is 0 (RFC 2181 §8). Before, a
                 // MINIMUM of 2^31 let the SOA's own TTL stand (helper-121).
-                let minimum = if minimum & 0x8000_0000 != 0 { 0 } else { minimum };
+                let minimum = if minimum & 0x8000_0000 != 0 {
+                    0
+                } else {
+                    minimum
+                };
                 ttl = ttl.min(minimum);
                 negative_ttl = Some(negative_ttl.map_or(ttl, |n| n.min(ttl)));
             }
