@@ -5,9 +5,15 @@
 //! metrics port.
 //!
 //! Bounded: at most [`MAX_ENTRIES`] (workload, address, name) entries and [`MAX_BYTES`] of
-//! them, least recently recorded out first; expired entries are not shown.
+//! them; expired entries are not shown. Past the bound, the workload that holds the most bytes
+//! gives up its least recently recorded entry, so a workload that floods the table pushes out
+//! its own entries, not another's. Before, one least-recently-recorded list served all: a
+//! workload's 1,100 lookups of 64 addresses each (0.3 s) emptied every other workload's
+//! entries (helper-124).
 use std::{
     cell::RefCell,
+    cmp::Reverse,
+    collections::{BTreeSet, HashMap},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, PoisonError},
@@ -35,9 +41,9 @@ const ENTRY_OVERHEAD: usize = 96;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 
+/// An entry of one workload's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    cgroup: u64,
     address: IpAddr,
     name: Box<str>,
 }
@@ -48,10 +54,76 @@ pub struct Resolutions {
     workloads: Arc<WorkloadNames>,
 }
 
+#[derive(Default)]
 struct Entries {
+    by_cgroup: HashMap<u64, Held>,
+    /// Every cgroup that holds entries, by (bytes, least recently recorded first): the one to
+    /// give up an entry is the last.
+    by_size: BTreeSet<(usize, Reverse<u64>, u64)>,
+    entries: usize,
+    bytes: usize,
+    /// Counts records, to tell which cgroup recorded last.
+    records: u64,
+}
+
+/// One cgroup's entries.
+struct Held {
     /// Unbounded: every eviction is this table's own, so bytes are counted.
     map: LruCache<Key, SystemTime, foldhash::fast::RandomState>,
     bytes: usize,
+    /// When it last recorded ([`Entries::records`]).
+    last: u64,
+}
+
+impl Held {
+    fn rank(&self, cgroup: u64) -> (usize, Reverse<u64>, u64) {
+        (self.bytes, Reverse(self.last), cgroup)
+    }
+}
+
+impl Entries {
+    /// Records `key` for `cgroup`, expiring at `expires`.
+    fn insert(&mut self, cgroup: u64, key: Key, expires: SystemTime) {
+        self.records += 1;
+        let held = self.by_cgroup.entry(cgroup).or_insert_with(|| Held {
+            map: LruCache::with_hasher(usize::MAX, foldhash::fast::RandomState::default()),
+            bytes: 0,
+            last: 0,
+        });
+        self.by_size.remove(&held.rank(cgroup));
+        let size = key.bytes();
+        if held.map.insert(key, expires).is_none() {
+            held.bytes += size;
+            self.bytes += size;
+            self.entries += 1;
+        }
+        held.last = self.records;
+        self.by_size.insert(held.rank(cgroup));
+    }
+
+    /// Takes out the least recently recorded entry of the cgroup that holds the most bytes;
+    /// whether there was one.
+    fn evict_one(&mut self) -> bool {
+        let Some(&(_, _, cgroup)) = self.by_size.last() else {
+            return false;
+        };
+        let held = self
+            .by_cgroup
+            .get_mut(&cgroup)
+            .expect("ranked cgroups hold entries");
+        self.by_size.remove(&held.rank(cgroup));
+        if let Some((evicted, _)) = held.map.remove_lru() {
+            held.bytes -= evicted.bytes();
+            self.bytes -= evicted.bytes();
+            self.entries -= 1;
+        }
+        if held.map.is_empty() {
+            self.by_cgroup.remove(&cgroup);
+        } else {
+            self.by_size.insert(held.rank(cgroup));
+        }
+        true
+    }
 }
 
 impl Key {
@@ -78,10 +150,7 @@ pub struct Resolution {
 impl Resolutions {
     pub fn new(workloads: Arc<WorkloadNames>) -> Self {
         Self {
-            entries: Mutex::new(Entries {
-                map: LruCache::with_hasher(usize::MAX, foldhash::fast::RandomState::default()),
-                bytes: 0,
-            }),
+            entries: Mutex::default(),
             workloads,
         }
     }
@@ -107,43 +176,38 @@ impl Resolutions {
         let mut entries = self.lock();
         for (address, ttl) in addresses {
             let key = Key {
-                cgroup,
                 address,
                 name: name.clone(),
             };
-            let size = key.bytes();
-            if entries
-                .map
-                .insert(key, now + Duration::from_secs(u64::from(ttl)))
-                .is_none()
-            {
-                entries.bytes += size;
-            }
+            entries.insert(cgroup, key, now + Duration::from_secs(u64::from(ttl)));
         }
-        while entries.map.len() > MAX_ENTRIES || entries.bytes > MAX_BYTES {
-            let Some((evicted, _)) = entries.map.remove_lru() else {
-                break;
-            };
-            entries.bytes -= evicted.bytes();
-        }
+        while (entries.entries > MAX_ENTRIES || entries.bytes > MAX_BYTES) && entries.evict_one() {}
     }
 
     /// What workload `workload` (its full form, its short form, or `cgroup-id=N`) resolved
     /// that has not expired, to `address` only if given.
     pub fn lookup(&self, workload: &str, address: Option<IpAddr>) -> Vec<Resolution> {
         let now = SystemTime::now();
-        let entries: Vec<(Key, SystemTime)> = self
-            .lock()
-            .map
-            .iter()
-            .filter(|(key, expires)| {
-                **expires > now && address.is_none_or(|address| key.address == address)
-            })
-            .map(|(key, expires)| (key.clone(), *expires))
+        let cgroups: Vec<u64> = self.lock().by_cgroup.keys().copied().collect();
+        // Named outside the lock: naming may walk the cgroup tree.
+        let cgroups: Vec<u64> = cgroups
+            .into_iter()
+            .filter(|cgroup| self.is_workload(*cgroup, workload))
             .collect();
+        let entries: Vec<(Key, SystemTime)> = {
+            let held = self.lock();
+            cgroups
+                .iter()
+                .filter_map(|cgroup| held.by_cgroup.get(cgroup))
+                .flat_map(|held| held.map.iter())
+                .filter(|(key, expires)| {
+                    **expires > now && address.is_none_or(|address| key.address == address)
+                })
+                .map(|(key, expires)| (key.clone(), *expires))
+                .collect()
+        };
         let mut found: Vec<Resolution> = entries
             .into_iter()
-            .filter(|(key, _)| self.is_workload(key.cgroup, workload))
             .map(|(key, expires)| Resolution {
                 name: key.name.into(),
                 address: key.address,
@@ -168,7 +232,7 @@ impl Resolutions {
     /// (entries, bytes) kept now.
     pub fn size(&self) -> (usize, usize) {
         let entries = self.lock();
-        (entries.map.len(), entries.bytes)
+        (entries.entries, entries.bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -425,13 +489,58 @@ pub(crate) mod tests {
         let (entries, bytes) = table.size();
         assert!(entries <= MAX_ENTRIES, "{entries}");
         assert!(bytes <= MAX_BYTES, "{bytes}");
-        // The oldest went first.
-        assert!(table.lookup("cgroup-id=1", None).is_empty());
+        // Of workloads that hold as much, the least recently recorded gives up an entry first.
+        assert_eq!(table.lookup("cgroup-id=1", None).len(), 1);
         assert_eq!(
             table
                 .lookup(&format!("cgroup-id={}", MAX_ENTRIES / 2 + 10), None)
                 .len(),
             2
+        );
+    }
+
+    /// A workload that floods the table pushes out its own entries, not another's: the one
+    /// that holds the most gives up its oldest. Before, one list served all, and a flood of
+    /// 1,100 answers of 64 addresses each emptied every other workload's (helper-124).
+    #[test]
+    fn a_workload_that_floods_the_table_pushes_out_its_own_entries_not_anothers() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        for i in 0..20 {
+            table.record(
+                7,
+                &answer(&format!("victim{i}.example.test.")),
+                Moment::now(),
+            );
+        }
+        for i in 0..(MAX_ENTRIES / 2 + 1000) {
+            table.record(
+                9,
+                &answer(&format!("flood{i}.example.test.")),
+                Moment::now(),
+            );
+        }
+        assert_eq!(table.lookup("cgroup-id=7", None).len(), 40);
+        let (entries, bytes) = table.size();
+        assert!(
+            entries <= MAX_ENTRIES && bytes <= MAX_BYTES,
+            "{entries} {bytes}"
+        );
+        // The flooder keeps its newest.
+        let flooded = table.lookup("cgroup-id=9", None);
+        assert_eq!(flooded.len(), entries - 40);
+        let last = format!("flood{}.example.test.", MAX_ENTRIES / 2 + 999);
+        assert!(flooded.iter().any(|row| row.name == last));
+        // Bytes too: a flood of long names takes no more of the victim's.
+        let long = "x".repeat(60);
+        for i in 0..40_000 {
+            let name = format!("{long}.{long}.{long}.{i}.example.test.");
+            table.record(11, &answer(&name), Moment::now());
+        }
+        assert_eq!(table.lookup("cgroup-id=7", None).len(), 40);
+        let (entries, bytes) = table.size();
+        assert!(
+            entries <= MAX_ENTRIES && bytes <= MAX_BYTES,
+            "{entries} {bytes}"
         );
     }
 
