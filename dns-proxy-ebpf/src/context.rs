@@ -217,6 +217,36 @@ pub fn ctx_bind_source4(ctx: &SockAddrContext, addr_be: u32) {
     };
 }
 
+/// `struct sockaddr_in6`, as `bpf_bind` reads it.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr_be: [u32; 4],
+    scope_id: u32,
+}
+
+/// Binds the socket to the IPv6 address `addr_be`, its port left to `connect` to pick
+/// (`bpf_bind` with port 0). connect6 only.
+pub fn ctx_bind_source6(ctx: &SockAddrContext, addr_be: [u32; 4]) {
+    let mut addr = SockaddrIn6 {
+        family: AF_INET6,
+        port_be: 0,
+        flowinfo: 0,
+        addr_be,
+        scope_id: 0,
+    };
+    // SAFETY: as for `ctx_bind_source4`, with an initialized `sockaddr_in6`.
+    unsafe {
+        bpf_bind(
+            raw(ctx),
+            (&raw mut addr).cast::<sockaddr>(),
+            size_of::<SockaddrIn6>() as i32,
+        )
+    };
+}
+
 /// The cookie of the network namespace of the socket behind `ctx`. Every hook.
 pub fn ctx_netns_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper takes the program's own context, the pointer the kernel passed it (the

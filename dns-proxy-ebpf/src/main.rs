@@ -65,7 +65,7 @@ use crate::{
     interface::note_unicast_if,
     sock::{
         release_sock, sock4_connect, sock4_guard_bind, sock4_sendmsg, sock4_xlate_rev,
-        sock6_guard_bind, sock6_sendmsg, sock6_xlate_fwd, sock6_xlate_rev,
+        sock6_connect, sock6_guard_bind, sock6_sendmsg, sock6_xlate_rev,
     },
     steer::steer_to_proxy,
 };
@@ -225,7 +225,7 @@ pub fn dns_proxy_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_proxy_connect6(ctx: SockAddrContext) -> i32 {
-    sock6_xlate_fwd(&ctx, Hook::Connect)
+    sock6_connect(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]

@@ -25,8 +25,8 @@ use crate::{
     },
     config,
     context::{
-        ctx_bind_source4, ctx_local_ip4, ctx_local_ip6, ctx_local_port, ctx_msg_src_ip4,
-        ctx_msg_src_ip6, ctx_peer4, ctx_peer6, ctx_set_user_ip4, ctx_set_user_ip6,
+        ctx_bind_source4, ctx_bind_source6, ctx_local_ip4, ctx_local_ip6, ctx_local_port,
+        ctx_msg_src_ip4, ctx_msg_src_ip6, ctx_peer4, ctx_peer6, ctx_set_user_ip4, ctx_set_user_ip6,
         ctx_set_user_port, ctx_sock_kind, ctx_sock_peer, ctx_sock_type, ctx_user_ip4, ctx_user_ip6,
         ctx_user_port,
     },
@@ -71,6 +71,45 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
         Some(&source) if source != 0 => ctx_bind_source4(ctx, source),
         _ => {}
     }
+}
+
+/// connect6: [`sock6_xlate_fwd`]; a socket of the agent's namespace it sends to the block for
+/// a server at `::1` or `::` is first bound to `::1`, the source it would have had
+/// ([`bind_loopback_source6`]). Inlined into the program, and the bind in a frame of its own
+/// after [`sock6_xlate_fwd`] returns: one frame more on that path is past Linux 6.1's 512
+/// bytes ("combined stack size of 5 calls is 544").
+#[inline(always)]
+pub fn sock6_connect(ctx: &SockAddrContext) -> i32 {
+    let loopback_server = is_native_loopback6(ctx_user_ip6(ctx));
+    let verdict = sock6_xlate_fwd(ctx, Hook::Connect);
+    if loopback_server && !is_native_loopback6(ctx_user_ip6(ctx)) {
+        bind_loopback_source6(ctx);
+    }
+    verdict
+}
+
+/// `::1` or `::`, not a v4-mapped address (a dual-stack socket bound to `::1` could no longer
+/// reach an IPv4 server, and its IPv4 path has a source of its own).
+fn is_native_loopback6(addr_be: [u32; 4]) -> bool {
+    let [a, b, c, d] = addr_be;
+    a == 0 && b == 0 && c == 0 && (d == 0 || d == u32::from_ne_bytes([0, 0, 0, 1]))
+}
+
+/// Binds an IPv6 socket of the agent's namespace that `connect6` sends to the block for a
+/// loopback or unspecified server, and that has no address or port yet, to `::1`. Without it
+/// the route to the block picks the source among the host's addresses (RFC 6724: its ULA or
+/// global one), which `getsockname` showed for a socket that asked `[::1]:53`; once that
+/// address expired (SLAAC, privacy addresses, renumbering) every lookup of the socket was
+/// lost, and the agent's answers left the host towards it (helper-123). IPv6 sockets to other
+/// servers are left alone (see [`bind_direct_source4`]). Best effort, as there.
+#[inline(never)]
+fn bind_loopback_source6(ctx: &SockAddrContext) {
+    let config = config();
+    if !in_agent_namespace(ctx, &config) || ctx_local_ip6(ctx) != [0; 4] || ctx_local_port(ctx) != 0
+    {
+        return;
+    }
+    ctx_bind_source6(ctx, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
 }
 
 /// sendmsg4: [`sock4_xlate_fwd`], but a `sendto` that names the server of the block address

@@ -485,6 +485,67 @@ fn host_mode_leaves_other_namespaces_sockets_alone() {
     );
 }
 
+/// Host mode: an IPv6 socket connected to a stub on `[::1]:53` keeps `::1` as its source, as
+/// without the agent, and keeps resolving when the host's global address goes away (a
+/// renumbering, an expired SLAAC or privacy address). Before, it took the address the route to
+/// the block gave (RFC 6724: the host's ULA or global one); once that was gone, every lookup of
+/// the socket was lost, and the agent's answers left the host towards it (helper-123).
+#[test]
+fn an_ipv6_socket_to_a_loopback_stub_keeps_its_loopback_source() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let mut stub = topology.client.command("dnsmasq");
+    stub.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=::1",
+        "--address=/stub.test/198.51.100.53",
+        "--pid-file=",
+        "--user=root",
+        "--cache-size=0",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _stub = Process::spawn(&mut stub);
+    wait_for("the stub on [::1]:53", Duration::from_secs(10), || {
+        let output = topology
+            .outsider("dig", &["@::1", "ready.stub.test", "+short", "+time=1"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .contains("198.51.100.53")
+            .then_some(())
+    });
+    let script = r#"
+import socket, struct, subprocess
+def ask(s, name):
+    q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    for label in name.encode().split(b"."):
+        q += bytes([len(label)]) + label
+    s.send(q + b"\0" + struct.pack(">HH", 1, 1))
+    try:
+        a = s.recv(512)
+        return socket.inet_ntoa(a[-4:])
+    except OSError as e:
+        return f"lost ({e})"
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("::1", 53))
+print(s.getsockname()[0])
+print(ask(s, "before.stub.test"))
+subprocess.run(["ip", "-6", "addr", "flush", "scope", "global"], check=True)
+print(ask(s, "after.stub.test"))
+"#;
+    let seen = stdout(&mut topology.workload("python3", &["-c", script]));
+    assert_eq!(seen, "::1\n198.51.100.53\n198.51.100.53", "{}", agent.log());
+    for name in ["before.stub.test", "after.stub.test"] {
+        assert!(agent.query_line(name).is_some(), "{name}: {}", agent.log());
+    }
+}
+
 /// Node mode: pods keep their own loopback stubs; a node process keeps the node's stub, and
 /// asking 0.0.0.0 reaches the node's loopback; no pod reaches the node's loopback services
 /// through the agent, by any address or protocol.
