@@ -346,8 +346,14 @@ async fn serve(
     if listeners.v4.port() == 53 || listeners.v6.is_some_and(|v6| v6.port() == 53) {
         warn_of_agents_above(scope.target);
     }
-    let (mut redirector, servers, kernel_counters, agents, pins) =
-        attach(config, &scope, &listeners, metrics_listener.as_ref())?;
+    let Attached {
+        mut redirector,
+        servers,
+        kernel_counters,
+        agents,
+        pins,
+        made_pins,
+    } = attach(config, &scope, &listeners, metrics_listener.as_ref())?;
     let servers = Arc::new(servers);
     let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
         .chain(listeners.v6.map(SocketAddr::V6))
@@ -439,6 +445,7 @@ async fn serve(
     }
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);
+    made_pins.keep();
     readiness.set(true);
     service_manager.ready();
     tokio::spawn(
@@ -537,9 +544,11 @@ fn attach(
     scope: &Scope<'_>,
     listeners: &Listeners,
     metrics: Option<&TcpListener>,
-) -> Result<(Redirector, ServerTable, KernelCounters, Agents, host::Pins), RunError> {
+) -> Result<Attached, RunError> {
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
     host::check_pins(&pins)?;
+    // Taken back if the start fails: see `MadePins`.
+    let made_pins = host::MadePins::note(&pins);
     let block4 = Block {
         addresses: config.block4,
         port: listeners.v4.port(),
@@ -606,10 +615,29 @@ fn attach(
             u64::from(share) * 2
         ),
     }
-    let (redirector, servers, counters, agents) = attached;
+    let (redirector, servers, kernel_counters, agents) = attached;
     // Held once the load has pinned them: pinned again if the state directory goes.
     let pins = host::Pins::hold(&pins)?;
-    Ok((redirector, servers, counters, agents, pins))
+    Ok(Attached {
+        redirector,
+        servers,
+        kernel_counters,
+        agents,
+        pins,
+        made_pins,
+    })
+}
+
+/// What [`attach`] gives: the programs attached, and the kernel state they share.
+struct Attached {
+    redirector: Redirector,
+    servers: ServerTable,
+    kernel_counters: KernelCounters,
+    agents: Agents,
+    /// Held, to be pinned again if they go.
+    pins: host::Pins,
+    /// Taken back if the start fails.
+    made_pins: host::MadePins,
 }
 
 /// Once everything is bound and attached: drops privileges (not for `exec`), lets workload

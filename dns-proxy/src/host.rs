@@ -421,6 +421,51 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
     Ok(())
 }
 
+/// The pins a start made (none were there before it loaded the programs). If the start
+/// fails, dropping this removes them: they hold an empty table no agent serves, which the
+/// next agent would load in place of a running agent's, whose pins were removed a moment
+/// before (`rm -rf` of the state directory, which that agent pins again within seconds).
+/// Before, a `--takeover` refused in that moment (nothing to take over: the pins it found
+/// were its own new ones) left them, and every later start loaded the empty table: sockets
+/// sent to the block before were refused for good (helper-122, 4 of 4 tries).
+#[must_use]
+#[derive(Debug)]
+pub struct MadePins {
+    paths: Vec<PathBuf>,
+    keep: bool,
+}
+
+impl MadePins {
+    /// Notes which of the pins in `dir`, the table's directory, are not there yet.
+    pub fn note(dir: &Path) -> Self {
+        let paths = PINS
+            .iter()
+            .map(|(name, ..)| dir.join(name))
+            .filter(|path| !path.exists())
+            .collect();
+        Self { paths, keep: false }
+    }
+
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for MadePins {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for path in &self.paths {
+            match fs::remove_file(path) {
+                Ok(()) => log::info!("removed {}: the agent did not start", path.display()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => log::warn!("removing {}: {err}", path.display()),
+            }
+        }
+    }
+}
+
 /// The pinned maps (the table of servers, the agents' maps), held open so that they can be
 /// pinned again: a state directory removed while the agent runs (by hand, or a bpffs mounted
 /// over it) would leave the next agent a fresh table, by whose indexes the sockets connected

@@ -949,6 +949,39 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     holder.close();
 }
 
+/// A start that fails takes back the pins it made. Here the state directory is removed while
+/// an agent runs (frozen meanwhile, so that it does not pin its table again first), and a
+/// `--takeover` started then finds nothing to take over (the pins it made are its own, of an
+/// empty table) and fails. Before, its empty table stayed pinned, the running agent left it
+/// alone, and every later start loaded it: sockets sent to the block before were refused for
+/// good, and every `--takeover` was refused as if no agent ran (helper-122, 4 of 4 tries).
+#[test]
+fn a_start_that_fails_takes_back_the_pins_it_made() {
+    let Harness {
+        mut agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    let state = topology.client.state_dir();
+    agent.process().signal(libc::SIGSTOP);
+    std::fs::remove_dir_all(&state).expect("remove the state directory");
+    let mut takeover = Agent::command_through(&topology, Command::new("env"));
+    takeover.arg("--takeover").stderr(Stdio::piped());
+    let output = takeover.output().expect("run the takeover");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("no dns-proxy of the same blocks"), "{log}");
+    agent.process().signal(libc::SIGCONT);
+    // The running agent pins its own table again, and a takeover then finds it.
+    wait_for_log(&agent, "pinned again");
+    let next = Agent::start(&topology, &["--takeover"]);
+    assert_answered(
+        dig(topology.workload("dig", &[]), "after.example.test", &[]),
+        "dig after",
+    );
+    assert!(next.log().contains("taking over from"), "{}", next.log());
+}
+
 /// The edges of pinning the table again. A state directory deep in a bpffs whose top
 /// directory is removed: every level is made again and pinned (before, only the last two
 /// levels were, so it said it could not and never did). `AGENTS` alone gone beside the table:
