@@ -24,6 +24,9 @@ use super::{
 
 /// Clients that may wait on one query; more are forwarded on their own.
 const MAX_WAITERS_PER_QUERY: usize = 256;
+/// Queries of one key in flight at once that others may wait on, each with the clients that
+/// asked it again; a query unlike them all goes on its own past it.
+const MAX_GROUPS_PER_KEY: usize = 8;
 /// The largest query a waiter keeps whole, to send on its own should the answer it waits for
 /// not be for it: a plain query, padded (RFC 8467) or with a cookie, is well below it, and the
 /// waiters of `--max-inflight` 4,096 keep 5 MiB of queries at most.
@@ -60,36 +63,45 @@ pub struct Waiter {
 /// What a query identical to others became.
 #[derive(Debug)]
 pub enum Joined {
-    /// It leads: it goes to the upstream, and must be [`Coalescer::finish`]ed.
-    Leads(Box<Waiter>),
+    /// It leads: it goes to the upstream, and its group must be [`Coalescer::finish`]ed.
+    Leads(Box<Waiter>, Group),
     /// It waits for the leading query's answer.
     Waits,
     /// The leading query's clients were served a stale answer while its refresh goes on
     /// (`--serve-stale`): so is this one's, at once.
     ServeStale(Box<Waiter>),
-    /// Too many wait already, the leading query left too long ago ([`COALESCE_WITHIN`]), it
-    /// is not this one asked again ([`same_query`]), or this query is too long to keep
-    /// ([`MAX_KEPT_QUERY`]) for sending on its own should that answer not be for it: it goes
-    /// to the upstream on its own.
+    /// Too many wait already, the query it would wait on left too long ago
+    /// ([`COALESCE_WITHIN`]), its key has [`MAX_GROUPS_PER_KEY`] groups unlike it, or it is
+    /// too long to keep ([`MAX_KEPT_QUERY`]) for sending on its own should an answer not be
+    /// for it: it goes to the upstream on its own.
     Alone(Box<Waiter>),
 }
 
+/// Which of a key's groups a leading query leads.
+pub type Group = u64;
+
+/// A query in flight and the clients that asked it again meanwhile.
 #[derive(Debug)]
 struct InFlight {
+    group: Group,
     /// When the leading query came.
     started: Instant,
-    /// The leading query as it went upstream (`None`: longer than [`MAX_KEPT_QUERY`], and
-    /// none waits on it), and where its client cookie lies.
-    query: Option<Box<[u8]>>,
+    /// The leading query as it went upstream, and where its client cookie lies.
+    query: Box<[u8]>,
     client_cookie_at: Option<usize>,
     waiters: Vec<Waiter>,
     served_stale: bool,
 }
 
-/// The queries in flight that identical ones may wait on.
+/// The queries in flight that identical ones may wait on: for each key, a group per query
+/// unlike the others ([`same_query`]). Before, a key had one group, and a query unlike its
+/// leader went upstream alone: one odd query for a hot name (another UDP size, padding) kept
+/// every later identical query from waiting, 21 upstream queries for 21 lookups where one
+/// sufficed (helper-125).
 #[derive(Debug)]
 pub struct Coalescer {
-    in_flight: Mutex<HashMap<CacheKey, InFlight>>,
+    in_flight: Mutex<HashMap<CacheKey, Vec<InFlight>>>,
+    next_group: std::sync::atomic::AtomicU64,
     /// Waiters over all queries, bounded by `max_waiting`.
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -100,59 +112,78 @@ impl Coalescer {
     pub fn new(max_waiting: usize) -> Self {
         Self {
             in_flight: Mutex::default(),
+            next_group: std::sync::atomic::AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             max_waiting,
         }
     }
 
-    /// Registers `waiter`'s query, which came `now`: it leads if no identical one is in
-    /// flight, and otherwise waits or is served as the leading one's clients were.
+    /// Registers `waiter`'s query, which came `now`: it waits if the same query is in flight
+    /// (or is served as that query's clients were), and otherwise leads a group of its own.
     pub fn join(&self, waiter: Waiter, now: Instant) -> Joined {
         let waiter = Box::new(waiter);
-        let mut in_flight = self.lock();
-        let Some(leading) = in_flight.get_mut(&waiter.query.key) else {
-            let leading = InFlight {
-                started: now,
-                query: waiter.message.clone(),
-                client_cookie_at: waiter.query.client_cookie_at,
-                waiters: Vec::new(),
-                served_stale: false,
-            };
-            in_flight.insert(waiter.query.key.clone(), leading);
-            return Joined::Leads(waiter);
+        let Some(message) = waiter.message.as_deref() else {
+            return Joined::Alone(waiter);
         };
-        if leading.served_stale {
-            return Joined::ServeStale(waiter);
+        let mut in_flight = self.lock();
+        let groups = in_flight.entry(waiter.query.key.clone()).or_default();
+        if let Some(group) = groups.iter_mut().find(|group| same_query(group, &waiter)) {
+            if group.served_stale {
+                return Joined::ServeStale(waiter);
+            }
+            if now.saturating_duration_since(group.started) >= COALESCE_WITHIN
+                || group.waiters.len() >= MAX_WAITERS_PER_QUERY
+                || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
+            {
+                return Joined::Alone(waiter);
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            group.waiters.push(*waiter);
+            return Joined::Waits;
         }
-        if now.saturating_duration_since(leading.started) >= COALESCE_WITHIN
-            || !same_query(leading, &waiter)
-            || leading.waiters.len() >= MAX_WAITERS_PER_QUERY
-            || self.waiting.load(Ordering::Relaxed) >= self.max_waiting
-        {
+        if groups.len() >= MAX_GROUPS_PER_KEY {
             return Joined::Alone(waiter);
         }
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        leading.waiters.push(*waiter);
-        Joined::Waits
+        let group = self.next_group.fetch_add(1, Ordering::Relaxed);
+        groups.push(InFlight {
+            group,
+            started: now,
+            query: message.into(),
+            client_cookie_at: waiter.query.client_cookie_at,
+            waiters: Vec::new(),
+            served_stale: false,
+        });
+        Joined::Leads(waiter, group)
     }
 
-    /// The leading query under `key` is settled (answered, failed or timed out): returns its
-    /// waiters, for the leader to answer if it can.
-    pub fn finish(&self, key: &CacheKey) -> Vec<Waiter> {
-        let waiters = self
-            .lock()
-            .remove(key)
-            .map(|in_flight| in_flight.waiters)
+    /// The query leading `group` of `key` is settled (answered, failed or timed out): returns
+    /// its waiters, for the leader to answer if it can.
+    pub fn finish(&self, key: &CacheKey, group: Group) -> Vec<Waiter> {
+        let mut in_flight = self.lock();
+        let Some(groups) = in_flight.get_mut(key) else {
+            return Vec::new();
+        };
+        let waiters = groups
+            .iter()
+            .position(|in_flight| in_flight.group == group)
+            .map(|at| groups.swap_remove(at).waiters)
             .unwrap_or_default();
+        if groups.is_empty() {
+            in_flight.remove(key);
+        }
         self.waiting.fetch_sub(waiters.len(), Ordering::Relaxed);
         waiters
     }
 
-    /// The leading query under `key` is overdue and its clients get a stale answer: returns
-    /// its waiters, and from now on [`join`](Self::join) says to serve the same at once.
-    pub fn serve_stale(&self, key: &CacheKey) -> Vec<Waiter> {
+    /// The query leading `group` of `key` is overdue and its clients get a stale answer:
+    /// returns its waiters, and from now on [`join`](Self::join) says to serve the same at
+    /// once to the clients that ask it again.
+    pub fn serve_stale(&self, key: &CacheKey, group: Group) -> Vec<Waiter> {
         let mut in_flight = self.lock();
-        let Some(leading) = in_flight.get_mut(key) else {
+        let Some(leading) = in_flight
+            .get_mut(key)
+            .and_then(|groups| groups.iter_mut().find(|in_flight| in_flight.group == group))
+        else {
             return Vec::new();
         };
         leading.served_stale = true;
@@ -166,7 +197,7 @@ impl Coalescer {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, InFlight>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Vec<InFlight>>> {
         self.in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -182,8 +213,7 @@ impl Coalescer {
 /// (helper-121). It also keeps a client from waiting on a query that asked for a smaller UDP
 /// size, whose answer may be truncated or lack records where its own would not.
 fn same_query(leading: &InFlight, waiter: &Waiter) -> bool {
-    let (Some(leading_query), Some(query)) = (leading.query.as_deref(), waiter.message.as_deref())
-    else {
+    let (leading_query, Some(query)) = (&*leading.query, waiter.message.as_deref()) else {
         return false;
     };
     let question_end = waiter.head.len();
@@ -238,7 +268,7 @@ mod tests {
     #[test]
     fn the_first_query_leads_identical_ones_wait_and_finishing_hands_them_over() {
         let coalescer = Coalescer::new(100);
-        let Joined::Leads(leader) = coalescer.join_now(waiter("a.example.test", 1)) else {
+        let Joined::Leads(leader, group) = coalescer.join_now(waiter("a.example.test", 1)) else {
             panic!("the first leads");
         };
         for port in 2..5 {
@@ -250,17 +280,17 @@ mod tests {
         // Another name leads on its own.
         assert!(matches!(
             coalescer.join_now(waiter("b.example.test", 9)),
-            Joined::Leads(_)
+            Joined::Leads(..)
         ));
         assert_eq!(coalescer.waiting(), 3);
-        let waiters = coalescer.finish(&leader.query.key);
+        let waiters = coalescer.finish(&leader.query.key, group);
         let ports: Vec<u16> = waiters.iter().map(|w| w.client.port()).collect();
         assert_eq!(ports, [2, 3, 4]);
         assert_eq!(coalescer.waiting(), 0);
         // Settled: the next identical query leads again.
         assert!(matches!(
             coalescer.join_now(waiter("a.example.test", 5)),
-            Joined::Leads(_)
+            Joined::Leads(..)
         ));
     }
 
@@ -279,7 +309,7 @@ mod tests {
         use crate::dns::cache::tests::{query_with_options, query_with_size_and_flags};
         let coalescer = Coalescer::new(100);
         let sized = |size: u16| query_with_size_and_flags(7, "a.example.test", size, 0);
-        let Joined::Leads(leader) = coalescer.join_now(waiter_of(sized(1232), 1)) else {
+        let Joined::Leads(leader, group) = coalescer.join_now(waiter_of(sized(1232), 1)) else {
             panic!("the first leads");
         };
         // Another ID, the name in other letters: the same query.
@@ -290,44 +320,69 @@ mod tests {
             coalescer.join_now(waiter_of(again, 2)),
             Joined::Waits
         ));
-        coalescer.finish(&leader.query.key);
-        // Each client's own cookie: the same query.
+        // Each client's own cookie: the same query, in a group of its own.
         let cookie = |client: u8| query_with_options(7, "a.example.test", &[(10, &[client; 8])]);
-        let Joined::Leads(leader) = coalescer.join_now(waiter_of(cookie(1), 1)) else {
-            panic!("the first leads");
-        };
         assert!(matches!(
-            coalescer.join_now(waiter_of(cookie(2), 2)),
+            coalescer.join_now(waiter_of(cookie(1), 3)),
+            Joined::Leads(..)
+        ));
+        assert!(matches!(
+            coalescer.join_now(waiter_of(cookie(2), 4)),
             Joined::Waits
         ));
-        // The same key, but not the same query: it goes on its own, whatever the difference.
-        for other in [
+        // The same key, but not the same query: each leads a group of its own, which the
+        // same query asked again waits on, whatever the other groups hold. Before, a query
+        // unlike the leader went alone, and so did every later one like it (helper-125).
+        let others = [
             sized(512),
             sized(4096),
-            sized(1232),
             query_with_options(7, "a.example.test", &[(12, &[0; 64])]),
             query_with_options(7, "a.example.test", &[(10, &[1; 16])]),
-        ] {
+        ];
+        for (port, other) in (10..).zip(others.clone()) {
             assert!(matches!(
-                coalescer.join_now(waiter_of(other, 3)),
-                Joined::Alone(_)
+                coalescer.join_now(waiter_of(other, port)),
+                Joined::Leads(..)
             ));
         }
-        coalescer.finish(&leader.query.key);
+        for (port, other) in (20..).zip(others) {
+            assert!(matches!(
+                coalescer.join_now(waiter_of(other, port)),
+                Joined::Waits
+            ));
+        }
+        let waiters = coalescer.finish(&leader.query.key, group);
+        let ports: Vec<u16> = waiters.iter().map(|w| w.client.port()).collect();
+        assert_eq!(ports, [2], "the first group's own");
+        // Past eight groups of a key, a query unlike them all goes alone.
+        for port in 30..33 {
+            let padded =
+                query_with_options(7, "a.example.test", &[(12, &vec![0; usize::from(port)])]);
+            assert!(matches!(
+                coalescer.join_now(waiter_of(padded, port)),
+                Joined::Leads(..)
+            ));
+        }
+        let ninth = query_with_options(7, "a.example.test", &[(12, &[0; 40])]);
+        assert!(matches!(
+            coalescer.join_now(waiter_of(ninth, 40)),
+            Joined::Alone(_)
+        ));
 
-        // None waits on a query too long to keep, nor is one too long kept waiting: a padded
-        // query that the server drops led, and every client waiting on it went unanswered.
+        // A query too long to keep neither leads nor waits: a padded query that the server
+        // drops led, and every client waiting on it went unanswered (helper-121).
+        let fresh = Coalescer::new(100);
         let padded = query_with_options(7, "a.example.test", &[(12, &[0; 2000])]);
         assert!(matches!(
-            coalescer.join_now(waiter_of(padded.clone(), 4)),
-            Joined::Leads(_)
-        ));
-        assert!(matches!(
-            coalescer.join_now(waiter_of(sized(1232), 5)),
+            fresh.join_now(waiter_of(padded.clone(), 4)),
             Joined::Alone(_)
         ));
         assert!(matches!(
-            coalescer.join_now(waiter_of(padded, 6)),
+            fresh.join_now(waiter_of(sized(1232), 5)),
+            Joined::Leads(..)
+        ));
+        assert!(matches!(
+            fresh.join_now(waiter_of(padded, 6)),
             Joined::Alone(_)
         ));
     }
@@ -337,7 +392,7 @@ mod tests {
         let coalescer = Coalescer::new(3);
         assert!(matches!(
             coalescer.join_now(waiter("a.example.test", 1)),
-            Joined::Leads(_)
+            Joined::Leads(..)
         ));
         for port in 2..5 {
             assert!(matches!(
@@ -355,19 +410,19 @@ mod tests {
     #[test]
     fn once_a_query_is_served_stale_identical_ones_are_served_stale_at_once() {
         let coalescer = Coalescer::new(100);
-        let Joined::Leads(leader) = coalescer.join_now(waiter("a.example.test", 1)) else {
+        let Joined::Leads(leader, group) = coalescer.join_now(waiter("a.example.test", 1)) else {
             panic!("the first leads");
         };
         assert!(matches!(
             coalescer.join_now(waiter("a.example.test", 2)),
             Joined::Waits
         ));
-        assert_eq!(coalescer.serve_stale(&leader.query.key).len(), 1);
+        assert_eq!(coalescer.serve_stale(&leader.query.key, group).len(), 1);
         assert_eq!(coalescer.waiting(), 0);
         assert!(matches!(
             coalescer.join_now(waiter("a.example.test", 3)),
             Joined::ServeStale(_)
         ));
-        assert!(coalescer.finish(&leader.query.key).is_empty());
+        assert!(coalescer.finish(&leader.query.key, group).is_empty());
     }
 }

@@ -485,6 +485,46 @@ fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_i
     assert_eq!(super::value(&page, "dns_proxy_cache_coalesced_total"), 19);
 }
 
+/// A query unlike the others of its key in flight (another UDP size here) leads a group of its
+/// own, and identical queries asked meanwhile still wait on one another: two upstream queries
+/// for twenty-one lookups. Before, a query unlike the one in flight went upstream alone, and so
+/// did every later identical one: 21 upstream queries (helper-125).
+#[test]
+fn an_odd_query_in_flight_does_not_keep_identical_ones_from_waiting_on_each_other() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 79);
+    let authority = Authority::start(&topology, server);
+    let _agent = Agent::start(&topology, &["--cache-size=1000"]);
+    let dig_from = |port: u16, extra: &[&str]| {
+        let mut command = topology.workload("dig", &[]);
+        command
+            .arg(format!("@{server}"))
+            .args(["-b", &format!("0.0.0.0#{port}")])
+            .args(["slow.example.test", "+time=4", "+tries=1", "+short"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped());
+        command.spawn().expect("spawn dig")
+    };
+    // The authority answers `slow` after 1.5 s: all ask while the first two are on their way.
+    let odd = dig_from(20300, &["+bufsize=4096"]);
+    std::thread::sleep(Duration::from_millis(100));
+    let first = dig_from(20301, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    let clients: Vec<_> = (20302..20322).map(|port| dig_from(port, &[])).collect();
+    for client in std::iter::once(odd)
+        .chain(std::iter::once(first))
+        .chain(clients)
+    {
+        let output = client.wait_with_output().expect("dig");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "198.51.100.1"
+        );
+    }
+    let asked = authority.queries("slow.example.test");
+    assert_eq!(asked.len(), 2, "two upstream queries: {asked:?}");
+}
+
 #[test]
 fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_seconds() {
     let topology = Topology::new();

@@ -13,7 +13,7 @@ use super::{LOG, UdpProxy, count_unsent, mmsg, pending::Pending, pool::random, u
 use crate::dns::{
     Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
-    coalesce::{Coalescer, Joined, MAX_KEPT_QUERY, Waiter},
+    coalesce::{Coalescer, Group, Joined, MAX_KEPT_QUERY, Waiter},
     per_client::ClientSlot,
     stats::Stats,
     wire,
@@ -61,20 +61,21 @@ impl CachedQuery {
 pub(super) struct Leading {
     in_flight: Arc<Coalescer>,
     key: Option<CacheKey>,
+    group: Group,
 }
 
 impl Leading {
     /// Its waiters, now that it is settled.
     pub(super) fn finish(mut self) -> Vec<Waiter> {
         let key = self.key.take().expect("finished once");
-        self.in_flight.finish(&key)
+        self.in_flight.finish(&key, self.group)
     }
 
     /// Its waiters, who get a stale answer; from now on identical queries get one at once.
     pub(super) fn serve_stale(&self) -> Vec<Waiter> {
         self.key
             .as_ref()
-            .map(|key| self.in_flight.serve_stale(key))
+            .map(|key| self.in_flight.serve_stale(key, self.group))
             .unwrap_or_default()
     }
 }
@@ -82,7 +83,7 @@ impl Leading {
 impl Drop for Leading {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.in_flight.finish(&key);
+            self.in_flight.finish(&key, self.group);
         }
     }
 }
@@ -238,11 +239,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
                 return FromCache::Handled;
             }
-            Joined::Leads(waiter) => {
+            Joined::Leads(waiter, group) => {
                 let key = Some(waiter.query.key.clone());
                 let leading = Leading {
                     in_flight: Arc::clone(in_flight),
                     key,
+                    group,
                 };
                 (waiter, Some(leading))
             }
