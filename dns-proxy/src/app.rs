@@ -352,7 +352,6 @@ async fn serve(
         kernel_counters,
         agents,
         pins,
-        made_pins,
     } = attach(config, &scope, &listeners, metrics_listener.as_ref())?;
     let servers = Arc::new(servers);
     let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
@@ -445,7 +444,6 @@ async fn serve(
     }
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);
-    made_pins.keep();
     readiness.set(true);
     service_manager.ready();
     tokio::spawn(
@@ -547,8 +545,18 @@ fn attach(
 ) -> Result<Attached, RunError> {
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
     host::check_pins(&pins)?;
-    // Taken back if the start fails: see `MadePins`.
-    let made_pins = host::MadePins::note(&pins);
+    // A takeover with no list of agents pinned has no agent of its state directory to take
+    // over from: refused before the load, which would pin a fresh, empty table. Refused after
+    // it, such a start left that table pinned where a running agent's pins had just been
+    // removed (the state directory removed by hand; that agent pins its own again within
+    // 2 s), the running agent left it alone, and every later start loaded it: sockets sent to
+    // the block before were refused for good (helper-122, 4 of 4 tries).
+    if listeners.joined_another_agent && !host::agents_pinned(&pins) {
+        return Err(crate::ebpf::EbpfError::NothingToTakeOver {
+            state_dir: pins.display().to_string(),
+        }
+        .into());
+    }
     let block4 = Block {
         addresses: config.block4,
         port: listeners.v4.port(),
@@ -624,7 +632,6 @@ fn attach(
         kernel_counters,
         agents,
         pins,
-        made_pins,
     })
 }
 
@@ -636,8 +643,6 @@ struct Attached {
     agents: Agents,
     /// Held, to be pinned again if they go.
     pins: host::Pins,
-    /// Taken back if the start fails.
-    made_pins: host::MadePins,
 }
 
 /// Once everything is bound and attached: drops privileges (not for `exec`), lets workload

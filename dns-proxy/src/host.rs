@@ -329,6 +329,12 @@ const PINS: [(&str, u32, u32, u32); 7] = [
     ),
 ];
 
+/// Whether the list of running agents is pinned in `pins`, the table's directory: without it
+/// no agent of this state directory runs to take over from.
+pub fn agents_pinned(pins: &Path) -> bool {
+    pins.join(dns_proxy_common::names::AGENTS).exists()
+}
+
 /// Checks the pins in `pins`, if there are any: both halves of the table of servers or
 /// neither, and each a hash map of the layout this agent uses. (aya would reuse any pinned
 /// map by that name.)
@@ -419,51 +425,6 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
         }
     }
     Ok(())
-}
-
-/// The pins a start made (none were there before it loaded the programs). If the start
-/// fails, dropping this removes them: they hold an empty table no agent serves, which the
-/// next agent would load in place of a running agent's, whose pins were removed a moment
-/// before (`rm -rf` of the state directory, which that agent pins again within seconds).
-/// Before, a `--takeover` refused in that moment (nothing to take over: the pins it found
-/// were its own new ones) left them, and every later start loaded the empty table: sockets
-/// sent to the block before were refused for good (helper-122, 4 of 4 tries).
-#[must_use]
-#[derive(Debug)]
-pub struct MadePins {
-    paths: Vec<PathBuf>,
-    keep: bool,
-}
-
-impl MadePins {
-    /// Notes which of the pins in `dir`, the table's directory, are not there yet.
-    pub fn note(dir: &Path) -> Self {
-        let paths = PINS
-            .iter()
-            .map(|(name, ..)| dir.join(name))
-            .filter(|path| !path.exists())
-            .collect();
-        Self { paths, keep: false }
-    }
-
-    pub fn keep(mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for MadePins {
-    fn drop(&mut self) {
-        if self.keep {
-            return;
-        }
-        for path in &self.paths {
-            match fs::remove_file(path) {
-                Ok(()) => log::info!("removed {}: the agent did not start", path.display()),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => log::warn!("removing {}: {err}", path.display()),
-            }
-        }
-    }
 }
 
 /// The pinned maps (the table of servers, the agents' maps), held open so that they can be

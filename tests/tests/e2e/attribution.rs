@@ -949,14 +949,15 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     holder.close();
 }
 
-/// A start that fails takes back the pins it made. Here the state directory is removed while
-/// an agent runs (frozen meanwhile, so that it does not pin its table again first), and a
-/// `--takeover` started then finds nothing to take over (the pins it made are its own, of an
-/// empty table) and fails. Before, its empty table stayed pinned, the running agent left it
-/// alone, and every later start loaded it: sockets sent to the block before were refused for
-/// good, and every `--takeover` was refused as if no agent ran (helper-122, 4 of 4 tries).
+/// A `--takeover` with no agent of its state directory to take over from pins nothing. Here the
+/// state directory is removed while an agent runs (frozen meanwhile, so that it does not pin
+/// its table again first), and a `--takeover` started then is refused before it loads. Before,
+/// it loaded first, pinning a fresh, empty table, then was refused and left it: the running
+/// agent left it alone, and every later start loaded it, so sockets sent to the block before
+/// were refused for good, and every `--takeover` was refused as if no agent ran (helper-122,
+/// 4 of 4 tries).
 #[test]
-fn a_start_that_fails_takes_back_the_pins_it_made() {
+fn a_takeover_refused_pins_no_table_of_its_own() {
     let Harness {
         mut agent,
         topology,
