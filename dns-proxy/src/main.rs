@@ -22,7 +22,7 @@ const USAGE_ERROR: u8 = 2;
 fn drop_empty_settings() {
     let empty: Vec<std::ffi::OsString> = std::env::vars_os()
         .filter(|(name, value)| {
-            value.as_encoded_bytes().trim_ascii().is_empty()
+            is_blank(value.as_encoded_bytes())
                 && name
                     .to_str()
                     .is_some_and(|name| name.starts_with("DNS_PROXY_"))
@@ -34,6 +34,13 @@ fn drop_empty_settings() {
         // writes the environment meanwhile.
         unsafe { std::env::remove_var(name) };
     }
+}
+
+/// Empty, only white space (`\v` included, which `trim_ascii` keeps), or an empty pair of
+/// quotes, which Docker's `--env-file` passes on as they are (`DNS_PROXY_CACHE_SIZE=""`).
+fn is_blank(value: &[u8]) -> bool {
+    let value = value.trim_ascii();
+    matches!(value, b"\"\"" | b"''") || value.iter().all(|b| b.is_ascii_whitespace() || *b == 0x0b)
 }
 
 fn main() -> ExitCode {

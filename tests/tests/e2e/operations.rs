@@ -915,6 +915,8 @@ fn empty_settings_in_the_environment_are_the_defaults() {
         ("DNS_PROXY_UPSTREAM", " "),
         ("DNS_PROXY_CACHE_SIZE", "\t"),
         ("DNS_PROXY_METRICS", "  "),
+        ("DNS_PROXY_MAX_INFLIGHT", "\u{b}"),
+        ("DNS_PROXY_SHUTDOWN_TIMEOUT", "\"\""),
     ];
     let _agent = Agent::start_with_env(&topology, &[], &empty);
     assert_eq!(
