@@ -352,7 +352,13 @@ async fn serve(
         kernel_counters,
         agents,
         pins,
-    } = attach(config, &scope, &listeners, metrics_listener.as_ref())?;
+    } = attach(
+        config,
+        &scope,
+        &listeners,
+        metrics_listener.as_ref(),
+        redirect_lock.replaces_another_agent(),
+    )?;
     let servers = Arc::new(servers);
     let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
         .chain(listeners.v6.map(SocketAddr::V6))
@@ -542,18 +548,24 @@ fn attach(
     scope: &Scope<'_>,
     listeners: &Listeners,
     metrics: Option<&TcpListener>,
+    replaces_an_agent: bool,
 ) -> Result<Attached, RunError> {
     let pins = host::prepare_state_dir(&config.state_dir, config.block4, config.block6)?;
     host::check_pins(&pins)?;
-    // A takeover with no list of agents pinned has no agent of its state directory to take
-    // over from: refused before the load, which would pin a fresh, empty table. Refused after
-    // it, such a start left that table pinned where a running agent's pins had just been
-    // removed (the state directory removed by hand; that agent pins its own again within
-    // 2 s), the running agent left it alone, and every later start loaded it: sockets sent to
-    // the block before were refused for good (helper-122, 4 of 4 tries).
-    if listeners.joined_another_agent && !host::agents_pinned(&pins) {
-        return Err(crate::ebpf::EbpfError::NothingToTakeOver {
-            state_dir: pins.display().to_string(),
+    // A takeover (of another agent's listen address, or of the lock on redirecting this
+    // cgroup) with no list of agents pinned has no agent of its state directory to take over
+    // from: refused before the load, which would pin a fresh, empty table. Refused after it,
+    // or not at all on another port, such a start left that table pinned where a running
+    // agent's pins had just been removed (the state directory removed by hand; that agent
+    // pins its own again within 2 s), the running agent left it alone, and every later start
+    // loaded it: sockets sent to the block before were refused for good (helper-122, 4 of 4
+    // tries; helper-126, on another port).
+    if (listeners.joined_another_agent || replaces_an_agent) && !host::agents_pinned(&pins) {
+        let state_dir = pins.display().to_string();
+        return Err(if listeners.joined_another_agent {
+            crate::ebpf::EbpfError::NothingToTakeOver { state_dir }
+        } else {
+            crate::ebpf::EbpfError::NoAgentsPinned { state_dir }
         }
         .into());
     }

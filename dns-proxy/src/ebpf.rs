@@ -107,6 +107,12 @@ pub enum EbpfError {
          shares its --state-dir (and so its table of servers)"
     )]
     NothingToTakeOver { state_dir: String },
+    #[error(
+        "--takeover: another dns-proxy redirects this cgroup, but its --state-dir {state_dir} \
+         holds no list of running agents (removed while it runs?): it pins its own again within \
+         2 s; start again then"
+    )]
+    NoAgentsPinned { state_dir: String },
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
     Map {
         map: &'static str,

@@ -212,6 +212,11 @@ impl RedirectLock {
         }
     }
 
+    /// Whether another agent holds the lock, which this one takes over from once it lets go.
+    pub fn replaces_another_agent(&self) -> bool {
+        matches!(*self.state(), State::Waiting { .. })
+    }
+
     /// Takes the lock if this agent does not hold it and it is free. Holding it, takes back
     /// the listen name if another process had it, and clears what looks at the holder's pid
     /// left in the listen queue.

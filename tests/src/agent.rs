@@ -108,6 +108,12 @@ impl Agent {
         Self::start_through(topology, unshare)
     }
 
+    /// The command [`start`](Self::start) runs with `args` in place of its `--listen`, not
+    /// yet started: for a test that expects the agent to fail.
+    pub fn command_with(topology: &Topology, args: &[String]) -> Command {
+        Self::command(&topology.client, &topology.cgroup.path, None, args)
+    }
+
     /// As [`start`](Self::start), through `wrapper`, which runs the command after its `--`.
     fn start_through(topology: &Topology, wrapper: Command) -> Self {
         Self::spawn(Self::command_through(topology, wrapper))

@@ -87,6 +87,20 @@ impl Process {
         wait_for("the process to exit", limit, || self.exit_status())
     }
 
+    /// Waits for the process to exit, at most `limit`, reading its standard error (it was
+    /// spawned with a pipe) meanwhile, so that a long log cannot block it: its status and
+    /// that log.
+    pub fn wait_exit_with_stderr(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let mut stderr = self.take_stderr();
+        let reader = std::thread::spawn(move || {
+            let mut log = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            log
+        });
+        let status = self.wait_exit(limit);
+        (status, reader.join().expect("the log reader"))
+    }
+
     /// Its standard output (it was spawned with a pipe), to read while it runs.
     pub fn take_stdout(&mut self) -> ChildStdout {
         self.child

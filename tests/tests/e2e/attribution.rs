@@ -951,7 +951,8 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
 
 /// A `--takeover` with no agent of its state directory to take over from pins nothing. Here the
 /// state directory is removed while an agent runs (frozen meanwhile, so that it does not pin
-/// its table again first), and a `--takeover` started then is refused before it loads. Before,
+/// its table again first), and a `--takeover` started then, on its listen address or another
+/// one, is refused before it loads. Before,
 /// it loaded first, pinning a fresh, empty table, then was refused and left it: the running
 /// agent left it alone, and every later start loaded it, so sockets sent to the block before
 /// were refused for good, and every `--takeover` was refused as if no agent ran (helper-122,
@@ -966,12 +967,21 @@ fn a_takeover_refused_pins_no_table_of_its_own() {
     let state = topology.client.state_dir();
     agent.process().signal(libc::SIGSTOP);
     std::fs::remove_dir_all(&state).expect("remove the state directory");
-    let mut takeover = Agent::command_through(&topology, Command::new("env"));
-    takeover.arg("--takeover").stderr(Stdio::piped());
-    let output = takeover.output().expect("run the takeover");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
-    assert!(log.contains("no dns-proxy of the same blocks"), "{log}");
+    // On the agent's own listen address, and on another one (which joins no agent's port,
+    // and takes over only the lock on redirecting the cgroup).
+    for (listen, refusal) in [
+        (PROXY_LISTEN, "no dns-proxy of the same blocks"),
+        ("127.0.0.1:8054", "holds no list of running agents"),
+    ] {
+        let args = [format!("--listen={listen}"), "--takeover".to_owned()];
+        let mut takeover = Agent::command_with(&topology, &args);
+        takeover.stderr(Stdio::piped());
+        // Bounded: one not refused serves on (killed when dropped).
+        let mut process = tests::Process::spawn(&mut takeover);
+        let (status, log) = process.wait_exit_with_stderr(Duration::from_secs(20));
+        assert!(!status.success(), "{listen}: {log}");
+        assert!(log.contains(refusal), "{listen}: {log}");
+    }
     agent.process().signal(libc::SIGCONT);
     // The running agent pins its own table again, and a takeover then finds it.
     wait_for_log(&agent, "pinned again");

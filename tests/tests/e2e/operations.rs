@@ -949,14 +949,7 @@ fn an_agent_whose_background_tasks_fail_stops_with_an_error() {
     let mut command = Agent::command_through(&topology, wrapper);
     command.env("RUST_LOG", "info").stderr(Stdio::piped());
     let mut agent = Process::spawn(&mut command);
-    let mut stderr = agent.take_stderr();
-    let reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
-        log
-    });
-    let status = agent.wait_exit(Duration::from_secs(20));
-    let log = reader.join().expect("the log");
+    let (status, log) = agent.wait_exit_with_stderr(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("stopping the agent, to be started anew"),
