@@ -487,8 +487,8 @@ fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_i
 
 /// A query unlike the others of its key in flight (another UDP size here) leads a group of its
 /// own, and identical queries asked meanwhile still wait on one another: two upstream queries
-/// for twenty-one lookups. Before, a query unlike the one in flight went upstream alone, and so
-/// did every later identical one: 21 upstream queries (helper-125).
+/// for twenty-two lookups. Before, a query unlike the one in flight went upstream alone, and so
+/// did every later identical one: one upstream query per lookup (helper-125).
 #[test]
 fn an_odd_query_in_flight_does_not_keep_identical_ones_from_waiting_on_each_other() {
     let topology = Topology::new();
