@@ -7,9 +7,11 @@
 //! An AXFR ends with the next SOA. An IXFR's SOAs after the first alternate between the
 //! start of a set of deletions (an old serial) and of additions (a newer one), and the
 //! transfer ends with S at a deletion's place; an IXFR answered with the whole zone (its
-//! second record not an SOA) ends as an AXFR does, with S at that place too; one answered with
-//! the SOA alone says the client is up to date. An error, or a message that cannot be read,
-//! ends it as well.
+//! second record not an SOA) ends as an AXFR does, with S at that place too. An IXFR whose S
+//! is no newer than the serial the client sent (its query's authority section) is answered
+//! with that SOA alone: the client is up to date (RFC 1995 §2), as dig and BIND's `xfrin`
+//! decide. A newer S alone in the first message is only the start of a transfer sent one
+//! record a message. An error, or a message that cannot be read, ends it as well.
 use super::wire::{self, HEADER_LEN, Reader};
 
 const TYPE_SOA: u16 = 6;
@@ -26,6 +28,9 @@ enum Kind {
 #[derive(Debug)]
 pub struct Transfer {
     kind: Kind,
+    /// An IXFR's: the serial of the SOA in the query's authority section, the version the
+    /// client has.
+    client_serial: Option<u32>,
     /// The serial of the first record, the SOA the transfer brings the client to.
     serial: Option<u32>,
     /// SOA records seen after the first.
@@ -43,8 +48,13 @@ impl Transfer {
             TYPE_IXFR => Kind::Ixfr,
             _ => return None,
         };
+        let client_serial = match kind {
+            Kind::Ixfr => client_serial(query),
+            Kind::Axfr => None,
+        };
         Some(Self {
             kind,
+            client_serial,
             serial: None,
             later_soas: 0,
             messages: 0,
@@ -89,8 +99,7 @@ impl Transfer {
                     return Some(true);
                 };
                 self.serial = Some(serial);
-                // An IXFR answered with the SOA alone: the client is up to date.
-                if self.kind == Kind::Ixfr && answers == 1 {
+                if self.kind == Kind::Ixfr && self.up_to_date(serial, answers) {
                     return Some(true);
                 }
                 continue;
@@ -106,6 +115,32 @@ impl Transfer {
         }
         Some(false)
     }
+}
+
+impl Transfer {
+    /// Whether an IXFR whose first SOA has `serial` says the client is up to date: that SOA no
+    /// newer than the client's. A query without the client's SOA (which servers refuse) is
+    /// taken as up to date when the SOA is all the first message holds.
+    fn up_to_date(&self, serial: u32, answers: u16) -> bool {
+        match self.client_serial {
+            Some(client) => !serial_is_newer(serial, client),
+            None => answers == 1,
+        }
+    }
+}
+
+/// Serial number arithmetic (RFC 1982): whether `serial` is newer than `than`, across the wrap.
+fn serial_is_newer(serial: u32, than: u32) -> bool {
+    serial != than && serial.wrapping_sub(than) < 1 << 31
+}
+
+/// The serial of the first SOA after an IXFR query's question: the client's version of the
+/// zone (RFC 1995 §3, in the authority section).
+fn client_serial(query: &[u8]) -> Option<u32> {
+    wire::records(query)?
+        .map_while(|record| record)
+        .find(|(_, record)| record.rtype == TYPE_SOA)
+        .and_then(|(_, record)| soa_serial(query, record.rdata_start))
 }
 
 /// The serial of the SOA whose data starts at `rdata`: after two names (MNAME, RNAME).
@@ -171,9 +206,23 @@ pub(crate) mod tests {
         message.to_vec().unwrap()
     }
 
+    /// An IXFR query from a client that has the zone at `serial`.
+    fn ixfr_from(serial: u32) -> Vec<u8> {
+        let mut message = Message::new();
+        message
+            .set_id(7)
+            .add_query(Query::query(zone(), RecordType::IXFR))
+            .add_name_server(soa(serial));
+        message.to_vec().unwrap()
+    }
+
     /// Feeds `messages` in turn; returns after how many the transfer was over.
     fn ends_after(kind: RecordType, messages: &[Vec<Record>]) -> Option<usize> {
-        let mut transfer = Transfer::for_query(&query(kind))?;
+        ends_after_query(&query(kind), kind, messages)
+    }
+
+    fn ends_after_query(query: &[u8], kind: RecordType, messages: &[Vec<Record>]) -> Option<usize> {
+        let mut transfer = Transfer::for_query(query)?;
         messages
             .iter()
             .enumerate()
@@ -221,6 +270,38 @@ pub(crate) mod tests {
         assert_eq!(
             ends_after(ixfr, &[vec![soa(7), a(1)], vec![a(2), soa(7)]]),
             Some(2)
+        );
+    }
+
+    #[test]
+    fn an_ixfr_sent_one_record_a_message_is_followed_past_its_first_soa() {
+        let ixfr = RecordType::IXFR;
+        let one_a_message = |records: Vec<Record>| -> Vec<Vec<Record>> {
+            records.into_iter().map(|record| vec![record]).collect()
+        };
+        // 5 to 7 in one step, as a server sending one record a message does (helper-128: the
+        // relay took the first message for "up to date", and a half-closing client got 1 of 10).
+        let steps = one_a_message(vec![soa(7), soa(5), a(1), soa(7), a(2), soa(7)]);
+        assert_eq!(ends_after_query(&ixfr_from(5), ixfr, &steps), Some(6));
+        assert_eq!(ends_after_query(&ixfr_from(5), ixfr, &steps[..5]), None);
+        // Answered with the whole zone, one record a message.
+        let zone = one_a_message(vec![soa(7), a(1), a(2), soa(7)]);
+        assert_eq!(ends_after_query(&ixfr_from(5), ixfr, &zone), Some(4));
+        // Up to date, or ahead of the server: the SOA alone is the whole answer.
+        assert_eq!(
+            ends_after_query(&ixfr_from(7), ixfr, &[vec![soa(7)]]),
+            Some(1)
+        );
+        assert_eq!(
+            ends_after_query(&ixfr_from(8), ixfr, &[vec![soa(7)]]),
+            Some(1)
+        );
+        // Serials wrap (RFC 1982): 5 is newer than 0xffff_fff0.
+        let wrapped = ixfr_from(0xffff_fff0);
+        assert_eq!(ends_after_query(&wrapped, ixfr, &[vec![soa(5)]]), None);
+        assert_eq!(
+            ends_after_query(&ixfr_from(5), ixfr, &[vec![soa(0xffff_fff0)]]),
+            Some(1)
         );
     }
 
