@@ -26,6 +26,28 @@ fn is_response(header: &[u8]) -> bool {
     header[2] & 0x80 != 0
 }
 
+/// DNS Stateful Operations (RFC 8490).
+const OPCODE_DSO: u8 = 6;
+
+/// DSO's Keepalive TLV (RFC 8490 §7.1): inactivity timeout, then keepalive interval, in ms.
+const DSO_KEEPALIVE: u16 = 1;
+
+fn is_dso(message: &[u8]) -> bool {
+    message.len() >= HEADER_LEN && (message[2] >> 3) & 0x0f == OPCODE_DSO
+}
+
+/// A DSO message a server sends of its own accord (RFC 8490 §5.4): a request (QR clear),
+/// which answers no query of the client's, and which the client may have to answer.
+pub fn is_dso_request(message: &[u8]) -> bool {
+    is_dso(message) && !is_response(message)
+}
+
+/// A client's response to its server's DSO request: the QR bit set, opcode DSO, no records
+/// (RFC 8490 §5.4: the four counts are zero, TLVs follow the header).
+pub fn is_dso_response(message: &[u8]) -> bool {
+    is_dso(message) && is_response(message) && message[4..HEADER_LEN].iter().all(|&b| b == 0)
+}
+
 /// A message worth forwarding as a query: a full header with the QR bit clear, and at most one
 /// question (what every resolver sends; none at all is legal, e.g. for cookie refreshes) that
 /// lies within the message. Anything else is not DNS, or not something a server would answer.
@@ -350,10 +372,30 @@ pub fn tcp_keepalive(answer: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(timeout.try_into().ok()?))
 }
 
-/// Whether a query asks for edns-tcp-keepalive (RFC 7828): only then may its server's answer
-/// carry one.
+/// Whether a query asks for edns-tcp-keepalive (RFC 7828), or starts a DSO session (RFC 8490,
+/// whose every message may carry a Keepalive TLV): only then may its server's answer give an
+/// idle timeout.
 pub fn asks_tcp_keepalive(query: &[u8]) -> bool {
-    edns_option(query, OPTION_TCP_KEEPALIVE).is_some()
+    is_dso(query) || edns_option(query, OPTION_TCP_KEEPALIVE).is_some()
+}
+
+/// The idle timeout a DSO message's Keepalive TLV gives, in units of 100 ms (rounded up, at
+/// most `u16::MAX`), if it has one.
+pub fn dso_keepalive(message: &[u8]) -> Option<u16> {
+    if !is_dso(message) {
+        return None;
+    }
+    let mut reader = Reader::new(message, HEADER_LEN);
+    loop {
+        let kind = reader.u16()?;
+        let length = usize::from(reader.u16()?);
+        let data = message.get(reader.offset..reader.offset + length)?;
+        reader.offset += length;
+        if kind == DSO_KEEPALIVE {
+            let inactivity = u32::from_be_bytes(data.get(..4)?.try_into().ok()?);
+            return Some(u16::try_from(inactivity.div_ceil(100)).unwrap_or(u16::MAX));
+        }
+    }
 }
 
 /// The data of option `code` in `message`'s OPT record, if it has both.
@@ -506,5 +548,32 @@ mod tests {
         formerr.truncate(formerr.len() - 1);
         assert_eq!(describe_rcode(&formerr), "FormErr (unparsable)");
         assert_eq!(describe_rcode(&formerr[..5]), "? (unparsable)");
+    }
+
+    #[test]
+    fn a_dso_keepalive_is_read_after_other_tlvs_and_never_past_the_end() {
+        let header = |flags: u8| [0, 9, flags, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let request = header(6 << 3);
+        let mut message = request.to_vec();
+        // An unknown TLV, then a Keepalive of 1,234 ms (rounded up to 13 x 100 ms).
+        message.extend_from_slice(&[0x12, 0x34, 0, 2, 0xaa, 0xbb, 0, 1, 0, 8]);
+        message.extend_from_slice(&1234u32.to_be_bytes());
+        message.extend_from_slice(&0u32.to_be_bytes());
+        assert!(is_dso_request(&message) && !is_dso_response(&message));
+        assert!(asks_tcp_keepalive(&message));
+        assert_eq!(dso_keepalive(&message), Some(13));
+        for cut in 0..message.len() - 4 {
+            assert_eq!(dso_keepalive(&message[..cut]), None, "cut at {cut}");
+        }
+        // Forever (0xffffffff) saturates.
+        let mut forever = request.to_vec();
+        forever.extend_from_slice(&[0, 1, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+        assert_eq!(dso_keepalive(&forever), Some(u16::MAX));
+        // A response with records is not DSO's; neither is a plain query.
+        let mut response = header(0x80 | 6 << 3).to_vec();
+        assert!(is_dso_response(&response));
+        response[5] = 1;
+        assert!(!is_dso_response(&response));
+        assert!(!is_dso_request(&query(1)) && dso_keepalive(&query(1)).is_none());
     }
 }

@@ -219,7 +219,7 @@ impl Connection {
         {
             return;
         }
-        if let Some(timeout) = wire::tcp_keepalive(answer) {
+        if let Some(timeout) = wire::tcp_keepalive(answer).or_else(|| wire::dso_keepalive(answer)) {
             self.keepalive
                 .store(timeout, std::sync::atomic::Ordering::Relaxed);
         }

@@ -379,6 +379,15 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     Err(err) => return Closed::ClientError(err),
                 };
             Stats::add(&stats.received);
+            if wire::is_dso_response(&query) {
+                // The client's response to a request of its server's (a DSO session, RFC
+                // 8490): relayed, and no answer awaited.
+                conn.set_reading(false);
+                if let Err(err) = write_message(&mut upstream, &query).await {
+                    return Closed::UpstreamError(err);
+                }
+                continue;
+            }
             if !wire::is_query(&query) {
                 // Nothing more is read (what follows may not be framed as the client thinks),
                 // but the queries before it still get their answers, as a server's would.
@@ -545,6 +554,16 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 }
                 Err(err) => return Closed::UpstreamError(err),
             };
+            if wire::is_dso_request(&answer) {
+                // A request of the server's own (a DSO session's): it answers no query.
+                conn.touch();
+                if let Err(err) = write_message(&mut *client.lock().await, &answer).await {
+                    return Closed::ClientError(err);
+                }
+                conn.touch();
+                conn.note_keepalive(&answer);
+                continue;
+            }
             let id = wire::message_id(&answer).unwrap_or_default();
             // A zone transfer's query stays pending until its last message.
             let connection::Settled {

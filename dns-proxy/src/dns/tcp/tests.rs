@@ -372,6 +372,68 @@ async fn a_connection_stays_open_as_long_as_its_server_told_the_client() {
     }
 }
 
+/// A DSO session (RFC 8490) goes through as it would directly: the server's requests reach
+/// the client, the client's responses to them reach the server (helper-128: the relay took
+/// them for malformed queries and closed the connection), and the Keepalive TLV's inactivity
+/// timeout keeps the connection open past the relay's own idle timeout.
+#[tokio::test]
+async fn a_dso_session_goes_through_both_ways_and_keeps_its_keepalive() {
+    // A DSO message: ID, QR, opcode 6, no records, then the TLV (type, length, data).
+    let dso = |id: u16, response: bool, tlv: &[u8]| {
+        let mut message = id.to_be_bytes().to_vec();
+        message.extend_from_slice(&[u8::from(response) << 7 | 6 << 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        message.extend_from_slice(tlv);
+        message
+    };
+    // Keepalive: 1 s of inactivity allowed, a keepalive every 10 s.
+    let mut keepalive = vec![0, 1, 0, 8];
+    keepalive.extend_from_slice(&1000u32.to_be_bytes());
+    keepalive.extend_from_slice(&10_000u32.to_be_bytes());
+    let server_request = dso(0x5555, false, &[0xf0, 0x00, 0, 0]);
+    let client_response = dso(0x5555, true, &[]);
+    let proxy = proxy(None, Duration::from_millis(200)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    let server = {
+        let (keepalive, server_request) = (keepalive.clone(), server_request.clone());
+        let client_response = client_response.clone();
+        tokio::spawn(async move {
+            // The session's start, answered with the server's Keepalive, then a request of
+            // the server's own, whose response must come back before anything else.
+            let start = read_message(&mut upstream).await.unwrap().unwrap();
+            let id = u16::from_be_bytes([start[0], start[1]]);
+            write_message(&mut upstream, &dso(id, true, &keepalive))
+                .await
+                .unwrap();
+            write_message(&mut upstream, &server_request).await.unwrap();
+            let response = read_message(&mut upstream).await.unwrap().unwrap();
+            assert_eq!(response, client_response);
+            while let Ok(Some(query)) = read_message(&mut upstream).await {
+                write_message(&mut upstream, &answer_to(&query))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    write_message(&mut client, &dso(7, false, &keepalive))
+        .await
+        .unwrap();
+    async fn read(client: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
+        let read = timeout(Duration::from_secs(2), read_message(client)).await;
+        read.unwrap().unwrap()
+    }
+    assert_eq!(read(&mut client).await, Some(dso(7, true, &keepalive)));
+    assert_eq!(read(&mut client).await, Some(server_request));
+    write_message(&mut client, &client_response).await.unwrap();
+    // Idle three times the relay's own 200 ms, within the server's 1 s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    write_message(&mut client, &query(1)).await.unwrap();
+    assert_eq!(read(&mut client).await, Some(answer_to(&query(1))));
+    let closed = timeout(Duration::from_secs(3), relay).await.unwrap();
+    assert_eq!(closed.unwrap(), Closed::Idle.to_string());
+    assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 0);
+    server.abort();
+}
+
 async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {
     proxy_with_limits(original, idle, 4, 4).await
 }
