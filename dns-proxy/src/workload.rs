@@ -3,7 +3,7 @@
 //! The kernel side reports `bpf_get_current_cgroup_id()`, the inode number of the asking
 //! process's cgroup v2 directory. [`CgroupPaths`] turns that id into the directory's path
 //! under the cgroup2 mount, and [`Workload::from_cgroup_path`] names the workload from the
-//! shapes that Kubernetes, Docker and systemd give their cgroups.
+//! shapes that Kubernetes, Docker, Podman, LXC and systemd give their cgroups.
 //!
 //! The names are labels, not proof: a workload that was delegated its cgroup subtree (a
 //! systemd service with `Delegate=yes`, every user's own manager `user@<uid>.service`, a
@@ -47,6 +47,9 @@ pub enum Workload {
     },
     /// A Docker container outside Kubernetes: its 64-hex id.
     Docker { id: String },
+    /// A container of another runtime: `runtime` is `podman` (`libpod-<64 hex>`, the id) or
+    /// `lxc` (LXC, LXD and Incus: `lxc.payload.<name>`, the name).
+    Container { runtime: &'static str, id: String },
     /// A systemd unit (`foo.service`, `session-2.scope`); `user` is the uid when the unit is
     /// one of a user's: under `user-<uid>.slice`, including units of that user's own
     /// manager (`user@<uid>.service/app.slice/x.service` is `x.service` of that user).
@@ -97,6 +100,7 @@ impl Workload {
                 container: None,
             } => write!(f, "pod={uid}"),
             Workload::Docker { id } => write!(f, "docker={}", short(id)),
+            Workload::Container { runtime, id } => write!(f, "{runtime}={}", short(id)),
             Workload::Unit { name, user: None } => write!(f, "unit={name}"),
             Workload::Unit {
                 name,
@@ -159,6 +163,11 @@ fn outermost(parts: &[&str]) -> Option<Workload> {
         if let Some(id) = docker_at(parts, at) {
             // A kind node: a Docker container whose kubelet runs pods inside it.
             return Some(pod(&parts[at + 1..]).unwrap_or(Workload::Docker { id }));
+        }
+        // Not looked through: an unprivileged container's root (LXC's, or Podman's with
+        // systemd inside) may make cgroups in its own, shaped as anything (helper-127).
+        if let Some(container) = container_at(parts, at) {
+            return Some(container);
         }
         if is_unit(part) {
             if RUNTIME_UNITS.contains(part)
@@ -274,6 +283,36 @@ fn docker_at(parts: &[&str], at: usize) -> Option<String> {
         None => return None,
     };
     is_container_id(id).then(|| id.to_owned())
+}
+
+/// A Podman or LXC container whose cgroup is `parts[at]`: `libpod-<id>` (cgroupfs manager)
+/// or `libpod-<id>.scope` (systemd; `libpod-conmon-<id>.scope` is its monitor, a unit), and
+/// `lxc.payload.<name>` (LXC 4 and later, LXD, Incus). An LXC name that does not validate
+/// still ends the search: the path up to it names the workload.
+fn container_at(parts: &[&str], at: usize) -> Option<Workload> {
+    let part = parts[at];
+    if let Some(name) = part.strip_prefix("lxc.payload.") {
+        let valid = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        return Some(match valid {
+            true => Workload::Container {
+                runtime: "lxc",
+                id: name.to_owned(),
+            },
+            false => Workload::Cgroup {
+                path: format!("/{}", parts[..=at].join("/")),
+            },
+        });
+    }
+    let name = part.strip_prefix("libpod-")?;
+    let id = name.strip_suffix(".scope").unwrap_or(name);
+    is_container_id(id).then(|| Workload::Container {
+        runtime: "podman",
+        id: id.to_owned(),
+    })
 }
 
 /// The unit `parts[at]` (a `.service` or `.scope`); inside a user's manager

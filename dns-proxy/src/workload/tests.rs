@@ -180,6 +180,68 @@ fn names_docker_containers_of_both_drivers() {
     assert_eq!(docker.key(), format!("docker={ID}"));
 }
 
+/// Podman's and LXC's containers are named as such, and, as the outermost identity, keep an
+/// unprivileged container's root from naming itself after a pod or a unit by making cgroups
+/// in its own (helper-127: an unprivileged LXC container was logged, counted and listed as
+/// `pod=... container=...` and as `unit=sshd.service`).
+#[test]
+fn names_podman_and_lxc_containers_and_nothing_below_them() {
+    let u = underscored();
+    let podman = Workload::Container {
+        runtime: "podman",
+        id: ID.into(),
+    };
+    let lxc = Workload::Container {
+        runtime: "lxc",
+        id: "web-1".into(),
+    };
+    assert_eq!(parse(&format!("/libpod_parent/libpod-{ID}")), podman);
+    assert_eq!(parse(&format!("/machine.slice/libpod-{ID}.scope")), podman);
+    assert_eq!(parse("/lxc.payload.web-1"), lxc);
+    for below in [
+        format!("kubepods/burstable/pod{UID}/{ID}"),
+        format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope"),
+        format!("docker/{ID}"),
+        "system.slice/sshd.service".to_owned(),
+        "init.scope".to_owned(),
+    ] {
+        assert_eq!(
+            parse(&format!("/lxc.payload.web-1/{below}")),
+            lxc,
+            "{below}"
+        );
+        let path = format!("/machine.slice/libpod-{ID}.scope/container/{below}");
+        assert_eq!(parse(&path), podman, "{path}");
+    }
+    assert_eq!(podman.to_string(), "podman=0bc5eac79e3a");
+    assert_eq!(podman.key(), format!("podman={ID}"));
+    assert_eq!(lxc.to_string(), "lxc=web-1");
+    // Podman's monitor is a unit; a name that does not validate is the path up to it.
+    assert_eq!(
+        parse(&format!("/machine.slice/libpod-conmon-{ID}.scope")),
+        Workload::Unit {
+            name: format!("libpod-conmon-{ID}.scope"),
+            user: None,
+        }
+    );
+    assert_eq!(
+        parse(&format!("/lxc.payload.a b/docker/{ID}")),
+        Workload::Cgroup {
+            path: "/lxc.payload.a b".into()
+        }
+    );
+    // Inside a user's manager (rootless Podman), the user's own unit still comes first.
+    let path =
+        format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope");
+    assert_eq!(
+        parse(&path),
+        Workload::Unit {
+            name: format!("libpod-{ID}.scope"),
+            user: Some(1000),
+        }
+    );
+}
+
 #[test]
 fn names_systemd_units_system_and_user() {
     let system = |name: &str| Workload::Unit {
