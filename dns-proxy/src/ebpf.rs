@@ -610,7 +610,11 @@ impl Redirector {
             }
         }
         // Before the redirect starts, so that the first socket it sends gets its source.
-        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?);
+        let block4 = match config.block4.addresses.first() {
+            IpAddr::V4(first) => first,
+            IpAddr::V6(_) => unreachable!("the IPv4 block is IPv4"),
+        };
+        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?, block4);
         // Every program is in place: the redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
         switch.set(&[])?;

@@ -435,9 +435,14 @@ pub(super) struct Routing {
 /// stops to be started anew: it dropped the capability to route it again itself.
 const REROUTE_BY_RESTART_AFTER: Duration = Duration::from_secs(30);
 
+/// How often the source of redirected sockets is looked for again without a change of routes
+/// or addresses: whether the block still hears it.
+const SOURCE_RECHECK: Duration = Duration::from_secs(30);
+
 /// After each change of routes or addresses (and once at the start, for a change between the
-/// agent's first look and the start of the watch), until `stop`: writes the source of
-/// redirected sockets anew ([`DirectSources::refresh`]: a UDP `connect`, no packet), and
+/// agent's first look and the start of the watch), and every [`SOURCE_RECHECK`], until
+/// `stop`: writes the source of redirected sockets anew ([`DirectSources::find`]: a UDP
+/// `connect`, and a datagram from that source to the block), and
 /// checks that every block is still routed here. One that is not (a program removed its
 /// route, IPv6 was switched off and on, which flushes it, `lo` went down, or, for a block in
 /// 127/8, `lo` lost its address) would send what the programs
@@ -452,7 +457,10 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
     // Since when a block the agent routed itself has been unrouted, `lo` up.
     let mut reroute_due: Option<tokio::time::Instant> = None;
     loop {
-        routing.sources.refresh();
+        let block = routing.sources.block();
+        if let Ok(found) = tokio::task::spawn_blocking(move || DirectSources::find(block)).await {
+            routing.sources.write(found);
+        }
         let blocks = routing.blocks.clone();
         let checked = tokio::task::spawn_blocking(move || {
             // A question that fails (no reply) says nothing: the redirect is left as it is.
@@ -488,6 +496,9 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
         tokio::select! {
             () = stop.stopped() => return,
             () = routing.changes.next_change() => {}
+            // A firewall rule that drops the source's datagrams to the block comes with no
+            // change of routes (kube-proxy starting after the agent).
+            () = tokio::time::sleep(SOURCE_RECHECK) => {}
             () = reroute => {
                 log::error!(
                     target: LOG,

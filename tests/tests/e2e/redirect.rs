@@ -1629,6 +1629,67 @@ fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
     });
 }
 
+/// Host mode on a host whose firewall drops packets to 127.0.0.0/8 from other sources, as
+/// kube-proxy's `KUBE-FIREWALL` chain does: a socket bound to the host's address and sent to
+/// the block would lose every query (helper-131: glibc's lookups and TCP's all failed, `send`
+/// said `EPERM`, and the agent logged nothing). The agent finds that the block does not hear
+/// that source, binds nothing, and says why; connected and TCP lookups are answered.
+#[test]
+fn a_firewall_that_drops_the_hosts_address_to_loopback_keeps_sockets_unbound() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let client = &topology.client;
+    must(client.command("iptables").args(["-N", "KUBE-FIREWALL"]));
+    must(client.command("iptables").args([
+        "-A",
+        "KUBE-FIREWALL",
+        "!",
+        "-s",
+        "127.0.0.0/8",
+        "-d",
+        "127.0.0.0/8",
+        "-m",
+        "conntrack",
+        "!",
+        "--ctstate",
+        "RELATED,ESTABLISHED,DNAT",
+        "-j",
+        "DROP",
+    ]));
+    for chain in ["INPUT", "OUTPUT"] {
+        must(
+            client
+                .command("iptables")
+                .args(["-A", chain, "-j", "KUBE-FIREWALL"]),
+        );
+    }
+    // The agent looks again when the routes change: the source toward the Internet appears.
+    must(Command::new("ip").args([
+        "-n",
+        &client.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        &SERVER_IP.to_string(),
+    ]));
+    wait_for_log(
+        agent,
+        &format!("send from the block route's source, not from {CLIENT_IP} as toward the Internet"),
+    );
+    let server = format!("{SERVER_IP}:53");
+    for (at, mode) in ["connect", "tcp", "sendto"].into_iter().enumerate() {
+        let name = format!("kubefw{at}.example.test");
+        assert_eq!(
+            probe_at(topology, mode, &server, &name, &[]),
+            format!("source={server} answer={ANSWER_IP}"),
+            "{mode}"
+        );
+        forwarded(agent, &name);
+    }
+}
+
 /// The same on a node: a host process shows the node's own address, not the block's
 /// (169.254.53.0, which a later `connect` elsewhere would keep and send from, link-local,
 /// where no answer comes back), and a pod its own.
