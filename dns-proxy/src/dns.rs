@@ -71,6 +71,11 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// unreachable for a while, as the server it names did the agent: a client connected there
     /// then reads the error itself. Nothing where there is no kernel side (unit tests).
     fn refuse_udp_for_a_while(&self, _reached: SocketAddr) {}
+
+    /// Notes that a query came through `reached` now, on a connection accepted earlier: its
+    /// index is in use, and its origin is not forgotten while it is. Nothing where there is no
+    /// kernel side (unit tests).
+    fn still_in_use(&self, _reached: SocketAddr) {}
 }
 
 impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
@@ -88,6 +93,10 @@ impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
 
     fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
         T::refuse_udp_for_a_while(self, reached);
+    }
+
+    fn still_in_use(&self, reached: SocketAddr) {
+        T::still_in_use(self, reached);
     }
 }
 

@@ -189,6 +189,12 @@ impl<D: OriginalDestinations> Admission<D> {
         }
     }
 
+    /// Notes that a connection accepted at `reached` carried a query now
+    /// ([`OriginalDestinations::still_in_use`]).
+    pub fn still_in_use(&self, reached: SocketAddr) {
+        self.destinations.still_in_use(reached);
+    }
+
     /// Has the kernel refuse UDP datagrams to `reached` for a while
     /// ([`OriginalDestinations::refuse_udp_for_a_while`]): the server it names has its port
     /// closed. Not with `--upstream`, where the server found closed is not the one the

@@ -57,6 +57,12 @@ impl OriginalDestinations for CachedServers {
         Some(origin)
     }
 
+    fn still_in_use(&self, reached: SocketAddr) {
+        if let Some((family, index)) = self.table.index_of(reached) {
+            self.table.seen(family, index);
+        }
+    }
+
     fn is_proxy(&self, addr: SocketAddr) -> bool {
         let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         self.listeners.contains(&canonical) || self.table.is_block_address(canonical)

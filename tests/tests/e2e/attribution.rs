@@ -819,6 +819,73 @@ fn origin_held_by_a_connected_socket(direct: bool) {
     );
 }
 
+/// A TCP connection that keeps asking holds its origin too, though the kernel notes no TCP
+/// socket: every query through it counts as the index's use. Before, the agent noted a use
+/// only when it accepted the connection, so ten minutes later (two seconds here) a busy
+/// connection whose cgroup was gone lost its origin, and its index went to another
+/// workload's server, which `getpeername` then named (helper-130).
+#[test]
+fn a_tcp_connection_in_use_holds_its_origin() {
+    let (topology, _servers, agent) = a_table_of_six_indexes();
+    let departs = child_cgroup(&topology, "departs");
+    let departs_id = std::fs::metadata(&departs).expect("stat").ino();
+    let mut asker = in_cgroup_and_netns(
+        &departs,
+        &topology.client,
+        "python3",
+        &["-c", TCP_ASKER, &SERVER_IP.to_string(), "12"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("start the TCP asker");
+    let mut said = std::io::BufReader::new(asker.stdout.take().expect("its stdout"));
+    let mut pid = String::new();
+    std::io::BufRead::read_line(&mut said, &mut pid).expect("its pid");
+    // The asker moves on, and its cgroup goes: forgotten within about 4 s if nothing held it.
+    std::fs::write(topology.cgroup.path.join("cgroup.procs"), pid.trim()).expect("move it");
+    std::fs::remove_dir(&departs).expect("remove the departed cgroup");
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut said, &mut summary).expect("its summary");
+    assert!(asker.wait().expect("the asker's end").success());
+    let asked = summary.trim().split(' ').collect::<Vec<_>>();
+    assert_eq!(
+        asked[1..],
+        [&format!("peers={SERVER_IP}")[..], "failed=0"],
+        "{summary}"
+    );
+    assert!(!agent.log().contains("forgot 1 origins"), "{}", agent.log());
+    assert_eq!(
+        tests::origins_of_cgroup(&topology.client.state_dir(), departs_id),
+        1,
+        "{}",
+        agent.log()
+    );
+}
+
+/// One TCP connection to `argv[1]`:53 that asks a name every 0.3 s for `argv[2]` seconds; prints
+/// its pid first, then `asked=N peers=<every peer getpeername showed> failed=N`.
+const TCP_ASKER: &str = r#"
+import os, socket, struct, sys, time
+print(os.getpid(), flush=True)
+s = socket.create_connection((sys.argv[1], 53), timeout=3)
+end = time.time() + float(sys.argv[2])
+asked = failed = 0
+peers = set()
+while time.time() < end:
+    asked += 1
+    q = struct.pack("!HHHHHH", asked, 0x0100, 1, 0, 0, 0) + b"\x04busy\x07example\x04test\x00\x00\x01\x00\x01"
+    try:
+        s.sendall(struct.pack("!H", len(q)) + q)
+        n = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+        if s.recv(n, socket.MSG_WAITALL)[:2] != q[:2]:
+            failed += 1
+    except OSError:
+        failed += 1
+    peers.add(s.getpeername()[0])
+    time.sleep(0.3)
+print(f"asked={asked} peers={','.join(sorted(peers))} failed={failed}", flush=True)
+"#;
+
 /// TCP connections are not noted as holding their origin (the agent reads a connection's
 /// server once, when it accepts it), so none is left noted by a connection that left the block
 /// before it was closed (a disconnect), nor by an MPTCP connection, whose connect hook runs on

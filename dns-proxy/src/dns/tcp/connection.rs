@@ -81,6 +81,9 @@ pub(super) struct Connection {
     pub(super) client: SocketAddr,
     pub(super) original: SocketAddr,
     pub(super) upstream: SocketAddr,
+    /// The proxy address the client reached, which names its server and cgroup (`None`:
+    /// unknown, or in unit tests).
+    pub(super) reached: Option<SocketAddr>,
     pub(super) pending: Mutex<HashMap<u16, Pending>>,
     pub(super) slots: Semaphore,
     pub(super) last_activity: Mutex<Instant>,
@@ -132,6 +135,7 @@ impl Connection {
             client,
             original,
             upstream,
+            reached: None,
             pending: Mutex::default(),
             slots: Semaphore::new(MAX_PIPELINED),
             last_activity: Mutex::new(Instant::now()),

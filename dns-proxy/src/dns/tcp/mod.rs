@@ -240,7 +240,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         };
         let proxy = Arc::clone(self);
         self.tasks.spawn(async move {
-            let connection = Connection::new(cgroup, client, original, upstream);
+            let mut connection = Connection::new(cgroup, client, original, upstream);
+            connection.reached = reached;
             let closed = proxy.relay(stream, &connection).await;
             log::debug!("TCP connection client={client} server={original} upstream={upstream} closed: {closed}");
             drop((permit, client_slot));
@@ -399,6 +400,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 conn.changed.notify_one();
                 return std::future::pending().await;
+            }
+            // The kernel notes no TCP socket as holding its index: each query is its use,
+            // so a busy connection's origin is never forgotten (helper-130: ten minutes after
+            // the accept, a departed cgroup's connection lost it, and `getpeername` named
+            // whichever server took its index next).
+            if let Some(reached) = conn.reached {
+                self.admission.still_in_use(reached);
             }
             if wire::asks_tcp_keepalive(&query) {
                 conn.asked_keepalive
