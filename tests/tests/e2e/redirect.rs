@@ -1581,6 +1581,14 @@ const FAR_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 /// Adds a default route to `netns` (via the server, on the veth) and waits until `agent` says
 /// its redirected sockets send from the client's address: it looks again when routes change.
 fn add_default_route(netns: &Netns, agent: &Agent) {
+    route_default_via_server(netns);
+    wait_for_log(
+        agent,
+        &format!("redirected IPv4 sockets of this namespace send from {CLIENT_IP},"),
+    );
+}
+
+fn route_default_via_server(netns: &Netns) {
     must(Command::new("ip").args([
         "-n",
         &netns.name,
@@ -1590,10 +1598,6 @@ fn add_default_route(netns: &Netns, agent: &Agent) {
         "via",
         &SERVER_IP.to_string(),
     ]));
-    wait_for_log(
-        agent,
-        &format!("redirected IPv4 sockets of this namespace send from {CLIENT_IP},"),
-    );
 }
 
 fn own_address_lines(ip: Ipv4Addr) -> String {
@@ -1665,15 +1669,7 @@ fn a_firewall_that_drops_the_hosts_address_to_loopback_keeps_sockets_unbound() {
         );
     }
     // The agent looks again when the routes change: the source toward the Internet appears.
-    must(Command::new("ip").args([
-        "-n",
-        &client.name,
-        "route",
-        "add",
-        "default",
-        "via",
-        &SERVER_IP.to_string(),
-    ]));
+    route_default_via_server(client);
     wait_for_log(
         agent,
         &format!("send from the block route's source, not from {CLIENT_IP} as toward the Internet"),
