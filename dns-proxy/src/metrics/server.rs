@@ -154,8 +154,7 @@ impl Metrics {
                 Err(_) => return names_refused("the check did not finish"),
             }
         }
-        let large = method == Method::GET && matches!(uri.path(), "/metrics" | "/v1/resolutions");
-        if !large {
+        if !is_large_page(&method, uri.path()) {
             let _busy = Busy::new(tracked);
             return self.respond_to(&method, uri.path(), uri.query());
         }
@@ -163,11 +162,11 @@ impl Metrics {
         let busy = Busy::new(tracked);
         // Off this runtime, which also serves TCP lookups: a page of a workload's 65,536
         // names takes a while to build.
-        let built =
-            tokio::task::spawn_blocking(move || self.respond_to(&method, uri.path(), uri.query()))
-                .await;
+        let built = pages
+            .build(move || self.respond_to(&method, uri.path(), uri.query()))
+            .await;
         drop(busy);
-        let Ok(response) = built else {
+        let Some(response) = built else {
             let mut response =
                 Response::new(Bytes::from_static(b"the response could not be built\n"));
             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -188,6 +187,14 @@ impl Metrics {
     }
 }
 
+/// Whether a request's response may be large: a page built off the runtime, one at a time.
+/// A `HEAD` is built whole as a `GET` is (hyper drops the body): built on the runtime, which
+/// also serves TCP lookups, pipelined `HEAD`s of a 7 MB names page held it 25-40 ms each, and
+/// `/healthz` took over a second (helper-129).
+fn is_large_page(method: &Method, path: &str) -> bool {
+    matches!(*method, Method::GET | Method::HEAD) && matches!(path, "/metrics" | "/v1/resolutions")
+}
+
 /// The answer to a client refused the names table, and `why`.
 fn names_refused(why: &str) -> Response<Bytes> {
     super::text(
@@ -196,22 +203,64 @@ fn names_refused(why: &str) -> Response<Bytes> {
     )
 }
 
-/// The large pages: one built at a time, and a bound on the bytes of those not yet sent.
+/// The large pages: one built at a time, on one thread, and a bound on the bytes of those not
+/// yet sent.
 struct Pages {
     building: AsyncMutex<()>,
     budget: Arc<Semaphore>,
+    /// The thread that builds them (`None` if it could not be started: tokio's blocking
+    /// threads then do). One thread, because glibc gives every thread that allocates an arena
+    /// of its own, and keeps what is freed there: pages built in turn on tokio's blocking
+    /// threads left a page's worth of freed memory in each, and 16 readers of a 7 MB page
+    /// took the agent to 294 MB, past its pod's limit (helper-129; 56 MB with one arena).
+    builder: Option<std::sync::mpsc::Sender<PageJob>>,
 }
+
+type PageJob = Box<dyn FnOnce() + Send>;
 
 impl Default for Pages {
     fn default() -> Self {
+        let (jobs, received) = std::sync::mpsc::channel::<PageJob>();
+        let started = std::thread::Builder::new()
+            .name("metrics-pages".into())
+            .spawn(move || {
+                // Ends when the server, and with it the sender, is gone.
+                while let Ok(job) = received.recv() {
+                    // A page that panics is answered 500 (its sender is dropped), and the
+                    // thread goes on to the next.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            });
+        if let Err(err) = &started {
+            log::warn!(
+                "cannot start the metrics pages' thread ({err}): pages are built on any blocking thread"
+            );
+        }
         Self {
             building: AsyncMutex::new(()),
             budget: Arc::new(Semaphore::new(PAGE_BUDGET)),
+            builder: started.ok().map(|_| jobs),
         }
     }
 }
 
 impl Pages {
+    /// Runs `build` on the pages' thread; `None` if it did not finish (it panicked).
+    async fn build<F>(&self, build: F) -> Option<Response<Bytes>>
+    where
+        F: FnOnce() -> Response<Bytes> + Send + 'static,
+    {
+        let (built, response) = tokio::sync::oneshot::channel();
+        let job: PageJob = Box::new(move || {
+            let _ = built.send(build());
+        });
+        match &self.builder {
+            Some(builder) => builder.send(job).ok()?,
+            None => drop(tokio::task::spawn_blocking(job)),
+        }
+        response.await.ok()
+    }
+
     async fn room_for(&self, len: usize) -> Option<OwnedSemaphorePermit> {
         let permits = u32::try_from(len.clamp(1, PAGE_BUDGET)).unwrap_or(u32::MAX);
         Arc::clone(&self.budget)
@@ -342,6 +391,31 @@ mod tests {
         assert_eq!(open(&connections).len(), 2);
         drop((newer, again));
         assert!(open(&connections).is_empty());
+    }
+
+    #[test]
+    fn heads_of_large_pages_are_built_as_their_gets_are() {
+        for path in ["/metrics", "/v1/resolutions"] {
+            assert!(is_large_page(&Method::GET, path));
+            assert!(is_large_page(&Method::HEAD, path), "{path}");
+            assert!(!is_large_page(&Method::POST, path));
+        }
+        assert!(!is_large_page(&Method::HEAD, "/healthz"));
+        assert!(!is_large_page(&Method::GET, "/readyz"));
+    }
+
+    #[tokio::test]
+    async fn pages_are_built_on_one_thread_which_outlives_a_panic() {
+        let pages = Pages::default();
+        let thread_name = || {
+            let name = std::thread::current().name().unwrap_or_default().to_owned();
+            Response::new(Bytes::from(name))
+        };
+        let built = pages.build(thread_name).await.expect("built");
+        assert_eq!(built.body(), "metrics-pages");
+        assert!(pages.build(|| panic!("a page that panics")).await.is_none());
+        let again = pages.build(thread_name).await.expect("built after a panic");
+        assert_eq!(again.body(), "metrics-pages");
     }
 
     #[tokio::test]
