@@ -374,14 +374,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// The end of a query the cache could answer, whose `answer` (or none: it failed or timed
     /// out) came, and whose own client, `to`, had it relayed unless `relayed` is unset: keeps
     /// the answer and shares it with the clients that waited on it. If the upstream failed and
-    /// the cache holds a stale answer, that goes to them all instead, and is kept.
+    /// the cache holds a stale answer, that goes to them all instead, and is kept. Returns how
+    /// many waiters are left with no answer (it failed, and nothing stale was kept), counted
+    /// as coalesced here: the caller counts them with the failure, as it does the query
+    /// they waited on (helper-129: ten clients' queries for a server that never answered
+    /// counted one timeout, and no coalesced query).
+    #[must_use = "the waiters left unanswered are to be counted with the failure"]
     pub(super) fn settle_cached(
         self: &Arc<Self>,
         cached: CachedQuery,
         answer: Option<UpstreamAnswer<'_>>,
         to: Recipient<'_>,
         relayed: bool,
-    ) {
+    ) -> u64 {
         let trusted = answer.is_none_or(|answer| answer.trusted);
         let answer = answer.map(|answer| answer.datagram);
         if !trusted {
@@ -410,6 +415,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if stale_instead && !served_stale && !relayed {
             self.answer_stale(&query, &head, to);
         }
+        let mut unanswered = 0;
         for waiter in leading.map(Leading::finish).unwrap_or_default() {
             let recipient = waiter.recipient();
             if stale_instead {
@@ -431,8 +437,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     // case, or it is about the first query's EDNS): its own query goes up.
                     None => self.forward_alone(waiter),
                 }
+            } else {
+                // As after a loss: the client asks again.
+                Stats::add(&self.stats.cache_coalesced);
+                unanswered += 1;
             }
         }
+        unanswered
     }
 
     /// Sends `waiter`'s query upstream on its own, as if it had not waited: its answer is

@@ -10,7 +10,7 @@ use super::{
     pending::PendingKey,
     pool::{PoolSocket, random},
 };
-use crate::dns::{Moment, OriginalDestinations, stats::Stats, wire};
+use crate::dns::{Moment, OriginalDestinations, wire};
 
 /// What forwarding a batch of queries gathers, kept from one batch to the next.
 #[derive(Default)]
@@ -138,10 +138,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             return;
         }
         pending.socket.settled();
+        let mut failed = 1;
         if let Some(cached) = pending.cached.take() {
-            self.settle_cached(*cached, None, pending.recipient(self), false);
+            failed += self.settle_cached(*cached, None, pending.recipient(self), false);
         }
-        Stats::add(&stats.upstream_errors);
+        stats
+            .upstream_errors
+            .fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
         let upstream = key.upstream;
         self.upstream_log
             .warn(|failed| format!("sending to {upstream}: {err} ({failed} queries failed)"));

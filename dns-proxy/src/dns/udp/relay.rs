@@ -110,7 +110,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         for (index, mut pending) in not_relayed {
             if let Some(cached) = pending.cached.take() {
                 let answer = UpstreamAnswer::checked(received.datagram(index), &pending);
-                self.settle_cached(*cached, Some(answer), pending.recipient(self), false);
+                let _answered =
+                    self.settle_cached(*cached, Some(answer), pending.recipient(self), false);
             }
         }
         // Queries that went up with an ID of the agent's own: their clients' IDs back.
@@ -144,7 +145,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let relayed = !refused.contains(&i);
             if let Some(cached) = pending.cached.take() {
                 let answer = UpstreamAnswer::checked(datagram, &pending);
-                self.settle_cached(*cached, Some(answer), pending.recipient(self), relayed);
+                let _answered =
+                    self.settle_cached(*cached, Some(answer), pending.recipient(self), relayed);
             }
             if !relayed {
                 continue;

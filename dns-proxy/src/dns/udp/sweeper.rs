@@ -107,7 +107,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     );
                 }
                 if let Some(cached) = pending.cached.take() {
-                    self.settle_cached(*cached, None, pending.recipient(self), false);
+                    let waited = self.settle_cached(*cached, None, pending.recipient(self), false);
+                    stats
+                        .upstream_timeouts
+                        .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
                 }
                 stats.settled(1);
             }

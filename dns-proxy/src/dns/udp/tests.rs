@@ -587,6 +587,34 @@ async fn a_silent_upstream_times_out_and_frees_its_slot() {
     assert_eq!(proxy.stats.udp.inflight.load(Ordering::Relaxed), 0);
 }
 
+/// With the cache on, clients that waited on one query its silent upstream never answered are
+/// each counted: as coalesced, and with the timeout. Before, ten clients' queries counted one
+/// timeout and no coalesced query (helper-129).
+#[tokio::test]
+async fn queries_that_waited_on_a_timed_out_one_are_each_counted() {
+    let proxy = start_proxy(Some(upstream(true).await), with_cache(settings(8, 8))).await;
+    let with_id = |id: u8| {
+        let mut query = QUERY.to_vec();
+        query[1] = id;
+        query
+    };
+    let queries: Vec<Vec<u8>> = (0..5).map(with_id).collect();
+    let answers = tokio::join!(
+        ask(&proxy, &queries[0]),
+        ask(&proxy, &queries[1]),
+        ask(&proxy, &queries[2]),
+        ask(&proxy, &queries[3]),
+        ask(&proxy, &queries[4]),
+    );
+    assert_eq!(answers, (None, None, None, None, None));
+    // Past the sweep that times the leading query out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.udp.upstream_timeouts.load(Ordering::Relaxed), 5);
+    assert_eq!(proxy.stats.cache_coalesced.load(Ordering::Relaxed), 4);
+    assert_eq!(proxy.stats.udp.inflight.load(Ordering::Relaxed), 0);
+}
+
 /// An upstream whose answers are wrong in one way: from another port, with another
 /// question, or (a late answer) after the query timed out.
 async fn wrong_upstream(wrong: &'static str) -> SocketAddr {

@@ -179,7 +179,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             if trusted {
                 // Nothing kept; with a stale answer, that goes to the client and the waiters.
-                self.settle_cached(*cached, None, to, !stale);
+                // Its waiters were taken out above: none is left unanswered there.
+                let _none = self.settle_cached(*cached, None, to, !stale);
             } else {
                 Stats::add(&self.stats.cache_untrusted);
             }
