@@ -29,7 +29,8 @@ const SAID: [(Counter, &str); 5] = [
          (EPERM), or packets to a proxy address from outside dropped: a process passing for \
          another workload, or, in node mode, a second dns-proxy redirecting this cgroup tree from \
          another network namespace (every lookup of the tree then fails: run one agent per \
-         cgroup tree)",
+         cgroup tree), or a user-space network relay (slirp4netns, pasta: rootless containers) \
+         re-sending its sandbox's queries (keep such sandboxes out of the tree)",
     ),
     (
         Counter::ImpersonationRefused,
