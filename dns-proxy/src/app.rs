@@ -13,8 +13,8 @@ use crate::{
     dnstap::{self, DnstapSettings},
     drain::{self, Deadline},
     ebpf::{
-        Block, CachedServers, EbpfError, ExcludedTree, KernelCounters, RedirectConfig, Redirector,
-        ServerTable,
+        AttachedLinks, Block, CachedServers, EbpfError, ExcludedTree, KernelCounters,
+        RedirectConfig, Redirector, ServerTable,
     },
     exec, host,
     metrics::{Metrics, Readiness},
@@ -386,8 +386,21 @@ async fn serve(
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
     let stranded = drain::Signal::new();
+    // Read now, while the agent holds few descriptors: the links it holds to its cgroup.
+    let links = AttachedLinks::find(scope.target.id).unwrap_or_else(|err| {
+        log::warn!(
+            "cannot read this agent's links to its cgroup: their detachment goes unseen: {err}"
+        );
+        AttachedLinks::default()
+    });
+    log::debug!(
+        "watching {} links to {}",
+        links.len(),
+        scope.target.path.display()
+    );
     let watched = background::Watched {
         target: scope.target.clone(),
+        links: Arc::new(links),
         exclusions: redirector.take_exclusions(),
         agent: scope.agent.clone(),
         agent_mount: scope.agent_mount.clone(),

@@ -37,12 +37,14 @@ use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 
 mod alive;
 mod exclusions;
+mod links;
 mod origins;
 mod own_sockets;
 mod server_table;
 mod sources;
 
 pub use alive::AliveAt;
+pub use links::AttachedLinks;
 pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};

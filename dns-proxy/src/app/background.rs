@@ -23,7 +23,10 @@ use crate::{
     cgroup::Cgroup,
     dns::{stats::Stats, workload_stats::WorkloadStats},
     drain,
-    ebpf::{AliveAt, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch, ServerTable},
+    ebpf::{
+        AliveAt, AttachedLinks, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch,
+        ServerTable,
+    },
     host,
     log_limit::RateLimited,
     metrics::{Readiness, WedgedThread},
@@ -57,6 +60,8 @@ pub(super) struct Running {
 pub(super) struct Watched {
     /// The redirected cgroup (`--cgroup`).
     pub target: Cgroup,
+    /// The agent's links to it.
+    pub links: Arc<AttachedLinks>,
     /// The excluded trees (`--exclude-cgroup`).
     pub exclusions: Option<Exclusions>,
     /// The agent's own cgroup, which it must not leave.
@@ -270,6 +275,7 @@ fn millis_since(start: tokio::time::Instant) -> u64 {
 async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
     let Watched {
         target,
+        links,
         exclusions,
         agent,
         agent_mount,
@@ -289,16 +295,20 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
         }
         let (target_path, own_cgroup, mount) =
             (target.path.clone(), agent.clone(), agent_mount.clone());
+        let held = Arc::clone(&links);
         let looked = tokio::task::spawn_blocking(move || {
             if let Some(exclusions) = exclusions.as_mut() {
                 exclusions.refresh();
             }
             let own = cgroup::return_to(&own_cgroup, &mount);
+            // Before the cgroup is looked at: a cgroup removed detaches its links too, and
+            // one still there after they were read detached was not removed.
+            let detached = held.detached();
             let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
-            (exclusions, own, now)
+            (exclusions, own, now, detached)
         })
         .await;
-        let Ok((kept, own, target_now)) = looked else {
+        let Ok((kept, own, target_now, detached)) = looked else {
             log::warn!(target: LOG, "watching the cgroups named on the command line stopped");
             return;
         };
@@ -340,6 +350,17 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         }
         let lost = target_now.as_ref().map_or(true, |id| *id != target.id);
+        if !detached.is_empty() && !lost && !stranded.is_stopped() {
+            // It dropped the capability to attach them again: its service manager starts it
+            // anew, which does.
+            log::error!(
+                target: LOG,
+                "programs of this agent were detached from {} by another process (links {detached:?}): \
+                 new lookups go direct; stopping, to be started anew",
+                target.path.display()
+            );
+            stranded.stop();
+        }
         if lost && !target_lost {
             log::error!(
                 target: LOG,

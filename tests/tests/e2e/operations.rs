@@ -957,6 +957,43 @@ fn an_agent_whose_background_tasks_fail_stops_with_an_error() {
     );
 }
 
+/// Another root process detaches one of the agent's programs from its cgroup (`bpftool link
+/// detach`): lookups would go direct, unseen. The agent sees it within a second or two, says
+/// so, and stops with an error, for its service manager to start it anew, which attaches
+/// again. Before, it said ready for over a minute, and nothing was logged (helper-129).
+#[test]
+fn an_agent_whose_programs_another_process_detaches_stops_with_an_error() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut agent = Agent::start(&topology, &[]);
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &fs::metadata(&topology.cgroup.path).expect("the redirected cgroup"),
+    );
+    // The agent's links to the cgroup, from its descriptors.
+    let fdinfo = format!("/proc/{}/fdinfo", agent.process().id());
+    let links: Vec<String> = fs::read_dir(&fdinfo)
+        .expect("the agent's fdinfo")
+        .filter_map(|entry| fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| {
+            info.contains("link_type:\tcgroup")
+                && info.contains(&format!("cgroup_id:\t{cgroup_id}\n"))
+        })
+        .filter_map(|info| {
+            let line = info.lines().find(|line| line.starts_with("link_id:"))?;
+            Some(line.split_once(':')?.1.trim().to_owned())
+        })
+        .collect();
+    assert!(links.len() >= 4, "the agent's cgroup links: {links:?}");
+    must(Command::new("bpftool").args(["link", "detach", "id", &links[0]]));
+    let status = agent.process().wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    assert!(
+        agent.log().contains("by another process (links ["),
+        "{}",
+        agent.log()
+    );
+}
+
 /// A cgroup of the v1 pids controller with `pids.max` set; its processes killed and it removed
 /// when dropped.
 struct PidsCgroup(std::path::PathBuf);
