@@ -9,8 +9,8 @@
 //! transfer ends with S at a deletion's place; an IXFR answered with the whole zone (its
 //! second record not an SOA) ends as an AXFR does, with S at that place too. An IXFR whose S
 //! is no newer than the serial the client sent (its query's authority section) is answered
-//! with that SOA alone: the client is up to date (RFC 1995 §2), as dig and BIND's `xfrin`
-//! decide. A newer S alone in the first message is only the start of a transfer sent one
+//! with that SOA alone: the client is up to date (RFC 1995 §2). "No newer" by RFC 1982's
+//! serial arithmetic and by dig's plain comparison both: where they differ, the relay follows. A newer S alone in the first message is only the start of a transfer sent one
 //! record a message. An error, or a message that cannot be read, ends it as well.
 use super::wire::{self, HEADER_LEN, Reader};
 
@@ -119,17 +119,23 @@ impl Transfer {
 
 impl Transfer {
     /// Whether an IXFR whose first SOA has `serial` says the client is up to date: that SOA no
-    /// newer than the client's. A query without the client's SOA (which servers refuse) is
-    /// taken as up to date when the SOA is all the first message holds.
+    /// newer than the client's, by both readings a client may make (RFC 1982's serial
+    /// arithmetic, and dig's plain comparison). Where they differ the transfer is followed:
+    /// ending it early cuts what the client reads, following it longer costs nothing. A query
+    /// without the client's SOA (which servers refuse) is taken as up to date when the SOA is
+    /// all the first message holds.
     fn up_to_date(&self, serial: u32, answers: u16) -> bool {
         match self.client_serial {
-            Some(client) => !serial_is_newer(serial, client),
+            Some(client) => {
+                serial == client || (serial < client && !serial_is_newer(serial, client))
+            }
             None => answers == 1,
         }
     }
 }
 
-/// Serial number arithmetic (RFC 1982): whether `serial` is newer than `than`, across the wrap.
+/// Serial number arithmetic (RFC 1982): whether `serial` is newer than `than`, across the wrap
+/// (exactly 2^31 apart, which the RFC leaves undefined: not newer).
 fn serial_is_newer(serial: u32, than: u32) -> bool {
     serial != than && serial.wrapping_sub(than) < 1 << 31
 }
@@ -296,11 +302,24 @@ pub(crate) mod tests {
             ends_after_query(&ixfr_from(8), ixfr, &[vec![soa(7)]]),
             Some(1)
         );
-        // Serials wrap (RFC 1982): 5 is newer than 0xffff_fff0.
+        // Serials wrap (RFC 1982): 5 is newer than 0xffff_fff0. dig compares them plainly,
+        // and takes 0xffff_fff0 for newer than 5: where the two readings differ, the transfer
+        // is followed.
         let wrapped = ixfr_from(0xffff_fff0);
         assert_eq!(ends_after_query(&wrapped, ixfr, &[vec![soa(5)]]), None);
         assert_eq!(
             ends_after_query(&ixfr_from(5), ixfr, &[vec![soa(0xffff_fff0)]]),
+            None
+        );
+        // Exactly 2^31 ahead, which RFC 1982 leaves undefined and dig takes for newer
+        // (helper-132: the relay ended it, and a half-closing client got 1 of 6).
+        let far = 5 + (1 << 31);
+        assert_eq!(
+            ends_after_query(&ixfr_from(5), ixfr, &[vec![soa(far)]]),
+            None
+        );
+        assert_eq!(
+            ends_after_query(&ixfr_from(6), ixfr, &[vec![soa(5)]]),
             Some(1)
         );
     }
