@@ -287,13 +287,17 @@ fn docker_at(parts: &[&str], at: usize) -> Option<String> {
 
 /// A Podman or LXC container whose cgroup is `parts[at]`: `libpod-<id>` (cgroupfs manager)
 /// or `libpod-<id>.scope` (systemd; `libpod-conmon-<id>.scope` is its monitor, a unit), and
-/// `lxc.payload.<name>` (LXC 4 and later, LXD, Incus). An LXC name that does not validate
-/// still ends the search: the path up to it names the workload.
+/// `lxc.payload.<name>` (LXC 4 and later, LXD, Incus) or `lxc/<name>` (LXC 3 and before). An
+/// LXC name that does not validate still ends the search: the path up to it names the
+/// workload.
 fn container_at(parts: &[&str], at: usize) -> Option<Workload> {
     let part = parts[at];
-    if let Some(name) = part.strip_prefix("lxc.payload.") {
-        let valid = !name.is_empty()
-            && name.len() <= 128
+    let lxc = part
+        .strip_prefix("lxc.payload.")
+        .or_else(|| (at > 0 && parts[at - 1] == "lxc").then_some(part));
+    if let Some(name) = lxc {
+        let valid = name.len() <= 128
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));

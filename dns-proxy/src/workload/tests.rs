@@ -198,6 +198,7 @@ fn names_podman_and_lxc_containers_and_nothing_below_them() {
     assert_eq!(parse(&format!("/libpod_parent/libpod-{ID}")), podman);
     assert_eq!(parse(&format!("/machine.slice/libpod-{ID}.scope")), podman);
     assert_eq!(parse("/lxc.payload.web-1"), lxc);
+    assert_eq!(parse("/lxc/web-1"), lxc, "LXC 3's layout");
     for below in [
         format!("kubepods/burstable/pod{UID}/{ID}"),
         format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope"),
@@ -210,6 +211,7 @@ fn names_podman_and_lxc_containers_and_nothing_below_them() {
             lxc,
             "{below}"
         );
+        assert_eq!(parse(&format!("/lxc/web-1/{below}")), lxc, "{below}");
         let path = format!("/machine.slice/libpod-{ID}.scope/container/{below}");
         assert_eq!(parse(&path), podman, "{path}");
     }
@@ -230,6 +232,15 @@ fn names_podman_and_lxc_containers_and_nothing_below_them() {
             path: "/lxc.payload.a b".into()
         }
     );
+    // A name that is only dots, or none (helper-132: `lxc.payload..` was `lxc=.`).
+    for odd in ["lxc.payload..", "lxc.payload."] {
+        assert_eq!(
+            parse(&format!("/{odd}/system.slice/sshd.service")),
+            Workload::Cgroup {
+                path: format!("/{odd}")
+            }
+        );
+    }
     // Inside a user's manager (rootless Podman), the user's own unit still comes first.
     let path =
         format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope");
