@@ -562,6 +562,12 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 }
                 Err(err) => return Closed::UpstreamError(err),
             };
+            // The server's messages are the connection's use too: a DNS Push subscriber
+            // (RFC 8765) asks once, then only hears (helper-132: its origin was forgotten, and
+            // `getpeername` named another workload's server).
+            if let Some(reached) = conn.reached {
+                self.admission.still_in_use(reached);
+            }
             if wire::is_dso_request(&answer) {
                 // A request of the server's own (a DSO session's): it answers no query.
                 conn.touch();
