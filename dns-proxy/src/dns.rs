@@ -108,6 +108,8 @@ pub struct FixedDestination {
     pub original: Option<SocketAddr>,
     /// The proxy's own address.
     pub proxy: Option<SocketAddr>,
+    /// How many times a connection's use of its index was noted.
+    pub uses: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -116,6 +118,7 @@ impl FixedDestination {
         Self {
             original,
             proxy: None,
+            uses: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -132,5 +135,9 @@ impl OriginalDestinations for FixedDestination {
 
     fn is_local_client(&self, client: IpAddr) -> bool {
         client.to_canonical().is_loopback()
+    }
+
+    fn still_in_use(&self, _reached: SocketAddr) {
+        self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -189,6 +189,12 @@ impl<D: OriginalDestinations> Admission<D> {
         }
     }
 
+    /// What tells where clients were headed.
+    #[cfg(test)]
+    pub fn destinations(&self) -> &D {
+        &self.destinations
+    }
+
     /// Notes that a connection accepted at `reached` carried a query now
     /// ([`OriginalDestinations::still_in_use`]).
     pub fn still_in_use(&self, reached: SocketAddr) {
@@ -331,6 +337,7 @@ mod tests {
         let destinations = FixedDestination {
             original: Some(itself),
             proxy: Some(itself),
+            ..FixedDestination::new(None)
         };
         let (stats, per_client) = (Arc::new(Stats::default()), PerClientLimit::new(1));
         let tcp = Admission::new(Transport::Tcp, destinations, None, &per_client, &stats);
@@ -368,6 +375,7 @@ mod tests {
         let proxy = FixedDestination {
             original: None,
             proxy: Some(at("169.254.20.10:53")),
+            ..FixedDestination::new(None)
         };
         let loopback_server = at("127.0.0.53:53");
         let cluster_dns = at("10.96.0.10:53");
@@ -409,6 +417,7 @@ mod tests {
         let proxy = FixedDestination {
             original: None,
             proxy: Some(at("127.0.0.1:5300")),
+            ..FixedDestination::new(None)
         };
         for (asked, upstream) in [
             ("0.0.0.0:53", "127.0.0.1:53"),

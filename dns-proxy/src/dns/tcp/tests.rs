@@ -69,7 +69,8 @@ fn relay_in_memory(
     let server: SocketAddr = "192.0.2.2:53".parse().unwrap();
     let proxy = Arc::clone(proxy);
     let relay = tokio::spawn(async move {
-        let conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
+        let mut conn = Connection::new(0, "192.0.2.1:40000".parse().unwrap(), server, server);
+        conn.reached = Some("127.0.0.1:53".parse().unwrap());
         let closed = proxy
             .relay_streams(
                 &conn,
@@ -432,6 +433,54 @@ async fn a_dso_session_goes_through_both_ways_and_keeps_its_keepalive() {
     assert_eq!(closed.unwrap(), Closed::Idle.to_string());
     assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 0);
     server.abort();
+}
+
+/// A DNS Push subscriber (RFC 8765) asks once, then only hears: each message its server pushes
+/// is the connection's use of its index too, so that its origin is not forgotten while it
+/// listens (helper-132: it was, and `getpeername` then named another workload's server).
+#[tokio::test]
+async fn each_message_a_server_pushes_is_the_connections_use() {
+    // A DSO request (ID, opcode 6, no records) with one TLV of `tlv_type` and no data.
+    let dso = |id: u16, response: bool, tlv_type: u16| {
+        let mut message = id.to_be_bytes().to_vec();
+        message.extend_from_slice(&[u8::from(response) << 7 | 6 << 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        message.extend_from_slice(&tlv_type.to_be_bytes());
+        message.extend_from_slice(&[0, 0]);
+        message
+    };
+    let (subscribe, subscribed) = (dso(9, false, 0x40), dso(9, true, 0x40));
+    // PUSH messages are unidirectional: ID 0, never answered (RFC 8765 §6.3.1).
+    let push = dso(0, false, 0x41);
+    let proxy = proxy(None, Duration::from_secs(10)).await;
+    let uses = || proxy.admission.destinations().uses.load(Ordering::Relaxed);
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    let server = {
+        let (subscribed, push) = (subscribed.clone(), push.clone());
+        tokio::spawn(async move {
+            read_message(&mut upstream).await.unwrap().unwrap();
+            write_message(&mut upstream, &subscribed).await.unwrap();
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                write_message(&mut upstream, &push).await.unwrap();
+            }
+            // Held open: the subscription lasts until the client ends it.
+            std::future::pending::<()>().await;
+        })
+    };
+    async fn read(client: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let read = timeout(Duration::from_secs(2), read_message(client)).await;
+        read.unwrap().unwrap().unwrap()
+    }
+    write_message(&mut client, &subscribe).await.unwrap();
+    assert_eq!(read(&mut client).await, subscribed);
+    let asked = uses();
+    assert!(asked >= 1, "the subscription was no use of the index");
+    for pushed in 1..=3 {
+        assert_eq!(read(&mut client).await, push);
+        assert_eq!(uses(), asked + pushed, "after push {pushed}");
+    }
+    server.abort();
+    relay.abort();
 }
 
 async fn proxy(original: Option<SocketAddr>, idle: Duration) -> Arc<TcpProxy<Fixed>> {

@@ -892,6 +892,7 @@ async fn refuses_to_forward_to_itself() {
     let destinations = Fixed {
         original: Some(itself),
         proxy: Some(itself),
+        ..Fixed::new(None)
     };
     let proxy = UdpProxy::new(socket, destinations, settings, Arc::default()).unwrap();
     let serving = Arc::clone(&proxy);
