@@ -25,7 +25,7 @@ use hashlink::LruCache;
 use crate::{
     dns::{
         Moment,
-        wire::{HEADER_LEN, Reader, count},
+        wire::{self, HEADER_LEN, Reader, count},
     },
     workload::WorkloadNames,
 };
@@ -365,18 +365,50 @@ fn quoted(text: &str) -> String {
     out
 }
 
-/// The question's name (dotted, lower case) and the A/AAAA addresses of the answer section
-/// with their TTLs; `None` if `answer` does not parse.
+/// The question's name (dotted, lower case) and the addresses it resolved to, with their
+/// TTLs: the A/AAAA records of the answer section owned by that name or by a name its CNAME
+/// chain there leads to. Only for a standard query (opcode QUERY) of class IN and type A,
+/// AAAA or ANY: a zone transfer's records, or an answer's other records, are no resolution
+/// of the name asked (helper-133: an IXFR carrying a record's deletion was tabled as the zone
+/// apex resolving to the deleted address). `None` if `answer` does not parse.
 fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
-    if count(answer, 4)? != 1 {
+    const OPCODE_QUERY: u8 = 0;
+    const CLASS_IN: u16 = 1;
+    const TYPE_CNAME: u16 = 5;
+    const TYPE_ANY: u16 = 255;
+    if count(answer, 4)? != 1 || (answer.get(2)? >> 3) & 0xf != OPCODE_QUERY {
         return None;
     }
     let mut reader = Reader::new(answer, HEADER_LEN);
-    let name = dotted(&reader.plain_name()?);
-    reader.offset += 4;
-    let mut found = Vec::new();
+    let asked = reader.plain_name()?;
+    let (qtype, qclass) = (reader.u16()?, reader.u16()?);
+    if ![TYPE_A, TYPE_AAAA, TYPE_ANY].contains(&qtype) || qclass != CLASS_IN {
+        return None;
+    }
+    // Each record's owner, type, TTL and data.
+    let mut records = Vec::new();
     for _ in 0..count(answer, 6)? {
+        let start = reader.offset;
         let record = reader.record()?;
+        if record.class == CLASS_IN {
+            records.push((wire::name_at(answer, start)?, record));
+        }
+    }
+    // The names the answer says the asked one stands for: itself, and its CNAME chain in any
+    // order (bounded by the records there).
+    let mut names = vec![asked.to_vec()];
+    while let Some(target) = records.iter().find_map(|(owner, record)| {
+        let target = (record.rtype == TYPE_CNAME && names.contains(owner))
+            .then(|| wire::name_at(answer, record.rdata_start))??;
+        (!names.contains(&target)).then_some(target)
+    }) {
+        names.push(target);
+    }
+    let mut found = Vec::new();
+    for (owner, record) in &records {
+        if !names.contains(owner) {
+            continue;
+        }
         let rdata = &answer[record.rdata_start..record.rdata_end];
         let ttl = if record.ttl & 0x8000_0000 != 0 {
             0
@@ -390,7 +422,7 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
         };
         found.push((address, ttl));
     }
-    Some((name, found))
+    Some((dotted(&asked), found))
 }
 
 /// A name in wire form (labels, each after its length) as dotted text.
@@ -460,6 +492,55 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(addresses(&[0; 5]), None);
+    }
+
+    /// An answer to `qtype` for a.example.test.: an unrelated A record, then the chain's end
+    /// (b.example.test. has 192.0.2.2), then its CNAMEs (a.example.test. to c.example.test.
+    /// to b.example.test.), out of order.
+    fn answer_of(qtype: RecordType) -> Vec<u8> {
+        let name = |text: &str| Name::from_ascii(text).unwrap();
+        let mut message = Message::new();
+        message
+            .set_id(1)
+            .set_message_type(MessageType::Response)
+            .add_query(Query::query(name("a.example.test."), qtype));
+        for (owner, rdata) in [
+            (
+                "other.example.test.",
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 99))),
+            ),
+            ("b.example.test.", RData::A(A(Ipv4Addr::new(192, 0, 2, 2)))),
+            (
+                "c.example.test.",
+                RData::CNAME(CNAME(name("b.example.test."))),
+            ),
+            (
+                "A.example.test.",
+                RData::CNAME(CNAME(name("C.example.test."))),
+            ),
+        ] {
+            message.add_answer(Record::from_rdata(name(owner), 60, rdata));
+        }
+        message.to_vec().unwrap()
+    }
+
+    /// Only the name asked and its CNAME chain resolve, and only for the address types (and
+    /// ANY): helper-133 had an IXFR's deleted record, and an AXFR's hosts, tabled as the
+    /// zone's apex resolving to their addresses.
+    #[test]
+    fn only_the_name_asked_and_its_chain_resolve_and_only_in_answers_to_addresses() {
+        for qtype in [RecordType::A, RecordType::ANY] {
+            let (name, found) = addresses(&answer_of(qtype)).unwrap();
+            assert_eq!(name, "a.example.test.");
+            assert_eq!(found, [(IpAddr::from([192, 0, 2, 2]), 60)], "{qtype}");
+        }
+        for qtype in [RecordType::AXFR, RecordType::IXFR, RecordType::MX] {
+            assert_eq!(addresses(&answer_of(qtype)), None, "{qtype}");
+        }
+        // The same answer under another opcode (NOTIFY).
+        let mut notify = answer_of(RecordType::A);
+        notify[2] |= 4 << 3;
+        assert_eq!(addresses(&notify), None);
     }
 
     #[test]

@@ -307,6 +307,31 @@ pub(crate) fn name_is_sound(message: &[u8], offset: usize) -> bool {
     }
 }
 
+/// The name at `offset` of `message`, compression pointers followed, in wire form with ASCII
+/// letters in lower case; `None` unless it is [sound](name_is_sound).
+pub(crate) fn name_at(message: &[u8], offset: usize) -> Option<Vec<u8>> {
+    if !name_is_sound(message, offset) {
+        return None;
+    }
+    let mut name = Vec::new();
+    let mut at = offset;
+    loop {
+        let len = *message.get(at)?;
+        match len {
+            0 => {
+                name.push(0);
+                return Some(name);
+            }
+            1..=63 => {
+                let label = message.get(at..at + 1 + usize::from(len))?;
+                name.extend(label.iter().map(u8::to_ascii_lowercase));
+                at += 1 + usize::from(len);
+            }
+            _ => at = usize::from(len & 0x3f) << 8 | usize::from(*message.get(at + 1)?),
+        }
+    }
+}
+
 /// The records of `message` after its questions (its answer, authority and additional
 /// sections), each with the offset it starts at; an item is `None` where a record does not
 /// parse, and the walk should stop there.
