@@ -599,7 +599,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             conn.note_keepalive(&answer);
             let now = Moment::now();
             let latency = started.map(|started| now.instant.saturating_duration_since(started));
-            stats.answered(&answer, latency);
+            // Counted once per query, at its first message: a zone transfer's later ones
+            // answer no more queries (helper-133: one AXFR counted 29 answers).
+            if latency.is_some() {
+                stats.answered(&answer, latency);
+            }
             self.settings
                 .observers
                 .answered(conn.asked(), latency, &answer, now);

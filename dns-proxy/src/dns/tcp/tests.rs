@@ -264,6 +264,12 @@ async fn a_client_that_half_closes_gets_a_whole_zone_transfer() {
     let closed = relay.await.unwrap();
     assert_eq!(closed, Closed::ByClient.to_string());
     assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+    // One query, one answer counted, however many messages carried it.
+    assert_eq!(proxy.stats.tcp.answered.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        proxy.stats.tcp.answered_by_rcode[0].load(Ordering::Relaxed),
+        1
+    );
 }
 
 /// A graceful stop lets a zone transfer in progress finish (within the drain's deadline)
@@ -798,6 +804,7 @@ async fn a_client_that_reuses_an_id_and_half_closes_gets_both_answers() {
         .unwrap();
     assert_eq!(closed, Closed::ByClient.to_string());
     assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats.tcp.answered.load(Ordering::Relaxed), 2);
 }
 
 /// A client that pipelines queries and reads none of their answers holds a bounded part of
