@@ -185,7 +185,8 @@ pub const METRICS: &[Metric] = &[
         name: "answers",
         labels: &["protocol", "rcode"],
         only_with: None,
-        help: "Answers sent to their clients, by the RCODE in their header: by name \
+        help: "Answers sent to their clients, one per query (a zone transfer's messages count \
+               once, by its first), by the RCODE in their header: by name \
                (NOERROR, SERVFAIL, NXDOMAIN...), 11 to 15 by number; an RCODE not seen yet \
                has no series. The upstream's, the cache's, and the agent's own: the REFUSED \
                it answers over UDP for an upstream it could not reach (its port closed, no \
