@@ -329,19 +329,19 @@ pub fn ctx_sockopt_option(ctx: &SockoptContext) -> (i32, i32, i32) {
     }
 }
 
-/// The first four bytes of the value a `cgroup/setsockopt` call sets, as they are in memory;
-/// `None` if the kernel passed the program fewer.
-pub fn ctx_sockopt_u32(ctx: &SockoptContext) -> Option<u32> {
+/// The four bytes at `OFFSET` of the value a `cgroup/setsockopt` call sets, as they are in
+/// memory; `None` if the kernel passed the program fewer.
+pub fn ctx_sockopt_u32_at<const OFFSET: usize>(ctx: &SockoptContext) -> Option<u32> {
     // SAFETY: a valid context; `optval` and `optval_end` bound the copy of the value the kernel
     // made for the program, and the verifier checks the read below against that bound.
     unsafe {
         let raw = ctx.sockopt;
         let start = (*raw).__bindgen_anon_2.optval.cast::<u8>();
         let end = (*raw).__bindgen_anon_3.optval_end.cast::<u8>();
-        if start.add(4) > end {
+        if start.add(OFFSET + 4) > end {
             return None;
         }
-        Some(core::ptr::read_unaligned(start.cast::<u32>()))
+        Some(core::ptr::read_unaligned(start.add(OFFSET).cast::<u32>()))
     }
 }
 

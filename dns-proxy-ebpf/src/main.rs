@@ -184,10 +184,11 @@ static REFUSING: Array<u64> = Array::with_max_entries(MAX_SERVERS, 0);
 #[map(name = "SOURCE4")]
 static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Socket → the interface it chose to send through (`IP_UNICAST_IF` / `IPV6_UNICAST_IF`), by
-/// index, as `cgroup/setsockopt` saw it set; the kernel frees it with the socket.
+/// Socket → the interfaces it chose to send through, by index: by `IP_UNICAST_IF` /
+/// `IPV6_UNICAST_IF`, and by the sticky `IPV6_PKTINFO`, as `cgroup/setsockopt` saw them set;
+/// the kernel frees it with the socket.
 #[btf_map(name = "UNICAST_IF")]
-static UNICAST_IF: SkStorage<u32> = SkStorage::new();
+static UNICAST_IF: SkStorage<[u32; 2]> = SkStorage::new();
 
 /// The agent's own sockets, which it marks as it makes them (`names::AGENT_SOCKETS`): never
 /// redirected, refused or decoded, whatever cgroup the agent is in when it uses them.

@@ -416,7 +416,8 @@ pub const METRICS: &[Metric] = &[
         labels: &[],
         only_with: None,
         help: "DNS connects and sends left alone because their socket is bound to a device \
-               other than loopback (SO_BINDTODEVICE), or sends through one (IP_UNICAST_IF), \
+               other than loopback (SO_BINDTODEVICE), or sends through one (IP_UNICAST_IF, the \
+               sticky IPV6_PKTINFO), \
                which may not reach the proxy's addresses, or is marked (SO_MARK) for routing \
                of its own.",
         read: Read::Counter(|s| s.kernel(Counter::SkippedBoundDevice)),

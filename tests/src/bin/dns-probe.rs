@@ -16,7 +16,8 @@
 //! `--port N` sends from local port N (UDP) instead of an ephemeral one. `--device IFNAME`
 //! binds the socket to that interface first (`SO_BINDTODEVICE`, as dnsmasq's `server=IP@IF`);
 //! `--unicast-if IFNAME` sends through it instead (`IP_UNICAST_IF` / `IPV6_UNICAST_IF`, as
-//! systemd-resolved does for a link's own servers); `--mark N` marks it (`SO_MARK`, as a VPN's
+//! systemd-resolved does for a link's own servers), and `--sticky-pktinfo IFNAME` likewise with
+//! the sticky `IPV6_PKTINFO` option (IPv6 only); `--mark N` marks it (`SO_MARK`, as a VPN's
 //! or a mesh's DNS forwarder does for policy routing).
 //!
 //! Prints `source=ADDR answer=A.B.C.D` (or `source=ADDR hex=HEX` with --raw) and exits 0, or
@@ -54,6 +55,8 @@ enum Interface<'a> {
     Bound(&'a str),
     /// `IP_UNICAST_IF` / `IPV6_UNICAST_IF`.
     Unicast(&'a str),
+    /// The sticky `IPV6_PKTINFO`, with the interface's index and no address.
+    StickyPktinfo(&'a str),
     /// `SO_MARK`.
     Marked(u32),
 }
@@ -72,14 +75,33 @@ fn choose_interface(
         Some(Interface::Marked(mark)) => socket
             .set_mark(mark)
             .map_err(|e| format!("SO_MARK {mark}: {e}")),
+        Some(Interface::StickyPktinfo(name)) => {
+            use std::os::fd::AsRawFd as _;
+            let value = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr { s6_addr: [0; 16] },
+                ipi6_ifindex: interface_index(name)?,
+            };
+            // SAFETY: a live socket, and a whole `in6_pktinfo` the call only reads.
+            let status = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    std::ptr::from_ref(&value).cast(),
+                    std::mem::size_of_val(&value) as libc::socklen_t,
+                )
+            };
+            if status != 0 {
+                return Err(format!(
+                    "IPV6_PKTINFO {name}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
         Some(Interface::Unicast(name)) => {
             use std::os::fd::AsRawFd as _;
-            let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
-            // SAFETY: a NUL-terminated name the call only reads.
-            let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-            if index == 0 {
-                return Err(format!("no interface {name}"));
-            }
+            let index = interface_index(name)?;
             // Both options take the index in network order.
             let value = index.to_be();
             let (level, option) = if server.is_ipv4() {
@@ -105,6 +127,16 @@ fn choose_interface(
             }
             Ok(())
         }
+    }
+}
+
+/// The index of the interface called `name`.
+fn interface_index(name: &str) -> Result<u32, String> {
+    let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name the call only reads.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(format!("no interface {name}")),
+        index => Ok(index),
     }
 }
 
@@ -263,6 +295,12 @@ fn run(args: &[String]) -> Result<String, String> {
             "--unicast-if" => {
                 let name = options.next().ok_or("--unicast-if needs an interface")?;
                 interface = Some(Interface::Unicast(name.as_str()));
+            }
+            "--sticky-pktinfo" => {
+                let name = options
+                    .next()
+                    .ok_or("--sticky-pktinfo needs an interface")?;
+                interface = Some(Interface::StickyPktinfo(name.as_str()));
             }
             "--mark" => {
                 let mark = options

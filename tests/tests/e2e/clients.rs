@@ -456,7 +456,8 @@ ask("moved sendto", lambda: s.sendto(query, (server, 53)))
 "#;
 
 /// A socket bound to a device (dnsmasq's `server=IP@eth0`), or sending through one
-/// (`IP_UNICAST_IF`, as systemd-resolved does for a link's own servers), cannot reach the
+/// (`IP_UNICAST_IF`, as systemd-resolved does for a link's own servers, or the sticky
+/// `IPV6_PKTINFO`, which an adversary's client lost every IPv6 lookup with), cannot reach the
 /// proxy's addresses on `lo`: it is left alone, goes direct, and is counted, over UDP and TCP.
 #[test]
 fn a_socket_bound_to_a_device_sending_through_one_or_marked_goes_direct() {
@@ -466,8 +467,13 @@ fn a_socket_bound_to_a_device_sending_through_one_or_marked_goes_direct() {
     let device = format!("{}c", topology.tag);
     let server = format!("{SERVER_IP}:53");
     let server6 = format!("[{SERVER_IP6}]:53");
-    for how in ["--device", "--unicast-if"] {
+    for how in ["--device", "--unicast-if", "--sticky-pktinfo"] {
         for (server, source) in [(&server, &server), (&server6, &server6)] {
+            // The sticky IPV6_PKTINFO is an IPv6 option (IPv4's IP_PKTINFO only asks for
+            // the control message on receipt).
+            if how == "--sticky-pktinfo" && !server.starts_with('[') {
+                continue;
+            }
             for mode in ["sendto", "connect", "tcp"] {
                 let family = if server.starts_with('[') { "6" } else { "4" };
                 let name = format!("bound-{mode}{family}{how}.example.test");
@@ -511,7 +517,7 @@ fn a_socket_bound_to_a_device_sending_through_one_or_marked_goes_direct() {
     let page = scrape(&topology);
     assert_eq!(
         value(&page, "dns_proxy_kernel_skipped_bound_device_total"),
-        18
+        21
     );
     assert_eq!(value(&page, "dns_proxy_kernel_redirected_total"), 2);
 }
