@@ -76,57 +76,47 @@ fn choose_interface(
             .set_mark(mark)
             .map_err(|e| format!("SO_MARK {mark}: {e}")),
         Some(Interface::StickyPktinfo(name)) => {
-            use std::os::fd::AsRawFd as _;
             let value = libc::in6_pktinfo {
                 ipi6_addr: libc::in6_addr { s6_addr: [0; 16] },
                 ipi6_ifindex: interface_index(name)?,
             };
-            // SAFETY: a live socket, and a whole `in6_pktinfo` the call only reads.
-            let status = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_PKTINFO,
-                    std::ptr::from_ref(&value).cast(),
-                    std::mem::size_of_val(&value) as libc::socklen_t,
-                )
-            };
-            if status != 0 {
-                return Err(format!(
-                    "IPV6_PKTINFO {name}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(())
+            set_option(socket, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &value)
+                .map_err(|e| format!("IPV6_PKTINFO {name}: {e}"))
         }
         Some(Interface::Unicast(name)) => {
-            use std::os::fd::AsRawFd as _;
-            let index = interface_index(name)?;
             // Both options take the index in network order.
-            let value = index.to_be();
+            let value = interface_index(name)?.to_be();
             let (level, option) = if server.is_ipv4() {
                 (libc::IPPROTO_IP, libc::IP_UNICAST_IF)
             } else {
                 (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_IF)
             };
-            // SAFETY: a live socket, and a 4-byte value the call only reads.
-            let status = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    level,
-                    option,
-                    std::ptr::from_ref(&value).cast(),
-                    std::mem::size_of_val(&value) as libc::socklen_t,
-                )
-            };
-            if status != 0 {
-                return Err(format!(
-                    "UNICAST_IF {name}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(())
+            set_option(socket, level, option, &value).map_err(|e| format!("UNICAST_IF {name}: {e}"))
         }
+    }
+}
+
+/// `setsockopt(level, option)` on `socket`, with `value` as it is in memory.
+fn set_option<T>(
+    socket: socket2::SockRef<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a live socket, and a value of its own size the call only reads.
+    let status = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of_val(value) as libc::socklen_t,
+        )
+    };
+    match status {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 
