@@ -32,8 +32,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// cgroup v2 directory whose processes (and descendants) are redirected.
-    /// Default: the root of the cgroup2 filesystem found in /proc/self/mountinfo.
+    /// cgroup v2 directory whose processes (and descendants) are redirected: the sockets they
+    /// make there, which keep that cgroup wherever they are used from (a socket made before
+    /// its process moved in is not). Default: the root of the cgroup2 filesystem found in
+    /// /proc/self/mountinfo.
     #[arg(long, value_name = "PATH", env = "DNS_PROXY_CGROUP")]
     pub cgroup: Option<PathBuf>,
 
