@@ -68,6 +68,9 @@ pub struct Readiness {
     cannot_say_running: AtomicBool,
     /// A UDP thread has not run: the agent stopped saying it runs, so the redirect is off.
     wedged_udp_thread: Mutex<Option<WedgedThread>>,
+    /// The table of servers cannot be pinned in the state directory: the next agent would
+    /// not decode the addresses sockets were sent to before.
+    unpinned: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -128,6 +131,12 @@ impl Readiness {
         self.cannot_say_running.store(cannot, Ordering::Relaxed);
     }
 
+    /// Whether the table of servers cannot be kept pinned (its bpffs unmounted, say): this
+    /// agent serves as before, but the next one would start with an empty table.
+    pub fn set_unpinned(&self, unpinned: bool) {
+        self.unpinned.store(unpinned, Ordering::Relaxed);
+    }
+
     /// The UDP thread taken for wedged, if one is (`None` once every one runs again).
     pub fn set_wedged_udp_thread(&self, wedged: Option<WedgedThread>) {
         *self.wedged_udp_thread.lock().expect("not poisoned") = wedged;
@@ -170,7 +179,12 @@ impl Readiness {
             && !self.is_block_unrouted()
             && !self.is_outside_own_cgroup()
             && !self.is_unable_to_say_running()
+            && !self.is_unpinned()
             && self.wedged_udp_thread().is_none()
+    }
+
+    fn is_unpinned(&self) -> bool {
+        self.unpinned.load(Ordering::Relaxed)
     }
 
     fn is_unable_to_say_running(&self) -> bool {
@@ -377,6 +391,12 @@ impl Metrics {
                 "not ready: the agent cannot tell its programs that it runs, so they redirect \
                  nothing (lookups go direct); see its log\n",
             ),
+            "/readyz" if self.readiness.is_unpinned() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the table of servers cannot be kept pinned in --state-dir, so a \
+                 restarted agent would not decode the addresses sockets were sent to before; \
+                 see its log\n",
+            ),
             "/readyz" => match self.readiness.wedged_udp_thread() {
                 Some(wedged) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -560,7 +580,7 @@ mod tests {
     fn an_agent_that_cannot_redirect_as_asked_is_not_ready_and_says_why() {
         let agent = metrics(true);
         type Setter = fn(&Readiness, bool);
-        let states: [(Setter, &str); 4] = [
+        let states: [(Setter, &str); 5] = [
             (Readiness::set_target_lost, "the redirected cgroup is gone"),
             (
                 Readiness::set_block_unrouted,
@@ -574,6 +594,7 @@ mod tests {
                 Readiness::set_cannot_say_running,
                 "cannot tell its programs that it runs",
             ),
+            (Readiness::set_unpinned, "cannot be kept pinned"),
         ];
         for (set, why) in states {
             set(&agent.readiness, true);

@@ -108,6 +108,7 @@ pub(super) fn start(
         Arc::clone(agents),
         Arc::new(pins),
         Arc::clone(redirect_lock),
+        Arc::clone(readiness),
         stop.clone(),
     );
     spawn("the heartbeat", false, Box::pin(task));
@@ -565,11 +566,13 @@ fn switch_redirect(
 }
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
-/// newer agent has taken over. Clears the queue of the lock on the redirected cgroup.
+/// newer agent has taken over. Clears the queue of the lock on the redirected cgroup. Pins
+/// the table of servers again if its pins are gone, and is not ready while it cannot.
 async fn keep_alive(
     agents: Arc<agents::Agents>,
     pins: Arc<host::Pins>,
     redirect_lock: Arc<RedirectLock>,
+    readiness: Arc<Readiness>,
     stop: drain::Signal,
 ) {
     let mut replaced = false;
@@ -595,6 +598,7 @@ async fn keep_alive(
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
         };
+        let pinned = restored.is_ok();
         match restored {
             Ok(names) if !names.is_empty() => log::warn!(
                 target: LOG,
@@ -604,14 +608,23 @@ async fn keep_alive(
                 pins.dir().display(),
                 names.join(", ")
             ),
-            Ok(_) => cannot_pin = false,
+            Ok(_) => {}
             // Said once until it works again: it would be the same every heartbeat.
             Err(err) if !cannot_pin => {
-                cannot_pin = true;
-                log::error!(target: LOG, "cannot keep the table of servers pinned: {err}");
+                log::error!(
+                    target: LOG,
+                    "cannot keep the table of servers pinned: {err}; the next agent would \
+                     start with an empty one, and sockets sent to the block before would fail \
+                     (/readyz says 503 until the pins are back)"
+                );
             }
             Err(_) => {}
         }
+        if pinned && cannot_pin {
+            log::info!(target: LOG, "the table of servers is pinned again");
+        }
+        cannot_pin = !pinned;
+        readiness.set_unpinned(cannot_pin);
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(

@@ -1065,14 +1065,24 @@ fn a_takeover_refused_pins_no_table_of_its_own() {
 /// levels were, so it said it could not and never did). `AGENTS` alone gone beside the table:
 /// left to the agent of another version that removed it to make its own (before, pinned
 /// again within a second, it could be handed to that agent instead). The bpffs unmounted:
-/// said once, and nothing made on the filesystem under it (before, its directories were).
+/// said once, nothing made on the filesystem under it (before, its directories were), and
+/// `/readyz` says 503 until a bpffs is back and the table pinned on it (before, it said 200,
+/// and the next agent started with an empty table: helper-136's connected socket then failed
+/// 118 of 118 lookups).
 #[test]
 fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_stays_on_bpffs() {
     let topology = Topology::new();
     let _server = tests::DnsServer::start(&topology);
     let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
     let state = bpffs.path.join("a/b/state");
-    let agent = Agent::start(&topology, &[&format!("--state-dir={}", state.display())]);
+    let agent = Agent::start(
+        &topology,
+        &[
+            &format!("--state-dir={}", state.display()),
+            &format!("--metrics={}", super::METRICS),
+        ],
+    );
+    let readyz = || tests::http_get(&topology.client, super::METRICS.parse().unwrap(), "/readyz");
     let table = tests::table_dir(&state);
     assert_answered(
         dig(topology.workload("dig", &[]), "before.example.test", &[]),
@@ -1101,12 +1111,20 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
         1,
         "{log}"
     );
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot be kept pinned"), "{body}");
     // The lookups go on.
     assert_answered(
         dig(topology.workload("dig", &[]), "after.example.test", &[]),
         "dig after the unmount",
     );
     forwarded(&agent, "after.example.test");
+    // A bpffs mounted there again: the table is pinned on it, and the agent is ready.
+    bpffs.mount_again();
+    wait_for_log(&agent, "the table of servers is pinned again");
+    assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
+    assert_eq!(readyz().0, 200, "{}", agent.log());
 }
 
 /// A bpffs of a test's own on a directory of `/run/dns-proxy-tests`; unmounted and removed on
@@ -1130,6 +1148,14 @@ impl BpffsAt {
 
     fn unmount(&self) {
         must(Command::new("umount").arg("-l").arg(&self.path));
+    }
+
+    fn mount_again(&self) {
+        must(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&self.path),
+        );
     }
 }
 
