@@ -68,8 +68,11 @@ struct Entries {
 
 /// One cgroup's entries.
 struct Held {
-    /// Unbounded: every eviction is this table's own, so bytes are counted.
-    map: LruCache<Key, SystemTime, foldhash::fast::RandomState>,
+    /// Unbounded: every eviction is this table's own, so bytes are counted. Each entry's
+    /// expiry is on the monotonic clock: a step of the wall clock (NTP, an operator) must not
+    /// keep an entry past its TTL or hide a live one (helper-136: set back an hour, an answer
+    /// with a TTL of 60 s was listed for an hour).
+    map: LruCache<Key, Instant, foldhash::fast::RandomState>,
     bytes: usize,
     /// When it last recorded ([`Entries::records`]).
     last: u64,
@@ -83,7 +86,7 @@ impl Held {
 
 impl Entries {
     /// Records `key` for `cgroup`, expiring at `expires`.
-    fn insert(&mut self, cgroup: u64, key: Key, expires: SystemTime) {
+    fn insert(&mut self, cgroup: u64, key: Key, expires: Instant) {
         self.records += 1;
         let held = self.by_cgroup.entry(cgroup).or_insert_with(|| Held {
             map: LruCache::with_hasher(usize::MAX, foldhash::fast::RandomState::default()),
@@ -171,7 +174,7 @@ impl Resolutions {
         // Named now, while the workload's cgroup still exists: a short-lived one (a job) is
         // otherwise gone before anything asks its name, and cannot be looked up by it.
         let _ = self.workloads.full(cgroup);
-        let now = now.wall;
+        let now = now.instant;
         let name: Box<str> = name.into();
         let mut entries = self.lock();
         for (address, ttl) in addresses {
@@ -187,14 +190,24 @@ impl Resolutions {
     /// What workload `workload` (its full form, its short form, or `cgroup-id=N`) resolved
     /// that has not expired, to `address` only if given.
     pub fn lookup(&self, workload: &str, address: Option<IpAddr>) -> Vec<Resolution> {
-        let now = SystemTime::now();
+        self.lookup_at(workload, address, Instant::now(), SystemTime::now())
+    }
+
+    /// [`Self::lookup`] at monotonic time `now`, when the wall clock says `wall`.
+    fn lookup_at(
+        &self,
+        workload: &str,
+        address: Option<IpAddr>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Vec<Resolution> {
         let cgroups: Vec<u64> = self.lock().by_cgroup.keys().copied().collect();
         // Named outside the lock: naming may walk the cgroup tree.
         let cgroups: Vec<u64> = cgroups
             .into_iter()
             .filter(|cgroup| self.is_workload(*cgroup, workload))
             .collect();
-        let entries: Vec<(Key, SystemTime)> = {
+        let entries: Vec<(Key, Instant)> = {
             let held = self.lock();
             cgroups
                 .iter()
@@ -211,7 +224,8 @@ impl Resolutions {
             .map(|(key, expires)| Resolution {
                 name: key.name.into(),
                 address: key.address,
-                expires: expires
+                // Shown on the wall clock of now: the time left, from the current time.
+                expires: (wall + expires.saturating_duration_since(now))
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |since| since.as_secs()),
             })
@@ -541,6 +555,35 @@ pub(crate) mod tests {
         let mut notify = answer_of(RecordType::A);
         notify[2] |= 4 << 3;
         assert_eq!(addresses(&notify), None);
+    }
+
+    /// An entry expires by the monotonic clock, and is shown on the wall clock of the moment it
+    /// is asked for: a step of the wall clock changes neither when it goes nor the time it
+    /// has left (helper-136: an hour back, an answer with a TTL of 60 s was listed for an hour,
+    /// its expiry an hour ahead).
+    #[test]
+    fn entries_expire_by_their_ttl_whatever_the_wall_clock_does() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        let (start, true_time) = (Instant::now(), SystemTime::now());
+        let an_hour = Duration::from_secs(3600);
+        // Recorded while the wall clock was an hour ahead; asked once it was set right.
+        let recorded = Moment {
+            instant: start,
+            wall: true_time + an_hour,
+        };
+        table.record(7, &answer("www.example.test."), recorded);
+        let at = |seconds: u64| {
+            let elapsed = Duration::from_secs(seconds);
+            table.lookup_at("cgroup-id=7", None, start + elapsed, true_time + elapsed)
+        };
+        let rows = at(20);
+        assert_eq!(rows.len(), 2);
+        let expected = secs(true_time) + 60;
+        let ipv4 = rows.iter().find(|row| row.address.is_ipv4()).unwrap();
+        assert!(ipv4.expires.abs_diff(expected) <= 1, "{ipv4:?}");
+        // The AAAA record's TTL is 30 s, the A record's 60 s.
+        assert_eq!(at(45).len(), 1);
+        assert!(at(61).is_empty());
     }
 
     #[test]
