@@ -409,13 +409,17 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
         }
     }
     // The names the answer says the asked one stands for: itself, and its CNAME chain in any
-    // order (bounded by the records there).
+    // order, as long as a resolver would follow one (each link a pass over the records: an
+    // answer of thousands of CNAMEs must not cost their square).
+    const LONGEST_CHAIN: usize = 16;
     let mut names = vec![asked.to_vec()];
-    while let Some(target) = records.iter().find_map(|(owner, record)| {
-        let target = (record.rtype == TYPE_CNAME && names.contains(owner))
-            .then(|| wire::name_at(answer, record.rdata_start))??;
-        (!names.contains(&target)).then_some(target)
-    }) {
+    while names.len() <= LONGEST_CHAIN
+        && let Some(target) = records.iter().find_map(|(owner, record)| {
+            let target = (record.rtype == TYPE_CNAME && names.contains(owner))
+                .then(|| wire::name_at(answer, record.rdata_start))??;
+            (!names.contains(&target)).then_some(target)
+        })
+    {
         names.push(target);
     }
     let mut found = Vec::new();
@@ -551,6 +555,26 @@ pub(crate) mod tests {
         for qtype in [RecordType::AXFR, RecordType::IXFR, RecordType::MX] {
             assert_eq!(addresses(&answer_of(qtype)), None, "{qtype}");
         }
+        // A chain longer than a resolver follows ends nowhere: 20 links, in reverse order, and
+        // the address at their end.
+        let name = |i: usize| Name::from_ascii(format!("n{i}.example.test.")).unwrap();
+        let mut long = Message::new();
+        long.set_message_type(MessageType::Response)
+            .add_query(Query::query(name(0), RecordType::A));
+        long.add_answer(Record::from_rdata(
+            name(20),
+            60,
+            RData::A(A(Ipv4Addr::LOCALHOST)),
+        ));
+        for i in (0..20).rev() {
+            long.add_answer(Record::from_rdata(
+                name(i),
+                60,
+                RData::CNAME(CNAME(name(i + 1))),
+            ));
+        }
+        let (_, found) = addresses(&long.to_vec().unwrap()).unwrap();
+        assert!(found.is_empty(), "{found:?}");
         // The same answer under another opcode (NOTIFY).
         let mut notify = answer_of(RecordType::A);
         notify[2] |= 4 << 3;
