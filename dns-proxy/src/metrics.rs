@@ -224,6 +224,10 @@ fn percent_decode(text: &str) -> Option<String> {
         match byte {
             b'%' => {
                 let hex = [input.next()?, input.next()?];
+                // Two hex digits exactly: `from_str_radix` would take `%+a` too.
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
             }
             b'+' => bytes.push(b' '),
@@ -443,6 +447,8 @@ mod tests {
         );
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%+a"), None, "two hex digits exactly");
+        assert_eq!(percent_decode("a%2Bb").as_deref(), Some("a+b"));
         let metrics = metrics(true);
         let status = |query| {
             metrics
