@@ -47,6 +47,14 @@ pub fn ctx_sock_type(ctx: &SockAddrContext) -> u32 {
     unsafe { (*raw(ctx)).type_ }
 }
 
+/// The socket's own address family (`AF_INET`, `AF_INET6`), which may differ from the
+/// address's: a dual-stack IPv6 socket connected with an IPv4 address runs `connect4`. Every
+/// sock_addr hook.
+pub fn ctx_sock_family(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: a valid context (module docs); `family` is readable in every sock_addr hook.
+    unsafe { (*raw(ctx)).family }
+}
+
 /// The socket's protocol (`IPPROTO_UDP`, `IPPROTO_TCP`, ...; the one the kernel resolved, never
 /// 0). Every sock_addr hook.
 pub fn ctx_sock_protocol(ctx: &SockAddrContext) -> u32 {

@@ -58,6 +58,8 @@ const SOCK_RAW: u32 = 3;
 /// The protocols of ICMP and ICMPv6, which a raw socket may send to the block (`ping`).
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+/// The only datagram protocol the guard judges (uapi `in.h`).
+const IPPROTO_UDP: u32 = 17;
 
 /// Whether the kernel tells a `cgroup_skb` program the packet's network namespace
 /// (`bpf_get_netns_cookie`, Linux 6.18): the guard's type parameter, so that the program for
@@ -111,7 +113,10 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
 }
 
 /// The type of the packet's full socket (`SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_RAW`), if it has
-/// one. Not inlined: a frame of its own, beside the guard's, for older verifiers' budget.
+/// one; `None` too for a datagram socket of another protocol than UDP (an ICMP "ping" socket,
+/// UDP-Lite), which no client takes for a DNS answer: a ping socket bound to a block address
+/// had its echo requests dropped (an adversarial review; ping's bind runs no `bind4`
+/// program). Not inlined: a frame of its own, beside the guard's, for older verifiers' budget.
 #[inline(never)]
 fn socket_type(ctx: &SkBuffContext) -> Option<u32> {
     // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
@@ -122,8 +127,12 @@ fn socket_type(ctx: &SkBuffContext) -> Option<u32> {
     }
     // SAFETY: a non-null socket of the packet, valid for the run.
     let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
     // SAFETY: non-null: a full socket the helper returned, valid for the run.
-    (!sk.is_null()).then(|| unsafe { (*sk).type_ })
+    let (sock_type, protocol) = unsafe { ((*sk).type_, (*sk).protocol) };
+    (sock_type != SOCK_DGRAM || protocol == IPPROTO_UDP).then_some(sock_type)
 }
 
 /// Whether the packet, a raw socket's, goes to a block address (anything but ICMP), in a

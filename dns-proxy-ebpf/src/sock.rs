@@ -27,8 +27,8 @@ use crate::{
     context::{
         ctx_bind_source4, ctx_bind_source6, ctx_local_ip4, ctx_local_ip6, ctx_local_port,
         ctx_msg_src_ip4, ctx_msg_src_ip6, ctx_peer4, ctx_peer6, ctx_set_user_ip4, ctx_set_user_ip6,
-        ctx_set_user_port, ctx_sock_kind, ctx_sock_peer, ctx_sock_type, ctx_user_ip4, ctx_user_ip6,
-        ctx_user_port,
+        ctx_set_user_port, ctx_sock_family, ctx_sock_kind, ctx_sock_peer, ctx_sock_type,
+        ctx_user_ip4, ctx_user_ip6, ctx_user_port,
     },
     count,
     scope::{
@@ -56,11 +56,14 @@ pub fn sock4_connect(ctx: &SockAddrContext) -> i32 {
 /// and cannot route. A loopback or unspecified server keeps the loopback source it would have
 /// had. IPv6 sockets are left alone: binding one to an IPv6 address makes it IPv6-only for
 /// good, and binding a dual-stack one to a v4-mapped address keeps it off IPv6 after a
-/// disconnect. Best effort: a bind that fails (the address just went away) leaves the socket
-/// as it was.
+/// disconnect; that includes one connected with an IPv4 address, which runs `connect4` (an
+/// adversarial review's could not connect to an IPv6 server after a disconnect:
+/// `EAFNOSUPPORT`). Best effort: a bind that fails (the address just went away) leaves the
+/// socket as it was.
 fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
     let config = config();
-    if Endpoint::v4(server_be, 0).is_local_only()
+    if ctx_sock_family(ctx) != u32::from(AF_INET)
+        || Endpoint::v4(server_be, 0).is_local_only()
         || !in_agent_namespace(ctx, &config)
         || ctx_local_ip4(ctx) != 0
         || ctx_local_port(ctx) != 0

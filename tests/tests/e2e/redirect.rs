@@ -1113,6 +1113,25 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
         print('connected')\n";
     let connected = stdout(&mut topology.workload("/usr/bin/python3", &["-c", TCP_SERVICE]));
     assert_eq!(connected, "connected");
+    // An ICMP "ping" socket binds a block address without a bind program (ping has a bind of
+    // its own), and what it sends is no DNS answer: its echo is answered (an adversarial
+    // review's were dropped, as a UDP socket's would be).
+    must(
+        topology
+            .client
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ping_group_range=0 0"]),
+    );
+    const PING_FROM_THE_BLOCK: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.settimeout(2)
+s.bind(("127.53.0.5", 0))
+s.sendto(bytes([8, 0, 0, 0, 0, 0, 0, 1]), ("127.0.0.1", 0))
+print(s.recvfrom(64)[1][0])
+"#;
+    let replies = stdout(&mut topology.workload("/usr/bin/python3", &["-c", PING_FROM_THE_BLOCK]));
+    assert_eq!(replies, "127.0.0.1");
 }
 
 /// After a restart that changes `--listen`'s port, a socket still connected to the old port
@@ -1548,9 +1567,16 @@ fn a_forged_reverse_index_sends_no_socket_to_another_server() {
 /// the "which address am I" idiom); `udp=` the source of a socket connected to the server,
 /// once its lookup is answered, then `reconnected=` its source once connected to another port
 /// of the server (no DNS); `tcp=` a TCP connection's; with `SERVER_IP6`, `v6only=` whether a
-/// dual-stack socket that asked it became IPv6-only (binding an IPv6 address would do that).
+/// dual-stack socket that asked it became IPv6-only (binding an IPv6 address would do that),
+/// and `mixed=` what a dual-stack socket connected with an IPv4 address (`AF_INET`, which runs
+/// `connect4`), asked, disconnected and connected to the IPv6 server got there: bound to a
+/// v4-mapped source, it could not connect at all (`EAFNOSUPPORT`).
 const OWN_ADDRESS_SCRIPT: &str = r#"
-import socket, struct, sys
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def connect_with(s, sockaddr):
+    if libc.connect(s.fileno(), sockaddr, len(sockaddr)) != 0:
+        raise OSError(ctypes.get_errno(), "connect")
 server, far = sys.argv[1], sys.argv[2]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect((far, 53))
@@ -1573,6 +1599,19 @@ if len(sys.argv) > 3:
     d.send(struct.pack("!HHHHHH", 0x5d5e, 0x0100, 1, 0, 0, 0) + b"\x03own\x07example\x04test\x00\x00\x01\x00\x01")
     assert d.recv(512)[:2] == b"\x5d\x5e"
     print("v6only=%d" % d.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    m = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    m.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    m.settimeout(2)
+    connect_with(m, struct.pack("=H", socket.AF_INET) + struct.pack("!H", 53) + socket.inet_aton(server) + bytes(8))
+    m.send(struct.pack("!HHHHHH", 0x5d5f, 0x0100, 1, 0, 0, 0) + b"\x03own\x07example\x04test\x00\x00\x01\x00\x01")
+    assert m.recv(512)[:2] == b"\x5d\x5f"
+    connect_with(m, struct.pack("=H", socket.AF_UNSPEC) + bytes(26))
+    try:
+        m.connect((sys.argv[3], 53))
+        m.send(struct.pack("!HHHHHH", 0x5d60, 0x0100, 1, 0, 0, 0) + b"\x03own\x07example\x04test\x00\x00\x01\x00\x01")
+        print("mixed=" + ("answered" if m.recv(512)[:2] == b"\x5d\x60" else "wrong answer"))
+    except OSError as err:
+        print("mixed=%s" % err)
 "#;
 
 /// An address only a default route reaches (TEST-NET-2): nothing is ever sent there.
@@ -1625,11 +1664,15 @@ fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
     let (server, far) = (SERVER_IP.to_string(), FAR_IP.to_string());
     let script = ["-c", OWN_ADDRESS_SCRIPT, &server, &far, &server6];
     let seen = stdout(&mut topology.workload("python3", &script));
-    // IPv6 sockets are not bound: a dual-stack one stays dual-stack.
-    assert_eq!(seen, format!("{}\nv6only=0", own_address_lines(CLIENT_IP)));
+    // IPv6 sockets are not bound: a dual-stack one stays dual-stack, and one connected with an
+    // IPv4 address can go to an IPv6 server once disconnected.
+    assert_eq!(
+        seen,
+        format!("{}\nv6only=0\nmixed=answered", own_address_lines(CLIENT_IP))
+    );
     // The lookups went through the agent.
-    wait_for("both lookups logged", Duration::from_secs(2), || {
-        (agent.query_lines("own.example.test").len() == 2).then_some(())
+    wait_for("every lookup logged", Duration::from_secs(2), || {
+        (agent.query_lines("own.example.test").len() == 4).then_some(())
     });
 }
 
