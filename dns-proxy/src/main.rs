@@ -36,6 +36,31 @@ fn drop_empty_settings() {
     }
 }
 
+/// The variables that hold lists, comma-separated.
+const LIST_SETTINGS: [&str; 2] = ["DNS_PROXY_EXCLUDE_CGROUPS", "DNS_PROXY_EXCLUDE_SERVERS"];
+
+/// Trims each item of a list variable and drops empty ones: `a, b` and `a,` are `a,b` and
+/// `a`, as a person writing /etc/default/dns-proxy means, not a usage error (a restart loop
+/// under `Restart=always`; helper-139). A list left with no item is dropped as a blank one.
+fn tidy_list_settings() {
+    for name in LIST_SETTINGS {
+        let Some(value) = std::env::var_os(name) else {
+            continue;
+        };
+        let Some(value) = value.to_str() else {
+            continue;
+        };
+        let items: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .collect();
+        // SAFETY: first thing in main, before any thread is started: nothing else reads or
+        // writes the environment meanwhile.
+        unsafe { std::env::set_var(name, items.join(",")) };
+    }
+}
+
 /// Empty, only white space (`\v` included, which `trim_ascii` keeps), or an empty pair of
 /// quotes, which Docker's `--env-file` passes on as they are (`DNS_PROXY_CACHE_SIZE=""`).
 fn is_blank(value: &[u8]) -> bool {
@@ -44,6 +69,7 @@ fn is_blank(value: &[u8]) -> bool {
 }
 
 fn main() -> ExitCode {
+    tidy_list_settings();
     drop_empty_settings();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

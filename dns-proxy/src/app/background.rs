@@ -675,9 +675,11 @@ async fn forget_departed(
     root: PathBuf,
     stop: drain::Signal,
 ) {
+    // At least a second: 0 would walk the tree without a pause.
     let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
         .ok()
-        .and_then(|seconds| seconds.parse::<u64>().ok());
+        .and_then(|seconds| seconds.parse::<u64>().ok())
+        .filter(|&seconds| seconds > 0);
     let (every, quiet) = match test_seconds {
         Some(seconds) => (
             Duration::from_secs(seconds),

@@ -925,6 +925,35 @@ fn empty_settings_in_the_environment_are_the_defaults() {
     );
 }
 
+/// A list in the environment is read as a person writes it: spaces around its items and an
+/// empty item (a trailing comma) are not usage errors (each was exit 2, a restart loop under
+/// `Restart=always`; helper-139). The items are all taken.
+#[test]
+fn lists_in_the_environment_take_spaces_and_a_trailing_comma() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let excluded = topology.cgroup.path.join("excluded");
+    let excluded = excluded.display();
+    let cgroups = format!(" {excluded} , {excluded}-too,");
+    let servers = format!("{SECOND_SERVER_IP}, 198.51.100.0/24 ,");
+    let env = [
+        ("DNS_PROXY_EXCLUDE_CGROUPS", cgroups.as_str()),
+        ("DNS_PROXY_EXCLUDE_SERVERS", servers.as_str()),
+    ];
+    let agent = Agent::start_with_env(&topology, &[], &env);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("\"{excluded}\", \"{excluded}-too\"")),
+        "{log}"
+    );
+    assert!(log.contains(&SECOND_SERVER_IP.to_string()), "{log}");
+    assert!(log.contains("198.51.100.0/24"), "{log}");
+    assert_eq!(
+        probe(&topology, "sendto", "listed-settings.example.test"),
+        expected_probe_line()
+    );
+}
+
 /// An agent whose background tasks fail stops with an error, to be started anew, rather than
 /// serving on without its heartbeat, its watch on the cgroups and its forgetting while it says
 /// it is well. Here it starts at its task limit (`pids.max` 3), so the threads their blocking
