@@ -201,8 +201,9 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Duration,
 
-    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, over HTTP here.
-    /// Default: off.
+    /// Serve Prometheus metrics at /metrics, /healthz and /readyz, and the names each workload
+    /// resolved at /v1/resolutions, over HTTP here: to root alone from this network namespace,
+    /// to anyone who reaches the address from elsewhere. Default: off.
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_METRICS")]
     pub metrics: Option<SocketAddr>,
 
