@@ -404,8 +404,12 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
     for _ in 0..count(answer, 6)? {
         let start = reader.offset;
         let record = reader.record()?;
-        if record.class == CLASS_IN {
-            records.push((wire::name_at(answer, start)?, record));
+        // A record whose owner cannot be read is no one's: the others still count (a
+        // server's one unsound name hid the answer's every address; helper-140).
+        if record.class == CLASS_IN
+            && let Some(owner) = wire::name_at(answer, start)
+        {
+            records.push((owner, record));
         }
     }
     // The names the answer says the asked one stands for: itself, and its CNAME chain in any
@@ -575,6 +579,18 @@ pub(crate) mod tests {
         }
         let (_, found) = addresses(&long.to_vec().unwrap()).unwrap();
         assert!(found.is_empty(), "{found:?}");
+        // A record whose owner name points forward (unsound) is skipped, not the answer.
+        let mut unsound = answer_of(RecordType::A);
+        let pointer = 1
+            + unsound
+                .windows(7)
+                .position(|window| window == b"\x05other\xc0")
+                .unwrap()
+            + 6;
+        let forward = u8::try_from(unsound.len() - 2).unwrap();
+        unsound[pointer] = forward;
+        let (_, found) = addresses(&unsound).unwrap();
+        assert_eq!(found, [(IpAddr::from([192, 0, 2, 2]), 60)]);
         // The same answer under another opcode (NOTIFY).
         let mut notify = answer_of(RecordType::A);
         notify[2] |= 4 << 3;
