@@ -16,6 +16,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockoptContext},
 };
 
+use dns_proxy_common::AF_INET6;
+
 use crate::{
     ALLOW, UNICAST_IF,
     context::{
@@ -23,7 +25,11 @@ use crate::{
     },
 };
 
-/// `SOL_IP`, `SOL_IPV6` and the two options, from the kernel's `in.h` and `in6.h`.
+/// A UDP socket's type and protocol (the kernel's `net.h`, `in.h`).
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_UDP: u32 = 17;
+
+/// `SOL_IP`, `SOL_IPV6` and the options, from the kernel's `in.h` and `in6.h`.
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 const IP_UNICAST_IF: i32 = 50;
@@ -56,10 +62,12 @@ pub fn note_unicast_if(ctx: &SockoptContext) -> i32 {
         note(ctx, BY_UNICAST_IF, u32::from_be(raw));
     }
     // The kernel takes at least a whole `in6_pktinfo` (an adversary's sticky option lost every
-    // IPv6 lookup: the interface it chose cannot reach the proxy's addresses).
+    // IPv6 lookup: the interface it chose cannot reach the proxy's addresses), and heeds it
+    // only for an IPv6 UDP socket's datagrams (not TCP's; an IPv4 socket refuses it).
     if level == SOL_IPV6
         && name == IPV6_PKTINFO
         && len >= IN6_PKTINFO_LEN
+        && is_ipv6_udp(ctx)
         && let Some(ifindex) = ctx_sockopt_u32_at::<16>(ctx)
     {
         note(ctx, BY_STICKY_PKTINFO, ifindex);
@@ -68,6 +76,15 @@ pub fn note_unicast_if(ctx: &SockoptContext) -> i32 {
         ctx_sockopt_use_callers_value(ctx);
     }
     ALLOW
+}
+
+/// Whether the socket of a `cgroup/setsockopt` call is an IPv6 UDP one.
+fn is_ipv6_udp(ctx: &SockoptContext) -> bool {
+    let sk = ctx_sockopt_sk(ctx);
+    // SAFETY: the call's own socket, never null in setsockopt; `family`, `type` and
+    // `protocol` are readable.
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    family == u32::from(AF_INET6) && sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP
 }
 
 /// Stores `ifindex` as the socket's choice by option `by`: storage is made only for a choice
@@ -104,11 +121,12 @@ fn note(ctx: &SockoptContext, by: usize, ifindex: u32) {
     }
 }
 
-/// The interface the socket behind `ctx` chose to send through, by index: 0 if none was seen.
-/// Of two choices the larger is returned: what matters is whether either is a device other
-/// than loopback.
+/// The interface the socket behind `ctx` chose to send through to `server`, by index: 0 if
+/// none was seen. Of two choices the larger is returned (what matters is whether either is a
+/// device other than loopback); the sticky `IPV6_PKTINFO`'s only toward an IPv6 server, as
+/// the kernel heeds it (not for a dual-stack socket's IPv4 datagrams).
 #[inline(never)]
-pub fn chosen_interface(ctx: &SockAddrContext) -> u32 {
+pub fn chosen_interface(ctx: &SockAddrContext, server_family: u16) -> u32 {
     // SAFETY: looks up the socket's storage of the program's own map; the helper takes the
     // context's socket, valid for the run.
     let stored = unsafe { UNICAST_IF.get_ptr_mut(ctx) };
@@ -117,5 +135,9 @@ pub fn chosen_interface(ctx: &SockAddrContext) -> u32 {
     }
     // SAFETY: non-null: the socket's storage of this map, two u32s.
     let [by_unicast_if, by_sticky_pktinfo] = unsafe { *stored };
-    by_unicast_if.max(by_sticky_pktinfo)
+    if server_family == AF_INET6 {
+        by_unicast_if.max(by_sticky_pktinfo)
+    } else {
+        by_unicast_if
+    }
 }

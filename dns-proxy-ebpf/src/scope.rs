@@ -216,7 +216,7 @@ pub fn leave_alone(ctx: &SockAddrContext, config: &RedirectConfig, server: &Endp
     let bound = ctx_bound_dev_if(ctx);
     if (bound != 0 && bound != LOOPBACK_IFINDEX)
         || ctx_mark(ctx) != 0
-        || chosen_interface(ctx) > LOOPBACK_IFINDEX
+        || chosen_interface(ctx, server.family) > LOOPBACK_IFINDEX
     {
         count(Counter::SkippedBoundDevice);
         return true;
