@@ -471,6 +471,16 @@ impl Pins {
     /// agent of another version removed it to make its own ([`check_pins`]), which ours,
     /// pinned again before it loads, would be handed instead.
     pub fn restore(&self) -> Result<Vec<&'static str>, HostError> {
+        // Files of the same names on another filesystem mounted over it are no pins (a
+        // tmpfs with empty files: helper-140).
+        if self.dir.exists() && !is_bpffs(&self.dir) {
+            return Err(HostError::StateDir {
+                path: self.dir.clone(),
+                problem: "no longer on a bpf filesystem (another filesystem mounted over it): \
+                          cannot keep the table pinned"
+                    .to_owned(),
+            });
+        }
         let table_pinned = PINS[..2]
             .iter()
             .any(|(name, ..)| self.dir.join(name).exists());

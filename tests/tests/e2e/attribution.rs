@@ -1125,6 +1125,28 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
     wait_for_log(&agent, "the table of servers is pinned again");
     assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
     assert_eq!(readyz().0, 200, "{}", agent.log());
+    // Another filesystem over the state directory, with files of the pins' names: no pins
+    // (helper-140 had a tmpfs of empty files pass for the table).
+    let pins: Vec<_> = std::fs::read_dir(&table)
+        .expect("the table's directory")
+        .map(|entry| entry.expect("an entry").file_name())
+        .collect();
+    must(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&state),
+    );
+    std::fs::create_dir_all(&table).expect("the table's directory on the tmpfs");
+    for pin in &pins {
+        std::fs::write(table.join(pin), "").expect("a file of a pin's name");
+    }
+    wait_for("not ready over the tmpfs", Duration::from_secs(5), || {
+        (readyz().0 == 503).then_some(())
+    });
+    must(Command::new("umount").arg(&state));
+    wait_for("ready once it is gone", Duration::from_secs(5), || {
+        (readyz().0 == 200).then_some(())
+    });
 }
 
 /// A bpffs of a test's own on a directory of `/run/dns-proxy-tests`; unmounted and removed on
