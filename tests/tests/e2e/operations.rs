@@ -934,7 +934,9 @@ fn lists_in_the_environment_take_spaces_and_a_trailing_comma() {
     let _server = DnsServer::start(&topology);
     let excluded = topology.cgroup.path.join("excluded");
     let excluded = excluded.display();
-    let cgroups = format!(" {excluded} , {excluded}-too,");
+    // A path is taken as written after the space that follows a comma (a cgroup's name may
+    // end in a space); an address is trimmed both ways.
+    let cgroups = format!(" {excluded}, {excluded}-too,");
     let servers = format!("{SECOND_SERVER_IP}, 198.51.100.0/24 ,");
     let env = [
         ("DNS_PROXY_EXCLUDE_CGROUPS", cgroups.as_str()),
