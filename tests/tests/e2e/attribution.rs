@@ -863,11 +863,12 @@ fn a_tcp_connection_in_use_holds_its_origin() {
 }
 
 /// One TCP connection to `argv[1]`:53 that asks a name every 0.3 s for `argv[2]` seconds; prints
-/// its pid first, then `asked=N peers=<every peer getpeername showed> failed=N`.
+/// its pid once connected (the socket then has its cgroup, whatever the process's next), then
+/// `asked=N peers=<every peer getpeername showed> failed=N`.
 const TCP_ASKER: &str = r#"
 import os, socket, struct, sys, time
-print(os.getpid(), flush=True)
 s = socket.create_connection((sys.argv[1], 53), timeout=3)
+print(os.getpid(), flush=True)
 end = time.time() + float(sys.argv[2])
 asked = failed = 0
 peers = set()
