@@ -36,19 +36,17 @@ fn drop_empty_settings() {
     }
 }
 
-/// The variables that hold lists, comma-separated, and whether their items may end in a space:
-/// a cgroup's name may (a path is taken as written, as with the flag), an address may not.
-const LIST_SETTINGS: [(&str, bool); 2] = [
-    ("DNS_PROXY_EXCLUDE_CGROUPS", true),
-    ("DNS_PROXY_EXCLUDE_SERVERS", false),
-];
+/// The variables that hold lists, comma-separated.
+const LIST_SETTINGS: [&str; 2] = ["DNS_PROXY_EXCLUDE_CGROUPS", "DNS_PROXY_EXCLUDE_SERVERS"];
 
-/// Trims the space before each item of a list variable (and after an address), and drops
-/// empty items: `a, b` and `a,` are `a,b` and `a`, as a person writing
-/// /etc/default/dns-proxy means, not a usage error (a restart loop under `Restart=always`;
-/// helper-139). A list left with no item is dropped as a blank one.
+/// Trims each item of a list variable and drops empty ones: `a , b`, `a,` and a value that
+/// ends in a newline (a YAML block scalar's) are `a,b`, `a` and the value without it, as a
+/// person writing /etc/default/dns-proxy or a pod spec means, not a usage error (a restart
+/// loop under `Restart=always`; helper-139) nor a cgroup that never exists, left redirected
+/// (helper-141). A path with white space at either end is named with the flag. A list left
+/// with no item is dropped as a blank one.
 fn tidy_list_settings() {
-    for (name, may_end_in_space) in LIST_SETTINGS {
+    for name in LIST_SETTINGS {
         let Some(value) = std::env::var_os(name) else {
             continue;
         };
@@ -57,15 +55,8 @@ fn tidy_list_settings() {
         };
         let items: Vec<&str> = value
             .split(',')
-            .map(|item| {
-                let item = item.trim_start();
-                if may_end_in_space {
-                    item
-                } else {
-                    item.trim_end()
-                }
-            })
-            .filter(|item| !item.trim().is_empty())
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
             .collect();
         // SAFETY: first thing in main, before any thread is started: nothing else reads or
         // writes the environment meanwhile.

@@ -934,9 +934,8 @@ fn lists_in_the_environment_take_spaces_and_a_trailing_comma() {
     let _server = DnsServer::start(&topology);
     let excluded = topology.cgroup.path.join("excluded");
     let excluded = excluded.display();
-    // A path is taken as written after the space that follows a comma (a cgroup's name may
-    // end in a space); an address is trimmed both ways.
-    let cgroups = format!(" {excluded}, {excluded}-too,");
+    // Spaces on either side of a comma, and the newline a YAML block scalar leaves.
+    let cgroups = format!(" {excluded} , {excluded}-too,\n");
     let servers = format!("{SECOND_SERVER_IP}, 198.51.100.0/24 ,");
     let env = [
         ("DNS_PROXY_EXCLUDE_CGROUPS", cgroups.as_str()),
