@@ -247,6 +247,20 @@ impl Agent {
             .collect()
     }
 
+    /// The agent's debug lines for queries of `name`, once there are at least `count` (at most
+    /// 5 s). The agent writes a line just after its answer, so a client can have the answer
+    /// before the line is written: on a loaded machine, a count read at once can fall short.
+    pub fn query_lines_once_logged(&self, name: &str, count: usize) -> Vec<String> {
+        wait_for(
+            &format!("{count} query lines for {name}"),
+            Duration::from_secs(5),
+            || {
+                let lines = self.query_lines(name);
+                (lines.len() >= count).then_some(lines)
+            },
+        )
+    }
+
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
     }

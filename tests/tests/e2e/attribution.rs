@@ -10,18 +10,6 @@ use super::*;
 const CONTAINER: &str = "4f3c2b1a00112233445566778899aabbccddeeff00112233445566778899aabb";
 const POD: &str = "0b5d7d3e-7c9a-4f3e-9d8b-2a1c4e5f6a7b";
 
-/// The agent's debug lines for `name`, once there are `count`.
-fn lines_for(agent: &Agent, name: &str, count: usize) -> Vec<String> {
-    wait_for(
-        &format!("{count} query lines for {name}"),
-        Duration::from_secs(5),
-        || {
-            let lines = agent.query_lines(name);
-            (lines.len() >= count).then_some(lines)
-        },
-    )
-}
-
 #[test]
 fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
     // The server too: dropped, it would stop answering.
@@ -65,7 +53,7 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
             assert_answered(result, name);
             std::thread::sleep(Duration::from_millis(300));
         }
-        let lines = lines_for(&agent, name, 2);
+        let lines = agent.query_lines_once_logged(name, 2);
         assert!(
             lines[1].contains(&expected),
             "{expected} not in {:?}\n{}",
@@ -76,7 +64,7 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
     // A TCP query carries it too.
     let command = in_cgroup_and_netns(&docker, &topology.client, "dig", &[]);
     assert_answered(dig(command, "tcp.example.test", &["+tcp", "+short"]), "tcp");
-    let lines = lines_for(&agent, "tcp.example.test", 1);
+    let lines = agent.query_lines_once_logged("tcp.example.test", 1);
     assert!(
         lines[0].contains("query tcp ")
             && lines[0].contains(&format!("docker={}", &CONTAINER[..12])),
@@ -187,7 +175,7 @@ fn a_workload_asking_a_servers_shared_address_itself_is_still_named() {
         let command = in_cgroup_and_netns(&hider, &topology.client, "dig", &[]);
         let output = tests::dig_at(command, &shared.to_string(), name, &["-p", port, transport]);
         assert_answered(output, name);
-        let lines = lines_for(&agent, name, 1);
+        let lines = agent.query_lines_once_logged(name, 1);
         assert!(named(&lines[0]), "{transport}: {lines:?}\n{}", agent.log());
     }
     assert_eq!(

@@ -40,6 +40,8 @@ fn record(lines: &[String]) -> (String, u32, String) {
 /// Checks how the agent handled the queries of `name` (its debug lines, written just after
 /// the answers): (forwarded to an upstream, answered from the cache).
 fn assert_handled(agent: &Agent, name: &str, expected: (usize, usize)) {
+    agent.query_lines_once_logged(name, expected.0 + expected.1);
+    // A line too many would come as late.
     std::thread::sleep(Duration::from_millis(200));
     let lines = agent.query_lines(name);
     let hits = lines

@@ -194,7 +194,12 @@ fn an_agent_moved_into_the_cgroup_it_redirects_moves_back() {
         answer.expect("answered").trim(),
         SECOND_ANSWER_IP.to_string()
     );
-    assert_eq!(agent.query_lines(name).len(), 1, "{}", agent.log());
+    assert_eq!(
+        agent.query_lines_once_logged(name, 1).len(),
+        1,
+        "{}",
+        agent.log()
+    );
 }
 
 /// Held in the cgroup it redirects (moved there again as soon as it moves back, as a service
@@ -251,7 +256,9 @@ fn an_agent_held_in_the_cgroup_it_redirects_forwards_every_lookup_once() {
                 topology.workload("dig", &[]),
                 &SECOND_SERVER_IP.to_string(),
                 &name,
-                &["+short", transport],
+                // One try, so that a second forward would be a loop; a longer wait than 1 s,
+                // as moving a process every 5 ms slows the whole machine down.
+                &["+short", "+time=3", transport],
             );
             assert_eq!(
                 answer
@@ -260,7 +267,12 @@ fn an_agent_held_in_the_cgroup_it_redirects_forwards_every_lookup_once() {
                 SECOND_ANSWER_IP.to_string(),
                 "{name} {transport}"
             );
-            assert_eq!(agent.query_lines(&name).len(), 1, "{}", agent.log());
+            assert_eq!(
+                agent.query_lines_once_logged(&name, 1).len(),
+                1,
+                "{}",
+                agent.log()
+            );
         }
         // Held, not left there: it moves back, and is moved out again at once.
         wait_for_log(&agent, "moved back");

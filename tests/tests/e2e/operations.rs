@@ -199,7 +199,7 @@ fn a_socket_connected_before_its_process_moved_into_an_excluded_cgroup_still_see
     assert_eq!(client.ask_again(), answered, "{}", agent.log());
     // Both went through the agent: the socket was sent to it before the move.
     assert_eq!(
-        agent.query_lines("moved.example.test").len(),
+        agent.query_lines_once_logged("moved.example.test", 2).len(),
         2,
         "{}",
         agent.log()

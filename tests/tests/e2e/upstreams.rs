@@ -603,6 +603,10 @@ for run in range(10):
         slow <= 2,
         "20 pipelined queries, 10 runs: {through:?} ms through the agent, {direct:?} ms direct"
     );
+    // The lines come just after the answers.
+    wait_for("200 tcp query lines", Duration::from_secs(5), || {
+        (agent.log().matches("query tcp client=").count() >= 200).then_some(())
+    });
     let relayed = agent.log().matches("query tcp client=").count();
     assert_eq!(relayed, 200, "{}", agent.log());
 }
