@@ -5,7 +5,10 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -43,6 +46,9 @@ pub fn agent_binary() -> PathBuf {
 pub struct Agent {
     process: Process,
     log: Arc<Mutex<String>>,
+    /// Set once the log reader has read the end of the agent's stderr: every line it wrote
+    /// is in `log`.
+    log_ended: Arc<AtomicBool>,
 }
 
 /// Where the agent process starts.
@@ -191,15 +197,21 @@ impl Agent {
         let mut process = Process::spawn(&mut command);
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = process.take_stderr();
-        let sink = Arc::clone(&log);
+        let log_ended = Arc::new(AtomicBool::new(false));
+        let (sink, ended) = (Arc::clone(&log), Arc::clone(&log_ended));
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
+            ended.store(true, Ordering::Release);
         });
-        let mut agent = Self { process, log };
+        let mut agent = Self {
+            process,
+            log,
+            log_ended,
+        };
         // Logged once `/readyz` answers 200, after the listeners, the programs and the
         // dropping of capabilities.
         let serving = |agent: &Self| agent.log().contains("ready: redirected lookups are served");
@@ -208,9 +220,9 @@ impl Agent {
                 return Some(());
             }
             if let Some(status) = agent.process.exit_status() {
-                // It may have served and exited at once (`exec` of a short command): give
-                // the log reader a moment to catch up before calling it a failure.
-                thread::sleep(Duration::from_millis(500));
+                // It may have served and exited at once (`exec` of a short command): the
+                // log reader catches up before it is called a failure.
+                agent.wait_for_the_end_of_the_log();
                 assert!(
                     serving(&agent),
                     "the agent exited ({status}) before serving:\n{}",
@@ -265,11 +277,29 @@ impl Agent {
         &mut self.process
     }
 
+    /// Waits at most `limit` for the agent to exit, then for its log to be read to the end
+    /// (the lines it wrote just before it exited: a summary, an error), and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let status = self.process.wait_exit(limit);
+        self.wait_for_the_end_of_the_log();
+        status
+    }
+
     /// Waits at most `limit` for the agent to exit; returns its status and what it printed on
     /// stdout (`exec`'s command's output).
     pub fn wait_with_stdout(&mut self, limit: Duration) -> (ExitStatus, String) {
-        let status = self.process.wait_exit(limit);
+        let status = self.wait_exit(limit);
         (status, self.process.rest_of_stdout())
+    }
+
+    /// Waits for the log reader to read the end of the exited agent's stderr. At most 5 s:
+    /// a process the agent started (`exec`'s command's children) may hold the pipe open
+    /// longer, and what the agent itself wrote is read by then.
+    fn wait_for_the_end_of_the_log(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !self.log_ended.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// How many queries the agent has logged as answered, of any name.

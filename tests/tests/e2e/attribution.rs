@@ -217,13 +217,8 @@ fn the_origins_of_a_cgroup_that_is_gone_are_forgotten_and_the_others_kept() {
         "{}",
         agent.log()
     );
-    assert!(
-        agent
-            .log()
-            .contains("forgot 1 origins of cgroups that are gone"),
-        "{}",
-        agent.log()
-    );
+    // Logged after the walk deleted it.
+    wait_for_log(&agent, "forgot 1 origins of cgroups that are gone");
     // The cgroup that stayed still resolves through its origin.
     let command = in_cgroup_and_netns(&stays, &topology.client, "dig", &[]);
     assert_answered(dig(command, "again.example.test", &["+short"]), "again");
@@ -693,10 +688,9 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
         "the second server's answer, not the first's: {}",
         agent.log()
     );
-    std::thread::sleep(Duration::from_millis(300));
     let line = agent
-        .query_line("reused.example.test")
-        .expect("a query line");
+        .query_lines_once_logged("reused.example.test", 1)
+        .remove(0);
     assert!(
         line.contains(&format!("server={SECOND_SERVER_IP}:53")) && !line.contains("departs"),
         "{line}"
@@ -974,7 +968,7 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
         "the workloads' shares are back with it"
     );
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let agent = Agent::start_with_env(
         &topology,
         &["--redirect-block=127.53.0.0/29", "--udp-threads=1"],
@@ -1092,6 +1086,15 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
     assert_eq!(agent.log().matches("pinned again").count(), 1);
 
     bpffs.unmount();
+    // Checked every 2 s (the agent's heartbeat).
+    wait_for_log(&agent, "no longer on a bpf filesystem");
+    let (status, body) = wait_for("not ready", Duration::from_secs(10), || {
+        let (status, body) = readyz();
+        (status == 503).then_some((status, body))
+    });
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot be kept pinned"), "{body}");
+    // Said once, and nothing made under the bpffs, a check later.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(!bpffs.path.join("a").exists(), "made under the bpffs");
     let log = agent.log();
@@ -1100,9 +1103,6 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
         1,
         "{log}"
     );
-    let (status, body) = readyz();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("cannot be kept pinned"), "{body}");
     // The lookups go on.
     assert_answered(
         dig(topology.workload("dig", &[]), "after.example.test", &[]),
@@ -1113,7 +1113,9 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
     bpffs.mount_again();
     wait_for_log(&agent, "the table of servers is pinned again");
     assert!(tests::origins_of_cgroup(&state, 0) > 0, "the table is back");
-    assert_eq!(readyz().0, 200, "{}", agent.log());
+    wait_for("ready again", Duration::from_secs(5), || {
+        (readyz().0 == 200).then_some(())
+    });
     // Another filesystem over the state directory, with files of the pins' names: no pins
     // (helper-140 had a tmpfs of empty files pass for the table).
     let pins: Vec<_> = std::fs::read_dir(&table)
@@ -1289,7 +1291,7 @@ fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
     std::thread::sleep(Duration::from_millis(1500));
     for agent in [&mut older, &mut newer] {
         agent.process().signal(libc::SIGTERM);
-        let status = agent.process().wait_exit(Duration::from_secs(15));
+        let status = agent.wait_exit(Duration::from_secs(15));
         assert!(status.success(), "{status}:\n{}", agent.log());
     }
     // Every log the agents left, read as any dnstap reader would.

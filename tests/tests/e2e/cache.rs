@@ -81,6 +81,7 @@ fn a_cached_answer_counts_its_ttl_down_keeps_the_clients_case_and_asks_the_upstr
     );
     assert!(ttls[3] <= 57, "{ttls:?}");
     assert_handled(&agent, "ttl.example.test", (1, 0));
+    agent.query_lines_once_logged("ttl.EXAMPLE.TEST", 1);
     let total: usize = spellings
         .iter()
         .map(|name| agent.query_lines(name.trim_end_matches('.')).len())
@@ -214,17 +215,27 @@ fn ttl_of(output: &str, rtype: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {rtype} record in:\n{output}"))
 }
 
-/// How many of the agent's query lines for `name` (in any letter case) say `cache=SOURCE`.
-fn from_cache(agent: &Agent, name: &str, source: &str) -> usize {
-    std::thread::sleep(Duration::from_millis(200));
+/// How many of the agent's query lines for `name` (in any letter case) say `cache=SOURCE`,
+/// once there are at least `at_least` (at most 5 s: each line is written just after its
+/// answer), and a moment more for a line too many.
+fn from_cache(agent: &Agent, name: &str, source: &str, at_least: usize) -> usize {
     let (name, source) = (format!(" name={name}. "), format!(" cache={source} "));
-    agent
-        .log()
-        .lines()
-        .map(str::to_ascii_lowercase)
-        .filter(|line| line.contains("query udp client=") || line.contains("query tcp client="))
-        .filter(|line| line.contains(&name) && line.contains(&source))
-        .count()
+    let count = || {
+        agent
+            .log()
+            .lines()
+            .map(str::to_ascii_lowercase)
+            .filter(|line| line.contains("query udp client=") || line.contains("query tcp client="))
+            .filter(|line| line.contains(&name) && line.contains(&source))
+            .count()
+    };
+    wait_for(
+        &format!("{at_least} query lines of{name}with{source}"),
+        Duration::from_secs(5),
+        || (count() >= at_least).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    count()
 }
 
 #[test]
@@ -246,7 +257,7 @@ fn the_do_bit_keeps_signed_and_unsigned_answers_apart() {
     }
     let asked = authority.queries("dnssec.example.test");
     assert_eq!(asked.len(), 2, "one upstream query per DO state: {asked:?}");
-    assert_eq!(from_cache(&agent, "dnssec.example.test", "hit"), 4);
+    assert_eq!(from_cache(&agent, "dnssec.example.test", "hit", 4), 4);
 }
 
 #[test]
@@ -275,8 +286,8 @@ fn answers_scoped_to_a_client_subnet_and_queries_carrying_one_are_never_shared()
         );
     }
     assert_eq!(authority.queries("plain.example.test").len(), 3);
-    assert_eq!(from_cache(&agent, "plain.example.test", "hit"), 1);
-    assert_eq!(from_cache(&agent, "ecs.example.test", "hit"), 0);
+    assert_eq!(from_cache(&agent, "plain.example.test", "hit", 1), 1);
+    assert_eq!(from_cache(&agent, "ecs.example.test", "hit", 0), 0);
 }
 
 #[test]
@@ -319,7 +330,7 @@ fn nxdomain_and_nodata_are_kept_for_their_soa_which_counts_down_and_no_soa_is_no
         assert_eq!(status(&output), "NXDOMAIN", "{output}");
     }
     assert_eq!(authority.queries("nosoa.example.test").len(), 3);
-    assert_eq!(from_cache(&agent, "nosoa.example.test", "hit"), 0);
+    assert_eq!(from_cache(&agent, "nosoa.example.test", "hit", 0), 0);
 }
 
 #[test]
@@ -459,30 +470,41 @@ fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_i
                 .collect()
         })
         .collect();
+    //
+    // Started behind a gate, and let through together: spawning twenty on a loaded machine
+    // can take longer than the second the agent waits on a query in flight.
+    let gate = StartGate::new(&topology, "twenty");
     let clients: Vec<_> = spellings
         .iter()
         .zip(20000u16..)
         .map(|(name, port)| {
-            let mut command = topology.workload("dig", &[]);
-            command
-                .arg(format!("@{server}"))
-                .args(["-b", &format!("0.0.0.0#{port}")])
-                .args([name.as_str(), "+time=4", "+tries=1", "+noall", "+answer"])
-                .stdout(std::process::Stdio::piped());
-            command.spawn().expect("spawn dig")
+            let port = format!("0.0.0.0#{port}");
+            gate.spawn(
+                &topology,
+                &[
+                    &format!("@{server}"),
+                    "-b",
+                    &port,
+                    name,
+                    "+time=4",
+                    "+tries=1",
+                    "+noall",
+                    "+answer",
+                ],
+            )
         })
         .collect();
+    gate.open(clients.len());
     for (name, client) in spellings.iter().zip(clients) {
-        let output = client.wait_with_output().expect("dig");
         // dig checks the ID itself: it shows no answer that does not carry its own.
-        let shown = String::from_utf8_lossy(&output.stdout);
+        let shown = client.output();
         let owner = shown.split_whitespace().next().unwrap_or_default();
         assert_eq!(owner, format!("{name}."), "its own letter case: {shown}");
         assert!(shown.contains("198.51.100.1"), "{shown}");
     }
     let asked = authority.queries("slow.example.test");
     assert_eq!(asked.len(), 1, "one upstream query: {asked:?}");
-    assert_eq!(from_cache(&agent, "slow.example.test", "coalesced"), 19);
+    assert_eq!(from_cache(&agent, "slow.example.test", "coalesced", 19), 19);
     let page = super::scrape(&topology);
     assert_eq!(super::value(&page, "dns_proxy_cache_coalesced_total"), 19);
 }
@@ -497,31 +519,40 @@ fn an_odd_query_in_flight_does_not_keep_identical_ones_from_waiting_on_each_othe
     let server = Ipv4Addr::new(192, 0, 2, 79);
     let authority = Authority::start(&topology, server);
     let _agent = Agent::start(&topology, &["--cache-size=1000"]);
-    let dig_from = |port: u16, extra: &[&str]| {
-        let mut command = topology.workload("dig", &[]);
-        command
-            .arg(format!("@{server}"))
-            .args(["-b", &format!("0.0.0.0#{port}")])
-            .args(["slow.example.test", "+time=4", "+tries=1", "+short"])
-            .args(extra)
-            .stdout(std::process::Stdio::piped());
-        command.spawn().expect("spawn dig")
+    let dig_from = |gate: &StartGate, port: u16, extra: &[&str]| {
+        let port = format!("0.0.0.0#{port}");
+        let server = format!("@{server}");
+        let mut args = vec![
+            server.as_str(),
+            "-b",
+            &port,
+            "slow.example.test",
+            "+time=4",
+            "+tries=1",
+            "+short",
+        ];
+        args.extend_from_slice(extra);
+        gate.spawn(&topology, &args)
     };
     // The authority answers `slow` after 1.5 s: all ask while the first two are on their way.
-    let odd = dig_from(20300, &["+bufsize=4096"]);
+    // Each group starts behind a gate of its own, let through in turn: spawning twenty on a
+    // loaded machine can take longer than the second the agent waits on a query in flight.
+    let gates = ["odd", "first", "rest"].map(|name| StartGate::new(&topology, name));
+    let odd = dig_from(&gates[0], 20300, &["+bufsize=4096"]);
+    let first = dig_from(&gates[1], 20301, &[]);
+    let clients: Vec<_> = (20302..20322)
+        .map(|port| dig_from(&gates[2], port, &[]))
+        .collect();
+    gates[0].open(1);
     std::thread::sleep(Duration::from_millis(100));
-    let first = dig_from(20301, &[]);
+    gates[1].open(1);
     std::thread::sleep(Duration::from_millis(100));
-    let clients: Vec<_> = (20302..20322).map(|port| dig_from(port, &[])).collect();
+    gates[2].open(clients.len());
     for client in std::iter::once(odd)
         .chain(std::iter::once(first))
         .chain(clients)
     {
-        let output = client.wait_with_output().expect("dig");
-        assert_eq!(
-            String::from_utf8_lossy(&output.stdout).trim(),
-            "198.51.100.1"
-        );
+        assert_eq!(client.output().trim(), "198.51.100.1");
     }
     let asked = authority.queries("slow.example.test");
     assert_eq!(asked.len(), 2, "two upstream queries: {asked:?}");
@@ -560,7 +591,7 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_se
         waited >= Duration::from_millis(1700) && waited < Duration::from_millis(3000),
         "after the 1.8 s client response timer: {waited:?}"
     );
-    assert_eq!(from_cache(&agent, "short.example.test", "stale"), 1);
+    assert_eq!(from_cache(&agent, "short.example.test", "stale", 1), 1);
     // The refresh went upstream (and went unanswered).
     assert_eq!(authority.queries("short.example.test").len(), 2);
 
@@ -582,6 +613,11 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_se
         );
     }
     assert_eq!(authority.queries("short.example.test").len(), 4);
+    // Counted once sent: the client may have the answer a moment before.
+    wait_for("3 stale answers counted", Duration::from_secs(5), || {
+        let page = super::scrape(&topology);
+        (super::value(&page, "dns_proxy_cache_stale_answers_total") >= 3).then_some(())
+    });
     let page = super::scrape(&topology);
     assert_eq!(
         super::value(&page, "dns_proxy_cache_stale_answers_total"),
@@ -796,7 +832,7 @@ fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_c
         let _ = dig_full(&topology, server, "upper.example.test", &[]);
     }
     assert_eq!(authority.queries("upper.example.test").len(), 2);
-    assert_eq!(from_cache(&agent, "upper.example.test", "hit"), 0);
+    assert_eq!(from_cache(&agent, "upper.example.test", "hit", 0), 0);
 
     // Each client's own cookie: the second is not shown the first's.
     let first = dig_full(
@@ -814,7 +850,7 @@ fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_c
     );
     assert!(!second.contains("0102030405060708"), "{second}");
     assert!(!second.contains("mismatch"), "{second}");
-    assert_eq!(from_cache(&agent, "cookie.example.test", "hit"), 1);
+    assert_eq!(from_cache(&agent, "cookie.example.test", "hit", 1), 1);
     // Kept 10 s at most (--cache-max-ttl), and shown so: not the upstream's 60.
     assert!(ttl_of(&second, "A") <= 10, "{second}");
     // A client that holds a server cookie is shown its own cookie back, as its server would
@@ -828,7 +864,7 @@ fn an_answer_that_fails_the_case_check_is_not_kept_and_no_client_sees_anothers_c
     );
     assert!(third.contains(&format!("COOKIE: {own}")), "{third}");
     assert!(!third.contains("0102030405060708"), "{third}");
-    assert_eq!(from_cache(&agent, "cookie.example.test", "hit"), 2);
+    assert_eq!(from_cache(&agent, "cookie.example.test", "hit", 2), 2);
 }
 
 #[test]
@@ -913,7 +949,7 @@ fn stub_resolvers_read_an_authoritative_servers_answers_from_the_cache_as_they_d
         ],
         "asked once over each"
     );
-    assert!(from_cache(&agent, "big.example.test", "hit") >= 4);
+    from_cache(&agent, "big.example.test", "hit", 4);
 
     // NODATA (kept 5 s): getaddrinfo's EAI_NODATA (-5) from the cache too, not EAI_AGAIN (-3).
     let python = "import socket, sys\n\
@@ -925,7 +961,10 @@ fn stub_resolvers_read_an_authoritative_servers_answers_from_the_cache_as_they_d
         );
         assert_eq!(output.trim(), "-5", "lookup {lookup}: {output}");
     }
-    assert_eq!(from_cache(&agent, "nodata.python.example.test", "hit"), 1);
+    assert_eq!(
+        from_cache(&agent, "nodata.python.example.test", "hit", 1),
+        1
+    );
 
     // Go's own resolver: "no such host", fresh and cached, never "lame referral".
     let go = tests::go_resolver();
@@ -939,5 +978,92 @@ fn stub_resolvers_read_an_authoritative_servers_answers_from_the_cache_as_they_d
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("no such host"), "lookup {lookup}: {stderr}");
     }
-    assert_eq!(from_cache(&agent, "nodata.go.example.test", "hit"), 2);
+    assert_eq!(from_cache(&agent, "nodata.go.example.test", "hit", 2), 2);
+}
+
+/// Clients started and held until the test lets them through together (`open`): each runs
+/// `sh`, says it waits, and reads a line of a FIFO of the test's own before it becomes `dig`.
+struct StartGate {
+    fifo: std::path::PathBuf,
+    /// Opened read-write once the gate opens, and kept open while the clients live: a client
+    /// that came to the FIFO late still finds its line.
+    opened: std::cell::OnceCell<std::fs::File>,
+}
+
+/// A client behind a [`StartGate`].
+struct GatedClient {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl StartGate {
+    fn new(topology: &Topology, name: &str) -> Self {
+        let fifo = std::env::temp_dir().join(format!("{}-gate-{name}", topology.tag));
+        let _ = std::fs::remove_file(&fifo);
+        must(Command::new("mkfifo").arg(&fifo));
+        Self {
+            fifo,
+            opened: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Starts `dig ARGS` in the workload's cgroup and namespace, held at the gate; returns
+    /// once it waits there.
+    fn spawn(&self, topology: &Topology, args: &[&str]) -> GatedClient {
+        let fifo = self.fifo.to_string_lossy();
+        let mut sh_args = vec![
+            "-c",
+            r#"echo waiting; read _ < "$0"; exec dig "$@""#,
+            fifo.as_ref(),
+        ];
+        sh_args.extend_from_slice(args);
+        let mut child = topology
+            .workload("sh", &sh_args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a gated dig");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("read the client's stdout");
+        assert_eq!(line, "waiting\n", "the gated client did not start");
+        GatedClient { child, stdout }
+    }
+
+    /// Lets `clients` through.
+    fn open(&self, clients: usize) {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.fifo)
+            .expect("open the gate's FIFO");
+        std::io::Write::write_all(&mut file, "go\n".repeat(clients).as_bytes())
+            .expect("open the gate");
+        let _ = self.opened.set(file);
+    }
+}
+
+impl Drop for StartGate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.fifo);
+    }
+}
+
+impl GatedClient {
+    /// What it printed once it is done.
+    fn output(mut self) -> String {
+        let mut output = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut output).expect("read dig's output");
+        self.child.wait().expect("wait for dig");
+        output
+    }
+}
+
+impl Drop for GatedClient {
+    /// Not left waiting at a gate that never opens (a test that failed first).
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -188,11 +188,17 @@ mod byte_exact {
         assert_eq!(status[3] & 0x0f, 4, "rcode is not NOTIMP");
         // And they did go through the proxy.
         let protocol = if mode == "tcp" { "tcp" } else { "udp" };
-        let count = agent
-            .log()
-            .matches(&format!("query {protocol} client="))
-            .count();
-        assert_eq!(count, queries().len(), "{}", agent.log());
+        let count = || {
+            agent
+                .log()
+                .matches(&format!("query {protocol} client="))
+                .count()
+        };
+        // Each line is written just after its answer.
+        wait_for("the query lines", Duration::from_secs(5), || {
+            (count() >= queries().len()).then_some(())
+        });
+        assert_eq!(count(), queries().len(), "{}", agent.log());
     }
 
     #[test]
@@ -769,7 +775,7 @@ fn a_zone_transfer_reaches_a_client_that_half_closes_whole_even_across_a_gracefu
     agent.process().signal(libc::SIGTERM);
     let output = transfer.wait_with_output().expect("the probe ends");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), whole);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
 }
 
 /// A server's edns-tcp-keepalive (RFC 7828) tells a client that asked for it how long it may
@@ -856,7 +862,7 @@ fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
     forwarded(agent, name);
 
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let log = agent.log();
     assert!(
         log.contains("udp: received=5 forwarded=1 answered=1 "),

@@ -487,7 +487,7 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
 
     // A graceful stop, as the kubelet does it: SIGTERM, exit 0, nothing left attached.
     must(docker::ctr().args(["task", "kill", "--signal=SIGTERM", &id]));
-    let status = agent.process().wait_exit(Duration::from_secs(30));
+    let status = agent.wait_exit(Duration::from_secs(30));
     assert!(
         status.success(),
         "the agent's container exited {status}:\n{}",
@@ -628,7 +628,7 @@ fn a_surge_update_of_the_agent_container_loses_no_lookup() {
         },
     );
     must(docker::ctr().args(["task", "kill", "--signal=SIGTERM", &old_id]));
-    let status = old.process().wait_exit(Duration::from_secs(30));
+    let status = old.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}:\n{}", old.log());
 
     let name = "after-surge.example.test";

@@ -326,7 +326,7 @@ fn an_agent_that_cannot_go_back_to_its_own_cgroup_stops_and_lookups_go_direct() 
             std::fs::remove_dir(&own).ok()
         },
     );
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "{status}");
     let log = agent.log();
     assert_eq!(log.matches("cannot go back").count(), 1, "{log}");
@@ -385,7 +385,7 @@ fn an_agent_in_a_cgroup_namespace_of_its_own_finds_its_cgroup_in_its_own_mount()
             // read-only mount: it stops, with an error, and lookups go direct.
             std::fs::write(topology.cgroup.path.join("cgroup.procs"), pid.to_string())
                 .expect("move the agent");
-            let status = agent.process().wait_exit(Duration::from_secs(10));
+            let status = agent.wait_exit(Duration::from_secs(10));
             assert!(!status.success(), "{status}");
             assert!(agent.log().contains("with no way back"), "{}", agent.log());
             assert_answered(
@@ -491,7 +491,7 @@ fn after_sigkill_lookups_go_direct_within_a_second() {
     forwarded(agent, before);
 
     agent.process().signal(libc::SIGKILL);
-    agent.process().wait_exit(Duration::from_secs(5));
+    agent.wait_exit(Duration::from_secs(5));
     // The links died with the agent's file descriptors: one try with a 1 s timeout must do.
     let started = Instant::now();
     let after = "after.example.test";
@@ -533,7 +533,7 @@ fn sighup_is_ignored_and_sigterm_detaches_and_exits_zero() {
     forwarded(agent, name);
 
     agent.process().signal(libc::SIGTERM);
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     let log = agent.log();
     assert!(status.success(), "exit status {status}:\n{log}");
     assert!(log.contains("detaching all programs"), "{log}");
@@ -802,7 +802,7 @@ mod usage_errors {
         let topology = Topology::new();
         let mut first = Agent::start(&topology, &[]);
         first.process().signal(libc::SIGTERM);
-        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        assert!(first.wait_exit(Duration::from_secs(10)).success());
         let state_dir = topology.client.state_dir();
         let tables: Vec<_> = std::fs::read_dir(&state_dir)
             .unwrap()
@@ -1050,7 +1050,7 @@ mod usage_errors {
         let _server = DnsServer::start(&topology);
         let mut first = Agent::start(&topology, &[]);
         first.process().signal(libc::SIGTERM);
-        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        assert!(first.wait_exit(Duration::from_secs(10)).success());
         let agents = std::fs::read_dir(topology.client.state_dir())
             .expect("the state dir")
             .map(|entry| entry.expect("an entry").path().join("AGENTS"))
@@ -1182,7 +1182,7 @@ mod usage_errors {
         }
 
         first.process().signal(libc::SIGTERM);
-        assert!(first.process().wait_exit(Duration::from_secs(10)).success());
+        assert!(first.wait_exit(Duration::from_secs(10)).success());
         let second = Agent::launch(
             &topology.client,
             &topology.cgroup.path,
@@ -1315,7 +1315,7 @@ mod usage_errors {
         forwarded(&old, "before.example.test");
 
         old.process().signal(libc::SIGTERM);
-        assert!(old.process().wait_exit(Duration::from_secs(10)).success());
+        assert!(old.wait_exit(Duration::from_secs(10)).success());
         assert_eq!(
             probe(&topology, "sendto", "after.example.test"),
             expected_probe_line()

@@ -125,7 +125,7 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
 
     // An answer is counted once it is sent: the client may have it a moment before.
     let answered = "dns_proxy_answers_total{protocol=\"udp\",rcode=\"NOERROR\"}";
-    let page = wait_for("both answers counted", Duration::from_secs(2), || {
+    let page = wait_for("both answers counted", Duration::from_secs(5), || {
         let page = scrape(&topology);
         (value(&page, answered) == 2).then_some(page)
     });
@@ -141,6 +141,10 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
     ] {
         assert_eq!(value(&page, series), expected, "{series} in:\n{page}");
     }
+    // Each line is written after its answer is counted.
+    wait_for("both answers' lines", Duration::from_secs(5), || {
+        (agent.answered_queries() >= 2).then_some(())
+    });
     assert_eq!(agent.answered_queries(), 2, "{}", agent.log());
 }
 
@@ -212,7 +216,7 @@ fn once_serving_the_agent_holds_no_capability_and_still_answers_and_stops_cleanl
 
     // And it still stops cleanly: programs detached, its cgroup left and removed.
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let log = agent.log();
     assert!(log.contains("detached"), "{log}");
     assert!(!log.contains("WARN"), "{log}");

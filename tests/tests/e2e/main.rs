@@ -33,7 +33,7 @@ const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-client");
 fn forwarded(agent: &Agent, name: &str) -> String {
     wait_for(
         &format!("the agent to log the query for {name}"),
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || agent.query_line(name),
     )
 }
@@ -54,7 +54,7 @@ fn attributed_to(line: &str, cgroup: &std::path::Path) -> bool {
 fn wait_for_log(agent: &Agent, text: &str) {
     wait_for(
         &format!("the agent to log {text:?}"),
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || agent.log().contains(text).then_some(()),
     );
 }

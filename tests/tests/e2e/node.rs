@@ -294,18 +294,20 @@ fn a_pods_long_lived_connected_socket_keeps_resolving_across_restarts() {
                 "pl",
                 "32",
                 "500",
-                "1000",
+                // Two tries of 2.5 s: a restart on a loaded machine takes more than one
+                // second, and a lookup sent meanwhile is refused.
+                "2500",
             ],
         )
         .stdout(Stdio::piped()),
     );
     std::thread::sleep(Duration::from_millis(3000));
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let mut agent = start();
     std::thread::sleep(Duration::from_millis(4000));
     agent.process().signal(libc::SIGKILL);
-    agent.process().wait_exit(Duration::from_secs(5));
+    agent.wait_exit(Duration::from_secs(5));
     let agent = start();
     let output = client.finish_with_stdout(Duration::from_secs(30));
     let lines: Vec<&str> = output.lines().collect();
@@ -487,7 +489,7 @@ fn an_agent_whose_block_stays_unrouted_stops_to_be_started_anew() {
     ]));
     wait_for_log(&agent, "no longer routed to this host");
     lookup("unrouted.example.test");
-    let status = agent.process().wait_exit(Duration::from_secs(40));
+    let status = agent.wait_exit(Duration::from_secs(40));
     assert!(!status.success(), "{status}\n{}", agent.log());
     assert!(
         agent

@@ -565,7 +565,7 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
 
     // A clean stop after scraping (readiness during the drain is unit-tested in metrics.rs).
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
 }
 
 /// Whoever reaches the metrics port (on a node, any pod, if it listens on the node's address)
@@ -781,7 +781,7 @@ fn an_exec_agent_that_cannot_go_back_to_its_cgroup_stops_its_command_and_fails()
         },
     );
     // Well before the command's 30 s.
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "{status}: {}", agent.log());
     assert!(
         agent.log().contains("stopping the command"),
@@ -854,7 +854,7 @@ fn a_burst_of_refusals_is_said_whole_in_the_log() {
     let output = must(&mut topology.workload("python3", &["-c", script, &SERVER_IP.to_string()]));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "refused 20");
     agent.process().signal(libc::SIGTERM);
-    assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let log = agent.log();
     let first = "connections of clients at their limits (this one and any other) refused";
     assert!(
@@ -882,16 +882,22 @@ fn a_second_stop_signal_cuts_the_drain_short() {
     let mut command = topology.server.command(TEST_UPSTREAM);
     command.args([&format!("{silent_ip}:53"), "60000", &ANSWER_IP.to_string()]);
     let _silent = Process::spawn(&mut command);
-    let mut agent = Agent::start(&topology, &["--shutdown-timeout=30s"]);
+    let mut agent = Agent::start(
+        &topology,
+        &["--shutdown-timeout=30s", &format!("--metrics={METRICS}")],
+    );
     let mut lookup = topology.workload("dig", &[&format!("@{silent_ip}"), "held.example.test"]);
     let _lookup = Process::spawn(&mut lookup);
-    // Its query reaches the agent at once; nothing is logged of it until it is answered.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing is logged of the query until it is answered: the agent counts it in flight.
+    wait_for("the lookup in flight", Duration::from_secs(10), || {
+        let page = scrape(&topology);
+        (value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}") >= 1).then_some(())
+    });
     agent.process().signal(libc::SIGTERM);
     wait_for_log(&agent, "answering those in flight");
     let started = Instant::now();
     agent.process().signal(libc::SIGINT);
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     let log = agent.log();
     // Not the drain: the lookup would have held it 5 s (its upstream timeout).
     assert!(started.elapsed() < Duration::from_secs(3), "{log}");
@@ -1015,7 +1021,7 @@ fn an_agent_whose_programs_another_process_detaches_stops_with_an_error() {
         .collect();
     assert!(links.len() >= 4, "the agent's cgroup links: {links:?}");
     must(Command::new("bpftool").args(["link", "detach", "id", &links[0]]));
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{}", agent.log());
     assert!(
         agent.log().contains("by another process (links ["),
@@ -1086,7 +1092,7 @@ fn signals_the_agent_has_no_use_for_are_ignored_not_fatal() {
         assert_eq!(probe(&topology, "sendto", &lookup), expected_probe_line());
     }
     agent.process().signal(libc::SIGTERM);
-    let status = agent.process().wait_exit(Duration::from_secs(10));
+    let status = agent.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}:\n{}", agent.log());
 }
 
@@ -1138,7 +1144,7 @@ fn restart_under_load(signal: i32, gap: Duration) -> Restart {
     wait_answered(&first, 100);
 
     first.process().signal(signal);
-    let status = first.process().wait_exit(Duration::from_secs(15));
+    let status = first.wait_exit(Duration::from_secs(15));
     if signal == libc::SIGTERM {
         assert!(status.success(), "{status}:\n{}", first.log());
     }
@@ -1273,7 +1279,7 @@ fn tcp_lookups_across_twenty_graceful_restarts_are_all_answered() {
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(300));
         agent.process().signal(libc::SIGTERM);
-        assert!(agent.process().wait_exit(Duration::from_secs(10)).success());
+        assert!(agent.wait_exit(Duration::from_secs(10)).success());
         served += agent.answered_queries();
         agent = Agent::start(&topology, &[]);
     }
@@ -1316,7 +1322,7 @@ fn restart_by_takeover(
                 .then_some(())
         });
         agent.process().signal(libc::SIGTERM);
-        let status = agent.process().wait_exit(Duration::from_secs(15));
+        let status = agent.wait_exit(Duration::from_secs(15));
         assert!(status.success(), "{status}:\n{}", agent.log());
         logs.push(agent.log());
         agent = next;
@@ -1445,7 +1451,7 @@ fn stopping_the_agent_that_took_over_hands_back_without_a_loss() {
     wait_answered(&newer, 50);
     let stopping = std::time::Instant::now();
     newer.process().signal(libc::SIGTERM);
-    assert!(newer.process().wait_exit(Duration::from_secs(10)).success());
+    assert!(newer.wait_exit(Duration::from_secs(10)).success());
     let took = stopping.elapsed();
     assert!(
         took < Duration::from_secs(3),
@@ -1581,10 +1587,12 @@ fn when_the_agent_that_took_over_is_killed_the_one_before_is_ready_again_at_once
         "the new agent"
     );
     new.process().signal(libc::SIGKILL);
-    new.process().wait_exit(Duration::from_secs(5));
+    new.wait_exit(Duration::from_secs(5));
+    // Within a heartbeat or so (2 s, on a loaded machine more): well before the killed
+    // one's record is stale (30 s).
     wait_for(
         "the old agent to be ready again",
-        Duration::from_secs(3),
+        Duration::from_secs(10),
         || {
             (http_get(&topology.client, metrics_addr(), "/readyz") == (200, "ready\n".to_owned()))
                 .then_some(())
@@ -1628,7 +1636,7 @@ fn the_service_manager_is_told_ready_once_lookups_are_redirected() {
     let length = manager.recv(&mut buffer).expect("STOPPING=1 within 30 s");
     let stopping = String::from_utf8_lossy(&buffer[..length]).into_owned();
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping:?}");
-    let status = agent.process().wait_exit(Duration::from_secs(15));
+    let status = agent.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status}:\n{}", agent.log());
 
     let mut command = topology.client.nsenter();
