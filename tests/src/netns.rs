@@ -91,11 +91,16 @@ impl NetnsResolvConf {
     }
 
     pub(crate) fn write(&self, nameservers: &[IpAddr]) {
+        self.write_with_timeout(nameservers, 2);
+    }
+
+    /// `nameservers`, each waited on `seconds` (glibc's `options timeout:`), one attempt.
+    pub(crate) fn write_with_timeout(&self, nameservers: &[IpAddr], seconds: u32) {
         let mut text = String::new();
         for nameserver in nameservers {
             text.push_str(&format!("nameserver {nameserver}\n"));
         }
-        text.push_str("options timeout:2 attempts:1\n");
+        text.push_str(&format!("options timeout:{seconds} attempts:1\n"));
         fs::write(self.dir.join("resolv.conf"), text).expect("write resolv.conf");
     }
 }

@@ -124,6 +124,12 @@ impl Topology {
         self._resolv_conf.write(nameservers);
     }
 
+    /// Points the client namespace's resolv.conf at these nameservers, each waited on
+    /// `seconds` (glibc's `options timeout:`; [`Self::set_nameservers`]: 2 s).
+    pub fn set_nameservers_with_timeout(&self, nameservers: &[IpAddr], seconds: u32) {
+        self._resolv_conf.write_with_timeout(nameservers, seconds);
+    }
+
     /// A command run in the client namespace but outside the test cgroup.
     pub fn outsider(&self, program: &str, args: &[&str]) -> Command {
         let mut command = self.client.command(program);

@@ -46,20 +46,7 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
             "workload=unit=evil.service".to_owned(),
         ),
     ] {
-        // The first query of a cgroup asks for its name; the next ones carry it.
-        for _ in 0..2 {
-            let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
-            let result = dig(command, name, &["+short"]);
-            assert_answered(result, name);
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let lines = agent.query_lines_once_logged(name, 2);
-        assert!(
-            lines[1].contains(&expected),
-            "{expected} not in {:?}\n{}",
-            lines[1],
-            agent.log()
-        );
+        ask_until_named(&agent, &topology, cgroup, name, &expected);
     }
     // A TCP query carries it too.
     let command = in_cgroup_and_netns(&docker, &topology.client, "dig", &[]);
@@ -69,6 +56,30 @@ fn each_query_is_logged_with_the_workload_of_the_cgroup_that_sent_it() {
         lines[0].contains("query tcp ")
             && lines[0].contains(&format!("docker={}", &CONTAINER[..12])),
         "{lines:?}"
+    );
+}
+
+/// Asks `name` from `cgroup` until the agent's line for the latest lookup names the workload
+/// (`expected`, as the line shows it): the first query of a cgroup asks a walk of the cgroups
+/// for its name, and the lookups after carry it. At most 5 s, on a loaded machine too.
+fn ask_until_named(
+    agent: &Agent,
+    topology: &Topology,
+    cgroup: &std::path::Path,
+    name: &str,
+    expected: &str,
+) {
+    let mut asked = 0;
+    wait_for(
+        &format!("a lookup of {name} logged with {expected}"),
+        Duration::from_secs(5),
+        || {
+            let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+            assert_answered(dig(command, name, &["+short"]), name);
+            asked += 1;
+            let lines = agent.query_lines_once_logged(name, asked);
+            lines[asked - 1].contains(expected).then_some(())
+        },
     );
 }
 
@@ -243,16 +254,20 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
     let agent = Agent::start(&topology, &[&format!("--dnstap=file:{}", log.display())]);
     let docker = child_cgroup(&topology, &format!("docker/{CONTAINER}"));
     let unit = child_cgroup(&topology, "system.slice/web.service");
-    // Twice each: the first query of a cgroup asks for its name, the log has it from then on.
-    for (cgroup, name) in [
-        (&docker, "logged-docker.example.test"),
-        (&unit, "logged-unit.example.test"),
+    // The first query of a cgroup asks for its name, the log has it from then on.
+    for (cgroup, name, workload) in [
+        (
+            &docker,
+            "logged-docker.example.test",
+            format!("workload=docker={}", &CONTAINER[..12]),
+        ),
+        (
+            &unit,
+            "logged-unit.example.test",
+            "workload=unit=web.service".to_owned(),
+        ),
     ] {
-        for _ in 0..2 {
-            let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
-            assert_answered(dig(command, name, &["+short"]), name);
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        ask_until_named(&agent, &topology, cgroup, name, &workload);
     }
     let command = in_cgroup_and_netns(&unit, &topology.client, "dig", &[]);
     assert_answered(
@@ -462,7 +477,6 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
         );
         assert!(output.is_ok(), "{output:?}");
     }
-    std::thread::sleep(Duration::from_millis(300));
     let get = |query: &str| {
         tests::http_get(
             &topology.client,
@@ -470,9 +484,28 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
             &format!("/v1/resolutions?{query}"),
         )
     };
-    let (status, body) = get(&format!(
-        "workload=docker%3D{CONTAINER}&address={ANSWER_IP}"
-    ));
+    // Recorded just after the answer; the workload named by a walk of the cgroups, soon after.
+    let (status, body) = wait_for(
+        "the first workload's resolution",
+        Duration::from_secs(5),
+        || {
+            let (status, body) = get(&format!(
+                "workload=docker%3D{CONTAINER}&address={ANSWER_IP}"
+            ));
+            body.contains("shared.example.test.")
+                .then_some((status, body))
+        },
+    );
+    wait_for(
+        "the other workload's resolution",
+        Duration::from_secs(5),
+        || {
+            get(&format!("workload=docker%3D{other}"))
+                .1
+                .contains("shared.example.test.")
+                .then_some(())
+        },
+    );
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("\"name\":\"shared.example.test.\"")
@@ -615,14 +648,20 @@ fn a_workload_whose_cgroup_is_gone_is_still_found_by_name_in_its_resolutions() {
         &["+short"],
     );
     assert!(output.is_ok(), "{output:?}");
-    // A job that ends soon after its lookup, its cgroup removed with it.
-    std::thread::sleep(Duration::from_millis(300));
+    let resolutions = || {
+        tests::http_get(
+            &topology.client,
+            super::metrics_addr(),
+            &format!("/v1/resolutions?workload=docker%3D{CONTAINER}"),
+        )
+    };
+    // Found by name once the walk of the cgroups named it (soon after its first lookup)...
+    wait_for("the job found by name", Duration::from_secs(5), || {
+        resolutions().1.contains("job.example.test.").then_some(())
+    });
+    // ...and still once it ended, its cgroup removed with it.
     std::fs::remove_dir(&job).expect("remove the job's cgroup");
-    let (status, body) = tests::http_get(
-        &topology.client,
-        super::metrics_addr(),
-        &format!("/v1/resolutions?workload=docker%3D{CONTAINER}"),
-    );
+    let (status, body) = resolutions();
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("\"name\":\"job.example.test.\"")
@@ -1423,13 +1462,21 @@ fn only_root_reads_the_names_table_from_the_agents_namespace() {
     let name = "private.example.test";
     let answer = tests::dig_at(command, &server.to_string(), name, &["+short"]);
     assert_answered(answer, name);
-    std::thread::sleep(Duration::from_millis(300));
     let parent = topology.cgroup.path.file_name().expect("a name");
     let target = format!(
         "/v1/resolutions?workload=cgroup%3D/{}/private-job",
         parent.to_string_lossy()
     );
-    let root = ask_metrics_port_as(&topology, "0", "4", "GET", &target);
+    // Found by name once the walk of the cgroups named it, soon after its first lookup.
+    let root = wait_for(
+        "root's answer naming the job",
+        Duration::from_secs(5),
+        || {
+            let root = ask_metrics_port_as(&topology, "0", "4", "GET", &target);
+            root.contains(&format!("\"name\":\"{name}.\""))
+                .then_some(root)
+        },
+    );
     assert!(root.starts_with("HTTP/1.1 200"), "{root}\n{}", agent.log());
     assert!(root.contains(&format!("\"name\":\"{name}.\"")), "{root}");
     // A port redirect in front of the metrics port (as a hostPort or NodePort would make): the

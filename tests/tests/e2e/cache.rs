@@ -588,7 +588,8 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_se
         "a stale answer shows TTL 30: {stale}"
     );
     assert!(
-        waited >= Duration::from_millis(1700) && waited < Duration::from_millis(3000),
+        // (The upper bound spares a loaded machine's spawn of dig.)
+        waited >= Duration::from_millis(1700) && waited < Duration::from_millis(4000),
         "after the 1.8 s client response timer: {waited:?}"
     );
     assert_eq!(from_cache(&agent, "short.example.test", "stale", 1), 1);
@@ -606,8 +607,9 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_after_about_two_se
         let stale = dig_full(&topology, server, "short.example.test", &[]);
         assert_eq!(status(&stale), "NOERROR", "{stale}");
         assert_eq!(ttl_of(&stale, "A"), 30, "{stale}");
+        // Not after the 1.8 s timer (the rest: spawning dig on a loaded machine).
         assert!(
-            started.elapsed() < Duration::from_millis(1000),
+            started.elapsed() < Duration::from_millis(1500),
             "{:?}",
             started.elapsed()
         );

@@ -23,7 +23,7 @@ fn assert_forwarded_over(agent: &Agent, name: &str, protocol: &str) -> String {
     let needle = format!("query {protocol} client=");
     wait_for(
         &format!("the agent to log a {protocol} query for {name}"),
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || {
             agent
                 .query_lines(name)

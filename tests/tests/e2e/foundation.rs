@@ -502,7 +502,7 @@ fn after_sigkill_lookups_go_direct_within_a_second() {
     // dig's one try of 1 s is what shows the second; this bounds the rest (starting `ip
     // netns exec` and dig on a busy machine).
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "took {:?}",
         started.elapsed()
     );
@@ -522,7 +522,7 @@ fn sighup_is_ignored_and_sigterm_detaches_and_exits_zero() {
     agent.process().signal(libc::SIGHUP);
     wait_for(
         "the agent to log the SIGHUP",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || agent.log().contains("SIGHUP ignored").then_some(()),
     );
     let name = "term.example.test";

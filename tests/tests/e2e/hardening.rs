@@ -97,7 +97,7 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
     // The agent opens its upstream socket when the query comes.
     let (own, connected) = wait_for(
         "the agent's upstream socket",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || Some(upstream_ports(&topology, agent_pid)).filter(|(own, _)| !own.is_empty()),
     );
     assert_eq!(own.len(), 1, "one query, one upstream socket: {own:?}");
@@ -112,7 +112,7 @@ fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
     let client = probe();
     let connected = wait_for(
         "an upstream socket connected to the server",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || Some(upstream_ports(&topology, agent_pid).1).filter(|ports| !ports.is_empty()),
     );
     assert_eq!(
@@ -334,7 +334,7 @@ fn raw_queries_to_a_neighbours_address_do_not_use_up_its_share() {
         ],
     ));
     let server = format!("{SERVER_IP}:53");
-    let mut victim = node.pod(1, STEADY, &[&server, "1000", "1", "20", "1"]);
+    let mut victim = node.pod(1, STEADY, &[&server, "2000", "1", "20", "1"]);
     victim.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut victim = Process::spawn(&mut victim);
     // 10 sweeps a second for 4 s: about 40 in flight at a time to each address of pod 1,
@@ -398,7 +398,7 @@ fn a_pod_sending_from_addresses_it_does_not_own_gets_no_more_shares() {
         _server,
     } = node_with_a_slow_server_and(2, &["--max-inflight=1024", "--max-inflight-per-client=256"]);
     let server = format!("{SERVER_IP}:53");
-    let mut victim = node.pod(1, STEADY, &[&server, "1000", "1", "20", "1"]);
+    let mut victim = node.pod(1, STEADY, &[&server, "2000", "1", "20", "1"]);
     victim.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut victim = Process::spawn(&mut victim);
     // 2,500 a second held 3 s each: 7,500 in flight, past twice --max-inflight, were each

@@ -83,7 +83,9 @@ fn a_pod_asking_the_proxys_own_address_is_refused_at_once() {
         answer.contains(&format!("SERVER: {NODE_LISTEN}#53")),
         "{answer}"
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{answer}");
+    // dig's one try of 1 s shows "at once"; this bounds the rest (starting `ip netns exec`
+    // and dig on a busy machine).
+    assert!(started.elapsed() < Duration::from_secs(3), "{answer}");
     let page = scrape_node(&node);
     assert_eq!(
         value(

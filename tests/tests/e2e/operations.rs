@@ -482,7 +482,7 @@ fn metrics_count_what_was_sent_and_health_endpoints_answer() {
             .expect("run the probe");
         assert!(!sent.status.success(), "garbage got an answer");
     }
-    wait_for("every answer to be logged", Duration::from_secs(2), || {
+    wait_for("every answer to be logged", Duration::from_secs(5), || {
         (agent.answered_queries() == udp + tcp + 1).then_some(())
     });
 
@@ -900,7 +900,7 @@ fn a_second_stop_signal_cuts_the_drain_short() {
     let status = agent.wait_exit(Duration::from_secs(10));
     let log = agent.log();
     // Not the drain: the lookup would have held it 5 s (its upstream timeout).
-    assert!(started.elapsed() < Duration::from_secs(3), "{log}");
+    assert!(started.elapsed() < Duration::from_millis(4500), "{log}");
     assert!(status.success(), "exit status {status}:\n{log}");
     assert!(log.contains("SIGINT again: stopping at once"), "{log}");
     assert!(log.contains("detaching all programs"), "{log}");
@@ -1107,10 +1107,11 @@ fn slow_upstream(topology: &Topology) -> Process {
 }
 
 /// steady-lookups as a workload against the slow upstream: four streams, each a lookup every
-/// 2 ms, 1 s per try and three tries, until its standard input closes.
-fn steady_lookups(topology: &Topology) -> Process {
+/// 2 ms, `try_ms` per try and three tries, until its standard input closes.
+fn steady_lookups(topology: &Topology, try_ms: u32) -> Process {
     let server = format!("{SLOW_SERVER_IP}:53");
-    let mut command = topology.workload(STEADY, &[&server, "1000", "3", "2", "4"]);
+    let try_ms = try_ms.to_string();
+    let mut command = topology.workload(STEADY, &[&server, &try_ms, "3", "2", "4"]);
     command.stdin(Stdio::piped()).stdout(Stdio::piped());
     Process::spawn(&mut command)
 }
@@ -1136,11 +1137,11 @@ struct Restart {
 /// Runs the slow upstream, an agent and a steady stream of lookups; stops the agent with
 /// `signal`, waits `gap` (the lookups go on, straight to the server), starts a new agent the
 /// same way, with no clean-up in between, and counts every lookup's outcome.
-fn restart_under_load(signal: i32, gap: Duration) -> Restart {
+fn restart_under_load(signal: i32, gap: Duration, try_ms: u32) -> Restart {
     let topology = Topology::new();
     let _server = slow_upstream(&topology);
     let mut first = Agent::start(&topology, &[]);
-    let mut load = steady_lookups(&topology);
+    let mut load = steady_lookups(&topology, try_ms);
     wait_answered(&first, 100);
 
     first.process().signal(signal);
@@ -1167,7 +1168,9 @@ fn restart_under_load(signal: i32, gap: Duration) -> Restart {
 
 #[test]
 fn a_graceful_restart_under_steady_lookups_loses_none() {
-    let restart = restart_under_load(libc::SIGTERM, Duration::from_millis(500));
+    // Tries of 3 s: a lost datagram is never answered, and a loaded machine's delays are not
+    // taken for one.
+    let restart = restart_under_load(libc::SIGTERM, Duration::from_millis(500), 3000);
     // Not even a first try: what was in flight was answered before the agent let go.
     assert_eq!((restart.failed, restart.retried), (0, 0));
     // Some went direct in the gap: fewer answered through the agents than were made.
@@ -1176,7 +1179,8 @@ fn a_graceful_restart_under_steady_lookups_loses_none() {
 
 #[test]
 fn after_sigkill_lookups_go_direct_and_a_restarted_agent_takes_over() {
-    let restart = restart_under_load(libc::SIGKILL, Duration::from_millis(1500));
+    // Tries of 1 s: the retries of the lookups in flight at the kill come within the gap.
+    let restart = restart_under_load(libc::SIGKILL, Duration::from_millis(1500), 1000);
     // A lookup in flight at the kill loses its first try (its answer had nowhere to go); the
     // retry, from a new socket, goes direct. Nothing fails.
     assert_eq!(restart.failed, 0);
@@ -1338,7 +1342,8 @@ fn restart_by_takeover(
 }
 
 /// A long-lived connected socket's lookups (`hostile-client long-lived`): one every 100 ms,
-/// retried once after 1 s on the same socket.
+/// retried once after 3 s on the same socket (a lost datagram is never answered: a loaded
+/// machine's delays are not taken for one).
 fn long_lived_args(prefix: &str, count: usize) -> Vec<String> {
     [
         "long-lived",
@@ -1346,7 +1351,7 @@ fn long_lived_args(prefix: &str, count: usize) -> Vec<String> {
         prefix,
         &count.to_string(),
         "100",
-        "1000",
+        "3000",
     ]
     .map(str::to_owned)
     .to_vec()
@@ -1424,7 +1429,7 @@ fn restarts_by_takeover_need_no_retry_in_host_mode() {
     let _stub = DnsServer::launch(&topology.client, &topology.client, stub, ANSWER_IP, false);
     let mut steady = Process::spawn(
         topology
-            .workload(STEADY, &[&format!("{stub}:53"), "1000", "3", "0", "4"])
+            .workload(STEADY, &[&format!("{stub}:53"), "3000", "3", "0", "4"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
@@ -1445,7 +1450,9 @@ fn stopping_the_agent_that_took_over_hands_back_without_a_loss() {
     let _server = slow_upstream(&topology);
     let start = || Agent::start(&topology, &["--takeover"]);
     let older = start();
-    let mut load = steady_lookups(&topology);
+    // Tries of 3 s: a lost datagram is never answered, and a loaded machine's delays are not
+    // taken for one.
+    let mut load = steady_lookups(&topology, 3000);
     wait_answered(&older, 50);
     let mut newer = start();
     wait_answered(&newer, 50);
@@ -1453,8 +1460,9 @@ fn stopping_the_agent_that_took_over_hands_back_without_a_loss() {
     newer.process().signal(libc::SIGTERM);
     assert!(newer.wait_exit(Duration::from_secs(10)).success());
     let took = stopping.elapsed();
+    // Not at the 5 s deadline (the log says so too).
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_millis(4500),
         "stopped after {took:?}:\n{}",
         newer.log()
     );

@@ -36,7 +36,8 @@ fn the_agent_answers_every_one_of_2000_lookups() {
     let settings = Settings {
         lookups: 2000,
         port_range: NARROW,
-        timeout: Duration::from_millis(1000),
+        // A lost lookup is never answered: 3 s only spares a loaded machine's delays.
+        timeout: Duration::from_millis(3000),
     };
     let outcome = race::run(Mode::Agent, &settings, &tools());
     let table = race::table(std::slice::from_ref(&outcome));

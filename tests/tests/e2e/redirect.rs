@@ -51,7 +51,7 @@ fn one_socket_asking_two_servers_back_to_back_hears_each_from_itself() {
             ],
             "round {round}"
         );
-        wait_for("both queries logged", Duration::from_secs(2), || {
+        wait_for("both queries logged", Duration::from_secs(5), || {
             (agent.query_lines(&name).len() == 2).then_some(())
         });
     }
@@ -1679,7 +1679,7 @@ fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
         format!("{}\nv6only=0\nmixed=answered", own_address_lines(CLIENT_IP))
     );
     // The lookups went through the agent.
-    wait_for("every lookup logged", Duration::from_secs(2), || {
+    wait_for("every lookup logged", Duration::from_secs(5), || {
         (agent.query_lines("own.example.test").len() == 4).then_some(())
     });
 }
@@ -1753,7 +1753,7 @@ fn on_a_node_sockets_show_their_own_namespaces_source() {
     assert_eq!(host, own_address_lines(CLIENT_IP), "a host process");
     let pod = stdout(&mut node.pod(0, "python3", &script));
     assert_eq!(pod, own_address_lines(tests::node::PODS[0].0), "a pod");
-    wait_for("both lookups logged", Duration::from_secs(2), || {
+    wait_for("both lookups logged", Duration::from_secs(5), || {
         (agent.query_lines("own.example.test").len() == 2).then_some(())
     });
 }

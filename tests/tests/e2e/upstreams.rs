@@ -202,7 +202,9 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     // The address exists; nothing listens on its port 53.
     let closed = std::net::Ipv4Addr::new(192, 0, 2, 98);
     topology.add_server_address(closed);
-    topology.set_nameservers(&[closed.into(), SERVER_IP.into()]);
+    // Each server waited on 5 s: a client that waited on the closed one would take 5 s, and
+    // one that did not takes far less, however loaded the machine.
+    topology.set_nameservers_with_timeout(&[closed.into(), SERVER_IP.into()], 5);
     let name = "closed-first.example.test";
     for (path, mut command) in [
         ("directly", topology.outsider("getent", &["ahostsv4", name])),
@@ -216,8 +218,8 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
         let took = started.elapsed();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(stdout.contains(&ANSWER_IP.to_string()), "{path}: {stdout}");
-        // glibc's timeout is 5 s a server.
-        assert!(took < Duration::from_secs(2), "{path}: {took:?}");
+        // glibc's timeout is 5 s a server (this resolv.conf's).
+        assert!(took < Duration::from_secs(3), "{path}: {took:?}");
     }
     forwarded(agent, name);
     let ask = |command: Command, name: &str| {
@@ -316,7 +318,7 @@ fn a_first_nameserver_without_a_route_costs_a_glibc_client_no_timeout() {
     }
     // The second server, answering, is IPv4 in each case: `ahostsv4` asks for its records.
     for first in ["203.0.113.129", "203.0.113.193", "2001:db8:beef::53"] {
-        topology.set_nameservers(&[first.parse().unwrap(), SERVER_IP.into()]);
+        topology.set_nameservers_with_timeout(&[first.parse().unwrap(), SERVER_IP.into()], 5);
         let name = format!("no-route-{}.example.test", first.replace([':', '.'], "-"));
         for (path, mut command) in [
             (
@@ -333,9 +335,9 @@ fn a_first_nameserver_without_a_route_costs_a_glibc_client_no_timeout() {
             let took = started.elapsed();
             let stdout = String::from_utf8_lossy(&output.stdout);
             assert!(stdout.contains(&ANSWER_IP.to_string()), "{path}: {stdout}");
-            // glibc's timeout (the topology's resolv.conf: 2 s a server).
+            // glibc's timeout (this resolv.conf's: 5 s a server).
             assert!(
-                took < Duration::from_secs(1),
+                took < Duration::from_secs(3),
                 "{first} {path}: {took:?}\n{}",
                 agent.log()
             );
@@ -559,7 +561,7 @@ fn a_new_route_to_the_server_from_another_source_loses_no_lookup() {
 /// Before, the kernel delayed the agent's ACKs (its connection looked interactive) and unbound
 /// held each answer until the one before was acknowledged: 20 queries took 40–48 ms through
 /// the agent in 15 runs of 20, against about 1 ms direct (helper-123). A delayed ACK waits
-/// 40 ms at least, so a run over 30 ms is one that waited on it. Not run in the Linux 6.1 VM
+/// 40 ms at least, so a median run 30 ms slower than direct is one that waited on it. Not run in the Linux 6.1 VM
 /// (`clients::` and `redirect::` are): there 20 pipelined queries still take about 48 ms
 /// through the agent against 7 ms direct, one 40 ms wait a run, not yet understood
 /// (docs/performance.md).
@@ -598,9 +600,15 @@ for run in range(10):
     };
     let direct = runs_ms(&mut topology.outsider("python3", &args));
     let through = runs_ms(&mut topology.workload("python3", &args));
-    let slow = through.iter().filter(|&&ms| ms > 30.0).count();
+    // The medians: a delayed ACK holds every run 40 ms or more, while a loaded machine's
+    // scheduling slows a few runs, or both paths alike.
+    let median = |runs: &[f64]| {
+        let mut runs = runs.to_vec();
+        runs.sort_by(f64::total_cmp);
+        runs[runs.len() / 2]
+    };
     assert!(
-        slow <= 2,
+        median(&through) - median(&direct) < 30.0,
         "20 pipelined queries, 10 runs: {through:?} ms through the agent, {direct:?} ms direct"
     );
     // The lines come just after the answers.
