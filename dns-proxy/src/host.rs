@@ -434,6 +434,9 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
 pub struct Pins {
     dir: PathBuf,
     maps: Vec<(&'static str, aya::maps::MapData)>,
+    /// The kernel's ids of the table's two maps (`SERVERS`, `SERVER_INDEX`), by which a pin
+    /// of their names is known for theirs.
+    table_ids: [u32; 2],
 }
 
 impl Pins {
@@ -453,10 +456,21 @@ impl Pins {
                         path,
                     })
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let id_of = |index: usize| {
+            let (name, map) = &maps[index];
+            map.info()
+                .map(|info| info.id())
+                .map_err(|err| HostError::StateDir {
+                    path: dir.join(name),
+                    problem: format!("cannot read the pinned map's id: {err}"),
+                })
+        };
+        let table_ids = [id_of(0)?, id_of(1)?];
         Ok(Self {
             dir: dir.to_owned(),
             maps,
+            table_ids,
         })
     }
 
@@ -481,6 +495,7 @@ impl Pins {
                     .to_owned(),
             });
         }
+        self.check_the_table_pinned_is_this_one()?;
         let table_pinned = PINS[..2]
             .iter()
             .any(|(name, ..)| self.dir.join(name).exists());
@@ -515,6 +530,36 @@ impl Pins {
             restored.push(name);
         }
         Ok(restored)
+    }
+
+    /// Refuses pins of the table's names that name other maps: another bpffs, holding another
+    /// table, mounted over the state directory (helper-141), or a table started anew by hand
+    /// meanwhile. The next agent would take that table, by whose indexes the sockets sent to
+    /// the block before would name other servers.
+    fn check_the_table_pinned_is_this_one(&self) -> Result<(), HostError> {
+        for ((name, ..), id) in PINS[..2].iter().zip(self.table_ids) {
+            let path = self.dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let pinned =
+                aya::maps::MapInfo::from_pin(&path).map_err(|err| HostError::StateDir {
+                    path: path.clone(),
+                    problem: format!("cannot open the pinned map: {err}"),
+                })?;
+            if pinned.id() != id {
+                return Err(HostError::StateDir {
+                    path,
+                    problem: format!(
+                        "names another map (id {}) than this agent's table (id {id}): another \
+                         table is pinned there (a filesystem mounted over the state directory, \
+                         or a table started anew meanwhile), which the next agent would take",
+                        pinned.id()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Makes the table's directory and those above it that are gone, `0700`, and checks the

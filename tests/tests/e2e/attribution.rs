@@ -1179,6 +1179,78 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
     });
 }
 
+/// Another agent's table mounted over this agent's (a bind mount of another bpffs's table
+/// directory, by a root who mixed up two state directories): its pins carry the table's names
+/// on a bpffs, but name other maps, which the next agent would take, and by whose indexes the
+/// sockets sent to the block before would name other servers. The agent says so and `/readyz`
+/// says 503 until its own table is pinned there again. Before, the names alone passed for the
+/// table, and it stayed ready (helper-141).
+#[test]
+fn another_agents_table_mounted_over_this_ones_makes_it_unready_until_it_is_gone() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
+    let state = bpffs.path.join("state");
+    let agent = Agent::start(
+        &topology,
+        &[
+            &format!("--state-dir={}", state.display()),
+            &format!("--metrics={}", super::METRICS),
+        ],
+    );
+    let readyz = || tests::http_get(&topology.client, super::METRICS.parse().unwrap(), "/readyz");
+    assert_answered(
+        dig(topology.workload("dig", &[]), "before.example.test", &[]),
+        "dig before",
+    );
+    // The other agent's table: made by an agent of another namespace, which stopped since,
+    // leaving it pinned for the next.
+    let other_topology = Topology::new();
+    let other_bpffs = BpffsAt::mount(&format!("{}-bpffs", other_topology.tag));
+    let other_state = other_bpffs.path.join("state");
+    let mut other = Agent::start(
+        &other_topology,
+        &[&format!("--state-dir={}", other_state.display())],
+    );
+    other.process().signal(libc::SIGTERM);
+    assert!(other.wait_exit(Duration::from_secs(10)).success());
+    let (table, other_table) = (tests::table_dir(&state), tests::table_dir(&other_state));
+    must(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&other_table)
+            .arg(&table),
+    );
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let mounted = Unmount(&table);
+    // Checked every 2 s (the agent's heartbeat).
+    let body = wait_for(
+        "not ready over the other table",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = readyz();
+            (status == 503).then_some(body)
+        },
+    );
+    assert!(body.contains("cannot be kept pinned"), "{body}");
+    wait_for_log(&agent, "names another map");
+    // The lookups go on.
+    assert_answered(
+        dig(topology.workload("dig", &[]), "over.example.test", &[]),
+        "dig over the other table",
+    );
+    drop(mounted);
+    wait_for("ready once it is gone", Duration::from_secs(10), || {
+        (readyz().0 == 200).then_some(())
+    });
+    wait_for_log(&agent, "the table of servers is pinned again");
+}
+
 /// A bpffs of a test's own on a directory of `/run/dns-proxy-tests`; unmounted and removed on
 /// drop.
 struct BpffsAt {
