@@ -403,6 +403,14 @@ impl Unmounted {
     }
 }
 
+impl Unmounted {
+    /// `source` bind-mounted over `target`.
+    fn bind(source: &std::path::Path, target: &std::path::Path) -> Self {
+        must(Command::new("mount").arg("--bind").arg(source).arg(target));
+        Self(target.to_owned())
+    }
+}
+
 impl Drop for Unmounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
@@ -1093,23 +1101,15 @@ fn a_takeover_refused_pins_no_table_of_its_own() {
 /// 118 of 118 lookups).
 #[test]
 fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_stays_on_bpffs() {
-    let topology = Topology::new();
-    let _server = tests::DnsServer::start(&topology);
-    let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
-    let state = bpffs.path.join("a/b/state");
-    let agent = Agent::start(
-        &topology,
-        &[
-            &format!("--state-dir={}", state.display()),
-            &format!("--metrics={}", super::METRICS),
-        ],
-    );
-    let readyz = || tests::http_get(&topology.client, super::METRICS.parse().unwrap(), "/readyz");
+    let AgentOnItsOwnBpffs {
+        topology,
+        _server,
+        bpffs,
+        state,
+        agent,
+    } = AgentOnItsOwnBpffs::start("a/b/state");
+    let readyz = || readyz_of(&topology);
     let table = tests::table_dir(&state);
-    assert_answered(
-        dig(topology.workload("dig", &[]), "before.example.test", &[]),
-        "dig before",
-    );
     assert!(
         tests::origins_of_cgroup(&state, 0) > 0,
         "the table holds the server"
@@ -1187,22 +1187,14 @@ fn pinning_the_table_again_makes_every_level_leaves_agents_to_a_newer_agent_and_
 /// table, and it stayed ready (helper-141).
 #[test]
 fn another_agents_table_mounted_over_this_ones_makes_it_unready_until_it_is_gone() {
-    let topology = Topology::new();
-    let _server = tests::DnsServer::start(&topology);
-    let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
-    let state = bpffs.path.join("state");
-    let agent = Agent::start(
-        &topology,
-        &[
-            &format!("--state-dir={}", state.display()),
-            &format!("--metrics={}", super::METRICS),
-        ],
-    );
-    let readyz = || tests::http_get(&topology.client, super::METRICS.parse().unwrap(), "/readyz");
-    assert_answered(
-        dig(topology.workload("dig", &[]), "before.example.test", &[]),
-        "dig before",
-    );
+    let AgentOnItsOwnBpffs {
+        topology,
+        _server,
+        bpffs: _bpffs,
+        state,
+        agent,
+    } = AgentOnItsOwnBpffs::start("state");
+    let readyz = || readyz_of(&topology);
     // The other agent's table: made by an agent of another namespace, which stopped since,
     // leaving it pinned for the next.
     let other_topology = Topology::new();
@@ -1214,20 +1206,7 @@ fn another_agents_table_mounted_over_this_ones_makes_it_unready_until_it_is_gone
     );
     other.process().signal(libc::SIGTERM);
     assert!(other.wait_exit(Duration::from_secs(10)).success());
-    let (table, other_table) = (tests::table_dir(&state), tests::table_dir(&other_state));
-    must(
-        Command::new("mount")
-            .arg("--bind")
-            .arg(&other_table)
-            .arg(&table),
-    );
-    struct Unmount<'a>(&'a std::path::Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let mounted = Unmount(&table);
+    let mounted = Unmounted::bind(&tests::table_dir(&other_state), &tests::table_dir(&state));
     // Checked every 2 s (the agent's heartbeat).
     let body = wait_for(
         "not ready over the other table",
@@ -1249,6 +1228,49 @@ fn another_agents_table_mounted_over_this_ones_makes_it_unready_until_it_is_gone
         (readyz().0 == 200).then_some(())
     });
     wait_for_log(&agent, "the table of servers is pinned again");
+}
+
+/// An agent whose state directory is `state` (a relative path) below a bpffs of the test's
+/// own, serving `/metrics`, once a lookup went through it. Bound in this order, the agent
+/// drops first and the topology last.
+struct AgentOnItsOwnBpffs {
+    topology: Topology,
+    _server: tests::DnsServer,
+    bpffs: BpffsAt,
+    state: PathBuf,
+    agent: Agent,
+}
+
+impl AgentOnItsOwnBpffs {
+    fn start(state: &str) -> Self {
+        let topology = Topology::new();
+        let server = tests::DnsServer::start(&topology);
+        let bpffs = BpffsAt::mount(&format!("{}-bpffs", topology.tag));
+        let state = bpffs.path.join(state);
+        let agent = Agent::start(
+            &topology,
+            &[
+                &format!("--state-dir={}", state.display()),
+                &format!("--metrics={}", super::METRICS),
+            ],
+        );
+        assert_answered(
+            dig(topology.workload("dig", &[]), "before.example.test", &[]),
+            "dig before",
+        );
+        Self {
+            topology,
+            _server: server,
+            bpffs,
+            state,
+            agent,
+        }
+    }
+}
+
+/// What the agent of `topology`, serving `/metrics`, says on `/readyz`.
+fn readyz_of(topology: &Topology) -> (u16, String) {
+    tests::http_get(&topology.client, super::METRICS.parse().unwrap(), "/readyz")
 }
 
 /// A bpffs of a test's own on a directory of `/run/dns-proxy-tests`; unmounted and removed on
