@@ -351,6 +351,9 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             say_where_the_agent_was(own, &agent, &mut own_cgroup_said);
         }
         let lost = target_now.as_ref().map_or(true, |id| *id != target.id);
+        // Readiness first, then the log line that says why: whoever reads the line finds
+        // `/readyz` already saying so.
+        readiness.set_target_lost(lost);
         if !detached.is_empty() && !lost && !stranded.is_stopped() {
             // It dropped the capability to attach them again: its service manager starts it
             // anew, which does.
@@ -372,7 +375,6 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             );
         }
         target_lost = lost;
-        readiness.set_target_lost(lost);
         // Made anew (another cgroup at the path): a restarted agent attaches to it, so the
         // agent asks for one after a while. Merely gone (or renamed, which the programs
         // follow), a restart would fail at start, and leave no agent when the path comes back.
@@ -599,6 +601,8 @@ async fn keep_alive(
             return;
         };
         let pinned = restored.is_ok();
+        // As for the cgroup above: readiness before the lines that say why.
+        readiness.set_unpinned(!pinned);
         match restored {
             Ok(names) if !names.is_empty() => log::warn!(
                 target: LOG,
@@ -624,7 +628,6 @@ async fn keep_alive(
             log::info!(target: LOG, "the table of servers is pinned again");
         }
         cannot_pin = !pinned;
-        readiness.set_unpinned(cannot_pin);
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(
