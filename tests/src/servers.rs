@@ -94,7 +94,7 @@ impl DnsServer {
         wait_for("dnsmasq to answer", Duration::from_secs(10), || {
             let mut dig = ask_from.command("dig");
             dig.arg(format!("@{server_ip}"));
-            let output = run_dig(dig, "ready.example.test", &[]).ok()?;
+            let output = run_dig(dig, "ready.example.test", &["+time=1"]).ok()?;
             output.contains(&answer.to_string()).then_some(())
         });
         dns_server
@@ -160,7 +160,7 @@ impl UnboundServer {
         wait_for("unbound to answer", Duration::from_secs(10), || {
             let mut dig = topology.outsider("dig", &[]);
             dig.arg(format!("@{UNBOUND_IP}"));
-            let output = run_dig(dig, &format!("a.{UNBOUND_ZONE}"), &[]).ok()?;
+            let output = run_dig(dig, &format!("a.{UNBOUND_ZONE}"), &["+time=1"]).ok()?;
             output.contains("198.51.100.20").then_some(())
         });
         server

@@ -452,19 +452,7 @@ fn each_workload_is_told_which_names_it_resolved_to_an_address() {
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
     let topology = Topology::new();
     // Servers that answer with TTL 60 (dnsmasq's local answers have TTL 0: expired at once).
-    let upstream = |ip: std::net::Ipv4Addr, answer: std::net::Ipv4Addr| {
-        if ip != SERVER_IP {
-            topology.add_server_address(ip);
-        }
-        let mut command = topology.server.command(env!("CARGO_BIN_EXE_test-upstream"));
-        command.args([&format!("{ip}:53"), "0", &answer.to_string()]);
-        let process = tests::Process::spawn(&mut command);
-        wait_for("the upstream", Duration::from_secs(10), || {
-            let outsider = topology.outsider("dig", &[]);
-            tests::dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
-        });
-        process
-    };
+    let upstream = |ip, answer| start_test_upstream(&topology, ip, 0, answer);
     let _first = upstream(SERVER_IP, ANSWER_IP);
     let _second = upstream(SECOND_SERVER_IP, SECOND_ANSWER_IP);
     let agent = Agent::start(

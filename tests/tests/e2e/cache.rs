@@ -149,7 +149,13 @@ impl Authority {
         };
         wait_for("the authority to answer", Duration::from_secs(10), || {
             let outsider = topology.outsider("dig", &[]);
-            dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
+            dig_at(
+                outsider,
+                &ip.to_string(),
+                "ready.example.test",
+                &["+time=1"],
+            )
+            .ok()
         });
         authority
     }

@@ -87,15 +87,17 @@ fn probe_at(topology: &Topology, mode: &str, servers: &str, name: &str, extra: &
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// A `test-upstream` on `ip` in the server namespace, answering `answer` with TTL 60,
-/// `delay_ms` after each query; returned once it answers.
+/// A `test-upstream` on `ip` in the server namespace (which has [`SERVER_IP`] already),
+/// answering `answer` with TTL 60, `delay_ms` after each query; returned once it answers.
 fn start_test_upstream(
     topology: &Topology,
     ip: std::net::Ipv4Addr,
     delay_ms: u32,
     answer: std::net::Ipv4Addr,
 ) -> tests::Process {
-    topology.add_server_address(ip);
+    if ip != SERVER_IP {
+        topology.add_server_address(ip);
+    }
     let mut command = topology.server.command(env!("CARGO_BIN_EXE_test-upstream"));
     command.args([
         &format!("{ip}:53"),
@@ -105,7 +107,13 @@ fn start_test_upstream(
     let process = tests::Process::spawn(&mut command);
     wait_for("the upstream to answer", Duration::from_secs(10), || {
         let outsider = topology.outsider("dig", &[]);
-        tests::dig_at(outsider, &ip.to_string(), "ready.example.test", &[]).ok()
+        tests::dig_at(
+            outsider,
+            &ip.to_string(),
+            "ready.example.test",
+            &["+time=1"],
+        )
+        .ok()
     });
     process
 }

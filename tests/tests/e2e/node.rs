@@ -184,7 +184,13 @@ fn an_excluded_server_is_asked_directly_from_the_workloads_own_address() {
         command.args([&format!("{ip}:53"), "0", "source"]);
         let process = tests::Process::spawn(&mut command);
         wait_for("the server to answer", Duration::from_secs(10), || {
-            tests::dig_at(node.node.command("dig"), &ip.to_string(), "ready.test", &[]).ok()
+            tests::dig_at(
+                node.node.command("dig"),
+                &ip.to_string(),
+                "ready.test",
+                &["+time=1"],
+            )
+            .ok()
         });
         process
     };

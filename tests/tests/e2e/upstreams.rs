@@ -458,7 +458,7 @@ fn connected_to(topology: &Topology, server: &str) -> Vec<String> {
 /// Lookups from the workload to `server` (an address dig takes) across `change`, made to the
 /// agent's namespace while it serves: three before, from sockets connected to the server
 /// (the server answered) with a source address starting `old_source`; twenty after, one try
-/// of one second each, all answered; then connected anew from `new_source`.
+/// each (no retry hides a lost query), all answered; then connected anew from `new_source`.
 fn lookups_survive(
     server: &str,
     (old_source, new_source): (&str, &str),
