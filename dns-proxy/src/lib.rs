@@ -16,6 +16,7 @@ pub mod drain;
 pub mod ebpf;
 mod exec;
 mod host;
+pub mod journal;
 mod local_names;
 mod log_limit;
 pub mod metrics;

@@ -88,7 +88,13 @@ fn main() -> ExitCode {
             });
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let journal = dns_proxy::journal::stderr_is_the_journal();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if journal {
+        logger.format(dns_proxy::journal::write_line);
+    }
+    logger.init();
     let (config, is_exec) = match cli.command {
         Command::Run(args) => (RunConfig::try_from(args), false),
         Command::Exec(args) => (RunConfig::try_from(args), true),
@@ -104,7 +110,8 @@ fn main() -> ExitCode {
         // One line that says what failed and what to do; the error types carry the detail.
         Err((message, err)) => {
             // Not eprintln!: with stderr closed it would panic, and the exit code with it.
-            let _ = writeln!(std::io::stderr(), "dns-proxy: error: {message}");
+            let priority = if journal { "<3>" } else { "" };
+            let _ = writeln!(std::io::stderr(), "{priority}dns-proxy: error: {message}");
             match err {
                 Some(RunError::Spawn { source, .. }) if is_exec => {
                     if source.kind() == std::io::ErrorKind::NotFound {

@@ -416,6 +416,82 @@ fn an_excluded_cgroup_made_anew_stays_excluded() {
     fs::remove_dir(&redirected).expect("rmdir the redirected cgroup made anew");
 }
 
+/// `sh -c` that runs its arguments with `JOURNAL_STREAM` naming its stderr, as systemd does
+/// for a unit whose stderr is the journal.
+fn with_stderr_as_the_journal() -> std::process::Command {
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg(r#"JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@""#);
+    sh
+}
+
+/// Under systemd, whose journal files each line of a service's stderr as `info` unless the
+/// line says otherwise, each line starts with its priority and carries no timestamp of its
+/// own: `journalctl -p warning` shows the agent's warnings and errors. Before, every line was
+/// `info` to the journal, the fatal error included (helper-143). Where stderr is not the
+/// stream `JOURNAL_STREAM` names, lines are as ever.
+#[test]
+fn under_systemd_each_log_line_says_its_priority_to_the_journal() {
+    let topology = Topology::new();
+    let mut agent = Agent::spawn(Agent::command_through(
+        &topology,
+        with_stderr_as_the_journal(),
+    ));
+    // Ignored, with a warning: a log rotation's signal (`shutdown`).
+    agent.process().signal(libc::SIGUSR1);
+    wait_for_log(&agent, "SIGUSR1");
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|line| line.starts_with("<6>[INFO  dns_proxy] ready: ")),
+        "{log}"
+    );
+    let warning = log
+        .lines()
+        .find(|line| line.contains("SIGUSR1"))
+        .expect("the warning");
+    assert!(warning.starts_with("<4>[WARN  "), "{warning}");
+    for line in log.lines() {
+        assert!(
+            ["<3>[", "<4>[", "<6>[", "<7>["]
+                .iter()
+                .any(|priority| line.starts_with(priority)),
+            "a line without its priority, or with a timestamp: {line}\n{log}"
+        );
+    }
+
+    // The one line of a failed start, too.
+    let mut failing = with_stderr_as_the_journal();
+    failing
+        .arg("--")
+        .arg(agent_binary())
+        .args(["run", "--cgroup=/proc"]);
+    let output = failing.output().expect("run the agent");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.starts_with("<3>dns-proxy: error: --cgroup /proc")),
+        "{stderr}"
+    );
+
+    // Its stderr not the journal's stream: lines as ever, with their timestamps.
+    let mut elsewhere = std::process::Command::new("env");
+    elsewhere
+        .arg("JOURNAL_STREAM=1:1")
+        .arg(agent_binary())
+        .args(["run", "--cgroup=/proc"]);
+    let output = elsewhere.output().expect("run the agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.starts_with("dns-proxy: error: --cgroup /proc")),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_exclusion_that_is_not_a_cgroup_is_a_one_line_error() {
     let topology = Topology::new();

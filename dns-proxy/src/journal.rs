@@ -1,0 +1,95 @@
+//! Log lines for systemd's journal.
+//!
+//! Under systemd, stderr is a stream to the journal, which files every line as `info` unless
+//! the line says otherwise. So each line starts with its syslog priority (`<3>` for an error,
+//! `<4>` a warning: sd-daemon(3)), and `journalctl -p warning` shows the agent's warnings and
+//! errors. The journal stamps each line itself, so the line carries no timestamp of its own.
+//!
+//! systemd says which stream is the journal's in `JOURNAL_STREAM` (the device and inode of
+//! that stream, systemd.exec(5)). Only when stderr is that stream are lines written this way:
+//! a shell started from the unit that sends the agent's stderr to a file gets the usual lines.
+use std::{
+    io::{self, Write},
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+};
+
+/// Whether stderr is the journal's stream, as `JOURNAL_STREAM` names it.
+pub fn stderr_is_the_journal() -> bool {
+    let Some(named) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some(named) = named.to_str().and_then(parse_stream) else {
+        return false;
+    };
+    stream_of_stderr().is_ok_and(|stderr| stderr == named)
+}
+
+/// `DEVICE:INODE`, both decimal, as systemd writes `JOURNAL_STREAM`.
+fn parse_stream(value: &str) -> Option<(u64, u64)> {
+    let (device, inode) = value.split_once(':')?;
+    Some((device.parse().ok()?, inode.parse().ok()?))
+}
+
+/// The device and inode of stderr.
+fn stream_of_stderr() -> io::Result<(u64, u64)> {
+    let stderr = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
+    let metadata = stderr.metadata()?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
+/// The syslog priority of a log level: err, warning, info, debug.
+pub fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
+/// Writes one log line for the journal: `<PRIORITY>[LEVEL TARGET] MESSAGE`, the usual line
+/// without its timestamp.
+pub fn write_line(out: &mut impl Write, record: &log::Record<'_>) -> io::Result<()> {
+    writeln!(
+        out,
+        "<{}>[{:<5} {}] {}",
+        priority(record.level()),
+        record.level(),
+        record.target(),
+        record.args()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_line_starts_with_its_priority_and_has_no_timestamp() {
+        let line = |level| {
+            let mut out = Vec::new();
+            let record = log::Record::builder()
+                .level(level)
+                .target("dns_proxy")
+                .args(format_args!("ready: redirected lookups are served"))
+                .build();
+            write_line(&mut out, &record).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            line(log::Level::Info),
+            "<6>[INFO  dns_proxy] ready: redirected lookups are served\n"
+        );
+        assert!(line(log::Level::Error).starts_with("<3>[ERROR dns_proxy] "));
+        assert!(line(log::Level::Warn).starts_with("<4>[WARN  dns_proxy] "));
+        assert!(line(log::Level::Debug).starts_with("<7>[DEBUG dns_proxy] "));
+    }
+
+    #[test]
+    fn journal_stream_is_device_and_inode() {
+        assert_eq!(parse_stream("8:1234"), Some((8, 1234)));
+        for bad in ["", "8", "8:", ":1", "a:1", "8:1:2", "-1:2"] {
+            assert_eq!(parse_stream(bad), None, "{bad:?}");
+        }
+    }
+}
