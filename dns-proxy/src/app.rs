@@ -168,7 +168,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, RunError> {
                 // otherwise fail, and leave lookups direct until someone saw.
                 if !path.exists()
                     && path.is_absolute()
-                    && let Some((cgroup, level)) = Cgroup::not_made_yet("--exclude-cgroup", path)
+                    && let Some((cgroup, level)) = Cgroup::not_made_yet("--exclude-cgroup", path)?
                 {
                     excluded.push((cgroup, level));
                     continue;

@@ -262,26 +262,48 @@ impl Cgroup {
     /// resolves one (the existing part's symlinks and `..`; the rest must be plain names), and
     /// the depth it will have. `None` if no cgroup is above it, or the rest is not plain. For
     /// an `--exclude-cgroup` of a service that is stopped when the agent starts (systemd
-    /// removes a stopped unit's cgroup).
-    pub fn not_made_yet(flag: &'static str, path: &Path) -> Option<(Self, u32)> {
-        let existing = path.ancestors().skip(1).find(|dir| dir.exists())?;
-        let ancestor = Self::open(flag, existing).ok()?;
-        let rest = path.strip_prefix(existing).ok()?;
+    /// removes a stopped unit's cgroup). An error if its depth cannot be known (the hierarchy's
+    /// root is not visible above it, in a cgroup namespace), said of `path`.
+    pub fn not_made_yet(
+        flag: &'static str,
+        path: &Path,
+    ) -> Result<Option<(Self, u32)>, CgroupError> {
+        let Some(existing) = path.ancestors().skip(1).find(|dir| dir.exists()) else {
+            return Ok(None);
+        };
+        let Ok(ancestor) = Self::open(flag, existing) else {
+            return Ok(None);
+        };
+        let Ok(rest) = path.strip_prefix(existing) else {
+            return Ok(None);
+        };
         let plain = rest
             .components()
             .all(|part| matches!(part, std::path::Component::Normal(_)));
-        let below = u32::try_from(rest.components().count()).ok()?;
+        let Ok(below) = u32::try_from(rest.components().count()) else {
+            return Ok(None);
+        };
         if !plain || below == 0 {
-            return None;
+            return Ok(None);
         }
-        let level = ancestor.level(flag).ok()? + below;
-        Some((
+        let level = match ancestor.level(flag) {
+            Ok(level) => level + below,
+            Err(CgroupError::BadCgroup { reason, .. }) => {
+                return Err(CgroupError::BadCgroup {
+                    flag,
+                    path: path.to_owned(),
+                    reason,
+                });
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(Some((
             Self {
                 path: ancestor.path.join(rest),
                 id: 0,
             },
             level,
-        ))
+        )))
     }
 
     /// The directory of the hierarchy's root above this cgroup (the top of the cgroup2

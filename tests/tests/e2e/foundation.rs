@@ -396,6 +396,39 @@ fn an_agent_in_a_cgroup_namespace_of_its_own_finds_its_cgroup_in_its_own_mount()
     }
 }
 
+/// In a cgroup namespace of its own, an `--exclude-cgroup` under its own cgroup mount cannot be
+/// placed in the host's hierarchy: refused with the reason, whether the cgroup is made yet or
+/// not. Before, one not made yet was refused as "No such file or directory" (helper-143).
+#[test]
+fn an_exclusion_a_cgroup_namespace_hides_is_refused_with_the_reason_made_or_not() {
+    let hierarchy = tests::cgroup2_root();
+    for excluded in [hierarchy.clone(), hierarchy.join("not-made-yet.service")] {
+        let topology = Topology::new();
+        let container = tests::TestCgroup::new(&format!("{}-container", topology.tag));
+        let mut command = agent_in_a_container(&topology, &container.path, "ro");
+        command
+            .arg(format!("--exclude-cgroup={}", excluded.display()))
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start the agent");
+        let started = Instant::now();
+        while child.try_wait().expect("wait for the agent").is_none() {
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{}: the agent started", excluded.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let output = child.wait_with_output().expect("its output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let expected = format!(
+            "dns-proxy: error: --exclude-cgroup {}: the cgroup2 hierarchy's root is not visible",
+            excluded.display()
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
+
 /// The agent, redirecting the topology's cgroup, started in `container` (a cgroup) with a
 /// cgroup namespace and a mount namespace of its own: the host's hierarchy bound at a path of
 /// its own, and cgroup2 mounted anew where it was with `mount_options` (showing the
