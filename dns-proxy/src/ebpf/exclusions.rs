@@ -81,7 +81,9 @@ impl Exclusions {
                 _ => {
                     if !tree.missing {
                         tree.missing = true;
-                        log::warn!(
+                        // Not a warning: systemd removes a stopped service's cgroup, so each
+                        // stop of an excluded service would be one.
+                        log::info!(
                             "excluded cgroup tree {} is gone; a cgroup made there again is \
                              excluded as soon as it is seen",
                             tree.path.display()
