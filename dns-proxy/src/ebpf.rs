@@ -31,7 +31,7 @@ use dns_proxy_common::{
 };
 use tokio::io::unix::AsyncFd;
 
-pub use exclusions::Exclusions;
+pub use exclusions::{Exclusions, TreesMade};
 
 use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 

@@ -1,7 +1,8 @@
 //! The agent's background tasks, beside the listeners: the heartbeat that tells other agents
-//! this one is alive, the walk that forgets the origins of cgroups that are gone, the watch
-//! on the cgroups named on the command line (excluded trees made anew, a redirected cgroup
-//! that is gone), as routes change, the source of redirected sockets and the blocks' routes
+//! this one is alive, the walk that forgets the origins of cgroups that are gone, the excluded
+//! trees kept excluded when made anew, the watch on the other cgroups named on the command
+//! line (a redirected cgroup that is gone, the agent's own), as routes change, the source of
+//! redirected sockets and the blocks' routes
 //! (the redirect is switched off while a block is not routed here), and the word to the
 //! programs that the agent runs (they send nothing to one that stopped).
 use std::{
@@ -25,7 +26,7 @@ use crate::{
     drain,
     ebpf::{
         AliveAt, AttachedLinks, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch,
-        ServerTable,
+        ServerTable, TreesMade,
     },
     host,
     log_limit::RateLimited,
@@ -35,8 +36,8 @@ use crate::{
     workload,
 };
 
-/// How often the cgroups named on the command line are looked at. A service restarted in a
-/// cgroup made anew at an excluded path is redirected for at most this long.
+/// How often the cgroups named on the command line are looked at. The excluded trees are looked
+/// at besides as soon as a directory is made or removed above one ([`TreesMade`]).
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the agent tells its programs that it runs (`ALIVE_AT`). They take it for stopped
@@ -62,7 +63,7 @@ pub(super) struct Watched {
     pub target: Cgroup,
     /// The agent's links to it.
     pub links: Arc<AttachedLinks>,
-    /// The excluded trees (`--exclude-cgroup`).
+    /// The excluded trees (`--exclude-cgroup`), kept excluded by a task of their own.
     pub exclusions: Option<Exclusions>,
     /// The agent's own cgroup, which it must not leave.
     pub agent: Cgroup,
@@ -94,8 +95,17 @@ pub(super) fn start(
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
+    let mut watched = watched;
     let failed = watched.stranded.clone();
     let spawn = |name, ends_early, task| spawn_watched(name, ends_early, task, stop, &failed);
+    if let Some(exclusions) = watched.exclusions.take().filter(|trees| !trees.is_empty()) {
+        let task = keep_excluded(exclusions, stop.clone());
+        spawn(
+            "keeping the excluded cgroups excluded",
+            false,
+            Box::pin(task),
+        );
+    }
     if let Some(running) = running {
         let task = say_running(running, Arc::clone(readiness), stop.clone());
         spawn("saying the agent runs", false, Box::pin(task));
@@ -268,21 +278,75 @@ fn millis_since(start: tokio::time::Instant) -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Every [`WATCH_CGROUPS_EVERY`] until `stop`: keeps the excluded trees excluded when they are
-/// made anew ([`Exclusions::refresh`]), moves the agent back into its own cgroup if something
-/// moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when
+/// Keeps the excluded trees excluded when they are made anew ([`Exclusions::refresh`]) until
+/// `stop`: as soon as the kernel says a directory was made or removed above one
+/// ([`TreesMade`]), and every [`WATCH_CGROUPS_EVERY`] besides (a directory above one made
+/// since, the inotify watches used up).
+async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
+    let mut made = match TreesMade::new() {
+        Ok(made) => Some(made),
+        Err(err) => {
+            log::warn!(
+                target: LOG,
+                "cannot watch where excluded cgroups are made ({err}): each is excluded within \
+                 a second of being made"
+            );
+            None
+        }
+    };
+    loop {
+        let watches = made.as_ref().map(TreesMade::watches);
+        // Off the runtime: stats and path lookups. The watches first, so that a tree made
+        // meanwhile is seen by the refresh or wakes the next wait.
+        let looked = tokio::task::spawn_blocking(move || {
+            if let Some(mut watches) = watches {
+                TreesMade::watch(&mut watches, &exclusions.parents());
+            }
+            exclusions.refresh();
+            exclusions
+        })
+        .await;
+        let Ok(kept) = looked else {
+            log::warn!(target: LOG, "keeping the excluded cgroups excluded stopped");
+            return;
+        };
+        exclusions = kept;
+        tokio::select! {
+            () = stop.stopped() => return,
+            () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
+            changed = until_changed(made.as_mut()) => if let Err(err) = changed {
+                log::warn!(
+                    target: LOG,
+                    "watching where excluded cgroups are made: {err}; each is excluded within \
+                     a second of being made"
+                );
+                made = None;
+            },
+        }
+    }
+}
+
+/// Until `made` says a directory was made or removed; never without it.
+async fn until_changed(made: Option<&mut TreesMade>) -> std::io::Result<()> {
+    match made {
+        Some(made) => made.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Every [`WATCH_CGROUPS_EVERY`] until `stop`: moves the agent back into its own cgroup if
+/// something moved it out ([`cgroup::return_to`]), and says once, as an error and on `/readyz`, when
 /// the redirected cgroup is gone or made anew (the programs stay on the old one, so nothing
 /// in a new one is redirected until the agent restarts), or when the agent cannot go back.
 async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain::Signal) {
     let Watched {
         target,
         links,
-        exclusions,
         agent,
         agent_mount,
         stranded,
+        ..
     } = watched;
-    let mut exclusions = exclusions.filter(|exclusions| !exclusions.is_empty());
     let mut target_lost = false;
     let mut own_cgroup_said = false;
     let descriptors_log = RateLimited::counting(
@@ -298,22 +362,18 @@ async fn watch_cgroups(watched: Watched, readiness: Arc<Readiness>, stop: drain:
             (target.path.clone(), agent.clone(), agent_mount.clone());
         let held = Arc::clone(&links);
         let looked = tokio::task::spawn_blocking(move || {
-            if let Some(exclusions) = exclusions.as_mut() {
-                exclusions.refresh();
-            }
             let own = cgroup::return_to(&own_cgroup, &mount);
             // Before the cgroup is looked at: a cgroup removed detaches its links too, and
             // one still there after they were read detached was not removed.
             let detached = held.detached();
             let now = Cgroup::open("--cgroup", &target_path).map(|cgroup| cgroup.id);
-            (exclusions, own, now, detached)
+            (own, now, detached)
         })
         .await;
-        let Ok((kept, own, target_now, detached)) = looked else {
+        let Ok((own, target_now, detached)) = looked else {
             log::warn!(target: LOG, "watching the cgroups named on the command line stopped");
             return;
         };
-        exclusions = kept;
         if let Err(
             cgroup::CgroupError::Read { source, .. }
             | cgroup::CgroupError::EnterAgentCgroup { source, .. },

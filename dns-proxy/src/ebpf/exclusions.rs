@@ -3,11 +3,18 @@
 //! removes a service's cgroup when the service stops and makes a new one, with a new id, when
 //! it starts again (systemd-resolved restarted by a package upgrade, say). Without a refresh,
 //! the restarted service would be redirected; with `--upstream` pointing at it, its queries
-//! would come back to it.
-use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf};
+//! would come back to it. A refresh runs as soon as the kernel says a directory was made or
+//! removed where a tree goes ([`TreesMade`]), so the service's first lookups are excluded too.
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{HashMap, MapData};
 use dns_proxy_common::EXCLUDED_SUBTREE;
+use inotify::{Inotify, WatchMask, Watches};
+use tokio::io::unix::AsyncFd;
 
 use super::{EbpfError, ExcludedTree, names};
 
@@ -37,7 +44,7 @@ impl Exclusions {
             if cgroup.id == 0 {
                 log::warn!(
                     "excluded cgroup tree {} does not exist yet: it is excluded as soon as it \
-                     is made (within a second); until then nothing is made there to redirect",
+                     is made; until then nothing is made there to redirect",
                     cgroup.path.display()
                 );
                 trees.push(Tree {
@@ -69,6 +76,20 @@ impl Exclusions {
     /// Whether there is anything to keep excluded.
     pub fn is_empty(&self) -> bool {
         self.trees.is_empty()
+    }
+
+    /// The nearest existing directory above each tree: where the kernel first shows a cgroup
+    /// made at the tree's path, or on the way to it. Blocking: a `stat` per level.
+    pub fn parents(&self) -> Vec<PathBuf> {
+        let mut parents: Vec<PathBuf> = self
+            .trees
+            .iter()
+            .filter_map(|tree| tree.path.ancestors().skip(1).find(|dir| dir.is_dir()))
+            .map(Path::to_owned)
+            .collect();
+        parents.sort();
+        parents.dedup();
+        parents
     }
 
     /// Looks at each excluded path once: a cgroup made anew there is excluded under its new id,
@@ -115,6 +136,81 @@ impl Exclusions {
                 ),
             }
             tree.id = id;
+        }
+    }
+}
+
+/// The kernel's word (inotify) that a directory was made, moved in or removed in a directory
+/// above an excluded tree ([`Exclusions::parents`]): a service's cgroup made there is
+/// excluded at once, before its first lookup, not at the next look a second later. Before, a
+/// service started after the agent had its first lookups redirected (helper-143, under a real
+/// systemd).
+pub struct TreesMade {
+    inotify: AsyncFd<Inotify>,
+    /// Its events, read to empty the queue; what they say is not needed (a refresh looks).
+    buffer: Vec<u8>,
+}
+
+impl TreesMade {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: the AsyncFd owns the Inotify, whose descriptor stays open and the same for
+        // as long as it lives (the handles of `watches` only add watches to it).
+        let inotify = unsafe {
+            AsyncFd::register_with_interest(Inotify::init()?, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| io::Error::other(err.to_string()))?;
+        Ok(Self {
+            inotify,
+            buffer: vec![0; 4096],
+        })
+    }
+
+    /// A handle to add watches with, off the runtime.
+    pub fn watches(&self) -> Watches {
+        self.inotify.get_ref().watches()
+    }
+
+    /// Watches each of `dirs` (a directory watched already keeps its one watch; the kernel
+    /// drops the watch of one removed). Blocking: a path lookup each. A directory that cannot
+    /// be watched (gone since, or the user's inotify watches used up) is left to the next look.
+    pub fn watch(watches: &mut Watches, dirs: &[PathBuf]) {
+        let mask = WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::ONLYDIR;
+        for dir in dirs {
+            if let Err(err) = watches.add(dir, mask) {
+                log::debug!(
+                    "cannot watch {} for excluded cgroups made: {err}",
+                    dir.display()
+                );
+            }
+        }
+    }
+
+    /// Until something was made or removed in a watched directory; takes every such event
+    /// queued.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        loop {
+            let mut ready = self.inotify.readable_mut().await?;
+            let buffer = &mut self.buffer;
+            let mut events = 0;
+            let drained = ready.try_io(|inotify| {
+                loop {
+                    match inotify.get_mut().read_events(buffer) {
+                        Ok(read) => events += read.count(),
+                        Err(err) => return Err(err),
+                    }
+                }
+            });
+            match drained {
+                // Would block: the queue is empty (its readiness cleared).
+                Ok(Err(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(Err(err)) => return Err(err),
+                Ok(Ok(())) => {}
+                // Readiness cleared by `try_io` itself.
+                Err(_would_block) => {}
+            }
+            if events > 0 {
+                return Ok(());
+            }
         }
     }
 }
