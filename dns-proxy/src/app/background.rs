@@ -40,6 +40,13 @@ use crate::{
 /// at besides as soon as a directory is made or removed above one ([`TreesMade`]).
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
+/// Looks at the excluded trees woken by the kernel: this many at once, then one per
+/// [`EXCLUDED_LOOKS_APART`]. A service's restart (its cgroup removed, then made) is looked at
+/// at once, each step; a workload that makes and removes directories beside an excluded path
+/// without pause (in a subtree delegated to it) wakes the agent 100 times a second at most.
+const EXCLUDED_LOOKS_AT_ONCE: u32 = 20;
+const EXCLUDED_LOOKS_APART: Duration = Duration::from_millis(10);
+
 /// How often the agent tells its programs that it runs (`ALIVE_AT`). They take it for stopped
 /// after [`dns_proxy_common::UNRESPONSIVE_AFTER_NS`] (3 s) without: six in a row missed.
 const SAY_RUNNING_EVERY: Duration = Duration::from_millis(500);
@@ -294,6 +301,8 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
             None
         }
     };
+    let mut looks = LooksAllowed::new();
+    let mut woken = false;
     loop {
         let watches = made.as_ref().map(TreesMade::watches);
         // Off the runtime: stats and path lookups. The watches first, so that a tree made
@@ -311,17 +320,58 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
             return;
         };
         exclusions = kept;
+        if woken && let Some(wait) = looks.take() {
+            tokio::select! {
+                () = stop.stopped() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        woken = false;
         tokio::select! {
             () = stop.stopped() => return,
             () = tokio::time::sleep(WATCH_CGROUPS_EVERY) => {}
-            changed = until_changed(made.as_mut()) => if let Err(err) = changed {
-                log::warn!(
-                    target: LOG,
-                    "watching where excluded cgroups are made: {err}; each is excluded within \
-                     a second of being made"
-                );
-                made = None;
+            changed = until_changed(made.as_mut()) => match changed {
+                Ok(()) => woken = true,
+                Err(err) => {
+                    log::warn!(
+                        target: LOG,
+                        "watching where excluded cgroups are made: {err}; each is excluded \
+                         within a second of being made"
+                    );
+                    made = None;
+                }
             },
+        }
+    }
+}
+
+/// A bucket of [`EXCLUDED_LOOKS_AT_ONCE`] looks, one more every [`EXCLUDED_LOOKS_APART`].
+struct LooksAllowed {
+    left: u32,
+    since: tokio::time::Instant,
+}
+
+impl LooksAllowed {
+    fn new() -> Self {
+        Self {
+            left: EXCLUDED_LOOKS_AT_ONCE,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes the look just made; how long to wait before the next, if the bucket is empty.
+    fn take(&mut self) -> Option<Duration> {
+        let earned = self.since.elapsed().as_millis() / EXCLUDED_LOOKS_APART.as_millis();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.left = self.left.saturating_add(earned).min(EXCLUDED_LOOKS_AT_ONCE);
+            self.since = tokio::time::Instant::now();
+        }
+        if self.left > 0 {
+            self.left -= 1;
+            None
+        } else {
+            Some(EXCLUDED_LOOKS_APART)
         }
     }
 }
@@ -823,5 +873,26 @@ async fn forget_departed(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_woken_by_the_kernel_come_at_once_then_at_most_one_each_10_ms() {
+        let mut looks = LooksAllowed::new();
+        for _ in 0..EXCLUDED_LOOKS_AT_ONCE {
+            assert_eq!(looks.take(), None);
+        }
+        assert_eq!(looks.take(), Some(EXCLUDED_LOOKS_APART));
+        std::thread::sleep(EXCLUDED_LOOKS_APART * 3);
+        // At least three earned (more if the sleep ran long), never more than the bucket.
+        let again = std::iter::from_fn(|| looks.take().is_none().then_some(())).count();
+        assert!(
+            (3..=EXCLUDED_LOOKS_AT_ONCE as usize).contains(&again),
+            "{again}"
+        );
     }
 }
