@@ -41,11 +41,14 @@ use crate::{
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
 /// Looks at the excluded trees woken by the kernel: this many at once, then one per
-/// [`EXCLUDED_LOOKS_APART`]. A service's restart (its cgroup removed, then made) is looked at
+/// [`EXCLUDED_LOOKS_APART`], or per [`EXCLUDED_LOOKS_COST_SHARE`] times what the last look
+/// took if that is longer. A service's restart (its cgroup removed, then made) is looked at
 /// at once, each step; a workload that makes and removes directories beside an excluded path
-/// without pause (in a subtree delegated to it) wakes the agent 100 times a second at most.
+/// without pause (in a subtree delegated to it) wakes the agent 100 times a second at most,
+/// and keeps it looking a twentieth of the time at most, however many trees there are.
 const EXCLUDED_LOOKS_AT_ONCE: u32 = 20;
 const EXCLUDED_LOOKS_APART: Duration = Duration::from_millis(10);
+const EXCLUDED_LOOKS_COST_SHARE: u32 = 20;
 
 /// How often the agent tells its programs that it runs (`ALIVE_AT`). They take it for stopped
 /// after [`dns_proxy_common::UNRESPONSIVE_AFTER_NS`] (3 s) without: six in a row missed.
@@ -303,24 +306,37 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
     };
     let mut looks = LooksAllowed::new();
     let mut woken = false;
+    let mut watch_failed_said = false;
     loop {
         let watches = made.as_ref().map(TreesMade::watches);
         // Off the runtime: stats and path lookups. The watches first, so that a tree made
         // meanwhile is seen by the refresh or wakes the next wait.
+        let started = tokio::time::Instant::now();
         let looked = tokio::task::spawn_blocking(move || {
-            if let Some(mut watches) = watches {
-                TreesMade::watch(&mut watches, &exclusions.parents());
-            }
+            let failed =
+                watches.and_then(|mut watches| TreesMade::watch(&mut watches, &exclusions));
             exclusions.refresh();
-            exclusions
+            (exclusions, failed)
         })
         .await;
-        let Ok(kept) = looked else {
+        let Ok((kept, failed)) = looked else {
             log::warn!(target: LOG, "keeping the excluded cgroups excluded stopped");
             return;
         };
         exclusions = kept;
-        if woken && let Some(wait) = looks.take() {
+        if let Some((dir, err)) = failed
+            && !watch_failed_said
+        {
+            // Said once: it would be the same at every look.
+            watch_failed_said = true;
+            log::warn!(
+                target: LOG,
+                "cannot watch {} for excluded cgroups made there ({err}): one made there is \
+                 excluded within a second (raise fs.inotify.max_user_watches if they are used up)",
+                dir.display()
+            );
+        }
+        if woken && let Some(wait) = looks.take(started.elapsed()) {
             tokio::select! {
                 () = stop.stopped() => return,
                 () = tokio::time::sleep(wait) => {}
@@ -345,34 +361,41 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
     }
 }
 
-/// A bucket of [`EXCLUDED_LOOKS_AT_ONCE`] looks, one more every [`EXCLUDED_LOOKS_APART`].
+/// A bucket of [`EXCLUDED_LOOKS_AT_ONCE`] looks, one more for every [`EXCLUDED_LOOKS_APART`]
+/// with no look going on or waited for: looks back to back earn nothing, however long each
+/// takes (a look that waits for the cgroup filesystem's lock, which a workload making and
+/// removing directories holds, takes long and costs little).
 struct LooksAllowed {
     left: u32,
-    since: tokio::time::Instant,
+    /// When the last look, or the wait after it, ended.
+    idle_since: tokio::time::Instant,
 }
 
 impl LooksAllowed {
     fn new() -> Self {
         Self {
             left: EXCLUDED_LOOKS_AT_ONCE,
-            since: tokio::time::Instant::now(),
+            idle_since: tokio::time::Instant::now(),
         }
     }
 
-    /// Takes the look just made; how long to wait before the next, if the bucket is empty.
-    fn take(&mut self) -> Option<Duration> {
-        let earned = self.since.elapsed().as_millis() / EXCLUDED_LOOKS_APART.as_millis();
-        if earned > 0 {
-            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
-            self.left = self.left.saturating_add(earned).min(EXCLUDED_LOOKS_AT_ONCE);
-            self.since = tokio::time::Instant::now();
-        }
-        if self.left > 0 {
+    /// Takes the look just made, which took `took`; how long to wait before the next, if the
+    /// bucket is empty.
+    fn take(&mut self, took: Duration) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let started = now.checked_sub(took).unwrap_or(now);
+        let idle = started.saturating_duration_since(self.idle_since);
+        let earned = idle.as_micros() / EXCLUDED_LOOKS_APART.as_micros();
+        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+        self.left = self.left.saturating_add(earned).min(EXCLUDED_LOOKS_AT_ONCE);
+        let wait = if self.left > 0 {
             self.left -= 1;
             None
         } else {
-            Some(EXCLUDED_LOOKS_APART)
-        }
+            Some(EXCLUDED_LOOKS_APART.max(took * EXCLUDED_LOOKS_COST_SHARE))
+        };
+        self.idle_since = now + wait.unwrap_or_default();
+        wait
     }
 }
 
@@ -883,13 +906,21 @@ mod tests {
     #[test]
     fn looks_woken_by_the_kernel_come_at_once_then_at_most_one_each_10_ms() {
         let mut looks = LooksAllowed::new();
+        let quick = Duration::from_micros(50);
         for _ in 0..EXCLUDED_LOOKS_AT_ONCE {
-            assert_eq!(looks.take(), None);
+            assert_eq!(looks.take(quick), None);
         }
-        assert_eq!(looks.take(), Some(EXCLUDED_LOOKS_APART));
-        std::thread::sleep(EXCLUDED_LOOKS_APART * 3);
+        assert_eq!(looks.take(quick), Some(EXCLUDED_LOOKS_APART));
+        // A costly look (many trees), back to back: twenty times what it took.
+        let costly = Duration::from_millis(3);
+        assert_eq!(looks.take(costly), Some(costly * EXCLUDED_LOOKS_COST_SHARE));
+        // Looks back to back earn nothing, however long they take.
+        let long = Duration::from_millis(40);
+        assert_eq!(looks.take(long), Some(long * EXCLUDED_LOOKS_COST_SHARE));
+        // Time with no look going on or waited for does.
+        std::thread::sleep(long * EXCLUDED_LOOKS_COST_SHARE + EXCLUDED_LOOKS_APART * 3);
         // At least three earned (more if the sleep ran long), never more than the bucket.
-        let again = std::iter::from_fn(|| looks.take().is_none().then_some(())).count();
+        let again = std::iter::from_fn(|| looks.take(quick).is_none().then_some(())).count();
         assert!(
             (3..=EXCLUDED_LOOKS_AT_ONCE as usize).contains(&again),
             "{again}"

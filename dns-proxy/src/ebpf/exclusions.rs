@@ -140,6 +140,10 @@ impl Exclusions {
     }
 }
 
+/// At most this many rounds of [`TreesMade::watch`]: as many as a path made one level at a
+/// time can need (a cgroup is at most 64 levels deep, as the programs' levels go).
+const MAX_WATCH_ROUNDS: usize = 64;
+
 /// The kernel's word (inotify) that a directory was made, moved in or removed in a directory
 /// above an excluded tree ([`Exclusions::parents`]): a service's cgroup made there is
 /// excluded at once, before its first lookup, not at the next look a second later. Before, a
@@ -170,27 +174,43 @@ impl TreesMade {
         self.inotify.get_ref().watches()
     }
 
-    /// Watches each of `dirs` for its next change, to be called again after each look (a
-    /// directory watched already keeps its one watch; the kernel drops the watch of one
-    /// removed). One change each: a workload that makes and removes directories there without
-    /// pause wakes the agent once per look, not once per directory (12,000 a second took 17 %
-    /// of a CPU with watches that stayed). Blocking: a path lookup each. A directory that
-    /// cannot be watched (gone since, or the user's inotify watches used up) is left to the
-    /// next look.
-    pub fn watch(watches: &mut Watches, dirs: &[PathBuf]) {
+    /// Watches the nearest existing directory above each of `exclusions`' trees for its next
+    /// change, to be called again before each look (a directory watched already keeps its one
+    /// watch; the kernel drops the watch of one removed). One change each: a workload that
+    /// makes and removes directories there without pause wakes the agent once per look, not
+    /// once per directory (12,000 a second took 17 % of a CPU with watches that stayed).
+    ///
+    /// Until the nearest existing directories stay the same: one made below a directory
+    /// before its watch was set would show nothing, and the levels made in it later would go
+    /// unseen (a path made with `mkdir -p` under load; helper-144). Blocking: a `stat` per
+    /// level and a path lookup per watch. Returns what a directory that cannot be watched
+    /// said (the user's inotify watches used up), but for one gone since: it is left to the
+    /// look each second.
+    pub fn watch(watches: &mut Watches, exclusions: &Exclusions) -> Option<(PathBuf, io::Error)> {
         let mask = WatchMask::CREATE
             | WatchMask::DELETE
             | WatchMask::MOVED_TO
             | WatchMask::ONLYDIR
             | WatchMask::ONESHOT;
-        for dir in dirs {
-            if let Err(err) = watches.add(dir, mask) {
-                log::debug!(
-                    "cannot watch {} for excluded cgroups made: {err}",
-                    dir.display()
-                );
+        let mut failed = None;
+        let mut dirs = exclusions.parents();
+        // Each round follows what changed meanwhile: a path made a level further down, most
+        // often (a workload making and removing directories there could go on, so bounded).
+        for _ in 0..=MAX_WATCH_ROUNDS {
+            for dir in &dirs {
+                match watches.add(dir, mask) {
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => failed = Some((dir.clone(), err)),
+                }
             }
+            let now = exclusions.parents();
+            if now == dirs {
+                break;
+            }
+            dirs = now;
         }
+        failed
     }
 
     /// Until something was made or removed in a watched directory; takes every such event
