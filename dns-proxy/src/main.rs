@@ -74,12 +74,23 @@ fn is_blank(value: &[u8]) -> bool {
 fn main() -> ExitCode {
     tidy_list_settings();
     drop_empty_settings();
+    let journal = dns_proxy::journal::stderr_is_the_journal();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
+            if journal && err.use_stderr() {
+                // Each line an error to the journal (a bad DNS_PROXY_* value in the unit's
+                // environment file is the usual one), not info.
+                let message = err.render().to_string();
+                let mut stderr = std::io::stderr().lock();
+                for line in message.lines().filter(|line| !line.trim().is_empty()) {
+                    let _ = writeln!(stderr, "<3>{line}");
+                }
+            } else {
+                let _ = err.print();
+            }
             // --help and --version are not errors; a usage error of `exec` is one of exec's
             // own failures.
-            let _ = err.print();
             let exec = std::env::args_os().nth(1).is_some_and(|arg| arg == "exec");
             return ExitCode::from(match (err.use_stderr(), exec) {
                 (false, _) => 0,
@@ -88,7 +99,6 @@ fn main() -> ExitCode {
             });
         }
     };
-    let journal = dns_proxy::journal::stderr_is_the_journal();
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if journal {

@@ -544,6 +544,28 @@ fn under_systemd_each_log_line_says_its_priority_to_the_journal() {
         "{stderr}"
     );
 
+    // And a usage error (a bad value in the unit's environment file, as DNS_PROXY_LISTEN):
+    // each of its lines. Before, these were info to the journal even after the fix above
+    // (helper-144).
+    let mut usage = with_stderr_as_the_journal();
+    usage
+        .arg("--")
+        .arg("env")
+        .arg("DNS_PROXY_LISTEN=garbage")
+        .arg(agent_binary())
+        .arg("run");
+    let output = usage.output().expect("run the agent");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("<3>error: invalid value 'garbage' for '--listen"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().all(|line| line.starts_with("<3>")),
+        "{stderr}"
+    );
+
     // Its stderr not the journal's stream: lines as ever, with their timestamps.
     let mut elsewhere = std::process::Command::new("env");
     elsewhere
