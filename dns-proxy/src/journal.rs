@@ -47,17 +47,26 @@ pub fn priority(level: log::Level) -> u8 {
     }
 }
 
-/// Writes one log line for the journal: `<PRIORITY>[LEVEL TARGET] MESSAGE`, the usual line
-/// without its timestamp.
+/// Writes one log record for the journal: `<PRIORITY>[LEVEL TARGET] MESSAGE`, the usual line
+/// without its timestamp. A message of several lines (an error that carries the kernel's
+/// verifier log) has each line marked, as the journal takes each line for an entry.
 pub fn write_line(out: &mut impl Write, record: &log::Record<'_>) -> io::Result<()> {
-    writeln!(
-        out,
-        "<{}>[{:<5} {}] {}",
-        priority(record.level()),
+    let line = format!(
+        "[{:<5} {}] {}",
         record.level(),
         record.target(),
         record.args()
-    )
+    );
+    write_lines(out, priority(record.level()), &line)
+}
+
+/// Writes `text` with each of its lines, but empty ones, marked with `priority`.
+pub fn write_lines(out: &mut impl Write, priority: u8, text: &str) -> io::Result<()> {
+    let mut marked = String::with_capacity(text.len() + 8);
+    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+        marked.push_str(&format!("<{priority}>{line}\n"));
+    }
+    out.write_all(marked.as_bytes())
 }
 
 #[cfg(test)]
@@ -83,6 +92,21 @@ mod tests {
         assert!(line(log::Level::Error).starts_with("<3>[ERROR dns_proxy] "));
         assert!(line(log::Level::Warn).starts_with("<4>[WARN  dns_proxy] "));
         assert!(line(log::Level::Debug).starts_with("<7>[DEBUG dns_proxy] "));
+    }
+
+    #[test]
+    fn each_line_of_a_message_of_several_is_marked() {
+        let mut out = Vec::new();
+        let record = log::Record::builder()
+            .level(log::Level::Error)
+            .target("dns_proxy")
+            .args(format_args!("refused:\nline one\n\nline two"))
+            .build();
+        write_line(&mut out, &record).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<3>[ERROR dns_proxy] refused:\n<3>line one\n<3>line two\n"
+        );
     }
 
     #[test]

@@ -82,10 +82,7 @@ fn main() -> ExitCode {
                 // Each line an error to the journal (a bad DNS_PROXY_* value in the unit's
                 // environment file is the usual one), not info.
                 let message = err.render().to_string();
-                let mut stderr = std::io::stderr().lock();
-                for line in message.lines().filter(|line| !line.trim().is_empty()) {
-                    let _ = writeln!(stderr, "<3>{line}");
-                }
+                let _ = dns_proxy::journal::write_lines(&mut std::io::stderr(), 3, &message);
             } else {
                 let _ = err.print();
             }
@@ -120,8 +117,13 @@ fn main() -> ExitCode {
         // One line that says what failed and what to do; the error types carry the detail.
         Err((message, err)) => {
             // Not eprintln!: with stderr closed it would panic, and the exit code with it.
-            let priority = if journal { "<3>" } else { "" };
-            let _ = writeln!(std::io::stderr(), "{priority}dns-proxy: error: {message}");
+            let message = format!("dns-proxy: error: {message}");
+            let _ = if journal {
+                // Every line an error: a verifier's refusal carries the kernel's whole log.
+                dns_proxy::journal::write_lines(&mut std::io::stderr(), 3, &message)
+            } else {
+                writeln!(std::io::stderr(), "{message}")
+            };
             match err {
                 Some(RunError::Spawn { source, .. }) if is_exec => {
                     if source.kind() == std::io::ErrorKind::NotFound {
@@ -131,6 +133,10 @@ fn main() -> ExitCode {
                     }
                 }
                 _ if is_exec => ExitCode::from(EXEC_FAILED),
+                // Flags that parse but do not fit (a wildcard --listen, --upstream the proxy
+                // itself): a usage error too, which no restart mends (the unit's
+                // RestartPreventExitStatus=2).
+                None => ExitCode::from(USAGE_ERROR),
                 _ => ExitCode::FAILURE,
             }
         }

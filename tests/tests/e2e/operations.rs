@@ -528,35 +528,21 @@ fn under_systemd_each_log_line_says_its_priority_to_the_journal() {
         );
     }
 
-    // The one line of a failed start, too.
-    let mut failing = with_stderr_as_the_journal();
-    failing
-        .arg("--")
-        .arg(agent_binary())
-        .args(["run", "--cgroup=/proc"]);
-    let output = failing.output().expect("run the agent");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The one line of a failed start, too: exit 1, where the agent runs.
+    let (code, stderr) = failing_start(&["JOURNAL_STREAM=journal"], &["--cgroup=/proc"]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr
             .lines()
             .any(|line| line.starts_with("<3>dns-proxy: error: --cgroup /proc")),
         "{stderr}"
     );
-
     // And a usage error (a bad value in the unit's environment file, as DNS_PROXY_LISTEN):
     // each of its lines. Before, these were info to the journal even after the fix above
     // (helper-144).
-    let mut usage = with_stderr_as_the_journal();
-    usage
-        .arg("--")
-        .arg("env")
-        .arg("DNS_PROXY_LISTEN=garbage")
-        .arg(agent_binary())
-        .arg("run");
-    let output = usage.output().expect("run the agent");
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) =
+        failing_start(&["JOURNAL_STREAM=journal", "DNS_PROXY_LISTEN=garbage"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.starts_with("<3>error: invalid value 'garbage' for '--listen"),
         "{stderr}"
@@ -565,21 +551,46 @@ fn under_systemd_each_log_line_says_its_priority_to_the_journal() {
         stderr.lines().all(|line| line.starts_with("<3>")),
         "{stderr}"
     );
-
-    // Its stderr not the journal's stream: lines as ever, with their timestamps.
-    let mut elsewhere = std::process::Command::new("env");
-    elsewhere
-        .arg("JOURNAL_STREAM=1:1")
-        .arg(agent_binary())
-        .args(["run", "--cgroup=/proc"]);
-    let output = elsewhere.output().expect("run the agent");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Flags that parse but do not fit: a usage error as well (exit 2, which the unit does
+    // not restart after), said as an error.
+    let (code, stderr) = failing_start(&["JOURNAL_STREAM=journal"], &["--listen=0.0.0.0:53"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("<3>dns-proxy: error: --listen 0.0.0.0:53: "),
+        "{stderr}"
+    );
+    // Its stderr not the journal's stream: lines as ever.
+    let (_, stderr) = failing_start(&["JOURNAL_STREAM=1:1"], &["--cgroup=/proc"]);
     assert!(
         stderr
             .lines()
             .any(|line| line.starts_with("dns-proxy: error: --cgroup /proc")),
         "{stderr}"
     );
+}
+
+/// `dns-proxy run ARGS` with the variables `env` (`JOURNAL_STREAM=journal`: naming its
+/// stderr, as systemd does), expected to fail at once: its exit code and stderr.
+fn failing_start(env: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg(
+            r#"[ "$JOURNAL_STREAM" = journal ] && export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); exec "$@""#,
+        )
+        .arg("sh")
+        .arg("env")
+        .args(env.iter().filter(|setting| **setting != "JOURNAL_STREAM=journal"))
+        .arg(agent_binary())
+        .arg("run")
+        .args(args);
+    if env.contains(&"JOURNAL_STREAM=journal") {
+        sh.env("JOURNAL_STREAM", "journal");
+    }
+    let output = sh.output().expect("run the agent");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
