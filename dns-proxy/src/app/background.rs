@@ -42,10 +42,10 @@ const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
 /// Looks at the excluded trees woken by the kernel: this many at once, then one per
 /// [`EXCLUDED_LOOKS_APART`], or per [`EXCLUDED_LOOKS_COST_SHARE`] times what the last look
-/// took if that is longer. A service's restart (its cgroup removed, then made) is looked at
-/// at once, each step; a workload that makes and removes directories beside an excluded path
-/// without pause (in a subtree delegated to it) wakes the agent 100 times a second at most,
-/// and keeps it looking a twentieth of the time at most, however many trees there are.
+/// took if that is longer ([`LooksAllowed`]). A service's restart (its cgroup removed, then
+/// made) is looked at at once, each step; a workload that makes and removes directories beside
+/// an excluded path (in a subtree delegated to it) wakes the agent 100 times a second at most,
+/// and keeps it looking a tenth of the time at most, however many trees there are.
 const EXCLUDED_LOOKS_AT_ONCE: u32 = 20;
 const EXCLUDED_LOOKS_APART: Duration = Duration::from_millis(10);
 const EXCLUDED_LOOKS_COST_SHARE: u32 = 20;
@@ -336,7 +336,8 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
                 dir.display()
             );
         }
-        if woken && let Some(wait) = looks.take(started.elapsed()) {
+        let now = tokio::time::Instant::now();
+        if woken && let Some(wait) = looks.take(now, now - started) {
             tokio::select! {
                 () = stop.stopped() => return,
                 () = tokio::time::sleep(wait) => {}
@@ -362,12 +363,15 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
 }
 
 /// A bucket of [`EXCLUDED_LOOKS_AT_ONCE`] looks, one more for every [`EXCLUDED_LOOKS_APART`]
-/// with no look going on or waited for: looks back to back earn nothing, however long each
-/// takes (a look that waits for the cgroup filesystem's lock, which a workload making and
-/// removing directories holds, takes long and costs little).
+/// of idle time: time neither spent looking nor waiting, nor within
+/// [`EXCLUDED_LOOKS_COST_SHARE`] times what the last look took. So looks back to back earn
+/// nothing, however long each takes (one that waits for the cgroup filesystem's lock, which a
+/// workload making and removing directories holds, takes long), and a workload that paces its
+/// changes cannot keep the agent looking more than a tenth of the time once the bucket is
+/// empty: two looks, one earned by idle time, per twenty times what one takes.
 struct LooksAllowed {
     left: u32,
-    /// When the last look, or the wait after it, ended.
+    /// Until when the last look, with the wait or the cost charged after it, counts as busy.
     idle_since: tokio::time::Instant,
 }
 
@@ -379,22 +383,22 @@ impl LooksAllowed {
         }
     }
 
-    /// Takes the look just made, which took `took`; how long to wait before the next, if the
-    /// bucket is empty.
-    fn take(&mut self, took: Duration) -> Option<Duration> {
-        let now = tokio::time::Instant::now();
+    /// Takes the look that ended at `now` and took `took`; how long to wait before the next,
+    /// if the bucket is empty.
+    fn take(&mut self, now: tokio::time::Instant, took: Duration) -> Option<Duration> {
         let started = now.checked_sub(took).unwrap_or(now);
         let idle = started.saturating_duration_since(self.idle_since);
         let earned = idle.as_micros() / EXCLUDED_LOOKS_APART.as_micros();
         let earned = u32::try_from(earned).unwrap_or(u32::MAX);
         self.left = self.left.saturating_add(earned).min(EXCLUDED_LOOKS_AT_ONCE);
+        let charged = took * EXCLUDED_LOOKS_COST_SHARE;
         let wait = if self.left > 0 {
             self.left -= 1;
             None
         } else {
-            Some(EXCLUDED_LOOKS_APART.max(took * EXCLUDED_LOOKS_COST_SHARE))
+            Some(EXCLUDED_LOOKS_APART.max(charged))
         };
-        self.idle_since = now + wait.unwrap_or_default();
+        self.idle_since = now + wait.unwrap_or_default().max(charged);
         wait
     }
 }
@@ -906,24 +910,44 @@ mod tests {
     #[test]
     fn looks_woken_by_the_kernel_come_at_once_then_at_most_one_each_10_ms() {
         let mut looks = LooksAllowed::new();
+        let mut now = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        // Quick looks back to back: the bucket, then one per 10 ms at most.
         let quick = Duration::from_micros(50);
         for _ in 0..EXCLUDED_LOOKS_AT_ONCE {
-            assert_eq!(looks.take(quick), None);
+            now += quick;
+            assert_eq!(looks.take(now, quick), None);
         }
-        assert_eq!(looks.take(quick), Some(EXCLUDED_LOOKS_APART));
-        // A costly look (many trees), back to back: twenty times what it took.
-        let costly = Duration::from_millis(3);
-        assert_eq!(looks.take(costly), Some(costly * EXCLUDED_LOOKS_COST_SHARE));
-        // Looks back to back earn nothing, however long they take.
-        let long = Duration::from_millis(40);
-        assert_eq!(looks.take(long), Some(long * EXCLUDED_LOOKS_COST_SHARE));
-        // Time with no look going on or waited for does.
-        std::thread::sleep(long * EXCLUDED_LOOKS_COST_SHARE + EXCLUDED_LOOKS_APART * 3);
-        // At least three earned (more if the sleep ran long), never more than the bucket.
-        let again = std::iter::from_fn(|| looks.take(quick).is_none().then_some(())).count();
+        now += quick;
+        assert_eq!(looks.take(now, quick), Some(EXCLUDED_LOOKS_APART));
+        // A costly look (many trees), right after the wait: twenty times what it took.
+        now += EXCLUDED_LOOKS_APART + ms(3);
+        assert_eq!(looks.take(now, ms(3)), Some(ms(60)));
+        // Idle time earns looks back: 30 ms after the wait, three.
+        now += ms(60) + ms(30) + quick;
+        for _ in 0..3 {
+            assert_eq!(looks.take(now, quick), None);
+            now += quick;
+        }
+        assert_eq!(looks.take(now, quick), Some(EXCLUDED_LOOKS_APART));
+        // A look paid for by the bucket is charged all the same: a workload that makes a
+        // change 10 ms after each 5 ms look, for good, keeps the agent looking a tenth of the
+        // time at most (two looks, one earned by 10 ms idle, per 20 times what one took).
+        now += ms(500);
+        let start = now;
+        let looks_made = 1000;
+        for _ in 0..looks_made {
+            now += ms(10) + ms(5);
+            if let Some(wait) = looks.take(now, ms(5)) {
+                assert_eq!(wait, ms(100));
+                now += wait;
+            }
+        }
+        let looking = ms(5) * looks_made;
         assert!(
-            (3..=EXCLUDED_LOOKS_AT_ONCE as usize).contains(&again),
-            "{again}"
+            looking * 10 <= now - start,
+            "{looking:?} looking in {:?}",
+            now - start
         );
     }
 }
