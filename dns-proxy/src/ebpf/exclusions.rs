@@ -4,7 +4,8 @@
 //! it starts again (systemd-resolved restarted by a package upgrade, say). Without a refresh,
 //! the restarted service would be redirected; with `--upstream` pointing at it, its queries
 //! would come back to it. A refresh runs as soon as the kernel says a directory was made or
-//! removed where a tree goes ([`TreesMade`]), so the service's first lookups are excluded too.
+//! removed where a tree goes ([`TreesMade`]), so the service's first lookups are usually
+//! excluded too.
 use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
@@ -146,9 +147,9 @@ const MAX_WATCH_ROUNDS: usize = 64;
 
 /// The kernel's word (inotify) that a directory was made, moved in or removed in a directory
 /// above an excluded tree ([`Exclusions::parents`]): a service's cgroup made there is
-/// excluded at once, before its first lookup, not at the next look a second later. Before, a
-/// service started after the agent had its first lookups redirected (helper-143, under a real
-/// systemd).
+/// excluded at once, not at the next look a second later, and so usually before the service's
+/// first lookup (the two race). Before, a service started after the agent had its first
+/// lookups redirected (helper-143, under a real systemd).
 pub struct TreesMade {
     inotify: AsyncFd<Inotify>,
     /// Its events, read to empty the queue; what they say is not needed (a refresh looks).
