@@ -9,6 +9,7 @@
 //! that stream, systemd.exec(5)). Only when stderr is that stream are lines written this way:
 //! a shell started from the unit that sends the agent's stderr to a file gets the usual lines.
 use std::{
+    fmt::Write as _,
     io::{self, Write},
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
 };
@@ -38,7 +39,7 @@ fn stream_of_stderr() -> io::Result<(u64, u64)> {
 }
 
 /// The syslog priority of a log level: err, warning, info, debug.
-pub fn priority(level: log::Level) -> u8 {
+fn priority(level: log::Level) -> u8 {
     match level {
         log::Level::Error => 3,
         log::Level::Warn => 4,
@@ -60,11 +61,11 @@ pub fn write_line(out: &mut impl Write, record: &log::Record<'_>) -> io::Result<
     write_lines(out, priority(record.level()), &line)
 }
 
-/// Writes `text` with each of its lines, but empty ones, marked with `priority`.
+/// Writes `text` with each of its lines, but empty ones, marked with `priority`, in one write.
 pub fn write_lines(out: &mut impl Write, priority: u8, text: &str) -> io::Result<()> {
     let mut marked = String::with_capacity(text.len() + 8);
     for line in text.lines().filter(|line| !line.trim().is_empty()) {
-        marked.push_str(&format!("<{priority}>{line}\n"));
+        let _ = writeln!(marked, "<{priority}>{line}");
     }
     out.write_all(marked.as_bytes())
 }

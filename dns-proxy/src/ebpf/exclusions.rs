@@ -221,21 +221,15 @@ impl TreesMade {
             let mut ready = self.inotify.readable_mut().await?;
             let buffer = &mut self.buffer;
             let mut events = 0;
-            let drained = ready.try_io(|inotify| {
+            // Reads until the queue is empty: `try_io` then clears the readiness and says
+            // "would block", the one way the loop ends but an error of another kind.
+            let drained = ready.try_io(|inotify| -> io::Result<()> {
                 loop {
-                    match inotify.get_mut().read_events(buffer) {
-                        Ok(read) => events += read.count(),
-                        Err(err) => return Err(err),
-                    }
+                    events += inotify.get_mut().read_events(buffer)?.count();
                 }
             });
-            match drained {
-                // Would block: the queue is empty (its readiness cleared).
-                Ok(Err(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Ok(Err(err)) => return Err(err),
-                Ok(Ok(())) => {}
-                // Readiness cleared by `try_io` itself.
-                Err(_would_block) => {}
+            if let Ok(Err(err)) = drained {
+                return Err(err);
             }
             if events > 0 {
                 return Ok(());
