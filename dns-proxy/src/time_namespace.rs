@@ -3,8 +3,20 @@
 //! (`bpf_ktime_get_ns`) and the other agents of the block see the kernel's own. An agent with
 //! a negative monotonic offset wrote liveness times the programs took for long past (it
 //! redirected nothing); one with a boottime offset judged the other agents' heartbeats wrong
-//! (a takeover's new agent never became ready, or took a live agent for dead).
+//! (a takeover's new agent never became ready, or took a live agent for dead). And
+//! [`read_clock`], any clock as it is read here.
 use std::sync::OnceLock;
+
+/// `clock` now, since its start, as this process sees it; `None` if it cannot be read.
+pub fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is a live timespec that the call only writes.
+    let status = unsafe { libc::clock_gettime(clock, &mut now) };
+    let seconds = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u32::try_from(now.tv_nsec).ok()?;
+    (status == 0).then(|| std::time::Duration::new(seconds, nanos))
+}
 
 /// Now, in nanoseconds, on the kernel's `CLOCK_MONOTONIC`: the clock the programs read
 /// (`bpf_ktime_get_ns`).

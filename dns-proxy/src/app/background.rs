@@ -33,22 +33,23 @@ use crate::{
     metrics::{Readiness, WedgedThread},
     redirect_lock::RedirectLock,
     route_changes::RouteChanges,
-    workload,
+    time_namespace, workload,
 };
 
 /// How often the cgroups named on the command line are looked at. The excluded trees are looked
 /// at besides as soon as a directory is made or removed above one ([`TreesMade`]).
 const WATCH_CGROUPS_EVERY: Duration = Duration::from_secs(1);
 
-/// Looks at the excluded trees woken by the kernel: this many at once, then one per
-/// [`EXCLUDED_LOOKS_APART`], or per [`EXCLUDED_LOOKS_COST_SHARE`] times what the last look
-/// took if that is longer ([`LooksAllowed`]). A service's restart (its cgroup removed, then
-/// made) is looked at at once, each step; a workload that makes and removes directories beside
-/// an excluded path (in a subtree delegated to it) wakes the agent 100 times a second at most,
-/// and keeps it looking a tenth of the time at most, however many trees there are.
-const EXCLUDED_LOOKS_AT_ONCE: u32 = 20;
-const EXCLUDED_LOOKS_APART: Duration = Duration::from_millis(10);
+/// Each look at the excluded trees that the kernel woke owes a pause of this many times the
+/// CPU it took, paid back by the time that passes ([`LookDebt`]): a workload that makes and
+/// removes directories beside an excluded path without pause (in a subtree delegated to it)
+/// keeps the agent looking a twentieth of the time at most, however many trees there are.
 const EXCLUDED_LOOKS_COST_SHARE: u32 = 20;
+
+/// What the looks may owe before the next one pauses: a burst of changes (services starting
+/// at boot, a restart's removal then making of a cgroup) is looked at at once, change by
+/// change. A look at a few trees takes about 0.15 ms of CPU here: 30 of them back to back.
+const EXCLUDED_LOOKS_ALLOWANCE: Duration = Duration::from_millis(100);
 
 /// How often the agent tells its programs that it runs (`ALIVE_AT`). They take it for stopped
 /// after [`dns_proxy_common::UNRESPONSIVE_AFTER_NS`] (3 s) without: six in a row missed.
@@ -99,13 +100,12 @@ pub(super) fn start(
     stats: Arc<Stats>,
     workload_stats: Option<Arc<WorkloadStats>>,
     root: PathBuf,
-    watched: Watched,
+    mut watched: Watched,
     routing: Option<Routing>,
     running: Option<Running>,
     readiness: &Arc<Readiness>,
     stop: &drain::Signal,
 ) {
-    let mut watched = watched;
     let failed = watched.stranded.clone();
     let spawn = |name, ends_early, task| spawn_watched(name, ends_early, task, stop, &failed);
     if let Some(exclusions) = watched.exclusions.take().filter(|trees| !trees.is_empty()) {
@@ -304,22 +304,29 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
             None
         }
     };
-    let mut looks = LooksAllowed::new();
+    let mut debt = LookDebt::new();
     let mut woken = false;
     let mut watch_failed_said = false;
     loop {
         let watches = made.as_ref().map(TreesMade::watches);
         // Off the runtime: stats and path lookups. The watches first, so that a tree made
         // meanwhile is seen by the refresh or wakes the next wait.
-        let started = tokio::time::Instant::now();
         let looked = tokio::task::spawn_blocking(move || {
+            let cpu = || time_namespace::read_clock(libc::CLOCK_THREAD_CPUTIME_ID);
+            let before = cpu();
             let failed =
                 watches.and_then(|mut watches| TreesMade::watch(&mut watches, &exclusions));
             exclusions.refresh();
-            (exclusions, failed)
+            // What it cost: CPU, not the time spent waiting for the cgroup filesystem's lock
+            // or for a CPU on a loaded machine, which the pause after it would turn into a
+            // wait for a service's cgroup made meanwhile. (Unreadable, a millisecond.)
+            let cost = cpu()
+                .zip(before)
+                .map(|(after, before)| after.saturating_sub(before));
+            (exclusions, failed, cost.unwrap_or(Duration::from_millis(1)))
         })
         .await;
-        let Ok((kept, failed)) = looked else {
+        let Ok((kept, failed, cost)) = looked else {
             log::warn!(target: LOG, "keeping the excluded cgroups excluded stopped");
             return;
         };
@@ -336,11 +343,10 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
                 dir.display()
             );
         }
-        let now = tokio::time::Instant::now();
-        if woken && let Some(wait) = looks.take(now, now - started) {
+        if woken && let Some(pause) = debt.after_look(tokio::time::Instant::now(), cost) {
             tokio::select! {
                 () = stop.stopped() => return,
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
         woken = false;
@@ -362,44 +368,28 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
     }
 }
 
-/// A bucket of [`EXCLUDED_LOOKS_AT_ONCE`] looks, one more for every [`EXCLUDED_LOOKS_APART`]
-/// of idle time: time neither spent looking nor waiting, nor within
-/// [`EXCLUDED_LOOKS_COST_SHARE`] times what the last look took. So looks back to back earn
-/// nothing, however long each takes (one that waits for the cgroup filesystem's lock, which a
-/// workload making and removing directories holds, takes long), and a workload that paces its
-/// changes cannot keep the agent looking more than a tenth of the time once the bucket is
-/// empty: two looks, one earned by idle time, per twenty times what one takes.
-struct LooksAllowed {
-    left: u32,
-    /// Until when the last look, with the wait or the cost charged after it, counts as busy.
-    idle_since: tokio::time::Instant,
+/// The pause the looks woken by the kernel owe: [`EXCLUDED_LOOKS_COST_SHARE`] times the CPU of
+/// each, less the time passed since; a look pauses for what is owed beyond
+/// [`EXCLUDED_LOOKS_ALLOWANCE`].
+struct LookDebt {
+    owed: Duration,
+    since: tokio::time::Instant,
 }
 
-impl LooksAllowed {
+impl LookDebt {
     fn new() -> Self {
         Self {
-            left: EXCLUDED_LOOKS_AT_ONCE,
-            idle_since: tokio::time::Instant::now(),
+            owed: Duration::ZERO,
+            since: tokio::time::Instant::now(),
         }
     }
 
-    /// Takes the look that ended at `now` and took `took`; how long to wait before the next,
-    /// if the bucket is empty.
-    fn take(&mut self, now: tokio::time::Instant, took: Duration) -> Option<Duration> {
-        let started = now.checked_sub(took).unwrap_or(now);
-        let idle = started.saturating_duration_since(self.idle_since);
-        let earned = idle.as_micros() / EXCLUDED_LOOKS_APART.as_micros();
-        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
-        self.left = self.left.saturating_add(earned).min(EXCLUDED_LOOKS_AT_ONCE);
-        let charged = took * EXCLUDED_LOOKS_COST_SHARE;
-        let wait = if self.left > 0 {
-            self.left -= 1;
-            None
-        } else {
-            Some(EXCLUDED_LOOKS_APART.max(charged))
-        };
-        self.idle_since = now + wait.unwrap_or_default().max(charged);
-        wait
+    /// Adds the look that ended at `now` and took `cost` of CPU; the pause it must make.
+    fn after_look(&mut self, now: tokio::time::Instant, cost: Duration) -> Option<Duration> {
+        let paid = now.saturating_duration_since(self.since);
+        self.owed = self.owed.saturating_sub(paid) + cost * EXCLUDED_LOOKS_COST_SHARE;
+        self.since = now;
+        Some(self.owed.saturating_sub(EXCLUDED_LOOKS_ALLOWANCE)).filter(|pause| !pause.is_zero())
     }
 }
 
@@ -908,46 +898,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_woken_by_the_kernel_come_at_once_then_at_most_one_each_10_ms() {
-        let mut looks = LooksAllowed::new();
+    fn looks_pause_only_beyond_a_burst_and_look_a_twentieth_of_the_time_at_most() {
+        let mut debt = LookDebt::new();
         let mut now = tokio::time::Instant::now();
-        let ms = Duration::from_millis;
-        // Quick looks back to back: the bucket, then one per 10 ms at most.
-        let quick = Duration::from_micros(50);
-        for _ in 0..EXCLUDED_LOOKS_AT_ONCE {
-            now += quick;
-            assert_eq!(looks.take(now, quick), None);
+        let cost = Duration::from_micros(150);
+        // A burst: 30 looks back to back, each at once.
+        for _ in 0..30 {
+            now += cost;
+            assert_eq!(debt.after_look(now, cost), None);
         }
-        now += quick;
-        assert_eq!(looks.take(now, quick), Some(EXCLUDED_LOOKS_APART));
-        // A costly look (many trees), right after the wait: twenty times what it took.
-        now += EXCLUDED_LOOKS_APART + ms(3);
-        assert_eq!(looks.take(now, ms(3)), Some(ms(60)));
-        // Idle time earns looks back: 30 ms after the wait, three.
-        now += ms(60) + ms(30) + quick;
-        for _ in 0..3 {
-            assert_eq!(looks.take(now, quick), None);
-            now += quick;
-        }
-        assert_eq!(looks.take(now, quick), Some(EXCLUDED_LOOKS_APART));
-        // A look paid for by the bucket is charged all the same: a workload that makes a
-        // change 10 ms after each 5 ms look, for good, keeps the agent looking a tenth of the
-        // time at most (two looks, one earned by 10 ms idle, per 20 times what one took).
-        now += ms(500);
+        // Changes without pause, for good: the agent looks a twentieth of the time at most
+        // (but for the allowance, owed once).
         let start = now;
-        let looks_made = 1000;
-        for _ in 0..looks_made {
-            now += ms(10) + ms(5);
-            if let Some(wait) = looks.take(now, ms(5)) {
-                assert_eq!(wait, ms(100));
-                now += wait;
+        let looks = 10_000;
+        for _ in 0..looks {
+            now += cost;
+            if let Some(pause) = debt.after_look(now, cost) {
+                now += pause;
             }
         }
-        let looking = ms(5) * looks_made;
+        let looking = cost * looks;
         assert!(
-            looking * 10 <= now - start,
+            looking * 20 <= now - start + EXCLUDED_LOOKS_ALLOWANCE,
             "{looking:?} looking in {:?}",
             now - start
         );
+        // A while later, a burst is looked at at once again.
+        now += EXCLUDED_LOOKS_ALLOWANCE * 2;
+        assert_eq!(debt.after_look(now, cost), None);
     }
 }

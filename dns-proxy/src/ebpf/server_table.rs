@@ -14,6 +14,7 @@ use aya::{
 use dns_proxy_common::{AF_INET, AF_INET6, Origin, names, server_key};
 
 use super::{Block, EbpfError, take_array, take_map};
+use crate::time_namespace::read_clock;
 
 /// The kernel's table of servers (`SERVERS`), and the blocks whose addresses index it.
 pub struct ServerTable {
@@ -619,15 +620,4 @@ fn coarse_seconds() -> u64 {
     read_clock(libc::CLOCK_MONOTONIC_COARSE)
         .or_else(|| read_clock(libc::CLOCK_MONOTONIC))
         .map_or(0, |now| now.as_secs())
-}
-
-/// `clock` now, since its start; `None` if it cannot be read.
-fn read_clock(clock: libc::clockid_t) -> Option<std::time::Duration> {
-    // SAFETY: `timespec` is plain integers, for which all zeros is a valid value.
-    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: `now` is a live timespec that the call only writes.
-    let status = unsafe { libc::clock_gettime(clock, &mut now) };
-    let seconds = u64::try_from(now.tv_sec).ok()?;
-    let nanos = u32::try_from(now.tv_nsec).ok()?;
-    (status == 0).then(|| std::time::Duration::new(seconds, nanos))
 }

@@ -362,6 +362,7 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
         format!("--exclude-cgroup={}", deeper.display()),
         format!("--metrics={METRICS}"),
     ];
+    const STARTS: u32 = 10;
     let agent = Agent::launch(&topology.client, &redirected, None, &args);
     wait_for("both said not made yet", Duration::from_secs(10), || {
         (agent.log().matches("does not exist yet").count() == 2).then_some(())
@@ -375,7 +376,7 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
     };
     for (service, made_in) in [(&excluded, &redirected), (&deeper, &redirected)] {
         let mut excluded_at_once = 0;
-        for start in 0..5 {
+        for start in 0..STARTS {
             let before = received();
             // The service's start: its cgroup made, the service in it, its first lookup.
             fs::create_dir_all(service).expect("mkdir the service's cgroup");
@@ -390,14 +391,16 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
             }
         }
         // Starting the probe in the cgroup takes milliseconds, and the agent looks at the
-        // kernel's word; a loaded machine may once in a while be slower.
+        // kernel's word: the two race, and on a loaded machine (tests beside this one) the
+        // agent now and then loses, more often where it must look twice (the slice, then the
+        // service). When it only looked each second, it won none.
         eprintln!(
-            "{}: {excluded_at_once} of 5 first lookups excluded",
+            "{}: {excluded_at_once} of {STARTS} first lookups excluded",
             service.display()
         );
         assert!(
-            excluded_at_once >= 3,
-            "{}: {excluded_at_once} of 5 first lookups excluded:\n{}",
+            excluded_at_once >= STARTS / 2,
+            "{}: {excluded_at_once} of {STARTS} first lookups excluded:\n{}",
             service.display(),
             agent.log()
         );
