@@ -7,7 +7,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use dns_proxy_common::{AddressBlock, MAX_EXCLUDED_SERVERS, ServerPrefix};
+use dns_proxy_common::{AddressBlock, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_SERVERS, ServerPrefix};
 
 use crate::{dns::cache::CacheSettings, dnstap::DnstapTarget};
 
@@ -313,6 +313,11 @@ pub enum ConfigError {
          prefix that holds several instead)"
     )]
     TooManyExcludedServers(usize),
+    #[error(
+        "--exclude-cgroup: {0} cgroups given, at most {MAX_EXCLUDED_CGROUPS} can be (exclude \
+         their common parent instead)"
+    )]
+    TooManyExcludedCgroups(usize),
     #[error("--metrics {0}: give a port other than 0, so scrapers can find it")]
     MetricsPortZero(SocketAddr),
     #[error("--redirect-block {0}: must be an IPv4 block")]
@@ -424,6 +429,12 @@ impl TryFrom<RunArgs> for RunConfig {
             && let Some(excluded) = (args.exclude_cgroups.iter()).find(|e| cgroup.starts_with(e))
         {
             return Err(ConfigError::ExcludesEverything(excluded.clone()));
+        }
+        // Refused here, before the agent touches routes or another agent's programs.
+        if args.exclude_cgroups.len() > MAX_EXCLUDED_CGROUPS as usize {
+            return Err(ConfigError::TooManyExcludedCgroups(
+                args.exclude_cgroups.len(),
+            ));
         }
         let workload = Workload::Cgroup {
             cgroup: args.cgroup,
@@ -974,5 +985,31 @@ mod tests {
             );
         }
         assert!(run_config(&[cgroup, "--exclude-cgroup=/sys/fs/cgroup/unified/pods/a"]).is_ok());
+    }
+
+    fn as_strs(flags: &[String]) -> Vec<&str> {
+        flags.iter().map(String::as_str).collect()
+    }
+
+    /// More exclusions than the kernel side holds: a usage error, before anything is touched.
+    #[test]
+    fn rejects_more_excluded_cgroups_or_servers_than_the_kernel_side_holds() {
+        let cgroups = |count: u32| -> Vec<String> {
+            (0..count)
+                .map(|n| format!("--exclude-cgroup=/sys/fs/cgroup/unified/system.slice/{n}"))
+                .collect()
+        };
+        assert!(run_config(&as_strs(&cgroups(MAX_EXCLUDED_CGROUPS))).is_ok());
+        let error = run_config(&as_strs(&cgroups(MAX_EXCLUDED_CGROUPS + 1))).unwrap_err();
+        assert!(error.contains("65 cgroups given, at most 64"), "{error}");
+
+        let servers = |count: u32| -> Vec<String> {
+            (0..count)
+                .map(|n| format!("--exclude-server=10.9.{}.{}", n / 256, n % 256))
+                .collect()
+        };
+        assert!(run_config(&as_strs(&servers(MAX_EXCLUDED_SERVERS))).is_ok());
+        let error = run_config(&as_strs(&servers(MAX_EXCLUDED_SERVERS + 1))).unwrap_err();
+        assert!(error.contains("servers given, at most"), "{error}");
     }
 }
