@@ -539,6 +539,120 @@ fn a_narrower_local_route_left_inside_the_block_keeps_it_routed() {
     assert!(!agent.log().contains("no longer routed"), "{}", agent.log());
 }
 
+/// A port-53 DNAT to the node's own addresses, the rule the CNI portmap plugin makes for a pod
+/// with `hostPort: 53`, matches the block too: the lookups redirected there go to the DNAT's
+/// server, unseen by the agent, and read as their own server's answers (a pod's) or are lost
+/// (a host process's). The raw table's NOTRACK for the block, as NodeLocal DNSCache sets for
+/// its address, keeps them the agent's (operations.md gives both; an adversarial review found
+/// the first).
+#[test]
+fn a_port_53_dnat_to_the_nodes_addresses_takes_redirected_lookups_unless_the_block_is_untracked() {
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    node.add_server_address(SECOND_SERVER_IP);
+    let _hostport = DnsServer::launch(
+        &node.server,
+        &node.node,
+        SECOND_SERVER_IP,
+        SECOND_ANSWER_IP,
+        false,
+    );
+    let agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[format!("--listen={NODE_LISTEN}:53")],
+    );
+    let asked = format!("{SERVER_IP}:53");
+    // What a pod's and a host process's probe print, over UDP and over TCP.
+    let answers = |round: &str| -> Vec<String> {
+        let mut answers = Vec::new();
+        for mode in ["sendto", "tcp"] {
+            let name = format!("{round}.{mode}.example.test");
+            for mut command in [
+                node.pod(0, PROBE, &[mode, &asked, &name]),
+                node.host(PROBE, &[mode, &asked, &name]),
+            ] {
+                let output = command.output().expect("run the probe");
+                let printed = [output.stdout, output.stderr].concat();
+                answers.push(String::from_utf8_lossy(&printed).trim().to_owned());
+            }
+        }
+        answers
+    };
+    let from_the_server_asked = vec![format!("source={asked} answer={ANSWER_IP}"); 4];
+    assert_eq!(answers("before"), from_the_server_asked, "{}", agent.log());
+
+    let iptables = |args: &[&str]| must(node.node.command("iptables").args(args));
+    let dnat_to = format!("{SECOND_SERVER_IP}:53");
+    iptables(&["-t", "nat", "-N", "HOSTPORT"]);
+    for protocol in ["udp", "tcp"] {
+        iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            "HOSTPORT",
+            "-p",
+            protocol,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dnat_to,
+        ]);
+    }
+    for chain in ["PREROUTING", "OUTPUT"] {
+        iptables(&[
+            "-t",
+            "nat",
+            "-I",
+            chain,
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "HOSTPORT",
+        ]);
+    }
+    // A pod's lookups are answered by the DNAT's server, as the one asked. A host process's
+    // are lost: the answer comes back from a local address over the veth, a martian.
+    let taken = answers("taken");
+    let by_the_dnat = format!("source={asked} answer={SECOND_ANSWER_IP}");
+    for (i, printed) in taken.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(printed, &by_the_dnat, "pod: {taken:?}");
+        } else {
+            assert!(!printed.contains("answer="), "host: {taken:?}");
+        }
+    }
+    assert!(
+        agent.query_lines("taken.sendto.example.test").is_empty(),
+        "{}",
+        agent.log()
+    );
+
+    let block = format!("{NODE_LISTEN}/24");
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for protocol in ["udp", "tcp"] {
+            iptables(&[
+                "-t", "raw", "-I", chain, "-d", &block, "-p", protocol, "--dport", "53", "-j",
+                "NOTRACK",
+            ]);
+        }
+    }
+    assert_eq!(
+        answers("untracked"),
+        from_the_server_asked,
+        "{}",
+        agent.log()
+    );
+    for mode in ["sendto", "tcp"] {
+        agent.query_lines_once_logged(&format!("untracked.{mode}.example.test"), 2);
+    }
+}
+
 /// Routes `prefix` to namespace `netns` itself (`local`, on `lo`, in the local table).
 fn add_local_route(netns: &str, prefix: &str) {
     must(Command::new("ip").args([
