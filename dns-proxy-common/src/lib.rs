@@ -290,7 +290,8 @@ pub struct AgentRecord {
     pub cgroup_id: u64,
     pub heartbeat_ns: u64,
     pub port: u16,
-    /// [`AGENT_NAMED`], or 0 from an agent that predates it (the byte was padding).
+    /// [`AGENT_NAMED`], [`AGENT_TELLS_STEERING`], [`AGENT_STEERING`], or 0 from an agent that
+    /// predates them (the byte was padding).
     pub flags: u8,
     pub _padding: [u8; 5],
 }
@@ -298,6 +299,12 @@ pub struct AgentRecord {
 /// [`AgentRecord::flags`]: the agent holds the abstract unix socket
 /// `dns-proxy/agent/<start stamp>` in its network namespace while it runs.
 pub const AGENT_NAMED: u8 = 1;
+/// [`AgentRecord::flags`]: the record says [`AGENT_STEERING`] once the agent steers the block.
+/// An agent's record without it predates that, and is taken for steering while it is alive.
+pub const AGENT_TELLS_STEERING: u8 = 2;
+/// [`AgentRecord::flags`]: the agent's `sk_lookup` steers the block to its listeners, which
+/// serve: set once it is ready, cleared once it stops steering.
+pub const AGENT_STEERING: u8 = 4;
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
 /// Capacity of the `LISTENERS` sockmap: TCP and UDP listeners per family, and the metrics

@@ -22,7 +22,9 @@
 use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
-use dns_proxy_common::{AGENT_NAMED, AgentCgroup, AgentRecord, MAX_AGENTS, names};
+use dns_proxy_common::{
+    AGENT_NAMED, AGENT_STEERING, AGENT_TELLS_STEERING, AgentCgroup, AgentRecord, MAX_AGENTS, names,
+};
 use socket2::Socket;
 
 use crate::local_names;
@@ -58,6 +60,8 @@ pub struct Agents {
     /// What [`refresh_replaced`](Self::refresh_replaced) last found: read by `/readyz`, which
     /// must not wait on the kernel's socket list on the main runtime.
     newer_alive: std::sync::atomic::AtomicBool,
+    /// Whether this agent's `sk_lookup` steers the block to listeners that serve.
+    steering: std::sync::atomic::AtomicBool,
 }
 
 impl Agents {
@@ -102,7 +106,7 @@ impl Agents {
             cgroup_id,
             heartbeat_ns: stamp,
             port,
-            flags: if name.is_some() { AGENT_NAMED } else { 0 },
+            flags: record_flags(name.is_some(), false),
             _padding: [0; 5],
         };
         records
@@ -119,6 +123,7 @@ impl Agents {
             port,
             name,
             newer_alive: std::sync::atomic::AtomicBool::new(false),
+            steering: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -129,7 +134,10 @@ impl Agents {
             cgroup_id: self.cgroup_id,
             heartbeat_ns: boottime_ns(),
             port: self.port,
-            flags: if self.name.is_some() { AGENT_NAMED } else { 0 },
+            flags: record_flags(
+                self.name.is_some(),
+                self.steering.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             _padding: [0; 5],
         };
         if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
@@ -140,10 +148,28 @@ impl Agents {
         }
     }
 
+    /// Says, in this agent's record, whether its `sk_lookup` steers the block to listeners
+    /// that serve: an agent stopping while this one takes over waits for it.
+    pub fn set_steering(&self, steering: bool) {
+        self.steering
+            .store(steering, std::sync::atomic::Ordering::Relaxed);
+        self.heartbeat();
+    }
+
     /// Whether another agent on this port is alive (one this agent takes over from, or that
-    /// took over from it).
+    /// took over from it). Blocks, as [`refresh_replaced`](Self::refresh_replaced) does.
     pub fn others_on_port(&self) -> bool {
-        self.any_alive_on_port(|stamp| stamp != self.stamp)
+        self.any_alive_on_port(|stamp, _| stamp != self.stamp)
+    }
+
+    /// Whether another agent on this port is alive and steers the block (or is of a version
+    /// whose record does not say, and is taken to). Blocks, as
+    /// [`refresh_replaced`](Self::refresh_replaced) does.
+    pub fn another_steers_on_port(&self) -> bool {
+        self.any_alive_on_port(|stamp, record| {
+            stamp != self.stamp
+                && (record.flags & AGENT_TELLS_STEERING == 0 || record.flags & AGENT_STEERING != 0)
+        })
     }
 
     /// Whether an agent that started after this one, on the same port, was alive at the last
@@ -155,19 +181,20 @@ impl Agents {
     /// Looks whether an agent that started after this one, on the same port, is alive. Blocks
     /// (binds and reads the kernel's socket list): call it off the async runtimes.
     pub fn refresh_replaced(&self) {
-        let newer_alive = self.any_alive_on_port(|stamp| stamp > self.stamp);
+        let newer_alive = self.any_alive_on_port(|stamp, _| stamp > self.stamp);
         self.newer_alive
             .store(newer_alive, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether an agent whose start stamp `started` accepts is alive on this one's port.
-    fn any_alive_on_port(&self, started: impl Fn(u64) -> bool) -> bool {
+    /// Whether an agent whose start stamp and record `wanted` accepts is alive on this one's
+    /// port.
+    fn any_alive_on_port(&self, wanted: impl Fn(u64, &AgentRecord) -> bool) -> bool {
         let now = boottime_ns();
         let candidates: Vec<(u64, AgentRecord)> = lock(&self.records)
             .iter()
             .filter_map(Result::ok)
             .filter(|(stamp, record)| {
-                started(*stamp) && record.port == self.port && !is_stale(record, now)
+                wanted(*stamp, record) && record.port == self.port && !is_stale(record, now)
             })
             .collect();
         candidates.iter().any(|(stamp, record)| {
@@ -180,6 +207,13 @@ impl Agents {
                 .map_or(true, |owner| owner.is_some_and(local_names::is_trusted))
         })
     }
+}
+
+/// An agent record's flags: every record says whether its agent steers the block.
+fn record_flags(named: bool, steering: bool) -> u8 {
+    let named = if named { AGENT_NAMED } else { 0 };
+    let steering = if steering { AGENT_STEERING } else { 0 };
+    named | AGENT_TELLS_STEERING | steering
 }
 
 fn agent_name(stamp: u64) -> String {

@@ -2,7 +2,9 @@
 //! programs, starts the DNS listeners, the metrics server and the background tasks, and at a
 //! stop request shuts them down in order. Everything else is a module of its own, which this
 //! one only assembles.
-use std::{ffi::OsString, io, mem::take, net::SocketAddr, process::ExitStatus, sync::Arc};
+use std::{
+    ffi::OsString, io, mem::take, net::SocketAddr, process::ExitStatus, sync::Arc, time::Duration,
+};
 
 use tokio::net::TcpListener;
 
@@ -309,10 +311,10 @@ fn routed_blocks(config: &RunConfig, serves_ipv6: bool) -> Vec<dns_proxy_common:
 }
 
 /// Serves until the stop request (or, for `exec`, the command's end), then shuts down in
-/// order: not ready; the listeners stop serving as usual; the redirect is switched off (and,
-/// with another agent on the port, every new packet steered to it); the listeners drain
-/// together until one deadline; the programs are detached; the metrics server and the
-/// background tasks stop.
+/// order: not ready; serving on while an agent taking over is still starting; the listeners
+/// stop serving as usual; the redirect is switched off (and, with another agent steering on
+/// the port, every new packet steered to it); the listeners drain together until one
+/// deadline; the programs are detached; the metrics server and the background tasks stop.
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -463,6 +465,7 @@ async fn serve(
     }
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);
+    agents.set_steering(true);
     readiness.set(true);
     service_manager.ready();
     tokio::spawn(
@@ -476,42 +479,58 @@ async fn serve(
     let outcome = until_stopped(scope.command, &mut signals, &stranded, &shared).await?;
     readiness.set(false);
     service_manager.stopping();
+    // One deadline for all that follows. After a stop signal, a second SIGINT or SIGTERM (an
+    // operator's second Ctrl-C) cuts the wait and the drain short. (Not after `exec`'s command
+    // exited: a Ctrl-C reaches the agent as well as the command.)
+    let deadline = Deadline::after(config.shutdown_timeout);
+    let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
+    let stopped_by_a_signal = matches!(outcome, Outcome::Stopped);
+    let mut second_signal = std::pin::pin!(async {
+        if stopped_by_a_signal {
+            signals.next(&reopen_logs).await
+        } else {
+            std::future::pending().await
+        }
+    });
+    let mut cut_short = tokio::select! {
+        () = until_no_successor_is_starting(&agents, deadline) => None,
+        signal = &mut second_signal => Some(signal),
+    };
     stop_serving.stop();
     serving.join_all().await;
     redirector.stop_redirecting();
     redirect_lock.release();
-    if agents.others_on_port() {
+    if cut_short.is_none() && agents.another_steers_on_port() {
         // Another agent serves the block (an older one, when a newer one that took over is
         // stopped first, or the one that took over from this one): let it have every new
         // packet, so this one's drain ends with what it has.
         redirector.stop_steering();
+        agents.set_steering(false);
     }
-    // All listeners drain at once, each until the same deadline. After a stop signal, a
-    // second SIGINT or SIGTERM (an operator's second Ctrl-C) cuts the drain short. (Not
-    // after `exec`'s command exited: a Ctrl-C reaches the agent as well as the command.)
-    let reopen_logs = || shared.query_log.as_ref().is_some_and(|log| log.reopen());
-    let cut_short = async {
-        match outcome {
-            Outcome::Stopped => signals.next(&reopen_logs).await,
-            _ => std::future::pending().await,
-        }
+    // All listeners drain at once, each until the same deadline.
+    let (queries, connections) = match cut_short {
+        Some(_) => (0, 0),
+        None => tokio::select! {
+            drained = dns.drain(deadline) => drained,
+            signal = &mut second_signal => {
+                cut_short = Some(signal);
+                (0, 0)
+            }
+        },
     };
-    let (queries, connections) = tokio::select! {
-        drained = dns.drain(Deadline::after(config.shutdown_timeout)) => drained,
-        signal = cut_short => {
-            log::warn!(
-                target: LOG,
-                "{signal} again: stopping at once, without answering the lookups still in flight"
-            );
-            (0, 0)
-        }
-    };
+    if let Some(signal) = cut_short {
+        log::warn!(
+            target: LOG,
+            "{signal} again: stopping at once, without answering the lookups still in flight"
+        );
+    }
     if queries + connections > 0 {
         log::warn!(
             target: LOG,
             "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
         );
     }
+    agents.set_steering(false);
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",
@@ -520,6 +539,48 @@ async fn serve(
     let _ = held_back.await;
     log::info!(target: LOG, "stopped: {}", shared.stats.summary());
     Ok(outcome)
+}
+
+/// How often an agent that is stopping looks whether the one taking over steers the block.
+const SUCCESSOR_POLL: Duration = Duration::from_millis(50);
+
+/// Returns once no other agent on this port is starting: the one taking over steers the block,
+/// or none is left that may, or `deadline` has come. Until then this agent serves, redirects
+/// and steers as before: an agent taking over steers nothing until its programs are loaded,
+/// and with neither steering, every packet to the block but its listen address is refused
+/// (an adversarial review: 300 ms of a connected socket's lookups, with the old agent
+/// stopped while the new one loaded).
+///
+/// Each look reads the pinned records and the kernel's list of unix sockets on this runtime
+/// (a millisecond or so, while stopping only): a stop must not depend on a thread it may not
+/// be given, as after the failure that stops the agent.
+async fn until_no_successor_is_starting(agents: &Agents, deadline: Deadline) {
+    let one_is_starting = || agents.others_on_port() && !agents.another_steers_on_port();
+    if !one_is_starting() {
+        return;
+    }
+    log::info!(
+        target: LOG,
+        "another agent on this port does not steer the block yet (taking over, still \
+         starting): serving until it does"
+    );
+    let waited = deadline
+        .within(async {
+            while one_is_starting() {
+                tokio::time::sleep(SUCCESSOR_POLL).await;
+            }
+        })
+        .await;
+    match waited {
+        Some(()) => log::info!(
+            target: LOG,
+            "the agent taking over steers the block, or is gone: stopping"
+        ),
+        None => log::warn!(
+            target: LOG,
+            "the agent taking over did not steer the block by the shutdown deadline: stopping"
+        ),
+    }
 }
 
 /// Warns of an agent redirecting a cgroup above `target`, for an agent that listens on port 53:

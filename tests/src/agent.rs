@@ -192,7 +192,14 @@ impl Agent {
 
     /// Starts `command` (an agent, directly or through exec-ing wrappers), collects its
     /// stderr as the log, and waits until it serves.
-    pub fn spawn(mut command: Command) -> Self {
+    pub fn spawn(command: Command) -> Self {
+        let mut agent = Self::spawn_unready(command);
+        agent.wait_until_serving();
+        agent
+    }
+
+    /// As [`spawn`](Self::spawn), without waiting: for a test of what happens while it starts.
+    pub fn spawn_unready(mut command: Command) -> Self {
         command.stderr(Stdio::piped());
         let mut process = Process::spawn(&mut command);
         let log = Arc::new(Mutex::new(String::new()));
@@ -207,32 +214,35 @@ impl Agent {
             }
             ended.store(true, Ordering::Release);
         });
-        let mut agent = Self {
+        Self {
             process,
             log,
             log_ended,
-        };
+        }
+    }
+
+    /// Waits until the agent serves (or exited after serving, as `exec` of a short command).
+    pub fn wait_until_serving(&mut self) {
         // Logged once `/readyz` answers 200, after the listeners, the programs and the
         // dropping of capabilities.
         let serving = |agent: &Self| agent.log().contains("ready: redirected lookups are served");
         wait_for("the agent to serve", Duration::from_secs(20), || {
-            if serving(&agent) {
+            if serving(self) {
                 return Some(());
             }
-            if let Some(status) = agent.process.exit_status() {
+            if let Some(status) = self.process.exit_status() {
                 // It may have served and exited at once (`exec` of a short command): the
                 // log reader catches up before it is called a failure.
-                agent.wait_for_the_end_of_the_log();
+                self.wait_for_the_end_of_the_log();
                 assert!(
-                    serving(&agent),
+                    serving(self),
                     "the agent exited ({status}) before serving:\n{}",
-                    agent.log()
+                    self.log()
                 );
                 return Some(());
             }
             None
         });
-        agent
     }
 
     /// Everything the agent has logged so far.

@@ -1621,6 +1621,56 @@ fn restarts_by_takeover_need_no_retry_in_host_mode() {
     assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
 }
 
+/// The agent being replaced is stopped while the one taking over still loads its programs (a
+/// script that does not wait for readiness, a node drain): it serves on until the new one
+/// steers the block. Before, it let go at once and a connected socket's lookups were refused
+/// until the new one had loaded, about 300 ms (an adversarial review).
+#[test]
+fn an_agent_stopped_while_the_one_taking_over_starts_serves_until_that_one_steers() {
+    const LOOKUPS: usize = 150;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let mut older = Agent::start(&topology, &[]);
+    let hostile = env!("CARGO_BIN_EXE_hostile-client");
+    // A connected socket asking every 20 ms: a refusal costs it a 3 s retry.
+    let args = [
+        "long-lived",
+        &format!("{SERVER_IP}:53"),
+        "handover",
+        &LOOKUPS.to_string(),
+        "20",
+        "3000",
+    ];
+    let mut client = Process::spawn(
+        topology
+            .workload(hostile, &args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    wait_answered(&older, 10);
+    let args = [format!("--listen={PROXY_LISTEN}"), "--takeover".to_owned()];
+    let mut newer = Agent::spawn_unready(Agent::command_with(&topology, &args));
+    // Said once its record is written, before its programs are loaded.
+    wait_for("the new agent's record", Duration::from_secs(10), || {
+        newer
+            .log()
+            .contains("nor any other agent's of this block")
+            .then_some(())
+    });
+    older.process().signal(libc::SIGTERM);
+    newer.wait_until_serving();
+    assert!(older.wait_exit(Duration::from_secs(10)).success());
+    let output = client.finish_with_stdout(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_long_lived_all_first_try(&output, "handover", LOOKUPS, &[older.log(), newer.log()]);
+    // It was stopped in the window: the new agent did not steer yet.
+    let waited =
+        "does not steer the block yet (taking over, still starting): serving until it does";
+    assert!(older.log().contains(waited), "{}", older.log());
+    let done = "the agent taking over steers the block";
+    assert!(older.log().contains(done), "{}", older.log());
+}
+
 /// Stopping the newer of two agents first (a surge pod rolled back): it lets the older one
 /// have every new packet, answers what it has, and stops at once, not at its deadline; no
 /// client notices, though every lookup is in flight for 50 ms.
