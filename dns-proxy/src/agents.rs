@@ -149,7 +149,8 @@ impl Agents {
     }
 
     /// Says, in this agent's record, whether its `sk_lookup` steers the block to listeners
-    /// that serve: an agent stopping while this one takes over waits for it.
+    /// that serve new lookups: an agent stopping while this one takes over waits for it, and
+    /// one that stops lets go of the block only to an agent that says so.
     pub fn set_steering(&self, steering: bool) {
         self.steering
             .store(steering, std::sync::atomic::Ordering::Relaxed);
@@ -169,6 +170,17 @@ impl Agents {
         self.any_alive_on_port(|stamp, record| {
             stamp != self.stamp
                 && (record.flags & AGENT_TELLS_STEERING == 0 || record.flags & AGENT_STEERING != 0)
+        })
+    }
+
+    /// Whether an agent that started after this one, on this port, is alive and says it does
+    /// not steer the block yet: one taking over, still starting. Blocks, as
+    /// [`refresh_replaced`](Self::refresh_replaced) does.
+    pub fn newer_one_starting(&self) -> bool {
+        self.any_alive_on_port(|stamp, record| {
+            stamp > self.stamp
+                && record.flags & AGENT_TELLS_STEERING != 0
+                && record.flags & AGENT_STEERING == 0
         })
     }
 

@@ -496,6 +496,9 @@ async fn serve(
         () = until_no_successor_is_starting(&agents, deadline) => None,
         signal = &mut second_signal => Some(signal),
     };
+    // From here on this agent serves no new lookup as usual: no other agent may take it for
+    // one that does, though its `sk_lookup` may steer on while it drains.
+    agents.set_steering(false);
     stop_serving.stop();
     serving.join_all().await;
     redirector.stop_redirecting();
@@ -505,7 +508,6 @@ async fn serve(
         // stopped first, or the one that took over from this one): let it have every new
         // packet, so this one's drain ends with what it has.
         redirector.stop_steering();
-        agents.set_steering(false);
     }
     // All listeners drain at once, each until the same deadline.
     let (queries, connections) = match cut_short {
@@ -530,7 +532,6 @@ async fn serve(
             "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
         );
     }
-    agents.set_steering(false);
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",
@@ -544,42 +545,46 @@ async fn serve(
 /// How often an agent that is stopping looks whether the one taking over steers the block.
 const SUCCESSOR_POLL: Duration = Duration::from_millis(50);
 
-/// Returns once no other agent on this port is starting: the one taking over steers the block,
-/// or none is left that may, or `deadline` has come. Until then this agent serves, redirects
-/// and steers as before: an agent taking over steers nothing until its programs are loaded,
-/// and with neither steering, every packet to the block but its listen address is refused
-/// (an adversarial review: 300 ms of a connected socket's lookups, with the old agent
-/// stopped while the new one loaded).
+/// Returns once no agent taking over from this one is still starting (it steers the block,
+/// or is gone), or another agent steers the block, or `deadline` has come. Until then this
+/// agent serves, redirects and steers as before: an agent taking over steers nothing until its
+/// programs are loaded, and with neither steering, every packet to the block but its listen
+/// address is refused (an adversarial review: 300 ms of a connected socket's lookups, with
+/// the old agent stopped while the new one loaded).
 ///
 /// Each look reads the pinned records and the kernel's list of unix sockets on this runtime
-/// (a millisecond or so, while stopping only): a stop must not depend on a thread it may not
-/// be given, as after the failure that stops the agent.
+/// (a millisecond or so, while stopping only): a stop must not need a thread it may not be
+/// given, as after the failure that stops the agent.
 async fn until_no_successor_is_starting(agents: &Agents, deadline: Deadline) {
-    let one_is_starting = || agents.others_on_port() && !agents.another_steers_on_port();
-    if !one_is_starting() {
+    let waiting = || agents.newer_one_starting() && !agents.another_steers_on_port();
+    if !waiting() {
         return;
     }
     log::info!(
         target: LOG,
-        "another agent on this port does not steer the block yet (taking over, still \
-         starting): serving until it does"
+        "an agent taking over from this one does not steer the block yet (still starting): \
+         serving until it does"
     );
     let waited = deadline
         .within(async {
-            while one_is_starting() {
+            while waiting() {
                 tokio::time::sleep(SUCCESSOR_POLL).await;
             }
         })
         .await;
-    match waited {
-        Some(()) => log::info!(
-            target: LOG,
-            "the agent taking over steers the block, or is gone: stopping"
-        ),
-        None => log::warn!(
+    if waited.is_none() {
+        log::warn!(
             target: LOG,
             "the agent taking over did not steer the block by the shutdown deadline: stopping"
-        ),
+        );
+    } else if agents.another_steers_on_port() {
+        log::info!(target: LOG, "the agent taking over steers the block: stopping");
+    } else {
+        log::warn!(
+            target: LOG,
+            "the agent taking over is gone before it steered the block (it failed to start, or \
+             was stopped): stopping as the only agent"
+        );
     }
 }
 

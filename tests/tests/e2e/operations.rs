@@ -1621,6 +1621,44 @@ fn restarts_by_takeover_need_no_retry_in_host_mode() {
     assert_takeovers_lost_nothing(clients, tcp, LOOKUPS, agents);
 }
 
+/// A connected socket's lookups of `prefix` (`hostile-client long-lived`), one every 20 ms:
+/// a refusal costs it a 3 s retry.
+fn connected_socket_asking_often(topology: &Topology, prefix: &str, count: usize) -> Process {
+    let hostile = env!("CARGO_BIN_EXE_hostile-client");
+    let args = [
+        "long-lived",
+        &format!("{SERVER_IP}:53"),
+        prefix,
+        &count.to_string(),
+        "20",
+        "3000",
+    ];
+    Process::spawn(
+        topology
+            .workload(hostile, &args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    )
+}
+
+/// An agent taking over, started and left to load: returned once its record is written,
+/// before its programs are loaded.
+fn agent_taking_over_still_starting(topology: &Topology) -> Agent {
+    let args = [format!("--listen={PROXY_LISTEN}"), "--takeover".to_owned()];
+    let agent = Agent::spawn_unready(Agent::command_with(topology, &args));
+    wait_for("the new agent's record", Duration::from_secs(10), || {
+        agent
+            .log()
+            .contains("nor any other agent's of this block")
+            .then_some(())
+    });
+    agent
+}
+
+/// Said by an agent stopped while one taking over from it is still starting.
+const WAITS_FOR_ITS_SUCCESSOR: &str = "an agent taking over from this one does not steer the block yet (still starting): serving \
+     until it does";
+
 /// The agent being replaced is stopped while the one taking over still loads its programs (a
 /// script that does not wait for readiness, a node drain): it serves on until the new one
 /// steers the block. Before, it let go at once and a connected socket's lookups were refused
@@ -1631,32 +1669,9 @@ fn an_agent_stopped_while_the_one_taking_over_starts_serves_until_that_one_steer
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let mut older = Agent::start(&topology, &[]);
-    let hostile = env!("CARGO_BIN_EXE_hostile-client");
-    // A connected socket asking every 20 ms: a refusal costs it a 3 s retry.
-    let args = [
-        "long-lived",
-        &format!("{SERVER_IP}:53"),
-        "handover",
-        &LOOKUPS.to_string(),
-        "20",
-        "3000",
-    ];
-    let mut client = Process::spawn(
-        topology
-            .workload(hostile, &args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
+    let mut client = connected_socket_asking_often(&topology, "handover", LOOKUPS);
     wait_answered(&older, 10);
-    let args = [format!("--listen={PROXY_LISTEN}"), "--takeover".to_owned()];
-    let mut newer = Agent::spawn_unready(Agent::command_with(&topology, &args));
-    // Said once its record is written, before its programs are loaded.
-    wait_for("the new agent's record", Duration::from_secs(10), || {
-        newer
-            .log()
-            .contains("nor any other agent's of this block")
-            .then_some(())
-    });
+    let mut newer = agent_taking_over_still_starting(&topology);
     older.process().signal(libc::SIGTERM);
     newer.wait_until_serving();
     assert!(older.wait_exit(Duration::from_secs(10)).success());
@@ -1664,11 +1679,120 @@ fn an_agent_stopped_while_the_one_taking_over_starts_serves_until_that_one_steer
     std::thread::sleep(Duration::from_millis(200));
     assert_long_lived_all_first_try(&output, "handover", LOOKUPS, &[older.log(), newer.log()]);
     // It was stopped in the window: the new agent did not steer yet.
-    let waited =
-        "does not steer the block yet (taking over, still starting): serving until it does";
-    assert!(older.log().contains(waited), "{}", older.log());
-    let done = "the agent taking over steers the block";
+    assert!(
+        older.log().contains(WAITS_FOR_ITS_SUCCESSOR),
+        "{}",
+        older.log()
+    );
+    let done = "the agent taking over steers the block: stopping";
     assert!(older.log().contains(done), "{}", older.log());
+}
+
+/// An agent with a lookup its upstream holds for a minute: stopped, it drains it for as long
+/// as its upstream timeout (20 s), its record alive. With the upstream and the lookup, to be
+/// held as long as the agent.
+fn agent_with_a_lookup_held(topology: &Topology) -> (Agent, [Process; 2]) {
+    let silent_ip = "192.0.2.6";
+    topology.add_server_address(silent_ip.parse().unwrap());
+    let mut command = topology.server.command(TEST_UPSTREAM);
+    command.args([&format!("{silent_ip}:53"), "60000", &ANSWER_IP.to_string()]);
+    let silent = Process::spawn(&mut command);
+    let agent = Agent::start(
+        topology,
+        &[
+            "--shutdown-timeout=30s",
+            "--upstream-timeout=20s",
+            &format!("--metrics={METRICS}"),
+        ],
+    );
+    let mut lookup = topology.workload("dig", &[&format!("@{silent_ip}"), "held.example.test"]);
+    let lookup = Process::spawn(&mut lookup);
+    wait_for("the lookup in flight", Duration::from_secs(10), || {
+        let page = scrape(topology);
+        (value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}") >= 1).then_some(())
+    });
+    (agent, [silent, lookup])
+}
+
+/// Stops `agent` and returns once it drains.
+fn stop_to_drain(agent: &mut Agent) {
+    agent.process().signal(libc::SIGTERM);
+    wait_for_log(agent, "answering those in flight");
+}
+
+/// Three agents: the first stopped alone and still draining (past the 3 s after which its
+/// programs take it for stopped), the second taking over from it and serving, a third taking
+/// over from the second while the second is stopped. The first, which serves no new lookup, is
+/// not taken for one that steers the block: the second waits for the third. Before, it let go
+/// at once and a connected socket's lookups were refused for 361 ms (an adversarial review).
+#[test]
+fn an_agent_that_only_drains_is_not_taken_for_one_that_steers_the_block() {
+    const LOOKUPS: usize = 300;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let (mut first, _held) = agent_with_a_lookup_held(&topology);
+    stop_to_drain(&mut first);
+    let draining = Instant::now();
+    let mut second = Agent::start(&topology, &["--takeover"]);
+    // Three sockets, whose ports the listeners' UDP threads share among them: a thread of the
+    // first agent that holds no lookup has ended its drain, and answers nothing more.
+    let clients: Vec<(String, Process)> = (0..3)
+        .map(|i| {
+            let prefix = format!("three{i}");
+            let client = connected_socket_asking_often(&topology, &prefix, LOOKUPS);
+            (prefix, client)
+        })
+        .collect();
+    wait_answered(&second, 10);
+    if let Some(rest) = Duration::from_millis(3500).checked_sub(draining.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let mut third = agent_taking_over_still_starting(&topology);
+    second.process().signal(libc::SIGTERM);
+    third.wait_until_serving();
+    assert!(second.wait_exit(Duration::from_secs(10)).success());
+    let outputs: Vec<(String, String)> = clients
+        .into_iter()
+        .map(|(prefix, mut client)| (prefix, client.finish_with_stdout(Duration::from_secs(60))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = [first.log(), second.log(), third.log()];
+    for (prefix, output) in outputs {
+        assert_long_lived_all_first_try(&output, &prefix, LOOKUPS, &logs);
+    }
+    assert!(first.process().exit_status().is_none(), "{}", first.log());
+    assert!(
+        second.log().contains(WAITS_FOR_ITS_SUCCESSOR),
+        "{}",
+        second.log()
+    );
+}
+
+/// The agent that took over, stopped while the one it replaced still drains: that older one
+/// is no agent taking over, and it stops at once. Before, it waited for it until its shutdown
+/// deadline, and drained nothing then (an adversarial review).
+#[test]
+fn an_agent_stopped_while_the_one_it_replaced_drains_does_not_wait_for_it() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let (mut first, _held) = agent_with_a_lookup_held(&topology);
+    let mut second = Agent::start(&topology, &["--takeover"]);
+    stop_to_drain(&mut first);
+    let stopping = Instant::now();
+    second.process().signal(libc::SIGTERM);
+    assert!(second.wait_exit(Duration::from_secs(10)).success());
+    let took = stopping.elapsed();
+    assert!(first.process().exit_status().is_none(), "{}", first.log());
+    assert!(
+        took < Duration::from_millis(4500),
+        "{took:?}:\n{}",
+        second.log()
+    );
+    assert!(
+        !second.log().contains(WAITS_FOR_ITS_SUCCESSOR),
+        "{}",
+        second.log()
+    );
 }
 
 /// Stopping the newer of two agents first (a surge pod rolled back): it lets the older one
