@@ -1778,6 +1778,9 @@ fn an_agent_stopped_while_the_one_it_replaced_drains_does_not_wait_for_it() {
     let (mut first, _held) = agent_with_a_lookup_held(&topology);
     let mut second = Agent::start(&topology, &["--takeover"]);
     stop_to_drain(&mut first);
+    // It has let the second have the block.
+    wait_for_log(&first, "the other agent gets what reaches the block");
+    std::thread::sleep(Duration::from_millis(200));
     let stopping = Instant::now();
     second.process().signal(libc::SIGTERM);
     assert!(second.wait_exit(Duration::from_secs(10)).success());
