@@ -130,6 +130,9 @@ impl Agents {
     /// Says this agent is alive. Also puts its cgroup back, should another agent starting at
     /// the same moment have taken it for a dead one's.
     pub fn heartbeat(&self) {
+        // The flag is read under the lock: a heartbeat that read it before a change must not
+        // write it after the change was written.
+        let mut records = lock(&self.records);
         let record = AgentRecord {
             cgroup_id: self.cgroup_id,
             heartbeat_ns: boottime_ns(),
@@ -140,9 +143,10 @@ impl Agents {
             ),
             _padding: [0; 5],
         };
-        if let Err(err) = lock(&self.records).insert(self.stamp, record, 0) {
+        if let Err(err) = records.insert(self.stamp, record, 0) {
             log::warn!("cannot update this agent's heartbeat: {err}");
         }
+        drop(records);
         if let Err(err) = lock(&self.cgroups).insert(self.cgroup_id, self.cgroup_id, 0) {
             log::warn!("cannot keep this agent's cgroup excluded: {err}");
         }
