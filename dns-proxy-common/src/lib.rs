@@ -303,7 +303,8 @@ pub const AGENT_NAMED: u8 = 1;
 /// An agent's record without it predates that, and is taken for steering while it is alive.
 pub const AGENT_TELLS_STEERING: u8 = 2;
 /// [`AgentRecord::flags`]: the agent's `sk_lookup` steers the block to its listeners, which
-/// serve: set once it is ready, cleared once it stops steering.
+/// serve new lookups: set once it is ready, cleared once it is stopped (its `sk_lookup` may
+/// steer on while it drains, but no other agent may take it for one that serves).
 pub const AGENT_STEERING: u8 = 4;
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;

@@ -32,14 +32,8 @@ pub fn kernel_boottime_ns() -> u64 {
 
 /// `clock` as this process sees it, less its time namespace's `offset`.
 fn kernel_clock_ns(clock: libc::clockid_t, offset: i128) -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: the kernel writes one timespec into `now`, a live local of that type (these two
-    // clocks cannot fail on Linux).
-    unsafe { libc::clock_gettime(clock, &mut now) };
-    let seen = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    // These two clocks cannot fail on Linux.
+    let seen = read_clock(clock).map_or(0, |now| now.as_nanos() as i128);
     u64::try_from((seen - offset).max(0)).unwrap_or(u64::MAX)
 }
 
