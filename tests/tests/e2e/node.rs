@@ -583,38 +583,19 @@ fn a_port_53_dnat_to_the_nodes_addresses_takes_redirected_lookups_unless_the_blo
     let from_the_server_asked = vec![format!("source={asked} answer={ANSWER_IP}"); 4];
     assert_eq!(answers("before"), from_the_server_asked, "{}", agent.log());
 
-    let iptables = |args: &[&str]| must(node.node.command("iptables").args(args));
-    let dnat_to = format!("{SECOND_SERVER_IP}:53");
-    iptables(&["-t", "nat", "-N", "HOSTPORT"]);
+    // Rules in the node's namespace, gone with it.
+    let iptables = |rule: &str| must(node.node.command("iptables").args(rule.split_whitespace()));
+    iptables("-t nat -N HOSTPORT");
     for protocol in ["udp", "tcp"] {
-        iptables(&[
-            "-t",
-            "nat",
-            "-A",
-            "HOSTPORT",
-            "-p",
-            protocol,
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &dnat_to,
-        ]);
+        iptables(&format!(
+            "-t nat -A HOSTPORT -p {protocol} --dport 53 -j DNAT --to-destination \
+             {SECOND_SERVER_IP}:53"
+        ));
     }
     for chain in ["PREROUTING", "OUTPUT"] {
-        iptables(&[
-            "-t",
-            "nat",
-            "-I",
-            chain,
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            "HOSTPORT",
-        ]);
+        iptables(&format!(
+            "-t nat -I {chain} -m addrtype --dst-type LOCAL -j HOSTPORT"
+        ));
     }
     // A pod's lookups are answered by the DNAT's server, as the one asked. A host process's
     // are lost: the answer comes back from a local address over the veth, a martian.
@@ -633,13 +614,11 @@ fn a_port_53_dnat_to_the_nodes_addresses_takes_redirected_lookups_unless_the_blo
         agent.log()
     );
 
-    let block = format!("{NODE_LISTEN}/24");
     for chain in ["PREROUTING", "OUTPUT"] {
         for protocol in ["udp", "tcp"] {
-            iptables(&[
-                "-t", "raw", "-I", chain, "-d", &block, "-p", protocol, "--dport", "53", "-j",
-                "NOTRACK",
-            ]);
+            iptables(&format!(
+                "-t raw -I {chain} -d {NODE_LISTEN}/24 -p {protocol} --dport 53 -j NOTRACK"
+            ));
         }
     }
     assert_eq!(

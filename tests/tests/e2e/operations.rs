@@ -1056,30 +1056,13 @@ fn a_burst_of_refusals_is_said_whole_in_the_log() {
 #[test]
 fn a_second_stop_signal_cuts_the_drain_short() {
     let topology = Topology::new();
-    let silent_ip = "192.0.2.6";
-    topology.add_server_address(silent_ip.parse().unwrap());
-    // Answers after a minute: the lookup stays in flight through any drain.
-    let mut command = topology.server.command(TEST_UPSTREAM);
-    command.args([&format!("{silent_ip}:53"), "60000", &ANSWER_IP.to_string()]);
-    let _silent = Process::spawn(&mut command);
-    let mut agent = Agent::start(
-        &topology,
-        &["--shutdown-timeout=30s", &format!("--metrics={METRICS}")],
-    );
-    let mut lookup = topology.workload("dig", &[&format!("@{silent_ip}"), "held.example.test"]);
-    let _lookup = Process::spawn(&mut lookup);
-    // Nothing is logged of the query until it is answered: the agent counts it in flight.
-    wait_for("the lookup in flight", Duration::from_secs(10), || {
-        let page = scrape(&topology);
-        (value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}") >= 1).then_some(())
-    });
-    agent.process().signal(libc::SIGTERM);
-    wait_for_log(&agent, "answering those in flight");
+    let (mut agent, _held) = agent_with_a_lookup_held(&topology);
+    stop_to_drain(&mut agent);
     let started = Instant::now();
     agent.process().signal(libc::SIGINT);
     let status = agent.wait_exit(Duration::from_secs(10));
     let log = agent.log();
-    // Not the drain: the lookup would have held it 5 s (its upstream timeout).
+    // Not the drain: the lookup would have held it 20 s (its upstream timeout).
     assert!(started.elapsed() < Duration::from_millis(4500), "{log}");
     assert!(status.success(), "exit status {status}:\n{log}");
     assert!(log.contains("SIGINT again: stopping at once"), "{log}");
