@@ -55,6 +55,9 @@ pub mod names {
     pub const SETSOCKOPT: &str = "dns_proxy_setsockopt";
     /// The `sk_lookup` program, attached to the agent's network namespace.
     pub const SK_LOOKUP: &str = "dns_proxy_sk_lookup";
+    /// The `raw_tp/cgroup_mkdir` program: excludes a cgroup made at an excluded path as the
+    /// kernel makes it, before anything can run in it.
+    pub const EXCLUDE_MADE: &str = "dns_proxy_exclude_made";
 
     /// [`crate::server_key`] -> [`crate::Origin`]: the original server of each index, and
     /// the cgroup whose sockets were sent to it. Pinned (`--state-dir`), so a restarted agent
@@ -78,6 +81,10 @@ pub mod names {
     /// cgroup id -> [`crate::EXCLUDED_SUBTREE`]: the operator's excluded cgroup trees, whose
     /// sockets are never redirected
     pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
+    /// [`crate::cgroup_path_hash`] of a kernel path -> [`crate::CgroupPath`]: where the
+    /// operator's excluded cgroup trees are, as the kernel names them (below the hierarchy's
+    /// root), for `raw_tp/cgroup_mkdir` to exclude a cgroup made there under its new id.
+    pub const EXCLUDED_PATHS: &str = "EXCLUDED_PATHS";
     /// cgroup id -> [`crate::AgentCgroup`]: the cgroups of every running agent of this block,
     /// whose sockets no agent's programs redirect. Pinned beside `SERVERS`, so that an agent
     /// taking over from another and the one it replaces never redirect each other's queries.
@@ -141,6 +148,9 @@ pub mod names {
     /// `SERVERS` one cgroup's sockets may take (`CGROUP_ORIGINS`); 0: no limit. So that one
     /// workload cannot fill the table that every workload's lookups need.
     pub const MAX_ORIGINS_PER_CGROUP: &str = "MAX_ORIGINS_PER_CGROUP";
+    /// Global [`crate::CgroupOffsets`], set at load time from the kernel's BTF: where
+    /// `raw_tp/cgroup_mkdir` finds a new cgroup's id and hierarchy.
+    pub const CGROUP_OFFSETS: &str = "CGROUP_OFFSETS";
 }
 
 /// `EXCLUDED_CGROUPS` value: sockets of this cgroup and of every cgroup below it are left alone.
@@ -260,8 +270,64 @@ pub const NO_ROOM_FOR_NS: u64 = 1_000_000_000;
 /// Capacity of the `NO_ROOM` array: origins remembered as finding no slot, one per entry
 /// their hash picks (a later one takes the entry over).
 pub const NO_ROOM_ENTRIES: u32 = 4096;
-/// Capacity of the `EXCLUDED_CGROUPS` map.
+/// How many `--exclude-cgroup`s the agent takes, and the capacity of `EXCLUDED_PATHS`.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
+/// Capacity of the `EXCLUDED_CGROUPS` map: each excluded tree's id, the new id of one made
+/// anew (the kernel adds it as the cgroup is made, the agent lets the old one go when it sees
+/// the new), and ids of cgroups made and removed before the agent looked, until it does.
+pub const EXCLUDED_CGROUP_ENTRIES: u32 = 4 * MAX_EXCLUDED_CGROUPS;
+
+/// The longest path, with its NUL, that the kernel's `cgroup_mkdir` tracepoint gives (its
+/// `TRACE_CGROUP_PATH_LEN`): a longer one is cut short there, and matches no excluded path.
+pub const CGROUP_PATH_BYTES: usize = 1024;
+
+/// An excluded tree's path as the kernel names it: from the hierarchy's root, `/` first
+/// (`/system.slice/unbound.service`), zeros after it. `EXCLUDED_PATHS` value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CgroupPath {
+    /// How many of `bytes` are the path.
+    pub len: u32,
+    pub bytes: [u8; CGROUP_PATH_BYTES],
+}
+
+/// FNV-1a's offset basis: [`cgroup_path_hash`] of an empty path.
+pub const CGROUP_PATH_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One byte of FNV-1a, for the `EXCLUDED_PATHS` key: the program hashes a new cgroup's path
+/// a byte at a time, the agent with [`cgroup_path_hash`]. Not a defence: the program compares
+/// the whole path before it excludes anything.
+pub const fn cgroup_path_hash_step(hash: u64, byte: u8) -> u64 {
+    (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// The `EXCLUDED_PATHS` key of a [`CgroupPath`]'s `bytes`: all of them, the zeros after the
+/// path too (the program's loops have a fixed count, which the verifier walks once).
+pub fn cgroup_path_hash(path: &[u8; CGROUP_PATH_BYTES]) -> u64 {
+    let mut hash = CGROUP_PATH_HASH_SEED;
+    let mut i = 0;
+    while i < path.len() {
+        hash = cgroup_path_hash_step(hash, path[i]);
+        i += 1;
+    }
+    hash
+}
+
+/// Where `raw_tp/cgroup_mkdir` reads a new cgroup's id and hierarchy, in bytes, as this
+/// kernel lays its structs out (its BTF, read by the agent): `cgroup->kn->id` is the cgroup's
+/// id, `cgroup->root->hierarchy_id` is 0 for the cgroup2 hierarchy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    /// `struct cgroup`'s `kn`: its `struct kernfs_node *`.
+    pub cgroup_kn: u32,
+    /// `struct cgroup`'s `root`: its `struct cgroup_root *`.
+    pub cgroup_root: u32,
+    /// `struct cgroup_root`'s `hierarchy_id` (an `int`).
+    pub root_hierarchy_id: u32,
+    /// `struct kernfs_node`'s `id` (a `u64`).
+    pub kernfs_node_id: u32,
+}
 /// Capacity of the `EXCLUDED_SERVERS` map.
 pub const MAX_EXCLUDED_SERVERS: u32 = 64;
 /// Capacity of the `AGENT_CGROUPS` and `AGENTS` maps: agents of one block alive at once
@@ -559,6 +625,8 @@ const _: () = assert!(core::mem::size_of::<Origin>() == 32);
 const _: () = assert!(core::mem::size_of::<NoRoom>() == 40);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<CgroupPath>() == 4 + CGROUP_PATH_BYTES);
+const _: () = assert!(core::mem::size_of::<CgroupOffsets>() == 16);
 const _: () = assert!(
     listener_slot(Listener::Udp {
         family: AF_INET6,

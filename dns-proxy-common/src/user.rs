@@ -9,7 +9,10 @@ use std::{
     string::String,
 };
 
-use crate::{AF_INET, AF_INET6, AgentRecord, Endpoint, MAX_INDEX, Origin, RedirectConfig};
+use crate::{
+    AF_INET, AF_INET6, AgentRecord, CgroupOffsets, CgroupPath, Endpoint, MAX_INDEX, Origin,
+    RedirectConfig,
+};
 
 // aya copies map keys and values as raw bytes, which is sound for a type that is #[repr(C)],
 // Copy, made only of integers (and arrays of them) and free of implicit padding: any bit
@@ -26,6 +29,11 @@ unsafe impl aya::Pod for RedirectConfig {}
 // SAFETY: `AgentRecord` is two `u64`s, a `u16` and an explicit `[u8; 6]` of padding: 24
 // bytes (asserted).
 unsafe impl aya::Pod for AgentRecord {}
+// SAFETY: `CgroupPath` is a `u32` and a byte array whose length is a multiple of 4: no
+// padding (asserted).
+unsafe impl aya::Pod for CgroupPath {}
+// SAFETY: `CgroupOffsets` is four `u32`s: 16 bytes (asserted).
+unsafe impl aya::Pod for CgroupOffsets {}
 
 /// The kernel keeps an IPv4 address as the u32 whose in-memory bytes are the octets.
 fn ipv4_to_word(ip: Ipv4Addr) -> u32 {

@@ -24,6 +24,7 @@
 //!   dual-stack socket takes the IPv4 path;
 //! - `egress`: the guard on every packet sent from the block on the proxy's port;
 //! - `cgroup/sock_release` (in `sock`): a socket connected to the block lets go of its index;
+//! - `made`: `raw_tp/cgroup_mkdir` excludes a cgroup made at an excluded path as it is made;
 //! - `interface`: `cgroup/setsockopt` notes a socket that chooses the interface it sends
 //!   through, which the redirect then leaves alone;
 //! - `steer`: what `sk_lookup` does with a packet to the block;
@@ -43,6 +44,7 @@ mod block;
 mod context;
 mod egress;
 mod interface;
+mod made;
 mod scope;
 mod sock;
 mod steer;
@@ -50,19 +52,26 @@ mod steer;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup},
+    macros::{
+        btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, raw_tracepoint,
+        sk_lookup,
+    },
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext, SockoptContext},
+    programs::{
+        RawTracePointContext, SkBuffContext, SkLookupContext, SockAddrContext, SockContext,
+        SockoptContext,
+    },
 };
 use dns_proxy_common::{
-    AgentCgroup, AgentRecord, Counter, LISTENER_SLOTS, MAX_AGENTS, MAX_CONNECTED,
-    MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_SERVERS, MAX_SERVERS, NO_ROOM_ENTRIES, NoRoom, Origin,
-    RedirectConfig, ServerPrefixData,
+    AgentCgroup, AgentRecord, CgroupOffsets, CgroupPath, Counter, EXCLUDED_CGROUP_ENTRIES,
+    LISTENER_SLOTS, MAX_AGENTS, MAX_CONNECTED, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_SERVERS,
+    MAX_SERVERS, NO_ROOM_ENTRIES, NoRoom, Origin, RedirectConfig, ServerPrefixData,
 };
 
 use crate::{
     egress::{NETNS_TOLD, NETNS_UNTOLD, guard_egress},
     interface::note_unicast_if,
+    made::exclude_made_cgroup,
     sock::{
         release_sock, sock4_connect, sock4_guard_bind, sock4_sendmsg, sock4_xlate_rev,
         sock6_connect, sock6_guard_bind, sock6_sendmsg, sock6_xlate_rev,
@@ -134,9 +143,30 @@ static NO_ROOM: Array<NoRoom> = Array::with_max_entries(NO_ROOM_ENTRIES, 0);
 #[map(name = "LISTENERS")]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
 
+/// Written by the agent and by `raw_tp/cgroup_mkdir`. Preallocated, as a map a tracing program
+/// writes should be (kernels before 6.1 warn of one that allocates).
 #[map(name = "EXCLUDED_CGROUPS")]
-static EXCLUDED_CGROUPS: HashMap<u64, u8> =
-    HashMap::with_max_entries(MAX_EXCLUDED_CGROUPS, BPF_F_NO_PREALLOC);
+static EXCLUDED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(EXCLUDED_CGROUP_ENTRIES, 0);
+
+/// Written by the agent before it attaches `raw_tp/cgroup_mkdir`; preallocated, as
+/// `EXCLUDED_CGROUPS`.
+#[map(name = "EXCLUDED_PATHS")]
+static EXCLUDED_PATHS: HashMap<u64, CgroupPath> =
+    HashMap::with_max_entries(MAX_EXCLUDED_CGROUPS, 0);
+
+/// Where `raw_tp/cgroup_mkdir` reads a new cgroup's path: too long for the stack.
+#[map(name = "NEW_CGROUP_PATH")]
+static NEW_CGROUP_PATH: PerCpuArray<CgroupPath> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a new cgroup's id and hierarchy are in this kernel's structs; written by the loader
+/// before load (`names::CGROUP_OFFSETS`).
+#[unsafe(no_mangle)]
+static CGROUP_OFFSETS: CgroupOffsets = CgroupOffsets {
+    cgroup_kn: 0,
+    cgroup_root: 0,
+    root_hierarchy_id: 0,
+    kernfs_node_id: 0,
+};
 
 /// How many prefixes `EXCLUDED_SERVERS` holds; written by the loader before load
 /// (`names::EXCLUDED_SERVER_COUNT`).
@@ -274,6 +304,12 @@ pub fn dns_proxy_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn dns_proxy_guard_any_netns(ctx: SkBuffContext) -> i32 {
     guard_egress::<NETNS_UNTOLD>(&ctx)
+}
+
+#[raw_tracepoint(tracepoint = "cgroup_mkdir")]
+pub fn dns_proxy_exclude_made(ctx: RawTracePointContext) -> i32 {
+    exclude_made_cgroup(&ctx);
+    0
 }
 
 #[sk_lookup]

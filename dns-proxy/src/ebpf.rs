@@ -21,7 +21,8 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId,
+        CgroupSockopt, RawTracePoint, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
+        sk_lookup::SkLookupLinkId,
     },
 };
 use dns_proxy_common::{
@@ -37,6 +38,7 @@ use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 
 mod alive;
 mod exclusions;
+mod kernel_btf;
 mod links;
 mod origins;
 mod own_sockets;
@@ -434,9 +436,23 @@ impl Redirector {
             config.listeners.metrics.map(|(addr, _)| addr),
         );
         let excluded_levels = excluded_levels(config.excluded)?;
+        // Only where there is something to exclude: the program runs at every mkdir of a
+        // cgroup on the host.
+        let cgroup_offsets = if config.excluded.is_empty() {
+            None
+        } else {
+            kernel_btf::cgroup_offsets(Path::new(kernel_btf::KERNEL_BTF))
+                .inspect_err(|err| log::warn!("{err}: {MADE_EXCLUDED_LATER}"))
+                .ok()
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::REDIRECT_CONFIG, &kernel_config, true)
             .override_global(names::EXCLUDED_LEVELS, &excluded_levels, true)
+            .override_global(
+                names::CGROUP_OFFSETS,
+                &cgroup_offsets.unwrap_or_default(),
+                true,
+            )
             .override_global(
                 names::EXCLUDED_SERVER_COUNT,
                 &(config.excluded_servers.len() as u32),
@@ -464,8 +480,12 @@ impl Redirector {
 
         let exclusions = Exclusions::new(
             take_map(&mut ebpf, names::EXCLUDED_CGROUPS)?,
+            take_map(&mut ebpf, names::EXCLUDED_PATHS)?,
             config.excluded,
         )?;
+        if cgroup_offsets.is_some() {
+            exclude_made_cgroups(&mut ebpf);
+        }
         // Before anything is attached: from now on no agent redirects this one's sockets.
         let agents = Agents::register(
             take_map(&mut ebpf, names::AGENT_CGROUPS)?,
@@ -648,6 +668,43 @@ impl Redirector {
                 .map(|program| program.detach(link));
             log_detached(name, &format!("from {}", self.cgroup), result);
         }
+    }
+}
+
+/// What happens to a cgroup made at an excluded path when the kernel cannot exclude it as it
+/// is made.
+const MADE_EXCLUDED_LATER: &str = "a cgroup made at an excluded path (a service's, at each \
+    start) is excluded once the agent sees it, which races the service's first lookups";
+
+/// Loads and attaches `raw_tp/cgroup_mkdir` (with the offsets already in the object), which
+/// excludes a cgroup made at an excluded path as the kernel makes it. A warning where the
+/// kernel refuses it (a kernel locked down against reading its memory, say): the agent then
+/// excludes such a cgroup when it sees it. The link lives as long as `ebpf`.
+fn exclude_made_cgroups(ebpf: &mut Ebpf) {
+    let attached = (|| -> Result<(), String> {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(names::EXCLUDE_MADE)
+            .ok_or("no such program in the object")?
+            .try_into()
+            .map_err(|_| "not a raw tracepoint program")?;
+        program
+            .load()
+            .map_err(|err| format!("{err}{}", hint(&err)))?;
+        program
+            .attach("cgroup_mkdir")
+            .map_err(|err| err.to_string())?;
+        Ok(())
+    })();
+    match attached {
+        Ok(()) => log::info!(
+            "attached {} (raw_tp/cgroup_mkdir): a cgroup made at an excluded path is excluded \
+             as the kernel makes it",
+            names::EXCLUDE_MADE
+        ),
+        Err(err) => log::warn!(
+            "cannot attach {} (raw_tp/cgroup_mkdir): {err}: {MADE_EXCLUDED_LATER}",
+            names::EXCLUDE_MADE
+        ),
     }
 }
 

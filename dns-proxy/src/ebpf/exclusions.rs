@@ -3,26 +3,42 @@
 //! removes a service's cgroup when the service stops and makes a new one, with a new id, when
 //! it starts again (systemd-resolved restarted by a package upgrade, say). Without a refresh,
 //! the restarted service would be redirected; with `--upstream` pointing at it, its queries
-//! would come back to it. A refresh runs as soon as the kernel says a directory was made or
-//! removed where a tree goes ([`TreesMade`]), so the service's first lookups are usually
-//! excluded too.
+//! would come back to it.
+//!
+//! The kernel excludes a cgroup made at an excluded path as it makes it (`raw_tp/cgroup_mkdir`,
+//! which finds the path in `EXCLUDED_PATHS`), before anything can run in it. The agent looks
+//! too, as soon as the kernel says a directory was made or removed where a tree goes
+//! ([`TreesMade`]) and every second: it lets the old id go, and where that program could not
+//! be attached it is what excludes the new one (racing the service's first lookups).
 use std::{
+    collections::HashMap as StdHashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
-use dns_proxy_common::EXCLUDED_SUBTREE;
+use dns_proxy_common::{CGROUP_PATH_BYTES, CgroupPath, EXCLUDED_SUBTREE, cgroup_path_hash};
 use inotify::{Inotify, WatchMask, Watches};
 use tokio::io::unix::AsyncFd;
 
 use super::{EbpfError, ExcludedTree, names};
 
+/// How long an id in `EXCLUDED_CGROUPS` that is no tree's is kept: the kernel adds a made
+/// cgroup's id just before the directory can be seen, so a look in between finds it no
+/// tree's for a moment. Past that, it is a cgroup made and removed before the agent looked.
+const STRAY_FOR: Duration = Duration::from_secs(1);
+
 /// The excluded trees and the map the programs read them from.
 pub struct Exclusions {
     map: HashMap<MapData, u64, u8>,
+    /// `EXCLUDED_PATHS`, filled once: held so that its descriptor stays open for the program
+    /// loaded after.
+    _paths: HashMap<MapData, u64, CgroupPath>,
     trees: Vec<Tree>,
+    /// Ids in `map` that are no tree's, and since when they were seen so.
+    strays: StdHashMap<u64, Instant>,
 }
 
 /// One excluded tree: where it is, and the id it is excluded under.
@@ -34,14 +50,33 @@ struct Tree {
 }
 
 impl Exclusions {
-    /// Excludes each of `excluded` in `map`.
+    /// Excludes each of `excluded` in `map`, and puts its path, as the kernel names it, in
+    /// `paths`.
     pub(super) fn new(
         mut map: HashMap<MapData, u64, u8>,
+        mut paths: HashMap<MapData, u64, CgroupPath>,
         excluded: &[ExcludedTree<'_>],
     ) -> Result<Self, EbpfError> {
         let mut trees = Vec::with_capacity(excluded.len());
         for tree in excluded {
             let cgroup = tree.cgroup;
+            match kernel_path(&cgroup.path, tree.level) {
+                Some(path) => {
+                    paths
+                        .insert(cgroup_path_hash(&path.bytes), path, 0)
+                        .map_err(|source| EbpfError::Map {
+                            map: names::EXCLUDED_PATHS,
+                            source: Box::new(source),
+                        })?;
+                }
+                None => log::warn!(
+                    "excluded cgroup tree {}: its path is longer than the kernel names a new \
+                     cgroup's ({} bytes); a cgroup made there anew is excluded once the agent \
+                     sees it, which races the first lookups made in it",
+                    cgroup.path.display(),
+                    CGROUP_PATH_BYTES - 1
+                ),
+            }
             if cgroup.id == 0 {
                 log::warn!(
                     "excluded cgroup tree {} does not exist yet: it is excluded as soon as it \
@@ -71,7 +106,12 @@ impl Exclusions {
                 missing: false,
             });
         }
-        Ok(Self { map, trees })
+        Ok(Self {
+            map,
+            _paths: paths,
+            trees,
+            strays: StdHashMap::new(),
+        })
     }
 
     /// Whether there is anything to keep excluded.
@@ -95,50 +135,119 @@ impl Exclusions {
 
     /// Looks at each excluded path once: a cgroup made anew there is excluded under its new id,
     /// and the old id is let go. A path that is gone keeps its old id (which no cgroup will
-    /// have again) until a cgroup is made there. Blocking: a `stat` per path.
+    /// have again) until a cgroup is made there. Then lets go the ids that have been no tree's
+    /// for [`STRAY_FOR`]. Blocking: a `stat` per path.
     pub fn refresh(&mut self) {
-        for tree in &mut self.trees {
-            let id = match fs::metadata(&tree.path) {
+        let Self {
+            map, trees, strays, ..
+        } = self;
+        for index in 0..trees.len() {
+            let id = match fs::metadata(&trees[index].path) {
                 Ok(metadata) if metadata.is_dir() => metadata.ino(),
                 _ => {
+                    let tree = &mut trees[index];
                     if !tree.missing {
                         tree.missing = true;
                         // Not a warning: systemd removes a stopped service's cgroup, so each
                         // stop of an excluded service would be one.
                         log::info!(
                             "excluded cgroup tree {} is gone; a cgroup made there again is \
-                             excluded as soon as it is seen",
+                             excluded as soon as it is made",
                             tree.path.display()
                         );
                     }
                     continue;
                 }
             };
-            tree.missing = false;
-            if id == tree.id {
+            trees[index].missing = false;
+            let old = trees[index].id;
+            if id == old {
                 continue;
             }
-            // The old id first: its cgroup is gone, and a full map has room for the new one.
-            let _ = self.map.remove(&tree.id);
-            match self.map.insert(id, EXCLUDED_SUBTREE, 0) {
-                Ok(()) if tree.id == 0 => log::info!(
-                    "cgroup tree {} was made (id {id}): never redirected",
-                    tree.path.display()
-                ),
+            // The old id first: its cgroup is gone. The new one is there already when the
+            // kernel excluded it as it was made.
+            let _ = map.remove(&old);
+            let mut inserted = map.insert(id, EXCLUDED_SUBTREE, 0);
+            if inserted.is_err() {
+                // Full of ids of cgroups made and removed since the last look: all go now.
+                let mut kept: Vec<u64> = trees.iter().map(|tree| tree.id).collect();
+                kept.push(id);
+                let_strays_go(map, strays, &kept, None);
+                inserted = map.insert(id, EXCLUDED_SUBTREE, 0);
+            }
+            let path = trees[index].path.display();
+            match inserted {
+                Ok(()) if old == 0 => {
+                    log::info!("cgroup tree {path} was made (id {id}): never redirected");
+                }
                 Ok(()) => log::info!(
-                    "cgroup tree {} was made anew (id {} -> {id}): still never redirected",
-                    tree.path.display(),
-                    tree.id
+                    "cgroup tree {path} was made anew (id {old} -> {id}): still never redirected"
                 ),
                 // Not tried again (said once): the tree is redirected until a restart.
                 Err(err) => log::error!(
-                    "cgroup tree {} was made anew (id {id}) and cannot be excluded: {err}",
-                    tree.path.display()
+                    "cgroup tree {path} was made anew (id {id}) and cannot be excluded: {err}"
                 ),
             }
-            tree.id = id;
+            trees[index].id = id;
+        }
+        let kept: Vec<u64> = trees.iter().map(|tree| tree.id).collect();
+        let_strays_go(map, strays, &kept, Some(Instant::now()));
+    }
+}
+
+/// Lets go the ids in `map` that are not `kept`: at once without `now`, else those seen so
+/// (`strays`) for [`STRAY_FOR`] by `now`.
+fn let_strays_go(
+    map: &mut HashMap<MapData, u64, u8>,
+    strays: &mut StdHashMap<u64, Instant>,
+    kept: &[u64],
+    now: Option<Instant>,
+) {
+    let in_map: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+    strays.retain(|id, _| in_map.contains(id) && !kept.contains(id));
+    for id in in_map.into_iter().filter(|id| !kept.contains(id)) {
+        let go = match now {
+            Some(now) => now.duration_since(*strays.entry(id).or_insert(now)) >= STRAY_FOR,
+            None => true,
+        };
+        if go {
+            let _ = map.remove(&id);
+            strays.remove(&id);
         }
     }
+}
+
+/// `path`, a cgroup `level` levels below the hierarchy's root, as the kernel names it: its
+/// last `level` components below `/`. `None` for the root, or if it is too long for the
+/// kernel's tracepoint.
+fn kernel_path(path: &Path, level: u32) -> Option<CgroupPath> {
+    let components: Vec<&[u8]> = path
+        .components()
+        .filter_map(|component| match component {
+            Component::Normal(name) => Some(name.as_bytes()),
+            _ => None,
+        })
+        .collect();
+    let below_root = components.get(components.len().checked_sub(level as usize)?..)?;
+    if below_root.is_empty() {
+        return None;
+    }
+    let mut kernel = CgroupPath {
+        len: 0,
+        bytes: [0; CGROUP_PATH_BYTES],
+    };
+    let mut len = 0;
+    for name in below_root {
+        // Room for the NUL the kernel ends it with.
+        if len + 1 + name.len() >= CGROUP_PATH_BYTES {
+            return None;
+        }
+        kernel.bytes[len] = b'/';
+        kernel.bytes[len + 1..len + 1 + name.len()].copy_from_slice(name);
+        len += 1 + name.len();
+    }
+    kernel.len = len as u32;
+    Some(kernel)
 }
 
 /// At most this many rounds of [`TreesMade::watch`]: as many as a path made one level at a
@@ -235,5 +344,41 @@ impl TreesMade {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_path_of(path: &str, level: u32) -> Option<String> {
+        kernel_path(Path::new(path), level)
+            .map(|path| String::from_utf8(path.bytes[..path.len as usize].to_vec()).unwrap())
+    }
+
+    #[test]
+    fn a_trees_kernel_path_is_its_levels_below_the_root() {
+        assert_eq!(
+            kernel_path_of("/sys/fs/cgroup/system.slice/unbound.service", 2).as_deref(),
+            Some("/system.slice/unbound.service")
+        );
+        assert_eq!(
+            kernel_path_of("/sys/fs/cgroup/unified/kubepods", 1).as_deref(),
+            Some("/kubepods")
+        );
+        // The root itself, and a level deeper than the path.
+        assert_eq!(kernel_path_of("/sys/fs/cgroup", 0), None);
+        assert_eq!(kernel_path_of("/a", 2), None);
+    }
+
+    #[test]
+    fn a_path_the_kernel_would_cut_short_has_no_kernel_path() {
+        let longest = format!("/sys/fs/cgroup/{}", "x".repeat(CGROUP_PATH_BYTES - 2));
+        assert_eq!(
+            kernel_path_of(&longest, 1).map(|path| path.len()),
+            Some(CGROUP_PATH_BYTES - 1)
+        );
+        let longer = format!("/sys/fs/cgroup/{}", "x".repeat(CGROUP_PATH_BYTES - 1));
+        assert_eq!(kernel_path_of(&longer, 1), None);
     }
 }
