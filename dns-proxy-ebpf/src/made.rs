@@ -36,7 +36,9 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
         return None;
     }
     // SAFETY: a non-null pointer to this CPU's slot of a per-CPU array, which no other CPU
-    // writes and no other program of this CPU uses.
+    // writes and nothing else uses: the kernel calls this tracepoint holding its
+    // `trace_cgroup_path_lock` (a spin lock), so no other run of this program can start
+    // before this one ends.
     let scratch = unsafe { &mut *NEW_CGROUP_PATH.get_ptr_mut(0)? };
     // Zeros first: the helper ends the path with a NUL and leaves the rest as an earlier
     // path left it. Volatile, so that it stays a loop (a `memset` is a call the verifier
