@@ -272,22 +272,34 @@ pub const NO_ROOM_FOR_NS: u64 = 1_000_000_000;
 pub const NO_ROOM_ENTRIES: u32 = 4096;
 /// How many `--exclude-cgroup`s the agent takes, and the capacity of `EXCLUDED_PATHS`.
 pub const MAX_EXCLUDED_CGROUPS: u32 = 64;
-/// Capacity of the `EXCLUDED_CGROUPS` map: each excluded tree's id, the new id of one made
-/// anew (the kernel adds it as the cgroup is made, the agent lets the old one go when it sees
-/// the new), and ids of cgroups made and removed before the agent looked, until it does.
+/// Capacity of the `EXCLUDED_CGROUPS` map: each excluded tree's id as the agent last saw it,
+/// and the id the kernel last excluded at each path (`CgroupPath::made`), with room to spare.
 pub const EXCLUDED_CGROUP_ENTRIES: u32 = 4 * MAX_EXCLUDED_CGROUPS;
 
-/// The longest path, with its NUL, that the kernel's `cgroup_mkdir` tracepoint gives (its
-/// `TRACE_CGROUP_PATH_LEN`): a longer one is cut short there, and matches no excluded path.
+/// The buffer the kernel's `cgroup_mkdir` tracepoint writes a new cgroup's path in, its NUL
+/// included (its `TRACE_CGROUP_PATH_LEN`). A longer path is cut to its first 1,023 bytes
+/// there, which a path of exactly 1,023 bytes could not be told from: an excluded path is at
+/// most [`MAX_CGROUP_PATH`] long, and a path that fills the buffer matches none.
 pub const CGROUP_PATH_BYTES: usize = 1024;
+/// The longest excluded path the kernel side excludes as it is made.
+pub const MAX_CGROUP_PATH: usize = CGROUP_PATH_BYTES - 2;
 
 /// An excluded tree's path as the kernel names it: from the hierarchy's root, `/` first
-/// (`/system.slice/unbound.service`), zeros after it. `EXCLUDED_PATHS` value.
+/// (`/system.slice/unbound.service`), zeros after it; and the last cgroup the kernel excluded
+/// there. `EXCLUDED_PATHS` value.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct CgroupPath {
     /// How many of `bytes` are the path.
     pub len: u32,
+    pub _padding: u32,
+    /// The id of the cgroup `raw_tp/cgroup_mkdir` last excluded at this path (0: none yet),
+    /// written by the program alone. It takes that id out of `EXCLUDED_CGROUPS` when it
+    /// excludes the next one there: a cgroup made at the path means the last one is gone. So
+    /// what the kernel adds is one id per path, however often a workload makes and removes a
+    /// cgroup there (before, 300 such in 10 ms filled the map, and another excluded service's
+    /// new cgroup found no room: helper-151).
+    pub made: u64,
     pub bytes: [u8; CGROUP_PATH_BYTES],
 }
 
@@ -625,7 +637,7 @@ const _: () = assert!(core::mem::size_of::<Origin>() == 32);
 const _: () = assert!(core::mem::size_of::<NoRoom>() == 40);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
-const _: () = assert!(core::mem::size_of::<CgroupPath>() == 4 + CGROUP_PATH_BYTES);
+const _: () = assert!(core::mem::size_of::<CgroupPath>() == 16 + CGROUP_PATH_BYTES);
 const _: () = assert!(core::mem::size_of::<CgroupOffsets>() == 16);
 const _: () = assert!(
     listener_slot(Listener::Udp {

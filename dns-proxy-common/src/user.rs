@@ -29,8 +29,8 @@ unsafe impl aya::Pod for RedirectConfig {}
 // SAFETY: `AgentRecord` is two `u64`s, a `u16` and an explicit `[u8; 6]` of padding: 24
 // bytes (asserted).
 unsafe impl aya::Pod for AgentRecord {}
-// SAFETY: `CgroupPath` is a `u32` and a byte array whose length is a multiple of 4: no
-// padding (asserted).
+// SAFETY: `CgroupPath` is two `u32`s, a `u64` at 8 and a byte array whose length is a
+// multiple of 8: no implicit padding (asserted).
 unsafe impl aya::Pod for CgroupPath {}
 // SAFETY: `CgroupOffsets` is four `u32`s: 16 bytes (asserted).
 unsafe impl aya::Pod for CgroupOffsets {}

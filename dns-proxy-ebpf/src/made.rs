@@ -56,8 +56,9 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
             path.cast(),
         )
     };
-    // With its NUL: an empty path is the root's.
-    if read <= 1 {
+    // With its NUL: an empty path is the root's, and one that fills the buffer may have been
+    // cut short (no excluded path is that long).
+    if read <= 1 || read >= CGROUP_PATH_BYTES as i64 {
         return None;
     }
     // Over every byte of the buffer, the path and the zeros after it (the agent pads its
@@ -68,9 +69,11 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
     for byte in scratch.bytes.iter() {
         hash = cgroup_path_hash_step(hash, *byte);
     }
-    // SAFETY: a lookup in a map of plain values that only the agent writes, and only to add
-    // or remove whole entries.
-    let excluded = unsafe { EXCLUDED_PATHS.get(hash)? };
+    // The agent writes the entry whole before it attaches this program, and only this
+    // program writes after, under the kernel's lock (above).
+    let excluded = EXCLUDED_PATHS.get_ptr_mut(hash)?;
+    // SAFETY: a non-null pointer to a live map value, written by no one else meanwhile.
+    let excluded = unsafe { &mut *excluded };
     // The whole path compared, not only its hash: a workload that can make cgroups cannot
     // have one excluded by a path that only hashes the same. No path holds a NUL, so equal
     // buffers are equal paths.
@@ -83,6 +86,12 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
     }
     let kernfs_node: u64 = read_kernel(cgroup + offsets.cgroup_kn as usize)?;
     let id: u64 = read_kernel(kernfs_node as usize + offsets.kernfs_node_id as usize)?;
+    // The cgroup this program excluded at the path last is gone, since one is made there: one
+    // id per path, however often one is made and removed there.
+    if excluded.made != 0 && excluded.made != id {
+        let _ = EXCLUDED_CGROUPS.remove(excluded.made);
+    }
+    excluded.made = id;
     EXCLUDED_CGROUPS.insert(id, EXCLUDED_SUBTREE, 0).ok()
 }
 

@@ -478,13 +478,16 @@ impl Redirector {
             })?;
         spawn_kernel_logger(&mut ebpf);
 
-        let exclusions = Exclusions::new(
+        let mut exclusions = Exclusions::new(
             take_map(&mut ebpf, names::EXCLUDED_CGROUPS)?,
             take_map(&mut ebpf, names::EXCLUDED_PATHS)?,
             config.excluded,
         )?;
         if cgroup_offsets.is_some() {
             exclude_made_cgroups(&mut ebpf);
+            // The paths were looked at before the program ran: one made since is excluded by
+            // this look, and from now on by the program. Before anything is redirected.
+            exclusions.refresh();
         }
         // Before anything is attached: from now on no agent redirects this one's sockets.
         let agents = Agents::register(

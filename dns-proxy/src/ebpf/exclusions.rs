@@ -19,7 +19,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use dns_proxy_common::{CGROUP_PATH_BYTES, CgroupPath, EXCLUDED_SUBTREE, cgroup_path_hash};
+use dns_proxy_common::{
+    CGROUP_PATH_BYTES, CgroupPath, EXCLUDED_SUBTREE, MAX_CGROUP_PATH, cgroup_path_hash,
+};
 use inotify::{Inotify, WatchMask, Watches};
 use tokio::io::unix::AsyncFd;
 
@@ -70,11 +72,11 @@ impl Exclusions {
                         })?;
                 }
                 None => log::warn!(
-                    "excluded cgroup tree {}: its path is longer than the kernel names a new \
-                     cgroup's ({} bytes); a cgroup made there anew is excluded once the agent \
-                     sees it, which races the first lookups made in it",
+                    "excluded cgroup tree {}: its path below the hierarchy's root is longer than \
+                     the kernel can tell a new cgroup's apart ({MAX_CGROUP_PATH} bytes); a \
+                     cgroup made there anew is excluded once the agent sees it, which races the \
+                     first lookups made in it",
                     cgroup.path.display(),
-                    CGROUP_PATH_BYTES - 1
                 ),
             }
             if cgroup.id == 0 {
@@ -234,12 +236,13 @@ fn kernel_path(path: &Path, level: u32) -> Option<CgroupPath> {
     }
     let mut kernel = CgroupPath {
         len: 0,
+        _padding: 0,
+        made: 0,
         bytes: [0; CGROUP_PATH_BYTES],
     };
     let mut len = 0;
     for name in below_root {
-        // Room for the NUL the kernel ends it with.
-        if len + 1 + name.len() >= CGROUP_PATH_BYTES {
+        if len + 1 + name.len() > MAX_CGROUP_PATH {
             return None;
         }
         kernel.bytes[len] = b'/';
@@ -371,14 +374,16 @@ mod tests {
         assert_eq!(kernel_path_of("/a", 2), None);
     }
 
+    /// The kernel cuts a longer path to 1,023 bytes, so one of 1,023 could not be told from a
+    /// longer one that begins with it (helper-151: a sibling with a longer name was excluded).
     #[test]
-    fn a_path_the_kernel_would_cut_short_has_no_kernel_path() {
-        let longest = format!("/sys/fs/cgroup/{}", "x".repeat(CGROUP_PATH_BYTES - 2));
+    fn a_path_the_kernel_could_not_tell_from_a_longer_one_has_no_kernel_path() {
+        let longest = format!("/sys/fs/cgroup/{}", "x".repeat(MAX_CGROUP_PATH - 1));
         assert_eq!(
             kernel_path_of(&longest, 1).map(|path| path.len()),
-            Some(CGROUP_PATH_BYTES - 1)
+            Some(MAX_CGROUP_PATH)
         );
-        let longer = format!("/sys/fs/cgroup/{}", "x".repeat(CGROUP_PATH_BYTES - 1));
+        let longer = format!("/sys/fs/cgroup/{}", "x".repeat(MAX_CGROUP_PATH));
         assert_eq!(kernel_path_of(&longer, 1), None);
     }
 }

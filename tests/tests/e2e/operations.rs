@@ -367,7 +367,6 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
         format!("--exclude-cgroup={}", deeper.display()),
     ];
     const STARTS: u32 = 10;
-    const FROZEN: Duration = Duration::from_millis(1500);
     let mut agent = Agent::launch(&topology.client, &redirected, None, &args);
     wait_for("both said not made yet", Duration::from_secs(10), || {
         (agent.log().matches("does not exist yet").count() == 2).then_some(())
@@ -375,43 +374,10 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
     for (service, made_in) in [(&excluded, &redirected), (&deeper, &redirected)] {
         let mut excluded_at_once = 0;
         for start in 0..STARTS {
-            // The service's start, with the agent frozen: its cgroup made, the service in it,
-            // its first lookup. Excluded, the lookup is answered directly while the agent is
-            // frozen; redirected, it waits for the agent. Frozen for FROZEN at most, and let
-            // run for a while after, so that the programs never take it for stopped (3 s
-            // without a word from it), which would send the lookups direct.
-            agent.process().signal(libc::SIGSTOP);
-            fs::create_dir_all(service).expect("mkdir the service's cgroup");
             let name = format!("start-{start}.example.test");
-            let mut probe = in_cgroup_and_netns(
-                service,
-                &topology.client,
-                PROBE,
-                &["sendto", &format!("{SERVER_IP}:53"), &name],
-            )
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the probe");
-            let frozen_at = std::time::Instant::now();
-            let mut answered_while_frozen = false;
-            while frozen_at.elapsed() < FROZEN {
-                if probe.try_wait().expect("poll the probe").is_some() {
-                    answered_while_frozen = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            agent.process().signal(libc::SIGCONT);
-            let output = probe.wait_with_output().expect("wait for the probe");
-            assert_eq!(
-                String::from_utf8_lossy(&output.stdout).trim(),
-                expected_probe_line(),
-                "{name}"
-            );
-            if answered_while_frozen {
+            if first_lookup_answered_while_frozen(&mut agent, service, &topology, &name) {
                 excluded_at_once += 1;
             }
-            std::thread::sleep(Duration::from_millis(700));
             // Its stop, and its slice's.
             for dir in service.ancestors().take_while(|dir| dir != made_in) {
                 fs::remove_dir(dir).expect("rmdir the service's cgroup");
@@ -445,6 +411,98 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
             fs::remove_dir(&beside).expect("rmdir the cgroup beside");
         }
     }
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
+}
+
+/// A service's start with the agent frozen: `service`'s cgroup made (with the levels above it
+/// that are missing), the service in it, its first lookup of `name`; whether that lookup was
+/// answered while the agent was frozen, so directly: excluded. Redirected, it waits for the
+/// agent, and is answered once the agent runs again. Frozen for 1.5 s at most, and let run for
+/// a while after, so that the programs never take it for stopped (3 s without a word from it),
+/// which would send the lookups direct.
+fn first_lookup_answered_while_frozen(
+    agent: &mut Agent,
+    service: &Path,
+    topology: &Topology,
+    name: &str,
+) -> bool {
+    const FROZEN: Duration = Duration::from_millis(1500);
+    agent.process().signal(libc::SIGSTOP);
+    fs::create_dir_all(service).expect("mkdir the service's cgroup");
+    let mut probe = in_cgroup_and_netns(
+        service,
+        &topology.client,
+        PROBE,
+        &["sendto", &format!("{SERVER_IP}:53"), name],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .expect("start the probe");
+    let frozen_at = std::time::Instant::now();
+    let mut answered_while_frozen = false;
+    while frozen_at.elapsed() < FROZEN {
+        if probe.try_wait().expect("poll the probe").is_some() {
+            answered_while_frozen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.process().signal(libc::SIGCONT);
+    let output = probe.wait_with_output().expect("wait for the probe");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        expected_probe_line(),
+        "{name}"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    answered_while_frozen
+}
+
+/// A workload that may make cgroups at one excluded path (a delegated subtree's owner, say)
+/// makes and removes one there 300 times in a row, in a few milliseconds: the kernel keeps one
+/// id per path, so another excluded service started next is still excluded from its first
+/// lookup. Before, each made cgroup's id stayed in `EXCLUDED_CGROUPS` until the agent let it
+/// go a second later, the 256 entries filled, and the other service's new cgroup was not
+/// excluded (helper-151: 10 starts of 10 redirected, the agent frozen).
+#[test]
+fn cgroups_made_and_removed_at_one_excluded_path_leave_room_for_another() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let redirected = child_cgroup(&topology, "system");
+    let churned = redirected.join("churn.service");
+    let service = redirected.join("resolver.service");
+    let args = [
+        format!("--listen={PROXY_LISTEN}"),
+        format!("--exclude-cgroup={}", churned.display()),
+        format!("--exclude-cgroup={}", service.display()),
+    ];
+    let mut agent = Agent::launch(&topology.client, &redirected, None, &args);
+    wait_for("both said not made yet", Duration::from_secs(10), || {
+        (agent.log().matches("does not exist yet").count() == 2).then_some(())
+    });
+    const STARTS: u32 = 5;
+    let mut excluded_at_once = 0;
+    for start in 0..STARTS {
+        // The churn, with the agent frozen (so it lets nothing go meanwhile).
+        agent.process().signal(libc::SIGSTOP);
+        for _ in 0..300 {
+            fs::create_dir(&churned).expect("mkdir at the churned path");
+            fs::remove_dir(&churned).expect("rmdir at the churned path");
+        }
+        agent.process().signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(700));
+        let name = format!("after-churn-{start}.example.test");
+        if first_lookup_answered_while_frozen(&mut agent, &service, &topology, &name) {
+            excluded_at_once += 1;
+        }
+        fs::remove_dir(&service).expect("rmdir the service's cgroup");
+    }
+    assert_eq!(
+        excluded_at_once,
+        STARTS,
+        "{excluded_at_once} of {STARTS} first lookups excluded after the churn:\n{}",
+        agent.log()
+    );
     fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
 }
 
