@@ -14,11 +14,18 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{provision, shell};
 
-/// The tests `cargo xtask test` runs in the guest: every client behaviour, and the redirect's
-/// promises (hijacks from other namespaces, restarts, loopback servers, the table). Serial:
-/// qemu emulates the guest's CPUs (this machine's KVM does not nest), so tests take several
-/// times as long as on the host, and timing ones would race each other.
-pub const DEFAULT_TESTS: &[&str] = &["clients::", "redirect::"];
+/// The tests `cargo xtask test` runs in the guest: every client behaviour, the redirect's
+/// promises (hijacks from other namespaces, restarts, loopback servers, the table), and the
+/// kernel's exclusion of a cgroup made at an excluded path (a tracing program, which reads
+/// the kernel's own structs at offsets from its BTF). Serial: qemu emulates the guest's CPUs
+/// (this machine's KVM does not nest), so tests take several times as long as on the host,
+/// and timing ones would race each other.
+pub const DEFAULT_TESTS: &[&str] = &[
+    "clients::",
+    "redirect::",
+    "operations::a_service_started_after_the_agent_in_an_excluded_cgroup",
+    "operations::cgroups_made_and_removed_at_one_excluded_path",
+];
 
 /// Tests of the default set left out in the guest, where they measure the emulation rather
 /// than the kernel: an agent there takes about 8 s to start instead of half a second, longer
