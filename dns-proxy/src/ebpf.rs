@@ -483,8 +483,8 @@ impl Redirector {
             take_map(&mut ebpf, names::EXCLUDED_PATHS)?,
             config.excluded,
         )?;
-        if cgroup_offsets.is_some() {
-            exclude_made_cgroups(&mut ebpf);
+        if cgroup_offsets.is_some() && exclude_made_cgroups(&mut ebpf) {
+            exclusions.set_kernel_excludes_made();
             // The paths were looked at before the program ran: one made since is excluded by
             // this look, and from now on by the program. Before anything is redirected.
             exclusions.refresh();
@@ -680,10 +680,11 @@ const MADE_EXCLUDED_LATER: &str = "a cgroup made at an excluded path (a service'
     start) is excluded once the agent sees it, which races the service's first lookups";
 
 /// Loads and attaches `raw_tp/cgroup_mkdir` (with the offsets already in the object), which
-/// excludes a cgroup made at an excluded path as the kernel makes it. A warning where the
-/// kernel refuses it (a kernel locked down against reading its memory, say): the agent then
-/// excludes such a cgroup when it sees it. The link lives as long as `ebpf`.
-fn exclude_made_cgroups(ebpf: &mut Ebpf) {
+/// excludes a cgroup made at an excluded path as the kernel makes it; whether it is attached.
+/// A warning where the kernel refuses it (a kernel locked down against reading its memory,
+/// say): the agent then excludes such a cgroup when it sees it. The link lives as long as
+/// `ebpf`.
+fn exclude_made_cgroups(ebpf: &mut Ebpf) -> bool {
     let attached = (|| -> Result<(), String> {
         let program: &mut RawTracePoint = ebpf
             .program_mut(names::EXCLUDE_MADE)
@@ -699,15 +700,21 @@ fn exclude_made_cgroups(ebpf: &mut Ebpf) {
         Ok(())
     })();
     match attached {
-        Ok(()) => log::info!(
-            "attached {} (raw_tp/cgroup_mkdir): a cgroup made at an excluded path is excluded \
-             as the kernel makes it",
-            names::EXCLUDE_MADE
-        ),
-        Err(err) => log::warn!(
-            "cannot attach {} (raw_tp/cgroup_mkdir): {err}: {MADE_EXCLUDED_LATER}",
-            names::EXCLUDE_MADE
-        ),
+        Ok(()) => {
+            log::info!(
+                "attached {} (raw_tp/cgroup_mkdir): a cgroup made at an excluded path is \
+                 excluded as the kernel makes it",
+                names::EXCLUDE_MADE
+            );
+            true
+        }
+        Err(err) => {
+            log::warn!(
+                "cannot attach {} (raw_tp/cgroup_mkdir): {err}: {MADE_EXCLUDED_LATER}",
+                names::EXCLUDE_MADE
+            );
+            false
+        }
     }
 }
 

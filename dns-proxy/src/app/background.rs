@@ -336,10 +336,16 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
         {
             // Said once: it would be the same at every look.
             watch_failed_said = true;
+            let meanwhile = if exclusions.kernel_excludes_made() {
+                "the kernel still excludes one made there as it is made"
+            } else {
+                "one made there is excluded when the agent next looks, within a second, if it \
+                 can look there"
+            };
             log::warn!(
                 target: LOG,
-                "cannot watch {} for excluded cgroups made there ({err}): one made there is \
-                 excluded within a second (raise fs.inotify.max_user_watches if they are used up)",
+                "cannot watch {} for excluded cgroups made there ({err}): {meanwhile} (raise \
+                 fs.inotify.max_user_watches if they are used up)",
                 dir.display()
             );
         }

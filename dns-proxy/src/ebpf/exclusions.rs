@@ -8,14 +8,12 @@
 //! The kernel excludes a cgroup made at an excluded path as it makes it (`raw_tp/cgroup_mkdir`,
 //! which finds the path in `EXCLUDED_PATHS`), before anything can run in it. The agent looks
 //! too, as soon as the kernel says a directory was made or removed where a tree goes
-//! ([`TreesMade`]) and every second: it lets the old id go, and where that program could not
+//! ([`TreesMade`]) and every second: it lets its old id go, and where that program could not
 //! be attached it is what excludes the new one (racing the service's first lookups).
 use std::{
-    collections::HashMap as StdHashMap,
     fs, io,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Component, Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
@@ -27,20 +25,23 @@ use tokio::io::unix::AsyncFd;
 
 use super::{EbpfError, ExcludedTree, names};
 
-/// How long an id in `EXCLUDED_CGROUPS` that is no tree's is kept: the kernel adds a made
-/// cgroup's id just before the directory can be seen, so a look in between finds it no
-/// tree's for a moment. Past that, it is a cgroup made and removed before the agent looked.
-const STRAY_FOR: Duration = Duration::from_secs(1);
-
 /// The excluded trees and the map the programs read them from.
+///
+/// What `EXCLUDED_CGROUPS` holds stays bounded without the agent: each tree's id as the agent
+/// last saw it, and the id the kernel last excluded at each path (`CgroupPath::made`, which the
+/// program takes out itself when it excludes the next). The agent never takes out an id it did
+/// not put in: the kernel's for a cgroup it cannot see (a directory above it it may not
+/// search) would go with it. Before, it let such ids go after a second, and a service whose
+/// parent directory its owner had made unreadable to the agent was redirected (helper-152).
 pub struct Exclusions {
     map: HashMap<MapData, u64, u8>,
     /// `EXCLUDED_PATHS`, filled once: held so that its descriptor stays open for the program
     /// loaded after.
     _paths: HashMap<MapData, u64, CgroupPath>,
     trees: Vec<Tree>,
-    /// Ids in `map` that are no tree's, and since when they were seen so.
-    strays: StdHashMap<u64, Instant>,
+    /// The kernel excludes a cgroup made at a tree's path as it is made
+    /// ([`Exclusions::kernel_excludes_made`]).
+    kernel_excludes: bool,
 }
 
 /// One excluded tree: where it is, and the id it is excluded under.
@@ -49,6 +50,8 @@ struct Tree {
     id: u64,
     /// Its path was found missing (logged once).
     missing: bool,
+    /// Its path could not be looked at (logged once).
+    unreadable: bool,
 }
 
 impl Exclusions {
@@ -89,6 +92,7 @@ impl Exclusions {
                     path: cgroup.path.clone(),
                     id: 0,
                     missing: true,
+                    unreadable: false,
                 });
                 continue;
             }
@@ -106,13 +110,14 @@ impl Exclusions {
                 path: cgroup.path.clone(),
                 id: cgroup.id,
                 missing: false,
+                unreadable: false,
             });
         }
         Ok(Self {
             map,
             _paths: paths,
             trees,
-            strays: StdHashMap::new(),
+            kernel_excludes: false,
         })
     }
 
@@ -135,19 +140,44 @@ impl Exclusions {
         parents
     }
 
+    /// Says that the kernel excludes a cgroup made at a tree's path as it is made
+    /// (`raw_tp/cgroup_mkdir` is attached).
+    pub(super) fn set_kernel_excludes_made(&mut self) {
+        self.kernel_excludes = true;
+    }
+
+    /// Whether the kernel excludes a cgroup made at a tree's path as it is made; if not, the
+    /// agent's looks alone do.
+    pub fn kernel_excludes_made(&self) -> bool {
+        self.kernel_excludes
+    }
+
     /// Looks at each excluded path once: a cgroup made anew there is excluded under its new id,
     /// and the old id is let go. A path that is gone keeps its old id (which no cgroup will
-    /// have again) until a cgroup is made there. Then lets go the ids that have been no tree's
-    /// for [`STRAY_FOR`]. Blocking: a `stat` per path.
+    /// have again) until a cgroup is made there; one that cannot be looked at keeps what it
+    /// had. Blocking: a `stat` per path.
     pub fn refresh(&mut self) {
-        let Self {
-            map, trees, strays, ..
-        } = self;
-        for index in 0..trees.len() {
-            let id = match fs::metadata(&trees[index].path) {
+        for tree in &mut self.trees {
+            let id = match fs::metadata(&tree.path) {
                 Ok(metadata) if metadata.is_dir() => metadata.ino(),
+                Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                    if !tree.unreadable {
+                        tree.unreadable = true;
+                        let meanwhile = if self.kernel_excludes {
+                            "the kernel still excludes a cgroup made there as it is made"
+                        } else {
+                            "a cgroup made there anew is not excluded until it can"
+                        };
+                        log::warn!(
+                            "cannot look at excluded cgroup tree {} ({err}; the agent runs \
+                             without capabilities once it serves): {meanwhile}",
+                            tree.path.display()
+                        );
+                    }
+                    continue;
+                }
                 _ => {
-                    let tree = &mut trees[index];
+                    tree.unreadable = false;
                     if !tree.missing {
                         tree.missing = true;
                         // Not a warning: systemd removes a stopped service's cgroup, so each
@@ -161,24 +191,17 @@ impl Exclusions {
                     continue;
                 }
             };
-            trees[index].missing = false;
-            let old = trees[index].id;
+            tree.unreadable = false;
+            tree.missing = false;
+            let old = tree.id;
             if id == old {
                 continue;
             }
             // The old id first: its cgroup is gone. The new one is there already when the
             // kernel excluded it as it was made.
-            let _ = map.remove(&old);
-            let mut inserted = map.insert(id, EXCLUDED_SUBTREE, 0);
-            if inserted.is_err() {
-                // Full of ids of cgroups made and removed since the last look: all go now.
-                let mut kept: Vec<u64> = trees.iter().map(|tree| tree.id).collect();
-                kept.push(id);
-                let_strays_go(map, strays, &kept, None);
-                inserted = map.insert(id, EXCLUDED_SUBTREE, 0);
-            }
-            let path = trees[index].path.display();
-            match inserted {
+            let _ = self.map.remove(&old);
+            let path = tree.path.display();
+            match self.map.insert(id, EXCLUDED_SUBTREE, 0) {
                 Ok(()) if old == 0 => {
                     log::info!("cgroup tree {path} was made (id {id}): never redirected");
                 }
@@ -190,31 +213,7 @@ impl Exclusions {
                     "cgroup tree {path} was made anew (id {id}) and cannot be excluded: {err}"
                 ),
             }
-            trees[index].id = id;
-        }
-        let kept: Vec<u64> = trees.iter().map(|tree| tree.id).collect();
-        let_strays_go(map, strays, &kept, Some(Instant::now()));
-    }
-}
-
-/// Lets go the ids in `map` that are not `kept`: at once without `now`, else those seen so
-/// (`strays`) for [`STRAY_FOR`] by `now`.
-fn let_strays_go(
-    map: &mut HashMap<MapData, u64, u8>,
-    strays: &mut StdHashMap<u64, Instant>,
-    kept: &[u64],
-    now: Option<Instant>,
-) {
-    let in_map: Vec<u64> = map.keys().filter_map(Result::ok).collect();
-    strays.retain(|id, _| in_map.contains(id) && !kept.contains(id));
-    for id in in_map.into_iter().filter(|id| !kept.contains(id)) {
-        let go = match now {
-            Some(now) => now.duration_since(*strays.entry(id).or_insert(now)) >= STRAY_FOR,
-            None => true,
-        };
-        if go {
-            let _ = map.remove(&id);
-            strays.remove(&id);
+            tree.id = id;
         }
     }
 }

@@ -506,6 +506,52 @@ fn cgroups_made_and_removed_at_one_excluded_path_leave_room_for_another() {
     fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
 }
 
+/// An excluded service below a directory that the agent, without capabilities once it
+/// serves, may not search (its owner's to make so: a delegated subtree) stays excluded when it
+/// is made anew: the agent cannot see the new cgroup, and leaves the id the kernel excluded it
+/// under alone, and says it cannot look there. Before, it took that id for a cgroup made and
+/// removed before it looked and let it go a second later, and the service was redirected
+/// (helper-152).
+#[test]
+fn an_excluded_service_below_a_directory_the_agent_may_not_search_stays_excluded() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let redirected = child_cgroup(&topology, "system");
+    let owned = redirected.join("user.slice");
+    fs::create_dir(&owned).expect("mkdir the owned slice");
+    std::os::unix::fs::chown(&owned, Some(65534), Some(65534)).expect("chown the slice");
+    let service = owned.join("app.service");
+    let args = [
+        format!("--listen={PROXY_LISTEN}"),
+        format!("--exclude-cgroup={}", service.display()),
+    ];
+    let mut agent = Agent::launch(&topology.client, &redirected, None, &args);
+    wait_for("the agent to serve", Duration::from_secs(10), || {
+        agent.log().contains("ready: ").then_some(())
+    });
+    fs::set_permissions(&owned, fs::Permissions::from_mode(0o700)).expect("chmod the slice");
+    for start in 0..3 {
+        fs::create_dir(&service).expect("mkdir the service's cgroup");
+        // Past the second after which the agent let an id it could not place go.
+        std::thread::sleep(Duration::from_millis(2500));
+        let name = format!("unsearchable-{start}.example.test");
+        assert!(
+            first_lookup_answered_while_frozen(&mut agent, &service, &topology, &name),
+            "start {start}: redirected\n{}",
+            agent.log()
+        );
+        fs::remove_dir(&service).expect("rmdir the service's cgroup");
+    }
+    assert!(
+        agent.log().contains("cannot look at excluded cgroup tree"),
+        "{}",
+        agent.log()
+    );
+    fs::remove_dir(&owned).expect("rmdir the owned slice");
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
+}
+
 /// systemd makes a service's cgroup anew at each restart, with a new id: the tree stays
 /// excluded (within a second), and the agent says so. A redirected cgroup that goes is an
 /// error in the log, and `/readyz` says 503.
