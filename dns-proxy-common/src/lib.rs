@@ -297,7 +297,7 @@ pub struct CgroupPath {
     /// written by the program alone. It takes that id out of `EXCLUDED_CGROUPS` when it
     /// excludes the next one there: a cgroup made at the path means the last one is gone. So
     /// what the kernel adds is one id per path, however often a workload makes and removes a
-    /// cgroup there (before, 300 such in 10 ms filled the map, and another excluded service's
+    /// cgroup there (before, 300 such in 7 to 12 ms filled the map, and another excluded service's
     /// new cgroup found no room: helper-151).
     pub made: u64,
     pub bytes: [u8; CGROUP_PATH_BYTES],

@@ -30,15 +30,15 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
     // SAFETY: a read of a global the loader patches before load and nothing writes after;
     // volatile, so that the compiler cannot fold in the zeros it was compiled with.
     let offsets: CgroupOffsets = unsafe { core::ptr::read_volatile(&CGROUP_OFFSETS) };
-    let root: u64 = read_kernel(cgroup + offsets.cgroup_root as usize)?;
-    let hierarchy: i32 = read_kernel(root as usize + offsets.root_hierarchy_id as usize)?;
+    let root: u64 = read_kernel(cgroup, offsets.cgroup_root)?;
+    let hierarchy: i32 = read_kernel(root as usize, offsets.root_hierarchy_id)?;
     if hierarchy != CGROUP2_HIERARCHY {
         return None;
     }
     // SAFETY: a non-null pointer to this CPU's slot of a per-CPU array, which no other CPU
-    // writes and nothing else uses: the kernel calls this tracepoint holding its
-    // `trace_cgroup_path_lock` (a spin lock), so no other run of this program can start
-    // before this one ends.
+    // writes and nothing else uses: the kernel runs this tracepoint within `cgroup_mkdir`,
+    // holding `cgroup_mutex` and its `trace_cgroup_path_lock`, so no other run of this program
+    // can start before this one ends (nor write an entry's `made` meanwhile).
     let scratch = unsafe { &mut *NEW_CGROUP_PATH.get_ptr_mut(0)? };
     // Zeros first: the helper ends the path with a NUL and leaves the rest as an earlier
     // path left it. Volatile, so that it stays a loop (a `memset` is a call the verifier
@@ -56,8 +56,8 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
             path.cast(),
         )
     };
-    // With its NUL: an empty path is the root's, and one that fills the buffer may have been
-    // cut short (no excluded path is that long).
+    // With its NUL: 1 or less, the read failed or found nothing; one that fills the buffer may
+    // have been cut short (no excluded path is that long).
     if read <= 1 || read >= CGROUP_PATH_BYTES as i64 {
         return None;
     }
@@ -84,22 +84,26 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
     if differ != 0 {
         return None;
     }
-    let kernfs_node: u64 = read_kernel(cgroup + offsets.cgroup_kn as usize)?;
-    let id: u64 = read_kernel(kernfs_node as usize + offsets.kernfs_node_id as usize)?;
-    // The cgroup this program excluded at the path last is gone, since one is made there: one
-    // id per path, however often one is made and removed there.
+    let kernfs_node: u64 = read_kernel(cgroup, offsets.cgroup_kn)?;
+    let id: u64 = read_kernel(kernfs_node as usize, offsets.kernfs_node_id)?;
+    // The cgroup this program excluded at the path last is gone, since one is made there (the
+    // kernel refuses a second at a path before this runs): one id per path, however often one
+    // is made and removed there.
     if excluded.made != 0 && excluded.made != id {
         let _ = EXCLUDED_CGROUPS.remove(excluded.made);
     }
+    EXCLUDED_CGROUPS.insert(id, EXCLUDED_SUBTREE, 0).ok()?;
     excluded.made = id;
-    EXCLUDED_CGROUPS.insert(id, EXCLUDED_SUBTREE, 0).ok()
+    Some(())
 }
 
-/// The `T` at kernel address `address`, read safely (`None` where nothing is mapped).
-fn read_kernel<T: Copy>(address: usize) -> Option<T> {
+/// The `T` at `offset` bytes into the kernel struct at `address`, read safely (`None` for a
+/// null struct, or where nothing is mapped).
+fn read_kernel<T: Copy>(address: usize, offset: u32) -> Option<T> {
     if address == 0 {
         return None;
     }
     // SAFETY: the helper reads kernel memory safely, failing where it cannot.
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(address as *const T) }.ok()
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((address + offset as usize) as *const T) }
+        .ok()
 }

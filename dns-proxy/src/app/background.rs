@@ -296,10 +296,14 @@ async fn keep_excluded(mut exclusions: Exclusions, stop: drain::Signal) {
     let mut made = match TreesMade::new() {
         Ok(made) => Some(made),
         Err(err) => {
+            let meanwhile = if exclusions.kernel_excludes_made() {
+                "the kernel still excludes each as it is made"
+            } else {
+                "each is excluded when the agent next looks, within a second"
+            };
             log::warn!(
                 target: LOG,
-                "cannot watch where excluded cgroups are made ({err}): each is excluded within \
-                 a second of being made"
+                "cannot watch where excluded cgroups are made ({err}): {meanwhile}"
             );
             None
         }

@@ -30,7 +30,7 @@ use super::{EbpfError, ExcludedTree, names};
 /// What `EXCLUDED_CGROUPS` holds stays bounded without the agent: each tree's id as the agent
 /// last saw it, and the id the kernel last excluded at each path (`CgroupPath::made`, which the
 /// program takes out itself when it excludes the next). The agent never takes out an id it did
-/// not put in: the kernel's for a cgroup it cannot see (a directory above it it may not
+/// not put in: the kernel's for a cgroup it cannot see (below a directory it may not
 /// search) would go with it. Before, it let such ids go after a second, and a service whose
 /// parent directory its owner had made unreadable to the agent was redirected (helper-152).
 pub struct Exclusions {
@@ -67,16 +67,30 @@ impl Exclusions {
             let cgroup = tree.cgroup;
             match kernel_path(&cgroup.path, tree.level) {
                 Some(path) => {
+                    let key = cgroup_path_hash(&path.bytes);
+                    // Two paths of one hash (64 bits: not by chance): the second would take
+                    // the first's place, and the first be left to the agent's looks.
+                    if let Ok(other) = paths.get(&key, 0)
+                        && other.bytes != path.bytes
+                    {
+                        log::warn!(
+                            "excluded cgroup tree {}: its path hashes as another's; a cgroup \
+                             made at the other is excluded once the agent sees it",
+                            cgroup.path.display()
+                        );
+                    }
                     paths
-                        .insert(cgroup_path_hash(&path.bytes), path, 0)
+                        .insert(key, path, 0)
                         .map_err(|source| EbpfError::Map {
                             map: names::EXCLUDED_PATHS,
                             source: Box::new(source),
                         })?;
                 }
+                // The hierarchy's root is never made anew.
+                None if tree.level == 0 => {}
                 None => log::warn!(
                     "excluded cgroup tree {}: its path below the hierarchy's root is longer than \
-                     the kernel can tell a new cgroup's apart ({MAX_CGROUP_PATH} bytes); a \
+                     the kernel side can tell a new cgroup's apart ({MAX_CGROUP_PATH} bytes); a \
                      cgroup made there anew is excluded once the agent sees it, which races the \
                      first lookups made in it",
                     cgroup.path.display(),
@@ -163,14 +177,19 @@ impl Exclusions {
                 Err(err) if err.kind() != io::ErrorKind::NotFound => {
                     if !tree.unreadable {
                         tree.unreadable = true;
+                        let why = if err.kind() == io::ErrorKind::PermissionDenied {
+                            "; the agent runs without capabilities once it serves, and a \
+                             directory above it is not open to it"
+                        } else {
+                            ""
+                        };
                         let meanwhile = if self.kernel_excludes {
                             "the kernel still excludes a cgroup made there as it is made"
                         } else {
-                            "a cgroup made there anew is not excluded until it can"
+                            "a cgroup made there anew is not excluded until the agent can look"
                         };
                         log::warn!(
-                            "cannot look at excluded cgroup tree {} ({err}; the agent runs \
-                             without capabilities once it serves): {meanwhile}",
+                            "cannot look at excluded cgroup tree {} ({err}{why}): {meanwhile}",
                             tree.path.display()
                         );
                     }

@@ -4,7 +4,8 @@
 //!
 //! One pass over the type section for three structs' members. Not `btf-rs`: it indexes every
 //! type first, which took 46 MiB and 98 ms here for these four numbers (this: the file's
-//! 5.2 MiB, read once and dropped, and a few milliseconds).
+//! 5.2 MiB, read once and dropped, and a few milliseconds). aya's loader parses the kernel's
+//! BTF too, for its own use, and offers no lookup of a struct's members.
 use std::{fs, io, path::Path};
 
 use dns_proxy_common::CgroupOffsets;
@@ -14,7 +15,10 @@ pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The offsets in the kernel described by the BTF at `path`.
 pub fn cgroup_offsets(path: &Path) -> Result<CgroupOffsets, BtfError> {
-    let btf = fs::read(path).map_err(BtfError::Read)?;
+    let btf = fs::read(path).map_err(|source| BtfError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     let found = member_offsets(
         &btf,
         &[
@@ -34,8 +38,11 @@ pub fn cgroup_offsets(path: &Path) -> Result<CgroupOffsets, BtfError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read {KERNEL_BTF}: {0}")]
-    Read(io::Error),
+    #[error(
+        "cannot read the kernel's BTF at {path} ({source}): a kernel built without \
+         CONFIG_DEBUG_INFO_BTF, or, in a container, /sys not the host's"
+    )]
+    Read { path: String, source: io::Error },
     #[error("the kernel's BTF is malformed or of a layout this agent does not know: {0}")]
     Malformed(&'static str),
     #[error("the kernel's BTF has no member {member} in struct {owner}")]

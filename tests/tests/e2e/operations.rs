@@ -417,8 +417,10 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
 /// A service's start with the agent frozen: `service`'s cgroup made (with the levels above it
 /// that are missing), the service in it, its first lookup of `name`; whether that lookup was
 /// answered while the agent was frozen, so directly: excluded. Redirected, it waits for the
-/// agent, and is answered once the agent runs again. Frozen for 1.5 s at most, and let run for
-/// a while after, so that the programs never take it for stopped (3 s without a word from it),
+/// agent, and is answered once the agent runs again. The probe is started before, in the
+/// workload's namespace, and held until it is in the cgroup: the time frozen is the lookup's,
+/// not a process start's (slow in the 6.1 VM). Frozen for 1.5 s at most, and let run for a
+/// while after, so that the programs never take it for stopped (3 s without a word from it),
 /// which would send the lookups direct.
 fn first_lookup_answered_while_frozen(
     agent: &mut Agent,
@@ -426,19 +428,23 @@ fn first_lookup_answered_while_frozen(
     topology: &Topology,
     name: &str,
 ) -> bool {
+    use std::io::Write as _;
     const FROZEN: Duration = Duration::from_millis(1500);
+    let mut probe = Command::new("ip")
+        .args(["netns", "exec", &topology.client.name, "sh", "-c"])
+        // `ip netns exec` and `exec` keep the process: it is the probe that is moved.
+        .arg(r#"read _ && exec "$0" "$@""#)
+        .args([PROBE, "sendto", &format!("{SERVER_IP}:53"), name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the probe");
     agent.process().signal(libc::SIGSTOP);
     fs::create_dir_all(service).expect("mkdir the service's cgroup");
-    let mut probe = in_cgroup_and_netns(
-        service,
-        &topology.client,
-        PROBE,
-        &["sendto", &format!("{SERVER_IP}:53"), name],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .expect("start the probe");
+    fs::write(service.join("cgroup.procs"), probe.id().to_string())
+        .expect("move the probe into the service's cgroup");
     let frozen_at = std::time::Instant::now();
+    writeln!(probe.stdin.take().expect("the probe's stdin")).expect("let the probe go");
     let mut answered_while_frozen = false;
     while frozen_at.elapsed() < FROZEN {
         if probe.try_wait().expect("poll the probe").is_some() {
@@ -483,7 +489,7 @@ fn cgroups_made_and_removed_at_one_excluded_path_leave_room_for_another() {
     const STARTS: u32 = 5;
     let mut excluded_at_once = 0;
     for start in 0..STARTS {
-        // The churn, with the agent frozen (so it lets nothing go meanwhile).
+        // The churn, with the agent frozen, so that only the kernel acts.
         agent.process().signal(libc::SIGSTOP);
         for _ in 0..300 {
             fs::create_dir(&churned).expect("mkdir at the churned path");
@@ -549,6 +555,79 @@ fn an_excluded_service_below_a_directory_the_agent_may_not_search_stays_excluded
         agent.log()
     );
     fs::remove_dir(&owned).expect("rmdir the owned slice");
+    fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
+}
+
+/// The kernel cuts a new cgroup's path at 1,023 bytes (below the hierarchy's root). An
+/// excluded path of 1,022 bytes is excluded by the kernel as it is made; one of 1,023, which
+/// the kernel could not tell from a longer one that begins with it, is left to the agent's
+/// look (and said so), and a cgroup beside it whose name is longer is redirected. Before, the
+/// 1,023-byte path was handed to the kernel, and cgroups beside it with longer names were
+/// excluded until the agent let their ids go (helper-151).
+#[test]
+fn excluded_paths_at_the_kernels_length_limit_exclude_nothing_else() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let redirected = child_cgroup(&topology, "system");
+    // `redirected` as the kernel names it, then levels of 200 bytes and a last one of what is
+    // left, to `len` bytes in all.
+    let below_root = redirected
+        .strip_prefix(cgroup2_root())
+        .expect("the redirected cgroup is below the cgroup2 root")
+        .to_owned();
+    let path_of = |len: usize, last: char| {
+        let mut path = redirected.clone();
+        let mut used = 1 + below_root.as_os_str().len();
+        while len - used > 201 {
+            path.push("d".repeat(200));
+            used += 201;
+        }
+        path.push(last.to_string().repeat(len - used - 1));
+        path
+    };
+    let fits = path_of(1022, 'f');
+    let too_long = path_of(1023, 't');
+    let args = [
+        format!("--listen={PROXY_LISTEN}"),
+        format!("--exclude-cgroup={}", fits.display()),
+        format!("--exclude-cgroup={}", too_long.display()),
+    ];
+    let mut agent = Agent::launch(&topology.client, &redirected, None, &args);
+    assert!(
+        first_lookup_answered_while_frozen(&mut agent, &fits, &topology, "fits.example.test"),
+        "the 1,022-byte path: redirected\n{}",
+        agent.log()
+    );
+    // Beside the 1,023-byte one, its last name one and twenty bytes longer: the kernel reads
+    // both as that path, cut short.
+    for (extra, name) in [
+        ("x", "longer.example.test"),
+        ("-twenty-bytes-longer", "evil.example.test"),
+    ] {
+        let mut beside = too_long.clone().into_os_string();
+        beside.push(extra);
+        let beside = std::path::PathBuf::from(beside);
+        assert!(
+            !first_lookup_answered_while_frozen(&mut agent, &beside, &topology, name),
+            "{name}: excluded\n{}",
+            agent.log()
+        );
+        fs::remove_dir(&beside).expect("rmdir the cgroup beside");
+    }
+    assert_eq!(
+        agent
+            .log()
+            .matches("longer than the kernel side can tell a new cgroup's apart")
+            .count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    for path in [&fits, &too_long] {
+        for dir in path.ancestors().take_while(|dir| *dir != redirected) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
     fs::remove_dir(&redirected).expect("rmdir the redirected cgroup");
 }
 
