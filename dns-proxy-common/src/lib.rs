@@ -229,10 +229,16 @@ pub enum Counter {
     /// server's shared index if it has one (redirected, the workload unknown), else left
     /// alone (direct). Counted per call.
     WorkloadLimit = 15,
+    /// Cgroups made at an excluded path that `raw_tp/cgroup_mkdir` excluded as they were made.
+    ExcludedAsMade = 16,
+    /// Cgroups made at an excluded path that `raw_tp/cgroup_mkdir` could not exclude (a read
+    /// of the kernel's structs failed, or `EXCLUDED_CGROUPS` had no room): left to the agent's
+    /// look, which races their first lookups.
+    ExcludeMadeFailed = 17,
 }
 
 impl Counter {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 18] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -249,6 +255,8 @@ impl Counter {
         Self::RawRefused,
         Self::ClosedPortRefused,
         Self::WorkloadLimit,
+        Self::ExcludedAsMade,
+        Self::ExcludeMadeFailed,
     ];
 }
 

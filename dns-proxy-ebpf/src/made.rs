@@ -11,11 +11,11 @@
 //! same paths in its v1 hierarchy, whose ids are of another numbering.
 use aya_ebpf::{helpers::generated, programs::RawTracePointContext};
 use dns_proxy_common::{
-    CGROUP_PATH_BYTES, CGROUP_PATH_HASH_SEED, CgroupOffsets, EXCLUDED_SUBTREE,
+    CGROUP_PATH_BYTES, CGROUP_PATH_HASH_SEED, CgroupOffsets, Counter, EXCLUDED_SUBTREE,
     cgroup_path_hash_step,
 };
 
-use crate::{CGROUP_OFFSETS, EXCLUDED_CGROUPS, EXCLUDED_PATHS, NEW_CGROUP_PATH};
+use crate::{CGROUP_OFFSETS, EXCLUDED_CGROUPS, EXCLUDED_PATHS, NEW_CGROUP_PATH, count};
 
 /// The id `hierarchy_id` of the cgroup2 hierarchy's root (`0::` in `/proc/PID/cgroup`).
 const CGROUP2_HIERARCHY: i32 = 0;
@@ -84,16 +84,26 @@ fn try_exclude(cgroup: usize, path: *const u8) -> Option<()> {
     if differ != 0 {
         return None;
     }
+    match exclude(cgroup, &offsets, &mut excluded.made) {
+        Some(()) => count(Counter::ExcludedAsMade),
+        None => count(Counter::ExcludeMadeFailed),
+    };
+    Some(())
+}
+
+/// Puts the id of `cgroup`, made at an excluded path, in `EXCLUDED_CGROUPS`, and takes out
+/// `made`, the id excluded at that path last, which it replaces.
+fn exclude(cgroup: usize, offsets: &CgroupOffsets, made: &mut u64) -> Option<()> {
     let kernfs_node: u64 = read_kernel(cgroup, offsets.cgroup_kn)?;
     let id: u64 = read_kernel(kernfs_node as usize, offsets.kernfs_node_id)?;
     // The cgroup this program excluded at the path last is gone, since one is made there (the
     // kernel refuses a second at a path before this runs): one id per path, however often one
     // is made and removed there.
-    if excluded.made != 0 && excluded.made != id {
-        let _ = EXCLUDED_CGROUPS.remove(excluded.made);
+    if *made != 0 && *made != id {
+        let _ = EXCLUDED_CGROUPS.remove(*made);
     }
     EXCLUDED_CGROUPS.insert(id, EXCLUDED_SUBTREE, 0).ok()?;
-    excluded.made = id;
+    *made = id;
     Some(())
 }
 

@@ -22,7 +22,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 const SAY_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 /// The counters said in the log, each with what its count is and what it means.
-const SAID: [(Counter, &str); 5] = [
+const SAID: [(Counter, &str); 6] = [
     (
         Counter::ForeignRefused,
         "connects or sends of a workload to a proxy address that is not its own were refused \
@@ -48,6 +48,11 @@ const SAID: [(Counter, &str); 5] = [
         "sockets connected to a proxy address could not be noted (65,536 at once): once their \
          workload's cgroup is gone, their server's index may be given to another server while \
          they still use it",
+    ),
+    (
+        Counter::ExcludeMadeFailed,
+        "cgroups made at an --exclude-cgroup path could not be excluded by the kernel as they \
+         were made: the agent excludes them when it sees them, which races their first lookups",
     ),
     (
         Counter::AgentUnresponsive,
@@ -188,6 +193,7 @@ mod tests {
             Counter::TableFull,
             Counter::SharedIndex,
             Counter::WorkloadLimit,
+            Counter::ExcludedAsMade,
         ] {
             let name = format!("kernel {quiet:?},");
             assert!(!lines.iter().any(|line| line.contains(&name)), "{lines:#?}");

@@ -396,6 +396,23 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::SkippedExcluded)),
     },
     Metric {
+        name: "kernel_excluded_as_made",
+        labels: &[],
+        only_with: None,
+        help: "Cgroups made at an --exclude-cgroup path that the kernel side excluded as they \
+               were made, before anything ran in them.",
+        read: Read::Counter(|s| s.kernel(Counter::ExcludedAsMade)),
+    },
+    Metric {
+        name: "kernel_exclude_made_failed",
+        labels: &[],
+        only_with: None,
+        help: "Cgroups made at an --exclude-cgroup path that the kernel side could not exclude \
+               as they were made: excluded once the agent sees them, which races their first \
+               lookups.",
+        read: Read::Counter(|s| s.kernel(Counter::ExcludeMadeFailed)),
+    },
+    Metric {
         name: "kernel_skipped_foreign_namespace",
         labels: &[],
         only_with: None,

@@ -365,6 +365,7 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
         format!("--listen={PROXY_LISTEN}"),
         format!("--exclude-cgroup={}", excluded.display()),
         format!("--exclude-cgroup={}", deeper.display()),
+        format!("--metrics={METRICS}"),
     ];
     const STARTS: u32 = 10;
     let mut agent = Agent::launch(&topology.client, &redirected, None, &args);
@@ -391,6 +392,17 @@ fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_
             agent.log()
         );
     }
+    // Each start's cgroup, counted by the kernel side as it excluded it (its slice, not an
+    // excluded path, is not).
+    let page = scrape(&topology);
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_excluded_as_made_total"),
+        u64::from(2 * STARTS)
+    );
+    assert_eq!(
+        value(&page, "dns_proxy_kernel_exclude_made_failed_total"),
+        0
+    );
     let names: Vec<String> = (0..STARTS)
         .map(|start| format!("start-{start}.example.test"))
         .collect();
