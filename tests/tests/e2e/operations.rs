@@ -349,9 +349,9 @@ fn an_excluded_cgroup_not_made_yet_at_start_is_excluded_once_made() {
 /// process can be moved in. The agent is frozen through each start, so it cannot look: before,
 /// it excluded the cgroup once it saw it (inotify), which raced the service's first lookup
 /// and lost some on a loaded machine (CI: 5 and 8 starts of 10 redirected), and all of them
-/// with the agent frozen; when it looked only each second, a real systemd's services lost 4 starts of 5
-/// (helper-143). Cgroups made beside it, at paths that only begin or end like it, are not
-/// excluded.
+/// with the agent frozen; when it looked only each second, a real systemd's services lost 4
+/// starts of 5 (helper-143). Cgroups made beside it, at paths that only begin or end like it,
+/// are not excluded.
 #[test]
 fn a_service_started_after_the_agent_in_an_excluded_cgroup_is_excluded_from_its_first_lookup() {
     let topology = Topology::new();
@@ -1879,8 +1879,8 @@ fn agent_taking_over_still_starting(topology: &Topology) -> Agent {
 }
 
 /// Said by an agent stopped while one taking over from it is still starting.
-const WAITS_FOR_ITS_SUCCESSOR: &str = "an agent taking over from this one does not steer the block yet (still starting): serving \
-     until it does";
+const WAITS_FOR_ITS_SUCCESSOR: &str = "an agent taking over from this one does not steer the \
+     block yet (still starting): serving until it does";
 
 /// The agent being replaced is stopped while the one taking over still loads its programs (a
 /// script that does not wait for readiness, a node drain): it serves on until the new one
