@@ -83,12 +83,27 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
 /// bytes ("combined stack size of 5 calls is 544").
 #[inline(always)]
 pub fn sock6_connect(ctx: &SockAddrContext) -> i32 {
-    let loopback_server = is_native_loopback6(ctx_user_ip6(ctx));
+    let loopback_server = native_loopback6_flag(ctx_user_ip6(ctx));
     let verdict = sock6_xlate_fwd(ctx, Hook::Connect);
-    if loopback_server && !is_native_loopback6(ctx_user_ip6(ctx)) {
+    if loopback_server != 0 && !is_native_loopback6(ctx_user_ip6(ctx)) {
         bind_loopback_source6(ctx);
     }
     verdict
+}
+
+/// 1 if `addr_be` is `::1` or `::` ([`is_native_loopback6`]), else 0, computed without a
+/// branch. With a branch, the verifier walked all of [`sock6_xlate_fwd`] once with the flag
+/// set and once more with it clear (it is live across the call): 167k instructions processed
+/// instead of 56k, and 45 MB of kernel memory charged to the agent at start instead of 25 MB.
+fn native_loopback6_flag(addr_be: [u32; 4]) -> u64 {
+    let [a, b, c, d] = addr_be;
+    let rest = u64::from(a | b | c | (d & !u32::from_ne_bytes([0, 0, 0, 1])));
+    // Hidden from LLVM, which would otherwise turn the arithmetic below back into a comparison,
+    // and so into a branch.
+    // SAFETY: a read of a live, aligned local.
+    let rest = unsafe { core::ptr::read_volatile(&rest) };
+    // `rest` < 2^32: its negation has the top bit set unless it is 0.
+    1 - (rest.wrapping_neg() >> 63)
 }
 
 /// `::1` or `::`, not a v4-mapped address (a dual-stack socket bound to `::1` could no longer

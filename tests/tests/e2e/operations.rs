@@ -1362,19 +1362,8 @@ fn lists_in_the_environment_take_spaces_and_a_trailing_comma() {
 fn an_agent_whose_background_tasks_fail_stops_with_an_error() {
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
-    let controller = Path::new("/sys/fs/cgroup/pids");
-    assert!(
-        controller.is_dir(),
-        "this test needs the cgroup v1 pids controller at {}",
-        controller.display()
-    );
-    let limited = PidsCgroup::new(controller.join(format!("{}-pids", topology.tag)), 3);
-    let mut wrapper = Command::new("sh");
-    wrapper
-        .arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && shift && exec "$@""#)
-        .arg(&limited.0);
-    let mut command = Agent::command_through(&topology, wrapper);
+    let limited = V1Cgroup::new("pids", &format!("{}-pids", topology.tag), "pids.max", 3);
+    let mut command = Agent::command_through(&topology, limited.enter_and_exec());
     command.env("RUST_LOG", "info").stderr(Stdio::piped());
     let mut agent = Process::spawn(&mut command);
     let (status, log) = agent.wait_exit_with_stderr(Duration::from_secs(20));
@@ -1422,20 +1411,61 @@ fn an_agent_whose_programs_another_process_detaches_stops_with_an_error() {
     );
 }
 
-/// A cgroup of the v1 pids controller with `pids.max` set; its processes killed and it removed
-/// when dropped.
-struct PidsCgroup(std::path::PathBuf);
+/// While the agent loads its programs, the kernel's verifier works in memory charged to the
+/// agent's memory cgroup, so a memory limit sized from a running agent (about 16 MiB) must also
+/// let it start. Here a fresh host-mode agent starts under 56 MiB and answers. Before, the
+/// verifier walked `connect6` three times over (167k instructions, 45 MB): the agent was
+/// killed loading it under 56 and 60 MiB and started under 64.
+#[test]
+fn an_agent_starts_and_answers_under_a_56_mib_memory_limit() {
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let limited = V1Cgroup::new(
+        "memory",
+        &format!("{}-memory", topology.tag),
+        "memory.limit_in_bytes",
+        56 << 20,
+    );
+    let _agent = Agent::spawn(Agent::command_through(&topology, limited.enter_and_exec()));
+    assert_eq!(
+        probe(&topology, "sendto", "within-a-memory-limit.example.test"),
+        expected_probe_line()
+    );
+}
 
-impl PidsCgroup {
-    fn new(path: std::path::PathBuf, max: u32) -> Self {
+/// A cgroup of a v1 controller (this machine's hybrid layout binds the controllers there) with
+/// one limit set; its processes killed and it removed when dropped.
+struct V1Cgroup(std::path::PathBuf);
+
+impl V1Cgroup {
+    fn new(controller: &str, name: &str, limit: &str, value: u64) -> Self {
+        let root = Path::new("/sys/fs/cgroup").join(controller);
+        assert!(
+            root.is_dir(),
+            "this test needs the cgroup v1 {controller} controller at {}",
+            root.display()
+        );
+        let path = root.join(name);
         fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
         let cgroup = Self(path);
-        fs::write(cgroup.0.join("pids.max"), max.to_string()).expect("set pids.max");
+        fs::write(cgroup.0.join(limit), value.to_string())
+            .unwrap_or_else(|err| panic!("set {limit}: {err}"));
         cgroup
+    }
+
+    /// A wrapper for [`Agent::command_through`] that moves itself into this cgroup and execs
+    /// what follows its `--`.
+    fn enter_and_exec(&self) -> Command {
+        let mut wrapper = Command::new("sh");
+        wrapper
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && shift && exec "$@""#)
+            .arg(&self.0);
+        wrapper
     }
 }
 
-impl Drop for PidsCgroup {
+impl Drop for V1Cgroup {
     fn drop(&mut self) {
         let procs = fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
         for pid in procs
