@@ -492,9 +492,18 @@ impl Drop for AgentCgroup {
             log::debug!("leaving {}: {err}", self.cgroup.path.display());
             return;
         }
-        // Fails while another agent still lives there; that one removes it.
-        if let Err(err) = fs::remove_dir(&self.cgroup.path) {
-            log::debug!("removing {}: {err}", self.cgroup.path.display());
+        match fs::remove_dir(&self.cgroup.path) {
+            Ok(()) => {}
+            // Where only CAP_DAC_OVERRIDE may remove it (the hierarchy's root, mode 0555 under
+            // systemd), which the agent gave up before serving.
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => log::info!(
+                "left the empty cgroup {} behind: removing it needs a capability the agent \
+                 gave up before serving ({err}); the next agent started here uses it again, \
+                 or remove it with rmdir",
+                self.cgroup.path.display()
+            ),
+            // Fails while another agent still lives there; that one removes it.
+            Err(err) => log::debug!("removing {}: {err}", self.cgroup.path.display()),
         }
     }
 }
