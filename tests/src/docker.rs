@@ -449,6 +449,8 @@ fn shut_down(host: &str, pid: i32) {
     let _ = fs::remove_dir_all(EXEC_ROOT);
     let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
     remove_cgroup_everywhere(Path::new(CGROUP_PARENT));
+    // containerd makes a cgroup for its namespace of `ctr` runs, beside the containers'.
+    remove_cgroup_everywhere(Path::new(CONTAINERD_NAMESPACE));
     eprintln!("docker: stopped the tests' dockerd");
 }
 
