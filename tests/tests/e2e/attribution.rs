@@ -732,9 +732,6 @@ fn an_index_forgotten_and_given_to_another_origin_is_read_anew() {
     );
 }
 
-/// Found by an adversarial review: an agent that had logged nothing left an empty file
-/// (START still in its buffer), which the agent taking over opened again instead of keeping
-/// aside, so both wrote into one file and the older one's STOP corrupted the newer one's log.
 /// A socket connected from a cgroup that is then removed (its process moved on): its origin
 /// is kept as long as the socket lives, so its index is never given to another pair, and its
 /// queries still go to the server it asked; once it is closed, the origin is forgotten. Before,
@@ -1385,6 +1382,9 @@ for line in sys.stdin:
         print("closed", flush=True)
 "#;
 
+/// Found by an adversarial review: an agent that had logged nothing left an empty file
+/// (START still in its buffer), which the agent taking over opened again instead of keeping
+/// aside, so both wrote into one file and the older one's STOP corrupted the newer one's log.
 #[test]
 fn a_takeover_of_an_agent_that_has_logged_nothing_keeps_both_logs_readable() {
     tests::require_root();
