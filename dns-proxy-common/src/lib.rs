@@ -120,6 +120,19 @@ pub mod names {
     /// index's address (UDP or TCP), until they are released (`cgroup/sock_release`). Pinned
     /// beside `SERVERS`: the agent forgets no origin that a live socket is connected to.
     pub const CONNECTED: &str = "CONNECTED";
+    /// Socket cookie -> the id of the cgroup (`u64`) whose share of `CONNECTED` the socket's
+    /// note is charged to ([`MAX_CONNECTED_PER_CGROUP`]); taken out with the note, by
+    /// `cgroup/sock_release`. Pinned beside `CONNECTED`.
+    pub const CONNECTED_CHARGE: &str = "CONNECTED_CHARGE";
+    /// Cgroup id -> how many notes of `CONNECTED` are charged to it (`u64`, added to and
+    /// taken from atomically by the programs). Pinned beside `CONNECTED`; the agent removes
+    /// the entries of cgroups that are gone, and those at 0.
+    pub const CONNECTED_PER_CGROUP: &str = "CONNECTED_PER_CGROUP";
+    /// The pin of the `cgroup/sock_release` program's link, in the table's directory. The one
+    /// link an agent leaves attached when it stops: a socket released while no agent runs
+    /// must still take its note out of `CONNECTED`, or the note, and the origin it holds,
+    /// would outlive it.
+    pub const SOCK_RELEASE_LINK: &str = "sock_release_link";
     /// Array of `u64` by [`crate::server_key`]: until when (`CLOCK_MONOTONIC` nanoseconds)
     /// `sk_lookup` drops UDP datagrams to that index's address, so that the kernel answers
     /// them port unreachable, as the server the index names did the agent. Written by the
@@ -207,8 +220,9 @@ pub enum Counter {
     /// DNS connects and sends left alone because their server is excluded
     /// (`EXCLUDED_SERVERS`): asked directly, from the workload's own address.
     SkippedExcludedServer = 10,
-    /// Sockets connected to a proxy address that `CONNECTED` had no room to note: once their
-    /// cgroup is gone, their index may be given to another origin while they still use it.
+    /// Sockets connected to a proxy address that `CONNECTED` had no room to note, or whose
+    /// cgroup had taken its share of it ([`MAX_CONNECTED_PER_CGROUP`]): once their cgroup is
+    /// gone, their index may be given to another origin while they still use it.
     ConnectedNotNoted = 11,
     /// DNS connects and sends left alone (an excluded cgroup's included: this is looked at
     /// first), and packets to a block address refused, because the agent had not said it was
@@ -357,6 +371,10 @@ pub const MAX_AGENTS: u32 = 64;
 /// Capacity of the `CONNECTED` map: sockets connected to the block at once that keep their
 /// index from being forgotten (past it, a socket is not counted, as before the map).
 pub const MAX_CONNECTED: u32 = 65_536;
+/// A cgroup's share of `CONNECTED`: past it, its sockets connected to the block are not noted
+/// (counted as [`Counter::ConnectedNotNoted`]), so that no one workload fills the map for the
+/// others. A stub resolver holds one or two such sockets, a forwarder's pool hundreds.
+pub const MAX_CONNECTED_PER_CGROUP: u64 = 4_096;
 
 /// The bit of `ARMED` that lets the programs send sockets to the IPv4 block (v4-mapped
 /// destinations of dual-stack sockets included).

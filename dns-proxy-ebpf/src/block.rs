@@ -380,7 +380,7 @@ extern "C" fn probe_slot(turn: u64, probe: *mut c_void) -> c_long {
 /// # Safety
 /// `target` must be valid and aligned for a `u64`, and written only atomically meanwhile.
 #[inline(always)]
-unsafe fn atomic_add(target: *mut u64, n: u64) {
+pub(crate) unsafe fn atomic_add(target: *mut u64, n: u64) {
     #[cfg(target_arch = "bpf")]
     // SAFETY: as the caller promises.
     unsafe {

@@ -204,6 +204,15 @@ static ALIVE_AT: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "CONNECTED")]
 static CONNECTED: HashMap<u64, u32> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
 
+/// Socket cookie → the cgroup whose share of `CONNECTED` the socket's note is charged to.
+#[map(name = "CONNECTED_CHARGE")]
+static CONNECTED_CHARGE: HashMap<u64, u64> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
+
+/// Cgroup id → the notes of `CONNECTED` charged to it. An entry per cgroup with a note at
+/// most, and the agent removes those at 0 and those of cgroups that are gone.
+#[map(name = "CONNECTED_PER_CGROUP")]
+static CONNECTED_PER_CGROUP: HashMap<u64, u64> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
+
 /// Until when (`CLOCK_MONOTONIC` ns) `sk_lookup` refuses UDP datagrams to each index's address
 /// (by `server_key`): the agent found that index's server's port closed.
 #[map(name = "REFUSING")]

@@ -10,18 +10,20 @@
 //! unchanged. Only a socket that would use the proxy's addresses is refused.
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
 };
 use dns_proxy_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, RedirectConfig, server_key, v4_mapped_prefix,
+    AF_INET, AF_INET6, Counter, Endpoint, MAX_CONNECTED_PER_CGROUP, RedirectConfig, server_key,
+    v4_mapped_prefix,
 };
 
 use crate::{
-    ALLOW, CONNECTED, Hook, REFUSE, SOURCE4,
+    ALLOW, CONNECTED, CONNECTED_CHARGE, CONNECTED_PER_CGROUP, Hook, REFUSE, SOURCE4,
     block::{
-        addresses_proxy4, block4_address, block6_address, encodes, index_for, index_in_block4,
-        index_in_block6, origin_at, server_at,
+        addresses_proxy4, atomic_add, block4_address, block6_address, encodes, index_for,
+        index_in_block4, index_in_block6, origin_at, server_at,
     },
     config,
     context::{
@@ -409,8 +411,12 @@ fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i
 /// socket may still send there. A TCP connection needs no note: the agent reads its server
 /// once, when it accepts it; and noting one would leak, as a TCP socket can leave the block
 /// before its release (a failed connect, a disconnect), and an MPTCP connect runs the hook on
-/// a subflow whose release runs none. Not inlined: the `connect6` path's stack is near its
-/// limit.
+/// a subflow whose release runs none.
+///
+/// The note is charged to the connecting cgroup (`CONNECTED_CHARGE`, `CONNECTED_PER_CGROUP`),
+/// once per socket: a cgroup past its share ([`MAX_CONNECTED_PER_CGROUP`]) is not noted, so
+/// that one workload holding many sockets cannot fill the map for the others. Not inlined:
+/// the `connect6` path's stack is near its limit.
 #[inline(never)]
 fn hold_index(ctx: &SockAddrContext, key: u32) {
     if ctx_sock_type(ctx) != SOCK_DGRAM {
@@ -418,24 +424,69 @@ fn hold_index(ctx: &SockAddrContext, key: u32) {
     }
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Full: the socket is not noted, as before the map, and counted.
-    if CONNECTED.insert(cookie, key, 0).is_err() {
+    // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
+    if unsafe { CONNECTED_CHARGE.get(cookie) }.is_some() {
+        // Noted and charged already (connected again within the block): the note follows
+        // the socket, and an update of an existing entry needs no room.
+        let _ = CONNECTED.insert(cookie, key, 0);
+        return;
+    }
+    // SAFETY: a helper with no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: as above; the count is copied out at once.
+    let charged = unsafe { CONNECTED_PER_CGROUP.get(cgroup_id) }
+        .copied()
+        .unwrap_or(0);
+    // Past its share, or full: not noted, as before the map, and counted. Two CPUs of one
+    // cgroup may both pass at its last place: a share is exceeded by a socket per CPU.
+    if (charged as i64) >= MAX_CONNECTED_PER_CGROUP as i64
+        || CONNECTED.insert(cookie, key, 0).is_err()
+    {
         count(Counter::ConnectedNotNoted);
+        return;
+    }
+    // The charge after the note, and out before it at release: a charge never outlives its
+    // note.
+    if CONNECTED_CHARGE.insert(cookie, cgroup_id, 0).is_err() {
+        return;
+    }
+    if CONNECTED_PER_CGROUP.get_ptr_mut(cgroup_id).is_none() {
+        // Room for it: an entry per cgroup with a note at most, but those at 0 the agent has
+        // not removed yet.
+        let _ = CONNECTED_PER_CGROUP.insert(cgroup_id, 0, u64::from(BPF_NOEXIST));
+    }
+    if let Some(count) = CONNECTED_PER_CGROUP.get_ptr_mut(cgroup_id) {
+        // SAFETY: a pointer into the map's value, aligned and valid while the program runs;
+        // every other writer (another CPU) adds to it atomically too.
+        unsafe { atomic_add(count, 1) };
     }
 }
 
-/// cgroup/sock_release: a UDP socket going away lets go of the index it was connected to.
-/// Every socket of the cgroup comes here, and an update of the map takes a lock: only UDP
-/// sockets are noted ([`hold_index`]), and one whose peer is not in the block (connected
-/// elsewhere since, or disconnected) is looked up first, without the lock.
+/// cgroup/sock_release: a UDP socket going away lets go of the index it was connected to,
+/// and of its charge. Every socket of the cgroup comes here, and an update of the map takes a
+/// lock: only UDP sockets are noted ([`hold_index`]), and one whose peer is not in the block
+/// (connected elsewhere since, or disconnected) is looked up first, without the lock.
+///
+/// The agent leaves this program attached when it stops (pinned, `SOCK_RELEASE_LINK`), so
+/// that a socket released while no agent runs takes its note out too. Two agents' programs
+/// may run for one socket during a takeover: only the one whose delete of the charge succeeds
+/// gives it back.
 pub fn release_sock(ctx: &SockContext) -> i32 {
     if ctx_sock_kind(ctx) != SOCK_DGRAM {
         return ALLOW;
     }
-    let (family, addr, port) = ctx_sock_peer(ctx);
-    let in_block = port != 0 && is_block_peer(&config(), family, addr, port);
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: as in `hold_index`; the cgroup id is copied out at once.
+    if let Some(cgroup_id) = unsafe { CONNECTED_CHARGE.get(cookie) }.copied()
+        && CONNECTED_CHARGE.remove(cookie).is_ok()
+        && let Some(count) = CONNECTED_PER_CGROUP.get_ptr_mut(cgroup_id)
+    {
+        // SAFETY: as in `hold_index`. Adding `u64::MAX` takes one away.
+        unsafe { atomic_add(count, u64::MAX) };
+    }
+    let (family, addr, port) = ctx_sock_peer(ctx);
+    let in_block = port != 0 && is_block_peer(&config(), family, addr, port);
     // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
     if in_block || unsafe { CONNECTED.get(cookie) }.is_some() {
         let _ = CONNECTED.remove(cookie);

@@ -284,7 +284,7 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
 /// What the pins must be, by name: (key size, value size, max entries). The first two are the
 /// table of servers, whose halves must be there together; the workloads' shares of it and the
 /// agents' maps come and go alone.
-const PINS: [(&str, u32, u32, u32); 7] = [
+const PINS: [(&str, u32, u32, u32); 9] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -327,6 +327,18 @@ const PINS: [(&str, u32, u32, u32); 7] = [
         4,
         dns_proxy_common::MAX_CONNECTED,
     ),
+    (
+        dns_proxy_common::names::CONNECTED_CHARGE,
+        8,
+        8,
+        dns_proxy_common::MAX_CONNECTED,
+    ),
+    (
+        dns_proxy_common::names::CONNECTED_PER_CGROUP,
+        8,
+        8,
+        dns_proxy_common::MAX_CONNECTED,
+    ),
 ];
 
 /// Whether the list of running agents is pinned in `pins`, the table's directory: without it
@@ -352,16 +364,27 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
         });
     }
     // The corrections of counts that are gone (a pin removed by hand) would correct the new
-    // counts wrongly: they go too, and the first walk settles the new counts afresh.
-    let corrections = pins.join(dns_proxy_common::names::CGROUP_ADJUST);
-    if corrections.exists() && !pins.join(dns_proxy_common::names::CGROUP_ORIGINS).exists() {
+    // counts wrongly: they go too, and the first walk settles the new counts afresh. Likewise
+    // the charges of notes that are gone: they would hold shares of `CONNECTED` that no
+    // socket gives back.
+    use dns_proxy_common::names::{
+        CGROUP_ADJUST, CGROUP_ORIGINS, CONNECTED, CONNECTED_CHARGE, CONNECTED_PER_CGROUP,
+    };
+    for (name, depends_on) in [
+        (CGROUP_ADJUST, CGROUP_ORIGINS),
+        (CONNECTED_CHARGE, CONNECTED),
+        (CONNECTED_PER_CGROUP, CONNECTED),
+    ] {
+        let path = pins.join(name);
+        if !path.exists() || pins.join(depends_on).exists() {
+            continue;
+        }
         log::warn!(
-            "{}: the counts it corrects ({}) are gone: removing it",
-            corrections.display(),
-            dns_proxy_common::names::CGROUP_ORIGINS
+            "{}: the map it goes with ({depends_on}) is gone: removing it",
+            path.display()
         );
-        std::fs::remove_file(&corrections).map_err(|err| HostError::Pin {
-            path: corrections.clone(),
+        std::fs::remove_file(&path).map_err(|err| HostError::Pin {
+            path: path.clone(),
             problem: format!("cannot remove it: {err}"),
         })?;
     }

@@ -41,6 +41,9 @@ pub struct ServerTable {
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
+    /// `CONNECTED_PER_CGROUP`: cgroup id → notes of `CONNECTED` charged to it; only read
+    /// here, and entries of cgroups that are gone, or at 0, removed.
+    connected_counts: std::sync::Mutex<HashMap<MapData, u64, u64>>,
     /// `CGROUP_ORIGINS`: cgroup id → slots the programs charged it; only read here, and
     /// entries of cgroups that are gone removed.
     shares: std::sync::Mutex<HashMap<MapData, u64, u64>>,
@@ -105,6 +108,7 @@ impl ServerTable {
             held_forgotten: std::sync::Mutex::default(),
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
+            connected_counts: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED_PER_CGROUP)?),
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
             corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
             unused_shared: std::sync::Mutex::default(),
@@ -409,6 +413,7 @@ impl ServerTable {
         let kept = after.values().filter(|origin| live(origin)).count();
         let occupied = after.len();
         self.forget_shares(&gone, &after);
+        self.forget_connected_counts(&gone);
         *self
             .last_seen_table
             .lock()
@@ -448,6 +453,24 @@ impl ServerTable {
             .collect();
         for cgroup_id in corrected {
             let _ = corrections.remove(&cgroup_id);
+        }
+    }
+
+    /// Removes the counts of `CONNECTED` notes (`CONNECTED_PER_CGROUP`) of cgroups that are
+    /// gone, whose ids are never used again (their sockets' releases then find no count to
+    /// take from), and those at 0, so that the map holds an entry only per cgroup with a note.
+    /// A program may add to an entry at 0 between the read and the removal: that note goes
+    /// uncounted, and its cgroup may hold one more than its share.
+    fn forget_connected_counts(&self, gone: &impl Fn(u64) -> bool) {
+        let mut counts = self.connected_counts();
+        let done: Vec<u64> = counts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(cgroup_id, count)| gone(*cgroup_id) || *count as i64 <= 0)
+            .map(|(cgroup_id, _)| cgroup_id)
+            .collect();
+        for cgroup_id in done {
+            let _ = counts.remove(&cgroup_id);
         }
     }
 
@@ -564,7 +587,7 @@ impl ServerTable {
     }
 
     /// The cgroup ids the table's origins name (the shared 0 aside), and those charged with a
-    /// share of it.
+    /// share of it or of `CONNECTED`.
     pub fn cgroups(&self) -> std::collections::HashSet<u64> {
         let mut cgroups: std::collections::HashSet<u64> = self
             .table()
@@ -575,7 +598,14 @@ impl ServerTable {
             .collect();
         cgroups.extend(self.shares().keys().filter_map(Result::ok));
         cgroups.extend(self.corrections().keys().filter_map(Result::ok));
+        cgroups.extend(self.connected_counts().keys().filter_map(Result::ok));
         cgroups
+    }
+
+    fn connected_counts(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, u64>> {
+        self.connected_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, u64>> {

@@ -484,9 +484,10 @@ pub const METRICS: &[Metric] = &[
         name: "kernel_connected_not_noted",
         labels: &[],
         only_with: None,
-        help: "Sockets connected to a proxy address that the kernel side had no room to note \
-               (65,536 at once): once their workload's cgroup is gone, their server's index \
-               may be given to another while they still use it.",
+        help: "Sockets connected to a proxy address that the kernel side did not note, as \
+               their workload's cgroup had 4,096 noted already, or 65,536 were noted in all: \
+               once their workload's cgroup is gone, their server's index may be given to \
+               another while they still use it.",
         read: Read::Counter(|s| s.kernel(Counter::ConnectedNotNoted)),
     },
     Metric {
