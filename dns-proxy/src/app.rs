@@ -667,6 +667,9 @@ fn attach(
         state_dir: &pins,
         listeners: listeners.fds(metrics),
         taking_over: listeners.joined_another_agent,
+        // `exec`'s cgroup goes with its command, and its agent shares the table (and the
+        // pin) with the host's: its link would take the place of the host agent's.
+        leave_release_attached: scope.command.is_none(),
     })?;
     if !config.excluded_servers.is_empty() {
         let servers: Vec<String> = config

@@ -1,10 +1,12 @@
 //! Loading the eBPF object, attaching its programs to a cgroup (and `sk_lookup` to this
 //! network namespace), and reading its maps.
 //!
-//! Links are bpf_links owned by this process's file descriptors and never pinned: if the agent
-//! dies, the kernel detaches everything and new lookups go direct again (fail-open). Only the
-//! table of servers is pinned (in `--state-dir`), so that a restarted agent decodes the
-//! addresses that sockets were sent to before.
+//! Links are bpf_links owned by this process's file descriptors: if the agent dies, the kernel
+//! detaches them and new lookups go direct again (fail-open). The one exception is
+//! `sock_release`'s, pinned so that sockets released while no agent runs still take their
+//! notes out of `CONNECTED`; it redirects nothing. The table of servers is pinned (in
+//! `--state-dir`), so that a restarted agent decodes the addresses that sockets were sent to
+//! before.
 use std::{
     fs::File,
     io,
@@ -21,7 +23,10 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, RawTracePoint, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupSockopt, RawTracePoint, SkLookup,
+        cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
         sk_lookup::SkLookupLinkId,
     },
 };
@@ -387,6 +392,8 @@ pub struct RedirectConfig<'a> {
     /// The listeners joined another agent's (`--takeover`): that agent must be alive in this
     /// state directory, on this port, or this one would serve with a table of its own.
     pub taking_over: bool,
+    /// Leave `sock_release` attached, pinned, when this agent stops (`run`; not `exec`).
+    pub leave_release_attached: bool,
 }
 
 /// A cgroup whose sockets, and those of every cgroup below it, are left alone.
@@ -397,11 +404,14 @@ pub struct ExcludedTree<'a> {
     pub level: u32,
 }
 
-/// The loaded and attached programs. Dropping it detaches them all.
+/// The loaded and attached programs. Dropping it detaches them all but `sock_release`, whose
+/// link is pinned.
 pub struct Redirector {
     ebpf: Ebpf,
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     steer_link: Option<SkLookupLinkId>,
+    /// `sock_release`'s link, pinned: it stays attached when the agent stops.
+    release_link: Option<PinnedLink>,
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
@@ -526,6 +536,7 @@ impl Redirector {
         let netns_fd = File::open("/proc/self/ns/net").map_err(EbpfError::OpenNetns)?;
         let mut redirect_links = Vec::new();
         let mut steer_link = None;
+        let mut release_link = None;
         for spec in PROGRAMS {
             let program = ebpf.program_mut(spec.name).ok_or(EbpfError::Missing {
                 kind: "program",
@@ -602,9 +613,32 @@ impl Redirector {
                 Hook::Sock => {
                     let program: &mut CgroupSock = program.try_into().map_err(|_| mismatch)?;
                     program.load().map_err(load_err)?;
-                    program
-                        .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
-                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
+                    let attach = |program: &mut CgroupSock| {
+                        program
+                            .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+                            .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))
+                    };
+                    let link = attach(program)?;
+                    let pinned = if config.leave_release_attached {
+                        pin_release_link(program, link, config.state_dir).map(Some)
+                    } else {
+                        Ok(None)
+                    };
+                    match pinned {
+                        Ok(pinned) => release_link = pinned,
+                        Err(problem) => {
+                            log::warn!(
+                                "cannot leave {} attached for when no agent runs ({problem}): \
+                                 a UDP socket connected through the agent and released while \
+                                 none runs stays noted in {} until the table is removed",
+                                spec.name,
+                                names::CONNECTED
+                            );
+                            // The link went with the failed pin: attached again, for as long
+                            // as this agent runs.
+                            attach(program)?;
+                        }
+                    }
                     log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
                 }
                 Hook::Sockopt => {
@@ -648,6 +682,7 @@ impl Redirector {
                 ebpf,
                 redirect_links,
                 steer_link,
+                release_link,
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
                 routing: Some((sources, switch)),
@@ -672,6 +707,47 @@ impl Redirector {
             log_detached(name, &format!("from {}", self.cgroup), result);
         }
     }
+}
+
+/// Pins `sock_release`'s link in the table's directory (`pins`), in place of the one an
+/// earlier agent left there, so that it stays attached when this agent stops: a UDP socket
+/// released while no agent runs (between a stop and a start, after a SIGKILL) still takes its
+/// note out of `CONNECTED`. Left there for good, the note would hold its origin, and its
+/// share of `CONNECTED`, until the table is removed (helper-154: a workload that held 65,536
+/// sockets across one restart left the map full). The program only takes out notes: it
+/// redirects nothing, and needs no agent. An earlier agent's link, unpinned, is detached once
+/// that agent holds it no more (at once, or when it stops after a takeover); while both run,
+/// both programs see each socket released, and only one gives its charge back.
+///
+/// On an error the link is gone (a failed pin drops it), and the caller attaches anew.
+fn pin_release_link(
+    program: &mut CgroupSock,
+    link: CgroupSockLinkId,
+    pins: &Path,
+) -> Result<PinnedLink, String> {
+    let link = program.take_link(link).map_err(|err| err.to_string())?;
+    let link = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
+    let path = pins.join(names::SOCK_RELEASE_LINK);
+    // Pinned under a name of its own, then renamed over the last: never a moment without one.
+    // (bpffs takes no `.` in a name.)
+    let staged = pins.join(format!(
+        "{}_{}",
+        names::SOCK_RELEASE_LINK,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staged);
+    let pinned = link
+        .pin(&staged)
+        .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
+    if let Err(err) = std::fs::rename(&staged, &path) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(format!(
+            "renaming {} to {}: {err}",
+            staged.display(),
+            path.display()
+        ));
+    }
+    Ok(pinned)
 }
 
 /// What happens to a cgroup made at an excluded path when the kernel cannot exclude it as it
@@ -775,7 +851,16 @@ impl Redirector {
 impl Drop for Redirector {
     fn drop(&mut self) {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
-        log::info!("detaching all programs from {}", self.cgroup);
+        if self.release_link.is_some() {
+            log::info!(
+                "detaching all programs from {} but {} (pinned, it redirects nothing: sockets \
+                 released while no agent runs still let go of their notes)",
+                self.cgroup,
+                names::SOCK_RELEASE
+            );
+        } else {
+            log::info!("detaching all programs from {}", self.cgroup);
+        }
     }
 }
 

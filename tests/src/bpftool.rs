@@ -1,6 +1,6 @@
 //! What the kernel holds, read with bpftool rather than through the agent: the indexes the
-//! agents' pinned server table gives servers, its origins per cgroup, and how many entries a
-//! map of the programs attached to a cgroup has.
+//! agents' pinned server table gives servers, its origins per cgroup, how many entries a map
+//! of the programs attached to a cgroup has, and which programs are attached.
 use std::{
     fs,
     net::IpAddr,
@@ -69,6 +69,22 @@ pub fn charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<i64> {
         (None, None) => None,
         (count, correction) => Some(count.unwrap_or(0) + correction.unwrap_or(0)),
     }
+}
+
+/// How many entries map `name`, pinned beside the agents' table of servers below
+/// `state_dir`, holds: read through its pin, so whether an agent runs plays no part.
+pub fn pinned_entries(state_dir: &Path, name: &str) -> usize {
+    table_map(state_dir, name).1.len()
+}
+
+/// How many notes of `CONNECTED` (connected sockets) cgroup `cgroup_id` is charged with, in
+/// `CONNECTED_PER_CGROUP`; `None` if it has no entry.
+pub fn connected_charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<i64> {
+    let (_, entries) = table_map(state_dir, "CONNECTED_PER_CGROUP");
+    entries.iter().find_map(|(key, value)| {
+        (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
+            .then(|| i64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
+    })
 }
 
 /// An entry of a BPF map as bpftool dumps it: key and value bytes.
@@ -152,4 +168,36 @@ pub fn attached_map_entries(cgroup: &Path, map_name: &str) -> usize {
     );
     let entries = json(&["map", "dump", "id", &matching[0].to_string()]);
     entries.as_array().expect("array").len()
+}
+
+/// The names of the programs attached to `cgroup`, read with bpftool.
+pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+    let output = must(
+        Command::new("bpftool")
+            .arg("--json")
+            .args(["cgroup", "show"])
+            .arg(cgroup),
+    );
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
+    programs
+        .as_array()
+        .expect("bpftool shows an array")
+        .iter()
+        .map(|program| program["name"].as_str().expect("a name").to_owned())
+        .collect()
+}
+
+/// Asserts that an agent that stopped left only `sock_release` attached to `cgroup`: the one
+/// program it leaves (pinned) so that sockets released while no agent runs let go of their
+/// notes. It redirects nothing.
+pub fn assert_only_sock_release_left(cgroup: &Path) {
+    assert_eq!(
+        attached_programs(cgroup),
+        ["dns_proxy_sock_release"],
+        "programs left attached to {}",
+        cgroup.display()
+    );
 }

@@ -574,16 +574,7 @@ fn sighup_is_ignored_and_sigterm_detaches_and_exits_zero() {
         log.contains("stopped: udp: received=1 forwarded=1 answered=1 "),
         "{log}"
     );
-    let attached = must(
-        Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(&topology.cgroup.path),
-    );
-    assert!(
-        attached.stdout.is_empty(),
-        "programs still attached: {}",
-        String::from_utf8_lossy(&attached.stdout)
-    );
+    tests::assert_only_sock_release_left(&topology.cgroup.path);
     let after = "afterterm.example.test";
     assert_answered(
         dig(topology.workload("dig", &[]), after, &[]),

@@ -222,16 +222,7 @@ fn once_serving_the_agent_holds_no_capability_and_still_answers_and_stops_cleanl
     let log = agent.log();
     assert!(log.contains("detached"), "{log}");
     assert!(!log.contains("WARN"), "{log}");
-    let attached = must(
-        Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(&topology.cgroup.path),
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&attached.stdout).trim(),
-        "",
-        "programs still attached"
-    );
+    tests::assert_only_sock_release_left(&topology.cgroup.path);
 }
 
 const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
