@@ -126,12 +126,12 @@ pub mod names {
     pub const CONNECTED_CHARGE: &str = "CONNECTED_CHARGE";
     /// Cgroup id -> how many notes of `CONNECTED` are charged to it (`u64`, added to and
     /// taken from atomically by the programs). Pinned beside `CONNECTED`; the agent removes
-    /// the entries of cgroups that are gone, and those at 0.
+    /// the entries at 0.
     pub const CONNECTED_PER_CGROUP: &str = "CONNECTED_PER_CGROUP";
-    /// The pin of the `cgroup/sock_release` program's link, in the table's directory. The one
-    /// link an agent leaves attached when it stops: a socket released while no agent runs
-    /// must still take its note out of `CONNECTED`, or the note, and the origin it holds,
-    /// would outlive it.
+    /// The pin of the `cgroup/sock_release` program's link, in the table's directory, followed
+    /// by `_` and the redirected cgroup's id. The one link an agent leaves attached when it
+    /// stops: a socket released while no agent runs must still take its note out of
+    /// `CONNECTED`, or the note, and the origin it holds, would outlive it.
     pub const SOCK_RELEASE_LINK: &str = "sock_release_link";
     /// Array of `u64` by [`crate::server_key`]: until when (`CLOCK_MONOTONIC` nanoseconds)
     /// `sk_lookup` drops UDP datagrams to that index's address, so that the kernel answers

@@ -209,7 +209,7 @@ static CONNECTED: HashMap<u64, u32> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PR
 static CONNECTED_CHARGE: HashMap<u64, u64> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
 
 /// Cgroup id → the notes of `CONNECTED` charged to it. An entry per cgroup with a note at
-/// most, and the agent removes those at 0 and those of cgroups that are gone.
+/// most, as the agent removes those at 0.
 #[map(name = "CONNECTED_PER_CGROUP")]
 static CONNECTED_PER_CGROUP: HashMap<u64, u64> = HashMap::pinned(MAX_CONNECTED, BPF_F_NO_PREALLOC);
 

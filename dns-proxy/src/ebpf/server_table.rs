@@ -42,7 +42,7 @@ pub struct ServerTable {
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
     /// `CONNECTED_PER_CGROUP`: cgroup id → notes of `CONNECTED` charged to it; only read
-    /// here, and entries of cgroups that are gone, or at 0, removed.
+    /// here, and entries at 0 removed.
     connected_counts: std::sync::Mutex<HashMap<MapData, u64, u64>>,
     /// `CGROUP_ORIGINS`: cgroup id → slots the programs charged it; only read here, and
     /// entries of cgroups that are gone removed.
@@ -413,7 +413,7 @@ impl ServerTable {
         let kept = after.values().filter(|origin| live(origin)).count();
         let occupied = after.len();
         self.forget_shares(&gone, &after);
-        self.forget_connected_counts(&gone);
+        self.forget_connected_counts();
         *self
             .last_seen_table
             .lock()
@@ -456,17 +456,20 @@ impl ServerTable {
         }
     }
 
-    /// Removes the counts of `CONNECTED` notes (`CONNECTED_PER_CGROUP`) of cgroups that are
-    /// gone, whose ids are never used again (their sockets' releases then find no count to
-    /// take from), and those at 0, so that the map holds an entry only per cgroup with a note.
-    /// A program may add to an entry at 0 between the read and the removal: that note goes
+    /// Removes the counts of `CONNECTED` notes (`CONNECTED_PER_CGROUP`) at 0 (or below), so
+    /// that the map holds an entry only per cgroup with a note. Never one above 0, even of a
+    /// cgroup that looks gone: the walk takes a cgroup it does not reach (deeper than it goes)
+    /// for gone, and removing a count its notes still hold let one such cgroup take a share
+    /// at each walk, and fill the map (helper-155: 65,536 notes from one cgroup 41 levels
+    /// deep). A cgroup that is gone has its count brought to 0 by its sockets' releases. A
+    /// program may add to an entry at 0 between the read and the removal: that note goes
     /// uncounted, and its cgroup may hold one more than its share.
-    fn forget_connected_counts(&self, gone: &impl Fn(u64) -> bool) {
+    fn forget_connected_counts(&self) {
         let mut counts = self.connected_counts();
         let done: Vec<u64> = counts
             .iter()
             .filter_map(Result::ok)
-            .filter(|(cgroup_id, count)| gone(*cgroup_id) || *count as i64 <= 0)
+            .filter(|(_, count)| *count as i64 <= 0)
             .map(|(cgroup_id, _)| cgroup_id)
             .collect();
         for cgroup_id in done {
@@ -587,7 +590,7 @@ impl ServerTable {
     }
 
     /// The cgroup ids the table's origins name (the shared 0 aside), and those charged with a
-    /// share of it or of `CONNECTED`.
+    /// share of it.
     pub fn cgroups(&self) -> std::collections::HashSet<u64> {
         let mut cgroups: std::collections::HashSet<u64> = self
             .table()
@@ -598,7 +601,6 @@ impl ServerTable {
             .collect();
         cgroups.extend(self.shares().keys().filter_map(Result::ok));
         cgroups.extend(self.corrections().keys().filter_map(Result::ok));
-        cgroups.extend(self.connected_counts().keys().filter_map(Result::ok));
         cgroups
     }
 

@@ -795,7 +795,7 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
 /// the agent leaves `sock_release` attached, pinned. Before, such a note stayed until the
 /// table was removed, holding its origin and a place in the map (helper-154: a workload that
 /// held 65,536 sockets across one restart left it full for good). Each start's link replaces
-/// the last: one program is left attached, not one per start.
+/// the last on this cgroup and table: one program is left attached, not one per start.
 #[test]
 fn a_socket_closed_while_no_agent_runs_lets_go_of_its_note() {
     use std::os::unix::fs::MetadataExt as _;
@@ -833,6 +833,43 @@ fn a_socket_closed_while_no_agent_runs_lets_go_of_its_note() {
             Some(0)
         );
     }
+}
+
+/// A cgroup deeper than the agent's walk of the cgroup tree goes (32 levels) looks gone to
+/// the walk, but its share of the notes of connected sockets stays counted. The walk removed
+/// the counts of cgroups that looked gone, and one cgroup 41 levels deep took a fresh share
+/// at each walk until `CONNECTED` was full; a victim's unnoted socket then got another
+/// server's answers (helper-155).
+#[test]
+fn a_cgroup_deeper_than_the_walk_keeps_its_share_of_noted_sockets() {
+    use std::os::unix::fs::MetadataExt as _;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    // A walk every second.
+    let _agent = Agent::start_with_env(&topology, &[], &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")]);
+    let levels: Vec<String> = (0..40).map(|level| format!("d{level}")).collect();
+    let deep = child_cgroup(&topology, &levels.join("/"));
+    let deep_id = std::fs::metadata(&deep).expect("stat").ino();
+    let state = topology.client.state_dir();
+    let server = format!("{SERVER_IP}:53");
+    let holder = || in_cgroup_and_netns(&deep, &topology.client, HOSTILE, &[]);
+    let mut share = hold(holder(), &server, 4_096, &[]);
+    // Missing from three walks and more: taken for gone, if it ever is.
+    thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        tests::connected_charge_of_cgroup(&state, deep_id),
+        Some(4_096)
+    );
+    let mut past = hold(holder(), &server, 100, &[]);
+    assert_eq!(
+        tests::pinned_entries(&state, "CONNECTED"),
+        4_096,
+        "notes past the share"
+    );
+    for holder in [&mut share, &mut past] {
+        holder.finish_with_stdout(Duration::from_secs(30));
+    }
+    assert_eq!(tests::pinned_entries(&state, "CONNECTED"), 0);
 }
 
 /// A block of 64 addresses or fewer is searched whole for a free slot, so it fills to its
