@@ -12,6 +12,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::unix::fs::MetadataExt as _,
     path::Path,
 };
 
@@ -411,7 +412,7 @@ pub struct Redirector {
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     steer_link: Option<SkLookupLinkId>,
     /// `sock_release`'s link, pinned: it stays attached when the agent stops.
-    release_link: Option<PinnedLink>,
+    release_link: Option<ReleasePin>,
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
@@ -620,7 +621,8 @@ impl Redirector {
                     };
                     let link = attach(program)?;
                     let pinned = if config.leave_release_attached {
-                        pin_release_link(program, link, config.state_dir).map(Some)
+                        pin_release_link(program, link, config.state_dir, config.cgroup.id)
+                            .map(Some)
                     } else {
                         Ok(None)
                     };
@@ -724,17 +726,15 @@ fn pin_release_link(
     program: &mut CgroupSock,
     link: CgroupSockLinkId,
     pins: &Path,
-) -> Result<PinnedLink, String> {
+    cgroup_id: u64,
+) -> Result<ReleasePin, String> {
     let link = program.take_link(link).map_err(|err| err.to_string())?;
     let link = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
-    let path = pins.join(names::SOCK_RELEASE_LINK);
+    // One per cgroup: agents on other cgroups that share the table keep theirs.
+    let path = pins.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK));
     // Pinned under a name of its own, then renamed over the last: never a moment without one.
     // (bpffs takes no `.` in a name.)
-    let staged = pins.join(format!(
-        "{}_{}",
-        names::SOCK_RELEASE_LINK,
-        std::process::id()
-    ));
+    let staged = pins.join(format!("sock_release_staged_{}", std::process::id()));
     let _ = std::fs::remove_file(&staged);
     let pinned = link
         .pin(&staged)
@@ -747,7 +747,29 @@ fn pin_release_link(
             path.display()
         ));
     }
-    Ok(pinned)
+    let inode = std::fs::metadata(&path)
+        .map_err(|err| format!("reading {}: {err}", path.display()))?
+        .ino();
+    Ok(ReleasePin {
+        _link: pinned,
+        path,
+        inode,
+    })
+}
+
+/// `sock_release`'s pinned link, and which file pins it: another agent's start, or the state
+/// directory's removal, takes the pin away while this agent runs.
+struct ReleasePin {
+    _link: PinnedLink,
+    path: std::path::PathBuf,
+    inode: u64,
+}
+
+impl ReleasePin {
+    /// Whether the pin is still this agent's link's (bpffs numbers its inodes afresh).
+    fn still_pinned(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|pinned| pinned.ino() == self.inode)
+    }
 }
 
 /// What happens to a cgroup made at an excluded path when the kernel cannot exclude it as it
@@ -851,15 +873,31 @@ impl Redirector {
 impl Drop for Redirector {
     fn drop(&mut self) {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
-        if self.release_link.is_some() {
-            log::info!(
-                "detaching all programs from {} but {} (pinned, it redirects nothing: sockets \
-                 released while no agent runs still let go of their notes)",
+        match &self.release_link {
+            Some(pin) if pin.still_pinned() => log::info!(
+                "detaching all programs from {} but {} (pinned at {}, it redirects nothing: \
+                 sockets released while no agent runs still let go of their notes)",
                 self.cgroup,
-                names::SOCK_RELEASE
-            );
-        } else {
-            log::info!("detaching all programs from {}", self.cgroup);
+                names::SOCK_RELEASE,
+                pin.path.display()
+            ),
+            Some(pin) if pin.path.exists() => log::info!(
+                "detaching all programs from {}, {} too: the one pinned at {} is the agent's \
+                 that started since on this cgroup (a takeover)",
+                self.cgroup,
+                names::SOCK_RELEASE,
+                pin.path.display()
+            ),
+            Some(pin) => log::warn!(
+                "detaching all programs from {}, {} too, as its pin at {} is gone (the state \
+                 directory removed while the agent ran): this cgroup's UDP sockets released \
+                 while no agent runs stay noted in {} until the table is removed",
+                self.cgroup,
+                names::SOCK_RELEASE,
+                pin.path.display(),
+                names::CONNECTED
+            ),
+            None => log::info!("detaching all programs from {}", self.cgroup),
         }
     }
 }
