@@ -719,7 +719,7 @@ fn attach(
     }
     let (redirector, servers, kernel_counters, agents) = attached;
     // Held once the load has pinned them: pinned again if the state directory goes.
-    let pins = host::Pins::hold(&pins)?;
+    let pins = host::Pins::hold(&pins, redirector.release_pin())?;
     Ok(Attached {
         redirector,
         servers,

@@ -12,8 +12,8 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-    os::unix::fs::MetadataExt as _,
     path::Path,
+    sync::Arc,
 };
 
 use aya::{
@@ -24,10 +24,7 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, RawTracePoint, SkLookup,
-        cgroup_sock::CgroupSockLinkId,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
-        links::{FdLink, PinnedLink},
+        CgroupSockopt, RawTracePoint, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
         sk_lookup::SkLookupLinkId,
     },
 };
@@ -48,6 +45,7 @@ mod kernel_btf;
 mod links;
 mod origins;
 mod own_sockets;
+mod release_pin;
 mod server_table;
 mod sources;
 
@@ -55,6 +53,7 @@ pub use alive::AliveAt;
 pub use links::AttachedLinks;
 pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
+pub use release_pin::ReleasePin;
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
 pub use sources::DirectSources;
 
@@ -412,7 +411,7 @@ pub struct Redirector {
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     steer_link: Option<SkLookupLinkId>,
     /// `sock_release`'s link, pinned: it stays attached when the agent stops.
-    release_link: Option<ReleasePin>,
+    release_link: Option<Arc<ReleasePin>>,
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
@@ -621,8 +620,8 @@ impl Redirector {
                     };
                     let link = attach(program)?;
                     let pinned = if config.leave_release_attached {
-                        pin_release_link(program, link, config.state_dir, config.cgroup.id)
-                            .map(Some)
+                        ReleasePin::pin(program, link, config.state_dir, config.cgroup.id)
+                            .map(|pin| Some(Arc::new(pin)))
                     } else {
                         Ok(None)
                     };
@@ -697,6 +696,11 @@ impl Redirector {
         ))
     }
 
+    /// `sock_release`'s pinned link, if it is pinned: to be pinned again if its pin goes.
+    pub fn release_pin(&self) -> Option<Arc<ReleasePin>> {
+        self.release_link.clone()
+    }
+
     /// Stops redirecting new sockets, while packets to the proxy's addresses are still steered
     /// to it and answers still decoded. The first step of a graceful shutdown.
     pub fn stop_redirecting(&mut self) {
@@ -708,67 +712,6 @@ impl Redirector {
                 .map(|program| program.detach(link));
             log_detached(name, &format!("from {}", self.cgroup), result);
         }
-    }
-}
-
-/// Pins `sock_release`'s link in the table's directory (`pins`), in place of the one an
-/// earlier agent left there, so that it stays attached when this agent stops: a UDP socket
-/// released while no agent runs (between a stop and a start, after a SIGKILL) still takes its
-/// note out of `CONNECTED`. Left there for good, the note would hold its origin, and its
-/// share of `CONNECTED`, until the table is removed (helper-154: a workload that held 65,536
-/// sockets across one restart left the map full). The program only takes out notes: it
-/// redirects nothing, and needs no agent. An earlier agent's link, unpinned, is detached once
-/// that agent holds it no more (at once, or when it stops after a takeover); while both run,
-/// both programs see each socket released, and only one gives its charge back.
-///
-/// On an error the link is gone (a failed pin drops it), and the caller attaches anew.
-fn pin_release_link(
-    program: &mut CgroupSock,
-    link: CgroupSockLinkId,
-    pins: &Path,
-    cgroup_id: u64,
-) -> Result<ReleasePin, String> {
-    let link = program.take_link(link).map_err(|err| err.to_string())?;
-    let link = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
-    // One per cgroup: agents on other cgroups that share the table keep theirs.
-    let path = pins.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK));
-    // Pinned under a name of its own, then renamed over the last: never a moment without one.
-    // (bpffs takes no `.` in a name.)
-    let staged = pins.join(format!("sock_release_staged_{}", std::process::id()));
-    let _ = std::fs::remove_file(&staged);
-    let pinned = link
-        .pin(&staged)
-        .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
-    if let Err(err) = std::fs::rename(&staged, &path) {
-        let _ = std::fs::remove_file(&staged);
-        return Err(format!(
-            "renaming {} to {}: {err}",
-            staged.display(),
-            path.display()
-        ));
-    }
-    let inode = std::fs::metadata(&path)
-        .map_err(|err| format!("reading {}: {err}", path.display()))?
-        .ino();
-    Ok(ReleasePin {
-        _link: pinned,
-        path,
-        inode,
-    })
-}
-
-/// `sock_release`'s pinned link, and which file pins it: another agent's start, or the state
-/// directory's removal, takes the pin away while this agent runs.
-struct ReleasePin {
-    _link: PinnedLink,
-    path: std::path::PathBuf,
-    inode: u64,
-}
-
-impl ReleasePin {
-    /// Whether the pin is still this agent's link's (bpffs numbers its inodes afresh).
-    fn still_pinned(&self) -> bool {
-        std::fs::metadata(&self.path).is_ok_and(|pinned| pinned.ino() == self.inode)
     }
 }
 
@@ -879,14 +822,14 @@ impl Drop for Redirector {
                  sockets released while no agent runs still let go of their notes)",
                 self.cgroup,
                 names::SOCK_RELEASE,
-                pin.path.display()
+                pin.path().display()
             ),
-            Some(pin) if pin.path.exists() => log::info!(
+            Some(pin) if pin.path().exists() => log::info!(
                 "detaching all programs from {}, {} too: the one pinned at {} is the agent's \
                  that started since on this cgroup (a takeover)",
                 self.cgroup,
                 names::SOCK_RELEASE,
-                pin.path.display()
+                pin.path().display()
             ),
             Some(pin) => log::warn!(
                 "detaching all programs from {}, {} too, as its pin at {} is gone (the state \
@@ -894,7 +837,7 @@ impl Drop for Redirector {
                  while no agent runs stay noted in {} until the table is removed",
                 self.cgroup,
                 names::SOCK_RELEASE,
-                pin.path.display(),
+                pin.path().display(),
                 names::CONNECTED
             ),
             None => log::info!("detaching all programs from {}", self.cgroup),

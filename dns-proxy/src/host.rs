@@ -11,6 +11,7 @@ use std::{
         unix::{ffi::OsStrExt as _, fs::DirBuilderExt as _},
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use dns_proxy_common::AddressBlock;
@@ -460,11 +461,17 @@ pub struct Pins {
     /// The kernel's ids of the table's two maps (`SERVERS`, `SERVER_INDEX`), by which a pin
     /// of their names is known for theirs.
     table_ids: [u32; 2],
+    /// `sock_release`'s link, if pinned: it goes with the state directory too.
+    release_link: Option<Arc<crate::ebpf::ReleasePin>>,
 }
 
 impl Pins {
-    /// Opens every pin in `dir`, the table's directory, once the programs are loaded.
-    pub fn hold(dir: &Path) -> Result<Self, HostError> {
+    /// Opens every pin in `dir`, the table's directory, once the programs are loaded, and
+    /// holds `release_link`, pinned there by the load.
+    pub fn hold(
+        dir: &Path,
+        release_link: Option<Arc<crate::ebpf::ReleasePin>>,
+    ) -> Result<Self, HostError> {
         let maps = PINS
             .iter()
             .map(|(name, ..)| {
@@ -494,7 +501,17 @@ impl Pins {
             dir: dir.to_owned(),
             maps,
             table_ids,
+            release_link,
         })
+    }
+
+    /// Pins `sock_release`'s link again if its pin is gone, after [`restore`](Self::restore)
+    /// made the directories again; `None` if it was not pinned at the start. `replaced`: a
+    /// newer agent took over, and its link is the one to leave attached.
+    pub fn restore_release_link(&self, replaced: bool) -> Option<Result<bool, String>> {
+        self.release_link
+            .as_ref()
+            .map(|link| link.restore(replaced))
     }
 
     /// The table's directory.

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use dns_proxy_common::AddressBlock;
+use dns_proxy_common::{AddressBlock, names};
 
 use super::LOG;
 use crate::{
@@ -716,6 +716,7 @@ async fn keep_alive(
 ) {
     let mut replaced = false;
     let mut cannot_pin = false;
+    let mut cannot_pin_release = false;
     loop {
         tokio::select! {
             () = stop.stopped() => return,
@@ -729,11 +730,17 @@ async fn keep_alive(
                 agents.heartbeat();
                 redirect_lock.try_take();
                 agents.refresh_replaced();
-                pins.restore()
+                let restored = pins.restore();
+                // Where the table is pinned again, the link is too.
+                let release = restored
+                    .is_ok()
+                    .then(|| pins.restore_release_link(agents.replaced()))
+                    .flatten();
+                (restored, release)
             }
         })
         .await;
-        let Ok(restored) = looked else {
+        let Ok((restored, release)) = looked else {
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
         };
@@ -765,6 +772,29 @@ async fn keep_alive(
             log::info!(target: LOG, "the table of servers is pinned again");
         }
         cannot_pin = !pinned;
+        match release {
+            Some(Ok(true)) => log::warn!(
+                target: LOG,
+                "{}'s pin in {} was gone: pinned again, so that it stays attached when the \
+                 agent stops",
+                names::SOCK_RELEASE,
+                pins.dir().display()
+            ),
+            // Said once: the link cannot be pinned again after a failure.
+            Some(Err(err)) if !cannot_pin_release => {
+                cannot_pin_release = true;
+                log::warn!(
+                    target: LOG,
+                    "cannot pin {} again in {}: {err}; it stays attached while the agent \
+                     runs, and this cgroup's UDP sockets released once it stops stay noted in \
+                     {} until the table is removed",
+                    names::SOCK_RELEASE,
+                    pins.dir().display(),
+                    names::CONNECTED
+                );
+            }
+            _ => {}
+        }
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(

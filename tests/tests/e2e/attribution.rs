@@ -1002,7 +1002,9 @@ fn a_servers_shared_origin_is_forgotten_once_no_pair_asks_it() {
 /// directory) are pinned again, so that the next agent decodes the addresses sockets were sent
 /// to before as this one does. Before, the next agent made a fresh table, in which a socket
 /// connected before named whichever origin took its index next (an adversary's held sockets:
-/// 9 of 60 answered by another server, 47 refused).
+/// 9 of 60 answered by another server, 47 refused). `sock_release`'s link is pinned again
+/// with it, and the stop leaves it attached; before, the stop detached it, and sockets
+/// released while no agent ran kept their notes until the table was removed.
 #[test]
 fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     use tests::{SECOND_ANSWER_IP, SECOND_SERVER_IP};
@@ -1019,8 +1021,11 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
         tests::table_dir(&state).join("CGROUP_ORIGINS").exists(),
         "the workloads' shares are back with it"
     );
+    // And `sock_release`'s link, so that the stop leaves it attached as ever.
+    wait_for_log(&agent, "dns_proxy_sock_release's pin");
     agent.process().signal(libc::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    tests::assert_only_sock_release_left(&topology.cgroup.path);
     let agent = Agent::start_with_env(
         &topology,
         &["--redirect-block=127.53.0.0/29", "--udp-threads=1"],
