@@ -390,12 +390,7 @@ fn an_answer_too_long_for_the_client_is_sent_truncated_and_its_tcp_retry_comes_w
     assert!(!retried.contains(" tc"), "{retried}");
     let asked = authority.queries("big.example.test");
     assert_eq!(asked, ["big.example.test. A do=0 udp"], "asked once");
-    std::thread::sleep(Duration::from_millis(200));
-    let lines = agent.query_lines("big.example.test");
-    let tcp_hits = lines
-        .iter()
-        .filter(|line| line.contains("query tcp ") && line.contains(" cache=hit "))
-        .count();
+    let tcp_hits = tcp_lines_once_logged(&agent, "big.example.test", "hit");
     assert_eq!(tcp_hits, 1, "{}", agent.log());
 }
 
@@ -450,6 +445,7 @@ fn a_client_that_takes_more_than_an_identical_query_in_flight_gets_the_whole_ans
 
 #[test]
 fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_id_and_case() {
+    let _apart = super::one_flood_at_a_time();
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 68);
     let authority = Authority::start(&topology, server);
@@ -525,6 +521,7 @@ fn twenty_clients_asking_at_once_make_one_upstream_query_and_each_gets_its_own_i
 /// did every later identical one: one upstream query per lookup (helper-125).
 #[test]
 fn an_odd_query_in_flight_does_not_keep_identical_ones_from_waiting_on_each_other() {
+    let _apart = super::one_flood_at_a_time();
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 79);
     let authority = Authority::start(&topology, server);
@@ -665,6 +662,7 @@ const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
 
 #[test]
 fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
+    let _flood = super::one_flood_at_a_time();
     const ENTRIES: u64 = 50_000;
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 71);
@@ -747,6 +745,7 @@ fn a_million_distinct_names_keep_the_cache_within_its_bounds() {
 
 #[test]
 fn a_retry_after_a_lost_query_goes_upstream_and_only_identical_queries_wait_on_one_another() {
+    let _apart = super::one_flood_at_a_time();
     let topology = Topology::new();
     let server = Ipv4Addr::new(192, 0, 2, 73);
     let authority = Authority::start(&topology, server);
@@ -903,12 +902,7 @@ fn a_truncated_stale_answer_is_retried_over_tcp_and_answered_stale_there() {
     assert!(retried.contains("ANSWER: 40,"), "{retried}");
     // RFC 8767's 30 s, but no TTL above --cache-max-ttl.
     assert_eq!(ttl_of(&retried, "A"), 2, "{retried}");
-    std::thread::sleep(Duration::from_millis(200));
-    let tcp_stale = agent
-        .query_lines("big.example.test")
-        .iter()
-        .filter(|line| line.contains("query tcp ") && line.contains(" cache=stale "))
-        .count();
+    let tcp_stale = tcp_lines_once_logged(&agent, "big.example.test", "stale");
     assert_eq!(tcp_stale, 1, "{}", agent.log());
 }
 
@@ -991,6 +985,24 @@ fn stub_resolvers_read_an_authoritative_servers_answers_from_the_cache_as_they_d
         assert!(stderr.contains("no such host"), "lookup {lookup}: {stderr}");
     }
     assert_eq!(from_cache(&agent, "nodata.go.example.test", "hit", 2), 2);
+}
+
+/// How many TCP queries for `name` the agent logged with `cache=STATUS`, once it has logged
+/// one (a query's line comes just after its answer).
+fn tcp_lines_once_logged(agent: &Agent, name: &str, status: &str) -> usize {
+    let status = format!(" cache={status} ");
+    wait_for(
+        &format!("a TCP query line for {name} with{status}"),
+        Duration::from_secs(5),
+        || {
+            let lines = agent
+                .query_lines(name)
+                .iter()
+                .filter(|line| line.contains("query tcp ") && line.contains(&status))
+                .count();
+            (lines > 0).then_some(lines)
+        },
+    )
 }
 
 /// Clients started and held until the test lets them through together (`open`): each runs

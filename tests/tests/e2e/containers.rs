@@ -398,14 +398,12 @@ fn docker_containers_resolve_through_the_agent_on_the_host() {
         let line = forwarded(&agent, name);
         assert!(line.contains(&format!("server={DNS}:53")), "{line}");
     }
-    // The two same-port clients' lookups are all the agent's, each told apart by its address.
-    let sameport = agent
-        .query_lines_once_logged("sameport0.example.test", 20)
-        .len()
-        + agent
-            .query_lines_once_logged("sameport1.example.test", 20)
-            .len();
-    assert_eq!(sameport, 40, "{}", agent.log());
+    // The two same-port clients' lookups are all the agent's, each told apart by its address:
+    // each client's 20 (a lookup the client sends again after 2 s is logged twice, so at
+    // least 20; the wait fails the test on fewer).
+    for client in ["sameport0", "sameport1"] {
+        agent.query_lines_once_logged(&format!("{client}.example.test"), 20);
+    }
 }
 
 #[test]
@@ -633,6 +631,5 @@ fn a_surge_update_of_the_agent_container_loses_no_lookup() {
     forwarded(&new, name);
 
     let output = long_lived.finish_with_stdout(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(200));
-    assert_long_lived_all_first_try(&output, "surge-ll", LOOKUPS, &[old.log(), new.log()]);
+    assert_long_lived_all_first_try(&output, "surge-ll", LOOKUPS, || vec![old.log(), new.log()]);
 }

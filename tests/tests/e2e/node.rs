@@ -287,6 +287,7 @@ fn a_pods_connected_socket_reads_a_closed_servers_refusal_as_directly() {
 /// veth, where the kernel's refusals while no agent runs are rate-limited (unlike on `lo`).
 #[test]
 fn a_pods_long_lived_connected_socket_keeps_resolving_across_restarts() {
+    let _apart = super::one_flood_at_a_time();
     let node = NodeTopology::new();
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     let listen = [format!("--listen={NODE_LISTEN}:53")];

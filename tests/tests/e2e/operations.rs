@@ -1798,17 +1798,19 @@ fn assert_takeovers_lost_nothing(
     long_lived: Vec<(&str, Process)>,
     mut tcp: Process,
     count: usize,
-    (mut logs, last): (Vec<String>, Agent),
+    (logs, last): (Vec<String>, Agent),
 ) {
     let outputs: Vec<(&str, String)> = long_lived
         .into_iter()
         .map(|(prefix, mut client)| (prefix, client.finish_with_stdout(Duration::from_secs(60))))
         .collect();
-    // Its log lines come after the answers.
-    std::thread::sleep(Duration::from_millis(200));
-    logs.push(last.log());
+    let all_logs = || {
+        let mut all = logs.clone();
+        all.push(last.log());
+        all
+    };
     for (prefix, output) in outputs {
-        assert_long_lived_all_first_try(&output, prefix, count, &logs);
+        assert_long_lived_all_first_try(&output, prefix, count, all_logs);
     }
     let outcome = tcp.finish_with_stdout(Duration::from_secs(10));
     assert!(outcome.contains(" failed=0"), "{outcome}");
@@ -1929,8 +1931,9 @@ fn an_agent_stopped_while_the_one_taking_over_starts_serves_until_that_one_steer
     newer.wait_until_serving();
     assert!(older.wait_exit(Duration::from_secs(10)).success());
     let output = client.finish_with_stdout(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(200));
-    assert_long_lived_all_first_try(&output, "handover", LOOKUPS, &[older.log(), newer.log()]);
+    assert_long_lived_all_first_try(&output, "handover", LOOKUPS, || {
+        vec![older.log(), newer.log()]
+    });
     // It was stopped in the window: the new agent did not steer yet.
     assert!(
         older.log().contains(WAITS_FOR_ITS_SUCCESSOR),
@@ -2008,10 +2011,9 @@ fn an_agent_that_only_drains_is_not_taken_for_one_that_steers_the_block() {
         .into_iter()
         .map(|(prefix, mut client)| (prefix, client.finish_with_stdout(Duration::from_secs(60))))
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let logs = [first.log(), second.log(), third.log()];
+    let logs = || vec![first.log(), second.log(), third.log()];
     for (prefix, output) in outputs {
-        assert_long_lived_all_first_try(&output, &prefix, LOOKUPS, &logs);
+        assert_long_lived_all_first_try(&output, &prefix, LOOKUPS, logs);
     }
     assert!(first.process().exit_status().is_none(), "{}", first.log());
     assert!(

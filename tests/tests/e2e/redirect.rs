@@ -100,6 +100,7 @@ fn victim_lookups(mode: &str, port: &str, client: impl FnOnce(&[&str]) -> Comman
 /// same address and port there and floods queries to another server.
 #[test]
 fn a_process_of_another_namespace_cannot_hijack_a_host_lookup() {
+    let _flood = super::one_flood_at_a_time();
     let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
     let _evil = DnsServer::start_on(topology, EVIL.0, EVIL.1);
     let attacker_netns = Netns::new(format!("{}-evil", topology.tag));
@@ -138,6 +139,7 @@ fn a_process_of_another_namespace_cannot_hijack_a_host_lookup() {
 /// IP_TRANSPARENT, on the port its neighbour resolves from, and floods another server.
 #[test]
 fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
+    let _flood = super::one_flood_at_a_time();
     let node = NodeTopology::new();
     let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
     node.add_server_address(EVIL.0);
@@ -216,6 +218,7 @@ fn a_pod_cannot_hijack_another_pods_lookups_with_its_address() {
 /// restart, retrying once on the same socket, as c-ares and nginx's resolver do.
 #[test]
 fn a_long_lived_connected_socket_keeps_resolving_across_restarts() {
+    let _apart = super::one_flood_at_a_time();
     let topology = Topology::new();
     let _server = DnsServer::start(&topology);
     let mut agent = Agent::start(&topology, &[]);
@@ -1025,7 +1028,10 @@ fn a_new_workload_gets_a_pair_of_its_own(
     .expect("answered");
     assert_eq!(answer.trim(), ANSWER_IP.to_string());
     let line = forwarded(agent, name);
-    assert!(line.contains("victim"), "the victim's own workload: {line}");
+    assert!(
+        attributed_to(&line, &victim),
+        "the victim's own workload: {line}"
+    );
     assert_eq!(
         attached_map_entries(&topology.cgroup.path, "SERVERS"),
         10,
