@@ -73,6 +73,7 @@ fn took_the_real_answer(client: std::process::Child) {
 /// another address or port never reach the agent, the other two are dropped as strays.
 #[test]
 fn forged_answers_are_dropped_and_the_client_gets_only_the_real_one() {
+    let _apart = super::one_flood_at_a_time();
     let topology = Topology::new();
     topology.add_server_address(SECOND_SERVER_IP);
     // The real server answers after 2 s: the forgeries arrive first, even on a loaded machine,

@@ -1900,14 +1900,27 @@ fn connected_socket_asking_often(topology: &Topology, prefix: &str, count: usize
 /// before its programs are loaded.
 fn agent_taking_over_still_starting(topology: &Topology) -> Agent {
     let args = [format!("--listen={PROXY_LISTEN}"), "--takeover".to_owned()];
-    let agent = Agent::spawn_unready(Agent::command_with(topology, &args));
+    let mut agent = Agent::spawn_unready(Agent::command_with(topology, &args));
     wait_for("the new agent's record", Duration::from_secs(10), || {
         agent
             .log()
             .contains("nor any other agent's of this block")
             .then_some(())
     });
+    // Held there, before it loads its programs, until [`stop_while_the_successor_starts`]:
+    // left to run, it could steer the block before the older agent's stop looks (about
+    // 300 ms, less on a loaded machine).
+    agent.process().signal(libc::SIGSTOP);
     agent
+}
+
+/// Stops `older` while `newer` ([`agent_taking_over_still_starting`]) is held before it
+/// steers: `older` says it waits for it; then lets `newer` go on, and waits for it to serve.
+fn stop_while_the_successor_starts(older: &mut Agent, newer: &mut Agent) {
+    older.process().signal(libc::SIGTERM);
+    wait_for_log(older, WAITS_FOR_ITS_SUCCESSOR);
+    newer.process().signal(libc::SIGCONT);
+    newer.wait_until_serving();
 }
 
 /// Said by an agent stopped while one taking over from it is still starting.
@@ -1927,8 +1940,7 @@ fn an_agent_stopped_while_the_one_taking_over_starts_serves_until_that_one_steer
     let mut client = connected_socket_asking_often(&topology, "handover", LOOKUPS);
     wait_answered(&older, 10);
     let mut newer = agent_taking_over_still_starting(&topology);
-    older.process().signal(libc::SIGTERM);
-    newer.wait_until_serving();
+    stop_while_the_successor_starts(&mut older, &mut newer);
     assert!(older.wait_exit(Duration::from_secs(10)).success());
     let output = client.finish_with_stdout(Duration::from_secs(60));
     assert_long_lived_all_first_try(&output, "handover", LOOKUPS, || {
@@ -2004,8 +2016,7 @@ fn an_agent_that_only_drains_is_not_taken_for_one_that_steers_the_block() {
         std::thread::sleep(rest);
     }
     let mut third = agent_taking_over_still_starting(&topology);
-    second.process().signal(libc::SIGTERM);
-    third.wait_until_serving();
+    stop_while_the_successor_starts(&mut second, &mut third);
     assert!(second.wait_exit(Duration::from_secs(10)).success());
     let outputs: Vec<(String, String)> = clients
         .into_iter()
