@@ -53,7 +53,7 @@ pub use alive::AliveAt;
 pub use links::AttachedLinks;
 pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
-pub use release_pin::ReleasePin;
+pub use release_pin::{PinnedNow, ReleasePin};
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
 pub use sources::DirectSources;
 
@@ -816,31 +816,34 @@ impl Redirector {
 impl Drop for Redirector {
     fn drop(&mut self) {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
-        match &self.release_link {
-            Some(pin) if pin.still_pinned() => log::info!(
-                "detaching all programs from {} but {} (pinned at {}, it redirects nothing: \
-                 sockets released while no agent runs still let go of their notes)",
-                self.cgroup,
-                names::SOCK_RELEASE,
-                pin.path().display()
+        let Some(pin) = &self.release_link else {
+            log::info!("detaching all programs from {}", self.cgroup);
+            return;
+        };
+        let (cgroup, program, path) = (&self.cgroup, names::SOCK_RELEASE, pin.path().display());
+        match pin.pinned_now() {
+            PinnedNow::Ours => log::info!(
+                "detaching all programs from {cgroup} but {program} (pinned at {path}, it \
+                 redirects nothing: sockets released while no agent runs still let go of their \
+                 notes)"
             ),
-            Some(pin) if pin.path().exists() => log::info!(
-                "detaching all programs from {}, {} too: the one pinned at {} is the agent's \
-                 that started since on this cgroup (a takeover)",
-                self.cgroup,
-                names::SOCK_RELEASE,
-                pin.path().display()
+            PinnedNow::Another => log::info!(
+                "detaching all programs from {cgroup}, {program} too: the one pinned at {path} \
+                 is another agent's on this cgroup, and stays attached in its place"
             ),
-            Some(pin) => log::warn!(
-                "detaching all programs from {}, {} too, as its pin at {} is gone (the state \
-                 directory removed while the agent ran): this cgroup's UDP sockets released \
-                 while no agent runs stay noted in {} until the table is removed",
-                self.cgroup,
-                names::SOCK_RELEASE,
-                pin.path().display(),
+            PinnedNow::Gone => log::warn!(
+                "detaching all programs from {cgroup}, {program} too, as its pin at {path} is \
+                 gone (the state directory removed since the agent's last heartbeat): this \
+                 cgroup's UDP sockets released while no agent runs stay noted in {} until the \
+                 table is removed",
                 names::CONNECTED
             ),
-            None => log::info!("detaching all programs from {}", self.cgroup),
+            PinnedNow::Unknown(what) => log::warn!(
+                "detaching all programs from {cgroup}; whether {program} stays attached cannot \
+                 be told ({what}): if it does not, this cgroup's UDP sockets released while no \
+                 agent runs stay noted in {} until the table is removed",
+                names::CONNECTED
+            ),
         }
     }
 }

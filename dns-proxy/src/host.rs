@@ -506,12 +506,9 @@ impl Pins {
     }
 
     /// Pins `sock_release`'s link again if its pin is gone, after [`restore`](Self::restore)
-    /// made the directories again; `None` if it was not pinned at the start. `replaced`: a
-    /// newer agent took over, and its link is the one to leave attached.
-    pub fn restore_release_link(&self, replaced: bool) -> Option<Result<bool, String>> {
-        self.release_link
-            .as_ref()
-            .map(|link| link.restore(replaced))
+    /// made the directories again; `None` if it was not pinned at the start.
+    pub fn restore_release_link(&self) -> Option<Result<bool, String>> {
+        self.release_link.as_ref().map(|link| link.restore())
     }
 
     /// The table's directory.

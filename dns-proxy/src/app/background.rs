@@ -734,7 +734,7 @@ async fn keep_alive(
                 // Where the table is pinned again, the link is too.
                 let release = restored
                     .is_ok()
-                    .then(|| pins.restore_release_link(agents.replaced()))
+                    .then(|| pins.restore_release_link())
                     .flatten();
                 (restored, release)
             }
@@ -772,7 +772,7 @@ async fn keep_alive(
             log::info!(target: LOG, "the table of servers is pinned again");
         }
         cannot_pin = !pinned;
-        match release {
+        match &release {
             Some(Ok(true)) => log::warn!(
                 target: LOG,
                 "{}'s pin in {} was gone: pinned again, so that it stays attached when the \
@@ -780,21 +780,19 @@ async fn keep_alive(
                 names::SOCK_RELEASE,
                 pins.dir().display()
             ),
-            // Said once: the link cannot be pinned again after a failure.
-            Some(Err(err)) if !cannot_pin_release => {
-                cannot_pin_release = true;
-                log::warn!(
-                    target: LOG,
-                    "cannot pin {} again in {}: {err}; it stays attached while the agent \
-                     runs, and this cgroup's UDP sockets released once it stops stay noted in \
-                     {} until the table is removed",
-                    names::SOCK_RELEASE,
-                    pins.dir().display(),
-                    names::CONNECTED
-                );
-            }
+            // Said once until it works again (tried again every heartbeat).
+            Some(Err(err)) if !cannot_pin_release => log::warn!(
+                target: LOG,
+                "cannot keep {} pinned in {}: {err}; it stays attached while the agent runs, \
+                 and unless its pin is back by the stop, this cgroup's UDP sockets released \
+                 once it stops stay noted in {} until the table is removed",
+                names::SOCK_RELEASE,
+                pins.dir().display(),
+                names::CONNECTED
+            ),
             _ => {}
         }
+        cannot_pin_release = matches!(release, Some(Err(_)));
         if !replaced && agents.replaced() {
             replaced = true;
             log::info!(

@@ -68,6 +68,11 @@ impl AttachedLinks {
     }
 }
 
+/// The id of the cgroup link `fd` holds, if it holds one.
+pub(super) fn cgroup_link_id(fd: std::os::fd::RawFd) -> Option<u32> {
+    read_link_info(u32::try_from(fd).ok()?).map(|info| info.id)
+}
+
 /// The cgroup link `fd` holds, if it holds one.
 fn read_link_info(fd: u32) -> Option<CgroupLinkInfo> {
     let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;

@@ -1,10 +1,17 @@
 //! `sock_release`'s link, pinned in the table's directory so that it stays attached when the
 //! agent stops, and pinned again if its pin goes while the agent runs.
+//!
+//! What sits at the pin's path is told by the link's id, read from the kernel, not by the
+//! file: an inode told a pin shown again from under a bpffs mounted over it for another
+//! agent's, and a directory or a map put there for one too (helper-157).
 use std::{
-    io,
-    os::unix::fs::MetadataExt as _,
+    ffi::CString,
+    io, mem,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
-    sync::{Mutex, PoisonError},
 };
 
 use aya::programs::{
@@ -14,26 +21,33 @@ use aya::programs::{
 };
 use dns_proxy_common::names;
 
-/// `sock_release`'s pinned link, and which file pins it: another agent's start, or the state
-/// directory's removal, takes the pin away while this agent runs.
+use super::links;
+
+/// `sock_release`'s pinned link.
 pub struct ReleasePin {
-    /// The table's directory, where the link is pinned.
-    dir: PathBuf,
     path: PathBuf,
-    state: Mutex<PinState>,
+    /// The handle the link was first pinned with. It holds the link attached while the agent
+    /// runs, whatever becomes of the pin.
+    _pinned: PinnedLink,
+    /// A handle of the agent's own on the same link, to pin it again with as often as it
+    /// must (aya's pin takes the handle it pins, and a failed one closes it).
+    link: OwnedFd,
+    /// The kernel's id of the link.
+    link_id: u32,
 }
 
-struct PinState {
-    /// The handle the pin was made with. It holds the link attached while the agent runs,
-    /// whatever becomes of the pin.
-    pinned: PinnedLink,
-    /// A second handle on the same link, to pin it again with: a pin takes the handle it is
-    /// made with, and a failed one closes it. `None` once a pin again failed.
-    spare: Option<FdLink>,
-    /// The pin's inode (bpffs numbers its inodes afresh): another pin at the path is not ours.
-    inode: u64,
-    /// Another agent's link took the pin (a takeover on this cgroup): not pinned again.
-    replaced: bool,
+/// What is at the pin's path now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PinnedNow {
+    /// This agent's link.
+    Ours,
+    /// Another agent's link, on this cgroup: one that took over, or that this one took over
+    /// from and that pinned its own again.
+    Another,
+    /// Nothing.
+    Gone,
+    /// Something else, or nothing that can be read: what.
+    Unknown(String),
 }
 
 impl ReleasePin {
@@ -59,17 +73,34 @@ impl ReleasePin {
         let link = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
         // One per cgroup: agents on other cgroups that share the table keep theirs.
         let path = dir.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK));
-        let (pinned, spare, inode) = pin_over(link, dir, &path)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            path,
-            state: Mutex::new(PinState {
-                pinned,
-                spare,
-                inode,
-                replaced: false,
+        // Pinned under a name of its own, then renamed over the last: never a moment without
+        // one. (bpffs takes no `.` in a name.)
+        let staged = dir.join(format!("sock_release_staged_{}", std::process::id()));
+        let _ = std::fs::remove_file(&staged);
+        let pinned = link
+            .pin(&staged)
+            .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
+        let renamed = (|| {
+            // From the name no other agent writes to, so that it is surely this link.
+            let own = bpf_obj_get(&staged).map_err(|err| format!("opening its pin: {err}"))?;
+            let link_id =
+                links::cgroup_link_id(own.as_raw_fd()).ok_or("its pin holds no cgroup link")?;
+            std::fs::rename(&staged, &path)
+                .map_err(|err| format!("renaming it to {}: {err}", path.display()))?;
+            Ok::<_, String>((own, link_id))
+        })();
+        match renamed {
+            Ok((link, link_id)) => Ok(Self {
+                path,
+                _pinned: pinned,
+                link,
+                link_id,
             }),
-        })
+            Err(problem) => {
+                let _ = std::fs::remove_file(&staged);
+                Err(format!("{}: {problem}", staged.display()))
+            }
+        }
     }
 
     /// Where the link is pinned.
@@ -77,75 +108,84 @@ impl ReleasePin {
         &self.path
     }
 
-    /// Whether the pin is still this agent's link's.
-    pub fn still_pinned(&self) -> bool {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        std::fs::metadata(&self.path).is_ok_and(|pinned| pinned.ino() == state.inode)
+    /// What is at the pin's path now.
+    pub fn pinned_now(&self) -> PinnedNow {
+        let held = match bpf_obj_get(&self.path) {
+            Ok(held) => held,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return PinnedNow::Gone,
+            Err(err) => return PinnedNow::Unknown(format!("{}: {err}", self.path.display())),
+        };
+        match links::cgroup_link_id(held.as_raw_fd()) {
+            Some(id) if id == self.link_id => PinnedNow::Ours,
+            Some(_) => PinnedNow::Another,
+            None => PinnedNow::Unknown(format!("{} holds no cgroup link", self.path.display())),
+        }
     }
 
-    /// Pins the link again if its pin is gone (the state directory removed while the agent
-    /// runs, its directories made again by then), so that the agent's stop still leaves it
-    /// attached; whether it did. Never once another agent's link took the pin, or once
-    /// `replaced` (a newer agent took over: its own link is the one to leave).
-    pub fn restore(&self, replaced: bool) -> Result<bool, String> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.replaced {
-            return Ok(false);
+    /// Pins the link again if nothing is at its path (the state directory removed while the
+    /// agent runs, its directories made again by then), so that the agent's stop still leaves
+    /// it attached; whether it did. Another agent's link there is left alone, and so is one
+    /// pinned there first by another agent that saw the pin gone too: the kernel pins nothing
+    /// over a file.
+    pub fn restore(&self) -> Result<bool, String> {
+        match self.pinned_now() {
+            PinnedNow::Ours | PinnedNow::Another => Ok(false),
+            PinnedNow::Unknown(what) => Err(what),
+            PinnedNow::Gone => match bpf_obj_pin(self.link.as_fd(), &self.path) {
+                Ok(()) => Ok(true),
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(err) => Err(format!("pinning it at {}: {err}", self.path.display())),
+            },
         }
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(pinned) => {
-                state.replaced = pinned.ino() != state.inode;
-                return Ok(false);
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(format!("reading {}: {err}", self.path.display())),
-        }
-        if replaced {
-            state.replaced = true;
-            return Ok(false);
-        }
-        let spare = state
-            .spare
-            .take()
-            .ok_or("it could not be pinned again before")?;
-        let (pinned, spare, inode) = pin_over(spare, &self.dir, &self.path)?;
-        // The handle pinned before becomes the spare: the link has two handles again.
-        let before = std::mem::replace(&mut state.pinned, pinned);
-        state.spare = Some(spare.unwrap_or_else(|| FdLink::from(before)));
-        state.inode = inode;
-        Ok(true)
     }
 }
 
-/// Pins `link` at `path`, replacing what is there, and opens a second handle on it: the pin,
-/// the second handle (`None` if the kernel gave none), and the pin's inode. It is pinned under
-/// a name of its own first, then renamed over the last: never a moment without one.
-fn pin_over(
-    link: FdLink,
-    dir: &Path,
-    path: &Path,
-) -> Result<(PinnedLink, Option<FdLink>, u64), String> {
-    // bpffs takes no `.` in a name.
-    let staged = dir.join(format!("sock_release_staged_{}", std::process::id()));
-    let _ = std::fs::remove_file(&staged);
-    let pinned = link
-        .pin(&staged)
-        .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
-    // From the name no other agent writes to, so that it is surely this link.
-    let spare = PinnedLink::from_pin(&staged)
-        .map(FdLink::from)
-        .map_err(|err| log::debug!("no second handle on {}: {err}", staged.display()))
-        .ok();
-    if let Err(err) = std::fs::rename(&staged, path) {
-        let _ = std::fs::remove_file(&staged);
-        return Err(format!(
-            "renaming {} to {}: {err}",
-            staged.display(),
-            path.display()
-        ));
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// `union bpf_attr` as `BPF_OBJ_PIN` and `BPF_OBJ_GET` read it (the fields after are zero).
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `bpf(cmd, attr)` for the two path commands; the syscall's return value.
+fn bpf_obj(cmd: libc::c_long, path: &Path, fd: Option<BorrowedFd<'_>>) -> io::Result<i64> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..ObjAttr::default()
+    };
+    // SAFETY: `attr` is a live `union bpf_attr` prefix of the size passed, whose pathname
+    // points to `path`, NUL-terminated and alive for the call; the kernel only reads them.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw const attr,
+            mem::size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let inode = std::fs::metadata(path)
-        .map_err(|err| format!("reading {}: {err}", path.display()))?
-        .ino();
-    Ok((pinned, spare, inode))
+    Ok(result)
+}
+
+/// Opens the BPF object pinned at `path` (close-on-exec, as the kernel makes every BPF fd).
+fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let fd = bpf_obj(BPF_OBJ_GET, path, None)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins the BPF object `fd` holds at `path`; fails with `AlreadyExists` if anything is there.
+fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    bpf_obj(BPF_OBJ_PIN, path, Some(fd)).map(|_| ())
 }

@@ -414,6 +414,17 @@ impl Unmounted {
 }
 
 impl Unmounted {
+    /// A bpffs of the test's own mounted over `dir`, as an agent's state directory wants it
+    /// (0700).
+    fn bpffs(dir: &std::path::Path) -> Self {
+        must(
+            Command::new("mount")
+                .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
+                .arg(dir),
+        );
+        Self(dir.to_owned())
+    }
+
     /// `source` bind-mounted over `target`.
     fn bind(source: &std::path::Path, target: &std::path::Path) -> Self {
         must(Command::new("mount").arg("--bind").arg(source).arg(target));
@@ -1238,6 +1249,45 @@ fn another_agents_table_mounted_over_this_ones_makes_it_unready_until_it_is_gone
         (readyz().0 == 200).then_some(())
     });
     wait_for_log(&agent, "the table of servers is pinned again");
+}
+
+/// A bpffs mounted over the state directory while the agent runs has the agent pin its
+/// table and `sock_release`'s link on it; once it is unmounted, the agent's own pins show
+/// again, and the state directory removed then is pinned again, link too, and the stop leaves
+/// `sock_release` attached. Before, the link's pin shown again from under the mount was taken
+/// for another agent's (by its inode), and never pinned again: the stop detached every
+/// program, and the cgroup's sockets released while no agent ran stayed noted (helper-157).
+#[test]
+fn a_link_pin_shown_again_from_under_a_mount_is_still_the_agents_own() {
+    let AgentOnItsOwnBpffs {
+        topology,
+        _server,
+        bpffs: _bpffs,
+        state,
+        mut agent,
+    } = AgentOnItsOwnBpffs::start("state");
+    let pinned_again = |agent: &Agent| agent.log().matches("dns_proxy_sock_release's pin").count();
+    let over = Unmounted::bpffs(&state);
+    wait_for(
+        "the link pinned on the mount",
+        Duration::from_secs(10),
+        || (pinned_again(&agent) >= 1).then_some(()),
+    );
+    drop(over);
+    std::fs::remove_dir_all(&state).expect("remove the state directory");
+    wait_for("the link pinned again", Duration::from_secs(10), || {
+        (pinned_again(&agent) >= 2).then_some(())
+    });
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        agent
+            .log()
+            .contains("but dns_proxy_sock_release (pinned at"),
+        "{}",
+        agent.log()
+    );
+    tests::assert_only_sock_release_left(&topology.cgroup.path);
 }
 
 /// An agent whose state directory is `state` (a relative path) below a bpffs of the test's
