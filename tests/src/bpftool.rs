@@ -78,13 +78,17 @@ pub fn pinned_entries(state_dir: &Path, name: &str) -> usize {
 }
 
 /// How many notes of `CONNECTED` (connected sockets) cgroup `cgroup_id` is charged with, in
-/// `CONNECTED_PER_CGROUP`; `None` if it has no entry.
-pub fn connected_charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> Option<i64> {
+/// `CONNECTED_PER_CGROUP`: 0 if it has no entry, as the agent's walk of the cgroups removes
+/// the counts at 0 (a slow machine's walk ran between a close and the look: ci69).
+pub fn connected_charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> i64 {
     let (_, entries) = table_map(state_dir, "CONNECTED_PER_CGROUP");
-    entries.iter().find_map(|(key, value)| {
-        (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
-            .then(|| i64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
-    })
+    entries
+        .iter()
+        .find_map(|(key, value)| {
+            (u64::from_ne_bytes(key[..8].try_into().expect("8 bytes")) == cgroup_id)
+                .then(|| i64::from_ne_bytes(value[..8].try_into().expect("8 bytes")))
+        })
+        .unwrap_or(0)
 }
 
 /// An entry of a BPF map as bpftool dumps it: key and value bytes.

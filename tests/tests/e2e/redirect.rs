@@ -762,13 +762,13 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
                 &[],
             );
             let state = topology.client.state_dir();
-            assert_eq!(tests::connected_charge_of_cgroup(&state, other_id), Some(1));
+            assert_eq!(tests::connected_charge_of_cgroup(&state, other_id), 1);
             assert_eq!(
                 attached_map_entries(&topology.cgroup.path, "CONNECTED"),
                 4_097
             );
             noted.finish_with_stdout(Duration::from_secs(30));
-            assert_eq!(tests::connected_charge_of_cgroup(&state, other_id), Some(0));
+            assert_eq!(tests::connected_charge_of_cgroup(&state, other_id), 0);
         }
         for mut holder in holders {
             holder.finish_with_stdout(Duration::from_secs(30));
@@ -787,10 +787,7 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
     let workload_id = std::fs::metadata(&topology.cgroup.path)
         .expect("stat")
         .ino();
-    assert_eq!(
-        tests::connected_charge_of_cgroup(&state, workload_id),
-        Some(0)
-    );
+    assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 0);
 }
 
 /// A UDP socket connected through the agent and closed while no agent runs (after a graceful
@@ -817,10 +814,7 @@ fn a_socket_closed_while_no_agent_runs_lets_go_of_its_note() {
             &[],
         );
         assert_eq!(tests::pinned_entries(&state, "CONNECTED"), 3);
-        assert_eq!(
-            tests::connected_charge_of_cgroup(&state, workload_id),
-            Some(3)
-        );
+        assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 3);
         agent.process().signal(signal);
         agent.wait_exit(Duration::from_secs(10));
         tests::assert_only_sock_release_left(&topology.cgroup.path);
@@ -831,10 +825,7 @@ fn a_socket_closed_while_no_agent_runs_lets_go_of_its_note() {
             "noted after the agent's {signal} and the sockets' close"
         );
         assert_eq!(tests::pinned_entries(&state, "CONNECTED_CHARGE"), 0);
-        assert_eq!(
-            tests::connected_charge_of_cgroup(&state, workload_id),
-            Some(0)
-        );
+        assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 0);
     }
 }
 
@@ -859,10 +850,7 @@ fn a_cgroup_deeper_than_the_walk_keeps_its_share_of_noted_sockets() {
     let mut share = hold(holder(), &server, 4_096, &[]);
     // Missing from three walks and more: taken for gone, if it ever is.
     thread::sleep(Duration::from_secs(5));
-    assert_eq!(
-        tests::connected_charge_of_cgroup(&state, deep_id),
-        Some(4_096)
-    );
+    assert_eq!(tests::connected_charge_of_cgroup(&state, deep_id), 4_096);
     let mut past = hold(holder(), &server, 100, &[]);
     assert_eq!(
         tests::pinned_entries(&state, "CONNECTED"),
