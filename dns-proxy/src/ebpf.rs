@@ -619,25 +619,32 @@ impl Redirector {
                             .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))
                     };
                     let link = attach(program)?;
-                    let pinned = if config.leave_release_attached {
-                        ReleasePin::pin(program, link, config.state_dir, config.cgroup.id)
-                            .map(|pin| Some(Arc::new(pin)))
-                    } else {
-                        Ok(None)
-                    };
-                    match pinned {
-                        Ok(pinned) => release_link = pinned,
-                        Err(problem) => {
-                            log::warn!(
-                                "cannot leave {} attached for when no agent runs ({problem}): \
-                                 a UDP socket connected through the agent and released while \
-                                 none runs stays noted in {} until the table is removed",
-                                spec.name,
-                                names::CONNECTED
-                            );
-                            // The link went with the failed pin: attached again, for as long
-                            // as this agent runs.
-                            attach(program)?;
+                    if config.leave_release_attached {
+                        match ReleasePin::take(program, link, config.state_dir, config.cgroup.id) {
+                            Ok(pin) => {
+                                if let Err(problem) = pin.pin_at_start() {
+                                    log::warn!(
+                                        "cannot pin {} yet ({problem}): it stays attached while \
+                                         the agent runs, and the heartbeat pins it once nothing \
+                                         is in the way",
+                                        spec.name
+                                    );
+                                }
+                                release_link = Some(Arc::new(pin));
+                            }
+                            Err(problem) => {
+                                log::warn!(
+                                    "cannot leave {} attached for when no agent runs \
+                                     ({problem}): a UDP socket connected through the agent and \
+                                     released while none runs stays noted in {} until the \
+                                     table is removed",
+                                    spec.name,
+                                    names::CONNECTED
+                                );
+                                // The link went with it: attached again, for as long as this
+                                // agent runs.
+                                attach(program)?;
+                            }
                         }
                     }
                     log::info!("attached {} ({}) to {cgroup_name}", spec.name, spec.hook);
@@ -821,7 +828,17 @@ impl Drop for Redirector {
             return;
         };
         let (cgroup, program, path) = (&self.cgroup, names::SOCK_RELEASE, pin.path().display());
-        match pin.pinned_now() {
+        // A pin gone since the last heartbeat is made now: SIGTERM just after the removal
+        // would otherwise leave nothing attached.
+        let now = match pin.pinned_now() {
+            PinnedNow::Gone => match pin.restore() {
+                Ok(true) => PinnedNow::Ours,
+                // Gone still if it could not be made (its directory gone with the table).
+                Ok(false) | Err(_) => pin.pinned_now(),
+            },
+            now => now,
+        };
+        match now {
             PinnedNow::Ours => log::info!(
                 "detaching all programs from {cgroup} but {program} (pinned at {path}, it \
                  redirects nothing: sockets released while no agent runs still let go of their \
@@ -832,10 +849,9 @@ impl Drop for Redirector {
                  is another agent's on this cgroup, and stays attached in its place"
             ),
             PinnedNow::Gone => log::warn!(
-                "detaching all programs from {cgroup}, {program} too, as its pin at {path} is \
-                 gone (the state directory removed since the agent's last heartbeat): this \
-                 cgroup's UDP sockets released while no agent runs stay noted in {} until the \
-                 table is removed",
+                "detaching all programs from {cgroup}, {program} too: its pin at {path} is \
+                 gone, and cannot be made again; this cgroup's UDP sockets released while no \
+                 agent runs stay noted in {} until the table is removed",
                 names::CONNECTED
             ),
             PinnedNow::Unknown(what) => log::warn!(

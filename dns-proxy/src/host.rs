@@ -816,7 +816,7 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
     Ok(true)
 }
 
-fn is_bpffs(path: &Path) -> bool {
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };

@@ -68,9 +68,23 @@ impl AttachedLinks {
     }
 }
 
-/// The id of the cgroup link `fd` holds, if it holds one.
-pub(super) fn cgroup_link_id(fd: std::os::fd::RawFd) -> Option<u32> {
-    read_link_info(u32::try_from(fd).ok()?).map(|info| info.id)
+/// The cgroup link `fd` holds, if it holds one: its id, and the id of the cgroup it is
+/// attached to (0 once detached).
+pub(super) fn cgroup_link_of(fd: std::os::fd::RawFd) -> Option<(u32, u64)> {
+    read_link_info(u32::try_from(fd).ok()?).map(|info| (info.id, info.cgroup_id))
+}
+
+/// The descriptor of this process's that holds cgroup link `link_id`, if any.
+pub(super) fn fd_of_link(link_id: u32) -> io::Result<Option<std::os::fd::RawFd>> {
+    for entry in fs::read_dir("/proc/self/fdinfo")? {
+        let Ok(fd) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if read_link_info(fd).is_some_and(|info| info.id == link_id) {
+            return Ok(std::os::fd::RawFd::try_from(fd).ok());
+        }
+    }
+    Ok(None)
 }
 
 /// The cgroup link `fd` holds, if it holds one.

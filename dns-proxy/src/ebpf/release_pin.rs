@@ -1,9 +1,9 @@
 //! `sock_release`'s link, pinned in the table's directory so that it stays attached when the
-//! agent stops, and pinned again if its pin goes while the agent runs.
+//! agent stops, and pinned again whenever its pin is gone while the agent runs.
 //!
-//! What sits at the pin's path is told by the link's id, read from the kernel, not by the
-//! file: an inode told a pin shown again from under a bpffs mounted over it for another
-//! agent's, and a directory or a map put there for one too (helper-157).
+//! What sits at the pin's path is told by the link's id and cgroup, read from the kernel,
+//! never by the file: an inode told a pin shown again from under a bpffs mounted over it for
+//! another agent's, and a directory or a map put there for one too (helper-157).
 use std::{
     ffi::CString,
     io, mem,
@@ -14,23 +14,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{
-    CgroupSock,
-    cgroup_sock::CgroupSockLinkId,
-    links::{FdLink, PinnedLink},
-};
+use aya::programs::{CgroupSock, cgroup_sock::CgroupSockLinkId, links::FdLink};
 use dns_proxy_common::names;
 
 use super::links;
 
-/// `sock_release`'s pinned link.
+/// The prefix of the name a start pins its link under before it renames it over the last.
+const STAGED: &str = "sock_release_staged_";
+
+/// `sock_release`'s link, held by the agent, and where it is pinned.
 pub struct ReleasePin {
+    /// The table's directory.
+    dir: PathBuf,
     path: PathBuf,
-    /// The handle the link was first pinned with. It holds the link attached while the agent
-    /// runs, whatever becomes of the pin.
-    _pinned: PinnedLink,
-    /// A handle of the agent's own on the same link, to pin it again with as often as it
-    /// must (aya's pin takes the handle it pins, and a failed one closes it).
+    cgroup_id: u64,
+    /// Holds the link attached while the agent runs, whatever becomes of the pin.
+    _held: FdLink,
+    /// A descriptor of the agent's own on the same link, to pin it with as often as it must
+    /// (aya's pin takes the handle it pins, and a failed one closes it: one failure, at the
+    /// start or later, ended the pinning for good; helper-157, helper-158).
     link: OwnedFd,
     /// The kernel's id of the link.
     link_id: u32,
@@ -41,7 +43,7 @@ pub struct ReleasePin {
 pub enum PinnedNow {
     /// This agent's link.
     Ours,
-    /// Another agent's link, on this cgroup: one that took over, or that this one took over
+    /// Another agent's link to this cgroup: one that took over, or that this one took over
     /// from and that pinned its own again.
     Another,
     /// Nothing.
@@ -51,56 +53,68 @@ pub enum PinnedNow {
 }
 
 impl ReleasePin {
-    /// Pins `sock_release`'s link in the table's directory `dir`, in place of the one an
-    /// earlier agent left there, so that it stays attached when this agent stops: a UDP socket
-    /// released while no agent runs (between a stop and a start, after a SIGKILL) still takes
-    /// its note out of `CONNECTED`. Left there for good, the note would hold its origin, and
-    /// its share of `CONNECTED`, until the table is removed (helper-154: a workload that held
-    /// 65,536 sockets across one restart left the map full). The program only takes out
-    /// notes: it redirects nothing, and needs no agent. An earlier agent's link, unpinned, is
-    /// detached once that agent holds it no more (at once, or when it stops after a
-    /// takeover); while both run, both programs see each socket released, and only one gives
-    /// its charge back.
-    ///
-    /// On an error the link is gone (a failed pin drops it), and the caller attaches anew.
-    pub fn pin(
+    /// Takes `sock_release`'s link from `program` to hold it, to be pinned in the table's
+    /// directory `dir` ([`pin_at_start`](Self::pin_at_start)). On an error the link is gone,
+    /// and the caller attaches anew.
+    pub fn take(
         program: &mut CgroupSock,
         link: CgroupSockLinkId,
         dir: &Path,
         cgroup_id: u64,
     ) -> Result<Self, String> {
         let link = program.take_link(link).map_err(|err| err.to_string())?;
-        let link = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
-        // One per cgroup: agents on other cgroups that share the table keep theirs.
-        let path = dir.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK));
-        // Pinned under a name of its own, then renamed over the last: never a moment without
-        // one. (bpffs takes no `.` in a name.)
-        let staged = dir.join(format!("sock_release_staged_{}", std::process::id()));
+        let held = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
+        let link_id = held
+            .info()
+            .map_err(|err| format!("reading the link's id: {err}"))?
+            .id();
+        let fd = links::fd_of_link(link_id)
+            .map_err(|err| format!("reading /proc/self/fdinfo: {err}"))?
+            .ok_or_else(|| format!("no descriptor of this process holds link {link_id}"))?;
+        // SAFETY: `fd` is the descriptor `held` owns, open while `held` lives, which is past
+        // this call.
+        let link = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|err| format!("duplicating the link's descriptor: {err}"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            // One per cgroup: agents on other cgroups that share the table keep theirs.
+            path: dir.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK)),
+            cgroup_id,
+            _held: held,
+            link,
+            link_id,
+        })
+    }
+
+    /// Pins the link in place of the one an earlier agent left, so that it stays attached
+    /// when this agent stops: a UDP socket released while no agent runs (between a stop and a
+    /// start, after a SIGKILL) still takes its note out of `CONNECTED`. Left there for good,
+    /// the note would hold its origin, and its share of `CONNECTED`, until the table is
+    /// removed (helper-154: a workload that held 65,536 sockets across one restart left the
+    /// map full). The program only takes out notes: it redirects nothing, and needs no agent.
+    /// An earlier agent's link, unpinned, is detached once that agent holds it no more (at
+    /// once, or when it stops after a takeover); while both run, both programs see each
+    /// socket released, and only one gives its charge back.
+    ///
+    /// Pinned under a name of its own first, then renamed over the last: never a moment
+    /// without one. On an error the link stays held (attached while the agent runs), and the
+    /// heartbeat pins it once nothing is in the way.
+    pub fn pin_at_start(&self) -> Result<(), String> {
+        remove_stale_staged_pins(&self.dir);
+        // The link's id too: agents in PID namespaces of their own may share a pid.
+        let staged = (self.dir).join(format!("{STAGED}{}_{}", std::process::id(), self.link_id));
         let _ = std::fs::remove_file(&staged);
-        let pinned = link
-            .pin(&staged)
+        bpf_obj_pin(self.link.as_fd(), &staged)
             .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
-        let renamed = (|| {
-            // From the name no other agent writes to, so that it is surely this link.
-            let own = bpf_obj_get(&staged).map_err(|err| format!("opening its pin: {err}"))?;
-            let link_id =
-                links::cgroup_link_id(own.as_raw_fd()).ok_or("its pin holds no cgroup link")?;
-            std::fs::rename(&staged, &path)
-                .map_err(|err| format!("renaming it to {}: {err}", path.display()))?;
-            Ok::<_, String>((own, link_id))
-        })();
-        match renamed {
-            Ok((link, link_id)) => Ok(Self {
-                path,
-                _pinned: pinned,
-                link,
-                link_id,
-            }),
-            Err(problem) => {
-                let _ = std::fs::remove_file(&staged);
-                Err(format!("{}: {problem}", staged.display()))
-            }
-        }
+        std::fs::rename(&staged, &self.path).map_err(|err| {
+            let _ = std::fs::remove_file(&staged);
+            format!(
+                "renaming {} to {}: {err}",
+                staged.display(),
+                self.path.display()
+            )
+        })
     }
 
     /// Where the link is pinned.
@@ -110,32 +124,87 @@ impl ReleasePin {
 
     /// What is at the pin's path now.
     pub fn pinned_now(&self) -> PinnedNow {
+        // The directory, or what is left of its path (a tmpfs mounted over the state
+        // directory hides the table's directory and the pin, which still holds).
+        let nearest = self.dir.ancestors().find(|dir| dir.exists());
+        if nearest.is_some_and(|dir| !crate::host::is_bpffs(dir)) {
+            return PinnedNow::Unknown(format!(
+                "{} is on no bpf filesystem now (another mounted over it?)",
+                self.dir.display()
+            ));
+        }
         let held = match bpf_obj_get(&self.path) {
             Ok(held) => held,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return PinnedNow::Gone,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                // A dangling symbolic link reads as nothing too.
+                return match std::fs::symlink_metadata(&self.path) {
+                    Ok(what) => PinnedNow::Unknown(format!(
+                        "{} is no pin but a {}",
+                        self.path.display(),
+                        if what.file_type().is_symlink() {
+                            "symbolic link"
+                        } else if what.is_dir() {
+                            "directory"
+                        } else {
+                            "file"
+                        }
+                    )),
+                    Err(_) => PinnedNow::Gone,
+                };
+            }
             Err(err) => return PinnedNow::Unknown(format!("{}: {err}", self.path.display())),
         };
-        match links::cgroup_link_id(held.as_raw_fd()) {
-            Some(id) if id == self.link_id => PinnedNow::Ours,
-            Some(_) => PinnedNow::Another,
+        match links::cgroup_link_of(held.as_raw_fd()) {
+            Some((id, _)) if id == self.link_id => PinnedNow::Ours,
+            Some((_, cgroup_id)) if cgroup_id == self.cgroup_id => PinnedNow::Another,
+            Some((id, cgroup_id)) => PinnedNow::Unknown(format!(
+                "{} holds link {id}, of cgroup {cgroup_id}, not this one's",
+                self.path.display()
+            )),
             None => PinnedNow::Unknown(format!("{} holds no cgroup link", self.path.display())),
         }
     }
 
     /// Pins the link again if nothing is at its path (the state directory removed while the
     /// agent runs, its directories made again by then), so that the agent's stop still leaves
-    /// it attached; whether it did. Another agent's link there is left alone, and so is one
-    /// pinned there first by another agent that saw the pin gone too: the kernel pins nothing
-    /// over a file.
+    /// it attached; whether it did. Another agent's link to this cgroup there is left alone,
+    /// and so is one pinned there first by another agent that saw the pin gone too: the
+    /// kernel pins nothing over a file.
     pub fn restore(&self) -> Result<bool, String> {
         match self.pinned_now() {
             PinnedNow::Ours | PinnedNow::Another => Ok(false),
             PinnedNow::Unknown(what) => Err(what),
             PinnedNow::Gone => match bpf_obj_pin(self.link.as_fd(), &self.path) {
                 Ok(()) => Ok(true),
-                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                // Whatever came there since, it is looked at again.
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => match self.pinned_now() {
+                    PinnedNow::Unknown(what) => Err(what),
+                    _ => Ok(false),
+                },
                 Err(err) => Err(format!("pinning it at {}: {err}", self.path.display())),
             },
+        }
+    }
+}
+
+/// Removes the staged pins of starts that died between their pin and their rename (a
+/// SIGKILL): left, each would keep its agent's `sock_release` attached until the table is
+/// removed. A staged pin of a process still running is left to it
+/// (or of one of the same pid in another PID namespace: starts take milliseconds).
+fn remove_stale_staged_pins(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((pid, _link_id)) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(STAGED)?.split_once('_'))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -158,7 +227,7 @@ fn bpf_obj(cmd: libc::c_long, path: &Path, fd: Option<BorrowedFd<'_>>) -> io::Re
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let attr = ObjAttr {
         pathname: path.as_ptr() as u64,
-        bpf_fd: fd.map_or(0, |fd| fd.as_raw_fd() as u32),
+        bpf_fd: fd.map_or(0, |fd| fd.as_raw_fd().cast_unsigned()),
         ..ObjAttr::default()
     };
     // SAFETY: `attr` is a live `union bpf_attr` prefix of the size passed, whose pathname
