@@ -1067,6 +1067,34 @@ fn a_table_whose_pins_are_removed_while_the_agent_runs_is_pinned_again() {
     holder.close();
 }
 
+/// Something in the way of `sock_release`'s pin when the agent starts (a directory here) is
+/// warned of, and the link pinned once it is gone: the stop leaves it attached. Before, a pin
+/// that failed at the start was never tried again, and the stop detached every program
+/// without a word (helper-158).
+#[test]
+fn a_link_pin_kept_out_at_the_start_is_made_once_the_way_is_clear() {
+    use std::os::unix::fs::MetadataExt as _;
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let mut first = Agent::start(&topology, &[]);
+    first.process().signal(libc::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    let cgroup_id = std::fs::metadata(&topology.cgroup.path)
+        .expect("stat")
+        .ino();
+    let pin = tests::table_dir(&topology.client.state_dir())
+        .join(format!("sock_release_link_{cgroup_id}"));
+    std::fs::remove_file(&pin).expect("remove the first agent's pin");
+    std::fs::create_dir(&pin).expect("a directory in its way");
+    let mut agent = Agent::start(&topology, &[]);
+    wait_for_log(&agent, "cannot pin dns_proxy_sock_release yet");
+    std::fs::remove_dir(&pin).expect("clear the way");
+    wait_for_log(&agent, "dns_proxy_sock_release's pin");
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    tests::assert_only_sock_release_left(&topology.cgroup.path);
+}
+
 /// A `--takeover` with no agent of its state directory to take over from pins nothing. Here the
 /// state directory is removed while an agent runs (frozen meanwhile, so that it does not pin
 /// its table again first), and a `--takeover` started then, on its listen address or another
