@@ -1308,6 +1308,8 @@ fn a_link_pin_shown_again_from_under_a_mount_is_still_the_agents_own() {
         || (pinned_again(&agent) >= 1).then_some(()),
     );
     drop(over);
+    // A heartbeat (every 2 s) looks at the agent's own pin, shown again.
+    std::thread::sleep(Duration::from_millis(2500));
     std::fs::remove_dir_all(&state).expect("remove the state directory");
     wait_for("the link pinned again", Duration::from_secs(10), || {
         (pinned_again(&agent) >= 2).then_some(())
