@@ -848,10 +848,23 @@ impl Drop for Redirector {
                 "detaching all programs from {cgroup}, {program} too: the one pinned at {path} \
                  is another agent's on this cgroup, and stays attached in its place"
             ),
+            // Removed with the table since the last heartbeat: no note is left to take out,
+            // unless another agent pins the table again.
+            PinnedNow::Gone if !pin.dir().exists() => log::warn!(
+                "detaching all programs from {cgroup}, {program} too: the table's directory \
+                 is gone (removed since the agent's last heartbeat), its notes with it unless \
+                 another agent of it pins it again"
+            ),
             PinnedNow::Gone => log::warn!(
                 "detaching all programs from {cgroup}, {program} too: its pin at {path} is \
                  gone, and cannot be made again; this cgroup's UDP sockets released while no \
                  agent runs stay noted in {} until the table is removed",
+                names::CONNECTED
+            ),
+            PinnedNow::Blocked(what) => log::warn!(
+                "detaching all programs from {cgroup}, {program} too: its pin's place is taken \
+                 ({what}); this cgroup's UDP sockets released while no agent runs stay noted \
+                 in {} until the table is removed",
                 names::CONNECTED
             ),
             PinnedNow::Unknown(what) => log::warn!(

@@ -775,8 +775,8 @@ async fn keep_alive(
         match &release {
             Some(Ok(true)) => log::warn!(
                 target: LOG,
-                "{}'s pin in {} was gone: pinned again, so that it stays attached when the \
-                 agent stops",
+                "{}'s pin in {} was missing: pinned, so that it stays attached when the agent \
+                 stops",
                 names::SOCK_RELEASE,
                 pins.dir().display()
             ),

@@ -68,10 +68,16 @@ impl AttachedLinks {
     }
 }
 
-/// The cgroup link `fd` holds, if it holds one: its id, and the id of the cgroup it is
-/// attached to (0 once detached).
-pub(super) fn cgroup_link_of(fd: std::os::fd::RawFd) -> Option<(u32, u64)> {
-    read_link_info(u32::try_from(fd).ok()?).map(|info| (info.id, info.cgroup_id))
+/// The cgroup link `fd` holds, if it holds one: its id, the id of the cgroup it is attached
+/// to (0 once detached), and its attach type (`cgroup/sock_release`'s, `connect4`'s...).
+pub(super) fn cgroup_link_of(fd: std::os::fd::RawFd) -> Option<(u32, u64, Option<u32>)> {
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    let info = parse_cgroup_link(&text)?;
+    let attach_type = text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "attach_type").then(|| value.trim().parse().ok())?
+    });
+    Some((info.id, info.cgroup_id, attach_type))
 }
 
 /// The descriptor of this process's that holds cgroup link `link_id`, if any.

@@ -36,6 +36,8 @@ pub struct ReleasePin {
     link: OwnedFd,
     /// The kernel's id of the link.
     link_id: u32,
+    /// Its attach type, as fdinfo says it: another agent's `sock_release` link has the same.
+    attach_type: Option<u32>,
 }
 
 /// What is at the pin's path now.
@@ -48,7 +50,10 @@ pub enum PinnedNow {
     Another,
     /// Nothing.
     Gone,
-    /// Something else, or nothing that can be read: what.
+    /// Something else (a directory, a map, another program's link): what. This agent's link
+    /// is pinned nowhere, and goes with it.
+    Blocked(String),
+    /// What is there cannot be read (another filesystem mounted over the directory): why.
     Unknown(String),
 }
 
@@ -76,6 +81,7 @@ impl ReleasePin {
         let link = unsafe { BorrowedFd::borrow_raw(fd) }
             .try_clone_to_owned()
             .map_err(|err| format!("duplicating the link's descriptor: {err}"))?;
+        let attach_type = links::cgroup_link_of(link.as_raw_fd()).and_then(|(.., kind)| kind);
         Ok(Self {
             dir: dir.to_owned(),
             // One per cgroup: agents on other cgroups that share the table keep theirs.
@@ -84,6 +90,7 @@ impl ReleasePin {
             _held: held,
             link,
             link_id,
+            attach_type,
         })
     }
 
@@ -122,6 +129,11 @@ impl ReleasePin {
         &self.path
     }
 
+    /// The table's directory, where the link is pinned.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// What is at the pin's path now.
     pub fn pinned_now(&self) -> PinnedNow {
         // The directory, or what is left of its path (a tmpfs mounted over the state
@@ -135,33 +147,38 @@ impl ReleasePin {
         }
         let held = match bpf_obj_get(&self.path) {
             Ok(held) => held,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                // A dangling symbolic link reads as nothing too.
+            // A directory (EACCES), a dangling symbolic link (ENOENT): looked at as files.
+            Err(err) => {
                 return match std::fs::symlink_metadata(&self.path) {
-                    Ok(what) => PinnedNow::Unknown(format!(
-                        "{} is no pin but a {}",
-                        self.path.display(),
-                        if what.file_type().is_symlink() {
-                            "symbolic link"
-                        } else if what.is_dir() {
-                            "directory"
-                        } else {
-                            "file"
-                        }
-                    )),
-                    Err(_) => PinnedNow::Gone,
+                    Ok(what) if what.is_dir() || what.file_type().is_symlink() => {
+                        PinnedNow::Blocked(format!(
+                            "{} is no pin but a {}",
+                            self.path.display(),
+                            if what.is_dir() {
+                                "directory"
+                            } else {
+                                "symbolic link"
+                            }
+                        ))
+                    }
+                    Err(_) if err.kind() == io::ErrorKind::NotFound => PinnedNow::Gone,
+                    _ => PinnedNow::Unknown(format!("{}: {err}", self.path.display())),
                 };
             }
-            Err(err) => return PinnedNow::Unknown(format!("{}: {err}", self.path.display())),
         };
         match links::cgroup_link_of(held.as_raw_fd()) {
-            Some((id, _)) if id == self.link_id => PinnedNow::Ours,
-            Some((_, cgroup_id)) if cgroup_id == self.cgroup_id => PinnedNow::Another,
-            Some((id, cgroup_id)) => PinnedNow::Unknown(format!(
-                "{} holds link {id}, of cgroup {cgroup_id}, not this one's",
-                self.path.display()
+            Some((id, ..)) if id == self.link_id => PinnedNow::Ours,
+            Some((_, cgroup_id, kind))
+                if cgroup_id == self.cgroup_id && kind == self.attach_type =>
+            {
+                PinnedNow::Another
+            }
+            Some((id, cgroup_id, _)) => PinnedNow::Blocked(format!(
+                "{} holds link {id}, not a {} link of this cgroup (cgroup {cgroup_id})",
+                self.path.display(),
+                names::SOCK_RELEASE
             )),
-            None => PinnedNow::Unknown(format!("{} holds no cgroup link", self.path.display())),
+            None => PinnedNow::Blocked(format!("{} holds no cgroup link", self.path.display())),
         }
     }
 
@@ -173,12 +190,12 @@ impl ReleasePin {
     pub fn restore(&self) -> Result<bool, String> {
         match self.pinned_now() {
             PinnedNow::Ours | PinnedNow::Another => Ok(false),
-            PinnedNow::Unknown(what) => Err(what),
+            PinnedNow::Blocked(what) | PinnedNow::Unknown(what) => Err(what),
             PinnedNow::Gone => match bpf_obj_pin(self.link.as_fd(), &self.path) {
                 Ok(()) => Ok(true),
                 // Whatever came there since, it is looked at again.
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists => match self.pinned_now() {
-                    PinnedNow::Unknown(what) => Err(what),
+                    PinnedNow::Blocked(what) | PinnedNow::Unknown(what) => Err(what),
                     _ => Ok(false),
                 },
                 Err(err) => Err(format!("pinning it at {}: {err}", self.path.display())),
@@ -189,25 +206,30 @@ impl ReleasePin {
 
 /// Removes the staged pins of starts that died between their pin and their rename (a
 /// SIGKILL): left, each would keep its agent's `sock_release` attached until the table is
-/// removed. A staged pin of a process still running is left to it
-/// (or of one of the same pid in another PID namespace: starts take milliseconds).
+/// removed. A start renames its staged pin within milliseconds, so one older than
+/// [`STAGED_FOR`] is a dead start's. (Not by its pid: agents in PID namespaces of their own
+/// are all pid 1 or so, and `/proc` shows another namespace's pids as gone; helper-159.)
 fn remove_stale_staged_pins(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some((pid, _link_id)) = name
-            .to_str()
-            .and_then(|name| name.strip_prefix(STAGED)?.split_once('_'))
-        else {
+        if !entry.file_name().to_string_lossy().starts_with(STAGED) {
             continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
+        }
+        let age = entry
+            .metadata()
+            .and_then(|made| made.modified())
+            .ok()
+            .and_then(|made| made.elapsed().ok());
+        if age.is_some_and(|age| age > STAGED_FOR) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
 }
+
+/// How long a start's staged pin may live before the next start takes it for a dead start's.
+const STAGED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -257,4 +279,39 @@ fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
 /// Pins the BPF object `fd` holds at `path`; fails with `AlreadyExists` if anything is there.
 fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     bpf_obj(BPF_OBJ_PIN, path, Some(fd)).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staged pin older than a start takes is a dead start's, whatever its pid; a fresh one
+    /// (a start of another agent under way) and every other name are left.
+    #[test]
+    fn only_staged_pins_older_than_a_start_are_removed() {
+        let dir = std::env::temp_dir().join(format!("release-pin-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let made = |name: &str, age: std::time::Duration| {
+            let file = std::fs::File::create(dir.join(name)).expect("a file");
+            file.set_modified(std::time::SystemTime::now() - age)
+                .expect("set its time");
+        };
+        made("sock_release_staged_1_40", STAGED_FOR * 2);
+        made("sock_release_staged_1_41", std::time::Duration::ZERO);
+        made("sock_release_link_9", STAGED_FOR * 2);
+        remove_stale_staged_pins(&dir);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .expect("read it")
+            .map(|entry| {
+                entry
+                    .expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert_eq!(left, ["sock_release_link_9", "sock_release_staged_1_41"]);
+    }
 }
