@@ -110,7 +110,8 @@ impl ReleasePin {
     pub fn pin_at_start(&self) -> Result<(), String> {
         remove_stale_staged_pins(&self.dir);
         // The link's id too: agents in PID namespaces of their own may share a pid.
-        let staged = (self.dir).join(format!("{STAGED}{}_{}", std::process::id(), self.link_id));
+        let staged = format!("{STAGED}{}_{}", std::process::id(), self.link_id);
+        let staged = self.dir.join(staged);
         let _ = std::fs::remove_file(&staged);
         bpf_obj_pin(self.link.as_fd(), &staged)
             .map_err(|err| format!("pinning it at {}: {err}", staged.display()))?;
