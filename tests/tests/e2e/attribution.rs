@@ -351,7 +351,8 @@ fn a_dnstap_file_whose_filesystem_filled_up_goes_on_in_a_new_one_once_there_is_r
             .args(["-o", "remount,size=1m"])
             .arg(&dir.0),
     );
-    let text = wait_for("a new dnstap log", Duration::from_secs(20), || {
+    // The writer tries again with a backoff doubling up to 30 s: the next try may be that far.
+    let text = wait_for("a new dnstap log", Duration::from_secs(40), || {
         let name = "after-room.example.test";
         assert_answered(dig(topology.workload("dig", &[]), name, &["+short"]), name);
         let text = dnstap_text(&log);
