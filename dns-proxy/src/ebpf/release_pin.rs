@@ -174,10 +174,14 @@ impl ReleasePin {
             {
                 PinnedNow::Another
             }
-            Some((id, cgroup_id, _)) => PinnedNow::Blocked(format!(
-                "{} holds link {id}, not a {} link of this cgroup (cgroup {cgroup_id})",
+            Some((id, cgroup_id, _)) if cgroup_id == self.cgroup_id => PinnedNow::Blocked(format!(
+                "{} holds link {id} of this cgroup, not a {} link",
                 self.path.display(),
                 names::SOCK_RELEASE
+            )),
+            Some((id, cgroup_id, _)) => PinnedNow::Blocked(format!(
+                "{} holds link {id}, of cgroup {cgroup_id}, not this one's",
+                self.path.display()
             )),
             None => PinnedNow::Blocked(format!("{} holds no cgroup link", self.path.display())),
         }
@@ -189,6 +193,8 @@ impl ReleasePin {
     /// and so is one pinned there first by another agent that saw the pin gone too: the
     /// kernel pins nothing over a file.
     pub fn restore(&self) -> Result<bool, String> {
+        // A dead start's staged pin goes within a heartbeat of its age, not at the next start.
+        remove_stale_staged_pins(&self.dir);
         match self.pinned_now() {
             PinnedNow::Ours | PinnedNow::Another => Ok(false),
             PinnedNow::Blocked(what) | PinnedNow::Unknown(what) => Err(what),
@@ -208,7 +214,7 @@ impl ReleasePin {
 /// Removes the staged pins of starts that died between their pin and their rename (a
 /// SIGKILL): left, each would keep its agent's `sock_release` attached until the table is
 /// removed. A start renames its staged pin within milliseconds, so one older than
-/// [`STAGED_FOR`] is a dead start's. (Not by its pid: agents in PID namespaces of their own
+/// [`STAGED_FOR`] is a dead start's. Run at each start and each heartbeat. (Not by its pid: agents in PID namespaces of their own
 /// are all pid 1 or so, and `/proc` shows another namespace's pids as gone; helper-159.)
 fn remove_stale_staged_pins(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
