@@ -461,13 +461,14 @@ pub struct Pins {
     /// The kernel's ids of the table's two maps (`SERVERS`, `SERVER_INDEX`), by which a pin
     /// of their names is known for theirs.
     table_ids: [u32; 2],
-    /// `sock_release`'s link, if pinned: it goes with the state directory too.
+    /// `sock_release`'s link, held to be pinned here (`run` only): its pin goes with the
+    /// state directory too.
     release_link: Option<Arc<crate::ebpf::ReleasePin>>,
 }
 
 impl Pins {
     /// Opens every pin in `dir`, the table's directory, once the programs are loaded, and
-    /// holds `release_link`, pinned there by the load.
+    /// holds `release_link`, which the load pinned there (or tried to).
     pub fn hold(
         dir: &Path,
         release_link: Option<Arc<crate::ebpf::ReleasePin>>,
@@ -506,7 +507,7 @@ impl Pins {
     }
 
     /// Pins `sock_release`'s link again if its pin is gone, after [`restore`](Self::restore)
-    /// made the directories again; `None` if it was not pinned at the start.
+    /// made the directories again; `None` where the agent leaves no link pinned (`exec`).
     pub fn restore_release_link(&self) -> Option<Result<bool, String>> {
         self.release_link.as_ref().map(|link| link.restore())
     }

@@ -21,9 +21,12 @@ struct HeldLink {
 
 /// What `/proc/self/fdinfo/<fd>` says of a cgroup link.
 #[derive(Debug, PartialEq, Eq)]
-struct CgroupLinkInfo {
-    id: u32,
-    cgroup_id: u64,
+pub(super) struct CgroupLinkInfo {
+    pub(super) id: u32,
+    /// 0 once detached.
+    pub(super) cgroup_id: u64,
+    /// `cgroup/sock_release`'s, `connect4`'s...; `None` where fdinfo does not say.
+    pub(super) attach_type: Option<u32>,
 }
 
 impl AttachedLinks {
@@ -68,16 +71,9 @@ impl AttachedLinks {
     }
 }
 
-/// The cgroup link `fd` holds, if it holds one: its id, the id of the cgroup it is attached
-/// to (0 once detached), and its attach type (`cgroup/sock_release`'s, `connect4`'s...).
-pub(super) fn cgroup_link_of(fd: std::os::fd::RawFd) -> Option<(u32, u64, Option<u32>)> {
-    let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    let info = parse_cgroup_link(&text)?;
-    let attach_type = text.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        (key.trim() == "attach_type").then(|| value.trim().parse().ok())?
-    });
-    Some((info.id, info.cgroup_id, attach_type))
+/// The cgroup link descriptor `fd` holds, if it holds one.
+pub(super) fn cgroup_link_of(fd: std::os::fd::RawFd) -> Option<CgroupLinkInfo> {
+    read_link_info(u32::try_from(fd).ok()?)
 }
 
 /// The descriptor of this process's that holds cgroup link `link_id`, if any.
@@ -113,6 +109,7 @@ fn parse_cgroup_link(fdinfo: &str) -> Option<CgroupLinkInfo> {
     Some(CgroupLinkInfo {
         id: field("link_id")?.parse().ok()?,
         cgroup_id: field("cgroup_id")?.parse().ok()?,
+        attach_type: field("attach_type").and_then(|kind| kind.parse().ok()),
     })
 }
 
@@ -129,7 +126,8 @@ mod tests {
             parse_cgroup_link(attached),
             Some(CgroupLinkInfo {
                 id: 41,
-                cgroup_id: 9876
+                cgroup_id: 9876,
+                attach_type: Some(10),
             })
         );
         let detached = attached.replace("cgroup_id:\t9876", "cgroup_id:\t0");

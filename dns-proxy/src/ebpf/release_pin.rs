@@ -1,8 +1,8 @@
 //! `sock_release`'s link, pinned in the table's directory so that it stays attached when the
 //! agent stops, and pinned again whenever its pin is gone while the agent runs.
 //!
-//! What sits at the pin's path is told by the link's id and cgroup, read from the kernel,
-//! never by the file: an inode told a pin shown again from under a bpffs mounted over it for
+//! What sits at the pin's path is told by the link's id, cgroup and attach type, read from the
+//! kernel, never by the file: an inode told a pin shown again from under a bpffs mounted over it for
 //! another agent's, and a directory or a map put there for one too (helper-157).
 use std::{
     ffi::CString,
@@ -81,7 +81,7 @@ impl ReleasePin {
         let link = unsafe { BorrowedFd::borrow_raw(fd) }
             .try_clone_to_owned()
             .map_err(|err| format!("duplicating the link's descriptor: {err}"))?;
-        let attach_type = links::cgroup_link_of(link.as_raw_fd()).and_then(|(.., kind)| kind);
+        let attach_type = links::cgroup_link_of(link.as_raw_fd()).and_then(|info| info.attach_type);
         Ok(Self {
             dir: dir.to_owned(),
             // One per cgroup: agents on other cgroups that share the table keep theirs.
@@ -167,23 +167,27 @@ impl ReleasePin {
                 };
             }
         };
-        match links::cgroup_link_of(held.as_raw_fd()) {
-            Some((id, ..)) if id == self.link_id => PinnedNow::Ours,
-            Some((_, cgroup_id, kind))
-                if cgroup_id == self.cgroup_id && kind == self.attach_type =>
-            {
-                PinnedNow::Another
-            }
-            Some((id, cgroup_id, _)) if cgroup_id == self.cgroup_id => PinnedNow::Blocked(format!(
-                "{} holds link {id} of this cgroup, not a {} link",
+        let Some(info) = links::cgroup_link_of(held.as_raw_fd()) else {
+            return PinnedNow::Blocked(format!("{} holds no cgroup link", self.path.display()));
+        };
+        if info.id == self.link_id {
+            PinnedNow::Ours
+        } else if info.cgroup_id != self.cgroup_id {
+            PinnedNow::Blocked(format!(
+                "{} holds link {}, of cgroup {}, not this one's",
                 self.path.display(),
+                info.id,
+                info.cgroup_id
+            ))
+        } else if info.attach_type != self.attach_type {
+            PinnedNow::Blocked(format!(
+                "{} holds link {} of this cgroup, not a {} link",
+                self.path.display(),
+                info.id,
                 names::SOCK_RELEASE
-            )),
-            Some((id, cgroup_id, _)) => PinnedNow::Blocked(format!(
-                "{} holds link {id}, of cgroup {cgroup_id}, not this one's",
-                self.path.display()
-            )),
-            None => PinnedNow::Blocked(format!("{} holds no cgroup link", self.path.display())),
+            ))
+        } else {
+            PinnedNow::Another
         }
     }
 
@@ -214,8 +218,9 @@ impl ReleasePin {
 /// Removes the staged pins of starts that died between their pin and their rename (a
 /// SIGKILL): left, each would keep its agent's `sock_release` attached until the table is
 /// removed. A start renames its staged pin within milliseconds, so one older than
-/// [`STAGED_FOR`] is a dead start's. Run at each start and each heartbeat. (Not by its pid: agents in PID namespaces of their own
-/// are all pid 1 or so, and `/proc` shows another namespace's pids as gone; helper-159.)
+/// [`STAGED_FOR`] is a dead start's. Run at each start and each heartbeat. (Not by its pid:
+/// agents in PID namespaces of their own are all pid 1 or so, and `/proc` shows another
+/// namespace's pids as gone; helper-159.)
 fn remove_stale_staged_pins(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -235,7 +240,7 @@ fn remove_stale_staged_pins(dir: &Path) {
     }
 }
 
-/// How long a start's staged pin may live before the next start takes it for a dead start's.
+/// How long a start's staged pin may live before it is taken for a dead start's.
 const STAGED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 const BPF_OBJ_PIN: libc::c_long = 6;
