@@ -1022,7 +1022,14 @@ print(f"{answered}/{probes}")
     let (answered, probes) = probes_answered_meanwhile(script);
     // Eight probes, or seven if the script fell half a second behind on a busy machine.
     assert!((7..=8).contains(&probes), "{answered}/{probes}");
-    assert_eq!(answered, probes, "while connections were held");
+    assert_probes_kept_in(answered, probes, "while connections were held");
+}
+
+/// The kubelet restarts a container after 3 probes in a row fail (its default
+/// `failureThreshold`). A starved port fails them all; one probe of eight may miss its 1 s on
+/// a loaded 2-vCPU machine, where the Python threads loading the port take it from the agent.
+fn assert_probes_kept_in(answered: u32, probes: u32, meanwhile: &str) {
+    assert!(answered + 1 >= probes, "{answered}/{probes} {meanwhile}");
 }
 
 /// Runs the Python `script`, which loads an agent's metrics port (its first argument) while
@@ -1099,7 +1106,7 @@ print(f"{answered}/{probes}")
 "#;
     let (answered, probes) = probes_answered_meanwhile(script);
     assert!(probes >= 6, "{answered}/{probes}");
-    assert_eq!(answered, probes, "while scrapers asked without pause");
+    assert_probes_kept_in(answered, probes, "while scrapers asked without pause");
 }
 
 /// The cgroup `dns-proxy exec` made for its command, from its log.
