@@ -381,7 +381,7 @@ impl Cache {
             .is_some_and(|failed| now.saturating_duration_since(failed) < FAILURE_RECHECK);
         let (answer, fresh) = if age < entry.lifetime {
             (
-                for_client(entry, client_query, age.as_secs() as u32, None),
+                for_client(entry, client_query, whole_seconds_begun(age), None),
                 complete,
             )
         } else if !entry.servfail && age < entry.lifetime.saturating_add(self.settings.serve_stale)
@@ -548,14 +548,6 @@ fn cacheable(
     if answer.get(HEADER_LEN..question_end) != head.get(HEADER_LEN..) {
         return None;
     }
-    // No TTL shown goes past how long the answer is kept: `--cache-max-ttl`, and for a
-    // SERVFAIL its 5 s (before, a SERVFAIL's SOA was shown with 29 s left).
-    let shown_at_most = if rcode == RCODE_SERVFAIL {
-        max_ttl.min(MAX_SERVFAIL_TTL)
-    } else {
-        max_ttl
-    };
-    let max_ttl_seconds = u32::try_from(shown_at_most.as_secs()).unwrap_or(u32::MAX);
     let (answers, authorities, additionals) =
         (count(answer, 6)?, count(answer, 8)?, count(answer, 10)?);
     let mut ttls = Vec::new();
@@ -630,9 +622,7 @@ fn cacheable(
                 negative_ttl = Some(negative_ttl.map_or(ttl, |n| n.min(ttl)));
             }
             least = Some(least.map_or(ttl, |l| l.min(ttl)));
-            // No TTL shown goes past the cap: a client's own cache keeps a record no longer
-            // than `--cache-max-ttl` either.
-            ttls.push((record.ttl_offset, ttl.min(max_ttl_seconds)));
+            ttls.push((record.ttl_offset, ttl));
         }
     }
     if reader.offset != answer.len() {
@@ -655,6 +645,16 @@ fn cacheable(
     if lifetime.is_zero() {
         return None;
     }
+    // No TTL shown goes past how long the answer is kept: not past `--cache-max-ttl` (a
+    // SERVFAIL's 5 s: before, its SOA was shown with 29 s left), and not past the least TTL
+    // of the message, which sets when it is asked for again. RFC 2181 §5.2 has a cache read
+    // an RRset of mixed TTLs as all of its least; before, a record of TTL 100 beside one of
+    // 4 was shown 29 s from an answer kept 4 s (helper-161), and a client's own cache kept
+    // it past the agent's.
+    let lifetime_seconds = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+    for (_, ttl) in &mut ttls {
+        *ttl = (*ttl).min(lifetime_seconds);
+    }
     Some(Entry {
         answer: answer.into(),
         ttls,
@@ -665,6 +665,13 @@ fn cacheable(
         failed: None,
         servfail: rcode == RCODE_SERVFAIL,
     })
+}
+
+/// The seconds `age` has begun: a TTL counted down by them shows at most the time left, where
+/// one counted down by whole seconds gone showed up to a second more (29 s, 1.5 s into 30).
+fn whole_seconds_begun(age: Duration) -> u32 {
+    let begun = age.as_secs() + u64::from(age.subsec_nanos() > 0);
+    u32::try_from(begun).unwrap_or(u32::MAX)
 }
 
 /// `entry`'s answer for the client whose query is `client_query`: its ID, its question

@@ -137,10 +137,33 @@ fn a_kept_answer_counts_its_ttls_down_and_carries_the_clients_id_and_question() 
     ));
     assert_eq!(&answer[..2], &2u16.to_be_bytes());
     assert_eq!(wire_question(&answer), wire_question(&second));
-    assert_eq!(ttls(&answer), [293, 113]);
+    // Kept for its least TTL, 120 s, and no record shown longer (RFC 2181 §5.2).
+    assert_eq!(ttls(&answer), [113, 113]);
     // The upstream's flags as they came (RA set, AA clear).
     let message = Message::from_vec(&answer).unwrap();
     assert!(message.recursion_available() && !message.authoritative());
+}
+
+/// A client's own cache keeps what it is shown for the TTL shown: no longer than the agent
+/// keeps the answer, whatever TTL each record came with and however far into a second the
+/// lookup falls.
+#[test]
+fn no_ttl_shown_from_the_cache_outlasts_the_kept_answer() {
+    let cache = Cache::new(settings());
+    let q = query(1, "mixed.example.test.");
+    let start = Instant::now();
+    // TTLs 100 and 4 in one RRset (helper-161 was shown 29 s of the first from an answer
+    // kept 4 s), and past the cap.
+    assert!(keeps(&cache, &q, &a_answer(&q, &[100, 4, 86_400]), start));
+    for (millis, shown) in [(0, 4), (1, 3), (1_500, 2), (2_000, 2), (3_999, 0)] {
+        let at = start + Duration::from_millis(millis);
+        let answer = fresh(cache.lookup(&parsed(&q), &q, true, at));
+        assert_eq!(ttls(&answer), [shown; 3], "{millis} ms in");
+    }
+    assert!(!matches!(
+        cache.lookup(&parsed(&q), &q, true, start + Duration::from_secs(4)),
+        Cached::Fresh(_)
+    ));
 }
 
 fn wire_question(message: &[u8]) -> Vec<u8> {
