@@ -116,6 +116,10 @@ pub mod names {
     /// block, so that it shows the source it would have had without the agent.
     pub const SOURCE4: &str = "SOURCE4";
 
+    /// IPv4 server → the source toward it, where its route picks another than `SOURCE4`'s.
+    /// Written by the agent; `connect4` binds to it before `SOURCE4`.
+    pub const SOURCE4_BY_SERVER: &str = "SOURCE4_BY_SERVER";
+
     /// Socket cookie -> [`crate::server_key`]: the sockets `connect4/6` connected to an
     /// index's address (UDP or TCP), until they are released (`cgroup/sock_release`). Pinned
     /// beside `SERVERS`: the agent forgets no origin that a live socket is connected to.
@@ -371,6 +375,11 @@ pub const MAX_AGENTS: u32 = 64;
 /// Capacity of the `CONNECTED` map: sockets connected to the block at once that keep their
 /// index from being forgotten (past it, a socket is not counted, as before the map).
 pub const MAX_CONNECTED: u32 = 65_536;
+/// The most servers `SOURCE4_BY_SERVER` holds a source for: a host asks a handful of servers,
+/// and the agent writes only those whose route picks a source of its own; past it, sockets
+/// asking the others take `SOURCE4`'s.
+pub const MAX_SOURCES_BY_SERVER: u32 = 256;
+
 /// A cgroup's share of `CONNECTED`: past it, its sockets connected to the block are not noted
 /// (counted as [`Counter::ConnectedNotNoted`]), so that no one workload fills the map for the
 /// others. A stub resolver holds one or two such sockets, a forwarder's pool hundreds.

@@ -223,6 +223,13 @@ static REFUSING: Array<u64> = Array::with_max_entries(MAX_SERVERS, 0);
 #[map(name = "SOURCE4")]
 static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 
+/// IPv4 server (network order) → the address the agent's namespace sends from toward it, for
+/// the servers whose route picks another source than `SOURCE4`'s (a server on another link, a
+/// VPN's, the host's own address). Written by the agent alone.
+#[map(name = "SOURCE4_BY_SERVER")]
+static SOURCE4_BY_SERVER: HashMap<u32, u32> =
+    HashMap::with_max_entries(dns_proxy_common::MAX_SOURCES_BY_SERVER, 0);
+
 /// Socket → the interfaces it chose to send through, by index: by `IP_UNICAST_IF` /
 /// `IPV6_UNICAST_IF`, and by the sticky `IPV6_PKTINFO`, as `cgroup/setsockopt` saw them set;
 /// the kernel frees it with the socket.

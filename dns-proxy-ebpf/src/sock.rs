@@ -21,6 +21,7 @@ use dns_proxy_common::{
 
 use crate::{
     ALLOW, CONNECTED, CONNECTED_CHARGE, CONNECTED_PER_CGROUP, Hook, REFUSE, SOURCE4,
+    SOURCE4_BY_SERVER,
     block::{
         addresses_proxy4, atomic_add, block4_address, block6_address, encodes, index_for,
         index_in_block4, index_in_block6, origin_at, server_at,
@@ -51,8 +52,9 @@ pub fn sock4_connect(ctx: &SockAddrContext) -> i32 {
 }
 
 /// Binds an IPv4 socket of the agent's namespace that `connect4` sends to the block, and that
-/// has no address or port yet, to the address the agent found toward the Internet (`SOURCE4`),
-/// as connecting it to `server_be` directly would have on a node with one uplink. Without it
+/// has no address or port yet, to the address the agent found toward `server_be`
+/// (`SOURCE4_BY_SERVER`) or, for a server it has not seen or that the default route reaches,
+/// toward the Internet (`SOURCE4`), as connecting it to `server_be` directly would have. Without it
 /// the route to the block picks the source (127.0.0.1, or the block's address on a node),
 /// which `getsockname` shows, and which a later `connect` of the same socket elsewhere keeps
 /// and cannot route. A loopback or unspecified server keeps the loopback source it would have
@@ -72,9 +74,13 @@ fn bind_direct_source4(ctx: &SockAddrContext, server_be: u32) {
     {
         return;
     }
-    match SOURCE4.get(0) {
-        Some(&source) if source != 0 => ctx_bind_source4(ctx, source),
-        _ => {}
+    // SAFETY: a value the agent writes whole; read once.
+    let source = match unsafe { SOURCE4_BY_SERVER.get(server_be) } {
+        Some(&source) => source,
+        None => SOURCE4.get(0).copied().unwrap_or(0),
+    };
+    if source != 0 {
+        ctx_bind_source4(ctx, source);
     }
 }
 

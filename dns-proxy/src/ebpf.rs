@@ -681,7 +681,12 @@ impl Redirector {
             IpAddr::V4(first) => first,
             IpAddr::V6(_) => unreachable!("the IPv4 block is IPv4"),
         };
-        let sources = DirectSources::new(take_array(&mut ebpf, names::SOURCE4)?, block4);
+        let sources = DirectSources::new(
+            take_array(&mut ebpf, names::SOURCE4)?,
+            take_map(&mut ebpf, names::SOURCE4_BY_SERVER)?,
+            block4,
+            &servers.servers4(),
+        );
         // Every program is in place: the redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
         switch.set(&[])?;

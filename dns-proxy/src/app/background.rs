@@ -121,7 +121,12 @@ pub(super) fn start(
         spawn("saying the agent runs", false, Box::pin(task));
     }
     if let Some(routing) = routing {
-        let task = keep_routing(routing, Arc::clone(readiness), stop.clone());
+        let task = keep_routing(
+            routing,
+            Arc::clone(servers),
+            Arc::clone(readiness),
+            stop.clone(),
+        );
         spawn("watching the blocks' routes", false, Box::pin(task));
     }
     let task = keep_alive(
@@ -601,9 +606,10 @@ const REROUTE_BY_RESTART_AFTER: Duration = Duration::from_secs(30);
 const SOURCE_RECHECK: Duration = Duration::from_secs(30);
 
 /// After each change of routes or addresses (and once at the start, for a change between the
-/// agent's first look and the start of the watch), and every [`SOURCE_RECHECK`], until
-/// `stop`: writes the source of redirected sockets anew ([`DirectSources::find`]: a UDP
-/// `connect`, and a datagram from that source to the block), and
+/// agent's first look and the start of the watch), for each server new to `servers`, and
+/// every [`SOURCE_RECHECK`], until `stop`: writes the sources of redirected sockets anew
+/// ([`DirectSources::find`]: a UDP `connect` toward the Internet and toward each server, and
+/// a datagram from each source to the block), and
 /// checks that every block is still routed here. One that is not (a program removed its
 /// route, IPv6 was switched off and on, which flushes it, `lo` went down, or, for a block in
 /// 127/8, `lo` lost its address) would send what the programs
@@ -613,13 +619,21 @@ const SOURCE_RECHECK: Duration = Duration::from_secs(30);
 /// capability after start. So if a block it routed itself stays unrouted for
 /// [`REROUTE_BY_RESTART_AFTER`] while `lo` is up, it stops with an error (`restart`), and its
 /// service manager starts it anew, which routes the block again.
-async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: drain::Signal) {
+async fn keep_routing(
+    mut routing: Routing,
+    servers: Arc<ServerTable>,
+    readiness: Arc<Readiness>,
+    stop: drain::Signal,
+) {
     let mut unrouted: Vec<AddressBlock> = Vec::new();
     // Since when a block the agent routed itself has been unrouted, `lo` up.
     let mut reroute_due: Option<tokio::time::Instant> = None;
     loop {
         let block = routing.sources.block();
-        if let Ok(found) = tokio::task::spawn_blocking(move || DirectSources::find(block)).await {
+        let servers4 = servers.servers4();
+        if let Ok(found) =
+            tokio::task::spawn_blocking(move || DirectSources::find(block, &servers4)).await
+        {
             routing.sources.write(found);
         }
         let blocks = routing.blocks.clone();
@@ -657,6 +671,8 @@ async fn keep_routing(mut routing: Routing, readiness: Arc<Readiness>, stop: dra
         tokio::select! {
             () = stop.stopped() => return,
             () = routing.changes.next_change() => {}
+            // A server new to the agent may be routed from another source.
+            () = servers.servers4_grew() => {}
             // A firewall rule that drops the source's datagrams to the block comes with no
             // change of routes (kube-proxy starting after the agent).
             () = tokio::time::sleep(SOURCE_RECHECK) => {}

@@ -51,7 +51,14 @@ pub struct ServerTable {
     corrections: std::sync::Mutex<HashMap<MapData, u64, i64>>,
     /// The shared origins the last walk found unused: forgotten if this one does too.
     unused_shared: std::sync::Mutex<std::collections::HashSet<(u32, Origin)>>,
+    /// The IPv4 servers in the table at start and read from it since, for the source each
+    /// is sent from ([`super::DirectSources`]); `servers4_grew` is told of each new one.
+    servers4: std::sync::Mutex<std::collections::BTreeSet<std::net::Ipv4Addr>>,
+    servers4_grew: tokio::sync::Notify,
 }
+
+/// The most IPv4 servers [`ServerTable::servers4`] keeps (a host asks a handful).
+const MAX_SERVERS4_NOTED: usize = 1024;
 
 /// How long UDP datagrams to an index whose server's port was found closed are refused by the
 /// kernel: long enough that a client's next lookups read the error itself, short enough that
@@ -112,10 +119,19 @@ impl ServerTable {
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
             corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
             unused_shared: std::sync::Mutex::default(),
+            servers4: std::sync::Mutex::default(),
+            servers4_grew: tokio::sync::Notify::new(),
         };
         let counts = table.read_counts();
         let entries: Vec<(u32, Origin)> = table.table().iter().filter_map(Result::ok).collect();
         table.settle_charges(&counts, &entries);
+        for (_, origin) in &entries {
+            if origin.cgroup_id != FORGOTTEN
+                && let Some(server) = origin.server.to_socket_addr()
+            {
+                table.note_server(server);
+            }
+        }
         Ok(table)
     }
 
@@ -236,7 +252,11 @@ impl ServerTable {
     pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
         match self.table().get(&server_key(family, index), 0) {
             Ok(origin) if origin.cgroup_id == FORGOTTEN => None,
-            Ok(origin) => Some((origin.server.to_socket_addr()?, origin.cgroup_id)),
+            Ok(origin) => {
+                let server = origin.server.to_socket_addr()?;
+                self.note_server(server);
+                Some((server, origin.cgroup_id))
+            }
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(err) => {
                 log::warn!(
@@ -247,6 +267,42 @@ impl ServerTable {
                 None
             }
         }
+    }
+
+    /// Notes `server` among the IPv4 servers asked ([`servers4`](Self::servers4)), and says
+    /// so if it is new. Each listener reads an index once, so this runs once per index.
+    fn note_server(&self, server: SocketAddr) {
+        let IpAddr::V4(ip) = server.ip().to_canonical() else {
+            return;
+        };
+        let mut servers4 = self
+            .servers4
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded: past it, sockets asking further servers take the source toward the Internet.
+        let new = servers4.len() < MAX_SERVERS4_NOTED && servers4.insert(ip);
+        drop(servers4);
+        if new {
+            self.servers4_grew.notify_one();
+        }
+    }
+
+    /// The IPv4 servers in the table at start and read from it since: those the sockets of the
+    /// agent's namespace may be sent from a source of their own toward
+    /// ([`super::DirectSources`]).
+    pub fn servers4(&self) -> Vec<std::net::Ipv4Addr> {
+        self.servers4
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Waits for a server new to [`servers4`](Self::servers4) (at once if one came since the
+    /// last wait).
+    pub async fn servers4_grew(&self) {
+        self.servers4_grew.notified().await;
     }
 
     /// Has the kernel refuse UDP datagrams sent to `reached` (a block address on the proxy's

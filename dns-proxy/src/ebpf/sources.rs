@@ -1,6 +1,9 @@
 //! The source address `connect4` gives the IPv4 sockets of the agent's namespace that it
-//! sends to the block (`SOURCE4`): the one the kernel picks here toward the Internet. Found
-//! by the agent at start, and again when routes or addresses change.
+//! sends to the block: the one the kernel picks here toward the server asked
+//! (`SOURCE4_BY_SERVER`), for the servers the agent has seen whose route picks a source of
+//! its own (a server on another link, behind a VPN, on the host itself), and otherwise the
+//! one toward the Internet (`SOURCE4`). Found by the agent at start, again when routes or
+//! addresses change, and for each server new to it.
 //!
 //! Why: a socket connected to a block address gets its source from the route to the block
 //! (127.0.0.1, or on a node the block's own address). `getsockname` would show it (the
@@ -20,7 +23,9 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, MapData};
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap, MapData};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// Where "toward the Internet" is asked: a public resolver's address, as the idiom asks, on
@@ -32,32 +37,45 @@ const PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
 /// there at once unless something dropped it.
 const PROBE_WAIT: Duration = Duration::from_millis(500);
 
-/// The `SOURCE4` map and what was last written there.
+/// The `SOURCE4` and `SOURCE4_BY_SERVER` maps and what was last written there.
 pub struct DirectSources {
     map: Array<MapData, u32>,
+    by_server: HashMap<MapData, u32, u32>,
     /// An address of the IPv4 block: a datagram from the source must reach it.
     block: Ipv4Addr,
-    /// What was found last, and written.
-    written: Option<Found>,
+    /// The source toward the Internet, and whether the block heard it, last written.
+    written: Option<(Option<Ipv4Addr>, bool)>,
+    /// What `SOURCE4_BY_SERVER` holds.
+    written_by_server: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
-/// What [`DirectSources::find`] found: the source toward the Internet, and whether a datagram
-/// from it reached the block (`false`: dropped on the way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`DirectSources::find`] found: the source toward the Internet, whether a datagram
+/// from it reached the block (`false`: dropped on the way), and the servers whose route picks
+/// another source that the block hears, with that source.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     source: Option<Ipv4Addr>,
     reaches_block: bool,
+    by_server: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 impl DirectSources {
-    /// Takes the map and writes this namespace's source into it.
-    pub(super) fn new(map: Array<MapData, u32>, block: Ipv4Addr) -> Self {
+    /// Takes the maps and writes this namespace's sources into them, toward the Internet and
+    /// toward `servers`.
+    pub(super) fn new(
+        map: Array<MapData, u32>,
+        by_server: HashMap<MapData, u32, u32>,
+        block: Ipv4Addr,
+        servers: &[Ipv4Addr],
+    ) -> Self {
         let mut sources = Self {
             map,
+            by_server,
             block,
             written: None,
+            written_by_server: BTreeMap::new(),
         };
-        sources.write(Self::find(block));
+        sources.write(Self::find(block, servers));
         sources
     }
 
@@ -66,21 +84,40 @@ impl DirectSources {
         self.block
     }
 
-    /// The source the kernel picks now toward the Internet, and whether the block hears it
-    /// (blocking: up to [`PROBE_WAIT`] if not).
-    pub fn find(block: Ipv4Addr) -> Found {
-        let source = source_toward_the_internet();
-        let reaches_block = source.is_none_or(|source| match reaches(source, block) {
-            Ok(reached) => reached,
-            Err(err) => {
-                // Not known to be dropped: used, as before the check.
-                log::debug!("cannot check that {source} reaches the block at {block}: {err}");
-                true
-            }
-        });
+    /// The source the kernel picks now toward the Internet and toward each of `servers`,
+    /// and whether the block hears each (blocking: up to [`PROBE_WAIT`] for each it does
+    /// not).
+    pub fn find(block: Ipv4Addr, servers: &[Ipv4Addr]) -> Found {
+        let mut heard: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
+        let mut block_hears = |source: Ipv4Addr| {
+            *heard
+                .entry(source)
+                .or_insert_with(|| match reaches(source, block) {
+                    Ok(reached) => reached,
+                    Err(err) => {
+                        // Not known to be dropped: used, as before the check.
+                        log::debug!(
+                            "cannot check that {source} reaches the block at {block}: {err}"
+                        );
+                        true
+                    }
+                })
+        };
+        let source = source_toward(PROBE);
+        let reaches_block = source.is_none_or(&mut block_hears);
+        let by_server = servers
+            .iter()
+            .filter(|server| !server.is_loopback() && !server.is_unspecified())
+            .filter_map(|&server| {
+                let own = source_toward(SocketAddr::from((server, 53)))?;
+                (Some(own) != source && block_hears(own)).then_some((server, own))
+            })
+            .take(dns_proxy_common::MAX_SOURCES_BY_SERVER as usize)
+            .collect();
         Found {
             source,
             reaches_block,
+            by_server,
         }
     }
 
@@ -88,7 +125,9 @@ impl DirectSources {
     /// then keep the source the block's route gives) without a route toward the Internet or
     /// when the block does not hear that source.
     pub fn write(&mut self, found: Found) {
-        if self.written == Some(found) {
+        self.write_by_server(&found.by_server);
+        let toward_the_internet = (found.source, found.reaches_block);
+        if self.written == Some(toward_the_internet) {
             return;
         }
         let now = found.source.filter(|_| found.reaches_block);
@@ -115,15 +154,50 @@ impl DirectSources {
                  no route toward the Internet"
             ),
         }
-        self.written = Some(found);
+        self.written = Some(toward_the_internet);
+    }
+
+    /// Makes `SOURCE4_BY_SERVER` hold `wanted`, and says what changed.
+    fn write_by_server(&mut self, wanted: &BTreeMap<Ipv4Addr, Ipv4Addr>) {
+        let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        let gone: Vec<Ipv4Addr> = self
+            .written_by_server
+            .iter()
+            .filter(|(server, source)| wanted.get(server) != Some(source))
+            .map(|(server, _)| *server)
+            .collect();
+        for server in gone {
+            match self.by_server.remove(&key(&server)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    self.written_by_server.remove(&server);
+                    log::debug!("redirected IPv4 sockets asking {server}: no source of their own");
+                }
+                Err(err) => log::warn!("cannot take the source toward {server} out: {err}"),
+            }
+        }
+        for (server, source) in wanted {
+            if self.written_by_server.get(server) == Some(source) {
+                continue;
+            }
+            match self.by_server.insert(key(server), key(source), 0) {
+                Ok(()) => {
+                    self.written_by_server.insert(*server, *source);
+                    log::info!(
+                        "redirected IPv4 sockets of this namespace asking {server} send from \
+                         {source}, as toward it"
+                    );
+                }
+                Err(err) => log::warn!("cannot write the source toward {server}: {err}"),
+            }
+        }
     }
 }
 
-/// The local address of a UDP socket connected to [`PROBE`]; `None` without a route there (or
-/// with a loopback one).
-fn source_toward_the_internet() -> Option<Ipv4Addr> {
+/// The local address of a UDP socket connected to `destination`; `None` without a route there
+/// (or with a loopback one).
+fn source_toward(destination: SocketAddr) -> Option<Ipv4Addr> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None).ok()?;
-    socket.connect(&SockAddr::from(PROBE)).ok()?;
+    socket.connect(&SockAddr::from(destination)).ok()?;
     match socket.local_addr().ok()?.as_socket()?.ip() {
         IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => Some(ip),
         _ => None,

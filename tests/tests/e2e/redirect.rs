@@ -1792,6 +1792,81 @@ fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
     });
 }
 
+/// A server on another link than the default route's (a management network, a VPN's split
+/// tunnel): a socket sent to the agent shows, and keeps, the source toward that server, as
+/// directly, not the one toward the Internet. Before, it showed the default route's address
+/// and kept it when connected to the server again after the agent stopped, so its lookups
+/// left that link from an address the server could not answer (helper-162: 3 of 3 lost). The
+/// agent learns a server from its first lookup, and a restarted one from the table of servers.
+#[test]
+fn a_server_on_another_link_is_asked_from_that_links_address() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    add_default_route(&topology.client, agent);
+    // A second link between the namespaces, with a server at its far end.
+    let (near, far_end) = (format!("{}c2", topology.tag), format!("{}s2", topology.tag));
+    let (link_ip, link_server) = (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 1));
+    must(Command::new("ip").args([
+        "link",
+        "add",
+        &near,
+        "netns",
+        &topology.client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &far_end,
+        "netns",
+        &topology.server.name,
+    ]));
+    for (netns, interface, ip) in [
+        (&topology.client, &near, link_ip),
+        (&topology.server, &far_end, link_server),
+    ] {
+        must(
+            netns
+                .command("ip")
+                .args(["addr", "add", &format!("{ip}/24"), "dev", interface]),
+        );
+        must(netns.command("ip").args(["link", "set", interface, "up"]));
+    }
+    let _server = DnsServer::launch(
+        &topology.server,
+        &topology.client,
+        link_server,
+        ANSWER_IP,
+        false,
+    );
+    let server = link_server.to_string();
+    // The first lookup tells the agent of the server.
+    let first = dig_at(
+        topology.workload("dig", &[]),
+        &server,
+        "link.example.test",
+        &[],
+    );
+    assert!(first.is_ok_and(|output| output.contains(&ANSWER_IP.to_string())));
+    let learned = format!("asking {link_server} send from {link_ip}, as toward it");
+    wait_for_log(agent, &learned);
+    let far = FAR_IP.to_string();
+    let script = ["-c", OWN_ADDRESS_SCRIPT, &server, &far];
+    let directly = stdout(&mut topology.outsider("python3", &script));
+    let expected = format!("far={CLIENT_IP}\nudp={link_ip}\nreconnected={link_ip}\ntcp={link_ip}");
+    assert_eq!(directly, expected, "directly");
+    assert_eq!(
+        stdout(&mut topology.workload("python3", &script)),
+        expected,
+        "through the agent\n{}",
+        agent.log()
+    );
+    // The script's lookup went through the agent.
+    wait_for("the lookup logged", Duration::from_secs(5), || {
+        (agent.query_lines("own.example.test").len() == 1).then_some(())
+    });
+}
+
 /// Host mode on a host whose firewall drops packets to 127.0.0.0/8 from other sources, as
 /// kube-proxy's `KUBE-FIREWALL` chain does: a socket bound to the host's address and sent to
 /// the block would lose every query (helper-131: glibc's lookups and TCP's all failed, `send`
