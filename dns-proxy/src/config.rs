@@ -163,7 +163,8 @@ pub struct ProxyArgs {
     pub upstream_timeout: Duration,
 
     /// Most queries forwarded at once; beyond it new queries are dropped (and counted), which
-    /// bounds memory and sockets under a flood. Clients retry.
+    /// bounds memory and sockets under a flood. Clients retry. A client within its fair share
+    /// passes it, up to twice it (--max-inflight-per-client).
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT")]
     pub max_inflight: u32,
 
@@ -172,7 +173,8 @@ pub struct ProxyArgs {
     /// --max-inflight for the others. A client is a workload (the cgroup the kernel recorded
     /// for its query) from a source address, or, where none is recorded, its source address
     /// alone. A client within its fair share of --max-inflight is admitted even when others
-    /// filled it.
+    /// filled it (at twice --max-inflight, in place of the query that went furthest past its
+    /// own client's share).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: u32,
 

@@ -22,7 +22,12 @@
 //! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
 //! something. A client within it is admitted even when the agent-wide limit is reached by
 //! others (up to twice that limit, which bounds memory), so a few flooding clients cannot
-//! push the rest out.
+//! push the rest out. At twice the limit, a UDP query of a client within its share takes the
+//! place of one that was admitted furthest past its own client's share
+//! ([`ClientSlot::past_fair_share`]): clients that each came within their share while fewer
+//! clients held something can fill twice the limit together (helper-163: 20 cgroups, each
+//! under its share as it came, held 8,192 queries to a silent server, and a neighbour holding
+//! nothing lost every lookup for 5 s).
 use foldhash::{HashMap, fast::RandomState};
 use std::{
     hash::BuildHasher,
@@ -96,6 +101,12 @@ impl ClientSlot {
     /// Whether the client, before this one, held less than its fair share of `total`.
     pub fn within_fair_share(&self, total: usize) -> bool {
         (self.held_before as usize) < self.limits.fair_share(total)
+    }
+
+    /// By how much this one took its client past its fair share of `total` as that share is
+    /// now (0: within it).
+    pub fn past_fair_share(&self, total: usize) -> usize {
+        (self.held_before as usize + 1).saturating_sub(self.limits.fair_share(total))
     }
 }
 

@@ -116,8 +116,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // The limit is the agent's, over all UDP threads (which may pass it by one each). A
         // client within its fair share passes it, up to twice the limit. Checked first: a
         // query dropped here opens no socket.
-        let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         let max = self.settings.max_inflight;
+        let mut inflight = stats.inflight.load(Ordering::Relaxed) as usize;
+        if within_fair_share && inflight >= 2 * max && self.forget_one_past_its_share() {
+            inflight = stats.inflight.load(Ordering::Relaxed) as usize;
+        }
         if inflight < max || (within_fair_share && inflight < 2 * max) {
             let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
@@ -147,6 +150,49 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             )
         });
         None
+    }
+
+    /// At twice `--max-inflight`, for a client within its fair share: forgets the query in
+    /// flight on this listener that took its own client furthest past its fair share (as
+    /// shares are now), as if it had timed out (its client retries, or gives up as it would
+    /// on a server that never answers). Whether there was one. Several clients that each came
+    /// within their share while fewer clients held something fill twice the limit together,
+    /// and would keep a client holding nothing out until their queries time out
+    /// (per_client.rs).
+    fn forget_one_past_its_share(self: &Arc<Self>) -> bool {
+        let max = self.settings.max_inflight;
+        let forgotten = {
+            let mut table = self.pending.lock().expect("not poisoned");
+            let furthest = table
+                .iter()
+                .map(|(key, pending)| (pending._client_slot.past_fair_share(max), *key))
+                .filter(|(past, _)| *past > 0)
+                .max_by_key(|(past, _)| *past)
+                .map(|(_, key)| key);
+            furthest.and_then(|key| Some((key, table.remove(&key)?)))
+        };
+        let Some((key, mut pending)) = forgotten else {
+            return false;
+        };
+        let stats = &self.stats.udp;
+        pending.socket.settled();
+        Stats::add(&stats.dropped_overload);
+        if let Some(description) = &pending.description {
+            log::debug!(
+                target: super::LOG,
+                "query udp client={} upstream={} {description} forgotten, past its workload's \
+                 fair share, for a client within its own workload={}",
+                pending.client,
+                key.upstream,
+                self.workload_name(pending.cgroup),
+            );
+        }
+        if let Some(cached) = pending.cached.take() {
+            let waited = self.settle_cached(*cached, None, pending.recipient(self), false);
+            stats.dropped_overload.fetch_add(waited, Ordering::Relaxed);
+        }
+        stats.settled(1);
+        true
     }
 
     /// Records `pending` (taken) on the first of `candidates` under whose `key` nothing is in

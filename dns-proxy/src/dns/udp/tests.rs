@@ -872,6 +872,47 @@ async fn a_client_within_its_fair_share_passes_a_limit_others_filled() {
     assert_eq!(udp.dropped_client_limit.load(Ordering::Relaxed), 1);
 }
 
+/// Clients that each came within their share while fewer held something fill twice the limit
+/// together; one more within its share then takes the place of the query that went furthest
+/// past its own client's share, instead of waiting out their timeouts (helper-163: a
+/// neighbour holding nothing lost every lookup for 5 s).
+#[tokio::test]
+async fn at_twice_the_limit_a_client_within_its_share_takes_the_place_of_one_furthest_past_its_own()
+{
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+    let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+    // 4 below the limit, then 2 within a share of 2, 1 and 1 within shares of 1: 8 in all.
+    for (pod, queries) in [(1, 4), (2, 2), (3, 1), (4, 1)] {
+        for id in 0..queries {
+            assert!(
+                register(pod, u16::from(pod) * 100 + id),
+                "pod {pod}, query {id}"
+            );
+        }
+    }
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 0);
+    // A fifth, holding nothing: in, in place of the first pod's fourth query.
+    assert!(
+        register(5, 500),
+        "a client within its share at twice the limit"
+    );
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
+    let held_by_the_first: usize = proxy
+        .pending
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|pending| pending.client.ip() == Ipv4Addr::new(10, 0, 0, 1))
+        .count();
+    assert_eq!(held_by_the_first, 3);
+    // Past its share, the first is refused outright, and takes no one's place.
+    assert!(!register(1, 199));
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+}
+
 #[tokio::test]
 async fn refuses_to_forward_to_itself() {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
