@@ -580,10 +580,15 @@ impl Pins {
             if !path.exists() {
                 continue;
             }
+            // With its OS error: out of open files (EMFILE), this read as a broken state
+            // directory (helper-163).
             let pinned =
                 aya::maps::MapInfo::from_pin(&path).map_err(|err| HostError::StateDir {
                     path: path.clone(),
-                    problem: format!("cannot open the pinned map: {err}"),
+                    problem: match crate::ebpf::os_error(&err) {
+                        Some(os) => format!("cannot open the pinned map: {err}: {os}"),
+                        None => format!("cannot open the pinned map: {err}"),
+                    },
                 })?;
             if pinned.id() != id {
                 return Err(HostError::StateDir {
