@@ -109,6 +109,7 @@ impl ReleasePin {
     /// heartbeat pins it once nothing is in the way.
     pub fn pin_at_start(&self) -> Result<(), String> {
         remove_stale_staged_pins(&self.dir);
+        remove_pins_of_removed_cgroups(&self.dir);
         // The link's id too: agents in PID namespaces of their own may share a pid.
         let staged = format!("{STAGED}{}_{}", std::process::id(), self.link_id);
         let staged = self.dir.join(staged);
@@ -236,6 +237,40 @@ fn remove_stale_staged_pins(dir: &Path) {
             .and_then(|made| made.elapsed().ok());
         if age.is_some_and(|age| age > STAGED_FOR) {
             let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes the pins of `sock_release` links whose cgroup is gone: the kernel detached each
+/// when its cgroup was removed (fdinfo says cgroup 0), and the pin alone held it, its program
+/// and maps. An agent started on a cgroup made anew (a service's, a pod's) pins a link of its
+/// own, under the new cgroup's id, so one such pin piled up at each (helper-163). Run at each
+/// start.
+fn remove_pins_of_removed_cgroups(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{}_", names::SOCK_RELEASE_LINK);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_link_pin = name
+            .to_string_lossy()
+            .strip_prefix(&prefix)
+            .is_some_and(|id| id.parse::<u64>().is_ok());
+        if !is_link_pin {
+            continue;
+        }
+        let Ok(held) = bpf_obj_get(&entry.path()) else {
+            continue;
+        };
+        if links::cgroup_link_of(held.as_raw_fd()).is_some_and(|info| info.cgroup_id == 0) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => log::info!(
+                    "removed {}: its cgroup is gone, and its link with it",
+                    entry.path().display()
+                ),
+                Err(err) => log::debug!("cannot remove {}: {err}", entry.path().display()),
+            }
         }
     }
 }

@@ -1718,3 +1718,33 @@ fn only_root_reads_the_names_table_from_the_agents_namespace() {
         assert!(page.starts_with("HTTP/1.1 200"), "{target}: {page}");
     }
 }
+
+/// An agent stopped, its cgroup removed (a service's or a pod's, made anew under another id
+/// later): its `sock_release` link went with the cgroup, and the next start removes the pin
+/// that alone held it, its program and maps. Before, one such pin piled up at each
+/// (helper-163).
+#[test]
+fn the_link_pin_of_a_removed_cgroup_goes_at_the_next_start() {
+    use std::os::unix::fs::MetadataExt as _;
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let gone = topology.cgroup.path.join("gone");
+    std::fs::create_dir(&gone).expect("mkdir");
+    let gone_id = std::fs::metadata(&gone).expect("stat").ino();
+    let mut first = Agent::launch(&topology.client, &gone, None, &[]);
+    first.process().signal(libc::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    let pin =
+        tests::table_dir(&topology.client.state_dir()).join(format!("sock_release_link_{gone_id}"));
+    assert!(pin.exists(), "{} pinned", pin.display());
+    std::fs::remove_dir(&gone).expect("rmdir the first agent's cgroup");
+    let agent = Agent::start(&topology, &[]);
+    wait_for_log(&agent, "its cgroup is gone, and its link with it");
+    assert!(!pin.exists(), "{} left", pin.display());
+    let own_id = std::fs::metadata(&topology.cgroup.path)
+        .expect("stat")
+        .ino();
+    let own =
+        tests::table_dir(&topology.client.state_dir()).join(format!("sock_release_link_{own_id}"));
+    assert!(own.exists(), "{} pinned", own.display());
+}
