@@ -51,6 +51,8 @@ const CONTAINER_KEYS: &[&str] = &[
     "name",
     "image",
     "imagePullPolicy",
+    // What the kubelet reports of a stopped container: nothing of how it runs.
+    "terminationMessagePolicy",
     "args",
     "env",
     "ports",
