@@ -375,11 +375,6 @@ pub const MAX_AGENTS: u32 = 64;
 /// Capacity of the `CONNECTED` map: sockets connected to the block at once that keep their
 /// index from being forgotten (past it, a socket is not counted, as before the map).
 pub const MAX_CONNECTED: u32 = 65_536;
-/// The most servers `SOURCE4_BY_SERVER` holds a source for: a host asks a handful of servers,
-/// and the agent writes only those whose route picks a source of its own; past it, sockets
-/// asking the others take `SOURCE4`'s.
-pub const MAX_SOURCES_BY_SERVER: u32 = 256;
-
 /// A cgroup's share of `CONNECTED`: past it, its sockets connected to the block are not noted
 /// (counted as [`Counter::ConnectedNotNoted`]), so that no one workload fills the map for the
 /// others. A stub resolver holds one or two such sockets, a forwarder's pool hundreds.

@@ -228,7 +228,7 @@ static SOURCE4: Array<u32> = Array::with_max_entries(1, 0);
 /// VPN's, the host's own address). Written by the agent alone.
 #[map(name = "SOURCE4_BY_SERVER")]
 static SOURCE4_BY_SERVER: HashMap<u32, u32> =
-    HashMap::with_max_entries(dns_proxy_common::MAX_SOURCES_BY_SERVER, 0);
+    HashMap::with_max_entries(MAX_SERVERS, BPF_F_NO_PREALLOC);
 
 /// Socket → the interfaces it chose to send through, by index: by `IP_UNICAST_IF` /
 /// `IPV6_UNICAST_IF`, and by the sticky `IPV6_PKTINFO`, as `cgroup/setsockopt` saw them set;

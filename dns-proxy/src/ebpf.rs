@@ -55,7 +55,7 @@ pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
 pub use release_pin::{PinnedNow, ReleasePin};
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
-pub use sources::DirectSources;
+pub use sources::{DirectSources, Found as FoundSources};
 
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns-proxy"));

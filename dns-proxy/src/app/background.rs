@@ -6,6 +6,8 @@
 //! (the redirect is switched off while a block is not routed here), and the word to the
 //! programs that the agent runs (they send nothing to one that stopped).
 use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{
         Arc,
@@ -25,8 +27,8 @@ use crate::{
     dns::{stats::Stats, workload_stats::WorkloadStats},
     drain,
     ebpf::{
-        AliveAt, AttachedLinks, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, RedirectSwitch,
-        ServerTable, TreesMade,
+        AliveAt, AttachedLinks, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, FoundSources,
+        RedirectSwitch, ServerTable, TreesMade,
     },
     host,
     log_limit::RateLimited,
@@ -628,14 +630,36 @@ async fn keep_routing(
     let mut unrouted: Vec<AddressBlock> = Vec::new();
     // Since when a block the agent routed itself has been unrouted, `lo` up.
     let mut reroute_due: Option<tokio::time::Instant> = None;
+    // What the last look found, and the servers it looked toward: a server new since is
+    // looked toward alone (a workload asking thousands of servers costs one `connect` each,
+    // not one each for every server at every new one).
+    let mut last: Option<(FoundSources, BTreeSet<Ipv4Addr>)> = None;
+    let mut only_new_servers = false;
     loop {
         let block = routing.sources.block();
         let servers4 = servers.servers4();
-        if let Ok(found) =
-            tokio::task::spawn_blocking(move || DirectSources::find(block, &servers4)).await
-        {
-            routing.sources.write(found);
+        let previous = last.take();
+        let looked = tokio::task::spawn_blocking(move || match previous {
+            Some((found, seen)) if only_new_servers => {
+                let new: Vec<Ipv4Addr> = servers4
+                    .iter()
+                    .filter(|server| !seen.contains(server))
+                    .copied()
+                    .collect();
+                let found = DirectSources::find_more(block, found, &new);
+                (found, servers4.into_iter().collect())
+            }
+            _ => (
+                DirectSources::find(block, &servers4),
+                servers4.into_iter().collect(),
+            ),
+        })
+        .await;
+        if let Ok((found, seen)) = looked {
+            routing.sources.write(found.clone());
+            last = Some((found, seen));
         }
+        only_new_servers = false;
         let blocks = routing.blocks.clone();
         let checked = tokio::task::spawn_blocking(move || {
             // A question that fails (no reply) says nothing: the redirect is left as it is.
@@ -672,7 +696,7 @@ async fn keep_routing(
             () = stop.stopped() => return,
             () = routing.changes.next_change() => {}
             // A server new to the agent may be routed from another source.
-            () = servers.servers4_grew() => {}
+            () = servers.servers4_grew() => only_new_servers = true,
             // A firewall rule that drops the source's datagrams to the block comes with no
             // change of routes (kube-proxy starting after the agent).
             () = tokio::time::sleep(SOURCE_RECHECK) => {}

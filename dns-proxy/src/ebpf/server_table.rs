@@ -57,8 +57,10 @@ pub struct ServerTable {
     servers4_grew: tokio::sync::Notify,
 }
 
-/// The most IPv4 servers [`ServerTable::servers4`] keeps (a host asks a handful).
-const MAX_SERVERS4_NOTED: usize = 1024;
+/// The most IPv4 servers [`ServerTable::servers4`] keeps: as many as the table has indexes
+/// for. It keeps those the table names at each walk, so no workload can fill it for good and
+/// push out the servers the host asks.
+const MAX_SERVERS4_NOTED: usize = dns_proxy_common::MAX_INDEX as usize + 1;
 
 /// How long UDP datagrams to an index whose server's port was found closed are refused by the
 /// kernel: long enough that a client's next lookups read the error itself, short enough that
@@ -287,9 +289,28 @@ impl ServerTable {
         }
     }
 
-    /// The IPv4 servers in the table at start and read from it since: those the sockets of the
-    /// agent's namespace may be sent from a source of their own toward
-    /// ([`super::DirectSources`]).
+    /// Keeps, of the IPv4 servers noted, those `entries` (the table) still name: a server
+    /// whose indexes were all forgotten is asked by no one now.
+    fn keep_servers4_of(&self, entries: &[(u32, Origin)]) {
+        let named: std::collections::BTreeSet<std::net::Ipv4Addr> = entries
+            .iter()
+            .filter(|(_, origin)| origin.cgroup_id != FORGOTTEN)
+            .filter_map(
+                |(_, origin)| match origin.server.to_socket_addr()?.ip().to_canonical() {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                },
+            )
+            .collect();
+        self.servers4
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|server| named.contains(server));
+    }
+
+    /// The IPv4 servers in the table at start and read from it since (as of the last walk,
+    /// those the table still names): those the sockets of the agent's namespace may be sent
+    /// from a source of their own toward ([`super::DirectSources`]).
     pub fn servers4(&self) -> Vec<std::net::Ipv4Addr> {
         self.servers4
             .lock()
@@ -364,6 +385,7 @@ impl ServerTable {
     ) -> Forgotten {
         let counts = self.read_counts();
         let entries: Vec<(u32, Origin)> = self.table().iter().filter_map(Result::ok).collect();
+        self.keep_servers4_of(&entries);
         self.notice_changes_by_others(&entries);
         self.settle_charges(&counts, &entries);
         let freed = self.free_forgotten(&entries);

@@ -47,6 +47,8 @@ pub struct DirectSources {
     written: Option<(Option<Ipv4Addr>, bool)>,
     /// What `SOURCE4_BY_SERVER` holds.
     written_by_server: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// What is said of the changes to `SOURCE4_BY_SERVER`.
+    said: SaidByServer,
 }
 
 /// What [`DirectSources::find`] found: the source toward the Internet, whether a datagram
@@ -74,6 +76,7 @@ impl DirectSources {
             block,
             written: None,
             written_by_server: BTreeMap::new(),
+            said: SaidByServer::new(),
         };
         sources.write(Self::find(block, servers));
         sources
@@ -88,37 +91,22 @@ impl DirectSources {
     /// and whether the block hears each (blocking: up to [`PROBE_WAIT`] for each it does
     /// not).
     pub fn find(block: Ipv4Addr, servers: &[Ipv4Addr]) -> Found {
-        let mut heard: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
-        let mut block_hears = |source: Ipv4Addr| {
-            *heard
-                .entry(source)
-                .or_insert_with(|| match reaches(source, block) {
-                    Ok(reached) => reached,
-                    Err(err) => {
-                        // Not known to be dropped: used, as before the check.
-                        log::debug!(
-                            "cannot check that {source} reaches the block at {block}: {err}"
-                        );
-                        true
-                    }
-                })
-        };
+        let mut hears = BlockHears::new(block);
         let source = source_toward(PROBE);
-        let reaches_block = source.is_none_or(&mut block_hears);
-        let by_server = servers
-            .iter()
-            .filter(|server| !server.is_loopback() && !server.is_unspecified())
-            .filter_map(|&server| {
-                let own = source_toward(SocketAddr::from((server, 53)))?;
-                (Some(own) != source && block_hears(own)).then_some((server, own))
-            })
-            .take(dns_proxy_common::MAX_SOURCES_BY_SERVER as usize)
-            .collect();
+        let reaches_block = source.is_none_or(|source| hears.from(source));
+        let by_server = sources_toward(servers, source, &mut hears);
         Found {
             source,
             reaches_block,
             by_server,
         }
+    }
+
+    /// `found` with the sources toward `servers` too (servers new since it was found).
+    pub fn find_more(block: Ipv4Addr, mut found: Found, servers: &[Ipv4Addr]) -> Found {
+        let more = sources_toward(servers, found.source, &mut BlockHears::new(block));
+        found.by_server.extend(more);
+        found
     }
 
     /// Writes what [`DirectSources::find`] found, if it changed: the source, or none (sockets
@@ -170,7 +158,7 @@ impl DirectSources {
             match self.by_server.remove(&key(&server)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
                     self.written_by_server.remove(&server);
-                    log::debug!("redirected IPv4 sockets asking {server}: no source of their own");
+                    self.said.taken_out(server);
                 }
                 Err(err) => log::warn!("cannot take the source toward {server} out: {err}"),
             }
@@ -182,14 +170,126 @@ impl DirectSources {
             match self.by_server.insert(key(server), key(source), 0) {
                 Ok(()) => {
                     self.written_by_server.insert(*server, *source);
-                    log::info!(
-                        "redirected IPv4 sockets of this namespace asking {server} send from \
-                         {source}, as toward it"
-                    );
+                    self.said.written(*server, *source);
                 }
                 Err(err) => log::warn!("cannot write the source toward {server}: {err}"),
             }
         }
+        self.said.roll(self.written_by_server.len());
+    }
+}
+
+/// What is said of the sources by server: [`SAID_BY_SERVER`] changes one by one a minute, and
+/// the rest counted and said together once that minute is over (at the next change), so that
+/// a workload asking thousands of servers on another link makes a line a minute.
+struct SaidByServer {
+    since: std::time::Instant,
+    one_by_one: usize,
+    unsaid_written: usize,
+    unsaid_taken_out: usize,
+}
+
+/// How many servers' sources are said one by one in a minute.
+const SAID_BY_SERVER: usize = 8;
+
+impl SaidByServer {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            one_by_one: 0,
+            unsaid_written: 0,
+            unsaid_taken_out: 0,
+        }
+    }
+
+    fn say_one(&mut self) -> bool {
+        self.one_by_one += 1;
+        self.one_by_one <= SAID_BY_SERVER
+    }
+
+    fn written(&mut self, server: Ipv4Addr, source: Ipv4Addr) {
+        if self.say_one() {
+            log::info!(
+                "redirected IPv4 sockets of this namespace asking {server} send from {source}, \
+                 as toward it"
+            );
+        } else {
+            self.unsaid_written += 1;
+        }
+    }
+
+    fn taken_out(&mut self, server: Ipv4Addr) {
+        if self.say_one() {
+            log::info!(
+                "redirected IPv4 sockets of this namespace asking {server} send as toward the \
+                 Internet again (the server gone from the table, or routed so now)"
+            );
+        } else {
+            self.unsaid_taken_out += 1;
+        }
+    }
+
+    /// Once a minute is over: says what was counted, and starts the next.
+    fn roll(&mut self, held: usize) {
+        if self.since.elapsed() < Duration::from_secs(60) {
+            return;
+        }
+        if self.unsaid_written > 0 || self.unsaid_taken_out > 0 {
+            log::info!(
+                "redirected IPv4 sockets of this namespace: {} more servers got a source of \
+                 their own, {} lost theirs; {held} servers have one",
+                self.unsaid_written,
+                self.unsaid_taken_out
+            );
+        }
+        *self = Self::new();
+    }
+}
+
+/// The servers among `servers` whose route picks another source than `default` (the one
+/// toward the Internet) that the block hears, with that source.
+fn sources_toward(
+    servers: &[Ipv4Addr],
+    default: Option<Ipv4Addr>,
+    hears: &mut BlockHears,
+) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+    servers
+        .iter()
+        .filter(|server| !server.is_loopback() && !server.is_unspecified())
+        .filter_map(|&server| {
+            let own = source_toward(SocketAddr::from((server, 53)))?;
+            (Some(own) != default && hears.from(own)).then_some((server, own))
+        })
+        .collect()
+}
+
+/// Whether the block hears each source, each asked once ([`reaches`]).
+struct BlockHears {
+    block: Ipv4Addr,
+    heard: BTreeMap<Ipv4Addr, bool>,
+}
+
+impl BlockHears {
+    fn new(block: Ipv4Addr) -> Self {
+        Self {
+            block,
+            heard: BTreeMap::new(),
+        }
+    }
+
+    fn from(&mut self, source: Ipv4Addr) -> bool {
+        let block = self.block;
+        *self
+            .heard
+            .entry(source)
+            .or_insert_with(|| match reaches(source, block) {
+                Ok(reached) => reached,
+                Err(err) => {
+                    // Not known to be dropped: used, as before the check.
+                    log::debug!("cannot check that {source} reaches the block at {block}: {err}");
+                    true
+                }
+            })
     }
 }
 

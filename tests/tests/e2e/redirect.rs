@@ -1797,14 +1797,19 @@ fn a_socket_sent_to_the_agent_shows_and_keeps_the_source_it_would_have_had() {
 /// directly, not the one toward the Internet. Before, it showed the default route's address
 /// and kept it when connected to the server again after the agent stopped, so its lookups
 /// left that link from an address the server could not answer (helper-162: 3 of 3 lost). The
-/// agent learns a server from its first lookup, and a restarted one from the table of servers.
+/// agent learns a server from its first lookup, and a restarted one from the table of
+/// servers; a workload asking hundreds of other servers on that link first does not push it
+/// out (helper-164: with 300, a first version kept 256 by address and lost it).
 #[test]
 fn a_server_on_another_link_is_asked_from_that_links_address() {
     let Harness {
-        agent, topology, ..
-    } = &Harness::start(Placement::Outside, &[]);
-    add_default_route(&topology.client, agent);
-    // A second link between the namespaces, with a server at its far end.
+        mut agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    add_default_route(&topology.client, &agent);
+    // A second link between the namespaces, with a server at its far end, and a network
+    // behind it.
     let (near, far_end) = (format!("{}c2", topology.tag), format!("{}s2", topology.tag));
     let (link_ip, link_server) = (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 1));
     must(Command::new("ip").args([
@@ -1832,15 +1837,34 @@ fn a_server_on_another_link_is_asked_from_that_links_address() {
         );
         must(netns.command("ip").args(["link", "set", interface, "up"]));
     }
-    let _server = DnsServer::launch(
+    let behind = [
+        "route",
+        "add",
+        "10.60.0.0/16",
+        "via",
+        &link_server.to_string(),
+    ];
+    must(topology.client.command("ip").args(behind));
+    let _link_dns = DnsServer::launch(
         &topology.server,
         &topology.client,
         link_server,
         ANSWER_IP,
         false,
     );
+    // 300 servers behind the link asked first, from the workload (unanswered).
+    let many = r#"
+import socket
+for i in range(300):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("10.60.%d.%d" % (i // 200, i % 200 + 1), 53))
+    s.send(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01x\x00\x00\x01\x00\x01")
+    s.close()
+"#;
+    must(&mut topology.workload("python3", &["-c", many]));
     let server = link_server.to_string();
-    // The first lookup tells the agent of the server.
+    // The first lookup tells the agent of the server; sockets connected after show the link's
+    // address.
     let first = dig_at(
         topology.workload("dig", &[]),
         &server,
@@ -1848,8 +1872,20 @@ fn a_server_on_another_link_is_asked_from_that_links_address() {
         &[],
     );
     assert!(first.is_ok_and(|output| output.contains(&ANSWER_IP.to_string())));
-    let learned = format!("asking {link_server} send from {link_ip}, as toward it");
-    wait_for_log(agent, &learned);
+    let source_shown = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+print(s.getsockname()[0])
+"#;
+    let shown = |topology: &Topology| {
+        stdout(&mut topology.workload("python3", &["-c", source_shown, &server]))
+    };
+    wait_for("the link's address shown", Duration::from_secs(10), || {
+        (shown(&topology) == link_ip.to_string()).then_some(())
+    });
+    // The 300 were learned too (a few said one by one, the rest counted).
+    assert!(agent.log().contains("asking 10.60."), "{}", agent.log());
     let far = FAR_IP.to_string();
     let script = ["-c", OWN_ADDRESS_SCRIPT, &server, &far];
     let directly = stdout(&mut topology.outsider("python3", &script));
@@ -1865,6 +1901,11 @@ fn a_server_on_another_link_is_asked_from_that_links_address() {
     wait_for("the lookup logged", Duration::from_secs(5), || {
         (agent.query_lines("own.example.test").len() == 1).then_some(())
     });
+    // A restarted agent knows the server from the table before it redirects anything.
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    let restarted = Agent::start(&topology, &[]);
+    assert_eq!(shown(&topology), link_ip.to_string(), "{}", restarted.log());
 }
 
 /// Host mode on a host whose firewall drops packets to 127.0.0.0/8 from other sources, as
