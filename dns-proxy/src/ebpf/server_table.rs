@@ -54,6 +54,8 @@ pub struct ServerTable {
     /// The IPv4 servers in the table at start and read from it since, for the source each
     /// is sent from ([`super::DirectSources`]); `servers4_grew` is told of each new one.
     servers4: std::sync::Mutex<std::collections::BTreeSet<std::net::Ipv4Addr>>,
+    /// Those noted since [`take_new_servers4`](Self::take_new_servers4) last took them.
+    new_servers4: std::sync::Mutex<Vec<std::net::Ipv4Addr>>,
     servers4_grew: tokio::sync::Notify,
 }
 
@@ -122,6 +124,7 @@ impl ServerTable {
             corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
             unused_shared: std::sync::Mutex::default(),
             servers4: std::sync::Mutex::default(),
+            new_servers4: std::sync::Mutex::default(),
             servers4_grew: tokio::sync::Notify::new(),
         };
         let counts = table.read_counts();
@@ -285,6 +288,10 @@ impl ServerTable {
         let new = servers4.len() < MAX_SERVERS4_NOTED && servers4.insert(ip);
         drop(servers4);
         if new {
+            self.new_servers4
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(ip);
             self.servers4_grew.notify_one();
         }
     }
@@ -318,6 +325,17 @@ impl ServerTable {
             .iter()
             .copied()
             .collect()
+    }
+
+    /// The servers noted since this was last called (the whole of them is
+    /// [`servers4`](Self::servers4)).
+    pub fn take_new_servers4(&self) -> Vec<std::net::Ipv4Addr> {
+        std::mem::take(
+            &mut *self
+                .new_servers4
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Waits for a server new to [`servers4`](Self::servers4) (at once if one came since the

@@ -59,6 +59,8 @@ pub struct Found {
     source: Option<Ipv4Addr>,
     reaches_block: bool,
     by_server: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// Whether the block heard each source asked (kept for the servers found after).
+    heard: BTreeMap<Ipv4Addr, bool>,
 }
 
 impl DirectSources {
@@ -78,7 +80,7 @@ impl DirectSources {
             written_by_server: BTreeMap::new(),
             said: SaidByServer::new(),
         };
-        sources.write(Self::find(block, servers));
+        sources.write(&Self::find(block, servers));
         sources
     }
 
@@ -91,7 +93,7 @@ impl DirectSources {
     /// and whether the block hears each (blocking: up to [`PROBE_WAIT`] for each it does
     /// not).
     pub fn find(block: Ipv4Addr, servers: &[Ipv4Addr]) -> Found {
-        let mut hears = BlockHears::new(block);
+        let mut hears = BlockHears::new(block, BTreeMap::new());
         let source = source_toward(PROBE);
         let reaches_block = source.is_none_or(|source| hears.from(source));
         let by_server = sources_toward(servers, source, &mut hears);
@@ -99,21 +101,36 @@ impl DirectSources {
             source,
             reaches_block,
             by_server,
+            heard: hears.heard,
         }
     }
 
-    /// `found` with the sources toward `servers` too (servers new since it was found).
-    pub fn find_more(block: Ipv4Addr, mut found: Found, servers: &[Ipv4Addr]) -> Found {
-        let more = sources_toward(servers, found.source, &mut BlockHears::new(block));
-        found.by_server.extend(more);
-        found
+    /// The sources toward `servers` (servers new since `found` was found), added to `found`;
+    /// each source the block was heard from or not then is taken as it was (a firewall's
+    /// change is seen at the next [`find`](Self::find), within 30 s).
+    pub fn find_more(
+        block: Ipv4Addr,
+        found: &mut Found,
+        servers: &[Ipv4Addr],
+    ) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+        let mut hears = BlockHears::new(block, std::mem::take(&mut found.heard));
+        let more = sources_toward(servers, found.source, &mut hears);
+        found.heard = hears.heard;
+        found.by_server.extend(&more);
+        more
+    }
+
+    /// Writes the sources toward servers new since the last [`write`](Self::write), as
+    /// [`find_more`](Self::find_more) found them.
+    pub fn write_more(&mut self, more: &BTreeMap<Ipv4Addr, Ipv4Addr>) {
+        self.write_by_server(more, false);
     }
 
     /// Writes what [`DirectSources::find`] found, if it changed: the source, or none (sockets
     /// then keep the source the block's route gives) without a route toward the Internet or
     /// when the block does not hear that source.
-    pub fn write(&mut self, found: Found) {
-        self.write_by_server(&found.by_server);
+    pub fn write(&mut self, found: &Found) {
+        self.write_by_server(&found.by_server, true);
         let toward_the_internet = (found.source, found.reaches_block);
         if self.written == Some(toward_the_internet) {
             return;
@@ -145,13 +162,14 @@ impl DirectSources {
         self.written = Some(toward_the_internet);
     }
 
-    /// Makes `SOURCE4_BY_SERVER` hold `wanted`, and says what changed.
-    fn write_by_server(&mut self, wanted: &BTreeMap<Ipv4Addr, Ipv4Addr>) {
+    /// Makes `SOURCE4_BY_SERVER` hold `wanted` (`whole`: and nothing else), and says what
+    /// changed.
+    fn write_by_server(&mut self, wanted: &BTreeMap<Ipv4Addr, Ipv4Addr>, whole: bool) {
         let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
         let gone: Vec<Ipv4Addr> = self
             .written_by_server
             .iter()
-            .filter(|(server, source)| wanted.get(server) != Some(source))
+            .filter(|(server, source)| wanted.get(server).map_or(whole, |wanted| wanted != *source))
             .map(|(server, _)| *server)
             .collect();
         for server in gone {
@@ -270,11 +288,8 @@ struct BlockHears {
 }
 
 impl BlockHears {
-    fn new(block: Ipv4Addr) -> Self {
-        Self {
-            block,
-            heard: BTreeMap::new(),
-        }
+    fn new(block: Ipv4Addr, heard: BTreeMap<Ipv4Addr, bool>) -> Self {
+        Self { block, heard }
     }
 
     fn from(&mut self, source: Ipv4Addr) -> bool {
