@@ -18,12 +18,11 @@
 //! host-mode block are such packets (helper-131: glibc and TCP lookups all failed, with no
 //! word in the log). So a source is used only once a datagram from it has reached the block.
 use std::{
+    collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
+    time::{Duration, Instant},
 };
-
-use std::collections::BTreeMap;
 
 use aya::maps::{Array, HashMap, MapData};
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -201,7 +200,7 @@ impl DirectSources {
 /// the rest counted and said together once that minute is over (at the next change), so that
 /// a workload asking thousands of servers on another link makes a line a minute.
 struct SaidByServer {
-    since: std::time::Instant,
+    since: Instant,
     one_by_one: usize,
     unsaid_written: usize,
     unsaid_taken_out: usize,
@@ -213,7 +212,7 @@ const SAID_BY_SERVER: usize = 8;
 impl SaidByServer {
     fn new() -> Self {
         Self {
-            since: std::time::Instant::now(),
+            since: Instant::now(),
             one_by_one: 0,
             unsaid_written: 0,
             unsaid_taken_out: 0,
@@ -336,11 +335,11 @@ fn reaches(source: Ipv4Addr, block: Ipv4Addr) -> io::Result<bool> {
         Err(err) => return Err(err),
     }
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
-    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    let deadline = Instant::now() + PROBE_WAIT;
     loop {
         // Anything else that comes (another process of the namespace found the port) does
         // not make the wait longer.
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(false);
         }
