@@ -52,35 +52,10 @@ impl Topology {
         let client = Netns::new(format!("{tag}-client"));
         let server = Netns::new(format!("{tag}-server"));
         let (client_if, server_if) = (format!("{tag}c"), format!("{tag}s"));
-        must(Command::new("ip").args([
-            "link",
-            "add",
-            &client_if,
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            &server.name,
-        ]));
-        for (netns, interface, ip) in [
+        link_with_addresses(
             (&client, &client_if, CLIENT_IP),
             (&server, &server_if, SERVER_IP),
-        ] {
-            must(Command::new("ip").args([
-                "-n",
-                &netns.name,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                interface,
-            ]));
-            must(Command::new("ip").args(["-n", &netns.name, "link", "set", interface, "up"]));
-        }
+        );
         for (netns, interface, ip) in [
             (&client, &client_if, CLIENT_IP6),
             (&server, &server_if, SERVER_IP6),
@@ -97,6 +72,19 @@ impl Topology {
             client,
             server,
         }
+    }
+
+    /// Another link between the client and server namespaces (`{tag}c{suffix}` and
+    /// `{tag}s{suffix}`), with `client_ip`/24 and `server_ip`/24 on its ends.
+    pub fn add_link(&self, suffix: &str, client_ip: Ipv4Addr, server_ip: Ipv4Addr) {
+        let (client_if, server_if) = (
+            format!("{}c{suffix}", self.tag),
+            format!("{}s{suffix}", self.tag),
+        );
+        link_with_addresses(
+            (&self.client, &client_if, client_ip),
+            (&self.server, &server_if, server_ip),
+        );
     }
 
     /// A command run as a workload: in the test cgroup (joined before exec, so everything it
@@ -151,4 +139,25 @@ pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Netns, program: &str, args: &[
         .arg(program)
         .args(args);
     command
+}
+
+/// A veth pair between two namespaces, each end named and given its address (/24), and up.
+fn link_with_addresses(a: (&Netns, &str, Ipv4Addr), b: (&Netns, &str, Ipv4Addr)) {
+    must(Command::new("ip").args([
+        "link", "add", a.1, "netns", &a.0.name, "type", "veth", "peer", "name", b.1, "netns",
+        &b.0.name,
+    ]));
+    for (netns, interface, ip) in [a, b] {
+        let address = format!("{ip}/24");
+        must(Command::new("ip").args([
+            "-n",
+            &netns.name,
+            "addr",
+            "add",
+            &address,
+            "dev",
+            interface,
+        ]));
+        must(Command::new("ip").args(["-n", &netns.name, "link", "set", interface, "up"]));
+    }
 }

@@ -53,7 +53,7 @@ pub struct DirectSources {
 /// What [`DirectSources::find`] found: the source toward the Internet, whether a datagram
 /// from it reached the block (`false`: dropped on the way), and the servers whose route picks
 /// another source that the block hears, with that source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Found {
     source: Option<Ipv4Addr>,
     reaches_block: bool,

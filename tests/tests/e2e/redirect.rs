@@ -1810,33 +1810,8 @@ fn a_server_on_another_link_is_asked_from_that_links_address() {
     add_default_route(&topology.client, &agent);
     // A second link between the namespaces, with a server at its far end, and a network
     // behind it.
-    let (near, far_end) = (format!("{}c2", topology.tag), format!("{}s2", topology.tag));
     let (link_ip, link_server) = (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 1));
-    must(Command::new("ip").args([
-        "link",
-        "add",
-        &near,
-        "netns",
-        &topology.client.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &far_end,
-        "netns",
-        &topology.server.name,
-    ]));
-    for (netns, interface, ip) in [
-        (&topology.client, &near, link_ip),
-        (&topology.server, &far_end, link_server),
-    ] {
-        must(
-            netns
-                .command("ip")
-                .args(["addr", "add", &format!("{ip}/24"), "dev", interface]),
-        );
-        must(netns.command("ip").args(["link", "set", interface, "up"]));
-    }
+    topology.add_link("2", link_ip, link_server);
     let behind = [
         "route",
         "add",
