@@ -27,7 +27,11 @@
 //! ([`ClientSlot::past_fair_share`]): clients that each came within their share while fewer
 //! clients held something can fill twice the limit together (helper-163: 20 cgroups, each
 //! under its share as it came, held 8,192 queries to a silent server, and a neighbour holding
-//! nothing lost every lookup for 5 s).
+//! nothing lost every lookup for 5 s). Where every client holds one query and none is past
+//! its share (at least twice `--max-inflight` clients, so the share is one), a client holding
+//! nothing takes the place of the oldest: otherwise such a crowd, each with a query to a
+//! server that never answers, kept every newcomer out until their queries timed out
+//! (helper-164: 160 cgroups against `--max-inflight 64`).
 use foldhash::{HashMap, fast::RandomState};
 use std::{
     hash::BuildHasher,
@@ -88,6 +92,17 @@ pub struct PerClientLimit {
     hasher: RandomState,
 }
 
+/// Where a client stood against its fair share as it asked for one more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It held nothing: within any share.
+    HoldingNothing,
+    /// It held something, and less than its share.
+    WithinItsShare,
+    /// It held its share or more.
+    AtOrPastItsShare,
+}
+
 /// One thing a client holds; given back when dropped.
 #[derive(Debug)]
 pub struct ClientSlot {
@@ -101,6 +116,17 @@ impl ClientSlot {
     /// Whether the client, before this one, held less than its fair share of `total`.
     pub fn within_fair_share(&self, total: usize) -> bool {
         (self.held_before as usize) < self.limits.fair_share(total)
+    }
+
+    /// Where the client stood against its fair share of `total` as this one came.
+    pub fn standing(&self, total: usize) -> Standing {
+        if self.held_before == 0 {
+            Standing::HoldingNothing
+        } else if self.within_fair_share(total) {
+            Standing::WithinItsShare
+        } else {
+            Standing::AtOrPastItsShare
+        }
     }
 
     /// By how much this one took its client past its fair share of `total` as that share is

@@ -656,22 +656,63 @@ fn assert_every_lookup_answered_first_try(
 
 /// Twenty workloads (cgroups of one pod) start flooding one after another, each within its
 /// fair share as it comes, and so together fill twice `--max-inflight` with queries to a
-/// server that never answers in time (6 s; the agent gives up after 5); another pod, holding nothing, still resolves every lookup:
-/// each of its queries takes the place of one that went furthest past its own workload's
-/// share. Before, it was refused at twice the limit until the floods' queries were answered
+/// server that never answers in time (6 s; the agent gives up after 5); another pod, holding
+/// nothing, still resolves every lookup: each of its queries takes the place of one that went
+/// furthest past its own workload's share. Before, it was refused at twice the limit until the floods' queries were answered
 /// (helper-163: 2 lookups of 4 answered, 20 s of failures under a sustained flood).
 #[test]
 fn workloads_that_came_within_their_shares_one_by_one_cannot_keep_a_newcomer_out() {
     let _flood = super::one_flood_at_a_time();
-    let FloodedNode {
-        agent: _agent,
-        node,
-        _slow,
-        _server,
-    } = node_with_a_server_slow_by(2, "6000", &[]);
+    let flooded = node_with_a_server_slow_by(2, "6000", &[]);
+    // Twice --max-inflight (4,096 by default), held for about 5 s.
+    let floods = Floods {
+        workloads: 20,
+        rate: "3000",
+        seconds: "3",
+        apart: Duration::from_millis(50),
+    };
+    assert_floods_keep_no_newcomer_out(&flooded.node, &floods, 8_000);
+}
+
+/// Forty workloads (cgroups of one pod) against `--max-inflight 16` each hold one query to a
+/// server that never answers in time: more clients than twice the limit, so each one's share
+/// is one query and none is past it. Another pod, holding nothing, still resolves every
+/// lookup: each of its queries takes the place of the oldest. Before, it was refused until the
+/// floods' queries timed out (helper-164: 160 cgroups against `--max-inflight 64`).
+#[test]
+fn more_workloads_than_twice_the_limit_with_one_query_each_cannot_keep_a_newcomer_out() {
+    let _flood = super::one_flood_at_a_time();
+    let flooded = node_with_a_server_slow_by(2, "6000", &["--max-inflight=16"]);
+    let floods = Floods {
+        workloads: 40,
+        rate: "20",
+        seconds: "9",
+        apart: Duration::ZERO,
+    };
+    assert_floods_keep_no_newcomer_out(&flooded.node, &floods, 32);
+}
+
+/// Workloads flooding the slow server: cgroups `flooder<n>` of pod 0.
+struct Floods {
+    workloads: usize,
+    /// Queries a second each (at most 900 each in all).
+    rate: &'static str,
+    seconds: &'static str,
+    /// Between one workload's start and the next's.
+    apart: Duration,
+}
+
+/// Starts `floods`, waits until they hold `filled` queries in flight, and checks that pod 1,
+/// holding nothing, resolves every lookup on its first try meanwhile, and that the floods
+/// still fill the agent after (the lookups were made against a full agent).
+fn assert_floods_keep_no_newcomer_out(
+    node: &tests::node::NodeTopology,
+    floods: &Floods,
+    filled: u64,
+) {
     let slow = format!("{SECOND_SERVER_IP}:53");
     let mut flooders = Vec::new();
-    for n in 0..20 {
+    for n in 0..floods.workloads {
         let cgroup = node.pod_cgroups[0].join(format!("flooder{n}"));
         std::fs::create_dir(&cgroup).expect("mkdir a flooder's cgroup");
         let first = (n * 1000).to_string();
@@ -679,30 +720,22 @@ fn workloads_that_came_within_their_shares_one_by_one_cannot_keep_a_newcomer_out
             &cgroup,
             &node.pods[0],
             FLOOD,
-            &[&slow, "3000", "900", "3", &first],
+            &[&slow, floods.rate, "900", floods.seconds, &first],
         );
         command.stdout(Stdio::null());
         flooders.push(Process::spawn(&mut command));
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(floods.apart);
     }
-    // The floods hold twice --max-inflight (4,096 by default) for about 5 s.
-    let inflight = |page: &str| value(page, "dns_proxy_inflight_queries{protocol=\"udp\"}");
-    wait_for(
-        "twice --max-inflight in flight",
-        Duration::from_secs(5),
-        || {
-            let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
-            (inflight(&page) >= 8_000).then_some(())
-        },
-    );
+    let inflight = || {
+        let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+        value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}")
+    };
+    wait_for("the floods fill the agent", Duration::from_secs(5), || {
+        (inflight() >= filled).then_some(())
+    });
     let window = Duration::from_millis(1500);
-    assert_every_lookup_answered_first_try(&node, 1, ("1000", "1"), window, 20);
-    // Made against a full agent: still full once they are done.
-    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
-    assert!(
-        inflight(&page) >= 8_000,
-        "the floods no longer fill the agent"
-    );
+    assert_every_lookup_answered_first_try(node, 1, ("1000", "1"), window, 20);
+    assert!(inflight() >= filled, "the floods no longer fill the agent");
     drop(flooders);
 }
 

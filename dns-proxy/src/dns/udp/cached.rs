@@ -474,7 +474,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         let upstream = self.settings.upstream_override.unwrap_or(original);
         let question = self.question_key(question);
-        let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
+        let standing = client_slot.standing(self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
         // Now: its own query has the whole upstream timeout, whenever it first came.
@@ -495,8 +495,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             answer_trusted: false,
         };
         let pick = random();
-        let Some((key, socket)) =
-            self.register(upstream, id, pending, pick, within_fair_share, started)
+        let Some((key, socket)) = self.register(upstream, id, pending, pick, standing, started)
         else {
             return;
         };

@@ -347,7 +347,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
             FromCache::NotCached => (None, self.admission.client_slot(client, cgroup, local)?),
         };
-        let within_fair_share = client_slot.within_fair_share(self.settings.max_inflight);
+        let standing = client_slot.standing(self.settings.max_inflight);
         // A query whose answer the cache keeps, or gives to the clients waiting on it, goes up
         // with an ID of the agent's own: the client chose its ID, and a workload that knows
         // the ID of a query whose answer others will be given would have one thing fewer to
@@ -375,14 +375,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             strays_at_send: 0,
             answer_trusted: false,
         };
-        self.register(
-            upstream,
-            upstream_id,
-            pending,
-            pick,
-            within_fair_share,
-            started,
-        )
+        self.register(upstream, upstream_id, pending, pick, standing, started)
     }
 
     /// The name of cgroup `id`'s workload, for the log.

@@ -3,6 +3,7 @@
 //! the table only if it arrives on that socket, from that upstream, with that ID and the very
 //! question asked (letter case aside); anything else is counted and dropped.
 use std::{
+    cmp::Reverse,
     collections::hash_map::Entry,
     hash::BuildHasher,
     net::{IpAddr, SocketAddr},
@@ -16,7 +17,12 @@ use super::{
     cached::{CachedQuery, Recipient},
     pool::{PoolSocket, Stray},
 };
-use crate::dns::{OriginalDestinations, per_client::ClientSlot, stats::Stats, wire};
+use crate::dns::{
+    OriginalDestinations,
+    per_client::{ClientSlot, Standing},
+    stats::Stats,
+    wire,
+};
 
 /// A query on its way: which pool socket it left from, where to, with which ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,7 +114,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
         pick: u64,
-        within_fair_share: bool,
+        standing: Standing,
         now: Instant,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
@@ -117,11 +123,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // client within its fair share passes it, up to twice the limit. Checked first: a
         // query dropped here opens no socket.
         let max = self.settings.max_inflight;
-        let mut inflight = stats.inflight.load(Ordering::Relaxed) as usize;
-        if within_fair_share && inflight >= 2 * max && self.forget_one_past_its_share() {
-            inflight = stats.inflight.load(Ordering::Relaxed) as usize;
-        }
-        if inflight < max || (within_fair_share && inflight < 2 * max) {
+        let within_fair_share = standing != Standing::AtOrPastItsShare;
+        let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
+        // A place made is this query's, whatever another thread admitted meanwhile.
+        let took_a_place =
+            within_fair_share && inflight >= 2 * max && self.forget_one_for(standing);
+        if took_a_place || inflight < max || (within_fair_share && inflight < 2 * max) {
             let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
             let key = |socket: &PoolSocket| PendingKey::new(socket.id(), upstream, id);
@@ -152,23 +159,31 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         None
     }
 
-    /// At twice `--max-inflight`, for a client within its fair share: forgets the query in
-    /// flight on this listener that took its own client furthest past its fair share (as
-    /// shares are now), as if it had timed out (its client retries, or gives up as it would
-    /// on a server that never answers). Whether there was one. Several clients that each came
-    /// within their share while fewer clients held something fill twice the limit together,
-    /// and would keep a client holding nothing out until their queries time out
-    /// (per_client.rs).
-    fn forget_one_past_its_share(self: &Arc<Self>) -> bool {
+    /// At twice `--max-inflight`, for a client within its fair share (`standing`): forgets
+    /// the query in flight on this listener that took its own client furthest past its fair
+    /// share (as shares are now), the oldest of those, as if it had timed out (its client
+    /// retries, or gives up as it would on a server that never answers). For a client holding
+    /// nothing, where no query is past its client's share of one, the oldest. Whether there
+    /// was one.
+    /// Several clients that each came within their share while fewer clients held something
+    /// fill twice the limit together, and would keep a client holding nothing out until their
+    /// queries time out; so would twice the limit's clients with one query each (per_client.rs).
+    fn forget_one_for(self: &Arc<Self>, standing: Standing) -> bool {
         let max = self.settings.max_inflight;
+        // With a share of one, a query past no share is its client's only one, at its share.
+        let any_at_its_share =
+            standing == Standing::HoldingNothing && self.settings.per_client.fair_share(max) == 1;
         let forgotten = {
             let mut table = self.pending.lock().expect("not poisoned");
             let furthest = table
                 .iter()
-                .map(|(key, pending)| (pending._client_slot.past_fair_share(max), *key))
-                .filter(|(past, _)| *past > 0)
-                .max_by_key(|(past, _)| *past)
-                .map(|(_, key)| key);
+                .map(|(key, pending)| {
+                    let past = pending._client_slot.past_fair_share(max);
+                    (past, Reverse(pending.started), *key)
+                })
+                .filter(|(past, ..)| *past > 0 || any_at_its_share)
+                .max_by_key(|(past, started, _)| (*past, *started))
+                .map(|(.., key)| key);
             furthest.and_then(|key| Some((key, table.remove(&key)?)))
         };
         let Some((key, mut pending)) = forgotten else {
@@ -180,8 +195,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         if let Some(description) = &pending.description {
             log::debug!(
                 target: super::LOG,
-                "query udp client={} upstream={} {description} forgotten, past its workload's \
-                 fair share, for a client within its own workload={}",
+                "query udp client={} upstream={} {description} forgotten, at or past its \
+                 workload's fair share, for a client within its own workload={}",
                 pending.client,
                 key.upstream,
                 self.workload_name(pending.cgroup),

@@ -914,6 +914,41 @@ async fn at_twice_the_limit_a_client_within_its_share_takes_the_place_of_one_fur
 }
 
 #[tokio::test]
+async fn at_twice_the_limit_with_one_query_each_a_client_holding_nothing_takes_the_oldest_place() {
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+    let register = |n: u8, id: u16| register_as_pod(&proxy, n, id);
+    // Eight pods with one query each: twice the limit, and each at its share of one.
+    assert!(register(1, 100));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for pod in 2..=8 {
+        assert!(register(pod, u16::from(pod) * 100), "pod {pod}");
+    }
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+    // At its share, a pod asking again takes no one's place.
+    assert!(!register(2, 201));
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
+    // A ninth, holding nothing: in, in place of the oldest, the first pod's.
+    assert!(
+        register(9, 900),
+        "a client holding nothing at twice the limit"
+    );
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 2);
+    let pods: std::collections::BTreeSet<u8> = proxy
+        .pending
+        .lock()
+        .unwrap()
+        .values()
+        .map(|pending| match pending.client.ip() {
+            IpAddr::V4(ip) => ip.octets()[3],
+            IpAddr::V6(_) => unreachable!("pods ask over IPv4"),
+        })
+        .collect();
+    assert_eq!(pods, (2..=9).collect());
+}
+
+#[tokio::test]
 async fn refuses_to_forward_to_itself() {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let itself = socket.local_addr().unwrap();
