@@ -18,6 +18,10 @@ fn upstream_ports(topology: &Topology, agent_pid: u32) -> (Vec<u16>, Vec<u16>) {
     let output = must(topology.client.command("ss").args(["-Hunap"]));
     let pid = format!("pid={agent_pid},");
     let server = format!("{SERVER_IP}:53");
+    let proxy_port: u16 = PROXY_LISTEN
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("a port");
     let (mut own, mut connected) = (Vec::new(), Vec::new());
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -28,7 +32,12 @@ fn upstream_ports(topology: &Topology, agent_pid: u32) -> (Vec<u16>, Vec<u16>) {
             .rsplit_once(':')
             .and_then(|(_, port)| port.parse().ok());
         match port {
-            Some(port) if line.contains(&pid) && local.starts_with("0.0.0.0:") => own.push(port),
+            // Not the agent's hold of its own port on every address.
+            Some(port)
+                if line.contains(&pid) && local.starts_with("0.0.0.0:") && port != proxy_port =>
+            {
+                own.push(port)
+            }
             Some(port) if line.contains(&pid) && *peer == server => connected.push(port),
             _ => {}
         }
@@ -658,8 +667,9 @@ fn assert_every_lookup_answered_first_try(
 /// fair share as it comes, and so together fill twice `--max-inflight` with queries to a
 /// server that never answers in time (6 s; the agent gives up after 5); another pod, holding
 /// nothing, still resolves every lookup: each of its queries takes the place of one that went
-/// furthest past its own workload's share. Before, it was refused at twice the limit until the floods' queries were answered
-/// (helper-163: 2 lookups of 4 answered, 20 s of failures under a sustained flood).
+/// furthest past its own workload's share. Before, it was refused at twice the limit until
+/// the floods' queries were answered (helper-163: 2 lookups of 4 answered, 20 s of failures
+/// under a sustained flood).
 #[test]
 fn workloads_that_came_within_their_shares_one_by_one_cannot_keep_a_newcomer_out() {
     let _flood = super::one_flood_at_a_time();
@@ -674,7 +684,7 @@ fn workloads_that_came_within_their_shares_one_by_one_cannot_keep_a_newcomer_out
     assert_floods_keep_no_newcomer_out(&flooded.node, &floods, 8_000);
 }
 
-/// Forty workloads (cgroups of one pod) against `--max-inflight 16` each hold one query to a
+/// Thirty-six workloads (cgroups of one pod) against `--max-inflight 16` each hold one query to a
 /// server that never answers in time: more clients than twice the limit, so each one's share
 /// is one query and none is past it. Another pod, holding nothing, still resolves every
 /// lookup: each of its queries takes the place of the oldest. Before, it was refused until the
@@ -684,8 +694,8 @@ fn more_workloads_than_twice_the_limit_with_one_query_each_cannot_keep_a_newcome
     let _flood = super::one_flood_at_a_time();
     let flooded = node_with_a_server_slow_by(2, "6000", &["--max-inflight=16"]);
     let floods = Floods {
-        workloads: 40,
-        rate: "20",
+        workloads: 36,
+        rate: "10",
         seconds: "9",
         apart: Duration::ZERO,
     };
@@ -703,8 +713,8 @@ struct Floods {
 }
 
 /// Starts `floods`, waits until they hold `filled` queries in flight, and checks that pod 1,
-/// holding nothing, resolves every lookup on its first try meanwhile, and that the floods
-/// still fill the agent after (the lookups were made against a full agent).
+/// holding nothing, resolves every lookup on its first try meanwhile, while the floods keep
+/// the agent full (queries are dropped or taken out for others all along).
 fn assert_floods_keep_no_newcomer_out(
     node: &tests::node::NodeTopology,
     floods: &Floods,
@@ -726,16 +736,23 @@ fn assert_floods_keep_no_newcomer_out(
         flooders.push(Process::spawn(&mut command));
         thread::sleep(floods.apart);
     }
-    let inflight = || {
+    let metric = |series: &str| {
         let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
-        value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}")
+        value(&page, series)
     };
+    let inflight = "dns_proxy_inflight_queries{protocol=\"udp\"}";
+    let dropped = "dns_proxy_dropped_total{protocol=\"udp\",reason=\"overload\"}";
     wait_for("the floods fill the agent", Duration::from_secs(5), || {
-        (inflight() >= filled).then_some(())
+        (metric(inflight) >= filled).then_some(())
     });
+    let dropped_before = metric(dropped);
     let window = Duration::from_millis(1500);
     assert_every_lookup_answered_first_try(node, 1, ("1000", "1"), window, 20);
-    assert!(inflight() >= filled, "the floods no longer fill the agent");
+    let dropped_while = metric(dropped) - dropped_before;
+    assert!(
+        dropped_while > 100,
+        "the floods no longer fill the agent: {dropped_while} dropped"
+    );
     drop(flooders);
 }
 

@@ -164,7 +164,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// share (as shares are now), the oldest of those, as if it had timed out (its client
     /// retries, or gives up as it would on a server that never answers). For a client holding
     /// nothing, where no query is past its client's share of one, the oldest. Whether there
-    /// was one.
+    /// is room now (also when this listener holds nothing).
     /// Several clients that each came within their share while fewer clients held something
     /// fill twice the limit together, and would keep a client holding nothing out until their
     /// queries time out; so would twice the limit's clients with one query each (per_client.rs).
@@ -175,6 +175,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             standing == Standing::HoldingNothing && self.settings.per_client.fair_share(max) == 1;
         let forgotten = {
             let mut table = self.pending.lock().expect("not poisoned");
+            if table.is_empty() {
+                // The other listeners hold all of it: this one passes the limit by one, as
+                // each may, rather than turn a newcomer away for want of a query to take out.
+                return true;
+            }
             let furthest = table
                 .iter()
                 .map(|(key, pending)| {

@@ -948,6 +948,22 @@ async fn at_twice_the_limit_with_one_query_each_a_client_holding_nothing_takes_t
     assert_eq!(pods, (2..=9).collect());
 }
 
+/// The limit is the agent's, the queries to take out each listener's: with the other listeners
+/// holding twice the limit and this one nothing, a newcomer passes the limit by one here
+/// instead of being turned away for want of a query to take out.
+#[tokio::test]
+async fn at_twice_the_limit_a_listener_that_holds_nothing_lets_a_newcomer_pass() {
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+    let udp = &proxy.stats.udp;
+    udp.inflight.store(8, Ordering::Relaxed); // the other listeners'
+    assert!(register_as_pod(&proxy, 1, 100));
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 9);
+    // Once it holds one, within its client's share, there is nothing to take out: the next
+    // is turned away.
+    assert!(!register_as_pod(&proxy, 2, 200));
+    assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
+}
+
 #[tokio::test]
 async fn refuses_to_forward_to_itself() {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
