@@ -33,7 +33,7 @@ mod kernel_refusals;
 mod listeners;
 
 use dns::{Dns, Shared};
-use listeners::{Listeners, bind_metrics_listener};
+use listeners::{Listeners, PortHold, bind_metrics_listener};
 
 /// The target of the agent's own log lines: the crate's, as when this was lib.rs, so that the
 /// lines and the filters that name them stay as they were.
@@ -325,6 +325,7 @@ async fn serve(
     let service_manager = ServiceManager::from_environment();
     // Held until this returns: the sockets that hold the blocks' first addresses among them.
     let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
+    let port_hold = PortHold::take(&listeners);
     // Removed again if the start fails from here on; kept once the agent serves.
     let routes = take(&mut listeners.routes);
     let metrics_listener = match config.metrics {
@@ -387,6 +388,7 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
+    tokio::spawn(port_hold.keep(stop_background.clone()));
     let stranded = drain::Signal::new();
     // Read now, while the agent holds few descriptors: the links it holds to its cgroup.
     let links = AttachedLinks::find(scope.target.id).unwrap_or_else(|err| {

@@ -211,6 +211,16 @@ pub fn ipv6_is_off() -> bool {
     }
 }
 
+/// The lowest port any user may bind in this network namespace
+/// (`net.ipv4.ip_unprivileged_port_start`, which IPv6 follows too); 1024, the kernel's
+/// default, if it cannot be read.
+pub fn first_unprivileged_port() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
 /// `BPF_FS_MAGIC` from the kernel's magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

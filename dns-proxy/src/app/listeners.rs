@@ -4,8 +4,9 @@
 //! out is decided here.
 use std::{
     io,
-    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd as _,
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
@@ -13,6 +14,7 @@ use tokio::net::TcpListener;
 use super::{LOG, RunError};
 use crate::{
     config::{Listen6, RunConfig},
+    drain,
     ebpf::ListenerFds,
     host, udp_threads,
     udp_threads::bind_reuseport_group,
@@ -262,6 +264,134 @@ impl Listeners {
             }
         }
     }
+}
+
+/// The listen port held over UDP and TCP on every address of this namespace (`0.0.0.0`, and
+/// `[::]` with IPv6 served), when it is one any user may bind (at or above
+/// `net.ipv4.ip_unprivileged_port_start`, as 8053 is): then no process of another user can
+/// bind a block address on it, or an address of its own to send from one with `IP_PKTINFO`,
+/// outside the cgroup the programs guard as well as in it. A socket connected to a block
+/// address takes a datagram from there on that port for its server's answer, and
+/// `getpeername` shows a connection from there as its server's (helper-166: a process of user
+/// `nobody` outside `--cgroup` bound the address a connected IPv6 client was sent to, with
+/// `IPV6_FREEBIND`, and the client took its forged answers, 3 lookups of 3). A privileged
+/// port the kernel keeps for the privileged; a wildcard there would keep the node's own DNS
+/// services off port 53.
+///
+/// Joinable (`SO_REUSEPORT`, the agent's user alone) by an agent taking over. It takes no
+/// datagram and no connection. A socket already on the port (another service's, or one bound
+/// while no agent ran, which the agent must not be kept from starting by) keeps the hold off:
+/// it is tried again every [`PORT_HOLD_RETRY`] until it is taken.
+pub(super) struct PortHold {
+    /// The wildcard addresses not held yet, with their socket type.
+    missing: Vec<(SocketAddr, socket2::Type)>,
+    held: Vec<socket2::Socket>,
+}
+
+/// How often a hold kept off is tried again.
+const PORT_HOLD_RETRY: Duration = Duration::from_secs(10);
+
+/// The classic BPF instruction that returns a constant: with 0, the socket takes nothing.
+const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+impl PortHold {
+    /// Takes what it can of the hold of `listeners`' ports, and warns of the rest.
+    pub(super) fn take(listeners: &Listeners) -> Self {
+        let first_unprivileged = host::first_unprivileged_port();
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, listeners.v4.port()));
+        let v6 = listeners
+            .v6
+            .map(|v6| SocketAddr::from((Ipv6Addr::UNSPECIFIED, v6.port())));
+        let mut hold = Self {
+            missing: std::iter::once(v4)
+                .chain(v6)
+                .filter(|wildcard| wildcard.port() >= first_unprivileged)
+                .flat_map(|wildcard| {
+                    [socket2::Type::DGRAM, socket2::Type::STREAM].map(|kind| (wildcard, kind))
+                })
+                .collect(),
+            held: Vec::new(),
+        };
+        for ((wildcard, kind), err) in hold.try_the_missing() {
+            log::warn!(
+                target: LOG,
+                "cannot hold port {port} on every address ({wildcard}/{protocol}): {err}: a \
+                 socket of another process is on the port (another service's, or one bound \
+                 while no agent ran), and such a socket outside --cgroup could answer \
+                 redirected sockets as their servers from a block address. Trying again every \
+                 {retry} s; give --listen a port nothing else uses",
+                port = wildcard.port(),
+                protocol = protocol(kind),
+                retry = PORT_HOLD_RETRY.as_secs(),
+            );
+        }
+        hold
+    }
+
+    /// Binds each wildcard not held yet; those it could not, and why.
+    fn try_the_missing(&mut self) -> Vec<((SocketAddr, socket2::Type), io::Error)> {
+        let mut failed = Vec::new();
+        for (wildcard, kind) in std::mem::take(&mut self.missing) {
+            match hold_socket(wildcard, kind) {
+                Ok(socket) => self.held.push(socket),
+                Err(err) => {
+                    failed.push(((wildcard, kind), err));
+                    self.missing.push((wildcard, kind));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Keeps the hold until `stop`, taking what was kept off as soon as it can.
+    pub(super) async fn keep(mut self, stop: drain::Signal) {
+        while !self.missing.is_empty() {
+            let retry = tokio::time::sleep(PORT_HOLD_RETRY);
+            if stop.unless_stopped(retry).await.is_none() {
+                return;
+            }
+            let tried = self.missing.clone();
+            let failed = self.try_the_missing();
+            for (wildcard, kind) in tried {
+                if !failed
+                    .iter()
+                    .any(|(kept_off, _)| *kept_off == (wildcard, kind))
+                {
+                    log::info!(
+                        target: LOG,
+                        "now holding port {} on every address ({wildcard}/{})",
+                        wildcard.port(),
+                        protocol(kind)
+                    );
+                }
+            }
+        }
+        stop.stopped().await;
+    }
+}
+
+fn protocol(kind: socket2::Type) -> &'static str {
+    if kind == socket2::Type::STREAM {
+        "tcp"
+    } else {
+        "udp"
+    }
+}
+
+/// A socket of `kind` bound to `wildcard` that takes nothing (a datagram socket with a filter
+/// that drops all, a stream socket that does not listen), joinable by the agent's user.
+fn hold_socket(wildcard: SocketAddr, kind: socket2::Type) -> io::Result<socket2::Socket> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(wildcard), kind.cloexec(), None)?;
+    if wildcard.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if kind == socket2::Type::DGRAM {
+        socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)])?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.bind(&wildcard.into())?;
+    Ok(socket)
 }
 
 /// A TCP listener on `addr`, as tokio's `bind` makes it (SO_REUSEADDR, a backlog of 1024),

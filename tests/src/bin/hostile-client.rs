@@ -20,11 +20,14 @@
 //! - `tcp-lookups SERVER NAME [PAUSE_MS]`: one TCP lookup after another, each over a fresh
 //!   connection (2 s to answer), PAUSE_MS apart (default 0), until standard input closes;
 //!   prints `answered=N failed=N` and, on stderr, why each failed one did.
-//! - `bind ADDR`: binds a UDP socket there; prints `bound` or `refused: ERROR`.
+//! - `bind ADDR [--freebind] [--tcp]`: binds a UDP socket there (a TCP one with `--tcp`; with
+//!   `IP_FREEBIND` or `IPV6_FREEBIND` if asked: an address no interface has); prints `bound`
+//!   or `refused: ERROR`.
 //! - `spoof FROM SOURCE TO [--connected-sendto|--connected-send]`: binds a UDP socket at FROM
-//!   (a dual-stack one for an IPv6 FROM) and sends TO a datagram from SOURCE (`IP_PKTINFO` or
+//!   (a dual-stack one for an IPv6 FROM; with `SO_REUSEPORT`, which lets the agent's user join
+//!   the agent's hold of its port) and sends TO a datagram from SOURCE (`IP_PKTINFO` or
 //!   `IPV6_PKTINFO`), as a forger of answers would; connected to TO first if asked, and then
-//!   naming TO or not; prints `sent` or `refused: ERROR`.
+//!   naming TO or not; prints `sent`, `refused: ERROR`, or `refused: bind FROM: ERROR`.
 //! - `prebound FROM TO GO_FILE [TWINS]`: binds TWINS (default 1) UDP sockets at FROM
 //!   (`SO_REUSEADDR`) and connects them to TO, in the reverse order (meant for while no agent
 //!   runs, when nothing refuses a block address), prints `ready`, and once GO_FILE exists
@@ -464,6 +467,16 @@ fn tcp_lookups(server: SocketAddr, name: &str, pause: Duration) -> Result<(), St
     Ok(())
 }
 
+/// Binds a socket of `kind` at `addr` (and lets it go).
+fn bind_only(addr: SocketAddr, kind: Type, freebind: bool) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), kind, None)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(freebind)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(freebind)?,
+    }
+    socket.bind(&addr.into())
+}
+
 fn spoof(from: &str, source: &str, to: &str, how: &[String]) -> Result<(), String> {
     let from: SocketAddr = parse(from, "IP:PORT")?;
     let source: IpAddr = parse(source, "an IP address")?;
@@ -487,8 +500,12 @@ fn spoof(from: &str, source: &str, to: &str, how: &[String]) -> Result<(), Strin
             .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
     }
     socket
-        .bind(&from.into())
-        .map_err(|e| format!("bind {from}: {e}"))?;
+        .set_reuse_port(true)
+        .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+    if let Err(err) = socket.bind(&from.into()) {
+        println!("refused: bind {from}: {err}");
+        return Ok(());
+    }
     if connect {
         socket
             .connect(&to.into())
@@ -799,13 +816,25 @@ fn main() -> ExitCode {
             _ => Err("prebound FROM TO GO_FILE [TWINS]".to_owned()),
         },
         Some("bind") => match &args[1..] {
-            [addr] => {
-                parse::<SocketAddr>(addr, "IP:PORT").map(|addr| match UdpSocket::bind(addr) {
-                    Ok(_) => println!("bound"),
-                    Err(err) => println!("refused: {err}"),
+            [addr, how @ ..]
+                if how
+                    .iter()
+                    .all(|flag| ["--freebind", "--tcp"].contains(&flag.as_str())) =>
+            {
+                let flag = |name: &str| how.iter().any(|flag| flag == name);
+                let kind = if flag("--tcp") {
+                    Type::STREAM
+                } else {
+                    Type::DGRAM
+                };
+                parse::<SocketAddr>(addr, "IP:PORT").map(|addr| {
+                    match bind_only(addr, kind, flag("--freebind")) {
+                        Ok(()) => println!("bound"),
+                        Err(err) => println!("refused: {err}"),
+                    }
                 })
             }
-            _ => Err("bind ADDR".to_owned()),
+            _ => Err("bind ADDR [--freebind] [--tcp]".to_owned()),
         },
         _ => Err("usage: hostile-client two-servers|lookups|long-lived|flood|hold ...".to_owned()),
     };

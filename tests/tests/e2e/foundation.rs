@@ -741,11 +741,12 @@ mod usage_errors {
         let netns = format!("--net=/run/netns/{}", topology.client.name);
         let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
         // Another listen address, the same default block and port: it would take the first
-        // one's lookups. (Another IPv6 port, so that IPv4 is what collides.)
+        // one's lookups. (Another IPv6 port, so that IPv4 is what collides.) The first holds
+        // its port on every address, which refuses it first.
         assert_one_line_error(
             &[&cgroup, "--listen=127.0.0.2:8053", "--listen6=[::1]:8054"],
             &["nsenter", &netns, "--"],
-            "another dns-proxy serves this block on this port",
+            "cannot listen on 127.0.0.2:8053: Address already in use",
         );
     }
 

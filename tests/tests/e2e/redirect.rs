@@ -1213,10 +1213,11 @@ fn no_workload_can_bind_the_proxys_block_addresses() {
             "{addr}: {outcome}"
         );
     }
-    // Other addresses are anyone's, on the proxy's port too, as is the block's first address,
-    // which names no server.
-    assert_eq!(bind(format!("127.0.0.2:{port}")), "bound");
+    // Other addresses are anyone's, as is the block's first address, which names no server;
+    // but not on the proxy's port, which the agent holds on every address.
+    assert_eq!(bind("127.0.0.2:8054".to_owned()), "bound");
     assert_eq!(bind("127.53.0.0:8054".to_owned()), "bound");
+    assert!(bind(format!("127.0.0.2:{port}")).starts_with("refused: Address already in use"));
     // A TCP service of the cgroup answers its clients on a block address and a port of its
     // own: a connection to the proxy is made anew, to its port of the moment, so nothing
     // there is taken for a server's (an adversarial review had such a service's SYN-ACKs
@@ -1513,8 +1514,14 @@ fn no_workload_can_send_from_the_proxys_block_addresses() {
                     args.extend([HOSTILE, "spoof", from, source, victim]);
                     args.extend(how);
                     let outcome = stdout(&mut topology.workload("setpriv", &args));
+                    // Only the agent's user may join its hold of its port (and bind there).
+                    let refusal = if port != "8054" && !user.is_empty() {
+                        format!("refused: bind {from}: Address already in use")
+                    } else {
+                        "refused: Operation not permitted".to_owned()
+                    };
                     assert!(
-                        outcome.starts_with("refused: Operation not permitted"),
+                        outcome.starts_with(&refusal),
                         "{from} {how:?} {user:?}: {outcome}"
                     );
                 }
@@ -1527,6 +1534,99 @@ fn no_workload_can_send_from_the_proxys_block_addresses() {
         &["spoof", "127.0.0.2:40998", "127.0.0.3", "127.0.0.1:40999"],
     ));
     assert_eq!(outcome, "sent");
+}
+
+/// Host mode, outside the redirected cgroup, where no program guards a socket: no process of
+/// another user can bind a block address on the proxy's port (IPv4, v4-mapped, or IPv6 with
+/// `IPV6_FREEBIND`; UDP, or TCP, whose connections from there `getpeername` would show as
+/// from a server), nor an address of its own there to send from a block address with
+/// `IP_PKTINFO`: the agent holds its port on every address. Before, a process of user nobody
+/// outside `--cgroup` bound the block address a connected IPv6 client was sent to and answered
+/// its lookups (helper-166: 3 of 3). On a port no agent serves, no socket takes a datagram
+/// from a block address for an answer, and nothing stops it.
+#[test]
+fn no_user_outside_the_cgroup_can_send_from_a_block_address_on_the_proxys_port() {
+    let Harness { topology, .. } = &Harness::start(Placement::Outside, &[]);
+    let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
+    let as_nobody = |args: &[&str]| {
+        let mut command: Vec<&str> = AS_NOBODY.to_vec();
+        command.push(HOSTILE);
+        command.extend(args);
+        stdout(&mut topology.outsider("setpriv", &command))
+    };
+    for (addr, how) in [
+        (format!("127.53.0.9:{port}"), None),
+        (format!("[::ffff:127.53.0.9]:{port}"), None),
+        (format!("[fd53:6e73:6470::9]:{port}"), Some("--freebind")),
+    ] {
+        for tcp in [None, Some("--tcp")] {
+            let mut args = vec!["bind", addr.as_str()];
+            args.extend(how.into_iter().chain(tcp));
+            let outcome = as_nobody(&args);
+            assert!(
+                outcome.starts_with("refused: Address already in use"),
+                "{args:?}: {outcome}"
+            );
+        }
+    }
+    let forge_from = |port: &str| {
+        let from = format!("127.0.0.2:{port}");
+        as_nobody(&["spoof", &from, "127.53.0.1", "127.0.0.1:40999"])
+    };
+    let outcome = forge_from(port);
+    assert!(
+        outcome.starts_with(&format!(
+            "refused: bind 127.0.0.2:{port}: Address already in use"
+        )),
+        "{outcome}"
+    );
+    assert_eq!(forge_from("8054"), "sent");
+}
+
+/// A socket of another user on the proxy's port when the agent starts (one bound while no
+/// agent ran, outside the cgroup) keeps the agent's hold of the port off, but not the agent:
+/// it serves, says so, and takes the hold once that socket is gone; from then on no other
+/// user binds a block address there.
+#[test]
+fn a_socket_on_the_proxys_port_at_the_start_delays_the_ports_hold_and_not_the_agent() {
+    let topology = Topology::new();
+    let port = PROXY_LISTEN.rsplit(':').next().expect("a port");
+    let as_nobody = |args: &[&str]| {
+        let mut command: Vec<&str> = AS_NOBODY.to_vec();
+        command.push(HOSTILE);
+        command.extend(args);
+        topology.outsider("setpriv", &command)
+    };
+    let there_first = format!("127.0.0.2:{port}");
+    let mut early = Process::spawn(as_nobody(&["join", &there_first, "3"]).stdout(Stdio::piped()));
+    let mut output = std::io::BufReader::new(early.take_stdout());
+    let mut joined = String::new();
+    std::io::BufRead::read_line(&mut output, &mut joined).expect("its first line");
+    assert_eq!(joined.trim(), "joined");
+    let agent = Agent::start(&topology, &[]);
+    let wildcard = format!("0.0.0.0:{port}/udp");
+    assert!(
+        agent.log().contains(&format!(
+            "cannot hold port {port} on every address ({wildcard})"
+        )),
+        "{}",
+        agent.log()
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut output, &mut rest).expect("the rest of its output");
+    assert!(rest.starts_with("received="), "{rest}");
+    early.wait_exit(Duration::from_secs(10));
+    // Tried again every 10 s.
+    let held = format!("now holding port {port} on every address ({wildcard})");
+    wait_for("the port's hold", Duration::from_secs(15), || {
+        agent.log().contains(&held).then_some(())
+    });
+    let bind = format!("127.53.0.9:{port}");
+    let outcome = stdout(&mut as_nobody(&["bind", &bind]));
+    assert!(
+        outcome.starts_with("refused: Address already in use"),
+        "{outcome}"
+    );
 }
 
 /// Host mode: the blocks are the agent's namespace's alone. A neighbour on the network that
