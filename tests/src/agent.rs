@@ -54,7 +54,7 @@ pub struct Agent {
 /// Where the agent process starts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
-    /// In the test process's cgroup, outside the redirected one.
+    /// Outside the redirected cgroup, in its namespace's [`Netns::agent_home`].
     Outside,
     /// Inside the redirected cgroup, as on a hybrid host where the agent starts in the
     /// cgroup2 root it redirects: only its self-exclusion keeps its upstream queries direct.
@@ -150,16 +150,11 @@ impl Agent {
 
     /// The command [`launch`](Self::launch) runs.
     fn command(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Command {
-        let mut command = match join {
-            None => Command::new("nsenter"),
-            Some(cgroup) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
-                    .arg(cgroup);
-                sh
-            }
-        };
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
+            .arg(join.unwrap_or_else(|| netns.agent_home()));
         // nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup2
         // mount the agent needs. nsenter and sh exec, so the pid is the agent's.
         command

@@ -1,9 +1,15 @@
 //! Network namespaces of the tests' own ([`Netns`]), each with a bpffs for the agents run in
 //! it, and the resolv.conf that programs run in one see. Both are removed on drop; nothing
 //! here touches the host's own namespace.
-use std::{fs, net::IpAddr, path::PathBuf, process::Command};
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
 
-use crate::{must, require_root};
+use crate::{cgroup::TestCgroup, must, require_root};
 
 /// A network namespace of the tests' own, with a bpffs of its own for the server table of
 /// the agents that run in it (so restarts in one test share it and no test touches the
@@ -11,6 +17,8 @@ use crate::{must, require_root};
 pub struct Netns {
     pub name: String,
     state_dir: PathBuf,
+    /// Where agents started outside the cgroups they redirect start (see [`Netns::agent_home`]).
+    agent_home: OnceLock<TestCgroup>,
 }
 
 impl Netns {
@@ -19,7 +27,11 @@ impl Netns {
         must(Command::new("ip").args(["netns", "add", &name]));
         let state_dir = PathBuf::from("/run/dns-proxy-tests").join(&name);
         fs::create_dir_all(&state_dir).expect("mkdir the test bpffs");
-        let netns = Self { name, state_dir };
+        let netns = Self {
+            name,
+            state_dir,
+            agent_home: OnceLock::new(),
+        };
         must(
             Command::new("mount")
                 .args(["-t", "bpf", "bpf"])
@@ -34,11 +46,26 @@ impl Netns {
         self.state_dir.join("dns-proxy")
     }
 
+    /// The cgroup an agent of this namespace that is not placed elsewhere starts in (made on
+    /// first use; its processes killed and it removed with the namespace). An agent makes its
+    /// own cgroup below the one it starts in, and one started in the hierarchy's root, where
+    /// the tests run, would leave that there.
+    pub fn agent_home(&self) -> &Path {
+        &self
+            .agent_home
+            .get_or_init(|| TestCgroup::new(&format!("{}-agent", self.name)))
+            .path
+    }
+
     /// `nsenter` into this namespace (not `ip netns exec`, which remounts /sys and hides the
-    /// cgroup2 mount), with `DNS_PROXY_STATE_DIR` set for an agent.
+    /// cgroup2 mount), in [`Netns::agent_home`], with `DNS_PROXY_STATE_DIR` set for an agent.
     pub fn nsenter(&self) -> Command {
-        let mut command = Command::new("nsenter");
+        let mut command = Command::new("sh");
         command
+            .arg("-c")
+            // $0 is the cgroup; "$@" nsenter's arguments.
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter "$@""#)
+            .arg(self.agent_home())
             .arg(format!("--net=/run/netns/{}", self.name))
             .env("DNS_PROXY_STATE_DIR", self.state_dir())
             .arg("--");
