@@ -189,7 +189,8 @@ pub struct ProxyArgs {
     pub tcp_idle_timeout: Duration,
 
     /// Most TCP connections relayed at once; beyond it new ones are closed (and counted),
-    /// but a client within its fair share is let in, up to twice it.
+    /// but a client within its fair share is let in, up to twice it (there in place of a
+    /// connection of the client furthest past its own share, which is closed).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_TCP_CONNECTIONS")]
     pub max_tcp_connections: u32,
 

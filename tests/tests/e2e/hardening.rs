@@ -864,33 +864,44 @@ fn a_workload_flooding_as_fast_as_it_can_costs_another_no_lookup() {
     steady_lookups_while_flooded(&topology.client, &topology.cgroup.path, &flood, "2000");
 }
 
-/// A few clients holding every TCP connection the agent allows cannot keep another out: a
-/// client within its fair share (the limit divided among the clients holding connections)
-/// is let in past the limit, up to twice it, as for UDP.
-#[test]
-fn clients_holding_every_tcp_connection_do_not_keep_another_pod_out() {
+/// Opens four TCP connections to the server in argv 1, port 53, prints `holding`, and holds
+/// them, idle, until its standard input closes.
+const HOLD_FOUR_CONNECTIONS: &str = "import socket, sys\n\
+    held = [socket.create_connection((sys.argv[1], 53)) for _ in range(4)]\n\
+    print('holding', flush=True)\n\
+    sys.stdin.read()";
+
+/// A node with two pods, its server, and an agent that relays at most four TCP connections
+/// (`--max-tcp-connections 4`, as many per client), with metrics.
+fn node_with_four_tcp_connections() -> (tests::node::NodeTopology, DnsServer, Agent) {
     use tests::node::{NODE_LISTEN, NodeTopology};
 
-    let node = NodeTopology::new();
-    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
-    let _agent = Agent::launch(
+    let node = NodeTopology::with_pods(2);
+    let server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let agent = Agent::launch(
         &node.node,
         node.redirected_cgroup(),
         None,
         &[
             format!("--listen={NODE_LISTEN}:53"),
+            format!("--metrics={METRICS}"),
             "--max-tcp-connections=4".to_owned(),
             "--max-tcp-connections-per-client=4".to_owned(),
         ],
     );
+    (node, server, agent)
+}
+
+/// A few clients holding every TCP connection the agent allows cannot keep another out: a
+/// client within its fair share (the limit divided among the clients holding connections)
+/// is let in past the limit, up to twice it, as for UDP.
+#[test]
+fn clients_holding_every_tcp_connection_do_not_keep_another_pod_out() {
+    let (node, _server, _agent) = node_with_four_tcp_connections();
     // Pod 0 holds all four, idle (the agent closes them after 10 s).
-    let script = "import socket, sys\n\
-                  held = [socket.create_connection((sys.argv[1], 53)) for _ in range(4)]\n\
-                  print('holding', flush=True)\n\
-                  sys.stdin.read()";
     let server = SERVER_IP.to_string();
     let mut holder = Process::spawn(
-        node.pod(0, "python3", &["-c", script, &server])
+        node.pod(0, "python3", &["-c", HOLD_FOUR_CONNECTIONS, &server])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
@@ -906,4 +917,56 @@ fn clients_holding_every_tcp_connection_do_not_keep_another_pod_out() {
         expected_probe_line()
     );
     holder.finish_with_stdout(Duration::from_secs(5));
+}
+
+/// Eight workloads (cgroups of one pod) against `--max-tcp-connections 4` connect one after
+/// another, each let in up to its fair share as it comes, and so together hold twice the
+/// limit. Another pod, holding nothing, still gets its TCP lookup answered: the connection of
+/// the workload furthest past its share gives way to it. Before, its connection was reset
+/// (helper-168: 12 cgroups held all 2,048 connections at the defaults, and another's TCP
+/// lookups were reset, 30 of 30).
+#[test]
+fn workloads_that_connected_within_their_shares_one_by_one_cannot_keep_a_newcomer_out() {
+    let (node, _server, _agent) = node_with_four_tcp_connections();
+    let script = HOLD_FOUR_CONNECTIONS;
+    let server = SERVER_IP.to_string();
+    let accepted = || {
+        let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+        value(&page, "dns_proxy_tcp_connections_total")
+    };
+    let mut holders = Vec::new();
+    for n in 0..8 {
+        let cgroup = node.pod_cgroups[0].join(format!("holder{n}"));
+        fs::create_dir(&cgroup).expect("mkdir a holder's cgroup");
+        let mut command =
+            tests::in_cgroup_and_netns(&cgroup, &node.pods[0], "python3", &["-c", script, &server]);
+        let mut holder = Process::spawn(command.stdin(Stdio::piped()).stdout(Stdio::piped()));
+        assert_eq!(holder.first_line_of_stdout(), "holding");
+        // Each comes once the agent has taken the ones before.
+        wait_for("the agent to take them", Duration::from_secs(5), || {
+            (accepted() == 4 * (n + 1)).then_some(())
+        });
+        holders.push(holder);
+    }
+    let probe = must(&mut node.pod(
+        1,
+        PROBE,
+        &["tcp", &format!("{server}:53"), "newcomer.example.test"],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        expected_probe_line(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let refused = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"tcp\",reason=\"overload\"}",
+    );
+    // Each beyond its share was refused, and one gave way to the newcomer.
+    assert!(refused > 1, "{page}");
+    for mut holder in holders {
+        holder.finish_with_stdout(Duration::from_secs(5));
+    }
 }

@@ -11,7 +11,10 @@ use std::{
 use tokio::sync::{Notify, Semaphore};
 
 use super::{MAX_KEEPALIVE, MAX_PIPELINED, framing::RoomHolder};
-use crate::dns::{cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire};
+use crate::{
+    dns::{cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire},
+    drain,
+};
 
 /// Why a relayed connection ended, for the debug log.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub(super) enum Closed {
     /// No room for another large message (`MESSAGE_BUDGET`).
     NoRoomForMessage,
     Draining,
+    /// For a client within its fair share, at twice `--max-tcp-connections` (open.rs).
+    GaveWay,
     MalformedQuery,
     ClientError(io::Error),
     UpstreamError(io::Error),
@@ -39,6 +44,9 @@ impl std::fmt::Display for Closed {
             Self::ClientStalled => f.write_str("the client stopped reading its answers"),
             Self::NoRoomForMessage => f.write_str("no room for another large message"),
             Self::Draining => f.write_str("shutting down"),
+            Self::GaveWay => {
+                f.write_str("for a client within its fair share, at twice --max-tcp-connections")
+            }
             Self::MalformedQuery => {
                 f.write_str("the client sent something that is not a DNS query")
             }
@@ -101,6 +109,8 @@ pub(super) struct Connection {
     /// The client asked for edns-tcp-keepalive: only then is the server's heeded.
     pub(super) asked_keepalive: std::sync::atomic::AtomicBool,
     pub(super) changed: Notify,
+    /// Sent when this connection is to close for another client's (open.rs).
+    pub(super) give_way: drain::Signal,
 }
 
 impl Connection {
@@ -146,6 +156,7 @@ impl Connection {
             keepalive: 0.into(),
             asked_keepalive: false.into(),
             changed: Notify::new(),
+            give_way: drain::Signal::new(),
         }
     }
 
@@ -214,6 +225,33 @@ impl Connection {
         }
     }
 
+    /// When the oldest query waiting for its first answer was asked (a zone transfer under
+    /// way is making progress, and is not counted).
+    pub(super) fn oldest_unanswered(&self) -> Option<Instant> {
+        let table = self.pending.lock().expect("not poisoned");
+        table
+            .values()
+            .filter(|pending| not_begun(pending))
+            .map(|pending| pending.started)
+            .min()
+    }
+
+    /// Forgets the queries asked at or before `cutoff` that have no answer begun (each with
+    /// the queries sent after it with its ID), as if they had timed out; returns how many it
+    /// forgot, whose slots are free. An answer that comes for one later is still relayed.
+    pub(super) fn forget_unanswered_since(&self, cutoff: Instant) -> usize {
+        let mut table = self.pending.lock().expect("not poisoned");
+        let mut forgotten = 0;
+        table.retain(|_, pending| {
+            let overdue = pending.started <= cutoff && not_begun(pending);
+            if overdue {
+                forgotten += pending.awaited.len();
+            }
+            !overdue
+        });
+        forgotten
+    }
+
     /// Notes how long `answer`'s server says the client may leave the connection idle, if the
     /// client asked: the client sees that, relayed, and may idle on it.
     pub(super) fn note_keepalive(&self, answer: &[u8]) {
@@ -236,6 +274,14 @@ impl Connection {
         let promised = Duration::from_millis(100 * u64::from(promised)).min(MAX_KEEPALIVE);
         configured.max(promised)
     }
+}
+
+/// Whether no answer to `pending`'s first query has begun to come.
+fn not_begun(pending: &Pending) -> bool {
+    pending
+        .awaited
+        .front()
+        .is_some_and(|front| front.as_ref().is_none_or(Transfer::not_begun))
 }
 
 /// The client's writer, which counts every byte the client's socket takes as activity: a

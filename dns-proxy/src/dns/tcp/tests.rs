@@ -984,3 +984,40 @@ fn room_is_charged_to_the_workload_whatever_its_address() {
     // No workload recorded: by address.
     assert_ne!(from(0, "127.0.0.2:4000"), from(0, "127.0.0.3:4000"));
 }
+
+/// A server that never answers some queries: each is forgotten after `--upstream-timeout`
+/// and its slot given back, so the connection's next query, which the server answers, is
+/// read and answered instead of waiting behind a full pipeline until the connection is
+/// closed as overdue (helper-168).
+#[tokio::test]
+async fn queries_a_server_never_answers_give_their_slots_back_for_the_next() {
+    let proxy = proxy(None, Duration::from_secs(5)).await;
+    let (mut client, mut upstream, relay) = relay_in_memory(&proxy);
+    // The server reads every query and answers only 1000.
+    tokio::spawn(async move {
+        while let Ok(Some(query)) = read_message(&mut upstream).await {
+            if wire::message_id(&query) == Some(1000) {
+                write_message(&mut upstream, &answer_to(&query))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let unanswered = u16::try_from(MAX_PIPELINED).unwrap();
+    for id in 0..unanswered {
+        write_message(&mut client, &query(id)).await.unwrap();
+    }
+    write_message(&mut client, &query(1000)).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(3), read_message(&mut client))
+        .await
+        .expect("answered before the test's deadline")
+        .unwrap();
+    assert_eq!(answer, Some(answer_to(&query(1000))));
+    let tcp = &proxy.stats.tcp;
+    assert_eq!(
+        tcp.upstream_timeouts.load(Ordering::Relaxed),
+        u64::from(unanswered)
+    );
+    assert_eq!(tcp.inflight.load(Ordering::Relaxed), 0);
+    assert!(!relay.is_finished(), "the connection stays open");
+}
