@@ -328,16 +328,6 @@ async fn serve(
     let port_hold = PortHold::take(&listeners);
     // Removed again if the start fails from here on; kept once the agent serves.
     let routes = take(&mut listeners.routes);
-    let metrics_listener = match config.metrics {
-        Some(addr) => {
-            // Joined only when this agent takes over from one: `--takeover` with no agent on
-            // this listen address (both deployments always pass it) must not join another
-            // agent's port.
-            let listener = bind_metrics_listener(addr, listeners.joined_another_agent);
-            Some(listener.map_err(|source| RunError::Metrics { addr, source })?)
-        }
-        None => None,
-    };
     // One agent redirects a cgroup: a second would attach beside it and serve nothing.
     let redirect_lock = Arc::new(RedirectLock::take(&Claim {
         cgroup: &scope.target.path.display().to_string(),
@@ -346,6 +336,19 @@ async fn serve(
         takeover: config.takeover,
         joined: listeners.joined_another_agent,
     })?);
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            // Joined only when this agent takes over from one (on its listen address, or on
+            // another port, from the agent that redirects its cgroup): `--takeover` with no
+            // agent to take over from (both deployments always pass it) must not join another
+            // agent's port.
+            let taking_over =
+                listeners.joined_another_agent || redirect_lock.replaces_another_agent();
+            let listener = bind_metrics_listener(addr, taking_over);
+            Some(listener.map_err(|source| RunError::Metrics { addr, source })?)
+        }
+        None => None,
+    };
     if listeners.v4.port() == 53 || listeners.v6.is_some_and(|v6| v6.port() == 53) {
         warn_of_agents_above(scope.target);
     }

@@ -1304,15 +1304,17 @@ mod usage_errors {
     }
 
     /// `--takeover` on another port (a rollout that changes the port): the new agent starts
-    /// beside the old one and is ready (a surge rollout waits for that before it stops the
-    /// old one), while the old one's programs take every lookup; once the old one stops, the
-    /// new one serves.
+    /// beside the old one, joining its `--metrics` port (a DaemonSet keeps it), and is ready
+    /// (a surge rollout waits for that before it stops the old one), while the old one's
+    /// programs take every lookup; once the old one stops, the new one serves. Before, the
+    /// new agent stopped at once, its metrics port in use (helper-167), and the rollout
+    /// would have stalled.
     #[test]
     fn a_takeover_on_another_port_serves_once_the_old_agent_stops() {
         let topology = Topology::new();
         let _server = DnsServer::start(&topology);
-        let mut old = Agent::start(&topology, &[]);
         let new_metrics: std::net::SocketAddr = "127.0.0.1:9254".parse().unwrap();
+        let mut old = Agent::start(&topology, &[&format!("--metrics={new_metrics}")]);
         let new = Agent::launch(
             &topology.client,
             &topology.cgroup.path,
