@@ -42,8 +42,11 @@ pub struct ServerTable {
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
     /// `CONNECTED_PER_CGROUP`: cgroup id → notes of `CONNECTED` charged to it; only read
-    /// here, and entries at 0 removed.
+    /// here, entries at 0 removed, and lowered by the charges whose note is gone.
     connected_counts: std::sync::Mutex<HashMap<MapData, u64, u64>>,
+    /// `CONNECTED_CHARGE`: socket cookie → the cgroup its note is charged to; here only the
+    /// charges whose note is gone are removed ([`ServerTable::release_orphaned_charges`]).
+    connected_charges: std::sync::Mutex<HashMap<MapData, u64, u64>>,
     /// `CGROUP_ORIGINS`: cgroup id → slots the programs charged it; only read here, and
     /// entries of cgroups that are gone removed.
     shares: std::sync::Mutex<HashMap<MapData, u64, u64>>,
@@ -120,6 +123,7 @@ impl ServerTable {
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
             connected_counts: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED_PER_CGROUP)?),
+            connected_charges: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED_CHARGE)?),
             shares: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ORIGINS)?),
             corrections: std::sync::Mutex::new(take_map(ebpf, names::CGROUP_ADJUST)?),
             unused_shared: std::sync::Mutex::default(),
@@ -509,6 +513,7 @@ impl ServerTable {
         let kept = after.values().filter(|origin| live(origin)).count();
         let occupied = after.len();
         self.forget_shares(&gone, &after);
+        self.release_orphaned_charges();
         self.forget_connected_counts();
         *self
             .last_seen_table
@@ -550,6 +555,60 @@ impl ServerTable {
         for cgroup_id in corrected {
             let _ = corrections.remove(&cgroup_id);
         }
+    }
+
+    /// Gives back the charges whose note is gone (in `CONNECTED_CHARGE`, not in `CONNECTED`):
+    /// the programs add a charge after its note and take it out before it, but the
+    /// `sock_release` of an agent older than the charges takes the note out alone, and it is
+    /// the one attached while such an agent runs beside a newer one's `connect4` (a takeover
+    /// at the upgrade): helper-167 saw 60 to 181 charges left to one cgroup by one upgrade
+    /// under load, never given back, its share of `CONNECTED` smaller for good. Each is
+    /// removed, and its cgroup's count lowered, only by whoever removes it (as `sock_release`
+    /// does). A program may add to a count between its read and its write here: that note
+    /// goes uncounted, and its cgroup may hold one more than its share.
+    fn release_orphaned_charges(&self) {
+        let mut charges = self
+            .connected_charges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let orphans: Vec<(u64, u64)> = {
+            let connected = self
+                .connected
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            charges
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(cookie, _)| {
+                    matches!(
+                        connected.get(cookie, 0),
+                        Err(aya::maps::MapError::KeyNotFound)
+                    )
+                })
+                .collect()
+        };
+        let mut released: std::collections::HashMap<u64, u64> = Default::default();
+        for (cookie, cgroup_id) in orphans {
+            if charges.remove(&cookie).is_ok() {
+                *released.entry(cgroup_id).or_default() += 1;
+            }
+        }
+        drop(charges);
+        if released.is_empty() {
+            return;
+        }
+        let mut counts = self.connected_counts();
+        for (cgroup_id, n) in &released {
+            if let Ok(count) = counts.get(cgroup_id, 0) {
+                let _ = counts.insert(cgroup_id, count.saturating_sub(*n), 0);
+            }
+        }
+        log::info!(
+            "gave back {} charges of connected sockets whose note an older agent's sock_release \
+             took out ({} cgroups)",
+            released.values().sum::<u64>(),
+            released.len()
+        );
     }
 
     /// Removes the counts of `CONNECTED` notes (`CONNECTED_PER_CGROUP`) at 0 (or below), so

@@ -790,6 +790,57 @@ fn seventy_thousand_sockets_of_one_workload_do_not_fail_anothers_lookups() {
     assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 0);
 }
 
+/// A charge of a connected socket whose note is gone, as the `sock_release` of an agent older
+/// than the charges leaves it while it runs beside a newer one (a takeover at the upgrade),
+/// is given back by the walk of the cgroups, and the workload's count with it. Before, it
+/// stayed for good (helper-167: 60 to 181 left to one cgroup by one upgrade under load).
+#[test]
+fn a_charge_whose_note_is_gone_is_given_back() {
+    use std::os::unix::fs::MetadataExt as _;
+    let topology = Topology::new();
+    let _server = DnsServer::start(&topology);
+    let _agent = Agent::start_with_env(&topology, &[], &[("DNS_PROXY_TEST_FORGET_DEPARTED", "1")]);
+    let state = topology.client.state_dir();
+    let workload_id = std::fs::metadata(&topology.cgroup.path)
+        .expect("stat")
+        .ino();
+    // A live socket's note and charge, which must stay.
+    let mut holder = hold(
+        topology.workload(HOSTILE, &[]),
+        &format!("{SERVER_IP}:53"),
+        1,
+        &[],
+    );
+    assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 1);
+    // Two charges whose notes an older sock_release took out: cookies no socket has.
+    let table = tests::table_dir(&state);
+    let hex = |n: u64| n.to_ne_bytes().map(|byte| format!("{byte:02x}"));
+    let update = |map: &str, key: u64, value: u64| {
+        must(
+            Command::new("bpftool")
+                .args(["map", "update", "pinned"])
+                .arg(table.join(map))
+                .args(["key", "hex"])
+                .args(hex(key))
+                .args(["value", "hex"])
+                .args(hex(value)),
+        );
+    };
+    for cookie in [u64::MAX - 1, u64::MAX - 2] {
+        update("CONNECTED_CHARGE", cookie, workload_id);
+    }
+    update("CONNECTED_PER_CGROUP", workload_id, 3);
+    wait_for(
+        "the orphaned charges given back",
+        Duration::from_secs(10),
+        || (tests::pinned_entries(&state, "CONNECTED_CHARGE") == 1).then_some(()),
+    );
+    assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 1);
+    assert_eq!(tests::pinned_entries(&state, "CONNECTED"), 1);
+    holder.finish_with_stdout(Duration::from_secs(30));
+    assert_eq!(tests::connected_charge_of_cgroup(&state, workload_id), 0);
+}
+
 /// A UDP socket connected through the agent and closed while no agent runs (after a graceful
 /// stop, and after a SIGKILL) lets go of its note in `CONNECTED` and of its workload's charge:
 /// the agent leaves `sock_release` attached, pinned. Before, such a note stayed until the
