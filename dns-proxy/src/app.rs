@@ -391,7 +391,7 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
-    tokio::spawn(port_hold.keep(stop_background.clone()));
+    tokio::spawn(port_hold.keep(stop_background.clone(), Arc::clone(&shared.stats)));
     let stranded = drain::Signal::new();
     // Read now, while the agent holds few descriptors: the links it holds to its cgroup.
     let links = AttachedLinks::find(scope.target.id).unwrap_or_else(|err| {

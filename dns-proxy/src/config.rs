@@ -173,8 +173,8 @@ pub struct ProxyArgs {
     /// --max-inflight for the others. A client is a workload (the cgroup the kernel recorded
     /// for its query) from a source address, or, where none is recorded, its source address
     /// alone. A client within its fair share of --max-inflight is admitted even when others
-    /// filled it (at twice --max-inflight, in place of the query that went furthest past its
-    /// own client's share, or, for a client holding nothing where none did, the oldest).
+    /// filled it (at twice --max-inflight, in place of the oldest query of the client furthest
+    /// past its own share, or, for a client holding nothing where none did, the oldest).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "DNS_PROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: u32,
 

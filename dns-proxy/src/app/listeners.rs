@@ -14,11 +14,13 @@ use tokio::net::TcpListener;
 use super::{LOG, RunError};
 use crate::{
     config::{Listen6, RunConfig},
+    dns::stats::Stats,
     drain,
     ebpf::ListenerFds,
     host, udp_threads,
     udp_threads::bind_reuseport_group,
 };
+use std::sync::{Arc, atomic::Ordering};
 
 /// The sockets the proxy serves on: UDP and TCP on the IPv4 address, and on the IPv6 one
 /// where there is one.
@@ -275,8 +277,8 @@ impl Listeners {
 /// `getpeername` shows a connection from there as its server's (helper-166: a process of user
 /// `nobody` outside `--cgroup` bound the address a connected IPv6 client was sent to, with
 /// `IPV6_FREEBIND`, and the client took its forged answers, 3 lookups of 3). A privileged
-/// port the kernel keeps for the privileged; a wildcard there would keep the node's own DNS
-/// services off port 53.
+/// port the kernel keeps for the privileged; none below 1024 is held (see
+/// [`WELL_KNOWN_PORTS_END`]).
 ///
 /// Joinable (`SO_REUSEPORT`, the agent's user alone) by an agent taking over. It takes no
 /// datagram and no connection. A socket already on the port (another service's, or one bound
@@ -287,6 +289,12 @@ pub(super) struct PortHold {
     missing: Vec<(SocketAddr, socket2::Type)>,
     held: Vec<socket2::Socket>,
 }
+
+/// Ports below this are never held, whoever may bind them: a wildcard on port 53 would keep
+/// the node's own DNS services off it (helper-169: with `ip_unprivileged_port_start` at 0, as
+/// in a container's namespace, a node-mode agent on port 53 held it, and a stub on
+/// `127.0.0.53:53` could not bind).
+const WELL_KNOWN_PORTS_END: u16 = 1024;
 
 /// How often a hold kept off is tried again.
 const PORT_HOLD_RETRY: Duration = Duration::from_secs(10);
@@ -302,10 +310,22 @@ impl PortHold {
         let v6 = listeners
             .v6
             .map(|v6| SocketAddr::from((Ipv6Addr::UNSPECIFIED, v6.port())));
+        let wildcards: Vec<SocketAddr> = std::iter::once(v4).chain(v6).collect();
+        for port in wildcards.iter().map(SocketAddr::port) {
+            if port < WELL_KNOWN_PORTS_END && port >= first_unprivileged {
+                log::warn!(
+                    target: LOG,
+                    "net.ipv4.ip_unprivileged_port_start is {first_unprivileged}: any user may \
+                     bind port {port}, and answer redirected sockets as their servers from a \
+                     block address; the agent does not hold a port below 1024, which the \
+                     node's own services need (a DNS stub on port 53). Raise the sysctl to 1024"
+                );
+            }
+        }
         let mut hold = Self {
-            missing: std::iter::once(v4)
-                .chain(v6)
-                .filter(|wildcard| wildcard.port() >= first_unprivileged)
+            missing: wildcards
+                .into_iter()
+                .filter(|wildcard| wildcard.port() >= first_unprivileged.max(WELL_KNOWN_PORTS_END))
                 .flat_map(|wildcard| {
                     [socket2::Type::DGRAM, socket2::Type::STREAM].map(|kind| (wildcard, kind))
                 })
@@ -343,8 +363,13 @@ impl PortHold {
         failed
     }
 
-    /// Keeps the hold until `stop`, taking what was kept off as soon as it can.
-    pub(super) async fn keep(mut self, stop: drain::Signal) {
+    /// Keeps the hold until `stop`, taking what was kept off as soon as it can, and says in
+    /// `stats` how much is still kept off.
+    pub(super) async fn keep(mut self, stop: drain::Signal, stats: Arc<Stats>) {
+        let missing = |hold: &Self| hold.missing.len() as u64;
+        stats
+            .port_holds_missing
+            .store(missing(&self), Ordering::Relaxed);
         while !self.missing.is_empty() {
             let retry = tokio::time::sleep(PORT_HOLD_RETRY);
             if stop.unless_stopped(retry).await.is_none() {
@@ -352,6 +377,9 @@ impl PortHold {
             }
             let tried = self.missing.clone();
             let failed = self.try_the_missing();
+            stats
+                .port_holds_missing
+                .store(missing(&self), Ordering::Relaxed);
             for (wildcard, kind) in tried {
                 if !failed
                     .iter()

@@ -23,7 +23,7 @@
 //! something. A client within it is admitted even when the agent-wide limit is reached by
 //! others (up to twice that limit, which bounds memory), so a few flooding clients cannot
 //! push the rest out. At twice the limit, a UDP query of a client within its share takes the
-//! place of one that was admitted furthest past its own client's share
+//! place of the oldest of the client furthest past its own share (by what it holds now)
 //! ([`ClientSlot::past_fair_share`]): clients that each came within their share while fewer
 //! clients held something can fill twice the limit together (helper-163: 20 cgroups, each
 //! under its share as it came, held 8,192 queries to a silent server, and a neighbour holding
@@ -129,10 +129,11 @@ impl ClientSlot {
         }
     }
 
-    /// By how much this one took its client past its fair share of `total` as that share is
-    /// now (0: within it).
+    /// By how much its client is past its fair share of `total` now: what it holds now, not
+    /// when this one came (helper-169: a client that had held two and let one go was taken
+    /// for past its share, and its only connection closed before another's older one).
     pub fn past_fair_share(&self, total: usize) -> usize {
-        (self.held_before as usize + 1).saturating_sub(self.limits.fair_share(total))
+        (self.limits.held(self.client) as usize).saturating_sub(self.limits.fair_share(total))
     }
 }
 
@@ -194,6 +195,12 @@ impl PerClientLimit {
             client,
             held_before,
         })
+    }
+
+    /// What `client` holds now.
+    fn held(&self, client: Client) -> u32 {
+        let counts = self.shard(client).lock().expect("not poisoned");
+        counts.get(&client).copied().unwrap_or(0)
     }
 
     /// How many clients hold something now.

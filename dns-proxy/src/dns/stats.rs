@@ -97,6 +97,9 @@ pub struct Stats {
     /// `server_table_entries`: entries that take a slot in the kernel's table of servers, as
     /// of the last walk that forgets departed origins (every minute).
     pub server_table_entries: AtomicU64,
+    /// `port_holds_missing`: holds of the listen port on every address kept off by a socket
+    /// already there (app/listeners.rs, `PortHold`).
+    pub port_holds_missing: AtomicU64,
     /// `tcp_connections`.
     pub tcp_connections: AtomicU64,
     /// `cache_hits`.

@@ -518,6 +518,21 @@ pub const METRICS: &[Metric] = &[
         }),
     },
     Metric {
+        name: "port_holds_missing",
+        labels: &[],
+        only_with: None,
+        help: "Holds of the listen port on every address (IPv4 and IPv6, UDP and TCP) that a \
+               socket already on the port keeps off; the agent tries again every 10 s. Above \
+               0, a process of that socket's user outside --cgroup may answer redirected \
+               sockets as their servers from a block address (security.md, claim 1). Always 0 \
+               on a port below 1024, which is not held.",
+        read: Read::Gauge(|s| {
+            Some(one(
+                s.stats.port_holds_missing.load(Ordering::Relaxed) as i64
+            ))
+        }),
+    },
+    Metric {
         name: "kernel_closed_port_refused",
         labels: &[],
         only_with: None,

@@ -1649,12 +1649,15 @@ fn a_socket_on_the_proxys_port_at_the_start_delays_the_ports_hold_and_not_the_ag
         topology.outsider("setpriv", &command)
     };
     let there_first = format!("127.0.0.2:{port}");
+    let metrics = format!("--metrics={}", super::METRICS);
     let mut early = Process::spawn(as_nobody(&["join", &there_first, "3"]).stdout(Stdio::piped()));
     let mut output = std::io::BufReader::new(early.take_stdout());
     let mut joined = String::new();
     std::io::BufRead::read_line(&mut output, &mut joined).expect("its first line");
     assert_eq!(joined.trim(), "joined");
-    let agent = Agent::start(&topology, &[]);
+    let agent = Agent::start(&topology, &[&metrics]);
+    let missing = || value(&scrape(&topology), "dns_proxy_port_holds_missing");
+    assert_eq!(missing(), 1, "the UDP hold of IPv4 kept off");
     let wildcard = format!("0.0.0.0:{port}/udp");
     assert!(
         agent.log().contains(&format!(
@@ -1672,6 +1675,7 @@ fn a_socket_on_the_proxys_port_at_the_start_delays_the_ports_hold_and_not_the_ag
     wait_for("the port's hold", Duration::from_secs(15), || {
         agent.log().contains(&held).then_some(())
     });
+    assert_eq!(missing(), 0);
     let bind = format!("127.53.0.9:{port}");
     let outcome = stdout(&mut as_nobody(&["bind", &bind]));
     assert!(

@@ -160,8 +160,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     }
 
     /// At twice `--max-inflight`, for a client within its fair share (`standing`): forgets
-    /// the query in flight on this listener that took its own client furthest past its fair
-    /// share (as shares are now), the oldest of those, as if it had timed out (its client
+    /// the oldest query in flight on this listener of the client furthest past its fair share
+    /// (by what it holds now, as shares are now), as if it had timed out (its client
     /// retries, or gives up as it would on a server that never answers). For a client holding
     /// nothing, where no query is past its client's share of one, the oldest. Whether there
     /// is room now (also when this listener holds nothing).
