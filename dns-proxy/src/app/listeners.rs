@@ -311,7 +311,9 @@ impl PortHold {
             .v6
             .map(|v6| SocketAddr::from((Ipv6Addr::UNSPECIFIED, v6.port())));
         let wildcards: Vec<SocketAddr> = std::iter::once(v4).chain(v6).collect();
-        for port in wildcards.iter().map(SocketAddr::port) {
+        let ports: std::collections::BTreeSet<u16> =
+            wildcards.iter().map(SocketAddr::port).collect();
+        for port in ports {
             if port < WELL_KNOWN_PORTS_END && port >= first_unprivileged {
                 log::warn!(
                     target: LOG,

@@ -1,15 +1,16 @@
 //! The connections open now, and, at twice `--max-tcp-connections`, the one that gives its
-//! place to a client within its fair share: a connection of the client furthest past its own
-//! share (by what it holds now, as shares are now), one with nothing outstanding first, then
-//! the one quiet the longest; or, for a client holding nothing where every share is one
-//! connection, the one quiet the longest of all. Quiet, not old: a client's long-lived
-//! connection that it keeps using outlives newcomers that connect and wait (helper-169: the
-//! oldest went first, and a client asking once a second on one connection lost 6 lookups of
-//! 20 to workloads that connected and closed in turn). Workloads that each came within their share while fewer held connections fill twice
-//! the limit together, and kept every newcomer's connection out for as long as they held
-//! theirs (helper-168: 12 cgroups holding 2,048 connections, another's TCP lookups reset, 30 of
-//! 30, and glibc's retry over TCP after a truncated answer failed). The connection closed so
-//! ends as a server may end any (RFC 7766): its client asks again on a new one.
+//! place to a client within its fair share: the connection quiet the longest of the client
+//! furthest past its own share (by what it holds now, as shares are now); or, for a client
+//! holding nothing where every share is one connection, the one quiet the longest of all.
+//! Quiet, not old (helper-169: the oldest went first, so a client's long-lived connection was
+//! always the one), and not idle first (helper-170: workloads that kept a query the server
+//! never answers pending were never closed, and a client that asks and is answered, idle most
+//! of the time, was). Workloads that each came within their share while fewer held
+//! connections fill twice the limit together, and kept every newcomer's connection out for as
+//! long as they held theirs (helper-168: 12 cgroups holding 2,048 connections, another's TCP
+//! lookups reset, 30 of 30, and glibc's retry over TCP after a truncated answer failed). The
+//! connection closed so ends as a server may end any (RFC 7766): its client asks again on a
+//! new one.
 use std::{
     cmp::Reverse,
     collections::HashMap,
@@ -93,12 +94,11 @@ impl OpenConnections {
             .filter(|open| !open.connection.give_way.is_stopped())
             .map(|open| {
                 let past = open.slot.past_fair_share(self.max);
-                let idle = open.connection.outstanding() == 0;
                 let last = *open.connection.last_activity.lock().expect("not poisoned");
-                (past, idle, Reverse(last), open)
+                (past, Reverse(last), open)
             })
             .filter(|(past, ..)| *past > 0 || any_at_its_share)
-            .max_by_key(|(past, idle, last, _)| (*past, *idle, *last))
+            .max_by_key(|(past, last, _)| (*past, *last))
             .map(|(.., open)| open);
         let Some(open) = giving_way else {
             return false;
