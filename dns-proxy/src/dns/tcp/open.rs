@@ -206,4 +206,36 @@ mod tests {
         assert!(!second.give_way.is_stopped());
         drop(others);
     }
+
+    /// The connection quiet the longest gives way, with a query outstanding or not: ranking
+    /// those with nothing outstanding first let workloads that keep a query the server never
+    /// answers pending stay, and closed a client that asks and is answered (helper-170).
+    #[test]
+    fn a_query_kept_pending_does_not_keep_a_quieter_connection_open() {
+        let per_client = PerClientLimit::new(4);
+        let open = OpenConnections::new(4, Arc::clone(&per_client));
+        let pending = connection_of(&open, &per_client, 1);
+        pending.0.pending.lock().unwrap().insert(
+            7,
+            super::super::connection::Pending {
+                started: std::time::Instant::now(),
+                description: None,
+                cacheable: None,
+                awaited: [None].into(),
+            },
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let rest: Vec<_> = (2..=8)
+            .map(|pod| connection_of(&open, &per_client, pod))
+            .collect();
+        let newcomer = per_client
+            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))))
+            .unwrap();
+        assert!(open.close_one_for(newcomer.standing(4)));
+        assert!(pending.0.give_way.is_stopped());
+        assert!(
+            rest.iter()
+                .all(|(connection, _)| !connection.give_way.is_stopped())
+        );
+    }
 }
