@@ -391,6 +391,8 @@ async fn serve(
     });
     // The metrics server and the background tasks: stopped last, after the drain.
     let stop_background = drain::Signal::new();
+    // Said before the agent is ready, not once the task first runs.
+    port_hold.count_missing(&shared.stats);
     tokio::spawn(port_hold.keep(stop_background.clone(), Arc::clone(&shared.stats)));
     let stranded = drain::Signal::new();
     // Read now, while the agent holds few descriptors: the links it holds to its cgroup.

@@ -365,13 +365,17 @@ impl PortHold {
         failed
     }
 
+    /// Says in `stats` how much of the hold is kept off.
+    pub(super) fn count_missing(&self, stats: &Stats) {
+        stats
+            .port_holds_missing
+            .store(self.missing.len() as u64, Ordering::Relaxed);
+    }
+
     /// Keeps the hold until `stop`, taking what was kept off as soon as it can, and says in
     /// `stats` how much is still kept off.
     pub(super) async fn keep(mut self, stop: drain::Signal, stats: Arc<Stats>) {
-        let missing = |hold: &Self| hold.missing.len() as u64;
-        stats
-            .port_holds_missing
-            .store(missing(&self), Ordering::Relaxed);
+        self.count_missing(&stats);
         while !self.missing.is_empty() {
             let retry = tokio::time::sleep(PORT_HOLD_RETRY);
             if stop.unless_stopped(retry).await.is_none() {
@@ -379,9 +383,7 @@ impl PortHold {
             }
             let tried = self.missing.clone();
             let failed = self.try_the_missing();
-            stats
-                .port_holds_missing
-                .store(missing(&self), Ordering::Relaxed);
+            self.count_missing(&stats);
             for (wildcard, kind) in tried {
                 if !failed
                     .iter()

@@ -1635,9 +1635,11 @@ fn no_user_outside_the_cgroup_can_send_from_a_block_address_on_the_proxys_port()
 }
 
 /// A socket of another user on the proxy's port when the agent starts (one bound while no
-/// agent ran, outside the cgroup) keeps the agent's hold of the port off, but not the agent:
-/// it serves, says so, and takes the hold once that socket is gone; from then on no other
-/// user binds a block address there.
+/// agent ran, outside the cgroup) does not keep the agent from serving, and once that socket
+/// is gone the agent holds the port (at once, or at its next try): no other user binds a
+/// block address there. Whether the socket keeps the hold off at first is the kernel's bind
+/// check, which may miss it (Linux 6.1 let the wildcard through beside it, in its VM): when
+/// the agent says it could not hold the port, the gauge counts it until it can.
 #[test]
 fn a_socket_on_the_proxys_port_at_the_start_delays_the_ports_hold_and_not_the_agent() {
     let topology = Topology::new();
@@ -1650,31 +1652,42 @@ fn a_socket_on_the_proxys_port_at_the_start_delays_the_ports_hold_and_not_the_ag
     };
     let there_first = format!("127.0.0.2:{port}");
     let metrics = format!("--metrics={}", super::METRICS);
-    let mut early = Process::spawn(as_nobody(&["join", &there_first, "3"]).stdout(Stdio::piped()));
+    const BIND_FOR_3_S: &str = "import socket, sys, time\n\
+        host, port = sys.argv[1].rsplit(':', 1)\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.bind((host, int(port)))\n\
+        print('bound', flush=True)\n\
+        time.sleep(3)\n\
+        print('done')";
+    let mut blocker: Vec<&str> = AS_NOBODY.to_vec();
+    blocker.extend(["/usr/bin/python3", "-c", BIND_FOR_3_S, &there_first]);
+    let mut early = Process::spawn(
+        topology
+            .outsider("setpriv", &blocker)
+            .stdout(Stdio::piped()),
+    );
     let mut output = std::io::BufReader::new(early.take_stdout());
-    let mut joined = String::new();
-    std::io::BufRead::read_line(&mut output, &mut joined).expect("its first line");
-    assert_eq!(joined.trim(), "joined");
+    let mut bound = String::new();
+    std::io::BufRead::read_line(&mut output, &mut bound).expect("its first line");
+    assert_eq!(bound.trim(), "bound");
     let agent = Agent::start(&topology, &[&metrics]);
     let missing = || value(&scrape(&topology), "dns_proxy_port_holds_missing");
-    assert_eq!(missing(), 1, "the UDP hold of IPv4 kept off");
     let wildcard = format!("0.0.0.0:{port}/udp");
-    assert!(
-        agent.log().contains(&format!(
-            "cannot hold port {port} on every address ({wildcard})"
-        )),
-        "{}",
-        agent.log()
-    );
+    let kept_off = agent.log().contains(&format!(
+        "cannot hold port {port} on every address ({wildcard})"
+    ));
+    assert_eq!(missing(), u64::from(kept_off), "{}", agent.log());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut output, &mut rest).expect("the rest of its output");
-    assert!(rest.starts_with("received="), "{rest}");
+    assert_eq!(rest.trim(), "done");
     early.wait_exit(Duration::from_secs(10));
     // Tried again every 10 s.
-    let held = format!("now holding port {port} on every address ({wildcard})");
-    wait_for("the port's hold", Duration::from_secs(15), || {
-        agent.log().contains(&held).then_some(())
-    });
+    if kept_off {
+        let held = format!("now holding port {port} on every address ({wildcard})");
+        wait_for("the port's hold", Duration::from_secs(15), || {
+            agent.log().contains(&held).then_some(())
+        });
+    }
     assert_eq!(missing(), 0);
     let bind = format!("127.53.0.9:{port}");
     let outcome = stdout(&mut as_nobody(&["bind", &bind]));
