@@ -373,9 +373,9 @@ impl PortHold {
     }
 
     /// Keeps the hold until `stop`, taking what was kept off as soon as it can, and says in
-    /// `stats` how much is still kept off.
+    /// `stats` how much is still kept off after each try ([`PortHold::count_missing`] says it
+    /// first, before the agent is ready).
     pub(super) async fn keep(mut self, stop: drain::Signal, stats: Arc<Stats>) {
-        self.count_missing(&stats);
         while !self.missing.is_empty() {
             let retry = tokio::time::sleep(PORT_HOLD_RETRY);
             if stop.unless_stopped(retry).await.is_none() {

@@ -115,6 +115,13 @@ mod tests {
     use super::*;
     use crate::dns::per_client::Client;
 
+    /// One more slot of pod `n` (10.0.0.n), a client by its address.
+    fn slot_of(per_client: &Arc<PerClientLimit>, n: u8) -> ClientSlot {
+        per_client
+            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))))
+            .expect("within its limit")
+    }
+
     /// A connection of pod `n`, its client's slot for it taken.
     fn connection_of(
         open: &Arc<OpenConnections>,
@@ -122,9 +129,7 @@ mod tests {
         n: u8,
     ) -> (Arc<Connection>, Registered) {
         let pod = IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
-        let slot = per_client
-            .try_acquire(Client::Address(pod))
-            .expect("within its limit");
+        let slot = slot_of(per_client, n);
         let server: SocketAddr = "192.0.2.53:53".parse().unwrap();
         let connection = Arc::new(Connection::new(0, (pod, 40000).into(), server, server));
         let registered = open.add(Arc::clone(&connection), slot);
@@ -142,9 +147,7 @@ mod tests {
                 held.push((pod, connection_of(&open, &per_client, pod)));
             }
         }
-        let newcomer = per_client
-            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))))
-            .unwrap();
+        let newcomer = slot_of(&per_client, 5);
         assert!(open.close_one_for(newcomer.standing(4)));
         let closing: Vec<u8> = held
             .iter()
@@ -166,9 +169,7 @@ mod tests {
                 connection
             })
             .collect();
-        let newcomer = per_client
-            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))))
-            .unwrap();
+        let newcomer = slot_of(&per_client, 9);
         assert!(open.close_one_for(newcomer.standing(4)));
         let closing: Vec<bool> = held
             .iter()
@@ -198,9 +199,7 @@ mod tests {
         let others: Vec<_> = (3..=8)
             .map(|pod| connection_of(&open, &per_client, pod))
             .collect();
-        let newcomer = per_client
-            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))))
-            .unwrap();
+        let newcomer = slot_of(&per_client, 9);
         assert!(open.close_one_for(newcomer.standing(4)));
         assert!(quiet_longest.0.give_way.is_stopped());
         assert!(!second.give_way.is_stopped());
@@ -228,9 +227,7 @@ mod tests {
         let rest: Vec<_> = (2..=8)
             .map(|pod| connection_of(&open, &per_client, pod))
             .collect();
-        let newcomer = per_client
-            .try_acquire(Client::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))))
-            .unwrap();
+        let newcomer = slot_of(&per_client, 9);
         assert!(open.close_one_for(newcomer.standing(4)));
         assert!(pending.0.give_way.is_stopped());
         assert!(
