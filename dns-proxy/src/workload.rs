@@ -12,8 +12,9 @@
 //! in, only add shapes below it; and any name that does not validate falls through to the
 //! plain path, escaped for logs. Two kinds of parent are looked through, to the pods below
 //! them: a container runtime's own unit (`containerd.service`: only root makes cgroups
-//! there), and a Docker container (a kind node: only a privileged container, root on the
-//! node, can make cgroups in its own).
+//! there), and a Docker container (a kind node), whose pods are named with the container
+//! (`docker=<id> pod=<uid> ...`): a container's root may make cgroups in its own (kind,
+//! Sysbox), so that a pod's name there is the container's to choose.
 use std::{
     fmt, fs, io,
     os::unix::fs::MetadataExt as _,
@@ -31,7 +32,7 @@ const SHORT_ID: usize = 12;
 ///
 /// Two renderings:
 /// - [`Display`](fmt::Display), compact for log lines: `pod=<uid> container=<12 hex>`,
-///   `pod=<uid>`, `docker=<12 hex>`, `unit=<name>`, `unit=<name> user=<uid>`,
+///   `pod=<uid>`, `docker=<12 hex> pod=<uid> container=<12 hex>`, `docker=<12 hex>`, `unit=<name>`, `unit=<name> user=<uid>`,
 ///   `cgroup=<path>`.
 /// - [`Workload::full`], stable for dnstap's `extra` field, JSON and table keys: the same
 ///   `key=value` pairs with the full 64-hex container ids. Values never hold spaces, `=` or
@@ -40,10 +41,14 @@ const SHORT_ID: usize = 12;
 pub enum Workload {
     /// A Kubernetes pod (`uid` in its dashed 36-character form, or the 32-hex config hash of
     /// a static pod), and the container in it when the cgroup is a container's rather than
-    /// the pod's own.
+    /// the pod's own. `node` is the Docker container the pod's cgroup is below (a kind
+    /// node's), so that such a pod is never named as a pod of the host's own: whoever is
+    /// root in a container with a cgroup of its own to write (kind, Sysbox, a private
+    /// cgroupns with the hierarchy mounted read-write) chooses the names below it.
     Pod {
         uid: String,
         container: Option<String>,
+        node: Option<String>,
     },
     /// A Docker container outside Kubernetes: its 64-hex id.
     Docker { id: String },
@@ -93,12 +98,18 @@ impl Workload {
         match self {
             Workload::Pod {
                 uid,
-                container: Some(container),
-            } => write!(f, "pod={uid} container={}", short(container)),
-            Workload::Pod {
-                uid,
-                container: None,
-            } => write!(f, "pod={uid}"),
+                container,
+                node,
+            } => {
+                if let Some(node) = node {
+                    write!(f, "docker={} ", short(node))?;
+                }
+                write!(f, "pod={uid}")?;
+                match container {
+                    Some(container) => write!(f, " container={}", short(container)),
+                    None => Ok(()),
+                }
+            }
             Workload::Docker { id } => write!(f, "docker={}", short(id)),
             Workload::Container { runtime, id } => write!(f, "{runtime}={}", short(id)),
             Workload::Unit { name, user: None } => write!(f, "unit={name}"),
@@ -161,8 +172,16 @@ fn outermost(parts: &[&str]) -> Option<Workload> {
             return Some(pod);
         }
         if let Some(id) = docker_at(parts, at) {
-            // A kind node: a Docker container whose kubelet runs pods inside it.
-            return Some(pod(&parts[at + 1..]).unwrap_or(Workload::Docker { id }));
+            // A kind node: a Docker container whose kubelet runs pods inside it. Its pods are
+            // named with it: its root chose their cgroups' names (helper-171).
+            return Some(match pod(&parts[at + 1..]) {
+                Some(Workload::Pod { uid, container, .. }) => Workload::Pod {
+                    uid,
+                    container,
+                    node: Some(id),
+                },
+                _ => Workload::Docker { id },
+            });
         }
         // Not looked through: an unprivileged container's root (LXC's, or Podman's with
         // systemd inside) may make cgroups in its own, shaped as anything (helper-127).
@@ -199,7 +218,11 @@ fn pod_at(parts: &[&str], at: usize) -> Option<Workload> {
     })?;
     // Below the container: its own sub-cgroups, still that container.
     let container = parts.get(at + 1).and_then(|part| container_id(part));
-    Some(Workload::Pod { uid, container })
+    Some(Workload::Pod {
+        uid,
+        container,
+        node: None,
+    })
 }
 
 /// containerd's own name for a container's cgroup, `<pod slice>:<runtime>:<id>`, which
@@ -214,7 +237,11 @@ fn containerd_leaf(part: &str) -> Option<Workload> {
     };
     let uid = systemd_pod_uid(slice)?;
     let container = is_container_id(id).then(|| id.to_owned());
-    Some(Workload::Pod { uid, container })
+    Some(Workload::Pod {
+        uid,
+        container,
+        node: None,
+    })
 }
 
 /// `kubepods-pod<uid>.slice`, `kubepods-burstable-pod<uid>.slice`,

@@ -11,6 +11,16 @@ fn pod(container: Option<&str>) -> Workload {
     Workload::Pod {
         uid: UID.into(),
         container: container.map(Into::into),
+        node: None,
+    }
+}
+
+/// A pod of the kind node (Docker container) `node`.
+fn pod_in(node: &str, container: Option<&str>) -> Workload {
+    Workload::Pod {
+        uid: UID.into(),
+        container: container.map(Into::into),
+        node: Some(node.into()),
     }
 }
 
@@ -54,6 +64,7 @@ fn names_pods_and_containers_of_the_cgroupfs_driver() {
             container: Some(
                 "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376".into()
             ),
+            node: None,
         }
     );
 }
@@ -67,7 +78,7 @@ fn names_pods_nested_under_kind_nodes_and_other_prefixes() {
          kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{u}.slice/\
          cri-containerd-{ID}.scope"
     );
-    assert_eq!(parse(&kind), pod(Some(ID)));
+    assert_eq!(parse(&kind), pod_in(ID, Some(ID)));
     let guaranteed = format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{u}.slice");
     assert_eq!(parse(&guaranteed), pod(None));
     let under_containerd = format!(
@@ -135,6 +146,38 @@ fn a_delegated_subtree_cannot_take_another_workloads_name() {
     );
 }
 
+/// A Docker container's root may make cgroups in its own (kind, Sysbox, a private cgroupns
+/// with the hierarchy mounted read-write): one that made a real pod's shape below itself was
+/// named as that pod, and its answers were listed in the pod's names table (helper-171). Its
+/// pods are named with it now, so never as a pod of the host's own.
+#[test]
+fn a_docker_containers_pods_are_named_with_it_and_never_as_the_hosts() {
+    let u = underscored();
+    let node = "d".repeat(64);
+    let host_pod = format!(
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/\
+         cri-containerd-{ID}.scope"
+    );
+    assert_eq!(parse(&host_pod), pod(Some(ID)));
+    for forged in [
+        format!("/system.slice/docker-{node}.scope/kubepods/besteffort/pod{UID}/{ID}"),
+        format!("/docker/{node}/kubepods/besteffort/pod{UID}/{ID}"),
+        format!("/docker/{node}{host_pod}"),
+    ] {
+        let workload = parse(&forged);
+        assert_eq!(workload, pod_in(&node, Some(ID)), "{forged}");
+        assert_ne!(workload.key(), parse(&host_pod).key(), "{forged}");
+    }
+    assert_eq!(
+        pod_in(&node, Some(ID)).to_string(),
+        format!("docker=dddddddddddd pod={UID} container=0bc5eac79e3a")
+    );
+    assert_eq!(
+        pod_in(&node, None).key(),
+        format!("docker={node} pod={UID}")
+    );
+}
+
 #[test]
 fn a_containers_own_sub_cgroups_still_name_that_container() {
     let u = underscored();
@@ -158,7 +201,8 @@ fn takes_static_pods_config_hash_as_their_uid() {
         )),
         Workload::Pod {
             uid: hash.into(),
-            container: None
+            container: None,
+            node: None,
         }
     );
 }
