@@ -94,11 +94,19 @@ impl Entries {
             last: 0,
         });
         self.by_size.remove(&held.rank(cgroup));
-        let size = key.bytes();
-        if held.map.insert(key, expires).is_none() {
-            held.bytes += size;
-            self.bytes += size;
-            self.entries += 1;
+        match held.map.get_mut(&key) {
+            // A later answer with less time left (a cache's, counted down; a server's that
+            // lowered the TTL) does not take back what the workload was told before: it may
+            // hold the address that long (helper-171: a cache hit 3 s after an answer of
+            // 60 s moved the expiry 30 s earlier).
+            Some(expiry) => *expiry = (*expiry).max(expires),
+            None => {
+                let size = key.bytes();
+                held.map.insert(key, expires);
+                held.bytes += size;
+                self.bytes += size;
+                self.entries += 1;
+            }
         }
         held.last = self.records;
         self.by_size.insert(held.rank(cgroup));
@@ -830,6 +838,41 @@ pub(crate) mod tests {
                 rows[0].expires
             );
         }
+    }
+
+    /// The same name answered with a shorter TTL later (a cache's answer, counted down)
+    /// keeps the expiry of the answer that said the most: the workload may still use the
+    /// address until then.
+    #[test]
+    fn a_later_answer_with_less_time_left_does_not_make_an_entry_expire_sooner() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        let (start, wall) = (Instant::now(), SystemTime::now());
+        let at = |seconds: u64| Moment {
+            instant: start + Duration::from_secs(seconds),
+            wall: wall + Duration::from_secs(seconds),
+        };
+        let with_ttl = |ttl: u32| {
+            let name = Name::from_ascii("www.example.test.").unwrap();
+            let mut message = Message::new();
+            message
+                .set_message_type(MessageType::Response)
+                .add_query(Query::query(name.clone(), RecordType::A));
+            message.add_answer(Record::from_rdata(
+                name,
+                ttl,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 80))),
+            ));
+            message.to_vec().unwrap()
+        };
+        table.record(7, &with_ttl(60), at(0));
+        table.record(7, &with_ttl(27), at(3));
+        let rows = table.lookup_at("cgroup-id=7", None, at(40).instant, at(40).wall);
+        assert_eq!(rows.len(), 1, "still listed 40 s after an answer of 60 s");
+        assert_eq!(rows[0].expires, secs(wall) + 60);
+        // A longer one still moves it on.
+        table.record(7, &with_ttl(60), at(30));
+        let rows = table.lookup_at("cgroup-id=7", None, at(80).instant, at(80).wall);
+        assert_eq!(rows[0].expires, secs(wall) + 90);
     }
 
     fn secs(time: SystemTime) -> u64 {
