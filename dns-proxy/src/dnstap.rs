@@ -904,8 +904,9 @@ impl Writer {
         let since = dropped - self.drops_reported;
         if self.drop_warning.warn(|_| {
             format!(
-                "dnstap: left {since} lookups out of the log, all of them answered (queue \
-                 full, no reader, or asked before the log started)"
+                "dnstap: left {since} messages (a lookup's query and its answer are two) out \
+                 of the log, their lookups answered all the same (queue full, no reader, or \
+                 asked before the log started)"
             )
         }) {
             self.drops_reported = dropped;
