@@ -91,6 +91,13 @@ pub enum EbpfError {
     NetnsCookie(io::Error),
     #[error("cannot draw a random key for the server table's hash (getrandom): {0}")]
     RandomKey(io::Error),
+    #[error(
+        "cannot load the eBPF programs without {}: grant {} (or run dns-proxy as root with its \
+         full capabilities; CAP_SYS_ADMIN also stands in for both)",
+        missing.join(" and "),
+        if missing.len() > 1 { "them" } else { "it" }
+    )]
+    MissingCapabilities { missing: Vec<&'static str> },
     #[error("{count} UDP threads: at most {max} can be served")]
     TooManyUdpSockets { count: usize, max: u32 },
     #[error("cannot open cgroup {cgroup}: {source}")]
@@ -429,6 +436,10 @@ impl Redirector {
     pub fn attach(
         config: &RedirectConfig<'_>,
     ) -> Result<(Self, ServerTable, KernelCounters, Agents), EbpfError> {
+        let missing = crate::privileges::missing_for_loading();
+        if !missing.is_empty() {
+            return Err(EbpfError::MissingCapabilities { missing });
+        }
         let udp_sockets = config.listeners.udp4.len();
         if udp_sockets > MAX_UDP_SOCKETS as usize {
             return Err(EbpfError::TooManyUdpSockets {

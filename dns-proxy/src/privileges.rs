@@ -74,6 +74,42 @@ pub fn threads_with_capabilities() -> io::Result<Vec<u32>> {
     Ok(holding)
 }
 
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The capabilities loading the programs needs that this process lacks (effective set),
+/// named: CAP_BPF to load them at all, and CAP_PERFMON for the verifier to accept their
+/// pointer arithmetic (without it, a 1,500-line verifier log that blames the kernel;
+/// helper-173). CAP_SYS_ADMIN stands in for both. Empty when `/proc/self/status` cannot be
+/// read: the load then says what it says.
+pub fn missing_for_loading() -> Vec<&'static str> {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective(&status))
+        .map_or_else(Vec::new, missing_for_loading_in)
+}
+
+fn missing_for_loading_in(effective: u64) -> Vec<&'static str> {
+    let has = |capability: u32| effective & (1 << capability) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(capability, _)| !has(capability))
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// The effective capability mask of a `/proc/.../status` text.
+fn effective(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+}
+
 /// Whether a `/proc/.../status` text shows any effective or permitted capability.
 fn holds_capabilities(status: &str) -> bool {
     status.lines().any(|line| {
@@ -95,6 +131,20 @@ mod tests {
         assert!(!holds_capabilities(none));
         let some = none.replace("CapPrm:\t0000000000000000", "CapPrm:\t0000000000000400");
         assert!(holds_capabilities(&some));
+    }
+
+    #[test]
+    fn names_the_capabilities_loading_lacks() {
+        let bpf_perfmon_net_admin = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << 12);
+        assert!(missing_for_loading_in(bpf_perfmon_net_admin).is_empty());
+        assert_eq!(
+            missing_for_loading_in(bpf_perfmon_net_admin & !(1 << CAP_PERFMON)),
+            ["CAP_PERFMON"]
+        );
+        assert_eq!(missing_for_loading_in(0), ["CAP_BPF", "CAP_PERFMON"]);
+        assert!(missing_for_loading_in(1 << CAP_SYS_ADMIN).is_empty());
+        let status = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective(status), Some(0x1ff_ffff_ffff));
     }
 
     /// On a thread of its own, so the test process keeps its capabilities.

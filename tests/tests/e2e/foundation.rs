@@ -689,6 +689,46 @@ mod usage_errors {
         );
     }
 
+    /// Without CAP_PERFMON the verifier refuses the programs' pointer arithmetic, and the
+    /// agent printed its 1,500-line log and blamed the kernel (helper-173, the image run
+    /// without PERFMON). The capabilities are checked before anything is loaded.
+    #[test]
+    fn a_missing_capability_for_loading_is_named_in_one_line() {
+        let topology = Topology::new();
+        let netns = format!("--net=/run/netns/{}", topology.client.name);
+        let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
+        let state = format!(
+            "DNS_PROXY_STATE_DIR={}",
+            topology.client.state_dir().display()
+        );
+        for (bounding_set, expected) in [
+            (
+                "-all,+bpf,+net_admin,+net_bind_service,+net_raw,+dac_override",
+                "without CAP_PERFMON: grant it",
+            ),
+            (
+                "-all,+net_admin,+net_bind_service,+net_raw,+dac_override",
+                "without CAP_BPF and CAP_PERFMON: grant them",
+            ),
+        ] {
+            let bounding_set = format!("--bounding-set={bounding_set}");
+            assert_one_line_error(
+                &[&cgroup],
+                &[
+                    "env",
+                    &state,
+                    "nsenter",
+                    &netns,
+                    "--",
+                    "setpriv",
+                    "--inh-caps=-all",
+                    &bounding_set,
+                ],
+                expected,
+            );
+        }
+    }
+
     #[test]
     fn bad_cgroup_path() {
         tests::require_root();
