@@ -802,6 +802,17 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
     };
     let default_mount = Path::new("/sys/fs/bpf");
     if path.starts_with(default_mount) && !is_bpffs(default_mount) {
+        if !mount_namespace_shared() {
+            return Err(problem(
+                "nothing is mounted at /sys/fs/bpf, and a bpffs the agent mounted there would \
+                 be its alone: no other process shares its mount namespace (a container's), so \
+                 the table of servers pinned on it would go with the agent, and sockets \
+                 connected through it would fail after a restart; mount the host's bpffs \
+                 there (`-v /sys/fs/bpf:/sys/fs/bpf`, with one mounted on the host: \
+                 `mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
+                    .to_owned(),
+            ));
+        }
         fs::create_dir_all(default_mount)
             .map_err(|err| problem(format!("cannot create {}: {err}", default_mount.display())))?;
         mount_bpffs(default_mount).map_err(|err| {
@@ -830,6 +841,29 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
         .create(path)
         .map_err(|err| problem(format!("cannot create it: {err}")))?;
     Ok(true)
+}
+
+/// Whether another process shares this process's mount namespace, so that a filesystem
+/// mounted in it outlives the agent: the host's namespace has many, a container's whose only
+/// process is the agent has none (helper-173: a Docker container given CAP_SYS_ADMIN and no
+/// bpffs mounted its own, and lost its table of servers at every restart). A process whose
+/// namespace cannot be read (another user's, or one with capabilities this one lacks) is
+/// not counted.
+fn mount_namespace_shared() -> bool {
+    let Ok(own) = fs::read_link("/proc/self/ns/mnt") else {
+        return true; // cannot tell: as before
+    };
+    let Ok(processes) = fs::read_dir("/proc") else {
+        return true;
+    };
+    let own_pid = std::process::id().to_string();
+    processes.flatten().any(|entry| {
+        let name = entry.file_name();
+        let is_pid = name.as_bytes().iter().all(u8::is_ascii_digit);
+        is_pid
+            && name.as_bytes() != own_pid.as_bytes()
+            && fs::read_link(entry.path().join("ns/mnt")).is_ok_and(|ns| ns == own)
+    })
 }
 
 pub(crate) fn is_bpffs(path: &Path) -> bool {
