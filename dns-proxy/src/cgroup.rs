@@ -210,6 +210,25 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
     parse_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2Mount)
 }
 
+/// For a path that does not exist: where the cgroup2 hierarchy is, when the nearest
+/// directory above it that exists is not in it (a hybrid host's `/sys/fs/cgroup/docker`,
+/// where cgroup2 is `/sys/fs/cgroup/unified`; helper-173 had only "No such file or
+/// directory").
+fn outside_cgroup2(path: &Path) -> Option<String> {
+    let existing = path.ancestors().skip(1).find(|dir| dir.exists())?;
+    if filesystem_magic(existing).ok()? == CGROUP2_SUPER_MAGIC {
+        return None;
+    }
+    Some(match cgroup2_root() {
+        Ok(root) => format!(
+            "; {} is not in the cgroup2 hierarchy, which is mounted at {}",
+            existing.display(),
+            root.display()
+        ),
+        Err(_) => "; no cgroup2 filesystem is mounted".to_owned(),
+    })
+}
+
 /// A cgroup v2 directory and its id (the kernfs inode number, which is what
 /// `bpf_get_current_cgroup_id` returns).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +246,13 @@ impl Cgroup {
             path: path.to_owned(),
             reason,
         };
-        let metadata = fs::metadata(path).map_err(|err| bad(format!("{err}")))?;
+        let metadata = fs::metadata(path).map_err(|err| {
+            let hint = match err.kind() {
+                io::ErrorKind::NotFound => outside_cgroup2(path).unwrap_or_default(),
+                _ => String::new(),
+            };
+            bad(format!("{err}{hint}"))
+        })?;
         if !metadata.is_dir() {
             return Err(bad("not a directory".to_owned()));
         }

@@ -760,6 +760,13 @@ mod usage_errors {
     fn bad_cgroup_path() {
         tests::require_root();
         assert_one_line_error(&["--cgroup=/nonexistent/x"], &[], "--cgroup /nonexistent/x");
+        // Where the hierarchy is, for a path that is not in it (a hybrid host's
+        // /sys/fs/cgroup/docker, where cgroup2 is /sys/fs/cgroup/unified).
+        assert_one_line_error(
+            &["--cgroup=/nonexistent/x"],
+            &[],
+            "/ is not in the cgroup2 hierarchy, which is mounted at /",
+        );
         assert_one_line_error(&["--cgroup=/proc"], &[], "not a cgroup v2 directory");
     }
 
