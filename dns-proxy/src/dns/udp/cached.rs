@@ -214,6 +214,16 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 });
                 return FromCache::Handled;
             }
+            // RFC 8767's failure recheck: the upstream failed to refresh this answer in the
+            // last 30 s, so it is served at once and the upstream not asked again; before, each
+            // such query waited the 1.8 s again (helper-172), as TCP's never did.
+            Cached::Stale {
+                answer,
+                upstream_failing: true,
+            } => {
+                self.send_answer(&answer, to, MadeHere::Stale);
+                return FromCache::Handled;
+            }
             Cached::Stale { .. } => true,
             Cached::Miss => false,
         };
