@@ -271,7 +271,7 @@ pub const METRICS: &[Metric] = &[
                buffer, so when the file or the reader fails, those still in it, and for a \
                socket those in its kernel buffer (net.core.wmem_default, 208 KiB by \
                default), are lost uncounted: a reader that reads nothing takes about that \
-               much (some 1,400 events) each time it connects.",
+               much (some 1,400 to 1,900 events of usual sizes) each time it connects.",
         read: Read::Counter(|s| Some(one(s.dnstap.as_ref()?.written()))),
     },
     Metric {
