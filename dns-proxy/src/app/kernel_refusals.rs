@@ -22,7 +22,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 const SAY_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 /// The counters said in the log, each with what its count is and what it means.
-const SAID: [(Counter, &str); 6] = [
+const SAID: [(Counter, &str); 7] = [
     (
         Counter::ForeignRefused,
         "connects or sends of a workload to a proxy address that is not its own were refused \
@@ -53,6 +53,13 @@ const SAID: [(Counter, &str); 6] = [
         Counter::ExcludeMadeFailed,
         "cgroups made at an --exclude-cgroup path could not be excluded by the kernel as they \
          were made: the agent excludes them when it sees them, which races their first lookups",
+    ),
+    (
+        Counter::UnknownIndex,
+        "packets, answers or peer names at a proxy address that names no server were left \
+         alone: a process asking a proxy address directly, or sockets connected under a table \
+         of servers that is gone (the state directory lost between agents: such sockets fail \
+         until they connect again, and reach whatever server their address is given to next)",
     ),
     (
         Counter::AgentUnresponsive,
