@@ -223,8 +223,7 @@ pub struct ProxyArgs {
 
     /// How long past its expiry a cached answer may still be served (RFC 8767), to clients
     /// whose upstream fails or has not answered within 1.8 s; it is shown with TTL 30 (at
-    /// most --cache-max-ttl) while the upstream is asked again, and for 30 s after the
-    /// upstream failed to refresh it, at once, without asking. 0: never. Off by default, as in CoreDNS and NodeLocal
+    /// most --cache-max-ttl) while the upstream is asked again. 0: never. Off by default, as in CoreDNS and NodeLocal
     /// DNSCache: an answer past its TTL may name an address that has moved; CoreDNS's
     /// `serve_stale` keeps 1h once turned on.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration_or_zero, env = "DNS_PROXY_SERVE_STALE")]

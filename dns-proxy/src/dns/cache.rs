@@ -420,10 +420,21 @@ impl Cache {
         u32::try_from(self.settings.max_ttl.as_secs()).map_or(STALE_TTL, |cap| cap.min(STALE_TTL))
     }
 
-    /// Notes that the upstream failed to refresh `key`'s answer, now stale: for the next 30 s
-    /// it may be served stale at once (RFC 8767 §5).
-    pub fn upstream_failed(&self, key: &CacheKey, now: Instant) {
-        if let Some(entry) = self.lock().entries.peek_mut(key) {
+    /// Notes that the upstream failed to refresh `key`'s answer, now stale, for a query asked
+    /// at `asked`: for 30 s from the first such failure it may be served stale at once (RFC
+    /// 8767 §5). Not if a fresh answer was kept since that query was asked (helper-175: a
+    /// refresh lost after another client's had succeeded marked the fresh answer failing),
+    /// and a failure within the 30 s does not start them again (an upstream back at 3 s was
+    /// seen at 36 s, the timeout's failure at 5 s having restarted them).
+    pub fn upstream_failed(&self, key: &CacheKey, asked: Instant, now: Instant) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.peek_mut(key) else {
+            return;
+        };
+        let failing = entry
+            .failed
+            .is_some_and(|failed| now.saturating_duration_since(failed) < FAILURE_RECHECK);
+        if entry.stored <= asked && !failing {
             entry.failed = Some(now);
         }
     }
@@ -469,7 +480,13 @@ impl Cache {
             && now.saturating_duration_since(kept.stored)
                 < kept.lifetime.saturating_add(self.settings.serve_stale)
         {
-            kept.failed = Some(now);
+            // Within 30 s of a failure, not started again (`upstream_failed`).
+            if kept
+                .failed
+                .is_none_or(|failed| now.saturating_duration_since(failed) >= FAILURE_RECHECK)
+            {
+                kept.failed = Some(now);
+            }
             return false;
         }
         if let Some(replaced) = inner.entries.insert(query.key.clone(), entry) {

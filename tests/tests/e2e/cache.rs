@@ -568,9 +568,8 @@ fn an_odd_query_in_flight_does_not_keep_identical_ones_from_waiting_on_each_othe
 
 /// With the upstream silent, an expired answer is served stale within RFC 8767's 1.8 s client
 /// response timer (it came at up to 2.04 s, past the 2 s some clients give up at:
-/// helper-172); then, the upstream having failed to refresh it, at once and without asking
-/// the upstream again (the failure recheck: each query waited the 1.8 s anew, and asked
-/// again). An upstream that answers SERVFAIL has failed too: the stale answer comes at once.
+/// helper-172). An upstream that answers SERVFAIL has failed too: the stale answer comes at
+/// once.
 #[test]
 fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_response_timer() {
     let topology = Topology::new();
@@ -612,19 +611,10 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_
     // The refresh went upstream (and went unanswered).
     assert_eq!(authority.queries(silent).len(), 2);
 
-    // Failed to refresh: for 30 s the stale answer is served at once, and the upstream is
-    // not asked again. (Once the silent refresh has timed out: until then, identical queries
-    // wait on it and get the stale answer at once anyway. It went 2 s after the first query,
-    // and the sweeper sees it 200 ms later at most: a second leaves room for a busy machine.)
+    // (Once the silent refresh has timed out: until then, identical queries wait on it and
+    // get the stale answer at once. It went 2 s after the first query, and the sweeper sees
+    // it 200 ms later at most: a second leaves room for a busy machine.)
     std::thread::sleep(Duration::from_millis(1000));
-    for _ in 0..2 {
-        let stale = dig_full(&topology, server, silent, &[]);
-        assert_eq!(ttl_of(&stale, "A"), 30, "{stale}");
-        let waited = query_time(&stale);
-        assert!(waited < Duration::from_millis(500), "at once: {waited:?}");
-    }
-    assert_eq!(authority.queries(silent).len(), 2);
-
     // SERVFAIL: asked, and the stale answer at once; the SERVFAIL is not kept over it.
     authority.set_failing(Some("servfail"));
     let stale = dig_full(&topology, server, servfail, &[]);
@@ -634,20 +624,22 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_
     assert!(waited < Duration::from_millis(1000), "at once: {waited:?}");
     assert_eq!(authority.queries(servfail).len(), 2);
     // Counted once sent: the client may have the answer a moment before.
-    wait_for("4 stale answers counted", Duration::from_secs(5), || {
+    wait_for("2 stale answers counted", Duration::from_secs(5), || {
         let page = super::scrape(&topology);
-        (super::value(&page, "dns_proxy_cache_stale_answers_total") >= 4).then_some(())
+        (super::value(&page, "dns_proxy_cache_stale_answers_total") >= 2).then_some(())
     });
     let page = super::scrape(&topology);
     assert_eq!(
         super::value(&page, "dns_proxy_cache_stale_answers_total"),
-        4
+        2
     );
 
-    // Once the upstream answers again, so does the cache, with fresh answers.
+    // Once the upstream answers again, so does the cache, with fresh answers: over UDP the
+    // upstream is asked whatever failed before (a failure recheck would let one workload's
+    // query that the upstream drops keep every workload on stale answers: helper-175).
     authority.set_failing(None);
-    let answered = dig_full(&topology, server, "short.three.example.test", &[]);
-    assert_eq!(ttl_of(&answered, "A"), 2, "{answered}");
+    let refreshed = dig_full(&topology, server, silent, &[]);
+    assert_eq!(ttl_of(&refreshed, "A"), 2, "{refreshed}");
 }
 
 /// How long dig says the query took (`;; Query time: N msec`).

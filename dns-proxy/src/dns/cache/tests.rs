@@ -838,9 +838,45 @@ fn an_answer_the_upstream_failed_to_refresh_is_served_stale_at_once_for_30_s() {
         other => panic!("not stale: {other:?}"),
     };
     assert!(!stale(later));
-    cache.upstream_failed(&parsed(&asked).key, later);
+    cache.upstream_failed(&parsed(&asked).key, later, later);
+    // Another failure within the 30 s (the same refresh's timeout) does not start them again.
+    cache.upstream_failed(&parsed(&asked).key, later, later + Duration::from_secs(3));
     assert!(stale(later + Duration::from_secs(29)));
     assert!(!stale(later + Duration::from_secs(31)));
+}
+
+/// A refresh that failed after a fresh answer was kept (another client's refresh, asked
+/// later, succeeded) does not mark that answer failing: it was, for a moment, and then every
+/// TCP client was served it stale for 30 s without the upstream being asked (helper-175).
+#[test]
+fn a_failure_of_a_query_asked_before_the_answer_kept_marks_nothing() {
+    let cache = Cache::new(CacheSettings {
+        serve_stale: Duration::from_secs(600),
+        ..settings()
+    });
+    let asked = query(1, "refreshed.example.test");
+    let start = Instant::now();
+    let failed_query_asked = start;
+    // Another client's query, asked after, got the answer, kept for 10 s.
+    let kept_at = start + Duration::from_millis(500);
+    assert!(keeps(&cache, &asked, &a_answer(&asked, &[10]), kept_at));
+    // The first query's upstream never answered: its failure comes after.
+    cache.upstream_failed(
+        &parsed(&asked).key,
+        failed_query_asked,
+        start + Duration::from_secs(5),
+    );
+    match cache.lookup(
+        &parsed(&asked),
+        &asked,
+        true,
+        start + Duration::from_secs(12),
+    ) {
+        Cached::Stale {
+            upstream_failing, ..
+        } => assert!(!upstream_failing),
+        other => panic!("not stale: {other:?}"),
+    }
 }
 
 fn parsed_head(message: &[u8]) -> Vec<u8> {

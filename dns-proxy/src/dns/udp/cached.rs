@@ -214,16 +214,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 });
                 return FromCache::Handled;
             }
-            // RFC 8767's failure recheck: the upstream failed to refresh this answer in the
-            // last 30 s, so it is served at once and the upstream not asked again; before, each
-            // such query waited the 1.8 s again (helper-172), as TCP's never did.
-            Cached::Stale {
-                answer,
-                upstream_failing: true,
-            } => {
-                self.send_answer(&answer, to, MadeHere::Stale);
-                return FromCache::Handled;
-            }
+            // Not served at once while the upstream is known to fail (RFC 8767's failure
+            // recheck, as TCP does): any workload can send a query the upstream drops (one
+            // padded past 1,232 bytes) that shares the answer's key, and one such query had
+            // every workload served stale for 30 s while the upstream answered (helper-175).
             Cached::Stale { .. } => true,
             Cached::Miss => false,
         };
@@ -414,7 +408,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let stale_instead = stale_kept && answer.is_none_or(|answer| trusted && is_failure(answer));
         if let Some(cache) = &self.settings.cache {
             match answer {
-                _ if stale_instead => cache.upstream_failed(&query.key, Instant::now()),
+                _ if stale_instead => cache.upstream_failed(&query.key, to.started, Instant::now()),
                 Some(answer) if trusted => {
                     _ = cache.store(&query, &head, answer, true, Instant::now());
                 }

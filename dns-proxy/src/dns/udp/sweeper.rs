@@ -65,7 +65,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                         // Late enough to count as failing: a TCP retry (the stale answer may
                         // come truncated) is answered stale too.
                         if let Some(cache) = &self.settings.cache {
-                            cache.upstream_failed(&cached.query.key, now);
+                            cache.upstream_failed(&cached.query.key, pending.started, now);
                         }
                         let waiters = cached
                             .leading
