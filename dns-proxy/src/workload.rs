@@ -188,6 +188,15 @@ fn outermost(parts: &[&str]) -> Option<Workload> {
         if let Some(container) = container_at(parts, at) {
             return Some(container);
         }
+        // A container of a runtime or a layout not known here (Docker's cgroupfs driver
+        // under a --cgroup-parent of its own, nerdctl's `/default/<id>`): named by its path,
+        // and not looked through, for the same reason (helper-175: a pod's shape below one
+        // was named as the host's pod).
+        if container_id(part).is_some() {
+            return Some(Workload::Cgroup {
+                path: format!("/{}", parts[..=at].join("/")),
+            });
+        }
         if is_unit(part) {
             if RUNTIME_UNITS.contains(part)
                 && let Some(pod) = pod(&parts[at + 1..])

@@ -176,6 +176,17 @@ fn a_docker_containers_pods_are_named_with_it_and_never_as_the_hosts() {
         pod_in(&node, None).key(),
         format!("docker={node} pod={UID}")
     );
+    // Containers of layouts not known here: named by their path, never looked through.
+    for container in [format!("/custom/{node}"), format!("/default/{node}")] {
+        let forged = format!("{container}/kubepods/besteffort/pod{UID}/{ID}");
+        assert_eq!(
+            parse(&forged),
+            Workload::Cgroup {
+                path: container.clone()
+            },
+            "{forged}"
+        );
+    }
 }
 
 #[test]
