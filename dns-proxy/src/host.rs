@@ -802,13 +802,14 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
     };
     let default_mount = Path::new("/sys/fs/bpf");
     if path.starts_with(default_mount) && !is_bpffs(default_mount) {
-        if !mount_namespace_shared() {
+        if !mount_namespace_is_the_hosts() {
             return Err(problem(
                 "nothing is mounted at /sys/fs/bpf, and a bpffs the agent mounted there would \
-                 be its alone: no other process shares its mount namespace (a container's), so \
-                 the table of servers pinned on it would go with the agent, and sockets \
-                 connected through it would fail after a restart; mount the host's bpffs \
-                 there (`-v /sys/fs/bpf:/sys/fs/bpf`, with one mounted on the host: \
+                 be its alone: it runs in a mount namespace other than the host's (a \
+                 container's, or a service's private one), so the table of servers pinned on \
+                 it would go with the agent, and sockets connected through it would fail \
+                 after a restart; mount the host's bpffs there (for a container, \
+                 `-v /sys/fs/bpf:/sys/fs/bpf` with one mounted on the host: \
                  `mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
                     .to_owned(),
             ));
@@ -843,27 +844,61 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
     Ok(true)
 }
 
-/// Whether another process shares this process's mount namespace, so that a filesystem
-/// mounted in it outlives the agent: the host's namespace has many, a container's whose only
-/// process is the agent has none (helper-173: a Docker container given CAP_SYS_ADMIN and no
-/// bpffs mounted its own, and lost its table of servers at every restart). A process whose
-/// namespace cannot be read (another user's, or one with capabilities this one lacks) is
-/// not counted.
-fn mount_namespace_shared() -> bool {
+/// The inode number of the initial PID namespace (`PROC_PID_INIT_INO`), fixed since Linux 3.8.
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// Whether a filesystem mounted in this process's mount namespace outlives the agent: the
+/// namespace is the host's, that of PID 1 of the initial PID namespace. A container's (or a
+/// service's private one) goes with its processes, and a bpffs mounted there with the table
+/// of servers pinned on it (helper-173: a Docker container given CAP_SYS_ADMIN and no bpffs
+/// lost its table at every restart). Judged by the PID namespace first: in another one, PID 1
+/// is a container's init (helper-175: `tini` as PID 1 passed a check for another process
+/// sharing the namespace), and `/proc` may count another namespace's processes. Where PID 1's
+/// namespace cannot be read, by this process's ancestors: one in another mount namespace made
+/// this one for its own descendants (`unshare`, a runtime's shim, a shell of a container).
+fn mount_namespace_is_the_hosts() -> bool {
+    let namespace_inode = |link: &str| {
+        fs::read_link(link).ok().and_then(|target| {
+            let target = target.to_string_lossy().into_owned();
+            target
+                .rsplit_once('[')
+                .and_then(|(_, rest)| rest.strip_suffix(']'))
+                .and_then(|inode| inode.parse::<u64>().ok())
+        })
+    };
+    if namespace_inode("/proc/self/ns/pid").is_some_and(|inode| inode != INITIAL_PID_NAMESPACE) {
+        return false;
+    }
     let Ok(own) = fs::read_link("/proc/self/ns/mnt") else {
         return true; // cannot tell: as before
     };
-    let Ok(processes) = fs::read_dir("/proc") else {
-        return true;
-    };
-    let own_pid = std::process::id().to_string();
-    processes.flatten().any(|entry| {
-        let name = entry.file_name();
-        let is_pid = name.as_bytes().iter().all(u8::is_ascii_digit);
-        is_pid
-            && name.as_bytes() != own_pid.as_bytes()
-            && fs::read_link(entry.path().join("ns/mnt")).is_ok_and(|ns| ns == own)
-    })
+    if let Ok(init) = fs::read_link("/proc/1/ns/mnt") {
+        return init == own;
+    }
+    // Up the ancestors (a bounded walk: a loop of parents cannot be, but a race could make one
+    // look so), skipping those whose namespace cannot be read.
+    let mut pid = std::os::unix::process::parent_id();
+    for _ in 0..64 {
+        if pid <= 1 {
+            return true;
+        }
+        if fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns != own) {
+            return false;
+        }
+        match parent_of(pid) {
+            Some(parent) => pid = parent,
+            None => return true,
+        }
+    }
+    true
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat` (the field after the name, which
+/// is in parentheses and may hold any byte, so read after its last `)`).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub(crate) fn is_bpffs(path: &Path) -> bool {
@@ -1121,6 +1156,13 @@ fn push_attribute(message: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests run as host processes (the e2e tests check the refusals, in namespaces of
+    /// their own): here the namespace is the host's, and a bpffs may be mounted.
+    #[test]
+    fn a_host_process_is_in_the_hosts_mount_namespace() {
+        assert!(mount_namespace_is_the_hosts());
+    }
 
     /// Read-only questions to this namespace's routes: the host-mode block is local (inside
     /// 127/8), a documentation block (TEST-NET-1) is not, whether a default route takes it or

@@ -738,22 +738,25 @@ mod usage_errors {
         let topology = Topology::new();
         let netns = format!("--net=/run/netns/{}", topology.client.name);
         let cgroup = format!("--cgroup={}", topology.cgroup.path.display());
-        // A namespace of its own, where /sys/fs/bpf is surely no bpffs (a tmpfs over it);
-        // `exec` leaves the agent its only process. The host's mounts are not touched.
-        let script =
-            format!("mount -t tmpfs none /sys/fs/bpf && exec nsenter {netns} -- \"$0\" \"$@\"");
-        let wrapper = [
-            "env",
-            "-u",
-            "DNS_PROXY_STATE_DIR",
-            "unshare",
-            "--mount",
-            "--propagation=private",
-            "sh",
-            "-c",
-            &script,
-        ];
-        assert_one_line_error(&[&cgroup], &wrapper, "would be its alone");
+        // A namespace of its own, where /sys/fs/bpf is surely no bpffs (a tmpfs over it). The
+        // agent alone in it (`exec`); beside the shell that started it; and in a PID namespace
+        // of its own under an init (`tini` passed a check for another process in the
+        // namespace: helper-175). The host's mounts are not touched.
+        let mount = "mount -t tmpfs none /sys/fs/bpf";
+        let alone = format!("{mount} && exec nsenter {netns} -- \"$0\" \"$@\"");
+        let beside = format!("{mount} && nsenter {netns} -- \"$0\" \"$@\"; exit $?");
+        let private_mounts = ["--mount", "--propagation=private"];
+        let own_pids = ["--pid", "--fork", "--mount-proc"];
+        for (script, namespaces) in [
+            (&alone, private_mounts.to_vec()),
+            (&beside, private_mounts.to_vec()),
+            (&beside, [&private_mounts[..], &own_pids[..]].concat()),
+        ] {
+            let mut wrapper = vec!["env", "-u", "DNS_PROXY_STATE_DIR", "unshare"];
+            wrapper.extend_from_slice(&namespaces);
+            wrapper.extend_from_slice(&["sh", "-c", script]);
+            assert_one_line_error(&[&cgroup], &wrapper, "would be its alone");
+        }
     }
 
     #[test]
