@@ -215,6 +215,10 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
 /// where cgroup2 is `/sys/fs/cgroup/unified`; helper-173 had only "No such file or
 /// directory").
 fn outside_cgroup2(path: &Path) -> Option<String> {
+    // A dangling symlink's directory says nothing of where it points.
+    if fs::symlink_metadata(path).is_ok() {
+        return None;
+    }
     let existing = path.ancestors().skip(1).find(|dir| dir.exists())?;
     if filesystem_magic(existing).ok()? == CGROUP2_SUPER_MAGIC {
         return None;

@@ -152,6 +152,13 @@ pub(crate) fn os_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option
 /// what to do about it.
 fn hint(err: &(dyn std::error::Error + 'static)) -> String {
     match os_error(err) {
+        Some(os) if os.kind() == io::ErrorKind::PermissionDenied && in_a_user_namespace() => {
+            format!(
+                " ({os}: dns-proxy runs in a user namespace, where its capabilities do not \
+                 count for eBPF: run it in the host's, as root or with CAP_BPF, CAP_PERFMON and \
+                 CAP_NET_ADMIN)"
+            )
+        }
         Some(os) if os.kind() == io::ErrorKind::PermissionDenied => format!(
             " ({os}: run dns-proxy as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
         ),
@@ -164,6 +171,15 @@ fn hint(err: &(dyn std::error::Error + 'static)) -> String {
         Some(os) => format!(" ({os})"),
         None => String::new(),
     }
+}
+
+/// Whether this process is in a user namespace other than the initial one (whose inode
+/// number, `PROC_USER_INIT_INO`, is fixed): root there holds every capability, and none of
+/// them lets it load eBPF programs (helper-175, `unshare -r`).
+fn in_a_user_namespace() -> bool {
+    const INITIAL_USER_NAMESPACE: &str = "user:[4026531837]";
+    std::fs::read_link("/proc/self/ns/user")
+        .is_ok_and(|link| link.as_os_str() != INITIAL_USER_NAMESPACE)
 }
 
 fn hook_hint(err: &(dyn std::error::Error + 'static), hook: &'static str) -> String {
