@@ -806,7 +806,7 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
             return Err(problem(
                 "nothing is mounted at /sys/fs/bpf, and a bpffs the agent mounted there would \
                  be its alone: it runs in a mount namespace other than the host's (a \
-                 container's, or a service's private one), so the table of servers pinned on \
+                 container's, or a service's private one), or cannot tell, so the table of servers pinned on \
                  it would go with the agent, and sockets connected through it would fail \
                  after a restart; mount the host's bpffs there (for a container, \
                  `-v /sys/fs/bpf:/sys/fs/bpf` with one mounted on the host: \
@@ -848,14 +848,15 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
 const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
 
 /// Whether a filesystem mounted in this process's mount namespace outlives the agent: the
-/// namespace is the host's, that of PID 1 of the initial PID namespace. A container's (or a
-/// service's private one) goes with its processes, and a bpffs mounted there with the table
-/// of servers pinned on it (helper-173: a Docker container given CAP_SYS_ADMIN and no bpffs
-/// lost its table at every restart). Judged by the PID namespace first: in another one, PID 1
-/// is a container's init (helper-175: `tini` as PID 1 passed a check for another process
-/// sharing the namespace), and `/proc` may count another namespace's processes. Where PID 1's
-/// namespace cannot be read, by this process's ancestors: one in another mount namespace made
-/// this one for its own descendants (`unshare`, a runtime's shim, a shell of a container).
+/// namespace is the host's, the initial one, which PID 1 and the kernel's threads are in. A
+/// container's (or a service's private one) goes with its processes, and a bpffs mounted
+/// there with the table of servers pinned on it (helper-173: a Docker container given
+/// CAP_SYS_ADMIN and no bpffs lost its table at every restart). In a PID namespace other than
+/// the initial one, it is a container's (helper-175: `tini` as PID 1 passed a check for
+/// another process sharing the namespace). Compared with PID 1's, or where that cannot be
+/// read (this machine's PID 1 is not dumpable), with kthreadd's (PID 2); where neither can
+/// be, the agent cannot tell, and mounts nothing (helper-176: an ancestor walk took an
+/// orphaned agent in a private namespace for the host's).
 fn mount_namespace_is_the_hosts() -> bool {
     let namespace_inode = |link: &str| {
         fs::read_link(link).ok().and_then(|target| {
@@ -866,39 +867,18 @@ fn mount_namespace_is_the_hosts() -> bool {
                 .and_then(|inode| inode.parse::<u64>().ok())
         })
     };
-    if namespace_inode("/proc/self/ns/pid").is_some_and(|inode| inode != INITIAL_PID_NAMESPACE) {
+    if namespace_inode("/proc/self/ns/pid") != Some(INITIAL_PID_NAMESPACE) {
         return false;
     }
     let Ok(own) = fs::read_link("/proc/self/ns/mnt") else {
-        return true; // cannot tell: as before
+        return false;
     };
-    if let Ok(init) = fs::read_link("/proc/1/ns/mnt") {
-        return init == own;
-    }
-    // Up the ancestors (a bounded walk: a loop of parents cannot be, but a race could make one
-    // look so), skipping those whose namespace cannot be read.
-    let mut pid = std::os::unix::process::parent_id();
-    for _ in 0..64 {
-        if pid <= 1 {
-            return true;
-        }
-        if fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns != own) {
-            return false;
-        }
-        match parent_of(pid) {
-            Some(parent) => pid = parent,
-            None => return true,
-        }
-    }
-    true
-}
-
-/// The parent of process `pid`, from `/proc/<pid>/stat` (the field after the name, which
-/// is in parentheses and may hold any byte, so read after its last `)`).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, after_name) = stat.rsplit_once(')')?;
-    after_name.split_whitespace().nth(1)?.parse().ok()
+    let kthreadd = fs::read_to_string("/proc/2/comm").is_ok_and(|name| name.trim() == "kthreadd");
+    let initial = fs::read_link("/proc/1/ns/mnt").or_else(|err| match kthreadd {
+        true => fs::read_link("/proc/2/ns/mnt"),
+        false => Err(err),
+    });
+    initial.is_ok_and(|initial| initial == own)
 }
 
 pub(crate) fn is_bpffs(path: &Path) -> bool {
