@@ -169,7 +169,10 @@ const RUNTIME_UNITS: &[&str] = &[
 fn outermost(parts: &[&str]) -> Option<Workload> {
     for (at, part) in parts.iter().enumerate() {
         if let Some(pod) = pod_at(parts, at) {
-            return Some(pod);
+            // Deeper, the pod's shape is most likely a container's making, below its own
+            // cgroup, of a runtime not known here (helper-176: `buildkit/<id>/kubepods/...`):
+            // named by its path.
+            return rooted_near_the_top(parts, at).then_some(pod);
         }
         if let Some(id) = docker_at(parts, at) {
             // A kind node: a Docker container whose kubelet runs pods inside it. Its pods are
@@ -211,7 +214,20 @@ fn outermost(parts: &[&str]) -> Option<Workload> {
 
 /// The outermost pod cgroup in `parts` and the container directly under it.
 fn pod(parts: &[&str]) -> Option<Workload> {
-    (0..parts.len()).find_map(|at| pod_at(parts, at))
+    (0..parts.len())
+        .find_map(|at| pod_at(parts, at).map(|pod| (at, pod)))
+        .and_then(|(at, pod)| rooted_near_the_top(parts, at).then_some(pod))
+}
+
+/// Whether the pod at `parts[at]` hangs from a Kubernetes tree (`kubepods`, `kubepods.slice`,
+/// kind's `kubelet.slice`) that starts at the top of `parts` or one level below (kubelet's
+/// `--cgroup-root`, k3s's `/k3s`): where kubelet makes it. A container of a runtime not known
+/// here may make the same shapes deeper, below its own cgroup.
+fn rooted_near_the_top(parts: &[&str], at: usize) -> bool {
+    parts[..=at]
+        .iter()
+        .position(|part| part.starts_with("kubepods") || part.starts_with("kubelet"))
+        .is_some_and(|root| root <= 1)
 }
 
 /// The pod whose cgroup is `parts[at]`, and the container directly under it.

@@ -176,6 +176,29 @@ fn a_docker_containers_pods_are_named_with_it_and_never_as_the_hosts() {
         pod_in(&node, None).key(),
         format!("docker={node} pod={UID}")
     );
+    // Containers of layouts not known here, named by a 64-hex id or not: named by their
+    // path, never looked through (helper-176: BuildKit's 25-character ids, `firecracker/vm-7`).
+    for container in [
+        "/docker/buildkit/k3ql9x0aqwe2rfbwp5v8dzm7n",
+        "/buildkit/k3ql9x0aqwe2rfbwp5v8dzm7n",
+        "/firecracker/vm-7",
+    ] {
+        let forged = format!("{container}/kubepods/besteffort/pod{UID}/{ID}");
+        assert!(
+            matches!(parse(&forged), Workload::Cgroup { .. }),
+            "{forged}: {:?}",
+            parse(&forged)
+        );
+        let forged = format!(
+            "{container}/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod{u}.slice/cri-containerd-{ID}.scope"
+        );
+        assert!(
+            matches!(parse(&forged), Workload::Cgroup { .. }),
+            "{forged}: {:?}",
+            parse(&forged)
+        );
+    }
     // Containers of layouts not known here: named by their path, never looked through.
     for container in [format!("/custom/{node}"), format!("/default/{node}")] {
         let forged = format!("{container}/kubepods/besteffort/pod{UID}/{ID}");
