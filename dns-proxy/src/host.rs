@@ -806,9 +806,9 @@ fn prepare_bpffs_dir(path: &Path) -> Result<bool, HostError> {
             return Err(problem(
                 "nothing is mounted at /sys/fs/bpf, and a bpffs the agent mounted there would \
                  be its alone: it runs in a mount namespace other than the host's (a \
-                 container's, or a service's private one), or cannot tell, so the table of servers pinned on \
-                 it would go with the agent, and sockets connected through it would fail \
-                 after a restart; mount the host's bpffs there (for a container, \
+                 container's, or a service's private one), or cannot tell, so the table of \
+                 servers pinned on it would go with the agent, and sockets connected through \
+                 it would fail after a restart; mount the host's bpffs there (for a container, \
                  `-v /sys/fs/bpf:/sys/fs/bpf` with one mounted on the host: \
                  `mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
                     .to_owned(),
