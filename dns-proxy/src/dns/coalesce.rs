@@ -55,7 +55,8 @@ pub struct Waiter {
     /// query's answer cannot be given to it. `None`: longer (it then goes unanswered, and
     /// its client retries).
     pub message: Option<Box<[u8]>>,
-    pub started: Instant,
+    /// When its query arrived.
+    pub started: crate::dns::Moment,
     /// Counts against the client's --max-inflight-per-client until it is answered.
     pub _client_slot: ClientSlot,
 }
@@ -258,7 +259,7 @@ mod tests {
             head: parsed.head(&message).into(),
             message: Some(message.clone().into()),
             query: parsed,
-            started: Instant::now(),
+            started: crate::dns::Moment::now(),
             _client_slot: PerClientLimit::new(100)
                 .try_acquire(Client::Address(client.ip()))
                 .unwrap(),

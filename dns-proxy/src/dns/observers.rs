@@ -1,7 +1,7 @@
 //! Who hears of each query and answer besides the client: the dnstap log, the names each
 //! workload resolved, the per-workload counts, and the workloads' names for debug lines. UDP
 //! and TCP tell them the same things at the same moments, through here.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use super::{
     Moment,
@@ -34,11 +34,14 @@ impl Observers {
         }
     }
 
-    /// An answer went to its client at `now`, `latency` after its query arrived (`None`: a
-    /// TCP answer to no query known, which the log leaves out; its names are recorded).
-    pub fn answered(&self, asked: Asked, latency: Option<Duration>, answer: &[u8], now: Moment) {
-        if let (Some(log), Some(latency)) = (&self.query_log, latency) {
-            log.response(asked, latency, now.wall, answer);
+    /// An answer went to its client at `now`, to the query that arrived at `asked_at`
+    /// (`None`: a TCP answer to no query known, which the log leaves out; its names are
+    /// recorded).
+    pub fn answered(&self, asked: Asked, asked_at: Option<Moment>, answer: &[u8], now: Moment) {
+        if let (Some(log), Some(asked_at)) = (&self.query_log, asked_at) {
+            // The query's own wall-clock reading, as its CLIENT_QUERY had it: one derived from
+            // the monotonic latency differed by up to tens of µs (helper-171).
+            log.response(asked, asked_at.wall, now.wall, answer);
         }
         if let Some(resolutions) = &self.resolutions {
             resolutions.record(asked.cgroup, answer, now);
@@ -100,7 +103,7 @@ mod tests {
 
         observers.answered(
             asked,
-            Some(Duration::from_micros(50)),
+            Some(Moment::now()),
             &answer("www.example.test."),
             Moment::now(),
         );
@@ -111,7 +114,7 @@ mod tests {
         off.asked(asked, b"query", Moment::now());
         off.answered(
             asked,
-            Some(Duration::ZERO),
+            Some(Moment::now()),
             &answer("www.example.test."),
             Moment::now(),
         );

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, OnceLock},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use crate::{
@@ -101,8 +101,8 @@ impl QueryLog {
         });
     }
 
-    /// The answer a client got at `now`, `latency` after its query arrived.
-    pub fn response(&self, asked: Asked, latency: Duration, now: SystemTime, response: &[u8]) {
+    /// The answer a client got at `now`, to its query that arrived at `query_time`.
+    pub fn response(&self, asked: Asked, query_time: SystemTime, now: SystemTime, response: &[u8]) {
         let Some(sink) = self.sink() else {
             return;
         };
@@ -111,7 +111,7 @@ impl QueryLog {
             transport: asked.transport,
             client: asked.client,
             server: asked.server,
-            query_time: now - latency,
+            query_time,
             query: None,
             response_time: Some(now),
             response: Some(response),

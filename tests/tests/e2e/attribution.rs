@@ -302,6 +302,17 @@ fn the_dnstap_log_has_every_query_and_answer_with_the_workload_that_asked() {
         "{text}"
     );
     assert!(text.contains("response_port: 53"), "{text}");
+    // Each answer's message carries its query's own time, as its CLIENT_QUERY had it, so a
+    // reader pairs them by it (one derived from the latency differed by tens of µs).
+    let (queries, responses) = query_times(&text);
+    assert!(!responses.is_empty(), "{text}");
+    for response in &responses {
+        assert!(
+            queries.contains(response),
+            "a CLIENT_RESPONSE's (query_port, query_time) {response:?} is no CLIENT_QUERY's: \
+             {queries:?}"
+        );
+    }
     // The workload, in each message's `extra` (dnstap-ldns does not print it): full forms.
     let raw = std::fs::read(&log).expect("read the log");
     for workload in [format!("docker={CONTAINER}"), "unit=web.service".to_owned()] {
@@ -445,6 +456,37 @@ struct RemovedOnDrop(PathBuf);
 /// A directory of the test's own for dnstap logs, and the path of the log in it.
 /// A dnstap log file read as any reader would (`dnstap-ldns -y`, which `cargo xtask test`
 /// installs): its messages as YAML.
+/// A message's `query_port` and `query_time`, as `dnstap-ldns` prints them.
+type PortAndTime = (String, String);
+
+/// The `(query_port, query_time)` of each CLIENT_QUERY and of each CLIENT_RESPONSE in
+/// `dnstap-ldns -y` text.
+fn query_times(text: &str) -> (Vec<PortAndTime>, Vec<PortAndTime>) {
+    let mut queries = Vec::new();
+    let mut responses = Vec::new();
+    for message in text.split("\n---") {
+        // The message's own fields, below the frame's (`type: MESSAGE` comes first).
+        let field = |name: &str| {
+            message
+                .lines()
+                .rev()
+                .find_map(|line| line.trim().strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+        };
+        let (Some(kind), Some(port), Some(time)) =
+            (field("type:"), field("query_port:"), field("query_time:"))
+        else {
+            continue;
+        };
+        match kind.as_str() {
+            "CLIENT_QUERY" => queries.push((port, time)),
+            "CLIENT_RESPONSE" => responses.push((port, time)),
+            _ => {}
+        }
+    }
+    (queries, responses)
+}
+
 fn dnstap_text(file: &std::path::Path) -> String {
     let output = std::process::Command::new("dnstap-ldns")
         .args(["-y", "-r"])

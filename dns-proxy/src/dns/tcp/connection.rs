@@ -12,7 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::{MAX_KEEPALIVE, MAX_PIPELINED, framing::RoomHolder};
 use crate::{
-    dns::{cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire},
+    dns::{Moment, cache::CacheableQuery, query_log::Asked, transfer::Transfer, wire},
     drain,
 };
 
@@ -58,7 +58,8 @@ impl std::fmt::Display for Closed {
 
 /// A query waiting for its answer.
 pub(super) struct Pending {
-    pub(super) started: Instant,
+    /// When its query arrived.
+    pub(super) started: Moment,
     /// "name=... type=..." when debug logging is on.
     pub(super) description: Option<String>,
     /// Its key in the cache, whose answer is kept there, and its header and question; `None`
@@ -79,7 +80,7 @@ pub(super) struct Settled {
     /// The query, once nothing sent with its ID awaits an answer.
     pub(super) done: Option<Pending>,
     /// When the query was asked, if this is its first answer.
-    pub(super) started: Option<Instant>,
+    pub(super) started: Option<Moment>,
 }
 
 /// What both directions of one connection share.
@@ -232,7 +233,7 @@ impl Connection {
         table
             .values()
             .filter(|pending| not_begun(pending))
-            .map(|pending| pending.started)
+            .map(|pending| pending.started.instant)
             .min()
     }
 
@@ -243,7 +244,7 @@ impl Connection {
         let mut table = self.pending.lock().expect("not poisoned");
         let mut forgotten = 0;
         table.retain(|_, pending| {
-            let overdue = pending.started <= cutoff && not_begun(pending);
+            let overdue = pending.started.instant <= cutoff && not_begun(pending);
             if overdue {
                 forgotten += pending.awaited.len();
             }

@@ -435,10 +435,9 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 conn.asked_keepalive
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            let arrived = Moment::now();
-            let started = arrived.instant;
-            self.settings.observers.asked(conn.asked(), &query, arrived);
-            let cacheable = match self.consult_cache(conn, &query, started) {
+            let started = Moment::now();
+            self.settings.observers.asked(conn.asked(), &query, started);
+            let cacheable = match self.consult_cache(conn, &query, started.instant) {
                 Some(Ok((answer, stale))) => {
                     conn.set_reading(false);
                     let mut client_write = client_write.lock().await;
@@ -531,13 +530,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
         self.settings.observers.workload_name(id)
     }
 
-    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Instant) {
+    fn answered_from_cache(&self, conn: &Connection, answer: &[u8], stale: bool, started: Moment) {
         conn.touch();
         let now = Moment::now();
-        let latency = now.instant.saturating_duration_since(started);
+        let latency = now.instant.saturating_duration_since(started.instant);
         self.settings
             .observers
-            .answered(conn.asked(), Some(latency), answer, now);
+            .answered(conn.asked(), Some(started), answer, now);
         Stats::add(if stale {
             &self.stats.cache_stale
         } else {
@@ -621,7 +620,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             conn.touch();
             conn.note_keepalive(&answer);
             let now = Moment::now();
-            let latency = started.map(|started| now.instant.saturating_duration_since(started));
+            let latency =
+                started.map(|started| now.instant.saturating_duration_since(started.instant));
             // Counted once per query, at its first message: a zone transfer's later ones
             // answer no more queries (helper-133: one AXFR counted 29 answers).
             if latency.is_some() {
@@ -629,7 +629,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             }
             self.settings
                 .observers
-                .answered(conn.asked(), latency, &answer, now);
+                .answered(conn.asked(), started, &answer, now);
             if let (
                 Some(cache),
                 Some(Pending {
@@ -653,7 +653,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     conn.original,
                     conn.upstream,
                     wire::describe_rcode(&answer),
-                    now.instant.saturating_duration_since(started),
+                    now.instant.saturating_duration_since(started.instant),
                     self.workload_name(conn.cgroup),
                 );
             }

@@ -217,7 +217,7 @@ mod tests {
         pending.0.pending.lock().unwrap().insert(
             7,
             super::super::connection::Pending {
-                started: std::time::Instant::now(),
+                started: crate::dns::Moment::now(),
                 description: None,
                 cacheable: None,
                 awaited: [None].into(),

@@ -96,7 +96,7 @@ pub(super) struct CacheHit {
     client: SocketAddr,
     original: SocketAddr,
     reply_from: IpAddr,
-    started: Instant,
+    started: Moment,
 }
 
 /// Whom a cached, stale or shared answer goes to.
@@ -109,7 +109,8 @@ pub(super) struct Recipient<'a> {
     pub(super) reply_from: IpAddr,
     /// The listener its query reached.
     pub(super) listener: BorrowedFd<'a>,
-    pub(super) started: Instant,
+    /// When its query arrived.
+    pub(super) started: Moment,
 }
 
 impl Waiter {
@@ -202,7 +203,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let Some(query) = CacheableQuery::parse(server, datagram) else {
             return FromCache::NotCached;
         };
-        let stale_kept = match cache.lookup(&query, datagram, true, to.started) {
+        let stale_kept = match cache.lookup(&query, datagram, true, to.started.instant) {
             Cached::Fresh(answer) => {
                 hits.push(CacheHit {
                     answer,
@@ -237,7 +238,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             _client_slot: client_slot,
         };
         let in_flight = &self.settings.in_flight;
-        let (waiter, leading) = match in_flight.join(waiter, to.started) {
+        let (waiter, leading) = match in_flight.join(waiter, to.started.instant) {
             Joined::Waits => return FromCache::Handled,
             Joined::ServeStale(waiter) => {
                 self.answer_stale(&waiter.query, &waiter.head, waiter.recipient());
@@ -346,11 +347,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Counts and logs an answer made here that went out at `now`.
     fn answered_here(&self, answer: &[u8], to: Recipient<'_>, source: MadeHere, now: Moment) {
         let stats = &self.stats.udp;
-        let latency = now.instant.saturating_duration_since(to.started);
+        let latency = now.instant.saturating_duration_since(to.started.instant);
         let asked = udp_asked(to.client, to.original, to.cgroup);
         self.settings
             .observers
-            .answered(asked, Some(latency), answer, now);
+            .answered(asked, Some(to.started), answer, now);
         match source {
             MadeHere::Hit => Stats::add(&self.stats.cache_hits),
             MadeHere::Stale => Stats::add(&self.stats.cache_stale),
@@ -408,7 +409,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let stale_instead = stale_kept && answer.is_none_or(|answer| trusted && is_failure(answer));
         if let Some(cache) = &self.settings.cache {
             match answer {
-                _ if stale_instead => cache.upstream_failed(&query.key, to.started, Instant::now()),
+                _ if stale_instead => {
+                    cache.upstream_failed(&query.key, to.started.instant, Instant::now())
+                }
                 Some(answer) if trusted => {
                     _ = cache.store(&query, &head, answer, true, Instant::now());
                 }
@@ -463,6 +466,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             original,
             reply_from,
             message: Some(message),
+            started: asked_at,
             _client_slot: client_slot,
             ..
         } = waiter
@@ -481,8 +485,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let standing = client_slot.standing(self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
-        // Now: its own query has the whole upstream timeout, whenever it first came.
-        let started = Instant::now();
+        // Now: its own query has the whole upstream timeout, whenever it first came (the log
+        // keeps when it came).
+        let started = Moment {
+            instant: Instant::now(),
+            wall: asked_at.wall,
+        };
         let pending = |socket| Pending {
             socket,
             cgroup,
@@ -499,7 +507,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             answer_trusted: false,
         };
         let pick = random();
-        let Some((key, socket)) = self.register(upstream, id, pending, pick, standing, started)
+        let Some((key, socket)) =
+            self.register(upstream, id, pending, pick, standing, started.instant)
         else {
             return;
         };

@@ -322,7 +322,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     original,
                     reply_from: reached.ip(),
                     listener: self.shared_listener.as_fd(),
-                    started: now.instant,
+                    started: now,
                 };
                 self.refuse_loop(datagram, to);
                 return None;
@@ -331,7 +331,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
-        let started = now.instant;
+        let started = now;
         let asked = udp_asked(client, original, cgroup);
         self.settings.observers.asked(asked, datagram, now);
         let recipient = Recipient {
@@ -375,7 +375,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             strays_at_send: 0,
             answer_trusted: false,
         };
-        self.register(upstream, upstream_id, pending, pick, standing, started)
+        self.register(
+            upstream,
+            upstream_id,
+            pending,
+            pick,
+            standing,
+            started.instant,
+        )
     }
 
     /// The name of cgroup `id`'s workload, for the log.

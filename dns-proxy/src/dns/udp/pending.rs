@@ -18,7 +18,7 @@ use super::{
     pool::{PoolSocket, Stray},
 };
 use crate::dns::{
-    OriginalDestinations,
+    Moment, OriginalDestinations,
     per_client::{ClientSlot, Standing},
     stats::Stats,
     wire,
@@ -62,7 +62,8 @@ pub(super) struct Pending {
     /// A keyed hash of the query's question ([`wire::hash_question`]): an answer that has a
     /// question must ask the same one, letter case aside.
     pub(super) question: u64,
-    pub(super) started: Instant,
+    /// When its query arrived (or, sent again on its own after waiting on another, was sent).
+    pub(super) started: Moment,
     /// "name=... type=..." when debug logging is on.
     pub(super) description: Option<String>,
     /// What the cache needs at its answer: `None` with the cache off, or for a query the
@@ -184,7 +185,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 .iter()
                 .map(|(key, pending)| {
                     let past = pending._client_slot.past_fair_share(max);
-                    (past, Reverse(pending.started), *key)
+                    (past, Reverse(pending.started.instant), *key)
                 })
                 .filter(|(past, ..)| *past > 0 || any_at_its_share)
                 .max_by_key(|(past, started, _)| (*past, *started))

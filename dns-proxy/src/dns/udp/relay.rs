@@ -94,7 +94,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             };
             heard = true;
             if socket.peer().is_none() && connected != Some(from) {
-                self.connect_upstream(from, pending.started);
+                self.connect_upstream(from, pending.started.instant);
                 connected = Some(from);
             }
             if pending
@@ -151,12 +151,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             if !relayed {
                 continue;
             }
-            let latency = now.instant.saturating_duration_since(pending.started);
+            let latency = now
+                .instant
+                .saturating_duration_since(pending.started.instant);
             stats.answered(datagram, Some(latency));
             let asked = udp_asked(pending.client, pending.original, pending.cgroup);
             self.settings
                 .observers
-                .answered(asked, Some(latency), datagram, now);
+                .answered(asked, Some(pending.started), datagram, now);
             if let Some(description) = pending.description {
                 log::debug!(
                     target: LOG,

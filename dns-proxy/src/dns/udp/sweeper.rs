@@ -45,7 +45,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let (expired, overdue) = {
                 let mut table = self.pending.lock().expect("not poisoned");
                 let expired: Vec<(PendingKey, Pending)> = table
-                    .extract_if(|_, pending| now.duration_since(pending.started) >= timeout)
+                    .extract_if(|_, pending| now.duration_since(pending.started.instant) >= timeout)
                     .collect();
                 let overdue: Vec<Overdue<'_>> = table
                     .values_mut()
@@ -57,7 +57,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                         // give up at (helper-172).
                         if !cached.stale_kept
                             || cached.served_stale
-                            || now.duration_since(pending.started) + every < STALE_AFTER
+                            || now.duration_since(pending.started.instant) + every < STALE_AFTER
                         {
                             return None;
                         }
@@ -65,7 +65,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                         // Late enough to count as failing: a TCP retry (the stale answer may
                         // come truncated) is answered stale too.
                         if let Some(cache) = &self.settings.cache {
-                            cache.upstream_failed(&cached.query.key, pending.started, now);
+                            cache.upstream_failed(&cached.query.key, pending.started.instant, now);
                         }
                         let waiters = cached
                             .leading
@@ -97,7 +97,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let stats = &self.stats.udp;
             for (key, mut pending) in expired {
                 let socket = &pending.socket;
-                if socket.peer().is_some() && !socket.answered_since(pending.started) {
+                if socket.peer().is_some() && !socket.answered_since(pending.started.instant) {
                     self.disconnect_upstream(key.upstream, socket.id());
                 }
                 pending.socket.settled();
