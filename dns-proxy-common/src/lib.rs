@@ -253,10 +253,16 @@ pub enum Counter {
     /// of the kernel's structs failed, or `EXCLUDED_CGROUPS` had no room): left to the agent's
     /// look, which races their first lookups.
     ExcludeMadeFailed = 17,
+    /// Indexes that named no server taken for the UDP sockets still connected to them, at
+    /// their first packet (`cgroup_skb/egress`): sockets connected under a table of servers
+    /// that is gone (its bpffs lost between agents). Held ([`Origin::stale`]) while such a
+    /// socket lives, the index is given to no other server, so the socket's lookups fail
+    /// (port unreachable) instead of reaching that server.
+    StaleIndexHeld = 18,
 }
 
 impl Counter {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Redirected,
         Self::SkippedExcluded,
         Self::SkippedForeignNamespace,
@@ -275,6 +281,7 @@ impl Counter {
         Self::WorkloadLimit,
         Self::ExcludedAsMade,
         Self::ExcludeMadeFailed,
+        Self::StaleIndexHeld,
     ];
 }
 
@@ -556,6 +563,28 @@ impl Origin {
             _padding: 0,
             cgroup_id,
         }
+    }
+
+    /// What holds an index of `family`'s block that named no server when a UDP socket of
+    /// cgroup `cgroup_id` sent there: the socket connected to it under a table that is gone,
+    /// and would reach whatever server the index were given to next. It names no server
+    /// (port 0: no DNS server listens there), so the programs refuse what is sent there and
+    /// the agent serves none of it; charged to the cgroup as a slot of its own, and freed by
+    /// the agent once no socket connected to it is noted (`CONNECTED`).
+    pub const fn stale(family: u16, cgroup_id: u64) -> Self {
+        Self::new(
+            Endpoint {
+                addr: [0; 4],
+                port: 0,
+                family,
+            },
+            cgroup_id,
+        )
+    }
+
+    /// Whether this holds an index for sockets of a table that is gone ([`Origin::stale`]).
+    pub const fn is_stale(&self) -> bool {
+        self.server.port == 0
     }
 
     /// Where in the table this origin's search for a free slot starts: SipHash-2-4 of its

@@ -50,12 +50,15 @@ pub fn addresses_proxy4(config: &RedirectConfig, addr: u32, port_be: u16) -> boo
     port_be == config.port4 && index_in_block4(config, addr).is_some()
 }
 
-/// The origin of index `index` of `family`'s block, if it has one.
+/// The origin of index `index` of `family`'s block, if it has one (an index held for sockets
+/// of a table that is gone, [`Origin::stale`], has none).
 pub fn origin_at(family: u16, index: u32) -> Option<Origin> {
     // SAFETY: `get` is unsafe because an element may be removed or replaced while it is held;
     // `SERVERS` is `BPF_F_NO_PREALLOC`, so a removed element is freed only after the program
     // is done (RCU) and never reused meanwhile, and the value is copied out at once.
-    unsafe { SERVERS.get(server_key(family, index)) }.copied()
+    unsafe { SERVERS.get(server_key(family, index)) }
+        .copied()
+        .filter(|origin| !origin.is_stale())
 }
 
 /// The server of index `index` of `family`'s block, counted as unknown if there is none.
@@ -274,7 +277,7 @@ fn index_of(origin: &Origin, capacity: u32, taken: &mut Taken) -> Option<u32> {
 /// pass at its last slot: a share is exceeded by about a slot per CPU. Not inlined, as
 /// `keyed_hash`.
 #[inline(never)]
-fn share_left(cgroup_id: u64) -> bool {
+pub(crate) fn share_left(cgroup_id: u64) -> bool {
     // SAFETY: a read of a global that the loader patched before load; volatile, as in
     // `keyed_hash`.
     let limit = unsafe { core::ptr::read_volatile(&MAX_ORIGINS_PER_CGROUP) };
@@ -296,7 +299,7 @@ fn share_left(cgroup_id: u64) -> bool {
 /// limit set at a later start then counts what the cgroup took before. An atomic add, as the
 /// cgroup's sockets may take slots on several CPUs at once.
 #[inline(never)]
-fn charge(cgroup_id: u64) {
+pub(crate) fn charge(cgroup_id: u64) {
     if CGROUP_ORIGINS.get_ptr_mut(cgroup_id).is_none() {
         // Room for it: the map has an entry per slot of the table at most, and the agent
         // removes those of departed cgroups as it forgets their slots.

@@ -315,8 +315,21 @@ pub fn ctx_sock_kind(ctx: &SockContext) -> u32 {
 pub fn ctx_sock_peer(ctx: &SockContext) -> (u32, [u32; 4], u16) {
     // SAFETY: the context's socket pointer is the kernel's, valid for the whole run; the
     // verifier allows reading `family`, `dst_ip4`, `dst_ip6` (word by word) and `dst_port`.
+    unsafe { full_sock_peer(ctx.sock) }
+}
+
+/// The peer of a full socket (`bpf_sk_fullsock`'s, in `cgroup_skb`): its family, address (an
+/// IPv4 one in the first word) and port (network order; 0 while not connected).
+///
+/// # Safety
+/// `sk` is a non-null full socket a helper returned, or a `cgroup/sock_release` context's,
+/// valid for the run.
+// Always inlined, as `read_words`: a context's fields are loaded at offsets from its pointer.
+#[inline(always)]
+pub unsafe fn full_sock_peer(sk: *const bpf_sock) -> (u32, [u32; 4], u16) {
+    // SAFETY: the caller's promise; a full socket's `family`, `dst_ip4`, `dst_ip6` (word by
+    // word) and `dst_port` are readable.
     unsafe {
-        let sk = ctx.sock;
         let family = (*sk).family;
         let port = (*sk).dst_port;
         if family == u32::from(AF_INET6) {

@@ -23,17 +23,23 @@
 //! whatever its protocol: with `IP_HDRINCL` (`IPV6_HDRINCL`) one of any protocol, 0 included,
 //! writes the whole header, a UDP one too.
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_netns_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     programs::SkBuffContext,
 };
-use dns_proxy_common::Counter;
+use dns_proxy_common::{Counter, Origin, server_key};
 
 use crate::{
-    block::{index_in_block4, index_in_block6},
-    config, count,
+    CONNECTED, SERVERS,
+    block::{charge, index_in_block4, index_in_block6, share_left},
+    config,
+    context::full_sock_peer,
+    count,
     scope::is_excluded_cgroup,
+    sock::{block_peer_index, note_connected},
 };
 
 /// `cgroup_skb` verdicts.
@@ -84,7 +90,10 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     }
     let config = config();
     let guarded = match sock_type {
-        Some(SOCK_DGRAM) => true,
+        Some(SOCK_DGRAM) => {
+            hold_stale_index::<NETNS>(ctx);
+            true
+        }
         Some(SOCK_STREAM) => {
             let port = ctx.skb.local_port();
             port == u32::from(u16::from_be(config.port4))
@@ -110,6 +119,79 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     }
     count(Counter::ImpersonationRefused);
     DROP
+}
+
+/// Holds the index a UDP socket is connected to when it names no server (or is held so
+/// already): the socket connected to it under a table of servers that is gone (the state
+/// directory's bpffs lost between agents), and the agent would give the index to another
+/// server, which the socket would then reach (helper-174: 1,181 answers from another server).
+/// Held by a stale origin ([`Origin::stale`]), charged to the socket's cgroup as a slot of its
+/// own, and by a note of the socket in `CONNECTED`, so that the agent frees it only once no
+/// such socket is left; meanwhile `sk_lookup` refuses what is sent there, and the socket's
+/// lookups fail fast (port unreachable) until it connects again.
+///
+/// Only sockets the programs would have sent there: of the agent's namespace in host mode
+/// (another's 127.x is its own; where the kernel does not tell namespaces, none in host
+/// mode), and not an agent's or an excluded cgroup's. Cheap for the rest: a socket that is
+/// not connected to the block costs two reads of its own fields, one connected to a live
+/// index a lookup of the table. Not inlined: a frame of its own, beside the guard's.
+#[inline(never)]
+fn hold_stale_index<const NETNS: bool>(ctx: &SkBuffContext) {
+    let config = config();
+    if config.foreign_namespaces == 0 && !NETNS {
+        return;
+    }
+    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
+    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a non-null socket of the packet, valid for the run.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: non-null: a full socket the helper returned, valid for the run.
+    let (family, addr, port) = unsafe { full_sock_peer(sk) };
+    if port == 0 {
+        return;
+    }
+    let Some((family, index)) = block_peer_index(&config, family, addr, port) else {
+        return;
+    };
+    let key = server_key(family, index);
+    // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
+    let held_stale = match unsafe { SERVERS.get(key) } {
+        Some(origin) if !origin.is_stale() => return,
+        Some(_) => true,
+        None => false,
+    };
+    if !guarded_here::<NETNS>(ctx) || sent_by_an_exempt_socket(ctx) {
+        return;
+    }
+    // SAFETY: the context's own `__sk_buff`, valid for the whole run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: as above.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if held_stale {
+        // Held for another socket already: this one holds it too, noted once.
+        // SAFETY: as above; only tested.
+        if unsafe { CONNECTED.get(cookie) }.is_none() {
+            note_connected(cookie, cgroup_id, key);
+        }
+        return;
+    }
+    if !share_left(cgroup_id) {
+        return;
+    }
+    let stale = Origin::stale(family, cgroup_id);
+    if SERVERS.insert(key, stale, u64::from(BPF_NOEXIST)).is_err() {
+        return; // taken a moment ago, by a connect or another CPU
+    }
+    charge(cgroup_id);
+    note_connected(cookie, cgroup_id, key);
+    count(Counter::StaleIndexHeld);
 }
 
 /// The type of the packet's full socket (`SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_RAW`), if it has

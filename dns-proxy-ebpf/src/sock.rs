@@ -421,15 +421,25 @@ fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i
 ///
 /// The note is charged to the connecting cgroup (`CONNECTED_CHARGE`, `CONNECTED_PER_CGROUP`),
 /// once per socket: a cgroup past its share ([`MAX_CONNECTED_PER_CGROUP`]) is not noted, so
-/// that one workload holding many sockets cannot fill the map for the others. Not inlined:
-/// the `connect6` path's stack is near its limit.
-#[inline(never)]
+/// that one workload holding many sockets cannot fill the map for the others. The note itself
+/// is a frame of its own ([`note_connected`]): the `connect6` path's stack is near its limit.
+#[inline(always)]
 fn hold_index(ctx: &SockAddrContext, key: u32) {
     if ctx_sock_type(ctx) != SOCK_DGRAM {
         return;
     }
     // SAFETY: the helper takes the program's own context, which it was given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a helper with no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    note_connected(cookie, cgroup_id, key);
+}
+
+/// Notes socket `cookie` as connected to the address of server key `key`, charged to cgroup
+/// `cgroup_id` ([`hold_index`]); also for a socket found connected to an index of a table that
+/// is gone (`egress`).
+#[inline(never)]
+pub(crate) fn note_connected(cookie: u64, cgroup_id: u64, key: u32) {
     // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
     if unsafe { CONNECTED_CHARGE.get(cookie) }.is_some() {
         // Noted and charged already (connected again within the block): the note follows
@@ -437,8 +447,6 @@ fn hold_index(ctx: &SockAddrContext, key: u32) {
         let _ = CONNECTED.insert(cookie, key, 0);
         return;
     }
-    // SAFETY: a helper with no arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: as above; the count is copied out at once.
     let charged = unsafe { CONNECTED_PER_CGROUP.get(cgroup_id) }
         .copied()
@@ -503,15 +511,32 @@ pub fn release_sock(ctx: &SockContext) -> i32 {
 /// Whether a peer is an address of the block on the proxy's port (an IPv4 one, or a v4-mapped
 /// one of a dual-stack socket, in the IPv4 block).
 fn is_block_peer(config: &RedirectConfig, family: u32, addr: [u32; 4], port_be: u16) -> bool {
+    block_peer_index(config, family, addr, port_be).is_some()
+}
+
+/// The family and index of the block address a peer is, on the proxy's port (an IPv4 one, or
+/// a v4-mapped one of a dual-stack socket, in the IPv4 block).
+pub(crate) fn block_peer_index(
+    config: &RedirectConfig,
+    family: u32,
+    addr: [u32; 4],
+    port_be: u16,
+) -> Option<(u16, u32)> {
     if family == u32::from(AF_INET6) && addr[..3] != v4_mapped_prefix() {
-        return port_be == config.port6 && index_in_block6(config, addr).is_some();
+        if port_be != config.port6 {
+            return None;
+        }
+        return index_in_block6(config, addr).map(|index| (AF_INET6, index));
     }
     let addr4 = if family == u32::from(AF_INET6) {
         addr[3]
     } else {
         addr[0]
     };
-    port_be == config.port4 && index_in_block4(config, addr4).is_some()
+    if port_be != config.port4 {
+        return None;
+    }
+    index_in_block4(config, addr4).map(|index| (AF_INET, index))
 }
 
 /// What a socket addressing block address `index` on the proxy's port is told: a workload may

@@ -994,8 +994,9 @@ async fn forget_departed(
                     if result.forgotten > 0 {
                         log::info!(
                             target: LOG,
-                            "forgot {} origins of cgroups that are gone, or shared ones no \
-                             pair uses ({} in the table); their indexes are held for {} more checks, then freed",
+                            "forgot {} origins of cgroups that are gone, shared ones no pair \
+                             uses, or indexes of a lost table no socket holds now ({} in the \
+                             table); their indexes are held for {} more checks, then freed",
                             result.forgotten,
                             result.kept,
                             FORGOTTEN_HELD_FOR

@@ -22,7 +22,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 const SAY_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 /// The counters said in the log, each with what its count is and what it means.
-const SAID: [(Counter, &str); 7] = [
+const SAID: [(Counter, &str); 8] = [
     (
         Counter::ForeignRefused,
         "connects or sends of a workload to a proxy address that is not its own were refused \
@@ -59,7 +59,14 @@ const SAID: [(Counter, &str); 7] = [
         "packets, answers or peer names at a proxy address that names no server were left \
          alone: a process asking a proxy address directly, or sockets connected under a table \
          of servers that is gone (the state directory lost between agents: such sockets fail \
-         until they connect again, and reach whatever server their address is given to next)",
+         until they connect again)",
+    ),
+    (
+        Counter::StaleIndexHeld,
+        "proxy addresses that named no server were held for the UDP sockets still connected \
+         to them, under a table of servers that is gone (the state directory's bpffs lost \
+         between agents): their lookups fail (port unreachable) until they connect again, and \
+         the addresses are given to no other server while they stay",
     ),
     (
         Counter::AgentUnresponsive,

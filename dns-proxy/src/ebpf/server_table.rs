@@ -260,7 +260,8 @@ impl ServerTable {
     /// use, so callers may keep the answer.
     pub fn origin(&self, family: u16, index: u32) -> Option<(SocketAddr, u64)> {
         match self.table().get(&server_key(family, index), 0) {
-            Ok(origin) if origin.cgroup_id == FORGOTTEN => None,
+            // Being forgotten, or held for sockets of a table that is gone: no server.
+            Ok(origin) if origin.cgroup_id == FORGOTTEN || origin.is_stale() => None,
             Ok(origin) => {
                 let server = origin.server.to_socket_addr()?;
                 self.note_server(server);
@@ -305,7 +306,7 @@ impl ServerTable {
     fn keep_servers4_of(&self, entries: &[(u32, Origin)]) {
         let named: std::collections::BTreeSet<std::net::Ipv4Addr> = entries
             .iter()
-            .filter(|(_, origin)| origin.cgroup_id != FORGOTTEN)
+            .filter(|(_, origin)| origin.cgroup_id != FORGOTTEN && !origin.is_stale())
             .filter_map(
                 |(_, origin)| match origin.server.to_socket_addr()?.ip().to_canonical() {
                     IpAddr::V4(ip) => Some(ip),
@@ -425,10 +426,14 @@ impl ServerTable {
         let live = |origin: &Origin| origin.cgroup_id != FORGOTTEN;
         let mut held = None;
         let mut is_held = |key: u32| held.get_or_insert_with(|| self.held_keys()).contains(&key);
+        // An index held for sockets of a table that is gone ([`Origin::stale`]) goes once no
+        // such socket is noted as connected to it: its cgroup may live on.
         let departed: Vec<(u32, Origin)> = entries
             .iter()
             .filter(|(_, origin)| live(origin) && origin.cgroup_id != 0)
-            .filter(|(key, origin)| gone(origin.cgroup_id) && is_quiet(*key) && !is_held(*key))
+            .filter(|(key, origin)| {
+                (origin.is_stale() || gone(origin.cgroup_id) && is_quiet(*key)) && !is_held(*key)
+            })
             .copied()
             .collect();
         // Servers some pair still asks through: their shared origins stay.

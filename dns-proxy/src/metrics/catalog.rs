@@ -454,6 +454,16 @@ pub const METRICS: &[Metric] = &[
         read: Read::Counter(|s| s.kernel(Counter::UnknownIndex)),
     },
     Metric {
+        name: "kernel_stale_index_held",
+        labels: &[],
+        only_with: None,
+        help: "Proxy addresses that named no server held for the UDP sockets still connected to \
+               them, under a table of servers that is gone (its bpffs lost between agents): the \
+               address is given to no other server while such a socket is noted, and the \
+               socket's lookups fail (port unreachable) until it connects again.",
+        read: Read::Counter(|s| s.kernel(Counter::StaleIndexHeld)),
+    },
+    Metric {
         name: "kernel_table_full",
         labels: &[],
         only_with: None,
