@@ -28,6 +28,7 @@ use crate::{
 };
 
 mod background;
+pub(crate) use background::FORGET_DEPARTED_TEST_SETTING;
 mod dns;
 mod kernel_refusals;
 mod listeners;
@@ -467,7 +468,15 @@ async fn serve(
             addr: listen,
             source,
         })?;
-        log::info!(target: LOG, "serving /metrics, /healthz and /readyz on http://{addr}");
+        let names_table = if shared.resolutions.is_some() {
+            " and /v1/resolutions"
+        } else {
+            ""
+        };
+        log::info!(
+            target: LOG,
+            "serving /metrics, /healthz, /readyz{names_table} on http://{addr}"
+        );
         tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
     }
     go_live(config, &scope, udp_threads, &shared).await?;

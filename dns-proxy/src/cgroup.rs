@@ -219,6 +219,20 @@ fn outside_cgroup2(path: &Path) -> Option<String> {
     if fs::symlink_metadata(path).is_ok() {
         return None;
     }
+    // `unified/pods` meant below the hierarchy, taken from wherever the agent started
+    // (helper-179).
+    if path.is_relative() {
+        let cwd = std::env::current_dir()
+            .map_or_else(|_| "?".to_owned(), |dir| dir.display().to_string());
+        let root = cgroup2_root().map_or_else(
+            |_| String::new(),
+            |root| format!(" (the cgroup2 hierarchy is mounted at {})", root.display()),
+        );
+        return Some(format!(
+            "; a relative path is taken from the current directory, {cwd}: give the cgroup's \
+             whole path{root}"
+        ));
+    }
     let existing = path.ancestors().skip(1).find(|dir| dir.exists())?;
     if filesystem_magic(existing).ok()? == CGROUP2_SUPER_MAGIC {
         return None;

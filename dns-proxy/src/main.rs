@@ -1,6 +1,6 @@
 use std::{io::Write as _, os::unix::process::ExitStatusExt as _, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use dns_proxy::{
     Outcome, RunError,
     config::{Cli, Command, RunConfig},
@@ -71,6 +71,56 @@ fn is_blank(value: &[u8]) -> bool {
     matches!(value, b"\"\"" | b"''") || value.iter().all(|b| b.is_ascii_whitespace() || *b == 0x0b)
 }
 
+/// The variables that set nothing though they look like settings: a `DNS_PROXY_*` name that no
+/// flag reads (`DNS_PROXY_METRIC` for `DNS_PROXY_METRICS`), which would leave its setting at
+/// the default without a word (helper-179: metrics off); each with the setting it is one or
+/// two letters off, if any.
+fn unknown_settings() -> Vec<(String, Option<String>)> {
+    let command = Cli::command();
+    let mut known: std::collections::HashSet<String> = std::iter::once(&command)
+        .chain(command.get_subcommands())
+        .flat_map(clap::Command::get_arguments)
+        .filter_map(clap::Arg::get_env)
+        .filter_map(|name| name.to_str().map(str::to_owned))
+        .collect();
+    known.extend(
+        dns_proxy::TEST_SETTINGS
+            .iter()
+            .map(|name| (*name).to_owned()),
+    );
+    let mut unknown: Vec<(String, Option<String>)> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("DNS_PROXY_") && !known.contains(name))
+        .map(|name| {
+            let meant = known
+                .iter()
+                .map(|setting| (edit_distance(&name, setting), setting))
+                .filter(|(distance, _)| *distance <= 2)
+                .min()
+                .map(|(_, setting)| setting.clone());
+            (name, meant)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// How many letters must be inserted, removed or replaced to make `a` into `b` (Levenshtein).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let replaced = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = replaced.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
 fn main() -> ExitCode {
     tidy_list_settings();
     drop_empty_settings();
@@ -102,6 +152,17 @@ fn main() -> ExitCode {
         logger.format(dns_proxy::journal::write_line);
     }
     logger.init();
+    // A near miss is surely meant as a setting; other names may be another tool's (the
+    // tests' DNS_PROXY_BIN).
+    for (name, meant) in unknown_settings() {
+        match meant {
+            Some(meant) => log::warn!("{name} sets nothing: did you mean {meant}?"),
+            None => log::info!(
+                "{name} sets nothing: no flag reads it (the settings are the [env: ...] names \
+                 in dns-proxy run --help)"
+            ),
+        }
+    }
     let (config, is_exec) = match cli.command {
         Command::Run(args) => (RunConfig::try_from(args), false),
         Command::Exec(args) => (RunConfig::try_from(args), true),
@@ -149,5 +210,19 @@ fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
         (None, None) => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_one_or_two_letters_off_is_told_apart_from_anothers_variable() {
+        assert_eq!(edit_distance("DNS_PROXY_METRIC", "DNS_PROXY_METRICS"), 1);
+        assert_eq!(edit_distance("DNS_PROXY_LISTNE", "DNS_PROXY_LISTEN"), 2);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert!(edit_distance("DNS_PROXY_BIN", "DNS_PROXY_LISTEN") > 2);
     }
 }

@@ -919,6 +919,9 @@ const WALKS_MISSING: u8 = 3;
 /// How long an origin of a cgroup that is gone must have carried no query to be forgotten.
 const QUIET_BEFORE_FORGETTING: Duration = Duration::from_secs(600);
 
+/// The variable that shortens [`forget_departed`]'s wait, for the integration tests.
+pub const FORGET_DEPARTED_TEST_SETTING: &str = "DNS_PROXY_TEST_FORGET_DEPARTED";
+
 /// Forgets, every [`FORGET_DEPARTED_EVERY`] until `stop`, the origins of cgroups that are gone
 /// ([`ServerTable::forget_departed`]): pods come and go, and each asks through origins of its
 /// own. `DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS` (for the integration tests only) checks that
@@ -931,15 +934,24 @@ async fn forget_departed(
     stop: drain::Signal,
 ) {
     // At least a second: 0 would walk the tree without a pause.
-    let test_seconds = std::env::var("DNS_PROXY_TEST_FORGET_DEPARTED")
+    let test_seconds = std::env::var(FORGET_DEPARTED_TEST_SETTING)
         .ok()
         .and_then(|seconds| seconds.parse::<u64>().ok())
         .filter(|&seconds| seconds > 0);
     let (every, quiet) = match test_seconds {
-        Some(seconds) => (
-            Duration::from_secs(seconds),
-            Duration::from_secs(2 * seconds),
-        ),
+        Some(seconds) => {
+            log::warn!(
+                target: LOG,
+                "{FORGET_DEPARTED_TEST_SETTING} is set, a setting for tests: departed cgroups' \
+                 origins are forgotten {}s after their last query instead of {}s",
+                2 * seconds,
+                QUIET_BEFORE_FORGETTING.as_secs()
+            );
+            (
+                Duration::from_secs(seconds),
+                Duration::from_secs(2 * seconds),
+            )
+        }
         None => (FORGET_DEPARTED_EVERY, QUIET_BEFORE_FORGETTING),
     };
     let mut missing: std::collections::HashMap<u64, u8> = std::collections::HashMap::new();

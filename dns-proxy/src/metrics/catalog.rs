@@ -157,7 +157,8 @@ pub const METRICS: &[Metric] = &[
         name: "queries_received",
         labels: &["protocol"],
         only_with: None,
-        help: "Messages read from redirected clients.",
+        help: "Messages read from clients: every one, those dropped included (from a client \
+               the kernel did not redirect, malformed, beyond a limit).",
         read: Read::Counter(|s| Some(s.by_protocol(|p| &p.received))),
     },
     Metric {
@@ -220,7 +221,8 @@ pub const METRICS: &[Metric] = &[
                --max-tcp-connections-per-client), loop (headed back to the proxy; UDP: \
                answered REFUSED), foreign_loopback (from another network namespace to a loopback server), stray \
                (UDP: a datagram from upstream that answers no query in flight, late or forged, \
-               or an ICMP port unreachable about none; not one the kernel refuses: from \
+               or is no answer at all (not DNS: its query waits on, as a client asking the \
+               server would), or an ICMP port unreachable about none; not one the kernel refuses: from \
                another address or port than the server an upstream socket is connected to, or \
                to a socket already closed), stalled (TCP: a \
                client that stopped reading its answers for --upstream-timeout; its connection \

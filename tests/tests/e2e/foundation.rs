@@ -771,6 +771,12 @@ mod usage_errors {
             "/ is not in the cgroup2 hierarchy, which is mounted at /",
         );
         assert_one_line_error(&["--cgroup=/proc"], &[], "not a cgroup v2 directory");
+        // A relative path: from where it was taken, and that the whole path is wanted.
+        assert_one_line_error(
+            &["--cgroup=unified/no-such-cgroup"],
+            &[],
+            "a relative path is taken from the current directory",
+        );
     }
 
     #[test]
