@@ -157,9 +157,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_UPSTREAM")]
     pub upstream: Option<SocketAddr>,
 
-    /// How long to wait for an upstream answer before giving up on a query (the client then
-    /// times out, as it would have without the proxy).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "DNS_PROXY_UPSTREAM_TIMEOUT")]
+    /// How long to wait for an upstream answer before giving up on a query. 10s: a glibc or
+    /// musl client with its default options (5 s a try, 2 tries) has given up by then, and
+    /// until then takes a late answer to its first try; raise it for clients that wait longer
+    /// (resolv.conf `timeout:`, `attempts:`).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, env = "DNS_PROXY_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Duration,
 
     /// Most queries forwarded at once; beyond it new queries are dropped (and counted), which
@@ -696,7 +698,7 @@ mod tests {
         assert_eq!(config.upstream, None);
         assert_eq!(config.tcp_idle_timeout, Duration::from_secs(10));
         assert_eq!(config.max_tcp_connections, 1024);
-        assert_eq!(config.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(config.upstream_timeout, Duration::from_secs(10));
         assert_eq!(config.max_inflight, 4096);
         assert_eq!(config.max_inflight_per_client, 1024);
         assert_eq!(config.max_tcp_connections_per_client, 256);

@@ -121,6 +121,15 @@ impl NetnsResolvConf {
         self.write_with_timeout(nameservers, 2);
     }
 
+    /// `nameservers` with no options: glibc's defaults (5 s a try, 2 tries).
+    pub(crate) fn write_with_defaults(&self, nameservers: &[IpAddr]) {
+        let text: String = nameservers
+            .iter()
+            .map(|nameserver| format!("nameserver {nameserver}\n"))
+            .collect();
+        fs::write(self.dir.join("resolv.conf"), text).expect("write resolv.conf");
+    }
+
     /// `nameservers`, each waited on `seconds` (glibc's `options timeout:`), one attempt.
     pub(crate) fn write_with_timeout(&self, nameservers: &[IpAddr], seconds: u32) {
         let mut text = String::new();

@@ -118,6 +118,12 @@ impl Topology {
         self._resolv_conf.write_with_timeout(nameservers, seconds);
     }
 
+    /// Points the client namespace's resolv.conf at these nameservers, with no options: the C
+    /// library's defaults (glibc: 5 s a try, 2 tries).
+    pub fn set_nameservers_with_defaults(&self, nameservers: &[IpAddr]) {
+        self._resolv_conf.write_with_defaults(nameservers);
+    }
+
     /// A command run in the client namespace but outside the test cgroup.
     pub fn outsider(&self, program: &str, args: &[&str]) -> Command {
         let mut command = self.client.command(program);

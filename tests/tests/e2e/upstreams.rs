@@ -194,6 +194,52 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
 /// the port unreachable, as from the server; told REFUSED alone, c-ares in Node.js failed the
 /// lookup), over IPv4 and IPv6, and an unconnected one, which the kernel tells nothing, is
 /// answered REFUSED.
+/// A server that answers after 6 s: glibc with its default options (5 s a try, 2 tries)
+/// takes the answer to its first try while it waits on its second, and so must it through the
+/// agent with its default `--upstream-timeout`. With 5 s, the default before, the agent had
+/// forgotten the query at 5 s and dropped its answer, and the lookup failed at 10 s, where it
+/// took 6 s directly (helper-177).
+#[test]
+fn a_glibc_client_with_its_defaults_gets_an_answer_that_comes_during_its_second_try() {
+    let Harness {
+        agent, topology, ..
+    } = &Harness::start(Placement::Outside, &[]);
+    let slow = std::net::Ipv4Addr::new(192, 0, 2, 97);
+    topology.add_server_address(slow);
+    let _upstream = Process::spawn(
+        topology
+            .server
+            .command(env!("CARGO_BIN_EXE_test-upstream"))
+            .args([
+                format!("{slow}:53"),
+                "6000".to_owned(),
+                ANSWER_IP.to_string(),
+            ]),
+    );
+    wait_for("the slow server to listen", Duration::from_secs(10), || {
+        let output = topology
+            .server
+            .command("ss")
+            .args(["-H", "-lun", &format!("src {slow}:53")])
+            .output()
+            .ok()?;
+        (!output.stdout.is_empty()).then_some(())
+    });
+    topology.set_nameservers_with_defaults(&[slow.into()]);
+    let name = "slow.example.test";
+    let started = Instant::now();
+    let output = must(&mut topology.workload("getent", &["ahostsv4", name]));
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&ANSWER_IP.to_string()),
+        "after {took:?}: {stdout}\n{}",
+        agent.log()
+    );
+    // The answer to its first try, not to its second (which would come at 11 s).
+    assert!(took < Duration::from_secs(9), "{took:?}");
+}
+
 #[test]
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let Harness {
