@@ -131,16 +131,15 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
 /// lookups fail fast (port unreachable) until it connects again.
 ///
 /// Only sockets the programs would have sent there: of the agent's namespace in host mode
-/// (another's 127.x is its own; where the kernel does not tell namespaces, none in host
-/// mode), and not an agent's or an excluded cgroup's. Cheap for the rest: a socket that is
-/// not connected to the block costs two reads of its own fields, one connected to a live
-/// index a lookup of the table. Not inlined: a frame of its own, beside the guard's.
+/// (another's 127.x is its own), and not an agent's or an excluded cgroup's. Where the kernel
+/// does not tell a packet's namespace (before Linux 6.18), another namespace's socket of the
+/// cgroup connected to its own address in the block's range takes an index too: charged to
+/// its cgroup, within its share, as a server it asked would be. Cheap for the rest: a socket
+/// that is not connected to the block costs two reads of its own fields, one connected to a
+/// live index a lookup of the table. Not inlined: a frame of its own, beside the guard's.
 #[inline(never)]
 fn hold_stale_index<const NETNS: bool>(ctx: &SkBuffContext) {
     let config = config();
-    if config.foreign_namespaces == 0 && !NETNS {
-        return;
-    }
     // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
     // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };

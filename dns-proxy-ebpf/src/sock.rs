@@ -421,9 +421,10 @@ fn to_proxy_port(ctx: &SockAddrContext, port_be: u16, hook: Hook, key: u32) -> i
 ///
 /// The note is charged to the connecting cgroup (`CONNECTED_CHARGE`, `CONNECTED_PER_CGROUP`),
 /// once per socket: a cgroup past its share ([`MAX_CONNECTED_PER_CGROUP`]) is not noted, so
-/// that one workload holding many sockets cannot fill the map for the others. The note itself
-/// is a frame of its own ([`note_connected`]): the `connect6` path's stack is near its limit.
-#[inline(always)]
+/// that one workload holding many sockets cannot fill the map for the others. Not inlined,
+/// and the note inlined into it: the `connect6` path's stack is near its limit (Linux 6.1
+/// refused a frame more: "combined stack size of 5 calls is 544").
+#[inline(never)]
 fn hold_index(ctx: &SockAddrContext, key: u32) {
     if ctx_sock_type(ctx) != SOCK_DGRAM {
         return;
@@ -438,7 +439,7 @@ fn hold_index(ctx: &SockAddrContext, key: u32) {
 /// Notes socket `cookie` as connected to the address of server key `key`, charged to cgroup
 /// `cgroup_id` ([`hold_index`]); also for a socket found connected to an index of a table that
 /// is gone (`egress`).
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn note_connected(cookie: u64, cgroup_id: u64, key: u32) {
     // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
     if unsafe { CONNECTED_CHARGE.get(cookie) }.is_some() {
