@@ -81,7 +81,11 @@ pub fn steer_to_proxy(ctx: &SkLookupContext) -> u32 {
         return SK_DROP;
     }
     let Some(server) = server_at(family, index) else {
-        return SK_PASS; // nothing to serve: no socket takes it, the sender hears so
+        // Nothing to serve (no origin, or one held for the sockets of a lost table): refused,
+        // so that the sender hears so at once (port unreachable, a reset). Passed on, it was
+        // taken by the agent's hold of its port on every address (a port of 1024 or above,
+        // as the default 8053), and a connected socket waited out its timeout (helper-180).
+        return SK_DROP;
     };
     if server.is_local_only() && lookup.ingress_ifindex != LOOPBACK_IFINDEX {
         count(Counter::ForeignRefused);

@@ -56,8 +56,8 @@ const SAID: [(Counter, &str); 8] = [
     ),
     (
         Counter::UnknownIndex,
-        "packets, answers or peer names at a proxy address that names no server were left \
-         alone: a process asking a proxy address directly, or sockets connected under a table \
+        "packets to a proxy address that names no server were refused (port unreachable), and \
+         answers or peer names from one left alone: a process asking a proxy address directly, or sockets connected under a table \
          of servers that is gone (the state directory lost between agents: such sockets fail \
          until they connect again)",
     ),
