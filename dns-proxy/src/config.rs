@@ -157,10 +157,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "DNS_PROXY_UPSTREAM")]
     pub upstream: Option<SocketAddr>,
 
-    /// How long to wait for an upstream answer before giving up on a query. 10s: a glibc or
-    /// musl client with its default options (5 s a try, 2 tries) has given up by then, and
-    /// until then takes a late answer to its first try; raise it for clients that wait longer
-    /// (resolv.conf `timeout:`, `attempts:`).
+    /// How long to wait for an upstream answer before giving up on a query. 10s: a glibc
+    /// client with its default options (5 s a try, 2 tries) has given up by then, and until
+    /// then takes a late answer to its first try (musl gives up after 5 s in all); raise it
+    /// for clients that wait longer (resolv.conf `timeout:`, `attempts:`).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, env = "DNS_PROXY_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Duration,
 

@@ -74,11 +74,16 @@ fn is_blank(value: &[u8]) -> bool {
 /// The variables that set nothing though they look like settings: a `DNS_PROXY_*` name that no
 /// flag reads (`DNS_PROXY_METRIC` for `DNS_PROXY_METRICS`), which would leave its setting at
 /// the default without a word (helper-179: metrics off); each with the setting it is one or
-/// two letters off, if any.
-fn unknown_settings() -> Vec<(String, Option<String>)> {
+/// two letters off, for those that are. The settings are those of `subcommand` (`exec` reads
+/// fewer than `run`). At most [`MAX_UNKNOWN_SAID`] names are looked at.
+fn unknown_settings(subcommand: &str) -> Vec<(String, String)> {
     let command = Cli::command();
     let mut known: std::collections::HashSet<String> = std::iter::once(&command)
-        .chain(command.get_subcommands())
+        .chain(
+            command
+                .get_subcommands()
+                .filter(|command| command.get_name() == subcommand),
+        )
         .flat_map(clap::Command::get_arguments)
         .filter_map(clap::Arg::get_env)
         .filter_map(|name| name.to_str().map(str::to_owned))
@@ -88,22 +93,29 @@ fn unknown_settings() -> Vec<(String, Option<String>)> {
             .iter()
             .map(|name| (*name).to_owned()),
     );
-    let mut unknown: Vec<(String, Option<String>)> = std::env::vars_os()
+    let mut names: Vec<String> = std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| name.starts_with("DNS_PROXY_") && !known.contains(name))
-        .map(|name| {
+        .collect();
+    names.sort();
+    names.truncate(MAX_UNKNOWN_SAID);
+    names
+        .into_iter()
+        .filter_map(|name| {
             let meant = known
                 .iter()
                 .map(|setting| (edit_distance(&name, setting), setting))
                 .filter(|(distance, _)| *distance <= 2)
                 .min()
-                .map(|(_, setting)| setting.clone());
-            (name, meant)
+                .map(|(_, setting)| setting.clone())?;
+            Some((name, meant))
         })
-        .collect();
-    unknown.sort();
-    unknown
+        .collect()
 }
+
+/// The most unknown `DNS_PROXY_*` variables named one by one: each is compared with every
+/// setting, and 20,000 of them took 10 s to start (helper-180).
+const MAX_UNKNOWN_SAID: usize = 32;
 
 /// How many letters must be inserted, removed or replaced to make `a` into `b` (Levenshtein).
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -152,16 +164,14 @@ fn main() -> ExitCode {
         logger.format(dns_proxy::journal::write_line);
     }
     logger.init();
-    // A near miss is surely meant as a setting; other names may be another tool's (the
-    // tests' DNS_PROXY_BIN).
-    for (name, meant) in unknown_settings() {
-        match meant {
-            Some(meant) => log::warn!("{name} sets nothing: did you mean {meant}?"),
-            None => log::info!(
-                "{name} sets nothing: no flag reads it (the settings are the [env: ...] names \
-                 in dns-proxy run --help)"
-            ),
-        }
+    // Only a near miss, which is surely meant as a setting: other names may be another
+    // tool's (the tests' DNS_PROXY_BIN), and a line for each would come before every error.
+    let subcommand = match cli.command {
+        Command::Run(_) => "run",
+        Command::Exec(_) => "exec",
+    };
+    for (name, meant) in unknown_settings(subcommand) {
+        log::warn!("{name} sets nothing: did you mean {meant}?");
     }
     let (config, is_exec) = match cli.command {
         Command::Run(args) => (RunConfig::try_from(args), false),

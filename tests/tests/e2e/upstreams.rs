@@ -114,15 +114,15 @@ fn the_client_sees_what_it_would_without_the_agent(mode: &str, expected: [&str; 
         );
     }
 
-    // Still serving; and once the agent's own upstream timeout (5 s) has passed, nothing of
-    // the failed lookups is left in flight.
+    // Still serving; and once the agent's own upstream timeout (10 s by default) has passed,
+    // nothing of the failed lookups is left in flight.
     assert_answered(
         dig(topology.workload("dig", &[]), "after.example.test", &[]),
         "a lookup after the failures",
     );
     wait_for(
         "the agent to settle every query",
-        Duration::from_secs(8),
+        Duration::from_secs(13),
         || {
             let page = scrape(topology);
             ["udp", "tcp"]
@@ -188,12 +188,6 @@ fn an_answer_in_another_letter_case_reaches_the_client_as_without_the_agent() {
     the_client_sees_what_it_would_without_the_agent("case", [&answer, &answer]);
 }
 
-/// A nameserver whose port is closed, listed first: glibc moves on to the next one at once
-/// through the agent as it does directly, instead of waiting out its timeout on every lookup.
-/// A connected socket reads ECONNREFUSED through the agent as directly (the agent sends it
-/// the port unreachable, as from the server; told REFUSED alone, c-ares in Node.js failed the
-/// lookup), over IPv4 and IPv6, and an unconnected one, which the kernel tells nothing, is
-/// answered REFUSED.
 /// A server that answers after 6 s: glibc with its default options (5 s a try, 2 tries)
 /// takes the answer to its first try while it waits on its second, and so must it through the
 /// agent with its default `--upstream-timeout`. With 5 s, the default before, the agent had
@@ -240,6 +234,12 @@ fn a_glibc_client_with_its_defaults_gets_an_answer_that_comes_during_its_second_
     assert!(took < Duration::from_secs(9), "{took:?}");
 }
 
+/// A nameserver whose port is closed, listed first: glibc moves on to the next one at once
+/// through the agent as it does directly, instead of waiting out its timeout on every lookup.
+/// A connected socket reads ECONNREFUSED through the agent as directly (the agent sends it
+/// the port unreachable, as from the server; told REFUSED alone, c-ares in Node.js failed the
+/// lookup), over IPv4 and IPv6, and an unconnected one, which the kernel tells nothing, is
+/// answered REFUSED.
 #[test]
 fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
     let Harness {
