@@ -28,11 +28,11 @@ mod service_manager;
 pub mod shutdown;
 mod time_namespace;
 mod udp_threads;
+pub mod workload;
+
+pub use app::{Outcome, RunError, run};
 
 /// Variables the integration tests set, which no flag reads: the agent reads them, and warns
 /// when one is set (`DNS_PROXY_TEST_FORGET_DEPARTED=SECONDS`: forget departed cgroups'
 /// origins after that many seconds instead of 10 minutes).
 pub const TEST_SETTINGS: [&str; 1] = [app::FORGET_DEPARTED_TEST_SETTING];
-pub mod workload;
-
-pub use app::{Outcome, RunError, run};
