@@ -326,7 +326,6 @@ async fn serve(
     let service_manager = ServiceManager::from_environment();
     // Held until this returns: the sockets that hold the blocks' first addresses among them.
     let mut listeners = Listeners::bind(config, udp_threads.count()).await?;
-    let port_hold = PortHold::take(&listeners);
     // Removed again if the start fails from here on; kept once the agent serves.
     let routes = take(&mut listeners.routes);
     // One agent redirects a cgroup: a second would attach beside it and serve nothing.
@@ -366,6 +365,11 @@ async fn serve(
         metrics_listener.as_ref(),
         redirect_lock.replaces_another_agent(),
     )?;
+    // Taken once `sk_lookup` steers the block: before, a datagram to a block address on the
+    // port met the hold, which takes nothing, where it is refused at once while no program
+    // steers (helper-181: a connected socket asking every 50 ms lost a lookup, of 20 sockets
+    // each, in the 40 ms an agent took to load its programs after a SIGKILL).
+    let port_hold = PortHold::take(&listeners);
     let servers = Arc::new(servers);
     let listen_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(listeners.v4))
         .chain(listeners.v6.map(SocketAddr::V6))
@@ -394,7 +398,8 @@ async fn serve(
     let stop_background = drain::Signal::new();
     // Said before the agent is ready, not once the task first runs.
     port_hold.count_missing(&shared.stats);
-    tokio::spawn(port_hold.keep(stop_background.clone(), Arc::clone(&shared.stats)));
+    let release_hold = drain::Signal::new();
+    let hold_kept = tokio::spawn(port_hold.keep(release_hold.clone(), Arc::clone(&shared.stats)));
     let stranded = drain::Signal::new();
     // Read now, while the agent holds few descriptors: the links it holds to its cgroup.
     let links = AttachedLinks::find(scope.target.id).unwrap_or_else(|err| {
@@ -548,6 +553,10 @@ async fn serve(
             "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
         );
     }
+    // Let go before `sk_lookup` is detached, so that a datagram to the block is refused from
+    // then on rather than met by the hold.
+    release_hold.stop();
+    let _ = hold_kept.await;
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",
