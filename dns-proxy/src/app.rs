@@ -315,7 +315,9 @@ fn routed_blocks(config: &RunConfig, serves_ipv6: bool) -> Vec<dns_proxy_common:
 /// order: not ready; serving on while an agent taking over is still starting; the listeners
 /// stop serving as usual; the redirect is switched off (and, with another agent steering on
 /// the port, every new packet steered to it); the listeners drain together until one
-/// deadline; the programs are detached; the metrics server and the background tasks stop.
+/// deadline, the UDP ones letting go of the block (the port's hold, then `sk_lookup`) once
+/// all are quiet or a moment before it; the programs are detached; the metrics server and
+/// the background tasks stop.
 async fn serve(
     config: &RunConfig,
     scope: Scope<'_>,
@@ -399,7 +401,9 @@ async fn serve(
     // Said before the agent is ready, not once the task first runs.
     port_hold.count_missing(&shared.stats);
     let release_hold = drain::Signal::new();
-    let hold_kept = tokio::spawn(port_hold.keep(release_hold.clone(), Arc::clone(&shared.stats)));
+    let mut hold_kept = Some(tokio::spawn(
+        port_hold.keep(release_hold.clone(), Arc::clone(&shared.stats)),
+    ));
     let stranded = drain::Signal::new();
     // Read now, while the agent holds few descriptors: the links it holds to its cgroup.
     let links = AttachedLinks::find(scope.target.id).unwrap_or_else(|err| {
@@ -528,18 +532,28 @@ async fn serve(
         // Another agent serves the block (an older one, when a newer one that took over is
         // stopped first, or the one that took over from this one): let it have every new
         // packet, so this one's drain ends with what it has.
-        redirector.stop_steering();
+        redirector.stop_steering("the other agent gets what reaches the block");
     }
-    // All listeners drain at once, each until the same deadline.
+    // All listeners drain at once, each until the same deadline. The UDP ones let go of the
+    // block a moment before it, so that what was sent there just before is answered too.
+    let steered_until = deadline.earlier_by((config.shutdown_timeout / 5).min(LAST_ANSWERS));
     let (queries, connections) = match cut_short {
         Some(_) => (0, 0),
-        None => tokio::select! {
-            drained = dns.drain(deadline) => drained,
-            signal = &mut second_signal => {
-                cut_short = Some(signal);
-                (0, 0)
+        None => {
+            let let_go = async {
+                // Before `sk_lookup` is detached, so that what is sent to the block from then
+                // on is refused rather than met by the hold.
+                let_go_of_the_port(&release_hold, &mut hold_kept).await;
+                redirector.stop_steering("what is sent to the block is refused from now on");
+            };
+            tokio::select! {
+                drained = dns.drain(steered_until, deadline, let_go) => drained,
+                signal = &mut second_signal => {
+                    cut_short = Some(signal);
+                    (0, 0)
+                }
             }
-        },
+        }
     };
     if let Some(signal) = cut_short {
         log::warn!(
@@ -553,10 +567,7 @@ async fn serve(
             "at the shutdown deadline, {queries} UDP queries were unanswered and {connections} TCP connections open"
         );
     }
-    // Let go before `sk_lookup` is detached, so that a datagram to the block is refused from
-    // then on rather than met by the hold.
-    release_hold.stop();
-    let _ = hold_kept.await;
+    let_go_of_the_port(&release_hold, &mut hold_kept).await;
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",
@@ -565,6 +576,22 @@ async fn serve(
     let _ = held_back.await;
     log::info!(target: LOG, "stopped: {}", shared.stats.summary());
     Ok(outcome)
+}
+
+/// The most of `--shutdown-timeout` (a fifth of it) kept for answering what was sent to the
+/// block just before the UDP listeners let go of it: a client connected to the block keeps a
+/// listener from ever being quiet, and what it sent at the deadline would go unanswered.
+const LAST_ANSWERS: Duration = Duration::from_secs(1);
+
+/// Releases the hold of the listen port (the task that keeps it, once).
+async fn let_go_of_the_port(
+    release: &drain::Signal,
+    kept: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    release.stop();
+    if let Some(task) = kept.take() {
+        let _ = task.await;
+    }
 }
 
 /// How often an agent that is stopping looks whether the one taking over steers the block.

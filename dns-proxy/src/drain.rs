@@ -78,6 +78,11 @@ impl Deadline {
         }
     }
 
+    /// `by` before this one (already past, if it is less than `by` away).
+    pub fn earlier_by(self, by: Duration) -> Self {
+        Self(self.0.checked_sub(by).unwrap_or(self.0))
+    }
+
     /// What `work` resolves to, or `None` if the deadline comes first.
     pub async fn within<T>(self, work: impl Future<Output = T>) -> Option<T> {
         tokio::time::timeout_at(self.0, work).await.ok()

@@ -834,7 +834,7 @@ impl Redirector {
     /// Stops steering packets to this agent's sockets: what reaches the block goes to the
     /// other agent serving it. For an agent that stops while another runs, so that its drain
     /// ends (what it has is answered) instead of taking every new packet until the deadline.
-    pub fn stop_steering(&mut self) {
+    pub fn stop_steering(&mut self, what_follows: &str) {
         let Some(link) = self.steer_link.take() else {
             return;
         };
@@ -846,7 +846,7 @@ impl Redirector {
             .map(|program| program.detach(link));
         log_detached(
             name,
-            "from this network namespace: the other agent gets what reaches the block",
+            &format!("from this network namespace: {what_follows}"),
             result,
         );
     }

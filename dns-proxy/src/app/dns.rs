@@ -207,16 +207,46 @@ impl Dns {
         serving
     }
 
-    /// Drains every listener at once, each until `deadline`. Returns the UDP queries still
-    /// unanswered and the TCP connections still open then.
-    pub(super) async fn drain(self, deadline: Deadline) -> (usize, usize) {
+    /// Drains every listener at once, each until `deadline`. The UDP listeners answer what
+    /// arrives until all are quiet or `steered_until` comes; then `let_go` runs (it lets go of
+    /// the block: from then on what is sent there is refused), and each answers what had
+    /// queued on it before, with what is in flight, until `deadline`. Returns the UDP queries
+    /// still unanswered and the TCP connections still open then.
+    pub(super) async fn drain(
+        self,
+        steered_until: Deadline,
+        deadline: Deadline,
+        let_go: impl std::future::Future<Output = ()>,
+    ) -> (usize, usize) {
         let mut draining = JoinSet::new();
+        let steering_off = drain::Signal::new();
+        let (quiet, mut quiet_ones) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let udp_listeners = self.udp.len();
         for (proxy, runtime) in self.udp {
-            draining.spawn_on(async move { (proxy.drain(deadline).await, 0) }, &runtime);
+            let (quiet, steering_off) = (quiet.clone(), steering_off.clone());
+            let draining_one = async move {
+                let say_quiet = move || {
+                    let _ = quiet.send(());
+                };
+                proxy.drain(steered_until, say_quiet, &steering_off).await;
+                (proxy.finish(deadline).await, 0)
+            };
+            draining.spawn_on(draining_one, &runtime);
         }
+        drop(quiet);
         for proxy in self.tcp {
             draining.spawn(async move { (0, proxy.drain(deadline).await) });
         }
+        let all_quiet = async {
+            for _ in 0..udp_listeners {
+                if quiet_ones.recv().await.is_none() {
+                    return;
+                }
+            }
+        };
+        steered_until.within(all_quiet).await;
+        let_go.await;
+        steering_off.stop();
         let (mut queries, mut connections) = (0, 0);
         for (unanswered, open) in draining.join_all().await {
             queries += unanswered;

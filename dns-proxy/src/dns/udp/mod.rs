@@ -151,13 +151,16 @@ pub struct UdpProxy<D> {
     pending: Mutex<HashMap<PendingKey, Pending>>,
     /// Keys the question hashes, so no one can craft a question that collides.
     question_hasher: RandomState,
-    /// Stops the pool readers and the sweeper, at the end of `drain`.
+    /// Stops the pool readers and the sweeper, at the end of `finish`.
     workers: drain::Signal,
     stats: Arc<Stats>,
     overload_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
 }
+
+/// How often a listener that finishes looks whether what it forwarded is all answered.
+const FINISH_POLL: Duration = Duration::from_millis(5);
 
 /// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
 /// queue was empty when the kernel stopped: tokio's readiness is then cleared at once, as it
@@ -245,16 +248,55 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
     }
 
-    /// Graceful end: keeps answering clients that were redirected before the redirect was
-    /// switched off, until nothing has arrived for a moment and nothing is in flight, or until
-    /// `deadline`. Returns how many forwarded queries were still unanswered then.
-    pub async fn drain(self: &Arc<Self>, deadline: Deadline) -> usize {
+    /// Graceful end, while `sk_lookup` may still steer clients here: keeps answering clients
+    /// that were redirected before the redirect was switched off, until nothing has arrived
+    /// for a moment and nothing is in flight, or until `deadline`; then calls `quiet`, and
+    /// answers what still arrives until `steering_off` is sent (nothing steers clients here
+    /// any more) or `deadline`. A listener that stopped reading while clients were still
+    /// steered to it would leave their datagrams unread.
+    pub async fn drain(
+        self: &Arc<Self>,
+        deadline: Deadline,
+        quiet: impl FnOnce(),
+        steering_off: &drain::Signal,
+    ) {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
         let (readable, idle) = (|| self.socket.readable(), || self.inflight() == 0);
         while let Some(ready) = deadline.next_arrival(readable, idle).await {
             self.on_readable(ready, &mut batch, &mut forwarding);
         }
+        quiet();
+        let serving = async {
+            while let Some(ready) = steering_off.unless_stopped(self.socket.readable()).await {
+                self.on_readable(ready, &mut batch, &mut forwarding);
+            }
+        };
+        deadline.within(serving).await;
+    }
+
+    /// Graceful end, once nothing steers clients here: answers what they sent before (still
+    /// queued on the listener) and what is in flight, until nothing is or until `deadline`.
+    /// Returns how many forwarded queries were still unanswered then.
+    pub async fn finish(self: &Arc<Self>, deadline: Deadline) -> usize {
+        let mut batch = ReceivedBatch::default();
+        let mut forwarding = Forwarding::default();
+        let answering = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    ready = self.socket.readable() => {
+                        self.on_readable(ready, &mut batch, &mut forwarding);
+                    }
+                    () = tokio::time::sleep(FINISH_POLL) => {
+                        if self.inflight() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        deadline.within(answering).await;
         self.workers.stop();
         self.inflight()
     }

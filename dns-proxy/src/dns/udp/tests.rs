@@ -1005,7 +1005,11 @@ async fn drain_answers_what_is_in_flight_then_returns() {
     assert_eq!(ask(&proxy, QUERY).await, Some(answer_to(QUERY)));
     let started = std::time::Instant::now();
     let deadline = Deadline::after(Duration::from_secs(5));
-    assert_eq!(proxy.drain(deadline).await, 0);
+    let steering_off = drain::Signal::new();
+    proxy
+        .drain(deadline, || steering_off.stop(), &steering_off)
+        .await;
+    assert_eq!(proxy.finish(deadline).await, 0);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
