@@ -536,15 +536,29 @@ async fn serve(
     }
     // All listeners drain at once, each until the same deadline. The UDP ones let go of the
     // block a moment before it, so that what was sent there just before is answered too.
-    let steered_until = deadline.earlier_by((config.shutdown_timeout / 5).min(LAST_ANSWERS));
+    let last_answers = (config.shutdown_timeout / 5).min(LAST_ANSWERS);
+    let steered_until = deadline.earlier_by(last_answers);
     let (queries, connections) = match cut_short {
         Some(_) => (0, 0),
         None => {
+            if !agents.another_steers_on_port() {
+                // A client connected to the block can keep the drain busy to its end.
+                log::info!(
+                    target: LOG,
+                    "sockets sent to the block are answered until every listener is quiet, \
+                     for {:.1} s at most, then refused",
+                    config.shutdown_timeout.saturating_sub(last_answers).as_secs_f64()
+                );
+            }
             let let_go = async {
                 // Before `sk_lookup` is detached, so that what is sent to the block from then
                 // on is refused rather than met by the hold.
                 let_go_of_the_port(&release_hold, &mut hold_kept).await;
-                redirector.stop_steering("what is sent to the block is refused from now on");
+                redirector.stop_steering(if agents.another_steers_on_port() {
+                    "the other agent gets what reaches the block"
+                } else {
+                    "what is sent to the block is refused from now on"
+                });
             };
             tokio::select! {
                 drained = dns.drain(steered_until, deadline, let_go) => drained,
