@@ -831,9 +831,11 @@ impl Redirector {
         self.own_sockets.clone()
     }
 
-    /// Stops steering packets to this agent's sockets: what reaches the block goes to the
-    /// other agent serving it. For an agent that stops while another runs, so that its drain
-    /// ends (what it has is answered) instead of taking every new packet until the deadline.
+    /// Stops steering packets to this agent's sockets; `what_follows` says in the log what
+    /// becomes of them. For an agent that stops: while another runs, so that what reaches the
+    /// block goes to that one and this one's drain ends with what it has; otherwise once its
+    /// UDP listeners are done with new packets, so that what is sent to the block is refused
+    /// (the kernel finds no socket there) while they answer what they have.
     pub fn stop_steering(&mut self, what_follows: &str) {
         let Some(link) = self.steer_link.take() else {
             return;
