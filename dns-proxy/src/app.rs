@@ -532,7 +532,7 @@ async fn serve(
         // Another agent serves the block (an older one, when a newer one that took over is
         // stopped first, or the one that took over from this one): let it have every new
         // packet, so this one's drain ends with what it has.
-        redirector.stop_steering("the other agent gets what reaches the block");
+        redirector.stop_steering(TO_THE_OTHER_AGENT);
     }
     // All listeners drain at once, each until the same deadline. The UDP ones let go of the
     // block a moment before it, so that what was sent there just before is answered too.
@@ -555,9 +555,9 @@ async fn serve(
                 // on is refused rather than met by the hold.
                 let_go_of_the_port(&release_hold, &mut hold_kept).await;
                 redirector.stop_steering(if agents.another_steers_on_port() {
-                    "the other agent gets what reaches the block"
+                    TO_THE_OTHER_AGENT
                 } else {
-                    "what is sent to the block is refused from now on"
+                    REFUSED_FROM_NOW_ON
                 });
             };
             tokio::select! {
@@ -596,6 +596,11 @@ async fn serve(
 /// block just before the UDP listeners let go of it: a client connected to the block keeps a
 /// listener from ever being quiet, and what it sent at the deadline would go unanswered.
 const LAST_ANSWERS: Duration = Duration::from_secs(1);
+
+/// What becomes of the block's packets once this agent's `sk_lookup` is detached, as the log
+/// says it: another agent steers the block, or none does.
+const TO_THE_OTHER_AGENT: &str = "the other agent gets what reaches the block";
+const REFUSED_FROM_NOW_ON: &str = "what is sent to the block is refused from now on";
 
 /// Releases the hold of the listen port (the task that keeps it, once).
 async fn let_go_of_the_port(

@@ -1628,10 +1628,11 @@ fn after_sigkill_lookups_go_direct_and_a_restarted_agent_takes_over() {
 }
 
 /// A connected socket asking as fast as it is answered, across a SIGKILL and a start: every
-/// datagram sent after the kill is answered or refused, none is left unanswered. Before, the starting agent held its
-/// port on every address before its `sk_lookup` steered the block, and what reached the block
-/// meanwhile (about 40 ms) met the hold, which takes nothing (helper-181: one lookup lost by
-/// each of 20 sockets). The port, 8053, is one the agent holds.
+/// datagram sent after the kill is answered or refused, none is left unanswered. Before, the
+/// starting agent held its port on every address before its `sk_lookup` steered the block,
+/// and what reached the block meanwhile (about 40 ms) met the hold, which takes nothing
+/// (helper-181: one lookup lost by each of 20 sockets). The port, 8053, is one the agent
+/// holds.
 #[test]
 fn a_starting_agent_refuses_what_reaches_the_block_before_it_steers_it_and_loses_none() {
     let topology = Topology::new();
@@ -1721,9 +1722,9 @@ fn asked_and_told(mut client: Process) -> [u64; 3] {
 }
 
 /// A UDP socket connected to `argv[1]`:53 that asks a name for `argv[2]` seconds, one after
-/// another, `argv[3]` seconds apart (2 ms if not given), each until answered, refused (`ECONNREFUSED`) or 2 s have passed (lost). Counts the lookups
-/// sent after its SIGUSR1, and prints each of their losses and then `answered=N refused=N
-/// lost=N`.
+/// another, `argv[3]` seconds apart (2 ms if not given), each until answered, refused
+/// (`ECONNREFUSED`) or 2 s have passed (lost). Counts the lookups sent after its SIGUSR1, and
+/// prints each loss and then `answered=N refused=N lost=N`.
 const ASKS_AND_TELLS: &str = r#"
 import signal, socket, struct, sys, time
 counting = False
