@@ -48,6 +48,25 @@ pub fn is_dso_response(message: &[u8]) -> bool {
     is_dso(message) && is_response(message) && message[4..HEADER_LEN].iter().all(|&b| b == 0)
 }
 
+/// A full header with the QR bit clear: a query, though perhaps not one worth forwarding.
+pub fn has_query_header(message: &[u8]) -> bool {
+    message.len() >= HEADER_LEN && !is_response(message)
+}
+
+/// FORMERR to `query` (one with [`has_query_header`]): its header with QR set and RCODE 1
+/// (opcode, RD and CD kept) and no records, what a server answers to a question it cannot
+/// parse (RFC 1035 §4.1.1). Never larger than the query.
+pub fn format_error(query: &[u8]) -> Option<Vec<u8>> {
+    if !has_query_header(query) {
+        return None;
+    }
+    let mut answer = query[..HEADER_LEN].to_vec();
+    answer[2] = 0x80 | (query[2] & 0x79);
+    answer[3] = (query[3] & 0x10) | 1;
+    answer[4..].fill(0);
+    Some(answer)
+}
+
 /// A message worth forwarding as a query: a full header with the QR bit clear, and at most one
 /// question (what every resolver sends; none at all is legal, e.g. for cookie refreshes) that
 /// lies within the message. Anything else is not DNS, or not something a server would answer.
@@ -471,6 +490,27 @@ mod tests {
         let a = answer(0xbeef, ResponseCode::NXDomain);
         assert!(!is_query(&a));
         assert_eq!(response_id(&a), Some(0xbeef));
+    }
+
+    #[test]
+    fn a_format_error_answers_the_query_header_a_client_checks_and_nothing_else() {
+        let mut two_questions = query(0xbeef);
+        two_questions[5] = 2;
+        two_questions[2] |= 0x10 | 0x01; // opcode 2 (STATUS), RD
+        two_questions[3] |= 0x10; // CD
+        let formerr = format_error(&two_questions).expect("a header to answer");
+        assert_eq!(formerr.len(), HEADER_LEN);
+        let parsed = Message::from_vec(&formerr).expect("a message a client can read");
+        assert_eq!(parsed.id(), 0xbeef);
+        assert_eq!(parsed.message_type(), MessageType::Response);
+        assert_eq!(parsed.response_code(), ResponseCode::FormErr);
+        assert_eq!(u8::from(parsed.op_code()), 2);
+        assert!(parsed.recursion_desired() && parsed.checking_disabled());
+        assert!(!parsed.authoritative() && !parsed.truncated());
+        assert!(parsed.queries().is_empty() && parsed.answers().is_empty());
+        // An answer, or less than a header, gets none: no server answers those.
+        assert_eq!(format_error(&answer(1, ResponseCode::NoError)), None);
+        assert_eq!(format_error(&two_questions[..HEADER_LEN - 1]), None);
     }
 
     #[test]

@@ -213,7 +213,8 @@ pub const METRICS: &[Metric] = &[
         labels: &["protocol", "reason"],
         only_with: None,
         help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
-               query), not_redirected (from a client the kernel did not redirect), overload \
+               query; UDP: one whose question the agent cannot read is answered FORMERR), \
+               not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections; or no \
                socket to be had toward the upstream, the agent out of open files; or, TCP, \
                a connection closed for want of room for a large message), \

@@ -828,33 +828,44 @@ for i in (1, 2):
 }
 
 #[test]
-fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
+fn malformed_datagrams_are_not_forwarded_unreadable_questions_are_answered_formerr() {
     let Harness {
         agent, topology, ..
     } = &mut start();
     let server = format!("{SERVER_IP}:53");
-    // Not DNS; a header with the response bit set; a question that runs off the end; two
-    // questions (RFC 9619: a query has one at most).
-    let garbage = [
-        "68656c6c6f",
-        "abcd8180000100000000000000",
-        "abcd0100000100000000000007657861",
-        "abcd010000020000000000000374776f0000010001036f6e650000010001",
+    let send = |mode: &str, hex: &str| {
+        topology
+            .workload(PROBE, &[mode, &server, "unused", "--raw", hex])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the probe")
+    };
+    // Not DNS; a header with the response bit set: no server answers either.
+    let unanswered = [
+        send("sendto", "68656c6c6f"),
+        send("sendto", "abcd8180000100000000000000"),
     ];
-    let senders: Vec<_> = garbage
-        .iter()
-        .map(|hex| {
-            topology
-                .workload(PROBE, &["sendto", &server, "unused", "--raw", hex])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the probe")
-        })
-        .collect();
-    for mut sender in senders {
-        let status = sender.wait().expect("wait for the probe");
-        assert!(!status.success(), "a malformed query got an answer");
+    // A question that runs off the end; two questions (RFC 9619: a query has one at most).
+    // Answered FORMERR, as by a server, from the server (the connected socket takes it):
+    // the client fails at once rather than waiting out its timeout.
+    let formerr = [
+        send("sendto", "abcd0100000100000000000007657861"),
+        send(
+            "connect",
+            "abcd010000020000000000000374776f0000010001036f6e650000010001",
+        ),
+    ];
+    for sender in unanswered {
+        let output = sender.wait_with_output().expect("wait for the probe");
+        assert!(!output.status.success(), "a malformed query got an answer");
+    }
+    for sender in formerr {
+        let output = sender.wait_with_output().expect("wait for the probe");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            format!("source={server} hex=abcd81010000000000000000")
+        );
     }
     // The proxy still answers.
     let name = "after-garbage.example.test";
@@ -865,7 +876,7 @@ fn malformed_datagrams_are_counted_and_dropped_and_the_proxy_goes_on() {
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
     let log = agent.log();
     assert!(
-        log.contains("udp: received=5 forwarded=1 answered=1 "),
+        log.contains("udp: received=5 forwarded=1 answered=3 "),
         "{log}"
     );
     assert!(log.contains("dropped_malformed=4 "), "{log}");

@@ -171,6 +171,8 @@ pub(super) enum MadeHere {
     Unreachable,
     /// REFUSED for a query whose server is this proxy (`refuse_loop`).
     Loop,
+    /// FORMERR for a query whose question the proxy cannot read (`answer_malformed`).
+    Malformed,
 }
 
 impl MadeHere {
@@ -182,6 +184,7 @@ impl MadeHere {
             Self::Coalesced => "cache=coalesced",
             Self::Unreachable => "upstream=unreachable",
             Self::Loop => "upstream=this-proxy",
+            Self::Malformed => "query=malformed",
         }
     }
 }
@@ -360,6 +363,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             MadeHere::Unreachable => {}
             // Counted as refused (`reason="loop"`) where it is made.
             MadeHere::Loop => {}
+            // Counted as dropped (`reason="malformed"`) where it is made.
+            MadeHere::Malformed => {}
         }
         stats.answered(answer, Some(latency));
         if log::log_enabled!(log::Level::Debug) {

@@ -73,7 +73,7 @@ mod unreachable;
 pub use port_unreachable::PortUnreachable;
 pub use unreachable::ClosedPorts;
 
-use cached::{CacheHit, FromCache, Recipient};
+use cached::{CacheHit, FromCache, MadeHere, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
@@ -333,14 +333,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
         Stats::add(&stats.received);
-        let (true, Some(id), Some(question)) = (
-            wire::is_query(datagram),
-            wire::message_id(datagram),
-            wire::question(datagram),
-        ) else {
+        if !wire::has_query_header(datagram) {
+            // Not DNS, or an answer: a server answers neither.
             self.drop_malformed(datagram, client);
             return None;
-        };
+        }
         // sk_lookup already refuses loopback servers' addresses to other namespaces; what
         // came over the loopback device was sent from this one.
         let local = arrival.is_some_and(|at| at.ifindex == LOOPBACK_IFINDEX);
@@ -374,8 +371,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // Its answer leaves from there, so the client's connected socket takes it.
         let reply_from = reached.ip();
         let started = now;
-        let asked = udp_asked(client, original, cgroup);
-        self.settings.observers.asked(asked, datagram, now);
         let recipient = Recipient {
             cgroup,
             client,
@@ -384,6 +379,16 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             listener: self.shared_listener.as_fd(),
             started,
         };
+        let (true, Some(id), Some(question)) = (
+            wire::is_query(datagram),
+            wire::message_id(datagram),
+            wire::question(datagram),
+        ) else {
+            self.answer_malformed(datagram, recipient);
+            return None;
+        };
+        let asked = udp_asked(client, original, cgroup);
+        self.settings.observers.asked(asked, datagram, now);
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
@@ -438,5 +443,22 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             "dropping {} bytes from {client}: not a DNS query",
             datagram.len()
         );
+    }
+
+    /// Answers FORMERR, as its server would, to a query with a header but a question the
+    /// proxy will not forward (two of them, one cut short, a compression pointer): its client
+    /// fails at once instead of waiting out its timeout. Not forwarded: the answer check
+    /// compares the question it could not read.
+    fn answer_malformed(&self, datagram: &[u8], to: Recipient<'_>) {
+        Stats::add(&self.stats.udp.dropped_malformed);
+        log::debug!(
+            "answering FORMERR to {} bytes from {} to {}: a question the proxy cannot read",
+            datagram.len(),
+            to.client,
+            to.original
+        );
+        if let Some(answer) = wire::format_error(datagram) {
+            self.send_answer(&answer, to, MadeHere::Malformed);
+        }
     }
 }

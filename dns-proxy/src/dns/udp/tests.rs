@@ -554,7 +554,8 @@ async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own()
 }
 
 #[tokio::test]
-async fn drops_clients_that_were_not_redirected_and_non_queries() {
+async fn drops_clients_that_were_not_redirected_and_non_queries_and_answers_unreadable_ones_formerr()
+ {
     let proxy = proxy(None, 8).await;
     assert_eq!(ask(&proxy, QUERY).await, None);
     assert_eq!(
@@ -569,13 +570,22 @@ async fn drops_clients_that_were_not_redirected_and_non_queries() {
     let proxy = self::proxy(Some(upstream(false).await), 8).await;
     assert_eq!(ask(&proxy, &answer_to(QUERY)).await, None);
     assert_eq!(ask(&proxy, b"hello").await, None);
-    // Malformed queries are not forwarded as if valid: two questions, one cut short.
+    // Malformed queries are not forwarded as if valid: two questions, one cut short. Their
+    // clients are answered FORMERR, as by a server, with the ID, opcode and RD they sent.
     let mut two_questions = QUERY.to_vec();
     two_questions[5] = 2;
-    assert_eq!(ask(&proxy, &two_questions).await, None);
-    assert_eq!(ask(&proxy, &QUERY[..QUERY.len() - 2]).await, None);
+    let mut formerr = QUERY[..12].to_vec();
+    formerr[2] |= 0x80;
+    formerr[3] = 1;
+    formerr[4..].fill(0);
+    assert_eq!(ask(&proxy, &two_questions).await, Some(formerr.clone()));
+    assert_eq!(ask(&proxy, &QUERY[..QUERY.len() - 2]).await, Some(formerr));
     assert_eq!(proxy.stats.udp.dropped_malformed.load(Ordering::Relaxed), 4);
     assert_eq!(proxy.stats.udp.forwarded.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        proxy.stats.udp.answered_by_rcode[1].load(Ordering::Relaxed),
+        2
+    );
 }
 
 #[tokio::test]
