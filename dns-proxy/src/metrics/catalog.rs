@@ -213,7 +213,7 @@ pub const METRICS: &[Metric] = &[
         labels: &["protocol", "reason"],
         only_with: None,
         help: "Messages (UDP) or connections (TCP) dropped, by reason: malformed (not a DNS \
-               query; UDP: one whose question the agent cannot read is answered FORMERR), \
+               query; one whose question the agent cannot read is answered FORMERR), \
                not_redirected (from a client the kernel did not redirect), overload \
                (beyond an agent-wide limit: --max-inflight, --max-tcp-connections; or no \
                socket to be had toward the upstream, the agent out of open files; or, TCP, \

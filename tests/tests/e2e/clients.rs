@@ -848,13 +848,12 @@ fn malformed_datagrams_are_not_forwarded_unreadable_questions_are_answered_forme
     ];
     // A question that runs off the end; two questions (RFC 9619: a query has one at most).
     // Answered FORMERR, as by a server, from the server (the connected socket takes it):
-    // the client fails at once rather than waiting out its timeout.
+    // the client fails at once rather than waiting out its timeout. Over TCP too.
+    let two_questions = "abcd010000020000000000000374776f0000010001036f6e650000010001";
     let formerr = [
         send("sendto", "abcd0100000100000000000007657861"),
-        send(
-            "connect",
-            "abcd010000020000000000000374776f0000010001036f6e650000010001",
-        ),
+        send("connect", two_questions),
+        send("tcp", two_questions),
     ];
     for sender in unanswered {
         let output = sender.wait_with_output().expect("wait for the probe");

@@ -417,6 +417,16 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 // but the queries before it still get their answers, as a server's would.
                 Stats::add(&stats.dropped_malformed);
                 conn.set_reading(false);
+                // One with a query's header is answered FORMERR first, as by a server, so
+                // its client reads why (UDP does the same: `answer_malformed`).
+                if let Some(formerr) = wire::format_error(&query) {
+                    let mut client_write = client_write.lock().await;
+                    if let Err(err) = write_message(&mut *client_write, &formerr).await {
+                        return Closed::ClientError(err);
+                    }
+                    drop(client_write);
+                    stats.answered(&formerr, None);
+                }
                 conn.sent_malformed
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 conn.client_done

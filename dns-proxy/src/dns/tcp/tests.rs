@@ -606,7 +606,13 @@ async fn queries_before_a_malformed_one_are_still_answered_then_the_connection_c
     {
         answers.push(answer);
     }
-    assert_eq!(answers, [answer_to(&query(2)), answer_to(&query(1))]);
+    // The malformed one, with the header of a query ("no", then flags "t " with QR clear), is
+    // answered FORMERR at once; the queries before it when their answers come.
+    let formerr = b"no\xf0\x01\0\0\0\0\0\0\0\0".to_vec();
+    assert_eq!(
+        answers,
+        [formerr, answer_to(&query(2)), answer_to(&query(1))]
+    );
     assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 2);
 }
@@ -614,12 +620,25 @@ async fn queries_before_a_malformed_one_are_still_answered_then_the_connection_c
 #[tokio::test]
 async fn malformed_queries_and_unknown_clients_are_closed_not_forwarded() {
     let proxy = proxy(Some(upstream(1).await), Duration::from_secs(5)).await;
+    // Shorter than a header, and a response: nothing to answer.
+    for message in [&b"not dns"[..], &answer_to(&query(1))] {
+        let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
+        write_message(&mut client, message).await.unwrap();
+        assert_eq!(read_message(&mut client).await.unwrap(), None);
+    }
+    // Two questions: FORMERR, then the end.
     let mut client = TcpStream::connect(proxy.local_addr).await.unwrap();
-    write_message(&mut client, b"not dns at all, but long enough")
-        .await
-        .unwrap();
+    let mut two_questions = query(3);
+    two_questions[5] = 2;
+    write_message(&mut client, &two_questions).await.unwrap();
+    let formerr = read_message(&mut client).await.unwrap().expect("FORMERR");
+    assert_eq!(
+        formerr,
+        crate::dns::wire::format_error(&two_questions).unwrap()
+    );
+    assert_eq!(formerr[3] & 0x0f, 1);
     assert_eq!(read_message(&mut client).await.unwrap(), None);
-    assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 1);
+    assert_eq!(proxy.stats.tcp.dropped_malformed.load(Ordering::Relaxed), 3);
     assert_eq!(proxy.stats.tcp.forwarded.load(Ordering::Relaxed), 0);
 
     let proxy = self::proxy(None, Duration::from_secs(5)).await;
