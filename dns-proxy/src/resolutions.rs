@@ -185,7 +185,8 @@ impl Resolutions {
         let now = now.instant;
         let name: Box<str> = name.into();
         let mut entries = self.lock();
-        for (address, ttl) in addresses {
+        // A record with TTL 0 is never shown (expired at once): it takes no room.
+        for (address, ttl) in addresses.into_iter().filter(|&(_, ttl)| ttl > 0) {
             let key = Key {
                 address,
                 name: name.clone(),
@@ -632,6 +633,22 @@ pub(crate) mod tests {
         // The AAAA record's TTL is 30 s, the A record's 60 s.
         assert_eq!(at(45).len(), 1);
         assert!(at(61).is_empty());
+    }
+
+    /// A record with TTL 0 expires as it is recorded: never shown, so never kept (each took
+    /// room the workload's other entries then had to give up).
+    #[test]
+    fn records_with_ttl_0_take_no_room() {
+        let table = Resolutions::new(Arc::new(WorkloadNames::new("/nonexistent".into())));
+        let mut message = Message::from_vec(&answer("www.example.test.")).unwrap();
+        let mut records = message.take_answers();
+        records[1].set_ttl(0); // the A record
+        message.add_answers(records);
+        table.record(7, &message.to_vec().unwrap(), Moment::now());
+        assert_eq!(table.lock().entries, 1);
+        let rows = table.lookup("cgroup-id=7", None);
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].address.is_ipv6());
     }
 
     #[test]
