@@ -172,6 +172,15 @@ impl Connection {
         table.values().map(|pending| pending.awaited.len()).sum()
     }
 
+    /// Nothing more comes from the client (its end, or what cannot be read past): the
+    /// connection ends once its answers are written ([`finished`](Self::finished)).
+    pub(super) fn client_sent_all(&self) {
+        self.set_reading(false);
+        self.client_done
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
     pub(super) fn finished(&self) -> bool {
         self.client_done.load(std::sync::atomic::Ordering::Relaxed) && self.outstanding() == 0
     }

@@ -385,9 +385,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 Ok(Some(first)) => first,
                 Ok(None) => {
                     // The client sent all it will; its answers may still be on their way.
-                    conn.client_done
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    conn.changed.notify_one();
+                    conn.client_sent_all();
                     return std::future::pending().await;
                 }
                 Err(err) => return Closed::ClientError(err),
@@ -400,6 +398,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     Err(err) if NoRoom::is(&err) => {
                         return Closed::NoRoomForMessage;
                     }
+                    // The client ended inside a message (sent part of one, then half-closed):
+                    // the queries before it still get their answers, as a server's would
+                    // (helper-184: dnsmasq and Unbound answered all, the agent none).
+                    Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                        conn.client_sent_all();
+                        return std::future::pending().await;
+                    }
                     Err(err) => return Closed::ClientError(err),
                 };
             Stats::add(&stats.received);
@@ -408,7 +413,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 // 8490): relayed, and no answer awaited.
                 conn.set_reading(false);
                 if let Err(err) = write_message(&mut upstream, &query).await {
-                    return Closed::UpstreamError(err);
+                    return upstream_takes_no_more(conn, &err).await;
                 }
                 continue;
             }
@@ -420,18 +425,22 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 // One with a query's header is answered FORMERR first, as by a server, so
                 // its client reads why (UDP does the same: `answer_malformed`).
                 if let Some(formerr) = wire::format_error(&query) {
+                    let started = Moment::now();
+                    self.settings.observers.asked(conn.asked(), &query, started);
                     let mut client_write = client_write.lock().await;
                     if let Err(err) = write_message(&mut *client_write, &formerr).await {
                         return Closed::ClientError(err);
                     }
                     drop(client_write);
-                    stats.answered(&formerr, None);
+                    let now = Moment::now();
+                    let latency = now.instant.saturating_duration_since(started.instant);
+                    let observers = &self.settings.observers;
+                    observers.answered(conn.asked(), Some(started), &formerr, now);
+                    stats.answered(&formerr, Some(latency));
                 }
                 conn.sent_malformed
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                conn.client_done
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                conn.changed.notify_one();
+                conn.client_sent_all();
                 return std::future::pending().await;
             }
             // The kernel notes no TCP socket as holding its index: each query is its use,
@@ -501,7 +510,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             stats.forwarding();
             conn.set_reading(false);
             if let Err(err) = write_message(&mut upstream, &query).await {
-                return Closed::UpstreamError(err);
+                return upstream_takes_no_more(conn, &err).await;
             }
         }
     }
@@ -813,6 +822,23 @@ impl AsyncRead for AckAtOnce {
         }
         polled
     }
+}
+
+/// The upstream took no more queries (`err` writing one): a server that closes after so many
+/// (dnsmasq after 100) may have answers on their way still, which the client gets, as it
+/// would directly, before the connection ends with the upstream's (`answers` reads until
+/// then; a server that stays silent is timed out as ever). Nothing more is read from the
+/// client. Before, the connection ended at once, and answers the server had sent were lost
+/// (helper-184: 34 to 93 of 100 relayed).
+async fn upstream_takes_no_more(conn: &Connection, err: &io::Error) -> Closed {
+    log::debug!(
+        "tcp client={} server={}: the upstream takes no more queries ({err}); relaying its \
+         answers until it closes",
+        conn.client,
+        conn.original
+    );
+    conn.set_reading(false);
+    std::future::pending().await
 }
 
 /// Makes closing `stream` send a reset instead of an orderly end: an upstream that refused or

@@ -363,6 +363,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                     listener: self.shared_listener.as_fd(),
                     started: now,
                 };
+                // Logged and counted as asked, as the answer made here is as answered.
+                let asked = udp_asked(client, original, cgroup);
+                self.settings.observers.asked(asked, datagram, now);
                 self.refuse_loop(datagram, to);
                 return None;
             }
@@ -379,6 +382,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             listener: self.shared_listener.as_fd(),
             started,
         };
+        // Before the check below: a query answered FORMERR here is asked and answered in the
+        // query log and the workload's counts too (helper-184: answers without their queries).
+        let asked = udp_asked(client, original, cgroup);
+        self.settings.observers.asked(asked, datagram, now);
         let (true, Some(id), Some(question)) = (
             wire::is_query(datagram),
             wire::message_id(datagram),
@@ -387,8 +394,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             self.answer_malformed(datagram, recipient);
             return None;
         };
-        let asked = udp_asked(client, original, cgroup);
-        self.settings.observers.asked(asked, datagram, now);
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),

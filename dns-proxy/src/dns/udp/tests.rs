@@ -12,7 +12,7 @@ use super::{
     },
     *,
 };
-use crate::dns::{FixedDestination as Fixed, cache::CacheSettings};
+use crate::dns::{FixedDestination as Fixed, cache::CacheSettings, workload_stats::WorkloadStats};
 
 const QUERY: &[u8] =
     b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x04test\x00\x00\x01\x00\x01";
@@ -551,6 +551,22 @@ async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own()
     assert_eq!(second, Some(lowered(&waiting)));
     assert_eq!(asked.load(Ordering::Relaxed), 2);
     assert_eq!(proxy.stats.cache_coalesced.load(Ordering::Relaxed), 0);
+}
+
+/// A query answered FORMERR here is counted as its workload's query, as the answer is
+/// recorded (helper-184: the workload's count left it out; dnstap had the answer alone).
+#[tokio::test]
+async fn a_query_answered_formerr_is_counted_as_asked() {
+    let workload_stats = Arc::new(WorkloadStats::new(4));
+    let mut settings = settings(8, 8);
+    settings.observers.workload_stats = Some(Arc::clone(&workload_stats));
+    let proxy = start_proxy(Some(upstream(false).await), settings).await;
+    let mut two_questions = QUERY.to_vec();
+    two_questions[5] = 2;
+    let answer = ask(&proxy, &two_questions).await.expect("FORMERR");
+    assert_eq!(answer[3] & 0x0f, 1);
+    let (apart, others) = workload_stats.snapshot();
+    assert_eq!(apart.iter().map(|(_, n)| n).sum::<u64>() + others, 1);
 }
 
 #[tokio::test]
