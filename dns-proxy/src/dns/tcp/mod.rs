@@ -117,6 +117,9 @@ pub struct TcpProxy<D> {
     message_room_log: RateLimited,
     /// Failed accepts (out of open files, typically) come as fast as connections do.
     accept_log: RateLimited,
+    /// Upstreams that left queries or a connect unanswered (helper-186: a server gone silent
+    /// was only counted).
+    timeout_log: RateLimited,
 }
 
 /// A connection to `upstream` from a socket marked as the agent's own before it connects.
@@ -161,6 +164,10 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 "TCP connections closed for want of room for a large message",
             ),
             accept_log: RateLimited::counting(Duration::from_secs(10), "TCP accepts failed"),
+            timeout_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "TCP queries or connects unanswered by their upstream within --upstream-timeout",
+            ),
         }))
     }
 
@@ -283,7 +290,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 return Closed::UpstreamError(err);
             }
             Some(Err(_elapsed)) => {
-                Stats::add(&stats.upstream_timeouts);
+                self.timed_out(conn.upstream, 1);
                 return Closed::UpstreamTimeout;
             }
         };
@@ -356,7 +363,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                     )
                 });
             }
-            Closed::UpstreamTimeout => Stats::add(&stats.upstream_timeouts),
+            Closed::UpstreamTimeout => self.timed_out(conn.upstream, 1),
             Closed::GaveWay => Stats::add(&stats.dropped_overload),
             Closed::ClientStalled => Stats::add(&stats.dropped_stalled),
             Closed::UpstreamError(_) | Closed::ByUpstream if conn.outstanding() > 0 => {
@@ -751,11 +758,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                         // The oldest at least; any others overdue by now at the next turn.
                         let forgotten = conn.forget_unanswered_since(oldest);
                         conn.slots.add_permits(forgotten);
-                        let stats = &self.stats.tcp;
-                        stats.settled(forgotten as u64);
-                        stats
-                            .upstream_timeouts
-                            .fetch_add(forgotten as u64, std::sync::atomic::Ordering::Relaxed);
+                        self.stats.tcp.settled(forgotten as u64);
+                        self.timed_out(conn.upstream, forgotten as u64);
                         continue;
                     }
                     if wake == deadline
@@ -821,6 +825,21 @@ impl AsyncRead for AckAtOnce {
             let _ = socket2::SockRef::from(self.0.as_ref()).set_tcp_quickack(true);
         }
         polled
+    }
+}
+
+impl<D: OriginalDestinations> TcpProxy<D> {
+    /// `events` queries (or a connect) `upstream` left unanswered within --upstream-timeout:
+    /// counted, and said in the log at most every 10 s.
+    fn timed_out(&self, upstream: SocketAddr, events: u64) {
+        (self.stats.tcp.upstream_timeouts).fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+        self.timeout_log.warn(|said| {
+            format!(
+                "{upstream}: no answer within --upstream-timeout ({:?}) to {said} TCP queries or \
+                 connects",
+                self.settings.upstream_timeout
+            )
+        });
     }
 }
 

@@ -157,6 +157,9 @@ pub struct UdpProxy<D> {
     overload_log: RateLimited,
     upstream_log: RateLimited,
     stray_log: RateLimited,
+    /// Queries their upstream left unanswered: a server gone silent is said in the log, not
+    /// only counted (helper-186: 3,072 timeouts, no line at the default level).
+    timeout_log: RateLimited,
 }
 
 /// How often a listener that finishes looks whether what it forwarded is all answered.
@@ -232,6 +235,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 Duration::from_secs(10),
                 "datagrams and ICMP errors dropped on upstream sockets (about no query in \
                  flight)",
+            ),
+            timeout_log: RateLimited::counting(
+                Duration::from_secs(10),
+                "UDP queries unanswered by their upstream within --upstream-timeout",
             ),
         });
         let sweeper = Arc::clone(&proxy);

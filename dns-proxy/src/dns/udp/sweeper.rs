@@ -102,6 +102,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 }
                 pending.socket.settled();
                 Stats::add(&stats.upstream_timeouts);
+                self.timeout_log.warn(|timed_out| {
+                    format!(
+                        "{}: no answer within --upstream-timeout ({timeout:?}) to {timed_out} \
+                         UDP queries",
+                        key.upstream
+                    )
+                });
                 if let Some(description) = &pending.description {
                     log::debug!(
                         target: LOG,
