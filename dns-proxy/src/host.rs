@@ -37,6 +37,18 @@ pub enum HostError {
         dir = path.parent().unwrap_or(path).display()
     )]
     Pin { path: PathBuf, problem: String },
+    #[error(
+        "open files: {in_use} are in use before serving, and the limit is {limit}: fewer than \
+         {OPEN_FILES_TO_SERVE} are left for upstream sockets, TCP connections and the metrics \
+         server; raise it (`ulimit -Hn`, systemd's LimitNOFILE=) to a few thousand or more"
+    )]
+    TooFewOpenFiles { in_use: u64, limit: u64 },
+    /// Nothing was found wrong: the agent could not open what it checks.
+    #[error(
+        "cannot check {path}: {source} (the agent is out of open files: raise its limit, \
+         `ulimit -n` or systemd's LimitNOFILE=)"
+    )]
+    OutOfFiles { path: PathBuf, source: io::Error },
     #[error("{flag} {block}: {problem}")]
     Block {
         flag: &'static str,
@@ -199,6 +211,35 @@ pub fn raise_open_file_limit(needed: u64) {
             limit.rlim_max
         );
     }
+}
+
+/// The open files an agent must have left once it is set up: what it serves with takes them
+/// as it goes (a socket per upstream and thread, two per TCP connection, the metrics server's).
+pub const OPEN_FILES_TO_SERVE: u64 = 128;
+
+/// Refuses to serve with fewer than [`OPEN_FILES_TO_SERVE`] open files left: such an agent
+/// started, said it was ready, and failed every TCP lookup and every probe of its health
+/// (helper-186: a hard limit of 100, 113 files in use at idle).
+pub fn check_open_files_left() -> Result<(), HostError> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Ok(());
+    }
+    let Ok(open) = fs::read_dir("/proc/self/fd") else {
+        return Ok(());
+    };
+    let in_use = open.count() as u64;
+    if limit.rlim_cur < in_use + OPEN_FILES_TO_SERVE {
+        return Err(HostError::TooFewOpenFiles {
+            in_use,
+            limit: limit.rlim_cur,
+        });
+    }
+    Ok(())
 }
 
 /// Whether IPv6 is off in this network namespace: switched off on the loopback device, where
@@ -591,15 +632,25 @@ impl Pins {
                 continue;
             }
             // With its OS error: out of open files (EMFILE), this read as a broken state
-            // directory (helper-163).
-            let pinned =
-                aya::maps::MapInfo::from_pin(&path).map_err(|err| HostError::StateDir {
-                    path: path.clone(),
-                    problem: match crate::ebpf::os_error(&err) {
-                        Some(os) => format!("cannot open the pinned map: {err}: {os}"),
-                        None => format!("cannot open the pinned map: {err}"),
+            // directory (helper-163), and then as a table lost (helper-186).
+            let pinned = aya::maps::MapInfo::from_pin(&path).map_err(|err| {
+                match crate::ebpf::os_error(&err) {
+                    Some(os) if matches!(os.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                        HostError::OutOfFiles {
+                            path: path.clone(),
+                            source: io::Error::from_raw_os_error(os.raw_os_error().unwrap_or(0)),
+                        }
+                    }
+                    Some(os) => HostError::StateDir {
+                        path: path.clone(),
+                        problem: format!("cannot open the pinned map: {err}: {os}"),
                     },
-                })?;
+                    None => HostError::StateDir {
+                        path: path.clone(),
+                        problem: format!("cannot open the pinned map: {err}"),
+                    },
+                }
+            })?;
             if pinned.id() != id {
                 return Err(HostError::StateDir {
                     path,

@@ -804,6 +804,7 @@ async fn keep_alive(
     let mut replaced = false;
     let mut cannot_pin = false;
     let mut cannot_pin_release = false;
+    let mut cannot_check = false;
     loop {
         tokio::select! {
             () = stop.stopped() => return,
@@ -831,6 +832,25 @@ async fn keep_alive(
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
         };
+        if !replaced && agents.replaced() {
+            replaced = true;
+            log::info!(
+                target: LOG,
+                "a newer agent has taken over: new lookups go to it; this one answers what \
+                 reaches it until it is stopped (/readyz now says 503)"
+            );
+        }
+        // Out of open files, the pins could not be looked at: nothing is known to be wrong
+        // with them (helper-186: "the next agent would start with an empty one" was said of
+        // a table pinned all along). Said once until a look works again.
+        if let Err(err @ host::HostError::OutOfFiles { .. }) = &restored {
+            if !cannot_check {
+                log::warn!(target: LOG, "{err}");
+            }
+            cannot_check = true;
+            continue;
+        }
+        cannot_check = false;
         let pinned = restored.is_ok();
         // As for the cgroup above: readiness before the lines that say why.
         readiness.set_unpinned(!pinned);
@@ -880,14 +900,6 @@ async fn keep_alive(
             _ => {}
         }
         cannot_pin_release = matches!(release, Some(Err(_)));
-        if !replaced && agents.replaced() {
-            replaced = true;
-            log::info!(
-                target: LOG,
-                "a newer agent has taken over: new lookups go to it; this one answers what \
-                 reaches it until it is stopped (/readyz now says 503)"
-            );
-        }
     }
 }
 

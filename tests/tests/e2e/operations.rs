@@ -174,6 +174,47 @@ fn lookups_go_direct_or_are_refused_while_the_agent_is_stopped() {
     wait_for_log(&agent, "because the agent had not said it runs for 3 s");
 }
 
+/// Out of open files (its limit lowered under it), the agent's heartbeat cannot look at the
+/// table's pins: it says that, and not that the table is lost, which it is not
+/// (helper-186: "the next agent would start with an empty one", of a table pinned all along).
+/// Its limit raised again, it serves on.
+#[test]
+fn an_agent_out_of_open_files_says_so_and_not_that_its_table_is_lost() {
+    let Harness {
+        mut agent,
+        topology,
+        server: _server,
+    } = Harness::start(Placement::Outside, &[]);
+    let pid = agent.process().id().to_string();
+    let limit = |limit: &str| {
+        must(Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={limit}")]));
+    };
+    // Only the soft limit: raising a hard one needs CAP_SYS_RESOURCE, which this machine's
+    // root may not have. Not one more file: the lowest free descriptor is past it.
+    let hard = fs::read_to_string(format!("/proc/{pid}/limits"))
+        .expect("read the agent's limits")
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(4).map(str::to_owned))
+        .expect("the agent's limit of open files");
+    limit("3:");
+    let said = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for_log(&agent, "(the agent is out of open files: raise its limit");
+    }));
+    limit(&format!("{hard}:"));
+    assert!(said.is_ok(), "{}", agent.log());
+    let log = agent.log();
+    assert!(!log.contains("would start with an empty one"), "{log}");
+    assert!(
+        !log.contains("cannot keep the table of servers pinned"),
+        "{log}"
+    );
+    assert_eq!(
+        probe(&topology, "sendto", "after.example.test"),
+        expected_probe_line()
+    );
+}
+
 /// A socket connected while its process was redirected keeps sending to the proxy after the
 /// process moves into an excluded cgroup (an operator's move; a takeover that adds
 /// `--exclude-cgroup`): its answers still show the server it asked, in recvfrom and
