@@ -314,6 +314,11 @@ fn a_closed_first_nameserver_costs_a_glibc_client_no_timeout() {
         }
     }
     assert!(told, "no two digs within 1.5 s in 5 tries");
+    // And the log says so: the agent's own lines count only what reached it.
+    wait_for_log(
+        agent,
+        "were refused by the kernel (port unreachable, as from the server)",
+    );
     // None once 2 s have passed since the last refusal.
     thread::sleep(Duration::from_millis(2500));
     let before = refused_by_the_kernel();
