@@ -19,7 +19,7 @@ use super::{
     per_client::{Client, ClientSlot, LOCAL_CLIENT, PerClientLimit},
     stats::{ProtocolStats, Stats},
 };
-use crate::log_limit::RateLimited;
+use crate::{log_limit::RateLimited, workload::WorkloadNames};
 
 /// Why a redirected client's query is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +157,8 @@ pub struct Admission<D> {
     /// Refused queries (a loop, a loopback server asked from elsewhere): a client may send
     /// them as fast as it likes, the log gets a line now and then.
     refusal_log: RateLimited,
+    /// Names the workloads its lines name (`None`: by cgroup id).
+    workloads: Option<Arc<WorkloadNames>>,
 }
 
 impl<D: OriginalDestinations> Admission<D> {
@@ -186,6 +188,25 @@ impl<D: OriginalDestinations> Admission<D> {
                 Duration::from_secs(10),
                 "lookups refused (a loop, or another namespace's loopback server)",
             ),
+            workloads: None,
+        }
+    }
+
+    /// Its lines name workloads by `workloads` (helper-186: "the workload of cgroup id 51306"
+    /// told an operator little).
+    pub fn naming(mut self, workloads: Option<Arc<WorkloadNames>>) -> Self {
+        self.workloads = workloads;
+        self
+    }
+
+    /// `client` as its lines name it.
+    fn describe(&self, client: Client) -> String {
+        match client {
+            Client::Workload { cgroup, source } => format!(
+                "workload {} from {source}",
+                WorkloadNames::name_in(self.workloads.as_deref(), cgroup)
+            ),
+            Client::Address(address) => address.to_string(),
         }
     }
 
@@ -296,21 +317,25 @@ impl<D: OriginalDestinations> Admission<D> {
             Stats::add(&self.transport.stats(&self.stats).dropped_client_limit);
             let limit = self.per_client.limit();
             let transport = self.transport;
-            self.client_limit_log.warn(|dropped| match transport {
-                // The count is of every client at its limit since the last such line, not
-                // of this one alone: the line names the client that wrote it.
-                Transport::Udp => format!(
-                    "{key} has {limit} queries in flight (--max-inflight-per-client), its next \
+            self.client_limit_log.warn(|dropped| {
+                // Named only for a line written: a flood of drops pays nothing for it.
+                let key = self.describe(key);
+                match transport {
+                    // The count is of every client at its limit since the last such line, not
+                    // of this one alone: the line names the client that wrote it.
+                    Transport::Udp => format!(
+                        "{key} has {limit} queries in flight (--max-inflight-per-client), its next \
                      query dropped; {dropped} queries of clients at their limits (this one \
                      and any other) dropped since the last such line \
                      (dns_proxy_dropped_total{{reason=\"client_limit\"}})"
-                ),
-                Transport::Tcp => format!(
-                    "{key} has {limit} TCP connections open \
+                    ),
+                    Transport::Tcp => format!(
+                        "{key} has {limit} TCP connections open \
                      (--max-tcp-connections-per-client), its next one refused; {dropped} \
                      connections of clients at their limits (this one and any other) refused \
                      since the last such line"
-                ),
+                    ),
+                }
             });
         }
         slot

@@ -142,7 +142,8 @@ impl<D: OriginalDestinations> TcpProxy<D> {
     ) -> io::Result<Arc<Self>> {
         let local_addr = listener.local_addr()?;
         let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
-        let admission = Admission::new(Transport::Tcp, destinations, upstream, per_client, &stats);
+        let admission = Admission::new(Transport::Tcp, destinations, upstream, per_client, &stats)
+            .naming(settings.observers.workloads.clone());
         Ok(Arc::new(Self {
             listener,
             local_addr,

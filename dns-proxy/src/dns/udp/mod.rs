@@ -207,7 +207,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         mmsg::send_from_any_address(socket.as_fd(), local_addr.is_ipv6())?;
         let shared_listener = Arc::new(socket.as_fd().try_clone_to_owned()?);
         let (upstream, per_client) = (settings.upstream_override, &settings.per_client);
-        let admission = Admission::new(Transport::Udp, destinations, upstream, per_client, &stats);
+        let admission = Admission::new(Transport::Udp, destinations, upstream, per_client, &stats)
+            .naming(settings.observers.workloads.clone());
         let proxy = Arc::new(Self {
             socket,
             shared_listener,
