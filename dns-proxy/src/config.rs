@@ -577,6 +577,28 @@ impl RunConfig {
                 args.exclude_servers.len(),
             ));
         }
+        // Said, not refused: a client is held to the agent-wide limit first (twice it, by fair
+        // share), so a larger limit of its own never applies (helper-186).
+        for (per_client, flag, all, all_flag) in [
+            (
+                args.max_inflight_per_client,
+                "--max-inflight-per-client",
+                args.max_inflight,
+                "--max-inflight",
+            ),
+            (
+                args.max_tcp_connections_per_client,
+                "--max-tcp-connections-per-client",
+                args.max_tcp_connections,
+                "--max-tcp-connections",
+            ),
+        ] {
+            if u64::from(per_client) > 2 * u64::from(all) {
+                log::warn!(
+                    "{flag} {per_client} is above twice {all_flag} {all}: no client reaches it"
+                );
+            }
+        }
         // Said, not refused: an environment file may keep them while the cache is turned off.
         if args.cache_size == 0 && !args.serve_stale.is_zero() {
             log::warn!("--serve-stale has no effect without --cache-size: there is no cache");
