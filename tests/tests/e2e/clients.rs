@@ -778,6 +778,58 @@ fn a_zone_transfer_reaches_a_client_that_half_closes_whole_even_across_a_gracefu
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
 }
 
+/// dnsmasq answers 100 queries of a TCP connection, then closes it. A client that pipelined
+/// 150 and reads half a second later gets the 100 answers, then the end, through the agent as
+/// directly. Before, the agent closed the client's connection with its later queries unread,
+/// which sends a reset and throws away the answers the kernel had not sent yet (helper-187:
+/// 34 of 100, in 10 runs of 10).
+#[test]
+fn a_tcp_client_that_reads_late_gets_every_answer_a_server_sent_before_it_closed() {
+    let Harness { topology, .. } = &start();
+    let script = r#"
+import socket, struct, sys, time
+def query(i):
+    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0)
+    for label in b"late.example.test".split(b"."):
+        q += bytes([len(label)]) + label
+    q += b"\0" + struct.pack(">HH", 1, 1)
+    return struct.pack(">H", len(q)) + q
+s = socket.create_connection((sys.argv[1], 53), timeout=5)
+s.sendall(b"".join(query(i) for i in range(150)))
+time.sleep(0.5)
+answers, end = set(), "eof"
+buffer = b""
+try:
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        buffer += data
+        while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack(">H", buffer[:2])[0]:
+            n = struct.unpack(">H", buffer[:2])[0]
+            answers.add(struct.unpack(">H", buffer[2:4])[0])
+            buffer = buffer[2 + n:]
+except ConnectionResetError:
+    end = "reset"
+print(f"answers={len(answers)} end={end}")
+"#;
+    let server = SERVER_IP.to_string();
+    for round in 0..3 {
+        let direct = stdout_of(&mut topology.outsider("python3", &["-c", script, &server]));
+        let through = stdout_of(&mut topology.workload("python3", &["-c", script, &server]));
+        assert_eq!(
+            direct.trim(),
+            "answers=100 end=eof",
+            "round {round}, directly"
+        );
+        assert_eq!(
+            through.trim(),
+            direct.trim(),
+            "round {round}, through the agent"
+        );
+    }
+}
+
 /// A server's edns-tcp-keepalive (RFC 7828) tells a client that asked for it how long it may
 /// leave its connection idle; it reaches the client unaltered, and the agent keeps the
 /// connection that long too, past its own `--tcp-idle-timeout`.

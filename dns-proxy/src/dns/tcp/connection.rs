@@ -99,6 +99,9 @@ pub(super) struct Connection {
     pub(super) client_done: std::sync::atomic::AtomicBool,
     /// The client sent something that is not a query: nothing more is read from it.
     pub(super) sent_malformed: std::sync::atomic::AtomicBool,
+    /// A write to the upstream found it reset (not closed in good order): however the relay
+    /// ends, the client's connection is reset too.
+    pub(super) upstream_reset: std::sync::atomic::AtomicBool,
     /// A query has begun to arrive and is not yet on its way: a drain must wait for it.
     reading: std::sync::atomic::AtomicBool,
     /// The client sent a query with an ID still in flight: answers to its queries cannot be
@@ -152,6 +155,7 @@ impl Connection {
             last_activity: Mutex::new(Instant::now()),
             client_done: false.into(),
             sent_malformed: false.into(),
+            upstream_reset: false.into(),
             reading: false.into(),
             reuses_ids: false.into(),
             keepalive: 0.into(),

@@ -21,38 +21,48 @@ fn answer_to(query: &[u8]) -> Vec<u8> {
     answer
 }
 
-/// A real TCP DNS server on loopback that collects `batch` queries, then answers them in
-/// reverse order (pipelining, out of order), each answer written in two pieces.
-async fn upstream(batch: usize) -> SocketAddr {
+/// A real TCP server on loopback that serves each connection it accepts with `serve`.
+async fn tcp_server<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                loop {
-                    let mut queries = Vec::new();
-                    for _ in 0..batch {
-                        match read_message(&mut stream).await {
-                            Ok(Some(q)) => queries.push(q),
-                            _ => return,
-                        }
-                    }
-                    for q in queries.iter().rev() {
-                        let answer = answer_to(q);
-                        let mut frame = (answer.len() as u16).to_be_bytes().to_vec();
-                        frame.extend_from_slice(&answer);
-                        let (head, tail) = frame.split_at(5);
-                        stream.write_all(head).await.unwrap();
-                        stream.flush().await.unwrap();
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        stream.write_all(tail).await.unwrap();
-                    }
-                }
-            });
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(stream));
         }
     });
     addr
+}
+
+/// A real TCP DNS server on loopback that collects `batch` queries, then answers them in
+/// reverse order (pipelining, out of order), each answer written in two pieces.
+async fn upstream(batch: usize) -> SocketAddr {
+    tcp_server(move |mut stream| async move {
+        loop {
+            let mut queries = Vec::new();
+            for _ in 0..batch {
+                match read_message(&mut stream).await {
+                    Ok(Some(q)) => queries.push(q),
+                    _ => return,
+                }
+            }
+            for q in queries.iter().rev() {
+                let answer = answer_to(q);
+                let mut frame = (answer.len() as u16).to_be_bytes().to_vec();
+                frame.extend_from_slice(&answer);
+                let (head, tail) = frame.split_at(5);
+                stream.write_all(head).await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                stream.write_all(tail).await.unwrap();
+            }
+        }
+    })
+    .await
 }
 
 /// One connection relayed by `proxy` between in-memory streams: the client's end, the
