@@ -489,7 +489,7 @@ async fn serve(
         tokio::spawn(Arc::new(metrics).serve(listener, stop_background.clone()));
     }
     if let crate::config::Workload::Cgroup { .. } = config.workload {
-        host::check_open_files_left()?;
+        host::check_open_files_left(udp_threads.runtimes().count())?;
     }
     go_live(config, &scope, udp_threads, &shared).await?;
     routes.into_iter().for_each(host::AddedRoute::keep);

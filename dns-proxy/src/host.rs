@@ -39,10 +39,14 @@ pub enum HostError {
     Pin { path: PathBuf, problem: String },
     #[error(
         "open files: {in_use} are in use before serving, and the limit is {limit}: fewer than \
-         {OPEN_FILES_TO_SERVE} are left for upstream sockets, TCP connections and the metrics \
-         server; raise it (`ulimit -Hn`, systemd's LimitNOFILE=) to a few thousand or more"
+         {needed} are left for upstream sockets, TCP connections and the metrics server; \
+         raise it (`ulimit -Hn`, systemd's LimitNOFILE=) to a few thousand or more"
     )]
-    TooFewOpenFiles { in_use: u64, limit: u64 },
+    TooFewOpenFiles {
+        in_use: u64,
+        limit: u64,
+        needed: u64,
+    },
     /// Nothing was found wrong: the agent could not open what it checks.
     #[error(
         "cannot check {path}: {source} (the agent is out of open files: raise its limit, \
@@ -213,14 +217,19 @@ pub fn raise_open_file_limit(needed: u64) {
     }
 }
 
-/// The open files an agent must have left once it is set up: what it serves with takes them
-/// as it goes (a socket per upstream and thread, two per TCP connection, the metrics server's).
+/// The open files an agent must have left once it is set up, beside its UDP threads' sockets
+/// connected to upstreams: TCP connections (two each), the metrics server's, sockets of
+/// queries to other upstreams.
 pub const OPEN_FILES_TO_SERVE: u64 = 128;
 
-/// Refuses to serve with fewer than [`OPEN_FILES_TO_SERVE`] open files left: such an agent
+/// Refuses to serve with fewer open files left than [`OPEN_FILES_TO_SERVE`] and what
+/// `udp_threads` keep connected to upstreams (one address family's most each): such an agent
 /// started, said it was ready, and failed every TCP lookup and every probe of its health
-/// (helper-186: a hard limit of 100, 113 files in use at idle).
-pub fn check_open_files_left() -> Result<(), HostError> {
+/// (helper-186: a hard limit of 100, 113 files in use at idle; helper-187: 100 UDP threads
+/// under a limit of 1024 passed a fixed margin of 128, then ran out).
+pub fn check_open_files_left(udp_threads: usize) -> Result<(), HostError> {
+    let needed = OPEN_FILES_TO_SERVE
+        + (udp_threads as u64).saturating_mul(crate::dns::udp::MOST_CONNECTED_SOCKETS as u64);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -233,10 +242,11 @@ pub fn check_open_files_left() -> Result<(), HostError> {
         return Ok(());
     };
     let in_use = open.count() as u64;
-    if limit.rlim_cur < in_use + OPEN_FILES_TO_SERVE {
+    if limit.rlim_cur < in_use.saturating_add(needed) {
         return Err(HostError::TooFewOpenFiles {
             in_use,
             limit: limit.rlim_cur,
+            needed,
         });
     }
     Ok(())

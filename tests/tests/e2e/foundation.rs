@@ -702,7 +702,7 @@ mod usage_errors {
         assert_agent_refuses_through(
             &topology,
             &["prlimit", "--nofile=150:150", "--"],
-            "fewer than 128 are left for upstream sockets, TCP connections and the metrics server",
+            "are left for upstream sockets, TCP connections and the metrics server",
         );
         let agent = Agent::start(&topology, &[]);
         assert!(agent.log().contains("ready: "), "{}", agent.log());

@@ -148,7 +148,7 @@ fn a_silent_upstream_times_out_as_without_the_agent() {
     let log = the_client_sees_what_it_would_without_the_agent("silent", ["timeout", "timeout"]);
     for transport in ["UDP queries", "TCP queries or connects"] {
         let line = format!(
-            "{SECOND_SERVER_IP}:53: no answer within --upstream-timeout (10s) to 1 {transport}"
+            "{SECOND_SERVER_IP}:53: no answer within --upstream-timeout (10s); 1 {transport}"
         );
         assert!(log.contains(&line), "no line {line:?} in:\n{log}");
     }

@@ -78,6 +78,9 @@ use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
 pub use pool::USES_PER_SOCKET;
+
+/// The most sockets connected to upstreams one UDP thread keeps, per address family.
+pub const MOST_CONNECTED_SOCKETS: usize = pool::CONNECTED_UPSTREAMS * pool::CONNECTED_SOCKETS;
 use pool::{Pool, PoolSocket};
 pub use sweeper::STALE_AFTER;
 

@@ -102,10 +102,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 }
                 pending.socket.settled();
                 Stats::add(&stats.upstream_timeouts);
+                // The count is of every server's since the last such line (helper-187).
                 self.timeout_log.warn(|timed_out| {
                     format!(
-                        "{}: no answer within --upstream-timeout ({timeout:?}) to {timed_out} \
-                         UDP queries",
+                        "{}: no answer within --upstream-timeout ({timeout:?}); {timed_out} UDP \
+                         queries unanswered (to this server and any other) since the last such \
+                         line",
                         key.upstream
                     )
                 });
