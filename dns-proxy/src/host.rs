@@ -187,14 +187,9 @@ fn getrandom(buf: &mut [u8], flags: libc::c_uint) -> std::io::Result<()> {
 /// one is below `needed`, what the agent's limits may take: past it, TCP clients wait
 /// unaccepted and queries are dropped.
 pub fn raise_open_file_limit(needed: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    let Some(mut limit) = open_file_limit() else {
         return;
-    }
+    };
     if limit.rlim_max < needed {
         log::warn!(
             "open files: the hard limit is {}, and --max-tcp-connections and --max-inflight \
@@ -217,6 +212,16 @@ pub fn raise_open_file_limit(needed: u64) {
     }
 }
 
+/// This process's limits on open files (`RLIMIT_NOFILE`), if it can read them.
+fn open_file_limit() -> Option<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
 /// The open files an agent must have left once it is set up, beside its UDP threads' sockets
 /// connected to upstreams: TCP connections (two each), the metrics server's, sockets of
 /// queries to other upstreams.
@@ -230,14 +235,9 @@ pub const OPEN_FILES_TO_SERVE: u64 = 128;
 pub fn check_open_files_left(udp_threads: usize) -> Result<(), HostError> {
     let needed = OPEN_FILES_TO_SERVE
         + (udp_threads as u64).saturating_mul(crate::dns::udp::MOST_CONNECTED_SOCKETS as u64);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: the kernel writes one `struct rlimit` into `limit`, a live local of that type.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    let Some(limit) = open_file_limit() else {
         return Ok(());
-    }
+    };
     let Ok(open) = fs::read_dir("/proc/self/fd") else {
         return Ok(());
     };
@@ -644,20 +644,18 @@ impl Pins {
             // With its OS error: out of open files (EMFILE), this read as a broken state
             // directory (helper-163), and then as a table lost (helper-186).
             let pinned = aya::maps::MapInfo::from_pin(&path).map_err(|err| {
-                match crate::ebpf::os_error(&err) {
-                    Some(os) if matches!(os.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                        HostError::OutOfFiles {
-                            path: path.clone(),
-                            source: io::Error::from_raw_os_error(os.raw_os_error().unwrap_or(0)),
-                        }
-                    }
-                    Some(os) => HostError::StateDir {
+                let os = crate::ebpf::os_error(&err);
+                match os.and_then(io::Error::raw_os_error) {
+                    Some(code @ (libc::EMFILE | libc::ENFILE)) => HostError::OutOfFiles {
                         path: path.clone(),
-                        problem: format!("cannot open the pinned map: {err}: {os}"),
+                        source: io::Error::from_raw_os_error(code),
                     },
-                    None => HostError::StateDir {
+                    _ => HostError::StateDir {
                         path: path.clone(),
-                        problem: format!("cannot open the pinned map: {err}"),
+                        problem: match os {
+                            Some(os) => format!("cannot open the pinned map: {err}: {os}"),
+                            None => format!("cannot open the pinned map: {err}"),
+                        },
                     },
                 }
             })?;

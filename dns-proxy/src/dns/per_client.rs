@@ -56,17 +56,6 @@ pub enum Client {
     Address(IpAddr),
 }
 
-impl std::fmt::Display for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Workload { cgroup, source } => {
-                write!(f, "the workload of cgroup id {cgroup} from {source}")
-            }
-            Self::Address(ip) => write!(f, "{ip}"),
-        }
-    }
-}
-
 /// Independent locks, so the UDP threads seldom wait on one another.
 const SHARDS: usize = 16;
 

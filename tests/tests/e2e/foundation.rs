@@ -694,8 +694,8 @@ mod usage_errors {
 
     /// A limit of open files that leaves too few to serve with is refused at start: such an
     /// agent said it was ready, then failed every TCP lookup and probe of its health
-    /// (helper-186: a hard limit of 100, 113 files in use at idle). Nothing stays attached;
-    /// with room, the same topology is served.
+    /// (helper-186: a hard limit of 100, 113 files in use at idle). With room, the same
+    /// topology is then served: nothing of the refused start stands in the way.
     #[test]
     fn too_few_open_files_to_serve_with_are_refused_at_start() {
         let topology = Topology::new();
