@@ -148,6 +148,19 @@ impl Agent {
         Self::spawn(Self::command(netns, redirected, join, args))
     }
 
+    /// As [`launch`](Self::launch), but logging at info level: for a test of many queries, whose
+    /// debug lines would only cost time and the test's memory.
+    pub fn launch_quiet(
+        netns: &Netns,
+        redirected: &Path,
+        join: Option<&Path>,
+        args: &[String],
+    ) -> Self {
+        let mut command = Self::command(netns, redirected, join, args);
+        command.env("RUST_LOG", "info");
+        Self::spawn(command)
+    }
+
     /// The command [`launch`](Self::launch) runs.
     fn command(netns: &Netns, redirected: &Path, join: Option<&Path>, args: &[String]) -> Command {
         let mut command = Command::new("sh");

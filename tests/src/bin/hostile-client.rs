@@ -44,6 +44,9 @@
 //!   there) and counts what it receives for SECONDS; prints `received=N`.
 //! - `join-tcp ADDR SECONDS`: the same with a TCP listener, answering each connection with an
 //!   HTTP 500; prints `accepted=N`.
+//! - `unreadable-flood TO SECONDS`: sends TO, from 32 sockets, 32 datagrams to a `sendmmsg`,
+//!   as fast as it can for SECONDS, a query with two questions (which its server answers
+//!   FORMERR at once), reading and dropping what comes back; prints `sent=N`.
 //! - `hold SERVER COUNT [--distinct] [--source IP]`: COUNT UDP sockets connected to SERVER
 //!   (IPv4 or IPv6; or, with --distinct, to COUNT different addresses from SERVER's on, port
 //!   53), bound to IP if given (each local address has its own ports); prints `holding N` and
@@ -287,6 +290,60 @@ fn flood(args: &[String]) -> Result<(), String> {
         }
     }
     println!("attempts={attempts}");
+    Ok(())
+}
+
+fn unreadable_flood(to: SocketAddr, seconds: u64) -> Result<(), String> {
+    const SOCKETS: usize = 32;
+    const BATCH: usize = 32;
+    let mut query = tests::a_query(0x5151, "unreadable.example.test");
+    // Two questions, the second the first again.
+    query[5] = 2;
+    let question = query[12..].to_vec();
+    query.extend_from_slice(&question);
+    let sockets = (0..SOCKETS)
+        .map(|_| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    let to = socket2::SockAddr::from(to);
+    let mut iov = libc::iovec {
+        iov_base: query.as_mut_ptr().cast(),
+        iov_len: query.len(),
+    };
+    let mut messages: Vec<libc::mmsghdr> = (0..BATCH)
+        .map(|_| {
+            // SAFETY: `mmsghdr` is plain integers and pointers, for which all zeros is valid.
+            let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            message.msg_hdr.msg_name = to.as_ptr().cast_mut().cast();
+            message.msg_hdr.msg_namelen = to.len();
+            message.msg_hdr.msg_iov = &raw mut iov;
+            message.msg_hdr.msg_iovlen = 1;
+            message
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut sent, mut buf) = (0u64, [0u8; 512]);
+    while Instant::now() < deadline {
+        for socket in &sockets {
+            // SAFETY: every message points at `to`, `iov` and `query`, alive for the call,
+            // and the kernel reads no more than their lengths.
+            let count = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    messages.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    0,
+                )
+            };
+            sent += u64::try_from(count).unwrap_or(0);
+            while socket.recv_from(&mut buf).is_ok() {}
+        }
+    }
+    println!("sent={sent}");
     Ok(())
 }
 
@@ -777,6 +834,12 @@ fn main() -> ExitCode {
         Some("long-lived") => long_lived(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("unreadable-flood") => match &args[1..] {
+            [to, seconds] => parse::<SocketAddr>(to, "IP:PORT")
+                .and_then(|to| Ok((to, parse::<u64>(seconds, "seconds")?)))
+                .and_then(|(to, seconds)| unreadable_flood(to, seconds)),
+            _ => Err("unreadable-flood TO SECONDS".to_owned()),
+        },
         Some("race-connect") => race_connect(&args[1..]),
         Some("join") => match &args[1..] {
             [addr, seconds] => parse::<SocketAddr>(addr, "IP:PORT")

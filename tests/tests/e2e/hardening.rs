@@ -551,6 +551,71 @@ fn a_flooding_pod_is_shed_at_its_own_limit_and_the_others_keep_resolving() {
     );
 }
 
+/// A flood of queries the agent answers itself (FORMERR: two questions), faster than it can
+/// take them, never turns the redirect off for everyone. The agent's UDP threads each tell it
+/// that they run, and it stops telling the programs it runs when one does not (a wedged
+/// thread): a busy listener must still let that tick run. Before, two flooding processes of
+/// a pod made it miss by 1.5 s within seconds, and every workload's lookups went direct.
+#[test]
+fn a_flood_the_agent_answers_itself_never_turns_the_redirect_off() {
+    use tests::node::{NODE_LISTEN, NodeTopology};
+
+    let _flood = super::one_flood_at_a_time();
+    let node = NodeTopology::with_pods(2);
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    // At info level: a debug line for each of the flood's queries would be most of its cost.
+    let agent = Agent::launch_quiet(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        &[
+            format!("--listen={NODE_LISTEN}:53"),
+            format!("--metrics={METRICS}"),
+        ],
+    );
+    let server = format!("{SERVER_IP}:53");
+    let flooders: Vec<Process> = (0..2)
+        .map(|_| {
+            let mut command = node.pod(0, HOSTILE, &["unreadable-flood", &server, "8"]);
+            command.stdout(Stdio::piped());
+            Process::spawn(&mut command)
+        })
+        .collect();
+    let sent: u64 = flooders
+        .into_iter()
+        .map(|mut flooder| {
+            let line = flooder.finish_with_stdout(Duration::from_secs(30));
+            let sent = line.trim().strip_prefix("sent=");
+            sent.and_then(|sent| sent.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{line}"))
+        })
+        .sum();
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let answered = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"malformed\"}",
+    );
+    eprintln!("flood: sent={sent} answered={answered}");
+    // The agent read thousands a second (fewer than were sent: it must fall behind).
+    assert!(
+        answered >= 20_000 && sent > answered,
+        "the flood was too small to test anything: {sent} sent, {answered} answered"
+    );
+    let unresponsive = value(&page, "dns_proxy_kernel_agent_unresponsive_total");
+    let log = agent.log();
+    assert_eq!(
+        unresponsive, 0,
+        "DNS sends went direct during the flood; the log:\n{log}"
+    );
+    assert!(!log.contains("has not run"), "{log}");
+    // Still up, and answering.
+    let answered = must(&mut node.pod(1, PROBE, &["sendto", &server, "after.example.test"]));
+    assert_eq!(
+        String::from_utf8_lossy(&answered.stdout).trim(),
+        expected_probe_line()
+    );
+}
+
 /// Another root process of the agent's namespace joins the listeners' SO_REUSEPORT group on
 /// the listen address while workloads resolve: it receives none of their queries (sk_lookup
 /// picks the agent's own sockets, past the group).

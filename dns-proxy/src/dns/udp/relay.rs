@@ -50,7 +50,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 // It may be retired, or its last query settled, while it waits here.
                 () = pool_socket.until_done() => continue,
                 // An ICMP error queued for a query sent from it, too.
-                ready = socket.ready(Interest::READABLE | Interest::ERROR) => match ready {
+                ready = super::ready(socket, Interest::READABLE | Interest::ERROR) => match ready {
                     Ok(ready) if ready.is_error() => self.take_errors(pool_socket),
                     Ok(_) => {}
                     Err(err) => {
