@@ -25,6 +25,7 @@
 //! - `unreachable`: queries whose upstream cannot be reached (an ICMP error, a failed send);
 //! - `port_unreachable`: the ICMP error their clients get, as from the server;
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
+//! - `turn`: the waits on a socket, which let the thread's other tasks run;
 //! - `fuzz`: the fuzz targets' hooks.
 use foldhash::HashMap;
 use std::{
@@ -36,10 +37,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{Interest, Ready},
-    net::UdpSocket,
-};
+use tokio::{io::Interest, net::UdpSocket};
 
 use super::{
     Moment, OriginalDestinations,
@@ -71,6 +69,9 @@ mod relay;
 mod sweeper;
 #[cfg(test)]
 mod tests;
+mod turn;
+
+use self::turn::Turn;
 mod unreachable;
 
 pub use port_unreachable::PortUnreachable;
@@ -171,22 +172,6 @@ pub struct UdpProxy<D> {
 /// How often a listener that finishes looks whether what it forwarded is all answered.
 const FINISH_POLL: Duration = Duration::from_millis(5);
 
-/// `socket.ready(interest)`, at the cost of a unit of the task's budget (tokio's cooperative
-/// scheduling), as a `recv` of tokio's own would cost. tokio's readiness costs none: a listener
-/// that a flood kept readable, each batch full, never yielded, and the other tasks of its
-/// thread (the answers' relays, the sweeper, the tick that tells the programs the agent runs)
-/// waited for the flood to end. A FORMERR flood of 160,000 queries a second stopped the redirect
-/// that way, and 242,000 DNS sends went direct in 20 s.
-async fn ready(socket: &UdpSocket, interest: Interest) -> io::Result<Ready> {
-    tokio::task::coop::consume_budget().await;
-    socket.ready(interest).await
-}
-
-/// [`ready`] to read.
-async fn readable(socket: &UdpSocket) -> io::Result<()> {
-    ready(socket, Interest::READABLE).await.map(drop)
-}
-
 /// Receives a batch on `socket`, which tokio saw readable. A short batch means the socket's
 /// queue was empty when the kernel stopped: tokio's readiness is then cleared at once, as it
 /// would be by the next call finding nothing, a syscall this saves. (A datagram that arrives
@@ -273,7 +258,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     pub async fn serve(self: &Arc<Self>, stop: drain::Signal) {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
-        while let Some(ready) = stop.unless_stopped(readable(&self.socket)).await {
+        let turn = Turn::new();
+        while let Some(ready) = stop.unless_stopped(turn.readable(&self.socket)).await {
             self.on_readable(ready, &mut batch, &mut forwarding);
         }
     }
@@ -292,13 +278,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     ) {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
-        let (arrival, idle) = (|| readable(&self.socket), || self.inflight() == 0);
+        let turn = Turn::new();
+        let (arrival, idle) = (|| turn.readable(&self.socket), || self.inflight() == 0);
         while let Some(ready) = deadline.next_arrival(arrival, idle).await {
             self.on_readable(ready, &mut batch, &mut forwarding);
         }
         quiet();
         let serving = async {
-            while let Some(ready) = steering_off.unless_stopped(readable(&self.socket)).await {
+            while let Some(ready) = steering_off
+                .unless_stopped(turn.readable(&self.socket))
+                .await
+            {
                 self.on_readable(ready, &mut batch, &mut forwarding);
             }
         };
@@ -311,11 +301,12 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     pub async fn finish(self: &Arc<Self>, deadline: Deadline) -> usize {
         let mut batch = ReceivedBatch::default();
         let mut forwarding = Forwarding::default();
+        let turn = Turn::new();
         let answering = async {
             loop {
                 tokio::select! {
                     biased;
-                    ready = readable(&self.socket) => {
+                    ready = turn.readable(&self.socket) => {
                         self.on_readable(ready, &mut batch, &mut forwarding);
                     }
                     () = tokio::time::sleep(FINISH_POLL) => {

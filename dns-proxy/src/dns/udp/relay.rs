@@ -13,7 +13,9 @@ use super::{
     mmsg::{self, ReceivedBatch},
     pending::Pending,
     pool::PoolSocket,
-    receive_batch, udp_asked,
+    receive_batch,
+    turn::Turn,
+    udp_asked,
 };
 use crate::dns::{Moment, OriginalDestinations, wire};
 
@@ -41,6 +43,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// or, once the socket is retired, until nothing sent from it is outstanding.
     async fn relay_answers(self: &Arc<Self>, pool_socket: &PoolSocket) {
         let (id, socket) = (pool_socket.id(), pool_socket.socket());
+        let turn = Turn::new();
         loop {
             if pool_socket.is_done() {
                 return;
@@ -50,7 +53,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 // It may be retired, or its last query settled, while it waits here.
                 () = pool_socket.until_done() => continue,
                 // An ICMP error queued for a query sent from it, too.
-                ready = super::ready(socket, Interest::READABLE | Interest::ERROR) => match ready {
+                ready = turn.ready(socket, Interest::READABLE | Interest::ERROR) => match ready {
                     Ok(ready) if ready.is_error() => self.take_errors(pool_socket),
                     Ok(_) => {}
                     Err(err) => {

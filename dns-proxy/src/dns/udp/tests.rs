@@ -1737,37 +1737,3 @@ fn only_a_full_send_buffer_counts_an_unsent_answer_as_overload() {
     assert_eq!(stats.dropped_overload.load(Ordering::Relaxed), 2);
     assert_eq!(stats.dropped_unsendable.load(Ordering::Relaxed), 4);
 }
-
-/// Waiting for a socket to be readable takes from the task's budget, as a `recv` of tokio's
-/// own does: a listener that a flood keeps readable yields now and then, and the other tasks of
-/// its thread run (the answers' relays, the sweeper, the tick that tells the programs the agent
-/// runs). tokio's readiness alone costs nothing: a FORMERR flood kept a UDP thread's tick from
-/// running for 1.5 s and more, and the redirect stopped (e2e
-/// `a_flood_the_agent_answers_itself_never_turns_the_redirect_off`).
-#[tokio::test]
-async fn waiting_on_a_socket_that_stays_readable_lets_the_threads_other_tasks_run() {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sender
-        .send_to(b"never read", socket.local_addr().unwrap())
-        .await
-        .unwrap();
-    // Seen readable by tokio: from here on, readable at once every time.
-    socket.readable().await.unwrap();
-    let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn({
-        let other_ran = Arc::clone(&other_ran);
-        async move { other_ran.store(true, Ordering::SeqCst) }
-    });
-    // A listener's loop with a datagram always there.
-    for _ in 0..10_000 {
-        readable(&socket).await.unwrap();
-        ready(&socket, Interest::READABLE | Interest::ERROR)
-            .await
-            .unwrap();
-        if other_ran.load(Ordering::SeqCst) {
-            return;
-        }
-    }
-    panic!("10,000 waits for a readable socket, and no other task ran");
-}
