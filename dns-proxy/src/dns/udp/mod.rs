@@ -70,8 +70,6 @@ mod sweeper;
 #[cfg(test)]
 mod tests;
 mod turn;
-
-use self::turn::Turn;
 mod unreachable;
 
 pub use port_unreachable::PortUnreachable;
@@ -82,6 +80,7 @@ use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
 use pending::{Pending, PendingKey};
 pub use pool::USES_PER_SOCKET;
+use turn::Turn;
 
 /// The most sockets connected to upstreams one UDP thread keeps, per address family.
 pub const MOST_CONNECTED_SOCKETS: usize = pool::CONNECTED_UPSTREAMS * pool::CONNECTED_SOCKETS;
