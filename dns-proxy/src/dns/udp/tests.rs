@@ -767,7 +767,7 @@ async fn pool_sockets_are_replaced_by_fresh_ones_and_retired_ones_close() {
 /// few queries it carried, and only once.
 #[tokio::test]
 async fn a_connected_socket_is_replaced_once_it_has_lived_its_time() {
-    let (upstream, ports) = recording_upstream(false).await;
+    let (upstream, ports) = recording_upstream(Reply::AtOnce).await;
     let proxy = proxy(Some(upstream), 64).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for id in 0..16 {
@@ -1618,9 +1618,18 @@ impl OriginalDestinations for ByAddress {
     }
 }
 
-/// A server on loopback that records the source port of every query it gets, and answers
-/// them unless `silent`.
-async fn recording_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
+/// How a [`recording_upstream`] answers.
+#[derive(Clone)]
+enum Reply {
+    AtOnce,
+    Never,
+    /// Each query is held until the `Notify` is told, then answered; later ones at once.
+    WhenReleased(Arc<tokio::sync::Notify>),
+}
+
+/// A server on loopback that records the source port of every query it gets, and answers as
+/// `reply` says.
+async fn recording_upstream(reply: Reply) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (addr, ports) = (
         socket.local_addr().unwrap(),
@@ -1629,33 +1638,69 @@ async fn recording_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) 
     let seen = Arc::clone(&ports);
     tokio::spawn(async move {
         let mut buf = [0u8; 512];
+        let mut held = Vec::new();
+        let (mut release, mut released) = match reply {
+            Reply::AtOnce => (None, true),
+            Reply::Never => (None, false),
+            Reply::WhenReleased(release) => (Some(release), false),
+        };
         loop {
-            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-            seen.lock().unwrap().push(from.port());
-            if !silent {
-                socket.send_to(&answer_to(&buf[..len]), from).await.unwrap();
+            let notified = async {
+                match &release {
+                    Some(release) => release.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => {
+                    let (len, from) = received.unwrap();
+                    seen.lock().unwrap().push(from.port());
+                    if released {
+                        socket.send_to(&answer_to(&buf[..len]), from).await.unwrap();
+                    } else if release.is_some() {
+                        held.push((answer_to(&buf[..len]), from));
+                    }
+                }
+                () = notified => {
+                    for (answer, to) in held.drain(..) {
+                        socket.send_to(&answer, to).await.unwrap();
+                    }
+                    (release, released) = (None, true);
+                }
             }
         }
     });
     (addr, ports)
 }
 
-/// No server sees the port a query to another left from. A workload that keeps the few
-/// connected places for servers of its own, and asks one more that it runs (here a silent
-/// one, so the sockets it saw stay open throughout), learns nothing of the ports of another
-/// workload's queries to its server, which has no place: each of those leaves from a socket
-/// of its own. (With a pool of sockets shared by every server, it saw all of them.)
+/// No server sees the port a query to another leaves from. A workload that keeps the few
+/// connected places for servers of its own, and asks one more that never answers, learns
+/// nothing of the ports of another workload's queries to its server, which has no place: each
+/// of those leaves from a socket of its own. (With a pool of sockets shared by every server,
+/// it saw all of them.) The other workload's queries are held unanswered while the servers of
+/// the first are asked, so every socket they left from is open throughout, and a port seen
+/// twice is one socket, not a closed one's port come round again: only what an attacker could
+/// use.
 #[tokio::test]
-async fn no_server_sees_the_port_a_query_to_another_server_left_from() {
+async fn no_server_sees_the_port_a_query_to_another_server_leaves_from() {
+    let silent = CONNECTED_UPSTREAMS;
+    let victim = CONNECTED_UPSTREAMS + 1;
+    let release = Arc::new(tokio::sync::Notify::new());
     let mut servers = Vec::new();
     for n in 0..CONNECTED_UPSTREAMS + 2 {
-        servers.push(recording_upstream(n == CONNECTED_UPSTREAMS).await);
+        let reply = match n {
+            n if n == silent => Reply::Never,
+            n if n == victim => Reply::WhenReleased(Arc::clone(&release)),
+            _ => Reply::AtOnce,
+        };
+        servers.push(recording_upstream(reply).await);
     }
     let listener = UdpSocket::bind("0.0.0.0:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let destinations = ByAddress(servers.iter().map(|(addr, _)| *addr).collect());
     let settings = ForwardSettings {
-        upstream_timeout: Duration::from_secs(5),
+        // Longer than the test: no query's socket closes for a timeout.
+        upstream_timeout: Duration::from_secs(60),
         ..settings(64, 64)
     };
     let proxy = UdpProxy::new(listener, destinations, settings, Arc::default()).unwrap();
@@ -1679,23 +1724,48 @@ async fn no_server_sees_the_port_a_query_to_another_server_left_from() {
         assert!(ask(n, 100 + n as u16).await, "server {n} unanswered");
     }
     assert_eq!(proxy.v4.connected().len(), CONNECTED_UPSTREAMS);
-    // From here on, only sockets that stay open until the end, and the victim's own, one at a
-    // time (closed ones' ports may come round again).
     for (_, ports) in &servers {
         ports.lock().unwrap().clear();
     }
-    // Its silent server sees ten queries, whose sockets wait for answers.
-    let silent = CONNECTED_UPSTREAMS;
+    // Its silent server sees ten queries, and the other workload's server twenty; none is
+    // answered yet.
     for id in 0..10 {
-        let query = with_id(1000 + id);
-        client.send_to(&query, at(silent)).await.unwrap();
+        client
+            .send_to(&with_id(1000 + id), at(silent))
+            .await
+            .unwrap();
     }
-    // The other workload's server, with no place left, and the attacker's, asked in turn.
-    let victim = CONNECTED_UPSTREAMS + 1;
     for id in 0..20 {
-        assert!(ask(victim, 2000 + id).await, "the victim's lookup {id}");
+        client
+            .send_to(&with_id(2000 + id), at(victim))
+            .await
+            .unwrap();
+    }
+    let all_arrived = async {
+        while servers[silent].1.lock().unwrap().len() < 10
+            || servers[victim].1.lock().unwrap().len() < 20
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    timeout(Duration::from_secs(5), all_arrived)
+        .await
+        .expect("the held queries reach their servers");
+    // The attacker's servers, asked in turn while those wait.
+    for id in 0..20 {
         let n = usize::from(id) % CONNECTED_UPSTREAMS;
         assert!(ask(n, 3000 + id).await, "server {n} unanswered");
+    }
+    // The held queries are all answered.
+    release.notify_one();
+    let mut answered = 0;
+    let mut buf = [0u8; 1024];
+    while answered < 20 {
+        timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{answered} of the 20 held queries answered"))
+            .unwrap();
+        answered += 1;
     }
     let ports: Vec<Vec<u16>> = servers
         .iter()
@@ -1703,12 +1773,15 @@ async fn no_server_sees_the_port_a_query_to_another_server_left_from() {
         .collect();
     assert_eq!(ports[silent].len(), 10);
     assert_eq!(ports[victim].len(), 20);
-    for (a, seen_a) in ports.iter().enumerate() {
-        for (b, seen_b) in ports.iter().enumerate().skip(a + 1) {
-            let shared: Vec<&u16> = seen_a.iter().filter(|p| seen_b.contains(p)).collect();
+    // Only against the two whose sockets stayed open: an attacker's connected socket replaced
+    // for its age closes, and a fresh one for another may get its port (no query of theirs
+    // was in flight on it).
+    for held in [silent, victim] {
+        for (other, seen) in ports.iter().enumerate().filter(|&(n, _)| n != held) {
+            let shared: Vec<&u16> = ports[held].iter().filter(|p| seen.contains(p)).collect();
             assert!(
                 shared.is_empty(),
-                "servers {a} and {b} both saw ports {shared:?}"
+                "servers {held} and {other} both saw ports {shared:?}"
             );
         }
     }
