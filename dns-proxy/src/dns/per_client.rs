@@ -122,7 +122,12 @@ impl ClientSlot {
     /// when this one came (helper-169: a client that had held two and let one go was taken
     /// for past its share, and its only connection closed before another's older one).
     pub fn past_fair_share(&self, total: usize) -> usize {
-        (self.limits.held(self.client) as usize).saturating_sub(self.limits.fair_share(total))
+        self.limits.past_fair_share(self.client, total)
+    }
+
+    /// The client it counts against.
+    pub fn client(&self) -> Client {
+        self.client
     }
 }
 
@@ -184,6 +189,11 @@ impl PerClientLimit {
             client,
             held_before,
         })
+    }
+
+    /// By how much `client` is past its fair share of `total` now.
+    pub fn past_fair_share(&self, client: Client, total: usize) -> usize {
+        (self.held(client) as usize).saturating_sub(self.fair_share(total))
     }
 
     /// What `client` holds now.

@@ -27,7 +27,6 @@
 //! - `mmsg`: `recvmmsg` and `sendmmsg`;
 //! - `turn`: the waits on a socket, which let the thread's other tasks run;
 //! - `fuzz`: the fuzz targets' hooks.
-use foldhash::HashMap;
 use std::{
     hash::RandomState,
     io,
@@ -78,7 +77,7 @@ pub use unreachable::ClosedPorts;
 use cached::{CacheHit, FromCache, MadeHere, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
-use pending::{Pending, PendingKey};
+use pending::{Pending, PendingKey, PendingTable};
 pub use pool::USES_PER_SOCKET;
 use turn::Turn;
 
@@ -154,7 +153,7 @@ pub struct UdpProxy<D> {
     v4: Pool,
     v6: Pool,
     next_socket_id: AtomicU64,
-    pending: Mutex<HashMap<PendingKey, Pending>>,
+    pending: Mutex<PendingTable>,
     /// Keys the question hashes, so no one can craft a question that collides.
     question_hasher: RandomState,
     /// Stops the pool readers and the sweeper, at the end of `finish`.

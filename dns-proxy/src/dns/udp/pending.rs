@@ -4,13 +4,15 @@
 //! question asked (letter case aside); anything else is counted and dropped.
 use std::{
     cmp::Reverse,
-    collections::hash_map::Entry,
+    collections::VecDeque,
     hash::BuildHasher,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
+
+use foldhash::HashMap;
 
 use super::{
     UdpProxy,
@@ -19,7 +21,7 @@ use super::{
 };
 use crate::dns::{
     Moment, OriginalDestinations,
-    per_client::{ClientSlot, Standing},
+    per_client::{Client, ClientSlot, PerClientLimit, Standing},
     stats::Stats,
     wire,
 };
@@ -96,6 +98,171 @@ impl Pending {
             listener: proxy.socket.as_fd(),
             started: self.started,
         }
+    }
+}
+
+/// The queries in flight on one listener, by key, and each client's in the order they came:
+/// making room at twice --max-inflight looks at the clients holding queries (tens), not at
+/// every query (thousands). A search of every query for each one admitted there held a UDP
+/// thread for over 1.5 s under 40 workloads flooding a server that never answers
+/// (helper-190), and the debug build read half of such a flood (e2e
+/// `forty_workloads_flooding_at_twice_the_limit_leave_the_agent_reading_and_a_neighbour_resolving`).
+#[derive(Default)]
+pub(super) struct PendingTable {
+    queries: HashMap<PendingKey, InFlight>,
+    by_client: HashMap<Client, Arrivals>,
+    /// The next query's place in the order of arrival on this listener.
+    next_arrival: u64,
+}
+
+struct InFlight {
+    arrival: u64,
+    pending: Pending,
+}
+
+/// One client's queries on one listener, in the order they came. Those settled since stay
+/// until they reach the front, or until they outnumber the live ones, so that taking one out
+/// costs no search.
+#[derive(Default)]
+struct Arrivals {
+    order: VecDeque<(u64, PendingKey)>,
+    live: usize,
+}
+
+impl Arrivals {
+    /// The first of its queries still in flight, after dropping the settled ones before it.
+    fn oldest(&mut self, queries: &HashMap<PendingKey, InFlight>) -> Option<(u64, PendingKey)> {
+        while let Some(&(arrival, key)) = self.order.front() {
+            if is_current(queries, arrival, &key) {
+                return Some((arrival, key));
+            }
+            self.order.pop_front();
+        }
+        None
+    }
+}
+
+/// Whether `key`, which arrived `arrival`th, is still in flight (and not a later query under
+/// the same key).
+fn is_current(queries: &HashMap<PendingKey, InFlight>, arrival: u64, key: &PendingKey) -> bool {
+    queries
+        .get(key)
+        .is_some_and(|query| query.arrival == arrival)
+}
+
+impl PendingTable {
+    pub(super) fn len(&self) -> usize {
+        self.queries.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queries.is_empty()
+    }
+
+    pub(super) fn contains_key(&self, key: &PendingKey) -> bool {
+        self.queries.contains_key(key)
+    }
+
+    pub(super) fn get(&self, key: &PendingKey) -> Option<&Pending> {
+        self.queries.get(key).map(|query| &query.pending)
+    }
+
+    #[cfg(test)]
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&PendingKey, &Pending)> {
+        self.queries
+            .iter()
+            .map(|(key, query)| (key, &query.pending))
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> impl Iterator<Item = &Pending> {
+        self.queries.values().map(|query| &query.pending)
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Pending> {
+        self.queries.values_mut().map(|query| &mut query.pending)
+    }
+
+    /// The arrivals kept, settled ones included: what the order costs in memory.
+    #[cfg(test)]
+    pub(super) fn arrivals_kept(&self) -> usize {
+        self.by_client
+            .values()
+            .map(|arrivals| arrivals.order.len())
+            .sum()
+    }
+
+    /// Records `pending` under `key`, which must be free ([`contains_key`](Self::contains_key)).
+    pub(super) fn insert(&mut self, key: PendingKey, pending: Pending) {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let arrivals = self
+            .by_client
+            .entry(pending._client_slot.client())
+            .or_default();
+        arrivals.order.push_back((arrival, key));
+        arrivals.live += 1;
+        let replaced = self.queries.insert(key, InFlight { arrival, pending });
+        debug_assert!(replaced.is_none(), "a key in flight is not reused");
+    }
+
+    pub(super) fn remove(&mut self, key: &PendingKey) -> Option<Pending> {
+        let InFlight { pending, .. } = self.queries.remove(key)?;
+        let client = pending._client_slot.client();
+        if let Some(arrivals) = self.by_client.get_mut(&client) {
+            arrivals.live -= 1;
+            if arrivals.live == 0 {
+                self.by_client.remove(&client);
+            } else if arrivals.order.len() > 2 * arrivals.live + 16 {
+                // Settled ones outnumber the live: each is looked at once more, here.
+                let queries = &self.queries;
+                arrivals
+                    .order
+                    .retain(|(arrival, key)| is_current(queries, *arrival, key));
+            }
+        }
+        Some(pending)
+    }
+
+    /// Takes out every query `expired` says so of.
+    pub(super) fn extract_if(
+        &mut self,
+        mut expired: impl FnMut(&Pending) -> bool,
+    ) -> Vec<(PendingKey, Pending)> {
+        let keys: Vec<PendingKey> = self
+            .queries
+            .iter()
+            .filter(|(_, query)| expired(&query.pending))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| Some((key, self.remove(&key)?)))
+            .collect()
+    }
+
+    /// The first query still in flight of the client furthest past its fair share of `max`
+    /// (by what it holds now, on every listener), the client with the oldest such query among
+    /// those as far; with `any_at_its_share`, of any client holding one. `None` if no client is
+    /// past its share.
+    fn oldest_of_the_furthest_past_its_share(
+        &mut self,
+        limits: &PerClientLimit,
+        max: usize,
+        any_at_its_share: bool,
+    ) -> Option<PendingKey> {
+        let queries = &self.queries;
+        self.by_client
+            .iter_mut()
+            .filter_map(|(client, arrivals)| {
+                let past = limits.past_fair_share(*client, max);
+                if past == 0 && !any_at_its_share {
+                    return None;
+                }
+                let (arrival, key) = arrivals.oldest(queries)?;
+                Some((past, Reverse(arrival), key))
+            })
+            .max_by_key(|(past, arrival, _)| (*past, *arrival))
+            .map(|(.., key)| key)
     }
 }
 
@@ -181,15 +348,11 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 // each may, rather than turn a newcomer away for want of a query to take out.
                 return true;
             }
-            let furthest = table
-                .iter()
-                .map(|(key, pending)| {
-                    let past = pending._client_slot.past_fair_share(max);
-                    (past, Reverse(pending.started.instant), *key)
-                })
-                .filter(|(past, ..)| *past > 0 || any_at_its_share)
-                .max_by_key(|(past, started, _)| (*past, *started))
-                .map(|(.., key)| key);
+            let furthest = table.oldest_of_the_furthest_past_its_share(
+                &self.settings.per_client,
+                max,
+                any_at_its_share,
+            );
             furthest.and_then(|key| Some((key, table.remove(&key)?)))
         };
         let Some((key, mut pending)) = forgotten else {
@@ -228,14 +391,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let mut table = self.pending.lock().expect("not poisoned");
             candidates.into_iter().find_map(|socket| {
                 let key = key(socket);
-                let Entry::Vacant(entry) = table.entry(key) else {
+                if table.contains_key(&key) {
                     return None;
-                };
+                }
                 // Counted under the lock, so its answer cannot be counted first.
                 self.stats.udp.forwarding();
                 let mut registered = (pending.take()?)(Arc::clone(socket));
                 registered.strays_at_send = socket.strays(registered.question);
-                entry.insert(registered);
+                table.insert(key, registered);
                 socket.carries();
                 Some((key, Arc::clone(socket)))
             })

@@ -45,8 +45,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             let (expired, overdue) = {
                 let mut table = self.pending.lock().expect("not poisoned");
                 let expired: Vec<(PendingKey, Pending)> = table
-                    .extract_if(|_, pending| now.duration_since(pending.started.instant) >= timeout)
-                    .collect();
+                    .extract_if(|pending| now.duration_since(pending.started.instant) >= timeout);
                 let overdue: Vec<Overdue<'_>> = table
                     .values_mut()
                     .filter_map(|pending| {

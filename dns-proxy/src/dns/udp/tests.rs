@@ -926,17 +926,55 @@ async fn at_twice_the_limit_a_client_within_its_share_takes_the_place_of_one_fur
     );
     assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
     assert_eq!(udp.dropped_overload.load(Ordering::Relaxed), 1);
-    let held_by_the_first: usize = proxy
+    // Its oldest is the one forgotten.
+    let mut held_by_the_first: Vec<u16> = proxy
         .pending
         .lock()
         .unwrap()
-        .values()
-        .filter(|pending| pending.client.ip() == Ipv4Addr::new(10, 0, 0, 1))
-        .count();
-    assert_eq!(held_by_the_first, 3);
+        .iter()
+        .filter(|(_, pending)| pending.client.ip() == Ipv4Addr::new(10, 0, 0, 1))
+        .map(|(key, pending)| pending.client_id.unwrap_or(key.id))
+        .collect();
+    held_by_the_first.sort_unstable();
+    assert_eq!(held_by_the_first, [101, 102, 103]);
     // Past its share, the first is refused outright, and takes no one's place.
     assert!(!register(1, 199));
     assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+}
+
+/// The order a client's queries came in, kept to find its oldest without a search, holds
+/// settled ones only until they outnumber the live: a client that keeps asking while one of
+/// its queries waits costs a bounded order, not one entry per query it ever asked.
+#[tokio::test]
+async fn a_clients_order_of_arrival_stays_bounded_while_it_keeps_asking() {
+    let upstream: SocketAddr = "192.0.2.53:53".parse().unwrap();
+    let proxy = proxy_with_limits(Some(upstream), 64, 64).await;
+    let client = (Ipv4Addr::new(10, 0, 0, 1), 40000).into();
+    let arrival = Some(Arrival {
+        destination: proxy.local_addr.ip(),
+        ifindex: LOOPBACK_IFINDEX + 1,
+    });
+    let ask = |id: u16| {
+        let mut query = QUERY.to_vec();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        proxy
+            .register_query(&query, client, arrival, Moment::now(), 0, &mut Vec::new())
+            .expect("admitted")
+    };
+    let (waiting, _) = ask(1);
+    for n in 0..10_000 {
+        let (key, socket) = ask(2);
+        let mut answer = answer_to(QUERY);
+        answer[..2].copy_from_slice(&key.id.to_be_bytes());
+        assert!(
+            proxy.match_answer(socket.id(), &answer, upstream).is_ok(),
+            "answer {n}"
+        );
+        let table = proxy.pending.lock().unwrap();
+        assert_eq!(table.len(), 1);
+        assert!(table.arrivals_kept() <= 2 + 16, "{}", table.arrivals_kept());
+    }
+    assert!(proxy.pending.lock().unwrap().contains_key(&waiting));
 }
 
 #[tokio::test]
