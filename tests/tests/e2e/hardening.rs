@@ -260,6 +260,17 @@ fn node_with_a_slow_server_and(pods: u8, extra: &[&str]) -> FloodedNode {
 
 /// [`node_with_a_slow_server_and`], the slow server answering after `slow_ms`.
 fn node_with_a_server_slow_by(pods: u8, slow_ms: &str, extra: &[&str]) -> FloodedNode {
+    flooded_node(pods, slow_ms, extra, Agent::launch)
+}
+
+/// [`node_with_a_server_slow_by`], the agent started by `launch` ([`Agent::launch_quiet`]
+/// for a flood whose debug lines would be most of its cost).
+fn flooded_node(
+    pods: u8,
+    slow_ms: &str,
+    extra: &[&str],
+    launch: fn(&tests::Netns, &std::path::Path, Option<&std::path::Path>, &[String]) -> Agent,
+) -> FloodedNode {
     use tests::node::{NODE_LISTEN, NodeTopology};
 
     let node = NodeTopology::with_pods(pods);
@@ -268,7 +279,7 @@ fn node_with_a_server_slow_by(pods: u8, slow_ms: &str, extra: &[&str]) -> Floode
     let mut slow = node.server.command(TEST_UPSTREAM);
     slow.args([&format!("{SECOND_SERVER_IP}:53"), slow_ms, "198.51.100.9"]);
     let slow = Process::spawn(&mut slow);
-    let agent = Agent::launch(
+    let agent = launch(
         &node.node,
         node.redirected_cgroup(),
         None,
@@ -581,15 +592,7 @@ fn a_flood_the_agent_answers_itself_never_turns_the_redirect_off() {
             Process::spawn(&mut command)
         })
         .collect();
-    let sent: u64 = flooders
-        .into_iter()
-        .map(|mut flooder| {
-            let line = flooder.finish_with_stdout(Duration::from_secs(30));
-            let sent = line.trim().strip_prefix("sent=");
-            sent.and_then(|sent| sent.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{line}"))
-        })
-        .sum();
+    let sent = total_sent(flooders, Duration::from_secs(30));
     let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
     let answered = value(
         &page,
@@ -601,19 +604,154 @@ fn a_flood_the_agent_answers_itself_never_turns_the_redirect_off() {
         answered >= 20_000 && sent > answered,
         "the flood was too small to test anything: {sent} sent, {answered} answered"
     );
-    let unresponsive = value(&page, "dns_proxy_kernel_agent_unresponsive_total");
-    let log = agent.log();
-    assert_eq!(
-        unresponsive, 0,
-        "DNS sends went direct during the flood; the log:\n{log}"
-    );
-    assert!(!log.contains("has not run"), "{log}");
+    assert_the_redirect_stayed_on(&page, &agent);
     // Still up, and answering.
     let answered = must(&mut node.pod(1, PROBE, &["sendto", &server, "after.example.test"]));
     assert_eq!(
         String::from_utf8_lossy(&answered.stdout).trim(),
         expected_probe_line()
     );
+}
+
+/// Forty workloads, one after another, flood a server that never answers, and hold the agent
+/// at twice `--max-inflight` (those that came first took the larger share of fewer clients).
+/// There, each query of a client within its share makes room by forgetting one of the client
+/// furthest past its own. That must cost little: before, each such query searched every query
+/// in flight on its listener (thousands). With the debug build, at twice the limit, the agent
+/// read 4,000 queries a second and 58 % of the flood; the kernel dropped the rest, a
+/// neighbour's lookups among them; with the release build and no CPU to spare, 128 such
+/// searches took over 1.5 s, and the redirect was turned off for every workload
+/// (helper-190). Now the search is over the clients. The agent keeps reading, its threads
+/// keep their tick, and a workload resolving beside them, through another server, loses no
+/// lookup.
+#[test]
+fn forty_workloads_flooding_at_twice_the_limit_leave_the_agent_reading_and_a_neighbour_resolving() {
+    const FLOODERS: usize = 40;
+    let _flood = super::one_flood_at_a_time();
+    let FloodedNode {
+        mut agent,
+        node,
+        _slow,
+        _server,
+    } = flooded_node(1, "60000", &[], Agent::launch_quiet);
+    let agent_pid = agent.process().id();
+    let cpu_before = cpu_seconds(agent_pid);
+    let slow = format!("{SECOND_SERVER_IP}:53");
+    let flooders: Vec<Process> = (0..FLOODERS)
+        .map(|n| {
+            let cgroup = node.host_cgroup.join(format!("flooder-{n}"));
+            fs::create_dir(&cgroup)
+                .unwrap_or_else(|err| panic!("mkdir {}: {err}", cgroup.display()));
+            let first = (n * 1_000_000).to_string();
+            // At the lowest priority, as a node gives pods that ask for no CPU: forty
+            // processes at the agent's own would take the CPU it needs, whatever it does.
+            let mut command = tests::in_cgroup_and_netns(
+                &cgroup,
+                &node.node,
+                "nice",
+                &["-n", "19", FLOOD, &slow, "5000", "50000", "10", &first],
+            );
+            command.stdout(Stdio::piped());
+            // One after another: each that comes finds the share of fewer clients, so
+            // together they pass --max-inflight, to twice it, and every later query of a
+            // client within its share makes room.
+            thread::sleep(Duration::from_millis(100));
+            Process::spawn(&mut command)
+        })
+        .collect();
+    let steady_cgroup = node.host_cgroup.join("steady");
+    fs::create_dir(&steady_cgroup).unwrap();
+    let server = format!("{SERVER_IP}:53");
+    // A lookup every 20 ms, 2 s per try, three tries.
+    let mut steady = Process::spawn(
+        tests::in_cgroup_and_netns(
+            &steady_cgroup,
+            &node.node,
+            STEADY,
+            &[server.as_str(), "2000", "3", "20", "1"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped()),
+    );
+    // While they flood: how many are in flight, at most.
+    let mut peak = 0;
+    for _ in 0..8 {
+        thread::sleep(Duration::from_secs(1));
+        let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+        peak = peak.max(value(&page, "dns_proxy_inflight_queries{protocol=\"udp\"}"));
+    }
+    let sent = total_sent(flooders, Duration::from_secs(60));
+    let line = steady.finish_with_stdout(Duration::from_secs(20));
+    let cpu = cpu_seconds(agent_pid) - cpu_before;
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let received = value(&page, "dns_proxy_queries_received_total{protocol=\"udp\"}");
+    let forgotten = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"overload\"}",
+    );
+    eprintln!(
+        "flood: sent={sent} received={received} forgotten or shed={forgotten}, at most \
+         {peak} in flight, agent CPU {cpu:.1} s; the steady workload: {line}"
+    );
+    assert!(
+        peak >= 2 * 4096 - 64,
+        "the flood never held the agent at twice --max-inflight: {peak}\n{page}"
+    );
+    // The agent kept reading. Before, it read 46 % and 60 % of what was sent, 4,000 a second
+    // at twice the limit; the kernel dropped the rest, whoever had sent it.
+    assert!(
+        received * 3 >= sent * 2,
+        "the agent read {received} of {sent} sent"
+    );
+    assert_the_redirect_stayed_on(&page, &agent);
+    let [lookups, _first_try, retried, failed] = steady_outcome(&line);
+    assert!(lookups >= 50, "{line}");
+    assert_eq!(failed, 0, "lost lookups during the flood: {line}");
+    assert!(
+        retried * 100 <= lookups.max(100),
+        "retried more than 1 %: {line}"
+    );
+}
+
+/// No DNS send went direct while the agent ran (by its metrics `page`), and its log says no
+/// UDP thread missed its tick.
+fn assert_the_redirect_stayed_on(page: &str, agent: &Agent) {
+    let unresponsive = value(page, "dns_proxy_kernel_agent_unresponsive_total");
+    let log = agent.log();
+    assert_eq!(
+        unresponsive, 0,
+        "DNS sends went direct during the flood; the log:\n{log}"
+    );
+    assert!(!log.contains("has not run"), "{log}");
+}
+
+/// What `flooders`, each printing `sent=N` as it ends, sent in all; each given `within`.
+fn total_sent(flooders: Vec<Process>, within: Duration) -> u64 {
+    flooders
+        .into_iter()
+        .map(|mut flooder| {
+            let line = flooder.finish_with_stdout(within);
+            let sent = line.trim().strip_prefix("sent=");
+            sent.and_then(|sent| sent.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{line}"))
+        })
+        .sum()
+}
+
+/// The CPU time process `pid` has used, user and system, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
+    // Fields 14 and 15 (utime, stime), counted after the command's closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second as f64
 }
 
 /// Another root process of the agent's namespace joins the listeners' SO_REUSEPORT group on
