@@ -102,8 +102,9 @@ impl Pending {
 }
 
 /// The queries in flight on one listener, by key, and each client's in the order they came:
-/// making room at twice --max-inflight looks at the clients holding queries (tens), not at
-/// every query (thousands). A search of every query for each one admitted there held a UDP
+/// making room at twice --max-inflight looks at the clients holding queries (tens, where a
+/// few flood; as many as the queries only where each client holds one), not at every query
+/// (thousands). A search of every query for each one admitted there held a UDP
 /// thread for over 1.5 s under 40 workloads flooding a server that never answers
 /// (helper-190), and the debug build read half of such a flood (e2e
 /// `forty_workloads_flooding_at_twice_the_limit_leave_the_agent_reading_and_a_neighbour_resolving`).
@@ -120,9 +121,14 @@ struct InFlight {
     pending: Pending,
 }
 
+/// Settled arrivals a client's order may keep beyond as many as it has live: few, since a
+/// client that holds one query for long and many clients each holding one are the cases
+/// where it counts (an adversary: 4,000 clients each holding one cost 1.3 KB each with 16).
+const SETTLED_KEPT: usize = 4;
+
 /// One client's queries on one listener, in the order they came. Those settled since stay
-/// until they reach the front, or until they outnumber the live ones, so that taking one out
-/// costs no search.
+/// until they reach the front, or until they outnumber the live ones (by more than
+/// [`SETTLED_KEPT`]), so that taking one out costs no search.
 #[derive(Default)]
 struct Arrivals {
     order: VecDeque<(u64, PendingKey)>,
@@ -213,12 +219,14 @@ impl PendingTable {
             arrivals.live -= 1;
             if arrivals.live == 0 {
                 self.by_client.remove(&client);
-            } else if arrivals.order.len() > 2 * arrivals.live + 16 {
-                // Settled ones outnumber the live: each is looked at once more, here.
+            } else if arrivals.order.len() > 2 * arrivals.live + SETTLED_KEPT {
+                // Settled ones outnumber the live: each is looked at once more, here, and
+                // the room they took is given back.
                 let queries = &self.queries;
                 arrivals
                     .order
                     .retain(|(arrival, key)| is_current(queries, *arrival, key));
+                arrivals.order.shrink_to(2 * arrivals.live + SETTLED_KEPT);
             }
         }
         Some(pending)

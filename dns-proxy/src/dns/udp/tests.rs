@@ -972,7 +972,7 @@ async fn a_clients_order_of_arrival_stays_bounded_while_it_keeps_asking() {
         );
         let table = proxy.pending.lock().unwrap();
         assert_eq!(table.len(), 1);
-        assert!(table.arrivals_kept() <= 2 + 16, "{}", table.arrivals_kept());
+        assert!(table.arrivals_kept() <= 2 + 4, "{}", table.arrivals_kept());
     }
     assert!(proxy.pending.lock().unwrap().contains_key(&waiting));
 }
