@@ -16,10 +16,9 @@ use tokio::{
 };
 
 /// The longest a task runs before it lets the thread's other tasks run, however much of
-/// tokio's budget it has left: a budget counts batches, and a batch can cost milliseconds
-/// (40 workloads flooding a server that never answers, each query of theirs past twice
-/// `--max-inflight` making room by a search of the table in flight, on CPUs the floods
-/// share: 128 batches took over 1.5 s, and the redirect went off).
+/// tokio's budget it has left: a budget counts batches, and a batch can cost milliseconds of
+/// wall clock on CPUs a flood shares (helper-190: 40 workloads flooding a server that never
+/// answers; 128 batches took over 1.5 s, and the redirect went off).
 pub const LONGEST_TURN: Duration = Duration::from_millis(20);
 
 /// One task's waits on its socket, and since when it has run without waiting (an atomic, not
