@@ -3,7 +3,13 @@
 //! stop request shuts them down in order. Everything else is a module of its own, which this
 //! one only assembles.
 use std::{
-    ffi::OsString, io, mem::take, net::SocketAddr, process::ExitStatus, sync::Arc, time::Duration,
+    ffi::OsString,
+    io,
+    mem::take,
+    net::SocketAddr,
+    process::ExitStatus,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
@@ -506,6 +512,7 @@ async fn serve(
 
     let outcome = until_stopped(scope.command, &mut signals, &stranded, &shared).await?;
     readiness.set(false);
+    let answered_before_the_stop = shared.stats.udp.answered.load(Ordering::Relaxed);
     service_manager.stopping();
     // One deadline for all that follows. After a stop signal, a second SIGINT or SIGTERM (an
     // operator's second Ctrl-C) cuts the wait and the drain short. (Not after `exec`'s command
@@ -585,6 +592,28 @@ async fn serve(
         );
     }
     let_go_of_the_port(&release_hold, &mut hold_kept).await;
+    // An answer sent while draining may still wait unread on its client's socket, and shows
+    // its server's address only while the decoding programs are attached: with no agent to
+    // take over, they stay a moment longer (nothing is redirected or steered here any more).
+    let answered_while_draining =
+        shared.stats.udp.answered.load(Ordering::Relaxed) != answered_before_the_stop;
+    if stopped_by_a_signal
+        && cut_short.is_none()
+        && answered_while_draining
+        && !agents.another_steers_on_port()
+    {
+        log::info!(
+            target: LOG,
+            "answers' servers are shown for {:.1} s more, to clients that read late",
+            UNREAD_ANSWERS.as_secs_f64()
+        );
+        tokio::select! {
+            _ = deadline.within(tokio::time::sleep(UNREAD_ANSWERS)) => {}
+            signal = &mut second_signal => {
+                log::warn!(target: LOG, "{signal} again: stopping at once");
+            }
+        }
+    }
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",
@@ -599,6 +628,11 @@ async fn serve(
 /// block just before the UDP listeners let go of it: a client connected to the block keeps a
 /// listener from ever being quiet, and what it sent at the deadline would go unanswered.
 const LAST_ANSWERS: Duration = Duration::from_secs(1);
+
+/// How long the programs that show an answer's server (`recvmsg`, `getpeername`) outlast a
+/// drain that sent answers, when no agent takes over: a client that reads its answer that
+/// much later still sees it come from its server (a strict resolver drops one from the block).
+const UNREAD_ANSWERS: Duration = Duration::from_secs(1);
 
 /// What becomes of the block's packets once this agent's `sk_lookup` is detached, as the log
 /// says it: another agent steers the block, or none does.

@@ -1750,6 +1750,77 @@ fn a_stop_with_no_agent_to_take_over_answers_or_refuses_every_lookup() {
     );
 }
 
+/// Two sockets ask a server that answers in 0.5 s, and read their answers 1.3 s on, while the
+/// agent stops 0.1 s after they asked, with no other to take over: each answer still comes
+/// from the server (`recvfrom`, and the connected one's `getpeername`). The agent drains until
+/// its listeners have been quiet for 300 ms with nothing in flight, then used to detach every
+/// program at once, and an answer read after that showed the block's address, which a strict
+/// resolver drops (helper-192: 139 of 139 answers so in node mode, 150 of 150 in host mode; a
+/// stopped musl client took 3.0 s against 1.6 s without the agent).
+#[test]
+fn an_answer_read_late_after_a_stop_comes_from_its_server() {
+    let topology = Topology::new();
+    topology.add_server_address(SLOW_SERVER_IP.parse().unwrap());
+    let listen = format!("{SLOW_SERVER_IP}:53");
+    let answer = ANSWER_IP.to_string();
+    let _server = Process::spawn(
+        topology
+            .server
+            .command(TEST_UPSTREAM)
+            .args([&listen, "500", &answer]),
+    );
+    let mut agent = Agent::start(&topology, &[]);
+    let mut client = Process::spawn(
+        topology
+            .workload(
+                "/usr/bin/python3",
+                &["-c", READS_LATE, SLOW_SERVER_IP, "1.3"],
+            )
+            .stdout(Stdio::piped()),
+    );
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.take_stdout()));
+    let mut next_line = || lines.next().expect("a line").expect("its output");
+    assert_eq!(next_line(), "sent");
+    std::thread::sleep(Duration::from_millis(100));
+    agent.process().signal(libc::SIGTERM);
+    let server = format!("{SLOW_SERVER_IP}:53");
+    for what in [
+        "unconnected recvfrom",
+        "connected recvfrom",
+        "connected getpeername",
+    ] {
+        assert_eq!(next_line(), format!("{what} {server}"), "{}", agent.log());
+    }
+    assert!(client.wait_exit(Duration::from_secs(5)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        agent.log().contains("answers' servers are shown for"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Sends a query to `argv[1]`:53 from an unconnected and from a connected UDP socket, says
+/// `sent`, sleeps `argv[2]` seconds, then prints where each answer came from.
+const READS_LATE: &str = r#"
+import socket, struct, sys, time
+name = b"\x04late\x07example\x04test\x00"
+query = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1"
+unconnected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+unconnected.sendto(query, (sys.argv[1], 53))
+connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+connected.connect((sys.argv[1], 53))
+connected.send(query)
+print("sent", flush=True)
+time.sleep(float(sys.argv[2]))
+for what, s in [("unconnected", unconnected), ("connected", connected)]:
+    s.settimeout(3)
+    _, source = s.recvfrom(512)
+    print(f"{what} recvfrom {source[0]}:{source[1]}", flush=True)
+peer = connected.getpeername()
+print(f"connected getpeername {peer[0]}:{peer[1]}", flush=True)
+"#;
+
 /// Waits for [`ASKS_AND_TELLS`] to end; its counts: answered, refused, lost.
 fn asked_and_told(mut client: Process) -> [u64; 3] {
     let output = client.finish_with_stdout(Duration::from_secs(30));
