@@ -402,6 +402,111 @@ while time.monotonic() - start < seconds:
 print("sent=%d" % n)
 "#;
 
+/// Finds, from a pod whose workload asks at most two servers
+/// (`--max-servers-per-workload=2`), the shared block address of SLOW (argv 1): two sockets
+/// take its two, and a third, to SLOW, goes by SLOW's shared index, read from
+/// `/proc/net/udp`, where no hook decodes it. Then sends frames from a packet socket
+/// (`AF_PACKET`, which no hook of the node sees) to that address, RATE a second for SECONDS
+/// (argv 2 and 3), each from a source address of its own; prints the address and the count.
+const FORGED_FRAMES_SCRIPT: &str = r#"
+import random, socket, struct, sys, time
+slow, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+held = []
+for server in ("203.0.113.1", "203.0.113.2", slow):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((server, 53))
+    held.append(s)
+port = held[-1].getsockname()[1]
+for line in open("/proc/net/udp").read().splitlines()[1:]:
+    local, remote = line.split()[1:3]
+    if int(local.split(":")[1], 16) == port:
+        shared = socket.inet_ntoa(struct.pack("<I", int(remote.split(":")[0], 16)))
+held[-1].send(b"\0" * 12)  # so that the gateway's link address is known
+time.sleep(0.2)
+interface = next(l.split()[0] for l in open("/proc/net/route") if l.split()[1] == "00000000")
+gateway = next(l.split()[3] for l in open("/proc/net/arp").read().splitlines()[1:]
+               if l.split()[5] == interface and l.split()[2] == "0x2")
+to_mac = bytes.fromhex(gateway.replace(":", ""))
+own_mac = bytes.fromhex(open("/sys/class/net/%s/address" % interface).read().strip().replace(":", ""))
+frames = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+frames.bind((interface, 0))
+def checksum(data):
+    total = sum(struct.unpack("!10H", data))
+    total = (total >> 16) + (total & 0xffff)
+    return ~(total + (total >> 16)) & 0xffff
+start, n = time.monotonic(), 0
+while time.monotonic() - start < seconds:
+    query = struct.pack(">HHHHHH", n & 0xffff, 0x0100, 1, 0, 0, 0) + b"\6forged\0\0\1\0\1"
+    udp = struct.pack("!HHHH", random.randrange(1024, 65536), 53, 8 + len(query), 0) + query
+    source = bytes([10, random.randrange(256), random.randrange(256), random.randrange(1, 255)])
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, source,
+                     socket.inet_aton(shared))
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    frames.send(to_mac + own_mac + b"\x08\x00" + ip + udp)
+    n += 1
+    if n % 100 == 0:
+        time.sleep(max(0, start + n / rate - time.monotonic()))
+print("shared=%s sent=%d" % (shared, n))
+"#;
+
+/// A pod with `CAP_NET_RAW` sends frames from a packet socket, which no hook of the node sees,
+/// to a server's shared block address (where no workload is recorded, so a client is its
+/// source address), each from a source of its own, 10,000 a second for 5 s: at most
+/// `ADDRESS_SOURCES` sources have a share of their own, one more the rest, so the agent sheds
+/// the flood as it sheds one source's; the neighbour pod, resolving meanwhile, loses no
+/// lookup. Before, each source was a client of its own, holding nothing: the agent filled to
+/// twice `--max-inflight` and made room for each, read 2,000 datagrams a second, and the
+/// neighbours lost 10 to 60 % of their lookups (helper-193).
+#[test]
+fn frames_to_a_shared_address_from_a_new_source_each_do_not_take_the_agent() {
+    let _flood = super::one_flood_at_a_time();
+    let FloodedNode {
+        agent: _agent,
+        node,
+        _slow,
+        _server,
+    } = node_with_a_slow_server_and(2, &["--max-servers-per-workload=2"]);
+    // Pod 1's connect to the slow server takes its pair, and the server's shared index.
+    let slow = SECOND_SERVER_IP.to_string();
+    let connect = format!("import socket; socket.socket(2, 2).connect(('{slow}', 53))");
+    must(&mut node.pod(1, "python3", &["-c", &connect]));
+    let flood = node.pod(
+        0,
+        "python3",
+        &["-c", FORGED_FRAMES_SCRIPT, &slow, "10000", "5"],
+    );
+    let flood = pod_one_loses_no_lookup_to(&node, flood, "the forged frames");
+    assert!(flood.starts_with("shared=169.254.53."), "{flood}");
+}
+
+/// Pod 1 resolves through the server that answers at once, 50 lookups a second, while `flood`
+/// (`what`) runs to its end: it loses none, and the agent held the flood at a share. What the
+/// flood printed.
+fn pod_one_loses_no_lookup_to(
+    node: &tests::node::NodeTopology,
+    mut flood: Command,
+    what: &str,
+) -> String {
+    let server = format!("{SERVER_IP}:53");
+    let mut victim = node.pod(1, STEADY, &[&server, "2000", "1", "20", "1"]);
+    victim.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut victim = Process::spawn(&mut victim);
+    let flood = must(&mut flood);
+    let flood = String::from_utf8_lossy(&flood.stdout).trim().to_owned();
+    let line = victim.finish_with_stdout(Duration::from_secs(10));
+    let [lookups, _first_try, _retried, failed] = steady_outcome(&line);
+    eprintln!("flood: {flood}; pod 1: {line}");
+    assert!(lookups > 100, "{line}");
+    assert_eq!(failed, 0, "pod 1 lost lookups to {what}: {line}");
+    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
+    let shed = value(
+        &page,
+        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
+    );
+    assert!(shed > 0, "the flood was never held at a share:\n{page}");
+    flood
+}
+
 /// A pod with `CAP_NET_RAW` sends through its own block address from 60,000 addresses it does
 /// not own (`IP_TRANSPARENT`; the node checks no sources), to a server that answers after
 /// 3 s: a share for each of a few of its sources, and one for all the others, so it cannot
@@ -418,33 +523,15 @@ fn a_pod_sending_from_addresses_it_does_not_own_gets_no_more_shares() {
         _slow,
         _server,
     } = node_with_a_slow_server_and(2, &["--max-inflight=1024", "--max-inflight-per-client=256"]);
-    let server = format!("{SERVER_IP}:53");
-    let mut victim = node.pod(1, STEADY, &[&server, "2000", "1", "20", "1"]);
-    victim.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut victim = Process::spawn(&mut victim);
     // 2,500 a second held 3 s each: 7,500 in flight, past twice --max-inflight, were each
     // source a client of its own.
     let slow = SECOND_SERVER_IP.to_string();
-    let flood = must(&mut node.pod(
+    let flood = node.pod(
         0,
         "python3",
         &["-c", FORGED_SOURCES_SCRIPT, &slow, "2500", "6"],
-    ));
-    let flood = String::from_utf8_lossy(&flood.stdout).trim().to_owned();
-    let line = victim.finish_with_stdout(Duration::from_secs(10));
-    let [lookups, _first_try, _retried, failed] = steady_outcome(&line);
-    eprintln!("flood: {flood}; pod 1: {line}");
-    assert!(lookups > 100, "{line}");
-    assert_eq!(
-        failed, 0,
-        "pod 1 lost lookups to the forged sources: {line}"
     );
-    let page = tests::http_get(&node.node, metrics_addr(), "/metrics").1;
-    let shed = value(
-        &page,
-        "dns_proxy_dropped_total{protocol=\"udp\",reason=\"client_limit\"}",
-    );
-    assert!(shed > 0, "the flood was never held at a share:\n{page}");
+    pod_one_loses_no_lookup_to(&node, flood, "the forged sources");
 }
 
 #[test]
