@@ -17,13 +17,7 @@
 //! own block address, where the node does not check sources, and took a share for each (an
 //! adversary: 60,000 sources, the agent filled to twice `--max-inflight`, half a neighbour's
 //! lookups lost). Where no workload is recorded (a server's shared address, when the table is
-//! full), a client is its source address alone, and at most [`ADDRESS_SOURCES`] such
-//! addresses hold a share of their own at once, one more all the others together: a frame
-//! sent from a packet socket (`AF_PACKET`, which `CAP_NET_RAW` gives a pod) passes no hook of
-//! the node's, and can come to a shared address from any source. An adversary sent each from
-//! a new one: every one a client holding nothing, the agent at twice `--max-inflight` and
-//! making room for each, reading 2,000 datagrams a second, and its neighbours lost 10 to 60 %
-//! of their lookups (helper-193, IPv4 and IPv6).
+//! full), a client is its source address alone.
 //!
 //! Beside the fixed limit, a fair share: `--max-inflight` divided by the clients that hold
 //! something. A client within it is admitted even when the agent-wide limit is reached by
@@ -44,7 +38,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -69,14 +63,8 @@ const SHARDS: usize = 16;
 /// addresses, and a neighbour or two sending to its block address raw.
 pub const SOURCES_PER_WORKLOAD: u32 = 4;
 
-/// The source that stands for all a workload's others, past [`SOURCES_PER_WORKLOAD`], and for
-/// all the sources past [`ADDRESS_SOURCES`] where no workload is recorded.
+/// The source that stands for all a workload's others, past [`SOURCES_PER_WORKLOAD`].
 pub const OTHER_SOURCES: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-
-/// Source addresses with no workload recorded that hold a share of their own at once: the
-/// pods of a node whose table is full (with IPv4 and IPv6 addresses), as many as the node's
-/// block has indexes.
-pub const ADDRESS_SOURCES: u32 = 256;
 
 /// Counts per client. A client is in the table only while it holds something, so the table is
 /// no larger than what the agent-wide limits let be open.
@@ -87,9 +75,6 @@ pub struct PerClientLimit {
     /// Per workload (cgroup id), the sources of its own it holds a share for now (not
     /// [`OTHER_SOURCES`]). Locked inside a shard's lock, never the other way round.
     sources: Mutex<HashMap<u64, u32>>,
-    /// Sources with no workload recorded that hold a share of their own now (not
-    /// [`OTHER_SOURCES`] nor [`LOCAL_CLIENT`]). Changed inside a shard's lock.
-    address_sources: AtomicU32,
     /// Clients in the table: those that hold something now.
     active: AtomicUsize,
     /// Keyed, so no client can choose addresses that all land in one shard.
@@ -144,6 +129,12 @@ impl ClientSlot {
     pub fn client(&self) -> Client {
         self.client
     }
+
+    /// Whether its client is a source address alone (no workload recorded), and not the
+    /// agent's own namespace: one that a packet socket names at will.
+    pub fn is_a_source_alone(&self) -> bool {
+        matches!(self.client, Client::Address(source) if source != LOCAL_CLIENT)
+    }
 }
 
 impl Drop for ClientSlot {
@@ -158,7 +149,6 @@ impl PerClientLimit {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             shards: Default::default(),
             sources: Mutex::default(),
-            address_sources: AtomicU32::new(0),
             active: AtomicUsize::new(0),
             hasher: RandomState::default(),
         })
@@ -190,15 +180,6 @@ impl PerClientLimit {
                 cgroup,
                 source: OTHER_SOURCES,
             });
-        }
-        if !counts.contains_key(&client)
-            && let Client::Address(source) = client
-            && has_a_share_to_take(source)
-            && !self.take_address_source()
-        {
-            // As many sources have a share as may: this one joins the others.
-            drop(counts);
-            return self.try_acquire(Client::Address(OTHER_SOURCES));
         }
         let count = counts.entry(client).or_insert_with(|| {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -247,14 +228,10 @@ impl PerClientLimit {
             if *count == 0 {
                 counts.remove(&client);
                 self.active.fetch_sub(1, Ordering::Relaxed);
-                match client {
-                    Client::Workload { cgroup, source } if source != OTHER_SOURCES => {
-                        self.give_source_back(cgroup);
-                    }
-                    Client::Address(source) if has_a_share_to_take(source) => {
-                        self.address_sources.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    _ => {}
+                if let Client::Workload { cgroup, source } = client
+                    && source != OTHER_SOURCES
+                {
+                    self.give_source_back(cgroup);
                 }
             }
         }
@@ -272,16 +249,6 @@ impl PerClientLimit {
         true
     }
 
-    /// Counts one more source with no workload recorded with a share of its own, if one may
-    /// have it ([`ADDRESS_SOURCES`]). Called under the lock of the source's shard.
-    fn take_address_source(&self) -> bool {
-        self.address_sources
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                (held < ADDRESS_SOURCES).then_some(held + 1)
-            })
-            .is_ok()
-    }
-
     /// One source of `cgroup`'s no longer holds a share. Called under the lock of its shard.
     fn give_source_back(&self, cgroup: u64) {
         let mut sources = self.sources.lock().expect("not poisoned");
@@ -296,12 +263,6 @@ impl PerClientLimit {
     fn shard(&self, client: Client) -> &Mutex<HashMap<Client, u32>> {
         &self.shards[(self.hasher.hash_one(client) % SHARDS as u64) as usize]
     }
-}
-
-/// Whether a source with no workload recorded takes one of the [`ADDRESS_SOURCES`]: not the
-/// one that stands for the others, nor the agent's own namespace, which is one client.
-fn has_a_share_to_take(source: IpAddr) -> bool {
-    source != OTHER_SOURCES && source != LOCAL_CLIENT
 }
 
 #[cfg(test)]
@@ -388,47 +349,6 @@ mod tests {
         drop((held, fresh, neighbours));
         assert_eq!(limits.clients(), 0);
         assert!(limits.sources.lock().unwrap().is_empty());
-    }
-
-    /// Where no workload is recorded, at most [`ADDRESS_SOURCES`] sources have a share of their
-    /// own at once, and one more is for all the others: frames forged from a new source each
-    /// cannot make a client of each. The agent's own namespace is one client apart, and a
-    /// source that gives its share back makes room for another.
-    #[test]
-    fn sources_with_no_workload_have_a_share_for_as_many_as_a_block_and_one_for_the_rest() {
-        let limits = PerClientLimit::new(2);
-        let from = |n: u32| Client::Address(Ipv4Addr::from(0x0a00_0000 + n).into());
-        let mut held: Vec<_> = (0..ADDRESS_SOURCES)
-            .map(|n| limits.try_acquire(from(n)).expect("a source's first"))
-            .collect();
-        let others = [1000, 1001].map(|n| limits.try_acquire(from(n)).expect("the others'"));
-        assert!(
-            others
-                .iter()
-                .all(|slot| slot.client() == Client::Address(OTHER_SOURCES)),
-            "{others:?}"
-        );
-        assert!(
-            limits.try_acquire(from(1002)).is_none(),
-            "the others' share is full"
-        );
-        let v6 = Client::Address("2001:db8::7".parse().unwrap());
-        assert!(
-            limits.try_acquire(v6).is_none(),
-            "an IPv6 source joins the others too"
-        );
-        let local = limits
-            .try_acquire(Client::Address(LOCAL_CLIENT))
-            .expect("the agent's own namespace");
-        assert_eq!(local.client(), Client::Address(LOCAL_CLIENT));
-        assert_eq!(limits.clients(), ADDRESS_SOURCES as usize + 2);
-        // The first source holds nothing any more: another may have its place.
-        held.remove(0);
-        let fresh = limits.try_acquire(v6).expect("room for another source");
-        assert_eq!(fresh.client(), v6);
-        drop((held, others, local, fresh));
-        assert_eq!(limits.clients(), 0);
-        assert_eq!(limits.address_sources.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::{
     time::Instant,
 };
 
-use super::{LOG, UdpProxy, count_unsent, mmsg, pending::Pending, pool::random, udp_asked};
+use super::{
+    LOG, UdpProxy, count_unsent, mmsg,
+    pending::{Asking, Pending},
+    pool::random,
+    udp_asked,
+};
 use crate::dns::{
     Moment, OriginalDestinations,
     cache::{self, CacheKey, CacheableQuery, Cached},
@@ -487,7 +492,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         let upstream = self.settings.upstream_override.unwrap_or(original);
         let question = self.question_key(question);
-        let standing = client_slot.standing(self.settings.max_inflight);
+        let asking = Asking::of(&client_slot, self.settings.max_inflight);
         let description =
             log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&message));
         // Now: its own query has the whole upstream timeout, whenever it first came (the log
@@ -513,7 +518,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         };
         let pick = random();
         let Some((key, socket)) =
-            self.register(upstream, id, pending, pick, standing, started.instant)
+            self.register(upstream, id, pending, pick, asking, started.instant)
         else {
             return;
         };

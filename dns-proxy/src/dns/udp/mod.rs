@@ -77,7 +77,7 @@ pub use unreachable::ClosedPorts;
 use cached::{CacheHit, FromCache, MadeHere, Recipient};
 use forward::Forwarding;
 use mmsg::{Arrival, LOOPBACK_IFINDEX, ReceivedBatch};
-use pending::{Pending, PendingKey, PendingTable};
+use pending::{Asking, Pending, PendingKey, PendingTable};
 pub use pool::USES_PER_SOCKET;
 use turn::Turn;
 
@@ -418,7 +418,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
             FromCache::NotCached => (None, self.admission.client_slot(client, cgroup, local)?),
         };
-        let standing = client_slot.standing(self.settings.max_inflight);
+        let asking = Asking::of(&client_slot, self.settings.max_inflight);
         // A query whose answer the cache keeps, or gives to the clients waiting on it, goes up
         // with an ID of the agent's own: the client chose its ID, and a workload that knows
         // the ID of a query whose answer others will be given would have one thing fewer to
@@ -451,7 +451,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             upstream_id,
             pending,
             pick,
-            standing,
+            asking,
             started.instant,
         )
     }

@@ -9,10 +9,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use super::{
     UdpProxy,
@@ -101,20 +101,62 @@ impl Pending {
     }
 }
 
-/// The queries in flight on one listener, by key, and each client's in the order they came:
-/// making room at twice --max-inflight looks at the clients holding queries (tens, where a
-/// few flood; as many as the queries only where each client holds one), not at every query
-/// (thousands). A search of every query for each one admitted there held a UDP
-/// thread for over 1.5 s under 40 workloads flooding a server that never answers
+/// The queries in flight on one listener, by key, each client's in the order they came, and
+/// all of them in that order: making room at twice --max-inflight looks at the clients
+/// holding two or more queries here (tens, where a few flood; at most
+/// [`MOST_CLIENTS_LOOKED_AT`]), and else takes the oldest query, not at every query
+/// (thousands) nor at every client. A search of every query for each one admitted there held
+/// a UDP thread for over 1.5 s under 40 workloads flooding a server that never answers
 /// (helper-190), and the debug build read half of such a flood (e2e
-/// `forty_workloads_flooding_at_twice_the_limit_leave_the_agent_reading_and_a_neighbour_resolving`).
+/// `forty_workloads_flooding_at_twice_the_limit_leave_the_agent_reading_and_a_neighbour_resolving`);
+/// a search of every client, where frames forged from a new source each were each a client
+/// holding one, had the agent read 2,000 datagrams a second, and neighbours lost lookups
+/// (helper-193; e2e `frames_to_a_shared_address_from_a_new_source_each_do_not_take_the_agent`).
 #[derive(Default)]
 pub(super) struct PendingTable {
     queries: HashMap<PendingKey, InFlight>,
     by_client: HashMap<Client, Arrivals>,
+    /// The clients holding two or more queries on this listener.
+    holding_several: HashSet<Client>,
+    /// Every query in the order it came; those settled since stay until they reach the front,
+    /// or until they outnumber the live ones (by more than [`SETTLED_KEPT`]).
+    arrivals: VecDeque<(u64, PendingKey)>,
     /// The next query's place in the order of arrival on this listener.
     next_arrival: u64,
+    /// Places made for clients known by their source address alone in the current second
+    /// (when it began, and how many).
+    source_alone_places: Option<(Instant, u32)>,
 }
+
+/// Where a query's client stands as it asks: against its fair share, and whether it is known
+/// by its source address alone ([`ClientSlot::is_a_source_alone`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asking {
+    standing: Standing,
+    source_alone: bool,
+}
+
+impl Asking {
+    /// How the client of `slot` asks, its fair share one of `max`.
+    pub(super) fn of(slot: &ClientSlot, max: usize) -> Self {
+        Self {
+            standing: slot.standing(max),
+            source_alone: slot.is_a_source_alone(),
+        }
+    }
+}
+
+/// The places at twice `--max-inflight` a listener makes in a second for clients known by
+/// their source address alone (no workload recorded): frames from a packet socket
+/// (`CAP_NET_RAW`, which a pod has by default) reach a server's shared address from any source
+/// they name, each a client holding nothing, and each place made costs a query forgotten and
+/// an upstream socket. Past these, such a client's query is dropped as at the limit, and the
+/// clients of workloads (which cannot forge more than a few sources) still get theirs.
+pub(super) const SOURCE_ALONE_PLACES_PER_SECOND: u32 = 1000;
+
+/// The most clients holding several queries that making room looks at: all of them, unless an
+/// adversary made thousands (a forged source's each sent twice), when these stand for the rest.
+const MOST_CLIENTS_LOOKED_AT: usize = 256;
 
 struct InFlight {
     arrival: u64,
@@ -198,6 +240,12 @@ impl PendingTable {
             .sum()
     }
 
+    /// The arrivals kept in the order of all queries, settled ones included.
+    #[cfg(test)]
+    pub(super) fn all_arrivals_kept(&self) -> usize {
+        self.arrivals.len()
+    }
+
     /// Records `pending` under `key`, which must be free ([`contains_key`](Self::contains_key)).
     pub(super) fn insert(&mut self, key: PendingKey, pending: Pending) {
         let arrival = self.next_arrival;
@@ -208,6 +256,10 @@ impl PendingTable {
             .or_default();
         arrivals.order.push_back((arrival, key));
         arrivals.live += 1;
+        if arrivals.live == 2 {
+            self.holding_several.insert(pending._client_slot.client());
+        }
+        self.arrivals.push_back((arrival, key));
         let replaced = self.queries.insert(key, InFlight { arrival, pending });
         debug_assert!(replaced.is_none(), "a key in flight is not reused");
     }
@@ -217,6 +269,9 @@ impl PendingTable {
         let client = pending._client_slot.client();
         if let Some(arrivals) = self.by_client.get_mut(&client) {
             arrivals.live -= 1;
+            if arrivals.live == 1 {
+                self.holding_several.remove(&client);
+            }
             if arrivals.live == 0 {
                 self.by_client.remove(&client);
             } else if arrivals.order.len() > 2 * arrivals.live + SETTLED_KEPT {
@@ -228,6 +283,19 @@ impl PendingTable {
                     .retain(|(arrival, key)| is_current(queries, *arrival, key));
                 arrivals.order.shrink_to(2 * arrivals.live + SETTLED_KEPT);
             }
+        }
+        // Answers come mostly in the order their queries went: those settled at the front go
+        // at once, and the rest when they outnumber the live ones.
+        let queries = &self.queries;
+        while let Some((arrival, key)) = self.arrivals.front()
+            && !is_current(queries, *arrival, key)
+        {
+            self.arrivals.pop_front();
+        }
+        if self.arrivals.len() > 2 * queries.len() + SETTLED_KEPT {
+            self.arrivals
+                .retain(|(arrival, key)| is_current(queries, *arrival, key));
+            self.arrivals.shrink_to(2 * queries.len() + SETTLED_KEPT);
         }
         Some(pending)
     }
@@ -248,10 +316,34 @@ impl PendingTable {
             .collect()
     }
 
+    /// Whether a place may be made for a client known by its source address alone now, in
+    /// this second's [`SOURCE_ALONE_PLACES_PER_SECOND`].
+    fn has_a_source_alone_place(&mut self, now: Instant) -> bool {
+        match &mut self.source_alone_places {
+            Some((since, used))
+                if now.saturating_duration_since(*since) < Duration::from_secs(1) =>
+            {
+                *used < SOURCE_ALONE_PLACES_PER_SECOND
+            }
+            places => {
+                *places = Some((now, 0));
+                true
+            }
+        }
+    }
+
+    /// A place was made for a client known by its source address alone.
+    fn took_a_source_alone_place(&mut self) {
+        if let Some((_, used)) = &mut self.source_alone_places {
+            *used += 1;
+        }
+    }
+
     /// The first query still in flight of the client furthest past its fair share of `max`
     /// (by what it holds now, on every listener), the client with the oldest such query among
-    /// those as far; with `any_at_its_share`, of any client holding one. `None` if no client is
-    /// past its share.
+    /// those as far, of the clients holding several queries here (a share is one at least);
+    /// with `any_at_its_share`, if none is past its share, the oldest query here. `None` if no
+    /// client is past its share.
     fn oldest_of_the_furthest_past_its_share(
         &mut self,
         limits: &PerClientLimit,
@@ -259,18 +351,31 @@ impl PendingTable {
         any_at_its_share: bool,
     ) -> Option<PendingKey> {
         let queries = &self.queries;
-        self.by_client
-            .iter_mut()
-            .filter_map(|(client, arrivals)| {
+        let by_client = &mut self.by_client;
+        let furthest = self
+            .holding_several
+            .iter()
+            .take(MOST_CLIENTS_LOOKED_AT)
+            .filter_map(|client| {
                 let past = limits.past_fair_share(*client, max);
-                if past == 0 && !any_at_its_share {
+                if past == 0 {
                     return None;
                 }
-                let (arrival, key) = arrivals.oldest(queries)?;
+                let (arrival, key) = by_client.get_mut(client)?.oldest(queries)?;
                 Some((past, Reverse(arrival), key))
             })
             .max_by_key(|(past, arrival, _)| (*past, *arrival))
-            .map(|(.., key)| key)
+            .map(|(.., key)| key);
+        if furthest.is_some() || !any_at_its_share {
+            return furthest;
+        }
+        while let Some(&(arrival, key)) = self.arrivals.front() {
+            if is_current(queries, arrival, &key) {
+                return Some(key);
+            }
+            self.arrivals.pop_front();
+        }
+        None
     }
 }
 
@@ -290,7 +395,10 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         id: u16,
         pending: impl FnOnce(Arc<PoolSocket>) -> Pending,
         pick: u64,
-        standing: Standing,
+        Asking {
+            standing,
+            source_alone,
+        }: Asking,
         now: Instant,
     ) -> Option<(PendingKey, Arc<PoolSocket>)> {
         let stats = &self.stats.udp;
@@ -302,8 +410,9 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let within_fair_share = standing != Standing::AtOrPastItsShare;
         let inflight = stats.inflight.load(Ordering::Relaxed) as usize;
         // A place made is this query's, whatever another thread admitted meanwhile.
-        let took_a_place =
-            within_fair_share && inflight >= 2 * max && self.forget_one_for(standing);
+        let took_a_place = within_fair_share
+            && inflight >= 2 * max
+            && self.forget_one_for(standing, source_alone, now);
         if took_a_place || inflight < max || (within_fair_share && inflight < 2 * max) {
             let (slots, picked) = self.pick_socket(pool, upstream, pick, now)?;
             let mut pending = Some(pending);
@@ -344,7 +453,14 @@ impl<D: OriginalDestinations> UdpProxy<D> {
     /// Several clients that each came within their share while fewer clients held something
     /// fill twice the limit together, and would keep a client holding nothing out until their
     /// queries time out; so would twice the limit's clients with one query each (per_client.rs).
-    fn forget_one_for(self: &Arc<Self>, standing: Standing) -> bool {
+    /// For a client known by its `source_alone`, only within
+    /// [`SOURCE_ALONE_PLACES_PER_SECOND`].
+    fn forget_one_for(
+        self: &Arc<Self>,
+        standing: Standing,
+        source_alone: bool,
+        now: Instant,
+    ) -> bool {
         let max = self.settings.max_inflight;
         // With a share of one, a query past no share is its client's only one, at its share.
         let any_at_its_share =
@@ -356,12 +472,19 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 // each may, rather than turn a newcomer away for want of a query to take out.
                 return true;
             }
+            if source_alone && !table.has_a_source_alone_place(now) {
+                return false;
+            }
             let furthest = table.oldest_of_the_furthest_past_its_share(
                 &self.settings.per_client,
                 max,
                 any_at_its_share,
             );
-            furthest.and_then(|key| Some((key, table.remove(&key)?)))
+            let forgotten = furthest.and_then(|key| Some((key, table.remove(&key)?)));
+            if source_alone && forgotten.is_some() {
+                table.took_a_source_alone_place();
+            }
+            forgotten
         };
         let Some((key, mut pending)) = forgotten else {
             return false;

@@ -942,9 +942,10 @@ async fn at_twice_the_limit_a_client_within_its_share_takes_the_place_of_one_fur
     assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
 }
 
-/// The order a client's queries came in, kept to find its oldest without a search, holds
-/// settled ones only until they outnumber the live: a client that keeps asking while one of
-/// its queries waits costs a bounded order, not one entry per query it ever asked.
+/// The order a client's queries came in, and that of all queries, kept to find the oldest
+/// without a search, hold settled ones only until they outnumber the live: a client that keeps
+/// asking while one of its queries waits costs a bounded order, not one entry per query it
+/// ever asked.
 #[tokio::test]
 async fn a_clients_order_of_arrival_stays_bounded_while_it_keeps_asking() {
     let upstream: SocketAddr = "192.0.2.53:53".parse().unwrap();
@@ -973,6 +974,8 @@ async fn a_clients_order_of_arrival_stays_bounded_while_it_keeps_asking() {
         let table = proxy.pending.lock().unwrap();
         assert_eq!(table.len(), 1);
         assert!(table.arrivals_kept() <= 2 + 4, "{}", table.arrivals_kept());
+        let all = table.all_arrivals_kept();
+        assert!(all <= 2 + 4, "{all}");
     }
     assert!(proxy.pending.lock().unwrap().contains_key(&waiting));
 }
@@ -1010,6 +1013,55 @@ async fn at_twice_the_limit_with_one_query_each_a_client_holding_nothing_takes_t
         })
         .collect();
     assert_eq!(pods, (2..=9).collect());
+}
+
+/// Clients known by their source address alone (no workload recorded: any source a packet
+/// socket names) get at most [`pending::SOURCE_ALONE_PLACES_PER_SECOND`] places a second at
+/// twice the limit, each from the oldest query; past those their queries are dropped, and
+/// the agent's own namespace, one client, still gets its place.
+#[tokio::test]
+async fn at_twice_the_limit_clients_known_by_their_source_alone_get_a_bounded_number_of_places() {
+    let proxy = proxy_with_limits(Some("192.0.2.53:53".parse().unwrap()), 4, 4).await;
+    let arrival = |ifindex| {
+        Some(Arrival {
+            destination: proxy.local_addr.ip(),
+            ifindex,
+        })
+    };
+    let register = |client: SocketAddr, ifindex: u32| {
+        proxy
+            .register_query(
+                QUERY,
+                client,
+                arrival(ifindex),
+                Moment::now(),
+                0,
+                &mut Vec::new(),
+            )
+            .is_some()
+    };
+    let forged = |n: u32| SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + n), 40000));
+    let places = pending::SOURCE_ALONE_PLACES_PER_SECOND;
+    let started = std::time::Instant::now();
+    let admitted = (0..8 + places + 100)
+        .filter(|&n| register(forged(n), LOOPBACK_IFINDEX + 1))
+        .count();
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "slow machine: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(admitted, 8 + places as usize);
+    let udp = &proxy.stats.udp;
+    assert_eq!(udp.inflight.load(Ordering::Relaxed), 8);
+    assert_eq!(
+        udp.dropped_overload.load(Ordering::Relaxed),
+        u64::from(places) + 100
+    );
+    assert!(
+        register((Ipv4Addr::LOCALHOST, 40000).into(), LOOPBACK_IFINDEX),
+        "the agent's own namespace"
+    );
 }
 
 /// The limit is the agent's, the queries to take out each listener's: with the other listeners
