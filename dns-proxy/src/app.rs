@@ -597,18 +597,20 @@ async fn serve(
     // take over, they stay a moment longer (nothing is redirected or steered here any more).
     let answered_while_draining =
         shared.stats.udp.answered.load(Ordering::Relaxed) != answered_before_the_stop;
+    let linger = UNREAD_ANSWERS.min(deadline.remaining());
     if stopped_by_a_signal
         && cut_short.is_none()
         && answered_while_draining
         && !agents.another_steers_on_port()
+        && !linger.is_zero()
     {
         log::info!(
             target: LOG,
             "answers' servers are shown for {:.1} s more, to clients that read late",
-            UNREAD_ANSWERS.as_secs_f64()
+            linger.as_secs_f64()
         );
         tokio::select! {
-            _ = deadline.within(tokio::time::sleep(UNREAD_ANSWERS)) => {}
+            () = tokio::time::sleep(linger) => {}
             signal = &mut second_signal => {
                 log::warn!(target: LOG, "{signal} again: stopping at once");
             }

@@ -83,6 +83,11 @@ impl Deadline {
         Self(self.0.checked_sub(by).unwrap_or(self.0))
     }
 
+    /// How long until it comes (zero once it has).
+    pub fn remaining(self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
     /// What `work` resolves to, or `None` if the deadline comes first.
     pub async fn within<T>(self, work: impl Future<Output = T>) -> Option<T> {
         tokio::time::timeout_at(self.0, work).await.ok()
