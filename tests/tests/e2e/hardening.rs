@@ -451,12 +451,13 @@ print("shared=%s sent=%d" % (shared, n))
 
 /// A pod with `CAP_NET_RAW` sends frames from a packet socket, which no hook of the node sees,
 /// to a server's shared block address (where no workload is recorded, so a client is its
-/// source address), each from a source of its own, 10,000 a second for 5 s: at most
-/// `ADDRESS_SOURCES` sources have a share of their own, one more the rest, so the agent sheds
-/// the flood as it sheds one source's; the neighbour pod, resolving meanwhile, loses no
-/// lookup. Before, each source was a client of its own, holding nothing: the agent filled to
-/// twice `--max-inflight` and made room for each, read 2,000 datagrams a second, and the
-/// neighbours lost 10 to 60 % of their lookups (helper-193).
+/// source address), each from a source of its own, 10,000 a second for 5 s. At twice
+/// `--max-inflight` making a place takes the oldest query without a look at every client, and
+/// clients known by their source alone get a bounded number of places a second, past which
+/// the flood is dropped (`overload`); the neighbour pod, on an address of its own, loses no
+/// lookup. Before, each frame's place was found by a look at every client: the agent read
+/// 2,000 datagrams a second, and the neighbours lost 10 to 60 % of their lookups
+/// (helper-193).
 #[test]
 fn frames_to_a_shared_address_from_a_new_source_each_do_not_take_the_agent() {
     let _flood = super::one_flood_at_a_time();
