@@ -642,6 +642,50 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_
     assert_eq!(ttl_of(&refreshed, "A"), 2, "{refreshed}");
 }
 
+/// A server whose port has closed: its names the cache holds are answered from the cache,
+/// fresh and stale, however many other names the workload asks it meanwhile (each refused as
+/// the server refuses it). The kernel's own refusal of a closed server's address for 2 s
+/// (e2e/upstreams.rs) refused them with the rest (helper-196).
+#[test]
+fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
+    let topology = Topology::new();
+    let server = Ipv4Addr::new(192, 0, 2, 71);
+    let authority = Authority::start(&topology, server);
+    let agent = Agent::start(&topology, &["--cache-size=1000", "--serve-stale=1h"]);
+    // Kept 60 s, and 2 s (then stale).
+    let (kept, short) = ("kept.closed.example.test", "short.closed.example.test");
+    assert_eq!(ttl_of(&dig_full(&topology, server, kept, &[]), "A"), 60);
+    assert_eq!(ttl_of(&dig_full(&topology, server, short, &[]), "A"), 2);
+    // Its port closes; the address stays, so its namespace answers port unreachable.
+    drop(authority);
+    std::thread::sleep(Duration::from_millis(2500));
+    let refused = |command: std::process::Command, name: &str| {
+        let output = dig_at(command, &server.to_string(), name, &["+time=3"])
+            .expect_err("no answer from a closed port");
+        assert!(output.contains("connection refused"), "{name}: {output}");
+    };
+    refused(topology.outsider("dig", &[]), "direct.closed.example.test");
+    // Each refusal the server's kernel sends counts against its ICMP rate limit (a burst of
+    // 6 to one address, then one a second), directly as through the agent: 6 in all here.
+    for round in 0..2 {
+        // Two other questions refused within 2 s: the server's port is closed for all.
+        for other in ["a", "b"] {
+            refused(
+                topology.workload("dig", &[]),
+                &format!("other-{round}{other}.closed.example.test"),
+            );
+        }
+        let fresh = dig_full(&topology, server, kept, &[]);
+        assert_eq!(status(&fresh), "NOERROR", "round {round}: {fresh}");
+        assert!(ttl_of(&fresh, "A") < 60, "from the cache: {fresh}");
+    }
+    // Stale: asked upstream first, and refused there.
+    let stale = dig_full(&topology, server, short, &[]);
+    assert_eq!(status(&stale), "NOERROR", "{stale}");
+    assert_eq!(ttl_of(&stale, "A"), 30, "stale: {stale}");
+    assert_eq!(from_cache(&agent, kept, "hit", 2), 2);
+}
+
 /// How long dig says the query took (`;; Query time: N msec`).
 fn query_time(output: &str) -> Duration {
     let msec = output
