@@ -649,7 +649,7 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_
 #[test]
 fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
     let topology = Topology::new();
-    let server = Ipv4Addr::new(192, 0, 2, 71);
+    let server = Ipv4Addr::new(192, 0, 2, 80);
     let authority = Authority::start(&topology, server);
     let agent = Agent::start(&topology, &["--cache-size=1000", "--serve-stale=1h"]);
     // Kept 60 s, and 2 s (then stale).
