@@ -643,9 +643,11 @@ fn with_the_upstream_silent_an_expired_answer_is_served_stale_within_the_client_
 }
 
 /// A server whose port has closed: its names the cache holds are answered from the cache,
-/// fresh and stale, however many other names the workload asks it meanwhile (each refused as
-/// the server refuses it). The kernel's own refusal of a closed server's address for 2 s
-/// (e2e/upstreams.rs) refused them with the rest (helper-196).
+/// fresh and stale, however many other names the workload asks it meanwhile, each refused at
+/// once as the server refuses it. The kernel's own refusal of a closed server's address for
+/// 2 s (e2e/upstreams.rs) refused them with the rest (helper-196); the agent's, which stands
+/// for it with the cache on, asks the server no more meanwhile, so its ICMP rate limit is
+/// not spent.
 #[test]
 fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
     let topology = Topology::new();
@@ -665,8 +667,8 @@ fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
         assert!(output.contains("connection refused"), "{name}: {output}");
     };
     refused(topology.outsider("dig", &[]), "direct.closed.example.test");
-    // Each refusal the server's kernel sends counts against its ICMP rate limit (a burst of
-    // 6 to one address, then one a second), directly as through the agent: 6 in all here.
+    // Each refusal the server's kernel sends counts against its ICMP rate limit: a burst of
+    // 6 to one address, then one a second.
     for round in 0..2 {
         // Two other questions refused within 2 s: the server's port is closed for all.
         for other in ["a", "b"] {
@@ -678,6 +680,13 @@ fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
         let fresh = dig_full(&topology, server, kept, &[]);
         assert_eq!(status(&fresh), "NOERROR", "round {round}: {fresh}");
         assert!(ttl_of(&fresh, "A") < 60, "from the cache: {fresh}");
+    }
+    // More than the rate limit lets the server refuse: the agent refuses them itself.
+    for other in 0..8 {
+        refused(
+            topology.workload("dig", &[]),
+            &format!("more-{other}.closed.example.test"),
+        );
     }
     // Stale: asked upstream first, and refused there.
     let stale = dig_full(&topology, server, short, &[]);

@@ -228,6 +228,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // padded past 1,232 bytes) that shares the answer's key, and one such query had
             // every workload served stale for 30 s while the upstream answered (helper-175).
             Cached::Stale { .. } => true,
+            // Its server's port was found closed a moment ago: refused without asking it.
+            // (With a stale answer kept, the upstream's refusal has that sent instead.)
+            Cached::Miss
+                if self.settings.closed_ports.refuses(
+                    SocketAddr::new(to.reply_from, self.local_addr.port()),
+                    to.started.instant,
+                ) =>
+            {
+                self.refuse_closed_port(datagram, to);
+                return FromCache::Handled;
+            }
             Cached::Miss => false,
         };
         let Some(client_slot) = self.admission.client_slot(to.client, to.cgroup, local) else {

@@ -416,6 +416,17 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         let (cached, client_slot) = match self.consult_cache(datagram, recipient, local, hits) {
             FromCache::Handled => return None,
             FromCache::Forward(cached, client_slot) => (Some(cached), client_slot),
+            // Its server's port was found closed a moment ago (with the cache on: one the
+            // cache would not keep).
+            FromCache::NotCached
+                if self.settings.closed_ports.refuses(
+                    SocketAddr::new(reply_from, self.local_addr.port()),
+                    now.instant,
+                ) =>
+            {
+                self.refuse_closed_port(datagram, recipient);
+                return None;
+            }
             FromCache::NotCached => (None, self.admission.client_slot(client, cgroup, local)?),
         };
         let asking = Asking::of(&client_slot, self.settings.max_inflight);
