@@ -389,17 +389,25 @@ fn quoted(text: &str) -> String {
 }
 
 /// The question's name (dotted, lower case) and the addresses it resolved to, with their
-/// TTLs: the A/AAAA records of the answer section owned by that name or by a name its CNAME
-/// chain there leads to. Only for a standard query (opcode QUERY) of class IN and type A,
-/// AAAA or ANY: a zone transfer's records, or an answer's other records, are no resolution
-/// of the name asked (helper-133: an IXFR carrying a record's deletion was tabled as the zone
-/// apex resolving to the deleted address). `None` if `answer` does not parse.
+/// TTLs: the records of the type asked (A or AAAA; both for ANY) in the answer section, owned
+/// by that name or by a name its CNAME chain there leads to. Only for a standard query (opcode
+/// QUERY) of class IN and type A, AAAA or ANY: a zone transfer's records, or an answer's
+/// other records, are no resolution of the name asked (helper-133: an IXFR carrying a
+/// record's deletion was tabled as the zone apex resolving to the deleted address). Only a
+/// whole NOERROR answer: a resolver throws away the records of a truncated one (it asks again
+/// over TCP) and of a failure (helper-198: NXDOMAIN, SERVFAIL and REFUSED answers carrying A
+/// records, a truncated one, and an AAAA record answering an A query were all tabled as
+/// resolutions glibc never made). `None` if `answer` does not parse.
 fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
     const OPCODE_QUERY: u8 = 0;
     const CLASS_IN: u16 = 1;
     const TYPE_CNAME: u16 = 5;
     const TYPE_ANY: u16 = 255;
+    const TRUNCATED: u8 = 0x02;
     if count(answer, 4)? != 1 || (answer.get(2)? >> 3) & 0xf != OPCODE_QUERY {
+        return None;
+    }
+    if answer.get(2)? & TRUNCATED != 0 || wire::header_rcode(answer)? != 0 {
         return None;
     }
     let mut reader = Reader::new(answer, HEADER_LEN);
@@ -446,6 +454,9 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
         } else {
             record.ttl
         };
+        if record.rtype != qtype && qtype != TYPE_ANY {
+            continue;
+        }
         let address = match (record.rtype, rdata.len()) {
             (TYPE_A, 4) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).ok()?)),
             (TYPE_AAAA, 16) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
@@ -456,7 +467,11 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
     Some((dotted(&asked), found))
 }
 
-/// A name in wire form (labels, each after its length) as dotted text.
+/// A name in wire form (labels, each after its length) as dotted text, in the presentation
+/// format of RFC 1035 §5.1 as the log writes it: a dot or backslash inside a label after a
+/// backslash, other bytes than printable ASCII as `\DDD`. So no two names read alike
+/// (helper-198: the one label `a.b` was shown, and tabled, as the two labels `a` and `b`, and
+/// bytes that are not UTF-8 all as U+FFFD).
 fn dotted(wire: &[u8]) -> String {
     let mut name = String::new();
     let mut at = 0;
@@ -464,7 +479,18 @@ fn dotted(wire: &[u8]) -> String {
         let label = wire
             .get(at + 1..at + 1 + usize::from(len))
             .unwrap_or_default();
-        name.push_str(&String::from_utf8_lossy(label));
+        for &byte in label {
+            match byte {
+                b'.' | b'\\' => {
+                    name.push('\\');
+                    name.push(char::from(byte));
+                }
+                b'!'..=b'~' => name.push(char::from(byte)),
+                _ => {
+                    let _ = write!(name, "\\{byte:03}");
+                }
+            }
+        }
         name.push('.');
         at += 1 + usize::from(len);
     }
@@ -483,8 +509,8 @@ pub(crate) mod tests {
 
     use super::*;
 
-    /// An answer for `name`: a CNAME to edge.example.net., which has 192.0.2.80 (TTL 60)
-    /// and 2001:db8::80 (TTL 30).
+    /// An answer for `name` (asked with type ANY): a CNAME to edge.example.net., which has
+    /// 192.0.2.80 (TTL 60) and 2001:db8::80 (TTL 30).
     pub(crate) fn answer(name: &str) -> Vec<u8> {
         let name = Name::from_ascii(name).unwrap();
         let target = Name::from_ascii("edge.example.net.").unwrap();
@@ -492,7 +518,7 @@ pub(crate) mod tests {
         message
             .set_id(1)
             .set_message_type(MessageType::Response)
-            .add_query(Query::query(name.clone(), RecordType::A));
+            .add_query(Query::query(name.clone(), RecordType::ANY));
         message.add_answer(Record::from_rdata(
             name,
             300,
@@ -604,6 +630,43 @@ pub(crate) mod tests {
         let mut notify = answer_of(RecordType::A);
         notify[2] |= 4 << 3;
         assert_eq!(addresses(&notify), None);
+    }
+
+    /// What a resolver throws away resolves nothing: a failure's records, a truncated
+    /// answer's, and records of a type not asked (helper-198).
+    #[test]
+    fn only_a_whole_noerror_answer_and_the_type_asked_resolve() {
+        // RCODE NXDOMAIN, SERVFAIL, REFUSED.
+        for rcode in [3, 2, 5] {
+            let mut failed = answer_of(RecordType::A);
+            failed[3] |= rcode;
+            assert_eq!(addresses(&failed), None, "rcode {rcode}");
+        }
+        let mut truncated = answer_of(RecordType::A);
+        truncated[2] |= 0x02;
+        assert_eq!(addresses(&truncated), None);
+        // The fixture's answer, to ANY, has an A and an AAAA record: asked for one type, only
+        // that one resolves.
+        let mut asked = answer("www.example.test.");
+        let qtype = HEADER_LEN + b"\x03www\x07example\x04test\x00".len();
+        assert_eq!(asked[qtype..qtype + 2], [0, 255]);
+        asked[qtype + 1] = 1;
+        let (_, found) = addresses(&asked).unwrap();
+        assert_eq!(found, [(IpAddr::from([192, 0, 2, 80]), 60)]);
+        asked[qtype + 1] = 28;
+        let (_, found) = addresses(&asked).unwrap();
+        assert_eq!(found, [("2001:db8::80".parse().unwrap(), 30)]);
+    }
+
+    /// A name is shown as the log writes it, so that no two read alike: a dot or backslash in
+    /// a label escaped, bytes other than printable ASCII as `\DDD` (helper-198).
+    #[test]
+    fn names_are_shown_in_presentation_format() {
+        assert_eq!(dotted(b"\x03a.b\x04test\x00"), "a\\.b.test.");
+        assert_eq!(dotted(b"\x01a\x01b\x04test\x00"), "a.b.test.");
+        assert_eq!(dotted(b"\x03a\\b\x00"), "a\\\\b.");
+        assert_eq!(dotted(b"\x03\xff \x22\x00"), "\\255\\032\".");
+        assert_eq!(dotted(b"\x00"), "");
     }
 
     /// An entry expires by the monotonic clock, and is shown on the wall clock of the moment it
