@@ -202,11 +202,13 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // With the cache on, the agent refuses them itself: the kernel cannot tell the
             // names the cache holds, fresh or stale, and refused them with the rest
             // (helper-196: a workload asking a cached name every 0.1 s beside an uncached one
-            // every 0.5 s, its server's port closed, was refused 40 times of 50).
-            if self.settings.cache.is_some() {
-                self.settings.closed_ports.refuse_for_a_while(reached, now);
-            } else {
+            // every 0.5 s, its server's port closed, was refused 40 times of 50). Not with
+            // `--upstream`, as the kernel does not: the server found closed is not the one
+            // the client's address names.
+            if self.settings.cache.is_none() {
                 self.admission.refuse_udp_for_a_while(reached);
+            } else if self.settings.upstream_override.is_none() {
+                self.settings.closed_ports.refuse_for_a_while(reached, now);
             }
         }
         // The ICMP error first: a connected client reads it before the REFUSED, as asking
