@@ -69,8 +69,11 @@ impl Shared {
             .metrics
             .is_some()
             .then(|| Arc::new(Resolutions::new(Arc::clone(&workloads))));
-        let workload_stats = (config.workload_metrics > 0 && config.metrics.is_some())
-            .then(|| Arc::new(WorkloadStats::new(config.workload_metrics)));
+        let workload_stats = (config.workload_metrics > 0 && config.metrics.is_some()).then(|| {
+            let names = Arc::clone(&workloads);
+            let name_of = Box::new(move |cgroup| names.full(cgroup));
+            Arc::new(WorkloadStats::new(config.workload_metrics, name_of))
+        });
         let query_log = config
             .dnstap
             .is_some()

@@ -70,7 +70,7 @@ mod tests {
             workloads: Some(Arc::clone(&workloads)),
             query_log: Some(Arc::clone(&query_log)),
             resolutions: Some(Arc::new(Resolutions::new(Arc::clone(&workloads)))),
-            workload_stats: Some(Arc::new(WorkloadStats::new(10))),
+            workload_stats: Some(Arc::new(WorkloadStats::new(10, Box::new(|_| None)))),
         };
         let asked = Asked {
             transport: Transport::Udp,

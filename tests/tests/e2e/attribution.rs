@@ -656,6 +656,60 @@ fn a_gone_workloads_place_in_the_workload_metrics_goes_to_the_next() {
     assert_eq!(super::value(&page, &series("other")), 0, "{page}");
 }
 
+/// A unit restarted is one workload in a new cgroup each time: it keeps one place of
+/// `--workload-metrics N`, and leaves the rest to other workloads. Before, each restart took
+/// a place until its cgroup had been gone three walks of the tree (about 3 minutes), and a
+/// unit restarting often counted every other workload as `other` (helper-198).
+#[test]
+fn a_restarted_unit_keeps_one_place_in_the_workload_metrics() {
+    let topology = Topology::new();
+    let _server = tests::DnsServer::start(&topology);
+    let _agent = Agent::start(
+        &topology,
+        &["--metrics", super::METRICS, "--workload-metrics=2"],
+    );
+    let series =
+        |unit: &str| format!("dns_proxy_workload_queries_total{{workload=\"unit={unit}\"}}");
+    let ask = |cgroup: &PathBuf, name: &str| {
+        let command = in_cgroup_and_netns(cgroup, &topology.client, "dig", &[]);
+        assert_answered(dig(command, name, &["+short"]), name);
+    };
+    for restart in 1..=3 {
+        let unit = child_cgroup(&topology, "restarted.service");
+        ask(&unit, &format!("restart-{restart}.example.test"));
+        // Its queries in the unit's one series, once the agent has named the new cgroup.
+        wait_for(
+            &format!("the unit's series at {restart}"),
+            Duration::from_secs(10),
+            || {
+                let page = super::scrape(&topology);
+                (super::value(&page, &series("restarted.service")) == restart).then_some(())
+            },
+        );
+        std::fs::remove_dir(&unit).expect("stop the unit: remove its cgroup");
+    }
+    let other = child_cgroup(&topology, "other.service");
+    ask(&other, "other.example.test");
+    let page = wait_for("the other unit's series", Duration::from_secs(10), || {
+        let page = super::scrape(&topology);
+        page.contains(&series("other.service")).then_some(page)
+    });
+    assert_eq!(super::value(&page, &series("other.service")), 1, "{page}");
+    assert_eq!(
+        super::value(&page, &series("restarted.service")),
+        3,
+        "{page}"
+    );
+    assert_eq!(
+        super::value(
+            &page,
+            "dns_proxy_workload_queries_total{workload=\"other\"}"
+        ),
+        0,
+        "{page}"
+    );
+}
+
 /// Log rotation (logrotate's default: the file moved away, an empty one made, SIGHUP): the
 /// agent ends the moved file and writes the next lookups to the path. Before, SIGHUP was
 /// ignored and the agent kept writing to the moved file.
