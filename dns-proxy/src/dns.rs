@@ -72,6 +72,17 @@ pub trait OriginalDestinations: Send + Sync + 'static {
     /// then reads the error itself. Nothing where there is no kernel side (unit tests).
     fn refuse_udp_for_a_while(&self, _reached: SocketAddr) {}
 
+    /// Has the agent itself refuse the queries to `reached` that the cache cannot answer, for
+    /// as long as [`refuse_udp_for_a_while`](Self::refuse_udp_for_a_while) would have the
+    /// kernel refuse them all. Nothing where there is no kernel side (unit tests).
+    fn refuse_here_for_a_while(&self, _reached: SocketAddr) {}
+
+    /// Whether the agent refuses queries to `reached` now
+    /// ([`refuse_here_for_a_while`](Self::refuse_here_for_a_while)).
+    fn refused_here(&self, _reached: SocketAddr) -> bool {
+        false
+    }
+
     /// Notes that a query came through `reached` now, on a connection accepted earlier: its
     /// index is in use, and its origin is not forgotten while it is. Nothing where there is no
     /// kernel side (unit tests).
@@ -93,6 +104,14 @@ impl<T: OriginalDestinations> OriginalDestinations for Arc<T> {
 
     fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
         T::refuse_udp_for_a_while(self, reached);
+    }
+
+    fn refuse_here_for_a_while(&self, reached: SocketAddr) {
+        T::refuse_here_for_a_while(self, reached);
+    }
+
+    fn refused_here(&self, reached: SocketAddr) -> bool {
+        T::refused_here(self, reached)
     }
 
     fn still_in_use(&self, reached: SocketAddr) {

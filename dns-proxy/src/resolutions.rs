@@ -468,8 +468,8 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
 }
 
 /// A name in wire form (labels, each after its length) as dotted text, in the presentation
-/// format of RFC 1035 §5.1 as the log writes it: a dot or backslash inside a label after a
-/// backslash, other bytes than printable ASCII as `\DDD`. So no two names read alike
+/// format of RFC 1035 §5.1: a dot or backslash inside a label after a backslash, other bytes
+/// than printable ASCII as `\DDD` (decimal), the root as `.`. So no two names read alike
 /// (helper-198: the one label `a.b` was shown, and tabled, as the two labels `a` and `b`, and
 /// bytes that are not UTF-8 all as U+FFFD).
 fn dotted(wire: &[u8]) -> String {
@@ -493,6 +493,9 @@ fn dotted(wire: &[u8]) -> String {
         }
         name.push('.');
         at += 1 + usize::from(len);
+    }
+    if name.is_empty() {
+        name.push('.');
     }
     name
 }
@@ -658,15 +661,15 @@ pub(crate) mod tests {
         assert_eq!(found, [("2001:db8::80".parse().unwrap(), 30)]);
     }
 
-    /// A name is shown as the log writes it, so that no two read alike: a dot or backslash in
-    /// a label escaped, bytes other than printable ASCII as `\DDD` (helper-198).
+    /// A name is shown in presentation format, so that no two read alike: a dot or backslash
+    /// in a label escaped, bytes other than printable ASCII as `\DDD` (helper-198).
     #[test]
     fn names_are_shown_in_presentation_format() {
         assert_eq!(dotted(b"\x03a.b\x04test\x00"), "a\\.b.test.");
         assert_eq!(dotted(b"\x01a\x01b\x04test\x00"), "a.b.test.");
         assert_eq!(dotted(b"\x03a\\b\x00"), "a\\\\b.");
         assert_eq!(dotted(b"\x03\xff \x22\x00"), "\\255\\032\".");
-        assert_eq!(dotted(b"\x00"), "");
+        assert_eq!(dotted(b"\x00"), ".");
     }
 
     /// An entry expires by the monotonic clock, and is shown on the wall clock of the moment it

@@ -232,6 +232,20 @@ impl<D: OriginalDestinations> Admission<D> {
         }
     }
 
+    /// Has the agent itself refuse the queries to `reached` the cache cannot answer, for a
+    /// while ([`OriginalDestinations::refuse_here_for_a_while`]); not with `--upstream`
+    /// either.
+    pub fn refuse_here_for_a_while(&self, reached: SocketAddr) {
+        if self.upstream_override.is_none() {
+            self.destinations.refuse_here_for_a_while(reached);
+        }
+    }
+
+    /// Whether the agent refuses queries to `reached` now.
+    pub fn refused_here(&self, reached: SocketAddr) -> bool {
+        self.destinations.refused_here(reached)
+    }
+
     /// Where the query or connection of `client`, which reached the proxy address `reached`
     /// (`None`: unknown), goes; `None` (counted and logged) if its client was not redirected
     /// or it is refused. `from_this_namespace`: its client is of the agent's own network

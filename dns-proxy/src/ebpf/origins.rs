@@ -76,4 +76,12 @@ impl OriginalDestinations for CachedServers {
     fn refuse_udp_for_a_while(&self, reached: SocketAddr) {
         self.table.refuse_udp_for_a_while(reached);
     }
+
+    fn refuse_here_for_a_while(&self, reached: SocketAddr) {
+        self.table.refuse_here_for_a_while(reached);
+    }
+
+    fn refused_here(&self, reached: SocketAddr) -> bool {
+        self.table.refused_here(reached)
+    }
 }

@@ -39,6 +39,10 @@ pub struct ServerTable {
     held_forgotten: std::sync::Mutex<std::collections::HashMap<u32, (Option<Origin>, u8)>>,
     /// `REFUSING`: until when `sk_lookup` refuses UDP datagrams to each index.
     refusing: std::sync::Mutex<aya::maps::Array<MapData, u64>>,
+    /// With the cache on, until when (`CLOCK_MONOTONIC` ns; 0: never) the agent itself
+    /// refuses the queries to each index that the cache cannot answer, by [`server_key`]:
+    /// made at the first such refusal, so that an agent that never refuses holds nothing.
+    refused_here: std::sync::OnceLock<Box<[std::sync::atomic::AtomicU64]>>,
     /// `CONNECTED`: socket cookie → the server key of the index it is connected to.
     connected: std::sync::Mutex<HashMap<MapData, u64, u32>>,
     /// `CONNECTED_PER_CGROUP`: cgroup id → notes of `CONNECTED` charged to it; only read
@@ -121,6 +125,7 @@ impl ServerTable {
             last_seen_table: std::sync::Mutex::default(),
             held_forgotten: std::sync::Mutex::default(),
             refusing: std::sync::Mutex::new(take_array(ebpf, names::REFUSING)?),
+            refused_here: std::sync::OnceLock::new(),
             connected: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED)?),
             connected_counts: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED_PER_CGROUP)?),
             connected_charges: std::sync::Mutex::new(take_map(ebpf, names::CONNECTED_CHARGE)?),
@@ -370,6 +375,42 @@ impl ServerTable {
                 names::REFUSING
             );
         }
+    }
+
+    /// Has the agent itself refuse queries to `reached` for [`REFUSE_CLOSED_SERVER_FOR`]
+    /// (those the cache cannot answer; the kernel, which cannot tell them, is left out).
+    /// Lock-free, and one slot per index, as the kernel's `REFUSING`: no workload's refusals
+    /// take room from another's.
+    pub fn refuse_here_for_a_while(&self, reached: SocketAddr) {
+        let Some((family, index)) = self.index_of(reached) else {
+            return;
+        };
+        let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
+        let until = crate::time_namespace::kernel_monotonic_ns().saturating_add(for_ns);
+        let slots = self.refused_here.get_or_init(|| {
+            (0..2 * (dns_proxy_common::MAX_INDEX as usize + 1))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect()
+        });
+        if let Some(slot) = slots.get(server_key(family, index) as usize) {
+            slot.fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the agent refuses queries to `reached` now
+    /// ([`refuse_here_for_a_while`](Self::refuse_here_for_a_while)): an atomic load, and a
+    /// clock read only for an index refused once.
+    pub fn refused_here(&self, reached: SocketAddr) -> bool {
+        let Some(slots) = self.refused_here.get() else {
+            return false;
+        };
+        let Some((family, index)) = self.index_of(reached) else {
+            return false;
+        };
+        let until = slots
+            .get(server_key(family, index) as usize)
+            .map_or(0, |slot| slot.load(std::sync::atomic::Ordering::Relaxed));
+        until != 0 && until > crate::time_namespace::kernel_monotonic_ns()
     }
 
     /// Notes that a query came through `index` of `family`'s block now.

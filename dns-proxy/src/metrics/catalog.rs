@@ -552,8 +552,9 @@ pub const METRICS: &[Metric] = &[
         help: "UDP datagrams to a proxy address refused by the kernel (port unreachable, as \
                the server would answer) for the 2 s after the agent found that server's port \
                closed for two questions of the workload: lookups that failed at once, as \
-               asking the server directly, without reaching the agent. Not with the cache on: \
-               the agent refuses them itself then, after the cache (upstream_errors).",
+               asking the server directly, without reaching the agent. Not with the cache on (and \
+               CAP_NET_RAW): the agent refuses them itself then, after the cache \
+               (upstream_errors).",
         read: Read::Counter(|s| s.kernel(Counter::ClosedPortRefused)),
     },
     Metric {

@@ -688,7 +688,8 @@ fn a_closed_servers_names_in_the_cache_are_answered_beside_its_refusals() {
             &format!("more-{other}.closed.example.test"),
         );
     }
-    // Stale: asked upstream first, and refused there.
+    // Stale: its stale answer, at once while the agent refuses the server, or for the
+    // server's refusal.
     let stale = dig_full(&topology, server, short, &[]);
     assert_eq!(status(&stale), "NOERROR", "{stale}");
     assert_eq!(ttl_of(&stale, "A"), 30, "stale: {stale}");

@@ -227,15 +227,16 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // recheck, as TCP does): any workload can send a query the upstream drops (one
             // padded past 1,232 bytes) that shares the answer's key, and one such query had
             // every workload served stale for 30 s while the upstream answered (helper-175).
+            // Except while its server's port is found closed, for this workload's index
+            // alone: the upstream is known to fail, and no other workload's answer changes.
+            Cached::Stale { answer, .. } if self.refuses_closed_port(to) => {
+                self.send_answer(&answer, to, MadeHere::Stale);
+                return FromCache::Handled;
+            }
             Cached::Stale { .. } => true,
             // Its server's port was found closed a moment ago: refused without asking it.
             // (With a stale answer kept, the upstream's refusal has that sent instead.)
-            Cached::Miss
-                if self.settings.closed_ports.refuses(
-                    SocketAddr::new(to.reply_from, self.local_addr.port()),
-                    to.started.instant,
-                ) =>
-            {
+            Cached::Miss if self.refuses_closed_port(to) => {
                 self.refuse_closed_port(datagram, to);
                 return FromCache::Handled;
             }

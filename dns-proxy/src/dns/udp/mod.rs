@@ -419,10 +419,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             // Its server's port was found closed a moment ago (with the cache on: one the
             // cache would not keep).
             FromCache::NotCached
-                if self.settings.closed_ports.refuses(
-                    SocketAddr::new(reply_from, self.local_addr.port()),
-                    now.instant,
-                ) =>
+                if self.settings.cache.is_some() && self.refuses_closed_port(recipient) =>
             {
                 self.refuse_closed_port(datagram, recipient);
                 return None;

@@ -65,6 +65,14 @@ impl PortUnreachable {
         }
     }
 
+    /// Whether a client that reached `reached` can be told (a raw socket of its family).
+    pub fn can_tell(&self, reached: SocketAddr) -> bool {
+        match reached.ip() {
+            IpAddr::V4(_) => self.v4.is_some(),
+            IpAddr::V6(_) => self.v6.is_some(),
+        }
+    }
+
     /// Tells `client` that its query `query` to `reached` (a block address on the proxy's
     /// port) met a closed port; `client_id`: the ID the client chose, where `query` went up
     /// with one of the agent's own, which the client must not see. Best effort: a failed send

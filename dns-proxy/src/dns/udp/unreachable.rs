@@ -191,24 +191,25 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         // A workload's own index only: a shared one (cgroup 0) is every workload's that asks
         // the server, and one workload's refused query must not refuse the others'.
         let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
-        let now = std::time::Instant::now();
         if trusted
             && to.cgroup != 0
-            && self
-                .settings
-                .closed_ports
-                .confirm(reached, question_of(sent), now)
+            && self.settings.closed_ports.confirm(
+                reached,
+                question_of(sent),
+                std::time::Instant::now(),
+            )
         {
-            // With the cache on, the agent refuses them itself: the kernel cannot tell the
-            // names the cache holds, fresh or stale, and refused them with the rest
-            // (helper-196: a workload asking a cached name every 0.1 s beside an uncached one
-            // every 0.5 s, its server's port closed, was refused 40 times of 50). Not with
-            // `--upstream`, as the kernel does not: the server found closed is not the one
-            // the client's address names.
-            if self.settings.cache.is_none() {
+            // With the cache on, the agent refuses them itself, after the cache: the kernel
+            // cannot tell the names the cache holds, fresh or stale, and refused them with
+            // the rest (helper-196: a workload asking a cached name every 0.1 s beside an
+            // uncached one every 0.5 s, its server's port closed, was refused 40 times of
+            // 50). Unless it has no raw socket to send the client the port unreachable: a
+            // REFUSED alone is final to c-ares, and the kernel's refusal is then the only one
+            // a connected client reads as from the server.
+            if self.settings.cache.is_some() && self.settings.port_unreachable.can_tell(reached) {
+                self.admission.refuse_here_for_a_while(reached);
+            } else {
                 self.admission.refuse_udp_for_a_while(reached);
-            } else if self.settings.upstream_override.is_none() {
-                self.settings.closed_ports.refuse_for_a_while(reached, now);
             }
         }
         // The ICMP error first: a connected client reads it before the REFUSED, as asking
@@ -243,84 +244,24 @@ impl<D: OriginalDestinations> UdpProxy<D> {
 /// closed for every question: as long as the kernel then refuses it.
 const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Indexes with one refused question kept at most; past it, those older than
-/// [`CONFIRM_WITHIN`] go. As many refused by the agent itself, at most.
+/// [`CONFIRM_WITHIN`] go.
 const UNCONFIRMED_KEPT: usize = 1024;
-
-/// How long the agent itself refuses an index whose server's port it found closed, with the
-/// cache on: as long as the kernel refuses it without.
-const REFUSE_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The indexes (block addresses) whose server answered one question port unreachable, waiting
 /// for a second, other question to be refused too before the kernel is told to refuse them
 /// all: a firewall may refuse some questions only (and an adversary once had one refused
 /// query cost its workload every lookup to that server for 2 s).
-///
-/// With the cache on, a confirmed index is refused by the agent itself instead, after the
-/// cache is consulted (`refusing`): the names the cache holds are still answered, and the
-/// others get the server's refusal at once without asking it, so that its ICMP rate limit,
-/// which every workload asking through the agent shares, is not spent on them.
 #[derive(Debug, Default)]
-pub struct ClosedPorts {
-    unconfirmed: std::sync::Mutex<std::collections::HashMap<SocketAddr, (std::time::Instant, u64)>>,
-    refusing: std::sync::Mutex<Refusing>,
-    /// Whether `refusing` may hold an index: read for every query, so that none takes the
-    /// lock while no server's port was found closed in the last [`REFUSE_FOR`].
-    any_refused: std::sync::atomic::AtomicBool,
-}
-
-/// The indexes the agent refuses itself.
-#[derive(Debug, Default)]
-struct Refusing {
-    /// Each until when.
-    until: std::collections::HashMap<SocketAddr, std::time::Instant>,
-    /// The last of those: once past, none is refused.
-    last: Option<std::time::Instant>,
-}
+pub struct ClosedPorts(
+    std::sync::Mutex<std::collections::HashMap<SocketAddr, (std::time::Instant, u64)>>,
+);
 
 impl ClosedPorts {
-    /// Has the agent refuse queries to `reached` for [`REFUSE_FOR`] from `now`.
-    fn refuse_for_a_while(&self, reached: SocketAddr, now: std::time::Instant) {
-        let mut refusing = self
-            .refusing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if refusing.until.len() >= UNCONFIRMED_KEPT {
-            refusing.until.retain(|_, until| *until > now);
-        }
-        if refusing.until.len() < UNCONFIRMED_KEPT {
-            refusing.until.insert(reached, now + REFUSE_FOR);
-            refusing.last = Some(now + REFUSE_FOR);
-            self.any_refused
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// Whether the agent refuses queries to `reached` at `now`.
-    pub(super) fn refuses(&self, reached: SocketAddr, now: std::time::Instant) -> bool {
-        if !self.any_refused.load(std::sync::atomic::Ordering::Relaxed) {
-            return false;
-        }
-        let mut refusing = self
-            .refusing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if refusing.last.is_none_or(|last| last <= now) {
-            *refusing = Refusing::default();
-            self.any_refused
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            return false;
-        }
-        refusing
-            .until
-            .get(&reached)
-            .is_some_and(|until| *until > now)
-    }
-
     /// Whether `question` refused at `reached` confirms an earlier, other question refused
     /// there within [`CONFIRM_WITHIN`]; notes it otherwise.
     fn confirm(&self, reached: SocketAddr, question: u64, now: std::time::Instant) -> bool {
         let mut unconfirmed = self
-            .unconfirmed
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(&(at, earlier)) = unconfirmed.get(&reached)
@@ -349,11 +290,24 @@ fn question_of(sent: &[u8]) -> u64 {
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
-    /// Refuses a query to `to.reply_from`'s server, whose port the agent found closed a
-    /// moment ago ([`ClosedPorts::refuses`]), without asking it: the port unreachable about
-    /// it and REFUSED, as a query it asked would have had.
+    /// Whether the agent refuses queries to the server `to` asked, whose port it found closed
+    /// a moment ago ([`OriginalDestinations::refused_here`]).
+    pub(super) fn refuses_closed_port(&self, to: Recipient<'_>) -> bool {
+        self.admission
+            .refused_here(SocketAddr::new(to.reply_from, self.local_addr.port()))
+    }
+
+    /// Refuses a query to the server `to` asked, whose port the agent found closed a moment
+    /// ago ([`refuses_closed_port`](Self::refuses_closed_port)), without asking it: the port
+    /// unreachable about it and REFUSED, as a query it asked would have had.
     pub(super) fn refuse_closed_port(&self, datagram: &[u8], to: Recipient<'_>) {
         Stats::add(&self.stats.udp.upstream_errors);
+        self.upstream_log.warn(|failed| {
+            format!(
+                "{}: refused here, its port found closed a moment ago ({failed} queries failed)",
+                to.original
+            )
+        });
         let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
         self.settings
             .port_unreachable
@@ -438,25 +392,6 @@ mod tests {
         assert!(!ports.confirm(reached, 3, at(5000)));
         // Too late after the first: it starts again.
         assert!(!ports.confirm(reached, 4, at(7100)));
-    }
-
-    #[test]
-    fn the_agent_refuses_an_index_for_two_seconds_and_no_other() {
-        let ports = ClosedPorts::default();
-        let reached: SocketAddr = "127.53.0.7:8053".parse().unwrap();
-        let other: SocketAddr = "127.53.0.8:8053".parse().unwrap();
-        let start = std::time::Instant::now();
-        let at = |ms| start + std::time::Duration::from_millis(ms);
-        assert!(!ports.refuses(reached, at(0)));
-        ports.refuse_for_a_while(reached, at(0));
-        assert!(ports.refuses(reached, at(1999)));
-        assert!(!ports.refuses(other, at(1000)));
-        // Past it, nothing is refused, and no query takes the lock again.
-        assert!(!ports.refuses(reached, at(2000)));
-        assert!(!ports.any_refused.load(std::sync::atomic::Ordering::Relaxed));
-        // Found closed again: refused again.
-        ports.refuse_for_a_while(reached, at(3000));
-        assert!(ports.refuses(reached, at(4000)));
     }
 
     #[test]
