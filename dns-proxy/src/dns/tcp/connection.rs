@@ -56,20 +56,28 @@ impl std::fmt::Display for Closed {
     }
 }
 
-/// A query waiting for its answer.
+/// The queries of one ID waiting for their answers.
 pub(super) struct Pending {
-    /// When its query arrived.
-    pub(super) started: Moment,
-    /// "name=... type=..." when debug logging is on.
-    pub(super) description: Option<String>,
     /// Its key in the cache, whose answer is kept there, and its header and question; `None`
     /// with the cache off, or for a query the cache does not answer.
     pub(super) cacheable: Option<(CacheableQuery, Box<[u8]>)>,
     /// The queries sent with this ID and not yet answered, in the order they were sent: more
     /// than one when the client reused an ID still in flight, and then each is answered
-    /// before the connection counts as answered. For each, a zone transfer's (AXFR, IXFR)
-    /// progress: such a query is pending until its last message.
-    pub(super) awaited: std::collections::VecDeque<Option<Transfer>>,
+    /// before the connection counts as answered.
+    pub(super) awaited: std::collections::VecDeque<Awaited>,
+}
+
+/// One query waiting for its answer: each of those sent with one ID has its own time and
+/// description (helper-198: five pipelined queries with one ID were each logged to dnstap
+/// with the first's time, and given one debug line between them).
+pub(super) struct Awaited {
+    /// When it arrived.
+    pub(super) started: Moment,
+    /// "name=... type=..." when debug logging is on.
+    pub(super) description: Option<String>,
+    /// A zone transfer's (AXFR, IXFR) progress: such a query is pending until its last
+    /// message.
+    pub(super) transfer: Option<Transfer>,
 }
 
 /// What an answer settled.
@@ -81,6 +89,8 @@ pub(super) struct Settled {
     pub(super) done: Option<Pending>,
     /// When the query was asked, if this is its first answer.
     pub(super) started: Option<Moment>,
+    /// The query it answered in full, if it did.
+    pub(super) finished: Option<Awaited>,
 }
 
 /// What both directions of one connection share.
@@ -223,12 +233,17 @@ impl Connection {
         let Some(front) = pending.awaited.front_mut() else {
             return Settled::default();
         };
-        let first = front.as_ref().is_none_or(Transfer::not_begun);
-        let started = first.then_some(pending.started);
-        let answered = front.as_mut().is_none_or(|transfer| transfer.took(answer));
-        if answered {
-            pending.awaited.pop_front();
-        }
+        let first = front.transfer.as_ref().is_none_or(Transfer::not_begun);
+        let started = first.then_some(front.started);
+        let answered = front
+            .transfer
+            .as_mut()
+            .is_none_or(|transfer| transfer.took(answer));
+        let finished = if answered {
+            pending.awaited.pop_front()
+        } else {
+            None
+        };
         let done = (answered && pending.awaited.is_empty())
             .then(|| table.remove(&id))
             .flatten();
@@ -236,6 +251,7 @@ impl Connection {
             answered,
             done,
             started,
+            finished,
         }
     }
 
@@ -243,11 +259,7 @@ impl Connection {
     /// way is making progress, and is not counted).
     pub(super) fn oldest_unanswered(&self) -> Option<Instant> {
         let table = self.pending.lock().expect("not poisoned");
-        table
-            .values()
-            .filter(|pending| not_begun(pending))
-            .map(|pending| pending.started.instant)
-            .min()
+        table.values().filter_map(not_begun).min()
     }
 
     /// Forgets the queries asked at or before `cutoff` that have no answer begun (each with
@@ -257,7 +269,7 @@ impl Connection {
         let mut table = self.pending.lock().expect("not poisoned");
         let mut forgotten = 0;
         table.retain(|_, pending| {
-            let overdue = pending.started.instant <= cutoff && not_begun(pending);
+            let overdue = not_begun(pending).is_some_and(|started| started <= cutoff);
             if overdue {
                 forgotten += pending.awaited.len();
             }
@@ -290,12 +302,13 @@ impl Connection {
     }
 }
 
-/// Whether no answer to `pending`'s first query has begun to come.
-fn not_begun(pending: &Pending) -> bool {
+/// When `pending`'s first query was asked, if no answer to it has begun to come.
+fn not_begun(pending: &Pending) -> Option<Instant> {
     pending
         .awaited
         .front()
-        .is_some_and(|front| front.as_ref().is_none_or(Transfer::not_begun))
+        .filter(|front| front.transfer.as_ref().is_none_or(Transfer::not_begun))
+        .map(|front| front.started.instant)
 }
 
 /// The client's writer, which counts every byte the client's socket takes as activity: a

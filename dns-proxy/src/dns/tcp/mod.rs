@@ -45,7 +45,7 @@ mod open;
 #[cfg(test)]
 mod tests;
 
-use connection::{Closed, Connection, Pending, Progress};
+use connection::{Awaited, Closed, Connection, Pending, Progress};
 use framing::{MessageBudget, NoRoom, read_first_byte, read_rest};
 pub use framing::{read_message, write_message};
 use open::OpenConnections;
@@ -494,10 +494,13 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             let description =
                 log::log_enabled!(log::Level::Debug).then(|| wire::describe_query(&query));
             let mut pending = Pending {
-                started,
-                description,
                 cacheable,
-                awaited: [Transfer::for_query(&query)].into(),
+                awaited: [Awaited {
+                    started,
+                    description,
+                    transfer: Transfer::for_query(&query),
+                }]
+                .into(),
             };
             // A client reusing an ID it is still waiting on awaits one more answer to it.
             // Nothing tells their answers apart (the first answer may be the first query's,
@@ -641,6 +644,7 @@ impl<D: OriginalDestinations> TcpProxy<D> {
                 answered,
                 done: pending,
                 started,
+                finished,
             } = conn.settle(id, &answer);
             if answered {
                 conn.slots.add_permits(1);
@@ -675,11 +679,11 @@ impl<D: OriginalDestinations> TcpProxy<D> {
             {
                 cache.store(cacheable, head, &answer, false, now.instant);
             }
-            if let Some(Pending {
+            if let Some(Awaited {
                 description: Some(description),
                 started,
                 ..
-            }) = pending
+            }) = finished
             {
                 // A transfer's: from its query to its last message.
                 log::debug!(

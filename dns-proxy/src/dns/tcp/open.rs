@@ -217,10 +217,13 @@ mod tests {
         pending.0.pending.lock().unwrap().insert(
             7,
             super::super::connection::Pending {
-                started: crate::dns::Moment::now(),
-                description: None,
                 cacheable: None,
-                awaited: [None].into(),
+                awaited: [super::super::connection::Awaited {
+                    started: crate::dns::Moment::now(),
+                    description: None,
+                    transfer: None,
+                }]
+                .into(),
             },
         );
         std::thread::sleep(std::time::Duration::from_millis(2));

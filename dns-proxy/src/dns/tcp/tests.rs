@@ -862,6 +862,38 @@ async fn a_client_reusing_an_id_leaves_nothing_in_flight() {
     assert_eq!(proxy.stats.tcp.inflight.load(Ordering::Relaxed), 0);
 }
 
+/// Two queries with one ID: each answer settles its own query, with its own time and
+/// description, for the log and dnstap (helper-198: five such queries were logged to dnstap
+/// with the first's time, and given one debug line between them).
+#[test]
+fn each_query_sent_with_one_id_is_settled_with_its_own_time() {
+    let server = ([192, 0, 2, 2], 53).into();
+    let connection = Connection::new(0, ([192, 0, 2, 1], 40000).into(), server, server);
+    let first = crate::dns::Moment::now();
+    std::thread::sleep(Duration::from_millis(5));
+    let second = crate::dns::Moment::now();
+    let awaited = |started, description: &str| super::connection::Awaited {
+        started,
+        description: Some(description.to_owned()),
+        transfer: None,
+    };
+    connection.pending.lock().unwrap().insert(
+        7,
+        super::connection::Pending {
+            cacheable: None,
+            awaited: [awaited(first, "first"), awaited(second, "second")].into(),
+        },
+    );
+    let settled = connection.settle(7, &answer_to(&query(7)));
+    assert!(settled.answered && settled.done.is_none());
+    assert_eq!(settled.started.unwrap().instant, first.instant);
+    assert_eq!(settled.finished.unwrap().description.unwrap(), "first");
+    let settled = connection.settle(7, &answer_to(&query(7)));
+    assert!(settled.answered && settled.done.is_some());
+    assert_eq!(settled.started.unwrap().instant, second.instant);
+    assert_eq!(settled.finished.unwrap().description.unwrap(), "second");
+}
+
 /// Two queries with one ID, then a half-close: both answers are relayed before the
 /// connection ends (it ended after the first: helper-91, 5 of 5 against dnsmasq).
 #[tokio::test]
