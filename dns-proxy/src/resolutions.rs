@@ -223,7 +223,12 @@ impl Resolutions {
                 .filter_map(|cgroup| held.by_cgroup.get(cgroup))
                 .flat_map(|held| held.map.iter())
                 .filter(|(key, expires)| {
-                    **expires > now && address.is_none_or(|address| key.address == address)
+                    // A v4-mapped address asked for is its IPv4 address too (a dual-stack
+                    // socket's peer, as `ss` shows it; helper-198).
+                    **expires > now
+                        && address.is_none_or(|address| {
+                            key.address == address || key.address == address.to_canonical()
+                        })
                 })
                 .map(|(key, expires)| (key.clone(), *expires))
                 .collect()
@@ -727,6 +732,9 @@ pub(crate) mod tests {
         let rows = table.lookup("cgroup-id=7", Some([192, 0, 2, 80].into()));
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].name, "www.example.test.");
+        // Asked for by its v4-mapped form.
+        let mapped = "::ffff:192.0.2.80".parse().unwrap();
+        assert_eq!(table.lookup("cgroup-id=7", Some(mapped)), rows);
         assert_eq!(table.lookup("cgroup-id=7", None).len(), 2);
         assert!(table.lookup("cgroup-id=9", None).is_empty());
         assert_eq!(
