@@ -473,8 +473,9 @@ fn addresses(answer: &[u8]) -> Option<(String, Vec<(IpAddr, u32)>)> {
 }
 
 /// A name in wire form (labels, each after its length) as dotted text, in the presentation
-/// format of RFC 1035 §5.1: a dot or backslash inside a label after a backslash, other bytes
-/// than printable ASCII as `\DDD` (decimal), the root as `.`. So no two names read alike
+/// format of RFC 1035 §5.1, as dig writes it: a dot, backslash, `"`, `(`, `)`, `;`, `@` or `$`
+/// inside a label after a backslash, other bytes than printable ASCII as `\DDD` (decimal),
+/// the root as `.`. So no two names read alike
 /// (helper-198: the one label `a.b` was shown, and tabled, as the two labels `a` and `b`, and
 /// bytes that are not UTF-8 all as U+FFFD).
 fn dotted(wire: &[u8]) -> String {
@@ -486,7 +487,8 @@ fn dotted(wire: &[u8]) -> String {
             .unwrap_or_default();
         for &byte in label {
             match byte {
-                b'.' | b'\\' => {
+                // RFC 1035's special characters, escaped as dig writes them.
+                b'.' | b'\\' | b'"' | b'(' | b')' | b';' | b'@' | b'$' => {
                     name.push('\\');
                     name.push(char::from(byte));
                 }
@@ -673,7 +675,8 @@ pub(crate) mod tests {
         assert_eq!(dotted(b"\x03a.b\x04test\x00"), "a\\.b.test.");
         assert_eq!(dotted(b"\x01a\x01b\x04test\x00"), "a.b.test.");
         assert_eq!(dotted(b"\x03a\\b\x00"), "a\\\\b.");
-        assert_eq!(dotted(b"\x03\xff \x22\x00"), "\\255\\032\".");
+        assert_eq!(dotted(b"\x03\xff \x22\x00"), "\\255\\032\\\".");
+        assert_eq!(dotted(b"\x04;(@$\x00"), "\\;\\(\\@\\$.");
         assert_eq!(dotted(b"\x00"), ".");
     }
 

@@ -165,6 +165,10 @@ pub struct UdpProxy<D> {
     /// Queries their upstream left unanswered: a server gone silent is said in the log, not
     /// only counted (helper-186: 3,072 timeouts, no line at the default level).
     timeout_log: RateLimited,
+    /// The queries this listener refused itself for a closed server's port in the current
+    /// second (its start, and the count): past [`unreachable::REFUSED_HERE_PER_SECOND`], the
+    /// kernel refuses the index instead, for nothing.
+    refused_here: Mutex<(std::time::Instant, u32)>,
 }
 
 /// How often a listener that finishes looks whether what it forwarded is all answered.
@@ -234,8 +238,8 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             ),
             upstream_log: RateLimited::counting(
                 Duration::from_secs(10),
-                "UDP queries failed on their way upstream (no socket, a send refused, or no \
-                 route)",
+                "UDP queries failed on their way upstream (no socket, a send refused, no \
+                 route, or the server's port closed: refused by it, or here for 2 s after)",
             ),
             stray_log: RateLimited::counting(
                 Duration::from_secs(10),
@@ -246,6 +250,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 Duration::from_secs(10),
                 "UDP queries unanswered by their upstream within --upstream-timeout",
             ),
+            refused_here: Mutex::new((std::time::Instant::now(), 0)),
         });
         let sweeper = Arc::clone(&proxy);
         tokio::spawn(async move { sweeper.expire_unanswered().await });
