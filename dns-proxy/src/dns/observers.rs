@@ -70,7 +70,10 @@ mod tests {
             workloads: Some(Arc::clone(&workloads)),
             query_log: Some(Arc::clone(&query_log)),
             resolutions: Some(Arc::new(Resolutions::new(Arc::clone(&workloads)))),
-            workload_stats: Some(Arc::new(WorkloadStats::new(10, Box::new(|_| None)))),
+            workload_stats: Some(Arc::new(WorkloadStats::new(
+                10,
+                Box::new(|_| Some(Arc::from("unit=test.service"))),
+            ))),
         };
         let asked = Asked {
             transport: Transport::Udp,

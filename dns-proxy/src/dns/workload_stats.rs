@@ -2,14 +2,16 @@
 //! that asked, for the first N workloads seen that are still there; the rest are counted
 //! together, so the metrics page stays small whatever runs on the node.
 //!
-//! A place is a workload's, not a cgroup's: a unit restarted, or a container made anew under
-//! the same name, is one workload in a new cgroup each time, and joins the place its name has.
-//! Before, each cgroup took a place of its own until it had been gone three walks of the tree
-//! (about 3 minutes), and a unit restarting every second took all N (helper-198: 70 restarts
-//! left 3 live workloads counted under `other`). A cgroup is named by a thread of its own
-//! (`WorkloadNames`), so its first queries may come before its name: it takes a place of its
-//! own then, which joins its name's when the counts are next looked at (a scrape, the walk
-//! that forgets the gone, or a new workload finding no room).
+//! A place is a workload's, by its name, not a cgroup's: a unit restarted, or a container made
+//! anew under the same name, is one workload in a new cgroup each time, and counts in the place
+//! its name has. Before, each cgroup took a place of its own until it had been gone three walks
+//! of the tree (about 3 minutes), and a unit restarting every second took all N (helper-198:
+//! 70 restarts left 3 live workloads counted under `other`). A cgroup is named by a thread of
+//! its own (`WorkloadNames`), so its first queries may come before its name: they wait, and are
+//! counted in its workload's place once it is named, or with the others if it cannot be named
+//! within [`UNNAMED_WAIT`] (gone already, or out of the walk's reach). A place taken by a cgroup
+//! not yet named (helper-200: a unit whose instances asked at once and were gone before they
+//! were named held every place as `cgroup-id=N` series) is so never taken.
 use foldhash::HashMap;
 use std::{
     sync::{
@@ -23,19 +25,21 @@ use std::{
 /// waits: it has the cgroup named if it is not).
 pub type NameOf = Box<dyn Fn(u64) -> Option<Arc<str>> + Send + Sync>;
 
-/// How often a workload finding no room has the places of one name joined: each join looks
-/// at every cgroup counted.
-const JOIN_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+/// How long the queries of a cgroup not named yet wait for its name before they are counted
+/// with the others: the naming thread walks the tree at most every 250 ms, longer on a large
+/// tree.
+const UNNAMED_WAIT: Duration = Duration::from_secs(5);
 
-/// Cgroups counted apart at most, per place: the cgroups of one workload (a unit's restarts)
-/// until they are forgotten.
+/// Cgroups counted apart, or waiting for their names, at most, per place: the cgroups of one
+/// workload (a unit's restarts) until they are forgotten.
 const CGROUPS_PER_PLACE: usize = 64;
 
 /// The counts, shared by every listener.
 pub struct WorkloadStats {
     limit: usize,
     places: Mutex<Places>,
-    /// Queries of workloads past the limit, and of cgroup 0 (not recorded).
+    /// Queries of workloads past the limit, of cgroups that could not be named, and of cgroup
+    /// 0 (not recorded).
     others: AtomicU64,
     name_of: NameOf,
 }
@@ -55,15 +59,15 @@ type Place = u64;
 
 #[derive(Debug, Default)]
 struct Places {
-    /// Each cgroup counted apart, and its place.
+    /// Each named cgroup counted apart, and its place.
     of_cgroup: HashMap<u64, Place>,
     /// The queries of each place.
     queries: HashMap<Place, u64>,
-    /// The place of each workload named so far.
+    /// The place of each workload.
     of_name: HashMap<Arc<str>, Place>,
     next: Place,
-    /// When the places of one name were last joined.
-    joined_at: Option<Instant>,
+    /// Cgroups not named yet: when their first query came, and their queries.
+    unnamed: HashMap<u64, (Instant, u64)>,
 }
 
 impl WorkloadStats {
@@ -79,89 +83,92 @@ impl WorkloadStats {
 
     /// One query of cgroup `cgroup`.
     pub fn query(&self, cgroup: u64) {
-        if cgroup != 0 && self.count_apart(cgroup) {
+        if cgroup == 0 {
+            self.others.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.others.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a query of `cgroup` in its workload's place, if it has one or there is room.
-    fn count_apart(&self, cgroup: u64) -> bool {
         let mut places = self.lock();
         if let Some(&place) = places.of_cgroup.get(&cgroup) {
             *places.queries.entry(place).or_default() += 1;
-            return true;
+            return;
         }
-        let name = (self.name_of)(cgroup);
-        let room_for_cgroups = places.of_cgroup.len() < self.limit * CGROUPS_PER_PLACE;
-        if let Some(&place) = name.as_ref().and_then(|name| places.of_name.get(name))
-            && room_for_cgroups
-        {
-            places.of_cgroup.insert(cgroup, place);
-            *places.queries.entry(place).or_default() += 1;
-            return true;
-        }
-        if places.queries.len() >= self.limit {
-            let now = Instant::now();
-            if places
-                .joined_at
-                .is_none_or(|at| now.duration_since(at) >= JOIN_AT_MOST_EVERY)
+        match (self.name_of)(cgroup) {
+            Some(name) => {
+                let waited = places
+                    .unnamed
+                    .remove(&cgroup)
+                    .map_or(0, |(_, queries)| queries);
+                self.count_named(&mut places, cgroup, name, waited + 1);
+            }
+            None if places.unnamed.contains_key(&cgroup)
+                || places.unnamed.len() < self.most_cgroups() =>
             {
-                places.joined_at = Some(now);
-                self.join_places_of_one_name(&mut places);
+                let now = Instant::now();
+                places.unnamed.entry(cgroup).or_insert((now, 0)).1 += 1;
+            }
+            None => {
+                self.others.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if places.queries.len() >= self.limit || !room_for_cgroups {
-            return false;
-        }
-        let place = places.next;
-        places.next += 1;
-        places.of_cgroup.insert(cgroup, place);
-        places.queries.insert(place, 1);
-        if let Some(name) = name {
-            places.of_name.insert(name, place);
-        }
-        true
     }
 
-    /// Joins the places whose cgroups have come to share a name: the cgroups named since they
-    /// took a place of their own.
-    fn join_places_of_one_name(&self, places: &mut Places) {
-        let mut moved: HashMap<Place, Place> = HashMap::default();
-        let mut cgroups: Vec<(u64, Place)> = places
-            .of_cgroup
-            .iter()
-            .map(|(&cgroup, &place)| (cgroup, place))
-            .collect();
-        cgroups.sort_unstable();
-        for (cgroup, place) in cgroups {
-            let Some(name) = (self.name_of)(cgroup) else {
-                continue;
-            };
-            match places.of_name.get(&name) {
-                Some(&named) if named != place => {
-                    moved.insert(place, named);
+    fn most_cgroups(&self) -> usize {
+        self.limit.saturating_mul(CGROUPS_PER_PLACE)
+    }
+
+    /// Counts `queries` of cgroup `cgroup`, whose workload is `name`, in that workload's place,
+    /// taken now if there is room; with the others otherwise.
+    fn count_named(&self, places: &mut Places, cgroup: u64, name: Arc<str>, queries: u64) {
+        let room_for_cgroups = places.of_cgroup.len() < self.most_cgroups();
+        let place = match places.of_name.get(&name) {
+            Some(&place) if room_for_cgroups => Some(place),
+            Some(_) => None,
+            None if room_for_cgroups && places.queries.len() < self.limit => {
+                let place = places.next;
+                places.next += 1;
+                places.of_name.insert(name, place);
+                Some(place)
+            }
+            None => None,
+        };
+        match place {
+            Some(place) => {
+                places.of_cgroup.insert(cgroup, place);
+                *places.queries.entry(place).or_default() += queries;
+            }
+            None => {
+                self.others.fetch_add(queries, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts the queries of the cgroups named since they asked, and, with the others, of those
+    /// that waited [`UNNAMED_WAIT`] for their names, or that are `gone`.
+    fn settle_unnamed(&self, places: &mut Places, gone: impl Fn(u64) -> bool) {
+        let now = Instant::now();
+        let waiting: Vec<(u64, (Instant, u64))> = places.unnamed.drain().collect();
+        for (cgroup, (since, queries)) in waiting {
+            match (self.name_of)(cgroup) {
+                Some(name) => self.count_named(places, cgroup, name, queries),
+                None if gone(cgroup) || now.duration_since(since) >= UNNAMED_WAIT => {
+                    self.others.fetch_add(queries, Ordering::Relaxed);
                 }
-                Some(_) => {}
                 None => {
-                    places.of_name.insert(name, place);
+                    places.unnamed.insert(cgroup, (since, queries));
                 }
-            }
-        }
-        for (from, to) in &moved {
-            let queries = places.queries.remove(from).unwrap_or_default();
-            *places.queries.entry(*to).or_default() += queries;
-        }
-        for place in places.of_cgroup.values_mut() {
-            if let Some(&to) = moved.get(place) {
-                *place = to;
             }
         }
     }
 
-    /// The cgroups counted apart.
+    /// The cgroups counted apart or waiting for their names.
     pub fn cgroups(&self) -> Vec<u64> {
-        self.lock().of_cgroup.keys().copied().collect()
+        let places = self.lock();
+        places
+            .of_cgroup
+            .keys()
+            .chain(places.unnamed.keys())
+            .copied()
+            .collect()
     }
 
     /// Stops counting apart the cgroups that are `gone`, and the workloads left with none
@@ -170,21 +177,21 @@ impl WorkloadStats {
     /// others. Returns how many cgroups were forgotten.
     pub fn forget(&self, gone: impl Fn(u64) -> bool) -> usize {
         let mut places = self.lock();
-        self.join_places_of_one_name(&mut places);
-        let before = places.of_cgroup.len();
+        let before = places.of_cgroup.len() + places.unnamed.len();
+        self.settle_unnamed(&mut places, &gone);
         places.of_cgroup.retain(|cgroup, _| !gone(*cgroup));
-        let forgotten = before - places.of_cgroup.len();
         let held: std::collections::HashSet<Place> = places.of_cgroup.values().copied().collect();
         places.queries.retain(|place, _| held.contains(place));
         places.of_name.retain(|_, place| held.contains(place));
-        forgotten
+        before - (places.of_cgroup.len() + places.unnamed.len())
     }
 
-    /// (cgroup, queries) of each workload counted apart (by one of its cgroups: the newest,
-    /// which is named if any is), and the queries of the others.
+    /// (cgroup, queries) of each workload counted apart (by one of its cgroups: the newest),
+    /// and the queries of the others. The queries of cgroups still waiting for their names
+    /// are in neither yet.
     pub fn snapshot(&self) -> (Vec<(u64, u64)>, u64) {
         let mut places = self.lock();
-        self.join_places_of_one_name(&mut places);
+        self.settle_unnamed(&mut places, |_| false);
         let mut newest: HashMap<Place, u64> = HashMap::default();
         for (&cgroup, &place) in &places.of_cgroup {
             let cgroup_of_place = newest.entry(place).or_insert(cgroup);
@@ -207,8 +214,10 @@ impl WorkloadStats {
 mod tests {
     use super::*;
 
+    type Names = Arc<Mutex<HashMap<u64, &'static str>>>;
+
     /// Names from a table the test changes: a cgroup is named when the test says so.
-    fn named(names: &Arc<Mutex<HashMap<u64, &'static str>>>) -> NameOf {
+    fn named(names: &Names) -> NameOf {
         let names = Arc::clone(names);
         Box::new(move |cgroup| {
             names
@@ -219,13 +228,17 @@ mod tests {
         })
     }
 
-    fn unnamed() -> NameOf {
-        Box::new(|_| None)
+    fn name(names: &Names, cgroup: u64, name: &'static str) {
+        names.lock().unwrap().insert(cgroup, name);
     }
 
     #[test]
-    fn the_first_cgroups_are_counted_apart_and_the_rest_together() {
-        let stats = WorkloadStats::new(2, unnamed());
+    fn the_first_workloads_are_counted_apart_and_the_rest_together() {
+        let names = Names::default();
+        for (cgroup, workload) in [(7, "a"), (8, "b"), (9, "c"), (10, "d")] {
+            name(&names, cgroup, workload);
+        }
+        let stats = WorkloadStats::new(2, named(&names));
         for cgroup in [7, 8, 7, 9, 10, 0, 8] {
             stats.query(cgroup);
         }
@@ -233,8 +246,12 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroup_that_is_gone_gives_its_place_to_the_next() {
-        let stats = WorkloadStats::new(2, unnamed());
+    fn a_gone_workload_gives_its_place_to_the_next() {
+        let names = Names::default();
+        for (cgroup, workload) in [(7, "a"), (8, "b"), (9, "c"), (10, "d")] {
+            name(&names, cgroup, workload);
+        }
+        let stats = WorkloadStats::new(2, named(&names));
         for cgroup in [7, 8, 9] {
             stats.query(cgroup);
         }
@@ -245,49 +262,63 @@ mod tests {
     }
 
     /// A unit restarted is one workload in a new cgroup each time: it keeps one place, and
-    /// leaves the others to other workloads (helper-198: each restart took a place).
+    /// leaves the others to other workloads, whether its cgroups ask before they are named or
+    /// after (helper-198, helper-200).
     #[test]
     fn a_workload_in_a_new_cgroup_keeps_its_one_place() {
-        let names = Arc::new(Mutex::new(HashMap::default()));
+        let names = Names::default();
         let stats = WorkloadStats::new(2, named(&names));
-        // Named before it asks: it joins at once.
+        // Named before it asks, or only after: each counts in the unit's one place.
         for cgroup in [7, 8, 9] {
-            names.lock().unwrap().insert(cgroup, "unit=restart.service");
+            name(&names, cgroup, "unit=restart.service");
             stats.query(cgroup);
         }
-        // Named only after its first query: a place of its own until then, joined once
-        // another workload finds no room.
         stats.query(10);
-        names.lock().unwrap().insert(10, "unit=restart.service");
-        names.lock().unwrap().insert(11, "unit=other.service");
+        stats.query(10);
+        name(&names, 10, "unit=restart.service");
         stats.query(11);
-        stats.query(10);
-        stats.query(12);
-        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 1)], 1));
+        name(&names, 11, "unit=other.service");
+        stats.query(11);
+        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 2)], 0));
         // The restarted unit's cgroups gone but its newest: it keeps its place and count.
         assert_eq!(stats.forget(|cgroup| cgroup < 10), 3);
-        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 1)], 1));
+        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 2)], 0));
         // All gone: its place goes to the next.
         assert_eq!(stats.forget(|cgroup| cgroup == 10), 1);
+        name(&names, 12, "unit=next.service");
         stats.query(12);
-        assert_eq!(stats.snapshot(), (vec![(11, 1), (12, 1)], 1));
+        assert_eq!(stats.snapshot(), (vec![(11, 2), (12, 1)], 0));
     }
 
-    /// A unit restarting without pause gets no more than its place of cgroups: past that,
-    /// its new cgroups are counted with the others until the gone are forgotten.
+    /// Cgroups gone before they were named take no place: their queries are counted with the
+    /// others once they are found gone, and every query is counted once.
+    #[test]
+    fn cgroups_never_named_take_no_place() {
+        let names = Names::default();
+        let stats = WorkloadStats::new(1, named(&names));
+        for cgroup in 1..=20 {
+            stats.query(cgroup);
+        }
+        name(&names, 30, "unit=live.service");
+        stats.query(30);
+        assert_eq!(stats.snapshot(), (vec![(30, 1)], 0));
+        assert_eq!(stats.forget(|cgroup| cgroup <= 20), 20);
+        assert_eq!(stats.snapshot(), (vec![(30, 1)], 20));
+    }
+
+    /// A unit restarting without pause has no more than its share of cgroups counted apart:
+    /// past that, its new cgroups are counted with the others until the gone are forgotten.
     #[test]
     fn the_cgroups_of_one_place_are_bounded() {
-        let names = Arc::new(Mutex::new(HashMap::default()));
+        let names = Names::default();
         let stats = WorkloadStats::new(1, named(&names));
         let cgroups = u64::try_from(CGROUPS_PER_PLACE).unwrap() + 10;
         for cgroup in 1..=cgroups {
-            names.lock().unwrap().insert(cgroup, "unit=loop.service");
+            name(&names, cgroup, "unit=loop.service");
             stats.query(cgroup);
         }
         assert_eq!(stats.cgroups().len(), CGROUPS_PER_PLACE);
-        assert_eq!(
-            stats.snapshot(),
-            (vec![(u64::try_from(CGROUPS_PER_PLACE).unwrap(), 64)], 10)
-        );
+        let last = u64::try_from(CGROUPS_PER_PLACE).unwrap();
+        assert_eq!(stats.snapshot(), (vec![(last, last)], 10));
     }
 }

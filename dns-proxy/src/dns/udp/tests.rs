@@ -557,7 +557,10 @@ async fn a_waiter_that_cannot_share_the_leading_answer_is_asked_for_on_its_own()
 /// recorded (helper-184: the workload's count left it out; dnstap had the answer alone).
 #[tokio::test]
 async fn a_query_answered_formerr_is_counted_as_asked() {
-    let workload_stats = Arc::new(WorkloadStats::new(4, Box::new(|_| None)));
+    let workload_stats = Arc::new(WorkloadStats::new(
+        4,
+        Box::new(|_| Some(Arc::from("unit=test.service"))),
+    ));
     let mut settings = settings(8, 8);
     settings.observers.workload_stats = Some(Arc::clone(&workload_stats));
     let proxy = start_proxy(Some(upstream(false).await), settings).await;
