@@ -528,6 +528,13 @@ impl ServerTable {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .set(*key, 0, 0);
+                if let Some(slot) = self
+                    .refused_here
+                    .get()
+                    .and_then(|slots| slots.get(*key as usize))
+                {
+                    slot.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = self
                     .reverse
                     .lock()
