@@ -235,7 +235,6 @@ impl<D: OriginalDestinations> UdpProxy<D> {
             }
             Cached::Stale { .. } => true,
             // Its server's port was found closed a moment ago: refused without asking it.
-            // (With a stale answer kept, the upstream's refusal has that sent instead.)
             Cached::Miss if self.refuses_closed_port(to) => {
                 self.refuse_closed_port(datagram, to);
                 return FromCache::Handled;
