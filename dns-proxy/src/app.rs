@@ -474,10 +474,7 @@ async fn serve(
             shared.cache.clone(),
             shared.query_log.clone(),
             shared.resolutions.clone(),
-            shared
-                .workload_stats
-                .clone()
-                .map(|stats| (stats, Arc::clone(&shared.workloads))),
+            shared.workload_stats.clone(),
         );
         let addr = listener.local_addr().map_err(|source| RunError::Listen {
             addr: listen,

@@ -34,7 +34,6 @@ use crate::{
     dns::{cache::Cache, query_log::QueryLog, stats::Stats, workload_stats::WorkloadStats},
     ebpf::KernelCounters,
     resolutions::{self, Resolutions},
-    workload::WorkloadNames,
 };
 
 /// How long a UDP thread may be wedged, or the redirected cgroup made anew, before the agent
@@ -253,7 +252,7 @@ impl Metrics {
         cache: Option<Arc<Cache>>,
         query_log: Option<Arc<QueryLog>>,
         resolutions: Option<Arc<Resolutions>>,
-        workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
+        workloads: Option<Arc<WorkloadStats>>,
     ) -> Self {
         let mut registry = Registry::with_prefix(catalog::PREFIX);
         registry.register_collector(Box::new(AgentCollector {

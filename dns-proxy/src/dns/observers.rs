@@ -94,7 +94,7 @@ mod tests {
         observers.asked(asked, b"query", Moment::now());
         assert_eq!(logged(), 1);
         let (counts, _) = observers.workload_stats.as_ref().unwrap().snapshot();
-        assert_eq!(counts, [(7, 1)]);
+        assert_eq!(counts, [(Arc::from("unit=test.service"), 1)]);
 
         observers.answered(asked, None, &answer("www.example.test."), Moment::now());
         assert_eq!(

@@ -54,18 +54,12 @@ impl std::fmt::Debug for WorkloadStats {
     }
 }
 
-/// A place's number.
-type Place = u64;
-
 #[derive(Debug, Default)]
 struct Places {
-    /// Each named cgroup counted apart, and its place.
-    of_cgroup: HashMap<u64, Place>,
-    /// The queries of each place.
-    queries: HashMap<Place, u64>,
-    /// The place of each workload.
-    of_name: HashMap<Arc<str>, Place>,
-    next: Place,
+    /// Each named cgroup counted apart, and its workload's name.
+    of_cgroup: HashMap<u64, Arc<str>>,
+    /// The queries of each workload counted apart: its place.
+    queries: HashMap<Arc<str>, u64>,
     /// Cgroups not named yet: when their first query came, and their queries.
     unnamed: HashMap<u64, (Instant, u64)>,
 }
@@ -88,8 +82,8 @@ impl WorkloadStats {
             return;
         }
         let mut places = self.lock();
-        if let Some(&place) = places.of_cgroup.get(&cgroup) {
-            *places.queries.entry(place).or_default() += 1;
+        if let Some(name) = places.of_cgroup.get(&cgroup).cloned() {
+            *places.queries.entry(name).or_default() += 1;
             return;
         }
         match (self.name_of)(cgroup) {
@@ -119,26 +113,14 @@ impl WorkloadStats {
     /// Counts `queries` of cgroup `cgroup`, whose workload is `name`, in that workload's place,
     /// taken now if there is room; with the others otherwise.
     fn count_named(&self, places: &mut Places, cgroup: u64, name: Arc<str>, queries: u64) {
-        let room_for_cgroups = places.of_cgroup.len() < self.most_cgroups();
-        let place = match places.of_name.get(&name) {
-            Some(&place) if room_for_cgroups => Some(place),
-            Some(_) => None,
-            None if room_for_cgroups && places.queries.len() < self.limit => {
-                let place = places.next;
-                places.next += 1;
-                places.of_name.insert(name, place);
-                Some(place)
-            }
-            None => None,
-        };
-        match place {
-            Some(place) => {
-                places.of_cgroup.insert(cgroup, place);
-                *places.queries.entry(place).or_default() += queries;
-            }
-            None => {
-                self.others.fetch_add(queries, Ordering::Relaxed);
-            }
+        let has_place = places.queries.contains_key(&name);
+        if places.of_cgroup.len() < self.most_cgroups()
+            && (has_place || places.queries.len() < self.limit)
+        {
+            places.of_cgroup.insert(cgroup, Arc::clone(&name));
+            *places.queries.entry(name).or_default() += queries;
+        } else {
+            self.others.fetch_add(queries, Ordering::Relaxed);
         }
     }
 
@@ -146,7 +128,11 @@ impl WorkloadStats {
     /// that waited [`UNNAMED_WAIT`] for their names, or that are `gone`.
     fn settle_unnamed(&self, places: &mut Places, gone: impl Fn(u64) -> bool) {
         let now = Instant::now();
-        let waiting: Vec<(u64, (Instant, u64))> = places.unnamed.drain().collect();
+        let mut waiting: Vec<(u64, (Instant, u64))> = places.unnamed.drain().collect();
+        // In the order they first asked: the first N workloads that ask have the places
+        // (in the map's order, the second of two that asked once took the one place half the
+        // time).
+        waiting.sort_unstable_by_key(|&(cgroup, (since, _))| (since, cgroup));
         for (cgroup, (since, queries)) in waiting {
             match (self.name_of)(cgroup) {
                 Some(name) => self.count_named(places, cgroup, name, queries),
@@ -180,26 +166,21 @@ impl WorkloadStats {
         let before = places.of_cgroup.len() + places.unnamed.len();
         self.settle_unnamed(&mut places, &gone);
         places.of_cgroup.retain(|cgroup, _| !gone(*cgroup));
-        let held: std::collections::HashSet<Place> = places.of_cgroup.values().copied().collect();
-        places.queries.retain(|place, _| held.contains(place));
-        places.of_name.retain(|_, place| held.contains(place));
+        let held: std::collections::HashSet<Arc<str>> =
+            places.of_cgroup.values().cloned().collect();
+        places.queries.retain(|name, _| held.contains(name));
         before - (places.of_cgroup.len() + places.unnamed.len())
     }
 
-    /// (cgroup, queries) of each workload counted apart (by one of its cgroups: the newest),
-    /// and the queries of the others. The queries of cgroups still waiting for their names
-    /// are in neither yet.
-    pub fn snapshot(&self) -> (Vec<(u64, u64)>, u64) {
+    /// (name, queries) of each workload counted apart, by name, and the queries of the others.
+    /// The queries of cgroups still waiting for their names are in neither yet.
+    pub fn snapshot(&self) -> (Vec<(Arc<str>, u64)>, u64) {
         let mut places = self.lock();
         self.settle_unnamed(&mut places, |_| false);
-        let mut newest: HashMap<Place, u64> = HashMap::default();
-        for (&cgroup, &place) in &places.of_cgroup {
-            let cgroup_of_place = newest.entry(place).or_insert(cgroup);
-            *cgroup_of_place = (*cgroup_of_place).max(cgroup);
-        }
-        let mut counts: Vec<(u64, u64)> = newest
-            .into_iter()
-            .map(|(place, cgroup)| (cgroup, places.queries.get(&place).copied().unwrap_or(0)))
+        let mut counts: Vec<(Arc<str>, u64)> = places
+            .queries
+            .iter()
+            .map(|(name, &queries)| (Arc::clone(name), queries))
             .collect();
         counts.sort_unstable();
         (counts, self.others.load(Ordering::Relaxed))
@@ -232,6 +213,24 @@ mod tests {
         names.lock().unwrap().insert(cgroup, name);
     }
 
+    /// The snapshot, names as text.
+    fn counts(stats: &WorkloadStats) -> (Vec<(String, u64)>, u64) {
+        let (apart, others) = stats.snapshot();
+        let apart = apart
+            .into_iter()
+            .map(|(name, queries)| (name.to_string(), queries))
+            .collect();
+        (apart, others)
+    }
+
+    fn expect(apart: &[(&str, u64)], others: u64) -> (Vec<(String, u64)>, u64) {
+        let apart = apart
+            .iter()
+            .map(|&(name, queries)| (name.to_owned(), queries))
+            .collect();
+        (apart, others)
+    }
+
     #[test]
     fn the_first_workloads_are_counted_apart_and_the_rest_together() {
         let names = Names::default();
@@ -242,7 +241,7 @@ mod tests {
         for cgroup in [7, 8, 7, 9, 10, 0, 8] {
             stats.query(cgroup);
         }
-        assert_eq!(stats.snapshot(), (vec![(7, 2), (8, 2)], 3));
+        assert_eq!(counts(&stats), expect(&[("a", 2), ("b", 2)], 3));
     }
 
     #[test]
@@ -258,7 +257,22 @@ mod tests {
         assert_eq!(stats.forget(|cgroup| cgroup == 7), 1);
         stats.query(9);
         stats.query(10);
-        assert_eq!(stats.snapshot(), (vec![(8, 1), (9, 1)], 2));
+        assert_eq!(counts(&stats), expect(&[("b", 1), ("c", 1)], 2));
+    }
+
+    /// Cgroups that asked before they were named take the places in the order they asked.
+    #[test]
+    fn the_first_to_ask_have_the_places_whenever_they_are_named() {
+        let names = Names::default();
+        let stats = WorkloadStats::new(1, named(&names));
+        for cgroup in [40, 30, 20, 10] {
+            stats.query(cgroup);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for (cgroup, workload) in [(10, "d"), (20, "c"), (30, "b"), (40, "a")] {
+            name(&names, cgroup, workload);
+        }
+        assert_eq!(counts(&stats), expect(&[("a", 1)], 3));
     }
 
     /// A unit restarted is one workload in a new cgroup each time: it keeps one place, and
@@ -279,15 +293,19 @@ mod tests {
         stats.query(11);
         name(&names, 11, "unit=other.service");
         stats.query(11);
-        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 2)], 0));
+        let both = expect(&[("unit=other.service", 2), ("unit=restart.service", 5)], 0);
+        assert_eq!(counts(&stats), both);
         // The restarted unit's cgroups gone but its newest: it keeps its place and count.
         assert_eq!(stats.forget(|cgroup| cgroup < 10), 3);
-        assert_eq!(stats.snapshot(), (vec![(10, 5), (11, 2)], 0));
+        assert_eq!(counts(&stats), both);
         // All gone: its place goes to the next.
         assert_eq!(stats.forget(|cgroup| cgroup == 10), 1);
         name(&names, 12, "unit=next.service");
         stats.query(12);
-        assert_eq!(stats.snapshot(), (vec![(11, 2), (12, 1)], 0));
+        assert_eq!(
+            counts(&stats),
+            expect(&[("unit=next.service", 1), ("unit=other.service", 2)], 0)
+        );
     }
 
     /// Cgroups gone before they were named take no place: their queries are counted with the
@@ -301,9 +319,9 @@ mod tests {
         }
         name(&names, 30, "unit=live.service");
         stats.query(30);
-        assert_eq!(stats.snapshot(), (vec![(30, 1)], 0));
+        assert_eq!(counts(&stats), expect(&[("unit=live.service", 1)], 0));
         assert_eq!(stats.forget(|cgroup| cgroup <= 20), 20);
-        assert_eq!(stats.snapshot(), (vec![(30, 1)], 20));
+        assert_eq!(counts(&stats), expect(&[("unit=live.service", 1)], 20));
     }
 
     /// A unit restarting without pause has no more than its share of cgroups counted apart:
@@ -319,6 +337,6 @@ mod tests {
         }
         assert_eq!(stats.cgroups().len(), CGROUPS_PER_PLACE);
         let last = u64::try_from(CGROUPS_PER_PLACE).unwrap();
-        assert_eq!(stats.snapshot(), (vec![(last, last)], 10));
+        assert_eq!(counts(&stats), expect(&[("unit=loop.service", last)], 10));
     }
 }

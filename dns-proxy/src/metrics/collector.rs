@@ -11,7 +11,6 @@ use super::catalog::{self, Metric, Read, Sample, Scrape};
 use crate::{
     dns::{cache::Cache, query_log::QueryLog, stats::Stats, workload_stats::WorkloadStats},
     ebpf::KernelCounters,
-    workload::WorkloadNames,
 };
 
 /// Everything a scrape reads.
@@ -24,20 +23,18 @@ pub struct AgentCollector {
     /// `None` without `--dnstap`: its metrics are then left out.
     pub query_log: Option<Arc<QueryLog>>,
     /// `None` without `--workload-metrics`: its metrics are then left out.
-    pub workloads: Option<(Arc<WorkloadStats>, Arc<WorkloadNames>)>,
+    pub workloads: Option<Arc<WorkloadStats>>,
 }
 
 impl AgentCollector {
     fn scrape(&self) -> Scrape<'_> {
-        let workloads = self.workloads.as_ref().map(|(counts, names)| {
-            let (by_cgroup, others) = counts.snapshot();
-            let named = by_cgroup.into_iter().map(|(cgroup, queries)| {
-                let name = names
-                    .full(cgroup)
-                    .map_or_else(|| format!("cgroup-id={cgroup}"), |full| full.to_string());
-                (name, queries)
-            });
-            let mut workloads = one_series_per_name(named);
+        let workloads = self.workloads.as_ref().map(|counts| {
+            // One series per workload: its cgroups (each restart of a unit) share its place.
+            let (by_name, others) = counts.snapshot();
+            let mut workloads: Vec<(String, u64)> = by_name
+                .into_iter()
+                .map(|(name, queries)| (name.to_string(), queries))
+                .collect();
             workloads.push(("other".to_owned(), others));
             workloads
         });
@@ -49,17 +46,6 @@ impl AgentCollector {
             workloads,
         }
     }
-}
-
-/// Sums the counts of cgroups that share a name: a cgroup made anew under a removed one's path
-/// (every restart of a systemd unit), or two whose names only differ in bytes that are not
-/// UTF-8. A page with two series of one label set is invalid, and Prometheus drops them.
-fn one_series_per_name(counts: impl Iterator<Item = (String, u64)>) -> Vec<(String, u64)> {
-    let mut by_name = std::collections::BTreeMap::new();
-    for (name, queries) in counts {
-        *by_name.entry(name).or_insert(0) += queries;
-    }
-    by_name.into_iter().collect()
 }
 
 impl Collector for AgentCollector {
@@ -130,22 +116,6 @@ mod tests {
         fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
             encode(&catalog::tests::scrape(&self.0, true), encoder)
         }
-    }
-
-    #[test]
-    fn cgroups_that_share_a_name_are_one_series() {
-        let counts = [
-            ("cgroup=/a/re".to_owned(), 2),
-            ("docker=0123".to_owned(), 1),
-            ("cgroup=/a/re".to_owned(), 3),
-        ];
-        assert_eq!(
-            one_series_per_name(counts.into_iter()),
-            [
-                ("cgroup=/a/re".to_owned(), 5),
-                ("docker=0123".to_owned(), 1)
-            ]
-        );
     }
 
     #[test]
