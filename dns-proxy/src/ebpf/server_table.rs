@@ -76,6 +76,12 @@ const MAX_SERVERS4_NOTED: usize = dns_proxy_common::MAX_INDEX as usize + 1;
 /// a server back on its port is asked again soon.
 const REFUSE_CLOSED_SERVER_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Until when (`CLOCK_MONOTONIC` ns) a refusal made now lasts: the kernel's and the agent's.
+fn refused_until() -> u64 {
+    let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
+    crate::time_namespace::kernel_monotonic_ns().saturating_add(for_ns)
+}
+
 /// The cgroup id a forgotten origin is rewritten with: its index stays taken (the kernel
 /// gives new origins only free slots) and names no origin to the listeners, until each has
 /// dropped what it read of the table. Freed then: [`FORGOTTEN_HELD_FOR`].
@@ -363,8 +369,7 @@ impl ServerTable {
         let Some((family, index)) = self.index_of(reached) else {
             return;
         };
-        let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
-        let until = crate::time_namespace::kernel_monotonic_ns().saturating_add(for_ns);
+        let until = refused_until();
         let mut refusing = self
             .refusing
             .lock()
@@ -385,8 +390,7 @@ impl ServerTable {
         let Some((family, index)) = self.index_of(reached) else {
             return;
         };
-        let for_ns = u64::try_from(REFUSE_CLOSED_SERVER_FOR.as_nanos()).unwrap_or(u64::MAX);
-        let until = crate::time_namespace::kernel_monotonic_ns().saturating_add(for_ns);
+        let until = refused_until();
         let slots = self.refused_here.get_or_init(|| {
             (0..2 * (dns_proxy_common::MAX_INDEX as usize + 1))
                 .map(|_| std::sync::atomic::AtomicU64::new(0))

@@ -190,7 +190,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
         }
         // A workload's own index only: a shared one (cgroup 0) is every workload's that asks
         // the server, and one workload's refused query must not refuse the others'.
-        let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
+        let reached = self.reached_by(to);
         if trusted
             && to.cgroup != 0
             && self.settings.closed_ports.confirm(
@@ -227,12 +227,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 continue;
             }
             let to = waiter.recipient();
-            port_unreachable.send(
-                to.client,
-                SocketAddr::new(to.reply_from, self.local_addr.port()),
-                &waiter.head,
-                None,
-            );
+            port_unreachable.send(to.client, self.reached_by(to), &waiter.head, None);
             if let Some(answer) = refused(&waiter.head, None) {
                 self.send_answer(&answer, to, MadeHere::Unreachable);
             }
@@ -294,11 +289,16 @@ fn question_of(sent: &[u8]) -> u64 {
 }
 
 impl<D: OriginalDestinations> UdpProxy<D> {
+    /// The block address on the proxy's port that `to`'s query reached, which names its
+    /// server.
+    fn reached_by(&self, to: Recipient<'_>) -> SocketAddr {
+        SocketAddr::new(to.reply_from, self.local_addr.port())
+    }
+
     /// Whether the agent refuses queries to the server `to` asked, whose port it found closed
     /// a moment ago ([`OriginalDestinations::refused_here`]).
     pub(super) fn refuses_closed_port(&self, to: Recipient<'_>) -> bool {
-        self.admission
-            .refused_here(SocketAddr::new(to.reply_from, self.local_addr.port()))
+        self.admission.refused_here(self.reached_by(to))
     }
 
     /// Refuses a query to the server `to` asked, whose port the agent found closed a moment
@@ -312,7 +312,7 @@ impl<D: OriginalDestinations> UdpProxy<D> {
                 to.original
             )
         });
-        let reached = SocketAddr::new(to.reply_from, self.local_addr.port());
+        let reached = self.reached_by(to);
         if self.refused_here_past_the_rate() {
             // A workload flooding its closed server: the kernel refuses the rest, for
             // nothing, its cached names with them (helper-200: the agent spent 5 to 7 s of
