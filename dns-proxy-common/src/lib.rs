@@ -137,6 +137,16 @@ pub mod names {
     /// stops: a socket released while no agent runs must still take its note out of
     /// `CONNECTED`, or the note, and the origin it holds, would outlive it.
     pub const SOCK_RELEASE_LINK: &str = "sock_release_link";
+    /// The pin of the `cgroup_skb/egress` program's link (node mode), in the table's
+    /// directory, followed by `_` and the redirected cgroup's id: left attached when the agent
+    /// stops, so that a pod's socket still connected to the block while no agent serves is
+    /// refused as it sends (`EPERM`), not by the node's rate-limited port unreachable.
+    pub const EGRESS_LINK: &str = "egress_link";
+    /// Sockhash of [`crate::ServingKey`] -> a UDP socket of the agent that serves that port
+    /// of the block (its first, of the family). Pinned, shared by the agents of the table:
+    /// the entry goes as the kernel closes the socket, so the programs of any agent, a dead
+    /// one's too, can tell whether one serves.
+    pub const SERVING: &str = "SERVING";
     /// Array of `u64` by [`crate::server_key`]: until when (`CLOCK_MONOTONIC` nanoseconds)
     /// `sk_lookup` drops UDP datagrams to that index's address, so that the kernel answers
     /// them port unreachable, as the server the index names did the agent. Written by the
@@ -421,6 +431,29 @@ pub const AGENT_TELLS_STEERING: u8 = 2;
 /// serve new lookups: set once it is ready, cleared once it is stopped (its `sk_lookup` may
 /// steer on while it drains, but no other agent may take it for one that serves).
 pub const AGENT_STEERING: u8 = 4;
+/// Capacity of the `SERVING` sockhash: an entry per port and family of each agent at most.
+pub const MAX_SERVING: u32 = 2 * MAX_AGENTS;
+
+/// Key of `SERVING`: the port of the block (network order) and the family an agent serves.
+/// Not its network namespace: node mode's block is routed to one namespace, and of two
+/// node-mode agents in two namespaces on one tree (a mistake the agents name), the one left
+/// must be taken for serving once the other stops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServingKey {
+    pub port: u16,
+    pub family: u16,
+}
+
+impl ServingKey {
+    pub const fn new(port_be: u16, family: u16) -> Self {
+        Self {
+            port: port_be,
+            family,
+        }
+    }
+}
+
 /// UDP listening sockets per address family at most (one per UDP thread).
 pub const MAX_UDP_SOCKETS: u32 = 128;
 /// Capacity of the `LISTENERS` sockmap: TCP and UDP listeners per family, and the metrics
@@ -696,6 +729,7 @@ const _: () = assert!(core::mem::size_of::<Origin>() == 32);
 const _: () = assert!(core::mem::size_of::<NoRoom>() == 40);
 const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<ServingKey>() == 4);
 const _: () = assert!(core::mem::size_of::<CgroupPath>() == 16 + CGROUP_PATH_BYTES);
 const _: () = assert!(core::mem::size_of::<CgroupOffsets>() == 16);
 const _: () = assert!(

@@ -38,7 +38,7 @@ use crate::{
     config,
     context::full_sock_peer,
     count,
-    scope::is_excluded_cgroup,
+    scope::{an_agent_serves, is_excluded_cgroup},
     sock::{block_peer_index, note_connected},
 };
 
@@ -91,7 +91,9 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     let config = config();
     let guarded = match sock_type {
         Some(SOCK_DGRAM) => {
-            hold_stale_index::<NETNS>(ctx);
+            if judge_connected_udp::<NETNS>(ctx) {
+                return DROP;
+            }
             true
         }
         Some(SOCK_STREAM) => {
@@ -121,6 +123,67 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
     DROP
 }
 
+/// Looks at a UDP socket connected to a block address on the proxy's port: while an agent of
+/// this table serves there, holds its index if it names no server ([`hold_stale_index`]);
+/// while none does, says whether to refuse the datagram ([`unserved`]) and leaves the table
+/// alone: a program whose agent is gone (pinned, in node mode) would take indexes of a live
+/// agent's table on the same block for stale, and hold them in its own. Cheap for the rest: a
+/// socket that is not connected to the block costs two reads of its own fields. Not inlined:
+/// a frame of its own, beside the guard's.
+#[inline(never)]
+fn judge_connected_udp<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
+    let config = config();
+    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
+    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket of the packet, valid for the run.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null: a full socket the helper returned, valid for the run.
+    let (family, addr, port) = unsafe { full_sock_peer(sk) };
+    if port == 0 {
+        return false;
+    }
+    let Some((family, index)) = block_peer_index(&config, family, addr, port) else {
+        return false;
+    };
+    if an_agent_serves(&config, family) {
+        hold_stale_index::<NETNS>(ctx, family, index);
+        return false;
+    }
+    unserved(ctx, server_key(family, index))
+}
+
+/// Whether a datagram of a pod's UDP socket connected to the block (index `key`), sent while
+/// no agent serves the block on this port, is refused (node mode only). The pod connected
+/// while an agent ran, and the socket sends there still: with no agent, the node answers port
+/// unreachable, which the kernel rate-limits per pod address (a burst of 6, then one a
+/// second), and the rest of its lookups waited out their timeout (helper-201: 14 of 50).
+/// Refused here, the send fails at once (`EPERM`), every time. In host mode the block is on
+/// loopback, whose port unreachable is not rate-limited: left to it.
+///
+/// This program is pinned in node mode, so that it outlives the agent. `SERVING` tells whether
+/// any agent of this table serves, so that a program whose agent is gone refuses nothing a
+/// newer one would answer; and only a socket this table connected is refused (its note in
+/// `CONNECTED`): an agent of another table on the same cgroup and block (another
+/// `--state-dir`, another namespace) serves its own, which this program must let be.
+#[inline(never)]
+fn unserved(ctx: &SkBuffContext, key: u32) -> bool {
+    if config().foreign_namespaces == 0 {
+        return false;
+    }
+    // SAFETY: the context's own `__sk_buff`, valid for the whole run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: `get` is unsafe because an element may change while held; it is only compared.
+    let connected_here = unsafe { CONNECTED.get(cookie) }.is_some_and(|noted| *noted == key);
+    connected_here && !sent_by_an_exempt_socket(ctx)
+}
+
 /// Holds the index a UDP socket is connected to when it names no server (or is held so
 /// already): the socket connected to it under a table of servers that is gone (the state
 /// directory's bpffs lost between agents), and the agent would give the index to another
@@ -134,31 +197,10 @@ pub fn guard_egress<const NETNS: bool>(ctx: &SkBuffContext) -> i32 {
 /// (another's 127.x is its own), and not an agent's or an excluded cgroup's. Where the kernel
 /// does not tell a packet's namespace (before Linux 6.18), another namespace's socket of the
 /// cgroup connected to its own address in the block's range takes an index too: charged to
-/// its cgroup, within its share, as a server it asked would be. Cheap for the rest: a socket
-/// that is not connected to the block costs two reads of its own fields, one connected to a
-/// live index a lookup of the table. Not inlined: a frame of its own, beside the guard's.
+/// its cgroup, within its share, as a server it asked would be. A socket connected to a live
+/// index costs a lookup of the table.
 #[inline(never)]
-fn hold_stale_index<const NETNS: bool>(ctx: &SkBuffContext) {
-    let config = config();
-    // SAFETY: the context's own `__sk_buff`; its socket pointer is read as the verifier
-    // allows (a `bpf_sock` that may be null), and used only through `bpf_sk_fullsock`.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return;
-    }
-    // SAFETY: a non-null socket of the packet, valid for the run.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return;
-    }
-    // SAFETY: non-null: a full socket the helper returned, valid for the run.
-    let (family, addr, port) = unsafe { full_sock_peer(sk) };
-    if port == 0 {
-        return;
-    }
-    let Some((family, index)) = block_peer_index(&config, family, addr, port) else {
-        return;
-    };
+fn hold_stale_index<const NETNS: bool>(ctx: &SkBuffContext, family: u16, index: u32) {
     let key = server_key(family, index);
     // SAFETY: `get` is unsafe because an element may change while held; it is only tested.
     let held_stale = match unsafe { SERVERS.get(key) } {

@@ -56,7 +56,7 @@ use aya_ebpf::{
         btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, raw_tracepoint,
         sk_lookup,
     },
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, SockMap},
     programs::{
         RawTracePointContext, SkBuffContext, SkLookupContext, SockAddrContext, SockContext,
         SockoptContext,
@@ -65,7 +65,8 @@ use aya_ebpf::{
 use dns_proxy_common::{
     AgentCgroup, AgentRecord, CgroupOffsets, CgroupPath, Counter, EXCLUDED_CGROUP_ENTRIES,
     LISTENER_SLOTS, MAX_AGENTS, MAX_CONNECTED, MAX_EXCLUDED_CGROUPS, MAX_EXCLUDED_SERVERS,
-    MAX_SERVERS, NO_ROOM_ENTRIES, NoRoom, Origin, RedirectConfig, ServerPrefixData,
+    MAX_SERVERS, MAX_SERVING, NO_ROOM_ENTRIES, NoRoom, Origin, RedirectConfig, ServerPrefixData,
+    ServingKey,
 };
 
 use crate::{
@@ -142,6 +143,12 @@ static NO_ROOM: Array<NoRoom> = Array::with_max_entries(NO_ROOM_ENTRIES, 0);
 
 #[map(name = "LISTENERS")]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
+
+/// The serving agent's first UDP socket, by port and family: pinned and
+/// shared by the table's agents, so that the egress guard a dead agent left pinned tells
+/// whether another serves now. The kernel takes a socket out as it closes it.
+#[map(name = "SERVING")]
+static SERVING: SockHash<ServingKey> = SockHash::pinned(MAX_SERVING, 0);
 
 /// Written by the agent and by `raw_tp/cgroup_mkdir`. Preallocated, as a map a tracing program
 /// writes should be (kernels before 6.1 warn of one that allocates).

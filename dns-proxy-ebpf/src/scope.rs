@@ -12,13 +12,13 @@ use aya_ebpf::{
 };
 use dns_proxy_common::{
     AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, UNRESPONSIVE_AFTER_NS, listener_slot,
-    server_prefix_data,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, ServingKey, UNRESPONSIVE_AFTER_NS,
+    listener_slot, server_prefix_data,
 };
 
 use crate::{
     AGENT_CGROUPS, AGENT_SOCKETS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
-    EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS,
+    EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS, SERVING,
     context::{
         ctx_bound_dev_if, ctx_local_port, ctx_mark, ctx_netns_cookie, ctx_sock_protocol,
         ctx_sock_type,
@@ -84,20 +84,51 @@ pub fn proxy_alive(sock_type: u32, family: u16) -> bool {
         Listener::Udp { family, n: 0 }
     };
     let slot = listener_slot(listener);
-    // SAFETY: the map pointer is a map this object defines and the key pointer is to `slot`, on
-    // the stack for the whole call, of the map's key size; a socket the lookup returns holds a
-    // reference, released at once, and is never dereferenced.
+    // SAFETY: a sockmap this object defines, and a key of its key size.
     unsafe {
-        let sock = bpf_map_lookup_elem(
+        holds_socket(
             core::ptr::addr_of!(LISTENERS).cast_mut().cast(),
             core::ptr::addr_of!(slot).cast(),
-        );
+        )
+    }
+}
+
+/// Whether sockmap or sockhash `map` holds a socket at `key`.
+///
+/// # Safety
+/// `map` must be a sockmap or sockhash this object defines, and `key` point to a key of its
+/// key size, alive for the call. A socket the lookup returns holds a reference, released at
+/// once, and is never dereferenced.
+#[inline(always)]
+unsafe fn holds_socket(map: *mut core::ffi::c_void, key: *const core::ffi::c_void) -> bool {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let sock = bpf_map_lookup_elem(map, key);
         if sock.is_null() {
             return false;
         }
         bpf_sk_release(sock);
     }
     true
+}
+
+/// Whether an agent serves `family`'s block on this agent's port (`SERVING`): this one or,
+/// during and after a takeover, the one that took over.
+/// Read by the egress guard, which a dead agent leaves pinned in node mode.
+pub fn an_agent_serves(config: &RedirectConfig, family: u16) -> bool {
+    let port = if family == AF_INET6 {
+        config.port6
+    } else {
+        config.port4
+    };
+    let key = ServingKey::new(port, family);
+    // SAFETY: a sockhash this object defines, and a key of its key size.
+    unsafe {
+        holds_socket(
+            core::ptr::addr_of!(SERVING).cast_mut().cast(),
+            core::ptr::addr_of!(key).cast(),
+        )
+    }
 }
 
 /// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP (or

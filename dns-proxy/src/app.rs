@@ -434,6 +434,7 @@ async fn serve(
     background::start(
         &agents,
         pins,
+        redirector.serving(),
         &redirect_lock,
         &servers,
         Arc::clone(&shared.stats),
@@ -531,6 +532,8 @@ async fn serve(
     // From here on this agent serves no new lookup as usual: no other agent may take it for
     // one that does, though its `sk_lookup` may steer on while it drains.
     agents.set_steering(false);
+    // Nor does it put its sockets back in `SERVING`: they leave it as they close.
+    redirector.serving().stop();
     stop_serving.stop();
     serving.join_all().await;
     redirector.stop_redirecting();
@@ -826,7 +829,7 @@ fn attach(
     }
     let (redirector, servers, kernel_counters, agents) = attached;
     // Held once the load has pinned them: pinned again if the state directory goes.
-    let pins = host::Pins::hold(&pins, redirector.release_pin())?;
+    let pins = host::Pins::hold(&pins, redirector.link_pins())?;
     Ok(Attached {
         redirector,
         servers,

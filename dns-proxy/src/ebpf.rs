@@ -2,9 +2,10 @@
 //! network namespace), and reading its maps.
 //!
 //! Links are bpf_links owned by this process's file descriptors: if the agent dies, the kernel
-//! detaches them and new lookups go direct again (fail-open). The one exception is
+//! detaches them and new lookups go direct again (fail-open). The exceptions redirect nothing:
 //! `sock_release`'s, pinned so that sockets released while no agent runs still take their
-//! notes out of `CONNECTED`; it redirects nothing. The table of servers is pinned (in
+//! notes out of `CONNECTED`, and in node mode the egress guard's, so that a pod's socket
+//! still connected to the block while no agent serves is refused as it sends. The table of servers is pinned (in
 //! `--state-dir`), so that a restarted agent decodes the addresses that sockets were sent to
 //! before.
 use std::{
@@ -25,7 +26,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         CgroupSockopt, RawTracePoint, SkLookup, cgroup_sock_addr::CgroupSockAddrLinkId,
-        sk_lookup::SkLookupLinkId,
+        links::FdLink, sk_lookup::SkLookupLinkId,
     },
 };
 use dns_proxy_common::{
@@ -42,19 +43,21 @@ use crate::{agents::Agents, block_binders, cgroup::Cgroup};
 mod alive;
 mod exclusions;
 mod kernel_btf;
+mod link_pin;
 mod links;
 mod origins;
 mod own_sockets;
-mod release_pin;
 mod server_table;
+mod serving;
 mod sources;
 
 pub use alive::AliveAt;
+pub use link_pin::{LinkPin, PinKind, PinnedNow};
 pub use links::AttachedLinks;
 pub use origins::CachedServers;
 pub use own_sockets::OwnSockets;
-pub use release_pin::{PinnedNow, ReleasePin};
 pub use server_table::{FORGOTTEN_HELD_FOR, Forgotten, ServerTable};
+pub use serving::Serving;
 pub use sources::{DirectSources, Found as FoundSources};
 
 /// The eBPF object, built from `dns-proxy-ebpf` by build.rs.
@@ -89,6 +92,8 @@ pub enum EbpfError {
     OpenNetns(io::Error),
     #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {0}")]
     NetnsCookie(io::Error),
+    #[error("cannot duplicate a UDP listener's descriptor for the SERVING map: {0}")]
+    DuplicateListener(io::Error),
     #[error("cannot draw a random key for the server table's hash (getrandom): {0}")]
     RandomKey(io::Error),
     #[error(
@@ -415,7 +420,8 @@ pub struct RedirectConfig<'a> {
     /// The listeners joined another agent's (`--takeover`): that agent must be alive in this
     /// state directory, on this port, or this one would serve with a table of its own.
     pub taking_over: bool,
-    /// Leave `sock_release` attached, pinned, when this agent stops (`run`; not `exec`).
+    /// Leave `sock_release` attached, pinned, when this agent stops (`run`; not `exec`); in
+    /// node mode the egress guard too.
     pub leave_release_attached: bool,
 }
 
@@ -427,14 +433,16 @@ pub struct ExcludedTree<'a> {
     pub level: u32,
 }
 
-/// The loaded and attached programs. Dropping it detaches them all but `sock_release`, whose
-/// link is pinned.
+/// The loaded and attached programs. Dropping it detaches them all but those whose links are
+/// pinned: `sock_release`, and in node mode the egress guard.
 pub struct Redirector {
     ebpf: Ebpf,
     redirect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     steer_link: Option<SkLookupLinkId>,
-    /// `sock_release`'s link, pinned: it stays attached when the agent stops.
-    release_link: Option<Arc<ReleasePin>>,
+    /// The links pinned, which stay attached when the agent stops.
+    link_pins: Vec<Arc<LinkPin>>,
+    /// This agent's entries of `SERVING`.
+    serving: Arc<Serving>,
     cgroup: String,
     /// Until [`Redirector::take_exclusions`].
     exclusions: Option<Exclusions>,
@@ -545,6 +553,15 @@ impl Redirector {
             config.agent_cgroup.id
         );
         fill_listeners(&mut ebpf, &config.listeners)?;
+        // Before anything is attached: a pinned egress guard (a dead agent's, then this one's)
+        // lets pass what pods send to the block from now on, which reaches this agent once its
+        // `sk_lookup` is attached (and is refused by the node until then, as before).
+        let serving = Serving::put(
+            take_as(&mut ebpf, names::SERVING)?,
+            &config.listeners,
+            config.block4,
+            config.block6,
+        )?;
         let own_sockets = mark_listeners(&mut ebpf, &config.listeners)?;
         fill_excluded_servers(&mut ebpf, config.excluded_servers)?;
         let servers = ServerTable::take(&mut ebpf, config.block4, config.block6)?;
@@ -563,7 +580,7 @@ impl Redirector {
         let netns_fd = File::open("/proc/self/ns/net").map_err(EbpfError::OpenNetns)?;
         let mut redirect_links = Vec::new();
         let mut steer_link = None;
-        let mut release_link = None;
+        let mut link_pins = Vec::new();
         for spec in PROGRAMS {
             let program = ebpf.program_mut(spec.name).ok_or(EbpfError::Missing {
                 kind: "program",
@@ -628,13 +645,30 @@ impl Redirector {
                         }
                         Err(err) => return Err(load_err(err)),
                     };
-                    cgroup_skb(&mut ebpf, loaded)?
-                        .attach(
-                            cgroup_fd.as_fd(),
-                            CgroupSkbAttachType::Egress,
-                            CgroupAttachMode::Single,
-                        )
-                        .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))?;
+                    let program = cgroup_skb(&mut ebpf, loaded)?;
+                    let attach = |program: &mut CgroupSkb| {
+                        program
+                            .attach(
+                                cgroup_fd.as_fd(),
+                                CgroupSkbAttachType::Egress,
+                                CgroupAttachMode::Single,
+                            )
+                            .map_err(|source| attach_err(&format!("cgroup {cgroup_name}"), source))
+                    };
+                    let link = attach(program)?;
+                    // Node mode: a pod's socket connected to the block is refused here while
+                    // no agent serves, rather than by the node's rate-limited port unreachable.
+                    if config.leave_release_attached && foreign_namespaces {
+                        let held = program.take_link(link);
+                        match pin_link(link_pin::EGRESS, held, config) {
+                            Some(pin) => link_pins.push(pin),
+                            // The link went with it: attached again, for as long as this
+                            // agent runs.
+                            None => {
+                                attach(program)?;
+                            }
+                        }
+                    }
                     log::info!("attached {loaded} ({}) to {cgroup_name}", spec.hook);
                 }
                 Hook::Sock => {
@@ -647,29 +681,11 @@ impl Redirector {
                     };
                     let link = attach(program)?;
                     if config.leave_release_attached {
-                        match ReleasePin::take(program, link, config.state_dir, config.cgroup.id) {
-                            Ok(pin) => {
-                                if let Err(problem) = pin.pin_at_start() {
-                                    log::warn!(
-                                        "cannot pin {} yet ({problem}): it stays attached while \
-                                         the agent runs, and the heartbeat pins it once nothing \
-                                         is in the way",
-                                        spec.name
-                                    );
-                                }
-                                release_link = Some(Arc::new(pin));
-                            }
-                            Err(problem) => {
-                                log::warn!(
-                                    "cannot leave {} attached for when no agent runs \
-                                     ({problem}): a UDP socket connected through the agent and \
-                                     released while none runs stays noted in {} until the \
-                                     table is removed",
-                                    spec.name,
-                                    names::CONNECTED
-                                );
-                                // The link went with it: attached again, for as long as this
-                                // agent runs.
+                        let held = program.take_link(link);
+                        match pin_link(link_pin::RELEASE, held, config) {
+                            Some(pin) => link_pins.push(pin),
+                            // As above.
+                            None => {
                                 attach(program)?;
                             }
                         }
@@ -722,7 +738,8 @@ impl Redirector {
                 ebpf,
                 redirect_links,
                 steer_link,
-                release_link,
+                link_pins,
+                serving: Arc::new(serving),
                 cgroup: cgroup_name,
                 exclusions: Some(exclusions),
                 routing: Some((sources, switch)),
@@ -735,9 +752,14 @@ impl Redirector {
         ))
     }
 
-    /// `sock_release`'s pinned link, if it is pinned: to be pinned again if its pin goes.
-    pub fn release_pin(&self) -> Option<Arc<ReleasePin>> {
-        self.release_link.clone()
+    /// The pinned links: to be pinned again if their pins go.
+    pub fn link_pins(&self) -> Vec<Arc<LinkPin>> {
+        self.link_pins.clone()
+    }
+
+    /// This agent's entries of `SERVING`.
+    pub fn serving(&self) -> Arc<Serving> {
+        Arc::clone(&self.serving)
     }
 
     /// Stops redirecting new sockets, while packets to the proxy's addresses are still steered
@@ -857,56 +879,110 @@ impl Redirector {
 impl Drop for Redirector {
     fn drop(&mut self) {
         // Dropping `ebpf` closes every link; say so, since operators watch for it.
-        let Some(pin) = &self.release_link else {
+        if self.link_pins.is_empty() {
             log::info!("detaching all programs from {}", self.cgroup);
             return;
+        }
+        let left: Vec<&LinkPin> = self
+            .link_pins
+            .iter()
+            .filter(|pin| say_what_stays(pin, &self.cgroup))
+            .map(|pin| &**pin)
+            .collect();
+        if left.is_empty() {
+            log::info!("detaching all programs from {}", self.cgroup);
+            return;
+        }
+        let list = |each: fn(&LinkPin) -> String| {
+            left.iter()
+                .map(|pin| each(pin))
+                .collect::<Vec<_>>()
+                .join(" and ")
         };
-        let (cgroup, program, path) = (&self.cgroup, names::SOCK_RELEASE, pin.path().display());
-        // A pin gone since the last heartbeat is made now: SIGTERM just after the removal
-        // would otherwise leave nothing attached.
-        let now = match pin.pinned_now() {
-            PinnedNow::Gone => match pin.restore() {
-                Ok(true) => PinnedNow::Ours,
-                // Gone still if it could not be made (its directory gone with the table).
-                Ok(false) | Err(_) => pin.pinned_now(),
-            },
-            now => now,
-        };
-        match now {
-            PinnedNow::Ours => log::info!(
-                "detaching all programs from {cgroup} but {program} (pinned at {path}, it \
-                 redirects nothing: sockets released while no agent runs still let go of their \
-                 notes)"
-            ),
-            PinnedNow::Another => log::info!(
-                "detaching all programs from {cgroup}, {program} too: the one pinned at {path} \
-                 is another agent's on this cgroup, and stays attached in its place"
-            ),
-            // Removed with the table since the last heartbeat: no note is left to take out,
-            // unless another agent pins the table again.
-            PinnedNow::Gone if !pin.dir().exists() => log::warn!(
-                "detaching all programs from {cgroup}, {program} too: the table's directory \
-                 is gone (removed since the agent's last heartbeat), its notes with it unless \
-                 another agent of it pins it again"
-            ),
-            PinnedNow::Gone => log::warn!(
-                "detaching all programs from {cgroup}, {program} too: its pin at {path} is \
-                 gone, and cannot be made again; this cgroup's UDP sockets released while no \
-                 agent runs stay noted in {} until the table is removed",
-                names::CONNECTED
-            ),
-            PinnedNow::Blocked(what) => log::warn!(
-                "detaching all programs from {cgroup}, {program} too: its pin's place is taken \
-                 ({what}); this cgroup's UDP sockets released while no agent runs stay noted \
-                 in {} until the table is removed",
-                names::CONNECTED
-            ),
-            PinnedNow::Unknown(what) => log::warn!(
-                "detaching all programs from {cgroup}; whether {program} stays attached cannot \
-                 be told ({what}): if it does not, this cgroup's UDP sockets released while no \
-                 agent runs stay noted in {} until the table is removed",
-                names::CONNECTED
-            ),
+        log::info!(
+            "detaching all programs from {} but {} (pinned at {}, they redirect nothing: {})",
+            self.cgroup,
+            list(|pin| pin.kind().program.to_owned()),
+            list(|pin| pin.path().display().to_string()),
+            list(|pin| pin.kind().keeps.to_owned()),
+        );
+    }
+}
+
+/// Says what becomes of `pin`'s link as the agent stops, pinning it again if its pin is gone
+/// since the last heartbeat (SIGTERM just after the removal would otherwise leave nothing
+/// attached); whether it is this agent's link that stays attached.
+fn say_what_stays(pin: &LinkPin, cgroup: &str) -> bool {
+    let (program, path) = (pin.kind().program, pin.path().display());
+    let without = pin.kind().without;
+    let now = match pin.pinned_now() {
+        PinnedNow::Gone => match pin.restore() {
+            Ok(true) => PinnedNow::Ours,
+            // Gone still if it could not be made (its directory gone with the table).
+            Ok(false) | Err(_) => pin.pinned_now(),
+        },
+        now => now,
+    };
+    match now {
+        PinnedNow::Ours => return true,
+        PinnedNow::Another => log::info!(
+            "detaching {program} from {cgroup}: the one pinned at {path} is another agent's on \
+             this cgroup, and stays attached in its place"
+        ),
+        // Removed with the table since the last heartbeat: nothing is left to keep, unless
+        // another agent pins the table again.
+        PinnedNow::Gone if !pin.dir().exists() => log::warn!(
+            "detaching {program} from {cgroup}: the table's directory is gone (removed since \
+             the agent's last heartbeat)"
+        ),
+        PinnedNow::Gone => log::warn!(
+            "detaching {program} from {cgroup}: its pin at {path} is gone, and cannot be made \
+             again; {without}"
+        ),
+        PinnedNow::Blocked(what) => log::warn!(
+            "detaching {program} from {cgroup}: its pin's place is taken ({what}); {without}"
+        ),
+        PinnedNow::Unknown(what) => log::warn!(
+            "whether {program} stays attached to {cgroup} cannot be told ({what}): if it does \
+             not, {without}"
+        ),
+    }
+    false
+}
+
+/// Holds `taken`, a link of `kind` taken from its program, and pins it in the table's
+/// directory; `None` if it cannot be held (the link is gone then: the caller attaches anew,
+/// for as long as the agent runs). A pin that cannot be made yet is made by the heartbeat.
+fn pin_link<L>(
+    kind: PinKind,
+    taken: Result<L, aya::programs::ProgramError>,
+    config: &RedirectConfig<'_>,
+) -> Option<Arc<LinkPin>>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let pin = taken
+        .map_err(|err| err.to_string())
+        .and_then(|link| FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}")))
+        .and_then(|held| LinkPin::hold(kind, held, config.state_dir, config.cgroup.id));
+    match pin {
+        Ok(pin) => {
+            if let Err(problem) = pin.pin_at_start() {
+                log::warn!(
+                    "cannot pin {} yet ({problem}): it stays attached while the agent runs, \
+                     and the heartbeat pins it once nothing is in the way",
+                    kind.program
+                );
+            }
+            Some(Arc::new(pin))
+        }
+        Err(problem) => {
+            log::warn!(
+                "cannot leave {} attached for when no agent runs ({problem}): {}",
+                kind.program,
+                kind.without
+            );
+            None
         }
     }
 }

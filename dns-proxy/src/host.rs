@@ -343,10 +343,10 @@ fn own_exclusively(dir: &Path, created: bool) -> Result<(), HostError> {
     Ok(())
 }
 
-/// What the pins must be, by name: (key size, value size, max entries). The first two are the
-/// table of servers, whose halves must be there together; the workloads' shares of it and the
-/// agents' maps come and go alone.
-const PINS: [(&str, u32, u32, u32); 9] = [
+/// What the pins must be, by name: (key size, value size, max entries); each a hash map but
+/// `SERVING`, a sockhash. The first two are the table of servers, whose halves must be there
+/// together; the workloads' shares of it and the agents' maps come and go alone.
+const PINS: [(&str, u32, u32, u32); 10] = [
     (
         dns_proxy_common::names::SERVERS,
         4,
@@ -400,6 +400,12 @@ const PINS: [(&str, u32, u32, u32); 9] = [
         8,
         8,
         dns_proxy_common::MAX_CONNECTED,
+    ),
+    (
+        dns_proxy_common::names::SERVING,
+        4,
+        4,
+        dns_proxy_common::MAX_SERVING,
     ),
 ];
 
@@ -468,18 +474,34 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
                 None => format!("cannot open the pinned map: {err}"),
             },
         })?;
-        let hash = matches!(info.map_type(), Ok(aya::maps::MapType::Hash));
-        let same_layout = hash
+        let (map_type, kind) = if name == dns_proxy_common::names::SERVING {
+            (aya::maps::MapType::SockHash, "sockhash")
+        } else {
+            (aya::maps::MapType::Hash, "hash map")
+        };
+        let same_layout = info.map_type().is_ok_and(|pinned| pinned == map_type)
             && info.key_size() == key_size
             && info.value_size() == value_size
             && info.max_entries() == max_entries;
-        if !same_layout && name == dns_proxy_common::names::AGENTS {
-            // Only agents read it, and only for readiness and clean-up: an agent of another
-            // version keeps its own (its descriptor outlives the pin), this one starts a new.
+        if !same_layout
+            && [
+                dns_proxy_common::names::AGENTS,
+                dns_proxy_common::names::SERVING,
+            ]
+            .contains(&name)
+        {
+            // Only agents read AGENTS, for readiness and clean-up, and only the egress guard
+            // SERVING, which the running agents fill: an agent of another version keeps its
+            // own (its descriptor outlives the pin), this one starts a new.
             log::warn!(
                 "{}: a map of another layout (an agent of another version's): replacing it; \
-                 until that agent stops, neither sees the other's heartbeat",
-                path.display()
+                 until that agent stops, neither sees the other {}",
+                path.display(),
+                if name == dns_proxy_common::names::AGENTS {
+                    "alive"
+                } else {
+                    "serve"
+                }
             );
             std::fs::remove_file(&path)
                 .map_err(|err| pin_problem(format!("cannot replace it: {err}")))?;
@@ -501,7 +523,7 @@ pub fn check_pins(pins: &Path) -> Result<(), HostError> {
         if !same_layout {
             return Err(pin_problem(format!(
                 "a map of another layout (type {:?}, key {} bytes, value {}, {} entries; this \
-                 agent needs a hash map of {key_size}, {value_size} and {max_entries})",
+                 agent needs a {kind} of {key_size}, {value_size} and {max_entries})",
                 info.map_type(),
                 info.key_size(),
                 info.value_size(),
@@ -522,18 +544,15 @@ pub struct Pins {
     /// The kernel's ids of the table's two maps (`SERVERS`, `SERVER_INDEX`), by which a pin
     /// of their names is known for theirs.
     table_ids: [u32; 2],
-    /// `sock_release`'s link, held to be pinned here (`run` only): its pin goes with the
-    /// state directory too.
-    release_link: Option<Arc<crate::ebpf::ReleasePin>>,
+    /// The links held to be pinned here (`run` only: `sock_release`'s, and in node mode the
+    /// egress guard's): their pins go with the state directory too.
+    link_pins: Vec<Arc<crate::ebpf::LinkPin>>,
 }
 
 impl Pins {
     /// Opens every pin in `dir`, the table's directory, once the programs are loaded, and
-    /// holds `release_link`, which the load pinned there (or tried to).
-    pub fn hold(
-        dir: &Path,
-        release_link: Option<Arc<crate::ebpf::ReleasePin>>,
-    ) -> Result<Self, HostError> {
+    /// holds `link_pins`, which the load pinned there (or tried to).
+    pub fn hold(dir: &Path, link_pins: Vec<Arc<crate::ebpf::LinkPin>>) -> Result<Self, HostError> {
         let maps = PINS
             .iter()
             .map(|(name, ..)| {
@@ -563,14 +582,18 @@ impl Pins {
             dir: dir.to_owned(),
             maps,
             table_ids,
-            release_link,
+            link_pins,
         })
     }
 
-    /// Pins `sock_release`'s link again if its pin is gone, after [`restore`](Self::restore)
-    /// made the directories again; `None` where the agent leaves no link pinned (`exec`).
-    pub fn restore_release_link(&self) -> Option<Result<bool, String>> {
-        self.release_link.as_ref().map(|link| link.restore())
+    /// Pins each link again whose pin is gone, after [`restore`](Self::restore) made the
+    /// directories again: each link's kind, and whether it was pinned again (or why not).
+    /// Empty where the agent leaves no link pinned (`exec`).
+    pub fn restore_links(&self) -> Vec<(crate::ebpf::PinKind, Result<bool, String>)> {
+        self.link_pins
+            .iter()
+            .map(|link| (link.kind(), link.restore()))
+            .collect()
     }
 
     /// The table's directory.

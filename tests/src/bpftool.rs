@@ -195,12 +195,26 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
 }
 
 /// Asserts that an agent that stopped left only `sock_release` attached to `cgroup`: the one
-/// program it leaves (pinned) so that sockets released while no agent runs let go of their
-/// notes. It redirects nothing.
+/// program it leaves (pinned) in host mode, so that sockets released while no agent runs let
+/// go of their notes. It redirects nothing.
 pub fn assert_only_sock_release_left(cgroup: &Path) {
+    assert_only_pinned_programs_left(cgroup, false);
+}
+
+/// Asserts that an agent that stopped left only its pinned programs attached to `cgroup`:
+/// `sock_release`, and in node mode the egress guard, which refuses a pod's socket still
+/// connected to the block while no agent serves. Neither redirects anything.
+pub fn assert_only_pinned_programs_left(cgroup: &Path, node_mode: bool) {
+    let mut left = attached_programs(cgroup);
+    left.sort();
+    let expected: &[&str] = if node_mode {
+        &["dns_proxy_egress", "dns_proxy_sock_release"]
+    } else {
+        &["dns_proxy_sock_release"]
+    };
     assert_eq!(
-        attached_programs(cgroup),
-        ["dns_proxy_sock_release"],
+        left,
+        expected,
         "programs left attached to {}",
         cgroup.display()
     );

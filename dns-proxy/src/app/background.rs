@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use dns_proxy_common::{AddressBlock, names};
+use dns_proxy_common::AddressBlock;
 
 use super::LOG;
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     drain,
     ebpf::{
         AliveAt, AttachedLinks, DirectSources, Exclusions, FORGOTTEN_HELD_FOR, FoundSources,
-        RedirectSwitch, ServerTable, TreesMade,
+        RedirectSwitch, ServerTable, Serving, TreesMade,
     },
     host,
     log_limit::RateLimited,
@@ -95,6 +95,7 @@ pub(super) struct Watched {
 pub(super) fn start(
     agents: &Arc<agents::Agents>,
     pins: host::Pins,
+    serving: Arc<Serving>,
     redirect_lock: &Arc<RedirectLock>,
     servers: &Arc<ServerTable>,
     stats: Arc<Stats>,
@@ -132,6 +133,7 @@ pub(super) fn start(
     let task = keep_alive(
         Arc::clone(agents),
         Arc::new(pins),
+        serving,
         Arc::clone(redirect_lock),
         Arc::clone(readiness),
         stop.clone(),
@@ -793,17 +795,19 @@ fn switch_redirect(
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
 /// newer agent has taken over. Clears the queue of the lock on the redirected cgroup. Pins
-/// the table of servers again if its pins are gone, and is not ready while it cannot.
+/// the table of servers again if its pins are gone, and is not ready while it cannot. Puts
+/// this agent's sockets back in `SERVING` where the agent that took over from it is gone.
 async fn keep_alive(
     agents: Arc<agents::Agents>,
     pins: Arc<host::Pins>,
+    serving: Arc<Serving>,
     redirect_lock: Arc<RedirectLock>,
     readiness: Arc<Readiness>,
     stop: drain::Signal,
 ) {
     let mut replaced = false;
     let mut cannot_pin = false;
-    let mut cannot_pin_release = false;
+    let mut cannot_pin_links = Vec::new();
     let mut cannot_check = false;
     loop {
         tokio::select! {
@@ -813,22 +817,23 @@ async fn keep_alive(
         // Off the runtime: the map updates, binds and reads of the kernel's socket list block.
         let looked = tokio::task::spawn_blocking({
             let (agents, redirect_lock) = (Arc::clone(&agents), Arc::clone(&redirect_lock));
-            let pins = Arc::clone(&pins);
+            let (pins, serving) = (Arc::clone(&pins), Arc::clone(&serving));
             move || {
                 agents.heartbeat();
                 redirect_lock.try_take();
                 agents.refresh_replaced();
                 let restored = pins.restore();
-                // Where the table is pinned again, the link is too.
-                let release = restored
-                    .is_ok()
-                    .then(|| pins.restore_release_link())
-                    .flatten();
-                (restored, release)
+                // Where the table is pinned again, the links are too.
+                let links = if restored.is_ok() {
+                    pins.restore_links()
+                } else {
+                    Vec::new()
+                };
+                (restored, links, serving.put_back())
             }
         })
         .await;
-        let Ok((restored, release)) = looked else {
+        let Ok((restored, links, put_back)) = looked else {
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
         };
@@ -879,27 +884,39 @@ async fn keep_alive(
             log::info!(target: LOG, "the table of servers is pinned again");
         }
         cannot_pin = !pinned;
-        match &release {
-            Some(Ok(true)) => log::warn!(
-                target: LOG,
-                "{}'s pin in {} was missing: pinned, so that it stays attached when the agent \
-                 stops",
-                names::SOCK_RELEASE,
-                pins.dir().display()
-            ),
-            // Said once until it works again (tried again every heartbeat).
-            Some(Err(err)) if !cannot_pin_release => log::warn!(
-                target: LOG,
-                "cannot keep {} pinned in {}: {err}; it stays attached while the agent runs, \
-                 and unless its pin is back by the stop, this cgroup's UDP sockets released \
-                 once it stops stay noted in {} until the table is removed",
-                names::SOCK_RELEASE,
-                pins.dir().display(),
-                names::CONNECTED
-            ),
-            _ => {}
+        for (kind, restored) in &links {
+            let program = kind.program;
+            match restored {
+                Ok(true) => log::warn!(
+                    target: LOG,
+                    "{program}'s pin in {} was missing: pinned, so that it stays attached when \
+                     the agent stops",
+                    pins.dir().display()
+                ),
+                // Said once until it works again (tried again every heartbeat).
+                Err(err) if !cannot_pin_links.contains(&program) => log::warn!(
+                    target: LOG,
+                    "cannot keep {program} pinned in {}: {err}; it stays attached while the \
+                     agent runs, and unless its pin is back by the stop, {} once it stops",
+                    pins.dir().display(),
+                    kind.without
+                ),
+                _ => {}
+            }
         }
-        cannot_pin_release = matches!(release, Some(Err(_)));
+        cannot_pin_links = links
+            .iter()
+            .filter(|(_, restored)| restored.is_err())
+            .map(|(kind, _)| kind.program)
+            .collect();
+        for port in put_back {
+            log::warn!(
+                target: LOG,
+                "no agent served port {port} of the block (the one that took over from this \
+                 one is gone): this one serves it again, and a pod's socket \
+                 connected to the block is no longer refused"
+            );
+        }
     }
 }
 

@@ -51,6 +51,10 @@
 //!   (IPv4 or IPv6; or, with --distinct, to COUNT different addresses from SERVER's on, port
 //!   53), bound to IP if given (each local address has its own ports); prints `holding N` and
 //!   keeps them until standard input closes.
+//! - `connected-rounds SERVER TIMEOUT_MS`: one UDP socket connected to SERVER for its whole
+//!   life; for each line `PREFIX COUNT INTERVAL_MS` on standard input, COUNT lookups of one try
+//!   each, printing for each `PREFIX-N answered|refused|timed-out ms=M` (refused: the send or
+//!   the read said so, as `ECONNREFUSED` or `EPERM`), then `round done`.
 #![expect(
     clippy::disallowed_methods,
     reason = "a synchronous test client; it resolves no names"
@@ -237,6 +241,66 @@ fn long_lived(args: &[String]) -> Result<(), String> {
         if let Some(rest) = interval.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
+    }
+    Ok(())
+}
+
+fn connected_rounds(server: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket
+        .connect(server)
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut buf = [0u8; 4096];
+    let mut id = 0u16;
+    for line in std::io::stdin().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let [prefix, count, interval] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+            return Err(format!("{line}: not PREFIX COUNT INTERVAL_MS"));
+        };
+        let count: u32 = parse(count, "a count")?;
+        let interval = Duration::from_millis(parse(interval, "milliseconds")?);
+        for i in 0..count {
+            let started = Instant::now();
+            id = id.wrapping_add(1);
+            let query = tests::a_query(id, &format!("{prefix}-{i}.example.test"));
+            let outcome = match socket.send(&query) {
+                Err(err) => format!("refused ({err})"),
+                Ok(_) => loop {
+                    let Some(left) = timeout.checked_sub(started.elapsed()) else {
+                        break "timed-out".to_owned();
+                    };
+                    socket
+                        .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                        .map_err(|e| e.to_string())?;
+                    match socket.recv(&mut buf) {
+                        Ok(len)
+                            if buf[..2] == query[..2] && single_a_record(&buf[..len]).is_some() =>
+                        {
+                            break "answered".to_owned();
+                        }
+                        Ok(_) => {} // a late answer to an earlier query
+                        Err(err)
+                            if matches!(
+                                err.kind(),
+                                ErrorKind::WouldBlock | ErrorKind::TimedOut
+                            ) =>
+                        {
+                            break "timed-out".to_owned();
+                        }
+                        Err(err) => break format!("refused ({err})"),
+                    }
+                },
+            };
+            println!(
+                "{prefix}-{i} {outcome} ms={}",
+                started.elapsed().as_millis()
+            );
+            if let Some(rest) = interval.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        println!("round done");
+        let _ = std::io::stdout().flush();
     }
     Ok(())
 }
@@ -832,6 +896,14 @@ fn main() -> ExitCode {
         },
         Some("lookups") => lookups(&args[1..]),
         Some("long-lived") => long_lived(&args[1..]),
+        Some("connected-rounds") => match &args[1..] {
+            [server, timeout] => parse::<SocketAddr>(server, "IP:PORT")
+                .and_then(|server| Ok((server, parse::<u64>(timeout, "milliseconds")?)))
+                .and_then(|(server, timeout)| {
+                    connected_rounds(server, Duration::from_millis(timeout))
+                }),
+            _ => Err("connected-rounds SERVER TIMEOUT_MS".to_owned()),
+        },
         Some("flood") => flood(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("unreadable-flood") => match &args[1..] {

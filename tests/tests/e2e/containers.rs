@@ -484,7 +484,7 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
     );
 
     // A graceful stop, as the kubelet does it: SIGTERM, exit 0, nothing left attached but
-    // sock_release.
+    // sock_release and, in node mode, the egress guard.
     must(docker::ctr().args(["task", "kill", "--signal=SIGTERM", &id]));
     let status = agent.wait_exit(Duration::from_secs(30));
     assert!(
@@ -497,7 +497,7 @@ fn the_agent_runs_as_a_container_exactly_as_the_daemonset_specifies() {
         "{}",
         agent.log()
     );
-    tests::assert_only_sock_release_left(&test.cgroup.path);
+    tests::assert_only_pinned_programs_left(&test.cgroup.path, true);
 }
 
 #[test]

@@ -327,6 +327,170 @@ fn a_pods_long_lived_connected_socket_keeps_resolving_across_restarts() {
     assert_eq!(served_last.len(), 1, "{}", agent.log());
 }
 
+/// A pod's client with one UDP socket, connected for its whole life, that looks up in rounds.
+struct ConnectedRounds {
+    client: std::process::Child,
+    ask: std::process::ChildStdin,
+    told: BufReader<std::process::ChildStdout>,
+}
+
+impl ConnectedRounds {
+    fn start(node: &NodeTopology, timeout_ms: u32) -> Self {
+        let server = format!("{SERVER_IP}:53");
+        let mut client = node
+            .pod(
+                0,
+                HOSTILE,
+                &["connected-rounds", &server, &timeout_ms.to_string()],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the client");
+        let ask = client.stdin.take().expect("its stdin");
+        let told = BufReader::new(client.stdout.take().expect("its stdout"));
+        Self { client, ask, told }
+    }
+
+    /// `count` lookups, one every `interval_ms`: a line each, `PREFIX-N OUTCOME ms=M`.
+    fn round(&mut self, prefix: &str, count: u32, interval_ms: u32) -> Vec<String> {
+        use std::io::Write as _;
+        writeln!(self.ask, "{prefix} {count} {interval_ms}").expect("ask the client");
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let read = self.told.read_line(&mut line).expect("read the client");
+            assert_ne!(read, 0, "the client ended: {lines:#?}");
+            if line.trim() == "round done" {
+                return lines;
+            }
+            lines.push(line.trim().to_owned());
+        }
+    }
+}
+
+impl Drop for ConnectedRounds {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+    }
+}
+
+/// The lines of `round` that are not refused within `ms` milliseconds.
+fn not_refused_within(round: &[String], ms: u128) -> Vec<&String> {
+    round
+        .iter()
+        .filter(|line| {
+            let took = line
+                .rsplit_once("ms=")
+                .and_then(|(_, ms)| ms.parse::<u128>().ok())
+                .expect("a time");
+            !line.contains(" refused (") || took > ms
+        })
+        .collect()
+}
+
+/// The programs attached to `cgroup`, sorted.
+fn programs_on(cgroup: &std::path::Path) -> Vec<String> {
+    let mut programs = tests::attached_programs(cgroup);
+    programs.sort();
+    programs
+}
+
+/// A pod's UDP socket connected through the node's agent is refused as it sends (`EPERM`)
+/// while no agent serves, every time: after a SIGKILL and after a stop. The node's own refusal
+/// (port unreachable) is rate-limited per pod address, and a busy socket's lookups waited out
+/// their timeout instead (helper-201: 14 of 50; here 10 of 40). The dead agent leaves its
+/// egress guard pinned for that, which the next agent replaces; a newer agent killed while the
+/// one it took over from still serves leaves the pod refused only until that one's next
+/// heartbeat, which says it serves again.
+#[test]
+fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
+    let _apart = super::one_flood_at_a_time();
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let listen = format!("--listen={NODE_LISTEN}:53");
+    let launch = |args: &[&str]| {
+        let mut all = vec![listen.clone()];
+        all.extend(args.iter().map(|arg| (*arg).to_owned()));
+        Agent::launch(&node.node, node.redirected_cgroup(), None, &all)
+    };
+    let answered = |round: &[String]| round.iter().all(|line| line.contains(" answered "));
+    let mut agent = launch(&[]);
+    let mut client = ConnectedRounds::start(&node, 2000);
+    let up = client.round("up", 3, 100);
+    assert!(
+        answered(&up),
+        "{up:#?}
+{}",
+        agent.log()
+    );
+
+    agent.process().signal(libc::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5));
+    let cgroup = node.redirected_cgroup();
+    assert_eq!(
+        programs_on(cgroup),
+        ["dns_proxy_egress", "dns_proxy_sock_release"]
+    );
+    let killed = client.round("killed", 40, 100);
+    let slow = not_refused_within(&killed, 100);
+    assert!(slow.is_empty(), "{slow:#?}");
+
+    // The next agent answers the same socket, and the dead one's guard is gone.
+    let older = launch(&[]);
+    let back = client.round("back", 3, 100);
+    assert!(
+        answered(&back),
+        "{back:#?}
+{}",
+        older.log()
+    );
+    assert_eq!(
+        programs_on(cgroup)
+            .iter()
+            .filter(|name| *name == "dns_proxy_egress")
+            .count(),
+        1
+    );
+
+    // A newer agent takes over, and is killed while the older one still runs.
+    let mut newer = launch(&["--takeover"]);
+    let taken = client.round("taken", 3, 100);
+    assert!(
+        answered(&taken),
+        "{taken:#?}
+{}",
+        newer.log()
+    );
+    forwarded(&newer, "taken-2.example.test");
+    newer.process().signal(libc::SIGKILL);
+    newer.wait_exit(Duration::from_secs(5));
+    let mut older = older;
+    let after = client.round("older", 40, 100);
+    let timed_out: Vec<_> = after.iter().filter(|l| l.contains("timed-out")).collect();
+    assert!(timed_out.is_empty(), "{after:#?}");
+    // Its heartbeat (every 2 s) puts its socket back: the last 15 are answered.
+    assert!(
+        answered(&after[25..]),
+        "{after:#?}
+{}",
+        older.log()
+    );
+    assert!(
+        older.log().contains("this one serves it again"),
+        "{}",
+        older.log()
+    );
+
+    // And after a stop, as after a SIGKILL.
+    older.process().signal(libc::SIGTERM);
+    assert!(older.wait_exit(Duration::from_secs(10)).success());
+    let stopped = client.round("stopped", 20, 100);
+    let slow = not_refused_within(&stopped, 100);
+    assert!(slow.is_empty(), "{slow:#?}");
+}
+
 /// A second agent on the node's tree from another network namespace (here a pod's) is not
 /// caught by the lock, which lives in a namespace: each agent's programs refuse (`EPERM`) the
 /// addresses the other's rewrote, and every lookup of the tree fails while both say ready.

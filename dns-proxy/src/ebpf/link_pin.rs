@@ -1,5 +1,8 @@
-//! `sock_release`'s link, pinned in the table's directory so that it stays attached when the
-//! agent stops, and pinned again whenever its pin is gone while the agent runs.
+//! The links an agent leaves attached when it stops, pinned in the table's directory, and
+//! pinned again whenever a pin is gone while the agent runs: `sock_release`'s, so that a socket
+//! released while no agent runs still takes its note out of `CONNECTED`, and in node mode the
+//! egress guard's, so that a pod's socket still connected to the block while no agent serves
+//! is refused as it sends.
 //!
 //! What sits at the pin's path is told by the link's id, cgroup and attach type, read from the
 //! kernel, never by the file: an inode told a pin shown again from under a bpffs mounted over it for
@@ -14,16 +17,51 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{CgroupSock, cgroup_sock::CgroupSockLinkId, links::FdLink};
+use aya::programs::links::FdLink;
 use dns_proxy_common::names;
 
 use super::links;
 
-/// The prefix of the name a start pins its link under before it renames it over the last.
-const STAGED: &str = "sock_release_staged_";
+/// Which link a pin holds, and what its pins are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinKind {
+    /// The program, as the logs name it.
+    pub program: &'static str,
+    /// The pin's name, followed by `_` and the redirected cgroup's id.
+    link: &'static str,
+    /// The prefix of the name a start pins its link under before it renames it over the last.
+    staged: &'static str,
+    /// What the pin keeps while no agent runs.
+    pub keeps: &'static str,
+    /// What is lost while no agent runs if the link is not pinned.
+    pub without: &'static str,
+}
 
-/// `sock_release`'s link, held by the agent, and where it is pinned.
-pub struct ReleasePin {
+/// `sock_release`'s link.
+pub const RELEASE: PinKind = PinKind {
+    program: names::SOCK_RELEASE,
+    link: names::SOCK_RELEASE_LINK,
+    staged: "sock_release_staged_",
+    keeps: "sockets released while no agent runs still let go of their notes",
+    without: "this cgroup's UDP sockets released while no agent runs stay noted in CONNECTED \
+              until the table is removed",
+};
+
+/// The egress guard's link (node mode), whichever of its two programs this kernel takes.
+pub const EGRESS: PinKind = PinKind {
+    program: names::EGRESS,
+    link: names::EGRESS_LINK,
+    staged: "egress_staged_",
+    keeps: "a pod's socket still connected to the block is refused at once while no agent \
+            serves",
+    without: "a pod's socket still connected to the block while no agent serves is refused \
+              by the node's port unreachable, which the kernel rate-limits: some of its \
+              lookups wait out their timeout",
+};
+
+/// A link held by the agent, and where it is pinned.
+pub struct LinkPin {
+    kind: PinKind,
     /// The table's directory.
     dir: PathBuf,
     path: PathBuf,
@@ -36,7 +74,7 @@ pub struct ReleasePin {
     link: OwnedFd,
     /// The kernel's id of the link.
     link_id: u32,
-    /// Its attach type, as fdinfo says it: another agent's `sock_release` link has the same.
+    /// Its attach type, as fdinfo says it: another agent's link of this kind has the same.
     attach_type: Option<u32>,
 }
 
@@ -57,18 +95,11 @@ pub enum PinnedNow {
     Unknown(String),
 }
 
-impl ReleasePin {
-    /// Takes `sock_release`'s link from `program` to hold it, to be pinned in the table's
-    /// directory `dir` ([`pin_at_start`](Self::pin_at_start)). On an error the link is gone,
-    /// and the caller attaches anew.
-    pub fn take(
-        program: &mut CgroupSock,
-        link: CgroupSockLinkId,
-        dir: &Path,
-        cgroup_id: u64,
-    ) -> Result<Self, String> {
-        let link = program.take_link(link).map_err(|err| err.to_string())?;
-        let held = FdLink::try_from(link).map_err(|err| format!("not a bpf_link: {err}"))?;
+impl LinkPin {
+    /// Holds `held`, a link of `kind` the agent took from its program, to be pinned in the
+    /// table's directory `dir` ([`pin_at_start`](Self::pin_at_start)). On an error the link
+    /// is gone, and the caller attaches anew.
+    pub fn hold(kind: PinKind, held: FdLink, dir: &Path, cgroup_id: u64) -> Result<Self, String> {
         let link_id = held
             .info()
             .map_err(|err| format!("reading the link's id: {err}"))?
@@ -83,9 +114,10 @@ impl ReleasePin {
             .map_err(|err| format!("duplicating the link's descriptor: {err}"))?;
         let attach_type = links::cgroup_link_of(link.as_raw_fd()).and_then(|info| info.attach_type);
         Ok(Self {
+            kind,
             dir: dir.to_owned(),
             // One per cgroup: agents on other cgroups that share the table keep theirs.
-            path: dir.join(format!("{}_{cgroup_id}", names::SOCK_RELEASE_LINK)),
+            path: dir.join(format!("{}_{cgroup_id}", kind.link)),
             cgroup_id,
             _held: held,
             link,
@@ -95,23 +127,29 @@ impl ReleasePin {
     }
 
     /// Pins the link in place of the one an earlier agent left, so that it stays attached
-    /// when this agent stops: a UDP socket released while no agent runs (between a stop and a
-    /// start, after a SIGKILL) still takes its note out of `CONNECTED`. Left there for good,
-    /// the note would hold its origin, and its share of `CONNECTED`, until the table is
-    /// removed (helper-154: a workload that held 65,536 sockets across one restart left the
-    /// map full). The program only takes out notes: it redirects nothing, and needs no agent.
-    /// An earlier agent's link, unpinned, is detached once that agent holds it no more (at
-    /// once, or when it stops after a takeover); while both run, both programs see each
-    /// socket released, and only one gives its charge back.
+    /// when this agent stops. `sock_release`'s: a UDP socket released while no agent runs
+    /// (between a stop and a start, after a SIGKILL) still takes its note out of `CONNECTED`.
+    /// Left there for good, the note would hold its origin, and its share of `CONNECTED`,
+    /// until the table is removed (helper-154: a workload that held 65,536 sockets across one
+    /// restart left the map full). The program only takes out notes: it redirects nothing, and
+    /// needs no agent. The egress guard's: see `egress::unserved` in the programs. An earlier
+    /// agent's link, unpinned, is detached once that agent holds it no more (at once, or when
+    /// it stops after a takeover); while both run, both programs see each socket released (and
+    /// only one gives its charge back), and each packet.
     ///
     /// Pinned under a name of its own first, then renamed over the last: never a moment
     /// without one. On an error the link stays held (attached while the agent runs), and the
     /// heartbeat pins it once nothing is in the way.
     pub fn pin_at_start(&self) -> Result<(), String> {
-        remove_stale_staged_pins(&self.dir);
-        remove_pins_of_removed_cgroups(&self.dir);
+        remove_stale_staged_pins(&self.dir, self.kind);
+        remove_pins_of_removed_cgroups(&self.dir, self.kind);
         // The link's id too: agents in PID namespaces of their own may share a pid.
-        let staged = format!("{STAGED}{}_{}", std::process::id(), self.link_id);
+        let staged = format!(
+            "{}{}_{}",
+            self.kind.staged,
+            std::process::id(),
+            self.link_id
+        );
         let staged = self.dir.join(staged);
         let _ = std::fs::remove_file(&staged);
         bpf_obj_pin(self.link.as_fd(), &staged)
@@ -124,6 +162,11 @@ impl ReleasePin {
                 self.path.display()
             )
         })
+    }
+
+    /// Which link this is.
+    pub fn kind(&self) -> PinKind {
+        self.kind
     }
 
     /// Where the link is pinned.
@@ -185,7 +228,7 @@ impl ReleasePin {
                 "{} holds link {} of this cgroup, not a {} link",
                 self.path.display(),
                 info.id,
-                names::SOCK_RELEASE
+                self.kind.program
             ))
         } else {
             PinnedNow::Another
@@ -199,7 +242,7 @@ impl ReleasePin {
     /// kernel pins nothing over a file.
     pub fn restore(&self) -> Result<bool, String> {
         // A dead start's staged pin goes within a heartbeat of its age, not at the next start.
-        remove_stale_staged_pins(&self.dir);
+        remove_stale_staged_pins(&self.dir, self.kind);
         match self.pinned_now() {
             PinnedNow::Ours | PinnedNow::Another => Ok(false),
             PinnedNow::Blocked(what) | PinnedNow::Unknown(what) => Err(what),
@@ -217,17 +260,17 @@ impl ReleasePin {
 }
 
 /// Removes the staged pins of starts that died between their pin and their rename (a
-/// SIGKILL): left, each would keep its agent's `sock_release` attached until the table is
+/// SIGKILL): left, each would keep its agent's program attached until the table is
 /// removed. A start renames its staged pin within milliseconds, so one older than
 /// [`STAGED_FOR`] is a dead start's. Run at each start and each heartbeat. (Not by its pid:
 /// agents in PID namespaces of their own are all pid 1 or so, and `/proc` shows another
 /// namespace's pids as gone; helper-159.)
-fn remove_stale_staged_pins(dir: &Path) {
+fn remove_stale_staged_pins(dir: &Path, kind: PinKind) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(STAGED) {
+        if !entry.file_name().to_string_lossy().starts_with(kind.staged) {
             continue;
         }
         let age = entry
@@ -241,16 +284,16 @@ fn remove_stale_staged_pins(dir: &Path) {
     }
 }
 
-/// Removes the pins of `sock_release` links whose cgroup is gone: the kernel detached each
+/// Removes the pins of links of `kind` whose cgroup is gone: the kernel detached each
 /// when its cgroup was removed (fdinfo says cgroup 0), and the pin alone held it, its program
 /// and maps. An agent started on a cgroup made anew (a service's, a pod's) pins a link of its
 /// own, under the new cgroup's id, so one such pin piled up at each (helper-163). Run at each
 /// start.
-fn remove_pins_of_removed_cgroups(dir: &Path) {
+fn remove_pins_of_removed_cgroups(dir: &Path, kind: PinKind) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let prefix = format!("{}_", names::SOCK_RELEASE_LINK);
+    let prefix = format!("{}_", kind.link);
     for entry in entries.flatten() {
         let name = entry.file_name();
         let is_link_pin = name
@@ -336,7 +379,7 @@ mod tests {
     /// (a start of another agent under way) and every other name are left.
     #[test]
     fn only_staged_pins_older_than_a_start_are_removed() {
-        let dir = std::env::temp_dir().join(format!("release-pin-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("link-pin-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a directory");
         let made = |name: &str, age: std::time::Duration| {
             let file = std::fs::File::create(dir.join(name)).expect("a file");
@@ -346,7 +389,8 @@ mod tests {
         made("sock_release_staged_1_40", STAGED_FOR * 2);
         made("sock_release_staged_1_41", std::time::Duration::ZERO);
         made("sock_release_link_9", STAGED_FOR * 2);
-        remove_stale_staged_pins(&dir);
+        made("egress_staged_1_42", STAGED_FOR * 2);
+        remove_stale_staged_pins(&dir, RELEASE);
         let mut left: Vec<String> = std::fs::read_dir(&dir)
             .expect("read it")
             .map(|entry| {
@@ -359,6 +403,13 @@ mod tests {
             .collect();
         left.sort();
         std::fs::remove_dir_all(&dir).expect("clean up");
-        assert_eq!(left, ["sock_release_link_9", "sock_release_staged_1_41"]);
+        assert_eq!(
+            left,
+            [
+                "egress_staged_1_42",
+                "sock_release_link_9",
+                "sock_release_staged_1_41"
+            ]
+        );
     }
 }
