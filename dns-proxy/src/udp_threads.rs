@@ -161,21 +161,32 @@ const LISTENER_FDS_FROM: libc::c_int = 256;
 /// are the connections in flight reset, so a client's retry goes direct.
 pub fn listener_socket(domain: Domain, kind: Type) -> io::Result<Socket> {
     let socket = Socket::new(domain, kind.nonblocking().cloexec(), None)?;
-    // SAFETY: `socket`'s descriptor is open for the call; F_DUPFD_CLOEXEC takes an integer
-    // and makes a new descriptor of the same socket, owned below.
+    match high_duplicate(std::os::fd::AsFd::as_fd(&socket)) {
+        // The old descriptor closes with `socket`.
+        Ok(high) => Ok(Socket::from(high)),
+        // Under a descriptor limit that low, keep the socket where it is.
+        Err(_) => Ok(socket),
+    }
+}
+
+/// A descriptor of the listener `fd` above [`LISTENER_FDS_FROM`]: any other descriptor the
+/// agent holds of a listener must be as high, or a SIGKILL would release the socket only
+/// after the links ([`listener_socket`]).
+pub fn high_duplicate(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: `fd` is open for the call; F_DUPFD_CLOEXEC takes an integer and makes a new
+    // descriptor of the same file.
     let high = unsafe {
         libc::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
             libc::F_DUPFD_CLOEXEC,
             LISTENER_FDS_FROM,
         )
     };
     if high < 0 {
-        // Under a descriptor limit that low, keep the socket where it is.
-        return Ok(socket);
+        return Err(io::Error::last_os_error());
     }
-    // SAFETY: `high` is a fresh descriptor nothing else owns; the old one closes with `socket`.
-    Ok(unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(high) })
+    // SAFETY: `high` is a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(high) })
 }
 
 #[cfg(test)]

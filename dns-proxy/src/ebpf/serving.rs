@@ -89,9 +89,11 @@ impl Serving {
     }
 }
 
-/// A descriptor of the agent's own on `socket`.
+/// A descriptor of the agent's own on `socket`, as high as the listeners' own: a SIGKILL
+/// releases the highest first, and the listeners must leave `LISTENERS` before the links go
+/// (`udp_threads::listener_socket`). Under a descriptor limit that low, where it is.
 fn duplicate(socket: BorrowedFd<'_>) -> Result<OwnedFd, EbpfError> {
-    socket
-        .try_clone_to_owned()
+    crate::udp_threads::high_duplicate(socket)
+        .or_else(|_| socket.try_clone_to_owned())
         .map_err(EbpfError::DuplicateListener)
 }
