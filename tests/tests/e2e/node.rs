@@ -354,8 +354,18 @@ impl ConnectedRounds {
 
     /// `count` lookups, one every `interval_ms`: a line each, `PREFIX-N OUTCOME ms=M`.
     fn round(&mut self, prefix: &str, count: u32, interval_ms: u32) -> Vec<String> {
+        self.begin(prefix, count, interval_ms);
+        self.outcomes()
+    }
+
+    /// Starts a round, whose lines [`outcomes`](Self::outcomes) reads.
+    fn begin(&mut self, prefix: &str, count: u32, interval_ms: u32) {
         use std::io::Write as _;
         writeln!(self.ask, "{prefix} {count} {interval_ms}").expect("ask the client");
+    }
+
+    /// The lines of the round begun last, once it is done.
+    fn outcomes(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
@@ -403,7 +413,8 @@ fn programs_on(cgroup: &std::path::Path) -> Vec<String> {
 /// their timeout instead (helper-201: 14 of 50; here 10 of 40). The dead agent leaves its
 /// egress guard pinned for that, which the next agent replaces; a newer agent killed while the
 /// one it took over from still serves leaves the pod refused only until that one's next
-/// heartbeat, which says it serves again.
+/// heartbeat, which says it serves again. A stop answers the socket while it drains, and
+/// refuses it at once from the moment it lets go of the block.
 #[test]
 fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     let _apart = super::one_flood_at_a_time();
@@ -483,9 +494,19 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
         older.log()
     );
 
-    // And after a stop, as after a SIGKILL.
+    // A stop: answered while it drains (4 s of its 5), then refused at once, as after it.
+    client.begin("stopping", 60, 100);
+    std::thread::sleep(Duration::from_millis(500));
     older.process().signal(libc::SIGTERM);
     assert!(older.wait_exit(Duration::from_secs(10)).success());
+    let stopping = client.outcomes();
+    let answered_first = stopping
+        .iter()
+        .take_while(|line| line.contains(" answered "))
+        .count();
+    assert!(answered_first >= 30, "{stopping:#?}");
+    let slow = not_refused_within(&stopping[answered_first..], 100);
+    assert!(slow.is_empty(), "{stopping:#?}\n{}", older.log());
     let stopped = client.round("stopped", 20, 100);
     let slow = not_refused_within(&stopped, 100);
     assert!(slow.is_empty(), "{slow:#?}");
