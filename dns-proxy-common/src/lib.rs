@@ -190,6 +190,15 @@ pub const MAX_EXCLUDED_LEVEL: u32 = 63;
 /// so every half second; a loaded host's scheduling delays are far shorter.
 pub const UNRESPONSIVE_AFTER_NS: u64 = 3_000_000_000;
 
+/// How long after its agent last said it was running (`ALIVE_AT`) a node-mode egress guard,
+/// left pinned, refuses a pod's socket still connected to the block while no agent serves:
+/// long enough for an agent restarted by its service manager, and no longer, since a socket
+/// connected through a table that is gone may be connected since through another agent's
+/// table of the same block (another `--state-dir`), to an address the dead table's note still
+/// names (helper-202: one of 133 sockets, refused until the dead table was removed). Past
+/// it, such a socket is refused by the node's port unreachable, as before the guard.
+pub const REFUSED_WITHOUT_AGENT_FOR_NS: u64 = 60_000_000_000;
+
 /// What the kernel side counts, per CPU: the index into `COUNTERS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -434,22 +443,28 @@ pub const AGENT_STEERING: u8 = 4;
 /// Capacity of the `SERVING` sockhash: an entry per port and family of each agent at most.
 pub const MAX_SERVING: u32 = 2 * MAX_AGENTS;
 
-/// Key of `SERVING`: the port of the block (network order) and the family an agent serves.
-/// Not its network namespace: node mode's block is routed to one namespace, and of two
-/// node-mode agents in two namespaces on one tree (a mistake the agents name), the one left
-/// must be taken for serving once the other stops.
+/// Agents that can be in `SERVING` at once for one port and family, each in a slot of its
+/// own: the one taken over from and the one taking over, and a third starting meanwhile.
+pub const SERVING_SLOTS: u8 = 4;
+
+/// Key of `SERVING`: the port of the block (network order) and the family an agent serves,
+/// and the slot it took. Not its network namespace: node mode's block is routed to one
+/// namespace, and of two node-mode agents in two namespaces on one tree (a mistake the agents
+/// name), the one left must be taken for serving once the other stops.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServingKey {
     pub port: u16,
-    pub family: u16,
+    pub family: u8,
+    pub slot: u8,
 }
 
 impl ServingKey {
-    pub const fn new(port_be: u16, family: u16) -> Self {
+    pub const fn new(port_be: u16, family: u16, slot: u8) -> Self {
         Self {
             port: port_be,
-            family,
+            family: family as u8,
+            slot,
         }
     }
 }

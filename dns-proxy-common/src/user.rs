@@ -29,7 +29,7 @@ unsafe impl aya::Pod for RedirectConfig {}
 // SAFETY: `AgentRecord` is two `u64`s, a `u16` and an explicit `[u8; 6]` of padding: 24
 // bytes (asserted).
 unsafe impl aya::Pod for AgentRecord {}
-// SAFETY: `ServingKey` is two `u16`s: 4 bytes, no padding (asserted).
+// SAFETY: `ServingKey` is a `u16` and two `u8`s: 4 bytes, no padding (asserted).
 unsafe impl aya::Pod for ServingKey {}
 // SAFETY: `CgroupPath` is two `u32`s, a `u64` at 8 and a byte array whose length is a
 // multiple of 8: no implicit padding (asserted).

@@ -25,15 +25,15 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     programs::SkBuffContext,
 };
-use dns_proxy_common::{Counter, Origin, server_key};
+use dns_proxy_common::{Counter, Origin, REFUSED_WITHOUT_AGENT_FOR_NS, server_key};
 
 use crate::{
-    CONNECTED, SERVERS,
+    ALIVE_AT, CONNECTED, SERVERS,
     block::{charge, index_in_block4, index_in_block6, share_left},
     config,
     context::full_sock_peer,
@@ -177,6 +177,15 @@ fn judge_connected_udp<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
 /// `--state-dir`, another namespace) serves its own, which this program must let be.
 #[inline(never)]
 fn unserved(ctx: &SkBuffContext, key: u32) -> bool {
+    // Only so long after this program's agent last ran ([`REFUSED_WITHOUT_AGENT_FOR_NS`]).
+    let Some(&alive_at) = ALIVE_AT.get(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(alive_at) > REFUSED_WITHOUT_AGENT_FOR_NS {
+        return false;
+    }
     // SAFETY: the context's own `__sk_buff`, valid for the whole run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: `get` is unsafe because an element may change while held; it is only compared.

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use dns_proxy_common::{
     AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, ServingKey, UNRESPONSIVE_AFTER_NS,
-    listener_slot, server_prefix_data,
+    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, SERVING_SLOTS, ServingKey,
+    UNRESPONSIVE_AFTER_NS, listener_slot, server_prefix_data,
 };
 
 use crate::{
@@ -112,8 +112,9 @@ unsafe fn holds_socket(map: *mut core::ffi::c_void, key: *const core::ffi::c_voi
     true
 }
 
-/// Whether an agent serves `family`'s block on this agent's port (`SERVING`): this one or,
-/// during and after a takeover, the one that took over.
+/// Whether an agent serves `family`'s block on this agent's port (`SERVING`, any slot): this
+/// one, or another before, during and after a takeover. The first slot is the one an agent
+/// alone holds: one lookup, while one serves.
 /// Read by the egress guard, which a dead agent leaves pinned in node mode.
 pub fn an_agent_serves(config: &RedirectConfig, family: u16) -> bool {
     let port = if family == AF_INET6 {
@@ -121,14 +122,20 @@ pub fn an_agent_serves(config: &RedirectConfig, family: u16) -> bool {
     } else {
         config.port4
     };
-    let key = ServingKey::new(port, family);
-    // SAFETY: a sockhash this object defines, and a key of its key size.
-    unsafe {
-        holds_socket(
-            core::ptr::addr_of!(SERVING).cast_mut().cast(),
-            core::ptr::addr_of!(key).cast(),
-        )
+    for slot in 0..SERVING_SLOTS {
+        let key = ServingKey::new(port, family, slot);
+        // SAFETY: a sockhash this object defines, and a key of its key size.
+        let held = unsafe {
+            holds_socket(
+                core::ptr::addr_of!(SERVING).cast_mut().cast(),
+                core::ptr::addr_of!(key).cast(),
+            )
+        };
+        if held {
+            return true;
+        }
     }
+    false
 }
 
 /// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP (or

@@ -616,6 +616,9 @@ async fn serve(
             }
         }
     }
+    if !agents.another_steers_on_port() {
+        redirector.take_the_pins_as_the_last();
+    }
     drop(redirector);
     stop_background.stop();
     // The programs are detached: the refusals' last count is final, and said before "stopped",

@@ -757,6 +757,30 @@ impl Redirector {
         self.link_pins.clone()
     }
 
+    /// Pins this agent's links in place of another agent's on this cgroup, as its stop leaves
+    /// them: called when no other agent serves its port, so that the guard left attached is
+    /// that of the last agent that ran, whose time its refusals are bounded by
+    /// ([`dns_proxy_common::REFUSED_WITHOUT_AGENT_FOR_NS`]). Left, a newer agent's pin (one that
+    /// took over and stopped first, or died) would stay, and its guard's time run out early.
+    pub fn take_the_pins_as_the_last(&self) {
+        for pin in &self.link_pins {
+            if pin.pinned_now() != PinnedNow::Another {
+                continue;
+            }
+            match pin.pin_at_start() {
+                Ok(()) => log::info!(
+                    "pinned {} in place of the link of an agent that serves no more: this one \
+                     is the last to",
+                    pin.kind().program
+                ),
+                Err(problem) => log::warn!(
+                    "cannot pin {} in place of another agent's link ({problem})",
+                    pin.kind().program
+                ),
+            }
+        }
+    }
+
     /// This agent's entries of `SERVING`.
     pub fn serving(&self) -> Arc<Serving> {
         Arc::clone(&self.serving)

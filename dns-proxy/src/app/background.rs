@@ -910,11 +910,11 @@ async fn keep_alive(
             .map(|(kind, _)| kind.program)
             .collect();
         for port in put_back {
-            log::warn!(
+            log::info!(
                 target: LOG,
-                "no agent served port {port} of the block (the one that took over from this \
-                 one is gone): this one serves it again, and a pod's socket \
-                 connected to the block is no longer refused"
+                "took a slot of SERVING for port {port} of the block (none was free, or its \
+                 entry was gone): the egress guard of any agent of this table now knows this \
+                 one serves"
             );
         }
     }

@@ -1,14 +1,18 @@
-//! `SERVING`: the serving agent's first UDP socket, by port and family, pinned and shared by the agents of the table. The egress guard, which a dead agent leaves
-//! pinned in node mode, refuses a pod's datagrams to the block where no entry is: the kernel
-//! takes a socket out as it closes it, so a dead agent's entry goes with its sockets, and a
-//! live agent's stays whatever became of the agent that put it there before.
+//! `SERVING`: the first UDP socket of each agent that serves a port and family of the block,
+//! in a slot of its own, pinned and shared by the agents of the table. The egress guard, which
+//! a dead agent leaves pinned in node mode, refuses a pod's datagrams to the block where no
+//! slot holds a socket: the kernel takes a socket out as it closes it, so a dead agent's entry
+//! goes with its sockets, and a live agent's stays whatever becomes of another's. One slot
+//! per agent: with one entry for all, a takeover that failed after its start had put its
+//! socket there, or a newer agent stopped while the older still served, left the entry empty,
+//! and the older agent's pods were refused for up to 2 s (helper-202: 12 of 40 lookups).
 use std::{
     os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
     sync::Mutex,
 };
 
 use aya::maps::{MapData, SockHash};
-use dns_proxy_common::{AF_INET, AF_INET6, ServingKey, names};
+use dns_proxy_common::{AF_INET, AF_INET6, SERVING_SLOTS, ServingKey};
 
 use super::{Block, EbpfError, ListenerFds};
 
@@ -18,21 +22,36 @@ const NOEXIST: u64 = 1;
 /// This agent's entries of `SERVING`, and its own descriptors of the sockets in them.
 pub struct Serving {
     map: Mutex<SockHash<MapData, ServingKey>>,
-    /// Each key with a descriptor of the socket to put there, while the agent serves; empty
-    /// once it stops serving ([`stop`](Self::stop)).
-    sockets: Mutex<Vec<(ServingKey, OwnedFd)>>,
+    entries: Mutex<Vec<Entry>>,
+}
+
+/// What this agent puts in `SERVING` for one family.
+struct Entry {
+    port_be: u16,
+    family: u16,
+    /// A descriptor of the socket to put there, while the agent serves; none once it stops
+    /// serving ([`Serving::stop`]).
+    socket: Option<OwnedFd>,
+    /// The slot it holds; none while every slot was taken.
+    slot: Option<u8>,
+}
+
+impl Entry {
+    fn key(&self, slot: u8) -> ServingKey {
+        ServingKey::new(self.port_be, self.family, slot)
+    }
 }
 
 impl Serving {
-    /// Puts this agent's first UDP socket of each family in `map`, in place of any other
-    /// agent's: from now on this one serves the block on its ports.
+    /// Puts this agent's first UDP socket of each family in the lowest free slot of `map`:
+    /// from now on it serves the block on its ports, beside any agent there already.
     pub(super) fn put(
-        map: SockHash<MapData, ServingKey>,
+        mut map: SockHash<MapData, ServingKey>,
         listeners: &ListenerFds<'_>,
         block4: Block,
         block6: Option<Block>,
     ) -> Result<Self, EbpfError> {
-        let mut wanted = Vec::new();
+        let mut entries = Vec::new();
         let families = [
             (AF_INET, Some(block4), listeners.udp4.first()),
             (AF_INET6, block6, listeners.udp6.first()),
@@ -41,52 +60,89 @@ impl Serving {
             let (Some(block), Some(socket)) = (block, socket) else {
                 continue;
             };
-            let key = ServingKey::new(block.port.to_be(), family);
-            wanted.push((key, duplicate(*socket)?));
-        }
-        let mut map = map;
-        for (key, socket) in &wanted {
-            map.insert(key, socket.as_raw_fd(), 0)
-                .map_err(|source| EbpfError::Map {
-                    map: names::SERVING,
-                    source: Box::new(source),
-                })?;
+            let mut entry = Entry {
+                port_be: block.port.to_be(),
+                family,
+                socket: Some(duplicate(*socket)?),
+                slot: None,
+            };
+            entry.slot = take_lowest_free(&mut map, &entry, SERVING_SLOTS);
+            if entry.slot.is_none() {
+                log::warn!(
+                    "{SERVING_SLOTS} agents serve port {} already (SERVING): this one takes a \
+                     place there once one goes, at a heartbeat",
+                    block.port
+                );
+            }
+            entries.push(entry);
         }
         Ok(Self {
             map: Mutex::new(map),
-            sockets: Mutex::new(wanted),
+            entries: Mutex::new(entries),
         })
     }
 
-    /// Puts this agent's sockets back where no entry is, while it serves: the agent that took
-    /// over from it is gone, and until this one puts them back, a pod's socket connected to
-    /// the block is refused though this one would answer it. Returns the ports put back.
+    /// At each heartbeat, while the agent serves: takes a slot where it holds none (none was
+    /// free at its start), and moves to a lower slot that is free (the agent before it is
+    /// gone), so that the guard's first lookup finds it. Returns the ports it took a slot for.
     pub fn put_back(&self) -> Vec<u16> {
-        let sockets = self
-            .sockets
+        let mut entries = self
+            .entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut map = self
             .map
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut put = Vec::new();
-        for (key, socket) in sockets.iter() {
-            if map.insert(key, socket.as_raw_fd(), NOEXIST).is_ok() {
-                put.push(u16::from_be(key.port));
+        let mut taken = Vec::new();
+        for entry in entries.iter_mut().filter(|entry| entry.socket.is_some()) {
+            let held = entry.slot.filter(|slot| {
+                map.keys()
+                    .any(|key| key.is_ok_and(|key| key == entry.key(*slot)))
+            });
+            match held {
+                Some(0) => {}
+                Some(slot) => {
+                    if let Some(lower) = take_lowest_free(&mut map, entry, slot) {
+                        let _ = map.remove(&entry.key(slot));
+                        entry.slot = Some(lower);
+                    }
+                }
+                None => {
+                    entry.slot = take_lowest_free(&mut map, entry, SERVING_SLOTS);
+                    if entry.slot.is_some() {
+                        taken.push(u16::from_be(entry.port_be));
+                    }
+                }
             }
         }
-        put
+        taken
     }
 
     /// This agent serves no more: it puts nothing back, and lets go of its descriptors, so
     /// that its entries go as its listeners close.
     pub fn stop(&self) {
-        self.sockets
+        let mut entries = self
+            .entries
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clear();
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for entry in entries.iter_mut() {
+            entry.socket = None;
+        }
     }
+}
+
+/// Puts `entry`'s socket in the lowest slot below `below` that holds none; the slot.
+fn take_lowest_free(
+    map: &mut SockHash<MapData, ServingKey>,
+    entry: &Entry,
+    below: u8,
+) -> Option<u8> {
+    let socket = entry.socket.as_ref()?;
+    (0..below).find(|slot| {
+        map.insert(entry.key(*slot), socket.as_raw_fd(), NOEXIST)
+            .is_ok()
+    })
 }
 
 /// A descriptor of the agent's own on `socket`, as high as the listeners' own: a SIGKILL
