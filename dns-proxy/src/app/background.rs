@@ -795,8 +795,8 @@ fn switch_redirect(
 
 /// Says this agent is alive, every [`HEARTBEAT_INTERVAL`] until `stop`, and logs once when a
 /// newer agent has taken over. Clears the queue of the lock on the redirected cgroup. Pins
-/// the table of servers again if its pins are gone, and is not ready while it cannot. Puts
-/// this agent's sockets back in `SERVING` where the agent that took over from it is gone.
+/// the table of servers again if its pins are gone, and is not ready while it cannot. Keeps
+/// this agent's slot of `SERVING`: a lower one once it is free, one if it had none.
 async fn keep_alive(
     agents: Arc<agents::Agents>,
     pins: Arc<host::Pins>,
