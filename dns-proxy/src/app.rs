@@ -560,11 +560,19 @@ async fn serve(
                     config.shutdown_timeout.saturating_sub(last_answers).as_secs_f64()
                 );
             }
+            let serving_entries = redirector.serving();
             let let_go = async {
                 // Before `sk_lookup` is detached, so that what is sent to the block from then
                 // on is refused rather than met by the hold.
                 let_go_of_the_port(&release_hold, &mut hold_kept).await;
-                redirector.stop_steering(if agents.another_steers_on_port() {
+                let another_steers = agents.another_steers_on_port();
+                if !another_steers {
+                    // In node mode a pod's socket is refused as it sends from now on, not by
+                    // the node's rate-limited port unreachable while the listeners finish
+                    // (until the deadline, with answers in flight: helper-203).
+                    serving_entries.withdraw();
+                }
+                redirector.stop_steering(if another_steers {
                     TO_THE_OTHER_AGENT
                 } else {
                     REFUSED_FROM_NOW_ON
@@ -616,7 +624,9 @@ async fn serve(
             }
         }
     }
-    if !agents.another_steers_on_port() {
+    if agents.another_steers_on_port() {
+        redirector.unpin_the_guard_beside_another();
+    } else if !agents.newer_one_starting() {
         redirector.take_the_pins_as_the_last();
     }
     drop(redirector);

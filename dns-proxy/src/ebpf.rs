@@ -553,15 +553,6 @@ impl Redirector {
             config.agent_cgroup.id
         );
         fill_listeners(&mut ebpf, &config.listeners)?;
-        // Before anything is attached: a pinned egress guard (a dead agent's, then this one's)
-        // lets pass what pods send to the block from now on, which reaches this agent once its
-        // `sk_lookup` is attached (and is refused by the node until then, as before).
-        let serving = Serving::put(
-            take_as(&mut ebpf, names::SERVING)?,
-            &config.listeners,
-            config.block4,
-            config.block6,
-        )?;
         let own_sockets = mark_listeners(&mut ebpf, &config.listeners)?;
         fill_excluded_servers(&mut ebpf, config.excluded_servers)?;
         let servers = ServerTable::take(&mut ebpf, config.block4, config.block6)?;
@@ -730,7 +721,16 @@ impl Redirector {
             block4,
             &servers.servers4(),
         );
-        // Every program is in place: the redirect may start.
+        // Every program is in place, `sk_lookup` steers to this agent: a pinned egress guard
+        // (a dead agent's, this one's) lets pass what pods send to the block from now on.
+        // Before, it refused it at once, where the node's refusal is rate-limited.
+        let serving = Serving::put(
+            take_as(&mut ebpf, names::SERVING)?,
+            &config.listeners,
+            config.block4,
+            config.block6,
+        )?;
+        // The redirect may start.
         let mut switch = RedirectSwitch(take_array(&mut ebpf, names::ARMED)?);
         switch.set(&[])?;
         Ok((
@@ -777,6 +777,30 @@ impl Redirector {
                     "cannot pin {} in place of another agent's link ({problem})",
                     pin.kind().program
                 ),
+            }
+        }
+    }
+
+    /// Unpins this agent's egress guard if its pin is still this agent's while another agent
+    /// serves its port and has no socket in `SERVING`: that one is of a version before
+    /// `SERVING`, and this guard, left, would refuse its pods' sockets (helper-203). (One of
+    /// this version pins its own at its next heartbeat.)
+    pub fn unpin_the_guard_beside_another(&self) {
+        if self.serving.another_in_serving() {
+            return;
+        }
+        for pin in &self.link_pins {
+            if pin.kind() != link_pin::EGRESS || pin.pinned_now() != PinnedNow::Ours {
+                continue;
+            }
+            match std::fs::remove_file(pin.path()) {
+                Ok(()) => log::info!(
+                    "unpinned {} ({}): the agent that serves now put no socket in SERVING (a \
+                     version before it), and this one's guard would refuse its pods",
+                    pin.kind().program,
+                    pin.path().display()
+                ),
+                Err(err) => log::warn!("cannot unpin {}: {err}", pin.path().display()),
             }
         }
     }

@@ -829,11 +829,19 @@ async fn keep_alive(
                 } else {
                     Vec::new()
                 };
-                (restored, links, serving.put_back())
+                // A newer agent's pins, left by one that stopped or died before this one:
+                // this one's, whose refusals run from its own last heartbeat, take their place.
+                let taken_back = if !agents.another_steers_on_port() && !agents.newer_one_starting()
+                {
+                    pins.take_back_links()
+                } else {
+                    Vec::new()
+                };
+                (restored, links, serving.put_back(), taken_back)
             }
         })
         .await;
-        let Ok((restored, links, put_back)) = looked else {
+        let Ok((restored, links, put_back, taken_back)) = looked else {
             log::warn!(target: LOG, "the heartbeat stopped");
             return;
         };
@@ -909,6 +917,13 @@ async fn keep_alive(
             .filter(|(_, restored)| restored.is_err())
             .map(|(kind, _)| kind.program)
             .collect();
+        for program in taken_back {
+            log::info!(
+                target: LOG,
+                "pinned {program} in {} in place of the link of an agent that serves no more",
+                pins.dir().display()
+            );
+        }
         for port in put_back {
             log::info!(
                 target: LOG,

@@ -43,6 +43,20 @@ impl Entry {
 }
 
 impl Serving {
+    /// The entries, locked (first, when both are).
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The map, locked.
+    fn map(&self) -> std::sync::MutexGuard<'_, SockHash<MapData, ServingKey>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Puts this agent's first UDP socket of each family in the lowest free slot of `map`:
     /// from now on it serves the block on its ports, beside any agent there already.
     pub(super) fn put(
@@ -69,8 +83,8 @@ impl Serving {
             entry.slot = take_lowest_free(&mut map, &entry, SERVING_SLOTS);
             if entry.slot.is_none() {
                 log::warn!(
-                    "{SERVING_SLOTS} agents serve port {} already (SERVING): this one takes a \
-                     place there once one goes, at a heartbeat",
+                    "no slot of SERVING taken for port {} ({SERVING_SLOTS} agents serve it \
+                     already, or the map refused): tried again at each heartbeat",
                     block.port
                 );
             }
@@ -86,14 +100,8 @@ impl Serving {
     /// free at its start), and moves to a lower slot that is free (the agent before it is
     /// gone), so that the guard's first lookup finds it. Returns the ports it took a slot for.
     pub fn put_back(&self) -> Vec<u16> {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.entries();
+        let mut map = self.map();
         let mut taken = Vec::new();
         for entry in entries.iter_mut().filter(|entry| entry.socket.is_some()) {
             let held = entry.slot.filter(|slot| {
@@ -119,13 +127,37 @@ impl Serving {
         taken
     }
 
+    /// Takes this agent's entries out now, its listeners still open: what pods send to the
+    /// block is refused from now on (no other agent serves).
+    pub fn withdraw(&self) {
+        self.stop();
+        let entries = self.entries();
+        let mut map = self.map();
+        for entry in entries.iter() {
+            if let Some(slot) = entry.slot {
+                let _ = map.remove(&entry.key(slot));
+            }
+        }
+    }
+
+    /// Whether another agent's socket is in `SERVING` for one of this agent's ports: an agent
+    /// of this version serves there (one before `SERVING` puts none).
+    pub fn another_in_serving(&self) -> bool {
+        let entries = self.entries();
+        let map = self.map();
+        map.keys().flatten().any(|key| {
+            entries.iter().any(|entry| {
+                key.port == entry.port_be
+                    && u16::from(key.family) == entry.family
+                    && Some(key.slot) != entry.slot
+            })
+        })
+    }
+
     /// This agent serves no more: it puts nothing back, and lets go of its descriptors, so
     /// that its entries go as its listeners close.
     pub fn stop(&self) {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.entries();
         for entry in entries.iter_mut() {
             entry.socket = None;
         }
