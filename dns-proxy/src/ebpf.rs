@@ -764,16 +764,14 @@ impl Redirector {
     /// took over and stopped first, or died) would stay, and its guard's time run out early.
     pub fn take_the_pins_as_the_last(&self) {
         for pin in &self.link_pins {
-            if pin.pinned_now() != PinnedNow::Another {
-                continue;
-            }
-            match pin.pin_at_start() {
-                Ok(()) => log::info!(
+            match pin.take_back() {
+                None => {}
+                Some(Ok(())) => log::info!(
                     "pinned {} in place of the link of an agent that serves no more: this one \
                      is the last to",
                     pin.kind().program
                 ),
-                Err(problem) => log::warn!(
+                Some(Err(problem)) => log::warn!(
                     "cannot pin {} in place of another agent's link ({problem})",
                     pin.kind().program
                 ),

@@ -596,14 +596,14 @@ impl Pins {
             .collect()
     }
 
-    /// Pins each link in place of another agent's on this cgroup (one that took over and
-    /// stopped, or died): called while no other agent serves, so that the guard left attached
-    /// is this one's, which ran last. The programs whose links were pinned again.
+    /// Pins each link in place of another agent's on this cgroup ([`LinkPin::take_back`]):
+    /// the programs whose links were pinned again.
+    ///
+    /// [`LinkPin::take_back`]: crate::ebpf::LinkPin::take_back
     pub fn take_back_links(&self) -> Vec<&'static str> {
         self.link_pins
             .iter()
-            .filter(|link| link.pinned_now() == crate::ebpf::PinnedNow::Another)
-            .filter(|link| link.pin_at_start().is_ok())
+            .filter(|link| link.take_back().is_some_and(|pinned| pinned.is_ok()))
             .map(|link| link.kind().program)
             .collect()
     }

@@ -169,6 +169,14 @@ impl LinkPin {
         self.kind
     }
 
+    /// Pins the link in place of another agent's link on this cgroup, if that is what is
+    /// pinned (one that took over and stopped, or died): for an agent that serves alone, so
+    /// that the guard left attached is the one whose agent ran last. `None` if another's is
+    /// not there.
+    pub fn take_back(&self) -> Option<Result<(), String>> {
+        (self.pinned_now() == PinnedNow::Another).then(|| self.pin_at_start())
+    }
+
     /// Where the link is pinned.
     pub fn path(&self) -> &Path {
         &self.path

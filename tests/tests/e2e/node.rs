@@ -427,16 +427,14 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
         all.extend(args.iter().map(|arg| (*arg).to_owned()));
         Agent::launch(&node.node, node.redirected_cgroup(), None, &all)
     };
-    let answered = |round: &[String]| round.iter().all(|line| line.contains(" answered "));
+    let all_answered = |round: &[String], agent: &Agent| {
+        let answered = round.iter().all(|line| line.contains(" answered "));
+        assert!(answered, "{round:#?}\n{}", agent.log());
+    };
     let mut agent = launch(&[]);
     let mut client = ConnectedRounds::start(&node, 2000);
     let up = client.round("up", 3, 100);
-    assert!(
-        answered(&up),
-        "{up:#?}
-{}",
-        agent.log()
-    );
+    all_answered(&up, &agent);
 
     agent.process().signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5));
@@ -452,12 +450,7 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     // The next agent answers the same socket, and the dead one's guard is gone.
     let older = launch(&[]);
     let back = client.round("back", 3, 100);
-    assert!(
-        answered(&back),
-        "{back:#?}
-{}",
-        older.log()
-    );
+    all_answered(&back, &older);
     assert_eq!(
         programs_on(cgroup)
             .iter()
@@ -477,12 +470,12 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     ] {
         let mut newer = launch(&["--takeover"]);
         let taken = client.round(&format!("{round}-taken"), 3, 100);
-        assert!(answered(&taken), "{taken:#?}\n{}", newer.log());
+        all_answered(&taken, &newer);
         forwarded(&newer, &format!("{round}-taken-2.example.test"));
         newer.process().signal(signal);
         newer.wait_exit(Duration::from_secs(10));
         let after = client.round(round, 30, 100);
-        assert!(answered(&after), "{after:#?}\n{}", older.log());
+        all_answered(&after, &older);
     }
 
     // A stop: answered while it drains (4 s of its 5), then refused at once, as after it.
