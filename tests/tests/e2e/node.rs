@@ -412,10 +412,10 @@ fn programs_on(cgroup: &std::path::Path) -> Vec<String> {
 /// (port unreachable) is rate-limited per pod address, and a busy socket's lookups waited out
 /// their timeout instead (helper-201: 14 of 50; here 10 of 40). The dead agent leaves its
 /// egress guard pinned for that, which the next agent replaces. A newer agent that stops or is
-/// killed while the one it took over from still serves leaves that one's pods answered. A
-/// stop answers the socket while it drains, and refuses it at once from the moment it lets go
-/// of the block; the last agent to stop leaves its own guard pinned, whose refusals last 60 s
-/// from then.
+/// killed while the one it took over from still serves leaves that one's pods answered, and
+/// its pinned links are replaced by that one's at its next heartbeat. A stop answers the
+/// socket while it drains, and refuses it at once from the moment it lets go of the block;
+/// the last agent to stop leaves its own guard pinned, whose refusals last 60 s from then.
 #[test]
 fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     let _apart = super::one_flood_at_a_time();
@@ -463,11 +463,20 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     // rollout rolled back); another takes over and is killed. The older agent's pods are
     // answered throughout: each agent has a slot of its own in SERVING (with one for all,
     // 12 of 40 lookups were refused after a failed takeover, helper-202).
+    // The newer agent's links, pinned over the older one's, are taken back at the older
+    // one's next heartbeat, so that the guard left is the one whose agent runs.
     let mut older = older;
-    for (round, signal) in [
+    let linked = |program: &str| {
+        let attached = programs_on(cgroup);
+        attached.iter().filter(|name| *name == program).count()
+    };
+    for (taken_back, (round, signal)) in [
         ("rolled-back", libc::SIGTERM),
         ("killed-newer", libc::SIGKILL),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut newer = launch(&["--takeover"]);
         let taken = client.round(&format!("{round}-taken"), 3, 100);
         all_answered(&taken, &newer);
@@ -476,6 +485,18 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
         newer.wait_exit(Duration::from_secs(10));
         let after = client.round(round, 30, 100);
         all_answered(&after, &older);
+        wait_for(
+            "the older agent's heartbeat to pin its guard again",
+            Duration::from_secs(5),
+            || {
+                let log = older.log();
+                let pinned = "pinned dns_proxy_egress in ";
+                (log.matches(pinned).count() > taken_back).then_some(())
+            },
+        );
+        for program in ["dns_proxy_egress", "dns_proxy_sock_release"] {
+            assert_eq!(linked(program), 1, "{program}\n{}", older.log());
+        }
     }
 
     // A stop: answered while it drains (4 s of its 5), then refused at once, as after it.
