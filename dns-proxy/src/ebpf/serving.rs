@@ -11,7 +11,7 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{MapData, SockHash};
+use aya::maps::{MapData, MapError, SockHash};
 use dns_proxy_common::{AF_INET, AF_INET6, SERVING_SLOTS, ServingKey};
 
 use super::{Block, EbpfError, ListenerFds};
@@ -80,13 +80,18 @@ impl Serving {
                 socket: Some(duplicate(*socket)?),
                 slot: None,
             };
-            entry.slot = take_lowest_free(&mut map, &entry, SERVING_SLOTS);
-            if entry.slot.is_none() {
-                log::warn!(
-                    "no slot of SERVING taken for port {} ({SERVING_SLOTS} agents serve it \
-                     already, or the map refused): tried again at each heartbeat",
+            match take_lowest_free(&mut map, &entry, SERVING_SLOTS) {
+                Ok(Some(slot)) => entry.slot = Some(slot),
+                Ok(None) => log::warn!(
+                    "no slot of SERVING taken for port {}: {SERVING_SLOTS} agents serve it \
+                     already; tried again at each heartbeat",
                     block.port
-                );
+                ),
+                Err(err) => log::warn!(
+                    "no slot of SERVING taken for port {}: {err}; tried again at each \
+                     heartbeat",
+                    block.port
+                ),
             }
             entries.push(entry);
         }
@@ -111,13 +116,16 @@ impl Serving {
             match held {
                 Some(0) => {}
                 Some(slot) => {
-                    if let Some(lower) = take_lowest_free(&mut map, entry, slot) {
+                    if let Ok(Some(lower)) = take_lowest_free(&mut map, entry, slot) {
                         let _ = map.remove(&entry.key(slot));
                         entry.slot = Some(lower);
                     }
                 }
+                // Said at the start, whatever it was; said again once taken.
                 None => {
-                    entry.slot = take_lowest_free(&mut map, entry, SERVING_SLOTS);
+                    entry.slot = take_lowest_free(&mut map, entry, SERVING_SLOTS)
+                        .ok()
+                        .flatten();
                     if entry.slot.is_some() {
                         taken.push(u16::from_be(entry.port_be));
                     }
@@ -164,17 +172,29 @@ impl Serving {
     }
 }
 
-/// Puts `entry`'s socket in the lowest slot below `below` that holds none; the slot.
+/// Puts `entry`'s socket in the lowest slot below `below` that holds none: the slot, or
+/// none if each holds another's socket (or the agent serves no more). Any other refusal of
+/// the map (full, or the socket not one it takes) is the error, said for the log.
 fn take_lowest_free(
     map: &mut SockHash<MapData, ServingKey>,
     entry: &Entry,
     below: u8,
-) -> Option<u8> {
-    let socket = entry.socket.as_ref()?;
-    (0..below).find(|slot| {
-        map.insert(entry.key(*slot), socket.as_raw_fd(), NOEXIST)
-            .is_ok()
-    })
+) -> Result<Option<u8>, String> {
+    let Some(socket) = entry.socket.as_ref() else {
+        return Ok(None);
+    };
+    for slot in 0..below {
+        match map.insert(entry.key(slot), socket.as_raw_fd(), NOEXIST) {
+            Ok(()) => return Ok(Some(slot)),
+            Err(MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(MapError::SyscallError(err)) => {
+                return Err(format!("the map refused it ({})", err.io_error));
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(None)
 }
 
 /// A descriptor of the agent's own on `socket`, as high as the listeners' own: a SIGKILL

@@ -481,6 +481,12 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
         let taken = client.round(&format!("{round}-taken"), 3, 100);
         all_answered(&taken, &newer);
         forwarded(&newer, &format!("{round}-taken-2.example.test"));
+        // It took the slot after the older agent's.
+        assert!(
+            !newer.log().contains("no slot of SERVING"),
+            "{}",
+            newer.log()
+        );
         newer.process().signal(signal);
         newer.wait_exit(Duration::from_secs(10));
         let after = client.round(round, 30, 100);
