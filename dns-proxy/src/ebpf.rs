@@ -787,18 +787,20 @@ impl Redirector {
         if self.serving.another_in_serving() {
             return;
         }
-        for pin in &self.link_pins {
-            if pin.kind() != link_pin::EGRESS || pin.pinned_now() != PinnedNow::Ours {
-                continue;
-            }
-            match std::fs::remove_file(pin.path()) {
-                Ok(()) => log::info!(
+        for pin in self
+            .link_pins
+            .iter()
+            .filter(|pin| pin.kind() == link_pin::EGRESS)
+        {
+            match pin.unpin_for_good() {
+                Ok(true) => log::info!(
                     "unpinned {} ({}): the agent that serves now put no socket in SERVING (a \
                      version before it), and this one's guard would refuse its pods",
                     pin.kind().program,
                     pin.path().display()
                 ),
-                Err(err) => log::warn!("cannot unpin {}: {err}", pin.path().display()),
+                Ok(false) => {}
+                Err(err) => log::warn!("{err}"),
             }
         }
     }
@@ -961,6 +963,13 @@ impl Drop for Redirector {
 fn say_what_stays(pin: &LinkPin, cgroup: &str) -> bool {
     let (program, path) = (pin.kind().program, pin.path().display());
     let without = pin.kind().without;
+    if pin.given_up() {
+        log::info!(
+            "detaching {program} from {cgroup}: unpinned beside an agent of a version before \
+             SERVING, whose pods it would refuse"
+        );
+        return false;
+    }
     let now = match pin.pinned_now() {
         PinnedNow::Gone => match pin.restore() {
             Ok(true) => PinnedNow::Ours,

@@ -15,6 +15,7 @@ use std::{
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use aya::programs::links::FdLink;
@@ -76,6 +77,9 @@ pub struct LinkPin {
     link_id: u32,
     /// Its attach type, as fdinfo says it: another agent's link of this kind has the same.
     attach_type: Option<u32>,
+    /// Unpinned for good ([`unpin_for_good`](LinkPin::unpin_for_good)): neither the heartbeat
+    /// nor the stop pins it again.
+    given_up: AtomicBool,
 }
 
 /// What is at the pin's path now.
@@ -123,6 +127,7 @@ impl LinkPin {
             link,
             link_id,
             attach_type,
+            given_up: AtomicBool::new(false),
         })
     }
 
@@ -174,7 +179,24 @@ impl LinkPin {
     /// that the guard left attached is the one whose agent ran last. `None` if another's is
     /// not there.
     pub fn take_back(&self) -> Option<Result<(), String>> {
-        (self.pinned_now() == PinnedNow::Another).then(|| self.pin_at_start())
+        (!self.given_up() && self.pinned_now() == PinnedNow::Another).then(|| self.pin_at_start())
+    }
+
+    /// Unpins the link if its pin is this agent's, and pins it nowhere again: it is detached
+    /// when the agent stops. Whether it was unpinned (an error if it could not be).
+    pub fn unpin_for_good(&self) -> Result<bool, String> {
+        self.given_up.store(true, Ordering::Relaxed);
+        if self.pinned_now() != PinnedNow::Ours {
+            return Ok(false);
+        }
+        std::fs::remove_file(&self.path)
+            .map(|()| true)
+            .map_err(|err| format!("cannot unpin {}: {err}", self.path.display()))
+    }
+
+    /// Whether it was unpinned for good.
+    pub fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Relaxed)
     }
 
     /// Where the link is pinned.
@@ -251,6 +273,9 @@ impl LinkPin {
     pub fn restore(&self) -> Result<bool, String> {
         // A dead start's staged pin goes within a heartbeat of its age, not at the next start.
         remove_stale_staged_pins(&self.dir, self.kind);
+        if self.given_up() {
+            return Ok(false);
+        }
         match self.pinned_now() {
             PinnedNow::Ours | PinnedNow::Another => Ok(false),
             PinnedNow::Blocked(what) | PinnedNow::Unknown(what) => Err(what),
