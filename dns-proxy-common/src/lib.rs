@@ -440,6 +440,14 @@ pub const AGENT_TELLS_STEERING: u8 = 2;
 /// serve new lookups: set once it is ready, cleared once it is stopped (its `sk_lookup` may
 /// steer on while it drains, but no other agent may take it for one that serves).
 pub const AGENT_STEERING: u8 = 4;
+/// [`AgentRecord::flags`]: the agent puts a socket in `SERVING` once it steers the block. An
+/// agent's record without it is of a version before `SERVING`, which may serve the block with
+/// nothing there: the egress guard left pinned refuses nothing while one is alive
+/// ([`OLDER_AGENT_ALIVE_FOR_NS`]).
+pub const AGENT_FILLS_SERVING: u8 = 8;
+/// How recent the heartbeat of an agent of a version before `SERVING` must be
+/// (`CLOCK_BOOTTIME`) for the egress guard to take it for alive: three heartbeats.
+pub const OLDER_AGENT_ALIVE_FOR_NS: u64 = 6_000_000_000;
 /// Capacity of the `SERVING` sockhash: an entry per port and family of each agent at most.
 pub const MAX_SERVING: u32 = 2 * MAX_AGENTS;
 

@@ -38,7 +38,7 @@ use crate::{
     config,
     context::full_sock_peer,
     count,
-    scope::{an_agent_serves, is_excluded_cgroup},
+    scope::{an_agent_serves, an_older_agent_runs, is_excluded_cgroup},
     sock::{block_peer_index, note_connected},
 };
 
@@ -172,7 +172,8 @@ fn judge_connected_udp<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
 ///
 /// This program is pinned in node mode, so that it outlives the agent. `SERVING` tells whether
 /// any agent of this table serves, so that a program whose agent is gone refuses nothing a
-/// newer one would answer; and only a socket this table connected is refused (its note in
+/// newer one would answer; an agent of a version before `SERVING` puts nothing there, and is
+/// told by its record in `AGENTS` ([`an_older_agent_runs`], looked at last); and only a socket this table connected is refused (its note in
 /// `CONNECTED`): an agent of another table on the same cgroup and block (another
 /// `--state-dir`, another namespace) serves its own, which this program must let be.
 #[inline(never)]
@@ -190,7 +191,7 @@ fn unserved(ctx: &SkBuffContext, key: u32) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: `get` is unsafe because an element may change while held; it is only compared.
     let connected_here = unsafe { CONNECTED.get(cookie) }.is_some_and(|noted| *noted == key);
-    connected_here && !sent_by_an_exempt_socket(ctx)
+    connected_here && !sent_by_an_exempt_socket(ctx) && !an_older_agent_runs(&config())
 }
 
 /// Holds the index a UDP socket is connected to when it names no server (or is held so

@@ -194,7 +194,7 @@ static EXCLUDED_SERVERS: LpmTrie<ServerPrefixData, u8> =
 #[map(name = "AGENT_CGROUPS")]
 static AGENT_CGROUPS: HashMap<u64, AgentCgroup> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);
 
-/// Only the agents read and write it; declared here so that it is made and pinned with the rest.
+/// The agents write it; the egress guard reads it ([`scope::an_older_agent_runs`]).
 #[map(name = "AGENTS")]
 static AGENTS: HashMap<u64, AgentRecord> = HashMap::pinned(MAX_AGENTS, BPF_F_NO_PREALLOC);
 

@@ -4,20 +4,21 @@
 //! serves other namespaces (node mode), only the agent's namespace.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
-        bpf_map_lookup_elem, bpf_sk_release,
+        bpf_for_each_map_elem, bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
     },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use dns_proxy_common::{
-    AF_INET6, ARMED_IPV4, ARMED_IPV6, Counter, DNS_PORT, EXCLUDED_SUBTREE, Endpoint, Listener,
-    MAX_EXCLUDED_LEVEL, RedirectConfig, SERVER_PREFIX_BITS, SERVING_SLOTS, ServingKey,
-    UNRESPONSIVE_AFTER_NS, listener_slot, server_prefix_data,
+    AF_INET6, AGENT_FILLS_SERVING, ARMED_IPV4, ARMED_IPV6, AgentRecord, Counter, DNS_PORT,
+    EXCLUDED_SUBTREE, Endpoint, Listener, MAX_EXCLUDED_LEVEL, OLDER_AGENT_ALIVE_FOR_NS,
+    RedirectConfig, SERVER_PREFIX_BITS, SERVING_SLOTS, ServingKey, UNRESPONSIVE_AFTER_NS,
+    listener_slot, server_prefix_data,
 };
 
 use crate::{
-    AGENT_CGROUPS, AGENT_SOCKETS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
+    AGENT_CGROUPS, AGENT_SOCKETS, AGENTS, ALIVE_AT, ARMED, EXCLUDED_CGROUPS, EXCLUDED_LEVELS,
     EXCLUDED_SERVER_COUNT, EXCLUDED_SERVERS, Hook, LISTENERS, SERVING,
     context::{
         ctx_bound_dev_if, ctx_local_port, ctx_mark, ctx_netns_cookie, ctx_sock_protocol,
@@ -136,6 +137,68 @@ pub fn an_agent_serves(config: &RedirectConfig, family: u16) -> bool {
         }
     }
     false
+}
+
+/// Whether an agent of a version before `SERVING` said within
+/// [`OLDER_AGENT_ALIVE_FOR_NS`] that it runs on the block's port (its record in `AGENTS`
+/// lacks [`AGENT_FILLS_SERVING`]): it may serve the block and put nothing in `SERVING`, so
+/// that an empty `SERVING` says nothing. Without this look, a rollback to such a version
+/// within 60 s of this one's stop had its pods' connected sockets refused until the 60 s were
+/// out (helper-204: every lookup of glibc, 286 of 286). Read by the egress guard only when
+/// `SERVING` is empty: a walk of up to [`dns_proxy_common::MAX_AGENTS`] records.
+pub fn an_older_agent_runs(config: &RedirectConfig) -> bool {
+    let mut search = OlderAgentSearch {
+        // SAFETY: a helper without arguments.
+        now_ns: unsafe { bpf_ktime_get_boot_ns() },
+        // The agents register with their IPv4 block's port, in host order.
+        port: u16::from_be(config.port4),
+        found: 0,
+    };
+    // SAFETY: a hash map this object defines; the callback is a static function of the
+    // signature the helper calls, and `search` lives on the stack for the whole call.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::addr_of!(AGENTS).cast_mut().cast(),
+            older_agent_record as *mut core::ffi::c_void,
+            core::ptr::addr_of_mut!(search).cast(),
+            0,
+        );
+    }
+    search.found != 0
+}
+
+/// What [`older_agent_record`] looks for, and whether it found it.
+#[repr(C)]
+struct OlderAgentSearch {
+    now_ns: u64,
+    port: u16,
+    found: u16,
+}
+
+/// `bpf_for_each_map_elem`'s callback over `AGENTS`: 1 (stop) at the first record of a live
+/// agent of a version before `SERVING` on the search's port, 0 (go on) otherwise.
+#[inline(never)]
+extern "C" fn older_agent_record(
+    _map: *mut core::ffi::c_void,
+    _key: *mut core::ffi::c_void,
+    record: *mut core::ffi::c_void,
+    search: *mut core::ffi::c_void,
+) -> i64 {
+    // SAFETY: the helper passes a value of `AGENTS`, an `AgentRecord`, and the search it was
+    // given, both valid for the call.
+    let (record, search) = unsafe {
+        (
+            &*record.cast::<AgentRecord>(),
+            &mut *search.cast::<OlderAgentSearch>(),
+        )
+    };
+    let older_alive = record.port == search.port
+        && record.flags & AGENT_FILLS_SERVING == 0
+        && search.now_ns.saturating_sub(record.heartbeat_ns) <= OLDER_AGENT_ALIVE_FOR_NS;
+    if older_alive {
+        search.found = 1;
+    }
+    i64::from(older_alive)
 }
 
 /// Whether a socket headed for `port_be` is a DNS client we redirect: UDP always, TCP (or

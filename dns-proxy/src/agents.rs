@@ -23,7 +23,8 @@ use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use dns_proxy_common::{
-    AGENT_NAMED, AGENT_STEERING, AGENT_TELLS_STEERING, AgentCgroup, AgentRecord, MAX_AGENTS, names,
+    AGENT_FILLS_SERVING, AGENT_NAMED, AGENT_STEERING, AGENT_TELLS_STEERING, AgentCgroup,
+    AgentRecord, MAX_AGENTS, names,
 };
 use socket2::Socket;
 
@@ -229,7 +230,7 @@ impl Agents {
 fn record_flags(named: bool, steering: bool) -> u8 {
     let named = if named { AGENT_NAMED } else { 0 };
     let steering = if steering { AGENT_STEERING } else { 0 };
-    named | AGENT_TELLS_STEERING | steering
+    named | AGENT_TELLS_STEERING | AGENT_FILLS_SERVING | steering
 }
 
 fn agent_name(stamp: u64) -> String {

@@ -91,6 +91,59 @@ pub fn connected_charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> i64 {
         .unwrap_or(0)
 }
 
+/// Writes a record of an agent in the `AGENTS` map of the table pinned below `state_dir`, with
+/// bpftool, as an agent of another version writes its own: key `stamp`, its heartbeat
+/// `heartbeat_ns` (`CLOCK_BOOTTIME`), its block's `port` and its `flags`. What an agent of a
+/// version the tests cannot run would leave in the kernel.
+pub fn put_agent_record(state_dir: &Path, stamp: u64, heartbeat_ns: u64, port: u16, flags: u8) {
+    // `AgentRecord`: cgroup id, heartbeat, port, flags, padding.
+    let mut value = Vec::with_capacity(24);
+    value.extend_from_slice(&0u64.to_ne_bytes());
+    value.extend_from_slice(&heartbeat_ns.to_ne_bytes());
+    value.extend_from_slice(&port.to_ne_bytes());
+    value.push(flags);
+    value.extend_from_slice(&[0; 5]);
+    let pinned = table_dir(state_dir).join("AGENTS");
+    must(
+        Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(&pinned)
+            .arg("key")
+            .args(hex_bytes(&stamp.to_ne_bytes()))
+            .arg("value")
+            .args(hex_bytes(&value)),
+    );
+}
+
+/// Removes the record of key `stamp` from the `AGENTS` map of the table below `state_dir`.
+pub fn remove_agent_record(state_dir: &Path, stamp: u64) {
+    let pinned = table_dir(state_dir).join("AGENTS");
+    must(
+        Command::new("bpftool")
+            .args(["map", "delete", "pinned"])
+            .arg(&pinned)
+            .arg("key")
+            .args(hex_bytes(&stamp.to_ne_bytes())),
+    );
+}
+
+/// `CLOCK_BOOTTIME` now, in ns: the clock of the agents' heartbeats in `AGENTS`.
+pub fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, a live local.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(read, 0, "clock_gettime");
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Bytes as bpftool takes them on its command line.
+fn hex_bytes(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|byte| format!("0x{byte:02x}")).collect()
+}
+
 /// An entry of a BPF map as bpftool dumps it: key and value bytes.
 type MapEntry = (Vec<u8>, Vec<u8>);
 

@@ -1183,14 +1183,7 @@ mod usage_errors {
             .map(|entry| entry.expect("an entry").path().join("AGENTS"))
             .find(|pinned| pinned.exists())
             .expect("a pinned AGENTS");
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given, a live local.
-        let read = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-        assert_eq!(read, 0, "clock_gettime");
-        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let now_ns = tests::boottime_ns();
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
         for i in 0..64u64 {
             // A start stamp no agent holds a name for, 10 s silent, named, on port 8053, in a

@@ -521,6 +521,36 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     let stopped = client.round("stopped", 20, 100);
     let slow = not_refused_within(&stopped, 100);
     assert!(slow.is_empty(), "{slow:#?}");
+
+    // An agent of a version before SERVING (a rollback) serves and puts nothing there: while
+    // its record in AGENTS says it is alive, the guard left refuses nothing, else it refused
+    // all of that agent's pods' lookups for 60 s (helper-204: 286 of 286). The tests cannot
+    // run that version: its record is written as it writes it (named, telling and steering:
+    // flags 7), and here no agent answers, so the node's port unreachable does. A record
+    // silent for over 6 s, or one of an agent that fills SERVING (flag 8: one starting),
+    // changes nothing; and once the record is gone, the guard refuses again.
+    const OLDER_STAMP: u64 = 1;
+    let state_dir = node.node.state_dir();
+    let record = |silent_for: Duration, flags: u8| {
+        let heartbeat = tests::boottime_ns() - silent_for.as_nanos() as u64;
+        tests::put_agent_record(&state_dir, OLDER_STAMP, heartbeat, 53, flags);
+    };
+    let refused_at_send = |round: &[String]| {
+        let eperm = round.iter().filter(|line| line.contains("(os error 1)"));
+        eperm.count()
+    };
+    for (round, silent_for, flags, refused) in [
+        ("older-silent", Duration::from_secs(7), 7, 3),
+        ("newer-starting", Duration::ZERO, 7 | 8, 3),
+        ("older-alive", Duration::ZERO, 7, 0),
+    ] {
+        record(silent_for, flags);
+        let outcomes = client.round(round, 3, 100);
+        assert_eq!(refused_at_send(&outcomes), refused, "{outcomes:#?}");
+    }
+    tests::remove_agent_record(&state_dir, OLDER_STAMP);
+    let gone = client.round("older-gone", 3, 100);
+    assert_eq!(refused_at_send(&gone), 3, "{gone:#?}");
 }
 
 /// A second agent on the node's tree from another network namespace (here a pod's) is not
