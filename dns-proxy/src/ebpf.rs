@@ -129,9 +129,11 @@ pub enum EbpfError {
     )]
     NothingToTakeOver { state_dir: String },
     #[error(
-        "--takeover: another dns-proxy redirects this cgroup, but its --state-dir {state_dir} \
-         holds no list of running agents (removed while it runs?): it pins its own again within \
-         2 s; start again then"
+        "--takeover: another dns-proxy redirects this cgroup, but {state_dir}, this agent's \
+         table, holds no list of running agents: that agent runs with another --state-dir or \
+         other blocks (another mode: --listen, --listen6), and an agent takes over only from one \
+         with the same (stop it first, or start this one with its flags); or the list was \
+         removed while it runs, which it pins again within 2 s (start again then)"
     )]
     NoAgentsPinned { state_dir: String },
     #[error("eBPF map {map}: {source}{hint}", hint = hint(source))]
