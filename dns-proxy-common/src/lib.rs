@@ -455,24 +455,31 @@ pub const MAX_SERVING: u32 = 2 * MAX_AGENTS;
 /// own: the one taken over from and the one taking over, and a third starting meanwhile.
 pub const SERVING_SLOTS: u8 = 4;
 
-/// Key of `SERVING`: the port of the block (network order) and the family an agent serves,
-/// and the slot it took. Not its network namespace: node mode's block is routed to one
-/// namespace, and of two node-mode agents in two namespaces on one tree (a mistake the agents
-/// name), the one left must be taken for serving once the other stops.
+/// Key of `SERVING`: the cgroup an agent redirects (its id), the port of the block (network
+/// order) and the family it serves, and the slot it took. By the cgroup: an agent of the
+/// table on another cgroup, in another network namespace, serves none of this one's pods,
+/// and with a key by port alone, the guard left by an agent that stopped refused nothing while
+/// such an agent ran (helper-205: its pods' connected sockets waited out their timeout, 21
+/// of 49). Not by network namespace: of two node-mode agents in two namespaces on one tree (a
+/// mistake the agents name), the one left serves the tree once the other stops.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServingKey {
+    pub cgroup: u64,
     pub port: u16,
     pub family: u8,
     pub slot: u8,
+    pub _padding: [u8; 4],
 }
 
 impl ServingKey {
-    pub const fn new(port_be: u16, family: u16, slot: u8) -> Self {
+    pub const fn new(cgroup: u64, port_be: u16, family: u16, slot: u8) -> Self {
         Self {
+            cgroup,
             port: port_be,
             family: family as u8,
             slot,
+            _padding: [0; 4],
         }
     }
 }
@@ -714,6 +721,9 @@ pub struct NoRoom {
 pub struct RedirectConfig {
     /// The agent's network namespace (`SO_NETNS_COOKIE`).
     pub agent_netns: u64,
+    /// The cgroup the programs are attached to (its id): whose agents' entries of `SERVING`
+    /// the egress guard looks at.
+    pub redirected_cgroup: u64,
     /// The IPv6 block's first address (its last 16 bits zero), network-order words.
     pub block6: [u32; 4],
     /// The IPv4 block's first address, network order.
@@ -750,9 +760,9 @@ pub const fn v4_mapped_prefix() -> [u32; 3] {
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<Origin>() == 32);
 const _: () = assert!(core::mem::size_of::<NoRoom>() == 40);
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 72);
 const _: () = assert!(core::mem::size_of::<AgentRecord>() == 24);
-const _: () = assert!(core::mem::size_of::<ServingKey>() == 4);
+const _: () = assert!(core::mem::size_of::<ServingKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CgroupPath>() == 16 + CGROUP_PATH_BYTES);
 const _: () = assert!(core::mem::size_of::<CgroupOffsets>() == 16);
 const _: () = assert!(

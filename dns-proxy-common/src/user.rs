@@ -29,7 +29,8 @@ unsafe impl aya::Pod for RedirectConfig {}
 // SAFETY: `AgentRecord` is two `u64`s, a `u16` and an explicit `[u8; 6]` of padding: 24
 // bytes (asserted).
 unsafe impl aya::Pod for AgentRecord {}
-// SAFETY: `ServingKey` is a `u16` and two `u8`s: 4 bytes, no padding (asserted).
+// SAFETY: `ServingKey` is a `u64`, a `u16`, two `u8`s and an explicit `[u8; 4]` of padding:
+// 16 bytes (asserted).
 unsafe impl aya::Pod for ServingKey {}
 // SAFETY: `CgroupPath` is two `u32`s, a `u64` at 8 and a byte array whose length is a
 // multiple of 8: no implicit padding (asserted).
@@ -291,6 +292,7 @@ impl RedirectConfig {
     /// `block6` on `port6`, or nowhere when it is `None`.
     pub fn new(
         agent_netns: u64,
+        redirected_cgroup: u64,
         block4: (AddressBlock, u16),
         block6: Option<(AddressBlock, u16)>,
         udp_sockets: u16,
@@ -312,6 +314,7 @@ impl RedirectConfig {
         };
         Self {
             agent_netns,
+            redirected_cgroup,
             block6: block6_words,
             block4: ipv4_to_word(first4),
             capacity4: v4.capacity(),
@@ -491,6 +494,7 @@ mod tests {
     fn redirect_config_is_network_order() {
         let config = RedirectConfig::new(
             7,
+            9,
             ("127.53.0.0/16".parse().unwrap(), 8053),
             Some(("fd53:6e73:6470::/112".parse().unwrap(), 8054)),
             2,
@@ -509,6 +513,7 @@ mod tests {
         assert_eq!((config.capacity4, config.capacity6), (65_534, 65_534));
         let v4_only = RedirectConfig::new(
             7,
+            9,
             ("169.254.53.0/24".parse().unwrap(), 53),
             None,
             2,

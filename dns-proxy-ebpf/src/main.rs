@@ -91,6 +91,7 @@ const REFUSE: i32 = 0;
 #[unsafe(no_mangle)]
 static REDIRECT_CONFIG: RedirectConfig = RedirectConfig {
     agent_netns: 0,
+    redirected_cgroup: 0,
     block6: [0; 4],
     block4: 0,
     capacity4: 0,

@@ -124,7 +124,7 @@ pub fn an_agent_serves(config: &RedirectConfig, family: u16) -> bool {
         config.port4
     };
     for slot in 0..SERVING_SLOTS {
-        let key = ServingKey::new(port, family, slot);
+        let key = ServingKey::new(config.redirected_cgroup, port, family, slot);
         // SAFETY: a sockhash this object defines, and a key of its key size.
         let held = unsafe {
             holds_socket(

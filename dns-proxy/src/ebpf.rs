@@ -476,6 +476,7 @@ impl Redirector {
         let foreign_namespaces = !config.block4.addresses.first().is_loopback();
         let kernel_config = KernelConfig::new(
             netns_cookie()?,
+            config.cgroup.id,
             (config.block4.addresses, config.block4.port),
             config.block6.map(|block| (block.addresses, block.port)),
             udp_sockets as u16,
@@ -728,6 +729,7 @@ impl Redirector {
         // Before, it refused it at once, where the node's refusal is rate-limited.
         let serving = Serving::put(
             take_as(&mut ebpf, names::SERVING)?,
+            config.cgroup.id,
             &config.listeners,
             config.block4,
             config.block6,

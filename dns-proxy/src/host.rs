@@ -403,7 +403,7 @@ const PINS: [(&str, u32, u32, u32); 10] = [
     ),
     (
         dns_proxy_common::names::SERVING,
-        4,
+        16,
         4,
         dns_proxy_common::MAX_SERVING,
     ),

@@ -27,6 +27,8 @@ pub struct Serving {
 
 /// What this agent puts in `SERVING` for one family.
 struct Entry {
+    /// The cgroup the agent redirects (its id).
+    cgroup: u64,
     port_be: u16,
     family: u16,
     /// A descriptor of the socket to put there, while the agent serves; none once it stops
@@ -38,7 +40,7 @@ struct Entry {
 
 impl Entry {
     fn key(&self, slot: u8) -> ServingKey {
-        ServingKey::new(self.port_be, self.family, slot)
+        ServingKey::new(self.cgroup, self.port_be, self.family, slot)
     }
 }
 
@@ -57,10 +59,12 @@ impl Serving {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Puts this agent's first UDP socket of each family in the lowest free slot of `map`:
-    /// from now on it serves the block on its ports, beside any agent there already.
+    /// Puts this agent's first UDP socket of each family in the lowest free slot of `map`
+    /// for `cgroup` (the id of the cgroup it redirects): from now on it serves the block on its
+    /// ports there, beside any agent there already.
     pub(super) fn put(
         mut map: SockHash<MapData, ServingKey>,
+        cgroup: u64,
         listeners: &ListenerFds<'_>,
         block4: Block,
         block6: Option<Block>,
@@ -75,6 +79,7 @@ impl Serving {
                 continue;
             };
             let mut entry = Entry {
+                cgroup,
                 port_be: block.port.to_be(),
                 family,
                 socket: Some(duplicate(*socket)?),
@@ -148,14 +153,15 @@ impl Serving {
         }
     }
 
-    /// Whether another agent's socket is in `SERVING` for one of this agent's ports: an agent
-    /// of this version serves there (one before `SERVING` puts none).
+    /// Whether another agent's socket is in `SERVING` for this agent's cgroup and one of its
+    /// ports: an agent of this version serves there (one before `SERVING` puts none).
     pub fn another_in_serving(&self) -> bool {
         let entries = self.entries();
         let map = self.map();
         map.keys().flatten().any(|key| {
             entries.iter().any(|entry| {
-                key.port == entry.port_be
+                key.cgroup == entry.cgroup
+                    && key.port == entry.port_be
                     && u16::from(key.family) == entry.family
                     && Some(key.slot) != entry.slot
             })

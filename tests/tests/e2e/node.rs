@@ -553,6 +553,48 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     assert_eq!(refused_at_send(&gone), 3, "{gone:#?}");
 }
 
+/// An agent of the same table (the state directory shared) on another cgroup, in another
+/// network namespace, serves none of this tree's pods: once the tree's own agent stops, a
+/// pod's socket still connected to the block is refused at once all the same. With `SERVING`
+/// keyed by port alone, the other agent's entry counted, the guard refused nothing, and the
+/// socket met the node's rate-limited port unreachable (helper-205: 21 of 49 lookups timed
+/// out).
+#[test]
+fn an_agent_of_the_table_on_another_cgroup_leaves_the_guard_refusing() {
+    let _apart = super::one_flood_at_a_time();
+    let node = NodeTopology::new();
+    let _server = DnsServer::launch(&node.server, &node.node, SERVER_IP, ANSWER_IP, true);
+    let listen = format!("--listen={NODE_LISTEN}:53");
+    let mut agent = Agent::launch(
+        &node.node,
+        node.redirected_cgroup(),
+        None,
+        std::slice::from_ref(&listen),
+    );
+    let elsewhere = tests::TestCgroup::new(&format!("{}-elsewhere", node.tag));
+    let shared_table = format!("--state-dir={}", node.node.state_dir().display());
+    let other = Agent::launch(
+        &node.pods[1],
+        &elsewhere.path,
+        None,
+        &[listen, shared_table],
+    );
+    wait_for_log(&other, "ready");
+    let mut client = ConnectedRounds::start(&node, 2000);
+    let up = client.round("up", 3, 100);
+    assert!(
+        up.iter().all(|line| line.contains(" answered ")),
+        "{up:#?}\n{}",
+        agent.log()
+    );
+
+    agent.process().signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+    let stopped = client.round("stopped", 20, 100);
+    let slow = not_refused_within(&stopped, 100);
+    assert!(slow.is_empty(), "{stopped:#?}\n{}", other.log());
+}
+
 /// A second agent on the node's tree from another network namespace (here a pod's) is not
 /// caught by the lock, which lives in a namespace: each agent's programs refuse (`EPERM`) the
 /// addresses the other's rewrote, and every lookup of the tree fails while both say ready.
