@@ -171,11 +171,12 @@ fn judge_connected_udp<const NETNS: bool>(ctx: &SkBuffContext) -> bool {
 /// loopback, whose port unreachable is not rate-limited: left to it.
 ///
 /// This program is pinned in node mode, so that it outlives the agent. `SERVING` tells whether
-/// any agent of this table serves, so that a program whose agent is gone refuses nothing a
-/// newer one would answer; an agent of a version before `SERVING` puts nothing there, and is
-/// told by its record in `AGENTS` ([`an_older_agent_runs`], looked at last); and only a socket this table connected is refused (its note in
-/// `CONNECTED`): an agent of another table on the same cgroup and block (another
-/// `--state-dir`, another namespace) serves its own, which this program must let be.
+/// any agent of this table serves this cgroup, so that a program whose agent is gone refuses
+/// nothing a newer one would answer; an agent of a version before `SERVING` puts nothing
+/// there, and is told by its record in `AGENTS` ([`an_older_agent_runs`], looked at last);
+/// and only a socket this table connected is refused (its note in `CONNECTED`): an agent of
+/// another table on the same cgroup and block (another `--state-dir`, another namespace)
+/// serves its own, which this program must let be.
 #[inline(never)]
 fn unserved(ctx: &SkBuffContext, key: u32) -> bool {
     // Only so long after this program's agent last ran ([`REFUSED_WITHOUT_AGENT_FOR_NS`]).
