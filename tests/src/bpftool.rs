@@ -91,25 +91,30 @@ pub fn connected_charge_of_cgroup(state_dir: &Path, cgroup_id: u64) -> i64 {
         .unwrap_or(0)
 }
 
-/// Writes a record of an agent in the `AGENTS` map of the table pinned below `state_dir`, with
-/// bpftool, as an agent of another version writes its own: key `stamp`, its heartbeat
-/// `heartbeat_ns` (`CLOCK_BOOTTIME`), its block's `port` and its `flags`. What an agent of a
-/// version the tests cannot run would leave in the kernel.
-pub fn put_agent_record(state_dir: &Path, stamp: u64, heartbeat_ns: u64, port: u16, flags: u8) {
-    // `AgentRecord`: cgroup id, heartbeat, port, flags, padding.
+/// An agent's record in `AGENTS`, as an agent writes it (`AgentRecord`).
+pub struct AgentRecordBytes {
+    /// The cgroup the agent runs in.
+    pub cgroup_id: u64,
+    /// Its last heartbeat (`CLOCK_BOOTTIME`, [`boottime_ns`]).
+    pub heartbeat_ns: u64,
+    /// Its IPv4 block's port.
+    pub port: u16,
+    /// `AGENT_NAMED` 1, `AGENT_TELLS_STEERING` 2, `AGENT_STEERING` 4, `AGENT_FILLS_SERVING` 8.
+    pub flags: u8,
+}
+
+/// Writes `record` under key `stamp` in the `AGENTS` map of the table pinned below
+/// `state_dir`, with bpftool: what an agent the tests cannot run (of another version, dead
+/// in a crash loop) would leave in the kernel.
+pub fn put_agent_record(state_dir: &Path, stamp: u64, record: &AgentRecordBytes) {
     let mut value = Vec::with_capacity(24);
-    value.extend_from_slice(&0u64.to_ne_bytes());
-    value.extend_from_slice(&heartbeat_ns.to_ne_bytes());
-    value.extend_from_slice(&port.to_ne_bytes());
-    value.push(flags);
+    value.extend_from_slice(&record.cgroup_id.to_ne_bytes());
+    value.extend_from_slice(&record.heartbeat_ns.to_ne_bytes());
+    value.extend_from_slice(&record.port.to_ne_bytes());
+    value.push(record.flags);
     value.extend_from_slice(&[0; 5]);
-    let pinned = table_dir(state_dir).join("AGENTS");
     must(
-        Command::new("bpftool")
-            .args(["map", "update", "pinned"])
-            .arg(&pinned)
-            .arg("key")
-            .args(hex_bytes(&stamp.to_ne_bytes()))
+        agents_map(state_dir, "update", stamp)
             .arg("value")
             .args(hex_bytes(&value)),
     );
@@ -117,14 +122,18 @@ pub fn put_agent_record(state_dir: &Path, stamp: u64, heartbeat_ns: u64, port: u
 
 /// Removes the record of key `stamp` from the `AGENTS` map of the table below `state_dir`.
 pub fn remove_agent_record(state_dir: &Path, stamp: u64) {
-    let pinned = table_dir(state_dir).join("AGENTS");
-    must(
-        Command::new("bpftool")
-            .args(["map", "delete", "pinned"])
-            .arg(&pinned)
-            .arg("key")
-            .args(hex_bytes(&stamp.to_ne_bytes())),
-    );
+    must(&mut agents_map(state_dir, "delete", stamp));
+}
+
+/// `bpftool map VERB pinned <table>/AGENTS key <stamp>`.
+fn agents_map(state_dir: &Path, verb: &str, stamp: u64) -> Command {
+    let mut command = Command::new("bpftool");
+    command
+        .args(["map", verb, "pinned"])
+        .arg(table_dir(state_dir).join("AGENTS"))
+        .arg("key")
+        .args(hex_bytes(&stamp.to_ne_bytes()));
+    command
 }
 
 /// `CLOCK_BOOTTIME` now, in ns: the clock of the agents' heartbeats in `AGENTS`.

@@ -36,10 +36,10 @@ pub mod registry_proxy;
 
 pub use agent::{Agent, Harness, PROXY_LISTEN, Placement, agent_binary};
 pub use bpftool::{
-    assert_only_pinned_programs_left, assert_only_sock_release_left, attached_map_entries,
-    attached_programs, boottime_ns, charge_of_cgroup, connected_charge_of_cgroup,
-    origins_of_cgroup, pinned_entries, put_agent_record, remove_agent_record, server_index,
-    server_index_for, table_dir,
+    AgentRecordBytes, assert_only_pinned_programs_left, assert_only_sock_release_left,
+    attached_map_entries, attached_programs, boottime_ns, charge_of_cgroup,
+    connected_charge_of_cgroup, origins_of_cgroup, pinned_entries, put_agent_record,
+    remove_agent_record, server_index, server_index_for, table_dir,
 };
 pub(crate) use cgroup::remove_cgroup_tree;
 pub use cgroup::{TestCgroup, cgroup2_root};

@@ -1178,31 +1178,18 @@ mod usage_errors {
         let mut first = Agent::start(&topology, &[]);
         first.process().signal(libc::SIGTERM);
         assert!(first.wait_exit(Duration::from_secs(10)).success());
-        let agents = std::fs::read_dir(topology.client.state_dir())
-            .expect("the state dir")
-            .map(|entry| entry.expect("an entry").path().join("AGENTS"))
-            .find(|pinned| pinned.exists())
-            .expect("a pinned AGENTS");
         let now_ns = tests::boottime_ns();
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
         for i in 0..64u64 {
             // A start stamp no agent holds a name for, 10 s silent, named, on port 8053, in a
             // cgroup that never was.
+            let record = tests::AgentRecordBytes {
+                cgroup_id: 1_000_000 + i,
+                heartbeat_ns: now_ns - 10_000_000_000,
+                port: 8053,
+                flags: 1,
+            };
             let stamp = now_ns - 20_000_000_000 + i;
-            let mut record = Vec::new();
-            record.extend_from_slice(&(1_000_000 + i).to_ne_bytes());
-            record.extend_from_slice(&(now_ns - 10_000_000_000).to_ne_bytes());
-            record.extend_from_slice(&8053u16.to_ne_bytes());
-            record.extend_from_slice(&[1, 0, 0, 0, 0, 0]);
-            must(
-                Command::new("bpftool")
-                    .args(["map", "update", "pinned"])
-                    .arg(&agents)
-                    .args(["key", "hex"])
-                    .args(hex(&stamp.to_ne_bytes()))
-                    .args(["value", "hex"])
-                    .args(hex(&record)),
-            );
+            tests::put_agent_record(&topology.client.state_dir(), stamp, &record);
         }
         let _second = Agent::start(&topology, &[]);
         assert_eq!(

@@ -532,8 +532,13 @@ fn a_pods_connected_socket_is_refused_at_once_while_no_agent_serves() {
     const OLDER_STAMP: u64 = 1;
     let state_dir = node.node.state_dir();
     let record = |silent_for: Duration, flags: u8| {
-        let heartbeat = tests::boottime_ns() - silent_for.as_nanos() as u64;
-        tests::put_agent_record(&state_dir, OLDER_STAMP, heartbeat, 53, flags);
+        let record = tests::AgentRecordBytes {
+            cgroup_id: 0,
+            heartbeat_ns: tests::boottime_ns() - silent_for.as_nanos() as u64,
+            port: 53,
+            flags,
+        };
+        tests::put_agent_record(&state_dir, OLDER_STAMP, &record);
     };
     let refused_at_send = |round: &[String]| {
         let eperm = round.iter().filter(|line| line.contains("(os error 1)"));
